@@ -1,3 +1,9 @@
 //! dealsync: pulls deals from CRMs, receives e-commerce and CRM webhooks, maps every
 //! source's native stages onto one canonical pipeline, records every stage change,
 //! sends follow-ups and reports the funnel.
+//!
+//! The module map and the invariants are in `docs/ARCHITECTURE.md`.
+
+pub mod config;
+pub mod domain;
+pub mod pipeline;

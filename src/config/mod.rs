@@ -1,0 +1,730 @@
+//! The config: one TOML file, read in two steps.
+//!
+//! [`raw::RawConfig`] mirrors the file with unknown keys refused; [`Config`] is built
+//! from it by validation and holds only parsed types. `${VAR}` and
+//! `${credential:NAME}` are substituted over the parsed values first (see
+//! [`interpolate`]). Every error names the file, the key, the line where it can be
+//! found, and what was expected; substituted values are scrubbed from messages so a
+//! secret cannot leak through an error.
+
+pub mod duration;
+pub mod interpolate;
+pub mod raw;
+pub mod secret;
+
+pub use secret::{Secret, Secrets};
+
+use crate::domain::{ConnectionName, PipelineKey, StageKey};
+use crate::pipeline::{
+    self, MappingSource, Pipeline, Pipelines, Stage, StageMapEntry, default_pipelines,
+};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The default config path.
+pub const DEFAULT_PATH: &str = "/etc/dealsync/dealsync.toml";
+
+/// The validated config.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub path: PathBuf,
+    pub storage: StorageConfig,
+    pub server: ServerConfig,
+    pub connectors_dir: Option<PathBuf>,
+    pub pipelines: Pipelines,
+    pub connections: Vec<ConnectionConfig>,
+    pub email: EmailConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct StorageConfig {
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub max_body_bytes: usize,
+    pub public_url: Option<url::Url>,
+    pub shutdown_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct ConnectionConfig {
+    pub name: ConnectionName,
+    pub connector: String,
+    pub enabled: bool,
+    pub base_url: Option<url::Url>,
+    pub token: Option<Secret>,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    pub oauth: Option<OAuthConfig>,
+    pub webhook_secrets: Vec<Secret>,
+    pub poll_interval: Option<Duration>,
+    pub abandon_after: Duration,
+    pub pipeline: Option<PipelineKey>,
+    /// Mapping overrides from the config; they win over the manifest's defaults.
+    pub stage_map: Vec<StageMapEntry>,
+    pub rate_limit: RateLimitConfig,
+    pub page_size: Option<u32>,
+    pub lookback: Option<Duration>,
+    pub settings: toml::Table,
+}
+
+#[derive(Debug, Clone)]
+pub struct OAuthConfig {
+    pub client_id: String,
+    pub client_secret: Option<Secret>,
+    pub auth_url: Option<url::Url>,
+    pub token_url: Option<url::Url>,
+    pub scopes: Vec<String>,
+    pub refresh_token: Option<Secret>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct RateLimitConfig {
+    pub requests_per_second: Option<f64>,
+    pub burst: Option<u32>,
+    pub budget_share: Option<f64>,
+    pub max_concurrency: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum EmailTransport {
+    File { dir: PathBuf },
+    Smtp { url: Secret },
+}
+
+#[derive(Debug, Clone)]
+pub struct EmailConfig {
+    pub transport: EmailTransport,
+    pub from: String,
+}
+
+/// One thing wrong in a config file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Problem {
+    pub file: String,
+    pub line: Option<usize>,
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file)?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+        }
+        if !self.key.is_empty() {
+            write!(f, ": {}", self.key)?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading config {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<Problem>),
+}
+
+impl ConfigError {
+    pub fn problems(&self) -> &[Problem] {
+        match self {
+            ConfigError::Invalid(problems) => problems,
+            ConfigError::Read { .. } => &[],
+        }
+    }
+
+    /// One problem, for callers outside this module that check a part of the config.
+    pub fn at(config: &Config, key: impl Into<String>, message: impl Into<String>) -> Self {
+        let key = key.into();
+        let text = std::fs::read_to_string(&config.path).unwrap_or_default();
+        ConfigError::Invalid(vec![Problem {
+            file: display_name(&config.path),
+            line: locate(&text, &key),
+            key,
+            message: message.into(),
+        }])
+    }
+}
+
+fn display_name(path: &Path) -> String {
+    path.display().to_string()
+}
+
+/// Reads, interpolates and validates a config file.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: display_name(path),
+        source,
+    })?;
+    parse(path, &text, &interpolate::ProcessEnv)
+}
+
+/// Parses config text; `path` names the file in errors.
+pub fn parse(path: &Path, text: &str, env: &dyn interpolate::Env) -> Result<Config, ConfigError> {
+    let file = display_name(path);
+    let problem = |key: &str, message: String| Problem {
+        file: file.clone(),
+        line: locate(text, key),
+        key: key.to_owned(),
+        message,
+    };
+
+    let mut value: toml::Value = toml::from_str(text).map_err(|error| {
+        let line = error
+            .span()
+            .map(|span| text[..span.start.min(text.len())].lines().count().max(1));
+        ConfigError::Invalid(vec![Problem {
+            file: file.clone(),
+            line,
+            key: String::new(),
+            message: format!("invalid TOML: {}", error.message()),
+        }])
+    })?;
+
+    let substituted = interpolate::interpolate(&mut value, env).map_err(|errors| {
+        ConfigError::Invalid(
+            errors
+                .into_iter()
+                .map(|error| problem(&error.key, error.message))
+                .collect(),
+        )
+    })?;
+    let scrub = |message: String| scrub(message, &substituted);
+
+    let raw: raw::RawConfig = serde_path_to_error::deserialize(value).map_err(|error| {
+        let key = error.path().to_string();
+        let key = if key == "." { String::new() } else { key };
+        let message = scrub(error.into_inner().to_string());
+        ConfigError::Invalid(vec![problem(&key, message)])
+    })?;
+
+    let mut problems = Vec::new();
+    let config = validate(path, raw, &mut |key: &str, message: String| {
+        problems.push(problem(key, scrub(message)))
+    });
+    if problems.is_empty() {
+        Ok(config)
+    } else {
+        Err(ConfigError::Invalid(problems))
+    }
+}
+
+/// Replaces every substituted value in a message with `***`.
+fn scrub(mut message: String, substituted: &[String]) -> String {
+    for value in substituted {
+        if value.len() >= 3 && message.contains(value.as_str()) {
+            message = message.replace(value.as_str(), "***");
+        }
+    }
+    message
+}
+
+fn validate(
+    path: &Path,
+    raw: raw::RawConfig,
+    report: &mut dyn FnMut(&str, String),
+) -> Config {
+    let pipelines = validate_pipelines(&raw, report);
+
+    let listen_text = raw.server.listen.as_deref().unwrap_or("127.0.0.1:8080");
+    let listen = listen_text.parse().unwrap_or_else(|_| {
+        report(
+            "server.listen",
+            format!("expected an address like \"127.0.0.1:8080\", got {listen_text:?}"),
+        );
+        SocketAddr::from(([127, 0, 0, 1], 8080))
+    });
+    let public_url = raw.server.public_url.as_deref().and_then(|text| {
+        parse_url(text)
+            .map_err(|message| report("server.public_url", message))
+            .ok()
+    });
+    let server = ServerConfig {
+        listen,
+        max_body_bytes: raw.server.max_body_bytes.unwrap_or(1024 * 1024),
+        public_url,
+        shutdown_timeout: raw
+            .server
+            .shutdown_timeout
+            .map_or(Duration::from_secs(20), |d| d.0),
+    };
+
+    let mut connections = Vec::new();
+    for (name, connection) in raw.connections {
+        connections.push(validate_connection(&name, connection, &pipelines, report));
+    }
+
+    let email = validate_email(raw.email, report);
+
+    Config {
+        path: path.to_owned(),
+        storage: StorageConfig {
+            path: raw
+                .storage
+                .path
+                .unwrap_or_else(|| PathBuf::from("/var/lib/dealsync/dealsync.db")),
+        },
+        server,
+        connectors_dir: raw.connectors.dir,
+        pipelines,
+        connections,
+        email,
+    }
+}
+
+fn parse_url(text: &str) -> Result<url::Url, String> {
+    match url::Url::parse(text) {
+        Ok(url) if matches!(url.scheme(), "http" | "https") => Ok(url),
+        Ok(url) => Err(format!(
+            "expected an http or https URL, got scheme {:?}",
+            url.scheme()
+        )),
+        Err(error) => Err(format!("expected a URL: {error}")),
+    }
+}
+
+fn validate_pipelines(raw: &raw::RawConfig, report: &mut dyn FnMut(&str, String)) -> Pipelines {
+    if raw.pipelines.is_empty() {
+        return Pipelines::new(default_pipelines());
+    }
+    let mut pipelines = Vec::new();
+    for (key, raw_pipeline) in &raw.pipelines {
+        let base = format!("pipelines.{key}");
+        let mut stages = Vec::new();
+        for (at, raw_stage) in raw_pipeline.stages.iter().enumerate() {
+            let probability = u8::try_from(raw_stage.probability)
+                .ok()
+                .filter(|p| *p <= 100)
+                .unwrap_or_else(|| {
+                    report(
+                        &format!("{base}.stages[{at}].probability"),
+                        format!(
+                            "expected a percentage from 0 to 100, got {}",
+                            raw_stage.probability
+                        ),
+                    );
+                    0
+                });
+            stages.push(Stage {
+                key: StageKey::new(raw_stage.key.clone()),
+                label: raw_stage
+                    .label
+                    .clone()
+                    .unwrap_or_else(|| raw_stage.key.clone()),
+                description: raw_stage.description.clone(),
+                probability,
+                stall_after: raw_stage.stall_after.map(|d| d.0),
+                kind: raw_stage.kind,
+            });
+        }
+        let pipeline = Pipeline {
+            key: PipelineKey::new(key.clone()),
+            label: raw_pipeline.label.clone().unwrap_or_else(|| key.clone()),
+            stages,
+        };
+        for message in pipeline.validate() {
+            report(&base, message);
+        }
+        pipelines.push(pipeline);
+    }
+    Pipelines::new(pipelines)
+}
+
+fn validate_connection(
+    name: &str,
+    raw: raw::RawConnection,
+    pipelines: &Pipelines,
+    report: &mut dyn FnMut(&str, String),
+) -> ConnectionConfig {
+    let base = format!("connections.{name}");
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        report(
+            &base,
+            "connection names may hold only letters, digits, '-' and '_' (they appear in URLs)"
+                .to_owned(),
+        );
+    }
+    let pipeline = raw.pipeline.as_ref().map(|key| {
+        if pipelines.get(key).is_none() {
+            let known: Vec<_> = pipelines.iter().map(|p| p.key.as_str()).collect();
+            report(
+                &format!("{base}.pipeline"),
+                format!("unknown pipeline {key:?} (known: {})", known.join(", ")),
+            );
+        }
+        PipelineKey::new(key.clone())
+    });
+    let mut stage_map = Vec::new();
+    for (native_pipeline, stages) in &raw.stage_map {
+        for (native_stage, target) in stages {
+            match pipeline::parse_target(target, pipeline.as_ref(), pipelines) {
+                Ok(target) => stage_map.push(StageMapEntry {
+                    native_pipeline: native_pipeline.clone(),
+                    native_stage: native_stage.clone(),
+                    target,
+                    source: MappingSource::Config,
+                }),
+                Err(message) => report(
+                    &format!("{base}.stage_map.{native_pipeline}.{native_stage}"),
+                    message,
+                ),
+            }
+        }
+    }
+    let base_url = raw.base_url.as_deref().and_then(|text| {
+        parse_url(text)
+            .map_err(|message| report(&format!("{base}.base_url"), message))
+            .ok()
+    });
+    let oauth = raw.oauth.map(|oauth| {
+        let mut url_at = |key: &str, text: Option<String>| {
+            text.and_then(|text| {
+                parse_url(&text)
+                    .map_err(|message| report(&format!("{base}.oauth.{key}"), message))
+                    .ok()
+            })
+        };
+        OAuthConfig {
+            auth_url: url_at("auth_url", oauth.auth_url),
+            token_url: url_at("token_url", oauth.token_url),
+            client_id: oauth.client_id,
+            client_secret: oauth.client_secret,
+            scopes: oauth.scopes,
+            refresh_token: oauth.refresh_token,
+        }
+    });
+    let rate_limit = raw.rate_limit.map_or_else(RateLimitConfig::default, |limit| {
+        if let Some(rps) = limit.requests_per_second
+            && !(rps > 0.0 && rps.is_finite())
+        {
+            report(
+                &format!("{base}.rate_limit.requests_per_second"),
+                format!("expected a positive number, got {rps}"),
+            );
+        }
+        if let Some(share) = limit.budget_share
+            && !(share > 0.0 && share <= 1.0)
+        {
+            report(
+                &format!("{base}.rate_limit.budget_share"),
+                format!("expected a share above 0 and at most 1, got {share}"),
+            );
+        }
+        RateLimitConfig {
+            requests_per_second: limit.requests_per_second,
+            burst: limit.burst,
+            budget_share: limit.budget_share,
+            max_concurrency: limit.max_concurrency,
+        }
+    });
+    if let Some(interval) = raw.poll_interval
+        && interval.0 < Duration::from_secs(1)
+    {
+        report(
+            &format!("{base}.poll_interval"),
+            "must be at least 1s".to_owned(),
+        );
+    }
+    ConnectionConfig {
+        name: ConnectionName::new(name),
+        connector: raw.connector,
+        enabled: raw.enabled,
+        base_url,
+        token: raw.token,
+        username: raw.username,
+        password: raw.password,
+        oauth,
+        webhook_secrets: raw.webhook_secret.map(|s| s.0).unwrap_or_default(),
+        poll_interval: raw.poll_interval.map(|d| d.0),
+        abandon_after: raw
+            .abandon_after
+            .map_or(Duration::from_secs(3600), |d| d.0),
+        pipeline,
+        stage_map,
+        rate_limit,
+        page_size: raw.page_size,
+        lookback: raw.lookback.map(|d| d.0),
+        settings: raw.settings,
+    }
+}
+
+fn validate_email(raw: raw::RawEmail, report: &mut dyn FnMut(&str, String)) -> EmailConfig {
+    let transport = match raw.transport.as_deref().unwrap_or("file") {
+        "file" => EmailTransport::File {
+            dir: raw.dir.unwrap_or_else(|| PathBuf::from("data/outbox")),
+        },
+        "smtp" => match raw.url {
+            Some(url) => {
+                let scheme_ok = url::Url::parse(url.expose())
+                    .map(|u| matches!(u.scheme(), "smtp" | "smtps"))
+                    .unwrap_or(false);
+                if !scheme_ok {
+                    report(
+                        "email.url",
+                        "expected a URL like \"smtp://127.0.0.1:2525\" or \"smtps://user:pass@host:465\""
+                            .to_owned(),
+                    );
+                }
+                EmailTransport::Smtp { url }
+            }
+            None => {
+                report("email.url", "transport \"smtp\" needs a url".to_owned());
+                EmailTransport::File {
+                    dir: PathBuf::from("data/outbox"),
+                }
+            }
+        },
+        other => {
+            report(
+                "email.transport",
+                format!("expected \"file\" or \"smtp\", got {other:?}"),
+            );
+            EmailTransport::File {
+                dir: PathBuf::from("data/outbox"),
+            }
+        }
+    };
+    EmailConfig {
+        transport,
+        from: raw
+            .from
+            .unwrap_or_else(|| "dealsync <dealsync@localhost>".to_owned()),
+    }
+}
+
+/// Finds the line that defines a dotted key path, for error messages.
+///
+/// It follows `[table]` headers and `key =` lines; good enough to point a user at the
+/// right place, and `None` when unsure.
+pub fn locate(text: &str, key_path: &str) -> Option<usize> {
+    if key_path.is_empty() {
+        return None;
+    }
+    let segments: Vec<String> = split_key_path(key_path);
+    let mut table: Vec<String> = Vec::new();
+    let mut best: Option<(usize, usize)> = None; // (matched segments, line)
+    for (index, line) in text.lines().enumerate() {
+        let trimmed = line.trim();
+        if trimmed.starts_with('#') || trimmed.is_empty() {
+            continue;
+        }
+        if let Some(header) = trimmed
+            .strip_prefix("[[")
+            .and_then(|rest| rest.split("]]").next())
+            .or_else(|| {
+                trimmed
+                    .strip_prefix('[')
+                    .and_then(|rest| rest.split(']').next())
+            })
+        {
+            table = split_key_path(header);
+            let matched = common_prefix(&table, &segments);
+            if matched == table.len() && best.is_none_or(|(m, _)| matched > m) {
+                best = Some((matched, index + 1));
+            }
+            continue;
+        }
+        if let Some((key, _)) = trimmed.split_once('=') {
+            let mut full = table.clone();
+            full.extend(split_key_path(key.trim()));
+            let matched = common_prefix(&full, &segments);
+            if matched == full.len() && best.is_none_or(|(m, _)| matched > m) {
+                best = Some((matched, index + 1));
+            }
+        }
+    }
+    best.map(|(_, line)| line)
+}
+
+fn split_key_path(path: &str) -> Vec<String> {
+    let mut segments = Vec::new();
+    let mut current = String::new();
+    let mut quoted = false;
+    for c in path.chars() {
+        match c {
+            '"' => quoted = !quoted,
+            '.' if !quoted => segments.push(std::mem::take(&mut current)),
+            '[' if !quoted => segments.push(std::mem::take(&mut current)),
+            ']' if !quoted => {}
+            _ => current.push(c),
+        }
+    }
+    segments.push(current);
+    segments
+        .into_iter()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty() && s.parse::<usize>().is_err())
+        .collect()
+}
+
+fn common_prefix(a: &[String], b: &[String]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::interpolate::tests::MapEnv;
+    use super::*;
+    use std::collections::HashMap;
+
+    fn parse_with(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let env = MapEnv(
+            env.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<HashMap<_, _>>(),
+        );
+        parse(Path::new("dealsync.toml"), text, &env)
+    }
+
+    fn only_problem(error: ConfigError) -> Problem {
+        let problems = error.problems().to_vec();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        problems.into_iter().next().unwrap()
+    }
+
+    const MINIMAL: &str = r#"
+[storage]
+path = "data/dealsync.db"
+
+[server]
+listen = "127.0.0.1:8080"
+
+[connections.hubspot-main]
+connector = "hubspot"
+base_url = "http://127.0.0.1:9000"
+token = "${HUBSPOT_TOKEN}"
+poll_interval = "5m"
+
+[connections.shop]
+connector = "shopify"
+webhook_secret = "${SHOPIFY_WEBHOOK_SECRET}"
+
+[email]
+transport = "smtp"
+url = "smtp://127.0.0.1:2525"
+from = "Shop <shop@example.com>"
+"#;
+
+    #[test]
+    fn the_contract_config_from_product_md_loads() {
+        let config = parse_with(
+            MINIMAL,
+            &[("HUBSPOT_TOKEN", "pat-1"), ("SHOPIFY_WEBHOOK_SECRET", "shh-2")],
+        )
+        .unwrap();
+        assert_eq!(config.connections.len(), 2);
+        let hubspot = &config.connections[0];
+        assert_eq!(hubspot.token.as_ref().unwrap().expose(), "pat-1");
+        assert_eq!(hubspot.poll_interval, Some(Duration::from_secs(300)));
+        assert_eq!(config.connections[1].webhook_secrets.len(), 1);
+        assert!(config.pipelines.get("sales").is_some());
+        assert!(config.pipelines.get("ecommerce").is_some());
+        assert!(!format!("{config:?}").contains("pat-1"));
+    }
+
+    #[test]
+    fn an_unknown_key_is_an_error_naming_key_and_line() {
+        let text = "[connections.crm]\nconnector = \"hubspot\"\npol_interval = \"5m\"\n";
+        let problem = only_problem(parse_with(text, &[]).unwrap_err());
+        assert_eq!(problem.key, "connections.crm.pol_interval");
+        assert!(problem.message.contains("unknown field `pol_interval`"), "{problem}");
+        assert_eq!(problem.line, Some(3), "{problem}");
+    }
+
+    #[test]
+    fn a_bad_duration_names_its_key_line_and_the_expected_form() {
+        let text = "[connections.crm]\nconnector = \"hubspot\"\npoll_interval = \"5\"\n";
+        let problem = only_problem(parse_with(text, &[]).unwrap_err());
+        assert_eq!(problem.key, "connections.crm.poll_interval");
+        assert_eq!(problem.line, Some(3));
+        assert!(problem.message.contains("like \"90s\""), "{problem}");
+        assert_eq!(
+            problem.to_string(),
+            format!("dealsync.toml:3: connections.crm.poll_interval: {}", problem.message)
+        );
+    }
+
+    #[test]
+    fn every_missing_env_var_is_reported_by_key() {
+        let error = parse_with(MINIMAL, &[]).unwrap_err();
+        let keys: Vec<_> = error.problems().iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            ["connections.hubspot-main.token", "connections.shop.webhook_secret"]
+        );
+        assert_eq!(error.problems()[0].line, Some(11));
+    }
+
+    #[test]
+    fn a_missing_credential_file_is_reported_by_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = "[connections.crm]\nconnector = \"hubspot\"\ntoken = \"${credential:crm_token}\"\n";
+        let error = parse_with(
+            text,
+            &[("CREDENTIALS_DIRECTORY", dir.path().to_str().unwrap())],
+        )
+        .unwrap_err();
+        let problem = only_problem(error);
+        assert_eq!(problem.key, "connections.crm.token");
+        assert!(problem.message.contains("crm_token"), "{problem}");
+    }
+
+    #[test]
+    fn a_secret_in_the_wrong_place_is_scrubbed_from_the_error() {
+        let text = "[server]\nmax_body_bytes = \"${SECRET}\"\n";
+        let error = parse_with(text, &[("SECRET", "topsecretvalue")]).unwrap_err();
+        let shown = error.to_string();
+        assert!(!shown.contains("topsecretvalue"), "{shown}");
+        assert!(shown.contains("server.max_body_bytes"), "{shown}");
+    }
+
+    #[test]
+    fn pipelines_are_validated() {
+        let text = r#"
+[pipelines.deals]
+stages = [
+  { key = "new", probability = 150, kind = "open" },
+  { key = "new", probability = 10, kind = "open" },
+  { key = "gone", probability = 0, kind = "lost" },
+]
+"#;
+        let error = parse_with(text, &[]).unwrap_err();
+        let shown = error.to_string();
+        assert!(shown.contains("expected a percentage from 0 to 100, got 150"), "{shown}");
+        assert!(shown.contains("stage key \"new\" appears twice"), "{shown}");
+        assert!(shown.contains("has no stage of kind \"won\""), "{shown}");
+    }
+
+    #[test]
+    fn stage_map_targets_are_checked_against_the_pipelines() {
+        let text = r#"
+[connections.crm]
+connector = "pipedrive"
+pipeline = "sales"
+[connections.crm.stage_map."Software Sales"]
+"Product Demo" = "needs_assessment"
+"Trial Use" = "trial"
+"#;
+        let problem = only_problem(parse_with(text, &[]).unwrap_err());
+        assert_eq!(
+            problem.key,
+            "connections.crm.stage_map.Software Sales.Trial Use"
+        );
+        assert!(problem.message.contains("has no stage \"trial\""));
+    }
+}

@@ -1,0 +1,147 @@
+//! The config file's serde shapes, mirrored one to one. Unknown keys are errors.
+//! Validation into [`super::Config`] happens in `mod.rs`; defaults live there too.
+
+use super::duration::ConfigDuration;
+use super::secret::{Secret, Secrets};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub storage: RawStorage,
+    #[serde(default)]
+    pub server: RawServer,
+    #[serde(default)]
+    pub connectors: RawConnectors,
+    /// Canonical pipelines; when none is given, `sales` and `ecommerce` apply.
+    #[serde(default)]
+    pub pipelines: BTreeMap<String, RawPipeline>,
+    #[serde(default)]
+    pub connections: BTreeMap<String, RawConnection>,
+    #[serde(default)]
+    pub email: RawEmail,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawStorage {
+    /// SQLite database file; relative paths are relative to the working directory.
+    pub path: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
+    /// Address of the one HTTP listener, e.g. "127.0.0.1:8080".
+    pub listen: Option<String>,
+    /// Largest accepted webhook body.
+    pub max_body_bytes: Option<usize>,
+    /// The URL at which users reach this server (unsubscribe links).
+    pub public_url: Option<String>,
+    /// How long a graceful shutdown may take before tasks are aborted.
+    pub shutdown_timeout: Option<ConfigDuration>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawConnectors {
+    /// A directory of `*.toml` connector manifests that add to or override the built-ins.
+    pub dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPipeline {
+    pub label: Option<String>,
+    pub stages: Vec<RawStage>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStage {
+    pub key: String,
+    pub label: Option<String>,
+    #[serde(default)]
+    pub description: String,
+    /// Win probability in percent.
+    pub probability: i64,
+    pub stall_after: Option<ConfigDuration>,
+    pub kind: crate::pipeline::StageKind,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConnection {
+    /// Which connector: hubspot, pipedrive, salesforce, shopify, woocommerce, stripe, webhook, demo, or a manifest's name.
+    pub connector: String,
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Overrides the vendor's API host (tests, proxies, sandboxes).
+    pub base_url: Option<String>,
+    /// Bearer token, private-app token or API token.
+    pub token: Option<Secret>,
+    /// Basic-auth user (WooCommerce consumer key, …).
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    pub oauth: Option<RawOAuth>,
+    /// One webhook secret, or a list while rotating.
+    pub webhook_secret: Option<Secrets>,
+    pub poll_interval: Option<ConfigDuration>,
+    /// Carts idle longer than this without an order become abandoned.
+    pub abandon_after: Option<ConfigDuration>,
+    /// The canonical pipeline this connection's deals go to.
+    pub pipeline: Option<String>,
+    /// native pipeline → native stage → canonical stage ("stage" or "pipeline.stage").
+    #[serde(default)]
+    pub stage_map: BTreeMap<String, BTreeMap<String, String>>,
+    pub rate_limit: Option<RawRateLimit>,
+    pub page_size: Option<u32>,
+    /// How far each incremental read reaches back before the cursor.
+    pub lookback: Option<ConfigDuration>,
+    /// Connector-specific settings, checked by the connector.
+    #[serde(default)]
+    pub settings: toml::Table,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOAuth {
+    pub client_id: String,
+    pub client_secret: Option<Secret>,
+    pub auth_url: Option<String>,
+    pub token_url: Option<String>,
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    /// A refresh token to start from, instead of running `dealsync auth`.
+    pub refresh_token: Option<Secret>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRateLimit {
+    pub requests_per_second: Option<f64>,
+    pub burst: Option<u32>,
+    /// Share of the vendor's remaining daily budget this connection may use, 0–1.
+    pub budget_share: Option<f64>,
+    pub max_concurrency: Option<u32>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawEmail {
+    /// "file" (writes .eml files) or "smtp".
+    pub transport: Option<String>,
+    /// smtp://host:port, smtps://host:port (implicit TLS), smtp://…?tls=starttls; may hold credentials.
+    pub url: Option<Secret>,
+    /// Directory for the file transport.
+    pub dir: Option<PathBuf>,
+    /// "Name <address>".
+    pub from: Option<String>,
+}

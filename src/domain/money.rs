@@ -1,0 +1,222 @@
+//! Money as integer minor units of one ISO-4217 currency. Never a float: amounts are
+//! parsed from their decimal text (a JSON number is read through its text as well).
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// An ISO-4217 code, upper case, three ASCII letters.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Currency([u8; 3]);
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MoneyError {
+    #[error("not an ISO-4217 currency code: {0:?}")]
+    Currency(String),
+    #[error("not a decimal amount: {0:?}")]
+    Amount(String),
+    #[error("amount {0:?} does not fit in 64-bit minor units")]
+    Overflow(String),
+}
+
+impl Currency {
+    pub fn parse(code: &str) -> Result<Self, MoneyError> {
+        let bytes = code.trim().as_bytes();
+        if bytes.len() != 3 || !bytes.iter().all(u8::is_ascii_alphabetic) {
+            return Err(MoneyError::Currency(code.to_owned()));
+        }
+        let mut upper = [0u8; 3];
+        for (slot, byte) in upper.iter_mut().zip(bytes) {
+            *slot = byte.to_ascii_uppercase();
+        }
+        Ok(Currency(upper))
+    }
+
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0).expect("currency codes are checked ASCII")
+    }
+
+    /// Digits after the decimal point in this currency's minor unit (ISO-4217).
+    pub fn exponent(&self) -> u32 {
+        match self.as_str() {
+            "BIF" | "CLP" | "DJF" | "GNF" | "ISK" | "JPY" | "KMF" | "KRW" | "PYG" | "RWF"
+            | "UGX" | "UYI" | "VND" | "VUV" | "XAF" | "XOF" | "XPF" => 0,
+            "BHD" | "IQD" | "JOD" | "KWD" | "LYD" | "OMR" | "TND" => 3,
+            "CLF" | "UYW" => 4,
+            _ => 2,
+        }
+    }
+}
+
+impl fmt::Display for Currency {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl fmt::Debug for Currency {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Currency({})", self.as_str())
+    }
+}
+
+impl Serialize for Currency {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for Currency {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        Currency::parse(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+/// An amount in minor units of one currency.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Money {
+    pub minor: i64,
+    pub currency: Currency,
+}
+
+impl Money {
+    pub fn new(minor: i64, currency: Currency) -> Self {
+        Money { minor, currency }
+    }
+
+    /// Parses a decimal string such as `"4200.50"`, `"-3"`, `"1e3"` into minor units,
+    /// rounding half away from zero past the currency's exponent.
+    pub fn parse_decimal(text: &str, currency: Currency) -> Result<Self, MoneyError> {
+        let minor = parse_minor(text.trim(), currency.exponent())
+            .ok_or_else(|| MoneyError::Amount(text.to_owned()))??;
+        Ok(Money { minor, currency })
+    }
+
+    /// Formats as a decimal with the currency's exponent: `4200.50 EUR`.
+    pub fn to_decimal_string(&self) -> String {
+        format_minor(self.minor, self.currency.exponent())
+    }
+}
+
+impl fmt::Display for Money {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.to_decimal_string(), self.currency)
+    }
+}
+
+/// Formats minor units as a decimal string with `exponent` fraction digits.
+pub fn format_minor(minor: i64, exponent: u32) -> String {
+    if exponent == 0 {
+        return minor.to_string();
+    }
+    let sign = if minor < 0 { "-" } else { "" };
+    let abs = minor.unsigned_abs();
+    let scale = 10u64.pow(exponent);
+    format!(
+        "{sign}{}.{:0width$}",
+        abs / scale,
+        abs % scale,
+        width = exponent as usize
+    )
+}
+
+/// `None`: not a number; `Some(Err)`: a number that overflows.
+fn parse_minor(text: &str, exponent: u32) -> Option<Result<i64, MoneyError>> {
+    let (mantissa, exp10) = match text.find(['e', 'E']) {
+        Some(at) => (&text[..at], text[at + 1..].parse::<i32>().ok()?),
+        None => (text, 0),
+    };
+    let (negative, digits) = match mantissa.as_bytes().first()? {
+        b'-' => (true, &mantissa[1..]),
+        b'+' => (false, &mantissa[1..]),
+        _ => (false, mantissa),
+    };
+    let (int_part, frac_part) = digits.split_once('.').unwrap_or((digits, ""));
+    if int_part.is_empty() && frac_part.is_empty() {
+        return None;
+    }
+    if !int_part.bytes().chain(frac_part.bytes()).all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    // All digits as one integer, and where the decimal point sits relative to minor units.
+    let all_digits: String = format!("{int_part}{frac_part}");
+    let shift = exponent as i32 + exp10 - frac_part.len() as i32;
+    let overflow = || MoneyError::Overflow(text.to_owned());
+    let mut value: i128 = 0;
+    for byte in all_digits.bytes() {
+        value = value * 10 + i128::from(byte - b'0');
+        if value > i128::from(i64::MAX) * 1_000_000_000_000 {
+            return Some(Err(overflow()));
+        }
+    }
+    let value = if shift >= 0 {
+        let scale = 10i128.checked_pow(shift as u32);
+        match scale.and_then(|scale| value.checked_mul(scale)) {
+            Some(v) => v,
+            None => return Some(Err(overflow())),
+        }
+    } else {
+        let divisor = match 10i128.checked_pow((-shift) as u32) {
+            Some(d) => d,
+            None => return Some(Ok(0)),
+        };
+        let quotient = value / divisor;
+        let remainder = value % divisor;
+        if remainder * 2 >= divisor {
+            quotient + 1
+        } else {
+            quotient
+        }
+    };
+    let value = if negative { -value } else { value };
+    Some(i64::try_from(value).map_err(|_| overflow()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn eur() -> Currency {
+        Currency::parse("eur").unwrap()
+    }
+
+    #[test]
+    fn decimal_strings_become_exact_minor_units() {
+        assert_eq!(Money::parse_decimal("4200.50", eur()).unwrap().minor, 420050);
+        assert_eq!(Money::parse_decimal("4200.5", eur()).unwrap().minor, 420050);
+        assert_eq!(Money::parse_decimal("0.1", eur()).unwrap().minor, 10);
+        assert_eq!(Money::parse_decimal("-3", eur()).unwrap().minor, -300);
+        assert_eq!(Money::parse_decimal("1e3", eur()).unwrap().minor, 100000);
+        assert_eq!(Money::parse_decimal("1.005", eur()).unwrap().minor, 101);
+        assert_eq!(Money::parse_decimal(".5", eur()).unwrap().minor, 50);
+        let jpy = Currency::parse("JPY").unwrap();
+        assert_eq!(Money::parse_decimal("1500", jpy).unwrap().minor, 1500);
+        let kwd = Currency::parse("KWD").unwrap();
+        assert_eq!(Money::parse_decimal("1.5", kwd).unwrap().minor, 1500);
+    }
+
+    #[test]
+    fn garbage_and_overflow_are_errors_not_zero() {
+        for bad in ["", "abc", "1,5", "--1", "1.2.3", "."] {
+            assert!(Money::parse_decimal(bad, eur()).is_err(), "{bad:?}");
+        }
+        assert!(matches!(
+            Money::parse_decimal("99999999999999999999999", eur()),
+            Err(MoneyError::Overflow(_))
+        ));
+    }
+
+    #[test]
+    fn minor_units_format_back_to_decimals() {
+        assert_eq!(Money::new(420050, eur()).to_string(), "4200.50 EUR");
+        assert_eq!(Money::new(-5, eur()).to_decimal_string(), "-0.05");
+        assert_eq!(format_minor(1500, 0), "1500");
+    }
+
+    #[test]
+    fn currency_codes_are_checked_and_upper_cased() {
+        assert_eq!(Currency::parse("usd").unwrap().as_str(), "USD");
+        assert!(Currency::parse("US").is_err());
+        assert!(Currency::parse("U$D").is_err());
+    }
+}
