@@ -1,0 +1,170 @@
+-- dealsync schema, version 1. Times are UTC milliseconds since the epoch; money is
+-- integer minor units beside an ISO-4217 code.
+
+CREATE TABLE connections (
+    name            TEXT PRIMARY KEY,
+    connector       TEXT NOT NULL,
+    created_at      INTEGER NOT NULL,
+    last_sync_started_at  INTEGER,
+    last_sync_finished_at INTEGER,
+    last_success_at INTEGER,
+    last_error      TEXT
+);
+
+CREATE TABLE deals (
+    id                INTEGER PRIMARY KEY,
+    connection        TEXT NOT NULL,
+    external_id       TEXT NOT NULL,
+    title             TEXT NOT NULL,
+    amount_minor      INTEGER,
+    currency          TEXT,
+    pipeline          TEXT,
+    stage             TEXT NOT NULL,
+    status            TEXT NOT NULL,
+    native_pipeline   TEXT NOT NULL,
+    native_stage      TEXT NOT NULL,
+    contact_email     TEXT,
+    contact_name      TEXT,
+    owner             TEXT,
+    owner_email       TEXT,
+    marketing_consent INTEGER,
+    source_created_at INTEGER,
+    source_updated_at INTEGER,
+    stage_entered_at  INTEGER NOT NULL,
+    last_activity_at  INTEGER NOT NULL,
+    expected_close    TEXT,
+    recovery_url      TEXT,
+    line_items        TEXT NOT NULL DEFAULT '[]',
+    cart_keys         TEXT NOT NULL DEFAULT '[]',
+    deleted_at        INTEGER,
+    first_seen_at     INTEGER NOT NULL,
+    synced_at         INTEGER NOT NULL,
+    -- Hash of the source record plus its mapped stage: equal means nothing to do.
+    content_hash      INTEGER NOT NULL,
+    raw               TEXT NOT NULL,
+    UNIQUE (connection, external_id)
+);
+CREATE INDEX deals_by_stage ON deals (pipeline, stage, stage_entered_at);
+CREATE INDEX deals_by_contact ON deals (contact_email);
+CREATE INDEX deals_by_status ON deals (status);
+
+-- Keys that tie carts and orders together (checkout token, cart token, session id).
+CREATE TABLE deal_keys (
+    key     TEXT NOT NULL,
+    deal_id INTEGER NOT NULL REFERENCES deals (id),
+    PRIMARY KEY (key, deal_id)
+) WITHOUT ROWID;
+
+CREATE TABLE stage_history (
+    id            INTEGER PRIMARY KEY,
+    deal_id       INTEGER NOT NULL REFERENCES deals (id),
+    at            INTEGER NOT NULL,
+    from_pipeline TEXT,
+    from_stage    TEXT,
+    to_pipeline   TEXT,
+    to_stage      TEXT NOT NULL,
+    native_from   TEXT,
+    native_to     TEXT NOT NULL,
+    cause         TEXT NOT NULL
+);
+CREATE INDEX stage_history_by_deal ON stage_history (deal_id, at);
+CREATE INDEX stage_history_by_time ON stage_history (at);
+
+CREATE TABLE sync_cursors (
+    connection TEXT NOT NULL,
+    stream     TEXT NOT NULL,
+    value      TEXT NOT NULL,
+    updated_at INTEGER NOT NULL,
+    PRIMARY KEY (connection, stream)
+);
+
+-- What each connection's discovery found: native pipelines and stages, as JSON.
+CREATE TABLE native_pipelines (
+    connection    TEXT PRIMARY KEY,
+    pipelines     TEXT NOT NULL,
+    discovered_at INTEGER NOT NULL
+);
+
+CREATE TABLE sync_runs (
+    id            INTEGER PRIMARY KEY,
+    connection    TEXT NOT NULL,
+    full          INTEGER NOT NULL,
+    started_at    INTEGER NOT NULL,
+    finished_at   INTEGER,
+    status        TEXT NOT NULL,
+    summary       TEXT,
+    error         TEXT
+);
+CREATE INDEX sync_runs_by_connection ON sync_runs (connection, started_at);
+
+-- Records that failed to parse, kept with the error; the sync goes on without them.
+CREATE TABLE quarantine (
+    id          INTEGER PRIMARY KEY,
+    connection  TEXT NOT NULL,
+    external_id TEXT,
+    error       TEXT NOT NULL,
+    raw         TEXT NOT NULL,
+    at          INTEGER NOT NULL
+);
+
+CREATE TABLE webhook_inbox (
+    id              INTEGER PRIMARY KEY,
+    connection      TEXT NOT NULL,
+    delivery_id     TEXT NOT NULL,
+    topic           TEXT,
+    received_at     INTEGER NOT NULL,
+    headers         TEXT NOT NULL,
+    body            BLOB NOT NULL,
+    state           TEXT NOT NULL DEFAULT 'pending',
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at INTEGER,
+    last_error      TEXT,
+    processed_at    INTEGER,
+    UNIQUE (connection, delivery_id)
+);
+CREATE INDEX webhook_inbox_by_state ON webhook_inbox (state, next_attempt_at);
+
+CREATE TABLE webhook_dead_letters (
+    id          INTEGER PRIMARY KEY,
+    connection  TEXT NOT NULL,
+    received_at INTEGER NOT NULL,
+    reason      TEXT NOT NULL,
+    headers     TEXT NOT NULL,
+    body        BLOB NOT NULL
+);
+
+CREATE TABLE outbox (
+    id              INTEGER PRIMARY KEY,
+    deal_id         INTEGER NOT NULL REFERENCES deals (id),
+    rule            TEXT NOT NULL,
+    step            INTEGER NOT NULL,
+    recipient       TEXT NOT NULL,
+    state           TEXT NOT NULL,
+    due_at          INTEGER NOT NULL,
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at INTEGER,
+    reason          TEXT,
+    message_id      TEXT,
+    created_at      INTEGER NOT NULL,
+    updated_at      INTEGER NOT NULL,
+    sent_at         INTEGER,
+    UNIQUE (deal_id, rule, step)
+);
+CREATE INDEX outbox_by_due ON outbox (state, due_at);
+
+CREATE TABLE suppressions (
+    email      TEXT PRIMARY KEY,
+    reason     TEXT NOT NULL,
+    source     TEXT,
+    created_at INTEGER NOT NULL
+);
+
+CREATE TABLE oauth_tokens (
+    connection    TEXT PRIMARY KEY,
+    access_token  TEXT,
+    refresh_token TEXT,
+    expires_at    INTEGER,
+    extra         TEXT NOT NULL DEFAULT '{}',
+    needs_reauth  INTEGER NOT NULL DEFAULT 0,
+    updated_at    INTEGER NOT NULL
+);

@@ -1,0 +1,277 @@
+//! Sync bookkeeping: cursors, runs, quarantined records, discovered native pipelines.
+
+use super::deals::{DealUpsert, UpsertOutcome, upsert_all};
+use super::{Result, Store, StoreError, from_ms, to_ms};
+use crate::pipeline::NativePipeline;
+use chrono::{DateTime, Utc};
+use rusqlite::{OptionalExtension, params};
+use serde::Serialize;
+
+/// A record that could not be read, kept with its error.
+#[derive(Debug, Clone)]
+pub struct Quarantined {
+    pub external_id: Option<String>,
+    pub error: String,
+    pub raw: serde_json::Value,
+}
+
+/// The last run of a connection, for status and metrics.
+#[derive(Debug, Clone, Serialize)]
+pub struct SyncRunRecord {
+    pub connection: String,
+    pub full: bool,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub status: String,
+    pub summary: Option<serde_json::Value>,
+    pub error: Option<String>,
+}
+
+impl Store {
+    /// Records that a connection exists (idempotent).
+    pub async fn ensure_connection(&self, name: &str, connector: &str) -> Result<()> {
+        let (name, connector) = (name.to_owned(), connector.to_owned());
+        self.write(move |tx| {
+            tx.execute(
+                "INSERT INTO connections (name, connector, created_at) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (name) DO UPDATE SET connector = excluded.connector",
+                params![name, connector, to_ms(Utc::now())],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn cursor(&self, connection: &str, stream: &str) -> Result<Option<serde_json::Value>> {
+        let (connection, stream) = (connection.to_owned(), stream.to_owned());
+        self.read(move |db| {
+            let text: Option<String> = db
+                .query_row(
+                    "SELECT value FROM sync_cursors WHERE connection = ?1 AND stream = ?2",
+                    params![connection, stream],
+                    |row| row.get(0),
+                )
+                .optional()?;
+            text.map(|text| {
+                serde_json::from_str(&text)
+                    .map_err(|error| StoreError::Corrupt(format!("cursor of {connection}: {error}")))
+            })
+            .transpose()
+        })
+        .await
+    }
+
+    /// Forgets a connection's cursor, so the next sync is a full one.
+    pub async fn reset_cursor(&self, connection: &str, stream: &str) -> Result<()> {
+        let (connection, stream) = (connection.to_owned(), stream.to_owned());
+        self.write(move |tx| {
+            tx.execute(
+                "DELETE FROM sync_cursors WHERE connection = ?1 AND stream = ?2",
+                params![connection, stream],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Commits one page: its deals, its quarantined records and the cursor after it.
+    ///
+    /// Invariant: all of it commits in this one transaction. A crash before the commit
+    /// replays the page from the previous cursor, and the upsert makes the replay a no-op.
+    pub async fn commit_page(
+        &self,
+        connection: &str,
+        stream: &str,
+        upserts: Vec<DealUpsert>,
+        quarantined: Vec<Quarantined>,
+        cursor: Option<serde_json::Value>,
+    ) -> Result<UpsertOutcome> {
+        let (connection, stream) = (connection.to_owned(), stream.to_owned());
+        self.write(move |tx| {
+            let outcome = upsert_all(tx, &upserts)?;
+            let now = to_ms(Utc::now());
+            for record in &quarantined {
+                tx.execute(
+                    "INSERT INTO quarantine (connection, external_id, error, raw, at)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![
+                        connection,
+                        record.external_id,
+                        record.error,
+                        record.raw.to_string(),
+                        now
+                    ],
+                )?;
+            }
+            if let Some(cursor) = cursor {
+                tx.execute(
+                    "INSERT INTO sync_cursors (connection, stream, value, updated_at)
+                     VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT (connection, stream) DO UPDATE
+                       SET value = excluded.value, updated_at = excluded.updated_at",
+                    params![connection, stream, cursor.to_string(), now],
+                )?;
+            }
+            Ok(outcome)
+        })
+        .await
+    }
+
+    /// Starts a sync run; returns its id.
+    pub async fn start_sync_run(&self, connection: &str, full: bool) -> Result<i64> {
+        let connection = connection.to_owned();
+        self.write(move |tx| {
+            let now = to_ms(Utc::now());
+            tx.execute(
+                "INSERT INTO sync_runs (connection, full, started_at, status) VALUES (?1, ?2, ?3, 'running')",
+                params![connection, full, now],
+            )?;
+            tx.execute(
+                "UPDATE connections SET last_sync_started_at = ?2 WHERE name = ?1",
+                params![connection, now],
+            )?;
+            Ok(tx.last_insert_rowid())
+        })
+        .await
+    }
+
+    /// Finishes a sync run with its summary or its error.
+    pub async fn finish_sync_run(
+        &self,
+        run_id: i64,
+        summary: serde_json::Value,
+        error: Option<String>,
+    ) -> Result<()> {
+        self.write(move |tx| {
+            let now = to_ms(Utc::now());
+            let status = if error.is_some() { "failed" } else { "succeeded" };
+            tx.execute(
+                "UPDATE sync_runs SET finished_at = ?2, status = ?3, summary = ?4, error = ?5 WHERE id = ?1",
+                params![run_id, now, status, summary.to_string(), error],
+            )?;
+            tx.execute(
+                "UPDATE connections SET last_sync_finished_at = ?2,
+                    last_success_at = CASE WHEN ?3 IS NULL THEN ?2 ELSE last_success_at END,
+                    last_error = ?3
+                 WHERE name = (SELECT connection FROM sync_runs WHERE id = ?1)",
+                params![run_id, now, error],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// The most recent run of each connection.
+    pub async fn last_sync_runs(&self) -> Result<Vec<SyncRunRecord>> {
+        self.read(|db| {
+            let mut statement = db.prepare(
+                "SELECT connection, full, started_at, finished_at, status, summary, error
+                 FROM sync_runs WHERE id IN (SELECT max(id) FROM sync_runs GROUP BY connection)
+                 ORDER BY connection",
+            )?;
+            let rows = statement.query_map([], |row| {
+                Ok(SyncRunRecord {
+                    connection: row.get(0)?,
+                    full: row.get(1)?,
+                    started_at: from_ms(row.get(2)?),
+                    finished_at: row.get::<_, Option<i64>>(3)?.map(from_ms),
+                    status: row.get(4)?,
+                    summary: row
+                        .get::<_, Option<String>>(5)?
+                        .and_then(|s| serde_json::from_str(&s).ok()),
+                    error: row.get(6)?,
+                })
+            })?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+        .await
+    }
+
+    /// When each connection last synced successfully.
+    pub async fn last_successes(&self) -> Result<Vec<(String, Option<DateTime<Utc>>)>> {
+        self.read(|db| {
+            let mut statement =
+                db.prepare("SELECT name, last_success_at FROM connections ORDER BY name")?;
+            let rows = statement.query_map([], |row| {
+                Ok((row.get(0)?, row.get::<_, Option<i64>>(1)?.map(from_ms)))
+            })?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+        .await
+    }
+
+    pub async fn quarantined_count(&self, connection: &str) -> Result<u64> {
+        let connection = connection.to_owned();
+        self.read(move |db| {
+            Ok(db.query_row(
+                "SELECT count(*) FROM quarantine WHERE connection = ?1",
+                [connection],
+                |row| row.get::<_, i64>(0),
+            )? as u64)
+        })
+        .await
+    }
+
+    /// Stores what discovery found for a connection.
+    pub async fn save_native_pipelines(
+        &self,
+        connection: &str,
+        pipelines: &[NativePipeline],
+    ) -> Result<()> {
+        let connection = connection.to_owned();
+        let text = serde_json::to_string(pipelines)
+            .map_err(|error| StoreError::Corrupt(error.to_string()))?;
+        self.write(move |tx| {
+            tx.execute(
+                "INSERT INTO native_pipelines (connection, pipelines, discovered_at) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (connection) DO UPDATE
+                   SET pipelines = excluded.pipelines, discovered_at = excluded.discovered_at",
+                params![connection, text, to_ms(Utc::now())],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn native_pipelines(&self, connection: &str) -> Result<Vec<NativePipeline>> {
+        let connection = connection.to_owned();
+        self.read(move |db| {
+            let text: Option<String> = db
+                .query_row(
+                    "SELECT pipelines FROM native_pipelines WHERE connection = ?1",
+                    [&connection],
+                    |row| row.get(0),
+                )
+                .optional()?;
+            match text {
+                Some(text) => serde_json::from_str(&text).map_err(|error| {
+                    StoreError::Corrupt(format!("native pipelines of {connection}: {error}"))
+                }),
+                None => Ok(Vec::new()),
+            }
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::store::tests::temp_store;
+    use serde_json::json;
+
+    #[tokio::test]
+    async fn the_cursor_commits_with_its_page() {
+        let (_dir, store) = temp_store();
+        assert_eq!(store.cursor("crm", "deals").await.unwrap(), None);
+        store
+            .commit_page("crm", "deals", vec![], vec![], Some(json!({"after": "10"})))
+            .await
+            .unwrap();
+        assert_eq!(
+            store.cursor("crm", "deals").await.unwrap(),
+            Some(json!({"after": "10"}))
+        );
+        store.reset_cursor("crm", "deals").await.unwrap();
+        assert_eq!(store.cursor("crm", "deals").await.unwrap(), None);
+    }
+}
