@@ -4,7 +4,15 @@
 //!
 //! The module map and the invariants are in `docs/ARCHITECTURE.md`.
 
+pub mod app;
+pub mod cli;
 pub mod config;
+pub mod connectors;
 pub mod domain;
+pub mod http;
+pub mod output;
 pub mod pipeline;
+pub mod shutdown;
 pub mod store;
+pub mod sync;
+pub mod telemetry;

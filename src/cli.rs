@@ -1,0 +1,438 @@
+//! The command line: clap types and one function per subcommand.
+
+use crate::app::App;
+use crate::config::{self, Config, ConfigError};
+use crate::domain::{DealStatus, UNMAPPED};
+use crate::output::{self, Format, Rows};
+use crate::store::{DealFilter, Store};
+use crate::sync::{self, ConnectionRuntime, RunSummary, SyncDeps};
+use crate::telemetry::{LogFormat, Metrics};
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Parser)]
+#[command(name = "dealsync", version, about = "Deals from every CRM and shop, one pipeline, follow-ups that never spam")]
+pub struct Cli {
+    /// The config file.
+    #[arg(long, global = true, default_value = config::DEFAULT_PATH)]
+    pub config: PathBuf,
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value = "pretty")]
+    pub log_format: LogFormat,
+    /// Log level or filter, e.g. `info` or `dealsync=debug`.
+    #[arg(long, global = true, default_value = "info")]
+    pub log_level: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon.
+    Run,
+    /// Validate the config, connectors and stage mappings; exit 78 when invalid.
+    Check,
+    /// Show the canonical pipelines and each connection's stage mapping.
+    Stages,
+    /// Sync now, once, with a progress bar on a terminal.
+    Sync(SyncArgs),
+    /// Deals in the store.
+    #[command(subcommand)]
+    Deals(DealsCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct SyncArgs {
+    /// Ignore the cursor and read everything.
+    #[arg(long)]
+    pub full: bool,
+    /// Only this connection (default: every enabled polling connection).
+    pub connection: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DealsCommand {
+    /// List deals, newest activity first.
+    List(ListArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    #[arg(long)]
+    pub connection: Option<String>,
+    #[arg(long)]
+    pub pipeline: Option<String>,
+    #[arg(long)]
+    pub stage: Option<String>,
+    /// open, won, lost, unmapped or deleted.
+    #[arg(long, value_parser = parse_status)]
+    pub status: Option<DealStatus>,
+    #[arg(long, default_value_t = 100)]
+    pub limit: u32,
+    #[arg(long, value_enum, default_value = "table")]
+    pub format: Format,
+}
+
+fn parse_status(text: &str) -> Result<DealStatus, String> {
+    DealStatus::parse(text).ok_or_else(|| "expected open, won, lost, unmapped or deleted".into())
+}
+
+/// A command's failure; the variant picks the exit code.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    #[error("{0}")]
+    Usage(String),
+    #[error(transparent)]
+    Other(#[from] anyhow::Error),
+}
+
+impl CliError {
+    /// 78 (EX_CONFIG) for configuration errors, 2 for usage, 1 for anything else.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            CliError::Config(_) => 78,
+            CliError::Usage(_) => 2,
+            CliError::Other(_) => 1,
+        }
+    }
+}
+
+impl From<crate::app::StartupError> for CliError {
+    fn from(error: crate::app::StartupError) -> Self {
+        match error {
+            crate::app::StartupError::Config(error) => CliError::Config(error),
+            other => CliError::Other(other.into()),
+        }
+    }
+}
+
+impl From<crate::store::StoreError> for CliError {
+    fn from(error: crate::store::StoreError) -> Self {
+        CliError::Other(error.into())
+    }
+}
+
+/// Runs the parsed command.
+pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
+    match cli.command {
+        Command::Run => run(&cli.config).await,
+        Command::Check => check(&cli.config).await,
+        Command::Stages => stages(&cli.config).await,
+        Command::Sync(args) => sync_now(&cli.config, args).await,
+        Command::Deals(DealsCommand::List(args)) => deals_list(&cli.config, args).await,
+    }
+}
+
+async fn load(path: &std::path::Path) -> Result<Config, CliError> {
+    let path = path.to_owned();
+    Ok(tokio::task::spawn_blocking(move || config::load(&path))
+        .await
+        .map_err(anyhow::Error::from)??)
+}
+
+async fn open_store(config: &Config) -> Result<Store, CliError> {
+    let path = config.storage.path.clone();
+    Ok(tokio::task::spawn_blocking(move || Store::open(&path))
+        .await
+        .map_err(anyhow::Error::from)??)
+}
+
+async fn run(path: &std::path::Path) -> Result<(), CliError> {
+    let config = load(path).await?;
+    let app = App::build(config).await?;
+    let shutdown = CancellationToken::new();
+    crate::shutdown::spawn_signal_handlers(shutdown.clone(), app.reloader());
+    app.run(shutdown).await.map_err(anyhow::Error::from)?;
+    Ok(())
+}
+
+/// Builds every connection with the stored discovery results applied.
+async fn runtimes(config: &Config, store: Option<&Store>) -> Result<Vec<Arc<ConnectionRuntime>>, CliError> {
+    let runtimes = ConnectionRuntime::build_all(config)?;
+    if let Some(store) = store {
+        for runtime in &runtimes {
+            let known = store.native_pipelines(runtime.name()).await?;
+            if !known.is_empty() {
+                runtime.set_native(known);
+            }
+        }
+    }
+    Ok(runtimes)
+}
+
+async fn check(path: &std::path::Path) -> Result<(), CliError> {
+    let config = load(path).await?;
+    let store = if config.storage.path.exists() {
+        Some(open_store(&config).await?)
+    } else {
+        None
+    };
+    let runtimes = runtimes(&config, store.as_ref()).await?;
+    let mut out = format!("config {}: ok\n", config.path.display());
+    for pipeline in config.pipelines.iter() {
+        out.push_str(&format!(
+            "pipeline {}: {} stages\n",
+            pipeline.key,
+            pipeline.stages.len()
+        ));
+    }
+    for connection in &config.connections {
+        let state = if connection.enabled { "enabled" } else { "disabled" };
+        out.push_str(&format!(
+            "connection {} ({}): {state}\n",
+            connection.name, connection.connector
+        ));
+    }
+    let mut unmapped = Vec::new();
+    for runtime in &runtimes {
+        let map = runtime.stage_map();
+        for pipeline in map.native() {
+            for stage in &pipeline.stages {
+                if map.resolve(&pipeline.id, &stage.id).is_unmapped() {
+                    unmapped.push(format!(
+                        "{}: native stage \"{}\" / \"{}\" has no mapping",
+                        runtime.name(),
+                        pipeline.label,
+                        stage.label
+                    ));
+                }
+            }
+        }
+    }
+    if let Some(store) = &store {
+        for stage in store.unmapped_stages().await? {
+            unmapped.push(format!(
+                "{}: {} deals in unmapped native stage \"{}\" / \"{}\"",
+                stage.connection, stage.deals, stage.native_pipeline, stage.native_stage
+            ));
+        }
+    }
+    if unmapped.is_empty() {
+        out.push_str("stage mappings: every known native stage is mapped\n");
+    } else {
+        out.push_str(&format!(
+            "stage mappings: {} warnings (deals there are kept as \"{UNMAPPED}\"; map them under [connections.NAME.stage_map])\n",
+            unmapped.len()
+        ));
+        for line in unmapped {
+            out.push_str(&format!("  warning: {line}\n"));
+        }
+    }
+    output::print(&out);
+    Ok(())
+}
+
+async fn stages(path: &std::path::Path) -> Result<(), CliError> {
+    let config = load(path).await?;
+    let store = if config.storage.path.exists() {
+        Some(open_store(&config).await?)
+    } else {
+        None
+    };
+    let mut canonical = Rows::new(vec!["pipeline", "#", "stage", "label", "kind", "probability", "stall_after"]);
+    for pipeline in config.pipelines.iter() {
+        for (at, stage) in pipeline.stages.iter().enumerate() {
+            canonical.push(vec![
+                pipeline.key.to_string(),
+                (at + 1).to_string(),
+                stage.key.to_string(),
+                stage.label.clone(),
+                format!("{:?}", stage.kind).to_lowercase(),
+                format!("{}%", stage.probability),
+                stage.stall_after.map(config::duration::format).unwrap_or_else(|| "-".into()),
+            ]);
+        }
+    }
+    let mut out = String::from("Canonical pipelines\n\n");
+    out.push_str(&canonical.render(Format::Table));
+    for runtime in runtimes(&config, store.as_ref()).await? {
+        let map = runtime.stage_map();
+        let mut rows = Rows::new(vec!["native pipeline", "native stage", "canonical", "from"]);
+        let mut listed = std::collections::HashSet::new();
+        for pipeline in map.native() {
+            for stage in &pipeline.stages {
+                let target = map.resolve(&pipeline.id, &stage.id);
+                let source = map
+                    .entries()
+                    .iter()
+                    .find(|e| e.target == target && !target.is_unmapped())
+                    .map_or("-".to_owned(), |e| format!("{:?}", e.source).to_lowercase());
+                listed.insert((pipeline.id.clone(), stage.id.clone()));
+                rows.push(vec![
+                    pipeline.label.clone(),
+                    stage.label.clone(),
+                    describe(&target),
+                    source,
+                ]);
+            }
+        }
+        for entry in map.entries() {
+            if !listed.contains(&(entry.native_pipeline.clone(), entry.native_stage.clone())) {
+                rows.push(vec![
+                    entry.native_pipeline.clone(),
+                    entry.native_stage.clone(),
+                    describe(&entry.target),
+                    format!("{:?}", entry.source).to_lowercase(),
+                ]);
+            }
+        }
+        out.push_str(&format!(
+            "\nConnection {} ({})\n\n",
+            runtime.name(),
+            runtime.connector.kind()
+        ));
+        if rows.rows.is_empty() {
+            out.push_str("no mappings and no discovered stages yet (run `dealsync sync`)\n");
+        } else {
+            out.push_str(&rows.render(Format::Table));
+        }
+    }
+    output::print(&out);
+    Ok(())
+}
+
+fn describe(target: &crate::domain::StageRef) -> String {
+    match &target.pipeline {
+        Some(pipeline) => format!("{pipeline}.{}", target.stage),
+        None => UNMAPPED.to_owned(),
+    }
+}
+
+async fn sync_now(path: &std::path::Path, args: SyncArgs) -> Result<(), CliError> {
+    use std::io::IsTerminal;
+    let config = load(path).await?;
+    let store = open_store(&config).await?;
+    let runtimes = runtimes(&config, Some(&store)).await?;
+    let selected: Vec<_> = runtimes
+        .into_iter()
+        .filter(|r| args.connection.as_deref().is_none_or(|name| r.name() == name))
+        .filter(|r| r.connector.polls() || args.connection.is_some())
+        .collect();
+    if let Some(name) = &args.connection
+        && selected.is_empty()
+    {
+        return Err(CliError::Usage(format!(
+            "no enabled connection named {name:?} in {}",
+            config.path.display()
+        )));
+    }
+    let deps = SyncDeps { store: store.clone(), metrics: Arc::new(Metrics::new()) };
+    let shutdown = CancellationToken::new();
+    {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                shutdown.cancel();
+            }
+        });
+    }
+    let terminal = std::io::stderr().is_terminal();
+    let mut failed = 0;
+    let mut rows = Rows::new(vec![
+        "connection", "fetched", "created", "updated", "stage changes", "unmapped",
+        "quarantined", "requests", "429s", "elapsed",
+    ]);
+    for runtime in selected {
+        let name = runtime.name().to_owned();
+        for store_connection in [&runtime] {
+            store.ensure_connection(store_connection.name(), store_connection.connector.kind()).await?;
+        }
+        let bar = terminal.then(|| {
+            let bar = indicatif::ProgressBar::new_spinner();
+            bar.set_style(
+                indicatif::ProgressStyle::with_template("{spinner} {prefix}: {msg} [{elapsed}]")
+                    .expect("static template is valid"),
+            );
+            bar.set_prefix(name.clone());
+            bar.enable_steady_tick(std::time::Duration::from_millis(120));
+            bar
+        });
+        let progress = |summary: &RunSummary| {
+            let message = format!(
+                "{} fetched, {} created, {} updated, {} stage changes",
+                summary.fetched, summary.created, summary.updated, summary.stage_changes
+            );
+            match &bar {
+                Some(bar) => bar.set_message(message),
+                None => tracing::info!(connection = %name, pages = summary.pages, "{message}"),
+            }
+        };
+        let result = sync::run_once(&runtime, &deps, args.full, &shutdown, &progress).await;
+        if let Some(bar) = &bar {
+            bar.finish_and_clear();
+        }
+        match result {
+            Ok(s) => rows.push(vec![
+                name.clone(),
+                s.fetched.to_string(),
+                s.created.to_string(),
+                s.updated.to_string(),
+                s.stage_changes.to_string(),
+                s.unmapped.to_string(),
+                s.quarantined.to_string(),
+                s.requests.to_string(),
+                s.rate_limited.to_string(),
+                format!("{:.1}s", s.elapsed_ms as f64 / 1000.0),
+            ]),
+            Err(error) => {
+                failed += 1;
+                tracing::error!(connection = %name, %error, "sync failed");
+                rows.push(vec![name.clone(), format!("failed: {error}")]);
+            }
+        }
+    }
+    output::print(&rows.render(Format::Table));
+    if failed > 0 {
+        return Err(CliError::Other(anyhow::anyhow!("{failed} connection(s) failed to sync")));
+    }
+    Ok(())
+}
+
+async fn deals_list(path: &std::path::Path, args: ListArgs) -> Result<(), CliError> {
+    let config = load(path).await?;
+    let store = open_store(&config).await?;
+    let deals = store
+        .deals(DealFilter {
+            connection: args.connection,
+            pipeline: args.pipeline,
+            stage: args.stage,
+            status: args.status,
+            limit: Some(args.limit),
+            offset: None,
+        })
+        .await?;
+    if args.format == Format::Json {
+        output::print(&output::to_json(&deals));
+        return Ok(());
+    }
+    let mut rows = Rows::new(vec![
+        "id", "connection", "external_id", "title", "amount", "currency", "pipeline", "stage",
+        "status", "native_stage", "contact", "in_stage_since",
+    ]);
+    for deal in deals {
+        let amount = deal
+            .amount()
+            .map(|m| m.to_decimal_string())
+            .unwrap_or_default();
+        rows.push(vec![
+            deal.id.to_string(),
+            deal.connection.to_string(),
+            deal.external_id.to_string(),
+            deal.title.clone(),
+            amount,
+            deal.currency.map(|c| c.to_string()).unwrap_or_default(),
+            deal.pipeline.map(|p| p.to_string()).unwrap_or_default(),
+            deal.stage.to_string(),
+            deal.status.to_string(),
+            deal.native_stage.clone(),
+            deal.contact_email.map(|e| e.to_string()).unwrap_or_default(),
+            deal.stage_entered_at.format("%Y-%m-%d %H:%M:%S").to_string(),
+        ]);
+    }
+    output::print(&rows.render(args.format));
+    Ok(())
+}

@@ -1,0 +1,142 @@
+//! Connectors: the kinds of source, behind one trait, and the registry that builds a
+//! connector for each configured connection.
+//!
+//! Boundary: a connector reads its source and returns records and a new cursor; it
+//! never writes to the store. `sync` maps stages and commits each page with its cursor.
+
+pub mod demo;
+
+use crate::config::{ConfigError, ConnectionConfig};
+use crate::domain::{ConnectionName, SourceDeal};
+use crate::pipeline::{NativePipeline, StageMapEntry};
+use async_trait::async_trait;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// What a connector call failed with; the variant tells the caller what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectorError {
+    /// 429, 5xx, a timeout or a reset: retry later.
+    #[error("{vendor} request failed: {reason}")]
+    Transient {
+        vendor: String,
+        reason: String,
+        retry_after: Option<Duration>,
+    },
+    /// The credentials were rejected and refreshing did not help: needs re-authorization.
+    #[error("credentials for connection {connection} were rejected: {reason}")]
+    Unauthorized {
+        connection: ConnectionName,
+        reason: String,
+    },
+    /// The vendor answered with something we cannot use (a malformed page).
+    #[error("{vendor} sent an unusable response: {reason}")]
+    BadResponse { vendor: String, reason: String },
+    /// The daily or rolling budget is spent; resume after the given time.
+    #[error("{vendor} API budget exhausted; resuming in {}s", .resume_after.as_secs())]
+    BudgetExhausted {
+        vendor: String,
+        resume_after: Duration,
+    },
+    /// Shutdown was requested mid-call.
+    #[error("cancelled by shutdown")]
+    Cancelled,
+    #[error("{0}")]
+    Other(String),
+}
+
+/// A record the connector could not turn into a deal; quarantined, the sync goes on.
+#[derive(Debug, Clone)]
+pub struct BadRecord {
+    pub external_id: Option<String>,
+    pub reason: String,
+    pub raw: serde_json::Value,
+}
+
+/// One page of records and where to continue.
+#[derive(Debug, Clone)]
+pub struct Page {
+    pub records: Vec<Result<SourceDeal, BadRecord>>,
+    /// The cursor after this page; committed with the page's records.
+    pub next: serde_json::Value,
+    /// True when this run has caught up; the next run starts from `next`.
+    pub done: bool,
+    /// HTTP requests made for this page (for the run summary).
+    pub requests: u64,
+}
+
+/// All a connector may touch during a sync.
+#[derive(Clone)]
+pub struct SyncContext {
+    pub connection: ConnectionName,
+    pub shutdown: CancellationToken,
+}
+
+/// A kind of source, configured for one connection.
+#[async_trait]
+pub trait Connector: Send + Sync {
+    /// The connector's name (`hubspot`, `demo`, …).
+    fn kind(&self) -> &str;
+
+    /// The canonical pipeline this source's deals go to unless the config says otherwise.
+    fn default_pipeline(&self) -> Option<&str> {
+        None
+    }
+
+    /// Default stage mappings for the vendor's stock pipelines.
+    fn default_mappings(&self) -> Vec<StageMapEntry> {
+        Vec::new()
+    }
+
+    /// Whether this connector reads by polling (otherwise it only receives webhooks).
+    fn polls(&self) -> bool {
+        true
+    }
+
+    /// The native pipelines and stages of the source.
+    async fn discover_pipelines(
+        &self,
+        _cx: &SyncContext,
+    ) -> Result<Vec<NativePipeline>, ConnectorError> {
+        Ok(Vec::new())
+    }
+
+    /// Returns one page after `cursor` (`None`: start a full read).
+    async fn fetch_page(
+        &self,
+        cx: &SyncContext,
+        cursor: Option<&serde_json::Value>,
+    ) -> Result<Page, ConnectorError>;
+}
+
+/// The known connectors, as an explicit list.
+pub struct Registry;
+
+/// The connectors this build knows.
+pub const KNOWN: &[&str] = &["demo"];
+
+impl Registry {
+    /// Builds the connector for one connection, or explains what is wrong.
+    pub fn build(
+        connection: &ConnectionConfig,
+        config: &crate::config::Config,
+    ) -> Result<Arc<dyn Connector>, ConfigError> {
+        let base = format!("connections.{}", connection.name);
+        match connection.connector.as_str() {
+            "demo" => demo::DemoConnector::from_config(connection)
+                .map(|c| Arc::new(c) as Arc<dyn Connector>)
+                .map_err(|(key, message)| {
+                    ConfigError::at(config, format!("{base}.settings.{key}"), message)
+                }),
+            other => Err(ConfigError::at(
+                config,
+                format!("{base}.connector"),
+                format!(
+                    "unknown connector {other:?} (known: {})",
+                    KNOWN.join(", ")
+                ),
+            )),
+        }
+    }
+}

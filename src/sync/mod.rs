@@ -1,0 +1,406 @@
+//! Sync: the per-connection scheduler and one sync run.
+//!
+//! A run discovers native pipelines (to refresh the stage map), then reads pages from
+//! the connector, maps each record's native stage to a canonical one, and commits each
+//! page together with the cursor after it. A failing connection only delays itself.
+//!
+//! Invariant: the cursor advances only in the transaction that commits its page, so a
+//! crash or a kill at any point replays at most one page, which the upsert absorbs.
+
+use crate::config::{Config, ConfigError, ConnectionConfig};
+use crate::connectors::{Connector, ConnectorError, Registry, SyncContext};
+use crate::domain::{ChangeCause, DealStatus, SourceDeal, StageRef};
+use crate::pipeline::{Pipelines, StageMap};
+use crate::store::{DealUpsert, Quarantined, Store, StoreError, UpsertOutcome};
+use crate::telemetry::{Metrics, RecordLabels, RunLabels};
+use chrono::Utc;
+use rand::Rng;
+use serde::Serialize;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, info, info_span, warn};
+
+/// The stream name under which the deals cursor is stored.
+pub const DEALS_STREAM: &str = "deals";
+
+/// How often native pipelines are re-discovered during incremental runs.
+const DISCOVERY_EVERY: Duration = Duration::from_secs(3600);
+
+/// One configured connection with its connector and its current stage map.
+pub struct ConnectionRuntime {
+    pub config: ConnectionConfig,
+    pub connector: Arc<dyn Connector>,
+    pipelines: Pipelines,
+    /// Swapped whole when discovery finds new native stages; readers clone the Arc.
+    stage_map: RwLock<Arc<StageMap>>,
+    last_discovery: Mutex<Option<Instant>>,
+}
+
+impl ConnectionRuntime {
+    /// Builds the runtime of every enabled connection, or the first config problem.
+    pub fn build_all(config: &Config) -> Result<Vec<Arc<ConnectionRuntime>>, ConfigError> {
+        let mut runtimes = Vec::new();
+        for connection in config.connections.iter().filter(|c| c.enabled) {
+            let connector = Registry::build(connection, config)?;
+            runtimes.push(Arc::new(ConnectionRuntime::new(
+                connection.clone(),
+                connector,
+                config.pipelines.clone(),
+            )));
+        }
+        Ok(runtimes)
+    }
+
+    pub fn new(config: ConnectionConfig, connector: Arc<dyn Connector>, pipelines: Pipelines) -> Self {
+        let runtime = ConnectionRuntime {
+            config,
+            connector,
+            pipelines,
+            stage_map: RwLock::new(Arc::new(StageMap::default())),
+            last_discovery: Mutex::new(None),
+        };
+        runtime.set_native(Vec::new());
+        runtime
+    }
+
+    pub fn name(&self) -> &str {
+        self.config.name.as_str()
+    }
+
+    /// The canonical pipeline of this connection: the config's, else the connector's.
+    pub fn default_pipeline(&self) -> Option<crate::domain::PipelineKey> {
+        self.config.pipeline.clone().or_else(|| {
+            self.connector
+                .default_pipeline()
+                .filter(|key| self.pipelines.get(key).is_some())
+                .map(crate::domain::PipelineKey::new)
+        })
+    }
+
+    /// Rebuilds the stage map from manifest defaults, config overrides and discovery.
+    pub fn set_native(&self, native: Vec<crate::pipeline::NativePipeline>) {
+        let defaults = self
+            .connector
+            .default_mappings()
+            .into_iter()
+            // A default pointing at a pipeline the config replaced is dropped.
+            .filter(|entry| self.pipelines.stage(&entry.target).is_some());
+        let entries = defaults.chain(self.config.stage_map.iter().cloned());
+        let map = StageMap::new(self.default_pipeline(), entries).with_native(native, &self.pipelines);
+        if let Ok(mut slot) = self.stage_map.write() {
+            *slot = Arc::new(map);
+        }
+    }
+
+    pub fn stage_map(&self) -> Arc<StageMap> {
+        self.stage_map
+            .read()
+            .map(|map| map.clone())
+            .unwrap_or_default()
+    }
+
+    /// Maps a source record's native stage to a canonical stage and status.
+    pub fn map(&self, source: &SourceDeal) -> (StageRef, DealStatus) {
+        let target = self
+            .stage_map()
+            .resolve(&source.native_pipeline, &source.native_stage);
+        let status = self.pipelines.status_of(&target);
+        (target, status)
+    }
+
+    /// Turns source records into upserts for the store.
+    pub fn upserts(&self, records: Vec<SourceDeal>, cause: ChangeCause) -> Vec<DealUpsert> {
+        let now = Utc::now();
+        records
+            .into_iter()
+            .map(|source| {
+                let (target, status) = self.map(&source);
+                DealUpsert {
+                    connection: self.config.name.clone(),
+                    source,
+                    target,
+                    status,
+                    observed_at: now,
+                    cause,
+                }
+            })
+            .collect()
+    }
+
+    fn context(&self, shutdown: &CancellationToken) -> SyncContext {
+        SyncContext {
+            connection: self.config.name.clone(),
+            shutdown: shutdown.clone(),
+        }
+    }
+}
+
+/// What a sync run did, for logs, the CLI summary and the store.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RunSummary {
+    pub fetched: u64,
+    pub created: u64,
+    pub updated: u64,
+    pub unchanged: u64,
+    pub stale: u64,
+    pub stage_changes: u64,
+    pub unmapped: u64,
+    pub quarantined: u64,
+    pub pages: u64,
+    pub requests: u64,
+    pub rate_limited: u64,
+    pub elapsed_ms: u64,
+}
+
+impl RunSummary {
+    fn add(&mut self, outcome: UpsertOutcome) {
+        self.created += outcome.created;
+        self.updated += outcome.updated;
+        self.unchanged += outcome.unchanged;
+        self.stale += outcome.stale;
+        self.stage_changes += outcome.stage_changes;
+        self.unmapped += outcome.unmapped;
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error(transparent)]
+    Connector(#[from] ConnectorError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Everything a sync needs besides the connection.
+#[derive(Clone)]
+pub struct SyncDeps {
+    pub store: Store,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Runs one sync of a connection: discovery, then pages until caught up.
+pub async fn run_once(
+    runtime: &ConnectionRuntime,
+    deps: &SyncDeps,
+    full: bool,
+    shutdown: &CancellationToken,
+    progress: &(dyn Fn(&RunSummary) + Send + Sync),
+) -> Result<RunSummary, SyncError> {
+    let started = Instant::now();
+    let name = runtime.name().to_owned();
+    let run_id = deps.store.start_sync_run(&name, full).await?;
+    let result = run_pages(runtime, deps, full, shutdown, progress, started)
+        .instrument(info_span!("sync_run", connection = %name, run_id, full))
+        .await;
+    let (summary, error) = match &result {
+        Ok(summary) => (summary.clone(), None),
+        Err((summary, error)) => (summary.clone(), Some(error.to_string())),
+    };
+    let status = if error.is_some() { "failed" } else { "succeeded" };
+    deps.metrics
+        .sync_runs
+        .get_or_create(&RunLabels { connection: name.clone(), status: status.into() })
+        .inc();
+    if error.is_some() {
+        deps.metrics.sync_errors.get_or_create(&Metrics::connection(&name)).inc();
+    } else {
+        deps.metrics
+            .last_success
+            .get_or_create(&Metrics::connection(&name))
+            .set(Utc::now().timestamp_millis() as f64 / 1000.0);
+    }
+    let summary_json = serde_json::to_value(&summary).unwrap_or_default();
+    deps.store.finish_sync_run(run_id, summary_json, error).await?;
+    result.map_err(|(_, error)| error)
+}
+
+async fn run_pages(
+    runtime: &ConnectionRuntime,
+    deps: &SyncDeps,
+    full: bool,
+    shutdown: &CancellationToken,
+    progress: &(dyn Fn(&RunSummary) + Send + Sync),
+    started: Instant,
+) -> Result<RunSummary, (RunSummary, SyncError)> {
+    let name = runtime.name();
+    let cx = runtime.context(shutdown);
+    let mut summary = RunSummary::default();
+    let fail = |summary: &RunSummary, error: SyncError| (summary.clone(), error);
+
+    let due = runtime
+        .last_discovery
+        .lock()
+        .map(|last| full || last.is_none_or(|at| at.elapsed() > DISCOVERY_EVERY))
+        .unwrap_or(true);
+    if due {
+        match runtime.connector.discover_pipelines(&cx).await {
+            Ok(native) => {
+                deps.store
+                    .save_native_pipelines(name, &native)
+                    .await
+                    .map_err(|e| fail(&summary, e.into()))?;
+                runtime.set_native(native);
+                if let Ok(mut last) = runtime.last_discovery.lock() {
+                    *last = Some(Instant::now());
+                }
+            }
+            Err(error) => {
+                // Reading deals can go on with the last known stages.
+                warn!(connection = %name, %error, "pipeline discovery failed; using the last known stages");
+                let known = deps.store.native_pipelines(name).await.unwrap_or_default();
+                if !known.is_empty() && runtime.stage_map().native().is_empty() {
+                    runtime.set_native(known);
+                }
+            }
+        }
+    }
+
+    let mut cursor = if full {
+        None
+    } else {
+        deps.store
+            .cursor(name, DEALS_STREAM)
+            .await
+            .map_err(|e| fail(&summary, e.into()))?
+    };
+    loop {
+        if shutdown.is_cancelled() {
+            info!(connection = %name, "sync stopped at a page boundary for shutdown");
+            break;
+        }
+        let page = match runtime.connector.fetch_page(&cx, cursor.as_ref()).await {
+            Ok(page) => page,
+            Err(error) => return Err(fail(&summary, error.into())),
+        };
+        summary.pages += 1;
+        summary.requests += page.requests;
+        let mut records = Vec::with_capacity(page.records.len());
+        let mut quarantined = Vec::new();
+        for record in page.records {
+            summary.fetched += 1;
+            match record {
+                Ok(deal) => records.push(deal),
+                Err(bad) => {
+                    warn!(connection = %name, external_id = ?bad.external_id, reason = %bad.reason, "record quarantined");
+                    quarantined.push(Quarantined {
+                        external_id: bad.external_id,
+                        error: bad.reason,
+                        raw: bad.raw,
+                    })
+                }
+            }
+        }
+        summary.quarantined += quarantined.len() as u64;
+        let upserts = runtime.upserts(records, ChangeCause::Poll);
+        let outcome = deps
+            .store
+            .commit_page(name, DEALS_STREAM, upserts, quarantined, Some(page.next.clone()))
+            .await
+            .map_err(|e| fail(&summary, e.into()))?;
+        for (label, count) in [
+            ("created", outcome.created),
+            ("updated", outcome.updated),
+            ("unchanged", outcome.unchanged),
+            ("stale", outcome.stale),
+        ] {
+            if count > 0 {
+                deps.metrics
+                    .records
+                    .get_or_create(&RecordLabels { connection: name.to_owned(), outcome: label.into() })
+                    .inc_by(count);
+            }
+        }
+        summary.add(outcome);
+        summary.elapsed_ms = started.elapsed().as_millis() as u64;
+        progress(&summary);
+        cursor = Some(page.next);
+        if page.done {
+            break;
+        }
+    }
+    if summary.quarantined > 0 {
+        deps.metrics
+            .records
+            .get_or_create(&RecordLabels { connection: name.to_owned(), outcome: "quarantined".into() })
+            .inc_by(summary.quarantined);
+    }
+    summary.elapsed_ms = started.elapsed().as_millis() as u64;
+    Ok(summary)
+}
+
+/// The delay before the next run: the interval with ±10% jitter, so connections
+/// configured alike do not all hit their vendors at once.
+fn jittered(interval: Duration) -> Duration {
+    let factor = rand::rng().random_range(0.9..1.1);
+    interval.mul_f64(factor)
+}
+
+/// Backoff after a failed run: 5 s doubling, with full jitter, capped by the interval.
+pub fn failure_backoff(failures: u32, interval: Duration) -> Duration {
+    let base = Duration::from_secs(5).saturating_mul(1 << failures.min(10));
+    let cap = base.min(interval.max(Duration::from_secs(5)));
+    cap.mul_f64(rand::rng().random_range(0.5..1.0))
+}
+
+/// Runs a connection on its own schedule until `shutdown`.
+pub async fn run_connection(
+    runtime: Arc<ConnectionRuntime>,
+    deps: SyncDeps,
+    shutdown: CancellationToken,
+) {
+    let name = runtime.name().to_owned();
+    if !runtime.connector.polls() {
+        return;
+    }
+    let Some(interval) = runtime.config.poll_interval.or(Some(Duration::from_secs(300))) else {
+        return;
+    };
+    // A short random delay first, so a restart does not fire every connection at once.
+    let mut delay = Duration::from_millis(rand::rng().random_range(0..500));
+    let mut failures = 0u32;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        match run_once(&runtime, &deps, false, &shutdown, &|_| {}).await {
+            Ok(summary) => {
+                failures = 0;
+                info!(connection = %name, fetched = summary.fetched, created = summary.created,
+                    updated = summary.updated, stage_changes = summary.stage_changes,
+                    unmapped = summary.unmapped, quarantined = summary.quarantined,
+                    elapsed_ms = summary.elapsed_ms, "sync run finished");
+                delay = jittered(interval);
+            }
+            Err(error) => {
+                failures += 1;
+                delay = match &error {
+                    SyncError::Connector(ConnectorError::BudgetExhausted { resume_after, .. }) => *resume_after,
+                    SyncError::Connector(ConnectorError::Transient { retry_after: Some(after), .. }) => {
+                        (*after).max(failure_backoff(failures, interval))
+                    }
+                    SyncError::Connector(ConnectorError::Cancelled) => break,
+                    _ => failure_backoff(failures, interval),
+                };
+                warn!(connection = %name, %error, failures, retry_in_s = delay.as_secs(), "sync run failed");
+            }
+        }
+    }
+    info!(connection = %name, "connection stopped");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped_by_the_interval() {
+        let interval = Duration::from_secs(60);
+        for failures in 0..20 {
+            let delay = failure_backoff(failures, interval);
+            assert!(delay <= interval, "{failures}: {delay:?}");
+        }
+        assert!(failure_backoff(1, interval) <= Duration::from_secs(10));
+    }
+}

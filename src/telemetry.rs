@@ -1,0 +1,184 @@
+//! Tracing setup and the Prometheus metrics.
+//!
+//! Metric names follow `dealsync_<noun>[_<unit>]_total` for counters; labels are low
+//! cardinality (connection, pipeline, stage, route, status), never a deal id or an email.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use std::sync::Mutex;
+use std::sync::atomic::AtomicU64;
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+/// Installs the global tracing subscriber; logs go to stderr.
+pub fn init_tracing(format: LogFormat, level: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
+    use std::io::IsTerminal;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Pretty => builder.with_target(false).try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnectionLabels {
+    pub connection: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StageLabels {
+    pub connection: String,
+    pub pipeline: String,
+    pub stage: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RunLabels {
+    pub connection: String,
+    pub status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RecordLabels {
+    pub connection: String,
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpLabels {
+    pub route: String,
+    pub method: String,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BuildLabels {
+    pub version: String,
+}
+
+/// Every metric dealsync exports.
+pub struct Metrics {
+    /// Registered families; encoding takes the lock only to render.
+    registry: Mutex<Registry>,
+    pub deals: Family<StageLabels, Gauge>,
+    pub unmapped_deals: Family<ConnectionLabels, Gauge>,
+    pub sync_runs: Family<RunLabels, Counter>,
+    pub sync_errors: Family<ConnectionLabels, Counter>,
+    pub records: Family<RecordLabels, Counter>,
+    pub last_success: Family<ConnectionLabels, Gauge<f64, AtomicU64>>,
+    pub http_requests: Family<HttpLabels, Counter>,
+    pub config_reloads: Family<RunLabels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("dealsync");
+        let build = Family::<BuildLabels, Gauge>::default();
+        build
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+            })
+            .set(1);
+        registry.register("build_info", "dealsync build information", build);
+
+        let metrics = Metrics {
+            deals: Family::default(),
+            unmapped_deals: Family::default(),
+            sync_runs: Family::default(),
+            sync_errors: Family::default(),
+            records: Family::default(),
+            last_success: Family::default(),
+            http_requests: Family::default(),
+            config_reloads: Family::default(),
+            registry: Mutex::new(Registry::default()),
+        };
+        registry.register(
+            "deals",
+            "Live deals by connection, canonical pipeline and stage",
+            metrics.deals.clone(),
+        );
+        registry.register(
+            "unmapped_deals",
+            "Deals whose native stage has no canonical mapping",
+            metrics.unmapped_deals.clone(),
+        );
+        registry.register(
+            "sync_runs",
+            "Sync runs by connection and outcome",
+            metrics.sync_runs.clone(),
+        );
+        registry.register(
+            "sync_errors",
+            "Failed sync runs by connection",
+            metrics.sync_errors.clone(),
+        );
+        registry.register(
+            "records",
+            "Records read by sync, by outcome (created, updated, unchanged, stale, quarantined)",
+            metrics.records.clone(),
+        );
+        registry.register(
+            "last_successful_sync_timestamp_seconds",
+            "Unix time of each connection's last successful sync",
+            metrics.last_success.clone(),
+        );
+        registry.register(
+            "http_requests",
+            "HTTP requests by route, method and status",
+            metrics.http_requests.clone(),
+        );
+        registry.register(
+            "config_reloads",
+            "Config reloads by outcome",
+            metrics.config_reloads.clone(),
+        );
+        *metrics.registry.lock().expect("fresh mutex") = registry;
+        metrics
+    }
+
+    /// Registers a metric owned by another module.
+    pub fn register(
+        &self,
+        name: &str,
+        help: &str,
+        metric: impl prometheus_client::registry::Metric,
+    ) {
+        if let Ok(mut registry) = self.registry.lock() {
+            registry.register(name, help, metric);
+        }
+    }
+
+    /// Renders the Prometheus text format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if let Ok(registry) = self.registry.lock() {
+            let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
+        }
+        out
+    }
+
+    pub fn connection(name: &str) -> ConnectionLabels {
+        ConnectionLabels {
+            connection: name.to_owned(),
+        }
+    }
+}
