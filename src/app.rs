@@ -133,7 +133,10 @@ pub struct AppState {
 impl AppState {
     /// The config in force.
     pub fn config(&self) -> Arc<Config> {
-        self.config.read().map(|c| c.clone()).expect("config lock is never poisoned")
+        self.config
+            .read()
+            .map(|c| c.clone())
+            .expect("config lock is never poisoned")
     }
 
     /// The runtimes of the enabled connections.
@@ -145,7 +148,10 @@ impl AppState {
     }
 
     pub fn connection(&self, name: &str) -> Option<Arc<ConnectionRuntime>> {
-        self.connections().iter().find(|c| c.name() == name).cloned()
+        self.connections()
+            .iter()
+            .find(|c| c.name() == name)
+            .cloned()
     }
 
     pub fn sync_deps(&self) -> SyncDeps {
@@ -236,7 +242,11 @@ impl App {
         let mut connection_token = shutdown.child_token();
         start_connections(&state, &tasks, &connection_token);
         shutdown::spawn_watchdog(shutdown.clone());
-        let names: Vec<String> = state.connections().iter().map(|c| c.name().to_owned()).collect();
+        let names: Vec<String> = state
+            .connections()
+            .iter()
+            .map(|c| c.name().to_owned())
+            .collect();
         shutdown::notify_ready(&format!("running {} connections", names.len()));
         info!(connections = ?names, "dealsync is running");
 
@@ -254,7 +264,10 @@ impl App {
         }
 
         shutdown::notify_stopping();
-        info!(deadline_s = deadline.as_secs(), "shutting down: draining tasks");
+        info!(
+            deadline_s = deadline.as_secs(),
+            "shutting down: draining tasks"
+        );
         tasks.close();
         let drained = tokio::time::timeout(deadline, async {
             tasks.wait().await;
@@ -295,7 +308,10 @@ async fn reload(
         state
             .metrics
             .config_reloads
-            .get_or_create(&RunLabels { connection: String::new(), status: status.into() })
+            .get_or_create(&RunLabels {
+                connection: String::new(),
+                status: status.into(),
+            })
             .inc();
     };
     let path = old.path.clone();
@@ -343,7 +359,10 @@ async fn reload(
     state
         .readiness
         .expect(runtimes.iter().map(|r| r.name().to_owned()));
-    *state.connections.write().expect("connections lock is never poisoned") = Arc::new(runtimes);
+    *state
+        .connections
+        .write()
+        .expect("connections lock is never poisoned") = Arc::new(runtimes);
     *state.config.write().expect("config lock is never poisoned") = Arc::new(new);
     start_connections(state, tasks, &new_token);
     info!("config reloaded");

@@ -13,7 +13,11 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Parser)]
-#[command(name = "dealsync", version, about = "Deals from every CRM and shop, one pipeline, follow-ups that never spam")]
+#[command(
+    name = "dealsync",
+    version,
+    about = "Deals from every CRM and shop, one pipeline, follow-ups that never spam"
+)]
 pub struct Cli {
     /// The config file.
     #[arg(long, global = true, default_value = config::DEFAULT_PATH)]
@@ -151,7 +155,10 @@ async fn run(path: &std::path::Path) -> Result<(), CliError> {
 }
 
 /// Builds every connection with the stored discovery results applied.
-async fn runtimes(config: &Config, store: Option<&Store>) -> Result<Vec<Arc<ConnectionRuntime>>, CliError> {
+async fn runtimes(
+    config: &Config,
+    store: Option<&Store>,
+) -> Result<Vec<Arc<ConnectionRuntime>>, CliError> {
     let runtimes = ConnectionRuntime::build_all(config)?;
     if let Some(store) = store {
         for runtime in &runtimes {
@@ -181,7 +188,11 @@ async fn check(path: &std::path::Path) -> Result<(), CliError> {
         ));
     }
     for connection in &config.connections {
-        let state = if connection.enabled { "enabled" } else { "disabled" };
+        let state = if connection.enabled {
+            "enabled"
+        } else {
+            "disabled"
+        };
         out.push_str(&format!(
             "connection {} ({}): {state}\n",
             connection.name, connection.connector
@@ -233,7 +244,15 @@ async fn stages(path: &std::path::Path) -> Result<(), CliError> {
     } else {
         None
     };
-    let mut canonical = Rows::new(vec!["pipeline", "#", "stage", "label", "kind", "probability", "stall_after"]);
+    let mut canonical = Rows::new(vec![
+        "pipeline",
+        "#",
+        "stage",
+        "label",
+        "kind",
+        "probability",
+        "stall_after",
+    ]);
     for pipeline in config.pipelines.iter() {
         for (at, stage) in pipeline.stages.iter().enumerate() {
             canonical.push(vec![
@@ -243,7 +262,10 @@ async fn stages(path: &std::path::Path) -> Result<(), CliError> {
                 stage.label.clone(),
                 format!("{:?}", stage.kind).to_lowercase(),
                 format!("{}%", stage.probability),
-                stage.stall_after.map(config::duration::format).unwrap_or_else(|| "-".into()),
+                stage
+                    .stall_after
+                    .map(config::duration::format)
+                    .unwrap_or_else(|| "-".into()),
             ]);
         }
     }
@@ -309,7 +331,11 @@ async fn sync_now(path: &std::path::Path, args: SyncArgs) -> Result<(), CliError
     let runtimes = runtimes(&config, Some(&store)).await?;
     let selected: Vec<_> = runtimes
         .into_iter()
-        .filter(|r| args.connection.as_deref().is_none_or(|name| r.name() == name))
+        .filter(|r| {
+            args.connection
+                .as_deref()
+                .is_none_or(|name| r.name() == name)
+        })
         .filter(|r| r.connector.polls() || args.connection.is_some())
         .collect();
     if let Some(name) = &args.connection
@@ -320,7 +346,10 @@ async fn sync_now(path: &std::path::Path, args: SyncArgs) -> Result<(), CliError
             config.path.display()
         )));
     }
-    let deps = SyncDeps { store: store.clone(), metrics: Arc::new(Metrics::new()) };
+    let deps = SyncDeps {
+        store: store.clone(),
+        metrics: Arc::new(Metrics::new()),
+    };
     let shutdown = CancellationToken::new();
     {
         let shutdown = shutdown.clone();
@@ -333,13 +362,23 @@ async fn sync_now(path: &std::path::Path, args: SyncArgs) -> Result<(), CliError
     let terminal = std::io::stderr().is_terminal();
     let mut failed = 0;
     let mut rows = Rows::new(vec![
-        "connection", "fetched", "created", "updated", "stage changes", "unmapped",
-        "quarantined", "requests", "429s", "elapsed",
+        "connection",
+        "fetched",
+        "created",
+        "updated",
+        "stage changes",
+        "unmapped",
+        "quarantined",
+        "requests",
+        "429s",
+        "elapsed",
     ]);
     for runtime in selected {
         let name = runtime.name().to_owned();
         for store_connection in [&runtime] {
-            store.ensure_connection(store_connection.name(), store_connection.connector.kind()).await?;
+            store
+                .ensure_connection(store_connection.name(), store_connection.connector.kind())
+                .await?;
         }
         let bar = terminal.then(|| {
             let bar = indicatif::ProgressBar::new_spinner();
@@ -387,7 +426,9 @@ async fn sync_now(path: &std::path::Path, args: SyncArgs) -> Result<(), CliError
     }
     output::print(&rows.render(Format::Table));
     if failed > 0 {
-        return Err(CliError::Other(anyhow::anyhow!("{failed} connection(s) failed to sync")));
+        return Err(CliError::Other(anyhow::anyhow!(
+            "{failed} connection(s) failed to sync"
+        )));
     }
     Ok(())
 }
@@ -410,8 +451,18 @@ async fn deals_list(path: &std::path::Path, args: ListArgs) -> Result<(), CliErr
         return Ok(());
     }
     let mut rows = Rows::new(vec![
-        "id", "connection", "external_id", "title", "amount", "currency", "pipeline", "stage",
-        "status", "native_stage", "contact", "in_stage_since",
+        "id",
+        "connection",
+        "external_id",
+        "title",
+        "amount",
+        "currency",
+        "pipeline",
+        "stage",
+        "status",
+        "native_stage",
+        "contact",
+        "in_stage_since",
     ]);
     for deal in deals {
         let amount = deal
@@ -429,8 +480,12 @@ async fn deals_list(path: &std::path::Path, args: ListArgs) -> Result<(), CliErr
             deal.stage.to_string(),
             deal.status.to_string(),
             deal.native_stage.clone(),
-            deal.contact_email.map(|e| e.to_string()).unwrap_or_default(),
-            deal.stage_entered_at.format("%Y-%m-%d %H:%M:%S").to_string(),
+            deal.contact_email
+                .map(|e| e.to_string())
+                .unwrap_or_default(),
+            deal.stage_entered_at
+                .format("%Y-%m-%d %H:%M:%S")
+                .to_string(),
         ]);
     }
     output::print(&rows.render(args.format));

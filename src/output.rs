@@ -19,7 +19,10 @@ pub struct Rows {
 
 impl Rows {
     pub fn new(headers: Vec<&'static str>) -> Self {
-        Rows { headers, rows: Vec::new() }
+        Rows {
+            headers,
+            rows: Vec::new(),
+        }
     }
 
     pub fn push(&mut self, row: Vec<String>) {

@@ -62,7 +62,10 @@ pub fn spawn_watchdog(shutdown: CancellationToken) {
         return;
     }
     let period = Duration::from_micros(usec / 2);
-    info!(period_ms = period.as_millis() as u64, "systemd watchdog enabled");
+    info!(
+        period_ms = period.as_millis() as u64,
+        "systemd watchdog enabled"
+    );
     tokio::spawn(async move {
         let mut ticker = tokio::time::interval(period);
         loop {

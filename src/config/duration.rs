@@ -11,9 +11,8 @@ pub fn parse(text: &str) -> Result<Duration, String> {
             "expected a duration with a unit like \"90s\", \"5m\" or \"7d\", got {text:?}"
         ));
     }
-    humantime::parse_duration(trimmed).map_err(|_| {
-        format!("expected a duration like \"90s\", \"5m\" or \"7d\", got {text:?}")
-    })
+    humantime::parse_duration(trimmed)
+        .map_err(|_| format!("expected a duration like \"90s\", \"5m\" or \"7d\", got {text:?}"))
 }
 
 /// Formats a duration the way the config writes it: `5m`, `7d`, `1h 30m`.
@@ -30,7 +29,9 @@ impl<'de> Deserialize<'de> for ConfigDuration {
         let text = String::deserialize(deserializer).map_err(|_| {
             serde::de::Error::custom("expected a duration string like \"90s\", \"5m\" or \"7d\"")
         })?;
-        parse(&text).map(ConfigDuration).map_err(serde::de::Error::custom)
+        parse(&text)
+            .map(ConfigDuration)
+            .map_err(serde::de::Error::custom)
     }
 }
 
@@ -48,7 +49,9 @@ pub mod option_serde {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
         match Option::<String>::deserialize(d)? {
-            Some(text) => super::parse(&text).map(Some).map_err(serde::de::Error::custom),
+            Some(text) => super::parse(&text)
+                .map(Some)
+                .map_err(serde::de::Error::custom),
             None => Ok(None),
         }
     }
@@ -65,6 +68,10 @@ mod tests {
         assert_eq!(parse("7d").unwrap(), Duration::from_secs(7 * 86400));
         assert_eq!(parse("1h 30m").unwrap(), Duration::from_secs(5400));
         assert!(parse("90").unwrap_err().contains("with a unit"));
-        assert!(parse("5 minutez").unwrap_err().contains("got \"5 minutez\""));
+        assert!(
+            parse("5 minutez")
+                .unwrap_err()
+                .contains("got \"5 minutez\"")
+        );
     }
 }

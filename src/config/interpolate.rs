@@ -36,7 +36,13 @@ pub fn interpolate(
 ) -> Result<Vec<String>, Vec<InterpolationError>> {
     let mut substituted = Vec::new();
     let mut errors = Vec::new();
-    walk(value, &mut String::new(), env, &mut substituted, &mut errors);
+    walk(
+        value,
+        &mut String::new(),
+        env,
+        &mut substituted,
+        &mut errors,
+    );
     if errors.is_empty() {
         Ok(substituted)
     } else {
@@ -136,7 +142,9 @@ fn substitute(
 fn resolve(name: &str, env: &dyn Env) -> Result<String, String> {
     if let Some(credential) = name.strip_prefix("credential:") {
         if credential.is_empty() || credential.contains('/') || credential.contains("..") {
-            return Err(format!("credential name {credential:?} must be a plain file name"));
+            return Err(format!(
+                "credential name {credential:?} must be a plain file name"
+            ));
         }
         let Some(dir) = env.var("CREDENTIALS_DIRECTORY") else {
             return Err(format!(
@@ -150,10 +158,7 @@ fn resolve(name: &str, env: &dyn Env) -> Result<String, String> {
                 format!("reading credential {credential:?} from $CREDENTIALS_DIRECTORY: {error}")
             });
     }
-    let valid = !name.is_empty()
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_');
+    let valid = !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
     if !valid {
         return Err(format!("{name:?} is not an environment variable name"));
     }

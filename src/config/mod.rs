@@ -230,11 +230,7 @@ fn scrub(mut message: String, substituted: &[String]) -> String {
     message
 }
 
-fn validate(
-    path: &Path,
-    raw: raw::RawConfig,
-    report: &mut dyn FnMut(&str, String),
-) -> Config {
+fn validate(path: &Path, raw: raw::RawConfig, report: &mut dyn FnMut(&str, String)) -> Config {
     let pipelines = validate_pipelines(&raw, report);
 
     let listen_text = raw.server.listen.as_deref().unwrap_or("127.0.0.1:8080");
@@ -408,30 +404,32 @@ fn validate_connection(
             refresh_token: oauth.refresh_token,
         }
     });
-    let rate_limit = raw.rate_limit.map_or_else(RateLimitConfig::default, |limit| {
-        if let Some(rps) = limit.requests_per_second
-            && !(rps > 0.0 && rps.is_finite())
-        {
-            report(
-                &format!("{base}.rate_limit.requests_per_second"),
-                format!("expected a positive number, got {rps}"),
-            );
-        }
-        if let Some(share) = limit.budget_share
-            && !(share > 0.0 && share <= 1.0)
-        {
-            report(
-                &format!("{base}.rate_limit.budget_share"),
-                format!("expected a share above 0 and at most 1, got {share}"),
-            );
-        }
-        RateLimitConfig {
-            requests_per_second: limit.requests_per_second,
-            burst: limit.burst,
-            budget_share: limit.budget_share,
-            max_concurrency: limit.max_concurrency,
-        }
-    });
+    let rate_limit = raw
+        .rate_limit
+        .map_or_else(RateLimitConfig::default, |limit| {
+            if let Some(rps) = limit.requests_per_second
+                && !(rps > 0.0 && rps.is_finite())
+            {
+                report(
+                    &format!("{base}.rate_limit.requests_per_second"),
+                    format!("expected a positive number, got {rps}"),
+                );
+            }
+            if let Some(share) = limit.budget_share
+                && !(share > 0.0 && share <= 1.0)
+            {
+                report(
+                    &format!("{base}.rate_limit.budget_share"),
+                    format!("expected a share above 0 and at most 1, got {share}"),
+                );
+            }
+            RateLimitConfig {
+                requests_per_second: limit.requests_per_second,
+                burst: limit.burst,
+                budget_share: limit.budget_share,
+                max_concurrency: limit.max_concurrency,
+            }
+        });
     if let Some(interval) = raw.poll_interval
         && interval.0 < Duration::from_secs(1)
     {
@@ -451,9 +449,7 @@ fn validate_connection(
         oauth,
         webhook_secrets: raw.webhook_secret.map(|s| s.0).unwrap_or_default(),
         poll_interval: raw.poll_interval.map(|d| d.0),
-        abandon_after: raw
-            .abandon_after
-            .map_or(Duration::from_secs(3600), |d| d.0),
+        abandon_after: raw.abandon_after.map_or(Duration::from_secs(3600), |d| d.0),
         pipeline,
         stage_map,
         rate_limit,
@@ -624,7 +620,10 @@ from = "Shop <shop@example.com>"
     fn the_contract_config_from_product_md_loads() {
         let config = parse_with(
             MINIMAL,
-            &[("HUBSPOT_TOKEN", "pat-1"), ("SHOPIFY_WEBHOOK_SECRET", "shh-2")],
+            &[
+                ("HUBSPOT_TOKEN", "pat-1"),
+                ("SHOPIFY_WEBHOOK_SECRET", "shh-2"),
+            ],
         )
         .unwrap();
         assert_eq!(config.connections.len(), 2);
@@ -642,7 +641,10 @@ from = "Shop <shop@example.com>"
         let text = "[connections.crm]\nconnector = \"hubspot\"\npol_interval = \"5m\"\n";
         let problem = only_problem(parse_with(text, &[]).unwrap_err());
         assert_eq!(problem.key, "connections.crm.pol_interval");
-        assert!(problem.message.contains("unknown field `pol_interval`"), "{problem}");
+        assert!(
+            problem.message.contains("unknown field `pol_interval`"),
+            "{problem}"
+        );
         assert_eq!(problem.line, Some(3), "{problem}");
     }
 
@@ -655,7 +657,10 @@ from = "Shop <shop@example.com>"
         assert!(problem.message.contains("like \"90s\""), "{problem}");
         assert_eq!(
             problem.to_string(),
-            format!("dealsync.toml:3: connections.crm.poll_interval: {}", problem.message)
+            format!(
+                "dealsync.toml:3: connections.crm.poll_interval: {}",
+                problem.message
+            )
         );
     }
 
@@ -665,7 +670,10 @@ from = "Shop <shop@example.com>"
         let keys: Vec<_> = error.problems().iter().map(|p| p.key.as_str()).collect();
         assert_eq!(
             keys,
-            ["connections.hubspot-main.token", "connections.shop.webhook_secret"]
+            [
+                "connections.hubspot-main.token",
+                "connections.shop.webhook_secret"
+            ]
         );
         assert_eq!(error.problems()[0].line, Some(11));
     }
@@ -673,7 +681,8 @@ from = "Shop <shop@example.com>"
     #[test]
     fn a_missing_credential_file_is_reported_by_key() {
         let dir = tempfile::tempdir().unwrap();
-        let text = "[connections.crm]\nconnector = \"hubspot\"\ntoken = \"${credential:crm_token}\"\n";
+        let text =
+            "[connections.crm]\nconnector = \"hubspot\"\ntoken = \"${credential:crm_token}\"\n";
         let error = parse_with(
             text,
             &[("CREDENTIALS_DIRECTORY", dir.path().to_str().unwrap())],
@@ -705,7 +714,10 @@ stages = [
 "#;
         let error = parse_with(text, &[]).unwrap_err();
         let shown = error.to_string();
-        assert!(shown.contains("expected a percentage from 0 to 100, got 150"), "{shown}");
+        assert!(
+            shown.contains("expected a percentage from 0 to 100, got 150"),
+            "{shown}"
+        );
         assert!(shown.contains("stage key \"new\" appears twice"), "{shown}");
         assert!(shown.contains("has no stage of kind \"won\""), "{shown}");
     }

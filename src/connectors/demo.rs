@@ -10,9 +10,7 @@
 
 use super::{BadRecord, Connector, ConnectorError, Page, SyncContext};
 use crate::config::ConnectionConfig;
-use crate::domain::{
-    Currency, DealStatus, EmailAddress, LineItem, Money, SourceDeal,
-};
+use crate::domain::{Currency, DealStatus, EmailAddress, LineItem, Money, SourceDeal};
 use crate::pipeline::{NativePipeline, NativeStage, StageKind};
 use async_trait::async_trait;
 use chrono::{DateTime, TimeZone, Utc};
@@ -54,10 +52,12 @@ impl DemoSettings {
         let mut settings = DemoSettings::default();
         for (key, value) in table {
             let int = || {
-                value
-                    .as_integer()
-                    .filter(|v| *v >= 0)
-                    .ok_or_else(|| (key.clone(), format!("expected a non-negative integer, got {value:?}")))
+                value.as_integer().filter(|v| *v >= 0).ok_or_else(|| {
+                    (
+                        key.clone(),
+                        format!("expected a non-negative integer, got {value:?}"),
+                    )
+                })
             };
             match key.as_str() {
                 "seed" => settings.seed = int()? as u64,
@@ -117,11 +117,27 @@ const REAL_ESTATE: (&str, &str, &[&str]) = (
 );
 const SHOP: (&str, &str, &[&str]) = ("web-shop", "Web Shop", &["Checkout", "Order"]);
 
-const FIRST: &[&str] = &["Ada", "Grace", "Linus", "Margaret", "Ken", "Barbara", "Dennis", "Frances", "Edsger", "Radia"];
-const LAST: &[&str] = &["Lovelace", "Hopper", "Torvalds", "Hamilton", "Thompson", "Liskov", "Ritchie", "Allen", "Dijkstra", "Perlman"];
-const COMPANIES: &[&str] = &["Acme", "Globex", "Initech", "Umbrella", "Hooli", "Stark", "Wayne", "Tyrell"];
-const PRODUCTS: &[(&str, i64)] = &[("Espresso grinder", 24900), ("Pour-over kettle", 5900), ("Coffee beans 1kg", 2800), ("Milk jug", 1900), ("Scale", 3900)];
-const OWNERS: &[(&str, &str)] = &[("Alice Owner", "alice@example.com"), ("Bob Owner", "bob@example.com")];
+const FIRST: &[&str] = &[
+    "Ada", "Grace", "Linus", "Margaret", "Ken", "Barbara", "Dennis", "Frances", "Edsger", "Radia",
+];
+const LAST: &[&str] = &[
+    "Lovelace", "Hopper", "Torvalds", "Hamilton", "Thompson", "Liskov", "Ritchie", "Allen",
+    "Dijkstra", "Perlman",
+];
+const COMPANIES: &[&str] = &[
+    "Acme", "Globex", "Initech", "Umbrella", "Hooli", "Stark", "Wayne", "Tyrell",
+];
+const PRODUCTS: &[(&str, i64)] = &[
+    ("Espresso grinder", 24900),
+    ("Pour-over kettle", 5900),
+    ("Coffee beans 1kg", 2800),
+    ("Milk jug", 1900),
+    ("Scale", 3900),
+];
+const OWNERS: &[(&str, &str)] = &[
+    ("Alice Owner", "alice@example.com"),
+    ("Bob Owner", "bob@example.com"),
+];
 
 #[derive(Debug, Clone)]
 enum Kind {
@@ -192,7 +208,10 @@ impl World {
     fn person(&mut self) -> (String, String) {
         let first = FIRST[self.rng.random_range(0..FIRST.len())];
         let last = LAST[self.rng.random_range(0..LAST.len())];
-        (format!("{first} {last}"), format!("{}.{}", first.to_lowercase(), last.to_lowercase()))
+        (
+            format!("{first} {last}"),
+            format!("{}.{}", first.to_lowercase(), last.to_lowercase()),
+        )
     }
 
     fn step(&mut self, settings: &DemoSettings) {
@@ -218,10 +237,18 @@ impl World {
                         if entity.stage >= last_open {
                             let won = roll < 0.15;
                             entity.stage = stages.len() - if won { 2 } else { 1 };
-                            entity.status = if won { DealStatus::Won } else { DealStatus::Lost };
+                            entity.status = if won {
+                                DealStatus::Won
+                            } else {
+                                DealStatus::Lost
+                            };
                         } else {
                             // The referral stage (software, index 1) is an entry stage only.
-                            entity.stage += if pipeline == 0 && entity.stage == 0 { 2 } else { 1 };
+                            entity.stage += if pipeline == 0 && entity.stage == 0 {
+                                2
+                            } else {
+                                1
+                            };
                         }
                     } else {
                         continue;
@@ -268,7 +295,11 @@ impl World {
                 created_tick: tick,
                 changed_tick: tick,
                 amount_minor: self.rng.random_range(20..600) * 10_000,
-                currency: if self.rng.random_bool(0.7) { "EUR" } else { "USD" },
+                currency: if self.rng.random_bool(0.7) {
+                    "EUR"
+                } else {
+                    "USD"
+                },
                 contact: (name, format!("{handle}@{}.example", company.to_lowercase())),
                 consent: true,
                 owner: self.rng.random_range(0..OWNERS.len()),
@@ -276,7 +307,6 @@ impl World {
             };
             self.entities.push(entity);
         }
-
     }
 
     fn create_cart(&mut self, settings: &DemoSettings) {
@@ -386,13 +416,16 @@ impl DemoConnector {
                 let (owner, owner_email) = OWNERS[entity.owner];
                 deal.owner = Some(owner.to_owned());
                 deal.owner_email = EmailAddress::parse(owner_email);
-                deal.expected_close = deal
-                    .created_at
-                    .map(|at| (at + chrono::Duration::days(30 + (entity.amount_minor % 60))).date_naive());
+                deal.expected_close = deal.created_at.map(|at| {
+                    (at + chrono::Duration::days(30 + (entity.amount_minor % 60))).date_naive()
+                });
             }
             Kind::Cart { .. } => {
                 deal.marketing_consent = Some(entity.consent);
-                deal.recovery_url = Some(format!("https://shop.example.com/cart/{}/recover", entity.id));
+                deal.recovery_url = Some(format!(
+                    "https://shop.example.com/cart/{}/recover",
+                    entity.id
+                ));
                 deal.line_items = entity.items.clone();
                 deal.cart_keys = vec![format!("demo-cart:{}", entity.id)];
             }
@@ -526,9 +559,17 @@ impl Connector for DemoConnector {
         let read = offset + page.len();
         let done = read >= changed.len();
         let next = if done {
-            DemoCursor { epoch_ms: cursor.epoch_ms, seen_tick: target.max(1), reading: None }
+            DemoCursor {
+                epoch_ms: cursor.epoch_ms,
+                seen_tick: target.max(1),
+                reading: None,
+            }
         } else {
-            DemoCursor { epoch_ms: cursor.epoch_ms, seen_tick: cursor.seen_tick, reading: Some((target, read)) }
+            DemoCursor {
+                epoch_ms: cursor.epoch_ms,
+                seen_tick: cursor.seen_tick,
+                reading: Some((target, read)),
+            }
         };
         Ok(Page {
             records: page,
@@ -544,7 +585,10 @@ mod tests {
     use super::*;
 
     fn story(seed: u64, ticks: u64) -> Vec<(String, usize, DealStatus)> {
-        let settings = DemoSettings { seed, ..DemoSettings::default() };
+        let settings = DemoSettings {
+            seed,
+            ..DemoSettings::default()
+        };
         let mut world = World::start(seed, &settings);
         world.advance_to(ticks, &settings);
         world
@@ -580,16 +624,28 @@ mod tests {
             .iter()
             .filter(|e| matches!(e.kind, Kind::Cart { .. }))
             .collect();
-        assert!(carts.iter().any(|e| e.status == DealStatus::Won), "some carts are bought");
-        assert!(carts.iter().any(|e| e.status == DealStatus::Open), "some carts are left");
-        assert!(carts.iter().any(|e| !e.consent), "some shoppers decline marketing");
+        assert!(
+            carts.iter().any(|e| e.status == DealStatus::Won),
+            "some carts are bought"
+        );
+        assert!(
+            carts.iter().any(|e| e.status == DealStatus::Open),
+            "some carts are left"
+        );
+        assert!(
+            carts.iter().any(|e| !e.consent),
+            "some shoppers decline marketing"
+        );
     }
 
     #[test]
     fn settings_are_checked() {
         let table: toml::Table = toml::from_str("seed = 3\npace = \"500ms\"").unwrap();
         let settings = DemoSettings::parse(&table).unwrap();
-        assert_eq!((settings.seed, settings.pace), (3, Duration::from_millis(500)));
+        assert_eq!(
+            (settings.seed, settings.pace),
+            (3, Duration::from_millis(500))
+        );
         let table: toml::Table = toml::from_str("sead = 3").unwrap();
         assert_eq!(DemoSettings::parse(&table).unwrap_err().0, "sead");
         let table: toml::Table = toml::from_str("pace = \"2\"").unwrap();

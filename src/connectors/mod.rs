@@ -132,10 +132,7 @@ impl Registry {
             other => Err(ConfigError::at(
                 config,
                 format!("{base}.connector"),
-                format!(
-                    "unknown connector {other:?} (known: {})",
-                    KNOWN.join(", ")
-                ),
+                format!("unknown connector {other:?} (known: {})", KNOWN.join(", ")),
             )),
         }
     }

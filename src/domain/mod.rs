@@ -135,11 +135,13 @@ impl EmailAddress {
     pub fn parse(value: &str) -> Option<Self> {
         let value = value.trim();
         let (local, domain) = value.rsplit_once('@')?;
-        if local.is_empty() || domain.is_empty() || !domain.contains('.') && domain != "localhost"
-        {
+        if local.is_empty() || domain.is_empty() || !domain.contains('.') && domain != "localhost" {
             return None;
         }
-        if value.chars().any(|c| c.is_whitespace() || c == '<' || c == '>') {
+        if value
+            .chars()
+            .any(|c| c.is_whitespace() || c == '<' || c == '>')
+        {
             return None;
         }
         Some(Self(format!("{local}@{}", domain.to_ascii_lowercase())))

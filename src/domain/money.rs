@@ -135,7 +135,11 @@ fn parse_minor(text: &str, exponent: u32) -> Option<Result<i64, MoneyError>> {
     if int_part.is_empty() && frac_part.is_empty() {
         return None;
     }
-    if !int_part.bytes().chain(frac_part.bytes()).all(|b| b.is_ascii_digit()) {
+    if !int_part
+        .bytes()
+        .chain(frac_part.bytes())
+        .all(|b| b.is_ascii_digit())
+    {
         return None;
     }
     // All digits as one integer, and where the decimal point sits relative to minor units.
@@ -182,7 +186,10 @@ mod tests {
 
     #[test]
     fn decimal_strings_become_exact_minor_units() {
-        assert_eq!(Money::parse_decimal("4200.50", eur()).unwrap().minor, 420050);
+        assert_eq!(
+            Money::parse_decimal("4200.50", eur()).unwrap().minor,
+            420050
+        );
         assert_eq!(Money::parse_decimal("4200.5", eur()).unwrap().minor, 420050);
         assert_eq!(Money::parse_decimal("0.1", eur()).unwrap().minor, 10);
         assert_eq!(Money::parse_decimal("-3", eur()).unwrap().minor, -300);

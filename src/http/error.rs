@@ -41,11 +41,17 @@ impl IntoResponse for ApiError {
             ApiError::PayloadTooLarge(m) => (StatusCode::PAYLOAD_TOO_LARGE, m.clone()),
             ApiError::Internal(cause) => {
                 tracing::error!(error = %cause, "request failed");
-                (StatusCode::INTERNAL_SERVER_ERROR, "internal error".to_owned())
+                (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal error".to_owned(),
+                )
             }
             ApiError::Unavailable(cause) => {
                 tracing::error!(error = %cause, "request refused: service unavailable");
-                (StatusCode::SERVICE_UNAVAILABLE, "service unavailable".to_owned())
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "service unavailable".to_owned(),
+                )
             }
         };
         (status, Json(json!({ "error": message }))).into_response()

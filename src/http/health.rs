@@ -59,4 +59,3 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Result<impl IntoResp
         state.metrics.encode(),
     ))
 }
-

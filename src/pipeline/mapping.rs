@@ -254,11 +254,24 @@ mod tests {
         let map = StageMap::new(
             Some(PipelineKey::new("sales")),
             [
-                entry("default", "qualifiedtobuy", "lead_qualification", MappingSource::Manifest),
-                entry("default", "QualifiedToBuy", "needs_assessment", MappingSource::Config),
+                entry(
+                    "default",
+                    "qualifiedtobuy",
+                    "lead_qualification",
+                    MappingSource::Manifest,
+                ),
+                entry(
+                    "default",
+                    "QualifiedToBuy",
+                    "needs_assessment",
+                    MappingSource::Config,
+                ),
             ],
         );
-        assert_eq!(map.resolve("default", "qualifiedtobuy"), sales("needs_assessment"));
+        assert_eq!(
+            map.resolve("default", "qualifiedtobuy"),
+            sales("needs_assessment")
+        );
     }
 
     #[test]
@@ -274,15 +287,41 @@ mod tests {
             id: "7".into(),
             label: "Software Sales".into(),
             stages: vec![
-                NativeStage { id: "71".into(), label: "Product Demo".into(), order: 1, probability: None, kind: Some(StageKind::Open), rot_after: None },
-                NativeStage { id: "72".into(), label: "Signed".into(), order: 2, probability: Some(100), kind: Some(StageKind::Won), rot_after: None },
-                NativeStage { id: "73".into(), label: "Trial Use".into(), order: 3, probability: None, kind: None, rot_after: None },
+                NativeStage {
+                    id: "71".into(),
+                    label: "Product Demo".into(),
+                    order: 1,
+                    probability: None,
+                    kind: Some(StageKind::Open),
+                    rot_after: None,
+                },
+                NativeStage {
+                    id: "72".into(),
+                    label: "Signed".into(),
+                    order: 2,
+                    probability: Some(100),
+                    kind: Some(StageKind::Won),
+                    rot_after: None,
+                },
+                NativeStage {
+                    id: "73".into(),
+                    label: "Trial Use".into(),
+                    order: 3,
+                    probability: None,
+                    kind: None,
+                    rot_after: None,
+                },
             ],
         }];
         let map = StageMap::new(
             Some(PipelineKey::new("sales")),
             [
-                entry("Software Sales", "Product Demo", "needs_assessment", MappingSource::Config),
+                entry(
+                    "Software Sales",
+                    "Product Demo",
+                    "needs_assessment",
+                    MappingSource::Config,
+                ),
                 entry("*", "Trial Use", "proposal", MappingSource::Config),
             ],
         )
@@ -296,10 +335,17 @@ mod tests {
     fn targets_must_name_an_existing_stage() {
         let pipelines = Pipelines::new(default_pipelines());
         let sales_key = PipelineKey::new("sales");
-        assert_eq!(parse_target("proposal", Some(&sales_key), &pipelines).unwrap(), sales("proposal"));
+        assert_eq!(
+            parse_target("proposal", Some(&sales_key), &pipelines).unwrap(),
+            sales("proposal")
+        );
         assert!(parse_target("ecommerce.cart_abandoned", None, &pipelines).is_ok());
         let error = parse_target("propsal", Some(&sales_key), &pipelines).unwrap_err();
         assert!(error.contains("has no stage \"propsal\""), "{error}");
-        assert!(parse_target("nope.x", None, &pipelines).unwrap_err().contains("unknown pipeline"));
+        assert!(
+            parse_target("nope.x", None, &pipelines)
+                .unwrap_err()
+                .contains("unknown pipeline")
+        );
     }
 }

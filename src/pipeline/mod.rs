@@ -9,7 +9,9 @@ mod defaults;
 mod mapping;
 
 pub use defaults::default_pipelines;
-pub use mapping::{parse_target, MappingSource, NativePipeline, NativeStage, StageMap, StageMapEntry};
+pub use mapping::{
+    MappingSource, NativePipeline, NativeStage, StageMap, StageMapEntry, parse_target,
+};
 
 use crate::domain::{DealStatus, PipelineKey, StageKey, StageRef, UNMAPPED};
 use serde::{Deserialize, Serialize};
@@ -64,7 +66,9 @@ impl Pipeline {
 
     /// Position of a stage in the pipeline's order.
     pub fn position(&self, key: &str) -> Option<usize> {
-        self.stages.iter().position(|stage| stage.key.as_str() == key)
+        self.stages
+            .iter()
+            .position(|stage| stage.key.as_str() == key)
     }
 
     /// The first stage of the given kind, in pipeline order.
@@ -108,7 +112,9 @@ impl Pipeline {
                 ));
             }
             if stage.kind == StageKind::Lost && stage.probability != 0 {
-                problems.push(format!("stage {key:?} is lost, so its probability must be 0"));
+                problems.push(format!(
+                    "stage {key:?} is lost, so its probability must be 0"
+                ));
             }
         }
         if self.first_of_kind(StageKind::Won).is_none() {
@@ -140,7 +146,8 @@ impl Pipelines {
 
     /// The stage a [`StageRef`] points at, if it exists.
     pub fn stage(&self, at: &StageRef) -> Option<&Stage> {
-        self.get(at.pipeline.as_ref()?.as_str())?.stage(at.stage.as_str())
+        self.get(at.pipeline.as_ref()?.as_str())?
+            .stage(at.stage.as_str())
     }
 
     /// The deal status implied by a canonical position.

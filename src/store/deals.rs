@@ -2,8 +2,8 @@
 
 use super::{Result, Store, StoreError, from_ms, to_ms};
 use crate::domain::{
-    ChangeCause, ConnectionName, Currency, Deal, DealStatus, EmailAddress, ExternalId,
-    PipelineKey, SourceDeal, StageChange, StageKey, StageRef,
+    ChangeCause, ConnectionName, Currency, Deal, DealStatus, EmailAddress, ExternalId, PipelineKey,
+    SourceDeal, StageChange, StageKey, StageRef,
 };
 use chrono::{DateTime, Utc};
 use rusqlite::{OptionalExtension, Row, Transaction, params};
@@ -48,7 +48,14 @@ fn content_hash(upsert: &DealUpsert) -> Result<i64> {
     let mut bytes = serde_json::to_vec(&upsert.source)
         .map_err(|error| StoreError::Corrupt(format!("serializing a deal: {error}")))?;
     bytes.push(0);
-    bytes.extend(upsert.target.pipeline.as_ref().map_or("", |p| p.as_str()).as_bytes());
+    bytes.extend(
+        upsert
+            .target
+            .pipeline
+            .as_ref()
+            .map_or("", |p| p.as_str())
+            .as_bytes(),
+    );
     bytes.push(0);
     bytes.extend(upsert.target.stage.as_str().as_bytes());
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
@@ -595,7 +602,11 @@ mod tests {
                     stage: StageKey::new(stage),
                 }
             },
-            status: if stage == "mystery" { DealStatus::Unmapped } else { DealStatus::Open },
+            status: if stage == "mystery" {
+                DealStatus::Unmapped
+            } else {
+                DealStatus::Open
+            },
             source,
             observed_at: at,
             cause: ChangeCause::Poll,
@@ -606,14 +617,27 @@ mod tests {
     async fn upserting_the_same_record_twice_changes_nothing() {
         let (_dir, store) = temp_store();
         let now = Utc::now();
-        let first = store.upsert_deals(vec![upsert("1", "proposal", now)]).await.unwrap();
+        let first = store
+            .upsert_deals(vec![upsert("1", "proposal", now)])
+            .await
+            .unwrap();
         assert_eq!((first.created, first.stage_changes), (1, 1));
         let second = store
             .upsert_deals(vec![upsert("1", "proposal", now)])
             .await
             .unwrap();
-        assert_eq!(second, UpsertOutcome { unchanged: 1, ..Default::default() });
-        let deal = store.deal_by_external_id("crm", "1").await.unwrap().unwrap();
+        assert_eq!(
+            second,
+            UpsertOutcome {
+                unchanged: 1,
+                ..Default::default()
+            }
+        );
+        let deal = store
+            .deal_by_external_id("crm", "1")
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(deal.amount_minor, Some(420050));
         assert_eq!(store.history(deal.id).await.unwrap().len(), 1);
         assert_eq!(store.deals(DealFilter::default()).await.unwrap().len(), 1);
@@ -623,7 +647,10 @@ mod tests {
     async fn a_stage_change_appends_exactly_one_history_row() {
         let (_dir, store) = temp_store();
         let t0 = Utc::now() - Duration::hours(2);
-        store.upsert_deals(vec![upsert("1", "proposal", t0)]).await.unwrap();
+        store
+            .upsert_deals(vec![upsert("1", "proposal", t0)])
+            .await
+            .unwrap();
         let mut renamed = upsert("1", "proposal", t0 + Duration::minutes(5));
         renamed.source.title = "Renamed".into();
         let outcome = store.upsert_deals(vec![renamed]).await.unwrap();
@@ -635,26 +662,40 @@ mod tests {
             .unwrap();
         assert_eq!((outcome.updated, outcome.stage_changes), (1, 1));
 
-        let deal = store.deal_by_external_id("crm", "1").await.unwrap().unwrap();
+        let deal = store
+            .deal_by_external_id("crm", "1")
+            .await
+            .unwrap()
+            .unwrap();
         let history = store.history(deal.id).await.unwrap();
         assert_eq!(history.len(), 2);
         assert_eq!(history[1].from_stage.as_ref().unwrap().as_str(), "proposal");
         assert_eq!(history[1].to_stage.as_str(), "negotiation");
         assert_eq!(history[1].at.timestamp_millis(), t1.timestamp_millis());
-        assert_eq!(deal.stage_entered_at.timestamp_millis(), t1.timestamp_millis());
+        assert_eq!(
+            deal.stage_entered_at.timestamp_millis(),
+            t1.timestamp_millis()
+        );
     }
 
     #[tokio::test]
     async fn an_older_record_does_not_overwrite_a_newer_one() {
         let (_dir, store) = temp_store();
         let t1 = Utc::now();
-        store.upsert_deals(vec![upsert("1", "negotiation", t1)]).await.unwrap();
+        store
+            .upsert_deals(vec![upsert("1", "negotiation", t1)])
+            .await
+            .unwrap();
         let outcome = store
             .upsert_deals(vec![upsert("1", "proposal", t1 - Duration::minutes(1))])
             .await
             .unwrap();
         assert_eq!(outcome.stale, 1);
-        let deal = store.deal_by_external_id("crm", "1").await.unwrap().unwrap();
+        let deal = store
+            .deal_by_external_id("crm", "1")
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(deal.stage.as_str(), "negotiation");
     }
 
@@ -666,7 +707,11 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(outcome.unmapped, 1);
-        let deal = store.deal_by_external_id("crm", "1").await.unwrap().unwrap();
+        let deal = store
+            .deal_by_external_id("crm", "1")
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(deal.stage.as_str(), UNMAPPED);
         assert_eq!(deal.status, DealStatus::Unmapped);
         let unmapped = store.unmapped_stages().await.unwrap();
@@ -677,11 +722,43 @@ mod tests {
     #[tokio::test]
     async fn moving_a_deal_records_history_once() {
         let (_dir, store) = temp_store();
-        store.upsert_deals(vec![upsert("1", "proposal", Utc::now())]).await.unwrap();
-        let deal = store.deal_by_external_id("crm", "1").await.unwrap().unwrap();
-        let to = StageRef { pipeline: Some(PipelineKey::new("sales")), stage: StageKey::new("won") };
-        assert!(store.move_deal(deal.id, to.clone(), DealStatus::Won, Utc::now(), ChangeCause::Followup).await.unwrap());
-        assert!(!store.move_deal(deal.id, to, DealStatus::Won, Utc::now(), ChangeCause::Followup).await.unwrap());
+        store
+            .upsert_deals(vec![upsert("1", "proposal", Utc::now())])
+            .await
+            .unwrap();
+        let deal = store
+            .deal_by_external_id("crm", "1")
+            .await
+            .unwrap()
+            .unwrap();
+        let to = StageRef {
+            pipeline: Some(PipelineKey::new("sales")),
+            stage: StageKey::new("won"),
+        };
+        assert!(
+            store
+                .move_deal(
+                    deal.id,
+                    to.clone(),
+                    DealStatus::Won,
+                    Utc::now(),
+                    ChangeCause::Followup
+                )
+                .await
+                .unwrap()
+        );
+        assert!(
+            !store
+                .move_deal(
+                    deal.id,
+                    to,
+                    DealStatus::Won,
+                    Utc::now(),
+                    ChangeCause::Followup
+                )
+                .await
+                .unwrap()
+        );
         let history = store.history(deal.id).await.unwrap();
         assert_eq!(history.len(), 2);
         assert_eq!(history[1].cause, ChangeCause::Followup);

@@ -155,7 +155,8 @@ impl Store {
                 .writer
                 .lock()
                 .map_err(|_| StoreError::Task("writer lock poisoned".into()))?;
-            let tx = connection.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let tx =
+                connection.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             let value = f(&tx)?;
             tx.commit()?;
             Ok(value)

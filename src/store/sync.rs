@@ -42,7 +42,11 @@ impl Store {
         .await
     }
 
-    pub async fn cursor(&self, connection: &str, stream: &str) -> Result<Option<serde_json::Value>> {
+    pub async fn cursor(
+        &self,
+        connection: &str,
+        stream: &str,
+    ) -> Result<Option<serde_json::Value>> {
         let (connection, stream) = (connection.to_owned(), stream.to_owned());
         self.read(move |db| {
             let text: Option<String> = db
@@ -53,8 +57,9 @@ impl Store {
                 )
                 .optional()?;
             text.map(|text| {
-                serde_json::from_str(&text)
-                    .map_err(|error| StoreError::Corrupt(format!("cursor of {connection}: {error}")))
+                serde_json::from_str(&text).map_err(|error| {
+                    StoreError::Corrupt(format!("cursor of {connection}: {error}"))
+                })
             })
             .transpose()
         })

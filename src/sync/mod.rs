@@ -52,7 +52,11 @@ impl ConnectionRuntime {
         Ok(runtimes)
     }
 
-    pub fn new(config: ConnectionConfig, connector: Arc<dyn Connector>, pipelines: Pipelines) -> Self {
+    pub fn new(
+        config: ConnectionConfig,
+        connector: Arc<dyn Connector>,
+        pipelines: Pipelines,
+    ) -> Self {
         let runtime = ConnectionRuntime {
             config,
             connector,
@@ -87,7 +91,8 @@ impl ConnectionRuntime {
             // A default pointing at a pipeline the config replaced is dropped.
             .filter(|entry| self.pipelines.stage(&entry.target).is_some());
         let entries = defaults.chain(self.config.stage_map.iter().cloned());
-        let map = StageMap::new(self.default_pipeline(), entries).with_native(native, &self.pipelines);
+        let map =
+            StageMap::new(self.default_pipeline(), entries).with_native(native, &self.pipelines);
         if let Ok(mut slot) = self.stage_map.write() {
             *slot = Arc::new(map);
         }
@@ -197,13 +202,23 @@ pub async fn run_once(
         Ok(summary) => (summary.clone(), None),
         Err((summary, error)) => (summary.clone(), Some(error.to_string())),
     };
-    let status = if error.is_some() { "failed" } else { "succeeded" };
+    let status = if error.is_some() {
+        "failed"
+    } else {
+        "succeeded"
+    };
     deps.metrics
         .sync_runs
-        .get_or_create(&RunLabels { connection: name.clone(), status: status.into() })
+        .get_or_create(&RunLabels {
+            connection: name.clone(),
+            status: status.into(),
+        })
         .inc();
     if error.is_some() {
-        deps.metrics.sync_errors.get_or_create(&Metrics::connection(&name)).inc();
+        deps.metrics
+            .sync_errors
+            .get_or_create(&Metrics::connection(&name))
+            .inc();
     } else {
         deps.metrics
             .last_success
@@ -211,7 +226,9 @@ pub async fn run_once(
             .set(Utc::now().timestamp_millis() as f64 / 1000.0);
     }
     let summary_json = serde_json::to_value(&summary).unwrap_or_default();
-    deps.store.finish_sync_run(run_id, summary_json, error).await?;
+    deps.store
+        .finish_sync_run(run_id, summary_json, error)
+        .await?;
     result.map_err(|(_, error)| error)
 }
 
@@ -295,7 +312,13 @@ async fn run_pages(
         let upserts = runtime.upserts(records, ChangeCause::Poll);
         let outcome = deps
             .store
-            .commit_page(name, DEALS_STREAM, upserts, quarantined, Some(page.next.clone()))
+            .commit_page(
+                name,
+                DEALS_STREAM,
+                upserts,
+                quarantined,
+                Some(page.next.clone()),
+            )
             .await
             .map_err(|e| fail(&summary, e.into()))?;
         for (label, count) in [
@@ -307,7 +330,10 @@ async fn run_pages(
             if count > 0 {
                 deps.metrics
                     .records
-                    .get_or_create(&RecordLabels { connection: name.to_owned(), outcome: label.into() })
+                    .get_or_create(&RecordLabels {
+                        connection: name.to_owned(),
+                        outcome: label.into(),
+                    })
                     .inc_by(count);
             }
         }
@@ -322,7 +348,10 @@ async fn run_pages(
     if summary.quarantined > 0 {
         deps.metrics
             .records
-            .get_or_create(&RecordLabels { connection: name.to_owned(), outcome: "quarantined".into() })
+            .get_or_create(&RecordLabels {
+                connection: name.to_owned(),
+                outcome: "quarantined".into(),
+            })
             .inc_by(summary.quarantined);
     }
     summary.elapsed_ms = started.elapsed().as_millis() as u64;
@@ -353,7 +382,11 @@ pub async fn run_connection(
     if !runtime.connector.polls() {
         return;
     }
-    let Some(interval) = runtime.config.poll_interval.or(Some(Duration::from_secs(300))) else {
+    let Some(interval) = runtime
+        .config
+        .poll_interval
+        .or(Some(Duration::from_secs(300)))
+    else {
         return;
     };
     // A short random delay first, so a restart does not fire every connection at once.
@@ -376,10 +409,13 @@ pub async fn run_connection(
             Err(error) => {
                 failures += 1;
                 delay = match &error {
-                    SyncError::Connector(ConnectorError::BudgetExhausted { resume_after, .. }) => *resume_after,
-                    SyncError::Connector(ConnectorError::Transient { retry_after: Some(after), .. }) => {
-                        (*after).max(failure_backoff(failures, interval))
-                    }
+                    SyncError::Connector(ConnectorError::BudgetExhausted {
+                        resume_after, ..
+                    }) => *resume_after,
+                    SyncError::Connector(ConnectorError::Transient {
+                        retry_after: Some(after),
+                        ..
+                    }) => (*after).max(failure_backoff(failures, interval)),
                     SyncError::Connector(ConnectorError::Cancelled) => break,
                     _ => failure_backoff(failures, interval),
                 };
