@@ -58,16 +58,14 @@ fn walk(
     errors: &mut Vec<InterpolationError>,
 ) {
     match value {
-        toml::Value::String(text) => {
-            if text.contains('$') {
-                match substitute(text, env, substituted) {
-                    Ok(new) => *text = new,
-                    Err(mut problems) => {
-                        errors.extend(problems.drain(..).map(|message| InterpolationError {
-                            key: path.clone(),
-                            message,
-                        }))
-                    }
+        toml::Value::String(text) if text.contains('$') => {
+            match substitute(text, env, substituted) {
+                Ok(new) => *text = new,
+                Err(problems) => {
+                    errors.extend(problems.into_iter().map(|message| InterpolationError {
+                        key: path.clone(),
+                        message,
+                    }))
                 }
             }
         }

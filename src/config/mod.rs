@@ -65,12 +65,47 @@ pub struct ConnectionConfig {
     pub poll_interval: Option<Duration>,
     pub abandon_after: Duration,
     pub pipeline: Option<PipelineKey>,
-    /// Mapping overrides from the config; they win over the manifest's defaults.
-    pub stage_map: Vec<StageMapEntry>,
+    /// Mapping overrides from the config, as written; they win over the manifest's
+    /// defaults. Targets are resolved once the connector (and so the connection's
+    /// default pipeline) is known: see `sync::ConnectionRuntime::build_all`.
+    pub stage_map: Vec<MappingOverride>,
     pub rate_limit: RateLimitConfig,
     pub page_size: Option<u32>,
     pub lookback: Option<Duration>,
     pub settings: toml::Table,
+}
+
+/// One `[connections.NAME.stage_map]` entry as written.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MappingOverride {
+    pub native_pipeline: String,
+    pub native_stage: String,
+    /// `stage` (in the connection's pipeline) or `pipeline.stage`.
+    pub target: String,
+}
+
+impl MappingOverride {
+    /// The config key of this entry, for error messages.
+    pub fn key(&self, connection: &str) -> String {
+        format!(
+            "connections.{connection}.stage_map.{}.{}",
+            self.native_pipeline, self.native_stage
+        )
+    }
+
+    /// Resolves the target against the pipelines in force.
+    pub fn resolve(
+        &self,
+        default_pipeline: Option<&PipelineKey>,
+        pipelines: &Pipelines,
+    ) -> Result<StageMapEntry, String> {
+        Ok(StageMapEntry {
+            native_pipeline: self.native_pipeline.clone(),
+            native_stage: self.native_stage.clone(),
+            target: pipeline::parse_target(&self.target, default_pipeline, pipelines)?,
+            source: MappingSource::Config,
+        })
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -368,18 +403,19 @@ fn validate_connection(
     let mut stage_map = Vec::new();
     for (native_pipeline, stages) in &raw.stage_map {
         for (native_stage, target) in stages {
-            match pipeline::parse_target(target, pipeline.as_ref(), pipelines) {
-                Ok(target) => stage_map.push(StageMapEntry {
-                    native_pipeline: native_pipeline.clone(),
-                    native_stage: native_stage.clone(),
-                    target,
-                    source: MappingSource::Config,
-                }),
-                Err(message) => report(
-                    &format!("{base}.stage_map.{native_pipeline}.{native_stage}"),
-                    message,
-                ),
+            let entry = MappingOverride {
+                native_pipeline: native_pipeline.clone(),
+                native_stage: native_stage.clone(),
+                target: target.clone(),
+            };
+            // With an explicit pipeline (or "pipeline.stage") the target is checked now;
+            // otherwise once the connector's default pipeline is known.
+            if (pipeline.is_some() || target.contains('.'))
+                && let Err(message) = entry.resolve(pipeline.as_ref(), pipelines)
+            {
+                report(&entry.key(name), message);
             }
+            stage_map.push(entry);
         }
     }
     let base_url = raw.base_url.as_deref().and_then(|text| {

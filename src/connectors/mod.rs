@@ -66,6 +66,31 @@ pub struct Page {
     pub requests: u64,
 }
 
+/// A verified webhook delivery as stored in the inbox; only `verify_webhook`-checked
+/// deliveries become one (see `http::webhooks`).
+#[derive(Debug, Clone)]
+pub struct WebhookEvent {
+    pub connection: ConnectionName,
+    /// The source's delivery or event id: the dedupe key.
+    pub delivery_id: String,
+    pub topic: Option<String>,
+    /// Lower-case header names; values of signature and auth headers are not kept.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    pub received_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// What a webhook asks dealsync to do.
+#[derive(Debug, Clone)]
+pub enum WebhookAction {
+    /// The payload carries the whole record.
+    Upsert(SourceDeal),
+    /// The record was deleted or archived in the source.
+    Delete { external_id: String },
+    /// The payload carries only an id: fetch the record through the pull connector.
+    Refetch { external_id: String },
+}
+
 /// All a connector may touch during a sync.
 #[derive(Clone)]
 pub struct SyncContext {
@@ -108,6 +133,25 @@ pub trait Connector: Send + Sync {
         cx: &SyncContext,
         cursor: Option<&serde_json::Value>,
     ) -> Result<Page, ConnectorError>;
+
+    /// How webhooks to this connection are signed; `None`: it takes no webhooks.
+    fn webhook_scheme(&self) -> Option<crate::webhooks::signature::Scheme> {
+        None
+    }
+
+    /// Turns a verified delivery into actions.
+    fn parse_webhook(&self, _event: &WebhookEvent) -> Result<Vec<WebhookAction>, BadRecord> {
+        Ok(Vec::new())
+    }
+
+    /// Fetches one record by id (for webhooks that carry only ids); `None`: not found.
+    async fn fetch_one(
+        &self,
+        _cx: &SyncContext,
+        _external_id: &str,
+    ) -> Result<Option<SourceDeal>, ConnectorError> {
+        Ok(None)
+    }
 }
 
 /// The known connectors, as an explicit list.

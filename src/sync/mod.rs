@@ -41,15 +41,37 @@ impl ConnectionRuntime {
     /// Builds the runtime of every enabled connection, or the first config problem.
     pub fn build_all(config: &Config) -> Result<Vec<Arc<ConnectionRuntime>>, ConfigError> {
         let mut runtimes = Vec::new();
+        let mut problems = Vec::new();
         for connection in config.connections.iter().filter(|c| c.enabled) {
-            let connector = Registry::build(connection, config)?;
-            runtimes.push(Arc::new(ConnectionRuntime::new(
-                connection.clone(),
-                connector,
-                config.pipelines.clone(),
-            )));
+            let connector = match Registry::build(connection, config) {
+                Ok(connector) => connector,
+                Err(error) => {
+                    problems.extend(error.problems().iter().cloned());
+                    continue;
+                }
+            };
+            let runtime =
+                ConnectionRuntime::new(connection.clone(), connector, config.pipelines.clone());
+            let default_pipeline = runtime.default_pipeline();
+            for entry in &connection.stage_map {
+                if let Err(message) = entry.resolve(default_pipeline.as_ref(), &config.pipelines) {
+                    let key = entry.key(connection.name.as_str());
+                    problems.extend(
+                        ConfigError::at(config, key, message)
+                            .problems()
+                            .iter()
+                            .cloned(),
+                    );
+                }
+            }
+            runtime.set_native(Vec::new());
+            runtimes.push(Arc::new(runtime));
         }
-        Ok(runtimes)
+        if problems.is_empty() {
+            Ok(runtimes)
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
     }
 
     pub fn new(
@@ -90,7 +112,18 @@ impl ConnectionRuntime {
             .into_iter()
             // A default pointing at a pipeline the config replaced is dropped.
             .filter(|entry| self.pipelines.stage(&entry.target).is_some());
-        let entries = defaults.chain(self.config.stage_map.iter().cloned());
+        let default_pipeline = self.default_pipeline();
+        let overrides = self
+            .config
+            .stage_map
+            .iter()
+            // Unresolvable overrides were reported by `build_all`.
+            .filter_map(|entry| {
+                entry
+                    .resolve(default_pipeline.as_ref(), &self.pipelines)
+                    .ok()
+            });
+        let entries = defaults.chain(overrides);
         let map =
             StageMap::new(self.default_pipeline(), entries).with_native(native, &self.pipelines);
         if let Ok(mut slot) = self.stage_map.write() {

@@ -1,6 +1,7 @@
 //! Test harness shared by the daemon's integration tests: free ports, waiting for
 //! eventual state, and the external processes the daemon talks to (`smtp`).
 
+pub mod daemon;
 pub mod smtp;
 
 use std::future::Future;

@@ -1,0 +1,325 @@
+//! The foundation: config errors and `check`, health and metrics, signals, reload,
+//! secrets kept out of logs, the schema guard.
+
+use crate::harness::daemon::{TestDaemon, run_cli};
+use crate::harness::eventually;
+use std::time::Duration;
+
+/// A demo connection at test pace.
+pub fn demo_connection(name: &str) -> String {
+    format!(
+        r#"
+[connections.{name}]
+connector = "demo"
+poll_interval = "1s"
+settings = {{ seed = 7, pace = "100ms", deals = 20, carts = 10 }}
+
+[connections.{name}.stage_map."Software Sales"]
+"Inbound Lead" = "lead_generation"
+"Referral Partner" = "lead_generation"
+"Discovery Call" = "lead_qualification"
+"Product Demo" = "needs_assessment"
+"Trial Use" = "proposal"
+"Feedback Collection" = "negotiation"
+"License Agreement" = "closing"
+
+[connections.{name}.stage_map."Real Estate"]
+"New Inquiry" = "lead_generation"
+"Qualified Buyer" = "lead_qualification"
+"Property Viewing" = "needs_assessment"
+"Offer Submission" = "proposal"
+"Home Inspection" = "negotiation"
+"Closing Agreement" = "closing"
+
+[connections.{name}.stage_map."Web Shop"]
+"Checkout" = "ecommerce.checkout_started"
+"Order" = "ecommerce.purchase_completed"
+"#
+    )
+}
+
+#[tokio::test]
+async fn check_exits_0_on_a_valid_config_and_78_naming_the_key_on_an_invalid_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.toml");
+    std::fs::write(
+        &good,
+        format!(
+            "[storage]\npath = \"{}/x.db\"\n{}",
+            dir.path().display(),
+            demo_connection("demo")
+        ),
+    )
+    .unwrap();
+    let (code, stdout, stderr) = run_cli(&["--config", good.to_str().unwrap(), "check"], &[]).await;
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(
+        stdout.contains("connection demo (demo): enabled"),
+        "{stdout}"
+    );
+
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[connections.crm]\nconnector = \"demo\"\npoll_interval = \"soon\"\n",
+    )
+    .unwrap();
+    let (code, _, stderr) = run_cli(&["--config", bad.to_str().unwrap(), "check"], &[]).await;
+    assert_eq!(code, 78, "{stderr}");
+    assert!(
+        stderr.contains("bad.toml:3: connections.crm.poll_interval"),
+        "{stderr}"
+    );
+
+    let unknown = dir.path().join("unknown.toml");
+    std::fs::write(&unknown, "[connections.crm]\nconnector = \"nosuchcrm\"\n").unwrap();
+    let (code, _, stderr) = run_cli(&["--config", unknown.to_str().unwrap(), "check"], &[]).await;
+    assert_eq!(code, 78, "{stderr}");
+    assert!(
+        stderr.contains("unknown connector \"nosuchcrm\" (known: "),
+        "{stderr}"
+    );
+
+    let (code, _, _) = run_cli(
+        &["--config", good.to_str().unwrap(), "no-such-command"],
+        &[],
+    )
+    .await;
+    assert_eq!(code, 2);
+}
+
+#[tokio::test]
+async fn missing_env_vars_and_credentials_are_named_and_secrets_are_never_printed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("dealsync.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[storage]\npath = \"{}/x.db\"\n[email]\ntransport = \"smtp\"\nurl = \"${{SMTP_URL}}\"\n[connections.crm]\nconnector = \"demo\"\ntoken = \"${{credential:crm_token}}\"\n",
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    let (code, _, stderr) = run_cli(&["--config", path.to_str().unwrap(), "check"], &[]).await;
+    assert_eq!(code, 78);
+    assert!(
+        stderr.contains("email.url: environment variable SMTP_URL is not set"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("connections.crm.token"), "{stderr}");
+    assert!(stderr.contains("CREDENTIALS_DIRECTORY"), "{stderr}");
+
+    // With both present, nothing secret shows in check's output.
+    let credentials = dir.path().join("creds");
+    std::fs::create_dir(&credentials).unwrap();
+    std::fs::write(credentials.join("crm_token"), "pat-na1-verysecret\n").unwrap();
+    let env = [
+        ("SMTP_URL", "smtp://user:smtp-password-xyz@127.0.0.1:2525"),
+        ("CREDENTIALS_DIRECTORY", credentials.to_str().unwrap()),
+    ];
+    let (code, stdout, stderr) = run_cli(
+        &[
+            "--config",
+            path.to_str().unwrap(),
+            "--log-level",
+            "trace",
+            "check",
+        ],
+        &env,
+    )
+    .await;
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    for secret in ["pat-na1-verysecret", "smtp-password-xyz"] {
+        assert!(
+            !stdout.contains(secret) && !stderr.contains(secret),
+            "{stdout}{stderr}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn healthz_readyz_and_metrics_report_the_running_daemon() {
+    let daemon = TestDaemon::start(&demo_connection("demo")).await;
+    let (status, body) = daemon.get("/healthz").await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = daemon.get("/readyz").await;
+    assert_eq!(status, 200);
+    let ready: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(ready["ready"], true);
+    assert_eq!(ready["connections"]["demo"], "started");
+
+    let metrics = eventually(
+        "deal gauges in /metrics",
+        Duration::from_secs(15),
+        || async {
+            let (_, body) = daemon.get("/metrics").await;
+            body.contains("dealsync_deals{").then_some(body)
+        },
+    )
+    .await;
+    assert!(
+        metrics.contains("dealsync_build_info{version=\""),
+        "{metrics}"
+    );
+    assert!(metrics.contains("pipeline=\"sales\""), "{metrics}");
+    assert!(
+        metrics.contains("dealsync_sync_runs_total{connection=\"demo\",status=\"succeeded\"}"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(
+            "dealsync_http_requests_total{route=\"/readyz\",method=\"GET\",status=\"200\"}"
+        ),
+        "{metrics}"
+    );
+    assert!(metrics.contains("dealsync_unmapped_deals"), "{metrics}");
+}
+
+#[tokio::test]
+async fn sigterm_drains_and_exits_0() {
+    let mut daemon = TestDaemon::start(&demo_connection("demo")).await;
+    daemon.signal("TERM");
+    let status = daemon.wait_exit(Duration::from_secs(10)).await;
+    assert_eq!(status.code(), Some(0), "{}", daemon.logs());
+    assert!(
+        daemon.logs().contains("shutdown complete"),
+        "{}",
+        daemon.logs()
+    );
+}
+
+#[tokio::test]
+async fn sighup_applies_a_valid_config_and_keeps_the_old_one_on_an_invalid_one() {
+    let daemon = TestDaemon::start(&demo_connection("first")).await;
+    daemon.write_config(&format!(
+        "{}{}",
+        demo_connection("first"),
+        demo_connection("second")
+    ));
+    daemon.signal("HUP");
+    eventually(
+        "the second connection after reload",
+        Duration::from_secs(10),
+        || async {
+            let (_, body) = daemon.get("/readyz").await;
+            body.contains("\"second\":\"started\"").then_some(())
+        },
+    )
+    .await;
+
+    daemon.write_config("[connections.first]\nconnector = \"demo\"\nbogus = 1\n");
+    daemon.signal("HUP");
+    daemon
+        .wait_for_log("config reload refused", Duration::from_secs(10))
+        .await;
+    assert!(daemon.logs().contains("bogus"), "the refusal says why");
+    let (status, body) = daemon.get("/readyz").await;
+    assert_eq!(status, 200);
+    assert!(
+        body.contains("\"second\":\"started\""),
+        "old config still in force: {body}"
+    );
+    let metrics = daemon.get("/metrics").await.1;
+    assert!(
+        metrics.contains("status=\"applied\"") && metrics.contains("status=\"refused\""),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn secrets_do_not_reach_the_logs() {
+    let body = format!(
+        "{}\n[email]\ntransport = \"smtp\"\nurl = \"${{SMTP_URL}}\"\n",
+        demo_connection("demo").replace(
+            "connector = \"demo\"",
+            "connector = \"demo\"\ntoken = \"${DEMO_TOKEN}\"\nwebhook_secret = [\"${HOOK_SECRET}\"]"
+        )
+    );
+    let daemon = TestDaemon::start_with_env(
+        &body,
+        &[
+            ("DEMO_TOKEN", "tok-supersecret-123"),
+            ("HOOK_SECRET", "whsec-supersecret-456"),
+            ("SMTP_URL", "smtp://u:pw-supersecret-789@127.0.0.1:1"),
+        ],
+    )
+    .await;
+    eventually("a finished sync", Duration::from_secs(10), || async {
+        daemon.logs().contains("sync run finished").then_some(())
+    })
+    .await;
+    let logs = daemon.logs();
+    for secret in [
+        "tok-supersecret-123",
+        "whsec-supersecret-456",
+        "pw-supersecret-789",
+    ] {
+        assert!(!logs.contains(secret), "secret {secret} in logs");
+    }
+}
+
+#[tokio::test]
+async fn a_database_from_a_newer_dealsync_is_refused_and_left_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let db_path = dir.path().join("future.db");
+    {
+        let db = rusqlite::Connection::open(&db_path).unwrap();
+        db.execute_batch("CREATE TABLE x (y); PRAGMA user_version = 4242;")
+            .unwrap();
+    }
+    let before = std::fs::read(&db_path).unwrap();
+    let config = dir.path().join("dealsync.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[storage]\npath = \"{}\"\n[server]\nlisten = \"127.0.0.1:0\"\n",
+            db_path.display()
+        ),
+    )
+    .unwrap();
+    let (code, _, stderr) = run_cli(&["--config", config.to_str().unwrap(), "run"], &[]).await;
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("schema version 4242"), "{stderr}");
+    assert_eq!(std::fs::read(&db_path).unwrap(), before);
+}
+
+#[tokio::test]
+async fn demo_deals_survive_kill_9_without_loss_or_duplicates() {
+    let mut daemon = TestDaemon::start(&demo_connection("demo")).await;
+    eventually("some demo deals", Duration::from_secs(10), || async {
+        (daemon.count("SELECT count(*) FROM deals") >= 5).then_some(())
+    })
+    .await;
+    daemon.kill_and_restart().await;
+    eventually(
+        "every demo deal and cart",
+        Duration::from_secs(20),
+        || async { (daemon.count("SELECT count(*) FROM deals") == 30).then_some(()) },
+    )
+    .await;
+    assert_eq!(
+        daemon.count("SELECT count(*) FROM (SELECT external_id FROM deals GROUP BY external_id HAVING count(*) > 1)"),
+        0
+    );
+    // Every deal's first history row is its creation; no deal has two.
+    assert_eq!(
+        daemon.count("SELECT count(*) FROM (SELECT deal_id FROM stage_history WHERE from_stage IS NULL GROUP BY deal_id HAVING count(*) > 1)"),
+        0
+    );
+    let (code, stdout, _) = run_cli(
+        &[
+            "--config",
+            daemon.config_path.to_str().unwrap(),
+            "deals",
+            "list",
+            "--format",
+            "csv",
+            "--limit",
+            "1000",
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(code, 0);
+    assert_eq!(stdout.lines().count(), 31, "header + 30 deals:\n{stdout}");
+}

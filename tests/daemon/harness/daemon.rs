@@ -1,0 +1,264 @@
+//! `TestDaemon`: the real `dealsync` binary on a fresh SQLite file and a free port.
+//!
+//! The harness writes `[storage]` and `[server]` (temp dir, 127.0.0.1 only) ahead of
+//! the test's own config text, starts the binary, and waits for `/readyz`. Logs are
+//! captured and printed when a test fails; `TEST_LOG=1` streams them.
+
+use super::{eventually, free_port};
+use std::path::PathBuf;
+use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+pub struct TestDaemon {
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    pub config_path: PathBuf,
+    pub db_path: PathBuf,
+    child: Option<Child>,
+    logs: Arc<Mutex<String>>,
+    env: Vec<(String, String)>,
+    body: String,
+    pub http: reqwest::Client,
+}
+
+/// The binary under test.
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_dealsync")
+}
+
+impl TestDaemon {
+    /// Writes a config (harness header + `body`) and starts the daemon; waits until ready.
+    pub async fn start(body: &str) -> TestDaemon {
+        Self::start_with_env(body, &[]).await
+    }
+
+    pub async fn start_with_env(body: &str, env: &[(&str, &str)]) -> TestDaemon {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut daemon = TestDaemon {
+            config_path: dir.path().join("dealsync.toml"),
+            db_path: dir.path().join("dealsync.db"),
+            dir,
+            port: 0,
+            child: None,
+            logs: Arc::new(Mutex::new(String::new())),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            body: body.to_owned(),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()
+                .expect("client"),
+        };
+        daemon.launch().await;
+        daemon
+    }
+
+    /// The config text the harness adds in front of the test's own.
+    pub fn header(&self) -> String {
+        format!(
+            "[storage]\npath = \"{}\"\n\n[server]\nlisten = \"127.0.0.1:{}\"\npublic_url = \"http://127.0.0.1:{}\"\nshutdown_timeout = \"5s\"\n\n",
+            self.db_path.display(),
+            self.port,
+            self.port
+        )
+    }
+
+    /// Rewrites the config file with a new body (same storage and port).
+    pub fn write_config(&self, body: &str) {
+        std::fs::write(&self.config_path, format!("{}{body}", self.header())).expect("config");
+    }
+
+    async fn launch(&mut self) {
+        for attempt in 0..5 {
+            self.port = free_port();
+            let body = self.body.clone();
+            self.write_config(&body);
+            self.spawn();
+            let ready = self.wait_ready(Duration::from_secs(20)).await;
+            if ready {
+                return;
+            }
+            let exited = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
+            if exited.is_some() && self.logs().contains("Address already in use") && attempt < 4 {
+                continue;
+            }
+            panic!("dealsync did not become ready; logs:\n{}", self.logs());
+        }
+    }
+
+    fn spawn(&mut self) {
+        let mut command = Command::new(binary());
+        command
+            .arg("--config")
+            .arg(&self.config_path)
+            .arg("--log-level")
+            .arg("debug")
+            .arg("run")
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        for (key, value) in &self.env {
+            command.env(key, value);
+        }
+        let mut child = command.spawn().expect("spawning dealsync");
+        let stream = std::env::var_os("TEST_LOG").is_some();
+        for pipe in [
+            child
+                .stderr
+                .take()
+                .map(|p| Box::new(p) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
+            child
+                .stdout
+                .take()
+                .map(|p| Box::new(p) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let logs = self.logs.clone();
+            tokio::spawn(async move {
+                let mut lines = BufReader::new(pipe).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    if stream {
+                        eprintln!("[dealsync] {line}");
+                    }
+                    if let Ok(mut logs) = logs.lock() {
+                        logs.push_str(&line);
+                        logs.push('\n');
+                    }
+                }
+            });
+        }
+        self.child = Some(child);
+    }
+
+    async fn wait_ready(&mut self, timeout: Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(_)) = child.try_wait()
+            {
+                return false;
+            }
+            if let Ok(response) = self.http.get(self.url("/readyz")).send().await
+                && response.status().is_success()
+            {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        false
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// GET, returning status and body text.
+    pub async fn get(&self, path: &str) -> (u16, String) {
+        let response = self.http.get(self.url(path)).send().await.expect("GET");
+        let status = response.status().as_u16();
+        (status, response.text().await.unwrap_or_default())
+    }
+
+    pub fn logs(&self) -> String {
+        self.logs.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().and_then(|c| c.id()).expect("running")
+    }
+
+    /// Sends a signal by name (`TERM`, `HUP`, `KILL`).
+    pub fn signal(&self, name: &str) {
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.pid().to_string())
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill -{name} failed");
+    }
+
+    /// Waits for the process to exit.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let child = self.child.as_mut().expect("running");
+        match tokio::time::timeout(timeout, child.wait()).await {
+            Ok(status) => status.expect("wait"),
+            Err(_) => panic!(
+                "dealsync did not exit within {timeout:?}; logs:\n{}",
+                self.logs()
+            ),
+        }
+    }
+
+    /// SIGKILL, then the same config and database again.
+    pub async fn kill_and_restart(&mut self) {
+        self.signal("KILL");
+        self.wait_exit(Duration::from_secs(10)).await;
+        self.spawn();
+        assert!(
+            self.wait_ready(Duration::from_secs(20)).await,
+            "dealsync did not become ready after restart; logs:\n{}",
+            self.logs()
+        );
+    }
+
+    /// Waits until the logs contain `needle`.
+    pub async fn wait_for_log(&self, needle: &str, timeout: Duration) {
+        eventually(
+            &format!("log line containing {needle:?}"),
+            timeout,
+            || async { self.logs().contains(needle).then_some(()) },
+        )
+        .await
+    }
+
+    /// Opens the daemon's SQLite file for assertions (read-only use).
+    pub fn db(&self) -> rusqlite::Connection {
+        let db = rusqlite::Connection::open(&self.db_path).expect("open db");
+        db.busy_timeout(Duration::from_secs(5))
+            .expect("busy timeout");
+        db
+    }
+
+    /// Counts rows for `sql` (a `SELECT count(*) …`).
+    pub fn count(&self, sql: &str) -> i64 {
+        self.db().query_row(sql, [], |row| row.get(0)).expect(sql)
+    }
+}
+
+impl Drop for TestDaemon {
+    fn drop(&mut self) {
+        if std::thread::panicking() && std::env::var_os("TEST_LOG").is_none() {
+            eprintln!("---- dealsync logs ----\n{}\n---- end ----", self.logs());
+        }
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.start_kill();
+        }
+    }
+}
+
+/// Runs the binary with arguments (not as a daemon) and returns (code, stdout, stderr).
+pub async fn run_cli(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let mut command = Command::new(binary());
+    command.args(args);
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let output = command.output().await.expect("running dealsync");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
