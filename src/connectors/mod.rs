@@ -84,7 +84,7 @@ pub struct WebhookEvent {
 #[derive(Debug, Clone)]
 pub enum WebhookAction {
     /// The payload carries the whole record.
-    Upsert(SourceDeal),
+    Upsert(Box<SourceDeal>),
     /// The record was deleted or archived in the source.
     Delete { external_id: String },
     /// The payload carries only an id: fetch the record through the pull connector.
