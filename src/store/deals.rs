@@ -43,27 +43,31 @@ impl UpsertOutcome {
     }
 }
 
-/// FNV-1a over the record's JSON and its mapped stage: stable across runs and versions.
-fn content_hash(upsert: &DealUpsert) -> Result<i64> {
-    let mut bytes = serde_json::to_vec(&upsert.source)
-        .map_err(|error| StoreError::Corrupt(format!("serializing a deal: {error}")))?;
-    bytes.push(0);
-    bytes.extend(
-        upsert
-            .target
-            .pipeline
-            .as_ref()
-            .map_or("", |p| p.as_str())
-            .as_bytes(),
-    );
-    bytes.push(0);
-    bytes.extend(upsert.target.stage.as_str().as_bytes());
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in bytes {
-        hash ^= u64::from(byte);
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
+/// FNV-1a, fed by serde_json without an intermediate buffer.
+struct Fnv(u64);
+
+impl std::io::Write for Fnv {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        for byte in bytes {
+            self.0 ^= u64::from(*byte);
+            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
+        }
+        Ok(bytes.len())
     }
-    Ok(hash as i64)
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A hash of the record's JSON and its mapped stage: stable across runs and versions.
+fn content_hash(upsert: &DealUpsert) -> Result<i64> {
+    use std::io::Write;
+    let mut hash = Fnv(0xcbf2_9ce4_8422_2325);
+    serde_json::to_writer(&mut hash, &upsert.source)
+        .map_err(|error| StoreError::Corrupt(format!("serializing a deal: {error}")))?;
+    let pipeline = upsert.target.pipeline.as_ref().map_or("", |p| p.as_str());
+    let _ = write!(hash, "\0{pipeline}\0{}", upsert.target.stage.as_str());
+    Ok(hash.0 as i64)
 }
 
 fn json<T: Serialize>(value: &T) -> Result<String> {

@@ -46,7 +46,6 @@ CREATE TABLE deals (
 );
 CREATE INDEX deals_by_stage ON deals (pipeline, stage, stage_entered_at);
 CREATE INDEX deals_by_contact ON deals (contact_email);
-CREATE INDEX deals_by_status ON deals (status);
 
 -- Keys that tie carts and orders together (checkout token, cart token, session id).
 CREATE TABLE deal_keys (
