@@ -291,7 +291,15 @@ fn start_connections(state: &Arc<AppState>, tasks: &TaskTracker, token: &Cancell
     for runtime in state.connections().iter() {
         let (runtime, deps, token) = (runtime.clone(), state.sync_deps(), token.child_token());
         state.readiness.started(runtime.name());
-        tasks.spawn(sync::run_connection(runtime, deps, token));
+        let span = tracing::info_span!(
+            "connection",
+            connection = %runtime.name(),
+            connector = %runtime.connector.kind()
+        );
+        tasks.spawn(tracing::Instrument::instrument(
+            sync::run_connection(runtime, deps, token),
+            span,
+        ));
     }
 }
 

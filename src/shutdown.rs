@@ -57,8 +57,17 @@ pub fn notify_stopping() {
 
 /// Pings the systemd watchdog at half its interval until `shutdown`.
 pub fn spawn_watchdog(shutdown: CancellationToken) {
-    let mut usec = 0u64;
-    if !sd_notify::watchdog_enabled(false, &mut usec) || usec == 0 {
+    // As libsystemd's sd_watchdog_enabled: WATCHDOG_USEC enables it; WATCHDOG_PID,
+    // when set, must name this process.
+    let usec = std::env::var("WATCHDOG_USEC")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    let for_us = std::env::var("WATCHDOG_PID")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+        .is_none_or(|pid| pid == std::process::id());
+    if usec == 0 || !for_us {
         return;
     }
     let period = Duration::from_micros(usec / 2);

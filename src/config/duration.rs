@@ -15,9 +15,21 @@ pub fn parse(text: &str) -> Result<Duration, String> {
         .map_err(|_| format!("expected a duration like \"90s\", \"5m\" or \"7d\", got {text:?}"))
 }
 
-/// Formats a duration the way the config writes it: `5m`, `7d`, `1h 30m`.
+/// Formats a duration the way the config writes it: `5m`, `7d`, `1h 30m`, `250ms`.
 pub fn format(duration: Duration) -> String {
-    humantime::format_duration(duration).to_string()
+    let mut secs = duration.as_secs();
+    let mut parts = Vec::new();
+    for (unit, size) in [("d", 86_400), ("h", 3_600), ("m", 60), ("s", 1)] {
+        if secs >= size {
+            parts.push(format!("{}{unit}", secs / size));
+            secs %= size;
+        }
+    }
+    let millis = duration.subsec_millis();
+    if millis > 0 || parts.is_empty() {
+        parts.push(format!("{millis}ms"));
+    }
+    parts.join(" ")
 }
 
 /// A duration as read from the config.

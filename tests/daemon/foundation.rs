@@ -323,3 +323,88 @@ async fn demo_deals_survive_kill_9_without_loss_or_duplicates() {
     assert_eq!(code, 0);
     assert_eq!(stdout.lines().count(), 31, "header + 30 deals:\n{stdout}");
 }
+
+#[tokio::test]
+async fn systemd_hears_ready_watchdog_and_stopping() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket_path = dir.path().join("notify.sock");
+    let socket = tokio::net::UnixDatagram::bind(&socket_path).unwrap();
+    let mut daemon = TestDaemon::start_with_env(
+        &demo_connection("demo"),
+        &[
+            ("NOTIFY_SOCKET", socket_path.to_str().unwrap()),
+            ("WATCHDOG_USEC", "200000"),
+        ],
+    )
+    .await;
+    let mut heard = String::new();
+    let mut buffer = vec![0u8; 4096];
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !(heard.contains("READY=1") && heard.contains("WATCHDOG=1")) {
+        assert!(std::time::Instant::now() < deadline, "heard only: {heard}");
+        if let Ok(Ok(n)) =
+            tokio::time::timeout(Duration::from_millis(500), socket.recv(&mut buffer)).await
+        {
+            heard.push_str(&String::from_utf8_lossy(&buffer[..n]));
+            heard.push('\n');
+        }
+    }
+    assert!(heard.contains("STATUS=running 1 connections"), "{heard}");
+    daemon.signal("TERM");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !heard.contains("STOPPING=1") {
+        assert!(std::time::Instant::now() < deadline, "heard only: {heard}");
+        if let Ok(Ok(n)) =
+            tokio::time::timeout(Duration::from_millis(500), socket.recv(&mut buffer)).await
+        {
+            heard.push_str(&String::from_utf8_lossy(&buffer[..n]));
+        }
+    }
+    assert_eq!(
+        daemon.wait_exit(Duration::from_secs(10)).await.code(),
+        Some(0)
+    );
+}
+
+#[tokio::test]
+async fn an_unmapped_native_stage_is_kept_and_named_by_check_and_stages() {
+    let body = demo_connection("demo").replace("\"Referral Partner\" = \"lead_generation\"\n", "");
+    let daemon = TestDaemon::start(&body).await;
+    eventually("demo deals", Duration::from_secs(10), || async {
+        (daemon.count("SELECT count(*) FROM deals") > 0).then_some(())
+    })
+    .await;
+    let config = daemon.config_path.to_str().unwrap().to_owned();
+    let (code, stdout, _) = run_cli(&["--config", &config, "check"], &[]).await;
+    assert_eq!(code, 0, "unmapped stages warn, they do not fail: {stdout}");
+    assert!(
+        stdout.contains("native stage \"Software Sales\" / \"Referral Partner\" has no mapping"),
+        "{stdout}"
+    );
+    let (code, stdout, _) = run_cli(&["--config", &config, "stages"], &[]).await;
+    assert_eq!(code, 0);
+    assert!(
+        stdout
+            .lines()
+            .any(|line| line.contains("Referral Partner") && line.contains("unmapped")),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("Product Demo") && stdout.contains("sales.needs_assessment"),
+        "{stdout}"
+    );
+    let unmapped = daemon.count(
+        "SELECT count(*) FROM deals WHERE stage = 'unmapped' AND native_stage = 'Referral Partner'",
+    );
+    let (code, stdout, _) = run_cli(
+        &[
+            "--config", &config, "deals", "list", "--status", "unmapped", "--format", "json",
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(code, 0);
+    let listed: Vec<serde_json::Value> = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(listed.len() as i64, unmapped);
+    assert!(listed.iter().all(|deal| deal["stage"] == "unmapped"));
+}
