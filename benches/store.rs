@@ -6,6 +6,8 @@
 //! Prints upserts per second for the inserts, the stage changes and the no-op
 //! re-upserts. Target: ≥ 100,000 upserts/s on a 2-core machine.
 
+#![allow(clippy::print_stdout)]
+
 use chrono::{Duration, Utc};
 use dealsync::domain::{
     ChangeCause, ConnectionName, Currency, DealStatus, EmailAddress, Money, PipelineKey,
