@@ -45,6 +45,46 @@ pub enum Command {
     /// Deals in the store.
     #[command(subcommand)]
     Deals(DealsCommand),
+    /// The funnel: conversion, time in stage, bottlenecks, weighted forecast, cart recovery.
+    Report(ReportArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// Start of the period: a date (`2026-01-01`, UTC midnight) or an RFC 3339 time.
+    /// Default: 30 days before --until.
+    #[arg(long, value_parser = parse_instant)]
+    pub since: Option<chrono::DateTime<chrono::Utc>>,
+    /// End of the period (exclusive) and the "now" of open and stalled figures. Default: now.
+    #[arg(long, value_parser = parse_instant)]
+    pub until: Option<chrono::DateTime<chrono::Utc>>,
+    /// Only this canonical pipeline.
+    #[arg(long)]
+    pub pipeline: Option<String>,
+    /// Only this connection.
+    #[arg(long)]
+    pub connection: Option<String>,
+    /// Fewest deals in a stage's cohort for its conversion to name the bottleneck.
+    #[arg(long, default_value_t = crate::report::DEFAULT_MIN_COHORT)]
+    pub min_cohort: u64,
+    /// Tables also show each connection's own figures (JSON always has them).
+    #[arg(long)]
+    pub by_connection: bool,
+    /// The table CSV output carries.
+    #[arg(long, value_enum, default_value = "stages")]
+    pub section: crate::report::render::Section,
+    #[arg(long, value_enum, default_value = "table")]
+    pub format: Format,
+}
+
+/// A date (UTC midnight) or an RFC 3339 time.
+pub fn parse_instant(text: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    if let Ok(at) = chrono::DateTime::parse_from_rfc3339(text) {
+        return Ok(at.with_timezone(&chrono::Utc));
+    }
+    chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d")
+        .map(|date| date.and_time(chrono::NaiveTime::MIN).and_utc())
+        .map_err(|_| format!("expected a date like 2026-01-31 or an RFC 3339 time, got {text:?}"))
 }
 
 #[derive(Debug, Args)]
@@ -128,6 +168,7 @@ pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
         Command::Stages => stages(&cli.config).await,
         Command::Sync(args) => sync_now(&cli.config, args).await,
         Command::Deals(DealsCommand::List(args)) => deals_list(&cli.config, args).await,
+        Command::Report(args) => report(&cli.config, args).await,
     }
 }
 
@@ -489,5 +530,62 @@ async fn deals_list(path: &std::path::Path, args: ListArgs) -> Result<(), CliErr
         ]);
     }
     output::print(&rows.render(args.format));
+    Ok(())
+}
+
+async fn report(path: &std::path::Path, args: ReportArgs) -> Result<(), CliError> {
+    use crate::report::{ReportOptions, render};
+    let config = load(path).await?;
+    let until = args.until.unwrap_or_else(chrono::Utc::now);
+    let since = args
+        .since
+        .unwrap_or_else(|| until - chrono::Duration::days(30));
+    if since >= until {
+        return Err(CliError::Usage(format!(
+            "--since ({since}) must be before --until ({until})"
+        )));
+    }
+    if let Some(pipeline) = &args.pipeline
+        && config.pipelines.get(pipeline).is_none()
+    {
+        let known: Vec<String> = config.pipelines.iter().map(|p| p.key.to_string()).collect();
+        return Err(CliError::Usage(format!(
+            "no pipeline {pipeline:?} (known: {})",
+            known.join(", ")
+        )));
+    }
+    if let Some(connection) = &args.connection
+        && !config
+            .connections
+            .iter()
+            .any(|c| c.name.as_str() == connection)
+    {
+        let known: Vec<String> = config
+            .connections
+            .iter()
+            .map(|c| c.name.to_string())
+            .collect();
+        return Err(CliError::Usage(format!(
+            "no connection {connection:?} in {} (known: {})",
+            config.path.display(),
+            known.join(", ")
+        )));
+    }
+    let store = open_store(&config).await?;
+    let options = ReportOptions {
+        since,
+        until,
+        pipeline: args.pipeline,
+        connection: args.connection,
+        min_cohort: args.min_cohort,
+        ..ReportOptions::last_days(until, 30)
+    };
+    let report = store.report(config.pipelines.clone(), options).await?;
+    let text = match args.format {
+        Format::Json => output::to_json(&report),
+        Format::Csv => render::csv(&report, args.section),
+        Format::Table => render::table(&report, args.by_connection),
+    };
+    output::print(&text);
     Ok(())
 }

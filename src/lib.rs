@@ -12,6 +12,7 @@ pub mod domain;
 pub mod http;
 pub mod output;
 pub mod pipeline;
+pub mod report;
 pub mod shutdown;
 pub mod store;
 pub mod sync;

@@ -389,7 +389,8 @@ pub struct UnmappedStage {
     pub deals: u64,
 }
 
-const DEAL_COLUMNS: &str = "id, connection, external_id, title, amount_minor, currency, pipeline,
+pub(crate) const DEAL_COLUMNS: &str =
+    "id, connection, external_id, title, amount_minor, currency, pipeline,
     stage, status, native_pipeline, native_stage, contact_email, contact_name, owner, owner_email,
     marketing_consent, source_created_at, source_updated_at, stage_entered_at, last_activity_at,
     expected_close, recovery_url, line_items, cart_keys, deleted_at, first_seen_at, raw";

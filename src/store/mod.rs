@@ -13,10 +13,14 @@
 
 mod deals;
 mod migrations;
+mod report;
 mod sync;
 
 pub use deals::{DealFilter, DealUpsert, StageCount, UnmappedStage, UpsertOutcome};
 pub use migrations::SCHEMA_VERSION;
+pub use report::{
+    OutboxCount, OutboxEntry, OutboxFilter, ReportScope, StageValue, StallCutoff, StalledCount,
+};
 pub use sync::{Quarantined, SyncRunRecord};
 
 use chrono::{DateTime, TimeZone, Utc};

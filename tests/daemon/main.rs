@@ -2,4 +2,5 @@
 
 mod foundation;
 mod harness;
+mod report;
 mod smtp_harness;

@@ -1,0 +1,368 @@
+//! The report against a fixed history whose figures were worked out by hand
+//! (docs/report.md, "Worked example"), through the real store scan.
+
+use super::*;
+use crate::pipeline::{Pipelines, default_pipelines};
+use crate::store::{ReportScope, Store};
+use chrono::TimeZone;
+
+const FIXTURE: &str = include_str!("../../tests/fixtures/report_history.sql");
+const DAY: f64 = 86_400.0;
+const HOUR: f64 = 3_600.0;
+
+fn january(pipeline: Option<&str>) -> ReportOptions {
+    ReportOptions {
+        since: Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap(),
+        until: Utc.with_ymd_and_hms(2026, 2, 1, 0, 0, 0).unwrap(),
+        pipeline: pipeline.map(str::to_owned),
+        connection: None,
+        min_cohort: 2,
+        abandoned_stage: DEFAULT_ABANDONED_STAGE.to_owned(),
+    }
+}
+
+async fn fixture_store() -> (tempfile::TempDir, Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("report.db");
+    let store = Store::open(&path).unwrap();
+    rusqlite::Connection::open(&path)
+        .unwrap()
+        .execute_batch(FIXTURE)
+        .unwrap();
+    (dir, store)
+}
+
+async fn report(options: ReportOptions, scope: ReportScope) -> Report {
+    let (_dir, store) = fixture_store().await;
+    let pipelines = Pipelines::new(default_pipelines());
+    store
+        .scan_report(scope, Accumulator::new(pipelines, options))
+        .await
+        .unwrap()
+        .finish()
+}
+
+fn pipeline<'r>(scope: &'r ScopeReport, key: &str) -> &'r PipelineReport {
+    scope
+        .pipelines
+        .iter()
+        .find(|p| p.pipeline == key)
+        .unwrap_or_else(|| panic!("no pipeline {key}"))
+}
+
+fn stage<'r>(pipeline: &'r PipelineReport, key: &str) -> &'r StageReport {
+    pipeline
+        .stages
+        .iter()
+        .find(|s| s.stage == key)
+        .unwrap_or_else(|| panic!("no stage {key}"))
+}
+
+fn eur() -> Currency {
+    Currency::parse("EUR").unwrap()
+}
+
+fn usd() -> Currency {
+    Currency::parse("USD").unwrap()
+}
+
+fn money_of(totals: &[MoneyTotal]) -> Vec<(String, i64)> {
+    totals
+        .iter()
+        .map(|t| (t.currency.to_string(), t.minor))
+        .collect()
+}
+
+fn close(actual: Option<f64>, expected: f64) {
+    let actual = actual.expect("a value");
+    assert!(
+        (actual - expected).abs() < 1e-9,
+        "expected {expected}, got {actual}"
+    );
+}
+
+/// (entered, exited, cohort, advanced, samples, median, p90) of one stage.
+fn flow(stage: &StageReport) -> (u64, u64, u64, u64, u64, Option<f64>, Option<f64>) {
+    (
+        stage.entered,
+        stage.exited,
+        stage.cohort,
+        stage.advanced,
+        stage.time_in_stage.samples,
+        stage.time_in_stage.median_seconds,
+        stage.time_in_stage.p90_seconds,
+    )
+}
+
+#[tokio::test]
+async fn sales_flows_count_skipped_stages_backward_moves_and_reopened_deals_as_worked_out_by_hand()
+{
+    let report = report(january(None), ReportScope::default()).await;
+    let sales = pipeline(&report.total, "sales");
+    let d = |days: f64| Some(days * DAY);
+    assert_eq!(
+        flow(stage(sales, "lead_generation")),
+        (6, 6, 6, 6, 6, d(3.0), d(4.0))
+    );
+    assert_eq!(
+        flow(stage(sales, "lead_qualification")),
+        (3, 2, 3, 1, 2, d(2.0), d(9.0))
+    );
+    // B entered needs assessment twice (the second time moving backwards): two entries, one cohort deal.
+    assert_eq!(
+        flow(stage(sales, "needs_assessment")),
+        (2, 1, 1, 1, 1, d(4.0), d(4.0))
+    );
+    // C's proposal visit started in December and ended in January: an exit and a sample, no entry.
+    assert_eq!(
+        flow(stage(sales, "proposal")),
+        (4, 3, 4, 1, 3, d(4.0), d(6.0))
+    );
+    assert_eq!(
+        flow(stage(sales, "negotiation")),
+        (2, 2, 2, 2, 2, d(3.0), d(12.0))
+    );
+    assert_eq!(flow(stage(sales, "closing")), (0, 0, 0, 0, 0, None, None));
+    assert_eq!(stage(sales, "won").entered, 2);
+    assert_eq!(stage(sales, "won").conversion, None);
+    assert_eq!(flow(stage(sales, "lost")), (3, 2, 0, 0, 2, d(2.0), d(5.0)));
+
+    close(stage(sales, "lead_generation").conversion, 1.0);
+    close(stage(sales, "lead_qualification").conversion, 1.0 / 3.0);
+    close(stage(sales, "proposal").conversion, 0.25);
+    assert_eq!(stage(sales, "closing").conversion, None);
+
+    let outcomes = &sales.outcomes;
+    assert_eq!((outcomes.won, outcomes.lost, outcomes.reopened), (2, 1, 2));
+    close(outcomes.win_rate, 2.0 / 3.0);
+    close(outcomes.loss_rate, 1.0 / 3.0);
+
+    let bottleneck = sales.bottleneck.as_ref().unwrap();
+    assert_eq!(bottleneck.stage, "proposal");
+    assert_eq!(bottleneck.reason, BottleneckReason::LowestConversion);
+}
+
+#[tokio::test]
+async fn open_stalled_and_forecast_figures_keep_currencies_apart_and_round_once() {
+    let report = report(january(None), ReportScope::default()).await;
+    let sales = pipeline(&report.total, "sales");
+
+    let proposal = stage(sales, "proposal");
+    assert_eq!(proposal.open_deals, 2);
+    assert_eq!(
+        money_of(&proposal.open_value),
+        vec![("EUR".into(), 250000), ("USD".into(), 200000)]
+    );
+    assert_eq!(proposal.stalled, 0);
+
+    let assessment = stage(sales, "needs_assessment");
+    assert_eq!((assessment.open_deals, assessment.stalled), (1, 1));
+    assert_eq!(
+        money_of(&assessment.stalled_value),
+        vec![("EUR".into(), 500000)]
+    );
+    let qualification = stage(sales, "lead_qualification");
+    assert_eq!((qualification.open_deals, qualification.stalled), (1, 1));
+    assert_eq!(stage(sales, "won").open_deals, 0);
+
+    let forecast: Vec<(Currency, Option<String>, u64, i64, i64)> = report
+        .total
+        .forecast
+        .iter()
+        .map(|r| {
+            (
+                r.currency,
+                r.month.clone(),
+                r.deals,
+                r.amount.minor,
+                r.weighted.minor,
+            )
+        })
+        .collect();
+    assert_eq!(
+        forecast,
+        vec![
+            // F 100000 × 20 % + L 4005 × 30 % = 20000 + 1201.5 → 21202 (rounded once, at the end)
+            (eur(), None, 2, 104005, 21202),
+            // B 500000 × 40 % + M 250000 × 60 %
+            (eur(), Some("2026-02".into()), 2, 750000, 350000),
+            // D 200000 × 60 %
+            (usd(), Some("2026-03".into()), 1, 200000, 120000),
+        ]
+    );
+    assert_eq!(report.total.forecast[0].weighted.amount, "212.02");
+    assert_eq!(report.total.unmapped_open_deals, 1);
+    assert_eq!(report.total.deals, 13);
+}
+
+#[tokio::test]
+async fn cart_recovery_credits_the_last_follow_up_before_the_purchase() {
+    let report = report(january(None), ReportScope::default()).await;
+    let shop = pipeline(&report.total, "ecommerce");
+    let h = |hours: f64| Some(hours * HOUR);
+    assert_eq!(
+        flow(stage(shop, "checkout_started")),
+        (5, 4, 5, 4, 4, h(1.0), h(1.0))
+    );
+    assert_eq!(
+        flow(stage(shop, "cart_abandoned")),
+        (4, 4, 4, 4, 4, h(1.0), h(2.0))
+    );
+    assert_eq!(
+        flow(stage(shop, "follow_up_email")),
+        (3, 3, 3, 3, 3, h(24.0), h(24.0))
+    );
+    assert_eq!(
+        flow(stage(shop, "discount_offer")),
+        (2, 2, 2, 1, 2, h(22.0), h(70.0))
+    );
+    assert_eq!(
+        shop.bottleneck.as_ref().map(|b| b.stage.as_str()),
+        Some("discount_offer")
+    );
+    assert_eq!((shop.outcomes.won, shop.outcomes.lost), (3, 1));
+    assert_eq!(stage(shop, "checkout_started").stalled, 1);
+
+    let carts = &report.total.cart_recovery;
+    assert_eq!(carts.abandoned, 4);
+    assert_eq!(
+        money_of(&carts.abandoned_value),
+        vec![("EUR".into(), 37000), ("USD".into(), 8000)]
+    );
+    assert_eq!((carts.recovered, carts.bought_without_follow_up), (2, 1));
+    close(carts.recovery_rate, 0.5);
+    assert_eq!(
+        money_of(&carts.recovered_revenue),
+        vec![("EUR".into(), 12000), ("USD".into(), 8000)]
+    );
+    let steps: Vec<(&str, i64, u64, u64)> = carts
+        .steps
+        .iter()
+        .map(|s| (s.rule.as_str(), s.step, s.carts_sent, s.recovered_after))
+        .collect();
+    // The failed step 3 and the skipped step 1 were never sent: they count nowhere.
+    assert_eq!(steps, vec![("cart", 1, 3, 1), ("cart", 2, 2, 1)]);
+    close(carts.steps[0].recovery_rate, 1.0 / 3.0);
+}
+
+#[tokio::test]
+async fn figures_split_by_connection_and_the_connection_filter_agrees() {
+    let report = report(january(None), ReportScope::default()).await;
+    let names: Vec<_> = report
+        .by_connection
+        .iter()
+        .map(|s| s.connection.clone().unwrap())
+        .collect();
+    assert_eq!(names, vec!["crm-eu", "crm-us", "shop"]);
+    let us = &report.by_connection[1];
+    let sales = pipeline(us, "sales");
+    assert_eq!(
+        (
+            stage(sales, "proposal").entered,
+            stage(sales, "proposal").cohort
+        ),
+        (1, 1)
+    );
+    assert_eq!(stage(sales, "negotiation").advanced, 1);
+    assert_eq!((sales.outcomes.won, sales.outcomes.reopened), (1, 1));
+    assert_eq!(us.forecast.len(), 1);
+    let eu = pipeline(&report.by_connection[0], "sales");
+    assert_eq!(
+        (eu.outcomes.won, eu.outcomes.lost, eu.outcomes.reopened),
+        (1, 1, 1)
+    );
+    assert_eq!(stage(eu, "lead_generation").cohort, 5);
+
+    let mut only_us = january(None);
+    only_us.connection = Some("crm-us".into());
+    let filtered = report_for(only_us).await;
+    assert_eq!(filtered.total.deals, 2);
+    assert_eq!(
+        serde_json::to_value(&filtered.total.pipelines).unwrap(),
+        serde_json::to_value(&us.pipelines).unwrap()
+    );
+}
+
+async fn report_for(options: ReportOptions) -> Report {
+    let scope = ReportScope {
+        connection: options.connection.clone(),
+    };
+    report(options, scope).await
+}
+
+#[tokio::test]
+async fn the_pipeline_filter_drops_other_pipelines_from_every_figure() {
+    let report = report(january(Some("sales")), ReportScope::default()).await;
+    assert_eq!(report.total.pipelines.len(), 1);
+    assert_eq!(report.total.cart_recovery.abandoned, 0);
+    let eur_unscheduled = &report.total.forecast[0];
+    assert_eq!(
+        (eur_unscheduled.deals, eur_unscheduled.weighted.minor),
+        (1, 20000)
+    );
+}
+
+#[test]
+fn percentiles_use_the_nearest_rank() {
+    assert_eq!(percentile(&[], 50), None);
+    assert_eq!(percentile(&[7], 90), Some(7));
+    assert_eq!(percentile(&[1, 2, 3, 4], 50), Some(2));
+    assert_eq!(percentile(&[1, 2, 3, 4, 5, 6, 7, 8, 9, 10], 90), Some(9));
+    assert_eq!(
+        percentile(&[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], 90),
+        Some(10)
+    );
+}
+
+fn stage_with(key: &str, position: usize, cohort: u64, advanced: u64, median: f64) -> StageReport {
+    StageReport {
+        stage: key.into(),
+        label: key.into(),
+        kind: StageKind::Open,
+        position,
+        open_deals: 0,
+        open_without_amount: 0,
+        open_value: vec![],
+        entered: cohort,
+        exited: 0,
+        cohort,
+        advanced,
+        conversion: ratio(advanced, cohort),
+        time_in_stage: TimeInStage {
+            samples: u64::from(median > 0.0),
+            median_seconds: (median > 0.0).then_some(median),
+            p90_seconds: None,
+        },
+        stall_after_seconds: None,
+        stalled: 0,
+        stalled_value: vec![],
+    }
+}
+
+#[test]
+fn a_conversion_tie_goes_to_the_slower_stage_and_small_cohorts_fall_back_to_time() {
+    let stages = vec![
+        stage_with("a", 1, 3, 1, 10.0),
+        stage_with("b", 2, 6, 2, 50.0),
+        stage_with("c", 3, 1, 0, 5.0),
+    ];
+    let named = bottleneck(&stages, 2).unwrap();
+    assert_eq!(
+        (named.stage.as_str(), named.reason),
+        ("b", BottleneckReason::LowestConversion)
+    );
+    let named = bottleneck(&stages, 10).unwrap();
+    assert_eq!(
+        (named.stage.as_str(), named.reason),
+        ("b", BottleneckReason::LongestTimeInStage)
+    );
+    assert!(bottleneck(&[stage_with("x", 1, 0, 0, 0.0)], 1).is_none());
+}
+
+#[test]
+fn weighted_sums_round_half_away_from_zero() {
+    assert_eq!(div_round(150, 100), 2);
+    assert_eq!(div_round(149, 100), 1);
+    assert_eq!(div_round(-150, 100), -2);
+    assert_eq!(div_round(-149, 100), -1);
+}
