@@ -408,3 +408,66 @@ async fn an_unmapped_native_stage_is_kept_and_named_by_check_and_stages() {
     assert_eq!(listed.len() as i64, unmapped);
     assert!(listed.iter().all(|deal| deal["stage"] == "unmapped"));
 }
+
+/// Mounts a tmpfs of `size` at `dir` (root only); `None` when this machine can't.
+fn mount_tmpfs(dir: &std::path::Path, size: &str) -> Option<()> {
+    let status = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+        .arg(dir)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .ok()?;
+    status.success().then_some(())
+}
+
+#[tokio::test]
+async fn a_full_disk_fails_the_sync_loudly_and_loses_nothing_once_space_returns() {
+    let disk = tempfile::tempdir().unwrap();
+    if mount_tmpfs(disk.path(), "600k").is_none() {
+        eprintln!("skipped: mounting a small tmpfs needs root (CI runs as root)");
+        return;
+    }
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let _unmount = Unmount(disk.path().to_owned());
+    let body = demo_connection("demo").replace(
+        "settings = { seed = 7, pace = \"100ms\", deals = 20, carts = 10 }",
+        "settings = { seed = 7, pace = \"10ms\", deals = 3000, carts = 1000, page_size = 200 }",
+    );
+    let mut daemon = TestDaemon::start(&body).await;
+    // Move the store onto the small disk: stop, rewrite the path, start again.
+    daemon.signal("TERM");
+    daemon.wait_exit(Duration::from_secs(10)).await;
+    daemon.db_path = disk.path().join("dealsync.db");
+    daemon.kill_and_restart_with_config(&body).await;
+
+    daemon
+        .wait_for_log("disk is full", Duration::from_secs(30))
+        .await;
+    let (status, _) = daemon.get("/healthz").await;
+    assert_eq!(status, 200, "the daemon stays up on a full disk");
+
+    let status = std::process::Command::new("mount")
+        .args(["-o", "remount,size=64m"])
+        .arg(disk.path())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let count = || daemon.count("SELECT count(*) FROM deals");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while count() != 4000 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(count(), 4000, "every deal arrives once space returned");
+    assert_eq!(
+        daemon.count("SELECT count(*) FROM (SELECT external_id FROM deals GROUP BY external_id HAVING count(*) > 1)"),
+        0
+    );
+}

@@ -213,6 +213,24 @@ impl TestDaemon {
         );
     }
 
+    /// Starts the daemon again (after it exited) with a new body and the current paths.
+    pub async fn kill_and_restart_with_config(&mut self, body: &str) {
+        if let Some(child) = self.child.as_mut()
+            && child.try_wait().ok().flatten().is_none()
+        {
+            self.signal("KILL");
+            self.wait_exit(Duration::from_secs(10)).await;
+        }
+        self.body = body.to_owned();
+        self.write_config(body);
+        self.spawn();
+        assert!(
+            self.wait_ready(Duration::from_secs(20)).await,
+            "dealsync did not become ready after restart; logs:\n{}",
+            self.logs()
+        );
+    }
+
     /// Waits until the logs contain `needle`.
     pub async fn wait_for_log(&self, needle: &str, timeout: Duration) {
         eventually(
