@@ -49,6 +49,10 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     pub public_url: Option<url::Url>,
     pub shutdown_timeout: Duration,
+    /// The read API's bearer token; `None` turns the API off.
+    pub api_token: Option<Secret>,
+    /// Whether `/` serves the status page.
+    pub status_page: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -289,7 +293,18 @@ fn validate(path: &Path, raw: raw::RawConfig, report: &mut dyn FnMut(&str, Strin
             .server
             .shutdown_timeout
             .map_or(Duration::from_secs(20), |d| d.0),
+        api_token: raw.server.api_token.clone(),
+        status_page: raw.server.status_page.unwrap_or(true),
     };
+    if let Some(token) = &server.api_token
+        && token.expose().len() < 16
+    {
+        report(
+            "server.api_token",
+            "must be at least 16 characters (use a random value, e.g. `openssl rand -hex 32`)"
+                .to_owned(),
+        );
+    }
 
     let mut connections = Vec::new();
     for (name, connection) in raw.connections {

@@ -43,6 +43,10 @@ pub struct RawServer {
     pub public_url: Option<String>,
     /// How long a graceful shutdown may take before tasks are aborted.
     pub shutdown_timeout: Option<ConfigDuration>,
+    /// Bearer token of the read API under /api/v1; without one the API is off (404).
+    pub api_token: Option<Secret>,
+    /// Serve the status page at `/` (default true).
+    pub status_page: Option<bool>,
 }
 
 #[derive(Debug, Deserialize, Default)]

@@ -3,8 +3,10 @@
 //! Boundary: only this module knows axum. Handlers turn requests into domain calls
 //! and results into responses; `error.rs` maps errors to statuses.
 
+mod api;
 pub mod error;
 mod health;
+mod status;
 
 use crate::app::AppState;
 use crate::telemetry::HttpLabels;
@@ -18,6 +20,8 @@ use std::sync::Arc;
 /// Builds the router with every route.
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
+        .route("/", get(status::page))
+        .merge(api::routes(state.clone()))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))

@@ -2,5 +2,6 @@
 
 mod foundation;
 mod harness;
+mod insight;
 mod report;
 mod smtp_harness;

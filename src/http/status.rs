@@ -1,0 +1,450 @@
+//! The status page at `/`: one server-rendered HTML page, no JavaScript: the
+//! connections with their last sync and health, the funnel of the last 30 days as an
+//! inline SVG chart per pipeline, the stalled deals and the outbox.
+//!
+//! Invariants:
+//! - Everything shown goes through minijinja's HTML auto-escaping (deal titles, stage
+//!   labels and error texts are untrusted); the template marks nothing `safe`.
+//! - Contact and recipient email addresses are not shown; the read API has them.
+//! - Access: on a loopback listener the page is open (only local users reach it). On
+//!   any other address it asks for `server.api_token` (HTTP Basic with any user name, or
+//!   a bearer token) and is off (404) when no token is configured.
+//!   `server.status_page = false` turns it off everywhere.
+
+use super::api::{bearer, token_matches};
+use super::error::ApiError;
+use crate::app::AppState;
+use crate::report::render::{duration, money, percent};
+use crate::report::{ReportOptions, StageReport};
+use crate::store::{OutboxFilter, StallCutoff};
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use std::sync::{Arc, OnceLock};
+
+const TEMPLATE: &str = include_str!("status.html");
+const STALLED_SHOWN: u32 = 25;
+const OUTBOX_SHOWN: u32 = 25;
+/// Width of the longest funnel bar, in SVG user units.
+const BAR_WIDTH: f64 = 400.0;
+
+fn environment() -> &'static minijinja::Environment<'static> {
+    static ENVIRONMENT: OnceLock<minijinja::Environment<'static>> = OnceLock::new();
+    ENVIRONMENT.get_or_init(|| {
+        let mut environment = minijinja::Environment::new();
+        // The name ends in .html, so auto-escaping is HTML.
+        environment
+            .add_template("status.html", TEMPLATE)
+            .expect("the built-in template parses");
+        environment
+    })
+}
+
+/// `None` when the request may see the page; otherwise the response to send instead.
+fn refusal(state: &AppState, headers: &HeaderMap) -> Option<Response> {
+    let config = state.config();
+    if !config.server.status_page {
+        return Some(ApiError::NotFound("the status page is off".into()).into_response());
+    }
+    if config.server.listen.ip().is_loopback() {
+        return None;
+    }
+    let Some(expected) = &config.server.api_token else {
+        return Some(
+            ApiError::NotFound(
+                "the status page needs server.api_token on a non-loopback listener".into(),
+            )
+            .into_response(),
+        );
+    };
+    let presented = bearer(headers)
+        .map(str::to_owned)
+        .or_else(|| basic_password(headers));
+    match presented {
+        Some(token) if token_matches(&token, expected.expose()) => None,
+        _ => Some(
+            (
+                StatusCode::UNAUTHORIZED,
+                [(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Basic realm=\"dealsync\", charset=\"UTF-8\""),
+                )],
+                "authentication required",
+            )
+                .into_response(),
+        ),
+    }
+}
+
+fn basic_password(headers: &HeaderMap) -> Option<String> {
+    use base64::Engine;
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, encoded) = value.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .ok()?;
+    let text = String::from_utf8(decoded).ok()?;
+    text.split_once(':')
+        .map(|(_, password)| password.to_owned())
+}
+
+#[derive(Serialize)]
+struct ConnectionView {
+    name: String,
+    connector: String,
+    health: &'static str,
+    detail: String,
+    last_sync: String,
+    last_success: String,
+}
+
+#[derive(Serialize)]
+struct Bar {
+    label: String,
+    y: u32,
+    width: f64,
+    entered: u64,
+    open: u64,
+    note: String,
+}
+
+#[derive(Serialize)]
+struct Chart {
+    key: String,
+    label: String,
+    height: u32,
+    bars: Vec<Bar>,
+    bottleneck: Option<String>,
+    outcomes: String,
+}
+
+#[derive(Serialize)]
+struct StalledView {
+    id: i64,
+    title: String,
+    connection: String,
+    stage: String,
+    in_stage: String,
+    amount: String,
+}
+
+#[derive(Serialize)]
+struct EmailView {
+    deal_id: i64,
+    rule: String,
+    step: i64,
+    state: String,
+    due: String,
+    sent: String,
+    reason: String,
+}
+
+fn when(at: Option<DateTime<Utc>>, now: DateTime<Utc>) -> String {
+    match at {
+        None => "never".to_owned(),
+        Some(at) if at <= now => format!(
+            "{} ago ({})",
+            duration((now - at).num_seconds() as f64),
+            at.format("%Y-%m-%d %H:%M:%S UTC")
+        ),
+        Some(at) => format!(
+            "in {} ({})",
+            duration((at - now).num_seconds() as f64),
+            at.format("%Y-%m-%d %H:%M:%S UTC")
+        ),
+    }
+}
+
+fn chart(stages: &[StageReport]) -> (Vec<Bar>, u32) {
+    use crate::pipeline::StageKind;
+    let shown: Vec<&StageReport> = stages
+        .iter()
+        .filter(|s| s.kind != StageKind::Lost)
+        .collect();
+    let most = shown.iter().map(|s| s.entered).max().unwrap_or(0).max(1) as f64;
+    let bars: Vec<Bar> = shown
+        .iter()
+        .enumerate()
+        .map(|(at, stage)| Bar {
+            label: stage.label.clone(),
+            y: at as u32 * 30,
+            width: if stage.entered == 0 {
+                0.0
+            } else {
+                (BAR_WIDTH * stage.entered as f64 / most).max(2.0)
+            },
+            entered: stage.entered,
+            open: stage.open_deals,
+            note: match stage.conversion {
+                Some(_) => format!("→ {}", percent(stage.conversion)),
+                None => String::new(),
+            },
+        })
+        .collect();
+    let height = bars.len() as u32 * 30 + 4;
+    (bars, height)
+}
+
+/// `GET /`: the status page.
+pub async fn page(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    if let Some(response) = refusal(&state, &headers) {
+        return response;
+    }
+    match render(&state).await {
+        Ok(html) => (
+            [(
+                header::CONTENT_SECURITY_POLICY,
+                HeaderValue::from_static(
+                    "default-src 'none'; style-src 'unsafe-inline'; img-src 'self'",
+                ),
+            )],
+            Html(html),
+        )
+            .into_response(),
+        Err(error) => error.into_response(),
+    }
+}
+
+async fn render(state: &AppState) -> Result<String, ApiError> {
+    let now = Utc::now();
+    let config = state.config();
+    let readiness = state.readiness.report();
+    let runs = state.store.last_sync_runs().await?;
+    let successes = state.store.last_successes().await?;
+    let connections: Vec<ConnectionView> = config
+        .connections
+        .iter()
+        .map(|connection| {
+            let name = connection.name.as_str();
+            let run = runs.iter().find(|r| r.connection == name);
+            let success = successes
+                .iter()
+                .find(|(n, _)| n == name)
+                .and_then(|(_, at)| *at);
+            let (health, detail) = if !connection.enabled {
+                ("disabled", String::new())
+            } else if let Some(what) = readiness.attention.get(name) {
+                ("attention", what.clone())
+            } else if let Some(run) = run {
+                match (run.status.as_str(), &run.error) {
+                    ("failed", error) => ("failing", error.clone().unwrap_or_default()),
+                    ("succeeded", _) => ("ok", String::new()),
+                    (other, _) => ("syncing", other.to_owned()),
+                }
+            } else if readiness.connections.get(name).map(String::as_str) == Some("started") {
+                (
+                    "ok",
+                    "no sync run yet (webhook-only or first run pending)".to_owned(),
+                )
+            } else {
+                ("starting", String::new())
+            };
+            ConnectionView {
+                name: name.to_owned(),
+                connector: connection.connector.clone(),
+                health,
+                detail,
+                last_sync: when(run.map(|r| r.finished_at.unwrap_or(r.started_at)), now),
+                last_success: when(success, now),
+            }
+        })
+        .collect();
+
+    let report = state
+        .store
+        .report(config.pipelines.clone(), ReportOptions::last_days(now, 30))
+        .await?;
+    let charts: Vec<Chart> = report
+        .total
+        .pipelines
+        .iter()
+        .map(|pipeline| {
+            let (bars, height) = chart(&pipeline.stages);
+            Chart {
+                key: pipeline.pipeline.clone(),
+                label: pipeline.label.clone(),
+                height,
+                bars,
+                bottleneck: pipeline.bottleneck.as_ref().map(|b| {
+                    format!(
+                        "{} ({})",
+                        b.stage,
+                        match b.reason {
+                            crate::report::BottleneckReason::LowestConversion =>
+                                format!("lowest conversion, {}", percent(b.conversion)),
+                            crate::report::BottleneckReason::LongestTimeInStage => format!(
+                                "longest median time in stage, {}",
+                                b.median_seconds.map_or_else(|| "-".to_owned(), duration)
+                            ),
+                        }
+                    )
+                }),
+                outcomes: format!(
+                    "won {}, lost {} (win rate {}), reopened {}",
+                    pipeline.outcomes.won,
+                    pipeline.outcomes.lost,
+                    percent(pipeline.outcomes.win_rate),
+                    pipeline.outcomes.reopened
+                ),
+            }
+        })
+        .collect();
+    let forecast: Vec<[String; 4]> = report
+        .total
+        .forecast
+        .iter()
+        .map(|row| {
+            [
+                row.currency.to_string(),
+                row.month.clone().unwrap_or_else(|| "unscheduled".into()),
+                row.deals.to_string(),
+                format!("{} {}", row.weighted.amount, row.currency),
+            ]
+        })
+        .collect();
+
+    let cutoffs = stall_cutoffs(&config.pipelines, now);
+    let stalled: Vec<StalledView> = state
+        .store
+        .stalled_deals(cutoffs, STALLED_SHOWN)
+        .await?
+        .into_iter()
+        .map(|deal| StalledView {
+            id: deal.id,
+            amount: deal
+                .amount()
+                .map(|m| m.to_string())
+                .unwrap_or_else(|| "-".into()),
+            title: deal.title,
+            connection: deal.connection.to_string(),
+            stage: format!(
+                "{}.{}",
+                deal.pipeline.map(|p| p.to_string()).unwrap_or_default(),
+                deal.stage
+            ),
+            in_stage: duration((now - deal.stage_entered_at).num_seconds() as f64),
+        })
+        .collect();
+    let emails: Vec<EmailView> = state
+        .store
+        .outbox_entries(OutboxFilter {
+            limit: Some(OUTBOX_SHOWN),
+            ..Default::default()
+        })
+        .await?
+        .into_iter()
+        .map(|email| EmailView {
+            deal_id: email.deal_id,
+            rule: email.rule,
+            step: email.step,
+            state: email.state,
+            due: when(Some(email.due_at), now),
+            sent: email
+                .sent_at
+                .map_or_else(|| "-".to_owned(), |at| when(Some(at), now)),
+            reason: email.reason.unwrap_or_default(),
+        })
+        .collect();
+    let email_counts = state.store.outbox_counts().await?;
+
+    let context = minijinja::context! {
+        generated_at => now.format("%Y-%m-%d %H:%M:%S UTC").to_string(),
+        since => report.since.format("%Y-%m-%d").to_string(),
+        version => env!("CARGO_PKG_VERSION"),
+        connections,
+        charts,
+        forecast,
+        cart_recovery => {
+            let carts = &report.total.cart_recovery;
+            (carts.abandoned > 0).then(|| format!(
+                "{} abandoned, {} recovered after a follow-up ({}), recovered revenue {}",
+                carts.abandoned, carts.recovered, percent(carts.recovery_rate),
+                money(&carts.recovered_revenue)
+            ))
+        },
+        unmapped => report.total.unmapped_open_deals,
+        stalled,
+        emails,
+        email_counts,
+    };
+    environment()
+        .get_template("status.html")
+        .and_then(|template| template.render(context))
+        .map_err(|error| ApiError::Internal(format!("rendering the status page: {error}")))
+}
+
+/// Each stage's stall cut-off at `now`.
+pub fn stall_cutoffs(
+    pipelines: &crate::pipeline::Pipelines,
+    now: DateTime<Utc>,
+) -> Vec<StallCutoff> {
+    pipelines
+        .iter()
+        .flat_map(|pipeline| {
+            pipeline.stages.iter().filter_map(move |stage| {
+                let limit = chrono::Duration::from_std(stage.stall_after?).ok()?;
+                (stage.kind == crate::pipeline::StageKind::Open).then(|| StallCutoff {
+                    pipeline: pipeline.key.to_string(),
+                    stage: stage.key.to_string(),
+                    entered_before: (now - limit).timestamp_millis(),
+                })
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn untrusted_text_is_escaped_in_the_page() {
+        let template = environment().get_template("status.html").unwrap();
+        let html = template
+            .render(minijinja::context! {
+                generated_at => "now", since => "then", version => "0",
+                connections => Vec::<ConnectionView>::new(),
+                charts => vec![Chart {
+                    key: "sales".into(),
+                    label: "<script>alert(1)</script>".into(),
+                    height: 34,
+                    bars: vec![],
+                    bottleneck: None,
+                    outcomes: String::new(),
+                }],
+                forecast => Vec::<[String; 4]>::new(),
+                cart_recovery => Option::<String>::None,
+                unmapped => 0,
+                stalled => vec![StalledView {
+                    id: 1,
+                    title: "\"><img src=x onerror=alert(1)>".into(),
+                    connection: "crm".into(),
+                    stage: "sales.proposal".into(),
+                    in_stage: "1d".into(),
+                    amount: "-".into(),
+                }],
+                emails => Vec::<EmailView>::new(),
+                email_counts => Vec::<crate::store::OutboxCount>::new(),
+            })
+            .unwrap();
+        assert!(!html.contains("<script>alert"), "{html}");
+        assert!(!html.contains("<img src=x"), "{html}");
+        assert!(html.contains("&lt;script&gt;"), "{html}");
+    }
+
+    #[test]
+    fn basic_credentials_yield_the_password() {
+        let mut headers = HeaderMap::new();
+        // "anyone:tok:en" — a password may itself hold a colon.
+        headers.insert(
+            header::AUTHORIZATION,
+            "Basic YW55b25lOnRvazplbg==".parse().unwrap(),
+        );
+        assert_eq!(basic_password(&headers).as_deref(), Some("tok:en"));
+    }
+}

@@ -1,0 +1,270 @@
+//! The read API's authentication and answers, and the status page rendered by a real
+//! headless browser (Debian's chromium), on the report fixture's history.
+
+use crate::harness::daemon::TestDaemon;
+use crate::report::FIXTURE;
+use serde_json::Value;
+use std::time::Duration;
+
+const TOKEN: &str = "test-token-0123456789abcdef";
+
+/// A daemon with no connections, the API on, and the fixture's deals in its store.
+async fn daemon_with_fixture(server_keys: &str) -> TestDaemon {
+    // The harness's config ends inside [server], so these keys land there.
+    let daemon = TestDaemon::start(server_keys).await;
+    daemon
+        .db()
+        .execute_batch(FIXTURE)
+        .expect("loading the fixture");
+    daemon
+}
+
+async fn get_with(daemon: &TestDaemon, path: &str, token: Option<&str>) -> (u16, String) {
+    let mut request = daemon.http.get(daemon.url(path));
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let response = request.send().await.expect("GET");
+    let status = response.status().as_u16();
+    (status, response.text().await.unwrap_or_default())
+}
+
+#[tokio::test]
+async fn the_read_api_answers_401_without_or_with_a_wrong_token_and_200_with_the_right_one() {
+    let daemon = daemon_with_fixture(&format!("api_token = \"{TOKEN}\"\n")).await;
+    for path in [
+        "/api/v1/deals",
+        "/api/v1/deals/1",
+        "/api/v1/funnel",
+        "/api/v1/forecast",
+        "/api/v1/outbox",
+    ] {
+        let (status, body) = get_with(&daemon, path, None).await;
+        assert_eq!(status, 401, "{path}: {body}");
+        let (status, _) = get_with(&daemon, path, Some("test-token-0123456789abcdeX")).await;
+        assert_eq!(status, 401, "{path}");
+        let (status, body) = get_with(&daemon, path, Some(TOKEN)).await;
+        assert_eq!(status, 200, "{path}: {body}");
+    }
+    let response = daemon
+        .http
+        .get(daemon.url("/api/v1/deals"))
+        .header("authorization", format!("Basic {TOKEN}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 401);
+    assert_eq!(response.headers()["www-authenticate"], "Bearer");
+    assert!(
+        !daemon.logs().contains(TOKEN),
+        "the token leaked into the logs"
+    );
+}
+
+#[tokio::test]
+async fn without_a_token_in_the_config_the_read_api_does_not_exist() {
+    let daemon = daemon_with_fixture("").await;
+    let (status, body) = get_with(&daemon, "/api/v1/deals", Some(TOKEN)).await;
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains("server.api_token"), "{body}");
+}
+
+#[tokio::test]
+async fn deals_page_and_filter_and_one_deal_carries_its_history_and_emails() {
+    let daemon = daemon_with_fixture(&format!("api_token = \"{TOKEN}\"\n")).await;
+    let json = |body: &str| serde_json::from_str::<Value>(body).expect("JSON");
+
+    let (_, body) = get_with(&daemon, "/api/v1/deals?limit=5", Some(TOKEN)).await;
+    let first = json(&body);
+    assert_eq!(first["deals"].as_array().unwrap().len(), 5);
+    assert_eq!(first["next_offset"], 5);
+    let (_, body) = get_with(&daemon, "/api/v1/deals?limit=5&offset=10", Some(TOKEN)).await;
+    let last = json(&body);
+    assert_eq!(last["deals"].as_array().unwrap().len(), 3);
+    assert_eq!(last["next_offset"], Value::Null);
+
+    let (_, body) = get_with(
+        &daemon,
+        "/api/v1/deals?connection=shop&status=won",
+        Some(TOKEN),
+    )
+    .await;
+    let won_carts = json(&body);
+    let ids: Vec<&str> = won_carts["deals"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["external_id"].as_str().unwrap())
+        .collect();
+    let mut sorted = ids.clone();
+    sorted.sort();
+    assert_eq!(sorted, vec!["H", "I", "J"]);
+
+    let (status, body) = get_with(&daemon, "/api/v1/deals?status=maybe", Some(TOKEN)).await;
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = get_with(&daemon, "/api/v1/deals?limit=0", Some(TOKEN)).await;
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = get_with(&daemon, "/api/v1/deals?colour=red", Some(TOKEN)).await;
+    assert_eq!(status, 400, "{body}");
+
+    let (status, body) = get_with(&daemon, "/api/v1/deals/11", Some(TOKEN)).await;
+    assert_eq!(status, 200, "{body}");
+    let cart = json(&body);
+    assert_eq!(cart["deal"]["external_id"], "K");
+    let stages: Vec<&str> = cart["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["to_stage"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        stages,
+        vec![
+            "checkout_started",
+            "cart_abandoned",
+            "follow_up_email",
+            "discount_offer",
+            "expired"
+        ]
+    );
+    assert_eq!(cart["history"][0]["from_stage"], Value::Null);
+    assert_eq!(cart["emails"].as_array().unwrap().len(), 3);
+
+    let (status, _) = get_with(&daemon, "/api/v1/deals/999", Some(TOKEN)).await;
+    assert_eq!(status, 404);
+    let (status, _) = get_with(&daemon, "/api/v1/deals/abc", Some(TOKEN)).await;
+    assert_eq!(status, 400);
+}
+
+#[tokio::test]
+async fn funnel_forecast_and_outbox_answer_with_the_report_figures() {
+    let daemon = daemon_with_fixture(&format!("api_token = \"{TOKEN}\"\n")).await;
+    let json = |body: &str| serde_json::from_str::<Value>(body).expect("JSON");
+    let period = "since=2026-01-01&until=2026-02-01&min_cohort=2";
+
+    let (status, body) = get_with(&daemon, &format!("/api/v1/funnel?{period}"), Some(TOKEN)).await;
+    assert_eq!(status, 200, "{body}");
+    let funnel = json(&body);
+    let sales = &funnel["total"]["pipelines"][0];
+    assert_eq!(sales["pipeline"], "sales");
+    assert_eq!(sales["bottleneck"]["stage"], "proposal");
+    assert_eq!(funnel["total"]["cart_recovery"]["recovered"], 2);
+
+    let (_, body) = get_with(
+        &daemon,
+        &format!("/api/v1/forecast?{period}&pipeline=sales"),
+        Some(TOKEN),
+    )
+    .await;
+    let forecast = json(&body);
+    assert_eq!(forecast["total"][0]["weighted"]["minor"], 20000);
+    assert_eq!(forecast["total"].as_array().unwrap().len(), 3);
+
+    let (status, body) = get_with(&daemon, "/api/v1/funnel?since=yesterday", Some(TOKEN)).await;
+    assert_eq!(status, 400, "{body}");
+    let (status, _) = get_with(&daemon, "/api/v1/funnel?pipeline=nope", Some(TOKEN)).await;
+    assert_eq!(status, 400);
+
+    let (_, body) = get_with(&daemon, "/api/v1/outbox?state=sent", Some(TOKEN)).await;
+    let outbox = json(&body);
+    assert_eq!(outbox["emails"].as_array().unwrap().len(), 5);
+    let failed = outbox["counts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["state"] == "failed")
+        .unwrap();
+    assert_eq!(failed["emails"], 1);
+}
+
+const CHROMIUM: &str = "/usr/bin/chromium";
+
+/// Renders `url` in headless chromium and returns the DOM after load.
+async fn render_in_chromium(url: &str, profile: &std::path::Path) -> String {
+    let output = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new(CHROMIUM)
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--disable-dev-shm-usage",
+            ])
+            .arg(format!("--user-data-dir={}", profile.display()))
+            .arg("--dump-dom")
+            .arg(url)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("chromium finished within a minute")
+    .expect("running chromium");
+    assert!(
+        output.status.success(),
+        "chromium failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+#[tokio::test]
+async fn the_status_page_renders_in_chromium_with_the_funnel_chart_and_escaped_titles() {
+    if !std::path::Path::new(CHROMIUM).exists() {
+        eprintln!(
+            "SKIPPED the_status_page_renders_in_chromium: {CHROMIUM} is absent (apt-get install chromium)"
+        );
+        return;
+    }
+    let daemon = daemon_with_fixture("").await;
+    // A stalled deal whose title tries to inject markup.
+    daemon
+        .db()
+        .execute(
+            "UPDATE deals SET title = '<script>document.title=\"pwned\"</script><b>B</b>' WHERE id = 2",
+            [],
+        )
+        .unwrap();
+    // Move the fixture's January into the last 30 days, where the page's funnel looks.
+    let shift = chrono::Utc::now().timestamp_millis()
+        - chrono::DateTime::parse_from_rfc3339("2026-02-01T00:00:00Z")
+            .unwrap()
+            .timestamp_millis();
+    daemon
+        .db()
+        .execute_batch(&format!(
+            "UPDATE stage_history SET at = at + {shift};
+             UPDATE deals SET stage_entered_at = stage_entered_at + {shift};"
+        ))
+        .unwrap();
+    let profile = tempfile::tempdir().unwrap();
+    let dom = render_in_chromium(&daemon.url("/"), profile.path()).await;
+
+    assert!(dom.contains("<title>dealsync status</title>"), "{dom}");
+    assert!(!dom.contains("pwned\"</script>") || dom.contains("&lt;script&gt;"));
+    assert!(
+        !dom.contains("<b>B</b>"),
+        "an untrusted title became markup: {dom}"
+    );
+    assert!(dom.contains("&lt;b&gt;B&lt;/b&gt;"), "{dom}");
+    let svg_at = dom
+        .find("<svg class=\"funnel\" id=\"funnel-sales\"")
+        .expect("the sales funnel SVG is in the rendered DOM");
+    let svg = &dom[svg_at..svg_at + dom[svg_at..].find("</svg>").unwrap()];
+    assert!(svg.matches("<rect").count() >= 6, "{svg}");
+    // The longest bar spans the full width (400 units): the chart has data, not just axes.
+    assert!(svg.contains("width=\"400"), "{svg}");
+    assert!(svg.contains("Lead Generation"), "{svg}");
+    assert!(dom.contains("id=\"funnel-ecommerce\""), "{dom}");
+}
+
+#[tokio::test]
+async fn the_status_page_can_be_turned_off() {
+    let daemon = daemon_with_fixture("status_page = false\n").await;
+    let (status, _) = daemon.get("/").await;
+    assert_eq!(status, 404);
+}
