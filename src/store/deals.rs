@@ -59,12 +59,14 @@ impl std::io::Write for Fnv {
     }
 }
 
-/// A hash of the record's JSON and its mapped stage: stable across runs and versions.
-fn content_hash(upsert: &DealUpsert) -> Result<i64> {
+/// A hash of the record's JSON (its raw record given already serialized, taken out of
+/// `upsert.source`) and its mapped stage: stable across runs and versions.
+fn content_hash(upsert: &DealUpsert, raw_text: &str) -> Result<i64> {
     use std::io::Write;
     let mut hash = Fnv(0xcbf2_9ce4_8422_2325);
     serde_json::to_writer(&mut hash, &upsert.source)
         .map_err(|error| StoreError::Corrupt(format!("serializing a deal: {error}")))?;
+    let _ = hash.write(raw_text.as_bytes());
     let pipeline = upsert.target.pipeline.as_ref().map_or("", |p| p.as_str());
     let _ = write!(hash, "\0{pipeline}\0{}", upsert.target.stage.as_str());
     Ok(hash.0 as i64)
@@ -72,6 +74,15 @@ fn content_hash(upsert: &DealUpsert) -> Result<i64> {
 
 fn json<T: Serialize>(value: &T) -> Result<String> {
     serde_json::to_string(value).map_err(|error| StoreError::Corrupt(error.to_string()))
+}
+
+/// A JSON list, without an allocation for the common empty one.
+fn json_list<T: Serialize>(items: &[T]) -> Result<std::borrow::Cow<'static, str>> {
+    if items.is_empty() {
+        Ok(std::borrow::Cow::Borrowed("[]"))
+    } else {
+        json(&items).map(std::borrow::Cow::Owned)
+    }
 }
 
 struct Existing {
@@ -85,15 +96,18 @@ struct Existing {
 }
 
 /// Inserts or updates each record; appends one history row per canonical stage change.
-pub(crate) fn upsert_all(tx: &Transaction<'_>, upserts: &[DealUpsert]) -> Result<UpsertOutcome> {
+pub(crate) fn upsert_all(tx: &Transaction<'_>, upserts: Vec<DealUpsert>) -> Result<UpsertOutcome> {
     let mut outcome = UpsertOutcome::default();
     let mut find = tx.prepare_cached(
         "SELECT id, pipeline, stage, native_stage, content_hash, source_updated_at, stage_entered_at
          FROM deals WHERE connection = ?1 AND external_id = ?2",
     )?;
-    for upsert in upserts {
+    for mut upsert in upserts {
+        // The raw record is serialized once, for both the hash and the row.
+        let raw_text = json(&std::mem::take(&mut upsert.source.raw))?;
+        let upsert = &upsert;
         let source = &upsert.source;
-        let hash = content_hash(upsert)?;
+        let hash = content_hash(upsert, &raw_text)?;
         let existing = find
             .query_row(
                 params![upsert.connection.as_str(), source.external_id.as_str()],
@@ -126,7 +140,7 @@ pub(crate) fn upsert_all(tx: &Transaction<'_>, upserts: &[DealUpsert]) -> Result
         };
         match existing {
             None => {
-                let id = insert(tx, upsert, hash, status, changed_at, observed)?;
+                let id = insert(tx, upsert, hash, status, changed_at, observed, &raw_text)?;
                 append_history(tx, id, changed_at, None, None, upsert, upsert.cause)?;
                 write_keys(tx, id, &source.cart_keys)?;
                 outcome.created += 1;
@@ -149,7 +163,16 @@ pub(crate) fn upsert_all(tx: &Transaction<'_>, upserts: &[DealUpsert]) -> Result
                 } else {
                     existing.stage_entered_at
                 };
-                update(tx, existing.id, upsert, hash, status, entered_at, observed)?;
+                update(
+                    tx,
+                    existing.id,
+                    upsert,
+                    hash,
+                    status,
+                    entered_at,
+                    observed,
+                    &raw_text,
+                )?;
                 if stage_changed {
                     append_history(
                         tx,
@@ -177,6 +200,7 @@ fn insert(
     status: DealStatus,
     entered_at: i64,
     observed: i64,
+    raw_text: &str,
 ) -> Result<i64> {
     let s = &upsert.source;
     let mut statement = tx.prepare_cached(
@@ -193,7 +217,7 @@ fn insert(
         s.external_id.as_str(),
         s.title,
         s.amount.map(|m| m.minor),
-        s.amount.map(|m| m.currency.as_str().to_owned()),
+        s.amount.as_ref().map(|m| m.currency.as_str()),
         upsert.target.pipeline.as_ref().map(|p| p.as_str()),
         upsert.target.stage.as_str(),
         status.as_str(),
@@ -210,12 +234,12 @@ fn insert(
         s.updated_at.map_or(observed, to_ms),
         s.expected_close.map(|d| d.to_string()),
         s.recovery_url,
-        json(&s.line_items)?,
-        json(&s.cart_keys)?,
+        json_list(&s.line_items)?,
+        json_list(&s.cart_keys)?,
         s.deleted.then_some(observed),
         observed,
         hash,
-        json(&s.raw)?,
+        raw_text,
     ])?;
     Ok(tx.last_insert_rowid())
 }
@@ -228,6 +252,7 @@ fn update(
     status: DealStatus,
     entered_at: i64,
     observed: i64,
+    raw_text: &str,
 ) -> Result<()> {
     let s = &upsert.source;
     let mut statement = tx.prepare_cached(
@@ -244,7 +269,7 @@ fn update(
         id,
         s.title,
         s.amount.map(|m| m.minor),
-        s.amount.map(|m| m.currency.as_str().to_owned()),
+        s.amount.as_ref().map(|m| m.currency.as_str()),
         upsert.target.pipeline.as_ref().map(|p| p.as_str()),
         upsert.target.stage.as_str(),
         status.as_str(),
@@ -261,12 +286,12 @@ fn update(
         s.updated_at.map_or(observed, to_ms),
         s.expected_close.map(|d| d.to_string()),
         s.recovery_url,
-        json(&s.line_items)?,
-        json(&s.cart_keys)?,
+        json_list(&s.line_items)?,
+        json_list(&s.cart_keys)?,
         s.deleted,
         observed,
         hash,
-        json(&s.raw)?,
+        raw_text,
     ])?;
     Ok(())
 }
@@ -459,7 +484,7 @@ fn change_from_row(row: &Row<'_>) -> rusqlite::Result<StageChange> {
 impl Store {
     /// Upserts records outside a sync run (webhooks, tests); one transaction.
     pub async fn upsert_deals(&self, upserts: Vec<DealUpsert>) -> Result<UpsertOutcome> {
-        self.write(move |tx| upsert_all(tx, &upserts)).await
+        self.write(move |tx| upsert_all(tx, upserts)).await
     }
 
     /// Moves a deal to a stage on dealsync's own account, with its history row.

@@ -108,8 +108,8 @@ fn open_connection(path: &Path) -> Result<Connection> {
     connection.busy_timeout(Duration::from_secs(10))?;
     // A larger page cache and memory-mapped reads keep index lookups off the
     // read() path as the deals table grows.
-    connection.pragma_update(None, "cache_size", -32_768)?;
-    connection.pragma_update(None, "mmap_size", 268_435_456)?;
+    connection.pragma_update(None, "cache_size", -8_192)?;
+
     connection.pragma_update(None, "temp_store", "MEMORY")?;
     Ok(connection)
 }

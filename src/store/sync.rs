@@ -93,7 +93,7 @@ impl Store {
     ) -> Result<UpsertOutcome> {
         let (connection, stream) = (connection.to_owned(), stream.to_owned());
         self.write(move |tx| {
-            let outcome = upsert_all(tx, &upserts)?;
+            let outcome = upsert_all(tx, upserts)?;
             let now = to_ms(Utc::now());
             for record in &quarantined {
                 tx.execute(
