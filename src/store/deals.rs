@@ -140,7 +140,14 @@ pub(crate) fn upsert_all(tx: &Transaction<'_>, upserts: Vec<DealUpsert>) -> Resu
         };
         match existing {
             None => {
-                let id = insert(tx, upsert, hash, status, changed_at, observed, &raw_text)?;
+                let row = RowValues {
+                    hash,
+                    status,
+                    entered_at: changed_at,
+                    observed,
+                    raw_text: &raw_text,
+                };
+                let id = insert(tx, upsert, row)?;
                 append_history(tx, id, changed_at, None, None, upsert, upsert.cause)?;
                 write_keys(tx, id, &source.cart_keys)?;
                 outcome.created += 1;
@@ -193,15 +200,23 @@ pub(crate) fn upsert_all(tx: &Transaction<'_>, upserts: Vec<DealUpsert>) -> Resu
     Ok(outcome)
 }
 
-fn insert(
-    tx: &Transaction<'_>,
-    upsert: &DealUpsert,
+/// What an insert or update writes besides the record itself.
+struct RowValues<'a> {
     hash: i64,
     status: DealStatus,
     entered_at: i64,
     observed: i64,
-    raw_text: &str,
-) -> Result<i64> {
+    raw_text: &'a str,
+}
+
+fn insert(tx: &Transaction<'_>, upsert: &DealUpsert, row: RowValues<'_>) -> Result<i64> {
+    let RowValues {
+        hash,
+        status,
+        entered_at,
+        observed,
+        raw_text,
+    } = row;
     let s = &upsert.source;
     let mut statement = tx.prepare_cached(
         "INSERT INTO deals (connection, external_id, title, amount_minor, currency, pipeline, stage,
@@ -244,16 +259,14 @@ fn insert(
     Ok(tx.last_insert_rowid())
 }
 
-fn update(
-    tx: &Transaction<'_>,
-    id: i64,
-    upsert: &DealUpsert,
-    hash: i64,
-    status: DealStatus,
-    entered_at: i64,
-    observed: i64,
-    raw_text: &str,
-) -> Result<()> {
+fn update(tx: &Transaction<'_>, id: i64, upsert: &DealUpsert, row: RowValues<'_>) -> Result<()> {
+    let RowValues {
+        hash,
+        status,
+        entered_at,
+        observed,
+        raw_text,
+    } = row;
     let s = &upsert.source;
     let mut statement = tx.prepare_cached(
         "UPDATE deals SET title = ?2, amount_minor = ?3, currency = ?4, pipeline = ?5, stage = ?6,
