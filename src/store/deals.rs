@@ -170,16 +170,14 @@ pub(crate) fn upsert_all(tx: &Transaction<'_>, upserts: Vec<DealUpsert>) -> Resu
                 } else {
                     existing.stage_entered_at
                 };
-                update(
-                    tx,
-                    existing.id,
-                    upsert,
+                let row = RowValues {
                     hash,
                     status,
                     entered_at,
                     observed,
-                    &raw_text,
-                )?;
+                    raw_text: &raw_text,
+                };
+                update(tx, existing.id, upsert, row)?;
                 if stage_changed {
                     append_history(
                         tx,
