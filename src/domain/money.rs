@@ -221,6 +221,25 @@ mod tests {
     }
 
     #[test]
+    fn formatting_then_parsing_gives_back_the_same_minor_units() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        for code in ["JPY", "EUR", "KWD", "CLF"] {
+            let currency = Currency::parse(code).unwrap();
+            for _ in 0..2_000 {
+                let minor: i64 = match rng.random_range(0..3) {
+                    0 => rng.random_range(-1_000..1_000),
+                    1 => rng.random_range(-10_i64.pow(12)..10_i64.pow(12)),
+                    _ => rng.random(),
+                };
+                let text = format_minor(minor, currency.exponent());
+                let parsed = Money::parse_decimal(&text, currency).unwrap();
+                assert_eq!(parsed.minor, minor, "{text} {code}");
+            }
+        }
+    }
+
+    #[test]
     fn currency_codes_are_checked_and_upper_cased() {
         assert_eq!(Currency::parse("usd").unwrap().as_str(), "USD");
         assert!(Currency::parse("US").is_err());
