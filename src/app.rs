@@ -186,6 +186,19 @@ impl App {
                 runtime.set_native(known);
             }
         }
+        let problems = crate::followup::preflight(&config);
+        if !problems.is_empty() {
+            return Err(ConfigError::at(&config, "followups", problems.join("; ")).into());
+        }
+        // A row left in `sending` by the previous process may or may not have reached
+        // the SMTP server: it is marked uncertain and never sent again.
+        let interrupted = store.outbox_recover_interrupted(chrono::Utc::now()).await?;
+        if interrupted > 0 {
+            warn!(
+                rows = interrupted,
+                "follow-ups interrupted mid-send by the last stop are marked uncertain and will not be resent; see `dealsync outbox list --state uncertain`"
+            );
+        }
         let addr = config.server.listen;
         let listener = TcpListener::bind(addr)
             .await
@@ -301,6 +314,12 @@ fn start_connections(state: &Arc<AppState>, tasks: &TaskTracker, token: &Cancell
             span,
         ));
     }
+    // The follow-up worker restarts with the connections, so a reload applies new rules.
+    tasks.spawn(crate::followup::worker::run(
+        state.store.clone(),
+        state.config(),
+        token.child_token(),
+    ));
 }
 
 /// Loads the config again; on success swaps it in and restarts the connections, on
@@ -326,6 +345,10 @@ async fn reload(
     let loaded = tokio::task::spawn_blocking(move || {
         let config = config::load(&path)?;
         let runtimes = ConnectionRuntime::build_all(&config)?;
+        let problems = crate::followup::preflight(&config);
+        if !problems.is_empty() {
+            return Err(ConfigError::at(&config, "followups", problems.join("; ")));
+        }
         Ok::<_, ConfigError>((config, runtimes))
     })
     .await;

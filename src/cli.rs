@@ -47,6 +47,9 @@ pub enum Command {
     Deals(DealsCommand),
     /// The funnel: conversion, time in stage, bottlenecks, weighted forecast, cart recovery.
     Report(ReportArgs),
+    /// Follow-up emails: due, sent, skipped; and the exact email a rule would send.
+    #[command(subcommand)]
+    Outbox(OutboxCommand),
 }
 
 #[derive(Debug, Args)]
@@ -77,6 +80,29 @@ pub struct ReportArgs {
     pub format: Format,
 }
 
+#[derive(Debug, Subcommand)]
+pub enum OutboxCommand {
+    /// List outbox rows, latest due first.
+    List(OutboxListArgs),
+    /// Print the exact email (headers included) that RULE sends for DEAL.
+    Preview(OutboxPreviewArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct OutboxListArgs {
+    /// pending, sending, sent, failed, skipped, uncertain or done.
+    #[arg(long, value_parser = parse_outbox_state)]
+    pub state: Option<crate::store::OutboxState>,
+    #[arg(long)]
+    pub rule: Option<String>,
+    #[arg(long)]
+    pub deal: Option<i64>,
+    #[arg(long, default_value_t = 100)]
+    pub limit: u32,
+    #[arg(long, value_enum, default_value = "table")]
+    pub format: Format,
+}
+
 /// A date (UTC midnight) or an RFC 3339 time.
 pub fn parse_instant(text: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
     if let Ok(at) = chrono::DateTime::parse_from_rfc3339(text) {
@@ -85,6 +111,22 @@ pub fn parse_instant(text: &str) -> Result<chrono::DateTime<chrono::Utc>, String
     chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d")
         .map(|date| date.and_time(chrono::NaiveTime::MIN).and_utc())
         .map_err(|_| format!("expected a date like 2026-01-31 or an RFC 3339 time, got {text:?}"))
+}
+
+#[derive(Debug, Args)]
+pub struct OutboxPreviewArgs {
+    /// The rule's name (as `outbox list` shows it).
+    pub rule: String,
+    /// The deal's id (as `deals list` shows it).
+    pub deal: i64,
+    /// Which step, 1-based (default: the deal's next pending step, else the first).
+    #[arg(long)]
+    pub step: Option<usize>,
+}
+
+fn parse_outbox_state(text: &str) -> Result<crate::store::OutboxState, String> {
+    crate::store::OutboxState::parse(text)
+        .ok_or_else(|| "expected pending, sending, sent, failed, skipped, uncertain or done".into())
 }
 
 #[derive(Debug, Args)]
@@ -169,6 +211,8 @@ pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
         Command::Sync(args) => sync_now(&cli.config, args).await,
         Command::Deals(DealsCommand::List(args)) => deals_list(&cli.config, args).await,
         Command::Report(args) => report(&cli.config, args).await,
+        Command::Outbox(OutboxCommand::List(args)) => outbox_list(&cli.config, args).await,
+        Command::Outbox(OutboxCommand::Preview(args)) => outbox_preview(&cli.config, args).await,
     }
 }
 
@@ -262,6 +306,24 @@ async fn check(path: &std::path::Path) -> Result<(), CliError> {
                 stage.connection, stage.deals, stage.native_pipeline, stage.native_stage
             ));
         }
+    }
+    let problems = crate::followup::preflight(&config);
+    if !problems.is_empty() {
+        return Err(CliError::Config(ConfigError::at(
+            &config,
+            "followups",
+            problems.join("\n  "),
+        )));
+    }
+    for rule in &config.followups {
+        out.push_str(&format!(
+            "follow-up {}: {} step(s) after entering {}, {} email to {}; templates render\n",
+            rule.name,
+            rule.steps.len(),
+            crate::followup::policy::describe(&rule.trigger),
+            rule.kind.as_str(),
+            rule.to
+        ));
     }
     if unmapped.is_empty() {
         out.push_str("stage mappings: every known native stage is mapped\n");
@@ -587,5 +649,140 @@ async fn report(path: &std::path::Path, args: ReportArgs) -> Result<(), CliError
         Format::Table => render::table(&report, args.by_connection),
     };
     output::print(&text);
+    Ok(())
+}
+
+async fn outbox_list(path: &std::path::Path, args: OutboxListArgs) -> Result<(), CliError> {
+    let config = load(path).await?;
+    let store = open_store(&config).await?;
+    let rows = store
+        .outbox(crate::store::OutboxRowFilter {
+            state: args.state,
+            rule: args.rule,
+            deal_id: args.deal,
+            limit: Some(args.limit),
+        })
+        .await?;
+    if args.format == Format::Json {
+        output::print(&output::to_json(&rows));
+        return Ok(());
+    }
+    let mut table = Rows::new(vec![
+        "id",
+        "deal",
+        "rule",
+        "step",
+        "action",
+        "recipient",
+        "state",
+        "due",
+        "attempts",
+        "sent",
+        "reason",
+    ]);
+    let time = |at: chrono::DateTime<chrono::Utc>| at.format("%Y-%m-%d %H:%M:%S").to_string();
+    for row in rows {
+        table.push(vec![
+            row.id.to_string(),
+            row.deal_id.to_string(),
+            row.rule.clone(),
+            (row.step + 1).to_string(),
+            row.action.as_str().to_owned(),
+            row.recipient.clone(),
+            row.state.as_str().to_owned(),
+            time(row.due_at),
+            row.attempts.to_string(),
+            row.sent_at.map(time).unwrap_or_default(),
+            row.reason.clone().unwrap_or_default(),
+        ]);
+    }
+    output::print(&table.render(args.format));
+    Ok(())
+}
+
+async fn outbox_preview(path: &std::path::Path, args: OutboxPreviewArgs) -> Result<(), CliError> {
+    use crate::followup::{mailer::Mailer, rules::Recipient, templates::Templates};
+    use crate::store::{OutboxAction, OutboxRow, OutboxRowFilter, OutboxState};
+    let config = load(path).await?;
+    let Some(rule) = config.followups.iter().find(|r| r.name == args.rule) else {
+        let known: Vec<_> = config.followups.iter().map(|r| r.name.as_str()).collect();
+        return Err(CliError::Usage(format!(
+            "no follow-up rule named {:?} (known: {})",
+            args.rule,
+            known.join(", ")
+        )));
+    };
+    let store = open_store(&config).await?;
+    let Some(deal) = store.deal(args.deal).await? else {
+        return Err(CliError::Usage(format!("no deal with id {}", args.deal)));
+    };
+    let rows = store
+        .outbox(OutboxRowFilter {
+            rule: Some(rule.name.clone()),
+            deal_id: Some(deal.id),
+            ..Default::default()
+        })
+        .await?;
+    let step = match args.step {
+        Some(0) => return Err(CliError::Usage("steps count from 1".into())),
+        Some(step) if step > rule.steps.len() => {
+            return Err(CliError::Usage(format!(
+                "rule {} has {} step(s)",
+                rule.name,
+                rule.steps.len()
+            )));
+        }
+        Some(step) => step - 1,
+        None => rows
+            .iter()
+            .filter(|r| r.state == OutboxState::Pending && r.action == OutboxAction::Email)
+            .map(|r| r.step as usize)
+            .min()
+            .unwrap_or(0),
+    };
+    let row = match rows.iter().find(|r| r.step as usize == step) {
+        Some(row) => row.clone(),
+        None => {
+            // Not enrolled (yet): show what the rule would send now.
+            let recipient = match &rule.to {
+                Recipient::Contact => deal.contact_email.clone(),
+                Recipient::Owner => deal.owner_email.clone(),
+                Recipient::Fixed(address) => Some(address.clone()),
+            };
+            let now = chrono::Utc::now();
+            OutboxRow {
+                id: 0,
+                deal_id: deal.id,
+                rule: rule.name.clone(),
+                step: step as i64,
+                action: OutboxAction::Email,
+                recipient: recipient.map(|a| a.to_string()).unwrap_or_default(),
+                state: OutboxState::Pending,
+                anchor_at: deal.stage_entered_at,
+                due_at: now,
+                next_attempt_at: now,
+                attempts: 0,
+                reason: None,
+                message_id: None,
+                created_at: now,
+                updated_at: now,
+                sent_at: None,
+            }
+        }
+    };
+    let templates =
+        Templates::for_rules(&config.email.templates, &config.followups).map_err(|error| {
+            CliError::Config(ConfigError::at(
+                &config,
+                "email.templates",
+                error.to_string(),
+            ))
+        })?;
+    let mailer = Mailer::new(&config.email).map_err(anyhow::Error::from)?;
+    let outgoing =
+        crate::followup::worker::compose(&config, &templates, &mailer, rule, &row, &deal)
+            .map_err(anyhow::Error::from)?;
+    let message = mailer.build(&outgoing).map_err(anyhow::Error::from)?;
+    output::print(&String::from_utf8_lossy(&message.formatted()));
     Ok(())
 }

@@ -9,6 +9,7 @@ pub mod cli;
 pub mod config;
 pub mod connectors;
 pub mod domain;
+pub mod followup;
 pub mod http;
 pub mod output;
 pub mod pipeline;

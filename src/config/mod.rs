@@ -36,6 +36,8 @@ pub struct Config {
     pub pipelines: Pipelines,
     pub connections: Vec<ConnectionConfig>,
     pub email: EmailConfig,
+    /// Follow-up rules, validated against the pipelines and the templates directory.
+    pub followups: Vec<crate::followup::rules::Rule>,
 }
 
 #[derive(Debug, Clone)]
@@ -140,6 +142,22 @@ pub enum EmailTransport {
 pub struct EmailConfig {
     pub transport: EmailTransport,
     pub from: String,
+    /// Where `NAME.subject`, `NAME.txt` and `NAME.html` live.
+    pub templates: PathBuf,
+    pub unsubscribe_secret: Option<Secret>,
+    pub unsubscribe_mailto: Option<String>,
+    pub dry_run: bool,
+    pub max_per_second: Option<u32>,
+    pub pool_size: u32,
+    pub max_per_recipient_per_day: Option<u32>,
+    pub quiet_hours: Option<crate::followup::policy::QuietHours>,
+    pub time_zone: chrono_tz::Tz,
+    pub late_grace: Duration,
+    pub enroll_interval: Duration,
+    pub max_attempts: u32,
+    pub retry_initial: Duration,
+    pub retry_max: Duration,
+    pub timeout: Duration,
 }
 
 /// One thing wrong in a config file.
@@ -311,7 +329,11 @@ fn validate(path: &Path, raw: raw::RawConfig, report: &mut dyn FnMut(&str, Strin
         connections.push(validate_connection(&name, connection, &pipelines, report));
     }
 
-    let email = validate_email(raw.email, report);
+    let config_dir = path.parent().unwrap_or(Path::new("."));
+    let email = validate_email(raw.email, config_dir, report);
+    let followups =
+        crate::followup::rules::validate(raw.followups, &pipelines, &email.templates, report);
+    check_followup_prerequisites(&followups, &email, server.public_url.as_ref(), report);
 
     Config {
         path: path.to_owned(),
@@ -326,6 +348,49 @@ fn validate(path: &Path, raw: raw::RawConfig, report: &mut dyn FnMut(&str, Strin
         pipelines,
         connections,
         email,
+        followups,
+    }
+}
+
+/// Marketing rules need an unsubscribe secret and a public URL for their links.
+fn check_followup_prerequisites(
+    rules: &[crate::followup::rules::Rule],
+    email: &EmailConfig,
+    public_url: Option<&url::Url>,
+    report: &mut dyn FnMut(&str, String),
+) {
+    let Some(marketing) = rules
+        .iter()
+        .find(|rule| rule.kind == crate::followup::rules::RuleKind::Marketing)
+    else {
+        return;
+    };
+    if email.unsubscribe_secret.is_none() {
+        report(
+            "email.unsubscribe_secret",
+            format!(
+                "marketing rule {} needs a secret to sign unsubscribe links (e.g. \"${{DEALSYNC_UNSUBSCRIBE_SECRET}}\")",
+                marketing.name
+            ),
+        );
+    } else if email
+        .unsubscribe_secret
+        .as_ref()
+        .is_some_and(|secret| secret.expose().len() < 16)
+    {
+        report(
+            "email.unsubscribe_secret",
+            "must be at least 16 characters".to_owned(),
+        );
+    }
+    if public_url.is_none() {
+        report(
+            "server.public_url",
+            format!(
+                "marketing rule {} needs the public URL for its unsubscribe links",
+                marketing.name
+            ),
+        );
     }
 }
 
@@ -510,12 +575,19 @@ fn validate_connection(
     }
 }
 
-fn validate_email(raw: raw::RawEmail, report: &mut dyn FnMut(&str, String)) -> EmailConfig {
+fn validate_email(
+    raw: raw::RawEmail,
+    config_dir: &Path,
+    report: &mut dyn FnMut(&str, String),
+) -> EmailConfig {
     let transport = match raw.transport.as_deref().unwrap_or("file") {
         "file" => EmailTransport::File {
-            dir: raw.dir.unwrap_or_else(|| PathBuf::from("data/outbox")),
+            dir: raw
+                .dir
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("data/outbox")),
         },
-        "smtp" => match raw.url {
+        "smtp" => match raw.url.clone() {
             Some(url) => {
                 let scheme_ok = url::Url::parse(url.expose())
                     .map(|u| matches!(u.scheme(), "smtp" | "smtps"))
@@ -546,11 +618,94 @@ fn validate_email(raw: raw::RawEmail, report: &mut dyn FnMut(&str, String)) -> E
             }
         }
     };
+    let from = raw
+        .from
+        .unwrap_or_else(|| "dealsync <dealsync@localhost>".to_owned());
+    if from.parse::<lettre::message::Mailbox>().is_err() {
+        report(
+            "email.from",
+            format!("expected \"Name <address>\" or an address, got {from:?}"),
+        );
+    }
+    if let Some(mailto) = &raw.unsubscribe_mailto
+        && crate::domain::EmailAddress::parse(mailto).is_none()
+    {
+        report(
+            "email.unsubscribe_mailto",
+            format!("expected an email address, got {mailto:?}"),
+        );
+    }
+    let templates = raw
+        .templates
+        .map(|dir| {
+            if dir.is_absolute() {
+                dir
+            } else {
+                config_dir.join(dir)
+            }
+        })
+        .unwrap_or_else(|| config_dir.join("templates"));
+    let quiet_hours = raw.quiet_hours.as_deref().and_then(|text| {
+        crate::followup::policy::QuietHours::parse(text)
+            .map_err(|message| report("email.quiet_hours", message))
+            .ok()
+    });
+    let time_zone = match raw.time_zone.as_deref() {
+        None => chrono_tz::UTC,
+        Some(text) => text.parse().unwrap_or_else(|_| {
+            report(
+                "email.time_zone",
+                format!("expected an IANA time zone like \"Europe/Berlin\", got {text:?}"),
+            );
+            chrono_tz::UTC
+        }),
+    };
+    let positive = |key: &str, value: Option<u32>, report: &mut dyn FnMut(&str, String)| {
+        if value == Some(0) {
+            report(key, "must be at least 1".to_owned());
+        }
+        value
+    };
+    let max_per_second = positive("email.max_per_second", raw.max_per_second, report);
+    let pool_size = positive("email.pool_size", raw.pool_size, report).unwrap_or(4);
+    let max_per_recipient_per_day = positive(
+        "email.max_per_recipient_per_day",
+        raw.max_per_recipient_per_day,
+        report,
+    );
+    let max_attempts = positive("email.max_attempts", raw.max_attempts, report).unwrap_or(8);
+    let retry_initial = raw.retry_initial.map_or(Duration::from_secs(30), |d| d.0);
+    let retry_max = raw.retry_max.map_or(Duration::from_secs(3600), |d| d.0);
+    if retry_max < retry_initial {
+        report(
+            "email.retry_max",
+            "must not be shorter than email.retry_initial".to_owned(),
+        );
+    }
+    let enroll_interval = raw.enroll_interval.map_or(Duration::from_secs(30), |d| d.0);
+    if enroll_interval < Duration::from_millis(100) {
+        report("email.enroll_interval", "must be at least 100ms".to_owned());
+    }
     EmailConfig {
         transport,
-        from: raw
-            .from
-            .unwrap_or_else(|| "dealsync <dealsync@localhost>".to_owned()),
+        from,
+        templates,
+        unsubscribe_secret: raw.unsubscribe_secret,
+        unsubscribe_mailto: raw.unsubscribe_mailto,
+        dry_run: raw.dry_run.unwrap_or(false),
+        max_per_second,
+        pool_size,
+        max_per_recipient_per_day,
+        quiet_hours,
+        time_zone,
+        late_grace: raw
+            .late_grace
+            .map_or(Duration::from_secs(6 * 3600), |d| d.0),
+        enroll_interval,
+        max_attempts,
+        retry_initial,
+        retry_max,
+        timeout: raw.timeout.map_or(Duration::from_secs(30), |d| d.0),
     }
 }
 

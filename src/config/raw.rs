@@ -23,6 +23,9 @@ pub struct RawConfig {
     pub connections: BTreeMap<String, RawConnection>,
     #[serde(default)]
     pub email: RawEmail,
+    /// Follow-up rules, one `[followups.NAME]` table each.
+    #[serde(default)]
+    pub followups: BTreeMap<String, RawFollowup>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -148,4 +151,83 @@ pub struct RawEmail {
     pub dir: Option<PathBuf>,
     /// "Name <address>".
     pub from: Option<String>,
+    /// Directory of the email templates; relative paths are relative to the config file.
+    pub templates: Option<PathBuf>,
+    /// Signs unsubscribe links; required when a marketing rule exists.
+    pub unsubscribe_secret: Option<Secret>,
+    /// The mailto: address of `List-Unsubscribe`; default: the from address.
+    pub unsubscribe_mailto: Option<String>,
+    /// Render and record every email, send none.
+    pub dry_run: Option<bool>,
+    /// The SMTP provider's limit, in messages per second; none means unlimited.
+    pub max_per_second: Option<u32>,
+    /// How many SMTP connections the pool keeps (and how many sends run at once).
+    pub pool_size: Option<u32>,
+    /// Per-recipient cap across rules: at most this many emails in any 24 hours.
+    pub max_per_recipient_per_day: Option<u32>,
+    /// Hours when nothing is sent to contacts, e.g. "21:00-09:00"; due emails wait.
+    pub quiet_hours: Option<String>,
+    /// The shop's time zone for quiet hours, e.g. "Europe/Berlin"; default UTC.
+    pub time_zone: Option<String>,
+    /// A step overdue by more than this (after downtime) is skipped, not sent late.
+    pub late_grace: Option<ConfigDuration>,
+    /// How often new stage entries are enrolled into rules.
+    pub enroll_interval: Option<ConfigDuration>,
+    /// Attempts for transient SMTP failures before a row is marked failed.
+    pub max_attempts: Option<u32>,
+    /// First retry delay after a transient failure; doubles up to `retry_max`.
+    pub retry_initial: Option<ConfigDuration>,
+    pub retry_max: Option<ConfigDuration>,
+    /// SMTP command timeout.
+    pub timeout: Option<ConfigDuration>,
+}
+
+/// One follow-up rule: when a deal sits in a stage, send an email or a sequence.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFollowup {
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// "pipeline.stage", or a list of them; entering it starts the rule's clock.
+    pub stage: RawStages,
+    /// "marketing" (consent and unsubscribe required) or "transactional".
+    pub kind: String,
+    /// "contact", "owner", or a fixed email address.
+    #[serde(default = "contact")]
+    pub to: String,
+    /// One email: its template, sent `after` in the stage (default: the stage's stall_after).
+    pub template: Option<String>,
+    pub after: Option<ConfigDuration>,
+    /// A sequence instead of one email; each step's `after` counts from entering the stage.
+    pub steps: Option<Vec<RawStep>>,
+    /// After the last step, move the deal to `expire_to` if it is still waiting.
+    pub expire_after: Option<ConfigDuration>,
+    pub expire_to: Option<String>,
+    /// A recipient who went through this rule is not enrolled again for this long.
+    pub cooldown: Option<ConfigDuration>,
+    /// Stop when an order from the same customer arrives (default: on for `ecommerce`).
+    pub stop_on_purchase: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStep {
+    pub after: Option<ConfigDuration>,
+    pub template: String,
+    /// A discount code handed to the template as `discount_code`.
+    pub discount_code: Option<String>,
+    /// The stage the deal moves to once this step is sent ("pipeline.stage").
+    pub move_to: Option<String>,
+}
+
+/// One stage or several.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawStages {
+    One(String),
+    Many(Vec<String>),
+}
+
+fn contact() -> String {
+    "contact".to_owned()
 }

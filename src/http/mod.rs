@@ -7,6 +7,7 @@ mod api;
 pub mod error;
 mod health;
 mod status;
+mod unsubscribe;
 
 use crate::app::AppState;
 use crate::telemetry::HttpLabels;
@@ -25,6 +26,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))
+        .route(
+            "/unsubscribe/{token}",
+            get(unsubscribe::confirm).post(unsubscribe::one_click),
+        )
         .layer(middleware::from_fn_with_state(
             state.clone(),
             count_requests,

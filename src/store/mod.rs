@@ -13,14 +13,21 @@
 
 mod deals;
 mod migrations;
+mod outbox;
 mod report;
+mod suppression;
 mod sync;
 
 pub use deals::{DealFilter, DealUpsert, StageCount, UnmappedStage, UpsertOutcome};
 pub use migrations::SCHEMA_VERSION;
+pub use outbox::{
+    Claim, ClaimDecision, ClaimFacts, ClaimQuery, EarlierEnrollment, EnrollOutcome, EnrollPlan,
+    NewOutboxRow, OutboxAction, OutboxRow, OutboxRowFilter, OutboxState, StageEntry,
+};
 pub use report::{
     OutboxCount, OutboxEntry, OutboxFilter, ReportScope, StageValue, StallCutoff, StalledCount,
 };
+pub use suppression::Suppression;
 pub use sync::{Quarantined, SyncRunRecord};
 
 use chrono::{DateTime, TimeZone, Utc};

@@ -132,25 +132,39 @@ CREATE TABLE webhook_dead_letters (
     body        BLOB NOT NULL
 );
 
+-- Follow-up emails and expiries: one row per (deal, rule, step), created when the deal
+-- is enrolled into the rule. States: pending -> sending -> sent | failed | skipped;
+-- a row left in `sending` by a crash becomes `uncertain` at the next start and is never
+-- sent again; an expiry row ends `done`.
 CREATE TABLE outbox (
     id              INTEGER PRIMARY KEY,
     deal_id         INTEGER NOT NULL REFERENCES deals (id),
     rule            TEXT NOT NULL,
     step            INTEGER NOT NULL,
+    action          TEXT NOT NULL DEFAULT 'email',
     recipient       TEXT NOT NULL,
     state           TEXT NOT NULL,
+    -- When the deal entered the rule's trigger stage; every step counts from here.
+    anchor_at       INTEGER NOT NULL,
+    -- When the rule says the step is due.
     due_at          INTEGER NOT NULL,
+    -- When the worker looks at it next (retries, quiet hours and the cap move it).
+    next_attempt_at INTEGER NOT NULL,
     attempts        INTEGER NOT NULL DEFAULT 0,
-    next_attempt_at INTEGER,
     reason          TEXT,
     message_id      TEXT,
+    claimed_at      INTEGER,
     created_at      INTEGER NOT NULL,
     updated_at      INTEGER NOT NULL,
     sent_at         INTEGER,
     UNIQUE (deal_id, rule, step)
 );
-CREATE INDEX outbox_by_due ON outbox (state, due_at);
+CREATE INDEX outbox_pending ON outbox (next_attempt_at) WHERE state = 'pending';
+CREATE INDEX outbox_by_recipient ON outbox (recipient, claimed_at);
+CREATE INDEX outbox_by_rule_recipient ON outbox (rule, recipient, created_at);
+CREATE INDEX outbox_by_state ON outbox (state, updated_at);
 
+-- Addresses that get no email at all: unsubscribed, hard-bounced, or added by hand.
 CREATE TABLE suppressions (
     email      TEXT PRIMARY KEY,
     reason     TEXT NOT NULL,

@@ -1,0 +1,311 @@
+//! Email delivery: builds the MIME message and hands it to SMTP (lettre, pooled) or
+//! writes it as an `.eml` file (the demo's transport).
+//!
+//! Invariants:
+//! - Every message carries a Message-ID and `X-Dealsync-Idempotency-Key:
+//!   <deal>-<rule>-<step>`, both stable for a given outbox row.
+//! - Marketing messages carry `List-Unsubscribe` (mailto and https) and
+//!   `List-Unsubscribe-Post: List-Unsubscribe=One-Click` (RFC 8058).
+//! - SMTP replies are classified, so the worker never parses strings: 4xx and
+//!   connection problems are transient, 5xx permanent, and 5.1.x a hard bounce.
+//! - The file transport writes under the idempotency key and never overwrites, so a
+//!   file exists at most once per row.
+
+use crate::config::{EmailConfig, EmailTransport};
+use crate::domain::EmailAddress;
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use lettre::message::header::{HeaderName, HeaderValue};
+use lettre::message::{Mailbox, MultiPart};
+use lettre::transport::smtp::PoolConfig;
+use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
+use std::num::NonZeroU32;
+use std::path::PathBuf;
+
+/// The header that names the outbox row a message belongs to.
+pub const IDEMPOTENCY_HEADER: &str = "X-Dealsync-Idempotency-Key";
+
+#[derive(Debug, thiserror::Error)]
+pub enum MailError {
+    /// Try again later: a 4xx reply, a refused or dropped connection, a timeout.
+    #[error("transient delivery failure: {0}")]
+    Transient(String),
+    /// Do not retry: a 5xx reply. `hard_bounce` when the address does not exist.
+    #[error("permanent delivery failure: {reason}")]
+    Permanent { reason: String, hard_bounce: bool },
+    /// The message could not be built (a bad address, say).
+    #[error("building the message: {0}")]
+    Build(String),
+    #[error("email transport: {0}")]
+    Setup(String),
+}
+
+/// One email, rendered and addressed.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    pub to: EmailAddress,
+    pub to_name: Option<String>,
+    pub subject: String,
+    pub text: String,
+    pub html: String,
+    /// `<deal>-<rule>-<step>`.
+    pub idempotency_key: String,
+    /// (https URL, mailto address) for marketing messages.
+    pub unsubscribe: Option<(String, String)>,
+}
+
+enum Transport {
+    Smtp(AsyncSmtpTransport<Tokio1Executor>),
+    File(PathBuf),
+}
+
+/// Sends messages through the configured transport, within the configured rate.
+pub struct Mailer {
+    transport: Transport,
+    from: Mailbox,
+    limiter: Option<DefaultDirectRateLimiter>,
+}
+
+impl std::fmt::Debug for Mailer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mailer")
+            .field("from", &self.from.to_string())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Mailer {
+    /// Builds the transport; opens no connection yet.
+    pub fn new(config: &EmailConfig) -> Result<Mailer, MailError> {
+        let from: Mailbox = config.from.parse().map_err(|_| {
+            MailError::Setup(format!("email.from {:?} is not a mailbox", config.from))
+        })?;
+        let transport = match &config.transport {
+            EmailTransport::File { dir } => Transport::File(dir.clone()),
+            EmailTransport::Smtp { url } => {
+                // The URL may hold credentials: the error must not quote it.
+                let builder = AsyncSmtpTransport::<Tokio1Executor>::from_url(url.expose())
+                    .map_err(|_| {
+                        MailError::Setup(
+                            "email.url is not a usable smtp:// or smtps:// URL".to_owned(),
+                        )
+                    })?;
+                Transport::Smtp(
+                    builder
+                        .timeout(Some(config.timeout))
+                        .pool_config(PoolConfig::new().max_size(config.pool_size))
+                        .build(),
+                )
+            }
+        };
+        let limiter = config
+            .max_per_second
+            .and_then(NonZeroU32::new)
+            .map(|rate| RateLimiter::direct(Quota::per_second(rate).allow_burst(NonZeroU32::MIN)));
+        Ok(Mailer {
+            transport,
+            from,
+            limiter,
+        })
+    }
+
+    /// The from address's domain, for Message-IDs.
+    fn domain(&self) -> &str {
+        self.from.email.domain()
+    }
+
+    /// The Message-ID of an outbox row, stable across renders.
+    pub fn message_id(&self, idempotency_key: &str) -> String {
+        let left: String = idempotency_key
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                    c
+                } else {
+                    '.'
+                }
+            })
+            .collect();
+        format!("<{left}.dealsync@{}>", self.domain())
+    }
+
+    /// The default mailto target of List-Unsubscribe.
+    pub fn from_address(&self) -> String {
+        self.from.email.to_string()
+    }
+
+    /// Builds the MIME message: multipart/alternative, text then HTML.
+    pub fn build(&self, outgoing: &Outgoing) -> Result<Message, MailError> {
+        let address = outgoing
+            .to
+            .as_str()
+            .parse()
+            .map_err(|error| MailError::Build(format!("recipient address: {error}")))?;
+        let to = Mailbox::new(outgoing.to_name.clone(), address);
+        let header = |name: &'static str, value: String| {
+            HeaderValue::new(HeaderName::new_from_ascii_str(name), value)
+        };
+        let mut builder = Message::builder()
+            .from(self.from.clone())
+            .to(to)
+            .subject(outgoing.subject.clone())
+            .message_id(Some(self.message_id(&outgoing.idempotency_key)))
+            .raw_header(header(IDEMPOTENCY_HEADER, outgoing.idempotency_key.clone()));
+        if let Some((url, mailto)) = &outgoing.unsubscribe {
+            builder = builder
+                .raw_header(header(
+                    "List-Unsubscribe",
+                    format!("<mailto:{mailto}?subject=unsubscribe>, <{url}>"),
+                ))
+                .raw_header(header(
+                    "List-Unsubscribe-Post",
+                    "List-Unsubscribe=One-Click".to_owned(),
+                ));
+        }
+        builder
+            .multipart(MultiPart::alternative_plain_html(
+                outgoing.text.clone(),
+                outgoing.html.clone(),
+            ))
+            .map_err(|error| MailError::Build(error.to_string()))
+    }
+
+    /// Waits for the rate limiter, then delivers.
+    pub async fn send(&self, message: Message, idempotency_key: &str) -> Result<(), MailError> {
+        if let Some(limiter) = &self.limiter {
+            limiter.until_ready().await;
+        }
+        match &self.transport {
+            Transport::Smtp(smtp) => smtp.send(message).await.map(|_| ()).map_err(classify),
+            Transport::File(dir) => {
+                write_eml(dir.clone(), idempotency_key.to_owned(), message.formatted()).await
+            }
+        }
+    }
+}
+
+/// Sorts an SMTP error into what the worker must do.
+fn classify(error: lettre::transport::smtp::Error) -> MailError {
+    let text = error.to_string();
+    if error.is_permanent() {
+        let code = error.status().map(|c| c.to_string()).unwrap_or_default();
+        // 5.1.x: bad destination mailbox/system. Without an enhanced code, 550/551/553
+        // are the classic "no such user" replies; 5.7.x policy refusals are not bounces.
+        let hard_bounce = text.contains("5.1.")
+            || (!text.contains("5.7.") && matches!(code.as_str(), "550" | "551" | "553"));
+        MailError::Permanent {
+            reason: text,
+            hard_bounce,
+        }
+    } else {
+        MailError::Transient(text)
+    }
+}
+
+/// Writes `<dir>/<key>.eml` without ever replacing an existing file: the message is
+/// written to a temporary name and then hard-linked into place, which fails when the
+/// name exists (a row written before a crash counts as delivered).
+async fn write_eml(dir: PathBuf, key: String, bytes: Vec<u8>) -> Result<(), MailError> {
+    tokio::task::spawn_blocking(move || {
+        let io = |what: &str, error: std::io::Error| {
+            MailError::Transient(format!("{what} in {}: {error}", dir.display()))
+        };
+        std::fs::create_dir_all(&dir).map_err(|e| io("creating the outbox directory", e))?;
+        let safe: String = key
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        let target = dir.join(format!("{safe}.eml"));
+        let temporary = dir.join(format!(".{safe}.{}.tmp", std::process::id()));
+        std::fs::write(&temporary, &bytes).map_err(|e| io("writing a message", e))?;
+        let linked = std::fs::hard_link(&temporary, &target);
+        let _ = std::fs::remove_file(&temporary);
+        match linked {
+            Ok(()) => Ok(()),
+            Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+            Err(error) => Err(io("storing a message", error)),
+        }
+    })
+    .await
+    .map_err(|error| MailError::Transient(format!("file transport task: {error}")))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file_config(dir: &std::path::Path) -> EmailConfig {
+        let text = format!(
+            "[email]\ntransport = \"file\"\ndir = \"{}\"\nfrom = \"Shop <shop@example.com>\"\n",
+            dir.display()
+        );
+        crate::config::parse(
+            &dir.join("dealsync.toml"),
+            &text,
+            &crate::config::interpolate::tests::MapEnv(Default::default()),
+        )
+        .unwrap()
+        .email
+    }
+
+    fn outgoing(unsubscribe: bool) -> Outgoing {
+        Outgoing {
+            to: EmailAddress::parse("ada@example.com").unwrap(),
+            to_name: Some("Ada Lovelace".into()),
+            subject: "Your cart".into(),
+            text: "plain".into(),
+            html: "<p>html</p>".into(),
+            idempotency_key: "7-cart@checkout-0".into(),
+            unsubscribe: unsubscribe.then(|| {
+                (
+                    "https://shop.example.com/unsubscribe/t".into(),
+                    "shop@example.com".into(),
+                )
+            }),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_file_message_has_both_parts_and_every_header_and_is_written_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let mailer = Mailer::new(&file_config(dir.path())).unwrap();
+        let message = mailer.build(&outgoing(true)).unwrap();
+        let text = String::from_utf8(message.formatted()).unwrap();
+        for needle in [
+            "Message-ID: <7-cart.checkout-0.dealsync@example.com>",
+            "X-Dealsync-Idempotency-Key: 7-cart@checkout-0",
+            "List-Unsubscribe: <mailto:shop@example.com?subject=unsubscribe>, <https://shop.example.com/unsubscribe/t>",
+            "List-Unsubscribe-Post: List-Unsubscribe=One-Click",
+            "multipart/alternative",
+            "text/plain",
+            "text/html",
+        ] {
+            assert!(text.contains(needle), "{needle} missing in\n{text}");
+        }
+        mailer
+            .send(message.clone(), "7-cart@checkout-0")
+            .await
+            .unwrap();
+        mailer.send(message, "7-cart@checkout-0").await.unwrap();
+        let files: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|name| name.ends_with(".eml"))
+            .collect();
+        assert_eq!(files, ["7-cart_checkout-0.eml"]);
+    }
+
+    #[test]
+    fn transactional_messages_have_no_unsubscribe_headers() {
+        let dir = tempfile::tempdir().unwrap();
+        let mailer = Mailer::new(&file_config(dir.path())).unwrap();
+        let text = String::from_utf8(mailer.build(&outgoing(false)).unwrap().formatted()).unwrap();
+        assert!(!text.contains("List-Unsubscribe"), "{text}");
+        assert!(text.contains("X-Dealsync-Idempotency-Key"), "{text}");
+    }
+}

@@ -1,0 +1,234 @@
+//! Sending policy as pure functions: quiet hours, retry backoff, the send-time
+//! decision. No IO; the worker feeds them facts read in the claim transaction.
+
+use super::rules::{Recipient, Rule, RuleKind};
+use crate::domain::{DealStatus, StageRef};
+use crate::store::{ClaimDecision, ClaimFacts};
+use chrono::{DateTime, NaiveTime, TimeZone, Utc};
+use chrono_tz::Tz;
+use std::time::Duration;
+
+/// Hours in which nothing goes to contacts, e.g. 21:00–09:00; may wrap midnight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuietHours {
+    pub start: NaiveTime,
+    pub end: NaiveTime,
+}
+
+impl QuietHours {
+    /// Parses `"21:00-09:00"`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let bad = || format!("expected quiet hours like \"21:00-09:00\", got {text:?}");
+        let (start, end) = text.split_once('-').ok_or_else(bad)?;
+        let time = |part: &str| NaiveTime::parse_from_str(part.trim(), "%H:%M").map_err(|_| bad());
+        let quiet = QuietHours {
+            start: time(start)?,
+            end: time(end)?,
+        };
+        if quiet.start == quiet.end {
+            return Err(format!(
+                "quiet hours {text:?} start and end at the same time"
+            ));
+        }
+        Ok(quiet)
+    }
+
+    /// Returns when the quiet period around `at` ends, or `None` when `at` is outside it.
+    pub fn ends_after(&self, at: DateTime<Utc>, zone: Tz) -> Option<DateTime<Utc>> {
+        let local = at.with_timezone(&zone);
+        let time = local.time();
+        let date = local.date_naive();
+        let end_date = if self.start < self.end {
+            if time < self.start || time >= self.end {
+                return None;
+            }
+            date
+        } else if time >= self.start {
+            date.succ_opt()?
+        } else if time < self.end {
+            date
+        } else {
+            return None;
+        };
+        let end = end_date.and_time(self.end);
+        // In a DST gap the end does not exist locally: an hour later does.
+        zone.from_local_datetime(&end)
+            .earliest()
+            .or_else(|| {
+                zone.from_local_datetime(&(end + chrono::Duration::hours(1)))
+                    .earliest()
+            })
+            .map(|end| end.with_timezone(&Utc))
+    }
+}
+
+/// Delay before retry number `attempt` (1-based): doubling from `initial` up to `max`,
+/// with jitter in [50 %, 100 %] so a fleet of retries does not stampede.
+pub fn backoff(attempt: u32, initial: Duration, max: Duration) -> Duration {
+    let exponent = attempt.saturating_sub(1).min(20);
+    let full = initial.saturating_mul(1u32 << exponent).min(max);
+    let jitter: f64 = 0.5 + rand::random::<f64>() * 0.5;
+    full.mul_f64(jitter)
+}
+
+/// What the sender needs to decide about one row, besides the store's facts.
+pub struct Policy<'a> {
+    pub rule: &'a Rule,
+    pub now: DateTime<Utc>,
+    pub late_grace: Duration,
+    pub cap: Option<u32>,
+    pub quiet: Option<(QuietHours, Tz)>,
+}
+
+/// The cap's window.
+pub const CAP_WINDOW: Duration = Duration::from_secs(24 * 3600);
+
+impl Policy<'_> {
+    /// Decides, inside the claim transaction, what happens to a due row.
+    pub fn decide(&self, facts: &ClaimFacts) -> ClaimDecision {
+        let rule = self.rule;
+        let row = &facts.row;
+        let Some(deal) = &facts.deal else {
+            return ClaimDecision::Stop("the deal no longer exists".into());
+        };
+        if deal.deleted_at.is_some() || deal.status == DealStatus::Deleted {
+            return ClaimDecision::Stop("the deal was deleted in its source".into());
+        }
+        let here = StageRef {
+            pipeline: deal.pipeline.clone(),
+            stage: deal.stage.clone(),
+        };
+        if !rule.is_active_in(&here) {
+            return ClaimDecision::Stop(format!(
+                "the deal left the rule's stages (now in {})",
+                describe(&here)
+            ));
+        }
+        if let Some(order) = facts.order_since {
+            return ClaimDecision::Stop(format!(
+                "the customer placed an order since (deal {order})"
+            ));
+        }
+        if row.action == crate::store::OutboxAction::Expire {
+            return match &rule.expire {
+                Some((_, to)) => ClaimDecision::Expire(to.clone()),
+                None => ClaimDecision::Stop("the rule no longer expires deals".into()),
+            };
+        }
+        // From here on, an email.
+        let late = self.now - row.next_attempt_at;
+        if late > chrono::Duration::from_std(self.late_grace).unwrap_or(chrono::Duration::MAX) {
+            return ClaimDecision::Skip(format!(
+                "overdue by {} (more than the late grace of {}): not sent late",
+                crate::config::duration::format(late.to_std().unwrap_or_default()),
+                crate::config::duration::format(self.late_grace)
+            ));
+        }
+        if row.recipient.is_empty() {
+            return ClaimDecision::Skip("no recipient address on the deal".into());
+        }
+        if let Some(reason) = &facts.suppressed {
+            return ClaimDecision::Stop(format!("recipient is suppressed ({reason})"));
+        }
+        if rule.kind == RuleKind::Marketing && rule.to == Recipient::Contact {
+            // No record of consent is no consent: see the consent section of the docs.
+            match deal.marketing_consent {
+                Some(true) => {}
+                Some(false) => {
+                    return ClaimDecision::Stop(
+                        "the contact declined marketing email in the source".into(),
+                    );
+                }
+                None => {
+                    return ClaimDecision::Stop(
+                        "the source records no marketing consent for the contact".into(),
+                    );
+                }
+            }
+        }
+        if !rule.to.is_internal() {
+            if let Some((quiet, zone)) = self.quiet
+                && let Some(end) = quiet.ends_after(self.now, zone)
+            {
+                return ClaimDecision::Defer {
+                    until: end,
+                    reason: "quiet hours".into(),
+                };
+            }
+            if let Some(cap) = self.cap
+                && facts.recent_to_recipient.0 >= cap
+            {
+                let window = chrono::Duration::from_std(CAP_WINDOW).expect("24h fits");
+                let until = facts
+                    .recent_to_recipient
+                    .1
+                    .map_or(self.now + window, |oldest| oldest + window);
+                return ClaimDecision::Defer {
+                    until: until.max(self.now + chrono::Duration::seconds(1)),
+                    reason: format!("frequency cap: {cap} emails to this recipient in 24h"),
+                };
+            }
+        }
+        ClaimDecision::Send
+    }
+}
+
+pub fn describe(at: &StageRef) -> String {
+    match &at.pipeline {
+        Some(pipeline) => format!("{pipeline}.{}", at.stage),
+        None => at.stage.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quiet_hours_wrap_midnight_and_end_in_the_shops_zone() {
+        let quiet = QuietHours::parse("21:00-09:00").unwrap();
+        let berlin: Tz = "Europe/Berlin".parse().unwrap();
+        // 22:30 in Berlin (winter, UTC+1) is 21:30 UTC: quiet until 09:00 Berlin = 08:00 UTC.
+        let at = Utc.with_ymd_and_hms(2026, 1, 10, 21, 30, 0).unwrap();
+        assert_eq!(
+            quiet.ends_after(at, berlin),
+            Some(Utc.with_ymd_and_hms(2026, 1, 11, 8, 0, 0).unwrap())
+        );
+        // 07:00 Berlin is quiet until 09:00 the same day.
+        let at = Utc.with_ymd_and_hms(2026, 1, 10, 6, 0, 0).unwrap();
+        assert_eq!(
+            quiet.ends_after(at, berlin),
+            Some(Utc.with_ymd_and_hms(2026, 1, 10, 8, 0, 0).unwrap())
+        );
+        // 12:00 Berlin is not quiet.
+        let at = Utc.with_ymd_and_hms(2026, 1, 10, 11, 0, 0).unwrap();
+        assert_eq!(quiet.ends_after(at, berlin), None);
+    }
+
+    #[test]
+    fn quiet_hours_within_one_day_and_bad_input() {
+        let quiet = QuietHours::parse("12:00-13:30").unwrap();
+        let at = Utc.with_ymd_and_hms(2026, 6, 1, 12, 10, 0).unwrap();
+        assert_eq!(
+            quiet.ends_after(at, chrono_tz::UTC),
+            Some(Utc.with_ymd_and_hms(2026, 6, 1, 13, 30, 0).unwrap())
+        );
+        assert_eq!(
+            quiet.ends_after(at + chrono::Duration::hours(2), chrono_tz::UTC),
+            None
+        );
+        assert!(QuietHours::parse("9-17").is_err());
+        assert!(QuietHours::parse("09:00-09:00").is_err());
+    }
+
+    #[test]
+    fn backoff_doubles_within_bounds() {
+        let initial = Duration::from_secs(10);
+        let max = Duration::from_secs(60);
+        for attempt in 1..30 {
+            let delay = backoff(attempt, initial, max);
+            let full = (initial * (1 << (attempt - 1).min(10))).min(max);
+            assert!(delay >= full / 2 && delay <= full, "{attempt}: {delay:?}");
+        }
+    }
+}

@@ -1,0 +1,574 @@
+//! The follow-up worker: enrolls deals into rules and sends what is due.
+//!
+//! Data flow: stage history (change feed, by id) → enrollment (outbox rows, one per
+//! step, with due times) → due query on the partial index of pending rows → claim
+//! (re-check in one transaction) → render → SMTP or `.eml` → mark sent (and move the
+//! cart) in one transaction.
+//!
+//! The loop sleeps until the earlier of the next due row and the next enrollment pass;
+//! it never scans the deals table per tick. At start it enrolls, from the
+//! `(pipeline, stage, stage_entered_at)` index, deals that entered a trigger stage
+//! recently enough for a step to be still sendable, then follows the history feed.
+//! On shutdown it stops claiming and lets the sends in flight finish.
+
+use super::FollowupError;
+use super::mailer::{MailError, Mailer, Outgoing};
+use super::policy::{self, CAP_WINDOW, Policy};
+use super::rules::{Recipient, Rule, RuleKind};
+use super::templates::{EmailContext, Templates};
+use super::unsubscribe;
+use crate::config::Config;
+use crate::domain::{Deal, StageRef};
+use crate::store::{
+    ClaimDecision, ClaimQuery, EarlierEnrollment, EnrollPlan, NewOutboxRow, OutboxAction,
+    OutboxRow, OutboxState, Store, StoreError,
+};
+use chrono::{DateTime, Utc};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+/// Rows fetched per due query.
+const BATCH: u32 = 256;
+/// History rows read per enrollment page.
+const FEED_PAGE: u32 = 2000;
+
+/// Everything the worker needs, shared by its send tasks.
+pub struct Worker {
+    store: Store,
+    config: Arc<Config>,
+    rules: HashMap<String, Arc<Rule>>,
+    templates: Templates,
+    mailer: Mailer,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker")
+            .field("rules", &self.rules.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Runs the worker until `shutdown`; logs and returns if it cannot start.
+pub async fn run(store: Store, config: Arc<Config>, shutdown: CancellationToken) {
+    if config.followups.is_empty() {
+        debug!("no follow-up rules configured; the follow-up worker is idle");
+        return;
+    }
+    let worker = match Worker::new(store, config) {
+        Ok(worker) => Arc::new(worker),
+        Err(error) => {
+            error!(%error, "the follow-up worker cannot start");
+            return;
+        }
+    };
+    if let Err(error) = worker.clone().run_loop(shutdown).await {
+        error!(%error, "the follow-up worker stopped");
+    }
+}
+
+impl Worker {
+    pub fn new(store: Store, config: Arc<Config>) -> Result<Worker, FollowupError> {
+        let templates = Templates::for_rules(&config.email.templates, &config.followups)?;
+        let mailer = Mailer::new(&config.email)?;
+        let rules = config
+            .followups
+            .iter()
+            .map(|rule| (rule.name.clone(), Arc::new(rule.clone())))
+            .collect();
+        Ok(Worker {
+            store,
+            config,
+            rules,
+            templates,
+            mailer,
+        })
+    }
+
+    async fn run_loop(self: Arc<Self>, shutdown: CancellationToken) -> Result<(), StoreError> {
+        let email = &self.config.email;
+        info!(
+            rules = self.rules.len(),
+            dry_run = email.dry_run,
+            "follow-up worker started"
+        );
+        // Read the feed position first, then enroll from the index: an entry in
+        // between is seen twice, and enrolling is idempotent.
+        let mut feed = self.store.last_history_id().await?;
+        self.enroll_from_index().await?;
+        let mut next_enroll = tokio::time::Instant::now() + email.enroll_interval;
+        let limit = Arc::new(Semaphore::new(email.pool_size as usize));
+        let mut sends = JoinSet::new();
+        loop {
+            if shutdown.is_cancelled() {
+                break;
+            }
+            if tokio::time::Instant::now() >= next_enroll {
+                feed = self.enroll_from_feed(feed).await?;
+                next_enroll = tokio::time::Instant::now() + email.enroll_interval;
+            }
+            let due = self.store.outbox_due(Utc::now(), BATCH).await?;
+            let full = due.len() as u32 == BATCH;
+            for (id, rule) in due {
+                let permit = tokio::select! {
+                    permit = limit.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+                    _ = shutdown.cancelled() => break,
+                };
+                let worker = self.clone();
+                sends.spawn(async move {
+                    if let Err(error) = worker.process(id, &rule).await {
+                        warn!(rule = %rule, outbox_id = id, %error, "follow-up not processed; it stays due");
+                    }
+                    drop(permit);
+                });
+                // Reap finished sends so the set stays small.
+                while sends.try_join_next().is_some() {}
+            }
+            // Claimed rows must settle before the due query runs again.
+            while sends.join_next().await.is_some() {}
+            if full {
+                continue;
+            }
+            let next_due = self.store.outbox_next_due().await?;
+            let wake = match next_due {
+                Some(at) => {
+                    let wait = (at - Utc::now()).to_std().unwrap_or(Duration::ZERO);
+                    (tokio::time::Instant::now() + wait).min(next_enroll)
+                }
+                None => next_enroll,
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep_until(wake) => {}
+            }
+        }
+        while sends.join_next().await.is_some() {}
+        info!("follow-up worker stopped");
+        Ok(())
+    }
+
+    /// Enrolls deals that entered a trigger stage recently enough that some step can
+    /// still be sent; an index range per rule.
+    async fn enroll_from_index(&self) -> Result<(), StoreError> {
+        let now = Utc::now();
+        for rule in self.rules.values() {
+            let reach = rule.horizon() + self.config.email.late_grace;
+            let since = now - chrono::Duration::from_std(reach).unwrap_or(chrono::Duration::MAX);
+            let deals = self
+                .store
+                .unenrolled_in_stage(rule.trigger.clone(), since, rule.name.clone())
+                .await?;
+            for deal_id in deals {
+                self.enroll(rule.clone(), deal_id).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Follows the stage history after `after`; returns the new position.
+    async fn enroll_from_feed(&self, mut after: i64) -> Result<i64, StoreError> {
+        loop {
+            let entries = self.store.stage_entries_after(after, FEED_PAGE).await?;
+            let last_page = (entries.len() as u32) < FEED_PAGE;
+            for entry in entries {
+                for rule in self.rules.values() {
+                    if rule.trigger == entry.to {
+                        self.enroll(rule.clone(), entry.deal_id).await?;
+                    }
+                }
+                after = entry.history_id;
+            }
+            if last_page {
+                return Ok(after);
+            }
+        }
+    }
+
+    async fn enroll(&self, rule: Arc<Rule>, deal_id: i64) -> Result<(), StoreError> {
+        let now = Utc::now();
+        let grace = self.config.email.late_grace;
+        let lookback = rule
+            .cooldown
+            .unwrap_or(Duration::ZERO)
+            .max(rule.horizon() + grace);
+        let since = now - chrono::Duration::from_std(lookback).unwrap_or(chrono::Duration::MAX);
+        let name = rule.name.clone();
+        let outcome = self
+            .store
+            .enroll(deal_id, name.clone(), since, now, move |deal, earlier| {
+                plan_enrollment(&rule, deal, now, grace, earlier)
+            })
+            .await?;
+        if outcome.enrolled {
+            debug!(rule = %name, deal_id, superseded = outcome.superseded, "deal enrolled");
+        } else if outcome.declined {
+            debug!(rule = %name, deal_id, "deal declined by the rule");
+        }
+        Ok(())
+    }
+
+    /// Claims one due row and carries it out.
+    async fn process(&self, id: i64, rule_name: &str) -> Result<(), StoreError> {
+        let now = Utc::now();
+        let Some(rule) = self.rules.get(rule_name).cloned() else {
+            let reason = format!("rule {rule_name} is no longer configured");
+            self.store
+                .claim(id, now, ClaimQuery::default(), move |_| {
+                    ClaimDecision::Skip(reason)
+                })
+                .await?;
+            return Ok(());
+        };
+        let email = &self.config.email;
+        let query = ClaimQuery {
+            order_pipeline: if rule.stop_on_purchase {
+                rule.trigger.pipeline.clone()
+            } else {
+                None
+            },
+            cap_window: email.max_per_recipient_per_day.map(|_| CAP_WINDOW),
+        };
+        let (grace, cap) = (email.late_grace, email.max_per_recipient_per_day);
+        let quiet = email.quiet_hours.map(|q| (q, email.time_zone));
+        let decider = rule.clone();
+        let Some(claim) = self
+            .store
+            .claim(id, now, query, move |facts| {
+                Policy {
+                    rule: &decider,
+                    now,
+                    late_grace: grace,
+                    cap,
+                    quiet,
+                }
+                .decide(facts)
+            })
+            .await?
+        else {
+            return Ok(());
+        };
+        match (&claim.decision, claim.sending) {
+            (ClaimDecision::Send, Some((row, deal))) => self.deliver(&rule, row, deal).await,
+            (ClaimDecision::Skip(reason) | ClaimDecision::Stop(reason), _) => {
+                info!(rule = %rule.name, outbox_id = id, reason = %reason, "follow-up skipped");
+                Ok(())
+            }
+            (ClaimDecision::Defer { until, reason }, _) => {
+                debug!(rule = %rule.name, outbox_id = id, %until, reason = %reason, "follow-up deferred");
+                Ok(())
+            }
+            (ClaimDecision::Expire(to), _) => {
+                info!(rule = %rule.name, outbox_id = id, to = %policy::describe(to), "deal expired after its follow-ups");
+                Ok(())
+            }
+            (ClaimDecision::Send, None) => Ok(()),
+        }
+    }
+
+    /// Renders, sends and records one claimed email.
+    async fn deliver(&self, rule: &Rule, row: OutboxRow, deal: Deal) -> Result<(), StoreError> {
+        let step = row.step as usize;
+        let key = idempotency_key(&row);
+        let outgoing = match self.compose(rule, &row, &deal) {
+            Ok(outgoing) => outgoing,
+            Err(error) => {
+                let reason = format!("could not compose the email: {error}");
+                error!(rule = %rule.name, deal_id = deal.id, %reason, "follow-up failed");
+                return self
+                    .store
+                    .mark_failed(row.id, reason, None, Utc::now())
+                    .await;
+            }
+        };
+        let message_id = self.mailer.message_id(&key);
+        let message = match self.mailer.build(&outgoing) {
+            Ok(message) => message,
+            Err(error) => {
+                return self
+                    .store
+                    .mark_failed(row.id, error.to_string(), None, Utc::now())
+                    .await;
+            }
+        };
+        if self.config.email.dry_run {
+            info!(rule = %rule.name, deal_id = deal.id, step = step + 1, subject = %outgoing.subject, "dry run: follow-up rendered, not sent");
+            return self
+                .store
+                .mark_dry_run(row.id, message_id, Utc::now())
+                .await;
+        }
+        match self.mailer.send(message, &key).await {
+            Ok(()) => {
+                let move_to = rule.steps.get(step).and_then(|s| s.move_to.clone());
+                self.store
+                    .mark_sent(row.id, message_id, Utc::now(), move_to, rule.active.clone())
+                    .await?;
+                info!(rule = %rule.name, deal_id = deal.id, step = step + 1, "follow-up sent");
+                Ok(())
+            }
+            Err(MailError::Transient(reason))
+                if (row.attempts as u32) < self.config.email.max_attempts =>
+            {
+                let email = &self.config.email;
+                let delay =
+                    policy::backoff(row.attempts as u32, email.retry_initial, email.retry_max);
+                let at = Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default();
+                warn!(rule = %rule.name, deal_id = deal.id, attempt = row.attempts, retry_in_ms = delay.as_millis() as u64, %reason, "follow-up delivery failed, retrying");
+                self.store
+                    .mark_retry(row.id, at, format!("retrying: {reason}"), Utc::now())
+                    .await
+            }
+            Err(MailError::Permanent {
+                reason,
+                hard_bounce,
+            }) => {
+                warn!(rule = %rule.name, deal_id = deal.id, hard_bounce, %reason, "follow-up refused by the server");
+                let suppress = hard_bounce.then(|| row.recipient.clone());
+                self.store
+                    .mark_failed(row.id, reason, suppress, Utc::now())
+                    .await
+            }
+            Err(error) => {
+                let reason = format!("gave up after {} attempts: {error}", row.attempts);
+                warn!(rule = %rule.name, deal_id = deal.id, %reason, "follow-up failed");
+                self.store
+                    .mark_failed(row.id, reason, None, Utc::now())
+                    .await
+            }
+        }
+    }
+
+    /// Renders the email of a row; used by the sender and by `outbox preview`.
+    pub fn compose(
+        &self,
+        rule: &Rule,
+        row: &OutboxRow,
+        deal: &Deal,
+    ) -> Result<Outgoing, FollowupError> {
+        compose(&self.config, &self.templates, &self.mailer, rule, row, deal)
+    }
+}
+
+/// Renders the email of a row.
+pub fn compose(
+    config: &Config,
+    templates: &Templates,
+    mailer: &Mailer,
+    rule: &Rule,
+    row: &OutboxRow,
+    deal: &Deal,
+) -> Result<Outgoing, FollowupError> {
+    let step = row.step as usize;
+    let template = &rule
+        .steps
+        .get(step)
+        .ok_or_else(|| FollowupError::NoSuchStep {
+            rule: rule.name.clone(),
+            step,
+        })?
+        .template;
+    let to = crate::domain::EmailAddress::parse(&row.recipient).ok_or_else(|| {
+        FollowupError::NoRecipient {
+            rule: rule.name.clone(),
+        }
+    })?;
+    let unsubscribe = match rule.kind {
+        RuleKind::Marketing => {
+            let secret = config.email.unsubscribe_secret.as_ref().ok_or_else(|| {
+                FollowupError::Unsubscribe("email.unsubscribe_secret is not set".into())
+            })?;
+            let base =
+                config.server.public_url.as_ref().ok_or_else(|| {
+                    FollowupError::Unsubscribe("server.public_url is not set".into())
+                })?;
+            let token = unsubscribe::sign(secret.expose(), &to);
+            let url = base
+                .join(&format!("unsubscribe/{token}"))
+                .map_err(|error| FollowupError::Unsubscribe(error.to_string()))?;
+            let mailto = config
+                .email
+                .unsubscribe_mailto
+                .clone()
+                .unwrap_or_else(|| mailer.from_address());
+            Some((url.to_string(), mailto))
+        }
+        RuleKind::Transactional => None,
+    };
+    let sender = config
+        .email
+        .from
+        .parse::<lettre::message::Mailbox>()
+        .ok()
+        .and_then(|m| m.name)
+        .unwrap_or_else(|| config.email.from.clone());
+    let context = EmailContext::new(
+        deal,
+        rule,
+        step,
+        unsubscribe.as_ref().map(|(url, _)| url.clone()),
+        sender,
+        Utc::now(),
+    );
+    let rendered = templates.render(template, &context)?;
+    let to_name = match rule.to {
+        Recipient::Contact => deal.contact_name.clone(),
+        Recipient::Owner => deal.owner.clone(),
+        Recipient::Fixed(_) => None,
+    };
+    Ok(Outgoing {
+        to,
+        to_name,
+        subject: rendered.subject,
+        text: rendered.text,
+        html: rendered.html,
+        idempotency_key: idempotency_key(row),
+        unsubscribe,
+    })
+}
+
+/// `<deal>-<rule>-<step>`: names an outbox row everywhere, stable across restarts.
+pub fn idempotency_key(row: &OutboxRow) -> String {
+    format!("{}-{}-{}", row.deal_id, row.rule, row.step)
+}
+
+/// Decides, inside the enrollment transaction, whether and how a deal enters a rule.
+pub fn plan_enrollment(
+    rule: &Rule,
+    deal: &Deal,
+    now: DateTime<Utc>,
+    grace: Duration,
+    earlier: &mut dyn FnMut(&str) -> Result<Vec<EarlierEnrollment>, StoreError>,
+) -> EnrollPlan {
+    let here = StageRef {
+        pipeline: deal.pipeline.clone(),
+        stage: deal.stage.clone(),
+    };
+    if here != rule.trigger || deal.deleted_at.is_some() {
+        return EnrollPlan::Nothing;
+    }
+    let anchor_at = deal.stage_entered_at;
+    let address = match &rule.to {
+        Recipient::Contact => deal.contact_email.clone(),
+        Recipient::Owner => deal.owner_email.clone(),
+        Recipient::Fixed(address) => Some(address.clone()),
+    };
+    let Some(address) = address else {
+        let whose = if rule.to == Recipient::Owner {
+            "owner"
+        } else {
+            "contact"
+        };
+        return EnrollPlan::Decline {
+            recipient: String::new(),
+            anchor_at,
+            reason: format!("the deal has no {whose} email address"),
+        };
+    };
+    let recipient = address.to_string();
+    let mut supersede = Vec::new();
+    if rule.to == Recipient::Contact {
+        // One sequence per shopper: the newest deal wins while nothing was sent yet.
+        let earlier = match earlier(&recipient) {
+            Ok(earlier) => earlier,
+            Err(error) => {
+                warn!(rule = %rule.name, deal_id = deal.id, %error, "could not read earlier enrollments; will retry");
+                return EnrollPlan::Nothing;
+            }
+        };
+        for other in earlier {
+            if other.started && other.pending {
+                return EnrollPlan::Decline {
+                    recipient,
+                    anchor_at,
+                    reason: format!(
+                        "the recipient is already in this rule's sequence for deal {}",
+                        other.deal_id
+                    ),
+                };
+            }
+            if other.started {
+                if let Some(cooldown) = rule.cooldown
+                    && other.created_at
+                        > now - chrono::Duration::from_std(cooldown).unwrap_or_default()
+                {
+                    return EnrollPlan::Decline {
+                        recipient,
+                        anchor_at,
+                        reason: format!(
+                            "cooldown: the recipient went through this rule for deal {} within {}",
+                            other.deal_id,
+                            crate::config::duration::format(cooldown)
+                        ),
+                    };
+                }
+                continue;
+            }
+            if other.pending {
+                if other.anchor_at <= anchor_at {
+                    supersede.push(other.deal_id);
+                } else {
+                    return EnrollPlan::Decline {
+                        recipient,
+                        anchor_at,
+                        reason: format!(
+                            "a newer deal of the same recipient ({}) has this rule",
+                            other.deal_id
+                        ),
+                    };
+                }
+            }
+        }
+    }
+    let grace = chrono::Duration::from_std(grace).unwrap_or(chrono::Duration::MAX);
+    let offset = |after: Duration| chrono::Duration::from_std(after).unwrap_or_default();
+    let mut rows: Vec<NewOutboxRow> = rule
+        .steps
+        .iter()
+        .enumerate()
+        .map(|(at, step)| {
+            let due_at = anchor_at + offset(step.after);
+            let too_late = now - due_at > grace;
+            NewOutboxRow {
+                step: at as i64,
+                action: OutboxAction::Email,
+                due_at,
+                state: if too_late {
+                    OutboxState::Skipped
+                } else {
+                    OutboxState::Pending
+                },
+                reason: too_late.then(|| {
+                    "already overdue by more than the late grace when enrolled: not sent late"
+                        .to_owned()
+                }),
+            }
+        })
+        .collect();
+    if rows.iter().all(|row| row.state == OutboxState::Skipped) {
+        return EnrollPlan::Decline {
+            recipient,
+            anchor_at,
+            reason: "entered the stage too long ago: every step is past the late grace".into(),
+        };
+    }
+    if let (Some((after, _)), Some(last)) = (&rule.expire, rule.steps.last()) {
+        rows.push(NewOutboxRow {
+            step: rule.steps.len() as i64,
+            action: OutboxAction::Expire,
+            due_at: anchor_at + offset(last.after) + offset(*after),
+            state: OutboxState::Pending,
+            reason: None,
+        });
+    }
+    EnrollPlan::Enroll {
+        recipient,
+        anchor_at,
+        rows,
+        supersede,
+    }
+}

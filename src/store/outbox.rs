@@ -1,0 +1,795 @@
+//! The outbox: one row per (deal, rule, step), the durable ledger of follow-ups.
+//!
+//! Invariants:
+//! - `UNIQUE (deal_id, rule, step)`: a step exists once, whatever enrolls it twice.
+//! - A row is claimed (`pending` → `sending`) in a write transaction that also re-reads
+//!   the deal, the suppression list, orders from the same customer and the
+//!   recipient's recent sends; the caller's decision is applied in that same
+//!   transaction, so nothing can change between the check and the claim.
+//! - `sending` is committed before the message is handed to SMTP. A row found in
+//!   `sending` at start-up was interrupted between hand-off and acknowledgement: it
+//!   becomes `uncertain` and is never sent again (at most once, not at least once).
+//! - Marking a row sent and moving the cart it advances commit together.
+
+use super::deals::{DEAL_COLUMNS, deal_from_row, move_stage};
+use super::{Result, Store, StoreError, from_ms, to_ms};
+use crate::domain::{ChangeCause, Deal, DealStatus, PipelineKey, StageKey, StageRef};
+use chrono::{DateTime, Utc};
+use rusqlite::{OptionalExtension, Row, Transaction, params};
+use serde::Serialize;
+use std::time::Duration;
+
+/// Where an outbox row stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OutboxState {
+    Pending,
+    Sending,
+    Sent,
+    Failed,
+    Skipped,
+    /// Interrupted between SMTP hand-off and acknowledgement; never resent.
+    Uncertain,
+    /// An expiry that was carried out.
+    Done,
+}
+
+impl OutboxState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OutboxState::Pending => "pending",
+            OutboxState::Sending => "sending",
+            OutboxState::Sent => "sent",
+            OutboxState::Failed => "failed",
+            OutboxState::Skipped => "skipped",
+            OutboxState::Uncertain => "uncertain",
+            OutboxState::Done => "done",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Some(match text {
+            "pending" => OutboxState::Pending,
+            "sending" => OutboxState::Sending,
+            "sent" => OutboxState::Sent,
+            "failed" => OutboxState::Failed,
+            "skipped" => OutboxState::Skipped,
+            "uncertain" => OutboxState::Uncertain,
+            "done" => OutboxState::Done,
+            _ => return None,
+        })
+    }
+}
+
+/// What a row does when it comes due.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OutboxAction {
+    /// Send the step's email.
+    Email,
+    /// Move a deal that is still waiting to the rule's expiry stage.
+    Expire,
+}
+
+impl OutboxAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OutboxAction::Email => "email",
+            OutboxAction::Expire => "expire",
+        }
+    }
+}
+
+/// One stored row.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct OutboxRow {
+    pub id: i64,
+    pub deal_id: i64,
+    pub rule: String,
+    /// 0-based step index; the expiry row comes after the last step.
+    pub step: i64,
+    pub action: OutboxAction,
+    pub recipient: String,
+    pub state: OutboxState,
+    pub anchor_at: DateTime<Utc>,
+    pub due_at: DateTime<Utc>,
+    pub next_attempt_at: DateTime<Utc>,
+    pub attempts: i64,
+    pub reason: Option<String>,
+    pub message_id: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub sent_at: Option<DateTime<Utc>>,
+}
+
+const ROW_COLUMNS: &str = "id, deal_id, rule, step, action, recipient, state, anchor_at, due_at,
+    next_attempt_at, attempts, reason, message_id, created_at, updated_at, sent_at";
+
+fn row_from(row: &Row<'_>) -> rusqlite::Result<OutboxRow> {
+    let action: String = row.get(4)?;
+    let state: String = row.get(6)?;
+    Ok(OutboxRow {
+        id: row.get(0)?,
+        deal_id: row.get(1)?,
+        rule: row.get(2)?,
+        step: row.get(3)?,
+        action: if action == "expire" {
+            OutboxAction::Expire
+        } else {
+            OutboxAction::Email
+        },
+        recipient: row.get(5)?,
+        state: OutboxState::parse(&state).unwrap_or(OutboxState::Uncertain),
+        anchor_at: from_ms(row.get(7)?),
+        due_at: from_ms(row.get(8)?),
+        next_attempt_at: from_ms(row.get(9)?),
+        attempts: row.get(10)?,
+        reason: row.get(11)?,
+        message_id: row.get(12)?,
+        created_at: from_ms(row.get(13)?),
+        updated_at: from_ms(row.get(14)?),
+        sent_at: row.get::<_, Option<i64>>(15)?.map(from_ms),
+    })
+}
+
+/// A row to create at enrollment.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewOutboxRow {
+    pub step: i64,
+    pub action: OutboxAction,
+    pub due_at: DateTime<Utc>,
+    /// `Pending`, or `Skipped` with a reason (a step already too late at enrollment).
+    pub state: OutboxState,
+    pub reason: Option<String>,
+}
+
+/// An earlier enrollment of the same recipient into the same rule.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EarlierEnrollment {
+    pub deal_id: i64,
+    pub anchor_at: DateTime<Utc>,
+    pub created_at: DateTime<Utc>,
+    /// Some step was handed to SMTP (sent, sending or uncertain).
+    pub started: bool,
+    /// Some step is still pending.
+    pub pending: bool,
+}
+
+/// What to do with a deal that may enter a rule.
+#[derive(Debug, Clone, PartialEq)]
+pub enum EnrollPlan {
+    /// Not (or no longer) eligible; record nothing so a later pass may look again.
+    Nothing,
+    /// Create the rows; skip what is still pending of the superseded enrollments.
+    Enroll {
+        recipient: String,
+        anchor_at: DateTime<Utc>,
+        rows: Vec<NewOutboxRow>,
+        supersede: Vec<i64>,
+    },
+    /// Record that the deal will not get this rule (one skipped row for step 0).
+    Decline {
+        recipient: String,
+        anchor_at: DateTime<Utc>,
+        reason: String,
+    },
+}
+
+/// What enrolling did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct EnrollOutcome {
+    pub enrolled: bool,
+    pub declined: bool,
+    pub superseded: u64,
+}
+
+/// The facts a send-time decision needs, read inside the claim transaction.
+#[derive(Debug, Clone)]
+pub struct ClaimFacts {
+    pub row: OutboxRow,
+    /// The deal as stored now.
+    pub deal: Option<Deal>,
+    /// The suppression reason, when the recipient is suppressed.
+    pub suppressed: Option<String>,
+    /// A won deal of the same customer in the checked pipeline since this deal started.
+    pub order_since: Option<i64>,
+    /// Emails claimed for this recipient within the cap window, and the oldest claim's time.
+    pub recent_to_recipient: (u32, Option<DateTime<Utc>>),
+}
+
+/// Which facts to gather.
+#[derive(Debug, Clone, Default)]
+pub struct ClaimQuery {
+    /// Look for orders (won deals) of the same customer in this pipeline.
+    pub order_pipeline: Option<PipelineKey>,
+    pub cap_window: Option<Duration>,
+}
+
+/// The decision about a due row.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ClaimDecision {
+    /// Claim it: `sending`.
+    Send,
+    /// Skip this step only.
+    Skip(String),
+    /// Skip this step and every pending email step of the same (deal, rule).
+    Stop(String),
+    /// Look again later.
+    Defer {
+        until: DateTime<Utc>,
+        reason: String,
+    },
+    /// Move the deal to the expiry stage; the row is `done`.
+    Expire(StageRef),
+}
+
+/// The result of a claim: the decision applied, and for `Send` the claimed row and deal.
+#[derive(Debug, Clone)]
+pub struct Claim {
+    pub decision: ClaimDecision,
+    pub sending: Option<(OutboxRow, Deal)>,
+}
+
+/// Filters for listing the outbox.
+#[derive(Debug, Clone, Default)]
+pub struct OutboxRowFilter {
+    pub state: Option<OutboxState>,
+    pub rule: Option<String>,
+    pub deal_id: Option<i64>,
+    pub limit: Option<u32>,
+}
+
+/// A deal's entry into a stage, from the history's change feed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StageEntry {
+    pub history_id: i64,
+    pub deal_id: i64,
+    pub to: StageRef,
+}
+
+fn read_row(tx: &rusqlite::Connection, id: i64) -> Result<Option<OutboxRow>> {
+    let sql = format!("SELECT {ROW_COLUMNS} FROM outbox WHERE id = ?1");
+    Ok(tx.query_row(&sql, [id], row_from).optional()?)
+}
+
+fn read_deal(tx: &rusqlite::Connection, id: i64) -> Result<Option<Deal>> {
+    let sql = format!("SELECT {DEAL_COLUMNS} FROM deals WHERE id = ?1");
+    Ok(tx.query_row(&sql, [id], deal_from_row).optional()?)
+}
+
+fn earlier_enrollments(
+    tx: &Transaction<'_>,
+    rule: &str,
+    recipient: &str,
+    since: i64,
+    except_deal: i64,
+) -> Result<Vec<EarlierEnrollment>> {
+    let mut statement = tx.prepare_cached(
+        "SELECT deal_id, min(anchor_at), min(created_at),
+                max(state IN ('sent', 'sending', 'uncertain')), max(state = 'pending')
+         FROM outbox WHERE rule = ?1 AND recipient = ?2 AND created_at >= ?3 AND deal_id != ?4
+         GROUP BY deal_id",
+    )?;
+    let rows = statement.query_map(params![rule, recipient, since, except_deal], |row| {
+        Ok(EarlierEnrollment {
+            deal_id: row.get(0)?,
+            anchor_at: from_ms(row.get(1)?),
+            created_at: from_ms(row.get(2)?),
+            started: row.get(3)?,
+            pending: row.get(4)?,
+        })
+    })?;
+    Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+}
+
+fn insert_row(
+    tx: &Transaction<'_>,
+    deal_id: i64,
+    rule: &str,
+    recipient: &str,
+    anchor_at: i64,
+    row: &NewOutboxRow,
+    now: i64,
+) -> Result<bool> {
+    let mut statement = tx.prepare_cached(
+        "INSERT OR IGNORE INTO outbox (deal_id, rule, step, action, recipient, state, anchor_at,
+            due_at, next_attempt_at, reason, created_at, updated_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?9, ?10, ?10)",
+    )?;
+    let inserted = statement.execute(params![
+        deal_id,
+        rule,
+        row.step,
+        row.action.as_str(),
+        recipient,
+        row.state.as_str(),
+        anchor_at,
+        to_ms(row.due_at),
+        row.reason,
+        now,
+    ])?;
+    Ok(inserted == 1)
+}
+
+/// Skips the pending email steps of (deal, rule).
+fn stop_sequence(
+    tx: &Transaction<'_>,
+    deal_id: i64,
+    rule: &str,
+    reason: &str,
+    now: i64,
+) -> Result<u64> {
+    let changed = tx.execute(
+        "UPDATE outbox SET state = 'skipped', reason = ?3, updated_at = ?4
+         WHERE deal_id = ?1 AND rule = ?2 AND state = 'pending' AND action = 'email'",
+        params![deal_id, rule, reason, now],
+    )?;
+    Ok(changed as u64)
+}
+
+impl Store {
+    /// Enrolls a deal into a rule in one transaction: re-reads the deal, looks up the
+    /// recipient's earlier enrollments (since `history_since`) through `plan`, and
+    /// applies the plan. Does nothing when the deal already has rows for the rule.
+    pub async fn enroll<F>(
+        &self,
+        deal_id: i64,
+        rule: String,
+        history_since: DateTime<Utc>,
+        now: DateTime<Utc>,
+        plan: F,
+    ) -> Result<EnrollOutcome>
+    where
+        F: FnOnce(&Deal, &mut dyn FnMut(&str) -> Result<Vec<EarlierEnrollment>>) -> EnrollPlan
+            + Send
+            + 'static,
+    {
+        self.write(move |tx| {
+            let exists: bool = tx
+                .prepare_cached("SELECT 1 FROM outbox WHERE deal_id = ?1 AND rule = ?2 LIMIT 1")?
+                .exists(params![deal_id, rule])?;
+            if exists {
+                return Ok(EnrollOutcome::default());
+            }
+            let Some(deal) = read_deal(tx, deal_id)? else {
+                return Ok(EnrollOutcome::default());
+            };
+            let since = to_ms(history_since);
+            let mut lookup =
+                |recipient: &str| earlier_enrollments(tx, &rule, recipient, since, deal_id);
+            let plan = plan(&deal, &mut lookup);
+            let now = to_ms(now);
+            let mut outcome = EnrollOutcome::default();
+            match plan {
+                EnrollPlan::Nothing => {}
+                EnrollPlan::Decline {
+                    recipient,
+                    anchor_at,
+                    reason,
+                } => {
+                    let row = NewOutboxRow {
+                        step: 0,
+                        action: OutboxAction::Email,
+                        due_at: from_ms(now),
+                        state: OutboxState::Skipped,
+                        reason: Some(reason),
+                    };
+                    insert_row(tx, deal_id, &rule, &recipient, to_ms(anchor_at), &row, now)?;
+                    outcome.declined = true;
+                }
+                EnrollPlan::Enroll {
+                    recipient,
+                    anchor_at,
+                    rows,
+                    supersede,
+                } => {
+                    for old in supersede {
+                        let reason = format!("superseded by the newer deal {deal_id}");
+                        // The expiry row goes too: the newer deal's sequence owns the shopper.
+                        outcome.superseded += tx.execute(
+                            "UPDATE outbox SET state = 'skipped', reason = ?3, updated_at = ?4
+                             WHERE deal_id = ?1 AND rule = ?2 AND state = 'pending'",
+                            params![old, rule, reason, now],
+                        )? as u64;
+                    }
+                    for row in &rows {
+                        insert_row(tx, deal_id, &rule, &recipient, to_ms(anchor_at), row, now)?;
+                    }
+                    outcome.enrolled = true;
+                }
+            }
+            Ok(outcome)
+        })
+        .await
+    }
+
+    /// Claims a due row: gathers the facts, lets `decide` choose, applies the choice.
+    pub async fn claim<F>(
+        &self,
+        id: i64,
+        now: DateTime<Utc>,
+        query: ClaimQuery,
+        decide: F,
+    ) -> Result<Option<Claim>>
+    where
+        F: FnOnce(&ClaimFacts) -> ClaimDecision + Send + 'static,
+    {
+        self.write(move |tx| {
+            let Some(row) = read_row(tx, id)? else {
+                return Ok(None);
+            };
+            if row.state != OutboxState::Pending {
+                return Ok(None);
+            }
+            let now_ms = to_ms(now);
+            let deal = read_deal(tx, row.deal_id)?;
+            let suppressed: Option<String> = if row.recipient.is_empty() {
+                None
+            } else {
+                tx.prepare_cached("SELECT reason FROM suppressions WHERE email IN (?1, lower(?1))")?
+                    .query_row([&row.recipient], |r| r.get(0))
+                    .optional()?
+            };
+            let order_since = match (&query.order_pipeline, &deal) {
+                (Some(pipeline), Some(deal)) => match &deal.contact_email {
+                    Some(email) => {
+                        let started = to_ms(deal.created_at.unwrap_or(deal.first_seen_at));
+                        tx.prepare_cached(
+                            "SELECT id FROM deals
+                             WHERE contact_email IN (?1, lower(?1)) AND pipeline = ?2
+                               AND status = 'won' AND id != ?3 AND stage_entered_at >= ?4
+                             LIMIT 1",
+                        )?
+                        .query_row(
+                            params![email.as_str(), pipeline.as_str(), deal.id, started],
+                            |r| r.get(0),
+                        )
+                        .optional()?
+                    }
+                    None => None,
+                },
+                _ => None,
+            };
+            let recent_to_recipient = match query.cap_window {
+                Some(window) if !row.recipient.is_empty() => {
+                    let since = now_ms - window.as_millis() as i64;
+                    tx.prepare_cached(
+                        "SELECT count(*), min(claimed_at) FROM outbox
+                         WHERE recipient = ?1 AND claimed_at > ?2
+                           AND state IN ('sending', 'sent', 'uncertain')",
+                    )?
+                    .query_row(params![row.recipient, since], |r| {
+                        Ok((
+                            r.get::<_, i64>(0)? as u32,
+                            r.get::<_, Option<i64>>(1)?.map(from_ms),
+                        ))
+                    })?
+                }
+                _ => (0, None),
+            };
+            let facts = ClaimFacts {
+                row,
+                deal,
+                suppressed,
+                order_since,
+                recent_to_recipient,
+            };
+            let decision = decide(&facts);
+            let ClaimFacts { row, deal, .. } = facts;
+            let mut sending = None;
+            match &decision {
+                ClaimDecision::Send => {
+                    tx.execute(
+                        "UPDATE outbox SET state = 'sending', attempts = attempts + 1,
+                            claimed_at = ?2, updated_at = ?2, reason = NULL
+                         WHERE id = ?1",
+                        params![id, now_ms],
+                    )?;
+                    let deal = deal.ok_or_else(|| {
+                        StoreError::Corrupt(format!("outbox row {id} claimed without its deal"))
+                    })?;
+                    let mut row = row;
+                    row.state = OutboxState::Sending;
+                    row.attempts += 1;
+                    sending = Some((row, deal));
+                }
+                ClaimDecision::Skip(reason) => {
+                    tx.execute(
+                        "UPDATE outbox SET state = 'skipped', reason = ?2, updated_at = ?3
+                         WHERE id = ?1",
+                        params![id, reason, now_ms],
+                    )?;
+                }
+                ClaimDecision::Stop(reason) => {
+                    tx.execute(
+                        "UPDATE outbox SET state = 'skipped', reason = ?2, updated_at = ?3
+                         WHERE id = ?1",
+                        params![id, reason, now_ms],
+                    )?;
+                    stop_sequence(
+                        tx,
+                        row.deal_id,
+                        &row.rule,
+                        &format!("sequence stopped: {reason}"),
+                        now_ms,
+                    )?;
+                }
+                ClaimDecision::Defer { until, reason } => {
+                    tx.execute(
+                        "UPDATE outbox SET next_attempt_at = ?2, reason = ?3, updated_at = ?4
+                         WHERE id = ?1",
+                        params![id, to_ms(*until), reason, now_ms],
+                    )?;
+                }
+                ClaimDecision::Expire(to) => {
+                    move_stage(
+                        tx,
+                        row.deal_id,
+                        to,
+                        DealStatus::Lost,
+                        now,
+                        ChangeCause::Followup,
+                    )?;
+                    tx.execute(
+                        "UPDATE outbox SET state = 'done', reason = ?2, updated_at = ?3,
+                            sent_at = ?3
+                         WHERE id = ?1",
+                        params![id, format!("moved to {}", describe(to)), now_ms],
+                    )?;
+                }
+            }
+            Ok(Some(Claim { decision, sending }))
+        })
+        .await
+    }
+
+    /// Marks a claimed row sent and, in the same transaction, moves the deal to
+    /// `move_to` if it is still in one of `only_from` (an order that arrived during
+    /// the send must not be overwritten).
+    pub async fn mark_sent(
+        &self,
+        id: i64,
+        message_id: String,
+        at: DateTime<Utc>,
+        move_to: Option<StageRef>,
+        only_from: Vec<StageRef>,
+    ) -> Result<bool> {
+        self.write(move |tx| {
+            let changed = tx.execute(
+                "UPDATE outbox SET state = 'sent', message_id = ?2, sent_at = ?3, updated_at = ?3,
+                    reason = NULL
+                 WHERE id = ?1 AND state IN ('sending', 'uncertain')",
+                params![id, message_id, to_ms(at)],
+            )?;
+            if changed == 0 {
+                return Ok(false);
+            }
+            if let Some(to) = move_to {
+                let deal_id: i64 =
+                    tx.query_row("SELECT deal_id FROM outbox WHERE id = ?1", [id], |r| {
+                        r.get(0)
+                    })?;
+                let (pipeline, stage): (Option<String>, String) = tx.query_row(
+                    "SELECT pipeline, stage FROM deals WHERE id = ?1",
+                    [deal_id],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )?;
+                let here = StageRef {
+                    pipeline: pipeline.map(PipelineKey::new),
+                    stage: StageKey::new(stage),
+                };
+                if only_from.contains(&here) {
+                    move_stage(
+                        tx,
+                        deal_id,
+                        &to,
+                        DealStatus::Open,
+                        at,
+                        ChangeCause::Followup,
+                    )?;
+                }
+            }
+            Ok(true)
+        })
+        .await
+    }
+
+    /// Records a dry-run render: the row is skipped with the message id it would have had.
+    pub async fn mark_dry_run(&self, id: i64, message_id: String, at: DateTime<Utc>) -> Result<()> {
+        self.write(move |tx| {
+            tx.execute(
+                "UPDATE outbox SET state = 'skipped', message_id = ?2, updated_at = ?3,
+                    reason = 'dry run: rendered and recorded, not sent'
+                 WHERE id = ?1 AND state = 'sending'",
+                params![id, message_id, to_ms(at)],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Returns a claimed row to `pending` for a retry at `next_attempt_at`.
+    pub async fn mark_retry(
+        &self,
+        id: i64,
+        next_attempt_at: DateTime<Utc>,
+        reason: String,
+        at: DateTime<Utc>,
+    ) -> Result<()> {
+        self.write(move |tx| {
+            tx.execute(
+                "UPDATE outbox SET state = 'pending', next_attempt_at = ?2, reason = ?3,
+                    updated_at = ?4, claimed_at = NULL
+                 WHERE id = ?1 AND state = 'sending'",
+                params![id, to_ms(next_attempt_at), reason, to_ms(at)],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Marks a claimed row failed; a hard bounce also suppresses the address, in the
+    /// same transaction.
+    pub async fn mark_failed(
+        &self,
+        id: i64,
+        reason: String,
+        suppress: Option<String>,
+        at: DateTime<Utc>,
+    ) -> Result<()> {
+        self.write(move |tx| {
+            tx.execute(
+                "UPDATE outbox SET state = 'failed', reason = ?2, updated_at = ?3
+                 WHERE id = ?1 AND state = 'sending'",
+                params![id, reason, to_ms(at)],
+            )?;
+            if let Some(email) = suppress {
+                super::suppression::insert(tx, &email, "hard bounce", Some(&reason), at)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// At start-up: every row left in `sending` by a crash becomes `uncertain`.
+    /// Returns how many.
+    pub async fn outbox_recover_interrupted(&self, at: DateTime<Utc>) -> Result<u64> {
+        self.write(move |tx| {
+            let changed = tx.execute(
+                "UPDATE outbox SET state = 'uncertain', updated_at = ?1,
+                    reason = 'interrupted between SMTP hand-off and acknowledgement; not resent'
+                 WHERE state = 'sending'",
+                [to_ms(at)],
+            )?;
+            Ok(changed as u64)
+        })
+        .await
+    }
+
+    /// Pending rows due by `now`, earliest first: (id, rule). Uses the partial index
+    /// on pending rows, so its cost follows the due set, not the table.
+    pub async fn outbox_due(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<(i64, String)>> {
+        self.read(move |db| {
+            let mut statement = db.prepare_cached(
+                "SELECT id, rule FROM outbox WHERE state = 'pending' AND next_attempt_at <= ?1
+                 ORDER BY next_attempt_at LIMIT ?2",
+            )?;
+            let rows =
+                statement.query_map(params![to_ms(now), limit], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+        .await
+    }
+
+    /// When the next pending row comes due.
+    pub async fn outbox_next_due(&self) -> Result<Option<DateTime<Utc>>> {
+        self.read(|db| {
+            let next: Option<i64> = db.query_row(
+                "SELECT min(next_attempt_at) FROM outbox WHERE state = 'pending'",
+                [],
+                |r| r.get(0),
+            )?;
+            Ok(next.map(from_ms))
+        })
+        .await
+    }
+
+    /// Rows matching the filter, newest first.
+    pub async fn outbox(&self, filter: OutboxRowFilter) -> Result<Vec<OutboxRow>> {
+        self.read(move |db| {
+            let mut sql = format!("SELECT {ROW_COLUMNS} FROM outbox WHERE 1 = 1");
+            let mut values: Vec<rusqlite::types::Value> = Vec::new();
+            if let Some(state) = filter.state {
+                values.push(state.as_str().to_owned().into());
+                sql.push_str(&format!(" AND state = ?{}", values.len()));
+            }
+            if let Some(rule) = filter.rule {
+                values.push(rule.into());
+                sql.push_str(&format!(" AND rule = ?{}", values.len()));
+            }
+            if let Some(deal_id) = filter.deal_id {
+                values.push(deal_id.into());
+                sql.push_str(&format!(" AND deal_id = ?{}", values.len()));
+            }
+            sql.push_str(&format!(
+                " ORDER BY due_at DESC, id DESC LIMIT {}",
+                filter.limit.map_or(-1, i64::from)
+            ));
+            let mut statement = db.prepare(&sql)?;
+            let rows = statement.query_map(rusqlite::params_from_iter(values), row_from)?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+        .await
+    }
+
+    /// The newest stage-history id: where the enrollment change feed starts.
+    pub async fn last_history_id(&self) -> Result<i64> {
+        self.read(|db| {
+            Ok(
+                db.query_row("SELECT coalesce(max(id), 0) FROM stage_history", [], |r| {
+                    r.get(0)
+                })?,
+            )
+        })
+        .await
+    }
+
+    /// Stage entries recorded after `after_id`, oldest first: the enrollment change feed.
+    pub async fn stage_entries_after(&self, after_id: i64, limit: u32) -> Result<Vec<StageEntry>> {
+        self.read(move |db| {
+            let mut statement = db.prepare_cached(
+                "SELECT id, deal_id, to_pipeline, to_stage FROM stage_history
+                 WHERE id > ?1 ORDER BY id LIMIT ?2",
+            )?;
+            let rows = statement.query_map(params![after_id, limit], |r| {
+                Ok(StageEntry {
+                    history_id: r.get(0)?,
+                    deal_id: r.get(1)?,
+                    to: StageRef {
+                        pipeline: r.get::<_, Option<String>>(2)?.map(PipelineKey::new),
+                        stage: StageKey::new(r.get::<_, String>(3)?),
+                    },
+                })
+            })?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+        .await
+    }
+
+    /// Deals in a stage that entered it after `entered_after` and have no row for
+    /// `rule`, oldest entry first. An index range on (pipeline, stage, stage_entered_at).
+    pub async fn unenrolled_in_stage(
+        &self,
+        at: StageRef,
+        entered_after: DateTime<Utc>,
+        rule: String,
+    ) -> Result<Vec<i64>> {
+        self.read(move |db| {
+            let mut statement = db.prepare_cached(
+                "SELECT d.id FROM deals d
+                 WHERE d.pipeline = ?1 AND d.stage = ?2 AND d.stage_entered_at > ?3
+                   AND d.deleted_at IS NULL
+                   AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.deal_id = d.id AND o.rule = ?4)
+                 ORDER BY d.stage_entered_at, d.id",
+            )?;
+            let rows = statement.query_map(
+                params![
+                    at.pipeline.as_ref().map(|p| p.as_str()),
+                    at.stage.as_str(),
+                    to_ms(entered_after),
+                    rule
+                ],
+                |r| r.get(0),
+            )?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+        .await
+    }
+}
+
+fn describe(at: &StageRef) -> String {
+    match &at.pipeline {
+        Some(pipeline) => format!("{pipeline}.{}", at.stage),
+        None => at.stage.to_string(),
+    }
+}
