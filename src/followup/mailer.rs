@@ -275,7 +275,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mailer = Mailer::new(&file_config(dir.path())).unwrap();
         let message = mailer.build(&outgoing(true)).unwrap();
-        let text = String::from_utf8(message.formatted()).unwrap();
+        // Unfolded, as a reader of the headers sees them.
+        let text = String::from_utf8(message.formatted())
+            .unwrap()
+            .replace("\r\n ", " ");
         for needle in [
             "Message-ID: <7-cart.checkout-0.dealsync@example.com>",
             "X-Dealsync-Idempotency-Key: 7-cart@checkout-0",

@@ -471,3 +471,122 @@ fn validate_one(
         active,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::interpolate::tests::MapEnv;
+
+    fn parse(dir: &Path, text: &str) -> Result<crate::config::Config, crate::config::ConfigError> {
+        crate::config::parse(
+            &dir.join("dealsync.toml"),
+            text,
+            &MapEnv(Default::default()),
+        )
+    }
+
+    fn templates(dir: &Path, names: &[&str]) {
+        std::fs::create_dir_all(dir.join("templates")).unwrap();
+        for name in names {
+            for file in template_files(name) {
+                std::fs::write(dir.join("templates").join(file), "x").unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn a_cart_sequence_gets_the_default_delays_stage_moves_and_expiry() {
+        let dir = tempfile::tempdir().unwrap();
+        templates(dir.path(), &["remind", "discount"]);
+        let config = parse(
+            dir.path(),
+            r#"
+[server]
+public_url = "https://shop.example.com"
+[email]
+unsubscribe_secret = "0123456789abcdef"
+[followups.carts]
+kind = "marketing"
+stage = "ecommerce.cart_abandoned"
+steps = [
+  { template = "remind" },
+  { template = "remind" },
+  { template = "discount", discount_code = "SAVE10" },
+]
+"#,
+        )
+        .unwrap();
+        let rule = &config.followups[0];
+        assert_eq!(
+            rule.steps.iter().map(|s| s.after).collect::<Vec<_>>(),
+            CART_DEFAULT_DELAYS
+        );
+        let moves: Vec<_> = rule
+            .steps
+            .iter()
+            .map(|s| s.move_to.as_ref().unwrap().stage.to_string())
+            .collect();
+        assert_eq!(
+            moves,
+            ["follow_up_email", "follow_up_email", "discount_offer"]
+        );
+        let (after, to) = rule.expire.clone().unwrap();
+        assert_eq!(to.stage.as_str(), "expired");
+        // The default discount_offer stage stalls after 3 days.
+        assert_eq!(after, Duration::from_secs(3 * 24 * 3600));
+        assert!(rule.stop_on_purchase);
+        assert_eq!(rule.active.len(), 3);
+    }
+
+    #[test]
+    fn a_rule_on_several_stages_becomes_one_rule_per_stage_with_the_stall_threshold() {
+        let dir = tempfile::tempdir().unwrap();
+        templates(dir.path(), &["alert"]);
+        let config = parse(
+            dir.path(),
+            r#"
+[followups.stalled]
+kind = "transactional"
+stage = ["sales.proposal", "sales.negotiation"]
+to = "owner"
+template = "alert"
+"#,
+        )
+        .unwrap();
+        let names: Vec<_> = config.followups.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["stalled@proposal", "stalled@negotiation"]);
+        assert_eq!(
+            config.followups[0].steps[0].after,
+            Duration::from_secs(14 * 24 * 3600)
+        );
+        assert_eq!(config.followups[0].to, Recipient::Owner);
+        assert!(config.followups[0].expire.is_none());
+    }
+
+    #[test]
+    fn marketing_rules_need_a_secret_and_a_public_url_and_bad_values_name_their_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        templates(dir.path(), &["remind"]);
+        let error = parse(
+            dir.path(),
+            r#"
+[followups.carts]
+kind = "newsletter"
+stage = "ecommerce.cart_abandoned"
+to = "not an address"
+template = "remind"
+
+[followups.more]
+kind = "marketing"
+stage = "ecommerce.cart_abandoned"
+template = "remind"
+"#,
+        )
+        .unwrap_err();
+        let keys: Vec<_> = error.problems().iter().map(|p| p.key.as_str()).collect();
+        assert!(keys.contains(&"followups.carts.kind"), "{error}");
+        assert!(keys.contains(&"followups.carts.to"), "{error}");
+        assert!(keys.contains(&"email.unsubscribe_secret"), "{error}");
+        assert!(keys.contains(&"server.public_url"), "{error}");
+    }
+}

@@ -231,6 +231,16 @@ impl TestDaemon {
         );
     }
 
+    /// Starts the daemon again (same config and database) after it was stopped or killed.
+    pub async fn start_again(&mut self) {
+        self.spawn();
+        assert!(
+            self.wait_ready(Duration::from_secs(20)).await,
+            "dealsync did not become ready after a restart; logs:\n{}",
+            self.logs()
+        );
+    }
+
     /// Waits until the logs contain `needle`.
     pub async fn wait_for_log(&self, needle: &str, timeout: Duration) {
         eventually(

@@ -1,0 +1,871 @@
+//! Follow-ups end to end: the real daemon, a real SMTP server process, deals written
+//! into the daemon's SQLite file through the library's `Store`.
+
+use crate::harness::daemon::{TestDaemon, run_cli};
+use crate::harness::eventually;
+use crate::harness::smtp::{ReceivedMail, SmtpServer};
+use chrono::{DateTime, Utc};
+use dealsync::domain::{
+    ChangeCause, ConnectionName, Currency, DealStatus, EmailAddress, LineItem, Money, PipelineKey,
+    SourceDeal, StageKey, StageRef,
+};
+use dealsync::store::{DealUpsert, Store};
+use std::collections::HashMap;
+use std::time::Duration;
+
+const TEMPLATES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/config/templates");
+const WAIT: Duration = Duration::from_secs(30);
+
+/// `[email]` pointing at `smtp`, plus extra lines, plus the rules.
+fn config(smtp: &SmtpServer, email_extra: &str, rules: &str) -> String {
+    format!(
+        r#"
+[email]
+transport = "smtp"
+url = "{url}"
+from = "Test Shop <shop@example.com>"
+templates = "{TEMPLATES}"
+unsubscribe_secret = "test-unsubscribe-secret-0123"
+enroll_interval = "100ms"
+retry_initial = "200ms"
+retry_max = "1s"
+{email_extra}
+
+{rules}
+"#,
+        url = smtp.url()
+    )
+}
+
+/// A three-step cart sequence on `ecommerce.cart_abandoned`, at test pace.
+fn cart_rule(first: &str, second: &str, third: &str) -> String {
+    format!(
+        r#"
+[followups.carts]
+kind = "marketing"
+stage = "ecommerce.cart_abandoned"
+expire_after = "1s"
+steps = [
+  {{ after = "{first}", template = "cart_reminder" }},
+  {{ after = "{second}", template = "cart_reminder" }},
+  {{ after = "{third}", template = "cart_discount", discount_code = "SAVE10" }},
+]
+"#
+    )
+}
+
+fn ecommerce(stage: &str) -> StageRef {
+    StageRef {
+        pipeline: Some(PipelineKey::new("ecommerce")),
+        stage: StageKey::new(stage),
+    }
+}
+
+fn store(daemon: &TestDaemon) -> Store {
+    Store::open(&daemon.db_path).expect("opening the daemon's database")
+}
+
+/// Writes a cart (or an order) as a webhook would, entered into `stage` at `at`.
+async fn put_cart(
+    store: &Store,
+    connection: &str,
+    id: &str,
+    email: &str,
+    consent: Option<bool>,
+    stage: &str,
+    at: DateTime<Utc>,
+) -> i64 {
+    let mut source = SourceDeal::new(id, format!("Cart {id}"), "checkouts", stage);
+    source.amount = Some(Money::new(30_700, Currency::parse("EUR").unwrap()));
+    source.contact_email = EmailAddress::parse(email);
+    source.contact_name = Some("Ada Lovelace".into());
+    source.marketing_consent = consent;
+    source.created_at = Some(at);
+    source.updated_at = Some(at);
+    source.stage_changed_at = Some(at);
+    source.recovery_url = Some(format!("https://shop.example.com/cart/{id}/recover"));
+    source.line_items = vec![LineItem {
+        title: "Espresso grinder".into(),
+        quantity: 1,
+        unit_price_minor: Some(24_900),
+        sku: None,
+    }];
+    let status = if stage == "purchase_completed" {
+        DealStatus::Won
+    } else {
+        DealStatus::Open
+    };
+    store
+        .upsert_deals(vec![DealUpsert {
+            connection: ConnectionName::new(connection),
+            source,
+            target: ecommerce(stage),
+            status,
+            observed_at: at,
+            cause: ChangeCause::Webhook,
+        }])
+        .await
+        .expect("upserting a cart");
+    store
+        .deal_by_external_id(connection, id)
+        .await
+        .unwrap()
+        .expect("the cart just written")
+        .id
+}
+
+/// The value of a header in a raw message, unfolded.
+fn header(data: &str, name: &str) -> Option<String> {
+    let head = data.split("\r\n\r\n").next().unwrap_or(data);
+    let head = head.replace("\r\n ", " ").replace("\r\n\t", " ");
+    let head = head.replace("\n ", " ");
+    head.lines().find_map(|line| {
+        let (key, value) = line.split_once(':')?;
+        key.eq_ignore_ascii_case(name)
+            .then(|| value.trim().to_owned())
+    })
+}
+
+fn to(mail: &ReceivedMail, address: &str) -> bool {
+    mail.rcpt_to.iter().any(|r| r == address)
+}
+
+fn messages_to(smtp: &SmtpServer, address: &str) -> Vec<ReceivedMail> {
+    smtp.messages()
+        .into_iter()
+        .filter(|m| to(m, address))
+        .collect()
+}
+
+/// Rows of the daemon's outbox for a deal: (step, state, reason).
+fn outbox_rows(daemon: &TestDaemon, deal_id: i64) -> Vec<(i64, String, Option<String>)> {
+    let db = daemon.db();
+    let mut statement = db
+        .prepare("SELECT step, state, reason FROM outbox WHERE deal_id = ?1 ORDER BY step")
+        .unwrap();
+    statement
+        .query_map([deal_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap()
+}
+
+fn stage_of(daemon: &TestDaemon, deal_id: i64) -> String {
+    daemon
+        .db()
+        .query_row("SELECT stage FROM deals WHERE id = ?1", [deal_id], |r| {
+            r.get(0)
+        })
+        .unwrap()
+}
+
+/// Waits until no row of the deal is pending or sending.
+async fn settled(daemon: &TestDaemon, deal_id: i64) -> Vec<(i64, String, Option<String>)> {
+    eventually(
+        &format!("deal {deal_id}'s outbox to settle"),
+        WAIT,
+        || async {
+            let rows = outbox_rows(daemon, deal_id);
+            (!rows.is_empty()
+                && rows
+                    .iter()
+                    .all(|(_, s, _)| s != "pending" && s != "sending"))
+            .then_some(rows)
+        },
+    )
+    .await
+}
+
+#[tokio::test]
+async fn a_cart_sequence_arrives_over_smtp_with_both_parts_and_every_header_then_the_cart_expires()
+{
+    let smtp = SmtpServer::start().await;
+    let daemon =
+        TestDaemon::start(&config(&smtp, "", &cart_rule("200ms", "700ms", "1200ms"))).await;
+    let store = store(&daemon);
+    let cart = put_cart(
+        &store,
+        "shop",
+        "c1",
+        "ada@example.com",
+        Some(true),
+        "cart_abandoned",
+        Utc::now(),
+    )
+    .await;
+
+    let mails = eventually("three cart emails", WAIT, || async {
+        let mails = messages_to(&smtp, "ada@example.com");
+        (mails.len() >= 3).then_some(mails)
+    })
+    .await;
+    let rows = settled(&daemon, cart).await;
+
+    assert_eq!(mails.len(), 3, "exactly three emails");
+    let subjects: Vec<_> = mails
+        .iter()
+        .map(|m| header(&m.data, "Subject").unwrap())
+        .collect();
+    assert_eq!(subjects[0], "You left something in your cart");
+    assert_eq!(subjects[1], "Still thinking it over, Ada Lovelace?");
+    assert_eq!(subjects[2], "SAVE10: a discount for the cart you left");
+    for (step, mail) in mails.iter().enumerate() {
+        assert_eq!(mail.mail_from, "shop@example.com");
+        let data = &mail.data;
+        assert!(
+            header(data, "Content-Type")
+                .unwrap()
+                .starts_with("multipart/alternative")
+        );
+        assert!(data.contains("Content-Type: text/plain"), "{data}");
+        assert!(data.contains("Content-Type: text/html"), "{data}");
+        assert_eq!(
+            header(data, "X-Dealsync-Idempotency-Key").unwrap(),
+            format!("{cart}-carts-{step}")
+        );
+        assert_eq!(
+            header(data, "Message-ID").unwrap(),
+            format!("<{cart}-carts-{step}.dealsync@example.com>")
+        );
+        let unsubscribe = header(data, "List-Unsubscribe").unwrap();
+        assert!(
+            unsubscribe.starts_with("<mailto:shop@example.com?"),
+            "{unsubscribe}"
+        );
+        assert!(
+            unsubscribe.contains(&daemon.url("/unsubscribe/")),
+            "{unsubscribe}"
+        );
+        assert_eq!(
+            header(data, "List-Unsubscribe-Post").unwrap(),
+            "List-Unsubscribe=One-Click"
+        );
+    }
+    assert!(mails[2].data.contains("SAVE10"));
+    let states: Vec<_> = rows.iter().map(|(_, s, _)| s.as_str()).collect();
+    assert_eq!(states, ["sent", "sent", "sent", "done"], "{rows:?}");
+    assert_eq!(stage_of(&daemon, cart), "expired");
+    let history = store.history(cart).await.unwrap();
+    let path: Vec<_> = history.iter().map(|h| h.to_stage.as_str()).collect();
+    assert_eq!(
+        path,
+        [
+            "cart_abandoned",
+            "follow_up_email",
+            "discount_offer",
+            "expired"
+        ]
+    );
+    assert!(
+        history[1..]
+            .iter()
+            .all(|h| h.cause == ChangeCause::Followup)
+    );
+}
+
+#[tokio::test]
+async fn a_sequence_stops_when_the_cart_is_bought_between_steps_even_through_another_connection() {
+    let smtp = SmtpServer::start().await;
+    let daemon = TestDaemon::start(&config(&smtp, "", &cart_rule("200ms", "2500ms", "4s"))).await;
+    let store = store(&daemon);
+    let now = Utc::now();
+    // Grace buys through the shop where she abandoned the cart; Linus through another
+    // connection (say, the phone order desk's CRM) with the same email address.
+    let grace_cart = put_cart(
+        &store,
+        "shop",
+        "g1",
+        "grace@example.com",
+        Some(true),
+        "cart_abandoned",
+        now,
+    )
+    .await;
+    let linus_cart = put_cart(
+        &store,
+        "shop",
+        "l1",
+        "linus@example.com",
+        Some(true),
+        "cart_abandoned",
+        now,
+    )
+    .await;
+    eventually("the first email to both", WAIT, || async {
+        (messages_to(&smtp, "grace@example.com").len() == 1
+            && messages_to(&smtp, "linus@example.com").len() == 1)
+            .then_some(())
+    })
+    .await;
+
+    put_cart(
+        &store,
+        "shop",
+        "g1",
+        "grace@example.com",
+        Some(true),
+        "purchase_completed",
+        Utc::now(),
+    )
+    .await;
+    put_cart(
+        &store,
+        "phone-orders",
+        "order-77",
+        "linus@example.com",
+        Some(true),
+        "purchase_completed",
+        Utc::now(),
+    )
+    .await;
+
+    let grace_rows = settled(&daemon, grace_cart).await;
+    let linus_rows = settled(&daemon, linus_cart).await;
+    assert_eq!(messages_to(&smtp, "grace@example.com").len(), 1);
+    assert_eq!(messages_to(&smtp, "linus@example.com").len(), 1);
+    assert_eq!(grace_rows[1].1, "skipped");
+    assert!(
+        grace_rows[1]
+            .2
+            .as_deref()
+            .unwrap()
+            .contains("purchase_completed"),
+        "{grace_rows:?}"
+    );
+    assert_eq!(linus_rows[1].1, "skipped");
+    let reason = linus_rows[1].2.as_deref().unwrap();
+    assert!(reason.contains("placed an order"), "{linus_rows:?}");
+    assert!(
+        linus_rows.iter().skip(1).all(|(_, s, _)| s == "skipped"),
+        "{linus_rows:?}"
+    );
+    // The cart itself stays where the first email put it: no expiry over an order.
+    assert_eq!(stage_of(&daemon, linus_cart), "follow_up_email");
+}
+
+#[tokio::test]
+async fn the_unsubscribe_link_works_over_http_and_nothing_more_is_sent() {
+    let smtp = SmtpServer::start().await;
+    let daemon = TestDaemon::start(&config(&smtp, "", &cart_rule("200ms", "3s", "4s"))).await;
+    let store = store(&daemon);
+    let cart = put_cart(
+        &store,
+        "shop",
+        "u1",
+        "barbara@example.com",
+        Some(true),
+        "cart_abandoned",
+        Utc::now(),
+    )
+    .await;
+    let first = eventually("the first email", WAIT, || async {
+        messages_to(&smtp, "barbara@example.com").into_iter().next()
+    })
+    .await;
+    let list_unsubscribe = header(&first.data, "List-Unsubscribe").unwrap();
+    let url = list_unsubscribe
+        .split(", ")
+        .find_map(|part| part.strip_prefix("<http"))
+        .map(|rest| format!("http{}", rest.trim_end_matches('>')))
+        .expect("an https/http unsubscribe URL");
+    let path = url.strip_prefix(&daemon.url("")).unwrap().to_owned();
+
+    let (status, page) = daemon.get(&path).await;
+    assert_eq!(status, 200, "{page}");
+    assert!(page.contains("<form method=\"post\""), "{page}");
+    assert!(page.contains("b***@example.com"), "{page}");
+    assert!(
+        store
+            .suppression("barbara@example.com".into())
+            .await
+            .unwrap()
+            .is_none(),
+        "a GET must not unsubscribe"
+    );
+
+    let forged = format!("{}x", path.trim_end_matches('/'));
+    let (status, _) = daemon.get(&forged).await;
+    assert_eq!(status, 404);
+
+    let response = daemon
+        .http
+        .post(daemon.url(&path))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("List-Unsubscribe=One-Click")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let suppression = store
+        .suppression("barbara@example.com".into())
+        .await
+        .unwrap()
+        .expect("suppressed after the POST");
+    assert_eq!(suppression.reason, "unsubscribed");
+
+    let rows = settled(&daemon, cart).await;
+    assert_eq!(messages_to(&smtp, "barbara@example.com").len(), 1);
+    assert!(
+        rows[1].2.as_deref().unwrap().contains("suppressed"),
+        "{rows:?}"
+    );
+}
+
+#[tokio::test]
+async fn suppressed_bouncing_and_non_consenting_recipients_get_nothing() {
+    let smtp = SmtpServer::start().await;
+    let daemon = TestDaemon::start(&config(&smtp, "", &cart_rule("200ms", "400ms", "600ms"))).await;
+    let store = store(&daemon);
+    store
+        .suppress(
+            "suppressed@example.com".into(),
+            "manual".into(),
+            None,
+            Utc::now(),
+        )
+        .await
+        .unwrap();
+    let now = Utc::now();
+    let suppressed = put_cart(
+        &store,
+        "shop",
+        "s1",
+        "suppressed@example.com",
+        Some(true),
+        "cart_abandoned",
+        now,
+    )
+    .await;
+    let declined = put_cart(
+        &store,
+        "shop",
+        "s2",
+        "declined@example.com",
+        Some(false),
+        "cart_abandoned",
+        now,
+    )
+    .await;
+    let unknown = put_cart(
+        &store,
+        "shop",
+        "s3",
+        "unknown@example.com",
+        None,
+        "cart_abandoned",
+        now,
+    )
+    .await;
+    let bouncing = put_cart(
+        &store,
+        "shop",
+        "s4",
+        "bounce@example.com",
+        Some(true),
+        "cart_abandoned",
+        now,
+    )
+    .await;
+    let control = put_cart(
+        &store,
+        "shop",
+        "s5",
+        "control@example.com",
+        Some(true),
+        "cart_abandoned",
+        now,
+    )
+    .await;
+
+    for deal in [suppressed, declined, unknown, bouncing, control] {
+        settled(&daemon, deal).await;
+    }
+    let received: Vec<_> = smtp.messages();
+    assert_eq!(
+        messages_to(&smtp, "control@example.com").len(),
+        3,
+        "the control shopper gets the sequence"
+    );
+    assert!(
+        received.iter().all(|m| to(m, "control@example.com")),
+        "only the control shopper got email: {:?}",
+        received.iter().map(|m| &m.rcpt_to).collect::<Vec<_>>()
+    );
+    let reason = |deal| outbox_rows(&daemon, deal)[0].2.clone().unwrap_or_default();
+    assert!(
+        reason(suppressed).contains("suppressed"),
+        "{}",
+        reason(suppressed)
+    );
+    assert!(
+        reason(declined).contains("declined"),
+        "{}",
+        reason(declined)
+    );
+    assert!(
+        reason(unknown).contains("no marketing consent"),
+        "{}",
+        reason(unknown)
+    );
+    let bounce_rows = outbox_rows(&daemon, bouncing);
+    assert_eq!(bounce_rows[0].1, "failed", "{bounce_rows:?}");
+    assert!(bounce_rows[1].2.as_deref().unwrap().contains("suppressed"));
+    let bounce = store
+        .suppression("bounce@example.com".into())
+        .await
+        .unwrap()
+        .expect("a hard bounce suppresses the address");
+    assert_eq!(bounce.reason, "hard bounce");
+}
+
+#[tokio::test]
+async fn with_smtp_down_emails_are_retried_later_none_lost_none_doubled() {
+    let mut smtp = SmtpServer::start().await;
+    smtp.stop().await;
+    let daemon = TestDaemon::start(&config(
+        &smtp,
+        "",
+        r#"
+[followups.owner_alert]
+kind = "transactional"
+stage = "sales.proposal"
+to = "owner"
+template = "deal_stalled"
+after = "100ms"
+"#,
+    ))
+    .await;
+    let store = store(&daemon);
+    let mut deals = Vec::new();
+    for n in 0..5 {
+        let mut source = SourceDeal::new(format!("d{n}"), format!("Deal {n}"), "p", "s");
+        source.owner = Some("Alice Owner".into());
+        source.owner_email = EmailAddress::parse("alice@example.com");
+        source.stage_changed_at = Some(Utc::now());
+        source.updated_at = source.stage_changed_at;
+        store
+            .upsert_deals(vec![DealUpsert {
+                connection: ConnectionName::new("crm"),
+                source,
+                target: StageRef {
+                    pipeline: Some(PipelineKey::new("sales")),
+                    stage: StageKey::new("proposal"),
+                },
+                status: DealStatus::Open,
+                observed_at: Utc::now(),
+                cause: ChangeCause::Poll,
+            }])
+            .await
+            .unwrap();
+        deals.push(
+            store
+                .deal_by_external_id("crm", &format!("d{n}"))
+                .await
+                .unwrap()
+                .unwrap()
+                .id,
+        );
+    }
+    eventually("failed attempts while SMTP is down", WAIT, || async {
+        let retrying = daemon.count(
+            "SELECT count(*) FROM outbox WHERE state = 'pending' AND attempts >= 1
+             AND reason LIKE 'retrying:%'",
+        );
+        (retrying == 5).then_some(())
+    })
+    .await;
+    assert!(smtp.messages().is_empty());
+
+    smtp.restart().await;
+    for deal in &deals {
+        let rows = settled(&daemon, *deal).await;
+        assert_eq!(rows[0].1, "sent", "{rows:?}");
+    }
+    let mails = smtp.messages();
+    assert_eq!(mails.len(), 5);
+    let mut keys: Vec<_> = mails
+        .iter()
+        .map(|m| header(&m.data, "X-Dealsync-Idempotency-Key").unwrap())
+        .collect();
+    keys.sort();
+    keys.dedup();
+    assert_eq!(keys.len(), 5, "each email once");
+}
+
+#[tokio::test]
+async fn a_daemon_killed_during_a_send_burst_sends_no_message_twice() {
+    let smtp = SmtpServer::start().await;
+    let mut daemon = TestDaemon::start(&config(
+        &smtp,
+        "pool_size = 4",
+        r#"
+[followups.owner_alert]
+kind = "transactional"
+stage = "sales.proposal"
+to = "team@example.com"
+template = "deal_stalled"
+after = "1s"
+"#,
+    ))
+    .await;
+    let store = store(&daemon);
+    let total = 300;
+    let now = Utc::now();
+    let upserts = (0..total)
+        .map(|n| {
+            let mut source = SourceDeal::new(format!("d{n}"), format!("Deal {n}"), "p", "s");
+            source.stage_changed_at = Some(now);
+            source.updated_at = Some(now);
+            DealUpsert {
+                connection: ConnectionName::new("crm"),
+                source,
+                target: StageRef {
+                    pipeline: Some(PipelineKey::new("sales")),
+                    stage: StageKey::new("proposal"),
+                },
+                status: DealStatus::Open,
+                observed_at: now,
+                cause: ChangeCause::Poll,
+            }
+        })
+        .collect();
+    store.upsert_deals(upserts).await.unwrap();
+
+    eventually("the burst to be under way", WAIT, || async {
+        (smtp.messages().len() >= 20).then_some(())
+    })
+    .await;
+    daemon.kill_and_restart().await;
+    eventually("every row to settle after the restart", WAIT, || async {
+        let open =
+            daemon.count("SELECT count(*) FROM outbox WHERE state IN ('pending', 'sending')");
+        let all = daemon.count("SELECT count(*) FROM outbox");
+        (open == 0 && all == total).then_some(())
+    })
+    .await;
+
+    let mails = smtp.messages();
+    let mut per_key: HashMap<String, usize> = HashMap::new();
+    for mail in &mails {
+        *per_key
+            .entry(header(&mail.data, "X-Dealsync-Idempotency-Key").unwrap())
+            .or_default() += 1;
+    }
+    let doubled: Vec<_> = per_key.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(doubled.is_empty(), "sent twice: {doubled:?}");
+    let sent = daemon.count("SELECT count(*) FROM outbox WHERE state = 'sent'");
+    let uncertain = daemon.count("SELECT count(*) FROM outbox WHERE state = 'uncertain'");
+    assert_eq!(
+        sent + uncertain,
+        total,
+        "every row sent or shown as uncertain"
+    );
+    // Every row marked sent reached the server; an uncertain one may have.
+    assert!(mails.len() as i64 >= sent && mails.len() as i64 <= total);
+}
+
+#[tokio::test]
+async fn the_frequency_cap_holds_back_emails_beyond_the_daily_limit() {
+    let smtp = SmtpServer::start().await;
+    let daemon = TestDaemon::start(&config(
+        &smtp,
+        "max_per_recipient_per_day = 2",
+        &cart_rule("200ms", "400ms", "600ms"),
+    ))
+    .await;
+    let store = store(&daemon);
+    let cart = put_cart(
+        &store,
+        "shop",
+        "f1",
+        "frances@example.com",
+        Some(true),
+        "cart_abandoned",
+        Utc::now(),
+    )
+    .await;
+    let rows = eventually("the third step to be held by the cap", WAIT, || async {
+        let rows = outbox_rows(&daemon, cart);
+        rows.get(2)
+            .filter(|(_, state, reason)| {
+                state == "pending"
+                    && reason
+                        .as_deref()
+                        .is_some_and(|r| r.contains("frequency cap"))
+            })
+            .map(|_| rows.clone())
+    })
+    .await;
+    assert_eq!(rows[0].1, "sent");
+    assert_eq!(rows[1].1, "sent");
+    assert_eq!(messages_to(&smtp, "frances@example.com").len(), 2);
+}
+
+#[tokio::test]
+async fn one_shopper_with_several_abandoned_carts_gets_one_sequence_for_the_newest() {
+    let smtp = SmtpServer::start().await;
+    let daemon = TestDaemon::start(&config(&smtp, "", &cart_rule("1500ms", "2s", "2500ms"))).await;
+    let store = store(&daemon);
+    let older = put_cart(
+        &store,
+        "shop",
+        "o1",
+        "edsger@example.com",
+        Some(true),
+        "cart_abandoned",
+        Utc::now(),
+    )
+    .await;
+    eventually("the older cart to be enrolled", WAIT, || async {
+        (!outbox_rows(&daemon, older).is_empty()).then_some(())
+    })
+    .await;
+    let newer = put_cart(
+        &store,
+        "shop",
+        "o2",
+        "edsger@example.com",
+        Some(true),
+        "cart_abandoned",
+        Utc::now(),
+    )
+    .await;
+    let newer_rows = settled(&daemon, newer).await;
+    let older_rows = settled(&daemon, older).await;
+    assert!(
+        older_rows
+            .iter()
+            .all(|(_, s, r)| s == "skipped" && r.as_deref().unwrap().contains("superseded")),
+        "{older_rows:?}"
+    );
+    assert_eq!(newer_rows[0].1, "sent");
+    let mails = messages_to(&smtp, "edsger@example.com");
+    assert_eq!(mails.len(), 3);
+    assert!(mails.iter().all(|m| {
+        header(&m.data, "X-Dealsync-Idempotency-Key")
+            .unwrap()
+            .starts_with(&format!("{newer}-"))
+    }));
+}
+
+#[tokio::test]
+async fn after_downtime_a_step_overdue_beyond_the_grace_is_skipped_and_recorded_not_sent_late() {
+    let smtp = SmtpServer::start().await;
+    let mut daemon = TestDaemon::start(&config(
+        &smtp,
+        "late_grace = \"1s\"",
+        &cart_rule("2s", "9s", "10s"),
+    ))
+    .await;
+    let store = store(&daemon);
+    let cart = put_cart(
+        &store,
+        "shop",
+        "late",
+        "dennis@example.com",
+        Some(true),
+        "cart_abandoned",
+        Utc::now(),
+    )
+    .await;
+    eventually("the cart to be enrolled", WAIT, || async {
+        (outbox_rows(&daemon, cart).len() == 4).then_some(())
+    })
+    .await;
+    daemon.signal("KILL");
+    daemon.wait_exit(Duration::from_secs(10)).await;
+    // The daemon is down while step 1 comes due (at 2s) and its grace (1s) passes.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    daemon.start_again().await;
+
+    let rows = eventually("step 2 to be sent on time", WAIT, || async {
+        let rows = outbox_rows(&daemon, cart);
+        (rows[1].1 == "sent").then_some(rows)
+    })
+    .await;
+    assert_eq!(rows[0].1, "skipped", "{rows:?}");
+    assert!(
+        rows[0].2.as_deref().unwrap().contains("not sent late"),
+        "{rows:?}"
+    );
+    let mails = messages_to(&smtp, "dennis@example.com");
+    assert_eq!(mails.len(), 1);
+    assert_eq!(
+        header(&mails[0].data, "X-Dealsync-Idempotency-Key").unwrap(),
+        format!("{cart}-carts-1")
+    );
+}
+
+#[tokio::test]
+async fn check_rejects_unknown_stages_templates_bad_delays_and_template_errors_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("templates")).unwrap();
+    for (file, text) in [
+        ("broken.subject", "Hello {{ contact.nmae }}"),
+        ("broken.txt", "text"),
+        ("broken.html", "<p>html</p>"),
+    ] {
+        std::fs::write(dir.path().join("templates").join(file), text).unwrap();
+    }
+    let write = |name: &str, rules: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(
+            &path,
+            format!(
+                "[storage]\npath = \"{}/x.db\"\n[email]\ntemplates = \"templates\"\n{rules}",
+                dir.path().display()
+            ),
+        )
+        .unwrap();
+        path
+    };
+    let bad = write(
+        "bad.toml",
+        r#"
+[followups.a]
+kind = "transactional"
+stage = "sales.nowhere"
+template = "deal_stalled"
+
+[followups.b]
+kind = "transactional"
+stage = "sales.proposal"
+to = "owner"
+template = "missing"
+
+[followups.c]
+kind = "transactional"
+stage = "ecommerce.cart_abandoned"
+steps = [
+  { after = "2h", template = "broken" },
+  { after = "1h", template = "broken" },
+]
+"#,
+    );
+    let (code, _, stderr) = run_cli(&["--config", bad.to_str().unwrap(), "check"], &[]).await;
+    assert_eq!(code, 78, "{stderr}");
+    assert!(stderr.contains("followups.a.stage"), "{stderr}");
+    assert!(
+        stderr.contains("followups.b.template: unknown template \"missing\""),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("followups.c.steps[1].after: must be later"),
+        "{stderr}"
+    );
+
+    let typo = write(
+        "typo.toml",
+        r#"
+[followups.c]
+kind = "transactional"
+stage = "sales.proposal"
+to = "owner"
+template = "broken"
+"#,
+    );
+    let (code, _, stderr) = run_cli(&["--config", typo.to_str().unwrap(), "check"], &[]).await;
+    assert_eq!(code, 78, "{stderr}");
+    assert!(stderr.contains("broken.subject"), "{stderr}");
+    assert!(stderr.contains("followups.c"), "{stderr}");
+}
