@@ -56,6 +56,14 @@ fn main() {
             .replace(
                 "dir = \"data/outbox\"",
                 &format!("dir = \"{}/outbox\"", dir.path().display()),
+            )
+            .replace(
+                "templates = \"templates\"",
+                concat!(
+                    "templates = \"",
+                    env!("CARGO_MANIFEST_DIR"),
+                    "/config/templates\""
+                ),
             );
         let config_path = dir.path().join("demo.toml");
         std::fs::write(&config_path, config).unwrap();

@@ -145,7 +145,7 @@ pub struct RawRateLimit {
 pub struct RawEmail {
     /// "file" (writes .eml files) or "smtp".
     pub transport: Option<String>,
-    /// smtp://host:port, smtps://host:port (implicit TLS), smtp://…?tls=starttls; may hold credentials.
+    /// smtp://host:port (plain, local relays), smtp://host:port?tls=required (STARTTLS), smtps://host:port (implicit TLS); may hold credentials.
     pub url: Option<Secret>,
     /// Directory for the file transport.
     pub dir: Option<PathBuf>,
