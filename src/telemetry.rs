@@ -65,6 +65,20 @@ pub struct HttpLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ValueLabels {
+    pub connection: String,
+    pub pipeline: String,
+    pub stage: String,
+    pub currency: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EmailLabels {
+    pub rule: String,
+    pub state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BuildLabels {
     pub version: String,
 }
@@ -81,6 +95,12 @@ pub struct Metrics {
     pub last_success: Family<ConnectionLabels, Gauge<f64, AtomicU64>>,
     pub http_requests: Family<HttpLabels, Counter>,
     pub config_reloads: Family<RunLabels, Counter>,
+    /// Σ amount of live deals in minor units, per stage and currency (refreshed at scrape).
+    pub deal_value: Family<ValueLabels, Gauge>,
+    /// Open deals past their stage's stall threshold (refreshed at scrape).
+    pub stalled_deals: Family<StageLabels, Gauge>,
+    /// Outbox rows per follow-up rule and state (refreshed at scrape).
+    pub outbox_emails: Family<EmailLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -109,6 +129,9 @@ impl Metrics {
             last_success: Family::default(),
             http_requests: Family::default(),
             config_reloads: Family::default(),
+            deal_value: Family::default(),
+            stalled_deals: Family::default(),
+            outbox_emails: Family::default(),
             registry: Mutex::new(Registry::default()),
         };
         registry.register(
@@ -150,6 +173,21 @@ impl Metrics {
             "config_reloads",
             "Config reloads by outcome",
             metrics.config_reloads.clone(),
+        );
+        registry.register(
+            "deal_value_minor",
+            "Summed amount of live deals in minor units of the currency, by connection, pipeline, stage and currency",
+            metrics.deal_value.clone(),
+        );
+        registry.register(
+            "stalled_deals",
+            "Open deals that sat in their stage longer than its stall threshold",
+            metrics.stalled_deals.clone(),
+        );
+        registry.register(
+            "outbox_emails",
+            "Follow-up emails in the outbox by rule and state",
+            metrics.outbox_emails.clone(),
         );
         *metrics.registry.lock().expect("fresh mutex") = registry;
         metrics

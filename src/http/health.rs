@@ -29,6 +29,7 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
 
 /// Prometheus text format; deal gauges are refreshed from the store at scrape time.
 pub async fn metrics(State(state): State<Arc<AppState>>) -> Result<impl IntoResponse, ApiError> {
+    super::pipeline_metrics::refresh(&state).await?;
     let counts = state.store.stage_counts().await?;
     state.metrics.deals.clear();
     state.metrics.unmapped_deals.clear();

@@ -6,6 +6,7 @@
 mod api;
 pub mod error;
 mod health;
+mod pipeline_metrics;
 mod status;
 mod unsubscribe;
 

@@ -234,6 +234,7 @@ pub struct Accumulator {
     resolved: Vec<Option<Option<StageInfo>>>,
     total: ScopeAcc,
     by_connection: BTreeMap<u32, ScopeAcc>,
+    infos_buffer: Vec<Option<StageInfo>>,
 }
 
 impl Accumulator {
@@ -257,6 +258,7 @@ impl Accumulator {
             resolved: Vec::new(),
             total: empty,
             by_connection: BTreeMap::new(),
+            infos_buffer: Vec::new(),
         }
     }
 
@@ -340,7 +342,6 @@ impl Accumulator {
                     .enumerate()
                     .map(|(position, (stage, s))| {
                         let mut durations = s.durations_ms.clone();
-                        durations.sort_unstable();
                         StageReport {
                             stage: stage.key.to_string(),
                             label: stage.label.clone(),
@@ -358,8 +359,8 @@ impl Accumulator {
                                 .flatten(),
                             time_in_stage: TimeInStage {
                                 samples: durations.len() as u64,
-                                median_seconds: percentile(&durations, 50).map(ms_to_s),
-                                p90_seconds: percentile(&durations, 90).map(ms_to_s),
+                                median_seconds: percentile(&mut durations, 50).map(ms_to_s),
+                                p90_seconds: percentile(&mut durations, 90).map(ms_to_s),
                             },
                             stall_after_seconds: stage.stall_after.map(|d| d.as_secs()),
                             stalled: s.stalled,
@@ -431,7 +432,12 @@ impl ReportSink for Accumulator {
     }
 
     fn add_deal(&mut self, deal: &DealInput, visits: &[VisitInput], followups: &[FollowupInput]) {
-        let infos: Vec<Option<StageInfo>> = visits.iter().map(|v| self.info(v.stage)).collect();
+        // One buffer reused for every deal: no allocation per deal.
+        let mut infos = std::mem::take(&mut self.infos_buffer);
+        infos.clear();
+        for visit in visits {
+            infos.push(self.info(visit.stage));
+        }
         let current = self.info(deal.stage);
         let (since, until) = (self.since_ms, self.until_ms);
         let in_period = |at: i64| at >= since && at < until;
@@ -462,6 +468,7 @@ impl ReportSink for Accumulator {
                 ..Default::default()
             });
         facts.fold_into(by_connection);
+        self.infos_buffer = infos;
     }
 }
 
@@ -487,7 +494,6 @@ impl DealFacts<'_> {
 
     /// Entered, exited, time in stage, conversion cohorts.
     fn flows(&self, scope: &mut ScopeAcc) {
-        let mut cohorts_seen: Vec<(usize, usize)> = Vec::new();
         for (at, (visit, info)) in self.visits.iter().zip(self.infos).enumerate() {
             let Some(info) = info else { continue };
             let stage = &mut scope.pipelines[info.pipeline].stages[info.position];
@@ -503,9 +509,8 @@ impl DealFacts<'_> {
             }
             if started_in_period
                 && info.kind == StageKind::Open
-                && !cohorts_seen.contains(&(info.pipeline, info.position))
+                && !self.entered_earlier_in_period(at, *info)
             {
-                cohorts_seen.push((info.pipeline, info.position));
                 stage.cohort += 1;
                 let advanced = self.infos[at + 1..].iter().flatten().any(|later| {
                     later.pipeline == info.pipeline
@@ -520,6 +525,28 @@ impl DealFacts<'_> {
                 }
             }
         }
+    }
+
+    /// Whether a visit before `at` to the same stage started in the period (histories
+    /// are a handful of rows, so a scan beats allocating a set per deal).
+    fn entered_earlier_in_period(&self, at: usize, info: StageInfo) -> bool {
+        self.visits[..at]
+            .iter()
+            .zip(&self.infos[..at])
+            .any(|(visit, earlier)| {
+                earlier.is_some_and(|e| e.pipeline == info.pipeline && e.position == info.position)
+                    && (self.in_period)(visit.at)
+            })
+    }
+
+    /// Whether the move into visit `at` reopens a deal: closing stage → open stage, in the period.
+    fn reopens(&self, at: usize) -> Option<usize> {
+        let info = self.infos[at]?;
+        let previous = self.infos[at.checked_sub(1)?]?;
+        (info.kind == StageKind::Open
+            && matches!(previous.kind, StageKind::Won | StageKind::Lost)
+            && (self.in_period)(self.visits[at].at))
+        .then_some(info.pipeline)
     }
 
     /// Won / lost by the final run of closing visits; reopened deals.
@@ -541,16 +568,11 @@ impl DealFacts<'_> {
                 }
             }
         }
-        let mut reopened_in: Vec<usize> = Vec::new();
         for at in 1..self.visits.len() {
-            if let Some(info) = self.infos[at]
-                && info.kind == StageKind::Open
-                && closing(&self.infos[at - 1])
-                && (self.in_period)(self.visits[at].at)
-                && !reopened_in.contains(&info.pipeline)
+            if let Some(pipeline) = self.reopens(at)
+                && !(1..at).any(|earlier| self.reopens(earlier) == Some(pipeline))
             {
-                reopened_in.push(info.pipeline);
-                scope.pipelines[info.pipeline].reopened += 1;
+                scope.pipelines[pipeline].reopened += 1;
             }
         }
     }
@@ -691,14 +713,16 @@ fn ms_to_s(ms: i64) -> f64 {
     ms as f64 / 1000.0
 }
 
-/// Nearest-rank percentile of sorted values: the smallest value with at least `p`% of
-/// the values at or below it (so the median of an even count is the lower middle).
-pub fn percentile(sorted: &[i64], p: u32) -> Option<i64> {
-    if sorted.is_empty() {
+/// Nearest-rank percentile: the smallest value with at least `p`% of the values at or
+/// below it (so the median of an even count is the lower middle). Reorders `values`
+/// (a selection, O(n), rather than a full sort).
+pub fn percentile(values: &mut [i64], p: u32) -> Option<i64> {
+    if values.is_empty() {
         return None;
     }
-    let rank = (u64::from(p) * sorted.len() as u64).div_ceil(100).max(1);
-    Some(sorted[(rank - 1) as usize])
+    let rank = (u64::from(p) * values.len() as u64).div_ceil(100).max(1);
+    let (_, value, _) = values.select_nth_unstable((rank - 1) as usize);
+    Some(*value)
 }
 
 /// The open stage with the lowest conversion among those whose cohort has at least

@@ -304,12 +304,15 @@ async fn the_pipeline_filter_drops_other_pipelines_from_every_figure() {
 
 #[test]
 fn percentiles_use_the_nearest_rank() {
-    assert_eq!(percentile(&[], 50), None);
-    assert_eq!(percentile(&[7], 90), Some(7));
-    assert_eq!(percentile(&[1, 2, 3, 4], 50), Some(2));
-    assert_eq!(percentile(&[1, 2, 3, 4, 5, 6, 7, 8, 9, 10], 90), Some(9));
+    assert_eq!(percentile(&mut [], 50), None);
+    assert_eq!(percentile(&mut [7], 90), Some(7));
+    assert_eq!(percentile(&mut [1, 2, 3, 4], 50), Some(2));
     assert_eq!(
-        percentile(&[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], 90),
+        percentile(&mut [1, 2, 3, 4, 5, 6, 7, 8, 9, 10], 90),
+        Some(9)
+    );
+    assert_eq!(
+        percentile(&mut [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], 90),
         Some(10)
     );
 }

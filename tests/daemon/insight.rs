@@ -268,3 +268,28 @@ async fn the_status_page_can_be_turned_off() {
     let (status, _) = daemon.get("/").await;
     assert_eq!(status, 404);
 }
+
+#[tokio::test]
+async fn metrics_carry_deal_value_per_currency_stalled_deals_and_emails_by_rule_and_state() {
+    let daemon = daemon_with_fixture("").await;
+    let (status, body) = daemon.get("/metrics").await;
+    assert_eq!(status, 200);
+    for line in [
+        "dealsync_deal_value_minor{connection=\"crm-us\",pipeline=\"sales\",stage=\"proposal\",currency=\"USD\"} 200000",
+        "dealsync_deal_value_minor{connection=\"crm-eu\",pipeline=\"sales\",stage=\"proposal\",currency=\"EUR\"} 250000",
+        // B (needs assessment since Jan 14) and F (lead qualification since Jan 7) are stalled.
+        "dealsync_stalled_deals{connection=\"crm-eu\",pipeline=\"sales\",stage=\"needs_assessment\"} 1",
+        "dealsync_stalled_deals{connection=\"crm-eu\",pipeline=\"sales\",stage=\"lead_qualification\"} 1",
+        "dealsync_outbox_emails{rule=\"cart\",state=\"sent\"} 5",
+        "dealsync_outbox_emails{rule=\"cart\",state=\"failed\"} 1",
+        "dealsync_outbox_emails{rule=\"cart\",state=\"skipped\"} 1",
+    ] {
+        assert!(body.contains(line), "missing {line:?} in:\n{body}");
+    }
+    // Won and lost deals are never stalled.
+    assert!(
+        !body.contains(
+            "dealsync_stalled_deals{connection=\"crm-us\",pipeline=\"sales\",stage=\"won\""
+        )
+    );
+}
