@@ -167,9 +167,9 @@ fn generate(path: &std::path::Path, deal_order: bool) -> anyhow::Result<()> {
             row.execute(rusqlite::params![deal_id, at, pipeline, stage])?;
         }
         let mut outbox = tx.prepare(
-            "INSERT OR IGNORE INTO outbox (deal_id, rule, step, recipient, state, due_at, created_at,
-                updated_at, sent_at)
-             VALUES (?1, 'cart', ?2, 'x@example.com', 'sent', ?3, ?3, ?3, ?3)",
+            "INSERT OR IGNORE INTO outbox (deal_id, rule, step, recipient, state, anchor_at,
+                due_at, next_attempt_at, created_at, updated_at, sent_at)
+             VALUES (?1, 'cart', ?2, 'x@example.com', 'sent', ?3, ?3, ?3, ?3, ?3, ?3)",
         )?;
         let mut sent = 0;
         for (deal_id, at, _, stage) in &history {
