@@ -125,7 +125,7 @@ impl Readiness {
 pub struct AppState {
     pub store: Store,
     pub metrics: Arc<Metrics>,
-    pub readiness: Readiness,
+    pub readiness: Arc<Readiness>,
     config: RwLock<Arc<Config>>,
     connections: RwLock<Arc<Vec<Arc<ConnectionRuntime>>>>,
 }
@@ -155,9 +155,13 @@ impl AppState {
     }
 
     pub fn sync_deps(&self) -> SyncDeps {
+        let readiness = self.readiness.clone();
         SyncDeps {
             store: self.store.clone(),
             metrics: self.metrics.clone(),
+            attention: Some(Arc::new(move |name: &str, what: Option<String>| {
+                readiness.attention(name, what)
+            })),
         }
     }
 }
@@ -203,7 +207,7 @@ impl App {
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|source| StartupError::Bind { addr, source })?;
-        let readiness = Readiness::default();
+        let readiness = Arc::new(Readiness::default());
         readiness.set_migrated();
         readiness.expect(runtimes.iter().map(|r| r.name().to_owned()));
         let (reload_tx, reload_rx) = mpsc::channel(1);

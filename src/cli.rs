@@ -42,6 +42,8 @@ pub enum Command {
     Stages,
     /// Sync now, once, with a progress bar on a terminal.
     Sync(SyncArgs),
+    /// Authorize an OAuth connection in the browser and store its tokens.
+    Auth(AuthArgs),
     /// Deals in the store.
     #[command(subcommand)]
     Deals(DealsCommand),
@@ -138,6 +140,19 @@ pub struct SyncArgs {
     pub connection: Option<String>,
 }
 
+#[derive(Debug, Args)]
+pub struct AuthArgs {
+    /// The connection to authorize (it needs an `[connections.NAME.oauth]` table).
+    pub connection: String,
+    /// Loopback port for the redirect (register http://127.0.0.1:PORT/callback with
+    /// the vendor); 0 picks a free one.
+    #[arg(long, default_value_t = 8976)]
+    pub port: u16,
+    /// How long to wait for the browser to come back.
+    #[arg(long, default_value = "5m", value_parser = config::duration::parse)]
+    pub timeout: std::time::Duration,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum DealsCommand {
     /// List deals, newest activity first.
@@ -209,6 +224,7 @@ pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
         Command::Check => check(&cli.config).await,
         Command::Stages => stages(&cli.config).await,
         Command::Sync(args) => sync_now(&cli.config, args).await,
+        Command::Auth(args) => authorize(&cli.config, args).await,
         Command::Deals(DealsCommand::List(args)) => deals_list(&cli.config, args).await,
         Command::Report(args) => report(&cli.config, args).await,
         Command::Outbox(OutboxCommand::List(args)) => outbox_list(&cli.config, args).await,
@@ -452,6 +468,7 @@ async fn sync_now(path: &std::path::Path, args: SyncArgs) -> Result<(), CliError
     let deps = SyncDeps {
         store: store.clone(),
         metrics: Arc::new(Metrics::new()),
+        attention: None,
     };
     let shutdown = CancellationToken::new();
     {
@@ -533,6 +550,48 @@ async fn sync_now(path: &std::path::Path, args: SyncArgs) -> Result<(), CliError
             "{failed} connection(s) failed to sync"
         )));
     }
+    Ok(())
+}
+
+async fn authorize(path: &std::path::Path, args: AuthArgs) -> Result<(), CliError> {
+    let config = load(path).await?;
+    let Some(connection) = config
+        .connections
+        .iter()
+        .find(|c| c.name.as_str() == args.connection)
+    else {
+        return Err(CliError::Usage(format!(
+            "no connection named {:?} in {}",
+            args.connection,
+            config.path.display()
+        )));
+    };
+    let catalog = crate::connectors::Registry::catalog(&config)?;
+    let Some(manifest) = catalog.get(&connection.connector) else {
+        return Err(CliError::Usage(format!(
+            "connector {:?} of connection {} has no OAuth2 flow",
+            connection.connector, connection.name
+        )));
+    };
+    let store = open_store(&config).await?;
+    store
+        .ensure_connection(connection.name.as_str(), &connection.connector)
+        .await?;
+    let announce = |text: &str| output::print(&format!("{text}\n"));
+    crate::connectors::manifest::auth::authorize(
+        &manifest,
+        connection,
+        &store,
+        args.port,
+        args.timeout,
+        &announce,
+    )
+    .await
+    .map_err(|error| CliError::Other(error.into()))?;
+    output::print(&format!(
+        "connection {}: authorized; tokens stored\n",
+        connection.name
+    ));
     Ok(())
 }
 

@@ -18,4 +18,5 @@ pub mod shutdown;
 pub mod store;
 pub mod sync;
 pub mod telemetry;
+pub mod vendor_http;
 pub mod webhooks;

@@ -101,6 +101,8 @@ pub struct Metrics {
     pub stalled_deals: Family<StageLabels, Gauge>,
     /// Outbox rows per follow-up rule and state (refreshed at scrape).
     pub outbox_emails: Family<EmailLabels, Gauge>,
+    /// Vendor API requests, retries, 429s, budget and OAuth token state.
+    pub vendor: crate::vendor_http::VendorMetrics,
 }
 
 impl Default for Metrics {
@@ -132,6 +134,7 @@ impl Metrics {
             deal_value: Family::default(),
             stalled_deals: Family::default(),
             outbox_emails: Family::default(),
+            vendor: crate::vendor_http::VendorMetrics::default(),
             registry: Mutex::new(Registry::default()),
         };
         registry.register(
@@ -189,6 +192,7 @@ impl Metrics {
             "Follow-up emails in the outbox by rule and state",
             metrics.outbox_emails.clone(),
         );
+        metrics.vendor.register(&mut registry);
         *metrics.registry.lock().expect("fresh mutex") = registry;
         metrics
     }

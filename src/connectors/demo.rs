@@ -578,6 +578,7 @@ impl Connector for DemoConnector {
             next: serde_json::to_value(next).expect("cursor serializes"),
             done,
             requests: 1,
+            rate_limited: 0,
         })
     }
 }

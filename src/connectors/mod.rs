@@ -5,6 +5,7 @@
 //! never writes to the store. `sync` maps stages and commits each page with its cursor.
 
 pub mod demo;
+pub mod manifest;
 
 use crate::config::{ConfigError, ConnectionConfig};
 use crate::domain::{ConnectionName, SourceDeal};
@@ -64,6 +65,8 @@ pub struct Page {
     pub done: bool,
     /// HTTP requests made for this page (for the run summary).
     pub requests: u64,
+    /// Of those, answers of 429 Too Many Requests.
+    pub rate_limited: u64,
 }
 
 /// A verified webhook delivery as stored in the inbox; only `verify_webhook`-checked
@@ -91,11 +94,33 @@ pub enum WebhookAction {
     Refetch { external_id: String },
 }
 
+/// Reports (or clears, with `None`) what a connection needs from an operator, such
+/// as re-authorization; the daemon shows it on `/readyz`.
+pub type Attention = Arc<dyn Fn(&str, Option<String>) + Send + Sync>;
+
 /// All a connector may touch during a sync.
 #[derive(Clone)]
 pub struct SyncContext {
     pub connection: ConnectionName,
     pub shutdown: CancellationToken,
+    /// Where vendor request metrics go.
+    pub metrics: Arc<crate::telemetry::Metrics>,
+    /// The token store (OAuth connections need it).
+    pub store: Option<crate::store::Store>,
+    pub attention: Option<Attention>,
+}
+
+impl SyncContext {
+    /// A context with fresh metrics, no store and no attention callback.
+    pub fn new(connection: ConnectionName, shutdown: CancellationToken) -> Self {
+        SyncContext {
+            connection,
+            shutdown,
+            metrics: Arc::new(crate::telemetry::Metrics::new()),
+            store: None,
+            attention: None,
+        }
+    }
 }
 
 /// A kind of source, configured for one connection.
@@ -157,14 +182,30 @@ pub trait Connector: Send + Sync {
 /// The known connectors, as an explicit list.
 pub struct Registry;
 
-/// The connectors this build knows.
-pub const KNOWN: &[&str] = &["demo"];
+/// The connectors this build knows: `demo` in Rust, the others as built-in manifests
+/// (`connectors/*.toml`). A config's `[connectors] dir` may add more.
+pub const KNOWN: &[&str] = &["demo", "hubspot", "pipedrive", "salesforce"];
 
 impl Registry {
+    /// Loads the manifests in force for a config: built-ins, then `[connectors] dir`.
+    pub fn catalog(config: &crate::config::Config) -> Result<manifest::Catalog, ConfigError> {
+        manifest::Catalog::load(config.connectors_dir.as_deref()).map_err(ConfigError::Invalid)
+    }
+
     /// Builds the connector for one connection, or explains what is wrong.
     pub fn build(
         connection: &ConnectionConfig,
         config: &crate::config::Config,
+    ) -> Result<Arc<dyn Connector>, ConfigError> {
+        let catalog = Self::catalog(config)?;
+        Self::build_with(connection, config, &catalog)
+    }
+
+    /// Builds the connector for one connection from an already loaded catalog.
+    pub fn build_with(
+        connection: &ConnectionConfig,
+        config: &crate::config::Config,
+        catalog: &manifest::Catalog,
     ) -> Result<Arc<dyn Connector>, ConfigError> {
         let base = format!("connections.{}", connection.name);
         match connection.connector.as_str() {
@@ -173,11 +214,22 @@ impl Registry {
                 .map_err(|(key, message)| {
                     ConfigError::at(config, format!("{base}.settings.{key}"), message)
                 }),
-            other => Err(ConfigError::at(
-                config,
-                format!("{base}.connector"),
-                format!("unknown connector {other:?} (known: {})", KNOWN.join(", ")),
-            )),
+            name => match catalog.get(name) {
+                Some(found) => manifest::ManifestConnector::new(found, connection)
+                    .map(|c| Arc::new(c) as Arc<dyn Connector>)
+                    .map_err(|(key, message)| {
+                        ConfigError::at(config, format!("{base}.{key}"), message)
+                    }),
+                None => {
+                    let mut known: Vec<String> = vec!["demo".to_owned()];
+                    known.extend(catalog.names());
+                    Err(ConfigError::at(
+                        config,
+                        format!("{base}.connector"),
+                        format!("unknown connector {name:?} (known: {})", known.join(", ")),
+                    ))
+                }
+            },
         }
     }
 }

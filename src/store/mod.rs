@@ -17,6 +17,7 @@ mod outbox;
 mod report;
 mod suppression;
 mod sync;
+mod tokens;
 
 pub use deals::{DealFilter, DealUpsert, StageCount, UnmappedStage, UpsertOutcome};
 pub use migrations::SCHEMA_VERSION;
@@ -29,6 +30,7 @@ pub use report::{
 };
 pub use suppression::Suppression;
 pub use sync::{Quarantined, SyncRunRecord};
+pub use tokens::StoredToken;
 
 use chrono::{DateTime, TimeZone, Utc};
 use rusqlite::Connection;

@@ -42,8 +42,10 @@ impl ConnectionRuntime {
     pub fn build_all(config: &Config) -> Result<Vec<Arc<ConnectionRuntime>>, ConfigError> {
         let mut runtimes = Vec::new();
         let mut problems = Vec::new();
+        // Every manifest is checked, used or not: a broken user manifest is reported.
+        let catalog = Registry::catalog(config)?;
         for connection in config.connections.iter().filter(|c| c.enabled) {
-            let connector = match Registry::build(connection, config) {
+            let connector = match Registry::build_with(connection, config, &catalog) {
                 Ok(connector) => connector,
                 Err(error) => {
                     problems.extend(error.problems().iter().cloned());
@@ -139,11 +141,37 @@ impl ConnectionRuntime {
     }
 
     /// Maps a source record's native stage to a canonical stage and status.
+    ///
+    /// A source that says won or lost apart from its stages (Pipedrive's deal status)
+    /// wins over an open stage: the deal goes to its pipeline's first won or lost stage.
     pub fn map(&self, source: &SourceDeal) -> (StageRef, DealStatus) {
         let target = self
             .stage_map()
             .resolve(&source.native_pipeline, &source.native_stage);
         let status = self.pipelines.status_of(&target);
+        if let Some(said @ (DealStatus::Won | DealStatus::Lost)) = source.source_status
+            && said != status
+        {
+            let kind = if said == DealStatus::Won {
+                crate::pipeline::StageKind::Won
+            } else {
+                crate::pipeline::StageKind::Lost
+            };
+            let pipeline = target.pipeline.clone().or_else(|| self.default_pipeline());
+            if let Some(stage) = pipeline
+                .as_ref()
+                .and_then(|key| self.pipelines.get(key.as_str()))
+                .and_then(|found| found.first_of_kind(kind))
+            {
+                return (
+                    StageRef {
+                        pipeline,
+                        stage: stage.key.clone(),
+                    },
+                    said,
+                );
+            }
+        }
         (target, status)
     }
 
@@ -166,10 +194,14 @@ impl ConnectionRuntime {
             .collect()
     }
 
-    fn context(&self, shutdown: &CancellationToken) -> SyncContext {
+    /// What the connector may touch during a run or a webhook refetch.
+    pub fn context(&self, deps: &SyncDeps, shutdown: &CancellationToken) -> SyncContext {
         SyncContext {
             connection: self.config.name.clone(),
             shutdown: shutdown.clone(),
+            metrics: deps.metrics.clone(),
+            store: Some(deps.store.clone()),
+            attention: deps.attention.clone(),
         }
     }
 }
@@ -215,6 +247,8 @@ pub enum SyncError {
 pub struct SyncDeps {
     pub store: Store,
     pub metrics: Arc<Metrics>,
+    /// Where a connection reports what it needs from an operator (`/readyz`).
+    pub attention: Option<crate::connectors::Attention>,
 }
 
 /// Runs one sync of a connection: discovery, then pages until caught up.
@@ -274,7 +308,7 @@ async fn run_pages(
     started: Instant,
 ) -> Result<RunSummary, (RunSummary, SyncError)> {
     let name = runtime.name();
-    let cx = runtime.context(shutdown);
+    let cx = runtime.context(deps, shutdown);
     let mut summary = RunSummary::default();
     let fail = |summary: &RunSummary, error: SyncError| (summary.clone(), error);
 
@@ -325,6 +359,7 @@ async fn run_pages(
         };
         summary.pages += 1;
         summary.requests += page.requests;
+        summary.rate_limited += page.rate_limited;
         let mut records = Vec::with_capacity(page.records.len());
         let mut quarantined = Vec::new();
         for record in page.records {

@@ -4,5 +4,6 @@ mod followups;
 mod foundation;
 mod harness;
 mod insight;
+mod pull;
 mod report;
 mod smtp_harness;

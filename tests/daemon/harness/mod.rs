@@ -3,6 +3,7 @@
 
 pub mod daemon;
 pub mod smtp;
+pub mod vendors;
 
 use std::future::Future;
 use std::net::{Ipv4Addr, TcpListener};

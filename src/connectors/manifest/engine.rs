@@ -1,0 +1,1294 @@
+//! The manifest engine: a [`Connector`] that interprets a [`Manifest`].
+//!
+//! A sync is a sequence of phases, each a paged read: `full` (first run and
+//! `--full`), then `incremental` runs sorted by modification time, and `deletes`
+//! (archived or deleted records) when the manifest has them. The cursor says which
+//! phase, which page, and the high-water mark (modification time, ids) seen so far.
+//!
+//! Invariants:
+//! - The cursor returned with a page is only committed with that page's records, so
+//!   the high-water mark never gets ahead of what is stored.
+//! - The next incremental read starts at `min(high-water mark, run start) − lookback`:
+//!   records with equal timestamps at a boundary, records changed while the run read,
+//!   and records a search index had not caught up with are read again, never skipped.
+//!   Re-reading is harmless: the store's upsert makes it a no-op.
+//! - A query that may not page past `max_results` (HubSpot search: 10,000) restarts at
+//!   the last modification time seen (`{since}` = high-water mark, `{since_id}` = last
+//!   id there) before it reaches the cap; records at that instant already read are
+//!   skipped by id.
+//! - One record that does not map is quarantined; the page goes on.
+
+use super::auth::{Authn, Credentials};
+use super::fields::{self, Scope, text_of};
+use super::schema::{Enrich, FieldSpec, Manifest, Method, PaginationKind, Request, StageFields};
+use super::template::Vars;
+use crate::config::ConnectionConfig;
+use crate::connectors::{
+    BadRecord, Connector, ConnectorError, Page, SyncContext, WebhookAction, WebhookEvent,
+};
+use crate::domain::{
+    Currency, DealStatus, EmailAddress, Money, PipelineKey, SourceDeal, StageKey, StageRef,
+};
+use crate::pipeline::{MappingSource, NativePipeline, NativeStage, StageKind, StageMapEntry};
+use crate::vendor_http::{BudgetRules, Limits, VendorClient, VendorRequest};
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+use tracing::{debug, info, warn};
+
+/// Default overlap of incremental reads.
+pub const DEFAULT_LOOKBACK: Duration = Duration::from_secs(300);
+/// Attempts at a page whose body is not JSON (a truncated transfer) before the run fails.
+const PARSE_ATTEMPTS: u32 = 3;
+/// Pages read for pipeline discovery at most.
+const DISCOVERY_PAGES: usize = 100;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Phase {
+    Full,
+    Incremental,
+    Deletes,
+    /// The last run finished; the next one starts an incremental read.
+    Idle,
+}
+
+impl Phase {
+    fn name(self) -> &'static str {
+        match self {
+            Phase::Full => "full",
+            Phase::Incremental => "incremental",
+            Phase::Deletes => "deletes",
+            Phase::Idle => "idle",
+        }
+    }
+}
+
+/// The cursor, as committed with each page.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct CursorState {
+    v: u32,
+    phase: Phase,
+    /// Where the current query continues: null (first page), a cursor or URL, a number.
+    #[serde(default)]
+    page: Value,
+    /// Lower bound of the current incremental query.
+    #[serde(default)]
+    since: Option<DateTime<Utc>>,
+    #[serde(default)]
+    since_id: String,
+    /// Results consumed by the current query (for `max_results`).
+    #[serde(default)]
+    seen: u64,
+    /// Highest modification time committed in this run, and the ids at it.
+    #[serde(default)]
+    hw: Option<DateTime<Utc>>,
+    #[serde(default)]
+    hw_ids: Vec<String>,
+    /// Records at `since` already read before a re-window (skipped when seen again).
+    #[serde(default)]
+    skip_ids: Vec<String>,
+    #[serde(default)]
+    run_started: Option<DateTime<Utc>>,
+    /// Where the next incremental read starts, before the lookback.
+    #[serde(default)]
+    watermark: Option<DateTime<Utc>>,
+    #[serde(default)]
+    deletes_at: Option<DateTime<Utc>>,
+}
+
+impl CursorState {
+    fn start(phase: Phase, now: DateTime<Utc>) -> Self {
+        CursorState {
+            v: 1,
+            phase,
+            page: Value::Null,
+            since: None,
+            since_id: String::new(),
+            seen: 0,
+            hw: None,
+            hw_ids: Vec::new(),
+            skip_ids: Vec::new(),
+            run_started: Some(now),
+            watermark: None,
+            deletes_at: None,
+        }
+    }
+}
+
+/// A connector described by a manifest.
+pub struct ManifestConnector {
+    manifest: Arc<Manifest>,
+    configured_base: Option<url::Url>,
+    manifest_base: url::Url,
+    credentials: Credentials,
+    client: VendorClient,
+    page_size: u32,
+    lookback: Duration,
+    default_currency: Currency,
+    deletes_every: Option<Duration>,
+    /// Request bodies converted from TOML once.
+    bodies: HashMap<String, Value>,
+    /// The connection sets its own request rate.
+    own_rate: bool,
+}
+
+fn body_key(request: &Request) -> String {
+    format!("{:?} {}", request.method, request.path)
+}
+
+fn collect_bodies(manifest: &Manifest) -> HashMap<String, Value> {
+    let mut requests: Vec<&Request> = vec![&manifest.deals.full];
+    requests.extend(manifest.deals.incremental.iter());
+    requests.extend(manifest.deals.deletes.iter().map(|d| &d.request));
+    requests.extend(manifest.deals.one.iter());
+    requests.extend(manifest.deals.enrich.iter().map(|e| &e.request));
+    requests.extend(manifest.pipelines.iter().map(|p| &p.request));
+    requests.extend(manifest.stages.iter().map(|s| &s.request));
+    requests
+        .into_iter()
+        .filter_map(|r| {
+            let body = r.body.as_ref()?;
+            Some((
+                body_key(r),
+                serde_json::to_value(body).unwrap_or(Value::Null),
+            ))
+        })
+        .collect()
+}
+
+fn setting_duration(
+    connection: &ConnectionConfig,
+    key: &str,
+) -> Result<Option<Duration>, (String, String)> {
+    match connection.settings.get(key) {
+        None => Ok(None),
+        Some(value) => {
+            let text = value.as_str().ok_or_else(|| {
+                (
+                    format!("settings.{key}"),
+                    "expected a duration like \"30s\"".to_owned(),
+                )
+            })?;
+            crate::config::duration::parse(text)
+                .map(Some)
+                .map_err(|message| (format!("settings.{key}"), message))
+        }
+    }
+}
+
+impl ManifestConnector {
+    /// Builds the connector of one connection; errors are (key under the connection, message).
+    pub fn new(
+        manifest: Arc<Manifest>,
+        connection: &ConnectionConfig,
+    ) -> Result<Self, (String, String)> {
+        for key in connection.settings.keys() {
+            if !matches!(
+                key.as_str(),
+                "request_timeout" | "default_currency" | "deletes_every"
+            ) {
+                return Err((
+                    format!("settings.{key}"),
+                    "unknown setting (known: request_timeout, default_currency, deletes_every)"
+                        .to_owned(),
+                ));
+            }
+        }
+        let manifest_base = url::Url::parse(&manifest.base_url)
+            .map_err(|e| ("connector".to_owned(), format!("manifest base_url: {e}")))?;
+        let base_for_auth = connection
+            .base_url
+            .clone()
+            .unwrap_or_else(|| manifest_base.clone());
+        let credentials = Credentials::new(&manifest, connection, &base_for_auth)?;
+        let timeout = setting_duration(connection, "request_timeout")?
+            .or(manifest.timeout.map(|d| d.0))
+            .unwrap_or(Duration::from_secs(30));
+        let currency_text = connection
+            .settings
+            .get("default_currency")
+            .and_then(|v| v.as_str())
+            .map(str::to_owned)
+            .or_else(|| manifest.default_currency.clone())
+            .unwrap_or_else(|| "USD".to_owned());
+        let default_currency = Currency::parse(&currency_text)
+            .map_err(|e| ("settings.default_currency".to_owned(), e.to_string()))?;
+        let deletes_every = setting_duration(connection, "deletes_every")?.or_else(|| {
+            manifest
+                .deals
+                .deletes
+                .as_ref()
+                .and_then(|d| d.every.map(|e| e.0))
+        });
+        let rate = &manifest.rate_limit;
+        let overrides = &connection.rate_limit;
+        let limits = Limits {
+            requests_per_second: overrides.requests_per_second.or(rate.requests_per_second),
+            burst: overrides.burst.or(rate.burst).unwrap_or(1),
+            max_concurrency: overrides
+                .max_concurrency
+                .or(rate.max_concurrency)
+                .unwrap_or(4) as usize,
+            timeout,
+            budget: BudgetRules {
+                share: overrides.budget_share.or(rate.budget_share).unwrap_or(0.8),
+                remaining_header: rate.budget_remaining_header.clone(),
+                limit_header: rate.budget_limit_header.clone(),
+                usage_header: rate.budget_usage_header.clone(),
+                usage_key: rate.budget_usage_key.clone(),
+                reset: rate.budget_reset,
+                reset_header: rate.budget_reset_header.clone(),
+                exhausted: rate.budget_exhausted.clone(),
+                retry_after_ms_header: rate.retry_after_ms_header.clone(),
+                default_retry_after: rate
+                    .default_retry_after
+                    .map_or(Duration::from_secs(10), |d| d.0),
+            },
+        };
+        let client =
+            VendorClient::new(&manifest.name, limits).map_err(|m| ("connector".to_owned(), m))?;
+        let max_page = manifest.deals.max_page_size.unwrap_or(u32::MAX);
+        let page_size = connection
+            .page_size
+            .or(manifest.deals.page_size)
+            .unwrap_or(100)
+            .clamp(1, max_page);
+        Ok(ManifestConnector {
+            own_rate: overrides.requests_per_second.is_some(),
+            bodies: collect_bodies(&manifest),
+            lookback: connection
+                .lookback
+                .or(manifest.lookback.map(|d| d.0))
+                .unwrap_or(DEFAULT_LOOKBACK),
+            configured_base: connection.base_url.clone(),
+            manifest_base,
+            credentials,
+            client,
+            page_size,
+            default_currency,
+            deletes_every,
+            manifest,
+        })
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    fn base(&self, authn: &Authn) -> Result<url::Url, ConnectorError> {
+        if let Some(base) = &self.configured_base {
+            return Ok(base.clone());
+        }
+        if let Some(text) = &authn.base_url {
+            return url::Url::parse(text).map_err(|e| ConnectorError::BadResponse {
+                vendor: self.manifest.name.clone(),
+                reason: format!("the token names an unusable base URL: {e}"),
+            });
+        }
+        Ok(self.manifest_base.clone())
+    }
+
+    fn page_size_of(&self, request: &Request) -> u32 {
+        request
+            .page_size
+            .map_or(self.page_size, |p| p.min(self.page_size.max(p)))
+    }
+
+    fn build(
+        &self,
+        request: &Request,
+        page: &Value,
+        vars: &Vars,
+        authn: &Authn,
+    ) -> Result<VendorRequest, ConnectorError> {
+        let base = self.base(authn)?;
+        let pagination = &request.pagination;
+        let follows_url = matches!(
+            pagination.kind,
+            PaginationKind::NextUrl | PaginationKind::LinkHeader
+        ) && page.is_string();
+        let mut url = if follows_url {
+            let target = page.as_str().unwrap_or_default();
+            let joined = base
+                .join(target)
+                .map_err(|e| self.bad(format!("next page URL {target:?}: {e}")))?;
+            // A next-page URL is followed only on the API's own host: our credentials go with it.
+            if joined.origin() != base.origin() {
+                return Err(self.bad(format!(
+                    "next page URL points to another host: {}",
+                    joined.origin().ascii_serialization()
+                )));
+            }
+            joined
+        } else {
+            let path = vars.render(&request.path);
+            let mut text = base.as_str().trim_end_matches('/').to_owned();
+            text.push_str(&path);
+            url::Url::parse(&text).map_err(|e| self.bad(format!("request URL {path:?}: {e}")))?
+        };
+        {
+            let mut pairs = url.query_pairs_mut();
+            if !follows_url {
+                for (key, value) in &request.query {
+                    pairs.append_pair(key, &vars.render(value));
+                }
+                match pagination.kind {
+                    PaginationKind::Cursor => {
+                        if let (Some(param), Some(token)) = (&pagination.param, page.as_str()) {
+                            pairs.append_pair(param, token);
+                        }
+                    }
+                    PaginationKind::Offset => {
+                        if let Some(param) = &pagination.param {
+                            pairs.append_pair(param, &page.as_u64().unwrap_or(0).to_string());
+                        }
+                    }
+                    PaginationKind::Page => {
+                        if let Some(param) = &pagination.param {
+                            let first = pagination.first_page.unwrap_or(1);
+                            pairs.append_pair(param, &page.as_u64().unwrap_or(first).to_string());
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            if let Some((name, value)) = &authn.query {
+                pairs.append_pair(name, value);
+            }
+        }
+        if url.query() == Some("") {
+            url.set_query(None);
+        }
+        let json = match (request.method, self.bodies.get(&body_key(request))) {
+            (Method::Post, Some(template)) if !follows_url => {
+                let mut body = vars.render_json(template);
+                if let (Some(field), Some(token), Some(object)) =
+                    (&pagination.body_field, page.as_str(), body.as_object_mut())
+                {
+                    object.insert(field.clone(), Value::String(token.to_owned()));
+                }
+                Some(body)
+            }
+            _ => None,
+        };
+        let mut headers = Vec::new();
+        if let Some((name, value)) = &authn.header {
+            headers.push((name.clone(), value.clone()));
+        }
+        headers.push(("accept".into(), "application/json".into()));
+        Ok(VendorRequest {
+            method: match (request.method, follows_url) {
+                (Method::Post, false) => reqwest::Method::POST,
+                _ => reqwest::Method::GET,
+            },
+            url,
+            headers,
+            json,
+            // A connection's own rate replaces the manifest's, per-endpoint ones included.
+            endpoint_limit: request
+                .requests_per_second
+                .filter(|_| !self.own_rate)
+                .map(|rps| (request.path.clone(), rps)),
+        })
+    }
+
+    fn bad(&self, reason: String) -> ConnectorError {
+        ConnectorError::BadResponse {
+            vendor: self.manifest.name.clone(),
+            reason,
+        }
+    }
+
+    /// Sends one request (refreshing credentials once on a 401) and parses its JSON.
+    async fn call(
+        &self,
+        cx: &SyncContext,
+        request: &Request,
+        page: &Value,
+        vars: &Vars,
+    ) -> Result<(Value, reqwest::header::HeaderMap), CallError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut refreshed = false;
+            let response = loop {
+                let authn = self.credentials.current(cx).await?;
+                let built = self.build(request, page, vars, &authn)?;
+                let response = self.client.send(cx, &built).await?;
+                if response.status == 401 {
+                    if refreshed {
+                        return Err(CallError::Connector(ConnectorError::Unauthorized {
+                            connection: cx.connection.clone(),
+                            reason: "the vendor rejected a freshly refreshed token (401)".into(),
+                        }));
+                    }
+                    // Static credentials fail here; OAuth refreshes once and retries.
+                    self.credentials.rejected(cx, &authn).await?;
+                    refreshed = true;
+                    continue;
+                }
+                break response;
+            };
+            if !(200..300).contains(&response.status) {
+                let excerpt: String = String::from_utf8_lossy(&response.body)
+                    .chars()
+                    .take(300)
+                    .collect();
+                return Err(CallError::Status(response.status, excerpt));
+            }
+            match serde_json::from_slice::<Value>(&response.body) {
+                Ok(body) => return Ok((body, response.headers)),
+                Err(error) if attempt < PARSE_ATTEMPTS => {
+                    warn!(connection = %cx.connection, path = %request.path, %error, attempt, "vendor sent a page that is not JSON; reading it again");
+                }
+                Err(error) => {
+                    return Err(CallError::Connector(self.bad(format!(
+                        "{} answered with a body that is not JSON ({error}), {PARSE_ATTEMPTS} times",
+                        request.path
+                    ))));
+                }
+            }
+        }
+    }
+
+    fn records<'a>(
+        &self,
+        body: &'a Value,
+        request: &Request,
+    ) -> Result<Vec<&'a Value>, ConnectorError> {
+        match body.pointer(&request.records) {
+            None | Some(Value::Null) => Ok(Vec::new()),
+            Some(Value::Array(items)) => Ok(items.iter().collect()),
+            Some(object @ Value::Object(_)) if request.records.is_empty() => Ok(vec![object]),
+            Some(_) => Err(self.bad(format!(
+                "{}: {:?} is not an array of records",
+                request.path, request.records
+            ))),
+        }
+    }
+
+    /// Runs the enrichments for a page's records.
+    async fn enrich(
+        &self,
+        cx: &SyncContext,
+        read: &str,
+        records: &[&Value],
+    ) -> Result<Vec<HashMap<String, Value>>, ConnectorError> {
+        let mut per_record: Vec<HashMap<String, Value>> = vec![HashMap::new(); records.len()];
+        for step in &self.manifest.deals.enrich {
+            if !step.only.is_empty() && !step.only.iter().any(|only| only == read) {
+                continue;
+            }
+            self.enrich_step(cx, step, records, &mut per_record).await?;
+        }
+        Ok(per_record)
+    }
+
+    async fn enrich_step(
+        &self,
+        cx: &SyncContext,
+        step: &Enrich,
+        records: &[&Value],
+        per_record: &mut [HashMap<String, Value>],
+    ) -> Result<(), ConnectorError> {
+        let keys: Vec<Option<String>> = records
+            .iter()
+            .zip(per_record.iter())
+            .map(|(record, enriched)| {
+                let scope = Scope::new(record, enriched);
+                step.ids
+                    .iter()
+                    .find_map(|path| scope.get(path).and_then(text_of))
+            })
+            .collect();
+        let mut unique = Vec::new();
+        let mut seen = HashSet::new();
+        for key in keys.iter().flatten() {
+            if seen.insert(key.as_str()) {
+                unique.push(key.clone());
+            }
+        }
+        let mut found: HashMap<String, Value> = HashMap::new();
+        for chunk in unique.chunks(step.batch.unwrap_or(100).max(1)) {
+            let mut vars = Vars::default();
+            vars.set("ids", json!(chunk.join(",")))
+                .set("ids_json", json!(chunk))
+                .set(
+                    "ids_objects",
+                    Value::Array(chunk.iter().map(|id| json!({ "id": id })).collect()),
+                )
+                .set("page_size", json!(chunk.len()));
+            let (body, _) = self
+                .call(cx, &step.request, &Value::Null, &vars)
+                .await
+                .map_err(|e| e.into_connector(&self.manifest.name, &step.request.path))?;
+            for item in self.records(&body, &step.request)? {
+                if let Some(id) = item.pointer(&step.id).and_then(text_of) {
+                    found.insert(id, item.clone());
+                }
+            }
+        }
+        for (slot, key) in per_record.iter_mut().zip(keys) {
+            if let Some(value) = key.and_then(|key| found.get(&key)) {
+                slot.insert(step.name.clone(), value.clone());
+            }
+        }
+        Ok(())
+    }
+
+    /// Maps one source record to a deal, or explains why it cannot.
+    pub fn to_deal(
+        &self,
+        record: &Value,
+        enriched: &HashMap<String, Value>,
+        force_deleted: bool,
+    ) -> Result<SourceDeal, BadRecord> {
+        let spec = &self.manifest.deals.fields;
+        let scope = Scope::new(record, enriched);
+        let external_id = fields::string(&spec.external_id, &scope).ok().flatten();
+        let bad = |reason: String| BadRecord {
+            external_id: external_id.clone(),
+            reason,
+            raw: record.clone(),
+        };
+        if !record.is_object() {
+            return Err(bad("the record is not a JSON object".into()));
+        }
+        let Some(id) = external_id.clone() else {
+            return Err(bad("the record has no id".into()));
+        };
+        let text = |field: &Option<FieldSpec>| -> Result<Option<String>, BadRecord> {
+            field
+                .as_ref()
+                .map(|f| fields::string(f, &scope))
+                .transpose()
+                .map(Option::flatten)
+                .map_err(bad)
+        };
+        let time = |field: &Option<FieldSpec>| -> Result<Option<DateTime<Utc>>, BadRecord> {
+            field
+                .as_ref()
+                .map(|f| fields::timestamp(f, &scope))
+                .transpose()
+                .map(Option::flatten)
+                .map_err(bad)
+        };
+        let mut deal = SourceDeal::new(
+            id,
+            text(&spec.title)?.unwrap_or_default(),
+            text(&spec.native_pipeline)?.unwrap_or_default(),
+            fields::string(&spec.native_stage, &scope)
+                .map_err(bad)?
+                .unwrap_or_default(),
+        );
+        let currency = match text(&spec.currency)? {
+            Some(code) => Currency::parse(&code).map_err(|e| bad(e.to_string()))?,
+            None => self.default_currency,
+        };
+        if let Some(amount) = text(&spec.amount)? {
+            deal.amount = Some(
+                Money::parse_decimal(&amount, currency).map_err(|e| bad(format!("amount: {e}")))?,
+            );
+        }
+        deal.contact_email = text(&spec.contact_email)?.and_then(|e| EmailAddress::parse(&e));
+        deal.contact_name = text(&spec.contact_name)?;
+        deal.owner = text(&spec.owner)?;
+        deal.owner_email = text(&spec.owner_email)?.and_then(|e| EmailAddress::parse(&e));
+        deal.created_at = time(&spec.created_at)?;
+        deal.updated_at =
+            time(&spec.updated_at)?.or(fields::timestamp(&self.manifest.deals.modified, &scope)
+                .ok()
+                .flatten());
+        deal.stage_changed_at = time(&spec.stage_changed_at)?;
+        deal.expected_close = spec
+            .expected_close
+            .as_ref()
+            .map(|f| fields::date(f, &scope))
+            .transpose()
+            .map(Option::flatten)
+            .map_err(bad)?;
+        let deleted = spec
+            .deleted
+            .as_ref()
+            .map(|f| fields::boolean(f, &scope))
+            .transpose()
+            .map(Option::flatten)
+            .map_err(bad)?
+            .unwrap_or(false);
+        deal.source_status = text(&spec.status)?.and_then(|s| DealStatus::parse(&s));
+        deal.deleted = force_deleted || deleted || deal.source_status == Some(DealStatus::Deleted);
+        deal.raw = record.clone();
+        Ok(deal)
+    }
+
+    fn modified_of(
+        &self,
+        record: &Value,
+        enriched: &HashMap<String, Value>,
+    ) -> Option<DateTime<Utc>> {
+        fields::timestamp(&self.manifest.deals.modified, &Scope::new(record, enriched))
+            .ok()
+            .flatten()
+    }
+
+    fn next_page(
+        &self,
+        request: &Request,
+        body: &Value,
+        headers: &reqwest::header::HeaderMap,
+        page: &Value,
+        count: usize,
+        page_size: u32,
+    ) -> Option<Value> {
+        let p = &request.pagination;
+        let pointer_text = |ptr: &Option<String>| {
+            ptr.as_deref()
+                .and_then(|ptr| body.pointer(ptr))
+                .and_then(text_of)
+                .filter(|t| !t.is_empty())
+        };
+        let has_more = p
+            .has_more
+            .as_deref()
+            .and_then(|ptr| body.pointer(ptr))
+            .and_then(|v| {
+                v.as_bool()
+                    .or_else(|| text_of(v).and_then(|t| fields::parse_bool(&t)))
+            });
+        match p.kind {
+            PaginationKind::None => None,
+            PaginationKind::Cursor | PaginationKind::NextUrl => {
+                pointer_text(&p.next).map(Value::String)
+            }
+            PaginationKind::Offset => {
+                let more = has_more.unwrap_or(count as u32 >= page_size && count > 0);
+                if !more {
+                    return None;
+                }
+                let next = p
+                    .next_offset
+                    .as_deref()
+                    .and_then(|ptr| body.pointer(ptr))
+                    .and_then(|v| v.as_u64().or_else(|| text_of(v)?.parse().ok()))
+                    .unwrap_or(page.as_u64().unwrap_or(0) + count as u64);
+                Some(json!(next))
+            }
+            PaginationKind::Page => {
+                let more = has_more.unwrap_or(count as u32 >= page_size && count > 0);
+                more.then(|| json!(page.as_u64().unwrap_or(p.first_page.unwrap_or(1)) + 1))
+            }
+            PaginationKind::LinkHeader => headers
+                .get_all("link")
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .find_map(next_link)
+                .map(Value::String),
+        }
+    }
+
+    fn vars_for(&self, state: &CursorState, page_size: u32) -> Vars {
+        let mut vars = Vars::default();
+        vars.set("page_size", json!(page_size));
+        let since = state.since.unwrap_or(DateTime::<Utc>::UNIX_EPOCH);
+        vars.set(
+            "since",
+            json!(since.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
+        )
+        .set(
+            "since_s",
+            json!(since.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
+        )
+        .set("since_ms", json!(since.timestamp_millis().to_string()))
+        .set("since_id", json!(state.since_id));
+        vars
+    }
+
+    fn request_for(&self, phase: Phase) -> &Request {
+        match phase {
+            Phase::Incremental => self
+                .manifest
+                .deals
+                .incremental
+                .as_ref()
+                .unwrap_or(&self.manifest.deals.full),
+            Phase::Deletes => self
+                .manifest
+                .deals
+                .deletes
+                .as_ref()
+                .map_or(&self.manifest.deals.full, |d| &d.request),
+            Phase::Full | Phase::Idle => &self.manifest.deals.full,
+        }
+    }
+
+    /// Where the run goes after its current phase read its last page.
+    fn finish_phase(&self, state: &mut CursorState, now: DateTime<Utc>) -> bool {
+        let started = state.run_started.unwrap_or(now);
+        match state.phase {
+            Phase::Full | Phase::Incremental => {
+                state.watermark = match (state.hw, state.phase) {
+                    (Some(hw), _) => Some(hw.min(started)).max(
+                        state
+                            .watermark
+                            .filter(|_| state.phase == Phase::Incremental),
+                    ),
+                    (None, Phase::Full) => Some(started),
+                    (None, _) => state.watermark,
+                };
+                let deletes_due = self.manifest.deals.deletes.is_some()
+                    && state.deletes_at.is_none_or(|at| {
+                        self.deletes_every.is_none_or(|every| {
+                            now - at >= chrono::Duration::from_std(every).unwrap_or_default()
+                        })
+                    });
+                if deletes_due {
+                    state.phase = Phase::Deletes;
+                    state.page = Value::Null;
+                    false
+                } else {
+                    state.phase = Phase::Idle;
+                    true
+                }
+            }
+            Phase::Deletes => {
+                state.deletes_at = Some(started);
+                state.phase = Phase::Idle;
+                true
+            }
+            Phase::Idle => true,
+        }
+    }
+
+    fn parse_pipelines(&self, body_pages: &[Value]) -> Vec<NativePipeline> {
+        let Some(spec) = &self.manifest.pipelines else {
+            return Vec::new();
+        };
+        let mut pipelines = Vec::new();
+        for body in body_pages {
+            let Ok(records) = self.records(body, &spec.request) else {
+                continue;
+            };
+            for record in records {
+                let hidden = spec
+                    .hidden
+                    .as_deref()
+                    .and_then(|p| record.pointer(p))
+                    .and_then(|v| {
+                        v.as_bool()
+                            .or_else(|| text_of(v).and_then(|t| fields::parse_bool(&t)))
+                    })
+                    .unwrap_or(false);
+                let (Some(id), Some(label)) = (
+                    record.pointer(&spec.id).and_then(text_of),
+                    record.pointer(&spec.label).and_then(text_of),
+                ) else {
+                    continue;
+                };
+                if hidden {
+                    continue;
+                }
+                let mut stages = Vec::new();
+                if let (Some(pointer), Some(fields)) = (&spec.stages, &spec.stage)
+                    && let Some(Value::Array(items)) = record.pointer(pointer)
+                {
+                    stages.extend(items.iter().filter_map(|item| native_stage(item, fields)));
+                }
+                pipelines.push(NativePipeline { id, label, stages });
+            }
+        }
+        pipelines
+    }
+
+    async fn read_all(
+        &self,
+        cx: &SyncContext,
+        request: &Request,
+    ) -> Result<Vec<Value>, ConnectorError> {
+        let mut page = Value::Null;
+        let mut bodies = Vec::new();
+        let page_size = self.page_size_of(request);
+        for _ in 0..DISCOVERY_PAGES {
+            let mut vars = Vars::default();
+            vars.set("page_size", json!(page_size));
+            let (body, headers) = self
+                .call(cx, request, &page, &vars)
+                .await
+                .map_err(|e| e.into_connector(&self.manifest.name, &request.path))?;
+            let count = self.records(&body, request)?.len();
+            let next = self.next_page(request, &body, &headers, &page, count, page_size);
+            bodies.push(body);
+            match next {
+                Some(next) if next != page => page = next,
+                _ => break,
+            }
+        }
+        Ok(bodies)
+    }
+}
+
+fn bool_at(record: &Value, pointer: &Option<String>) -> Option<bool> {
+    pointer
+        .as_deref()
+        .and_then(|p| record.pointer(p))
+        .and_then(|v| {
+            v.as_bool()
+                .or_else(|| text_of(v).and_then(|t| fields::parse_bool(&t)))
+        })
+}
+
+fn number_at(record: &Value, pointer: &Option<String>) -> Option<f64> {
+    pointer
+        .as_deref()
+        .and_then(|p| record.pointer(p))
+        .and_then(|v| v.as_f64().or_else(|| text_of(v)?.trim().parse().ok()))
+}
+
+fn native_stage(record: &Value, spec: &StageFields) -> Option<NativeStage> {
+    if bool_at(record, &spec.hidden) == Some(true) || bool_at(record, &spec.active) == Some(false) {
+        return None;
+    }
+    let id = record.pointer(&spec.id).and_then(text_of)?;
+    let label = record
+        .pointer(&spec.label)
+        .and_then(text_of)
+        .unwrap_or_else(|| id.clone());
+    let probability = number_at(record, &spec.probability).map(|p| {
+        (p * spec.probability_scale.unwrap_or(1.0))
+            .round()
+            .clamp(0.0, 100.0) as u8
+    });
+    let closed = bool_at(record, &spec.closed);
+    let won = bool_at(record, &spec.won);
+    let kind = match (closed, won) {
+        (_, Some(true)) => Some(StageKind::Won),
+        (Some(true), Some(false)) => Some(StageKind::Lost),
+        (Some(true), None) => match probability {
+            Some(100) => Some(StageKind::Won),
+            Some(0) => Some(StageKind::Lost),
+            _ => None,
+        },
+        (Some(false), _) => Some(StageKind::Open),
+        (None, _) => None,
+    };
+    let rot_enabled = bool_at(record, &spec.rot_enabled).unwrap_or(true);
+    let rot_after = number_at(record, &spec.rot_days)
+        .filter(|days| rot_enabled && *days > 0.0)
+        .map(|days| Duration::from_secs_f64(days * 86_400.0));
+    Some(NativeStage {
+        id,
+        label,
+        order: number_at(record, &spec.order).map_or(0, |o| o as i64),
+        probability,
+        kind,
+        rot_after,
+    })
+}
+
+/// The `rel="next"` URL of a `Link` header.
+fn next_link(header: &str) -> Option<String> {
+    header.split(',').find_map(|part| {
+        let (target, params) = part.split_once(';')?;
+        let is_next = params
+            .split(';')
+            .any(|p| p.trim().trim_start_matches("rel=").trim_matches('"') == "next");
+        is_next.then(|| {
+            target
+                .trim()
+                .trim_start_matches('<')
+                .trim_end_matches('>')
+                .to_owned()
+        })
+    })
+}
+
+/// A call's failure: an HTTP status the caller may interpret, or a connector error.
+enum CallError {
+    Status(u16, String),
+    Connector(ConnectorError),
+}
+
+impl From<ConnectorError> for CallError {
+    fn from(error: ConnectorError) -> Self {
+        CallError::Connector(error)
+    }
+}
+
+impl CallError {
+    fn into_connector(self, vendor: &str, path: &str) -> ConnectorError {
+        match self {
+            CallError::Connector(error) => error,
+            CallError::Status(status, excerpt) => ConnectorError::BadResponse {
+                vendor: vendor.to_owned(),
+                reason: format!("{path} answered {status}: {excerpt}"),
+            },
+        }
+    }
+}
+
+#[async_trait]
+impl Connector for ManifestConnector {
+    fn kind(&self) -> &str {
+        &self.manifest.name
+    }
+
+    fn default_pipeline(&self) -> Option<&str> {
+        self.manifest.default_pipeline.as_deref()
+    }
+
+    fn default_mappings(&self) -> Vec<StageMapEntry> {
+        let mut entries = Vec::new();
+        for (native_pipeline, stages) in &self.manifest.default_mappings {
+            for (native_stage, target) in stages {
+                let (pipeline, stage) = match target.split_once('.') {
+                    Some((p, s)) => (Some(p.to_owned()), s),
+                    None => (self.manifest.default_pipeline.clone(), target.as_str()),
+                };
+                entries.push(StageMapEntry {
+                    native_pipeline: native_pipeline.clone(),
+                    native_stage: native_stage.clone(),
+                    target: StageRef {
+                        pipeline: pipeline.map(PipelineKey::new),
+                        stage: StageKey::new(stage),
+                    },
+                    source: MappingSource::Manifest,
+                });
+            }
+        }
+        entries
+    }
+
+    async fn discover_pipelines(
+        &self,
+        cx: &SyncContext,
+    ) -> Result<Vec<NativePipeline>, ConnectorError> {
+        let mut pipelines = match &self.manifest.pipelines {
+            Some(spec) => {
+                let bodies = self.read_all(cx, &spec.request).await?;
+                self.parse_pipelines(&bodies)
+            }
+            None => Vec::new(),
+        };
+        if let Some(spec) = &self.manifest.stages {
+            let bodies = self.read_all(cx, &spec.request).await?;
+            for body in &bodies {
+                for record in self.records(body, &spec.request)? {
+                    let Some(stage) = native_stage(record, &spec.fields) else {
+                        continue;
+                    };
+                    let (pipeline_id, pipeline_label) =
+                        match (&spec.pipeline, &spec.single_pipeline) {
+                            (Some(pointer), _) => match record.pointer(pointer).and_then(text_of) {
+                                Some(id) => (id.clone(), id),
+                                None => continue,
+                            },
+                            (None, Some([id, label])) => (id.clone(), label.clone()),
+                            (None, None) => ("default".to_owned(), "Default".to_owned()),
+                        };
+                    match pipelines.iter_mut().find(|p| p.id == pipeline_id) {
+                        Some(pipeline) => pipeline.stages.push(stage),
+                        None if self.manifest.pipelines.is_none() => {
+                            pipelines.push(NativePipeline {
+                                id: pipeline_id,
+                                label: pipeline_label,
+                                stages: vec![stage],
+                            })
+                        }
+                        // A stage of a pipeline that is deleted or hidden.
+                        None => {}
+                    }
+                }
+            }
+        }
+        for pipeline in &mut pipelines {
+            pipeline
+                .stages
+                .sort_by(|a, b| a.order.cmp(&b.order).then_with(|| a.label.cmp(&b.label)));
+        }
+        Ok(pipelines)
+    }
+
+    async fn fetch_page(
+        &self,
+        cx: &SyncContext,
+        cursor: Option<&Value>,
+    ) -> Result<Page, ConnectorError> {
+        let now = Utc::now();
+        let mut state = match cursor {
+            None => CursorState::start(Phase::Full, now),
+            Some(value) => match serde_json::from_value::<CursorState>(value.clone()) {
+                Ok(state) => state,
+                Err(error) => {
+                    warn!(connection = %cx.connection, %error, "stored cursor is unreadable; starting a full read");
+                    CursorState::start(Phase::Full, now)
+                }
+            },
+        };
+        if state.phase == Phase::Idle {
+            let watermark = state.watermark;
+            let deletes_at = state.deletes_at;
+            let phase = if self.manifest.deals.incremental.is_some() && watermark.is_some() {
+                Phase::Incremental
+            } else {
+                Phase::Full
+            };
+            state = CursorState::start(phase, now);
+            state.watermark = watermark;
+            state.deletes_at = deletes_at;
+            if phase == Phase::Incremental {
+                let lookback = chrono::Duration::from_std(self.lookback).unwrap_or_default();
+                state.since = watermark.map(|w| w - lookback);
+            }
+            debug!(connection = %cx.connection, phase = phase.name(), since = ?state.since, "starting a read");
+        }
+        let request = self.request_for(state.phase).clone();
+        let page_size = self.page_size_of(&request);
+        let vars = self.vars_for(&state, page_size);
+        let (body, headers) = match self.call(cx, &request, &state.page, &vars).await {
+            Ok(answer) => answer,
+            // A continuation the vendor no longer honours (an expired query locator):
+            // restart the query at the last committed modification time.
+            Err(CallError::Status(status, excerpt))
+                if (400..500).contains(&status)
+                    && status != 429
+                    && !state.page.is_null()
+                    && state.phase == Phase::Incremental
+                    && state.hw.is_some() =>
+            {
+                warn!(connection = %cx.connection, status, %excerpt, "the vendor refused the next-page token; restarting the query at the last modification time read");
+                self.rewindow(&mut state);
+                let (requests, rate_limited) = self.client.take_counts();
+                return Ok(Page {
+                    records: Vec::new(),
+                    next: serde_json::to_value(&state).expect("cursor serializes"),
+                    done: false,
+                    requests,
+                    rate_limited,
+                });
+            }
+            Err(error) => return Err(error.into_connector(&self.manifest.name, &request.path)),
+        };
+        let records = self.records(&body, &request)?;
+        let count = records.len();
+        let enriched = self.enrich(cx, state.phase.name(), &records).await?;
+        let force_deleted = state.phase == Phase::Deletes;
+        let skip: HashSet<&str> = state.skip_ids.iter().map(String::as_str).collect();
+        let mut out = Vec::with_capacity(count);
+        let mut hw = state.hw;
+        let mut hw_ids = std::mem::take(&mut state.hw_ids);
+        for (record, extra) in records.iter().zip(&enriched) {
+            let modified = self.modified_of(record, extra);
+            let id = fields::string(
+                &self.manifest.deals.fields.external_id,
+                &Scope::new(record, extra),
+            )
+            .ok()
+            .flatten();
+            if let (Some(at), Some(id)) = (modified, id.as_deref())
+                && Some(at) == state.since
+                && skip.contains(id)
+            {
+                continue;
+            }
+            if state.phase != Phase::Deletes
+                && let Some(at) = modified
+            {
+                match hw {
+                    Some(current) if at < current => {}
+                    Some(current) if at == current => hw_ids.extend(id.clone()),
+                    _ => {
+                        hw = Some(at);
+                        hw_ids = id.clone().into_iter().collect();
+                    }
+                }
+            }
+            out.push(self.to_deal(record, extra, force_deleted));
+        }
+        state.hw = hw;
+        state.hw_ids = hw_ids;
+        state.seen += count as u64;
+        let next = self.next_page(&request, &body, &headers, &state.page, count, page_size);
+        let done = match next {
+            Some(next) if next != state.page => {
+                let capped = request
+                    .max_results
+                    .is_some_and(|max| state.seen + u64::from(page_size) > max);
+                if capped && state.phase == Phase::Incremental {
+                    if state.hw.is_none() || state.hw == state.since && !state.skip_ids.is_empty() {
+                        return Err(self.bad(format!(
+                            "more than {} records share the modification time {:?}; the query cannot be paged",
+                            request.max_results.unwrap_or_default(),
+                            state.hw
+                        )));
+                    }
+                    info!(connection = %cx.connection, seen = state.seen, "search result cap near; restarting the query at the last modification time read");
+                    self.rewindow(&mut state);
+                } else {
+                    state.page = next;
+                }
+                false
+            }
+            _ => self.finish_phase(&mut state, now),
+        };
+        let (requests, rate_limited) = self.client.take_counts();
+        Ok(Page {
+            records: out,
+            next: serde_json::to_value(&state).expect("cursor serializes"),
+            done,
+            requests,
+            rate_limited,
+        })
+    }
+
+    fn webhook_scheme(&self) -> Option<crate::webhooks::signature::Scheme> {
+        use crate::webhooks::signature::Scheme;
+        let tolerance = Duration::from_secs(300);
+        Some(match self.manifest.webhooks.as_ref()?.scheme.as_str() {
+            "hubspot_v3" => Scheme::HubSpotV3 { tolerance },
+            "hubspot_v1v2" => Scheme::HubSpotV1V2,
+            "pipedrive_basic" => Scheme::PipedriveBasic,
+            "shopify" => Scheme::Shopify,
+            "woocommerce" => Scheme::WooCommerce,
+            "stripe" => Scheme::Stripe { tolerance },
+            "standard_webhooks" => Scheme::StandardWebhooks { tolerance },
+            "none" => Scheme::None,
+            _ => return None,
+        })
+    }
+
+    fn parse_webhook(&self, event: &WebhookEvent) -> Result<Vec<WebhookAction>, BadRecord> {
+        let bad = |reason: String, raw: Value| BadRecord {
+            external_id: None,
+            reason,
+            raw,
+        };
+        let Some(spec) = &self.manifest.webhooks else {
+            return Ok(Vec::new());
+        };
+        let body: Value = serde_json::from_slice(&event.body).map_err(|e| {
+            bad(
+                format!("webhook body is not JSON: {e}"),
+                Value::String(String::from_utf8_lossy(&event.body).into_owned()),
+            )
+        })?;
+        let events: Vec<&Value> = match body.pointer(&spec.events) {
+            Some(Value::Array(items)) => items.iter().collect(),
+            Some(single @ Value::Object(_)) => vec![single],
+            _ => return Err(bad("webhook body holds no events".into(), body.clone())),
+        };
+        let mut actions = Vec::new();
+        let mut refetch_seen = HashSet::new();
+        for item in events {
+            let kind: Vec<String> = spec
+                .kind
+                .iter()
+                .filter_map(|p| item.pointer(p).and_then(text_of))
+                .collect();
+            let kind = kind.join(".");
+            let Some(action) = spec.actions.get(&kind) else {
+                continue;
+            };
+            let id = item.pointer(&spec.id).and_then(text_of);
+            match action.as_str() {
+                "refetch" => {
+                    let id = id.ok_or_else(|| {
+                        bad(
+                            format!("{kind} event has no id at {}", spec.id),
+                            item.clone(),
+                        )
+                    })?;
+                    if refetch_seen.insert(id.clone()) {
+                        actions.push(WebhookAction::Refetch { external_id: id });
+                    }
+                }
+                "delete" => {
+                    let id = id.ok_or_else(|| {
+                        bad(
+                            format!("{kind} event has no id at {}", spec.id),
+                            item.clone(),
+                        )
+                    })?;
+                    actions.push(WebhookAction::Delete { external_id: id });
+                }
+                "upsert" => {
+                    let record = spec
+                        .record
+                        .as_deref()
+                        .and_then(|p| item.pointer(p))
+                        .filter(|v| v.is_object())
+                        .ok_or_else(|| {
+                            bad(format!("{kind} event carries no record"), item.clone())
+                        })?;
+                    let deal = self.to_deal(record, &HashMap::new(), false)?;
+                    actions.push(WebhookAction::Upsert(Box::new(deal)));
+                }
+                _ => {}
+            }
+        }
+        Ok(actions)
+    }
+
+    async fn fetch_one(
+        &self,
+        cx: &SyncContext,
+        external_id: &str,
+    ) -> Result<Option<SourceDeal>, ConnectorError> {
+        let Some(request) = &self.manifest.deals.one else {
+            return Ok(None);
+        };
+        let mut vars = Vars::default();
+        vars.set("id", json!(external_id))
+            .set("page_size", json!(1));
+        let body = match self.call(cx, request, &Value::Null, &vars).await {
+            Ok((body, _)) => body,
+            Err(CallError::Status(404, _)) => return Ok(None),
+            Err(error) => return Err(error.into_connector(&self.manifest.name, &request.path)),
+        };
+        let records = self.records(&body, request)?;
+        let Some(record) = records.first() else {
+            return Ok(None);
+        };
+        let enriched = self.enrich(cx, "one", &records[..1]).await?;
+        self.to_deal(record, &enriched[0], false)
+            .map(Some)
+            .map_err(|bad| self.bad(format!("record {}: {}", external_id, bad.reason)))
+    }
+}
+
+impl ManifestConnector {
+    /// Restarts the incremental query at the high-water mark, skipping ids read there.
+    fn rewindow(&self, state: &mut CursorState) {
+        state.since = state.hw;
+        state.since_id = state
+            .hw_ids
+            .last()
+            .filter(|id| {
+                id.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            })
+            .cloned()
+            .unwrap_or_default();
+        state.skip_ids = state.hw_ids.clone();
+        state.page = Value::Null;
+        state.seen = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_next_link_is_read_from_a_link_header() {
+        let header = r#"<https://x.example/a?page_info=abc&limit=2>; rel="previous", <https://x.example/a?page_info=def&limit=2>; rel="next""#;
+        assert_eq!(
+            next_link(header).as_deref(),
+            Some("https://x.example/a?page_info=def&limit=2")
+        );
+        assert_eq!(next_link(r#"<https://x.example/a>; rel="last""#), None);
+    }
+}

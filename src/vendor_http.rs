@@ -1,0 +1,582 @@
+//! The one outbound HTTP client for vendor APIs: rate limit, bounded concurrency,
+//! request timeouts, retries with exponential backoff and full jitter, `Retry-After`,
+//! and awareness of the vendor's daily budget.
+//!
+//! Invariants:
+//! - Every request waits for the connection's limiter (the vendor's documented rate,
+//!   or the connection's `rate_limit`) and holds one of `max_concurrency` permits.
+//! - Retries are bounded (`MAX_ATTEMPTS`) and only for what may pass on its own: 429,
+//!   5xx, timeouts, connection errors. Every other answer goes back to the caller.
+//! - A connection never spends more than its `budget_share` of the daily budget the
+//!   vendor reports: once the remaining budget reaches the reserve it stops with
+//!   [`ConnectorError::BudgetExhausted`] until the budget resets, and says so.
+
+use crate::connectors::manifest::schema::{BudgetReset, ResponseMatch};
+use crate::connectors::{ConnectorError, SyncContext};
+use crate::telemetry::ConnectionLabels;
+use chrono::{DateTime, Utc};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use rand::Rng;
+use reqwest::header::HeaderMap;
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::Semaphore;
+use tracing::{debug, warn};
+
+/// Attempts per request, the first included.
+pub const MAX_ATTEMPTS: u32 = 6;
+/// The longest `Retry-After` waited for inside one call; longer ones end the call.
+const MAX_INLINE_WAIT: Duration = Duration::from_secs(120);
+const BACKOFF_BASE: Duration = Duration::from_millis(250);
+const BACKOFF_CAP: Duration = Duration::from_secs(30);
+
+/// Labels of the per-status request counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusLabels {
+    pub connection: String,
+    /// The HTTP status, or `error` for a request that got no answer.
+    pub status: String,
+}
+
+/// Vendor-side metrics, registered on [`crate::telemetry::Metrics`].
+#[derive(Default)]
+pub struct VendorMetrics {
+    pub requests: Family<StatusLabels, Counter>,
+    pub retries: Family<ConnectionLabels, Counter>,
+    pub rate_limited: Family<ConnectionLabels, Counter>,
+    pub budget_remaining: Family<ConnectionLabels, Gauge>,
+    pub budget_pauses: Family<ConnectionLabels, Counter>,
+    pub token_expiry: Family<ConnectionLabels, Gauge<f64, AtomicU64>>,
+    pub needs_reauth: Family<ConnectionLabels, Gauge>,
+}
+
+impl VendorMetrics {
+    pub fn register(&self, registry: &mut prometheus_client::registry::Registry) {
+        registry.register(
+            "vendor_requests",
+            "Requests to vendor APIs by connection and HTTP status",
+            self.requests.clone(),
+        );
+        registry.register(
+            "vendor_retries",
+            "Vendor requests retried after a 429, a 5xx, a timeout or a reset",
+            self.retries.clone(),
+        );
+        registry.register(
+            "vendor_rate_limited",
+            "Vendor answers of 429 Too Many Requests",
+            self.rate_limited.clone(),
+        );
+        registry.register(
+            "vendor_budget_remaining",
+            "Requests left in the vendor's daily budget, as its headers last said",
+            self.budget_remaining.clone(),
+        );
+        registry.register(
+            "vendor_budget_pauses",
+            "Times a connection paused because its share of the vendor budget was spent",
+            self.budget_pauses.clone(),
+        );
+        registry.register(
+            "oauth_token_expiry_timestamp_seconds",
+            "Unix time at which the connection's OAuth access token expires",
+            self.token_expiry.clone(),
+        );
+        registry.register(
+            "oauth_needs_reauthorization",
+            "1 when the connection's refresh token was revoked: run `dealsync auth`",
+            self.needs_reauth.clone(),
+        );
+    }
+}
+
+/// What the client may do, from the manifest and the connection's overrides.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub requests_per_second: Option<f64>,
+    pub burst: u32,
+    pub max_concurrency: usize,
+    pub timeout: Duration,
+    pub budget: BudgetRules,
+}
+
+/// How to read the vendor's budget from its answers.
+#[derive(Debug, Clone, Default)]
+pub struct BudgetRules {
+    pub share: f64,
+    pub remaining_header: Option<String>,
+    pub limit_header: Option<String>,
+    pub usage_header: Option<String>,
+    pub usage_key: Option<String>,
+    pub reset: BudgetReset,
+    pub reset_header: Option<String>,
+    pub exhausted: Vec<ResponseMatch>,
+    pub retry_after_ms_header: Option<String>,
+    pub default_retry_after: Duration,
+}
+
+/// One request, fully built (URL, headers, body); the client only sends it.
+#[derive(Debug, Clone)]
+pub struct VendorRequest {
+    pub method: reqwest::Method,
+    pub url: url::Url,
+    pub headers: Vec<(String, String)>,
+    pub json: Option<serde_json::Value>,
+    /// An endpoint with its own rate (HubSpot search), keyed by name.
+    pub endpoint_limit: Option<(String, f64)>,
+}
+
+/// A vendor's answer.
+#[derive(Debug)]
+pub struct VendorResponse {
+    pub status: u16,
+    pub headers: HeaderMap,
+    pub body: bytes::Bytes,
+}
+
+#[derive(Debug, Default)]
+struct Budget {
+    remaining: Option<u64>,
+    limit: Option<u64>,
+    reset_in: Option<Duration>,
+    paused_until: Option<DateTime<Utc>>,
+}
+
+/// The outbound client of one connection.
+pub struct VendorClient {
+    vendor: String,
+    http: reqwest::Client,
+    limiter: Option<DefaultDirectRateLimiter>,
+    // A std mutex: held only to look up or insert a limiter, never across `.await`.
+    endpoint_limiters: Mutex<HashMap<String, Arc<DefaultDirectRateLimiter>>>,
+    permits: Semaphore,
+    limits: Limits,
+    // A std mutex: tiny critical sections, never held across `.await`.
+    budget: Mutex<Budget>,
+    requests: AtomicU64,
+    rate_limited: AtomicU64,
+}
+
+fn limiter(per_second: f64, burst: u32) -> Option<DefaultDirectRateLimiter> {
+    if !(per_second.is_finite() && per_second > 0.0) {
+        return None;
+    }
+    let period = Duration::from_secs_f64(1.0 / per_second).max(Duration::from_nanos(1));
+    let quota = Quota::with_period(period)?
+        .allow_burst(NonZeroU32::new(burst.max(1)).expect("burst is at least 1"));
+    Some(RateLimiter::direct(quota))
+}
+
+impl VendorClient {
+    pub fn new(vendor: &str, limits: Limits) -> Result<Self, String> {
+        let http = reqwest::Client::builder()
+            .timeout(limits.timeout)
+            .connect_timeout(limits.timeout.min(Duration::from_secs(10)))
+            .user_agent(concat!("dealsync/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|error| format!("building the HTTP client: {error}"))?;
+        Ok(VendorClient {
+            vendor: vendor.to_owned(),
+            http,
+            limiter: limits
+                .requests_per_second
+                .and_then(|rps| limiter(rps, limits.burst)),
+            endpoint_limiters: Mutex::new(HashMap::new()),
+            permits: Semaphore::new(limits.max_concurrency.max(1)),
+            limits,
+            budget: Mutex::new(Budget::default()),
+            requests: AtomicU64::new(0),
+            rate_limited: AtomicU64::new(0),
+        })
+    }
+
+    /// Requests sent and 429s received since the last call (for run summaries).
+    pub fn take_counts(&self) -> (u64, u64) {
+        (
+            self.requests.swap(0, Ordering::Relaxed),
+            self.rate_limited.swap(0, Ordering::Relaxed),
+        )
+    }
+
+    fn transient(&self, reason: String, retry_after: Option<Duration>) -> ConnectorError {
+        ConnectorError::Transient {
+            vendor: self.vendor.clone(),
+            reason,
+            retry_after,
+        }
+    }
+
+    async fn wait_turn(&self, request: &VendorRequest) {
+        if let Some(limiter) = &self.limiter {
+            limiter.until_ready().await;
+        }
+        if let Some((name, rps)) = &request.endpoint_limit {
+            let endpoint = {
+                let mut limiters = self
+                    .endpoint_limiters
+                    .lock()
+                    .expect("endpoint limiter lock is never poisoned");
+                match limiters.get(name) {
+                    Some(found) => Some(found.clone()),
+                    None => limiter(*rps, 1).map(|created| {
+                        let created = Arc::new(created);
+                        limiters.insert(name.clone(), created.clone());
+                        created
+                    }),
+                }
+            };
+            if let Some(endpoint) = endpoint {
+                endpoint.until_ready().await;
+            }
+        }
+    }
+
+    /// Sends a request, retrying what may pass on its own. Returns every answer that
+    /// is not retried (2xx and 4xx alike); the caller decides what a status means.
+    pub async fn send(
+        &self,
+        cx: &SyncContext,
+        request: &VendorRequest,
+    ) -> Result<VendorResponse, ConnectorError> {
+        let connection = cx.connection.as_str();
+        let labels = ConnectionLabels {
+            connection: connection.to_owned(),
+        };
+        let vendor_metrics = &cx.metrics.vendor;
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            self.check_budget(cx)?;
+            tokio::select! {
+                _ = cx.shutdown.cancelled() => return Err(ConnectorError::Cancelled),
+                _ = self.wait_turn(request) => {}
+            }
+            let _permit = self
+                .permits
+                .acquire()
+                .await
+                .map_err(|_| ConnectorError::Cancelled)?;
+            self.requests.fetch_add(1, Ordering::Relaxed);
+            let mut builder = self
+                .http
+                .request(request.method.clone(), request.url.clone());
+            for (name, value) in &request.headers {
+                builder = builder.header(name, value);
+            }
+            if let Some(json) = &request.json {
+                builder = builder.json(json);
+            }
+            let outcome = tokio::select! {
+                _ = cx.shutdown.cancelled() => return Err(ConnectorError::Cancelled),
+                outcome = async {
+                    let response = builder.send().await?;
+                    let status = response.status().as_u16();
+                    let headers = response.headers().clone();
+                    let body = response.bytes().await?;
+                    Ok::<_, reqwest::Error>(VendorResponse { status, headers, body })
+                } => outcome,
+            };
+            let retry_in = match outcome {
+                Err(error) => {
+                    vendor_metrics
+                        .requests
+                        .get_or_create(&StatusLabels {
+                            connection: connection.to_owned(),
+                            status: "error".into(),
+                        })
+                        .inc();
+                    // The URL may carry a query-string credential: never log it.
+                    let reason = if error.is_timeout() {
+                        format!("{} timed out", request.url.path())
+                    } else if error.is_connect() {
+                        format!("connecting for {} failed", request.url.path())
+                    } else {
+                        format!("{} failed: {}", request.url.path(), error.without_url())
+                    };
+                    if attempt >= MAX_ATTEMPTS {
+                        return Err(self.transient(reason, None));
+                    }
+                    let delay = backoff(attempt);
+                    warn!(connection, attempt, retry_in_ms = delay.as_millis() as u64, %reason, "vendor request failed, retrying");
+                    delay
+                }
+                Ok(response) => {
+                    vendor_metrics
+                        .requests
+                        .get_or_create(&StatusLabels {
+                            connection: connection.to_owned(),
+                            status: response.status.to_string(),
+                        })
+                        .inc();
+                    self.observe_budget(cx, &response.headers);
+                    if let Some(resume_after) = self.exhausted(&response) {
+                        return Err(self.pause(cx, resume_after));
+                    }
+                    let status = response.status;
+                    if status == 429 {
+                        self.rate_limited.fetch_add(1, Ordering::Relaxed);
+                        vendor_metrics.rate_limited.get_or_create(&labels).inc();
+                        let wait = self.retry_after(&response.headers);
+                        if attempt >= MAX_ATTEMPTS || wait > MAX_INLINE_WAIT {
+                            return Err(self.transient(
+                                format!("{} answered 429 Too Many Requests", request.url.path()),
+                                Some(wait),
+                            ));
+                        }
+                        warn!(
+                            connection,
+                            attempt,
+                            retry_in_ms = wait.as_millis() as u64,
+                            "vendor rate limit hit (429), waiting"
+                        );
+                        wait
+                    } else if status >= 500 {
+                        let hinted = retry_after_header(&response.headers);
+                        if attempt >= MAX_ATTEMPTS {
+                            return Err(self.transient(
+                                format!("{} answered {status}", request.url.path()),
+                                hinted,
+                            ));
+                        }
+                        let delay = hinted
+                            .unwrap_or_else(|| backoff(attempt))
+                            .min(MAX_INLINE_WAIT);
+                        warn!(
+                            connection,
+                            attempt,
+                            status,
+                            retry_in_ms = delay.as_millis() as u64,
+                            "vendor server error, retrying"
+                        );
+                        delay
+                    } else {
+                        return Ok(response);
+                    }
+                }
+            };
+            vendor_metrics.retries.get_or_create(&labels).inc();
+            tokio::select! {
+                _ = cx.shutdown.cancelled() => return Err(ConnectorError::Cancelled),
+                _ = tokio::time::sleep(retry_in) => {}
+            }
+        }
+    }
+
+    /// How long to wait after a 429: `Retry-After`, the vendor's own header, else the default.
+    fn retry_after(&self, headers: &HeaderMap) -> Duration {
+        if let Some(wait) = retry_after_header(headers) {
+            return wait;
+        }
+        if let Some(name) = &self.limits.budget.retry_after_ms_header
+            && let Some(ms) = header_u64(headers, name)
+        {
+            return Duration::from_millis(ms);
+        }
+        self.limits.budget.default_retry_after
+    }
+
+    /// Whether this answer says the daily budget is spent; then how long until it resets.
+    fn exhausted(&self, response: &VendorResponse) -> Option<Duration> {
+        let matched = self.limits.budget.exhausted.iter().any(|rule| {
+            rule.status == response.status
+                && rule.body_contains.as_deref().is_none_or(|needle| {
+                    std::str::from_utf8(&response.body).is_ok_and(|body| body.contains(needle))
+                })
+        });
+        matched.then(|| self.reset_delay())
+    }
+
+    fn reset_delay(&self) -> Duration {
+        let header = self.budget.lock().ok().and_then(|budget| budget.reset_in);
+        match self.limits.budget.reset {
+            BudgetReset::Header => header.unwrap_or(Duration::from_secs(3600)),
+            BudgetReset::Rolling => Duration::from_secs(3600),
+            BudgetReset::Midnight => {
+                let now = Utc::now();
+                let midnight = (now.date_naive() + chrono::Days::new(1))
+                    .and_hms_opt(0, 0, 0)
+                    .expect("midnight exists")
+                    .and_utc();
+                (midnight - now).to_std().unwrap_or(Duration::from_secs(60))
+            }
+        }
+    }
+
+    fn pause(&self, cx: &SyncContext, resume_after: Duration) -> ConnectorError {
+        let until = Utc::now()
+            + chrono::Duration::from_std(resume_after).unwrap_or(chrono::Duration::hours(1));
+        if let Ok(mut budget) = self.budget.lock() {
+            budget.paused_until = Some(until);
+        }
+        cx.metrics
+            .vendor
+            .budget_pauses
+            .get_or_create(&ConnectionLabels {
+                connection: cx.connection.to_string(),
+            })
+            .inc();
+        warn!(connection = %cx.connection, resume_at = %until.to_rfc3339(), "vendor API budget share used up; pausing this connection until the budget resets");
+        ConnectorError::BudgetExhausted {
+            vendor: self.vendor.clone(),
+            resume_after,
+        }
+    }
+
+    fn check_budget(&self, cx: &SyncContext) -> Result<(), ConnectorError> {
+        let (paused, low) = {
+            let Ok(budget) = self.budget.lock() else {
+                return Ok(());
+            };
+            let paused = budget.paused_until.filter(|until| *until > Utc::now());
+            let share = self.limits.budget.share;
+            let low = match (budget.remaining, budget.limit) {
+                (Some(remaining), Some(limit)) => {
+                    let reserve = (limit as f64 * (1.0 - share)).ceil() as u64;
+                    remaining <= reserve
+                }
+                _ => false,
+            };
+            (paused, low)
+        };
+        if let Some(until) = paused {
+            return Err(ConnectorError::BudgetExhausted {
+                vendor: self.vendor.clone(),
+                resume_after: (until - Utc::now()).to_std().unwrap_or_default(),
+            });
+        }
+        if low {
+            let delay = self.reset_delay();
+            return Err(self.pause(cx, delay));
+        }
+        Ok(())
+    }
+
+    fn observe_budget(&self, cx: &SyncContext, headers: &HeaderMap) {
+        let rules = &self.limits.budget;
+        let mut remaining = rules
+            .remaining_header
+            .as_deref()
+            .and_then(|name| header_u64(headers, name));
+        let mut limit = rules
+            .limit_header
+            .as_deref()
+            .and_then(|name| header_u64(headers, name));
+        if let (Some(name), Some(key)) = (&rules.usage_header, &rules.usage_key)
+            && let Some((used, total)) = headers
+                .get(name.as_str())
+                .and_then(|v| v.to_str().ok())
+                .and_then(|text| parse_usage(text, key))
+        {
+            remaining = Some(total.saturating_sub(used));
+            limit = Some(total);
+        }
+        let reset_in = rules
+            .reset_header
+            .as_deref()
+            .and_then(|name| header_u64(headers, name))
+            .map(Duration::from_secs);
+        if remaining.is_none() && limit.is_none() && reset_in.is_none() {
+            return;
+        }
+        if let Some(left) = remaining {
+            cx.metrics
+                .vendor
+                .budget_remaining
+                .get_or_create(&ConnectionLabels {
+                    connection: cx.connection.to_string(),
+                })
+                .set(left.min(i64::MAX as u64) as i64);
+        }
+        if let Ok(mut budget) = self.budget.lock() {
+            if remaining.is_some() {
+                budget.remaining = remaining;
+            }
+            if limit.is_some() {
+                budget.limit = limit;
+            }
+            if reset_in.is_some() {
+                budget.reset_in = reset_in;
+            }
+            debug!(connection = %cx.connection, remaining = ?budget.remaining, limit = ?budget.limit, "vendor budget");
+        }
+    }
+}
+
+/// Exponential backoff with full jitter: uniform in [0, min(cap, base·2^attempt)].
+pub fn backoff(attempt: u32) -> Duration {
+    let ceiling = BACKOFF_BASE
+        .saturating_mul(1u32 << attempt.min(16))
+        .min(BACKOFF_CAP);
+    ceiling.mul_f64(rand::rng().random_range(0.0..=1.0))
+}
+
+fn header_u64(headers: &HeaderMap, name: &str) -> Option<u64> {
+    headers
+        .get(name)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|v| v.is_finite() && *v >= 0.0)
+        .map(|v| v as u64)
+}
+
+/// `Retry-After` as seconds or an HTTP date.
+fn retry_after_header(headers: &HeaderMap) -> Option<Duration> {
+    let text = headers.get("retry-after")?.to_str().ok()?.trim();
+    if let Ok(seconds) = text.parse::<f64>() {
+        return (seconds.is_finite() && seconds >= 0.0).then(|| Duration::from_secs_f64(seconds));
+    }
+    let at = DateTime::parse_from_rfc2822(text).ok()?;
+    (at.with_timezone(&Utc) - Utc::now()).to_std().ok()
+}
+
+/// Reads `key=used/limit` from a header like `api-usage=18/5000; api-bursts=1/750`.
+pub fn parse_usage(text: &str, key: &str) -> Option<(u64, u64)> {
+    text.split([';', ','])
+        .filter_map(|part| part.trim().split_once('='))
+        .find(|(name, _)| name.trim() == key)
+        .and_then(|(_, value)| {
+            let (used, limit) = value.trim().split_once('/')?;
+            Some((used.trim().parse().ok()?, limit.trim().parse().ok()?))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_stays_under_its_growing_ceiling_and_the_cap() {
+        for attempt in 1..20 {
+            let delay = backoff(attempt);
+            let ceiling = BACKOFF_BASE
+                .saturating_mul(1u32 << attempt.min(16))
+                .min(BACKOFF_CAP);
+            assert!(delay <= ceiling, "{attempt}: {delay:?}");
+        }
+    }
+
+    #[test]
+    fn salesforce_usage_headers_and_retry_after_are_read() {
+        assert_eq!(
+            parse_usage("api-usage=18/5000; api-bursts=1/750", "api-usage"),
+            Some((18, 5000))
+        );
+        assert_eq!(
+            parse_usage("per-app-api-usage=17/250(appName=x)", "api-usage"),
+            None
+        );
+        let mut headers = HeaderMap::new();
+        headers.insert("retry-after", "2".parse().unwrap());
+        assert_eq!(retry_after_header(&headers), Some(Duration::from_secs(2)));
+    }
+}

@@ -1,0 +1,359 @@
+//! A HubSpot CRM v3 mock: deals list (cursor paging, inline associations, archived),
+//! search (GTE on hs_lastmodifieddate, ascending, 200 per page, HTTP 400 past 10,000
+//! results of one query), v4 association and contact batch reads, deal pipelines,
+//! one deal by id, and the OAuth token endpoint.
+
+use super::{Faults, MockServer, OAuthState, bearer, fixture, inject, serve};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Form, Json, Router};
+use chrono::{TimeZone, Utc};
+use serde_json::{Value, json};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+#[derive(Debug, Clone)]
+pub struct HsDeal {
+    pub id: u64,
+    pub name: String,
+    pub stage: String,
+    pub pipeline: String,
+    pub amount: Option<String>,
+    pub modified_ms: i64,
+    pub archived: bool,
+    pub contact: Option<u64>,
+    pub owner: Option<String>,
+    /// Extra properties (the benchmark's ~60).
+    pub extra: Vec<(String, String)>,
+}
+
+pub struct HsState {
+    pub deals: Mutex<BTreeMap<u64, HsDeal>>,
+    pub contacts: Mutex<BTreeMap<u64, (String, String, String)>>,
+    pub faults: Arc<Faults>,
+    pub token: String,
+    pub oauth: Option<OAuthState>,
+    /// Results one search query may page through.
+    pub search_cap: usize,
+    pub search_400s: AtomicU64,
+    /// Daily budget (limit, remaining) reported in headers, when set.
+    pub budget: Mutex<Option<(u64, u64)>>,
+}
+
+pub struct HubSpot {
+    pub state: Arc<HsState>,
+    pub server: MockServer,
+}
+
+fn iso(ms: i64) -> String {
+    Utc.timestamp_millis_opt(ms)
+        .unwrap()
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+impl HsDeal {
+    pub fn new(id: u64, name: &str, stage: &str, modified_ms: i64) -> Self {
+        HsDeal {
+            id,
+            name: name.to_owned(),
+            stage: stage.to_owned(),
+            pipeline: "default".to_owned(),
+            amount: Some("100.50".to_owned()),
+            modified_ms,
+            archived: false,
+            contact: None,
+            owner: Some("9001".to_owned()),
+            extra: Vec::new(),
+        }
+    }
+
+    pub fn render(&self, with_associations: bool) -> Value {
+        let mut properties = serde_json::Map::new();
+        properties.insert("dealname".into(), json!(self.name));
+        properties.insert("amount".into(), json!(self.amount));
+        properties.insert("dealstage".into(), json!(self.stage));
+        properties.insert("pipeline".into(), json!(self.pipeline));
+        properties.insert("closedate".into(), json!("2026-03-31T00:00:00Z"));
+        properties.insert("createdate".into(), json!("2026-01-10T09:00:00Z"));
+        properties.insert("hs_lastmodifieddate".into(), json!(iso(self.modified_ms)));
+        properties.insert("hs_object_id".into(), json!(self.id.to_string()));
+        properties.insert("hubspot_owner_id".into(), json!(self.owner));
+        for (key, value) in &self.extra {
+            properties.insert(key.clone(), json!(value));
+        }
+        let mut record = json!({
+            "id": self.id.to_string(),
+            "properties": properties,
+            "createdAt": "2026-01-10T09:00:00Z",
+            "updatedAt": iso(self.modified_ms),
+            "archived": self.archived,
+        });
+        if self.archived {
+            record["archivedAt"] = json!(iso(self.modified_ms));
+        }
+        if with_associations && let Some(contact) = self.contact {
+            record["associations"] = json!({"contacts": {"results": [{"id": contact.to_string(), "type": "deal_to_contact"}]}});
+        }
+        record
+    }
+}
+
+impl HubSpot {
+    /// Starts the mock; API calls need `Bearer <token>` (or the OAuth state's token).
+    pub async fn start(token: &str, oauth: Option<OAuthState>) -> HubSpot {
+        let faults = Arc::new(Faults::default());
+        let state = Arc::new(HsState {
+            deals: Mutex::new(BTreeMap::new()),
+            contacts: Mutex::new(BTreeMap::new()),
+            faults: faults.clone(),
+            token: token.to_owned(),
+            oauth,
+            search_cap: 10_000,
+            search_400s: AtomicU64::new(0),
+            budget: Mutex::new(None),
+        });
+        let router = Router::new()
+            .route("/crm/v3/objects/deals", get(list))
+            .route("/crm/v3/objects/deals/search", post(search))
+            .route("/crm/v3/objects/deals/{id}", get(one))
+            .route(
+                "/crm/v4/associations/deals/contacts/batch/read",
+                post(associations),
+            )
+            .route("/crm/v3/objects/contacts/batch/read", post(contacts))
+            .route("/crm/v3/pipelines/deals", get(pipelines))
+            .route("/oauth/v1/token", post(token_endpoint))
+            .layer(axum::middleware::from_fn_with_state(faults, inject))
+            .with_state(state.clone());
+        HubSpot {
+            state,
+            server: serve(router).await,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        self.server.url()
+    }
+
+    pub fn faults(&self) -> &Faults {
+        &self.state.faults
+    }
+
+    pub fn put(&self, deal: HsDeal) {
+        self.state.deals.lock().unwrap().insert(deal.id, deal);
+    }
+
+    pub fn put_contact(&self, id: u64, email: &str, first: &str, last: &str) {
+        self.state
+            .contacts
+            .lock()
+            .unwrap()
+            .insert(id, (email.to_owned(), first.to_owned(), last.to_owned()));
+    }
+
+    /// Changes a deal (stage, modification time).
+    pub fn update(&self, id: u64, change: impl FnOnce(&mut HsDeal)) {
+        if let Some(deal) = self.state.deals.lock().unwrap().get_mut(&id) {
+            change(deal);
+        }
+    }
+}
+
+fn unauthorized() -> Response {
+    (
+        StatusCode::UNAUTHORIZED,
+        Json(json!({"status": "error", "message": "Authentication credentials not found.", "category": "INVALID_AUTHENTICATION"})),
+    )
+        .into_response()
+}
+
+fn authorized(state: &HsState, headers: &HeaderMap) -> bool {
+    match &state.oauth {
+        Some(oauth) => oauth.accepts(headers),
+        None => bearer(headers).as_deref() == Some(state.token.as_str()),
+    }
+}
+
+fn with_budget(state: &HsState, mut response: Response) -> Response {
+    if let Some((limit, remaining)) = state.budget.lock().unwrap().as_mut() {
+        *remaining = remaining.saturating_sub(1);
+        let headers = response.headers_mut();
+        headers.insert(
+            "X-HubSpot-RateLimit-Daily",
+            limit.to_string().parse().unwrap(),
+        );
+        headers.insert(
+            "X-HubSpot-RateLimit-Daily-Remaining",
+            remaining.to_string().parse().unwrap(),
+        );
+    }
+    response
+}
+
+async fn list(
+    State(state): State<Arc<HsState>>,
+    headers: HeaderMap,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    if !authorized(&state, &headers) {
+        return unauthorized();
+    }
+    let limit: usize = query
+        .get("limit")
+        .and_then(|l| l.parse().ok())
+        .unwrap_or(10)
+        .min(100);
+    let after: usize = query.get("after").and_then(|a| a.parse().ok()).unwrap_or(0);
+    let archived = query.get("archived").is_some_and(|a| a == "true");
+    let inline = query
+        .get("associations")
+        .is_some_and(|a| a.contains("contacts"));
+    let deals = state.deals.lock().unwrap();
+    let matching: Vec<&HsDeal> = deals.values().filter(|d| d.archived == archived).collect();
+    let page: Vec<Value> = matching
+        .iter()
+        .skip(after)
+        .take(limit)
+        .map(|d| d.render(inline))
+        .collect();
+    let mut body = json!({ "results": page });
+    if after + limit < matching.len() {
+        let next = (after + limit).to_string();
+        body["paging"] =
+            json!({"next": {"after": next, "link": format!("/crm/v3/objects/deals?after={next}")}});
+    }
+    with_budget(&state, Json(body).into_response())
+}
+
+async fn search(
+    State(state): State<Arc<HsState>>,
+    headers: HeaderMap,
+    Json(request): Json<Value>,
+) -> Response {
+    if !authorized(&state, &headers) {
+        return unauthorized();
+    }
+    let limit = request["limit"].as_u64().unwrap_or(10) as usize;
+    let after: usize = request["after"]
+        .as_str()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(0);
+    if limit > 200 || after + limit > state.search_cap {
+        state.search_400s.fetch_add(1, Ordering::SeqCst);
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(fixture("hubspot/error-validation.json")),
+        )
+            .into_response();
+    }
+    let filter = &request["filterGroups"][0]["filters"][0];
+    assert_eq!(filter["propertyName"], "hs_lastmodifieddate");
+    assert_eq!(filter["operator"], "GTE");
+    assert_eq!(request["sorts"][0]["direction"], "ASCENDING");
+    let since: i64 = filter["value"]
+        .as_str()
+        .and_then(|v| v.parse().ok())
+        .expect("epoch ms");
+    let deals = state.deals.lock().unwrap();
+    let mut matching: Vec<&HsDeal> = deals
+        .values()
+        .filter(|d| !d.archived && d.modified_ms >= since)
+        .collect();
+    matching.sort_by_key(|d| (d.modified_ms, d.id));
+    let page: Vec<Value> = matching
+        .iter()
+        .skip(after)
+        .take(limit)
+        .map(|d| d.render(false))
+        .collect();
+    let mut body = json!({ "total": matching.len(), "results": page });
+    if after + limit < matching.len() {
+        body["paging"] = json!({"next": {"after": (after + limit).to_string(), "link": "?after"}});
+    }
+    with_budget(&state, Json(body).into_response())
+}
+
+async fn one(
+    State(state): State<Arc<HsState>>,
+    headers: HeaderMap,
+    Path(id): Path<u64>,
+) -> Response {
+    if !authorized(&state, &headers) {
+        return unauthorized();
+    }
+    match state.deals.lock().unwrap().get(&id) {
+        Some(deal) if !deal.archived => Json(deal.render(true)).into_response(),
+        _ => (
+            StatusCode::NOT_FOUND,
+            Json(json!({"status": "error", "message": "Object not found"})),
+        )
+            .into_response(),
+    }
+}
+
+async fn associations(
+    State(state): State<Arc<HsState>>,
+    headers: HeaderMap,
+    Json(request): Json<Value>,
+) -> Response {
+    if !authorized(&state, &headers) {
+        return unauthorized();
+    }
+    let deals = state.deals.lock().unwrap();
+    let results: Vec<Value> = request["inputs"]
+        .as_array()
+        .expect("inputs")
+        .iter()
+        .filter_map(|input| {
+            let id: u64 = input["id"].as_str()?.parse().ok()?;
+            let contact = deals.get(&id)?.contact?;
+            Some(json!({"from": {"id": id.to_string()}, "to": [{"toObjectId": contact, "associationTypes": [{"category": "HUBSPOT_DEFINED", "typeId": 3, "label": null}]}]}))
+        })
+        .collect();
+    Json(json!({"status": "COMPLETE", "results": results})).into_response()
+}
+
+async fn contacts(
+    State(state): State<Arc<HsState>>,
+    headers: HeaderMap,
+    Json(request): Json<Value>,
+) -> Response {
+    if !authorized(&state, &headers) {
+        return unauthorized();
+    }
+    let contacts = state.contacts.lock().unwrap();
+    let results: Vec<Value> = request["inputs"]
+        .as_array()
+        .expect("inputs")
+        .iter()
+        .filter_map(|input| {
+            let id: u64 = input["id"].as_str()?.parse().ok()?;
+            let (email, first, last) = contacts.get(&id)?;
+            Some(json!({"id": id.to_string(), "properties": {"email": email, "firstname": first, "lastname": last}, "archived": false}))
+        })
+        .collect();
+    Json(json!({"status": "COMPLETE", "results": results})).into_response()
+}
+
+async fn pipelines(State(state): State<Arc<HsState>>, headers: HeaderMap) -> Response {
+    if !authorized(&state, &headers) {
+        return unauthorized();
+    }
+    Json(fixture("hubspot/pipelines-deals.json")).into_response()
+}
+
+async fn token_endpoint(
+    State(state): State<Arc<HsState>>,
+    Form(form): Form<HashMap<String, String>>,
+) -> Response {
+    match &state.oauth {
+        Some(oauth) => {
+            assert_eq!(form.get("client_id").map(String::as_str), Some("hs-client"));
+            oauth.refresh_response(&form, json!({}))
+        }
+        None => StatusCode::NOT_FOUND.into_response(),
+    }
+}

@@ -1,0 +1,242 @@
+//! Mock vendor APIs: small stateful axum servers on 127.0.0.1 that answer in the
+//! shapes of the shared fixtures, with failure injection (status codes with headers,
+//! slow answers, bodies that are not JSON) and a log of what was asked.
+
+pub mod hubspot;
+pub mod pipedrive;
+pub mod salesforce;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// A fixture file's JSON.
+pub fn fixture(path: &str) -> serde_json::Value {
+    let full = format!("{}/../shared/fixtures/{path}", env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(&full).unwrap_or_else(|e| panic!("{full}: {e}"));
+    serde_json::from_str(&text).expect("fixture is JSON")
+}
+
+/// One injected failure, served instead of the real answer.
+#[derive(Debug, Clone)]
+pub enum Fault {
+    /// A status with headers and a body.
+    Status(u16, Vec<(&'static str, String)>, String),
+    /// Wait this long before answering normally.
+    Delay(Duration),
+    /// 200 with a body that is not JSON.
+    Garbage,
+}
+
+/// Faults queued per path prefix, and every request seen.
+#[derive(Default)]
+pub struct Faults {
+    queue: Mutex<VecDeque<(String, Fault)>>,
+    /// (method, path and query) of every request, in order.
+    pub seen: Mutex<Vec<String>>,
+    /// A delay added to every answer on paths with this prefix.
+    pub slow: Mutex<Option<(String, Duration)>>,
+}
+
+impl Faults {
+    /// Queues a fault for the next request whose path starts with `prefix`.
+    pub fn push(&self, prefix: &str, fault: Fault) {
+        self.queue
+            .lock()
+            .unwrap()
+            .push_back((prefix.to_owned(), fault));
+    }
+
+    pub fn seen(&self) -> Vec<String> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    /// Requests seen whose path starts with `prefix`.
+    pub fn count(&self, prefix: &str) -> usize {
+        self.seen()
+            .iter()
+            .filter(|line| {
+                line.split_once(' ')
+                    .is_some_and(|(_, p)| p.starts_with(prefix))
+            })
+            .count()
+    }
+
+    fn take(&self, path: &str) -> Option<Fault> {
+        let mut queue = self.queue.lock().unwrap();
+        let at = queue
+            .iter()
+            .position(|(prefix, _)| path.starts_with(prefix))?;
+        queue.remove(at).map(|(_, fault)| fault)
+    }
+}
+
+/// Middleware: logs the request, then serves a queued fault or passes it on.
+pub async fn inject(State(faults): State<Arc<Faults>>, request: Request, next: Next) -> Response {
+    let path = request.uri().path().to_owned();
+    let target = request
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_default();
+    faults
+        .seen
+        .lock()
+        .unwrap()
+        .push(format!("{} {target}", request.method()));
+    let slow = faults.slow.lock().unwrap().clone();
+    if let Some((prefix, delay)) = slow
+        && path.starts_with(&prefix)
+    {
+        tokio::time::sleep(delay).await;
+    }
+    match faults.take(&path) {
+        Some(Fault::Status(status, headers, body)) => {
+            let mut response = (StatusCode::from_u16(status).unwrap(), body).into_response();
+            for (name, value) in headers {
+                response
+                    .headers_mut()
+                    .insert(name, HeaderValue::from_str(&value).unwrap());
+            }
+            response
+                .headers_mut()
+                .insert("content-type", HeaderValue::from_static("application/json"));
+            response
+        }
+        Some(Fault::Delay(delay)) => {
+            tokio::time::sleep(delay).await;
+            next.run(request).await
+        }
+        Some(Fault::Garbage) => Response::builder()
+            .status(200)
+            .header("content-type", "application/json")
+            .body(Body::from("{\"results\": [ {\"id\": \"trunc"))
+            .unwrap(),
+        None => next.run(request).await,
+    }
+}
+
+/// Serves `router` on a free 127.0.0.1 port until the returned handle is dropped.
+pub async fn serve(router: axum::Router) -> MockServer {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let _ = axum::serve(listener, router).await;
+    });
+    MockServer { addr, task }
+}
+
+pub struct MockServer {
+    pub addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl MockServer {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for MockServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The bearer token of a request, if any.
+pub fn bearer(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get("authorization")?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+        .map(str::to_owned)
+}
+
+/// OAuth state shared by the mocks: the live access token, the refresh token, and
+/// how refreshes go.
+#[derive(Default)]
+pub struct OAuthState {
+    pub access: Mutex<String>,
+    pub refresh: Mutex<String>,
+    /// Refresh responses carry a new refresh token (rotation).
+    pub rotate: bool,
+    /// The refresh token was revoked: refreshes answer invalid_grant.
+    pub revoked: std::sync::atomic::AtomicBool,
+    /// Refreshes answered so far.
+    pub refreshes: std::sync::atomic::AtomicU64,
+    /// Each access token stops working after this many API requests (0: never).
+    pub expire_after: std::sync::atomic::AtomicU64,
+    pub used: std::sync::atomic::AtomicU64,
+}
+
+impl OAuthState {
+    pub fn new(access: &str, refresh: &str, rotate: bool) -> Self {
+        OAuthState {
+            access: Mutex::new(access.to_owned()),
+            refresh: Mutex::new(refresh.to_owned()),
+            rotate,
+            ..OAuthState::default()
+        }
+    }
+
+    /// Whether a request's bearer token is the live one (and not used up).
+    pub fn accepts(&self, headers: &HeaderMap) -> bool {
+        use std::sync::atomic::Ordering;
+        let live = self.access.lock().unwrap().clone();
+        if bearer(headers).as_deref() != Some(live.as_str()) {
+            return false;
+        }
+        let used = self.used.fetch_add(1, Ordering::SeqCst) + 1;
+        let limit = self.expire_after.load(Ordering::SeqCst);
+        if limit > 0 && used > limit {
+            // The token expired: a new one is needed.
+            *self.access.lock().unwrap() = format!("expired-{live}");
+            return false;
+        }
+        true
+    }
+
+    /// Answers a `grant_type=refresh_token` form; `extra` joins the JSON response.
+    pub fn refresh_response(
+        &self,
+        form: &std::collections::HashMap<String, String>,
+        extra: serde_json::Value,
+    ) -> Response {
+        use std::sync::atomic::Ordering;
+        let current = self.refresh.lock().unwrap().clone();
+        if self.revoked.load(Ordering::SeqCst)
+            || form.get("grant_type").map(String::as_str) != Some("refresh_token")
+            || form.get("refresh_token") != Some(&current)
+        {
+            return (
+                StatusCode::BAD_REQUEST,
+                axum::Json(serde_json::json!({"error": "invalid_grant", "error_description": "expired access/refresh token"})),
+            )
+                .into_response();
+        }
+        let n = self.refreshes.fetch_add(1, Ordering::SeqCst) + 1;
+        let access = format!("access-{n}");
+        *self.access.lock().unwrap() = access.clone();
+        self.used.store(0, Ordering::SeqCst);
+        let mut body =
+            serde_json::json!({"access_token": access, "token_type": "bearer", "expires_in": 1800});
+        if self.rotate {
+            let rotated = format!("refresh-{n}");
+            *self.refresh.lock().unwrap() = rotated.clone();
+            body["refresh_token"] = serde_json::json!(rotated);
+        }
+        if let (Some(target), Some(source)) = (body.as_object_mut(), extra.as_object()) {
+            for (k, v) in source {
+                target.insert(k.clone(), v.clone());
+            }
+        }
+        axum::Json(body).into_response()
+    }
+}

@@ -1,0 +1,243 @@
+//! A Pipedrive API v2 mock: deals with cursor paging (`updated_since` inclusive at
+//! second resolution, `sort_by=update_time`, `status` including `deleted`), one deal,
+//! persons by ids, pipelines and stages (from the fixtures).
+
+use super::{Faults, MockServer, fixture, inject, serve};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use chrono::{DateTime, Utc};
+use serde_json::{Value, json};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+#[derive(Debug, Clone)]
+pub struct PdDeal {
+    pub id: u64,
+    pub title: String,
+    pub stage_id: u64,
+    pub status: String,
+    pub value: f64,
+    /// Second resolution, like Pipedrive's.
+    pub update_time: DateTime<Utc>,
+    pub deleted: bool,
+    pub person_id: Option<u64>,
+}
+
+impl PdDeal {
+    pub fn new(id: u64, title: &str, stage_id: u64, update_time: DateTime<Utc>) -> Self {
+        PdDeal {
+            id,
+            title: title.to_owned(),
+            stage_id,
+            status: "open".into(),
+            value: 4200.5,
+            update_time: DateTime::from_timestamp(update_time.timestamp(), 0).unwrap(),
+            deleted: false,
+            person_id: None,
+        }
+    }
+
+    fn render(&self) -> Value {
+        let time = self
+            .update_time
+            .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        json!({
+            "id": self.id, "title": self.title, "creator_user_id": 9001, "owner_id": 9001,
+            "person_id": self.person_id, "org_id": 201, "pipeline_id": 1, "stage_id": self.stage_id,
+            "value": self.value, "currency": "EUR", "add_time": "2026-01-05T09:00:00Z",
+            "update_time": time, "stage_change_time": time, "is_deleted": self.deleted,
+            "is_archived": false, "archive_time": null, "status": self.status, "probability": null,
+            "lost_reason": null, "visible_to": 3, "close_time": null, "won_time": null, "lost_time": null,
+            "expected_close_date": "2026-03-31", "label_ids": [], "origin": "ManuallyCreated",
+            "origin_id": null, "channel": null, "channel_id": null, "arr": null, "mrr": null,
+            "acv": null, "custom_fields": {}
+        })
+    }
+}
+
+pub struct PdState {
+    pub deals: Mutex<BTreeMap<u64, PdDeal>>,
+    pub persons: Mutex<BTreeMap<u64, (String, String)>>,
+    pub faults: Arc<Faults>,
+    pub token: String,
+}
+
+pub struct Pipedrive {
+    pub state: Arc<PdState>,
+    pub server: MockServer,
+}
+
+impl Pipedrive {
+    pub async fn start(token: &str) -> Pipedrive {
+        let faults = Arc::new(Faults::default());
+        let state = Arc::new(PdState {
+            deals: Mutex::new(BTreeMap::new()),
+            persons: Mutex::new(BTreeMap::new()),
+            faults: faults.clone(),
+            token: token.to_owned(),
+        });
+        let router = Router::new()
+            .route("/api/v2/deals", get(deals))
+            .route("/api/v2/deals/{id}", get(one))
+            .route("/api/v2/persons", get(persons))
+            .route("/api/v2/pipelines", get(pipelines))
+            .route("/api/v2/stages", get(stages))
+            .layer(axum::middleware::from_fn_with_state(faults, inject))
+            .with_state(state.clone());
+        Pipedrive {
+            state,
+            server: serve(router).await,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        self.server.url()
+    }
+
+    pub fn faults(&self) -> &Faults {
+        &self.state.faults
+    }
+
+    pub fn put(&self, deal: PdDeal) {
+        self.state.deals.lock().unwrap().insert(deal.id, deal);
+    }
+
+    pub fn put_person(&self, id: u64, name: &str, email: &str) {
+        self.state
+            .persons
+            .lock()
+            .unwrap()
+            .insert(id, (name.to_owned(), email.to_owned()));
+    }
+
+    pub fn update(&self, id: u64, change: impl FnOnce(&mut PdDeal)) {
+        if let Some(deal) = self.state.deals.lock().unwrap().get_mut(&id) {
+            change(deal);
+            deal.update_time = DateTime::from_timestamp(deal.update_time.timestamp(), 0).unwrap();
+        }
+    }
+}
+
+fn authorized(state: &PdState, headers: &HeaderMap) -> bool {
+    headers.get("x-api-token").and_then(|v| v.to_str().ok()) == Some(state.token.as_str())
+}
+
+fn unauthorized() -> Response {
+    (
+        StatusCode::UNAUTHORIZED,
+        Json(json!({"success": false, "error": "unauthorized access", "errorCode": 401})),
+    )
+        .into_response()
+}
+
+async fn deals(
+    State(state): State<Arc<PdState>>,
+    headers: HeaderMap,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    if !authorized(&state, &headers) {
+        return unauthorized();
+    }
+    let limit: usize = query
+        .get("limit")
+        .and_then(|l| l.parse().ok())
+        .unwrap_or(100)
+        .min(500);
+    let offset: usize = query
+        .get("cursor")
+        .and_then(|c| c.strip_prefix("o:"))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let statuses: Vec<String> = query
+        .get("status")
+        .map(|s| s.split(',').map(str::to_owned).collect())
+        .unwrap_or_else(|| vec!["open".into(), "won".into(), "lost".into()]);
+    let since = query.get("updated_since").map(|s| {
+        DateTime::parse_from_rfc3339(s)
+            .expect("updated_since is RFC 3339")
+            .with_timezone(&Utc)
+    });
+    let all = state.deals.lock().unwrap();
+    let mut matching: Vec<&PdDeal> = all
+        .values()
+        .filter(|d| {
+            let status = if d.deleted {
+                "deleted"
+            } else {
+                d.status.as_str()
+            };
+            statuses.iter().any(|s| s == status)
+        })
+        .filter(|d| since.is_none_or(|since| d.update_time >= since))
+        .collect();
+    if query.get("sort_by").map(String::as_str) == Some("update_time") {
+        matching.sort_by_key(|d| (d.update_time, d.id));
+    }
+    let page: Vec<Value> = matching
+        .iter()
+        .skip(offset)
+        .take(limit)
+        .map(|d| d.render())
+        .collect();
+    let next = (offset + limit < matching.len()).then(|| format!("o:{}", offset + limit));
+    Json(json!({"success": true, "data": page, "additional_data": {"next_cursor": next}}))
+        .into_response()
+}
+
+async fn one(
+    State(state): State<Arc<PdState>>,
+    headers: HeaderMap,
+    Path(id): Path<u64>,
+) -> Response {
+    if !authorized(&state, &headers) {
+        return unauthorized();
+    }
+    match state.deals.lock().unwrap().get(&id) {
+        Some(deal) => Json(json!({"success": true, "data": deal.render()})).into_response(),
+        None => (
+            StatusCode::NOT_FOUND,
+            Json(json!({"success": false, "error": "Deal not found"})),
+        )
+            .into_response(),
+    }
+}
+
+async fn persons(
+    State(state): State<Arc<PdState>>,
+    headers: HeaderMap,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    if !authorized(&state, &headers) {
+        return unauthorized();
+    }
+    let persons = state.persons.lock().unwrap();
+    let data: Vec<Value> = query
+        .get("ids")
+        .map(|ids| ids.split(',').filter_map(|id| id.parse::<u64>().ok()).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|id| {
+            let (name, email) = persons.get(&id)?;
+            Some(json!({"id": id, "name": name, "emails": [{"value": email, "primary": true, "label": "work"}]}))
+        })
+        .collect();
+    Json(json!({"success": true, "data": data, "additional_data": {"next_cursor": null}}))
+        .into_response()
+}
+
+async fn pipelines(State(state): State<Arc<PdState>>, headers: HeaderMap) -> Response {
+    if !authorized(&state, &headers) {
+        return unauthorized();
+    }
+    Json(fixture("pipedrive/pipelines-v2.json")).into_response()
+}
+
+async fn stages(State(state): State<Arc<PdState>>, headers: HeaderMap) -> Response {
+    if !authorized(&state, &headers) {
+        return unauthorized();
+    }
+    Json(fixture("pipedrive/stages-v2.json")).into_response()
+}

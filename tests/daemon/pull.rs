@@ -1,0 +1,821 @@
+//! Pull connectors against mock vendors: full and incremental syncs, paging, ties at
+//! boundaries, the HubSpot search cap, retries, OAuth refresh and revocation, crashes.
+
+use crate::harness::daemon::{TestDaemon, run_cli};
+use crate::harness::eventually;
+use crate::harness::vendors::Fault;
+use crate::harness::vendors::hubspot::{HsDeal, HubSpot};
+use std::time::Duration;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+fn hubspot_connection(name: &str, url: &str, extra: &str) -> String {
+    format!(
+        r#"
+[connections.{name}]
+connector = "hubspot"
+base_url = "{url}"
+token = "pat-test"
+poll_interval = "1s"
+page_size = 2
+lookback = "1s"
+rate_limit = {{ requests_per_second = 200.0, burst = 50 }}
+settings = {{ request_timeout = "2s", deletes_every = "1s" }}
+{extra}
+"#
+    )
+}
+
+/// (external id, stage, status, contact email) of a connection's deals.
+fn deals(daemon: &TestDaemon, connection: &str) -> Vec<(String, String, String, Option<String>)> {
+    let db = daemon.db();
+    let mut statement = db
+        .prepare("SELECT external_id, stage, status, contact_email FROM deals WHERE connection = ?1 ORDER BY external_id")
+        .unwrap();
+    statement
+        .query_map([connection], |row| {
+            Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
+        })
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
+fn successful_runs(daemon: &TestDaemon, connection: &str) -> i64 {
+    daemon.count(&format!(
+        "SELECT count(*) FROM sync_runs WHERE connection = '{connection}' AND status = 'succeeded'"
+    ))
+}
+
+#[tokio::test]
+async fn hubspot_syncs_fully_across_pages_then_incrementally_with_contacts_deletes_and_unmapped_stages()
+ {
+    let hubspot = HubSpot::start("pat-test", None).await;
+    let base = now_ms() - 3_600_000;
+    hubspot.put_contact(501, "ada@acme.example", "Ada", "Lovelace");
+    for (i, stage) in [
+        "appointmentscheduled",
+        "qualifiedtobuy",
+        "contractsent",
+        "closedwon",
+        "closedlost",
+        "customstage",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let mut deal = HsDeal::new(
+            1001 + i as u64,
+            &format!("Deal {i}"),
+            stage,
+            base + i as i64 * 1000,
+        );
+        if i == 0 {
+            deal.contact = Some(501);
+        }
+        hubspot.put(deal);
+    }
+    let daemon = TestDaemon::start(&hubspot_connection("hs", &hubspot.url(), "")).await;
+
+    let stored = eventually("six HubSpot deals stored", WAIT, || async {
+        let found = deals(&daemon, "hs");
+        (found.len() == 6).then_some(found)
+    })
+    .await;
+    assert_eq!(
+        stored[0],
+        (
+            "1001".into(),
+            "lead_qualification".into(),
+            "open".into(),
+            Some("ada@acme.example".into())
+        )
+    );
+    assert_eq!(stored[3].1, "won");
+    assert_eq!(stored[4].2, "lost");
+    assert_eq!(
+        stored[5].1, "unmapped",
+        "an unmapped native stage is kept, as unmapped"
+    );
+    let list_pages = hubspot.faults().count("/crm/v3/objects/deals?");
+    assert!(
+        list_pages >= 3,
+        "paged across at least three pages, got {list_pages}"
+    );
+    assert_eq!(
+        daemon.count("SELECT count(*) FROM deals WHERE connection = 'hs' AND amount_minor = 10050 AND currency = 'USD'"),
+        6
+    );
+
+    // A change after the first run arrives through search, with its contact.
+    hubspot.put_contact(502, "grace@globex.example", "Grace", "Hopper");
+    hubspot.update(1002, |deal| {
+        deal.stage = "contractsent".into();
+        deal.contact = Some(502);
+        deal.modified_ms = now_ms();
+    });
+    eventually("the changed deal moved to closing", WAIT, || async {
+        let found = deals(&daemon, "hs");
+        (found[1].1 == "closing" && found[1].3.as_deref() == Some("grace@globex.example"))
+            .then_some(())
+    })
+    .await;
+    assert!(hubspot.faults().count("/crm/v3/objects/deals/search") >= 1);
+    assert!(
+        hubspot
+            .faults()
+            .count("/crm/v4/associations/deals/contacts/batch/read")
+            >= 1
+    );
+
+    // An archived deal is marked deleted, not silently kept.
+    hubspot.update(1003, |deal| deal.archived = true);
+    eventually("the archived deal is marked deleted", WAIT, || async {
+        (daemon
+            .count("SELECT count(*) FROM deals WHERE external_id = '1003' AND status = 'deleted'")
+            == 1)
+            .then_some(())
+    })
+    .await;
+    let history = daemon.count("SELECT count(*) FROM stage_history h JOIN deals d ON d.id = h.deal_id WHERE d.external_id = '1002'");
+    assert_eq!(history, 2, "one history row per stage change");
+}
+
+#[tokio::test]
+async fn hubspot_search_restarts_at_the_last_modification_time_before_the_10000_result_cap() {
+    let hubspot = HubSpot::start("pat-test", None).await;
+    let base = now_ms() - 3_600_000;
+    hubspot.put(HsDeal::new(1, "first", "appointmentscheduled", base));
+    let daemon = TestDaemon::start(&hubspot_connection("hs", &hubspot.url(), "")).await;
+    eventually("the first sync", WAIT, || async {
+        (successful_runs(&daemon, "hs") >= 1).then_some(())
+    })
+    .await;
+
+    // 10,100 deals change after the first run; a few share one timestamp at each page edge.
+    let changed_at = now_ms();
+    {
+        let mut all = hubspot.state.deals.lock().unwrap();
+        for id in 2..=10_101u64 {
+            let mut deal = HsDeal::new(id, "bulk", "qualifiedtobuy", changed_at + (id as i64 / 3));
+            deal.owner = None;
+            all.insert(id, deal);
+        }
+    }
+    eventually(
+        "every bulk-changed deal stored",
+        Duration::from_secs(120),
+        || async {
+            (daemon.count("SELECT count(*) FROM deals WHERE connection = 'hs'") == 10_101)
+                .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        hubspot
+            .state
+            .search_400s
+            .load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "the engine never paged past the cap"
+    );
+    let failed = daemon.count("SELECT count(*) FROM sync_runs WHERE status = 'failed'");
+    assert_eq!(failed, 0, "{}", daemon.logs());
+}
+
+#[tokio::test]
+async fn hubspot_429_500_a_timeout_and_a_malformed_page_are_retried_and_nothing_is_lost() {
+    let hubspot = HubSpot::start("pat-test", None).await;
+    let base = now_ms() - 3_600_000;
+    for id in 1..=7u64 {
+        hubspot.put(HsDeal::new(id, "deal", "qualifiedtobuy", base + id as i64));
+    }
+    let faults = hubspot.faults();
+    faults.push(
+        "/crm/v3/objects/deals",
+        Fault::Status(
+            429,
+            vec![("Retry-After", "1".into())],
+            crate::harness::vendors::fixture("hubspot/error-validation.json").to_string(),
+        ),
+    );
+    faults.push(
+        "/crm/v3/objects/deals",
+        Fault::Status(500, vec![], "{}".into()),
+    );
+    faults.push(
+        "/crm/v3/objects/deals",
+        Fault::Delay(Duration::from_secs(3)),
+    );
+    faults.push("/crm/v3/objects/deals", Fault::Garbage);
+    let daemon = TestDaemon::start(&hubspot_connection("hs", &hubspot.url(), "")).await;
+    eventually("all seven deals stored", WAIT, || async {
+        (daemon.count("SELECT count(*) FROM deals WHERE connection = 'hs'") == 7).then_some(())
+    })
+    .await;
+    assert_eq!(
+        daemon
+            .count("SELECT count(*) FROM sync_runs WHERE connection = 'hs' AND status = 'failed'"),
+        0,
+        "retries happen inside the run: {}",
+        daemon.logs()
+    );
+    let (_, metrics) = daemon.get("/metrics").await;
+    assert!(
+        metrics.contains("dealsync_vendor_rate_limited_total{connection=\"hs\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("dealsync_vendor_requests_total{connection=\"hs\",status=\"500\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("dealsync_vendor_retries_total{connection=\"hs\"}"),
+        "{metrics}"
+    );
+    let summary: String = daemon
+        .db()
+        .query_row(
+            "SELECT summary FROM sync_runs WHERE connection = 'hs' ORDER BY id LIMIT 1",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(summary.contains("\"rate_limited\":1"), "{summary}");
+}
+
+#[tokio::test]
+async fn check_reports_a_broken_user_manifest_with_its_file_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let connectors = dir.path().join("connectors");
+    std::fs::create_dir(&connectors).unwrap();
+    std::fs::write(
+        connectors.join("acme.toml"),
+        "name = \"acme\"\nbase_url = \"http://127.0.0.1:1\"\n[auth]\nkind = \"bearer\"\n[deals]\nmodified = \"/m\"\n[deals.full]\npath = \"deals\"\n[deals.fields]\nexternal_id = \"/id\"\nnative_stage = \"/stage\"\n",
+    )
+    .unwrap();
+    let config = dir.path().join("dealsync.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[storage]\npath = \"{}/x.db\"\n[connectors]\ndir = \"{}\"\n",
+            dir.path().display(),
+            connectors.display()
+        ),
+    )
+    .unwrap();
+    let (code, stdout, stderr) =
+        run_cli(&["--config", config.to_str().unwrap(), "check"], &[]).await;
+    assert_eq!(code, 78, "{stdout}{stderr}");
+    assert!(stderr.contains("acme.toml:8: deals.full.path"), "{stderr}");
+}
+
+use crate::harness::vendors::pipedrive::{PdDeal, Pipedrive};
+use crate::harness::vendors::salesforce::{Salesforce, SfOpp};
+use chrono::{TimeZone, Utc};
+
+fn pipedrive_connection(name: &str, url: &str) -> String {
+    format!(
+        r#"
+[connections.{name}]
+connector = "pipedrive"
+base_url = "{url}"
+token = "pd-token"
+poll_interval = "1s"
+page_size = 2
+lookback = "2s"
+rate_limit = {{ requests_per_second = 200.0, burst = 50 }}
+"#
+    )
+}
+
+#[tokio::test]
+async fn pipedrive_syncs_with_cursor_pages_persons_won_status_rotting_stages_ties_and_deletes() {
+    let pipedrive = Pipedrive::start("pd-token").await;
+    pipedrive.put_person(301, "Ada Lovelace", "ada@acme.example");
+    let start = Utc::now() - chrono::Duration::hours(1);
+    for id in 11..=15u64 {
+        let mut deal = PdDeal::new(
+            id,
+            &format!("Deal {id}"),
+            (id - 10).min(5),
+            start + chrono::Duration::seconds(id as i64),
+        );
+        deal.person_id = Some(301);
+        pipedrive.put(deal);
+    }
+    pipedrive.update(15, |deal| deal.status = "won".into());
+    let daemon = TestDaemon::start(&pipedrive_connection("pd", &pipedrive.url())).await;
+    let stored = eventually("five Pipedrive deals", WAIT, || async {
+        let found = deals(&daemon, "pd");
+        (found.len() == 5).then_some(found)
+    })
+    .await;
+    assert_eq!(
+        stored[0],
+        (
+            "11".into(),
+            "lead_qualification".into(),
+            "open".into(),
+            Some("ada@acme.example".into())
+        )
+    );
+    assert_eq!(stored[3].1, "proposal");
+    assert_eq!(
+        stored[4].1, "won",
+        "the deal status wins over its open stage"
+    );
+    assert!(
+        pipedrive.faults().count("/api/v2/deals?") >= 3,
+        "three pages or more"
+    );
+    let native: String = daemon
+        .db()
+        .query_row(
+            "SELECT pipelines FROM native_pipelines WHERE connection = 'pd'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(
+        native.contains("\"rot_after\":\"14days\"") || native.contains("rot_after\":\"14d"),
+        "{native}"
+    );
+
+    // Wait for an incremental run, then change two deals within one second: the same
+    // update_time as the cursor's, the tie Pipedrive's second resolution makes.
+    eventually("an incremental run", WAIT, || async {
+        (successful_runs(&daemon, "pd") >= 2).then_some(())
+    })
+    .await;
+    let tie = Utc::now();
+    pipedrive.update(12, |deal| {
+        deal.stage_id = 4;
+        deal.update_time = tie;
+    });
+    eventually("the first change", WAIT, || async {
+        (deals(&daemon, "pd")[1].1 == "proposal").then_some(())
+    })
+    .await;
+    pipedrive.update(13, |deal| {
+        deal.stage_id = 5;
+        deal.update_time = tie;
+    });
+    eventually("the change at the same second", WAIT, || async {
+        (deals(&daemon, "pd")[2].1 == "negotiation").then_some(())
+    })
+    .await;
+    pipedrive.update(14, |deal| {
+        deal.deleted = true;
+        deal.update_time = Utc::now();
+    });
+    eventually("the deleted deal marked", WAIT, || async {
+        (deals(&daemon, "pd")[3].2 == "deleted").then_some(())
+    })
+    .await;
+    let incremental = pipedrive
+        .faults()
+        .seen()
+        .into_iter()
+        .filter(|line| line.contains("updated_since="))
+        .count();
+    assert!(incremental >= 2, "incremental reads use updated_since");
+}
+
+fn salesforce_connection(name: &str, url: &str) -> String {
+    format!(
+        r#"
+[connections.{name}]
+connector = "salesforce"
+poll_interval = "1s"
+lookback = "1s"
+rate_limit = {{ requests_per_second = 200.0, burst = 50 }}
+
+[connections.{name}.oauth]
+client_id = "sf-client"
+client_secret = "sf-secret"
+token_url = "{url}/services/oauth2/token"
+refresh_token = "refresh-0"
+"#
+    )
+}
+
+#[tokio::test]
+async fn salesforce_reads_next_records_urls_on_the_instance_url_and_refreshes_a_token_expiring_mid_sync()
+ {
+    let salesforce = Salesforce::start("refresh-0", 2).await;
+    let at = Utc.with_ymd_and_hms(2026, 1, 12, 10, 0, 0).unwrap();
+    for (i, stage) in [
+        "Prospecting",
+        "Negotiation/Review",
+        "Closed Won",
+        "Closed Lost",
+        "Qualification",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let mut opportunity = SfOpp::new(
+            &format!("006A{i}"),
+            &format!("Opp {i}"),
+            stage,
+            at + chrono::Duration::seconds(i as i64 / 2),
+        );
+        if i == 0 {
+            opportunity.contact = Some(("ada@acme.example".into(), "Ada Lovelace".into()));
+        }
+        salesforce.put(opportunity);
+    }
+    // Every access token stops working after three API calls: mid-sync.
+    salesforce
+        .state
+        .oauth
+        .expire_after
+        .store(3, std::sync::atomic::Ordering::SeqCst);
+    let daemon = TestDaemon::start(&salesforce_connection("sf", &salesforce.url())).await;
+    let stored = eventually("five opportunities", WAIT, || async {
+        let found = deals(&daemon, "sf");
+        (found.len() == 5).then_some(found)
+    })
+    .await;
+    assert_eq!(
+        stored[0],
+        (
+            "006A0".into(),
+            "lead_generation".into(),
+            "open".into(),
+            Some("ada@acme.example".into())
+        )
+    );
+    assert_eq!(stored[2].1, "won");
+    assert_eq!(stored[3].1, "lost");
+    assert!(
+        salesforce
+            .state
+            .oauth
+            .refreshes
+            .load(std::sync::atomic::Ordering::SeqCst)
+            >= 2,
+        "refreshed at start and mid-sync"
+    );
+    assert!(
+        salesforce.state.faults.count("/services/data/v62.0/query/") >= 2,
+        "followed nextRecordsUrl"
+    );
+    let token: (Option<String>, String) = daemon
+        .db()
+        .query_row(
+            "SELECT refresh_token, extra FROM oauth_tokens WHERE connection = 'sf'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!(
+        token.0.as_deref(),
+        Some("refresh-0"),
+        "a refresh without a new refresh token keeps the old one"
+    );
+    assert!(
+        token.1.contains(&salesforce.url()),
+        "instance_url kept: {}",
+        token.1
+    );
+    assert!(
+        !daemon.logs().contains("sf-secret") && !daemon.logs().contains("refresh-0"),
+        "no secret in logs"
+    );
+
+    // An update at the very SystemModstamp of the cursor (a tie) and a deletion.
+    let high: String = daemon
+        .db()
+        .query_row(
+            "SELECT value FROM sync_cursors WHERE connection = 'sf'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(high.contains("watermark"), "{high}");
+    salesforce.update("006A4", |o| o.stage = "Closed Won".into());
+    salesforce.update("006A1", |o| {
+        o.deleted = true;
+        o.modstamp = Utc::now();
+    });
+    eventually("the tie and the deletion", WAIT, || async {
+        let found = deals(&daemon, "sf");
+        (found[4].1 == "won" && found[1].2 == "deleted").then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_revoked_refresh_token_marks_only_that_connection_for_reauthorization() {
+    let salesforce = Salesforce::start("refresh-0", 2).await;
+    salesforce
+        .state
+        .oauth
+        .revoked
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let pipedrive = Pipedrive::start("pd-token").await;
+    pipedrive.put(PdDeal::new(11, "alive", 1, Utc::now()));
+    let daemon = TestDaemon::start(&format!(
+        "{}{}",
+        salesforce_connection("sf", &salesforce.url()),
+        pipedrive_connection("pd", &pipedrive.url())
+    ))
+    .await;
+    let body = eventually("readyz names the connection", WAIT, || async {
+        let (status, body) = daemon.get("/readyz").await;
+        (status == 200 && body.contains("re-authorization")).then_some(body)
+    })
+    .await;
+    assert!(body.contains("\"sf\""), "{body}");
+    assert!(body.contains("dealsync auth sf"), "{body}");
+    eventually("the other connection syncs", WAIT, || async {
+        (deals(&daemon, "pd").len() == 1).then_some(())
+    })
+    .await;
+    let (_, metrics) = daemon.get("/metrics").await;
+    assert!(
+        metrics.contains("dealsync_oauth_needs_reauthorization{connection=\"sf\"} 1"),
+        "{metrics}"
+    );
+    daemon.wait_for_log("refresh token revoked", WAIT).await;
+    assert_eq!(
+        daemon.count(
+            "SELECT count(*) FROM oauth_tokens WHERE connection = 'sf' AND needs_reauth = 1"
+        ),
+        1
+    );
+}
+
+#[tokio::test]
+async fn a_daemon_killed_mid_sync_resumes_with_nothing_missing_and_nothing_twice() {
+    let pipedrive = Pipedrive::start("pd-token").await;
+    let start = Utc::now() - chrono::Duration::hours(1);
+    for id in 1..=40u64 {
+        pipedrive.put(PdDeal::new(
+            id,
+            "deal",
+            2,
+            start + chrono::Duration::seconds(id as i64),
+        ));
+    }
+    *pipedrive.faults().slow.lock().unwrap() =
+        Some(("/api/v2/deals".into(), Duration::from_millis(150)));
+    let mut daemon = TestDaemon::start(&pipedrive_connection("pd", &pipedrive.url())).await;
+    eventually("a few pages stored", WAIT, || async {
+        let stored = daemon.count("SELECT count(*) FROM deals WHERE connection = 'pd'");
+        (stored >= 6).then_some(())
+    })
+    .await;
+    daemon.kill_and_restart().await;
+    let stored_after_kill = daemon.count("SELECT count(*) FROM deals");
+    assert!(
+        stored_after_kill < 40,
+        "the kill came mid-sync ({stored_after_kill} stored)"
+    );
+    *pipedrive.faults().slow.lock().unwrap() = None;
+    eventually("all forty deals", WAIT, || async {
+        (daemon.count("SELECT count(*) FROM deals WHERE connection = 'pd'") == 40).then_some(())
+    })
+    .await;
+    assert_eq!(
+        daemon.count("SELECT count(DISTINCT external_id) FROM deals"),
+        40
+    );
+    assert_eq!(
+        daemon.count("SELECT count(*) FROM stage_history"),
+        40,
+        "one history row per deal: no duplicate from the replayed page"
+    );
+}
+
+/// A CRM that exists only as a manifest: offset paging with a has-more flag, basic
+/// auth, epoch-millisecond times, decimal strings, an enum status.
+const ACME_MANIFEST: &str = r#"
+name = "acmecrm"
+base_url = "http://127.0.0.1:9"
+default_pipeline = "sales"
+
+[auth]
+kind = "basic"
+
+[rate_limit]
+requests_per_second = 50.0
+burst = 10
+
+[deals]
+page_size = 2
+modified = { path = "/modified_ms", type = "timestamp" }
+
+[deals.full]
+path = "/v1/opportunities"
+records = "/items"
+pagination = { kind = "offset", param = "offset", has_more = "/has_more" }
+query = { count = "{page_size}" }
+
+[deals.incremental]
+path = "/v1/opportunities"
+records = "/items"
+pagination = { kind = "offset", param = "offset", has_more = "/has_more" }
+query = { count = "{page_size}", changed_since = "{since_ms}" }
+
+[deals.fields]
+external_id = "/ref"
+title = "/subject"
+amount = { path = "/worth", type = "decimal" }
+currency = { path = "/ccy", default = "EUR" }
+native_pipeline = { value = "main" }
+native_stage = "/phase"
+contact_email = "/buyer/mail"
+status = { path = "/state", type = "enum", map = { active = "open", signed = "won", dropped = "lost" } }
+
+[stages]
+single_pipeline = ["main", "Main"]
+[stages.request]
+path = "/v1/phases"
+records = ""
+[stages.fields]
+id = "/key"
+label = "/name"
+order = "/pos"
+
+[default_mappings.main]
+intro = "sales.lead_qualification"
+offer = "sales.proposal"
+"#;
+
+#[tokio::test]
+async fn a_crm_defined_only_by_a_manifest_in_the_connectors_dir_syncs_end_to_end() {
+    use axum::extract::{Query, State};
+    use axum::routing::get;
+    use serde_json::json;
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex};
+    let items: Arc<Mutex<Vec<serde_json::Value>>> = Arc::new(Mutex::new(
+        (1..=5)
+            .map(|i| json!({"ref": format!("A-{i}"), "subject": format!("Opp {i}"), "worth": "12.34", "phase": if i % 2 == 0 { "offer" } else { "intro" }, "state": if i == 5 { "signed" } else { "active" }, "modified_ms": 1768212000000i64 + i, "buyer": {"mail": format!("b{i}@acme.example")}}))
+            .collect(),
+    ));
+    async fn list(
+        State(items): State<Arc<Mutex<Vec<serde_json::Value>>>>,
+        headers: axum::http::HeaderMap,
+        Query(q): Query<HashMap<String, String>>,
+    ) -> axum::response::Response {
+        use axum::response::IntoResponse;
+        if headers.get("authorization").and_then(|v| v.to_str().ok()) != Some("Basic dXNlcjpwdw==")
+        {
+            return axum::http::StatusCode::UNAUTHORIZED.into_response();
+        }
+        let offset: usize = q["offset"].parse().unwrap();
+        let count: usize = q["count"].parse().unwrap();
+        let since: i64 = q.get("changed_since").map_or(0, |s| s.parse().unwrap());
+        let all: Vec<_> = items
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|i| i["modified_ms"].as_i64().unwrap() >= since)
+            .cloned()
+            .collect();
+        let page: Vec<_> = all.iter().skip(offset).take(count).cloned().collect();
+        axum::Json(json!({"items": page, "has_more": offset + count < all.len()})).into_response()
+    }
+    let router = axum::Router::new()
+        .route("/v1/opportunities", get(list))
+        .route("/v1/phases", get(|| async { axum::Json(json!([{"key": "intro", "name": "Intro", "pos": 1}, {"key": "offer", "name": "Offer", "pos": 2}])) }))
+        .with_state(items.clone());
+    let mock = crate::harness::vendors::serve(router).await;
+    let connectors = tempfile::tempdir().unwrap();
+    std::fs::write(connectors.path().join("acmecrm.toml"), ACME_MANIFEST).unwrap();
+    let daemon = TestDaemon::start(&format!(
+        "[connectors]\ndir = \"{}\"\n\n[connections.acme]\nconnector = \"acmecrm\"\nbase_url = \"{}\"\nusername = \"user\"\npassword = \"pw\"\npoll_interval = \"1s\"\n",
+        connectors.path().display(),
+        mock.url()
+    ))
+    .await;
+    let stored = eventually("five Acme deals", WAIT, || async {
+        let found = deals(&daemon, "acme");
+        (found.len() == 5).then_some(found)
+    })
+    .await;
+    assert_eq!(
+        stored[0],
+        (
+            "A-1".into(),
+            "lead_qualification".into(),
+            "open".into(),
+            Some("b1@acme.example".into())
+        )
+    );
+    assert_eq!(stored[1].1, "proposal");
+    assert_eq!(stored[4].2, "won");
+    assert_eq!(daemon.count("SELECT count(*) FROM deals WHERE connection = 'acme' AND amount_minor = 1234 AND currency = 'EUR'"), 5);
+    items.lock().unwrap()[0]["phase"] = json!("offer");
+    items.lock().unwrap()[0]["modified_ms"] = json!(Utc::now().timestamp_millis());
+    eventually("the change read incrementally", WAIT, || async {
+        (deals(&daemon, "acme")[0].1 == "proposal").then_some(())
+    })
+    .await;
+}
+
+mod webhooks {
+    use dealsync::connectors::{Connector, Registry, WebhookAction, WebhookEvent};
+    use dealsync::domain::ConnectionName;
+
+    fn connector(kind: &str) -> std::sync::Arc<dyn Connector> {
+        let text = format!("[connections.c]\nconnector = \"{kind}\"\ntoken = \"t\"\n");
+        let config = dealsync::config::parse(
+            std::path::Path::new("t.toml"),
+            &text,
+            &dealsync::config::interpolate::ProcessEnv,
+        )
+        .unwrap();
+        Registry::build(&config.connections[0], &config).unwrap()
+    }
+
+    fn event(body: &str) -> WebhookEvent {
+        WebhookEvent {
+            connection: ConnectionName::new("c"),
+            delivery_id: "d".into(),
+            topic: None,
+            headers: Vec::new(),
+            body: body.as_bytes().to_vec(),
+            received_at: chrono::Utc::now(),
+        }
+    }
+
+    fn fixture_text(path: &str) -> String {
+        std::fs::read_to_string(format!(
+            "{}/../shared/fixtures/{path}",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn hubspot_property_changes_become_one_refetch_per_deal_and_deletions_deletes() {
+        let hubspot = connector("hubspot");
+        assert!(matches!(
+            hubspot.webhook_scheme(),
+            Some(dealsync::webhooks::signature::Scheme::HubSpotV3 { .. })
+        ));
+        let actions = hubspot
+            .parse_webhook(&event(&fixture_text(
+                "hubspot/webhook-deal-propertychange.json",
+            )))
+            .unwrap();
+        assert_eq!(
+            actions.len(),
+            1,
+            "two property changes of deal 1002, one refetch"
+        );
+        assert!(
+            matches!(&actions[0], WebhookAction::Refetch { external_id } if external_id == "1002")
+        );
+        let deletion = r#"[{"eventId":1,"subscriptionType":"deal.deletion","objectId":77,"occurredAt":1},{"eventId":2,"subscriptionType":"contact.creation","objectId":5}]"#;
+        let actions = hubspot.parse_webhook(&event(deletion)).unwrap();
+        assert_eq!(actions.len(), 1);
+        assert!(
+            matches!(&actions[0], WebhookAction::Delete { external_id } if external_id == "77")
+        );
+        assert!(hubspot.parse_webhook(&event("not json")).is_err());
+    }
+
+    #[test]
+    fn pipedrive_v2_creates_and_changes_map_through_the_manifest_and_deletes_delete() {
+        let pipedrive = connector("pipedrive");
+        assert_eq!(
+            pipedrive.webhook_scheme(),
+            Some(dealsync::webhooks::signature::Scheme::PipedriveBasic)
+        );
+        let change = pipedrive
+            .parse_webhook(&event(&fixture_text(
+                "pipedrive/webhook-v2-deal-change.json",
+            )))
+            .unwrap();
+        let WebhookAction::Upsert(deal) = &change[0] else {
+            panic!("{change:?}")
+        };
+        assert_eq!(deal.external_id.as_str(), "12");
+        assert_eq!(deal.native_stage, "4");
+        assert_eq!(deal.amount.unwrap().minor, 420050);
+        let create = pipedrive
+            .parse_webhook(&event(&fixture_text(
+                "pipedrive/webhook-v2-deal-create.json",
+            )))
+            .unwrap();
+        assert!(
+            matches!(&create[0], WebhookAction::Upsert(deal) if deal.external_id.as_str() == "14")
+        );
+        let delete = pipedrive
+            .parse_webhook(&event(&fixture_text(
+                "pipedrive/webhook-v2-deal-delete.json",
+            )))
+            .unwrap();
+        assert!(matches!(&delete[0], WebhookAction::Delete { external_id } if external_id == "12"));
+    }
+}
