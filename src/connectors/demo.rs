@@ -652,10 +652,10 @@ mod tests {
             page_size: 7,
             ..DemoSettings::default()
         });
-        let cx = SyncContext {
-            connection: crate::domain::ConnectionName::new("demo"),
-            shutdown: tokio_util::sync::CancellationToken::new(),
-        };
+        let cx = SyncContext::new(
+            crate::domain::ConnectionName::new("demo"),
+            tokio_util::sync::CancellationToken::new(),
+        );
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
