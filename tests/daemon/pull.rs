@@ -819,3 +819,143 @@ mod webhooks {
         assert!(matches!(&delete[0], WebhookAction::Delete { external_id } if external_id == "12"));
     }
 }
+
+#[tokio::test]
+async fn dealsync_auth_runs_the_pkce_flow_on_a_loopback_redirect_and_sync_uses_the_stored_tokens() {
+    use crate::harness::vendors::OAuthState;
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let hubspot = HubSpot::start(
+        "unused",
+        Some(OAuthState::new("none-yet", "none-yet", true)),
+    )
+    .await;
+    hubspot.put(HsDeal::new(
+        1,
+        "after consent",
+        "qualifiedtobuy",
+        now_ms() - 60_000,
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("dealsync.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[storage]\npath = \"{}/d.db\"\n\n[connections.hs]\nconnector = \"hubspot\"\nbase_url = \"{}\"\n\n[connections.hs.oauth]\nclient_id = \"hs-client\"\nclient_secret = \"hs-secret\"\nauth_url = \"{}/oauth/authorize\"\n",
+            dir.path().display(),
+            hubspot.url(),
+            hubspot.url()
+        ),
+    )
+    .unwrap();
+    let mut child = tokio::process::Command::new(crate::harness::daemon::binary())
+        .args([
+            "--config",
+            config.to_str().unwrap(),
+            "auth",
+            "hs",
+            "--port",
+            "0",
+            "--timeout",
+            "20s",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let authorize = loop {
+        let line = lines
+            .next_line()
+            .await
+            .unwrap()
+            .expect("the URL is printed");
+        if let Some(url) = line
+            .trim()
+            .strip_prefix(&format!("{}/oauth/authorize", hubspot.url()))
+        {
+            break url::Url::parse(&format!("http://x/{url}")).unwrap();
+        }
+    };
+    let query: std::collections::HashMap<String, String> =
+        authorize.query_pairs().into_owned().collect();
+    assert_eq!(query["code_challenge_method"], "S256");
+    assert_eq!(query["client_id"], "hs-client");
+    assert!(query["scope"].contains("crm.objects.deals.read"));
+    let redirect = &query["redirect_uri"];
+    assert!(redirect.starts_with("http://127.0.0.1:"), "{redirect}");
+    *hubspot
+        .state
+        .oauth
+        .as_ref()
+        .unwrap()
+        .challenge
+        .lock()
+        .unwrap() = Some(query["code_challenge"].clone());
+    let answer = reqwest::get(format!("{redirect}?code=the-code&state={}", query["state"]))
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success());
+    let db = rusqlite::Connection::open(dir.path().join("d.db")).unwrap();
+    let (access, refresh): (String, String) = db
+        .query_row(
+            "SELECT access_token, refresh_token FROM oauth_tokens WHERE connection = 'hs'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!(
+        (access.as_str(), refresh.as_str()),
+        ("access-from-code", "refresh-from-code")
+    );
+    let (code, stdout, stderr) =
+        run_cli(&["--config", config.to_str().unwrap(), "sync", "hs"], &[]).await;
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(stdout.contains("hs"), "{stdout}");
+    let stored: i64 = db
+        .query_row(
+            "SELECT count(*) FROM deals WHERE connection = 'hs'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(stored, 1);
+}
+
+#[tokio::test]
+async fn a_connection_pauses_when_its_share_of_the_daily_budget_is_spent() {
+    let hubspot = HubSpot::start("pat-test", None).await;
+    for id in 1..=9u64 {
+        hubspot.put(HsDeal::new(id, "deal", "qualifiedtobuy", now_ms() - 60_000));
+    }
+    // 1,000 a day, 203 left: with a 0.8 share the reserve is 200, so three requests.
+    *hubspot.state.budget.lock().unwrap() = Some((1000, 204));
+    let daemon = TestDaemon::start(&hubspot_connection("hs", &hubspot.url(), "")).await;
+    daemon
+        .wait_for_log(
+            "vendor API budget share used up; pausing this connection",
+            WAIT,
+        )
+        .await;
+    let (_, metrics) = daemon.get("/metrics").await;
+    assert!(
+        metrics.contains("dealsync_vendor_budget_pauses_total{connection=\"hs\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("dealsync_vendor_budget_remaining{connection=\"hs\"} 200"),
+        "{metrics}"
+    );
+    let seen = hubspot.faults().seen().len();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        hubspot.faults().seen().len(),
+        seen,
+        "no request while paused"
+    );
+}

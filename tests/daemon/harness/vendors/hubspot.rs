@@ -352,7 +352,11 @@ async fn token_endpoint(
     match &state.oauth {
         Some(oauth) => {
             assert_eq!(form.get("client_id").map(String::as_str), Some("hs-client"));
-            oauth.refresh_response(&form, json!({}))
+            if form.get("grant_type").map(String::as_str) == Some("authorization_code") {
+                oauth.code_response(&form)
+            } else {
+                oauth.refresh_response(&form, json!({}))
+            }
         }
         None => StatusCode::NOT_FOUND.into_response(),
     }

@@ -174,6 +174,8 @@ pub struct OAuthState {
     /// Each access token stops working after this many API requests (0: never).
     pub expire_after: std::sync::atomic::AtomicU64,
     pub used: std::sync::atomic::AtomicU64,
+    /// The PKCE challenge of the authorization in progress (S256).
+    pub challenge: Mutex<Option<String>>,
 }
 
 impl OAuthState {
@@ -201,6 +203,31 @@ impl OAuthState {
             return false;
         }
         true
+    }
+
+    /// Answers a `grant_type=authorization_code` form: the code must be `the-code` and
+    /// the verifier must hash to the challenge of the authorize URL.
+    pub fn code_response(&self, form: &std::collections::HashMap<String, String>) -> Response {
+        use base64::Engine;
+        use sha2::Digest;
+        let verifier = form.get("code_verifier").cloned().unwrap_or_default();
+        let hashed = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(sha2::Sha256::digest(verifier.as_bytes()));
+        let expected = self.challenge.lock().unwrap().clone();
+        if form.get("code").map(String::as_str) != Some("the-code")
+            || expected.as_deref() != Some(hashed.as_str())
+            || !form.contains_key("redirect_uri")
+        {
+            return (
+                StatusCode::BAD_REQUEST,
+                axum::Json(serde_json::json!({"error": "invalid_grant"})),
+            )
+                .into_response();
+        }
+        let access = "access-from-code".to_owned();
+        *self.access.lock().unwrap() = access.clone();
+        *self.refresh.lock().unwrap() = "refresh-from-code".into();
+        axum::Json(serde_json::json!({"access_token": access, "refresh_token": "refresh-from-code", "token_type": "bearer", "expires_in": 1800})).into_response()
     }
 
     /// Answers a `grant_type=refresh_token` form; `extra` joins the JSON response.
