@@ -26,8 +26,8 @@ pub struct HsDeal {
     pub archived: bool,
     pub contact: Option<u64>,
     pub owner: Option<String>,
-    /// Extra properties (the benchmark's ~60).
-    pub extra: Vec<(String, String)>,
+    /// Extra properties (the benchmark's ~60), shared between deals.
+    pub extra: Arc<Vec<(String, String)>>,
 }
 
 pub struct HsState {
@@ -41,6 +41,51 @@ pub struct HsState {
     pub search_400s: AtomicU64,
     /// Daily budget (limit, remaining) reported in headers, when set.
     pub budget: Mutex<Option<(u64, u64)>>,
+    /// HubSpot's burst limit, when enforced: at most `max` requests per rolling `window`;
+    /// beyond it 429 (policy TEN_SECONDLY_ROLLING).
+    pub burst: Mutex<Option<Burst>>,
+    pub rate_limited: AtomicU64,
+}
+
+pub struct Burst {
+    pub max: usize,
+    pub window: std::time::Duration,
+    pub recent: std::collections::VecDeque<std::time::Instant>,
+}
+
+/// Answers 429 when the rolling window is full; otherwise records the request.
+fn over_burst(state: &HsState) -> Option<Response> {
+    let mut slot = state.burst.lock().unwrap();
+    let burst = slot.as_mut()?;
+    let now = std::time::Instant::now();
+    while burst
+        .recent
+        .front()
+        .is_some_and(|at| now.duration_since(*at) >= burst.window)
+    {
+        burst.recent.pop_front();
+    }
+    if burst.recent.len() >= burst.max {
+        state.rate_limited.fetch_add(1, Ordering::SeqCst);
+        let mut response = (
+            StatusCode::TOO_MANY_REQUESTS,
+            Json(json!({"status": "error", "message": "You have reached your ten_secondly_rolling limit.", "errorType": "RATE_LIMIT", "policyName": "TEN_SECONDLY_ROLLING"})),
+        )
+            .into_response();
+        let headers = response.headers_mut();
+        headers.insert(
+            "X-HubSpot-RateLimit-Interval-Milliseconds",
+            burst.window.as_millis().to_string().parse().unwrap(),
+        );
+        headers.insert(
+            "X-HubSpot-RateLimit-Max",
+            burst.max.to_string().parse().unwrap(),
+        );
+        headers.insert("X-HubSpot-RateLimit-Remaining", "0".parse().unwrap());
+        return Some(response);
+    }
+    burst.recent.push_back(now);
+    None
 }
 
 pub struct HubSpot {
@@ -66,7 +111,7 @@ impl HsDeal {
             archived: false,
             contact: None,
             owner: Some("9001".to_owned()),
-            extra: Vec::new(),
+            extra: Arc::new(Vec::new()),
         }
     }
 
@@ -81,7 +126,7 @@ impl HsDeal {
         properties.insert("hs_lastmodifieddate".into(), json!(iso(self.modified_ms)));
         properties.insert("hs_object_id".into(), json!(self.id.to_string()));
         properties.insert("hubspot_owner_id".into(), json!(self.owner));
-        for (key, value) in &self.extra {
+        for (key, value) in self.extra.iter() {
             properties.insert(key.clone(), json!(value));
         }
         let mut record = json!({
@@ -114,6 +159,8 @@ impl HubSpot {
             search_cap: 10_000,
             search_400s: AtomicU64::new(0),
             budget: Mutex::new(None),
+            burst: Mutex::new(None),
+            rate_limited: AtomicU64::new(0),
         });
         let router = Router::new()
             .route("/crm/v3/objects/deals", get(list))
@@ -201,6 +248,9 @@ async fn list(
     if !authorized(&state, &headers) {
         return unauthorized();
     }
+    if let Some(limited) = over_burst(&state) {
+        return limited;
+    }
     let limit: usize = query
         .get("limit")
         .and_then(|l| l.parse().ok())
@@ -235,6 +285,9 @@ async fn search(
 ) -> Response {
     if !authorized(&state, &headers) {
         return unauthorized();
+    }
+    if let Some(limited) = over_burst(&state) {
+        return limited;
     }
     let limit = request["limit"].as_u64().unwrap_or(10) as usize;
     let after: usize = request["after"]
@@ -302,6 +355,9 @@ async fn associations(
     if !authorized(&state, &headers) {
         return unauthorized();
     }
+    if let Some(limited) = over_burst(&state) {
+        return limited;
+    }
     let deals = state.deals.lock().unwrap();
     let results: Vec<Value> = request["inputs"]
         .as_array()
@@ -323,6 +379,9 @@ async fn contacts(
 ) -> Response {
     if !authorized(&state, &headers) {
         return unauthorized();
+    }
+    if let Some(limited) = over_burst(&state) {
+        return limited;
     }
     let contacts = state.contacts.lock().unwrap();
     let results: Vec<Value> = request["inputs"]

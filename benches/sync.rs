@@ -1,0 +1,208 @@
+//! Pull-connector benchmark: the real sync path (manifest engine, vendor client,
+//! store) against an in-process HubSpot mock and a temporary SQLite file.
+//!
+//! `cargo bench --bench sync` runs three measurements:
+//! 1. a full sync of `DEALS` (default 100,000) HubSpot-shaped deals with ~60
+//!    properties and a contact association each, no rate limit: deals/s, CPU seconds,
+//!    peak RSS (of the whole process, mock included);
+//! 2. requests for one incremental cycle after `k` deals changed;
+//! 3. a full sync of `LIMITED_DEALS` (default 20,000) against a mock enforcing
+//!    HubSpot's burst limit (190 requests per rolling 10 s, 429 beyond): total time
+//!    against the floor the limit sets, and the 429s received.
+
+#![allow(clippy::print_stdout)]
+
+#[allow(dead_code)]
+#[path = "../tests/daemon/harness/vendors/mod.rs"]
+mod vendors;
+
+use dealsync::config::interpolate::ProcessEnv;
+use dealsync::store::Store;
+use dealsync::sync::{self, ConnectionRuntime, SyncDeps};
+use dealsync::telemetry::Metrics;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+use vendors::hubspot::{Burst, HsDeal, HubSpot};
+
+fn env_number(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// User + system CPU seconds of this process.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = fields.get(11..13).map_or(0.0, |f| {
+        f.iter().filter_map(|v| v.parse::<f64>().ok()).sum()
+    });
+    ticks / 100.0
+}
+
+/// Peak resident set size in MiB.
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn fill(hubspot: &HubSpot, deals: u64, base_ms: i64) {
+    let extra: Arc<Vec<(String, String)>> = Arc::new(
+        (0..52)
+            .map(|i| {
+                (
+                    format!("custom_property_{i:02}"),
+                    format!("value {i} of a typical deal property"),
+                )
+            })
+            .collect(),
+    );
+    for contact in 0..1000u64 {
+        hubspot.put_contact(
+            50_000 + contact,
+            &format!("buyer{contact}@example.com"),
+            "Ada",
+            "Lovelace",
+        );
+    }
+    let stages = [
+        "appointmentscheduled",
+        "qualifiedtobuy",
+        "presentationscheduled",
+        "decisionmakerboughtin",
+        "contractsent",
+        "closedwon",
+        "closedlost",
+    ];
+    let mut all = hubspot.state.deals.lock().unwrap();
+    for id in 1..=deals {
+        let mut deal = HsDeal::new(
+            id,
+            &format!("Deal {id}"),
+            stages[(id % 7) as usize],
+            base_ms + id as i64 * 1000,
+        );
+        deal.contact = Some(50_000 + id % 1000);
+        deal.extra = extra.clone();
+        all.insert(id, deal);
+    }
+}
+
+async fn runtime_for(
+    dir: &std::path::Path,
+    url: &str,
+    rate: &str,
+) -> (Arc<ConnectionRuntime>, SyncDeps) {
+    let path = dir.join("dealsync.toml");
+    let text = format!(
+        "[storage]\npath = \"{}/bench.db\"\n\n[connections.hs]\nconnector = \"hubspot\"\nbase_url = \"{url}\"\ntoken = \"pat-bench\"\n{rate}\n",
+        dir.display()
+    );
+    std::fs::write(&path, &text).unwrap();
+    let config = dealsync::config::parse(&path, &text, &ProcessEnv).expect("bench config");
+    let runtimes = ConnectionRuntime::build_all(&config).expect("bench connection");
+    let db = config.storage.path.clone();
+    let store = tokio::task::spawn_blocking(move || Store::open(&db))
+        .await
+        .unwrap()
+        .unwrap();
+    store.ensure_connection("hs", "hubspot").await.unwrap();
+    let deps = SyncDeps {
+        store,
+        metrics: Arc::new(Metrics::new()),
+        attention: None,
+    };
+    (runtimes[0].clone(), deps)
+}
+
+fn main() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let deals = env_number("DEALS", 100_000);
+        let changed = env_number("CHANGED", 1_000);
+        let limited_deals = env_number("LIMITED_DEALS", 20_000);
+        let shutdown = CancellationToken::new();
+
+        // 1. Full sync, no rate limit.
+        let hubspot = HubSpot::start("pat-bench", None).await;
+        let base = chrono::Utc::now().timestamp_millis() - 3 * 86_400_000;
+        fill(&hubspot, deals, base);
+        let dir = tempfile::tempdir().unwrap();
+        let (connection, deps) = runtime_for(
+            dir.path(),
+            &hubspot.url(),
+            "rate_limit = { requests_per_second = 1000000.0, burst = 1000 }",
+        )
+        .await;
+        let cpu = cpu_seconds();
+        let started = Instant::now();
+        let summary = sync::run_once(&connection, &deps, true, &shutdown, &|_| {}).await.expect("full sync");
+        let elapsed = started.elapsed().as_secs_f64();
+        let cpu = cpu_seconds() - cpu;
+        println!(
+            "full sync: {} deals in {elapsed:.2} s = {:.0} deals/s; {} requests; CPU {cpu:.2} s (sync and mock); peak RSS {:.1} MiB (process, mock included)",
+            summary.fetched,
+            summary.fetched as f64 / elapsed,
+            summary.requests,
+            peak_rss_mib()
+        );
+        assert_eq!(summary.fetched, deals);
+
+        // 2. One incremental cycle after `changed` deals changed.
+        let now = chrono::Utc::now().timestamp_millis();
+        for id in (1..=deals).step_by((deals / changed).max(1) as usize).take(changed as usize) {
+            hubspot.update(id, |deal| {
+                deal.stage = "contractsent".into();
+                deal.modified_ms = now;
+            });
+        }
+        let summary = sync::run_once(&connection, &deps, false, &shutdown, &|_| {}).await.expect("incremental");
+        let search = 200u64;
+        println!(
+            "incremental cycle: k = {changed} changed, {} read (changes plus the lookback overlap), {} requests; ⌈k / {search}⌉ = {} search pages, each with one association and one contact batch read",
+            summary.fetched,
+            summary.requests,
+            changed.div_ceil(search)
+        );
+        drop(hubspot);
+
+        // 3. Against HubSpot's burst limit.
+        let limited = HubSpot::start("pat-bench", None).await;
+        fill(&limited, limited_deals, base);
+        *limited.state.burst.lock().unwrap() = Some(Burst {
+            max: 190,
+            window: Duration::from_secs(10),
+            recent: Default::default(),
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let (connection, deps) = runtime_for(
+            dir.path(),
+            &limited.url(),
+            "rate_limit = { requests_per_second = 18.5, burst = 1 }",
+        )
+        .await;
+        let started = Instant::now();
+        let summary = sync::run_once(&connection, &deps, true, &shutdown, &|_| {}).await.expect("rate-limited sync");
+        let elapsed = started.elapsed().as_secs_f64();
+        let floor = summary.requests as f64 / 19.0;
+        println!(
+            "rate-limited full sync: {} deals, {} requests in {elapsed:.1} s; floor at 190 per 10 s = {floor:.1} s ({:+.1}%); 429s answered: {}",
+            summary.fetched,
+            summary.requests,
+            (elapsed / floor - 1.0) * 100.0,
+            limited.state.rate_limited.load(Ordering::SeqCst)
+        );
+    });
+}
