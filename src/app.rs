@@ -258,6 +258,16 @@ impl App {
 
         let mut connection_token = shutdown.child_token();
         start_connections(&state, &tasks, &connection_token);
+        // Webhook inbox processing and the cart sweeper live across reloads: they read
+        // the connections in force at each step.
+        tasks.spawn(crate::webhooks::worker::run(
+            state.clone(),
+            shutdown.child_token(),
+        ));
+        tasks.spawn(crate::webhooks::abandonment::run(
+            state.clone(),
+            shutdown.child_token(),
+        ));
         shutdown::spawn_watchdog(shutdown.clone());
         let names: Vec<String> = state
             .connections()

@@ -70,6 +70,8 @@ pub struct ConnectionConfig {
     pub webhook_secrets: Vec<Secret>,
     pub poll_interval: Option<Duration>,
     pub abandon_after: Duration,
+    /// Carts left in an abandoned or follow-up stage this long are expired (default 30 days).
+    pub expire_after: Duration,
     pub pipeline: Option<PipelineKey>,
     /// Mapping overrides from the config, as written; they win over the manifest's
     /// defaults. Targets are resolved once the connector (and so the connection's
@@ -566,6 +568,9 @@ fn validate_connection(
         webhook_secrets: raw.webhook_secret.map(|s| s.0).unwrap_or_default(),
         poll_interval: raw.poll_interval.map(|d| d.0),
         abandon_after: raw.abandon_after.map_or(Duration::from_secs(3600), |d| d.0),
+        expire_after: raw
+            .expire_after
+            .map_or(Duration::from_secs(30 * 24 * 3600), |d| d.0),
         pipeline,
         stage_map,
         rate_limit,

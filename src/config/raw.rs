@@ -99,6 +99,9 @@ pub struct RawConnection {
     pub poll_interval: Option<ConfigDuration>,
     /// Carts idle longer than this without an order become abandoned.
     pub abandon_after: Option<ConfigDuration>,
+    /// Carts still abandoned or in follow-ups after this long are closed as expired
+    /// (a safety net behind the follow-up rules).
+    pub expire_after: Option<ConfigDuration>,
     /// The canonical pipeline this connection's deals go to.
     pub pipeline: Option<String>,
     /// native pipeline → native stage → canonical stage ("stage" or "pipeline.stage").

@@ -5,7 +5,12 @@
 //! never writes to the store. `sync` maps stages and commits each page with its cursor.
 
 pub mod demo;
+pub mod ecommerce;
+pub mod generic;
 pub mod manifest;
+pub mod shopify;
+pub mod stripe;
+pub mod woocommerce;
 
 use crate::config::{ConfigError, ConnectionConfig};
 use crate::domain::{ConnectionName, SourceDeal};
@@ -182,9 +187,22 @@ pub trait Connector: Send + Sync {
 /// The known connectors, as an explicit list.
 pub struct Registry;
 
-/// The connectors this build knows: `demo` in Rust, the others as built-in manifests
-/// (`connectors/*.toml`). A config's `[connectors] dir` may add more.
-pub const KNOWN: &[&str] = &["demo", "hubspot", "pipedrive", "salesforce"];
+/// The connectors this build knows: `demo` and the e-commerce connectors in Rust, the
+/// others as built-in manifests (`connectors/*.toml`). A config's `[connectors] dir` may
+/// add more.
+pub const KNOWN: &[&str] = &[
+    "demo",
+    "hubspot",
+    "pipedrive",
+    "salesforce",
+    "shopify",
+    "woocommerce",
+    "stripe",
+    "webhook",
+];
+
+/// The connectors implemented in Rust (the rest come from manifests).
+const RUST_CONNECTORS: &[&str] = &["demo", "shopify", "woocommerce", "stripe", "webhook"];
 
 impl Registry {
     /// Loads the manifests in force for a config: built-ins, then `[connectors] dir`.
@@ -201,19 +219,55 @@ impl Registry {
         Self::build_with(connection, config, &catalog)
     }
 
-    /// Builds the connector for one connection from an already loaded catalog.
+    /// Builds the connector for one connection from an already loaded catalog, and checks
+    /// its webhook secrets' format against the connector's signing scheme.
     pub fn build_with(
         connection: &ConnectionConfig,
         config: &crate::config::Config,
         catalog: &manifest::Catalog,
     ) -> Result<Arc<dyn Connector>, ConfigError> {
+        let connector = Self::build_connector(connection, config, catalog)?;
+        if let Some(scheme) = connector.webhook_scheme() {
+            for secret in &connection.webhook_secrets {
+                if let Err(error) =
+                    crate::webhooks::signature::validate_secret(&scheme, secret.expose().as_bytes())
+                {
+                    return Err(ConfigError::at(
+                        config,
+                        format!("connections.{}.webhook_secret", connection.name),
+                        error.to_string(),
+                    ));
+                }
+            }
+        }
+        Ok(connector)
+    }
+
+    fn build_connector(
+        connection: &ConnectionConfig,
+        config: &crate::config::Config,
+        catalog: &manifest::Catalog,
+    ) -> Result<Arc<dyn Connector>, ConfigError> {
         let base = format!("connections.{}", connection.name);
+        let settings_error = |(key, message): (String, String)| {
+            ConfigError::at(config, format!("{base}.settings.{key}"), message)
+        };
         match connection.connector.as_str() {
             "demo" => demo::DemoConnector::from_config(connection)
                 .map(|c| Arc::new(c) as Arc<dyn Connector>)
-                .map_err(|(key, message)| {
-                    ConfigError::at(config, format!("{base}.settings.{key}"), message)
-                }),
+                .map_err(settings_error),
+            "shopify" => shopify::ShopifyConnector::from_config(connection)
+                .map(|c| Arc::new(c) as Arc<dyn Connector>)
+                .map_err(settings_error),
+            "woocommerce" => woocommerce::WooCommerceConnector::from_config(connection)
+                .map(|c| Arc::new(c) as Arc<dyn Connector>)
+                .map_err(settings_error),
+            "stripe" => stripe::StripeConnector::from_config(connection)
+                .map(|c| Arc::new(c) as Arc<dyn Connector>)
+                .map_err(settings_error),
+            "webhook" => generic::GenericConnector::from_config(connection)
+                .map(|c| Arc::new(c) as Arc<dyn Connector>)
+                .map_err(settings_error),
             name => match catalog.get(name) {
                 Some(found) => manifest::ManifestConnector::new(found, connection)
                     .map(|c| Arc::new(c) as Arc<dyn Connector>)
@@ -221,7 +275,10 @@ impl Registry {
                         ConfigError::at(config, format!("{base}.{key}"), message)
                     }),
                 None => {
-                    let mut known: Vec<String> = vec!["demo".to_owned()];
+                    let mut known: Vec<String> = RUST_CONNECTORS
+                        .iter()
+                        .map(|name| (*name).to_owned())
+                        .collect();
                     known.extend(catalog.names());
                     Err(ConfigError::at(
                         config,

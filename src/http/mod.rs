@@ -9,6 +9,7 @@ mod health;
 mod pipeline_metrics;
 mod status;
 mod unsubscribe;
+mod webhooks;
 
 use crate::app::AppState;
 use crate::telemetry::HttpLabels;
@@ -16,7 +17,7 @@ use axum::Router;
 use axum::extract::{MatchedPath, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::Response;
-use axum::routing::get;
+use axum::routing::{get, post};
 use std::sync::Arc;
 
 /// Builds the router with every route.
@@ -31,6 +32,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/unsubscribe/{token}",
             get(unsubscribe::confirm).post(unsubscribe::one_click),
         )
+        .route("/webhooks/{connection}", post(webhooks::receive))
         .layer(middleware::from_fn_with_state(
             state.clone(),
             count_requests,

@@ -93,13 +93,15 @@ struct Existing {
     content_hash: i64,
     source_updated_at: Option<i64>,
     stage_entered_at: i64,
+    status: String,
 }
 
 /// Inserts or updates each record; appends one history row per canonical stage change.
 pub(crate) fn upsert_all(tx: &Transaction<'_>, upserts: Vec<DealUpsert>) -> Result<UpsertOutcome> {
     let mut outcome = UpsertOutcome::default();
     let mut find = tx.prepare_cached(
-        "SELECT id, pipeline, stage, native_stage, content_hash, source_updated_at, stage_entered_at
+        "SELECT id, pipeline, stage, native_stage, content_hash, source_updated_at, stage_entered_at,
+            status
          FROM deals WHERE connection = ?1 AND external_id = ?2",
     )?;
     for mut upsert in upserts {
@@ -107,7 +109,6 @@ pub(crate) fn upsert_all(tx: &Transaction<'_>, upserts: Vec<DealUpsert>) -> Resu
         let raw_text = json(&std::mem::take(&mut upsert.source.raw))?;
         let upsert = &upsert;
         let source = &upsert.source;
-        let hash = content_hash(upsert, &raw_text)?;
         let existing = find
             .query_row(
                 params![upsert.connection.as_str(), source.external_id.as_str()],
@@ -120,10 +121,27 @@ pub(crate) fn upsert_all(tx: &Transaction<'_>, upserts: Vec<DealUpsert>) -> Resu
                         content_hash: row.get(4)?,
                         source_updated_at: row.get(5)?,
                         stage_entered_at: row.get(6)?,
+                        status: row.get(7)?,
                     })
                 },
             )
             .optional()?;
+        // A cart keeps the stage dealsync or an order moved it to (see `carts`).
+        let held = existing.as_ref().and_then(|existing| {
+            let stored = StageRef {
+                pipeline: existing.pipeline.clone().map(PipelineKey::new),
+                stage: StageKey::new(existing.stage.clone()),
+            };
+            super::carts::held_stage(&existing.status, &stored, upsert).map(|(target, status)| {
+                DealUpsert {
+                    target,
+                    status,
+                    ..upsert.clone()
+                }
+            })
+        });
+        let upsert = held.as_ref().unwrap_or(upsert);
+        let hash = content_hash(upsert, &raw_text)?;
         if upsert.target.is_unmapped() {
             outcome.unmapped += 1;
         }
@@ -335,7 +353,7 @@ fn append_history(
     Ok(())
 }
 
-fn write_keys(tx: &Transaction<'_>, deal_id: i64, keys: &[String]) -> Result<()> {
+pub(super) fn write_keys(tx: &Transaction<'_>, deal_id: i64, keys: &[String]) -> Result<()> {
     if keys.is_empty() {
         return Ok(());
     }

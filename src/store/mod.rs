@@ -11,7 +11,9 @@
 //! - A deal's stage change and its history row commit in the same transaction.
 //! - A page's deals and the sync cursor commit in the same transaction.
 
+mod carts;
 mod deals;
+mod inbox;
 mod migrations;
 mod outbox;
 mod report;
@@ -19,7 +21,9 @@ mod suppression;
 mod sync;
 mod tokens;
 
+pub use carts::{CartOutcome, CartRules};
 pub use deals::{DealFilter, DealUpsert, StageCount, UnmappedStage, UpsertOutcome};
+pub use inbox::{Enqueued, InboxCounts, InboxRow, NewWebhook};
 pub use migrations::SCHEMA_VERSION;
 pub use outbox::{
     Claim, ClaimDecision, ClaimFacts, ClaimQuery, EarlierEnrollment, EnrollOutcome, EnrollPlan,
@@ -35,7 +39,7 @@ pub use tokens::StoredToken;
 use chrono::{DateTime, TimeZone, Utc};
 use rusqlite::Connection;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
@@ -93,6 +97,8 @@ struct Inner {
     writer: Mutex<Connection>,
     /// Idle reader connections; a reader is opened on demand when none is idle.
     readers: Mutex<Vec<Connection>>,
+    /// The webhook inbox's group-commit writer, started on first use.
+    inbox: OnceLock<inbox::InboxWriter>,
 }
 
 /// A handle to the database; cheap to clone.
@@ -153,6 +159,7 @@ impl Store {
                 path: path.to_owned(),
                 writer: Mutex::new(writer),
                 readers: Mutex::new(Vec::new()),
+                inbox: OnceLock::new(),
             }),
         })
     }

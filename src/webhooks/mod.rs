@@ -1,6 +1,9 @@
 //! Inbound webhooks: what dealsync checks before it trusts a vendor's delivery.
 //!
-//! `signature` verifies authenticity with no IO; the HTTP handler owns reading the request
-//! and storing what passes.
+//! `signature` verifies authenticity with no IO; the HTTP handler (`http::webhooks`) owns
+//! reading the request and committing what passes to the inbox; `worker` turns inbox rows
+//! into deals; `abandonment` moves idle carts along the `ecommerce` pipeline.
 
+pub mod abandonment;
 pub mod signature;
+pub mod worker;

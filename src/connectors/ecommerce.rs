@@ -1,0 +1,189 @@
+//! Shared pieces of the e-commerce connectors (Shopify, WooCommerce, Stripe, generic):
+//! reading loosely typed vendor JSON into a cart, and the native stages every one of
+//! them maps onto the `ecommerce` pipeline.
+//!
+//! Native stages: each connector reports its carts in native pipeline `cart` with one of
+//! the stages below, and maps them by default onto the `ecommerce` pipeline. The config's
+//! `stage_map` may override any of them like for any other source.
+
+use super::BadRecord;
+use crate::domain::{Currency, EmailAddress, LineItem, Money, PipelineKey, StageKey, StageRef};
+use crate::pipeline::{MappingSource, StageMapEntry};
+use chrono::{DateTime, NaiveDateTime, TimeZone, Utc};
+use serde_json::Value;
+
+/// The canonical pipeline carts go to.
+pub const PIPELINE: &str = "ecommerce";
+/// The native pipeline every e-commerce connector reports.
+pub const NATIVE_PIPELINE: &str = "cart";
+
+/// A checkout in progress (maps to `checkout_started`).
+pub const CHECKOUT: &str = "checkout";
+/// A checkout the source itself reports as abandoned or expired with a way back
+/// (Stripe's expired session; maps to `cart_abandoned`).
+pub const ABANDONED: &str = "abandoned";
+/// An order was placed or the checkout completed (maps to `purchase_completed`).
+pub const PURCHASED: &str = "purchased";
+/// Cancelled, refunded or otherwise closed without a sale (maps to `expired`).
+pub const CLOSED: &str = "closed";
+
+/// The default stage mappings of the e-commerce connectors.
+pub fn default_mappings() -> Vec<StageMapEntry> {
+    [
+        (CHECKOUT, "checkout_started"),
+        (ABANDONED, "cart_abandoned"),
+        (PURCHASED, "purchase_completed"),
+        (CLOSED, "expired"),
+    ]
+    .into_iter()
+    .map(|(native, canonical)| StageMapEntry {
+        native_pipeline: NATIVE_PIPELINE.to_owned(),
+        native_stage: native.to_owned(),
+        target: StageRef {
+            pipeline: Some(PipelineKey::new(PIPELINE)),
+            stage: StageKey::new(canonical),
+        },
+        source: MappingSource::Manifest,
+    })
+    .collect()
+}
+
+/// A `BadRecord` for a payload that does not have the shape the connector reads.
+pub fn bad(raw: &Value, external_id: Option<String>, reason: impl Into<String>) -> BadRecord {
+    BadRecord {
+        external_id,
+        reason: reason.into(),
+        raw: raw.clone(),
+    }
+}
+
+/// Parses a webhook body as JSON, or says why it is not.
+pub fn parse_body(body: &[u8]) -> Result<Value, BadRecord> {
+    serde_json::from_slice(body).map_err(|error| BadRecord {
+        external_id: None,
+        reason: format!("body is not JSON: {error}"),
+        raw: Value::String(String::from_utf8_lossy(body).chars().take(2048).collect()),
+    })
+}
+
+/// A string or number field as text (ids arrive as either); `None` when absent or null.
+pub fn text(value: &Value, key: &str) -> Option<String> {
+    match value.get(key)? {
+        Value::String(text) if !text.is_empty() => Some(text.clone()),
+        Value::Number(number) => Some(number.to_string()),
+        _ => None,
+    }
+}
+
+/// A string field by JSON pointer, numbers included.
+pub fn text_at(value: &Value, pointer: &str) -> Option<String> {
+    match value.pointer(pointer)? {
+        Value::String(text) if !text.is_empty() => Some(text.clone()),
+        Value::Number(number) => Some(number.to_string()),
+        Value::Bool(flag) => Some(flag.to_string()),
+        _ => None,
+    }
+}
+
+/// A timestamp in RFC 3339, in `YYYY-MM-DDTHH:MM:SS` taken as UTC (WooCommerce's `_gmt`
+/// fields), or as unix seconds (Stripe).
+pub fn time(value: Option<&Value>) -> Option<DateTime<Utc>> {
+    match value? {
+        Value::String(text) => DateTime::parse_from_rfc3339(text)
+            .map(|at| at.with_timezone(&Utc))
+            .ok()
+            .or_else(|| {
+                NaiveDateTime::parse_from_str(text, "%Y-%m-%dT%H:%M:%S")
+                    .ok()
+                    .map(|naive| Utc.from_utc_datetime(&naive))
+            }),
+        Value::Number(number) => Utc.timestamp_opt(number.as_i64()?, 0).single(),
+        _ => None,
+    }
+}
+
+/// A currency code (any case).
+pub fn currency(value: Option<&Value>) -> Option<Currency> {
+    Currency::parse(&value?.as_str()?.to_ascii_uppercase()).ok()
+}
+
+/// A decimal amount given as a string or number ("379.69", 379.69) in `currency`.
+pub fn decimal(value: Option<&Value>, currency: Currency) -> Option<Money> {
+    let text = match value? {
+        Value::String(text) => text.clone(),
+        Value::Number(number) => number.to_string(),
+        _ => return None,
+    };
+    Money::parse_decimal(text.trim(), currency).ok()
+}
+
+/// An email address, when the field holds a usable one.
+pub fn email(value: Option<&Value>) -> Option<EmailAddress> {
+    EmailAddress::parse(value?.as_str()?)
+}
+
+/// "First Last" from two optional fields.
+pub fn full_name(first: Option<&Value>, last: Option<&Value>) -> Option<String> {
+    let parts: Vec<&str> = [first, last]
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .map(str::trim)
+        .filter(|part| !part.is_empty())
+        .collect();
+    (!parts.is_empty()).then(|| parts.join(" "))
+}
+
+/// Line items from an array of objects with a title, a quantity and a decimal unit price.
+pub fn line_items(
+    items: Option<&Value>,
+    title_key: &str,
+    price_key: &str,
+    currency: Option<Currency>,
+) -> Vec<LineItem> {
+    let Some(Value::Array(items)) = items else {
+        return Vec::new();
+    };
+    items
+        .iter()
+        .map(|item| LineItem {
+            title: item
+                .get(title_key)
+                .and_then(Value::as_str)
+                .unwrap_or("item")
+                .to_owned(),
+            quantity: item.get("quantity").and_then(Value::as_i64).unwrap_or(1),
+            unit_price_minor: currency
+                .and_then(|currency| decimal(item.get(price_key), currency))
+                .map(|money| money.minor),
+            sku: text(item, "sku"),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn times_are_read_in_every_vendor_format() {
+        let expected = Utc.with_ymd_and_hms(2012, 10, 12, 11, 5, 27).unwrap();
+        assert_eq!(
+            time(Some(&json!("2012-10-12T07:05:27-04:00"))),
+            Some(expected)
+        );
+        assert_eq!(time(Some(&json!("2012-10-12T11:05:27"))), Some(expected));
+        assert_eq!(time(Some(&json!(expected.timestamp()))), Some(expected));
+        assert_eq!(time(Some(&json!("yesterday"))), None);
+    }
+
+    #[test]
+    fn amounts_are_exact_minor_units() {
+        let usd = Currency::parse("USD").unwrap();
+        assert_eq!(decimal(Some(&json!("379.69")), usd).unwrap().minor, 37969);
+        assert_eq!(decimal(Some(&json!("0.1")), usd).unwrap().minor, 10);
+        assert!(decimal(Some(&json!("abc")), usd).is_none());
+        assert_eq!(currency(Some(&json!("usd"))), Some(usd));
+    }
+}

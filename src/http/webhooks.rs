@@ -1,0 +1,291 @@
+//! `POST /webhooks/{connection}`: webhook intake.
+//!
+//! Order of checks, each answered before the next is attempted:
+//! 1. unknown connection, or one that takes no webhooks: 404;
+//! 2. body over `server.max_body_bytes`: 413 (read with the cap, never buffered whole);
+//! 3. WooCommerce's unsigned creation ping: 200, nothing stored;
+//! 4. signature, in constant time, against every configured secret, before anything of
+//!    the body is parsed: missing, bad or stale gives 401 and nothing is written;
+//! 5. the connector parses the body: a malformed one gives 400 and is kept in the
+//!    dead-letter table;
+//! 6. the delivery is committed to the inbox (grouped with concurrent ones), then 200.
+//!    A delivery id already in the inbox is acknowledged with 200 and not stored again.
+//!
+//! Every rejection logs the connection and the reason; secrets never reach a log line,
+//! and signature and auth headers are not stored.
+
+use super::error::ApiError;
+use crate::app::AppState;
+use crate::connectors::WebhookEvent;
+use crate::domain::ConnectionName;
+use crate::store::{Enqueued, NewWebhook};
+use crate::webhooks::signature::{self, Scheme, SignatureError};
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use chrono::Utc;
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use std::sync::Arc;
+use std::time::SystemTime;
+use tracing::{debug, error, warn};
+
+/// Headers that authenticate a delivery: checked, never stored.
+const SECRET_HEADERS: &[&str] = &[
+    signature::header::SHOPIFY_HMAC,
+    signature::header::SHOPIFY_EVENTS_HMAC,
+    signature::header::WOOCOMMERCE_SIGNATURE,
+    signature::header::STRIPE_SIGNATURE,
+    signature::header::HUBSPOT_SIGNATURE,
+    signature::header::HUBSPOT_SIGNATURE_V3,
+    signature::header::AUTHORIZATION,
+    signature::header::WEBHOOK_SIGNATURE,
+    "cookie",
+    "proxy-authorization",
+];
+
+/// Headers that name the event's topic, first match wins.
+const TOPIC_HEADERS: &[&str] = &["x-shopify-topic", "shopify-topic", "x-wc-webhook-topic"];
+
+fn reject(connection: &str, status: StatusCode, reason: &str) -> Response {
+    warn!(
+        connection,
+        status = status.as_u16(),
+        reason,
+        "webhook rejected"
+    );
+    (status, Json(json!({ "error": reason }))).into_response()
+}
+
+fn accepted(status: &str) -> Response {
+    (StatusCode::OK, Json(json!({ "status": status }))).into_response()
+}
+
+/// The URL the vendor signed (HubSpot v3): `server.public_url` plus path and query, or,
+/// without a public URL, the Host header the request came with.
+fn signed_uri(state: &AppState, request_uri: &axum::http::Uri, headers: &HeaderMap) -> String {
+    let path_and_query = request_uri
+        .path_and_query()
+        .map_or("/", |pq| pq.as_str())
+        .to_owned();
+    match &state.config().server.public_url {
+        Some(public) => format!("{}{path_and_query}", public.as_str().trim_end_matches('/')),
+        None => {
+            let host = headers
+                .get(axum::http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .unwrap_or("localhost");
+            format!("http://{host}{path_and_query}")
+        }
+    }
+}
+
+/// The delivery's idempotency key: the vendor's delivery id when the scheme has one,
+/// else the id inside the body (Stripe's event id, Pipedrive's `meta.id`), else a hash of
+/// the body (HubSpot, with the retry counter left out so a retry hashes the same).
+fn delivery_id(scheme: &Scheme, verified: &signature::Verified, body: &[u8]) -> String {
+    if let Some(id) = verified.delivery_id.as_ref().or(verified.event_id.as_ref()) {
+        return id.clone();
+    }
+    let parsed: Option<serde_json::Value> = serde_json::from_slice(body).ok();
+    let from_body = parsed.as_ref().and_then(|value| match scheme {
+        Scheme::Stripe { .. } => value.get("id")?.as_str().map(str::to_owned),
+        Scheme::PipedriveBasic => value.pointer("/meta/id")?.as_str().map(str::to_owned),
+        _ => None,
+    });
+    if let Some(id) = from_body {
+        return id;
+    }
+    let hashed = match (scheme, parsed) {
+        (
+            Scheme::HubSpotV3 { .. } | Scheme::HubSpotV1V2,
+            Some(serde_json::Value::Array(mut events)),
+        ) => {
+            for event in &mut events {
+                if let Some(object) = event.as_object_mut() {
+                    object.remove("attemptNumber");
+                }
+            }
+            serde_json::to_vec(&events).unwrap_or_else(|_| body.to_vec())
+        }
+        _ => body.to_vec(),
+    };
+    let digest = Sha256::digest(&hashed);
+    let hex: String = digest.iter().map(|byte| format!("{byte:02x}")).collect();
+    format!("sha256:{hex}")
+}
+
+/// Receives one delivery for a connection.
+pub async fn receive(
+    State(state): State<Arc<AppState>>,
+    Path(connection): Path<String>,
+    request: Request,
+) -> Response {
+    let Some(runtime) = state.connection(&connection) else {
+        return reject(&connection, StatusCode::NOT_FOUND, "unknown connection");
+    };
+    let Some(scheme) = runtime.connector.webhook_scheme() else {
+        return reject(
+            &connection,
+            StatusCode::NOT_FOUND,
+            "this connection takes no webhooks",
+        );
+    };
+    let (parts, body) = request.into_parts();
+    let limit = state.config().server.max_body_bytes;
+    let body = match read_capped(body, &parts.headers, limit).await {
+        Ok(body) => body,
+        Err(status) if status == StatusCode::PAYLOAD_TOO_LARGE => {
+            return reject(
+                &connection,
+                status,
+                &format!("body is larger than {limit} bytes"),
+            );
+        }
+        Err(status) => return reject(&connection, status, "could not read the body"),
+    };
+
+    if scheme == Scheme::WooCommerce && signature::is_woocommerce_ping(&parts.headers, &body) {
+        debug!(connection, "WooCommerce webhook ping acknowledged");
+        return accepted("ping");
+    }
+
+    let secrets: Vec<&[u8]> = runtime
+        .config
+        .webhook_secrets
+        .iter()
+        .map(|secret| secret.expose().as_bytes())
+        .collect();
+    if secrets.is_empty() && scheme != Scheme::None {
+        error!(
+            connection,
+            "webhook refused: the connection has no webhook_secret configured"
+        );
+        return reject(
+            &connection,
+            StatusCode::UNAUTHORIZED,
+            "no webhook secret configured",
+        );
+    }
+    let uri = signed_uri(&state, &parts.uri, &parts.headers);
+    let signed = signature::Request {
+        method: parts.method.as_str(),
+        uri: &uri,
+        headers: &parts.headers,
+        body: &body,
+    };
+    let verified = match signature::verify(&scheme, &secrets, &signed, SystemTime::now()) {
+        Ok(verified) => verified,
+        Err(error @ SignatureError::BadSecret { .. }) => {
+            error!(connection, %error, "webhook refused: a configured secret is unusable");
+            return (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                Json(json!({ "error": "internal error" })),
+            )
+                .into_response();
+        }
+        Err(error) => return reject(&connection, StatusCode::UNAUTHORIZED, &error.to_string()),
+    };
+
+    let headers: Vec<(String, String)> = parts
+        .headers
+        .iter()
+        .filter(|(name, _)| !SECRET_HEADERS.contains(&name.as_str()))
+        .filter_map(|(name, value)| {
+            Some((name.as_str().to_owned(), value.to_str().ok()?.to_owned()))
+        })
+        .collect();
+    let topic = TOPIC_HEADERS.iter().find_map(|name| {
+        parts
+            .headers
+            .get(*name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    });
+    let received_at = Utc::now();
+    let event = WebhookEvent {
+        connection: ConnectionName::new(connection.clone()),
+        delivery_id: delivery_id(&scheme, &verified, &body),
+        topic,
+        headers,
+        body: body.to_vec(),
+        received_at,
+    };
+
+    match runtime.connector.parse_webhook(&event) {
+        Err(bad) => {
+            if let Err(error) = state
+                .store
+                .dead_letter(
+                    &connection,
+                    &bad.reason,
+                    &event.headers,
+                    event.body,
+                    received_at,
+                )
+                .await
+            {
+                return ApiError::from(error).into_response();
+            }
+            reject(
+                &connection,
+                StatusCode::BAD_REQUEST,
+                &format!("malformed payload: {}", bad.reason),
+            )
+        }
+        Ok(actions) if actions.is_empty() => {
+            debug!(connection, topic = ?event.topic, "webhook has nothing for dealsync; acknowledged");
+            accepted("ignored")
+        }
+        Ok(_) => {
+            let stored = state
+                .store
+                .enqueue_webhook(NewWebhook {
+                    connection: connection.clone(),
+                    delivery_id: event.delivery_id,
+                    topic: event.topic,
+                    headers: event.headers,
+                    body: event.body,
+                    received_at,
+                })
+                .await;
+            match stored {
+                Ok(Enqueued::Stored) => accepted("accepted"),
+                Ok(Enqueued::Duplicate) => {
+                    debug!(connection, "duplicate webhook delivery acknowledged");
+                    accepted("duplicate")
+                }
+                Err(error) => ApiError::from(error).into_response(),
+            }
+        }
+    }
+}
+
+/// Reads the body up to `limit` bytes: 413 past it (a declared length says so at once).
+async fn read_capped(
+    body: Body,
+    headers: &HeaderMap,
+    limit: usize,
+) -> Result<axum::body::Bytes, StatusCode> {
+    use http_body_util::BodyExt;
+    let declared = headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > limit as u64) {
+        return Err(StatusCode::PAYLOAD_TOO_LARGE);
+    }
+    match http_body_util::Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(error) => {
+            let too_large = error.is::<http_body_util::LengthLimitError>();
+            Err(if too_large {
+                StatusCode::PAYLOAD_TOO_LARGE
+            } else {
+                StatusCode::BAD_REQUEST
+            })
+        }
+    }
+}

@@ -1,0 +1,572 @@
+//! Carts: the e-commerce side of deals. A cart is a deal with cart keys (checkout
+//! token, cart token, session id); orders find their cart through those keys, in any
+//! connection, or through the shopper's email within a window.
+//!
+//! Invariants:
+//! - A cart's stage only moves forward on the source's say-so: a record that says "still
+//!   open" never moves a stored cart out of the stage dealsync or an order put it in
+//!   (abandoned, followed up, purchased, expired). See [`held_stage`].
+//! - An order matched to carts moves them to the won stage in the same transaction that
+//!   records it, and is not stored a second time as its own deal (no double revenue).
+//! - Abandoning and expiring re-check the stage inside their transaction, so a cart an
+//!   order reached a moment earlier is left alone.
+
+use super::deals::{DealUpsert, UpsertOutcome, move_stage, upsert_all, write_keys};
+use super::{Result, Store, to_ms};
+use crate::domain::{ChangeCause, DealStatus, StageRef};
+use chrono::{DateTime, Utc};
+use rusqlite::{OptionalExtension, Transaction, params, params_from_iter};
+
+/// How cart events are matched.
+#[derive(Debug, Clone, Copy)]
+pub struct CartRules {
+    /// An order with no key match completes the shopper's latest open cart started
+    /// within this window before it.
+    pub email_window: chrono::Duration,
+}
+
+impl Default for CartRules {
+    fn default() -> Self {
+        CartRules {
+            email_window: chrono::Duration::days(7),
+        }
+    }
+}
+
+/// What applying a cart event did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CartOutcome {
+    /// The record was stored as its own deal (created or updated).
+    Upserted(UpsertOutcome),
+    /// An order completed these existing carts; it was not stored separately.
+    Matched(Vec<i64>),
+    /// A checkout whose purchase is already recorded on this deal; not stored again.
+    Superseded(i64),
+}
+
+/// The stage an existing cart keeps when an incoming record would move it: `Some` when
+/// the record is a cart, says "open", and the stored cart is in a different stage that
+/// dealsync or an order put it in. A late checkout update after the purchase, or a
+/// repeated "pending" after the cart was abandoned, so changes the cart's fields only.
+pub(crate) fn held_stage(
+    existing_status: &str,
+    existing: &StageRef,
+    upsert: &DealUpsert,
+) -> Option<(StageRef, DealStatus)> {
+    if upsert.source.cart_keys.is_empty() || upsert.status != DealStatus::Open {
+        return None;
+    }
+    let status = DealStatus::parse(existing_status)?;
+    if !matches!(
+        status,
+        DealStatus::Open | DealStatus::Won | DealStatus::Lost
+    ) {
+        return None;
+    }
+    if existing == &upsert.target {
+        return None;
+    }
+    Some((existing.clone(), status))
+}
+
+struct Match {
+    id: i64,
+    status: String,
+}
+
+fn own_deal(tx: &Transaction<'_>, upsert: &DealUpsert) -> Result<Option<i64>> {
+    Ok(tx
+        .query_row(
+            "SELECT id FROM deals WHERE connection = ?1 AND external_id = ?2",
+            params![
+                upsert.connection.as_str(),
+                upsert.source.external_id.as_str()
+            ],
+            |row| row.get(0),
+        )
+        .optional()?)
+}
+
+/// Live deals in `pipeline` sharing a key with the record, other than `own`.
+fn key_matches(
+    tx: &Transaction<'_>,
+    keys: &[String],
+    pipeline: Option<&str>,
+    own: Option<i64>,
+) -> Result<Vec<Match>> {
+    if keys.is_empty() {
+        return Ok(Vec::new());
+    }
+    let placeholders = (0..keys.len())
+        .map(|at| format!("?{}", at + 3))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let sql = format!(
+        "SELECT DISTINCT d.id, d.status FROM deal_keys k JOIN deals d ON d.id = k.deal_id
+         WHERE k.key IN ({placeholders}) AND d.deleted_at IS NULL AND d.id != ?1
+           AND d.pipeline IS ?2
+         ORDER BY d.id"
+    );
+    let mut values: Vec<rusqlite::types::Value> =
+        vec![own.unwrap_or(-1).into(), pipeline.map(str::to_owned).into()];
+    values.extend(keys.iter().map(|key| key.clone().into()));
+    let mut statement = tx.prepare(&sql)?;
+    let rows = statement.query_map(params_from_iter(values), |row| {
+        Ok(Match {
+            id: row.get(0)?,
+            status: row.get(1)?,
+        })
+    })?;
+    Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+}
+
+/// The shopper's latest open cart in `pipeline` started within `window` before `at`.
+fn email_match(
+    tx: &Transaction<'_>,
+    email: &str,
+    pipeline: Option<&str>,
+    at: i64,
+    window: chrono::Duration,
+) -> Result<Option<i64>> {
+    Ok(tx
+        .query_row(
+            "SELECT id FROM deals
+             WHERE contact_email = ?1 AND pipeline IS ?2 AND status = 'open'
+               AND deleted_at IS NULL AND cart_keys != '[]'
+               AND coalesce(source_created_at, first_seen_at) BETWEEN ?3 AND ?4
+             ORDER BY coalesce(source_created_at, first_seen_at) DESC, id DESC LIMIT 1",
+            params![email, pipeline, at - window.num_milliseconds(), at],
+            |row| row.get(0),
+        )
+        .optional()?)
+}
+
+fn apply(tx: &Transaction<'_>, upsert: &DealUpsert, rules: CartRules) -> Result<CartOutcome> {
+    let source = &upsert.source;
+    let pipeline = upsert.target.pipeline.as_ref().map(|p| p.as_str());
+    let own = own_deal(tx, upsert)?;
+    let others = key_matches(tx, &source.cart_keys, pipeline, own)?;
+    if upsert.status != DealStatus::Won {
+        if own.is_none()
+            && let Some(won) = others.iter().find(|m| m.status == "won")
+        {
+            return Ok(CartOutcome::Superseded(won.id));
+        }
+        return Ok(CartOutcome::Upserted(upsert_all(tx, vec![upsert.clone()])?));
+    }
+
+    // An order (or a completed checkout).
+    let at = source
+        .updated_at
+        .or(source.created_at)
+        .unwrap_or(upsert.observed_at);
+    let mut matched: Vec<i64> = others
+        .iter()
+        .filter(|m| m.status == "open" || m.status == "lost")
+        .map(|m| m.id)
+        .collect();
+    if own.is_none()
+        && others.is_empty()
+        && let Some(email) = &source.contact_email
+        && let Some(id) = email_match(tx, email.as_str(), pipeline, to_ms(at), rules.email_window)?
+    {
+        matched.push(id);
+    }
+    for id in &matched {
+        move_stage(
+            tx,
+            *id,
+            &upsert.target,
+            DealStatus::Won,
+            at,
+            ChangeCause::Webhook,
+        )?;
+        write_keys(tx, *id, &source.cart_keys)?;
+    }
+    if own.is_some() || (others.is_empty() && matched.is_empty()) {
+        let outcome = upsert_all(tx, vec![upsert.clone()])?;
+        if matched.is_empty() {
+            return Ok(CartOutcome::Upserted(outcome));
+        }
+    }
+    Ok(CartOutcome::Matched(matched))
+}
+
+fn ids(tx: &Transaction<'_>, sql: &str, values: Vec<rusqlite::types::Value>) -> Result<Vec<i64>> {
+    let mut statement = tx.prepare(sql)?;
+    let rows = statement.query_map(params_from_iter(values), |row| row.get(0))?;
+    Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+}
+
+impl Store {
+    /// Applies one cart or order record: upserts it, or completes the carts an order
+    /// matches (see the module invariants). One transaction.
+    pub async fn apply_cart_event(
+        &self,
+        upsert: DealUpsert,
+        rules: CartRules,
+    ) -> Result<CartOutcome> {
+        self.write(move |tx| apply(tx, &upsert, rules)).await
+    }
+
+    /// Moves carts of `connection` that sit in `from` and have been idle since before
+    /// `idle_since` to `to`, with a history row each (cause: follow-up). Uses the
+    /// (pipeline, stage, stage_entered_at) index; returns the moved deal ids.
+    pub async fn abandon_idle_carts(
+        &self,
+        connection: &str,
+        from: StageRef,
+        to: StageRef,
+        idle_since: DateTime<Utc>,
+        now: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<i64>> {
+        let connection = connection.to_owned();
+        self.write(move |tx| {
+            let cutoff = to_ms(idle_since);
+            let found = ids(
+                tx,
+                "SELECT id FROM deals
+                 WHERE pipeline IS ?1 AND stage = ?2 AND stage_entered_at <= ?3
+                   AND connection = ?4 AND last_activity_at <= ?3 AND deleted_at IS NULL
+                 ORDER BY stage_entered_at LIMIT ?5",
+                vec![
+                    from.pipeline.as_ref().map(|p| p.as_str().to_owned()).into(),
+                    from.stage.as_str().to_owned().into(),
+                    cutoff.into(),
+                    connection.into(),
+                    i64::from(limit).into(),
+                ],
+            )?;
+            for id in &found {
+                move_stage(tx, *id, &to, DealStatus::Open, now, ChangeCause::Followup)?;
+            }
+            Ok(found)
+        })
+        .await
+    }
+
+    /// The safety net behind the follow-ups: carts of `connection` that have sat in one
+    /// of `stages` since before `stale_since` move to `to` (a lost stage). Returns the
+    /// moved deal ids.
+    pub async fn expire_stale_carts(
+        &self,
+        connection: &str,
+        stages: Vec<StageRef>,
+        to: StageRef,
+        stale_since: DateTime<Utc>,
+        now: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<i64>> {
+        let connection = connection.to_owned();
+        self.write(move |tx| {
+            let mut moved = Vec::new();
+            for stage in &stages {
+                let found = ids(
+                    tx,
+                    "SELECT id FROM deals
+                     WHERE pipeline IS ?1 AND stage = ?2 AND stage_entered_at <= ?3
+                       AND connection = ?4 AND deleted_at IS NULL
+                     ORDER BY stage_entered_at LIMIT ?5",
+                    vec![
+                        stage
+                            .pipeline
+                            .as_ref()
+                            .map(|p| p.as_str().to_owned())
+                            .into(),
+                        stage.stage.as_str().to_owned().into(),
+                        to_ms(stale_since).into(),
+                        connection.clone().into(),
+                        i64::from(limit).into(),
+                    ],
+                )?;
+                for id in found {
+                    move_stage(tx, id, &to, DealStatus::Lost, now, ChangeCause::Followup)?;
+                    moved.push(id);
+                }
+            }
+            Ok(moved)
+        })
+        .await
+    }
+
+    /// Marks a deal deleted in its source; returns false when it is unknown or already
+    /// deleted. The row and its history are kept.
+    pub async fn mark_deal_deleted(
+        &self,
+        connection: &str,
+        external_id: &str,
+        at: DateTime<Utc>,
+    ) -> Result<bool> {
+        let (connection, external_id) = (connection.to_owned(), external_id.to_owned());
+        self.write(move |tx| {
+            let changed = tx.execute(
+                "UPDATE deals SET deleted_at = ?3, status = 'deleted', synced_at = ?3
+                 WHERE connection = ?1 AND external_id = ?2 AND deleted_at IS NULL",
+                params![connection, external_id, to_ms(at)],
+            )?;
+            Ok(changed > 0)
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{ConnectionName, EmailAddress, PipelineKey, SourceDeal, StageKey};
+    use crate::store::tests::temp_store;
+
+    fn at(stage: &str) -> StageRef {
+        StageRef {
+            pipeline: Some(PipelineKey::new("ecommerce")),
+            stage: StageKey::new(stage),
+        }
+    }
+
+    fn cart(
+        connection: &str,
+        id: &str,
+        stage: &str,
+        keys: &[&str],
+        when: DateTime<Utc>,
+    ) -> DealUpsert {
+        let mut source = SourceDeal::new(id, format!("Cart {id}"), "shop", stage);
+        source.cart_keys = keys.iter().map(|k| (*k).to_owned()).collect();
+        source.contact_email = EmailAddress::parse("shopper@example.com");
+        source.created_at = Some(when);
+        source.updated_at = Some(when);
+        let won = stage == "purchase_completed";
+        DealUpsert {
+            connection: ConnectionName::new(connection),
+            source,
+            target: at(stage),
+            status: if won {
+                DealStatus::Won
+            } else {
+                DealStatus::Open
+            },
+            observed_at: when,
+            cause: ChangeCause::Webhook,
+        }
+    }
+
+    #[tokio::test]
+    async fn an_order_in_another_connection_completes_the_cart_it_shares_a_key_with() {
+        let (_dir, store) = temp_store();
+        let t0 = Utc::now() - chrono::Duration::hours(3);
+        let rules = CartRules::default();
+        store
+            .apply_cart_event(
+                cart("shop-a", "tok1", "checkout_started", &["k:tok1"], t0),
+                rules,
+            )
+            .await
+            .unwrap();
+        let order = cart(
+            "shop-b",
+            "order:9",
+            "purchase_completed",
+            &["k:tok1"],
+            t0 + chrono::Duration::hours(1),
+        );
+        let outcome = store.apply_cart_event(order.clone(), rules).await.unwrap();
+        let cart_deal = store
+            .deal_by_external_id("shop-a", "tok1")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(outcome, CartOutcome::Matched(vec![cart_deal.id]));
+        assert_eq!(cart_deal.status, DealStatus::Won);
+        assert!(
+            store
+                .deal_by_external_id("shop-b", "order:9")
+                .await
+                .unwrap()
+                .is_none()
+        );
+        // The same order again changes nothing and still stores no second deal.
+        store.apply_cart_event(order, rules).await.unwrap();
+        assert!(
+            store
+                .deal_by_external_id("shop-b", "order:9")
+                .await
+                .unwrap()
+                .is_none()
+        );
+        assert_eq!(store.history(cart_deal.id).await.unwrap().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn an_order_without_keys_completes_the_latest_cart_of_the_same_email() {
+        let (_dir, store) = temp_store();
+        let t0 = Utc::now() - chrono::Duration::hours(5);
+        let rules = CartRules::default();
+        for (id, offset) in [("old", 0), ("new", 1)] {
+            store
+                .apply_cart_event(
+                    cart(
+                        "shop",
+                        id,
+                        "checkout_started",
+                        &[id],
+                        t0 + chrono::Duration::hours(offset),
+                    ),
+                    rules,
+                )
+                .await
+                .unwrap();
+        }
+        let order = cart(
+            "pos",
+            "order:1",
+            "purchase_completed",
+            &["unrelated"],
+            t0 + chrono::Duration::hours(2),
+        );
+        store.apply_cart_event(order, rules).await.unwrap();
+        let new = store
+            .deal_by_external_id("shop", "new")
+            .await
+            .unwrap()
+            .unwrap();
+        let old = store
+            .deal_by_external_id("shop", "old")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (new.status, old.status),
+            (DealStatus::Won, DealStatus::Open)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_late_checkout_update_does_not_reopen_a_purchased_cart() {
+        let (_dir, store) = temp_store();
+        let t0 = Utc::now() - chrono::Duration::hours(2);
+        let rules = CartRules::default();
+        // The order arrives first, under the checkout's token.
+        store
+            .apply_cart_event(
+                cart(
+                    "shop",
+                    "tok",
+                    "purchase_completed",
+                    &["k:tok"],
+                    t0 + chrono::Duration::minutes(30),
+                ),
+                rules,
+            )
+            .await
+            .unwrap();
+        // Then the checkout's own create and a later update.
+        for minutes in [0, 45] {
+            store
+                .apply_cart_event(
+                    cart(
+                        "shop",
+                        "tok",
+                        "checkout_started",
+                        &["k:tok"],
+                        t0 + chrono::Duration::minutes(minutes),
+                    ),
+                    rules,
+                )
+                .await
+                .unwrap();
+        }
+        let deal = store
+            .deal_by_external_id("shop", "tok")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (deal.status, deal.stage.as_str()),
+            (DealStatus::Won, "purchase_completed")
+        );
+        assert_eq!(store.history(deal.id).await.unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn idle_carts_are_abandoned_once_and_stale_ones_expire() {
+        let (_dir, store) = temp_store();
+        let now = Utc::now();
+        let rules = CartRules::default();
+        store
+            .apply_cart_event(
+                cart(
+                    "shop",
+                    "idle",
+                    "checkout_started",
+                    &["a"],
+                    now - chrono::Duration::hours(2),
+                ),
+                rules,
+            )
+            .await
+            .unwrap();
+        store
+            .apply_cart_event(
+                cart(
+                    "shop",
+                    "busy",
+                    "checkout_started",
+                    &["b"],
+                    now - chrono::Duration::minutes(5),
+                ),
+                rules,
+            )
+            .await
+            .unwrap();
+        let cutoff = now - chrono::Duration::hours(1);
+        let moved = store
+            .abandon_idle_carts(
+                "shop",
+                at("checkout_started"),
+                at("cart_abandoned"),
+                cutoff,
+                now,
+                100,
+            )
+            .await
+            .unwrap();
+        assert_eq!(moved.len(), 1);
+        let again = store
+            .abandon_idle_carts(
+                "shop",
+                at("checkout_started"),
+                at("cart_abandoned"),
+                cutoff,
+                now,
+                100,
+            )
+            .await
+            .unwrap();
+        assert!(again.is_empty());
+        let idle = store
+            .deal_by_external_id("shop", "idle")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(idle.stage.as_str(), "cart_abandoned");
+        let history = store.history(idle.id).await.unwrap();
+        assert_eq!(history.last().unwrap().cause, ChangeCause::Followup);
+
+        let later = now + chrono::Duration::days(31);
+        let expired = store
+            .expire_stale_carts(
+                "shop",
+                vec![at("cart_abandoned")],
+                at("expired"),
+                later - chrono::Duration::days(30),
+                later,
+                100,
+            )
+            .await
+            .unwrap();
+        assert_eq!(expired, vec![idle.id]);
+        let idle = store.deal(idle.id).await.unwrap().unwrap();
+        assert_eq!(idle.status, DealStatus::Lost);
+    }
+}

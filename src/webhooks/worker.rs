@@ -1,0 +1,239 @@
+//! The inbox worker: turns committed webhook deliveries into deals, asynchronously.
+//!
+//! Rows are taken oldest first. Each row is parsed again by its connection's connector
+//! (the HTTP layer already checked that it parses) and its actions are applied: carts
+//! and orders through `Store::apply_cart_event`, other records through the plain
+//! upsert, deletions by marking the deal deleted, and id-only payloads by fetching the
+//! record through the pull connector first.
+//!
+//! Invariants:
+//! - Order per connection (and so per cart or deal): a failed row is retried with
+//!   exponential backoff and full jitter, and later rows of its connection wait for it;
+//!   other connections go on.
+//! - Retries are bounded: after [`MAX_ATTEMPTS`] the row is kept as `failed`, with its
+//!   error, and its connection moves on.
+//! - Applying a row twice (a crash between applying and marking it processed) is
+//!   harmless: upserts and stage moves are idempotent.
+//! - Pending rows left by a previous run are picked up at start.
+
+use crate::app::AppState;
+use crate::connectors::{ConnectorError, WebhookAction, WebhookEvent};
+use crate::domain::{ChangeCause, ConnectionName, SourceDeal};
+use crate::store::{CartRules, InboxRow, StoreError};
+use crate::sync::ConnectionRuntime;
+use chrono::Utc;
+use rand::Rng;
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+/// Attempts before a row is given up on.
+pub const MAX_ATTEMPTS: u32 = 10;
+/// Rows read per pass.
+const BATCH: u32 = 256;
+/// How often to look for due rows when nothing wakes the worker (retries coming due).
+const IDLE_POLL: Duration = Duration::from_secs(1);
+/// How often processed rows past their retention are pruned.
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+
+/// Why a row could not be applied.
+#[derive(Debug, thiserror::Error)]
+enum ProcessError {
+    /// Worth another attempt later (store busy, vendor down).
+    #[error("{0}")]
+    Retry(String),
+    /// Will never work (the connection is gone, the body no longer parses).
+    #[error("{0}")]
+    Permanent(String),
+}
+
+impl From<StoreError> for ProcessError {
+    fn from(error: StoreError) -> Self {
+        ProcessError::Retry(error.to_string())
+    }
+}
+
+/// The delay before attempt `attempts + 1`: 1 s doubling up to 5 min, full jitter.
+pub fn retry_delay(attempts: u32) -> Duration {
+    let ceiling = Duration::from_secs(1)
+        .saturating_mul(1 << attempts.min(9))
+        .min(Duration::from_secs(300));
+    ceiling.mul_f64(rand::rng().random_range(0.5..=1.0))
+}
+
+/// Runs until `shutdown`: processes due rows, sleeps until new ones are committed.
+pub async fn run(state: Arc<AppState>, shutdown: CancellationToken) {
+    let committed = state.store.inbox_committed();
+    let mut last_prune: Option<std::time::Instant> = None;
+    info!("webhook inbox worker started");
+    loop {
+        if last_prune.is_none_or(|at| at.elapsed() >= PRUNE_EVERY) {
+            match state.store.prune_webhooks(Utc::now()).await {
+                Ok(pruned) if pruned > 0 => info!(pruned, "pruned old webhook inbox rows"),
+                Ok(_) => {}
+                Err(error) => warn!(%error, "pruning the webhook inbox failed"),
+            }
+            last_prune = Some(std::time::Instant::now());
+        }
+        let worked = match process_due(&state, &shutdown).await {
+            Ok(count) => count,
+            Err(error) => {
+                warn!(%error, "reading the webhook inbox failed; retrying");
+                0
+            }
+        };
+        if worked > 0 {
+            continue;
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = committed.notified() => {}
+            _ = tokio::time::sleep(IDLE_POLL) => {}
+        }
+    }
+    info!("webhook inbox worker stopped");
+}
+
+/// Processes one pass of due rows; returns how many were handled.
+async fn process_due(state: &AppState, shutdown: &CancellationToken) -> Result<usize, StoreError> {
+    let rows = state.store.due_webhooks(Utc::now(), BATCH).await?;
+    let mut held: HashSet<String> = HashSet::new();
+    let mut handled = 0;
+    for row in rows {
+        if shutdown.is_cancelled() {
+            break;
+        }
+        // A row of this connection failed in this pass: keep its order.
+        if held.contains(&row.connection) {
+            continue;
+        }
+        handled += 1;
+        match process(state, &row, shutdown).await {
+            Ok(()) => state.store.webhook_processed(row.id, Utc::now()).await?,
+            Err(ProcessError::Permanent(reason)) => {
+                error!(connection = %row.connection, delivery_id = %row.delivery_id, reason, "webhook could not be applied; kept as failed");
+                state
+                    .store
+                    .webhook_failed(row.id, &reason, Utc::now())
+                    .await?;
+            }
+            Err(ProcessError::Retry(reason)) if row.attempts + 1 >= MAX_ATTEMPTS => {
+                error!(connection = %row.connection, delivery_id = %row.delivery_id, attempts = row.attempts + 1, reason, "webhook failed too often; kept as failed");
+                state
+                    .store
+                    .webhook_failed(row.id, &reason, Utc::now())
+                    .await?;
+            }
+            Err(ProcessError::Retry(reason)) => {
+                let delay = retry_delay(row.attempts);
+                warn!(connection = %row.connection, delivery_id = %row.delivery_id, attempt = row.attempts + 1, retry_in_ms = delay.as_millis() as u64, reason, "webhook processing failed; will retry");
+                let next = Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default();
+                state.store.webhook_retry(row.id, &reason, next).await?;
+                held.insert(row.connection.clone());
+            }
+        }
+    }
+    Ok(handled)
+}
+
+async fn process(
+    state: &AppState,
+    row: &InboxRow,
+    shutdown: &CancellationToken,
+) -> Result<(), ProcessError> {
+    let runtime = state.connection(&row.connection).ok_or_else(|| {
+        ProcessError::Permanent("the connection is no longer configured".to_owned())
+    })?;
+    let event = WebhookEvent {
+        connection: ConnectionName::new(row.connection.clone()),
+        delivery_id: row.delivery_id.clone(),
+        topic: row.topic.clone(),
+        headers: row.headers.clone(),
+        body: row.body.clone(),
+        received_at: row.received_at,
+    };
+    let actions = runtime
+        .connector
+        .parse_webhook(&event)
+        .map_err(|bad| ProcessError::Permanent(format!("malformed payload: {}", bad.reason)))?;
+    for action in actions {
+        match action {
+            WebhookAction::Upsert(deal) => apply(state, &runtime, *deal).await?,
+            WebhookAction::Delete { external_id } => {
+                delete(state, &runtime, &external_id).await?;
+            }
+            WebhookAction::Refetch { external_id } => {
+                let cx = runtime.context(&state.sync_deps(), shutdown);
+                match runtime.connector.fetch_one(&cx, &external_id).await {
+                    Ok(Some(deal)) => apply(state, &runtime, deal).await?,
+                    Ok(None) => delete(state, &runtime, &external_id).await?,
+                    Err(ConnectorError::BadResponse { reason, .. }) => {
+                        return Err(ProcessError::Permanent(format!(
+                            "fetching {external_id}: {reason}"
+                        )));
+                    }
+                    Err(error) => {
+                        return Err(ProcessError::Retry(format!(
+                            "fetching {external_id}: {error}"
+                        )));
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Stores one record: carts and orders through the cart rules, others as they are.
+async fn apply(
+    state: &AppState,
+    runtime: &ConnectionRuntime,
+    deal: SourceDeal,
+) -> Result<(), ProcessError> {
+    let is_cart = !deal.cart_keys.is_empty();
+    let mut upserts = runtime.upserts(vec![deal], ChangeCause::Webhook);
+    if is_cart && let Some(upsert) = upserts.pop() {
+        let external_id = upsert.source.external_id.clone();
+        let outcome = state
+            .store
+            .apply_cart_event(upsert, CartRules::default())
+            .await?;
+        debug!(connection = runtime.name(), external_id = %external_id, ?outcome, "cart event applied");
+    } else {
+        state.store.upsert_deals(upserts).await?;
+    }
+    Ok(())
+}
+
+async fn delete(
+    state: &AppState,
+    runtime: &ConnectionRuntime,
+    external_id: &str,
+) -> Result<(), ProcessError> {
+    let deleted = state
+        .store
+        .mark_deal_deleted(runtime.name(), external_id, Utc::now())
+        .await?;
+    debug!(
+        connection = runtime.name(),
+        external_id, deleted, "deletion applied"
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_delays_grow_and_stay_bounded() {
+        for attempts in 0..40 {
+            let delay = retry_delay(attempts);
+            assert!(delay <= Duration::from_secs(300), "{attempts}: {delay:?}");
+            assert!(delay >= Duration::from_millis(500), "{attempts}: {delay:?}");
+        }
+        assert!(retry_delay(0) <= Duration::from_secs(1));
+    }
+}
