@@ -120,6 +120,10 @@ fn key_matches(
     Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
 }
 
+/// How far a cart may seem to start after its order: the two come from different
+/// systems whose clocks and timestamp precision differ.
+const CLOCK_SKEW_MS: i64 = 10 * 60 * 1000;
+
 /// The shopper's latest open cart in `pipeline` started within `window` before `at`.
 fn email_match(
     tx: &Transaction<'_>,
@@ -135,7 +139,12 @@ fn email_match(
                AND deleted_at IS NULL AND cart_keys != '[]'
                AND coalesce(source_created_at, first_seen_at) BETWEEN ?3 AND ?4
              ORDER BY coalesce(source_created_at, first_seen_at) DESC, id DESC LIMIT 1",
-            params![email, pipeline, at - window.num_milliseconds(), at],
+            params![
+                email,
+                pipeline,
+                at - window.num_milliseconds(),
+                at + CLOCK_SKEW_MS
+            ],
             |row| row.get(0),
         )
         .optional()?)

@@ -7,3 +7,4 @@ mod insight;
 mod pull;
 mod report;
 mod smtp_harness;
+mod webhooks;

@@ -1,0 +1,659 @@
+//! Webhook intake end to end against the real binary: rejections that write nothing,
+//! dedupe, out-of-order deliveries, carts through abandonment to purchase (across
+//! connections), restarts and SIGKILL under load, and the Shopify backfill.
+
+use crate::harness::daemon::TestDaemon;
+use crate::harness::eventually;
+use dealsync::webhooks::signature::{self, Delivery, Scheme};
+use serde_json::{Value, json};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+const SHOP_SECRET: &str = "shpss_current_secret";
+const STRIPE_SECRET: &str = "whsec_stripe_test_secret";
+const WOO_SECRET: &str = "woo-secret";
+const WAIT: Duration = Duration::from_secs(15);
+
+fn fixture(path: &str) -> Value {
+    let full = format!("{}/../shared/fixtures/{path}", env!("CARGO_MANIFEST_DIR"));
+    serde_json::from_str(&std::fs::read_to_string(&full).expect(&full)).expect("fixture JSON")
+}
+
+/// A Shopify connection that takes webhooks signed with either of two secrets.
+fn shopify(name: &str, abandon_after: &str) -> String {
+    format!(
+        r#"
+[connections.{name}]
+connector = "shopify"
+webhook_secret = ["shpss_retired_secret", "{SHOP_SECRET}"]
+abandon_after = "{abandon_after}"
+"#
+    )
+}
+
+fn stripe(name: &str) -> String {
+    format!(
+        "\n[connections.{name}]\nconnector = \"stripe\"\nwebhook_secret = \"{STRIPE_SECRET}\"\n"
+    )
+}
+
+fn woocommerce(name: &str) -> String {
+    format!(
+        "\n[connections.{name}]\nconnector = \"woocommerce\"\nwebhook_secret = \"{WOO_SECRET}\"\n"
+    )
+}
+
+/// The checkout fixture with its own token, time and shopper.
+fn checkout(token: &str, updated_at: &str, email: &str) -> Vec<u8> {
+    let mut body = fixture("shopify/webhook-checkouts-create.json");
+    body["token"] = json!(token);
+    body["cart_token"] = json!(format!("cart-{token}"));
+    body["updated_at"] = json!(updated_at);
+    body["created_at"] = json!("2026-01-01T10:00:00Z");
+    body["email"] = json!(email);
+    body["customer"]["email"] = json!(email);
+    serde_json::to_vec(&body).unwrap()
+}
+
+fn order(id: u64, checkout_token: Option<&str>, email: &str) -> Vec<u8> {
+    let mut body = fixture("shopify/webhook-orders-create.json");
+    body["id"] = json!(id);
+    body["checkout_token"] = json!(checkout_token);
+    body["cart_token"] = Value::Null;
+    body["email"] = json!(email);
+    body["updated_at"] = json!("2026-01-01T12:00:00Z");
+    serde_json::to_vec(&body).unwrap()
+}
+
+async fn post(
+    daemon: &TestDaemon,
+    connection: &str,
+    headers: http::HeaderMap,
+    body: Vec<u8>,
+) -> (u16, String) {
+    let response = daemon
+        .http
+        .post(daemon.url(&format!("/webhooks/{connection}")))
+        .headers(headers)
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .expect("POST webhook");
+    let status = response.status().as_u16();
+    (status, response.text().await.unwrap_or_default())
+}
+
+fn shopify_headers(secret: &str, topic: &str, id: &str, body: &[u8]) -> http::HeaderMap {
+    let delivery = Delivery {
+        method: "POST",
+        uri: "",
+        body,
+        id,
+    };
+    let mut headers = signature::sign(
+        &Scheme::Shopify,
+        secret.as_bytes(),
+        &delivery,
+        SystemTime::now(),
+    )
+    .expect("signing");
+    headers.insert("x-shopify-topic", topic.parse().unwrap());
+    headers
+}
+
+async fn post_shopify(
+    daemon: &TestDaemon,
+    connection: &str,
+    topic: &str,
+    id: &str,
+    body: Vec<u8>,
+) -> u16 {
+    let headers = shopify_headers(SHOP_SECRET, topic, id, &body);
+    post(daemon, connection, headers, body).await.0
+}
+
+fn stripe_headers(body: &[u8], at: SystemTime) -> http::HeaderMap {
+    let delivery = Delivery {
+        method: "POST",
+        uri: "",
+        body,
+        id: "",
+    };
+    signature::sign(
+        &Scheme::Stripe {
+            tolerance: signature::DEFAULT_TOLERANCE,
+        },
+        STRIPE_SECRET.as_bytes(),
+        &delivery,
+        at,
+    )
+    .unwrap()
+}
+
+/// (stage, status) of a deal, once it exists.
+fn stage_of(daemon: &TestDaemon, connection: &str, external_id: &str) -> Option<(String, String)> {
+    daemon
+        .db()
+        .query_row(
+            "SELECT stage, status FROM deals WHERE connection = ?1 AND external_id = ?2",
+            [connection, external_id],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )
+        .ok()
+}
+
+async fn wait_for_stage(daemon: &TestDaemon, connection: &str, external_id: &str, stage: &str) {
+    eventually(
+        &format!("{connection}/{external_id} in stage {stage}"),
+        WAIT,
+        || async {
+            stage_of(daemon, connection, external_id)
+                .filter(|(found, _)| found == stage)
+                .map(|_| ())
+        },
+    )
+    .await
+}
+
+fn written(daemon: &TestDaemon) -> (i64, i64, i64) {
+    (
+        daemon.count("SELECT count(*) FROM webhook_inbox"),
+        daemon.count("SELECT count(*) FROM deals"),
+        daemon.count("SELECT count(*) FROM webhook_dead_letters"),
+    )
+}
+
+#[tokio::test]
+async fn every_rejected_webhook_gets_its_status_and_writes_nothing() {
+    let daemon = TestDaemon::start(&format!("{}{}", shopify("shop", "1h"), stripe("pay"))).await;
+    let body = checkout("tok-reject", "2026-01-01T10:00:00Z", "reject@example.com");
+
+    // Unknown connection.
+    let headers = shopify_headers(SHOP_SECRET, "checkouts/create", "d-1", &body);
+    let (status, _) = post(&daemon, "nope", headers, body.clone()).await;
+    assert_eq!(status, 404);
+    assert_eq!(written(&daemon), (0, 0, 0));
+
+    // Missing signature.
+    let mut headers = http::HeaderMap::new();
+    headers.insert("x-shopify-topic", "checkouts/create".parse().unwrap());
+    let (status, text) = post(&daemon, "shop", headers, body.clone()).await;
+    assert_eq!(status, 401, "{text}");
+    assert!(text.contains("x-shopify-hmac-sha256"), "{text}");
+    assert_eq!(written(&daemon), (0, 0, 0));
+
+    // Signed with a secret that is not configured.
+    let headers = shopify_headers("shpss_someone_else", "checkouts/create", "d-2", &body);
+    let (status, _) = post(&daemon, "shop", headers, body.clone()).await;
+    assert_eq!(status, 401);
+    assert_eq!(written(&daemon), (0, 0, 0));
+
+    // A body changed after signing.
+    let headers = shopify_headers(SHOP_SECRET, "checkouts/create", "d-3", &body);
+    let mut tampered = body.clone();
+    tampered.extend_from_slice(b" ");
+    let (status, _) = post(&daemon, "shop", headers, tampered).await;
+    assert_eq!(status, 401);
+
+    // A Stripe delivery signed ten minutes ago (replay window is five).
+    let event = serde_json::to_vec(&fixture("stripe/event-checkout-session-expired.json")).unwrap();
+    let stale = SystemTime::now() - Duration::from_secs(600);
+    let (status, text) = post(&daemon, "pay", stripe_headers(&event, stale), event.clone()).await;
+    assert_eq!(status, 401);
+    assert!(text.contains("replay window"), "{text}");
+    assert_eq!(written(&daemon), (0, 0, 0));
+
+    // Over the 1 MiB default cap.
+    let huge = vec![b' '; 1024 * 1024 + 1];
+    let headers = shopify_headers(SHOP_SECRET, "checkouts/create", "d-4", &huge);
+    let (status, _) = post(&daemon, "shop", headers, huge).await;
+    assert_eq!(status, 413);
+    assert_eq!(written(&daemon), (0, 0, 0));
+
+    // Authentic but malformed: 400, kept as a dead letter, nothing in the inbox.
+    let malformed = br#"{"id": 1, "token": "#.to_vec();
+    let headers = shopify_headers(SHOP_SECRET, "checkouts/create", "d-5", &malformed);
+    let (status, text) = post(&daemon, "shop", headers, malformed.clone()).await;
+    assert_eq!(status, 400, "{text}");
+    assert_eq!(written(&daemon), (0, 0, 1));
+    let kept: Vec<u8> = daemon
+        .db()
+        .query_row("SELECT body FROM webhook_dead_letters", [], |row| {
+            row.get(0)
+        })
+        .unwrap();
+    assert_eq!(kept, malformed);
+    let stored_headers: String = daemon
+        .db()
+        .query_row("SELECT headers FROM webhook_dead_letters", [], |row| {
+            row.get(0)
+        })
+        .unwrap();
+    assert!(!stored_headers.contains("hmac"), "{stored_headers}");
+
+    // Every rejection was logged with its connection; no secret ever was.
+    let logs = daemon.logs();
+    assert!(logs.contains("webhook rejected"), "{logs}");
+    for secret in [SHOP_SECRET, STRIPE_SECRET, "shpss_retired_secret"] {
+        assert!(!logs.contains(secret), "a secret leaked into the logs");
+    }
+}
+
+#[tokio::test]
+async fn a_woocommerce_ping_gets_200_and_nothing_is_stored_while_a_signed_order_is() {
+    let daemon = TestDaemon::start(&woocommerce("woo")).await;
+    let response = daemon
+        .http
+        .post(daemon.url("/webhooks/woo"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("webhook_id=17")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    assert_eq!(written(&daemon), (0, 0, 0));
+
+    let mut order = fixture("woocommerce/order-retrieve.json");
+    order["status"] = json!("pending");
+    let body = serde_json::to_vec(&order).unwrap();
+    let delivery = Delivery {
+        method: "POST",
+        uri: "",
+        body: &body,
+        id: "woo-delivery-1",
+    };
+    let mut headers = signature::sign(
+        &Scheme::WooCommerce,
+        WOO_SECRET.as_bytes(),
+        &delivery,
+        SystemTime::now(),
+    )
+    .unwrap();
+    headers.insert("x-wc-webhook-topic", "order.updated".parse().unwrap());
+    let (status, _) = post(&daemon, "woo", headers, body).await;
+    assert_eq!(status, 200);
+    wait_for_stage(&daemon, "woo", "727", "checkout_started").await;
+}
+
+#[tokio::test]
+async fn a_redelivered_webhook_is_acknowledged_and_processed_once() {
+    let daemon = TestDaemon::start(&shopify("shop", "1h")).await;
+    let body = checkout("tok-dup", "2026-01-01T10:00:00Z", "dup@example.com");
+    for _ in 0..3 {
+        let status = post_shopify(
+            &daemon,
+            "shop",
+            "checkouts/create",
+            "delivery-dup",
+            body.clone(),
+        )
+        .await;
+        assert_eq!(status, 200);
+    }
+    wait_for_stage(&daemon, "shop", "tok-dup", "checkout_started").await;
+    eventually("the inbox row processed", WAIT, || async {
+        (daemon.count("SELECT count(*) FROM webhook_inbox WHERE state = 'processed'") == 1)
+            .then_some(())
+    })
+    .await;
+    assert_eq!(daemon.count("SELECT count(*) FROM webhook_inbox"), 1);
+    assert_eq!(daemon.count("SELECT count(*) FROM deals"), 1);
+    assert_eq!(daemon.count("SELECT count(*) FROM stage_history"), 1);
+}
+
+#[tokio::test]
+async fn an_update_that_arrives_before_its_create_wins_and_an_order_before_its_checkout_keeps_the_cart_purchased()
+ {
+    let daemon = TestDaemon::start(&shopify("shop", "1h")).await;
+    let newer = checkout("tok-ooo", "2026-01-01T11:00:00Z", "newer@example.com");
+    let older = checkout("tok-ooo", "2026-01-01T10:00:00Z", "older@example.com");
+    assert_eq!(
+        post_shopify(&daemon, "shop", "checkouts/update", "u-1", newer).await,
+        200
+    );
+    assert_eq!(
+        post_shopify(&daemon, "shop", "checkouts/create", "c-1", older).await,
+        200
+    );
+    eventually("both deliveries processed", WAIT, || async {
+        (daemon.count("SELECT count(*) FROM webhook_inbox WHERE state = 'processed'") == 2)
+            .then_some(())
+    })
+    .await;
+    let email: String = daemon
+        .db()
+        .query_row(
+            "SELECT contact_email FROM deals WHERE external_id = 'tok-ooo'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(email, "newer@example.com");
+
+    // The order first, then its checkout's create and a later update.
+    assert_eq!(
+        post_shopify(
+            &daemon,
+            "shop",
+            "orders/create",
+            "o-1",
+            order(7001, Some("tok-first"), "o@example.com")
+        )
+        .await,
+        200
+    );
+    wait_for_stage(&daemon, "shop", "tok-first", "purchase_completed").await;
+    for (id, at) in [
+        ("c-2", "2026-01-01T10:00:00Z"),
+        ("u-2", "2026-01-01T13:00:00Z"),
+    ] {
+        let body = checkout("tok-first", at, "o@example.com");
+        assert_eq!(
+            post_shopify(&daemon, "shop", "checkouts/update", id, body).await,
+            200
+        );
+    }
+    eventually("all deliveries processed", WAIT, || async {
+        (daemon.count("SELECT count(*) FROM webhook_inbox WHERE state = 'processed'") == 5)
+            .then_some(())
+    })
+    .await;
+    assert_eq!(
+        stage_of(&daemon, "shop", "tok-first"),
+        Some(("purchase_completed".into(), "won".into()))
+    );
+}
+
+#[tokio::test]
+async fn an_idle_cart_is_abandoned_and_an_order_through_another_connection_marks_it_purchased() {
+    let config = format!("{}{}", shopify("shop-eu", "1s"), shopify("shop-pos", "1h"));
+    let daemon = TestDaemon::start(&config).await;
+    // updated_at in the past: idle for longer than 1 s at once.
+    let body = checkout("tok-cart", "2026-01-01T10:00:00Z", "cart@example.com");
+    assert_eq!(
+        post_shopify(&daemon, "shop-eu", "checkouts/create", "c-1", body).await,
+        200
+    );
+    wait_for_stage(&daemon, "shop-eu", "tok-cart", "cart_abandoned").await;
+    let cause: String = daemon
+        .db()
+        .query_row(
+            "SELECT cause FROM stage_history ORDER BY id DESC LIMIT 1",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(cause, "followup");
+    let recovery: String = daemon
+        .db()
+        .query_row(
+            "SELECT recovery_url FROM deals WHERE external_id = 'tok-cart'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(recovery.ends_with("/recover"), "{recovery}");
+
+    // The order comes through the other connection, naming the checkout token.
+    let paid = order(9001, Some("tok-cart"), "cart@example.com");
+    assert_eq!(
+        post_shopify(&daemon, "shop-pos", "orders/paid", "o-1", paid).await,
+        200
+    );
+    wait_for_stage(&daemon, "shop-eu", "tok-cart", "purchase_completed").await;
+    assert_eq!(
+        daemon.count("SELECT count(*) FROM deals WHERE connection = 'shop-pos'"),
+        0,
+        "the order is not stored a second time"
+    );
+
+    // A Stripe purchase by the same shopper with no shared key: matched by email.
+    let daemon_config = format!("{}{}", shopify("shop", "1h"), stripe("pay"));
+    drop(daemon);
+    let daemon = TestDaemon::start(&daemon_config).await;
+    let mut cart = fixture("shopify/webhook-checkouts-create.json");
+    cart["token"] = json!("tok-mail");
+    cart["email"] = json!("jenny.rosen@example.com");
+    cart["created_at"] = json!(chrono::Utc::now().to_rfc3339());
+    cart["updated_at"] = json!(chrono::Utc::now().to_rfc3339());
+    let body = serde_json::to_vec(&cart).unwrap();
+    assert_eq!(
+        post_shopify(&daemon, "shop", "checkouts/create", "c-9", body).await,
+        200
+    );
+    wait_for_stage(&daemon, "shop", "tok-mail", "checkout_started").await;
+    let mut event = fixture("stripe/event-checkout-session-completed.json");
+    event["created"] = json!(chrono::Utc::now().timestamp());
+    let body = serde_json::to_vec(&event).unwrap();
+    let (status, _) = post(
+        &daemon,
+        "pay",
+        stripe_headers(&body, SystemTime::now()),
+        body,
+    )
+    .await;
+    assert_eq!(status, 200);
+    wait_for_stage(&daemon, "shop", "tok-mail", "purchase_completed").await;
+}
+
+#[tokio::test]
+async fn pending_inbox_rows_left_by_a_stopped_daemon_are_processed_after_a_restart() {
+    let mut daemon = TestDaemon::start(&shopify("shop", "1h")).await;
+    daemon.signal("TERM");
+    daemon.wait_exit(Duration::from_secs(10)).await;
+    {
+        let db = daemon.db();
+        for n in 0..5 {
+            let body = checkout(
+                &format!("tok-r{n}"),
+                "2026-01-01T10:00:00Z",
+                "r@example.com",
+            );
+            db.execute(
+                "INSERT INTO webhook_inbox (connection, delivery_id, topic, received_at, headers, body)
+                 VALUES ('shop', ?1, 'checkouts/create', 0, '[]', ?2)",
+                rusqlite::params![format!("left-{n}"), body],
+            )
+            .unwrap();
+        }
+    }
+    daemon.start_again().await;
+    eventually("the left-over rows processed", WAIT, || async {
+        (daemon.count("SELECT count(*) FROM deals") == 5
+            && daemon.count("SELECT count(*) FROM webhook_inbox WHERE state = 'pending'") == 0)
+            .then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn every_webhook_answered_2xx_survives_a_sigkill_during_a_load() {
+    let mut daemon = TestDaemon::start(&shopify("shop", "1h")).await;
+    let url = daemon.url("/webhooks/shop");
+    let acknowledged = Arc::new(Mutex::new(Vec::<String>::new()));
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let mut senders = Vec::new();
+    for worker in 0..16 {
+        let (url, client, acknowledged) = (url.clone(), client.clone(), acknowledged.clone());
+        senders.push(tokio::spawn(async move {
+            for n in 0..200 {
+                let id = format!("kill-{worker}-{n}");
+                let body = checkout(&id, "2026-01-01T10:00:00Z", "load@example.com");
+                let headers = shopify_headers(SHOP_SECRET, "checkouts/create", &id, &body);
+                let sent = client.post(&url).headers(headers).body(body).send().await;
+                match sent {
+                    Ok(response) if response.status().is_success() => {
+                        acknowledged.lock().unwrap().push(id)
+                    }
+                    // The daemon is gone: this sender is done.
+                    _ => return,
+                }
+            }
+        }));
+    }
+    eventually("some deliveries acknowledged", WAIT, || async {
+        (acknowledged.lock().unwrap().len() >= 300).then_some(())
+    })
+    .await;
+    daemon.kill_and_restart().await;
+    for sender in senders {
+        sender.await.unwrap();
+    }
+    let acknowledged = acknowledged.lock().unwrap().clone();
+    assert!(acknowledged.len() >= 300);
+    let db = daemon.db();
+    let mut missing = Vec::new();
+    for id in &acknowledged {
+        let found: i64 = db
+            .query_row(
+                "SELECT count(*) FROM webhook_inbox WHERE connection = 'shop' AND delivery_id = ?1",
+                [id],
+                |row| row.get(0),
+            )
+            .unwrap();
+        if found != 1 {
+            missing.push(id.clone());
+        }
+    }
+    assert!(missing.is_empty(), "acknowledged but lost: {missing:?}");
+    // And each becomes its deal, once.
+    let expected = acknowledged.len() as i64;
+    eventually(
+        "every acknowledged checkout stored as a deal",
+        WAIT,
+        || async {
+            let deals = daemon.count(
+                "SELECT count(*) FROM deals d JOIN webhook_inbox w
+             ON w.connection = d.connection AND w.delivery_id = d.external_id",
+            );
+            (deals >= expected).then_some(())
+        },
+    )
+    .await;
+}
+
+/// A mock Shopify Admin API serving the abandoned-checkouts fixture over three pages.
+async fn mock_shopify(requests: Arc<Mutex<Vec<String>>>) -> String {
+    use axum::extract::{RawQuery, State};
+    use axum::http::HeaderMap;
+    use axum::response::IntoResponse;
+    async fn checkouts(
+        State((requests, base)): State<(Arc<Mutex<Vec<String>>>, String)>,
+        headers: HeaderMap,
+        RawQuery(query): RawQuery,
+    ) -> axum::response::Response {
+        let query = query.unwrap_or_default();
+        if headers
+            .get("x-shopify-access-token")
+            .and_then(|v| v.to_str().ok())
+            != Some("shpat_token")
+        {
+            return (axum::http::StatusCode::UNAUTHORIZED, "bad token").into_response();
+        }
+        requests.lock().unwrap().push(query.clone());
+        let template = fixture("shopify/abandoned-checkouts-list.json")["checkouts"][0].clone();
+        let page = |tokens: &[&str]| {
+            let checkouts: Vec<Value> = tokens
+                .iter()
+                .map(|token| {
+                    let mut checkout = template.clone();
+                    checkout["token"] = json!(token);
+                    checkout["updated_at"] = json!("2026-01-02T10:00:00Z");
+                    checkout
+                })
+                .collect();
+            json!({ "checkouts": checkouts })
+        };
+        let link = |next: &str| {
+            format!(
+                "<{base}/admin/api/2024-10/checkouts.json?page_info={next}&limit=2>; rel=\"next\""
+            )
+        };
+        let (body, link) = if query.contains("page_info=p2") {
+            (page(&["bf-3", "bf-4"]), Some(link("p3")))
+        } else if query.contains("page_info=p3") {
+            (page(&["bf-5"]), None)
+        } else if query.contains("updated_at_min") {
+            (page(&[]), None)
+        } else {
+            (page(&["bf-1", "bf-2"]), Some(link("p2")))
+        };
+        let mut response = axum::Json(body).into_response();
+        if let Some(link) = link {
+            response.headers_mut().insert("link", link.parse().unwrap());
+        }
+        response
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let app = axum::Router::new()
+        .route(
+            "/admin/api/2024-10/checkouts.json",
+            axum::routing::get(checkouts),
+        )
+        .with_state((requests, base.clone()));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    base
+}
+
+#[tokio::test]
+async fn the_shopify_backfill_follows_link_pagination_then_reads_incrementally() {
+    let requests = Arc::new(Mutex::new(Vec::new()));
+    let base = mock_shopify(requests.clone()).await;
+    let config = format!(
+        r#"
+[connections.shop]
+connector = "shopify"
+base_url = "{base}"
+token = "shpat_token"
+page_size = 2
+poll_interval = "1s"
+webhook_secret = "{SHOP_SECRET}"
+"#
+    );
+    let daemon = TestDaemon::start(&config).await;
+    eventually("five backfilled checkouts", WAIT, || async {
+        (daemon.count("SELECT count(*) FROM deals WHERE connection = 'shop'") == 5).then_some(())
+    })
+    .await;
+    eventually("an incremental read after the full one", WAIT, || async {
+        requests
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|query| query.contains("updated_at_min=2026-01-02T09%3A55"))
+            .then_some(())
+    })
+    .await;
+    let seen = requests.lock().unwrap().clone();
+    assert!(
+        seen[0].contains("limit=2") && !seen[0].contains("page_info"),
+        "{seen:?}"
+    );
+    assert!(
+        seen[1].contains("page_info=p2") && !seen[1].contains("updated_at_min"),
+        "{seen:?}"
+    );
+    assert!(!daemon.logs().contains("shpat_token"));
+}
+
+#[tokio::test]
+async fn the_demo_connectors_idle_carts_are_abandoned_by_the_sweeper() {
+    let config = crate::foundation::demo_connection("demo").replace(
+        "poll_interval = \"1s\"",
+        "poll_interval = \"1s\"\nabandon_after = \"1s\"",
+    );
+    let daemon = TestDaemon::start(&config).await;
+    eventually("a demo cart abandoned", WAIT, || async {
+        (daemon.count(
+            "SELECT count(*) FROM deals d JOIN stage_history h ON h.deal_id = d.id
+             WHERE d.connection = 'demo' AND h.to_stage = 'cart_abandoned' AND h.cause = 'followup'",
+        ) > 0)
+            .then_some(())
+    })
+    .await;
+}
