@@ -19,7 +19,7 @@
 use crate::app::AppState;
 use crate::connectors::{ConnectorError, WebhookAction, WebhookEvent};
 use crate::domain::{ChangeCause, ConnectionName, SourceDeal};
-use crate::store::{CartRules, InboxRow, StoreError};
+use crate::store::{CartRules, InboxRow, Store, StoreError};
 use crate::sync::ConnectionRuntime;
 use chrono::Utc;
 use rand::Rng;
@@ -146,6 +146,16 @@ async fn process(
     let runtime = state.connection(&row.connection).ok_or_else(|| {
         ProcessError::Permanent("the connection is no longer configured".to_owned())
     })?;
+    apply_row(&state.store, &runtime, row, shutdown).await
+}
+
+/// Applies one inbox row's actions through its connection's connector.
+async fn apply_row(
+    store: &Store,
+    runtime: &ConnectionRuntime,
+    row: &InboxRow,
+    shutdown: &CancellationToken,
+) -> Result<(), ProcessError> {
     let event = WebhookEvent {
         connection: ConnectionName::new(row.connection.clone()),
         delivery_id: row.delivery_id.clone(),
@@ -160,15 +170,15 @@ async fn process(
         .map_err(|bad| ProcessError::Permanent(format!("malformed payload: {}", bad.reason)))?;
     for action in actions {
         match action {
-            WebhookAction::Upsert(deal) => apply(state, &runtime, *deal).await?,
+            WebhookAction::Upsert(deal) => apply(store, runtime, *deal).await?,
             WebhookAction::Delete { external_id } => {
-                delete(state, &runtime, &external_id).await?;
+                delete(store, runtime, &external_id).await?;
             }
             WebhookAction::Refetch { external_id } => {
                 let cx = runtime.context(&state.sync_deps(), shutdown);
                 match runtime.connector.fetch_one(&cx, &external_id).await {
-                    Ok(Some(deal)) => apply(state, &runtime, deal).await?,
-                    Ok(None) => delete(state, &runtime, &external_id).await?,
+                    Ok(Some(deal)) => apply(store, runtime, deal).await?,
+                    Ok(None) => delete(store, runtime, &external_id).await?,
                     Err(ConnectorError::BadResponse { reason, .. }) => {
                         return Err(ProcessError::Permanent(format!(
                             "fetching {external_id}: {reason}"
@@ -188,7 +198,7 @@ async fn process(
 
 /// Stores one record: carts and orders through the cart rules, others as they are.
 async fn apply(
-    state: &AppState,
+    store: &Store,
     runtime: &ConnectionRuntime,
     deal: SourceDeal,
 ) -> Result<(), ProcessError> {
@@ -196,24 +206,20 @@ async fn apply(
     let mut upserts = runtime.upserts(vec![deal], ChangeCause::Webhook);
     if is_cart && let Some(upsert) = upserts.pop() {
         let external_id = upsert.source.external_id.clone();
-        let outcome = state
-            .store
-            .apply_cart_event(upsert, CartRules::default())
-            .await?;
+        let outcome = store.apply_cart_event(upsert, CartRules::default()).await?;
         debug!(connection = runtime.name(), external_id = %external_id, ?outcome, "cart event applied");
     } else {
-        state.store.upsert_deals(upserts).await?;
+        store.upsert_deals(upserts).await?;
     }
     Ok(())
 }
 
 async fn delete(
-    state: &AppState,
+    store: &Store,
     runtime: &ConnectionRuntime,
     external_id: &str,
 ) -> Result<(), ProcessError> {
-    let deleted = state
-        .store
+    let deleted = store
         .mark_deal_deleted(runtime.name(), external_id, Utc::now())
         .await?;
     debug!(
@@ -226,6 +232,149 @@ async fn delete(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::connectors::{BadRecord, Connector, Page};
+    use crate::domain::DealStatus;
+    use crate::store::NewWebhook;
+    use async_trait::async_trait;
+    use std::sync::Mutex;
+
+    /// A CRM-like connector whose webhooks carry only ids: `{"refetch": "7"}`,
+    /// `{"delete": "7"}`; `fetch_one` answers from a map and fails while `down`.
+    struct IdOnlyCrm {
+        records: Mutex<Vec<SourceDeal>>,
+        down: Mutex<bool>,
+    }
+
+    #[async_trait]
+    impl Connector for IdOnlyCrm {
+        fn kind(&self) -> &str {
+            "crm-test"
+        }
+        fn default_pipeline(&self) -> Option<&str> {
+            Some("sales")
+        }
+        async fn fetch_page(
+            &self,
+            _cx: &SyncContext,
+            _cursor: Option<&serde_json::Value>,
+        ) -> Result<Page, ConnectorError> {
+            Err(ConnectorError::Other("not used".into()))
+        }
+        fn parse_webhook(&self, event: &WebhookEvent) -> Result<Vec<WebhookAction>, BadRecord> {
+            let body: serde_json::Value = serde_json::from_slice(&event.body).unwrap();
+            Ok(match (body.get("refetch"), body.get("delete")) {
+                (Some(id), _) => vec![WebhookAction::Refetch {
+                    external_id: id.as_str().unwrap().to_owned(),
+                }],
+                (_, Some(id)) => vec![WebhookAction::Delete {
+                    external_id: id.as_str().unwrap().to_owned(),
+                }],
+                _ => Vec::new(),
+            })
+        }
+        async fn fetch_one(
+            &self,
+            _cx: &SyncContext,
+            external_id: &str,
+        ) -> Result<Option<SourceDeal>, ConnectorError> {
+            if *self.down.lock().unwrap() {
+                return Err(ConnectorError::Transient {
+                    vendor: "crm-test".into(),
+                    reason: "503".into(),
+                    retry_after: None,
+                });
+            }
+            Ok(self
+                .records
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|d| d.external_id.as_str() == external_id)
+                .cloned())
+        }
+    }
+
+    async fn row(store: &Store, id: &str, body: serde_json::Value) -> InboxRow {
+        store
+            .enqueue_webhook(NewWebhook {
+                connection: "crm".into(),
+                delivery_id: id.into(),
+                topic: None,
+                headers: Vec::new(),
+                body: serde_json::to_vec(&body).unwrap(),
+                received_at: Utc::now(),
+            })
+            .await
+            .unwrap();
+        store
+            .due_webhooks(Utc::now(), 100)
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|r| r.delivery_id == id)
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn an_id_only_crm_webhook_is_fetched_then_stored_and_a_deletion_marks_the_deal_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db.sqlite")).unwrap();
+        let config = crate::config::parse(
+            std::path::Path::new("t.toml"),
+            "[connections.crm]\nconnector = \"demo\"\n[connections.crm.stage_map.default]\nproposal = \"proposal\"\n",
+            &crate::config::interpolate::ProcessEnv,
+        )
+        .unwrap();
+        let mut deal = SourceDeal::new("7", "Big deal", "default", "proposal");
+        deal.updated_at = Some(Utc::now());
+        let connector = Arc::new(IdOnlyCrm {
+            records: Mutex::new(vec![deal]),
+            down: Mutex::new(true),
+        });
+        let runtime = ConnectionRuntime::new(
+            config.connections[0].clone(),
+            connector.clone(),
+            config.pipelines.clone(),
+        );
+        let shutdown = CancellationToken::new();
+
+        // While the CRM is down, the refetch is a retryable failure and nothing is stored.
+        let refetch = row(&store, "e-1", serde_json::json!({"refetch": "7"})).await;
+        let failed = apply_row(&store, &runtime, &refetch, &shutdown).await;
+        assert!(matches!(failed, Err(ProcessError::Retry(_))), "{failed:?}");
+        assert!(
+            store
+                .deal_by_external_id("crm", "7")
+                .await
+                .unwrap()
+                .is_none()
+        );
+
+        *connector.down.lock().unwrap() = false;
+        apply_row(&store, &runtime, &refetch, &shutdown)
+            .await
+            .unwrap();
+        let stored = store
+            .deal_by_external_id("crm", "7")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(stored.stage.as_str(), "proposal");
+        let history = store.history(stored.id).await.unwrap();
+        assert_eq!(history[0].cause, ChangeCause::Webhook);
+
+        let delete = row(&store, "e-2", serde_json::json!({"delete": "7"})).await;
+        apply_row(&store, &runtime, &delete, &shutdown)
+            .await
+            .unwrap();
+        let deleted = store
+            .deal_by_external_id("crm", "7")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(deleted.status, DealStatus::Deleted);
+        assert!(deleted.deleted_at.is_some());
+    }
 
     #[test]
     fn retry_delays_grow_and_stay_bounded() {
