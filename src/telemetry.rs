@@ -103,6 +103,9 @@ pub struct Metrics {
     pub outbox_emails: Family<EmailLabels, Gauge>,
     /// Vendor API requests, retries, 429s, budget and OAuth token state.
     pub vendor: crate::vendor_http::VendorMetrics,
+    /// Webhook deliveries by connection and outcome (accepted, duplicate, ignored,
+    /// ping, unauthorized, too_large, malformed, failed).
+    pub webhooks: Family<RecordLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -135,6 +138,7 @@ impl Metrics {
             stalled_deals: Family::default(),
             outbox_emails: Family::default(),
             vendor: crate::vendor_http::VendorMetrics::default(),
+            webhooks: Family::default(),
             registry: Mutex::new(Registry::default()),
         };
         registry.register(
@@ -193,6 +197,11 @@ impl Metrics {
             metrics.outbox_emails.clone(),
         );
         metrics.vendor.register(&mut registry);
+        registry.register(
+            "webhooks",
+            "Webhook deliveries by connection and outcome",
+            metrics.webhooks.clone(),
+        );
         *metrics.registry.lock().expect("fresh mutex") = registry;
         metrics
     }

@@ -19,6 +19,7 @@ use crate::app::AppState;
 use crate::connectors::WebhookEvent;
 use crate::domain::ConnectionName;
 use crate::store::{Enqueued, NewWebhook};
+use crate::telemetry::RecordLabels;
 use crate::webhooks::signature::{self, Scheme, SignatureError};
 use axum::Json;
 use axum::body::Body;
@@ -138,6 +139,7 @@ pub async fn receive(
     let body = match read_capped(body, &parts.headers, limit).await {
         Ok(body) => body,
         Err(status) if status == StatusCode::PAYLOAD_TOO_LARGE => {
+            count(&state, &connection, "too_large");
             return reject(
                 &connection,
                 status,
@@ -149,6 +151,7 @@ pub async fn receive(
 
     if scheme == Scheme::WooCommerce && signature::is_woocommerce_ping(&parts.headers, &body) {
         debug!(connection, "WooCommerce webhook ping acknowledged");
+        count(&state, &connection, "ping");
         return accepted("ping");
     }
 
@@ -186,7 +189,10 @@ pub async fn receive(
             )
                 .into_response();
         }
-        Err(error) => return reject(&connection, StatusCode::UNAUTHORIZED, &error.to_string()),
+        Err(error) => {
+            count(&state, &connection, "unauthorized");
+            return reject(&connection, StatusCode::UNAUTHORIZED, &error.to_string());
+        }
     };
 
     let headers: Vec<(String, String)> = parts
@@ -216,6 +222,7 @@ pub async fn receive(
 
     match runtime.connector.parse_webhook(&event) {
         Err(bad) => {
+            count(&state, &connection, "malformed");
             if let Err(error) = state
                 .store
                 .dead_letter(
@@ -237,6 +244,7 @@ pub async fn receive(
         }
         Ok(actions) if actions.is_empty() => {
             debug!(connection, topic = ?event.topic, "webhook has nothing for dealsync; acknowledged");
+            count(&state, &connection, "ignored");
             accepted("ignored")
         }
         Ok(_) => {
@@ -252,12 +260,19 @@ pub async fn receive(
                 })
                 .await;
             match stored {
-                Ok(Enqueued::Stored) => accepted("accepted"),
+                Ok(Enqueued::Stored) => {
+                    count(&state, &connection, "accepted");
+                    accepted("accepted")
+                }
                 Ok(Enqueued::Duplicate) => {
+                    count(&state, &connection, "duplicate");
                     debug!(connection, "duplicate webhook delivery acknowledged");
                     accepted("duplicate")
                 }
-                Err(error) => ApiError::from(error).into_response(),
+                Err(error) => {
+                    count(&state, &connection, "failed");
+                    ApiError::from(error).into_response()
+                }
             }
         }
     }

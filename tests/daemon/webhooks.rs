@@ -300,6 +300,11 @@ async fn a_redelivered_webhook_is_acknowledged_and_processed_once() {
     assert_eq!(daemon.count("SELECT count(*) FROM webhook_inbox"), 1);
     assert_eq!(daemon.count("SELECT count(*) FROM deals"), 1);
     assert_eq!(daemon.count("SELECT count(*) FROM stage_history"), 1);
+    let (_, metrics) = daemon.get("/metrics").await;
+    assert!(
+        metrics.contains(r#"dealsync_webhooks_total{connection="shop",outcome="duplicate"} 2"#),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
