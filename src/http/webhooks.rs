@@ -64,6 +64,18 @@ fn accepted(status: &str) -> Response {
     (StatusCode::OK, Json(json!({ "status": status }))).into_response()
 }
 
+/// Counts a delivery of a configured connection by outcome.
+fn count(state: &AppState, connection: &str, outcome: &str) {
+    state
+        .metrics
+        .webhooks
+        .get_or_create(&RecordLabels {
+            connection: connection.to_owned(),
+            outcome: outcome.to_owned(),
+        })
+        .inc();
+}
+
 /// The URL the vendor signed (HubSpot v3): `server.public_url` plus path and query, or,
 /// without a public URL, the Host header the request came with.
 fn signed_uri(state: &AppState, request_uri: &axum::http::Uri, headers: &HeaderMap) -> String {
