@@ -17,7 +17,7 @@
 //! - Pending rows left by a previous run are picked up at start.
 
 use crate::app::AppState;
-use crate::connectors::{ConnectorError, WebhookAction, WebhookEvent};
+use crate::connectors::{ConnectorError, SyncContext, WebhookAction, WebhookEvent};
 use crate::domain::{ChangeCause, ConnectionName, SourceDeal};
 use crate::store::{CartRules, InboxRow, Store, StoreError};
 use crate::sync::ConnectionRuntime;
@@ -146,7 +146,8 @@ async fn process(
     let runtime = state.connection(&row.connection).ok_or_else(|| {
         ProcessError::Permanent("the connection is no longer configured".to_owned())
     })?;
-    apply_row(&state.store, &runtime, row, shutdown).await
+    let cx = runtime.context(&state.sync_deps(), shutdown);
+    apply_row(&state.store, &runtime, row, &cx).await
 }
 
 /// Applies one inbox row's actions through its connection's connector.
@@ -154,7 +155,7 @@ async fn apply_row(
     store: &Store,
     runtime: &ConnectionRuntime,
     row: &InboxRow,
-    shutdown: &CancellationToken,
+    cx: &SyncContext,
 ) -> Result<(), ProcessError> {
     let event = WebhookEvent {
         connection: ConnectionName::new(row.connection.clone()),
@@ -175,8 +176,7 @@ async fn apply_row(
                 delete(store, runtime, &external_id).await?;
             }
             WebhookAction::Refetch { external_id } => {
-                let cx = runtime.context(&state.sync_deps(), shutdown);
-                match runtime.connector.fetch_one(&cx, &external_id).await {
+                match runtime.connector.fetch_one(cx, &external_id).await {
                     Ok(Some(deal)) => apply(store, runtime, deal).await?,
                     Ok(None) => delete(store, runtime, &external_id).await?,
                     Err(ConnectorError::BadResponse { reason, .. }) => {
@@ -336,11 +336,11 @@ mod tests {
             connector.clone(),
             config.pipelines.clone(),
         );
-        let shutdown = CancellationToken::new();
+        let cx = SyncContext::new(ConnectionName::new("crm"), CancellationToken::new());
 
         // While the CRM is down, the refetch is a retryable failure and nothing is stored.
         let refetch = row(&store, "e-1", serde_json::json!({"refetch": "7"})).await;
-        let failed = apply_row(&store, &runtime, &refetch, &shutdown).await;
+        let failed = apply_row(&store, &runtime, &refetch, &cx).await;
         assert!(matches!(failed, Err(ProcessError::Retry(_))), "{failed:?}");
         assert!(
             store
@@ -351,9 +351,7 @@ mod tests {
         );
 
         *connector.down.lock().unwrap() = false;
-        apply_row(&store, &runtime, &refetch, &shutdown)
-            .await
-            .unwrap();
+        apply_row(&store, &runtime, &refetch, &cx).await.unwrap();
         let stored = store
             .deal_by_external_id("crm", "7")
             .await
@@ -364,9 +362,7 @@ mod tests {
         assert_eq!(history[0].cause, ChangeCause::Webhook);
 
         let delete = row(&store, "e-2", serde_json::json!({"delete": "7"})).await;
-        apply_row(&store, &runtime, &delete, &shutdown)
-            .await
-            .unwrap();
+        apply_row(&store, &runtime, &delete, &cx).await.unwrap();
         let deleted = store
             .deal_by_external_id("crm", "7")
             .await
