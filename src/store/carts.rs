@@ -150,7 +150,11 @@ fn email_match(
         .optional()?)
 }
 
-fn apply(tx: &Transaction<'_>, upsert: &DealUpsert, rules: CartRules) -> Result<CartOutcome> {
+pub(super) fn apply(
+    tx: &Transaction<'_>,
+    upsert: &DealUpsert,
+    rules: CartRules,
+) -> Result<CartOutcome> {
     let source = &upsert.source;
     let pipeline = upsert.target.pipeline.as_ref().map(|p| p.as_str());
     let own = own_deal(tx, upsert)?;
@@ -199,6 +203,21 @@ fn apply(tx: &Transaction<'_>, upsert: &DealUpsert, rules: CartRules) -> Result<
         }
     }
     Ok(CartOutcome::Matched(matched))
+}
+
+/// Marks a deal deleted; false when unknown or already deleted.
+pub(super) fn mark_deleted(
+    tx: &Transaction<'_>,
+    connection: &str,
+    external_id: &str,
+    at: DateTime<Utc>,
+) -> Result<bool> {
+    let changed = tx.execute(
+        "UPDATE deals SET deleted_at = ?3, status = 'deleted', synced_at = ?3
+         WHERE connection = ?1 AND external_id = ?2 AND deleted_at IS NULL",
+        params![connection, external_id, to_ms(at)],
+    )?;
+    Ok(changed > 0)
 }
 
 fn ids(tx: &Transaction<'_>, sql: &str, values: Vec<rusqlite::types::Value>) -> Result<Vec<i64>> {
@@ -308,15 +327,8 @@ impl Store {
         at: DateTime<Utc>,
     ) -> Result<bool> {
         let (connection, external_id) = (connection.to_owned(), external_id.to_owned());
-        self.write(move |tx| {
-            let changed = tx.execute(
-                "UPDATE deals SET deleted_at = ?3, status = 'deleted', synced_at = ?3
-                 WHERE connection = ?1 AND external_id = ?2 AND deleted_at IS NULL",
-                params![connection, external_id, to_ms(at)],
-            )?;
-            Ok(changed > 0)
-        })
-        .await
+        self.write(move |tx| mark_deleted(tx, &connection, &external_id, at))
+            .await
     }
 }
 

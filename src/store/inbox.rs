@@ -76,6 +76,20 @@ pub struct InboxCounts {
     pub failed: u64,
 }
 
+/// One change a webhook row asks for, ready to write.
+#[derive(Debug, Clone)]
+pub enum InboxOp {
+    /// A cart or an order: applied through the cart rules.
+    Cart(super::DealUpsert),
+    /// Any other record.
+    Upsert(super::DealUpsert),
+    /// The record was deleted in its source.
+    Delete {
+        connection: String,
+        external_id: String,
+    },
+}
+
 struct Pending {
     event: NewWebhook,
     reply: oneshot::Sender<Result<Enqueued>>,
@@ -207,6 +221,43 @@ impl Store {
     /// Notified after every committed inbox batch.
     pub fn inbox_committed(&self) -> Arc<Notify> {
         self.inbox_writer().committed.clone()
+    }
+
+    /// Applies the changes of several inbox rows and marks them processed, all in one
+    /// transaction (one commit for a whole worker pass instead of two per row).
+    pub async fn apply_webhook_batch(
+        &self,
+        items: Vec<(i64, Vec<InboxOp>)>,
+        rules: super::CartRules,
+        now: DateTime<Utc>,
+    ) -> Result<()> {
+        self.write(move |tx| {
+            for (id, ops) in &items {
+                for op in ops {
+                    match op {
+                        InboxOp::Cart(upsert) => {
+                            super::carts::apply(tx, upsert, rules)?;
+                        }
+                        InboxOp::Upsert(upsert) => {
+                            super::deals::upsert_all(tx, vec![upsert.clone()])?;
+                        }
+                        InboxOp::Delete {
+                            connection,
+                            external_id,
+                        } => {
+                            super::carts::mark_deleted(tx, connection, external_id, now)?;
+                        }
+                    }
+                }
+                tx.execute(
+                    "UPDATE webhook_inbox SET state = 'processed', processed_at = ?2,
+                        next_attempt_at = NULL WHERE id = ?1",
+                    params![id, to_ms(now)],
+                )?;
+            }
+            Ok(())
+        })
+        .await
     }
 
     /// Keeps a delivery whose signature was valid but whose body could not be parsed.

@@ -23,7 +23,7 @@ mod tokens;
 
 pub use carts::{CartOutcome, CartRules};
 pub use deals::{DealFilter, DealUpsert, StageCount, UnmappedStage, UpsertOutcome};
-pub use inbox::{Enqueued, InboxCounts, InboxRow, NewWebhook};
+pub use inbox::{Enqueued, InboxCounts, InboxOp, InboxRow, NewWebhook};
 pub use migrations::SCHEMA_VERSION;
 pub use outbox::{
     Claim, ClaimDecision, ClaimFacts, ClaimQuery, EarlierEnrollment, EnrollOutcome, EnrollPlan,

@@ -19,7 +19,9 @@
 use crate::app::AppState;
 use crate::connectors::{ConnectorError, SyncContext, WebhookAction, WebhookEvent};
 use crate::domain::{ChangeCause, ConnectionName, SourceDeal};
-use crate::store::{CartRules, InboxRow, Store, StoreError};
+#[cfg(test)]
+use crate::store::Store;
+use crate::store::{CartRules, InboxOp, InboxRow, StoreError};
 use crate::sync::ConnectionRuntime;
 use chrono::Utc;
 use rand::Rng;
@@ -97,9 +99,14 @@ pub async fn run(state: Arc<AppState>, shutdown: CancellationToken) {
 }
 
 /// Processes one pass of due rows; returns how many were handled.
+///
+/// Rows are planned one by one in order (parsing, and fetching where a payload carries
+/// only an id); the planned changes of the whole pass then commit in one transaction.
+/// Should that fail, rows are committed one by one, so one bad row cannot block others.
 async fn process_due(state: &AppState, shutdown: &CancellationToken) -> Result<usize, StoreError> {
     let rows = state.store.due_webhooks(Utc::now(), BATCH).await?;
     let mut held: HashSet<String> = HashSet::new();
+    let mut planned: Vec<(InboxRow, Vec<InboxOp>)> = Vec::new();
     let mut handled = 0;
     for row in rows {
         if shutdown.is_cancelled() {
@@ -110,53 +117,118 @@ async fn process_due(state: &AppState, shutdown: &CancellationToken) -> Result<u
             continue;
         }
         handled += 1;
-        match process(state, &row, shutdown).await {
-            Ok(()) => state.store.webhook_processed(row.id, Utc::now()).await?,
-            Err(ProcessError::Permanent(reason)) => {
-                error!(connection = %row.connection, delivery_id = %row.delivery_id, reason, "webhook could not be applied; kept as failed");
-                state
-                    .store
-                    .webhook_failed(row.id, &reason, Utc::now())
-                    .await?;
+        match plan(state, &row, shutdown).await {
+            Ok(ops) => planned.push((row, ops)),
+            Err(error) => {
+                if give_up_or_retry(state, &row, error).await? {
+                    held.insert(row.connection.clone());
+                }
             }
-            Err(ProcessError::Retry(reason)) if row.attempts + 1 >= MAX_ATTEMPTS => {
-                error!(connection = %row.connection, delivery_id = %row.delivery_id, attempts = row.attempts + 1, reason, "webhook failed too often; kept as failed");
-                state
-                    .store
-                    .webhook_failed(row.id, &reason, Utc::now())
-                    .await?;
+        }
+    }
+    if planned.is_empty() {
+        return Ok(handled);
+    }
+    let batch: Vec<(i64, Vec<InboxOp>)> = planned
+        .iter()
+        .map(|(row, ops)| (row.id, ops.clone()))
+        .collect();
+    let rules = CartRules::default();
+    if let Err(error) = state
+        .store
+        .apply_webhook_batch(batch, rules, Utc::now())
+        .await
+    {
+        warn!(%error, rows = planned.len(), "committing a webhook batch failed; applying its rows one by one");
+        let mut failed: HashSet<String> = HashSet::new();
+        for (row, ops) in planned {
+            if failed.contains(&row.connection) {
+                continue;
             }
-            Err(ProcessError::Retry(reason)) => {
-                let delay = retry_delay(row.attempts);
-                warn!(connection = %row.connection, delivery_id = %row.delivery_id, attempt = row.attempts + 1, retry_in_ms = delay.as_millis() as u64, reason, "webhook processing failed; will retry");
-                let next = Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default();
-                state.store.webhook_retry(row.id, &reason, next).await?;
-                held.insert(row.connection.clone());
+            let single = vec![(row.id, ops)];
+            if let Err(error) = state
+                .store
+                .apply_webhook_batch(single, rules, Utc::now())
+                .await
+                && give_up_or_retry(state, &row, ProcessError::from(error)).await?
+            {
+                failed.insert(row.connection.clone());
             }
         }
     }
     Ok(handled)
 }
 
-async fn process(
+/// Records a failed row: kept as failed when it never can work or has been tried
+/// [`MAX_ATTEMPTS`] times, else scheduled again. Returns true when the row will be
+/// retried, so later rows of its connection must wait.
+async fn give_up_or_retry(
+    state: &AppState,
+    row: &InboxRow,
+    error: ProcessError,
+) -> Result<bool, StoreError> {
+    match error {
+        ProcessError::Permanent(reason) => {
+            error!(connection = %row.connection, delivery_id = %row.delivery_id, reason, "webhook could not be applied; kept as failed");
+            state
+                .store
+                .webhook_failed(row.id, &reason, Utc::now())
+                .await?;
+            Ok(false)
+        }
+        ProcessError::Retry(reason) if row.attempts + 1 >= MAX_ATTEMPTS => {
+            error!(connection = %row.connection, delivery_id = %row.delivery_id, attempts = row.attempts + 1, reason, "webhook failed too often; kept as failed");
+            state
+                .store
+                .webhook_failed(row.id, &reason, Utc::now())
+                .await?;
+            Ok(false)
+        }
+        ProcessError::Retry(reason) => {
+            let delay = retry_delay(row.attempts);
+            warn!(connection = %row.connection, delivery_id = %row.delivery_id, attempt = row.attempts + 1, retry_in_ms = delay.as_millis() as u64, reason, "webhook processing failed; will retry");
+            let next = Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default();
+            state.store.webhook_retry(row.id, &reason, next).await?;
+            Ok(true)
+        }
+    }
+}
+
+async fn plan(
     state: &AppState,
     row: &InboxRow,
     shutdown: &CancellationToken,
-) -> Result<(), ProcessError> {
+) -> Result<Vec<InboxOp>, ProcessError> {
     let runtime = state.connection(&row.connection).ok_or_else(|| {
         ProcessError::Permanent("the connection is no longer configured".to_owned())
     })?;
     let cx = runtime.context(&state.sync_deps(), shutdown);
-    apply_row(&state.store, &runtime, row, &cx).await
+    plan_row(&runtime, row, &cx).await
 }
 
-/// Applies one inbox row's actions through its connection's connector.
+/// Applies one inbox row on its own (parse, fetch, write, mark processed).
+#[cfg(test)]
 async fn apply_row(
     store: &Store,
     runtime: &ConnectionRuntime,
     row: &InboxRow,
     cx: &SyncContext,
 ) -> Result<(), ProcessError> {
+    let ops = plan_row(runtime, row, cx).await?;
+    store
+        .apply_webhook_batch(vec![(row.id, ops)], CartRules::default(), Utc::now())
+        .await?;
+    Ok(())
+}
+
+/// Turns one inbox row into the changes to write, through its connection's connector:
+/// carts and orders go through the cart rules, other records are upserted, deletions
+/// mark the deal deleted, id-only payloads are fetched first. Writes nothing.
+async fn plan_row(
+    runtime: &ConnectionRuntime,
+    row: &InboxRow,
+    cx: &SyncContext,
+) -> Result<Vec<InboxOp>, ProcessError> {
     let event = WebhookEvent {
         connection: ConnectionName::new(row.connection.clone()),
         delivery_id: row.delivery_id.clone(),
@@ -169,16 +241,15 @@ async fn apply_row(
         .connector
         .parse_webhook(&event)
         .map_err(|bad| ProcessError::Permanent(format!("malformed payload: {}", bad.reason)))?;
+    let mut ops = Vec::new();
     for action in actions {
         match action {
-            WebhookAction::Upsert(deal) => apply(store, runtime, *deal).await?,
-            WebhookAction::Delete { external_id } => {
-                delete(store, runtime, &external_id).await?;
-            }
+            WebhookAction::Upsert(deal) => ops.push(record(runtime, *deal)),
+            WebhookAction::Delete { external_id } => ops.push(deletion(runtime, external_id)),
             WebhookAction::Refetch { external_id } => {
                 match runtime.connector.fetch_one(cx, &external_id).await {
-                    Ok(Some(deal)) => apply(store, runtime, deal).await?,
-                    Ok(None) => delete(store, runtime, &external_id).await?,
+                    Ok(Some(deal)) => ops.push(record(runtime, deal)),
+                    Ok(None) => ops.push(deletion(runtime, external_id)),
                     Err(ConnectorError::BadResponse { reason, .. }) => {
                         return Err(ProcessError::Permanent(format!(
                             "fetching {external_id}: {reason}"
@@ -193,40 +264,29 @@ async fn apply_row(
             }
         }
     }
-    Ok(())
+    debug!(connection = runtime.name(), delivery_id = %row.delivery_id, ops = ops.len(), "webhook planned");
+    Ok(ops)
 }
 
-/// Stores one record: carts and orders through the cart rules, others as they are.
-async fn apply(
-    store: &Store,
-    runtime: &ConnectionRuntime,
-    deal: SourceDeal,
-) -> Result<(), ProcessError> {
+/// A record to write: carts (records with cart keys) through the cart rules.
+fn record(runtime: &ConnectionRuntime, deal: SourceDeal) -> InboxOp {
     let is_cart = !deal.cart_keys.is_empty();
-    let mut upserts = runtime.upserts(vec![deal], ChangeCause::Webhook);
-    if is_cart && let Some(upsert) = upserts.pop() {
-        let external_id = upsert.source.external_id.clone();
-        let outcome = store.apply_cart_event(upsert, CartRules::default()).await?;
-        debug!(connection = runtime.name(), external_id = %external_id, ?outcome, "cart event applied");
+    let upsert = runtime
+        .upserts(vec![deal], ChangeCause::Webhook)
+        .pop()
+        .expect("one record in, one upsert out");
+    if is_cart {
+        InboxOp::Cart(upsert)
     } else {
-        store.upsert_deals(upserts).await?;
+        InboxOp::Upsert(upsert)
     }
-    Ok(())
 }
 
-async fn delete(
-    store: &Store,
-    runtime: &ConnectionRuntime,
-    external_id: &str,
-) -> Result<(), ProcessError> {
-    let deleted = store
-        .mark_deal_deleted(runtime.name(), external_id, Utc::now())
-        .await?;
-    debug!(
-        connection = runtime.name(),
-        external_id, deleted, "deletion applied"
-    );
-    Ok(())
+fn deletion(runtime: &ConnectionRuntime, external_id: String) -> InboxOp {
+    InboxOp::Delete {
+        connection: runtime.name().to_owned(),
+        external_id,
+    }
 }
 
 #[cfg(test)]
