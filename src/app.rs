@@ -332,6 +332,7 @@ fn start_connections(state: &Arc<AppState>, tasks: &TaskTracker, token: &Cancell
     tasks.spawn(crate::followup::worker::run(
         state.store.clone(),
         state.config(),
+        state.metrics.clone(),
         token.child_token(),
     ));
 }

@@ -79,6 +79,13 @@ pub struct EmailLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FollowupLabels {
+    pub rule: String,
+    /// sent, retried, failed, skipped, deferred, expired, dry_run
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BuildLabels {
     pub version: String,
 }
@@ -106,6 +113,7 @@ pub struct Metrics {
     /// Webhook deliveries by connection and outcome (accepted, duplicate, ignored,
     /// ping, unauthorized, too_large, malformed, failed).
     pub webhooks: Family<RecordLabels, Counter>,
+    pub followups: Family<FollowupLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -139,6 +147,7 @@ impl Metrics {
             outbox_emails: Family::default(),
             vendor: crate::vendor_http::VendorMetrics::default(),
             webhooks: Family::default(),
+            followups: Family::default(),
             registry: Mutex::new(Registry::default()),
         };
         registry.register(
@@ -201,6 +210,11 @@ impl Metrics {
             "webhooks",
             "Webhook deliveries by connection and outcome",
             metrics.webhooks.clone(),
+        );
+        registry.register(
+            "followups",
+            "Follow-up outbox rows handled, by rule and outcome",
+            metrics.followups.clone(),
         );
         *metrics.registry.lock().expect("fresh mutex") = registry;
         metrics

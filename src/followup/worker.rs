@@ -23,6 +23,7 @@ use crate::store::{
     ClaimDecision, ClaimQuery, EarlierEnrollment, EnrollPlan, NewOutboxRow, OutboxAction,
     OutboxRow, OutboxState, Store, StoreError,
 };
+use crate::telemetry::{FollowupLabels, Metrics};
 use chrono::{DateTime, Utc};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -44,6 +45,7 @@ pub struct Worker {
     rules: HashMap<String, Arc<Rule>>,
     templates: Templates,
     mailer: Mailer,
+    metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for Worker {
@@ -55,12 +57,17 @@ impl std::fmt::Debug for Worker {
 }
 
 /// Runs the worker until `shutdown`; logs and returns if it cannot start.
-pub async fn run(store: Store, config: Arc<Config>, shutdown: CancellationToken) {
+pub async fn run(
+    store: Store,
+    config: Arc<Config>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
     if config.followups.is_empty() {
         debug!("no follow-up rules configured; the follow-up worker is idle");
         return;
     }
-    let worker = match Worker::new(store, config) {
+    let worker = match Worker::new(store, config, metrics) {
         Ok(worker) => Arc::new(worker),
         Err(error) => {
             error!(%error, "the follow-up worker cannot start");
@@ -73,7 +80,11 @@ pub async fn run(store: Store, config: Arc<Config>, shutdown: CancellationToken)
 }
 
 impl Worker {
-    pub fn new(store: Store, config: Arc<Config>) -> Result<Worker, FollowupError> {
+    pub fn new(
+        store: Store,
+        config: Arc<Config>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Worker, FollowupError> {
         let templates = Templates::for_rules(&config.email.templates, &config.followups)?;
         let mailer = Mailer::new(&config.email)?;
         let rules = config
@@ -87,6 +98,7 @@ impl Worker {
             rules,
             templates,
             mailer,
+            metrics,
         })
     }
 
@@ -212,6 +224,16 @@ impl Worker {
         Ok(())
     }
 
+    fn count(&self, rule: &str, outcome: &str) {
+        self.metrics
+            .followups
+            .get_or_create(&FollowupLabels {
+                rule: rule.to_owned(),
+                outcome: outcome.to_owned(),
+            })
+            .inc();
+    }
+
     /// Claims one due row and carries it out.
     async fn process(&self, id: i64, rule_name: &str) -> Result<(), StoreError> {
         let now = Utc::now();
@@ -255,14 +277,17 @@ impl Worker {
         match (&claim.decision, claim.sending) {
             (ClaimDecision::Send, Some((row, deal))) => self.deliver(&rule, row, deal).await,
             (ClaimDecision::Skip(reason) | ClaimDecision::Stop(reason), _) => {
+                self.count(&rule.name, "skipped");
                 info!(rule = %rule.name, outbox_id = id, reason = %reason, "follow-up skipped");
                 Ok(())
             }
             (ClaimDecision::Defer { until, reason }, _) => {
+                self.count(&rule.name, "deferred");
                 debug!(rule = %rule.name, outbox_id = id, %until, reason = %reason, "follow-up deferred");
                 Ok(())
             }
             (ClaimDecision::Expire(to), _) => {
+                self.count(&rule.name, "expired");
                 info!(rule = %rule.name, outbox_id = id, to = %policy::describe(to), "deal expired after its follow-ups");
                 Ok(())
             }
@@ -279,6 +304,7 @@ impl Worker {
             Err(error) => {
                 let reason = format!("could not compose the email: {error}");
                 error!(rule = %rule.name, deal_id = deal.id, %reason, "follow-up failed");
+                self.count(&rule.name, "failed");
                 return self
                     .store
                     .mark_failed(row.id, reason, None, Utc::now())
@@ -289,6 +315,7 @@ impl Worker {
         let message = match self.mailer.build(&outgoing) {
             Ok(message) => message,
             Err(error) => {
+                self.count(&rule.name, "failed");
                 return self
                     .store
                     .mark_failed(row.id, error.to_string(), None, Utc::now())
@@ -297,6 +324,7 @@ impl Worker {
         };
         if self.config.email.dry_run {
             info!(rule = %rule.name, deal_id = deal.id, step = step + 1, subject = %outgoing.subject, "dry run: follow-up rendered, not sent");
+            self.count(&rule.name, "dry_run");
             return self
                 .store
                 .mark_dry_run(row.id, message_id, Utc::now())
@@ -309,6 +337,7 @@ impl Worker {
                     .mark_sent(row.id, message_id, Utc::now(), move_to, rule.active.clone())
                     .await?;
                 info!(rule = %rule.name, deal_id = deal.id, step = step + 1, "follow-up sent");
+                self.count(&rule.name, "sent");
                 Ok(())
             }
             Err(MailError::Transient(reason))
@@ -319,6 +348,7 @@ impl Worker {
                     policy::backoff(row.attempts as u32, email.retry_initial, email.retry_max);
                 let at = Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default();
                 warn!(rule = %rule.name, deal_id = deal.id, attempt = row.attempts, retry_in_ms = delay.as_millis() as u64, %reason, "follow-up delivery failed, retrying");
+                self.count(&rule.name, "retried");
                 self.store
                     .mark_retry(row.id, at, format!("retrying: {reason}"), Utc::now())
                     .await
@@ -328,6 +358,7 @@ impl Worker {
                 hard_bounce,
             }) => {
                 warn!(rule = %rule.name, deal_id = deal.id, hard_bounce, %reason, "follow-up refused by the server");
+                self.count(&rule.name, "failed");
                 let suppress = hard_bounce.then(|| row.recipient.clone());
                 self.store
                     .mark_failed(row.id, reason, suppress, Utc::now())

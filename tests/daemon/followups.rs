@@ -261,6 +261,11 @@ async fn a_cart_sequence_arrives_over_smtp_with_both_parts_and_every_header_then
             .iter()
             .all(|h| h.cause == ChangeCause::Followup)
     );
+    let (_, metrics) = daemon.get("/metrics").await;
+    assert!(
+        metrics.contains("dealsync_followups_total{rule=\"carts\",outcome=\"sent\"} 3"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
@@ -868,4 +873,83 @@ template = "broken"
     assert_eq!(code, 78, "{stderr}");
     assert!(stderr.contains("broken.subject"), "{stderr}");
     assert!(stderr.contains("followups.c"), "{stderr}");
+}
+
+#[tokio::test]
+async fn dry_run_renders_and_records_without_sending_and_preview_prints_the_exact_email() {
+    let smtp = SmtpServer::start().await;
+    let daemon = TestDaemon::start(&config(
+        &smtp,
+        "dry_run = true",
+        &cart_rule("100ms", "200ms", "300ms"),
+    ))
+    .await;
+    let store = store(&daemon);
+    let cart = put_cart(
+        &store,
+        "shop",
+        "dry",
+        "radia@example.com",
+        Some(true),
+        "cart_abandoned",
+        Utc::now(),
+    )
+    .await;
+    let rows = settled(&daemon, cart).await;
+    assert!(smtp.messages().is_empty(), "a dry run sends nothing");
+    for (_, state, reason) in &rows[..3] {
+        assert_eq!(state, "skipped");
+        assert!(
+            reason.as_deref().unwrap().starts_with("dry run"),
+            "{rows:?}"
+        );
+    }
+    let recorded = daemon.count("SELECT count(*) FROM outbox WHERE message_id IS NOT NULL");
+    assert_eq!(recorded, 3, "each rendered email keeps its Message-ID");
+
+    let config = daemon.config_path.to_str().unwrap().to_owned();
+    let deal = cart.to_string();
+    let (code, stdout, stderr) = run_cli(
+        &[
+            "--config", &config, "outbox", "preview", "carts", &deal, "--step", "3",
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(code, 0, "{stderr}");
+    for needle in [
+        "To: \"Ada Lovelace\" <radia@example.com>",
+        "Subject: SAVE10: a discount for the cart you left",
+        &format!("X-Dealsync-Idempotency-Key: {cart}-carts-2"),
+        &format!("Message-ID: <{cart}-carts-2.dealsync@example.com>"),
+        "List-Unsubscribe-Post: List-Unsubscribe=One-Click",
+        "Content-Type: text/plain",
+        "Content-Type: text/html",
+    ] {
+        assert!(stdout.contains(needle), "{needle} missing in\n{stdout}");
+    }
+    let (code, stdout, stderr) = run_cli(
+        &[
+            "--config", &config, "outbox", "list", "--deal", &deal, "--format", "json",
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(code, 0, "{stderr}");
+    let listed: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 4, "{stdout}");
+    let (code, _, stderr) = run_cli(
+        &[
+            "--config",
+            &config,
+            "outbox",
+            "preview",
+            "nosuchrule",
+            &deal,
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("known: carts"), "{stderr}");
 }
