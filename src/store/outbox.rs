@@ -671,7 +671,10 @@ impl Store {
     pub async fn outbox_due(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<(i64, String)>> {
         self.read(move |db| {
             let mut statement = db.prepare_cached(
-                "SELECT id, rule FROM outbox WHERE state = 'pending' AND next_attempt_at <= ?1
+                // INDEXED BY: without statistics the planner would pick the (state, …)
+                // index and sort every pending row; the partial index is already in order.
+                "SELECT id, rule FROM outbox INDEXED BY outbox_pending
+                 WHERE state = 'pending' AND next_attempt_at <= ?1
                  ORDER BY next_attempt_at LIMIT ?2",
             )?;
             let rows =
@@ -685,7 +688,8 @@ impl Store {
     pub async fn outbox_next_due(&self) -> Result<Option<DateTime<Utc>>> {
         self.read(|db| {
             let next: Option<i64> = db.query_row(
-                "SELECT min(next_attempt_at) FROM outbox WHERE state = 'pending'",
+                "SELECT min(next_attempt_at) FROM outbox INDEXED BY outbox_pending
+                 WHERE state = 'pending'",
                 [],
                 |r| r.get(0),
             )?;
