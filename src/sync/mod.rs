@@ -348,14 +348,19 @@ async fn run_pages(
             .await
             .map_err(|e| fail(&summary, e.into()))?
     };
+    // The page read while the previous one committed.
+    let mut prefetched = None;
     loop {
         if shutdown.is_cancelled() {
             info!(connection = %name, "sync stopped at a page boundary for shutdown");
             break;
         }
-        let page = match runtime.connector.fetch_page(&cx, cursor.as_ref()).await {
-            Ok(page) => page,
-            Err(error) => return Err(fail(&summary, error.into())),
+        let page = match prefetched.take() {
+            Some(page) => page,
+            None => match runtime.connector.fetch_page(&cx, cursor.as_ref()).await {
+                Ok(page) => page,
+                Err(error) => return Err(fail(&summary, error.into())),
+            },
         };
         summary.pages += 1;
         summary.requests += page.requests;
@@ -378,17 +383,26 @@ async fn run_pages(
         }
         summary.quarantined += quarantined.len() as u64;
         let upserts = runtime.upserts(records, ChangeCause::Poll);
-        let outcome = deps
-            .store
-            .commit_page(
-                name,
-                DEALS_STREAM,
-                upserts,
-                quarantined,
-                Some(page.next.clone()),
-            )
-            .await
-            .map_err(|e| fail(&summary, e.into()))?;
+        let (done, next_cursor) = (page.done, page.next);
+        let commit = deps.store.commit_page(
+            name,
+            DEALS_STREAM,
+            upserts,
+            quarantined,
+            Some(next_cursor.clone()),
+        );
+        // The next page is read while this one commits (on a blocking thread). Nothing
+        // of it is stored before this commit succeeds, and a failed commit drops it,
+        // so the cursor still only advances with its committed page.
+        let prefetch = async {
+            if done || shutdown.is_cancelled() {
+                None
+            } else {
+                Some(runtime.connector.fetch_page(&cx, Some(&next_cursor)).await)
+            }
+        };
+        let (committed, fetched) = tokio::join!(commit, prefetch);
+        let outcome = committed.map_err(|e| fail(&summary, e.into()))?;
         for (label, count) in [
             ("created", outcome.created),
             ("updated", outcome.updated),
@@ -408,9 +422,14 @@ async fn run_pages(
         summary.add(outcome);
         summary.elapsed_ms = started.elapsed().as_millis() as u64;
         progress(&summary);
-        cursor = Some(page.next);
-        if page.done {
+        cursor = Some(next_cursor);
+        if done {
             break;
+        }
+        match fetched {
+            Some(Ok(page)) => prefetched = Some(page),
+            Some(Err(error)) => return Err(fail(&summary, error.into())),
+            None => {}
         }
     }
     if summary.quarantined > 0 {

@@ -548,6 +548,18 @@ impl ManifestConnector {
         enriched: &HashMap<String, Value>,
         force_deleted: bool,
     ) -> Result<SourceDeal, BadRecord> {
+        let mut deal = self.map_fields(record, enriched, force_deleted)?;
+        deal.raw = record.clone();
+        Ok(deal)
+    }
+
+    /// The canonical fields of a record (`raw` left empty).
+    fn map_fields(
+        &self,
+        record: &Value,
+        enriched: &HashMap<String, Value>,
+        force_deleted: bool,
+    ) -> Result<SourceDeal, BadRecord> {
         let spec = &self.manifest.deals.fields;
         let scope = Scope::new(record, enriched);
         let external_id = fields::string(&spec.external_id, &scope).ok().flatten();
@@ -622,7 +634,18 @@ impl ManifestConnector {
             .unwrap_or(false);
         deal.source_status = text(&spec.status)?.and_then(|s| DealStatus::parse(&s));
         deal.deleted = force_deleted || deleted || deal.source_status == Some(DealStatus::Deleted);
-        deal.raw = record.clone();
+        Ok(deal)
+    }
+
+    /// [`Self::to_deal`], keeping the record itself as the raw JSON.
+    fn to_deal_owned(
+        &self,
+        record: Value,
+        enriched: &HashMap<String, Value>,
+        force_deleted: bool,
+    ) -> Result<SourceDeal, BadRecord> {
+        let mut deal = self.map_fields(&record, enriched, force_deleted)?;
+        deal.raw = record;
         Ok(deal)
     }
 
@@ -1072,7 +1095,21 @@ impl Connector for ManifestConnector {
             }
             Err(error) => return Err(error.into_connector(&self.manifest.name, &request.path)),
         };
-        let records = self.records(&body, &request)?;
+        let mut body = body;
+        // The records are taken out of the body, so each deal keeps its raw JSON
+        // without a copy.
+        let owned: Vec<Value> = match body.pointer_mut(&request.records) {
+            Some(Value::Array(items)) => std::mem::take(items),
+            Some(Value::Null) | None => Vec::new(),
+            Some(object @ Value::Object(_)) if request.records.is_empty() => vec![object.take()],
+            Some(_) => {
+                return Err(self.bad(format!(
+                    "{}: {:?} is not an array of records",
+                    request.path, request.records
+                )));
+            }
+        };
+        let records: Vec<&Value> = owned.iter().collect();
         let count = records.len();
         let enriched = self.enrich(cx, state.phase.name(), &records).await?;
         let force_deleted = state.phase == Phase::Deletes;
@@ -1080,11 +1117,12 @@ impl Connector for ManifestConnector {
         let mut out = Vec::with_capacity(count);
         let mut hw = state.hw;
         let mut hw_ids = std::mem::take(&mut state.hw_ids);
-        for (record, extra) in records.iter().zip(&enriched) {
-            let modified = self.modified_of(record, extra);
+        drop(records);
+        for (record, extra) in owned.into_iter().zip(&enriched) {
+            let modified = self.modified_of(&record, extra);
             let id = fields::string(
                 &self.manifest.deals.fields.external_id,
-                &Scope::new(record, extra),
+                &Scope::new(&record, extra),
             )
             .ok()
             .flatten();
@@ -1106,7 +1144,7 @@ impl Connector for ManifestConnector {
                     }
                 }
             }
-            out.push(self.to_deal(record, extra, force_deleted));
+            out.push(self.to_deal_owned(record, extra, force_deleted));
         }
         state.hw = hw;
         state.hw_ids = hw_ids;
