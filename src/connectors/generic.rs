@@ -181,13 +181,7 @@ impl Connector for GenericConnector {
         _cx: &SyncContext,
         _cursor: Option<&serde_json::Value>,
     ) -> Result<Page, ConnectorError> {
-        Ok(Page {
-            records: Vec::new(),
-            next: serde_json::Value::Null,
-            done: true,
-            requests: 0,
-            rate_limited: 0,
-        })
+        Ok(Page::empty())
     }
 
     fn webhook_scheme(&self) -> Option<Scheme> {

@@ -74,6 +74,19 @@ pub struct Page {
     pub rate_limited: u64,
 }
 
+impl Page {
+    /// A caught-up page with no records: what a webhook-only connector reads.
+    pub fn empty() -> Self {
+        Page {
+            records: Vec::new(),
+            next: serde_json::Value::Null,
+            done: true,
+            requests: 0,
+            rate_limited: 0,
+        }
+    }
+}
+
 /// A verified webhook delivery as stored in the inbox; only `verify_webhook`-checked
 /// deliveries become one (see `http::webhooks`).
 #[derive(Debug, Clone)]
