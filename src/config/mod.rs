@@ -55,6 +55,19 @@ pub struct ServerConfig {
     pub api_token: Option<Secret>,
     /// Whether `/` serves the status page.
     pub status_page: bool,
+    /// Which requests for the status page must present `api_token`.
+    pub status_page_auth: StatusPageAuth,
+}
+
+/// Which requests for the status page must present `server.api_token`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatusPageAuth {
+    /// Requests not known to come from this machine: any request on a non-loopback
+    /// listener, and on a loopback listener any request a proxy forwarded (it carries
+    /// `Forwarded`, `X-Forwarded-For` or `X-Real-IP`).
+    Remote,
+    /// Every request (e.g. behind a proxy on this machine that adds no such header).
+    Always,
 }
 
 #[derive(Debug, Clone)]
@@ -315,7 +328,27 @@ fn validate(path: &Path, raw: raw::RawConfig, report: &mut dyn FnMut(&str, Strin
             .map_or(Duration::from_secs(20), |d| d.0),
         api_token: raw.server.api_token.clone(),
         status_page: raw.server.status_page.unwrap_or(true),
+        status_page_auth: match raw.server.status_page_auth.as_deref() {
+            None | Some("remote") => StatusPageAuth::Remote,
+            Some("always") => StatusPageAuth::Always,
+            Some(other) => {
+                report(
+                    "server.status_page_auth",
+                    format!("expected \"remote\" or \"always\", got {other:?}"),
+                );
+                StatusPageAuth::Remote
+            }
+        },
     };
+    if server.status_page
+        && server.status_page_auth == StatusPageAuth::Always
+        && server.api_token.is_none()
+    {
+        report(
+            "server.status_page_auth",
+            "\"always\" needs server.api_token (or set status_page = false)".to_owned(),
+        );
+    }
     if let Some(token) = &server.api_token
         && token.expose().len() < 16
     {

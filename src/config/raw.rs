@@ -50,6 +50,8 @@ pub struct RawServer {
     pub api_token: Option<Secret>,
     /// Serve the status page at `/` (default true).
     pub status_page: Option<bool>,
+    /// Who must present `api_token` to see the status page: "remote" (default) or "always".
+    pub status_page_auth: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]

@@ -6,14 +6,19 @@
 //! - Everything shown goes through minijinja's HTML auto-escaping (deal titles, stage
 //!   labels and error texts are untrusted); the template marks nothing `safe`.
 //! - Contact and recipient email addresses are not shown; the read API has them.
-//! - Access: on a loopback listener the page is open (only local users reach it). On
-//!   any other address it asks for `server.api_token` (HTTP Basic with any user name, or
-//!   a bearer token) and is off (404) when no token is configured.
-//!   `server.status_page = false` turns it off everywhere.
+//! - Access: a request known to come from this machine (a loopback listener, and no
+//!   `Forwarded`, `X-Forwarded-For` or `X-Real-IP` header, which a reverse proxy adds)
+//!   sees the page; any other request must present `server.api_token` (HTTP Basic with
+//!   any user name, or a bearer token), and finds no page (404) when none is configured.
+//!   `server.status_page_auth = "always"` asks every request for the token, for a proxy
+//!   on this machine that adds no such header; `server.status_page = false` turns the
+//!   page off. A forwarding header can only make a request need the token, never spare
+//!   it, so a client gains nothing by sending or omitting one.
 
 use super::api::{bearer, token_matches};
 use super::error::ApiError;
 use crate::app::AppState;
+use crate::config::StatusPageAuth;
 use crate::report::render::{duration, money, percent};
 use crate::report::{ReportOptions, StageReport};
 use crate::store::{OutboxFilter, StallCutoff};
@@ -48,13 +53,14 @@ fn refusal(state: &AppState, headers: &HeaderMap) -> Option<Response> {
     if !config.server.status_page {
         return Some(ApiError::NotFound("the status page is off".into()).into_response());
     }
-    if config.server.listen.ip().is_loopback() {
+    let local = config.server.listen.ip().is_loopback() && !forwarded(headers);
+    if local && config.server.status_page_auth == StatusPageAuth::Remote {
         return None;
     }
     let Some(expected) = &config.server.api_token else {
         return Some(
             ApiError::NotFound(
-                "the status page needs server.api_token on a non-loopback listener".into(),
+                "the status page needs server.api_token for requests from other machines".into(),
             )
             .into_response(),
         );
@@ -76,6 +82,14 @@ fn refusal(state: &AppState, headers: &HeaderMap) -> Option<Response> {
                 .into_response(),
         ),
     }
+}
+
+/// Whether a proxy forwarded the request (the client is then elsewhere, whatever
+/// address the connection came from).
+fn forwarded(headers: &HeaderMap) -> bool {
+    [header::FORWARDED.as_str(), "x-forwarded-for", "x-real-ip"]
+        .iter()
+        .any(|name| headers.contains_key(*name))
 }
 
 fn basic_password(headers: &HeaderMap) -> Option<String> {
@@ -333,6 +347,7 @@ async fn render(state: &AppState) -> Result<String, ApiError> {
     let emails: Vec<EmailView> = state
         .store
         .outbox_entries(OutboxFilter {
+            action: Some("email".to_owned()),
             limit: Some(OUTBOX_SHOWN),
             ..Default::default()
         })
