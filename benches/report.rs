@@ -4,6 +4,8 @@
 //!
 //!     cargo bench --bench report                 # history appended in time order
 //!     cargo bench --bench report -- --deal-order # history rows grouped per deal
+//!     cargo bench --bench report -- --db PATH    # keep the generated file at PATH and
+//!                                                # reuse it next time (delete it after)
 //!
 //! Time order is what a running daemon produces (each stage change appended as it
 //! happens, so one deal's rows are scattered over the table); grouped rows are the
@@ -189,23 +191,40 @@ fn generate(path: &std::path::Path, deal_order: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// FNV-1a, 64 bits: a stable fingerprint of the report's JSON.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+        (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
 fn main() -> anyhow::Result<()> {
-    let deal_order = std::env::args().any(|a| a == "--deal-order");
+    let args: Vec<String> = std::env::args().collect();
+    let deal_order = args.iter().any(|a| a == "--deal-order");
+    let kept = args
+        .iter()
+        .position(|a| a == "--db")
+        .and_then(|at| args.get(at + 1))
+        .map(std::path::PathBuf::from);
     let dir = tempfile::tempdir()?;
-    let path = dir.path().join("report.db");
-    let started = Instant::now();
-    generate(&path, deal_order)?;
-    let size = std::fs::metadata(&path)?.len();
-    println!(
-        "generated {DEALS} deals, {HISTORY_ROWS} history rows ({}) in {:.1}s, {} MB",
-        if deal_order {
-            "grouped per deal"
-        } else {
-            "in time order"
-        },
-        started.elapsed().as_secs_f64(),
-        size / 1_000_000
-    );
+    let path = kept.clone().unwrap_or_else(|| dir.path().join("report.db"));
+    if path.exists() {
+        println!("reusing {}", path.display());
+    } else {
+        let started = Instant::now();
+        generate(&path, deal_order)?;
+        let size = std::fs::metadata(&path)?.len();
+        println!(
+            "generated {DEALS} deals, {HISTORY_ROWS} history rows ({}) in {:.1}s, {} MB",
+            if deal_order {
+                "grouped per deal"
+            } else {
+                "in time order"
+            },
+            started.elapsed().as_secs_f64(),
+            size / 1_000_000
+        );
+    }
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -220,6 +239,14 @@ fn main() -> anyhow::Result<()> {
         let report = runtime.block_on(store.report(pipelines.clone(), options))?;
         let elapsed = started.elapsed().as_secs_f64();
         if run == 0 {
+            // Every figure, total and per connection, in one number: equal fingerprints
+            // mean identical reports across scan strategies.
+            let json = serde_json::to_string(&report)?;
+            println!(
+                "report fingerprint {:016x} ({} bytes of JSON)",
+                fnv1a(json.as_bytes()),
+                json.len()
+            );
             let sales = &report.total.pipelines[0];
             println!(
                 "first run (cold cache) {elapsed:.2}s: {} deals, sales won {} lost {}, {} forecast rows, {} abandoned carts",
@@ -235,10 +262,13 @@ fn main() -> anyhow::Result<()> {
     }
     timings.sort_by(f64::total_cmp);
     println!(
-        "full report: best {:.2}s, median {:.2}s over {} warm runs (target ≤ 2 s)",
+        "full report: best {:.2}s, median {:.2}s over {} warm runs (target ≤ 2 s); load average {}",
         timings[0],
         timings[timings.len() / 2],
-        timings.len()
+        timings.len(),
+        std::fs::read_to_string("/proc/loadavg")
+            .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+            .unwrap_or_else(|_| "unknown".into())
     );
     Ok(())
 }

@@ -263,23 +263,34 @@ async fn forecast(
 #[serde(deny_unknown_fields)]
 pub struct OutboxQuery {
     state: Option<String>,
+    /// `email` or `expire`.
+    action: Option<String>,
     rule: Option<String>,
     deal_id: Option<i64>,
     limit: Option<u32>,
     offset: Option<u32>,
 }
 
-/// `GET /api/v1/outbox`: follow-up emails, most recently updated first, and counts.
+/// `GET /api/v1/outbox`: outbox rows (follow-up emails and expiries), most recently
+/// updated first, and the email counts by rule and state.
 async fn outbox(
     State(state): State<Arc<AppState>>,
     params: Result<Query<OutboxQuery>, QueryRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let params = query(params)?;
+    if let Some(action) = &params.action
+        && !matches!(action.as_str(), "email" | "expire")
+    {
+        return Err(ApiError::BadRequest(format!(
+            "action is email or expire, got {action:?}"
+        )));
+    }
     let (limit, offset) = page(params.limit, params.offset)?;
     let emails = state
         .store
         .outbox_entries(OutboxFilter {
             deal_id: params.deal_id,
+            action: params.action,
             state: params.state,
             rule: params.rule,
             limit: Some(limit),

@@ -53,25 +53,46 @@ pub struct Interner {
 impl Interner {
     /// Returns the id of a (pipeline, stage) pair, adding it when new.
     pub fn stage(&mut self, pipeline: Option<&str>, stage: &str) -> StageId {
+        self.stage_bytes(pipeline.map(str::as_bytes), stage.as_bytes())
+            .expect("a str is UTF-8")
+    }
+
+    /// Like [`Interner::stage`] on raw column bytes, so that a known pair costs no
+    /// UTF-8 check; `None` when a new pair is not UTF-8.
+    pub fn stage_bytes(&mut self, pipeline: Option<&[u8]>, stage: &[u8]) -> Option<StageId> {
         if let Some(at) = self
             .stages
             .iter()
-            .position(|(p, s)| p.as_deref() == pipeline && s == stage)
+            .position(|(p, s)| s.as_bytes() == stage && p.as_deref().map(str::as_bytes) == pipeline)
         {
-            return StageId(at as u32);
+            return Some(StageId(at as u32));
         }
+        let pipeline = match pipeline {
+            Some(bytes) => Some(std::str::from_utf8(bytes).ok()?.to_owned()),
+            None => None,
+        };
         self.stages
-            .push((pipeline.map(str::to_owned), stage.to_owned()));
-        StageId((self.stages.len() - 1) as u32)
+            .push((pipeline, std::str::from_utf8(stage).ok()?.to_owned()));
+        Some(StageId((self.stages.len() - 1) as u32))
     }
 
     /// Returns the id of a name, adding it when new.
     pub fn name(&mut self, name: &str) -> NameId {
-        if let Some(at) = self.names.iter().position(|n| n == name) {
-            return NameId(at as u32);
+        self.name_bytes(name.as_bytes()).expect("a str is UTF-8")
+    }
+
+    /// Like [`Interner::name`] on raw column bytes; `None` when a new name is not UTF-8.
+    pub fn name_bytes(&mut self, name: &[u8]) -> Option<NameId> {
+        if let Some(at) = self.names.iter().position(|n| n.as_bytes() == name) {
+            return Some(NameId(at as u32));
         }
-        self.names.push(name.to_owned());
-        NameId((self.names.len() - 1) as u32)
+        self.names.push(std::str::from_utf8(name).ok()?.to_owned());
+        Some(NameId((self.names.len() - 1) as u32))
+    }
+
+    /// Every interned (pipeline, stage) pair, in id order: `StageId(0)` first.
+    pub fn stages(&self) -> impl Iterator<Item = (Option<&str>, &str)> {
+        self.stages.iter().map(|(p, s)| (p.as_deref(), s.as_str()))
     }
 
     fn stage_of(&self, id: StageId) -> (Option<&str>, &str) {
@@ -81,6 +102,13 @@ impl Interner {
 
     fn name_of(&self, id: NameId) -> &str {
         &self.names[id.0 as usize]
+    }
+}
+
+impl StageId {
+    /// The id's index in its [`Interner`].
+    pub fn index(self) -> usize {
+        self.0 as usize
     }
 }
 
@@ -223,6 +251,63 @@ struct ScopeAcc {
     carts: CartAcc,
 }
 
+impl ScopeAcc {
+    /// Counters of the same shape, all zero.
+    fn empty_like(&self) -> ScopeAcc {
+        ScopeAcc {
+            pipelines: self
+                .pipelines
+                .iter()
+                .map(|p| PipelineAcc {
+                    stages: vec![StageAcc::default(); p.stages.len()],
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    /// Adds another scope's counters (of a disjoint set of deals) to these.
+    fn absorb(&mut self, other: &ScopeAcc) {
+        self.deals += other.deals;
+        self.unmapped_open += other.unmapped_open;
+        for (pipeline, theirs) in self.pipelines.iter_mut().zip(&other.pipelines) {
+            pipeline.won += theirs.won;
+            pipeline.lost += theirs.lost;
+            pipeline.reopened += theirs.reopened;
+            for (stage, theirs) in pipeline.stages.iter_mut().zip(&theirs.stages) {
+                stage.open_deals += theirs.open_deals;
+                stage.open_without_amount += theirs.open_without_amount;
+                add_all(&mut stage.open_value, &theirs.open_value);
+                stage.entered += theirs.entered;
+                stage.exited += theirs.exited;
+                stage.cohort += theirs.cohort;
+                stage.advanced += theirs.advanced;
+                stage.durations_ms.extend_from_slice(&theirs.durations_ms);
+                stage.stalled += theirs.stalled;
+                add_all(&mut stage.stalled_value, &theirs.stalled_value);
+            }
+        }
+        for (key, theirs) in &other.forecast {
+            let row = self.forecast.entry(*key).or_default();
+            row.deals += theirs.deals;
+            row.amount += theirs.amount;
+            row.weighted_x100 += theirs.weighted_x100;
+        }
+        let (carts, theirs) = (&mut self.carts, &other.carts);
+        carts.abandoned += theirs.abandoned;
+        add_all(&mut carts.abandoned_value, &theirs.abandoned_value);
+        carts.recovered += theirs.recovered;
+        carts.bought_without_follow_up += theirs.bought_without_follow_up;
+        add_all(&mut carts.recovered_revenue, &theirs.recovered_revenue);
+        for (key, step) in &theirs.steps {
+            let mine = carts.steps.entry(*key).or_default();
+            mine.carts_sent += step.carts_sent;
+            mine.recovered_after += step.recovered_after;
+        }
+    }
+}
+
 /// Folds deals into counters; see the module documentation for the semantics.
 pub struct Accumulator {
     pipelines: Pipelines,
@@ -303,7 +388,10 @@ impl Accumulator {
     }
 
     /// Consumes the counters into the report; `as_of` is the options' `until`.
-    pub fn finish(self) -> Report {
+    pub fn finish(mut self) -> Report {
+        for scope in self.by_connection.values() {
+            self.total.absorb(scope);
+        }
         let total = self.scope_report(None, &self.total);
         let by_connection = self
             .by_connection
@@ -450,23 +538,12 @@ impl ReportSink for Accumulator {
             in_period: &in_period,
             now: until,
         };
-        let scope = &mut self.total;
-        facts.fold_into(scope);
+        // Each deal is folded once, into its connection's counters; the total is their
+        // sum, made in `finish` (every figure is additive over disjoint sets of deals).
         let by_connection = self
             .by_connection
             .entry(deal.connection.0)
-            .or_insert_with(|| ScopeAcc {
-                pipelines: self
-                    .total
-                    .pipelines
-                    .iter()
-                    .map(|p| PipelineAcc {
-                        stages: vec![StageAcc::default(); p.stages.len()],
-                        ..Default::default()
-                    })
-                    .collect(),
-                ..Default::default()
-            });
+            .or_insert_with(|| self.total.empty_like());
         facts.fold_into(by_connection);
         self.infos_buffer = infos;
     }
@@ -676,6 +753,12 @@ impl DealFacts<'_> {
 fn add(totals: &mut BTreeMap<Currency, i64>, currency: Currency, amount: i64) {
     let slot = totals.entry(currency).or_insert(0);
     *slot = slot.saturating_add(amount);
+}
+
+fn add_all(totals: &mut BTreeMap<Currency, i64>, more: &BTreeMap<Currency, i64>) {
+    for (currency, amount) in more {
+        add(totals, *currency, *amount);
+    }
 }
 
 fn totals(values: &BTreeMap<Currency, i64>) -> Vec<MoneyTotal> {

@@ -246,6 +246,59 @@ async fn cart_recovery_credits_the_last_follow_up_before_the_purchase() {
 }
 
 #[tokio::test]
+async fn expiry_rows_in_the_outbox_count_neither_as_sent_follow_ups_nor_as_emails() {
+    let (_dir, store) = fixture_store().await;
+    // Cart K's expiry as the follow-up worker leaves it (`done`, with the time it was
+    // carried out), and an expiry row for cart H marked `sent` before H's purchase:
+    // neither sent an email, so neither may change what the emails are credited with.
+    rusqlite::Connection::open(store.path())
+        .unwrap()
+        .execute_batch(
+            "INSERT INTO outbox (deal_id, rule, step, action, recipient, state, due_at,
+                created_at, updated_at, sent_at, anchor_at, next_attempt_at) VALUES
+             (11, 'cart', 4, 'expire', 'k@example.com', 'done',
+              unixepoch('2026-01-24') * 1000, 0, 0, unixepoch('2026-01-24') * 1000, 0, 0),
+             (8, 'cart', 2, 'expire', 'h@example.com', 'sent',
+              unixepoch('2026-01-10 03:00') * 1000, 0, 0,
+              unixepoch('2026-01-10 03:00') * 1000, 0, 0);",
+        )
+        .unwrap();
+    let pipelines = Pipelines::new(default_pipelines());
+    let report = store
+        .scan_report(
+            ReportScope::default(),
+            Accumulator::new(pipelines, january(None)),
+        )
+        .await
+        .unwrap()
+        .finish();
+
+    let steps: Vec<(&str, i64, u64, u64)> = report
+        .total
+        .cart_recovery
+        .steps
+        .iter()
+        .map(|s| (s.rule.as_str(), s.step, s.carts_sent, s.recovered_after))
+        .collect();
+    assert_eq!(steps, vec![("cart", 1, 3, 1), ("cart", 2, 2, 1)]);
+    let counts: Vec<(String, String, u64)> = store
+        .outbox_counts()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| (c.rule, c.state, c.emails))
+        .collect();
+    assert_eq!(
+        counts,
+        vec![
+            ("cart".into(), "failed".into(), 1),
+            ("cart".into(), "sent".into(), 5),
+            ("cart".into(), "skipped".into(), 1),
+        ]
+    );
+}
+
+#[tokio::test]
 async fn figures_split_by_connection_and_the_connection_filter_agrees() {
     let report = report(january(None), ReportScope::default()).await;
     let names: Vec<_> = report

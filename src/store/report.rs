@@ -3,17 +3,23 @@
 //! and the status page.
 //!
 //! Invariant: the scan reads each table once, sequentially (no per-deal query, no
-//! random lookups): history and sent follow-ups into memory, sorted by deal, then the
-//! deals in id order, merged in Rust. Memory: 24 bytes per history row while the
-//! scan runs, besides what the sink keeps.
+//! random lookups), history on one reader connection and deals plus sent follow-ups
+//! on another, at the same time; the history is grouped by deal in memory (a radix
+//! sort on the deal ids), the deals are read in id order, and the two are merged
+//! in Rust. Memory while the scan runs: 48 bytes per history row at the peak (the rows
+//! as read and the radix sort's second buffer), 16 per row after, and 64 bytes per
+//! deal, besides what the sink keeps.
 
 use super::{Result, Store};
 use crate::domain::{Currency, DealStatus};
 use crate::pipeline::Pipelines;
 use crate::report::{
-    Accumulator, DealInput, FollowupInput, Report, ReportOptions, ReportSink, VisitInput,
+    Accumulator, DealInput, FollowupInput, Interner, Report, ReportOptions, ReportSink, StageId,
+    VisitInput,
 };
+use chrono::NaiveDate;
 use rusqlite::params;
+use rusqlite::types::ValueRef;
 use serde::Serialize;
 
 /// Which deals a report scan reads.
@@ -43,7 +49,7 @@ pub struct StalledCount {
     pub deals: u64,
 }
 
-/// Outbox rows per follow-up rule and state.
+/// Follow-up emails (outbox rows with `action = 'email'`) per rule and state.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct OutboxCount {
     pub rule: String,
@@ -58,6 +64,8 @@ pub struct OutboxEntry {
     pub deal_id: i64,
     pub rule: String,
     pub step: i64,
+    /// `email`, or `expire` for a rule's expiry (moves the deal, sends nothing).
+    pub action: String,
     pub recipient: String,
     pub state: String,
     pub due_at: chrono::DateTime<chrono::Utc>,
@@ -71,6 +79,8 @@ pub struct OutboxEntry {
 #[derive(Debug, Clone, Default)]
 pub struct OutboxFilter {
     pub deal_id: Option<i64>,
+    /// `email` or `expire`.
+    pub action: Option<String>,
     pub state: Option<String>,
     pub rule: Option<String>,
     pub limit: Option<u32>,
@@ -99,22 +109,25 @@ fn outbox_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<OutboxEntry> {
         reason: row.get(8)?,
         sent_at: row.get::<_, Option<i64>>(9)?.map(from_ms),
         updated_at: from_ms(row.get(10)?),
+        action: row.get(11)?,
     })
 }
 
 impl Store {
     /// Streams every deal in scope, with its history and sent follow-ups, into `sink`.
     pub async fn scan_report<S: ReportSink>(&self, scope: ReportScope, sink: S) -> Result<S> {
-        self.read(move |db| scan(db, &scope, sink)).await
+        scan(self, scope, sink).await
     }
 
-    /// The whole report: one scan folded by [`Accumulator`], on a blocking thread.
+    /// The whole report: one scan folded by [`Accumulator`], on blocking threads.
     pub async fn report(&self, pipelines: Pipelines, options: ReportOptions) -> Result<Report> {
         let scope = ReportScope {
             connection: options.connection.clone(),
         };
-        self.read(move |db| Ok(scan(db, &scope, Accumulator::new(pipelines, options))?.finish()))
+        let accumulator = scan(self, scope, Accumulator::new(pipelines, options)).await?;
+        tokio::task::spawn_blocking(move || accumulator.finish())
             .await
+            .map_err(|error| super::StoreError::Task(error.to_string()))
     }
 
     /// Live deals and their summed amount per connection, stage and currency.
@@ -205,11 +218,12 @@ impl Store {
         .await
     }
 
-    /// Outbox rows per rule and state.
+    /// Follow-up emails per rule and state; expiry rows are not emails and not counted.
     pub async fn outbox_counts(&self) -> Result<Vec<OutboxCount>> {
         self.read(|db| {
             let mut statement = db.prepare(
-                "SELECT rule, state, count(*) FROM outbox GROUP BY rule, state ORDER BY rule, state",
+                "SELECT rule, state, count(*) FROM outbox WHERE action = 'email'
+                 GROUP BY rule, state ORDER BY rule, state",
             )?;
             let rows = statement.query_map([], |row| {
                 Ok(OutboxCount {
@@ -228,14 +242,18 @@ impl Store {
         self.read(move |db| {
             let mut sql = String::from(
                 "SELECT id, deal_id, rule, step, recipient, state, due_at, attempts, reason,
-                        sent_at, updated_at FROM outbox WHERE 1 = 1",
+                        sent_at, updated_at, action FROM outbox WHERE 1 = 1",
             );
             let mut values: Vec<rusqlite::types::Value> = Vec::new();
             if let Some(deal_id) = filter.deal_id {
                 values.push(deal_id.into());
                 sql.push_str(&format!(" AND deal_id = ?{}", values.len()));
             }
-            for (column, value) in [("state", filter.state), ("rule", filter.rule)] {
+            for (column, value) in [
+                ("state", filter.state),
+                ("rule", filter.rule),
+                ("action", filter.action),
+            ] {
                 if let Some(value) = value {
                     values.push(value.into());
                     sql.push_str(&format!(" AND {column} = ?{}", values.len()));
@@ -254,46 +272,260 @@ impl Store {
     }
 }
 
-fn scan<S: ReportSink>(db: &rusqlite::Connection, scope: &ReportScope, mut sink: S) -> Result<S> {
+/// Rows of one table grouped by deal, in deal id order: the rows of the deal
+/// `groups[i].0` are `rows[groups[i - 1].1..groups[i].1]` (from 0 for the first).
+struct ByDeal<T> {
+    groups: Vec<(i64, usize)>,
+    rows: Vec<T>,
+}
+
+impl<T: Copy> ByDeal<T> {
+    /// Groups rows read in table order by deal id; within a deal, orders them by
+    /// `order`, keeping table order among equals (every sort here is stable).
+    ///
+    /// Deal ids are row ids, so their span is small: a least-significant-digit radix
+    /// sort on the id's offset from the smallest one places the rows in two or three
+    /// sequential passes (history rows arrive in time order, so deals are scattered
+    /// over the table and a per-row random write would miss the cache every time).
+    /// Ids spread wider than that take a comparison sort.
+    fn group(rows: Vec<(i64, T)>, order: impl Fn(&T) -> i64) -> ByDeal<T> {
+        let Some((first, last)) =
+            rows.iter()
+                .map(|(deal_id, _)| *deal_id)
+                .fold(None, |range: Option<(i64, i64)>, id| {
+                    Some(range.map_or((id, id), |(lo, hi)| (lo.min(id), hi.max(id))))
+                })
+        else {
+            return ByDeal {
+                groups: Vec::new(),
+                rows: Vec::new(),
+            };
+        };
+        let span = last.abs_diff(first);
+        let sorted = if span < 1 << (RADIX_BITS * MAX_RADIX_PASSES) {
+            radix_sort(rows, first, u64::BITS - span.leading_zeros())
+        } else {
+            let mut rows = rows;
+            rows.sort_by_key(|(deal_id, _)| *deal_id);
+            rows
+        };
+        let mut groups: Vec<(i64, usize)> = Vec::new();
+        for (at, (deal_id, _)) in sorted.iter().enumerate() {
+            match groups.last_mut() {
+                Some((last, end)) if last == deal_id => *end = at + 1,
+                _ => groups.push((*deal_id, at + 1)),
+            }
+        }
+        let mut grouped = ByDeal {
+            groups,
+            rows: sorted.into_iter().map(|(_, row)| row).collect(),
+        };
+        let mut start = 0;
+        for &(_, end) in &grouped.groups {
+            let deal_rows = &mut grouped.rows[start..end];
+            if !deal_rows.is_sorted_by_key(&order) {
+                deal_rows.sort_by_key(&order);
+            }
+            start = end;
+        }
+        grouped
+    }
+
+    /// A cursor over deals visited in increasing id order.
+    fn cursor(&self) -> ByDealCursor<'_, T> {
+        ByDealCursor {
+            by_deal: self,
+            next_group: 0,
+        }
+    }
+}
+
+struct ByDealCursor<'a, T> {
+    by_deal: &'a ByDeal<T>,
+    next_group: usize,
+}
+
+impl<'a, T> ByDealCursor<'a, T> {
+    /// The rows of `deal_id`, which must not be smaller than the previous call's;
+    /// groups of deals skipped over (outside the scope) are passed by.
+    fn rows_of(&mut self, deal_id: i64) -> &'a [T] {
+        let groups = &self.by_deal.groups;
+        while let Some((id, _)) = groups.get(self.next_group) {
+            if *id >= deal_id {
+                break;
+            }
+            self.next_group += 1;
+        }
+        match groups.get(self.next_group) {
+            Some((id, end)) if *id == deal_id => {
+                let start = self
+                    .next_group
+                    .checked_sub(1)
+                    .map_or(0, |previous| groups[previous].1);
+                self.next_group += 1;
+                &self.by_deal.rows[start..*end]
+            }
+            _ => &[],
+        }
+    }
+}
+
+/// Bits of the deal id sorted per radix pass: 2048 buckets, whose write positions stay
+/// in the CPU cache.
+const RADIX_BITS: u32 = 11;
+/// Passes before a comparison sort is cheaper (ids spanning 2^33).
+const MAX_RADIX_PASSES: u32 = 3;
+
+/// Sorts rows by deal id, stably: one counting pass per `RADIX_BITS` of the id's
+/// offset from `first`, lowest digits first.
+fn radix_sort<T: Copy>(rows: Vec<(i64, T)>, first: i64, bits: u32) -> Vec<(i64, T)> {
+    let key = |deal_id: i64| deal_id.abs_diff(first);
+    let mut source = rows;
+    if source.is_empty() {
+        return source;
+    }
+    // Every slot is overwritten in each pass before it is read; the filler never is.
+    let mut target = vec![source[0]; source.len()];
+    let mask = (1u64 << RADIX_BITS) - 1;
+    let mut shift = 0;
+    while shift < bits {
+        let mut next = vec![0usize; 1 << RADIX_BITS];
+        for (deal_id, _) in &source {
+            next[((key(*deal_id) >> shift) & mask) as usize] += 1;
+        }
+        let mut total = 0;
+        for slot in &mut next {
+            let count = *slot;
+            *slot = total;
+            total += count;
+        }
+        for row in &source {
+            let bucket = &mut next[((key(row.0) >> shift) & mask) as usize];
+            target[*bucket] = *row;
+            *bucket += 1;
+        }
+        std::mem::swap(&mut source, &mut target);
+        shift += RADIX_BITS;
+    }
+    source
+}
+
+/// The stage history grouped by deal, with the stages it names.
+struct History {
+    visits: ByDeal<VisitInput>,
+    stages: Interner,
+}
+
+/// The deals in scope, in id order, and their sent follow-up emails.
+struct Deals<S> {
+    sink: S,
+    deals: Vec<DealInput>,
+    followups: ByDeal<FollowupInput>,
+}
+
+/// Reads and folds the report's inputs on two reader connections at once: one reads
+/// and groups the stage history (the bulk of the rows), the other the deals and the
+/// sent follow-ups; the fold then runs over both.
+///
+/// Each statement reads its own snapshot, as any sequence of autocommit statements
+/// does: a change committed between them can make a deal's current row newer or older
+/// than its history by that one change, never lose or double a row.
+async fn scan<S: ReportSink>(store: &Store, scope: ReportScope, sink: S) -> Result<S> {
+    let history = store.read(read_history);
+    let deals = store.read(move |db| read_deals(db, &scope, sink));
+    let (history, deals) = tokio::try_join!(history, deals)?;
+    tokio::task::spawn_blocking(move || fold(history, deals))
+        .await
+        .map_err(|error| super::StoreError::Task(error.to_string()))
+}
+
+fn fold<S: ReportSink>(history: History, deals: Deals<S>) -> S {
+    let Deals {
+        mut sink,
+        deals,
+        followups,
+    } = deals;
+    // The history was read with its own interner; translate its stage ids once.
+    let mut visits = history.visits;
+    let translated: Vec<StageId> = history
+        .stages
+        .stages()
+        .map(|(pipeline, stage)| sink.interner().stage(pipeline, stage))
+        .collect();
+    for visit in &mut visits.rows {
+        visit.stage = translated[visit.stage.index()];
+    }
+    let (mut visits_of, mut followups_of) = (visits.cursor(), followups.cursor());
+    for deal in &deals {
+        sink.add_deal(
+            deal,
+            visits_of.rows_of(deal.id),
+            followups_of.rows_of(deal.id),
+        );
+    }
+    sink
+}
+
+fn read_history(db: &rusqlite::Connection) -> Result<History> {
     // Reads go through a memory map: the scan touches every page once, and mapped
     // pages cost no read call each. Read-only, so a mapped file cannot be corrupted.
     db.pragma_update(None, "mmap_size", MMAP_BYTES)?;
-
-    // The history is read in table (rowid) order, one sequential pass, then sorted in
-    // memory by (deal, time); the sort is stable, so rows at the same instant keep
-    // their insertion order. Walking `stage_history_by_deal` instead would cost one
-    // random table lookup per row: history is appended in time order, so one deal's
-    // rows are scattered over the whole table.
-    let mut visits_sorted: Vec<(i64, VisitInput)> = Vec::new();
-    {
-        let mut history =
-            db.prepare("SELECT deal_id, at, to_pipeline, to_stage FROM stage_history")?;
-        let mut rows = history.query([])?;
-        let interner = sink.interner();
-        while let Some(row) = rows.next()? {
-            let stage = interner.stage(text_at(row, 2)?, text_at(row, 3)?.unwrap_or_default());
-            visits_sorted.push((
-                row.get(0)?,
-                VisitInput {
-                    at: row.get(1)?,
-                    stage,
-                },
-            ));
-        }
+    // The history is read in table (rowid) order, one sequential pass, then grouped
+    // by deal in memory; rows at the same instant keep their insertion order.
+    // Walking `stage_history_by_deal` instead would cost one random table lookup per
+    // row: history is appended in time order, so one deal's rows are scattered over
+    // the whole table.
+    // An upper bound of the row count, read from the end of the rowid tree.
+    let capacity: i64 = db.query_row(
+        "SELECT coalesce(max(id), 0) FROM stage_history",
+        [],
+        |row| row.get(0),
+    )?;
+    let mut rows: Vec<(i64, VisitInput)> =
+        Vec::with_capacity(usize::try_from(capacity).unwrap_or(0).min(1 << 28));
+    let mut stages = Interner::default();
+    let mut statement =
+        db.prepare("SELECT deal_id, at, to_pipeline, to_stage FROM stage_history")?;
+    let mut query = statement.query([])?;
+    while let Some(row) = query.next()? {
+        let stage = stages
+            .stage_bytes(bytes_at(row, 2)?, bytes_at(row, 3)?.unwrap_or_default())
+            .ok_or_else(|| not_utf8(3))?;
+        rows.push((
+            row.get(0)?,
+            VisitInput {
+                at: row.get(1)?,
+                stage,
+            },
+        ));
     }
-    visits_sorted.sort_by_key(|(deal_id, visit)| (*deal_id, visit.at));
+    Ok(History {
+        visits: ByDeal::group(rows, |visit| visit.at),
+        stages,
+    })
+}
 
-    let mut followups_sorted: Vec<(i64, FollowupInput)> = Vec::new();
+fn read_deals<S: ReportSink>(
+    db: &rusqlite::Connection,
+    scope: &ReportScope,
+    mut sink: S,
+) -> Result<Deals<S>> {
+    db.pragma_update(None, "mmap_size", MMAP_BYTES)?;
+    // Only emails that went out: expiry rows (`action = 'expire'`) move a deal but
+    // send nothing, and rows never sent carry no `sent_at`.
+    let mut followup_rows: Vec<(i64, FollowupInput)> = Vec::new();
     {
         let mut outbox = db.prepare(
             "SELECT deal_id, rule, step, sent_at FROM outbox
-             WHERE state = 'sent' AND sent_at IS NOT NULL",
+             WHERE state = 'sent' AND action = 'email' AND sent_at IS NOT NULL",
         )?;
         let mut rows = outbox.query([])?;
         let interner = sink.interner();
         while let Some(row) = rows.next()? {
-            let rule = interner.name(text_at(row, 1)?.unwrap_or_default());
-            followups_sorted.push((
+            let rule = interner
+                .name_bytes(bytes_at(row, 1)?.unwrap_or_default())
+                .ok_or_else(|| not_utf8(1))?;
+            followup_rows.push((
                 row.get(0)?,
                 FollowupInput {
                     rule,
@@ -303,77 +535,199 @@ fn scan<S: ReportSink>(db: &rusqlite::Connection, scope: &ReportScope, mut sink:
             ));
         }
     }
-    followups_sorted.sort_by_key(|(deal_id, followup)| (*deal_id, followup.sent_at));
+    let followups = ByDeal::group(followup_rows, |followup| followup.sent_at);
 
-    let mut deals = db.prepare(
+    let count: i64 = db.query_row("SELECT coalesce(max(id), 0) FROM deals", [], |row| {
+        row.get(0)
+    })?;
+    let mut deals = Vec::with_capacity(usize::try_from(count).unwrap_or(0).min(1 << 26));
+    let mut statement = db.prepare(
         "SELECT id, connection, pipeline, stage, status, amount_minor, currency, expected_close,
                 stage_entered_at
          FROM deals WHERE ?1 IS NULL OR connection = ?1 ORDER BY id",
     )?;
-    let mut rows = deals.query(params![scope.connection])?;
-    let (mut next_visit, mut next_followup) = (0usize, 0usize);
-    let mut visits: Vec<VisitInput> = Vec::new();
-    let mut followups: Vec<FollowupInput> = Vec::new();
+    let mut rows = statement.query(params![scope.connection])?;
+    let mut texts = TextCache::default();
     while let Some(row) = rows.next()? {
-        let deal = deal_input(row, sink.interner())?;
-        take_rows(&visits_sorted, &mut next_visit, deal.id, &mut visits);
-        take_rows(
-            &followups_sorted,
-            &mut next_followup,
-            deal.id,
-            &mut followups,
-        );
-        sink.add_deal(&deal, &visits, &followups);
+        deals.push(deal_input(row, sink.interner(), &mut texts)?);
     }
-    Ok(sink)
+    Ok(Deals {
+        sink,
+        deals,
+        followups,
+    })
 }
 
-/// A text column, or `None` for NULL.
-fn text_at<'r>(row: &'r rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Option<&'r str>> {
-    row.get_ref(at)?.as_str_or_null().map_err(|error| {
-        rusqlite::Error::FromSqlConversionFailure(at, rusqlite::types::Type::Text, Box::new(error))
-    })
+/// A text column's bytes, or `None` for NULL; the UTF-8 check is left to the interner,
+/// which makes it once per distinct value.
+fn bytes_at<'r>(row: &'r rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Option<&'r [u8]>> {
+    match row.get_ref(at)? {
+        ValueRef::Null => Ok(None),
+        ValueRef::Text(bytes) => Ok(Some(bytes)),
+        other => Err(rusqlite::Error::InvalidColumnType(
+            at,
+            format!("column {at}"),
+            other.data_type(),
+        )),
+    }
+}
+
+fn not_utf8(at: usize) -> super::StoreError {
+    rusqlite::Error::FromSqlConversionFailure(
+        at,
+        rusqlite::types::Type::Text,
+        "not valid UTF-8".into(),
+    )
+    .into()
 }
 
 /// How much of the database file a report scan maps into memory.
 const MMAP_BYTES: i64 = 1 << 31;
 
-/// Copies the rows of `deal_id` from rows sorted by deal id, starting at `*next`;
-/// rows of smaller ids (deals outside the scope) are skipped.
-fn take_rows<T: Copy>(sorted: &[(i64, T)], next: &mut usize, deal_id: i64, out: &mut Vec<T>) {
-    out.clear();
-    while let Some((id, value)) = sorted.get(*next) {
-        if *id > deal_id {
-            break;
-        }
-        if *id == deal_id {
-            out.push(*value);
-        }
-        *next += 1;
+/// The last distinct status, currency and close-date texts met, parsed: deals repeat a
+/// few of each, so most rows cost a byte comparison instead of a parse.
+#[derive(Default)]
+struct TextCache {
+    currencies: Vec<(Vec<u8>, Option<Currency>)>,
+    dates: Vec<(Vec<u8>, Option<NaiveDate>)>,
+}
+
+/// Distinct values kept per column before the cache stops growing (dates can be many).
+const TEXT_CACHE_ENTRIES: usize = 64;
+
+fn cached<T: Copy>(
+    entries: &mut Vec<(Vec<u8>, T)>,
+    bytes: &[u8],
+    parse: impl FnOnce(&str) -> T,
+    miss: T,
+) -> T {
+    if let Some((_, value)) = entries.iter().find(|(key, _)| key == bytes) {
+        return *value;
     }
+    let value = std::str::from_utf8(bytes).map_or(miss, parse);
+    if entries.len() < TEXT_CACHE_ENTRIES {
+        entries.push((bytes.to_vec(), value));
+    }
+    value
 }
 
 fn deal_input(
     row: &rusqlite::Row<'_>,
-    interner: &mut crate::report::Interner,
-) -> rusqlite::Result<DealInput> {
-    let text = |at: usize| -> rusqlite::Result<Option<&str>> {
-        row.get_ref(at)?.as_str_or_null().map_err(|e| {
-            rusqlite::Error::FromSqlConversionFailure(at, rusqlite::types::Type::Text, Box::new(e))
-        })
+    interner: &mut Interner,
+    texts: &mut TextCache,
+) -> Result<DealInput> {
+    let connection = interner
+        .name_bytes(bytes_at(row, 1)?.unwrap_or_default())
+        .ok_or_else(|| not_utf8(1))?;
+    let stage = interner
+        .stage_bytes(bytes_at(row, 2)?, bytes_at(row, 3)?.unwrap_or_default())
+        .ok_or_else(|| not_utf8(3))?;
+    let status = match bytes_at(row, 4)? {
+        Some(bytes) => std::str::from_utf8(bytes).ok().and_then(DealStatus::parse),
+        None => None,
     };
-    let connection = interner.name(text(1)?.unwrap_or_default());
-    let stage = interner.stage(text(2)?, text(3)?.unwrap_or_default());
+    let currency = match bytes_at(row, 6)? {
+        Some(bytes) => cached(
+            &mut texts.currencies,
+            bytes,
+            |text| Currency::parse(text).ok(),
+            None,
+        ),
+        None => None,
+    };
+    let expected_close = match bytes_at(row, 7)? {
+        Some(bytes) => cached(&mut texts.dates, bytes, |text| text.parse().ok(), None),
+        None => None,
+    };
     Ok(DealInput {
         id: row.get(0)?,
         connection,
         stage,
-        status: text(4)?
-            .and_then(DealStatus::parse)
-            .unwrap_or(DealStatus::Unmapped),
+        status: status.unwrap_or(DealStatus::Unmapped),
         amount_minor: row.get(5)?,
-        currency: text(6)?.and_then(|c| Currency::parse(c).ok()),
-        expected_close: text(7)?.and_then(|d| d.parse().ok()),
+        currency,
+        expected_close,
         stage_entered_at: row.get(8)?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn grouped(by_deal: &ByDeal<(i64, u32)>) -> Vec<(i64, Vec<(i64, u32)>)> {
+        let mut start = 0;
+        by_deal
+            .groups
+            .iter()
+            .map(|&(deal_id, end)| {
+                let rows = by_deal.rows[start..end].to_vec();
+                start = end;
+                (deal_id, rows)
+            })
+            .collect()
+    }
+
+    /// Rows as (deal id, (time, insertion number)), in insertion order.
+    fn rows(deal_ids: &[i64]) -> Vec<(i64, (i64, u32))> {
+        deal_ids
+            .iter()
+            .enumerate()
+            .map(|(n, &deal_id)| (deal_id, ((n as i64 * 7919) % 5, n as u32)))
+            .collect()
+    }
+
+    #[test]
+    fn dense_and_sparse_deal_ids_group_the_same_way_ordered_by_time_then_insertion() {
+        let dense = [3, 1, 2, 3, 3, 1, 2, 2, 3, 1, 5];
+        let expected: Vec<(i64, Vec<(i64, u32)>)> = {
+            let mut deals: Vec<i64> = dense.to_vec();
+            deals.sort();
+            deals.dedup();
+            deals
+                .into_iter()
+                .map(|deal_id| {
+                    let mut of_deal: Vec<(i64, u32)> = rows(&dense)
+                        .into_iter()
+                        .filter(|(id, _)| *id == deal_id)
+                        .map(|(_, row)| row)
+                        .collect();
+                    of_deal.sort_by_key(|(at, n)| (*at, *n));
+                    (deal_id, of_deal)
+                })
+                .collect()
+        };
+        assert_eq!(grouped(&ByDeal::group(rows(&dense), |r| r.0)), expected);
+
+        // The same shape with ids further apart: three radix passes, then a comparison sort.
+        for spread in [1_000_000_000, 1_000_000_000_000] {
+            let sparse: Vec<i64> = dense.iter().map(|id| id * spread).collect();
+            let expected_sparse: Vec<(i64, Vec<(i64, u32)>)> = expected
+                .iter()
+                .map(|(id, rows)| (id * spread, rows.clone()))
+                .collect();
+            assert_eq!(
+                grouped(&ByDeal::group(rows(&sparse), |r| r.0)),
+                expected_sparse
+            );
+        }
+    }
+
+    #[test]
+    fn the_cursor_hands_each_deal_its_rows_and_nothing_to_deals_without_any() {
+        let by_deal = ByDeal::group(rows(&[4, 2, 4, 9]), |r| r.0);
+        let mut cursor = by_deal.cursor();
+        assert!(cursor.rows_of(1).is_empty());
+        assert_eq!(cursor.rows_of(2).len(), 1);
+        assert!(cursor.rows_of(3).is_empty());
+        // Deal 4 is outside the scope: skipped over.
+        assert!(cursor.rows_of(8).is_empty());
+        assert_eq!(cursor.rows_of(9).len(), 1);
+        assert!(cursor.rows_of(10).is_empty());
+        assert!(
+            ByDeal::<(i64, u32)>::group(Vec::new(), |r| r.0)
+                .groups
+                .is_empty()
+        );
+    }
 }

@@ -168,6 +168,11 @@ async fn funnel_forecast_and_outbox_answer_with_the_report_figures() {
     let (_, body) = get_with(&daemon, "/api/v1/outbox?state=sent", Some(TOKEN)).await;
     let outbox = json(&body);
     assert_eq!(outbox["emails"].as_array().unwrap().len(), 5);
+    assert_eq!(outbox["emails"][0]["action"], "email");
+    let (_, body) = get_with(&daemon, "/api/v1/outbox?action=expire", Some(TOKEN)).await;
+    assert_eq!(json(&body)["emails"].as_array().unwrap().len(), 0);
+    let (status, body) = get_with(&daemon, "/api/v1/outbox?action=sms", Some(TOKEN)).await;
+    assert_eq!(status, 400, "{body}");
     let failed = outbox["counts"]
         .as_array()
         .unwrap()
@@ -260,6 +265,116 @@ async fn the_status_page_renders_in_chromium_with_the_funnel_chart_and_escaped_t
     assert!(svg.contains("width=\"400"), "{svg}");
     assert!(svg.contains("Lead Generation"), "{svg}");
     assert!(dom.contains("id=\"funnel-ecommerce\""), "{dom}");
+}
+
+/// GET `/` with extra headers; returns the status, the `WWW-Authenticate` header and the body.
+async fn status_page(daemon: &TestDaemon, headers: &[(&str, &str)]) -> (u16, String, String) {
+    let mut request = daemon.http.get(daemon.url("/"));
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = request.send().await.expect("GET /");
+    let status = response.status().as_u16();
+    let challenge = response
+        .headers()
+        .get("www-authenticate")
+        .map(|v| v.to_str().unwrap_or_default().to_owned())
+        .unwrap_or_default();
+    (status, challenge, response.text().await.unwrap_or_default())
+}
+
+fn basic(user: &str, password: &str) -> String {
+    use base64::Engine;
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+    )
+}
+
+#[tokio::test]
+async fn a_status_page_request_forwarded_by_a_proxy_needs_the_token_and_the_token_opens_it() {
+    // The listener is loopback, as every test's is; a reverse proxy in front of it
+    // marks its clients with a forwarding header, and they are not local users.
+    let daemon = daemon_with_fixture(&format!("api_token = \"{TOKEN}\"\n")).await;
+    let remote_client = [
+        ("x-forwarded-for", "203.0.113.9"),
+        ("forwarded", "for=203.0.113.9;proto=https"),
+        ("x-real-ip", "203.0.113.9"),
+    ];
+
+    for proxy_header in remote_client {
+        let (status, challenge, body) = status_page(&daemon, &[proxy_header]).await;
+        assert_eq!(status, 401, "{proxy_header:?}: {body}");
+        assert!(challenge.starts_with("Basic realm="), "{challenge}");
+        assert!(!body.contains("funnel"), "{body}");
+        assert!(!body.contains(TOKEN), "the token leaked into the refusal");
+    }
+    let wrong = basic("ops", "test-token-0123456789abcdeX");
+    let (status, _, _) = status_page(&daemon, &[remote_client[0], ("authorization", &wrong)]).await;
+    assert_eq!(status, 401);
+
+    let right = basic("ops", TOKEN);
+    let (status, _, body) =
+        status_page(&daemon, &[remote_client[0], ("authorization", &right)]).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("id=\"funnel-sales\""), "{body}");
+    assert!(!body.contains(TOKEN), "the token leaked into the page");
+    let bearer = format!("Bearer {TOKEN}");
+    let (status, _, _) =
+        status_page(&daemon, &[remote_client[1], ("authorization", &bearer)]).await;
+    assert_eq!(status, 200);
+
+    // Straight from this machine, with no proxy in between, the page is open.
+    let (status, _, body) = status_page(&daemon, &[]).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        !daemon.logs().contains(TOKEN),
+        "the token leaked into the logs"
+    );
+}
+
+#[tokio::test]
+async fn with_status_page_auth_always_even_a_local_request_needs_the_token() {
+    let daemon = daemon_with_fixture(&format!(
+        "api_token = \"{TOKEN}\"\nstatus_page_auth = \"always\"\n"
+    ))
+    .await;
+    let (status, challenge, body) = status_page(&daemon, &[]).await;
+    assert_eq!(status, 401, "{body}");
+    assert!(challenge.starts_with("Basic"), "{challenge}");
+    let right = basic("", TOKEN);
+    let (status, _, body) = status_page(&daemon, &[("authorization", &right)]).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("id=\"funnel-sales\""), "{body}");
+}
+
+#[tokio::test]
+async fn without_a_token_a_forwarded_request_finds_no_status_page_and_always_is_a_config_error() {
+    let daemon = daemon_with_fixture("").await;
+    let (status, _, body) = status_page(&daemon, &[("x-forwarded-for", "203.0.113.9")]).await;
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains("server.api_token"), "{body}");
+    let (status, _, _) = status_page(&daemon, &[]).await;
+    assert_eq!(status, 200);
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("dealsync.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[storage]\npath = \"{}\"\n\n[server]\nstatus_page_auth = \"always\"\n",
+            dir.path().join("dealsync.db").display()
+        ),
+    )
+    .unwrap();
+    let (code, _, stderr) =
+        crate::harness::daemon::run_cli(&["--config", config.to_str().unwrap(), "check"], &[])
+            .await;
+    assert_eq!(code, 78, "{stderr}");
+    assert!(
+        stderr.contains("server.status_page_auth") && stderr.contains("server.api_token"),
+        "{stderr}"
+    );
 }
 
 #[tokio::test]
