@@ -88,6 +88,18 @@ pub enum OutboxCommand {
     List(OutboxListArgs),
     /// Print the exact email (headers included) that RULE sends for DEAL.
     Preview(OutboxPreviewArgs),
+    /// List daily digests (one row per rule, day and recipient), newest day first.
+    Digests(OutboxDigestsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct OutboxDigestsArgs {
+    #[arg(long)]
+    pub rule: Option<String>,
+    #[arg(long, default_value_t = 100)]
+    pub limit: u32,
+    #[arg(long, value_enum, default_value = "table")]
+    pub format: Format,
 }
 
 #[derive(Debug, Args)]
@@ -229,6 +241,7 @@ pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
         Command::Report(args) => report(&cli.config, args).await,
         Command::Outbox(OutboxCommand::List(args)) => outbox_list(&cli.config, args).await,
         Command::Outbox(OutboxCommand::Preview(args)) => outbox_preview(&cli.config, args).await,
+        Command::Outbox(OutboxCommand::Digests(args)) => outbox_digests(&cli.config, args).await,
     }
 }
 
@@ -750,6 +763,43 @@ async fn outbox_list(path: &std::path::Path, args: OutboxListArgs) -> Result<(),
             row.recipient.clone(),
             row.state.as_str().to_owned(),
             time(row.due_at),
+            row.attempts.to_string(),
+            row.sent_at.map(time).unwrap_or_default(),
+            row.reason.clone().unwrap_or_default(),
+        ]);
+    }
+    output::print(&table.render(args.format));
+    Ok(())
+}
+
+async fn outbox_digests(path: &std::path::Path, args: OutboxDigestsArgs) -> Result<(), CliError> {
+    let config = load(path).await?;
+    let store = open_store(&config).await?;
+    let rows = store.digests(args.rule, args.limit).await?;
+    if args.format == Format::Json {
+        output::print(&output::to_json(&rows));
+        return Ok(());
+    }
+    let mut table = Rows::new(vec![
+        "id",
+        "rule",
+        "day",
+        "recipient",
+        "state",
+        "deals",
+        "attempts",
+        "sent",
+        "reason",
+    ]);
+    let time = |at: chrono::DateTime<chrono::Utc>| at.format("%Y-%m-%d %H:%M:%S").to_string();
+    for row in rows {
+        table.push(vec![
+            row.id.to_string(),
+            row.rule.clone(),
+            row.day.clone(),
+            row.recipient.clone(),
+            row.state.as_str().to_owned(),
+            row.deals.len().to_string(),
             row.attempts.to_string(),
             row.sent_at.map(time).unwrap_or_default(),
             row.reason.clone().unwrap_or_default(),

@@ -38,6 +38,8 @@ pub struct Config {
     pub email: EmailConfig,
     /// Follow-up rules, validated against the pipelines and the templates directory.
     pub followups: Vec<crate::followup::rules::Rule>,
+    /// Daily digest rules (`[followups.NAME]` with `digest = "HH:MM"`).
+    pub digests: Vec<crate::followup::digest::DigestRule>,
 }
 
 #[derive(Debug, Clone)]
@@ -167,6 +169,8 @@ pub struct EmailConfig {
     pub max_per_recipient_per_day: Option<u32>,
     pub quiet_hours: Option<crate::followup::policy::QuietHours>,
     pub time_zone: chrono_tz::Tz,
+    /// JSON pointers into a deal's raw record naming the recipient's time zone.
+    pub recipient_time_zone: Vec<String>,
     pub late_grace: Duration,
     pub enroll_interval: Duration,
     pub max_attempts: u32,
@@ -366,6 +370,7 @@ fn validate(path: &Path, raw: raw::RawConfig, report: &mut dyn FnMut(&str, Strin
 
     let config_dir = path.parent().unwrap_or(Path::new("."));
     let email = validate_email(raw.email, config_dir, report);
+    let digests = crate::followup::digest::validate(&raw.followups, &pipelines, &email, report);
     let followups =
         crate::followup::rules::validate(raw.followups, &pipelines, &email.templates, report);
     check_followup_prerequisites(&followups, &email, server.public_url.as_ref(), report);
@@ -384,6 +389,7 @@ fn validate(path: &Path, raw: raw::RawConfig, report: &mut dyn FnMut(&str, Strin
         connections,
         email,
         followups,
+        digests,
     }
 }
 
@@ -698,6 +704,15 @@ fn validate_email(
             chrono_tz::UTC
         }),
     };
+    let recipient_time_zone = raw.recipient_time_zone.unwrap_or_default();
+    for pointer in &recipient_time_zone {
+        if !pointer.starts_with('/') {
+            report(
+                "email.recipient_time_zone",
+                format!("expected JSON pointers like \"/customer/time_zone\", got {pointer:?}"),
+            );
+        }
+    }
     let positive = |key: &str, value: Option<u32>, report: &mut dyn FnMut(&str, String)| {
         if value == Some(0) {
             report(key, "must be at least 1".to_owned());
@@ -736,6 +751,7 @@ fn validate_email(
         max_per_recipient_per_day,
         quiet_hours,
         time_zone,
+        recipient_time_zone,
         late_grace: raw
             .late_grace
             .map_or(Duration::from_secs(6 * 3600), |d| d.0),

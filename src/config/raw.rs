@@ -174,6 +174,9 @@ pub struct RawEmail {
     pub quiet_hours: Option<String>,
     /// The shop's time zone for quiet hours, e.g. "Europe/Berlin"; default UTC.
     pub time_zone: Option<String>,
+    /// JSON pointers into a deal's source record where a recipient's IANA time zone may
+    /// be, tried in order, e.g. ["/customer/time_zone"]; quiet hours then use it.
+    pub recipient_time_zone: Option<Vec<String>>,
     /// A step overdue by more than this (after downtime) is skipped, not sent late.
     pub late_grace: Option<ConfigDuration>,
     /// How often new stage entries are enrolled into rules.
@@ -212,6 +215,12 @@ pub struct RawFollowup {
     pub cooldown: Option<ConfigDuration>,
     /// Stop when an order from the same customer arrives (default: on for `ecommerce`).
     pub stop_on_purchase: Option<bool>,
+    /// A step (or digest) overdue by more than this after downtime is skipped; default `email.late_grace`.
+    pub late_grace: Option<ConfigDuration>,
+    /// Makes the rule a daily digest: one email per recipient per day at this local time ("08:00").
+    pub digest: Option<String>,
+    /// The digest's time zone, e.g. "Europe/Berlin"; default `email.time_zone`.
+    pub time_zone: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -7,7 +7,10 @@
 //! - Marketing messages carry `List-Unsubscribe` (mailto and https) and
 //!   `List-Unsubscribe-Post: List-Unsubscribe=One-Click` (RFC 8058).
 //! - SMTP replies are classified, so the worker never parses strings: 4xx and
-//!   connection problems are transient, 5xx permanent, and 5.1.x a hard bounce.
+//!   failures to connect are transient, 5xx permanent, and 5.1.x a hard bounce. A
+//!   connection that breaks or times out once it is established (no reply at all) is
+//!   an *unknown outcome*: the server may have accepted the message, so it is never
+//!   retried (see docs/followups.md, "Unknown outcomes").
 //! - The file transport writes under the idempotency key and never overwrites, so a
 //!   file exists at most once per row.
 
@@ -29,6 +32,10 @@ pub enum MailError {
     /// Try again later: a 4xx reply, a refused or dropped connection, a timeout.
     #[error("transient delivery failure: {0}")]
     Transient(String),
+    /// The connection broke or timed out after it was established, without an SMTP
+    /// reply: the message may have been accepted. Not retried.
+    #[error("delivery outcome unknown: {0}")]
+    Unknown(String),
     /// Do not retry: a 5xx reply. `hard_bounce` when the address does not exist.
     #[error("permanent delivery failure: {reason}")]
     Permanent { reason: String, hard_bounce: bool },
@@ -186,6 +193,20 @@ impl Mailer {
 /// Sorts an SMTP error into what the worker must do.
 fn classify(error: lettre::transport::smtp::Error) -> MailError {
     let text = error.to_string();
+    // lettre's kinds: a reply code (transient/permanent), `Connection` (connecting,
+    // TLS set-up: nothing was handed over), `Client` (refused locally), and
+    // `Network`/`Response`/timeouts on an established connection, which the pooled
+    // transport does not place before or after the end of DATA: unknown.
+    let connecting = text.starts_with("Connection error") || text.starts_with("tls error");
+    if !connecting && (error.is_response() || error.is_timeout() || is_network(&error)) {
+        return MailError::Unknown(text);
+    }
+    if error.is_client() {
+        return MailError::Permanent {
+            reason: text,
+            hard_bounce: false,
+        };
+    }
     if error.is_permanent() {
         let code = error.status().map(|c| c.to_string()).unwrap_or_default();
         // 5.1.x: bad destination mailbox/system. Without an enhanced code, 550/551/553
@@ -199,6 +220,15 @@ fn classify(error: lettre::transport::smtp::Error) -> MailError {
     } else {
         MailError::Transient(text)
     }
+}
+
+/// lettre has no `is_network`; its Display names the kind.
+fn is_network(error: &lettre::transport::smtp::Error) -> bool {
+    !error.is_transient()
+        && !error.is_permanent()
+        && !error.is_client()
+        && !error.is_response()
+        && error.to_string().starts_with("network error")
 }
 
 /// Writes `<dir>/<key>.eml` without ever replacing an existing file: the message is

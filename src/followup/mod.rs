@@ -13,6 +13,7 @@
 //!   marketing email without recorded consent stops the sequence.
 //! - Template errors are config errors: found at load and by `dealsync check`.
 
+pub mod digest;
 pub mod mailer;
 pub mod policy;
 pub mod rules;
@@ -39,12 +40,15 @@ pub enum FollowupError {
 /// Loads the templates and renders each rule's steps against a sample cart, and
 /// builds the transport: every problem `dealsync check` and start-up must report.
 pub fn preflight(config: &Config) -> Vec<String> {
-    if config.followups.is_empty() {
+    if config.followups.is_empty() && config.digests.is_empty() {
         return Vec::new();
     }
     let mut problems = Vec::new();
-    match templates::Templates::for_rules(&config.email.templates, &config.followups) {
-        Ok(loaded) => problems.extend(loaded.check(&config.followups)),
+    match templates::Templates::for_config(config) {
+        Ok(loaded) => {
+            problems.extend(loaded.check(&config.followups));
+            problems.extend(digest::check(&loaded, &config.digests, &config.pipelines));
+        }
         Err(error) => problems.push(error.to_string()),
     }
     if let Err(error) = mailer::Mailer::new(&config.email) {

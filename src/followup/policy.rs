@@ -77,7 +77,19 @@ pub struct Policy<'a> {
     pub now: DateTime<Utc>,
     pub late_grace: Duration,
     pub cap: Option<u32>,
+    /// Quiet hours and the shop's zone, the fallback for recipients without one.
     pub quiet: Option<(QuietHours, Tz)>,
+    /// JSON pointers into the deal's source record that may name the recipient's zone.
+    pub recipient_zone_fields: &'a [String],
+}
+
+/// The recipient's time zone from the deal's source record: the first pointer that
+/// names a known IANA zone.
+pub fn recipient_zone(raw: &serde_json::Value, pointers: &[String]) -> Option<Tz> {
+    pointers
+        .iter()
+        .filter_map(|pointer| raw.pointer(pointer)?.as_str())
+        .find_map(|name| name.trim().parse::<Tz>().ok())
 }
 
 /// The cap's window.
@@ -147,7 +159,9 @@ impl Policy<'_> {
             }
         }
         if !rule.to.is_internal() {
-            if let Some((quiet, zone)) = self.quiet
+            if let Some((quiet, shop_zone)) = self.quiet
+                && let zone =
+                    recipient_zone(&deal.raw, self.recipient_zone_fields).unwrap_or(shop_zone)
                 && let Some(end) = quiet.ends_after(self.now, zone)
             {
                 return ClaimDecision::Defer {
@@ -219,6 +233,30 @@ mod tests {
         );
         assert!(QuietHours::parse("9-17").is_err());
         assert!(QuietHours::parse("09:00-09:00").is_err());
+    }
+
+    #[test]
+    fn the_recipients_zone_comes_from_the_first_pointer_naming_a_known_zone() {
+        let raw = serde_json::json!({
+            "customer": {"time_zone": "Mars/Olympus"},
+            "properties": {"tz": "America/New_York"},
+        });
+        let pointers = [
+            "/customer/time_zone".to_owned(),
+            "/properties/tz".to_owned(),
+        ];
+        assert_eq!(
+            recipient_zone(&raw, &pointers),
+            Some(chrono_tz::America::New_York)
+        );
+        assert_eq!(recipient_zone(&raw, &pointers[..1]), None);
+        assert_eq!(recipient_zone(&serde_json::Value::Null, &pointers), None);
+        // 22:30 in Berlin is 16:30 in New York: quiet for the shop, not for her.
+        let quiet = QuietHours::parse("21:00-09:00").unwrap();
+        let at = Utc.with_ymd_and_hms(2026, 1, 10, 21, 30, 0).unwrap();
+        let berlin: Tz = "Europe/Berlin".parse().unwrap();
+        assert!(quiet.ends_after(at, berlin).is_some());
+        assert!(quiet.ends_after(at, chrono_tz::America::New_York).is_none());
     }
 
     #[test]

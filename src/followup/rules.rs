@@ -94,6 +94,8 @@ pub struct Rule {
     /// After the last step: how long to wait, and where the deal goes then.
     pub expire: Option<(Duration, StageRef)>,
     pub cooldown: Option<Duration>,
+    /// Overrides `email.late_grace` for this rule.
+    pub late_grace: Option<Duration>,
     pub stop_on_purchase: bool,
     /// The stages in which the sequence continues: the trigger and every `move_to`.
     pub active: Vec<StageRef>,
@@ -126,7 +128,7 @@ pub fn template_files(name: &str) -> [String; 3] {
     ]
 }
 
-fn valid_name(name: &str) -> bool {
+pub(crate) fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name
             .chars()
@@ -150,7 +152,16 @@ pub fn validate(
             );
             continue;
         }
-        if !raw_rule.enabled {
+        if !raw_rule.enabled || raw_rule.digest.is_some() {
+            // Digest rules are validated by `digest::validate`.
+            continue;
+        }
+        if raw_rule.time_zone.is_some() {
+            report(
+                &format!("{base}.time_zone"),
+                "is used only by digest rules (`digest = \"08:00\"`); quiet hours use email.time_zone"
+                    .to_owned(),
+            );
             continue;
         }
         let stages = match &raw_rule.stage {
@@ -467,6 +478,7 @@ fn validate_one(
         steps,
         expire,
         cooldown: raw.cooldown.map(|d| d.0),
+        late_grace: raw.late_grace.map(|d| d.0),
         stop_on_purchase: raw.stop_on_purchase.unwrap_or(is_cart_rule),
         active,
     })

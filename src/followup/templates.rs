@@ -248,8 +248,15 @@ impl Templates {
         Templates::load(dir, rules.iter().flat_map(|rule| rule.templates()))
     }
 
+    /// Loads the templates of every rule and digest of a config.
+    pub fn for_config(config: &crate::config::Config) -> Result<Templates, TemplateError> {
+        let rules = config.followups.iter().flat_map(|rule| rule.templates());
+        let digests = config.digests.iter().map(|digest| digest.template.as_str());
+        Templates::load(&config.email.templates, rules.chain(digests))
+    }
+
     /// Renders one template.
-    pub fn render(&self, name: &str, context: &EmailContext) -> Result<Rendered, TemplateError> {
+    pub fn render<C: Serialize>(&self, name: &str, context: &C) -> Result<Rendered, TemplateError> {
         let [subject, text, html] = template_files(name);
         let render = |file: &str| {
             let template = self

@@ -5,13 +5,16 @@
 //! (re-check in one transaction) → render → SMTP or `.eml` → mark sent (and move the
 //! cart) in one transaction.
 //!
-//! The loop sleeps until the earlier of the next due row and the next enrollment pass;
-//! it never scans the deals table per tick. At start it enrolls, from the
+//! The loop sleeps until the earlier of the next due row and the next enrollment pass,
+//! and wakes at once when a stage change commits through the store (new work); it
+//! never scans the deals table per tick. `enroll_interval` is only the fallback for
+//! changes written by another process (a CLI `sync` beside the daemon). At start it enrolls, from the
 //! `(pipeline, stage, stage_entered_at)` index, deals that entered a trigger stage
 //! recently enough for a step to be still sendable, then follows the history feed.
 //! On shutdown it stops claiming and lets the sends in flight finish.
 
 use super::FollowupError;
+use super::digest::{DigestContext, DigestRecipient, DigestRule, MAX_LISTED};
 use super::mailer::{MailError, Mailer, Outgoing};
 use super::policy::{self, CAP_WINDOW, Policy};
 use super::rules::{Recipient, Rule, RuleKind};
@@ -20,8 +23,9 @@ use super::unsubscribe;
 use crate::config::Config;
 use crate::domain::{Deal, StageRef};
 use crate::store::{
-    ClaimDecision, ClaimQuery, EarlierEnrollment, EnrollPlan, NewOutboxRow, OutboxAction,
-    OutboxRow, OutboxState, Store, StoreError,
+    AssembleOutcome, ClaimDecision, ClaimQuery, DigestClaim, DigestFinish, DigestWatch,
+    EarlierEnrollment, EnrollPlan, NewOutboxRow, OutboxAction, OutboxRow, OutboxState, Store,
+    StoreError,
 };
 use crate::telemetry::{FollowupLabels, Metrics};
 use chrono::{DateTime, Utc};
@@ -43,6 +47,7 @@ pub struct Worker {
     store: Store,
     config: Arc<Config>,
     rules: HashMap<String, Arc<Rule>>,
+    digests: HashMap<String, Arc<DigestRule>>,
     templates: Templates,
     mailer: Mailer,
     metrics: Arc<Metrics>,
@@ -63,7 +68,7 @@ pub async fn run(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
-    if config.followups.is_empty() {
+    if config.followups.is_empty() && config.digests.is_empty() {
         debug!("no follow-up rules configured; the follow-up worker is idle");
         return;
     }
@@ -85,10 +90,15 @@ impl Worker {
         config: Arc<Config>,
         metrics: Arc<Metrics>,
     ) -> Result<Worker, FollowupError> {
-        let templates = Templates::for_rules(&config.email.templates, &config.followups)?;
+        let templates = Templates::for_config(&config)?;
         let mailer = Mailer::new(&config.email)?;
         let rules = config
             .followups
+            .iter()
+            .map(|rule| (rule.name.clone(), Arc::new(rule.clone())))
+            .collect();
+        let digests = config
+            .digests
             .iter()
             .map(|rule| (rule.name.clone(), Arc::new(rule.clone())))
             .collect();
@@ -96,6 +106,7 @@ impl Worker {
             store,
             config,
             rules,
+            digests,
             templates,
             mailer,
             metrics,
@@ -106,16 +117,21 @@ impl Worker {
         let email = &self.config.email;
         info!(
             rules = self.rules.len(),
+            digests = self.digests.len(),
             dry_run = email.dry_run,
             "follow-up worker started"
         );
         // Read the feed position first, then enroll from the index: an entry in
         // between is seen twice, and enrolling is idempotent.
+        let mut changes = self.store.stage_changes();
         let mut feed = self.store.last_history_id().await?;
         self.enroll_from_index().await?;
         let mut next_enroll = tokio::time::Instant::now() + email.enroll_interval;
         let limit = Arc::new(Semaphore::new(email.pool_size as usize));
         let mut sends = JoinSet::new();
+        // The local day each digest rule was last assembled for, in this process; the
+        // store's `digest_runs` is what makes assembling once per day hold across restarts.
+        let mut assembled: HashMap<String, chrono::NaiveDate> = HashMap::new();
         loop {
             if shutdown.is_cancelled() {
                 break;
@@ -123,6 +139,20 @@ impl Worker {
             if tokio::time::Instant::now() >= next_enroll {
                 feed = self.enroll_from_feed(feed).await?;
                 next_enroll = tokio::time::Instant::now() + email.enroll_interval;
+            }
+            self.assemble_digests(&mut assembled).await?;
+            for (id, rule) in self.store.digests_due(Utc::now(), BATCH).await? {
+                let permit = tokio::select! {
+                    permit = limit.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+                    _ = shutdown.cancelled() => break,
+                };
+                let worker = self.clone();
+                sends.spawn(async move {
+                    if let Err(error) = worker.process_digest(id, &rule).await {
+                        warn!(rule = %rule, digest_id = id, %error, "digest not processed; it stays due");
+                    }
+                    drop(permit);
+                });
             }
             let due = self.store.outbox_due(Utc::now(), BATCH).await?;
             let full = due.len() as u32 == BATCH;
@@ -146,7 +176,15 @@ impl Worker {
             if full {
                 continue;
             }
-            let next_due = self.store.outbox_next_due().await?;
+            let now = Utc::now();
+            let next_due = [
+                self.store.outbox_next_due().await?,
+                self.store.digest_next_due().await?,
+            ]
+            .into_iter()
+            .chain(self.digests.values().map(|rule| Some(rule.next_slot(now))))
+            .flatten()
+            .min();
             let wake = match next_due {
                 Some(at) => {
                     let wait = (at - Utc::now()).to_std().unwrap_or(Duration::ZERO);
@@ -157,6 +195,15 @@ impl Worker {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = tokio::time::sleep_until(wake) => {}
+                // New work: a stage change committed through this store may enroll a
+                // deal whose first step is due now. `enroll_interval` stays the
+                // fallback for changes written by another process.
+                changed = changes.changed() => {
+                    if changed.is_ok() {
+                        changes.borrow_and_update();
+                        next_enroll = tokio::time::Instant::now();
+                    }
+                }
             }
         }
         while sends.join_next().await.is_some() {}
@@ -169,7 +216,7 @@ impl Worker {
     async fn enroll_from_index(&self) -> Result<(), StoreError> {
         let now = Utc::now();
         for rule in self.rules.values() {
-            let reach = rule.horizon() + self.config.email.late_grace;
+            let reach = rule.horizon() + rule.late_grace.unwrap_or(self.config.email.late_grace);
             let since = now - chrono::Duration::from_std(reach).unwrap_or(chrono::Duration::MAX);
             let deals = self
                 .store
@@ -203,7 +250,7 @@ impl Worker {
 
     async fn enroll(&self, rule: Arc<Rule>, deal_id: i64) -> Result<(), StoreError> {
         let now = Utc::now();
-        let grace = self.config.email.late_grace;
+        let grace = rule.late_grace.unwrap_or(self.config.email.late_grace);
         let lookback = rule
             .cooldown
             .unwrap_or(Duration::ZERO)
@@ -255,8 +302,10 @@ impl Worker {
             },
             cap_window: email.max_per_recipient_per_day.map(|_| CAP_WINDOW),
         };
-        let (grace, cap) = (email.late_grace, email.max_per_recipient_per_day);
+        let grace = rule.late_grace.unwrap_or(email.late_grace);
+        let cap = email.max_per_recipient_per_day;
         let quiet = email.quiet_hours.map(|q| (q, email.time_zone));
+        let zone_fields = email.recipient_time_zone.clone();
         let decider = rule.clone();
         let Some(claim) = self
             .store
@@ -267,6 +316,7 @@ impl Worker {
                     late_grace: grace,
                     cap,
                     quiet,
+                    recipient_zone_fields: &zone_fields,
                 }
                 .decide(facts)
             })
@@ -353,6 +403,13 @@ impl Worker {
                     .mark_retry(row.id, at, format!("retrying: {reason}"), Utc::now())
                     .await
             }
+            Err(MailError::Unknown(reason)) => {
+                warn!(rule = %rule.name, deal_id = deal.id, %reason, "follow-up outcome unknown; marked uncertain, not resent");
+                self.count(&rule.name, "uncertain");
+                self.store
+                    .mark_uncertain(row.id, unknown_outcome_reason(&reason), Utc::now())
+                    .await
+            }
             Err(MailError::Permanent {
                 reason,
                 hard_bounce,
@@ -372,6 +429,174 @@ impl Worker {
                     .await
             }
         }
+    }
+
+    /// Assembles each digest rule's latest slot once per local day; a slot further
+    /// back than the rule's late grace (downtime) is recorded as missed.
+    async fn assemble_digests(
+        &self,
+        assembled: &mut HashMap<String, chrono::NaiveDate>,
+    ) -> Result<(), StoreError> {
+        let now = Utc::now();
+        for rule in self.digests.values() {
+            let (day, slot) = rule.latest_slot(now);
+            if assembled.get(&rule.name) == Some(&day) {
+                continue;
+            }
+            let late = (now - slot).to_std().unwrap_or_default();
+            let missed = late > rule.late_grace;
+            let outcome = self
+                .store
+                .assemble_digests(
+                    rule.name.clone(),
+                    day.to_string(),
+                    slot,
+                    now,
+                    digest_watch(rule, now),
+                    digest_fixed(rule),
+                    missed,
+                )
+                .await?;
+            match outcome {
+                AssembleOutcome::Assembled { recipients } => {
+                    info!(rule = %rule.name, %day, recipients, "daily digest assembled");
+                }
+                AssembleOutcome::Missed => {
+                    self.count(&rule.name, "missed");
+                    info!(rule = %rule.name, %day, late_s = late.as_secs(), "daily digest missed: the daemon was not running within the late grace of its time; not sent late");
+                }
+                AssembleOutcome::AlreadyDone => {}
+            }
+            assembled.insert(rule.name.clone(), day);
+        }
+        Ok(())
+    }
+
+    /// Claims one due digest (re-reading its deals) and sends it.
+    async fn process_digest(&self, id: i64, rule_name: &str) -> Result<(), StoreError> {
+        let now = Utc::now();
+        let Some(rule) = self.digests.get(rule_name).cloned() else {
+            let reason = format!("digest rule {rule_name} is no longer configured");
+            return self.store.skip_digest(id, reason, now).await;
+        };
+        let by_owner = rule.to == DigestRecipient::Owner;
+        let claim = self
+            .store
+            .claim_digest(
+                id,
+                now,
+                rule.late_grace,
+                digest_watch(&rule, now),
+                by_owner,
+                MAX_LISTED,
+            )
+            .await?;
+        let (row, deals, total) = match claim {
+            DigestClaim::Gone => return Ok(()),
+            DigestClaim::Skipped(reason) => {
+                self.count(&rule.name, "skipped");
+                info!(rule = %rule.name, digest_id = id, %reason, "daily digest skipped");
+                return Ok(());
+            }
+            DigestClaim::Send { row, deals, total } => (row, deals, total),
+        };
+        let context = DigestContext::new(
+            &rule,
+            &row.recipient,
+            deals,
+            total,
+            &self.config.pipelines,
+            &row.day,
+            sender_name(&self.config),
+            now,
+        );
+        let key = rule.idempotency_key(&row.day, &row.recipient);
+        let message_id = self.mailer.message_id(&key);
+        let built = self
+            .templates
+            .render(&rule.template, &context)
+            .map_err(FollowupError::from)
+            .and_then(|rendered| {
+                let to = crate::domain::EmailAddress::parse(&row.recipient).ok_or_else(|| {
+                    FollowupError::NoRecipient {
+                        rule: rule.name.clone(),
+                    }
+                })?;
+                let outgoing = Outgoing {
+                    to,
+                    to_name: context.owner.name.clone(),
+                    subject: rendered.subject,
+                    text: rendered.text,
+                    html: rendered.html,
+                    idempotency_key: key.clone(),
+                    unsubscribe: None,
+                };
+                Ok(self.mailer.build(&outgoing)?)
+            });
+        let message = match built {
+            Ok(message) => message,
+            Err(error) => {
+                self.count(&rule.name, "failed");
+                error!(rule = %rule.name, digest_id = id, %error, "daily digest failed");
+                let finish = DigestFinish::Failed {
+                    reason: format!("could not compose the digest: {error}"),
+                    suppress: false,
+                };
+                return self.store.finish_digest(id, finish, Utc::now()).await;
+            }
+        };
+        if self.config.email.dry_run {
+            self.count(&rule.name, "dry_run");
+            info!(rule = %rule.name, digest_id = id, deals = total, "dry run: digest rendered, not sent");
+            let finish = DigestFinish::DryRun { message_id };
+            return self.store.finish_digest(id, finish, Utc::now()).await;
+        }
+        let finish = match self.mailer.send(message, &key).await {
+            Ok(()) => {
+                self.count(&rule.name, "sent");
+                info!(rule = %rule.name, digest_id = id, deals = total, day = %row.day, "daily digest sent");
+                DigestFinish::Sent { message_id }
+            }
+            Err(MailError::Transient(reason))
+                if (row.attempts as u32) < self.config.email.max_attempts =>
+            {
+                let email = &self.config.email;
+                let delay =
+                    policy::backoff(row.attempts as u32, email.retry_initial, email.retry_max);
+                self.count(&rule.name, "retried");
+                warn!(rule = %rule.name, digest_id = id, attempt = row.attempts, retry_in_ms = delay.as_millis() as u64, %reason, "digest delivery failed, retrying");
+                DigestFinish::Retry {
+                    at: Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default(),
+                    reason: format!("retrying: {reason}"),
+                }
+            }
+            Err(MailError::Unknown(reason)) => {
+                self.count(&rule.name, "uncertain");
+                warn!(rule = %rule.name, digest_id = id, %reason, "digest outcome unknown; marked uncertain, not resent");
+                DigestFinish::Uncertain {
+                    reason: unknown_outcome_reason(&reason),
+                }
+            }
+            Err(MailError::Permanent {
+                reason,
+                hard_bounce,
+            }) => {
+                self.count(&rule.name, "failed");
+                warn!(rule = %rule.name, digest_id = id, hard_bounce, %reason, "digest refused by the server");
+                DigestFinish::Failed {
+                    reason,
+                    suppress: hard_bounce,
+                }
+            }
+            Err(error) => {
+                self.count(&rule.name, "failed");
+                DigestFinish::Failed {
+                    reason: format!("gave up after {} attempts: {error}", row.attempts),
+                    suppress: false,
+                }
+            }
+        };
+        self.store.finish_digest(id, finish, Utc::now()).await
     }
 
     /// Renders the email of a row; used by the sender and by `outbox preview`.
@@ -430,13 +655,7 @@ pub fn compose(
         }
         RuleKind::Transactional => None,
     };
-    let sender = config
-        .email
-        .from
-        .parse::<lettre::message::Mailbox>()
-        .ok()
-        .and_then(|m| m.name)
-        .unwrap_or_else(|| config.email.from.clone());
+    let sender = sender_name(config);
     let context = EmailContext::new(
         deal,
         rule,
@@ -460,6 +679,42 @@ pub fn compose(
         idempotency_key: idempotency_key(row),
         unsubscribe,
     })
+}
+
+/// What a digest lists at `now`: each watched stage with its idle cut-off.
+fn digest_watch(rule: &DigestRule, now: DateTime<Utc>) -> Vec<DigestWatch> {
+    rule.cutoffs(now)
+        .into_iter()
+        .map(|(stage, entered_before)| DigestWatch {
+            stage,
+            entered_before,
+        })
+        .collect()
+}
+
+fn digest_fixed(rule: &DigestRule) -> Option<String> {
+    match &rule.to {
+        DigestRecipient::Owner => None,
+        DigestRecipient::Fixed(address) => Some(address.as_str().to_lowercase()),
+    }
+}
+
+/// The reason recorded on a row whose delivery outcome is unknown.
+fn unknown_outcome_reason(error: &str) -> String {
+    format!(
+        "outcome unknown: the connection failed after the message was handed to the server ({error}); not resent, see docs/followups.md"
+    )
+}
+
+/// The display name of the sender, for templates.
+fn sender_name(config: &Config) -> String {
+    config
+        .email
+        .from
+        .parse::<lettre::message::Mailbox>()
+        .ok()
+        .and_then(|m| m.name)
+        .unwrap_or_else(|| config.email.from.clone())
 }
 
 /// `<deal>-<rule>-<step>`: names an outbox row everywhere, stable across restarts.

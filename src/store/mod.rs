@@ -10,9 +10,13 @@
 //!   schema is newer than this binary's is refused and left untouched.
 //! - A deal's stage change and its history row commit in the same transaction.
 //! - A page's deals and the sync cursor commit in the same transaction.
+//! - After a write transaction that appended stage history commits (and only then),
+//!   `stage_changes()` subscribers are woken: the follow-up scheduler enrolls at once
+//!   instead of waiting for its next pass.
 
 mod carts;
 mod deals;
+mod digests;
 mod inbox;
 mod migrations;
 mod outbox;
@@ -23,6 +27,7 @@ mod tokens;
 
 pub use carts::{CartOutcome, CartRules};
 pub use deals::{DealFilter, DealUpsert, StageCount, UnmappedStage, UpsertOutcome};
+pub use digests::{AssembleOutcome, DigestClaim, DigestFinish, DigestRow, DigestWatch};
 pub use inbox::{Enqueued, InboxCounts, InboxOp, InboxRow, NewWebhook};
 pub use migrations::SCHEMA_VERSION;
 pub use outbox::{
@@ -39,6 +44,7 @@ pub use tokens::StoredToken;
 use chrono::{DateTime, TimeZone, Utc};
 use rusqlite::Connection;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -99,6 +105,10 @@ struct Inner {
     readers: Mutex<Vec<Connection>>,
     /// The webhook inbox's group-commit writer, started on first use.
     inbox: OnceLock<inbox::InboxWriter>,
+    /// Set by the writer's update hook when a transaction inserts a stage-history row.
+    stage_changed: Arc<AtomicBool>,
+    /// Bumped after such a transaction commits; see `Store::stage_changes`.
+    stage_changes: tokio::sync::watch::Sender<u64>,
 }
 
 /// A handle to the database; cheap to clone.
@@ -154,12 +164,23 @@ impl Store {
         migrations::refuse_newer(&writer, path)?;
         configure(&writer)?;
         migrations::migrate(&mut writer)?;
+        let stage_changed = Arc::new(AtomicBool::new(false));
+        let flag = stage_changed.clone();
+        writer.update_hook(Some(
+            move |action: rusqlite::hooks::Action, _db: &str, table: &str, _row: i64| {
+                if action == rusqlite::hooks::Action::SQLITE_INSERT && table == "stage_history" {
+                    flag.store(true, Ordering::Relaxed);
+                }
+            },
+        ));
         Ok(Store {
             inner: Arc::new(Inner {
                 path: path.to_owned(),
                 writer: Mutex::new(writer),
                 readers: Mutex::new(Vec::new()),
                 inbox: OnceLock::new(),
+                stage_changed,
+                stage_changes: tokio::sync::watch::Sender::new(0),
             }),
         })
     }
@@ -184,10 +205,22 @@ impl Store {
                 connection.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             let value = f(&tx)?;
             tx.commit()?;
+            // Set by the update hook during `f` (or an earlier transaction that rolled
+            // back: a harmless extra wake-up). Read only after the commit, so a
+            // subscriber never looks for a change that is not visible yet.
+            if inner.stage_changed.swap(false, Ordering::Relaxed) {
+                inner.stage_changes.send_modify(|count| *count += 1);
+            }
             Ok(value)
         })
         .await
         .map_err(|error| StoreError::Task(error.to_string()))?
+    }
+
+    /// A receiver that changes after every committed transaction that recorded a
+    /// stage change through this `Store` (writes by other processes are not seen).
+    pub fn stage_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.stage_changes.subscribe()
     }
 
     /// Runs `f` on a reader connection on a blocking thread.

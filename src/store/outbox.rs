@@ -628,6 +628,20 @@ impl Store {
         .await
     }
 
+    /// Marks a claimed row `uncertain`: the server may have accepted the message (the
+    /// connection failed after the hand-off), so it is never resent.
+    pub async fn mark_uncertain(&self, id: i64, reason: String, at: DateTime<Utc>) -> Result<()> {
+        self.write(move |tx| {
+            tx.execute(
+                "UPDATE outbox SET state = 'uncertain', reason = ?2, updated_at = ?3
+                 WHERE id = ?1 AND state = 'sending'",
+                params![id, reason, to_ms(at)],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
     /// Marks a claimed row failed; a hard bounce also suppresses the address, in the
     /// same transaction.
     pub async fn mark_failed(
@@ -651,8 +665,8 @@ impl Store {
         .await
     }
 
-    /// At start-up: every row left in `sending` by a crash becomes `uncertain`.
-    /// Returns how many.
+    /// At start-up: every outbox or digest row left in `sending` by a crash becomes
+    /// `uncertain`. Returns how many.
     pub async fn outbox_recover_interrupted(&self, at: DateTime<Utc>) -> Result<u64> {
         self.write(move |tx| {
             let changed = tx.execute(
@@ -661,7 +675,13 @@ impl Store {
                  WHERE state = 'sending'",
                 [to_ms(at)],
             )?;
-            Ok(changed as u64)
+            let digests = tx.execute(
+                "UPDATE digests SET state = 'uncertain', updated_at = ?1,
+                    reason = 'interrupted between SMTP hand-off and acknowledgement; not resent'
+                 WHERE state = 'sending'",
+                [to_ms(at)],
+            )?;
+            Ok((changed + digests) as u64)
         })
         .await
     }

@@ -75,7 +75,33 @@ async fn put_cart(
     stage: &str,
     at: DateTime<Utc>,
 ) -> i64 {
+    put_cart_with_raw(
+        store,
+        connection,
+        id,
+        email,
+        consent,
+        stage,
+        at,
+        serde_json::Value::Null,
+    )
+    .await
+}
+
+/// `put_cart` with the source's record as the webhook delivered it.
+#[allow(clippy::too_many_arguments)]
+async fn put_cart_with_raw(
+    store: &Store,
+    connection: &str,
+    id: &str,
+    email: &str,
+    consent: Option<bool>,
+    stage: &str,
+    at: DateTime<Utc>,
+    raw: serde_json::Value,
+) -> i64 {
     let mut source = SourceDeal::new(id, format!("Cart {id}"), "checkouts", stage);
+    source.raw = raw;
     source.amount = Some(Money::new(30_700, Currency::parse("EUR").unwrap()));
     source.contact_email = EmailAddress::parse(email);
     source.contact_name = Some("Ada Lovelace".into());
@@ -952,4 +978,463 @@ async fn dry_run_renders_and_records_without_sending_and_preview_prints_the_exac
     .await;
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("known: carts"), "{stderr}");
+}
+
+#[tokio::test]
+async fn a_newly_abandoned_cart_is_sent_promptly_without_waiting_for_the_enroll_interval() {
+    // Arrange: the App in process, so the cart is written through the daemon's own
+    // store, with an enrollment pass only once an hour.
+    let smtp = SmtpServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("dealsync.toml");
+    let body = config(&smtp, "", &cart_rule("100ms", "1h", "2h"))
+        .replace("enroll_interval = \"100ms\"", "enroll_interval = \"1h\"");
+    std::fs::write(
+        &path,
+        format!(
+            "[storage]\npath = \"{}\"\n[server]\nlisten = \"127.0.0.1:0\"\npublic_url = \"http://127.0.0.1:8080\"\n{body}",
+            dir.path().join("dealsync.db").display()
+        ),
+    )
+    .unwrap();
+    let app = dealsync::app::App::build(dealsync::config::load(&path).unwrap())
+        .await
+        .unwrap();
+    let state = app.state();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let running = tokio::spawn(app.run(shutdown.clone()));
+    // A first cart proves the worker is in its loop (its start-up pass may be what
+    // enrolls this one); after it, only a wake-up can enroll before an hour passes.
+    put_cart(
+        &state.store,
+        "shop",
+        "w0",
+        "first@example.com",
+        Some(true),
+        "cart_abandoned",
+        Utc::now(),
+    )
+    .await;
+    eventually("the first shopper's email", WAIT, || async {
+        (!messages_to(&smtp, "first@example.com").is_empty()).then_some(())
+    })
+    .await;
+
+    // Act: a cart is abandoned now.
+    let started = std::time::Instant::now();
+    let cart = put_cart(
+        &state.store,
+        "shop",
+        "w1",
+        "wake@example.com",
+        Some(true),
+        "cart_abandoned",
+        Utc::now(),
+    )
+    .await;
+
+    // Assert: its first step (due after 100 ms) arrives within seconds, not an hour.
+    let mails = eventually("the first cart email", Duration::from_secs(10), || async {
+        let mails = messages_to(&smtp, "wake@example.com");
+        (!mails.is_empty()).then_some(mails)
+    })
+    .await;
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert_eq!(mails.len(), 1);
+    assert_eq!(
+        header(&mails[0].data, "X-Dealsync-Idempotency-Key").unwrap(),
+        format!("{cart}-carts-0")
+    );
+    shutdown.cancel();
+    running.await.unwrap().unwrap();
+}
+
+/// A deal in a `sales` stage, owned by `owner`, entered `entered` ago.
+async fn put_deal(
+    store: &Store,
+    id: &str,
+    stage: &str,
+    owner: Option<(&str, &str)>,
+    entered: chrono::Duration,
+    amount_minor: i64,
+) -> i64 {
+    let at = Utc::now() - entered;
+    let mut source = SourceDeal::new(id, format!("Deal {id}"), "p", stage);
+    source.amount = Some(Money::new(amount_minor, Currency::parse("EUR").unwrap()));
+    if let Some((name, email)) = owner {
+        source.owner = Some(name.into());
+        source.owner_email = EmailAddress::parse(email);
+    }
+    source.contact_email = EmailAddress::parse(&format!("contact-{id}@example.com"));
+    source.stage_changed_at = Some(at);
+    source.updated_at = Some(at);
+    store
+        .upsert_deals(vec![DealUpsert {
+            connection: ConnectionName::new("crm"),
+            source,
+            target: StageRef {
+                pipeline: Some(PipelineKey::new("sales")),
+                stage: StageKey::new(stage),
+            },
+            status: DealStatus::Open,
+            observed_at: Utc::now(),
+            cause: ChangeCause::Poll,
+        }])
+        .await
+        .unwrap();
+    store
+        .deal_by_external_id("crm", id)
+        .await
+        .unwrap()
+        .unwrap()
+        .id
+}
+
+fn digest_rule(name: &str, to: &str, at: &str, grace: &str, enabled: bool) -> String {
+    format!(
+        r#"
+[followups.{name}]
+enabled = {enabled}
+kind = "transactional"
+stage = ["sales.proposal", "sales.negotiation"]
+to = "{to}"
+after = "1h"
+template = "owner_digest"
+digest = "{at}"
+time_zone = "UTC"
+late_grace = "{grace}"
+"#
+    )
+}
+
+/// A per-deal alert on `sales.closing`: once it arrives, the worker has been through
+/// its loop (digest assembly comes first in every pass).
+const CANARY_RULE: &str = r#"
+[followups.canary]
+kind = "transactional"
+stage = "sales.closing"
+to = "canary@example.com"
+template = "deal_stalled"
+after = "100ms"
+"#;
+
+#[tokio::test]
+async fn a_daily_digest_lists_each_owners_rotting_deals_in_one_email_once_per_day_even_across_a_restart()
+ {
+    // Arrange: the deals first (the rule off), then the rule on with its time a few
+    // seconds ahead. Whether the worker starts before that time (it waits for it) or
+    // after (it catches up within the grace), each owner gets one digest.
+    let smtp = SmtpServer::start().await;
+    let rules = |at: &str, enabled: bool| {
+        format!(
+            "{}{CANARY_RULE}",
+            digest_rule("rotting", "owner", at, "10m", enabled)
+        )
+    };
+    let mut daemon = TestDaemon::start(&config(&smtp, "", &rules("08:00", false))).await;
+    let store = store(&daemon);
+    let alice = Some(("Alice Owner", "Alice@Example.com"));
+    let days = chrono::Duration::days;
+    put_deal(&store, "a1", "proposal", alice, days(3), 1_200_000).await;
+    put_deal(&store, "a2", "negotiation", alice, days(2), 500_000).await;
+    put_deal(
+        &store,
+        "a-fresh",
+        "proposal",
+        alice,
+        chrono::Duration::minutes(5),
+        1,
+    )
+    .await;
+    put_deal(
+        &store,
+        "c1",
+        "proposal",
+        Some(("Carol", "carol@example.com")),
+        chrono::Duration::hours(2),
+        700,
+    )
+    .await;
+    put_deal(
+        &store,
+        "b1",
+        "needs_assessment",
+        Some(("Bob", "bob@example.com")),
+        days(9),
+        1,
+    )
+    .await;
+    put_deal(&store, "n1", "proposal", None, days(9), 1).await;
+    let slot = Utc::now() + chrono::Duration::seconds(2);
+    let at = slot.format("%H:%M:%S").to_string();
+    daemon
+        .kill_and_restart_with_config(&config(&smtp, "", &rules(&at, true)))
+        .await;
+
+    // Act: the slot passes.
+    let digests = eventually("a digest for Alice and one for Carol", WAIT, || async {
+        let alice = messages_to(&smtp, "alice@example.com");
+        let carol = messages_to(&smtp, "carol@example.com");
+        (!alice.is_empty() && !carol.is_empty()).then_some((alice, carol))
+    })
+    .await;
+
+    // Assert: one email per owner, listing exactly the owner's idle deals.
+    let (alice_mails, carol_mails) = digests;
+    assert_eq!(alice_mails.len(), 1);
+    assert_eq!(carol_mails.len(), 1);
+    let day = slot.date_naive().to_string();
+    let mail = &alice_mails[0].data;
+    assert_eq!(
+        header(mail, "Subject").unwrap(),
+        format!("2 rotting deals for Alice Owner ({day})")
+    );
+    assert_eq!(
+        header(mail, "X-Dealsync-Idempotency-Key").unwrap(),
+        format!("digest-rotting-{day}-alice@example.com")
+    );
+    assert!(header(mail, "List-Unsubscribe").is_none());
+    assert!(mail.contains("text/plain") && mail.contains("text/html"));
+    let body = mail.replace("=\r\n", "");
+    for needle in [
+        "Deal a1",
+        "Deal a2",
+        "Proposal",
+        "Negotiation",
+        "12000.00 EUR",
+        "3 days in stage",
+    ] {
+        assert!(body.contains(needle), "{needle} missing in\n{body}");
+    }
+    assert!(
+        !body.contains("Deal a-fresh") && !body.contains("Deal c1"),
+        "{body}"
+    );
+    assert!(carol_mails[0].data.contains("Deal c1"));
+    assert!(messages_to(&smtp, "bob@example.com").is_empty());
+    eventually("both digests recorded as sent", WAIT, || async {
+        (daemon.count("SELECT count(*) FROM digests WHERE state = 'sent'") == 2).then_some(())
+    })
+    .await;
+
+    // A crash and restart the same day: a new owner with rotting deals appears, but the
+    // day was assembled, so nobody gets a second digest (and the newcomer none today).
+    daemon.kill_and_restart().await;
+    put_deal(
+        &store,
+        "d1",
+        "proposal",
+        Some(("Dave", "dave@example.com")),
+        days(4),
+        1,
+    )
+    .await;
+    put_deal(&store, "k1", "closing", None, chrono::Duration::zero(), 1).await;
+    eventually("the canary alert after the restart", WAIT, || async {
+        (!messages_to(&smtp, "canary@example.com").is_empty()).then_some(())
+    })
+    .await;
+    assert_eq!(messages_to(&smtp, "alice@example.com").len(), 1);
+    assert_eq!(messages_to(&smtp, "carol@example.com").len(), 1);
+    assert!(messages_to(&smtp, "dave@example.com").is_empty());
+    assert_eq!(
+        daemon.count("SELECT count(*) FROM digests WHERE state = 'sent'"),
+        2
+    );
+    let config_path = daemon.config_path.to_str().unwrap().to_owned();
+    let (code, stdout, stderr) = run_cli(
+        &[
+            "--config",
+            &config_path,
+            "outbox",
+            "digests",
+            "--format",
+            "json",
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(code, 0, "{stderr}");
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&stdout).unwrap();
+    let mut listed: Vec<_> = rows
+        .iter()
+        .map(|r| {
+            (
+                r["recipient"].as_str().unwrap(),
+                r["state"].as_str().unwrap(),
+                r["deals"].as_array().unwrap().len(),
+            )
+        })
+        .collect();
+    listed.sort();
+    assert_eq!(
+        listed,
+        [
+            ("alice@example.com", "sent", 2),
+            ("carol@example.com", "sent", 1)
+        ]
+    );
+}
+
+#[tokio::test]
+async fn after_downtime_a_digest_is_caught_up_within_its_grace_and_recorded_missed_beyond_it() {
+    // Arrange: two fixed-address digests whose time passed two minutes ago, switched
+    // on only once the deals exist (the daemon was "down" for them until then).
+    let smtp = SmtpServer::start().await;
+    let at = (Utc::now() - chrono::Duration::minutes(2))
+        .format("%H:%M:%S")
+        .to_string();
+    let rules = |enabled: bool| {
+        format!(
+            "{}{}",
+            digest_rule("team_a", "team-a@example.com", &at, "10m", enabled),
+            digest_rule("team_b", "team-b@example.com", &at, "30s", enabled)
+        )
+    };
+    let mut daemon = TestDaemon::start(&config(&smtp, "", &rules(false))).await;
+    let store = store(&daemon);
+    let days = chrono::Duration::days;
+    put_deal(
+        &store,
+        "x1",
+        "proposal",
+        Some(("Alice", "alice@example.com")),
+        days(3),
+        100,
+    )
+    .await;
+    put_deal(&store, "x2", "negotiation", None, days(5), 200).await;
+
+    // Act: the rules come on with a restart.
+    daemon
+        .kill_and_restart_with_config(&config(&smtp, "", &rules(true)))
+        .await;
+
+    // Assert: team A gets every matching deal in one digest; team B's is too late.
+    let mails = eventually("team A's digest", WAIT, || async {
+        let mails = messages_to(&smtp, "team-a@example.com");
+        (!mails.is_empty()).then_some(mails)
+    })
+    .await;
+    assert_eq!(mails.len(), 1);
+    assert!(mails[0].data.contains("Deal x1") && mails[0].data.contains("Deal x2"));
+    let outcome = eventually("team B's day to be recorded", WAIT, || async {
+        daemon
+            .db()
+            .query_row(
+                "SELECT outcome FROM digest_runs WHERE rule = 'team_b'",
+                [],
+                |r| r.get::<_, String>(0),
+            )
+            .ok()
+    })
+    .await;
+    assert_eq!(outcome, "missed");
+    assert!(messages_to(&smtp, "team-b@example.com").is_empty());
+    assert_eq!(
+        daemon.count("SELECT count(*) FROM digests WHERE rule = 'team_b'"),
+        0
+    );
+}
+
+#[tokio::test]
+async fn a_connection_dropped_after_data_leaves_the_email_uncertain_and_it_is_not_sent_again() {
+    // Arrange: the server stores the message, then drops the connection instead of
+    // answering, as a crashing relay would.
+    let smtp = SmtpServer::start().await;
+    let daemon = TestDaemon::start(&config(
+        &smtp,
+        "",
+        &format!(
+            r#"
+[followups.alert]
+kind = "transactional"
+stage = "sales.proposal"
+to = "dropafterdata@example.com"
+template = "deal_stalled"
+after = "100ms"
+{CANARY_RULE}"#
+        ),
+    ))
+    .await;
+    let store = store(&daemon);
+
+    // Act
+    let deal = put_deal(&store, "u1", "proposal", None, chrono::Duration::zero(), 1).await;
+    let rows = settled(&daemon, deal).await;
+
+    // Assert: the row says what happened, and nothing is retried: a later email goes
+    // out (the worker moved on, well past the retry delay) and the first is still once.
+    assert_eq!(rows[0].1, "uncertain", "{rows:?}");
+    assert!(
+        rows[0].2.as_deref().unwrap().contains("outcome unknown"),
+        "{rows:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await; // longer than retry_initial
+    put_deal(&store, "k1", "closing", None, chrono::Duration::zero(), 1).await;
+    eventually("the canary alert", WAIT, || async {
+        (!messages_to(&smtp, "canary@example.com").is_empty()).then_some(())
+    })
+    .await;
+    assert_eq!(messages_to(&smtp, "dropafterdata@example.com").len(), 1);
+    assert_eq!(outbox_rows(&daemon, deal)[0].1, "uncertain");
+}
+
+#[tokio::test]
+async fn quiet_hours_follow_the_recipients_time_zone_from_the_source_record_else_the_shops() {
+    // Arrange: quiet hours around the current hour in the shop's zone (UTC); one
+    // shopper's record says she lives at UTC+12, where it is the middle of her day.
+    let smtp = SmtpServer::start().await;
+    let now = Utc::now();
+    let quiet = format!(
+        "{}-{}",
+        (now - chrono::Duration::hours(1)).format("%H:%M"),
+        (now + chrono::Duration::hours(1)).format("%H:%M")
+    );
+    let email = format!(
+        "quiet_hours = \"{quiet}\"\ntime_zone = \"UTC\"\nrecipient_time_zone = [\"/customer/time_zone\"]"
+    );
+    let daemon = TestDaemon::start(&config(&smtp, &email, &cart_rule("100ms", "1h", "2h"))).await;
+    let store = store(&daemon);
+
+    // Act
+    let record = serde_json::json!({"customer": {"time_zone": "Etc/GMT-12"}});
+    put_cart_with_raw(
+        &store,
+        "shop",
+        "tz1",
+        "far@example.com",
+        Some(true),
+        "cart_abandoned",
+        now,
+        record,
+    )
+    .await;
+    let near = put_cart(
+        &store,
+        "shop",
+        "tz2",
+        "near@example.com",
+        Some(true),
+        "cart_abandoned",
+        now,
+    )
+    .await;
+
+    // Assert: hers goes out; the other waits for the shop's morning.
+    eventually("the email to the shopper at UTC+12", WAIT, || async {
+        (messages_to(&smtp, "far@example.com").len() == 1).then_some(())
+    })
+    .await;
+    let rows = eventually("the other step to be deferred", WAIT, || async {
+        let rows = outbox_rows(&daemon, near);
+        rows.first()
+            .filter(|(_, state, reason)| {
+                state == "pending" && reason.as_deref() == Some("quiet hours")
+            })
+            .map(|_| rows.clone())
+    })
+    .await;
+    assert_eq!(rows[0].1, "pending");
+    assert!(messages_to(&smtp, "near@example.com").is_empty());
 }

@@ -164,6 +164,43 @@ CREATE INDEX outbox_by_recipient ON outbox (recipient, claimed_at);
 CREATE INDEX outbox_by_rule_recipient ON outbox (rule, recipient, created_at);
 CREATE INDEX outbox_by_state ON outbox (state, updated_at);
 
+-- Daily digests: one row per (rule, local day, recipient), created when the day's
+-- digest is assembled; the same states as the outbox (a row left in `sending` by a
+-- crash becomes `uncertain` and is never resent).
+CREATE TABLE digests (
+    id              INTEGER PRIMARY KEY,
+    rule            TEXT NOT NULL,
+    -- The local day in the rule's time zone, YYYY-MM-DD.
+    day             TEXT NOT NULL,
+    -- The owner's address, lowercased, or the rule's fixed address.
+    recipient       TEXT NOT NULL,
+    state           TEXT NOT NULL,
+    -- The scheduled time of the day's digest; the late grace counts from here.
+    slot_at         INTEGER NOT NULL,
+    next_attempt_at INTEGER NOT NULL,
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    -- The ids of the deals the claimed digest lists, as JSON.
+    deals           TEXT NOT NULL DEFAULT '[]',
+    reason          TEXT,
+    message_id      TEXT,
+    created_at      INTEGER NOT NULL,
+    updated_at      INTEGER NOT NULL,
+    sent_at         INTEGER,
+    UNIQUE (rule, day, recipient)
+);
+CREATE INDEX digests_pending ON digests (next_attempt_at) WHERE state = 'pending';
+
+-- Each (rule, day) whose digests were assembled, or found missed after downtime.
+CREATE TABLE digest_runs (
+    rule         TEXT NOT NULL,
+    day          TEXT NOT NULL,
+    slot_at      INTEGER NOT NULL,
+    assembled_at INTEGER NOT NULL,
+    recipients   INTEGER NOT NULL,
+    outcome      TEXT NOT NULL,
+    PRIMARY KEY (rule, day)
+) WITHOUT ROWID;
+
 -- Addresses that get no email at all: unsubscribed, hard-bounced, or added by hand.
 CREATE TABLE suppressions (
     email      TEXT PRIMARY KEY,

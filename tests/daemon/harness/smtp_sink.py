@@ -11,7 +11,10 @@ final name (write to a temporary name, then rename) before the server answers
 
 Recipients are refused on purpose so tests can exercise failures:
   - an address containing "bounce"   gets 550 5.1.1 user unknown (permanent);
-  - an address containing "tempfail" gets 451 4.3.0 try again later (transient).
+  - an address containing "tempfail" gets 451 4.3.0 try again later (transient);
+  - a message to an address containing "dropafterdata" is stored, and then the
+    connection is dropped instead of answering DATA: the client cannot know the
+    message was accepted.
 
 When the server listens it prints "READY <port>" on stdout. It stops on SIGTERM
 or SIGKILL, and also when its stdin closes, so it never outlives the test
@@ -59,6 +62,8 @@ class SinkHandler:
         with open(temporary, "w", encoding="utf-8") as file:
             json.dump(message, file)
         os.rename(temporary, os.path.join(self.maildir, name))
+        if any("dropafterdata" in rcpt.lower() for rcpt in envelope.rcpt_tos):
+            server.transport.abort()
         return "250 Message accepted for delivery"
 
 

@@ -1,0 +1,636 @@
+//! The digest ledger: one row per (rule, local day, recipient), and one `digest_runs`
+//! row per (rule, day) that was assembled or found missed.
+//!
+//! Invariants:
+//! - `UNIQUE (rule, day, recipient)` and the `digest_runs` key: a day's digests are
+//!   assembled once, whatever restarts, reloads or a second worker do.
+//! - Claiming (`pending` → `sending`) re-reads the deals and the suppression list and
+//!   applies the decision in one write transaction; `sending` is committed before the
+//!   message is handed over, and a row found in `sending` at start-up becomes
+//!   `uncertain` (`Store::outbox_recover_interrupted`), never resent.
+
+use super::deals::{DEAL_COLUMNS, deal_from_row};
+use super::outbox::OutboxState;
+use super::{Result, Store, from_ms, to_ms};
+use crate::domain::{Deal, StageRef};
+use chrono::{DateTime, Utc};
+use rusqlite::{OptionalExtension, Row, Transaction, params};
+use serde::Serialize;
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+/// Which deals a digest lists: those in `stage` that entered it before `entered_before`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DigestWatch {
+    pub stage: StageRef,
+    pub entered_before: DateTime<Utc>,
+}
+
+/// One stored digest.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DigestRow {
+    pub id: i64,
+    pub rule: String,
+    /// The local day, "YYYY-MM-DD".
+    pub day: String,
+    pub recipient: String,
+    pub state: OutboxState,
+    pub slot_at: DateTime<Utc>,
+    pub next_attempt_at: DateTime<Utc>,
+    pub attempts: i64,
+    /// The deals the claimed digest listed.
+    pub deals: Vec<i64>,
+    pub reason: Option<String>,
+    pub message_id: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub sent_at: Option<DateTime<Utc>>,
+}
+
+const ROW_COLUMNS: &str = "id, rule, day, recipient, state, slot_at, next_attempt_at, attempts,
+    deals, reason, message_id, created_at, updated_at, sent_at";
+
+fn row_from(row: &Row<'_>) -> rusqlite::Result<DigestRow> {
+    let state: String = row.get(4)?;
+    let deals: String = row.get(8)?;
+    Ok(DigestRow {
+        id: row.get(0)?,
+        rule: row.get(1)?,
+        day: row.get(2)?,
+        recipient: row.get(3)?,
+        state: OutboxState::parse(&state).unwrap_or(OutboxState::Uncertain),
+        slot_at: from_ms(row.get(5)?),
+        next_attempt_at: from_ms(row.get(6)?),
+        attempts: row.get(7)?,
+        deals: serde_json::from_str(&deals).unwrap_or_default(),
+        reason: row.get(9)?,
+        message_id: row.get(10)?,
+        created_at: from_ms(row.get(11)?),
+        updated_at: from_ms(row.get(12)?),
+        sent_at: row.get::<_, Option<i64>>(13)?.map(from_ms),
+    })
+}
+
+/// What assembling a day did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AssembleOutcome {
+    /// The day was assembled (or recorded missed) before.
+    AlreadyDone,
+    /// One pending row per recipient with matching deals.
+    Assembled { recipients: u64 },
+    /// Recorded as missed: the slot is older than the late grace.
+    Missed,
+}
+
+/// The result of claiming a digest row.
+#[derive(Debug, Clone)]
+pub enum DigestClaim {
+    /// Not pending any more (another pass took it).
+    Gone,
+    /// Skipped, with the reason recorded.
+    Skipped(String),
+    /// Now `sending`: the row, the listed deals (oldest stage entry first, at most the
+    /// limit) and how many deals match in all.
+    Send {
+        row: Box<DigestRow>,
+        deals: Vec<Deal>,
+        total: usize,
+    },
+}
+
+/// How a claimed digest ended.
+#[derive(Debug, Clone)]
+pub enum DigestFinish {
+    Sent {
+        message_id: String,
+    },
+    Retry {
+        at: DateTime<Utc>,
+        reason: String,
+    },
+    Failed {
+        reason: String,
+        suppress: bool,
+    },
+    DryRun {
+        message_id: String,
+    },
+    /// The server may have accepted it: never resent.
+    Uncertain {
+        reason: String,
+    },
+}
+
+/// The recipients with matching deals: lowercased owner addresses, or `fixed` when
+/// any deal matches.
+fn recipients(
+    tx: &Transaction<'_>,
+    watch: &[DigestWatch],
+    fixed: Option<&str>,
+) -> Result<BTreeSet<String>> {
+    let mut found = BTreeSet::new();
+    for watched in watch {
+        let pipeline = watched.stage.pipeline.as_ref().map(|p| p.as_str());
+        let stage = watched.stage.stage.as_str();
+        let before = to_ms(watched.entered_before);
+        match fixed {
+            Some(address) => {
+                let any = tx
+                    .prepare_cached(
+                        "SELECT 1 FROM deals WHERE pipeline = ?1 AND stage = ?2
+                           AND stage_entered_at <= ?3 AND deleted_at IS NULL LIMIT 1",
+                    )?
+                    .exists(params![pipeline, stage, before])?;
+                if any {
+                    found.insert(address.to_owned());
+                }
+            }
+            None => {
+                let mut statement = tx.prepare_cached(
+                    "SELECT DISTINCT lower(owner_email) FROM deals
+                     WHERE pipeline = ?1 AND stage = ?2 AND stage_entered_at <= ?3
+                       AND deleted_at IS NULL AND owner_email IS NOT NULL",
+                )?;
+                let rows = statement.query_map(params![pipeline, stage, before], |r| r.get(0))?;
+                for row in rows {
+                    found.insert(row?);
+                }
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// The matching deals of one recipient (all deals for a fixed address): the `limit`
+/// longest in their stage, and the total count.
+fn matching_deals(
+    tx: &Transaction<'_>,
+    watch: &[DigestWatch],
+    owner: Option<&str>,
+    limit: usize,
+) -> Result<(Vec<Deal>, usize)> {
+    let mut deals = Vec::new();
+    let mut total = 0usize;
+    let owner_filter = if owner.is_some() {
+        "AND owner_email IS NOT NULL AND lower(owner_email) = ?4"
+    } else {
+        "AND ?4 IS NULL"
+    };
+    for watched in watch {
+        let pipeline = watched.stage.pipeline.as_ref().map(|p| p.as_str());
+        let stage = watched.stage.stage.as_str();
+        let before = to_ms(watched.entered_before);
+        let count: i64 = tx
+            .prepare_cached(&format!(
+                "SELECT count(*) FROM deals WHERE pipeline = ?1 AND stage = ?2
+                   AND stage_entered_at <= ?3 AND deleted_at IS NULL {owner_filter}"
+            ))?
+            .query_row(params![pipeline, stage, before, owner], |r| r.get(0))?;
+        total += count as usize;
+        let mut statement = tx.prepare_cached(&format!(
+            "SELECT {DEAL_COLUMNS} FROM deals WHERE pipeline = ?1 AND stage = ?2
+               AND stage_entered_at <= ?3 AND deleted_at IS NULL {owner_filter}
+             ORDER BY stage_entered_at, id LIMIT ?5"
+        ))?;
+        let rows = statement.query_map(
+            params![pipeline, stage, before, owner, limit as i64],
+            deal_from_row,
+        )?;
+        for row in rows {
+            deals.push(row?);
+        }
+    }
+    deals.sort_by(|a, b| {
+        a.stage_entered_at
+            .cmp(&b.stage_entered_at)
+            .then(a.id.cmp(&b.id))
+    });
+    deals.truncate(limit);
+    Ok((deals, total))
+}
+
+impl Store {
+    /// Assembles a rule's digests for one local day, once: one pending row per
+    /// recipient with matching deals, due `now`. With `missed`, records the day as
+    /// missed instead (the slot passed more than the late grace ago).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn assemble_digests(
+        &self,
+        rule: String,
+        day: String,
+        slot_at: DateTime<Utc>,
+        now: DateTime<Utc>,
+        watch: Vec<DigestWatch>,
+        fixed: Option<String>,
+        missed: bool,
+    ) -> Result<AssembleOutcome> {
+        self.write(move |tx| {
+            let done = tx
+                .prepare_cached("SELECT 1 FROM digest_runs WHERE rule = ?1 AND day = ?2")?
+                .exists(params![rule, day])?;
+            if done {
+                return Ok(AssembleOutcome::AlreadyDone);
+            }
+            let now_ms = to_ms(now);
+            if missed {
+                tx.execute(
+                    "INSERT INTO digest_runs (rule, day, slot_at, assembled_at, recipients, outcome)
+                     VALUES (?1, ?2, ?3, ?4, 0, 'missed')",
+                    params![rule, day, to_ms(slot_at), now_ms],
+                )?;
+                return Ok(AssembleOutcome::Missed);
+            }
+            let found = recipients(tx, &watch, fixed.as_deref())?;
+            {
+                let mut insert = tx.prepare_cached(
+                    "INSERT OR IGNORE INTO digests (rule, day, recipient, state, slot_at,
+                        next_attempt_at, created_at, updated_at)
+                     VALUES (?1, ?2, ?3, 'pending', ?4, ?5, ?5, ?5)",
+                )?;
+                for recipient in &found {
+                    insert.execute(params![rule, day, recipient, to_ms(slot_at), now_ms])?;
+                }
+            }
+            tx.execute(
+                "INSERT INTO digest_runs (rule, day, slot_at, assembled_at, recipients, outcome)
+                 VALUES (?1, ?2, ?3, ?4, ?5, 'assembled')",
+                params![rule, day, to_ms(slot_at), now_ms, found.len() as i64],
+            )?;
+            Ok(AssembleOutcome::Assembled {
+                recipients: found.len() as u64,
+            })
+        })
+        .await
+    }
+
+    /// Claims a due digest: skips it when it is later than `grace` after its slot,
+    /// when the recipient is suppressed, or when no deal matches any more; otherwise
+    /// marks it `sending` with the deals it will list.
+    pub async fn claim_digest(
+        &self,
+        id: i64,
+        now: DateTime<Utc>,
+        grace: Duration,
+        watch: Vec<DigestWatch>,
+        by_owner: bool,
+        limit: usize,
+    ) -> Result<DigestClaim> {
+        self.write(move |tx| {
+            let sql = format!("SELECT {ROW_COLUMNS} FROM digests WHERE id = ?1");
+            let Some(row) = tx.query_row(&sql, [id], row_from).optional()? else {
+                return Ok(DigestClaim::Gone);
+            };
+            if row.state != OutboxState::Pending {
+                return Ok(DigestClaim::Gone);
+            }
+            let now_ms = to_ms(now);
+            let skip = |reason: String| -> Result<DigestClaim> {
+                tx.execute(
+                    "UPDATE digests SET state = 'skipped', reason = ?2, updated_at = ?3
+                     WHERE id = ?1",
+                    params![id, reason, now_ms],
+                )?;
+                Ok(DigestClaim::Skipped(reason))
+            };
+            let late = now - row.slot_at;
+            if late > chrono::Duration::from_std(grace).unwrap_or(chrono::Duration::MAX) {
+                return skip(format!(
+                    "{} after its {} slot, more than the late grace of {}: not sent late",
+                    crate::config::duration::format(late.to_std().unwrap_or_default()),
+                    row.day,
+                    crate::config::duration::format(grace)
+                ));
+            }
+            let suppressed: Option<String> = tx
+                .prepare_cached("SELECT reason FROM suppressions WHERE email IN (?1, lower(?1))")?
+                .query_row([&row.recipient], |r| r.get(0))
+                .optional()?;
+            if let Some(reason) = suppressed {
+                return skip(format!("recipient is suppressed ({reason})"));
+            }
+            let owner = by_owner.then_some(row.recipient.as_str());
+            let (deals, total) = matching_deals(tx, &watch, owner, limit)?;
+            if total == 0 {
+                return skip("no matching deal left at send time".to_owned());
+            }
+            let ids: Vec<i64> = deals.iter().map(|d| d.id).collect();
+            let ids_json = serde_json::to_string(&ids).unwrap_or_else(|_| "[]".to_owned());
+            tx.execute(
+                "UPDATE digests SET state = 'sending', attempts = attempts + 1, deals = ?2,
+                    updated_at = ?3, reason = NULL
+                 WHERE id = ?1",
+                params![id, ids_json, now_ms],
+            )?;
+            let mut row = row;
+            row.state = OutboxState::Sending;
+            row.attempts += 1;
+            row.deals = ids;
+            Ok(DigestClaim::Send {
+                row: Box::new(row),
+                deals,
+                total,
+            })
+        })
+        .await
+    }
+
+    /// Records how a claimed digest ended; only a row still `sending` changes. A hard
+    /// bounce suppresses the address in the same transaction.
+    pub async fn finish_digest(
+        &self,
+        id: i64,
+        finish: DigestFinish,
+        at: DateTime<Utc>,
+    ) -> Result<()> {
+        self.write(move |tx| {
+            let at_ms = to_ms(at);
+            match finish {
+                DigestFinish::Sent { message_id } => {
+                    tx.execute(
+                        "UPDATE digests SET state = 'sent', message_id = ?2, sent_at = ?3,
+                            updated_at = ?3
+                         WHERE id = ?1 AND state = 'sending'",
+                        params![id, message_id, at_ms],
+                    )?;
+                }
+                DigestFinish::DryRun { message_id } => {
+                    tx.execute(
+                        "UPDATE digests SET state = 'skipped', message_id = ?2, updated_at = ?3,
+                            reason = 'dry run: rendered and recorded, not sent'
+                         WHERE id = ?1 AND state = 'sending'",
+                        params![id, message_id, at_ms],
+                    )?;
+                }
+                DigestFinish::Retry { at: next, reason } => {
+                    tx.execute(
+                        "UPDATE digests SET state = 'pending', next_attempt_at = ?2, reason = ?3,
+                            updated_at = ?4
+                         WHERE id = ?1 AND state = 'sending'",
+                        params![id, to_ms(next), reason, at_ms],
+                    )?;
+                }
+                DigestFinish::Uncertain { reason } => {
+                    tx.execute(
+                        "UPDATE digests SET state = 'uncertain', reason = ?2, updated_at = ?3
+                         WHERE id = ?1 AND state = 'sending'",
+                        params![id, reason, at_ms],
+                    )?;
+                }
+                DigestFinish::Failed { reason, suppress } => {
+                    let changed = tx.execute(
+                        "UPDATE digests SET state = 'failed', reason = ?2, updated_at = ?3
+                         WHERE id = ?1 AND state = 'sending'",
+                        params![id, reason, at_ms],
+                    )?;
+                    if suppress && changed == 1 {
+                        let email: String = tx.query_row(
+                            "SELECT recipient FROM digests WHERE id = ?1",
+                            [id],
+                            |r| r.get(0),
+                        )?;
+                        super::suppression::insert(tx, &email, "hard bounce", Some(&reason), at)?;
+                    }
+                }
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Skips a pending digest with the reason (its rule is gone).
+    pub async fn skip_digest(&self, id: i64, reason: String, at: DateTime<Utc>) -> Result<()> {
+        self.write(move |tx| {
+            tx.execute(
+                "UPDATE digests SET state = 'skipped', reason = ?2, updated_at = ?3
+                 WHERE id = ?1 AND state = 'pending'",
+                params![id, reason, to_ms(at)],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Pending digests due by `now`, earliest first: (id, rule).
+    pub async fn digests_due(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<(i64, String)>> {
+        self.read(move |db| {
+            let mut statement = db.prepare_cached(
+                "SELECT id, rule FROM digests INDEXED BY digests_pending
+                 WHERE state = 'pending' AND next_attempt_at <= ?1
+                 ORDER BY next_attempt_at LIMIT ?2",
+            )?;
+            let rows =
+                statement.query_map(params![to_ms(now), limit], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+        .await
+    }
+
+    /// When the next pending digest comes due.
+    pub async fn digest_next_due(&self) -> Result<Option<DateTime<Utc>>> {
+        self.read(|db| {
+            let next: Option<i64> = db.query_row(
+                "SELECT min(next_attempt_at) FROM digests INDEXED BY digests_pending
+                 WHERE state = 'pending'",
+                [],
+                |r| r.get(0),
+            )?;
+            Ok(next.map(from_ms))
+        })
+        .await
+    }
+
+    /// Digest rows, newest day first; optionally of one rule.
+    pub async fn digests(&self, rule: Option<String>, limit: u32) -> Result<Vec<DigestRow>> {
+        self.read(move |db| {
+            let sql = format!(
+                "SELECT {ROW_COLUMNS} FROM digests WHERE ?1 IS NULL OR rule = ?1
+                 ORDER BY day DESC, rule, recipient LIMIT ?2"
+            );
+            let mut statement = db.prepare(&sql)?;
+            let rows = statement.query_map(params![rule, limit], row_from)?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{
+        ChangeCause, ConnectionName, DealStatus, EmailAddress, PipelineKey, SourceDeal, StageKey,
+    };
+    use crate::store::DealUpsert;
+    use crate::store::tests::temp_store;
+
+    fn proposal() -> StageRef {
+        StageRef {
+            pipeline: Some(PipelineKey::new("sales")),
+            stage: StageKey::new("proposal"),
+        }
+    }
+
+    async fn put(store: &Store, id: &str, owner: Option<&str>, entered: DateTime<Utc>) -> i64 {
+        let mut source = SourceDeal::new(id, format!("Deal {id}"), "p", "s");
+        source.owner_email = owner.and_then(EmailAddress::parse);
+        source.stage_changed_at = Some(entered);
+        source.updated_at = Some(entered);
+        store
+            .upsert_deals(vec![DealUpsert {
+                connection: ConnectionName::new("crm"),
+                source,
+                target: proposal(),
+                status: DealStatus::Open,
+                observed_at: entered,
+                cause: ChangeCause::Poll,
+            }])
+            .await
+            .unwrap();
+        store
+            .deal_by_external_id("crm", id)
+            .await
+            .unwrap()
+            .unwrap()
+            .id
+    }
+
+    #[tokio::test]
+    async fn a_day_is_assembled_once_per_owner_with_matching_deals_and_claimed_once() {
+        let (_dir, store) = temp_store();
+        let now = Utc::now();
+        let old = now - chrono::Duration::days(3);
+        put(&store, "a1", Some("Alice@Example.com"), old).await;
+        put(&store, "a2", Some("alice@example.com"), old).await;
+        put(&store, "b1", Some("bob@example.com"), now).await; // not idle long enough
+        put(&store, "n1", None, old).await; // no owner
+        let watch = vec![DigestWatch {
+            stage: proposal(),
+            entered_before: now - chrono::Duration::days(1),
+        }];
+        let assemble = || {
+            store.assemble_digests(
+                "daily".into(),
+                "2026-11-27".into(),
+                now,
+                now,
+                watch.clone(),
+                None,
+                false,
+            )
+        };
+        assert_eq!(
+            assemble().await.unwrap(),
+            AssembleOutcome::Assembled { recipients: 1 }
+        );
+        assert_eq!(assemble().await.unwrap(), AssembleOutcome::AlreadyDone);
+        let due = store.digests_due(now, 10).await.unwrap();
+        assert_eq!(due.len(), 1);
+        let claim = store
+            .claim_digest(
+                due[0].0,
+                now,
+                Duration::from_secs(60),
+                watch.clone(),
+                true,
+                50,
+            )
+            .await
+            .unwrap();
+        let DigestClaim::Send { row, deals, total } = claim else {
+            panic!("expected a send, got {claim:?}");
+        };
+        assert_eq!(row.recipient, "alice@example.com");
+        assert_eq!(total, 2);
+        assert_eq!(deals.len(), 2);
+        let again = store
+            .claim_digest(due[0].0, now, Duration::from_secs(60), watch, true, 50)
+            .await
+            .unwrap();
+        assert!(matches!(again, DigestClaim::Gone));
+        // A crash now leaves it `sending`: the next start marks it uncertain.
+        assert_eq!(store.outbox_recover_interrupted(now).await.unwrap(), 1);
+        let rows = store.digests(None, 10).await.unwrap();
+        assert_eq!(rows[0].state, OutboxState::Uncertain);
+    }
+
+    #[tokio::test]
+    async fn a_digest_past_its_grace_or_with_no_deal_left_is_skipped_with_the_reason() {
+        let (_dir, store) = temp_store();
+        let now = Utc::now();
+        put(
+            &store,
+            "a1",
+            Some("alice@example.com"),
+            now - chrono::Duration::days(3),
+        )
+        .await;
+        let watch = vec![DigestWatch {
+            stage: proposal(),
+            entered_before: now - chrono::Duration::days(1),
+        }];
+        let slot = now - chrono::Duration::hours(2);
+        store
+            .assemble_digests(
+                "daily".into(),
+                "d1".into(),
+                slot,
+                now,
+                watch.clone(),
+                None,
+                false,
+            )
+            .await
+            .unwrap();
+        let (id, _) = store.digests_due(now, 1).await.unwrap()[0].clone();
+        let claim = store
+            .claim_digest(id, now, Duration::from_secs(3600), watch, true, 50)
+            .await
+            .unwrap();
+        let DigestClaim::Skipped(reason) = claim else {
+            panic!("expected a skip, got {claim:?}");
+        };
+        assert!(reason.contains("not sent late"), "{reason}");
+
+        let none_left = vec![DigestWatch {
+            stage: proposal(),
+            entered_before: now - chrono::Duration::days(10),
+        }];
+        store
+            .assemble_digests(
+                "fixed".into(),
+                "d1".into(),
+                now,
+                now,
+                vec![DigestWatch {
+                    stage: proposal(),
+                    entered_before: now,
+                }],
+                Some("team@example.com".into()),
+                false,
+            )
+            .await
+            .unwrap();
+        let (id, _) = store.digests_due(now, 1).await.unwrap()[0].clone();
+        let claim = store
+            .claim_digest(id, now, Duration::from_secs(3600), none_left, false, 50)
+            .await
+            .unwrap();
+        assert!(
+            matches!(&claim, DigestClaim::Skipped(reason) if reason.contains("no matching deal")),
+            "{claim:?}"
+        );
+        let missed = store
+            .assemble_digests(
+                "daily".into(),
+                "d0".into(),
+                slot,
+                now,
+                Vec::new(),
+                None,
+                true,
+            )
+            .await
+            .unwrap();
+        assert_eq!(missed, AssembleOutcome::Missed);
+    }
+}
