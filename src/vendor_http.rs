@@ -7,9 +7,15 @@
 //!   or the connection's `rate_limit`) and holds one of `max_concurrency` permits.
 //! - Retries are bounded (`MAX_ATTEMPTS`) and only for what may pass on its own: 429,
 //!   5xx, timeouts, connection errors. Every other answer goes back to the caller.
+//! - A vendor's rolling-window policy (`window_requests` per `window`) is kept exactly:
+//!   each request reserves the earliest send time at which no rolling window holds more
+//!   than the allowed count (plus a small slack for network jitter), so a sync uses the
+//!   whole window without drawing 429s.
 //! - A connection never spends more than its `budget_share` of the daily budget the
-//!   vendor reports: once the remaining budget reaches the reserve it stops with
-//!   [`ConnectorError::BudgetExhausted`] until the budget resets, and says so.
+//!   vendor reports. When less than a quarter of that share is left it slows down,
+//!   spacing requests so the rest lasts until the budget resets ([`pace`]); once the
+//!   remaining budget reaches the reserve it stops with
+//!   [`ConnectorError::BudgetExhausted`] until the reset. Both say so in logs and metrics.
 
 use crate::connectors::manifest::schema::{BudgetReset, ResponseMatch};
 use crate::connectors::{ConnectorError, SyncContext};
@@ -22,11 +28,11 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use rand::Rng;
 use reqwest::header::HeaderMap;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 
@@ -53,6 +59,7 @@ pub struct VendorMetrics {
     pub rate_limited: Family<ConnectionLabels, Counter>,
     pub budget_remaining: Family<ConnectionLabels, Gauge>,
     pub budget_pauses: Family<ConnectionLabels, Counter>,
+    pub budget_pace: Family<ConnectionLabels, Gauge<f64, AtomicU64>>,
     pub token_expiry: Family<ConnectionLabels, Gauge<f64, AtomicU64>>,
     pub needs_reauth: Family<ConnectionLabels, Gauge>,
 }
@@ -85,6 +92,11 @@ impl VendorMetrics {
             self.budget_pauses.clone(),
         );
         registry.register(
+            "vendor_budget_pace_seconds",
+            "Spacing between requests while the vendor budget runs low (0: not slowed down)",
+            self.budget_pace.clone(),
+        );
+        registry.register(
             "oauth_token_expiry_timestamp_seconds",
             "Unix time at which the connection's OAuth access token expires",
             self.token_expiry.clone(),
@@ -102,6 +114,8 @@ impl VendorMetrics {
 pub struct Limits {
     pub requests_per_second: Option<f64>,
     pub burst: u32,
+    /// At most this many requests in any rolling window of this length.
+    pub window: Option<(u32, Duration)>,
     pub max_concurrency: usize,
     pub timeout: Duration,
     pub budget: BudgetRules,
@@ -145,8 +159,93 @@ pub struct VendorResponse {
 struct Budget {
     remaining: Option<u64>,
     limit: Option<u64>,
-    reset_in: Option<Duration>,
+    /// When the vendor said the budget resets (from `budget_reset_header`).
+    reset_at: Option<Instant>,
     paused_until: Option<DateTime<Utc>>,
+    /// When the numbers above stop being true (the reset after they were read): past
+    /// it they are forgotten, and the next answer says what the new budget is.
+    valid_until: Option<DateTime<Utc>>,
+    /// The spacing in force while the budget runs low, and the next free slot.
+    pacing: Option<Duration>,
+    next_paced: Option<Instant>,
+}
+
+/// Share of the connection's budget share below which requests are paced.
+pub const LOW_BUDGET: f64 = 0.25;
+
+/// What the vendor's remaining budget allows.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Pace {
+    /// Plenty left.
+    Free,
+    /// Running low: one request per this interval makes the rest last until the reset.
+    Slow(Duration),
+    /// At the reserve left for the customer's other integrations: wait for the reset.
+    Pause,
+}
+
+/// How to spend a budget with `remaining` of `limit` requests left, of which this
+/// connection may use `share`, when it resets in `until_reset`.
+///
+/// The reserve is `⌈limit × (1 − share)⌉`; what is above it is spendable. While the
+/// spendable part is at least [`LOW_BUDGET`] of `limit × share` nothing is slowed down;
+/// below that, requests are spaced `until_reset ÷ spendable` apart, so the spacing grows
+/// smoothly as the budget drains; at the reserve the connection pauses.
+pub fn pace(remaining: u64, limit: u64, share: f64, until_reset: Duration) -> Pace {
+    let reserve = (limit as f64 * (1.0 - share)).ceil() as u64;
+    let spendable = remaining.saturating_sub(reserve);
+    if spendable == 0 {
+        return Pace::Pause;
+    }
+    if spendable as f64 >= limit as f64 * share * LOW_BUDGET {
+        return Pace::Free;
+    }
+    Pace::Slow(until_reset.div_f64(spendable as f64))
+}
+
+/// At most `max` requests in any rolling `per`, as vendors count them (a log of the
+/// last `max` send times; HubSpot's `TEN_SECONDLY_ROLLING`).
+struct WindowLimiter {
+    max: usize,
+    per: Duration,
+    /// Added to `per`: the vendor counts arrivals, which trail sends by a varying delay.
+    slack: Duration,
+    // A std mutex: held only to reserve a slot, never across `.await`.
+    slots: Mutex<VecDeque<Instant>>,
+}
+
+impl WindowLimiter {
+    fn new(max: u32, per: Duration) -> Self {
+        WindowLimiter {
+            max: max.max(1) as usize,
+            per,
+            slack: (per / 50).min(Duration::from_millis(250)),
+            slots: Mutex::new(VecDeque::new()),
+        }
+    }
+
+    /// Reserves the earliest send time at or after `now` that keeps every rolling
+    /// window within `max`.
+    fn reserve(&self, now: Instant) -> Instant {
+        let mut slots = self
+            .slots
+            .lock()
+            .expect("window limiter lock is never poisoned");
+        let mut at = now;
+        if slots.len() >= self.max
+            && let Some(oldest) = slots.front()
+        {
+            at = at.max(*oldest + self.per + self.slack);
+        }
+        if let Some(last) = slots.back() {
+            at = at.max(*last);
+        }
+        slots.push_back(at);
+        while slots.len() > self.max {
+            slots.pop_front();
+        }
+        at
+    }
 }
 
 /// The outbound client of one connection.
@@ -154,6 +253,7 @@ pub struct VendorClient {
     vendor: String,
     http: reqwest::Client,
     limiter: Option<DefaultDirectRateLimiter>,
+    window: Option<WindowLimiter>,
     // A std mutex: held only to look up or insert a limiter, never across `.await`.
     endpoint_limiters: Mutex<HashMap<String, Arc<DefaultDirectRateLimiter>>>,
     permits: Semaphore,
@@ -188,6 +288,7 @@ impl VendorClient {
             limiter: limits
                 .requests_per_second
                 .and_then(|rps| limiter(rps, limits.burst)),
+            window: limits.window.map(|(max, per)| WindowLimiter::new(max, per)),
             endpoint_limiters: Mutex::new(HashMap::new()),
             permits: Semaphore::new(limits.max_concurrency.max(1)),
             limits,
@@ -216,6 +317,10 @@ impl VendorClient {
     async fn wait_turn(&self, request: &VendorRequest) {
         if let Some(limiter) = &self.limiter {
             limiter.until_ready().await;
+        }
+        if let Some(window) = &self.window {
+            let at = window.reserve(Instant::now());
+            tokio::time::sleep_until(at.into()).await;
         }
         if let Some((name, rps)) = &request.endpoint_limit {
             let endpoint = {
@@ -253,16 +358,18 @@ impl VendorClient {
         let mut attempt = 0u32;
         loop {
             attempt += 1;
-            self.check_budget(cx)?;
-            tokio::select! {
-                _ = cx.shutdown.cancelled() => return Err(ConnectorError::Cancelled),
-                _ = self.wait_turn(request) => {}
-            }
+            self.budget_gate(cx).await?;
+            // The permit first: a request waits for its turn only when it can go at
+            // once, so its send time is the one its rolling window reserved.
             let _permit = self
                 .permits
                 .acquire()
                 .await
                 .map_err(|_| ConnectorError::Cancelled)?;
+            tokio::select! {
+                _ = cx.shutdown.cancelled() => return Err(ConnectorError::Cancelled),
+                _ = self.wait_turn(request) => {}
+            }
             self.requests.fetch_add(1, Ordering::Relaxed);
             let mut builder = self
                 .http
@@ -394,7 +501,12 @@ impl VendorClient {
     }
 
     fn reset_delay(&self) -> Duration {
-        let header = self.budget.lock().ok().and_then(|budget| budget.reset_in);
+        let header = self
+            .budget
+            .lock()
+            .ok()
+            .and_then(|budget| budget.reset_at)
+            .map(|at| at.saturating_duration_since(Instant::now()));
         match self.limits.budget.reset {
             BudgetReset::Header => header.unwrap_or(Duration::from_secs(3600)),
             BudgetReset::Rolling => Duration::from_secs(3600),
@@ -410,6 +522,16 @@ impl VendorClient {
     }
 
     fn pause(&self, cx: &SyncContext, resume_after: Duration) -> ConnectorError {
+        self.pause_for(
+            cx,
+            resume_after,
+            "vendor API budget share used up; pausing this connection until the budget resets",
+        )
+    }
+
+    fn pause_for(&self, cx: &SyncContext, resume_after: Duration, why: &str) -> ConnectorError {
+        // Never less than a second: a reset that is due now is checked by a request.
+        let resume_after = resume_after.max(Duration::from_secs(1));
         let until = Utc::now()
             + chrono::Duration::from_std(resume_after).unwrap_or(chrono::Duration::hours(1));
         if let Ok(mut budget) = self.budget.lock() {
@@ -422,28 +544,57 @@ impl VendorClient {
                 connection: cx.connection.to_string(),
             })
             .inc();
-        warn!(connection = %cx.connection, resume_at = %until.to_rfc3339(), "vendor API budget share used up; pausing this connection until the budget resets");
+        warn!(connection = %cx.connection, resume_at = %until.to_rfc3339(), "{why}");
         ConnectorError::BudgetExhausted {
             vendor: self.vendor.clone(),
             resume_after,
         }
     }
 
-    fn check_budget(&self, cx: &SyncContext) -> Result<(), ConnectorError> {
-        let (paused, low) = {
-            let Ok(budget) = self.budget.lock() else {
+    /// Waits for the budget: refuses while paused, pauses at the reserve, and spaces
+    /// requests while the budget runs low. A wait longer than [`MAX_INLINE_WAIT`] ends
+    /// the run with [`ConnectorError::BudgetExhausted`] instead of holding it open.
+    async fn budget_gate(&self, cx: &SyncContext) -> Result<(), ConnectorError> {
+        let until_reset = self.reset_delay();
+        let labels = ConnectionLabels {
+            connection: cx.connection.to_string(),
+        };
+        let (paused, pace_now, entered, wait) = {
+            let Ok(mut budget) = self.budget.lock() else {
                 return Ok(());
             };
+            if budget.valid_until.is_some_and(|until| until <= Utc::now()) {
+                budget.remaining = None;
+                budget.limit = None;
+                budget.valid_until = None;
+            }
             let paused = budget.paused_until.filter(|until| *until > Utc::now());
-            let share = self.limits.budget.share;
-            let low = match (budget.remaining, budget.limit) {
+            let pace_now = match (budget.remaining, budget.limit) {
                 (Some(remaining), Some(limit)) => {
-                    let reserve = (limit as f64 * (1.0 - share)).ceil() as u64;
-                    remaining <= reserve
+                    pace(remaining, limit, self.limits.budget.share, until_reset)
                 }
-                _ => false,
+                _ => Pace::Free,
             };
-            (paused, low)
+            let mut entered = false;
+            let mut wait = Duration::ZERO;
+            match pace_now {
+                Pace::Slow(interval) if paused.is_none() => {
+                    entered = budget.pacing.is_none();
+                    budget.pacing = Some(interval);
+                    let now = Instant::now();
+                    let at = budget.next_paced.map_or(now, |next| next.max(now));
+                    wait = at - now;
+                    if wait <= MAX_INLINE_WAIT {
+                        budget.next_paced = Some(at + interval);
+                    }
+                }
+                Pace::Free => {
+                    budget.pacing = None;
+                    budget.next_paced = None;
+                }
+                _ => {}
+            }
+            (paused, pace_now, entered, wait)
         };
         if let Some(until) = paused {
             return Err(ConnectorError::BudgetExhausted {
@@ -451,11 +602,38 @@ impl VendorClient {
                 resume_after: (until - Utc::now()).to_std().unwrap_or_default(),
             });
         }
-        if low {
-            let delay = self.reset_delay();
-            return Err(self.pause(cx, delay));
+        let spacing = match pace_now {
+            Pace::Slow(interval) => interval.as_secs_f64(),
+            _ => 0.0,
+        };
+        cx.metrics
+            .vendor
+            .budget_pace
+            .get_or_create(&labels)
+            .set(spacing);
+        match pace_now {
+            Pace::Free => Ok(()),
+            Pace::Pause => Err(self.pause(cx, until_reset)),
+            Pace::Slow(interval) => {
+                if entered {
+                    let remaining = self.budget.lock().ok().and_then(|b| b.remaining);
+                    warn!(connection = %cx.connection, remaining, interval_ms = interval.as_millis() as u64,
+                        reset_in_s = until_reset.as_secs(),
+                        "vendor API budget running low; slowing down so this connection's share lasts until the reset");
+                }
+                if wait > MAX_INLINE_WAIT {
+                    return Err(self.pause_for(
+                        cx,
+                        wait,
+                        "vendor API budget running low; pausing this connection until its next paced request",
+                    ));
+                }
+                tokio::select! {
+                    _ = cx.shutdown.cancelled() => Err(ConnectorError::Cancelled),
+                    _ = tokio::time::sleep(wait) => Ok(()),
+                }
+            }
         }
-        Ok(())
     }
 
     fn observe_budget(&self, cx: &SyncContext, headers: &HeaderMap) {
@@ -482,6 +660,7 @@ impl VendorClient {
             .as_deref()
             .and_then(|name| header_u64(headers, name))
             .map(Duration::from_secs);
+        let observed_at = Instant::now();
         if remaining.is_none() && limit.is_none() && reset_in.is_none() {
             return;
         }
@@ -501,9 +680,15 @@ impl VendorClient {
             if limit.is_some() {
                 budget.limit = limit;
             }
-            if reset_in.is_some() {
-                budget.reset_in = reset_in;
+            if let Some(reset_in) = reset_in {
+                budget.reset_at = Some(observed_at + reset_in);
             }
+        }
+        // Outside the lock: `reset_delay` takes it.
+        let valid_for = self.reset_delay();
+        if let Ok(mut budget) = self.budget.lock() {
+            budget.valid_until =
+                Some(Utc::now() + chrono::Duration::from_std(valid_for).unwrap_or_default());
             debug!(connection = %cx.connection, remaining = ?budget.remaining, limit = ?budget.limit, "vendor budget");
         }
     }
@@ -563,6 +748,53 @@ mod tests {
                 .min(BACKOFF_CAP);
             assert!(delay <= ceiling, "{attempt}: {delay:?}");
         }
+    }
+
+    #[test]
+    fn a_low_budget_is_paced_to_last_until_the_reset_and_pauses_at_the_reserve() {
+        let hour = Duration::from_secs(3600);
+        // 1,000 a day, share 0.8: a reserve of 200, 800 for this connection, paced
+        // below 200 spendable.
+        assert_eq!(pace(1000, 1000, 0.8, hour), Pace::Free);
+        assert_eq!(pace(400, 1000, 0.8, hour), Pace::Free);
+        assert_eq!(
+            pace(300, 1000, 0.8, hour),
+            Pace::Slow(Duration::from_secs(36)),
+            "100 spendable over an hour: one request every 36 s"
+        );
+        let Pace::Slow(sooner) = pace(350, 1000, 0.8, hour) else {
+            panic!("paced")
+        };
+        let Pace::Slow(later) = pace(250, 1000, 0.8, hour) else {
+            panic!("paced")
+        };
+        assert!(sooner < later, "the spacing grows as the budget drains");
+        assert_eq!(pace(200, 1000, 0.8, hour), Pace::Pause);
+        assert_eq!(pace(0, 1000, 0.8, hour), Pace::Pause);
+        assert_eq!(
+            pace(2, 10, 1.0, hour),
+            Pace::Slow(Duration::from_secs(1800))
+        );
+    }
+
+    #[test]
+    fn the_window_limiter_never_lets_more_than_its_count_into_any_rolling_window() {
+        let window = WindowLimiter::new(3, Duration::from_secs(10));
+        let start = Instant::now();
+        let slots: Vec<Instant> = (0..10).map(|_| window.reserve(start)).collect();
+        // Three at once, then three more one window (plus slack) later, and so on.
+        assert_eq!(&slots[..3], &[start, start, start]);
+        let next = start + Duration::from_secs(10) + window.slack;
+        assert_eq!(&slots[3..6], &[next, next, next]);
+        for (i, at) in slots.iter().enumerate().skip(3) {
+            assert!(
+                *at - slots[i - 3] >= Duration::from_secs(10),
+                "slot {i} shares a window with three others"
+            );
+        }
+        // A request long after the last reservations goes at once.
+        let later = start + Duration::from_secs(60);
+        assert_eq!(window.reserve(later), later);
     }
 
     #[test]

@@ -147,6 +147,8 @@ pub struct RateLimitConfig {
     pub burst: Option<u32>,
     pub budget_share: Option<f64>,
     pub max_concurrency: Option<u32>,
+    /// (requests, rolling window): the vendor's burst policy, overriding the manifest's.
+    pub window: Option<(u32, Duration)>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -580,11 +582,25 @@ fn validate_connection(
                     format!("expected a share above 0 and at most 1, got {share}"),
                 );
             }
+            let window = match (limit.window_requests, limit.window) {
+                (None, None) => None,
+                (Some(requests), Some(window)) if requests > 0 && !window.0.is_zero() => {
+                    Some((requests, window.0))
+                }
+                _ => {
+                    report(
+                        &format!("{base}.rate_limit.window"),
+                        "window_requests and window go together: a positive count and a duration like \"10s\"".to_owned(),
+                    );
+                    None
+                }
+            };
             RateLimitConfig {
                 requests_per_second: limit.requests_per_second,
                 burst: limit.burst,
                 budget_share: limit.budget_share,
                 max_concurrency: limit.max_concurrency,
+                window,
             }
         });
     if let Some(interval) = raw.poll_interval

@@ -143,6 +143,10 @@ pub struct RawRateLimit {
     /// Share of the vendor's remaining daily budget this connection may use, 0–1.
     pub budget_share: Option<f64>,
     pub max_concurrency: Option<u32>,
+    /// At most `window_requests` requests in any rolling `window` (a vendor's burst
+    /// policy, e.g. HubSpot's 190 per 10 s).
+    pub window_requests: Option<u32>,
+    pub window: Option<ConfigDuration>,
 }
 
 #[derive(Debug, Deserialize, Default)]

@@ -206,6 +206,76 @@ impl ConnectionRuntime {
     }
 }
 
+/// Pages read ahead of the commit in progress.
+const READ_AHEAD: usize = 4;
+/// Records stored in one transaction at most when read pages queue up for the store.
+const MAX_BATCH_RECORDS: usize = 1_000;
+
+/// One page (or several consecutive ones) mapped and ready to commit.
+struct ReadPage {
+    upserts: Vec<DealUpsert>,
+    quarantined: Vec<Quarantined>,
+    /// The cursor after the last page in here.
+    next: serde_json::Value,
+    done: bool,
+    pages: u64,
+    requests: u64,
+    rate_limited: u64,
+}
+
+impl ReadPage {
+    /// Maps a page's records to upserts and sets aside the ones that do not map.
+    fn new(runtime: &ConnectionRuntime, page: crate::connectors::Page) -> Self {
+        let mut records = Vec::with_capacity(page.records.len());
+        let mut quarantined = Vec::new();
+        for record in page.records {
+            match record {
+                Ok(deal) => records.push(deal),
+                Err(bad) => {
+                    warn!(connection = %runtime.name(), external_id = ?bad.external_id, reason = %bad.reason, "record quarantined");
+                    quarantined.push(Quarantined {
+                        external_id: bad.external_id,
+                        error: bad.reason,
+                        raw: bad.raw,
+                    })
+                }
+            }
+        }
+        ReadPage {
+            upserts: runtime.upserts(records, ChangeCause::Poll),
+            quarantined,
+            next: page.next,
+            done: page.done,
+            pages: 1,
+            requests: page.requests,
+            rate_limited: page.rate_limited,
+        }
+    }
+
+    fn records(&self) -> usize {
+        self.upserts.len() + self.quarantined.len()
+    }
+
+    /// Appends the page read after this one; its cursor becomes the batch's.
+    fn absorb(&mut self, later: ReadPage) {
+        self.upserts.extend(later.upserts);
+        self.quarantined.extend(later.quarantined);
+        self.next = later.next;
+        self.done = later.done;
+        self.pages += later.pages;
+        self.requests += later.requests;
+        self.rate_limited += later.rate_limited;
+    }
+
+    fn count(&self, summary: &mut RunSummary) {
+        summary.pages += self.pages;
+        summary.requests += self.requests;
+        summary.rate_limited += self.rate_limited;
+        summary.fetched += self.records() as u64;
+        summary.quarantined += self.quarantined.len() as u64;
+    }
+}
+
 /// What a sync run did, for logs, the CLI summary and the store.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct RunSummary {
@@ -261,6 +331,8 @@ pub async fn run_once(
 ) -> Result<RunSummary, SyncError> {
     let started = Instant::now();
     let name = runtime.name().to_owned();
+    // A run without a cursor reads everything: it is recorded as a full sync.
+    let full = full || deps.store.cursor(&name, DEALS_STREAM).await?.is_none();
     let run_id = deps.store.start_sync_run(&name, full).await?;
     let result = run_pages(runtime, deps, full, shutdown, progress, started)
         .instrument(info_span!("sync_run", connection = %name, run_id, full))
@@ -340,7 +412,7 @@ async fn run_pages(
         }
     }
 
-    let mut cursor = if full {
+    let cursor = if full {
         None
     } else {
         deps.store
@@ -348,89 +420,106 @@ async fn run_pages(
             .await
             .map_err(|e| fail(&summary, e.into()))?
     };
-    // The page read while the previous one committed.
-    let mut prefetched = None;
-    loop {
-        if shutdown.is_cancelled() {
-            info!(connection = %name, "sync stopped at a page boundary for shutdown");
-            break;
+
+    // Pages are read ahead of the commits (at most READ_AHEAD waiting), and pages that
+    // queued up while the store was busy are committed together with the cursor of the
+    // last of them: the cursor still only advances in the transaction that stores every
+    // page before it, in order. Nothing fetched is stored before its commit succeeds.
+    let (pages_tx, mut pages_rx) = tokio::sync::mpsc::channel(READ_AHEAD);
+    let cx = &cx;
+    let reader = async move {
+        let mut cursor = cursor;
+        loop {
+            if shutdown.is_cancelled() {
+                info!(connection = %name, "sync stopped at a page boundary for shutdown");
+                break;
+            }
+            let read = match runtime.connector.fetch_page(cx, cursor.as_ref()).await {
+                Ok(page) => Ok(ReadPage::new(runtime, page)),
+                Err(error) => Err(error),
+            };
+            let last = match &read {
+                Ok(page) => {
+                    cursor = Some(page.next.clone());
+                    page.done
+                }
+                Err(_) => true,
+            };
+            if pages_tx.send(read).await.is_err() || last {
+                break;
+            }
         }
-        let page = match prefetched.take() {
-            Some(page) => page,
-            None => match runtime.connector.fetch_page(&cx, cursor.as_ref()).await {
-                Ok(page) => page,
-                Err(error) => return Err(fail(&summary, error.into())),
-            },
-        };
-        summary.pages += 1;
-        summary.requests += page.requests;
-        summary.rate_limited += page.rate_limited;
-        let mut records = Vec::with_capacity(page.records.len());
-        let mut quarantined = Vec::new();
-        for record in page.records {
-            summary.fetched += 1;
-            match record {
-                Ok(deal) => records.push(deal),
-                Err(bad) => {
-                    warn!(connection = %name, external_id = ?bad.external_id, reason = %bad.reason, "record quarantined");
-                    quarantined.push(Quarantined {
-                        external_id: bad.external_id,
-                        error: bad.reason,
-                        raw: bad.raw,
-                    })
+    };
+    let committed = {
+        let summary = &mut summary;
+        let committer = async {
+            while let Some(read) = pages_rx.recv().await {
+                let mut batch = read?;
+                let mut failed = None;
+                while !batch.done && batch.records() < MAX_BATCH_RECORDS {
+                    match pages_rx.try_recv() {
+                        Ok(Ok(page)) => batch.absorb(page),
+                        Ok(Err(error)) => {
+                            failed = Some(error);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                batch.count(summary);
+                let done = batch.done;
+                let outcome = deps
+                    .store
+                    .commit_page(
+                        name,
+                        DEALS_STREAM,
+                        batch.upserts,
+                        batch.quarantined,
+                        Some(batch.next),
+                    )
+                    .await?;
+                for (label, count) in [
+                    ("created", outcome.created),
+                    ("updated", outcome.updated),
+                    ("unchanged", outcome.unchanged),
+                    ("stale", outcome.stale),
+                ] {
+                    if count > 0 {
+                        deps.metrics
+                            .records
+                            .get_or_create(&RecordLabels {
+                                connection: name.to_owned(),
+                                outcome: label.into(),
+                            })
+                            .inc_by(count);
+                    }
+                }
+                summary.add(outcome);
+                summary.elapsed_ms = started.elapsed().as_millis() as u64;
+                progress(summary);
+                if let Some(error) = failed {
+                    return Err(SyncError::from(error));
+                }
+                if done {
+                    break;
                 }
             }
-        }
-        summary.quarantined += quarantined.len() as u64;
-        let upserts = runtime.upserts(records, ChangeCause::Poll);
-        let (done, next_cursor) = (page.done, page.next);
-        let commit = deps.store.commit_page(
-            name,
-            DEALS_STREAM,
-            upserts,
-            quarantined,
-            Some(next_cursor.clone()),
-        );
-        // The next page is read while this one commits (on a blocking thread). Nothing
-        // of it is stored before this commit succeeds, and a failed commit drops it,
-        // so the cursor still only advances with its committed page.
-        let prefetch = async {
-            if done || shutdown.is_cancelled() {
-                None
-            } else {
-                Some(runtime.connector.fetch_page(&cx, Some(&next_cursor)).await)
-            }
+            Ok::<(), SyncError>(())
         };
-        let (committed, fetched) = tokio::join!(commit, prefetch);
-        let outcome = committed.map_err(|e| fail(&summary, e.into()))?;
-        for (label, count) in [
-            ("created", outcome.created),
-            ("updated", outcome.updated),
-            ("unchanged", outcome.unchanged),
-            ("stale", outcome.stale),
-        ] {
-            if count > 0 {
-                deps.metrics
-                    .records
-                    .get_or_create(&RecordLabels {
-                        connection: name.to_owned(),
-                        outcome: label.into(),
-                    })
-                    .inc_by(count);
+        // The committer decides; the reader is dropped (between or inside requests, with
+        // nothing stored) when the committer stops early.
+        tokio::pin!(reader);
+        tokio::pin!(committer);
+        let mut reading = true;
+        loop {
+            tokio::select! {
+                result = &mut committer => break result,
+                _ = &mut reader, if reading => reading = false,
             }
         }
-        summary.add(outcome);
-        summary.elapsed_ms = started.elapsed().as_millis() as u64;
-        progress(&summary);
-        cursor = Some(next_cursor);
-        if done {
-            break;
-        }
-        match fetched {
-            Some(Ok(page)) => prefetched = Some(page),
-            Some(Err(error)) => return Err(fail(&summary, error.into())),
-            None => {}
-        }
+    };
+    if let Err(error) = committed {
+        return Err((summary, error));
     }
     if summary.quarantined > 0 {
         deps.metrics
@@ -493,12 +582,14 @@ pub async fn run_connection(
                     elapsed_ms = summary.elapsed_ms, "sync run finished");
                 delay = jittered(interval);
             }
+            Err(SyncError::Connector(ConnectorError::BudgetExhausted { resume_after, .. })) => {
+                // Not a failure: the connection keeps to its share of the vendor budget.
+                delay = resume_after.max(Duration::from_secs(1));
+                info!(connection = %name, resume_in_s = delay.as_secs(), "sync paused for the vendor API budget");
+            }
             Err(error) => {
                 failures += 1;
                 delay = match &error {
-                    SyncError::Connector(ConnectorError::BudgetExhausted {
-                        resume_after, ..
-                    }) => *resume_after,
                     SyncError::Connector(ConnectorError::Transient {
                         retry_after: Some(after),
                         ..

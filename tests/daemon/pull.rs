@@ -928,13 +928,14 @@ async fn dealsync_auth_runs_the_pkce_flow_on_a_loopback_redirect_and_sync_uses_t
 }
 
 #[tokio::test]
-async fn a_connection_pauses_when_its_share_of_the_daily_budget_is_spent() {
+async fn a_connection_pauses_at_the_reserve_when_its_share_of_the_daily_budget_is_spent() {
     let hubspot = HubSpot::start("pat-test", None).await;
     for id in 1..=9u64 {
         hubspot.put(HsDeal::new(id, "deal", "qualifiedtobuy", now_ms() - 60_000));
     }
-    // 1,000 a day, 203 left: with a 0.8 share the reserve is 200, so three requests.
-    *hubspot.state.budget.lock().unwrap() = Some((1000, 204));
+    // 1,000 a day, 200 left after the first answer: with a 0.8 share that is the
+    // reserve kept for the portal's other apps.
+    *hubspot.state.budget.lock().unwrap() = Some((1000, 201));
     let daemon = TestDaemon::start(&hubspot_connection("hs", &hubspot.url(), "")).await;
     daemon
         .wait_for_log(
@@ -958,4 +959,392 @@ async fn a_connection_pauses_when_its_share_of_the_daily_budget_is_spent() {
         seen,
         "no request while paused"
     );
+}
+
+#[test]
+fn the_hubspot_mock_writes_deals_as_it_renders_them() {
+    use crate::harness::vendors::hubspot::ExtraProperties;
+    let mut deal = HsDeal::new(7, "Quote \"A\"", "qualifiedtobuy", 1_768_212_000_000);
+    deal.contact = Some(42);
+    deal.extra = std::sync::Arc::new(ExtraProperties::new(vec![(
+        "custom_property_00".into(),
+        "value with \\ and \"".into(),
+    )]));
+    for (archived, associations) in [(false, true), (true, false)] {
+        deal.archived = archived;
+        let mut text = String::new();
+        deal.write_json(&mut text, associations);
+        let written: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(written, deal.render(associations));
+    }
+}
+
+#[tokio::test]
+async fn hubspot_oauth_refreshes_a_token_expiring_mid_sync_and_reads_every_deal() {
+    use crate::harness::vendors::OAuthState;
+    use std::sync::atomic::Ordering;
+    let hubspot = HubSpot::start(
+        "",
+        Some(OAuthState::new("never-issued", "hs-refresh-0", false)),
+    )
+    .await;
+    let base = now_ms() - 3_600_000;
+    hubspot.put_contact(501, "ada@acme.example", "Ada", "Lovelace");
+    for id in 1..=7u64 {
+        let mut deal = HsDeal::new(id, "deal", "qualifiedtobuy", base + id as i64);
+        deal.contact = Some(501);
+        hubspot.put(deal);
+    }
+    let oauth = hubspot.state.oauth.as_ref().unwrap();
+    // Every access token stops working after three API calls: mid-sync.
+    oauth.expire_after.store(3, Ordering::SeqCst);
+    let url = hubspot.url();
+    let daemon = TestDaemon::start(&format!(
+        r#"
+[connections.hs]
+connector = "hubspot"
+base_url = "{url}"
+poll_interval = "1s"
+page_size = 2
+rate_limit = {{ requests_per_second = 200.0, burst = 50 }}
+
+[connections.hs.oauth]
+client_id = "hs-client"
+client_secret = "hs-secret"
+refresh_token = "hs-refresh-0"
+"#
+    ))
+    .await;
+    eventually("seven deals, each with its contact", WAIT, || async {
+        let found = deals(&daemon, "hs");
+        (found.len() == 7
+            && found
+                .iter()
+                .all(|d| d.3.as_deref() == Some("ada@acme.example")))
+        .then_some(())
+    })
+    .await;
+    assert!(
+        oauth.refreshes.load(Ordering::SeqCst) >= 2,
+        "refreshed at start and when the token expired mid-sync"
+    );
+    assert_eq!(
+        daemon.count("SELECT count(*) FROM sync_runs WHERE status = 'failed'"),
+        0,
+        "the expiry cost a refresh, not a failed run"
+    );
+    let stored: Option<String> = daemon
+        .db()
+        .query_row(
+            "SELECT refresh_token FROM oauth_tokens WHERE connection = 'hs'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(
+        stored.as_deref(),
+        Some("hs-refresh-0"),
+        "an answer without a new refresh token keeps the old one"
+    );
+    let logs = daemon.logs();
+    assert!(
+        !logs.contains("hs-secret") && !logs.contains("hs-refresh-0") && !logs.contains("access-"),
+        "no secret in logs"
+    );
+}
+
+#[tokio::test]
+async fn pipedrive_oauth_refreshes_a_token_expiring_mid_sync_and_keeps_the_rotated_refresh_token() {
+    use crate::harness::vendors::OAuthState;
+    use std::sync::atomic::Ordering;
+    let pipedrive =
+        Pipedrive::start_oauth(OAuthState::new("never-issued", "pd-refresh-0", true)).await;
+    let start = Utc::now() - chrono::Duration::hours(1);
+    for id in 1..=9u64 {
+        pipedrive.put(PdDeal::new(
+            id,
+            "deal",
+            2,
+            start + chrono::Duration::seconds(id as i64),
+        ));
+    }
+    let oauth = pipedrive.state.oauth.as_ref().unwrap();
+    oauth.expire_after.store(3, Ordering::SeqCst);
+    let url = pipedrive.url();
+    // No base_url: API calls go to the `api_domain` the token answer names.
+    let daemon = TestDaemon::start(&format!(
+        r#"
+[connections.pd]
+connector = "pipedrive"
+poll_interval = "1s"
+page_size = 2
+rate_limit = {{ requests_per_second = 200.0, burst = 50 }}
+
+[connections.pd.oauth]
+client_id = "pd-client"
+client_secret = "pd-secret"
+token_url = "{url}/oauth/token"
+refresh_token = "pd-refresh-0"
+"#
+    ))
+    .await;
+    eventually("nine deals", WAIT, || async {
+        (deals(&daemon, "pd").len() == 9).then_some(())
+    })
+    .await;
+    let refreshes = oauth.refreshes.load(Ordering::SeqCst);
+    assert!(refreshes >= 2, "refreshed at start and mid-sync");
+    assert_eq!(
+        daemon.count("SELECT count(*) FROM sync_runs WHERE status = 'failed'"),
+        0,
+        "the expiry cost a refresh, not a failed run: {}",
+        daemon.logs()
+    );
+    // Rotation: the stored refresh token is the one the vendor issued last, so the
+    // next refresh works (an old one would be invalid_grant).
+    let live = oauth.refresh.lock().unwrap().clone();
+    assert_ne!(live, "pd-refresh-0");
+    eventually("the rotated refresh token stored", WAIT, || async {
+        let stored: Option<String> = daemon
+            .db()
+            .query_row(
+                "SELECT refresh_token FROM oauth_tokens WHERE connection = 'pd'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        (stored.as_deref() == Some(oauth.refresh.lock().unwrap().as_str())).then_some(())
+    })
+    .await;
+    let logs = daemon.logs();
+    assert!(
+        !logs.contains("pd-secret") && !logs.contains("pd-refresh-"),
+        "no secret in logs"
+    );
+}
+
+/// A CRM whose answers carry its budget: limit, remaining and seconds to the reset.
+const BUDGET_MANIFEST: &str = r#"
+name = "budgetcrm"
+base_url = "http://127.0.0.1:9"
+default_pipeline = "sales"
+
+[auth]
+kind = "bearer"
+
+[rate_limit]
+requests_per_second = 100.0
+burst = 10
+budget_share = 0.8
+budget_limit_header = "x-budget-limit"
+budget_remaining_header = "x-budget-remaining"
+budget_reset = "header"
+budget_reset_header = "x-budget-reset"
+
+[deals]
+page_size = 1
+modified = { path = "/modified_ms", type = "timestamp" }
+
+[deals.full]
+path = "/deals"
+records = "/items"
+pagination = { kind = "page", param = "page", has_more = "/more" }
+query = { per_page = "{page_size}" }
+
+[deals.fields]
+external_id = "/id"
+title = "/title"
+native_pipeline = { value = "main" }
+native_stage = "/stage"
+"#;
+
+#[tokio::test]
+async fn a_connection_slows_down_as_the_budget_runs_low_so_its_share_lasts_until_the_reset() {
+    use axum::extract::{Query, State};
+    use axum::response::IntoResponse;
+    use axum::routing::get;
+    use serde_json::json;
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex};
+    use std::time::Instant;
+
+    struct Budget {
+        remaining: u64,
+        reset_at: Instant,
+        /// Arrival time and remaining budget after each request.
+        seen: Vec<(Instant, u64)>,
+    }
+    // 1,000 a day, 205 left: the reserve is 200, so 5 spendable, far below a quarter
+    // of the 800 share; the budget resets in 3 s. Pacing spaces the 5 requests about
+    // 0.75 s apart, so they last until the reset and the rest goes at full speed.
+    let budget = Arc::new(Mutex::new(Budget {
+        remaining: 205,
+        reset_at: Instant::now() + Duration::from_secs(3),
+        seen: Vec::new(),
+    }));
+    async fn page(
+        State(budget): State<Arc<Mutex<Budget>>>,
+        Query(q): Query<HashMap<String, String>>,
+    ) -> axum::response::Response {
+        let page: u64 = q.get("page").map_or(1, |p| p.parse().unwrap());
+        let mut budget = budget.lock().unwrap();
+        let now = Instant::now();
+        if now >= budget.reset_at {
+            budget.remaining = 1000;
+            budget.reset_at = now + Duration::from_secs(3600);
+        }
+        budget.remaining -= 1;
+        let remaining = budget.remaining;
+        budget.seen.push((now, remaining));
+        let reset = budget
+            .reset_at
+            .saturating_duration_since(now)
+            .as_secs_f64()
+            .ceil();
+        let body = json!({
+            "items": [{"id": format!("B-{page}"), "title": "deal", "stage": "intro", "modified_ms": 1768212000000i64 + page as i64}],
+            "more": page < 12,
+        });
+        (
+            [
+                ("x-budget-limit", "1000".to_owned()),
+                ("x-budget-remaining", remaining.to_string()),
+                ("x-budget-reset", reset.to_string()),
+            ],
+            axum::Json(body),
+        )
+            .into_response()
+    }
+    let router = axum::Router::new()
+        .route("/deals", get(page))
+        .with_state(budget.clone());
+    let mock = crate::harness::vendors::serve(router).await;
+    let connectors = tempfile::tempdir().unwrap();
+    std::fs::write(connectors.path().join("budgetcrm.toml"), BUDGET_MANIFEST).unwrap();
+    let daemon = TestDaemon::start(&format!(
+        "[connectors]\ndir = \"{}\"\n\n[connections.bc]\nconnector = \"budgetcrm\"\nbase_url = \"{}\"\ntoken = \"t\"\npoll_interval = \"1s\"\n",
+        connectors.path().display(),
+        mock.url()
+    ))
+    .await;
+    daemon
+        .wait_for_log(
+            "vendor API budget running low; slowing down so this connection's share lasts until the reset",
+            WAIT,
+        )
+        .await;
+    let (_, metrics) = daemon.get("/metrics").await;
+    let spacing: f64 = metrics
+        .lines()
+        .find_map(|line| {
+            line.strip_prefix("dealsync_vendor_budget_pace_seconds{connection=\"bc\"} ")
+        })
+        .and_then(|value| value.parse().ok())
+        .unwrap_or_else(|| panic!("{metrics}"));
+    assert!(
+        spacing > 0.3 && spacing < 3.0,
+        "spacing {spacing} s: {metrics}"
+    );
+    eventually("every deal, after the reset", WAIT, || async {
+        (deals(&daemon, "bc").len() == 12).then_some(())
+    })
+    .await;
+    let seen = budget.lock().unwrap().seen.clone();
+    // Before the reset: never below the reserve, and paced rather than back to back.
+    let before: Vec<&(Instant, u64)> = seen.iter().take_while(|(_, left)| *left < 300).collect();
+    assert!(seen.iter().all(|(_, left)| *left >= 200), "{seen:?}");
+    assert!(
+        before.len() >= 3,
+        "{} requests before the reset",
+        before.len()
+    );
+    for pair in before.windows(2).skip(1) {
+        let gap = pair[1].0 - pair[0].0;
+        assert!(
+            gap >= Duration::from_millis(300),
+            "requests {gap:?} apart while the budget ran low"
+        );
+    }
+    // The spacing spread the last requests of the share up to the reset: the reserve
+    // kept for other integrations was never touched.
+    assert!(
+        !daemon.logs().contains("budget share used up"),
+        "paced, not paused"
+    );
+}
+
+#[tokio::test]
+async fn salesforce_fetch_one_reads_one_opportunity_with_its_contact_and_sees_it_deleted() {
+    use dealsync::store::Store;
+    use dealsync::sync::{ConnectionRuntime, SyncDeps};
+    let salesforce = Salesforce::start("refresh-0", 2).await;
+    let at = Utc.with_ymd_and_hms(2026, 1, 12, 10, 0, 0).unwrap();
+    let mut first = SfOpp::new("006A1", "Opp 1", "Negotiation/Review", at);
+    first.contact = Some(("ada@acme.example".into(), "Ada Lovelace".into()));
+    salesforce.put(first);
+    salesforce.put(SfOpp::new("006A2", "Opp 2", "Prospecting", at));
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "[storage]\npath = \"{}/one.db\"\n{}",
+        dir.path().display(),
+        salesforce_connection("sf", &salesforce.url())
+    );
+    let config = dealsync::config::parse(
+        &dir.path().join("dealsync.toml"),
+        &text,
+        &dealsync::config::interpolate::ProcessEnv,
+    )
+    .unwrap();
+    let runtime = ConnectionRuntime::build_all(&config).unwrap().remove(0);
+    let path = config.storage.path.clone();
+    let store = tokio::task::spawn_blocking(move || Store::open(&path))
+        .await
+        .unwrap()
+        .unwrap();
+    store.ensure_connection("sf", "salesforce").await.unwrap();
+    let deps = SyncDeps {
+        store,
+        metrics: std::sync::Arc::new(dealsync::telemetry::Metrics::new()),
+        attention: None,
+    };
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let cx = runtime.context(&deps, &shutdown);
+
+    let deal = runtime
+        .connector
+        .fetch_one(&cx, "006A1")
+        .await
+        .unwrap()
+        .expect("found");
+    assert_eq!(deal.external_id.as_str(), "006A1");
+    assert_eq!(deal.native_stage, "Negotiation/Review");
+    assert_eq!(
+        deal.contact_email.as_ref().map(|e| e.as_str()),
+        Some("ada@acme.example")
+    );
+    assert!(!deal.deleted);
+    let seen = salesforce.state.faults.seen();
+    let asked = seen.last().unwrap();
+    assert!(
+        asked.contains("queryAll") && asked.contains("006A1"),
+        "{asked}"
+    );
+
+    salesforce.update("006A1", |o| o.deleted = true);
+    let deleted = runtime.connector.fetch_one(&cx, "006A1").await.unwrap();
+    assert!(deleted.expect("still answered").deleted);
+    assert!(
+        runtime
+            .connector
+            .fetch_one(&cx, "006NOPE")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let refused = runtime
+        .connector
+        .fetch_one(&cx, "x' OR Name != '")
+        .await
+        .unwrap_err();
+    assert!(refused.to_string().contains("not a record id"), "{refused}");
 }

@@ -19,7 +19,7 @@
 //! - One record that does not map is quarantined; the page goes on.
 
 use super::auth::{Authn, Credentials};
-use super::fields::{self, Scope, text_of};
+use super::fields::{self, Scope, lookup, text_of};
 use super::schema::{Enrich, FieldSpec, Manifest, Method, PaginationKind, Request, StageFields};
 use super::template::Vars;
 use crate::config::ConnectionConfig;
@@ -227,8 +227,21 @@ impl ManifestConnector {
         });
         let rate = &manifest.rate_limit;
         let overrides = &connection.rate_limit;
+        // A connection that sets its own rate (per second or per window) replaces the
+        // manifest's rates, per-endpoint ones included.
+        let own_rate = overrides.requests_per_second.is_some() || overrides.window.is_some();
+        let manifest_window = rate.window_requests.zip(rate.window.as_ref().map(|w| w.0));
         let limits = Limits {
-            requests_per_second: overrides.requests_per_second.or(rate.requests_per_second),
+            requests_per_second: if own_rate {
+                overrides.requests_per_second
+            } else {
+                rate.requests_per_second
+            },
+            window: if own_rate {
+                overrides.window
+            } else {
+                manifest_window
+            },
             burst: overrides.burst.or(rate.burst).unwrap_or(1),
             max_concurrency: overrides
                 .max_concurrency
@@ -259,7 +272,7 @@ impl ManifestConnector {
             .unwrap_or(100)
             .clamp(1, max_page);
         Ok(ManifestConnector {
-            own_rate: overrides.requests_per_second.is_some(),
+            own_rate,
             bodies: collect_bodies(&manifest),
             lookback: connection
                 .lookback
@@ -461,10 +474,26 @@ impl ManifestConnector {
         body: &'a Value,
         request: &Request,
     ) -> Result<Vec<&'a Value>, ConnectorError> {
-        match body.pointer(&request.records) {
+        match lookup(body, &request.records) {
             None | Some(Value::Null) => Ok(Vec::new()),
             Some(Value::Array(items)) => Ok(items.iter().collect()),
             Some(object @ Value::Object(_)) if request.records.is_empty() => Ok(vec![object]),
+            Some(_) => Err(self.bad(format!(
+                "{}: {:?} is not an array of records",
+                request.path, request.records
+            ))),
+        }
+    }
+
+    /// The records of a body, moved out of it.
+    fn take_records(&self, body: Value, request: &Request) -> Result<Vec<Value>, ConnectorError> {
+        let mut body = body;
+        match body.pointer_mut(&request.records) {
+            None | Some(Value::Null) => Ok(Vec::new()),
+            Some(Value::Array(items)) => Ok(std::mem::take(items)),
+            Some(object @ Value::Object(_)) if request.records.is_empty() => {
+                Ok(vec![object.take()])
+            }
             Some(_) => Err(self.bad(format!(
                 "{}: {:?} is not an array of records",
                 request.path, request.records
@@ -527,9 +556,9 @@ impl ManifestConnector {
                 .call(cx, &step.request, &Value::Null, &vars)
                 .await
                 .map_err(|e| e.into_connector(&self.manifest.name, &step.request.path))?;
-            for item in self.records(&body, &step.request)? {
-                if let Some(id) = item.pointer(&step.id).and_then(text_of) {
-                    found.insert(id, item.clone());
+            for item in self.take_records(body, &step.request)? {
+                if let Some(id) = lookup(&item, &step.id).and_then(text_of) {
+                    found.insert(id, item);
                 }
             }
         }
@@ -671,14 +700,14 @@ impl ManifestConnector {
         let p = &request.pagination;
         let pointer_text = |ptr: &Option<String>| {
             ptr.as_deref()
-                .and_then(|ptr| body.pointer(ptr))
+                .and_then(|ptr| lookup(body, ptr))
                 .and_then(text_of)
                 .filter(|t| !t.is_empty())
         };
         let has_more = p
             .has_more
             .as_deref()
-            .and_then(|ptr| body.pointer(ptr))
+            .and_then(|ptr| lookup(body, ptr))
             .and_then(|v| {
                 v.as_bool()
                     .or_else(|| text_of(v).and_then(|t| fields::parse_bool(&t)))
@@ -696,7 +725,7 @@ impl ManifestConnector {
                 let next = p
                     .next_offset
                     .as_deref()
-                    .and_then(|ptr| body.pointer(ptr))
+                    .and_then(|ptr| lookup(body, ptr))
                     .and_then(|v| v.as_u64().or_else(|| text_of(v)?.parse().ok()))
                     .unwrap_or(page.as_u64().unwrap_or(0) + count as u64);
                 Some(json!(next))
@@ -800,15 +829,15 @@ impl ManifestConnector {
                 let hidden = spec
                     .hidden
                     .as_deref()
-                    .and_then(|p| record.pointer(p))
+                    .and_then(|p| lookup(record, p))
                     .and_then(|v| {
                         v.as_bool()
                             .or_else(|| text_of(v).and_then(|t| fields::parse_bool(&t)))
                     })
                     .unwrap_or(false);
                 let (Some(id), Some(label)) = (
-                    record.pointer(&spec.id).and_then(text_of),
-                    record.pointer(&spec.label).and_then(text_of),
+                    lookup(record, &spec.id).and_then(text_of),
+                    lookup(record, &spec.label).and_then(text_of),
                 ) else {
                     continue;
                 };
@@ -817,7 +846,7 @@ impl ManifestConnector {
                 }
                 let mut stages = Vec::new();
                 if let (Some(pointer), Some(fields)) = (&spec.stages, &spec.stage)
-                    && let Some(Value::Array(items)) = record.pointer(pointer)
+                    && let Some(Value::Array(items)) = lookup(record, pointer)
                 {
                     stages.extend(items.iter().filter_map(|item| native_stage(item, fields)));
                 }
@@ -857,7 +886,7 @@ impl ManifestConnector {
 fn bool_at(record: &Value, pointer: &Option<String>) -> Option<bool> {
     pointer
         .as_deref()
-        .and_then(|p| record.pointer(p))
+        .and_then(|p| lookup(record, p))
         .and_then(|v| {
             v.as_bool()
                 .or_else(|| text_of(v).and_then(|t| fields::parse_bool(&t)))
@@ -867,7 +896,7 @@ fn bool_at(record: &Value, pointer: &Option<String>) -> Option<bool> {
 fn number_at(record: &Value, pointer: &Option<String>) -> Option<f64> {
     pointer
         .as_deref()
-        .and_then(|p| record.pointer(p))
+        .and_then(|p| lookup(record, p))
         .and_then(|v| v.as_f64().or_else(|| text_of(v)?.trim().parse().ok()))
 }
 
@@ -875,7 +904,7 @@ fn native_stage(record: &Value, spec: &StageFields) -> Option<NativeStage> {
     if bool_at(record, &spec.hidden) == Some(true) || bool_at(record, &spec.active) == Some(false) {
         return None;
     }
-    let id = record.pointer(&spec.id).and_then(text_of)?;
+    let id = lookup(record, &spec.id).and_then(text_of)?;
     let label = record
         .pointer(&spec.label)
         .and_then(text_of)
@@ -1005,7 +1034,7 @@ impl Connector for ManifestConnector {
                     };
                     let (pipeline_id, pipeline_label) =
                         match (&spec.pipeline, &spec.single_pipeline) {
-                            (Some(pointer), _) => match record.pointer(pointer).and_then(text_of) {
+                            (Some(pointer), _) => match lookup(record, pointer).and_then(text_of) {
                                 Some(id) => (id.clone(), id),
                                 None => continue,
                             },
@@ -1213,7 +1242,7 @@ impl Connector for ManifestConnector {
                 Value::String(String::from_utf8_lossy(&event.body).into_owned()),
             )
         })?;
-        let events: Vec<&Value> = match body.pointer(&spec.events) {
+        let events: Vec<&Value> = match lookup(&body, &spec.events) {
             Some(Value::Array(items)) => items.iter().collect(),
             Some(single @ Value::Object(_)) => vec![single],
             _ => return Err(bad("webhook body holds no events".into(), body.clone())),
@@ -1224,13 +1253,13 @@ impl Connector for ManifestConnector {
             let kind: Vec<String> = spec
                 .kind
                 .iter()
-                .filter_map(|p| item.pointer(p).and_then(text_of))
+                .filter_map(|p| lookup(item, p).and_then(text_of))
                 .collect();
             let kind = kind.join(".");
             let Some(action) = spec.actions.get(&kind) else {
                 continue;
             };
-            let id = item.pointer(&spec.id).and_then(text_of);
+            let id = lookup(item, &spec.id).and_then(text_of);
             match action.as_str() {
                 "refetch" => {
                     let id = id.ok_or_else(|| {
@@ -1256,7 +1285,7 @@ impl Connector for ManifestConnector {
                     let record = spec
                         .record
                         .as_deref()
-                        .and_then(|p| item.pointer(p))
+                        .and_then(|p| lookup(item, p))
                         .filter(|v| v.is_object())
                         .ok_or_else(|| {
                             bad(format!("{kind} event carries no record"), item.clone())
@@ -1278,6 +1307,17 @@ impl Connector for ManifestConnector {
         let Some(request) = &self.manifest.deals.one else {
             return Ok(None);
         };
+        // The id goes into a path or a query (Salesforce: inside a SOQL literal): only
+        // the characters vendors use in ids are let through.
+        if external_id.is_empty()
+            || !external_id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(self.bad(format!(
+                "{external_id:?} is not a record id this connector can look up"
+            )));
+        }
         let mut vars = Vars::default();
         vars.set("id", json!(external_id))
             .set("page_size", json!(1));

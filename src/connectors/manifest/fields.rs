@@ -29,10 +29,10 @@ impl<'a> Scope<'a> {
             if pointer.is_empty() {
                 Some(base)
             } else {
-                base.pointer(&format!("/{pointer}"))
+                walk(base, pointer)
             }
         } else {
-            self.record.pointer(path)
+            lookup(self.record, path)
         }?;
         match value {
             Value::Null => None,
@@ -40,6 +40,36 @@ impl<'a> Scope<'a> {
             other => Some(other),
         }
     }
+}
+
+/// [`Value::pointer`] without an allocation per step (field mapping runs it for every
+/// field of every record); pointers with `~` escapes take the general path.
+pub fn lookup<'a>(value: &'a Value, pointer: &str) -> Option<&'a Value> {
+    match pointer.strip_prefix('/') {
+        _ if pointer.is_empty() => Some(value),
+        Some(rest) => walk(value, rest),
+        None => None,
+    }
+}
+
+/// Follows `a/b/0` (a pointer without its leading `/`) from `value`.
+fn walk<'a>(value: &'a Value, steps: &str) -> Option<&'a Value> {
+    if steps.contains('~') {
+        return value.pointer(&format!("/{steps}"));
+    }
+    steps
+        .split('/')
+        .try_fold(value, |target, step| match target {
+            Value::Object(map) => map.get(step),
+            Value::Array(items) => {
+                // As RFC 6901: a decimal index without a leading zero.
+                if step.is_empty() || (step.len() > 1 && step.starts_with('0')) {
+                    return None;
+                }
+                step.parse::<usize>().ok().and_then(|at| items.get(at))
+            }
+            _ => None,
+        })
 }
 
 /// The text of a scalar: strings as they are, numbers and booleans as JSON writes them.
@@ -270,6 +300,31 @@ mod tests {
             string(&FieldSpec::Path("/n".into()), &scope).unwrap(),
             Some("4200.5".into())
         );
+    }
+
+    #[test]
+    fn lookup_follows_pointers_like_serde_json_does() {
+        let record = json!({"a": {"b": [10, {"c": "x"}], "d/e": 1, "": 2}, "n": null});
+        for pointer in [
+            "",
+            "/a",
+            "/a/b",
+            "/a/b/0",
+            "/a/b/1/c",
+            "/a/b/01",
+            "/a/b/9",
+            "/a/d~1e",
+            "/a/",
+            "/n",
+            "/missing/x",
+            "a",
+        ] {
+            assert_eq!(
+                lookup(&record, pointer),
+                record.pointer(pointer),
+                "{pointer}"
+            );
+        }
     }
 
     #[test]

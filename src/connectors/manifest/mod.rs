@@ -315,6 +315,18 @@ pub fn validate(manifest: &Manifest, report: &mut dyn FnMut(&str, String)) {
             format!("expected a positive number, got {rps}"),
         );
     }
+    match (
+        manifest.rate_limit.window_requests,
+        &manifest.rate_limit.window,
+    ) {
+        (None, None) => {}
+        (Some(requests), Some(window)) if requests > 0 && !window.0.is_zero() => {}
+        _ => report(
+            "rate_limit.window",
+            "window_requests and window go together: a positive count and a duration like \"10s\""
+                .into(),
+        ),
+    }
     let deals = &manifest.deals;
     check_request("deals.full", &deals.full, report);
     if let Some(request) = &deals.incremental {

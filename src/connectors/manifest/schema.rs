@@ -105,6 +105,10 @@ pub enum ClientAuth {
 pub struct RateLimit {
     pub requests_per_second: Option<f64>,
     pub burst: Option<u32>,
+    /// At most `window_requests` requests in any rolling `window` (HubSpot: 100 or 190
+    /// per 10 s): sent as fast as allowed, never more in any such window.
+    pub window_requests: Option<u32>,
+    pub window: Option<ConfigDuration>,
     pub max_concurrency: Option<u32>,
     /// Share of the remaining daily budget this connection may use (default 0.8).
     pub budget_share: Option<f64>,

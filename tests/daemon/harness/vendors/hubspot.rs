@@ -27,7 +27,30 @@ pub struct HsDeal {
     pub contact: Option<u64>,
     pub owner: Option<String>,
     /// Extra properties (the benchmark's ~60), shared between deals.
-    pub extra: Arc<Vec<(String, String)>>,
+    pub extra: Arc<ExtraProperties>,
+}
+
+/// Properties many deals share, with their JSON rendered once: the list endpoint
+/// splices the text into each deal instead of building and serializing a tree, so the
+/// mock costs little CPU next to the client it serves.
+#[derive(Debug, Default)]
+pub struct ExtraProperties {
+    pairs: Vec<(String, String)>,
+    /// `,"key":"value"` for every pair.
+    rendered: String,
+}
+
+impl ExtraProperties {
+    pub fn new(pairs: Vec<(String, String)>) -> Self {
+        let mut rendered = String::new();
+        for (key, value) in &pairs {
+            rendered.push(',');
+            rendered.push_str(&Value::String(key.clone()).to_string());
+            rendered.push(':');
+            rendered.push_str(&Value::String(value.clone()).to_string());
+        }
+        ExtraProperties { pairs, rendered }
+    }
 }
 
 pub struct HsState {
@@ -111,7 +134,7 @@ impl HsDeal {
             archived: false,
             contact: None,
             owner: Some("9001".to_owned()),
-            extra: Arc::new(Vec::new()),
+            extra: Arc::new(ExtraProperties::default()),
         }
     }
 
@@ -126,7 +149,7 @@ impl HsDeal {
         properties.insert("hs_lastmodifieddate".into(), json!(iso(self.modified_ms)));
         properties.insert("hs_object_id".into(), json!(self.id.to_string()));
         properties.insert("hubspot_owner_id".into(), json!(self.owner));
-        for (key, value) in self.extra.iter() {
+        for (key, value) in &self.extra.pairs {
             properties.insert(key.clone(), json!(value));
         }
         let mut record = json!({
@@ -143,6 +166,37 @@ impl HsDeal {
             record["associations"] = json!({"contacts": {"results": [{"id": contact.to_string(), "type": "deal_to_contact"}]}});
         }
         record
+    }
+
+    /// Appends the JSON of [`Self::render`] to `out` without building a tree (same
+    /// content, HubSpot's key order).
+    pub fn write_json(&self, out: &mut String, with_associations: bool) {
+        use std::fmt::Write;
+        let text = |value: &str| Value::String(value.to_owned()).to_string();
+        let optional = |value: &Option<String>| value.as_deref().map_or("null".to_owned(), text);
+        let modified = text(&iso(self.modified_ms));
+        let _ = write!(
+            out,
+            r#"{{"id":"{id}","properties":{{"dealname":{name},"amount":{amount},"dealstage":{stage},"pipeline":{pipeline},"closedate":"2026-03-31T00:00:00Z","createdate":"2026-01-10T09:00:00Z","hs_lastmodifieddate":{modified},"hs_object_id":"{id}","hubspot_owner_id":{owner}{extra}}},"createdAt":"2026-01-10T09:00:00Z","updatedAt":{modified},"archived":{archived}"#,
+            id = self.id,
+            name = text(&self.name),
+            amount = optional(&self.amount),
+            stage = text(&self.stage),
+            pipeline = text(&self.pipeline),
+            owner = optional(&self.owner),
+            extra = self.extra.rendered,
+            archived = self.archived,
+        );
+        if self.archived {
+            let _ = write!(out, r#","archivedAt":{modified}"#);
+        }
+        if with_associations && let Some(contact) = self.contact {
+            let _ = write!(
+                out,
+                r#","associations":{{"contacts":{{"results":[{{"id":"{contact}","type":"deal_to_contact"}}]}}}}"#
+            );
+        }
+        out.push('}');
     }
 }
 
@@ -256,26 +310,36 @@ async fn list(
         .and_then(|l| l.parse().ok())
         .unwrap_or(10)
         .min(100);
-    let after: usize = query.get("after").and_then(|a| a.parse().ok()).unwrap_or(0);
+    // `after` is the id to start at (opaque to the client, as HubSpot's is).
+    let after: u64 = query.get("after").and_then(|a| a.parse().ok()).unwrap_or(0);
     let archived = query.get("archived").is_some_and(|a| a == "true");
     let inline = query
         .get("associations")
         .is_some_and(|a| a.contains("contacts"));
     let deals = state.deals.lock().unwrap();
-    let matching: Vec<&HsDeal> = deals.values().filter(|d| d.archived == archived).collect();
-    let page: Vec<Value> = matching
-        .iter()
-        .skip(after)
-        .take(limit)
-        .map(|d| d.render(inline))
-        .collect();
-    let mut body = json!({ "results": page });
-    if after + limit < matching.len() {
-        let next = (after + limit).to_string();
-        body["paging"] =
-            json!({"next": {"after": next, "link": format!("/crm/v3/objects/deals?after={next}")}});
+    let mut matching = deals
+        .range(after..)
+        .map(|(_, d)| d)
+        .filter(|d| d.archived == archived);
+    let mut body = String::with_capacity(limit * 4096);
+    body.push_str(r#"{"results":["#);
+    for (n, deal) in matching.by_ref().take(limit).enumerate() {
+        if n > 0 {
+            body.push(',');
+        }
+        deal.write_json(&mut body, inline);
     }
-    with_budget(&state, Json(body).into_response())
+    body.push(']');
+    if let Some(next) = matching.next() {
+        let next = next.id;
+        body.push_str(&format!(
+            r#","paging":{{"next":{{"after":"{next}","link":"/crm/v3/objects/deals?after={next}"}}}}"#
+        ));
+    }
+    body.push('}');
+    drop(deals);
+    let response = ([("content-type", "application/json")], body).into_response();
+    with_budget(&state, response)
 }
 
 async fn search(

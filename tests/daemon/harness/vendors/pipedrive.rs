@@ -1,13 +1,14 @@
 //! A Pipedrive API v2 mock: deals with cursor paging (`updated_since` inclusive at
 //! second resolution, `sort_by=update_time`, `status` including `deleted`), one deal,
-//! persons by ids, pipelines and stages (from the fixtures).
+//! persons by ids, pipelines and stages (from the fixtures), and the OAuth token
+//! endpoint (client credentials in Basic auth; the answer names the `api_domain`).
 
-use super::{Faults, MockServer, fixture, inject, serve};
+use super::{Faults, MockServer, OAuthState, fixture, inject, serve};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::{Json, Router};
+use axum::routing::{get, post};
+use axum::{Form, Json, Router};
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, HashMap};
@@ -63,6 +64,10 @@ pub struct PdState {
     pub persons: Mutex<BTreeMap<u64, (String, String)>>,
     pub faults: Arc<Faults>,
     pub token: String,
+    /// With OAuth, API calls need the live bearer token instead of `x-api-token`.
+    pub oauth: Option<OAuthState>,
+    /// The mock's own URL, returned as the token response's `api_domain`.
+    pub url: Mutex<String>,
 }
 
 pub struct Pipedrive {
@@ -72,12 +77,23 @@ pub struct Pipedrive {
 
 impl Pipedrive {
     pub async fn start(token: &str) -> Pipedrive {
+        Self::start_with(token, None).await
+    }
+
+    /// Starts the mock with OAuth: API calls need `Bearer <access token>`.
+    pub async fn start_oauth(oauth: OAuthState) -> Pipedrive {
+        Self::start_with("", Some(oauth)).await
+    }
+
+    async fn start_with(token: &str, oauth: Option<OAuthState>) -> Pipedrive {
         let faults = Arc::new(Faults::default());
         let state = Arc::new(PdState {
             deals: Mutex::new(BTreeMap::new()),
             persons: Mutex::new(BTreeMap::new()),
             faults: faults.clone(),
             token: token.to_owned(),
+            oauth,
+            url: Mutex::new(String::new()),
         });
         let router = Router::new()
             .route("/api/v2/deals", get(deals))
@@ -85,12 +101,12 @@ impl Pipedrive {
             .route("/api/v2/persons", get(persons))
             .route("/api/v2/pipelines", get(pipelines))
             .route("/api/v2/stages", get(stages))
+            .route("/oauth/token", post(token_endpoint))
             .layer(axum::middleware::from_fn_with_state(faults, inject))
             .with_state(state.clone());
-        Pipedrive {
-            state,
-            server: serve(router).await,
-        }
+        let server = serve(router).await;
+        *state.url.lock().unwrap() = server.url();
+        Pipedrive { state, server }
     }
 
     pub fn url(&self) -> String {
@@ -122,7 +138,37 @@ impl Pipedrive {
 }
 
 fn authorized(state: &PdState, headers: &HeaderMap) -> bool {
-    headers.get("x-api-token").and_then(|v| v.to_str().ok()) == Some(state.token.as_str())
+    match &state.oauth {
+        Some(oauth) => oauth.accepts(headers),
+        None => {
+            headers.get("x-api-token").and_then(|v| v.to_str().ok()) == Some(state.token.as_str())
+        }
+    }
+}
+
+/// Pipedrive's token endpoint: the client authenticates with Basic auth.
+async fn token_endpoint(
+    State(state): State<Arc<PdState>>,
+    headers: HeaderMap,
+    Form(form): Form<HashMap<String, String>>,
+) -> Response {
+    use base64::Engine;
+    let Some(oauth) = &state.oauth else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let expected = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode("pd-client:pd-secret")
+    );
+    if headers.get("authorization").and_then(|v| v.to_str().ok()) != Some(expected.as_str()) {
+        return (
+            StatusCode::UNAUTHORIZED,
+            Json(json!({"error": "invalid_client"})),
+        )
+            .into_response();
+    }
+    let domain = state.url.lock().unwrap().clone();
+    oauth.refresh_response(&form, json!({"api_domain": domain, "scope": "deals:read"}))
 }
 
 fn unauthorized() -> Response {

@@ -166,10 +166,12 @@ fn answer(state: &SfState, soql: &str, include_deleted: bool) -> Response {
             .with_timezone(&Utc)
     });
     let since_id = between(soql, "Id > '", "'").unwrap_or_default().to_owned();
+    let only = between(soql, "WHERE Id = '", "'");
     let all = state.opportunities.lock().unwrap();
     let mut matching: Vec<&SfOpp> = all
         .values()
         .filter(|o| include_deleted || !o.deleted)
+        .filter(|o| only.is_none_or(|id| o.id == id))
         .filter(|o| {
             since.is_none_or(|since| o.modstamp > since || (o.modstamp == since && o.id > since_id))
         })
