@@ -4,16 +4,21 @@
 //!     cargo bench --bench store
 //!
 //! Prints upserts per second for the inserts, the stage changes and the no-op
-//! re-upserts. Target: ≥ 100,000 upserts/s on a 2-core machine.
+//! re-upserts, with the load average, then checks what was written: every deal once,
+//! exactly one history row per stage change, nothing written by the no-op pass.
+//! Target: ≥ 100,000 upserts/s on a 2-core machine, for the inserts and for the stage
+//! changes. Inputs are built before each timed pass; the timed region is the
+//! `Store::commit_page` calls only (deals, history rows and cursor per transaction).
 
 #![allow(clippy::print_stdout)]
 
+use anyhow::{Context, ensure};
 use chrono::{Duration, Utc};
 use dealsync::domain::{
     ChangeCause, ConnectionName, Currency, DealStatus, EmailAddress, Money, PipelineKey,
     SourceDeal, StageKey, StageRef,
 };
-use dealsync::store::{DealUpsert, Store};
+use dealsync::store::{DealUpsert, Store, UpsertOutcome};
 use std::time::Instant;
 
 const DEALS: usize = 100_000;
@@ -32,7 +37,7 @@ fn upsert(n: usize, stage: usize, at: chrono::DateTime<Utc>) -> DealUpsert {
     let mut source = SourceDeal::new(format!("{n}"), format!("Deal {n}"), "default", stage);
     source.amount = Some(Money::new(
         (n as i64 % 5000) * 100,
-        Currency::parse("EUR").unwrap(),
+        Currency::parse("EUR").expect("EUR is a currency"),
     ));
     source.contact_email = EmailAddress::parse(&format!("buyer{n}@example.com"));
     source.updated_at = Some(at);
@@ -50,7 +55,23 @@ fn upsert(n: usize, stage: usize, at: chrono::DateTime<Utc>) -> DealUpsert {
     }
 }
 
-async fn pass(store: &Store, label: &str, stage: usize, at: chrono::DateTime<Utc>) -> f64 {
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|text| {
+            text.split_whitespace()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+async fn pass(
+    store: &Store,
+    label: &str,
+    stage: usize,
+    at: chrono::DateTime<Utc>,
+) -> anyhow::Result<UpsertOutcome> {
     let batches: Vec<Vec<DealUpsert>> = (0..DEALS)
         .step_by(BATCH)
         .map(|start| {
@@ -60,7 +81,7 @@ async fn pass(store: &Store, label: &str, stage: usize, at: chrono::DateTime<Utc
         })
         .collect();
     let started = Instant::now();
-    let mut stage_changes = 0;
+    let mut total = UpsertOutcome::default();
     for (index, batch) in batches.into_iter().enumerate() {
         let start = index * BATCH;
         let outcome = store
@@ -71,30 +92,84 @@ async fn pass(store: &Store, label: &str, stage: usize, at: chrono::DateTime<Utc
                 vec![],
                 Some(serde_json::json!({"after": start})),
             )
-            .await
-            .unwrap();
-        stage_changes += outcome.stage_changes;
+            .await?;
+        total.add(outcome);
     }
     let elapsed = started.elapsed().as_secs_f64();
     let rate = DEALS as f64 / elapsed;
     println!(
-        "{label:<28} {DEALS} upserts in {elapsed:.2} s = {rate:>9.0} upserts/s ({stage_changes} stage changes)"
+        "{label:<26} {DEALS} upserts in {elapsed:.2} s = {rate:>7.0} upserts/s \
+         ({} created, {} updated, {} unchanged, {} stage changes; load {})",
+        total.created,
+        total.updated,
+        total.unchanged,
+        total.stage_changes,
+        load_average()
     );
-    rate
+    Ok(total)
+}
+
+fn count(db: &rusqlite::Connection, sql: &str) -> anyhow::Result<i64> {
+    db.query_row(sql, [], |row| row.get(0))
+        .with_context(|| format!("counting: {sql}"))
 }
 
 #[tokio::main]
-async fn main() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&dir.path().join("bench.db")).unwrap();
+async fn main() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("bench.db");
+    let store = Store::open(&path)?;
     let t0 = Utc::now() - Duration::hours(1);
-    pass(&store, "insert (new deals)", 0, t0).await;
-    pass(
-        &store,
-        "update with stage change",
-        1,
-        t0 + Duration::minutes(1),
-    )
-    .await;
-    pass(&store, "re-upsert, unchanged", 1, t0 + Duration::minutes(1)).await;
+    let t1 = t0 + Duration::minutes(1);
+    let inserted = pass(&store, "insert (new deals)", 0, t0).await?;
+    let moved = pass(&store, "update with stage change", 1, t1).await?;
+    let repeated = pass(&store, "re-upsert, unchanged", 1, t1).await?;
+
+    let deals = DEALS as u64;
+    ensure!(
+        (inserted.created, inserted.stage_changes) == (deals, deals),
+        "insert pass: {inserted:?}"
+    );
+    ensure!(
+        (moved.updated, moved.stage_changes) == (deals, deals),
+        "stage-change pass: {moved:?}"
+    );
+    ensure!(
+        repeated
+            == UpsertOutcome {
+                unchanged: deals,
+                ..Default::default()
+            },
+        "no-op pass: {repeated:?}"
+    );
+    let db = rusqlite::Connection::open(&path)?;
+    let expected = DEALS as i64;
+    ensure!(count(&db, "SELECT count(*) FROM deals")? == expected);
+    ensure!(
+        count(
+            &db,
+            "SELECT count(*) FROM (SELECT 1 FROM deals GROUP BY connection, external_id HAVING count(*) > 1)"
+        )? == 0,
+        "duplicate deals"
+    );
+    ensure!(count(&db, "SELECT count(*) FROM stage_history")? == 2 * expected);
+    ensure!(
+        count(
+            &db,
+            "SELECT count(*) FROM (SELECT deal_id FROM stage_history GROUP BY deal_id
+             HAVING count(*) != 2 OR count(from_stage) != 1)"
+        )? == 0,
+        "a deal without exactly one creation and one stage-change history row"
+    );
+    ensure!(
+        count(
+            &db,
+            "SELECT count(*) FROM stage_history h JOIN deals d ON d.id = h.deal_id
+             WHERE h.from_stage IS NOT NULL AND (h.to_stage != d.stage OR h.from_stage = h.to_stage)"
+        )? == 0,
+        "a history row that disagrees with its deal"
+    );
+    println!("checked: {DEALS} deals, each once, with exactly one history row per stage change");
+    drop(store);
+    Ok(())
 }

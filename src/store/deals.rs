@@ -1,4 +1,13 @@
 //! Deals and their stage history.
+//!
+//! Invariants:
+//! - One deal per (connection, external id). A record whose content hash equals the
+//!   stored one writes nothing; a record older than the stored one (`source_updated_at`)
+//!   is counted stale and writes nothing.
+//! - Every canonical stage change appends exactly one `stage_history` row, in the same
+//!   transaction as the deal's update (the caller's).
+//! - A batch reads the stored deals up front; a record whose external id occurs earlier
+//!   in the same batch is compared against that earlier write, not the batch's start.
 
 use super::{Result, Store, StoreError, from_ms, to_ms};
 use crate::domain::{
@@ -8,6 +17,7 @@ use crate::domain::{
 use chrono::{DateTime, Utc};
 use rusqlite::{OptionalExtension, Row, Transaction, params};
 use serde::Serialize;
+use std::borrow::Cow;
 
 /// One source record to store, with its stage already mapped.
 #[derive(Debug, Clone)]
@@ -43,33 +53,103 @@ impl UpsertOutcome {
     }
 }
 
-/// FNV-1a, fed by serde_json without an intermediate buffer.
-struct Fnv(u64);
+/// The content hash of a record: FNV-1a over every field a row is written from, each
+/// field tagged (absent, or its length) so that two different records never feed the
+/// same bytes. Stable across runs and versions; equal means nothing to write.
+///
+/// The fields are fed directly: serializing the record to JSON just to hash it cost
+/// more than the hash itself (chrono times formatted as text, strings escaped).
+struct ContentHash(u64);
 
-impl std::io::Write for Fnv {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+impl ContentHash {
+    fn new() -> Self {
+        ContentHash(0xcbf2_9ce4_8422_2325)
+    }
+
+    fn bytes(&mut self, bytes: &[u8]) {
         for byte in bytes {
             self.0 ^= u64::from(*byte);
             self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
         }
-        Ok(bytes.len())
     }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
+
+    fn text(&mut self, value: Option<&str>) {
+        match value {
+            None => self.bytes(&[0]),
+            Some(text) => {
+                self.bytes(&[1]);
+                self.bytes(&(text.len() as u32).to_le_bytes());
+                self.bytes(text.as_bytes());
+            }
+        }
+    }
+
+    fn number(&mut self, value: Option<i64>) {
+        match value {
+            None => self.bytes(&[0]),
+            Some(number) => {
+                self.bytes(&[1]);
+                self.bytes(&number.to_le_bytes());
+            }
+        }
+    }
+
+    fn finish(self) -> i64 {
+        self.0 as i64
     }
 }
 
-/// A hash of the record's JSON (its raw record given already serialized, taken out of
-/// `upsert.source`) and its mapped stage: stable across runs and versions.
-fn content_hash(upsert: &DealUpsert, raw_text: &str) -> Result<i64> {
-    use std::io::Write;
-    let mut hash = Fnv(0xcbf2_9ce4_8422_2325);
-    serde_json::to_writer(&mut hash, &upsert.source)
-        .map_err(|error| StoreError::Corrupt(format!("serializing a deal: {error}")))?;
-    let _ = hash.write(raw_text.as_bytes());
-    let pipeline = upsert.target.pipeline.as_ref().map_or("", |p| p.as_str());
-    let _ = write!(hash, "\0{pipeline}\0{}", upsert.target.stage.as_str());
-    Ok(hash.0 as i64)
+/// The hash of what `row` and `upsert` would write. Every field of [`SourceDeal`] is
+/// named here (the destructuring has no `..`), so a new field cannot be forgotten.
+fn content_hash(upsert: &DealUpsert, row: &RowText<'_>) -> i64 {
+    let SourceDeal {
+        external_id,
+        title,
+        amount,
+        native_pipeline,
+        native_stage,
+        contact_email,
+        contact_name,
+        owner,
+        owner_email,
+        marketing_consent,
+        created_at,
+        updated_at,
+        stage_changed_at,
+        expected_close: _, // hashed as `row.expected_close`
+        recovery_url,
+        line_items: _, // hashed as `row.line_items`
+        cart_keys: _,  // hashed as `row.cart_keys`
+        deleted,
+        source_status,
+        raw: _, // hashed as `row.raw`, taken out of the record before
+    } = &upsert.source;
+    let mut hash = ContentHash::new();
+    hash.text(Some(external_id.as_str()));
+    hash.text(Some(title));
+    hash.number(amount.map(|money| money.minor));
+    hash.text(amount.as_ref().map(|money| money.currency.as_str()));
+    hash.text(Some(native_pipeline));
+    hash.text(Some(native_stage));
+    hash.text(contact_email.as_ref().map(|email| email.as_str()));
+    hash.text(contact_name.as_deref());
+    hash.text(owner.as_deref());
+    hash.text(owner_email.as_ref().map(|email| email.as_str()));
+    hash.number(marketing_consent.map(i64::from));
+    hash.number(created_at.map(to_ms));
+    hash.number(updated_at.map(to_ms));
+    hash.number(stage_changed_at.map(to_ms));
+    hash.text(row.expected_close.as_deref());
+    hash.text(recovery_url.as_deref());
+    hash.text(Some(&row.line_items));
+    hash.text(Some(&row.cart_keys));
+    hash.number(Some(i64::from(*deleted)));
+    hash.text(source_status.map(|status| status.as_str()));
+    hash.text(Some(&row.raw));
+    hash.text(upsert.target.pipeline.as_ref().map(|p| p.as_str()));
+    hash.text(Some(upsert.target.stage.as_str()));
+    hash.text(Some(upsert.status.as_str()));
+    hash.finish()
 }
 
 fn json<T: Serialize>(value: &T) -> Result<String> {
@@ -77,71 +157,202 @@ fn json<T: Serialize>(value: &T) -> Result<String> {
 }
 
 /// A JSON list, without an allocation for the common empty one.
-fn json_list<T: Serialize>(items: &[T]) -> Result<std::borrow::Cow<'static, str>> {
+fn json_list<T: Serialize>(items: &[T]) -> Result<Cow<'static, str>> {
     if items.is_empty() {
-        Ok(std::borrow::Cow::Borrowed("[]"))
+        Ok(Cow::Borrowed("[]"))
     } else {
-        json(&items).map(std::borrow::Cow::Owned)
+        json(&items).map(Cow::Owned)
     }
 }
 
+/// The text columns of a record, rendered once for both the hash and the row.
+struct RowText<'a> {
+    raw: String,
+    line_items: Cow<'a, str>,
+    cart_keys: Cow<'a, str>,
+    expected_close: Option<String>,
+}
+
+/// What an upsert compares a record against: the stored deal's state.
 struct Existing {
     id: i64,
     pipeline: Option<String>,
     stage: String,
     native_stage: String,
+    contact_email: Option<String>,
     content_hash: i64,
     source_updated_at: Option<i64>,
     stage_entered_at: i64,
     status: String,
 }
 
-/// Inserts or updates each record; appends one history row per canonical stage change.
-pub(crate) fn upsert_all(tx: &Transaction<'_>, upserts: Vec<DealUpsert>) -> Result<UpsertOutcome> {
-    let mut outcome = UpsertOutcome::default();
-    let mut find = tx.prepare_cached(
-        "SELECT id, pipeline, stage, native_stage, content_hash, source_updated_at, stage_entered_at,
-            status
+fn existing_from_row(row: &Row<'_>, first: usize) -> rusqlite::Result<Existing> {
+    Ok(Existing {
+        id: row.get(first)?,
+        pipeline: row.get(first + 1)?,
+        stage: row.get(first + 2)?,
+        native_stage: row.get(first + 3)?,
+        contact_email: row.get(first + 4)?,
+        content_hash: row.get(first + 5)?,
+        source_updated_at: row.get(first + 6)?,
+        stage_entered_at: row.get(first + 7)?,
+        status: row.get(first + 8)?,
+    })
+}
+
+/// Reads the stored state of every deal in the batch, aligned with `upserts`: one
+/// statement per connection, walking the batch's external ids (a JSON array, in batch
+/// order) and looking each up on the unique (connection, external_id) index, instead
+/// of one statement per record. `CROSS JOIN` keeps that join order: the planner would
+/// otherwise scan every deal of the connection.
+fn load_existing(tx: &Transaction<'_>, upserts: &[DealUpsert]) -> Result<Vec<Option<Existing>>> {
+    let mut by_connection: Vec<(&str, Vec<usize>)> = Vec::new();
+    for (index, upsert) in upserts.iter().enumerate() {
+        let connection = upsert.connection.as_str();
+        match by_connection
+            .iter_mut()
+            .find(|(name, _)| *name == connection)
+        {
+            Some((_, positions)) => positions.push(index),
+            None => by_connection.push((connection, vec![index])),
+        }
+    }
+    let mut statement = tx.prepare_cached(
+        "SELECT j.key, d.id, d.pipeline, d.stage, d.native_stage, d.contact_email,
+            d.content_hash, d.source_updated_at, d.stage_entered_at, d.status
+         FROM json_each(?2) AS j CROSS JOIN deals AS d
+         WHERE d.connection = ?1 AND d.external_id = j.value",
+    )?;
+    let mut found: Vec<Option<Existing>> = Vec::with_capacity(upserts.len());
+    found.resize_with(upserts.len(), || None);
+    for (connection, positions) in by_connection {
+        let external_ids: Vec<&str> = positions
+            .iter()
+            .map(|&index| upserts[index].source.external_id.as_str())
+            .collect();
+        let mut rows = statement.query(params![connection, json(&external_ids)?])?;
+        while let Some(row) = rows.next()? {
+            let position = usize::try_from(row.get::<_, i64>(0)?)
+                .ok()
+                .and_then(|key| positions.get(key))
+                .ok_or_else(|| StoreError::Corrupt("json_each returned an unknown key".into()))?;
+            found[*position] = Some(existing_from_row(row, 1)?);
+        }
+    }
+    Ok(found)
+}
+
+/// Reads one stored deal; for records whose deal an earlier record of the same batch
+/// may already have written.
+fn find_existing(tx: &Transaction<'_>, upsert: &DealUpsert) -> Result<Option<Existing>> {
+    let mut statement = tx.prepare_cached(
+        "SELECT id, pipeline, stage, native_stage, contact_email, content_hash,
+            source_updated_at, stage_entered_at, status
          FROM deals WHERE connection = ?1 AND external_id = ?2",
     )?;
-    for mut upsert in upserts {
+    Ok(statement
+        .query_row(
+            params![
+                upsert.connection.as_str(),
+                upsert.source.external_id.as_str()
+            ],
+            |row| existing_from_row(row, 0),
+        )
+        .optional()?)
+}
+
+/// Marks the records whose (connection, external id) occurs more than once in the
+/// batch: sorted positions, equal neighbours.
+fn repeated_keys(upserts: &[DealUpsert]) -> Vec<bool> {
+    let key = |index: usize| {
+        let upsert = &upserts[index];
+        (
+            upsert.connection.as_str(),
+            upsert.source.external_id.as_str(),
+        )
+    };
+    let mut order: Vec<usize> = (0..upserts.len()).collect();
+    order.sort_unstable_by(|a, b| key(*a).cmp(&key(*b)));
+    let mut repeated = vec![false; upserts.len()];
+    for pair in order.windows(2) {
+        if key(pair[0]) == key(pair[1]) {
+            repeated[pair[0]] = true;
+            repeated[pair[1]] = true;
+        }
+    }
+    repeated
+}
+
+/// A stage-history row waiting for the batch's multi-row insert; its `to` side is
+/// `upserts[upsert]`.
+struct PendingHistory {
+    upsert: usize,
+    deal_id: i64,
+    at: i64,
+    from_pipeline: Option<String>,
+    from_stage: Option<String>,
+    native_from: Option<String>,
+}
+
+/// Inserts or updates each record; appends one history row per canonical stage change.
+///
+/// The batch's stored deals are read up front in one statement (a record whose
+/// external id occurs earlier in the same batch is read again, after that earlier
+/// write); history rows are written at the end in multi-row inserts, in record order.
+/// All of it runs in the caller's transaction.
+pub(crate) fn upsert_all(
+    tx: &Transaction<'_>,
+    mut upserts: Vec<DealUpsert>,
+) -> Result<UpsertOutcome> {
+    let mut outcome = UpsertOutcome::default();
+    let mut stored = load_existing(tx, &upserts)?;
+    let repeated = repeated_keys(&upserts);
+    let mut history = Vec::with_capacity(upserts.len());
+    // Prepared once for the batch: `prepare_cached` hashes the SQL text on every call.
+    let mut insert_statement = tx.prepare_cached(INSERT_DEAL_SQL)?;
+    let mut update_statements: [Option<rusqlite::CachedStatement<'_>>; 4] = Default::default();
+    for index in 0..upserts.len() {
         // The raw record is serialized once, for both the hash and the row.
-        let raw_text = json(&std::mem::take(&mut upsert.source.raw))?;
-        let upsert = &upsert;
+        let raw = json(&std::mem::take(&mut upserts[index].source.raw))?;
+        let upsert = &upserts[index];
         let source = &upsert.source;
-        let existing = find
-            .query_row(
-                params![upsert.connection.as_str(), source.external_id.as_str()],
-                |row| {
-                    Ok(Existing {
-                        id: row.get(0)?,
-                        pipeline: row.get(1)?,
-                        stage: row.get(2)?,
-                        native_stage: row.get(3)?,
-                        content_hash: row.get(4)?,
-                        source_updated_at: row.get(5)?,
-                        stage_entered_at: row.get(6)?,
-                        status: row.get(7)?,
-                    })
-                },
-            )
-            .optional()?;
-        // A cart keeps the stage dealsync or an order moved it to (see `carts`).
-        let held = existing.as_ref().and_then(|existing| {
-            let stored = StageRef {
-                pipeline: existing.pipeline.clone().map(PipelineKey::new),
-                stage: StageKey::new(existing.stage.clone()),
-            };
-            super::carts::held_stage(&existing.status, &stored, upsert).map(|(target, status)| {
-                DealUpsert {
-                    target,
-                    status,
-                    ..upsert.clone()
-                }
-            })
-        });
+        let existing = if repeated[index] {
+            find_existing(tx, upsert)?
+        } else {
+            stored[index].take()
+        };
+        // A cart keeps the stage dealsync or an order moved it to (see `carts`). Only
+        // records with cart keys can be held; the check skips building the stored stage
+        // for every other record.
+        let held = existing
+            .as_ref()
+            .filter(|_| !source.cart_keys.is_empty())
+            .and_then(|existing| {
+                let stored_stage = StageRef {
+                    pipeline: existing.pipeline.clone().map(PipelineKey::new),
+                    stage: StageKey::new(existing.stage.clone()),
+                };
+                super::carts::held_stage(&existing.status, &stored_stage, upsert).map(
+                    |(target, status)| DealUpsert {
+                        target,
+                        status,
+                        ..upsert.clone()
+                    },
+                )
+            });
         let upsert = held.as_ref().unwrap_or(upsert);
-        let hash = content_hash(upsert, &raw_text)?;
+        let status = if source.deleted {
+            DealStatus::Deleted
+        } else {
+            upsert.status
+        };
+        let text = RowText {
+            raw,
+            line_items: json_list(&source.line_items)?,
+            cart_keys: json_list(&source.cart_keys)?,
+            expected_close: source.expected_close.map(|date| date.to_string()),
+        };
+        let hash = content_hash(upsert, &text);
         if upsert.target.is_unmapped() {
             outcome.unmapped += 1;
         }
@@ -151,11 +362,6 @@ pub(crate) fn upsert_all(tx: &Transaction<'_>, upserts: Vec<DealUpsert>) -> Resu
             .map(to_ms)
             .or(source.updated_at.map(to_ms))
             .unwrap_or(observed);
-        let status = if source.deleted {
-            DealStatus::Deleted
-        } else {
-            upsert.status
-        };
         match existing {
             None => {
                 let row = RowValues {
@@ -163,10 +369,17 @@ pub(crate) fn upsert_all(tx: &Transaction<'_>, upserts: Vec<DealUpsert>) -> Resu
                     status,
                     entered_at: changed_at,
                     observed,
-                    raw_text: &raw_text,
+                    text: &text,
                 };
-                let id = insert(tx, upsert, row)?;
-                append_history(tx, id, changed_at, None, None, upsert, upsert.cause)?;
+                let id = insert(tx, &mut insert_statement, upsert, row)?;
+                history.push(PendingHistory {
+                    upsert: index,
+                    deal_id: id,
+                    at: changed_at,
+                    from_pipeline: None,
+                    from_stage: None,
+                    native_from: None,
+                });
                 write_keys(tx, id, &source.cart_keys)?;
                 outcome.created += 1;
                 outcome.stage_changes += 1;
@@ -188,31 +401,40 @@ pub(crate) fn upsert_all(tx: &Transaction<'_>, upserts: Vec<DealUpsert>) -> Resu
                 } else {
                     existing.stage_entered_at
                 };
+                let contact_changed = existing.contact_email.as_deref()
+                    != source.contact_email.as_ref().map(|e| e.as_str());
                 let row = RowValues {
                     hash,
                     status,
                     entered_at,
                     observed,
-                    raw_text: &raw_text,
+                    text: &text,
                 };
-                update(tx, existing.id, upsert, row)?;
+                let shape = usize::from(stage_changed) * 2 + usize::from(contact_changed);
+                let statement = match &mut update_statements[shape] {
+                    Some(statement) => statement,
+                    empty => empty.insert(tx.prepare_cached(UPDATE_DEAL_SQL[shape])?),
+                };
+                update(statement, existing.id, upsert, row)?;
+                write_keys(tx, existing.id, &source.cart_keys)?;
                 if stage_changed {
-                    append_history(
-                        tx,
-                        existing.id,
-                        entered_at,
-                        Some((existing.pipeline.as_deref(), &existing.stage)),
-                        Some(&existing.native_stage),
-                        upsert,
-                        upsert.cause,
-                    )?;
+                    // A held cart never changes stage, so `upserts[index]` is the record
+                    // whose target this row moves to.
+                    history.push(PendingHistory {
+                        upsert: index,
+                        deal_id: existing.id,
+                        at: entered_at,
+                        from_pipeline: existing.pipeline,
+                        from_stage: Some(existing.stage),
+                        native_from: Some(existing.native_stage),
+                    });
                     outcome.stage_changes += 1;
                 }
-                write_keys(tx, existing.id, &source.cart_keys)?;
                 outcome.updated += 1;
             }
         }
     }
+    insert_history(tx, &upserts, &history)?;
     Ok(outcome)
 }
 
@@ -222,27 +444,31 @@ struct RowValues<'a> {
     status: DealStatus,
     entered_at: i64,
     observed: i64,
-    raw_text: &'a str,
+    text: &'a RowText<'a>,
 }
 
-fn insert(tx: &Transaction<'_>, upsert: &DealUpsert, row: RowValues<'_>) -> Result<i64> {
+const INSERT_DEAL_SQL: &str = "INSERT INTO deals (connection, external_id, title, amount_minor,
+        currency, pipeline, stage, status, native_pipeline, native_stage, contact_email,
+        contact_name, owner, owner_email, marketing_consent, source_created_at,
+        source_updated_at, stage_entered_at, last_activity_at, expected_close, recovery_url,
+        line_items, cart_keys, deleted_at, first_seen_at, synced_at, content_hash, raw)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18,
+        ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?25, ?26, ?27)";
+
+fn insert(
+    tx: &Transaction<'_>,
+    statement: &mut rusqlite::CachedStatement<'_>,
+    upsert: &DealUpsert,
+    row: RowValues<'_>,
+) -> Result<i64> {
     let RowValues {
         hash,
         status,
         entered_at,
         observed,
-        raw_text,
+        text,
     } = row;
     let s = &upsert.source;
-    let mut statement = tx.prepare_cached(
-        "INSERT INTO deals (connection, external_id, title, amount_minor, currency, pipeline, stage,
-            status, native_pipeline, native_stage, contact_email, contact_name, owner, owner_email,
-            marketing_consent, source_created_at, source_updated_at, stage_entered_at,
-            last_activity_at, expected_close, recovery_url, line_items, cart_keys, deleted_at,
-            first_seen_at, synced_at, content_hash, raw)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18,
-            ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?25, ?26, ?27)",
-    )?;
     statement.execute(params![
         upsert.connection.as_str(),
         s.external_id.as_str(),
@@ -263,93 +489,166 @@ fn insert(tx: &Transaction<'_>, upsert: &DealUpsert, row: RowValues<'_>) -> Resu
         s.updated_at.map(to_ms),
         entered_at,
         s.updated_at.map_or(observed, to_ms),
-        s.expected_close.map(|d| d.to_string()),
+        text.expected_close,
         s.recovery_url,
-        json_list(&s.line_items)?,
-        json_list(&s.cart_keys)?,
+        text.line_items,
+        text.cart_keys,
         s.deleted.then_some(observed),
         observed,
         hash,
-        raw_text,
+        text.raw,
     ])?;
     Ok(tx.last_insert_rowid())
 }
 
-fn update(tx: &Transaction<'_>, id: i64, upsert: &DealUpsert, row: RowValues<'_>) -> Result<()> {
+/// The UPDATE of a stored deal, in four shapes: SQLite rewrites an index entry when an
+/// indexed column is assigned, whether or not its value changes, so the stage columns
+/// (`deals_by_stage`) and the contact (`deals_by_contact`) are only assigned when they
+/// change. The parameter numbers are the same in every shape; ?26 is always used, so
+/// each shape takes all 26.
+macro_rules! update_deal_sql {
+    ($($assign:literal),*) => {
+        concat!(
+            "UPDATE deals SET title = ?2, amount_minor = ?3, currency = ?4, status = ?5,
+                native_pipeline = ?6, native_stage = ?7, contact_name = ?8, owner = ?9,
+                owner_email = ?10, marketing_consent = ?11, source_created_at = ?12,
+                source_updated_at = ?13, last_activity_at = ?14, expected_close = ?15,
+                recovery_url = ?16, line_items = ?17, cart_keys = ?18,
+                deleted_at = CASE WHEN ?19 THEN coalesce(deleted_at, ?20) END,
+                synced_at = ?20, content_hash = ?21, ",
+            $($assign,)*
+            "raw = ?26 WHERE id = ?1"
+        )
+    };
+}
+
+/// The UPDATE shapes, indexed by `stage_changed * 2 + contact_changed`.
+const UPDATE_DEAL_SQL: [&str; 4] = [
+    update_deal_sql!(),
+    update_deal_sql!("contact_email = ?25, "),
+    update_deal_sql!("pipeline = ?22, stage = ?23, stage_entered_at = ?24, "),
+    update_deal_sql!(
+        "pipeline = ?22, stage = ?23, stage_entered_at = ?24, ",
+        "contact_email = ?25, "
+    ),
+];
+
+fn update(
+    statement: &mut rusqlite::CachedStatement<'_>,
+    id: i64,
+    upsert: &DealUpsert,
+    row: RowValues<'_>,
+) -> Result<()> {
     let RowValues {
         hash,
         status,
         entered_at,
         observed,
-        raw_text,
+        text,
     } = row;
     let s = &upsert.source;
-    let mut statement = tx.prepare_cached(
-        "UPDATE deals SET title = ?2, amount_minor = ?3, currency = ?4, pipeline = ?5, stage = ?6,
-            status = ?7, native_pipeline = ?8, native_stage = ?9, contact_email = ?10,
-            contact_name = ?11, owner = ?12, owner_email = ?13, marketing_consent = ?14,
-            source_created_at = ?15, source_updated_at = ?16, stage_entered_at = ?17,
-            last_activity_at = ?18, expected_close = ?19, recovery_url = ?20, line_items = ?21,
-            cart_keys = ?22, deleted_at = CASE WHEN ?23 THEN coalesce(deleted_at, ?24) END,
-            synced_at = ?24, content_hash = ?25, raw = ?26
-         WHERE id = ?1",
-    )?;
     statement.execute(params![
         id,
         s.title,
         s.amount.map(|m| m.minor),
         s.amount.as_ref().map(|m| m.currency.as_str()),
-        upsert.target.pipeline.as_ref().map(|p| p.as_str()),
-        upsert.target.stage.as_str(),
         status.as_str(),
         s.native_pipeline,
         s.native_stage,
-        s.contact_email.as_ref().map(|e| e.as_str()),
         s.contact_name,
         s.owner,
         s.owner_email.as_ref().map(|e| e.as_str()),
         s.marketing_consent,
         s.created_at.map(to_ms),
         s.updated_at.map(to_ms),
-        entered_at,
         s.updated_at.map_or(observed, to_ms),
-        s.expected_close.map(|d| d.to_string()),
+        text.expected_close,
         s.recovery_url,
-        json_list(&s.line_items)?,
-        json_list(&s.cart_keys)?,
+        text.line_items,
+        text.cart_keys,
         s.deleted,
         observed,
         hash,
-        raw_text,
+        upsert.target.pipeline.as_ref().map(|p| p.as_str()),
+        upsert.target.stage.as_str(),
+        entered_at,
+        s.contact_email.as_ref().map(|e| e.as_str()),
+        text.raw,
     ])?;
     Ok(())
 }
 
-fn append_history(
-    tx: &Transaction<'_>,
-    deal_id: i64,
-    at: i64,
-    from: Option<(Option<&str>, &str)>,
-    native_from: Option<&str>,
-    upsert: &DealUpsert,
-    cause: ChangeCause,
-) -> Result<()> {
-    let mut statement = tx.prepare_cached(
+/// History rows per multi-row INSERT: 9 parameters each, far below SQLite's limit.
+const HISTORY_ROWS_PER_INSERT: usize = 32;
+const HISTORY_COLUMNS: usize = 9;
+
+fn history_insert_sql(rows: usize) -> String {
+    let mut sql = String::from(
         "INSERT INTO stage_history (deal_id, at, from_pipeline, from_stage, to_pipeline, to_stage,
-            native_from, native_to, cause)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-    )?;
-    statement.execute(params![
-        deal_id,
-        at,
-        from.and_then(|(pipeline, _)| pipeline),
-        from.map(|(_, stage)| stage),
-        upsert.target.pipeline.as_ref().map(|p| p.as_str()),
-        upsert.target.stage.as_str(),
-        native_from,
-        upsert.source.native_stage,
-        cause.as_str(),
-    ])?;
+            native_from, native_to, cause) VALUES ",
+    );
+    for row in 0..rows {
+        if row > 0 {
+            sql.push_str(", ");
+        }
+        let first = row * HISTORY_COLUMNS + 1;
+        let placeholders: Vec<String> = (first..first + HISTORY_COLUMNS)
+            .map(|n| format!("?{n}"))
+            .collect();
+        sql.push('(');
+        sql.push_str(&placeholders.join(", "));
+        sql.push(')');
+    }
+    sql
+}
+
+/// Appends the batch's history rows, in order: full chunks through one cached
+/// multi-row INSERT (one statement execution per chunk instead of per row), the rest
+/// one by one.
+fn insert_history(
+    tx: &Transaction<'_>,
+    upserts: &[DealUpsert],
+    rows: &[PendingHistory],
+) -> Result<()> {
+    static CHUNK_SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let chunks = rows.chunks_exact(HISTORY_ROWS_PER_INSERT);
+    let rest = chunks.remainder();
+    if rows.len() >= HISTORY_ROWS_PER_INSERT {
+        let sql = CHUNK_SQL.get_or_init(|| history_insert_sql(HISTORY_ROWS_PER_INSERT));
+        let mut statement = tx.prepare_cached(sql)?;
+        for chunk in chunks {
+            for (position, row) in chunk.iter().enumerate() {
+                bind_history(&mut statement, position * HISTORY_COLUMNS, upserts, row)?;
+            }
+            statement.raw_execute()?;
+        }
+    }
+    if !rest.is_empty() {
+        let mut statement = tx.prepare_cached(&history_insert_sql(1))?;
+        for row in rest {
+            bind_history(&mut statement, 0, upserts, row)?;
+            statement.raw_execute()?;
+        }
+    }
+    Ok(())
+}
+
+fn bind_history(
+    statement: &mut rusqlite::CachedStatement<'_>,
+    offset: usize,
+    upserts: &[DealUpsert],
+    row: &PendingHistory,
+) -> Result<()> {
+    let to = &upserts[row.upsert];
+    statement.raw_bind_parameter(offset + 1, row.deal_id)?;
+    statement.raw_bind_parameter(offset + 2, row.at)?;
+    statement.raw_bind_parameter(offset + 3, row.from_pipeline.as_deref())?;
+    statement.raw_bind_parameter(offset + 4, row.from_stage.as_deref())?;
+    statement.raw_bind_parameter(offset + 5, to.target.pipeline.as_ref().map(|p| p.as_str()))?;
+    statement.raw_bind_parameter(offset + 6, to.target.stage.as_str())?;
+    statement.raw_bind_parameter(offset + 7, row.native_from.as_deref())?;
+    statement.raw_bind_parameter(offset + 8, to.source.native_stage.as_str())?;
+    statement.raw_bind_parameter(offset + 9, to.cause.as_str())?;
     Ok(())
 }
 
@@ -735,6 +1034,112 @@ mod tests {
             deal.stage_entered_at.timestamp_millis(),
             t1.timestamp_millis()
         );
+    }
+
+    #[tokio::test]
+    async fn a_deal_twice_in_one_batch_is_created_then_moved_with_two_history_rows() {
+        let (_dir, store) = temp_store();
+        let t0 = Utc::now() - Duration::hours(1);
+        let t1 = t0 + Duration::minutes(10);
+        let outcome = store
+            .upsert_deals(vec![
+                upsert("1", "proposal", t0),
+                upsert("2", "proposal", t0),
+                upsert("1", "negotiation", t1),
+                upsert("1", "negotiation", t1),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(
+            outcome,
+            UpsertOutcome {
+                created: 2,
+                updated: 1,
+                unchanged: 1,
+                stage_changes: 3,
+                ..Default::default()
+            }
+        );
+        let deal = store
+            .deal_by_external_id("crm", "1")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(deal.stage.as_str(), "negotiation");
+        let history = store.history(deal.id).await.unwrap();
+        let stages: Vec<_> = history
+            .iter()
+            .map(|change| {
+                (
+                    change.from_stage.as_ref().map(|s| s.as_str().to_owned()),
+                    change.to_stage.as_str().to_owned(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            stages,
+            vec![
+                (None, "proposal".to_owned()),
+                (Some("proposal".to_owned()), "negotiation".to_owned())
+            ]
+        );
+        assert_eq!(store.deals(DealFilter::default()).await.unwrap().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_large_batch_writes_exactly_one_history_row_per_change_to_the_right_deal() {
+        let (_dir, store) = temp_store();
+        let t0 = Utc::now() - Duration::hours(1);
+        // 70 records: two full multi-row history inserts and a remainder of six.
+        let batch = |stage: &str, at| (0..70).map(|n| upsert(&n.to_string(), stage, at)).collect();
+        let created = store.upsert_deals(batch("proposal", t0)).await.unwrap();
+        assert_eq!((created.created, created.stage_changes), (70, 70));
+        let moved = store
+            .upsert_deals(batch("negotiation", t0 + Duration::minutes(1)))
+            .await
+            .unwrap();
+        assert_eq!((moved.updated, moved.stage_changes), (70, 70));
+        for n in [0, 31, 32, 63, 64, 69] {
+            let deal = store
+                .deal_by_external_id("crm", &n.to_string())
+                .await
+                .unwrap()
+                .unwrap();
+            let history = store.history(deal.id).await.unwrap();
+            assert_eq!(history.len(), 2, "deal {n}");
+            assert!(history.iter().all(|change| change.deal_id == deal.id));
+            assert_eq!(history[1].to_stage.as_str(), "negotiation");
+            assert_eq!(history[1].native_from.as_deref(), Some("proposal"));
+        }
+    }
+
+    #[tokio::test]
+    async fn an_update_that_changes_only_the_contact_stores_it_without_a_stage_change() {
+        let (_dir, store) = temp_store();
+        let t0 = Utc::now() - Duration::hours(1);
+        store
+            .upsert_deals(vec![upsert("1", "proposal", t0)])
+            .await
+            .unwrap();
+        let mut changed = upsert("1", "proposal", t0 + Duration::minutes(1));
+        changed.source.contact_email = EmailAddress::parse("new@example.com");
+        let outcome = store.upsert_deals(vec![changed]).await.unwrap();
+        assert_eq!((outcome.updated, outcome.stage_changes), (1, 0));
+        let deal = store
+            .deal_by_external_id("crm", "1")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            deal.contact_email.as_ref().map(|e| e.as_str()),
+            Some("new@example.com")
+        );
+        assert_eq!(deal.stage.as_str(), "proposal");
+        assert_eq!(
+            deal.stage_entered_at.timestamp_millis(),
+            t0.timestamp_millis()
+        );
+        assert_eq!(store.history(deal.id).await.unwrap().len(), 1);
     }
 
     #[tokio::test]

@@ -97,6 +97,9 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
 const READERS: usize = 4;
 
+/// WAL pages between automatic checkpoints (see `configure`).
+const WAL_AUTOCHECKPOINT_PAGES: i64 = 4_096;
+
 struct Inner {
     path: PathBuf,
     /// The one writer. A std mutex: held only inside blocking tasks, never across `.await`.
@@ -144,6 +147,11 @@ fn configure(connection: &Connection) -> Result<()> {
     // NORMAL is durable across process crashes in WAL mode; a power loss may drop
     // the last transactions but never corrupts. `storage.synchronous` may raise it.
     connection.pragma_update(None, "synchronous", "NORMAL")?;
+    // Checkpoint every 4,096 WAL pages (16 MiB at 4 KiB pages) instead of SQLite's
+    // 1,000: a page rewritten by several commits between checkpoints is copied into
+    // the database file once, which cut the checkpoint share of a bulk upsert. It does
+    // not change durability; the WAL file grows to about this size and is reused.
+    connection.pragma_update(None, "wal_autocheckpoint", WAL_AUTOCHECKPOINT_PAGES)?;
     connection.pragma_update(None, "foreign_keys", "ON")?;
     Ok(())
 }

@@ -67,7 +67,6 @@ CREATE TABLE stage_history (
     cause         TEXT NOT NULL
 );
 CREATE INDEX stage_history_by_deal ON stage_history (deal_id, at);
-CREATE INDEX stage_history_by_time ON stage_history (at);
 
 CREATE TABLE sync_cursors (
     connection TEXT NOT NULL,
