@@ -9,6 +9,10 @@
 //! 2. Delivery: the follow-up worker, in process, sends 3,000 due emails to a local SMTP
 //!    server (the tests' aiosmtpd sink) with a pool of 8 connections and no rate limit.
 //!    Target: ≥ 200 emails/s.
+//! 3. The same server's ceiling: the same `Mailer` (lettre, pool of 8) sends 3,000
+//!    pre-built messages with no store, no rendering: what the SMTP side alone allows.
+//!
+//! `FOLLOWUPS_BENCH=delivery` runs parts 2 and 3 only; `EMAILS=N` changes their size.
 
 #![allow(clippy::print_stdout)]
 
@@ -31,6 +35,42 @@ const CARTS: usize = 200_000;
 const DUE: usize = 100_000;
 const BATCH: usize = 5_000;
 const EMAILS: usize = 3_000;
+
+fn emails() -> usize {
+    std::env::var("EMAILS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(EMAILS)
+}
+
+/// CPU seconds (user + system) a process has used so far, from /proc.
+fn cpu_seconds(pid: &str) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return f64::NAN;
+    };
+    // Fields after the command name (which is in parentheses): utime is the 14th
+    // field of the line, stime the 15th, in clock ticks (100 per second on Linux).
+    let rest = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |at: usize| {
+        fields
+            .get(at)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(f64::NAN)
+    };
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|text| {
+            text.split_whitespace()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .unwrap_or_else(|_| "unknown".into())
+}
 
 fn deal(n: usize, pipeline: &str, stage: &str, at: DateTime<Utc>) -> DealUpsert {
     let mut source = SourceDeal::new(format!("{n}"), format!("Deal {n}"), "default", stage);
@@ -201,6 +241,7 @@ fn smtp_sink(maildir: &std::path::Path) -> (std::process::Child, u16) {
 }
 
 async fn delivery() {
+    let emails = emails();
     let dir = tempfile::tempdir().unwrap();
     let maildir = dir.path().join("mail");
     std::fs::create_dir(&maildir).unwrap();
@@ -231,13 +272,15 @@ after = "1s"
     let config = Arc::new(dealsync::config::load(&path).unwrap());
     let store = Store::open(&config.storage.path).unwrap();
     let entered = Utc::now() - Duration::minutes(1);
-    for start in (0..EMAILS).step_by(1000) {
-        let batch = (start..(start + 1000).min(EMAILS))
+    for start in (0..emails).step_by(1000) {
+        let batch = (start..(start + 1000).min(emails))
             .map(|n| deal(n, "sales", "proposal", entered))
             .collect();
         store.upsert_deals(batch).await.unwrap();
     }
     let shutdown = CancellationToken::new();
+    let sink_pid = sink.id().to_string();
+    let (own_cpu, sink_cpu) = (cpu_seconds("self"), cpu_seconds(&sink_pid));
     let started = Instant::now();
     let worker = tokio::spawn(dealsync::followup::worker::run(
         store.clone(),
@@ -254,7 +297,7 @@ after = "1s"
             .filter(|c| c.state == "sent")
             .map(|c| c.emails)
             .sum::<u64>();
-        if sent as usize >= EMAILS {
+        if sent as usize >= emails {
             break;
         }
         assert!(
@@ -264,6 +307,8 @@ after = "1s"
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     let total = started.elapsed();
+    let own_cpu = cpu_seconds("self") - own_cpu;
+    let sink_cpu = cpu_seconds(&sink_pid) - sink_cpu;
     shutdown.cancel();
     worker.await.unwrap();
     let rows = store
@@ -286,21 +331,109 @@ after = "1s"
         })
         .count();
     let _ = sink.kill();
+    let _ = sink.wait();
     let sending = (last - first).num_milliseconds().max(1) as f64 / 1000.0;
-    println!("delivery: {EMAILS} emails, SMTP pool of 8, no rate limit");
+    println!(
+        "delivery: {emails} emails, SMTP pool of 8, no rate limit (load average {})",
+        load_average()
+    );
     println!(
         "  first to last accepted: {:.0} emails/s (target ≥ 200)",
-        (EMAILS - 1) as f64 / sending
+        (emails - 1) as f64 / sending
     );
     println!(
         "  worker start (enrollment included) to all sent: {:.0} emails/s",
-        EMAILS as f64 / total.as_secs_f64()
+        emails as f64 / total.as_secs_f64()
     );
-    assert_eq!(received, EMAILS, "the server received each email once");
+    println!(
+        "  CPU per email: dealsync {:.2} ms (bench polling included), SMTP server {:.2} ms",
+        own_cpu * 1000.0 / emails as f64,
+        sink_cpu * 1000.0 / emails as f64
+    );
+    assert_eq!(received, emails, "the server received each email once");
+    assert_eq!(rows.len(), emails, "every row is sent, none twice");
+}
+
+/// The SMTP side alone: the daemon's `Mailer` sends pre-built messages, 8 at a time.
+async fn sink_ceiling() {
+    let emails = emails();
+    let dir = tempfile::tempdir().unwrap();
+    let maildir = dir.path().join("mail");
+    std::fs::create_dir(&maildir).unwrap();
+    let (mut sink, port) = smtp_sink(&maildir);
+    let text = format!(
+        "[email]\ntransport = \"smtp\"\nurl = \"smtp://127.0.0.1:{port}\"\nfrom = \"Bench <bench@example.com>\"\npool_size = 8\n"
+    );
+    let path = dir.path().join("bench.toml");
+    std::fs::write(&path, text).unwrap();
+    let config = dealsync::config::load(&path).unwrap();
+    let mailer = Arc::new(dealsync::followup::mailer::Mailer::new(&config.email).unwrap());
+    let messages: Vec<_> = (0..emails)
+        .map(|n| {
+            let outgoing = dealsync::followup::mailer::Outgoing {
+                to: EmailAddress::parse("team@example.com").unwrap(),
+                to_name: None,
+                subject: format!("Deal rotting: Deal {n}"),
+                text: "x".repeat(600),
+                html: format!("<p>{}</p>", "x".repeat(900)),
+                idempotency_key: format!("{n}-ceiling-0"),
+                unsubscribe: None,
+            };
+            (
+                outgoing.idempotency_key.clone(),
+                mailer.build(&outgoing).unwrap(),
+            )
+        })
+        .collect();
+    let sink_pid = sink.id().to_string();
+    let (own_cpu, sink_cpu) = (cpu_seconds("self"), cpu_seconds(&sink_pid));
+    let started = Instant::now();
+    let limit = Arc::new(tokio::sync::Semaphore::new(8));
+    let mut sends = tokio::task::JoinSet::new();
+    for (key, message) in messages {
+        let permit = limit.clone().acquire_owned().await.unwrap();
+        let mailer = mailer.clone();
+        sends.spawn(async move {
+            mailer.send(message, &key).await.unwrap();
+            drop(permit);
+        });
+    }
+    while let Some(result) = sends.join_next().await {
+        result.unwrap();
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let own_cpu = cpu_seconds("self") - own_cpu;
+    let sink_cpu = cpu_seconds(&sink_pid) - sink_cpu;
+    let received = std::fs::read_dir(&maildir)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .ends_with(".json")
+        })
+        .count();
+    let _ = sink.kill();
+    let _ = sink.wait();
+    println!(
+        "SMTP side alone (no store, no rendering): {:.0} emails/s over {emails} (load average {})",
+        emails as f64 / elapsed,
+        load_average()
+    );
+    println!(
+        "  CPU per email: sender {:.2} ms, SMTP server {:.2} ms",
+        own_cpu * 1000.0 / emails as f64,
+        sink_cpu * 1000.0 / emails as f64
+    );
+    assert_eq!(received, emails);
 }
 
 #[tokio::main]
 async fn main() {
-    due_set().await;
+    if std::env::var("FOLLOWUPS_BENCH").as_deref() != Ok("delivery") {
+        due_set().await;
+    }
     delivery().await;
+    sink_ceiling().await;
 }

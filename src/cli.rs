@@ -772,6 +772,82 @@ async fn outbox_list(path: &std::path::Path, args: OutboxListArgs) -> Result<(),
     Ok(())
 }
 
+/// Prints today's digest for the owner of `deal_id` (or the rule's fixed address) as
+/// it would be sent now.
+async fn digest_preview(
+    config: &Config,
+    rule: &crate::followup::digest::DigestRule,
+    deal_id: i64,
+) -> Result<(), CliError> {
+    use crate::followup::digest::{DigestContext, DigestRecipient, MAX_LISTED};
+    use crate::followup::{mailer::Mailer, mailer::Outgoing, templates::Templates};
+    let store = open_store(config).await?;
+    let Some(deal) = store.deal(deal_id).await? else {
+        return Err(CliError::Usage(format!("no deal with id {deal_id}")));
+    };
+    let (recipient, owner) = match &rule.to {
+        DigestRecipient::Fixed(address) => (address.as_str().to_lowercase(), None),
+        DigestRecipient::Owner => match &deal.owner_email {
+            Some(email) => {
+                let email = email.as_str().to_lowercase();
+                (email.clone(), Some(email))
+            }
+            None => {
+                return Err(CliError::Usage(format!(
+                    "deal {deal_id} has no owner email, so it is in nobody's digest"
+                )));
+            }
+        },
+    };
+    let now = chrono::Utc::now();
+    let watch = crate::followup::worker::digest_watch(rule, now);
+    let (deals, total) = store.digest_deals(watch, owner, MAX_LISTED).await?;
+    if total == 0 {
+        output::print(&format!(
+            "{recipient} has no deal in rule {}'s stages past its idle time: no digest would be sent\n",
+            rule.name
+        ));
+        return Ok(());
+    }
+    let day = now.with_timezone(&rule.zone).date_naive().to_string();
+    let context = DigestContext::new(
+        rule,
+        &recipient,
+        deals,
+        total,
+        &config.pipelines,
+        &day,
+        crate::followup::worker::sender_name(config),
+        now,
+    );
+    let templates = Templates::for_config(config).map_err(|error| {
+        CliError::Config(ConfigError::at(
+            config,
+            "email.templates",
+            error.to_string(),
+        ))
+    })?;
+    let rendered = templates
+        .render(&rule.template, &context)
+        .map_err(anyhow::Error::from)?;
+    let mailer = Mailer::new(&config.email).map_err(anyhow::Error::from)?;
+    let to = crate::domain::EmailAddress::parse(&recipient)
+        .ok_or_else(|| CliError::Usage(format!("{recipient:?} is not an email address")))?;
+    let message = mailer
+        .build(&Outgoing {
+            to,
+            to_name: context.owner.name.clone(),
+            subject: rendered.subject,
+            text: rendered.text,
+            html: rendered.html,
+            idempotency_key: rule.idempotency_key(&day, &recipient),
+            unsubscribe: None,
+        })
+        .map_err(anyhow::Error::from)?;
+    output::print(&String::from_utf8_lossy(&message.formatted()));
+    Ok(())
+}
+
 async fn outbox_digests(path: &std::path::Path, args: OutboxDigestsArgs) -> Result<(), CliError> {
     let config = load(path).await?;
     let store = open_store(&config).await?;
@@ -813,8 +889,16 @@ async fn outbox_preview(path: &std::path::Path, args: OutboxPreviewArgs) -> Resu
     use crate::followup::{mailer::Mailer, rules::Recipient, templates::Templates};
     use crate::store::{OutboxAction, OutboxRow, OutboxRowFilter, OutboxState};
     let config = load(path).await?;
+    if let Some(digest) = config.digests.iter().find(|r| r.name == args.rule) {
+        return digest_preview(&config, digest, args.deal).await;
+    }
     let Some(rule) = config.followups.iter().find(|r| r.name == args.rule) else {
-        let known: Vec<_> = config.followups.iter().map(|r| r.name.as_str()).collect();
+        let known: Vec<_> = config
+            .followups
+            .iter()
+            .map(|r| r.name.as_str())
+            .chain(config.digests.iter().map(|r| r.name.as_str()))
+            .collect();
         return Err(CliError::Usage(format!(
             "no follow-up rule named {:?} (known: {})",
             args.rule,

@@ -682,7 +682,7 @@ pub fn compose(
 }
 
 /// What a digest lists at `now`: each watched stage with its idle cut-off.
-fn digest_watch(rule: &DigestRule, now: DateTime<Utc>) -> Vec<DigestWatch> {
+pub fn digest_watch(rule: &DigestRule, now: DateTime<Utc>) -> Vec<DigestWatch> {
     rule.cutoffs(now)
         .into_iter()
         .map(|(stage, entered_before)| DigestWatch {
@@ -707,7 +707,7 @@ fn unknown_outcome_reason(error: &str) -> String {
 }
 
 /// The display name of the sender, for templates.
-fn sender_name(config: &Config) -> String {
+pub fn sender_name(config: &Config) -> String {
     config
         .email
         .from

@@ -164,7 +164,7 @@ fn recipients(
 /// The matching deals of one recipient (all deals for a fixed address): the `limit`
 /// longest in their stage, and the total count.
 fn matching_deals(
-    tx: &Transaction<'_>,
+    tx: &rusqlite::Connection,
     watch: &[DigestWatch],
     owner: Option<&str>,
     limit: usize,
@@ -408,6 +408,18 @@ impl Store {
             Ok(())
         })
         .await
+    }
+
+    /// The deals a digest would list now for `owner` (all owners with `None`), and how
+    /// many match in all; for `outbox preview`.
+    pub async fn digest_deals(
+        &self,
+        watch: Vec<DigestWatch>,
+        owner: Option<String>,
+        limit: usize,
+    ) -> Result<(Vec<Deal>, usize)> {
+        self.read(move |db| matching_deals(db, &watch, owner.as_deref(), limit))
+            .await
     }
 
     /// Pending digests due by `now`, earliest first: (id, rule).

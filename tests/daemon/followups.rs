@@ -1135,7 +1135,7 @@ async fn a_daily_digest_lists_each_owners_rotting_deals_in_one_email_once_per_da
     let store = store(&daemon);
     let alice = Some(("Alice Owner", "Alice@Example.com"));
     let days = chrono::Duration::days;
-    put_deal(&store, "a1", "proposal", alice, days(3), 1_200_000).await;
+    let a1 = put_deal(&store, "a1", "proposal", alice, days(3), 1_200_000).await;
     put_deal(&store, "a2", "negotiation", alice, days(2), 500_000).await;
     put_deal(
         &store,
@@ -1273,6 +1273,24 @@ async fn a_daily_digest_lists_each_owners_rotting_deals_in_one_email_once_per_da
             ("alice@example.com", "sent", 2),
             ("carol@example.com", "sent", 1)
         ]
+    );
+    let deal = a1.to_string();
+    let (code, stdout, stderr) = run_cli(
+        &[
+            "--config",
+            &config_path,
+            "outbox",
+            "preview",
+            "rotting",
+            &deal,
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(
+        header(&stdout, "Subject").unwrap(),
+        format!("2 rotting deals for Alice Owner ({day})")
     );
 }
 
