@@ -4,11 +4,11 @@
 //!
 //! Invariant: the scan reads each table once, sequentially (no per-deal query, no
 //! random lookups), history on one reader connection and deals plus sent follow-ups
-//! on another, at the same time; the history is grouped by deal in memory (a radix
+//! on another, at the same time; the history is grouped by deal in memory (a counting
 //! sort on the deal ids), the deals are read in id order, and the two are merged
-//! in Rust. Memory while the scan runs: 48 bytes per history row at the peak (the rows
-//! as read and the radix sort's second buffer), 16 per row after, and 64 bytes per
-//! deal, besides what the sink keeps.
+//! in Rust. Memory while the scan runs: 40 bytes per history row at the peak (the rows
+//! as read and their grouped copy), 16 after, and 64 bytes per deal, besides what the
+//! sink keeps.
 
 use super::{Result, Store};
 use crate::domain::{Currency, DealStatus};
@@ -283,11 +283,9 @@ impl<T: Copy> ByDeal<T> {
     /// Groups rows read in table order by deal id; within a deal, orders them by
     /// `order`, keeping table order among equals (every sort here is stable).
     ///
-    /// Deal ids are row ids, so their span is small: a least-significant-digit radix
-    /// sort on the id's offset from the smallest one places the rows in two or three
-    /// sequential passes (history rows arrive in time order, so deals are scattered
-    /// over the table and a per-row random write would miss the cache every time).
-    /// Ids spread wider than that take a comparison sort.
+    /// Deal ids are row ids, so their span is small: a counting sort (count per id,
+    /// then place each row at its deal's next slot) groups the rows in one pass with
+    /// no comparison. Ids spread wider than two per row take a comparison sort.
     fn group(rows: Vec<(i64, T)>, order: impl Fn(&T) -> i64) -> ByDeal<T> {
         let Some((first, last)) =
             rows.iter()
@@ -301,24 +299,15 @@ impl<T: Copy> ByDeal<T> {
                 rows: Vec::new(),
             };
         };
-        let span = last.abs_diff(first);
-        let sorted = if span < 1 << (RADIX_BITS * MAX_RADIX_PASSES) {
-            radix_sort(rows, first, u64::BITS - span.leading_zeros())
+        let span = usize::try_from(last.abs_diff(first)).unwrap_or(usize::MAX);
+        // The count table costs 4 bytes per id in the span: allowed up to about two
+        // ids per row.
+        let dense = span < rows.len().saturating_mul(2).saturating_add(1 << 16)
+            && u32::try_from(rows.len()).is_ok();
+        let mut grouped = if dense {
+            counting_sort(rows, first, span + 1)
         } else {
-            let mut rows = rows;
-            rows.sort_by_key(|(deal_id, _)| *deal_id);
-            rows
-        };
-        let mut groups: Vec<(i64, usize)> = Vec::new();
-        for (at, (deal_id, _)) in sorted.iter().enumerate() {
-            match groups.last_mut() {
-                Some((last, end)) if last == deal_id => *end = at + 1,
-                _ => groups.push((*deal_id, at + 1)),
-            }
-        }
-        let mut grouped = ByDeal {
-            groups,
-            rows: sorted.into_iter().map(|(_, row)| row).collect(),
+            comparison_sort(rows)
         };
         let mut start = 0;
         for &(_, end) in &grouped.groups {
@@ -370,44 +359,56 @@ impl<'a, T> ByDealCursor<'a, T> {
     }
 }
 
-/// Bits of the deal id sorted per radix pass: 2048 buckets, whose write positions stay
-/// in the CPU cache.
-const RADIX_BITS: u32 = 11;
-/// Passes before a comparison sort is cheaper (ids spanning 2^33).
-const MAX_RADIX_PASSES: u32 = 3;
+/// Groups rows by deal id with a table of `span` counts from `first`; rows of one deal
+/// keep their order. Needs fewer than 2^32 rows.
+fn counting_sort<T: Copy>(rows: Vec<(i64, T)>, first: i64, span: usize) -> ByDeal<T> {
+    let slot = |deal_id: i64| deal_id.abs_diff(first) as usize;
+    let mut next = vec![0u32; span];
+    for (deal_id, _) in &rows {
+        next[slot(*deal_id)] += 1;
+    }
+    let mut groups = Vec::new();
+    let mut total = 0u32;
+    for (at, count) in next.iter_mut().enumerate() {
+        if *count > 0 {
+            total += *count;
+            groups.push((first + at as i64, total as usize));
+        }
+        // From here on, where the deal's next row goes.
+        *count = total - *count;
+    }
+    // Every slot is overwritten exactly once below; the filler is never read.
+    let Some(&(_, filler)) = rows.first() else {
+        return ByDeal {
+            groups,
+            rows: Vec::new(),
+        };
+    };
+    let mut placed = vec![filler; rows.len()];
+    for (deal_id, row) in rows {
+        let at = &mut next[slot(deal_id)];
+        placed[*at as usize] = row;
+        *at += 1;
+    }
+    ByDeal {
+        groups,
+        rows: placed,
+    }
+}
 
-/// Sorts rows by deal id, stably: one counting pass per `RADIX_BITS` of the id's
-/// offset from `first`, lowest digits first.
-fn radix_sort<T: Copy>(rows: Vec<(i64, T)>, first: i64, bits: u32) -> Vec<(i64, T)> {
-    let key = |deal_id: i64| deal_id.abs_diff(first);
-    let mut source = rows;
-    if source.is_empty() {
-        return source;
+fn comparison_sort<T: Copy>(mut rows: Vec<(i64, T)>) -> ByDeal<T> {
+    rows.sort_by_key(|(deal_id, _)| *deal_id);
+    let mut groups: Vec<(i64, usize)> = Vec::new();
+    for (at, (deal_id, _)) in rows.iter().enumerate() {
+        match groups.last_mut() {
+            Some((last, end)) if last == deal_id => *end = at + 1,
+            _ => groups.push((*deal_id, at + 1)),
+        }
     }
-    // Every slot is overwritten in each pass before it is read; the filler never is.
-    let mut target = vec![source[0]; source.len()];
-    let mask = (1u64 << RADIX_BITS) - 1;
-    let mut shift = 0;
-    while shift < bits {
-        let mut next = vec![0usize; 1 << RADIX_BITS];
-        for (deal_id, _) in &source {
-            next[((key(*deal_id) >> shift) & mask) as usize] += 1;
-        }
-        let mut total = 0;
-        for slot in &mut next {
-            let count = *slot;
-            *slot = total;
-            total += count;
-        }
-        for row in &source {
-            let bucket = &mut next[((key(row.0) >> shift) & mask) as usize];
-            target[*bucket] = *row;
-            *bucket += 1;
-        }
-        std::mem::swap(&mut source, &mut target);
-        shift += RADIX_BITS;
+    ByDeal {
+        groups,
+        rows: rows.into_iter().map(|(_, row)| row).collect(),
     }
-    source
 }
 
 /// The stage history grouped by deal, with the stages it names.
@@ -699,7 +700,7 @@ mod tests {
         };
         assert_eq!(grouped(&ByDeal::group(rows(&dense), |r| r.0)), expected);
 
-        // The same shape with ids further apart: three radix passes, then a comparison sort.
+        // The same shape with ids far apart takes the comparison sort.
         for spread in [1_000_000_000, 1_000_000_000_000] {
             let sparse: Vec<i64> = dense.iter().map(|id| id * spread).collect();
             let expected_sparse: Vec<(i64, Vec<(i64, u32)>)> = expected
