@@ -686,6 +686,29 @@ mod tests {
     }
 
     #[test]
+    fn a_connector_that_cannot_read_one_record_says_so_instead_of_calling_it_deleted() {
+        // A webhook refetch answered `None` deletes the deal: a connector without a
+        // single-record read must answer an error (the delivery is dead-lettered, the
+        // deal kept), never `None`.
+        let connector = DemoConnector::new(DemoSettings::default());
+        let cx = SyncContext::new(
+            crate::domain::ConnectionName::new("demo"),
+            tokio_util::sync::CancellationToken::new(),
+        );
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let answer = runtime.block_on(connector.fetch_one(&cx, "d-1"));
+        match answer {
+            Err(ConnectorError::BadResponse { reason, .. }) => {
+                assert!(reason.contains("d-1"), "{reason}")
+            }
+            other => panic!("expected an error, got {other:?}"),
+        }
+    }
+
+    #[test]
     fn settings_are_checked() {
         let table: toml::Table = toml::from_str("seed = 3\npace = \"500ms\"").unwrap();
         let settings = DemoSettings::parse(&table).unwrap();

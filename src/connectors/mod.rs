@@ -187,13 +187,18 @@ pub trait Connector: Send + Sync {
         Ok(Vec::new())
     }
 
-    /// Fetches one record by id (for webhooks that carry only ids); `None`: not found.
+    /// Fetches one record by id (for webhooks that carry only ids); `None`: the vendor
+    /// says it does not exist (deleted). A connector without a single-record read
+    /// answers an error, never `None`: "cannot look" must not read as "deleted".
     async fn fetch_one(
         &self,
         _cx: &SyncContext,
-        _external_id: &str,
+        external_id: &str,
     ) -> Result<Option<SourceDeal>, ConnectorError> {
-        Ok(None)
+        Err(ConnectorError::BadResponse {
+            vendor: self.kind().to_owned(),
+            reason: format!("this connector cannot read record {external_id} on its own"),
+        })
     }
 }
 

@@ -1305,7 +1305,9 @@ impl Connector for ManifestConnector {
         external_id: &str,
     ) -> Result<Option<SourceDeal>, ConnectorError> {
         let Some(request) = &self.manifest.deals.one else {
-            return Ok(None);
+            return Err(self.bad(format!(
+                "no [deals.one] request to read record {external_id} on its own"
+            )));
         };
         // The id goes into a path or a query (Salesforce: inside a SOQL literal): only
         // the characters vendors use in ids are let through.
