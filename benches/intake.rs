@@ -2,44 +2,48 @@
 //!
 //! Starts the app in-process (`App::build` + `App::run`, the path `main` takes) on a
 //! fresh SQLite file with one Shopify connection, then drives `POST /webhooks/shop`
-//! from a local load generator in the same process: Shopify-signed checkout payloads of
-//! 2–4 KB, each with its own delivery id, over many keep-alive connections. A 2xx means
-//! the delivery is committed (group commit, `synchronous = FULL` for the batch).
+//! from a load generator on its own thread (a single-threaded runtime, so its CPU is
+//! measured apart from the server's): Shopify-signed checkout payloads of 2–4 KB, each
+//! with its own delivery id, written pre-signed and pre-serialized over keep-alive
+//! HTTP/1.1 connections (a wrk-style client: one request in flight per connection, no
+//! pooling layer). A 2xx means the delivery is committed to the inbox with
+//! `synchronous = FULL` (group commit: one fsync per batch).
 //!
-//! 1. Saturation: `CONCURRENCY` senders post back to back for `SATURATION_SECS`;
+//! 1. Saturation: `SATURATION` requests over `CONNECTIONS` connections, back to back;
 //!    reports accepted events/s.
-//! 2. Fixed rate: an open-loop schedule of `RATE` requests/s for `RATE_SECS`; latency is
-//!    measured from each request's scheduled time (no coordinated omission); reports
-//!    p50, p99 and the maximum.
+//! 2. Fixed rate: an open-loop schedule of `RATE` requests/s for `RATE_SECS`, spread over
+//!    `RATE_CONNECTIONS` connections; latency is measured from each request's scheduled
+//!    time (no coordinated omission); reports p50, p99 and the maximum.
+//! 3. Redelivery: a sample of already accepted deliveries is sent again; every one must
+//!    be acknowledged and none stored twice.
 //!
-//! The inbox worker runs as in production, turning the deliveries into deals on the
-//! same two cores. Run with `cargo bench --bench intake`.
+//! Correctness is checked, not assumed: every accepted delivery must be in the inbox
+//! once, and once the worker (which runs as in production, on the same two cores) has
+//! caught up, every accepted checkout must be one deal. The bench exits non-zero if not.
+//! Run with `cargo bench --bench intake`.
 
 #![allow(clippy::print_stdout)]
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use dealsync::app::App;
 use dealsync::webhooks::signature::{self, Delivery, Scheme};
 use serde_json::{Value, json};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 const SECRET: &str = "shpss_bench_secret";
-const CONCURRENCY: usize = 128;
-const SATURATION_SECS: u64 = 10;
+const CONNECTIONS: usize = 128;
+const SATURATION: u64 = 100_000;
 const RATE: u64 = 5_000;
 const RATE_SECS: u64 = 10;
+const RATE_CONNECTIONS: usize = 64;
+const REDELIVERIES: u64 = 2_000;
 
 /// A checkout payload of 2–4 KB: the fixture's checkout with two line items.
-fn payload(n: u64) -> Vec<u8> {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../shared/fixtures/shopify/webhook-checkouts-create.json"
-    );
-    let fixture: Value =
-        serde_json::from_str(&std::fs::read_to_string(path).expect("fixture")).expect("JSON");
+fn payload(fixture: &Value, n: u64) -> Vec<u8> {
     let item = &fixture["line_items"][0];
     let line = |title: &str| {
         json!({
@@ -73,37 +77,101 @@ fn payload(n: u64) -> Vec<u8> {
     serde_json::to_vec(&body).expect("payload")
 }
 
-struct Prepared {
-    body: Vec<u8>,
-    headers: reqwest::header::HeaderMap,
+/// The whole HTTP/1.1 request for checkout `n`, signed, ready to write.
+fn request(fixture: &Value, addr: SocketAddr, n: u64) -> Vec<u8> {
+    let body = payload(fixture, n);
+    let id = format!("bench-delivery-{n}");
+    let delivery = Delivery {
+        method: "POST",
+        uri: "",
+        body: &body,
+        id: &id,
+    };
+    let headers = signature::sign(
+        &Scheme::Shopify,
+        SECRET.as_bytes(),
+        &delivery,
+        SystemTime::now(),
+    )
+    .expect("signing");
+    let mut text = format!(
+        "POST /webhooks/shop HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\n\
+         x-shopify-topic: checkouts/create\r\nx-shopify-shop-domain: shop.example.com\r\n\
+         content-length: {}\r\n",
+        body.len()
+    );
+    for (name, value) in &headers {
+        text.push_str(&format!(
+            "{name}: {}\r\n",
+            value.to_str().expect("ASCII header")
+        ));
+    }
+    text.push_str("\r\n");
+    let mut bytes = text.into_bytes();
+    bytes.extend_from_slice(&body);
+    bytes
 }
 
-fn prepare(from: u64, count: u64) -> Vec<Prepared> {
-    (from..from + count)
-        .map(|n| {
-            let body = payload(n);
-            let id = format!("bench-delivery-{n}");
-            let delivery = Delivery {
-                method: "POST",
-                uri: "",
-                body: &body,
-                id: &id,
-            };
-            let mut headers = signature::sign(
-                &Scheme::Shopify,
-                SECRET.as_bytes(),
-                &delivery,
-                SystemTime::now(),
-            )
-            .expect("signing");
-            headers.insert(
-                "x-shopify-topic",
-                "checkouts/create".parse().expect("header"),
-            );
-            headers.insert("content-type", "application/json".parse().expect("header"));
-            Prepared { body, headers }
+/// One keep-alive connection: writes a request, reads the whole response, returns the
+/// status code.
+struct Connection {
+    stream: TcpStream,
+    buffer: Vec<u8>,
+}
+
+impl Connection {
+    async fn open(addr: SocketAddr) -> anyhow::Result<Connection> {
+        let stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        Ok(Connection {
+            stream,
+            buffer: Vec::with_capacity(1024),
         })
-        .collect()
+    }
+
+    async fn send(&mut self, request: &[u8]) -> anyhow::Result<u16> {
+        self.stream.write_all(request).await?;
+        self.buffer.clear();
+        loop {
+            let mut chunk = [0u8; 1024];
+            let read = self.stream.read(&mut chunk).await?;
+            if read == 0 {
+                bail!("the server closed the connection");
+            }
+            self.buffer.extend_from_slice(&chunk[..read]);
+            let Some(end) = find(&self.buffer, b"\r\n\r\n") else {
+                continue;
+            };
+            let head = std::str::from_utf8(&self.buffer[..end]).context("response head")?;
+            let status: u16 = head
+                .get(9..12)
+                .and_then(|code| code.parse().ok())
+                .context("status line")?;
+            let length: usize = head
+                .lines()
+                .find_map(|line| {
+                    let (name, value) = line.split_once(':')?;
+                    name.eq_ignore_ascii_case("content-length")
+                        .then(|| value.trim().parse().ok())?
+                })
+                .context("content-length")?;
+            // Read the rest of the body, then the connection is ready for the next one.
+            while self.buffer.len() < end + 4 + length {
+                let read = self.stream.read(&mut chunk).await?;
+                if read == 0 {
+                    bail!("the server closed the connection mid-response");
+                }
+                self.buffer.extend_from_slice(&chunk[..read]);
+            }
+            return Ok(status);
+        }
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack
+        .windows(needle.len())
+        .position(|window| window == needle)
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -114,13 +182,163 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[at]
 }
 
+fn ms(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1e3
+}
+
+/// CPU seconds (user + system) of the calling thread, or of the whole process.
+fn cpu_seconds(which: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{which}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces): utime is the 14th field.
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|text| {
+            text.split_whitespace()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .unwrap_or_default()
+}
+
+/// What a phase of load measured.
+struct Outcome {
+    ok: u64,
+    refused: u64,
+    failed: u64,
+    latencies: Vec<Duration>,
+    elapsed: Duration,
+    generator_cpu: f64,
+}
+
+/// Sends `requests` over `connections` keep-alive connections. With `rate`, request
+/// `i` is due at `start + i / rate` (open loop) and its latency counts from then;
+/// without, each connection sends back to back.
+async fn drive(
+    addr: SocketAddr,
+    requests: Vec<Vec<u8>>,
+    connections: usize,
+    rate: Option<u64>,
+) -> anyhow::Result<Outcome> {
+    let cpu_before = cpu_seconds("thread-self");
+    let total = requests.len();
+    let mut lanes: Vec<Vec<(usize, Vec<u8>)>> = (0..connections).map(|_| Vec::new()).collect();
+    for (i, request) in requests.into_iter().enumerate() {
+        lanes[i % connections].push((i, request));
+    }
+    let mut opened = Vec::with_capacity(connections);
+    for _ in 0..connections {
+        opened.push(Connection::open(addr).await?);
+    }
+    let started = Instant::now() + Duration::from_millis(50);
+    let mut tasks = tokio::task::JoinSet::new();
+    for (lane, mut connection) in lanes.into_iter().zip(opened) {
+        tasks.spawn_local(async move {
+            let mut results = Vec::with_capacity(lane.len());
+            for (i, request) in lane {
+                let due = match rate {
+                    Some(rate) => {
+                        let due = started + Duration::from_nanos(i as u64 * 1_000_000_000 / rate);
+                        tokio::time::sleep_until(due.into()).await;
+                        due
+                    }
+                    None => Instant::now(),
+                };
+                let status = connection.send(&request).await;
+                results.push((status.ok(), due.elapsed()));
+            }
+            results
+        });
+    }
+    let mut outcome = Outcome {
+        ok: 0,
+        refused: 0,
+        failed: 0,
+        latencies: Vec::with_capacity(total),
+        elapsed: Duration::ZERO,
+        generator_cpu: 0.0,
+    };
+    while let Some(results) = tasks.join_next().await {
+        for (status, latency) in results? {
+            match status {
+                Some(200..=299) => {
+                    outcome.ok += 1;
+                    outcome.latencies.push(latency);
+                }
+                Some(503) => outcome.refused += 1,
+                _ => outcome.failed += 1,
+            }
+        }
+    }
+    outcome.elapsed = started.elapsed();
+    outcome.latencies.sort();
+    outcome.generator_cpu = cpu_seconds("thread-self") - cpu_before;
+    Ok(outcome)
+}
+
+/// Runs `drive` on a thread of its own with a single-threaded runtime.
+fn drive_on_thread(
+    addr: SocketAddr,
+    requests: Vec<Vec<u8>>,
+    connections: usize,
+    rate: Option<u64>,
+) -> std::thread::JoinHandle<anyhow::Result<Outcome>> {
+    std::thread::Builder::new()
+        .name("load-generator".into())
+        .spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let local = tokio::task::LocalSet::new();
+            local.block_on(&runtime, drive(addr, requests, connections, rate))
+        })
+        .expect("spawning the load generator")
+}
+
+async fn join(handle: std::thread::JoinHandle<anyhow::Result<Outcome>>) -> anyhow::Result<Outcome> {
+    tokio::task::spawn_blocking(move || handle.join().expect("load generator panicked")).await?
+}
+
+fn report(name: &str, outcome: &Outcome, process_cpu: f64) {
+    let wall = outcome.elapsed.as_secs_f64();
+    println!(
+        "{name}: {} accepted, {} refused (503), {} failed in {wall:.2} s: {:.0} events/s; \
+         latency p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        outcome.ok,
+        outcome.refused,
+        outcome.failed,
+        outcome.ok as f64 / wall,
+        ms(percentile(&outcome.latencies, 0.50)),
+        ms(percentile(&outcome.latencies, 0.99)),
+        ms(outcome.latencies.last().copied().unwrap_or_default()),
+    );
+    println!(
+        "  CPU: load generator {:.2} s ({:.0}% of one core), whole process {process_cpu:.2} s over {wall:.2} s wall; load average {}",
+        outcome.generator_cpu,
+        100.0 * outcome.generator_cpu / wall,
+        load_average()
+    );
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
+    let db_path = dir.path().join("bench.db");
     let text = format!(
         "[storage]\npath = \"{}\"\n[server]\nlisten = \"127.0.0.1:0\"\n\n\
          [connections.shop]\nconnector = \"shopify\"\nwebhook_secret = \"{SECRET}\"\n",
-        dir.path().join("bench.db").display()
+        db_path.display()
     );
     let config = dealsync::config::parse(
         &dir.path().join("bench.toml"),
@@ -129,125 +347,114 @@ async fn main() -> anyhow::Result<()> {
     )
     .map_err(|error| anyhow::anyhow!("{error}"))?;
     let app = App::build(config).await.context("building the app")?;
-    let url = format!("http://{}/webhooks/shop", app.local_addr());
+    let addr = app.local_addr();
     let state = app.state();
     let shutdown = CancellationToken::new();
     let server = tokio::spawn(app.run(shutdown.clone()));
 
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(CONCURRENCY * 2)
-        .timeout(Duration::from_secs(30))
-        .build()?;
-    let sample = payload(0).len();
+    let fixture: Value = serde_json::from_str(&std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../shared/fixtures/shopify/webhook-checkouts-create.json"
+    ))?)?;
+    let sample = payload(&fixture, 0).len();
     println!(
-        "payload: {sample} bytes; {} cores",
-        std::thread::available_parallelism()?.get()
+        "payload: {sample} bytes; {} cores; load average {}",
+        std::thread::available_parallelism()?.get(),
+        load_average()
     );
 
     // 1. Saturation.
-    let per_sender = 4_000u64;
-    let work: Vec<Vec<Prepared>> = (0..CONCURRENCY as u64)
-        .map(|sender| prepare(sender * per_sender, per_sender))
+    let requests: Vec<Vec<u8>> = (0..SATURATION)
+        .map(|n| request(&fixture, addr, n))
         .collect();
-    let accepted = Arc::new(AtomicU64::new(0));
-    let failed = Arc::new(AtomicU64::new(0));
-    let deadline = Instant::now() + Duration::from_secs(SATURATION_SECS);
-    let started = Instant::now();
-    let mut senders = Vec::new();
-    for batch in work {
-        let (client, url, accepted, failed) = (
-            client.clone(),
-            url.clone(),
-            accepted.clone(),
-            failed.clone(),
-        );
-        senders.push(tokio::spawn(async move {
-            for prepared in batch {
-                if Instant::now() >= deadline {
-                    break;
-                }
-                let response = client
-                    .post(&url)
-                    .headers(prepared.headers)
-                    .body(prepared.body)
-                    .send()
-                    .await;
-                match response {
-                    Ok(r) if r.status().is_success() => accepted.fetch_add(1, Ordering::Relaxed),
-                    _ => failed.fetch_add(1, Ordering::Relaxed),
-                };
-            }
-        }));
-    }
-    for sender in senders {
-        sender.await?;
-    }
-    let elapsed = started.elapsed();
-    let accepted = accepted.load(Ordering::Relaxed);
-    println!(
-        "saturation: {accepted} accepted, {} failed in {:.2}s with {CONCURRENCY} connections: {:.0} events/s",
-        failed.load(Ordering::Relaxed),
-        elapsed.as_secs_f64(),
-        accepted as f64 / elapsed.as_secs_f64()
+    let cpu = cpu_seconds("self");
+    let saturation = join(drive_on_thread(addr, requests, CONNECTIONS, None)).await?;
+    report(
+        &format!("saturation ({CONNECTIONS} connections)"),
+        &saturation,
+        cpu_seconds("self") - cpu,
     );
 
     // Let the worker catch up so the fixed-rate run starts from a quiet machine.
     let catch_up = Instant::now();
-    loop {
+    let counts = loop {
         let counts = state.store.inbox_counts().await?;
-        if counts.pending == 0 || catch_up.elapsed() > Duration::from_secs(120) {
-            println!(
-                "worker: {} processed, {} pending after {:.1}s more",
-                counts.processed,
-                counts.pending,
-                catch_up.elapsed().as_secs_f64()
-            );
-            break;
+        if counts.pending == 0 || catch_up.elapsed() > Duration::from_secs(300) {
+            break counts;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-
-    // 2. Fixed rate, open loop.
-    let total = RATE * RATE_SECS;
-    let prepared = prepare(10_000_000, total);
-    let start = Instant::now() + Duration::from_millis(100);
-    let mut handles = Vec::with_capacity(total as usize);
-    for (n, request) in prepared.into_iter().enumerate() {
-        let scheduled = start + Duration::from_nanos(n as u64 * 1_000_000_000 / RATE);
-        tokio::time::sleep_until(scheduled.into()).await;
-        let (client, url) = (client.clone(), url.clone());
-        handles.push(tokio::spawn(async move {
-            let response = client
-                .post(&url)
-                .headers(request.headers)
-                .body(request.body)
-                .send()
-                .await;
-            let ok = matches!(&response, Ok(r) if r.status().is_success());
-            (scheduled.elapsed(), ok)
-        }));
-    }
-    let mut latencies = Vec::with_capacity(handles.len());
-    let mut errors = 0;
-    for handle in handles {
-        let (latency, ok) = handle.await?;
-        if ok {
-            latencies.push(latency);
-        } else {
-            errors += 1;
-        }
-    }
-    let achieved = latencies.len() as f64 / start.elapsed().as_secs_f64();
-    latencies.sort();
+    };
     println!(
-        "fixed rate {RATE}/s for {RATE_SECS}s: {} ok, {errors} failed (~{achieved:.0}/s); latency p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
-        latencies.len(),
-        percentile(&latencies, 0.50).as_secs_f64() * 1e3,
-        percentile(&latencies, 0.99).as_secs_f64() * 1e3,
-        latencies.last().copied().unwrap_or_default().as_secs_f64() * 1e3,
+        "worker: {} processed, {} failed, {} pending {:.1} s after the load stopped",
+        counts.processed,
+        counts.failed,
+        counts.pending,
+        catch_up.elapsed().as_secs_f64()
     );
 
+    // 2. Fixed rate, open loop.
+    let requests: Vec<Vec<u8>> = (0..RATE * RATE_SECS)
+        .map(|n| request(&fixture, addr, 10_000_000 + n))
+        .collect();
+    let cpu = cpu_seconds("self");
+    let fixed = join(drive_on_thread(
+        addr,
+        requests,
+        RATE_CONNECTIONS,
+        Some(RATE),
+    ))
+    .await?;
+    report(
+        &format!("fixed rate {RATE}/s for {RATE_SECS} s ({RATE_CONNECTIONS} connections)"),
+        &fixed,
+        cpu_seconds("self") - cpu,
+    );
+
+    // 3. Redeliveries of accepted deliveries: acknowledged, never stored again.
+    let before = state.store.inbox_counts().await?;
+    let requests: Vec<Vec<u8>> = (0..REDELIVERIES)
+        .map(|n| request(&fixture, addr, n))
+        .collect();
+    let redelivered = join(drive_on_thread(addr, requests, 16, None)).await?;
+    let after = state.store.inbox_counts().await?;
+    let stored_again = (after.pending + after.processed + after.failed)
+        - (before.pending + before.processed + before.failed);
+    println!(
+        "redelivery: {} of {REDELIVERIES} acknowledged, {stored_again} stored again",
+        redelivered.ok
+    );
+
+    // Every accepted delivery is in the inbox once and, once processed, one deal.
+    let accepted = saturation.ok + fixed.ok;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let (counts, deals) = loop {
+        let counts = state.store.inbox_counts().await?;
+        let deals: i64 = rusqlite::Connection::open(&db_path)?.query_row(
+            "SELECT count(*) FROM deals",
+            [],
+            |row| row.get(0),
+        )?;
+        let deals = deals.max(0) as u64;
+        if counts.pending == 0 || Instant::now() > deadline {
+            break (counts, deals);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let stored = counts.pending + counts.processed + counts.failed;
+    println!(
+        "check: {accepted} accepted, {stored} in the inbox, {} processed, {} failed, {deals} deals",
+        counts.processed, counts.failed
+    );
     shutdown.cancel();
     let _ = server.await;
+    if stored != accepted
+        || deals != accepted
+        || counts.failed != 0
+        || redelivered.ok != REDELIVERIES
+        || stored_again != 0
+    {
+        bail!("intake lost, duplicated or failed deliveries (see the check line)");
+    }
+    println!("check: ok (nothing lost, nothing twice)");
     Ok(())
 }

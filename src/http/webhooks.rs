@@ -10,6 +10,8 @@
 //!    dead-letter table;
 //! 6. the delivery is committed to the inbox (grouped with concurrent ones), then 200.
 //!    A delivery id already in the inbox is acknowledged with 200 and not stored again.
+//!    A full inbox (or a full commit queue) answers 503 with `Retry-After` and stores
+//!    nothing: the vendor retries, nothing acknowledged is lost.
 //!
 //! Every rejection logs the connection and the reason; secrets never reach a log line,
 //! and signature and auth headers are not stored.
@@ -18,7 +20,7 @@ use super::error::ApiError;
 use crate::app::AppState;
 use crate::connectors::WebhookEvent;
 use crate::domain::ConnectionName;
-use crate::store::{Enqueued, NewWebhook};
+use crate::store::{EnqueueError, Enqueued, NewWebhook};
 use crate::telemetry::RecordLabels;
 use crate::webhooks::signature::{self, Scheme, SignatureError};
 use axum::Json;
@@ -207,6 +209,12 @@ pub async fn receive(
         }
     };
 
+    // Past the inbox's limit nothing more is accepted; the vendor retries later.
+    if let Err(full) = state.store.inbox_has_room() {
+        count(&state, &connection, "refused");
+        return refused(&connection, &full);
+    }
+
     let headers: Vec<(String, String)> = parts
         .headers
         .iter()
@@ -223,27 +231,26 @@ pub async fn receive(
             .map(str::to_owned)
     });
     let received_at = Utc::now();
+    let delivery_id = delivery_id(&scheme, &verified, &body);
+
+    // The connector checks the body before the commit, so a malformed one is answered
+    // 400 (and kept as a dead letter) rather than acknowledged; the worker parses it
+    // again when it applies the row. `Bytes` is shared, so the inbox gets the body
+    // without a copy.
     let event = WebhookEvent {
         connection: ConnectionName::new(connection.clone()),
-        delivery_id: delivery_id(&scheme, &verified, &body),
+        delivery_id,
         topic,
         headers,
         body: body.to_vec(),
         received_at,
     };
-
     match runtime.connector.parse_webhook(&event) {
         Err(bad) => {
             count(&state, &connection, "malformed");
             if let Err(error) = state
                 .store
-                .dead_letter(
-                    &connection,
-                    &bad.reason,
-                    &event.headers,
-                    event.body,
-                    received_at,
-                )
+                .dead_letter(&connection, &bad.reason, event.headers, body, received_at)
                 .await
             {
                 return ApiError::from(error).into_response();
@@ -267,7 +274,7 @@ pub async fn receive(
                     delivery_id: event.delivery_id,
                     topic: event.topic,
                     headers: event.headers,
-                    body: event.body,
+                    body,
                     received_at,
                 })
                 .await;
@@ -281,13 +288,38 @@ pub async fn receive(
                     debug!(connection, "duplicate webhook delivery acknowledged");
                     accepted("duplicate")
                 }
+                Err(error) if error.retry_after().is_some() => {
+                    count(&state, &connection, "refused");
+                    refused(&connection, &error)
+                }
                 Err(error) => {
                     count(&state, &connection, "failed");
-                    ApiError::from(error).into_response()
+                    match error {
+                        EnqueueError::Store(error) => ApiError::from(error).into_response(),
+                        other => ApiError::Internal(other.to_string()).into_response(),
+                    }
                 }
             }
         }
     }
+}
+
+/// 503 with `Retry-After`: the delivery was not stored, and a later retry can succeed.
+fn refused(connection: &str, error: &EnqueueError) -> Response {
+    let retry_after = error
+        .retry_after()
+        .unwrap_or(std::time::Duration::from_secs(1));
+    warn!(connection, %error, retry_after_s = retry_after.as_secs(), "webhook refused for now");
+    let mut response = (
+        StatusCode::SERVICE_UNAVAILABLE,
+        Json(json!({ "error": "the webhook inbox is full; retry later" })),
+    )
+        .into_response();
+    response.headers_mut().insert(
+        axum::http::header::RETRY_AFTER,
+        axum::http::HeaderValue::from(retry_after.as_secs()),
+    );
+    response
 }
 
 /// Reads the body up to `limit` bytes: 413 past it (a declared length says so at once).

@@ -1,37 +1,76 @@
-//! The webhook inbox and the dead letters.
+//! The webhook inbox and the dead letters, in their own SQLite file.
 //!
-//! A verified delivery is committed here before the HTTP handler answers 2xx; a worker
-//! turns inbox rows into deals later. Inserts go through one group-commit writer thread:
-//! concurrent requests queue on a bounded channel, the thread drains up to
-//! [`MAX_BATCH`] of them into one transaction, commits it with `synchronous = FULL`
-//! (one fsync for the whole batch), and only then answers each request.
+//! A verified delivery is committed here before the HTTP handler answers 2xx; the
+//! worker turns inbox rows into deals later. The inbox lives in a file of its own beside
+//! the main database (`dealsync.db` → `dealsync.inbox.db`, see [`inbox_path`]), with
+//! its own WAL and its own writer, so committing deliveries never waits behind deal
+//! writes, and a long worker transaction never delays a delivery's 2xx.
+//!
+//! Every write to the file goes through one writer thread that owns the connection.
+//! Requests queue on a bounded channel; the thread drains up to [`MAX_BATCH`] of them
+//! (deliveries, dead letters, the worker's settlements, pruning) into one transaction,
+//! commits it with `synchronous = FULL` (one fsync of the WAL for the whole batch), and
+//! only then answers each request: group commit. While one batch is being fsynced the
+//! next one gathers, so the batch grows with the load and the fsyncs per second stay
+//! bounded by the disk. WAL checkpoints run on a second thread, so their copying and
+//! their fsync of the database file stay off the commit path; when the WAL still grows
+//! past [`WAL_LIMIT`] under sustained load, the writer checkpoints once itself, which
+//! lets the next transaction start the WAL over.
 //!
 //! Invariants:
-//! - `enqueue_webhook` returns only after the row is committed (or was already there);
-//!   a caller that answers 2xx after it never loses the delivery.
+//! - `enqueue_webhook` returns `Stored` or `Duplicate` only after the row is committed
+//!   (or was already there); a caller that answers 2xx after it never loses the delivery.
 //! - `(connection, delivery_id)` is unique: a redelivery is acknowledged as a duplicate
 //!   and never processed twice. Processed rows are kept for [`RETENTION`], longer than
 //!   any vendor retries (Shopify about 4 h, Stripe up to 3 days), then pruned.
+//! - Bounded: past [`MAX_PENDING`] unprocessed rows, or with [`QUEUE`] requests already
+//!   waiting for the writer, a delivery is refused ([`EnqueueError::Full`],
+//!   [`EnqueueError::Busy`]) before anything is written, so the vendor retries it later;
+//!   nothing is accepted that is not stored.
 //! - Rows of one connection are handed out in arrival order, and not past a row of the
 //!   same connection that waits for a retry.
+//! - Applying a row's changes to the main database and marking it processed here are two
+//!   commits; a crash between them applies the row again, which the upserts make a no-op.
 
-use super::{Inner, Result, Store, StoreError, from_ms, to_ms};
+use super::{Result, Store, StoreError, from_ms, to_ms};
+use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use rusqlite::params;
-use std::sync::{Arc, Weak};
+use rusqlite::{Connection, OptionalExtension, params};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use tokio::sync::{Notify, mpsc, oneshot};
 
-/// Most inserts committed in one transaction.
-pub const MAX_BATCH: usize = 512;
+/// Most requests committed in one transaction.
+pub const MAX_BATCH: usize = 1024;
 
-/// Requests that may wait for the writer; beyond this, callers wait to enqueue.
-const QUEUE: usize = 8192;
+/// Requests that may wait for the writer; beyond this a delivery is refused as busy.
+pub const QUEUE: usize = 16_384;
+
+/// Unprocessed rows beyond which deliveries are refused (503 with `Retry-After`) until
+/// the worker catches up: about 1 GB of 4 KB payloads.
+pub const MAX_PENDING: u64 = 250_000;
 
 /// How long processed rows (and so their delivery ids) are kept.
 pub const RETENTION: chrono::Duration = chrono::Duration::days(7);
 
 /// How long dead letters and permanently failed rows are kept for inspection.
 pub const DEAD_LETTER_RETENTION: chrono::Duration = chrono::Duration::days(30);
+
+/// WAL bytes written between background checkpoints.
+const CHECKPOINT_EVERY: u64 = 4 << 20;
+
+/// WAL size at which the writer checkpoints itself, so the WAL can start over.
+pub const WAL_LIMIT: u64 = 64 << 20;
+
+/// The statements of the inbox file's schema, tracked in its `user_version`.
+const SCHEMA: &[(i64, &str)] = &[(1, include_str!("migrations/inbox_0001.sql"))];
+
+/// The inbox file that belongs to the database at `db_path`: `dealsync.db` →
+/// `dealsync.inbox.db`, in the same directory.
+pub fn inbox_path(db_path: &Path) -> PathBuf {
+    db_path.with_extension("inbox.db")
+}
 
 /// A verified delivery to store.
 #[derive(Debug, Clone)]
@@ -41,7 +80,8 @@ pub struct NewWebhook {
     pub topic: Option<String>,
     /// Lower-case header names and values, without signature or auth headers.
     pub headers: Vec<(String, String)>,
-    pub body: Vec<u8>,
+    /// The raw body, exactly as received.
+    pub body: Bytes,
     pub received_at: DateTime<Utc>,
 }
 
@@ -52,6 +92,32 @@ pub enum Enqueued {
     Stored,
     /// The same (connection, delivery id) was already in the inbox.
     Duplicate,
+}
+
+/// Why a delivery was not stored. `Full` and `Busy` wrote nothing and are worth a retry
+/// by the sender after [`EnqueueError::retry_after`].
+#[derive(Debug, thiserror::Error)]
+pub enum EnqueueError {
+    #[error("the webhook inbox holds {pending} unprocessed deliveries, its limit")]
+    Full { pending: u64 },
+    #[error("{QUEUE} deliveries are already waiting to be committed")]
+    Busy,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl EnqueueError {
+    /// How long the sender should wait before retrying, when a retry can help.
+    pub fn retry_after(&self) -> Option<std::time::Duration> {
+        match self {
+            EnqueueError::Full { .. } => Some(std::time::Duration::from_secs(30)),
+            EnqueueError::Busy => Some(std::time::Duration::from_secs(1)),
+            EnqueueError::Store(error) if error.is_disk_full() => {
+                Some(std::time::Duration::from_secs(60))
+            }
+            EnqueueError::Store(_) => None,
+        }
+    }
 }
 
 /// An inbox row waiting to be processed.
@@ -90,35 +156,179 @@ pub enum InboxOp {
     },
 }
 
-struct Pending {
-    event: NewWebhook,
-    reply: oneshot::Sender<Result<Enqueued>>,
+/// How the worker is done with a row.
+#[derive(Debug, Clone)]
+pub enum Settlement {
+    /// Applied: kept (for dedupe) until [`RETENTION`] has passed.
+    Processed { id: i64, at: DateTime<Utc> },
+    /// Failed; tried again at `next_attempt_at`.
+    Retry {
+        id: i64,
+        error: String,
+        next_attempt_at: DateTime<Utc>,
+    },
+    /// Given up on: kept with its error for inspection.
+    Failed {
+        id: i64,
+        error: String,
+        at: DateTime<Utc>,
+    },
 }
 
-/// The sending side of the group-commit writer, created on first use.
-pub(super) struct InboxWriter {
-    queue: mpsc::Sender<Pending>,
-    /// Woken after each committed batch, so the processing worker need not poll.
-    committed: Arc<Notify>,
+/// A delivery whose signature was valid but whose body could not be parsed.
+struct DeadLetter {
+    connection: String,
+    reason: String,
+    headers: Vec<(String, String)>,
+    body: Bytes,
+    at: DateTime<Utc>,
 }
 
-impl InboxWriter {
-    pub(super) fn start(inner: Weak<Inner>) -> InboxWriter {
+/// What the writer thread is asked to do; each answers on its own channel.
+enum Command {
+    Insert(NewWebhook, oneshot::Sender<Result<Enqueued>>),
+    DeadLetter(DeadLetter, oneshot::Sender<Result<()>>),
+    Settle(Vec<Settlement>, oneshot::Sender<Result<()>>),
+    Prune(DateTime<Utc>, oneshot::Sender<Result<u64>>),
+}
+
+/// What one command did, before its answer is sent.
+enum Done {
+    Insert(Enqueued),
+    Unit,
+    Count(u64),
+}
+
+/// State shared by the handle, the writer thread and the checkpointer.
+struct Shared {
+    /// Unprocessed rows: counted at open, then kept by the writer after each commit.
+    pending: AtomicU64,
+    /// Woken after each batch that stored a new row, so the worker need not poll.
+    committed: Notify,
+}
+
+/// The open inbox file: the writer's queue and a reader connection.
+pub(super) struct Inbox {
+    path: PathBuf,
+    queue: mpsc::Sender<Command>,
+    shared: Arc<Shared>,
+    /// The one reader (the worker's scans, counts). A std mutex: held only inside
+    /// blocking tasks, never across `.await`.
+    reader: Mutex<Option<Connection>>,
+}
+
+fn open_connection(path: &Path) -> Result<Connection> {
+    let connection = Connection::open(path).map_err(|source| StoreError::Open {
+        path: path.display().to_string(),
+        source,
+    })?;
+    connection.busy_timeout(std::time::Duration::from_secs(10))?;
+    Ok(connection)
+}
+
+fn migrate(db: &mut Connection, path: &Path) -> Result<()> {
+    let supported = SCHEMA[SCHEMA.len() - 1].0;
+    let found: i64 = db.pragma_query_value(None, "user_version", |row| row.get(0))?;
+    if found > supported {
+        return Err(StoreError::NewerSchema {
+            path: path.display().to_string(),
+            found,
+            supported,
+        });
+    }
+    db.pragma_update(None, "journal_mode", "WAL")?;
+    let tx = db.transaction_with_behavior(rusqlite::TransactionBehavior::Exclusive)?;
+    for &(version, sql) in SCHEMA.iter().filter(|(v, _)| *v > found) {
+        tx.execute_batch(sql)
+            .and_then(|()| tx.pragma_update(None, "user_version", version))
+            .map_err(|source| StoreError::Migration { version, source })?;
+        tracing::info!(version, path = %path.display(), "applied webhook inbox migration");
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+impl Inbox {
+    /// Opens (creating and migrating if needed) the inbox file and starts its writer and
+    /// checkpointer threads. Blocking.
+    pub(super) fn open(path: &Path) -> Result<Inbox> {
+        let mut writer = open_connection(path)?;
+        migrate(&mut writer, path)?;
+        // Every commit is fsynced: a delivery is acknowledged only once it survives a
+        // power loss, not only a process crash.
+        writer.pragma_update(None, "synchronous", "FULL")?;
+        // Checkpoints are the checkpointer thread's job (see `run_writer`).
+        writer.pragma_update(None, "wal_autocheckpoint", 0)?;
+        writer.pragma_update(None, "journal_size_limit", WAL_LIMIT as i64)?;
+        let pending: i64 = writer.query_row(
+            "SELECT count(*) FROM webhook_inbox WHERE state = 'pending'",
+            [],
+            |row| row.get(0),
+        )?;
+        let checkpointer = open_connection(path)?;
+        let shared = Arc::new(Shared {
+            pending: AtomicU64::new(pending.max(0) as u64),
+            committed: Notify::new(),
+        });
         let (queue, receiver) = mpsc::channel(QUEUE);
-        let committed = Arc::new(Notify::new());
-        let notify = committed.clone();
+        let (wake_checkpointer, checkpoints) = std::sync::mpsc::sync_channel(1);
+        std::thread::Builder::new()
+            .name("dealsync-inbox-ckpt".into())
+            .spawn(move || run_checkpointer(checkpointer, checkpoints))
+            .map_err(|error| {
+                StoreError::Task(format!("starting the inbox checkpointer: {error}"))
+            })?;
+        let writer_shared = shared.clone();
+        let wal = PathBuf::from(format!("{}-wal", path.display()));
         std::thread::Builder::new()
             .name("dealsync-inbox".into())
-            .spawn(move || run_writer(inner, receiver, notify))
-            .expect("spawning the inbox writer thread");
-        InboxWriter { queue, committed }
+            .spawn(move || run_writer(writer, wal, receiver, writer_shared, wake_checkpointer))
+            .map_err(|error| StoreError::Task(format!("starting the inbox writer: {error}")))?;
+        Ok(Inbox {
+            path: path.to_owned(),
+            queue,
+            shared,
+            reader: Mutex::new(None),
+        })
+    }
+
+    /// Sends a command and waits for its answer.
+    async fn ask<T>(
+        &self,
+        command: impl FnOnce(oneshot::Sender<Result<T>>) -> Command,
+    ) -> Result<T> {
+        let (reply, answer) = oneshot::channel();
+        self.queue
+            .send(command(reply))
+            .await
+            .map_err(|_| StoreError::Task("the inbox writer has stopped".into()))?;
+        answer
+            .await
+            .map_err(|_| StoreError::Task("the inbox writer has stopped".into()))?
     }
 }
 
-/// The writer thread: one transaction per drained batch. It holds only a weak handle,
-/// so it ends when the store is dropped (the channel closes with it).
-fn run_writer(inner: Weak<Inner>, mut receiver: mpsc::Receiver<Pending>, committed: Arc<Notify>) {
-    let mut batch: Vec<Pending> = Vec::with_capacity(MAX_BATCH);
+/// The checkpointer thread: a PASSIVE checkpoint each time the writer says enough was
+/// written. PASSIVE never blocks the writer; it copies what it can.
+fn run_checkpointer(db: Connection, wake: std::sync::mpsc::Receiver<()>) {
+    while wake.recv().is_ok() {
+        if let Err(error) = db.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            tracing::warn!(%error, "checkpointing the webhook inbox failed");
+        }
+    }
+}
+
+/// The writer thread: one transaction per drained batch. It ends when every sender is
+/// gone (the store was dropped).
+fn run_writer(
+    mut db: Connection,
+    wal: PathBuf,
+    mut receiver: mpsc::Receiver<Command>,
+    shared: Arc<Shared>,
+    checkpointer: std::sync::mpsc::SyncSender<()>,
+) {
+    let mut batch: Vec<Command> = Vec::with_capacity(MAX_BATCH);
+    let mut written_since_checkpoint = 0u64;
     while let Some(first) = receiver.blocking_recv() {
         batch.push(first);
         while batch.len() < MAX_BATCH {
@@ -127,137 +337,340 @@ fn run_writer(inner: Weak<Inner>, mut receiver: mpsc::Receiver<Pending>, committ
                 Err(_) => break,
             }
         }
-        let result = match inner.upgrade() {
-            Some(inner) => commit_batch(&inner, &batch),
-            None => Err(StoreError::Task("the store is closed".into())),
+        written_since_checkpoint += batch.iter().map(command_bytes).sum::<u64>();
+        let outcomes = match commit(&mut db, &batch) {
+            Ok(outcomes) => outcomes.into_iter().map(Ok).collect(),
+            // One failing command must not fail the others: commit each on its own.
+            Err(_) => batch
+                .iter()
+                .map(|command| {
+                    commit(&mut db, std::slice::from_ref(command)).map(|mut done| done.remove(0))
+                })
+                .collect::<Vec<_>>(),
         };
-        match result {
-            Ok(outcomes) => {
-                for (pending, outcome) in batch.drain(..).zip(outcomes) {
-                    let _ = pending.reply.send(Ok(outcome));
+        let mut stored = 0u64;
+        let mut settled = 0u64;
+        for (command, outcome) in batch.drain(..).zip(outcomes) {
+            match (command, outcome) {
+                (Command::Insert(_, reply), outcome) => {
+                    let outcome = outcome.and_then(|done| match done {
+                        Done::Insert(enqueued) => Ok(enqueued),
+                        _ => Err(StoreError::Task("unexpected inbox outcome".into())),
+                    });
+                    if matches!(outcome, Ok(Enqueued::Stored)) {
+                        stored += 1;
+                    }
+                    let _ = reply.send(outcome);
                 }
-                committed.notify_one();
+                (Command::Settle(_, reply), outcome) => {
+                    if let Ok(Done::Count(count)) = &outcome {
+                        settled += count;
+                    }
+                    let _ = reply.send(outcome.map(|_| ()));
+                }
+                (Command::DeadLetter(_, reply), outcome) => {
+                    let _ = reply.send(outcome.map(|_| ()));
+                }
+                (Command::Prune(_, reply), outcome) => {
+                    let _ = reply.send(outcome.map(|done| match done {
+                        Done::Count(count) => count,
+                        _ => 0,
+                    }));
+                }
             }
-            Err(error) => {
-                let message = error.to_string();
-                for pending in batch.drain(..) {
-                    let _ = pending.reply.send(Err(StoreError::Task(format!(
-                        "committing the webhook inbox: {message}"
-                    ))));
-                }
+        }
+        if stored > 0 {
+            shared.pending.fetch_add(stored, Ordering::Relaxed);
+            shared.committed.notify_one();
+        }
+        if settled > 0 {
+            // Saturating: the count is advisory (backpressure), never below zero.
+            let _ = shared
+                .pending
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |pending| {
+                    Some(pending.saturating_sub(settled))
+                });
+        }
+        if written_since_checkpoint >= CHECKPOINT_EVERY {
+            written_since_checkpoint = 0;
+            // Already signalled and not yet started: nothing to add.
+            let _ = checkpointer.try_send(());
+            // Under sustained load the background checkpoints never catch up with the
+            // writer, so the WAL cannot start over. Past the limit the writer finishes
+            // the checkpoint itself (most frames are copied already); its next
+            // transaction then resets the WAL.
+            if std::fs::metadata(&wal).is_ok_and(|meta| meta.len() > WAL_LIMIT)
+                && let Err(error) = db.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+            {
+                tracing::warn!(%error, "checkpointing the webhook inbox failed");
             }
         }
     }
 }
 
-fn commit_batch(inner: &Inner, batch: &[Pending]) -> Result<Vec<Enqueued>> {
-    let mut connection = inner
-        .writer
-        .lock()
-        .map_err(|_| StoreError::Task("writer lock poisoned".into()))?;
-    // FULL for this one transaction: its commit is the fsync that makes every delivery
-    // in the batch durable against power loss too, not only against a process crash.
-    connection.pragma_update(None, "synchronous", "FULL")?;
-    let result = (|| {
-        let tx = connection.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let mut outcomes = Vec::with_capacity(batch.len());
-        {
-            let mut insert = tx.prepare_cached(
-                "INSERT INTO webhook_inbox (connection, delivery_id, topic, received_at, headers, body)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                 ON CONFLICT (connection, delivery_id) DO NOTHING",
-            )?;
-            for pending in batch {
-                let event = &pending.event;
-                let headers = serde_json::to_string(&event.headers)
-                    .map_err(|error| StoreError::Corrupt(error.to_string()))?;
-                let inserted = insert.execute(params![
-                    event.connection,
-                    event.delivery_id,
-                    event.topic,
-                    to_ms(event.received_at),
-                    headers,
-                    event.body,
+/// Roughly how many bytes a command adds to the WAL.
+fn command_bytes(command: &Command) -> u64 {
+    match command {
+        Command::Insert(event, _) => event.body.len() as u64 + 512,
+        Command::DeadLetter(letter, _) => letter.body.len() as u64 + 512,
+        Command::Settle(settlements, _) => settlements.len() as u64 * 64,
+        Command::Prune(..) => 4096,
+    }
+}
+
+/// Runs `batch` in one transaction; on any error nothing of it is committed.
+fn commit(db: &mut Connection, batch: &[Command]) -> Result<Vec<Done>> {
+    let tx = db.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let mut outcomes = Vec::with_capacity(batch.len());
+    for command in batch {
+        outcomes.push(match command {
+            Command::Insert(event, _) => Done::Insert(insert(&tx, event)?),
+            Command::DeadLetter(letter, _) => {
+                tx.prepare_cached(
+                    "INSERT INTO webhook_dead_letters (connection, received_at, reason, headers, body)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                )?
+                .execute(params![
+                    letter.connection,
+                    to_ms(letter.at),
+                    letter.reason,
+                    headers_json(&letter.headers)?,
+                    &letter.body[..],
                 ])?;
-                outcomes.push(if inserted == 1 {
-                    Enqueued::Stored
-                } else {
-                    Enqueued::Duplicate
-                });
+                Done::Unit
+            }
+            Command::Settle(settlements, _) => Done::Count(settle(&tx, settlements)?),
+            Command::Prune(now, _) => Done::Count(prune(&tx, *now)?),
+        });
+    }
+    tx.commit()?;
+    Ok(outcomes)
+}
+
+fn headers_json(headers: &[(String, String)]) -> Result<String> {
+    serde_json::to_string(headers).map_err(|error| StoreError::Corrupt(error.to_string()))
+}
+
+fn insert(tx: &rusqlite::Transaction<'_>, event: &NewWebhook) -> Result<Enqueued> {
+    let inserted = tx
+        .prepare_cached(
+            "INSERT INTO webhook_inbox (connection, delivery_id, topic, received_at, headers, body)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT (connection, delivery_id) DO NOTHING",
+        )?
+        .execute(params![
+            event.connection,
+            event.delivery_id,
+            event.topic,
+            to_ms(event.received_at),
+            headers_json(&event.headers)?,
+            &event.body[..],
+        ])?;
+    Ok(if inserted == 1 {
+        Enqueued::Stored
+    } else {
+        Enqueued::Duplicate
+    })
+}
+
+/// Applies settlements; returns how many pending rows they took out of `pending`.
+fn settle(tx: &rusqlite::Transaction<'_>, settlements: &[Settlement]) -> Result<u64> {
+    let mut settled = 0u64;
+    for settlement in settlements {
+        match settlement {
+            Settlement::Processed { id, at } => {
+                settled += tx
+                    .prepare_cached(
+                        "UPDATE webhook_inbox SET state = 'processed', processed_at = ?2,
+                            next_attempt_at = NULL WHERE id = ?1 AND state = 'pending'",
+                    )?
+                    .execute(params![id, to_ms(*at)])? as u64;
+            }
+            Settlement::Retry {
+                id,
+                error,
+                next_attempt_at,
+            } => {
+                tx.prepare_cached(
+                    "UPDATE webhook_inbox SET attempts = attempts + 1, last_error = ?2,
+                        next_attempt_at = ?3 WHERE id = ?1",
+                )?
+                .execute(params![id, error, to_ms(*next_attempt_at)])?;
+            }
+            Settlement::Failed { id, error, at } => {
+                settled += tx
+                    .prepare_cached(
+                        "UPDATE webhook_inbox SET state = 'failed', attempts = attempts + 1,
+                            last_error = ?2, processed_at = ?3, next_attempt_at = NULL
+                         WHERE id = ?1 AND state = 'pending'",
+                    )?
+                    .execute(params![id, error, to_ms(*at)])? as u64;
             }
         }
-        tx.commit()?;
-        Ok(outcomes)
-    })();
-    connection.pragma_update(None, "synchronous", "NORMAL")?;
-    result
+    }
+    Ok(settled)
+}
+
+fn prune(tx: &rusqlite::Transaction<'_>, now: DateTime<Utc>) -> Result<u64> {
+    let processed = tx.execute(
+        "DELETE FROM webhook_inbox WHERE state = 'processed' AND processed_at < ?1",
+        [to_ms(now - RETENTION)],
+    )?;
+    let failed = tx.execute(
+        "DELETE FROM webhook_inbox WHERE state = 'failed' AND processed_at < ?1",
+        [to_ms(now - DEAD_LETTER_RETENTION)],
+    )?;
+    let dead = tx.execute(
+        "DELETE FROM webhook_dead_letters WHERE received_at < ?1",
+        [to_ms(now - DEAD_LETTER_RETENTION)],
+    )?;
+    Ok((processed + failed + dead) as u64)
 }
 
 fn parse_headers(text: &str) -> Vec<(String, String)> {
     serde_json::from_str(text).unwrap_or_default()
 }
 
+/// Fills the contact and owner fields a webhook record does not carry from the stored
+/// deal, so a webhook never erases what a pull (or an earlier delivery) knew: a
+/// Pipedrive deal event names the person by id only, with no email.
+fn keep_known_contact(
+    tx: &rusqlite::Transaction<'_>,
+    upsert: &mut super::DealUpsert,
+) -> Result<()> {
+    let source = &upsert.source;
+    let carries_all = source.contact_email.is_some()
+        && source.contact_name.is_some()
+        && source.owner.is_some()
+        && source.owner_email.is_some()
+        && source.marketing_consent.is_some();
+    if carries_all {
+        return Ok(());
+    }
+    type Known = (
+        Option<String>,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+        Option<bool>,
+    );
+    let known: Option<Known> = tx
+        .prepare_cached(
+            "SELECT contact_email, contact_name, owner, owner_email, marketing_consent
+             FROM deals WHERE connection = ?1 AND external_id = ?2",
+        )?
+        .query_row(
+            params![upsert.connection.as_str(), source.external_id.as_str()],
+            |row| {
+                Ok((
+                    row.get(0)?,
+                    row.get(1)?,
+                    row.get(2)?,
+                    row.get(3)?,
+                    row.get(4)?,
+                ))
+            },
+        )
+        .optional()?;
+    let Some((email, name, owner, owner_email, consent)) = known else {
+        return Ok(());
+    };
+    let source = &mut upsert.source;
+    if source.contact_email.is_none() {
+        source.contact_email = email
+            .as_deref()
+            .and_then(crate::domain::EmailAddress::parse);
+    }
+    if source.contact_name.is_none() {
+        source.contact_name = name;
+    }
+    if source.owner.is_none() {
+        source.owner = owner;
+    }
+    if source.owner_email.is_none() {
+        source.owner_email = owner_email
+            .as_deref()
+            .and_then(crate::domain::EmailAddress::parse);
+    }
+    if source.marketing_consent.is_none() {
+        source.marketing_consent = consent;
+    }
+    Ok(())
+}
+
 impl Store {
-    fn inbox_writer(&self) -> &InboxWriter {
-        self.inner
-            .inbox
-            .get_or_init(|| InboxWriter::start(Arc::downgrade(&self.inner)))
+    fn inbox(&self) -> &Inbox {
+        &self.inner.inbox
+    }
+
+    /// The inbox file's path.
+    pub fn inbox_path(&self) -> &Path {
+        &self.inbox().path
+    }
+
+    /// Runs `f` on the inbox's reader connection on a blocking thread.
+    async fn read_inbox<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut slot = inner
+                .inbox
+                .reader
+                .lock()
+                .map_err(|_| StoreError::Task("inbox reader lock poisoned".into()))?;
+            if slot.is_none() {
+                let connection = open_connection(&inner.inbox.path)?;
+                connection.pragma_update(None, "query_only", "ON")?;
+                *slot = Some(connection);
+            }
+            f(slot.as_ref().expect("opened above"))
+        })
+        .await
+        .map_err(|error| StoreError::Task(error.to_string()))?
     }
 
     /// Commits a verified delivery to the inbox (grouped with concurrent ones into one
-    /// transaction) and returns once it is durable.
-    pub async fn enqueue_webhook(&self, event: NewWebhook) -> Result<Enqueued> {
+    /// transaction) and returns once it is durable. Refuses it, writing nothing, when
+    /// the inbox is full or the writer's queue is.
+    pub async fn enqueue_webhook(&self, event: NewWebhook) -> Result<Enqueued, EnqueueError> {
+        self.inbox_has_room()?;
+        let inbox = self.inbox();
         let (reply, answer) = oneshot::channel();
-        self.inbox_writer()
+        inbox
             .queue
-            .send(Pending { event, reply })
-            .await
-            .map_err(|_| StoreError::Task("the inbox writer has stopped".into()))?;
-        answer
-            .await
-            .map_err(|_| StoreError::Task("the inbox writer has stopped".into()))?
-    }
-
-    /// Notified after every committed inbox batch.
-    pub fn inbox_committed(&self) -> Arc<Notify> {
-        self.inbox_writer().committed.clone()
-    }
-
-    /// Applies the changes of several inbox rows and marks them processed, all in one
-    /// transaction (one commit for a whole worker pass instead of two per row).
-    pub async fn apply_webhook_batch(
-        &self,
-        items: Vec<(i64, Vec<InboxOp>)>,
-        rules: super::CartRules,
-        now: DateTime<Utc>,
-    ) -> Result<()> {
-        self.write(move |tx| {
-            for (id, ops) in &items {
-                for op in ops {
-                    match op {
-                        InboxOp::Cart(upsert) => {
-                            super::carts::apply(tx, upsert, rules)?;
-                        }
-                        InboxOp::Upsert(upsert) => {
-                            super::deals::upsert_all(tx, vec![upsert.clone()])?;
-                        }
-                        InboxOp::Delete {
-                            connection,
-                            external_id,
-                        } => {
-                            super::carts::mark_deleted(tx, connection, external_id, now)?;
-                        }
-                    }
+            .try_send(Command::Insert(event, reply))
+            .map_err(|error| match error {
+                mpsc::error::TrySendError::Full(_) => EnqueueError::Busy,
+                mpsc::error::TrySendError::Closed(_) => {
+                    StoreError::Task("the inbox writer has stopped".into()).into()
                 }
-                tx.execute(
-                    "UPDATE webhook_inbox SET state = 'processed', processed_at = ?2,
-                        next_attempt_at = NULL WHERE id = ?1",
-                    params![id, to_ms(now)],
-                )?;
-            }
-            Ok(())
-        })
-        .await
+            })?;
+        Ok(answer
+            .await
+            .map_err(|_| StoreError::Task("the inbox writer has stopped".into()))??)
+    }
+
+    /// `Err(Full)` when the inbox holds [`MAX_PENDING`] unprocessed rows: checked again
+    /// by `enqueue_webhook`, offered so a caller can refuse before doing other work.
+    pub fn inbox_has_room(&self) -> Result<(), EnqueueError> {
+        let pending = self.inbox_pending();
+        if pending >= MAX_PENDING {
+            return Err(EnqueueError::Full { pending });
+        }
+        Ok(())
+    }
+
+    /// Unprocessed inbox rows, as counted by the writer (no query).
+    pub fn inbox_pending(&self) -> u64 {
+        self.inbox().shared.pending.load(Ordering::Relaxed)
+    }
+
+    /// Notified after every committed batch that stored a new delivery.
+    pub fn inbox_committed(&self) -> &Notify {
+        &self.inbox().shared.committed
     }
 
     /// Keeps a delivery whose signature was valid but whose body could not be parsed.
@@ -265,34 +678,85 @@ impl Store {
         &self,
         connection: &str,
         reason: &str,
-        headers: &[(String, String)],
-        body: Vec<u8>,
+        headers: Vec<(String, String)>,
+        body: Bytes,
         at: DateTime<Utc>,
     ) -> Result<()> {
-        let (connection, reason) = (connection.to_owned(), reason.to_owned());
-        let headers = serde_json::to_string(headers)
-            .map_err(|error| StoreError::Corrupt(error.to_string()))?;
+        let letter = DeadLetter {
+            connection: connection.to_owned(),
+            reason: reason.to_owned(),
+            headers,
+            body,
+            at,
+        };
+        self.inbox()
+            .ask(|reply| Command::DeadLetter(letter, reply))
+            .await
+    }
+
+    /// Applies the changes of several inbox rows to the deals in one transaction, then
+    /// marks the rows processed in the inbox. A webhook record keeps the contact data
+    /// it does not carry (see `keep_known_contact`).
+    pub async fn apply_webhook_batch(
+        &self,
+        items: Vec<(i64, Vec<InboxOp>)>,
+        rules: super::CartRules,
+        now: DateTime<Utc>,
+    ) -> Result<()> {
+        let ids: Vec<i64> = items.iter().map(|(id, _)| *id).collect();
         self.write(move |tx| {
-            tx.execute(
-                "INSERT INTO webhook_dead_letters (connection, received_at, reason, headers, body)
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![connection, to_ms(at), reason, headers, body],
-            )?;
+            for (_, ops) in items {
+                for op in ops {
+                    match op {
+                        InboxOp::Cart(mut upsert) => {
+                            keep_known_contact(tx, &mut upsert)?;
+                            super::carts::apply(tx, &upsert, rules)?;
+                        }
+                        InboxOp::Upsert(mut upsert) => {
+                            keep_known_contact(tx, &mut upsert)?;
+                            super::deals::upsert_all(tx, vec![upsert])?;
+                        }
+                        InboxOp::Delete {
+                            connection,
+                            external_id,
+                        } => {
+                            super::carts::mark_deleted(tx, &connection, &external_id, now)?;
+                        }
+                    }
+                }
+            }
             Ok(())
         })
-        .await
+        .await?;
+        let settlements = ids
+            .into_iter()
+            .map(|id| Settlement::Processed { id, at: now })
+            .collect();
+        self.settle_webhooks(settlements).await
+    }
+
+    /// Records how the worker is done with rows (one commit for all of them).
+    pub async fn settle_webhooks(&self, settlements: Vec<Settlement>) -> Result<()> {
+        if settlements.is_empty() {
+            return Ok(());
+        }
+        self.inbox()
+            .ask(|reply| Command::Settle(settlements, reply))
+            .await
     }
 
     /// Pending rows due at `now`, oldest first, at most `limit`. A connection with a row
     /// waiting for its retry contributes nothing, so its order is kept.
     pub async fn due_webhooks(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<InboxRow>> {
-        self.read(move |db| {
+        self.read_inbox(move |db| {
             let mut statement = db.prepare_cached(
                 "SELECT id, connection, delivery_id, topic, headers, body, received_at, attempts
-                 FROM webhook_inbox
+                 FROM webhook_inbox INDEXED BY webhook_inbox_pending
                  WHERE state = 'pending' AND coalesce(next_attempt_at, 0) <= ?1
-                   AND connection NOT IN (SELECT connection FROM webhook_inbox
-                        WHERE state = 'pending' AND next_attempt_at > ?1)
+                   AND connection NOT IN (
+                        SELECT connection FROM webhook_inbox INDEXED BY webhook_inbox_retrying
+                        WHERE state = 'pending' AND next_attempt_at IS NOT NULL
+                          AND next_attempt_at > ?1)
                  ORDER BY id LIMIT ?2",
             )?;
             let rows = statement.query_map(params![to_ms(now), limit], |row| {
@@ -314,15 +778,8 @@ impl Store {
 
     /// Marks a row processed.
     pub async fn webhook_processed(&self, id: i64, at: DateTime<Utc>) -> Result<()> {
-        self.write(move |tx| {
-            tx.execute(
-                "UPDATE webhook_inbox SET state = 'processed', processed_at = ?2,
-                    next_attempt_at = NULL WHERE id = ?1",
-                params![id, to_ms(at)],
-            )?;
-            Ok(())
-        })
-        .await
+        self.settle_webhooks(vec![Settlement::Processed { id, at }])
+            .await
     }
 
     /// Records a failed attempt; the row is retried at `next_attempt_at`.
@@ -332,56 +789,33 @@ impl Store {
         error: &str,
         next_attempt_at: DateTime<Utc>,
     ) -> Result<()> {
-        let error = error.to_owned();
-        self.write(move |tx| {
-            tx.execute(
-                "UPDATE webhook_inbox SET attempts = attempts + 1, last_error = ?2,
-                    next_attempt_at = ?3 WHERE id = ?1",
-                params![id, error, to_ms(next_attempt_at)],
-            )?;
-            Ok(())
-        })
+        self.settle_webhooks(vec![Settlement::Retry {
+            id,
+            error: error.to_owned(),
+            next_attempt_at,
+        }])
         .await
     }
 
     /// Gives up on a row: kept as `failed` with its error for inspection.
     pub async fn webhook_failed(&self, id: i64, error: &str, at: DateTime<Utc>) -> Result<()> {
-        let error = error.to_owned();
-        self.write(move |tx| {
-            tx.execute(
-                "UPDATE webhook_inbox SET state = 'failed', attempts = attempts + 1,
-                    last_error = ?2, processed_at = ?3, next_attempt_at = NULL WHERE id = ?1",
-                params![id, error, to_ms(at)],
-            )?;
-            Ok(())
-        })
+        self.settle_webhooks(vec![Settlement::Failed {
+            id,
+            error: error.to_owned(),
+            at,
+        }])
         .await
     }
 
     /// Deletes processed rows older than [`RETENTION`] and failed rows and dead letters
     /// older than [`DEAD_LETTER_RETENTION`]; returns how many rows went.
     pub async fn prune_webhooks(&self, now: DateTime<Utc>) -> Result<u64> {
-        self.write(move |tx| {
-            let processed = tx.execute(
-                "DELETE FROM webhook_inbox WHERE state = 'processed' AND processed_at < ?1",
-                [to_ms(now - RETENTION)],
-            )?;
-            let failed = tx.execute(
-                "DELETE FROM webhook_inbox WHERE state = 'failed' AND processed_at < ?1",
-                [to_ms(now - DEAD_LETTER_RETENTION)],
-            )?;
-            let dead = tx.execute(
-                "DELETE FROM webhook_dead_letters WHERE received_at < ?1",
-                [to_ms(now - DEAD_LETTER_RETENTION)],
-            )?;
-            Ok((processed + failed + dead) as u64)
-        })
-        .await
+        self.inbox().ask(|reply| Command::Prune(now, reply)).await
     }
 
     /// Inbox rows by state.
     pub async fn inbox_counts(&self) -> Result<InboxCounts> {
-        self.read(|db| {
+        self.read_inbox(|db| {
             let mut counts = InboxCounts::default();
             let mut statement =
                 db.prepare("SELECT state, count(*) FROM webhook_inbox GROUP BY state")?;
@@ -401,6 +835,18 @@ impl Store {
         })
         .await
     }
+
+    /// Dead letters kept, for `/metrics` and tests.
+    pub async fn dead_letter_count(&self) -> Result<u64> {
+        self.read_inbox(|db| {
+            let count: i64 =
+                db.query_row("SELECT count(*) FROM webhook_dead_letters", [], |row| {
+                    row.get(0)
+                })?;
+            Ok(count.max(0) as u64)
+        })
+        .await
+    }
 }
 
 #[cfg(test)]
@@ -414,9 +860,21 @@ mod tests {
             delivery_id: id.into(),
             topic: Some("checkouts/create".into()),
             headers: vec![("x-shopify-topic".into(), "checkouts/create".into())],
-            body: br#"{"id":1}"#.to_vec(),
+            body: Bytes::from_static(br#"{"id":1}"#),
             received_at: Utc::now(),
         }
+    }
+
+    #[test]
+    fn the_inbox_file_sits_beside_the_database() {
+        assert_eq!(
+            inbox_path(Path::new("/var/lib/dealsync/dealsync.db")),
+            Path::new("/var/lib/dealsync/dealsync.inbox.db")
+        );
+        assert_eq!(
+            inbox_path(Path::new("data/store")),
+            Path::new("data/store.inbox.db")
+        );
     }
 
     #[tokio::test]
@@ -440,6 +898,46 @@ mod tests {
         }
         assert_eq!((stored, duplicates), (100, 100));
         assert_eq!(store.inbox_counts().await.unwrap().pending, 100);
+        assert_eq!(store.inbox_pending(), 100);
+    }
+
+    #[tokio::test]
+    async fn committed_deliveries_survive_reopening_and_the_pending_count_is_restored() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dealsync.db");
+        {
+            let store = Store::open(&path).unwrap();
+            for id in ["a", "b", "c"] {
+                store.enqueue_webhook(event(id)).await.unwrap();
+            }
+            let row = store.due_webhooks(Utc::now(), 1).await.unwrap().remove(0);
+            store.webhook_processed(row.id, Utc::now()).await.unwrap();
+            assert_eq!(store.inbox_pending(), 2);
+        }
+        let store = Store::open(&path).unwrap();
+        assert!(dir.path().join("dealsync.inbox.db").exists());
+        assert_eq!(store.inbox_pending(), 2);
+        assert_eq!(
+            store.enqueue_webhook(event("a")).await.unwrap(),
+            Enqueued::Duplicate
+        );
+    }
+
+    #[tokio::test]
+    async fn a_full_inbox_refuses_a_delivery_and_writes_nothing() {
+        let (_dir, store) = temp_store();
+        store
+            .inbox()
+            .shared
+            .pending
+            .store(MAX_PENDING, Ordering::Relaxed);
+        let refused = store.enqueue_webhook(event("late")).await.unwrap_err();
+        assert!(matches!(refused, EnqueueError::Full { .. }), "{refused}");
+        assert_eq!(
+            refused.retry_after(),
+            Some(std::time::Duration::from_secs(30))
+        );
+        assert_eq!(store.inbox_counts().await.unwrap(), InboxCounts::default());
     }
 
     #[tokio::test]
@@ -484,6 +982,7 @@ mod tests {
         let row = store.due_webhooks(Utc::now(), 1).await.unwrap().remove(0);
         let processed_at = Utc::now();
         store.webhook_processed(row.id, processed_at).await.unwrap();
+        assert_eq!(store.inbox_pending(), 0);
         assert_eq!(store.prune_webhooks(processed_at).await.unwrap(), 0);
         // A redelivery within the retention is still a duplicate.
         assert_eq!(
@@ -493,5 +992,63 @@ mod tests {
         let later = processed_at + RETENTION + chrono::Duration::minutes(1);
         assert_eq!(store.prune_webhooks(later).await.unwrap(), 1);
         assert_eq!(store.inbox_counts().await.unwrap(), InboxCounts::default());
+    }
+
+    #[tokio::test]
+    async fn a_webhook_record_without_a_contact_keeps_the_one_a_pull_stored() {
+        use crate::domain::{
+            ChangeCause, ConnectionName, DealStatus, EmailAddress, SourceDeal, StageKey, StageRef,
+        };
+        let (_dir, store) = temp_store();
+        let upsert = |stage: &str, email: Option<&str>, cause: ChangeCause, minute: u32| {
+            let mut source = SourceDeal::new("12", "Globex renewal", "1", stage);
+            source.contact_email = email.and_then(EmailAddress::parse);
+            source.contact_name = email.map(|_| "Ada Lovelace".to_owned());
+            source.updated_at =
+                Some(chrono::TimeZone::with_ymd_and_hms(&Utc, 2026, 1, 14, 18, minute, 0).unwrap());
+            crate::store::DealUpsert {
+                connection: ConnectionName::new("pd"),
+                source,
+                target: StageRef {
+                    pipeline: None,
+                    stage: StageKey::new(stage),
+                },
+                status: DealStatus::Open,
+                observed_at: Utc::now(),
+                cause,
+            }
+        };
+        store
+            .upsert_deals(vec![upsert(
+                "lead_qualification",
+                Some("ada@acme.example"),
+                ChangeCause::Poll,
+                0,
+            )])
+            .await
+            .unwrap();
+        store.enqueue_webhook(event("pd-change")).await.unwrap();
+        let row = store.due_webhooks(Utc::now(), 1).await.unwrap().remove(0);
+        let change = upsert("proposal", None, ChangeCause::Webhook, 5);
+        store
+            .apply_webhook_batch(
+                vec![(row.id, vec![InboxOp::Upsert(change)])],
+                crate::store::CartRules::default(),
+                Utc::now(),
+            )
+            .await
+            .unwrap();
+        let deal = store
+            .deal_by_external_id("pd", "12")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(deal.stage.as_str(), "proposal");
+        assert_eq!(
+            deal.contact_email.as_ref().map(|e| e.as_str()),
+            Some("ada@acme.example")
+        );
+        assert_eq!(deal.contact_name.as_deref(), Some("Ada Lovelace"));
+        assert_eq!(store.inbox_counts().await.unwrap().processed, 1);
     }
 }

@@ -13,6 +13,8 @@
 //! - After a write transaction that appended stage history commits (and only then),
 //!   `stage_changes()` subscribers are woken: the follow-up scheduler enrolls at once
 //!   instead of waiting for its next pass.
+//! - The webhook inbox is a second file beside the database, with its own writer
+//!   (`inbox`), so webhook intake never waits for the deal writer.
 
 mod carts;
 mod deals;
@@ -28,7 +30,9 @@ mod tokens;
 pub use carts::{CartOutcome, CartRules};
 pub use deals::{DealFilter, DealUpsert, StageCount, UnmappedStage, UpsertOutcome};
 pub use digests::{AssembleOutcome, DigestClaim, DigestFinish, DigestRow, DigestWatch};
-pub use inbox::{Enqueued, InboxCounts, InboxOp, InboxRow, NewWebhook};
+pub use inbox::{
+    EnqueueError, Enqueued, InboxCounts, InboxOp, InboxRow, NewWebhook, Settlement, inbox_path,
+};
 pub use migrations::SCHEMA_VERSION;
 pub use outbox::{
     Claim, ClaimDecision, ClaimFacts, ClaimQuery, EarlierEnrollment, EnrollOutcome, EnrollPlan,
@@ -45,7 +49,7 @@ use chrono::{DateTime, TimeZone, Utc};
 use rusqlite::Connection;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
@@ -106,8 +110,8 @@ struct Inner {
     writer: Mutex<Connection>,
     /// Idle reader connections; a reader is opened on demand when none is idle.
     readers: Mutex<Vec<Connection>>,
-    /// The webhook inbox's group-commit writer, started on first use.
-    inbox: OnceLock<inbox::InboxWriter>,
+    /// The webhook inbox: its own file, writer thread and reader.
+    inbox: inbox::Inbox,
     /// Set by the writer's update hook when a transaction inserts a stage-history row.
     stage_changed: Arc<AtomicBool>,
     /// Bumped after such a transaction commits; see `Store::stage_changes`.
@@ -181,12 +185,13 @@ impl Store {
                 }
             },
         ));
+        let inbox = inbox::Inbox::open(&inbox::inbox_path(path))?;
         Ok(Store {
             inner: Arc::new(Inner {
                 path: path.to_owned(),
                 writer: Mutex::new(writer),
                 readers: Mutex::new(Vec::new()),
-                inbox: OnceLock::new(),
+                inbox,
                 stage_changed,
                 stage_changes: tokio::sync::watch::Sender::new(0),
             }),

@@ -1,10 +1,13 @@
 //! The inbox worker: turns committed webhook deliveries into deals, asynchronously.
 //!
-//! Rows are taken oldest first. Each row is parsed again by its connection's connector
-//! (the HTTP layer already checked that it parses) and its actions are applied: carts
-//! and orders through `Store::apply_cart_event`, other records through the plain
-//! upsert, deletions by marking the deal deleted, and id-only payloads by fetching the
-//! record through the pull connector first.
+//! Rows are taken oldest first from the inbox file, up to `BATCH` per pass. Each row
+//! is parsed again by its connection's connector (the HTTP layer already checked that it
+//! parses) and its actions are planned: carts and orders through the cart rules, other
+//! records through the plain upsert, deletions by marking the deal deleted, and id-only
+//! payloads by fetching the record through the pull connector first. A pass's changes
+//! commit to the main database in one bounded transaction, then its rows are marked
+//! processed in the inbox (one group-committed request). Intake never waits for either:
+//! the inbox has its own file and writer.
 //!
 //! Invariants:
 //! - Order per connection (and so per cart or deal): a failed row is retried with
@@ -117,6 +120,8 @@ async fn process_due(state: &AppState, shutdown: &CancellationToken) -> Result<u
             continue;
         }
         handled += 1;
+        // Parsing is CPU work on an executor thread: let request handlers in between.
+        tokio::task::yield_now().await;
         match plan(state, &row, shutdown).await {
             Ok(ops) => planned.push((row, ops)),
             Err(error) => {
@@ -142,6 +147,7 @@ async fn process_due(state: &AppState, shutdown: &CancellationToken) -> Result<u
         warn!(%error, rows = planned.len(), "committing a webhook batch failed; applying its rows one by one");
         let mut failed: HashSet<String> = HashSet::new();
         for (row, ops) in planned {
+            tokio::task::yield_now().await;
             if failed.contains(&row.connection) {
                 continue;
             }
@@ -361,7 +367,7 @@ mod tests {
                 delivery_id: id.into(),
                 topic: None,
                 headers: Vec::new(),
-                body: serde_json::to_vec(&body).unwrap(),
+                body: serde_json::to_vec(&body).unwrap().into(),
                 received_at: Utc::now(),
             })
             .await

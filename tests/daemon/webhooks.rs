@@ -14,6 +14,20 @@ const STRIPE_SECRET: &str = "whsec_stripe_test_secret";
 const WOO_SECRET: &str = "woo-secret";
 const WAIT: Duration = Duration::from_secs(15);
 
+/// The daemon's database with the webhook inbox file attached: `webhook_inbox` and
+/// `webhook_dead_letters` resolve to the inbox file, everything else to the main one.
+fn db(daemon: &TestDaemon) -> rusqlite::Connection {
+    let db = daemon.db();
+    let inbox = dealsync::store::inbox_path(&daemon.db_path);
+    db.execute("ATTACH DATABASE ?1 AS inbox", [inbox.display().to_string()])
+        .expect("attach the inbox");
+    db
+}
+
+fn count(daemon: &TestDaemon, sql: &str) -> i64 {
+    db(daemon).query_row(sql, [], |row| row.get(0)).expect(sql)
+}
+
 fn fixture(path: &str) -> Value {
     let full = format!("{}/../shared/fixtures/{path}", env!("CARGO_MANIFEST_DIR"));
     serde_json::from_str(&std::fs::read_to_string(&full).expect(&full)).expect("fixture JSON")
@@ -133,8 +147,7 @@ fn stripe_headers(body: &[u8], at: SystemTime) -> http::HeaderMap {
 
 /// (stage, status) of a deal, once it exists.
 fn stage_of(daemon: &TestDaemon, connection: &str, external_id: &str) -> Option<(String, String)> {
-    daemon
-        .db()
+    db(daemon)
         .query_row(
             "SELECT stage, status FROM deals WHERE connection = ?1 AND external_id = ?2",
             [connection, external_id],
@@ -182,9 +195,9 @@ async fn declare_oversized_body(daemon: &TestDaemon, connection: &str) -> u16 {
 
 fn written(daemon: &TestDaemon) -> (i64, i64, i64) {
     (
-        daemon.count("SELECT count(*) FROM webhook_inbox"),
-        daemon.count("SELECT count(*) FROM deals"),
-        daemon.count("SELECT count(*) FROM webhook_dead_letters"),
+        count(&daemon, "SELECT count(*) FROM webhook_inbox"),
+        count(&daemon, "SELECT count(*) FROM deals"),
+        count(&daemon, "SELECT count(*) FROM webhook_dead_letters"),
     )
 }
 
@@ -240,15 +253,13 @@ async fn every_rejected_webhook_gets_its_status_and_writes_nothing() {
     let (status, text) = post(&daemon, "shop", headers, malformed.clone()).await;
     assert_eq!(status, 400, "{text}");
     assert_eq!(written(&daemon), (0, 0, 1));
-    let kept: Vec<u8> = daemon
-        .db()
+    let kept: Vec<u8> = db(&daemon)
         .query_row("SELECT body FROM webhook_dead_letters", [], |row| {
             row.get(0)
         })
         .unwrap();
     assert_eq!(kept, malformed);
-    let stored_headers: String = daemon
-        .db()
+    let stored_headers: String = db(&daemon)
         .query_row("SELECT headers FROM webhook_dead_letters", [], |row| {
             row.get(0)
         })
@@ -316,13 +327,16 @@ async fn a_redelivered_webhook_is_acknowledged_and_processed_once() {
     }
     wait_for_stage(&daemon, "shop", "tok-dup", "checkout_started").await;
     eventually("the inbox row processed", WAIT, || async {
-        (daemon.count("SELECT count(*) FROM webhook_inbox WHERE state = 'processed'") == 1)
+        (count(
+            &daemon,
+            "SELECT count(*) FROM webhook_inbox WHERE state = 'processed'",
+        ) == 1)
             .then_some(())
     })
     .await;
-    assert_eq!(daemon.count("SELECT count(*) FROM webhook_inbox"), 1);
-    assert_eq!(daemon.count("SELECT count(*) FROM deals"), 1);
-    assert_eq!(daemon.count("SELECT count(*) FROM stage_history"), 1);
+    assert_eq!(count(&daemon, "SELECT count(*) FROM webhook_inbox"), 1);
+    assert_eq!(count(&daemon, "SELECT count(*) FROM deals"), 1);
+    assert_eq!(count(&daemon, "SELECT count(*) FROM stage_history"), 1);
     let (_, metrics) = daemon.get("/metrics").await;
     assert!(
         metrics.contains(r#"dealsync_webhooks_total{connection="shop",outcome="duplicate"} 2"#),
@@ -345,12 +359,14 @@ async fn an_update_that_arrives_before_its_create_wins_and_an_order_before_its_c
         200
     );
     eventually("both deliveries processed", WAIT, || async {
-        (daemon.count("SELECT count(*) FROM webhook_inbox WHERE state = 'processed'") == 2)
+        (count(
+            &daemon,
+            "SELECT count(*) FROM webhook_inbox WHERE state = 'processed'",
+        ) == 2)
             .then_some(())
     })
     .await;
-    let email: String = daemon
-        .db()
+    let email: String = db(&daemon)
         .query_row(
             "SELECT contact_email FROM deals WHERE external_id = 'tok-ooo'",
             [],
@@ -383,7 +399,10 @@ async fn an_update_that_arrives_before_its_create_wins_and_an_order_before_its_c
         );
     }
     eventually("all deliveries processed", WAIT, || async {
-        (daemon.count("SELECT count(*) FROM webhook_inbox WHERE state = 'processed'") == 5)
+        (count(
+            &daemon,
+            "SELECT count(*) FROM webhook_inbox WHERE state = 'processed'",
+        ) == 5)
             .then_some(())
     })
     .await;
@@ -404,8 +423,7 @@ async fn an_idle_cart_is_abandoned_and_an_order_through_another_connection_marks
         200
     );
     wait_for_stage(&daemon, "shop-eu", "tok-cart", "cart_abandoned").await;
-    let cause: String = daemon
-        .db()
+    let cause: String = db(&daemon)
         .query_row(
             "SELECT cause FROM stage_history ORDER BY id DESC LIMIT 1",
             [],
@@ -413,8 +431,7 @@ async fn an_idle_cart_is_abandoned_and_an_order_through_another_connection_marks
         )
         .unwrap();
     assert_eq!(cause, "followup");
-    let recovery: String = daemon
-        .db()
+    let recovery: String = db(&daemon)
         .query_row(
             "SELECT recovery_url FROM deals WHERE external_id = 'tok-cart'",
             [],
@@ -431,7 +448,10 @@ async fn an_idle_cart_is_abandoned_and_an_order_through_another_connection_marks
     );
     wait_for_stage(&daemon, "shop-eu", "tok-cart", "purchase_completed").await;
     assert_eq!(
-        daemon.count("SELECT count(*) FROM deals WHERE connection = 'shop-pos'"),
+        count(
+            &daemon,
+            "SELECT count(*) FROM deals WHERE connection = 'shop-pos'"
+        ),
         0,
         "the order is not stored a second time"
     );
@@ -471,7 +491,7 @@ async fn pending_inbox_rows_left_by_a_stopped_daemon_are_processed_after_a_resta
     daemon.signal("TERM");
     daemon.wait_exit(Duration::from_secs(10)).await;
     {
-        let db = daemon.db();
+        let db = db(&daemon);
         for n in 0..5 {
             let body = checkout(
                 &format!("tok-r{n}"),
@@ -488,8 +508,11 @@ async fn pending_inbox_rows_left_by_a_stopped_daemon_are_processed_after_a_resta
     }
     daemon.start_again().await;
     eventually("the left-over rows processed", WAIT, || async {
-        (daemon.count("SELECT count(*) FROM deals") == 5
-            && daemon.count("SELECT count(*) FROM webhook_inbox WHERE state = 'pending'") == 0)
+        (count(&daemon, "SELECT count(*) FROM deals") == 5
+            && count(
+                &daemon,
+                "SELECT count(*) FROM webhook_inbox WHERE state = 'pending'",
+            ) == 0)
             .then_some(())
     })
     .await;
@@ -533,7 +556,7 @@ async fn every_webhook_answered_2xx_survives_a_sigkill_during_a_load() {
     }
     let acknowledged = acknowledged.lock().unwrap().clone();
     assert!(acknowledged.len() >= 300);
-    let db = daemon.db();
+    let db = db(&daemon);
     let mut missing = Vec::new();
     for id in &acknowledged {
         let found: i64 = db
@@ -554,7 +577,8 @@ async fn every_webhook_answered_2xx_survives_a_sigkill_during_a_load() {
         "every acknowledged checkout stored as a deal",
         WAIT,
         || async {
-            let deals = daemon.count(
+            let deals = count(
+                &daemon,
                 "SELECT count(*) FROM deals d JOIN webhook_inbox w
              ON w.connection = d.connection AND w.delivery_id = d.external_id",
             );
@@ -645,7 +669,11 @@ webhook_secret = "{SHOP_SECRET}"
     );
     let daemon = TestDaemon::start(&config).await;
     eventually("five backfilled checkouts", WAIT, || async {
-        (daemon.count("SELECT count(*) FROM deals WHERE connection = 'shop'") == 5).then_some(())
+        (count(
+            &daemon,
+            "SELECT count(*) FROM deals WHERE connection = 'shop'",
+        ) == 5)
+            .then_some(())
     })
     .await;
     eventually("an incremental read after the full one", WAIT, || async {
@@ -677,11 +705,288 @@ async fn the_demo_connectors_idle_carts_are_abandoned_by_the_sweeper() {
     );
     let daemon = TestDaemon::start(&config).await;
     eventually("a demo cart abandoned", WAIT, || async {
-        (daemon.count(
+        (count(&daemon,
             "SELECT count(*) FROM deals d JOIN stage_history h ON h.deal_id = d.id
              WHERE d.connection = 'demo' AND h.to_stage = 'cart_abandoned' AND h.cause = 'followup'",
         ) > 0)
             .then_some(())
     })
     .await;
+}
+
+const HUBSPOT_SECRET: &str = "hs-client-secret";
+const PIPEDRIVE_AUTH: &str = "dealsync-hook:pd-hook-password";
+
+/// (stage, status, contact email, contact name) of a deal, once it exists.
+fn crm_deal(
+    daemon: &TestDaemon,
+    connection: &str,
+    external_id: &str,
+) -> Option<(String, String, Option<String>, Option<String>)> {
+    db(daemon)
+        .query_row(
+            "SELECT stage, status, contact_email, contact_name FROM deals
+             WHERE connection = ?1 AND external_id = ?2",
+            [connection, external_id],
+            |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)),
+        )
+        .ok()
+}
+
+/// The cause of the deal's latest stage change.
+fn last_cause(daemon: &TestDaemon, connection: &str, external_id: &str) -> String {
+    db(daemon)
+        .query_row(
+            "SELECT h.cause FROM stage_history h JOIN deals d ON d.id = h.deal_id
+             WHERE d.connection = ?1 AND d.external_id = ?2 ORDER BY h.id DESC LIMIT 1",
+            [connection, external_id],
+            |row| row.get(0),
+        )
+        .expect("a stage history row")
+}
+
+fn hubspot_v3_headers(uri: &str, body: &[u8], at: SystemTime) -> http::HeaderMap {
+    let delivery = Delivery {
+        method: "POST",
+        uri,
+        body,
+        id: "",
+    };
+    signature::sign(
+        &Scheme::HubSpotV3 {
+            tolerance: signature::DEFAULT_TOLERANCE,
+        },
+        HUBSPOT_SECRET.as_bytes(),
+        &delivery,
+        at,
+    )
+    .expect("signing")
+}
+
+#[tokio::test]
+async fn hubspot_v3_signed_deal_webhooks_refetch_the_deal_and_a_deletion_marks_it_deleted() {
+    use crate::harness::vendors::hubspot::{HsDeal, HubSpot};
+    let hubspot = HubSpot::start("pat-test", None).await;
+    hubspot.put_contact(501, "ada@acme.example", "Ada", "Lovelace");
+    let mut deal = HsDeal::new(
+        1002,
+        "Acme expansion",
+        "appointmentscheduled",
+        chrono::Utc::now().timestamp_millis() - 3_600_000,
+    );
+    deal.contact = Some(501);
+    hubspot.put(deal);
+    // Polling once an hour: after the first sync, only a webhook can move the deal.
+    let config = format!(
+        r#"
+[connections.hs]
+connector = "hubspot"
+base_url = "{}"
+token = "pat-test"
+poll_interval = "1h"
+webhook_secret = "{HUBSPOT_SECRET}"
+"#,
+        hubspot.url()
+    );
+    let daemon = TestDaemon::start(&config).await;
+    eventually("the first sync of deal 1002", WAIT, || async {
+        crm_deal(&daemon, "hs", "1002").filter(|deal| deal.0 == "lead_qualification")
+    })
+    .await;
+
+    // The deal moves in HubSpot; the propertyChange webhook (the fixture: two events for
+    // deal 1002, ids only) makes dealsync fetch it at once.
+    hubspot.update(1002, |deal| {
+        deal.stage = "contractsent".into();
+        deal.modified_ms = chrono::Utc::now().timestamp_millis();
+    });
+    let uri = daemon.url("/webhooks/hs");
+    let body = serde_json::to_vec(&fixture("hubspot/webhook-deal-propertychange.json")).unwrap();
+
+    // A stale signature (ten minutes old, the window is five) is refused first.
+    let stale = SystemTime::now() - Duration::from_secs(600);
+    let (status, text) = post(
+        &daemon,
+        "hs",
+        hubspot_v3_headers(&uri, &body, stale),
+        body.clone(),
+    )
+    .await;
+    assert_eq!(status, 401, "{text}");
+    // Signed for another URL: refused too.
+    let elsewhere = hubspot_v3_headers("http://127.0.0.1:1/webhooks/hs", &body, SystemTime::now());
+    let (status, _) = post(&daemon, "hs", elsewhere, body.clone()).await;
+    assert_eq!(status, 401);
+    assert_eq!(count(&daemon, "SELECT count(*) FROM webhook_inbox"), 0);
+
+    let (status, text) = post(
+        &daemon,
+        "hs",
+        hubspot_v3_headers(&uri, &body, SystemTime::now()),
+        body.clone(),
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+    let moved = eventually("deal 1002 in closing", WAIT, || async {
+        crm_deal(&daemon, "hs", "1002").filter(|deal| deal.0 == "closing")
+    })
+    .await;
+    assert_eq!(moved.2.as_deref(), Some("ada@acme.example"));
+    assert_eq!(last_cause(&daemon, "hs", "1002"), "webhook");
+
+    // HubSpot's retry of the same batch (attemptNumber 1) is the same delivery.
+    let mut retry = fixture("hubspot/webhook-deal-propertychange.json");
+    for event in retry.as_array_mut().unwrap() {
+        event["attemptNumber"] = json!(1);
+    }
+    let retry = serde_json::to_vec(&retry).unwrap();
+    let (status, text) = post(
+        &daemon,
+        "hs",
+        hubspot_v3_headers(&uri, &retry, SystemTime::now()),
+        retry,
+    )
+    .await;
+    assert_eq!((status, text.contains("duplicate")), (200, true), "{text}");
+
+    // The deal is deleted in HubSpot.
+    let deletion = serde_json::to_vec(&json!([{
+        "eventId": 3818135200u64, "subscriptionId": 2004819, "portalId": 62515, "appId": 54321,
+        "occurredAt": chrono::Utc::now().timestamp_millis(), "subscriptionType": "deal.deletion",
+        "attemptNumber": 0, "objectId": 1002, "changeFlag": "DELETED", "changeSource": "CRM_UI"
+    }]))
+    .unwrap();
+    let (status, _) = post(
+        &daemon,
+        "hs",
+        hubspot_v3_headers(&uri, &deletion, SystemTime::now()),
+        deletion,
+    )
+    .await;
+    assert_eq!(status, 200);
+    eventually("deal 1002 deleted", WAIT, || async {
+        crm_deal(&daemon, "hs", "1002").filter(|deal| deal.1 == "deleted")
+    })
+    .await;
+    assert_eq!(
+        count(
+            &daemon,
+            "SELECT count(*) FROM webhook_inbox WHERE state = 'processed'"
+        ),
+        2
+    );
+    assert!(!daemon.logs().contains(HUBSPOT_SECRET));
+}
+
+/// A Pipedrive v2 webhook fixture for deal 12 with its own event id.
+fn pipedrive_event(name: &str, event_id: &str) -> Vec<u8> {
+    let mut body = fixture(&format!("pipedrive/{name}"));
+    body["meta"]["id"] = json!(event_id);
+    serde_json::to_vec(&body).unwrap()
+}
+
+fn pipedrive_headers(auth: &str) -> http::HeaderMap {
+    let delivery = Delivery {
+        method: "POST",
+        uri: "",
+        body: b"",
+        id: "",
+    };
+    signature::sign(
+        &Scheme::PipedriveBasic,
+        auth.as_bytes(),
+        &delivery,
+        SystemTime::now(),
+    )
+    .expect("signing")
+}
+
+#[tokio::test]
+async fn pipedrive_basic_auth_webhooks_move_the_deal_keep_the_pulled_contact_and_delete_it() {
+    use crate::harness::vendors::pipedrive::{PdDeal, Pipedrive};
+    let pipedrive = Pipedrive::start("pd-token").await;
+    pipedrive.put_person(301, "Ada Lovelace", "ada@acme.example");
+    let updated = chrono::DateTime::parse_from_rfc3339("2026-01-10T09:00:00Z")
+        .unwrap()
+        .with_timezone(&chrono::Utc);
+    let mut deal = PdDeal::new(12, "Globex renewal", 1, updated);
+    deal.person_id = Some(301);
+    pipedrive.put(deal);
+    let config = format!(
+        r#"
+[connections.pd]
+connector = "pipedrive"
+base_url = "{}"
+token = "pd-token"
+poll_interval = "1h"
+webhook_secret = "{PIPEDRIVE_AUTH}"
+"#,
+        pipedrive.url()
+    );
+    let daemon = TestDaemon::start(&config).await;
+    let pulled = eventually("the first sync of deal 12", WAIT, || async {
+        crm_deal(&daemon, "pd", "12")
+    })
+    .await;
+    assert_eq!(
+        pulled,
+        (
+            "lead_qualification".into(),
+            "open".into(),
+            Some("ada@acme.example".into()),
+            Some("Ada Lovelace".into())
+        )
+    );
+
+    // Wrong credentials: 401, nothing stored, the deal untouched.
+    let change = pipedrive_event("webhook-v2-deal-change.json", "pd-event-change");
+    let (status, _) = post(
+        &daemon,
+        "pd",
+        pipedrive_headers("dealsync-hook:wrong"),
+        change.clone(),
+    )
+    .await;
+    assert_eq!(status, 401);
+    let mut unauthenticated = http::HeaderMap::new();
+    unauthenticated.insert("x-unrelated", "1".parse().unwrap());
+    let (status, _) = post(&daemon, "pd", unauthenticated, change.clone()).await;
+    assert_eq!(status, 401);
+    assert_eq!(count(&daemon, "SELECT count(*) FROM webhook_inbox"), 0);
+
+    // The change event (stage 4, "Proposal Made") carries the person by id only, with no
+    // email: the deal moves, and the contact the pull stored stays.
+    let (status, text) = post(
+        &daemon,
+        "pd",
+        pipedrive_headers(PIPEDRIVE_AUTH),
+        change.clone(),
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+    let moved = eventually("deal 12 in proposal", WAIT, || async {
+        crm_deal(&daemon, "pd", "12").filter(|deal| deal.0 == "proposal")
+    })
+    .await;
+    assert_eq!(
+        (moved.2.as_deref(), moved.3.as_deref()),
+        (Some("ada@acme.example"), Some("Ada Lovelace")),
+        "a webhook must not erase the contact it does not carry"
+    );
+    assert_eq!(last_cause(&daemon, "pd", "12"), "webhook");
+
+    // The same event again (Pipedrive retries on a timeout): acknowledged, not stored.
+    let (status, text) = post(&daemon, "pd", pipedrive_headers(PIPEDRIVE_AUTH), change).await;
+    assert_eq!((status, text.contains("duplicate")), (200, true), "{text}");
+
+    let deletion = pipedrive_event("webhook-v2-deal-delete.json", "pd-event-delete");
+    let (status, _) = post(&daemon, "pd", pipedrive_headers(PIPEDRIVE_AUTH), deletion).await;
+    assert_eq!(status, 200);
+    let deleted = eventually("deal 12 deleted", WAIT, || async {
+        crm_deal(&daemon, "pd", "12").filter(|deal| deal.1 == "deleted")
+    })
+    .await;
+    assert_eq!(deleted.2.as_deref(), Some("ada@acme.example"));
+    assert_eq!(count(&daemon, "SELECT count(*) FROM webhook_inbox"), 2);
+    assert!(!daemon.logs().contains("pd-hook-password"));
 }

@@ -105,31 +105,7 @@ CREATE TABLE quarantine (
     at          INTEGER NOT NULL
 );
 
-CREATE TABLE webhook_inbox (
-    id              INTEGER PRIMARY KEY,
-    connection      TEXT NOT NULL,
-    delivery_id     TEXT NOT NULL,
-    topic           TEXT,
-    received_at     INTEGER NOT NULL,
-    headers         TEXT NOT NULL,
-    body            BLOB NOT NULL,
-    state           TEXT NOT NULL DEFAULT 'pending',
-    attempts        INTEGER NOT NULL DEFAULT 0,
-    next_attempt_at INTEGER,
-    last_error      TEXT,
-    processed_at    INTEGER,
-    UNIQUE (connection, delivery_id)
-);
-CREATE INDEX webhook_inbox_by_state ON webhook_inbox (state, next_attempt_at);
-
-CREATE TABLE webhook_dead_letters (
-    id          INTEGER PRIMARY KEY,
-    connection  TEXT NOT NULL,
-    received_at INTEGER NOT NULL,
-    reason      TEXT NOT NULL,
-    headers     TEXT NOT NULL,
-    body        BLOB NOT NULL
-);
+-- The webhook inbox and its dead letters live in their own file (inbox_0001.sql).
 
 -- Follow-up emails and expiries: one row per (deal, rule, step), created when the deal
 -- is enrolled into the rule. States: pending -> sending -> sent | failed | skipped;
