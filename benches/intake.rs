@@ -376,14 +376,12 @@ async fn main() -> anyhow::Result<()> {
     );
 
     // Let the worker catch up so the fixed-rate run starts from a quiet machine.
+    // Polled through the writer's counter: a query per poll would compete with the worker.
     let catch_up = Instant::now();
-    let counts = loop {
-        let counts = state.store.inbox_counts().await?;
-        if counts.pending == 0 || catch_up.elapsed() > Duration::from_secs(300) {
-            break counts;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    while state.store.inbox_pending() > 0 && catch_up.elapsed() < Duration::from_secs(600) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let counts = state.store.inbox_counts().await?;
     println!(
         "worker: {} processed, {} failed, {} pending {:.1} s after the load stopped",
         counts.processed,
@@ -426,7 +424,10 @@ async fn main() -> anyhow::Result<()> {
 
     // Every accepted delivery is in the inbox once and, once processed, one deal.
     let accepted = saturation.ok + fixed.ok;
-    let deadline = Instant::now() + Duration::from_secs(300);
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while state.store.inbox_pending() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let (counts, deals) = loop {
         let counts = state.store.inbox_counts().await?;
         let deals: i64 = rusqlite::Connection::open(&db_path)?.query_row(

@@ -348,40 +348,19 @@ fn run_writer(
                 })
                 .collect::<Vec<_>>(),
         };
+        // The counters move before anyone hears back, so a caller that saw its commit
+        // also sees the count that includes it.
         let mut stored = 0u64;
         let mut settled = 0u64;
-        for (command, outcome) in batch.drain(..).zip(outcomes) {
+        for (command, outcome) in batch.iter().zip(&outcomes) {
             match (command, outcome) {
-                (Command::Insert(_, reply), outcome) => {
-                    let outcome = outcome.and_then(|done| match done {
-                        Done::Insert(enqueued) => Ok(enqueued),
-                        _ => Err(StoreError::Task("unexpected inbox outcome".into())),
-                    });
-                    if matches!(outcome, Ok(Enqueued::Stored)) {
-                        stored += 1;
-                    }
-                    let _ = reply.send(outcome);
-                }
-                (Command::Settle(_, reply), outcome) => {
-                    if let Ok(Done::Count(count)) = &outcome {
-                        settled += count;
-                    }
-                    let _ = reply.send(outcome.map(|_| ()));
-                }
-                (Command::DeadLetter(_, reply), outcome) => {
-                    let _ = reply.send(outcome.map(|_| ()));
-                }
-                (Command::Prune(_, reply), outcome) => {
-                    let _ = reply.send(outcome.map(|done| match done {
-                        Done::Count(count) => count,
-                        _ => 0,
-                    }));
-                }
+                (Command::Insert(..), Ok(Done::Insert(Enqueued::Stored))) => stored += 1,
+                (Command::Settle(..), Ok(Done::Count(count))) => settled += count,
+                _ => {}
             }
         }
         if stored > 0 {
             shared.pending.fetch_add(stored, Ordering::Relaxed);
-            shared.committed.notify_one();
         }
         if settled > 0 {
             // Saturating: the count is advisory (backpressure), never below zero.
@@ -390,6 +369,28 @@ fn run_writer(
                 .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |pending| {
                     Some(pending.saturating_sub(settled))
                 });
+        }
+        for (command, outcome) in batch.drain(..).zip(outcomes) {
+            match command {
+                Command::Insert(_, reply) => {
+                    let _ = reply.send(outcome.and_then(|done| match done {
+                        Done::Insert(enqueued) => Ok(enqueued),
+                        _ => Err(StoreError::Task("unexpected inbox outcome".into())),
+                    }));
+                }
+                Command::Settle(_, reply) | Command::DeadLetter(_, reply) => {
+                    let _ = reply.send(outcome.map(|_| ()));
+                }
+                Command::Prune(_, reply) => {
+                    let _ = reply.send(outcome.map(|done| match done {
+                        Done::Count(count) => count,
+                        _ => 0,
+                    }));
+                }
+            }
+        }
+        if stored > 0 {
+            shared.committed.notify_one();
         }
         if written_since_checkpoint >= CHECKPOINT_EVERY {
             written_since_checkpoint = 0;
@@ -813,12 +814,17 @@ impl Store {
         self.inbox().ask(|reply| Command::Prune(now, reply)).await
     }
 
-    /// Inbox rows by state.
+    /// Inbox rows by state, counted from the indexes (the bodies are not read).
     pub async fn inbox_counts(&self) -> Result<InboxCounts> {
         self.read_inbox(|db| {
             let mut counts = InboxCounts::default();
-            let mut statement =
-                db.prepare("SELECT state, count(*) FROM webhook_inbox GROUP BY state")?;
+            let mut statement = db.prepare_cached(
+                "SELECT 'pending', count(*) FROM webhook_inbox INDEXED BY webhook_inbox_pending
+                 WHERE state = 'pending'
+                 UNION ALL
+                 SELECT state, count(*) FROM webhook_inbox INDEXED BY webhook_inbox_settled
+                 WHERE state <> 'pending' GROUP BY state",
+            )?;
             let rows = statement.query_map([], |row| {
                 Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?))
             })?;

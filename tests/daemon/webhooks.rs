@@ -195,9 +195,9 @@ async fn declare_oversized_body(daemon: &TestDaemon, connection: &str) -> u16 {
 
 fn written(daemon: &TestDaemon) -> (i64, i64, i64) {
     (
-        count(&daemon, "SELECT count(*) FROM webhook_inbox"),
-        count(&daemon, "SELECT count(*) FROM deals"),
-        count(&daemon, "SELECT count(*) FROM webhook_dead_letters"),
+        count(daemon, "SELECT count(*) FROM webhook_inbox"),
+        count(daemon, "SELECT count(*) FROM deals"),
+        count(daemon, "SELECT count(*) FROM webhook_dead_letters"),
     )
 }
 

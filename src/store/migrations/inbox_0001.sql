@@ -23,8 +23,9 @@ CREATE TABLE webhook_inbox (
 CREATE INDEX webhook_inbox_pending ON webhook_inbox (id) WHERE state = 'pending';
 CREATE INDEX webhook_inbox_retrying ON webhook_inbox (next_attempt_at)
     WHERE state = 'pending' AND next_attempt_at IS NOT NULL;
--- Pruning by age once settled.
-CREATE INDEX webhook_inbox_settled ON webhook_inbox (processed_at) WHERE state <> 'pending';
+-- Pruning by age once settled, and counting by state without reading the bodies.
+CREATE INDEX webhook_inbox_settled ON webhook_inbox (state, processed_at)
+    WHERE state <> 'pending';
 
 -- Authentic deliveries whose body could not be parsed, kept for inspection.
 CREATE TABLE webhook_dead_letters (
