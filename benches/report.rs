@@ -6,6 +6,9 @@
 //!     cargo bench --bench report -- --deal-order # history rows grouped per deal
 //!     cargo bench --bench report -- --db PATH    # keep the generated file at PATH and
 //!                                                # reuse it next time (delete it after)
+//!     cargo bench --bench report -- --raw-bytes N # source record size per deal
+//!                                                # (default 2,000, as a CRM deal's
+//!                                                # JSON; 0 gives the narrow table)
 //!
 //! Time order is what a running daemon produces (each stage change appended as it
 //! happens, so one deal's rows are scattered over the table); grouped rows are the
@@ -97,7 +100,7 @@ fn cart_history(rng: &mut SmallRng, start: i64, rows: usize) -> Generated {
     Generated { rows: out, status }
 }
 
-fn generate(path: &std::path::Path, deal_order: bool) -> anyhow::Result<()> {
+fn generate(path: &std::path::Path, deal_order: bool, raw_bytes: usize) -> anyhow::Result<()> {
     drop(Store::open(path)?);
     let mut db = rusqlite::Connection::open(path)?;
     db.execute_batch("PRAGMA synchronous = OFF; PRAGMA journal_mode = WAL;")?;
@@ -113,8 +116,16 @@ fn generate(path: &std::path::Path, deal_order: bool) -> anyhow::Result<()> {
             "INSERT INTO deals (id, connection, external_id, title, amount_minor, currency,
                 pipeline, stage, status, native_pipeline, native_stage, expected_close,
                 stage_entered_at, last_activity_at, first_seen_at, synced_at, content_hash, raw)
-             VALUES (?1, ?2, ?1, ?3, ?4, ?5, ?6, ?7, ?8, 'native', 'native', ?9, ?10, ?10, ?11, ?10, 0, '{}')",
+             VALUES (?1, ?2, ?1, ?3, ?4, ?5, ?6, ?7, ?8, 'native', 'native', ?9, ?10, ?10, ?11, ?10, 0, ?12)",
         )?;
+        // The source record as a connector stores it: a JSON object of about
+        // `raw_bytes` (the report never reads it, but it widens every deals row).
+        let filler = "x".repeat(raw_bytes.saturating_sub(20));
+        let raw = if raw_bytes == 0 {
+            "{}".to_owned()
+        } else {
+            serde_json::json!({ "properties": { "notes": filler } }).to_string()
+        };
         let mut written = 0i64;
         for id in 1..=DEALS {
             // Five rows per deal on average (3..=7), exactly HISTORY_ROWS in total.
@@ -150,6 +161,7 @@ fn generate(path: &std::path::Path, deal_order: bool) -> anyhow::Result<()> {
                 close,
                 last.0,
                 generated.rows[0].0,
+                raw,
             ])?;
             for (at, pipeline, stage) in generated.rows {
                 history.push((id, at, pipeline, stage));
@@ -206,16 +218,23 @@ fn main() -> anyhow::Result<()> {
         .position(|a| a == "--db")
         .and_then(|at| args.get(at + 1))
         .map(std::path::PathBuf::from);
+    let raw_bytes = args
+        .iter()
+        .position(|a| a == "--raw-bytes")
+        .and_then(|at| args.get(at + 1))
+        .map(|n| n.parse::<usize>())
+        .transpose()?
+        .unwrap_or(2_000);
     let dir = tempfile::tempdir()?;
     let path = kept.clone().unwrap_or_else(|| dir.path().join("report.db"));
     if path.exists() {
         println!("reusing {}", path.display());
     } else {
         let started = Instant::now();
-        generate(&path, deal_order)?;
+        generate(&path, deal_order, raw_bytes)?;
         let size = std::fs::metadata(&path)?.len();
         println!(
-            "generated {DEALS} deals, {HISTORY_ROWS} history rows ({}) in {:.1}s, {} MB",
+            "generated {DEALS} deals ({raw_bytes}-byte records), {HISTORY_ROWS} history rows ({}) in {:.1}s, {} MB",
             if deal_order {
                 "grouped per deal"
             } else {
