@@ -87,6 +87,24 @@ fn own_deal(tx: &Transaction<'_>, upsert: &DealUpsert) -> Result<Option<i64>> {
         .optional()?)
 }
 
+/// The key-match query for `keys` keys: `?1` own deal id, `?2` pipeline, `?3…` keys.
+///
+/// CROSS JOIN pins the order: the few rows of the keys' primary key first, then their
+/// deals by id. With a plain join the planner walks every deal of the pipeline (its
+/// stage index) and probes the keys: a scan of the whole shop per webhook.
+fn key_matches_sql(keys: usize) -> String {
+    let placeholders = (0..keys)
+        .map(|at| format!("?{}", at + 3))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "SELECT DISTINCT d.id, d.status FROM deal_keys k CROSS JOIN deals d ON d.id = k.deal_id
+         WHERE k.key IN ({placeholders}) AND d.deleted_at IS NULL AND d.id != ?1
+           AND d.pipeline IS ?2
+         ORDER BY d.id"
+    )
+}
+
 /// Live deals in `pipeline` sharing a key with the record, other than `own`.
 fn key_matches(
     tx: &Transaction<'_>,
@@ -97,16 +115,7 @@ fn key_matches(
     if keys.is_empty() {
         return Ok(Vec::new());
     }
-    let placeholders = (0..keys.len())
-        .map(|at| format!("?{}", at + 3))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let sql = format!(
-        "SELECT DISTINCT d.id, d.status FROM deal_keys k JOIN deals d ON d.id = k.deal_id
-         WHERE k.key IN ({placeholders}) AND d.deleted_at IS NULL AND d.id != ?1
-           AND d.pipeline IS ?2
-         ORDER BY d.id"
-    );
+    let sql = key_matches_sql(keys.len());
     let mut values: Vec<rusqlite::types::Value> =
         vec![own.unwrap_or(-1).into(), pipeline.map(str::to_owned).into()];
     values.extend(keys.iter().map(|key| key.clone().into()));
@@ -370,6 +379,37 @@ mod tests {
             observed_at: when,
             cause: ChangeCause::Webhook,
         }
+    }
+
+    #[tokio::test]
+    async fn matching_a_carts_keys_reads_the_keys_index_not_every_deal_of_the_pipeline() {
+        let (_dir, store) = temp_store();
+        let when = Utc::now();
+        for n in 0..50 {
+            let key = format!("shopify:cart:{n}");
+            let upsert = cart("shop", &format!("c{n}"), "checkout_started", &[&key], when);
+            store
+                .apply_cart_event(upsert, CartRules::default())
+                .await
+                .unwrap();
+        }
+        let plan = store
+            .read(|db| {
+                let sql = format!("EXPLAIN QUERY PLAN {}", key_matches_sql(2));
+                let mut statement = db.prepare(&sql)?;
+                let rows = statement.query_map(
+                    rusqlite::params![-1, "ecommerce", "shopify:cart:1", "shopify:cart:2"],
+                    |row| row.get::<_, String>(3),
+                )?;
+                Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+            })
+            .await
+            .unwrap();
+        assert!(
+            plan[0].starts_with("SEARCH k USING PRIMARY KEY"),
+            "{plan:?}"
+        );
+        assert!(plan[1].contains("INTEGER PRIMARY KEY"), "{plan:?}");
     }
 
     #[tokio::test]
