@@ -7,9 +7,9 @@
 //!    Times the scheduler's queries: the due set (`Store::outbox_due`), the next due time,
 //!    and the start-up enrollment scan of a trigger stage. Target: due set ≤ 1 s.
 //! 2. Delivery: the follow-up worker, in process, sends 3,000 due emails to a local SMTP
-//!    server (the tests' aiosmtpd sink) with a pool of 8 connections and no rate limit.
+//!    server (the tests' aiosmtpd sink) with a pool of `POOL` connections (32) and no rate limit.
 //!    Target: ≥ 200 emails/s.
-//! 3. The same server's ceiling: the same `Mailer` (lettre, pool of 8) sends 3,000
+//! 3. The same server's ceiling: the same `Mailer` (lettre, pool of `POOL`) sends 3,000
 //!    pre-built messages with no store, no rendering: what the SMTP side alone allows.
 //!
 //! `FOLLOWUPS_BENCH=delivery` runs parts 2 and 3 only; `EMAILS=N` changes their size.
@@ -32,6 +32,9 @@ use tokio_util::sync::CancellationToken;
 
 const DEALS: usize = 1_000_000;
 const CARTS: usize = 200_000;
+/// SMTP connections in the pool: each one waits about 49 ms per email on this
+/// loopback (the server's and the client's round trips), so the rate grows with it.
+const POOL: u32 = 32;
 const DUE: usize = 100_000;
 const BATCH: usize = 5_000;
 const EMAILS: usize = 3_000;
@@ -255,7 +258,7 @@ transport = "smtp"
 url = "smtp://127.0.0.1:{port}"
 from = "Bench <bench@example.com>"
 templates = "{templates}"
-pool_size = 8
+pool_size = {POOL}
 enroll_interval = "1h"
 [followups.alert]
 kind = "transactional"
@@ -334,7 +337,7 @@ after = "1s"
     let _ = sink.wait();
     let sending = (last - first).num_milliseconds().max(1) as f64 / 1000.0;
     println!(
-        "delivery: {emails} emails, SMTP pool of 8, no rate limit (load average {})",
+        "delivery: {emails} emails, SMTP pool of {POOL}, no rate limit (load average {})",
         load_average()
     );
     println!(
@@ -362,7 +365,7 @@ async fn sink_ceiling() {
     std::fs::create_dir(&maildir).unwrap();
     let (mut sink, port) = smtp_sink(&maildir);
     let text = format!(
-        "[email]\ntransport = \"smtp\"\nurl = \"smtp://127.0.0.1:{port}\"\nfrom = \"Bench <bench@example.com>\"\npool_size = 8\n"
+        "[email]\ntransport = \"smtp\"\nurl = \"smtp://127.0.0.1:{port}\"\nfrom = \"Bench <bench@example.com>\"\npool_size = {POOL}\n"
     );
     let path = dir.path().join("bench.toml");
     std::fs::write(&path, text).unwrap();
@@ -388,7 +391,7 @@ async fn sink_ceiling() {
     let sink_pid = sink.id().to_string();
     let (own_cpu, sink_cpu) = (cpu_seconds("self"), cpu_seconds(&sink_pid));
     let started = Instant::now();
-    let limit = Arc::new(tokio::sync::Semaphore::new(8));
+    let limit = Arc::new(tokio::sync::Semaphore::new(POOL as usize));
     let mut sends = tokio::task::JoinSet::new();
     for (key, message) in messages {
         let permit = limit.clone().acquire_owned().await.unwrap();
