@@ -354,7 +354,7 @@ async fn main() -> anyhow::Result<()> {
 
     let fixture: Value = serde_json::from_str(&std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../shared/fixtures/shopify/webhook-checkouts-create.json"
+        "/tests/fixtures/shopify/webhook-checkouts-create.json"
     ))?)?;
     let sample = payload(&fixture, 0).len();
     println!(

@@ -137,7 +137,7 @@ mod tests {
     #[test]
     fn an_order_becomes_a_cart_in_the_stage_its_status_says() {
         let path = format!(
-            "{}/../shared/fixtures/woocommerce/order-retrieve.json",
+            "{}/tests/fixtures/woocommerce/order-retrieve.json",
             env!("CARGO_MANIFEST_DIR")
         );
         let mut order: Value =

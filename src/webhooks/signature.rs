@@ -1486,10 +1486,10 @@ mod tests {
         }
     }
 
-    /// Runs every vector in the shared fixtures, which sit next to the repository in CI.
+    /// Runs every vector in the vendored fixtures (`tests/fixtures`, see its PROVENANCE.md).
     #[test]
     fn every_shared_fixture_vector_verifies_as_documented() {
-        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures");
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
         if !root.is_dir() {
             eprintln!("skipped: {} is absent", root.display());
             return;

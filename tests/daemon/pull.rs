@@ -750,7 +750,7 @@ mod webhooks {
 
     fn fixture_text(path: &str) -> String {
         std::fs::read_to_string(format!(
-            "{}/../shared/fixtures/{path}",
+            "{}/tests/fixtures/{path}",
             env!("CARGO_MANIFEST_DIR")
         ))
         .unwrap()

@@ -29,7 +29,7 @@ fn count(daemon: &TestDaemon, sql: &str) -> i64 {
 }
 
 fn fixture(path: &str) -> Value {
-    let full = format!("{}/../shared/fixtures/{path}", env!("CARGO_MANIFEST_DIR"));
+    let full = format!("{}/tests/fixtures/{path}", env!("CARGO_MANIFEST_DIR"));
     serde_json::from_str(&std::fs::read_to_string(&full).expect(&full)).expect("fixture JSON")
 }
 

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 /// A fixture file's JSON.
 pub fn fixture(path: &str) -> serde_json::Value {
-    let full = format!("{}/../shared/fixtures/{path}", env!("CARGO_MANIFEST_DIR"));
+    let full = format!("{}/tests/fixtures/{path}", env!("CARGO_MANIFEST_DIR"));
     let text = std::fs::read_to_string(&full).unwrap_or_else(|e| panic!("{full}: {e}"));
     serde_json::from_str(&text).expect("fixture is JSON")
 }
