@@ -331,10 +331,15 @@ pub async fn run_once(
 ) -> Result<RunSummary, SyncError> {
     let started = Instant::now();
     let name = runtime.name().to_owned();
+    let cursor = if full {
+        None
+    } else {
+        deps.store.cursor(&name, DEALS_STREAM).await?
+    };
     // A run without a cursor reads everything: it is recorded as a full sync.
-    let full = full || deps.store.cursor(&name, DEALS_STREAM).await?.is_none();
+    let full = cursor.is_none();
     let run_id = deps.store.start_sync_run(&name, full).await?;
-    let result = run_pages(runtime, deps, full, shutdown, progress, started)
+    let result = run_pages(runtime, deps, cursor, shutdown, progress, started)
         .instrument(info_span!("sync_run", connection = %name, run_id, full))
         .await;
     let (summary, error) = match &result {
@@ -371,15 +376,17 @@ pub async fn run_once(
     result.map_err(|(_, error)| error)
 }
 
+/// Reads from `cursor` (`None`: a full sync from the start) to the end.
 async fn run_pages(
     runtime: &ConnectionRuntime,
     deps: &SyncDeps,
-    full: bool,
+    cursor: Option<serde_json::Value>,
     shutdown: &CancellationToken,
     progress: &(dyn Fn(&RunSummary) + Send + Sync),
     started: Instant,
 ) -> Result<RunSummary, (RunSummary, SyncError)> {
     let name = runtime.name();
+    let full = cursor.is_none();
     let cx = runtime.context(deps, shutdown);
     let mut summary = RunSummary::default();
     let fail = |summary: &RunSummary, error: SyncError| (summary.clone(), error);
@@ -411,15 +418,6 @@ async fn run_pages(
             }
         }
     }
-
-    let cursor = if full {
-        None
-    } else {
-        deps.store
-            .cursor(name, DEALS_STREAM)
-            .await
-            .map_err(|e| fail(&summary, e.into()))?
-    };
 
     // Pages are read ahead of the commits (at most READ_AHEAD waiting), and pages that
     // queued up while the store was busy are committed together with the cursor of the
