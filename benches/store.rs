@@ -41,7 +41,9 @@ fn upsert(n: usize, stage: usize, at: chrono::DateTime<Utc>) -> DealUpsert {
     ));
     source.contact_email = EmailAddress::parse(&format!("buyer{n}@example.com"));
     source.updated_at = Some(at);
-    source.raw = serde_json::json!({"id": n.to_string(), "properties": {"dealname": format!("Deal {n}"), "dealstage": stage, "amount": "123.45"}});
+    source.raw = dealsync::domain::RawRecord::from_value(
+        &serde_json::json!({"id": n.to_string(), "properties": {"dealname": format!("Deal {n}"), "dealstage": stage, "amount": "123.45"}}),
+    );
     DealUpsert {
         connection: ConnectionName::new("bench"),
         target: StageRef {

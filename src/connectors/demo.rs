@@ -10,7 +10,7 @@
 
 use super::{BadRecord, Connector, ConnectorError, Page, SyncContext};
 use crate::config::ConnectionConfig;
-use crate::domain::{Currency, DealStatus, EmailAddress, LineItem, Money, SourceDeal};
+use crate::domain::{Currency, DealStatus, EmailAddress, LineItem, Money, RawRecord, SourceDeal};
 use crate::pipeline::{NativePipeline, NativeStage, StageKind};
 use async_trait::async_trait;
 use chrono::{DateTime, TimeZone, Utc};
@@ -433,7 +433,7 @@ impl DemoConnector {
                 deal.cart_keys = vec![format!("demo-cart:{}", entity.id)];
             }
         }
-        deal.raw = json!({
+        deal.raw = RawRecord::from_value(&json!({
             "id": entity.id,
             "title": entity.title,
             "pipeline": pipeline_id,
@@ -446,7 +446,7 @@ impl DemoConnector {
             "stalled": entity.stalled,
             "created_tick": entity.created_tick,
             "changed_tick": entity.changed_tick,
-        });
+        }));
         deal
     }
 }

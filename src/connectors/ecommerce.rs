@@ -7,7 +7,9 @@
 //! `stage_map` may override any of them like for any other source.
 
 use super::BadRecord;
-use crate::domain::{Currency, EmailAddress, LineItem, Money, PipelineKey, StageKey, StageRef};
+use crate::domain::{
+    Currency, EmailAddress, LineItem, Money, PipelineKey, RawRecord, StageKey, StageRef,
+};
 use crate::pipeline::{MappingSource, StageMapEntry};
 use chrono::{DateTime, NaiveDateTime, TimeZone, Utc};
 use serde_json::Value;
@@ -53,7 +55,7 @@ pub fn bad(raw: &Value, external_id: Option<String>, reason: impl Into<String>) 
     BadRecord {
         external_id,
         reason: reason.into(),
-        raw: raw.clone(),
+        raw: RawRecord::from_value(raw),
     }
 }
 
@@ -62,7 +64,9 @@ pub fn parse_body(body: &[u8]) -> Result<Value, BadRecord> {
     serde_json::from_slice(body).map_err(|error| BadRecord {
         external_id: None,
         reason: format!("body is not JSON: {error}"),
-        raw: Value::String(String::from_utf8_lossy(body).chars().take(2048).collect()),
+        raw: RawRecord::from_value(&Value::String(
+            String::from_utf8_lossy(body).chars().take(2048).collect(),
+        )),
     })
 }
 

@@ -12,7 +12,7 @@
 use super::ecommerce::{self, NATIVE_PIPELINE, bad, currency, decimal, email, text_at, time};
 use super::{BadRecord, Connector, ConnectorError, Page, SyncContext, WebhookAction, WebhookEvent};
 use crate::config::ConnectionConfig;
-use crate::domain::SourceDeal;
+use crate::domain::{RawRecord, SourceDeal};
 use crate::pipeline::StageMapEntry;
 use crate::webhooks::signature::{DEFAULT_TOLERANCE, Scheme};
 use async_trait::async_trait;
@@ -153,7 +153,7 @@ impl GenericConnector {
                 deal.cart_keys.push(format!("ref:{reference}"));
             }
         }
-        deal.raw = payload.clone();
+        deal.raw = RawRecord::from_value(payload);
         Ok(deal)
     }
 }

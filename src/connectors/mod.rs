@@ -57,7 +57,15 @@ pub enum ConnectorError {
 pub struct BadRecord {
     pub external_id: Option<String>,
     pub reason: String,
-    pub raw: serde_json::Value,
+    /// The record as the source sent it.
+    pub raw: crate::domain::RawRecord,
+}
+
+impl BadRecord {
+    /// The same failure, about the record `raw`.
+    pub fn with_raw(self, raw: crate::domain::RawRecord) -> Self {
+        BadRecord { raw, ..self }
+    }
 }
 
 /// One page of records and where to continue.

@@ -18,7 +18,7 @@ use super::ecommerce::{
 };
 use super::{BadRecord, Connector, ConnectorError, Page, SyncContext, WebhookAction, WebhookEvent};
 use crate::config::{ConnectionConfig, Secret};
-use crate::domain::{DealStatus, SourceDeal};
+use crate::domain::{DealStatus, RawRecord, SourceDeal};
 use crate::pipeline::StageMapEntry;
 use crate::webhooks::signature::Scheme;
 use async_trait::async_trait;
@@ -203,7 +203,7 @@ fn cart(record: &Value, external_id: &str, stage: &str) -> Result<SourceDeal, Ba
     deal.created_at = time(record.get("created_at"));
     deal.updated_at = time(record.get("updated_at")).or(deal.created_at);
     deal.line_items = line_items(record.get("line_items"), "title", "price", money_currency);
-    deal.raw = record.clone();
+    deal.raw = RawRecord::from_value(record);
     Ok(deal)
 }
 

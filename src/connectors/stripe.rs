@@ -13,7 +13,7 @@ use super::ecommerce::{
 };
 use super::{BadRecord, Connector, ConnectorError, Page, SyncContext, WebhookAction, WebhookEvent};
 use crate::config::ConnectionConfig;
-use crate::domain::{LineItem, Money, SourceDeal};
+use crate::domain::{LineItem, Money, RawRecord, SourceDeal};
 use crate::pipeline::StageMapEntry;
 use crate::webhooks::signature::{DEFAULT_TOLERANCE, Scheme};
 use async_trait::async_trait;
@@ -108,7 +108,7 @@ pub fn parse_event(event: &Value) -> Result<Option<SourceDeal>, BadRecord> {
     if let Some(reference) = text(session, "client_reference_id") {
         deal.cart_keys.push(format!("ref:{reference}"));
     }
-    deal.raw = event.clone();
+    deal.raw = RawRecord::from_value(event);
     Ok(Some(deal))
 }
 

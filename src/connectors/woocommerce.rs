@@ -13,7 +13,7 @@ use super::ecommerce::{
 };
 use super::{BadRecord, Connector, ConnectorError, Page, SyncContext, WebhookAction, WebhookEvent};
 use crate::config::ConnectionConfig;
-use crate::domain::SourceDeal;
+use crate::domain::{RawRecord, SourceDeal};
 use crate::pipeline::StageMapEntry;
 use crate::webhooks::signature::Scheme;
 use async_trait::async_trait;
@@ -81,7 +81,7 @@ pub fn parse_order(order: &Value) -> Result<SourceDeal, BadRecord> {
     if deal.cart_keys.is_empty() {
         deal.cart_keys.push(format!("woocommerce:order:{id}"));
     }
-    deal.raw = order.clone();
+    deal.raw = RawRecord::from_value(order);
     Ok(deal)
 }
 

@@ -5,8 +5,10 @@
 //! are newtypes so a deal id cannot go where a stage key was meant.
 
 mod money;
+mod raw;
 
 pub use money::{Currency, Money, MoneyError};
+pub use raw::RawRecord;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -213,8 +215,9 @@ pub struct SourceDeal {
     pub deleted: bool,
     /// The source's status when it states won/lost independently of the stage.
     pub source_status: Option<DealStatus>,
-    /// The source's record, verbatim.
-    pub raw: serde_json::Value,
+    /// The source's record as the JSON text it sent (for a pull sync, the record's
+    /// bytes in the vendor's page, before any enrichment).
+    pub raw: RawRecord,
 }
 
 impl SourceDeal {
@@ -245,7 +248,7 @@ impl SourceDeal {
             cart_keys: Vec::new(),
             deleted: false,
             source_status: None,
-            raw: serde_json::Value::Null,
+            raw: RawRecord::null(),
         }
     }
 }

@@ -12,7 +12,8 @@ use serde::Serialize;
 pub struct Quarantined {
     pub external_id: Option<String>,
     pub error: String,
-    pub raw: serde_json::Value,
+    /// The record as the source sent it, stored as this text.
+    pub raw: crate::domain::RawRecord,
 }
 
 /// The last run of a connection, for status and metrics.
@@ -103,7 +104,7 @@ impl Store {
                         connection,
                         record.external_id,
                         record.error,
-                        record.raw.to_string(),
+                        record.raw.as_str(),
                         now
                     ],
                 )?;

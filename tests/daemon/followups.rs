@@ -101,7 +101,7 @@ async fn put_cart_with_raw(
     raw: serde_json::Value,
 ) -> i64 {
     let mut source = SourceDeal::new(id, format!("Cart {id}"), "checkouts", stage);
-    source.raw = raw;
+    source.raw = dealsync::domain::RawRecord::from_value(&raw);
     source.amount = Some(Money::new(30_700, Currency::parse("EUR").unwrap()));
     source.contact_email = EmailAddress::parse(email);
     source.contact_name = Some("Ada Lovelace".into());

@@ -1348,3 +1348,183 @@ async fn salesforce_fetch_one_reads_one_opportunity_with_its_contact_and_sees_it
         .unwrap_err();
     assert!(refused.to_string().contains("not a record id"), "{refused}");
 }
+
+/// A fictional CRM whose page is served as fixed text: records in the vendor's own
+/// key order and spacing, one record of the wrong shape, one with a bad amount, and
+/// the buyer's email from an enrichment.
+const RAW_MANIFEST: &str = r#"
+name = "rawcrm"
+base_url = "http://127.0.0.1:9"
+default_pipeline = "sales"
+
+[auth]
+kind = "bearer"
+
+[deals]
+modified = { path = "/modified_ms", type = "timestamp" }
+
+[deals.full]
+path = "/v1/opportunities"
+records = "/data/items"
+
+[[deals.enrich]]
+name = "buyer"
+ids = ["/buyer"]
+id = "/id"
+[deals.enrich.request]
+path = "/v1/buyers"
+records = "/buyers"
+query = { ids = "{ids}" }
+
+[deals.fields]
+external_id = "/ref"
+title = "/subject"
+amount = { path = "/worth", type = "decimal" }
+native_pipeline = { value = "main" }
+native_stage = "/phase"
+contact_email = "@buyer/mail"
+
+[default_mappings.main]
+intro = "sales.lead_qualification"
+offer = "sales.proposal"
+"#;
+
+#[tokio::test]
+async fn a_pull_sync_stores_each_record_as_the_vendor_sent_it_and_quarantines_a_bad_one_with_its_text()
+ {
+    use axum::extract::State;
+    use axum::routing::get;
+    use dealsync::sync::{self, ConnectionRuntime, SyncDeps};
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone)]
+    struct Vendor {
+        records: Arc<Mutex<Vec<String>>>,
+        buyer_mail: Arc<Mutex<String>>,
+    }
+    let first = r#"{ "subject":"Caf\u00e9 \"deal\"",  "ref" : "R-1", "phase":"intro", "worth":"12.50", "buyer": 7, "modified_ms": 1768212000001, "notes": {"b": [1, 2.0], "a": null} }"#;
+    let second = r#"{"ref":"R-2","subject":"Second","phase":"offer","worth":"3","modified_ms":1768212000002}"#;
+    let wrong_shape = r#"  "just a string"  "#.trim();
+    let bad_amount = r#"{"ref":"R-4","subject":"Bad","phase":"intro","worth":"twelve","modified_ms":1768212000003}"#;
+    let vendor = Vendor {
+        records: Arc::new(Mutex::new(
+            [first, second, wrong_shape, bad_amount]
+                .map(str::to_owned)
+                .to_vec(),
+        )),
+        buyer_mail: Arc::new(Mutex::new("ada@acme.example".into())),
+    };
+    async fn list(State(vendor): State<Vendor>) -> axum::response::Response {
+        use axum::response::IntoResponse;
+        let body = format!(
+            "{{\"data\": {{\"total\": 4, \"items\": [\n  {}\n]}}}}",
+            vendor.records.lock().unwrap().join(",\n  ")
+        );
+        ([("content-type", "application/json")], body).into_response()
+    }
+    async fn buyers(State(vendor): State<Vendor>) -> axum::Json<serde_json::Value> {
+        let mail = vendor.buyer_mail.lock().unwrap().clone();
+        axum::Json(serde_json::json!({"buyers": [{"id": 7, "mail": mail}]}))
+    }
+    let router = axum::Router::new()
+        .route("/v1/opportunities", get(list))
+        .route("/v1/buyers", get(buyers))
+        .with_state(vendor.clone());
+    let mock = crate::harness::vendors::serve(router).await;
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("connectors")).unwrap();
+    std::fs::write(dir.path().join("connectors/rawcrm.toml"), RAW_MANIFEST).unwrap();
+    let path = dir.path().join("dealsync.toml");
+    let text = format!(
+        "[storage]\npath = \"{dir}/raw.db\"\n\n[connectors]\ndir = \"{dir}/connectors\"\n\n[connections.raw]\nconnector = \"rawcrm\"\nbase_url = \"{url}\"\ntoken = \"t\"\n",
+        dir = dir.path().display(),
+        url = mock.url()
+    );
+    std::fs::write(&path, &text).unwrap();
+    let config =
+        dealsync::config::parse(&path, &text, &dealsync::config::interpolate::ProcessEnv).unwrap();
+    let runtime = ConnectionRuntime::build_all(&config).unwrap().remove(0);
+    let db_path = config.storage.path.clone();
+    let store = tokio::task::spawn_blocking(move || dealsync::store::Store::open(&db_path))
+        .await
+        .unwrap()
+        .unwrap();
+    store.ensure_connection("raw", "rawcrm").await.unwrap();
+    let deps = SyncDeps {
+        store,
+        metrics: Arc::new(dealsync::telemetry::Metrics::new()),
+        attention: None,
+    };
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let sync = || sync::run_once(&runtime, &deps, true, &shutdown, &|_| {});
+    let db = || rusqlite::Connection::open(&config.storage.path).unwrap();
+    let raw_of = |external_id: &str| -> String {
+        db().query_row(
+            "SELECT raw FROM deals WHERE external_id = ?1",
+            [external_id],
+            |row| row.get(0),
+        )
+        .unwrap()
+    };
+
+    let summary = sync().await.unwrap();
+    assert_eq!(
+        (summary.fetched, summary.created, summary.quarantined),
+        (4, 2, 2)
+    );
+    assert_eq!(
+        raw_of("R-1"),
+        first,
+        "the vendor's bytes, key order and spacing"
+    );
+    assert_eq!(raw_of("R-2"), second);
+    let (title, amount, email): (String, i64, String) = db()
+        .query_row(
+            "SELECT title, amount_minor, contact_email FROM deals WHERE external_id = 'R-1'",
+            [],
+            |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
+        )
+        .unwrap();
+    assert_eq!(
+        (title.as_str(), amount, email.as_str()),
+        ("Café \"deal\"", 1250, "ada@acme.example")
+    );
+    let quarantined: Vec<(Option<String>, String, String)> = db()
+        .prepare("SELECT external_id, error, raw FROM quarantine ORDER BY id")
+        .unwrap()
+        .query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(quarantined.len(), 2, "{quarantined:?}");
+    assert_eq!(quarantined[0].0, None);
+    assert!(
+        quarantined[0].1.contains("not a JSON object"),
+        "{quarantined:?}"
+    );
+    assert_eq!(quarantined[0].2, wrong_shape);
+    assert_eq!(quarantined[1].0.as_deref(), Some("R-4"));
+    assert!(quarantined[1].1.contains("amount"), "{quarantined:?}");
+    assert_eq!(quarantined[1].2, bad_amount);
+
+    // The same page again: nothing to write.
+    let summary = sync().await.unwrap();
+    assert_eq!((summary.unchanged, summary.updated), (2, 0));
+
+    // Only the enrichment changes (the records' text does not): R-1 is rewritten.
+    *vendor.buyer_mail.lock().unwrap() = "grace@acme.example".into();
+    let summary = sync().await.unwrap();
+    assert_eq!((summary.unchanged, summary.updated), (1, 1));
+    assert_eq!(raw_of("R-1"), first);
+
+    // Only an unmapped part of R-2's text changes: rewritten, with the new text.
+    let second_with_note = r#"{"ref":"R-2","subject":"Second","phase":"offer","worth":"3","modified_ms":1768212000002,"note":"x"}"#;
+    vendor.records.lock().unwrap()[1] = second_with_note.to_owned();
+    let summary = sync().await.unwrap();
+    assert_eq!(
+        (summary.unchanged, summary.updated, summary.stage_changes),
+        (1, 1, 0)
+    );
+    assert_eq!(raw_of("R-2"), second_with_note);
+}

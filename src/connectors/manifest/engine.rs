@@ -20,6 +20,7 @@
 
 use super::auth::{Authn, Credentials};
 use super::fields::{self, Scope, lookup, text_of};
+use super::records::{Plan, SplitError, SplitPage, split_page};
 use super::schema::{Enrich, FieldSpec, Manifest, Method, PaginationKind, Request, StageFields};
 use super::template::Vars;
 use crate::config::ConnectionConfig;
@@ -27,7 +28,8 @@ use crate::connectors::{
     BadRecord, Connector, ConnectorError, Page, SyncContext, WebhookAction, WebhookEvent,
 };
 use crate::domain::{
-    Currency, DealStatus, EmailAddress, Money, PipelineKey, SourceDeal, StageKey, StageRef,
+    Currency, DealStatus, EmailAddress, Money, PipelineKey, RawRecord, SourceDeal, StageKey,
+    StageRef,
 };
 use crate::pipeline::{MappingSource, NativePipeline, NativeStage, StageKind, StageMapEntry};
 use crate::vendor_http::{BudgetRules, Limits, VendorClient, VendorRequest};
@@ -135,6 +137,8 @@ pub struct ManifestConnector {
     bodies: HashMap<String, Value>,
     /// The connection sets its own request rate.
     own_rate: bool,
+    /// The record values the field mapping reads; list pages parse only these.
+    plan: Plan,
 }
 
 fn body_key(request: &Request) -> String {
@@ -159,6 +163,74 @@ fn collect_bodies(manifest: &Manifest) -> HashMap<String, Value> {
             ))
         })
         .collect()
+}
+
+/// The JSON pointers into a record that mapping a page's records reads: every field,
+/// the modification time, and the ids enrichments look up. Every field of [`Fields`]
+/// is named (no `..`), so a new field cannot be left out of the plan.
+///
+/// [`Fields`]: super::schema::Fields
+fn record_plan(manifest: &Manifest) -> Plan {
+    let super::schema::Fields {
+        external_id,
+        title,
+        amount,
+        currency,
+        native_pipeline,
+        native_stage,
+        contact_email,
+        contact_name,
+        owner,
+        owner_email,
+        created_at,
+        updated_at,
+        stage_changed_at,
+        expected_close,
+        deleted,
+        status,
+    } = &manifest.deals.fields;
+    let specs = [
+        Some(external_id),
+        Some(native_stage),
+        Some(&manifest.deals.modified),
+    ]
+    .into_iter()
+    .chain(
+        [
+            title,
+            amount,
+            currency,
+            native_pipeline,
+            contact_email,
+            contact_name,
+            owner,
+            owner_email,
+            created_at,
+            updated_at,
+            stage_changed_at,
+            expected_close,
+            deleted,
+            status,
+        ]
+        .into_iter()
+        .map(Option::as_ref),
+    )
+    .flatten();
+    let mut pointers: Vec<&str> = Vec::new();
+    for spec in specs {
+        match spec {
+            FieldSpec::Path(path) => pointers.push(path),
+            FieldSpec::Full(table) => {
+                pointers.extend(table.path.as_deref());
+                pointers.extend(table.paths.iter().map(String::as_str));
+            }
+        }
+    }
+    for step in &manifest.deals.enrich {
+        pointers.extend(step.ids.iter().map(String::as_str));
+    }
+    // Enrichment paths (`@name/…`) are not in the record; `Plan` leaves them out.
+    Plan::new(pointers)
 }
 
 fn setting_duration(
@@ -273,6 +345,7 @@ impl ManifestConnector {
             .clamp(1, max_page);
         Ok(ManifestConnector {
             own_rate,
+            plan: record_plan(&manifest),
             bodies: collect_bodies(&manifest),
             lookback: connection
                 .lookback
@@ -425,6 +498,20 @@ impl ManifestConnector {
         page: &Value,
         vars: &Vars,
     ) -> Result<(Value, reqwest::header::HeaderMap), CallError> {
+        let parse = |bytes: &[u8]| serde_json::from_slice::<Value>(bytes);
+        self.call_with(cx, request, page, vars, parse).await
+    }
+
+    /// [`Self::call`] with the body read by `parse`; a body `parse` finds is not JSON
+    /// (a truncated transfer) is read again, up to [`PARSE_ATTEMPTS`] times.
+    async fn call_with<T>(
+        &self,
+        cx: &SyncContext,
+        request: &Request,
+        page: &Value,
+        vars: &Vars,
+        parse: impl Fn(&[u8]) -> Result<T, serde_json::Error>,
+    ) -> Result<(T, reqwest::header::HeaderMap), CallError> {
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -454,7 +541,7 @@ impl ManifestConnector {
                     .collect();
                 return Err(CallError::Status(response.status, excerpt));
             }
-            match serde_json::from_slice::<Value>(&response.body) {
+            match parse(&response.body) {
                 Ok(body) => return Ok((body, response.headers)),
                 Err(error) if attempt < PARSE_ATTEMPTS => {
                     warn!(connection = %cx.connection, path = %request.path, %error, attempt, "vendor sent a page that is not JSON; reading it again");
@@ -577,12 +664,16 @@ impl ManifestConnector {
         enriched: &HashMap<String, Value>,
         force_deleted: bool,
     ) -> Result<SourceDeal, BadRecord> {
-        let mut deal = self.map_fields(record, enriched, force_deleted)?;
-        deal.raw = record.clone();
+        let raw = || RawRecord::from_value(record);
+        let mut deal = self
+            .map_fields(record, enriched, force_deleted)
+            .map_err(|bad| bad.with_raw(raw()))?;
+        deal.raw = raw();
         Ok(deal)
     }
 
-    /// The canonical fields of a record (`raw` left empty).
+    /// The canonical fields of a record (`raw` left empty; the caller sets it, on a
+    /// [`BadRecord`] too).
     fn map_fields(
         &self,
         record: &Value,
@@ -595,7 +686,7 @@ impl ManifestConnector {
         let bad = |reason: String| BadRecord {
             external_id: external_id.clone(),
             reason,
-            raw: record.clone(),
+            raw: RawRecord::null(),
         };
         if !record.is_object() {
             return Err(bad("the record is not a JSON object".into()));
@@ -666,16 +757,22 @@ impl ManifestConnector {
         Ok(deal)
     }
 
-    /// [`Self::to_deal`], keeping the record itself as the raw JSON.
-    fn to_deal_owned(
+    /// [`Self::to_deal`] for a record read from a list page: `record` is its parse
+    /// (pruned to the plan), `raw` its text as the vendor sent it, stored as it is.
+    fn to_deal_raw(
         &self,
-        record: Value,
+        record: &Value,
+        raw: RawRecord,
         enriched: &HashMap<String, Value>,
         force_deleted: bool,
     ) -> Result<SourceDeal, BadRecord> {
-        let mut deal = self.map_fields(&record, enriched, force_deleted)?;
-        deal.raw = record;
-        Ok(deal)
+        match self.map_fields(record, enriched, force_deleted) {
+            Ok(mut deal) => {
+                deal.raw = raw;
+                Ok(deal)
+            }
+            Err(bad) => Err(bad.with_raw(raw)),
+        }
     }
 
     fn modified_of(
@@ -1100,7 +1197,17 @@ impl Connector for ManifestConnector {
         let request = self.request_for(state.phase).clone();
         let page_size = self.page_size_of(&request);
         let vars = self.vars_for(&state, page_size);
-        let (body, headers) = match self.call(cx, &request, &state.page, &vars).await {
+        // The records are split out of the body as the vendor's text; each is parsed
+        // only as far as the mapping reads it (see `records`).
+        let split = |bytes: &[u8]| match split_page(bytes, &request.records) {
+            Ok(page) => Ok(Some(page)),
+            Err(SplitError::Json(error)) => Err(error),
+            Err(SplitError::NotAnArray) => Ok(None),
+        };
+        let answer = self
+            .call_with(cx, &request, &state.page, &vars, split)
+            .await;
+        let (split, headers) = match answer {
             Ok(answer) => answer,
             // A continuation the vendor no longer honours (an expired query locator):
             // restart the query at the last committed modification time.
@@ -1124,21 +1231,25 @@ impl Connector for ManifestConnector {
             }
             Err(error) => return Err(error.into_connector(&self.manifest.name, &request.path)),
         };
-        let mut body = body;
-        // The records are taken out of the body, so each deal keeps its raw JSON
-        // without a copy.
-        let owned: Vec<Value> = match body.pointer_mut(&request.records) {
-            Some(Value::Array(items)) => std::mem::take(items),
-            Some(Value::Null) | None => Vec::new(),
-            Some(object @ Value::Object(_)) if request.records.is_empty() => vec![object.take()],
-            Some(_) => {
-                return Err(self.bad(format!(
-                    "{}: {:?} is not an array of records",
-                    request.path, request.records
-                )));
-            }
+        let Some(SplitPage {
+            body,
+            records: raw_records,
+        }) = split
+        else {
+            return Err(self.bad(format!(
+                "{}: {:?} is not an array of records",
+                request.path, request.records
+            )));
         };
-        let records: Vec<&Value> = owned.iter().collect();
+        let parsed: Vec<Result<Value, serde_json::Error>> = raw_records
+            .iter()
+            .map(|raw| self.plan.prune(raw.as_str()))
+            .collect();
+        let unreadable = Value::Null;
+        let records: Vec<&Value> = parsed
+            .iter()
+            .map(|record| record.as_ref().unwrap_or(&unreadable))
+            .collect();
         let count = records.len();
         let enriched = self.enrich(cx, state.phase.name(), &records).await?;
         let force_deleted = state.phase == Phase::Deletes;
@@ -1147,11 +1258,22 @@ impl Connector for ManifestConnector {
         let mut hw = state.hw;
         let mut hw_ids = std::mem::take(&mut state.hw_ids);
         drop(records);
-        for (record, extra) in owned.into_iter().zip(&enriched) {
-            let modified = self.modified_of(&record, extra);
+        for ((raw, record), extra) in raw_records.into_iter().zip(&parsed).zip(&enriched) {
+            let record = match record {
+                Ok(record) => record,
+                Err(error) => {
+                    out.push(Err(BadRecord {
+                        external_id: None,
+                        reason: format!("the record cannot be read: {error}"),
+                        raw,
+                    }));
+                    continue;
+                }
+            };
+            let modified = self.modified_of(record, extra);
             let id = fields::string(
                 &self.manifest.deals.fields.external_id,
-                &Scope::new(&record, extra),
+                &Scope::new(record, extra),
             )
             .ok()
             .flatten();
@@ -1173,7 +1295,7 @@ impl Connector for ManifestConnector {
                     }
                 }
             }
-            out.push(self.to_deal_owned(record, extra, force_deleted));
+            out.push(self.to_deal_raw(record, raw, extra, force_deleted));
         }
         state.hw = hw;
         state.hw_ids = hw_ids;
@@ -1231,7 +1353,7 @@ impl Connector for ManifestConnector {
         let bad = |reason: String, raw: Value| BadRecord {
             external_id: None,
             reason,
-            raw,
+            raw: RawRecord::from_value(&raw),
         };
         let Some(spec) = &self.manifest.webhooks else {
             return Ok(Vec::new());

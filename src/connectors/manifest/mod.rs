@@ -10,6 +10,7 @@
 pub mod auth;
 pub mod engine;
 pub mod fields;
+pub mod records;
 pub mod schema;
 pub mod template;
 
