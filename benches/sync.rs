@@ -195,7 +195,7 @@ fn main() {
         let summary = sync::run_once(&connection, &deps, false, &shutdown, &|_| {}).await.expect("incremental");
         let search = 200u64;
         println!(
-            "incremental cycle: k = {changed} changed, {} read (changes plus the lookback overlap), {} requests; ⌈k / {search}⌉ = {} search pages, each with one association and one contact batch read",
+            "incremental cycle: k = {changed} changed, {} read (changes plus the lookback overlap), {} requests; ⌈k / {search}⌉ = {} search pages, each with one association and two contact batch reads (at most 100 ids each)",
             summary.fetched,
             summary.requests,
             changed.div_ceil(search)

@@ -207,7 +207,7 @@ impl ConnectionRuntime {
 }
 
 /// Pages read ahead of the commit in progress.
-const READ_AHEAD: usize = 4;
+const READ_AHEAD: usize = 8;
 /// Records stored in one transaction at most when read pages queue up for the store.
 const MAX_BATCH_RECORDS: usize = 1_000;
 
