@@ -1038,6 +1038,16 @@ fn native_stage(record: &Value, spec: &StageFields) -> Option<NativeStage> {
     })
 }
 
+/// A page body split at `pointer` (see [`split_page`]): `Err` for a body that is not
+/// JSON (read again), `Ok(None)` when the value there is not a list of records.
+fn split_records(body: &[u8], pointer: &str) -> Result<Option<SplitPage>, serde_json::Error> {
+    match split_page(body, pointer) {
+        Ok(page) => Ok(Some(page)),
+        Err(SplitError::Json(error)) => Err(error),
+        Err(SplitError::NotAnArray) => Ok(None),
+    }
+}
+
 /// The `rel="next"` URL of a `Link` header.
 fn next_link(header: &str) -> Option<String> {
     header.split(',').find_map(|part| {
@@ -1199,11 +1209,7 @@ impl Connector for ManifestConnector {
         let vars = self.vars_for(&state, page_size);
         // The records are split out of the body as the vendor's text; each is parsed
         // only as far as the mapping reads it (see `records`).
-        let split = |bytes: &[u8]| match split_page(bytes, &request.records) {
-            Ok(page) => Ok(Some(page)),
-            Err(SplitError::Json(error)) => Err(error),
-            Err(SplitError::NotAnArray) => Ok(None),
-        };
+        let split = |bytes: &[u8]| split_records(bytes, &request.records);
         let answer = self
             .call_with(cx, &request, &state.page, &vars, split)
             .await;
@@ -1445,17 +1451,31 @@ impl Connector for ManifestConnector {
         let mut vars = Vars::default();
         vars.set("id", json!(external_id))
             .set("page_size", json!(1));
-        let body = match self.call(cx, request, &Value::Null, &vars).await {
-            Ok((body, _)) => body,
+        // Read like a list page, so the stored text is the vendor's here too.
+        let split = |bytes: &[u8]| split_records(bytes, &request.records);
+        let page = match self
+            .call_with(cx, request, &Value::Null, &vars, split)
+            .await
+        {
+            Ok((Some(page), _)) => page,
+            Ok((None, _)) => {
+                return Err(self.bad(format!(
+                    "{}: {:?} is not a record or an array of records",
+                    request.path, request.records
+                )));
+            }
             Err(CallError::Status(404, _)) => return Ok(None),
             Err(error) => return Err(error.into_connector(&self.manifest.name, &request.path)),
         };
-        let records = self.records(&body, request)?;
-        let Some(record) = records.first() else {
+        let Some(raw) = page.records.into_iter().next() else {
             return Ok(None);
         };
-        let enriched = self.enrich(cx, "one", &records[..1]).await?;
-        self.to_deal(record, &enriched[0], false)
+        let record = self
+            .plan
+            .prune(raw.as_str())
+            .map_err(|error| self.bad(format!("record {external_id}: {error}")))?;
+        let enriched = self.enrich(cx, "one", &[&record]).await?;
+        self.to_deal_raw(&record, raw, &enriched[0], false)
             .map(Some)
             .map_err(|bad| self.bad(format!("record {}: {}", external_id, bad.reason)))
     }
@@ -1483,6 +1503,100 @@ impl ManifestConnector {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The connector of a connection to `connector` with static credentials.
+    fn connector(connector: &str, credentials: &str) -> ManifestConnector {
+        let text = format!("[connections.c]\nconnector = \"{connector}\"\n{credentials}\n");
+        let config = crate::config::parse(
+            std::path::Path::new("t.toml"),
+            &text,
+            &crate::config::interpolate::ProcessEnv,
+        )
+        .unwrap();
+        let catalog = super::super::Catalog::load(None).unwrap();
+        ManifestConnector::new(catalog.get(connector).unwrap(), &config.connections[0]).unwrap()
+    }
+
+    fn fixture(path: &str) -> Vec<u8> {
+        std::fs::read(format!(
+            "{}/tests/fixtures/{path}",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn every_built_in_manifest_maps_the_pruned_record_exactly_like_the_whole_record() {
+        let salesforce = "[connections.c.oauth]\nclient_id = \"x\"\nclient_secret = \"y\"\nrefresh_token = \"z\"";
+        for (kind, credentials, pages) in [
+            (
+                "hubspot",
+                "token = \"t\"",
+                &[
+                    "hubspot/deals-list-page.json",
+                    "hubspot/deals-list-last-page.json",
+                    "hubspot/deals-search-response.json",
+                ][..],
+            ),
+            (
+                "pipedrive",
+                "token = \"t\"",
+                &[
+                    "pipedrive/deals-v2-page.json",
+                    "pipedrive/deals-v2-last-page.json",
+                ][..],
+            ),
+            (
+                "salesforce",
+                salesforce,
+                &[
+                    "salesforce/query-opportunities-page1.json",
+                    "salesforce/query-opportunities-page2.json",
+                ][..],
+            ),
+        ] {
+            let connector = connector(kind, credentials);
+            let records = &connector.manifest.deals.full.records;
+            let mut mapped = 0;
+            for page in pages {
+                let split = split_page(&fixture(page), records).unwrap();
+                assert!(!split.records.is_empty(), "{page}");
+                let body: Value = serde_json::from_slice(&fixture(page)).unwrap();
+                let whole = lookup(&body, records).and_then(Value::as_array).unwrap();
+                assert_eq!(whole.len(), split.records.len(), "{page}");
+                for (raw, whole) in split.records.iter().zip(whole) {
+                    assert_eq!(&raw.to_value(), whole, "{page}: the raw text is the record");
+                    let pruned = connector.plan.prune(raw.as_str()).unwrap();
+                    // No enrichment: `@` fields read as absent on both sides alike.
+                    let none = HashMap::new();
+                    let from_pruned = connector.map_fields(&pruned, &none, false);
+                    let from_whole = connector.map_fields(whole, &none, false);
+                    match (from_pruned, from_whole) {
+                        (Ok(a), Ok(b)) => {
+                            assert_eq!(a, b, "{page}");
+                            mapped += 1;
+                        }
+                        (Err(a), Err(b)) => assert_eq!(
+                            (a.external_id, a.reason),
+                            (b.external_id, b.reason),
+                            "{page}"
+                        ),
+                        (a, b) => panic!("{page}: {a:?} against {b:?}"),
+                    }
+                    assert_eq!(
+                        connector.modified_of(&pruned, &none),
+                        connector.modified_of(whole, &none)
+                    );
+                    for step in &connector.manifest.deals.enrich {
+                        for path in step.ids.iter().filter(|path| path.starts_with('/')) {
+                            assert_eq!(lookup(&pruned, path), lookup(whole, path), "{page} {path}");
+                        }
+                    }
+                }
+            }
+            assert!(mapped > 0, "{kind}: no record mapped");
+        }
+    }
 
     #[test]
     fn the_next_link_is_read_from_a_link_header() {
