@@ -331,6 +331,23 @@ fn report(name: &str, outcome: &Outcome, process_cpu: f64) {
     );
 }
 
+/// Waits until the worker has processed every pending row; fails as soon as it makes no
+/// progress for 30 s. Polled through the writer's counter: a query per poll would
+/// compete with the worker.
+async fn drain(store: &dealsync::store::Store) -> anyhow::Result<()> {
+    let mut last = (store.inbox_pending(), Instant::now());
+    while store.inbox_pending() > 0 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let pending = store.inbox_pending();
+        if pending < last.0 {
+            last = (pending, Instant::now());
+        } else if last.1.elapsed() > Duration::from_secs(30) {
+            bail!("the inbox worker made no progress for 30 s with {pending} rows pending");
+        }
+    }
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
@@ -378,9 +395,7 @@ async fn main() -> anyhow::Result<()> {
     // Let the worker catch up so the fixed-rate run starts from a quiet machine.
     // Polled through the writer's counter: a query per poll would compete with the worker.
     let catch_up = Instant::now();
-    while state.store.inbox_pending() > 0 && catch_up.elapsed() < Duration::from_secs(600) {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    drain(&state.store).await?;
     let counts = state.store.inbox_counts().await?;
     println!(
         "worker: {} processed, {} failed, {} pending {:.1} s after the load stopped",
@@ -424,10 +439,8 @@ async fn main() -> anyhow::Result<()> {
 
     // Every accepted delivery is in the inbox once and, once processed, one deal.
     let accepted = saturation.ok + fixed.ok;
-    let deadline = Instant::now() + Duration::from_secs(600);
-    while state.store.inbox_pending() > 0 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    drain(&state.store).await?;
+    let deadline = Instant::now() + Duration::from_secs(60);
     let (counts, deals) = loop {
         let counts = state.store.inbox_counts().await?;
         let deals: i64 = rusqlite::Connection::open(&db_path)?.query_row(

@@ -18,11 +18,13 @@
 //! - WAL checkpoints run on a checkpointer thread with its own connection, woken every
 //!   [`CHECKPOINT_EVERY_PAGES`] WAL pages, so copying pages into the database file and
 //!   its fsync stay off the writer. Past [`WAL_LIMIT_PAGES`] the writer checkpoints once
-//!   itself (most frames are copied already), so the next transaction starts the WAL
-//!   over and it cannot grow without bound under sustained writes. Durability is that
-//!   of the commit (WAL, `synchronous`), not of the checkpoint.
+//!   itself after a background pass, so the next transaction starts the WAL over and it
+//!   cannot grow without bound under sustained writes (`checkpoint`, shared with the
+//!   inbox). Durability is that of the commit (WAL, `synchronous`), not of the
+//!   checkpoint.
 
 mod carts;
+mod checkpoint;
 mod deals;
 mod digests;
 mod inbox;
@@ -53,9 +55,8 @@ pub use tokens::StoredToken;
 
 use chrono::{DateTime, TimeZone, Utc};
 use rusqlite::Connection;
-use std::cell::Cell;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -115,59 +116,11 @@ const CHECKPOINT_EVERY_PAGES: i32 = if cfg!(test) { 64 } else { 4_096 };
 /// WAL pages at which the writer checkpoints itself, so the WAL can start over.
 const WAL_LIMIT_PAGES: i32 = 4 * CHECKPOINT_EVERY_PAGES;
 
-thread_local! {
-    /// The WAL's size in pages after the last commit of the writer connection on this
-    /// thread; set by its WAL hook, taken by `Store::write` right after the commit
-    /// (same thread: the hook runs inside the commit).
-    static WAL_PAGES: Cell<i32> = const { Cell::new(-1) };
-}
-
-/// The writer's WAL hook: notes the WAL's size. Replaces SQLite's automatic checkpoint.
-fn note_wal_pages(_wal: &rusqlite::hooks::Wal, pages: std::ffi::c_int) -> rusqlite::Result<()> {
-    WAL_PAGES.with(|cell| cell.set(pages));
-    Ok(())
-}
-
-/// Wakes the checkpointer thread as the WAL grows.
-struct Checkpoints {
-    wake: std::sync::mpsc::SyncSender<()>,
-    /// The WAL's size in pages when the checkpointer was last woken.
-    woken_at: AtomicI32,
-}
-
-impl Checkpoints {
-    /// Called by the writer after each commit with the WAL's size in pages.
-    fn after_commit(&self, writer: &Connection, pages: i32) {
-        let woken_at = self.woken_at.load(Ordering::Relaxed);
-        if pages < woken_at {
-            // The WAL started over.
-            self.woken_at.store(0, Ordering::Relaxed);
-        } else if pages - woken_at >= CHECKPOINT_EVERY_PAGES {
-            self.woken_at.store(pages, Ordering::Relaxed);
-            // Already woken and not yet started: nothing to add.
-            let _ = self.wake.try_send(());
-        }
-        if pages >= WAL_LIMIT_PAGES {
-            // Under sustained writes the background checkpoints never catch up with
-            // the writer, so the WAL cannot start over; finishing one here (no write
-            // can be in progress) lets the next transaction reset it. BUSY means the
-            // checkpointer is running: the next commit tries again.
-            if let Err(error) = writer.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-                tracing::debug!(%error, "writer checkpoint skipped");
-            }
-        }
-    }
-}
-
-/// The checkpointer thread: a PASSIVE checkpoint each time the writer wakes it. PASSIVE
-/// never waits for the writer or readers; it copies what it can. Ends with the store.
-fn run_checkpointer(db: Connection, wake: std::sync::mpsc::Receiver<()>) {
-    while wake.recv().is_ok() {
-        if let Err(error) = db.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-            tracing::warn!(%error, "checkpointing the database failed");
-        }
-    }
-}
+/// The deal database's checkpoints (see `checkpoint`).
+const WAL_POLICY: checkpoint::WalPolicy = checkpoint::WalPolicy {
+    checkpoint_every: CHECKPOINT_EVERY_PAGES,
+    limit: WAL_LIMIT_PAGES,
+};
 
 struct Inner {
     path: PathBuf,
@@ -181,7 +134,7 @@ struct Inner {
     stage_changed: Arc<AtomicBool>,
     /// Bumped after such a transaction commits; see `Store::stage_changes`.
     stage_changes: tokio::sync::watch::Sender<u64>,
-    checkpoints: Checkpoints,
+    checkpoints: checkpoint::Checkpoints,
 }
 
 /// A handle to the database; cheap to clone.
@@ -217,15 +170,6 @@ fn configure(connection: &Connection) -> Result<()> {
     // NORMAL is durable across process crashes in WAL mode; a power loss may drop
     // the last transactions but never corrupts. `storage.synchronous` may raise it.
     connection.pragma_update(None, "synchronous", "NORMAL")?;
-    // No automatic checkpoint in the writer's commits: the checkpointer thread does it
-    // (see `Checkpoints`; the WAL hook set in `Store::open` replaces SQLite's). The WAL
-    // file is cut back to the limit when it starts over.
-    connection.pragma_update(None, "wal_autocheckpoint", 0)?;
-    connection.pragma_update(
-        None,
-        "journal_size_limit",
-        i64::from(WAL_LIMIT_PAGES) * 4096,
-    )?;
     connection.pragma_update(None, "foreign_keys", "ON")?;
     Ok(())
 }
@@ -255,13 +199,15 @@ impl Store {
                 }
             },
         ));
-        writer.wal_hook(Some(note_wal_pages));
-        let checkpointer = open_connection(path)?;
-        let (wake, woken) = std::sync::mpsc::sync_channel(1);
-        std::thread::Builder::new()
-            .name("dealsync-db-ckpt".into())
-            .spawn(move || run_checkpointer(checkpointer, woken))
-            .map_err(|error| StoreError::Task(format!("starting the checkpointer: {error}")))?;
+        // No automatic checkpoint in the writer's commits: the checkpointer thread does it.
+        checkpoint::install(&writer, WAL_POLICY)?;
+        let checkpoints = checkpoint::Checkpoints::start(
+            open_connection(path)?,
+            WAL_POLICY,
+            "dealsync-db-ckpt",
+            "the database",
+        )
+        .map_err(|error| StoreError::Task(format!("starting the checkpointer: {error}")))?;
         let inbox = inbox::Inbox::open(&inbox::inbox_path(path))?;
         Ok(Store {
             inner: Arc::new(Inner {
@@ -271,10 +217,7 @@ impl Store {
                 inbox,
                 stage_changed,
                 stage_changes: tokio::sync::watch::Sender::new(0),
-                checkpoints: Checkpoints {
-                    wake,
-                    woken_at: AtomicI32::new(0),
-                },
+                checkpoints,
             }),
         })
     }
@@ -297,13 +240,9 @@ impl Store {
                 .map_err(|_| StoreError::Task("writer lock poisoned".into()))?;
             let tx =
                 connection.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-            WAL_PAGES.with(|cell| cell.set(-1));
             let value = f(&tx)?;
             tx.commit()?;
-            let pages = WAL_PAGES.with(|cell| cell.replace(-1));
-            if pages >= 0 {
-                inner.checkpoints.after_commit(&connection, pages);
-            }
+            inner.checkpoints.after_commit(&connection);
             // Set by the update hook during `f` (or an earlier transaction that rolled
             // back: a harmless extra wake-up). Read only after the commit, so a
             // subscriber never looks for a change that is not visible yet.

@@ -499,9 +499,14 @@ async fn pending_inbox_rows_left_by_a_stopped_daemon_are_processed_after_a_resta
                 "r@example.com",
             );
             db.execute(
-                "INSERT INTO webhook_inbox (connection, delivery_id, topic, received_at, headers, body)
-                 VALUES ('shop', ?1, 'checkouts/create', 0, '[]', ?2)",
-                rusqlite::params![format!("left-{n}"), body],
+                "INSERT INTO webhook_inbox (connection, delivery_id, topic, received_at)
+                 VALUES ('shop', ?1, 'checkouts/create', 0)",
+                [format!("left-{n}")],
+            )
+            .unwrap();
+            db.execute(
+                "INSERT INTO webhook_bodies (id, headers, body) VALUES (?1, '[]', ?2)",
+                rusqlite::params![db.last_insert_rowid(), body],
             )
             .unwrap();
         }

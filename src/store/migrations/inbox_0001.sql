@@ -2,15 +2,15 @@
 -- that committing deliveries never waits for deal writes (and the reverse). Times are
 -- UTC milliseconds since the epoch.
 
--- One row per verified delivery. States: pending -> processed | failed.
+-- One row per verified delivery. States: pending -> processed | failed. The headers
+-- and body live in `webhook_bodies`, so that settling a row rewrites this small row and
+-- not the pages of a 2-4 KB body (half the WAL traffic per delivery).
 CREATE TABLE webhook_inbox (
     id              INTEGER PRIMARY KEY,
     connection      TEXT NOT NULL,
     delivery_id     TEXT NOT NULL,
     topic           TEXT,
     received_at     INTEGER NOT NULL,
-    headers         TEXT NOT NULL,
-    body            BLOB NOT NULL,
     state           TEXT NOT NULL DEFAULT 'pending',
     attempts        INTEGER NOT NULL DEFAULT 0,
     next_attempt_at INTEGER,
@@ -26,6 +26,14 @@ CREATE INDEX webhook_inbox_retrying ON webhook_inbox (next_attempt_at)
 -- Pruning by age once settled, and counting by state without reading the bodies.
 CREATE INDEX webhook_inbox_settled ON webhook_inbox (state, processed_at)
     WHERE state <> 'pending';
+
+-- The delivery as received, one row per `webhook_inbox` row (same id), written once
+-- with it and deleted with it.
+CREATE TABLE webhook_bodies (
+    id      INTEGER PRIMARY KEY,
+    headers TEXT NOT NULL,
+    body    BLOB NOT NULL
+);
 
 -- Authentic deliveries whose body could not be parsed, kept for inspection.
 CREATE TABLE webhook_dead_letters (
