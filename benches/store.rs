@@ -92,6 +92,7 @@ async fn pass(
                 "deals",
                 batch,
                 vec![],
+                vec![],
                 Some(serde_json::json!({"after": start})),
             )
             .await?;

@@ -184,6 +184,19 @@ fn main() {
         println!("  stored: {rows} deals, {distinct} distinct ids, {history} history rows");
         assert_eq!((rows, distinct, history), (deals as i64, deals as i64, deals as i64), "every deal once, one history row each");
 
+        let by_path = |hubspot: &HubSpot| {
+            let faults = hubspot.faults();
+            [
+                ("list", "/crm/v3/objects/deals?"),
+                ("search", "/crm/v3/objects/deals/search"),
+                ("association", "/crm/v4/associations/deals/contacts/batch/read"),
+                ("contact", "/crm/v3/objects/contacts/batch/read"),
+            ]
+            .map(|(name, path)| (name, faults.count(path)))
+        };
+        let before = by_path(&hubspot);
+        println!("  requests by kind: {before:?}");
+
         // 2. One incremental cycle after `changed` deals changed.
         let now = chrono::Utc::now().timestamp_millis();
         for id in (1..=deals).step_by((deals / changed).max(1) as usize).take(changed as usize) {
@@ -195,11 +208,18 @@ fn main() {
         let summary = sync::run_once(&connection, &deps, false, &shutdown, &|_| {}).await.expect("incremental");
         let search = 200u64;
         println!(
-            "incremental cycle: k = {changed} changed, {} read (changes plus the lookback overlap), {} requests; ⌈k / {search}⌉ = {} search pages, each with one association and two contact batch reads (at most 100 ids each)",
+            "incremental cycle: k = {changed} changed, {} read (changes plus the lookback overlap), {} requests; ⌈k / {search}⌉ = {} search pages, each with one association batch read (contacts read in the last day come from the store)",
             summary.fetched,
             summary.requests,
             changed.div_ceil(search)
         );
+        let after = by_path(&hubspot);
+        let cycle: Vec<(&str, usize)> = after
+            .iter()
+            .zip(&before)
+            .map(|((name, total), (_, earlier))| (*name, total - earlier))
+            .collect();
+        println!("  requests by kind: {cycle:?}");
         drop(hubspot);
 
         // 3. Against HubSpot's burst limit.
@@ -220,8 +240,9 @@ fn main() {
         let started = Instant::now();
         let summary = sync::run_once(&connection, &deps, true, &shutdown, &|_| {}).await.expect("rate-limited sync");
         let elapsed = started.elapsed().as_secs_f64();
-        // The floor of the requests this sync needs (a list page of 100 plus a contact
-        // batch read per 100 deals), and the floor assuming one request per 200.
+        // The floor of the requests this sync made (a list page per 100 deals, plus a
+        // contact batch read per 100 contacts not read before in this run), and the
+        // issue's floor assuming one request per 200 deals.
         let floor = summary.requests as f64 / 19.0;
         let ideal = limited_deals as f64 / 200.0 / 19.0;
         println!(

@@ -80,6 +80,8 @@ pub struct Page {
     pub requests: u64,
     /// Of those, answers of 429 Too Many Requests.
     pub rate_limited: u64,
+    /// Enrichment records to keep for later reads; committed with the page.
+    pub cache: Vec<crate::store::CachedRecord>,
 }
 
 impl Page {
@@ -91,6 +93,7 @@ impl Page {
             done: true,
             requests: 0,
             rate_limited: 0,
+            cache: Vec::new(),
         }
     }
 }

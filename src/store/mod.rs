@@ -50,7 +50,7 @@ pub use report::{
     OutboxCount, OutboxEntry, OutboxFilter, ReportScope, StageValue, StallCutoff, StalledCount,
 };
 pub use suppression::Suppression;
-pub use sync::{Quarantined, SyncRunRecord};
+pub use sync::{CachedRecord, Quarantined, SyncRunRecord};
 pub use tokens::StoredToken;
 
 use chrono::{DateTime, TimeZone, Utc};

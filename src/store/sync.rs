@@ -1,4 +1,5 @@
-//! Sync bookkeeping: cursors, runs, quarantined records, discovered native pipelines.
+//! Sync bookkeeping: cursors, runs, quarantined records, discovered native pipelines,
+//! and the records enrichments keep (`enrichment_cache`).
 
 use super::deals::{DealUpsert, UpsertOutcome, upsert_all};
 use super::{Result, Store, StoreError, from_ms, to_ms};
@@ -14,6 +15,15 @@ pub struct Quarantined {
     pub error: String,
     /// The record as the source sent it, stored as this text.
     pub raw: crate::domain::RawRecord,
+}
+
+/// A record an enrichment read, to keep for later reads (see `enrichment_cache`).
+#[derive(Debug, Clone)]
+pub struct CachedRecord {
+    /// The enrichment's name in the manifest.
+    pub step: String,
+    pub id: String,
+    pub record: crate::domain::RawRecord,
 }
 
 /// The last run of a connection, for status and metrics.
@@ -80,7 +90,8 @@ impl Store {
         .await
     }
 
-    /// Commits one page: its deals, its quarantined records and the cursor after it.
+    /// Commits one page: its deals, its quarantined records, the enrichment records it
+    /// keeps (`enrichment_cache`) and the cursor after it.
     ///
     /// Invariant: all of it commits in this one transaction. A crash before the commit
     /// replays the page from the previous cursor, and the upsert makes the replay a no-op.
@@ -90,12 +101,30 @@ impl Store {
         stream: &str,
         upserts: Vec<DealUpsert>,
         quarantined: Vec<Quarantined>,
+        cache: Vec<CachedRecord>,
         cursor: Option<serde_json::Value>,
     ) -> Result<UpsertOutcome> {
         let (connection, stream) = (connection.to_owned(), stream.to_owned());
         self.write(move |tx| {
             let outcome = upsert_all(tx, upserts)?;
             let now = to_ms(Utc::now());
+            if !cache.is_empty() {
+                let mut statement = tx.prepare_cached(
+                    "INSERT INTO enrichment_cache (connection, step, id, record, fetched_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5)
+                     ON CONFLICT (connection, step, id) DO UPDATE
+                       SET record = excluded.record, fetched_at = excluded.fetched_at",
+                )?;
+                for entry in &cache {
+                    statement.execute(params![
+                        connection,
+                        entry.step,
+                        entry.id,
+                        entry.record.as_str(),
+                        now
+                    ])?;
+                }
+            }
             for record in &quarantined {
                 tx.execute(
                     "INSERT INTO quarantine (connection, external_id, error, raw, at)
@@ -119,6 +148,35 @@ impl Store {
                 )?;
             }
             Ok(outcome)
+        })
+        .await
+    }
+
+    /// The records kept for an enrichment of a connection among `ids`, by id, that were
+    /// read at or after `fresh_since`.
+    pub async fn cached_enrichments(
+        &self,
+        connection: &str,
+        step: &str,
+        ids: Vec<String>,
+        fresh_since: DateTime<Utc>,
+    ) -> Result<Vec<(String, String)>> {
+        let (connection, step) = (connection.to_owned(), step.to_owned());
+        self.read(move |db| {
+            let ids = serde_json::to_string(&ids)
+                .map_err(|error| StoreError::Corrupt(error.to_string()))?;
+            // Walks the ids and looks each up on the primary key (`CROSS JOIN` keeps
+            // that order).
+            let mut statement = db.prepare_cached(
+                "SELECT c.id, c.record FROM json_each(?3) AS j CROSS JOIN enrichment_cache AS c
+                 WHERE c.connection = ?1 AND c.step = ?2 AND c.id = j.value
+                   AND c.fetched_at >= ?4",
+            )?;
+            let rows = statement
+                .query_map(params![connection, step, ids, to_ms(fresh_since)], |row| {
+                    Ok((row.get(0)?, row.get(1)?))
+                })?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
         })
         .await
     }
@@ -270,7 +328,14 @@ mod tests {
         let (_dir, store) = temp_store();
         assert_eq!(store.cursor("crm", "deals").await.unwrap(), None);
         store
-            .commit_page("crm", "deals", vec![], vec![], Some(json!({"after": "10"})))
+            .commit_page(
+                "crm",
+                "deals",
+                vec![],
+                vec![],
+                vec![],
+                Some(json!({"after": "10"})),
+            )
             .await
             .unwrap();
         assert_eq!(

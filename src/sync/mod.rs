@@ -11,7 +11,7 @@ use crate::config::{Config, ConfigError, ConnectionConfig};
 use crate::connectors::{Connector, ConnectorError, Registry, SyncContext};
 use crate::domain::{ChangeCause, DealStatus, SourceDeal, StageRef};
 use crate::pipeline::{Pipelines, StageMap};
-use crate::store::{DealUpsert, Quarantined, Store, StoreError, UpsertOutcome};
+use crate::store::{CachedRecord, DealUpsert, Quarantined, Store, StoreError, UpsertOutcome};
 use crate::telemetry::{Metrics, RecordLabels, RunLabels};
 use chrono::Utc;
 use rand::Rng;
@@ -215,6 +215,8 @@ const MAX_BATCH_RECORDS: usize = 1_000;
 struct ReadPage {
     upserts: Vec<DealUpsert>,
     quarantined: Vec<Quarantined>,
+    /// Enrichment records to keep, committed with the deals.
+    cache: Vec<CachedRecord>,
     /// The cursor after the last page in here.
     next: serde_json::Value,
     done: bool,
@@ -244,6 +246,7 @@ impl ReadPage {
         ReadPage {
             upserts: runtime.upserts(records, ChangeCause::Poll),
             quarantined,
+            cache: page.cache,
             next: page.next,
             done: page.done,
             pages: 1,
@@ -260,6 +263,7 @@ impl ReadPage {
     fn absorb(&mut self, later: ReadPage) {
         self.upserts.extend(later.upserts);
         self.quarantined.extend(later.quarantined);
+        self.cache.extend(later.cache);
         self.next = later.next;
         self.done = later.done;
         self.pages += later.pages;
@@ -473,6 +477,7 @@ async fn run_pages(
                         DEALS_STREAM,
                         batch.upserts,
                         batch.quarantined,
+                        batch.cache,
                         Some(batch.next),
                     )
                     .await?;

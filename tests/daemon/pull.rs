@@ -1394,7 +1394,7 @@ async fn a_pull_sync_stores_each_record_as_the_vendor_sent_it_and_quarantines_a_
  {
     use axum::extract::State;
     use axum::routing::get;
-    use dealsync::sync::{self, ConnectionRuntime, SyncDeps};
+    use dealsync::sync;
     use std::sync::{Arc, Mutex};
 
     #[derive(Clone)]
@@ -1435,30 +1435,18 @@ async fn a_pull_sync_stores_each_record_as_the_vendor_sent_it_and_quarantines_a_
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir(dir.path().join("connectors")).unwrap();
     std::fs::write(dir.path().join("connectors/rawcrm.toml"), RAW_MANIFEST).unwrap();
-    let path = dir.path().join("dealsync.toml");
-    let text = format!(
-        "[storage]\npath = \"{dir}/raw.db\"\n\n[connectors]\ndir = \"{dir}/connectors\"\n\n[connections.raw]\nconnector = \"rawcrm\"\nbase_url = \"{url}\"\ntoken = \"t\"\n",
-        dir = dir.path().display(),
-        url = mock.url()
-    );
-    std::fs::write(&path, &text).unwrap();
-    let config =
-        dealsync::config::parse(&path, &text, &dealsync::config::interpolate::ProcessEnv).unwrap();
-    let runtime = ConnectionRuntime::build_all(&config).unwrap().remove(0);
-    let db_path = config.storage.path.clone();
-    let store = tokio::task::spawn_blocking(move || dealsync::store::Store::open(&db_path))
-        .await
-        .unwrap()
-        .unwrap();
-    store.ensure_connection("raw", "rawcrm").await.unwrap();
-    let deps = SyncDeps {
-        store,
-        metrics: Arc::new(dealsync::telemetry::Metrics::new()),
-        attention: None,
-    };
+    let (runtime, deps) = in_process(
+        dir.path(),
+        &format!(
+            "[connectors]\ndir = \"{}/connectors\"\n\n[connections.raw]\nconnector = \"rawcrm\"\nbase_url = \"{}\"\ntoken = \"t\"\n",
+            dir.path().display(),
+            mock.url()
+        ),
+    )
+    .await;
     let shutdown = tokio_util::sync::CancellationToken::new();
     let sync = || sync::run_once(&runtime, &deps, true, &shutdown, &|_| {});
-    let db = || rusqlite::Connection::open(&config.storage.path).unwrap();
+    let db = || rusqlite::Connection::open(dir.path().join("sync.db")).unwrap();
     let raw_of = |external_id: &str| -> String {
         db().query_row(
             "SELECT raw FROM deals WHERE external_id = ?1",
@@ -1527,4 +1515,132 @@ async fn a_pull_sync_stores_each_record_as_the_vendor_sent_it_and_quarantines_a_
         (1, 1, 0)
     );
     assert_eq!(raw_of("R-2"), second_with_note);
+}
+
+/// A connection's runtime and sync dependencies built in-process from `toml`, with its
+/// database in `dir`.
+async fn in_process(
+    dir: &std::path::Path,
+    toml: &str,
+) -> (
+    std::sync::Arc<dealsync::sync::ConnectionRuntime>,
+    dealsync::sync::SyncDeps,
+) {
+    let path = dir.join("dealsync.toml");
+    let text = format!("[storage]\npath = \"{}/sync.db\"\n{toml}", dir.display());
+    std::fs::write(&path, &text).unwrap();
+    let config =
+        dealsync::config::parse(&path, &text, &dealsync::config::interpolate::ProcessEnv).unwrap();
+    let runtime = dealsync::sync::ConnectionRuntime::build_all(&config)
+        .unwrap()
+        .remove(0);
+    let db_path = config.storage.path.clone();
+    let store = tokio::task::spawn_blocking(move || dealsync::store::Store::open(&db_path))
+        .await
+        .unwrap()
+        .unwrap();
+    store
+        .ensure_connection(runtime.name(), runtime.connector.kind())
+        .await
+        .unwrap();
+    let deps = dealsync::sync::SyncDeps {
+        store,
+        metrics: std::sync::Arc::new(dealsync::telemetry::Metrics::new()),
+        attention: None,
+    };
+    (runtime, deps)
+}
+
+#[tokio::test]
+async fn hubspot_contacts_are_read_once_per_full_sync_and_incremental_reads_take_fresh_ones_from_the_store()
+ {
+    use dealsync::sync::run_once;
+    let hubspot = HubSpot::start("pat-test", None).await;
+    let base = now_ms() - 3_600_000;
+    hubspot.put_contact(501, "ada@acme.example", "Ada", "Lovelace");
+    hubspot.put_contact(502, "grace@globex.example", "Grace", "Hopper");
+    for i in 0..6u64 {
+        let mut deal = HsDeal::new(
+            1001 + i,
+            &format!("Deal {i}"),
+            "appointmentscheduled",
+            base + i as i64 * 1000,
+        );
+        deal.contact = Some(if i < 5 { 501 } else { 502 });
+        hubspot.put(deal);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (runtime, deps) = in_process(
+        dir.path(),
+        &hubspot_connection("hs", &hubspot.url(), "")
+            .replace("lookback = \"1s\"", "lookback = \"1m\""),
+    )
+    .await;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let contact_reads = || {
+        hubspot
+            .faults()
+            .count("/crm/v3/objects/contacts/batch/read")
+    };
+    let db = || rusqlite::Connection::open(dir.path().join("sync.db")).unwrap();
+    let emails = || -> Vec<Option<String>> {
+        db().prepare("SELECT contact_email FROM deals ORDER BY external_id")
+            .unwrap()
+            .query_map([], |row| row.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    };
+    let ada = Some("ada@acme.example".to_owned());
+
+    // Three pages of two: contact 501 is read with the first page only, 502 with the last.
+    let full = run_once(&runtime, &deps, true, &shutdown, &|_| {})
+        .await
+        .unwrap();
+    assert_eq!(full.fetched, 6);
+    assert_eq!(contact_reads(), 2, "each contact read once in a full sync");
+    assert_eq!(emails()[..5], vec![ada.clone(); 5][..]);
+    assert_eq!(emails()[5].as_deref(), Some("grace@globex.example"));
+
+    // The contact's email changes and a deal changes: the incremental read takes the
+    // contact from the store (read minutes ago), so the deal keeps the old email.
+    hubspot.put_contact(501, "ada@analytical.example", "Ada", "Lovelace");
+    hubspot.update(1001, |deal| {
+        deal.stage = "qualifiedtobuy".into();
+        deal.modified_ms = now_ms();
+    });
+    let incremental = run_once(&runtime, &deps, false, &shutdown, &|_| {})
+        .await
+        .unwrap();
+    assert!(incremental.updated >= 1, "{incremental:?}");
+    assert_eq!(contact_reads(), 2, "no contact read again while fresh");
+    assert_eq!(
+        emails()[0],
+        ada,
+        "the kept email, until it is older than a day"
+    );
+
+    // Kept records older than the manifest's 24 hours are read again.
+    db().execute(
+        "UPDATE enrichment_cache SET fetched_at = fetched_at - 25 * 3600 * 1000",
+        [],
+    )
+    .unwrap();
+    hubspot.update(1001, |deal| deal.modified_ms = now_ms());
+    run_once(&runtime, &deps, false, &shutdown, &|_| {})
+        .await
+        .unwrap();
+    assert_eq!(contact_reads(), 3);
+    assert_eq!(emails()[0].as_deref(), Some("ada@analytical.example"));
+
+    // A full sync reads every contact again and updates every deal of it.
+    hubspot.put_contact(501, "ada@engine.example", "Ada", "Lovelace");
+    run_once(&runtime, &deps, true, &shutdown, &|_| {})
+        .await
+        .unwrap();
+    assert_eq!(contact_reads(), 5);
+    assert_eq!(
+        emails()[..5],
+        vec![Some("ada@engine.example".to_owned()); 5][..]
+    );
 }

@@ -32,6 +32,7 @@ use crate::domain::{
     StageRef,
 };
 use crate::pipeline::{MappingSource, NativePipeline, NativeStage, StageKind, StageMapEntry};
+use crate::store::CachedRecord;
 use crate::vendor_http::{BudgetRules, Limits, VendorClient, VendorRequest};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -139,6 +140,52 @@ pub struct ManifestConnector {
     own_rate: bool,
     /// The record values the field mapping reads; list pages parse only these.
     plan: Plan,
+    /// Enrichment records requested lately (see [`Recent`]).
+    recent: std::sync::Mutex<Recent>,
+}
+
+/// Enrichment records kept in memory, at most this many.
+const RECENT_RECORDS: usize = 4_096;
+
+/// The enrichment records this connector requested lately, by (enrichment, id), with
+/// when: the pages the sync reads ahead of the store have not committed theirs yet, so
+/// the store alone would miss them and the same record would be requested again by
+/// each page read before that commit. The oldest go first past [`RECENT_RECORDS`];
+/// a record missing here is only requested again.
+#[derive(Default)]
+struct Recent {
+    records: HashMap<(String, String), (DateTime<Utc>, Value)>,
+    order: std::collections::VecDeque<(String, String)>,
+}
+
+impl ManifestConnector {
+    fn forget_recent(&self) {
+        if let Ok(mut recent) = self.recent.lock() {
+            *recent = Recent::default();
+        }
+    }
+}
+
+impl Recent {
+    fn get(&self, step: &str, id: &str, fresh_since: DateTime<Utc>) -> Option<&Value> {
+        // The key is built to look up; a page has at most a few hundred ids.
+        self.records
+            .get(&(step.to_owned(), id.to_owned()))
+            .filter(|(at, _)| *at >= fresh_since)
+            .map(|(_, record)| record)
+    }
+
+    fn put(&mut self, step: &str, id: &str, at: DateTime<Utc>, record: Value) {
+        let key = (step.to_owned(), id.to_owned());
+        if self.records.insert(key.clone(), (at, record)).is_none() {
+            self.order.push_back(key);
+        }
+        while self.order.len() > RECENT_RECORDS {
+            if let Some(oldest) = self.order.pop_front() {
+                self.records.remove(&oldest);
+            }
+        }
+    }
 }
 
 fn body_key(request: &Request) -> String {
@@ -346,6 +393,7 @@ impl ManifestConnector {
         Ok(ManifestConnector {
             own_rate,
             plan: record_plan(&manifest),
+            recent: std::sync::Mutex::new(Recent::default()),
             bodies: collect_bodies(&manifest),
             lookback: connection
                 .lookback
@@ -588,21 +636,58 @@ impl ManifestConnector {
         }
     }
 
-    /// Runs the enrichments for a page's records.
+    /// Runs the enrichments for a page's records. With `cache` (a page read, whose
+    /// page commits what goes in it), enrichments that keep their records take the
+    /// fresh ones from the store instead of requesting them, and put what they
+    /// request into `cache`.
     async fn enrich(
         &self,
         cx: &SyncContext,
         read: &str,
         records: &[&Value],
+        mut cache: Option<EnrichCache<'_>>,
     ) -> Result<Vec<HashMap<String, Value>>, ConnectorError> {
         let mut per_record: Vec<HashMap<String, Value>> = vec![HashMap::new(); records.len()];
         for step in &self.manifest.deals.enrich {
             if !step.only.is_empty() && !step.only.iter().any(|only| only == read) {
                 continue;
             }
-            self.enrich_step(cx, step, records, &mut per_record).await?;
+            self.enrich_step(cx, step, records, &mut per_record, cache.as_mut())
+                .await?;
         }
         Ok(per_record)
+    }
+
+    /// The records of `step` kept in the store for `ids` that are still fresh.
+    async fn cached(
+        &self,
+        cx: &SyncContext,
+        step: &Enrich,
+        ids: &[String],
+        fresh_since: DateTime<Utc>,
+    ) -> HashMap<String, Value> {
+        let Some(store) = &cx.store else {
+            return HashMap::new();
+        };
+        let rows = match store
+            .cached_enrichments(
+                cx.connection.as_str(),
+                &step.name,
+                ids.to_vec(),
+                fresh_since,
+            )
+            .await
+        {
+            Ok(rows) => rows,
+            Err(error) => {
+                // Only a cost: every id is requested from the vendor.
+                warn!(connection = %cx.connection, enrichment = %step.name, %error, "reading kept enrichment records failed; requesting them all");
+                return HashMap::new();
+            }
+        };
+        rows.into_iter()
+            .filter_map(|(id, text)| Some((id, serde_json::from_str(&text).ok()?)))
+            .collect()
     }
 
     async fn enrich_step(
@@ -611,6 +696,7 @@ impl ManifestConnector {
         step: &Enrich,
         records: &[&Value],
         per_record: &mut [HashMap<String, Value>],
+        mut cache: Option<&mut EnrichCache<'_>>,
     ) -> Result<(), ConnectorError> {
         let keys: Vec<Option<String>> = records
             .iter()
@@ -629,7 +715,30 @@ impl ManifestConnector {
                 unique.push(key.clone());
             }
         }
+        let keep = step.cache.is_some() && cache.is_some();
         let mut found: HashMap<String, Value> = HashMap::new();
+        if let (Some(ttl), Some(cache)) = (step.cache, cache.as_deref()) {
+            // A full read takes only what this run read already, so it reads every
+            // record once; other reads take what is younger than the manifest's `cache`.
+            let fresh_since = match cache.run_started {
+                Some(started) => started,
+                None => Utc::now() - chrono::Duration::from_std(ttl.0).unwrap_or_default(),
+            };
+            // A std mutex: a short section without an await.
+            if let Ok(recent) = self.recent.lock() {
+                for id in &unique {
+                    if let Some(record) = recent.get(&step.name, id, fresh_since) {
+                        found.insert(id.clone(), record.clone());
+                    }
+                }
+            }
+            unique.retain(|id| !found.contains_key(id));
+            if !unique.is_empty() {
+                let stored = self.cached(cx, step, &unique, fresh_since).await;
+                unique.retain(|id| !stored.contains_key(id));
+                found.extend(stored);
+            }
+        }
         for chunk in unique.chunks(step.batch.unwrap_or(100).max(1)) {
             let mut vars = Vars::default();
             vars.set("ids", json!(chunk.join(",")))
@@ -645,6 +754,16 @@ impl ManifestConnector {
                 .map_err(|e| e.into_connector(&self.manifest.name, &step.request.path))?;
             for item in self.take_records(body, &step.request)? {
                 if let Some(id) = lookup(&item, &step.id).and_then(text_of) {
+                    if keep && let Some(cache) = cache.as_deref_mut() {
+                        cache.kept.push(CachedRecord {
+                            step: step.name.clone(),
+                            id: id.clone(),
+                            record: RawRecord::from_value(&item),
+                        });
+                        if let Ok(mut recent) = self.recent.lock() {
+                            recent.put(&step.name, &id, Utc::now(), item.clone());
+                        }
+                    }
                     found.insert(id, item);
                 }
             }
@@ -1065,6 +1184,15 @@ fn next_link(header: &str) -> Option<String> {
     })
 }
 
+/// How a page read uses the enrichments' kept records (`cache` in the manifest).
+struct EnrichCache<'a> {
+    /// A full read's start: it takes only records read since. `None`: take what is
+    /// younger than the enrichment's `cache` duration.
+    run_started: Option<DateTime<Utc>>,
+    /// Records requested for this page, to keep; committed with the page.
+    kept: &'a mut Vec<CachedRecord>,
+}
+
 /// A call's failure: an HTTP status the caller may interpret, or a connector error.
 enum CallError {
     Status(u16, String),
@@ -1177,6 +1305,11 @@ impl Connector for ManifestConnector {
         cursor: Option<&Value>,
     ) -> Result<Page, ConnectorError> {
         let now = Utc::now();
+        if cursor.is_none_or(|value| value.get("phase") == Some(&json!("idle"))) {
+            // A run begins: what earlier runs requested is in the store by now, and
+            // is taken from there by the same freshness rule.
+            self.forget_recent();
+        }
         let mut state = match cursor {
             None => CursorState::start(Phase::Full, now),
             Some(value) => match serde_json::from_value::<CursorState>(value.clone()) {
@@ -1233,6 +1366,7 @@ impl Connector for ManifestConnector {
                     done: false,
                     requests,
                     rate_limited,
+                    cache: Vec::new(),
                 });
             }
             Err(error) => return Err(error.into_connector(&self.manifest.name, &request.path)),
@@ -1257,7 +1391,14 @@ impl Connector for ManifestConnector {
             .map(|record| record.as_ref().unwrap_or(&unreadable))
             .collect();
         let count = records.len();
-        let enriched = self.enrich(cx, state.phase.name(), &records).await?;
+        let mut kept = Vec::new();
+        let cache = EnrichCache {
+            run_started: state.run_started.filter(|_| state.phase == Phase::Full),
+            kept: &mut kept,
+        };
+        let enriched = self
+            .enrich(cx, state.phase.name(), &records, Some(cache))
+            .await?;
         let force_deleted = state.phase == Phase::Deletes;
         let skip: HashSet<&str> = state.skip_ids.iter().map(String::as_str).collect();
         let mut out = Vec::with_capacity(count);
@@ -1336,6 +1477,7 @@ impl Connector for ManifestConnector {
             done,
             requests,
             rate_limited,
+            cache: kept,
         })
     }
 
@@ -1474,7 +1616,8 @@ impl Connector for ManifestConnector {
             .plan
             .prune(raw.as_str())
             .map_err(|error| self.bad(format!("record {external_id}: {error}")))?;
-        let enriched = self.enrich(cx, "one", &[&record]).await?;
+        // A record read on its own (a webhook's refetch) reads its enrichments fresh.
+        let enriched = self.enrich(cx, "one", &[&record], None).await?;
         self.to_deal_raw(&record, raw, &enriched[0], false)
             .map(Some)
             .map_err(|bad| self.bad(format!("record {}: {}", external_id, bad.reason)))

@@ -270,6 +270,10 @@ pub struct Enrich {
     pub only: Vec<String>,
     /// Largest number of ids per request (default 100).
     pub batch: Option<usize>,
+    /// Keeps each record this enrichment read, per id, for this long: incremental and
+    /// deletes reads then request only the ids without a fresh record. A full read
+    /// requests every id and refreshes what is kept. Off when absent.
+    pub cache: Option<ConfigDuration>,
     pub request: Request,
 }
 

@@ -105,6 +105,18 @@ CREATE TABLE quarantine (
     at          INTEGER NOT NULL
 );
 
+-- Records a pull connector's enrichment read (a HubSpot contact), per id, kept while
+-- fresh so later incremental reads need not request them again (`cache` of an
+-- enrichment in the manifest). Written with the page that read them.
+CREATE TABLE enrichment_cache (
+    connection TEXT NOT NULL,
+    step       TEXT NOT NULL,
+    id         TEXT NOT NULL,
+    record     TEXT NOT NULL,
+    fetched_at INTEGER NOT NULL,
+    PRIMARY KEY (connection, step, id)
+) WITHOUT ROWID;
+
 -- The webhook inbox and its dead letters live in their own file (inbox_0001.sql).
 
 -- Follow-up emails and expiries: one row per (deal, rule, step), created when the deal

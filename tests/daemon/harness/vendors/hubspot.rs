@@ -422,6 +422,11 @@ async fn associations(
     if let Some(limited) = over_burst(&state) {
         return limited;
     }
+    // HubSpot rejects association batch reads of more than 1,000 ids (developer
+    // changelog, "Batch Read Limit for HubSpot Associations API", 2025-02-10).
+    if let Some(refused) = too_many_inputs(&request, 1_000) {
+        return refused;
+    }
     let deals = state.deals.lock().unwrap();
     let results: Vec<Value> = request["inputs"]
         .as_array()
@@ -436,6 +441,18 @@ async fn associations(
     Json(json!({"status": "COMPLETE", "results": results})).into_response()
 }
 
+/// A 400 like HubSpot's for a batch request with more than `max` inputs.
+fn too_many_inputs(request: &Value, max: usize) -> Option<Response> {
+    let count = request["inputs"].as_array().map_or(0, Vec::len);
+    (count > max).then(|| {
+        (
+            axum::http::StatusCode::BAD_REQUEST,
+            Json(json!({"status": "error", "category": "VALIDATION_ERROR", "message": format!("a batch takes at most {max} inputs, got {count}")})),
+        )
+            .into_response()
+    })
+}
+
 async fn contacts(
     State(state): State<Arc<HsState>>,
     headers: HeaderMap,
@@ -446,6 +463,10 @@ async fn contacts(
     }
     if let Some(limited) = over_burst(&state) {
         return limited;
+    }
+    // Object batch reads take at most 100 ids.
+    if let Some(refused) = too_many_inputs(&request, 100) {
+        return refused;
     }
     let contacts = state.contacts.lock().unwrap();
     let results: Vec<Value> = request["inputs"]
