@@ -39,7 +39,8 @@ pub use carts::{CartOutcome, CartRules};
 pub use deals::{DealFilter, DealUpsert, StageCount, UnmappedStage, UpsertOutcome};
 pub use digests::{AssembleOutcome, DigestClaim, DigestFinish, DigestRow, DigestWatch};
 pub use inbox::{
-    EnqueueError, Enqueued, InboxCounts, InboxOp, InboxRow, NewWebhook, Settlement, inbox_path,
+    EnqueueError, Enqueued, InboxCounts, InboxOp, InboxRow, MAX_PENDING, NewWebhook, Settlement,
+    inbox_path,
 };
 pub use migrations::SCHEMA_VERSION;
 pub use outbox::{

@@ -524,6 +524,63 @@ async fn pending_inbox_rows_left_by_a_stopped_daemon_are_processed_after_a_resta
 }
 
 #[tokio::test]
+async fn a_full_inbox_answers_503_with_retry_after_and_stores_nothing() {
+    let mut daemon = TestDaemon::start(&shopify("shop", "1h")).await;
+    daemon.signal("TERM");
+    daemon.wait_exit(Duration::from_secs(10)).await;
+    // The inbox at its limit: unprocessed rows of a connection whose first row waits
+    // for a retry an hour away, so the worker leaves them all pending.
+    let limit = dealsync::store::MAX_PENDING as i64;
+    db(&daemon)
+        .execute_batch(&format!(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {limit})
+             INSERT INTO webhook_inbox (connection, delivery_id, topic, received_at, attempts, next_attempt_at)
+             SELECT 'held', 'held-' || i, 'checkouts/create', 0, CASE i WHEN 1 THEN 1 ELSE 0 END,
+                    CASE i WHEN 1 THEN (unixepoch() + 3600) * 1000 END
+             FROM n;
+             INSERT INTO webhook_bodies (id, headers, body) SELECT id, '[]', '{{}}' FROM webhook_inbox;"
+        ))
+        .unwrap();
+    daemon.start_again().await;
+    let before = written(&daemon);
+
+    let body = checkout("tok-full", "2026-01-01T10:00:00Z", "full@example.com");
+    let response = daemon
+        .http
+        .post(daemon.url("/webhooks/shop"))
+        .headers(shopify_headers(
+            SHOP_SECRET,
+            "checkouts/create",
+            "d-full",
+            &body,
+        ))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 503);
+    let retry_after: u64 = response.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(retry_after > 0, "Retry-After: {retry_after}");
+    assert_eq!(
+        written(&daemon),
+        before,
+        "nothing stored, nothing dead-lettered"
+    );
+    assert_eq!(
+        count(
+            &daemon,
+            "SELECT count(*) FROM webhook_inbox WHERE delivery_id = 'd-full'"
+        ),
+        0
+    );
+}
+
+#[tokio::test]
 async fn every_webhook_answered_2xx_survives_a_sigkill_during_a_load() {
     let mut daemon = TestDaemon::start(&shopify("shop", "1h")).await;
     let url = daemon.url("/webhooks/shop");
