@@ -208,7 +208,7 @@ fn main() {
         let summary = sync::run_once(&connection, &deps, false, &shutdown, &|_| {}).await.expect("incremental");
         let search = 200u64;
         println!(
-            "incremental cycle: k = {changed} changed, {} read (changes plus the lookback overlap), {} requests; ⌈k / {search}⌉ = {} search pages, each with one association batch read (contacts read in the last day come from the store)",
+            "incremental cycle: k = {changed} changed, {} read (changes plus the lookback overlap), {} requests; ⌈k / {search}⌉ = {} search pages; one association batch read per 1,000 deals read (contacts read in the last day come from the store)",
             summary.fetched,
             summary.requests,
             changed.div_ceil(search)

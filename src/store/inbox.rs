@@ -318,9 +318,8 @@ impl Inbox {
 }
 
 /// The writer thread: one transaction per drained batch. It ends when every sender is
-/// gone (the store was dropped).
-/// After each commit the writer lets `checkpoints` wake the checkpointer or finish a
-/// checkpoint itself.
+/// gone (the store was dropped). After each commit it lets `checkpoints` wake the
+/// checkpointer or finish a checkpoint itself.
 fn run_writer(
     mut db: Connection,
     mut receiver: mpsc::Receiver<Command>,

@@ -185,6 +185,15 @@ async fn hubspot_search_restarts_at_the_last_modification_time_before_the_10000_
     );
     let failed = daemon.count("SELECT count(*) FROM sync_runs WHERE status = 'failed'");
     assert_eq!(failed, 0, "{}", daemon.logs());
+    // Five search pages of 200 are gathered before one association batch read of 1,000.
+    let searches = hubspot.faults().count("/crm/v3/objects/deals/search");
+    let associations = hubspot
+        .faults()
+        .count("/crm/v4/associations/deals/contacts/batch/read");
+    assert!(
+        searches >= 51 && associations * 3 <= searches,
+        "{associations} association reads for {searches} search pages"
+    );
 }
 
 #[tokio::test]

@@ -1339,137 +1339,142 @@ impl Connector for ManifestConnector {
         }
         let request = self.request_for(state.phase).clone();
         let page_size = self.page_size_of(&request);
-        let vars = self.vars_for(&state, page_size);
-        // The records are split out of the body as the vendor's text; each is parsed
-        // only as far as the mapping reads it (see `records`).
-        let split = |bytes: &[u8]| split_records(bytes, &request.records);
-        let answer = self
-            .call_with(cx, &request, &state.page, &vars, split)
-            .await;
-        let (split, headers) = match answer {
-            Ok(answer) => answer,
-            // A continuation the vendor no longer honours (an expired query locator):
-            // restart the query at the last committed modification time.
-            Err(CallError::Status(status, excerpt))
-                if (400..500).contains(&status)
-                    && status != 429
-                    && !state.page.is_null()
-                    && state.phase == Phase::Incremental
-                    && state.hw.is_some() =>
-            {
-                warn!(connection = %cx.connection, status, %excerpt, "the vendor refused the next-page token; restarting the query at the last modification time read");
-                self.rewindow(&mut state);
-                let (requests, rate_limited) = self.client.take_counts();
-                return Ok(Page {
-                    records: Vec::new(),
-                    next: serde_json::to_value(&state).expect("cursor serializes"),
-                    done: false,
-                    requests,
-                    rate_limited,
-                    cache: Vec::new(),
-                });
+        // What the enrichments and the mapping need to know of the read, taken before a
+        // finished phase moves the cursor on.
+        let phase = state.phase;
+        let run_started = state.run_started;
+        // With `gather`, vendor pages are read until that many records are in hand, so a
+        // batch enrichment that takes more ids than a page holds runs once for several
+        // pages (HubSpot: one association read per five search pages). They commit
+        // together, with the cursor after the last of them.
+        let gather = request.gather.map_or(0, |records| records as usize);
+        let skip: HashSet<String> = state.skip_ids.iter().cloned().collect();
+        let since = state.since;
+        let no_enrichment = HashMap::new();
+        let mut raw_records: Vec<RawRecord> = Vec::new();
+        let mut parsed: Vec<Result<Value, serde_json::Error>> = Vec::new();
+        let done = loop {
+            let vars = self.vars_for(&state, page_size);
+            // The records are split out of the body as the vendor's text; each is parsed
+            // only as far as the mapping reads it (see `records`).
+            let split = |bytes: &[u8]| split_records(bytes, &request.records);
+            let answer = self
+                .call_with(cx, &request, &state.page, &vars, split)
+                .await;
+            let (split, headers) = match answer {
+                Ok(answer) => answer,
+                // A continuation the vendor no longer honours (an expired query locator):
+                // restart the query at the last modification time read.
+                Err(CallError::Status(status, excerpt))
+                    if (400..500).contains(&status)
+                        && status != 429
+                        && !state.page.is_null()
+                        && state.phase == Phase::Incremental
+                        && state.hw.is_some() =>
+                {
+                    warn!(connection = %cx.connection, status, %excerpt, "the vendor refused the next-page token; restarting the query at the last modification time read");
+                    self.rewindow(&mut state);
+                    break false;
+                }
+                Err(error) => return Err(error.into_connector(&self.manifest.name, &request.path)),
+            };
+            let Some(SplitPage {
+                body,
+                records: page_records,
+            }) = split
+            else {
+                return Err(self.bad(format!(
+                    "{}: {:?} is not an array of records",
+                    request.path, request.records
+                )));
+            };
+            let count = page_records.len();
+            for raw in page_records {
+                let record = self.plan.prune(raw.as_str());
+                if let Ok(record) = &record {
+                    // The cursor's fields come from the record itself (the manifest's
+                    // check refuses an enrichment there), so the restart bookkeeping is
+                    // done page by page, before the next page is asked for.
+                    let scope = Scope::new(record, &no_enrichment);
+                    let modified = self.modified_of(record, &no_enrichment);
+                    let id = fields::string(&self.manifest.deals.fields.external_id, &scope)
+                        .ok()
+                        .flatten();
+                    if let (Some(at), Some(id)) = (modified, id.as_deref())
+                        && Some(at) == since
+                        && skip.contains(id)
+                    {
+                        continue;
+                    }
+                    if phase != Phase::Deletes
+                        && let Some(at) = modified
+                    {
+                        match state.hw {
+                            Some(current) if at < current => {}
+                            Some(current) if at == current => state.hw_ids.extend(id),
+                            _ => {
+                                state.hw = Some(at);
+                                state.hw_ids = id.into_iter().collect();
+                            }
+                        }
+                    }
+                }
+                raw_records.push(raw);
+                parsed.push(record);
             }
-            Err(error) => return Err(error.into_connector(&self.manifest.name, &request.path)),
+            state.seen += count as u64;
+            let next = self.next_page(&request, &body, &headers, &state.page, count, page_size);
+            match next {
+                Some(next) if next != state.page => {
+                    let capped = request
+                        .max_results
+                        .is_some_and(|max| state.seen + u64::from(page_size) > max);
+                    if capped && state.phase == Phase::Incremental {
+                        if state.hw.is_none()
+                            || state.hw == state.since && !state.skip_ids.is_empty()
+                        {
+                            return Err(self.bad(format!(
+                                "more than {} records share the modification time {:?}; the query cannot be paged",
+                                request.max_results.unwrap_or_default(),
+                                state.hw
+                            )));
+                        }
+                        info!(connection = %cx.connection, seen = state.seen, "search result cap near; restarting the query at the last modification time read");
+                        self.rewindow(&mut state);
+                        break false;
+                    }
+                    state.page = next;
+                    if raw_records.len() + page_size as usize > gather {
+                        break false;
+                    }
+                }
+                _ => break self.finish_phase(&mut state, now),
+            }
         };
-        let Some(SplitPage {
-            body,
-            records: raw_records,
-        }) = split
-        else {
-            return Err(self.bad(format!(
-                "{}: {:?} is not an array of records",
-                request.path, request.records
-            )));
-        };
-        let parsed: Vec<Result<Value, serde_json::Error>> = raw_records
-            .iter()
-            .map(|raw| self.plan.prune(raw.as_str()))
-            .collect();
         let unreadable = Value::Null;
         let records: Vec<&Value> = parsed
             .iter()
             .map(|record| record.as_ref().unwrap_or(&unreadable))
             .collect();
-        let count = records.len();
         let mut kept = Vec::new();
         let cache = EnrichCache {
-            run_started: state.run_started.filter(|_| state.phase == Phase::Full),
+            run_started: run_started.filter(|_| phase == Phase::Full),
             kept: &mut kept,
         };
-        let enriched = self
-            .enrich(cx, state.phase.name(), &records, Some(cache))
-            .await?;
-        let force_deleted = state.phase == Phase::Deletes;
-        let skip: HashSet<&str> = state.skip_ids.iter().map(String::as_str).collect();
-        let mut out = Vec::with_capacity(count);
-        let mut hw = state.hw;
-        let mut hw_ids = std::mem::take(&mut state.hw_ids);
+        let enriched = self.enrich(cx, phase.name(), &records, Some(cache)).await?;
         drop(records);
+        let force_deleted = phase == Phase::Deletes;
+        let mut out = Vec::with_capacity(raw_records.len());
         for ((raw, record), extra) in raw_records.into_iter().zip(&parsed).zip(&enriched) {
-            let record = match record {
-                Ok(record) => record,
-                Err(error) => {
-                    out.push(Err(BadRecord {
-                        external_id: None,
-                        reason: format!("the record cannot be read: {error}"),
-                        raw,
-                    }));
-                    continue;
-                }
-            };
-            let modified = self.modified_of(record, extra);
-            let id = fields::string(
-                &self.manifest.deals.fields.external_id,
-                &Scope::new(record, extra),
-            )
-            .ok()
-            .flatten();
-            if let (Some(at), Some(id)) = (modified, id.as_deref())
-                && Some(at) == state.since
-                && skip.contains(id)
-            {
-                continue;
-            }
-            if state.phase != Phase::Deletes
-                && let Some(at) = modified
-            {
-                match hw {
-                    Some(current) if at < current => {}
-                    Some(current) if at == current => hw_ids.extend(id.clone()),
-                    _ => {
-                        hw = Some(at);
-                        hw_ids = id.clone().into_iter().collect();
-                    }
-                }
-            }
-            out.push(self.to_deal_raw(record, raw, extra, force_deleted));
+            out.push(match record {
+                Ok(record) => self.to_deal_raw(record, raw, extra, force_deleted),
+                Err(error) => Err(BadRecord {
+                    external_id: None,
+                    reason: format!("the record cannot be read: {error}"),
+                    raw,
+                }),
+            });
         }
-        state.hw = hw;
-        state.hw_ids = hw_ids;
-        state.seen += count as u64;
-        let next = self.next_page(&request, &body, &headers, &state.page, count, page_size);
-        let done = match next {
-            Some(next) if next != state.page => {
-                let capped = request
-                    .max_results
-                    .is_some_and(|max| state.seen + u64::from(page_size) > max);
-                if capped && state.phase == Phase::Incremental {
-                    if state.hw.is_none() || state.hw == state.since && !state.skip_ids.is_empty() {
-                        return Err(self.bad(format!(
-                            "more than {} records share the modification time {:?}; the query cannot be paged",
-                            request.max_results.unwrap_or_default(),
-                            state.hw
-                        )));
-                    }
-                    info!(connection = %cx.connection, seen = state.seen, "search result cap near; restarting the query at the last modification time read");
-                    self.rewindow(&mut state);
-                } else {
-                    state.page = next;
-                }
-                false
-            }
-            _ => self.finish_phase(&mut state, now),
-        };
         let (requests, rate_limited) = self.client.take_counts();
         Ok(Page {
             records: out,

@@ -378,6 +378,23 @@ pub fn validate(manifest: &Manifest, report: &mut dyn FnMut(&str, String)) {
         &enrichments,
         report,
     );
+    // The read's cursor (modification time and id) is kept page by page, before the
+    // enrichments of the pages run: both come from the record itself.
+    for (key, spec) in [
+        ("deals.modified", &deals.modified),
+        ("deals.fields.external_id", &f.external_id),
+    ] {
+        let paths: Vec<&String> = match spec {
+            FieldSpec::Path(path) => vec![path],
+            FieldSpec::Full(table) => table.path.iter().chain(&table.paths).collect(),
+        };
+        if paths.iter().any(|path| path.starts_with('@')) {
+            report(
+                key,
+                "must be read from the record itself, not from an enrichment".into(),
+            );
+        }
+    }
     check_field(
         "deals.fields.native_stage",
         &f.native_stage,
@@ -510,5 +527,20 @@ mod tests {
         );
         let unknown = parse("crm.toml", "name = \"crm\"\nbase_urll = \"x\"\n").unwrap_err();
         assert!(unknown[0].message.contains("unknown field"), "{unknown:?}");
+    }
+
+    #[test]
+    fn a_cursor_read_from_an_enrichment_is_refused() {
+        let text = "name = \"crm\"\nbase_url = \"http://x\"\n[auth]\nkind = \"bearer\"\n[deals]\nmodified = \"@extra/m\"\n[deals.full]\npath = \"/deals\"\nrecords = \"/data\"\n[[deals.enrich]]\nname = \"extra\"\nids = [\"/id\"]\nid = \"/id\"\n[deals.enrich.request]\npath = \"/extra\"\nrecords = \"/data\"\n[deals.fields]\nexternal_id = { paths = [\"/id\", \"@extra/id\"] }\nnative_stage = \"/stage\"\n";
+        let problems = parse("crm.toml", text).unwrap_err();
+        let shown: Vec<String> = problems.iter().map(ToString::to_string).collect();
+        for key in ["deals.modified", "deals.fields.external_id"] {
+            assert!(
+                shown
+                    .iter()
+                    .any(|p| p.contains(key) && p.contains("from the record itself")),
+                "{key}: {shown:?}"
+            );
+        }
     }
 }

@@ -202,6 +202,9 @@ pub struct Request {
     pub page_size: Option<u32>,
     /// Requests per second for this endpoint when it has its own limit (HubSpot search).
     pub requests_per_second: Option<f64>,
+    /// Records to read, over as many pages as it takes, before the enrichments run once
+    /// for all of them (HubSpot search: 1,000, what one association batch read takes).
+    pub gather: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
