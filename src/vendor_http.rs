@@ -677,9 +677,8 @@ impl VendorClient {
             if remaining.is_some() {
                 budget.remaining = remaining;
             }
-            if limit.is_some() {
-                budget.limit = limit;
-            }
+            let limit_known = rules.limit_header.is_some() || rules.usage_header.is_some();
+            budget.limit = estimated_limit(budget.limit, limit, remaining, limit_known);
             if let Some(reset_in) = reset_in {
                 budget.reset_at = Some(observed_at + reset_in);
             }
@@ -712,6 +711,24 @@ fn header_u64(headers: &HeaderMap, name: &str) -> Option<u64> {
         .ok()
         .filter(|v| v.is_finite() && *v >= 0.0)
         .map(|v| v as u64)
+}
+
+/// The budget's size after an answer: the vendor's own figure when it sends one; for a
+/// vendor that reports only what is left (Pipedrive's `x-daily-requests-left`), the
+/// most it was seen to have left since the last reset stands in for it, so the share
+/// is kept of at least that. `limit_known`: the rules name a limit header, so an
+/// answer without it (HubSpot's search) leaves the known limit as it is.
+fn estimated_limit(
+    known: Option<u64>,
+    sent: Option<u64>,
+    remaining: Option<u64>,
+    limit_known: bool,
+) -> Option<u64> {
+    match (sent, remaining) {
+        (Some(limit), _) => Some(limit),
+        (None, Some(left)) if !limit_known => Some(known.map_or(left, |seen| seen.max(left))),
+        _ => known,
+    }
 }
 
 /// `Retry-After` as seconds or an HTTP date.
@@ -748,6 +765,40 @@ mod tests {
                 .min(BACKOFF_CAP);
             assert!(delay <= ceiling, "{attempt}: {delay:?}");
         }
+    }
+
+    #[test]
+    fn a_vendor_that_reports_only_what_is_left_is_held_to_a_share_of_the_most_seen() {
+        // Pipedrive: only `x-daily-requests-left`. The first answer sets the estimate,
+        // spending lowers `remaining` but not the estimate, a reset raises it.
+        let first = estimated_limit(None, None, Some(5_000), false);
+        assert_eq!(first, Some(5_000));
+        let later = estimated_limit(first, None, Some(4_200), false);
+        assert_eq!(later, Some(5_000));
+        assert_eq!(
+            pace(4_200, 5_000, 0.8, Duration::from_secs(3600)),
+            Pace::Free
+        );
+        assert_eq!(
+            pace(1_000, 5_000, 0.8, Duration::from_secs(3600)),
+            Pace::Pause,
+            "the reserve of a fifth of the most seen is kept for other integrations"
+        );
+        assert_eq!(
+            estimated_limit(later, None, Some(9_999), false),
+            Some(9_999)
+        );
+        // With a limit header, the vendor's figure wins, and an answer without it
+        // keeps the last one.
+        assert_eq!(
+            estimated_limit(Some(1_000), Some(2_000), Some(10), true),
+            Some(2_000)
+        );
+        assert_eq!(
+            estimated_limit(Some(1_000), None, Some(10), true),
+            Some(1_000)
+        );
+        assert_eq!(estimated_limit(None, None, None, false), None);
     }
 
     #[test]
