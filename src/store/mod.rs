@@ -51,7 +51,7 @@ pub use report::{
     OutboxCount, OutboxEntry, OutboxFilter, ReportScope, StageValue, StallCutoff, StalledCount,
 };
 pub use suppression::Suppression;
-pub use sync::{CachedRecord, Quarantined, SyncRunRecord};
+pub use sync::{CachedRecord, ENRICHMENT_RETENTION, Quarantined, SyncRunRecord};
 pub use tokens::StoredToken;
 
 use chrono::{DateTime, TimeZone, Utc};

@@ -17,6 +17,12 @@ pub struct Quarantined {
     pub raw: crate::domain::RawRecord,
 }
 
+/// How long a record an enrichment read is kept at most: longer than any `cache` a
+/// manifest may set (the manifest check refuses more). Older rows, no longer fresh for
+/// any read and holding a contact's personal data, are deleted when a run of their
+/// connection starts.
+pub const ENRICHMENT_RETENTION: chrono::Duration = chrono::Duration::days(7);
+
 /// A record an enrichment read, to keep for later reads (see `enrichment_cache`).
 #[derive(Debug, Clone)]
 pub struct CachedRecord {
@@ -181,7 +187,8 @@ impl Store {
         .await
     }
 
-    /// Starts a sync run; returns its id.
+    /// Starts a sync run; returns its id. Deletes the connection's enrichment records
+    /// older than [`ENRICHMENT_RETENTION`] in the same transaction.
     pub async fn start_sync_run(&self, connection: &str, full: bool) -> Result<i64> {
         let connection = connection.to_owned();
         self.write(move |tx| {
@@ -194,7 +201,12 @@ impl Store {
                 "UPDATE connections SET last_sync_started_at = ?2 WHERE name = ?1",
                 params![connection, now],
             )?;
-            Ok(tx.last_insert_rowid())
+            let run_id = tx.last_insert_rowid();
+            tx.execute(
+                "DELETE FROM enrichment_cache WHERE connection = ?1 AND fetched_at < ?2",
+                params![connection, now - ENRICHMENT_RETENTION.num_milliseconds()],
+            )?;
+            Ok(run_id)
         })
         .await
     }
@@ -322,6 +334,62 @@ impl Store {
 mod tests {
     use crate::store::tests::temp_store;
     use serde_json::json;
+
+    #[tokio::test]
+    async fn enrichment_records_past_the_retention_are_deleted_when_a_run_starts() {
+        use super::{CachedRecord, ENRICHMENT_RETENTION};
+        use crate::domain::RawRecord;
+        let (_dir, store) = temp_store();
+        let kept = |id: &str| CachedRecord {
+            step: "contact".into(),
+            id: id.into(),
+            record: RawRecord::from_text(format!(r#"{{"id":"{id}"}}"#)).unwrap(),
+        };
+        store
+            .commit_page(
+                "crm",
+                "deals",
+                vec![],
+                vec![],
+                vec![kept("old"), kept("new")],
+                None,
+            )
+            .await
+            .unwrap();
+        store
+            .commit_page("other", "deals", vec![], vec![], vec![kept("old")], None)
+            .await
+            .unwrap();
+        let aged = chrono::Utc::now() - ENRICHMENT_RETENTION - chrono::Duration::hours(1);
+        store
+            .write(move |tx| {
+                tx.execute(
+                    "UPDATE enrichment_cache SET fetched_at = ?1 WHERE id = 'old'",
+                    [aged.timestamp_millis()],
+                )?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+        store.start_sync_run("crm", false).await.unwrap();
+        let left: Vec<(String, String)> = store
+            .read(|db| {
+                let mut statement =
+                    db.prepare("SELECT connection, id FROM enrichment_cache ORDER BY 1, 2")?;
+                let rows = statement.query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?;
+                Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+            })
+            .await
+            .unwrap();
+        // Only the starting connection's old record goes.
+        assert_eq!(
+            left,
+            vec![
+                ("crm".to_owned(), "new".to_owned()),
+                ("other".to_owned(), "old".to_owned())
+            ]
+        );
+    }
 
     #[tokio::test]
     async fn the_cursor_commits_with_its_page() {

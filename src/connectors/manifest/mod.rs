@@ -368,6 +368,18 @@ pub fn validate(manifest: &Manifest, report: &mut dyn FnMut(&str, String)) {
                 );
             }
         }
+        if let Some(cache) = &step.cache
+            && chrono::Duration::from_std(cache.0)
+                .is_ok_and(|cache| cache > crate::store::ENRICHMENT_RETENTION)
+        {
+            report(
+                &format!("{key}.cache"),
+                format!(
+                    "at most {} days: kept records are deleted after that",
+                    crate::store::ENRICHMENT_RETENTION.num_days()
+                ),
+            );
+        }
         enrichments.push(step.name.clone());
     }
     check_field("deals.modified", &deals.modified, &enrichments, report);
@@ -527,6 +539,20 @@ mod tests {
         );
         let unknown = parse("crm.toml", "name = \"crm\"\nbase_urll = \"x\"\n").unwrap_err();
         assert!(unknown[0].message.contains("unknown field"), "{unknown:?}");
+    }
+
+    #[test]
+    fn an_enrichment_cache_longer_than_the_retention_is_refused() {
+        let text = "name = \"crm\"\nbase_url = \"http://x\"\n[auth]\nkind = \"bearer\"\n[deals]\nmodified = \"/m\"\n[deals.full]\npath = \"/deals\"\nrecords = \"/data\"\n[[deals.enrich]]\nname = \"extra\"\nids = [\"/id\"]\nid = \"/id\"\ncache = \"30d\"\n[deals.enrich.request]\npath = \"/extra\"\nrecords = \"/data\"\n[deals.fields]\nexternal_id = \"/id\"\nnative_stage = \"/stage\"\n";
+        let problems = parse("crm.toml", text).unwrap_err();
+        let shown: Vec<String> = problems.iter().map(ToString::to_string).collect();
+        assert!(
+            shown
+                .iter()
+                .any(|p| p.contains("deals.enrich[0].cache") && p.contains("at most 7 days")),
+            "{shown:?}"
+        );
+        assert!(parse("crm.toml", &text.replace("30d", "24h")).is_ok());
     }
 
     #[test]

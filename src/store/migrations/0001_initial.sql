@@ -107,7 +107,7 @@ CREATE TABLE quarantine (
 
 -- Records a pull connector's enrichment read (a HubSpot contact), per id, kept while
 -- fresh so later incremental reads need not request them again (`cache` of an
--- enrichment in the manifest). Written with the page that read them.
+-- enrichment in the manifest, at most 7 days). Written with the page that read them.
 CREATE TABLE enrichment_cache (
     connection TEXT NOT NULL,
     step       TEXT NOT NULL,
@@ -116,6 +116,8 @@ CREATE TABLE enrichment_cache (
     fetched_at INTEGER NOT NULL,
     PRIMARY KEY (connection, step, id)
 ) WITHOUT ROWID;
+-- Rows past `ENRICHMENT_RETENTION` are deleted when a run of their connection starts.
+CREATE INDEX enrichment_cache_age ON enrichment_cache (connection, fetched_at);
 
 -- The webhook inbox and its dead letters live in their own file (inbox_0001.sql).
 
