@@ -16,7 +16,10 @@
 
 #![allow(clippy::print_stdout)]
 
+mod common;
+
 use chrono::{DateTime, Duration, Utc};
+use common::{cpu_seconds, load_average};
 use dealsync::domain::{
     ChangeCause, ConnectionName, Currency, DealStatus, EmailAddress, Money, PipelineKey,
     SourceDeal, StageKey, StageRef,
@@ -44,35 +47,6 @@ fn emails() -> usize {
         .ok()
         .and_then(|n| n.parse().ok())
         .unwrap_or(EMAILS)
-}
-
-/// CPU seconds (user + system) a process has used so far, from /proc.
-fn cpu_seconds(pid: &str) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return f64::NAN;
-    };
-    // Fields after the command name (which is in parentheses): utime is the 14th
-    // field of the line, stime the 15th, in clock ticks (100 per second on Linux).
-    let rest = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |at: usize| {
-        fields
-            .get(at)
-            .and_then(|f| f.parse::<f64>().ok())
-            .unwrap_or(f64::NAN)
-    };
-    (ticks(11) + ticks(12)) / 100.0
-}
-
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|text| {
-            text.split_whitespace()
-                .take(3)
-                .collect::<Vec<_>>()
-                .join(" ")
-        })
-        .unwrap_or_else(|_| "unknown".into())
 }
 
 fn deal(n: usize, pipeline: &str, stage: &str, at: DateTime<Utc>) -> DealUpsert {

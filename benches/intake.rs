@@ -24,7 +24,10 @@
 
 #![allow(clippy::print_stdout)]
 
+mod common;
+
 use anyhow::{Context, bail};
+use common::{cpu_seconds, load_average};
 use dealsync::app::App;
 use dealsync::webhooks::signature::{self, Delivery, Scheme};
 use serde_json::{Value, json};
@@ -184,32 +187,6 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 fn ms(duration: Duration) -> f64 {
     duration.as_secs_f64() * 1e3
-}
-
-/// CPU seconds (user + system) of the calling thread, or of the whole process.
-fn cpu_seconds(which: &str) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{which}/stat")).unwrap_or_default();
-    // Fields after the command name (which may hold spaces): utime is the 14th field.
-    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    (ticks(11) + ticks(12)) / 100.0
-}
-
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|text| {
-            text.split_whitespace()
-                .take(3)
-                .collect::<Vec<_>>()
-                .join(" ")
-        })
-        .unwrap_or_default()
 }
 
 /// What a phase of load measured.

@@ -12,8 +12,11 @@
 
 #![allow(clippy::print_stdout)]
 
+mod common;
+
 use anyhow::{Context, ensure};
 use chrono::{Duration, Utc};
+use common::load_average;
 use dealsync::domain::{
     ChangeCause, ConnectionName, Currency, DealStatus, EmailAddress, Money, PipelineKey,
     SourceDeal, StageKey, StageRef,
@@ -55,17 +58,6 @@ fn upsert(n: usize, stage: usize, at: chrono::DateTime<Utc>) -> DealUpsert {
         observed_at: at,
         cause: ChangeCause::Poll,
     }
-}
-
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|text| {
-            text.split_whitespace()
-                .take(3)
-                .collect::<Vec<_>>()
-                .join(" ")
-        })
-        .unwrap_or_else(|_| "unknown".into())
 }
 
 async fn pass(

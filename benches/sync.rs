@@ -16,6 +16,9 @@
 #[path = "../tests/daemon/harness/vendors/mod.rs"]
 mod vendors;
 
+mod common;
+
+use common::{cpu_seconds, load_average, peak_rss_mib};
 use dealsync::config::interpolate::ProcessEnv;
 use dealsync::store::Store;
 use dealsync::sync::{self, ConnectionRuntime, SyncDeps};
@@ -33,25 +36,6 @@ fn env_number(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-/// User + system CPU seconds of this process.
-fn cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks: f64 = fields.get(11..13).map_or(0.0, |f| {
-        f.iter().filter_map(|v| v.parse::<f64>().ok()).sum()
-    });
-    ticks / 100.0
-}
-
-/// The 1-minute load average, printed with every figure: the machine is shared.
-fn load() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|text| text.split_whitespace().next().map(str::to_owned))
-        .unwrap_or_else(|| "?".into())
-}
-
 /// (deals, distinct external ids, stage history rows) stored in the bench database.
 fn stored(dir: &std::path::Path) -> (i64, i64, i64) {
     let db = rusqlite::Connection::open(dir.join("bench.db")).expect("bench db");
@@ -62,16 +46,6 @@ fn stored(dir: &std::path::Path) -> (i64, i64, i64) {
         |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
     )
     .expect("counting stored deals")
-}
-
-/// Peak resident set size in MiB.
-fn peak_rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|line| line.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(0.0, |kb| kb / 1024.0)
 }
 
 fn fill(hubspot: &HubSpot, deals: u64, base_ms: i64) {
@@ -166,18 +140,18 @@ fn main() {
             "rate_limit = { requests_per_second = 1000000.0, burst = 1000 }",
         )
         .await;
-        let cpu = cpu_seconds();
+        let cpu = cpu_seconds("self");
         let started = Instant::now();
         let summary = sync::run_once(&connection, &deps, true, &shutdown, &|_| {}).await.expect("full sync");
         let elapsed = started.elapsed().as_secs_f64();
-        let cpu = cpu_seconds() - cpu;
+        let cpu = cpu_seconds("self") - cpu;
         println!(
             "full sync: {} deals in {elapsed:.2} s = {:.0} deals/s; {} requests; CPU {cpu:.2} s (sync and mock); peak RSS {:.1} MiB (process, mock included); load {}",
             summary.fetched,
             summary.fetched as f64 / elapsed,
             summary.requests,
             peak_rss_mib(),
-            load()
+            load_average()
         );
         assert_eq!(summary.fetched, deals);
         let (rows, distinct, history) = stored(dir.path());
@@ -251,7 +225,7 @@ fn main() {
             summary.requests,
             (elapsed / floor - 1.0) * 100.0,
             limited.state.rate_limited.load(Ordering::SeqCst),
-            load()
+            load_average()
         );
         let (rows, distinct, _) = stored(dir.path());
         assert_eq!((rows, distinct), (limited_deals as i64, limited_deals as i64));
