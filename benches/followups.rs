@@ -297,16 +297,7 @@ after = "1s"
         .unwrap();
     let first = rows.iter().filter_map(|r| r.sent_at).min().unwrap();
     let last = rows.iter().filter_map(|r| r.sent_at).max().unwrap();
-    let received = std::fs::read_dir(&maildir)
-        .unwrap()
-        .filter(|e| {
-            e.as_ref()
-                .unwrap()
-                .file_name()
-                .to_string_lossy()
-                .ends_with(".json")
-        })
-        .count();
+    let received = received(&maildir);
     let _ = sink.kill();
     let _ = sink.wait();
     let sending = (last - first).num_milliseconds().max(1) as f64 / 1000.0;
@@ -381,16 +372,7 @@ async fn sink_ceiling() {
     let elapsed = started.elapsed().as_secs_f64();
     let own_cpu = cpu_seconds("self") - own_cpu;
     let sink_cpu = cpu_seconds(&sink_pid) - sink_cpu;
-    let received = std::fs::read_dir(&maildir)
-        .unwrap()
-        .filter(|e| {
-            e.as_ref()
-                .unwrap()
-                .file_name()
-                .to_string_lossy()
-                .ends_with(".json")
-        })
-        .count();
+    let received = received(&maildir);
     let _ = sink.kill();
     let _ = sink.wait();
     println!(
@@ -404,6 +386,20 @@ async fn sink_ceiling() {
         sink_cpu * 1000.0 / emails as f64
     );
     assert_eq!(received, emails);
+}
+
+/// Messages the SMTP server wrote into `maildir` (one `.json` file each).
+fn received(maildir: &std::path::Path) -> usize {
+    std::fs::read_dir(maildir)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .ends_with(".json")
+        })
+        .count()
 }
 
 #[tokio::main]
