@@ -579,6 +579,7 @@ impl Connector for DemoConnector {
             done,
             requests: 1,
             rate_limited: 0,
+            unchanged: 0,
             cache: Vec::new(),
         })
     }

@@ -80,6 +80,9 @@ pub struct Page {
     pub requests: u64,
     /// Of those, answers of 429 Too Many Requests.
     pub rate_limited: u64,
+    /// Records read that the store already holds as the vendor sent them again (a
+    /// lookback overlap); not in `records`.
+    pub unchanged: u64,
     /// Enrichment records to keep for later reads; committed with the page.
     pub cache: Vec<crate::store::CachedRecord>,
 }
@@ -93,6 +96,7 @@ impl Page {
             done: true,
             requests: 0,
             rate_limited: 0,
+            unchanged: 0,
             cache: Vec::new(),
         }
     }

@@ -389,6 +389,7 @@ impl Connector for ShopifyConnector {
             done,
             requests: 1,
             rate_limited: 0,
+            unchanged: 0,
             cache: Vec::new(),
         })
     }

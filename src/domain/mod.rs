@@ -218,6 +218,10 @@ pub struct SourceDeal {
     /// The source's record as the JSON text it sent (for a pull sync, the record's
     /// bytes in the vendor's page, before any enrichment).
     pub raw: RawRecord,
+    /// For a pulled record read with its enrichments: a digest of what the record
+    /// itself says (see `store::fingerprint`), by which a later read of the same
+    /// unchanged record is recognised before its enrichments are requested.
+    pub fingerprint: Option<i64>,
 }
 
 impl SourceDeal {
@@ -249,6 +253,7 @@ impl SourceDeal {
             deleted: false,
             source_status: None,
             raw: RawRecord::null(),
+            fingerprint: None,
         }
     }
 }

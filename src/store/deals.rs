@@ -137,9 +137,42 @@ fn text_digest(bytes: &[u8]) -> u64 {
     hash
 }
 
-/// The hash of what `row` and `upsert` would write. Every field of [`SourceDeal`] is
-/// named here (the destructuring has no `..`), so a new field cannot be forgotten.
+/// The hash of what `row` and `upsert` would write.
 fn content_hash(upsert: &DealUpsert, row: &RowText<'_>) -> i64 {
+    let mut hash = ContentHash::new();
+    hash_fields(&mut hash, &upsert.source, row);
+    hash.number(upsert.source.fingerprint);
+    hash.long_text(row.raw);
+    hash.text(upsert.target.pipeline.as_ref().map(|p| p.as_str()));
+    hash.text(Some(upsert.target.stage.as_str()));
+    hash.text(Some(upsert.status.as_str()));
+    hash.finish()
+}
+
+/// A digest of what a pulled record itself says: its canonical fields as mapped
+/// without enrichments (`source`, whose raw text is left out: the same record reads as
+/// different text from a list and from a search endpoint), and `keys`, the ids the
+/// record gives its enrichments to look up. Equal digests mean the vendor sent the same
+/// record again; see `Store::unchanged_records`.
+pub fn fingerprint(source: &SourceDeal, keys: &[Option<&str>]) -> i64 {
+    let row = RowText {
+        raw: "",
+        line_items: json_list(&source.line_items).unwrap_or_default(),
+        cart_keys: json_list(&source.cart_keys).unwrap_or_default(),
+        expected_close: source.expected_close.map(|date| date.to_string()),
+    };
+    let mut hash = ContentHash::new();
+    hash_fields(&mut hash, source, &row);
+    hash.number(Some(keys.len() as i64));
+    for key in keys {
+        hash.text(*key);
+    }
+    hash.finish()
+}
+
+/// Feeds every canonical field of `source` to `hash`. Every field of [`SourceDeal`] is
+/// named here (the destructuring has no `..`), so a new field cannot be forgotten.
+fn hash_fields(hash: &mut ContentHash, source: &SourceDeal, row: &RowText<'_>) {
     let SourceDeal {
         external_id,
         title,
@@ -160,9 +193,9 @@ fn content_hash(upsert: &DealUpsert, row: &RowText<'_>) -> i64 {
         cart_keys: _,  // hashed as `row.cart_keys`
         deleted,
         source_status,
-        raw: _, // hashed as `row.raw`
-    } = &upsert.source;
-    let mut hash = ContentHash::new();
+        raw: _,         // the content hash adds `row.raw`; a fingerprint leaves it out
+        fingerprint: _, // the content hash adds it; a fingerprint is not part of itself
+    } = source;
     hash.text(Some(external_id.as_str()));
     hash.text(Some(title));
     hash.number(amount.map(|money| money.minor));
@@ -183,11 +216,6 @@ fn content_hash(upsert: &DealUpsert, row: &RowText<'_>) -> i64 {
     hash.text(Some(&row.cart_keys));
     hash.number(Some(i64::from(*deleted)));
     hash.text(source_status.map(|status| status.as_str()));
-    hash.long_text(row.raw);
-    hash.text(upsert.target.pipeline.as_ref().map(|p| p.as_str()));
-    hash.text(Some(upsert.target.stage.as_str()));
-    hash.text(Some(upsert.status.as_str()));
-    hash.finish()
 }
 
 fn json<T: Serialize>(value: &T) -> Result<String> {
@@ -485,9 +513,10 @@ const INSERT_DEAL_SQL: &str = "INSERT INTO deals (connection, external_id, title
         currency, pipeline, stage, status, native_pipeline, native_stage, contact_email,
         contact_name, owner, owner_email, marketing_consent, source_created_at,
         source_updated_at, stage_entered_at, last_activity_at, expected_close, recovery_url,
-        line_items, cart_keys, deleted_at, first_seen_at, synced_at, content_hash, raw)
+        line_items, cart_keys, deleted_at, first_seen_at, synced_at, content_hash, raw,
+        fingerprint)
      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18,
-        ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?25, ?26, ?27)";
+        ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?25, ?26, ?27, ?28)";
 
 fn insert(
     tx: &Transaction<'_>,
@@ -531,6 +560,7 @@ fn insert(
         observed,
         hash,
         text.raw,
+        s.fingerprint,
     ])?;
     Ok(tx.last_insert_rowid())
 }
@@ -538,8 +568,8 @@ fn insert(
 /// The UPDATE of a stored deal, in four shapes: SQLite rewrites an index entry when an
 /// indexed column is assigned, whether or not its value changes, so the stage columns
 /// (`deals_by_stage`) and the contact (`deals_by_contact`) are only assigned when they
-/// change. The parameter numbers are the same in every shape; ?26 is always used, so
-/// each shape takes all 26.
+/// change. The parameter numbers are the same in every shape; ?27 is always used, so
+/// each shape takes all 27.
 macro_rules! update_deal_sql {
     ($($assign:literal),*) => {
         concat!(
@@ -549,7 +579,7 @@ macro_rules! update_deal_sql {
                 source_updated_at = ?13, last_activity_at = ?14, expected_close = ?15,
                 recovery_url = ?16, line_items = ?17, cart_keys = ?18,
                 deleted_at = CASE WHEN ?19 THEN coalesce(deleted_at, ?20) END,
-                synced_at = ?20, content_hash = ?21, ",
+                synced_at = ?20, content_hash = ?21, fingerprint = ?27, ",
             $($assign,)*
             "raw = ?26 WHERE id = ?1"
         )
@@ -608,6 +638,7 @@ fn update(
         entered_at,
         s.contact_email.as_ref().map(|e| e.as_str()),
         text.raw,
+        s.fingerprint,
     ])?;
     Ok(())
 }
@@ -887,6 +918,35 @@ impl Store {
         .await
     }
 
+    /// Of `candidates` (external id, [`fingerprint`]), those whose stored deal was
+    /// written from a record with that same fingerprint, is not deleted and has a
+    /// contact email: an incremental read that meets one again (its lookback overlap)
+    /// has nothing new to ask the vendor about it. A deal without a contact is left out
+    /// on purpose: its contact may have been linked after it was written, and a CRM
+    /// need not move the deal's modification time for that.
+    pub async fn unchanged_records(
+        &self,
+        connection: &str,
+        candidates: Vec<(String, i64)>,
+    ) -> Result<std::collections::HashSet<(String, i64)>> {
+        let connection = connection.to_owned();
+        self.read(move |db| {
+            // Walks the candidates and looks each up on the unique (connection,
+            // external_id) index; `CROSS JOIN` keeps that order.
+            let mut statement = db.prepare_cached(
+                "SELECT d.external_id, d.fingerprint FROM json_each(?2) AS j CROSS JOIN deals AS d
+                 WHERE d.connection = ?1 AND d.external_id = j.value ->> 0
+                   AND d.fingerprint = j.value ->> 1
+                   AND d.deleted_at IS NULL AND d.contact_email IS NOT NULL",
+            )?;
+            let rows = statement.query_map(params![connection, json(&candidates)?], |row| {
+                Ok((row.get(0)?, row.get(1)?))
+            })?;
+            Ok(rows.collect::<rusqlite::Result<_>>()?)
+        })
+        .await
+    }
+
     /// Deals matching the filter, newest activity first.
     pub async fn deals(&self, filter: DealFilter) -> Result<Vec<Deal>> {
         self.read(move |db| {
@@ -1003,6 +1063,64 @@ mod tests {
             observed_at: at,
             cause: ChangeCause::Poll,
         }
+    }
+
+    #[tokio::test]
+    async fn a_record_is_recognised_unchanged_only_by_its_fingerprint_with_a_contact_and_not_deleted()
+     {
+        let (_dir, store) = temp_store();
+        let now = Utc::now();
+        let fingerprinted = |id: &str, contact: Option<&str>, deleted: bool| {
+            let mut record = upsert(id, "proposal", now);
+            record.source.contact_email = contact.and_then(EmailAddress::parse);
+            record.source.deleted = deleted;
+            let keys = [Some("person 7")];
+            record.source.fingerprint = Some(fingerprint(&record.source, &keys));
+            record
+        };
+        let stored = vec![
+            fingerprinted("1", Some("ada@acme.example"), false),
+            fingerprinted("2", None, false),
+            fingerprinted("3", Some("ada@acme.example"), true),
+            upsert("4", "proposal", now),
+        ];
+        let prints: Vec<i64> = stored
+            .iter()
+            .map(|record| record.source.fingerprint.unwrap_or(0))
+            .collect();
+        store.upsert_deals(stored).await.unwrap();
+        let candidates = vec![
+            ("1".to_owned(), prints[0]),
+            ("1".to_owned(), prints[0] ^ 1),
+            ("2".to_owned(), prints[1]),
+            ("3".to_owned(), prints[2]),
+            ("4".to_owned(), 0),
+            ("5".to_owned(), prints[0]),
+        ];
+        let unchanged = store.unchanged_records("crm", candidates).await.unwrap();
+        assert_eq!(
+            unchanged,
+            [("1".to_owned(), prints[0])].into_iter().collect(),
+            "only 1: 2 has no contact, 3 is deleted, 4 has no fingerprint, 5 is not stored"
+        );
+        assert!(
+            store
+                .unchanged_records("other", vec![("1".to_owned(), prints[0])])
+                .await
+                .unwrap()
+                .is_empty(),
+            "another connection's deal is another deal"
+        );
+
+        // The fingerprint leaves the raw text out and takes the lookup keys in.
+        let mut record = upsert("1", "proposal", now).source;
+        let plain = fingerprint(&record, &[Some("person 7")]);
+        record.raw = crate::domain::RawRecord::from_text(r#"{"id":"1"}"#.into()).unwrap();
+        assert_eq!(fingerprint(&record, &[Some("person 7")]), plain);
+        assert_ne!(fingerprint(&record, &[Some("person 8")]), plain);
+        assert_ne!(fingerprint(&record, &[None]), plain);
+        record.title.push('!');
+        assert_ne!(fingerprint(&record, &[Some("person 7")]), plain);
     }
 
     #[tokio::test]

@@ -36,7 +36,7 @@ mod sync;
 mod tokens;
 
 pub use carts::{CartOutcome, CartRules};
-pub use deals::{DealFilter, DealUpsert, StageCount, UnmappedStage, UpsertOutcome};
+pub use deals::{DealFilter, DealUpsert, StageCount, UnmappedStage, UpsertOutcome, fingerprint};
 pub use digests::{AssembleOutcome, DigestClaim, DigestFinish, DigestRow, DigestWatch};
 pub use inbox::{
     EnqueueError, Enqueued, InboxCounts, InboxOp, InboxRow, MAX_PENDING, NewWebhook, Settlement,
@@ -326,6 +326,38 @@ pub(crate) mod tests {
         drop(store);
         let again = Store::open(&dir.path().join("nested/dealsync.db")).unwrap();
         assert_eq!(again.schema_version().await.unwrap(), SCHEMA_VERSION);
+    }
+
+    #[tokio::test]
+    async fn a_database_of_the_first_schema_is_migrated_and_keeps_its_deals() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v1.db");
+        {
+            let db = Connection::open(&path).unwrap();
+            db.execute_batch(include_str!("migrations/0001_initial.sql"))
+                .unwrap();
+            db.execute_batch(
+                "PRAGMA user_version = 1;
+                 INSERT INTO deals (connection, external_id, title, stage, status,
+                    native_pipeline, native_stage, stage_entered_at, last_activity_at,
+                    first_seen_at, synced_at, content_hash, raw)
+                 VALUES ('crm', '1', 'Deal 1', 'proposal', 'open', 'p', 's', 0, 0, 0, 0, 7, '{}');",
+            )
+            .unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.schema_version().await.unwrap(), SCHEMA_VERSION);
+        let (title, fingerprint): (String, Option<i64>) = store
+            .read(|db| {
+                Ok(db.query_row(
+                    "SELECT title, fingerprint FROM deals WHERE external_id = '1'",
+                    [],
+                    |row| Ok((row.get(0)?, row.get(1)?)),
+                )?)
+            })
+            .await
+            .unwrap();
+        assert_eq!((title.as_str(), fingerprint), ("Deal 1", None));
     }
 
     #[tokio::test]

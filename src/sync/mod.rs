@@ -223,6 +223,8 @@ struct ReadPage {
     pages: u64,
     requests: u64,
     rate_limited: u64,
+    /// Records read again unchanged, not passed on (see `Page::unchanged`).
+    unchanged: u64,
 }
 
 impl ReadPage {
@@ -252,6 +254,7 @@ impl ReadPage {
             pages: 1,
             requests: page.requests,
             rate_limited: page.rate_limited,
+            unchanged: page.unchanged,
         }
     }
 
@@ -269,13 +272,15 @@ impl ReadPage {
         self.pages += later.pages;
         self.requests += later.requests;
         self.rate_limited += later.rate_limited;
+        self.unchanged += later.unchanged;
     }
 
     fn count(&self, summary: &mut RunSummary) {
         summary.pages += self.pages;
         summary.requests += self.requests;
         summary.rate_limited += self.rate_limited;
-        summary.fetched += self.records() as u64;
+        summary.fetched += self.records() as u64 + self.unchanged;
+        summary.unchanged += self.unchanged;
         summary.quarantined += self.quarantined.len() as u64;
     }
 }

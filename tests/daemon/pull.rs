@@ -1653,3 +1653,141 @@ async fn hubspot_contacts_are_read_once_per_full_sync_and_incremental_reads_take
         vec![Some("ada@engine.example".to_owned()); 5][..]
     );
 }
+
+#[tokio::test]
+async fn an_incremental_read_asks_nothing_more_about_records_its_overlap_meets_unchanged() {
+    use dealsync::sync::run_once;
+    let hubspot = HubSpot::start("pat-test", None).await;
+    let old = now_ms() - 7_200_000;
+    let recent = now_ms() - 10_000;
+    hubspot.put_contact(501, "ada@acme.example", "Ada", "Lovelace");
+    hubspot.put_contact(502, "grace@globex.example", "Grace", "Hopper");
+    // 1001 and 1002 lie before the lookback, 1003 and 1004 inside it; 1004 has no
+    // contact yet.
+    for (id, modified) in [
+        (1001, old),
+        (1002, old + 1000),
+        (1003, recent),
+        (1004, recent + 1),
+    ] {
+        let mut deal = HsDeal::new(id, &format!("Deal {id}"), "appointmentscheduled", modified);
+        deal.contact = (id != 1004).then_some(501);
+        hubspot.put(deal);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (runtime, deps) = in_process(
+        dir.path(),
+        &hubspot_connection("hs", &hubspot.url(), "")
+            .replace("lookback = \"1s\"", "lookback = \"1m\""),
+    )
+    .await;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let association_reads = || {
+        let mut ids = std::mem::take(&mut *hubspot.state.association_reads.lock().unwrap());
+        ids.sort();
+        ids
+    };
+    let db = || rusqlite::Connection::open(dir.path().join("sync.db")).unwrap();
+    let deal = |id: &str| -> (String, Option<String>) {
+        db().query_row(
+            "SELECT title, contact_email FROM deals WHERE external_id = ?1",
+            [id],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )
+        .unwrap()
+    };
+    let full = run_once(&runtime, &deps, true, &shutdown, &|_| {})
+        .await
+        .unwrap();
+    assert_eq!(full.fetched, 4);
+
+    // 1001 changes. The search reads it and, in its overlap, 1003 and 1004 as stored:
+    // 1003 is recognised and not asked about; 1004 has no contact, so its association
+    // is read again (a contact linked later need not move a deal's modification time).
+    hubspot.update(1001, |deal| {
+        deal.stage = "qualifiedtobuy".into();
+        deal.modified_ms = now_ms();
+    });
+    let first = run_once(&runtime, &deps, false, &shutdown, &|_| {})
+        .await
+        .unwrap();
+    assert_eq!(
+        association_reads(),
+        ["1001", "1004"],
+        "the unchanged 1003 is not asked about"
+    );
+    assert_eq!((first.fetched, first.unchanged), (3, 1), "{first:?}");
+    assert_eq!(first.updated, 2, "1001, and 1004 read again: {first:?}");
+
+    // A contact linked to 1004 without its modification time moving is still found.
+    hubspot.update(1004, |deal| deal.contact = Some(502));
+    run_once(&runtime, &deps, false, &shutdown, &|_| {})
+        .await
+        .unwrap();
+    assert_eq!(association_reads(), ["1004"], "1001 and 1003 are unchanged");
+    assert_eq!(deal("1004").1.as_deref(), Some("grace@globex.example"));
+
+    // A record changed without its modification time moving (equal timestamps) is
+    // not taken for the stored one.
+    hubspot.update(1003, |deal| deal.name = "Deal 1003, renamed".into());
+    let last = run_once(&runtime, &deps, false, &shutdown, &|_| {})
+        .await
+        .unwrap();
+    assert_eq!(association_reads(), ["1003"]);
+    assert_eq!(
+        deal("1003"),
+        ("Deal 1003, renamed".into(), Some("ada@acme.example".into()))
+    );
+    assert_eq!(last.updated, 1, "{last:?}");
+}
+
+#[tokio::test]
+async fn a_person_changed_within_the_same_second_is_read_although_the_deal_looks_unchanged() {
+    use dealsync::sync::run_once;
+    let pipedrive = Pipedrive::start("pd-token").await;
+    pipedrive.put_person(301, "Ada Lovelace", "ada@acme.example");
+    pipedrive.put_person(302, "Grace Hopper", "grace@globex.example");
+    let at = Utc::now() - chrono::Duration::seconds(30);
+    for id in [11, 12] {
+        let mut deal = PdDeal::new(id, &format!("Deal {id}"), 1, at);
+        deal.person_id = Some(301);
+        pipedrive.put(deal);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (runtime, deps) =
+        in_process(dir.path(), &pipedrive_connection("pd", &pipedrive.url())).await;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let person_reads = || pipedrive.faults().count("/api/v2/persons");
+    let email = |id: &str| -> Option<String> {
+        rusqlite::Connection::open(dir.path().join("sync.db"))
+            .unwrap()
+            .query_row(
+                "SELECT contact_email FROM deals WHERE external_id = ?1",
+                [id],
+                |row| row.get(0),
+            )
+            .unwrap()
+    };
+    run_once(&runtime, &deps, true, &shutdown, &|_| {})
+        .await
+        .unwrap();
+    let after_full = person_reads();
+
+    // The overlap meets both deals as stored: no person is asked about.
+    let quiet = run_once(&runtime, &deps, false, &shutdown, &|_| {})
+        .await
+        .unwrap();
+    assert_eq!((quiet.fetched, quiet.unchanged), (2, 2), "{quiet:?}");
+    assert_eq!(person_reads(), after_full);
+
+    // Deal 11 moves to another person within the same second: its fields and update
+    // time are the same, but the person id it gives the lookup is not.
+    pipedrive.update(11, |deal| deal.person_id = Some(302));
+    let moved = run_once(&runtime, &deps, false, &shutdown, &|_| {})
+        .await
+        .unwrap();
+    assert_eq!((moved.fetched, moved.unchanged), (2, 1), "{moved:?}");
+    assert_eq!(person_reads(), after_full + 1);
+    assert_eq!(email("11").as_deref(), Some("grace@globex.example"));
+    assert_eq!(email("12").as_deref(), Some("ada@acme.example"));
+}

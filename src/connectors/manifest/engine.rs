@@ -876,21 +876,110 @@ impl ManifestConnector {
         Ok(deal)
     }
 
-    /// [`Self::to_deal`] for a record read from a list page: `record` is its parse
-    /// (pruned to the plan), `raw` its text as the vendor sent it, stored as it is.
-    fn to_deal_raw(
+    /// A record read from a list page: `record` is its parse (pruned to the plan),
+    /// `raw` its text as the vendor sent it. Maps it without enrichments once, for its
+    /// fingerprint, and for the deal itself when it turns out to have none.
+    fn read_record(
         &self,
-        record: &Value,
         raw: RawRecord,
+        record: Result<Value, serde_json::Error>,
+        force_deleted: bool,
+    ) -> ReadRecord {
+        let base = record
+            .as_ref()
+            .ok()
+            .map(|record| self.map_fields(record, &HashMap::new(), force_deleted));
+        let fingerprint = match (&base, &record) {
+            (Some(Ok(deal)), Ok(record)) => Some(self.fingerprint(deal, record)),
+            _ => None,
+        };
+        ReadRecord {
+            raw,
+            record,
+            base,
+            fingerprint,
+        }
+    }
+
+    /// The deal for a read record and its enrichments, or why there is none.
+    fn finish_record(
+        &self,
+        read: ReadRecord,
         enriched: &HashMap<String, Value>,
         force_deleted: bool,
     ) -> Result<SourceDeal, BadRecord> {
-        match self.map_fields(record, enriched, force_deleted) {
+        let ReadRecord {
+            raw,
+            record,
+            base,
+            fingerprint,
+        } = read;
+        let mapped = match (record, base) {
+            (Err(error), _) => {
+                return Err(BadRecord {
+                    external_id: None,
+                    reason: format!("the record cannot be read: {error}"),
+                    raw,
+                });
+            }
+            (Ok(_), Some(base)) if enriched.is_empty() => base,
+            (Ok(record), _) => self.map_fields(&record, enriched, force_deleted),
+        };
+        match mapped {
             Ok(mut deal) => {
                 deal.raw = raw;
+                deal.fingerprint = fingerprint;
                 Ok(deal)
             }
             Err(bad) => Err(bad.with_raw(raw)),
+        }
+    }
+
+    /// The [`store::fingerprint`](crate::store::fingerprint) of a record: `deal` is
+    /// its mapping without enrichments; the keys are the ids it gives the enrichments
+    /// that look up ids from the record alone (one reached through another
+    /// enrichment, like HubSpot's contact through the association read, depends on the
+    /// vendor's state, which moves the record's modification time when it changes).
+    fn fingerprint(&self, deal: &SourceDeal, record: &Value) -> i64 {
+        let no_enrichment = HashMap::new();
+        let scope = Scope::new(record, &no_enrichment);
+        let keys: Vec<Option<String>> = self
+            .manifest
+            .deals
+            .enrich
+            .iter()
+            .filter(|step| !step.ids.iter().any(|path| path.starts_with('@')))
+            .map(|step| {
+                step.ids
+                    .iter()
+                    .find_map(|path| scope.get(path).and_then(text_of))
+            })
+            .collect();
+        let keys: Vec<Option<&str>> = keys.iter().map(Option::as_deref).collect();
+        crate::store::fingerprint(deal, &keys)
+    }
+
+    /// Which of `reads` the store holds unchanged (see [`Store::unchanged_records`]),
+    /// as (external id, fingerprint). A store that cannot answer costs only requests.
+    ///
+    /// [`Store::unchanged_records`]: crate::store::Store::unchanged_records
+    async fn unchanged(&self, cx: &SyncContext, reads: &[ReadRecord]) -> HashSet<(String, i64)> {
+        let Some(store) = &cx.store else {
+            return HashSet::new();
+        };
+        let candidates: Vec<(String, i64)> = reads.iter().filter_map(ReadRecord::key).collect();
+        if candidates.is_empty() {
+            return HashSet::new();
+        }
+        match store
+            .unchanged_records(cx.connection.as_str(), candidates)
+            .await
+        {
+            Ok(unchanged) => unchanged,
+            Err(error) => {
+                warn!(connection = %cx.connection, %error, "reading stored fingerprints failed; reading every record in full");
+                HashSet::new()
+            }
         }
     }
 
@@ -1184,6 +1273,29 @@ fn next_link(header: &str) -> Option<String> {
     })
 }
 
+/// One record of a list page on its way to a deal.
+struct ReadRecord {
+    /// The record's text as the vendor sent it.
+    raw: RawRecord,
+    /// Its parse, pruned to the plan.
+    record: Result<Value, serde_json::Error>,
+    /// Its mapping without enrichments (`None` when it cannot be parsed).
+    base: Option<Result<SourceDeal, BadRecord>>,
+    fingerprint: Option<i64>,
+}
+
+impl ReadRecord {
+    /// (external id, fingerprint), when the record maps without its enrichments.
+    fn key(&self) -> Option<(String, i64)> {
+        match (&self.base, self.fingerprint) {
+            (Some(Ok(deal)), Some(fingerprint)) => {
+                Some((deal.external_id.as_str().to_owned(), fingerprint))
+            }
+            _ => None,
+        }
+    }
+}
+
 /// How a page read uses the enrichments' kept records (`cache` in the manifest).
 struct EnrichCache<'a> {
     /// A full read's start: it takes only records read since. `None`: take what is
@@ -1451,10 +1563,27 @@ impl Connector for ManifestConnector {
                 _ => break self.finish_phase(&mut state, now),
             }
         };
+        let force_deleted = phase == Phase::Deletes;
+        let mut reads: Vec<ReadRecord> = raw_records
+            .into_iter()
+            .zip(parsed)
+            .map(|(raw, record)| self.read_record(raw, record, force_deleted))
+            .collect();
+        // An incremental read meets again, in its lookback overlap, records the last run
+        // stored; those the vendor sent unchanged need neither their enrichments
+        // requested nor a write.
+        let before = reads.len();
+        if phase == Phase::Incremental {
+            let unchanged = self.unchanged(cx, &reads).await;
+            if !unchanged.is_empty() {
+                reads.retain(|read| !read.key().is_some_and(|key| unchanged.contains(&key)));
+            }
+        }
+        let unchanged = (before - reads.len()) as u64;
         let unreadable = Value::Null;
-        let records: Vec<&Value> = parsed
+        let records: Vec<&Value> = reads
             .iter()
-            .map(|record| record.as_ref().unwrap_or(&unreadable))
+            .map(|read| read.record.as_ref().unwrap_or(&unreadable))
             .collect();
         let mut kept = Vec::new();
         let cache = EnrichCache {
@@ -1463,18 +1592,11 @@ impl Connector for ManifestConnector {
         };
         let enriched = self.enrich(cx, phase.name(), &records, Some(cache)).await?;
         drop(records);
-        let force_deleted = phase == Phase::Deletes;
-        let mut out = Vec::with_capacity(raw_records.len());
-        for ((raw, record), extra) in raw_records.into_iter().zip(&parsed).zip(&enriched) {
-            out.push(match record {
-                Ok(record) => self.to_deal_raw(record, raw, extra, force_deleted),
-                Err(error) => Err(BadRecord {
-                    external_id: None,
-                    reason: format!("the record cannot be read: {error}"),
-                    raw,
-                }),
-            });
-        }
+        let out = reads
+            .into_iter()
+            .zip(&enriched)
+            .map(|(read, extra)| self.finish_record(read, extra, force_deleted))
+            .collect();
         let (requests, rate_limited) = self.client.take_counts();
         Ok(Page {
             records: out,
@@ -1482,6 +1604,7 @@ impl Connector for ManifestConnector {
             done,
             requests,
             rate_limited,
+            unchanged,
             cache: kept,
         })
     }
@@ -1623,7 +1746,8 @@ impl Connector for ManifestConnector {
             .map_err(|error| self.bad(format!("record {external_id}: {error}")))?;
         // A record read on its own (a webhook's refetch) reads its enrichments fresh.
         let enriched = self.enrich(cx, "one", &[&record], None).await?;
-        self.to_deal_raw(&record, raw, &enriched[0], false)
+        let read = self.read_record(raw, Ok(record), false);
+        self.finish_record(read, &enriched[0], false)
             .map(Some)
             .map_err(|bad| self.bad(format!("record {}: {}", external_id, bad.reason)))
     }

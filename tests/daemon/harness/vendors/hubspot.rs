@@ -68,6 +68,8 @@ pub struct HsState {
     /// beyond it 429 (policy TEN_SECONDLY_ROLLING).
     pub burst: Mutex<Option<Burst>>,
     pub rate_limited: AtomicU64,
+    /// Every deal id an association batch read asked for, in order.
+    pub association_reads: Mutex<Vec<String>>,
 }
 
 pub struct Burst {
@@ -215,6 +217,7 @@ impl HubSpot {
             budget: Mutex::new(None),
             burst: Mutex::new(None),
             rate_limited: AtomicU64::new(0),
+            association_reads: Mutex::new(Vec::new()),
         });
         let router = Router::new()
             .route("/crm/v3/objects/deals", get(list))
@@ -427,10 +430,14 @@ async fn associations(
     if let Some(refused) = too_many_inputs(&request, 1_000) {
         return refused;
     }
+    let inputs = request["inputs"].as_array().expect("inputs");
+    state.association_reads.lock().unwrap().extend(
+        inputs
+            .iter()
+            .filter_map(|input| Some(input["id"].as_str()?.to_owned())),
+    );
     let deals = state.deals.lock().unwrap();
-    let results: Vec<Value> = request["inputs"]
-        .as_array()
-        .expect("inputs")
+    let results: Vec<Value> = inputs
         .iter()
         .filter_map(|input| {
             let id: u64 = input["id"].as_str()?.parse().ok()?;
