@@ -1700,6 +1700,14 @@ async fn an_incremental_read_asks_nothing_more_about_records_its_overlap_meets_u
         .await
         .unwrap();
     assert_eq!(full.fetched, 4);
+    // The first incremental read meets 1003 and 1004 again (modified within a lookback
+    // of the full read's start) and reads them in full: a full read stores no
+    // fingerprints.
+    let again = run_once(&runtime, &deps, false, &shutdown, &|_| {})
+        .await
+        .unwrap();
+    assert_eq!((again.fetched, again.unchanged), (2, 0), "{again:?}");
+    assert_eq!(association_reads(), ["1003", "1004"]);
 
     // 1001 changes. The search reads it and, in its overlap, 1003 and 1004 as stored:
     // 1003 is recognised and not asked about; 1004 has no contact, so its association
@@ -1716,8 +1724,11 @@ async fn an_incremental_read_asks_nothing_more_about_records_its_overlap_meets_u
         ["1001", "1004"],
         "the unchanged 1003 is not asked about"
     );
-    assert_eq!((first.fetched, first.unchanged), (3, 1), "{first:?}");
-    assert_eq!(first.updated, 2, "1001, and 1004 read again: {first:?}");
+    assert_eq!(
+        (first.fetched, first.unchanged, first.updated),
+        (3, 2, 1),
+        "1003 not asked about, 1004 asked about and found the same: {first:?}"
+    );
 
     // A contact linked to 1004 without its modification time moving is still found.
     hubspot.update(1004, |deal| deal.contact = Some(502));
@@ -1771,6 +1782,11 @@ async fn a_person_changed_within_the_same_second_is_read_although_the_deal_looks
     run_once(&runtime, &deps, true, &shutdown, &|_| {})
         .await
         .unwrap();
+    // The first incremental read meets both deals again (their update time is the
+    // watermark) and reads them in full: a full read stores no fingerprints.
+    run_once(&runtime, &deps, false, &shutdown, &|_| {})
+        .await
+        .unwrap();
     let after_full = person_reads();
 
     // The overlap meets both deals as stored: no person is asked about.
@@ -1790,4 +1806,63 @@ async fn a_person_changed_within_the_same_second_is_read_although_the_deal_looks
     assert_eq!(person_reads(), after_full + 1);
     assert_eq!(email("11").as_deref(), Some("grace@globex.example"));
     assert_eq!(email("12").as_deref(), Some("ada@acme.example"));
+}
+
+#[tokio::test]
+async fn a_deal_the_search_index_returns_late_is_read_by_the_next_run_and_old_ones_are_not_read_again()
+ {
+    use dealsync::sync::run_once;
+    let hubspot = HubSpot::start("pat-test", None).await;
+    let old = now_ms() - 7_200_000;
+    hubspot.put_contact(501, "ada@acme.example", "Ada", "Lovelace");
+    for (id, modified) in [(1001, old), (1002, old + 30_000)] {
+        let mut deal = HsDeal::new(id, &format!("Deal {id}"), "appointmentscheduled", modified);
+        deal.contact = Some(501);
+        hubspot.put(deal);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (runtime, deps) = in_process(
+        dir.path(),
+        &hubspot_connection("hs", &hubspot.url(), "")
+            .replace("lookback = \"1s\"", "lookback = \"1m\""),
+    )
+    .await;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    run_once(&runtime, &deps, true, &shutdown, &|_| {})
+        .await
+        .unwrap();
+
+    // Deals modified long before the full read began are not read again, although
+    // 1001 is within a lookback (1 minute) of the watermark (1002's time): only the
+    // watermark's own instant is read again.
+    let quiet = run_once(&runtime, &deps, false, &shutdown, &|_| {})
+        .await
+        .unwrap();
+    assert_eq!(quiet.fetched, 1, "1002, at the watermark: {quiet:?}");
+
+    // 1003 changes 20 s ago but is not in the index yet; 1004 changes now and is.
+    let mut late = HsDeal::new(1003, "Deal 1003", "qualifiedtobuy", now_ms() - 20_000);
+    late.contact = Some(501);
+    late.unindexed = true;
+    hubspot.put(late);
+    let mut prompt = HsDeal::new(1004, "Deal 1004", "qualifiedtobuy", now_ms());
+    prompt.contact = Some(501);
+    hubspot.put(prompt);
+    let first = run_once(&runtime, &deps, false, &shutdown, &|_| {})
+        .await
+        .unwrap();
+    assert_eq!(first.created, 1, "{first:?}");
+
+    // The index catches up: the next run reads 1003, modified before the watermark
+    // (1004's time) but within a lookback of the previous read's start.
+    hubspot.update(1003, |deal| deal.unindexed = false);
+    let second = run_once(&runtime, &deps, false, &shutdown, &|_| {})
+        .await
+        .unwrap();
+    assert_eq!(second.created, 1, "{second:?}");
+    let stored: i64 = rusqlite::Connection::open(dir.path().join("sync.db"))
+        .unwrap()
+        .query_row("SELECT count(*) FROM deals", [], |row| row.get(0))
+        .unwrap();
+    assert_eq!(stored, 4);
 }

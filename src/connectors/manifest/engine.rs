@@ -71,6 +71,24 @@ impl Phase {
     }
 }
 
+/// Where an incremental read starts: at the watermark, less the lookback where that
+/// reaches past the previous read's start less the lookback. A record modified at `t`
+/// is in the vendor's results by `t + lookback` (its index lag, which the lookback
+/// covers), so the previous read returned every record older than its start less the
+/// lookback; only those modified since then may have been missed (index lag, or a
+/// change while it ran) and are read again. Without that start (a cursor from an
+/// older version), the whole lookback before the watermark is read again.
+fn since(
+    watermark: DateTime<Utc>,
+    read_started: Option<DateTime<Utc>>,
+    lookback: chrono::Duration,
+) -> DateTime<Utc> {
+    match read_started {
+        Some(started) => watermark.min(started - lookback),
+        None => watermark - lookback,
+    }
+}
+
 /// The cursor, as committed with each page.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct CursorState {
@@ -100,6 +118,10 @@ struct CursorState {
     /// Where the next incremental read starts, before the lookback.
     #[serde(default)]
     watermark: Option<DateTime<Utc>>,
+    /// When the last finished read (full or incremental) began: what the vendor had
+    /// modified a lookback before then, it could already return.
+    #[serde(default)]
+    read_started: Option<DateTime<Utc>>,
     #[serde(default)]
     deletes_at: Option<DateTime<Utc>>,
 }
@@ -118,6 +140,7 @@ impl CursorState {
             skip_ids: Vec::new(),
             run_started: Some(now),
             watermark: None,
+            read_started: None,
             deletes_at: None,
         }
     }
@@ -877,17 +900,20 @@ impl ManifestConnector {
     }
 
     /// A record read from a list page: `record` is its parse (pruned to the plan),
-    /// `raw` its text as the vendor sent it. Maps it without enrichments once, for its
-    /// fingerprint, and for the deal itself when it turns out to have none.
+    /// `raw` its text as the vendor sent it. With `fingerprint`, maps it without
+    /// enrichments first, for its fingerprint, and for the deal itself when it turns
+    /// out to have none.
     fn read_record(
         &self,
         raw: RawRecord,
         record: Result<Value, serde_json::Error>,
         force_deleted: bool,
+        fingerprint: bool,
     ) -> ReadRecord {
         let base = record
             .as_ref()
             .ok()
+            .filter(|_| fingerprint)
             .map(|record| self.map_fields(record, &HashMap::new(), force_deleted));
         let fingerprint = match (&base, &record) {
             (Some(Ok(deal)), Ok(record)) => Some(self.fingerprint(deal, record)),
@@ -1097,6 +1123,7 @@ impl ManifestConnector {
                     (None, Phase::Full) => Some(started),
                     (None, _) => state.watermark,
                 };
+                state.read_started = Some(started);
                 let deletes_due = self.manifest.deals.deletes.is_some()
                     && state.deletes_at.is_none_or(|at| {
                         self.deletes_every.is_none_or(|every| {
@@ -1434,6 +1461,7 @@ impl Connector for ManifestConnector {
         };
         if state.phase == Phase::Idle {
             let watermark = state.watermark;
+            let read_started = state.read_started;
             let deletes_at = state.deletes_at;
             let phase = if self.manifest.deals.incremental.is_some() && watermark.is_some() {
                 Phase::Incremental
@@ -1442,10 +1470,11 @@ impl Connector for ManifestConnector {
             };
             state = CursorState::start(phase, now);
             state.watermark = watermark;
+            state.read_started = read_started;
             state.deletes_at = deletes_at;
             if phase == Phase::Incremental {
                 let lookback = chrono::Duration::from_std(self.lookback).unwrap_or_default();
-                state.since = watermark.map(|w| w - lookback);
+                state.since = watermark.map(|w| since(w, read_started, lookback));
             }
             debug!(connection = %cx.connection, phase = phase.name(), since = ?state.since, "starting a read");
         }
@@ -1463,8 +1492,12 @@ impl Connector for ManifestConnector {
         let skip: HashSet<String> = state.skip_ids.iter().cloned().collect();
         let since = state.since;
         let no_enrichment = HashMap::new();
-        let mut raw_records: Vec<RawRecord> = Vec::new();
-        let mut parsed: Vec<Result<Value, serde_json::Error>> = Vec::new();
+        let force_deleted = phase == Phase::Deletes;
+        // Only an incremental read meets records it stored before (its lookback
+        // overlap), so only it maps them for a fingerprint first.
+        let fingerprints = phase == Phase::Incremental;
+        let mut reads: Vec<ReadRecord> = Vec::new();
+        let mut unchanged = 0u64;
         let done = loop {
             let vars = self.vars_for(&state, page_size);
             // The records are split out of the body as the vendor's text; each is parsed
@@ -1501,6 +1534,7 @@ impl Connector for ManifestConnector {
                 )));
             };
             let count = page_records.len();
+            let mut page_reads = Vec::with_capacity(count);
             for raw in page_records {
                 let record = self.plan.prune(raw.as_str());
                 if let Ok(record) = &record {
@@ -1531,9 +1565,20 @@ impl Connector for ManifestConnector {
                         }
                     }
                 }
-                raw_records.push(raw);
-                parsed.push(record);
+                page_reads.push(self.read_record(raw, record, force_deleted, fingerprints));
             }
+            if fingerprints {
+                // Records the store holds as the vendor sent them again need neither
+                // their enrichments requested nor a write; they do not count toward
+                // `gather` either.
+                let same = self.unchanged(cx, &page_reads).await;
+                if !same.is_empty() {
+                    let before = page_reads.len();
+                    page_reads.retain(|read| !read.key().is_some_and(|key| same.contains(&key)));
+                    unchanged += (before - page_reads.len()) as u64;
+                }
+            }
+            reads.append(&mut page_reads);
             state.seen += count as u64;
             let next = self.next_page(&request, &body, &headers, &state.page, count, page_size);
             match next {
@@ -1556,30 +1601,13 @@ impl Connector for ManifestConnector {
                         break false;
                     }
                     state.page = next;
-                    if raw_records.len() + page_size as usize > gather {
+                    if reads.len() + page_size as usize > gather {
                         break false;
                     }
                 }
                 _ => break self.finish_phase(&mut state, now),
             }
         };
-        let force_deleted = phase == Phase::Deletes;
-        let mut reads: Vec<ReadRecord> = raw_records
-            .into_iter()
-            .zip(parsed)
-            .map(|(raw, record)| self.read_record(raw, record, force_deleted))
-            .collect();
-        // An incremental read meets again, in its lookback overlap, records the last run
-        // stored; those the vendor sent unchanged need neither their enrichments
-        // requested nor a write.
-        let before = reads.len();
-        if phase == Phase::Incremental {
-            let unchanged = self.unchanged(cx, &reads).await;
-            if !unchanged.is_empty() {
-                reads.retain(|read| !read.key().is_some_and(|key| unchanged.contains(&key)));
-            }
-        }
-        let unchanged = (before - reads.len()) as u64;
         let unreadable = Value::Null;
         let records: Vec<&Value> = reads
             .iter()
@@ -1746,7 +1774,7 @@ impl Connector for ManifestConnector {
             .map_err(|error| self.bad(format!("record {external_id}: {error}")))?;
         // A record read on its own (a webhook's refetch) reads its enrichments fresh.
         let enriched = self.enrich(cx, "one", &[&record], None).await?;
-        let read = self.read_record(raw, Ok(record), false);
+        let read = self.read_record(raw, Ok(record), false, true);
         self.finish_record(read, &enriched[0], false)
             .map(Some)
             .map_err(|bad| self.bad(format!("record {}: {}", external_id, bad.reason)))

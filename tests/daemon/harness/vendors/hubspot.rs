@@ -26,6 +26,8 @@ pub struct HsDeal {
     pub archived: bool,
     pub contact: Option<u64>,
     pub owner: Option<String>,
+    /// Not yet in the search index: search results lag writes.
+    pub unindexed: bool,
     /// Extra properties (the benchmark's ~60), shared between deals.
     pub extra: Arc<ExtraProperties>,
 }
@@ -136,6 +138,7 @@ impl HsDeal {
             archived: false,
             contact: None,
             owner: Some("9001".to_owned()),
+            unindexed: false,
             extra: Arc::new(ExtraProperties::default()),
         }
     }
@@ -380,7 +383,7 @@ async fn search(
     let deals = state.deals.lock().unwrap();
     let mut matching: Vec<&HsDeal> = deals
         .values()
-        .filter(|d| !d.archived && d.modified_ms >= since)
+        .filter(|d| !d.archived && !d.unindexed && d.modified_ms >= since)
         .collect();
     matching.sort_by_key(|d| (d.modified_ms, d.id));
     let page: Vec<Value> = matching
