@@ -5,7 +5,7 @@
 //! 1. a full sync of `DEALS` (default 100,000) HubSpot-shaped deals with ~60
 //!    properties and a contact association each, no rate limit: deals/s, CPU seconds,
 //!    peak RSS (of the whole process, mock included);
-//! 2. requests for one incremental cycle after `k` deals changed;
+//! 2. requests for three incremental cycles after `k`, `k` and `10 k` deals changed;
 //! 3. a full sync of `LIMITED_DEALS` (default 20,000) against a mock enforcing
 //!    HubSpot's burst limit (190 requests per rolling 10 s, 429 beyond): total time
 //!    against the floor the limit sets, and the 429s received.
@@ -171,29 +171,37 @@ fn main() {
         let before = by_path(&hubspot);
         println!("  requests by kind: {before:?}");
 
-        // 2. One incremental cycle after `changed` deals changed.
-        let now = chrono::Utc::now().timestamp_millis();
-        for id in (1..=deals).step_by((deals / changed).max(1) as usize).take(changed as usize) {
-            hubspot.update(id, |deal| {
-                deal.stage = "contractsent".into();
-                deal.modified_ms = now;
-            });
+        // 2. Incremental cycles, each after `k` other deals changed. The first follows
+        // the full sync; each later one meets the changes of the ones before it (made
+        // within the 5-minute lookback of their start) again, and asks nothing more
+        // about those. The third has ten times the changes.
+        let mut before = before;
+        for (cycle, k) in [(1u64, changed), (2, changed), (3, changed * 10)] {
+            let now = chrono::Utc::now().timestamp_millis();
+            let step = (deals / k).max(1) as usize;
+            for id in (cycle..=deals).step_by(step).take(k as usize) {
+                hubspot.update(id, |deal| {
+                    deal.stage = "contractsent".into();
+                    deal.modified_ms = now;
+                });
+            }
+            let summary = sync::run_once(&connection, &deps, false, &shutdown, &|_| {}).await.expect("incremental");
+            let after = by_path(&hubspot);
+            let kinds: Vec<(&str, usize)> = after
+                .iter()
+                .zip(&before)
+                .map(|((name, total), (_, earlier))| (*name, total - earlier))
+                .collect();
+            println!(
+                "incremental cycle {cycle}: k = {k} changed; {} read, {} of them met unchanged (nothing more asked); {} requests {kinds:?}; ⌈k / 200⌉ = {}, ⌈k / 1000⌉ = {}",
+                summary.fetched,
+                summary.unchanged,
+                summary.requests,
+                k.div_ceil(200),
+                k.div_ceil(1000),
+            );
+            before = after;
         }
-        let summary = sync::run_once(&connection, &deps, false, &shutdown, &|_| {}).await.expect("incremental");
-        let search = 200u64;
-        println!(
-            "incremental cycle: k = {changed} changed, {} read (changes plus the lookback overlap), {} requests; ⌈k / {search}⌉ = {} search pages; one association batch read per 1,000 deals read (contacts read in the last day come from the store)",
-            summary.fetched,
-            summary.requests,
-            changed.div_ceil(search)
-        );
-        let after = by_path(&hubspot);
-        let cycle: Vec<(&str, usize)> = after
-            .iter()
-            .zip(&before)
-            .map(|((name, total), (_, earlier))| (*name, total - earlier))
-            .collect();
-        println!("  requests by kind: {cycle:?}");
         drop(hubspot);
 
         // 3. Against HubSpot's burst limit.

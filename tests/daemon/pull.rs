@@ -285,7 +285,7 @@ async fn check_reports_a_broken_user_manifest_with_its_file_and_key() {
 
 use crate::harness::vendors::pipedrive::{PdDeal, Pipedrive};
 use crate::harness::vendors::salesforce::{Salesforce, SfOpp};
-use chrono::{TimeZone, Utc};
+use chrono::{DateTime, TimeZone, Utc};
 
 fn pipedrive_connection(name: &str, url: &str) -> String {
     format!(
@@ -296,7 +296,7 @@ base_url = "{url}"
 token = "pd-token"
 poll_interval = "1s"
 page_size = 2
-lookback = "2s"
+lookback = "30s"
 rate_limit = {{ requests_per_second = 200.0, burst = 50 }}
 "#
     )
@@ -401,7 +401,7 @@ fn salesforce_connection(name: &str, url: &str) -> String {
 [connections.{name}]
 connector = "salesforce"
 poll_interval = "1s"
-lookback = "1s"
+lookback = "30s"
 rate_limit = {{ requests_per_second = 200.0, burst = 50 }}
 
 [connections.{name}.oauth]
@@ -508,14 +508,27 @@ async fn salesforce_reads_next_records_urls_on_the_instance_url_and_refreshes_a_
         )
         .unwrap();
     assert!(high.contains("watermark"), "{high}");
-    salesforce.update("006A4", |o| o.stage = "Closed Won".into());
+    let tie = DateTime::from_timestamp(Utc::now().timestamp(), 0).unwrap();
+    salesforce.update("006A4", |o| {
+        o.stage = "Closed Won".into();
+        o.modstamp = tie;
+    });
+    eventually("the change", WAIT, || async {
+        (deals(&daemon, "sf")[4].1 == "won").then_some(())
+    })
+    .await;
+    // Committed after the read that moved the cursor to `tie`, in the same second.
+    salesforce.update("006A3", |o| {
+        o.stage = "Negotiation/Review".into();
+        o.modstamp = tie;
+    });
     salesforce.update("006A1", |o| {
         o.deleted = true;
         o.modstamp = Utc::now();
     });
     eventually("the tie and the deletion", WAIT, || async {
         let found = deals(&daemon, "sf");
-        (found[4].1 == "won" && found[1].2 == "deleted").then_some(())
+        (found[3].1 == "negotiation" && found[1].2 == "deleted").then_some(())
     })
     .await;
 }
@@ -1267,13 +1280,27 @@ async fn a_connection_slows_down_as_the_budget_runs_low_so_its_share_lasts_until
         "{} requests before the reset",
         before.len()
     );
-    for pair in before.windows(2).skip(1) {
-        let gap = pair[1].0 - pair[0].0;
-        assert!(
-            gap >= Duration::from_millis(300),
-            "requests {gap:?} apart while the budget ran low"
-        );
-    }
+    // The spacing is the time left until the reset over the requests left to spend,
+    // so the last one before the reset may follow closely: the reset is near. The
+    // others are spread out, not back to back.
+    let gaps: Vec<Duration> = before
+        .windows(2)
+        .skip(1)
+        .map(|pair| pair[1].0 - pair[0].0)
+        .collect();
+    let close = gaps
+        .iter()
+        .filter(|gap| **gap < Duration::from_millis(300))
+        .count();
+    assert!(
+        close <= 1,
+        "requests close together while the budget ran low: {gaps:?}"
+    );
+    let span = before.last().unwrap().0 - before[0].0;
+    assert!(
+        span >= Duration::from_millis(1500),
+        "the spendable requests were spent within {span:?}: {gaps:?}"
+    );
     // The spacing spread the last requests of the share up to the reset: the reserve
     // kept for other integrations was never touched.
     assert!(
@@ -1758,7 +1785,7 @@ async fn a_person_changed_within_the_same_second_is_read_although_the_deal_looks
     let pipedrive = Pipedrive::start("pd-token").await;
     pipedrive.put_person(301, "Ada Lovelace", "ada@acme.example");
     pipedrive.put_person(302, "Grace Hopper", "grace@globex.example");
-    let at = Utc::now() - chrono::Duration::seconds(30);
+    let at = Utc::now() - chrono::Duration::seconds(10);
     for id in [11, 12] {
         let mut deal = PdDeal::new(id, &format!("Deal {id}"), 1, at);
         deal.person_id = Some(301);
@@ -1833,12 +1860,12 @@ async fn a_deal_the_search_index_returns_late_is_read_by_the_next_run_and_old_on
         .unwrap();
 
     // Deals modified long before the full read began are not read again, although
-    // 1001 is within a lookback (1 minute) of the watermark (1002's time): only the
-    // watermark's own instant is read again.
+    // 1001 is within a lookback (1 minute) of the watermark (1002's time), and 1002 is
+    // at the watermark.
     let quiet = run_once(&runtime, &deps, false, &shutdown, &|_| {})
         .await
         .unwrap();
-    assert_eq!(quiet.fetched, 1, "1002, at the watermark: {quiet:?}");
+    assert_eq!(quiet.fetched, 0, "{quiet:?}");
 
     // 1003 changes 20 s ago but is not in the index yet; 1004 changes now and is.
     let mut late = HsDeal::new(1003, "Deal 1003", "qualifiedtobuy", now_ms() - 20_000);
@@ -1865,4 +1892,31 @@ async fn a_deal_the_search_index_returns_late_is_read_by_the_next_run_and_old_on
         .query_row("SELECT count(*) FROM deals", [], |row| row.get(0))
         .unwrap();
     assert_eq!(stored, 4);
+}
+
+#[tokio::test]
+async fn a_deal_committed_in_the_cursors_own_second_after_the_read_is_read_by_the_next_run() {
+    use dealsync::sync::run_once;
+    let salesforce = Salesforce::start("refresh-0", 2).await;
+    // SystemModstamp has whole seconds; the lookback is as short as one.
+    let second = DateTime::from_timestamp(Utc::now().timestamp(), 0).unwrap();
+    salesforce.put(SfOpp::new("006B1", "Opp 1", "Prospecting", second));
+    let dir = tempfile::tempdir().unwrap();
+    let (runtime, deps) = in_process(
+        dir.path(),
+        &salesforce_connection("sf", &salesforce.url())
+            .replace("lookback = \"30s\"", "lookback = \"1s\""),
+    )
+    .await;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let full = run_once(&runtime, &deps, true, &shutdown, &|_| {})
+        .await
+        .unwrap();
+    assert_eq!(full.fetched, 1);
+    // 006B2 is committed after that read, with the same SystemModstamp: the cursor's.
+    salesforce.put(SfOpp::new("006B2", "Opp 2", "Prospecting", second));
+    let next = run_once(&runtime, &deps, false, &shutdown, &|_| {})
+        .await
+        .unwrap();
+    assert_eq!(next.created, 1, "{next:?}");
 }

@@ -71,21 +71,33 @@ impl Phase {
     }
 }
 
-/// Where an incremental read starts: at the watermark, less the lookback where that
-/// reaches past the previous read's start less the lookback. A record modified at `t`
-/// is in the vendor's results by `t + lookback` (its index lag, which the lookback
-/// covers), so the previous read returned every record older than its start less the
-/// lookback; only those modified since then may have been missed (index lag, or a
-/// change while it ran) and are read again. Without that start (a cursor from an
-/// older version), the whole lookback before the watermark is read again.
+/// Where an incremental read starts (inclusive).
+///
+/// A record modified at `t` is in the vendor's results by `t + lookback`: the
+/// lookback covers the vendor's index lag. The previous read ran to the end, so it
+/// returned every record modified up to its start less the lookback (its "horizon").
+/// Records after the horizon may have been missed (not indexed yet, or changed while
+/// it ran, in the watermark's own second too) and are read again: the read starts at
+/// the watermark, or at the horizon when that is earlier. When the watermark's whole
+/// second lies before the horizon, no record can still arrive with the watermark's
+/// time, so the read starts a millisecond past it and the records there, all read,
+/// are not asked for again.
+///
+/// Without the previous start (a cursor from an older version), the whole lookback
+/// before the watermark is read again.
 fn since(
     watermark: DateTime<Utc>,
     read_started: Option<DateTime<Utc>>,
     lookback: chrono::Duration,
 ) -> DateTime<Utc> {
-    match read_started {
-        Some(started) => watermark.min(started - lookback),
-        None => watermark - lookback,
+    let Some(started) = read_started else {
+        return watermark - lookback;
+    };
+    let horizon = started - lookback;
+    if watermark + chrono::Duration::seconds(1) <= horizon {
+        watermark + chrono::Duration::milliseconds(1)
+    } else {
+        watermark.min(horizon)
     }
 }
 
@@ -1896,6 +1908,24 @@ mod tests {
             }
             assert!(mapped > 0, "{kind}: no record mapped");
         }
+    }
+
+    #[test]
+    fn an_incremental_read_starts_past_what_the_previous_read_surely_returned() {
+        let at = |s: i64| DateTime::<Utc>::from_timestamp(1_800_000_000 + s, 0).unwrap();
+        let ms = chrono::Duration::milliseconds;
+        let lookback = chrono::Duration::seconds(300);
+        // A watermark long before the horizon: just past it.
+        assert_eq!(since(at(0), Some(at(1_000)), lookback), at(0) + ms(1));
+        // A watermark whose second reaches the horizon: the watermark itself, ties
+        // included.
+        assert_eq!(since(at(0), Some(at(300)), lookback), at(0));
+        assert_eq!(since(at(0), Some(at(300) + ms(999)), lookback), at(0));
+        assert_eq!(since(at(0), Some(at(301)), lookback), at(0) + ms(1));
+        // A recent watermark: everything after the horizon again.
+        assert_eq!(since(at(1_000), Some(at(1_010)), lookback), at(710));
+        // A cursor without the previous start: the whole lookback before the watermark.
+        assert_eq!(since(at(1_000), None, lookback), at(700));
     }
 
     #[test]
