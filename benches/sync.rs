@@ -177,12 +177,15 @@ fn main() {
         // about those. The third has ten times the changes.
         let mut before = before;
         for (cycle, k) in [(1u64, changed), (2, changed), (3, changed * 10)] {
+            // The changes of a cycle fall in the second before it, after the previous
+            // cycle's read began (as changes between two reads do).
+            tokio::time::sleep(Duration::from_secs(1)).await;
             let now = chrono::Utc::now().timestamp_millis();
             let step = (deals / k).max(1) as usize;
-            for id in (cycle..=deals).step_by(step).take(k as usize) {
+            for (n, id) in (cycle..=deals).step_by(step).take(k as usize).enumerate() {
                 hubspot.update(id, |deal| {
                     deal.stage = "contractsent".into();
-                    deal.modified_ms = now;
+                    deal.modified_ms = now - 1000 + (n as u64 * 1000 / k) as i64;
                 });
             }
             let summary = sync::run_once(&connection, &deps, false, &shutdown, &|_| {}).await.expect("incremental");
