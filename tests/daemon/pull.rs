@@ -1920,3 +1920,77 @@ async fn a_deal_committed_in_the_cursors_own_second_after_the_read_is_read_by_th
         .unwrap();
     assert_eq!(next.created, 1, "{next:?}");
 }
+
+#[tokio::test]
+async fn a_deal_modified_while_the_search_pages_through_shifts_no_other_deal_out_of_the_read() {
+    use dealsync::sync::run_once;
+    let hubspot = HubSpot::start("pat-test", None).await;
+    hubspot.put_contact(501, "ada@acme.example", "Ada", "Lovelace");
+    let old = now_ms() - 7_200_000;
+    for id in 1..=450u64 {
+        let mut deal = HsDeal::new(id, &format!("Deal {id}"), "appointmentscheduled", old);
+        deal.contact = Some(501);
+        hubspot.put(deal);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (runtime, deps) = in_process(
+        dir.path(),
+        &hubspot_connection("hs", &hubspot.url(), "")
+            .replace("lookback = \"1s\"", "lookback = \"1m\""),
+    )
+    .await;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    run_once(&runtime, &deps, true, &shutdown, &|_| {})
+        .await
+        .unwrap();
+
+    // While dealsync was down, all 450 deals moved on, ten minutes ago: a backlog of
+    // three search pages, older than the lookback.
+    let backlog = now_ms() - 600_000;
+    for id in 1..=450u64 {
+        hubspot.update(id, |deal| {
+            deal.stage = "qualifiedtobuy".into();
+            deal.modified_ms = backlog + id as i64;
+        });
+    }
+    // Deal 1 changes again after the first search page was read: it moves to the end
+    // of the order, and every deal after it one place forward.
+    *hubspot.faults().slow.lock().unwrap() = Some((
+        "/crm/v3/objects/deals/search".into(),
+        Duration::from_millis(300),
+    ));
+    let searches = hubspot.faults().count("/crm/v3/objects/deals/search");
+    let mover = {
+        let hubspot = hubspot.state.clone();
+        tokio::spawn(async move {
+            while hubspot.faults.count("/crm/v3/objects/deals/search") < searches + 2 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            if let Some(deal) = hubspot.deals.lock().unwrap().get_mut(&1) {
+                deal.name = "Deal 1, again".into();
+                deal.modified_ms = now_ms();
+            }
+        })
+    };
+    run_once(&runtime, &deps, false, &shutdown, &|_| {})
+        .await
+        .unwrap();
+    mover.await.unwrap();
+    *hubspot.faults().slow.lock().unwrap() = None;
+    // A later run, as the daemon would make.
+    run_once(&runtime, &deps, false, &shutdown, &|_| {})
+        .await
+        .unwrap();
+    let behind: Vec<String> = rusqlite::Connection::open(dir.path().join("sync.db"))
+        .unwrap()
+        .prepare("SELECT external_id FROM deals WHERE native_stage <> 'qualifiedtobuy' ORDER BY id")
+        .unwrap()
+        .query_map([], |row| row.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert!(
+        behind.is_empty(),
+        "deals left at their old stage: {behind:?}"
+    );
+}

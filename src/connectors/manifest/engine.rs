@@ -1501,8 +1501,8 @@ impl Connector for ManifestConnector {
         // pages (HubSpot: one association read per five search pages). They commit
         // together, with the cursor after the last of them.
         let gather = request.gather.map_or(0, |records| records as usize);
-        let skip: HashSet<String> = state.skip_ids.iter().cloned().collect();
-        let since = state.since;
+        let mut skip: HashSet<String> = state.skip_ids.iter().cloned().collect();
+        let mut since = state.since;
         let no_enrichment = HashMap::new();
         let force_deleted = phase == Phase::Deletes;
         // Only an incremental read meets records it stored before (its lookback
@@ -1612,7 +1612,20 @@ impl Connector for ManifestConnector {
                         self.rewindow(&mut state);
                         break false;
                     }
-                    state.page = next;
+                    if request.keyset
+                        && state.phase == Phase::Incremental
+                        && state.hw.is_some_and(|hw| Some(hw) > state.since)
+                    {
+                        // The next page is a new query from the high-water mark, so a
+                        // record modified meanwhile, which moves to the end of the
+                        // order, shifts nothing. Within one instant larger than a page
+                        // (the high-water mark still at `since`) the continuation goes on.
+                        self.rewindow(&mut state);
+                        skip = state.skip_ids.iter().cloned().collect();
+                        since = state.since;
+                    } else {
+                        state.page = next;
+                    }
                     if reads.len() + page_size as usize > gather {
                         break false;
                     }

@@ -329,6 +329,21 @@ pub fn validate(manifest: &Manifest, report: &mut dyn FnMut(&str, String)) {
         ),
     }
     let deals = &manifest.deals;
+    for (key, request) in [
+        ("deals.full", Some(&deals.full)),
+        (
+            "deals.deletes.request",
+            deals.deletes.as_ref().map(|d| &d.request),
+        ),
+        ("deals.one", deals.one.as_ref()),
+    ] {
+        if request.is_some_and(|request| request.keyset) {
+            report(
+                &format!("{key}.keyset"),
+                "keyset paging restarts at the last modification time read: only [deals.incremental] reads by modification time".into(),
+            );
+        }
+    }
     check_request("deals.full", &deals.full, report);
     if let Some(request) = &deals.incremental {
         check_request("deals.incremental", request, report);
@@ -553,6 +568,20 @@ mod tests {
             "{shown:?}"
         );
         assert!(parse("crm.toml", &text.replace("30d", "24h")).is_ok());
+    }
+
+    #[test]
+    fn keyset_paging_is_refused_outside_the_incremental_read() {
+        let text = "name = \"crm\"\nbase_url = \"http://x\"\n[auth]\nkind = \"bearer\"\n[deals]\nmodified = \"/m\"\n[deals.full]\npath = \"/deals\"\nrecords = \"/data\"\nkeyset = true\n[deals.fields]\nexternal_id = \"/id\"\nnative_stage = \"/stage\"\n";
+        let problems = parse("crm.toml", text).unwrap_err();
+        let shown: Vec<String> = problems.iter().map(ToString::to_string).collect();
+        assert!(
+            shown
+                .iter()
+                .any(|p| p.contains("deals.full.keyset") && p.contains("[deals.incremental]")),
+            "{shown:?}"
+        );
+        assert!(parse("crm.toml", &text.replace("keyset = true\n", "")).is_ok());
     }
 
     #[test]

@@ -205,6 +205,12 @@ pub struct Request {
     /// Records to read, over as many pages as it takes, before the enrichments run once
     /// for all of them (HubSpot search: 1,000, what one association batch read takes).
     pub gather: Option<u32>,
+    /// Incremental requests only: each next page is a new query from the high-water mark
+    /// (the ids read at it skipped), not the vendor's continuation. An offset
+    /// continuation (HubSpot search) shifts when a record read earlier is modified and
+    /// moves to the end of the order, and the record at the page boundary is skipped.
+    #[serde(default)]
+    pub keyset: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
