@@ -1921,8 +1921,11 @@ async fn a_deal_committed_in_the_cursors_own_second_after_the_read_is_read_by_th
     assert_eq!(next.created, 1, "{next:?}");
 }
 
-#[tokio::test]
-async fn a_deal_modified_while_the_search_pages_through_shifts_no_other_deal_out_of_the_read() {
+/// 450 HubSpot deals change (their changes `age_ms` old) and are read by one
+/// incremental read of three search pages, while deal 1 changes again after the first
+/// page: it moves to the end of the search's order, and every deal after it one place
+/// forward. Returns the deals left at their old stage after one more run.
+async fn deals_left_behind_by_a_shift(age_ms: i64) -> Vec<String> {
     use dealsync::sync::run_once;
     let hubspot = HubSpot::start("pat-test", None).await;
     hubspot.put_contact(501, "ada@acme.example", "Ada", "Lovelace");
@@ -1944,17 +1947,13 @@ async fn a_deal_modified_while_the_search_pages_through_shifts_no_other_deal_out
         .await
         .unwrap();
 
-    // While dealsync was down, all 450 deals moved on, ten minutes ago: a backlog of
-    // three search pages, older than the lookback.
-    let backlog = now_ms() - 600_000;
+    let backlog = now_ms() - age_ms;
     for id in 1..=450u64 {
         hubspot.update(id, |deal| {
             deal.stage = "qualifiedtobuy".into();
             deal.modified_ms = backlog + id as i64;
         });
     }
-    // Deal 1 changes again after the first search page was read: it moves to the end
-    // of the order, and every deal after it one place forward.
     *hubspot.faults().slow.lock().unwrap() = Some((
         "/crm/v3/objects/deals/search".into(),
         Duration::from_millis(300),
@@ -1981,14 +1980,32 @@ async fn a_deal_modified_while_the_search_pages_through_shifts_no_other_deal_out
     run_once(&runtime, &deps, false, &shutdown, &|_| {})
         .await
         .unwrap();
-    let behind: Vec<String> = rusqlite::Connection::open(dir.path().join("sync.db"))
+    rusqlite::Connection::open(dir.path().join("sync.db"))
         .unwrap()
         .prepare("SELECT external_id FROM deals WHERE native_stage <> 'qualifiedtobuy' ORDER BY id")
         .unwrap()
         .query_map([], |row| row.get(0))
         .unwrap()
         .collect::<Result<_, _>>()
-        .unwrap();
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_deal_modified_while_the_search_pages_through_a_backlog_shifts_no_other_deal_out() {
+    // While dealsync was down, the deals changed ten minutes ago: older than the
+    // lookback (1 minute), so the search pages by keyset (without it: deal 201 is lost).
+    let behind = deals_left_behind_by_a_shift(600_000).await;
+    assert!(
+        behind.is_empty(),
+        "deals left at their old stage: {behind:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_deal_a_shift_skips_among_recent_changes_is_read_by_the_next_run() {
+    // Changes within the lookback: the search follows its offset, and the deal the
+    // shift skips is read by the next run, which starts at this one's horizon.
+    let behind = deals_left_behind_by_a_shift(10_000).await;
     assert!(
         behind.is_empty(),
         "deals left at their old stage: {behind:?}"

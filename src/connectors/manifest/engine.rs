@@ -1086,6 +1086,13 @@ impl ManifestConnector {
         }
     }
 
+    /// This read's start less the lookback: what the next read starts from at the
+    /// latest.
+    fn horizon(&self, state: &CursorState, now: DateTime<Utc>) -> DateTime<Utc> {
+        state.run_started.unwrap_or(now)
+            - chrono::Duration::from_std(self.lookback).unwrap_or_default()
+    }
+
     fn vars_for(&self, state: &CursorState, page_size: u32) -> Vars {
         let mut vars = Vars::default();
         vars.set("page_size", json!(page_size));
@@ -1614,12 +1621,17 @@ impl Connector for ManifestConnector {
                     }
                     if request.keyset
                         && state.phase == Phase::Incremental
-                        && state.hw.is_some_and(|hw| Some(hw) > state.since)
+                        && state.hw.is_some_and(|hw| {
+                            Some(hw) > state.since && hw <= self.horizon(&state, now)
+                        })
                     {
                         // The next page is a new query from the high-water mark, so a
                         // record modified meanwhile, which moves to the end of the
-                        // order, shifts nothing. Within one instant larger than a page
-                        // (the high-water mark still at `since`) the continuation goes on.
+                        // order, shifts nothing. Only needed while the read is older
+                        // than this read's horizon: a record the shift would skip past
+                        // it is read again by the next read anyway (see `since`).
+                        // Within one instant larger than a page (the high-water mark
+                        // still at `since`) the continuation goes on.
                         self.rewindow(&mut state);
                         skip = state.skip_ids.iter().cloned().collect();
                         since = state.since;
