@@ -1587,6 +1587,18 @@ async fn in_process(
     (runtime, deps)
 }
 
+/// The HubSpot connection `hs` on `url`, built in-process, with a 1-minute lookback.
+async fn hubspot_in_process(
+    dir: &std::path::Path,
+    url: &str,
+) -> (
+    std::sync::Arc<dealsync::sync::ConnectionRuntime>,
+    dealsync::sync::SyncDeps,
+) {
+    let toml = hubspot_connection("hs", url, "").replace("lookback = \"1s\"", "lookback = \"1m\"");
+    in_process(dir, &toml).await
+}
+
 #[tokio::test]
 async fn hubspot_contacts_are_read_once_per_full_sync_and_incremental_reads_take_fresh_ones_from_the_store()
  {
@@ -1606,12 +1618,7 @@ async fn hubspot_contacts_are_read_once_per_full_sync_and_incremental_reads_take
         hubspot.put(deal);
     }
     let dir = tempfile::tempdir().unwrap();
-    let (runtime, deps) = in_process(
-        dir.path(),
-        &hubspot_connection("hs", &hubspot.url(), "")
-            .replace("lookback = \"1s\"", "lookback = \"1m\""),
-    )
-    .await;
+    let (runtime, deps) = hubspot_in_process(dir.path(), &hubspot.url()).await;
     let shutdown = tokio_util::sync::CancellationToken::new();
     let contact_reads = || {
         hubspot
@@ -1702,12 +1709,7 @@ async fn an_incremental_read_asks_nothing_more_about_records_its_overlap_meets_u
         hubspot.put(deal);
     }
     let dir = tempfile::tempdir().unwrap();
-    let (runtime, deps) = in_process(
-        dir.path(),
-        &hubspot_connection("hs", &hubspot.url(), "")
-            .replace("lookback = \"1s\"", "lookback = \"1m\""),
-    )
-    .await;
+    let (runtime, deps) = hubspot_in_process(dir.path(), &hubspot.url()).await;
     let shutdown = tokio_util::sync::CancellationToken::new();
     let association_reads = || {
         let mut ids = std::mem::take(&mut *hubspot.state.association_reads.lock().unwrap());
@@ -1848,12 +1850,7 @@ async fn a_deal_the_search_index_returns_late_is_read_by_the_next_run_and_old_on
         hubspot.put(deal);
     }
     let dir = tempfile::tempdir().unwrap();
-    let (runtime, deps) = in_process(
-        dir.path(),
-        &hubspot_connection("hs", &hubspot.url(), "")
-            .replace("lookback = \"1s\"", "lookback = \"1m\""),
-    )
-    .await;
+    let (runtime, deps) = hubspot_in_process(dir.path(), &hubspot.url()).await;
     let shutdown = tokio_util::sync::CancellationToken::new();
     run_once(&runtime, &deps, true, &shutdown, &|_| {})
         .await
@@ -1936,12 +1933,7 @@ async fn deals_left_behind_by_a_shift(age_ms: i64) -> Vec<String> {
         hubspot.put(deal);
     }
     let dir = tempfile::tempdir().unwrap();
-    let (runtime, deps) = in_process(
-        dir.path(),
-        &hubspot_connection("hs", &hubspot.url(), "")
-            .replace("lookback = \"1s\"", "lookback = \"1m\""),
-    )
-    .await;
+    let (runtime, deps) = hubspot_in_process(dir.path(), &hubspot.url()).await;
     let shutdown = tokio_util::sync::CancellationToken::new();
     run_once(&runtime, &deps, true, &shutdown, &|_| {})
         .await
