@@ -475,6 +475,8 @@ async fn run_pages(
                 }
                 batch.count(summary);
                 let done = batch.done;
+                // Records the connector met again unchanged count with the store's.
+                let met_unchanged = batch.unchanged;
                 let outcome = deps
                     .store
                     .commit_page(
@@ -489,7 +491,7 @@ async fn run_pages(
                 for (label, count) in [
                     ("created", outcome.created),
                     ("updated", outcome.updated),
-                    ("unchanged", outcome.unchanged),
+                    ("unchanged", outcome.unchanged + met_unchanged),
                     ("stale", outcome.stale),
                 ] {
                     if count > 0 {

@@ -1824,6 +1824,16 @@ async fn a_person_changed_within_the_same_second_is_read_although_the_deal_looks
         .unwrap();
     assert_eq!((quiet.fetched, quiet.unchanged), (2, 2), "{quiet:?}");
     assert_eq!(person_reads(), after_full);
+    let metrics = deps.metrics.encode();
+    let unchanged = metrics
+        .lines()
+        .find(|line| {
+            line.contains("records_total")
+                && line.contains("connection=\"pd\"")
+                && line.contains("outcome=\"unchanged\"")
+        })
+        .unwrap_or_else(|| panic!("{metrics}"));
+    assert!(unchanged.ends_with(" 2"), "{unchanged}");
 
     // Deal 11 moves to another person within the same second: its fields and update
     // time are the same, but the person id it gives the lookup is not.
