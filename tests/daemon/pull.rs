@@ -1905,9 +1905,6 @@ async fn a_deal_the_search_index_returns_late_is_read_by_the_next_run_and_old_on
 async fn a_deal_committed_in_the_cursors_own_second_after_the_read_is_read_by_the_next_run() {
     use dealsync::sync::run_once;
     let salesforce = Salesforce::start("refresh-0", 2).await;
-    // SystemModstamp has whole seconds; the lookback is as short as one.
-    let second = DateTime::from_timestamp(Utc::now().timestamp(), 0).unwrap();
-    salesforce.put(SfOpp::new("006B1", "Opp 1", "Prospecting", second));
     let dir = tempfile::tempdir().unwrap();
     let (runtime, deps) = in_process(
         dir.path(),
@@ -1916,6 +1913,10 @@ async fn a_deal_committed_in_the_cursors_own_second_after_the_read_is_read_by_th
     )
     .await;
     let shutdown = tokio_util::sync::CancellationToken::new();
+    // SystemModstamp has whole seconds; the lookback is as short as one. The read
+    // begins within the opportunity's second.
+    let second = DateTime::from_timestamp(Utc::now().timestamp(), 0).unwrap();
+    salesforce.put(SfOpp::new("006B1", "Opp 1", "Prospecting", second));
     let full = run_once(&runtime, &deps, true, &shutdown, &|_| {})
         .await
         .unwrap();
