@@ -116,6 +116,9 @@ pub enum ChangeCause {
     Webhook,
     /// Moved by dealsync itself: a sent follow-up, an abandoned cart, an expiry.
     Followup,
+    /// A deal kept as unmapped, moved once the stage map gave its native stage a
+    /// canonical stage (a config change).
+    Mapping,
 }
 
 impl ChangeCause {
@@ -124,6 +127,7 @@ impl ChangeCause {
             ChangeCause::Poll => "poll",
             ChangeCause::Webhook => "webhook",
             ChangeCause::Followup => "followup",
+            ChangeCause::Mapping => "mapping",
         }
     }
 }

@@ -869,6 +869,7 @@ fn change_from_row(row: &Row<'_>) -> rusqlite::Result<StageChange> {
         cause: match cause.as_str() {
             "webhook" => ChangeCause::Webhook,
             "followup" => ChangeCause::Followup,
+            "mapping" => ChangeCause::Mapping,
             _ => ChangeCause::Poll,
         },
     })
@@ -1011,6 +1012,52 @@ impl Store {
     }
 
     /// Native stages holding unmapped deals, with counts.
+    /// Moves `connection`'s deals kept as unmapped in (`native_pipeline`,
+    /// `native_stage`) to `to`, each with its history row (cause `mapping`), in one
+    /// transaction. Each keeps the time it entered that native stage: the mapping names
+    /// the stage it has been in since. Returns how many moved.
+    pub async fn map_unmapped(
+        &self,
+        connection: &str,
+        native_pipeline: &str,
+        native_stage: &str,
+        to: StageRef,
+        status: DealStatus,
+    ) -> Result<u64> {
+        let (connection, native_pipeline, native_stage) = (
+            connection.to_owned(),
+            native_pipeline.to_owned(),
+            native_stage.to_owned(),
+        );
+        self.write(move |tx| {
+            let deals: Vec<(i64, i64)> = tx
+                .prepare(
+                    "SELECT id, stage_entered_at FROM deals
+                     WHERE connection = ?1 AND native_pipeline = ?2 AND native_stage = ?3
+                       AND stage = 'unmapped' AND deleted_at IS NULL",
+                )?
+                .query_map(params![connection, native_pipeline, native_stage], |row| {
+                    Ok((row.get(0)?, row.get(1)?))
+                })?
+                .collect::<rusqlite::Result<_>>()?;
+            let mut moved = 0;
+            for (id, entered_at) in deals {
+                if move_stage(
+                    tx,
+                    id,
+                    &to,
+                    status,
+                    from_ms(entered_at),
+                    ChangeCause::Mapping,
+                )? {
+                    moved += 1;
+                }
+            }
+            Ok(moved)
+        })
+        .await
+    }
+
     pub async fn unmapped_stages(&self) -> Result<Vec<UnmappedStage>> {
         self.read(|db| {
             let mut statement = db.prepare(

@@ -206,6 +206,47 @@ impl ConnectionRuntime {
     }
 }
 
+/// Moves the connection's deals kept as unmapped whose native stage the stage map
+/// now maps (a config change, or discovery naming the stage) to that stage, as a new
+/// record in that stage would go; they keep when they entered it. A failure only
+/// leaves them unmapped until the next run.
+async fn map_now_mapped(runtime: &ConnectionRuntime, deps: &SyncDeps) {
+    let name = runtime.name();
+    let stages = match deps.store.unmapped_stages().await {
+        Ok(stages) => stages,
+        Err(error) => {
+            warn!(connection = %name, %error, "reading the unmapped stages failed");
+            return;
+        }
+    };
+    for stage in stages.into_iter().filter(|stage| stage.connection == name) {
+        let native = SourceDeal::new("", "", &stage.native_pipeline, &stage.native_stage);
+        let (target, status) = runtime.map(&native);
+        if target.is_unmapped() {
+            continue;
+        }
+        match deps
+            .store
+            .map_unmapped(
+                name,
+                &stage.native_pipeline,
+                &stage.native_stage,
+                target.clone(),
+                status,
+            )
+            .await
+        {
+            Ok(0) => {}
+            Ok(moved) => {
+                info!(connection = %name, native_pipeline = %stage.native_pipeline, native_stage = %stage.native_stage, stage = %target.stage.as_str(), moved, "deals kept as unmapped moved to the stage their native stage now maps to");
+            }
+            Err(error) => {
+                warn!(connection = %name, native_stage = %stage.native_stage, %error, "moving unmapped deals to their new stage failed");
+            }
+        }
+    }
+}
+
 /// Pages read ahead of the commit in progress.
 const READ_AHEAD: usize = 8;
 /// Records stored in one transaction at most when read pages queue up for the store.
@@ -427,6 +468,8 @@ async fn run_pages(
             }
         }
     }
+
+    map_now_mapped(runtime, deps).await;
 
     // Pages are read ahead of the commits (at most READ_AHEAD waiting), and pages that
     // queued up while the store was busy are committed together with the cursor of the

@@ -2014,3 +2014,90 @@ async fn a_deal_a_shift_skips_among_recent_changes_is_read_by_the_next_run() {
         "deals left at their old stage: {behind:?}"
     );
 }
+
+#[tokio::test]
+async fn unmapped_deals_move_to_their_stage_once_the_config_maps_it_keeping_when_they_entered() {
+    use dealsync::sync::run_once;
+    let hubspot = HubSpot::start("pat-test", None).await;
+    let entered = now_ms() - 86_400_000;
+    hubspot.put(HsDeal::new(1001, "Deal 1001", "customstage", entered));
+    hubspot.put(HsDeal::new(
+        1002,
+        "Deal 1002",
+        "appointmentscheduled",
+        entered,
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let (runtime, deps) = hubspot_in_process(dir.path(), &hubspot.url()).await;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    run_once(&runtime, &deps, true, &shutdown, &|_| {})
+        .await
+        .unwrap();
+    let db = || rusqlite::Connection::open(dir.path().join("sync.db")).unwrap();
+    let deal = |id: &str| -> (String, String, i64) {
+        db().query_row(
+            "SELECT stage, status, stage_entered_at FROM deals WHERE external_id = ?1",
+            [id],
+            |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
+        )
+        .unwrap()
+    };
+    assert_eq!(deal("1001").0, "unmapped");
+
+    // The config maps the stage now; the next run, with nothing changed at the vendor,
+    // moves the deal there.
+    let path = dir.path().join("dealsync.toml");
+    let text = std::fs::read_to_string(&path).unwrap()
+        + "\n[connections.hs.stage_map.default]\ncustomstage = \"proposal\"\n";
+    let config =
+        dealsync::config::parse(&path, &text, &dealsync::config::interpolate::ProcessEnv).unwrap();
+    let remapped = dealsync::sync::ConnectionRuntime::build_all(&config)
+        .unwrap()
+        .remove(0);
+    let run = run_once(&remapped, &deps, false, &shutdown, &|_| {})
+        .await
+        .unwrap();
+    assert_eq!(run.fetched, 0, "nothing read again: {run:?}");
+    assert_eq!(
+        deal("1001"),
+        ("proposal".into(), "open".into(), entered),
+        "in its stage since it entered the native stage"
+    );
+    let history: Vec<(Option<String>, String, String, i64)> = db()
+        .prepare(
+            "SELECT h.from_stage, h.to_stage, h.cause, h.at FROM stage_history h
+             JOIN deals d ON d.id = h.deal_id WHERE d.external_id = '1001' ORDER BY h.id",
+        )
+        .unwrap()
+        .query_map([], |row| {
+            Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
+        })
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(
+        history,
+        [
+            (None, "unmapped".into(), "poll".into(), entered),
+            (
+                Some("unmapped".into()),
+                "proposal".into(),
+                "mapping".into(),
+                entered
+            ),
+        ]
+    );
+    assert_eq!(
+        deal("1002").0,
+        "lead_qualification",
+        "a mapped deal is left alone"
+    );
+    // Once moved, later runs find nothing to move.
+    run_once(&remapped, &deps, false, &shutdown, &|_| {})
+        .await
+        .unwrap();
+    let rows: i64 = db()
+        .query_row("SELECT count(*) FROM stage_history", [], |row| row.get(0))
+        .unwrap();
+    assert_eq!(rows, 3);
+}
