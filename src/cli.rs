@@ -329,7 +329,7 @@ async fn check(path: &std::path::Path) -> Result<(), CliError> {
         }
     }
     if let Some(store) = &store {
-        for stage in store.unmapped_stages().await? {
+        for stage in store.unmapped_stages(None).await? {
             unmapped.push(format!(
                 "{}: {} deals in unmapped native stage \"{}\" / \"{}\"",
                 stage.connection, stage.deals, stage.native_pipeline, stage.native_stage

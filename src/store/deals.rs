@@ -1058,15 +1058,19 @@ impl Store {
         .await
     }
 
-    pub async fn unmapped_stages(&self) -> Result<Vec<UnmappedStage>> {
-        self.read(|db| {
-            let mut statement = db.prepare(
+    /// The native stages of deals kept as unmapped, with how many: of one connection,
+    /// or of all with `None`.
+    pub async fn unmapped_stages(&self, connection: Option<&str>) -> Result<Vec<UnmappedStage>> {
+        let connection = connection.map(str::to_owned);
+        self.read(move |db| {
+            let mut statement = db.prepare_cached(
                 "SELECT connection, native_pipeline, native_stage, count(*) FROM deals
                  WHERE stage = 'unmapped' AND deleted_at IS NULL
+                   AND (?1 IS NULL OR connection = ?1)
                  GROUP BY connection, native_pipeline, native_stage
                  ORDER BY connection, native_pipeline, native_stage",
             )?;
-            let rows = statement.query_map([], |row| {
+            let rows = statement.query_map([&connection], |row| {
                 Ok(UnmappedStage {
                     connection: row.get(0)?,
                     native_pipeline: row.get(1)?,
@@ -1377,7 +1381,7 @@ mod tests {
             .unwrap();
         assert_eq!(deal.stage.as_str(), UNMAPPED);
         assert_eq!(deal.status, DealStatus::Unmapped);
-        let unmapped = store.unmapped_stages().await.unwrap();
+        let unmapped = store.unmapped_stages(None).await.unwrap();
         assert_eq!(unmapped.len(), 1);
         assert_eq!(unmapped[0].native_stage, "mystery");
     }

@@ -212,14 +212,14 @@ impl ConnectionRuntime {
 /// leaves them unmapped until the next run.
 async fn map_now_mapped(runtime: &ConnectionRuntime, deps: &SyncDeps) {
     let name = runtime.name();
-    let stages = match deps.store.unmapped_stages().await {
+    let stages = match deps.store.unmapped_stages(Some(name)).await {
         Ok(stages) => stages,
         Err(error) => {
             warn!(connection = %name, %error, "reading the unmapped stages failed");
             return;
         }
     };
-    for stage in stages.into_iter().filter(|stage| stage.connection == name) {
+    for stage in stages {
         let native = SourceDeal::new("", "", &stage.native_pipeline, &stage.native_stage);
         let (target, status) = runtime.map(&native);
         if target.is_unmapped() {

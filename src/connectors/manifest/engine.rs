@@ -177,6 +177,9 @@ pub struct ManifestConnector {
     plan: Plan,
     /// Enrichment records requested lately (see [`Recent`]).
     recent: std::sync::Mutex<Recent>,
+    /// The id paths of the enrichments that look ids up from the record alone, whose
+    /// keys go into a record's fingerprint (see [`Self::fingerprint`]).
+    record_keys: Vec<Vec<String>>,
 }
 
 /// Enrichment records kept in memory, at most this many.
@@ -425,8 +428,16 @@ impl ManifestConnector {
             .or(manifest.deals.page_size)
             .unwrap_or(100)
             .clamp(1, max_page);
+        let record_keys = manifest
+            .deals
+            .enrich
+            .iter()
+            .filter(|step| !step.ids.iter().any(|path| path.starts_with('@')))
+            .map(|step| step.ids.clone())
+            .collect();
         Ok(ManifestConnector {
             own_rate,
+            record_keys,
             plan: record_plan(&manifest),
             recent: std::sync::Mutex::new(Recent::default()),
             bodies: collect_bodies(&manifest),
@@ -982,13 +993,10 @@ impl ManifestConnector {
         let no_enrichment = HashMap::new();
         let scope = Scope::new(record, &no_enrichment);
         let keys: Vec<Option<String>> = self
-            .manifest
-            .deals
-            .enrich
+            .record_keys
             .iter()
-            .filter(|step| !step.ids.iter().any(|path| path.starts_with('@')))
-            .map(|step| {
-                step.ids
+            .map(|paths| {
+                paths
                     .iter()
                     .find_map(|path| scope.get(path).and_then(text_of))
             })
