@@ -72,7 +72,9 @@ pub enum StatusPageAuth {
     Always,
 }
 
-#[derive(Debug, Clone)]
+/// One `[connections.NAME]`. Debug prints secrets, and the password of a URL with
+/// user info, as `***`.
+#[derive(Clone)]
 pub struct ConnectionConfig {
     pub name: ConnectionName,
     pub connector: String,
@@ -95,6 +97,8 @@ pub struct ConnectionConfig {
     pub rate_limit: RateLimitConfig,
     pub page_size: Option<u32>,
     pub lookback: Option<Duration>,
+    /// The largest vendor answer read, in bytes; a larger one fails its request.
+    pub max_response_bytes: u64,
     pub settings: toml::Table,
 }
 
@@ -131,7 +135,8 @@ impl MappingOverride {
     }
 }
 
-#[derive(Debug, Clone)]
+/// Debug prints the secrets, and the password of a URL with user info, as `***`.
+#[derive(Clone)]
 pub struct OAuthConfig {
     pub client_id: String,
     pub client_secret: Option<Secret>,
@@ -139,6 +144,55 @@ pub struct OAuthConfig {
     pub token_url: Option<url::Url>,
     pub scopes: Vec<String>,
     pub refresh_token: Option<Secret>,
+}
+
+impl fmt::Debug for ConnectionConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConnectionConfig")
+            .field("name", &self.name)
+            .field("connector", &self.connector)
+            .field("enabled", &self.enabled)
+            .field("base_url", &self.base_url.as_ref().map(redacted_url))
+            .field("token", &self.token)
+            .field("username", &self.username)
+            .field("password", &self.password)
+            .field("oauth", &self.oauth)
+            .field("webhook_secrets", &self.webhook_secrets)
+            .field("poll_interval", &self.poll_interval)
+            .field("abandon_after", &self.abandon_after)
+            .field("expire_after", &self.expire_after)
+            .field("pipeline", &self.pipeline)
+            .field("stage_map", &self.stage_map)
+            .field("rate_limit", &self.rate_limit)
+            .field("page_size", &self.page_size)
+            .field("lookback", &self.lookback)
+            .field("max_response_bytes", &self.max_response_bytes)
+            .field("settings", &self.settings)
+            .finish()
+    }
+}
+
+impl fmt::Debug for OAuthConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OAuthConfig")
+            .field("client_id", &self.client_id)
+            .field("client_secret", &self.client_secret)
+            .field("auth_url", &self.auth_url.as_ref().map(redacted_url))
+            .field("token_url", &self.token_url.as_ref().map(redacted_url))
+            .field("scopes", &self.scopes)
+            .field("refresh_token", &self.refresh_token)
+            .finish()
+    }
+}
+
+/// A URL for Debug output, with the password of its user info as `***`.
+fn redacted_url(url: &url::Url) -> String {
+    let mut shown = url.clone();
+    if shown.password().is_some() {
+        // Cannot fail: the URL has a host, or it could not carry a password.
+        let _ = shown.set_password(Some("***"));
+    }
+    shown.to_string()
 }
 
 #[derive(Debug, Clone, Default)]
@@ -495,6 +549,11 @@ fn validate_pipelines(raw: &raw::RawConfig, report: &mut dyn FnMut(&str, String)
     Pipelines::new(pipelines)
 }
 
+/// Bounds of `connections.NAME.max_response_bytes`: below 1 KiB no vendor page fits;
+/// above 1 GiB the cap would no longer protect the daemon's memory.
+const MIN_RESPONSE_BYTES: u64 = 1024;
+const MAX_RESPONSE_BYTES: u64 = 1024 * 1024 * 1024;
+
 fn validate_connection(
     name: &str,
     raw: raw::RawConnection,
@@ -603,6 +662,17 @@ fn validate_connection(
                 window,
             }
         });
+    let max_response_bytes = raw
+        .max_response_bytes
+        .unwrap_or(crate::vendor_http::DEFAULT_MAX_RESPONSE_BYTES);
+    if !(MIN_RESPONSE_BYTES..=MAX_RESPONSE_BYTES).contains(&max_response_bytes) {
+        report(
+            &format!("{base}.max_response_bytes"),
+            format!(
+                "expected a size in bytes from {MIN_RESPONSE_BYTES} (1 KiB) to {MAX_RESPONSE_BYTES} (1 GiB), got {max_response_bytes}"
+            ),
+        );
+    }
     if let Some(interval) = raw.poll_interval
         && interval.0 < Duration::from_secs(1)
     {
@@ -631,6 +701,7 @@ fn validate_connection(
         rate_limit,
         page_size: raw.page_size,
         lookback: raw.lookback.map(|d| d.0),
+        max_response_bytes,
         settings: raw.settings,
     }
 }

@@ -11,16 +11,30 @@ use super::{Result, Store, StoreError, from_ms, to_ms};
 use chrono::{DateTime, Utc};
 use rusqlite::{OptionalExtension, params};
 
-/// A connection's stored tokens.
-#[derive(Debug, Clone, PartialEq)]
+/// A connection's stored tokens. Debug prints the tokens as `***`.
+#[derive(Clone, PartialEq)]
 pub struct StoredToken {
     pub access_token: Option<String>,
     pub refresh_token: Option<String>,
     pub expires_at: Option<DateTime<Utc>>,
-    /// Extra token-response fields the connector needs (JSON object).
+    /// Extra token-response fields the connector needs (JSON object; only base URLs
+    /// and ids are kept).
     pub extra: serde_json::Value,
     pub needs_reauth: bool,
     pub updated_at: DateTime<Utc>,
+}
+
+impl std::fmt::Debug for StoredToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoredToken")
+            .field("access_token", &self.access_token.as_ref().map(|_| "***"))
+            .field("refresh_token", &self.refresh_token.as_ref().map(|_| "***"))
+            .field("expires_at", &self.expires_at)
+            .field("extra", &self.extra)
+            .field("needs_reauth", &self.needs_reauth)
+            .field("updated_at", &self.updated_at)
+            .finish()
+    }
 }
 
 impl Store {
