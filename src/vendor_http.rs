@@ -1073,4 +1073,29 @@ mod tests {
         headers.insert("retry-after", "2".parse().unwrap());
         assert_eq!(retry_after_header(&headers), Some(Duration::from_secs(2)));
     }
+
+    #[test]
+    fn debug_of_a_request_shows_no_header_value_and_no_query() {
+        let request = VendorRequest {
+            method: reqwest::Method::GET,
+            url: url::Url::parse("https://api.example.com/v1/deals?api_token=query-secret-1")
+                .unwrap(),
+            headers: vec![("x-api-token".into(), "header-secret-2".into())],
+            json: None,
+            endpoint_limit: None,
+        };
+        let shown = format!("{request:?}");
+        assert!(!shown.contains("secret"), "{shown}");
+        assert!(
+            shown.contains("https://api.example.com/v1/deals") && shown.contains("x-api-token"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn a_redirect_target_is_named_without_its_query_or_user_info() {
+        let location =
+            url::Url::parse("http://user:pw-secret@127.0.0.1:9999/steal?token=t-secret").unwrap();
+        assert_eq!(describe_location(&location), "http://127.0.0.1:9999/steal?…");
+    }
 }

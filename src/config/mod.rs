@@ -6,6 +6,11 @@
 //! [`interpolate`]). Every error names the file, the key, the line where it can be
 //! found, and what was expected; substituted values are scrubbed from messages so a
 //! secret cannot leak through an error.
+//!
+//! Invariant: a [`ConfigError::Invalid`] can only be built in this module, and every way
+//! to build one (`parse`, [`ConfigError::at`], [`ConfigError::invalid`]) scrubs the
+//! values substituted into the config it is about ([`Config::substituted`]), whatever
+//! key they were written under and whoever wrote the message.
 
 pub mod duration;
 pub mod interpolate;
@@ -40,6 +45,9 @@ pub struct Config {
     pub followups: Vec<crate::followup::rules::Rule>,
     /// Daily digest rules (`[followups.NAME]` with `digest = "HH:MM"`).
     pub digests: Vec<crate::followup::digest::DigestRule>,
+    /// What `${VAR}` and `${credential:NAME}` put into this config: scrubbed from every
+    /// error built about it.
+    pub substituted: interpolate::Substituted,
 }
 
 #[derive(Debug, Clone)]
@@ -264,14 +272,47 @@ pub enum ConfigError {
         path: String,
         source: std::io::Error,
     },
-    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
-    Invalid(Vec<Problem>),
+    #[error("{0}")]
+    Invalid(Problems),
+}
+
+/// The problems of an invalid config, scrubbed of the values substituted into it. Only
+/// this module can build one, so no problem reaches a reader unscrubbed.
+#[derive(Debug, Clone)]
+pub struct Problems(Vec<Problem>);
+
+impl Problems {
+    fn scrubbed(problems: Vec<Problem>, substituted: &interpolate::Substituted) -> Self {
+        Problems(
+            problems
+                .into_iter()
+                .map(|problem| Problem {
+                    file: substituted.scrub(&problem.file).into_owned(),
+                    line: problem.line,
+                    key: substituted.scrub(&problem.key).into_owned(),
+                    message: substituted.scrub(&problem.message).into_owned(),
+                })
+                .collect(),
+        )
+    }
+}
+
+impl fmt::Display for Problems {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (at, problem) in self.0.iter().enumerate() {
+            if at > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{problem}")?;
+        }
+        Ok(())
+    }
 }
 
 impl ConfigError {
     pub fn problems(&self) -> &[Problem] {
         match self {
-            ConfigError::Invalid(problems) => problems,
+            ConfigError::Invalid(problems) => &problems.0,
             ConfigError::Read { .. } => &[],
         }
     }
@@ -280,12 +321,20 @@ impl ConfigError {
     pub fn at(config: &Config, key: impl Into<String>, message: impl Into<String>) -> Self {
         let key = key.into();
         let text = std::fs::read_to_string(&config.path).unwrap_or_default();
-        ConfigError::Invalid(vec![Problem {
-            file: display_name(&config.path),
-            line: locate(&text, &key),
-            key,
-            message: message.into(),
-        }])
+        Self::invalid(
+            config,
+            vec![Problem {
+                file: display_name(&config.path),
+                line: locate(&text, &key),
+                key,
+                message: message.into(),
+            }],
+        )
+    }
+
+    /// Problems found in (or through) `config`, scrubbed of its substituted values.
+    pub fn invalid(config: &Config, problems: Vec<Problem>) -> Self {
+        ConfigError::Invalid(Problems::scrubbed(problems, &config.substituted))
     }
 }
 
@@ -299,11 +348,24 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
         path: display_name(path),
         source,
     })?;
-    parse(path, &text, &interpolate::ProcessEnv)
+    parse_reporting(path, &text, &interpolate::ProcessEnv, &mut |substituted| {
+        interpolate::remember_for_process(substituted)
+    })
 }
 
 /// Parses config text; `path` names the file in errors.
 pub fn parse(path: &Path, text: &str, env: &dyn interpolate::Env) -> Result<Config, ConfigError> {
+    parse_reporting(path, text, env, &mut |_| {})
+}
+
+/// [`parse`], handing what was substituted to `substituted_values` as soon as it is
+/// known (before anything can fail on it).
+fn parse_reporting(
+    path: &Path,
+    text: &str,
+    env: &dyn interpolate::Env,
+    substituted_values: &mut dyn FnMut(&interpolate::Substituted),
+) -> Result<Config, ConfigError> {
     let file = display_name(path);
     let problem = |key: &str, message: String| Problem {
         file: file.clone(),
@@ -312,54 +374,49 @@ pub fn parse(path: &Path, text: &str, env: &dyn interpolate::Env) -> Result<Conf
         message,
     };
 
+    // Nothing is substituted yet: the file's own text is no secret of ours.
+    let nothing = interpolate::Substituted::default();
     let mut value: toml::Value = toml::from_str(text).map_err(|error| {
         let line = error
             .span()
             .map(|span| text[..span.start.min(text.len())].lines().count().max(1));
-        ConfigError::Invalid(vec![Problem {
+        let invalid = Problem {
             file: file.clone(),
             line,
             key: String::new(),
             message: format!("invalid TOML: {}", error.message()),
-        }])
+        };
+        ConfigError::Invalid(Problems::scrubbed(vec![invalid], &nothing))
     })?;
 
+    // Failed substitutions say which variable or credential, never a value.
     let substituted = interpolate::interpolate(&mut value, env).map_err(|errors| {
-        ConfigError::Invalid(
-            errors
-                .into_iter()
-                .map(|error| problem(&error.key, error.message))
-                .collect(),
-        )
+        let problems = errors
+            .into_iter()
+            .map(|error| problem(&error.key, error.message))
+            .collect();
+        ConfigError::Invalid(Problems::scrubbed(problems, &nothing))
     })?;
-    let scrub = |message: String| scrub(message, &substituted);
+    let substituted = interpolate::Substituted::new(&substituted);
+    substituted_values(&substituted);
 
     let raw: raw::RawConfig = serde_path_to_error::deserialize(value).map_err(|error| {
         let key = error.path().to_string();
         let key = if key == "." { String::new() } else { key };
-        let message = scrub(error.into_inner().to_string());
-        ConfigError::Invalid(vec![problem(&key, message)])
+        let invalid = problem(&key, error.into_inner().to_string());
+        ConfigError::Invalid(Problems::scrubbed(vec![invalid], &substituted))
     })?;
 
     let mut problems = Vec::new();
-    let config = validate(path, raw, &mut |key: &str, message: String| {
-        problems.push(problem(key, scrub(message)))
+    let mut config = validate(path, raw, &mut |key: &str, message: String| {
+        problems.push(problem(key, message))
     });
+    config.substituted = substituted;
     if problems.is_empty() {
         Ok(config)
     } else {
-        Err(ConfigError::Invalid(problems))
+        Err(ConfigError::invalid(&config, problems))
     }
-}
-
-/// Replaces every substituted value in a message with `***`.
-fn scrub(mut message: String, substituted: &[String]) -> String {
-    for value in substituted {
-        if value.len() >= 3 && message.contains(value.as_str()) {
-            message = message.replace(value.as_str(), "***");
-        }
-    }
-    message
 }
 
 fn validate(path: &Path, raw: raw::RawConfig, report: &mut dyn FnMut(&str, String)) -> Config {
@@ -446,6 +503,7 @@ fn validate(path: &Path, raw: raw::RawConfig, report: &mut dyn FnMut(&str, Strin
         email,
         followups,
         digests,
+        substituted: interpolate::Substituted::default(),
     }
 }
 
@@ -1085,5 +1143,72 @@ pipeline = "sales"
             "connections.crm.stage_map.Software Sales.Trial Use"
         );
         assert!(problem.message.contains("has no stage \"trial\""));
+    }
+
+    #[test]
+    fn an_error_built_outside_the_config_module_is_scrubbed_of_substituted_values() {
+        // `connector = "${PD_TOKEN}"` parses; the registry then names the connector.
+        let text = "[connections.crm]\nconnector = \"${PD_TOKEN}\"\n";
+        let config = parse_with(text, &[("PD_TOKEN", "pd-secret-token\"x")]).unwrap();
+        let error = ConfigError::at(
+            &config,
+            "connections.crm.connector",
+            format!("unknown connector {:?}", config.connections[0].connector),
+        );
+        let shown = error.to_string();
+        assert!(!shown.contains("pd-secret-token"), "{shown}");
+        assert!(
+            shown.contains("connections.crm.connector: unknown connector \"***\""),
+            "{shown}"
+        );
+        let problems = vec![Problem {
+            file: "pd-secret-token\"x/connectors.d".into(),
+            line: None,
+            key: "connectors.dir".into(),
+            message: "cannot read".into(),
+        }];
+        let shown = ConfigError::invalid(&config, problems).to_string();
+        assert_eq!(shown, "***/connectors.d: connectors.dir: cannot read");
+    }
+
+    #[test]
+    fn debug_of_a_connection_prints_stars_for_its_secrets_and_url_password() {
+        let text = r#"
+[connections.crm]
+connector = "hubspot"
+base_url = "https://user:url-secret-1@api.example.com/"
+token = "token-secret-2"
+password = "password-secret-3"
+webhook_secret = "hook-secret-4"
+[connections.crm.oauth]
+client_id = "client"
+client_secret = "client-secret-5"
+refresh_token = "refresh-secret-6"
+token_url = "https://user:url-secret-7@auth.example.com/token"
+[email]
+transport = "smtp"
+url = "smtps://user:smtp-secret-8@mail.example.com"
+"#;
+        let config = parse_with(text, &[]).unwrap();
+        let shown = format!("{config:?}");
+        for secret in 1..=8 {
+            assert!(!shown.contains(&format!("secret-{secret}")), "{shown}");
+        }
+        assert!(
+            shown.contains("https://user:***@api.example.com/"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn max_response_bytes_defaults_to_64_mib_and_is_bounded() {
+        let text = "[connections.crm]\nconnector = \"hubspot\"\n";
+        let config = parse_with(text, &[]).unwrap();
+        assert_eq!(config.connections[0].max_response_bytes, 64 * 1024 * 1024);
+        let text = "[connections.crm]\nconnector = \"hubspot\"\nmax_response_bytes = 10\n";
+        let problem = only_problem(parse_with(text, &[]).unwrap_err());
+        assert_eq!(problem.key, "connections.crm.max_response_bytes");
+        assert_eq!(problem.line, Some(3));
+        assert!(problem.message.contains("from 1024"), "{problem}");
     }
 }

@@ -273,7 +273,8 @@ const RUST_CONNECTORS: &[&str] = &["demo", "shopify", "woocommerce", "stripe", "
 impl Registry {
     /// Loads the manifests in force for a config: built-ins, then `[connectors] dir`.
     pub fn catalog(config: &crate::config::Config) -> Result<manifest::Catalog, ConfigError> {
-        manifest::Catalog::load(config.connectors_dir.as_deref()).map_err(ConfigError::Invalid)
+        manifest::Catalog::load(config.connectors_dir.as_deref())
+            .map_err(|problems| ConfigError::invalid(config, problems))
     }
 
     /// Builds the connector for one connection, or explains what is wrong.

@@ -185,4 +185,21 @@ mod tests {
             .unwrap();
         assert!(!store.oauth_token("sf").await.unwrap().unwrap().needs_reauth);
     }
+
+    #[test]
+    fn debug_of_stored_tokens_prints_stars_for_both_tokens() {
+        let token = super::StoredToken {
+            access_token: Some("access-secret-1".into()),
+            refresh_token: Some("refresh-secret-2".into()),
+            expires_at: None,
+            extra: json!({"instance_url": "https://x"}),
+            needs_reauth: false,
+            updated_at: chrono::Utc::now(),
+        };
+        let shown = format!("{token:?}");
+        assert!(!shown.contains("access-secret-1"), "{shown}");
+        assert!(!shown.contains("refresh-secret-2"), "{shown}");
+        assert!(shown.contains("access_token: Some(\"***\")"), "{shown}");
+        assert!(shown.contains("https://x"), "{shown}");
+    }
 }

@@ -811,3 +811,41 @@ async fn accept_redirect(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_of_credentials_and_token_responses_prints_stars_for_secrets() {
+        let authn = Authn {
+            header: Some(("x-api-token".into(), "header-secret-1".into())),
+            query: Some(("api_token".into(), "query-secret-2".into())),
+            base_url: Some("https://api.example.com".into()),
+            access: Some("access-secret-3".into()),
+        };
+        let cached = Cached {
+            access: "access-secret-4".into(),
+            expires_at: None,
+            base_url: None,
+        };
+        let response: TokenResponseWithExtras = serde_json::from_value(serde_json::json!({
+            "access_token": "access-secret-5",
+            "refresh_token": "refresh-secret-6",
+            "token_type": "bearer",
+            "id_token": "id-secret-7",
+            "instance_url": "https://na1.example.com",
+        }))
+        .unwrap();
+        let shown = format!("{authn:?} {cached:?} {response:?}");
+        for secret in 1..=7 {
+            assert!(!shown.contains(&format!("secret-{secret}")), "{shown}");
+        }
+        assert!(shown.contains("x-api-token: ***"), "{shown}");
+        assert!(shown.contains("\"id_token\": \"***\""), "{shown}");
+        assert!(
+            shown.contains("https://na1.example.com"),
+            "kept extras stay readable: {shown}"
+        );
+    }
+}
