@@ -352,11 +352,7 @@ fn describe_location(location: &url::Url) -> String {
 }
 
 fn without_query(url: &url::Url) -> String {
-    format!(
-        "{}{}",
-        url.origin().ascii_serialization(),
-        url.path()
-    )
+    format!("{}{}", url.origin().ascii_serialization(), url.path())
 }
 
 #[derive(Debug, Default)]
@@ -591,7 +587,10 @@ impl VendorClient {
                 } => outcome,
             };
             let retry_in = match outcome {
-                Err(refused @ (ReceiveError::Redirected { status, .. } | ReceiveError::TooLarge { status, .. })) => {
+                Err(
+                    refused @ (ReceiveError::Redirected { status, .. }
+                    | ReceiveError::TooLarge { status, .. }),
+                ) => {
                     vendor_metrics
                         .requests
                         .get_or_create(&StatusLabels {
@@ -600,7 +599,11 @@ impl VendorClient {
                         })
                         .inc();
                     // Not retried: the same request would meet the same answer.
-                    return Err(refused.into_connector_error(&self.vendor, &cx.connection, &request.url));
+                    return Err(refused.into_connector_error(
+                        &self.vendor,
+                        &cx.connection,
+                        &request.url,
+                    ));
                 }
                 Err(ReceiveError::Http(error)) => {
                     vendor_metrics
@@ -1096,6 +1099,9 @@ mod tests {
     fn a_redirect_target_is_named_without_its_query_or_user_info() {
         let location =
             url::Url::parse("http://user:pw-secret@127.0.0.1:9999/steal?token=t-secret").unwrap();
-        assert_eq!(describe_location(&location), "http://127.0.0.1:9999/steal?…");
+        assert_eq!(
+            describe_location(&location),
+            "http://127.0.0.1:9999/steal?…"
+        );
     }
 }

@@ -52,7 +52,8 @@ pub enum ConnectorError {
         "{vendor} redirected {path} to {location}: {}",
         if *.cross_origin {
             "another origin, where dealsync sends no credentials, so the redirect was not followed; \
-             point the connection's base_url at the right API address"
+             point the connection at the vendor's current address (base_url, or oauth.token_url \
+             for token requests)"
         } else {
             "too many redirects within the same origin"
         }

@@ -15,8 +15,8 @@ use super::schema::{AuthKind, ClientAuth, Manifest};
 use crate::config::{ConnectionConfig, Secret};
 use crate::connectors::{ConnectorError, SyncContext};
 use crate::store::Store;
-use crate::vendor_http::{ReceiveError, receive};
 use crate::telemetry::ConnectionLabels;
+use crate::vendor_http::{ReceiveError, receive};
 use base64::Engine;
 use chrono::{DateTime, Utc};
 use oauth2::basic::{
@@ -113,9 +113,8 @@ pub struct OAuthSession {
 
 impl fmt::Debug for Authn {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let redacted = |pair: &Option<(String, String)>| {
-            pair.as_ref().map(|(name, _)| format!("{name}: ***"))
-        };
+        let redacted =
+            |pair: &Option<(String, String)>| pair.as_ref().map(|(name, _)| format!("{name}: ***"));
         f.debug_struct("Authn")
             .field("header", &redacted(&self.header))
             .field("query", &redacted(&self.query))
