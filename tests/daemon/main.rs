@@ -7,5 +7,6 @@ mod insight;
 mod outbound;
 mod pull;
 mod report;
+mod secrets;
 mod smtp_harness;
 mod webhooks;
