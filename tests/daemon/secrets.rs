@@ -318,10 +318,7 @@ async fn a_secret_substituted_into_any_key_appears_in_no_output_of_check_or_run(
     }
     let env: Arc<Vec<(&str, String)>> = Arc::new(vec![
         ("DEALSYNC_TEST_SECRET", SECRET.to_owned()),
-        (
-            "CREDENTIALS_DIRECTORY",
-            credentials.display().to_string(),
-        ),
+        ("CREDENTIALS_DIRECTORY", credentials.display().to_string()),
     ]);
     // Held for the whole test: `run` of a valid config fails to bind it and exits.
     let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -336,7 +333,8 @@ async fn a_secret_substituted_into_any_key_appears_in_no_output_of_check_or_run(
         std::fs::write(dir.join("dealsync.toml"), to_toml(document)).unwrap();
         let checked = dealsync(&dir, "check", &env).await;
         assert_eq!(
-            checked.code, 0,
+            checked.code,
+            0,
             "document {number} is valid without the secret:\n{}\n{}",
             checked.output,
             to_toml(document)
@@ -409,10 +407,16 @@ async fn a_secret_substituted_into_any_key_appears_in_no_output_of_check_or_run(
     let mut connector_error = None;
     while let Some(finished) = runs.join_next().await {
         let (key, reference, checked, ran) = finished.unwrap();
-        assert_ne!(ran.code, 0, "{key}: run of a config whose listener is taken");
+        assert_ne!(
+            ran.code, 0,
+            "{key}: run of a config whose listener is taken"
+        );
         for (command, outcome) in [("check", &checked), ("run", &ran)] {
             if outcome.output.contains(CORE) {
-                leaks.push(format!("{key} = {reference} (dealsync {command}):\n{}", outcome.output));
+                leaks.push(format!(
+                    "{key} = {reference} (dealsync {command}):\n{}",
+                    outcome.output
+                ));
             }
         }
         if checked.code != 0 || !ran.output.contains("binding 127.0.0.1") {
@@ -422,7 +426,11 @@ async fn a_secret_substituted_into_any_key_appears_in_no_output_of_check_or_run(
             connector_error = Some(checked.output);
         }
     }
-    assert!(leaks.is_empty(), "the secret was printed:\n{}", leaks.join("\n\n"));
+    assert!(
+        leaks.is_empty(),
+        "the secret was printed:\n{}",
+        leaks.join("\n\n")
+    );
     // The secret did go through error paths, and they still say what is wrong.
     for failing in [
         "storage.path = /dev/null/${DEALSYNC_TEST_SECRET}/dealsync.db",
