@@ -194,6 +194,9 @@ pub struct VendorResponse {
 pub fn client_builder() -> reqwest::ClientBuilder {
     reqwest::Client::builder()
         .redirect(same_origin_redirects())
+        // A followed redirect would otherwise carry the previous URL, query-string
+        // credentials included, in `Referer`.
+        .referer(false)
         .user_agent(concat!("dealsync/", env!("CARGO_PKG_VERSION")))
 }
 
@@ -229,9 +232,16 @@ pub enum ReceiveError {
         limit: u64,
         declared: Option<u64>,
     },
-    /// No (complete) answer: connection, timeout or transfer errors.
+    /// No (complete) answer: connection, timeout or transfer errors. Held without its
+    /// URL, which may carry a query-string credential.
     #[error(transparent)]
-    Http(#[from] reqwest::Error),
+    Http(reqwest::Error),
+}
+
+impl From<reqwest::Error> for ReceiveError {
+    fn from(error: reqwest::Error) -> Self {
+        ReceiveError::Http(error.without_url())
+    }
 }
 
 impl ReceiveError {
@@ -287,11 +297,18 @@ pub async fn receive(
     limit: u64,
 ) -> Result<VendorResponse, ReceiveError> {
     let status = response.status().as_u16();
-    if let Some(location) = unfollowed_redirect(&response) {
+    if let Some(target) = unfollowed_redirect(&response) {
+        let (location, cross_origin) = match target {
+            Ok(location) => (
+                describe_location(&location),
+                location.origin() != response.url().origin(),
+            ),
+            Err(unreadable) => (unreadable, true),
+        };
         return Err(ReceiveError::Redirected {
             status,
-            cross_origin: location.origin() != response.url().origin(),
-            location: describe_location(&location),
+            location,
+            cross_origin,
         });
     }
     if let Some(declared) = response.content_length()
@@ -304,11 +321,11 @@ pub async fn receive(
         });
     }
     let headers = response.headers().clone();
-    // Reserve what was declared (it is within the cap), else grow as chunks arrive.
-    let reserve = response.content_length().unwrap_or(0).min(limit);
-    let mut body = bytes::BytesMut::with_capacity(usize::try_from(reserve).unwrap_or(0));
+    let mut chunks: Vec<bytes::Bytes> = Vec::new();
+    let mut read: u64 = 0;
     while let Some(chunk) = response.chunk().await? {
-        if (body.len() + chunk.len()) as u64 > limit {
+        read += chunk.len() as u64;
+        if read > limit {
             // Dropping the response closes the connection: the rest is never read.
             return Err(ReceiveError::TooLarge {
                 status,
@@ -316,29 +333,39 @@ pub async fn receive(
                 declared: None,
             });
         }
-        body.extend_from_slice(&chunk);
+        chunks.push(chunk);
     }
+    // One chunk (the usual small page) is the body as it is; several are joined once.
+    let body = match chunks.len() {
+        0 => bytes::Bytes::new(),
+        1 => chunks.swap_remove(0),
+        _ => chunks.concat().into(),
+    };
     Ok(VendorResponse {
         status,
         headers,
-        body: body.freeze(),
+        body,
     })
 }
 
-/// The target of a 3xx answer with a `Location` (the redirect policy stopped there).
-fn unfollowed_redirect(response: &reqwest::Response) -> Option<url::Url> {
+/// The target of a 3xx answer with a `Location` (the redirect policy stopped there),
+/// or, when it is no URL, its text up to any query, for the message.
+fn unfollowed_redirect(response: &reqwest::Response) -> Option<Result<url::Url, String>> {
     if !response.status().is_redirection() {
         return None;
     }
     let location = response.headers().get(reqwest::header::LOCATION)?;
     let text = String::from_utf8_lossy(location.as_bytes());
-    Some(
-        response
-            .url()
-            .join(text.trim())
-            // Unparsable: still a redirect that was not followed; name what can be named.
-            .unwrap_or_else(|_| response.url().clone()),
-    )
+    Some(response.url().join(text.trim()).map_err(|_| {
+        let before_query: String = text
+            .split('?')
+            .next()
+            .unwrap_or_default()
+            .chars()
+            .take(200)
+            .collect();
+        format!("{before_query:?} (not a URL)")
+    }))
 }
 
 /// A redirect target for messages: scheme, host, port and path. The query and any user
