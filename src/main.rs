@@ -27,10 +27,15 @@ fn main() {
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     if let Err(error) = result {
         let code = error.exit_code();
-        match code {
-            78 => eprintln!("dealsync: configuration error:\n{error}"),
-            _ => eprintln!("dealsync: {error:#}"),
-        }
+        let message = match code {
+            78 => format!("dealsync: configuration error:\n{error}"),
+            _ => format!("dealsync: {error:#}"),
+        };
+        // Any error (a store path, an address) may quote a value from the config.
+        eprintln!(
+            "{}",
+            dealsync::config::interpolate::scrub_process_output(&message)
+        );
         std::process::exit(code);
     }
 }

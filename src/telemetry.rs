@@ -18,7 +18,8 @@ pub enum LogFormat {
     Json,
 }
 
-/// Installs the global tracing subscriber; logs go to stderr.
+/// Installs the global tracing subscriber; logs go to stderr, scrubbed of the values
+/// substituted into the config (see [`ScrubbedStderr`]).
 pub fn init_tracing(format: LogFormat, level: &str) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
@@ -26,11 +27,42 @@ pub fn init_tracing(format: LogFormat, level: &str) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
+        .with_writer(ScrubbedStderr);
     let _ = match format {
         LogFormat::Pretty => builder.with_target(false).try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
+}
+
+/// The log writer: stderr, with every value substituted into a loaded config replaced
+/// by `***` ([`crate::config::interpolate::scrub_process_output`]), so no log line
+/// quotes a secret, whichever code path wrote it.
+pub struct ScrubbedStderr;
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for ScrubbedStderr {
+    type Writer = ScrubbedLine;
+
+    fn make_writer(&'a self) -> ScrubbedLine {
+        ScrubbedLine
+    }
+}
+
+/// One log event on its way to stderr.
+pub struct ScrubbedLine;
+
+impl std::io::Write for ScrubbedLine {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        // The fmt layer formats an event whole and hands it over in one call, so a
+        // value is never split across two writes.
+        let text = String::from_utf8_lossy(buf);
+        let scrubbed = crate::config::interpolate::scrub_process_output(&text);
+        std::io::stderr().lock().write_all(scrubbed.as_bytes())?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

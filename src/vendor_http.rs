@@ -1,8 +1,18 @@
 //! The one outbound HTTP client for vendor APIs: rate limit, bounded concurrency,
 //! request timeouts, retries with exponential backoff and full jitter, `Retry-After`,
-//! and awareness of the vendor's daily budget.
+//! and awareness of the vendor's daily budget. Every other outbound client (the
+//! Shopify backfill, OAuth token requests) is built by [`client_builder`] and reads
+//! its answers through [`receive`], so the first two invariants hold for them too.
 //!
 //! Invariants:
+//! - A connection's credentials go only to the origin (scheme, host, port) they were
+//!   sent to: a redirect is followed only within that origin (at most
+//!   [`MAX_REDIRECTS`] hops), and a redirect anywhere else is not followed but ends the
+//!   request with [`ConnectorError::Redirected`], naming the `Location`. It is not retried.
+//! - A vendor answer is read in chunks up to the connection's `max_response_bytes`
+//!   ([`DEFAULT_MAX_RESPONSE_BYTES`]); a `Content-Length` above it is refused before
+//!   reading, and a body that grows past it is dropped at the first chunk beyond it,
+//!   with [`ConnectorError::ResponseTooLarge`]. It is not retried.
 //! - Every request waits for the connection's limiter (the vendor's documented rate,
 //!   or the connection's `rate_limit`) and holds one of `max_concurrency` permits.
 //! - Retries are bounded (`MAX_ATTEMPTS`) and only for what may pass on its own: 429,
@@ -19,6 +29,7 @@
 
 use crate::connectors::manifest::schema::{BudgetReset, ResponseMatch};
 use crate::connectors::{ConnectorError, SyncContext};
+use crate::domain::ConnectionName;
 use crate::telemetry::ConnectionLabels;
 use chrono::{DateTime, Utc};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
@@ -38,6 +49,10 @@ use tracing::{debug, warn};
 
 /// Attempts per request, the first included.
 pub const MAX_ATTEMPTS: u32 = 6;
+/// The largest vendor answer read, unless the connection sets `max_response_bytes`.
+pub const DEFAULT_MAX_RESPONSE_BYTES: u64 = 64 * 1024 * 1024;
+/// Redirects followed within the request's origin before the answer counts as a loop.
+pub const MAX_REDIRECTS: usize = 5;
 /// The longest `Retry-After` waited for inside one call; longer ones end the call.
 const MAX_INLINE_WAIT: Duration = Duration::from_secs(120);
 const BACKOFF_BASE: Duration = Duration::from_millis(250);
@@ -118,6 +133,8 @@ pub struct Limits {
     pub window: Option<(u32, Duration)>,
     pub max_concurrency: usize,
     pub timeout: Duration,
+    /// The largest answer read, in bytes (the connection's `max_response_bytes`).
+    pub max_response_bytes: u64,
     pub budget: BudgetRules,
 }
 
@@ -137,7 +154,9 @@ pub struct BudgetRules {
 }
 
 /// One request, fully built (URL, headers, body); the client only sends it.
-#[derive(Debug, Clone)]
+/// Debug shows the URL without its query and header names without values: both may
+/// carry the connection's credentials.
+#[derive(Clone)]
 pub struct VendorRequest {
     pub method: reqwest::Method,
     pub url: url::Url,
@@ -147,12 +166,220 @@ pub struct VendorRequest {
     pub endpoint_limit: Option<(String, f64)>,
 }
 
+impl std::fmt::Debug for VendorRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let header_names: Vec<&str> = self.headers.iter().map(|(name, _)| name.as_str()).collect();
+        f.debug_struct("VendorRequest")
+            .field("method", &self.method)
+            .field("url", &without_query(&self.url))
+            .field("query", &self.url.query().map(|_| "***"))
+            .field("headers", &header_names)
+            .field("json", &self.json.as_ref().map(|_| "…"))
+            .field("endpoint_limit", &self.endpoint_limit)
+            .finish()
+    }
+}
+
 /// A vendor's answer.
 #[derive(Debug)]
 pub struct VendorResponse {
     pub status: u16,
     pub headers: HeaderMap,
     pub body: bytes::Bytes,
+}
+
+/// Starts every outbound client: redirects are followed only within the origin of the
+/// request (so headers carrying credentials never reach another host), and the answer
+/// to a redirect elsewhere comes back to the caller unread, for [`receive`] to refuse.
+pub fn client_builder() -> reqwest::ClientBuilder {
+    reqwest::Client::builder()
+        .redirect(same_origin_redirects())
+        // A followed redirect would otherwise carry the previous URL, query-string
+        // credentials included, in `Referer`.
+        .referer(false)
+        .user_agent(concat!("dealsync/", env!("CARGO_PKG_VERSION")))
+}
+
+fn same_origin_redirects() -> reqwest::redirect::Policy {
+    reqwest::redirect::Policy::custom(|attempt| {
+        // `previous` starts with the URL the request was sent to.
+        let same_origin = attempt
+            .previous()
+            .first()
+            .is_some_and(|first| first.origin() == attempt.url().origin());
+        if same_origin && attempt.previous().len() <= MAX_REDIRECTS {
+            attempt.follow()
+        } else {
+            attempt.stop()
+        }
+    })
+}
+
+/// Why an answer was not accepted by [`receive`].
+#[derive(Debug, thiserror::Error)]
+pub enum ReceiveError {
+    /// A redirect that was not followed: to another origin, or one hop too many.
+    #[error("redirected to {location}")]
+    Redirected {
+        status: u16,
+        location: String,
+        cross_origin: bool,
+    },
+    /// The body is larger than the cap; `declared` when `Content-Length` said so.
+    #[error("the answer is larger than {limit} bytes")]
+    TooLarge {
+        status: u16,
+        limit: u64,
+        declared: Option<u64>,
+    },
+    /// No (complete) answer: connection, timeout or transfer errors. Held without its
+    /// URL, which may carry a query-string credential.
+    #[error(transparent)]
+    Http(reqwest::Error),
+}
+
+impl From<reqwest::Error> for ReceiveError {
+    fn from(error: reqwest::Error) -> Self {
+        ReceiveError::Http(error.without_url())
+    }
+}
+
+impl ReceiveError {
+    /// The connector error for this failure of a request to `url` by `connection`.
+    /// Transfer errors are transient; the others are not, as a retry would meet them again.
+    pub fn into_connector_error(
+        self,
+        vendor: &str,
+        connection: &ConnectionName,
+        url: &url::Url,
+    ) -> ConnectorError {
+        let path = url.path().to_owned();
+        match self {
+            ReceiveError::Redirected {
+                location,
+                cross_origin,
+                ..
+            } => ConnectorError::Redirected {
+                vendor: vendor.to_owned(),
+                path,
+                location,
+                cross_origin,
+            },
+            ReceiveError::TooLarge {
+                limit, declared, ..
+            } => ConnectorError::ResponseTooLarge {
+                connection: connection.clone(),
+                vendor: vendor.to_owned(),
+                path,
+                limit,
+                declared,
+            },
+            // The URL may carry a query-string credential: never show it.
+            ReceiveError::Http(error) => ConnectorError::Transient {
+                vendor: vendor.to_owned(),
+                reason: if error.is_timeout() {
+                    format!("{path} timed out")
+                } else if error.is_connect() {
+                    format!("connecting for {path} failed")
+                } else {
+                    format!("{path} failed: {}", error.without_url())
+                },
+                retry_after: None,
+            },
+        }
+    }
+}
+
+/// Reads an answer of a client made by [`client_builder`]: refuses a redirect it did
+/// not follow, then reads the body in chunks, at most `limit` bytes of it.
+pub async fn receive(
+    mut response: reqwest::Response,
+    limit: u64,
+) -> Result<VendorResponse, ReceiveError> {
+    let status = response.status().as_u16();
+    if let Some(target) = unfollowed_redirect(&response) {
+        let (location, cross_origin) = match target {
+            Ok(location) => (
+                describe_location(&location),
+                location.origin() != response.url().origin(),
+            ),
+            Err(unreadable) => (unreadable, true),
+        };
+        return Err(ReceiveError::Redirected {
+            status,
+            location,
+            cross_origin,
+        });
+    }
+    if let Some(declared) = response.content_length()
+        && declared > limit
+    {
+        return Err(ReceiveError::TooLarge {
+            status,
+            limit,
+            declared: Some(declared),
+        });
+    }
+    let headers = response.headers().clone();
+    let mut chunks: Vec<bytes::Bytes> = Vec::new();
+    let mut read: u64 = 0;
+    while let Some(chunk) = response.chunk().await? {
+        read += chunk.len() as u64;
+        if read > limit {
+            // Dropping the response closes the connection: the rest is never read.
+            return Err(ReceiveError::TooLarge {
+                status,
+                limit,
+                declared: None,
+            });
+        }
+        chunks.push(chunk);
+    }
+    // One chunk (the usual small page) is the body as it is; several are joined once.
+    let body = match chunks.len() {
+        0 => bytes::Bytes::new(),
+        1 => chunks.swap_remove(0),
+        _ => chunks.concat().into(),
+    };
+    Ok(VendorResponse {
+        status,
+        headers,
+        body,
+    })
+}
+
+/// The target of a 3xx answer with a `Location` (the redirect policy stopped there),
+/// or, when it is no URL, its text up to any query, for the message.
+fn unfollowed_redirect(response: &reqwest::Response) -> Option<Result<url::Url, String>> {
+    if !response.status().is_redirection() {
+        return None;
+    }
+    let location = response.headers().get(reqwest::header::LOCATION)?;
+    let text = String::from_utf8_lossy(location.as_bytes());
+    Some(response.url().join(text.trim()).map_err(|_| {
+        let before_query: String = text
+            .split('?')
+            .next()
+            .unwrap_or_default()
+            .chars()
+            .take(200)
+            .collect();
+        format!("{before_query:?} (not a URL)")
+    }))
+}
+
+/// A redirect target for messages: scheme, host, port and path. The query and any user
+/// info are left out, as a vendor may echo credentials there.
+fn describe_location(location: &url::Url) -> String {
+    let mut shown = without_query(location);
+    if location.query().is_some() {
+        shown.push_str("?…");
+    }
+    shown
+}
+
+fn without_query(url: &url::Url) -> String {
+    format!("{}{}", url.origin().ascii_serialization(), url.path())
 }
 
 #[derive(Debug, Default)]
@@ -276,10 +503,9 @@ fn limiter(per_second: f64, burst: u32) -> Option<DefaultDirectRateLimiter> {
 
 impl VendorClient {
     pub fn new(vendor: &str, limits: Limits) -> Result<Self, String> {
-        let http = reqwest::Client::builder()
+        let http = client_builder()
             .timeout(limits.timeout)
             .connect_timeout(limits.timeout.min(Duration::from_secs(10)))
-            .user_agent(concat!("dealsync/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|error| format!("building the HTTP client: {error}"))?;
         Ok(VendorClient {
@@ -384,14 +610,29 @@ impl VendorClient {
                 _ = cx.shutdown.cancelled() => return Err(ConnectorError::Cancelled),
                 outcome = async {
                     let response = builder.send().await?;
-                    let status = response.status().as_u16();
-                    let headers = response.headers().clone();
-                    let body = response.bytes().await?;
-                    Ok::<_, reqwest::Error>(VendorResponse { status, headers, body })
+                    receive(response, self.limits.max_response_bytes).await
                 } => outcome,
             };
             let retry_in = match outcome {
-                Err(error) => {
+                Err(
+                    refused @ (ReceiveError::Redirected { status, .. }
+                    | ReceiveError::TooLarge { status, .. }),
+                ) => {
+                    vendor_metrics
+                        .requests
+                        .get_or_create(&StatusLabels {
+                            connection: connection.to_owned(),
+                            status: status.to_string(),
+                        })
+                        .inc();
+                    // Not retried: the same request would meet the same answer.
+                    return Err(refused.into_connector_error(
+                        &self.vendor,
+                        &cx.connection,
+                        &request.url,
+                    ));
+                }
+                Err(ReceiveError::Http(error)) => {
                     vendor_metrics
                         .requests
                         .get_or_create(&StatusLabels {
@@ -861,5 +1102,33 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert("retry-after", "2".parse().unwrap());
         assert_eq!(retry_after_header(&headers), Some(Duration::from_secs(2)));
+    }
+
+    #[test]
+    fn debug_of_a_request_shows_no_header_value_and_no_query() {
+        let request = VendorRequest {
+            method: reqwest::Method::GET,
+            url: url::Url::parse("https://api.example.com/v1/deals?api_token=query-secret-1")
+                .unwrap(),
+            headers: vec![("x-api-token".into(), "header-secret-2".into())],
+            json: None,
+            endpoint_limit: None,
+        };
+        let shown = format!("{request:?}");
+        assert!(!shown.contains("secret"), "{shown}");
+        assert!(
+            shown.contains("https://api.example.com/v1/deals") && shown.contains("x-api-token"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn a_redirect_target_is_named_without_its_query_or_user_info() {
+        let location =
+            url::Url::parse("http://user:pw-secret@127.0.0.1:9999/steal?token=t-secret").unwrap();
+        assert_eq!(
+            describe_location(&location),
+            "http://127.0.0.1:9999/steal?…"
+        );
     }
 }

@@ -4,9 +4,112 @@
 //! fixes them all in one pass. `${VAR}` reads the environment; `${credential:NAME}`
 //! reads the file `$CREDENTIALS_DIRECTORY/NAME` (systemd `LoadCredential=`), without its
 //! trailing newline. `$${` writes a literal `${`. The substituted values are returned so
-//! that any later error message can be scrubbed of them.
+//! that any later error message can be scrubbed of them ([`Substituted`]): every value
+//! substituted is treated as a secret, whichever key it landed in.
+//!
+//! Two guards keep them out of what a person reads:
+//! - the config module builds every [`super::ConfigError`] through a scrubbing
+//!   constructor, with the values of the config it is about;
+//! - `config::load` also registers them for the whole process ([`remember_for_process`]),
+//!   and the log writer and the final error message of the binary pass through
+//!   [`scrub_process_output`], so an error path outside the config module (a store path,
+//!   a log line quoting a value) cannot print them either.
 
+use std::borrow::Cow;
+use std::fmt;
 use std::path::Path;
+use std::sync::{Arc, RwLock};
+
+/// Values shorter than this are not scrubbed: `***` in place of every "1" or "on" would
+/// garble messages, and a secret is never that short.
+const MIN_SCRUBBED_LEN: usize = 3;
+
+/// The values substituted into one config, as the texts to scrub from messages: each
+/// value as written, and as `{:?}` and JSON escape it (`"`, `\`, control characters),
+/// longest first. Debug prints only how many there are.
+#[derive(Clone, Default)]
+pub struct Substituted(Arc<[String]>);
+
+impl Substituted {
+    pub fn new(values: &[String]) -> Self {
+        Substituted(patterns(values).into())
+    }
+
+    /// `text` with every substituted value replaced by `***`.
+    pub fn scrub<'a>(&self, text: &'a str) -> Cow<'a, str> {
+        scrub_with(&self.0, text)
+    }
+}
+
+impl fmt::Debug for Substituted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Substituted({} texts, ***)", self.0.len())
+    }
+}
+
+fn patterns(values: &[String]) -> Vec<String> {
+    let mut patterns: Vec<String> = Vec::new();
+    for value in values.iter().filter(|v| v.len() >= MIN_SCRUBBED_LEN) {
+        let unquote = |quoted: String| {
+            quoted
+                .strip_prefix('"')
+                .and_then(|inner| inner.strip_suffix('"'))
+                .map(str::to_owned)
+        };
+        let escaped = [
+            unquote(format!("{value:?}")),
+            unquote(serde_json::Value::String(value.clone()).to_string()),
+        ];
+        for pattern in std::iter::once(value.clone()).chain(escaped.into_iter().flatten()) {
+            if !patterns.contains(&pattern) {
+                patterns.push(pattern);
+            }
+        }
+    }
+    // Longest first: a value that holds another one is replaced whole.
+    patterns.sort_by_key(|pattern| std::cmp::Reverse(pattern.len()));
+    patterns
+}
+
+fn scrub_with<'a>(patterns: &[String], text: &'a str) -> Cow<'a, str> {
+    let mut scrubbed = Cow::Borrowed(text);
+    for pattern in patterns {
+        if scrubbed.contains(pattern.as_str()) {
+            scrubbed = Cow::Owned(scrubbed.replace(pattern.as_str(), "***"));
+        }
+    }
+    scrubbed
+}
+
+/// Every value substituted into a config this process loaded. Process-wide like the
+/// log writer that reads it; it only grows (a reload adds the new config's values).
+static PROCESS_PATTERNS: RwLock<Vec<String>> = RwLock::new(Vec::new());
+
+/// Registers a loaded config's substituted values for [`scrub_process_output`].
+pub fn remember_for_process(substituted: &Substituted) {
+    if substituted.0.is_empty() {
+        return;
+    }
+    // A poisoned lock still holds a usable list: a writer never leaves it half-written.
+    let mut all = PROCESS_PATTERNS
+        .write()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    for pattern in substituted.0.iter() {
+        if !all.contains(pattern) {
+            all.push(pattern.clone());
+        }
+    }
+    all.sort_by_key(|pattern| std::cmp::Reverse(pattern.len()));
+}
+
+/// `text` (a log line, the binary's final error message) with every value substituted
+/// into a config this process loaded replaced by `***`.
+pub fn scrub_process_output(text: &str) -> Cow<'_, str> {
+    let all = PROCESS_PATTERNS
+        .read()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    scrub_with(&all, text)
+}
 
 /// Looks up environment variables; a trait object so tests need not touch the process env.
 pub trait Env {
@@ -219,5 +322,28 @@ pub(crate) mod tests {
         let errors =
             interpolate(&mut value, &env(&[("CREDENTIALS_DIRECTORY", dir_text)])).unwrap_err();
         assert!(errors[0].message.contains("reading credential \"absent\""));
+    }
+
+    #[test]
+    fn substituted_values_are_scrubbed_as_written_and_as_debug_and_json_escape_them() {
+        let substituted = Substituted::new(&[
+            "tok\"en\\s3cr3t".to_owned(),
+            "s3cr3t".to_owned(),
+            "on".to_owned(),
+        ]);
+        let value = "tok\"en\\s3cr3t";
+        let debug = format!("unknown connector {value:?}");
+        let json = serde_json::json!({ "message": value }).to_string();
+        for text in [value.to_owned(), debug, json] {
+            let scrubbed = substituted.scrub(&text);
+            assert!(!scrubbed.contains("s3cr3t"), "{scrubbed}");
+            assert!(scrubbed.contains("***"), "{scrubbed}");
+        }
+        assert_eq!(
+            substituted.scrub("turned on"),
+            "turned on",
+            "values under three characters are left alone"
+        );
+        assert!(!format!("{substituted:?}").contains("s3cr3t"));
     }
 }

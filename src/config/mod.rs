@@ -6,6 +6,11 @@
 //! [`interpolate`]). Every error names the file, the key, the line where it can be
 //! found, and what was expected; substituted values are scrubbed from messages so a
 //! secret cannot leak through an error.
+//!
+//! Invariant: a [`ConfigError::Invalid`] can only be built in this module, and every way
+//! to build one (`parse`, [`ConfigError::at`], [`ConfigError::invalid`]) scrubs the
+//! values substituted into the config it is about ([`Config::substituted`]), whatever
+//! key they were written under and whoever wrote the message.
 
 pub mod duration;
 pub mod interpolate;
@@ -40,6 +45,9 @@ pub struct Config {
     pub followups: Vec<crate::followup::rules::Rule>,
     /// Daily digest rules (`[followups.NAME]` with `digest = "HH:MM"`).
     pub digests: Vec<crate::followup::digest::DigestRule>,
+    /// What `${VAR}` and `${credential:NAME}` put into this config: scrubbed from every
+    /// error built about it.
+    pub substituted: interpolate::Substituted,
 }
 
 #[derive(Debug, Clone)]
@@ -72,7 +80,9 @@ pub enum StatusPageAuth {
     Always,
 }
 
-#[derive(Debug, Clone)]
+/// One `[connections.NAME]`. Debug prints secrets, and the password of a URL with
+/// user info, as `***`.
+#[derive(Clone)]
 pub struct ConnectionConfig {
     pub name: ConnectionName,
     pub connector: String,
@@ -95,6 +105,8 @@ pub struct ConnectionConfig {
     pub rate_limit: RateLimitConfig,
     pub page_size: Option<u32>,
     pub lookback: Option<Duration>,
+    /// The largest vendor answer read, in bytes; a larger one fails its request.
+    pub max_response_bytes: u64,
     pub settings: toml::Table,
 }
 
@@ -131,7 +143,8 @@ impl MappingOverride {
     }
 }
 
-#[derive(Debug, Clone)]
+/// Debug prints the secrets, and the password of a URL with user info, as `***`.
+#[derive(Clone)]
 pub struct OAuthConfig {
     pub client_id: String,
     pub client_secret: Option<Secret>,
@@ -139,6 +152,55 @@ pub struct OAuthConfig {
     pub token_url: Option<url::Url>,
     pub scopes: Vec<String>,
     pub refresh_token: Option<Secret>,
+}
+
+impl fmt::Debug for ConnectionConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConnectionConfig")
+            .field("name", &self.name)
+            .field("connector", &self.connector)
+            .field("enabled", &self.enabled)
+            .field("base_url", &self.base_url.as_ref().map(redacted_url))
+            .field("token", &self.token)
+            .field("username", &self.username)
+            .field("password", &self.password)
+            .field("oauth", &self.oauth)
+            .field("webhook_secrets", &self.webhook_secrets)
+            .field("poll_interval", &self.poll_interval)
+            .field("abandon_after", &self.abandon_after)
+            .field("expire_after", &self.expire_after)
+            .field("pipeline", &self.pipeline)
+            .field("stage_map", &self.stage_map)
+            .field("rate_limit", &self.rate_limit)
+            .field("page_size", &self.page_size)
+            .field("lookback", &self.lookback)
+            .field("max_response_bytes", &self.max_response_bytes)
+            .field("settings", &self.settings)
+            .finish()
+    }
+}
+
+impl fmt::Debug for OAuthConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OAuthConfig")
+            .field("client_id", &self.client_id)
+            .field("client_secret", &self.client_secret)
+            .field("auth_url", &self.auth_url.as_ref().map(redacted_url))
+            .field("token_url", &self.token_url.as_ref().map(redacted_url))
+            .field("scopes", &self.scopes)
+            .field("refresh_token", &self.refresh_token)
+            .finish()
+    }
+}
+
+/// A URL for Debug output, with the password of its user info as `***`.
+fn redacted_url(url: &url::Url) -> String {
+    let mut shown = url.clone();
+    if shown.password().is_some() {
+        // Cannot fail: the URL has a host, or it could not carry a password.
+        let _ = shown.set_password(Some("***"));
+    }
+    shown.to_string()
 }
 
 #[derive(Debug, Clone, Default)]
@@ -210,14 +272,47 @@ pub enum ConfigError {
         path: String,
         source: std::io::Error,
     },
-    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
-    Invalid(Vec<Problem>),
+    #[error("{0}")]
+    Invalid(Problems),
+}
+
+/// The problems of an invalid config, scrubbed of the values substituted into it. Only
+/// this module can build one, so no problem reaches a reader unscrubbed.
+#[derive(Debug, Clone)]
+pub struct Problems(Vec<Problem>);
+
+impl Problems {
+    fn scrubbed(problems: Vec<Problem>, substituted: &interpolate::Substituted) -> Self {
+        Problems(
+            problems
+                .into_iter()
+                .map(|problem| Problem {
+                    file: substituted.scrub(&problem.file).into_owned(),
+                    line: problem.line,
+                    key: substituted.scrub(&problem.key).into_owned(),
+                    message: substituted.scrub(&problem.message).into_owned(),
+                })
+                .collect(),
+        )
+    }
+}
+
+impl fmt::Display for Problems {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (at, problem) in self.0.iter().enumerate() {
+            if at > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{problem}")?;
+        }
+        Ok(())
+    }
 }
 
 impl ConfigError {
     pub fn problems(&self) -> &[Problem] {
         match self {
-            ConfigError::Invalid(problems) => problems,
+            ConfigError::Invalid(problems) => &problems.0,
             ConfigError::Read { .. } => &[],
         }
     }
@@ -226,12 +321,20 @@ impl ConfigError {
     pub fn at(config: &Config, key: impl Into<String>, message: impl Into<String>) -> Self {
         let key = key.into();
         let text = std::fs::read_to_string(&config.path).unwrap_or_default();
-        ConfigError::Invalid(vec![Problem {
-            file: display_name(&config.path),
-            line: locate(&text, &key),
-            key,
-            message: message.into(),
-        }])
+        Self::invalid(
+            config,
+            vec![Problem {
+                file: display_name(&config.path),
+                line: locate(&text, &key),
+                key,
+                message: message.into(),
+            }],
+        )
+    }
+
+    /// Problems found in (or through) `config`, scrubbed of its substituted values.
+    pub fn invalid(config: &Config, problems: Vec<Problem>) -> Self {
+        ConfigError::Invalid(Problems::scrubbed(problems, &config.substituted))
     }
 }
 
@@ -245,11 +348,24 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
         path: display_name(path),
         source,
     })?;
-    parse(path, &text, &interpolate::ProcessEnv)
+    parse_reporting(path, &text, &interpolate::ProcessEnv, &mut |substituted| {
+        interpolate::remember_for_process(substituted)
+    })
 }
 
 /// Parses config text; `path` names the file in errors.
 pub fn parse(path: &Path, text: &str, env: &dyn interpolate::Env) -> Result<Config, ConfigError> {
+    parse_reporting(path, text, env, &mut |_| {})
+}
+
+/// [`parse`], handing what was substituted to `substituted_values` as soon as it is
+/// known (before anything can fail on it).
+fn parse_reporting(
+    path: &Path,
+    text: &str,
+    env: &dyn interpolate::Env,
+    substituted_values: &mut dyn FnMut(&interpolate::Substituted),
+) -> Result<Config, ConfigError> {
     let file = display_name(path);
     let problem = |key: &str, message: String| Problem {
         file: file.clone(),
@@ -258,54 +374,49 @@ pub fn parse(path: &Path, text: &str, env: &dyn interpolate::Env) -> Result<Conf
         message,
     };
 
+    // Nothing is substituted yet: the file's own text is no secret of ours.
+    let nothing = interpolate::Substituted::default();
     let mut value: toml::Value = toml::from_str(text).map_err(|error| {
         let line = error
             .span()
             .map(|span| text[..span.start.min(text.len())].lines().count().max(1));
-        ConfigError::Invalid(vec![Problem {
+        let invalid = Problem {
             file: file.clone(),
             line,
             key: String::new(),
             message: format!("invalid TOML: {}", error.message()),
-        }])
+        };
+        ConfigError::Invalid(Problems::scrubbed(vec![invalid], &nothing))
     })?;
 
+    // Failed substitutions say which variable or credential, never a value.
     let substituted = interpolate::interpolate(&mut value, env).map_err(|errors| {
-        ConfigError::Invalid(
-            errors
-                .into_iter()
-                .map(|error| problem(&error.key, error.message))
-                .collect(),
-        )
+        let problems = errors
+            .into_iter()
+            .map(|error| problem(&error.key, error.message))
+            .collect();
+        ConfigError::Invalid(Problems::scrubbed(problems, &nothing))
     })?;
-    let scrub = |message: String| scrub(message, &substituted);
+    let substituted = interpolate::Substituted::new(&substituted);
+    substituted_values(&substituted);
 
     let raw: raw::RawConfig = serde_path_to_error::deserialize(value).map_err(|error| {
         let key = error.path().to_string();
         let key = if key == "." { String::new() } else { key };
-        let message = scrub(error.into_inner().to_string());
-        ConfigError::Invalid(vec![problem(&key, message)])
+        let invalid = problem(&key, error.into_inner().to_string());
+        ConfigError::Invalid(Problems::scrubbed(vec![invalid], &substituted))
     })?;
 
     let mut problems = Vec::new();
-    let config = validate(path, raw, &mut |key: &str, message: String| {
-        problems.push(problem(key, scrub(message)))
+    let mut config = validate(path, raw, &mut |key: &str, message: String| {
+        problems.push(problem(key, message))
     });
+    config.substituted = substituted;
     if problems.is_empty() {
         Ok(config)
     } else {
-        Err(ConfigError::Invalid(problems))
+        Err(ConfigError::invalid(&config, problems))
     }
-}
-
-/// Replaces every substituted value in a message with `***`.
-fn scrub(mut message: String, substituted: &[String]) -> String {
-    for value in substituted {
-        if value.len() >= 3 && message.contains(value.as_str()) {
-            message = message.replace(value.as_str(), "***");
-        }
-    }
-    message
 }
 
 fn validate(path: &Path, raw: raw::RawConfig, report: &mut dyn FnMut(&str, String)) -> Config {
@@ -392,6 +503,7 @@ fn validate(path: &Path, raw: raw::RawConfig, report: &mut dyn FnMut(&str, Strin
         email,
         followups,
         digests,
+        substituted: interpolate::Substituted::default(),
     }
 }
 
@@ -494,6 +606,11 @@ fn validate_pipelines(raw: &raw::RawConfig, report: &mut dyn FnMut(&str, String)
     }
     Pipelines::new(pipelines)
 }
+
+/// Bounds of `connections.NAME.max_response_bytes`: below 1 KiB no vendor page fits;
+/// above 1 GiB the cap would no longer protect the daemon's memory.
+const MIN_RESPONSE_BYTES: u64 = 1024;
+const MAX_RESPONSE_BYTES: u64 = 1024 * 1024 * 1024;
 
 fn validate_connection(
     name: &str,
@@ -603,6 +720,17 @@ fn validate_connection(
                 window,
             }
         });
+    let max_response_bytes = raw
+        .max_response_bytes
+        .unwrap_or(crate::vendor_http::DEFAULT_MAX_RESPONSE_BYTES);
+    if !(MIN_RESPONSE_BYTES..=MAX_RESPONSE_BYTES).contains(&max_response_bytes) {
+        report(
+            &format!("{base}.max_response_bytes"),
+            format!(
+                "expected a size in bytes from {MIN_RESPONSE_BYTES} (1 KiB) to {MAX_RESPONSE_BYTES} (1 GiB), got {max_response_bytes}"
+            ),
+        );
+    }
     if let Some(interval) = raw.poll_interval
         && interval.0 < Duration::from_secs(1)
     {
@@ -631,6 +759,7 @@ fn validate_connection(
         rate_limit,
         page_size: raw.page_size,
         lookback: raw.lookback.map(|d| d.0),
+        max_response_bytes,
         settings: raw.settings,
     }
 }
@@ -1014,5 +1143,72 @@ pipeline = "sales"
             "connections.crm.stage_map.Software Sales.Trial Use"
         );
         assert!(problem.message.contains("has no stage \"trial\""));
+    }
+
+    #[test]
+    fn an_error_built_outside_the_config_module_is_scrubbed_of_substituted_values() {
+        // `connector = "${PD_TOKEN}"` parses; the registry then names the connector.
+        let text = "[connections.crm]\nconnector = \"${PD_TOKEN}\"\n";
+        let config = parse_with(text, &[("PD_TOKEN", "pd-secret-token\"x")]).unwrap();
+        let error = ConfigError::at(
+            &config,
+            "connections.crm.connector",
+            format!("unknown connector {:?}", config.connections[0].connector),
+        );
+        let shown = error.to_string();
+        assert!(!shown.contains("pd-secret-token"), "{shown}");
+        assert!(
+            shown.contains("connections.crm.connector: unknown connector \"***\""),
+            "{shown}"
+        );
+        let problems = vec![Problem {
+            file: "pd-secret-token\"x/connectors.d".into(),
+            line: None,
+            key: "connectors.dir".into(),
+            message: "cannot read".into(),
+        }];
+        let shown = ConfigError::invalid(&config, problems).to_string();
+        assert_eq!(shown, "***/connectors.d: connectors.dir: cannot read");
+    }
+
+    #[test]
+    fn debug_of_a_connection_prints_stars_for_its_secrets_and_url_password() {
+        let text = r#"
+[connections.crm]
+connector = "hubspot"
+base_url = "https://user:url-secret-1@api.example.com/"
+token = "token-secret-2"
+password = "password-secret-3"
+webhook_secret = "hook-secret-4"
+[connections.crm.oauth]
+client_id = "client"
+client_secret = "client-secret-5"
+refresh_token = "refresh-secret-6"
+token_url = "https://user:url-secret-7@auth.example.com/token"
+[email]
+transport = "smtp"
+url = "smtps://user:smtp-secret-8@mail.example.com"
+"#;
+        let config = parse_with(text, &[]).unwrap();
+        let shown = format!("{config:?}");
+        for secret in 1..=8 {
+            assert!(!shown.contains(&format!("secret-{secret}")), "{shown}");
+        }
+        assert!(
+            shown.contains("https://user:***@api.example.com/"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn max_response_bytes_defaults_to_64_mib_and_is_bounded() {
+        let text = "[connections.crm]\nconnector = \"hubspot\"\n";
+        let config = parse_with(text, &[]).unwrap();
+        assert_eq!(config.connections[0].max_response_bytes, 64 * 1024 * 1024);
+        let text = "[connections.crm]\nconnector = \"hubspot\"\nmax_response_bytes = 10\n";
+        let problem = only_problem(parse_with(text, &[]).unwrap_err());
+        assert_eq!(problem.key, "connections.crm.max_response_bytes");
+        assert_eq!(problem.line, Some(3));
+        assert!(problem.message.contains("from 1024"), "{problem}");
     }
 }

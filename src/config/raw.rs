@@ -113,6 +113,9 @@ pub struct RawConnection {
     pub page_size: Option<u32>,
     /// How far each incremental read reaches back before the cursor.
     pub lookback: Option<ConfigDuration>,
+    /// The largest vendor answer read, in bytes (default 64 MiB); a larger one fails
+    /// its request.
+    pub max_response_bytes: Option<u64>,
     /// Connector-specific settings, checked by the connector.
     #[serde(default)]
     pub settings: toml::Table,

@@ -45,6 +45,40 @@ pub enum ConnectorError {
         vendor: String,
         resume_after: Duration,
     },
+    /// The vendor redirected to another origin (or kept redirecting within its own): the
+    /// redirect was not followed, so the connection's credentials went nowhere else.
+    /// Not retried; the connection's `base_url` (or the vendor's setup) needs fixing.
+    #[error(
+        "{vendor} redirected {path} to {location}: {}",
+        if *.cross_origin {
+            "another origin, where dealsync sends no credentials, so the redirect was not followed; \
+             point the connection at the vendor's current address (base_url, or oauth.token_url \
+             for token requests)"
+        } else {
+            "too many redirects within the same origin"
+        }
+    )]
+    Redirected {
+        vendor: String,
+        path: String,
+        /// Scheme, host, port and path of the `Location` (its query is left out).
+        location: String,
+        cross_origin: bool,
+    },
+    /// The vendor's answer is larger than the connection's `max_response_bytes`: reading
+    /// stopped there. Not retried.
+    #[error(
+        "connection {connection}: the {vendor} answer to {path} is larger than max_response_bytes = {limit} bytes{}; \
+         it was not read (raise max_response_bytes under [connections.{connection}] if such answers are expected)",
+        .declared.map(|bytes| format!(" (Content-Length: {bytes})")).unwrap_or_default()
+    )]
+    ResponseTooLarge {
+        connection: ConnectionName,
+        vendor: String,
+        path: String,
+        limit: u64,
+        declared: Option<u64>,
+    },
     /// Shutdown was requested mid-call.
     #[error("cancelled by shutdown")]
     Cancelled,
@@ -240,7 +274,8 @@ const RUST_CONNECTORS: &[&str] = &["demo", "shopify", "woocommerce", "stripe", "
 impl Registry {
     /// Loads the manifests in force for a config: built-ins, then `[connectors] dir`.
     pub fn catalog(config: &crate::config::Config) -> Result<manifest::Catalog, ConfigError> {
-        manifest::Catalog::load(config.connectors_dir.as_deref()).map_err(ConfigError::Invalid)
+        manifest::Catalog::load(config.connectors_dir.as_deref())
+            .map_err(|problems| ConfigError::invalid(config, problems))
     }
 
     /// Builds the connector for one connection, or explains what is wrong.

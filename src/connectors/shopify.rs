@@ -37,6 +37,7 @@ pub struct ShopifyConnector {
     token: Option<Secret>,
     page_size: u32,
     lookback: Duration,
+    max_response_bytes: u64,
     http: reqwest::Client,
 }
 
@@ -106,7 +107,9 @@ impl ShopifyConnector {
                 .unwrap_or(DEFAULT_PAGE_SIZE)
                 .clamp(1, 250),
             lookback: connection.lookback.unwrap_or(Duration::from_secs(300)),
-            http: reqwest::Client::builder()
+            max_response_bytes: connection.max_response_bytes,
+            // Same-origin redirects only: the access token never reaches another host.
+            http: crate::vendor_http::client_builder()
                 .connect_timeout(Duration::from_secs(10))
                 .timeout(Duration::from_secs(60))
                 .build()
@@ -304,14 +307,19 @@ impl Connector for ShopifyConnector {
         }
         let request = self
             .http
-            .get(url)
+            .get(url.clone())
             .header("X-Shopify-Access-Token", token.expose())
             .header("Accept", "application/json");
+        let received = async {
+            let response = request.send().await?;
+            crate::vendor_http::receive(response, self.max_response_bytes).await
+        };
         let response = tokio::select! {
             _ = cx.shutdown.cancelled() => return Err(ConnectorError::Cancelled),
-            response = request.send() => response.map_err(|error| transient(error.without_url().to_string(), None))?,
+            response = received => response.map_err(|error| error.into_connector_error("shopify", &cx.connection, &url))?,
         };
-        let status = response.status();
+        let status = reqwest::StatusCode::from_u16(response.status)
+            .unwrap_or(reqwest::StatusCode::INTERNAL_SERVER_ERROR);
         if status == reqwest::StatusCode::UNAUTHORIZED || status == reqwest::StatusCode::FORBIDDEN {
             return Err(ConnectorError::Unauthorized {
                 connection: cx.connection.clone(),
@@ -320,7 +328,7 @@ impl Connector for ShopifyConnector {
         }
         if status == reqwest::StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
             let retry_after = response
-                .headers()
+                .headers
                 .get("retry-after")
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.trim().parse::<f64>().ok())
@@ -336,14 +344,13 @@ impl Connector for ShopifyConnector {
         }
         let next_page = next_page_info(
             response
-                .headers()
+                .headers
                 .get("link")
                 .and_then(|value| value.to_str().ok()),
         );
-        let body: Value = response
-            .json()
-            .await
-            .map_err(|error| transient(error.without_url().to_string(), None))?;
+        // A body that is not JSON is a truncated or garbled transfer: try again later.
+        let body: Value = serde_json::from_slice(&response.body)
+            .map_err(|error| transient(format!("unreadable checkouts page: {error}"), None))?;
         let Some(Value::Array(checkouts)) = body.get("checkouts") else {
             return Err(ConnectorError::BadResponse {
                 vendor: "shopify".into(),

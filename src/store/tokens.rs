@@ -11,16 +11,30 @@ use super::{Result, Store, StoreError, from_ms, to_ms};
 use chrono::{DateTime, Utc};
 use rusqlite::{OptionalExtension, params};
 
-/// A connection's stored tokens.
-#[derive(Debug, Clone, PartialEq)]
+/// A connection's stored tokens. Debug prints the tokens as `***`.
+#[derive(Clone, PartialEq)]
 pub struct StoredToken {
     pub access_token: Option<String>,
     pub refresh_token: Option<String>,
     pub expires_at: Option<DateTime<Utc>>,
-    /// Extra token-response fields the connector needs (JSON object).
+    /// Extra token-response fields the connector needs (JSON object; only base URLs
+    /// and ids are kept).
     pub extra: serde_json::Value,
     pub needs_reauth: bool,
     pub updated_at: DateTime<Utc>,
+}
+
+impl std::fmt::Debug for StoredToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoredToken")
+            .field("access_token", &self.access_token.as_ref().map(|_| "***"))
+            .field("refresh_token", &self.refresh_token.as_ref().map(|_| "***"))
+            .field("expires_at", &self.expires_at)
+            .field("extra", &self.extra)
+            .field("needs_reauth", &self.needs_reauth)
+            .field("updated_at", &self.updated_at)
+            .finish()
+    }
 }
 
 impl Store {
@@ -170,5 +184,22 @@ mod tests {
             .await
             .unwrap();
         assert!(!store.oauth_token("sf").await.unwrap().unwrap().needs_reauth);
+    }
+
+    #[test]
+    fn debug_of_stored_tokens_prints_stars_for_both_tokens() {
+        let token = super::StoredToken {
+            access_token: Some("access-secret-1".into()),
+            refresh_token: Some("refresh-secret-2".into()),
+            expires_at: None,
+            extra: json!({"instance_url": "https://x"}),
+            needs_reauth: false,
+            updated_at: chrono::Utc::now(),
+        };
+        let shown = format!("{token:?}");
+        assert!(!shown.contains("access-secret-1"), "{shown}");
+        assert!(!shown.contains("refresh-secret-2"), "{shown}");
+        assert!(shown.contains("access_token: Some(\"***\")"), "{shown}");
+        assert!(shown.contains("https://x"), "{shown}");
     }
 }

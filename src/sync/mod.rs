@@ -72,7 +72,7 @@ impl ConnectionRuntime {
         if problems.is_empty() {
             Ok(runtimes)
         } else {
-            Err(ConfigError::Invalid(problems))
+            Err(ConfigError::invalid(config, problems))
         }
     }
 

@@ -16,6 +16,7 @@ use crate::config::{ConnectionConfig, Secret};
 use crate::connectors::{ConnectorError, SyncContext};
 use crate::store::Store;
 use crate::telemetry::ConnectionLabels;
+use crate::vendor_http::{ReceiveError, receive};
 use base64::Engine;
 use chrono::{DateTime, Utc};
 use oauth2::basic::{
@@ -28,6 +29,7 @@ use oauth2::{
     StandardRevocableToken, StandardTokenResponse, TokenResponse, TokenUrl,
 };
 use serde::{Deserialize, Serialize};
+use std::fmt;
 use std::sync::Mutex;
 use std::time::Duration;
 use tracing::{error, info, warn};
@@ -36,12 +38,31 @@ use tracing::{error, info, warn};
 const REFRESH_MARGIN: Duration = Duration::from_secs(120);
 
 /// Token-response fields beyond the standard ones (`instance_url`, `api_domain`, …).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+/// Debug shows the values of [`KEPT_EXTRAS`] only; others (an `id_token`, a
+/// signature) print as `***`.
+#[derive(Clone, Default, Serialize, Deserialize)]
 pub struct VendorFields {
     #[serde(flatten)]
     pub fields: serde_json::Map<String, serde_json::Value>,
 }
 impl oauth2::ExtraTokenFields for VendorFields {}
+
+/// The token-response extras that are kept and may be shown: base URLs and ids.
+const KEPT_EXTRAS: &[&str] = &["instance_url", "api_domain", "id", "hub_id"];
+
+impl fmt::Debug for VendorFields {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut map = f.debug_map();
+        for (key, value) in &self.fields {
+            if KEPT_EXTRAS.contains(&key.as_str()) {
+                map.entry(key, value);
+            } else {
+                map.entry(key, &"***");
+            }
+        }
+        map.finish()
+    }
+}
 
 type TokenResponseWithExtras = StandardTokenResponse<VendorFields, BasicTokenType>;
 type OAuthClient<HasAuthUrl> = oauth2::Client<
@@ -58,7 +79,8 @@ type OAuthClient<HasAuthUrl> = oauth2::Client<
 >;
 
 /// What a request carries to authenticate, and the base URL a token may name.
-#[derive(Debug, Clone, Default)]
+/// Debug shows header and parameter names; their values print as `***`.
+#[derive(Clone, Default)]
 pub struct Authn {
     pub header: Option<(String, String)>,
     pub query: Option<(String, String)>,
@@ -81,17 +103,42 @@ pub struct OAuthSession {
     client_auth: ClientAuth,
     base_url_from: Option<String>,
     seed_refresh_token: Option<Secret>,
+    /// The connection's `max_response_bytes`, for token responses too.
+    max_response_bytes: u64,
     // Serializes refreshes of this connection; held across the token request on purpose.
     refresh_lock: tokio::sync::Mutex<()>,
     // A std mutex: a cache read or written without `.await` inside.
     cached: Mutex<Option<Cached>>,
 }
 
-#[derive(Debug, Clone)]
+impl fmt::Debug for Authn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let redacted =
+            |pair: &Option<(String, String)>| pair.as_ref().map(|(name, _)| format!("{name}: ***"));
+        f.debug_struct("Authn")
+            .field("header", &redacted(&self.header))
+            .field("query", &redacted(&self.query))
+            .field("base_url", &self.base_url)
+            .field("access", &self.access.as_ref().map(|_| "***"))
+            .finish()
+    }
+}
+
+#[derive(Clone)]
 struct Cached {
     access: String,
     expires_at: Option<DateTime<Utc>>,
     base_url: Option<String>,
+}
+
+impl fmt::Debug for Cached {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Cached")
+            .field("access", &"***")
+            .field("expires_at", &self.expires_at)
+            .field("base_url", &self.base_url)
+            .finish()
+    }
 }
 
 impl Credentials {
@@ -120,6 +167,7 @@ impl Credentials {
                 client_auth: spec.client_auth,
                 base_url_from: spec.base_url_from.clone(),
                 seed_refresh_token: oauth.refresh_token.clone(),
+                max_response_bytes: connection.max_response_bytes,
                 refresh_lock: tokio::sync::Mutex::new(()),
                 cached: Mutex::new(None),
             }));
@@ -361,7 +409,7 @@ impl OAuthSession {
             &self.token_url,
             self.client_auth,
         );
-        let http = oauth_http()?;
+        let http = OAuthHttp::new(self.max_response_bytes)?;
         let result = client
             .exchange_refresh_token(&RefreshToken::new(refresh_token.clone()))
             .request_async(&http)
@@ -402,6 +450,9 @@ impl OAuthSession {
                     connection: cx.connection.clone(),
                     reason: format!("token refresh refused: {}", response.error()),
                 });
+            }
+            Err(RequestTokenError::Request(refused)) => {
+                return Err(refused.into_connector_error("oauth", &cx.connection, &self.token_url));
             }
             Err(RequestTokenError::Parse(error, _)) => {
                 return Err(ConnectorError::BadResponse {
@@ -488,12 +539,7 @@ fn token_parts(
         .extra_fields()
         .fields
         .iter()
-        .filter(|(key, _)| {
-            matches!(
-                key.as_str(),
-                "instance_url" | "api_domain" | "id" | "hub_id"
-            )
-        })
+        .filter(|(key, _)| KEPT_EXTRAS.contains(&key.as_str()))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     (
@@ -522,13 +568,55 @@ fn token_client(
     client
 }
 
-fn oauth_http() -> Result<reqwest::Client, ConnectorError> {
-    // No redirects: a token endpoint that redirects would get our client secret re-sent.
-    reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .timeout(Duration::from_secs(30))
-        .build()
-        .map_err(|e| ConnectorError::Other(format!("building the OAuth HTTP client: {e}")))
+/// The HTTP client of token requests, in place of `oauth2`'s reqwest integration:
+/// redirects only within the token endpoint's origin (one elsewhere would get the
+/// client secret and refresh token re-sent there), and answers read up to the
+/// connection's `max_response_bytes`.
+struct OAuthHttp {
+    client: reqwest::Client,
+    max_response_bytes: u64,
+}
+
+impl OAuthHttp {
+    fn new(max_response_bytes: u64) -> Result<Self, ConnectorError> {
+        let client = crate::vendor_http::client_builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .map_err(|e| ConnectorError::Other(format!("building the OAuth HTTP client: {e}")))?;
+        Ok(OAuthHttp {
+            client,
+            max_response_bytes,
+        })
+    }
+
+    async fn fetch(
+        &self,
+        request: oauth2::HttpRequest,
+    ) -> Result<oauth2::HttpResponse, ReceiveError> {
+        let response = self.client.execute(request.try_into()?).await?;
+        let received = receive(response, self.max_response_bytes).await?;
+        let mut answer = oauth2::HttpResponse::new(received.body.to_vec());
+        *answer.status_mut() = oauth2::http::StatusCode::from_u16(received.status)
+            .expect("the status came from a parsed HTTP answer");
+        *answer.headers_mut() = received.headers;
+        Ok(answer)
+    }
+}
+
+impl<'c> oauth2::AsyncHttpClient<'c> for OAuthHttp {
+    type Error = ReceiveError;
+    type Future = std::pin::Pin<
+        Box<
+            dyn std::future::Future<Output = Result<oauth2::HttpResponse, ReceiveError>>
+                + Send
+                + Sync
+                + 'c,
+        >,
+    >;
+
+    fn call(&'c self, request: oauth2::HttpRequest) -> Self::Future {
+        Box::pin(self.fetch(request))
+    }
 }
 
 /// What `dealsync auth` failed with.
@@ -629,7 +717,8 @@ pub async fn authorize(
             "the state parameter did not match (possible CSRF); try again".into(),
         ));
     }
-    let http = oauth_http().map_err(|e| AuthorizeError::Exchange(e.to_string()))?;
+    let http = OAuthHttp::new(connection.max_response_bytes)
+        .map_err(|e| AuthorizeError::Exchange(e.to_string()))?;
     let response = client
         .exchange_code(AuthorizationCode::new(code))
         .set_pkce_verifier(verifier)
@@ -637,6 +726,11 @@ pub async fn authorize(
         .await
         .map_err(|e| match e {
             RequestTokenError::ServerResponse(r) => AuthorizeError::Exchange(r.error().to_string()),
+            RequestTokenError::Request(refused) => AuthorizeError::Exchange(
+                refused
+                    .into_connector_error("oauth", &connection.name, &token_url)
+                    .to_string(),
+            ),
             other => AuthorizeError::Exchange(other.to_string()),
         })?;
     let (access, refresh, expires_at, extra) = token_parts(&response);
@@ -714,5 +808,43 @@ async fn accept_redirect(
         if let Some(outcome) = outcome {
             return outcome;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_of_credentials_and_token_responses_prints_stars_for_secrets() {
+        let authn = Authn {
+            header: Some(("x-api-token".into(), "header-secret-1".into())),
+            query: Some(("api_token".into(), "query-secret-2".into())),
+            base_url: Some("https://api.example.com".into()),
+            access: Some("access-secret-3".into()),
+        };
+        let cached = Cached {
+            access: "access-secret-4".into(),
+            expires_at: None,
+            base_url: None,
+        };
+        let response: TokenResponseWithExtras = serde_json::from_value(serde_json::json!({
+            "access_token": "access-secret-5",
+            "refresh_token": "refresh-secret-6",
+            "token_type": "bearer",
+            "id_token": "id-secret-7",
+            "instance_url": "https://na1.example.com",
+        }))
+        .unwrap();
+        let shown = format!("{authn:?} {cached:?} {response:?}");
+        for secret in 1..=7 {
+            assert!(!shown.contains(&format!("secret-{secret}")), "{shown}");
+        }
+        assert!(shown.contains("x-api-token: ***"), "{shown}");
+        assert!(shown.contains("\"id_token\": \"***\""), "{shown}");
+        assert!(
+            shown.contains("https://na1.example.com"),
+            "kept extras stay readable: {shown}"
+        );
     }
 }

@@ -405,6 +405,7 @@ impl ManifestConnector {
                 .or(rate.max_concurrency)
                 .unwrap_or(4) as usize,
             timeout,
+            max_response_bytes: connection.max_response_bytes,
             budget: BudgetRules {
                 share: overrides.budget_share.or(rate.budget_share).unwrap_or(0.8),
                 remaining_header: rate.budget_remaining_header.clone(),

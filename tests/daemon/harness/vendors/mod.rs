@@ -2,6 +2,7 @@
 //! shapes of the shared fixtures, with failure injection (status codes with headers,
 //! slow answers, bodies that are not JSON) and a log of what was asked.
 
+pub mod hostile;
 pub mod hubspot;
 pub mod pipedrive;
 pub mod salesforce;
