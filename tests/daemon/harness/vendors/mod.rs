@@ -14,7 +14,6 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -45,7 +44,7 @@ pub enum Fault {
 pub struct Schedule {
     prefix: String,
     rules: Vec<(u64, Fault)>,
-    requests: AtomicU64,
+    requests: u64,
 }
 
 /// Faults queued per path prefix, and every request seen.
@@ -91,14 +90,15 @@ impl Faults {
         *self.schedule.lock().unwrap() = Some(Schedule {
             prefix: prefix.to_owned(),
             rules,
-            requests: AtomicU64::new(0),
+            requests: 0,
         });
     }
 
     fn scheduled(&self, path: &str) -> Option<Fault> {
-        let schedule = self.schedule.lock().unwrap();
-        let schedule = schedule.as_ref().filter(|s| path.starts_with(&s.prefix))?;
-        let n = schedule.requests.fetch_add(1, Ordering::SeqCst) + 1;
+        let mut schedule = self.schedule.lock().unwrap();
+        let schedule = schedule.as_mut().filter(|s| path.starts_with(&s.prefix))?;
+        schedule.requests += 1;
+        let n = schedule.requests;
         let (_, fault) = schedule.rules.iter().find(|(every, _)| n % every == 0)?;
         self.scheduled_served
             .lock()
