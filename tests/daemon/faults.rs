@@ -214,6 +214,8 @@ struct Ledger {
     refused: Vec<String>,
     /// Attempts that failed (no connection, reset, 5xx) and were retried.
     retries: usize,
+    /// While set, senders go on without their pause: a burst, for a kill to land in.
+    burst: bool,
 }
 
 /// Sends `batch` one by one, retrying each until it is acknowledged, as a vendor does.
@@ -261,7 +263,10 @@ async fn send(base: String, batch: Vec<Webhook>, ledger: Arc<Mutex<Ledger>>) {
                 }
             }
         }
-        tokio::time::sleep(PACE).await;
+        let burst = ledger.lock().unwrap().burst;
+        if !burst {
+            tokio::time::sleep(PACE).await;
+        }
     }
 }
 
@@ -459,10 +464,10 @@ async fn four_sigkills_under_webhooks_a_failing_vendor_and_email_sends_lose_noth
         .map(|batch| tokio::spawn(send(daemon.url(""), batch, ledger.clone())))
         .collect();
 
-    // Kill -9, spread over the load: at a fifth, two, three and four fifths of the
-    // deliveries acknowledged, so each kill meets deliveries in flight; the first one
-    // during the Pipedrive full sync, each other one once more emails went out since
-    // the restart before (carts keep being abandoned while deliveries arrive).
+    // Kill -9, spread over the load: past a fifth, two, three and four fifths of the
+    // deliveries acknowledged, so deliveries are still to come at every kill; the first
+    // one during the Pipedrive full sync, each other one once more emails went out
+    // since the restart before (carts keep being abandoned while deliveries arrive).
     let acknowledged = || ledger.lock().unwrap().acknowledged.len();
     let pulled = |daemon: &TestDaemon| {
         daemon.count_read_only("SELECT count(*) FROM deals WHERE connection = 'pd'")
@@ -488,12 +493,21 @@ async fn four_sigkills_under_webhooks_a_failing_vendor_and_email_sends_lose_noth
             pulled_at_first_kill = pulled_now;
         }
         mails_before = mails;
+        // Then every sender at full speed, so the kill lands among deliveries in flight
+        // and just acknowledged (one answered 2xx before its commit would be lost).
+        ledger.lock().unwrap().burst = true;
+        let burst_from = acknowledged();
+        eventually("a burst of deliveries", WAIT, || async {
+            (acknowledged() >= burst_from + 2 * senders.len()).then_some(())
+        })
+        .await;
         eprintln!(
             "fault suite: kill {kill} at {:.1}s: {} of {total} deliveries acknowledged, {pulled_now} deals pulled, {mails} emails received",
             began.elapsed().as_secs_f64(),
             acknowledged()
         );
         daemon.kill_and_restart().await;
+        ledger.lock().unwrap().burst = false;
 
         if kill == 2 {
             // Deals move in the CRM meanwhile: into the proposal stage (which sends
