@@ -347,3 +347,66 @@ pub(crate) mod tests {
         assert!(!format!("{substituted:?}").contains("s3cr3t"));
     }
 }
+
+#[cfg(test)]
+mod proptests {
+    use super::tests::MapEnv;
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::HashMap;
+
+    fn env(pairs: &[(&str, &str)]) -> MapEnv {
+        MapEnv(
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<HashMap<_, _>>(),
+        )
+    }
+
+    /// Text with more than its share of `$`, `{` and `}`.
+    fn dollar_text() -> impl Strategy<Value = String> {
+        prop::collection::vec(
+            prop_oneof!["[${}]", "[A-Z_]{1,3}", "credential:", ".{0,3}"],
+            0..12,
+        )
+        .prop_map(|parts| parts.concat())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn no_text_panics_the_interpolation(
+            text in prop_oneof![any::<String>(), dollar_text()],
+        ) {
+            let mut value = toml::Value::String(text);
+            let _ = interpolate(&mut value, &env(&[("A", "x"), ("B_", "")]));
+        }
+
+        #[test]
+        fn text_without_a_placeholder_is_left_as_it_is(
+            text in prop_oneof![any::<String>(), dollar_text()],
+        ) {
+            prop_assume!(!text.contains("${"));
+            let mut value = toml::Value::String(text.clone());
+            prop_assert_eq!(interpolate(&mut value, &env(&[("A", "x")])), Ok(Vec::new()));
+            prop_assert_eq!(value.as_str(), Some(text.as_str()));
+        }
+
+        #[test]
+        fn a_variable_is_replaced_by_its_value_and_reported_as_substituted(
+            before in "[^$]{0,8}",
+            name in "[A-Za-z_][A-Za-z0-9_]{0,12}",
+            secret in any::<String>(),
+            after in "[^$]{0,8}",
+        ) {
+            let mut value = toml::Value::String(format!("{before}${{{name}}}{after}"));
+            let substituted = interpolate(&mut value, &env(&[(&name, &secret)])).unwrap();
+            let expected = format!("{before}{secret}{after}");
+            prop_assert_eq!(value.as_str(), Some(expected.as_str()));
+            let reported: Vec<String> = Some(secret).filter(|s| !s.is_empty()).into_iter().collect();
+            prop_assert_eq!(substituted, reported);
+        }
+    }
+}

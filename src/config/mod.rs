@@ -1108,6 +1108,24 @@ from = "Shop <shop@example.com>"
     }
 
     #[test]
+    fn a_secret_quoted_with_escapes_is_scrubbed_from_the_error() {
+        // Found by `proptests::a_substituted_secret_never_shows_in_a_config_error`: the
+        // message quotes the value with `{:?}`, which escapes some characters, so the
+        // secret as written was not in it and stayed unscrubbed.
+        for secret in ["00aA0aa\u{2ee5e}", "pass\"word-123", "line\nbreak-456"] {
+            let text = "[server]\nlisten = \"${SECRET}\"\n";
+            let shown = parse_with(text, &[("SECRET", secret)])
+                .unwrap_err()
+                .to_string();
+            assert!(shown.contains("server.listen"), "{shown}");
+            assert!(shown.contains("got \"***\""), "{shown}");
+            let quoted = format!("{secret:?}");
+            let escaped = quoted.trim_start_matches('"').trim_end_matches('"');
+            assert!(!shown.contains(escaped), "{shown}");
+        }
+    }
+
+    #[test]
     fn pipelines_are_validated() {
         let text = r#"
 [pipelines.deals]
@@ -1210,5 +1228,59 @@ url = "smtps://user:smtp-secret-8@mail.example.com"
         assert_eq!(problem.key, "connections.crm.max_response_bytes");
         assert_eq!(problem.line, Some(3));
         assert!(problem.message.contains("from 1024"), "{problem}");
+    }
+}
+
+#[cfg(test)]
+mod proptests {
+    use super::interpolate::tests::MapEnv;
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Keys whose validation quotes the value it refused, each with the line it sits on.
+    const KEYS: &[(&str, &str)] = &[
+        ("[server]", "listen"),
+        ("[server]", "max_body_bytes"),
+        ("[server]", "public_url"),
+        ("[server]", "status_page_auth"),
+        (
+            "[email]\ntransport = \"smtp\"\nurl = \"smtp://127.0.0.1:2525\"",
+            "from",
+        ),
+        ("[email]\ntransport = \"file\"\ndir = \"/tmp\"", "time_zone"),
+        (
+            "[email]\ntransport = \"file\"\ndir = \"/tmp\"",
+            "unsubscribe_mailto",
+        ),
+        ("[email]", "transport"),
+        ("[connections.crm]\nconnector = \"demo\"", "poll_interval"),
+    ];
+
+    /// A token of 8 to 24 characters, quotes, backslashes and control characters
+    /// (which an error message escapes) more often than chance would give them.
+    fn secret() -> impl Strategy<Value = String> {
+        prop::collection::vec(prop_oneof!["[a-zA-Z0-9_-]", "[\"\\\\\n\t'{}]", "."], 8..24)
+            .prop_map(|chars| chars.concat())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn a_substituted_secret_never_shows_in_a_config_error(
+            secret in secret(),
+            (table, key) in prop::sample::select(KEYS),
+        ) {
+            let text = format!("{table}\n{key} = \"${{SECRET}}\"\n");
+            let env = MapEnv([("SECRET".to_owned(), secret.clone())].into());
+            if let Err(error) = parse(Path::new("dealsync.toml"), &text, &env) {
+                let shown = error.to_string();
+                // As written, and as a quoted value shows it (`"` as `\"`, newline as `\n`).
+                let quoted = format!("{secret:?}");
+                let escaped = quoted.strip_prefix('"').and_then(|q| q.strip_suffix('"'));
+                prop_assert!(!shown.contains(&secret), "{key}: {shown}");
+                prop_assert!(!shown.contains(escaped.unwrap_or(&quoted)), "{key}: {shown}");
+            }
+        }
     }
 }

@@ -144,7 +144,8 @@ fn parse_minor(text: &str, exponent: u32) -> Option<Result<i64, MoneyError>> {
     }
     // All digits as one integer, and where the decimal point sits relative to minor units.
     let all_digits: String = format!("{int_part}{frac_part}");
-    let shift = exponent as i32 + exp10 - frac_part.len() as i32;
+    // In i64: an exponent near the ends of i32 must not overflow the sum.
+    let shift = i64::from(exponent) + i64::from(exp10) - frac_part.len() as i64;
     let overflow = || MoneyError::Overflow(text.to_owned());
     let mut value: i128 = 0;
     for byte in all_digits.bytes() {
@@ -154,13 +155,18 @@ fn parse_minor(text: &str, exponent: u32) -> Option<Result<i64, MoneyError>> {
         }
     }
     let value = if shift >= 0 {
-        let scale = 10i128.checked_pow(shift as u32);
+        let scale = u32::try_from(shift)
+            .ok()
+            .and_then(|shift| 10i128.checked_pow(shift));
         match scale.and_then(|scale| value.checked_mul(scale)) {
             Some(v) => v,
             None => return Some(Err(overflow())),
         }
     } else {
-        let divisor = match 10i128.checked_pow((-shift) as u32) {
+        let divisor = match u32::try_from(-shift)
+            .ok()
+            .and_then(|shift| 10i128.checked_pow(shift))
+        {
             Some(d) => d,
             None => return Some(Ok(0)),
         };
@@ -214,6 +220,31 @@ mod tests {
     }
 
     #[test]
+    fn an_exponent_at_the_ends_of_i32_is_zero_or_an_overflow_not_a_panic() {
+        // Found by `proptests::no_exponent_panics_the_amount_parser`: the exponent was
+        // added to the currency's and the fraction's digits in i32.
+        let jpy = Currency::parse("JPY").unwrap();
+        assert_eq!(
+            Money::parse_decimal(".000e-2147483648", jpy).unwrap().minor,
+            0
+        );
+        assert_eq!(
+            Money::parse_decimal("1.5e-2147483648", eur())
+                .unwrap()
+                .minor,
+            0
+        );
+        assert!(matches!(
+            Money::parse_decimal("1e2147483647", eur()),
+            Err(MoneyError::Overflow(_))
+        ));
+        assert!(matches!(
+            Money::parse_decimal("1.25e2147483647", jpy),
+            Err(MoneyError::Overflow(_))
+        ));
+    }
+
+    #[test]
     fn minor_units_format_back_to_decimals() {
         assert_eq!(Money::new(420050, eur()).to_string(), "4200.50 EUR");
         assert_eq!(Money::new(-5, eur()).to_decimal_string(), "-0.05");
@@ -244,5 +275,64 @@ mod tests {
         assert_eq!(Currency::parse("usd").unwrap().as_str(), "USD");
         assert!(Currency::parse("US").is_err());
         assert!(Currency::parse("U$D").is_err());
+    }
+}
+
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Text shaped like a decimal amount, exponents of any size included.
+    fn decimal_like() -> impl Strategy<Value = String> {
+        "[ +-]?[0-9]{0,25}(\\.[0-9]{0,25})?([eE][+-]?[0-9]{1,12})? ?"
+    }
+
+    /// A decimal mantissa with an exponent anywhere in `i32`, its ends included.
+    fn scientific() -> impl Strategy<Value = String> {
+        let exponent = prop_oneof![
+            any::<i32>(),
+            (i32::MAX - 40)..=i32::MAX,
+            i32::MIN..=(i32::MIN + 40),
+        ];
+        ("[+-]?[0-9]{0,6}(\\.[0-9]{0,6})?", exponent)
+            .prop_map(|(mantissa, exponent)| format!("{mantissa}e{exponent}"))
+    }
+
+    fn currency() -> impl Strategy<Value = Currency> {
+        prop::sample::select(vec!["JPY", "EUR", "KWD", "CLF"])
+            .prop_map(|code| Currency::parse(code).expect("a listed ISO-4217 code"))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn no_text_panics_the_amount_parser(text in any::<String>(), currency in currency()) {
+            let _ = Money::parse_decimal(&text, currency);
+            let _ = Currency::parse(&text);
+        }
+
+        #[test]
+        fn no_decimal_like_text_panics_the_amount_parser(
+            text in decimal_like(),
+            currency in currency(),
+        ) {
+            let _ = Money::parse_decimal(&text, currency);
+        }
+
+        #[test]
+        fn no_exponent_panics_the_amount_parser(text in scientific(), currency in currency()) {
+            let _ = Money::parse_decimal(&text, currency);
+        }
+
+        #[test]
+        fn every_formatted_amount_parses_back_to_its_minor_units(
+            minor in any::<i64>(),
+            currency in currency(),
+        ) {
+            let text = Money::new(minor, currency).to_decimal_string();
+            prop_assert_eq!(Money::parse_decimal(&text, currency), Ok(Money::new(minor, currency)));
+        }
     }
 }

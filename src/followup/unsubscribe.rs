@@ -62,3 +62,58 @@ mod tests {
         assert_eq!(verify("a-long-enough-secret", "a.b.c"), None);
     }
 }
+
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// An address as `EmailAddress::parse` keeps it: a local part of any characters but
+    /// whitespace and angle brackets, a lower-case domain with a dot.
+    fn address() -> impl Strategy<Value = EmailAddress> {
+        ("[^\\s<>]{1,24}", "[a-z0-9-]{1,12}\\.[a-z]{2,6}").prop_map(|(local, domain)| {
+            EmailAddress::parse(&format!("{local}@{domain}")).expect("a valid address")
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn a_token_verifies_to_its_address_under_its_secret(
+            address in address(),
+            secret in ".{16,40}",
+        ) {
+            let token = sign(&secret, &address);
+            prop_assert_eq!(verify(&secret, &token), Some(address));
+        }
+
+        #[test]
+        fn a_token_changed_in_one_character_or_under_another_secret_does_not_verify(
+            address in address(),
+            secret in ".{16,40}",
+            other in ".{16,40}",
+            at in any::<prop::sample::Index>(),
+            replacement in "[A-Za-z0-9_.-]",
+        ) {
+            let token = sign(&secret, &address);
+            prop_assume!(other != secret);
+            prop_assert_eq!(verify(&other, &token), None);
+            let mut chars: Vec<char> = token.chars().collect();
+            let at = at.index(chars.len());
+            let replacement = replacement.chars().next().unwrap();
+            prop_assume!(chars[at] != replacement);
+            chars[at] = replacement;
+            let changed: String = chars.into_iter().collect();
+            prop_assert_eq!(verify(&secret, &changed), None);
+        }
+
+        #[test]
+        fn no_text_panics_the_token_check_or_passes_it(
+            token in prop_oneof![any::<String>(), "[A-Za-z0-9_-]{0,40}\\.[A-Za-z0-9_-]{0,24}"],
+            secret in ".{16,40}",
+        ) {
+            prop_assert_eq!(verify(&secret, &token), None);
+        }
+    }
+}

@@ -1621,3 +1621,176 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Every header this module reads.
+    const HEADERS: &[&str] = &[
+        header::SHOPIFY_HMAC,
+        header::SHOPIFY_EVENTS_HMAC,
+        header::SHOPIFY_WEBHOOK_ID,
+        header::SHOPIFY_EVENTS_WEBHOOK_ID,
+        header::SHOPIFY_EVENT_ID,
+        header::SHOPIFY_EVENTS_EVENT_ID,
+        header::WOOCOMMERCE_SIGNATURE,
+        header::WOOCOMMERCE_DELIVERY_ID,
+        header::STRIPE_SIGNATURE,
+        header::HUBSPOT_SIGNATURE,
+        header::HUBSPOT_SIGNATURE_VERSION,
+        header::HUBSPOT_SIGNATURE_V3,
+        header::HUBSPOT_REQUEST_TIMESTAMP,
+        header::AUTHORIZATION,
+        header::WEBHOOK_ID,
+        header::WEBHOOK_TIMESTAMP,
+        header::WEBHOOK_SIGNATURE,
+    ];
+
+    fn schemes() -> Vec<Scheme> {
+        vec![
+            Scheme::Shopify,
+            Scheme::WooCommerce,
+            Scheme::Stripe {
+                tolerance: DEFAULT_TOLERANCE,
+            },
+            Scheme::HubSpotV3 {
+                tolerance: DEFAULT_TOLERANCE,
+            },
+            Scheme::HubSpotV1V2,
+            Scheme::PipedriveBasic,
+            Scheme::StandardWebhooks {
+                tolerance: DEFAULT_TOLERANCE,
+            },
+            Scheme::None,
+        ]
+    }
+
+    /// A secret in the format `scheme` takes, from `raw` (non-empty bytes).
+    fn secret_for(scheme: &Scheme, raw: &[u8]) -> Vec<u8> {
+        match scheme {
+            Scheme::StandardWebhooks { .. } => format!("whsec_{}", BASE64.encode(raw)).into_bytes(),
+            Scheme::PipedriveBasic => [b"hook-user:".as_slice(), raw].concat(),
+            _ => raw.to_vec(),
+        }
+    }
+
+    /// Header values a sender could put anywhere: arbitrary bytes, and text shaped like
+    /// each scheme's values (timestamps, hex, base64, lists) to reach past the first check.
+    fn header_value() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            prop::collection::vec(any::<u8>(), 0..80),
+            "t=[0-9]{0,22}(,v[0-9]=[0-9a-fA-F]{0,66}){0,3},?".prop_map(String::into_bytes),
+            "(v1[a]?,[A-Za-z0-9+/=]{0,46} ?){0,3}".prop_map(String::into_bytes),
+            "[Bb]asic ?[A-Za-z0-9+/=]{0,24}".prop_map(String::into_bytes),
+            "[0-9]{0,24}|v[0-9]|[A-Za-z0-9+/]{43}=".prop_map(String::into_bytes),
+        ]
+    }
+
+    fn headers() -> impl Strategy<Value = HeaderMap> {
+        prop::collection::vec((prop::sample::select(HEADERS), header_value()), 0..8).prop_map(
+            |pairs| {
+                pairs
+                    .into_iter()
+                    .filter_map(|(name, value)| {
+                        Some((
+                            HeaderName::from_static(name),
+                            HeaderValue::from_bytes(&value).ok()?,
+                        ))
+                    })
+                    .collect()
+            },
+        )
+    }
+
+    /// A clock anywhere from the epoch to well past today.
+    fn now() -> impl Strategy<Value = SystemTime> {
+        (0u64..8_000_000_000).prop_map(|secs| UNIX_EPOCH + Duration::from_secs(secs))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn no_headers_body_or_uri_panic_any_scheme(
+            headers in headers(),
+            body in prop::collection::vec(any::<u8>(), 0..64),
+            uri in prop_oneof![".{0,24}", "https://h\\.example/[%0-9a-fA-F:/?@]{0,24}"],
+            secret in prop::collection::vec(any::<u8>(), 0..24),
+            now in now(),
+        ) {
+            let request = Request { method: "POST", uri: &uri, headers: &headers, body: &body };
+            for scheme in schemes() {
+                let secret = secret_for(&scheme, &secret);
+                let secrets: [&[u8]; 3] = [b"", &secret, b"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"];
+                let _ = verify(&scheme, &secrets, &request, now);
+                let _ = validate_secret(&scheme, &secret);
+            }
+            let _ = is_woocommerce_ping(&headers, &body);
+        }
+
+        #[test]
+        fn a_correct_signature_over_any_body_verifies(
+            body in prop::collection::vec(any::<u8>(), 0..256),
+            raw_secret in prop::collection::vec(any::<u8>(), 1..48),
+            id in "[!-~]{1,32}",
+            uri in "https://hooks\\.example/[!-~]{0,24}",
+            now in now(),
+        ) {
+            for scheme in schemes().into_iter().filter(|s| *s != Scheme::None) {
+                let secret = secret_for(&scheme, &raw_secret);
+                let delivery = Delivery { method: "POST", uri: &uri, body: &body, id: &id };
+                let headers = sign(&scheme, &secret, &delivery, now).expect("signing");
+                let request = Request { method: "POST", uri: &uri, headers: &headers, body: &body };
+                let another = secret_for(&scheme, b"another-secret");
+                let verified = verify(&scheme, &[&another, &secret], &request, now);
+                prop_assert!(verified.is_ok(), "{scheme:?}: {verified:?}");
+                let verified = verified.unwrap();
+                prop_assert_eq!(verified.secret_index, Some(1), "{:?}", scheme);
+                if matches!(
+                    scheme,
+                    Scheme::Shopify | Scheme::WooCommerce | Scheme::StandardWebhooks { .. }
+                ) {
+                    prop_assert_eq!(verified.delivery_id.as_deref(), Some(id.as_str()));
+                }
+            }
+        }
+
+        #[test]
+        fn a_one_bit_flip_in_the_body_or_the_secret_does_not_verify(
+            body in prop::collection::vec(any::<u8>(), 1..256),
+            raw_secret in prop::collection::vec(any::<u8>(), 1..48),
+            bit in any::<prop::sample::Index>(),
+            secret_bit in any::<prop::sample::Index>(),
+            now in now(),
+        ) {
+            let uri = "https://hooks.example/webhooks/shop";
+            for scheme in schemes().into_iter().filter(|s| *s != Scheme::None) {
+                let secret = secret_for(&scheme, &raw_secret);
+                let delivery = Delivery { method: "POST", uri, body: &body, id: "delivery-1" };
+                let headers = sign(&scheme, &secret, &delivery, now).expect("signing");
+
+                let mut flipped_body = body.clone();
+                let at = bit.index(body.len() * 8);
+                flipped_body[at / 8] ^= 1 << (at % 8);
+                let request = Request { method: "POST", uri, headers: &headers, body: &flipped_body };
+                let outcome = verify(&scheme, &[&secret], &request, now);
+                if scheme == Scheme::PipedriveBasic {
+                    // Basic auth proves the sender, not the body.
+                    prop_assert!(outcome.is_ok(), "{:?}", outcome);
+                } else {
+                    prop_assert_eq!(outcome, Err(SignatureError::Mismatch), "{:?}", scheme);
+                }
+
+                let mut flipped_raw = raw_secret.clone();
+                let at = secret_bit.index(raw_secret.len() * 8);
+                flipped_raw[at / 8] ^= 1 << (at % 8);
+                let other = secret_for(&scheme, &flipped_raw);
+                let request = Request { method: "POST", uri, headers: &headers, body: &body };
+                let outcome = verify(&scheme, &[&other], &request, now);
+                prop_assert_eq!(outcome, Err(SignatureError::Mismatch), "{:?}", scheme);
+            }
+        }
+    }
+}

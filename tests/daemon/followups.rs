@@ -141,7 +141,7 @@ async fn put_cart_with_raw(
 }
 
 /// The value of a header in a raw message, unfolded.
-fn header(data: &str, name: &str) -> Option<String> {
+pub(crate) fn header(data: &str, name: &str) -> Option<String> {
     let head = data.split("\r\n\r\n").next().unwrap_or(data);
     let head = head.replace("\r\n ", " ").replace("\r\n\t", " ");
     let head = head.replace("\n ", " ");

@@ -9,8 +9,8 @@ use serde_json::{Value, json};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-const SHOP_SECRET: &str = "shpss_current_secret";
-const STRIPE_SECRET: &str = "whsec_stripe_test_secret";
+pub(crate) const SHOP_SECRET: &str = "shpss_current_secret";
+pub(crate) const STRIPE_SECRET: &str = "whsec_stripe_test_secret";
 const WOO_SECRET: &str = "woo-secret";
 const WAIT: Duration = Duration::from_secs(15);
 
@@ -34,7 +34,7 @@ fn fixture(path: &str) -> Value {
 }
 
 /// A Shopify connection that takes webhooks signed with either of two secrets.
-fn shopify(name: &str, abandon_after: &str) -> String {
+pub(crate) fn shopify(name: &str, abandon_after: &str) -> String {
     format!(
         r#"
 [connections.{name}]
@@ -45,7 +45,7 @@ abandon_after = "{abandon_after}"
     )
 }
 
-fn stripe(name: &str) -> String {
+pub(crate) fn stripe(name: &str) -> String {
     format!(
         "\n[connections.{name}]\nconnector = \"stripe\"\nwebhook_secret = \"{STRIPE_SECRET}\"\n"
     )
@@ -58,7 +58,7 @@ fn woocommerce(name: &str) -> String {
 }
 
 /// The checkout fixture with its own token, time and shopper.
-fn checkout(token: &str, updated_at: &str, email: &str) -> Vec<u8> {
+pub(crate) fn checkout(token: &str, updated_at: &str, email: &str) -> Vec<u8> {
     let mut body = fixture("shopify/webhook-checkouts-create.json");
     body["token"] = json!(token);
     body["cart_token"] = json!(format!("cart-{token}"));
@@ -69,7 +69,7 @@ fn checkout(token: &str, updated_at: &str, email: &str) -> Vec<u8> {
     serde_json::to_vec(&body).unwrap()
 }
 
-fn order(id: u64, checkout_token: Option<&str>, email: &str) -> Vec<u8> {
+pub(crate) fn order(id: u64, checkout_token: Option<&str>, email: &str) -> Vec<u8> {
     let mut body = fixture("shopify/webhook-orders-create.json");
     body["id"] = json!(id);
     body["checkout_token"] = json!(checkout_token);

@@ -61,15 +61,19 @@ fn walk<'a>(value: &'a Value, steps: &str) -> Option<&'a Value> {
         .split('/')
         .try_fold(value, |target, step| match target {
             Value::Object(map) => map.get(step),
-            Value::Array(items) => {
-                // As RFC 6901: a decimal index without a leading zero.
-                if step.is_empty() || (step.len() > 1 && step.starts_with('0')) {
-                    return None;
-                }
-                step.parse::<usize>().ok().and_then(|at| items.get(at))
-            }
+            Value::Array(items) => array_index(step).and_then(|at| items.get(at)),
             _ => None,
         })
+}
+
+/// A pointer step as an array index: as RFC 6901 says, decimal digits without a
+/// leading zero (and no sign, which `usize::from_str` would take).
+pub fn array_index(step: &str) -> Option<usize> {
+    let digits = !step.is_empty() && step.bytes().all(|byte| byte.is_ascii_digit());
+    if !digits || (step.len() > 1 && step.starts_with('0')) {
+        return None;
+    }
+    step.parse().ok()
 }
 
 /// The text of a scalar: strings as they are, numbers and booleans as JSON writes them.
@@ -328,6 +332,18 @@ mod tests {
     }
 
     #[test]
+    fn a_signed_array_index_names_no_element() {
+        // Found by `proptests::lookup_agrees_with_serde_json_on_every_pointer`:
+        // `usize::from_str` takes a leading `+`, RFC 6901 does not.
+        let record = json!({"list": [10, 20]});
+        for pointer in ["/list/+0", "/list/+1", "/list/-1", "/list/ 1"] {
+            assert_eq!(lookup(&record, pointer), None, "{pointer}");
+            assert_eq!(record.pointer(pointer), None, "{pointer}");
+        }
+        assert_eq!(lookup(&record, "/list/1"), Some(&json!(20)));
+    }
+
+    #[test]
     fn a_present_value_that_does_not_convert_is_an_error_naming_the_path() {
         let record = json!({"t": "soon", "flag": "maybe", "s": "weird"});
         let enriched = HashMap::new();
@@ -344,5 +360,143 @@ mod tests {
             timestamp(&table("/missing", FieldType::Timestamp), &scope).unwrap(),
             None
         );
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Object keys that collide with pointer syntax (`~`, `/`, digits, `+`) now and then.
+    fn key() -> impl Strategy<Value = String> {
+        prop_oneof!["[ab0-2+~/]{0,3}", ".{0,4}"]
+    }
+
+    /// Any JSON value a few levels deep; numbers are finite, as JSON's are.
+    pub(crate) fn json_value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            any::<f64>()
+                .prop_filter("JSON numbers are finite", |n| n.is_finite())
+                .prop_map(Value::from),
+            ".{0,8}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(4, 48, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                prop::collection::btree_map(key(), inner, 0..6)
+                    .prop_map(|map| Value::Object(map.into_iter().collect())),
+            ]
+        })
+    }
+
+    /// Every pointer that names a value inside `value`, the root (`""`) included.
+    pub(crate) fn pointers(value: &Value) -> Vec<String> {
+        fn walk(value: &Value, at: &str, out: &mut Vec<String>) {
+            out.push(at.to_owned());
+            match value {
+                Value::Object(map) => {
+                    for (key, child) in map {
+                        let step = key.replace('~', "~0").replace('/', "~1");
+                        walk(child, &format!("{at}/{step}"), out);
+                    }
+                }
+                Value::Array(items) => {
+                    for (index, child) in items.iter().enumerate() {
+                        walk(child, &format!("{at}/{index}"), out);
+                    }
+                }
+                _ => {}
+            }
+        }
+        let mut out = Vec::new();
+        walk(value, "", &mut out);
+        out
+    }
+
+    /// A value and pointers into it: some that name a value, some one step beyond or
+    /// beside one, some of any text.
+    pub(crate) fn value_and_pointers() -> impl Strategy<Value = (Value, Vec<String>)> {
+        json_value().prop_flat_map(|value| {
+            let real = pointers(&value);
+            let near = (prop::sample::select(real.clone()), key())
+                .prop_map(|(pointer, step)| format!("{pointer}/{step}"));
+            let any_text = prop_oneof!["(/[ab0-2+~/]{0,3}){0,4}", ".{0,10}"];
+            let pointer = prop_oneof![prop::sample::select(real), near, any_text];
+            (Just(value), prop::collection::vec(pointer, 0..12))
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn no_text_panics_the_timestamp_date_or_boolean_parsers(text in any::<String>()) {
+            let _ = parse_timestamp(&text);
+            let _ = parse_date(&text);
+            let _ = parse_bool(&text);
+            let _ = crate::connectors::ecommerce::time(Some(&Value::String(text)));
+        }
+
+        #[test]
+        fn no_timestamp_shaped_text_panics_the_parsers(
+            text in "[0-9]{1,24}|[+-]?[0-9]{1,6}-[0-9]{1,3}-[0-9]{1,3}([T ][0-9]{1,3}:[0-9]{1,3}:[0-9]{1,3}(\\.[0-9]{0,12})?(Z|[+-][0-9]{2}:?[0-9]{2})?)?",
+            seconds in any::<i64>(),
+        ) {
+            let _ = parse_timestamp(&text);
+            let _ = parse_date(&text);
+            let _ = crate::connectors::ecommerce::time(Some(&Value::String(text)));
+            let _ = crate::connectors::ecommerce::time(Some(&Value::from(seconds)));
+        }
+
+        #[test]
+        fn every_instant_reads_back_from_each_shape_vendors_send(
+            millis in 0i64..253_402_300_800_000,
+        ) {
+            let at = Utc.timestamp_millis_opt(millis).single().expect("in chrono's range");
+            let rfc3339 = at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+            prop_assert_eq!(parse_timestamp(&rfc3339), Some(at));
+            let offset = at
+                .with_timezone(&chrono::FixedOffset::east_opt(5 * 3600 + 1800).unwrap())
+                .format("%Y-%m-%dT%H:%M:%S%.3f%z")
+                .to_string();
+            prop_assert_eq!(parse_timestamp(&offset), Some(at));
+            let naive = at.format("%Y-%m-%d %H:%M:%S%.3f").to_string();
+            prop_assert_eq!(parse_timestamp(&naive), Some(at));
+            prop_assert_eq!(parse_timestamp(&millis.to_string()), Some(at));
+            prop_assert_eq!(parse_date(&rfc3339), Some(at.date_naive()));
+        }
+
+        #[test]
+        fn lookup_agrees_with_serde_json_on_every_pointer(
+            (value, pointers) in value_and_pointers(),
+        ) {
+            for pointer in &pointers {
+                prop_assert_eq!(lookup(&value, pointer), value.pointer(pointer), "{:?}", pointer);
+            }
+        }
+
+        #[test]
+        fn no_path_panics_a_field_read(
+            (value, pointers) in value_and_pointers(),
+            enrichment in json_value(),
+            path in any::<String>(),
+        ) {
+            let enriched = HashMap::from([("person".to_owned(), enrichment)]);
+            let scope = Scope::new(&value, &enriched);
+            for path in pointers.iter().chain([&path, &format!("@person{path}")]) {
+                let _ = scope.get(path);
+                let _ = check_path(path);
+                let spec = FieldSpec::Path(path.clone());
+                let _ = string(&spec, &scope);
+                let _ = timestamp(&spec, &scope);
+                let _ = date(&spec, &scope);
+                let _ = boolean(&spec, &scope);
+            }
+        }
     }
 }

@@ -12,6 +12,7 @@
 //! - The records are exactly the elements of the array at the manifest's pointer, in
 //!   order; a body that is not JSON is an error, never an empty page.
 
+use super::fields::array_index;
 use crate::domain::RawRecord;
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
@@ -153,14 +154,13 @@ impl<'de> Visitor<'de> for PruneVisitor<'_> {
         let planned = |index: usize| {
             self.0
                 .iter()
-                .find(|(name, _)| name.parse::<usize>().ok() == Some(index) && !is_padded(name))
+                .find(|(name, _)| array_index(name) == Some(index))
                 .map(|(_, node)| node)
         };
         let last = self
             .0
             .iter()
-            .filter(|(name, _)| !is_padded(name))
-            .filter_map(|(name, _)| name.parse::<usize>().ok())
+            .filter_map(|(name, _)| array_index(name))
             .max();
         let mut kept = Vec::new();
         let mut index = 0;
@@ -200,11 +200,6 @@ impl<'de> Visitor<'de> for PruneVisitor<'_> {
     fn visit_unit<E: de::Error>(self) -> Result<Value, E> {
         Ok(Value::Null)
     }
-}
-
-/// An index with a leading zero (`01`) names no element (RFC 6901).
-fn is_padded(name: &str) -> bool {
-    name.len() > 1 && name.starts_with('0')
 }
 
 /// Why a page's records could not be read.
@@ -340,7 +335,7 @@ impl<'de> Visitor<'de> for Split<'_, '_> {
             *self.found = Found::Records(records);
             return Ok(Value::Null);
         };
-        let wanted = step.parse::<usize>().ok().filter(|_| !is_padded(step));
+        let wanted = array_index(step);
         let mut kept = Vec::new();
         let mut index = 0;
         loop {
@@ -444,6 +439,10 @@ mod tests {
         .unwrap();
         assert_eq!(nested.records.len(), 2);
         assert_eq!(nested.body["more"], json!(true));
+        // A signed index names no element, as in `fields::lookup`.
+        let page = br#"{"data":[[{"id":1}]]}"#;
+        assert_eq!(split_page(page, "/data/0").unwrap().records.len(), 1);
+        assert!(split_page(page, "/data/+0").unwrap().records.is_empty());
         let top = split_page(br#"[{"id":1}, {"id":2}]"#, "").unwrap();
         assert_eq!(top.records[1].as_str(), r#"{"id":2}"#);
         let one = split_page(br#"{"id":1}"#, "").unwrap();
@@ -514,5 +513,81 @@ mod tests {
             Value::Null
         );
         assert!(Plan::new(["/id"]).prune(r#"{"id": 1} x"#).is_err());
+    }
+}
+
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use crate::connectors::manifest::fields::lookup;
+    use crate::connectors::manifest::fields::proptests::{json_value, value_and_pointers};
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    /// A pointer step that names `key`: `~` and `/` escaped.
+    fn escape(key: &str) -> String {
+        key.replace('~', "~0").replace('/', "~1")
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn no_bytes_panic_the_page_splitter(
+            body in prop::collection::vec(any::<u8>(), 0..256),
+            pointer in prop_oneof!["(/[a-c0-2+~/]{0,3}){0,3}", ".{0,8}"],
+        ) {
+            let _ = split_page(&body, &pointer);
+            if let Ok(text) = std::str::from_utf8(&body) {
+                let _ = Plan::new([pointer.as_str()]).prune(text);
+            }
+        }
+
+        #[test]
+        fn no_json_page_panics_the_splitter((value, pointers) in value_and_pointers()) {
+            let body = serde_json::to_vec(&value).unwrap();
+            for pointer in &pointers {
+                let _ = split_page(&body, pointer);
+            }
+        }
+
+        #[test]
+        fn each_split_record_is_the_text_of_its_record(
+            records in prop::collection::vec(json_value(), 0..8),
+            key in "[a-c~/]{1,4}",
+            pretty in any::<bool>(),
+        ) {
+            let page = json!({"page": {key.clone(): records.clone(), "more": true}, "next": "n-2"});
+            let body = if pretty {
+                serde_json::to_vec_pretty(&page).unwrap()
+            } else {
+                serde_json::to_vec(&page).unwrap()
+            };
+            let split = split_page(&body, &format!("/page/{}", escape(&key))).unwrap();
+            let texts: Vec<Value> = split
+                .records
+                .iter()
+                .map(|record| serde_json::from_str(record.as_str()).expect("a record's text is JSON"))
+                .collect();
+            // Numbers compare as JSON reads them, so parse the page's own text once.
+            let full: Value = serde_json::from_slice(&body).unwrap();
+            prop_assert_eq!(&Value::Array(texts), &full["page"][&key]);
+            prop_assert_eq!(&split.body["next"], &json!("n-2"));
+            prop_assert_eq!(&split.body["page"]["more"], &json!(true));
+            prop_assert_eq!(&split.body["page"][&key], &Value::Null);
+        }
+
+        #[test]
+        fn a_pruned_record_answers_each_planned_pointer_like_the_full_record(
+            (value, pointers) in value_and_pointers(),
+        ) {
+            let text = serde_json::to_string(&value).unwrap();
+            let full: Value = serde_json::from_str(&text).unwrap();
+            let plan = Plan::new(pointers.iter().map(String::as_str));
+            let pruned = plan.prune(&text).unwrap();
+            for pointer in pointers.iter().filter(|p| p.is_empty() || p.starts_with('/')) {
+                prop_assert_eq!(lookup(&pruned, pointer), lookup(&full, pointer), "{:?}", pointer);
+            }
+        }
     }
 }

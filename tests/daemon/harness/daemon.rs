@@ -259,6 +259,23 @@ impl TestDaemon {
         db
     }
 
+    /// Opens the daemon's SQLite file read-only, for probes while the daemon writes it.
+    pub fn db_read_only(&self) -> rusqlite::Connection {
+        open_read_only(&self.db_path)
+    }
+
+    /// Opens the webhook inbox file (beside the database) read-only.
+    pub fn inbox_read_only(&self) -> rusqlite::Connection {
+        open_read_only(&dealsync::store::inbox_path(&self.db_path))
+    }
+
+    /// Counts rows for `sql` (a `SELECT count(*) …`) on a read-only connection.
+    pub fn count_read_only(&self, sql: &str) -> i64 {
+        self.db_read_only()
+            .query_row(sql, [], |row| row.get(0))
+            .expect(sql)
+    }
+
     /// Counts rows for `sql` (a `SELECT count(*) …`).
     pub fn count(&self, sql: &str) -> i64 {
         self.db().query_row(sql, [], |row| row.get(0)).expect(sql)
@@ -274,6 +291,15 @@ impl Drop for TestDaemon {
             let _ = child.start_kill();
         }
     }
+}
+
+fn open_read_only(path: &std::path::Path) -> rusqlite::Connection {
+    let db =
+        rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .unwrap_or_else(|error| panic!("opening {} read-only: {error}", path.display()));
+    db.busy_timeout(Duration::from_secs(5))
+        .expect("busy timeout");
+    db
 }
 
 /// Runs the binary with arguments (not as a daemon) and returns (code, stdout, stderr).

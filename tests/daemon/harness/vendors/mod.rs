@@ -1,6 +1,7 @@
 //! Mock vendor APIs: small stateful axum servers on 127.0.0.1 that answer in the
 //! shapes of the shared fixtures, with failure injection (status codes with headers,
-//! slow answers, bodies that are not JSON) and a log of what was asked.
+//! slow answers, bodies that are not JSON, truncated bodies), queued one by one or on a
+//! fixed schedule (every n-th request), and a log of what was asked.
 
 pub mod hostile;
 pub mod hubspot;
@@ -33,6 +34,18 @@ pub enum Fault {
     Delay(Duration),
     /// 200 with a body that is not JSON.
     Garbage,
+    /// The real answer cut to half its length, as a proxy that dropped the rest would
+    /// pass it on (the `Content-Length` matches what is sent).
+    Truncated,
+}
+
+/// Faults served on a fixed schedule, so a run fails the same way every time: on
+/// paths starting with `prefix`, the n-th request (counting from 1) gets the fault of
+/// the first `(every, fault)` whose `every` divides n, and passes when none does.
+pub struct Schedule {
+    prefix: String,
+    rules: Vec<(u64, Fault)>,
+    requests: u64,
 }
 
 /// Faults queued per path prefix, and every request seen.
@@ -43,6 +56,9 @@ pub struct Faults {
     pub seen: Mutex<Vec<String>>,
     /// A delay added to every answer on paths with this prefix.
     pub slow: Mutex<Option<(String, Duration)>>,
+    schedule: Mutex<Option<Schedule>>,
+    /// Every fault the schedule served, in order, as its `Debug` text.
+    pub scheduled_served: Mutex<Vec<String>>,
 }
 
 impl Faults {
@@ -67,6 +83,29 @@ impl Faults {
                     .is_some_and(|(_, p)| p.starts_with(prefix))
             })
             .count()
+    }
+
+    /// Serves faults on a fixed schedule from now on (see [`Schedule`]); queued faults
+    /// still come first.
+    pub fn every(&self, prefix: &str, rules: Vec<(u64, Fault)>) {
+        *self.schedule.lock().unwrap() = Some(Schedule {
+            prefix: prefix.to_owned(),
+            rules,
+            requests: 0,
+        });
+    }
+
+    fn scheduled(&self, path: &str) -> Option<Fault> {
+        let mut schedule = self.schedule.lock().unwrap();
+        let schedule = schedule.as_mut().filter(|s| path.starts_with(&s.prefix))?;
+        schedule.requests += 1;
+        let n = schedule.requests;
+        let (_, fault) = schedule.rules.iter().find(|(every, _)| n % every == 0)?;
+        self.scheduled_served
+            .lock()
+            .unwrap()
+            .push(format!("{fault:?}"));
+        Some(fault.clone())
     }
 
     fn take(&self, path: &str) -> Option<Fault> {
@@ -97,7 +136,8 @@ pub async fn inject(State(faults): State<Arc<Faults>>, request: Request, next: N
     {
         tokio::time::sleep(delay).await;
     }
-    match faults.take(&path) {
+    let fault = faults.take(&path).or_else(|| faults.scheduled(&path));
+    match fault {
         Some(Fault::Status(status, headers, body)) => {
             let mut response = (StatusCode::from_u16(status).unwrap(), body).into_response();
             for (name, value) in headers {
@@ -119,6 +159,14 @@ pub async fn inject(State(faults): State<Arc<Faults>>, request: Request, next: N
             .header("content-type", "application/json")
             .body(Body::from("{\"results\": [ {\"id\": \"trunc"))
             .unwrap(),
+        Some(Fault::Truncated) => {
+            let (mut parts, body) = next.run(request).await.into_parts();
+            let whole = axum::body::to_bytes(body, usize::MAX)
+                .await
+                .expect("the mock's own answer is readable");
+            parts.headers.remove(axum::http::header::CONTENT_LENGTH);
+            Response::from_parts(parts, Body::from(whole.slice(..whole.len() / 2)))
+        }
         None => next.run(request).await,
     }
 }
