@@ -6,5 +6,6 @@ mod harness;
 mod insight;
 mod pull;
 mod report;
+mod server;
 mod smtp_harness;
 mod webhooks;

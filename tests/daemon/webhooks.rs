@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-const SHOP_SECRET: &str = "shpss_current_secret";
+pub const SHOP_SECRET: &str = "shpss_current_secret";
 const STRIPE_SECRET: &str = "whsec_stripe_test_secret";
 const WOO_SECRET: &str = "woo-secret";
 const WAIT: Duration = Duration::from_secs(15);
@@ -24,7 +24,7 @@ fn db(daemon: &TestDaemon) -> rusqlite::Connection {
     db
 }
 
-fn count(daemon: &TestDaemon, sql: &str) -> i64 {
+pub fn count(daemon: &TestDaemon, sql: &str) -> i64 {
     db(daemon).query_row(sql, [], |row| row.get(0)).expect(sql)
 }
 
@@ -34,7 +34,7 @@ fn fixture(path: &str) -> Value {
 }
 
 /// A Shopify connection that takes webhooks signed with either of two secrets.
-fn shopify(name: &str, abandon_after: &str) -> String {
+pub fn shopify(name: &str, abandon_after: &str) -> String {
     format!(
         r#"
 [connections.{name}]
@@ -58,7 +58,7 @@ fn woocommerce(name: &str) -> String {
 }
 
 /// The checkout fixture with its own token, time and shopper.
-fn checkout(token: &str, updated_at: &str, email: &str) -> Vec<u8> {
+pub fn checkout(token: &str, updated_at: &str, email: &str) -> Vec<u8> {
     let mut body = fixture("shopify/webhook-checkouts-create.json");
     body["token"] = json!(token);
     body["cart_token"] = json!(format!("cart-{token}"));
@@ -79,7 +79,7 @@ fn order(id: u64, checkout_token: Option<&str>, email: &str) -> Vec<u8> {
     serde_json::to_vec(&body).unwrap()
 }
 
-async fn post(
+pub async fn post(
     daemon: &TestDaemon,
     connection: &str,
     headers: http::HeaderMap,
@@ -98,7 +98,7 @@ async fn post(
     (status, response.text().await.unwrap_or_default())
 }
 
-fn shopify_headers(secret: &str, topic: &str, id: &str, body: &[u8]) -> http::HeaderMap {
+pub fn shopify_headers(secret: &str, topic: &str, id: &str, body: &[u8]) -> http::HeaderMap {
     let delivery = Delivery {
         method: "POST",
         uri: "",
