@@ -82,11 +82,7 @@ impl TestDaemon {
 
     /// Rewrites the config file with a new body (same storage and port).
     pub fn write_config(&self, body: &str) {
-        std::fs::write(
-            &self.config_path,
-            format!("{}{body}", self.header(body)),
-        )
-        .expect("config");
+        std::fs::write(&self.config_path, format!("{}{body}", self.header(body))).expect("config");
     }
 
     async fn launch(&mut self) {
