@@ -21,6 +21,15 @@
 //! once, and once the worker (which runs as in production, on the same two cores) has
 //! caught up, every accepted checkout must be one deal. The bench exits non-zero if not.
 //! Run with `cargo bench --bench intake`.
+//!
+//! `cargo bench --bench intake -- --slow-clients` measures instead what hostile
+//! clients cost: `/healthz` latency (a new connection per probe, `PROBES` at
+//! `PROBE_RATE`/s, open loop) and saturation throughput (`SLOW_SATURATION` deliveries),
+//! first alone, then while `SLOW_CLIENTS` connections are held open by a third thread:
+//! half send nothing, half trickle a request header one byte a second, and each
+//! reconnects as soon as the server closes it (after `server.header_read_timeout`), as
+//! an attacker would. It needs `ulimit -n` of at least 8192 (both ends of every slow
+//! connection live in this process).
 
 #![allow(clippy::print_stdout)]
 
@@ -325,8 +334,351 @@ async fn drain(store: &dealsync::store::Store) -> anyhow::Result<()> {
     Ok(())
 }
 
+const SLOW_CLIENTS: usize = 2_000;
+const ROUNDS: usize = 3;
+const SLOW_SATURATION: u64 = 50_000;
+const PROBES: u64 = 2_000;
+const PROBE_RATE: u64 = 200;
+
+/// `/healthz` on a new connection per probe, probe `i` due at `start + i / rate`;
+/// latencies count from the due time. Runs on a thread of its own.
+fn probe_healthz_on_thread(
+    addr: SocketAddr,
+    probes: u64,
+    rate: u64,
+) -> std::thread::JoinHandle<anyhow::Result<Outcome>> {
+    std::thread::Builder::new()
+        .name("healthz-prober".into())
+        .spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let local = tokio::task::LocalSet::new();
+            local.block_on(&runtime, async move {
+                let cpu_before = cpu_seconds("thread-self");
+                let request = format!("GET /healthz HTTP/1.1\r\nhost: {addr}\r\n\r\n").into_bytes();
+                let started = Instant::now() + Duration::from_millis(50);
+                let mut tasks = tokio::task::JoinSet::new();
+                for i in 0..probes {
+                    let due = started + Duration::from_nanos(i * 1_000_000_000 / rate);
+                    let request = request.clone();
+                    tasks.spawn_local(async move {
+                        tokio::time::sleep_until(due.into()).await;
+                        let status = async {
+                            let mut connection = Connection::open(addr).await?;
+                            connection.send(&request).await
+                        }
+                        .await;
+                        (status.ok(), due.elapsed())
+                    });
+                }
+                let mut outcome = Outcome {
+                    ok: 0,
+                    refused: 0,
+                    failed: 0,
+                    latencies: Vec::new(),
+                    elapsed: Duration::ZERO,
+                    generator_cpu: 0.0,
+                };
+                while let Some(result) = tasks.join_next().await {
+                    match result? {
+                        (Some(200), latency) => {
+                            outcome.ok += 1;
+                            outcome.latencies.push(latency);
+                        }
+                        (Some(503), _) => outcome.refused += 1,
+                        _ => outcome.failed += 1,
+                    }
+                }
+                outcome.elapsed = started.elapsed();
+                outcome.latencies.sort();
+                outcome.generator_cpu = cpu_seconds("thread-self") - cpu_before;
+                Ok(outcome)
+            })
+        })
+        .expect("spawning the prober")
+}
+
+/// Holds `count` slow connections open until `stop`: even ones idle, odd ones
+/// trickling a header byte per second; each reconnects when the server closes it.
+/// Returns how many times the server closed one.
+/// Its thread id goes to `tid`, so that its CPU can be told apart from the server's.
+fn slow_clients_on_thread(
+    addr: SocketAddr,
+    count: usize,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    tid: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) -> std::thread::JoinHandle<anyhow::Result<u64>> {
+    use std::sync::atomic::Ordering;
+    std::thread::Builder::new()
+        .name("slow-clients".into())
+        .spawn(move || {
+            let own = std::fs::read_link("/proc/thread-self")
+                .ok()
+                .and_then(|path| path.file_name()?.to_str()?.parse().ok())
+                .unwrap_or(0);
+            tid.store(own, Ordering::Relaxed);
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let local = tokio::task::LocalSet::new();
+            local.block_on(&runtime, async move {
+                let mut tasks = tokio::task::JoinSet::new();
+                for n in 0..count {
+                    let stop = stop.clone();
+                    tasks.spawn_local(async move {
+                        let mut closed_by_server = 0u64;
+                        while !stop.load(Ordering::Relaxed) {
+                            let Ok(mut stream) = TcpStream::connect(addr).await else {
+                                tokio::time::sleep(Duration::from_millis(100)).await;
+                                continue;
+                            };
+                            let trickle = n % 2 == 1;
+                            if trickle
+                                && stream
+                                    .write_all(b"GET /healthz HTTP/1.1\r\nx-slow: ")
+                                    .await
+                                    .is_err()
+                            {
+                                continue;
+                            }
+                            let mut byte = [0u8; 1];
+                            loop {
+                                if stop.load(Ordering::Relaxed) {
+                                    return closed_by_server;
+                                }
+                                // Wait a second for the server to close; trickle meanwhile.
+                                match tokio::time::timeout(
+                                    Duration::from_secs(1),
+                                    stream.read(&mut byte),
+                                )
+                                .await
+                                {
+                                    Ok(Ok(0)) | Ok(Err(_)) => {
+                                        closed_by_server += 1;
+                                        break;
+                                    }
+                                    Ok(Ok(_)) => {}
+                                    Err(_) => {
+                                        if trickle && stream.write_all(b"a").await.is_err() {
+                                            closed_by_server += 1;
+                                            break;
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                        closed_by_server
+                    });
+                    // Spread the connects over ~2 s, so that neither they nor the
+                    // server's closes after header_read_timeout come as one burst.
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                let mut closed = 0;
+                while let Some(result) = tasks.join_next().await {
+                    closed += result?;
+                }
+                Ok(closed)
+            })
+        })
+        .expect("spawning the slow clients")
+}
+
+fn open_file_limit() -> Option<u64> {
+    std::fs::read_to_string("/proc/self/limits")
+        .ok()?
+        .lines()
+        .find(|line| line.starts_with("Max open files"))?
+        .split_whitespace()
+        .nth(3)?
+        .parse()
+        .ok()
+}
+
+/// The `--slow-clients` mode: `/healthz` p99 and intake throughput without and with
+/// `SLOW_CLIENTS` slow connections held open.
+async fn slow_clients(fixture: &Value) -> anyhow::Result<()> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    if let Some(limit) = open_file_limit()
+        && limit < 8192
+    {
+        bail!("the open-file limit is {limit}; run `ulimit -n 8192` (or more) first");
+    }
+    let dir = tempfile::tempdir()?;
+    let db_path = dir.path().join("bench.db");
+    // Room for the slow clients and the load: the cap itself is not what is measured.
+    let text = format!(
+        "[storage]\npath = \"{}\"\n[server]\nlisten = \"127.0.0.1:0\"\nmax_connections = 4096\n\n\
+         [connections.shop]\nconnector = \"shopify\"\nwebhook_secret = \"{SECRET}\"\n",
+        db_path.display()
+    );
+    let config = dealsync::config::parse(
+        &dir.path().join("bench.toml"),
+        &text,
+        &dealsync::config::interpolate::ProcessEnv,
+    )
+    .map_err(|error| anyhow::anyhow!("{error}"))?;
+    println!(
+        "slow clients: header_read_timeout {:?}, max_connections {}",
+        config.server.header_read_timeout, config.server.max_connections
+    );
+    let app = App::build(config).await.context("building the app")?;
+    let addr = app.local_addr();
+    let state = app.state();
+    let shutdown = CancellationToken::new();
+    let server = tokio::spawn(app.run(shutdown.clone()));
+    let open_connections = || {
+        state
+            .metrics
+            .http_connections
+            .get_or_create(&dealsync::telemetry::ListenerLabels {
+                listener: "main".into(),
+            })
+            .get()
+    };
+
+    let slow_tid = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    // CPU seconds of the slow clients' thread so far (0 while there is none).
+    let slow_cpu = || match slow_tid.load(Ordering::Relaxed) {
+        0 => 0.0,
+        tid => cpu_seconds(&format!("self/task/{tid}")),
+    };
+    let mut next = 20_000_000u64;
+    let mut measure = async |label: &str| -> anyhow::Result<(Outcome, Outcome, f64)> {
+        let cpu = cpu_seconds("self");
+        let probes = join(probe_healthz_on_thread(addr, PROBES, PROBE_RATE)).await?;
+        report(
+            &format!("{label}: /healthz, {PROBE_RATE}/s, new connection each"),
+            &probes,
+            cpu_seconds("self") - cpu,
+        );
+        println!("  open connections at the end: {}", open_connections());
+        let requests: Vec<Vec<u8>> = (next..next + SLOW_SATURATION)
+            .map(|n| request(fixture, addr, n))
+            .collect();
+        next += SLOW_SATURATION;
+        let (cpu, slow_before) = (cpu_seconds("self"), slow_cpu());
+        let saturation = join(drive_on_thread(addr, requests, CONNECTIONS, None)).await?;
+        let process = cpu_seconds("self") - cpu;
+        let slow = slow_cpu() - slow_before;
+        report(
+            &format!("{label}: intake saturation ({CONNECTIONS} connections)"),
+            &saturation,
+            process,
+        );
+        let server = process - saturation.generator_cpu - slow;
+        let per_event = 1e6 * server / saturation.ok as f64;
+        println!(
+            "  server CPU (process minus load generator and slow clients {slow:.2} s): {server:.2} s, {per_event:.0} µs per event; open connections at the end: {}",
+            open_connections()
+        );
+        drain(&state.store).await?;
+        Ok((probes, saturation, per_event))
+    };
+
+    // Alternating rounds, so that what the other users of the machine do falls on
+    // both sides alike.
+    let mut alone = Vec::new();
+    let mut beside = Vec::new();
+    for round in 1..=ROUNDS {
+        alone.push(measure(&format!("round {round}, without slow clients")).await?);
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let slow = slow_clients_on_thread(addr, SLOW_CLIENTS, stop.clone(), slow_tid.clone());
+        let holding = Instant::now();
+        while open_connections() < SLOW_CLIENTS as i64 {
+            if holding.elapsed() > Duration::from_secs(30) {
+                bail!(
+                    "only {} of {SLOW_CLIENTS} slow connections open after 30 s",
+                    open_connections()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // The fewest slow connections open at any sample while measuring.
+        let fewest = Arc::new(std::sync::atomic::AtomicI64::new(i64::MAX));
+        let sampler = {
+            let (fewest, state) = (fewest.clone(), state.clone());
+            tokio::spawn(async move {
+                loop {
+                    let open = state
+                        .metrics
+                        .http_connections
+                        .get_or_create(&dealsync::telemetry::ListenerLabels {
+                            listener: "main".into(),
+                        })
+                        .get();
+                    fewest.fetch_min(open, Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            })
+        };
+        println!(
+            "{SLOW_CLIENTS} slow connections held after {:.2} s",
+            holding.elapsed().as_secs_f64()
+        );
+        beside.push(measure(&format!("round {round}, with {SLOW_CLIENTS} slow clients")).await?);
+        sampler.abort();
+        stop.store(true, Ordering::Relaxed);
+        let closed =
+            tokio::task::spawn_blocking(move || slow.join().expect("slow clients panicked"))
+                .await??;
+        slow_tid.store(0, Ordering::Relaxed);
+        println!(
+            "  while measuring, at least {} connections were open (slow ones plus the load); the server closed {closed} slow connections (each reconnected)",
+            fewest.load(Ordering::Relaxed)
+        );
+    }
+
+    let throughput = |outcome: &Outcome| outcome.ok as f64 / outcome.elapsed.as_secs_f64();
+    let median = |mut values: Vec<f64>| {
+        values.sort_by(f64::total_cmp);
+        values[values.len() / 2]
+    };
+    let summary = |rounds: &[(Outcome, Outcome, f64)]| {
+        (
+            median(rounds.iter().map(|r| throughput(&r.1)).collect()),
+            median(
+                rounds
+                    .iter()
+                    .map(|r| ms(percentile(&r.0.latencies, 0.99)))
+                    .collect(),
+            ),
+            median(rounds.iter().map(|r| r.2).collect()),
+        )
+    };
+    let (alone_rate, alone_p99, alone_cpu) = summary(&alone);
+    let (beside_rate, beside_p99, beside_cpu) = summary(&beside);
+    println!(
+        "summary (medians of {ROUNDS} rounds): intake {alone_rate:.0}/s alone, {beside_rate:.0}/s beside \
+         {SLOW_CLIENTS} slow clients ({:.1} %, target >= 90 %); server CPU {alone_cpu:.0} µs per event \
+         alone, {beside_cpu:.0} beside them; /healthz p99 {alone_p99:.2} ms alone, {beside_p99:.2} ms \
+         beside them (target <= 25 ms)",
+        100.0 * beside_rate / alone_rate,
+    );
+    shutdown.cancel();
+    let _ = server.await;
+    let all_answered = alone
+        .iter()
+        .chain(&beside)
+        .flat_map(|(probes, intake, _)| [probes, intake])
+        .all(|outcome| outcome.refused == 0 && outcome.failed == 0);
+    if !all_answered {
+        bail!("some requests were refused or failed (see above)");
+    }
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    if std::env::args().any(|arg| arg == "--slow-clients") {
+        let fixture: Value = serde_json::from_str(&std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/shopify/webhook-checkouts-create.json"
+        ))?)?;
+        return slow_clients(&fixture).await;
+    }
     let dir = tempfile::tempdir()?;
     let db_path = dir.path().join("bench.db");
     let text = format!(

@@ -168,6 +168,8 @@ impl AppState {
 
 pub struct App {
     listener: TcpListener,
+    /// `server.metrics_listen`, when set: `/metrics` alone.
+    metrics_listener: Option<TcpListener>,
     state: Arc<AppState>,
     reload_tx: mpsc::Sender<()>,
     reload_rx: mpsc::Receiver<()>,
@@ -207,12 +209,21 @@ impl App {
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|source| StartupError::Bind { addr, source })?;
+        let metrics_listener = match config.server.metrics_listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| StartupError::Bind { addr, source })?,
+            ),
+            None => None,
+        };
         let readiness = Arc::new(Readiness::default());
         readiness.set_migrated();
         readiness.expect(runtimes.iter().map(|r| r.name().to_owned()));
         let (reload_tx, reload_rx) = mpsc::channel(1);
         Ok(App {
             listener,
+            metrics_listener,
             state: Arc::new(AppState {
                 store,
                 metrics: Arc::new(Metrics::new()),
@@ -232,6 +243,15 @@ impl App {
             .expect("a bound listener has an address")
     }
 
+    /// The bound address of `server.metrics_listen`, when set.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener.as_ref().map(|listener| {
+            listener
+                .local_addr()
+                .expect("a bound listener has an address")
+        })
+    }
+
     pub fn state(&self) -> Arc<AppState> {
         self.state.clone()
     }
@@ -246,15 +266,37 @@ impl App {
         let state = self.state.clone();
         let deadline = state.config().server.shutdown_timeout;
         let tasks = TaskTracker::new();
-        info!(addr = %self.local_addr(), "listening");
+        info!(addr = %self.local_addr(), metrics_addr = ?self.metrics_addr(), "listening");
+        warn_about_access(&state.config().server);
 
-        let server_shutdown = shutdown.clone();
-        let router = crate::http::router(state.clone());
-        let server = tokio::spawn(async move {
-            axum::serve(self.listener, router)
-                .with_graceful_shutdown(async move { server_shutdown.cancelled().await })
-                .await
-        });
+        let config = state.config();
+        let limits = crate::http::server::Limits::of(&config.server);
+        let metrics_router = self
+            .metrics_listener
+            .take()
+            .map(|listener| (listener, crate::http::metrics_router(state.clone())));
+        crate::http::server::check_open_file_limit(
+            limits.max_connections * if metrics_router.is_some() { 2 } else { 1 },
+        );
+        let mut servers = tokio::task::JoinSet::new();
+        servers.spawn(crate::http::server::serve(
+            self.listener,
+            crate::http::router(state.clone()),
+            limits.clone(),
+            state.metrics.clone(),
+            "main",
+            shutdown.clone(),
+        ));
+        if let Some((listener, router)) = metrics_router {
+            servers.spawn(crate::http::server::serve(
+                listener,
+                router,
+                limits,
+                state.metrics.clone(),
+                "metrics",
+                shutdown.clone(),
+            ));
+        }
 
         let mut connection_token = shutdown.child_token();
         start_connections(&state, &tasks, &connection_token);
@@ -298,19 +340,40 @@ impl App {
         tasks.close();
         let drained = tokio::time::timeout(deadline, async {
             tasks.wait().await;
-            server.await
+            let mut failed = None;
+            while let Some(ended) = servers.join_next().await {
+                failed = failed.or(ended.err());
+            }
+            failed
         })
         .await;
         match drained {
-            Ok(Ok(Ok(()))) => info!("shutdown complete"),
-            Ok(Ok(Err(error))) => return Err(RunError::Server(error)),
-            Ok(Err(join_error)) => error!(error = %join_error, "HTTP server task failed"),
+            Ok(None) => info!("shutdown complete"),
+            Ok(Some(join_error)) => error!(error = %join_error, "HTTP server task failed"),
             Err(_) => warn!(
                 remaining = tasks.len(),
                 "shutdown deadline passed; abandoning the remaining tasks"
             ),
         }
         Ok(())
+    }
+}
+
+/// Says at startup what the access settings leave unreachable, so that a missing
+/// token shows in the log and not only as a 404 to the scraper or the browser.
+fn warn_about_access(server: &config::ServerConfig) {
+    if server.api_token.is_some() {
+        return;
+    }
+    if server.status_page && server.status_page_auth == config::StatusPageAuth::Always {
+        warn!(
+            "the status page answers 404 until server.api_token is set (or server.status_page_auth = \"local\" when only this machine reaches the listener)"
+        );
+    }
+    if server.metrics_auth == config::MetricsAuth::Token {
+        warn!(
+            "/metrics answers 404 until server.api_token is set (or server.metrics_auth = \"none\" on a listener only the scraper reaches)"
+        );
     }
 }
 
@@ -382,6 +445,24 @@ async fn reload(
     };
     if new.server.listen != old.server.listen || new.storage.path != old.storage.path {
         warn!("server.listen and storage.path changes take effect only after a restart");
+    }
+    let (was, now) = (&old.server, &new.server);
+    if (
+        was.metrics_listen,
+        was.header_read_timeout,
+        was.body_read_timeout,
+        was.idle_timeout,
+        was.max_connections,
+    ) != (
+        now.metrics_listen,
+        now.header_read_timeout,
+        now.body_read_timeout,
+        now.idle_timeout,
+        now.max_connections,
+    ) {
+        warn!(
+            "server.metrics_listen and the connection limits (header_read_timeout, body_read_timeout, idle_timeout, max_connections) take effect only after a restart"
+        );
     }
     for runtime in &runtimes {
         if let Err(error) = state

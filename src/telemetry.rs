@@ -97,6 +97,12 @@ pub struct HttpLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabels {
+    /// "main" (`server.listen`) or "metrics" (`server.metrics_listen`).
+    pub listener: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ValueLabels {
     pub connection: String,
     pub pipeline: String,
@@ -133,6 +139,14 @@ pub struct Metrics {
     pub records: Family<RecordLabels, Counter>,
     pub last_success: Family<ConnectionLabels, Gauge<f64, AtomicU64>>,
     pub http_requests: Family<HttpLabels, Counter>,
+    /// Connections being served, per listener.
+    pub http_connections: Family<ListenerLabels, Gauge>,
+    /// Connections answered 503 (or closed) because `server.max_connections` were open.
+    pub http_connections_refused: Family<ListenerLabels, Counter>,
+    /// Failed `accept` calls (e.g. out of file descriptors), each followed by a back-off.
+    pub http_accept_errors: Family<ListenerLabels, Counter>,
+    /// Requests whose handler panicked (answered 500).
+    pub http_handler_panics: Counter,
     pub config_reloads: Family<RunLabels, Counter>,
     /// Σ amount of live deals in minor units, per stage and currency (refreshed at scrape).
     pub deal_value: Family<ValueLabels, Gauge>,
@@ -173,6 +187,10 @@ impl Metrics {
             records: Family::default(),
             last_success: Family::default(),
             http_requests: Family::default(),
+            http_connections: Family::default(),
+            http_connections_refused: Family::default(),
+            http_accept_errors: Family::default(),
+            http_handler_panics: Counter::default(),
             config_reloads: Family::default(),
             deal_value: Family::default(),
             stalled_deals: Family::default(),
@@ -216,6 +234,26 @@ impl Metrics {
             "http_requests",
             "HTTP requests by route, method and status",
             metrics.http_requests.clone(),
+        );
+        registry.register(
+            "http_connections",
+            "HTTP connections being served, by listener",
+            metrics.http_connections.clone(),
+        );
+        registry.register(
+            "http_connections_refused",
+            "HTTP connections refused with 503 because server.max_connections were open, by listener",
+            metrics.http_connections_refused.clone(),
+        );
+        registry.register(
+            "http_accept_errors",
+            "Failed accepts of HTTP connections (e.g. no file descriptor left), by listener",
+            metrics.http_accept_errors.clone(),
+        );
+        registry.register(
+            "http_handler_panics",
+            "HTTP requests whose handler panicked; each was answered 500",
+            metrics.http_handler_panics.clone(),
         );
         registry.register(
             "config_reloads",

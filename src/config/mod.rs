@@ -67,17 +67,39 @@ pub struct ServerConfig {
     pub status_page: bool,
     /// Which requests for the status page must present `api_token`.
     pub status_page_auth: StatusPageAuth,
+    /// Whether `/metrics` asks for `api_token`.
+    pub metrics_auth: MetricsAuth,
+    /// A listener of its own for `/metrics`; `None` serves it on `listen`.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Time for a new connection to deliver its first request header.
+    pub header_read_timeout: Duration,
+    /// Time from a request's header to its response; the body must arrive within it.
+    pub body_read_timeout: Duration,
+    /// Time a keep-alive connection may take to deliver its next request header.
+    pub idle_timeout: Duration,
+    /// Connections served at once (the listener and `metrics_listen` each).
+    pub max_connections: usize,
 }
 
 /// Which requests for the status page must present `server.api_token`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StatusPageAuth {
-    /// Requests not known to come from this machine: any request on a non-loopback
-    /// listener, and on a loopback listener any request a proxy forwarded (it carries
-    /// `Forwarded`, `X-Forwarded-For` or `X-Real-IP`).
-    Remote,
-    /// Every request (e.g. behind a proxy on this machine that adds no such header).
+    /// Every request (the default). Without an `api_token` the page does not exist.
     Always,
+    /// The operator declares that only this machine reaches the (loopback) listener:
+    /// a request with no `Forwarded`, `X-Forwarded-For` or `X-Real-IP` header sees the
+    /// page without a token; a forwarded one still needs it.
+    Local,
+}
+
+/// Whether `/metrics` asks for `server.api_token`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetricsAuth {
+    /// `Authorization: Bearer <api_token>` (the default). Without an `api_token`
+    /// `/metrics` does not exist.
+    Token,
+    /// Open to whoever reaches the listener that serves it.
+    None,
 }
 
 /// One `[connections.NAME]`. Debug prints secrets, and the password of a URL with
@@ -446,24 +468,121 @@ fn validate(path: &Path, raw: raw::RawConfig, report: &mut dyn FnMut(&str, Strin
         api_token: raw.server.api_token.clone(),
         status_page: raw.server.status_page.unwrap_or(true),
         status_page_auth: match raw.server.status_page_auth.as_deref() {
-            None | Some("remote") => StatusPageAuth::Remote,
-            Some("always") => StatusPageAuth::Always,
+            None | Some("always") => StatusPageAuth::Always,
+            Some("local") => StatusPageAuth::Local,
+            // The old default opened the page to a reverse proxy on this machine that
+            // adds no forwarding header (nginx's plain proxy_pass): refused, not mapped,
+            // so an upgrade never keeps that exposure silently.
+            Some("remote") => {
+                report(
+                    "server.status_page_auth",
+                    "\"remote\" is no longer accepted: it showed the page without a token to any request on a loopback listener that carried no forwarding header, which a reverse proxy on this machine may not add; remove the key to require server.api_token (the default, \"always\"), or write \"local\" if nothing but this machine's users can reach server.listen".to_owned(),
+                );
+                StatusPageAuth::Always
+            }
             Some(other) => {
                 report(
                     "server.status_page_auth",
-                    format!("expected \"remote\" or \"always\", got {other:?}"),
+                    format!("expected \"always\" or \"local\", got {other:?}"),
                 );
-                StatusPageAuth::Remote
+                StatusPageAuth::Always
+            }
+        },
+        metrics_auth: match raw.server.metrics_auth.as_deref() {
+            None | Some("token") => MetricsAuth::Token,
+            Some("none") => MetricsAuth::None,
+            Some(other) => {
+                report(
+                    "server.metrics_auth",
+                    format!("expected \"token\" or \"none\", got {other:?}"),
+                );
+                MetricsAuth::Token
+            }
+        },
+        metrics_listen: raw.server.metrics_listen.as_deref().and_then(|text| {
+            text.parse()
+                .map_err(|_| {
+                    report(
+                        "server.metrics_listen",
+                        format!("expected an address like \"127.0.0.1:9464\", got {text:?}"),
+                    )
+                })
+                .ok()
+        }),
+        header_read_timeout: positive(
+            raw.server.header_read_timeout,
+            Duration::from_secs(10),
+            "server.header_read_timeout",
+            report,
+        ),
+        body_read_timeout: positive(
+            raw.server.body_read_timeout,
+            Duration::from_secs(30),
+            "server.body_read_timeout",
+            report,
+        ),
+        idle_timeout: positive(
+            raw.server.idle_timeout,
+            Duration::from_secs(60),
+            "server.idle_timeout",
+            report,
+        ),
+        max_connections: match raw.server.max_connections {
+            None => 1024,
+            Some(count) if (1..=1_000_000).contains(&count) => count,
+            Some(count) => {
+                report(
+                    "server.max_connections",
+                    format!("expected a number from 1 to 1000000, got {count}"),
+                );
+                1024
             }
         },
     };
     if server.status_page
         && server.status_page_auth == StatusPageAuth::Always
+        && raw.server.status_page_auth.is_some()
         && server.api_token.is_none()
     {
         report(
             "server.status_page_auth",
             "\"always\" needs server.api_token (or set status_page = false)".to_owned(),
+        );
+    }
+    if server.status_page_auth == StatusPageAuth::Local && !server.listen.ip().is_loopback() {
+        report(
+            "server.status_page_auth",
+            format!(
+                "\"local\" declares that only this machine reaches the listener, but server.listen = \"{}\" is not a loopback address; listen on 127.0.0.1 or give the page a token (remove the key and set server.api_token)",
+                server.listen
+            ),
+        );
+    }
+    if server.metrics_auth == MetricsAuth::Token
+        && raw.server.metrics_auth.is_some()
+        && server.api_token.is_none()
+    {
+        report(
+            "server.metrics_auth",
+            "\"token\" needs server.api_token (or metrics_auth = \"none\" on a listener only the scraper reaches)".to_owned(),
+        );
+    }
+    if server.metrics_listen == Some(server.listen) {
+        report(
+            "server.metrics_listen",
+            format!(
+                "must differ from server.listen (\"{}\"); leave it out to serve /metrics there",
+                server.listen
+            ),
+        );
+    }
+    if server.idle_timeout < server.header_read_timeout {
+        report(
+            "server.idle_timeout",
+            format!(
+                "must be at least server.header_read_timeout ({}): the wait for a keep-alive connection's next request includes reading its header",
+                duration::format(server.header_read_timeout)
+            ),
         );
     }
     if let Some(token) = &server.api_token
@@ -504,6 +623,23 @@ fn validate(path: &Path, raw: raw::RawConfig, report: &mut dyn FnMut(&str, Strin
         followups,
         digests,
         substituted: interpolate::Substituted::default(),
+    }
+}
+
+/// A duration key that must be above zero, or its default when absent.
+fn positive(
+    value: Option<duration::ConfigDuration>,
+    default: Duration,
+    key: &str,
+    report: &mut dyn FnMut(&str, String),
+) -> Duration {
+    match value {
+        None => default,
+        Some(duration::ConfigDuration(value)) if !value.is_zero() => value,
+        Some(_) => {
+            report(key, "must be longer than zero".to_owned());
+            default
+        }
     }
 }
 
@@ -1228,6 +1364,61 @@ url = "smtps://user:smtp-secret-8@mail.example.com"
         assert_eq!(problem.key, "connections.crm.max_response_bytes");
         assert_eq!(problem.line, Some(3));
         assert!(problem.message.contains("from 1024"), "{problem}");
+    }
+
+    #[test]
+    fn the_server_limits_and_access_default_to_safe_values() {
+        let config = parse_with("[server]\nlisten = \"127.0.0.1:8080\"\n", &[]).unwrap();
+        let server = &config.server;
+        assert_eq!(server.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(server.body_read_timeout, Duration::from_secs(30));
+        assert_eq!(server.idle_timeout, Duration::from_secs(60));
+        assert_eq!(server.max_connections, 1024);
+        assert_eq!(server.status_page_auth, StatusPageAuth::Always);
+        assert_eq!(server.metrics_auth, MetricsAuth::Token);
+        assert_eq!(server.metrics_listen, None);
+    }
+
+    #[test]
+    fn the_old_remote_status_page_auth_is_refused_naming_what_to_write_now() {
+        let text = "[server]\napi_token = \"0123456789abcdef0\"\nstatus_page_auth = \"remote\"\n";
+        let problem = only_problem(parse_with(text, &[]).unwrap_err());
+        assert_eq!(problem.key, "server.status_page_auth");
+        assert!(problem.message.contains("\"local\""), "{problem}");
+        assert!(problem.message.contains("server.api_token"), "{problem}");
+    }
+
+    #[test]
+    fn local_status_page_auth_needs_a_loopback_listener() {
+        let text = "[server]\nlisten = \"0.0.0.0:8080\"\nstatus_page_auth = \"local\"\n";
+        let problem = only_problem(parse_with(text, &[]).unwrap_err());
+        assert_eq!(problem.key, "server.status_page_auth");
+        assert!(problem.message.contains("0.0.0.0:8080"), "{problem}");
+        let text = "[server]\nlisten = \"127.0.0.1:8080\"\nstatus_page_auth = \"local\"\n";
+        let config = parse_with(text, &[]).unwrap();
+        assert_eq!(config.server.status_page_auth, StatusPageAuth::Local);
+    }
+
+    #[test]
+    fn server_limits_out_of_range_are_errors_naming_their_keys() {
+        let text = "[server]\nheader_read_timeout = \"0s\"\nmax_connections = 0\n\
+                    metrics_listen = \"nowhere\"\nmetrics_auth = \"token\"\n";
+        let error = parse_with(text, &[]).unwrap_err();
+        let keys: Vec<_> = error.problems().iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "server.metrics_listen",
+                "server.header_read_timeout",
+                "server.max_connections",
+                "server.metrics_auth"
+            ],
+            "{error}"
+        );
+        let text = "[server]\nheader_read_timeout = \"20s\"\nidle_timeout = \"5s\"\n";
+        let problem = only_problem(parse_with(text, &[]).unwrap_err());
+        assert_eq!(problem.key, "server.idle_timeout");
+        assert!(problem.message.contains("20s"), "{problem}");
     }
 }
 

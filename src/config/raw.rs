@@ -50,8 +50,23 @@ pub struct RawServer {
     pub api_token: Option<Secret>,
     /// Serve the status page at `/` (default true).
     pub status_page: Option<bool>,
-    /// Who must present `api_token` to see the status page: "remote" (default) or "always".
+    /// Who must present `api_token` to see the status page: "always" (default) or
+    /// "local" (requests straight to a loopback listener need none).
     pub status_page_auth: Option<String>,
+    /// Whether `/metrics` needs `api_token`: "token" (default) or "none".
+    pub metrics_auth: Option<String>,
+    /// A second listener for `/metrics` alone, e.g. "127.0.0.1:9464"; the main one then
+    /// serves no `/metrics`.
+    pub metrics_listen: Option<String>,
+    /// How long a new connection may take to send its first request header.
+    pub header_read_timeout: Option<ConfigDuration>,
+    /// How long a request may take, from its header to the response: its body must
+    /// arrive within it (408 otherwise).
+    pub body_read_timeout: Option<ConfigDuration>,
+    /// How long a keep-alive connection may wait for (and send) its next request header.
+    pub idle_timeout: Option<ConfigDuration>,
+    /// Connections served at once; one more is answered 503 and closed.
+    pub max_connections: Option<usize>,
 }
 
 #[derive(Debug, Deserialize, Default)]

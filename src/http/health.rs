@@ -1,12 +1,14 @@
 //! `/healthz`, `/readyz` and `/metrics`.
 
+use super::api::token_matches;
 use super::error::ApiError;
 use crate::app::AppState;
+use crate::config::MetricsAuth;
 use crate::telemetry::{Metrics, StageLabels};
 use axum::Json;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
-use axum::response::IntoResponse;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use serde_json::json;
 use std::sync::Arc;
 
@@ -28,8 +30,37 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
 }
 
 /// Prometheus text format; deal gauges are refreshed from the store at scrape time.
-pub async fn metrics(State(state): State<Arc<AppState>>) -> Result<impl IntoResponse, ApiError> {
-    super::pipeline_metrics::refresh(&state).await?;
+///
+/// The figures include revenue per stage, so by default (`server.metrics_auth =
+/// "token"`) the scraper must present `server.api_token` (`Authorization: Bearer`, or
+/// HTTP Basic with the token as password); without a configured token there are no
+/// metrics (404). `metrics_auth = "none"` opens them to whoever reaches the listener.
+pub async fn metrics(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    let config = state.config();
+    if config.server.metrics_auth == MetricsAuth::Token {
+        let Some(expected) = &config.server.api_token else {
+            return ApiError::NotFound(
+                "/metrics needs server.api_token (or server.metrics_auth = \"none\" on a listener only the scraper reaches)".into(),
+            )
+            .into_response();
+        };
+        let presented = super::status::presented_token(&headers);
+        if !presented.is_some_and(|token| token_matches(&token, expected.expose())) {
+            let mut response = ApiError::Unauthorized.into_response();
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            return response;
+        }
+    }
+    match render_metrics(&state).await {
+        Ok(response) => response.into_response(),
+        Err(error) => error.into_response(),
+    }
+}
+
+async fn render_metrics(state: &AppState) -> Result<impl IntoResponse + use<>, ApiError> {
+    super::pipeline_metrics::refresh(state).await?;
     let counts = state.store.stage_counts().await?;
     state.metrics.deals.clear();
     state.metrics.unmapped_deals.clear();

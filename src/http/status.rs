@@ -6,14 +6,13 @@
 //! - Everything shown goes through minijinja's HTML auto-escaping (deal titles, stage
 //!   labels and error texts are untrusted); the template marks nothing `safe`.
 //! - Contact and recipient email addresses are not shown; the read API has them.
-//! - Access: a request known to come from this machine (a loopback listener, and no
-//!   `Forwarded`, `X-Forwarded-For` or `X-Real-IP` header, which a reverse proxy adds)
-//!   sees the page; any other request must present `server.api_token` (HTTP Basic with
-//!   any user name, or a bearer token), and finds no page (404) when none is configured.
-//!   `server.status_page_auth = "always"` asks every request for the token, for a proxy
-//!   on this machine that adds no such header; `server.status_page = false` turns the
-//!   page off. A forwarding header can only make a request need the token, never spare
-//!   it, so a client gains nothing by sending or omitting one.
+//! - Access: every request must present `server.api_token` (HTTP Basic with any user
+//!   name, or a bearer token); without a configured token the page does not exist (404).
+//!   `server.status_page_auth = "local"` is the operator's word that nothing but this
+//!   machine reaches the (loopback) listener: a request then sees the page without a
+//!   token unless it carries `Forwarded`, `X-Forwarded-For` or `X-Real-IP` (a proxy
+//!   forwarded it). A forwarding header can only make a request need the token, never
+//!   spare it. `server.status_page = false` turns the page off.
 
 use super::api::{bearer, token_matches};
 use super::error::ApiError;
@@ -53,35 +52,43 @@ fn refusal(state: &AppState, headers: &HeaderMap) -> Option<Response> {
     if !config.server.status_page {
         return Some(ApiError::NotFound("the status page is off".into()).into_response());
     }
-    let local = config.server.listen.ip().is_loopback() && !forwarded(headers);
-    if local && config.server.status_page_auth == StatusPageAuth::Remote {
+    // Config validation refuses "local" on a non-loopback listener; checked again here
+    // so that nothing but a loopback listener can ever skip the token.
+    let local = config.server.status_page_auth == StatusPageAuth::Local
+        && config.server.listen.ip().is_loopback()
+        && !forwarded(headers);
+    if local {
         return None;
     }
     let Some(expected) = &config.server.api_token else {
         return Some(
             ApiError::NotFound(
-                "the status page needs server.api_token for requests from other machines".into(),
+                "the status page needs server.api_token (or server.status_page_auth = \"local\" when only this machine reaches the listener)".into(),
             )
             .into_response(),
         );
     };
-    let presented = bearer(headers)
-        .map(str::to_owned)
-        .or_else(|| basic_password(headers));
-    match presented {
-        Some(token) if token_matches(&token, expected.expose()) => None,
-        _ => Some(
-            (
-                StatusCode::UNAUTHORIZED,
-                [(
-                    header::WWW_AUTHENTICATE,
-                    HeaderValue::from_static("Basic realm=\"dealsync\", charset=\"UTF-8\""),
-                )],
-                "authentication required",
-            )
-                .into_response(),
-        ),
+    if presented_token(headers).is_some_and(|token| token_matches(&token, expected.expose())) {
+        return None;
     }
+    Some(
+        (
+            StatusCode::UNAUTHORIZED,
+            [(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"dealsync\", charset=\"UTF-8\""),
+            )],
+            "authentication required",
+        )
+            .into_response(),
+    )
+}
+
+/// The token a request presents: a bearer token, or the password of HTTP Basic.
+pub(super) fn presented_token(headers: &HeaderMap) -> Option<String> {
+    bearer(headers)
+        .map(str::to_owned)
+        .or_else(|| basic_password(headers))
 }
 
 /// Whether a proxy forwarded the request (the client is then elsewhere, whatever

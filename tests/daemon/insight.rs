@@ -225,7 +225,7 @@ async fn the_status_page_renders_in_chromium_with_the_funnel_chart_and_escaped_t
         );
         return;
     }
-    let daemon = daemon_with_fixture("").await;
+    let daemon = daemon_with_fixture("status_page_auth = \"local\"\n").await;
     // A stalled deal whose title tries to inject markup.
     daemon
         .db()
@@ -324,9 +324,10 @@ async fn a_status_page_request_forwarded_by_a_proxy_needs_the_token_and_the_toke
         status_page(&daemon, &[remote_client[1], ("authorization", &bearer)]).await;
     assert_eq!(status, 200);
 
-    // Straight from this machine, with no proxy in between, the page is open.
-    let (status, _, body) = status_page(&daemon, &[]).await;
-    assert_eq!(status, 200, "{body}");
+    // Straight from this machine too: by default every request needs the token.
+    let (status, challenge, body) = status_page(&daemon, &[]).await;
+    assert_eq!(status, 401, "{body}");
+    assert!(challenge.starts_with("Basic realm="), "{challenge}");
     assert!(
         !daemon.logs().contains(TOKEN),
         "the token leaked into the logs"
@@ -349,13 +350,14 @@ async fn with_status_page_auth_always_even_a_local_request_needs_the_token() {
 }
 
 #[tokio::test]
-async fn without_a_token_a_forwarded_request_finds_no_status_page_and_always_is_a_config_error() {
+async fn without_a_token_the_status_page_is_not_served_and_always_is_a_config_error() {
     let daemon = daemon_with_fixture("").await;
-    let (status, _, body) = status_page(&daemon, &[("x-forwarded-for", "203.0.113.9")]).await;
-    assert_eq!(status, 404, "{body}");
-    assert!(body.contains("server.api_token"), "{body}");
-    let (status, _, _) = status_page(&daemon, &[]).await;
-    assert_eq!(status, 200);
+    for headers in [&[("x-forwarded-for", "203.0.113.9")][..], &[]] {
+        let (status, _, body) = status_page(&daemon, headers).await;
+        assert_eq!(status, 404, "{headers:?}: {body}");
+        assert!(body.contains("server.api_token"), "{body}");
+        assert!(body.contains("status_page_auth"), "{body}");
+    }
 
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("dealsync.toml");

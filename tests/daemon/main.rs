@@ -9,5 +9,6 @@ mod outbound;
 mod pull;
 mod report;
 mod secrets;
+mod server;
 mod smtp_harness;
 mod webhooks;

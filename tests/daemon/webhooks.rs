@@ -24,7 +24,7 @@ fn db(daemon: &TestDaemon) -> rusqlite::Connection {
     db
 }
 
-fn count(daemon: &TestDaemon, sql: &str) -> i64 {
+pub fn count(daemon: &TestDaemon, sql: &str) -> i64 {
     db(daemon).query_row(sql, [], |row| row.get(0)).expect(sql)
 }
 
@@ -79,7 +79,7 @@ pub(crate) fn order(id: u64, checkout_token: Option<&str>, email: &str) -> Vec<u
     serde_json::to_vec(&body).unwrap()
 }
 
-async fn post(
+pub async fn post(
     daemon: &TestDaemon,
     connection: &str,
     headers: http::HeaderMap,
@@ -98,7 +98,7 @@ async fn post(
     (status, response.text().await.unwrap_or_default())
 }
 
-fn shopify_headers(secret: &str, topic: &str, id: &str, body: &[u8]) -> http::HeaderMap {
+pub fn shopify_headers(secret: &str, topic: &str, id: &str, body: &[u8]) -> http::HeaderMap {
     let delivery = Delivery {
         method: "POST",
         uri: "",

@@ -12,6 +12,9 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
+/// A config comment that keeps the harness from opening `/metrics`.
+pub const KEEP_METRICS_AUTH_DEFAULT: &str = "# metrics_auth: the default\n";
+
 pub struct TestDaemon {
     pub dir: tempfile::TempDir,
     pub port: u16,
@@ -59,9 +62,18 @@ impl TestDaemon {
     }
 
     /// The config text the harness adds in front of the test's own.
-    pub fn header(&self) -> String {
+    ///
+    /// `/metrics` is open (`metrics_auth = "none"`) so that tests can read counters
+    /// without a token, unless the test's own text mentions `metrics_auth` (set it, or
+    /// include [`KEEP_METRICS_AUTH_DEFAULT`] to test the default).
+    pub fn header(&self, body: &str) -> String {
+        let metrics_auth = if body.contains("metrics_auth") {
+            ""
+        } else {
+            "metrics_auth = \"none\"\n"
+        };
         format!(
-            "[storage]\npath = \"{}\"\n\n[server]\nlisten = \"127.0.0.1:{}\"\npublic_url = \"http://127.0.0.1:{}\"\nshutdown_timeout = \"5s\"\n\n",
+            "[storage]\npath = \"{}\"\n\n[server]\nlisten = \"127.0.0.1:{}\"\npublic_url = \"http://127.0.0.1:{}\"\nshutdown_timeout = \"5s\"\n{metrics_auth}\n",
             self.db_path.display(),
             self.port,
             self.port
@@ -70,7 +82,7 @@ impl TestDaemon {
 
     /// Rewrites the config file with a new body (same storage and port).
     pub fn write_config(&self, body: &str) {
-        std::fs::write(&self.config_path, format!("{}{body}", self.header())).expect("config");
+        std::fs::write(&self.config_path, format!("{}{body}", self.header(body))).expect("config");
     }
 
     async fn launch(&mut self) {
