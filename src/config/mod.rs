@@ -259,9 +259,13 @@ pub fn parse(path: &Path, text: &str, env: &dyn interpolate::Env) -> Result<Conf
     };
 
     let mut value: toml::Value = toml::from_str(text).map_err(|error| {
-        let line = error
-            .span()
-            .map(|span| text[..span.start.min(text.len())].lines().count().max(1));
+        let line = error.span().map(|span| {
+            text.get(..span.start)
+                .unwrap_or(text)
+                .lines()
+                .count()
+                .max(1)
+        });
         ConfigError::Invalid(vec![Problem {
             file: file.clone(),
             line,

@@ -259,7 +259,8 @@ async fn the_status_page_renders_in_chromium_with_the_funnel_chart_and_escaped_t
     let svg_at = dom
         .find("<svg class=\"funnel\" id=\"funnel-sales\"")
         .expect("the sales funnel SVG is in the rendered DOM");
-    let svg = &dom[svg_at..svg_at + dom[svg_at..].find("</svg>").unwrap()];
+    let from_svg = dom.get(svg_at..).unwrap();
+    let (svg, _) = from_svg.split_once("</svg>").unwrap();
     assert!(svg.matches("<rect").count() >= 6, "{svg}");
     // The longest bar spans the full width (400 units): the chart has data, not just axes.
     assert!(svg.contains("width=\"400"), "{svg}");
