@@ -203,25 +203,24 @@ fn substitute(
     let mut out = String::with_capacity(text.len());
     let mut problems = Vec::new();
     let mut rest = text;
-    while let Some(at) = rest.find('$') {
-        out.push_str(&rest[..at]);
-        let after = &rest[at..];
-        if let Some(tail) = after.strip_prefix("$${") {
+    while let Some((before, after)) = rest.split_once('$') {
+        out.push_str(before);
+        // `after` is the text after this `$`.
+        if let Some(tail) = after.strip_prefix("${") {
             out.push_str("${");
             rest = tail;
             continue;
         }
-        let Some(tail) = after.strip_prefix("${") else {
+        let Some(tail) = after.strip_prefix('{') else {
             out.push('$');
-            rest = &after[1..];
+            rest = after;
             continue;
         };
-        let Some(end) = tail.find('}') else {
+        let Some((name, remainder)) = tail.split_once('}') else {
             problems.push("unterminated \"${\": write \"$${\" for a literal".to_owned());
             break;
         };
-        let name = &tail[..end];
-        rest = &tail[end + 1..];
+        rest = remainder;
         match resolve(name, env) {
             Ok(value) => {
                 if !value.is_empty() {
@@ -306,6 +305,16 @@ pub(crate) mod tests {
         assert_eq!(value["a"].as_str(), Some("x-1-y"));
         assert_eq!(value["b"].as_str(), Some("${literal} costs $5"));
         assert_eq!(substituted, ["1"]);
+
+        // Multi-byte text around and inside the markers.
+        let mut value: toml::Value =
+            toml::from_str("a = \"é$€${ONE}ü$${é}\"\nb = \"${É}\"").unwrap();
+        let errors = interpolate(&mut value, &env(&[("ONE", "1")])).unwrap_err();
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].key, "b");
+        let mut value: toml::Value = toml::from_str("a = \"é$€${ONE}ü$${é}\"").unwrap();
+        interpolate(&mut value, &env(&[("ONE", "1")])).unwrap();
+        assert_eq!(value["a"].as_str(), Some("é$€1ü${é}"));
     }
 
     #[test]

@@ -399,10 +399,14 @@ fn parse_reporting(
     // Nothing is substituted yet: the file's own text is no secret of ours.
     let nothing = interpolate::Substituted::default();
     let mut value: toml::Value = toml::from_str(text).map_err(|error| {
-        let line = error
-            .span()
-            .map(|span| text[..span.start.min(text.len())].lines().count().max(1));
-        let invalid = Problem {
+        let line = error.span().map(|span| {
+            text.get(..span.start)
+                .unwrap_or(text)
+                .lines()
+                .count()
+                .max(1)
+        });
+                let invalid = Problem {
             file: file.clone(),
             line,
             key: String::new(),

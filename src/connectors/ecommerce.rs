@@ -70,6 +70,15 @@ pub fn parse_body(body: &[u8]) -> Result<Value, BadRecord> {
     })
 }
 
+/// The first `chars` characters of `text`, for short labels; never splits a character
+/// (vendor ids are not always ASCII).
+pub fn prefix(text: &str, chars: usize) -> &str {
+    match text.char_indices().nth(chars) {
+        Some((at, _)) => text.get(..at).unwrap_or(text),
+        None => text,
+    }
+}
+
 /// A string or number field as text (ids arrive as either); `None` when absent or null.
 pub fn text(value: &Value, key: &str) -> Option<String> {
     match value.get(key)? {
@@ -180,6 +189,15 @@ mod tests {
         assert_eq!(time(Some(&json!("2012-10-12T11:05:27"))), Some(expected));
         assert_eq!(time(Some(&json!(expected.timestamp()))), Some(expected));
         assert_eq!(time(Some(&json!("yesterday"))), None);
+    }
+
+    #[test]
+    fn a_prefix_counts_characters_and_never_splits_one() {
+        assert_eq!(prefix("abcdefghij", 8), "abcdefgh");
+        assert_eq!(prefix("abc", 8), "abc");
+        assert_eq!(prefix("ééééééééé", 8), "éééééééé");
+        assert_eq!(prefix("a🛒b", 2), "a🛒");
+        assert_eq!(prefix("", 8), "");
     }
 
     #[test]

@@ -14,7 +14,7 @@
 
 use super::ecommerce::{
     self, CHECKOUT, CLOSED, NATIVE_PIPELINE, PURCHASED, bad, currency, decimal, email, full_name,
-    line_items, text, time,
+    line_items, prefix, text, time,
 };
 use super::{BadRecord, Connector, ConnectorError, Page, SyncContext, WebhookAction, WebhookEvent};
 use crate::config::{ConnectionConfig, Secret};
@@ -187,7 +187,7 @@ fn cart(record: &Value, external_id: &str, stage: &str) -> Result<SourceDeal, Ba
     let title = match (&contact_name, text(record, "name")) {
         (Some(name), _) => format!("Checkout of {name}"),
         (None, Some(number)) => format!("Order {number}"),
-        (None, None) => format!("Checkout {}", &external_id[..external_id.len().min(8)]),
+        (None, None) => format!("Checkout {}", prefix(external_id, 8)),
     };
     let mut deal = SourceDeal::new(external_id, title, NATIVE_PIPELINE, stage);
     deal.amount = money_currency.and_then(|c| decimal(record.get("total_price"), c));
@@ -221,6 +221,57 @@ fn marketing_consent(record: &Value) -> Option<bool> {
         None => record
             .get("buyer_accepts_marketing")
             .and_then(Value::as_bool),
+    }
+}
+
+/// Fields only an order has (REST Admin order resource).
+const ORDER_FIELDS: &[&str] = &["order_number", "financial_status"];
+/// Fields only a checkout has (abandoned-checkout resource).
+const CHECKOUT_FIELDS: &[&str] = &["abandoned_checkout_url"];
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Kind {
+    Checkout,
+    Order,
+}
+
+/// Refuses a body its topic contradicts. The topic header is not signed (Shopify signs
+/// the body alone), so a captured checkout could otherwise be sent again as
+/// `orders/create` and mark its cart purchased: an order topic needs a body with an
+/// order's fields and none of a checkout's, a checkout topic the reverse.
+fn check_topic(body: &Value, topic: &str, kind: Kind) -> Result<(), BadRecord> {
+    let has = |fields: &[&str]| -> Vec<String> {
+        fields
+            .iter()
+            .filter(|field| body.get(**field).is_some_and(|value| !value.is_null()))
+            .map(|field| (*field).to_owned())
+            .collect()
+    };
+    let (wanted, unwanted) = match kind {
+        Kind::Order => (ORDER_FIELDS, CHECKOUT_FIELDS),
+        Kind::Checkout => (&[][..], ORDER_FIELDS),
+    };
+    let stray = has(unwanted);
+    let problem = if !stray.is_empty() {
+        Some(format!("it has {}", stray.join(", ")))
+    } else if !wanted.is_empty() && has(wanted).is_empty() {
+        Some(format!("it has none of {}", wanted.join(", ")))
+    } else {
+        None
+    };
+    match problem {
+        Some(problem) => Err(bad(
+            body,
+            text(body, "id"),
+            format!(
+                "topic {topic} contradicts the body: {problem}, so it is not {}",
+                match kind {
+                    Kind::Order => "an order",
+                    Kind::Checkout => "a checkout",
+                }
+            ),
+        )),
+        None => Ok(()),
     }
 }
 
@@ -409,8 +460,12 @@ impl Connector for ShopifyConnector {
         let body = ecommerce::parse_body(&event.body)?;
         let topic = event.topic.as_deref().unwrap_or_default();
         let deal = match topic {
-            "checkouts/create" | "checkouts/update" => parse_checkout(&body)?,
+            "checkouts/create" | "checkouts/update" => {
+                check_topic(&body, topic, Kind::Checkout)?;
+                parse_checkout(&body)?
+            }
             "orders/create" | "orders/paid" | "orders/updated" | "orders/cancelled" => {
+                check_topic(&body, topic, Kind::Order)?;
                 parse_order(&body)?
             }
             // Other topics (and deliveries without one) are not about carts.
@@ -485,6 +540,77 @@ mod tests {
             None
         );
         assert_eq!(next_page_info(None), None);
+    }
+
+    fn event(topic: &str, body: &Value) -> WebhookEvent {
+        WebhookEvent {
+            connection: "shop".into(),
+            delivery_id: "d".into(),
+            topic: Some(topic.into()),
+            headers: Vec::new(),
+            body: serde_json::to_vec(body).unwrap(),
+            received_at: chrono::Utc::now(),
+        }
+    }
+
+    fn connector() -> ShopifyConnector {
+        ShopifyConnector {
+            base_url: None,
+            api_version: DEFAULT_API_VERSION.to_owned(),
+            token: None,
+            page_size: DEFAULT_PAGE_SIZE,
+            lookback: Duration::ZERO,
+            http: reqwest::Client::new(),
+            max_response_bytes: 64 * 1024 * 1024,
+        }
+    }
+
+    #[test]
+    fn a_body_its_topic_contradicts_is_refused() {
+        let connector = connector();
+        let checkout = fixture("webhook-checkouts-create.json");
+        let order = fixture("webhook-orders-create.json");
+        for topic in [
+            "orders/create",
+            "orders/paid",
+            "orders/updated",
+            "orders/cancelled",
+        ] {
+            let refused = connector
+                .parse_webhook(&event(topic, &checkout))
+                .unwrap_err();
+            assert!(refused.reason.contains("contradicts"), "{}", refused.reason);
+            assert!(connector.parse_webhook(&event(topic, &order)).is_ok());
+        }
+        for topic in ["checkouts/create", "checkouts/update"] {
+            let refused = connector.parse_webhook(&event(topic, &order)).unwrap_err();
+            assert!(
+                refused.reason.contains("financial_status"),
+                "{}",
+                refused.reason
+            );
+            assert!(connector.parse_webhook(&event(topic, &checkout)).is_ok());
+        }
+        // A checkout stripped of its checkout fields still is no order.
+        let mut bare = checkout.clone();
+        bare.as_object_mut()
+            .unwrap()
+            .remove("abandoned_checkout_url");
+        let refused = connector
+            .parse_webhook(&event("orders/create", &bare))
+            .unwrap_err();
+        assert!(refused.reason.contains("none of"), "{}", refused.reason);
+    }
+
+    #[test]
+    fn a_multi_byte_token_makes_a_title_without_splitting_a_character() {
+        let mut checkout = fixture("webhook-checkouts-create.json");
+        for key in ["customer", "billing_address", "name"] {
+            checkout.as_object_mut().unwrap().remove(key);
+        }
+        checkout["token"] = serde_json::json!("aéééééé");
+        let deal = parse_checkout(&checkout).unwrap();
+        assert_eq!(deal.title, "Checkout aéééééé");
     }
 
     #[test]

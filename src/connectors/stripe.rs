@@ -58,7 +58,7 @@ pub fn parse_event(event: &Value) -> Result<Option<SourceDeal>, BadRecord> {
     let contact_name = text_at(session, "/customer_details/name");
     let title = match &contact_name {
         Some(name) => format!("Checkout of {name}"),
-        None => format!("Checkout {}", &id[..id.len().min(16)]),
+        None => format!("Checkout {}", ecommerce::prefix(&id, 16)),
     };
     let mut deal = SourceDeal::new(&id, title, NATIVE_PIPELINE, stage);
     let money_currency = currency(session.get("currency"));

@@ -85,6 +85,50 @@ pub fn parse_order(order: &Value) -> Result<SourceDeal, BadRecord> {
     Ok(deal)
 }
 
+/// Refuses an order topic whose `X-WC-Webhook-Resource` names another resource. Neither
+/// header is signed (WooCommerce signs the body alone), but WooCommerce always sends
+/// the two in agreement, so a disagreement is a delivery someone altered.
+fn check_resource(event: &WebhookEvent, body: &Value, topic: &str) -> Result<(), BadRecord> {
+    let resource = event
+        .headers
+        .iter()
+        .find(|(name, _)| name.eq_ignore_ascii_case("x-wc-webhook-resource"))
+        .map(|(_, value)| value.as_str());
+    match resource {
+        Some(resource) if resource != "order" => Err(bad(
+            body,
+            text(body, "id"),
+            format!("topic {topic} contradicts the X-WC-Webhook-Resource header {resource:?}"),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Fields only a subscription (WooCommerce Subscriptions) has beside an order's.
+const SUBSCRIPTION_FIELDS: &[&str] = &["billing_period", "billing_interval"];
+
+/// Refuses an order topic whose body is not an order: the topic header is not signed,
+/// so a captured product, customer or subscription body could otherwise be sent again
+/// as `order.updated` and be stored as a cart. A REST v3 order always has `order_key`.
+fn check_order_body(body: &Value, topic: &str) -> Result<(), BadRecord> {
+    let problem = if text(body, "order_key").is_none() {
+        Some("it has no order_key".to_owned())
+    } else {
+        SUBSCRIPTION_FIELDS
+            .iter()
+            .find(|field| body.get(**field).is_some_and(|value| !value.is_null()))
+            .map(|field| format!("it has {field}, a subscription's field"))
+    };
+    match problem {
+        Some(problem) => Err(bad(
+            body,
+            text(body, "id"),
+            format!("topic {topic} contradicts the body: {problem}, so it is not an order"),
+        )),
+        None => Ok(()),
+    }
+}
+
 #[async_trait]
 impl Connector for WooCommerceConnector {
     fn kind(&self) -> &str {
@@ -117,8 +161,13 @@ impl Connector for WooCommerceConnector {
 
     fn parse_webhook(&self, event: &WebhookEvent) -> Result<Vec<WebhookAction>, BadRecord> {
         let body = ecommerce::parse_body(&event.body)?;
-        match event.topic.as_deref().unwrap_or_default() {
+        let topic = event.topic.as_deref().unwrap_or_default();
+        if topic.starts_with("order.") {
+            check_resource(event, &body, topic)?;
+        }
+        match topic {
             "order.created" | "order.updated" | "order.restored" => {
+                check_order_body(&body, topic)?;
                 Ok(vec![WebhookAction::Upsert(Box::new(parse_order(&body)?))])
             }
             "order.deleted" => {
@@ -134,14 +183,64 @@ impl Connector for WooCommerceConnector {
 mod tests {
     use super::*;
 
-    #[test]
-    fn an_order_becomes_a_cart_in_the_stage_its_status_says() {
+    fn order_fixture() -> Value {
         let path = format!(
             "{}/tests/fixtures/woocommerce/order-retrieve.json",
             env!("CARGO_MANIFEST_DIR")
         );
-        let mut order: Value =
-            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    }
+
+    fn event(topic: &str, resource: Option<&str>, body: &Value) -> WebhookEvent {
+        WebhookEvent {
+            connection: "woo".into(),
+            delivery_id: "d".into(),
+            topic: Some(topic.into()),
+            headers: resource
+                .map(|r| vec![("x-wc-webhook-resource".to_owned(), r.to_owned())])
+                .unwrap_or_default(),
+            body: serde_json::to_vec(body).unwrap(),
+            received_at: chrono::Utc::now(),
+        }
+    }
+
+    #[test]
+    fn an_order_topic_with_a_body_or_resource_that_is_no_order_is_refused() {
+        let connector = WooCommerceConnector;
+        let order = order_fixture();
+        assert!(
+            connector
+                .parse_webhook(&event("order.updated", Some("order"), &order))
+                .is_ok()
+        );
+        let refused = connector
+            .parse_webhook(&event("order.updated", Some("product"), &order))
+            .unwrap_err();
+        assert!(
+            refused.reason.contains("X-WC-Webhook-Resource"),
+            "{}",
+            refused.reason
+        );
+        let product = serde_json::json!({"id": 794, "name": "Premium Quality", "status": "publish", "price": "21.99"});
+        let refused = connector
+            .parse_webhook(&event("order.created", None, &product))
+            .unwrap_err();
+        assert!(refused.reason.contains("order_key"), "{}", refused.reason);
+        let mut subscription = order.clone();
+        subscription["billing_period"] = serde_json::json!("month");
+        let refused = connector
+            .parse_webhook(&event("order.updated", None, &subscription))
+            .unwrap_err();
+        assert!(
+            refused.reason.contains("billing_period"),
+            "{}",
+            refused.reason
+        );
+    }
+
+    #[test]
+    fn an_order_becomes_a_cart_in_the_stage_its_status_says() {
+        let mut order = order_fixture();
         let deal = parse_order(&order).unwrap();
         assert_eq!(deal.external_id.as_str(), "727");
         assert_eq!(deal.native_stage, PURCHASED);

@@ -8,7 +8,7 @@ mod money;
 mod raw;
 
 pub use money::{Currency, Money, MoneyError};
-pub use raw::RawRecord;
+pub use raw::{MAX_DEPTH, RawRecord, TooDeep, check_depth};
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -146,7 +146,7 @@ impl EmailAddress {
         }
         if value
             .chars()
-            .any(|c| c.is_whitespace() || c == '<' || c == '>')
+            .any(|c| c.is_whitespace() || c.is_control() || c == '<' || c == '>')
         {
             return None;
         }
@@ -331,4 +331,28 @@ pub struct StageChange {
     pub native_from: Option<String>,
     pub native_to: String,
     pub cause: ChangeCause,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_email_address_with_a_control_character_or_space_is_not_one() {
+        assert_eq!(
+            EmailAddress::parse(" Ada@Example.COM ").unwrap().as_str(),
+            "Ada@example.com"
+        );
+        for bad in [
+            "ada\0@example.com",
+            "ada\r\nbcc@example.com",
+            "ada\u{1b}@example.com",
+            "a da@example.com",
+            "<ada@example.com>",
+            "ada@",
+            "ada@example",
+        ] {
+            assert_eq!(EmailAddress::parse(bad), None, "{bad:?}");
+        }
+    }
 }

@@ -122,14 +122,19 @@ pub fn format_minor(minor: i64, exponent: u32) -> String {
 
 /// `None`: not a number; `Some(Err)`: a number that overflows.
 fn parse_minor(text: &str, exponent: u32) -> Option<Result<i64, MoneyError>> {
-    let (mantissa, exp10) = match text.find(['e', 'E']) {
-        Some(at) => (&text[..at], text[at + 1..].parse::<i32>().ok()?),
+    let (mantissa, exp10) = match text.split_once(['e', 'E']) {
+        Some((mantissa, exponent)) => (mantissa, exponent.parse::<i32>().ok()?),
         None => (text, 0),
     };
-    let (negative, digits) = match mantissa.as_bytes().first()? {
-        b'-' => (true, &mantissa[1..]),
-        b'+' => (false, &mantissa[1..]),
-        _ => (false, mantissa),
+    if mantissa.is_empty() {
+        return None;
+    }
+    let (negative, digits) = if let Some(digits) = mantissa.strip_prefix('-') {
+        (true, digits)
+    } else if let Some(digits) = mantissa.strip_prefix('+') {
+        (false, digits)
+    } else {
+        (false, mantissa)
     };
     let (int_part, frac_part) = digits.split_once('.').unwrap_or((digits, ""));
     if int_part.is_empty() && frac_part.is_empty() {
@@ -210,7 +215,9 @@ mod tests {
 
     #[test]
     fn garbage_and_overflow_are_errors_not_zero() {
-        for bad in ["", "abc", "1,5", "--1", "1.2.3", "."] {
+        for bad in [
+            "", "abc", "1,5", "--1", "1.2.3", ".", "é", "1é", "€5", "5e€", "e5", "-", "+",
+        ] {
             assert!(Money::parse_decimal(bad, eur()).is_err(), "{bad:?}");
         }
         assert!(matches!(

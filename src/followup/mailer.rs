@@ -13,6 +13,12 @@
 //!   retried (see docs/followups.md, "Unknown outcomes").
 //! - The file transport writes under the idempotency key and never overwrites, so a
 //!   file exists at most once per row.
+//! - Vendor text never shapes a header or breaks a part: the recipient's display name
+//!   and the subject are folded onto one line with control characters removed
+//!   ([`header_text`]), the address is checked by lettre's parser, and the text and
+//!   HTML parts carry no NUL, no other control character but tab and line feed, and no
+//!   bare CR ([`body_text`]). A message lettre cannot build is a [`MailError::Build`]
+//!   (the row is failed with that reason), never a panic.
 
 use crate::config::{EmailConfig, EmailTransport};
 use crate::domain::EmailAddress;
@@ -63,6 +69,61 @@ pub struct Outgoing {
 enum Transport {
     Smtp(AsyncSmtpTransport<Tokio1Executor>),
     File(PathBuf),
+}
+
+/// Longest display name put in a header, in characters; longer names are cut.
+const MAX_DISPLAY_NAME_CHARS: usize = 256;
+
+/// Folds text for a header onto one line: line breaks and tabs (and every other
+/// whitespace run) become one space, other control characters (NUL, ESC, DEL, C1)
+/// are dropped, and the ends are trimmed. `None` when nothing is left.
+pub fn header_text(text: &str) -> Option<String> {
+    let mut out = String::with_capacity(text.len());
+    let mut pending_space = false;
+    for character in text.chars() {
+        if character.is_whitespace() {
+            pending_space = !out.is_empty();
+        } else if !character.is_control() {
+            if pending_space {
+                out.push(' ');
+                pending_space = false;
+            }
+            out.push(character);
+        }
+    }
+    (!out.is_empty()).then_some(out)
+}
+
+/// A recipient's display name as it may appear in `To`: [`header_text`], at most
+/// [`MAX_DISPLAY_NAME_CHARS`] characters.
+pub fn display_name(name: &str) -> Option<String> {
+    let folded = header_text(name)?;
+    Some(match folded.char_indices().nth(MAX_DISPLAY_NAME_CHARS) {
+        Some((at, _)) => folded.get(..at).unwrap_or(&folded).trim_end().to_owned(),
+        None => folded,
+    })
+}
+
+/// Text for a message part: CRLF and bare CR become LF (lettre writes every LF as
+/// CRLF), and control characters other than tab and line feed are dropped, NUL
+/// included, so a 7-bit part stays valid.
+pub fn body_text(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut characters = text.chars().peekable();
+    while let Some(character) = characters.next() {
+        match character {
+            '\r' => {
+                if characters.peek() == Some(&'\n') {
+                    characters.next();
+                }
+                out.push('\n');
+            }
+            '\n' | '\t' => out.push(character),
+            other if other.is_control() => {}
+            other => out.push(other),
+        }
+    }
+    out
 }
 
 /// Sends messages through the configured transport, within the configured rate.
@@ -140,21 +201,40 @@ impl Mailer {
         self.from.email.to_string()
     }
 
-    /// Builds the MIME message: multipart/alternative, text then HTML.
+    /// Builds the MIME message: multipart/alternative, text then HTML. The display
+    /// name and subject are folded onto one line and the parts cleaned (see the
+    /// module's invariants); an unusable address, or anything else lettre refuses,
+    /// is a [`MailError::Build`].
     pub fn build(&self, outgoing: &Outgoing) -> Result<Message, MailError> {
+        // lettre asserts on some header input rather than returning an error; the
+        // inputs are cleaned first, and a panic that still slips through is the
+        // same `Build` error, so the row is failed instead of left `sending`.
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.build_message(outgoing)
+        }))
+        .unwrap_or_else(|_| {
+            Err(MailError::Build(
+                "the email library refused the message's headers".to_owned(),
+            ))
+        })
+    }
+
+    fn build_message(&self, outgoing: &Outgoing) -> Result<Message, MailError> {
         let address = outgoing
             .to
             .as_str()
             .parse()
             .map_err(|error| MailError::Build(format!("recipient address: {error}")))?;
-        let to = Mailbox::new(outgoing.to_name.clone(), address);
+        let to = Mailbox::new(outgoing.to_name.as_deref().and_then(display_name), address);
+        let subject = header_text(&outgoing.subject)
+            .ok_or_else(|| MailError::Build("the subject is empty".to_owned()))?;
         let header = |name: &'static str, value: String| {
             HeaderValue::new(HeaderName::new_from_ascii_str(name), value)
         };
         let mut builder = Message::builder()
             .from(self.from.clone())
             .to(to)
-            .subject(outgoing.subject.clone())
+            .subject(subject)
             .message_id(Some(self.message_id(&outgoing.idempotency_key)))
             .raw_header(header(IDEMPOTENCY_HEADER, outgoing.idempotency_key.clone()));
         if let Some((url, mailto)) = &outgoing.unsubscribe {
@@ -170,8 +250,8 @@ impl Mailer {
         }
         builder
             .multipart(MultiPart::alternative_plain_html(
-                outgoing.text.clone(),
-                outgoing.html.clone(),
+                body_text(&outgoing.text),
+                body_text(&outgoing.html),
             ))
             .map_err(|error| MailError::Build(error.to_string()))
     }
@@ -331,6 +411,59 @@ mod tests {
             .filter(|name| name.ends_with(".eml"))
             .collect();
         assert_eq!(files, ["7-cart_checkout-0.eml"]);
+    }
+
+    #[test]
+    fn a_name_with_line_breaks_or_nul_gives_a_one_line_to_and_clean_parts() {
+        let dir = tempfile::tempdir().unwrap();
+        let mailer = Mailer::new(&file_config(dir.path())).unwrap();
+        for name in [
+            "Ada\r\nBcc: eve@example.com",
+            "Ada\nBcc: eve@example.com",
+            "Ada\rBcc: eve@example.com",
+            "Ada\0Bcc: eve@example.com",
+            "\u{2028}Ada\u{85}Bcc:\teve@example.com\u{1b}",
+        ] {
+            let mut message = outgoing(true);
+            message.to_name = Some(name.to_owned());
+            message.subject = format!("Your cart, {name}");
+            message.text = format!("Hello {name}\r\nbye\rnow\n");
+            message.html = format!("<p>{name}</p>\r");
+            let text = String::from_utf8(mailer.build(&message).unwrap().formatted()).unwrap();
+            let (head, body) = text.split_once("\r\n\r\n").unwrap();
+            let to: Vec<&str> = head
+                .split("\r\n")
+                .filter(|l| l.starts_with("To:"))
+                .collect();
+            assert_eq!(to.len(), 1, "{head}");
+            assert!(
+                !head.contains("\nBcc:"),
+                "{name:?}: a header was injected\n{head}"
+            );
+            assert!(!text.contains('\0'), "{name:?}: a NUL reached the message");
+            let bare_cr = text
+                .as_bytes()
+                .windows(2)
+                .any(|pair| pair[0] == b'\r' && pair[1] != b'\n');
+            assert!(!bare_cr, "{name:?}: a bare CR reached the message");
+            assert!(body.contains("Hello "), "{body}");
+        }
+        assert_eq!(
+            display_name("Ada\r\n Lovelace\0").as_deref(),
+            Some("Ada Lovelace")
+        );
+        assert_eq!(display_name("\r\n\0"), None);
+        assert_eq!(display_name(&"é".repeat(300)).unwrap().chars().count(), 256);
+        assert_eq!(body_text("a\r\nb\rc\0d\te\u{7f}"), "a\nb\ncd\te");
+    }
+
+    #[test]
+    fn an_address_lettre_refuses_is_a_build_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let mailer = Mailer::new(&file_config(dir.path())).unwrap();
+        let mut message = outgoing(false);
+        message.to = EmailAddress::parse("a,b@example.com").unwrap();
+        assert!(matches!(mailer.build(&message), Err(MailError::Build(_))));
     }
 
     #[test]

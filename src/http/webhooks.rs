@@ -6,10 +6,17 @@
 //! 3. WooCommerce's unsigned creation ping: 200, nothing stored;
 //! 4. signature, in constant time, against every configured secret, before anything of
 //!    the body is parsed: missing, bad or stale gives 401 and nothing is written;
-//! 5. the connector parses the body: a malformed one gives 400 and is kept in the
+//! 5. a body whose JSON nests [`MAX_DEPTH`](crate::domain::MAX_DEPTH) levels deep or
+//!    more (a byte scan, before any parse) gives 400 and is kept in the dead-letter
+//!    table;
+//! 6. the connector parses the body: a malformed one, or one its unsigned topic header
+//!    contradicts (a Shopify checkout sent as an order), gives 400 and is kept in the
 //!    dead-letter table;
-//! 6. the delivery is committed to the inbox (grouped with concurrent ones), then 200.
-//!    A delivery id already in the inbox is acknowledged with 200 and not stored again.
+//! 7. the delivery is committed to the inbox (grouped with concurrent ones), then 200.
+//!    A delivery id already in the inbox is acknowledged with 200 and not stored again;
+//!    so is, for schemes that sign only the body (Shopify, WooCommerce), a body
+//!    identical to one the connection received within the scheme's replay window
+//!    ([`Scheme::body_replay_window`]), whatever delivery id it comes with.
 //!    A full inbox (or a full commit queue) answers 503 with `Retry-After` and stores
 //!    nothing: the vendor retries, nothing acknowledged is lost.
 //!
@@ -231,6 +238,14 @@ pub async fn receive(
             .map(str::to_owned)
     });
     let received_at = Utc::now();
+
+    // Before anything parses it: JSON nested past the limit would be stored as a deal
+    // that every later read fails on.
+    if let Err(too_deep) = crate::domain::check_depth(&body) {
+        count(&state, &connection, "malformed");
+        let reason = too_deep.to_string();
+        return dead_letter(&state, &connection, &reason, headers, body, received_at).await;
+    }
     let delivery_id = delivery_id(&scheme, &verified, &body);
 
     // The connector checks the body before the commit, so a malformed one is answered
@@ -248,18 +263,15 @@ pub async fn receive(
     match runtime.connector.parse_webhook(&event) {
         Err(bad) => {
             count(&state, &connection, "malformed");
-            if let Err(error) = state
-                .store
-                .dead_letter(&connection, &bad.reason, event.headers, body, received_at)
-                .await
-            {
-                return ApiError::from(error).into_response();
-            }
-            reject(
+            dead_letter(
+                &state,
                 &connection,
-                StatusCode::BAD_REQUEST,
-                &format!("malformed payload: {}", bad.reason),
+                &bad.reason,
+                event.headers,
+                body,
+                received_at,
             )
+            .await
         }
         Ok(actions) if actions.is_empty() => {
             debug!(connection, topic = ?event.topic, "webhook has nothing for dealsync; acknowledged");
@@ -274,6 +286,9 @@ pub async fn receive(
                     delivery_id: event.delivery_id,
                     topic: event.topic,
                     headers: event.headers,
+                    body_sha256: scheme
+                        .body_replay_window()
+                        .map(|window| (Sha256::digest(&body).into(), window)),
                     body,
                     received_at,
                 })
@@ -302,6 +317,30 @@ pub async fn receive(
             }
         }
     }
+}
+
+/// Keeps an authentic delivery that cannot be taken in as a dead letter, then answers
+/// 400 with the reason.
+async fn dead_letter(
+    state: &AppState,
+    connection: &str,
+    reason: &str,
+    headers: Vec<(String, String)>,
+    body: axum::body::Bytes,
+    received_at: chrono::DateTime<Utc>,
+) -> Response {
+    if let Err(error) = state
+        .store
+        .dead_letter(connection, reason, headers, body, received_at)
+        .await
+    {
+        return ApiError::from(error).into_response();
+    }
+    reject(
+        connection,
+        StatusCode::BAD_REQUEST,
+        &format!("malformed payload: {reason}"),
+    )
 }
 
 /// 503 with `Retry-After`: the delivery was not stored, and a later retry can succeed.

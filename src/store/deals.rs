@@ -813,17 +813,26 @@ pub(crate) const DEAL_COLUMNS: &str =
     marketing_consent, source_created_at, source_updated_at, stage_entered_at, last_activity_at,
     expected_close, recovery_url, line_items, cart_keys, deleted_at, first_seen_at, raw";
 
+/// Reads a deal row. A JSON column that does not parse (the raw record, the line
+/// items, the cart keys) reads as empty (`null`, no items, no keys) with a warning,
+/// so one damaged row never fails a list of deals.
 pub(crate) fn deal_from_row(row: &Row<'_>) -> rusqlite::Result<Deal> {
-    fn parse_json<T: serde::de::DeserializeOwned>(text: String) -> rusqlite::Result<T> {
-        serde_json::from_str(&text).map_err(|e| {
-            rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
+    fn json_or_empty<T: serde::de::DeserializeOwned + Default>(
+        text: String,
+        deal_id: i64,
+        column: &'static str,
+    ) -> T {
+        serde_json::from_str(&text).unwrap_or_else(|error| {
+            tracing::warn!(deal_id, column, %error, "stored JSON is unreadable; read as empty");
+            T::default()
         })
     }
+    let deal_id: i64 = row.get(0)?;
     let currency: Option<String> = row.get(5)?;
     let status: String = row.get(8)?;
     let email = |value: Option<String>| value.and_then(|v| EmailAddress::parse(&v));
     Ok(Deal {
-        id: row.get(0)?,
+        id: deal_id,
         connection: ConnectionName::new(row.get::<_, String>(1)?),
         external_id: ExternalId::new(row.get::<_, String>(2)?),
         title: row.get(3)?,
@@ -847,11 +856,11 @@ pub(crate) fn deal_from_row(row: &Row<'_>) -> rusqlite::Result<Deal> {
             .get::<_, Option<String>>(20)?
             .and_then(|d| d.parse().ok()),
         recovery_url: row.get(21)?,
-        line_items: parse_json(row.get(22)?)?,
-        cart_keys: parse_json(row.get(23)?)?,
+        line_items: json_or_empty(row.get(22)?, deal_id, "line_items"),
+        cart_keys: json_or_empty(row.get(23)?, deal_id, "cart_keys"),
         deleted_at: row.get::<_, Option<i64>>(24)?.map(from_ms),
         first_seen_at: from_ms(row.get(25)?),
-        raw: parse_json(row.get(26)?)?,
+        raw: json_or_empty(row.get(26)?, deal_id, "raw"),
     })
 }
 

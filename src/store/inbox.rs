@@ -24,7 +24,8 @@
 //! - `enqueue_webhook` returns `Stored` or `Duplicate` only after the row is committed
 //!   (or was already there); a caller that answers 2xx after it never loses the delivery.
 //! - `(connection, delivery_id)` is unique: a redelivery is acknowledged as a duplicate
-//!   and never processed twice. Processed rows are kept for [`RETENTION`], longer than
+//!   and never processed twice. For body-only signers the body's hash is a second key:
+//!   the same body within the scheme's replay window is a duplicate too. Processed rows are kept for [`RETENTION`], longer than
 //!   any vendor retries (Shopify about 4 h, Stripe up to 3 days), then pruned.
 //! - Bounded: past [`MAX_PENDING`] unprocessed rows, or with [`QUEUE`] requests already
 //!   waiting for the writer, a delivery is refused ([`EnqueueError::Full`],
@@ -72,7 +73,10 @@ const WAL_POLICY: WalPolicy = WalPolicy {
 };
 
 /// The statements of the inbox file's schema, tracked in its `user_version`.
-const SCHEMA: &[(i64, &str)] = &[(1, include_str!("migrations/inbox_0001.sql"))];
+const SCHEMA: &[(i64, &str)] = &[
+    (1, include_str!("migrations/inbox_0001.sql")),
+    (2, include_str!("migrations/inbox_0002.sql")),
+];
 
 /// The inbox file that belongs to the database at `db_path`: `dealsync.db` →
 /// `dealsync.inbox.db`, in the same directory.
@@ -88,6 +92,10 @@ pub struct NewWebhook {
     pub topic: Option<String>,
     /// Lower-case header names and values, without signature or auth headers.
     pub headers: Vec<(String, String)>,
+    /// For schemes that sign only the body: its SHA-256 and the window within which
+    /// the same body received again by this connection is a duplicate, whatever
+    /// delivery id it carries (see `Scheme::body_replay_window`).
+    pub body_sha256: Option<([u8; 32], std::time::Duration)>,
     /// The raw body, exactly as received.
     pub body: Bytes,
     pub received_at: DateTime<Utc>,
@@ -98,7 +106,8 @@ pub struct NewWebhook {
 pub enum Enqueued {
     /// A new row, now committed.
     Stored,
-    /// The same (connection, delivery id) was already in the inbox.
+    /// The same (connection, delivery id) was already in the inbox, or, for a body-only
+    /// signer, the same body within its replay window.
     Duplicate,
 }
 
@@ -427,10 +436,26 @@ fn headers_json(headers: &[(String, String)]) -> Result<String> {
 }
 
 fn insert(tx: &rusqlite::Transaction<'_>, event: &NewWebhook) -> Result<Enqueued> {
+    if let Some((sha256, window)) = &event.body_sha256 {
+        let since = chrono::Duration::from_std(*window)
+            .ok()
+            .and_then(|window| event.received_at.checked_sub_signed(window))
+            .unwrap_or(DateTime::<Utc>::MIN_UTC);
+        // Earlier rows of this batch are in the transaction, so they count too.
+        let seen = tx
+            .prepare_cached(
+                "SELECT 1 FROM webhook_inbox
+                 WHERE connection = ?1 AND body_sha256 = ?2 AND received_at >= ?3",
+            )?
+            .exists(params![event.connection, &sha256[..], to_ms(since)])?;
+        if seen {
+            return Ok(Enqueued::Duplicate);
+        }
+    }
     let inserted = tx
         .prepare_cached(
-            "INSERT INTO webhook_inbox (connection, delivery_id, topic, received_at)
-             VALUES (?1, ?2, ?3, ?4)
+            "INSERT INTO webhook_inbox (connection, delivery_id, topic, received_at, body_sha256)
+             VALUES (?1, ?2, ?3, ?4, ?5)
              ON CONFLICT (connection, delivery_id) DO NOTHING",
         )?
         .execute(params![
@@ -438,6 +463,7 @@ fn insert(tx: &rusqlite::Transaction<'_>, event: &NewWebhook) -> Result<Enqueued
             event.delivery_id,
             event.topic,
             to_ms(event.received_at),
+            event.body_sha256.as_ref().map(|(sha256, _)| &sha256[..]),
         ])?;
     if inserted == 0 {
         return Ok(Enqueued::Duplicate);
@@ -849,6 +875,7 @@ mod tests {
             delivery_id: id.into(),
             topic: Some("checkouts/create".into()),
             headers: vec![("x-shopify-topic".into(), "checkouts/create".into())],
+            body_sha256: None,
             body: Bytes::from_static(br#"{"id":1}"#),
             received_at: Utc::now(),
         }
@@ -888,6 +915,68 @@ mod tests {
         assert_eq!((stored, duplicates), (100, 100));
         assert_eq!(store.inbox_counts().await.unwrap().pending, 100);
         assert_eq!(store.inbox_pending(), 100);
+    }
+
+    #[tokio::test]
+    async fn a_body_only_signed_body_seen_within_its_window_is_a_duplicate_under_any_delivery_id() {
+        let (_dir, store) = temp_store();
+        let window = std::time::Duration::from_secs(48 * 3600);
+        let now = Utc::now();
+        let signed = |id: &str, connection: &str, body: &'static [u8], at: DateTime<Utc>| {
+            let mut event = event(id);
+            event.connection = connection.into();
+            event.body = Bytes::from_static(body);
+            event.body_sha256 = Some((<sha2::Sha256 as sha2::Digest>::digest(body).into(), window));
+            event.received_at = at;
+            event
+        };
+        let first = signed(
+            "d-1",
+            "shop",
+            br#"{"token":"t"}"#,
+            now - chrono::Duration::hours(47),
+        );
+        assert_eq!(
+            store.enqueue_webhook(first).await.unwrap(),
+            Enqueued::Stored
+        );
+        // The same body under a new delivery id, inside the window: a duplicate.
+        let replay = signed("d-2", "shop", br#"{"token":"t"}"#, now);
+        assert_eq!(
+            store.enqueue_webhook(replay).await.unwrap(),
+            Enqueued::Duplicate
+        );
+        // Another body, or the same body for another connection: new.
+        let other = signed("d-3", "shop", br#"{"token":"u"}"#, now);
+        assert_eq!(
+            store.enqueue_webhook(other).await.unwrap(),
+            Enqueued::Stored
+        );
+        let elsewhere = signed("d-1", "shop-eu", br#"{"token":"t"}"#, now);
+        assert_eq!(
+            store.enqueue_webhook(elsewhere).await.unwrap(),
+            Enqueued::Stored
+        );
+        // Past the window the body is taken again.
+        let later = signed(
+            "d-4",
+            "shop",
+            br#"{"token":"t"}"#,
+            now + chrono::Duration::hours(2),
+        );
+        assert_eq!(
+            store.enqueue_webhook(later).await.unwrap(),
+            Enqueued::Stored
+        );
+        // Two identical bodies in one batch: one is stored.
+        let (a, b) = tokio::join!(
+            store.enqueue_webhook(signed("d-5", "shop", br#"{"token":"v"}"#, now)),
+            store.enqueue_webhook(signed("d-6", "shop", br#"{"token":"v"}"#, now)),
+        );
+        let mut outcomes = [a.unwrap(), b.unwrap()];
+        outcomes.sort_by_key(|o| *o == Enqueued::Duplicate);
+        assert_eq!(outcomes, [Enqueued::Stored, Enqueued::Duplicate]);
+        assert_eq!(store.inbox_pending(), 5);
     }
 
     #[tokio::test]

@@ -8,8 +8,8 @@
 //! crash or a kill at any point replays at most one page, which the upsert absorbs.
 
 use crate::config::{Config, ConfigError, ConnectionConfig};
-use crate::connectors::{Connector, ConnectorError, Registry, SyncContext};
-use crate::domain::{ChangeCause, DealStatus, SourceDeal, StageRef};
+use crate::connectors::{BadRecord, Connector, ConnectorError, Registry, SyncContext};
+use crate::domain::{ChangeCause, DealStatus, SourceDeal, StageRef, check_depth};
 use crate::pipeline::{Pipelines, StageMap};
 use crate::store::{CachedRecord, DealUpsert, Quarantined, Store, StoreError, UpsertOutcome};
 use crate::telemetry::{Metrics, RecordLabels, RunLabels};
@@ -274,6 +274,16 @@ impl ReadPage {
         let mut records = Vec::with_capacity(page.records.len());
         let mut quarantined = Vec::new();
         for record in page.records {
+            // A record nested too deep is refused here, whatever the connector, so it
+            // is never stored where every later read would have to parse it.
+            let record = record.and_then(|deal| match check_depth(deal.raw.as_str().as_bytes()) {
+                Ok(()) => Ok(deal),
+                Err(too_deep) => Err(BadRecord {
+                    external_id: Some(deal.external_id.to_string()),
+                    reason: too_deep.to_string(),
+                    raw: deal.raw,
+                }),
+            });
             match record {
                 Ok(deal) => records.push(deal),
                 Err(bad) => {

@@ -82,6 +82,27 @@ pub enum Scheme {
     None,
 }
 
+impl Scheme {
+    /// For schemes whose signature covers the body alone (Shopify, WooCommerce): how
+    /// long an identical body received again by the same connection is a duplicate,
+    /// whatever delivery id and topic it carries. Nothing else of such a delivery is
+    /// signed, so a captured body can be sent again by anyone; vendors resend a
+    /// failed delivery with its original body (Shopify for up to 48 hours; WooCommerce
+    /// does not retry, and the same window covers a delivery its queue sends late).
+    /// `None` for schemes that sign a timestamp or a message id, whose replay window
+    /// or delivery id already does this.
+    pub fn body_replay_window(&self) -> Option<Duration> {
+        match self {
+            Scheme::Shopify | Scheme::WooCommerce => Some(BODY_ONLY_REPLAY_WINDOW),
+            _ => None,
+        }
+    }
+}
+
+/// See [`Scheme::body_replay_window`]: Shopify's retry window, the longest of the
+/// body-only signers.
+pub const BODY_ONLY_REPLAY_WINDOW: Duration = Duration::from_secs(48 * 3600);
+
 /// The parts of an inbound request that signatures cover.
 #[derive(Clone, Copy)]
 pub struct Request<'a> {
@@ -568,10 +589,10 @@ fn hubspot_decode_uri(uri: &str) -> Cow<'_, str> {
     }
     let mut decoded = String::with_capacity(uri.len());
     let mut rest = uri;
-    while let Some(position) = rest.find('%') {
-        decoded.push_str(&rest[..position]);
-        let escaped = rest
-            .get(position + 1..position + 3)
+    while let Some((before, after)) = rest.split_once('%') {
+        decoded.push_str(before);
+        let escaped = after
+            .get(..2)
             .filter(|hex| hex.bytes().all(|byte| byte.is_ascii_hexdigit()))
             .and_then(|hex| u8::from_str_radix(hex, 16).ok())
             .map(char::from)
@@ -579,11 +600,12 @@ fn hubspot_decode_uri(uri: &str) -> Cow<'_, str> {
         match escaped {
             Some(character) => {
                 decoded.push(character);
-                rest = &rest[position + 3..];
+                // Two ASCII hex digits: index 2 is a character boundary.
+                rest = after.get(2..).unwrap_or_default();
             }
             None => {
                 decoded.push('%');
-                rest = &rest[position + 1..];
+                rest = after;
             }
         }
     }
@@ -957,6 +979,7 @@ mod tests {
 
         assert!(verified.is_ok(), "{verified:?}");
         assert_eq!(hubspot_decode_uri("/a%2f%zz%41%"), "/a/%zz%41%");
+        assert_eq!(hubspot_decode_uri("/é%é%2fé%"), "/é%é/é%");
     }
 
     #[test]

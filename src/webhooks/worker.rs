@@ -21,7 +21,7 @@
 
 use crate::app::AppState;
 use crate::connectors::{ConnectorError, SyncContext, WebhookAction, WebhookEvent};
-use crate::domain::{ChangeCause, ConnectionName, SourceDeal};
+use crate::domain::{ChangeCause, ConnectionName, SourceDeal, check_depth};
 #[cfg(test)]
 use crate::store::Store;
 use crate::store::{CartRules, InboxOp, InboxRow, StoreError};
@@ -250,11 +250,11 @@ async fn plan_row(
     let mut ops = Vec::new();
     for action in actions {
         match action {
-            WebhookAction::Upsert(deal) => ops.push(record(runtime, *deal)),
+            WebhookAction::Upsert(deal) => ops.push(record(runtime, *deal)?),
             WebhookAction::Delete { external_id } => ops.push(deletion(runtime, external_id)),
             WebhookAction::Refetch { external_id } => {
                 match runtime.connector.fetch_one(cx, &external_id).await {
-                    Ok(Some(deal)) => ops.push(record(runtime, deal)),
+                    Ok(Some(deal)) => ops.push(record(runtime, deal)?),
                     Ok(None) => ops.push(deletion(runtime, external_id)),
                     Err(ConnectorError::BadResponse { reason, .. }) => {
                         return Err(ProcessError::Permanent(format!(
@@ -274,18 +274,25 @@ async fn plan_row(
     Ok(ops)
 }
 
-/// A record to write: carts (records with cart keys) through the cart rules.
-fn record(runtime: &ConnectionRuntime, deal: SourceDeal) -> InboxOp {
+/// A record to write: carts (records with cart keys) through the cart rules. A record
+/// nested too deep (a fetched one: bodies are checked at intake) is never stored.
+fn record(runtime: &ConnectionRuntime, deal: SourceDeal) -> Result<InboxOp, ProcessError> {
+    if let Err(too_deep) = check_depth(deal.raw.as_str().as_bytes()) {
+        return Err(ProcessError::Permanent(format!(
+            "record {}: {too_deep}",
+            deal.external_id
+        )));
+    }
     let is_cart = !deal.cart_keys.is_empty();
     let upsert = runtime
         .upserts(vec![deal], ChangeCause::Webhook)
         .pop()
         .expect("one record in, one upsert out");
-    if is_cart {
+    Ok(if is_cart {
         InboxOp::Cart(upsert)
     } else {
         InboxOp::Upsert(upsert)
-    }
+    })
 }
 
 fn deletion(runtime: &ConnectionRuntime, external_id: String) -> InboxOp {
@@ -367,6 +374,7 @@ mod tests {
                 delivery_id: id.into(),
                 topic: None,
                 headers: Vec::new(),
+                body_sha256: None,
                 body: serde_json::to_vec(&body).unwrap().into(),
                 received_at: Utc::now(),
             })

@@ -102,9 +102,22 @@ async fn put_cart_with_raw(
 ) -> i64 {
     let mut source = SourceDeal::new(id, format!("Cart {id}"), "checkouts", stage);
     source.raw = dealsync::domain::RawRecord::from_value(&raw);
-    source.amount = Some(Money::new(30_700, Currency::parse("EUR").unwrap()));
     source.contact_email = EmailAddress::parse(email);
     source.contact_name = Some("Ada Lovelace".into());
+    put_cart_source(store, connection, source, consent, stage, at).await
+}
+
+/// Writes `source` (its id, contact and raw record set) as a cart in `stage`.
+async fn put_cart_source(
+    store: &Store,
+    connection: &str,
+    mut source: SourceDeal,
+    consent: Option<bool>,
+    stage: &str,
+    at: DateTime<Utc>,
+) -> i64 {
+    let id = source.external_id.to_string();
+    source.amount = Some(Money::new(30_700, Currency::parse("EUR").unwrap()));
     source.marketing_consent = consent;
     source.created_at = Some(at);
     source.updated_at = Some(at);
@@ -133,7 +146,7 @@ async fn put_cart_with_raw(
         .await
         .expect("upserting a cart");
     store
-        .deal_by_external_id(connection, id)
+        .deal_by_external_id(connection, &id)
         .await
         .unwrap()
         .expect("the cart just written")
@@ -292,6 +305,188 @@ async fn a_cart_sequence_arrives_over_smtp_with_both_parts_and_every_header_then
         metrics.contains("dealsync_followups_total{rule=\"carts\",outcome=\"sent\"} 3"),
         "{metrics}"
     );
+}
+
+/// An abandoned cart of `email` whose shopper is called `name`, entered now.
+async fn put_named_cart(store: &Store, id: &str, email: &str, name: &str) -> i64 {
+    let mut source = SourceDeal::new(id, format!("Cart {id}"), "checkouts", "cart_abandoned");
+    source.contact_email = EmailAddress::parse(email);
+    source.contact_name = Some(name.into());
+    put_cart_source(
+        store,
+        "shop",
+        source,
+        Some(true),
+        "cart_abandoned",
+        Utc::now(),
+    )
+    .await
+}
+
+/// The display name and address of a `To` header value, the name unquoted and its
+/// RFC 2047 encoded words (`=?utf-8?b?…?=`, as lettre writes names with `:` or `@`)
+/// decoded.
+fn to_mailbox(value: &str) -> (String, String) {
+    use base64::Engine as _;
+    let (name, address) = value.rsplit_once(" <").unwrap_or(("", value));
+    let address = address.trim_end_matches('>').to_owned();
+    let words: Vec<&str> = name.split_whitespace().collect();
+    let decode = |word: &str| -> Option<String> {
+        let lower = word.to_ascii_lowercase();
+        let encoded = lower.strip_prefix("=?utf-8?b?")?.strip_suffix("?=")?;
+        // The base64 text is case-sensitive: take it from the original word.
+        let start = word.len() - encoded.len() - 2;
+        let text = word.get(start..word.len() - 2)?;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(text)
+            .ok()?;
+        String::from_utf8(bytes).ok()
+    };
+    let name = if !words.is_empty() && words.iter().all(|w| decode(w).is_some()) {
+        words.iter().filter_map(|w| decode(w)).collect()
+    } else {
+        name.trim_matches('"').to_owned()
+    };
+    (name, address)
+}
+
+/// True when every CR of `data` starts a CRLF.
+fn no_bare_cr(data: &str) -> bool {
+    data.as_bytes()
+        .windows(2)
+        .all(|pair| pair[0] != b'\r' || pair[1] == b'\n')
+        && !data.ends_with('\r')
+}
+
+#[tokio::test]
+async fn a_shopper_name_with_line_breaks_or_a_nul_is_mailed_with_a_one_line_to_and_no_nul() {
+    let smtp = SmtpServer::start().await;
+    let daemon = TestDaemon::start(&config(&smtp, "", &cart_rule("100ms", "300ms", "1h"))).await;
+    let store = store(&daemon);
+    // (address, name as the shop sent it, display name expected in To and Subject)
+    let shoppers = [
+        (
+            "crlf@example.com",
+            "Ada\r\nBcc: eve@example.com",
+            "Ada Bcc: eve@example.com",
+        ),
+        ("lf@example.com", "Grace\nHopper", "Grace Hopper"),
+        ("cr@example.com", "Radia\rPerlman", "Radia Perlman"),
+        ("nul@example.com", "Linus\0Torvalds", "LinusTorvalds"),
+    ];
+    let mut carts = Vec::new();
+    for (n, (address, name, _)) in shoppers.iter().enumerate() {
+        carts.push(put_named_cart(&store, &format!("n{n}"), address, name).await);
+    }
+
+    let mails = eventually("two emails to each shopper", WAIT, || async {
+        let all = smtp.messages();
+        shoppers
+            .iter()
+            .all(|(address, _, _)| all.iter().filter(|m| to(m, address)).count() >= 2)
+            .then_some(all)
+    })
+    .await;
+
+    assert_eq!(mails.len(), 2 * shoppers.len(), "nothing else was sent");
+    for (address, _, display) in shoppers {
+        for mail in mails.iter().filter(|m| to(m, address)) {
+            let data = &mail.data;
+            assert_eq!(mail.rcpt_to, [address], "the envelope has one recipient");
+            let (head, _) = data.split_once("\r\n\r\n").unwrap();
+            assert!(
+                !head.lines().any(|line| line.starts_with("Bcc:")),
+                "a header was injected:\n{head}"
+            );
+            assert_eq!(
+                to_mailbox(&header(data, "To").unwrap()),
+                (display.to_owned(), address.to_owned())
+            );
+            assert!(!data.contains('\0'), "a NUL reached the message:\n{data:?}");
+            assert!(no_bare_cr(data), "a bare CR reached the message:\n{data:?}");
+        }
+        let subjects: Vec<String> = mails
+            .iter()
+            .filter(|m| to(m, address))
+            .map(|m| header(&m.data, "Subject").unwrap())
+            .collect();
+        assert!(
+            subjects.contains(&format!("Still thinking it over, {display}?")),
+            "{subjects:?}"
+        );
+    }
+    for cart in carts {
+        let states: Vec<String> = outbox_rows(&daemon, cart)
+            .into_iter()
+            .take(2)
+            .map(|(_, state, _)| state)
+            .collect();
+        assert_eq!(states, ["sent", "sent"]);
+    }
+}
+
+#[tokio::test]
+async fn an_email_that_cannot_be_built_is_failed_with_its_reason_and_outbox_preview_never_panics() {
+    let smtp = SmtpServer::start().await;
+    let daemon = TestDaemon::start(&config(&smtp, "", &cart_rule("100ms", "1h", "2h"))).await;
+    let store = store(&daemon);
+    // An address the deal accepts but no mail library does.
+    let unbuildable = put_named_cart(&store, "bad", "ada,grace@example.com", "Ada").await;
+    let crlf = put_named_cart(
+        &store,
+        "crlf",
+        "crlf@example.com",
+        "Ada\r\nBcc: eve@example.com",
+    )
+    .await;
+
+    let (state, reason) = eventually("the unbuildable email settled", WAIT, || async {
+        outbox_rows(&daemon, unbuildable)
+            .into_iter()
+            .find(|(step, state, _)| *step == 0 && state != "pending" && state != "sending")
+            .map(|(_, state, reason)| (state, reason))
+    })
+    .await;
+    assert_eq!(state, "failed");
+    let reason = reason.unwrap_or_default();
+    assert!(reason.contains("recipient address"), "{reason}");
+    eventually(
+        "the first email to the shopper with a CRLF name",
+        WAIT,
+        || async { (messages_to(&smtp, "crlf@example.com").len() == 1).then_some(()) },
+    )
+    .await;
+    assert!(messages_to(&smtp, "eve@example.com").is_empty());
+
+    let config = daemon.config_path.to_str().unwrap().to_owned();
+    let preview = |deal: i64| {
+        let config = config.clone();
+        async move {
+            let deal = deal.to_string();
+            run_cli(
+                &[
+                    "--config", &config, "outbox", "preview", "carts", &deal, "--step", "2",
+                ],
+                &[],
+            )
+            .await
+        }
+    };
+    let (code, stdout, stderr) = preview(crlf).await;
+    assert_eq!(code, 0, "{stderr}");
+    let (head, _) = stdout.split_once("\r\n\r\n").unwrap_or((&stdout, ""));
+    assert_eq!(
+        to_mailbox(&header(head, "To").unwrap()),
+        (
+            "Ada Bcc: eve@example.com".to_owned(),
+            "crlf@example.com".to_owned()
+        ),
+        "{head}"
+    );
+    assert!(!head.lines().any(|line| line.starts_with("Bcc:")), "{head}");
+    let (code, _, stderr) = preview(unbuildable).await;
+    assert_eq!(code, 1, "a clean error, not a panic (101): {stderr}");
+    assert!(stderr.contains("recipient address"), "{stderr}");
 }
 
 #[tokio::test]

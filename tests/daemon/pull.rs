@@ -1426,6 +1426,83 @@ offer = "sales.proposal"
 "#;
 
 #[tokio::test]
+async fn a_pulled_record_nested_200000_levels_deep_is_quarantined_and_every_deal_stays_readable() {
+    use axum::routing::get;
+    const TOKEN: &str = "test-token-0123456789abcdef";
+    // One usual record and one with a field no mapping reads nested 200,000 levels deep.
+    let levels = 200_000;
+    let usual = r#"{"ref":"R-1","subject":"Usual","phase":"intro","worth":"12.50","modified_ms":1768212000001}"#;
+    let deep = format!(
+        r#"{{"ref":"R-2","subject":"Deep","phase":"offer","worth":"3","modified_ms":1768212000002,"notes":{}{}}}"#,
+        "[".repeat(levels),
+        "]".repeat(levels)
+    );
+    let page = format!(r#"{{"data": {{"total": 2, "items": [{usual}, {deep}]}}}}"#);
+    serde_json::from_str::<serde::de::IgnoredAny>(&page).expect("the page is JSON");
+    let router = axum::Router::new()
+        .route(
+            "/v1/opportunities",
+            get(move || {
+                let page = page.clone();
+                async move { ([("content-type", "application/json")], page) }
+            }),
+        )
+        .route(
+            "/v1/buyers",
+            get(|| async { axum::Json(serde_json::json!({"buyers": []})) }),
+        );
+    let mock = crate::harness::vendors::serve(router).await;
+    let manifests = tempfile::tempdir().unwrap();
+    std::fs::write(manifests.path().join("rawcrm.toml"), RAW_MANIFEST).unwrap();
+
+    let daemon = TestDaemon::start(&format!(
+        "api_token = \"{TOKEN}\"\n\n[connectors]\ndir = \"{}\"\n\n[connections.raw]\nconnector = \"rawcrm\"\nbase_url = \"{}\"\ntoken = \"t\"\npoll_interval = \"1h\"\n",
+        manifests.path().display(),
+        mock.url()
+    ))
+    .await;
+    eventually("the first sync run", WAIT, || async {
+        (successful_runs(&daemon, "raw") >= 1).then_some(())
+    })
+    .await;
+
+    let quarantined: Vec<(Option<String>, String)> = daemon
+        .db()
+        .prepare("SELECT external_id, error FROM quarantine")
+        .unwrap()
+        .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(quarantined.len(), 1, "{quarantined:?}");
+    assert_eq!(quarantined[0].0.as_deref(), Some("R-2"));
+    assert!(
+        quarantined[0].1.contains("nested 128 or more levels deep"),
+        "{quarantined:?}"
+    );
+    let stored: Vec<String> = deals(&daemon, "raw").into_iter().map(|d| d.0).collect();
+    assert_eq!(stored, ["R-1"]);
+
+    let get = |path: String| {
+        let request = daemon.http.get(daemon.url(&path)).bearer_auth(TOKEN);
+        async move {
+            let response = request.send().await.unwrap();
+            (response.status().as_u16(), response.text().await.unwrap())
+        }
+    };
+    let (status, body) = get("/api/v1/deals".into()).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("R-1"), "{body}");
+    let id = daemon.count("SELECT id FROM deals WHERE external_id = 'R-1'");
+    let (status, body) = get(format!("/api/v1/deals/{id}")).await;
+    assert_eq!(status, 200, "{body}");
+    let config = daemon.config_path.to_str().unwrap().to_owned();
+    let (code, stdout, stderr) = run_cli(&["--config", &config, "deals", "list"], &[]).await;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("R-1"), "{stdout}");
+}
+
+#[tokio::test]
 async fn a_pull_sync_stores_each_record_as_the_vendor_sent_it_and_quarantines_a_bad_one_with_its_text()
  {
     use axum::extract::State;

@@ -344,6 +344,214 @@ async fn a_redelivered_webhook_is_acknowledged_and_processed_once() {
     );
 }
 
+const API_TOKEN: &str = "test-token-0123456789abcdef";
+
+/// The dead letters' reasons, oldest first.
+fn dead_letter_reasons(daemon: &TestDaemon) -> Vec<String> {
+    db(daemon)
+        .prepare("SELECT reason FROM webhook_dead_letters ORDER BY id")
+        .unwrap()
+        .query_map([], |row| row.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_shopify_token_or_a_stripe_session_id_with_multi_byte_characters_is_answered_and_recorded()
+ {
+    let daemon = TestDaemon::start(&format!("{}{}", shopify("shop", "1h"), stripe("pay"))).await;
+
+    // A checkout with no shopper name: its title is made from the token, whose 8th
+    // byte falls inside a character.
+    let token = "aéééééé";
+    assert!(!token.is_char_boundary(8));
+    let mut checkout = fixture("shopify/webhook-checkouts-create.json");
+    for key in ["customer", "billing_address", "name"] {
+        checkout.as_object_mut().unwrap().remove(key);
+    }
+    checkout["token"] = json!(token);
+    let body = serde_json::to_vec(&checkout).unwrap();
+    let headers = shopify_headers(SHOP_SECRET, "checkouts/create", "mb-1", &body);
+    let (status, answer) = post(&daemon, "shop", headers, body).await;
+    assert_eq!(status, 200, "{answer}");
+    wait_for_stage(&daemon, "shop", token, "checkout_started").await;
+
+    // A Stripe session with no customer name: its title is made from the session id,
+    // whose 16th byte falls inside a character.
+    let session = "cs_tést_🛒🛒🛒";
+    assert!(!session.is_char_boundary(16));
+    let mut event = fixture("stripe/event-checkout-session-expired.json");
+    event["data"]["object"]["id"] = json!(session);
+    event["data"]["object"]["customer_details"]["name"] = Value::Null;
+    let body = serde_json::to_vec(&event).unwrap();
+    let (status, answer) = post(
+        &daemon,
+        "pay",
+        stripe_headers(&body, SystemTime::now()),
+        body,
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    wait_for_stage(&daemon, "pay", session, "cart_abandoned").await;
+
+    let titles: Vec<String> = db(&daemon)
+        .prepare("SELECT title FROM deals ORDER BY id")
+        .unwrap()
+        .query_map([], |row| row.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(
+        titles,
+        [format!("Checkout {token}"), format!("Checkout {session}")]
+    );
+    assert!(!daemon.logs().contains("panicked"), "{}", daemon.logs());
+}
+
+#[tokio::test]
+async fn a_webhook_body_nested_200000_levels_deep_is_dead_lettered_and_every_deal_stays_readable() {
+    let daemon = TestDaemon::start(&format!(
+        "api_token = \"{API_TOKEN}\"\n{}",
+        shopify("shop", "1h")
+    ))
+    .await;
+    let body = checkout("tok-ok", "2026-01-01T10:00:00Z", "ok@example.com");
+    assert_eq!(
+        post_shopify(&daemon, "shop", "checkouts/create", "ok-1", body).await,
+        200
+    );
+    wait_for_stage(&daemon, "shop", "tok-ok", "checkout_started").await;
+
+    // A signed checkout with a field no mapping reads nested 200,000 levels deep.
+    let levels = 200_000;
+    let plain = checkout("tok-deep", "2026-01-01T10:00:00Z", "deep@example.com");
+    let mut deep = format!(
+        r#"{{"x_deep":{}{},"#,
+        "[".repeat(levels),
+        "]".repeat(levels)
+    )
+    .into_bytes();
+    deep.extend_from_slice(&plain[1..]);
+    serde_json::from_slice::<serde::de::IgnoredAny>(&deep).expect("the deep body is JSON");
+    let headers = shopify_headers(SHOP_SECRET, "checkouts/create", "deep-1", &deep);
+    let (status, answer) = post(&daemon, "shop", headers, deep).await;
+
+    assert_eq!(status, 400, "{answer}");
+    let reasons = dead_letter_reasons(&daemon);
+    assert_eq!(reasons.len(), 1, "{reasons:?}");
+    assert!(
+        reasons[0].contains("nested 128 or more levels deep"),
+        "{reasons:?}"
+    );
+    assert_eq!(count(&daemon, "SELECT count(*) FROM webhook_inbox"), 1);
+    assert_eq!(stage_of(&daemon, "shop", "tok-deep"), None);
+    let response = daemon
+        .http
+        .get(daemon.url("/api/v1/deals"))
+        .bearer_auth(API_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let listed: Value = response.json().await.unwrap();
+    assert_eq!(listed["deals"].as_array().unwrap().len(), 1, "{listed}");
+    let config = daemon.config_path.to_str().unwrap().to_owned();
+    let (code, stdout, stderr) = crate::harness::daemon::run_cli(
+        &["--config", &config, "deals", "list", "--format", "json"],
+        &[],
+    )
+    .await;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("tok-ok"), "{stdout}");
+}
+
+#[tokio::test]
+async fn a_signed_checkout_resent_as_an_order_is_refused_and_the_same_body_under_a_new_id_is_a_duplicate()
+ {
+    let daemon =
+        TestDaemon::start(&format!("{}{}", shopify("shop", "1h"), woocommerce("woo"))).await;
+    let body = checkout("tok-replay", "2026-01-01T10:00:00Z", "replay@example.com");
+    assert_eq!(
+        post_shopify(&daemon, "shop", "checkouts/create", "r-1", body.clone()).await,
+        200
+    );
+    wait_for_stage(&daemon, "shop", "tok-replay", "checkout_started").await;
+
+    // The captured body, validly signed, sent again as an order under a new id.
+    let headers = shopify_headers(SHOP_SECRET, "orders/create", "r-2", &body);
+    let (status, answer) = post(&daemon, "shop", headers, body.clone()).await;
+    assert_eq!(status, 400, "{answer}");
+    assert!(answer.contains("contradicts"), "{answer}");
+    let reasons = dead_letter_reasons(&daemon);
+    assert_eq!(reasons.len(), 1, "{reasons:?}");
+    assert!(reasons[0].contains("orders/create"), "{reasons:?}");
+
+    // The same body under its own topic and a new delivery id: a duplicate.
+    let headers = shopify_headers(SHOP_SECRET, "checkouts/update", "r-3", &body);
+    let (status, answer) = post(&daemon, "shop", headers, body).await;
+    assert_eq!(status, 200, "{answer}");
+    assert!(answer.contains("duplicate"), "{answer}");
+
+    // WooCommerce signs the body alone too.
+    let mut order = fixture("woocommerce/order-retrieve.json");
+    order["status"] = json!("pending");
+    let body = serde_json::to_vec(&order).unwrap();
+    let woo = |id: &str, resource: &str| {
+        let delivery = Delivery {
+            method: "POST",
+            uri: "",
+            body: &body,
+            id,
+        };
+        let mut headers = signature::sign(
+            &Scheme::WooCommerce,
+            WOO_SECRET.as_bytes(),
+            &delivery,
+            SystemTime::now(),
+        )
+        .unwrap();
+        headers.insert("x-wc-webhook-topic", "order.updated".parse().unwrap());
+        headers.insert("x-wc-webhook-resource", resource.parse().unwrap());
+        headers
+    };
+    let (status, answer) = post(&daemon, "woo", woo("w-1", "order"), body.clone()).await;
+    assert_eq!(status, 200, "{answer}");
+    let (status, answer) = post(&daemon, "woo", woo("w-2", "order"), body.clone()).await;
+    assert_eq!(
+        (status, answer.contains("duplicate")),
+        (200, true),
+        "{answer}"
+    );
+    let (status, answer) = post(&daemon, "woo", woo("w-3", "product"), body).await;
+    assert_eq!(status, 400, "{answer}");
+    wait_for_stage(&daemon, "woo", "727", "checkout_started").await;
+
+    eventually("the inbox processed", WAIT, || async {
+        (count(
+            &daemon,
+            "SELECT count(*) FROM webhook_inbox WHERE state = 'processed'",
+        ) == 2)
+            .then_some(())
+    })
+    .await;
+    assert_eq!(count(&daemon, "SELECT count(*) FROM webhook_inbox"), 2);
+    assert_eq!(dead_letter_reasons(&daemon).len(), 2);
+    assert_eq!(
+        stage_of(&daemon, "shop", "tok-replay"),
+        Some(("checkout_started".into(), "open".into())),
+        "the replayed checkout did not mark the cart purchased"
+    );
+    assert_eq!(count(&daemon, "SELECT count(*) FROM stage_history"), 2);
+    let (_, metrics) = daemon.get("/metrics").await;
+    for connection in ["shop", "woo"] {
+        let line = format!(
+            r#"dealsync_webhooks_total{{connection="{connection}",outcome="duplicate"}} 1"#
+        );
+        assert!(metrics.contains(&line), "{line} in {metrics}");
+    }
+}
+
 #[tokio::test]
 async fn an_update_that_arrives_before_its_create_wins_and_an_order_before_its_checkout_keeps_the_cart_purchased()
  {

@@ -136,9 +136,13 @@ pub fn parse(file: &str, text: &str) -> Result<Manifest, Vec<Problem>> {
     let value: toml::Value = toml::from_str(text).map_err(|error| {
         vec![Problem {
             file: file.to_owned(),
-            line: error
-                .span()
-                .map(|span| text[..span.start.min(text.len())].lines().count().max(1)),
+            line: error.span().map(|span| {
+                text.get(..span.start)
+                    .unwrap_or(text)
+                    .lines()
+                    .count()
+                    .max(1)
+            }),
             key: String::new(),
             message: format!("invalid TOML: {}", error.message()),
         }]

@@ -34,12 +34,10 @@ impl Vars {
     pub fn render(&self, text: &str) -> String {
         let mut out = String::with_capacity(text.len());
         let mut rest = text;
-        while let Some(open) = rest.find('{') {
-            out.push_str(&rest[..open]);
-            let after = &rest[open + 1..];
-            match after.find('}') {
-                Some(close) => {
-                    let name = &after[..close];
+        while let Some((before, after)) = rest.split_once('{') {
+            out.push_str(before);
+            match after.split_once('}') {
+                Some((name, remainder)) => {
                     match self.0.get(name) {
                         Some(value) => out.push_str(&plain(value)),
                         None => {
@@ -48,10 +46,11 @@ impl Vars {
                             out.push('}');
                         }
                     }
-                    rest = &after[close + 1..];
+                    rest = remainder;
                 }
                 None => {
-                    out.push_str(&rest[open..]);
+                    out.push('{');
+                    out.push_str(after);
                     rest = "";
                 }
             }
@@ -95,10 +94,10 @@ fn plain(value: &Value) -> String {
 pub fn unknown_placeholders(text: &str) -> Vec<String> {
     let mut unknown = Vec::new();
     let mut rest = text;
-    while let Some(open) = rest.find('{') {
-        let after = &rest[open + 1..];
-        let Some(close) = after.find('}') else { break };
-        let name = &after[..close];
+    while let Some((_, after)) = rest.split_once('{') {
+        let Some((name, remainder)) = after.split_once('}') else {
+            break;
+        };
         // SOQL and JSON text may hold braces of their own; only identifiers count.
         if !name.is_empty()
             && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
@@ -106,7 +105,7 @@ pub fn unknown_placeholders(text: &str) -> Vec<String> {
         {
             unknown.push(name.to_owned());
         }
-        rest = &after[close + 1..];
+        rest = remainder;
     }
     unknown
 }
@@ -132,5 +131,11 @@ mod tests {
             json!({"limit": 200, "v": "1767225600000", "inputs": [{"id": "1"}]})
         );
         assert_eq!(unknown_placeholders("a {since} {nope} {}"), vec!["nope"]);
+        assert_eq!(
+            vars.render("é{page_size}ü{é}€{"),
+            "é200ü{é}€{",
+            "multi-byte text around placeholders"
+        );
+        assert_eq!(unknown_placeholders("é{ü}{nope}€{"), vec!["nope"]);
     }
 }

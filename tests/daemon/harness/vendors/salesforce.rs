@@ -146,9 +146,8 @@ fn with_usage(state: &SfState, body: Value) -> Response {
 }
 
 fn between<'a>(text: &'a str, start: &str, end: &str) -> Option<&'a str> {
-    let from = text.find(start)? + start.len();
-    let rest = &text[from..];
-    Some(&rest[..rest.find(end).unwrap_or(rest.len())])
+    let (_, rest) = text.split_once(start)?;
+    Some(rest.split_once(end).map_or(rest, |(inside, _)| inside))
 }
 
 fn answer(state: &SfState, soql: &str, include_deleted: bool) -> Response {
