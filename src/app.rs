@@ -48,6 +48,10 @@ pub struct ReadinessReport {
     pub connections: BTreeMap<String, String>,
     /// connection → what needs attention (it does not make the daemon unready).
     pub attention: BTreeMap<String, String>,
+    /// worker → why it is degraded: its last pass failed and it is backing off before
+    /// the next (`followups`, `webhooks`, `cart_sweeper`, `connection:NAME`). Makes the
+    /// daemon unready until the worker's next pass works.
+    pub degraded: BTreeMap<String, String>,
 }
 
 /// Readiness, shared by the tasks that make it true.
@@ -62,6 +66,7 @@ struct ReadinessInner {
     migrated: bool,
     connections: BTreeMap<String, bool>,
     attention: BTreeMap<String, String>,
+    degraded: BTreeMap<String, String>,
 }
 
 impl Readiness {
@@ -77,6 +82,11 @@ impl Readiness {
             inner.connections = names.into_iter().map(|name| (name, false)).collect();
             let keep: Vec<String> = inner.connections.keys().cloned().collect();
             inner.attention.retain(|name, _| keep.contains(name));
+            inner.degraded.retain(|worker, _| {
+                worker
+                    .strip_prefix(CONNECTION_WORKER)
+                    .is_none_or(|name| keep.iter().any(|kept| kept == name))
+            });
         }
     }
 
@@ -96,6 +106,31 @@ impl Readiness {
         }
     }
 
+    /// Marks a worker as degraded with the reason, or (with `None`) as working again.
+    pub fn degraded(&self, worker: &str, reason: Option<String>) {
+        if let Ok(mut inner) = self.inner.lock() {
+            match reason {
+                Some(reason) => inner.degraded.insert(worker.to_owned(), reason),
+                None => inner.degraded.remove(worker),
+            };
+        }
+    }
+
+    /// The health handle of the worker `name`.
+    pub fn worker(self: &Arc<Self>, name: impl Into<String>) -> WorkerHealth {
+        WorkerHealth {
+            readiness: self.clone(),
+            name: name.into(),
+            failures: 0,
+            backoff: crate::retry::STORE_ERRORS,
+        }
+    }
+
+    /// The health handle of connection `name`'s scheduler.
+    pub fn connection_worker(self: &Arc<Self>, name: &str) -> WorkerHealth {
+        self.worker(format!("{CONNECTION_WORKER}{name}"))
+    }
+
     pub fn report(&self) -> ReadinessReport {
         let Ok(inner) = self.inner.lock() else {
             return ReadinessReport {
@@ -103,10 +138,13 @@ impl Readiness {
                 migrated: false,
                 connections: BTreeMap::new(),
                 attention: BTreeMap::new(),
+                degraded: BTreeMap::new(),
             };
         };
         ReadinessReport {
-            ready: inner.migrated && inner.connections.values().all(|started| *started),
+            ready: inner.migrated
+                && inner.connections.values().all(|started| *started)
+                && inner.degraded.is_empty(),
             migrated: inner.migrated,
             connections: inner
                 .connections
@@ -117,7 +155,65 @@ impl Readiness {
                 })
                 .collect(),
             attention: inner.attention.clone(),
+            degraded: inner.degraded.clone(),
         }
+    }
+}
+
+/// The prefix of a connection scheduler's name among the workers.
+const CONNECTION_WORKER: &str = "connection:";
+
+/// A long-running worker's standing in `/readyz`, and its backoff after failed passes.
+///
+/// A pass that fails (the store is busy, an I/O error, a full disk) marks the worker
+/// degraded with the error, logs it, and returns how long to wait before the next pass
+/// ([`crate::retry::STORE_ERRORS`]: growing with the failures in a row, capped). The
+/// next pass that works clears the mark. Workers never end on such an error.
+pub struct WorkerHealth {
+    readiness: Arc<Readiness>,
+    name: String,
+    failures: u32,
+    backoff: crate::retry::Backoff,
+}
+
+impl WorkerHealth {
+    /// Records a failed pass; returns the pause before the next one.
+    pub fn failed(&mut self, error: &dyn std::fmt::Display) -> std::time::Duration {
+        self.failures = self.failures.saturating_add(1);
+        let delay = self.backoff.delay(self.failures);
+        warn!(
+            worker = %self.name,
+            %error,
+            failures = self.failures,
+            retry_in_ms = delay.as_millis() as u64,
+            "worker pass failed; backing off, then trying again"
+        );
+        self.degraded(format!(
+            "{error} ({} failure(s) in a row; next try in {:.1} s)",
+            self.failures,
+            delay.as_secs_f64()
+        ));
+        delay
+    }
+
+    /// Records a pass that worked: clears the degraded mark.
+    pub fn succeeded(&mut self) {
+        if self.failures > 0 {
+            info!(worker = %self.name, failures = self.failures, "worker recovered");
+            self.failures = 0;
+            self.recovered();
+        }
+    }
+
+    /// Marks the worker degraded without counting a failure (a scheduler that keeps
+    /// its own backoff).
+    pub fn degraded(&self, reason: String) {
+        self.readiness.degraded(&self.name, Some(reason));
+    }
+
+    /// Clears the degraded mark.
+    pub fn recovered(&self) {
+        self.readiness.degraded(&self.name, None);
     }
 }
 
@@ -323,8 +419,9 @@ fn start_connections(state: &Arc<AppState>, tasks: &TaskTracker, token: &Cancell
             connection = %runtime.name(),
             connector = %runtime.connector.kind()
         );
+        let health = state.readiness.connection_worker(runtime.name());
         tasks.spawn(tracing::Instrument::instrument(
-            sync::run_connection(runtime, deps, token),
+            sync::run_connection(runtime, deps, token, health),
             span,
         ));
     }
@@ -334,6 +431,7 @@ fn start_connections(state: &Arc<AppState>, tasks: &TaskTracker, token: &Cancell
         state.config(),
         state.metrics.clone(),
         token.child_token(),
+        state.readiness.worker(crate::followup::worker::NAME),
     ));
 }
 

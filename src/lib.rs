@@ -14,6 +14,7 @@ pub mod http;
 pub mod output;
 pub mod pipeline;
 pub mod report;
+pub mod retry;
 pub mod shutdown;
 pub mod store;
 pub mod sync;

@@ -106,6 +106,35 @@ impl StoreError {
     }
 }
 
+impl StoreError {
+    /// Whether the failure is the database's state rather than the data: busy or
+    /// locked by another connection or process, an I/O error, a full or read-only
+    /// disk. Retrying the same work later may succeed; it says nothing against the row.
+    pub fn is_transient(&self) -> bool {
+        use rusqlite::ErrorCode;
+        let code = match self {
+            StoreError::Sql(rusqlite::Error::SqliteFailure(error, _))
+            | StoreError::Open {
+                source: rusqlite::Error::SqliteFailure(error, _),
+                ..
+            } => error.code,
+            StoreError::CreateDir { .. } => return true,
+            _ => return false,
+        };
+        matches!(
+            code,
+            ErrorCode::DatabaseBusy
+                | ErrorCode::DatabaseLocked
+                | ErrorCode::SystemIoFailure
+                | ErrorCode::DiskFull
+                | ErrorCode::CannotOpen
+                | ErrorCode::ReadOnly
+                | ErrorCode::FileLockingProtocolFailed
+                | ErrorCode::OutOfMemory
+        )
+    }
+}
+
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
 const READERS: usize = 4;
