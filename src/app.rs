@@ -6,6 +6,7 @@
 //! configured deadline. `main` and the tests share this one path.
 
 use crate::config::{self, Config, ConfigError};
+use crate::lock::{LockError, LockFile};
 use crate::shutdown;
 use crate::store::{Store, StoreError};
 use crate::sync::{self, ConnectionRuntime, SyncDeps};
@@ -13,6 +14,7 @@ use crate::telemetry::{Metrics, RunLabels};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -31,6 +33,19 @@ pub enum StartupError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    /// Another daemon holds the database's lock file.
+    #[error(
+        "another dealsync daemon{} is running on database {db}: it holds the lock file {lock}; \
+         stop it first, or give this daemon its own storage.path",
+        holder.map(|pid| format!(" (pid {pid})")).unwrap_or_default()
+    )]
+    AlreadyRunning {
+        db: PathBuf,
+        lock: PathBuf,
+        holder: Option<u32>,
+    },
+    #[error("taking the daemon lock: {0}")]
+    Lock(crate::lock::LockError),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -263,6 +278,8 @@ impl AppState {
 }
 
 pub struct App {
+    /// `<database>.lock`, held for as long as the app lives: one daemon per database.
+    _lock: LockFile,
     listener: TcpListener,
     state: Arc<AppState>,
     reload_tx: mpsc::Sender<()>,
@@ -270,8 +287,13 @@ pub struct App {
 }
 
 impl App {
-    /// Binds the HTTP listener and migrates the store; starts no task yet.
+    /// Takes the database's daemon lock, binds the HTTP listener and migrates the
+    /// store; starts no task yet. Fails with [`StartupError::AlreadyRunning`] at once,
+    /// before touching the store, when another daemon runs on the same database.
     pub async fn build(config: Config) -> Result<App, StartupError> {
+        // First of all: a second daemon must not even mark the first one's sends in
+        // flight as interrupted (below).
+        let lock = lock_database(&config.storage.path)?;
         let runtimes = ConnectionRuntime::build_all(&config)?;
         let path = config.storage.path.clone();
         let store = tokio::task::spawn_blocking(move || Store::open(&path))
@@ -308,6 +330,7 @@ impl App {
         readiness.expect(runtimes.iter().map(|r| r.name().to_owned()));
         let (reload_tx, reload_rx) = mpsc::channel(1);
         Ok(App {
+            _lock: lock,
             listener,
             state: Arc::new(AppState {
                 store,
@@ -407,6 +430,20 @@ impl App {
             ),
         }
         Ok(())
+    }
+}
+
+/// Takes `<database>.lock` for this daemon.
+fn lock_database(db: &std::path::Path) -> Result<LockFile, StartupError> {
+    let path = crate::lock::daemon_lock_path(db);
+    match LockFile::try_lock(&path) {
+        Ok(lock) => Ok(lock),
+        Err(LockError::Held { path, holder }) => Err(StartupError::AlreadyRunning {
+            db: db.to_owned(),
+            lock: path,
+            holder,
+        }),
+        Err(other) => Err(StartupError::Lock(other)),
     }
 }
 

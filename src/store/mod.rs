@@ -73,6 +73,11 @@ pub enum StoreError {
         path: String,
         source: std::io::Error,
     },
+    #[error("creating {path}: {source}")]
+    CreateFile {
+        path: String,
+        source: std::io::Error,
+    },
     #[error(
         "database {path} has schema version {found}, newer than this dealsync understands ({supported}); \
          upgrade dealsync or restore a backup — the file was not modified"
@@ -118,7 +123,7 @@ impl StoreError {
                 source: rusqlite::Error::SqliteFailure(error, _),
                 ..
             } => error.code,
-            StoreError::CreateDir { .. } => return true,
+            StoreError::CreateDir { .. } | StoreError::CreateFile { .. } => return true,
             _ => return false,
         };
         matches!(
@@ -195,6 +200,26 @@ fn open_connection(path: &Path) -> Result<Connection> {
     Ok(connection)
 }
 
+/// Creates the SQLite file at `path` (and its directory) owner-only unless it exists;
+/// warns when an existing one is open to other users. SQLite gives the `-wal` and
+/// `-shm` files it creates the same mode as the database file.
+fn create_private(path: &Path, what: &str) -> Result<()> {
+    if let Some(parent) = path.parent()
+        && !parent.as_os_str().is_empty()
+    {
+        crate::files::create_dir_all(parent).map_err(|source| StoreError::CreateDir {
+            path: parent.display().to_string(),
+            source,
+        })?;
+    }
+    crate::files::ensure_private_file(path).map_err(|source| StoreError::CreateFile {
+        path: path.display().to_string(),
+        source,
+    })?;
+    crate::files::warn_if_shared(path, what);
+    Ok(())
+}
+
 fn configure(connection: &Connection) -> Result<()> {
     connection.pragma_update(None, "journal_mode", "WAL")?;
     // NORMAL is durable across process crashes in WAL mode; a power loss may drop
@@ -206,15 +231,11 @@ fn configure(connection: &Connection) -> Result<()> {
 
 impl Store {
     /// Opens (creating if needed) and migrates the database. Blocking.
+    ///
+    /// A new database (and its directory) is created owner-only, whatever the umask;
+    /// SQLite gives the `-wal` and `-shm` files the database file's mode.
     pub fn open(path: &Path) -> Result<Store> {
-        if let Some(parent) = path.parent()
-            && !parent.as_os_str().is_empty()
-        {
-            std::fs::create_dir_all(parent).map_err(|source| StoreError::CreateDir {
-                path: parent.display().to_string(),
-                source,
-            })?;
-        }
+        create_private(path, "the database")?;
         let mut writer = open_connection(path)?;
         // The version check comes before any pragma that could write to the file.
         migrations::refuse_newer(&writer, path)?;

@@ -4,6 +4,7 @@ mod followups;
 mod foundation;
 mod harness;
 mod insight;
+mod process;
 mod pull;
 mod report;
 mod smtp_harness;
