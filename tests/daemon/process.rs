@@ -17,12 +17,13 @@ use std::time::{Duration, Instant};
 
 const WAIT: Duration = Duration::from_secs(30);
 
-fn mode(path: &Path) -> u32 {
-    std::fs::metadata(path)
+/// A file's permission bits in octal, as `ls -l` and `chmod` speak of them.
+fn mode(path: &Path) -> String {
+    let mode = std::fs::metadata(path)
         .unwrap_or_else(|error| panic!("{}: {error}", path.display()))
         .permissions()
-        .mode()
-        & 0o777
+        .mode();
+    format!("{:03o}", mode & 0o777)
 }
 
 fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
@@ -88,10 +89,10 @@ enroll_interval = "100ms"
         eml,
     ];
     for file in &files {
-        assert_eq!(mode(file), 0o600, "{}", file.display());
+        assert_eq!(mode(file), "600", "{}", file.display());
     }
     for dir in [&outbox, &messages] {
-        assert_eq!(mode(dir), 0o700, "{}", dir.display());
+        assert_eq!(mode(dir), "700", "{}", dir.display());
     }
     // No temporary message file is left behind either.
     let names: Vec<String> = std::fs::read_dir(&messages)
