@@ -550,3 +550,39 @@ async fn reload(
     outcome("applied");
     Some(new_token)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_degraded_worker_makes_readyz_unready_until_its_next_good_pass() {
+        let readiness = Arc::new(Readiness::default());
+        readiness.set_migrated();
+        readiness.expect(["crm".to_owned()]);
+        readiness.started("crm");
+        assert!(readiness.report().ready);
+
+        let mut followups = readiness.worker("followups");
+        let pause = followups.failed(&"database error: database is locked");
+        assert!(pause <= crate::retry::STORE_ERRORS.max);
+        let report = readiness.report();
+        assert!(!report.ready);
+        assert!(report.degraded["followups"].contains("database is locked"));
+
+        // A scheduler marks itself; a reload that drops its connection drops the mark.
+        readiness
+            .connection_worker("crm")
+            .degraded("sync run failed".into());
+        readiness.connection_worker("crm").recovered();
+        followups.succeeded();
+        assert!(readiness.report().ready);
+        readiness
+            .connection_worker("crm")
+            .degraded("sync run failed".into());
+        readiness.expect(["other".to_owned()]);
+        readiness.started("other");
+        let report = readiness.report();
+        assert!(report.ready, "{:?}", report.degraded);
+    }
+}

@@ -997,3 +997,51 @@ pub fn plan_enrollment(
         supersede,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    fn busy() -> StoreError {
+        StoreError::Sql(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY),
+            Some("database is locked".into()),
+        ))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_sends_outcome_is_written_again_while_the_store_is_busy() {
+        let calls = AtomicU32::new(0);
+        let written = record("a sent follow-up", || async {
+            match calls.fetch_add(1, Ordering::SeqCst) {
+                0..=2 => Err(busy()),
+                _ => Ok(true),
+            }
+        })
+        .await;
+        assert!(written.unwrap());
+        assert_eq!(calls.load(Ordering::SeqCst), 4);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn writing_an_outcome_gives_up_on_data_errors_at_once_and_on_busy_after_its_attempts() {
+        let calls = AtomicU32::new(0);
+        let corrupt = record("x", || async {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Err::<(), _>(StoreError::Corrupt("bad row".into()))
+        })
+        .await;
+        assert!(matches!(corrupt, Err(StoreError::Corrupt(_))));
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+
+        let calls = AtomicU32::new(0);
+        let busy = record("x", || async {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Err::<(), _>(busy())
+        })
+        .await;
+        assert!(busy.unwrap_err().is_transient());
+        assert_eq!(calls.load(Ordering::SeqCst), RECORD_RETRIES.max_attempts);
+    }
+}

@@ -466,6 +466,58 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn busy_and_io_failures_are_transient_and_data_problems_are_not() {
+        let sqlite = |code: i32| {
+            StoreError::Sql(rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(code),
+                None,
+            ))
+        };
+        for code in [
+            rusqlite::ffi::SQLITE_BUSY,
+            rusqlite::ffi::SQLITE_LOCKED,
+            rusqlite::ffi::SQLITE_IOERR,
+            rusqlite::ffi::SQLITE_FULL,
+            rusqlite::ffi::SQLITE_READONLY,
+        ] {
+            assert!(sqlite(code).is_transient(), "{code}");
+        }
+        for code in [
+            rusqlite::ffi::SQLITE_CONSTRAINT,
+            rusqlite::ffi::SQLITE_CORRUPT,
+            rusqlite::ffi::SQLITE_MISMATCH,
+        ] {
+            assert!(!sqlite(code).is_transient(), "{code}");
+        }
+        assert!(!StoreError::Corrupt("x".into()).is_transient());
+    }
+
+    #[test]
+    fn a_new_database_and_its_wal_and_shm_are_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let (dir, store) = temp_store();
+        let mode = |name: &str| {
+            std::fs::metadata(dir.path().join(name))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777
+        };
+        for name in [
+            "nested/dealsync.db",
+            "nested/dealsync.db-wal",
+            "nested/dealsync.db-shm",
+            "nested/dealsync.inbox.db",
+            "nested/dealsync.inbox.db-wal",
+            "nested/dealsync.inbox.db-shm",
+        ] {
+            assert_eq!(mode(name), 0o600, "{name}");
+        }
+        assert_eq!(mode("nested"), 0o700);
+        drop(store);
+    }
+
+    #[test]
     fn a_newer_schema_is_refused_and_the_file_is_not_modified() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("future.db");
