@@ -5,7 +5,8 @@
 //! (`vendor_http`), sync runs after a failure (`sync`), follow-up and digest emails
 //! after a transient SMTP failure (`followup`), webhook rows that could not be applied
 //! (`webhooks::worker`), and the long-running workers after a store error
-//! ([`STORE_ERRORS`]).
+//! ([`STORE_ERRORS`]). [`retry`] runs a write that must not be lost (what a sent email
+//! did, a rotated OAuth token) again while the store fails transiently.
 //!
 //! Invariants:
 //! - The ceiling of retry `n` (1 for the first retry) is `initial · 2^(n-1)`, never more
@@ -110,6 +111,34 @@ impl Backoff {
     pub fn delay_honouring(&self, retry: u32, hint: Option<Duration>, limit: Duration) -> Duration {
         let asked = hint.map_or(Duration::ZERO, |hint| hint.min(limit));
         asked.max(self.delay(retry))
+    }
+}
+
+/// Runs `attempt` until it succeeds, fails with an error `retryable` refuses, or the
+/// attempts of `backoff` are spent, waiting `backoff.delay(n)` before retry `n`; each
+/// retry is logged naming `what`. Returns the last result.
+pub async fn retry<T, E, F, Fut>(
+    backoff: Backoff,
+    what: &str,
+    retryable: impl Fn(&E) -> bool,
+    mut attempt: F,
+) -> Result<T, E>
+where
+    E: std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let mut made = 1;
+    loop {
+        match attempt().await {
+            Err(error) if retryable(&error) && backoff.may_retry(made) => {
+                let delay = backoff.delay(made);
+                tracing::warn!(%error, attempt = made, retry_in_ms = delay.as_millis() as u64, "{what} failed; trying again");
+                tokio::time::sleep(delay).await;
+                made += 1;
+            }
+            result => return result,
+        }
     }
 }
 
@@ -229,6 +258,36 @@ mod tests {
         assert!(bounded.may_retry(1) && bounded.may_retry(2));
         assert!(!bounded.may_retry(3) && !bounded.may_retry(4));
         assert!(STORE_ERRORS.may_retry(1_000_000));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retry_stops_at_success_at_a_refused_error_or_after_its_attempts() {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        let backoff = Backoff::equal(Duration::from_millis(10), Duration::from_secs(1)).attempts(4);
+        let calls = AtomicU32::new(0);
+        let run = |fail_until: u32, error: &'static str| {
+            calls.store(0, Ordering::SeqCst);
+            let calls = &calls;
+            retry(
+                backoff,
+                "a test write",
+                |e: &&str| *e == "busy",
+                move || async move {
+                    let call = calls.fetch_add(1, Ordering::SeqCst);
+                    if call < fail_until {
+                        Err(error)
+                    } else {
+                        Ok(call)
+                    }
+                },
+            )
+        };
+        assert_eq!(run(2, "busy").await, Ok(2));
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+        assert_eq!(run(10, "corrupt").await, Err("corrupt"));
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert_eq!(run(10, "busy").await, Err("busy"));
+        assert_eq!(calls.load(Ordering::SeqCst), 4);
     }
 
     #[test]

@@ -723,24 +723,18 @@ fn settle(
 /// error, disk full): the message has left, so its outcome must not be lost, else the
 /// row would stay `sending` and become `uncertain` at the next start. Bounded by
 /// [`RECORD_RETRIES`].
-async fn record<T, F, Fut>(what: &str, mut write: F) -> Result<T, StoreError>
+async fn record<T, F, Fut>(what: &str, write: F) -> Result<T, StoreError>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, StoreError>>,
 {
-    let mut attempts = 1;
-    loop {
-        match write().await {
-            Ok(value) => return Ok(value),
-            Err(error) if error.is_transient() && RECORD_RETRIES.may_retry(attempts) => {
-                let delay = RECORD_RETRIES.delay(attempts);
-                warn!(%error, attempts, retry_in_ms = delay.as_millis() as u64, "recording {what} failed; trying again");
-                tokio::time::sleep(delay).await;
-                attempts += 1;
-            }
-            Err(error) => return Err(error),
-        }
-    }
+    crate::retry::retry(
+        RECORD_RETRIES,
+        &format!("recording {what}"),
+        StoreError::is_transient,
+        write,
+    )
+    .await
 }
 
 /// Retries of a transient SMTP failure: doubling from `email.retry_initial` up to

@@ -38,6 +38,12 @@ use tracing::{error, info, warn};
 /// Refresh this long before the access token expires.
 const REFRESH_MARGIN: Duration = Duration::from_secs(120);
 
+/// Retries of storing a refreshed token while the store fails transiently: 500 ms
+/// doubling up to 10 s, 10 attempts (about a minute of waits, plus the store's busy
+/// timeout in each attempt).
+const SAVE_RETRIES: crate::retry::Backoff =
+    crate::retry::Backoff::equal(Duration::from_millis(500), Duration::from_secs(10)).attempts(10);
+
 /// The longest wait for another process's refresh (its token request times out after
 /// 30 s).
 const TOKEN_LOCK_WAIT: Duration = Duration::from_secs(60);
@@ -465,16 +471,25 @@ impl OAuthSession {
         let (access, refresh, expires_at, extra) = token_parts(response);
         // No refresh token in the answer: the one just used stays valid (Salesforce).
         let refresh = refresh.or_else(|| Some(used_refresh_token.to_owned()));
-        store
-            .save_oauth_token(
-                cx.connection.as_str(),
-                &access,
-                refresh.as_deref(),
-                expires_at,
-                extra.clone(),
-            )
-            .await
-            .map_err(|e| ConnectorError::Other(e.to_string()))?;
+        // The vendor may have retired the refresh token just used: its successor must
+        // reach the store, so a busy or failing store is tried again (still under the
+        // token lock) rather than dropping it.
+        crate::retry::retry(
+            SAVE_RETRIES,
+            "storing a refreshed OAuth token",
+            crate::store::StoreError::is_transient,
+            || {
+                store.save_oauth_token(
+                    cx.connection.as_str(),
+                    &access,
+                    refresh.as_deref(),
+                    expires_at,
+                    extra.clone(),
+                )
+            },
+        )
+        .await
+        .map_err(|e| ConnectorError::Other(e.to_string()))?;
         let stored_extra = store
             .oauth_token(cx.connection.as_str())
             .await
