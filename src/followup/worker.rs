@@ -168,6 +168,8 @@ impl Worker {
                     health.succeeded();
                     continue;
                 }
+                // Stopped (a reload or shutdown) mid-pass: the mark is the successor's.
+                Err(_) if shutdown.is_cancelled() => break,
                 Err(error) => (tokio::time::Instant::now() + health.failed(&error), true),
             };
             tokio::select! {

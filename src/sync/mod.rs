@@ -631,9 +631,15 @@ pub async fn run_connection(
             _ = tokio::time::sleep(delay) => {}
         }
         let outcome = run_once(&runtime, &deps, false, &shutdown, &|_| {}).await;
-        match &outcome {
-            Err(SyncError::Store(error)) => health.degraded(format!("sync run failed: {error}")),
-            _ => health.recovered(),
+        // A task stopped by a reload leaves the mark to its successor (or to nobody,
+        // when the connection is gone).
+        if !shutdown.is_cancelled() {
+            match &outcome {
+                Err(SyncError::Store(error)) => {
+                    health.degraded(format!("sync run failed: {error}"))
+                }
+                _ => health.recovered(),
+            }
         }
         match outcome {
             Ok(summary) => {
