@@ -264,6 +264,7 @@ after = "1s"
         config,
         Arc::new(dealsync::telemetry::Metrics::new()),
         shutdown.clone(),
+        Arc::new(dealsync::app::Readiness::default()).worker(dealsync::followup::worker::NAME),
     ));
     loop {
         let sent = store

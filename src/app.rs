@@ -6,6 +6,7 @@
 //! configured deadline. `main` and the tests share this one path.
 
 use crate::config::{self, Config, ConfigError};
+use crate::lock::{LockError, LockFile};
 use crate::shutdown;
 use crate::store::{Store, StoreError};
 use crate::sync::{self, ConnectionRuntime, SyncDeps};
@@ -13,6 +14,7 @@ use crate::telemetry::{Metrics, RunLabels};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -31,6 +33,19 @@ pub enum StartupError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    /// Another daemon holds the database's lock file.
+    #[error(
+        "another dealsync daemon{} is running on database {db}: it holds the lock file {lock}; \
+         stop it first, or give this daemon its own storage.path",
+        holder.map(|pid| format!(" (pid {pid})")).unwrap_or_default()
+    )]
+    AlreadyRunning {
+        db: PathBuf,
+        lock: PathBuf,
+        holder: Option<u32>,
+    },
+    #[error("taking the daemon lock: {0}")]
+    Lock(crate::lock::LockError),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +63,10 @@ pub struct ReadinessReport {
     pub connections: BTreeMap<String, String>,
     /// connection → what needs attention (it does not make the daemon unready).
     pub attention: BTreeMap<String, String>,
+    /// worker → why it is degraded: its last pass failed and it is backing off before
+    /// the next (`followups`, `webhooks`, `cart_sweeper`, `connection:NAME`). Makes the
+    /// daemon unready until the worker's next pass works.
+    pub degraded: BTreeMap<String, String>,
 }
 
 /// Readiness, shared by the tasks that make it true.
@@ -62,6 +81,7 @@ struct ReadinessInner {
     migrated: bool,
     connections: BTreeMap<String, bool>,
     attention: BTreeMap<String, String>,
+    degraded: BTreeMap<String, String>,
 }
 
 impl Readiness {
@@ -77,6 +97,11 @@ impl Readiness {
             inner.connections = names.into_iter().map(|name| (name, false)).collect();
             let keep: Vec<String> = inner.connections.keys().cloned().collect();
             inner.attention.retain(|name, _| keep.contains(name));
+            inner.degraded.retain(|worker, _| {
+                worker
+                    .strip_prefix(CONNECTION_WORKER)
+                    .is_none_or(|name| keep.iter().any(|kept| kept == name))
+            });
         }
     }
 
@@ -96,6 +121,31 @@ impl Readiness {
         }
     }
 
+    /// Marks a worker as degraded with the reason, or (with `None`) as working again.
+    pub fn degraded(&self, worker: &str, reason: Option<String>) {
+        if let Ok(mut inner) = self.inner.lock() {
+            match reason {
+                Some(reason) => inner.degraded.insert(worker.to_owned(), reason),
+                None => inner.degraded.remove(worker),
+            };
+        }
+    }
+
+    /// The health handle of the worker `name`.
+    pub fn worker(self: &Arc<Self>, name: impl Into<String>) -> WorkerHealth {
+        WorkerHealth {
+            readiness: self.clone(),
+            name: name.into(),
+            failures: 0,
+            backoff: crate::retry::STORE_ERRORS,
+        }
+    }
+
+    /// The health handle of connection `name`'s scheduler.
+    pub fn connection_worker(self: &Arc<Self>, name: &str) -> WorkerHealth {
+        self.worker(format!("{CONNECTION_WORKER}{name}"))
+    }
+
     pub fn report(&self) -> ReadinessReport {
         let Ok(inner) = self.inner.lock() else {
             return ReadinessReport {
@@ -103,10 +153,13 @@ impl Readiness {
                 migrated: false,
                 connections: BTreeMap::new(),
                 attention: BTreeMap::new(),
+                degraded: BTreeMap::new(),
             };
         };
         ReadinessReport {
-            ready: inner.migrated && inner.connections.values().all(|started| *started),
+            ready: inner.migrated
+                && inner.connections.values().all(|started| *started)
+                && inner.degraded.is_empty(),
             migrated: inner.migrated,
             connections: inner
                 .connections
@@ -117,7 +170,65 @@ impl Readiness {
                 })
                 .collect(),
             attention: inner.attention.clone(),
+            degraded: inner.degraded.clone(),
         }
+    }
+}
+
+/// The prefix of a connection scheduler's name among the workers.
+const CONNECTION_WORKER: &str = "connection:";
+
+/// A long-running worker's standing in `/readyz`, and its backoff after failed passes.
+///
+/// A pass that fails (the store is busy, an I/O error, a full disk) marks the worker
+/// degraded with the error, logs it, and returns how long to wait before the next pass
+/// ([`crate::retry::STORE_ERRORS`]: growing with the failures in a row, capped). The
+/// next pass that works clears the mark. Workers never end on such an error.
+pub struct WorkerHealth {
+    readiness: Arc<Readiness>,
+    name: String,
+    failures: u32,
+    backoff: crate::retry::Backoff,
+}
+
+impl WorkerHealth {
+    /// Records a failed pass; returns the pause before the next one.
+    pub fn failed(&mut self, error: &dyn std::fmt::Display) -> std::time::Duration {
+        self.failures = self.failures.saturating_add(1);
+        let delay = self.backoff.delay(self.failures);
+        warn!(
+            worker = %self.name,
+            %error,
+            failures = self.failures,
+            retry_in_ms = delay.as_millis() as u64,
+            "worker pass failed; backing off, then trying again"
+        );
+        self.degraded(format!(
+            "{error} ({} failure(s) in a row; next try in {:.1} s)",
+            self.failures,
+            delay.as_secs_f64()
+        ));
+        delay
+    }
+
+    /// Records a pass that worked: clears the degraded mark.
+    pub fn succeeded(&mut self) {
+        if self.failures > 0 {
+            info!(worker = %self.name, failures = self.failures, "worker recovered");
+            self.failures = 0;
+            self.recovered();
+        }
+    }
+
+    /// Marks the worker degraded without counting a failure (a scheduler that keeps
+    /// its own backoff).
+    pub fn degraded(&self, reason: String) {
+        self.readiness.degraded(&self.name, Some(reason));
+    }
+
+    /// Clears the degraded mark.
+    pub fn recovered(&self) {
+        self.readiness.degraded(&self.name, None);
     }
 }
 
@@ -167,6 +278,8 @@ impl AppState {
 }
 
 pub struct App {
+    /// `<database>.lock`, held for as long as the app lives: one daemon per database.
+    _lock: LockFile,
     listener: TcpListener,
     /// `server.metrics_listen`, when set: `/metrics` alone.
     metrics_listener: Option<TcpListener>,
@@ -176,8 +289,13 @@ pub struct App {
 }
 
 impl App {
-    /// Binds the HTTP listener and migrates the store; starts no task yet.
+    /// Takes the database's daemon lock, binds the HTTP listener and migrates the
+    /// store; starts no task yet. Fails with [`StartupError::AlreadyRunning`] at once,
+    /// before touching the store, when another daemon runs on the same database.
     pub async fn build(config: Config) -> Result<App, StartupError> {
+        // First of all: a second daemon must not even mark the first one's sends in
+        // flight as interrupted (below).
+        let lock = lock_database(&config.storage.path)?;
         let runtimes = ConnectionRuntime::build_all(&config)?;
         let path = config.storage.path.clone();
         let store = tokio::task::spawn_blocking(move || Store::open(&path))
@@ -222,6 +340,7 @@ impl App {
         readiness.expect(runtimes.iter().map(|r| r.name().to_owned()));
         let (reload_tx, reload_rx) = mpsc::channel(1);
         Ok(App {
+            _lock: lock,
             listener,
             metrics_listener,
             state: Arc::new(AppState {
@@ -377,6 +496,20 @@ fn warn_about_access(server: &config::ServerConfig) {
     }
 }
 
+/// Takes `<database>.lock` for this daemon.
+fn lock_database(db: &std::path::Path) -> Result<LockFile, StartupError> {
+    let path = crate::lock::daemon_lock_path(db);
+    match LockFile::try_lock(&path) {
+        Ok(lock) => Ok(lock),
+        Err(LockError::Held { path, holder }) => Err(StartupError::AlreadyRunning {
+            db: db.to_owned(),
+            lock: path,
+            holder,
+        }),
+        Err(other) => Err(StartupError::Lock(other)),
+    }
+}
+
 fn start_connections(state: &Arc<AppState>, tasks: &TaskTracker, token: &CancellationToken) {
     for runtime in state.connections().iter() {
         let (runtime, deps, token) = (runtime.clone(), state.sync_deps(), token.child_token());
@@ -386,8 +519,9 @@ fn start_connections(state: &Arc<AppState>, tasks: &TaskTracker, token: &Cancell
             connection = %runtime.name(),
             connector = %runtime.connector.kind()
         );
+        let health = state.readiness.connection_worker(runtime.name());
         tasks.spawn(tracing::Instrument::instrument(
-            sync::run_connection(runtime, deps, token),
+            sync::run_connection(runtime, deps, token, health),
             span,
         ));
     }
@@ -397,6 +531,7 @@ fn start_connections(state: &Arc<AppState>, tasks: &TaskTracker, token: &Cancell
         state.config(),
         state.metrics.clone(),
         token.child_token(),
+        state.readiness.worker(crate::followup::worker::NAME),
     ));
 }
 
@@ -495,4 +630,40 @@ async fn reload(
     info!("config reloaded");
     outcome("applied");
     Some(new_token)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_degraded_worker_makes_readyz_unready_until_its_next_good_pass() {
+        let readiness = Arc::new(Readiness::default());
+        readiness.set_migrated();
+        readiness.expect(["crm".to_owned()]);
+        readiness.started("crm");
+        assert!(readiness.report().ready);
+
+        let mut followups = readiness.worker("followups");
+        let pause = followups.failed(&"database error: database is locked");
+        assert!(pause <= crate::retry::STORE_ERRORS.max);
+        let report = readiness.report();
+        assert!(!report.ready);
+        assert!(report.degraded["followups"].contains("database is locked"));
+
+        // A scheduler marks itself; a reload that drops its connection drops the mark.
+        readiness
+            .connection_worker("crm")
+            .degraded("sync run failed".into());
+        readiness.connection_worker("crm").recovered();
+        followups.succeeded();
+        assert!(readiness.report().ready);
+        readiness
+            .connection_worker("crm")
+            .degraded("sync run failed".into());
+        readiness.expect(["other".to_owned()]);
+        readiness.started("other");
+        let report = readiness.report();
+        assert!(report.ready, "{:?}", report.degraded);
+    }
 }

@@ -199,16 +199,22 @@ pub enum CliError {
     Config(#[from] ConfigError),
     #[error("{0}")]
     Usage(String),
+    /// `run` found another daemon on the same database.
+    #[error("{0}")]
+    AlreadyRunning(String),
     #[error(transparent)]
     Other(#[from] anyhow::Error),
 }
 
 impl CliError {
-    /// 78 (EX_CONFIG) for configuration errors, 2 for usage, 1 for anything else.
+    /// 78 (EX_CONFIG) for configuration errors, 2 for usage, 75 (EX_TEMPFAIL: try again
+    /// once the other one stopped) when another daemon runs on the same database, 1 for
+    /// anything else.
     pub fn exit_code(&self) -> i32 {
         match self {
             CliError::Config(_) => 78,
             CliError::Usage(_) => 2,
+            CliError::AlreadyRunning(_) => 75,
             CliError::Other(_) => 1,
         }
     }
@@ -218,6 +224,9 @@ impl From<crate::app::StartupError> for CliError {
     fn from(error: crate::app::StartupError) -> Self {
         match error {
             crate::app::StartupError::Config(error) => CliError::Config(error),
+            running @ crate::app::StartupError::AlreadyRunning { .. } => {
+                CliError::AlreadyRunning(running.to_string())
+            }
             other => CliError::Other(other.into()),
         }
     }

@@ -1,5 +1,6 @@
 //! The `dealsync` binary: parse the command line, start tracing, run the command, map
-//! its error to an exit code (0 ok, 2 usage, 78 config, 1 anything else).
+//! its error to an exit code (0 ok, 2 usage, 78 config, 75 another daemon runs on the
+//! same database, 1 anything else).
 
 use clap::Parser;
 use dealsync::cli::{self, Cli};

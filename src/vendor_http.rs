@@ -30,6 +30,7 @@
 use crate::connectors::manifest::schema::{BudgetReset, ResponseMatch};
 use crate::connectors::{ConnectorError, SyncContext};
 use crate::domain::ConnectionName;
+use crate::retry::Backoff;
 use crate::telemetry::ConnectionLabels;
 use chrono::{DateTime, Utc};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
@@ -37,7 +38,6 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use rand::Rng;
 use reqwest::header::HeaderMap;
 use std::collections::{HashMap, VecDeque};
 use std::num::NonZeroU32;
@@ -55,8 +55,8 @@ pub const DEFAULT_MAX_RESPONSE_BYTES: u64 = 64 * 1024 * 1024;
 pub const MAX_REDIRECTS: usize = 5;
 /// The longest `Retry-After` waited for inside one call; longer ones end the call.
 const MAX_INLINE_WAIT: Duration = Duration::from_secs(120);
-const BACKOFF_BASE: Duration = Duration::from_millis(250);
-const BACKOFF_CAP: Duration = Duration::from_secs(30);
+/// Retries of a request: full jitter below 500 ms doubling up to 30 s (`crate::retry`).
+const BACKOFF: Backoff = Backoff::full(Duration::from_millis(500), Duration::from_secs(30));
 
 /// Labels of the per-status request counter.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -651,7 +651,7 @@ impl VendorClient {
                     if attempt >= MAX_ATTEMPTS {
                         return Err(self.transient(reason, None));
                     }
-                    let delay = backoff(attempt);
+                    let delay = BACKOFF.delay(attempt);
                     warn!(connection, attempt, retry_in_ms = delay.as_millis() as u64, %reason, "vendor request failed, retrying");
                     delay
                 }
@@ -693,9 +693,7 @@ impl VendorClient {
                                 hinted,
                             ));
                         }
-                        let delay = hinted
-                            .unwrap_or_else(|| backoff(attempt))
-                            .min(MAX_INLINE_WAIT);
+                        let delay = BACKOFF.delay_honouring(attempt, hinted, MAX_INLINE_WAIT);
                         warn!(
                             connection,
                             attempt,
@@ -934,14 +932,6 @@ impl VendorClient {
     }
 }
 
-/// Exponential backoff with full jitter: uniform in [0, min(cap, base·2^attempt)].
-pub fn backoff(attempt: u32) -> Duration {
-    let ceiling = BACKOFF_BASE
-        .saturating_mul(1u32 << attempt.min(16))
-        .min(BACKOFF_CAP);
-    ceiling.mul_f64(rand::rng().random_range(0.0..=1.0))
-}
-
 fn header_u64(headers: &HeaderMap, name: &str) -> Option<u64> {
     headers
         .get(name)?
@@ -996,17 +986,6 @@ pub fn parse_usage(text: &str, key: &str) -> Option<(u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_stays_under_its_growing_ceiling_and_the_cap() {
-        for attempt in 1..20 {
-            let delay = backoff(attempt);
-            let ceiling = BACKOFF_BASE
-                .saturating_mul(1u32 << attempt.min(16))
-                .min(BACKOFF_CAP);
-            assert!(delay <= ceiling, "{attempt}: {delay:?}");
-        }
-    }
 
     #[test]
     fn a_vendor_that_reports_only_what_is_left_is_held_to_a_share_of_the_most_seen() {

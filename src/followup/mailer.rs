@@ -313,13 +313,15 @@ fn is_network(error: &lettre::transport::smtp::Error) -> bool {
 
 /// Writes `<dir>/<key>.eml` without ever replacing an existing file: the message is
 /// written to a temporary name and then hard-linked into place, which fails when the
-/// name exists (a row written before a crash counts as delivered).
+/// name exists (a row written before a crash counts as delivered). The directory is
+/// created 0700 and each message 0600, whatever the umask (`crate::files`).
 async fn write_eml(dir: PathBuf, key: String, bytes: Vec<u8>) -> Result<(), MailError> {
     tokio::task::spawn_blocking(move || {
+        use std::io::Write;
         let io = |what: &str, error: std::io::Error| {
             MailError::Transient(format!("{what} in {}: {error}", dir.display()))
         };
-        std::fs::create_dir_all(&dir).map_err(|e| io("creating the outbox directory", e))?;
+        crate::files::create_dir_all(&dir).map_err(|e| io("creating the outbox directory", e))?;
         let safe: String = key
             .chars()
             .map(|c| {
@@ -332,7 +334,11 @@ async fn write_eml(dir: PathBuf, key: String, bytes: Vec<u8>) -> Result<(), Mail
             .collect();
         let target = dir.join(format!("{safe}.eml"));
         let temporary = dir.join(format!(".{safe}.{}.tmp", std::process::id()));
-        std::fs::write(&temporary, &bytes).map_err(|e| io("writing a message", e))?;
+        // A temporary file left by a crash is replaced, not appended to.
+        let _ = std::fs::remove_file(&temporary);
+        crate::files::create_new(&temporary)
+            .and_then(|mut file| file.write_all(&bytes))
+            .map_err(|e| io("writing a message", e))?;
         let linked = std::fs::hard_link(&temporary, &target);
         let _ = std::fs::remove_file(&temporary);
         match linked {

@@ -1,5 +1,5 @@
-//! Sending policy as pure functions: quiet hours, retry backoff, the send-time
-//! decision. No IO; the worker feeds them facts read in the claim transaction.
+//! Sending policy as pure functions: quiet hours, the send-time decision. No IO; the
+//! worker feeds them facts read in the claim transaction.
 
 use super::rules::{Recipient, Rule, RuleKind};
 use crate::domain::{DealStatus, StageRef};
@@ -60,15 +60,6 @@ impl QuietHours {
             })
             .map(|end| end.with_timezone(&Utc))
     }
-}
-
-/// Delay before retry number `attempt` (1-based): doubling from `initial` up to `max`,
-/// with jitter in [50 %, 100 %] so a fleet of retries does not stampede.
-pub fn backoff(attempt: u32, initial: Duration, max: Duration) -> Duration {
-    let exponent = attempt.saturating_sub(1).min(20);
-    let full = initial.saturating_mul(1u32 << exponent).min(max);
-    let jitter: f64 = 0.5 + rand::random::<f64>() * 0.5;
-    full.mul_f64(jitter)
 }
 
 /// What the sender needs to decide about one row, besides the store's facts.
@@ -257,16 +248,5 @@ mod tests {
         let berlin: Tz = "Europe/Berlin".parse().unwrap();
         assert!(quiet.ends_after(at, berlin).is_some());
         assert!(quiet.ends_after(at, chrono_tz::America::New_York).is_none());
-    }
-
-    #[test]
-    fn backoff_doubles_within_bounds() {
-        let initial = Duration::from_secs(10);
-        let max = Duration::from_secs(60);
-        for attempt in 1..30 {
-            let delay = backoff(attempt, initial, max);
-            let full = (initial * (1 << (attempt - 1).min(10))).min(max);
-            assert!(delay >= full / 2 && delay <= full, "{attempt}: {delay:?}");
-        }
     }
 }

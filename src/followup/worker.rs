@@ -20,8 +20,10 @@ use super::policy::{self, CAP_WINDOW, Policy};
 use super::rules::{Recipient, Rule, RuleKind};
 use super::templates::{EmailContext, Templates};
 use super::unsubscribe;
+use crate::app::WorkerHealth;
 use crate::config::Config;
 use crate::domain::{Deal, StageRef};
+use crate::retry::Backoff;
 use crate::store::{
     AssembleOutcome, ClaimDecision, ClaimQuery, DigestClaim, DigestFinish, DigestWatch,
     EarlierEnrollment, EnrollPlan, NewOutboxRow, OutboxAction, OutboxRow, OutboxState, Store,
@@ -61,27 +63,50 @@ impl std::fmt::Debug for Worker {
     }
 }
 
-/// Runs the worker until `shutdown`; logs and returns if it cannot start.
+/// The follow-up worker's name in `/readyz` (it sends the daily digests too).
+pub const NAME: &str = "followups";
+
+/// Retries of writing what a send did (sent, retry, failed, uncertain) while the store
+/// fails: 500 ms doubling up to 30 s, 12 attempts in all (a few minutes).
+const RECORD_RETRIES: Backoff =
+    Backoff::equal(Duration::from_millis(500), Duration::from_secs(30)).attempts(12);
+
+/// Runs the worker until `shutdown`. A pass the store fails marks the worker degraded
+/// in `/readyz` (`health`) and is tried again after a backoff; the worker never stops
+/// on it. One that cannot start (its mailer) is marked degraded with the reason.
 pub async fn run(
     store: Store,
     config: Arc<Config>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
+    health: WorkerHealth,
 ) {
     if config.followups.is_empty() && config.digests.is_empty() {
         debug!("no follow-up rules configured; the follow-up worker is idle");
+        health.recovered();
         return;
     }
     let worker = match Worker::new(store, config, metrics) {
         Ok(worker) => Arc::new(worker),
         Err(error) => {
             error!(%error, "the follow-up worker cannot start");
+            health.degraded(format!("cannot start: {error}"));
             return;
         }
     };
-    if let Err(error) = worker.clone().run_loop(shutdown).await {
-        error!(%error, "the follow-up worker stopped");
-    }
+    worker.run_loop(shutdown, health).await;
+}
+
+/// Where the worker stands between passes.
+struct Progress {
+    /// The last stage-history id enrolled from; `None` until read at start.
+    feed: Option<i64>,
+    /// Whether the start-up enrollment from the stage index is done.
+    indexed: bool,
+    next_enroll: tokio::time::Instant,
+    /// The local day each digest rule was last assembled for, in this process; the
+    /// store's `digest_runs` is what makes assembling once per day hold across restarts.
+    assembled: HashMap<String, chrono::NaiveDate>,
 }
 
 impl Worker {
@@ -113,7 +138,7 @@ impl Worker {
         })
     }
 
-    async fn run_loop(self: Arc<Self>, shutdown: CancellationToken) -> Result<(), StoreError> {
+    async fn run_loop(self: Arc<Self>, shutdown: CancellationToken, mut health: WorkerHealth) {
         let email = &self.config.email;
         info!(
             rules = self.rules.len(),
@@ -121,94 +146,149 @@ impl Worker {
             dry_run = email.dry_run,
             "follow-up worker started"
         );
-        // Read the feed position first, then enroll from the index: an entry in
-        // between is seen twice, and enrolling is idempotent.
         let mut changes = self.store.stage_changes();
-        let mut feed = self.store.last_history_id().await?;
-        self.enroll_from_index().await?;
-        let mut next_enroll = tokio::time::Instant::now() + email.enroll_interval;
+        let mut progress = Progress {
+            feed: None,
+            indexed: false,
+            next_enroll: tokio::time::Instant::now() + email.enroll_interval,
+            assembled: HashMap::new(),
+        };
         let limit = Arc::new(Semaphore::new(email.pool_size as usize));
-        let mut sends = JoinSet::new();
-        // The local day each digest rule was last assembled for, in this process; the
-        // store's `digest_runs` is what makes assembling once per day hold across restarts.
-        let mut assembled: HashMap<String, chrono::NaiveDate> = HashMap::new();
         loop {
             if shutdown.is_cancelled() {
                 break;
             }
-            if tokio::time::Instant::now() >= next_enroll {
-                feed = self.enroll_from_feed(feed).await?;
-                next_enroll = tokio::time::Instant::now() + email.enroll_interval;
-            }
-            self.assemble_digests(&mut assembled).await?;
-            for (id, rule) in self.store.digests_due(Utc::now(), BATCH).await? {
-                let permit = tokio::select! {
-                    permit = limit.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
-                    _ = shutdown.cancelled() => break,
-                };
-                let worker = self.clone();
-                sends.spawn(async move {
-                    if let Err(error) = worker.process_digest(id, &rule).await {
-                        warn!(rule = %rule, digest_id = id, %error, "digest not processed; it stays due");
-                    }
-                    drop(permit);
-                });
-            }
-            let due = self.store.outbox_due(Utc::now(), BATCH).await?;
-            let full = due.len() as u32 == BATCH;
-            for (id, rule) in due {
-                let permit = tokio::select! {
-                    permit = limit.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
-                    _ = shutdown.cancelled() => break,
-                };
-                let worker = self.clone();
-                sends.spawn(async move {
-                    if let Err(error) = worker.process(id, &rule).await {
-                        warn!(rule = %rule, outbox_id = id, %error, "follow-up not processed; it stays due");
-                    }
-                    drop(permit);
-                });
-                // Reap finished sends so the set stays small.
-                while sends.try_join_next().is_some() {}
-            }
-            // Claimed rows must settle before the due query runs again.
-            while sends.join_next().await.is_some() {}
-            if full {
-                continue;
-            }
-            let now = Utc::now();
-            let next_due = [
-                self.store.outbox_next_due().await?,
-                self.store.digest_next_due().await?,
-            ]
-            .into_iter()
-            .chain(self.digests.values().map(|rule| Some(rule.next_slot(now))))
-            .flatten()
-            .min();
-            let wake = match next_due {
-                Some(at) => {
-                    let wait = (at - Utc::now()).to_std().unwrap_or(Duration::ZERO);
-                    (tokio::time::Instant::now() + wait).min(next_enroll)
+            let (wake, failed) = match self.pass(&mut progress, &limit, &shutdown).await {
+                Ok(Some(wake)) => {
+                    health.succeeded();
+                    (wake, false)
                 }
-                None => next_enroll,
+                // A full batch was due: the next one at once.
+                Ok(None) => {
+                    health.succeeded();
+                    continue;
+                }
+                // Stopped (a reload or shutdown) mid-pass: the mark is the successor's.
+                Err(_) if shutdown.is_cancelled() => break,
+                Err(error) => (tokio::time::Instant::now() + health.failed(&error), true),
             };
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = tokio::time::sleep_until(wake) => {}
                 // New work: a stage change committed through this store may enroll a
                 // deal whose first step is due now. `enroll_interval` stays the
-                // fallback for changes written by another process.
-                changed = changes.changed() => {
+                // fallback for changes written by another process. After a failed
+                // pass only the backoff ends the pause.
+                changed = changes.changed(), if !failed => {
                     if changed.is_ok() {
                         changes.borrow_and_update();
-                        next_enroll = tokio::time::Instant::now();
+                        progress.next_enroll = tokio::time::Instant::now();
                     }
                 }
             }
         }
-        while sends.join_next().await.is_some() {}
         info!("follow-up worker stopped");
-        Ok(())
+    }
+
+    /// One pass: the start-up enrollment while not done, enrollment from the history
+    /// feed when due, digests, then every due row (claimed, sent and settled before the
+    /// pass ends). Returns when to wake for the next pass, `None` for at once. A store
+    /// error ends the pass after the sends in flight have settled; what was done stays
+    /// done, and the next pass goes on from there.
+    async fn pass(
+        self: &Arc<Self>,
+        progress: &mut Progress,
+        limit: &Arc<Semaphore>,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<tokio::time::Instant>, StoreError> {
+        let email = &self.config.email;
+        // Read the feed position first, then enroll from the index: an entry in
+        // between is seen twice, and enrolling is idempotent.
+        let feed = match &mut progress.feed {
+            Some(feed) => feed,
+            None => progress.feed.insert(self.store.last_history_id().await?),
+        };
+        if !progress.indexed {
+            self.enroll_from_index().await?;
+            progress.indexed = true;
+        }
+        if tokio::time::Instant::now() >= progress.next_enroll {
+            self.enroll_from_feed(feed).await?;
+            progress.next_enroll = tokio::time::Instant::now() + email.enroll_interval;
+        }
+        self.assemble_digests(&mut progress.assembled).await?;
+        let digests = self.store.digests_due(Utc::now(), BATCH).await?;
+        // From here sends may be in flight: an error is kept until they have settled.
+        let mut sends: JoinSet<Result<(), StoreError>> = JoinSet::new();
+        let mut failure: Option<StoreError> = None;
+        for (id, rule) in digests {
+            let permit = tokio::select! {
+                permit = limit.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+                _ = shutdown.cancelled() => break,
+            };
+            let worker = self.clone();
+            sends.spawn(async move {
+                let result = worker.process_digest(id, &rule).await;
+                if let Err(error) = &result {
+                    warn!(rule = %rule, digest_id = id, %error, "digest not processed; it stays due");
+                }
+                drop(permit);
+                result
+            });
+        }
+        let due = match self.store.outbox_due(Utc::now(), BATCH).await {
+            Ok(due) => due,
+            Err(error) => {
+                failure.get_or_insert(error);
+                Vec::new()
+            }
+        };
+        let full = due.len() as u32 == BATCH;
+        for (id, rule) in due {
+            let permit = tokio::select! {
+                permit = limit.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+                _ = shutdown.cancelled() => break,
+            };
+            let worker = self.clone();
+            sends.spawn(async move {
+                let result = worker.process(id, &rule).await;
+                if let Err(error) = &result {
+                    warn!(rule = %rule, outbox_id = id, %error, "follow-up not processed; it stays due");
+                }
+                drop(permit);
+                result
+            });
+            // Reap finished sends so the set stays small.
+            while let Some(joined) = sends.try_join_next() {
+                settle(joined, &mut failure);
+            }
+        }
+        // Claimed rows must settle before the due query runs again.
+        while let Some(joined) = sends.join_next().await {
+            settle(joined, &mut failure);
+        }
+        if let Some(error) = failure {
+            return Err(error);
+        }
+        if full {
+            return Ok(None);
+        }
+        let now = Utc::now();
+        let next_due = [
+            self.store.outbox_next_due().await?,
+            self.store.digest_next_due().await?,
+        ]
+        .into_iter()
+        .chain(self.digests.values().map(|rule| Some(rule.next_slot(now))))
+        .flatten()
+        .min();
+        Ok(Some(match next_due {
+            Some(at) => {
+                let wait = (at - Utc::now()).to_std().unwrap_or(Duration::ZERO);
+                (tokio::time::Instant::now() + wait).min(progress.next_enroll)
+            }
+            None => progress.next_enroll,
+        }))
     }
 
     /// Enrolls deals that entered a trigger stage recently enough that some step can
@@ -229,10 +309,11 @@ impl Worker {
         Ok(())
     }
 
-    /// Follows the stage history after `after`; returns the new position.
-    async fn enroll_from_feed(&self, mut after: i64) -> Result<i64, StoreError> {
+    /// Follows the stage history after `after`, moving it past each entry enrolled (so
+    /// a pass that fails half-way goes on from there).
+    async fn enroll_from_feed(&self, after: &mut i64) -> Result<(), StoreError> {
         loop {
-            let entries = self.store.stage_entries_after(after, FEED_PAGE).await?;
+            let entries = self.store.stage_entries_after(*after, FEED_PAGE).await?;
             let last_page = (entries.len() as u32) < FEED_PAGE;
             for entry in entries {
                 for rule in self.rules.values() {
@@ -240,10 +321,10 @@ impl Worker {
                         self.enroll(rule.clone(), entry.deal_id).await?;
                     }
                 }
-                after = entry.history_id;
+                *after = entry.history_id;
             }
             if last_page {
-                return Ok(after);
+                return Ok(());
             }
         }
     }
@@ -383,9 +464,16 @@ impl Worker {
         match self.mailer.send(message, &key).await {
             Ok(()) => {
                 let move_to = rule.steps.get(step).and_then(|s| s.move_to.clone());
-                self.store
-                    .mark_sent(row.id, message_id, Utc::now(), move_to, rule.active.clone())
-                    .await?;
+                record("a sent follow-up", || {
+                    self.store.mark_sent(
+                        row.id,
+                        message_id.clone(),
+                        Utc::now(),
+                        move_to.clone(),
+                        rule.active.clone(),
+                    )
+                })
+                .await?;
                 info!(rule = %rule.name, deal_id = deal.id, step = step + 1, "follow-up sent");
                 self.count(&rule.name, "sent");
                 Ok(())
@@ -394,21 +482,24 @@ impl Worker {
                 if (row.attempts as u32) < self.config.email.max_attempts =>
             {
                 let email = &self.config.email;
-                let delay =
-                    policy::backoff(row.attempts as u32, email.retry_initial, email.retry_max);
+                let delay = email_backoff(email).delay(row.attempts as u32);
                 let at = Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default();
                 warn!(rule = %rule.name, deal_id = deal.id, attempt = row.attempts, retry_in_ms = delay.as_millis() as u64, %reason, "follow-up delivery failed, retrying");
                 self.count(&rule.name, "retried");
-                self.store
-                    .mark_retry(row.id, at, format!("retrying: {reason}"), Utc::now())
-                    .await
+                record("a follow-up retry", || {
+                    self.store
+                        .mark_retry(row.id, at, format!("retrying: {reason}"), Utc::now())
+                })
+                .await
             }
             Err(MailError::Unknown(reason)) => {
                 warn!(rule = %rule.name, deal_id = deal.id, %reason, "follow-up outcome unknown; marked uncertain, not resent");
                 self.count(&rule.name, "uncertain");
-                self.store
-                    .mark_uncertain(row.id, unknown_outcome_reason(&reason), Utc::now())
-                    .await
+                record("an uncertain follow-up", || {
+                    self.store
+                        .mark_uncertain(row.id, unknown_outcome_reason(&reason), Utc::now())
+                })
+                .await
             }
             Err(MailError::Permanent {
                 reason,
@@ -417,16 +508,20 @@ impl Worker {
                 warn!(rule = %rule.name, deal_id = deal.id, hard_bounce, %reason, "follow-up refused by the server");
                 self.count(&rule.name, "failed");
                 let suppress = hard_bounce.then(|| row.recipient.clone());
-                self.store
-                    .mark_failed(row.id, reason, suppress, Utc::now())
-                    .await
+                record("a refused follow-up", || {
+                    self.store
+                        .mark_failed(row.id, reason.clone(), suppress.clone(), Utc::now())
+                })
+                .await
             }
             Err(error) => {
                 let reason = format!("gave up after {} attempts: {error}", row.attempts);
                 warn!(rule = %rule.name, deal_id = deal.id, %reason, "follow-up failed");
-                self.store
-                    .mark_failed(row.id, reason, None, Utc::now())
-                    .await
+                record("a failed follow-up", || {
+                    self.store
+                        .mark_failed(row.id, reason.clone(), None, Utc::now())
+                })
+                .await
             }
         }
     }
@@ -561,8 +656,7 @@ impl Worker {
                 if (row.attempts as u32) < self.config.email.max_attempts =>
             {
                 let email = &self.config.email;
-                let delay =
-                    policy::backoff(row.attempts as u32, email.retry_initial, email.retry_max);
+                let delay = email_backoff(email).delay(row.attempts as u32);
                 self.count(&rule.name, "retried");
                 warn!(rule = %rule.name, digest_id = id, attempt = row.attempts, retry_in_ms = delay.as_millis() as u64, %reason, "digest delivery failed, retrying");
                 DigestFinish::Retry {
@@ -596,7 +690,10 @@ impl Worker {
                 }
             }
         };
-        self.store.finish_digest(id, finish, Utc::now()).await
+        record("a digest's outcome", || {
+            self.store.finish_digest(id, finish.clone(), Utc::now())
+        })
+        .await
     }
 
     /// Renders the email of a row; used by the sender and by `outbox preview`.
@@ -608,6 +705,44 @@ impl Worker {
     ) -> Result<Outgoing, FollowupError> {
         compose(&self.config, &self.templates, &self.mailer, rule, row, deal)
     }
+}
+
+/// Keeps the first store error of a finished send task; a task that panicked is logged.
+fn settle(
+    joined: Result<Result<(), StoreError>, tokio::task::JoinError>,
+    failure: &mut Option<StoreError>,
+) {
+    match joined {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => {
+            failure.get_or_insert(error);
+        }
+        Err(error) => error!(%error, "a follow-up send task failed"),
+    }
+}
+
+/// Writes what a send did, trying again while the store fails transiently (busy, I/O
+/// error, disk full): the message has left, so its outcome must not be lost, else the
+/// row would stay `sending` and become `uncertain` at the next start. Bounded by
+/// [`RECORD_RETRIES`].
+async fn record<T, F, Fut>(what: &str, write: F) -> Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
+{
+    crate::retry::retry(
+        RECORD_RETRIES,
+        &format!("recording {what}"),
+        StoreError::is_transient,
+        write,
+    )
+    .await
+}
+
+/// Retries of a transient SMTP failure: doubling from `email.retry_initial` up to
+/// `email.retry_max`, with equal jitter so a retry never comes at once.
+fn email_backoff(email: &crate::config::EmailConfig) -> Backoff {
+    Backoff::equal(email.retry_initial, email.retry_max)
 }
 
 /// Renders the email of a row.
@@ -856,5 +991,53 @@ pub fn plan_enrollment(
         anchor_at,
         rows,
         supersede,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    fn busy() -> StoreError {
+        StoreError::Sql(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY),
+            Some("database is locked".into()),
+        ))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_sends_outcome_is_written_again_while_the_store_is_busy() {
+        let calls = AtomicU32::new(0);
+        let written = record("a sent follow-up", || async {
+            match calls.fetch_add(1, Ordering::SeqCst) {
+                0..=2 => Err(busy()),
+                _ => Ok(true),
+            }
+        })
+        .await;
+        assert!(written.unwrap());
+        assert_eq!(calls.load(Ordering::SeqCst), 4);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn writing_an_outcome_gives_up_on_data_errors_at_once_and_on_busy_after_its_attempts() {
+        let calls = AtomicU32::new(0);
+        let corrupt = record("x", || async {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Err::<(), _>(StoreError::Corrupt("bad row".into()))
+        })
+        .await;
+        assert!(matches!(corrupt, Err(StoreError::Corrupt(_))));
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+
+        let calls = AtomicU32::new(0);
+        let busy = record("x", || async {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Err::<(), _>(busy())
+        })
+        .await;
+        assert!(busy.unwrap_err().is_transient());
+        assert_eq!(calls.load(Ordering::SeqCst), RECORD_RETRIES.max_attempts);
     }
 }

@@ -273,6 +273,7 @@ impl Inbox {
     }
 
     fn open_with(path: &Path, policy: WalPolicy) -> Result<Inbox> {
+        super::create_private(path, "the webhook inbox")?;
         let mut writer = open_connection(path)?;
         migrate(&mut writer, path)?;
         // Every commit is fsynced: a delivery is acknowledged only once it survives a

@@ -73,6 +73,11 @@ pub enum StoreError {
         path: String,
         source: std::io::Error,
     },
+    #[error("creating {path}: {source}")]
+    CreateFile {
+        path: String,
+        source: std::io::Error,
+    },
     #[error(
         "database {path} has schema version {found}, newer than this dealsync understands ({supported}); \
          upgrade dealsync or restore a backup — the file was not modified"
@@ -102,6 +107,35 @@ impl StoreError {
             self,
             StoreError::Sql(rusqlite::Error::SqliteFailure(e, _))
                 if e.code == rusqlite::ErrorCode::DiskFull
+        )
+    }
+}
+
+impl StoreError {
+    /// Whether the failure is the database's state rather than the data: busy or
+    /// locked by another connection or process, an I/O error, a full or read-only
+    /// disk. Retrying the same work later may succeed; it says nothing against the row.
+    pub fn is_transient(&self) -> bool {
+        use rusqlite::ErrorCode;
+        let code = match self {
+            StoreError::Sql(rusqlite::Error::SqliteFailure(error, _))
+            | StoreError::Open {
+                source: rusqlite::Error::SqliteFailure(error, _),
+                ..
+            } => error.code,
+            StoreError::CreateDir { .. } | StoreError::CreateFile { .. } => return true,
+            _ => return false,
+        };
+        matches!(
+            code,
+            ErrorCode::DatabaseBusy
+                | ErrorCode::DatabaseLocked
+                | ErrorCode::SystemIoFailure
+                | ErrorCode::DiskFull
+                | ErrorCode::CannotOpen
+                | ErrorCode::ReadOnly
+                | ErrorCode::FileLockingProtocolFailed
+                | ErrorCode::OutOfMemory
         )
     }
 }
@@ -166,6 +200,26 @@ fn open_connection(path: &Path) -> Result<Connection> {
     Ok(connection)
 }
 
+/// Creates the SQLite file at `path` (and its directory) owner-only unless it exists;
+/// warns when an existing one is open to other users. SQLite gives the `-wal` and
+/// `-shm` files it creates the same mode as the database file.
+fn create_private(path: &Path, what: &str) -> Result<()> {
+    if let Some(parent) = path.parent()
+        && !parent.as_os_str().is_empty()
+    {
+        crate::files::create_dir_all(parent).map_err(|source| StoreError::CreateDir {
+            path: parent.display().to_string(),
+            source,
+        })?;
+    }
+    crate::files::ensure_private_file(path).map_err(|source| StoreError::CreateFile {
+        path: path.display().to_string(),
+        source,
+    })?;
+    crate::files::warn_if_shared(path, what);
+    Ok(())
+}
+
 fn configure(connection: &Connection) -> Result<()> {
     connection.pragma_update(None, "journal_mode", "WAL")?;
     // NORMAL is durable across process crashes in WAL mode; a power loss may drop
@@ -177,15 +231,11 @@ fn configure(connection: &Connection) -> Result<()> {
 
 impl Store {
     /// Opens (creating if needed) and migrates the database. Blocking.
+    ///
+    /// A new database (and its directory) is created owner-only, whatever the umask;
+    /// SQLite gives the `-wal` and `-shm` files the database file's mode.
     pub fn open(path: &Path) -> Result<Store> {
-        if let Some(parent) = path.parent()
-            && !parent.as_os_str().is_empty()
-        {
-            std::fs::create_dir_all(parent).map_err(|source| StoreError::CreateDir {
-                path: parent.display().to_string(),
-                source,
-            })?;
-        }
+        create_private(path, "the database")?;
         let mut writer = open_connection(path)?;
         // The version check comes before any pragma that could write to the file.
         migrations::refuse_newer(&writer, path)?;
@@ -413,6 +463,58 @@ pub(crate) mod tests {
             .await
             .unwrap();
         assert_eq!(count, 1_000);
+    }
+
+    #[test]
+    fn busy_and_io_failures_are_transient_and_data_problems_are_not() {
+        let sqlite = |code: i32| {
+            StoreError::Sql(rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(code),
+                None,
+            ))
+        };
+        for code in [
+            rusqlite::ffi::SQLITE_BUSY,
+            rusqlite::ffi::SQLITE_LOCKED,
+            rusqlite::ffi::SQLITE_IOERR,
+            rusqlite::ffi::SQLITE_FULL,
+            rusqlite::ffi::SQLITE_READONLY,
+        ] {
+            assert!(sqlite(code).is_transient(), "{code}");
+        }
+        for code in [
+            rusqlite::ffi::SQLITE_CONSTRAINT,
+            rusqlite::ffi::SQLITE_CORRUPT,
+            rusqlite::ffi::SQLITE_MISMATCH,
+        ] {
+            assert!(!sqlite(code).is_transient(), "{code}");
+        }
+        assert!(!StoreError::Corrupt("x".into()).is_transient());
+    }
+
+    #[test]
+    fn a_new_database_and_its_wal_and_shm_are_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let (dir, store) = temp_store();
+        let mode = |name: &str| {
+            std::fs::metadata(dir.path().join(name))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777
+        };
+        for name in [
+            "nested/dealsync.db",
+            "nested/dealsync.db-wal",
+            "nested/dealsync.db-shm",
+            "nested/dealsync.inbox.db",
+            "nested/dealsync.inbox.db-wal",
+            "nested/dealsync.inbox.db-shm",
+        ] {
+            assert_eq!(mode(name), 0o600, "{name}");
+        }
+        assert_eq!(mode("nested"), 0o700);
+        drop(store);
     }
 
     #[test]

@@ -11,6 +11,7 @@ use crate::config::{Config, ConfigError, ConnectionConfig};
 use crate::connectors::{BadRecord, Connector, ConnectorError, Registry, SyncContext};
 use crate::domain::{ChangeCause, DealStatus, SourceDeal, StageRef, check_depth};
 use crate::pipeline::{Pipelines, StageMap};
+use crate::retry::{self, Backoff};
 use crate::store::{CachedRecord, DealUpsert, Quarantined, Store, StoreError, UpsertOutcome};
 use crate::telemetry::{Metrics, RecordLabels, RunLabels};
 use chrono::Utc;
@@ -599,23 +600,26 @@ async fn run_pages(
 
 /// The delay before the next run: the interval with ±10% jitter, so connections
 /// configured alike do not all hit their vendors at once.
-fn jittered(interval: Duration) -> Duration {
-    let factor = rand::rng().random_range(0.9..1.1);
-    interval.mul_f64(factor)
+/// Backoff after failed runs: from 5–10 s, doubling, never longer than the poll
+/// interval (at least 5 s); equal jitter, so a failing connection never retries at once.
+pub fn failure_backoff(interval: Duration) -> Backoff {
+    Backoff::equal(
+        Duration::from_secs(10),
+        interval.max(Duration::from_secs(5)),
+    )
 }
 
-/// Backoff after a failed run: 5 s doubling, with full jitter, capped by the interval.
-pub fn failure_backoff(failures: u32, interval: Duration) -> Duration {
-    let base = Duration::from_secs(5).saturating_mul(1 << failures.min(10));
-    let cap = base.min(interval.max(Duration::from_secs(5)));
-    cap.mul_f64(rand::rng().random_range(0.5..1.0))
-}
+/// The longest `Retry-After` a failed run waits for; a longer hint is taken as this.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 
-/// Runs a connection on its own schedule until `shutdown`.
+/// Runs a connection on its own schedule until `shutdown`. A run the store failed
+/// marks the connection's scheduler degraded in `/readyz` (`health`) until a later run
+/// gets past the store; every failure backs off and the schedule goes on.
 pub async fn run_connection(
     runtime: Arc<ConnectionRuntime>,
     deps: SyncDeps,
     shutdown: CancellationToken,
+    health: crate::app::WorkerHealth,
 ) {
     let name = runtime.name().to_owned();
     if !runtime.connector.polls() {
@@ -636,14 +640,25 @@ pub async fn run_connection(
             _ = shutdown.cancelled() => break,
             _ = tokio::time::sleep(delay) => {}
         }
-        match run_once(&runtime, &deps, false, &shutdown, &|_| {}).await {
+        let outcome = run_once(&runtime, &deps, false, &shutdown, &|_| {}).await;
+        // A task stopped by a reload leaves the mark to its successor (or to nobody,
+        // when the connection is gone).
+        if !shutdown.is_cancelled() {
+            match &outcome {
+                Err(SyncError::Store(error)) => {
+                    health.degraded(format!("sync run failed: {error}"))
+                }
+                _ => health.recovered(),
+            }
+        }
+        match outcome {
             Ok(summary) => {
                 failures = 0;
                 info!(connection = %name, fetched = summary.fetched, created = summary.created,
                     updated = summary.updated, stage_changes = summary.stage_changes,
                     unmapped = summary.unmapped, quarantined = summary.quarantined,
                     elapsed_ms = summary.elapsed_ms, "sync run finished");
-                delay = jittered(interval);
+                delay = retry::spread(interval, 0.1);
             }
             Err(SyncError::Connector(ConnectorError::BudgetExhausted { resume_after, .. })) => {
                 // Not a failure: the connection keeps to its share of the vendor budget.
@@ -656,9 +671,13 @@ pub async fn run_connection(
                     SyncError::Connector(ConnectorError::Transient {
                         retry_after: Some(after),
                         ..
-                    }) => (*after).max(failure_backoff(failures, interval)),
+                    }) => failure_backoff(interval).delay_honouring(
+                        failures,
+                        Some(*after),
+                        MAX_RETRY_AFTER,
+                    ),
                     SyncError::Connector(ConnectorError::Cancelled) => break,
-                    _ => failure_backoff(failures, interval),
+                    _ => failure_backoff(interval).delay(failures),
                 };
                 warn!(connection = %name, %error, failures, retry_in_s = delay.as_secs(), "sync run failed");
             }
@@ -675,9 +694,14 @@ mod tests {
     fn backoff_grows_and_is_capped_by_the_interval() {
         let interval = Duration::from_secs(60);
         for failures in 0..20 {
-            let delay = failure_backoff(failures, interval);
+            let delay = failure_backoff(interval).delay(failures);
             assert!(delay <= interval, "{failures}: {delay:?}");
         }
-        assert!(failure_backoff(1, interval) <= Duration::from_secs(10));
+        let first = failure_backoff(interval).delay(1);
+        assert!((Duration::from_secs(5)..=Duration::from_secs(10)).contains(&first));
+        assert_eq!(
+            failure_backoff(Duration::from_secs(1)).ceiling(9),
+            Duration::from_secs(5)
+        );
     }
 }

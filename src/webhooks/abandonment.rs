@@ -18,7 +18,7 @@ use chrono::{DateTime, Utc};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::info;
 
 /// Most carts moved per connection and pass.
 const LIMIT: u32 = 1000;
@@ -144,17 +144,24 @@ pub fn interval(state: &AppState) -> Duration {
         .clamp(Duration::from_millis(250), Duration::from_secs(30))
 }
 
-/// Runs passes until `shutdown`.
+/// Runs passes until `shutdown`. A pass the store fails marks the sweeper degraded in
+/// `/readyz` and the next one waits for the longer of the interval and the backoff.
 pub async fn run(state: Arc<AppState>, shutdown: CancellationToken) {
     info!("cart sweeper started");
+    let mut health = state.readiness.worker("cart_sweeper");
+    let mut pause = interval(&state);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            _ = tokio::time::sleep(interval(&state)) => {}
+            _ = tokio::time::sleep(pause) => {}
         }
-        if let Err(error) = sweep_once(&state, Utc::now()).await {
-            warn!(%error, "cart sweep failed; retrying at the next pass");
-        }
+        pause = match sweep_once(&state, Utc::now()).await {
+            Ok(_) => {
+                health.succeeded();
+                interval(&state)
+            }
+            Err(error) => health.failed(&error).max(interval(&state)),
+        };
     }
     info!("cart sweeper stopped");
 }

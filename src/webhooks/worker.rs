@@ -11,8 +11,11 @@
 //!
 //! Invariants:
 //! - Order per connection (and so per cart or deal): a failed row is retried with
-//!   exponential backoff and full jitter, and later rows of its connection wait for it;
-//!   other connections go on.
+//!   exponential backoff and equal jitter ([`ROW_RETRIES`]), and later rows of its
+//!   connection wait for it; other connections go on.
+//! - A failing database (busy, I/O error, disk full) is not the rows' fault: the pass is
+//!   abandoned without counting an attempt against any row, the worker shows as
+//!   degraded in `/readyz`, and it tries again after a backoff. It never stops on it.
 //! - Retries are bounded: after [`MAX_ATTEMPTS`] the row is kept as `failed`, with its
 //!   error, and its connection moves on.
 //! - Applying a row twice (a crash between applying and marking it processed) is
@@ -22,12 +25,12 @@
 use crate::app::AppState;
 use crate::connectors::{ConnectorError, SyncContext, WebhookAction, WebhookEvent};
 use crate::domain::{ChangeCause, ConnectionName, SourceDeal, check_depth};
+use crate::retry::Backoff;
 #[cfg(test)]
 use crate::store::Store;
 use crate::store::{CartRules, InboxOp, InboxRow, StoreError};
 use crate::sync::ConnectionRuntime;
 use chrono::Utc;
-use rand::Rng;
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
@@ -60,17 +63,17 @@ impl From<StoreError> for ProcessError {
     }
 }
 
-/// The delay before attempt `attempts + 1`: 1 s doubling up to 5 min, full jitter.
-pub fn retry_delay(attempts: u32) -> Duration {
-    let ceiling = Duration::from_secs(1)
-        .saturating_mul(1 << attempts.min(9))
-        .min(Duration::from_secs(300));
-    ceiling.mul_f64(rand::rng().random_range(0.5..=1.0))
-}
+/// Retries of a row that could not be applied: 1 s doubling up to 5 min, equal jitter
+/// (a retry never comes at once), [`MAX_ATTEMPTS`] in all.
+pub const ROW_RETRIES: Backoff =
+    Backoff::equal(Duration::from_secs(1), Duration::from_secs(300)).attempts(MAX_ATTEMPTS);
 
-/// Runs until `shutdown`: processes due rows, sleeps until new ones are committed.
+/// Runs until `shutdown`: processes due rows, sleeps until new ones are committed. A
+/// pass the store fails (busy, I/O error, disk full) marks the worker degraded in
+/// `/readyz` and is tried again after a backoff; no row pays an attempt for it.
 pub async fn run(state: Arc<AppState>, shutdown: CancellationToken) {
     let committed = state.store.inbox_committed();
+    let mut health = state.readiness.worker("webhooks");
     let mut last_prune: Option<std::time::Instant> = None;
     info!("webhook inbox worker started");
     loop {
@@ -82,20 +85,22 @@ pub async fn run(state: Arc<AppState>, shutdown: CancellationToken) {
             }
             last_prune = Some(std::time::Instant::now());
         }
-        let worked = match process_due(&state, &shutdown).await {
-            Ok(count) => count,
-            Err(error) => {
-                warn!(%error, "reading the webhook inbox failed; retrying");
-                0
+        // After a failed pass only the backoff (or shutdown) ends the pause: new
+        // deliveries must not hurry a database that just failed.
+        let (pause, failed) = match process_due(&state, &shutdown).await {
+            Ok(worked) => {
+                health.succeeded();
+                if worked > 0 {
+                    continue;
+                }
+                (IDLE_POLL, false)
             }
+            Err(error) => (health.failed(&error), true),
         };
-        if worked > 0 {
-            continue;
-        }
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            _ = committed.notified() => {}
-            _ = tokio::time::sleep(IDLE_POLL) => {}
+            _ = committed.notified(), if !failed => {}
+            _ = tokio::time::sleep(pause) => {}
         }
     }
     info!("webhook inbox worker stopped");
@@ -144,6 +149,11 @@ async fn process_due(state: &AppState, shutdown: &CancellationToken) -> Result<u
         .apply_webhook_batch(batch, rules, Utc::now())
         .await
     {
+        // The database failed, not the rows: none of them pays an attempt, and the
+        // whole pass is tried again after the worker's backoff.
+        if error.is_transient() {
+            return Err(error);
+        }
         warn!(%error, rows = planned.len(), "committing a webhook batch failed; applying its rows one by one");
         let mut failed: HashSet<String> = HashSet::new();
         for (row, ops) in planned {
@@ -152,13 +162,18 @@ async fn process_due(state: &AppState, shutdown: &CancellationToken) -> Result<u
                 continue;
             }
             let single = vec![(row.id, ops)];
-            if let Err(error) = state
+            match state
                 .store
                 .apply_webhook_batch(single, rules, Utc::now())
                 .await
-                && give_up_or_retry(state, &row, ProcessError::from(error)).await?
             {
-                failed.insert(row.connection.clone());
+                Ok(_) => {}
+                Err(error) if error.is_transient() => return Err(error),
+                Err(error) => {
+                    if give_up_or_retry(state, &row, ProcessError::from(error)).await? {
+                        failed.insert(row.connection.clone());
+                    }
+                }
             }
         }
     }
@@ -182,7 +197,7 @@ async fn give_up_or_retry(
                 .await?;
             Ok(false)
         }
-        ProcessError::Retry(reason) if row.attempts + 1 >= MAX_ATTEMPTS => {
+        ProcessError::Retry(reason) if !ROW_RETRIES.may_retry(row.attempts + 1) => {
             error!(connection = %row.connection, delivery_id = %row.delivery_id, attempts = row.attempts + 1, reason, "webhook failed too often; kept as failed");
             state
                 .store
@@ -191,7 +206,7 @@ async fn give_up_or_retry(
             Ok(false)
         }
         ProcessError::Retry(reason) => {
-            let delay = retry_delay(row.attempts);
+            let delay = ROW_RETRIES.delay(row.attempts + 1);
             warn!(connection = %row.connection, delivery_id = %row.delivery_id, attempt = row.attempts + 1, retry_in_ms = delay.as_millis() as u64, reason, "webhook processing failed; will retry");
             let next = Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default();
             state.store.webhook_retry(row.id, &reason, next).await?;
@@ -447,12 +462,14 @@ mod tests {
     }
 
     #[test]
-    fn retry_delays_grow_and_stay_bounded() {
+    fn row_retries_grow_and_stay_bounded() {
         for attempts in 0..40 {
-            let delay = retry_delay(attempts);
+            let delay = ROW_RETRIES.delay(attempts + 1);
             assert!(delay <= Duration::from_secs(300), "{attempts}: {delay:?}");
             assert!(delay >= Duration::from_millis(500), "{attempts}: {delay:?}");
         }
-        assert!(retry_delay(0) <= Duration::from_secs(1));
+        assert!(ROW_RETRIES.delay(1) <= Duration::from_secs(1));
+        assert!(ROW_RETRIES.may_retry(MAX_ATTEMPTS - 1));
+        assert!(!ROW_RETRIES.may_retry(MAX_ATTEMPTS));
     }
 }

@@ -13,11 +13,11 @@ use dealsync::store::{DealUpsert, Store};
 use std::collections::HashMap;
 use std::time::Duration;
 
-const TEMPLATES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/config/templates");
+pub(crate) const TEMPLATES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/config/templates");
 const WAIT: Duration = Duration::from_secs(30);
 
 /// `[email]` pointing at `smtp`, plus extra lines, plus the rules.
-fn config(smtp: &SmtpServer, email_extra: &str, rules: &str) -> String {
+pub(crate) fn config(smtp: &SmtpServer, email_extra: &str, rules: &str) -> String {
     format!(
         r#"
 [email]
@@ -38,7 +38,7 @@ retry_max = "1s"
 }
 
 /// A three-step cart sequence on `ecommerce.cart_abandoned`, at test pace.
-fn cart_rule(first: &str, second: &str, third: &str) -> String {
+pub(crate) fn cart_rule(first: &str, second: &str, third: &str) -> String {
     format!(
         r#"
 [followups.carts]
@@ -61,12 +61,12 @@ fn ecommerce(stage: &str) -> StageRef {
     }
 }
 
-fn store(daemon: &TestDaemon) -> Store {
+pub(crate) fn store(daemon: &TestDaemon) -> Store {
     Store::open(&daemon.db_path).expect("opening the daemon's database")
 }
 
 /// Writes a cart (or an order) as a webhook would, entered into `stage` at `at`.
-async fn put_cart(
+pub(crate) async fn put_cart(
     store: &Store,
     connection: &str,
     id: &str,
@@ -169,7 +169,7 @@ fn to(mail: &ReceivedMail, address: &str) -> bool {
     mail.rcpt_to.iter().any(|r| r == address)
 }
 
-fn messages_to(smtp: &SmtpServer, address: &str) -> Vec<ReceivedMail> {
+pub(crate) fn messages_to(smtp: &SmtpServer, address: &str) -> Vec<ReceivedMail> {
     smtp.messages()
         .into_iter()
         .filter(|m| to(m, address))

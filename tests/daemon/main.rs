@@ -6,6 +6,7 @@ mod foundation;
 mod harness;
 mod insight;
 mod outbound;
+mod process;
 mod pull;
 mod report;
 mod secrets;

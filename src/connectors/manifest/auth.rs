@@ -2,10 +2,12 @@
 //! basic) or OAuth2 with refresh tokens, through the `oauth2` crate.
 //!
 //! Invariants:
-//! - One refresh per connection at a time: refreshes take the connection's async
-//!   mutex and re-read the store first, so a refresh that raced another one uses the
-//!   winner's token instead of spending the refresh token twice (a known source of
-//!   `invalid_grant`).
+//! - One refresh per connection at a time, across processes: a refresh takes the
+//!   connection's async mutex (tasks of this process) and its token lock file beside
+//!   the database (`crate::lock`: the daemon, `dealsync sync` and `dealsync auth`), then
+//!   re-reads the store; when another task or process refreshed meanwhile, its token is
+//!   used instead of spending the refresh token twice (with rotation that answers
+//!   `invalid_grant` and would lose the connection).
 //! - A refresh response without a refresh token keeps the stored one; a rotated one is
 //!   stored together with its access token (see `store::tokens`).
 //! - A revoked refresh token (`invalid_grant`) marks only this connection as needing
@@ -14,6 +16,7 @@
 use super::schema::{AuthKind, ClientAuth, Manifest};
 use crate::config::{ConnectionConfig, Secret};
 use crate::connectors::{ConnectorError, SyncContext};
+use crate::lock::{LockError, LockFile};
 use crate::store::Store;
 use crate::telemetry::ConnectionLabels;
 use crate::vendor_http::{ReceiveError, receive};
@@ -36,6 +39,16 @@ use tracing::{error, info, warn};
 
 /// Refresh this long before the access token expires.
 const REFRESH_MARGIN: Duration = Duration::from_secs(120);
+
+/// Retries of storing a refreshed token while the store fails transiently: 500 ms
+/// doubling up to 10 s, 10 attempts (about a minute of waits, plus the store's busy
+/// timeout in each attempt).
+const SAVE_RETRIES: crate::retry::Backoff =
+    crate::retry::Backoff::equal(Duration::from_millis(500), Duration::from_secs(10)).attempts(10);
+
+/// The longest wait for another process's refresh (its token request times out after
+/// 30 s).
+const TOKEN_LOCK_WAIT: Duration = Duration::from_secs(60);
 
 /// Token-response fields beyond the standard ones (`instance_url`, `api_domain`, …).
 /// Debug shows the values of [`KEPT_EXTRAS`] only; others (an `id_token`, a
@@ -365,11 +378,25 @@ impl OAuthSession {
         cx: &SyncContext,
         stale: Option<&str>,
     ) -> Result<Authn, ConnectorError> {
-        // Held across the token request: a second refresh with the same refresh token
-        // would be refused by vendors that rotate it.
+        // Both held across the token request: a second refresh with the same refresh
+        // token would be refused by vendors that rotate it. The mutex orders this
+        // process's tasks, the lock file the processes sharing the database.
         let _guard = self.refresh_lock.lock().await;
         let store = store_of(cx)?;
         let connection = cx.connection.as_str();
+        let _token_lock = lock_tokens(store, connection, &cx.shutdown)
+            .await
+            .map_err(|error| match error {
+                LockError::Cancelled { .. } => ConnectorError::Cancelled,
+                other => ConnectorError::Transient {
+                    vendor: "oauth".into(),
+                    reason: format!(
+                        "waiting for another dealsync process to refresh the token of connection {connection}: {other}"
+                    ),
+                    retry_after: None,
+                },
+            })?;
+        // Read under both locks: what another task or process stored is seen here.
         let stored = store
             .oauth_token(connection)
             .await
@@ -384,7 +411,9 @@ impl OAuthSession {
                     expires_at: stored.expires_at,
                     base_url: self.base_from(&stored.extra),
                 };
-                let replaced = stale.is_some_and(|stale| stale != access);
+                // The caller saw no fresh token (`stale` is None) or saw `stale`
+                // rejected: a fresh one other than that was stored meanwhile.
+                let replaced = stale.is_none_or(|stale| stale != access);
                 if replaced && Self::fresh(&cached) {
                     self.remember(cx, cached.clone());
                     return Ok(Self::authn(&cached));
@@ -493,16 +522,25 @@ impl OAuthSession {
         let (access, refresh, expires_at, extra) = token_parts(response);
         // No refresh token in the answer: the one just used stays valid (Salesforce).
         let refresh = refresh.or_else(|| Some(used_refresh_token.to_owned()));
-        store
-            .save_oauth_token(
-                cx.connection.as_str(),
-                &access,
-                refresh.as_deref(),
-                expires_at,
-                extra.clone(),
-            )
-            .await
-            .map_err(|e| ConnectorError::Other(e.to_string()))?;
+        // The vendor may have retired the refresh token just used: its successor must
+        // reach the store, so a busy or failing store is tried again (still under the
+        // token lock) rather than dropping it.
+        crate::retry::retry(
+            SAVE_RETRIES,
+            "storing a refreshed OAuth token",
+            crate::store::StoreError::is_transient,
+            || {
+                store.save_oauth_token(
+                    cx.connection.as_str(),
+                    &access,
+                    refresh.as_deref(),
+                    expires_at,
+                    extra.clone(),
+                )
+            },
+        )
+        .await
+        .map_err(|e| ConnectorError::Other(e.to_string()))?;
         let stored_extra = store
             .oauth_token(cx.connection.as_str())
             .await
@@ -518,6 +556,16 @@ impl OAuthSession {
         self.remember(cx, cached.clone());
         Ok(cached)
     }
+}
+
+/// Takes the cross-process token lock of `connection` (see `crate::lock`).
+async fn lock_tokens(
+    store: &Store,
+    connection: &str,
+    cancel: &tokio_util::sync::CancellationToken,
+) -> Result<LockFile, LockError> {
+    let path = crate::lock::token_lock_path(store.path(), connection);
+    LockFile::lock(&path, TOKEN_LOCK_WAIT, cancel).await
 }
 
 fn token_parts(
@@ -737,6 +785,15 @@ pub async fn authorize(
     if refresh.is_none() {
         warn!(connection = %connection.name, "the vendor sent no refresh token; the connection will need `dealsync auth` again when the access token expires");
     }
+    // Stored under the token lock, so a refresh a running daemon has in flight ends
+    // (and stores, or marks the old token revoked) before these tokens are written.
+    let _token_lock = lock_tokens(
+        store,
+        connection.name.as_str(),
+        &tokio_util::sync::CancellationToken::new(),
+    )
+    .await
+    .map_err(|e| AuthorizeError::Store(e.to_string()))?;
     store
         .save_oauth_token(
             connection.name.as_str(),

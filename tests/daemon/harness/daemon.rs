@@ -23,6 +23,8 @@ pub struct TestDaemon {
     child: Option<Child>,
     logs: Arc<Mutex<String>>,
     env: Vec<(String, String)>,
+    /// The file-mode creation mask the binary runs under (`None`: the test's own).
+    umask: Option<u32>,
     body: String,
     pub http: reqwest::Client,
 }
@@ -39,6 +41,15 @@ impl TestDaemon {
     }
 
     pub async fn start_with_env(body: &str, env: &[(&str, &str)]) -> TestDaemon {
+        Self::start_with(body, env, None).await
+    }
+
+    /// Starts the daemon under the file-mode creation mask `umask` (e.g. 0o022).
+    pub async fn start_with_umask(body: &str, umask: u32) -> TestDaemon {
+        Self::start_with(body, &[], Some(umask)).await
+    }
+
+    async fn start_with(body: &str, env: &[(&str, &str)], umask: Option<u32>) -> TestDaemon {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut daemon = TestDaemon {
             config_path: dir.path().join("dealsync.toml"),
@@ -51,6 +62,7 @@ impl TestDaemon {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            umask,
             body: body.to_owned(),
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(10))
@@ -107,7 +119,18 @@ impl TestDaemon {
     }
 
     fn spawn(&mut self) {
-        let mut command = Command::new(binary());
+        // With a umask, a shell sets it and then becomes the binary (same pid).
+        let mut command = match self.umask {
+            Some(umask) => {
+                let mut shell = Command::new("/bin/sh");
+                shell
+                    .arg("-c")
+                    .arg(format!("umask {umask:03o} && exec \"$0\" \"$@\""))
+                    .arg(binary());
+                shell
+            }
+            None => Command::new(binary()),
+        };
         command
             .arg("--config")
             .arg(&self.config_path)
