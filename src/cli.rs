@@ -354,6 +354,9 @@ async fn check(path: &std::path::Path) -> Result<(), CliError> {
             rule.to
         ));
     }
+    for line in owner_email_warnings(&config, &runtimes) {
+        out.push_str(&format!("  warning: {line}\n"));
+    }
     if unmapped.is_empty() {
         out.push_str("stage mappings: every known native stage is mapped\n");
     } else {
@@ -367,6 +370,46 @@ async fn check(path: &std::path::Path) -> Result<(), CliError> {
     }
     output::print(&out);
     Ok(())
+}
+
+/// A warning per (rule sending to the owner, connection feeding its pipeline whose
+/// connector gives no owner email): every such deal would be declined with "the deal
+/// has no owner email address".
+fn owner_email_warnings(config: &Config, runtimes: &[Arc<ConnectionRuntime>]) -> Vec<String> {
+    use crate::followup::digest::DigestRecipient;
+    use crate::followup::rules::Recipient;
+    let mut owner_rules: Vec<(String, Vec<Option<crate::domain::PipelineKey>>)> = config
+        .followups
+        .iter()
+        .filter(|rule| rule.to == Recipient::Owner)
+        .map(|rule| (rule.name.clone(), vec![rule.trigger.pipeline.clone()]))
+        .collect();
+    owner_rules.extend(
+        config
+            .digests
+            .iter()
+            .filter(|rule| rule.to == DigestRecipient::Owner)
+            .map(|rule| {
+                let pipelines = rule.stages.iter().map(|s| s.stage.pipeline.clone());
+                (rule.name.clone(), pipelines.collect())
+            }),
+    );
+    let mut warnings = Vec::new();
+    for (rule, pipelines) in &owner_rules {
+        for runtime in runtimes {
+            let feeds = runtime
+                .default_pipeline()
+                .is_some_and(|pipeline| pipelines.contains(&Some(pipeline)));
+            if feeds && !runtime.connector.gives_owner_email() {
+                warnings.push(format!(
+                    "follow-up {rule} sends to the owner, but connection {} ({}) gives no owner email: its deals will be skipped (\"the deal has no owner email address\"); send to a fixed address, or map `owner_email` in the connector's manifest",
+                    runtime.name(),
+                    runtime.connector.kind()
+                ));
+            }
+        }
+    }
+    warnings
 }
 
 async fn stages(path: &std::path::Path) -> Result<(), CliError> {

@@ -567,10 +567,13 @@ fn keep_known_contact(
     if source.contact_name.is_none() {
         source.contact_name = name;
     }
+    // A stored owner email belongs to the stored owner: a record naming another owner
+    // (reassigned in the CRM) does not inherit the previous owner's address.
+    let same_owner = source.owner.is_none() || source.owner == owner;
     if source.owner.is_none() {
         source.owner = owner;
     }
-    if source.owner_email.is_none() {
+    if source.owner_email.is_none() && same_owner {
         source.owner_email = owner_email
             .as_deref()
             .and_then(crate::domain::EmailAddress::parse);

@@ -7,4 +7,5 @@ mod insight;
 mod pull;
 mod report;
 mod smtp_harness;
+mod vendor_data;
 mod webhooks;

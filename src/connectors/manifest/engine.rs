@@ -136,6 +136,11 @@ struct CursorState {
     read_started: Option<DateTime<Utc>>,
     #[serde(default)]
     deletes_at: Option<DateTime<Utc>>,
+    /// The manifest's field mapping and enrichments the reads were made with (see
+    /// [`mapping_shape`]): when it changes, the next run reads everything again, so
+    /// stored deals get the fields a new manifest adds (owner emails, consent).
+    #[serde(default)]
+    shape: Option<String>,
 }
 
 impl CursorState {
@@ -154,8 +159,21 @@ impl CursorState {
             watermark: None,
             read_started: None,
             deletes_at: None,
+            shape: None,
         }
     }
+}
+
+/// A digest (FNV-1a, hex) of what a manifest maps a record to: its fields and its
+/// enrichments. Stable across builds for the same manifest text.
+fn mapping_shape(manifest: &Manifest) -> String {
+    let text = format!("{:?}\n{:?}", manifest.deals.fields, manifest.deals.enrich);
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in text.bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{hash:016x}")
 }
 
 /// A connector described by a manifest.
@@ -180,6 +198,8 @@ pub struct ManifestConnector {
     /// The id paths of the enrichments that look ids up from the record alone, whose
     /// keys go into a record's fingerprint (see [`Self::fingerprint`]).
     record_keys: Vec<Vec<String>>,
+    /// [`mapping_shape`] of the manifest.
+    shape: String,
 }
 
 /// Enrichment records kept in memory, at most this many.
@@ -194,6 +214,8 @@ const RECENT_RECORDS: usize = 4_096;
 struct Recent {
     records: HashMap<(String, String), (DateTime<Utc>, Value)>,
     order: std::collections::VecDeque<(String, String)>,
+    /// The `list` enrichments read since the run began: read at most once per run.
+    listed: HashSet<String>,
 }
 
 impl ManifestConnector {
@@ -201,6 +223,15 @@ impl ManifestConnector {
         if let Ok(mut recent) = self.recent.lock() {
             *recent = Recent::default();
         }
+    }
+
+    /// Whether the `list` enrichment `name` is still to be read in this run; from now
+    /// on it is not.
+    fn start_listing(&self, name: &str) -> bool {
+        self.recent
+            .lock()
+            .map(|mut recent| recent.listed.insert(name.to_owned()))
+            .unwrap_or(true)
     }
 }
 
@@ -438,6 +469,7 @@ impl ManifestConnector {
         Ok(ManifestConnector {
             own_rate,
             record_keys,
+            shape: mapping_shape(&manifest),
             plan: record_plan(&manifest),
             recent: std::sync::Mutex::new(Recent::default()),
             bodies: collect_bodies(&manifest),
@@ -763,10 +795,14 @@ impl ManifestConnector {
         }
         let keep = step.cache.is_some() && cache.is_some();
         let mut found: HashMap<String, Value> = HashMap::new();
-        if let (Some(ttl), Some(cache)) = (step.cache, cache.as_deref()) {
+        // A `list` enrichment takes kept records in a single-record read too (a webhook's
+        // refetch): reading the whole list for each one would cost far more.
+        let run_started = cache.as_deref().map(|cache| cache.run_started);
+        let lookup_kept = cache.is_some() || step.list;
+        if let (Some(ttl), true) = (step.cache, lookup_kept) {
             // A full read takes only what this run read already, so it reads every
             // record once; other reads take what is younger than the manifest's `cache`.
-            let fresh_since = match cache.run_started {
+            let fresh_since = match run_started.flatten() {
                 Some(started) => started,
                 None => Utc::now() - chrono::Duration::from_std(ttl.0).unwrap_or_default(),
             };
@@ -783,6 +819,53 @@ impl ManifestConnector {
                 let stored = self.cached(cx, step, &unique, fresh_since).await;
                 unique.retain(|id| !stored.contains_key(id));
                 found.extend(stored);
+            }
+        }
+        if step.list {
+            if unique.is_empty() || !self.start_listing(&step.name) {
+                // Everything was at hand, or the list was read in this run already: an
+                // id it did not hold (a deactivated owner) is not asked for again.
+                unique.clear();
+            } else {
+                let wanted: HashSet<&str> = unique.iter().map(String::as_str).collect();
+                let now = Utc::now();
+                let bodies = match self.read_pages(cx, &step.request).await {
+                    Ok(bodies) => bodies,
+                    // A token without the scope for this list (HubSpot's
+                    // crm.objects.owners.read, Pipedrive's users:read) reads deals on
+                    // without these fields rather than failing every run.
+                    Err(CallError::Status(403, excerpt)) => {
+                        warn!(connection = %cx.connection, enrichment = %step.name, path = %step.request.path, %excerpt,
+                            "the vendor refused to list these records (403): the fields read from them stay empty; grant the token the scope to read them");
+                        Vec::new()
+                    }
+                    Err(error) => {
+                        return Err(error.into_connector(&self.manifest.name, &step.request.path));
+                    }
+                };
+                for body in bodies {
+                    for item in self.take_records(body, &step.request)? {
+                        let Some(id) = lookup(&item, &step.id).and_then(text_of) else {
+                            continue;
+                        };
+                        // Every listed record is kept, not only the ones this page
+                        // needs: the next pages and runs find theirs without a request.
+                        if keep && let Some(cache) = cache.as_deref_mut() {
+                            cache.kept.push(CachedRecord {
+                                step: step.name.clone(),
+                                id: id.clone(),
+                                record: RawRecord::from_value(&item),
+                            });
+                        }
+                        if let Ok(mut recent) = self.recent.lock() {
+                            recent.put(&step.name, &id, now, item.clone());
+                        }
+                        if wanted.contains(id.as_str()) {
+                            found.insert(id, item);
+                        }
+                    }
+                }
+                unique.clear();
             }
         }
         for chunk in unique.chunks(step.batch.unwrap_or(100).max(1)) {
@@ -813,6 +896,9 @@ impl ManifestConnector {
                     found.insert(id, item);
                 }
             }
+        }
+        if step.active.is_some() {
+            found.retain(|_, record| bool_at(record, &step.active) != Some(false));
         }
         for (slot, key) in per_record.iter_mut().zip(keys) {
             if let Some(value) = key.and_then(|key| found.get(&key)) {
@@ -1220,16 +1306,24 @@ impl ManifestConnector {
         cx: &SyncContext,
         request: &Request,
     ) -> Result<Vec<Value>, ConnectorError> {
+        self.read_pages(cx, request)
+            .await
+            .map_err(|e| e.into_connector(&self.manifest.name, &request.path))
+    }
+
+    /// Every page of `request` (at most [`DISCOVERY_PAGES`]), as parsed bodies.
+    async fn read_pages(
+        &self,
+        cx: &SyncContext,
+        request: &Request,
+    ) -> Result<Vec<Value>, CallError> {
         let mut page = Value::Null;
         let mut bodies = Vec::new();
         let page_size = self.page_size_of(request);
         for _ in 0..DISCOVERY_PAGES {
             let mut vars = Vars::default();
             vars.set("page_size", json!(page_size));
-            let (body, headers) = self
-                .call(cx, request, &page, &vars)
-                .await
-                .map_err(|e| e.into_connector(&self.manifest.name, &request.path))?;
+            let (body, headers) = self.call(cx, request, &page, &vars).await?;
             let count = self.records(&body, request)?.len();
             let next = self.next_page(request, &body, &headers, &page, count, page_size);
             bodies.push(body);
@@ -1393,6 +1487,10 @@ impl Connector for ManifestConnector {
         self.manifest.default_pipeline.as_deref()
     }
 
+    fn gives_owner_email(&self) -> bool {
+        self.manifest.deals.fields.owner_email.is_some()
+    }
+
     fn default_mappings(&self) -> Vec<StageMapEntry> {
         let mut entries = Vec::new();
         for (native_pipeline, stages) in &self.manifest.default_mappings {
@@ -1490,12 +1588,20 @@ impl Connector for ManifestConnector {
             let watermark = state.watermark;
             let read_started = state.read_started;
             let deletes_at = state.deletes_at;
-            let phase = if self.manifest.deals.incremental.is_some() && watermark.is_some() {
-                Phase::Incremental
-            } else {
-                Phase::Full
-            };
+            let same_mapping = state.shape.as_deref() == Some(self.shape.as_str());
+            if !same_mapping && watermark.is_some() {
+                info!(connection = %cx.connection, "the connector's manifest maps records differently since the last read (an upgrade or an edited manifest); reading every record again");
+            }
+            let phase =
+                if self.manifest.deals.incremental.is_some() && watermark.is_some() && same_mapping
+                {
+                    Phase::Incremental
+                } else {
+                    Phase::Full
+                };
+            let shape = state.shape.take();
             state = CursorState::start(phase, now);
+            state.shape = shape;
             state.watermark = watermark;
             state.read_started = read_started;
             state.deletes_at = deletes_at;
@@ -1504,6 +1610,9 @@ impl Connector for ManifestConnector {
                 state.since = watermark.map(|w| since(w, read_started, lookback));
             }
             debug!(connection = %cx.connection, phase = phase.name(), since = ?state.since, "starting a read");
+        }
+        if state.phase == Phase::Full {
+            state.shape = Some(self.shape.clone());
         }
         let request = self.request_for(state.phase).clone();
         let page_size = self.page_size_of(&request);

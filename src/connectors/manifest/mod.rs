@@ -375,6 +375,11 @@ pub fn validate(manifest: &Manifest, report: &mut dyn FnMut(&str, String)) {
         if let Err(message) = fields::check_path(&step.id) {
             report(&format!("{key}.id"), message);
         }
+        if let Some(active) = &step.active
+            && let Err(message) = fields::check_path(active)
+        {
+            report(&format!("{key}.active"), message);
+        }
         for only in &step.only {
             if !matches!(only.as_str(), "full" | "incremental" | "deletes" | "one") {
                 report(
@@ -382,6 +387,12 @@ pub fn validate(manifest: &Manifest, report: &mut dyn FnMut(&str, String)) {
                     format!("{only:?} is not a read (full, incremental, deletes, one)"),
                 );
             }
+        }
+        if step.list && step.batch.is_some() {
+            report(
+                &format!("{key}.batch"),
+                "a list enrichment reads every record of its request, page by page; batch does not apply".into(),
+            );
         }
         if let Some(cache) = &step.cache
             && chrono::Duration::from_std(cache.0)

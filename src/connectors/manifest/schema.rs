@@ -283,6 +283,14 @@ pub struct Enrich {
     /// deletes reads then request only the ids without a fresh record. A full read
     /// requests every id and refreshes what is kept. Off when absent.
     pub cache: Option<ConfigDuration>,
+    /// The request lists every record of its kind (HubSpot's owners, Pipedrive's users),
+    /// following its `pagination`, instead of taking ids: it is read at most once per
+    /// sync run, and only when a record's id is neither kept (`cache`) nor read yet.
+    #[serde(default)]
+    pub list: bool,
+    /// Pointer to a flag inside each returned record; a record where it is false (a
+    /// deactivated user) counts as not found.
+    pub active: Option<String>,
     pub request: Request,
 }
 

@@ -1,0 +1,277 @@
+//! The promises on the shipped connectors' real field shapes: owner alerts reach the
+//! owner's address from the vendor's owners or users API, consent is read from every
+//! source, amounts keep their currency, mapping changes move stored deals, and step
+//! numbers agree everywhere. Mocks answer in the shapes of tests/fixtures (see
+//! PROVENANCE.md); email goes to the real SMTP test server.
+
+use crate::harness::daemon::{TestDaemon, run_cli};
+use crate::harness::eventually;
+use crate::harness::smtp::{ReceivedMail, SmtpServer};
+use crate::harness::vendors::hubspot::{HsDeal, HubSpot};
+use crate::harness::vendors::pipedrive::{PdDeal, Pipedrive};
+use std::time::Duration;
+
+const TEMPLATES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/config/templates");
+const WAIT: Duration = Duration::from_secs(30);
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// `[email]` sending to `smtp` at test pace.
+fn email(smtp: &SmtpServer) -> String {
+    format!(
+        r#"
+[email]
+transport = "smtp"
+url = "{url}"
+from = "Sales Desk <desk@example.com>"
+templates = "{TEMPLATES}"
+unsubscribe_secret = "test-unsubscribe-secret-0123"
+enroll_interval = "100ms"
+retry_initial = "200ms"
+retry_max = "1s"
+"#,
+        url = smtp.url()
+    )
+}
+
+fn hubspot_connection(url: &str) -> String {
+    format!(
+        r#"
+[connections.hs]
+connector = "hubspot"
+base_url = "{url}"
+token = "pat-test"
+poll_interval = "1s"
+page_size = 2
+lookback = "1s"
+rate_limit = {{ requests_per_second = 200.0, burst = 50 }}
+"#
+    )
+}
+
+fn pipedrive_connection(url: &str) -> String {
+    format!(
+        r#"
+[connections.pd]
+connector = "pipedrive"
+base_url = "{url}"
+token = "pd-test"
+poll_interval = "1s"
+lookback = "1s"
+rate_limit = {{ requests_per_second = 200.0, burst = 50 }}
+"#
+    )
+}
+
+/// A stall alert to the deal's owner, due a second after the deal entered proposal.
+const STALLED_TO_OWNER: &str = r#"
+[followups.stalled]
+kind = "transactional"
+stage = "sales.proposal"
+to = "owner"
+template = "deal_stalled"
+after = "1s"
+"#;
+
+fn messages_to(smtp: &SmtpServer, address: &str) -> Vec<ReceivedMail> {
+    smtp.messages()
+        .into_iter()
+        .filter(|mail| mail.rcpt_to.iter().any(|to| to == address))
+        .collect()
+}
+
+fn successful_runs(daemon: &TestDaemon, connection: &str) -> i64 {
+    daemon.count(&format!(
+        "SELECT count(*) FROM sync_runs WHERE connection = '{connection}' AND status = 'succeeded'"
+    ))
+}
+
+/// (external id, state, reason) of every outbox row of a rule, by external id.
+fn outbox_of(daemon: &TestDaemon, rule: &str) -> Vec<(String, String, Option<String>)> {
+    let db = daemon.db();
+    let mut statement = db
+        .prepare(
+            "SELECT d.external_id, o.state, o.reason FROM outbox o JOIN deals d ON d.id = o.deal_id
+             WHERE o.rule = ?1 ORDER BY d.external_id, o.step",
+        )
+        .unwrap();
+    statement
+        .query_map([rule], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_stalled_hubspot_deal_alerts_its_owner_at_the_address_from_the_owners_api() {
+    let smtp = SmtpServer::start().await;
+    let hubspot = HubSpot::start("pat-test", None).await;
+    let entered = now_ms() - 3_600_000;
+    // Owners 6166860 (jsmith@example.com) and 6166861 (mlee@example.com) are the
+    // fixture's; 110 more put the last one on the list's second page of 100.
+    for n in 0..110 {
+        hubspot.put_owner(
+            &format!("700{n:03}"),
+            &format!("rep{n}@example.com"),
+            "Rep",
+            &n.to_string(),
+        );
+    }
+    for (id, owner) in [
+        (1, "6166860"),
+        (2, "6166861"),
+        (3, "6166860"),
+        (4, "6166861"),
+        (5, "700109"),
+    ] {
+        let mut deal = HsDeal::new(
+            id,
+            &format!("Deal {id}"),
+            "presentationscheduled",
+            entered + id as i64,
+        );
+        deal.owner = Some(owner.to_owned());
+        hubspot.put(deal);
+    }
+    let daemon = TestDaemon::start(&format!(
+        "{}{}{STALLED_TO_OWNER}",
+        email(&smtp),
+        hubspot_connection(&hubspot.url())
+    ))
+    .await;
+
+    let alerts = eventually("the owners' stall alerts", WAIT, || async {
+        let first = messages_to(&smtp, "jsmith@example.com");
+        let second = messages_to(&smtp, "mlee@example.com");
+        let last = messages_to(&smtp, "rep109@example.com");
+        (first.len() == 2 && second.len() == 2 && last.len() == 1).then_some((first, second))
+    })
+    .await;
+    assert!(alerts.0[0].data.contains("Deal "), "{}", alerts.0[0].data);
+    // Later runs find the owners kept from the first: one read of the list (its two
+    // pages of 100), however many deal pages and runs.
+    eventually("three more sync runs", WAIT, || async {
+        (successful_runs(&daemon, "hs") >= 4).then_some(())
+    })
+    .await;
+    let owner_requests: Vec<String> = hubspot
+        .faults()
+        .seen()
+        .into_iter()
+        .filter(|line| line.contains("/crm/v3/owners"))
+        .collect();
+    assert_eq!(
+        owner_requests,
+        [
+            "GET /crm/v3/owners?limit=100",
+            "GET /crm/v3/owners?limit=100&after=100"
+        ]
+    );
+    assert_eq!(smtp.messages().len(), 5, "one alert per deal, none twice");
+    let emails: Vec<(String, Option<String>)> = {
+        let db = daemon.db();
+        let mut statement = db
+            .prepare("SELECT external_id, owner_email FROM deals ORDER BY external_id")
+            .unwrap();
+        statement
+            .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    };
+    assert_eq!(emails[1], ("2".into(), Some("mlee@example.com".into())));
+}
+
+#[tokio::test]
+async fn a_stalled_pipedrive_deal_alerts_its_owner_at_the_address_from_the_users_api() {
+    let smtp = SmtpServer::start().await;
+    let pipedrive = Pipedrive::start("pd-test").await;
+    let entered = chrono::Utc::now() - chrono::Duration::hours(1);
+    // Stage 4 is "Proposal Made" (→ sales.proposal). User 1234 is the fixture's active
+    // Anna; 1235, Ben, is deactivated (`active_flag: false`): no alert goes to him.
+    let mut anna = PdDeal::new(11, "Anna's deal", 4, entered);
+    anna.owner_id = 1234;
+    let mut ben = PdDeal::new(12, "Ben's deal", 4, entered);
+    ben.owner_id = 1235;
+    pipedrive.put(anna);
+    pipedrive.put(ben);
+    let daemon = TestDaemon::start(&format!(
+        "{}{}{STALLED_TO_OWNER}",
+        email(&smtp),
+        pipedrive_connection(&pipedrive.url())
+    ))
+    .await;
+
+    let alert = eventually("Anna's stall alert", WAIT, || async {
+        messages_to(&smtp, "anna@acme.example").into_iter().next()
+    })
+    .await;
+    assert!(alert.data.contains("Anna's deal"), "{}", alert.data);
+    let rows = eventually("both deals decided", WAIT, || async {
+        let rows = outbox_of(&daemon, "stalled");
+        (rows.len() == 2
+            && rows
+                .iter()
+                .all(|(_, state, _)| state != "pending" && state != "sending"))
+        .then_some(rows)
+    })
+    .await;
+    assert_eq!(rows[0].1, "sent");
+    assert_eq!(rows[1].1, "skipped", "{rows:?}");
+    assert_eq!(
+        rows[1].2.as_deref(),
+        Some("the deal has no owner email address")
+    );
+    assert!(messages_to(&smtp, "ben@acme.example").is_empty());
+    eventually("two more sync runs", WAIT, || async {
+        (successful_runs(&daemon, "pd") >= 3).then_some(())
+    })
+    .await;
+    // Both users are kept for a day (Ben as deactivated): one read of the list.
+    assert_eq!(pipedrive.faults().count("/v1/users"), 1);
+}
+
+#[tokio::test]
+async fn check_warns_when_a_rule_sends_to_owners_a_connection_cannot_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("dealsync.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[storage]
+path = "{db}"
+[email]
+transport = "file"
+dir = "{out}"
+from = "desk@example.com"
+templates = "{TEMPLATES}"
+{STALLED_TO_OWNER}
+[connections.crm]
+connector = "webhook"
+pipeline = "sales"
+webhook_secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+
+[connections.hs]
+connector = "hubspot"
+token = "pat-test"
+"#,
+            db = dir.path().join("d.db").display(),
+            out = dir.path().join("out").display()
+        ),
+    )
+    .unwrap();
+    let (code, stdout, stderr) =
+        run_cli(&["--config", config.to_str().unwrap(), "check"], &[]).await;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains("warning: follow-up stalled sends to the owner, but connection crm (webhook) gives no owner email"),
+        "{stdout}"
+    );
+    assert!(
+        !stdout.contains("connection hs (hubspot) gives no owner email"),
+        "{stdout}"
+    );
+}
