@@ -183,6 +183,11 @@ pub trait Connector: Send + Sync {
         false
     }
 
+    /// Whether [`Connector::fetch_one`] can read a record on its own.
+    fn reads_one(&self) -> bool {
+        false
+    }
+
     /// The native pipelines and stages of the source.
     async fn discover_pipelines(
         &self,

@@ -13,13 +13,13 @@
 //! recently enough for a step to be still sendable, then follows the history feed.
 //! On shutdown it stops claiming and lets the sends in flight finish.
 
-use super::FollowupError;
 use super::digest::{DigestContext, DigestRecipient, DigestRule, MAX_LISTED};
 use super::mailer::{MailError, Mailer, Outgoing};
 use super::policy::{self, CAP_WINDOW, Policy};
 use super::rules::{Recipient, Rule, RuleKind};
 use super::templates::{EmailContext, Templates};
 use super::unsubscribe;
+use super::{FollowupError, SourceReader};
 use crate::config::Config;
 use crate::domain::{Deal, StageRef};
 use crate::store::{
@@ -51,6 +51,9 @@ pub struct Worker {
     templates: Templates,
     mailer: Mailer,
     metrics: Arc<Metrics>,
+    /// Reads a deal again from its source before a marketing email to its contact.
+    source: Option<Arc<dyn SourceReader>>,
+    shutdown: CancellationToken,
 }
 
 impl std::fmt::Debug for Worker {
@@ -61,11 +64,13 @@ impl std::fmt::Debug for Worker {
     }
 }
 
-/// Runs the worker until `shutdown`; logs and returns if it cannot start.
+/// Runs the worker until `shutdown`; logs and returns if it cannot start. `source`
+/// reads deals again from their sources before marketing emails to their contacts.
 pub async fn run(
     store: Store,
     config: Arc<Config>,
     metrics: Arc<Metrics>,
+    source: Option<Arc<dyn SourceReader>>,
     shutdown: CancellationToken,
 ) {
     if config.followups.is_empty() && config.digests.is_empty() {
@@ -73,7 +78,11 @@ pub async fn run(
         return;
     }
     let worker = match Worker::new(store, config, metrics) {
-        Ok(worker) => Arc::new(worker),
+        Ok(mut worker) => {
+            worker.source = source;
+            worker.shutdown = shutdown.clone();
+            Arc::new(worker)
+        }
         Err(error) => {
             error!(%error, "the follow-up worker cannot start");
             return;
@@ -110,6 +119,8 @@ impl Worker {
             templates,
             mailer,
             metrics,
+            source: None,
+            shutdown: CancellationToken::new(),
         })
     }
 
@@ -294,6 +305,42 @@ impl Worker {
             return Ok(());
         };
         let email = &self.config.email;
+        if rule.kind == RuleKind::Marketing
+            && rule.to == Recipient::Contact
+            && let Some(source) = &self.source
+            && let Some(deal) = self.store.outbox_email_deal(id).await?
+            && let Err(reason) = source
+                .reread(
+                    deal.connection.as_str(),
+                    deal.external_id.as_str(),
+                    &self.shutdown,
+                )
+                .await
+        {
+            // Consent is the source's to say: without a fresh read the step waits,
+            // and is skipped once it is later than the grace.
+            let grace = chrono::Duration::from_std(rule.late_grace.unwrap_or(email.late_grace))
+                .unwrap_or(chrono::Duration::MAX);
+            let retry = policy::backoff(1, email.retry_initial, email.retry_max);
+            let until = now + chrono::Duration::from_std(retry).unwrap_or_default();
+            warn!(rule = %rule.name, outbox_id = id, deal_id = deal.id, %reason, "could not read the deal again at its source to confirm consent; the step waits");
+            self.store
+                .claim(id, now, ClaimQuery::default(), move |facts| {
+                    if now - facts.row.due_at > grace {
+                        ClaimDecision::Skip(format!(
+                            "consent could not be confirmed at the source within the late grace: {reason}"
+                        ))
+                    } else {
+                        ClaimDecision::Defer {
+                            until,
+                            reason: format!("confirming consent at the source: {reason}"),
+                        }
+                    }
+                })
+                .await?;
+            self.count(&rule.name, "deferred");
+            return Ok(());
+        }
         let query = ClaimQuery {
             order_pipeline: if rule.stop_on_purchase {
                 rule.trigger.pipeline.clone()

@@ -704,6 +704,18 @@ impl Store {
         .await
     }
 
+    /// The deal of an email row (not an expiry), as stored now.
+    pub async fn outbox_email_deal(&self, id: i64) -> Result<Option<Deal>> {
+        self.read(move |db| {
+            let sql = format!(
+                "SELECT {DEAL_COLUMNS} FROM deals WHERE id =
+                   (SELECT deal_id FROM outbox WHERE id = ?1 AND action = 'email')"
+            );
+            Ok(db.query_row(&sql, [id], deal_from_row).optional()?)
+        })
+        .await
+    }
+
     /// When the next pending row comes due.
     pub async fn outbox_next_due(&self) -> Result<Option<DateTime<Utc>>> {
         self.read(|db| {

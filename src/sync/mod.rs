@@ -206,6 +206,42 @@ impl ConnectionRuntime {
     }
 }
 
+/// Reads one deal again from its source and stores it (a poll's upsert), or marks it
+/// deleted when the source says it is gone. `Ok(false)`: the connector cannot read one
+/// record (webhook-only sources).
+pub async fn reread(
+    runtime: &ConnectionRuntime,
+    deps: &SyncDeps,
+    external_id: &str,
+    shutdown: &CancellationToken,
+) -> Result<bool, SyncError> {
+    if !runtime.connector.reads_one() {
+        return Ok(false);
+    }
+    let cx = runtime.context(deps, shutdown);
+    match runtime.connector.fetch_one(&cx, external_id).await? {
+        Some(deal) => {
+            let upserts = runtime.upserts(vec![deal], ChangeCause::Poll);
+            deps.store
+                .commit_page(
+                    runtime.name(),
+                    DEALS_STREAM,
+                    upserts,
+                    Vec::new(),
+                    Vec::new(),
+                    None,
+                )
+                .await?;
+        }
+        None => {
+            deps.store
+                .mark_deal_deleted(runtime.name(), external_id, Utc::now())
+                .await?;
+        }
+    }
+    Ok(true)
+}
+
 /// Moves the connection's deals kept as unmapped whose native stage the stage map
 /// now maps (a config change, or discovery naming the stage) to that stage, as a new
 /// record in that stage would go; they keep when they entered it. A failure only

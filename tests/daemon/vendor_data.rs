@@ -88,13 +88,13 @@ fn successful_runs(daemon: &TestDaemon, connection: &str) -> i64 {
     ))
 }
 
-/// (external id, state, reason) of every outbox row of a rule, by external id.
+/// (external id, state, reason) of every email row of a rule, by external id and step.
 fn outbox_of(daemon: &TestDaemon, rule: &str) -> Vec<(String, String, Option<String>)> {
     let db = daemon.db();
     let mut statement = db
         .prepare(
             "SELECT d.external_id, o.state, o.reason FROM outbox o JOIN deals d ON d.id = o.deal_id
-             WHERE o.rule = ?1 ORDER BY d.external_id, o.step",
+             WHERE o.rule = ?1 AND o.action = 'email' ORDER BY d.external_id, o.step",
         )
         .unwrap();
     statement
@@ -273,5 +273,287 @@ token = "pat-test"
     assert!(
         !stdout.contains("connection hs (hubspot) gives no owner email"),
         "{stdout}"
+    );
+}
+
+/// A two-step marketing sequence to the contact of a deal in proposal.
+const NURTURE: &str = r#"
+[followups.nurture]
+kind = "marketing"
+stage = "sales.proposal"
+to = "contact"
+steps = [
+  { after = "1s", template = "post_sale" },
+  { after = "8s", template = "post_sale" },
+]
+"#;
+
+#[tokio::test]
+async fn a_consenting_hubspot_contact_gets_the_marketing_step_and_an_opt_out_at_the_source_stops_the_next()
+ {
+    let smtp = SmtpServer::start().await;
+    let hubspot = HubSpot::start("pat-test", None).await;
+    let now = now_ms();
+    // Contact 501 may be mailed ("Unsubscribed from all email": "false"), 502 has
+    // unsubscribed, 503 never said anything.
+    for (deal, contact, email, optout) in [
+        (1, 501, "yes@example.com", Some("false")),
+        (2, 502, "no@example.com", Some("true")),
+        (3, 503, "silent@example.com", None),
+    ] {
+        hubspot.put_contact(contact, email, "Pat", "Example");
+        if let Some(optout) = optout {
+            hubspot.set_optout(contact, optout);
+        }
+        let mut record = HsDeal::new(
+            deal,
+            &format!("Deal {deal}"),
+            "presentationscheduled",
+            now + deal as i64,
+        );
+        record.contact = Some(contact);
+        hubspot.put(record);
+    }
+    let daemon = TestDaemon::start(&format!(
+        "{}{}{NURTURE}",
+        email(&smtp),
+        hubspot_connection(&hubspot.url())
+    ))
+    .await;
+
+    eventually("the first step to the consenting contact", WAIT, || async {
+        (messages_to(&smtp, "yes@example.com").len() == 1).then_some(())
+    })
+    .await;
+    // The contact unsubscribes in HubSpot; the deal record itself does not change.
+    hubspot.set_optout(501, "true");
+    let rows = eventually("every step decided", WAIT, || async {
+        let rows = outbox_of(&daemon, "nurture");
+        (rows.len() == 6
+            && rows
+                .iter()
+                .all(|(_, state, _)| state != "pending" && state != "sending"))
+        .then_some(rows)
+    })
+    .await;
+    assert_eq!(messages_to(&smtp, "yes@example.com").len(), 1, "{rows:?}");
+    assert!(messages_to(&smtp, "no@example.com").is_empty());
+    assert!(messages_to(&smtp, "silent@example.com").is_empty());
+    assert_eq!(rows[0].1, "sent");
+    assert_eq!(
+        (rows[1].1.as_str(), rows[1].2.as_deref()),
+        (
+            "skipped",
+            Some("the contact declined marketing email in the source")
+        ),
+        "{rows:?}"
+    );
+    assert_eq!(
+        rows[2].2.as_deref(),
+        Some("the contact declined marketing email in the source")
+    );
+    assert_eq!(
+        rows[4].2.as_deref(),
+        Some("the source records no marketing consent for the contact")
+    );
+    let consent: Option<bool> = daemon
+        .db()
+        .query_row(
+            "SELECT marketing_consent FROM deals WHERE external_id = '1'",
+            [],
+            |row| row.get(0),
+        )
+        .unwrap();
+    assert_eq!(consent, Some(false), "the re-read stored the opt-out");
+}
+
+const WOO_SECRET: &str = "woo-secret";
+
+/// The order-meta fixture as a pending order of `email`, modified now, with the
+/// Mailchimp opt-in checkbox set to `subscribed` ("1" or "0").
+fn woo_order(
+    id: u64,
+    email: &str,
+    subscribed: &str,
+    modified: chrono::DateTime<chrono::Utc>,
+) -> serde_json::Value {
+    let mut order: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(format!(
+            "{}/tests/fixtures/woocommerce/order-meta-data-consent.json",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    order.as_object_mut().unwrap().remove("_note");
+    order["id"] = serde_json::json!(id);
+    order["status"] = serde_json::json!("pending");
+    order["currency"] = serde_json::json!("EUR");
+    order["total"] = serde_json::json!("42.00");
+    order["order_key"] = serde_json::json!(format!("wc_order_{id}"));
+    order["billing"]["email"] = serde_json::json!(email);
+    order["date_created_gmt"] = serde_json::json!(modified.format("%Y-%m-%dT%H:%M:%S").to_string());
+    order["date_modified_gmt"] =
+        serde_json::json!(modified.format("%Y-%m-%dT%H:%M:%S").to_string());
+    order["meta_data"][0]["value"] = serde_json::json!(subscribed);
+    order
+}
+
+async fn post_woo(
+    daemon: &TestDaemon,
+    connection: &str,
+    delivery: &str,
+    order: &serde_json::Value,
+) {
+    use dealsync::webhooks::signature::{self, Delivery, Scheme};
+    let body = serde_json::to_vec(order).unwrap();
+    let mut headers = signature::sign(
+        &Scheme::WooCommerce,
+        WOO_SECRET.as_bytes(),
+        &Delivery {
+            method: "POST",
+            uri: "",
+            body: &body,
+            id: delivery,
+        },
+        std::time::SystemTime::now(),
+    )
+    .unwrap();
+    headers.insert("x-wc-webhook-topic", "order.updated".parse().unwrap());
+    let response = daemon
+        .http
+        .post(daemon.url(&format!("/webhooks/{connection}")))
+        .headers(headers)
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+}
+
+#[tokio::test]
+async fn a_consenting_woocommerce_shopper_gets_the_cart_step_and_an_opt_out_in_an_order_update_stops_the_next()
+ {
+    let smtp = SmtpServer::start().await;
+    let daemon = TestDaemon::start(&format!(
+        r#"{}
+[connections.woo]
+connector = "woocommerce"
+webhook_secret = "{WOO_SECRET}"
+abandon_after = "1s"
+
+[followups.carts]
+kind = "marketing"
+stage = "ecommerce.cart_abandoned"
+steps = [
+  {{ after = "1s", template = "cart_reminder" }},
+  {{ after = "8s", template = "cart_reminder" }},
+]
+"#,
+        email(&smtp)
+    ))
+    .await;
+    let now = chrono::Utc::now();
+    post_woo(
+        &daemon,
+        "woo",
+        "d-1",
+        &woo_order(801, "yes@shop.example", "1", now),
+    )
+    .await;
+    post_woo(
+        &daemon,
+        "woo",
+        "d-2",
+        &woo_order(802, "no@shop.example", "0", now),
+    )
+    .await;
+
+    eventually(
+        "the first reminder to the consenting shopper",
+        WAIT,
+        || async { (messages_to(&smtp, "yes@shop.example").len() == 1).then_some(()) },
+    )
+    .await;
+    // The shopper unticks Mailchimp's box; WooCommerce sends the order again.
+    let later = now + chrono::Duration::seconds(2);
+    post_woo(
+        &daemon,
+        "woo",
+        "d-3",
+        &woo_order(801, "yes@shop.example", "0", later),
+    )
+    .await;
+    let rows = eventually("every step decided", WAIT, || async {
+        let rows = outbox_of(&daemon, "carts");
+        (rows.len() == 4
+            && rows
+                .iter()
+                .all(|(_, state, _)| state != "pending" && state != "sending"))
+        .then_some(rows)
+    })
+    .await;
+    assert_eq!(messages_to(&smtp, "yes@shop.example").len(), 1, "{rows:?}");
+    assert!(messages_to(&smtp, "no@shop.example").is_empty(), "{rows:?}");
+    assert_eq!(rows[0].1, "sent");
+    assert_eq!(
+        rows[1].2.as_deref(),
+        Some("the contact declined marketing email in the source"),
+        "{rows:?}"
+    );
+    assert_eq!(
+        rows[2].2.as_deref(),
+        Some("the contact declined marketing email in the source"),
+        "{rows:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_subscribed_pipedrive_person_gets_the_marketing_step_until_unsubscribed_at_the_source() {
+    let smtp = SmtpServer::start().await;
+    let pipedrive = Pipedrive::start("pd-test").await;
+    let entered = chrono::Utc::now();
+    for (deal, person, email, status) in [
+        (21, 501, "jane@example.com", "subscribed"),
+        (22, 502, "omar@example.org", "no_consent"),
+    ] {
+        pipedrive.put_person(person, "Person", email);
+        pipedrive.set_marketing_status(person, status);
+        let mut record = PdDeal::new(deal, &format!("Deal {deal}"), 4, entered);
+        record.person_id = Some(person);
+        pipedrive.put(record);
+    }
+    let daemon = TestDaemon::start(&format!(
+        "{}{}{NURTURE}",
+        email(&smtp),
+        pipedrive_connection(&pipedrive.url())
+    ))
+    .await;
+    eventually("the first step to the subscribed person", WAIT, || async {
+        (messages_to(&smtp, "jane@example.com").len() == 1).then_some(())
+    })
+    .await;
+    pipedrive.set_marketing_status(501, "unsubscribed");
+    let rows = eventually("every step decided", WAIT, || async {
+        let rows = outbox_of(&daemon, "nurture");
+        (rows.len() == 4
+            && rows
+                .iter()
+                .all(|(_, state, _)| state != "pending" && state != "sending"))
+        .then_some(rows)
+    })
+    .await;
+    assert_eq!(messages_to(&smtp, "jane@example.com").len(), 1, "{rows:?}");
+    assert!(messages_to(&smtp, "omar@example.org").is_empty());
+    assert_eq!(
+        rows[1].2.as_deref(),
+        Some("the contact declined marketing email in the source"),
+        "{rows:?}"
+    );
+    assert_eq!(
+        rows[2].2.as_deref(),
+        Some("the contact declined marketing email in the source"),
+        "{rows:?}"
     );
 }

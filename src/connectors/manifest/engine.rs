@@ -21,7 +21,9 @@
 use super::auth::{Authn, Credentials};
 use super::fields::{self, Scope, lookup, text_of};
 use super::records::{Plan, SplitError, SplitPage, split_page};
-use super::schema::{Enrich, FieldSpec, Manifest, Method, PaginationKind, Request, StageFields};
+use super::schema::{
+    Enrich, FieldSpec, FieldType, Manifest, Method, PaginationKind, Request, StageFields,
+};
 use super::template::Vars;
 use crate::config::ConnectionConfig;
 use crate::connectors::{
@@ -304,6 +306,7 @@ fn record_plan(manifest: &Manifest) -> Plan {
         expected_close,
         deleted,
         status,
+        marketing_consent,
     } = &manifest.deals.fields;
     let specs = [
         Some(external_id),
@@ -327,6 +330,7 @@ fn record_plan(manifest: &Manifest) -> Plan {
             expected_close,
             deleted,
             status,
+            marketing_consent,
         ]
         .into_iter()
         .map(Option::as_ref),
@@ -974,9 +978,21 @@ impl ManifestConnector {
             None => self.default_currency,
         };
         if let Some(amount) = text(&spec.amount)? {
-            deal.amount = Some(
-                Money::parse_decimal(&amount, currency).map_err(|e| bad(format!("amount: {e}")))?,
+            let minor_units = matches!(
+                &spec.amount,
+                Some(FieldSpec::Full(table)) if table.kind == FieldType::MinorUnits
             );
+            deal.amount = Some(if minor_units {
+                fields::parse_minor_units(&amount)
+                    .map(|minor| Money::new(minor, currency))
+                    .ok_or_else(|| {
+                        bad(format!(
+                            "amount: {amount:?} is not a whole number of minor units"
+                        ))
+                    })?
+            } else {
+                Money::parse_decimal(&amount, currency).map_err(|e| bad(format!("amount: {e}")))?
+            });
         }
         deal.contact_email = text(&spec.contact_email)?.and_then(|e| EmailAddress::parse(&e));
         deal.contact_name = text(&spec.contact_name)?;
@@ -1004,6 +1020,10 @@ impl ManifestConnector {
             .map_err(bad)?
             .unwrap_or(false);
         deal.source_status = text(&spec.status)?.and_then(|s| DealStatus::parse(&s));
+        deal.marketing_consent = spec
+            .marketing_consent
+            .as_ref()
+            .and_then(|f| fields::consent(f, &scope));
         deal.deleted = force_deleted || deleted || deal.source_status == Some(DealStatus::Deleted);
         Ok(deal)
     }
@@ -1491,6 +1511,10 @@ impl Connector for ManifestConnector {
         self.manifest.deals.fields.owner_email.is_some()
     }
 
+    fn reads_one(&self) -> bool {
+        self.manifest.deals.one.is_some()
+    }
+
     fn default_mappings(&self) -> Vec<StageMapEntry> {
         let mut entries = Vec::new();
         for (native_pipeline, stages) in &self.manifest.default_mappings {
@@ -1903,13 +1927,23 @@ impl Connector for ManifestConnector {
         let mut vars = Vars::default();
         vars.set("id", json!(external_id))
             .set("page_size", json!(1));
-        // Read like a list page, so the stored text is the vendor's here too.
-        let split = |bytes: &[u8]| split_records(bytes, &request.records);
-        let page = match self
+        // Read like a list page, so the stored text is the vendor's here too; a
+        // single-record endpoint that wraps its record (Pipedrive's `{"data": {…}}`)
+        // has the object itself at the pointer.
+        let split = |bytes: &[u8]| -> Result<Option<Vec<RawRecord>>, serde_json::Error> {
+            if let Some(page) = split_records(bytes, &request.records)? {
+                return Ok(Some(page.records));
+            }
+            let body: Value = serde_json::from_slice(bytes)?;
+            Ok(lookup(&body, &request.records)
+                .filter(|record| record.is_object())
+                .map(|record| vec![RawRecord::from_value(record)]))
+        };
+        let records = match self
             .call_with(cx, request, &Value::Null, &vars, split)
             .await
         {
-            Ok((Some(page), _)) => page,
+            Ok((Some(records), _)) => records,
             Ok((None, _)) => {
                 return Err(self.bad(format!(
                     "{}: {:?} is not a record or an array of records",
@@ -1919,7 +1953,7 @@ impl Connector for ManifestConnector {
             Err(CallError::Status(404, _)) => return Ok(None),
             Err(error) => return Err(error.into_connector(&self.manifest.name, &request.path)),
         };
-        let Some(raw) = page.records.into_iter().next() else {
+        let Some(raw) = records.into_iter().next() else {
             return Ok(None);
         };
         let record = self
@@ -2050,6 +2084,80 @@ mod tests {
             }
             assert!(mapped > 0, "{kind}: no record mapped");
         }
+    }
+
+    fn json_fixture(path: &str) -> Value {
+        let mut value: Value = serde_json::from_slice(&fixture(path)).unwrap();
+        if let Some(object) = value.as_object_mut() {
+            object.retain(|key, _| !key.starts_with('_'));
+        }
+        value
+    }
+
+    #[test]
+    fn the_built_in_manifests_read_consent_from_each_vendors_own_field() {
+        let consent = |connector: &ManifestConnector, record: &Value, step: &str, extra: Value| {
+            let enriched = HashMap::from([(step.to_owned(), extra)]);
+            connector
+                .map_fields(record, &enriched, false)
+                .unwrap()
+                .marketing_consent
+        };
+        // HubSpot: the contact's "Unsubscribed from all email", a string property.
+        let hubspot = connector("hubspot", "token = \"t\"");
+        let page: Value = serde_json::from_slice(&fixture("hubspot/deals-list-page.json")).unwrap();
+        let deal = &page["results"][0];
+        let mut contact = json_fixture("hubspot/contact-optout-properties.json");
+        assert_eq!(
+            consent(&hubspot, deal, "contact", contact.clone()),
+            Some(false)
+        );
+        contact["properties"]["hs_email_optout"] = json!("false");
+        assert_eq!(
+            consent(&hubspot, deal, "contact", contact.clone()),
+            Some(true)
+        );
+        contact["properties"]
+            .as_object_mut()
+            .unwrap()
+            .remove("hs_email_optout");
+        assert_eq!(consent(&hubspot, deal, "contact", contact), None);
+
+        // Pipedrive: the person's marketing_status; only `subscribed` may be mailed.
+        let pipedrive = connector("pipedrive", "token = \"t\"");
+        let page: Value = serde_json::from_slice(&fixture("pipedrive/deals-v2-page.json")).unwrap();
+        let deal = &page["data"][0];
+        let persons = json_fixture("pipedrive/persons-v2-with-marketing-status.json");
+        assert_eq!(persons["data"][0]["marketing_status"], "unsubscribed");
+        assert_eq!(
+            consent(&pipedrive, deal, "person", persons["data"][0].clone()),
+            Some(false)
+        );
+        assert_eq!(
+            consent(&pipedrive, deal, "person", persons["data"][1].clone()),
+            Some(true)
+        );
+        let mut unknown = persons["data"][1].clone();
+        unknown["marketing_status"] = json!("bounced");
+        assert_eq!(consent(&pipedrive, deal, "person", unknown), None);
+
+        // Salesforce: the primary contact role's Contact.HasOptedOutOfEmail.
+        let salesforce = connector(
+            "salesforce",
+            "[connections.c.oauth]\nclient_id = \"x\"\nclient_secret = \"y\"\nrefresh_token = \"z\"",
+        );
+        let page = json_fixture("salesforce/query-opportunity-contact-roles.json");
+        let mut opportunity = page["records"][0].clone();
+        assert_eq!(
+            consent(&salesforce, &opportunity, "none", Value::Null),
+            Some(true)
+        );
+        opportunity["OpportunityContactRoles"]["records"][0]["Contact"]["HasOptedOutOfEmail"] =
+            json!(true);
+        assert_eq!(
+            consent(&salesforce, &opportunity, "none", Value::Null),
+            Some(false)
+        );
     }
 
     #[test]

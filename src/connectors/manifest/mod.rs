@@ -454,9 +454,39 @@ pub fn validate(manifest: &Manifest, report: &mut dyn FnMut(&str, String)) {
         ("expected_close", &f.expected_close),
         ("deleted", &f.deleted),
         ("status", &f.status),
+        ("marketing_consent", &f.marketing_consent),
     ] {
         if let Some(spec) = spec {
             check_field(&format!("deals.fields.{name}"), spec, &enrichments, report);
+            if let FieldSpec::Full(table) = spec
+                && table.kind == schema::FieldType::MinorUnits
+                && name != "amount"
+            {
+                report(
+                    &format!("deals.fields.{name}.type"),
+                    "minor_units is a type for amount only".into(),
+                );
+            }
+        }
+    }
+    if let Some(FieldSpec::Full(table)) = &f.marketing_consent {
+        use schema::FieldType;
+        if !matches!(
+            table.kind,
+            FieldType::Bool | FieldType::Enum | FieldType::String
+        ) {
+            report(
+                "deals.fields.marketing_consent.type",
+                "expected bool, or enum with a map onto \"true\" and \"false\"".into(),
+            );
+        }
+        for (source, target) in &table.map {
+            if !matches!(target.as_str(), "true" | "false") {
+                report(
+                    &format!("deals.fields.marketing_consent.map.{source}"),
+                    format!("{target:?} is not \"true\" or \"false\""),
+                );
+            }
         }
     }
     if let Some(FieldSpec::Full(table)) = &f.status {

@@ -315,6 +315,10 @@ pub struct Fields {
     pub deleted: Option<FieldSpec>,
     /// Maps to `open`, `won`, `lost` or `deleted` (type `enum`).
     pub status: Option<FieldSpec>,
+    /// Whether the contact agreed to marketing email: type `bool`, or `enum` mapping the
+    /// source's values onto `true` and `false`. Absent, or a value the map does not
+    /// name, is no consent.
+    pub marketing_consent: Option<FieldSpec>,
 }
 
 /// A field: a path, or a table with a type and conversions.
@@ -353,6 +357,8 @@ pub enum FieldType {
     String,
     /// A decimal amount (string or number) → minor units of the currency.
     Decimal,
+    /// An integer already in the currency's minor units (cents: 12400 is 124.00 EUR).
+    MinorUnits,
     /// ISO-8601 / RFC 3339 (any offset), `YYYY-MM-DD HH:MM:SS` (UTC), epoch milliseconds.
     Timestamp,
     /// `YYYY-MM-DD` or a timestamp's date.
