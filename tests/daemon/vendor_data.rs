@@ -557,3 +557,113 @@ async fn a_subscribed_pipedrive_person_gets_the_marketing_step_until_unsubscribe
         "{rows:?}"
     );
 }
+
+fn salesforce_connection(name: &str, url: &str, extra: &str) -> String {
+    format!(
+        r#"
+[connections.{name}]
+connector = "salesforce"
+poll_interval = "1s"
+lookback = "30s"
+rate_limit = {{ requests_per_second = 200.0, burst = 50 }}
+{extra}
+
+[connections.{name}.oauth]
+client_id = "sf-client"
+client_secret = "sf-secret"
+token_url = "{url}/services/oauth2/token"
+refresh_token = "refresh-0"
+"#
+    )
+}
+
+/// (external id, amount in minor units, currency) of a connection's deals.
+fn amounts(daemon: &TestDaemon, connection: &str) -> Vec<(String, i64, String)> {
+    let db = daemon.db();
+    let mut statement = db
+        .prepare(
+            "SELECT external_id, amount_minor, currency FROM deals WHERE connection = ?1
+             ORDER BY external_id",
+        )
+        .unwrap();
+    statement
+        .query_map([connection], |row| {
+            Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+        })
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_salesforce_eur_opportunity_is_stored_and_forecast_in_eur_and_a_single_currency_org_still_syncs()
+ {
+    use crate::harness::vendors::salesforce::{Salesforce, SfOpp};
+    use std::sync::atomic::Ordering;
+    let at = chrono::Utc::now() - chrono::Duration::hours(1);
+    let multi = Salesforce::start("refresh-0", 100).await;
+    let mut euro = SfOpp::new("006E1", "Euro deal", "Negotiation/Review", at);
+    euro.currency = "EUR".into();
+    euro.amount = 4200.5;
+    multi.put(euro);
+    multi.put(SfOpp::new("006U1", "Dollar deal", "Negotiation/Review", at));
+    let single = Salesforce::start("refresh-0", 100).await;
+    single.state.multi_currency.store(false, Ordering::SeqCst);
+    single.put(SfOpp::new("006S1", "Pound deal", "Negotiation/Review", at));
+    let daemon = TestDaemon::start(&format!(
+        "{}{}",
+        salesforce_connection("multi", &multi.url(), ""),
+        salesforce_connection(
+            "single",
+            &single.url(),
+            "settings = { default_currency = \"GBP\" }"
+        )
+    ))
+    .await;
+
+    let stored = eventually("both orgs synced", WAIT, || async {
+        let multi = amounts(&daemon, "multi");
+        let single = amounts(&daemon, "single");
+        (multi.len() == 2 && single.len() == 1).then_some((multi, single))
+    })
+    .await;
+    assert_eq!(
+        stored.0,
+        [
+            ("006E1".to_owned(), 420050, "EUR".to_owned()),
+            ("006U1".to_owned(), 1500000, "USD".to_owned())
+        ]
+    );
+    assert_eq!(stored.1, [("006S1".to_owned(), 1500000, "GBP".to_owned())]);
+    // The single-currency org refused the field once; later queries leave it out.
+    eventually("more runs of the single-currency org", WAIT, || async {
+        (successful_runs(&daemon, "single") >= 3).then_some(())
+    })
+    .await;
+    assert_eq!(single.state.invalid_field.load(Ordering::SeqCst), 1);
+
+    let (code, stdout, stderr) = run_cli(
+        &[
+            "--config",
+            daemon.config_path.to_str().unwrap(),
+            "report",
+            "--connection",
+            "multi",
+            "--format",
+            "json",
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(code, 0, "{stderr}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let euros: Vec<&serde_json::Value> = report["total"]["forecast"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|row| row["currency"] == "EUR")
+        .collect();
+    assert_eq!(euros.len(), 1, "{}", report["total"]["forecast"]);
+    assert_eq!(euros[0]["amount"]["amount"], "4200.50");
+    assert_eq!(euros[0]["amount"]["currency"], "EUR");
+}

@@ -202,6 +202,8 @@ pub struct ManifestConnector {
     record_keys: Vec<Vec<String>>,
     /// [`mapping_shape`] of the manifest.
     shape: String,
+    /// Per `deals.optional` entry: the vendor refused it, so `{optional}` leaves it out.
+    optional_refused: std::sync::Mutex<Vec<bool>>,
 }
 
 /// Enrichment records kept in memory, at most this many.
@@ -474,6 +476,7 @@ impl ManifestConnector {
             own_rate,
             record_keys,
             shape: mapping_shape(&manifest),
+            optional_refused: std::sync::Mutex::new(vec![false; manifest.deals.optional.len()]),
             plan: record_plan(&manifest),
             recent: std::sync::Mutex::new(Recent::default()),
             bodies: collect_bodies(&manifest),
@@ -515,6 +518,47 @@ impl ManifestConnector {
             .map_or(self.page_size, |p| p.min(self.page_size.max(p)))
     }
 
+    /// What `{optional}` renders now: the optional texts the vendor has not refused.
+    fn optional_text(&self) -> String {
+        let refused = self
+            .optional_refused
+            .lock()
+            .map(|refused| refused.clone())
+            .unwrap_or_default();
+        self.manifest
+            .deals
+            .optional
+            .iter()
+            .zip(refused.iter().chain(std::iter::repeat(&false)))
+            .filter(|(_, refused)| !**refused)
+            .map(|(optional, _)| optional.text.as_str())
+            .collect()
+    }
+
+    /// Turns off the optional texts whose refusal `status` and `body` are; true when
+    /// one was (the request is then sent again without it).
+    fn refuse_optional(&self, cx: &SyncContext, status: u16, body: &str) -> bool {
+        let Ok(mut refused) = self.optional_refused.lock() else {
+            return false;
+        };
+        let mut any = false;
+        for (at, optional) in self.manifest.deals.optional.iter().enumerate() {
+            let matches = optional.refused.status == status
+                && optional
+                    .refused
+                    .body_contains
+                    .as_deref()
+                    .is_some_and(|needle| body.contains(needle));
+            if matches && refused.get(at) == Some(&false) {
+                refused[at] = true;
+                any = true;
+                info!(connection = %cx.connection, text = %optional.text.trim(), without = optional.without.as_deref().unwrap_or(""),
+                    "the vendor does not accept this optional query text for this account; reading without it");
+            }
+        }
+        any
+    }
+
     fn build(
         &self,
         request: &Request,
@@ -522,6 +566,9 @@ impl ManifestConnector {
         vars: &Vars,
         authn: &Authn,
     ) -> Result<VendorRequest, ConnectorError> {
+        let mut vars = vars.clone();
+        vars.set("optional", json!(self.optional_text()));
+        let vars = &vars;
         let base = self.base(authn)?;
         let pagination = &request.pagination;
         let follows_url = matches!(
@@ -665,11 +712,12 @@ impl ManifestConnector {
                 break response;
             };
             if !(200..300).contains(&response.status) {
-                let excerpt: String = String::from_utf8_lossy(&response.body)
-                    .chars()
-                    .take(300)
-                    .collect();
-                return Err(CallError::Status(response.status, excerpt));
+                let body = String::from_utf8_lossy(&response.body).into_owned();
+                if self.refuse_optional(cx, response.status, &body) {
+                    attempt -= 1;
+                    continue;
+                }
+                return Err(CallError::Status(response.status, excerpt(&body)));
             }
             match parse(&response.body) {
                 Ok(body) => return Ok((body, response.headers)),
@@ -1422,6 +1470,11 @@ fn split_records(body: &[u8], pointer: &str) -> Result<Option<SplitPage>, serde_
         Err(SplitError::Json(error)) => Err(error),
         Err(SplitError::NotAnArray) => Ok(None),
     }
+}
+
+/// The start of an error body, for messages and logs.
+fn excerpt(body: &str) -> String {
+    body.chars().take(300).collect()
 }
 
 /// The `rel="next"` URL of a `Link` header.

@@ -354,6 +354,25 @@ pub fn validate(manifest: &Manifest, report: &mut dyn FnMut(&str, String)) {
     if let Some(request) = &deals.one {
         check_request("deals.one", request, report);
     }
+    for (at, optional) in deals.optional.iter().enumerate() {
+        if optional
+            .refused
+            .body_contains
+            .as_deref()
+            .is_none_or(str::is_empty)
+        {
+            report(
+                &format!("deals.optional[{at}].refused.body_contains"),
+                "name the text of the vendor's refusal, so no other error turns this off".into(),
+            );
+        }
+        if optional.text.contains('{') {
+            report(
+                &format!("deals.optional[{at}].text"),
+                "placeholders are not rendered inside optional text".into(),
+            );
+        }
+    }
     let mut enrichments: Vec<String> = Vec::new();
     for (at, step) in deals.enrich.iter().enumerate() {
         let key = format!("deals.enrich[{at}]");

@@ -174,7 +174,25 @@ pub struct Deals {
     /// Follow-up requests that bring related records (contacts, associations).
     #[serde(default)]
     pub enrich: Vec<Enrich>,
+    /// Query text only some accounts accept (Salesforce's `CurrencyIsoCode`, which only
+    /// multi-currency orgs have), rendered by `{optional}` until the vendor refuses it.
+    #[serde(default)]
+    pub optional: Vec<OptionalText>,
     pub fields: Fields,
+}
+
+/// Text that `{optional}` renders while the vendor accepts it. An answer matching
+/// `refused` turns it off for the connection (until a restart or reload) and the
+/// request is sent again without it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OptionalText {
+    pub text: String,
+    /// The answer that means the account does not have it (`{ status = 400,
+    /// body_contains = "No such column 'CurrencyIsoCode'" }`).
+    pub refused: ResponseMatch,
+    /// Said in the log when it is turned off: what the connection does without it.
+    pub without: Option<String>,
 }
 
 /// One HTTP request and how to read its answer.
