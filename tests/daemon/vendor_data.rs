@@ -667,3 +667,117 @@ async fn a_salesforce_eur_opportunity_is_stored_and_forecast_in_eur_and_a_single
     assert_eq!(euros[0]["amount"]["amount"], "4200.50");
     assert_eq!(euros[0]["amount"]["currency"], "EUR");
 }
+
+/// A Close-like CRM whose opportunity `value` is an integer in cents: the worked example
+/// of docs/connectors.md ("Amounts in minor units"), word for word.
+const CENTS_MANIFEST: &str = r#"
+name = "closecrm"
+base_url = "https://api.close.com"
+default_pipeline = "sales"
+
+[auth]
+kind = "basic"
+
+[deals]
+page_size = 100
+modified = { path = "/date_updated", type = "timestamp" }
+
+[deals.full]
+path = "/api/v1/opportunity/"
+records = "/data"
+pagination = { kind = "offset", param = "_skip", has_more = "/has_more" }
+query = { _limit = "{page_size}" }
+
+[deals.fields]
+external_id = "/id"
+title = "/note"
+amount = { path = "/value", type = "minor_units" }
+currency = "/value_currency"
+native_pipeline = { value = "opportunities" }
+native_stage = "/status_label"
+status = { path = "/status_type", type = "enum", map = { active = "open", won = "won", lost = "lost" } }
+created_at = { path = "/date_created", type = "timestamp" }
+
+[default_mappings.opportunities]
+"Demo Completed" = "sales.proposal"
+"#;
+
+#[tokio::test]
+async fn a_cents_based_manifest_crm_stores_12400_as_124_00() {
+    use serde_json::json;
+    let opportunities = json!({"data": [
+        {"id": "oppo_1", "note": "Renewal", "value": 12400, "value_currency": "EUR",
+         "status_label": "Demo Completed", "status_type": "active",
+         "date_created": "2026-01-05T09:00:00.000000+00:00", "date_updated": "2026-01-10T09:00:00.000000+00:00"},
+        {"id": "oppo_2", "note": "Odd cents", "value": "99", "value_currency": "USD",
+         "status_label": "Demo Completed", "status_type": "active",
+         "date_created": "2026-01-05T09:00:00.000000+00:00", "date_updated": "2026-01-10T09:00:01.000000+00:00"},
+        {"id": "oppo_3", "note": "Not cents", "value": 12.5, "value_currency": "USD",
+         "status_label": "Demo Completed", "status_type": "active",
+         "date_created": "2026-01-05T09:00:00.000000+00:00", "date_updated": "2026-01-10T09:00:02.000000+00:00"}
+    ], "has_more": false});
+    let router = axum::Router::new().route(
+        "/api/v1/opportunity/",
+        axum::routing::get(move || {
+            let body = opportunities.clone();
+            async move { axum::Json(body) }
+        }),
+    );
+    let mock = crate::harness::vendors::serve(router).await;
+    let connectors = tempfile::tempdir().unwrap();
+    std::fs::write(connectors.path().join("closecrm.toml"), CENTS_MANIFEST).unwrap();
+    let daemon = TestDaemon::start(&format!(
+        "[connectors]\ndir = \"{}\"\n\n[connections.close]\nconnector = \"closecrm\"\nbase_url = \"{}\"\nusername = \"api_key\"\npassword = \"\"\npoll_interval = \"1h\"\n",
+        connectors.path().display(),
+        mock.url()
+    ))
+    .await;
+    let stored = eventually("two cents deals and a quarantined one", WAIT, || async {
+        let stored = amounts(&daemon, "close");
+        (stored.len() == 2 && daemon.count("SELECT count(*) FROM quarantine") == 1)
+            .then_some(stored)
+    })
+    .await;
+    assert_eq!(
+        stored,
+        [
+            ("oppo_1".to_owned(), 12400, "EUR".to_owned()),
+            ("oppo_2".to_owned(), 99, "USD".to_owned())
+        ]
+    );
+    let reason: String = daemon
+        .db()
+        .query_row("SELECT error FROM quarantine", [], |row| row.get(0))
+        .unwrap();
+    assert!(
+        reason.contains("not a whole number of minor units"),
+        "{reason}"
+    );
+    let (code, stdout, stderr) = run_cli(
+        &[
+            "--config",
+            daemon.config_path.to_str().unwrap(),
+            "report",
+            "--format",
+            "json",
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(code, 0, "{stderr}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let proposal = report["total"]["pipelines"][0]["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|stage| stage["stage"] == "proposal")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        proposal["open_value"],
+        json!([
+            {"currency": "EUR", "minor": 12400, "amount": "124.00"},
+            {"currency": "USD", "minor": 99, "amount": "0.99"}
+        ])
+    );
+}

@@ -645,6 +645,41 @@ mod tests {
     }
 
     #[test]
+    fn consent_maps_minor_units_and_optional_text_are_checked() {
+        let base = "name = \"crm\"\nbase_url = \"http://x\"\n[auth]\nkind = \"bearer\"\n[deals]\nmodified = \"/m\"\n[deals.full]\npath = \"/deals\"\nrecords = \"/data\"\n";
+        let good = format!(
+            "{base}[[deals.optional]]\ntext = \", Extra\"\nrefused = {{ status = 400, body_contains = \"No such column 'Extra'\" }}\n[deals.fields]\nexternal_id = \"/id\"\nnative_stage = \"/stage\"\namount = {{ path = \"/value\", type = \"minor_units\" }}\nmarketing_consent = {{ path = \"/optin\", type = \"enum\", map = {{ yes = \"true\", no = \"false\" }} }}\n"
+        );
+        assert!(
+            parse("crm.toml", &good).is_ok(),
+            "{:?}",
+            parse("crm.toml", &good).err()
+        );
+        let bad = good
+            .replace("no = \"false\"", "no = \"nope\"")
+            .replace(
+                "body_contains = \"No such column 'Extra'\"",
+                "body_contains = \"\"",
+            )
+            .replace(
+                "native_stage = \"/stage\"\n",
+                "native_stage = \"/stage\"\ntitle = { path = \"/t\", type = \"minor_units\" }\n",
+            );
+        let shown: Vec<String> = parse("crm.toml", &bad)
+            .unwrap_err()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        for key in [
+            "deals.fields.marketing_consent.map.no",
+            "deals.optional[0].refused.body_contains",
+            "deals.fields.title.type",
+        ] {
+            assert!(shown.iter().any(|p| p.contains(key)), "{key}: {shown:?}");
+        }
+    }
+
+    #[test]
     fn a_cursor_read_from_an_enrichment_is_refused() {
         let text = "name = \"crm\"\nbase_url = \"http://x\"\n[auth]\nkind = \"bearer\"\n[deals]\nmodified = \"@extra/m\"\n[deals.full]\npath = \"/deals\"\nrecords = \"/data\"\n[[deals.enrich]]\nname = \"extra\"\nids = [\"/id\"]\nid = \"/id\"\n[deals.enrich.request]\npath = \"/extra\"\nrecords = \"/data\"\n[deals.fields]\nexternal_id = { paths = [\"/id\", \"@extra/id\"] }\nnative_stage = \"/stage\"\n";
         let problems = parse("crm.toml", text).unwrap_err();
