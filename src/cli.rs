@@ -354,6 +354,31 @@ async fn check(path: &std::path::Path) -> Result<(), CliError> {
             rule.to
         ));
     }
+    if let Some(store) = &store {
+        for runtime in &runtimes {
+            let groups = store.native_stage_groups(runtime.name()).await?;
+            let applied = store.applied_stage_map(runtime.name()).await?;
+            let plan = crate::sync::plan_remap(runtime, &groups, applied.as_deref());
+            if plan.moves.is_empty() {
+                continue;
+            }
+            out.push_str(&format!(
+                "stage mapping change: connection {} will move {} deals when the daemon next starts or reloads\n",
+                runtime.name(),
+                plan.deals()
+            ));
+            for change in &plan.moves {
+                out.push_str(&format!(
+                    "  {} deals in native stage \"{}\" / \"{}\": {} → {}\n",
+                    change.deals,
+                    change.native_pipeline,
+                    change.native_stage,
+                    crate::followup::policy::describe(&change.from),
+                    crate::followup::policy::describe(&change.to)
+                ));
+            }
+        }
+    }
     for line in owner_email_warnings(&config, &runtimes) {
         out.push_str(&format!("  warning: {line}\n"));
     }

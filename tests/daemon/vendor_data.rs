@@ -781,3 +781,173 @@ async fn a_cents_based_manifest_crm_stores_12400_as_124_00() {
         ])
     );
 }
+
+/// A deal's (from, to) stage pairs of its `mapping` history rows.
+type Moves = Vec<(String, String)>;
+
+/// (external id, stage, mapping history rows) of a connection's deals.
+fn mapping_history(daemon: &TestDaemon, connection: &str) -> Vec<(String, String, Moves)> {
+    let db = daemon.db();
+    let mut statement = db
+        .prepare(
+            "SELECT id, external_id, stage FROM deals WHERE connection = ?1 ORDER BY external_id",
+        )
+        .unwrap();
+    let deals: Vec<(i64, String, String)> = statement
+        .query_map([connection], |row| {
+            Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+        })
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    deals
+        .into_iter()
+        .map(|(id, external_id, stage)| {
+            let mut rows = db
+                .prepare("SELECT from_stage, to_stage FROM stage_history WHERE deal_id = ?1 AND cause = 'mapping' ORDER BY id")
+                .unwrap();
+            let moves = rows
+                .query_map([id], |row| Ok((row.get(0)?, row.get(1)?)))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap();
+            (external_id, stage, moves)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_changed_stage_map_moves_existing_poll_and_webhook_deals_on_reload_with_one_history_row_each()
+ {
+    let hubspot = HubSpot::start("pat-test", None).await;
+    let entered = now_ms() - 3_600_000;
+    for id in [1, 2] {
+        hubspot.put(HsDeal::new(
+            id,
+            &format!("Deal {id}"),
+            "appointmentscheduled",
+            entered + id as i64,
+        ));
+    }
+    let config = |hubspot_map: &str, woo_stage: &str| {
+        format!(
+            r#"{hs}
+poll_interval = "1h"
+{hubspot_map}
+
+[connections.woo]
+connector = "woocommerce"
+webhook_secret = "{WOO_SECRET}"
+abandon_after = "1h"
+
+[connections.woo.stage_map.cart]
+"awaiting-payment" = "{woo_stage}"
+"#,
+            hs = hubspot_connection(&hubspot.url()).replace("poll_interval = \"1s\"\n", "")
+        )
+    };
+    let before = config("", "ecommerce.checkout_started");
+    let mut daemon = TestDaemon::start(&before).await;
+    let mut order = woo_order(901, "later@shop.example", "1", chrono::Utc::now());
+    order["status"] = serde_json::json!("awaiting-payment");
+    post_woo(&daemon, "woo", "d-901", &order).await;
+    eventually("the deals stored as the first map says", WAIT, || async {
+        let hs = mapping_history(&daemon, "hs");
+        let woo = mapping_history(&daemon, "woo");
+        (hs.len() == 2
+            && hs.iter().all(|(_, stage, _)| stage == "lead_qualification")
+            && woo.len() == 1
+            && woo[0].1 == "checkout_started")
+            .then_some(())
+    })
+    .await;
+    let entered_before: Vec<i64> = {
+        let db = daemon.db();
+        let mut statement = db
+            .prepare("SELECT stage_entered_at FROM deals ORDER BY id")
+            .unwrap();
+        statement
+            .query_map([], |row| row.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    };
+
+    // The config now maps HubSpot's first stage and the shop's custom status elsewhere.
+    let after = config(
+        "[connections.hs.stage_map.default]\nappointmentscheduled = \"needs_assessment\"\n",
+        "ecommerce.cart_abandoned",
+    );
+    daemon.write_config(&after);
+    let (code, stdout, stderr) = run_cli(
+        &["--config", daemon.config_path.to_str().unwrap(), "check"],
+        &[],
+    )
+    .await;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains("stage mapping change: connection hs will move 2 deals when the daemon next starts or reloads"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("stage mapping change: connection woo will move 1 deals"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("2 deals in native stage \"default\" / \"appointmentscheduled\": sales.lead_qualification → sales.needs_assessment"),
+        "{stdout}"
+    );
+
+    daemon.signal("HUP");
+    let moved = eventually("the deals moved by the new map", WAIT, || async {
+        let hs = mapping_history(&daemon, "hs");
+        let woo = mapping_history(&daemon, "woo");
+        (hs.iter().all(|(_, stage, _)| stage == "needs_assessment") && woo[0].1 == "cart_abandoned")
+            .then_some((hs, woo))
+    })
+    .await;
+    for (_, _, moves) in moved.0.iter().chain(&moved.1) {
+        assert_eq!(moves.len(), 1, "{moved:?}");
+    }
+    assert_eq!(
+        moved.0[0].2[0],
+        ("lead_qualification".into(), "needs_assessment".into())
+    );
+    assert_eq!(
+        moved.1[0].2[0],
+        ("checkout_started".into(), "cart_abandoned".into())
+    );
+    let entered_after: Vec<i64> = {
+        let db = daemon.db();
+        let mut statement = db
+            .prepare("SELECT stage_entered_at FROM deals ORDER BY id")
+            .unwrap();
+        statement
+            .query_map([], |row| row.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    };
+    assert_eq!(
+        entered_after, entered_before,
+        "each keeps when it entered its native stage"
+    );
+
+    // Nothing is pending any more, and a restart moves nothing twice.
+    let (_, stdout, _) = run_cli(
+        &["--config", daemon.config_path.to_str().unwrap(), "check"],
+        &[],
+    )
+    .await;
+    assert!(!stdout.contains("stage mapping change"), "{stdout}");
+    daemon.kill_and_restart().await;
+    eventually("a sync run after the restart", WAIT, || async {
+        (successful_runs(&daemon, "hs") >= 2).then_some(())
+    })
+    .await;
+    let again = mapping_history(&daemon, "hs");
+    assert!(
+        again.iter().all(|(_, _, moves)| moves.len() == 1),
+        "{again:?}"
+    );
+}
