@@ -826,7 +826,7 @@ async fn outbox_list(path: &std::path::Path, args: OutboxListArgs) -> Result<(),
             row.id.to_string(),
             row.deal_id.to_string(),
             row.rule.clone(),
-            (row.step + 1).to_string(),
+            row.step.to_string(),
             row.action.as_str().to_owned(),
             row.recipient.clone(),
             row.state.as_str().to_owned(),
@@ -993,15 +993,15 @@ async fn outbox_preview(path: &std::path::Path, args: OutboxPreviewArgs) -> Resu
                 rule.steps.len()
             )));
         }
-        Some(step) => step - 1,
+        Some(step) => crate::domain::StepNumber::from_index(step as i64 - 1),
         None => rows
             .iter()
             .filter(|r| r.state == OutboxState::Pending && r.action == OutboxAction::Email)
-            .map(|r| r.step as usize)
+            .map(|r| r.step)
             .min()
-            .unwrap_or(0),
+            .unwrap_or_default(),
     };
-    let row = match rows.iter().find(|r| r.step as usize == step) {
+    let row = match rows.iter().find(|r| r.step == step) {
         Some(row) => row.clone(),
         None => {
             // Not enrolled (yet): show what the rule would send now.
@@ -1015,7 +1015,7 @@ async fn outbox_preview(path: &std::path::Path, args: OutboxPreviewArgs) -> Resu
                 id: 0,
                 deal_id: deal.id,
                 rule: rule.name.clone(),
-                step: step as i64,
+                step,
                 action: OutboxAction::Email,
                 recipient: recipient.map(|a| a.to_string()).unwrap_or_default(),
                 state: OutboxState::Pending,

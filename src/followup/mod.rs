@@ -50,7 +50,10 @@ pub enum FollowupError {
     #[error(transparent)]
     Mail(#[from] mailer::MailError),
     #[error("rule {rule} has no step {step}")]
-    NoSuchStep { rule: String, step: usize },
+    NoSuchStep {
+        rule: String,
+        step: crate::domain::StepNumber,
+    },
     #[error("rule {rule}: the outbox row has no usable recipient address")]
     NoRecipient { rule: String },
     #[error("unsubscribe link: {0}")]

@@ -21,7 +21,7 @@ use super::templates::{EmailContext, Templates};
 use super::unsubscribe;
 use super::{FollowupError, SourceReader};
 use crate::config::Config;
-use crate::domain::{Deal, StageRef};
+use crate::domain::{Deal, StageRef, StepNumber};
 use crate::store::{
     AssembleOutcome, ClaimDecision, ClaimQuery, DigestClaim, DigestFinish, DigestWatch,
     EarlierEnrollment, EnrollPlan, NewOutboxRow, OutboxAction, OutboxRow, OutboxState, Store,
@@ -394,7 +394,7 @@ impl Worker {
 
     /// Renders, sends and records one claimed email.
     async fn deliver(&self, rule: &Rule, row: OutboxRow, deal: Deal) -> Result<(), StoreError> {
-        let step = row.step as usize;
+        let step = row.step;
         let key = idempotency_key(&row);
         let outgoing = match self.compose(rule, &row, &deal) {
             Ok(outgoing) => outgoing,
@@ -420,7 +420,7 @@ impl Worker {
             }
         };
         if self.config.email.dry_run {
-            info!(rule = %rule.name, deal_id = deal.id, step = step + 1, subject = %outgoing.subject, "dry run: follow-up rendered, not sent");
+            info!(rule = %rule.name, deal_id = deal.id, %step, subject = %outgoing.subject, "dry run: follow-up rendered, not sent");
             self.count(&rule.name, "dry_run");
             return self
                 .store
@@ -429,11 +429,11 @@ impl Worker {
         }
         match self.mailer.send(message, &key).await {
             Ok(()) => {
-                let move_to = rule.steps.get(step).and_then(|s| s.move_to.clone());
+                let move_to = rule.steps.get(step.index()).and_then(|s| s.move_to.clone());
                 self.store
                     .mark_sent(row.id, message_id, Utc::now(), move_to, rule.active.clone())
                     .await?;
-                info!(rule = %rule.name, deal_id = deal.id, step = step + 1, "follow-up sent");
+                info!(rule = %rule.name, deal_id = deal.id, %step, "follow-up sent");
                 self.count(&rule.name, "sent");
                 Ok(())
             }
@@ -666,10 +666,10 @@ pub fn compose(
     row: &OutboxRow,
     deal: &Deal,
 ) -> Result<Outgoing, FollowupError> {
-    let step = row.step as usize;
+    let step = row.step;
     let template = &rule
         .steps
-        .get(step)
+        .get(step.index())
         .ok_or_else(|| FollowupError::NoSuchStep {
             rule: rule.name.clone(),
             step,
@@ -764,7 +764,8 @@ pub fn sender_name(config: &Config) -> String {
         .unwrap_or_else(|| config.email.from.clone())
 }
 
-/// `<deal>-<rule>-<step>`: names an outbox row everywhere, stable across restarts.
+/// `<deal>-<rule>-<step>` (the step counted from 1): names an outbox row everywhere
+/// (`.eml` file, Message-ID, `X-Dealsync-Idempotency-Key`), stable across restarts.
 pub fn idempotency_key(row: &OutboxRow) -> String {
     format!("{}-{}-{}", row.deal_id, row.rule, row.step)
 }
@@ -867,7 +868,7 @@ pub fn plan_enrollment(
             let due_at = anchor_at + offset(step.after);
             let too_late = now - due_at > grace;
             NewOutboxRow {
-                step: at as i64,
+                step: StepNumber::from_index(at as i64),
                 action: OutboxAction::Email,
                 due_at,
                 state: if too_late {
@@ -891,7 +892,7 @@ pub fn plan_enrollment(
     }
     if let (Some((after, _)), Some(last)) = (&rule.expire, rule.steps.last()) {
         rows.push(NewOutboxRow {
-            step: rule.steps.len() as i64,
+            step: StepNumber::from_index(rule.steps.len() as i64),
             action: OutboxAction::Expire,
             due_at: anchor_at + offset(last.after) + offset(*after),
             state: OutboxState::Pending,

@@ -951,3 +951,220 @@ abandon_after = "1h"
         "{again:?}"
     );
 }
+
+#[tokio::test]
+async fn the_same_step_number_appears_in_every_output_for_the_same_outbox_row() {
+    let out = tempfile::tempdir().unwrap();
+    // The body's first lines continue the harness's [server] table.
+    let mut daemon = TestDaemon::start(&format!(
+        r#"api_token = "step-test-token-0123456789"
+
+[email]
+transport = "file"
+dir = "{dir}"
+from = "Shop <shop@example.com>"
+templates = "{TEMPLATES}"
+unsubscribe_secret = "test-unsubscribe-secret-0123"
+enroll_interval = "100ms"
+
+[connections.woo]
+connector = "woocommerce"
+webhook_secret = "{WOO_SECRET}"
+abandon_after = "1s"
+
+[followups.carts]
+kind = "marketing"
+stage = "ecommerce.cart_abandoned"
+steps = [
+  {{ after = "1s", template = "cart_reminder" }},
+  {{ after = "2s", template = "cart_reminder" }},
+]
+"#,
+        dir = out.path().display()
+    ))
+    .await;
+    post_woo(
+        &daemon,
+        "woo",
+        "d-step",
+        &woo_order(950, "steps@shop.example", "1", chrono::Utc::now()),
+    )
+    .await;
+    // The row under test is the rule's second step, as the daemon stores it.
+    let (row_id, deal_id, stored_step): (i64, i64, i64) =
+        eventually("the second step sent", WAIT, || async {
+            daemon
+                .db()
+                .query_row(
+                    "SELECT id, deal_id, step FROM outbox WHERE rule = 'carts' AND state = 'sent'
+                 ORDER BY step DESC LIMIT 1",
+                    [],
+                    |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
+                )
+                .ok()
+                .filter(|(_, _, step): &(i64, i64, i64)| *step > 0)
+        })
+        .await;
+    let shown = stored_step + 1;
+    assert_eq!(shown, 2);
+    let key = format!("{deal_id}-carts-{shown}");
+    let config = daemon.config_path.to_str().unwrap().to_owned();
+
+    // The .eml file, its Message-ID and idempotency key.
+    let file = out.path().join(format!("{key}.eml"));
+    let message = std::fs::read_to_string(&file).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e}; files: {:?}",
+            file.display(),
+            std::fs::read_dir(out.path()).unwrap().collect::<Vec<_>>()
+        )
+    });
+    assert!(
+        message.contains(&format!("Message-ID: <{key}.dealsync@example.com>")),
+        "{message}"
+    );
+    assert!(
+        message.contains(&format!("X-Dealsync-Idempotency-Key: {key}")),
+        "{message}"
+    );
+
+    // `outbox list`, as a table and as JSON.
+    let (code, table, stderr) = run_cli(
+        &[
+            "--config",
+            &config,
+            "outbox",
+            "list",
+            "--deal",
+            &deal_id.to_string(),
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(code, 0, "{stderr}");
+    let line = table
+        .lines()
+        .find(|line| line.split_whitespace().next() == Some(&row_id.to_string()))
+        .unwrap_or_else(|| panic!("row {row_id} in\n{table}"));
+    assert!(
+        line.split_whitespace()
+            .any(|cell| cell == shown.to_string()),
+        "{line}"
+    );
+    assert!(line.contains("sent"), "{line}");
+    let (_, listed, _) = run_cli(
+        &[
+            "--config",
+            &config,
+            "outbox",
+            "list",
+            "--deal",
+            &deal_id.to_string(),
+            "--format",
+            "json",
+        ],
+        &[],
+    )
+    .await;
+    let listed: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    let json_row = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["id"] == row_id)
+        .unwrap();
+    assert_eq!(json_row["step"], shown);
+    assert_eq!(
+        json_row["message_id"],
+        format!("<{key}.dealsync@example.com>")
+    );
+
+    // The preview of step 2 is that very email.
+    let (_, preview, _) = run_cli(
+        &[
+            "--config",
+            &config,
+            "outbox",
+            "preview",
+            "carts",
+            &deal_id.to_string(),
+            "--step",
+            "2",
+        ],
+        &[],
+    )
+    .await;
+    assert!(
+        preview.contains(&format!("X-Dealsync-Idempotency-Key: {key}")),
+        "{preview}"
+    );
+
+    // The read API and the status page.
+    let api: serde_json::Value = daemon
+        .http
+        .get(daemon.url(&format!("/api/v1/outbox?deal_id={deal_id}")))
+        .bearer_auth("step-test-token-0123456789")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let api_row = api["emails"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["id"] == row_id)
+        .unwrap();
+    assert_eq!(api_row["step"], shown, "{api}");
+    let (status, page) = daemon.get("/").await;
+    assert_eq!(status, 200);
+    assert!(
+        page.contains(&format!(
+            "<td>{deal_id}</td><td>carts</td><td>{shown}</td><td>sent</td>"
+        )),
+        "{page}"
+    );
+
+    // The report's cart recovery table, as JSON and as a table.
+    let (_, report, _) = run_cli(&["--config", &config, "report", "--format", "json"], &[]).await;
+    let report: serde_json::Value = serde_json::from_str(&report).unwrap();
+    let steps: Vec<i64> = report["total"]["cart_recovery"]["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["step"].as_i64().unwrap())
+        .collect();
+    assert_eq!(steps, [1, 2], "{report}");
+    let (_, csv, _) = run_cli(
+        &[
+            "--config",
+            &config,
+            "report",
+            "--format",
+            "csv",
+            "--section",
+            "carts",
+        ],
+        &[],
+    )
+    .await;
+    assert!(
+        csv.lines()
+            .any(|line| line.contains(&format!("carts,{shown},"))),
+        "{csv}"
+    );
+
+    // The log line of the send.
+    daemon.wait_for_log(&format!("step={shown}"), WAIT).await;
+    assert!(
+        daemon
+            .logs()
+            .lines()
+            .any(|line| line.contains("follow-up sent") && line.contains(&format!("step={shown}"))),
+        "{}",
+        daemon.logs()
+    );
+    daemon.signal("TERM");
+    daemon.wait_exit(Duration::from_secs(10)).await;
+}
