@@ -429,7 +429,15 @@ impl Worker {
         }
         match self.mailer.send(message, &key).await {
             Ok(()) => {
-                let move_to = rule.steps.get(step.index()).and_then(|s| s.move_to.clone());
+                // The status follows the stage: a won deal moved to post-sale stays won.
+                let move_to = rule
+                    .steps
+                    .get(step.index())
+                    .and_then(|s| s.move_to.clone())
+                    .map(|to| {
+                        let status = self.config.pipelines.status_of(&to);
+                        (to, status)
+                    });
                 self.store
                     .mark_sent(row.id, message_id, Utc::now(), move_to, rule.active.clone())
                     .await?;

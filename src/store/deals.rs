@@ -328,6 +328,18 @@ fn find_existing(tx: &Transaction<'_>, upsert: &DealUpsert) -> Result<Option<Exi
         .optional()?)
 }
 
+/// Whether the deal's current stage is where a follow-up moved it (its last history
+/// row has cause `followup`).
+fn moved_by_followup(tx: &Transaction<'_>, deal_id: i64) -> Result<bool> {
+    let cause: Option<String> = tx
+        .prepare_cached(
+            "SELECT cause FROM stage_history WHERE deal_id = ?1 ORDER BY at DESC, id DESC LIMIT 1",
+        )?
+        .query_row([deal_id], |row| row.get(0))
+        .optional()?;
+    Ok(cause.as_deref() == Some(ChangeCause::Followup.as_str()))
+}
+
 /// Marks the records whose (connection, external id) occurs more than once in the
 /// batch: sorted positions, equal neighbours.
 fn repeated_keys(upserts: &[DealUpsert]) -> Vec<bool> {
@@ -402,6 +414,28 @@ pub(crate) fn upsert_all(tx: &Transaction<'_>, upserts: Vec<DealUpsert>) -> Resu
                     },
                 )
             });
+        // A won deal a follow-up moved on (to post-sale) stays there while its source
+        // still says won. Only such records need the extra read.
+        let held = match (&held, &existing) {
+            (None, Some(existing))
+                if source.cart_keys.is_empty()
+                    && upsert.status == DealStatus::Won
+                    && existing.status == DealStatus::Won.as_str()
+                    && existing.pipeline.as_deref()
+                        == upsert.target.pipeline.as_ref().map(|p| p.as_str())
+                    && existing.stage != upsert.target.stage.as_str()
+                    && moved_by_followup(tx, existing.id)? =>
+            {
+                Some(DealUpsert {
+                    target: StageRef {
+                        pipeline: existing.pipeline.clone().map(PipelineKey::new),
+                        stage: StageKey::new(existing.stage.clone()),
+                    },
+                    ..upsert.clone()
+                })
+            }
+            _ => held,
+        };
         let upsert = held.as_ref().unwrap_or(upsert);
         let status = if source.deleted {
             DealStatus::Deleted

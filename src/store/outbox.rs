@@ -552,7 +552,7 @@ impl Store {
         id: i64,
         message_id: String,
         at: DateTime<Utc>,
-        move_to: Option<StageRef>,
+        move_to: Option<(StageRef, DealStatus)>,
         only_from: Vec<StageRef>,
     ) -> Result<bool> {
         self.write(move |tx| {
@@ -565,7 +565,7 @@ impl Store {
             if changed == 0 {
                 return Ok(false);
             }
-            if let Some(to) = move_to {
+            if let Some((to, status)) = move_to {
                 let deal_id: i64 =
                     tx.query_row("SELECT deal_id FROM outbox WHERE id = ?1", [id], |r| {
                         r.get(0)
@@ -580,14 +580,7 @@ impl Store {
                     stage: StageKey::new(stage),
                 };
                 if only_from.contains(&here) {
-                    move_stage(
-                        tx,
-                        deal_id,
-                        &to,
-                        DealStatus::Open,
-                        at,
-                        ChangeCause::Followup,
-                    )?;
+                    move_stage(tx, deal_id, &to, status, at, ChangeCause::Followup)?;
                 }
             }
             Ok(true)

@@ -1168,3 +1168,108 @@ steps = [
     daemon.signal("TERM");
     daemon.wait_exit(Duration::from_secs(10)).await;
 }
+
+#[tokio::test]
+async fn the_post_sale_email_moves_a_won_deal_to_post_sale_where_it_stays_and_the_report_counts_it()
+{
+    let smtp = SmtpServer::start().await;
+    let hubspot = HubSpot::start("pat-test", None).await;
+    hubspot.put_contact(601, "buyer@example.com", "Bea", "Buyer");
+    let mut won = HsDeal::new(7, "Signed deal", "closedwon", now_ms() - 3_600_000);
+    won.contact = Some(601);
+    hubspot.put(won);
+    let daemon = TestDaemon::start(&format!(
+        r#"{}{}
+[followups.post_sale]
+kind = "transactional"
+stage = "sales.won"
+to = "contact"
+template = "post_sale"
+after = "1s"
+move_to = "sales.post_sale"
+"#,
+        email(&smtp),
+        hubspot_connection(&hubspot.url())
+    ))
+    .await;
+    let stage_of = || -> (String, String) {
+        daemon
+            .db()
+            .query_row(
+                "SELECT stage, status FROM deals WHERE external_id = '7'",
+                [],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .unwrap()
+    };
+    eventually("the post-sale email", WAIT, || async {
+        (messages_to(&smtp, "buyer@example.com").len() == 1).then_some(())
+    })
+    .await;
+    eventually("the deal in post-sale", WAIT, || async {
+        (stage_of() == ("post_sale".to_owned(), "won".to_owned())).then_some(())
+    })
+    .await;
+    // The CRM changes the deal, still closed won: it stays in post-sale.
+    hubspot.update(7, |deal| {
+        deal.amount = Some("999.00".into());
+        deal.modified_ms = now_ms();
+    });
+    eventually("the change read", WAIT, || async {
+        let amount: Option<i64> = daemon
+            .db()
+            .query_row(
+                "SELECT amount_minor FROM deals WHERE external_id = '7'",
+                [],
+                |row| row.get(0),
+            )
+            .ok();
+        (amount == Some(99_900)).then_some(())
+    })
+    .await;
+    assert_eq!(stage_of(), ("post_sale".to_owned(), "won".to_owned()));
+    let causes: Vec<(String, String)> = {
+        let db = daemon.db();
+        let mut statement = db
+            .prepare("SELECT to_stage, cause FROM stage_history ORDER BY at, id")
+            .unwrap();
+        statement
+            .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    };
+    assert_eq!(
+        causes,
+        [
+            ("won".to_owned(), "poll".to_owned()),
+            ("post_sale".to_owned(), "followup".to_owned())
+        ]
+    );
+
+    let (code, stdout, stderr) = run_cli(
+        &[
+            "--config",
+            daemon.config_path.to_str().unwrap(),
+            "report",
+            "--format",
+            "json",
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(code, 0, "{stderr}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let sales = &report["total"]["pipelines"][0];
+    let post_sale = sales["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|stage| stage["stage"] == "post_sale")
+        .unwrap();
+    assert_eq!(post_sale["entered"], 1, "{post_sale}");
+    assert_eq!(
+        sales["outcomes"]["won"], 1,
+        "won once: won → post-sale is one run"
+    );
+}
