@@ -122,7 +122,7 @@ async fn due_set() {
             .enroll(*deal_id, "carts".into(), now, now, move |deal, _| {
                 let anchor = deal.stage_entered_at;
                 let row = |step: i64, hours: i64| NewOutboxRow {
-                    step,
+                    step: dealsync::domain::StepNumber::from_index(step),
                     action: if step == 3 {
                         OutboxAction::Expire
                     } else {
@@ -263,6 +263,7 @@ after = "1s"
         store.clone(),
         config,
         Arc::new(dealsync::telemetry::Metrics::new()),
+        None,
         shutdown.clone(),
         Arc::new(dealsync::app::Readiness::default()).worker(dealsync::followup::worker::NAME),
     ));

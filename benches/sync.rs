@@ -3,8 +3,9 @@
 //!
 //! `cargo bench --bench sync` runs three measurements:
 //! 1. a full sync of `DEALS` (default 100,000) HubSpot-shaped deals with ~60
-//!    properties and a contact association each, no rate limit: deals/s, CPU seconds,
-//!    peak RSS (of the whole process, mock included);
+//!    properties, a contact association and one of 25 owners each (the owners list read
+//!    once per sync for their emails), no rate limit: deals/s, CPU seconds, peak RSS
+//!    (of the whole process, mock included);
 //! 2. requests for three incremental cycles after `k`, `k` and `10 k` deals changed;
 //! 3. a full sync of `LIMITED_DEALS` (default 20,000) against a mock enforcing
 //!    HubSpot's burst limit (190 requests per rolling 10 s, 429 beyond): total time
@@ -67,6 +68,14 @@ fn fill(hubspot: &HubSpot, deals: u64, base_ms: i64) {
             "Lovelace",
         );
     }
+    // 25 owners (the fixture's two and 23 more), one per deal in turn: the owners list
+    // (one page of 100) is read once per sync for their emails.
+    let mut owners = vec!["6166860".to_owned(), "6166861".to_owned()];
+    for n in 0..23 {
+        let id = format!("71000{n:02}");
+        hubspot.put_owner(&id, &format!("rep{n}@example.com"), "Rep", &n.to_string());
+        owners.push(id);
+    }
     let stages = [
         "appointmentscheduled",
         "qualifiedtobuy",
@@ -85,6 +94,7 @@ fn fill(hubspot: &HubSpot, deals: u64, base_ms: i64) {
             base_ms + id as i64 * 1000,
         );
         deal.contact = Some(50_000 + id % 1000);
+        deal.owner = Some(owners[(id % owners.len() as u64) as usize].clone());
         deal.extra = extra.clone();
         all.insert(id, deal);
     }
@@ -165,6 +175,7 @@ fn main() {
                 ("search", "/crm/v3/objects/deals/search"),
                 ("association", "/crm/v4/associations/deals/contacts/batch/read"),
                 ("contact", "/crm/v3/objects/contacts/batch/read"),
+                ("owners", "/crm/v3/owners"),
             ]
             .map(|(name, path)| (name, faults.count(path)))
         };

@@ -277,6 +277,24 @@ impl AppState {
     }
 }
 
+#[async_trait::async_trait]
+impl crate::followup::SourceReader for AppState {
+    async fn reread(
+        &self,
+        connection: &str,
+        external_id: &str,
+        shutdown: &CancellationToken,
+    ) -> Result<bool, String> {
+        // A connection no longer configured has no source to ask: the stored deal stands.
+        let Some(runtime) = self.connection(connection) else {
+            return Ok(false);
+        };
+        sync::reread(&runtime, &self.sync_deps(), external_id, shutdown)
+            .await
+            .map_err(|error| error.to_string())
+    }
+}
+
 pub struct App {
     /// `<database>.lock`, held for as long as the app lives: one daemon per database.
     _lock: LockFile,
@@ -530,6 +548,7 @@ fn start_connections(state: &Arc<AppState>, tasks: &TaskTracker, token: &Cancell
         state.store.clone(),
         state.config(),
         state.metrics.clone(),
+        Some(state.clone() as Arc<dyn crate::followup::SourceReader>),
         token.child_token(),
         state.readiness.worker(crate::followup::worker::NAME),
     ));

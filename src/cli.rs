@@ -363,6 +363,34 @@ async fn check(path: &std::path::Path) -> Result<(), CliError> {
             rule.to
         ));
     }
+    if let Some(store) = &store {
+        for runtime in &runtimes {
+            let groups = store.native_stage_groups(runtime.name()).await?;
+            let applied = store.applied_stage_map(runtime.name()).await?;
+            let plan = crate::sync::plan_remap(runtime, &groups, applied.as_deref());
+            if plan.moves.is_empty() {
+                continue;
+            }
+            out.push_str(&format!(
+                "stage mapping change: connection {} will move {} deals when the daemon next starts or reloads\n",
+                runtime.name(),
+                plan.deals()
+            ));
+            for change in &plan.moves {
+                out.push_str(&format!(
+                    "  {} deals in native stage \"{}\" / \"{}\": {} → {}\n",
+                    change.deals,
+                    change.native_pipeline,
+                    change.native_stage,
+                    crate::followup::policy::describe(&change.from),
+                    crate::followup::policy::describe(&change.to)
+                ));
+            }
+        }
+    }
+    for line in owner_email_warnings(&config, &runtimes) {
+        out.push_str(&format!("  warning: {line}\n"));
+    }
     if unmapped.is_empty() {
         out.push_str("stage mappings: every known native stage is mapped\n");
     } else {
@@ -376,6 +404,46 @@ async fn check(path: &std::path::Path) -> Result<(), CliError> {
     }
     output::print(&out);
     Ok(())
+}
+
+/// A warning per (rule sending to the owner, connection feeding its pipeline whose
+/// connector gives no owner email): every such deal would be declined with "the deal
+/// has no owner email address".
+fn owner_email_warnings(config: &Config, runtimes: &[Arc<ConnectionRuntime>]) -> Vec<String> {
+    use crate::followup::digest::DigestRecipient;
+    use crate::followup::rules::Recipient;
+    let mut owner_rules: Vec<(String, Vec<Option<crate::domain::PipelineKey>>)> = config
+        .followups
+        .iter()
+        .filter(|rule| rule.to == Recipient::Owner)
+        .map(|rule| (rule.name.clone(), vec![rule.trigger.pipeline.clone()]))
+        .collect();
+    owner_rules.extend(
+        config
+            .digests
+            .iter()
+            .filter(|rule| rule.to == DigestRecipient::Owner)
+            .map(|rule| {
+                let pipelines = rule.stages.iter().map(|s| s.stage.pipeline.clone());
+                (rule.name.clone(), pipelines.collect())
+            }),
+    );
+    let mut warnings = Vec::new();
+    for (rule, pipelines) in &owner_rules {
+        for runtime in runtimes {
+            let feeds = runtime
+                .default_pipeline()
+                .is_some_and(|pipeline| pipelines.contains(&Some(pipeline)));
+            if feeds && !runtime.connector.gives_owner_email() {
+                warnings.push(format!(
+                    "follow-up {rule} sends to the owner, but connection {} ({}) gives no owner email: its deals will be skipped (\"the deal has no owner email address\"); send to a fixed address, or map `owner_email` in the connector's manifest",
+                    runtime.name(),
+                    runtime.connector.kind()
+                ));
+            }
+        }
+    }
+    warnings
 }
 
 async fn stages(path: &std::path::Path) -> Result<(), CliError> {
@@ -767,7 +835,7 @@ async fn outbox_list(path: &std::path::Path, args: OutboxListArgs) -> Result<(),
             row.id.to_string(),
             row.deal_id.to_string(),
             row.rule.clone(),
-            (row.step + 1).to_string(),
+            row.step.to_string(),
             row.action.as_str().to_owned(),
             row.recipient.clone(),
             row.state.as_str().to_owned(),
@@ -934,15 +1002,15 @@ async fn outbox_preview(path: &std::path::Path, args: OutboxPreviewArgs) -> Resu
                 rule.steps.len()
             )));
         }
-        Some(step) => step - 1,
+        Some(step) => crate::domain::StepNumber::from_index(step as i64 - 1),
         None => rows
             .iter()
             .filter(|r| r.state == OutboxState::Pending && r.action == OutboxAction::Email)
-            .map(|r| r.step as usize)
+            .map(|r| r.step)
             .min()
-            .unwrap_or(0),
+            .unwrap_or_default(),
     };
-    let row = match rows.iter().find(|r| r.step as usize == step) {
+    let row = match rows.iter().find(|r| r.step == step) {
         Some(row) => row.clone(),
         None => {
             // Not enrolled (yet): show what the rule would send now.
@@ -956,7 +1024,7 @@ async fn outbox_preview(path: &std::path::Path, args: OutboxPreviewArgs) -> Resu
                 id: 0,
                 deal_id: deal.id,
                 rule: rule.name.clone(),
-                step: step as i64,
+                step,
                 action: OutboxAction::Email,
                 recipient: recipient.map(|a| a.to_string()).unwrap_or_default(),
                 state: OutboxState::Pending,

@@ -228,6 +228,9 @@ pub struct RawFollowup {
     /// One email: its template, sent `after` in the stage (default: the stage's stall_after).
     pub template: Option<String>,
     pub after: Option<ConfigDuration>,
+    /// One email: the stage the deal moves to once it is sent ("pipeline.stage"), e.g.
+    /// "sales.post_sale" for the post-sale email. A sequence sets `move_to` per step.
+    pub move_to: Option<String>,
     /// A sequence instead of one email; each step's `after` counts from entering the stage.
     pub steps: Option<Vec<RawStep>>,
     /// After the last step, move the deal to `expire_to` if it is still waiting.

@@ -497,6 +497,10 @@ impl Connector for DemoConnector {
         Some("sales")
     }
 
+    fn gives_owner_email(&self) -> bool {
+        true
+    }
+
     async fn discover_pipelines(
         &self,
         _cx: &SyncContext,

@@ -135,6 +135,87 @@ pub fn email(value: Option<&Value>) -> Option<EmailAddress> {
     EmailAddress::parse(value?.as_str()?)
 }
 
+/// Where a connection reads a shopper's marketing consent: a JSON pointer into the
+/// payload, or `meta:KEY`, the `value` of the item with that `key` in the payload's
+/// `meta_data` list (WooCommerce order meta, where consent plugins write).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConsentField {
+    Pointer(String),
+    Meta(String),
+}
+
+impl ConsentField {
+    /// Parses `"/pointer"` or `"meta:KEY"`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        if let Some(key) = text.strip_prefix("meta:") {
+            if key.is_empty() {
+                return Err("\"meta:\" needs the meta key, like \"meta:mailchimp_woocommerce_is_subscribed\"".into());
+            }
+            return Ok(ConsentField::Meta(key.to_owned()));
+        }
+        if text.starts_with('/') {
+            return Ok(ConsentField::Pointer(text.to_owned()));
+        }
+        Err(format!(
+            "expected a JSON pointer like \"/customer/accepts_marketing\" or \"meta:KEY\", got {text:?}"
+        ))
+    }
+
+    fn value<'a>(&self, payload: &'a Value) -> Option<&'a Value> {
+        match self {
+            ConsentField::Pointer(pointer) => payload.pointer(pointer),
+            ConsentField::Meta(key) => payload
+                .get("meta_data")?
+                .as_array()?
+                .iter()
+                .find(|item| item.get("key").and_then(Value::as_str) == Some(key))?
+                .get("value"),
+        }
+    }
+}
+
+/// A connection's `consent` setting: one place or a list of them, tried in order.
+pub fn consent_fields(setting: &toml::Value) -> Result<Vec<ConsentField>, String> {
+    match setting {
+        toml::Value::String(text) => Ok(vec![ConsentField::parse(text)?]),
+        toml::Value::Array(items) => items
+            .iter()
+            .map(|item| {
+                item.as_str()
+                    .ok_or_else(|| "expected a list of JSON pointers or \"meta:KEY\"".to_owned())
+                    .and_then(ConsentField::parse)
+            })
+            .collect(),
+        _ => Err("expected a JSON pointer, \"meta:KEY\", or a list of them".into()),
+    }
+}
+
+/// The shopper's consent: the first of `fields` that holds a yes or a no (`true`,
+/// `1`, `"1"`, `"yes"`, `"on"` / `false`, `0`, `"0"`, `"no"`, `"off"`, `""`). `None`
+/// when none does: no record of consent is no consent.
+pub fn consent(payload: &Value, fields: &[ConsentField]) -> Option<bool> {
+    fields
+        .iter()
+        .find_map(|field| consent_value(field.value(payload)?))
+}
+
+fn consent_value(value: &Value) -> Option<bool> {
+    match value {
+        Value::Bool(flag) => Some(*flag),
+        Value::Number(number) => match number.as_i64() {
+            Some(1) => Some(true),
+            Some(0) => Some(false),
+            _ => None,
+        },
+        Value::String(text) => match text.trim().to_ascii_lowercase().as_str() {
+            "1" | "true" | "yes" | "on" => Some(true),
+            "0" | "false" | "no" | "off" | "" => Some(false),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
 /// "First Last" from two optional fields.
 pub fn full_name(first: Option<&Value>, last: Option<&Value>) -> Option<String> {
     let parts: Vec<&str> = [first, last]
@@ -198,6 +279,37 @@ mod tests {
         assert_eq!(prefix("ééééééééé", 8), "éééééééé");
         assert_eq!(prefix("a🛒b", 2), "a🛒");
         assert_eq!(prefix("", 8), "");
+    }
+
+    #[test]
+    fn consent_is_read_from_pointers_and_meta_keys_in_order() {
+        let order = json!({
+            "customer": {"accepts_marketing": "maybe"},
+            "meta_data": [
+                {"id": 1, "key": "mailchimp_woocommerce_is_subscribed", "value": "1"},
+                {"id": 2, "key": "other_optin", "value": 0},
+            ]
+        });
+        let fields = |list: &[&str]| {
+            list.iter()
+                .map(|text| ConsentField::parse(text).unwrap())
+                .collect::<Vec<_>>()
+        };
+        // An unreadable value is passed over for the next place.
+        assert_eq!(
+            consent(
+                &order,
+                &fields(&[
+                    "/customer/accepts_marketing",
+                    "meta:mailchimp_woocommerce_is_subscribed"
+                ])
+            ),
+            Some(true)
+        );
+        assert_eq!(consent(&order, &fields(&["meta:other_optin"])), Some(false));
+        assert_eq!(consent(&order, &fields(&["meta:absent", "/absent"])), None);
+        assert!(ConsentField::parse("accepts_marketing").is_err());
+        assert!(ConsentField::parse("meta:").is_err());
     }
 
     #[test]

@@ -9,7 +9,9 @@
 //! `ecommerce` (the default) records are carts; `cart_key` names a merchant reference
 //! that becomes the cart key `ref:<value>`, shared with Stripe's `client_reference_id`.
 
-use super::ecommerce::{self, NATIVE_PIPELINE, bad, currency, decimal, email, text_at, time};
+use super::ecommerce::{
+    self, ConsentField, NATIVE_PIPELINE, bad, currency, decimal, email, text_at, time,
+};
 use super::{BadRecord, Connector, ConnectorError, Page, SyncContext, WebhookAction, WebhookEvent};
 use crate::config::ConnectionConfig;
 use crate::domain::{RawRecord, SourceDeal};
@@ -29,7 +31,8 @@ pub struct Fields {
     pub email: String,
     pub name: String,
     pub recovery_url: String,
-    pub consent: String,
+    /// Where consent is read: pointers (or `meta:KEY`), tried in order.
+    pub consent: Vec<ConsentField>,
     pub created_at: String,
     pub updated_at: String,
     pub cart_key: String,
@@ -47,7 +50,7 @@ impl Default for Fields {
             email: at("email"),
             name: at("name"),
             recovery_url: at("recovery_url"),
-            consent: at("marketing_consent"),
+            consent: vec![ConsentField::Pointer(at("marketing_consent"))],
             created_at: at("created_at"),
             updated_at: at("updated_at"),
             cart_key: at("cart_id"),
@@ -67,6 +70,11 @@ impl GenericConnector {
     pub fn from_config(connection: &ConnectionConfig) -> Result<Self, (String, String)> {
         let mut fields = Fields::default();
         for (key, value) in &connection.settings {
+            if key == "consent" {
+                fields.consent =
+                    ecommerce::consent_fields(value).map_err(|message| (key.clone(), message))?;
+                continue;
+            }
             let pointer = value
                 .as_str()
                 .filter(|p| p.is_empty() || p.starts_with('/'))
@@ -86,7 +94,6 @@ impl GenericConnector {
                 "email" => &mut fields.email,
                 "name" => &mut fields.name,
                 "recovery_url" => &mut fields.recovery_url,
-                "consent" => &mut fields.consent,
                 "created_at" => &mut fields.created_at,
                 "updated_at" => &mut fields.updated_at,
                 "cart_key" => &mut fields.cart_key,
@@ -143,7 +150,7 @@ impl GenericConnector {
         deal.contact_email = email(payload.pointer(&f.email));
         deal.contact_name = text_at(payload, &f.name);
         deal.recovery_url = text_at(payload, &f.recovery_url);
-        deal.marketing_consent = payload.pointer(&f.consent).and_then(Value::as_bool);
+        deal.marketing_consent = ecommerce::consent(payload, &f.consent);
         deal.created_at = time(payload.pointer(&f.created_at));
         deal.updated_at = time(payload.pointer(&f.updated_at)).or(deal.created_at);
         if self.carts {

@@ -211,6 +211,17 @@ pub trait Connector: Send + Sync {
         true
     }
 
+    /// Whether its deals can carry the owner's email address, which `to = "owner"`
+    /// follow-ups are sent to (`dealsync check` warns about a rule that needs it).
+    fn gives_owner_email(&self) -> bool {
+        false
+    }
+
+    /// Whether [`Connector::fetch_one`] can read a record on its own.
+    fn reads_one(&self) -> bool {
+        false
+    }
+
     /// The native pipelines and stages of the source.
     async fn discover_pipelines(
         &self,

@@ -8,8 +8,8 @@
 //! is answered by the HTTP layer and never reaches the connector.
 
 use super::ecommerce::{
-    self, CHECKOUT, CLOSED, NATIVE_PIPELINE, PURCHASED, bad, currency, decimal, email, full_name,
-    line_items, text, time,
+    self, CHECKOUT, CLOSED, ConsentField, NATIVE_PIPELINE, PURCHASED, bad, currency, decimal,
+    email, full_name, line_items, text, time,
 };
 use super::{BadRecord, Connector, ConnectorError, Page, SyncContext, WebhookAction, WebhookEvent};
 use crate::config::ConnectionConfig;
@@ -19,19 +19,31 @@ use crate::webhooks::signature::Scheme;
 use async_trait::async_trait;
 use serde_json::Value;
 
+/// Where consent is read when the connection does not say: Mailchimp for
+/// WooCommerce's order meta, the only consent plugin that writes to the order.
+pub const DEFAULT_CONSENT: &str = "meta:mailchimp_woocommerce_is_subscribed";
+
 /// The WooCommerce connector for one connection.
-pub struct WooCommerceConnector;
+pub struct WooCommerceConnector {
+    /// Where the shopper's marketing consent is read (`settings.consent`).
+    consent: Vec<ConsentField>,
+}
 
 impl WooCommerceConnector {
     /// Builds the connector; errors are (settings key, message).
     pub fn from_config(connection: &ConnectionConfig) -> Result<Self, (String, String)> {
-        if let Some(key) = connection.settings.keys().next() {
-            return Err((
-                key.clone(),
-                "unknown setting (woocommerce has none)".to_owned(),
-            ));
+        let mut consent = vec![ConsentField::parse(DEFAULT_CONSENT).expect("a valid default")];
+        for (key, value) in &connection.settings {
+            match key.as_str() {
+                "consent" => {
+                    consent = ecommerce::consent_fields(value).map_err(|m| (key.clone(), m))?;
+                }
+                _ => {
+                    return Err((key.clone(), "unknown setting (known: consent)".to_owned()));
+                }
+            }
         }
-        Ok(WooCommerceConnector)
+        Ok(WooCommerceConnector { consent })
     }
 }
 
@@ -45,8 +57,9 @@ fn stage_of(status: &str) -> &str {
     }
 }
 
-/// Reads an order (REST v3 resource, as webhooks carry it) into a cart.
-pub fn parse_order(order: &Value) -> Result<SourceDeal, BadRecord> {
+/// Reads an order (REST v3 resource, as webhooks carry it) into a cart; consent from
+/// the first of `consent` that holds a yes or a no.
+pub fn parse_order(order: &Value, consent: &[ConsentField]) -> Result<SourceDeal, BadRecord> {
     let id = text(order, "id").ok_or_else(|| bad(order, None, "order has no id"))?;
     let status = order
         .get("status")
@@ -69,6 +82,7 @@ pub fn parse_order(order: &Value) -> Result<SourceDeal, BadRecord> {
     }
     deal.contact_email = billing.and_then(|b| email(b.get("email")));
     deal.contact_name = contact_name;
+    deal.marketing_consent = ecommerce::consent(order, consent);
     deal.created_at = time(order.get("date_created_gmt"));
     deal.updated_at = time(order.get("date_modified_gmt")).or(deal.created_at);
     deal.line_items = line_items(order.get("line_items"), "name", "price", money_currency);
@@ -168,7 +182,10 @@ impl Connector for WooCommerceConnector {
         match topic {
             "order.created" | "order.updated" | "order.restored" => {
                 check_order_body(&body, topic)?;
-                Ok(vec![WebhookAction::Upsert(Box::new(parse_order(&body)?))])
+                Ok(vec![WebhookAction::Upsert(Box::new(parse_order(
+                    &body,
+                    &self.consent,
+                )?))])
             }
             "order.deleted" => {
                 let id = text(&body, "id").ok_or_else(|| bad(&body, None, "deletion has no id"))?;
@@ -206,7 +223,9 @@ mod tests {
 
     #[test]
     fn an_order_topic_with_a_body_or_resource_that_is_no_order_is_refused() {
-        let connector = WooCommerceConnector;
+        let connector = WooCommerceConnector {
+            consent: vec![ConsentField::parse(DEFAULT_CONSENT).unwrap()],
+        };
         let order = order_fixture();
         assert!(
             connector
@@ -241,7 +260,8 @@ mod tests {
     #[test]
     fn an_order_becomes_a_cart_in_the_stage_its_status_says() {
         let mut order = order_fixture();
-        let deal = parse_order(&order).unwrap();
+        let default = [ConsentField::parse(DEFAULT_CONSENT).unwrap()];
+        let deal = parse_order(&order, &default).unwrap();
         assert_eq!(deal.external_id.as_str(), "727");
         assert_eq!(deal.native_stage, PURCHASED);
         assert_eq!(deal.amount.unwrap().minor, 2935);
@@ -258,7 +278,34 @@ mod tests {
             ("wc-custom", "wc-custom"),
         ] {
             order["status"] = Value::String(status.into());
-            assert_eq!(parse_order(&order).unwrap().native_stage, stage);
+            assert_eq!(parse_order(&order, &default).unwrap().native_stage, stage);
         }
+        // The stock order carries no consent plugin's meta: no consent.
+        assert_eq!(deal.marketing_consent, None);
+    }
+
+    #[test]
+    fn consent_comes_from_the_mailchimp_meta_key_by_default_or_where_the_setting_says() {
+        let path = format!(
+            "{}/tests/fixtures/woocommerce/order-meta-data-consent.json",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        let mut order: Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let default = [ConsentField::parse(DEFAULT_CONSENT).unwrap()];
+        assert_eq!(
+            parse_order(&order, &default).unwrap().marketing_consent,
+            Some(true)
+        );
+        order["meta_data"][0]["value"] = Value::String("0".into());
+        assert_eq!(
+            parse_order(&order, &default).unwrap().marketing_consent,
+            Some(false)
+        );
+        let sms = [ConsentField::parse("meta:mailchimp_woocommerce_sms_subscribed").unwrap()];
+        assert_eq!(
+            parse_order(&order, &sms).unwrap().marketing_consent,
+            Some(true)
+        );
     }
 }

@@ -6,9 +6,11 @@
 
 mod money;
 mod raw;
+mod step;
 
 pub use money::{Currency, Money, MoneyError};
 pub use raw::{MAX_DEPTH, RawRecord, TooDeep, check_depth};
+pub use step::StepNumber;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};

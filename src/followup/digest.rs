@@ -219,6 +219,7 @@ pub fn validate(
             ("expire_to", raw_rule.expire_to.is_some()),
             ("cooldown", raw_rule.cooldown.is_some()),
             ("stop_on_purchase", raw_rule.stop_on_purchase.is_some()),
+            ("move_to", raw_rule.move_to.is_some()),
         ] {
             if set {
                 fail(

@@ -10,7 +10,9 @@
 //!   across a crash (see `store::outbox`).
 //! - Just before a send, the deal is re-read: a cart that was bought (from any
 //!   connection), a deal that moved on, an unsubscribed or bounced address, or a
-//!   marketing email without recorded consent stops the sequence.
+//!   marketing email without recorded consent stops the sequence. Before a marketing
+//!   email to a CRM contact the deal is first read again from its source
+//!   ([`SourceReader`]), so consent withdrawn there since is seen.
 //! - Template errors are config errors: found at load and by `dealsync check`.
 
 pub mod digest;
@@ -22,6 +24,24 @@ pub mod unsubscribe;
 pub mod worker;
 
 use crate::config::Config;
+use tokio_util::sync::CancellationToken;
+
+/// Reads a deal again from its source and stores what it finds, just before a
+/// marketing email to its contact: consent withdrawn in a CRM (a HubSpot contact
+/// unsubscribing, a Pipedrive person's `marketing_status`) does not touch the deal
+/// record, so only a fresh read sees it before the next step goes out.
+#[async_trait::async_trait]
+pub trait SourceReader: Send + Sync {
+    /// `Ok(true)`: read and stored (or found deleted); `Ok(false)`: this deal's
+    /// connection cannot read one record (a webhook-only shop, whose webhooks keep the
+    /// deal current). `Err`: the source could not be read; the reason says why.
+    async fn reread(
+        &self,
+        connection: &str,
+        external_id: &str,
+        shutdown: &CancellationToken,
+    ) -> Result<bool, String>;
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum FollowupError {
@@ -30,7 +50,10 @@ pub enum FollowupError {
     #[error(transparent)]
     Mail(#[from] mailer::MailError),
     #[error("rule {rule} has no step {step}")]
-    NoSuchStep { rule: String, step: usize },
+    NoSuchStep {
+        rule: String,
+        step: crate::domain::StepNumber,
+    },
     #[error("rule {rule}: the outbox row has no usable recipient address")]
     NoRecipient { rule: String },
     #[error("unsubscribe link: {0}")]

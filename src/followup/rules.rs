@@ -297,12 +297,22 @@ fn validate_one(
         }
         (Some(template), None) => {
             let after = raw.after.map(|d| d.0).or(trigger_stage.stall_after);
+            let move_to = match &raw.move_to {
+                Some(text) => match stage_in_pipeline(&format!("{base}.move_to"), text, report) {
+                    Some(target) => Some(target),
+                    None => {
+                        ok = false;
+                        None
+                    }
+                },
+                None => None,
+            };
             match after {
                 Some(after) => steps.push(Step {
                     after,
                     template: template.clone(),
                     discount_code: None,
-                    move_to: None,
+                    move_to,
                 }),
                 None => {
                     report(
@@ -317,6 +327,13 @@ fn validate_one(
             }
         }
         (None, Some(raw_steps)) => {
+            if raw.move_to.is_some() {
+                report(
+                    &format!("{base}.move_to"),
+                    "with `steps`, set `move_to` on the step that moves the deal".to_owned(),
+                );
+                ok = false;
+            }
             if raw_steps.is_empty() {
                 report(&format!("{base}.steps"), "is empty".to_owned());
                 ok = false;

@@ -6,7 +6,7 @@
 //! a typo is found before the first send, not at it.
 
 use super::rules::{Rule, template_files};
-use crate::domain::{Deal, LineItem};
+use crate::domain::{Deal, LineItem, StepNumber};
 use minijinja::{AutoEscape, Environment, UndefinedBehavior};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -55,8 +55,8 @@ pub struct EmailContext {
     /// Set on marketing emails.
     pub unsubscribe_url: Option<String>,
     pub rule: String,
-    /// 1-based.
-    pub step: usize,
+    /// Counted from 1.
+    pub step: StepNumber,
     pub steps: usize,
     /// The display name of the sender.
     pub sender: String,
@@ -103,7 +103,7 @@ impl EmailContext {
     pub fn new(
         deal: &Deal,
         rule: &Rule,
-        step: usize,
+        step: StepNumber,
         unsubscribe_url: Option<String>,
         sender: String,
         now: chrono::DateTime<chrono::Utc>,
@@ -142,17 +142,20 @@ impl EmailContext {
             },
             line_items: deal.line_items.iter().map(item).collect(),
             recovery_url: deal.recovery_url.clone(),
-            discount_code: rule.steps.get(step).and_then(|s| s.discount_code.clone()),
+            discount_code: rule
+                .steps
+                .get(step.index())
+                .and_then(|s| s.discount_code.clone()),
             unsubscribe_url,
             rule: rule.name.clone(),
-            step: step + 1,
+            step,
             steps: rule.steps.len(),
             sender,
         }
     }
 
     /// A cart with every field set, for `dealsync check`.
-    pub fn sample(rule: &Rule, step: usize) -> EmailContext {
+    pub fn sample(rule: &Rule, step: StepNumber) -> EmailContext {
         let mut deal = crate::domain::Deal {
             id: 1,
             connection: "shop".into(),
@@ -294,8 +297,10 @@ impl Templates {
         let mut problems = Vec::new();
         for rule in rules {
             for (at, step) in rule.steps.iter().enumerate() {
-                if let Err(error) = self.render(&step.template, &EmailContext::sample(rule, at)) {
-                    problems.push(format!("followups.{} step {}: {error}", rule.name, at + 1));
+                let number = StepNumber::from_index(at as i64);
+                if let Err(error) = self.render(&step.template, &EmailContext::sample(rule, number))
+                {
+                    problems.push(format!("followups.{} step {number}: {error}", rule.name));
                 }
             }
         }

@@ -13,16 +13,16 @@
 //! recently enough for a step to be still sendable, then follows the history feed.
 //! On shutdown it stops claiming and lets the sends in flight finish.
 
-use super::FollowupError;
 use super::digest::{DigestContext, DigestRecipient, DigestRule, MAX_LISTED};
 use super::mailer::{MailError, Mailer, Outgoing};
 use super::policy::{self, CAP_WINDOW, Policy};
 use super::rules::{Recipient, Rule, RuleKind};
 use super::templates::{EmailContext, Templates};
 use super::unsubscribe;
+use super::{FollowupError, SourceReader};
 use crate::app::WorkerHealth;
 use crate::config::Config;
-use crate::domain::{Deal, StageRef};
+use crate::domain::{Deal, StageRef, StepNumber};
 use crate::retry::Backoff;
 use crate::store::{
     AssembleOutcome, ClaimDecision, ClaimQuery, DigestClaim, DigestFinish, DigestWatch,
@@ -53,6 +53,9 @@ pub struct Worker {
     templates: Templates,
     mailer: Mailer,
     metrics: Arc<Metrics>,
+    /// Reads a deal again from its source before a marketing email to its contact.
+    source: Option<Arc<dyn SourceReader>>,
+    shutdown: CancellationToken,
 }
 
 impl std::fmt::Debug for Worker {
@@ -74,10 +77,13 @@ const RECORD_RETRIES: Backoff =
 /// Runs the worker until `shutdown`. A pass the store fails marks the worker degraded
 /// in `/readyz` (`health`) and is tried again after a backoff; the worker never stops
 /// on it. One that cannot start (its mailer) is marked degraded with the reason.
+/// `source` reads deals again from their sources before marketing emails to their
+/// contacts.
 pub async fn run(
     store: Store,
     config: Arc<Config>,
     metrics: Arc<Metrics>,
+    source: Option<Arc<dyn SourceReader>>,
     shutdown: CancellationToken,
     health: WorkerHealth,
 ) {
@@ -87,7 +93,11 @@ pub async fn run(
         return;
     }
     let worker = match Worker::new(store, config, metrics) {
-        Ok(worker) => Arc::new(worker),
+        Ok(mut worker) => {
+            worker.source = source;
+            worker.shutdown = shutdown.clone();
+            Arc::new(worker)
+        }
         Err(error) => {
             error!(%error, "the follow-up worker cannot start");
             health.degraded(format!("cannot start: {error}"));
@@ -135,6 +145,8 @@ impl Worker {
             templates,
             mailer,
             metrics,
+            source: None,
+            shutdown: CancellationToken::new(),
         })
     }
 
@@ -375,6 +387,42 @@ impl Worker {
             return Ok(());
         };
         let email = &self.config.email;
+        if rule.kind == RuleKind::Marketing
+            && rule.to == Recipient::Contact
+            && let Some(source) = &self.source
+            && let Some(deal) = self.store.outbox_email_deal(id).await?
+            && let Err(reason) = source
+                .reread(
+                    deal.connection.as_str(),
+                    deal.external_id.as_str(),
+                    &self.shutdown,
+                )
+                .await
+        {
+            // Consent is the source's to say: without a fresh read the step waits,
+            // and is skipped once it is later than the grace.
+            let grace = chrono::Duration::from_std(rule.late_grace.unwrap_or(email.late_grace))
+                .unwrap_or(chrono::Duration::MAX);
+            let retry = email_backoff(email).delay(1);
+            let until = now + chrono::Duration::from_std(retry).unwrap_or_default();
+            warn!(rule = %rule.name, outbox_id = id, deal_id = deal.id, %reason, "could not read the deal again at its source to confirm consent; the step waits");
+            self.store
+                .claim(id, now, ClaimQuery::default(), move |facts| {
+                    if now - facts.row.due_at > grace {
+                        ClaimDecision::Skip(format!(
+                            "consent could not be confirmed at the source within the late grace: {reason}"
+                        ))
+                    } else {
+                        ClaimDecision::Defer {
+                            until,
+                            reason: format!("confirming consent at the source: {reason}"),
+                        }
+                    }
+                })
+                .await?;
+            self.count(&rule.name, "deferred");
+            return Ok(());
+        }
         let query = ClaimQuery {
             order_pipeline: if rule.stop_on_purchase {
                 rule.trigger.pipeline.clone()
@@ -428,7 +476,7 @@ impl Worker {
 
     /// Renders, sends and records one claimed email.
     async fn deliver(&self, rule: &Rule, row: OutboxRow, deal: Deal) -> Result<(), StoreError> {
-        let step = row.step as usize;
+        let step = row.step;
         let key = idempotency_key(&row);
         let outgoing = match self.compose(rule, &row, &deal) {
             Ok(outgoing) => outgoing,
@@ -454,7 +502,7 @@ impl Worker {
             }
         };
         if self.config.email.dry_run {
-            info!(rule = %rule.name, deal_id = deal.id, step = step + 1, subject = %outgoing.subject, "dry run: follow-up rendered, not sent");
+            info!(rule = %rule.name, deal_id = deal.id, %step, subject = %outgoing.subject, "dry run: follow-up rendered, not sent");
             self.count(&rule.name, "dry_run");
             return self
                 .store
@@ -463,7 +511,15 @@ impl Worker {
         }
         match self.mailer.send(message, &key).await {
             Ok(()) => {
-                let move_to = rule.steps.get(step).and_then(|s| s.move_to.clone());
+                // The status follows the stage: a won deal moved to post-sale stays won.
+                let move_to = rule
+                    .steps
+                    .get(step.index())
+                    .and_then(|s| s.move_to.clone())
+                    .map(|to| {
+                        let status = self.config.pipelines.status_of(&to);
+                        (to, status)
+                    });
                 record("a sent follow-up", || {
                     self.store.mark_sent(
                         row.id,
@@ -474,7 +530,7 @@ impl Worker {
                     )
                 })
                 .await?;
-                info!(rule = %rule.name, deal_id = deal.id, step = step + 1, "follow-up sent");
+                info!(rule = %rule.name, deal_id = deal.id, %step, "follow-up sent");
                 self.count(&rule.name, "sent");
                 Ok(())
             }
@@ -754,10 +810,10 @@ pub fn compose(
     row: &OutboxRow,
     deal: &Deal,
 ) -> Result<Outgoing, FollowupError> {
-    let step = row.step as usize;
+    let step = row.step;
     let template = &rule
         .steps
-        .get(step)
+        .get(step.index())
         .ok_or_else(|| FollowupError::NoSuchStep {
             rule: rule.name.clone(),
             step,
@@ -852,7 +908,8 @@ pub fn sender_name(config: &Config) -> String {
         .unwrap_or_else(|| config.email.from.clone())
 }
 
-/// `<deal>-<rule>-<step>`: names an outbox row everywhere, stable across restarts.
+/// `<deal>-<rule>-<step>` (the step counted from 1): names an outbox row everywhere
+/// (`.eml` file, Message-ID, `X-Dealsync-Idempotency-Key`), stable across restarts.
 pub fn idempotency_key(row: &OutboxRow) -> String {
     format!("{}-{}-{}", row.deal_id, row.rule, row.step)
 }
@@ -955,7 +1012,7 @@ pub fn plan_enrollment(
             let due_at = anchor_at + offset(step.after);
             let too_late = now - due_at > grace;
             NewOutboxRow {
-                step: at as i64,
+                step: StepNumber::from_index(at as i64),
                 action: OutboxAction::Email,
                 due_at,
                 state: if too_late {
@@ -979,7 +1036,7 @@ pub fn plan_enrollment(
     }
     if let (Some((after, _)), Some(last)) = (&rule.expire, rule.steps.last()) {
         rows.push(NewOutboxRow {
-            step: rule.steps.len() as i64,
+            step: StepNumber::from_index(rule.steps.len() as i64),
             action: OutboxAction::Expire,
             due_at: anchor_at + offset(last.after) + offset(*after),
             state: OutboxState::Pending,

@@ -158,7 +158,7 @@ struct StalledView {
 struct EmailView {
     deal_id: i64,
     rule: String,
-    step: i64,
+    step: crate::domain::StepNumber,
     state: String,
     due: String,
     sent: String,

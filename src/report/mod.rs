@@ -27,7 +27,7 @@ pub mod render;
 #[cfg(test)]
 mod tests;
 
-use crate::domain::{Currency, DealStatus, Money};
+use crate::domain::{Currency, DealStatus, Money, StepNumber};
 use crate::pipeline::{Pipelines, StageKind};
 use chrono::{DateTime, Datelike, NaiveDate, Utc};
 use serde::Serialize;
@@ -137,6 +137,7 @@ pub struct VisitInput {
 #[derive(Debug, Clone, Copy)]
 pub struct FollowupInput {
     pub rule: NameId,
+    /// The step's 0-based index, as stored.
     pub step: i64,
     /// UTC milliseconds.
     pub sent_at: i64,
@@ -496,7 +497,7 @@ impl Accumulator {
                 .iter()
                 .map(|((rule, step), s)| StepReport {
                     rule: self.interner.name_of(*rule).to_owned(),
-                    step: *step,
+                    step: StepNumber::from_index(*step),
                     carts_sent: s.carts_sent,
                     recovered_after: s.recovered_after,
                     recovery_rate: ratio(s.recovered_after, s.carts_sent),
@@ -982,7 +983,8 @@ pub struct CartRecovery {
 #[derive(Debug, Clone, Serialize)]
 pub struct StepReport {
     pub rule: String,
-    pub step: i64,
+    /// The step, counted from 1 like everywhere else.
+    pub step: StepNumber,
     pub carts_sent: u64,
     pub recovered_after: u64,
     pub recovery_rate: Option<f64>,

@@ -235,13 +235,30 @@ async fn cart_recovery_credits_the_last_follow_up_before_the_purchase() {
         money_of(&carts.recovered_revenue),
         vec![("EUR".into(), 12000), ("USD".into(), 8000)]
     );
-    let steps: Vec<(&str, i64, u64, u64)> = carts
+    // The fixture's rows hold what the worker writes, the steps' 0-based indexes; the
+    // report shows them as every output does, counted from 1.
+    let steps: Vec<(&str, String, u64, u64)> = carts
         .steps
         .iter()
-        .map(|s| (s.rule.as_str(), s.step, s.carts_sent, s.recovered_after))
+        .map(|s| {
+            (
+                s.rule.as_str(),
+                s.step.to_string(),
+                s.carts_sent,
+                s.recovered_after,
+            )
+        })
         .collect();
-    // The failed step 3 and the skipped step 1 were never sent: they count nowhere.
-    assert_eq!(steps, vec![("cart", 1, 3, 1), ("cart", 2, 2, 1)]);
+    // The failed third step and the skipped first step of cart J were never sent:
+    // they count nowhere.
+    assert_eq!(
+        steps,
+        vec![("cart", "1".into(), 3, 1), ("cart", "2".into(), 2, 1)]
+    );
+    assert_eq!(
+        serde_json::to_value(&carts.steps[0]).unwrap()["step"],
+        serde_json::json!(1)
+    );
     close(carts.steps[0].recovery_rate, 1.0 / 3.0);
 }
 
@@ -256,9 +273,9 @@ async fn expiry_rows_in_the_outbox_count_neither_as_sent_follow_ups_nor_as_email
         .execute_batch(
             "INSERT INTO outbox (deal_id, rule, step, action, recipient, state, due_at,
                 created_at, updated_at, sent_at, anchor_at, next_attempt_at) VALUES
-             (11, 'cart', 4, 'expire', 'k@example.com', 'done',
+             (11, 'cart', 3, 'expire', 'k@example.com', 'done',
               unixepoch('2026-01-24') * 1000, 0, 0, unixepoch('2026-01-24') * 1000, 0, 0),
-             (8, 'cart', 2, 'expire', 'h@example.com', 'sent',
+             (8, 'cart', 3, 'expire', 'h@example.com', 'sent',
               unixepoch('2026-01-10 03:00') * 1000, 0, 0,
               unixepoch('2026-01-10 03:00') * 1000, 0, 0);",
         )
@@ -273,14 +290,24 @@ async fn expiry_rows_in_the_outbox_count_neither_as_sent_follow_ups_nor_as_email
         .unwrap()
         .finish();
 
-    let steps: Vec<(&str, i64, u64, u64)> = report
+    let steps: Vec<(&str, String, u64, u64)> = report
         .total
         .cart_recovery
         .steps
         .iter()
-        .map(|s| (s.rule.as_str(), s.step, s.carts_sent, s.recovered_after))
+        .map(|s| {
+            (
+                s.rule.as_str(),
+                s.step.to_string(),
+                s.carts_sent,
+                s.recovered_after,
+            )
+        })
         .collect();
-    assert_eq!(steps, vec![("cart", 1, 3, 1), ("cart", 2, 2, 1)]);
+    assert_eq!(
+        steps,
+        vec![("cart", "1".into(), 3, 1), ("cart", "2".into(), 2, 1)]
+    );
     let counts: Vec<(String, String, u64)> = store
         .outbox_counts()
         .await

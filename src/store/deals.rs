@@ -328,6 +328,18 @@ fn find_existing(tx: &Transaction<'_>, upsert: &DealUpsert) -> Result<Option<Exi
         .optional()?)
 }
 
+/// Whether the deal's current stage is where a follow-up moved it (its last history
+/// row has cause `followup`).
+fn moved_by_followup(tx: &Transaction<'_>, deal_id: i64) -> Result<bool> {
+    let cause: Option<String> = tx
+        .prepare_cached(
+            "SELECT cause FROM stage_history WHERE deal_id = ?1 ORDER BY at DESC, id DESC LIMIT 1",
+        )?
+        .query_row([deal_id], |row| row.get(0))
+        .optional()?;
+    Ok(cause.as_deref() == Some(ChangeCause::Followup.as_str()))
+}
+
 /// Marks the records whose (connection, external id) occurs more than once in the
 /// batch: sorted positions, equal neighbours.
 fn repeated_keys(upserts: &[DealUpsert]) -> Vec<bool> {
@@ -402,6 +414,28 @@ pub(crate) fn upsert_all(tx: &Transaction<'_>, upserts: Vec<DealUpsert>) -> Resu
                     },
                 )
             });
+        // A won deal a follow-up moved on (to post-sale) stays there while its source
+        // still says won. Only such records need the extra read.
+        let held = match (&held, &existing) {
+            (None, Some(existing))
+                if source.cart_keys.is_empty()
+                    && upsert.status == DealStatus::Won
+                    && existing.status == DealStatus::Won.as_str()
+                    && existing.pipeline.as_deref()
+                        == upsert.target.pipeline.as_ref().map(|p| p.as_str())
+                    && existing.stage != upsert.target.stage.as_str()
+                    && moved_by_followup(tx, existing.id)? =>
+            {
+                Some(DealUpsert {
+                    target: StageRef {
+                        pipeline: existing.pipeline.clone().map(PipelineKey::new),
+                        stage: StageKey::new(existing.stage.clone()),
+                    },
+                    ..upsert.clone()
+                })
+            }
+            _ => held,
+        };
         let upsert = held.as_ref().unwrap_or(upsert);
         let status = if source.deleted {
             DealStatus::Deleted
@@ -798,6 +832,40 @@ pub struct StageCount {
     pub deals: u64,
 }
 
+/// Where the applied stage map of a connection is kept: beside its cursors, one JSON
+/// value per connection (`sync_cursors`, stream `stage_map`).
+const APPLIED_MAP_STREAM: &str = "stage_map";
+
+/// Live deals of one connection in one native stage and one canonical stage.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NativeStageGroup {
+    pub native_pipeline: String,
+    pub native_stage: String,
+    pub stage: StageRef,
+    pub deals: u64,
+}
+
+/// What a connection's stage map made of one native stage when it was last applied.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct AppliedMapping {
+    pub native_pipeline: String,
+    pub native_stage: String,
+    pub pipeline: Option<String>,
+    pub stage: String,
+}
+
+/// Deals of a native stage sitting in `from` that a changed mapping moves to `to`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StageMove {
+    pub native_pipeline: String,
+    pub native_stage: String,
+    pub from: StageRef,
+    pub to: StageRef,
+    pub status: DealStatus,
+    /// How many deals sit there (for `dealsync check`); the move takes whatever is there.
+    pub deals: u64,
+}
+
 /// A native stage that has deals but no mapping.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct UnmappedStage {
@@ -1020,49 +1088,106 @@ impl Store {
         .await
     }
 
-    /// Native stages holding unmapped deals, with counts.
-    /// Moves `connection`'s deals kept as unmapped in (`native_pipeline`,
-    /// `native_stage`) to `to`, each with its history row (cause `mapping`), in one
-    /// transaction. Each keeps the time it entered that native stage: the mapping names
-    /// the stage it has been in since. Returns how many moved.
-    pub async fn map_unmapped(
+    /// The live deals of `connection` grouped by native stage and the canonical stage
+    /// each group sits in now.
+    pub async fn native_stage_groups(&self, connection: &str) -> Result<Vec<NativeStageGroup>> {
+        let connection = connection.to_owned();
+        self.read(move |db| {
+            let mut statement = db.prepare_cached(
+                "SELECT native_pipeline, native_stage, pipeline, stage, count(*) FROM deals
+                 WHERE connection = ?1 AND deleted_at IS NULL
+                 GROUP BY native_pipeline, native_stage, pipeline, stage
+                 ORDER BY native_pipeline, native_stage, pipeline, stage",
+            )?;
+            let rows = statement.query_map([&connection], |row| {
+                Ok(NativeStageGroup {
+                    native_pipeline: row.get(0)?,
+                    native_stage: row.get(1)?,
+                    stage: StageRef {
+                        pipeline: row.get::<_, Option<String>>(2)?.map(PipelineKey::new),
+                        stage: StageKey::new(row.get::<_, String>(3)?),
+                    },
+                    deals: row.get::<_, i64>(4)? as u64,
+                })
+            })?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+        .await
+    }
+
+    /// The stage map last applied to `connection`'s stored deals (see
+    /// [`Store::remap_deals`]); `None` before the first.
+    pub async fn applied_stage_map(&self, connection: &str) -> Result<Option<Vec<AppliedMapping>>> {
+        let Some(value) = self.cursor(connection, APPLIED_MAP_STREAM).await? else {
+            return Ok(None);
+        };
+        // An unreadable record counts as none: only unmapped deals move then.
+        Ok(serde_json::from_value(value).ok())
+    }
+
+    /// Moves `connection`'s deals for each of `moves`: the live deals in its native
+    /// stage that sit in `from` (where the previous mapping put them) go to `to`, each
+    /// with a history row of cause `mapping` at the time it entered the native stage,
+    /// which is when it entered the stage the mapping now names. Records `applied` as
+    /// the map now in force. One transaction; returns how many moved per move.
+    ///
+    /// Deals of that native stage elsewhere (moved by a follow-up, an order, or held by
+    /// the source's won or lost status) are not the mapping's doing and stay.
+    pub async fn remap_deals(
         &self,
         connection: &str,
-        native_pipeline: &str,
-        native_stage: &str,
-        to: StageRef,
-        status: DealStatus,
-    ) -> Result<u64> {
-        let (connection, native_pipeline, native_stage) = (
-            connection.to_owned(),
-            native_pipeline.to_owned(),
-            native_stage.to_owned(),
-        );
+        moves: Vec<StageMove>,
+        applied: Vec<AppliedMapping>,
+    ) -> Result<Vec<u64>> {
+        let connection = connection.to_owned();
         self.write(move |tx| {
-            let deals: Vec<(i64, i64)> = tx
-                .prepare(
-                    "SELECT id, stage_entered_at FROM deals
-                     WHERE connection = ?1 AND native_pipeline = ?2 AND native_stage = ?3
-                       AND stage = 'unmapped' AND deleted_at IS NULL",
-                )?
-                .query_map(params![connection, native_pipeline, native_stage], |row| {
-                    Ok((row.get(0)?, row.get(1)?))
-                })?
-                .collect::<rusqlite::Result<_>>()?;
-            let mut moved = 0;
-            for (id, entered_at) in deals {
-                if move_stage(
-                    tx,
-                    id,
-                    &to,
-                    status,
-                    from_ms(entered_at),
-                    ChangeCause::Mapping,
-                )? {
-                    moved += 1;
+            let mut counts = Vec::with_capacity(moves.len());
+            for change in &moves {
+                let deals: Vec<(i64, i64)> = tx
+                    .prepare_cached(
+                        "SELECT id, stage_entered_at FROM deals
+                         WHERE connection = ?1 AND native_pipeline = ?2 AND native_stage = ?3
+                           AND pipeline IS ?4 AND stage = ?5 AND deleted_at IS NULL",
+                    )?
+                    .query_map(
+                        params![
+                            connection,
+                            change.native_pipeline,
+                            change.native_stage,
+                            change.from.pipeline.as_ref().map(|p| p.as_str()),
+                            change.from.stage.as_str()
+                        ],
+                        |row| Ok((row.get(0)?, row.get(1)?)),
+                    )?
+                    .collect::<rusqlite::Result<_>>()?;
+                let mut moved = 0;
+                for (id, entered_at) in deals {
+                    if move_stage(
+                        tx,
+                        id,
+                        &change.to,
+                        change.status,
+                        from_ms(entered_at),
+                        ChangeCause::Mapping,
+                    )? {
+                        moved += 1;
+                    }
                 }
+                counts.push(moved);
             }
-            Ok(moved)
+            tx.execute(
+                "INSERT INTO sync_cursors (connection, stream, value, updated_at)
+                 VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (connection, stream) DO UPDATE
+                   SET value = excluded.value, updated_at = excluded.updated_at",
+                params![
+                    connection,
+                    APPLIED_MAP_STREAM,
+                    json(&applied)?,
+                    to_ms(Utc::now())
+                ],
+            )?;
+            Ok(counts)
         })
         .await
     }

@@ -594,10 +594,13 @@ fn keep_known_contact(
     if source.contact_name.is_none() {
         source.contact_name = name;
     }
+    // A stored owner email belongs to the stored owner: a record naming another owner
+    // (reassigned in the CRM) does not inherit the previous owner's address.
+    let same_owner = source.owner.is_none() || source.owner == owner;
     if source.owner.is_none() {
         source.owner = owner;
     }
-    if source.owner_email.is_none() {
+    if source.owner_email.is_none() && same_owner {
         source.owner_email = owner_email
             .as_deref()
             .and_then(crate::domain::EmailAddress::parse);
@@ -1127,6 +1130,78 @@ mod tests {
             )
             .unwrap();
         assert_eq!(stored, 1000);
+    }
+
+    #[tokio::test]
+    async fn a_webhook_record_keeps_the_stored_owner_email_only_for_the_same_owner() {
+        use crate::domain::{
+            ChangeCause, ConnectionName, DealStatus, EmailAddress, SourceDeal, StageKey, StageRef,
+        };
+        let (_dir, store) = temp_store();
+        let upsert = |owner: &str, email: Option<&str>, cause: ChangeCause, minute: u32| {
+            let mut source = SourceDeal::new("12", "Globex renewal", "1", "proposal");
+            source.owner = Some(owner.to_owned());
+            source.owner_email = email.and_then(EmailAddress::parse);
+            source.updated_at =
+                Some(chrono::TimeZone::with_ymd_and_hms(&Utc, 2026, 1, 14, 18, minute, 0).unwrap());
+            crate::store::DealUpsert {
+                connection: ConnectionName::new("pd"),
+                source,
+                target: StageRef {
+                    pipeline: None,
+                    stage: StageKey::new("proposal"),
+                },
+                status: DealStatus::Open,
+                observed_at: Utc::now(),
+                cause,
+            }
+        };
+        let owner_email = |store: Store| async move {
+            store
+                .deal_by_external_id("pd", "12")
+                .await
+                .unwrap()
+                .unwrap()
+                .owner_email
+                .map(|e| e.to_string())
+        };
+        store
+            .upsert_deals(vec![upsert(
+                "1234",
+                Some("anna@acme.example"),
+                ChangeCause::Poll,
+                0,
+            )])
+            .await
+            .unwrap();
+        for (delivery, owner, minute, expected) in [
+            ("pd-same-owner", "1234", 5, Some("anna@acme.example")),
+            ("pd-new-owner", "1235", 6, None),
+        ] {
+            store.enqueue_webhook(event(delivery)).await.unwrap();
+            let row = store.due_webhooks(Utc::now(), 1).await.unwrap().remove(0);
+            store
+                .apply_webhook_batch(
+                    vec![(
+                        row.id,
+                        vec![InboxOp::Upsert(upsert(
+                            owner,
+                            None,
+                            ChangeCause::Webhook,
+                            minute,
+                        ))],
+                    )],
+                    crate::store::CartRules::default(),
+                    Utc::now(),
+                )
+                .await
+                .unwrap();
+            assert_eq!(
+                owner_email(store.clone()).await.as_deref(),
+                expected,
+                "{delivery}"
+            );
+        }
     }
 
     #[tokio::test]

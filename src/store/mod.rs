@@ -36,7 +36,10 @@ mod sync;
 mod tokens;
 
 pub use carts::{CartOutcome, CartRules};
-pub use deals::{DealFilter, DealUpsert, StageCount, UnmappedStage, UpsertOutcome, fingerprint};
+pub use deals::{
+    AppliedMapping, DealFilter, DealUpsert, NativeStageGroup, StageCount, StageMove, UnmappedStage,
+    UpsertOutcome, fingerprint,
+};
 pub use digests::{AssembleOutcome, DigestClaim, DigestFinish, DigestRow, DigestWatch};
 pub use inbox::{
     EnqueueError, Enqueued, InboxCounts, InboxOp, InboxRow, MAX_PENDING, NewWebhook, Settlement,

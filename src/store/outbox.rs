@@ -13,7 +13,7 @@
 
 use super::deals::{DEAL_COLUMNS, deal_from_row, move_stage};
 use super::{Result, Store, StoreError, from_ms, to_ms};
-use crate::domain::{ChangeCause, Deal, DealStatus, PipelineKey, StageKey, StageRef};
+use crate::domain::{ChangeCause, Deal, DealStatus, PipelineKey, StageKey, StageRef, StepNumber};
 use chrono::{DateTime, Utc};
 use rusqlite::{OptionalExtension, Row, Transaction, params};
 use serde::Serialize;
@@ -86,8 +86,9 @@ pub struct OutboxRow {
     pub id: i64,
     pub deal_id: i64,
     pub rule: String,
-    /// 0-based step index; the expiry row comes after the last step.
-    pub step: i64,
+    /// The step (stored as its 0-based index, shown from 1); the expiry row comes
+    /// after the last step.
+    pub step: StepNumber,
     pub action: OutboxAction,
     pub recipient: String,
     pub state: OutboxState,
@@ -112,7 +113,7 @@ fn row_from(row: &Row<'_>) -> rusqlite::Result<OutboxRow> {
         id: row.get(0)?,
         deal_id: row.get(1)?,
         rule: row.get(2)?,
-        step: row.get(3)?,
+        step: StepNumber::from_index(row.get(3)?),
         action: if action == "expire" {
             OutboxAction::Expire
         } else {
@@ -135,7 +136,7 @@ fn row_from(row: &Row<'_>) -> rusqlite::Result<OutboxRow> {
 /// A row to create at enrollment.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NewOutboxRow {
-    pub step: i64,
+    pub step: StepNumber,
     pub action: OutboxAction,
     pub due_at: DateTime<Utc>,
     /// `Pending`, or `Skipped` with a reason (a step already too late at enrollment).
@@ -299,7 +300,7 @@ fn insert_row(
     let inserted = statement.execute(params![
         deal_id,
         rule,
-        row.step,
+        row.step.index() as i64,
         row.action.as_str(),
         recipient,
         row.state.as_str(),
@@ -368,7 +369,7 @@ impl Store {
                     reason,
                 } => {
                     let row = NewOutboxRow {
-                        step: 0,
+                        step: StepNumber::default(),
                         action: OutboxAction::Email,
                         due_at: from_ms(now),
                         state: OutboxState::Skipped,
@@ -551,7 +552,7 @@ impl Store {
         id: i64,
         message_id: String,
         at: DateTime<Utc>,
-        move_to: Option<StageRef>,
+        move_to: Option<(StageRef, DealStatus)>,
         only_from: Vec<StageRef>,
     ) -> Result<bool> {
         self.write(move |tx| {
@@ -564,7 +565,7 @@ impl Store {
             if changed == 0 {
                 return Ok(false);
             }
-            if let Some(to) = move_to {
+            if let Some((to, status)) = move_to {
                 let deal_id: i64 =
                     tx.query_row("SELECT deal_id FROM outbox WHERE id = ?1", [id], |r| {
                         r.get(0)
@@ -579,14 +580,7 @@ impl Store {
                     stage: StageKey::new(stage),
                 };
                 if only_from.contains(&here) {
-                    move_stage(
-                        tx,
-                        deal_id,
-                        &to,
-                        DealStatus::Open,
-                        at,
-                        ChangeCause::Followup,
-                    )?;
+                    move_stage(tx, deal_id, &to, status, at, ChangeCause::Followup)?;
                 }
             }
             Ok(true)
@@ -700,6 +694,18 @@ impl Store {
             let rows =
                 statement.query_map(params![to_ms(now), limit], |r| Ok((r.get(0)?, r.get(1)?)))?;
             Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+        .await
+    }
+
+    /// The deal of an email row (not an expiry), as stored now.
+    pub async fn outbox_email_deal(&self, id: i64) -> Result<Option<Deal>> {
+        self.read(move |db| {
+            let sql = format!(
+                "SELECT {DEAL_COLUMNS} FROM deals WHERE id =
+                   (SELECT deal_id FROM outbox WHERE id = ?1 AND action = 'email')"
+            );
+            Ok(db.query_row(&sql, [id], deal_from_row).optional()?)
         })
         .await
     }

@@ -11,7 +11,7 @@
 //! the sink keeps.
 
 use super::{Result, Store};
-use crate::domain::{Currency, DealStatus};
+use crate::domain::{Currency, DealStatus, StepNumber};
 use crate::pipeline::Pipelines;
 use crate::report::{
     Accumulator, DealInput, FollowupInput, Interner, Report, ReportOptions, ReportSink, StageId,
@@ -63,7 +63,7 @@ pub struct OutboxEntry {
     pub id: i64,
     pub deal_id: i64,
     pub rule: String,
-    pub step: i64,
+    pub step: StepNumber,
     /// `email`, or `expire` for a rule's expiry (moves the deal, sends nothing).
     pub action: String,
     pub recipient: String,
@@ -101,7 +101,7 @@ fn outbox_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<OutboxEntry> {
         id: row.get(0)?,
         deal_id: row.get(1)?,
         rule: row.get(2)?,
-        step: row.get(3)?,
+        step: StepNumber::from_index(row.get(3)?),
         recipient: row.get(4)?,
         state: row.get(5)?,
         due_at: from_ms(row.get(6)?),

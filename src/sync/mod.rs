@@ -12,7 +12,10 @@ use crate::connectors::{BadRecord, Connector, ConnectorError, Registry, SyncCont
 use crate::domain::{ChangeCause, DealStatus, SourceDeal, StageRef, check_depth};
 use crate::pipeline::{Pipelines, StageMap};
 use crate::retry::{self, Backoff};
-use crate::store::{CachedRecord, DealUpsert, Quarantined, Store, StoreError, UpsertOutcome};
+use crate::store::{
+    AppliedMapping, CachedRecord, DealUpsert, NativeStageGroup, Quarantined, StageMove, Store,
+    StoreError, UpsertOutcome,
+};
 use crate::telemetry::{Metrics, RecordLabels, RunLabels};
 use chrono::Utc;
 use rand::Rng;
@@ -207,43 +210,181 @@ impl ConnectionRuntime {
     }
 }
 
-/// Moves the connection's deals kept as unmapped whose native stage the stage map
-/// now maps (a config change, or discovery naming the stage) to that stage, as a new
-/// record in that stage would go; they keep when they entered it. A failure only
-/// leaves them unmapped until the next run.
-async fn map_now_mapped(runtime: &ConnectionRuntime, deps: &SyncDeps) {
+/// Reads one deal again from its source and stores it (a poll's upsert), or marks it
+/// deleted when the source says it is gone. `Ok(false)`: the connector cannot read one
+/// record (webhook-only sources).
+pub async fn reread(
+    runtime: &ConnectionRuntime,
+    deps: &SyncDeps,
+    external_id: &str,
+    shutdown: &CancellationToken,
+) -> Result<bool, SyncError> {
+    if !runtime.connector.reads_one() {
+        return Ok(false);
+    }
+    let cx = runtime.context(deps, shutdown);
+    match runtime.connector.fetch_one(&cx, external_id).await? {
+        Some(deal) => {
+            let upserts = runtime.upserts(vec![deal], ChangeCause::Poll);
+            deps.store
+                .commit_page(
+                    runtime.name(),
+                    DEALS_STREAM,
+                    upserts,
+                    Vec::new(),
+                    Vec::new(),
+                    None,
+                )
+                .await?;
+        }
+        None => {
+            deps.store
+                .mark_deal_deleted(runtime.name(), external_id, Utc::now())
+                .await?;
+        }
+    }
+    Ok(true)
+}
+
+/// What a connection's stage map changes for its stored deals: the moves (deals of a
+/// native stage sitting where the previous mapping put them, whose mapping now names
+/// another stage) and the map to record as applied.
+#[derive(Debug, Clone, Default)]
+pub struct RemapPlan {
+    pub moves: Vec<StageMove>,
+    pub applied: Vec<AppliedMapping>,
+}
+
+impl RemapPlan {
+    /// How many deals the moves take.
+    pub fn deals(&self) -> u64 {
+        self.moves.iter().map(|m| m.deals).sum()
+    }
+}
+
+/// Plans the remap of a connection's stored deals: `groups` are its live deals by
+/// native and canonical stage, `applied` the map recorded by the last remap (`None`
+/// before the first: a deal then only moves out of `unmapped`, as nothing says where
+/// an earlier mapping put the others). Pure.
+pub fn plan_remap(
+    runtime: &ConnectionRuntime,
+    groups: &[NativeStageGroup],
+    applied: Option<&[AppliedMapping]>,
+) -> RemapPlan {
+    use std::collections::BTreeMap;
+    let previous: BTreeMap<(&str, &str), StageRef> = applied
+        .unwrap_or_default()
+        .iter()
+        .map(|entry| {
+            (
+                (entry.native_pipeline.as_str(), entry.native_stage.as_str()),
+                StageRef {
+                    pipeline: entry.pipeline.clone().map(crate::domain::PipelineKey::new),
+                    stage: crate::domain::StageKey::new(entry.stage.clone()),
+                },
+            )
+        })
+        .collect();
+    // Every native stage known: those holding deals, those discovery named, and those
+    // the defaults and the config map by key, so a stage whose first deal arrives later
+    // is in the record too.
+    let map = runtime.stage_map();
+    let mut natives: Vec<(String, String)> = groups
+        .iter()
+        .map(|g| (g.native_pipeline.clone(), g.native_stage.clone()))
+        .collect();
+    for pipeline in map.native() {
+        natives.extend(
+            pipeline
+                .stages
+                .iter()
+                .map(|stage| (pipeline.id.clone(), stage.id.clone())),
+        );
+    }
+    natives.extend(
+        map.entries()
+            .iter()
+            .filter(|entry| entry.native_pipeline != "*")
+            .map(|entry| (entry.native_pipeline.clone(), entry.native_stage.clone())),
+    );
+    natives.sort();
+    natives.dedup();
+    let mut plan = RemapPlan::default();
+    for (native_pipeline, native_stage) in &natives {
+        let native = SourceDeal::new("", "", native_pipeline, native_stage);
+        let (target, status) = runtime.map(&native);
+        let before = previous
+            .get(&(native_pipeline.as_str(), native_stage.as_str()))
+            .cloned()
+            .unwrap_or_else(StageRef::unmapped);
+        if !target.is_unmapped() {
+            // Deals kept as unmapped are always the mapping's doing.
+            for group in groups.iter().filter(|g| {
+                &g.native_pipeline == native_pipeline
+                    && &g.native_stage == native_stage
+                    && g.stage != target
+                    && (g.stage == before || g.stage.is_unmapped())
+            }) {
+                plan.moves.push(StageMove {
+                    native_pipeline: native_pipeline.clone(),
+                    native_stage: native_stage.clone(),
+                    from: group.stage.clone(),
+                    to: target.clone(),
+                    status,
+                    deals: group.deals,
+                });
+            }
+        }
+        // A mapping taken away moves nothing: its deals stay where it put them, and the
+        // record says so, for when the stage is mapped again.
+        let recorded = if target.is_unmapped() { before } else { target };
+        plan.applied.push(AppliedMapping {
+            native_pipeline: native_pipeline.clone(),
+            native_stage: native_stage.clone(),
+            pipeline: recorded.pipeline.as_ref().map(|p| p.as_str().to_owned()),
+            stage: recorded.stage.as_str().to_owned(),
+        });
+    }
+    plan
+}
+
+/// Applies the connection's stage map to its stored deals (see [`plan_remap`]): when
+/// the map changed (a reload, a restart with another config, discovery naming a stage),
+/// each deal of a remapped native stage that sits where the previous mapping put it
+/// moves to the new stage, in one transaction with a `mapping` history row, without
+/// reading it again; poll and webhook connections alike. A failure only leaves them
+/// where they are until the next pass.
+pub async fn remap(runtime: &ConnectionRuntime, deps: &SyncDeps) {
     let name = runtime.name();
-    let stages = match deps.store.unmapped_stages(Some(name)).await {
-        Ok(stages) => stages,
+    let read = async {
+        let groups = deps.store.native_stage_groups(name).await?;
+        let applied = deps.store.applied_stage_map(name).await?;
+        Ok::<_, StoreError>((groups, applied))
+    };
+    let (groups, applied) = match read.await {
+        Ok(found) => found,
         Err(error) => {
-            warn!(connection = %name, %error, "reading the unmapped stages failed");
+            warn!(connection = %name, %error, "reading the stored deals' stages failed; not remapping now");
             return;
         }
     };
-    for stage in stages {
-        let native = SourceDeal::new("", "", &stage.native_pipeline, &stage.native_stage);
-        let (target, status) = runtime.map(&native);
-        if target.is_unmapped() {
-            continue;
+    let plan = plan_remap(runtime, &groups, applied.as_deref());
+    if plan.moves.is_empty() && applied.as_deref() == Some(plan.applied.as_slice()) {
+        return;
+    }
+    let moves = plan.moves.clone();
+    match deps.store.remap_deals(name, plan.moves, plan.applied).await {
+        Ok(counts) => {
+            for (change, moved) in moves.iter().zip(counts) {
+                if moved > 0 {
+                    info!(connection = %name, native_pipeline = %change.native_pipeline, native_stage = %change.native_stage,
+                        from = %crate::followup::policy::describe(&change.from), stage = %crate::followup::policy::describe(&change.to), moved,
+                        "deals moved to the stage their native stage now maps to");
+                }
+            }
         }
-        match deps
-            .store
-            .map_unmapped(
-                name,
-                &stage.native_pipeline,
-                &stage.native_stage,
-                target.clone(),
-                status,
-            )
-            .await
-        {
-            Ok(0) => {}
-            Ok(moved) => {
-                info!(connection = %name, native_pipeline = %stage.native_pipeline, native_stage = %stage.native_stage, stage = %target.stage.as_str(), moved, "deals kept as unmapped moved to the stage their native stage now maps to");
-            }
-            Err(error) => {
-                warn!(connection = %name, native_stage = %stage.native_stage, %error, "moving unmapped deals to their new stage failed");
-            }
+        Err(error) => {
+            warn!(connection = %name, %error, "moving deals to their newly mapped stages failed");
         }
     }
 }
@@ -480,7 +621,7 @@ async fn run_pages(
         }
     }
 
-    map_now_mapped(runtime, deps).await;
+    remap(runtime, deps).await;
 
     // Pages are read ahead of the commits (at most READ_AHEAD waiting), and pages that
     // queued up while the store was busy are committed together with the cursor of the
@@ -622,6 +763,9 @@ pub async fn run_connection(
     health: crate::app::WorkerHealth,
 ) {
     let name = runtime.name().to_owned();
+    // At start and after a reload (both start the connection here), a changed stage
+    // map moves the stored deals, webhook-only connections' included.
+    remap(&runtime, &deps).await;
     if !runtime.connector.polls() {
         return;
     }

@@ -260,11 +260,12 @@ async fn a_cart_sequence_arrives_over_smtp_with_both_parts_and_every_header_then
         assert!(data.contains("Content-Type: text/html"), "{data}");
         assert_eq!(
             header(data, "X-Dealsync-Idempotency-Key").unwrap(),
-            format!("{cart}-carts-{step}")
+            format!("{cart}-carts-{}", step + 1),
+            "steps count from 1 in the idempotency key"
         );
         assert_eq!(
             header(data, "Message-ID").unwrap(),
-            format!("<{cart}-carts-{step}.dealsync@example.com>")
+            format!("<{cart}-carts-{}.dealsync@example.com>", step + 1)
         );
         let unsubscribe = header(data, "List-Unsubscribe").unwrap();
         assert!(
@@ -1018,7 +1019,7 @@ async fn after_downtime_a_step_overdue_beyond_the_grace_is_skipped_and_recorded_
     assert_eq!(mails.len(), 1);
     assert_eq!(
         header(&mails[0].data, "X-Dealsync-Idempotency-Key").unwrap(),
-        format!("{cart}-carts-1")
+        format!("{cart}-carts-2")
     );
 }
 
@@ -1141,8 +1142,8 @@ async fn dry_run_renders_and_records_without_sending_and_preview_prints_the_exac
     for needle in [
         "To: \"Ada Lovelace\" <radia@example.com>",
         "Subject: SAVE10: a discount for the cart you left",
-        &format!("X-Dealsync-Idempotency-Key: {cart}-carts-2"),
-        &format!("Message-ID: <{cart}-carts-2.dealsync@example.com>"),
+        &format!("X-Dealsync-Idempotency-Key: {cart}-carts-3"),
+        &format!("Message-ID: <{cart}-carts-3.dealsync@example.com>"),
         "List-Unsubscribe-Post: List-Unsubscribe=One-Click",
         "Content-Type: text/plain",
         "Content-Type: text/html",
@@ -1238,7 +1239,7 @@ async fn a_newly_abandoned_cart_is_sent_promptly_without_waiting_for_the_enroll_
     assert_eq!(mails.len(), 1);
     assert_eq!(
         header(&mails[0].data, "X-Dealsync-Idempotency-Key").unwrap(),
-        format!("{cart}-carts-0")
+        format!("{cart}-carts-1")
     );
     shutdown.cancel();
     running.await.unwrap().unwrap();

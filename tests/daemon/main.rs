@@ -12,4 +12,5 @@ mod report;
 mod secrets;
 mod server;
 mod smtp_harness;
+mod vendor_data;
 mod webhooks;

@@ -21,7 +21,9 @@
 use super::auth::{Authn, Credentials};
 use super::fields::{self, Scope, lookup, text_of};
 use super::records::{Plan, SplitError, SplitPage, split_page};
-use super::schema::{Enrich, FieldSpec, Manifest, Method, PaginationKind, Request, StageFields};
+use super::schema::{
+    Enrich, FieldSpec, FieldType, Manifest, Method, PaginationKind, Request, StageFields,
+};
 use super::template::Vars;
 use crate::config::ConnectionConfig;
 use crate::connectors::{
@@ -136,6 +138,11 @@ struct CursorState {
     read_started: Option<DateTime<Utc>>,
     #[serde(default)]
     deletes_at: Option<DateTime<Utc>>,
+    /// The manifest's field mapping and enrichments the reads were made with (see
+    /// [`mapping_shape`]): when it changes, the next run reads everything again, so
+    /// stored deals get the fields a new manifest adds (owner emails, consent).
+    #[serde(default)]
+    shape: Option<String>,
 }
 
 impl CursorState {
@@ -154,8 +161,21 @@ impl CursorState {
             watermark: None,
             read_started: None,
             deletes_at: None,
+            shape: None,
         }
     }
+}
+
+/// A digest (FNV-1a, hex) of what a manifest maps a record to: its fields and its
+/// enrichments. Stable across builds for the same manifest text.
+fn mapping_shape(manifest: &Manifest) -> String {
+    let text = format!("{:?}\n{:?}", manifest.deals.fields, manifest.deals.enrich);
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in text.bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{hash:016x}")
 }
 
 /// A connector described by a manifest.
@@ -180,6 +200,10 @@ pub struct ManifestConnector {
     /// The id paths of the enrichments that look ids up from the record alone, whose
     /// keys go into a record's fingerprint (see [`Self::fingerprint`]).
     record_keys: Vec<Vec<String>>,
+    /// [`mapping_shape`] of the manifest.
+    shape: String,
+    /// Per `deals.optional` entry: the vendor refused it, so `{optional}` leaves it out.
+    optional_refused: std::sync::Mutex<Vec<bool>>,
 }
 
 /// Enrichment records kept in memory, at most this many.
@@ -194,6 +218,8 @@ const RECENT_RECORDS: usize = 4_096;
 struct Recent {
     records: HashMap<(String, String), (DateTime<Utc>, Value)>,
     order: std::collections::VecDeque<(String, String)>,
+    /// The `list` enrichments read since the run began: read at most once per run.
+    listed: HashSet<String>,
 }
 
 impl ManifestConnector {
@@ -201,6 +227,15 @@ impl ManifestConnector {
         if let Ok(mut recent) = self.recent.lock() {
             *recent = Recent::default();
         }
+    }
+
+    /// Whether the `list` enrichment `name` is still to be read in this run; from now
+    /// on it is not.
+    fn start_listing(&self, name: &str) -> bool {
+        self.recent
+            .lock()
+            .map(|mut recent| recent.listed.insert(name.to_owned()))
+            .unwrap_or(true)
     }
 }
 
@@ -273,6 +308,7 @@ fn record_plan(manifest: &Manifest) -> Plan {
         expected_close,
         deleted,
         status,
+        marketing_consent,
     } = &manifest.deals.fields;
     let specs = [
         Some(external_id),
@@ -296,6 +332,7 @@ fn record_plan(manifest: &Manifest) -> Plan {
             expected_close,
             deleted,
             status,
+            marketing_consent,
         ]
         .into_iter()
         .map(Option::as_ref),
@@ -439,6 +476,8 @@ impl ManifestConnector {
         Ok(ManifestConnector {
             own_rate,
             record_keys,
+            shape: mapping_shape(&manifest),
+            optional_refused: std::sync::Mutex::new(vec![false; manifest.deals.optional.len()]),
             plan: record_plan(&manifest),
             recent: std::sync::Mutex::new(Recent::default()),
             bodies: collect_bodies(&manifest),
@@ -480,6 +519,47 @@ impl ManifestConnector {
             .map_or(self.page_size, |p| p.min(self.page_size.max(p)))
     }
 
+    /// What `{optional}` renders now: the optional texts the vendor has not refused.
+    fn optional_text(&self) -> String {
+        let refused = self
+            .optional_refused
+            .lock()
+            .map(|refused| refused.clone())
+            .unwrap_or_default();
+        self.manifest
+            .deals
+            .optional
+            .iter()
+            .zip(refused.iter().chain(std::iter::repeat(&false)))
+            .filter(|(_, refused)| !**refused)
+            .map(|(optional, _)| optional.text.as_str())
+            .collect()
+    }
+
+    /// Turns off the optional texts whose refusal `status` and `body` are; true when
+    /// one was (the request is then sent again without it).
+    fn refuse_optional(&self, cx: &SyncContext, status: u16, body: &str) -> bool {
+        let Ok(mut refused) = self.optional_refused.lock() else {
+            return false;
+        };
+        let mut any = false;
+        for (at, optional) in self.manifest.deals.optional.iter().enumerate() {
+            let matches = optional.refused.status == status
+                && optional
+                    .refused
+                    .body_contains
+                    .as_deref()
+                    .is_some_and(|needle| body.contains(needle));
+            if matches && refused.get(at) == Some(&false) {
+                refused[at] = true;
+                any = true;
+                info!(connection = %cx.connection, text = %optional.text.trim(), without = optional.without.as_deref().unwrap_or(""),
+                    "the vendor does not accept this optional query text for this account; reading without it");
+            }
+        }
+        any
+    }
+
     fn build(
         &self,
         request: &Request,
@@ -487,6 +567,9 @@ impl ManifestConnector {
         vars: &Vars,
         authn: &Authn,
     ) -> Result<VendorRequest, ConnectorError> {
+        let mut vars = vars.clone();
+        vars.set("optional", json!(self.optional_text()));
+        let vars = &vars;
         let base = self.base(authn)?;
         let pagination = &request.pagination;
         let follows_url = matches!(
@@ -630,11 +713,12 @@ impl ManifestConnector {
                 break response;
             };
             if !(200..300).contains(&response.status) {
-                let excerpt: String = String::from_utf8_lossy(&response.body)
-                    .chars()
-                    .take(300)
-                    .collect();
-                return Err(CallError::Status(response.status, excerpt));
+                let body = String::from_utf8_lossy(&response.body).into_owned();
+                if self.refuse_optional(cx, response.status, &body) {
+                    attempt -= 1;
+                    continue;
+                }
+                return Err(CallError::Status(response.status, excerpt(&body)));
             }
             match parse(&response.body) {
                 Ok(body) => return Ok((body, response.headers)),
@@ -764,10 +848,14 @@ impl ManifestConnector {
         }
         let keep = step.cache.is_some() && cache.is_some();
         let mut found: HashMap<String, Value> = HashMap::new();
-        if let (Some(ttl), Some(cache)) = (step.cache, cache.as_deref()) {
+        // A `list` enrichment takes kept records in a single-record read too (a webhook's
+        // refetch): reading the whole list for each one would cost far more.
+        let run_started = cache.as_deref().map(|cache| cache.run_started);
+        let lookup_kept = cache.is_some() || step.list;
+        if let (Some(ttl), true) = (step.cache, lookup_kept) {
             // A full read takes only what this run read already, so it reads every
             // record once; other reads take what is younger than the manifest's `cache`.
-            let fresh_since = match cache.run_started {
+            let fresh_since = match run_started.flatten() {
                 Some(started) => started,
                 None => Utc::now() - chrono::Duration::from_std(ttl.0).unwrap_or_default(),
             };
@@ -784,6 +872,53 @@ impl ManifestConnector {
                 let stored = self.cached(cx, step, &unique, fresh_since).await;
                 unique.retain(|id| !stored.contains_key(id));
                 found.extend(stored);
+            }
+        }
+        if step.list {
+            if unique.is_empty() || !self.start_listing(&step.name) {
+                // Everything was at hand, or the list was read in this run already: an
+                // id it did not hold (a deactivated owner) is not asked for again.
+                unique.clear();
+            } else {
+                let wanted: HashSet<&str> = unique.iter().map(String::as_str).collect();
+                let now = Utc::now();
+                let bodies = match self.read_pages(cx, &step.request).await {
+                    Ok(bodies) => bodies,
+                    // A token without the scope for this list (HubSpot's
+                    // crm.objects.owners.read, Pipedrive's users:read) reads deals on
+                    // without these fields rather than failing every run.
+                    Err(CallError::Status(403, excerpt)) => {
+                        warn!(connection = %cx.connection, enrichment = %step.name, path = %step.request.path, %excerpt,
+                            "the vendor refused to list these records (403): the fields read from them stay empty; grant the token the scope to read them");
+                        Vec::new()
+                    }
+                    Err(error) => {
+                        return Err(error.into_connector(&self.manifest.name, &step.request.path));
+                    }
+                };
+                for body in bodies {
+                    for item in self.take_records(body, &step.request)? {
+                        let Some(id) = lookup(&item, &step.id).and_then(text_of) else {
+                            continue;
+                        };
+                        // Every listed record is kept, not only the ones this page
+                        // needs: the next pages and runs find theirs without a request.
+                        if keep && let Some(cache) = cache.as_deref_mut() {
+                            cache.kept.push(CachedRecord {
+                                step: step.name.clone(),
+                                id: id.clone(),
+                                record: RawRecord::from_value(&item),
+                            });
+                        }
+                        if let Ok(mut recent) = self.recent.lock() {
+                            recent.put(&step.name, &id, now, item.clone());
+                        }
+                        if wanted.contains(id.as_str()) {
+                            found.insert(id, item);
+                        }
+                    }
+                }
+                unique.clear();
             }
         }
         for chunk in unique.chunks(step.batch.unwrap_or(100).max(1)) {
@@ -814,6 +949,9 @@ impl ManifestConnector {
                     found.insert(id, item);
                 }
             }
+        }
+        if step.active.is_some() {
+            found.retain(|_, record| bool_at(record, &step.active) != Some(false));
         }
         for (slot, key) in per_record.iter_mut().zip(keys) {
             if let Some(value) = key.and_then(|key| found.get(&key)) {
@@ -889,9 +1027,21 @@ impl ManifestConnector {
             None => self.default_currency,
         };
         if let Some(amount) = text(&spec.amount)? {
-            deal.amount = Some(
-                Money::parse_decimal(&amount, currency).map_err(|e| bad(format!("amount: {e}")))?,
+            let minor_units = matches!(
+                &spec.amount,
+                Some(FieldSpec::Full(table)) if table.kind == FieldType::MinorUnits
             );
+            deal.amount = Some(if minor_units {
+                fields::parse_minor_units(&amount)
+                    .map(|minor| Money::new(minor, currency))
+                    .ok_or_else(|| {
+                        bad(format!(
+                            "amount: {amount:?} is not a whole number of minor units"
+                        ))
+                    })?
+            } else {
+                Money::parse_decimal(&amount, currency).map_err(|e| bad(format!("amount: {e}")))?
+            });
         }
         deal.contact_email = text(&spec.contact_email)?.and_then(|e| EmailAddress::parse(&e));
         deal.contact_name = text(&spec.contact_name)?;
@@ -919,6 +1069,10 @@ impl ManifestConnector {
             .map_err(bad)?
             .unwrap_or(false);
         deal.source_status = text(&spec.status)?.and_then(|s| DealStatus::parse(&s));
+        deal.marketing_consent = spec
+            .marketing_consent
+            .as_ref()
+            .and_then(|f| fields::consent(f, &scope));
         deal.deleted = force_deleted || deleted || deal.source_status == Some(DealStatus::Deleted);
         Ok(deal)
     }
@@ -1221,16 +1375,24 @@ impl ManifestConnector {
         cx: &SyncContext,
         request: &Request,
     ) -> Result<Vec<Value>, ConnectorError> {
+        self.read_pages(cx, request)
+            .await
+            .map_err(|e| e.into_connector(&self.manifest.name, &request.path))
+    }
+
+    /// Every page of `request` (at most [`DISCOVERY_PAGES`]), as parsed bodies.
+    async fn read_pages(
+        &self,
+        cx: &SyncContext,
+        request: &Request,
+    ) -> Result<Vec<Value>, CallError> {
         let mut page = Value::Null;
         let mut bodies = Vec::new();
         let page_size = self.page_size_of(request);
         for _ in 0..DISCOVERY_PAGES {
             let mut vars = Vars::default();
             vars.set("page_size", json!(page_size));
-            let (body, headers) = self
-                .call(cx, request, &page, &vars)
-                .await
-                .map_err(|e| e.into_connector(&self.manifest.name, &request.path))?;
+            let (body, headers) = self.call(cx, request, &page, &vars).await?;
             let count = self.records(&body, request)?.len();
             let next = self.next_page(request, &body, &headers, &page, count, page_size);
             bodies.push(body);
@@ -1309,6 +1471,11 @@ fn split_records(body: &[u8], pointer: &str) -> Result<Option<SplitPage>, serde_
         Err(SplitError::Json(error)) => Err(error),
         Err(SplitError::NotAnArray) => Ok(None),
     }
+}
+
+/// The start of an error body, for messages and logs.
+fn excerpt(body: &str) -> String {
+    body.chars().take(300).collect()
 }
 
 /// The `rel="next"` URL of a `Link` header.
@@ -1392,6 +1559,14 @@ impl Connector for ManifestConnector {
 
     fn default_pipeline(&self) -> Option<&str> {
         self.manifest.default_pipeline.as_deref()
+    }
+
+    fn gives_owner_email(&self) -> bool {
+        self.manifest.deals.fields.owner_email.is_some()
+    }
+
+    fn reads_one(&self) -> bool {
+        self.manifest.deals.one.is_some()
     }
 
     fn default_mappings(&self) -> Vec<StageMapEntry> {
@@ -1491,12 +1666,20 @@ impl Connector for ManifestConnector {
             let watermark = state.watermark;
             let read_started = state.read_started;
             let deletes_at = state.deletes_at;
-            let phase = if self.manifest.deals.incremental.is_some() && watermark.is_some() {
-                Phase::Incremental
-            } else {
-                Phase::Full
-            };
+            let same_mapping = state.shape.as_deref() == Some(self.shape.as_str());
+            if !same_mapping && watermark.is_some() {
+                info!(connection = %cx.connection, "the connector's manifest maps records differently since the last read (an upgrade or an edited manifest); reading every record again");
+            }
+            let phase =
+                if self.manifest.deals.incremental.is_some() && watermark.is_some() && same_mapping
+                {
+                    Phase::Incremental
+                } else {
+                    Phase::Full
+                };
+            let shape = state.shape.take();
             state = CursorState::start(phase, now);
+            state.shape = shape;
             state.watermark = watermark;
             state.read_started = read_started;
             state.deletes_at = deletes_at;
@@ -1505,6 +1688,9 @@ impl Connector for ManifestConnector {
                 state.since = watermark.map(|w| since(w, read_started, lookback));
             }
             debug!(connection = %cx.connection, phase = phase.name(), since = ?state.since, "starting a read");
+        }
+        if state.phase == Phase::Full {
+            state.shape = Some(self.shape.clone());
         }
         let request = self.request_for(state.phase).clone();
         let page_size = self.page_size_of(&request);
@@ -1795,13 +1981,23 @@ impl Connector for ManifestConnector {
         let mut vars = Vars::default();
         vars.set("id", json!(external_id))
             .set("page_size", json!(1));
-        // Read like a list page, so the stored text is the vendor's here too.
-        let split = |bytes: &[u8]| split_records(bytes, &request.records);
-        let page = match self
+        // Read like a list page, so the stored text is the vendor's here too; a
+        // single-record endpoint that wraps its record (Pipedrive's `{"data": {…}}`)
+        // has the object itself at the pointer.
+        let split = |bytes: &[u8]| -> Result<Option<Vec<RawRecord>>, serde_json::Error> {
+            if let Some(page) = split_records(bytes, &request.records)? {
+                return Ok(Some(page.records));
+            }
+            let body: Value = serde_json::from_slice(bytes)?;
+            Ok(lookup(&body, &request.records)
+                .filter(|record| record.is_object())
+                .map(|record| vec![RawRecord::from_value(record)]))
+        };
+        let records = match self
             .call_with(cx, request, &Value::Null, &vars, split)
             .await
         {
-            Ok((Some(page), _)) => page,
+            Ok((Some(records), _)) => records,
             Ok((None, _)) => {
                 return Err(self.bad(format!(
                     "{}: {:?} is not a record or an array of records",
@@ -1811,7 +2007,7 @@ impl Connector for ManifestConnector {
             Err(CallError::Status(404, _)) => return Ok(None),
             Err(error) => return Err(error.into_connector(&self.manifest.name, &request.path)),
         };
-        let Some(raw) = page.records.into_iter().next() else {
+        let Some(raw) = records.into_iter().next() else {
             return Ok(None);
         };
         let record = self
@@ -1942,6 +2138,80 @@ mod tests {
             }
             assert!(mapped > 0, "{kind}: no record mapped");
         }
+    }
+
+    fn json_fixture(path: &str) -> Value {
+        let mut value: Value = serde_json::from_slice(&fixture(path)).unwrap();
+        if let Some(object) = value.as_object_mut() {
+            object.retain(|key, _| !key.starts_with('_'));
+        }
+        value
+    }
+
+    #[test]
+    fn the_built_in_manifests_read_consent_from_each_vendors_own_field() {
+        let consent = |connector: &ManifestConnector, record: &Value, step: &str, extra: Value| {
+            let enriched = HashMap::from([(step.to_owned(), extra)]);
+            connector
+                .map_fields(record, &enriched, false)
+                .unwrap()
+                .marketing_consent
+        };
+        // HubSpot: the contact's "Unsubscribed from all email", a string property.
+        let hubspot = connector("hubspot", "token = \"t\"");
+        let page: Value = serde_json::from_slice(&fixture("hubspot/deals-list-page.json")).unwrap();
+        let deal = &page["results"][0];
+        let mut contact = json_fixture("hubspot/contact-optout-properties.json");
+        assert_eq!(
+            consent(&hubspot, deal, "contact", contact.clone()),
+            Some(false)
+        );
+        contact["properties"]["hs_email_optout"] = json!("false");
+        assert_eq!(
+            consent(&hubspot, deal, "contact", contact.clone()),
+            Some(true)
+        );
+        contact["properties"]
+            .as_object_mut()
+            .unwrap()
+            .remove("hs_email_optout");
+        assert_eq!(consent(&hubspot, deal, "contact", contact), None);
+
+        // Pipedrive: the person's marketing_status; only `subscribed` may be mailed.
+        let pipedrive = connector("pipedrive", "token = \"t\"");
+        let page: Value = serde_json::from_slice(&fixture("pipedrive/deals-v2-page.json")).unwrap();
+        let deal = &page["data"][0];
+        let persons = json_fixture("pipedrive/persons-v2-with-marketing-status.json");
+        assert_eq!(persons["data"][0]["marketing_status"], "unsubscribed");
+        assert_eq!(
+            consent(&pipedrive, deal, "person", persons["data"][0].clone()),
+            Some(false)
+        );
+        assert_eq!(
+            consent(&pipedrive, deal, "person", persons["data"][1].clone()),
+            Some(true)
+        );
+        let mut unknown = persons["data"][1].clone();
+        unknown["marketing_status"] = json!("bounced");
+        assert_eq!(consent(&pipedrive, deal, "person", unknown), None);
+
+        // Salesforce: the primary contact role's Contact.HasOptedOutOfEmail.
+        let salesforce = connector(
+            "salesforce",
+            "[connections.c.oauth]\nclient_id = \"x\"\nclient_secret = \"y\"\nrefresh_token = \"z\"",
+        );
+        let page = json_fixture("salesforce/query-opportunity-contact-roles.json");
+        let mut opportunity = page["records"][0].clone();
+        assert_eq!(
+            consent(&salesforce, &opportunity, "none", Value::Null),
+            Some(true)
+        );
+        opportunity["OpportunityContactRoles"]["records"][0]["Contact"]["HasOptedOutOfEmail"] =
+            json!(true);
+        assert_eq!(
+            consent(&salesforce, &opportunity, "none", Value::Null),
+            Some(false)
+        );
     }
 
     #[test]

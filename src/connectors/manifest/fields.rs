@@ -174,6 +174,30 @@ pub fn date(spec: &FieldSpec, scope: &Scope) -> Result<Option<NaiveDate>, String
     }
 }
 
+/// Marketing consent: `Some(true)` or `Some(false)` when the source says so; `None`
+/// (no consent) when it says nothing, or something the field does not name (an `enum`
+/// value missing from the map, a text that is no boolean). Never an error: a consent
+/// value the manifest does not know must not quarantine the deal, only withhold mail.
+pub fn consent(spec: &FieldSpec, scope: &Scope) -> Option<bool> {
+    let text = raw_text(spec, scope).ok()??;
+    let text = match (kind_of(spec), spec) {
+        (FieldType::Enum, FieldSpec::Full(table)) => table.map.get(&text)?.clone(),
+        _ => text,
+    };
+    parse_bool(&text)
+}
+
+/// An integer amount in minor units, as a JSON number or numeric text (`12400`,
+/// `"12400"`, `-50`); a fraction or anything else is `None`.
+pub fn parse_minor_units(text: &str) -> Option<i64> {
+    let text = text.trim();
+    let digits = text.strip_prefix('-').unwrap_or(text);
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    text.parse().ok()
+}
+
 /// A boolean field; absent is `None`.
 pub fn boolean(spec: &FieldSpec, scope: &Scope) -> Result<Option<bool>, String> {
     match raw_text(spec, scope)? {

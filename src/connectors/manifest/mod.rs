@@ -358,6 +358,25 @@ pub fn validate(manifest: &Manifest, report: &mut dyn FnMut(&str, String)) {
     if let Some(request) = &deals.one {
         check_request("deals.one", request, report);
     }
+    for (at, optional) in deals.optional.iter().enumerate() {
+        if optional
+            .refused
+            .body_contains
+            .as_deref()
+            .is_none_or(str::is_empty)
+        {
+            report(
+                &format!("deals.optional[{at}].refused.body_contains"),
+                "name the text of the vendor's refusal, so no other error turns this off".into(),
+            );
+        }
+        if optional.text.contains('{') {
+            report(
+                &format!("deals.optional[{at}].text"),
+                "placeholders are not rendered inside optional text".into(),
+            );
+        }
+    }
     let mut enrichments: Vec<String> = Vec::new();
     for (at, step) in deals.enrich.iter().enumerate() {
         let key = format!("deals.enrich[{at}]");
@@ -379,6 +398,11 @@ pub fn validate(manifest: &Manifest, report: &mut dyn FnMut(&str, String)) {
         if let Err(message) = fields::check_path(&step.id) {
             report(&format!("{key}.id"), message);
         }
+        if let Some(active) = &step.active
+            && let Err(message) = fields::check_path(active)
+        {
+            report(&format!("{key}.active"), message);
+        }
         for only in &step.only {
             if !matches!(only.as_str(), "full" | "incremental" | "deletes" | "one") {
                 report(
@@ -386,6 +410,12 @@ pub fn validate(manifest: &Manifest, report: &mut dyn FnMut(&str, String)) {
                     format!("{only:?} is not a read (full, incremental, deletes, one)"),
                 );
             }
+        }
+        if step.list && step.batch.is_some() {
+            report(
+                &format!("{key}.batch"),
+                "a list enrichment reads every record of its request, page by page; batch does not apply".into(),
+            );
         }
         if let Some(cache) = &step.cache
             && chrono::Duration::from_std(cache.0)
@@ -447,9 +477,39 @@ pub fn validate(manifest: &Manifest, report: &mut dyn FnMut(&str, String)) {
         ("expected_close", &f.expected_close),
         ("deleted", &f.deleted),
         ("status", &f.status),
+        ("marketing_consent", &f.marketing_consent),
     ] {
         if let Some(spec) = spec {
             check_field(&format!("deals.fields.{name}"), spec, &enrichments, report);
+            if let FieldSpec::Full(table) = spec
+                && table.kind == schema::FieldType::MinorUnits
+                && name != "amount"
+            {
+                report(
+                    &format!("deals.fields.{name}.type"),
+                    "minor_units is a type for amount only".into(),
+                );
+            }
+        }
+    }
+    if let Some(FieldSpec::Full(table)) = &f.marketing_consent {
+        use schema::FieldType;
+        if !matches!(
+            table.kind,
+            FieldType::Bool | FieldType::Enum | FieldType::String
+        ) {
+            report(
+                "deals.fields.marketing_consent.type",
+                "expected bool, or enum with a map onto \"true\" and \"false\"".into(),
+            );
+        }
+        for (source, target) in &table.map {
+            if !matches!(target.as_str(), "true" | "false") {
+                report(
+                    &format!("deals.fields.marketing_consent.map.{source}"),
+                    format!("{target:?} is not \"true\" or \"false\""),
+                );
+            }
         }
     }
     if let Some(FieldSpec::Full(table)) = &f.status {
@@ -586,6 +646,41 @@ mod tests {
             "{shown:?}"
         );
         assert!(parse("crm.toml", &text.replace("keyset = true\n", "")).is_ok());
+    }
+
+    #[test]
+    fn consent_maps_minor_units_and_optional_text_are_checked() {
+        let base = "name = \"crm\"\nbase_url = \"http://x\"\n[auth]\nkind = \"bearer\"\n[deals]\nmodified = \"/m\"\n[deals.full]\npath = \"/deals\"\nrecords = \"/data\"\n";
+        let good = format!(
+            "{base}[[deals.optional]]\ntext = \", Extra\"\nrefused = {{ status = 400, body_contains = \"No such column 'Extra'\" }}\n[deals.fields]\nexternal_id = \"/id\"\nnative_stage = \"/stage\"\namount = {{ path = \"/value\", type = \"minor_units\" }}\nmarketing_consent = {{ path = \"/optin\", type = \"enum\", map = {{ yes = \"true\", no = \"false\" }} }}\n"
+        );
+        assert!(
+            parse("crm.toml", &good).is_ok(),
+            "{:?}",
+            parse("crm.toml", &good).err()
+        );
+        let bad = good
+            .replace("no = \"false\"", "no = \"nope\"")
+            .replace(
+                "body_contains = \"No such column 'Extra'\"",
+                "body_contains = \"\"",
+            )
+            .replace(
+                "native_stage = \"/stage\"\n",
+                "native_stage = \"/stage\"\ntitle = { path = \"/t\", type = \"minor_units\" }\n",
+            );
+        let shown: Vec<String> = parse("crm.toml", &bad)
+            .unwrap_err()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        for key in [
+            "deals.fields.marketing_consent.map.no",
+            "deals.optional[0].refused.body_contains",
+            "deals.fields.title.type",
+        ] {
+            assert!(shown.iter().any(|p| p.contains(key)), "{key}: {shown:?}");
+        }
     }
 
     #[test]

@@ -174,7 +174,25 @@ pub struct Deals {
     /// Follow-up requests that bring related records (contacts, associations).
     #[serde(default)]
     pub enrich: Vec<Enrich>,
+    /// Query text only some accounts accept (Salesforce's `CurrencyIsoCode`, which only
+    /// multi-currency orgs have), rendered by `{optional}` until the vendor refuses it.
+    #[serde(default)]
+    pub optional: Vec<OptionalText>,
     pub fields: Fields,
+}
+
+/// Text that `{optional}` renders while the vendor accepts it. An answer matching
+/// `refused` turns it off for the connection (until a restart or reload) and the
+/// request is sent again without it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OptionalText {
+    pub text: String,
+    /// The answer that means the account does not have it (`{ status = 400,
+    /// body_contains = "No such column 'CurrencyIsoCode'" }`).
+    pub refused: ResponseMatch,
+    /// Said in the log when it is turned off: what the connection does without it.
+    pub without: Option<String>,
 }
 
 /// One HTTP request and how to read its answer.
@@ -283,6 +301,14 @@ pub struct Enrich {
     /// deletes reads then request only the ids without a fresh record. A full read
     /// requests every id and refreshes what is kept. Off when absent.
     pub cache: Option<ConfigDuration>,
+    /// The request lists every record of its kind (HubSpot's owners, Pipedrive's users),
+    /// following its `pagination`, instead of taking ids: it is read at most once per
+    /// sync run, and only when a record's id is neither kept (`cache`) nor read yet.
+    #[serde(default)]
+    pub list: bool,
+    /// Pointer to a flag inside each returned record; a record where it is false (a
+    /// deactivated user) counts as not found.
+    pub active: Option<String>,
     pub request: Request,
 }
 
@@ -307,6 +333,10 @@ pub struct Fields {
     pub deleted: Option<FieldSpec>,
     /// Maps to `open`, `won`, `lost` or `deleted` (type `enum`).
     pub status: Option<FieldSpec>,
+    /// Whether the contact agreed to marketing email: type `bool`, or `enum` mapping the
+    /// source's values onto `true` and `false`. Absent, or a value the map does not
+    /// name, is no consent.
+    pub marketing_consent: Option<FieldSpec>,
 }
 
 /// A field: a path, or a table with a type and conversions.
@@ -345,6 +375,8 @@ pub enum FieldType {
     String,
     /// A decimal amount (string or number) → minor units of the currency.
     Decimal,
+    /// An integer already in the currency's minor units (cents: 12400 is 124.00 EUR).
+    MinorUnits,
     /// ISO-8601 / RFC 3339 (any offset), `YYYY-MM-DD HH:MM:SS` (UTC), epoch milliseconds.
     Timestamp,
     /// `YYYY-MM-DD` or a timestamp's date.

@@ -21,6 +21,7 @@ pub const KNOWN: &[&str] = &[
     "ids",
     "ids_json",
     "ids_objects",
+    "optional",
 ];
 
 impl Vars {

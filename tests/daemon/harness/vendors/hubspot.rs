@@ -1,7 +1,8 @@
 //! A HubSpot CRM v3 mock: deals list (cursor paging, inline associations, archived),
 //! search (GTE on hs_lastmodifieddate, ascending, 200 per page, HTTP 400 past 10,000
-//! results of one query), v4 association and contact batch reads, deal pipelines,
-//! one deal by id, and the OAuth token endpoint.
+//! results of one query), v4 association and contact batch reads (with the
+//! `hs_email_optout` property when asked for), the owners list (cursor paging, the
+//! fixture's owners), deal pipelines, one deal by id, and the OAuth token endpoint.
 
 use super::{Faults, MockServer, OAuthState, bearer, fixture, inject, serve};
 use axum::extract::{Path, Query, State};
@@ -58,6 +59,10 @@ impl ExtraProperties {
 pub struct HsState {
     pub deals: Mutex<BTreeMap<u64, HsDeal>>,
     pub contacts: Mutex<BTreeMap<u64, (String, String, String)>>,
+    /// Contact id → `hs_email_optout` ("true"/"false"); absent: never set.
+    pub optouts: Mutex<BTreeMap<u64, String>>,
+    /// `PublicOwner` records, in list order (the fixture's to start with).
+    pub owners: Mutex<Vec<Value>>,
     pub faults: Arc<Faults>,
     pub token: String,
     pub oauth: Option<OAuthState>,
@@ -212,6 +217,13 @@ impl HubSpot {
         let state = Arc::new(HsState {
             deals: Mutex::new(BTreeMap::new()),
             contacts: Mutex::new(BTreeMap::new()),
+            optouts: Mutex::new(BTreeMap::new()),
+            owners: Mutex::new(
+                fixture("hubspot/owners-list-page.json")["results"]
+                    .as_array()
+                    .expect("the fixture lists owners")
+                    .clone(),
+            ),
             faults: faults.clone(),
             token: token.to_owned(),
             oauth,
@@ -232,6 +244,7 @@ impl HubSpot {
             )
             .route("/crm/v3/objects/contacts/batch/read", post(contacts))
             .route("/crm/v3/pipelines/deals", get(pipelines))
+            .route("/crm/v3/owners", get(owners))
             .route("/oauth/v1/token", post(token_endpoint))
             .layer(axum::middleware::from_fn_with_state(faults, inject))
             .with_state(state.clone());
@@ -259,6 +272,25 @@ impl HubSpot {
             .lock()
             .unwrap()
             .insert(id, (email.to_owned(), first.to_owned(), last.to_owned()));
+    }
+
+    /// Sets a contact's `hs_email_optout` ("true" after an unsubscribe from all email).
+    pub fn set_optout(&self, id: u64, value: &str) {
+        self.state
+            .optouts
+            .lock()
+            .unwrap()
+            .insert(id, value.to_owned());
+    }
+
+    /// Adds an owner shaped like the fixture's (`PublicOwner`).
+    pub fn put_owner(&self, id: &str, email: &str, first: &str, last: &str) {
+        let mut owner = fixture("hubspot/owners-list-page.json")["results"][1].clone();
+        owner["id"] = json!(id);
+        owner["email"] = json!(email);
+        owner["firstName"] = json!(first);
+        owner["lastName"] = json!(last);
+        self.state.owners.lock().unwrap().push(owner);
     }
 
     /// Changes a deal (stage, modification time).
@@ -479,6 +511,10 @@ async fn contacts(
         return refused;
     }
     let contacts = state.contacts.lock().unwrap();
+    let optouts = state.optouts.lock().unwrap();
+    let asked_optout = request["properties"]
+        .as_array()
+        .is_some_and(|names| names.iter().any(|name| name == "hs_email_optout"));
     let results: Vec<Value> = request["inputs"]
         .as_array()
         .expect("inputs")
@@ -486,7 +522,12 @@ async fn contacts(
         .filter_map(|input| {
             let id: u64 = input["id"].as_str()?.parse().ok()?;
             let (email, first, last) = contacts.get(&id)?;
-            Some(json!({"id": id.to_string(), "properties": {"email": email, "firstname": first, "lastname": last}, "archived": false}))
+            let mut record = json!({"id": id.to_string(), "properties": {"email": email, "firstname": first, "lastname": last}, "archived": false});
+            // Like every v3 property: returned only when asked for, as a string.
+            if asked_optout && let Some(optout) = optouts.get(&id) {
+                record["properties"]["hs_email_optout"] = json!(optout);
+            }
+            Some(record)
         })
         .collect();
     Json(json!({"status": "COMPLETE", "results": results})).into_response()
@@ -514,4 +555,33 @@ async fn token_endpoint(
         }
         None => StatusCode::NOT_FOUND.into_response(),
     }
+}
+
+/// `GET /crm/v3/owners`: `limit` (default 100) and the `after` cursor; `paging` is
+/// absent on the last page.
+async fn owners(
+    State(state): State<Arc<HsState>>,
+    headers: HeaderMap,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    if !authorized(&state, &headers) {
+        return unauthorized();
+    }
+    if let Some(limited) = over_burst(&state) {
+        return limited;
+    }
+    let limit: usize = query
+        .get("limit")
+        .and_then(|l| l.parse().ok())
+        .unwrap_or(100)
+        .clamp(1, 500);
+    let after: usize = query.get("after").and_then(|a| a.parse().ok()).unwrap_or(0);
+    let owners = state.owners.lock().unwrap();
+    let page: Vec<Value> = owners.iter().skip(after).take(limit).cloned().collect();
+    let mut body = json!({ "results": page });
+    if after + limit < owners.len() {
+        let next = after + limit;
+        body["paging"] = json!({"next": {"after": next.to_string(), "link": format!("/crm/v3/owners?after={next}&limit={limit}")}});
+    }
+    with_budget(&state, Json(body).into_response())
 }

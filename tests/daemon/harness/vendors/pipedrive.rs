@@ -1,7 +1,9 @@
 //! A Pipedrive API v2 mock: deals with cursor paging (`updated_since` inclusive at
 //! second resolution, `sort_by=update_time`, `status` including `deleted`), one deal,
-//! persons by ids, pipelines and stages (from the fixtures), and the OAuth token
-//! endpoint (client credentials in Basic auth; the answer names the `api_domain`).
+//! persons by ids (with `marketing_status` when `include_fields` asks for it), the v1
+//! users list (the fixture's users), pipelines and stages (from the fixtures), and the
+//! OAuth token endpoint (client credentials in Basic auth; the answer names the
+//! `api_domain`).
 
 use super::{Faults, MockServer, OAuthState, fixture, inject, serve};
 use axum::extract::{Path, Query, State};
@@ -25,6 +27,7 @@ pub struct PdDeal {
     pub update_time: DateTime<Utc>,
     pub deleted: bool,
     pub person_id: Option<u64>,
+    pub owner_id: u64,
 }
 
 impl PdDeal {
@@ -38,6 +41,7 @@ impl PdDeal {
             update_time: DateTime::from_timestamp(update_time.timestamp(), 0).unwrap(),
             deleted: false,
             person_id: None,
+            owner_id: 9001,
         }
     }
 
@@ -46,7 +50,7 @@ impl PdDeal {
             .update_time
             .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
         json!({
-            "id": self.id, "title": self.title, "creator_user_id": 9001, "owner_id": 9001,
+            "id": self.id, "title": self.title, "creator_user_id": 9001, "owner_id": self.owner_id,
             "person_id": self.person_id, "org_id": 201, "pipeline_id": 1, "stage_id": self.stage_id,
             "value": self.value, "currency": "EUR", "add_time": "2026-01-05T09:00:00Z",
             "update_time": time, "stage_change_time": time, "is_deleted": self.deleted,
@@ -62,6 +66,10 @@ impl PdDeal {
 pub struct PdState {
     pub deals: Mutex<BTreeMap<u64, PdDeal>>,
     pub persons: Mutex<BTreeMap<u64, (String, String)>>,
+    /// Person id → `marketing_status` (`subscribed`, `unsubscribed`, `no_consent`, …).
+    pub marketing: Mutex<BTreeMap<u64, String>>,
+    /// `BaseUser` records (the fixture's to start with).
+    pub users: Mutex<Vec<Value>>,
     pub faults: Arc<Faults>,
     pub token: String,
     /// With OAuth, API calls need the live bearer token instead of `x-api-token`.
@@ -90,6 +98,13 @@ impl Pipedrive {
         let state = Arc::new(PdState {
             deals: Mutex::new(BTreeMap::new()),
             persons: Mutex::new(BTreeMap::new()),
+            marketing: Mutex::new(BTreeMap::new()),
+            users: Mutex::new(
+                fixture("pipedrive/users-v1-list.json")["data"]
+                    .as_array()
+                    .expect("the fixture lists users")
+                    .clone(),
+            ),
             faults: faults.clone(),
             token: token.to_owned(),
             oauth,
@@ -99,6 +114,7 @@ impl Pipedrive {
             .route("/api/v2/deals", get(deals))
             .route("/api/v2/deals/{id}", get(one))
             .route("/api/v2/persons", get(persons))
+            .route("/v1/users", get(users))
             .route("/api/v2/pipelines", get(pipelines))
             .route("/api/v2/stages", get(stages))
             .route("/oauth/token", post(token_endpoint))
@@ -127,6 +143,15 @@ impl Pipedrive {
             .lock()
             .unwrap()
             .insert(id, (name.to_owned(), email.to_owned()));
+    }
+
+    /// Sets a person's `marketing_status`.
+    pub fn set_marketing_status(&self, id: u64, status: &str) {
+        self.state
+            .marketing
+            .lock()
+            .unwrap()
+            .insert(id, status.to_owned());
     }
 
     pub fn update(&self, id: u64, change: impl FnOnce(&mut PdDeal)) {
@@ -260,6 +285,11 @@ async fn persons(
         return unauthorized();
     }
     let persons = state.persons.lock().unwrap();
+    let marketing = state.marketing.lock().unwrap();
+    // Only with `include_fields=marketing_status` (and the Campaigns product).
+    let with_marketing = query
+        .get("include_fields")
+        .is_some_and(|fields| fields.split(',').any(|f| f == "marketing_status"));
     let data: Vec<Value> = query
         .get("ids")
         .map(|ids| ids.split(',').filter_map(|id| id.parse::<u64>().ok()).collect::<Vec<_>>())
@@ -267,7 +297,11 @@ async fn persons(
         .into_iter()
         .filter_map(|id| {
             let (name, email) = persons.get(&id)?;
-            Some(json!({"id": id, "name": name, "emails": [{"value": email, "primary": true, "label": "work"}]}))
+            let mut person = json!({"id": id, "name": name, "emails": [{"value": email, "primary": true, "label": "work"}]});
+            if with_marketing && let Some(status) = marketing.get(&id) {
+                person["marketing_status"] = json!(status);
+            }
+            Some(person)
         })
         .collect();
     Json(json!({"success": true, "data": data, "additional_data": {"next_cursor": null}}))
@@ -286,4 +320,13 @@ async fn stages(State(state): State<Arc<PdState>>, headers: HeaderMap) -> Respon
         return unauthorized();
     }
     Json(fixture("pipedrive/stages-v2.json")).into_response()
+}
+
+/// `GET /v1/users`: every user of the company, no parameters, no paging.
+async fn users(State(state): State<Arc<PdState>>, headers: HeaderMap) -> Response {
+    if !authorized(&state, &headers) {
+        return unauthorized();
+    }
+    let users = state.users.lock().unwrap().clone();
+    Json(json!({"success": true, "data": users})).into_response()
 }

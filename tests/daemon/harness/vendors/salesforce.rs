@@ -2,6 +2,9 @@
 //! SystemModstamp, Id; the `(ts = since AND Id > last) OR ts > since` tie-break;
 //! `nextRecordsUrl` batches), OpportunityStage from the fixture, OAuth refresh that
 //! returns no new refresh token and names the instance URL, `Sforce-Limit-Info`.
+//! A multi-currency org (the default) has `CurrencyIsoCode` on each opportunity; a
+//! single-currency one refuses a query naming it with 400 INVALID_FIELD, as the
+//! fixture shows.
 
 use super::{Faults, MockServer, OAuthState, fixture, inject, serve};
 use axum::extract::{Path, Query, State};
@@ -24,6 +27,8 @@ pub struct SfOpp {
     pub modstamp: DateTime<Utc>,
     pub deleted: bool,
     pub contact: Option<(String, String)>,
+    /// `CurrencyIsoCode` (served only by a multi-currency org).
+    pub currency: String,
 }
 
 impl SfOpp {
@@ -36,10 +41,11 @@ impl SfOpp {
             modstamp: DateTime::from_timestamp_millis(modstamp.timestamp_millis()).unwrap(),
             deleted: false,
             contact: None,
+            currency: "USD".to_owned(),
         }
     }
 
-    fn render(&self) -> Value {
+    fn render(&self, multi_currency: bool) -> Value {
         let stamp = self
             .modstamp
             .format("%Y-%m-%dT%H:%M:%S%.3f+0000")
@@ -49,7 +55,7 @@ impl SfOpp {
             "Closed Lost" => (true, false),
             _ => (false, false),
         };
-        json!({
+        let mut record = json!({
             "attributes": {"type": "Opportunity", "url": format!("/services/data/v62.0/sobjects/Opportunity/{}", self.id)},
             "Id": self.id, "Name": self.name, "StageName": self.stage, "Amount": self.amount,
             "CloseDate": "2026-03-31", "IsClosed": closed, "IsWon": won, "Probability": 10.0,
@@ -61,7 +67,11 @@ impl SfOpp {
                 "totalSize": 1, "done": true,
                 "records": [{"attributes": {"type": "OpportunityContactRole"}, "Contact": {"attributes": {"type": "Contact"}, "Email": email, "Name": name}}]
             })),
-        })
+        });
+        if multi_currency {
+            record["CurrencyIsoCode"] = json!(self.currency);
+        }
+        record
     }
 }
 
@@ -75,6 +85,10 @@ pub struct SfState {
     locators: Mutex<HashMap<String, Vec<Value>>>,
     next_locator: AtomicU64,
     pub api_calls: AtomicU64,
+    /// The org has multi-currency (and so the `CurrencyIsoCode` field).
+    pub multi_currency: std::sync::atomic::AtomicBool,
+    /// Queries refused for naming a field the org does not have.
+    pub invalid_field: AtomicU64,
 }
 
 pub struct Salesforce {
@@ -95,6 +109,8 @@ impl Salesforce {
             locators: Mutex::new(HashMap::new()),
             next_locator: AtomicU64::new(1),
             api_calls: AtomicU64::new(0),
+            multi_currency: std::sync::atomic::AtomicBool::new(true),
+            invalid_field: AtomicU64::new(0),
         });
         let router = Router::new()
             .route("/services/data/v62.0/query", get(query))
@@ -155,6 +171,25 @@ fn answer(state: &SfState, soql: &str, include_deleted: bool) -> Response {
         return with_usage(state, fixture("salesforce/query-opportunitystage.json"));
     }
     assert!(soql.contains("FROM Opportunity"), "unexpected SOQL {soql}");
+    let multi_currency = state.multi_currency.load(Ordering::SeqCst);
+    if !multi_currency && let Some(column) = soql.find("CurrencyIsoCode") {
+        state.invalid_field.fetch_add(1, Ordering::SeqCst);
+        // Salesforce echoes the query with a caret under the field (the fixture's
+        // shape, with this query in it).
+        let fixture = fixture("salesforce/error-invalid-field-currencyisocode.json");
+        let template = fixture["body"][0]["message"].as_str().unwrap();
+        let reason = &template[template.find("No such column").unwrap()..];
+        let message = format!(
+            "\n{soql}\n{caret:>width$}\nERROR at Row:1:Column:{column}\n{reason}",
+            caret = "^",
+            width = column + 1
+        );
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!([{"message": message, "errorCode": fixture["body"][0]["errorCode"]}])),
+        )
+            .into_response();
+    }
     assert!(
         soql.ends_with("ORDER BY SystemModstamp, Id"),
         "unordered SOQL {soql}"
@@ -176,7 +211,7 @@ fn answer(state: &SfState, soql: &str, include_deleted: bool) -> Response {
         })
         .collect();
     matching.sort_by(|a, b| (a.modstamp, &a.id).cmp(&(b.modstamp, &b.id)));
-    let records: Vec<Value> = matching.iter().map(|o| o.render()).collect();
+    let records: Vec<Value> = matching.iter().map(|o| o.render(multi_currency)).collect();
     serve_batch(state, records)
 }
 
