@@ -406,7 +406,7 @@ fn parse_reporting(
                 .count()
                 .max(1)
         });
-                let invalid = Problem {
+        let invalid = Problem {
             file: file.clone(),
             line,
             key: String::new(),

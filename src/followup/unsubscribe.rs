@@ -69,9 +69,9 @@ mod proptests {
     use proptest::prelude::*;
 
     /// An address as `EmailAddress::parse` keeps it: a local part of any characters but
-    /// whitespace and angle brackets, a lower-case domain with a dot.
+    /// whitespace, control characters and angle brackets, a lower-case domain with a dot.
     fn address() -> impl Strategy<Value = EmailAddress> {
-        ("[^\\s<>]{1,24}", "[a-z0-9-]{1,12}\\.[a-z]{2,6}").prop_map(|(local, domain)| {
+        ("[^\\s<>\\p{Cc}]{1,24}", "[a-z0-9-]{1,12}\\.[a-z]{2,6}").prop_map(|(local, domain)| {
             EmailAddress::parse(&format!("{local}@{domain}")).expect("a valid address")
         })
     }
