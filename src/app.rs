@@ -176,6 +176,9 @@ pub struct App {
 impl App {
     /// Binds the HTTP listener and migrates the store; starts no task yet.
     pub async fn build(config: Config) -> Result<App, StartupError> {
+        // The daemon uses every secret: one that was deferred (not readable here) is an
+        // error now, naming each.
+        config.require_credentials(|_| true)?;
         let runtimes = ConnectionRuntime::build_all(&config)?;
         let path = config.storage.path.clone();
         let store = tokio::task::spawn_blocking(move || Store::open(&path))
@@ -357,8 +360,14 @@ async fn reload(
             .inc();
     };
     let path = old.path.clone();
+    // Credentials come from where they came at start (`--credentials-dir` or
+    // `$CREDENTIALS_DIRECTORY`), and must all be readable.
+    let options = config::LoadOptions {
+        credentials_dir: old.credentials_dir.clone(),
+        credentials: config::CredentialMode::Required,
+    };
     let loaded = tokio::task::spawn_blocking(move || {
-        let config = config::load(&path)?;
+        let config = config::load_with(&path, &options)?;
         let runtimes = ConnectionRuntime::build_all(&config)?;
         let problems = crate::followup::preflight(&config);
         if !problems.is_empty() {

@@ -4,6 +4,7 @@ mod followups;
 mod foundation;
 mod harness;
 mod insight;
+mod operators;
 mod pull;
 mod report;
 mod smtp_harness;
