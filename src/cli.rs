@@ -173,6 +173,18 @@ pub struct AuthArgs {
 pub enum DealsCommand {
     /// List deals, newest activity first.
     List(ListArgs),
+    /// One deal: its source record, stage history, emails, and each follow-up rule's
+    /// decision today with its reason.
+    Show(ShowArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ShowArgs {
+    /// The deal's id (as `deals list` shows it).
+    pub id: i64,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "table")]
+    pub format: crate::output::ViewFormat,
 }
 
 #[derive(Debug, Args)]
@@ -255,6 +267,9 @@ pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
         Command::Sync(args) => sync_now(source, args).await,
         Command::Auth(args) => authorize(source, args).await,
         Command::Deals(DealsCommand::List(args)) => deals_list(source, args).await,
+        Command::Deals(DealsCommand::Show(args)) => {
+            crate::ops::deals_show(source, args.id, args.format).await
+        }
         Command::Report(args) => report(source, args).await,
         Command::Outbox(OutboxCommand::List(args)) => outbox_list(source, args).await,
         Command::Outbox(OutboxCommand::Preview(args)) => outbox_preview(source, args).await,
@@ -266,7 +281,7 @@ pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
 /// the service, an operator without `--credentials-dir`) is left unavailable rather
 /// than failing: a command resolves only the secrets it uses, and one that needs an
 /// unavailable secret says which and how to provide it (`Config::require_credentials`).
-async fn load(source: &ConfigSource) -> Result<Config, CliError> {
+pub(crate) async fn load(source: &ConfigSource) -> Result<Config, CliError> {
     let path = source.path.clone();
     let options = config::LoadOptions {
         credentials_dir: source.credentials_dir.clone(),
@@ -279,7 +294,7 @@ async fn load(source: &ConfigSource) -> Result<Config, CliError> {
     )
 }
 
-async fn open_store(config: &Config) -> Result<Store, CliError> {
+pub(crate) async fn open_store(config: &Config) -> Result<Store, CliError> {
     let path = config.storage.path.clone();
     Ok(tokio::task::spawn_blocking(move || Store::open(&path))
         .await

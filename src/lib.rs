@@ -11,6 +11,7 @@ pub mod connectors;
 pub mod domain;
 pub mod followup;
 pub mod http;
+pub mod ops;
 pub mod output;
 pub mod pipeline;
 pub mod report;

@@ -14,6 +14,7 @@
 //! - Template errors are config errors: found at load and by `dealsync check`.
 
 pub mod digest;
+pub mod explain;
 pub mod mailer;
 pub mod policy;
 pub mod rules;

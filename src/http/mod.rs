@@ -24,6 +24,7 @@ use std::sync::Arc;
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/", get(status::page))
+        .route("/deals/{id}", get(status::deal_page))
         .merge(api::routes(state.clone()))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))

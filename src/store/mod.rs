@@ -45,7 +45,7 @@ pub use inbox::{
 pub use migrations::SCHEMA_VERSION;
 pub use outbox::{
     Claim, ClaimDecision, ClaimFacts, ClaimQuery, EarlierEnrollment, EnrollOutcome, EnrollPlan,
-    NewOutboxRow, OutboxAction, OutboxRow, OutboxRowFilter, OutboxState, StageEntry,
+    FollowupFacts, NewOutboxRow, OutboxAction, OutboxRow, OutboxRowFilter, OutboxState, StageEntry,
 };
 pub use report::{
     OutboxCount, OutboxEntry, OutboxFilter, ReportScope, StageValue, StallCutoff, StalledCount,

@@ -1,7 +1,8 @@
 //! What an operator does beside the service: commands as the service user with the
 //! service's config and its systemd credentials.
 
-use crate::harness::daemon::{binary, run_cli_without};
+use crate::harness::daemon::{TestDaemon, binary, run_cli, run_cli_without};
+use crate::harness::smtp::SmtpServer;
 use crate::harness::{eventually, free_port};
 use chrono::Utc;
 use dealsync::domain::{
@@ -329,4 +330,525 @@ async fn the_daemon_reads_credentials_from_credentials_dir_at_start_and_on_reloa
     .await;
     assert_eq!(deals("api-token-from-a-file-0123").await, Some(401));
     child.kill().await.unwrap();
+}
+
+const TOKEN: &str = "operator-token-0123456789";
+const WAIT: Duration = Duration::from_secs(30);
+
+/// `[email]` for the SMTP test server, at test pace; `extra` adds lines to it.
+fn email(smtp: &SmtpServer, extra: &str) -> String {
+    format!(
+        r#"
+[email]
+transport = "smtp"
+url = "{url}"
+from = "Test Shop <shop@example.com>"
+templates = "{TEMPLATES}"
+unsubscribe_secret = "test-unsubscribe-secret-0123"
+enroll_interval = "100ms"
+retry_initial = "200ms"
+retry_max = "1s"
+{extra}
+"#,
+        url = smtp.url()
+    )
+}
+
+/// A two-step cart sequence and an owner alert on `sales.proposal`.
+const RULES: &str = r#"
+[followups.carts]
+kind = "marketing"
+stage = "ecommerce.cart_abandoned"
+steps = [
+  { after = "200ms", template = "cart_reminder" },
+  { after = "1h", template = "cart_reminder" },
+]
+
+[followups.alert]
+kind = "transactional"
+stage = "sales.proposal"
+to = "owner"
+template = "deal_stalled"
+after = "200ms"
+"#;
+
+/// A deal to write as a sync or webhook would.
+struct Put<'a> {
+    connection: &'a str,
+    id: &'a str,
+    stage: StageRef,
+    status: DealStatus,
+    contact: Option<&'a str>,
+    consent: Option<bool>,
+    owner_email: Option<&'a str>,
+    created_at: chrono::DateTime<Utc>,
+    entered_at: chrono::DateTime<Utc>,
+}
+
+impl<'a> Put<'a> {
+    /// An abandoned cart whose first step (200ms) is due already.
+    fn cart(id: &'a str, contact: &'a str, consent: Option<bool>) -> Put<'a> {
+        let now = Utc::now() - chrono::Duration::seconds(2);
+        Put {
+            connection: "shop",
+            id,
+            stage: stage("ecommerce", "cart_abandoned"),
+            status: DealStatus::Open,
+            contact: Some(contact),
+            consent,
+            owner_email: None,
+            created_at: now,
+            entered_at: now,
+        }
+    }
+
+    async fn write(&self, store: &Store) -> i64 {
+        let mut source = SourceDeal::new(self.id, format!("Deal {}", self.id), "native", "n");
+        source.amount = Some(Money::new(30_700, Currency::parse("EUR").unwrap()));
+        source.contact_email = self.contact.and_then(EmailAddress::parse);
+        source.contact_name = Some("Ada Lovelace".into());
+        source.marketing_consent = self.consent;
+        source.owner = Some("Grace".into());
+        source.owner_email = self.owner_email.and_then(EmailAddress::parse);
+        source.created_at = Some(self.created_at);
+        source.updated_at = Some(self.entered_at);
+        source.stage_changed_at = Some(self.entered_at);
+        source.recovery_url = Some(format!("https://shop.example.com/cart/{}", self.id));
+        source.raw = dealsync::domain::RawRecord::from_value(
+            &serde_json::json!({"id": self.id, "note": "as the source sent it"}),
+        );
+        store
+            .upsert_deals(vec![DealUpsert {
+                connection: ConnectionName::new(self.connection),
+                source,
+                target: self.stage.clone(),
+                status: self.status,
+                observed_at: self.entered_at,
+                cause: ChangeCause::Webhook,
+            }])
+            .await
+            .expect("storing a deal");
+        store
+            .deal_by_external_id(self.connection, self.id)
+            .await
+            .unwrap()
+            .expect("the deal just stored")
+            .id
+    }
+}
+
+fn stage(pipeline: &str, stage: &str) -> StageRef {
+    StageRef {
+        pipeline: Some(PipelineKey::new(pipeline)),
+        stage: StageKey::new(stage),
+    }
+}
+
+/// `deals show ID --format json` with `config`: the rule decisions by rule name.
+async fn decisions(
+    config: &Path,
+    deal: i64,
+) -> std::collections::HashMap<String, serde_json::Value> {
+    let (code, stdout, stderr) = run_cli(
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "deals",
+            "show",
+            &deal.to_string(),
+            "--format",
+            "json",
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    let view: serde_json::Value = serde_json::from_str(&stdout).expect("JSON");
+    assert_eq!(view["deal"]["id"], deal);
+    view["followups"]
+        .as_array()
+        .expect("followups")
+        .iter()
+        .map(|d| (d["rule"].as_str().unwrap().to_owned(), d.clone()))
+        .collect()
+}
+
+/// One outbox row as the daemon wrote it; times in milliseconds.
+#[derive(Debug)]
+struct Row {
+    step: i64,
+    state: String,
+    reason: Option<String>,
+    due_at: i64,
+    claimed_at: Option<i64>,
+}
+
+fn rows(daemon: &TestDaemon, deal: i64, rule: &str) -> Vec<Row> {
+    let db = daemon.db();
+    let mut statement = db
+        .prepare(
+            "SELECT step, state, reason, due_at, claimed_at FROM outbox
+             WHERE deal_id = ?1 AND rule = ?2 ORDER BY step",
+        )
+        .unwrap();
+    statement
+        .query_map(rusqlite::params![deal, rule], |r| {
+            Ok(Row {
+                step: r.get(0)?,
+                state: r.get(1)?,
+                reason: r.get(2)?,
+                due_at: r.get(3)?,
+                claimed_at: r.get(4)?,
+            })
+        })
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap()
+}
+
+/// Waits until step 1 of the deal's `rule` is no longer pending or sending; returns its
+/// state and reason as the daemon recorded them.
+async fn step_one(daemon: &TestDaemon, deal: i64, rule: &str) -> (String, Option<String>) {
+    eventually(&format!("deal {deal}'s {rule} step 1"), WAIT, || async {
+        rows(daemon, deal, rule)
+            .into_iter()
+            .find(|row| row.step == 0 && row.state != "pending" && row.state != "sending")
+            .map(|row| (row.state, row.reason))
+    })
+    .await
+}
+
+fn verdict(
+    decisions: &std::collections::HashMap<String, serde_json::Value>,
+    rule: &str,
+) -> (String, String) {
+    let decision = &decisions[rule];
+    (
+        decision["verdict"].as_str().unwrap().to_owned(),
+        decision["reason"].as_str().unwrap().to_owned(),
+    )
+}
+
+#[tokio::test]
+async fn deals_show_predicts_each_rules_decision_with_the_reason_the_worker_then_records() {
+    // Arrange: a daemon without rules, so nothing is enrolled while the deals are written.
+    let smtp = SmtpServer::start().await;
+    let without_rules = format!(
+        "api_token = \"{TOKEN}\"\n{}",
+        email(&smtp, "max_per_recipient_per_day = 2")
+    );
+    let mut daemon = TestDaemon::start(&without_rules).await;
+    let store = Store::open(&daemon.db_path).unwrap();
+    let now = Utc::now();
+    let consenting = Put::cart("A", "ada@shop.example", Some(true))
+        .write(&store)
+        .await;
+    let silent = Put::cart("B", "bob@shop.example", None).write(&store).await;
+    store
+        .suppress(
+            "cy@shop.example".into(),
+            "manual".into(),
+            Some("test".into()),
+            now,
+        )
+        .await
+        .unwrap();
+    let suppressed = Put::cart("C", "cy@shop.example", Some(true))
+        .write(&store)
+        .await;
+    let order = Put {
+        connection: "shop2",
+        id: "order-1",
+        stage: stage("ecommerce", "purchase_completed"),
+        status: DealStatus::Won,
+        contact: Some("gus@shop.example"),
+        consent: Some(true),
+        owner_email: None,
+        created_at: now - chrono::Duration::minutes(1),
+        entered_at: now - chrono::Duration::minutes(1),
+    }
+    .write(&store)
+    .await;
+    let bought = Put {
+        created_at: now - chrono::Duration::minutes(10),
+        entered_at: now - chrono::Duration::minutes(5),
+        ..Put::cart("G", "gus@shop.example", Some(true))
+    }
+    .write(&store)
+    .await;
+    let ownerless = Put {
+        connection: "crm",
+        id: "D",
+        stage: stage("sales", "proposal"),
+        status: DealStatus::Open,
+        contact: Some("dora@crm.example"),
+        consent: None,
+        owner_email: None,
+        created_at: now - chrono::Duration::seconds(2),
+        entered_at: now - chrono::Duration::seconds(2),
+    }
+    .write(&store)
+    .await;
+    let owned = Put {
+        connection: "crm",
+        id: "E",
+        stage: stage("sales", "proposal"),
+        status: DealStatus::Open,
+        contact: None,
+        consent: None,
+        owner_email: Some("grace@crm.example"),
+        created_at: now - chrono::Duration::seconds(2),
+        entered_at: now - chrono::Duration::seconds(2),
+    }
+    .write(&store)
+    .await;
+    let with_rules = format!("{without_rules}\n{RULES}");
+    let rules_config = daemon.dir.path().join("with-rules.toml");
+    std::fs::write(&rules_config, format!("{}{with_rules}", daemon.header())).unwrap();
+
+    // Act 1: what `deals show` predicts before the worker has the rules.
+    let predicted_a = decisions(&rules_config, consenting).await;
+    let predicted_b = decisions(&rules_config, silent).await;
+    let predicted_c = decisions(&rules_config, suppressed).await;
+    let predicted_g = decisions(&rules_config, bought).await;
+    let predicted_d = decisions(&rules_config, ownerless).await;
+    let predicted_e = decisions(&rules_config, owned).await;
+
+    assert_eq!(
+        verdict(&predicted_a, "carts").0,
+        "scheduled",
+        "{predicted_a:?}"
+    );
+    assert!(
+        verdict(&predicted_a, "carts")
+            .1
+            .contains("step 1 of 2 goes now"),
+        "{predicted_a:?}"
+    );
+    assert_eq!(predicted_a["carts"]["enrolled"], false);
+    let (not_triggered, why) = verdict(&predicted_a, "alert");
+    assert_eq!(not_triggered, "not_triggered");
+    assert!(
+        why.contains("not in a trigger stage")
+            && why.contains("sales.proposal")
+            && why.contains("ecommerce.cart_abandoned"),
+        "{why}"
+    );
+    assert_eq!(verdict(&predicted_b, "carts").0, "stopped");
+    assert_eq!(verdict(&predicted_c, "carts").0, "stopped");
+    assert_eq!(verdict(&predicted_g, "carts").0, "stopped");
+    assert!(
+        verdict(&predicted_g, "carts")
+            .1
+            .contains(&format!("placed an order since (deal {order})")),
+        "{predicted_g:?}"
+    );
+    assert_eq!(verdict(&predicted_d, "alert").0, "declined");
+    assert_eq!(verdict(&predicted_d, "carts").0, "not_triggered");
+    assert_eq!(verdict(&predicted_e, "alert").0, "scheduled");
+
+    // Act 2: the worker gets the rules and decides.
+    daemon.kill_and_restart_with_config(&with_rules).await;
+
+    // Assert: each prediction carries the reason the worker recorded.
+    for (deal, predicted, rule) in [
+        (silent, &predicted_b, "carts"),
+        (suppressed, &predicted_c, "carts"),
+        (bought, &predicted_g, "carts"),
+        (ownerless, &predicted_d, "alert"),
+    ] {
+        let (state, reason) = step_one(&daemon, deal, rule).await;
+        assert_eq!(state, "skipped", "deal {deal}");
+        let reason = reason.expect("a skipped row has its reason");
+        let (_, predicted_reason) = verdict(predicted, rule);
+        assert!(
+            predicted_reason.contains(&reason),
+            "deal {deal}: predicted {predicted_reason:?}, the worker recorded {reason:?}"
+        );
+    }
+    assert!(
+        step_one(&daemon, suppressed, "carts")
+            .await
+            .1
+            .unwrap()
+            .contains("suppressed")
+    );
+    assert!(
+        step_one(&daemon, silent, "carts")
+            .await
+            .1
+            .unwrap()
+            .contains("consent")
+    );
+    assert!(
+        step_one(&daemon, ownerless, "alert")
+            .await
+            .1
+            .unwrap()
+            .contains("no owner email")
+    );
+    assert_eq!(step_one(&daemon, consenting, "carts").await.0, "sent");
+    assert_eq!(step_one(&daemon, owned, "alert").await.0, "sent");
+    let received: Vec<_> = smtp.messages().into_iter().map(|m| m.rcpt_to).collect();
+    assert!(
+        received.contains(&vec!["ada@shop.example".to_owned()]),
+        "{received:?}"
+    );
+    assert!(
+        received.contains(&vec!["grace@crm.example".to_owned()]),
+        "{received:?}"
+    );
+
+    // After: the consenting cart is enrolled, its next step when the outbox says.
+    let after = decisions(&rules_config, consenting).await;
+    let step_two = rows(&daemon, consenting, "carts")
+        .into_iter()
+        .find(|row| row.step == 1)
+        .expect("step 2 is enrolled");
+    assert_eq!(step_two.state, "pending");
+    assert_eq!(after["carts"]["verdict"], "scheduled", "{after:?}");
+    assert_eq!(after["carts"]["enrolled"], true);
+    assert_eq!(after["carts"]["step"], 2);
+    let next_at: chrono::DateTime<Utc> =
+        serde_json::from_value(after["carts"]["next_at"].clone()).unwrap();
+    assert_eq!(next_at.timestamp_millis(), step_two.due_at);
+    assert!(
+        verdict(&after, "carts")
+            .1
+            .starts_with("enrolled: step 2 of 2 goes at ")
+    );
+    let after_b = decisions(&rules_config, silent).await;
+    assert_eq!(
+        verdict(&after_b, "carts").0,
+        "stopped",
+        "{after_b:?} {:?}",
+        rows(&daemon, silent, "carts")
+    );
+    assert!(
+        verdict(&after_b, "carts").1.contains("consent"),
+        "{after_b:?}"
+    );
+
+    // The frequency cap and quiet hours, asked with a config that has them.
+    let capped = daemon.dir.path().join("capped.toml");
+    std::fs::write(
+        &capped,
+        format!("{}{without_rules}\n{RULES}", daemon.header()).replace(
+            "max_per_recipient_per_day = 2",
+            "max_per_recipient_per_day = 1",
+        ),
+    )
+    .unwrap();
+    let step_one_claimed = rows(&daemon, consenting, "carts")[0]
+        .claimed_at
+        .expect("claimed when sent");
+    let capped_a = decisions(&capped, consenting).await;
+    assert_eq!(capped_a["carts"]["verdict"], "deferred", "{capped_a:?}");
+    assert!(
+        verdict(&capped_a, "carts")
+            .1
+            .contains("frequency cap: 1 emails to this recipient in 24h")
+    );
+    let until: chrono::DateTime<Utc> =
+        serde_json::from_value(capped_a["carts"]["next_at"].clone()).unwrap();
+    assert_eq!(
+        until.timestamp_millis(),
+        step_one_claimed + 24 * 3600 * 1000
+    );
+
+    let quiet_from = (Utc::now() - chrono::Duration::hours(1)).format("%H:%M");
+    let quiet_to = (Utc::now() + chrono::Duration::hours(3)).format("%H:%M");
+    let quiet = daemon.dir.path().join("quiet.toml");
+    std::fs::write(
+        &quiet,
+        format!(
+            "{}{without_rules}\nquiet_hours = \"{quiet_from}-{quiet_to}\"\n{RULES}",
+            daemon.header()
+        ),
+    )
+    .unwrap();
+    let quiet_a = decisions(&quiet, consenting).await;
+    assert_eq!(quiet_a["carts"]["verdict"], "deferred", "{quiet_a:?}");
+    assert!(
+        verdict(&quiet_a, "carts").1.contains("quiet hours"),
+        "{quiet_a:?}"
+    );
+    assert_eq!(
+        verdict(&quiet_a, "alert").0,
+        "not_triggered",
+        "owner alerts ignore quiet hours"
+    );
+
+    // The table form, the read API and the status page give the same answers.
+    let (code, table, _) = run_cli(
+        &[
+            "--config",
+            rules_config.to_str().unwrap(),
+            "deals",
+            "show",
+            &consenting.to_string(),
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(code, 0);
+    for expected in [
+        "Stage history",
+        "Emails",
+        "Follow-up rules",
+        "Source record",
+        "as the source sent it",
+        "enrolled: step 2 of 2",
+    ] {
+        assert!(table.contains(expected), "{expected}: {table}");
+    }
+    let api: serde_json::Value = daemon
+        .http
+        .get(daemon.url(&format!("/api/v1/deals/{ownerless}")))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let alert = api["followups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["rule"] == "alert")
+        .unwrap();
+    assert_eq!(alert["verdict"], "stopped", "recorded: {api}");
+    assert!(
+        alert["reason"].as_str().unwrap().contains("no owner email"),
+        "{api}"
+    );
+    assert_eq!(api["source"]["record"]["note"], "as the source sent it");
+    let (status, page) = daemon.get(&format!("/deals/{ownerless}")).await;
+    assert_eq!(status, 200, "{page}");
+    assert!(
+        page.contains("the deal has no owner email address"),
+        "{page}"
+    );
+    assert!(
+        !page.contains("dora@crm.example"),
+        "no addresses on the status page"
+    );
+    let (status, _) = daemon.get("/deals/999999").await;
+    assert_eq!(status, 404);
+
+    // An unknown id is a usage error.
+    let (code, _, stderr) = run_cli(
+        &[
+            "--config",
+            rules_config.to_str().unwrap(),
+            "deals",
+            "show",
+            "999999",
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("no deal with id 999999"), "{stderr}");
 }
