@@ -56,6 +56,104 @@ pub enum Command {
     /// Follow-up emails: due, sent, skipped; and the exact email a rule would send.
     #[command(subcommand)]
     Outbox(OutboxCommand),
+    /// The webhook inbox: dead letters (authentic deliveries whose body could not be read).
+    #[command(subcommand)]
+    Inbox(InboxCommand),
+    /// Records a pull sync could not read: list them, show one, re-read one.
+    #[command(subcommand)]
+    Quarantine(QuarantineCommand),
+    /// Addresses that get no email at all: list, add, remove.
+    #[command(subcommand)]
+    Suppressions(SuppressionsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum InboxCommand {
+    /// Deliveries answered 400 because their body could not be read: list, show, replay.
+    #[command(subcommand, name = "dead-letters")]
+    DeadLetters(DeadLettersCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeadLettersCommand {
+    /// List dead letters, newest first, with whether each was replayed.
+    List(RecoveryListArgs),
+    /// One dead letter: why it was refused, its headers and body, its replay.
+    Show(RecoveryIdArgs),
+    /// Parse a dead letter again with the connection as configured now and, if it reads,
+    /// queue it in the inbox so the daemon's inbox worker applies it (once).
+    Replay(RecoveryIdArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum QuarantineCommand {
+    /// List quarantined records, newest first.
+    List(RecoveryListArgs),
+    /// One quarantined record: why, and the record as the source sent it.
+    Show(RecoveryIdArgs),
+    /// Read the record again from its source; if it reads now, store it and take it
+    /// out of quarantine.
+    Retry(RecoveryIdArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SuppressionsCommand {
+    /// List suppressed addresses, newest first.
+    List(SuppressionsListArgs),
+    /// Suppress an address: no follow-up or digest email goes to it.
+    Add(SuppressionAddArgs),
+    /// Take an address off the list; later follow-ups are sent to it again.
+    Remove(SuppressionRemoveArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RecoveryListArgs {
+    /// Only this connection.
+    #[arg(long)]
+    pub connection: Option<String>,
+    /// At most this many rows.
+    #[arg(long, default_value_t = 100)]
+    pub limit: u32,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "table")]
+    pub format: Format,
+}
+
+#[derive(Debug, Args)]
+pub struct RecoveryIdArgs {
+    /// The id, as the matching `list` shows it.
+    pub id: i64,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "table")]
+    pub format: crate::output::ViewFormat,
+}
+
+#[derive(Debug, Args)]
+pub struct SuppressionsListArgs {
+    /// Output format.
+    #[arg(long, value_enum, default_value = "table")]
+    pub format: Format,
+}
+
+#[derive(Debug, Args)]
+pub struct SuppressionAddArgs {
+    /// The email address.
+    pub address: String,
+    /// Why, kept as the suppression's source (default: "dealsync suppressions add").
+    #[arg(long)]
+    pub note: Option<String>,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "table")]
+    pub format: crate::output::ViewFormat,
+}
+
+#[derive(Debug, Args)]
+pub struct SuppressionRemoveArgs {
+    /// The email address.
+    pub address: String,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "table")]
+    pub format: crate::output::ViewFormat,
 }
 
 #[derive(Debug, Args)]
@@ -94,6 +192,8 @@ pub enum OutboxCommand {
     Preview(OutboxPreviewArgs),
     /// List daily digests (one row per rule, day and recipient), newest day first.
     Digests(OutboxDigestsArgs),
+    /// Send a failed email again: back to pending, due now; the daemon sends it once.
+    Retry(RecoveryIdArgs),
 }
 
 #[derive(Debug, Args)]
@@ -274,6 +374,34 @@ pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
         Command::Outbox(OutboxCommand::List(args)) => outbox_list(source, args).await,
         Command::Outbox(OutboxCommand::Preview(args)) => outbox_preview(source, args).await,
         Command::Outbox(OutboxCommand::Digests(args)) => outbox_digests(source, args).await,
+        Command::Outbox(OutboxCommand::Retry(args)) => {
+            crate::ops::outbox_retry(source, args.id, args.format).await
+        }
+        Command::Inbox(InboxCommand::DeadLetters(command)) => match command {
+            DeadLettersCommand::List(args) => crate::ops::dead_letters_list(source, args).await,
+            DeadLettersCommand::Show(args) => {
+                crate::ops::dead_letter_show(source, args.id, args.format).await
+            }
+            DeadLettersCommand::Replay(args) => {
+                crate::ops::dead_letter_replay(source, args.id, args.format).await
+            }
+        },
+        Command::Quarantine(command) => match command {
+            QuarantineCommand::List(args) => crate::ops::quarantine_list(source, args).await,
+            QuarantineCommand::Show(args) => {
+                crate::ops::quarantine_show(source, args.id, args.format).await
+            }
+            QuarantineCommand::Retry(args) => {
+                crate::ops::quarantine_retry(source, args.id, args.format).await
+            }
+        },
+        Command::Suppressions(command) => match command {
+            SuppressionsCommand::List(args) => crate::ops::suppressions_list(source, args).await,
+            SuppressionsCommand::Add(args) => crate::ops::suppressions_add(source, args).await,
+            SuppressionsCommand::Remove(args) => {
+                crate::ops::suppressions_remove(source, args).await
+            }
+        },
     }
 }
 
@@ -311,7 +439,7 @@ async fn run(source: &ConfigSource) -> Result<(), CliError> {
 }
 
 /// Builds every connection with the stored discovery results applied.
-async fn runtimes(
+pub(crate) async fn runtimes(
     config: &Config,
     store: Option<&Store>,
 ) -> Result<Vec<Arc<ConnectionRuntime>>, CliError> {

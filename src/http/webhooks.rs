@@ -250,7 +250,15 @@ pub async fn receive(
             count(&state, &connection, "malformed");
             if let Err(error) = state
                 .store
-                .dead_letter(&connection, &bad.reason, event.headers, body, received_at)
+                .dead_letter(
+                    &connection,
+                    &event.delivery_id,
+                    event.topic.as_deref(),
+                    &bad.reason,
+                    event.headers,
+                    body,
+                    received_at,
+                )
                 .await
             {
                 return ApiError::from(error).into_response();

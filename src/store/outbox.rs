@@ -239,6 +239,19 @@ pub struct OutboxRowFilter {
     pub limit: Option<u32>,
 }
 
+/// What asking to send a failed email again did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RetryOutcome {
+    /// Back to `pending`, due now, its attempts counted afresh.
+    Queued(OutboxRow),
+    /// Only failed emails are retried; this row is in another state (or is an expiry).
+    NotFailed(OutboxRow),
+    /// The recipient is suppressed (the reason): a retry would only be skipped. Nothing
+    /// changed.
+    Suppressed(OutboxRow, String),
+    NotFound,
+}
+
 /// A deal's entry into a stage, from the history's change feed.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StageEntry {
@@ -657,6 +670,39 @@ impl Store {
                 }
             }
             Ok(true)
+        })
+        .await
+    }
+
+    /// Puts a `failed` email back to `pending`, due at `now`, with its attempts reset,
+    /// so the worker claims it at its next pass (re-checking everything as for any
+    /// due row) and sends it once. One transaction; any other state is left alone.
+    pub async fn retry_failed(&self, id: i64, now: DateTime<Utc>) -> Result<RetryOutcome> {
+        self.write(move |tx| {
+            let Some(row) = read_row(tx, id)? else {
+                return Ok(RetryOutcome::NotFound);
+            };
+            if row.state != OutboxState::Failed || row.action != OutboxAction::Email {
+                return Ok(RetryOutcome::NotFailed(row));
+            }
+            let suppressed: Option<String> = tx
+                .prepare_cached("SELECT reason FROM suppressions WHERE email IN (?1, lower(?1))")?
+                .query_row([&row.recipient], |r| r.get(0))
+                .optional()?;
+            if let Some(reason) = suppressed {
+                return Ok(RetryOutcome::Suppressed(row, reason));
+            }
+            let now_ms = to_ms(now);
+            tx.execute(
+                "UPDATE outbox SET state = 'pending', next_attempt_at = ?2, attempts = 0,
+                    claimed_at = NULL, updated_at = ?2,
+                    reason = 'retry asked by an operator after: ' || coalesce(reason, 'a failure')
+                 WHERE id = ?1 AND state = 'failed'",
+                params![id, now_ms],
+            )?;
+            Ok(RetryOutcome::Queued(read_row(tx, id)?.ok_or_else(
+                || StoreError::Corrupt(format!("outbox row {id} vanished while retried")),
+            )?))
         })
         .await
     }

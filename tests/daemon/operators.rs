@@ -852,3 +852,384 @@ async fn deals_show_predicts_each_rules_decision_with_the_reason_the_worker_then
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("no deal with id 999999"), "{stderr}");
 }
+
+/// Runs the CLI against `daemon`'s config; returns (code, stdout, stderr).
+async fn cli(daemon: &TestDaemon, args: &[&str]) -> (i32, String, String) {
+    let mut full = vec!["--config", daemon.config_path.to_str().unwrap()];
+    full.extend(args);
+    run_cli(&full, &[]).await
+}
+
+/// `cli` with `--format json`, expecting success; the parsed output.
+async fn cli_json(daemon: &TestDaemon, args: &[&str]) -> serde_json::Value {
+    let mut full = args.to_vec();
+    full.extend(["--format", "json"]);
+    let (code, stdout, stderr) = cli(daemon, &full).await;
+    assert_eq!(code, 0, "{args:?}: {stdout}{stderr}");
+    serde_json::from_str(&stdout).unwrap_or_else(|error| panic!("{args:?}: {error}: {stdout}"))
+}
+
+/// The daemon's webhook inbox file.
+fn inbox(daemon: &TestDaemon) -> rusqlite::Connection {
+    let db = rusqlite::Connection::open(daemon.db_path.with_extension("inbox.db")).unwrap();
+    db.busy_timeout(Duration::from_secs(5)).unwrap();
+    db
+}
+
+const HOOK_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+/// A generic webhook connection whose id pointer is `id`.
+fn hooks(id: &str) -> String {
+    format!(
+        r#"
+[connections.hooks]
+connector = "webhook"
+webhook_secret = "{HOOK_SECRET}"
+settings = {{ id = "{id}" }}
+"#
+    )
+}
+
+async fn post_hook(daemon: &TestDaemon, delivery_id: &str, body: &[u8]) -> (u16, String) {
+    use dealsync::webhooks::signature::{self, Delivery, Scheme};
+    let headers = signature::sign(
+        &Scheme::StandardWebhooks {
+            tolerance: signature::DEFAULT_TOLERANCE,
+        },
+        HOOK_SECRET.as_bytes(),
+        &Delivery {
+            method: "POST",
+            uri: "",
+            body,
+            id: delivery_id,
+        },
+        std::time::SystemTime::now(),
+    )
+    .expect("signing");
+    let response = daemon
+        .http
+        .post(daemon.url("/webhooks/hooks"))
+        .headers(headers)
+        .header("content-type", "application/json")
+        .body(body.to_vec())
+        .send()
+        .await
+        .expect("POST");
+    let status = response.status().as_u16();
+    (status, response.text().await.unwrap_or_default())
+}
+
+#[tokio::test]
+async fn a_dead_letter_replayed_after_the_fix_is_applied_once_however_often_it_is_replayed() {
+    // Arrange: the connection looks for the id where the payload has none.
+    let daemon = TestDaemon::start(&hooks("/data/deal_id")).await;
+    let body = serde_json::to_vec(&serde_json::json!({
+        "type": "cart.updated",
+        "data": {"id": "cart-77", "stage": "checkout", "email": "ada@shop.example",
+                 "amount": "12.50", "currency": "EUR", "updated_at": "2026-01-05T10:00:00Z"}
+    }))
+    .unwrap();
+    let (status, answer) = post_hook(&daemon, "msg_77", &body).await;
+    assert_eq!(status, 400, "{answer}");
+
+    let listed = cli_json(&daemon, &["inbox", "dead-letters", "list"]).await;
+    let letters = listed.as_array().unwrap();
+    assert_eq!(letters.len(), 1, "{listed}");
+    let letter = letters[0]["id"].as_i64().unwrap().to_string();
+    assert_eq!(letters[0]["connection"], "hooks");
+    assert_eq!(letters[0]["delivery_id"], "msg_77");
+    assert!(
+        letters[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("/data/deal_id"),
+        "{listed}"
+    );
+    assert_eq!(letters[0]["replayed_at"], serde_json::Value::Null);
+    let shown = cli_json(&daemon, &["inbox", "dead-letters", "show", &letter]).await;
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(shown["body"].as_str().unwrap()).unwrap(),
+        serde_json::from_slice::<serde_json::Value>(&body).unwrap()
+    );
+    let (code, table, _) = cli(&daemon, &["inbox", "dead-letters", "show", &letter]).await;
+    assert_eq!(code, 0);
+    assert!(
+        table.contains("cart-77") && table.contains("webhook-id"),
+        "{table}"
+    );
+
+    // Replayed before the fix: it still does not read, and nothing is queued.
+    let (code, _, stderr) = cli(&daemon, &["inbox", "dead-letters", "replay", &letter]).await;
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("still does not read") && stderr.contains("/data/deal_id"),
+        "{stderr}"
+    );
+    assert_eq!(
+        inbox(&daemon)
+            .query_row("SELECT count(*) FROM webhook_inbox", [], |r| r
+                .get::<_, i64>(0))
+            .unwrap(),
+        0
+    );
+
+    // The fix: the right pointer, applied by a reload.
+    daemon.write_config(&hooks("/data/id"));
+    daemon.signal("HUP");
+    daemon.wait_for_log("config reloaded", WAIT).await;
+
+    // Act: replay, then replay again.
+    let replayed = cli_json(&daemon, &["inbox", "dead-letters", "replay", &letter]).await;
+    assert_eq!(replayed["outcome"], "queued", "{replayed}");
+    let inbox_id = replayed["inbox_id"].as_i64().unwrap();
+    let deal = eventually("the replayed cart to be stored", WAIT, || async {
+        let deals = daemon.count("SELECT count(*) FROM deals WHERE external_id = 'cart-77'");
+        (deals > 0).then_some(deals)
+    })
+    .await;
+    assert_eq!(deal, 1);
+    let processed_at = eventually("the inbox row to be processed", WAIT, || async {
+        inbox(&daemon)
+            .query_row(
+                "SELECT processed_at FROM webhook_inbox WHERE id = ?1 AND state = 'processed'",
+                [inbox_id],
+                |r| r.get::<_, i64>(0),
+            )
+            .ok()
+    })
+    .await;
+    let again = cli_json(&daemon, &["inbox", "dead-letters", "replay", &letter]).await;
+    assert_eq!(again["outcome"], "already_replayed", "{again}");
+    assert_eq!(again["inbox_id"], inbox_id);
+    // The vendor's own retry of the delivery is a duplicate of the replay.
+    let (status, answer) = post_hook(&daemon, "msg_77", &body).await;
+    assert_eq!(
+        (status, answer.contains("duplicate")),
+        (200, true),
+        "{answer}"
+    );
+
+    // Assert: one inbox row, processed once; one deal, entered once.
+    let db = inbox(&daemon);
+    let (rows, processed): (i64, i64) = db
+        .query_row(
+            "SELECT count(*), max(processed_at) FROM webhook_inbox WHERE delivery_id = 'msg_77'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!((rows, processed), (1, processed_at));
+    assert_eq!(
+        daemon.count("SELECT count(*) FROM deals WHERE external_id = 'cart-77'"),
+        1
+    );
+    assert_eq!(
+        daemon.count(
+            "SELECT count(*) FROM stage_history h JOIN deals d ON d.id = h.deal_id WHERE d.external_id = 'cart-77'"
+        ),
+        1
+    );
+    let shown = cli_json(&daemon, &["inbox", "dead-letters", "show", &letter]).await;
+    assert_eq!(shown["replayed_as"], inbox_id);
+    assert_eq!(shown["replay_state"], "processed");
+
+    let (code, _, stderr) = cli(&daemon, &["inbox", "dead-letters", "replay", "9999"]).await;
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("no dead letter with id 9999"), "{stderr}");
+}
+
+#[tokio::test]
+async fn a_failed_email_retried_goes_back_to_pending_and_is_received_once() {
+    let smtp = SmtpServer::start().await;
+    smtp.refuse(Some("554 5.7.1 rejected by policy"));
+    let daemon = TestDaemon::start(&format!("{}\n{RULES}", email(&smtp, ""))).await;
+    let store = Store::open(&daemon.db_path).unwrap();
+    let now = Utc::now() - chrono::Duration::seconds(2);
+    let deal = Put {
+        connection: "crm",
+        id: "E",
+        stage: stage("sales", "proposal"),
+        status: DealStatus::Open,
+        contact: None,
+        consent: None,
+        owner_email: Some("grace@crm.example"),
+        created_at: now,
+        entered_at: now,
+    }
+    .write(&store)
+    .await;
+    let (state, reason) = step_one(&daemon, deal, "alert").await;
+    assert_eq!(state, "failed");
+    assert!(reason.unwrap().contains("5.7.1"));
+    assert!(smtp.messages().is_empty());
+    let failed = cli_json(&daemon, &["outbox", "list", "--state", "failed"]).await;
+    assert_eq!(failed.as_array().unwrap().len(), 1, "{failed}");
+    let id = failed[0]["id"].as_i64().unwrap().to_string();
+
+    // The server accepts again; the operator retries.
+    smtp.refuse(None);
+    let retried = cli_json(&daemon, &["outbox", "retry", &id]).await;
+    assert_eq!(retried["outcome"], "queued", "{retried}");
+    assert_eq!(retried["row"]["state"], "pending");
+    let sent = eventually("the retried email to be sent", WAIT, || async {
+        let rows = rows(&daemon, deal, "alert");
+        (rows[0].state == "sent").then_some(rows)
+    })
+    .await;
+    assert_eq!(sent.len(), 1);
+    let received: Vec<_> = smtp
+        .messages()
+        .into_iter()
+        .filter(|m| m.rcpt_to == ["grace@crm.example"])
+        .collect();
+    assert_eq!(received.len(), 1);
+
+    // A second retry changes nothing: the email was sent.
+    let (code, _, stderr) = cli(&daemon, &["outbox", "retry", &id]).await;
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("is sent") && stderr.contains("only a failed email"),
+        "{stderr}"
+    );
+    assert_eq!(rows(&daemon, deal, "alert")[0].state, "sent");
+    assert_eq!(smtp.messages().len(), 1);
+    let (code, _, stderr) = cli(&daemon, &["outbox", "retry", "9999"]).await;
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("no outbox row with id 9999"), "{stderr}");
+}
+
+#[tokio::test]
+async fn a_suppression_added_blocks_the_send_and_once_removed_the_next_one_goes() {
+    let smtp = SmtpServer::start().await;
+    let daemon = TestDaemon::start(&format!("{}\n{RULES}", email(&smtp, ""))).await;
+    let store = Store::open(&daemon.db_path).unwrap();
+
+    let added = cli_json(
+        &daemon,
+        &[
+            "suppressions",
+            "add",
+            "Ada@Shop.example",
+            "--note",
+            "asked by phone",
+        ],
+    )
+    .await;
+    assert_eq!(added["outcome"], "added", "{added}");
+    let listed = cli_json(&daemon, &["suppressions", "list"]).await;
+    assert_eq!(listed[0]["email"], "ada@shop.example", "{listed}");
+    assert_eq!(listed[0]["reason"], "manual");
+    assert_eq!(listed[0]["source"], "asked by phone");
+    let again = cli_json(&daemon, &["suppressions", "add", "ada@shop.example"]).await;
+    assert_eq!(again["outcome"], "already_suppressed");
+
+    let blocked = Put::cart("first", "ada@shop.example", Some(true))
+        .write(&store)
+        .await;
+    let (state, reason) = step_one(&daemon, blocked, "carts").await;
+    assert_eq!(state, "skipped");
+    assert!(reason.unwrap().contains("recipient is suppressed (manual)"));
+    assert!(smtp.messages().is_empty());
+
+    let removed = cli_json(&daemon, &["suppressions", "remove", "ada@shop.example"]).await;
+    assert_eq!(removed["outcome"], "removed", "{removed}");
+    assert_eq!(
+        cli_json(&daemon, &["suppressions", "list"]).await,
+        serde_json::json!([])
+    );
+    let (code, _, stderr) = cli(&daemon, &["suppressions", "remove", "ada@shop.example"]).await;
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("is not suppressed"), "{stderr}");
+    let (code, _, stderr) = cli(&daemon, &["suppressions", "add", "not an address"]).await;
+    assert_eq!(code, 2, "{stderr}");
+
+    let allowed = Put::cart("second", "ada@shop.example", Some(true))
+        .write(&store)
+        .await;
+    let (state, _) = step_one(&daemon, allowed, "carts").await;
+    assert_eq!(state, "sent");
+    let received: Vec<_> = smtp
+        .messages()
+        .into_iter()
+        .filter(|m| m.rcpt_to == ["ada@shop.example"])
+        .collect();
+    assert_eq!(received.len(), 1);
+}
+
+#[tokio::test]
+async fn quarantine_retry_reads_the_record_again_and_stores_it_once() {
+    use crate::harness::vendors::hubspot::{HsDeal, HubSpot};
+    let hubspot = HubSpot::start("pat-test", None).await;
+    let modified = Utc::now().timestamp_millis() - 60_000;
+    let mut bad = HsDeal::new(4242, "Broken amount", "appointmentscheduled", modified);
+    bad.amount = Some("twelve".into());
+    hubspot.put(bad);
+    hubspot.put(HsDeal::new(4243, "Fine", "appointmentscheduled", modified));
+    // One sync at start, the next an hour later: the quarantine stays as it is.
+    let daemon = TestDaemon::start(&format!(
+        r#"
+[connections.hs]
+connector = "hubspot"
+base_url = "{}"
+token = "pat-test"
+poll_interval = "1h"
+"#,
+        hubspot.url()
+    ))
+    .await;
+    eventually("the bad record to be quarantined", WAIT, || async {
+        (daemon.count("SELECT count(*) FROM quarantine") > 0).then_some(())
+    })
+    .await;
+    let listed = cli_json(&daemon, &["quarantine", "list", "--connection", "hs"]).await;
+    assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
+    assert_eq!(listed[0]["external_id"], "4242");
+    assert!(
+        listed[0]["error"].as_str().unwrap().contains("amount"),
+        "{listed}"
+    );
+    let id = listed[0]["id"].as_i64().unwrap().to_string();
+    let shown = cli_json(&daemon, &["quarantine", "show", &id]).await;
+    assert!(shown["raw"].as_str().unwrap().contains("twelve"), "{shown}");
+    assert_eq!(
+        daemon.count("SELECT count(*) FROM deals WHERE external_id = '4242'"),
+        0
+    );
+
+    // Still broken at the source: it stays quarantined.
+    let (code, _, stderr) = cli(&daemon, &["quarantine", "retry", &id]).await;
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("stays quarantined"), "{stderr}");
+
+    // Fixed at the source: the retry reads it again, beside the running daemon.
+    hubspot.update(4242, |deal| deal.amount = Some("12.50".into()));
+    let retried = cli_json(&daemon, &["quarantine", "retry", &id]).await;
+    assert_eq!(retried["outcome"], "stored", "{retried}");
+    assert_eq!(retried["removed_entries"], 1);
+    let (amount, deal_id): (i64, i64) = daemon
+        .db()
+        .query_row(
+            "SELECT amount_minor, id FROM deals WHERE connection = 'hs' AND external_id = '4242'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!(amount, 1250);
+    assert_eq!(retried["deal_id"], deal_id);
+    assert_eq!(daemon.count("SELECT count(*) FROM quarantine"), 0);
+    assert_eq!(
+        hubspot.faults().count("/crm/v3/objects/deals/4242"),
+        2,
+        "each retry read the record from the source"
+    );
+    let (code, _, stderr) = cli(&daemon, &["quarantine", "retry", &id]).await;
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("no quarantined record with id"), "{stderr}");
+    assert_eq!(
+        daemon.count("SELECT count(*) FROM deals WHERE external_id = '4242'"),
+        1
+    );
+    let (code, _, stderr) = cli(&daemon, &["quarantine", "list", "--connection", "nope"]).await;
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("known: hs"), "{stderr}");
+}
