@@ -559,7 +559,9 @@ pub async fn quarantine_retry(
         .await
         .map_err(|error| {
             CliError::Other(anyhow::anyhow!(
-                "re-reading record {external_id} of connection {}: {error}; it stays quarantined",
+                "re-reading record {external_id} of connection {}: {error}; it stays quarantined \
+                 (`dealsync sync --full {}` reads every record of the connection again)",
+                entry.connection,
                 entry.connection
             ))
         })?;
