@@ -311,6 +311,9 @@ impl App {
     /// store; starts no task yet. Fails with [`StartupError::AlreadyRunning`] at once,
     /// before touching the store, when another daemon runs on the same database.
     pub async fn build(config: Config) -> Result<App, StartupError> {
+        // The daemon uses every secret: one that was deferred (not readable here) is an
+        // error now, naming each.
+        config.require_credentials(|_| true)?;
         // First of all: a second daemon must not even mark the first one's sends in
         // flight as interrupted (below).
         let lock = lock_database(&config.storage.path)?;
@@ -574,8 +577,14 @@ async fn reload(
             .inc();
     };
     let path = old.path.clone();
+    // Credentials come from where they came at start (`--credentials-dir` or
+    // `$CREDENTIALS_DIRECTORY`), and must all be readable.
+    let options = config::LoadOptions {
+        credentials_dir: old.credentials_dir.clone(),
+        credentials: config::CredentialMode::Required,
+    };
     let loaded = tokio::task::spawn_blocking(move || {
-        let config = config::load(&path)?;
+        let config = config::load_with(&path, &options)?;
         let runtimes = ConnectionRuntime::build_all(&config)?;
         let problems = crate::followup::preflight(&config);
         if !problems.is_empty() {

@@ -28,6 +28,10 @@ pub struct Cli {
     /// Log level or filter, e.g. `info` or `dealsync=debug`.
     #[arg(long, global = true, default_value = "info")]
     pub log_level: String,
+    /// Read `${credential:NAME}` from the file NAME in DIR, as the service reads it from
+    /// $CREDENTIALS_DIRECTORY; for commands that need a credential outside the service.
+    #[arg(long, global = true, value_name = "DIR")]
+    pub credentials_dir: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -52,6 +56,104 @@ pub enum Command {
     /// Follow-up emails: due, sent, skipped; and the exact email a rule would send.
     #[command(subcommand)]
     Outbox(OutboxCommand),
+    /// The webhook inbox: dead letters (authentic deliveries whose body could not be read).
+    #[command(subcommand)]
+    Inbox(InboxCommand),
+    /// Records a pull sync could not read: list them, show one, re-read one.
+    #[command(subcommand)]
+    Quarantine(QuarantineCommand),
+    /// Addresses that get no email at all: list, add, remove.
+    #[command(subcommand)]
+    Suppressions(SuppressionsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum InboxCommand {
+    /// Deliveries answered 400 because their body could not be read: list, show, replay.
+    #[command(subcommand, name = "dead-letters")]
+    DeadLetters(DeadLettersCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeadLettersCommand {
+    /// List dead letters, newest first, with whether each was replayed.
+    List(RecoveryListArgs),
+    /// One dead letter: why it was refused, its headers and body, its replay.
+    Show(RecoveryIdArgs),
+    /// Parse a dead letter again with the connection as configured now and, if it reads,
+    /// queue it in the inbox so the daemon's inbox worker applies it (once).
+    Replay(RecoveryIdArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum QuarantineCommand {
+    /// List quarantined records, newest first.
+    List(RecoveryListArgs),
+    /// One quarantined record: why, and the record as the source sent it.
+    Show(RecoveryIdArgs),
+    /// Read the record again from its source; if it reads now, store it and take it
+    /// out of quarantine.
+    Retry(RecoveryIdArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SuppressionsCommand {
+    /// List suppressed addresses, newest first.
+    List(SuppressionsListArgs),
+    /// Suppress an address: no follow-up or digest email goes to it.
+    Add(SuppressionAddArgs),
+    /// Take an address off the list; later follow-ups are sent to it again.
+    Remove(SuppressionRemoveArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RecoveryListArgs {
+    /// Only this connection.
+    #[arg(long)]
+    pub connection: Option<String>,
+    /// At most this many rows.
+    #[arg(long, default_value_t = 100)]
+    pub limit: u32,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "table")]
+    pub format: Format,
+}
+
+#[derive(Debug, Args)]
+pub struct RecoveryIdArgs {
+    /// The id, as the matching `list` shows it.
+    pub id: i64,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "table")]
+    pub format: crate::output::ViewFormat,
+}
+
+#[derive(Debug, Args)]
+pub struct SuppressionsListArgs {
+    /// Output format.
+    #[arg(long, value_enum, default_value = "table")]
+    pub format: Format,
+}
+
+#[derive(Debug, Args)]
+pub struct SuppressionAddArgs {
+    /// The email address.
+    pub address: String,
+    /// Why, kept as the suppression's source (default: "dealsync suppressions add").
+    #[arg(long)]
+    pub note: Option<String>,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "table")]
+    pub format: crate::output::ViewFormat,
+}
+
+#[derive(Debug, Args)]
+pub struct SuppressionRemoveArgs {
+    /// The email address.
+    pub address: String,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "table")]
+    pub format: crate::output::ViewFormat,
 }
 
 #[derive(Debug, Args)]
@@ -90,6 +192,8 @@ pub enum OutboxCommand {
     Preview(OutboxPreviewArgs),
     /// List daily digests (one row per rule, day and recipient), newest day first.
     Digests(OutboxDigestsArgs),
+    /// Send a failed email again: back to pending, due now; the daemon sends it once.
+    Retry(RecoveryIdArgs),
 }
 
 #[derive(Debug, Args)]
@@ -169,6 +273,18 @@ pub struct AuthArgs {
 pub enum DealsCommand {
     /// List deals, newest activity first.
     List(ListArgs),
+    /// One deal: its source record, stage history, emails, and each follow-up rule's
+    /// decision today with its reason.
+    Show(ShowArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ShowArgs {
+    /// The deal's id (as `deals list` shows it).
+    pub id: i64,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "table")]
+    pub format: crate::output::ViewFormat,
 }
 
 #[derive(Debug, Args)]
@@ -238,38 +354,92 @@ impl From<crate::store::StoreError> for CliError {
     }
 }
 
+/// Where a command's config comes from: the file, and where its credentials are read.
+#[derive(Debug, Clone)]
+pub struct ConfigSource {
+    pub path: PathBuf,
+    /// `--credentials-dir`; `None`: `$CREDENTIALS_DIRECTORY`.
+    pub credentials_dir: Option<PathBuf>,
+}
+
 /// Runs the parsed command.
 pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
+    let source = ConfigSource {
+        path: cli.config,
+        credentials_dir: cli.credentials_dir,
+    };
+    let source = &source;
     match cli.command {
-        Command::Run => run(&cli.config).await,
-        Command::Check => check(&cli.config).await,
-        Command::Stages => stages(&cli.config).await,
-        Command::Sync(args) => sync_now(&cli.config, args).await,
-        Command::Auth(args) => authorize(&cli.config, args).await,
-        Command::Deals(DealsCommand::List(args)) => deals_list(&cli.config, args).await,
-        Command::Report(args) => report(&cli.config, args).await,
-        Command::Outbox(OutboxCommand::List(args)) => outbox_list(&cli.config, args).await,
-        Command::Outbox(OutboxCommand::Preview(args)) => outbox_preview(&cli.config, args).await,
-        Command::Outbox(OutboxCommand::Digests(args)) => outbox_digests(&cli.config, args).await,
+        Command::Run => run(source).await,
+        Command::Check => check(source).await,
+        Command::Stages => stages(source).await,
+        Command::Sync(args) => sync_now(source, args).await,
+        Command::Auth(args) => authorize(source, args).await,
+        Command::Deals(DealsCommand::List(args)) => deals_list(source, args).await,
+        Command::Deals(DealsCommand::Show(args)) => {
+            crate::ops::deals_show(source, args.id, args.format).await
+        }
+        Command::Report(args) => report(source, args).await,
+        Command::Outbox(OutboxCommand::List(args)) => outbox_list(source, args).await,
+        Command::Outbox(OutboxCommand::Preview(args)) => outbox_preview(source, args).await,
+        Command::Outbox(OutboxCommand::Digests(args)) => outbox_digests(source, args).await,
+        Command::Outbox(OutboxCommand::Retry(args)) => {
+            crate::ops::outbox_retry(source, args.id, args.format).await
+        }
+        Command::Inbox(InboxCommand::DeadLetters(command)) => match command {
+            DeadLettersCommand::List(args) => crate::ops::dead_letters_list(source, args).await,
+            DeadLettersCommand::Show(args) => {
+                crate::ops::dead_letter_show(source, args.id, args.format).await
+            }
+            DeadLettersCommand::Replay(args) => {
+                crate::ops::dead_letter_replay(source, args.id, args.format).await
+            }
+        },
+        Command::Quarantine(command) => match command {
+            QuarantineCommand::List(args) => crate::ops::quarantine_list(source, args).await,
+            QuarantineCommand::Show(args) => {
+                crate::ops::quarantine_show(source, args.id, args.format).await
+            }
+            QuarantineCommand::Retry(args) => {
+                crate::ops::quarantine_retry(source, args.id, args.format).await
+            }
+        },
+        Command::Suppressions(command) => match command {
+            SuppressionsCommand::List(args) => crate::ops::suppressions_list(source, args).await,
+            SuppressionsCommand::Add(args) => crate::ops::suppressions_add(source, args).await,
+            SuppressionsCommand::Remove(args) => {
+                crate::ops::suppressions_remove(source, args).await
+            }
+        },
     }
 }
 
-async fn load(path: &std::path::Path) -> Result<Config, CliError> {
-    let path = path.to_owned();
-    Ok(tokio::task::spawn_blocking(move || config::load(&path))
-        .await
-        .map_err(anyhow::Error::from)??)
+/// Loads the config. A credential that cannot be read here (the service user outside
+/// the service, an operator without `--credentials-dir`) is left unavailable rather
+/// than failing: a command resolves only the secrets it uses, and one that needs an
+/// unavailable secret says which and how to provide it (`Config::require_credentials`).
+pub(crate) async fn load(source: &ConfigSource) -> Result<Config, CliError> {
+    let path = source.path.clone();
+    let options = config::LoadOptions {
+        credentials_dir: source.credentials_dir.clone(),
+        credentials: config::CredentialMode::Deferred,
+    };
+    Ok(
+        tokio::task::spawn_blocking(move || config::load_with(&path, &options))
+            .await
+            .map_err(anyhow::Error::from)??,
+    )
 }
 
-async fn open_store(config: &Config) -> Result<Store, CliError> {
+pub(crate) async fn open_store(config: &Config) -> Result<Store, CliError> {
     let path = config.storage.path.clone();
     Ok(tokio::task::spawn_blocking(move || Store::open(&path))
         .await
         .map_err(anyhow::Error::from)??)
 }
 
-async fn run(path: &std::path::Path) -> Result<(), CliError> {
-    let config = load(path).await?;
+async fn run(source: &ConfigSource) -> Result<(), CliError> {
+    let config = load(source).await?;
     let app = App::build(config).await?;
     let shutdown = CancellationToken::new();
     crate::shutdown::spawn_signal_handlers(shutdown.clone(), app.reloader());
@@ -278,7 +448,7 @@ async fn run(path: &std::path::Path) -> Result<(), CliError> {
 }
 
 /// Builds every connection with the stored discovery results applied.
-async fn runtimes(
+pub(crate) async fn runtimes(
     config: &Config,
     store: Option<&Store>,
 ) -> Result<Vec<Arc<ConnectionRuntime>>, CliError> {
@@ -294,8 +464,8 @@ async fn runtimes(
     Ok(runtimes)
 }
 
-async fn check(path: &std::path::Path) -> Result<(), CliError> {
-    let config = load(path).await?;
+async fn check(source: &ConfigSource) -> Result<(), CliError> {
+    let config = load(source).await?;
     let store = if config.storage.path.exists() {
         Some(open_store(&config).await?)
     } else {
@@ -391,6 +561,19 @@ async fn check(path: &std::path::Path) -> Result<(), CliError> {
     for line in owner_email_warnings(&config, &runtimes) {
         out.push_str(&format!("  warning: {line}\n"));
     }
+    if !config.unavailable.is_empty() {
+        // Not a failure: the service reads them; this environment cannot.
+        out.push_str(&format!(
+            "credentials: {} not available here, so not checked (the service reads them from $CREDENTIALS_DIRECTORY; --credentials-dir DIR checks them here)\n",
+            config.unavailable.len()
+        ));
+        for unavailable in &config.unavailable {
+            out.push_str(&format!(
+                "  note: {}: ${{credential:{}}}: {}\n",
+                unavailable.key, unavailable.credential, unavailable.reason
+            ));
+        }
+    }
     if unmapped.is_empty() {
         out.push_str("stage mappings: every known native stage is mapped\n");
     } else {
@@ -446,8 +629,8 @@ fn owner_email_warnings(config: &Config, runtimes: &[Arc<ConnectionRuntime>]) ->
     warnings
 }
 
-async fn stages(path: &std::path::Path) -> Result<(), CliError> {
-    let config = load(path).await?;
+async fn stages(source: &ConfigSource) -> Result<(), CliError> {
+    let config = load(source).await?;
     let store = if config.storage.path.exists() {
         Some(open_store(&config).await?)
     } else {
@@ -533,9 +716,9 @@ fn describe(target: &crate::domain::StageRef) -> String {
     }
 }
 
-async fn sync_now(path: &std::path::Path, args: SyncArgs) -> Result<(), CliError> {
+async fn sync_now(source: &ConfigSource, args: SyncArgs) -> Result<(), CliError> {
     use std::io::IsTerminal;
-    let config = load(path).await?;
+    let config = load(source).await?;
     let store = open_store(&config).await?;
     let runtimes = runtimes(&config, Some(&store)).await?;
     let selected: Vec<_> = runtimes
@@ -554,6 +737,9 @@ async fn sync_now(path: &std::path::Path, args: SyncArgs) -> Result<(), CliError
             "no enabled connection named {name:?} in {}",
             config.path.display()
         )));
+    }
+    for runtime in &selected {
+        config.require_connection_credentials(runtime.name())?;
     }
     let deps = SyncDeps {
         store: store.clone(),
@@ -643,8 +829,8 @@ async fn sync_now(path: &std::path::Path, args: SyncArgs) -> Result<(), CliError
     Ok(())
 }
 
-async fn authorize(path: &std::path::Path, args: AuthArgs) -> Result<(), CliError> {
-    let config = load(path).await?;
+async fn authorize(source: &ConfigSource, args: AuthArgs) -> Result<(), CliError> {
+    let config = load(source).await?;
     let Some(connection) = config
         .connections
         .iter()
@@ -656,6 +842,7 @@ async fn authorize(path: &std::path::Path, args: AuthArgs) -> Result<(), CliErro
             config.path.display()
         )));
     };
+    config.require_connection_credentials(connection.name.as_str())?;
     let catalog = crate::connectors::Registry::catalog(&config)?;
     let Some(manifest) = catalog.get(&connection.connector) else {
         return Err(CliError::Usage(format!(
@@ -685,8 +872,8 @@ async fn authorize(path: &std::path::Path, args: AuthArgs) -> Result<(), CliErro
     Ok(())
 }
 
-async fn deals_list(path: &std::path::Path, args: ListArgs) -> Result<(), CliError> {
-    let config = load(path).await?;
+async fn deals_list(source: &ConfigSource, args: ListArgs) -> Result<(), CliError> {
+    let config = load(source).await?;
     let store = open_store(&config).await?;
     let deals = store
         .deals(DealFilter {
@@ -744,9 +931,9 @@ async fn deals_list(path: &std::path::Path, args: ListArgs) -> Result<(), CliErr
     Ok(())
 }
 
-async fn report(path: &std::path::Path, args: ReportArgs) -> Result<(), CliError> {
+async fn report(source: &ConfigSource, args: ReportArgs) -> Result<(), CliError> {
     use crate::report::{ReportOptions, render};
-    let config = load(path).await?;
+    let config = load(source).await?;
     let until = args.until.unwrap_or_else(chrono::Utc::now);
     let since = args
         .since
@@ -801,8 +988,8 @@ async fn report(path: &std::path::Path, args: ReportArgs) -> Result<(), CliError
     Ok(())
 }
 
-async fn outbox_list(path: &std::path::Path, args: OutboxListArgs) -> Result<(), CliError> {
-    let config = load(path).await?;
+async fn outbox_list(source: &ConfigSource, args: OutboxListArgs) -> Result<(), CliError> {
+    let config = load(source).await?;
     let store = open_store(&config).await?;
     let rows = store
         .outbox(crate::store::OutboxRowFilter {
@@ -907,7 +1094,7 @@ async fn digest_preview(
     let rendered = templates
         .render(&rule.template, &context)
         .map_err(anyhow::Error::from)?;
-    let mailer = Mailer::new(&config.email).map_err(anyhow::Error::from)?;
+    let mailer = Mailer::composer(&config.email).map_err(anyhow::Error::from)?;
     let to = crate::domain::EmailAddress::parse(&recipient)
         .ok_or_else(|| CliError::Usage(format!("{recipient:?} is not an email address")))?;
     let message = mailer
@@ -925,8 +1112,8 @@ async fn digest_preview(
     Ok(())
 }
 
-async fn outbox_digests(path: &std::path::Path, args: OutboxDigestsArgs) -> Result<(), CliError> {
-    let config = load(path).await?;
+async fn outbox_digests(source: &ConfigSource, args: OutboxDigestsArgs) -> Result<(), CliError> {
+    let config = load(source).await?;
     let store = open_store(&config).await?;
     let rows = store.digests(args.rule, args.limit).await?;
     if args.format == Format::Json {
@@ -962,10 +1149,10 @@ async fn outbox_digests(path: &std::path::Path, args: OutboxDigestsArgs) -> Resu
     Ok(())
 }
 
-async fn outbox_preview(path: &std::path::Path, args: OutboxPreviewArgs) -> Result<(), CliError> {
+async fn outbox_preview(source: &ConfigSource, args: OutboxPreviewArgs) -> Result<(), CliError> {
     use crate::followup::{mailer::Mailer, rules::Recipient, templates::Templates};
     use crate::store::{OutboxAction, OutboxRow, OutboxRowFilter, OutboxState};
-    let config = load(path).await?;
+    let config = load(source).await?;
     if let Some(digest) = config.digests.iter().find(|r| r.name == args.rule) {
         return digest_preview(&config, digest, args.deal).await;
     }
@@ -982,6 +1169,10 @@ async fn outbox_preview(path: &std::path::Path, args: OutboxPreviewArgs) -> Resu
             known.join(", ")
         )));
     };
+    if rule.kind == crate::followup::rules::RuleKind::Marketing {
+        // The unsubscribe link in the email is signed with this secret.
+        config.require_credentials(|key| key == "email.unsubscribe_secret")?;
+    }
     let store = open_store(&config).await?;
     let Some(deal) = store.deal(args.deal).await? else {
         return Err(CliError::Usage(format!("no deal with id {}", args.deal)));
@@ -1048,7 +1239,7 @@ async fn outbox_preview(path: &std::path::Path, args: OutboxPreviewArgs) -> Resu
                 error.to_string(),
             ))
         })?;
-    let mailer = Mailer::new(&config.email).map_err(anyhow::Error::from)?;
+    let mailer = Mailer::composer(&config.email).map_err(anyhow::Error::from)?;
     let outgoing =
         crate::followup::worker::compose(&config, &templates, &mailer, rule, &row, &deal)
             .map_err(anyhow::Error::from)?;

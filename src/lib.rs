@@ -13,6 +13,7 @@ pub mod files;
 pub mod followup;
 pub mod http;
 pub mod lock;
+pub mod ops;
 pub mod output;
 pub mod pipeline;
 pub mod report;

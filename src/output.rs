@@ -11,6 +11,13 @@ pub enum Format {
     Csv,
 }
 
+/// Output formats for commands that show one thing (a deal, a dead letter).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ViewFormat {
+    Table,
+    Json,
+}
+
 /// Rows of text cells under a header, rendered as a table, JSON objects or CSV.
 pub struct Rows {
     pub headers: Vec<&'static str>,

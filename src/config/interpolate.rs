@@ -2,10 +2,17 @@
 //!
 //! Runs before typing, over every string value, and collects every failure so a user
 //! fixes them all in one pass. `${VAR}` reads the environment; `${credential:NAME}`
-//! reads the file `$CREDENTIALS_DIRECTORY/NAME` (systemd `LoadCredential=`), without its
-//! trailing newline. `$${` writes a literal `${`. The substituted values are returned so
-//! that any later error message can be scrubbed of them ([`Substituted`]): every value
-//! substituted is treated as a secret, whichever key it landed in.
+//! reads the file `NAME` in the credentials directory (`--credentials-dir`, else
+//! `$CREDENTIALS_DIRECTORY`, which systemd sets for a service with `LoadCredential=`),
+//! without its trailing newline. `$${` writes a literal `${`. The substituted values are
+//! returned so that any later error message can be scrubbed of them.
+//!
+//! With [`Options::defer_credentials`] a credential that cannot be read here (no
+//! directory, no such file, not readable) is no error: the value becomes
+//! [`UNAVAILABLE`] and its key is listed, so a command that does not use it still
+//! runs as a user who cannot read the service's credentials; a command that does use
+//! it refuses with the list (see `Config::require_credentials`).
+
 //!
 //! Two guards keep them out of what a person reads:
 //! - the config module builds every [`super::ConfigError`] through a scrubbing
@@ -17,7 +24,7 @@
 
 use std::borrow::Cow;
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
 /// Values shorter than this are not scrubbed: `***` in place of every "1" or "on" would
@@ -111,6 +118,44 @@ pub fn scrub_process_output(text: &str) -> Cow<'_, str> {
     scrub_with(&all, text)
 }
 
+/// The value a deferred credential gets: never a usable secret, never a valid URL, and
+/// recognised by `Secret::is_available`.
+pub const UNAVAILABLE: &str = "\u{0}dealsync: credential not available\u{0}";
+
+/// How credentials are found and what happens when one cannot be read.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Where `${credential:NAME}` files are read; `None`: `$CREDENTIALS_DIRECTORY`.
+    pub credentials_dir: Option<PathBuf>,
+    /// Leave unreadable credentials as [`UNAVAILABLE`] instead of failing.
+    pub defer_credentials: bool,
+}
+
+/// How to provide a credential, appended to every error about one.
+pub const HOW_TO_PROVIDE: &str = "the service gets its credentials from systemd \
+(LoadCredential= sets $CREDENTIALS_DIRECTORY); elsewhere pass --credentials-dir DIR, a \
+directory with one file per credential, or run the command the way systemd/README.md shows";
+
+/// A credential that could not be read, when deferred.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Unavailable {
+    /// The key path whose value names it.
+    pub key: String,
+    /// The credential's name (`${credential:NAME}`).
+    pub credential: String,
+    /// Why it could not be read here.
+    pub reason: String,
+}
+
+/// What a successful interpolation did.
+#[derive(Debug, Clone, Default)]
+pub struct Interpolated {
+    /// Every value substituted, to scrub from later error messages.
+    pub substituted: Vec<String>,
+    /// Credentials left unavailable (only with `defer_credentials`).
+    pub unavailable: Vec<Unavailable>,
+}
+
 /// Looks up environment variables; a trait object so tests need not touch the process env.
 pub trait Env {
     fn var(&self, name: &str) -> Option<String>;
@@ -137,133 +182,186 @@ pub fn interpolate(
     value: &mut toml::Value,
     env: &dyn Env,
 ) -> Result<Vec<String>, Vec<InterpolationError>> {
-    let mut substituted = Vec::new();
-    let mut errors = Vec::new();
-    walk(
-        value,
-        &mut String::new(),
-        env,
-        &mut substituted,
-        &mut errors,
-    );
-    if errors.is_empty() {
-        Ok(substituted)
-    } else {
-        Err(errors)
-    }
+    interpolate_with(value, env, &Options::default()).map(|done| done.substituted)
 }
 
-fn walk(
+/// Substitutes in place with `options`; returns what it did, or every error found.
+pub fn interpolate_with(
     value: &mut toml::Value,
-    path: &mut String,
     env: &dyn Env,
-    substituted: &mut Vec<String>,
-    errors: &mut Vec<InterpolationError>,
-) {
-    match value {
-        toml::Value::String(text) if text.contains('$') => {
-            match substitute(text, env, substituted) {
-                Ok(new) => *text = new,
-                Err(problems) => {
-                    errors.extend(problems.into_iter().map(|message| InterpolationError {
-                        key: path.clone(),
-                        message,
-                    }))
-                }
-            }
-        }
-        toml::Value::Array(items) => {
-            for (at, item) in items.iter_mut().enumerate() {
-                let len = path.len();
-                path.push_str(&format!("[{at}]"));
-                walk(item, path, env, substituted, errors);
-                path.truncate(len);
-            }
-        }
-        toml::Value::Table(table) => {
-            for (key, item) in table.iter_mut() {
-                let len = path.len();
-                if !path.is_empty() {
-                    path.push('.');
-                }
-                path.push_str(key);
-                walk(item, path, env, substituted, errors);
-                path.truncate(len);
-            }
-        }
-        _ => {}
-    }
-}
-
-fn substitute(
-    text: &str,
-    env: &dyn Env,
-    substituted: &mut Vec<String>,
-) -> Result<String, Vec<String>> {
-    let mut out = String::with_capacity(text.len());
-    let mut problems = Vec::new();
-    let mut rest = text;
-    while let Some((before, after)) = rest.split_once('$') {
-        out.push_str(before);
-        // `after` is the text after this `$`.
-        if let Some(tail) = after.strip_prefix("${") {
-            out.push_str("${");
-            rest = tail;
-            continue;
-        }
-        let Some(tail) = after.strip_prefix('{') else {
-            out.push('$');
-            rest = after;
-            continue;
-        };
-        let Some((name, remainder)) = tail.split_once('}') else {
-            problems.push("unterminated \"${\": write \"$${\" for a literal".to_owned());
-            break;
-        };
-        rest = remainder;
-        match resolve(name, env) {
-            Ok(value) => {
-                if !value.is_empty() {
-                    substituted.push(value.clone());
-                }
-                out.push_str(&value);
-            }
-            Err(problem) => problems.push(problem),
-        }
-    }
-    out.push_str(rest);
-    if problems.is_empty() {
-        Ok(out)
+    options: &Options,
+) -> Result<Interpolated, Vec<InterpolationError>> {
+    let mut walker = Walker {
+        env,
+        options,
+        done: Interpolated::default(),
+        errors: Vec::new(),
+    };
+    walker.walk(value, &mut String::new());
+    if walker.errors.is_empty() {
+        Ok(walker.done)
     } else {
-        Err(problems)
+        Err(walker.errors)
     }
 }
 
-fn resolve(name: &str, env: &dyn Env) -> Result<String, String> {
-    if let Some(credential) = name.strip_prefix("credential:") {
-        if credential.is_empty() || credential.contains('/') || credential.contains("..") {
-            return Err(format!(
-                "credential name {credential:?} must be a plain file name"
-            ));
+struct Walker<'a> {
+    env: &'a dyn Env,
+    options: &'a Options,
+    done: Interpolated,
+    errors: Vec<InterpolationError>,
+}
+
+/// Why one `${…}` could not be resolved.
+enum Failure {
+    /// A credential that cannot be read in this environment (deferrable).
+    Unreadable { credential: String, reason: String },
+    /// Anything else: always an error.
+    Invalid(String),
+}
+
+impl Walker<'_> {
+    fn walk(&mut self, value: &mut toml::Value, path: &mut String) {
+        match value {
+            toml::Value::String(text) if text.contains('$') => {
+                let mut failures = Vec::new();
+                let new = self.substitute(text, &mut failures);
+                let mut deferred = false;
+                for failure in failures {
+                    match failure {
+                        Failure::Unreadable { credential, reason }
+                            if self.options.defer_credentials =>
+                        {
+                            deferred = true;
+                            self.done.unavailable.push(Unavailable {
+                                key: path.clone(),
+                                credential,
+                                reason,
+                            });
+                        }
+                        Failure::Unreadable { credential, reason } => {
+                            self.errors.push(InterpolationError {
+                                key: path.clone(),
+                                message: format!(
+                                    "${{credential:{credential}}} is not available: {reason}; {HOW_TO_PROVIDE}"
+                                ),
+                            })
+                        }
+                        Failure::Invalid(reason) => self.errors.push(InterpolationError {
+                            key: path.clone(),
+                            message: reason,
+                        }),
+                    }
+                }
+                *text = if deferred {
+                    UNAVAILABLE.to_owned()
+                } else {
+                    new
+                };
+            }
+            toml::Value::Array(items) => {
+                for (at, item) in items.iter_mut().enumerate() {
+                    let len = path.len();
+                    path.push_str(&format!("[{at}]"));
+                    self.walk(item, path);
+                    path.truncate(len);
+                }
+            }
+            toml::Value::Table(table) => {
+                for (key, item) in table.iter_mut() {
+                    let len = path.len();
+                    if !path.is_empty() {
+                        path.push('.');
+                    }
+                    path.push_str(key);
+                    self.walk(item, path);
+                    path.truncate(len);
+                }
+            }
+            _ => {}
         }
-        let Some(dir) = env.var("CREDENTIALS_DIRECTORY") else {
-            return Err(format!(
-                "${{credential:{credential}}} needs $CREDENTIALS_DIRECTORY (set by systemd LoadCredential=)"
-            ));
-        };
-        let path = Path::new(&dir).join(credential);
-        return std::fs::read_to_string(&path)
-            .map(|value| value.trim_end_matches(['\n', '\r']).to_owned())
-            .map_err(|error| {
-                format!("reading credential {credential:?} from $CREDENTIALS_DIRECTORY: {error}")
-            });
     }
-    let valid = !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
-    if !valid {
-        return Err(format!("{name:?} is not an environment variable name"));
+
+    fn substitute(&mut self, text: &str, failures: &mut Vec<Failure>) -> String {
+        let mut out = String::with_capacity(text.len());
+        let mut rest = text;
+        while let Some((before, after)) = rest.split_once('$') {
+            out.push_str(before);
+            // `after` is the text after this `$`.
+            if let Some(tail) = after.strip_prefix("${") {
+                out.push_str("${");
+                rest = tail;
+                continue;
+            }
+            let Some(tail) = after.strip_prefix('{') else {
+                out.push('$');
+                rest = after;
+                continue;
+            };
+            let Some((name, remainder)) = tail.split_once('}') else {
+                failures.push(Failure::Invalid(
+                    "unterminated \"${\": write \"$${\" for a literal".to_owned(),
+                ));
+                break;
+            };
+            rest = remainder;
+            match self.resolve(name) {
+                Ok(value) => {
+                    if !value.is_empty() {
+                        self.done.substituted.push(value.clone());
+                    }
+                    out.push_str(&value);
+                }
+                Err(failure) => failures.push(failure),
+            }
+        }
+        out.push_str(rest);
+        out
     }
-    env.var(name)
-        .ok_or_else(|| format!("environment variable {name} is not set"))
+
+    fn resolve(&self, name: &str) -> Result<String, Failure> {
+        if let Some(credential) = name.strip_prefix("credential:") {
+            if credential.is_empty() || credential.contains('/') || credential.contains("..") {
+                return Err(Failure::Invalid(format!(
+                    "credential name {credential:?} must be a plain file name"
+                )));
+            }
+            let unreadable = |reason: String| Failure::Unreadable {
+                credential: credential.to_owned(),
+                reason,
+            };
+            let (dir, named) = match &self.options.credentials_dir {
+                Some(dir) => (dir.clone(), format!("--credentials-dir {}", dir.display())),
+                None => match self.env.var("CREDENTIALS_DIRECTORY") {
+                    Some(dir) => (PathBuf::from(dir), "$CREDENTIALS_DIRECTORY".to_owned()),
+                    None => {
+                        return Err(unreadable(
+                            "$CREDENTIALS_DIRECTORY is not set and no --credentials-dir was given"
+                                .to_owned(),
+                        ));
+                    }
+                },
+            };
+            let path = Path::new(&dir).join(credential);
+            return std::fs::read_to_string(&path)
+                .map(|value| value.trim_end_matches(['\n', '\r']).to_owned())
+                .map_err(|error| {
+                    unreadable(format!(
+                        "reading credential {credential:?} from {named}: {}: {error}",
+                        path.display()
+                    ))
+                });
+        }
+        let valid = !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !valid {
+            return Err(Failure::Invalid(format!(
+                "{name:?} is not an environment variable name"
+            )));
+        }
+        self.env
+            .var(name)
+            .ok_or_else(|| Failure::Invalid(format!("environment variable {name} is not set")))
+    }
 }
 
 #[cfg(test)]
@@ -331,6 +429,53 @@ pub(crate) mod tests {
         let errors =
             interpolate(&mut value, &env(&[("CREDENTIALS_DIRECTORY", dir_text)])).unwrap_err();
         assert!(errors[0].message.contains("reading credential \"absent\""));
+    }
+
+    #[test]
+    fn the_credentials_dir_option_wins_over_the_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("token"), "from-option\n").unwrap();
+        let mut value: toml::Value = toml::from_str("token = \"${credential:token}\"").unwrap();
+        let options = Options {
+            credentials_dir: Some(dir.path().to_owned()),
+            defer_credentials: false,
+        };
+        interpolate_with(
+            &mut value,
+            &env(&[("CREDENTIALS_DIRECTORY", "/nonexistent")]),
+            &options,
+        )
+        .unwrap();
+        assert_eq!(value["token"].as_str(), Some("from-option"));
+    }
+
+    #[test]
+    fn deferred_credentials_are_listed_and_other_failures_stay_errors() {
+        let text = "token = \"${credential:crm}\"\nsecrets = [\"${credential:hook}\", \"plain\"]\nurl = \"smtp://${credential:smtp}@host\"\n";
+        let options = Options {
+            credentials_dir: None,
+            defer_credentials: true,
+        };
+        let mut value: toml::Value = toml::from_str(text).unwrap();
+        let done = interpolate_with(&mut value, &env(&[]), &options).unwrap();
+        let keys: Vec<_> = done
+            .unavailable
+            .iter()
+            .map(|u| (u.key.as_str(), u.credential.as_str()))
+            .collect();
+        assert_eq!(
+            keys,
+            [("secrets[0]", "hook"), ("token", "crm"), ("url", "smtp")]
+        );
+        assert!(done.unavailable[0].reason.contains("CREDENTIALS_DIRECTORY"));
+        assert_eq!(value["token"].as_str(), Some(UNAVAILABLE));
+        assert_eq!(value["url"].as_str(), Some(UNAVAILABLE));
+        assert_eq!(value["secrets"][1].as_str(), Some("plain"));
+
+        // A missing environment variable is not a credential: still an error.
+        let mut value: toml::Value = toml::from_str("a = \"${NOPE}\"").unwrap();
+        let errors = interpolate_with(&mut value, &env(&[]), &options).unwrap_err();
+        assert!(errors[0].message.contains("NOPE is not set"));
     }
 
     #[test]

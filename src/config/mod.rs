@@ -48,6 +48,91 @@ pub struct Config {
     /// What `${VAR}` and `${credential:NAME}` put into this config: scrubbed from every
     /// error built about it.
     pub substituted: interpolate::Substituted,
+    /// Where `${credential:NAME}` files were read (`--credentials-dir`); `None`:
+    /// `$CREDENTIALS_DIRECTORY`. A reload reads them from the same place.
+    pub credentials_dir: Option<PathBuf>,
+    /// Credentials that could not be read here, when loaded with
+    /// [`CredentialMode::Deferred`]: their values are placeholders
+    /// (`Secret::is_available` is false) and a command that needs one calls
+    /// [`Config::require_credentials`] first.
+    pub unavailable: Vec<interpolate::Unavailable>,
+}
+
+/// What loading does with a `${credential:NAME}` it cannot read.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum CredentialMode {
+    /// A config error, like any value that cannot be substituted (the daemon).
+    #[default]
+    Required,
+    /// Listed in `Config::unavailable`; an error only for a command that uses it.
+    Deferred,
+}
+
+/// How a config file is loaded.
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// `--credentials-dir`: read `${credential:NAME}` here instead of
+    /// `$CREDENTIALS_DIRECTORY`.
+    pub credentials_dir: Option<PathBuf>,
+    pub credentials: CredentialMode,
+}
+
+/// Whether a problem reported at `problem_key` concerns the value at `unavailable_key`
+/// (the same key, an element of it, or a key inside it).
+fn concerns(problem_key: &str, unavailable_key: &str) -> bool {
+    let within = |outer: &str, inner: &str| {
+        inner
+            .strip_prefix(outer)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with(['.', '[']))
+    };
+    within(problem_key, unavailable_key) || within(unavailable_key, problem_key)
+}
+
+impl Config {
+    /// Credentials not available here whose key satisfies `needed`.
+    pub fn unavailable_where(
+        &self,
+        needed: impl Fn(&str) -> bool,
+    ) -> impl Iterator<Item = &interpolate::Unavailable> {
+        self.unavailable.iter().filter(move |u| needed(&u.key))
+    }
+
+    /// Errs, naming each key, credential and how to provide it, when a credential
+    /// whose key satisfies `needed` could not be read here.
+    pub fn require_credentials(&self, needed: impl Fn(&str) -> bool) -> Result<(), ConfigError> {
+        let text = std::fs::read_to_string(&self.path).unwrap_or_default();
+        let mut problems: Vec<Problem> = self
+            .unavailable_where(needed)
+            .map(|u| Problem {
+                file: display_name(&self.path),
+                line: locate(&text, &u.key),
+                key: u.key.clone(),
+                message: format!(
+                    "this command needs ${{credential:{}}}, which is not available here: {}",
+                    u.credential, u.reason,
+                ),
+            })
+            .collect();
+        if problems.is_empty() {
+            return Ok(());
+        }
+        problems.push(Problem {
+            file: display_name(&self.path),
+            line: None,
+            key: String::new(),
+            message: interpolate::HOW_TO_PROVIDE.to_owned(),
+        });
+        Err(ConfigError::Invalid(Problems::scrubbed(
+            problems,
+            &self.substituted,
+        )))
+    }
+
+    /// The secrets of connection `name` are all available here.
+    pub fn require_connection_credentials(&self, name: &str) -> Result<(), ConfigError> {
+        let prefix = format!("connections.{name}");
+        self.require_credentials(|key| concerns(&prefix, key))
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -364,28 +449,48 @@ fn display_name(path: &Path) -> String {
     path.display().to_string()
 }
 
-/// Reads, interpolates and validates a config file.
+/// Reads, interpolates and validates a config file; every credential must be readable.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    load_with(path, &LoadOptions::default())
+}
+
+/// Reads, interpolates and validates a config file as `options` say.
+pub fn load_with(path: &Path, options: &LoadOptions) -> Result<Config, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: display_name(path),
         source,
     })?;
-    parse_reporting(path, &text, &interpolate::ProcessEnv, &mut |substituted| {
-        interpolate::remember_for_process(substituted)
-    })
+    parse_reporting(
+        path,
+        &text,
+        &interpolate::ProcessEnv,
+        options,
+        &mut |substituted| interpolate::remember_for_process(substituted),
+    )
 }
 
 /// Parses config text; `path` names the file in errors.
 pub fn parse(path: &Path, text: &str, env: &dyn interpolate::Env) -> Result<Config, ConfigError> {
-    parse_reporting(path, text, env, &mut |_| {})
+    parse_with(path, text, env, &LoadOptions::default())
 }
 
-/// [`parse`], handing what was substituted to `substituted_values` as soon as it is
-/// known (before anything can fail on it).
+/// Parses config text as `options` say; `path` names the file in errors.
+pub fn parse_with(
+    path: &Path,
+    text: &str,
+    env: &dyn interpolate::Env,
+    options: &LoadOptions,
+) -> Result<Config, ConfigError> {
+    parse_reporting(path, text, env, options, &mut |_| {})
+}
+
+/// [`parse_with`], handing what was substituted to `substituted_values` as soon as it
+/// is known (before anything can fail on it).
 fn parse_reporting(
     path: &Path,
     text: &str,
     env: &dyn interpolate::Env,
+    options: &LoadOptions,
     substituted_values: &mut dyn FnMut(&interpolate::Substituted),
 ) -> Result<Config, ConfigError> {
     let file = display_name(path);
@@ -416,7 +521,14 @@ fn parse_reporting(
     })?;
 
     // Failed substitutions say which variable or credential, never a value.
-    let substituted = interpolate::interpolate(&mut value, env).map_err(|errors| {
+    let interpolation = interpolate::Options {
+        credentials_dir: options.credentials_dir.clone(),
+        defer_credentials: options.credentials == CredentialMode::Deferred,
+    };
+    let interpolate::Interpolated {
+        substituted,
+        unavailable,
+    } = interpolate::interpolate_with(&mut value, env, &interpolation).map_err(|errors| {
         let problems = errors
             .into_iter()
             .map(|error| problem(&error.key, error.message))
@@ -425,19 +537,35 @@ fn parse_reporting(
     })?;
     let substituted = interpolate::Substituted::new(&substituted);
     substituted_values(&substituted);
+    // A value that is not available here cannot be checked here either: the problems
+    // its placeholder causes are not reported (the daemon, which reads it, checks it).
+    let unchecked = |key: &str| unavailable.iter().any(|u| concerns(key, &u.key));
 
     let raw: raw::RawConfig = serde_path_to_error::deserialize(value).map_err(|error| {
         let key = error.path().to_string();
         let key = if key == "." { String::new() } else { key };
-        let invalid = problem(&key, error.into_inner().to_string());
-        ConfigError::Invalid(Problems::scrubbed(vec![invalid], &substituted))
+        let message = match unavailable.iter().find(|u| concerns(&key, &u.key)) {
+            Some(u) => format!(
+                "${{credential:{}}} is needed to read this key: {}",
+                u.credential, u.reason
+            ),
+            None => error.into_inner().to_string(),
+        };
+        ConfigError::Invalid(Problems::scrubbed(
+            vec![problem(&key, message)],
+            &substituted,
+        ))
     })?;
 
     let mut problems = Vec::new();
     let mut config = validate(path, raw, &mut |key: &str, message: String| {
-        problems.push(problem(key, message))
+        if !unchecked(key) {
+            problems.push(problem(key, message))
+        }
     });
     config.substituted = substituted;
+    config.credentials_dir = options.credentials_dir.clone();
+    config.unavailable = unavailable;
     if problems.is_empty() {
         Ok(config)
     } else {
@@ -627,6 +755,8 @@ fn validate(path: &Path, raw: raw::RawConfig, report: &mut dyn FnMut(&str, Strin
         followups,
         digests,
         substituted: interpolate::Substituted::default(),
+        credentials_dir: None,
+        unavailable: Vec::new(),
     }
 }
 
@@ -1236,6 +1366,50 @@ from = "Shop <shop@example.com>"
         let problem = only_problem(error);
         assert_eq!(problem.key, "connections.crm.token");
         assert!(problem.message.contains("crm_token"), "{problem}");
+    }
+
+    #[test]
+    fn deferred_credentials_leave_their_keys_unchecked_and_listed() {
+        let text = "[server]\napi_token = \"${credential:api}\"\n[email]\ntransport = \"smtp\"\nurl = \"${credential:smtp}\"\n[connections.shop]\nconnector = \"shopify\"\nwebhook_secret = [\"${credential:hook}\"]\n";
+        let env = MapEnv(HashMap::new());
+        let required = parse(Path::new("d.toml"), text, &env).unwrap_err();
+        assert_eq!(required.problems().len(), 3, "{required}");
+        let deferred = LoadOptions {
+            credentials_dir: None,
+            credentials: CredentialMode::Deferred,
+        };
+        let config = super::parse_with(Path::new("d.toml"), text, &env, &deferred).unwrap();
+        let keys: Vec<_> = config.unavailable.iter().map(|u| u.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "connections.shop.webhook_secret[0]",
+                "email.url",
+                "server.api_token"
+            ]
+        );
+        assert!(!config.server.api_token.as_ref().unwrap().is_available());
+        config.require_connection_credentials("other").unwrap();
+        let error = config.require_connection_credentials("shop").unwrap_err();
+        assert_eq!(error.problems().len(), 2, "{error}");
+        assert_eq!(
+            error.problems()[0].key,
+            "connections.shop.webhook_secret[0]"
+        );
+        assert!(error.to_string().contains("--credentials-dir DIR"));
+        assert!(config.require_credentials(|_| true).is_err());
+    }
+
+    #[test]
+    fn a_problem_concerns_the_keys_inside_and_around_it_only() {
+        assert!(concerns("email.url", "email.url"));
+        assert!(concerns(
+            "connections.a.webhook_secret",
+            "connections.a.webhook_secret[0]"
+        ));
+        assert!(concerns("connections.a", "connections.a.token"));
+        assert!(!concerns("connections.a", "connections.ab.token"));
+        assert!(!concerns("email.url", "email.unsubscribe_secret"));
     }
 
     #[test]

@@ -16,6 +16,12 @@ impl Secret {
     pub fn expose(&self) -> &str {
         &self.0
     }
+
+    /// False for a `${credential:NAME}` that could not be read in this environment and
+    /// was deferred (see `config::interpolate::Options`): its value is a placeholder.
+    pub fn is_available(&self) -> bool {
+        self.0 != super::interpolate::UNAVAILABLE
+    }
 }
 
 impl fmt::Debug for Secret {

@@ -307,7 +307,12 @@ impl Registry {
     ) -> Result<Arc<dyn Connector>, ConfigError> {
         let connector = Self::build_connector(connection, config, catalog)?;
         if let Some(scheme) = connector.webhook_scheme() {
-            for secret in &connection.webhook_secrets {
+            // A secret not available here (deferred credential) is checked where it is.
+            for secret in connection
+                .webhook_secrets
+                .iter()
+                .filter(|s| s.is_available())
+            {
                 if let Err(error) =
                     crate::webhooks::signature::validate_secret(&scheme, secret.expose().as_bytes())
                 {

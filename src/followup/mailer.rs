@@ -176,6 +176,16 @@ impl Mailer {
         })
     }
 
+    /// A mailer that only builds messages (`outbox preview`): no transport is set up,
+    /// so an SMTP URL that is a credential not available here does not matter.
+    pub fn composer(config: &EmailConfig) -> Result<Mailer, MailError> {
+        let mut offline = config.clone();
+        offline.transport = crate::config::EmailTransport::File {
+            dir: PathBuf::new(),
+        };
+        Mailer::new(&offline)
+    }
+
     /// The from address's domain, for Message-IDs.
     fn domain(&self) -> &str {
         self.from.email.domain()

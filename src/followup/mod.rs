@@ -16,6 +16,7 @@
 //! - Template errors are config errors: found at load and by `dealsync check`.
 
 pub mod digest;
+pub mod explain;
 pub mod mailer;
 pub mod policy;
 pub mod rules;
@@ -74,7 +75,12 @@ pub fn preflight(config: &Config) -> Vec<String> {
         }
         Err(error) => problems.push(error.to_string()),
     }
-    if let Err(error) = mailer::Mailer::new(&config.email) {
+    // An SMTP URL that is a credential not available here is checked where it is.
+    let url_available = match &config.email.transport {
+        crate::config::EmailTransport::Smtp { url } => url.is_available(),
+        crate::config::EmailTransport::File { .. } => true,
+    };
+    if url_available && let Err(error) = mailer::Mailer::new(&config.email) {
         problems.push(error.to_string());
     }
     problems

@@ -21,7 +21,7 @@ use super::templates::{EmailContext, Templates};
 use super::unsubscribe;
 use super::{FollowupError, SourceReader};
 use crate::app::WorkerHealth;
-use crate::config::Config;
+use crate::config::{Config, EmailConfig};
 use crate::domain::{Deal, StageRef, StepNumber};
 use crate::retry::Backoff;
 use crate::store::{
@@ -343,12 +343,7 @@ impl Worker {
 
     async fn enroll(&self, rule: Arc<Rule>, deal_id: i64) -> Result<(), StoreError> {
         let now = Utc::now();
-        let grace = rule.late_grace.unwrap_or(self.config.email.late_grace);
-        let lookback = rule
-            .cooldown
-            .unwrap_or(Duration::ZERO)
-            .max(rule.horizon() + grace);
-        let since = now - chrono::Duration::from_std(lookback).unwrap_or(chrono::Duration::MAX);
+        let (grace, since) = enrollment_window(&rule, &self.config.email, now);
         let name = rule.name.clone();
         let outcome = self
             .store
@@ -423,31 +418,13 @@ impl Worker {
             self.count(&rule.name, "deferred");
             return Ok(());
         }
-        let query = ClaimQuery {
-            order_pipeline: if rule.stop_on_purchase {
-                rule.trigger.pipeline.clone()
-            } else {
-                None
-            },
-            cap_window: email.max_per_recipient_per_day.map(|_| CAP_WINDOW),
-        };
-        let grace = rule.late_grace.unwrap_or(email.late_grace);
-        let cap = email.max_per_recipient_per_day;
-        let quiet = email.quiet_hours.map(|q| (q, email.time_zone));
-        let zone_fields = email.recipient_time_zone.clone();
+        let query = claim_query(&rule, &self.config.email);
         let decider = rule.clone();
+        let config = self.config.clone();
         let Some(claim) = self
             .store
             .claim(id, now, query, move |facts| {
-                Policy {
-                    rule: &decider,
-                    now,
-                    late_grace: grace,
-                    cap,
-                    quiet,
-                    recipient_zone_fields: &zone_fields,
-                }
-                .decide(facts)
+                send_policy(&decider, &config.email, now).decide(facts)
             })
             .await?
         else {
@@ -914,6 +891,66 @@ pub fn idempotency_key(row: &OutboxRow) -> String {
     format!("{}-{}-{}", row.deal_id, row.rule, row.step)
 }
 
+/// The facts the send-time decision of `rule` needs from the store.
+pub fn claim_query(rule: &Rule, email: &EmailConfig) -> ClaimQuery {
+    ClaimQuery {
+        order_pipeline: if rule.stop_on_purchase {
+            rule.trigger.pipeline.clone()
+        } else {
+            None
+        },
+        cap_window: email.max_per_recipient_per_day.map(|_| CAP_WINDOW),
+    }
+}
+
+/// The send-time policy of `rule` at `now`: what the worker decides a due row with.
+pub fn send_policy<'a>(rule: &'a Rule, email: &'a EmailConfig, now: DateTime<Utc>) -> Policy<'a> {
+    Policy {
+        rule,
+        now,
+        late_grace: rule.late_grace.unwrap_or(email.late_grace),
+        cap: email.max_per_recipient_per_day,
+        quiet: email.quiet_hours.map(|q| (q, email.time_zone)),
+        recipient_zone_fields: &email.recipient_time_zone,
+    }
+}
+
+/// The late grace of `rule`, and since when enrolling it looks at the recipient's
+/// earlier enrollments (the cooldown, or the whole sequence plus its grace).
+pub fn enrollment_window(
+    rule: &Rule,
+    email: &EmailConfig,
+    now: DateTime<Utc>,
+) -> (Duration, DateTime<Utc>) {
+    let grace = rule.late_grace.unwrap_or(email.late_grace);
+    let lookback = rule
+        .cooldown
+        .unwrap_or(Duration::ZERO)
+        .max(rule.horizon() + grace);
+    let since = now - chrono::Duration::from_std(lookback).unwrap_or(chrono::Duration::MAX);
+    (grace, since)
+}
+
+/// Why `deal` cannot enter `rule` now, if it cannot: it is not in the rule's trigger
+/// stage, or it was deleted in its source.
+pub fn enrollment_gate(rule: &Rule, deal: &Deal) -> Result<(), String> {
+    let here = StageRef {
+        pipeline: deal.pipeline.clone(),
+        stage: deal.stage.clone(),
+    };
+    if deal.deleted_at.is_some() {
+        return Err("the deal was deleted in its source".into());
+    }
+    if here != rule.trigger {
+        return Err(format!(
+            "not in a trigger stage: the rule starts when a deal enters {}, and this deal is in {}",
+            policy::describe(&rule.trigger),
+            policy::describe(&here)
+        ));
+    }
+    Ok(())
+}
+
 /// Decides, inside the enrollment transaction, whether and how a deal enters a rule.
 pub fn plan_enrollment(
     rule: &Rule,
@@ -922,11 +959,7 @@ pub fn plan_enrollment(
     grace: Duration,
     earlier: &mut dyn FnMut(&str) -> Result<Vec<EarlierEnrollment>, StoreError>,
 ) -> EnrollPlan {
-    let here = StageRef {
-        pipeline: deal.pipeline.clone(),
-        stage: deal.stage.clone(),
-    };
-    if here != rule.trigger || deal.deleted_at.is_some() {
+    if enrollment_gate(rule, deal).is_err() {
         return EnrollPlan::Nothing;
     }
     let anchor_at = deal.stage_entered_at;

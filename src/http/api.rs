@@ -148,28 +148,20 @@ async fn deals(
     })))
 }
 
-/// `GET /api/v1/deals/{id}`: the deal, its stage history (oldest first) and its emails.
+/// `GET /api/v1/deals/{id}`: the deal, its source record, its stage history (oldest
+/// first), its emails (outbox rows) and each follow-up rule's decision about it today
+/// (`followup::explain`, the same answer as `dealsync deals show`).
 async fn deal(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<crate::followup::explain::DealView>, ApiError> {
     let id: i64 = id
         .parse()
         .map_err(|_| ApiError::BadRequest(format!("a deal id is a number, got {id:?}")))?;
-    let Some(deal) = state.store.deal(id).await? else {
-        return Err(ApiError::NotFound(format!("no deal {id}")));
-    };
-    let history = state.store.history(id).await?;
-    let emails = state
-        .store
-        .outbox_entries(OutboxFilter {
-            deal_id: Some(id),
-            ..Default::default()
-        })
-        .await?;
-    Ok(Json(
-        json!({ "deal": deal, "history": history, "emails": emails }),
-    ))
+    crate::followup::explain::deal_view(&state.store, state.config(), id, Utc::now())
+        .await?
+        .map(Json)
+        .ok_or_else(|| ApiError::NotFound(format!("no deal {id}")))
 }
 
 #[derive(Debug, Deserialize)]

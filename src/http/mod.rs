@@ -34,6 +34,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     let config = state.config();
     let mut routes = Router::new()
         .route("/", get(status::page))
+        .route("/deals/{id}", get(status::deal_page))
         .merge(api::routes(state.clone()))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))

@@ -29,6 +29,7 @@ use serde::Serialize;
 use std::sync::{Arc, OnceLock};
 
 const TEMPLATE: &str = include_str!("status.html");
+const DEAL_TEMPLATE: &str = include_str!("deal.html");
 const STALLED_SHOWN: u32 = 25;
 const OUTBOX_SHOWN: u32 = 25;
 /// Width of the longest funnel bar, in SVG user units.
@@ -41,6 +42,9 @@ fn environment() -> &'static minijinja::Environment<'static> {
         // The name ends in .html, so auto-escaping is HTML.
         environment
             .add_template("status.html", TEMPLATE)
+            .expect("the built-in template parses");
+        environment
+            .add_template("deal.html", DEAL_TEMPLATE)
             .expect("the built-in template parses");
         environment
     })
@@ -398,6 +402,111 @@ async fn render(state: &AppState) -> Result<String, ApiError> {
         .get_template("status.html")
         .and_then(|template| template.render(context))
         .map_err(|error| ApiError::Internal(format!("rendering the status page: {error}")))
+}
+
+/// `GET /deals/{id}`: one deal with each follow-up rule's decision about it, the
+/// status page's view of `dealsync deals show` (same access rules as `/`; no email
+/// addresses and no source record, which the read API has).
+pub async fn deal_page(
+    State(state): State<Arc<AppState>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(response) = refusal(&state, &headers) {
+        return response;
+    }
+    let Ok(id) = id.parse::<i64>() else {
+        return ApiError::BadRequest(format!("a deal id is a number, got {id:?}")).into_response();
+    };
+    let now = Utc::now();
+    let view =
+        match crate::followup::explain::deal_view(&state.store, state.config(), id, now).await {
+            Ok(Some(view)) => view,
+            Ok(None) => return ApiError::NotFound(format!("no deal {id}")).into_response(),
+            Err(error) => return ApiError::from(error).into_response(),
+        };
+    match render_deal(&view, now) {
+        Ok(html) => (
+            [(
+                header::CONTENT_SECURITY_POLICY,
+                HeaderValue::from_static("default-src 'none'; style-src 'unsafe-inline'"),
+            )],
+            Html(html),
+        )
+            .into_response(),
+        Err(error) => error.into_response(),
+    }
+}
+
+fn render_deal(
+    view: &crate::followup::explain::DealView,
+    now: DateTime<Utc>,
+) -> Result<String, ApiError> {
+    let deal = &view.deal;
+    let at = |at: DateTime<Utc>| at.format("%Y-%m-%d %H:%M:%S UTC").to_string();
+    let stage_of = |pipeline: &Option<crate::domain::PipelineKey>, stage: &str| match pipeline {
+        Some(pipeline) => format!("{pipeline}.{stage}"),
+        None => stage.to_owned(),
+    };
+    let context = minijinja::context! {
+        as_of => at(view.as_of),
+        deal => minijinja::context! {
+            id => deal.id,
+            title => deal.title,
+            connection => deal.connection.as_str(),
+            external_id => deal.external_id.as_str(),
+            native_pipeline => deal.native_pipeline,
+            native_stage => deal.native_stage,
+            stage => stage_of(&deal.pipeline, deal.stage.as_str()),
+            status => deal.status.to_string(),
+            since => when(Some(deal.stage_entered_at), now),
+            amount => deal.amount().map_or_else(|| "-".to_owned(), |m| m.to_string()),
+            contact => match (&deal.contact_name, &deal.contact_email) {
+                (_, None) => "no email address".to_owned(),
+                (Some(name), Some(_)) => format!("{name} (has an email address)"),
+                (None, Some(_)) => "has an email address".to_owned(),
+            },
+            consent => match deal.marketing_consent {
+                Some(true) => "yes",
+                Some(false) => "declined",
+                None => "not recorded",
+            },
+            owner => match (&deal.owner, &deal.owner_email) {
+                (Some(name), Some(_)) => format!("{name} (has an email address)"),
+                (Some(name), None) => format!("{name} (no email address)"),
+                (None, Some(_)) => "has an email address".to_owned(),
+                (None, None) => "-".to_owned(),
+            },
+            deleted => deal.deleted_at.map(|deleted| when(Some(deleted), now)),
+        },
+        followups => view.followups.iter().map(|f| minijinja::context! {
+            rule => f.rule,
+            kind => f.kind,
+            verdict => f.verdict.as_str(),
+            when => f.next_at.map_or_else(|| "-".to_owned(), |next| when(Some(next), now)),
+            reason => f.reason,
+        }).collect::<Vec<_>>(),
+        history => view.history.iter().map(|h| minijinja::context! {
+            at => at(h.at),
+            from => h.from_stage.as_ref().map_or_else(|| "-".to_owned(), |s| stage_of(&h.from_pipeline, s.as_str())),
+            to => stage_of(&h.to_pipeline, h.to_stage.as_str()),
+            native => h.native_to,
+            cause => h.cause.as_str(),
+        }).collect::<Vec<_>>(),
+        emails => view.emails.iter().map(|e| minijinja::context! {
+            rule => e.rule,
+            step => e.step.number(),
+            action => e.action.as_str(),
+            state => e.state.as_str(),
+            due => when(Some(e.due_at), now),
+            sent => e.sent_at.map_or_else(|| "-".to_owned(), |sent| when(Some(sent), now)),
+            reason => e.reason.clone().unwrap_or_default(),
+        }).collect::<Vec<_>>(),
+    };
+    environment()
+        .get_template("deal.html")
+        .and_then(|template| template.render(context))
+        .map_err(|error| ApiError::Internal(format!("rendering the deal page: {error}")))
 }
 
 /// Each stage's stall cut-off at `now`.

@@ -241,12 +241,22 @@ pub async fn receive(
 
     // Before anything parses it: JSON nested past the limit would be stored as a deal
     // that every later read fails on.
+    let delivery_id = delivery_id(&scheme, &verified, &body);
     if let Err(too_deep) = crate::domain::check_depth(&body) {
         count(&state, &connection, "malformed");
         let reason = too_deep.to_string();
-        return dead_letter(&state, &connection, &reason, headers, body, received_at).await;
+        return dead_letter(
+            &state,
+            &connection,
+            &delivery_id,
+            topic.as_deref(),
+            &reason,
+            headers,
+            body,
+            received_at,
+        )
+        .await;
     }
-    let delivery_id = delivery_id(&scheme, &verified, &body);
 
     // The connector checks the body before the commit, so a malformed one is answered
     // 400 (and kept as a dead letter) rather than acknowledged; the worker parses it
@@ -266,6 +276,8 @@ pub async fn receive(
             dead_letter(
                 &state,
                 &connection,
+                &event.delivery_id,
+                event.topic.as_deref(),
                 &bad.reason,
                 event.headers,
                 body,
@@ -321,9 +333,12 @@ pub async fn receive(
 
 /// Keeps an authentic delivery that cannot be taken in as a dead letter, then answers
 /// 400 with the reason.
+#[allow(clippy::too_many_arguments)]
 async fn dead_letter(
     state: &AppState,
     connection: &str,
+    delivery_id: &str,
+    topic: Option<&str>,
     reason: &str,
     headers: Vec<(String, String)>,
     body: axum::body::Bytes,
@@ -331,7 +346,15 @@ async fn dead_letter(
 ) -> Response {
     if let Err(error) = state
         .store
-        .dead_letter(connection, reason, headers, body, received_at)
+        .dead_letter(
+            connection,
+            delivery_id,
+            topic,
+            reason,
+            headers,
+            body,
+            received_at,
+        )
         .await
     {
         return ApiError::from(error).into_response();

@@ -42,19 +42,22 @@ pub use deals::{
 };
 pub use digests::{AssembleOutcome, DigestClaim, DigestFinish, DigestRow, DigestWatch};
 pub use inbox::{
-    EnqueueError, Enqueued, InboxCounts, InboxOp, InboxRow, MAX_PENDING, NewWebhook, Settlement,
-    inbox_path,
+    EnqueueError, Enqueued, InboxCounts, InboxOp, InboxRow, MAX_PENDING, NewWebhook, Replayed,
+    Settlement, StoredDeadLetter, inbox_path,
 };
 pub use migrations::SCHEMA_VERSION;
 pub use outbox::{
     Claim, ClaimDecision, ClaimFacts, ClaimQuery, EarlierEnrollment, EnrollOutcome, EnrollPlan,
-    NewOutboxRow, OutboxAction, OutboxRow, OutboxRowFilter, OutboxState, StageEntry,
+    FollowupFacts, NewOutboxRow, OutboxAction, OutboxRow, OutboxRowFilter, OutboxState,
+    RetryOutcome, StageEntry,
 };
 pub use report::{
     OutboxCount, OutboxEntry, OutboxFilter, ReportScope, StageValue, StallCutoff, StalledCount,
 };
 pub use suppression::Suppression;
-pub use sync::{CachedRecord, ENRICHMENT_RETENTION, Quarantined, SyncRunRecord};
+pub use sync::{
+    CachedRecord, ENRICHMENT_RETENTION, QuarantineEntry, Quarantined, Reread, SyncRunRecord,
+};
 pub use tokens::StoredToken;
 
 use chrono::{DateTime, TimeZone, Utc};

@@ -240,6 +240,19 @@ pub struct OutboxRowFilter {
     pub limit: Option<u32>,
 }
 
+/// What asking to send a failed email again did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RetryOutcome {
+    /// Back to `pending`, due now, its attempts counted afresh.
+    Queued(OutboxRow),
+    /// Only failed emails are retried; this row is in another state (or is an expiry).
+    NotFailed(OutboxRow),
+    /// The recipient is suppressed (the reason): a retry would only be skipped. Nothing
+    /// changed.
+    Suppressed(OutboxRow, String),
+    NotFound,
+}
+
 /// A deal's entry into a stage, from the history's change feed.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StageEntry {
@@ -259,7 +272,7 @@ fn read_deal(tx: &rusqlite::Connection, id: i64) -> Result<Option<Deal>> {
 }
 
 fn earlier_enrollments(
-    tx: &Transaction<'_>,
+    tx: &rusqlite::Connection,
     rule: &str,
     recipient: &str,
     since: i64,
@@ -281,6 +294,68 @@ fn earlier_enrollments(
         })
     })?;
     Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+}
+
+/// Reads the facts a send-time decision needs about `row` (in the claim transaction,
+/// or on a reader for an explanation: one query for both, so they cannot differ).
+fn read_claim_facts(
+    db: &rusqlite::Connection,
+    row: OutboxRow,
+    query: &ClaimQuery,
+    now_ms: i64,
+) -> Result<ClaimFacts> {
+    let deal = read_deal(db, row.deal_id)?;
+    let suppressed: Option<String> = if row.recipient.is_empty() {
+        None
+    } else {
+        db.prepare_cached("SELECT reason FROM suppressions WHERE email IN (?1, lower(?1))")?
+            .query_row([&row.recipient], |r| r.get(0))
+            .optional()?
+    };
+    let order_since = match (&query.order_pipeline, &deal) {
+        (Some(pipeline), Some(deal)) => match &deal.contact_email {
+            Some(email) => {
+                let started = to_ms(deal.created_at.unwrap_or(deal.first_seen_at));
+                db.prepare_cached(
+                    "SELECT id FROM deals
+                     WHERE contact_email IN (?1, lower(?1)) AND pipeline = ?2
+                       AND status = 'won' AND id != ?3 AND stage_entered_at >= ?4
+                     LIMIT 1",
+                )?
+                .query_row(
+                    params![email.as_str(), pipeline.as_str(), deal.id, started],
+                    |r| r.get(0),
+                )
+                .optional()?
+            }
+            None => None,
+        },
+        _ => None,
+    };
+    let recent_to_recipient = match query.cap_window {
+        Some(window) if !row.recipient.is_empty() => {
+            let since = now_ms - window.as_millis() as i64;
+            db.prepare_cached(
+                "SELECT count(*), min(claimed_at) FROM outbox
+                 WHERE recipient = ?1 AND claimed_at > ?2
+                   AND state IN ('sending', 'sent', 'uncertain')",
+            )?
+            .query_row(params![row.recipient, since], |r| {
+                Ok((
+                    r.get::<_, i64>(0)? as u32,
+                    r.get::<_, Option<i64>>(1)?.map(from_ms),
+                ))
+            })?
+        }
+        _ => (0, None),
+    };
+    Ok(ClaimFacts {
+        row,
+        deal,
+        suppressed,
+        order_since,
+        recent_to_recipient,
+    })
 }
 
 fn insert_row(
@@ -328,7 +403,63 @@ fn stop_sequence(
     Ok(changed as u64)
 }
 
+/// Read access to the facts enrollment and the send-time decision look at, through the
+/// same queries (`followup::explain` asks them without changing anything).
+pub struct FollowupFacts<'a> {
+    db: &'a rusqlite::Connection,
+}
+
+impl FollowupFacts<'_> {
+    /// The recipient's enrollments into `rule` created since `since`, other than
+    /// `except_deal`'s: what `Store::enroll` hands to its plan.
+    pub fn earlier_enrollments(
+        &self,
+        rule: &str,
+        recipient: &str,
+        since: DateTime<Utc>,
+        except_deal: i64,
+    ) -> Result<Vec<EarlierEnrollment>> {
+        earlier_enrollments(self.db, rule, recipient, to_ms(since), except_deal)
+    }
+
+    /// What `Store::claim` would read about `row` at `now`.
+    pub fn claim_facts(
+        &self,
+        row: OutboxRow,
+        query: &ClaimQuery,
+        now: DateTime<Utc>,
+    ) -> Result<ClaimFacts> {
+        read_claim_facts(self.db, row, query, to_ms(now))
+    }
+}
+
 impl Store {
+    /// Runs `f` on a deal, its outbox rows (every rule, by rule and step) and the
+    /// follow-up facts, in one read transaction (one snapshot); `None` when there is no
+    /// such deal. Writes nothing.
+    pub async fn with_followup_facts<T, F>(&self, deal_id: i64, f: F) -> Result<Option<T>>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Deal, &[OutboxRow], &FollowupFacts<'_>) -> Result<T> + Send + 'static,
+    {
+        self.read(move |db| {
+            let snapshot = db.unchecked_transaction()?;
+            let Some(deal) = read_deal(&snapshot, deal_id)? else {
+                return Ok(None);
+            };
+            let sql =
+                format!("SELECT {ROW_COLUMNS} FROM outbox WHERE deal_id = ?1 ORDER BY rule, step");
+            let rows = snapshot
+                .prepare(&sql)?
+                .query_map([deal_id], row_from)?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            let value = f(&deal, &rows, &FollowupFacts { db: &snapshot })?;
+            snapshot.finish()?;
+            Ok(Some(value))
+        })
+        .await
+    }
+
     /// Enrolls a deal into a rule in one transaction: re-reads the deal, looks up the
     /// recipient's earlier enrollments (since `history_since`) through `plan`, and
     /// applies the plan. Does nothing when the deal already has rows for the rule.
@@ -423,58 +554,7 @@ impl Store {
                 return Ok(None);
             }
             let now_ms = to_ms(now);
-            let deal = read_deal(tx, row.deal_id)?;
-            let suppressed: Option<String> = if row.recipient.is_empty() {
-                None
-            } else {
-                tx.prepare_cached("SELECT reason FROM suppressions WHERE email IN (?1, lower(?1))")?
-                    .query_row([&row.recipient], |r| r.get(0))
-                    .optional()?
-            };
-            let order_since = match (&query.order_pipeline, &deal) {
-                (Some(pipeline), Some(deal)) => match &deal.contact_email {
-                    Some(email) => {
-                        let started = to_ms(deal.created_at.unwrap_or(deal.first_seen_at));
-                        tx.prepare_cached(
-                            "SELECT id FROM deals
-                             WHERE contact_email IN (?1, lower(?1)) AND pipeline = ?2
-                               AND status = 'won' AND id != ?3 AND stage_entered_at >= ?4
-                             LIMIT 1",
-                        )?
-                        .query_row(
-                            params![email.as_str(), pipeline.as_str(), deal.id, started],
-                            |r| r.get(0),
-                        )
-                        .optional()?
-                    }
-                    None => None,
-                },
-                _ => None,
-            };
-            let recent_to_recipient = match query.cap_window {
-                Some(window) if !row.recipient.is_empty() => {
-                    let since = now_ms - window.as_millis() as i64;
-                    tx.prepare_cached(
-                        "SELECT count(*), min(claimed_at) FROM outbox
-                         WHERE recipient = ?1 AND claimed_at > ?2
-                           AND state IN ('sending', 'sent', 'uncertain')",
-                    )?
-                    .query_row(params![row.recipient, since], |r| {
-                        Ok((
-                            r.get::<_, i64>(0)? as u32,
-                            r.get::<_, Option<i64>>(1)?.map(from_ms),
-                        ))
-                    })?
-                }
-                _ => (0, None),
-            };
-            let facts = ClaimFacts {
-                row,
-                deal,
-                suppressed,
-                order_since,
-                recent_to_recipient,
-            };
+            let facts = read_claim_facts(tx, row, &query, now_ms)?;
             let decision = decide(&facts);
             let ClaimFacts { row, deal, .. } = facts;
             let mut sending = None;
@@ -584,6 +664,39 @@ impl Store {
                 }
             }
             Ok(true)
+        })
+        .await
+    }
+
+    /// Puts a `failed` email back to `pending`, due at `now`, with its attempts reset,
+    /// so the worker claims it at its next pass (re-checking everything as for any
+    /// due row) and sends it once. One transaction; any other state is left alone.
+    pub async fn retry_failed(&self, id: i64, now: DateTime<Utc>) -> Result<RetryOutcome> {
+        self.write(move |tx| {
+            let Some(row) = read_row(tx, id)? else {
+                return Ok(RetryOutcome::NotFound);
+            };
+            if row.state != OutboxState::Failed || row.action != OutboxAction::Email {
+                return Ok(RetryOutcome::NotFailed(row));
+            }
+            let suppressed: Option<String> = tx
+                .prepare_cached("SELECT reason FROM suppressions WHERE email IN (?1, lower(?1))")?
+                .query_row([&row.recipient], |r| r.get(0))
+                .optional()?;
+            if let Some(reason) = suppressed {
+                return Ok(RetryOutcome::Suppressed(row, reason));
+            }
+            let now_ms = to_ms(now);
+            tx.execute(
+                "UPDATE outbox SET state = 'pending', next_attempt_at = ?2, attempts = 0,
+                    claimed_at = NULL, updated_at = ?2,
+                    reason = 'retry asked by an operator after: ' || coalesce(reason, 'a failure')
+                 WHERE id = ?1 AND state = 'failed'",
+                params![id, now_ms],
+            )?;
+            Ok(RetryOutcome::Queued(read_row(tx, id)?.ok_or_else(
+                || StoreError::Corrupt(format!("outbox row {id} vanished while retried")),
+            )?))
         })
         .await
     }

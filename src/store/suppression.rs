@@ -69,6 +69,34 @@ impl Store {
         .await
     }
 
+    /// Removes an address from the list; returns what was removed, `None` when it was
+    /// not suppressed. Sequences already stopped for it stay stopped; later follow-ups
+    /// are sent.
+    pub async fn unsuppress(&self, email: String) -> Result<Option<Suppression>> {
+        self.write(move |tx| {
+            let found = tx
+                .query_row(
+                    "SELECT email, reason, source, created_at FROM suppressions
+                     WHERE email IN (?1, lower(?1))",
+                    [&email],
+                    |row| {
+                        Ok(Suppression {
+                            email: row.get(0)?,
+                            reason: row.get(1)?,
+                            source: row.get(2)?,
+                            created_at: from_ms(row.get(3)?),
+                        })
+                    },
+                )
+                .optional()?;
+            if let Some(found) = &found {
+                tx.execute("DELETE FROM suppressions WHERE email = ?1", [&found.email])?;
+            }
+            Ok(found)
+        })
+        .await
+    }
+
     /// Every suppressed address, newest first.
     pub async fn suppressions(&self) -> Result<Vec<Suppression>> {
         self.read(|db| {

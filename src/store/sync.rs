@@ -17,6 +17,29 @@ pub struct Quarantined {
     pub raw: crate::domain::RawRecord,
 }
 
+/// A stored quarantined record, for `dealsync quarantine`.
+#[derive(Debug, Clone, Serialize)]
+pub struct QuarantineEntry {
+    pub id: i64,
+    pub connection: String,
+    /// `None` when the record had no readable id.
+    pub external_id: Option<String>,
+    /// Why it could not be read.
+    pub error: String,
+    pub at: DateTime<Utc>,
+    /// The record as the source sent it.
+    pub raw: String,
+}
+
+/// What re-reading a quarantined record found.
+#[derive(Debug, Clone)]
+pub enum Reread {
+    /// The record reads now: store it.
+    Stored(Box<DealUpsert>),
+    /// The source says it no longer exists: mark a stored deal deleted.
+    Deleted,
+}
+
 /// How long a record an enrichment read is kept at most: longer than any `cache` a
 /// manifest may set (the manifest check refuses more). Older rows, no longer fresh for
 /// any read and holding a contact's personal data, are deleted when a run of their
@@ -44,7 +67,77 @@ pub struct SyncRunRecord {
     pub error: Option<String>,
 }
 
+fn quarantine_from(row: &rusqlite::Row<'_>) -> rusqlite::Result<QuarantineEntry> {
+    Ok(QuarantineEntry {
+        id: row.get(0)?,
+        connection: row.get(1)?,
+        external_id: row.get(2)?,
+        error: row.get(3)?,
+        at: from_ms(row.get(4)?),
+        raw: row.get(5)?,
+    })
+}
+
 impl Store {
+    /// Quarantined records, newest first (`connection` to list one connection's only).
+    pub async fn quarantined(
+        &self,
+        connection: Option<String>,
+        limit: u32,
+    ) -> Result<Vec<QuarantineEntry>> {
+        self.read(move |db| {
+            let mut statement = db.prepare(
+                "SELECT id, connection, external_id, error, at, raw FROM quarantine
+                 WHERE ?1 IS NULL OR connection = ?1 ORDER BY id DESC LIMIT ?2",
+            )?;
+            let rows = statement.query_map(params![connection, limit], quarantine_from)?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+        .await
+    }
+
+    /// One quarantined record.
+    pub async fn quarantine_entry(&self, id: i64) -> Result<Option<QuarantineEntry>> {
+        self.read(move |db| {
+            Ok(db
+                .query_row(
+                    "SELECT id, connection, external_id, error, at, raw FROM quarantine
+                     WHERE id = ?1",
+                    [id],
+                    quarantine_from,
+                )
+                .optional()?)
+        })
+        .await
+    }
+
+    /// Applies what re-reading a quarantined record found and, in the same transaction,
+    /// takes every quarantine entry of that record (each sync that met it added one)
+    /// out of quarantine. Returns the upsert's outcome and how many entries went.
+    pub async fn resolve_quarantined(
+        &self,
+        connection: String,
+        external_id: String,
+        found: Reread,
+        at: DateTime<Utc>,
+    ) -> Result<(UpsertOutcome, u64)> {
+        self.write(move |tx| {
+            let outcome = match found {
+                Reread::Stored(upsert) => upsert_all(tx, vec![*upsert])?,
+                Reread::Deleted => {
+                    super::carts::mark_deleted(tx, &connection, &external_id, at)?;
+                    UpsertOutcome::default()
+                }
+            };
+            let removed = tx.execute(
+                "DELETE FROM quarantine WHERE connection = ?1 AND external_id = ?2",
+                params![connection, external_id],
+            )?;
+            Ok((outcome, removed as u64))
+        })
+        .await
+    }
+
     /// Records that a connection exists (idempotent).
     pub async fn ensure_connection(&self, name: &str, connector: &str) -> Result<()> {
         let (name, connector) = (name.to_owned(), connector.to_owned());

@@ -106,6 +106,18 @@ async fn missing_env_vars_and_credentials_are_named_and_secrets_are_never_printe
         stderr.contains("email.url: environment variable SMTP_URL is not set"),
         "{stderr}"
     );
+    // A credential `check` cannot read here is a note, not a failure (the service
+    // reads it); the daemon itself refuses to start without it, naming it.
+    let smtp = [("SMTP_URL", "smtp://127.0.0.1:2525")];
+    let (code, stdout, stderr) =
+        run_cli(&["--config", path.to_str().unwrap(), "check"], &smtp).await;
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(
+        stdout.contains("note: connections.crm.token: ${credential:crm_token}"),
+        "{stdout}"
+    );
+    let (code, _, stderr) = run_cli(&["--config", path.to_str().unwrap(), "run"], &smtp).await;
+    assert_eq!(code, 78, "{stderr}");
     assert!(stderr.contains("connections.crm.token"), "{stderr}");
     assert!(stderr.contains("CREDENTIALS_DIRECTORY"), "{stderr}");
 

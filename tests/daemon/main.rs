@@ -7,6 +7,7 @@ mod harness;
 mod insight;
 mod outbound;
 mod process;
+mod operators;
 mod pull;
 mod report;
 mod secrets;

@@ -351,3 +351,26 @@ pub async fn run_cli(args: &[&str], env: &[(&str, &str)]) -> (i32, String, Strin
         String::from_utf8_lossy(&output.stderr).into_owned(),
     )
 }
+
+/// `run_cli` with the variables in `unset` removed from what the binary inherits (e.g.
+/// `CREDENTIALS_DIRECTORY`, so a test sees a shell outside the service).
+pub async fn run_cli_without(
+    args: &[&str],
+    env: &[(&str, &str)],
+    unset: &[&str],
+) -> (i32, String, String) {
+    let mut command = Command::new(binary());
+    command.args(args);
+    for name in unset {
+        command.env_remove(name);
+    }
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let output = command.output().await.expect("running dealsync");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}

@@ -2,7 +2,8 @@
 //!
 //! `SmtpServer` runs `smtp_sink.py` (aiosmtpd) on 127.0.0.1 and a free port, and reads
 //! back every message it accepted. Recipients containing `bounce` get a permanent 550,
-//! those containing `tempfail` a transient 451. The server can be stopped and started
+//! those containing `tempfail` a transient 451, and while [`SmtpServer::refuse`] is set
+//! every recipient gets the reply it names. The server can be stopped and started
 //! again on the same port to test an SMTP outage, and is killed on drop.
 //!
 //! The interpreter is `/usr/bin/python3`, the one Debian's `python3-aiosmtpd` package
@@ -131,6 +132,20 @@ impl SmtpServer {
             .collect()
     }
 
+    /// Makes the server answer every recipient with `reply` (e.g. `"554 5.7.1 rejected
+    /// by policy"`) from the next one on, or, with `None`, accept them again.
+    pub fn refuse(&self, reply: Option<&str>) {
+        let path = self.dir.path().join("refuse");
+        match reply {
+            Some(reply) => fs::write(&path, format!("{reply}\n")).expect("writing the refusal"),
+            None => match fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+                Err(error) => panic!("removing the refusal: {error}"),
+            },
+        }
+    }
+
     /// Kills the server and waits until it is gone, so its port refuses connections.
     /// Does nothing when it is already stopped.
     pub async fn stop(&mut self) {
@@ -203,6 +218,8 @@ async fn spawn_sink(dir: &Path, port: u16) -> Result<SinkProcess, StartFailure> 
         .arg(port.to_string())
         .arg("--maildir")
         .arg(dir.join("mail"))
+        .arg("--refuse-file")
+        .arg(dir.join("refuse"))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::from(log))

@@ -14,7 +14,9 @@ Recipients are refused on purpose so tests can exercise failures:
   - an address containing "tempfail" gets 451 4.3.0 try again later (transient);
   - a message to an address containing "dropafterdata" is stored, and then the
     connection is dropped instead of answering DATA: the client cannot know the
-    message was accepted.
+    message was accepted;
+  - while the file named by --refuse-file exists, every recipient gets its first
+    line as the reply (e.g. "554 5.7.1 rejected by policy"), whatever the address.
 
 When the server listens it prints "READY <port>" on stdout. It stops on SIGTERM
 or SIGKILL, and also when its stdin closes, so it never outlives the test
@@ -32,11 +34,24 @@ from aiosmtpd.controller import Controller
 
 
 class SinkHandler:
-    def __init__(self, maildir):
+    def __init__(self, maildir, refuse_file):
         self.maildir = maildir
+        self.refuse_file = refuse_file
         self.sequence = itertools.count()
 
+    def refusal(self):
+        if not self.refuse_file:
+            return None
+        try:
+            with open(self.refuse_file, encoding="utf-8") as file:
+                return file.readline().strip() or None
+        except FileNotFoundError:
+            return None
+
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        refusal = self.refusal()
+        if refusal:
+            return refusal
         lowered = address.lower()
         if "bounce" in lowered:
             return "550 5.1.1 user unknown"
@@ -72,10 +87,11 @@ def main():
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--maildir", required=True)
+    parser.add_argument("--refuse-file")
     args = parser.parse_args()
 
     controller = Controller(
-        SinkHandler(args.maildir),
+        SinkHandler(args.maildir, args.refuse_file),
         hostname=args.host,
         port=args.port,
         # A fixed greeting name: the default looks up the machine's FQDN, which can hang.
