@@ -370,7 +370,8 @@ fn email_rows(daemon: &TestDaemon) -> EmailRows {
     let db = daemon.db_read_only();
     let mut statement = db
         .prepare(
-            "SELECT d.connection, d.external_id, o.rule, o.step, o.state
+            // The store keeps the 0-based index; every output counts steps from 1.
+            "SELECT d.connection, d.external_id, o.rule, o.step + 1, o.state
              FROM outbox o JOIN deals d ON d.id = o.deal_id WHERE o.action = 'email'",
         )
         .unwrap();
@@ -626,10 +627,11 @@ async fn four_sigkills_under_webhooks_a_failing_vendor_and_email_sends_lose_noth
 
     // The emails that are due: each step of the cart rule for every abandoned cart
     // whose shopper consented, and the proposal email for every deal in proposal.
+    // Steps are numbered as every output of the daemon shows them: from 1.
     let mut due: BTreeSet<(String, String, String, i64)> = BTreeSet::new();
     for webhook in &webhooks {
         if webhook.becomes == (Becomes::AbandonedCart { consent: true }) {
-            for step in 0..CART_STEPS {
+            for step in 1..=CART_STEPS {
                 due.insert((
                     webhook.connection.to_owned(),
                     webhook.external_id.clone(),
@@ -641,7 +643,7 @@ async fn four_sigkills_under_webhooks_a_failing_vendor_and_email_sends_lose_noth
     }
     for (id, (stage, _)) in &expected_pd {
         if stage == "proposal" {
-            due.insert(("pd".into(), id.clone(), "proposals".into(), 0));
+            due.insert(("pd".into(), id.clone(), "proposals".into(), 1));
         }
     }
     let settled = eventually("every due email settled", WAIT, || async {

@@ -604,7 +604,11 @@ async fn deals_show_predicts_each_rules_decision_with_the_reason_the_worker_then
     .await;
     let with_rules = format!("{without_rules}\n{RULES}");
     let rules_config = daemon.dir.path().join("with-rules.toml");
-    std::fs::write(&rules_config, format!("{}{with_rules}", daemon.header(&with_rules))).unwrap();
+    std::fs::write(
+        &rules_config,
+        format!("{}{with_rules}", daemon.header(&with_rules)),
+    )
+    .unwrap();
 
     // Act 1: what `deals show` predicts before the worker has the rules.
     let predicted_a = decisions(&rules_config, consenting).await;

@@ -67,7 +67,8 @@ enroll_interval = "100ms"
         Utc::now(),
     )
     .await;
-    let eml = messages.join(format!("{cart}-carts-0.eml"));
+    // File names count steps from 1, as every output does.
+    let eml = messages.join(format!("{cart}-carts-1.eml"));
     eventually("the first cart email as a file", WAIT, || async {
         eml.exists().then_some(())
     })
@@ -99,7 +100,7 @@ enroll_interval = "100ms"
         .unwrap()
         .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
-    assert_eq!(names, [format!("{cart}-carts-0.eml")]);
+    assert_eq!(names, [format!("{cart}-carts-1.eml")]);
 }
 
 /// Runs `dealsync --config <config> run` to its end (at most `limit`), returning

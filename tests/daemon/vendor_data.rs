@@ -1117,11 +1117,18 @@ steps = [
         .find(|r| r["id"] == row_id)
         .unwrap();
     assert_eq!(api_row["step"], shown, "{api}");
-    let (status, page) = daemon.get("/").await;
-    assert_eq!(status, 200);
+    let response = daemon
+        .http
+        .get(daemon.url("/"))
+        .bearer_auth("step-test-token-0123456789")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let page = response.text().await.unwrap();
     assert!(
         page.contains(&format!(
-            "<td>{deal_id}</td><td>carts</td><td>{shown}</td><td>sent</td>"
+            "<td><a href=\"/deals/{deal_id}\">{deal_id}</a></td><td>carts</td><td>{shown}</td><td>sent</td>"
         )),
         "{page}"
     );
