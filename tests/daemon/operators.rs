@@ -77,6 +77,7 @@ fn write_credentials(dir: &Path, unsubscribe_secret: &str) {
         ("unsubscribe-secret", unsubscribe_secret),
         ("hubspot-eu-token", "pat-eu1-very-secret-token"),
         ("shopify-webhook-secret", "shpss_very_secret_value"),
+        ("woo-webhook-secret", "woo_very_secret_value"),
     ] {
         std::fs::write(dir.join(name), format!("{value}\n")).unwrap();
     }
@@ -97,7 +98,7 @@ async fn outside_the_service_read_only_commands_work_with_the_services_credentia
         run_cli_without(&["--config", config, "check"], &[], NO_SERVICE).await;
     assert_eq!(code, 0, "{stdout}{stderr}");
     assert!(
-        stdout.contains("credentials: 4 not available here, so not checked"),
+        stdout.contains("credentials: 5 not available here, so not checked"),
         "{stdout}"
     );
     for (key, credential) in [
@@ -534,7 +535,7 @@ async fn deals_show_predicts_each_rules_decision_with_the_reason_the_worker_then
     // Arrange: a daemon without rules, so nothing is enrolled while the deals are written.
     let smtp = SmtpServer::start().await;
     let without_rules = format!(
-        "api_token = \"{TOKEN}\"\n{}",
+        "api_token = \"{TOKEN}\"\nstatus_page_auth = \"local\"\n{}",
         email(&smtp, "max_per_recipient_per_day = 2")
     );
     let mut daemon = TestDaemon::start(&without_rules).await;
