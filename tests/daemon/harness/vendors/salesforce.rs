@@ -178,7 +178,8 @@ fn answer(state: &SfState, soql: &str, include_deleted: bool) -> Response {
         // shape, with this query in it).
         let fixture = fixture("salesforce/error-invalid-field-currencyisocode.json");
         let template = fixture["body"][0]["message"].as_str().unwrap();
-        let reason = &template[template.find("No such column").unwrap()..];
+        let (_, tail) = template.split_once("No such column").unwrap();
+        let reason = format!("No such column{tail}");
         let message = format!(
             "\n{soql}\n{caret:>width$}\nERROR at Row:1:Column:{column}\n{reason}",
             caret = "^",
