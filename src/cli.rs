@@ -26,7 +26,7 @@ pub struct Cli {
     #[arg(long, global = true, value_enum, default_value = "pretty")]
     pub log_format: LogFormat,
     /// Log level or filter, e.g. `info` or `dealsync=debug`.
-    #[arg(long, global = true, default_value = "info")]
+    #[arg(long, global = true, default_value = "info", value_parser = crate::telemetry::parse_log_filter)]
     pub log_level: String,
     #[command(subcommand)]
     pub command: Command,
@@ -37,7 +37,7 @@ pub enum Command {
     /// Run the daemon.
     Run,
     /// Validate the config, connectors and stage mappings; exit 78 when invalid.
-    Check,
+    Check(CheckArgs),
     /// Show the canonical pipelines and each connection's stage mapping.
     Stages,
     /// Sync now, once, with a progress bar on a terminal.
@@ -52,6 +52,15 @@ pub enum Command {
     /// Follow-up emails: due, sent, skipped; and the exact email a rule would send.
     #[command(subcommand)]
     Outbox(OutboxCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// Also try the environment: log in to each CRM and read once, greet the SMTP
+    /// server (no message is sent), check that the listen address is free. Exits 69
+    /// when the config is valid but the environment is not.
+    #[arg(long)]
+    pub online: bool,
 }
 
 #[derive(Debug, Args)]
@@ -192,6 +201,11 @@ fn parse_status(text: &str) -> Result<DealStatus, String> {
     DealStatus::parse(text).ok_or_else(|| "expected open, won, lost, unmapped or deleted".into())
 }
 
+/// The exit code of `check` when the config is valid but the environment is not
+/// (sysexits' EX_UNAVAILABLE): storage not writable, a CRM or the SMTP server not
+/// reachable or refusing the credentials, the listen address taken.
+pub const EXIT_ENVIRONMENT: i32 = 69;
+
 /// A command's failure; the variant picks the exit code.
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
@@ -199,15 +213,20 @@ pub enum CliError {
     Config(#[from] ConfigError),
     #[error("{0}")]
     Usage(String),
+    /// The config is valid; what it points at is not usable (one line per problem).
+    #[error("the config is valid, but the environment is not:\n  {}", .0.join("\n  "))]
+    Environment(Vec<String>),
     #[error(transparent)]
     Other(#[from] anyhow::Error),
 }
 
 impl CliError {
-    /// 78 (EX_CONFIG) for configuration errors, 2 for usage, 1 for anything else.
+    /// 78 (EX_CONFIG) for configuration errors, 69 when the config is valid and the
+    /// environment is not, 2 for usage, 1 for anything else.
     pub fn exit_code(&self) -> i32 {
         match self {
             CliError::Config(_) => 78,
+            CliError::Environment(_) => EXIT_ENVIRONMENT,
             CliError::Usage(_) => 2,
             CliError::Other(_) => 1,
         }
@@ -233,7 +252,7 @@ impl From<crate::store::StoreError> for CliError {
 pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Command::Run => run(&cli.config).await,
-        Command::Check => check(&cli.config).await,
+        Command::Check(args) => check(&cli.config, args).await,
         Command::Stages => stages(&cli.config).await,
         Command::Sync(args) => sync_now(&cli.config, args).await,
         Command::Auth(args) => authorize(&cli.config, args).await,
@@ -285,12 +304,21 @@ async fn runtimes(
     Ok(runtimes)
 }
 
-async fn check(path: &std::path::Path) -> Result<(), CliError> {
+async fn check(path: &std::path::Path, args: CheckArgs) -> Result<(), CliError> {
     let config = load(path).await?;
-    let store = if config.storage.path.exists() {
-        Some(open_store(&config).await?)
-    } else {
-        None
+    // Problems of the environment: the config is valid, what it points at is not.
+    let mut unavailable: Vec<String> = Vec::new();
+    let storage = config.storage.path.clone();
+    let writable = tokio::task::spawn_blocking(move || crate::store::check_writable(&storage))
+        .await
+        .map_err(anyhow::Error::from)?;
+    let store = match writable {
+        Err(error) => {
+            unavailable.push(error.to_string());
+            None
+        }
+        Ok(()) if config.storage.path.exists() => Some(open_store(&config).await?),
+        Ok(()) => None,
     };
     let runtimes = runtimes(&config, store.as_ref()).await?;
     let mut out = format!("config {}: ok\n", config.path.display());
@@ -312,30 +340,17 @@ async fn check(path: &std::path::Path) -> Result<(), CliError> {
             connection.name, connection.connector
         ));
     }
-    let mut unmapped = Vec::new();
-    for runtime in &runtimes {
-        let map = runtime.stage_map();
-        for pipeline in map.native() {
-            for stage in &pipeline.stages {
-                if map.resolve(&pipeline.id, &stage.id).is_unmapped() {
-                    unmapped.push(format!(
-                        "{}: native stage \"{}\" / \"{}\" has no mapping",
-                        runtime.name(),
-                        pipeline.label,
-                        stage.label
-                    ));
-                }
-            }
-        }
+    if unavailable.is_empty() {
+        out.push_str(&format!(
+            "storage {}: writable\n",
+            config.storage.path.display()
+        ));
     }
-    if let Some(store) = &store {
-        for stage in store.unmapped_stages(None).await? {
-            unmapped.push(format!(
-                "{}: {} deals in unmapped native stage \"{}\" / \"{}\"",
-                stage.connection, stage.deals, stage.native_pipeline, stage.native_stage
-            ));
-        }
-    }
+    let stored_unmapped = match &store {
+        Some(store) => store.unmapped_stages(None).await?,
+        None => Vec::new(),
+    };
+    let (warnings, undiscovered) = mapping_warnings(&config, &runtimes, &stored_unmapped);
     let problems = crate::followup::preflight(&config);
     if !problems.is_empty() {
         return Err(CliError::Config(ConfigError::at(
@@ -354,19 +369,225 @@ async fn check(path: &std::path::Path) -> Result<(), CliError> {
             rule.to
         ));
     }
-    if unmapped.is_empty() {
-        out.push_str("stage mappings: every known native stage is mapped\n");
+    if !undiscovered.is_empty() {
+        out.push_str(&format!(
+            "stage mappings: no stages discovered yet for {} (nothing read so far: `dealsync sync` or the running daemon discovers them; this check then compares the mappings with them)\n",
+            undiscovered.join(", ")
+        ));
+    }
+    if warnings.is_empty() {
+        if undiscovered.len() < runtimes.len() {
+            out.push_str("stage mappings: every discovered native stage is mapped\n");
+        }
     } else {
         out.push_str(&format!(
-            "stage mappings: {} warnings (deals there are kept as \"{UNMAPPED}\"; map them under [connections.NAME.stage_map])\n",
-            unmapped.len()
+            "stage mappings: {} warning(s) (deals in an unmapped stage are kept as \"{UNMAPPED}\"; map them under [connections.NAME.stage_map])\n",
+            warnings.len()
         ));
-        for line in unmapped {
+        for line in warnings {
             out.push_str(&format!("  warning: {line}\n"));
         }
     }
+    if args.online {
+        out.push_str("online checks:\n");
+        for (ok, line) in check_online(&config, &runtimes, store.as_ref()).await {
+            if ok {
+                out.push_str(&format!("  {line}\n"));
+            } else {
+                out.push_str(&format!("  FAILED {line}\n"));
+                unavailable.push(line);
+            }
+        }
+    }
     output::print(&out);
-    Ok(())
+    if unavailable.is_empty() {
+        Ok(())
+    } else {
+        Err(CliError::Environment(unavailable))
+    }
+}
+
+/// The stage-mapping warnings of `check`, each native stage named once, and the
+/// connections for which nothing has been discovered yet.
+fn mapping_warnings(
+    config: &Config,
+    runtimes: &[Arc<ConnectionRuntime>],
+    stored_unmapped: &[crate::store::UnmappedStage],
+) -> (Vec<String>, Vec<String>) {
+    let mut warnings = Vec::new();
+    let mut undiscovered = Vec::new();
+    for runtime in runtimes {
+        let name = runtime.name();
+        let map = runtime.stage_map();
+        let stored: Vec<&crate::store::UnmappedStage> = stored_unmapped
+            .iter()
+            .filter(|stage| stage.connection == name)
+            .collect();
+        if map.native().is_empty() && stored.is_empty() {
+            undiscovered.push(name.to_owned());
+        }
+        // Deals kept as unmapped, by the discovered stage they sit in (when known).
+        let deals_in = |pipeline: &str, stage: &str| -> u64 {
+            stored
+                .iter()
+                .filter(|kept| {
+                    map.find_native(&kept.native_pipeline, &kept.native_stage)
+                        .is_some_and(|(p, s)| p.id == pipeline && s.id == stage)
+                })
+                .map(|kept| kept.deals)
+                .sum()
+        };
+        for (pipeline, stage) in map.unmapped_native() {
+            let deals = deals_in(&pipeline.id, &stage.id);
+            let kept = if deals > 0 {
+                format!(" ({deals} deal(s) kept as unmapped)")
+            } else {
+                String::new()
+            };
+            warnings.push(format!(
+                "{name}: native stage \"{}\" / \"{}\" has no mapping{kept}",
+                pipeline.label, stage.label
+            ));
+        }
+        for kept in stored {
+            // Named above when discovery knows the stage.
+            if map
+                .find_native(&kept.native_pipeline, &kept.native_stage)
+                .is_some()
+            {
+                continue;
+            }
+            if map
+                .resolve(&kept.native_pipeline, &kept.native_stage)
+                .is_unmapped()
+            {
+                warnings.push(format!(
+                    "{name}: {} deal(s) in unmapped native stage \"{}\" / \"{}\"",
+                    kept.deals, kept.native_pipeline, kept.native_stage
+                ));
+            }
+        }
+        let overrides = config
+            .connections
+            .iter()
+            .find(|c| c.name.as_str() == name)
+            .map(|c| c.stage_map.as_slice())
+            .unwrap_or_default();
+        for unmatched in map.unmatched_entries() {
+            let entry = unmatched.entry;
+            let message = if unmatched.pipeline_missing {
+                format!(
+                    "native pipeline {:?} is not one this connection has (discovered: {})",
+                    entry.native_pipeline,
+                    unmatched.known.join(", ")
+                )
+            } else {
+                format!(
+                    "native stage {:?} matches no stage of {:?} (discovered: {})",
+                    entry.native_stage,
+                    entry.native_pipeline,
+                    unmatched.known.join(", ")
+                )
+            };
+            let located = overrides
+                .iter()
+                .find(|o| {
+                    o.native_pipeline == entry.native_pipeline
+                        && o.native_stage == entry.native_stage
+                })
+                .map(|o| ConfigError::at(config, o.key(name), message.clone()));
+            match located.as_ref().and_then(|error| error.problems().first()) {
+                Some(problem) => warnings.push(problem.to_string()),
+                None => warnings.push(format!("{name}: {message}")),
+            }
+        }
+    }
+    (warnings, undiscovered)
+}
+
+/// `check --online`: each line with whether it passed.
+async fn check_online(
+    config: &Config,
+    runtimes: &[Arc<ConnectionRuntime>],
+    store: Option<&Store>,
+) -> Vec<(bool, String)> {
+    const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+    let mut lines = Vec::new();
+    let listen = config.server.listen;
+    match std::net::TcpListener::bind(listen) {
+        Ok(listener) => {
+            drop(listener);
+            lines.push((true, format!("listen {listen}: free")));
+        }
+        Err(error) => lines.push((
+            false,
+            format!(
+                "listen {listen}: {error} (is dealsync already running? change server.listen otherwise)"
+            ),
+        )),
+    }
+    let metrics = Arc::new(Metrics::new());
+    for runtime in runtimes {
+        let what = format!(
+            "connection {} ({})",
+            runtime.name(),
+            runtime.connector.kind()
+        );
+        if !runtime.connector.polls() {
+            lines.push((
+                true,
+                format!("{what}: receives webhooks only; nothing to connect to"),
+            ));
+            continue;
+        }
+        let cx = crate::connectors::SyncContext {
+            connection: runtime.config.name.clone(),
+            shutdown: CancellationToken::new(),
+            metrics: metrics.clone(),
+            store: store.cloned(),
+            attention: None,
+            max_attempts: Some(1),
+        };
+        match tokio::time::timeout(PROBE_TIMEOUT, runtime.connector.probe(&cx)).await {
+            Ok(Ok(seen)) => lines.push((true, format!("{what}: ok, {seen}"))),
+            Ok(Err(error)) => lines.push((
+                false,
+                format!("{what}: {}", crate::telemetry::error_chain(&error)),
+            )),
+            Err(_) => lines.push((
+                false,
+                format!("{what}: no answer within {}s", PROBE_TIMEOUT.as_secs()),
+            )),
+        }
+    }
+    let email = &config.email;
+    let target = match &email.transport {
+        config::EmailTransport::File { dir } => format!("email (file transport, {})", dir.display()),
+        // The URL may carry credentials: only its scheme, host and port are shown.
+        config::EmailTransport::Smtp { url } => match url::Url::parse(url.expose()) {
+            Ok(parsed) => format!(
+                "email {}://{}{}",
+                parsed.scheme(),
+                parsed.host_str().unwrap_or("?"),
+                parsed.port().map_or_else(String::new, |port| format!(":{port}"))
+            ),
+            Err(_) => "email (smtp)".to_owned(),
+        },
+    };
+    match crate::followup::mailer::Mailer::new(email) {
+        Err(error) => lines.push((false, format!("{target}: {error}"))),
+        Ok(mailer) => {
+            match tokio::time::timeout(PROBE_TIMEOUT, mailer.test_connection()).await {
+                Ok(Ok(seen)) => lines.push((true, format!("{target}: ok, {seen}"))),
+                Ok(Err(error)) => lines.push((false, format!("{target}: {error}"))),
+                Err(_) => lines.push((
+                    false,
+                    format!("{target}: no answer within {}s", PROBE_TIMEOUT.as_secs()),
+                )),
+            }
+        }
+    }
+    lines
 }
 
 async fn stages(path: &std::path::Path) -> Result<(), CliError> {

@@ -29,7 +29,7 @@ fn main() {
         let code = error.exit_code();
         match code {
             78 => eprintln!("dealsync: configuration error:\n{error}"),
-            _ => eprintln!("dealsync: {error:#}"),
+            _ => eprintln!("dealsync: {}", dealsync::telemetry::error_chain(&error)),
         }
         std::process::exit(code);
     }

@@ -18,6 +18,31 @@ pub enum LogFormat {
     Json,
 }
 
+/// The level names `--log-level` accepts, alone or after `target=`.
+pub const LOG_LEVELS: &[&str] = &["trace", "debug", "info", "warn", "error", "off"];
+
+/// Checks a `--log-level` value: a level (`info`) or comma-separated directives
+/// (`info,dealsync=debug`). A bare word that is no level is refused rather than read
+/// as a target name, which would silently log everything from nowhere.
+pub fn parse_log_filter(text: &str) -> Result<String, String> {
+    let known = LOG_LEVELS.join(", ");
+    for directive in text.split(',').map(str::trim) {
+        if directive.is_empty() {
+            return Err(format!("empty directive in {text:?}"));
+        }
+        let bare = !directive.contains(['=', '[', '{']);
+        if bare && !LOG_LEVELS.contains(&directive.to_ascii_lowercase().as_str()) {
+            return Err(format!(
+                "unknown log level {directive:?} (levels: {known}; per target: dealsync=debug)"
+            ));
+        }
+        directive
+            .parse::<tracing_subscriber::filter::Directive>()
+            .map_err(|error| format!("{directive:?}: {error} (levels: {known})"))?;
+    }
+    Ok(text.to_owned())
+}
+
 /// Installs the global tracing subscriber; logs go to stderr.
 pub fn init_tracing(format: LogFormat, level: &str) {
     use tracing_subscriber::EnvFilter;
@@ -31,6 +56,25 @@ pub fn init_tracing(format: LogFormat, level: &str) {
         LogFormat::Pretty => builder.with_target(false).try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
+}
+
+/// Returns an error and its causes as one line, `what failed: why: deeper cause`.
+///
+/// A cause whose text the line already holds is left out: many errors quote their
+/// source in their own message (`binding 127.0.0.1:8080: Address already in use`)
+/// and also return it from `source()`, which would otherwise print it twice.
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let line = cause.to_string();
+        if !line.is_empty() && !text.contains(&line) {
+            text.push_str(": ");
+            text.push_str(&line);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

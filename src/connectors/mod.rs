@@ -141,6 +141,9 @@ pub struct SyncContext {
     /// The token store (OAuth connections need it).
     pub store: Option<crate::store::Store>,
     pub attention: Option<Attention>,
+    /// Caps the attempts per vendor request (`None`: the client's own bound);
+    /// `dealsync check --online` tries once, so an unreachable host fails at once.
+    pub max_attempts: Option<u32>,
 }
 
 impl SyncContext {
@@ -152,6 +155,7 @@ impl SyncContext {
             metrics: Arc::new(crate::telemetry::Metrics::new()),
             store: None,
             attention: None,
+            max_attempts: None,
         }
     }
 }
@@ -183,6 +187,18 @@ pub trait Connector: Send + Sync {
         _cx: &SyncContext,
     ) -> Result<Vec<NativePipeline>, ConnectorError> {
         Ok(Vec::new())
+    }
+
+    /// Checks with one cheap read that the source answers and takes the credentials
+    /// (`dealsync check --online`); returns what it saw, for the operator. The default
+    /// discovers the native pipelines.
+    async fn probe(&self, cx: &SyncContext) -> Result<String, ConnectorError> {
+        let pipelines = self.discover_pipelines(cx).await?;
+        let stages: usize = pipelines.iter().map(|p| p.stages.len()).sum();
+        Ok(format!(
+            "{} native pipeline(s), {stages} stage(s)",
+            pipelines.len()
+        ))
     }
 
     /// Returns one page after `cursor` (`None`: start a full read).

@@ -262,6 +262,11 @@ impl Connector for ShopifyConnector {
         self.token.is_some()
     }
 
+    async fn probe(&self, cx: &SyncContext) -> Result<String, ConnectorError> {
+        let page = self.fetch_page(cx, None).await?;
+        Ok(format!("read {} abandoned checkout(s)", page.records.len()))
+    }
+
     async fn fetch_page(
         &self,
         cx: &SyncContext,
@@ -304,12 +309,12 @@ impl Connector for ShopifyConnector {
         }
         let request = self
             .http
-            .get(url)
+            .get(url.clone())
             .header("X-Shopify-Access-Token", token.expose())
             .header("Accept", "application/json");
         let response = tokio::select! {
             _ = cx.shutdown.cancelled() => return Err(ConnectorError::Cancelled),
-            response = request.send() => response.map_err(|error| transient(error.without_url().to_string(), None))?,
+            response = request.send() => response.map_err(|error| transient(crate::vendor_http::failure_reason(&url, error), None))?,
         };
         let status = response.status();
         if status == reqwest::StatusCode::UNAUTHORIZED || status == reqwest::StatusCode::FORBIDDEN {

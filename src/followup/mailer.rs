@@ -176,6 +176,28 @@ impl Mailer {
             .map_err(|error| MailError::Build(error.to_string()))
     }
 
+    /// Connects as a send would (EHLO, STARTTLS or TLS as the URL says, AUTH when it
+    /// carries credentials) and hangs up without a message; the file transport
+    /// checks that its directory takes files. For `dealsync check --online`.
+    pub async fn test_connection(&self) -> Result<String, MailError> {
+        match &self.transport {
+            Transport::Smtp(smtp) => match smtp.test_connection().await {
+                Ok(true) => Ok("connected, greeted and logged in as configured".to_owned()),
+                Ok(false) => Err(MailError::Transient(
+                    "the server accepted the connection but did not answer NOOP".to_owned(),
+                )),
+                Err(error) => Err(MailError::Transient(crate::telemetry::error_chain(&error))),
+            },
+            Transport::File(dir) => match crate::store::probe_dir(dir) {
+                Ok(()) => Ok(format!("{} takes .eml files", dir.display())),
+                Err((at, error)) => Err(MailError::Setup(format!(
+                    "{} is not writable: {error}",
+                    at.display()
+                ))),
+            },
+        }
+    }
+
     /// Waits for the rate limiter, then delivers.
     pub async fn send(&self, message: Message, idempotency_key: &str) -> Result<(), MailError> {
         if let Some(limiter) = &self.limiter {

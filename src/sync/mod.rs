@@ -202,6 +202,7 @@ impl ConnectionRuntime {
             metrics: deps.metrics.clone(),
             store: Some(deps.store.clone()),
             attention: deps.attention.clone(),
+            max_attempts: None,
         }
     }
 }
