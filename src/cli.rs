@@ -7,10 +7,13 @@ use crate::output::{self, Format, Rows};
 use crate::store::{DealFilter, Store};
 use crate::sync::{self, ConnectionRuntime, RunSummary, SyncDeps};
 use crate::telemetry::{LogFormat, Metrics};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use std::path::PathBuf;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
+
+/// The heading under which `--help` lists the flags every command takes.
+const GLOBAL: &str = "Global options";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -20,13 +23,14 @@ use tokio_util::sync::CancellationToken;
 )]
 pub struct Cli {
     /// The config file.
-    #[arg(long, global = true, default_value = config::DEFAULT_PATH)]
+    #[arg(long, global = true, default_value = config::DEFAULT_PATH, help_heading = GLOBAL)]
     pub config: PathBuf,
     /// Log format on stderr.
-    #[arg(long, global = true, value_enum, default_value = "pretty")]
+    #[arg(long, global = true, value_enum, default_value = "pretty", help_heading = GLOBAL)]
     pub log_format: LogFormat,
-    /// Log level or filter, e.g. `info` or `dealsync=debug`.
-    #[arg(long, global = true, default_value = "info", value_parser = crate::telemetry::parse_log_filter)]
+    /// Log level or filter: trace, debug, info, warn, error or off, or directives
+    /// such as `info,dealsync=debug`.
+    #[arg(long, global = true, default_value = "info", value_parser = crate::telemetry::parse_log_filter, help_heading = GLOBAL)]
     pub log_level: String,
     #[command(subcommand)]
     pub command: Command,
@@ -52,6 +56,18 @@ pub enum Command {
     /// Follow-up emails: due, sent, skipped; and the exact email a rule would send.
     #[command(subcommand)]
     Outbox(OutboxCommand),
+    /// Print a shell completion script, e.g. `dealsync completions bash >
+    /// /usr/share/bash-completion/completions/dealsync`.
+    Completions(CompletionsArgs),
+    /// Print the man page (roff), e.g. `dealsync man > /usr/share/man/man1/dealsync.1`.
+    Man,
+}
+
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell to complete for.
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
 }
 
 #[derive(Debug, Args)]
@@ -87,6 +103,7 @@ pub struct ReportArgs {
     /// The table CSV output carries.
     #[arg(long, value_enum, default_value = "stages")]
     pub section: crate::report::render::Section,
+    /// Output format.
     #[arg(long, value_enum, default_value = "table")]
     pub format: Format,
 }
@@ -103,25 +120,32 @@ pub enum OutboxCommand {
 
 #[derive(Debug, Args)]
 pub struct OutboxDigestsArgs {
+    /// Only this digest rule.
     #[arg(long)]
     pub rule: Option<String>,
+    /// At most this many rows.
     #[arg(long, default_value_t = 100)]
     pub limit: u32,
+    /// Output format.
     #[arg(long, value_enum, default_value = "table")]
     pub format: Format,
 }
 
 #[derive(Debug, Args)]
 pub struct OutboxListArgs {
-    /// pending, sending, sent, failed, skipped, uncertain or done.
+    /// Only rows in this state: pending, sending, sent, failed, skipped, uncertain or done.
     #[arg(long, value_parser = parse_outbox_state)]
     pub state: Option<crate::store::OutboxState>,
+    /// Only this follow-up rule (`NAME`, or `NAME@stage` for a multi-stage rule).
     #[arg(long)]
     pub rule: Option<String>,
+    /// Only this deal's rows (its id, as `deals list` shows it).
     #[arg(long)]
     pub deal: Option<i64>,
+    /// At most this many rows.
     #[arg(long, default_value_t = 100)]
     pub limit: u32,
+    /// Output format.
     #[arg(long, value_enum, default_value = "table")]
     pub format: Format,
 }
@@ -182,17 +206,22 @@ pub enum DealsCommand {
 
 #[derive(Debug, Args)]
 pub struct ListArgs {
+    /// Only this connection.
     #[arg(long)]
     pub connection: Option<String>,
+    /// Only this canonical pipeline.
     #[arg(long)]
     pub pipeline: Option<String>,
+    /// Only this canonical stage (its key, as `stages` shows it), or `unmapped`.
     #[arg(long)]
     pub stage: Option<String>,
-    /// open, won, lost, unmapped or deleted.
+    /// Only deals with this status: open, won, lost, unmapped or deleted.
     #[arg(long, value_parser = parse_status)]
     pub status: Option<DealStatus>,
+    /// At most this many deals.
     #[arg(long, default_value_t = 100)]
     pub limit: u32,
+    /// Output format.
     #[arg(long, value_enum, default_value = "table")]
     pub format: Format,
 }
@@ -261,6 +290,20 @@ pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
         Command::Outbox(OutboxCommand::List(args)) => outbox_list(&cli.config, args).await,
         Command::Outbox(OutboxCommand::Preview(args)) => outbox_preview(&cli.config, args).await,
         Command::Outbox(OutboxCommand::Digests(args)) => outbox_digests(&cli.config, args).await,
+        Command::Completions(args) => {
+            let mut script = Vec::new();
+            clap_complete::generate(args.shell, &mut Cli::command(), "dealsync", &mut script);
+            output::print(&String::from_utf8_lossy(&script));
+            Ok(())
+        }
+        Command::Man => {
+            let mut page = Vec::new();
+            clap_mangen::Man::new(Cli::command())
+                .render(&mut page)
+                .map_err(anyhow::Error::from)?;
+            output::print(&String::from_utf8_lossy(&page));
+            Ok(())
+        }
     }
 }
 
@@ -605,6 +648,7 @@ async fn stages(path: &std::path::Path) -> Result<(), CliError> {
         "kind",
         "probability",
         "stall_after",
+        "description",
     ]);
     for pipeline in config.pipelines.iter() {
         for (at, stage) in pipeline.stages.iter().enumerate() {
@@ -619,6 +663,7 @@ async fn stages(path: &std::path::Path) -> Result<(), CliError> {
                     .stall_after
                     .map(config::duration::format)
                     .unwrap_or_else(|| "-".into()),
+                stage.description.clone(),
             ]);
         }
     }
@@ -627,33 +672,42 @@ async fn stages(path: &std::path::Path) -> Result<(), CliError> {
     for runtime in runtimes(&config, store.as_ref()).await? {
         let map = runtime.stage_map();
         let mut rows = Rows::new(vec!["native pipeline", "native stage", "canonical", "from"]);
-        let mut listed = std::collections::HashSet::new();
+        let source = |entry: &crate::pipeline::StageMapEntry| format!("{:?}", entry.source).to_lowercase();
+        // Each entry is listed once: beside the discovered stages it maps, else alone.
+        let mut used = vec![false; map.entries().len()];
+        let position = |entry: &crate::pipeline::StageMapEntry| {
+            map.entries().iter().position(|e| std::ptr::eq(e, entry))
+        };
         for pipeline in map.native() {
             for stage in &pipeline.stages {
-                let target = map.resolve(&pipeline.id, &stage.id);
-                let source = map
-                    .entries()
-                    .iter()
-                    .find(|e| e.target == target && !target.is_unmapped())
-                    .map_or("-".to_owned(), |e| format!("{:?}", e.source).to_lowercase());
-                listed.insert((pipeline.id.clone(), stage.id.clone()));
+                let entry = map.entry_for(&pipeline.id, &stage.id);
+                if let Some(at) = entry.and_then(position) {
+                    used[at] = true;
+                }
                 rows.push(vec![
                     pipeline.label.clone(),
                     stage.label.clone(),
-                    describe(&target),
-                    source,
+                    entry.map_or_else(|| UNMAPPED.to_owned(), |e| describe(&e.target)),
+                    entry.map_or_else(|| "-".to_owned(), source),
                 ]);
             }
         }
-        for entry in map.entries() {
-            if !listed.contains(&(entry.native_pipeline.clone(), entry.native_stage.clone())) {
-                rows.push(vec![
-                    entry.native_pipeline.clone(),
-                    entry.native_stage.clone(),
-                    describe(&entry.target),
-                    format!("{:?}", entry.source).to_lowercase(),
-                ]);
+        let discovered = !map.native().is_empty();
+        for (at, entry) in map.entries().iter().enumerate() {
+            if used[at] {
+                continue;
             }
+            let from = if discovered && entry.source == crate::pipeline::MappingSource::Config {
+                format!("{} (matches no discovered stage)", source(entry))
+            } else {
+                source(entry)
+            };
+            rows.push(vec![
+                entry.native_pipeline.clone(),
+                entry.native_stage.clone(),
+                describe(&entry.target),
+                from,
+            ]);
         }
         out.push_str(&format!(
             "\nConnection {} ({})\n\n",
@@ -682,23 +736,39 @@ async fn sync_now(path: &std::path::Path, args: SyncArgs) -> Result<(), CliError
     let config = load(path).await?;
     let store = open_store(&config).await?;
     let runtimes = runtimes(&config, Some(&store)).await?;
-    let selected: Vec<_> = runtimes
+    let named: Vec<_> = runtimes
         .into_iter()
         .filter(|r| {
             args.connection
                 .as_deref()
                 .is_none_or(|name| r.name() == name)
         })
-        .filter(|r| r.connector.polls() || args.connection.is_some())
         .collect();
-    if let Some(name) = &args.connection
-        && selected.is_empty()
-    {
-        return Err(CliError::Usage(format!(
-            "no enabled connection named {name:?} in {}",
-            config.path.display()
-        )));
+    if let Some(name) = &args.connection {
+        let Some(runtime) = named.first() else {
+            let enabled: Vec<String> = config
+                .connections
+                .iter()
+                .filter(|c| c.enabled)
+                .map(|c| c.name.to_string())
+                .collect();
+            return Err(CliError::Usage(format!(
+                "no enabled connection named {name:?} in {} (enabled: {})",
+                config.path.display(),
+                enabled.join(", ")
+            )));
+        };
+        // Nothing to read, so no run is recorded: the status page keeps showing the
+        // connection as it was.
+        if !runtime.connector.polls() {
+            output::print(&format!(
+                "connection {name} ({}) receives webhooks only: there is nothing to pull; deals arrive at POST /webhooks/{name}\n",
+                runtime.connector.kind()
+            ));
+            return Ok(());
+        }
     }
+    let selected: Vec<_> = named.into_iter().filter(|r| r.connector.polls()).collect();
     let deps = SyncDeps {
         store: store.clone(),
         metrics: Arc::new(Metrics::new()),
@@ -829,8 +899,52 @@ async fn authorize(path: &std::path::Path, args: AuthArgs) -> Result<(), CliErro
     Ok(())
 }
 
+/// Refuses a filter value that can match nothing, listing the values that can: a
+/// typo would otherwise print an empty list and exit 0.
+fn one_of(what: &str, value: Option<&str>, known: &[String]) -> Result<(), CliError> {
+    match value {
+        Some(value) if !known.iter().any(|k| k == value) => Err(CliError::Usage(format!(
+            "no {what} {value:?} (known: {})",
+            if known.is_empty() {
+                "none".to_owned()
+            } else {
+                known.join(", ")
+            }
+        ))),
+        _ => Ok(()),
+    }
+}
+
+fn connection_names(config: &Config) -> Vec<String> {
+    config
+        .connections
+        .iter()
+        .map(|c| c.name.to_string())
+        .collect()
+}
+
 async fn deals_list(path: &std::path::Path, args: ListArgs) -> Result<(), CliError> {
     let config = load(path).await?;
+    one_of(
+        "connection",
+        args.connection.as_deref(),
+        &connection_names(&config),
+    )?;
+    let pipelines: Vec<String> = config.pipelines.iter().map(|p| p.key.to_string()).collect();
+    one_of("pipeline", args.pipeline.as_deref(), &pipelines)?;
+    let mut stages: Vec<String> = config
+        .pipelines
+        .iter()
+        .filter(|p| args.pipeline.as_deref().is_none_or(|key| p.key.as_str() == key))
+        .flat_map(|p| p.stages.iter().map(|s| s.key.to_string()))
+        .collect();
+    stages.push(UNMAPPED.to_owned());
+    stages.dedup();
+    let scope = match &args.pipeline {
+        Some(pipeline) => format!("stage in pipeline {pipeline}"),
+        None => "stage".to_owned(),
+    };
+    one_of(&scope, args.stage.as_deref(), &stages)?;
     let store = open_store(&config).await?;
     let deals = store
         .deals(DealFilter {
@@ -948,6 +1062,16 @@ async fn report(path: &std::path::Path, args: ReportArgs) -> Result<(), CliError
 async fn outbox_list(path: &std::path::Path, args: OutboxListArgs) -> Result<(), CliError> {
     let config = load(path).await?;
     let store = open_store(&config).await?;
+    if args.rule.is_some() {
+        // The rules in force, and those of rows kept from rules since removed.
+        let mut rules: Vec<String> = config.followups.iter().map(|r| r.name.clone()).collect();
+        for stored in store.outbox_rules().await? {
+            if !rules.contains(&stored) {
+                rules.push(stored);
+            }
+        }
+        one_of("follow-up rule", args.rule.as_deref(), &rules)?;
+    }
     let rows = store
         .outbox(crate::store::OutboxRowFilter {
             state: args.state,
@@ -1071,6 +1195,8 @@ async fn digest_preview(
 
 async fn outbox_digests(path: &std::path::Path, args: OutboxDigestsArgs) -> Result<(), CliError> {
     let config = load(path).await?;
+    let digests: Vec<String> = config.digests.iter().map(|r| r.name.clone()).collect();
+    one_of("digest rule", args.rule.as_deref(), &digests)?;
     let store = open_store(&config).await?;
     let rows = store.digests(args.rule, args.limit).await?;
     if args.format == Format::Json {
@@ -1199,4 +1325,40 @@ async fn outbox_preview(path: &std::path::Path, args: OutboxPreviewArgs) -> Resu
     let message = mailer.build(&outgoing).map_err(anyhow::Error::from)?;
     output::print(&String::from_utf8_lossy(&message.formatted()));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every argument of every command, with the path of commands that leads to it.
+    fn arguments(command: &clap::Command, path: &str, found: &mut Vec<(String, clap::Arg)>) {
+        for arg in command.get_arguments() {
+            found.push((path.to_owned(), arg.clone()));
+        }
+        for sub in command.get_subcommands() {
+            arguments(sub, &format!("{path} {}", sub.get_name()), found);
+        }
+    }
+
+    #[test]
+    fn every_flag_and_argument_has_help_text_and_global_flags_have_their_own_heading() {
+        let mut command = Cli::command();
+        command.build();
+        let mut found = Vec::new();
+        arguments(&command, "dealsync", &mut found);
+        let missing: Vec<String> = found
+            .iter()
+            .filter(|(_, arg)| arg.get_help().is_none() && arg.get_long_help().is_none())
+            .map(|(path, arg)| format!("{path} {}", arg.get_id()))
+            .collect();
+        assert!(missing.is_empty(), "no help text: {missing:?}");
+        for global in ["config", "log_format", "log_level"] {
+            let arg = command
+                .get_arguments()
+                .find(|arg| arg.get_id() == global)
+                .expect("a global flag");
+            assert_eq!(arg.get_help_heading(), Some(GLOBAL), "{global}");
+        }
+    }
 }

@@ -291,3 +291,36 @@ impl Metrics {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_filters_take_levels_and_directives_and_refuse_other_words() {
+        for good in ["info", "DEBUG", "off", "info,dealsync=debug", "dealsync::sync=trace"] {
+            assert!(parse_log_filter(good).is_ok(), "{good}");
+        }
+        for bad in ["verbose", "info,loud", "dealsync=verbose", ""] {
+            let error = parse_log_filter(bad).unwrap_err();
+            assert!(!error.is_empty(), "{bad}");
+        }
+        assert!(parse_log_filter("verbose").unwrap_err().contains("trace, debug, info"));
+    }
+
+    #[test]
+    fn an_error_chain_names_each_cause_once() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("binding 127.0.0.1:80: {source}")]
+        struct Bind {
+            source: std::io::Error,
+        }
+        let error = Bind {
+            source: std::io::Error::new(std::io::ErrorKind::AddrInUse, "Address already in use"),
+        };
+        assert_eq!(
+            error_chain(&error),
+            "binding 127.0.0.1:80: Address already in use"
+        );
+    }
+}

@@ -201,6 +201,14 @@ pub trait Connector: Send + Sync {
         ))
     }
 
+    /// Where a full read (`dealsync sync --full`) starts, given the cursor the last
+    /// run stored; `None` reads from the very beginning. A source whose history is
+    /// generated from a clock (the demo) keeps that clock, so a full read re-reads the
+    /// same story instead of starting a new one.
+    fn full_read_cursor(&self, _stored: Option<&serde_json::Value>) -> Option<serde_json::Value> {
+        None
+    }
+
     /// Returns one page after `cursor` (`None`: start a full read).
     async fn fetch_page(
         &self,

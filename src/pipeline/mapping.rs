@@ -180,6 +180,11 @@ impl StageMap {
         None
     }
 
+    /// Returns the entry that maps a native stage (named by id or label), if any.
+    pub fn entry_for(&self, native_pipeline: &str, native_stage: &str) -> Option<&StageMapEntry> {
+        self.lookup(native_pipeline, native_stage)
+    }
+
     /// Returns the canonical stage for a native one; unmapped when nothing matches.
     pub fn resolve(&self, native_pipeline: &str, native_stage: &str) -> StageRef {
         self.lookup(native_pipeline, native_stage)

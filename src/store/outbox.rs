@@ -746,6 +746,16 @@ impl Store {
         .await
     }
 
+    /// The rule names outbox rows carry, sorted (rules since removed included).
+    pub async fn outbox_rules(&self) -> Result<Vec<String>> {
+        self.read(|db| {
+            let mut statement = db.prepare("SELECT DISTINCT rule FROM outbox ORDER BY rule")?;
+            let rows = statement.query_map([], |r| r.get(0))?;
+            Ok(rows.collect::<rusqlite::Result<Vec<String>>>()?)
+        })
+        .await
+    }
+
     /// The newest stage-history id: where the enrollment change feed starts.
     pub async fn last_history_id(&self) -> Result<i64> {
         self.read(|db| {

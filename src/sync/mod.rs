@@ -382,15 +382,16 @@ pub async fn run_once(
 ) -> Result<RunSummary, SyncError> {
     let started = Instant::now();
     let name = runtime.name().to_owned();
+    let stored = deps.store.cursor(&name, DEALS_STREAM).await?;
     let cursor = if full {
-        None
+        runtime.connector.full_read_cursor(stored.as_ref())
     } else {
-        deps.store.cursor(&name, DEALS_STREAM).await?
+        stored
     };
     // A run without a cursor reads everything: it is recorded as a full sync.
-    let full = cursor.is_none();
+    let full = full || cursor.is_none();
     let run_id = deps.store.start_sync_run(&name, full).await?;
-    let result = run_pages(runtime, deps, cursor, shutdown, progress, started)
+    let result = run_pages(runtime, deps, cursor, full, shutdown, progress, started)
         .instrument(info_span!("sync_run", connection = %name, run_id, full))
         .await;
     let (summary, error) = match &result {
@@ -432,12 +433,12 @@ async fn run_pages(
     runtime: &ConnectionRuntime,
     deps: &SyncDeps,
     cursor: Option<serde_json::Value>,
+    full: bool,
     shutdown: &CancellationToken,
     progress: &(dyn Fn(&RunSummary) + Send + Sync),
     started: Instant,
 ) -> Result<RunSummary, (RunSummary, SyncError)> {
     let name = runtime.name();
-    let full = cursor.is_none();
     let cx = runtime.context(deps, shutdown);
     let mut summary = RunSummary::default();
     let fail = |summary: &RunSummary, error: SyncError| (summary.clone(), error);
