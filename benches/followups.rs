@@ -263,6 +263,7 @@ after = "1s"
         store.clone(),
         config,
         Arc::new(dealsync::telemetry::Metrics::new()),
+        None,
         shutdown.clone(),
     ));
     loop {

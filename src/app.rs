@@ -39,6 +39,10 @@ pub enum RunError {
     Server(std::io::Error),
 }
 
+/// The `/readyz` attention entry of email delivery; a name no connection can have
+/// (connection names hold no spaces).
+pub const EMAIL_ATTENTION: &str = "email delivery";
+
 /// What `/readyz` reports.
 #[derive(Debug, Clone, Serialize)]
 pub struct ReadinessReport {
@@ -46,7 +50,8 @@ pub struct ReadinessReport {
     pub migrated: bool,
     /// connection → "starting" | "started"
     pub connections: BTreeMap<String, String>,
-    /// connection → what needs attention (it does not make the daemon unready).
+    /// connection (or `email delivery`) → what needs attention (it does not make the
+    /// daemon unready).
     pub attention: BTreeMap<String, String>,
 }
 
@@ -76,7 +81,9 @@ impl Readiness {
         if let Ok(mut inner) = self.inner.lock() {
             inner.connections = names.into_iter().map(|name| (name, false)).collect();
             let keep: Vec<String> = inner.connections.keys().cloned().collect();
-            inner.attention.retain(|name, _| keep.contains(name));
+            inner
+                .attention
+                .retain(|name, _| keep.contains(name) || name == EMAIL_ATTENTION);
         }
     }
 
@@ -333,6 +340,7 @@ fn start_connections(state: &Arc<AppState>, tasks: &TaskTracker, token: &Cancell
         state.store.clone(),
         state.config(),
         state.metrics.clone(),
+        state.sync_deps().attention,
         token.child_token(),
     ));
 }

@@ -130,6 +130,12 @@ pub struct FollowupLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    /// transient, permanent, unknown, other
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BuildLabels {
     pub version: String,
 }
@@ -158,6 +164,8 @@ pub struct Metrics {
     /// ping, unauthorized, too_large, malformed, failed).
     pub webhooks: Family<RecordLabels, Counter>,
     pub followups: Family<FollowupLabels, Counter>,
+    /// Emails and digests the SMTP server (or the file transport) did not take, by kind.
+    pub email_failures: Family<KindLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -192,6 +200,7 @@ impl Metrics {
             vendor: crate::vendor_http::VendorMetrics::default(),
             webhooks: Family::default(),
             followups: Family::default(),
+            email_failures: Family::default(),
             registry: Mutex::new(Registry::default()),
         };
         registry.register(
@@ -259,6 +268,11 @@ impl Metrics {
             "followups",
             "Follow-up outbox rows handled, by rule and outcome",
             metrics.followups.clone(),
+        );
+        registry.register(
+            "email_delivery_failures",
+            "Emails and digests not delivered, by kind: transient (4xx, no connection), permanent (5xx), unknown (connection lost after the hand-off), other",
+            metrics.email_failures.clone(),
         );
         *metrics.registry.lock().expect("fresh mutex") = registry;
         metrics

@@ -27,7 +27,8 @@ use crate::store::{
     EarlierEnrollment, EnrollPlan, NewOutboxRow, OutboxAction, OutboxRow, OutboxState, Store,
     StoreError,
 };
-use crate::telemetry::{FollowupLabels, Metrics};
+use crate::connectors::Attention;
+use crate::telemetry::{FollowupLabels, KindLabels, Metrics};
 use chrono::{DateTime, Utc};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -51,6 +52,8 @@ pub struct Worker {
     templates: Templates,
     mailer: Mailer,
     metrics: Arc<Metrics>,
+    /// Where delivery failures are reported for `/readyz` (and cleared by a success).
+    attention: Option<Attention>,
 }
 
 impl std::fmt::Debug for Worker {
@@ -66,6 +69,7 @@ pub async fn run(
     store: Store,
     config: Arc<Config>,
     metrics: Arc<Metrics>,
+    attention: Option<Attention>,
     shutdown: CancellationToken,
 ) {
     if config.followups.is_empty() && config.digests.is_empty() {
@@ -73,7 +77,10 @@ pub async fn run(
         return;
     }
     let worker = match Worker::new(store, config, metrics) {
-        Ok(worker) => Arc::new(worker),
+        Ok(mut worker) => {
+            worker.attention = attention;
+            Arc::new(worker)
+        }
         Err(error) => {
             error!(%error, "the follow-up worker cannot start");
             return;
@@ -110,7 +117,37 @@ impl Worker {
             templates,
             mailer,
             metrics,
+            attention: None,
         })
+    }
+
+    /// Counts a failed delivery by kind and names it on `/readyz`; a delivery that
+    /// went through clears that entry.
+    fn note_delivery(&self, sent: &Result<(), MailError>, rule: &str) {
+        let note = match sent {
+            Ok(()) => None,
+            Err(error) => {
+                let kind = match error {
+                    MailError::Transient(_) => "transient",
+                    MailError::Permanent { .. } => "permanent",
+                    MailError::Unknown(_) => "unknown",
+                    MailError::Build(_) | MailError::Setup(_) => "other",
+                };
+                self.metrics
+                    .email_failures
+                    .get_or_create(&KindLabels {
+                        kind: kind.to_owned(),
+                    })
+                    .inc();
+                Some(format!(
+                    "the last email (rule {rule}) was not delivered at {}: {error}; see `dealsync outbox list --state failed` and the email.url server",
+                    Utc::now().format("%Y-%m-%d %H:%M:%S UTC")
+                ))
+            }
+        };
+        if let Some(attention) = &self.attention {
+            attention(crate::app::EMAIL_ATTENTION, note);
+        }
     }
 
     async fn run_loop(self: Arc<Self>, shutdown: CancellationToken) -> Result<(), StoreError> {
@@ -229,18 +266,46 @@ impl Worker {
         Ok(())
     }
 
-    /// Follows the stage history after `after`; returns the new position.
+    /// Follows the stage history after `after`; returns the new position. Enrolls
+    /// deals that entered a trigger stage, and stops at once the pending rows of
+    /// deals that left their rule's stages (rather than when each falls due), so the
+    /// outbox shows why they will not be sent as soon as that is known.
     async fn enroll_from_feed(&self, mut after: i64) -> Result<i64, StoreError> {
         loop {
             let entries = self.store.stage_entries_after(after, FEED_PAGE).await?;
             let last_page = (entries.len() as u32) < FEED_PAGE;
+            let mut moved = Vec::new();
             for entry in entries {
                 for rule in self.rules.values() {
                     if rule.trigger == entry.to {
                         self.enroll(rule.clone(), entry.deal_id).await?;
                     }
                 }
+                if self.rules.values().any(|rule| !rule.is_active_in(&entry.to))
+                    && !moved.contains(&entry.deal_id)
+                {
+                    moved.push(entry.deal_id);
+                }
                 after = entry.history_id;
+            }
+            let active = self
+                .rules
+                .values()
+                .map(|rule| (rule.name.clone(), rule.active.clone()))
+                .collect();
+            for (rule, rows) in self
+                .store
+                .stop_left_rules(moved, active, Utc::now())
+                .await?
+            {
+                info!(rule = %rule, rows, "follow-ups stopped: their deal left the rule's stages");
+                self.metrics
+                    .followups
+                    .get_or_create(&FollowupLabels {
+                        rule,
+                        outcome: "skipped".to_owned(),
+                    })
+                    .inc_by(rows);
             }
             if last_page {
                 return Ok(after);
@@ -380,7 +445,9 @@ impl Worker {
                 .mark_dry_run(row.id, message_id, Utc::now())
                 .await;
         }
-        match self.mailer.send(message, &key).await {
+        let sent = self.mailer.send(message, &key).await;
+        self.note_delivery(&sent, &rule.name);
+        match sent {
             Ok(()) => {
                 let move_to = rule.steps.get(step).and_then(|s| s.move_to.clone());
                 self.store
@@ -424,6 +491,7 @@ impl Worker {
             Err(error) => {
                 let reason = format!("gave up after {} attempts: {error}", row.attempts);
                 warn!(rule = %rule.name, deal_id = deal.id, %reason, "follow-up failed");
+                self.count(&rule.name, "failed");
                 self.store
                     .mark_failed(row.id, reason, None, Utc::now())
                     .await
@@ -551,7 +619,9 @@ impl Worker {
             let finish = DigestFinish::DryRun { message_id };
             return self.store.finish_digest(id, finish, Utc::now()).await;
         }
-        let finish = match self.mailer.send(message, &key).await {
+        let sent = self.mailer.send(message, &key).await;
+        self.note_delivery(&sent, &rule.name);
+        let finish = match sent {
             Ok(()) => {
                 self.count(&rule.name, "sent");
                 info!(rule = %rule.name, digest_id = id, deals = total, day = %row.day, "daily digest sent");
