@@ -347,6 +347,7 @@ async fn sink_ceiling() {
                 html: format!("<p>{}</p>", "x".repeat(900)),
                 idempotency_key: format!("{n}-ceiling-0"),
                 unsubscribe: None,
+                reply_to: None,
             };
             (
                 outgoing.idempotency_key.clone(),

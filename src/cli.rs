@@ -605,30 +605,32 @@ async fn check_online(
     }
     let email = &config.email;
     let target = match &email.transport {
-        config::EmailTransport::File { dir } => format!("email (file transport, {})", dir.display()),
+        config::EmailTransport::File { dir } => {
+            format!("email (file transport, {})", dir.display())
+        }
         // The URL may carry credentials: only its scheme, host and port are shown.
         config::EmailTransport::Smtp { url } => match url::Url::parse(url.expose()) {
             Ok(parsed) => format!(
                 "email {}://{}{}",
                 parsed.scheme(),
                 parsed.host_str().unwrap_or("?"),
-                parsed.port().map_or_else(String::new, |port| format!(":{port}"))
+                parsed
+                    .port()
+                    .map_or_else(String::new, |port| format!(":{port}"))
             ),
             Err(_) => "email (smtp)".to_owned(),
         },
     };
     match crate::followup::mailer::Mailer::new(email) {
         Err(error) => lines.push((false, format!("{target}: {error}"))),
-        Ok(mailer) => {
-            match tokio::time::timeout(PROBE_TIMEOUT, mailer.test_connection()).await {
-                Ok(Ok(seen)) => lines.push((true, format!("{target}: ok, {seen}"))),
-                Ok(Err(error)) => lines.push((false, format!("{target}: {error}"))),
-                Err(_) => lines.push((
-                    false,
-                    format!("{target}: no answer within {}s", PROBE_TIMEOUT.as_secs()),
-                )),
-            }
-        }
+        Ok(mailer) => match tokio::time::timeout(PROBE_TIMEOUT, mailer.test_connection()).await {
+            Ok(Ok(seen)) => lines.push((true, format!("{target}: ok, {seen}"))),
+            Ok(Err(error)) => lines.push((false, format!("{target}: {error}"))),
+            Err(_) => lines.push((
+                false,
+                format!("{target}: no answer within {}s", PROBE_TIMEOUT.as_secs()),
+            )),
+        },
     }
     lines
 }
@@ -672,7 +674,8 @@ async fn stages(path: &std::path::Path) -> Result<(), CliError> {
     for runtime in runtimes(&config, store.as_ref()).await? {
         let map = runtime.stage_map();
         let mut rows = Rows::new(vec!["native pipeline", "native stage", "canonical", "from"]);
-        let source = |entry: &crate::pipeline::StageMapEntry| format!("{:?}", entry.source).to_lowercase();
+        let source =
+            |entry: &crate::pipeline::StageMapEntry| format!("{:?}", entry.source).to_lowercase();
         // Each entry is listed once: beside the discovered stages it maps, else alone.
         let mut used = vec![false; map.entries().len()];
         let position = |entry: &crate::pipeline::StageMapEntry| {
@@ -935,7 +938,11 @@ async fn deals_list(path: &std::path::Path, args: ListArgs) -> Result<(), CliErr
     let mut stages: Vec<String> = config
         .pipelines
         .iter()
-        .filter(|p| args.pipeline.as_deref().is_none_or(|key| p.key.as_str() == key))
+        .filter(|p| {
+            args.pipeline
+                .as_deref()
+                .is_none_or(|key| p.key.as_str() == key)
+        })
         .flat_map(|p| p.stages.iter().map(|s| s.key.to_string()))
         .collect();
     stages.push(UNMAPPED.to_owned());
@@ -1187,6 +1194,7 @@ async fn digest_preview(
             html: rendered.html,
             idempotency_key: rule.idempotency_key(&day, &recipient),
             unsubscribe: None,
+            reply_to: None,
         })
         .map_err(anyhow::Error::from)?;
     output::print(&String::from_utf8_lossy(&message.formatted()));

@@ -312,14 +312,24 @@ mod tests {
 
     #[test]
     fn log_filters_take_levels_and_directives_and_refuse_other_words() {
-        for good in ["info", "DEBUG", "off", "info,dealsync=debug", "dealsync::sync=trace"] {
+        for good in [
+            "info",
+            "DEBUG",
+            "off",
+            "info,dealsync=debug",
+            "dealsync::sync=trace",
+        ] {
             assert!(parse_log_filter(good).is_ok(), "{good}");
         }
         for bad in ["verbose", "info,loud", "dealsync=verbose", ""] {
             let error = parse_log_filter(bad).unwrap_err();
             assert!(!error.is_empty(), "{bad}");
         }
-        assert!(parse_log_filter("verbose").unwrap_err().contains("trace, debug, info"));
+        assert!(
+            parse_log_filter("verbose")
+                .unwrap_err()
+                .contains("trace, debug, info")
+        );
     }
 
     #[test]

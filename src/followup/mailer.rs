@@ -58,6 +58,9 @@ pub struct Outgoing {
     pub idempotency_key: String,
     /// (https URL, mailto address) for marketing messages.
     pub unsubscribe: Option<(String, String)>,
+    /// Where replies go instead of `email.from`: the deal's owner on the notes
+    /// the owner signs.
+    pub reply_to: Option<(Option<String>, EmailAddress)>,
 }
 
 enum Transport {
@@ -157,6 +160,13 @@ impl Mailer {
             .subject(outgoing.subject.clone())
             .message_id(Some(self.message_id(&outgoing.idempotency_key)))
             .raw_header(header(IDEMPOTENCY_HEADER, outgoing.idempotency_key.clone()));
+        if let Some((name, address)) = &outgoing.reply_to {
+            let address = address
+                .as_str()
+                .parse()
+                .map_err(|error| MailError::Build(format!("reply-to address: {error}")))?;
+            builder = builder.reply_to(Mailbox::new(name.clone(), address));
+        }
         if let Some((url, mailto)) = &outgoing.unsubscribe {
             builder = builder
                 .raw_header(header(
@@ -313,6 +323,7 @@ mod tests {
             text: "plain".into(),
             html: "<p>html</p>".into(),
             idempotency_key: "7-cart@checkout-0".into(),
+            reply_to: None,
             unsubscribe: unsubscribe.then(|| {
                 (
                     "https://shop.example.com/unsubscribe/t".into(),

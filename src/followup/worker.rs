@@ -21,13 +21,13 @@ use super::rules::{Recipient, Rule, RuleKind};
 use super::templates::{EmailContext, Templates};
 use super::unsubscribe;
 use crate::config::Config;
+use crate::connectors::Attention;
 use crate::domain::{Deal, StageRef};
 use crate::store::{
     AssembleOutcome, ClaimDecision, ClaimQuery, DigestClaim, DigestFinish, DigestWatch,
     EarlierEnrollment, EnrollPlan, NewOutboxRow, OutboxAction, OutboxRow, OutboxState, Store,
     StoreError,
 };
-use crate::connectors::Attention;
 use crate::telemetry::{FollowupLabels, KindLabels, Metrics};
 use chrono::{DateTime, Utc};
 use std::collections::HashMap;
@@ -281,7 +281,10 @@ impl Worker {
                         self.enroll(rule.clone(), entry.deal_id).await?;
                     }
                 }
-                if self.rules.values().any(|rule| !rule.is_active_in(&entry.to))
+                if self
+                    .rules
+                    .values()
+                    .any(|rule| !rule.is_active_in(&entry.to))
                     && !moved.contains(&entry.deal_id)
                 {
                     moved.push(entry.deal_id);
@@ -598,6 +601,7 @@ impl Worker {
                     html: rendered.html,
                     idempotency_key: key.clone(),
                     unsubscribe: None,
+                    reply_to: None,
                 };
                 Ok(self.mailer.build(&outgoing)?)
             });
@@ -733,12 +737,21 @@ pub fn compose(
         unsubscribe.as_ref().map(|(url, _)| url.clone()),
         sender,
         Utc::now(),
-    );
+    )
+    .with_stage_label(&config.pipelines);
     let rendered = templates.render(template, &context)?;
     let to_name = match rule.to {
         Recipient::Contact => deal.contact_name.clone(),
         Recipient::Owner => deal.owner.clone(),
         Recipient::Fixed(_) => None,
+    };
+    // A transactional note to the contact is the owner's (the shipped post-sale
+    // note is signed by the owner): a reply goes to the owner, not to `email.from`.
+    let reply_to = match (rule.kind, &rule.to, &deal.owner_email) {
+        (RuleKind::Transactional, Recipient::Contact, Some(owner)) => {
+            Some((deal.owner.clone(), owner.clone()))
+        }
+        _ => None,
     };
     Ok(Outgoing {
         to,
@@ -748,6 +761,7 @@ pub fn compose(
         html: rendered.html,
         idempotency_key: idempotency_key(row),
         unsubscribe,
+        reply_to,
     })
 }
 

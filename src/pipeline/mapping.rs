@@ -208,10 +208,14 @@ impl StageMap {
         stage: &str,
     ) -> Option<(&NativePipeline, &NativeStage)> {
         let pipeline = self.native.iter().find(|p| {
-            p.id == pipeline || normalize(&p.id) == normalize(pipeline) || normalize(&p.label) == normalize(pipeline)
+            p.id == pipeline
+                || normalize(&p.id) == normalize(pipeline)
+                || normalize(&p.label) == normalize(pipeline)
         })?;
         let stage = pipeline.stages.iter().find(|s| {
-            s.id == stage || normalize(&s.id) == normalize(stage) || normalize(&s.label) == normalize(stage)
+            s.id == stage
+                || normalize(&s.id) == normalize(stage)
+                || normalize(&s.label) == normalize(stage)
         })?;
         Some((pipeline, stage))
     }
@@ -438,15 +442,25 @@ mod tests {
             stages: vec![stage("s1", "Trial Use"), stage("s2", "Referral Partner")],
         }];
         let entries = [
-            entry("Software Sales", "Trial Usage", "proposal", MappingSource::Config),
+            entry(
+                "Software Sales",
+                "Trial Usage",
+                "proposal",
+                MappingSource::Config,
+            ),
             entry("software", "trial use", "proposal", MappingSource::Config),
             entry("Softwear", "Trial Use", "proposal", MappingSource::Config),
-            entry("default", "appointmentscheduled", "proposal", MappingSource::Manifest),
+            entry(
+                "default",
+                "appointmentscheduled",
+                "proposal",
+                MappingSource::Manifest,
+            ),
         ];
         let undiscovered = StageMap::new(Some(PipelineKey::new("sales")), entries.clone());
         assert!(undiscovered.unmatched_entries().is_empty());
-        let map = StageMap::new(Some(PipelineKey::new("sales")), entries)
-            .with_native(native, &pipelines);
+        let map =
+            StageMap::new(Some(PipelineKey::new("sales")), entries).with_native(native, &pipelines);
         let unmatched: Vec<(&str, &str, bool)> = map
             .unmatched_entries()
             .iter()
@@ -465,7 +479,10 @@ mod tests {
                 ("Softwear", "Trial Use", true)
             ]
         );
-        assert_eq!(map.unmatched_entries()[0].known, ["Trial Use", "Referral Partner"]);
+        assert_eq!(
+            map.unmatched_entries()[0].known,
+            ["Trial Use", "Referral Partner"]
+        );
         let unmapped: Vec<&str> = map
             .unmapped_native()
             .iter()
@@ -473,7 +490,8 @@ mod tests {
             .collect();
         assert_eq!(unmapped, ["Referral Partner"]);
         assert_eq!(
-            map.find_native("Software Sales", "Referral Partner").map(|(_, s)| s.id.as_str()),
+            map.find_native("Software Sales", "Referral Partner")
+                .map(|(_, s)| s.id.as_str()),
             Some("s2")
         );
     }

@@ -196,13 +196,12 @@ pub fn check_writable(db_path: &Path) -> Result<()> {
         Some(parent) if !parent.as_os_str().is_empty() => parent.to_owned(),
         _ => PathBuf::from("."),
     };
-    let not_writable = |what: &'static str, path: &Path, source: std::io::Error| {
-        StoreError::NotWritable {
+    let not_writable =
+        |what: &'static str, path: &Path, source: std::io::Error| StoreError::NotWritable {
             what,
             path: path.display().to_string(),
             source,
-        }
-    };
+        };
     probe_dir(&dir).map_err(|(existing, source)| {
         let what = if existing == dir {
             "the data directory"

@@ -17,7 +17,7 @@ const TEMPLATES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/config/templates")
 const WAIT: Duration = Duration::from_secs(30);
 
 /// `[email]` pointing at `smtp`, plus extra lines, plus the rules.
-fn config(smtp: &SmtpServer, email_extra: &str, rules: &str) -> String {
+pub(crate) fn config(smtp: &SmtpServer, email_extra: &str, rules: &str) -> String {
     format!(
         r#"
 [email]
@@ -61,12 +61,12 @@ fn ecommerce(stage: &str) -> StageRef {
     }
 }
 
-fn store(daemon: &TestDaemon) -> Store {
+pub(crate) fn store(daemon: &TestDaemon) -> Store {
     Store::open(&daemon.db_path).expect("opening the daemon's database")
 }
 
 /// Writes a cart (or an order) as a webhook would, entered into `stage` at `at`.
-async fn put_cart(
+pub(crate) async fn put_cart(
     store: &Store,
     connection: &str,
     id: &str,
@@ -156,7 +156,7 @@ fn to(mail: &ReceivedMail, address: &str) -> bool {
     mail.rcpt_to.iter().any(|r| r == address)
 }
 
-fn messages_to(smtp: &SmtpServer, address: &str) -> Vec<ReceivedMail> {
+pub(crate) fn messages_to(smtp: &SmtpServer, address: &str) -> Vec<ReceivedMail> {
     smtp.messages()
         .into_iter()
         .filter(|m| to(m, address))
@@ -164,7 +164,7 @@ fn messages_to(smtp: &SmtpServer, address: &str) -> Vec<ReceivedMail> {
 }
 
 /// Rows of the daemon's outbox for a deal: (step, state, reason).
-fn outbox_rows(daemon: &TestDaemon, deal_id: i64) -> Vec<(i64, String, Option<String>)> {
+pub(crate) fn outbox_rows(daemon: &TestDaemon, deal_id: i64) -> Vec<(i64, String, Option<String>)> {
     let db = daemon.db();
     let mut statement = db
         .prepare("SELECT step, state, reason FROM outbox WHERE deal_id = ?1 ORDER BY step")
@@ -1050,7 +1050,7 @@ async fn a_newly_abandoned_cart_is_sent_promptly_without_waiting_for_the_enroll_
 }
 
 /// A deal in a `sales` stage, owned by `owner`, entered `entered` ago.
-async fn put_deal(
+pub(crate) async fn put_deal(
     store: &Store,
     id: &str,
     stage: &str,

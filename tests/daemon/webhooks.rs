@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-const SHOP_SECRET: &str = "shpss_current_secret";
+pub(crate) const SHOP_SECRET: &str = "shpss_current_secret";
 const STRIPE_SECRET: &str = "whsec_stripe_test_secret";
 const WOO_SECRET: &str = "woo-secret";
 const WAIT: Duration = Duration::from_secs(15);
@@ -34,7 +34,7 @@ fn fixture(path: &str) -> Value {
 }
 
 /// A Shopify connection that takes webhooks signed with either of two secrets.
-fn shopify(name: &str, abandon_after: &str) -> String {
+pub(crate) fn shopify(name: &str, abandon_after: &str) -> String {
     format!(
         r#"
 [connections.{name}]
@@ -79,7 +79,7 @@ fn order(id: u64, checkout_token: Option<&str>, email: &str) -> Vec<u8> {
     serde_json::to_vec(&body).unwrap()
 }
 
-async fn post(
+pub(crate) async fn post(
     daemon: &TestDaemon,
     connection: &str,
     headers: http::HeaderMap,
@@ -98,7 +98,7 @@ async fn post(
     (status, response.text().await.unwrap_or_default())
 }
 
-fn shopify_headers(secret: &str, topic: &str, id: &str, body: &[u8]) -> http::HeaderMap {
+pub(crate) fn shopify_headers(secret: &str, topic: &str, id: &str, body: &[u8]) -> http::HeaderMap {
     let delivery = Delivery {
         method: "POST",
         uri: "",
