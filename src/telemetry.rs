@@ -54,8 +54,110 @@ pub fn init_tracing(format: LogFormat, level: &str) {
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Pretty => builder.with_target(false).try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_writer(JsonArrays)
+            .try_init(),
     };
+}
+
+/// Writes JSON log lines to stderr with list fields as JSON arrays.
+///
+/// tracing hands a formatter every field value as text (its `valuable` support,
+/// which would keep the structure, is unstable), so `connections = ?names` arrives
+/// as the string `["demo", "shop"]`. Each line is read back and a field whose text
+/// is a JSON array becomes that array; the message and every other field stay as
+/// they are. The formatter writes one event per writer, so a writer holds one line.
+struct JsonArrays;
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for JsonArrays {
+    type Writer = JsonLine;
+
+    fn make_writer(&'a self) -> JsonLine {
+        JsonLine(Vec::new())
+    }
+}
+
+struct JsonLine(Vec<u8>);
+
+impl std::io::Write for JsonLine {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for JsonLine {
+    fn drop(&mut self) {
+        use std::io::Write;
+        if !self.0.is_empty() {
+            let _ = std::io::stderr().write_all(&json_arrays(&self.0));
+        }
+    }
+}
+
+/// Returns the log line with its array-valued text fields as arrays (see
+/// `JsonArrays`); the fields keep their order and every other value its text.
+fn json_arrays(line: &[u8]) -> Vec<u8> {
+    use serde_json::value::RawValue;
+    let Ok(Fields(fields)) = serde_json::from_slice::<Fields>(line) else {
+        return line.to_vec();
+    };
+    let mut out = Vec::with_capacity(line.len() + 8);
+    out.push(b'{');
+    for (at, (key, raw)) in fields.iter().enumerate() {
+        if at > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(
+            serde_json::to_string(key)
+                .expect("a string serializes")
+                .as_bytes(),
+        );
+        out.push(b':');
+        let lifted = (!matches!(key.as_str(), "message" | "timestamp" | "level" | "target"))
+            .then(|| serde_json::from_str::<String>(raw.get()).ok())
+            .flatten()
+            .filter(|text| text.starts_with('['))
+            .and_then(|text| serde_json::from_str::<Box<RawValue>>(&text).ok())
+            .filter(|array| array.get().starts_with('['));
+        out.extend_from_slice(lifted.as_ref().unwrap_or(raw).get().as_bytes());
+    }
+    out.extend_from_slice(b"}\n");
+    out
+}
+
+/// A JSON object's fields in the order written, each value as its JSON text.
+struct Fields(Vec<(String, Box<serde_json::value::RawValue>)>);
+
+impl<'de> serde::Deserialize<'de> for Fields {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Fields;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Fields, A::Error> {
+                let mut fields = Vec::new();
+                while let Some(entry) = map.next_entry()? {
+                    fields.push(entry);
+                }
+                Ok(Fields(fields))
+            }
+        }
+        deserializer.deserialize_map(Visitor)
+    }
 }
 
 /// Returns an error and its causes as one line, `what failed: why: deeper cause`.
@@ -330,6 +432,19 @@ mod tests {
                 .unwrap_err()
                 .contains("trace, debug, info")
         );
+    }
+
+    #[test]
+    fn list_fields_become_json_arrays_in_place_and_other_text_stays_text() {
+        let line = br#"{"timestamp":"t","level":"INFO","message":"[\"not\", \"lifted\"]","connections":"[\"demo\", \"shop\"]","reason":"[x] broken","count":3,"target":"dealsync::app"}"#;
+        let out = String::from_utf8(json_arrays(line)).unwrap();
+        assert_eq!(
+            out,
+            "{\"timestamp\":\"t\",\"level\":\"INFO\",\"message\":\"[\\\"not\\\", \\\"lifted\\\"]\",\"connections\":[\"demo\", \"shop\"],\"reason\":\"[x] broken\",\"count\":3,\"target\":\"dealsync::app\"}\n"
+        );
+        let parsed: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(parsed["connections"], serde_json::json!(["demo", "shop"]));
+        assert_eq!(json_arrays(b"not json\n"), b"not json\n");
     }
 
     #[test]

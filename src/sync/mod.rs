@@ -19,7 +19,7 @@ use serde::Serialize;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 /// The stream name under which the deals cursor is stored.
 pub const DEALS_STREAM: &str = "deals";
@@ -589,6 +589,43 @@ async fn run_pages(
     Ok(summary)
 }
 
+/// How often a connection sums up its runs at INFO (runs that changed nothing are
+/// logged at DEBUG only).
+pub const QUIET_SUMMARY_EVERY: Duration = Duration::from_secs(15 * 60);
+
+/// Counts a connection's runs, and those that changed nothing, between summaries.
+#[derive(Debug)]
+struct QuietRuns {
+    since: Instant,
+    runs: u64,
+    quiet: u64,
+}
+
+impl QuietRuns {
+    fn new(now: Instant) -> Self {
+        QuietRuns {
+            since: now,
+            runs: 0,
+            quiet: 0,
+        }
+    }
+
+    /// Counts one run; returns (runs, quiet runs) when a summary is due, and starts
+    /// counting again. Nothing is due when no run was quiet: each was logged at INFO.
+    fn record(&mut self, changed: bool, now: Instant) -> Option<(u64, u64)> {
+        self.runs += 1;
+        if !changed {
+            self.quiet += 1;
+        }
+        if now.duration_since(self.since) < QUIET_SUMMARY_EVERY {
+            return None;
+        }
+        let due = (self.quiet > 0).then_some((self.runs, self.quiet));
+        *self = QuietRuns::new(now);
+        due
+    }
+}
+
 /// The delay before the next run: the interval with ±10% jitter, so connections
 /// configured alike do not all hit their vendors at once.
 fn jittered(interval: Duration) -> Duration {
@@ -623,6 +660,7 @@ pub async fn run_connection(
     // A short random delay first, so a restart does not fire every connection at once.
     let mut delay = Duration::from_millis(rand::rng().random_range(0..500));
     let mut failures = 0u32;
+    let mut quiet = QuietRuns::new(Instant::now());
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -631,10 +669,29 @@ pub async fn run_connection(
         match run_once(&runtime, &deps, false, &shutdown, &|_| {}).await {
             Ok(summary) => {
                 failures = 0;
-                info!(connection = %name, fetched = summary.fetched, created = summary.created,
-                    updated = summary.updated, stage_changes = summary.stage_changes,
-                    unmapped = summary.unmapped, quarantined = summary.quarantined,
-                    elapsed_ms = summary.elapsed_ms, "sync run finished");
+                // A run that changed nothing is logged at DEBUG; one INFO line now and
+                // then says how many there were, so an idle connection does not fill
+                // the log every poll and a live one still shows it is alive.
+                let changed = summary.created
+                    + summary.updated
+                    + summary.stage_changes
+                    + summary.unmapped
+                    + summary.quarantined
+                    > 0;
+                if changed {
+                    info!(connection = %name, fetched = summary.fetched, created = summary.created,
+                        updated = summary.updated, stage_changes = summary.stage_changes,
+                        unmapped = summary.unmapped, quarantined = summary.quarantined,
+                        elapsed_ms = summary.elapsed_ms, "sync run finished");
+                } else {
+                    debug!(connection = %name, fetched = summary.fetched,
+                        elapsed_ms = summary.elapsed_ms, "sync run finished");
+                }
+                if let Some((runs, quiet_runs)) = quiet.record(changed, Instant::now()) {
+                    info!(connection = %name, runs, quiet_runs,
+                        minutes = QUIET_SUMMARY_EVERY.as_secs() / 60,
+                        "sync runs since the last summary (quiet runs log at DEBUG)");
+                }
                 delay = jittered(interval);
             }
             Err(SyncError::Connector(ConnectorError::BudgetExhausted { resume_after, .. })) => {
@@ -662,6 +719,29 @@ pub async fn run_connection(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn quiet_runs_are_summed_up_once_per_period_and_only_when_there_were_any() {
+        let start = Instant::now();
+        let mut quiet = QuietRuns::new(start);
+        for minute in 0..14 {
+            assert_eq!(
+                quiet.record(false, start + Duration::from_secs(minute * 60)),
+                None
+            );
+        }
+        assert_eq!(
+            quiet.record(true, start + QUIET_SUMMARY_EVERY),
+            Some((15, 14))
+        );
+        let later = start + QUIET_SUMMARY_EVERY;
+        assert_eq!(quiet.record(true, later + Duration::from_secs(60)), None);
+        assert_eq!(
+            quiet.record(true, later + QUIET_SUMMARY_EVERY),
+            None,
+            "all runs were at INFO"
+        );
+    }
 
     #[test]
     fn backoff_grows_and_is_capped_by_the_interval() {

@@ -385,3 +385,46 @@ steps = [
         );
     }
 }
+
+#[tokio::test]
+async fn the_shopify_checkout_in_the_docs_gets_a_recovery_email_when_posted_as_written() {
+    let docs = include_str!("../../docs/connectors.md");
+    let block = docs
+        .split("<!-- shopify-checkout-example")
+        .nth(1)
+        .and_then(|rest| rest.split("```json").nth(1))
+        .and_then(|rest| rest.split("```").next())
+        .expect("docs/connectors.md shows a Shopify checkout");
+    let body = block.trim().as_bytes().to_vec();
+    let shopper: serde_json::Value = serde_json::from_slice(&body).expect("the example is JSON");
+    let address = shopper["email"].as_str().unwrap().to_owned();
+
+    let smtp = SmtpServer::start().await;
+    let rules = r#"
+[followups.carts]
+kind = "marketing"
+stage = "ecommerce.cart_abandoned"
+template = "cart_reminder"
+after = "100ms"
+"#;
+    let daemon = TestDaemon::start(&format!(
+        "{}{}",
+        config(&smtp, "", rules),
+        shopify("shop", "1s")
+    ))
+    .await;
+    let headers = shopify_headers(SHOP_SECRET, "checkouts/create", "docs-1", &body);
+    let (status, answer) = post(&daemon, "shop", headers, body).await;
+    assert_eq!(status, 200, "{answer}");
+    let mails = eventually("the recovery email", Duration::from_secs(30), || async {
+        let mails = messages_to(&smtp, &address);
+        (!mails.is_empty()).then_some(mails)
+    })
+    .await;
+    let email = read(&mails[0].data);
+    email.assert_well_formed();
+    assert_eq!(
+        email.link("Pick up where you left off"),
+        shopper["abandoned_checkout_url"].as_str().unwrap()
+    );
+}

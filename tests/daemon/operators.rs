@@ -564,3 +564,69 @@ after = "100ms"
     )
     .await;
 }
+
+#[tokio::test]
+async fn quiet_sync_runs_log_at_debug_and_json_logs_carry_lists_as_arrays() {
+    use tokio::io::AsyncBufReadExt;
+    let hubspot = HubSpot::start("pat-test", None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        free_port(),
+        &hubspot_connection("hs", &hubspot.url(), ""),
+    );
+    let mut child = tokio::process::Command::new(crate::harness::daemon::binary())
+        .args([
+            "--config",
+            &config,
+            "--log-format",
+            "json",
+            "--log-level",
+            "debug",
+            "run",
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::<serde_json::Value>::new()));
+    let mut stderr = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let sink = lines.clone();
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = stderr.next_line().await {
+            let parsed = serde_json::from_str(&line)
+                .unwrap_or_else(|_| panic!("a log line that is not JSON: {line}"));
+            sink.lock().unwrap().push(parsed);
+        }
+    });
+    let runs = eventually("three quiet sync runs", WAIT, || async {
+        let lines = lines.lock().unwrap();
+        let runs: Vec<serde_json::Value> = lines
+            .iter()
+            .filter(|line| line["message"] == "sync run finished")
+            .cloned()
+            .collect();
+        (runs.len() >= 3).then_some(runs)
+    })
+    .await;
+    assert!(
+        runs.iter()
+            .all(|run| run["level"] == "DEBUG" && run["fetched"] == 0),
+        "{runs:#?}"
+    );
+    let running = lines
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|line| line["message"] == "dealsync is running")
+        .cloned()
+        .expect("the start line");
+    assert_eq!(
+        running["connections"],
+        serde_json::json!(["hs"]),
+        "{running}"
+    );
+    child.start_kill().unwrap();
+}
