@@ -294,7 +294,7 @@ async fn every_shipped_template_is_a_readable_mime_email_with_valid_html_and_pla
     assert!(note.subject.contains("Bob Owner"), "{}", note.subject);
 
     let digest = preview(&daemon, "digest", stalled, None).await;
-    assert!(!digest.subject.trim().is_empty());
+    digest.assert_well_formed();
     assert!(digest.text.contains("Deal d-1") && digest.html.contains("Proposal"));
     assert!(!digest.html.contains("&#x2f;"), "{}", digest.html);
 }
