@@ -264,6 +264,7 @@ after = "1s"
         config,
         Arc::new(dealsync::telemetry::Metrics::new()),
         None,
+        None,
         shutdown.clone(),
         Arc::new(dealsync::app::Readiness::default()).worker(dealsync::followup::worker::NAME),
     ));
@@ -348,6 +349,7 @@ async fn sink_ceiling() {
                 html: format!("<p>{}</p>", "x".repeat(900)),
                 idempotency_key: format!("{n}-ceiling-0"),
                 unsubscribe: None,
+                reply_to: None,
             };
             (
                 outgoing.idempotency_key.clone(),

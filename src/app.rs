@@ -54,6 +54,10 @@ pub enum RunError {
     Server(std::io::Error),
 }
 
+/// The `/readyz` attention entry of email delivery; a name no connection can have
+/// (connection names hold no spaces).
+pub const EMAIL_ATTENTION: &str = "email delivery";
+
 /// What `/readyz` reports.
 #[derive(Debug, Clone, Serialize)]
 pub struct ReadinessReport {
@@ -61,7 +65,8 @@ pub struct ReadinessReport {
     pub migrated: bool,
     /// connection → "starting" | "started"
     pub connections: BTreeMap<String, String>,
-    /// connection → what needs attention (it does not make the daemon unready).
+    /// connection (or `email delivery`) → what needs attention (it does not make the
+    /// daemon unready).
     pub attention: BTreeMap<String, String>,
     /// worker → why it is degraded: its last pass failed and it is backing off before
     /// the next (`followups`, `webhooks`, `cart_sweeper`, `connection:NAME`). Makes the
@@ -96,7 +101,9 @@ impl Readiness {
         if let Ok(mut inner) = self.inner.lock() {
             inner.connections = names.into_iter().map(|name| (name, false)).collect();
             let keep: Vec<String> = inner.connections.keys().cloned().collect();
-            inner.attention.retain(|name, _| keep.contains(name));
+            inner
+                .attention
+                .retain(|name, _| keep.contains(name) || name == EMAIL_ATTENTION);
             inner.degraded.retain(|worker, _| {
                 worker
                     .strip_prefix(CONNECTION_WORKER)
@@ -552,6 +559,7 @@ fn start_connections(state: &Arc<AppState>, tasks: &TaskTracker, token: &Cancell
         state.config(),
         state.metrics.clone(),
         Some(state.clone() as Arc<dyn crate::followup::SourceReader>),
+        state.sync_deps().attention,
         token.child_token(),
         state.readiness.worker(crate::followup::worker::NAME),
     ));

@@ -7,10 +7,13 @@ use crate::output::{self, Format, Rows};
 use crate::store::{DealFilter, Store};
 use crate::sync::{self, ConnectionRuntime, RunSummary, SyncDeps};
 use crate::telemetry::{LogFormat, Metrics};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use std::path::PathBuf;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
+
+/// The heading under which `--help` lists the flags every command takes.
+const GLOBAL: &str = "Global options";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -20,13 +23,14 @@ use tokio_util::sync::CancellationToken;
 )]
 pub struct Cli {
     /// The config file.
-    #[arg(long, global = true, default_value = config::DEFAULT_PATH)]
+    #[arg(long, global = true, default_value = config::DEFAULT_PATH, help_heading = GLOBAL)]
     pub config: PathBuf,
     /// Log format on stderr.
-    #[arg(long, global = true, value_enum, default_value = "pretty")]
+    #[arg(long, global = true, value_enum, default_value = "pretty", help_heading = GLOBAL)]
     pub log_format: LogFormat,
-    /// Log level or filter, e.g. `info` or `dealsync=debug`.
-    #[arg(long, global = true, default_value = "info")]
+    /// Log level or filter: trace, debug, info, warn, error or off, or directives
+    /// such as `info,dealsync=debug`.
+    #[arg(long, global = true, default_value = "info", value_parser = crate::telemetry::parse_log_filter, help_heading = GLOBAL)]
     pub log_level: String,
     /// Read `${credential:NAME}` from the file NAME in DIR, as the service reads it from
     /// $CREDENTIALS_DIRECTORY; for commands that need a credential outside the service.
@@ -41,7 +45,7 @@ pub enum Command {
     /// Run the daemon.
     Run,
     /// Validate the config, connectors and stage mappings; exit 78 when invalid.
-    Check,
+    Check(CheckArgs),
     /// Show the canonical pipelines and each connection's stage mapping.
     Stages,
     /// Sync now, once, with a progress bar on a terminal.
@@ -65,6 +69,27 @@ pub enum Command {
     /// Addresses that get no email at all: list, add, remove.
     #[command(subcommand)]
     Suppressions(SuppressionsCommand),
+    /// Print a shell completion script, e.g. `dealsync completions bash >
+    /// /usr/share/bash-completion/completions/dealsync`.
+    Completions(CompletionsArgs),
+    /// Print the man page (roff), e.g. `dealsync man > /usr/share/man/man1/dealsync.1`.
+    Man,
+}
+
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell to complete for.
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// Also try the environment: log in to each CRM and read once, greet the SMTP
+    /// server (no message is sent), check that the listen address is free. Exits 69
+    /// when the config is valid but the environment is not.
+    #[arg(long)]
+    pub online: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -180,6 +205,7 @@ pub struct ReportArgs {
     /// The table CSV output carries.
     #[arg(long, value_enum, default_value = "stages")]
     pub section: crate::report::render::Section,
+    /// Output format.
     #[arg(long, value_enum, default_value = "table")]
     pub format: Format,
 }
@@ -198,25 +224,32 @@ pub enum OutboxCommand {
 
 #[derive(Debug, Args)]
 pub struct OutboxDigestsArgs {
+    /// Only this digest rule.
     #[arg(long)]
     pub rule: Option<String>,
+    /// At most this many rows.
     #[arg(long, default_value_t = 100)]
     pub limit: u32,
+    /// Output format.
     #[arg(long, value_enum, default_value = "table")]
     pub format: Format,
 }
 
 #[derive(Debug, Args)]
 pub struct OutboxListArgs {
-    /// pending, sending, sent, failed, skipped, uncertain or done.
+    /// Only rows in this state: pending, sending, sent, failed, skipped, uncertain or done.
     #[arg(long, value_parser = parse_outbox_state)]
     pub state: Option<crate::store::OutboxState>,
+    /// Only this follow-up rule (`NAME`, or `NAME@stage` for a multi-stage rule).
     #[arg(long)]
     pub rule: Option<String>,
+    /// Only this deal's rows (its id, as `deals list` shows it).
     #[arg(long)]
     pub deal: Option<i64>,
+    /// At most this many rows.
     #[arg(long, default_value_t = 100)]
     pub limit: u32,
+    /// Output format.
     #[arg(long, value_enum, default_value = "table")]
     pub format: Format,
 }
@@ -289,17 +322,22 @@ pub struct ShowArgs {
 
 #[derive(Debug, Args)]
 pub struct ListArgs {
+    /// Only this connection.
     #[arg(long)]
     pub connection: Option<String>,
+    /// Only this canonical pipeline.
     #[arg(long)]
     pub pipeline: Option<String>,
+    /// Only this canonical stage (its key, as `stages` shows it), or `unmapped`.
     #[arg(long)]
     pub stage: Option<String>,
-    /// open, won, lost, unmapped or deleted.
+    /// Only deals with this status: open, won, lost, unmapped or deleted.
     #[arg(long, value_parser = parse_status)]
     pub status: Option<DealStatus>,
+    /// At most this many deals.
     #[arg(long, default_value_t = 100)]
     pub limit: u32,
+    /// Output format.
     #[arg(long, value_enum, default_value = "table")]
     pub format: Format,
 }
@@ -307,6 +345,11 @@ pub struct ListArgs {
 fn parse_status(text: &str) -> Result<DealStatus, String> {
     DealStatus::parse(text).ok_or_else(|| "expected open, won, lost, unmapped or deleted".into())
 }
+
+/// The exit code of `check` when the config is valid but the environment is not
+/// (sysexits' EX_UNAVAILABLE): storage not writable, a CRM or the SMTP server not
+/// reachable or refusing the credentials, the listen address taken.
+pub const EXIT_ENVIRONMENT: i32 = 69;
 
 /// A command's failure; the variant picks the exit code.
 #[derive(Debug, thiserror::Error)]
@@ -318,17 +361,21 @@ pub enum CliError {
     /// `run` found another daemon on the same database.
     #[error("{0}")]
     AlreadyRunning(String),
+    /// The config is valid; what it points at is not usable (one line per problem).
+    #[error("the config is valid, but the environment is not:\n  {}", .0.join("\n  "))]
+    Environment(Vec<String>),
     #[error(transparent)]
     Other(#[from] anyhow::Error),
 }
 
 impl CliError {
-    /// 78 (EX_CONFIG) for configuration errors, 2 for usage, 75 (EX_TEMPFAIL: try again
-    /// once the other one stopped) when another daemon runs on the same database, 1 for
-    /// anything else.
+    /// 78 (EX_CONFIG) for configuration errors, 69 when the config is valid and the
+    /// environment is not, 2 for usage, 75 (EX_TEMPFAIL: try again once the other one
+    /// stopped) when another daemon runs on the same database, 1 for anything else.
     pub fn exit_code(&self) -> i32 {
         match self {
             CliError::Config(_) => 78,
+            CliError::Environment(_) => EXIT_ENVIRONMENT,
             CliError::Usage(_) => 2,
             CliError::AlreadyRunning(_) => 75,
             CliError::Other(_) => 1,
@@ -371,7 +418,7 @@ pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
     let source = &source;
     match cli.command {
         Command::Run => run(source).await,
-        Command::Check => check(source).await,
+        Command::Check(args) => check(source, args).await,
         Command::Stages => stages(source).await,
         Command::Sync(args) => sync_now(source, args).await,
         Command::Auth(args) => authorize(source, args).await,
@@ -411,6 +458,20 @@ pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
                 crate::ops::suppressions_remove(source, args).await
             }
         },
+        Command::Completions(args) => {
+            let mut script = Vec::new();
+            clap_complete::generate(args.shell, &mut Cli::command(), "dealsync", &mut script);
+            output::print(&String::from_utf8_lossy(&script));
+            Ok(())
+        }
+        Command::Man => {
+            let mut page = Vec::new();
+            clap_mangen::Man::new(Cli::command())
+                .render(&mut page)
+                .map_err(anyhow::Error::from)?;
+            output::print(&String::from_utf8_lossy(&page));
+            Ok(())
+        }
     }
 }
 
@@ -464,12 +525,21 @@ pub(crate) async fn runtimes(
     Ok(runtimes)
 }
 
-async fn check(source: &ConfigSource) -> Result<(), CliError> {
+async fn check(source: &ConfigSource, args: CheckArgs) -> Result<(), CliError> {
     let config = load(source).await?;
-    let store = if config.storage.path.exists() {
-        Some(open_store(&config).await?)
-    } else {
-        None
+    // Problems of the environment: the config is valid, what it points at is not.
+    let mut unavailable: Vec<String> = Vec::new();
+    let storage = config.storage.path.clone();
+    let writable = tokio::task::spawn_blocking(move || crate::store::check_writable(&storage))
+        .await
+        .map_err(anyhow::Error::from)?;
+    let store = match writable {
+        Err(error) => {
+            unavailable.push(error.to_string());
+            None
+        }
+        Ok(()) if config.storage.path.exists() => Some(open_store(&config).await?),
+        Ok(()) => None,
     };
     let runtimes = runtimes(&config, store.as_ref()).await?;
     let mut out = format!("config {}: ok\n", config.path.display());
@@ -491,30 +561,17 @@ async fn check(source: &ConfigSource) -> Result<(), CliError> {
             connection.name, connection.connector
         ));
     }
-    let mut unmapped = Vec::new();
-    for runtime in &runtimes {
-        let map = runtime.stage_map();
-        for pipeline in map.native() {
-            for stage in &pipeline.stages {
-                if map.resolve(&pipeline.id, &stage.id).is_unmapped() {
-                    unmapped.push(format!(
-                        "{}: native stage \"{}\" / \"{}\" has no mapping",
-                        runtime.name(),
-                        pipeline.label,
-                        stage.label
-                    ));
-                }
-            }
-        }
+    if unavailable.is_empty() {
+        out.push_str(&format!(
+            "storage {}: writable\n",
+            config.storage.path.display()
+        ));
     }
-    if let Some(store) = &store {
-        for stage in store.unmapped_stages(None).await? {
-            unmapped.push(format!(
-                "{}: {} deals in unmapped native stage \"{}\" / \"{}\"",
-                stage.connection, stage.deals, stage.native_pipeline, stage.native_stage
-            ));
-        }
-    }
+    let stored_unmapped = match &store {
+        Some(store) => store.unmapped_stages(None).await?,
+        None => Vec::new(),
+    };
+    let (warnings, undiscovered) = mapping_warnings(&config, &runtimes, &stored_unmapped);
     let problems = crate::followup::preflight(&config);
     if !problems.is_empty() {
         return Err(CliError::Config(ConfigError::at(
@@ -574,19 +631,227 @@ async fn check(source: &ConfigSource) -> Result<(), CliError> {
             ));
         }
     }
-    if unmapped.is_empty() {
-        out.push_str("stage mappings: every known native stage is mapped\n");
+    if !undiscovered.is_empty() {
+        out.push_str(&format!(
+            "stage mappings: no stages discovered yet for {} (nothing read so far: `dealsync sync` or the running daemon discovers them; this check then compares the mappings with them)\n",
+            undiscovered.join(", ")
+        ));
+    }
+    if warnings.is_empty() {
+        if undiscovered.len() < runtimes.len() {
+            out.push_str("stage mappings: every discovered native stage is mapped\n");
+        }
     } else {
         out.push_str(&format!(
-            "stage mappings: {} warnings (deals there are kept as \"{UNMAPPED}\"; map them under [connections.NAME.stage_map])\n",
-            unmapped.len()
+            "stage mappings: {} warning(s) (deals in an unmapped stage are kept as \"{UNMAPPED}\"; map them under [connections.NAME.stage_map])\n",
+            warnings.len()
         ));
-        for line in unmapped {
+        for line in warnings {
             out.push_str(&format!("  warning: {line}\n"));
         }
     }
+    if args.online {
+        out.push_str("online checks:\n");
+        for (ok, line) in check_online(&config, &runtimes, store.as_ref()).await {
+            if ok {
+                out.push_str(&format!("  {line}\n"));
+            } else {
+                out.push_str(&format!("  FAILED {line}\n"));
+                unavailable.push(line);
+            }
+        }
+    }
     output::print(&out);
-    Ok(())
+    if unavailable.is_empty() {
+        Ok(())
+    } else {
+        Err(CliError::Environment(unavailable))
+    }
+}
+
+/// The stage-mapping warnings of `check`, each native stage named once, and the
+/// connections for which nothing has been discovered yet.
+fn mapping_warnings(
+    config: &Config,
+    runtimes: &[Arc<ConnectionRuntime>],
+    stored_unmapped: &[crate::store::UnmappedStage],
+) -> (Vec<String>, Vec<String>) {
+    let mut warnings = Vec::new();
+    let mut undiscovered = Vec::new();
+    for runtime in runtimes {
+        let name = runtime.name();
+        let map = runtime.stage_map();
+        let stored: Vec<&crate::store::UnmappedStage> = stored_unmapped
+            .iter()
+            .filter(|stage| stage.connection == name)
+            .collect();
+        if map.native().is_empty() && stored.is_empty() {
+            undiscovered.push(name.to_owned());
+        }
+        // Deals kept as unmapped, by the discovered stage they sit in (when known).
+        let deals_in = |pipeline: &str, stage: &str| -> u64 {
+            stored
+                .iter()
+                .filter(|kept| {
+                    map.find_native(&kept.native_pipeline, &kept.native_stage)
+                        .is_some_and(|(p, s)| p.id == pipeline && s.id == stage)
+                })
+                .map(|kept| kept.deals)
+                .sum()
+        };
+        for (pipeline, stage) in map.unmapped_native() {
+            let deals = deals_in(&pipeline.id, &stage.id);
+            let kept = if deals > 0 {
+                format!(" ({deals} deal(s) kept as unmapped)")
+            } else {
+                String::new()
+            };
+            warnings.push(format!(
+                "{name}: native stage \"{}\" / \"{}\" has no mapping{kept}",
+                pipeline.label, stage.label
+            ));
+        }
+        for kept in stored {
+            // Named above when discovery knows the stage.
+            if map
+                .find_native(&kept.native_pipeline, &kept.native_stage)
+                .is_some()
+            {
+                continue;
+            }
+            if map
+                .resolve(&kept.native_pipeline, &kept.native_stage)
+                .is_unmapped()
+            {
+                warnings.push(format!(
+                    "{name}: {} deal(s) in unmapped native stage \"{}\" / \"{}\"",
+                    kept.deals, kept.native_pipeline, kept.native_stage
+                ));
+            }
+        }
+        let overrides = config
+            .connections
+            .iter()
+            .find(|c| c.name.as_str() == name)
+            .map(|c| c.stage_map.as_slice())
+            .unwrap_or_default();
+        for unmatched in map.unmatched_entries() {
+            let entry = unmatched.entry;
+            let message = if unmatched.pipeline_missing {
+                format!(
+                    "native pipeline {:?} is not one this connection has (discovered: {})",
+                    entry.native_pipeline,
+                    unmatched.known.join(", ")
+                )
+            } else {
+                format!(
+                    "native stage {:?} matches no stage of {:?} (discovered: {})",
+                    entry.native_stage,
+                    entry.native_pipeline,
+                    unmatched.known.join(", ")
+                )
+            };
+            let located = overrides
+                .iter()
+                .find(|o| {
+                    o.native_pipeline == entry.native_pipeline
+                        && o.native_stage == entry.native_stage
+                })
+                .map(|o| ConfigError::at(config, o.key(name), message.clone()));
+            match located.as_ref().and_then(|error| error.problems().first()) {
+                Some(problem) => warnings.push(problem.to_string()),
+                None => warnings.push(format!("{name}: {message}")),
+            }
+        }
+    }
+    (warnings, undiscovered)
+}
+
+/// `check --online`: each line with whether it passed.
+async fn check_online(
+    config: &Config,
+    runtimes: &[Arc<ConnectionRuntime>],
+    store: Option<&Store>,
+) -> Vec<(bool, String)> {
+    const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+    let mut lines = Vec::new();
+    let listen = config.server.listen;
+    match std::net::TcpListener::bind(listen) {
+        Ok(listener) => {
+            drop(listener);
+            lines.push((true, format!("listen {listen}: free")));
+        }
+        Err(error) => lines.push((
+            false,
+            format!(
+                "listen {listen}: {error} (is dealsync already running? change server.listen otherwise)"
+            ),
+        )),
+    }
+    let metrics = Arc::new(Metrics::new());
+    for runtime in runtimes {
+        let what = format!(
+            "connection {} ({})",
+            runtime.name(),
+            runtime.connector.kind()
+        );
+        if !runtime.connector.polls() {
+            lines.push((
+                true,
+                format!("{what}: receives webhooks only; nothing to connect to"),
+            ));
+            continue;
+        }
+        let cx = crate::connectors::SyncContext {
+            connection: runtime.config.name.clone(),
+            shutdown: CancellationToken::new(),
+            metrics: metrics.clone(),
+            store: store.cloned(),
+            attention: None,
+            max_attempts: Some(1),
+        };
+        match tokio::time::timeout(PROBE_TIMEOUT, runtime.connector.probe(&cx)).await {
+            Ok(Ok(seen)) => lines.push((true, format!("{what}: ok, {seen}"))),
+            Ok(Err(error)) => lines.push((
+                false,
+                format!("{what}: {}", crate::telemetry::error_chain(&error)),
+            )),
+            Err(_) => lines.push((
+                false,
+                format!("{what}: no answer within {}s", PROBE_TIMEOUT.as_secs()),
+            )),
+        }
+    }
+    let email = &config.email;
+    let target = match &email.transport {
+        config::EmailTransport::File { dir } => {
+            format!("email (file transport, {})", dir.display())
+        }
+        // The URL may carry credentials: only its scheme, host and port are shown.
+        config::EmailTransport::Smtp { url } => match url::Url::parse(url.expose()) {
+            Ok(parsed) => format!(
+                "email {}://{}{}",
+                parsed.scheme(),
+                parsed.host_str().unwrap_or("?"),
+                parsed
+                    .port()
+                    .map_or_else(String::new, |port| format!(":{port}"))
+            ),
+            Err(_) => "email (smtp)".to_owned(),
+        },
+    };
+    match crate::followup::mailer::Mailer::new(email) {
+        Err(error) => lines.push((false, format!("{target}: {error}"))),
+        Ok(mailer) => match tokio::time::timeout(PROBE_TIMEOUT, mailer.test_connection()).await {
+            Ok(Ok(seen)) => lines.push((true, format!("{target}: ok, {seen}"))),
+            Ok(Err(error)) => lines.push((false, format!("{target}: {error}"))),
+            Err(_) => lines.push((
+                false,
+                format!("{target}: no answer within {}s", PROBE_TIMEOUT.as_secs()),
+            )),
+        },
+    }
+    lines
 }
 
 /// A warning per (rule sending to the owner, connection feeding its pipeline whose
@@ -644,6 +909,7 @@ async fn stages(source: &ConfigSource) -> Result<(), CliError> {
         "kind",
         "probability",
         "stall_after",
+        "description",
     ]);
     for pipeline in config.pipelines.iter() {
         for (at, stage) in pipeline.stages.iter().enumerate() {
@@ -658,6 +924,7 @@ async fn stages(source: &ConfigSource) -> Result<(), CliError> {
                     .stall_after
                     .map(config::duration::format)
                     .unwrap_or_else(|| "-".into()),
+                stage.description.clone(),
             ]);
         }
     }
@@ -666,33 +933,43 @@ async fn stages(source: &ConfigSource) -> Result<(), CliError> {
     for runtime in runtimes(&config, store.as_ref()).await? {
         let map = runtime.stage_map();
         let mut rows = Rows::new(vec!["native pipeline", "native stage", "canonical", "from"]);
-        let mut listed = std::collections::HashSet::new();
+        let source =
+            |entry: &crate::pipeline::StageMapEntry| format!("{:?}", entry.source).to_lowercase();
+        // Each entry is listed once: beside the discovered stages it maps, else alone.
+        let mut used = vec![false; map.entries().len()];
+        let position = |entry: &crate::pipeline::StageMapEntry| {
+            map.entries().iter().position(|e| std::ptr::eq(e, entry))
+        };
         for pipeline in map.native() {
             for stage in &pipeline.stages {
-                let target = map.resolve(&pipeline.id, &stage.id);
-                let source = map
-                    .entries()
-                    .iter()
-                    .find(|e| e.target == target && !target.is_unmapped())
-                    .map_or("-".to_owned(), |e| format!("{:?}", e.source).to_lowercase());
-                listed.insert((pipeline.id.clone(), stage.id.clone()));
+                let entry = map.entry_for(&pipeline.id, &stage.id);
+                if let Some(at) = entry.and_then(position) {
+                    used[at] = true;
+                }
                 rows.push(vec![
                     pipeline.label.clone(),
                     stage.label.clone(),
-                    describe(&target),
-                    source,
+                    entry.map_or_else(|| UNMAPPED.to_owned(), |e| describe(&e.target)),
+                    entry.map_or_else(|| "-".to_owned(), source),
                 ]);
             }
         }
-        for entry in map.entries() {
-            if !listed.contains(&(entry.native_pipeline.clone(), entry.native_stage.clone())) {
-                rows.push(vec![
-                    entry.native_pipeline.clone(),
-                    entry.native_stage.clone(),
-                    describe(&entry.target),
-                    format!("{:?}", entry.source).to_lowercase(),
-                ]);
+        let discovered = !map.native().is_empty();
+        for (at, entry) in map.entries().iter().enumerate() {
+            if used[at] {
+                continue;
             }
+            let from = if discovered && entry.source == crate::pipeline::MappingSource::Config {
+                format!("{} (matches no discovered stage)", source(entry))
+            } else {
+                source(entry)
+            };
+            rows.push(vec![
+                entry.native_pipeline.clone(),
+                entry.native_stage.clone(),
+                describe(&entry.target),
+                from,
+            ]);
         }
         out.push_str(&format!(
             "\nConnection {} ({})\n\n",
@@ -721,23 +998,39 @@ async fn sync_now(source: &ConfigSource, args: SyncArgs) -> Result<(), CliError>
     let config = load(source).await?;
     let store = open_store(&config).await?;
     let runtimes = runtimes(&config, Some(&store)).await?;
-    let selected: Vec<_> = runtimes
+    let named: Vec<_> = runtimes
         .into_iter()
         .filter(|r| {
             args.connection
                 .as_deref()
                 .is_none_or(|name| r.name() == name)
         })
-        .filter(|r| r.connector.polls() || args.connection.is_some())
         .collect();
-    if let Some(name) = &args.connection
-        && selected.is_empty()
-    {
-        return Err(CliError::Usage(format!(
-            "no enabled connection named {name:?} in {}",
-            config.path.display()
-        )));
+    if let Some(name) = &args.connection {
+        let Some(runtime) = named.first() else {
+            let enabled: Vec<String> = config
+                .connections
+                .iter()
+                .filter(|c| c.enabled)
+                .map(|c| c.name.to_string())
+                .collect();
+            return Err(CliError::Usage(format!(
+                "no enabled connection named {name:?} in {} (enabled: {})",
+                config.path.display(),
+                enabled.join(", ")
+            )));
+        };
+        // Nothing to read, so no run is recorded: the status page keeps showing the
+        // connection as it was.
+        if !runtime.connector.polls() {
+            output::print(&format!(
+                "connection {name} ({}) receives webhooks only: there is nothing to pull; deals arrive at POST /webhooks/{name}\n",
+                runtime.connector.kind()
+            ));
+            return Ok(());
+        }
     }
+    let selected: Vec<_> = named.into_iter().filter(|r| r.connector.polls()).collect();
     for runtime in &selected {
         config.require_connection_credentials(runtime.name())?;
     }
@@ -872,8 +1165,56 @@ async fn authorize(source: &ConfigSource, args: AuthArgs) -> Result<(), CliError
     Ok(())
 }
 
+/// Refuses a filter value that can match nothing, listing the values that can: a
+/// typo would otherwise print an empty list and exit 0.
+fn one_of(what: &str, value: Option<&str>, known: &[String]) -> Result<(), CliError> {
+    match value {
+        Some(value) if !known.iter().any(|k| k == value) => Err(CliError::Usage(format!(
+            "no {what} {value:?} (known: {})",
+            if known.is_empty() {
+                "none".to_owned()
+            } else {
+                known.join(", ")
+            }
+        ))),
+        _ => Ok(()),
+    }
+}
+
+fn connection_names(config: &Config) -> Vec<String> {
+    config
+        .connections
+        .iter()
+        .map(|c| c.name.to_string())
+        .collect()
+}
+
 async fn deals_list(source: &ConfigSource, args: ListArgs) -> Result<(), CliError> {
     let config = load(source).await?;
+    one_of(
+        "connection",
+        args.connection.as_deref(),
+        &connection_names(&config),
+    )?;
+    let pipelines: Vec<String> = config.pipelines.iter().map(|p| p.key.to_string()).collect();
+    one_of("pipeline", args.pipeline.as_deref(), &pipelines)?;
+    let mut stages: Vec<String> = config
+        .pipelines
+        .iter()
+        .filter(|p| {
+            args.pipeline
+                .as_deref()
+                .is_none_or(|key| p.key.as_str() == key)
+        })
+        .flat_map(|p| p.stages.iter().map(|s| s.key.to_string()))
+        .collect();
+    stages.push(UNMAPPED.to_owned());
+    stages.dedup();
+    let scope = match &args.pipeline {
+        Some(pipeline) => format!("stage in pipeline {pipeline}"),
+        None => "stage".to_owned(),
+    };
+    one_of(&scope, args.stage.as_deref(), &stages)?;
     let store = open_store(&config).await?;
     let deals = store
         .deals(DealFilter {
@@ -991,6 +1332,16 @@ async fn report(source: &ConfigSource, args: ReportArgs) -> Result<(), CliError>
 async fn outbox_list(source: &ConfigSource, args: OutboxListArgs) -> Result<(), CliError> {
     let config = load(source).await?;
     let store = open_store(&config).await?;
+    if args.rule.is_some() {
+        // The rules in force, and those of rows kept from rules since removed.
+        let mut rules: Vec<String> = config.followups.iter().map(|r| r.name.clone()).collect();
+        for stored in store.outbox_rules().await? {
+            if !rules.contains(&stored) {
+                rules.push(stored);
+            }
+        }
+        one_of("follow-up rule", args.rule.as_deref(), &rules)?;
+    }
     let rows = store
         .outbox(crate::store::OutboxRowFilter {
             state: args.state,
@@ -1106,6 +1457,7 @@ async fn digest_preview(
             html: rendered.html,
             idempotency_key: rule.idempotency_key(&day, &recipient),
             unsubscribe: None,
+            reply_to: None,
         })
         .map_err(anyhow::Error::from)?;
     output::print(&String::from_utf8_lossy(&message.formatted()));
@@ -1114,6 +1466,8 @@ async fn digest_preview(
 
 async fn outbox_digests(source: &ConfigSource, args: OutboxDigestsArgs) -> Result<(), CliError> {
     let config = load(source).await?;
+    let digests: Vec<String> = config.digests.iter().map(|r| r.name.clone()).collect();
+    one_of("digest rule", args.rule.as_deref(), &digests)?;
     let store = open_store(&config).await?;
     let rows = store.digests(args.rule, args.limit).await?;
     if args.format == Format::Json {
@@ -1246,4 +1600,40 @@ async fn outbox_preview(source: &ConfigSource, args: OutboxPreviewArgs) -> Resul
     let message = mailer.build(&outgoing).map_err(anyhow::Error::from)?;
     output::print(&String::from_utf8_lossy(&message.formatted()));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every argument of every command, with the path of commands that leads to it.
+    fn arguments(command: &clap::Command, path: &str, found: &mut Vec<(String, clap::Arg)>) {
+        for arg in command.get_arguments() {
+            found.push((path.to_owned(), arg.clone()));
+        }
+        for sub in command.get_subcommands() {
+            arguments(sub, &format!("{path} {}", sub.get_name()), found);
+        }
+    }
+
+    #[test]
+    fn every_flag_and_argument_has_help_text_and_global_flags_have_their_own_heading() {
+        let mut command = Cli::command();
+        command.build();
+        let mut found = Vec::new();
+        arguments(&command, "dealsync", &mut found);
+        let missing: Vec<String> = found
+            .iter()
+            .filter(|(_, arg)| arg.get_help().is_none() && arg.get_long_help().is_none())
+            .map(|(path, arg)| format!("{path} {}", arg.get_id()))
+            .collect();
+        assert!(missing.is_empty(), "no help text: {missing:?}");
+        for global in ["config", "log_format", "log_level"] {
+            let arg = command
+                .get_arguments()
+                .find(|arg| arg.get_id() == global)
+                .expect("a global flag");
+            assert_eq!(arg.get_help_heading(), Some(GLOBAL), "{global}");
+        }
+    }
 }

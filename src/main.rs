@@ -30,7 +30,7 @@ fn main() {
         let code = error.exit_code();
         let message = match code {
             78 => format!("dealsync: configuration error:\n{error}"),
-            _ => format!("dealsync: {error:#}"),
+            _ => format!("dealsync: {}", dealsync::telemetry::error_chain(&error)),
         };
         // Any error (a store path, an address) may quote a value from the config.
         eprintln!(

@@ -18,6 +18,31 @@ pub enum LogFormat {
     Json,
 }
 
+/// The level names `--log-level` accepts, alone or after `target=`.
+pub const LOG_LEVELS: &[&str] = &["trace", "debug", "info", "warn", "error", "off"];
+
+/// Checks a `--log-level` value: a level (`info`) or comma-separated directives
+/// (`info,dealsync=debug`). A bare word that is no level is refused rather than read
+/// as a target name, which would silently log everything from nowhere.
+pub fn parse_log_filter(text: &str) -> Result<String, String> {
+    let known = LOG_LEVELS.join(", ");
+    for directive in text.split(',').map(str::trim) {
+        if directive.is_empty() {
+            return Err(format!("empty directive in {text:?}"));
+        }
+        let bare = !directive.contains(['=', '[', '{']);
+        if bare && !LOG_LEVELS.contains(&directive.to_ascii_lowercase().as_str()) {
+            return Err(format!(
+                "unknown log level {directive:?} (levels: {known}; per target: dealsync=debug)"
+            ));
+        }
+        directive
+            .parse::<tracing_subscriber::filter::Directive>()
+            .map_err(|error| format!("{directive:?}: {error} (levels: {known})"))?;
+    }
+    Ok(text.to_owned())
+}
+
 /// Installs the global tracing subscriber; logs go to stderr, scrubbed of the values
 /// substituted into the config (see [`ScrubbedStderr`]).
 pub fn init_tracing(format: LogFormat, level: &str) {
@@ -30,7 +55,11 @@ pub fn init_tracing(format: LogFormat, level: &str) {
         .with_writer(ScrubbedStderr);
     let _ = match format {
         LogFormat::Pretty => builder.with_target(false).try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_writer(JsonArrays)
+            .try_init(),
     };
 }
 
@@ -63,6 +92,127 @@ impl std::io::Write for ScrubbedLine {
     fn flush(&mut self) -> std::io::Result<()> {
         std::io::stderr().flush()
     }
+}
+
+/// Writes JSON log lines to stderr with list fields as JSON arrays.
+///
+/// tracing hands a formatter every field value as text (its `valuable` support,
+/// which would keep the structure, is unstable), so `connections = ?names` arrives
+/// as the string `["demo", "shop"]`. Each line is read back and a field whose text
+/// is a JSON array becomes that array; the message and every other field stay as
+/// they are. The formatter writes one event per writer, so a writer holds one line.
+struct JsonArrays;
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for JsonArrays {
+    type Writer = JsonLine;
+
+    fn make_writer(&'a self) -> JsonLine {
+        JsonLine(Vec::new())
+    }
+}
+
+struct JsonLine(Vec<u8>);
+
+impl std::io::Write for JsonLine {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for JsonLine {
+    fn drop(&mut self) {
+        use std::io::Write;
+        if !self.0.is_empty() {
+            let line = json_arrays(&self.0);
+            let text = String::from_utf8_lossy(&line);
+            // Scrubbed like every other log line (see `ScrubbedStderr`).
+            let scrubbed = crate::config::interpolate::scrub_process_output(&text);
+            let _ = std::io::stderr().write_all(scrubbed.as_bytes());
+        }
+    }
+}
+
+/// Returns the log line with its array-valued text fields as arrays (see
+/// `JsonArrays`); the fields keep their order and every other value its text.
+fn json_arrays(line: &[u8]) -> Vec<u8> {
+    use serde_json::value::RawValue;
+    let Ok(Fields(fields)) = serde_json::from_slice::<Fields>(line) else {
+        return line.to_vec();
+    };
+    let mut out = Vec::with_capacity(line.len() + 8);
+    out.push(b'{');
+    for (at, (key, raw)) in fields.iter().enumerate() {
+        if at > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(
+            serde_json::to_string(key)
+                .expect("a string serializes")
+                .as_bytes(),
+        );
+        out.push(b':');
+        let lifted = (!matches!(key.as_str(), "message" | "timestamp" | "level" | "target"))
+            .then(|| serde_json::from_str::<String>(raw.get()).ok())
+            .flatten()
+            .filter(|text| text.starts_with('['))
+            .and_then(|text| serde_json::from_str::<Box<RawValue>>(&text).ok())
+            .filter(|array| array.get().starts_with('['));
+        out.extend_from_slice(lifted.as_ref().unwrap_or(raw).get().as_bytes());
+    }
+    out.extend_from_slice(b"}\n");
+    out
+}
+
+/// A JSON object's fields in the order written, each value as its JSON text.
+struct Fields(Vec<(String, Box<serde_json::value::RawValue>)>);
+
+impl<'de> serde::Deserialize<'de> for Fields {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Fields;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Fields, A::Error> {
+                let mut fields = Vec::new();
+                while let Some(entry) = map.next_entry()? {
+                    fields.push(entry);
+                }
+                Ok(Fields(fields))
+            }
+        }
+        deserializer.deserialize_map(Visitor)
+    }
+}
+
+/// Returns an error and its causes as one line, `what failed: why: deeper cause`.
+///
+/// A cause whose text the line already holds is left out: many errors quote their
+/// source in their own message (`binding 127.0.0.1:8080: Address already in use`)
+/// and also return it from `source()`, which would otherwise print it twice.
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let line = cause.to_string();
+        if !line.is_empty() && !text.contains(&line) {
+            text.push_str(": ");
+            text.push_str(&line);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -124,6 +274,12 @@ pub struct FollowupLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    /// transient, permanent, unknown, other
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BuildLabels {
     pub version: String,
 }
@@ -160,6 +316,8 @@ pub struct Metrics {
     /// ping, unauthorized, too_large, malformed, failed).
     pub webhooks: Family<RecordLabels, Counter>,
     pub followups: Family<FollowupLabels, Counter>,
+    /// Emails and digests the SMTP server (or the file transport) did not take, by kind.
+    pub email_failures: Family<KindLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -198,6 +356,7 @@ impl Metrics {
             vendor: crate::vendor_http::VendorMetrics::default(),
             webhooks: Family::default(),
             followups: Family::default(),
+            email_failures: Family::default(),
             registry: Mutex::new(Registry::default()),
         };
         registry.register(
@@ -286,6 +445,11 @@ impl Metrics {
             "Follow-up outbox rows handled, by rule and outcome",
             metrics.followups.clone(),
         );
+        registry.register(
+            "email_delivery_failures",
+            "Emails and digests not delivered, by kind: transient (4xx, no connection), permanent (5xx), unknown (connection lost after the hand-off), other",
+            metrics.email_failures.clone(),
+        );
         *metrics.registry.lock().expect("fresh mutex") = registry;
         metrics
     }
@@ -315,5 +479,61 @@ impl Metrics {
         ConnectionLabels {
             connection: name.to_owned(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_filters_take_levels_and_directives_and_refuse_other_words() {
+        for good in [
+            "info",
+            "DEBUG",
+            "off",
+            "info,dealsync=debug",
+            "dealsync::sync=trace",
+        ] {
+            assert!(parse_log_filter(good).is_ok(), "{good}");
+        }
+        for bad in ["verbose", "info,loud", "dealsync=verbose", ""] {
+            let error = parse_log_filter(bad).unwrap_err();
+            assert!(!error.is_empty(), "{bad}");
+        }
+        assert!(
+            parse_log_filter("verbose")
+                .unwrap_err()
+                .contains("trace, debug, info")
+        );
+    }
+
+    #[test]
+    fn list_fields_become_json_arrays_in_place_and_other_text_stays_text() {
+        let line = br#"{"timestamp":"t","level":"INFO","message":"[\"not\", \"lifted\"]","connections":"[\"demo\", \"shop\"]","reason":"[x] broken","count":3,"target":"dealsync::app"}"#;
+        let out = String::from_utf8(json_arrays(line)).unwrap();
+        assert_eq!(
+            out,
+            "{\"timestamp\":\"t\",\"level\":\"INFO\",\"message\":\"[\\\"not\\\", \\\"lifted\\\"]\",\"connections\":[\"demo\", \"shop\"],\"reason\":\"[x] broken\",\"count\":3,\"target\":\"dealsync::app\"}\n"
+        );
+        let parsed: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(parsed["connections"], serde_json::json!(["demo", "shop"]));
+        assert_eq!(json_arrays(b"not json\n"), b"not json\n");
+    }
+
+    #[test]
+    fn an_error_chain_names_each_cause_once() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("binding 127.0.0.1:80: {source}")]
+        struct Bind {
+            source: std::io::Error,
+        }
+        let error = Bind {
+            source: std::io::Error::new(std::io::ErrorKind::AddrInUse, "Address already in use"),
+        };
+        assert_eq!(
+            error_chain(&error),
+            "binding 127.0.0.1:80: Address already in use"
+        );
     }
 }

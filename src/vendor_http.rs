@@ -581,6 +581,10 @@ impl VendorClient {
             connection: connection.to_owned(),
         };
         let vendor_metrics = &cx.metrics.vendor;
+        let max_attempts = cx
+            .max_attempts
+            .unwrap_or(MAX_ATTEMPTS)
+            .clamp(1, MAX_ATTEMPTS);
         let mut attempt = 0u32;
         loop {
             attempt += 1;
@@ -641,14 +645,8 @@ impl VendorClient {
                         })
                         .inc();
                     // The URL may carry a query-string credential: never log it.
-                    let reason = if error.is_timeout() {
-                        format!("{} timed out", request.url.path())
-                    } else if error.is_connect() {
-                        format!("connecting for {} failed", request.url.path())
-                    } else {
-                        format!("{} failed: {}", request.url.path(), error.without_url())
-                    };
-                    if attempt >= MAX_ATTEMPTS {
+                    let reason = failure_reason(&request.url, error);
+                    if attempt >= max_attempts {
                         return Err(self.transient(reason, None));
                     }
                     let delay = BACKOFF.delay(attempt);
@@ -672,7 +670,7 @@ impl VendorClient {
                         self.rate_limited.fetch_add(1, Ordering::Relaxed);
                         vendor_metrics.rate_limited.get_or_create(&labels).inc();
                         let wait = self.retry_after(&response.headers);
-                        if attempt >= MAX_ATTEMPTS || wait > MAX_INLINE_WAIT {
+                        if attempt >= max_attempts || wait > MAX_INLINE_WAIT {
                             return Err(self.transient(
                                 format!("{} answered 429 Too Many Requests", request.url.path()),
                                 Some(wait),
@@ -687,7 +685,7 @@ impl VendorClient {
                         wait
                     } else if status >= 500 {
                         let hinted = retry_after_header(&response.headers);
-                        if attempt >= MAX_ATTEMPTS {
+                        if attempt >= max_attempts {
                             return Err(self.transient(
                                 format!("{} answered {status}", request.url.path()),
                                 hinted,
@@ -930,6 +928,42 @@ impl VendorClient {
             debug!(connection = %cx.connection, remaining = ?budget.remaining, limit = ?budget.limit, "vendor budget");
         }
     }
+}
+
+/// What went wrong with a request that got no answer, for an operator: the host and
+/// port it went to and the cause from deep in the error chain (`Connection refused
+/// (os error 111)`, a DNS or TLS failure), never the URL's query, which may carry a
+/// credential.
+pub fn failure_reason(url: &reqwest::Url, error: reqwest::Error) -> String {
+    let host = url.host_str().unwrap_or("?");
+    let port = url
+        .port_or_known_default()
+        .map_or_else(String::new, |port| format!(":{port}"));
+    let path = url.path();
+    let what = if error.is_timeout() {
+        format!("request to {host}{port} for {path} timed out")
+    } else if error.is_connect() {
+        format!("connecting to {host}{port} for {path} failed")
+    } else {
+        format!("request to {host}{port} for {path} failed")
+    };
+    // reqwest and hyper wrap the cause in generic layers ("error sending request",
+    // "client error (Connect)"); what an operator can act on is underneath.
+    let error = error.without_url();
+    let mut causes: Vec<String> = Vec::new();
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(&error);
+    while let Some(cause) = source {
+        let line = cause.to_string();
+        let generic = line.starts_with("client error (") || line == "error sending request";
+        if !generic && !line.is_empty() && !causes.iter().any(|seen| seen.contains(&line)) {
+            causes.push(line);
+        }
+        source = cause.source();
+    }
+    if causes.is_empty() {
+        causes.push(error.to_string());
+    }
+    format!("{what}: {}", causes.join(": "))
 }
 
 fn header_u64(headers: &HeaderMap, name: &str) -> Option<u64> {

@@ -512,6 +512,19 @@ impl Connector for DemoConnector {
         ])
     }
 
+    /// A full read keeps the stored world's clock: run beside the daemon (another
+    /// process), `sync --full` then re-reads the daemon's story instead of a new one
+    /// that would move every deal back to where it started.
+    fn full_read_cursor(&self, stored: Option<&serde_json::Value>) -> Option<serde_json::Value> {
+        let stored: DemoCursor = serde_json::from_value(stored?.clone()).ok()?;
+        let cursor = DemoCursor {
+            epoch_ms: stored.epoch_ms,
+            seen_tick: None,
+            reading: None,
+        };
+        Some(serde_json::to_value(cursor).expect("cursor serializes"))
+    }
+
     async fn fetch_page(
         &self,
         _cx: &SyncContext,

@@ -228,24 +228,50 @@ pub fn full_name(first: Option<&Value>, last: Option<&Value>) -> Option<String> 
     (!parts.is_empty()).then(|| parts.join(" "))
 }
 
-/// Line items from an array of objects with a title, a quantity and a decimal unit price.
+/// A link a customer may be sent to: kept only when it parses as a URL whose scheme
+/// is `http` or `https`, so a `javascript:` or `data:` URL from a source never
+/// reaches an email's `href`.
+pub fn web_url(text: Option<String>) -> Option<String> {
+    let parsed = url::Url::parse(text?.trim()).ok()?;
+    matches!(parsed.scheme(), "http" | "https").then(|| parsed.to_string())
+}
+
+/// Shopify's variant title for a product without variants.
+const NO_VARIANT: &str = "Default Title";
+
+/// Line items from an array of objects with a title, a quantity and a decimal unit
+/// price; with `variant_key`, a variant name the shop sends apart from the title is
+/// added to it (`IPod Nano - 8GB (Red)`), so the shopper sees which one was left.
 pub fn line_items(
     items: Option<&Value>,
     title_key: &str,
+    variant_key: Option<&str>,
     price_key: &str,
     currency: Option<Currency>,
 ) -> Vec<LineItem> {
     let Some(Value::Array(items)) = items else {
         return Vec::new();
     };
+    let title = |item: &Value| {
+        let title = item
+            .get(title_key)
+            .and_then(Value::as_str)
+            .unwrap_or("item")
+            .trim();
+        let variant = variant_key
+            .and_then(|key| item.get(key))
+            .and_then(Value::as_str)
+            .map(str::trim)
+            .filter(|variant| !variant.is_empty() && *variant != NO_VARIANT);
+        match variant {
+            Some(variant) if !title.contains(variant) => format!("{title} ({variant})"),
+            _ => title.to_owned(),
+        }
+    };
     items
         .iter()
         .map(|item| LineItem {
-            title: item
-                .get(title_key)
-                .and_then(Value::as_str)
-                .unwrap_or("item")
-                .to_owned(),
+            title: title(item),
             quantity: item.get("quantity").and_then(Value::as_i64).unwrap_or(1),
             unit_price_minor: currency
                 .and_then(|currency| decimal(item.get(price_key), currency))
@@ -310,6 +336,45 @@ mod tests {
         assert_eq!(consent(&order, &fields(&["meta:absent", "/absent"])), None);
         assert!(ConsentField::parse("accepts_marketing").is_err());
         assert!(ConsentField::parse("meta:").is_err());
+    }
+
+    #[test]
+    fn only_http_and_https_links_are_kept() {
+        let url = |text: &str| web_url(Some(text.to_owned()));
+        assert_eq!(
+            url(" https://shop.example.com/cart/1/recover?key=a&b=c "),
+            Some("https://shop.example.com/cart/1/recover?key=a&b=c".to_owned())
+        );
+        assert!(url("http://shop.example.com/r").is_some());
+        for bad in [
+            "javascript:alert(1)",
+            "JavaScript:alert(1)",
+            "data:text/html,<b>x</b>",
+            "/relative/path",
+            "mailto:a@example.com",
+            "",
+        ] {
+            assert_eq!(url(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_variant_name_joins_its_item_title() {
+        let usd = Currency::parse("USD").ok();
+        let items = json!([
+            {"title": "IPod Nano - 8GB", "variant_title": "Red", "quantity": 1, "price": "199.00"},
+            {"title": "Gift card", "variant_title": "Default Title", "quantity": 2, "price": "10.00"},
+            {"title": "Hoodie - Blue", "variant_title": "Blue", "quantity": 1, "price": "49.90"},
+        ]);
+        let titles: Vec<String> =
+            line_items(Some(&items), "title", Some("variant_title"), "price", usd)
+                .into_iter()
+                .map(|item| item.title)
+                .collect();
+        assert_eq!(
+            titles,
+            ["IPod Nano - 8GB (Red)", "Gift card", "Hoodie - Blue"]
+        );
     }
 
     #[test]

@@ -149,7 +149,7 @@ impl GenericConnector {
         }
         deal.contact_email = email(payload.pointer(&f.email));
         deal.contact_name = text_at(payload, &f.name);
-        deal.recovery_url = text_at(payload, &f.recovery_url);
+        deal.recovery_url = super::ecommerce::web_url(text_at(payload, &f.recovery_url));
         deal.marketing_consent = ecommerce::consent(payload, &f.consent);
         deal.created_at = time(payload.pointer(&f.created_at));
         deal.updated_at = time(payload.pointer(&f.updated_at)).or(deal.created_at);

@@ -175,6 +175,9 @@ pub struct SyncContext {
     /// The token store (OAuth connections need it).
     pub store: Option<crate::store::Store>,
     pub attention: Option<Attention>,
+    /// Caps the attempts per vendor request (`None`: the client's own bound);
+    /// `dealsync check --online` tries once, so an unreachable host fails at once.
+    pub max_attempts: Option<u32>,
 }
 
 impl SyncContext {
@@ -186,6 +189,7 @@ impl SyncContext {
             metrics: Arc::new(crate::telemetry::Metrics::new()),
             store: None,
             attention: None,
+            max_attempts: None,
         }
     }
 }
@@ -228,6 +232,26 @@ pub trait Connector: Send + Sync {
         _cx: &SyncContext,
     ) -> Result<Vec<NativePipeline>, ConnectorError> {
         Ok(Vec::new())
+    }
+
+    /// Checks with one cheap read that the source answers and takes the credentials
+    /// (`dealsync check --online`); returns what it saw, for the operator. The default
+    /// discovers the native pipelines.
+    async fn probe(&self, cx: &SyncContext) -> Result<String, ConnectorError> {
+        let pipelines = self.discover_pipelines(cx).await?;
+        let stages: usize = pipelines.iter().map(|p| p.stages.len()).sum();
+        Ok(format!(
+            "{} native pipeline(s), {stages} stage(s)",
+            pipelines.len()
+        ))
+    }
+
+    /// Where a full read (`dealsync sync --full`) starts, given the cursor the last
+    /// run stored; `None` reads from the very beginning. A source whose history is
+    /// generated from a clock (the demo) keeps that clock, so a full read re-reads the
+    /// same story instead of starting a new one.
+    fn full_read_cursor(&self, _stored: Option<&serde_json::Value>) -> Option<serde_json::Value> {
+        None
     }
 
     /// Returns one page after `cursor` (`None`: start a full read).

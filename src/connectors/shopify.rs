@@ -14,7 +14,7 @@
 
 use super::ecommerce::{
     self, CHECKOUT, CLOSED, NATIVE_PIPELINE, PURCHASED, bad, currency, decimal, email, full_name,
-    line_items, prefix, text, time,
+    line_items, prefix, text, time, web_url,
 };
 use super::{BadRecord, Connector, ConnectorError, Page, SyncContext, WebhookAction, WebhookEvent};
 use crate::config::{ConnectionConfig, Secret};
@@ -136,7 +136,7 @@ pub fn parse_checkout(checkout: &Value) -> Result<SourceDeal, BadRecord> {
         CHECKOUT
     };
     let mut deal = cart(checkout, &token, stage)?;
-    deal.recovery_url = text(checkout, "abandoned_checkout_url");
+    deal.recovery_url = web_url(text(checkout, "abandoned_checkout_url"));
     deal.cart_keys.push(format!("shopify:checkout:{token}"));
     if let Some(cart_token) = text(checkout, "cart_token") {
         deal.cart_keys.push(format!("shopify:cart:{cart_token}"));
@@ -205,7 +205,13 @@ fn cart(record: &Value, external_id: &str, stage: &str) -> Result<SourceDeal, Ba
     deal.marketing_consent = marketing_consent(record);
     deal.created_at = time(record.get("created_at"));
     deal.updated_at = time(record.get("updated_at")).or(deal.created_at);
-    deal.line_items = line_items(record.get("line_items"), "title", "price", money_currency);
+    deal.line_items = line_items(
+        record.get("line_items"),
+        "title",
+        Some("variant_title"),
+        "price",
+        money_currency,
+    );
     deal.raw = RawRecord::from_value(record);
     Ok(deal)
 }
@@ -314,6 +320,11 @@ impl Connector for ShopifyConnector {
 
     fn polls(&self) -> bool {
         self.token.is_some()
+    }
+
+    async fn probe(&self, cx: &SyncContext) -> Result<String, ConnectorError> {
+        let page = self.fetch_page(cx, None).await?;
+        Ok(format!("read {} abandoned checkout(s)", page.records.len()))
     }
 
     async fn fetch_page(

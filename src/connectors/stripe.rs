@@ -81,7 +81,7 @@ pub fn parse_event(event: &Value) -> Result<Option<SourceDeal>, BadRecord> {
         Some("opt_out") => Some(false),
         _ => None,
     };
-    deal.recovery_url = text_at(session, "/after_expiration/recovery/url");
+    deal.recovery_url = ecommerce::web_url(text_at(session, "/after_expiration/recovery/url"));
     deal.created_at = time(session.get("created"));
     deal.updated_at = time(event.get("created")).or(deal.created_at);
     if let Some(Value::Array(items)) = session.pointer("/line_items/data") {

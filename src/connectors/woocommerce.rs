@@ -85,7 +85,14 @@ pub fn parse_order(order: &Value, consent: &[ConsentField]) -> Result<SourceDeal
     deal.marketing_consent = ecommerce::consent(order, consent);
     deal.created_at = time(order.get("date_created_gmt"));
     deal.updated_at = time(order.get("date_modified_gmt")).or(deal.created_at);
-    deal.line_items = line_items(order.get("line_items"), "name", "price", money_currency);
+    // WooCommerce puts a variation's attributes in the item's name already.
+    deal.line_items = line_items(
+        order.get("line_items"),
+        "name",
+        None,
+        "price",
+        money_currency,
+    );
     if let Some(key) = text(order, "order_key") {
         deal.cart_keys.push(format!("woocommerce:order_key:{key}"));
     }

@@ -64,6 +64,9 @@ pub struct Outgoing {
     pub idempotency_key: String,
     /// (https URL, mailto address) for marketing messages.
     pub unsubscribe: Option<(String, String)>,
+    /// Where replies go instead of `email.from`: the deal's owner on the notes
+    /// the owner signs.
+    pub reply_to: Option<(Option<String>, EmailAddress)>,
 }
 
 enum Transport {
@@ -247,6 +250,13 @@ impl Mailer {
             .subject(subject)
             .message_id(Some(self.message_id(&outgoing.idempotency_key)))
             .raw_header(header(IDEMPOTENCY_HEADER, outgoing.idempotency_key.clone()));
+        if let Some((name, address)) = &outgoing.reply_to {
+            let address = address
+                .as_str()
+                .parse()
+                .map_err(|error| MailError::Build(format!("reply-to address: {error}")))?;
+            builder = builder.reply_to(Mailbox::new(name.clone(), address));
+        }
         if let Some((url, mailto)) = &outgoing.unsubscribe {
             builder = builder
                 .raw_header(header(
@@ -264,6 +274,28 @@ impl Mailer {
                 body_text(&outgoing.html),
             ))
             .map_err(|error| MailError::Build(error.to_string()))
+    }
+
+    /// Connects as a send would (EHLO, STARTTLS or TLS as the URL says, AUTH when it
+    /// carries credentials) and hangs up without a message; the file transport
+    /// checks that its directory takes files. For `dealsync check --online`.
+    pub async fn test_connection(&self) -> Result<String, MailError> {
+        match &self.transport {
+            Transport::Smtp(smtp) => match smtp.test_connection().await {
+                Ok(true) => Ok("connected, greeted and logged in as configured".to_owned()),
+                Ok(false) => Err(MailError::Transient(
+                    "the server accepted the connection but did not answer NOOP".to_owned(),
+                )),
+                Err(error) => Err(MailError::Transient(crate::telemetry::error_chain(&error))),
+            },
+            Transport::File(dir) => match crate::store::probe_dir(dir) {
+                Ok(()) => Ok(format!("{} takes .eml files", dir.display())),
+                Err((at, error)) => Err(MailError::Setup(format!(
+                    "{} is not writable: {error}",
+                    at.display()
+                ))),
+            },
+        }
     }
 
     /// Waits for the rate limiter, then delivers.
@@ -387,6 +419,7 @@ mod tests {
             text: "plain".into(),
             html: "<p>html</p>".into(),
             idempotency_key: "7-cart@checkout-0".into(),
+            reply_to: None,
             unsubscribe: unsubscribe.then(|| {
                 (
                     "https://shop.example.com/unsubscribe/t".into(),

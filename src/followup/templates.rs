@@ -4,6 +4,12 @@
 //! Invariant: templates are parsed when the config is loaded and rendered against a
 //! sample deal by `dealsync check`; undefined variables are errors (strict mode), so
 //! a typo is found before the first send, not at it.
+//!
+//! HTML escaping turns `& < > " '` into entities and leaves `/` alone (minijinja's
+//! default also writes `/` as `&#x2f;`, which link checkers and some mail clients do
+//! not decode in an `href`): that is enough for text and for quoted attributes, and
+//! the URLs a template puts in `href` are checked to be http or https where they come
+//! in (`connectors::ecommerce::web_url`) or built by dealsync.
 
 use super::rules::{Rule, template_files};
 use crate::domain::{Deal, LineItem, StepNumber};
@@ -69,7 +75,10 @@ pub struct DealView {
     pub external_id: String,
     pub connection: String,
     pub pipeline: Option<String>,
+    /// The canonical stage's key (`lead_generation`).
     pub stage: String,
+    /// The canonical stage's label (`Lead Generation`), for what people read.
+    pub stage_label: String,
     /// The amount as a decimal string ("249.00"), or none.
     pub amount: Option<String>,
     pub currency: Option<String>,
@@ -124,6 +133,7 @@ impl EmailContext {
                 connection: deal.connection.to_string(),
                 pipeline: deal.pipeline.as_ref().map(|p| p.to_string()),
                 stage: deal.stage.to_string(),
+                stage_label: deal.stage.to_string(),
                 amount: deal.amount().map(|m| m.to_decimal_string()),
                 currency: deal.currency.map(|c| c.to_string()),
                 days_in_stage: (now - deal.stage_entered_at).num_days(),
@@ -152,6 +162,20 @@ impl EmailContext {
             steps: rule.steps.len(),
             sender,
         }
+    }
+
+    /// Names the deal's stage by its label in the pipelines in force.
+    pub fn with_stage_label(mut self, pipelines: &crate::pipeline::Pipelines) -> EmailContext {
+        if let Some(pipeline) = self
+            .deal
+            .pipeline
+            .as_deref()
+            .and_then(|key| pipelines.get(key))
+            && let Some(stage) = pipeline.stage(&self.deal.stage)
+        {
+            self.deal.stage_label = stage.label.clone();
+        }
+        self
     }
 
     /// A cart with every field set, for `dealsync check`.
@@ -226,6 +250,12 @@ impl Templates {
             } else {
                 AutoEscape::None
             }
+        });
+        env.set_formatter(|out, state, value| match value.as_str() {
+            Some(text) if state.auto_escape() == AutoEscape::Html && !value.is_safe() => {
+                Ok(write_html_escaped(out, text)?)
+            }
+            _ => minijinja::escape_formatter(out, state, value),
         });
         let mut seen = std::collections::BTreeSet::new();
         for name in names {
@@ -306,6 +336,23 @@ impl Templates {
         }
         problems
     }
+}
+
+/// Writes `text` for HTML text or a quoted attribute: `& < > " '` as entities.
+fn write_html_escaped(out: &mut impl std::fmt::Write, text: &str) -> std::fmt::Result {
+    let mut rest = text;
+    while let Some(at) = rest.find(['&', '<', '>', '"', '\'']) {
+        out.write_str(&rest[..at])?;
+        out.write_str(match rest.as_bytes()[at] {
+            b'&' => "&amp;",
+            b'<' => "&lt;",
+            b'>' => "&gt;",
+            b'"' => "&quot;",
+            _ => "&#x27;",
+        })?;
+        rest = &rest[at + 1..];
+    }
+    out.write_str(rest)
 }
 
 fn describe(error: &minijinja::Error) -> String {

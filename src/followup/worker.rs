@@ -22,6 +22,7 @@ use super::unsubscribe;
 use super::{FollowupError, SourceReader};
 use crate::app::WorkerHealth;
 use crate::config::{Config, EmailConfig};
+use crate::connectors::Attention;
 use crate::domain::{Deal, StageRef, StepNumber};
 use crate::retry::Backoff;
 use crate::store::{
@@ -29,7 +30,7 @@ use crate::store::{
     EarlierEnrollment, EnrollPlan, NewOutboxRow, OutboxAction, OutboxRow, OutboxState, Store,
     StoreError,
 };
-use crate::telemetry::{FollowupLabels, Metrics};
+use crate::telemetry::{FollowupLabels, KindLabels, Metrics};
 use chrono::{DateTime, Utc};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -56,6 +57,8 @@ pub struct Worker {
     /// Reads a deal again from its source before a marketing email to its contact.
     source: Option<Arc<dyn SourceReader>>,
     shutdown: CancellationToken,
+    /// Where delivery failures are reported for `/readyz` (and cleared by a success).
+    attention: Option<Attention>,
 }
 
 impl std::fmt::Debug for Worker {
@@ -84,6 +87,7 @@ pub async fn run(
     config: Arc<Config>,
     metrics: Arc<Metrics>,
     source: Option<Arc<dyn SourceReader>>,
+    attention: Option<Attention>,
     shutdown: CancellationToken,
     health: WorkerHealth,
 ) {
@@ -96,6 +100,7 @@ pub async fn run(
         Ok(mut worker) => {
             worker.source = source;
             worker.shutdown = shutdown.clone();
+            worker.attention = attention;
             Arc::new(worker)
         }
         Err(error) => {
@@ -147,7 +152,37 @@ impl Worker {
             metrics,
             source: None,
             shutdown: CancellationToken::new(),
+            attention: None,
         })
+    }
+
+    /// Counts a failed delivery by kind and names it on `/readyz`; a delivery that
+    /// went through clears that entry.
+    fn note_delivery(&self, sent: &Result<(), MailError>, rule: &str) {
+        let note = match sent {
+            Ok(()) => None,
+            Err(error) => {
+                let kind = match error {
+                    MailError::Transient(_) => "transient",
+                    MailError::Permanent { .. } => "permanent",
+                    MailError::Unknown(_) => "unknown",
+                    MailError::Build(_) | MailError::Setup(_) => "other",
+                };
+                self.metrics
+                    .email_failures
+                    .get_or_create(&KindLabels {
+                        kind: kind.to_owned(),
+                    })
+                    .inc();
+                Some(format!(
+                    "the last email (rule {rule}) was not delivered at {}: {error}; see `dealsync outbox list --state failed` and the email.url server",
+                    Utc::now().format("%Y-%m-%d %H:%M:%S UTC")
+                ))
+            }
+        };
+        if let Some(attention) = &self.attention {
+            attention(crate::app::EMAIL_ATTENTION, note);
+        }
     }
 
     async fn run_loop(self: Arc<Self>, shutdown: CancellationToken, mut health: WorkerHealth) {
@@ -327,13 +362,41 @@ impl Worker {
         loop {
             let entries = self.store.stage_entries_after(*after, FEED_PAGE).await?;
             let last_page = (entries.len() as u32) < FEED_PAGE;
+            let mut moved = Vec::new();
             for entry in entries {
                 for rule in self.rules.values() {
                     if rule.trigger == entry.to {
                         self.enroll(rule.clone(), entry.deal_id).await?;
                     }
                 }
+                if self
+                    .rules
+                    .values()
+                    .any(|rule| !rule.is_active_in(&entry.to))
+                    && !moved.contains(&entry.deal_id)
+                {
+                    moved.push(entry.deal_id);
+                }
                 *after = entry.history_id;
+            }
+            let active = self
+                .rules
+                .values()
+                .map(|rule| (rule.name.clone(), rule.active.clone()))
+                .collect();
+            for (rule, rows) in self
+                .store
+                .stop_left_rules(moved, active, Utc::now())
+                .await?
+            {
+                info!(rule = %rule, rows, "follow-ups stopped: their deal left the rule's stages");
+                self.metrics
+                    .followups
+                    .get_or_create(&FollowupLabels {
+                        rule,
+                        outcome: "skipped".to_owned(),
+                    })
+                    .inc_by(rows);
             }
             if last_page {
                 return Ok(());
@@ -486,7 +549,9 @@ impl Worker {
                 .mark_dry_run(row.id, message_id, Utc::now())
                 .await;
         }
-        match self.mailer.send(message, &key).await {
+        let sent = self.mailer.send(message, &key).await;
+        self.note_delivery(&sent, &rule.name);
+        match sent {
             Ok(()) => {
                 // The status follows the stage: a won deal moved to post-sale stays won.
                 let move_to = rule
@@ -658,6 +723,7 @@ impl Worker {
                     html: rendered.html,
                     idempotency_key: key.clone(),
                     unsubscribe: None,
+                    reply_to: None,
                 };
                 Ok(self.mailer.build(&outgoing)?)
             });
@@ -679,7 +745,9 @@ impl Worker {
             let finish = DigestFinish::DryRun { message_id };
             return self.store.finish_digest(id, finish, Utc::now()).await;
         }
-        let finish = match self.mailer.send(message, &key).await {
+        let sent = self.mailer.send(message, &key).await;
+        self.note_delivery(&sent, &rule.name);
+        let finish = match sent {
             Ok(()) => {
                 self.count(&rule.name, "sent");
                 info!(rule = %rule.name, digest_id = id, deals = total, day = %row.day, "daily digest sent");
@@ -831,12 +899,21 @@ pub fn compose(
         unsubscribe.as_ref().map(|(url, _)| url.clone()),
         sender,
         Utc::now(),
-    );
+    )
+    .with_stage_label(&config.pipelines);
     let rendered = templates.render(template, &context)?;
     let to_name = match rule.to {
         Recipient::Contact => deal.contact_name.clone(),
         Recipient::Owner => deal.owner.clone(),
         Recipient::Fixed(_) => None,
+    };
+    // A transactional note to the contact is the owner's (the shipped post-sale
+    // note is signed by the owner): a reply goes to the owner, not to `email.from`.
+    let reply_to = match (rule.kind, &rule.to, &deal.owner_email) {
+        (RuleKind::Transactional, Recipient::Contact, Some(owner)) => {
+            Some((deal.owner.clone(), owner.clone()))
+        }
+        _ => None,
     };
     Ok(Outgoing {
         to,
@@ -846,6 +923,7 @@ pub fn compose(
         html: rendered.html,
         idempotency_key: idempotency_key(row),
         unsubscribe,
+        reply_to,
     })
 }
 

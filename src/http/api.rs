@@ -1,5 +1,5 @@
 //! The read API under `/api/v1`: deals, one deal with its history and emails, the
-//! funnel, the forecast, the outbox. JSON only, read-only.
+//! funnel, the forecast, the outbox, the canonical pipelines. JSON only, read-only.
 //!
 //! Invariants:
 //! - Every route needs `Authorization: Bearer <server.api_token>`; the token is
@@ -37,6 +37,7 @@ pub fn routes(state: Arc<AppState>) -> Router<Arc<AppState>> {
         .route("/api/v1/funnel", get(funnel))
         .route("/api/v1/forecast", get(forecast))
         .route("/api/v1/outbox", get(outbox))
+        .route("/api/v1/pipelines", get(pipelines))
         .route_layer(axum::middleware::from_fn_with_state(state, authenticate))
 }
 
@@ -162,6 +163,12 @@ async fn deal(
         .await?
         .map(Json)
         .ok_or_else(|| ApiError::NotFound(format!("no deal {id}")))
+}
+
+/// `GET /api/v1/pipelines`: the canonical pipelines in force, each stage with its
+/// label, kind, probability, stall threshold and description (entry and exit criteria).
+async fn pipelines(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
+    Json(json!({ "pipelines": state.config().pipelines }))
 }
 
 #[derive(Debug, Deserialize)]

@@ -146,6 +146,14 @@ struct Chart {
     bars: Vec<Bar>,
     bottleneck: Option<String>,
     outcomes: String,
+    /// Each stage's label and description (its entry and exit criteria).
+    stages: Vec<StageInfo>,
+}
+
+#[derive(Serialize)]
+struct StageInfo {
+    label: String,
+    description: String,
 }
 
 #[derive(Serialize)]
@@ -316,6 +324,20 @@ async fn render(state: &AppState) -> Result<String, ApiError> {
                     percent(pipeline.outcomes.win_rate),
                     pipeline.outcomes.reopened
                 ),
+                stages: config
+                    .pipelines
+                    .get(&pipeline.pipeline)
+                    .map(|found| {
+                        found
+                            .stages
+                            .iter()
+                            .map(|stage| StageInfo {
+                                label: stage.label.clone(),
+                                description: stage.description.clone(),
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default(),
             }
         })
         .collect();
@@ -397,6 +419,7 @@ async fn render(state: &AppState) -> Result<String, ApiError> {
         stalled,
         emails,
         email_counts,
+        email_attention => readiness.attention.get(crate::app::EMAIL_ATTENTION),
     };
     environment()
         .get_template("status.html")
@@ -547,6 +570,10 @@ mod tests {
                     bars: vec![],
                     bottleneck: None,
                     outcomes: String::new(),
+                    stages: vec![StageInfo {
+                        label: "Proposal".into(),
+                        description: "<b>sent</b>".into(),
+                    }],
                 }],
                 forecast => Vec::<[String; 4]>::new(),
                 cart_recovery => Option::<String>::None,
@@ -566,6 +593,7 @@ mod tests {
         assert!(!html.contains("<script>alert"), "{html}");
         assert!(!html.contains("<img src=x"), "{html}");
         assert!(html.contains("&lt;script&gt;"), "{html}");
+        assert!(html.contains("&lt;b&gt;sent&lt;&#x2f;b&gt;"), "{html}");
     }
 
     #[test]

@@ -56,6 +56,17 @@ pub struct NativeStage {
     pub rot_after: Option<Duration>,
 }
 
+/// A config mapping entry that names no discovered native stage.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Unmatched<'a> {
+    pub entry: &'a StageMapEntry,
+    /// True when not even the native pipeline was found.
+    pub pipeline_missing: bool,
+    /// What discovery found instead: the pipelines' labels, or the stages' labels of
+    /// the pipelines the entry names.
+    pub known: Vec<String>,
+}
+
 /// The resolved mapping of one connection.
 #[derive(Debug, Clone, Default)]
 pub struct StageMap {
@@ -169,11 +180,94 @@ impl StageMap {
         None
     }
 
+    /// Returns the entry that maps a native stage (named by id or label), if any.
+    pub fn entry_for(&self, native_pipeline: &str, native_stage: &str) -> Option<&StageMapEntry> {
+        self.lookup(native_pipeline, native_stage)
+    }
+
     /// Returns the canonical stage for a native one; unmapped when nothing matches.
     pub fn resolve(&self, native_pipeline: &str, native_stage: &str) -> StageRef {
         self.lookup(native_pipeline, native_stage)
             .map(|entry| entry.target.clone())
             .unwrap_or_else(StageRef::unmapped)
+    }
+
+    /// Returns the native stages that discovery found and nothing maps, each once.
+    pub fn unmapped_native(&self) -> Vec<(&NativePipeline, &NativeStage)> {
+        self.native
+            .iter()
+            .flat_map(|pipeline| pipeline.stages.iter().map(move |stage| (pipeline, stage)))
+            .filter(|(pipeline, stage)| self.lookup(&pipeline.id, &stage.id).is_none())
+            .collect()
+    }
+
+    /// Returns the discovered native stage a source record names by id or label.
+    pub fn find_native(
+        &self,
+        pipeline: &str,
+        stage: &str,
+    ) -> Option<(&NativePipeline, &NativeStage)> {
+        let pipeline = self.native.iter().find(|p| {
+            p.id == pipeline
+                || normalize(&p.id) == normalize(pipeline)
+                || normalize(&p.label) == normalize(pipeline)
+        })?;
+        let stage = pipeline.stages.iter().find(|s| {
+            s.id == stage
+                || normalize(&s.id) == normalize(stage)
+                || normalize(&s.label) == normalize(stage)
+        })?;
+        Some((pipeline, stage))
+    }
+
+    /// Returns the config entries that match no discovered native pipeline or stage (a
+    /// typo, or a stage renamed in the source), each with what discovery did find
+    /// there. Empty until something was discovered: then nothing can be told apart.
+    pub fn unmatched_entries(&self) -> Vec<Unmatched<'_>> {
+        if self.native.is_empty() {
+            return Vec::new();
+        }
+        let mut unmatched = Vec::new();
+        for entry in self
+            .entries
+            .iter()
+            .filter(|entry| entry.source == MappingSource::Config)
+        {
+            let wanted = normalize(&entry.native_pipeline);
+            let pipelines: Vec<&NativePipeline> = self
+                .native
+                .iter()
+                .filter(|p| {
+                    wanted == "*" || normalize(&p.id) == wanted || normalize(&p.label) == wanted
+                })
+                .collect();
+            if pipelines.is_empty() {
+                unmatched.push(Unmatched {
+                    entry,
+                    pipeline_missing: true,
+                    known: self.native.iter().map(|p| p.label.clone()).collect(),
+                });
+                continue;
+            }
+            let stage = normalize(&entry.native_stage);
+            let found = pipelines.iter().any(|pipeline| {
+                pipeline
+                    .stages
+                    .iter()
+                    .any(|s| normalize(&s.id) == stage || normalize(&s.label) == stage)
+            });
+            if !found {
+                unmatched.push(Unmatched {
+                    entry,
+                    pipeline_missing: false,
+                    known: pipelines
+                        .iter()
+                        .flat_map(|p| p.stages.iter().map(|s| s.label.clone()))
+                        .collect(),
+                });
+            }
+        }
+        unmatched
     }
 
     pub fn entries(&self) -> &[StageMapEntry] {
@@ -329,6 +423,77 @@ mod tests {
         assert_eq!(map.resolve("7", "71"), sales("needs_assessment"));
         assert_eq!(map.resolve("7", "72"), sales("won"));
         assert_eq!(map.resolve("7", "73"), sales("proposal"));
+    }
+
+    #[test]
+    fn config_entries_that_match_no_discovered_stage_are_named_with_what_exists() {
+        let pipelines = Pipelines::new(default_pipelines());
+        let stage = |id: &str, label: &str| NativeStage {
+            id: id.into(),
+            label: label.into(),
+            order: 0,
+            probability: None,
+            kind: None,
+            rot_after: None,
+        };
+        let native = vec![NativePipeline {
+            id: "software".into(),
+            label: "Software Sales".into(),
+            stages: vec![stage("s1", "Trial Use"), stage("s2", "Referral Partner")],
+        }];
+        let entries = [
+            entry(
+                "Software Sales",
+                "Trial Usage",
+                "proposal",
+                MappingSource::Config,
+            ),
+            entry("software", "trial use", "proposal", MappingSource::Config),
+            entry("Softwear", "Trial Use", "proposal", MappingSource::Config),
+            entry(
+                "default",
+                "appointmentscheduled",
+                "proposal",
+                MappingSource::Manifest,
+            ),
+        ];
+        let undiscovered = StageMap::new(Some(PipelineKey::new("sales")), entries.clone());
+        assert!(undiscovered.unmatched_entries().is_empty());
+        let map =
+            StageMap::new(Some(PipelineKey::new("sales")), entries).with_native(native, &pipelines);
+        let unmatched: Vec<(&str, &str, bool)> = map
+            .unmatched_entries()
+            .iter()
+            .map(|u| {
+                (
+                    u.entry.native_pipeline.as_str(),
+                    u.entry.native_stage.as_str(),
+                    u.pipeline_missing,
+                )
+            })
+            .collect();
+        assert_eq!(
+            unmatched,
+            [
+                ("Software Sales", "Trial Usage", false),
+                ("Softwear", "Trial Use", true)
+            ]
+        );
+        assert_eq!(
+            map.unmatched_entries()[0].known,
+            ["Trial Use", "Referral Partner"]
+        );
+        let unmapped: Vec<&str> = map
+            .unmapped_native()
+            .iter()
+            .map(|(_, stage)| stage.label.as_str())
+            .collect();
+        assert_eq!(unmapped, ["Referral Partner"]);
+        assert_eq!(
+            map.find_native("Software Sales", "Referral Partner")
+                .map(|(_, s)| s.id.as_str()),
+            Some("s2")
+        );
     }
 
     #[test]

@@ -98,6 +98,18 @@ pub enum StoreError {
         version: i64,
         source: rusqlite::Error,
     },
+    /// The data directory or a database file cannot be written (permissions, a
+    /// read-only file system): nothing dealsync does can fix that, an operator can.
+    #[error(
+        "storage: {what} {path} is not writable: {source}; dealsync keeps its database \
+         and webhook inbox there: give the user dealsync runs as write access (the \
+         systemd unit's StateDirectory= does) or set storage.path to a writable place"
+    )]
+    NotWritable {
+        what: &'static str,
+        path: String,
+        source: std::io::Error,
+    },
     #[error("database error: {0}")]
     Sql(#[from] rusqlite::Error),
     #[error("stored data is corrupt: {0}")]
@@ -235,12 +247,112 @@ fn configure(connection: &Connection) -> Result<()> {
     Ok(())
 }
 
+/// Checks, without changing anything, that dealsync can write where `storage.path`
+/// points: the directory (or the nearest existing one above it, when it is still to
+/// be created) takes a new file, and the database and inbox files that exist open for
+/// writing. `dealsync check` runs it; `Store::open` runs it to explain a failure.
+pub fn check_writable(db_path: &Path) -> Result<()> {
+    let dir = match db_path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    let not_writable =
+        |what: &'static str, path: &Path, source: std::io::Error| StoreError::NotWritable {
+            what,
+            path: path.display().to_string(),
+            source,
+        };
+    probe_dir(&dir).map_err(|(existing, source)| {
+        let what = if existing == dir {
+            "the data directory"
+        } else {
+            "the directory that would hold the data directory,"
+        };
+        not_writable(what, &existing, source)
+    })?;
+    let inbox = inbox::inbox_path(db_path);
+    for file in [db_path.to_owned(), inbox] {
+        for candidate in [
+            file.clone(),
+            PathBuf::from(format!("{}-wal", file.display())),
+            PathBuf::from(format!("{}-shm", file.display())),
+        ] {
+            if candidate.exists() {
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&candidate)
+                    .map_err(|source| not_writable("the database file", &candidate, source))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Checks that a new file can be made in `dir`, or, while `dir` does not exist yet,
+/// in the nearest directory above it that does; on failure returns that directory
+/// and the OS error. Changes nothing: the probe file is created new and removed at
+/// once. It is the only test that also sees read-only mounts, ACLs and SELinux,
+/// which permission bits do not show.
+pub fn probe_dir(dir: &Path) -> std::result::Result<(), (PathBuf, std::io::Error)> {
+    let mut existing = dir;
+    while !existing.exists() {
+        match existing.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => existing = parent,
+            _ => {
+                existing = Path::new(".");
+                break;
+            }
+        }
+    }
+    let probe = existing.join(format!(".dealsync-write-probe-{}", std::process::id()));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)
+        .map_err(|source| (existing.to_owned(), source))?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
+}
+
+/// Whether an error opening the store may come from a directory or file it cannot
+/// write (SQLite says "unable to open database file" or "readonly database").
+fn may_be_unwritable(error: &StoreError) -> bool {
+    let code = match error {
+        StoreError::Open { source, .. } | StoreError::Sql(source) => source.sqlite_error_code(),
+        StoreError::Migration { source, .. } => source.sqlite_error_code(),
+        StoreError::CreateDir { .. } => return true,
+        _ => None,
+    };
+    matches!(
+        code,
+        Some(
+            rusqlite::ErrorCode::CannotOpen
+                | rusqlite::ErrorCode::ReadOnly
+                | rusqlite::ErrorCode::PermissionDenied
+                | rusqlite::ErrorCode::SystemIoFailure
+        )
+    )
+}
+
 impl Store {
     /// Opens (creating if needed) and migrates the database. Blocking.
     ///
     /// A new database (and its directory) is created owner-only, whatever the umask;
     /// SQLite gives the `-wal` and `-shm` files the database file's mode.
+    /// A failure that comes from a directory or file dealsync cannot write is
+    /// reported as [`StoreError::NotWritable`], naming the path and the OS cause.
     pub fn open(path: &Path) -> Result<Store> {
+        Store::open_checked(path).map_err(|error| {
+            if may_be_unwritable(&error)
+                && let Err(unwritable) = check_writable(path)
+            {
+                return unwritable;
+            }
+            error
+        })
+    }
+
+    fn open_checked(path: &Path) -> Result<Store> {
         create_private(path, "the database")?;
         let mut writer = open_connection(path)?;
         // The version check comes before any pragma that could write to the file.

@@ -17,6 +17,7 @@ use crate::domain::{ChangeCause, Deal, DealStatus, PipelineKey, StageKey, StageR
 use chrono::{DateTime, Utc};
 use rusqlite::{OptionalExtension, Row, Transaction, params};
 use serde::Serialize;
+use std::collections::HashMap;
 use std::time::Duration;
 
 /// Where an outbox row stands.
@@ -861,6 +862,73 @@ impl Store {
             let mut statement = db.prepare(&sql)?;
             let rows = statement.query_map(rusqlite::params_from_iter(values), row_from)?;
             Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+        .await
+    }
+
+    /// Stops, at once, the pending rows (emails and expiry) of each deal in `deal_ids`
+    /// whose current stage is no longer one of its rule's `active` stages: what the
+    /// send-time check would decide once each falls due, known now, so the outbox
+    /// shows it. Returns (rule, rows stopped) for each rule that stopped rows.
+    pub async fn stop_left_rules(
+        &self,
+        deal_ids: Vec<i64>,
+        active: HashMap<String, Vec<StageRef>>,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<(String, u64)>> {
+        if deal_ids.is_empty() || active.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.write(move |tx| {
+            let now = to_ms(now);
+            let mut stopped: HashMap<String, u64> = HashMap::new();
+            for deal_id in deal_ids {
+                let rules: Vec<String> = tx
+                    .prepare_cached(
+                        "SELECT DISTINCT rule FROM outbox WHERE deal_id = ?1 AND state = 'pending'",
+                    )?
+                    .query_map([deal_id], |r| r.get(0))?
+                    .collect::<rusqlite::Result<_>>()?;
+                if rules.is_empty() {
+                    continue;
+                }
+                let Some(deal) = read_deal(tx, deal_id)? else {
+                    continue;
+                };
+                let here = StageRef {
+                    pipeline: deal.pipeline.clone(),
+                    stage: deal.stage.clone(),
+                };
+                for rule in rules {
+                    let Some(stages) = active.get(&rule) else {
+                        continue;
+                    };
+                    if stages.contains(&here) {
+                        continue;
+                    }
+                    let reason = format!(
+                        "sequence stopped: the deal left the rule's stages (now in {})",
+                        describe(&here)
+                    );
+                    let changed = tx.execute(
+                        "UPDATE outbox SET state = 'skipped', reason = ?3, updated_at = ?4
+                         WHERE deal_id = ?1 AND rule = ?2 AND state = 'pending'",
+                        params![deal_id, rule, reason, now],
+                    )?;
+                    *stopped.entry(rule).or_default() += changed as u64;
+                }
+            }
+            Ok(stopped.into_iter().collect())
+        })
+        .await
+    }
+
+    /// The rule names outbox rows carry, sorted (rules since removed included).
+    pub async fn outbox_rules(&self) -> Result<Vec<String>> {
+        self.read(|db| {
+            let mut statement = db.prepare("SELECT DISTINCT rule FROM outbox ORDER BY rule")?;
+            let rows = statement.query_map([], |r| r.get(0))?;
+            Ok(rows.collect::<rusqlite::Result<Vec<String>>>()?)
         })
         .await
     }

@@ -23,7 +23,7 @@ use serde::Serialize;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 /// The stream name under which the deals cursor is stored.
 pub const DEALS_STREAM: &str = "deals";
@@ -206,6 +206,7 @@ impl ConnectionRuntime {
             metrics: deps.metrics.clone(),
             store: Some(deps.store.clone()),
             attention: deps.attention.clone(),
+            max_attempts: None,
         }
     }
 }
@@ -533,15 +534,16 @@ pub async fn run_once(
 ) -> Result<RunSummary, SyncError> {
     let started = Instant::now();
     let name = runtime.name().to_owned();
+    let stored = deps.store.cursor(&name, DEALS_STREAM).await?;
     let cursor = if full {
-        None
+        runtime.connector.full_read_cursor(stored.as_ref())
     } else {
-        deps.store.cursor(&name, DEALS_STREAM).await?
+        stored
     };
     // A run without a cursor reads everything: it is recorded as a full sync.
-    let full = cursor.is_none();
+    let full = full || cursor.is_none();
     let run_id = deps.store.start_sync_run(&name, full).await?;
-    let result = run_pages(runtime, deps, cursor, shutdown, progress, started)
+    let result = run_pages(runtime, deps, cursor, full, shutdown, progress, started)
         .instrument(info_span!("sync_run", connection = %name, run_id, full))
         .await;
     let (summary, error) = match &result {
@@ -583,12 +585,12 @@ async fn run_pages(
     runtime: &ConnectionRuntime,
     deps: &SyncDeps,
     cursor: Option<serde_json::Value>,
+    full: bool,
     shutdown: &CancellationToken,
     progress: &(dyn Fn(&RunSummary) + Send + Sync),
     started: Instant,
 ) -> Result<RunSummary, (RunSummary, SyncError)> {
     let name = runtime.name();
-    let full = cursor.is_none();
     let cx = runtime.context(deps, shutdown);
     let mut summary = RunSummary::default();
     let fail = |summary: &RunSummary, error: SyncError| (summary.clone(), error);
@@ -739,6 +741,43 @@ async fn run_pages(
     Ok(summary)
 }
 
+/// How often a connection sums up its runs at INFO (runs that changed nothing are
+/// logged at DEBUG only).
+pub const QUIET_SUMMARY_EVERY: Duration = Duration::from_secs(15 * 60);
+
+/// Counts a connection's runs, and those that changed nothing, between summaries.
+#[derive(Debug)]
+struct QuietRuns {
+    since: Instant,
+    runs: u64,
+    quiet: u64,
+}
+
+impl QuietRuns {
+    fn new(now: Instant) -> Self {
+        QuietRuns {
+            since: now,
+            runs: 0,
+            quiet: 0,
+        }
+    }
+
+    /// Counts one run; returns (runs, quiet runs) when a summary is due, and starts
+    /// counting again. Nothing is due when no run was quiet: each was logged at INFO.
+    fn record(&mut self, changed: bool, now: Instant) -> Option<(u64, u64)> {
+        self.runs += 1;
+        if !changed {
+            self.quiet += 1;
+        }
+        if now.duration_since(self.since) < QUIET_SUMMARY_EVERY {
+            return None;
+        }
+        let due = (self.quiet > 0).then_some((self.runs, self.quiet));
+        *self = QuietRuns::new(now);
+        due
+    }
+}
+
 /// The delay before the next run: the interval with ±10% jitter, so connections
 /// configured alike do not all hit their vendors at once.
 /// Backoff after failed runs: from 5–10 s, doubling, never longer than the poll
@@ -779,6 +818,7 @@ pub async fn run_connection(
     // A short random delay first, so a restart does not fire every connection at once.
     let mut delay = Duration::from_millis(rand::rng().random_range(0..500));
     let mut failures = 0u32;
+    let mut quiet = QuietRuns::new(Instant::now());
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -798,10 +838,29 @@ pub async fn run_connection(
         match outcome {
             Ok(summary) => {
                 failures = 0;
-                info!(connection = %name, fetched = summary.fetched, created = summary.created,
-                    updated = summary.updated, stage_changes = summary.stage_changes,
-                    unmapped = summary.unmapped, quarantined = summary.quarantined,
-                    elapsed_ms = summary.elapsed_ms, "sync run finished");
+                // A run that changed nothing is logged at DEBUG; one INFO line now and
+                // then says how many there were, so an idle connection does not fill
+                // the log every poll and a live one still shows it is alive.
+                let changed = summary.created
+                    + summary.updated
+                    + summary.stage_changes
+                    + summary.unmapped
+                    + summary.quarantined
+                    > 0;
+                if changed {
+                    info!(connection = %name, fetched = summary.fetched, created = summary.created,
+                        updated = summary.updated, stage_changes = summary.stage_changes,
+                        unmapped = summary.unmapped, quarantined = summary.quarantined,
+                        elapsed_ms = summary.elapsed_ms, "sync run finished");
+                } else {
+                    debug!(connection = %name, fetched = summary.fetched,
+                        elapsed_ms = summary.elapsed_ms, "sync run finished");
+                }
+                if let Some((runs, quiet_runs)) = quiet.record(changed, Instant::now()) {
+                    info!(connection = %name, runs, quiet_runs,
+                        minutes = QUIET_SUMMARY_EVERY.as_secs() / 60,
+                        "sync runs since the last summary (quiet runs log at DEBUG)");
+                }
                 delay = retry::spread(interval, 0.1);
             }
             Err(SyncError::Connector(ConnectorError::BudgetExhausted { resume_after, .. })) => {
@@ -833,6 +892,29 @@ pub async fn run_connection(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn quiet_runs_are_summed_up_once_per_period_and_only_when_there_were_any() {
+        let start = Instant::now();
+        let mut quiet = QuietRuns::new(start);
+        for minute in 0..14 {
+            assert_eq!(
+                quiet.record(false, start + Duration::from_secs(minute * 60)),
+                None
+            );
+        }
+        assert_eq!(
+            quiet.record(true, start + QUIET_SUMMARY_EVERY),
+            Some((15, 14))
+        );
+        let later = start + QUIET_SUMMARY_EVERY;
+        assert_eq!(quiet.record(true, later + Duration::from_secs(60)), None);
+        assert_eq!(
+            quiet.record(true, later + QUIET_SUMMARY_EVERY),
+            None,
+            "all runs were at INFO"
+        );
+    }
 
     #[test]
     fn backoff_grows_and_is_capped_by_the_interval() {

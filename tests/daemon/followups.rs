@@ -177,7 +177,7 @@ pub(crate) fn messages_to(smtp: &SmtpServer, address: &str) -> Vec<ReceivedMail>
 }
 
 /// Rows of the daemon's outbox for a deal: (step, state, reason).
-fn outbox_rows(daemon: &TestDaemon, deal_id: i64) -> Vec<(i64, String, Option<String>)> {
+pub(crate) fn outbox_rows(daemon: &TestDaemon, deal_id: i64) -> Vec<(i64, String, Option<String>)> {
     let db = daemon.db();
     let mut statement = db
         .prepare("SELECT step, state, reason FROM outbox WHERE deal_id = ?1 ORDER BY step")
@@ -1246,7 +1246,7 @@ async fn a_newly_abandoned_cart_is_sent_promptly_without_waiting_for_the_enroll_
 }
 
 /// A deal in a `sales` stage, owned by `owner`, entered `entered` ago.
-async fn put_deal(
+pub(crate) async fn put_deal(
     store: &Store,
     id: &str,
     stage: &str,

@@ -422,7 +422,7 @@ async fn an_unmapped_native_stage_is_kept_and_named_by_check_and_stages() {
 }
 
 /// Mounts a tmpfs of `size` at `dir` (root only); `None` when this machine can't.
-fn mount_tmpfs(dir: &std::path::Path, size: &str) -> Option<()> {
+pub(crate) fn mount_tmpfs(dir: &std::path::Path, size: &str) -> Option<()> {
     let status = std::process::Command::new("mount")
         .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
         .arg(dir)

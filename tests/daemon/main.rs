@@ -1,10 +1,12 @@
 //! The daemon's integration tests: one test binary, so it links once.
 
+mod emails;
 mod fault_suite;
 mod followups;
 mod foundation;
 mod harness;
 mod insight;
+mod operator_checks;
 mod operators;
 mod outbound;
 mod process;

@@ -13,7 +13,7 @@ fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
-fn hubspot_connection(name: &str, url: &str, extra: &str) -> String {
+pub(crate) fn hubspot_connection(name: &str, url: &str, extra: &str) -> String {
     format!(
         r#"
 [connections.{name}]

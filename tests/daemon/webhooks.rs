@@ -79,7 +79,7 @@ pub(crate) fn order(id: u64, checkout_token: Option<&str>, email: &str) -> Vec<u
     serde_json::to_vec(&body).unwrap()
 }
 
-pub async fn post(
+pub(crate) async fn post(
     daemon: &TestDaemon,
     connection: &str,
     headers: http::HeaderMap,
@@ -98,7 +98,7 @@ pub async fn post(
     (status, response.text().await.unwrap_or_default())
 }
 
-pub fn shopify_headers(secret: &str, topic: &str, id: &str, body: &[u8]) -> http::HeaderMap {
+pub(crate) fn shopify_headers(secret: &str, topic: &str, id: &str, body: &[u8]) -> http::HeaderMap {
     let delivery = Delivery {
         method: "POST",
         uri: "",

@@ -1591,6 +1591,20 @@ impl Connector for ManifestConnector {
         entries
     }
 
+    async fn probe(&self, cx: &SyncContext) -> Result<String, ConnectorError> {
+        if self.manifest.pipelines.is_none() && self.manifest.stages.is_none() {
+            // Nothing to discover: the first page of a full read is the cheap read.
+            let page = self.fetch_page(cx, None).await?;
+            return Ok(format!("read {} record(s)", page.records.len()));
+        }
+        let pipelines = self.discover_pipelines(cx).await?;
+        let stages: usize = pipelines.iter().map(|p| p.stages.len()).sum();
+        Ok(format!(
+            "{} native pipeline(s), {stages} stage(s)",
+            pipelines.len()
+        ))
+    }
+
     async fn discover_pipelines(
         &self,
         cx: &SyncContext,
