@@ -661,7 +661,12 @@ async fn check(source: &ConfigSource, args: CheckArgs) -> Result<(), CliError> {
             }
         }
     }
-    output::print(&out);
+    // Paths and addresses come from the config, which may have put a secret in them.
+    output::print(&config.substituted.scrub(&out));
+    let unavailable = unavailable
+        .iter()
+        .map(|line| config.substituted.scrub(line).into_owned())
+        .collect::<Vec<_>>();
     if unavailable.is_empty() {
         Ok(())
     } else {

@@ -105,7 +105,7 @@ async fn check_names_a_mapping_key_matching_no_native_stage_and_each_unmapped_st
 async fn stages_lists_each_mapping_once_with_descriptions_also_on_the_status_page_and_api() {
     let token = "operators-test-token-0123";
     let daemon = TestDaemon::start(&format!(
-        "api_token = \"{token}\"\n{}",
+        "api_token = \"{token}\"\nstatus_page_auth = \"local\"\n{}",
         demo_connection("demo")
     ))
     .await;
