@@ -340,19 +340,17 @@ impl Templates {
 
 /// Writes `text` for HTML text or a quoted attribute: `& < > " '` as entities.
 fn write_html_escaped(out: &mut impl std::fmt::Write, text: &str) -> std::fmt::Result {
-    let mut rest = text;
-    while let Some(at) = rest.find(['&', '<', '>', '"', '\'']) {
-        out.write_str(&rest[..at])?;
-        out.write_str(match rest.as_bytes()[at] {
-            b'&' => "&amp;",
-            b'<' => "&lt;",
-            b'>' => "&gt;",
-            b'"' => "&quot;",
-            _ => "&#x27;",
-        })?;
-        rest = &rest[at + 1..];
+    for c in text.chars() {
+        match c {
+            '&' => out.write_str("&amp;")?,
+            '<' => out.write_str("&lt;")?,
+            '>' => out.write_str("&gt;")?,
+            '"' => out.write_str("&quot;")?,
+            '\'' => out.write_str("&#x27;")?,
+            other => out.write_char(other)?,
+        }
     }
-    out.write_str(rest)
+    Ok(())
 }
 
 fn describe(error: &minijinja::Error) -> String {
