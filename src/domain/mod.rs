@@ -321,6 +321,43 @@ impl Deal {
     }
 }
 
+#[cfg(test)]
+impl Deal {
+    /// An open deal of connection `crm` with no contact, in `at` since `entered`: the
+    /// starting point unit tests change the fields they are about on.
+    pub(crate) fn example(at: StageRef, entered: DateTime<Utc>) -> Deal {
+        Deal {
+            id: 7,
+            connection: "crm".into(),
+            external_id: "7".into(),
+            title: "Deal".into(),
+            amount_minor: None,
+            currency: None,
+            pipeline: at.pipeline,
+            stage: at.stage,
+            status: DealStatus::Open,
+            native_pipeline: "p".into(),
+            native_stage: "s".into(),
+            contact_email: None,
+            contact_name: None,
+            owner: None,
+            owner_email: None,
+            marketing_consent: None,
+            created_at: None,
+            updated_at: None,
+            stage_entered_at: entered,
+            last_activity_at: entered,
+            expected_close: None,
+            recovery_url: None,
+            line_items: Vec::new(),
+            cart_keys: Vec::new(),
+            deleted_at: None,
+            first_seen_at: entered,
+            raw: serde_json::Value::Null,
+        }
+    }
+}
+
 /// One row of a deal's stage history.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StageChange {

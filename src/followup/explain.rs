@@ -468,33 +468,8 @@ mod tests {
 
     fn deal(stage: StageRef, entered: DateTime<Utc>, owner_email: Option<&str>) -> Deal {
         Deal {
-            id: 7,
-            connection: "crm".into(),
-            external_id: "7".into(),
-            title: "Deal".into(),
-            amount_minor: None,
-            currency: None,
-            pipeline: stage.pipeline,
-            stage: stage.stage,
-            status: crate::domain::DealStatus::Open,
-            native_pipeline: "p".into(),
-            native_stage: "s".into(),
-            contact_email: None,
-            contact_name: None,
-            owner: None,
             owner_email: owner_email.and_then(crate::domain::EmailAddress::parse),
-            marketing_consent: None,
-            created_at: None,
-            updated_at: None,
-            stage_entered_at: entered,
-            last_activity_at: entered,
-            expected_close: None,
-            recovery_url: None,
-            line_items: Vec::new(),
-            cart_keys: Vec::new(),
-            deleted_at: None,
-            first_seen_at: entered,
-            raw: serde_json::Value::Null,
+            ..Deal::example(stage, entered)
         }
     }
 
