@@ -1344,8 +1344,8 @@ mod tests {
         #[test]
         fn a_deal_whose_every_step_is_past_the_grace_is_declined() {
             // The last step is due 72 h after entry; 75 h ago puts it 3 h late.
-            let plan = plan(&rule(), &shopper(ago(75)), vec![]);
-            assert!(declined(&plan).contains("every step is past the late grace"));
+            let late = plan(&rule(), &shopper(ago(75)), vec![]);
+            assert!(declined(&late).contains("every step is past the late grace"));
             // 74 h ago: the last step is exactly 2 h late, so it still goes out.
             let (_, rows, _) = enrolled(plan(&rule(), &shopper(ago(74)), vec![]));
             let states: Vec<_> = rows.iter().map(|r| r.state).collect();
