@@ -2,6 +2,7 @@
 //! headless browser (Debian's chromium), on the report fixture's history.
 
 use crate::harness::daemon::TestDaemon;
+use crate::harness::skip;
 use crate::report::FIXTURE;
 use serde_json::Value;
 use std::time::Duration;
@@ -242,13 +243,18 @@ async fn funnel_forecast_and_outbox_answer_with_the_report_figures() {
     assert_eq!(failed["emails"], 1);
 }
 
-const CHROMIUM: &str = "/usr/bin/chromium";
+/// The browser: Debian's chromium, or the one `DEALSYNC_TEST_CHROMIUM` names.
+fn chromium() -> std::path::PathBuf {
+    std::env::var_os("DEALSYNC_TEST_CHROMIUM")
+        .unwrap_or_else(|| "/usr/bin/chromium".into())
+        .into()
+}
 
 /// Renders `url` in headless chromium and returns the DOM after load.
 async fn render_in_chromium(url: &str, profile: &std::path::Path) -> String {
     let output = tokio::time::timeout(
         Duration::from_secs(60),
-        tokio::process::Command::new(CHROMIUM)
+        tokio::process::Command::new(chromium())
             .args([
                 "--headless",
                 "--no-sandbox",
@@ -279,11 +285,14 @@ async fn render_in_chromium(url: &str, profile: &std::path::Path) -> String {
 
 #[tokio::test]
 async fn the_status_page_renders_in_chromium_with_the_funnel_chart_and_escaped_titles() {
-    if !std::path::Path::new(CHROMIUM).exists() {
-        eprintln!(
-            "SKIPPED the_status_page_renders_in_chromium: {CHROMIUM} is absent (apt-get install chromium)"
+    if !chromium().is_file() {
+        return skip(
+            "the_status_page_renders_in_chromium_with_the_funnel_chart_and_escaped_titles",
+            &format!(
+                "{} is absent (apt-get install chromium, or set DEALSYNC_TEST_CHROMIUM)",
+                chromium().display()
+            ),
         );
-        return;
     }
     let daemon = daemon_with_fixture("status_page_auth = \"local\"\n").await;
     // A stalled deal whose title tries to inject markup.
