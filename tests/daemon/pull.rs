@@ -218,7 +218,8 @@ async fn hubspot_429_500_a_timeout_and_a_malformed_page_are_retried_and_nothing_
     );
     faults.push(
         "/crm/v3/objects/deals",
-        Fault::Delay(Duration::from_secs(3)),
+        // Far past the connection's 2 s request timeout.
+        Fault::Delay(Duration::from_secs(60)),
     );
     faults.push("/crm/v3/objects/deals", Fault::Garbage);
     let daemon = TestDaemon::start(&hubspot_connection("hs", &hubspot.url(), "")).await;
@@ -594,13 +595,19 @@ async fn a_daemon_killed_mid_sync_resumes_with_nothing_missing_and_nothing_twice
         (stored >= 6).then_some(())
     })
     .await;
-    daemon.kill_and_restart().await;
+    // Hold every later page (a page already asked for may still arrive), so the kill
+    // comes mid-sync however slowly this machine runs.
+    *pipedrive.faults().slow.lock().unwrap() =
+        Some(("/api/v2/deals".into(), Duration::from_secs(3600)));
+    daemon.signal("KILL");
+    daemon.wait_exit(Duration::from_secs(10)).await;
     let stored_after_kill = daemon.count("SELECT count(*) FROM deals");
     assert!(
         stored_after_kill < 40,
         "the kill came mid-sync ({stored_after_kill} stored)"
     );
     *pipedrive.faults().slow.lock().unwrap() = None;
+    daemon.start_again().await;
     eventually("all forty deals", WAIT, || async {
         (daemon.count("SELECT count(*) FROM deals WHERE connection = 'pd'") == 40).then_some(())
     })
