@@ -1584,8 +1584,7 @@ async fn a_connection_dropped_after_data_leaves_the_email_uncertain_and_it_is_no
     let daemon = TestDaemon::start(&config(
         &smtp,
         "",
-        &format!(
-            r#"
+        r#"
 [followups.alert]
 kind = "transactional"
 stage = "sales.proposal"
@@ -1602,8 +1601,7 @@ stage = "sales.closing"
 to = "canary@example.com"
 template = "deal_stalled"
 after = "1s"
-"#
-        ),
+"#,
     ))
     .await;
     let store = store(&daemon);
