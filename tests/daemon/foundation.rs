@@ -2,7 +2,7 @@
 //! secrets kept out of logs, the schema guard.
 
 use crate::harness::daemon::{TestDaemon, run_cli};
-use crate::harness::eventually;
+use crate::harness::{eventually, skip};
 use std::time::Duration;
 
 /// A demo connection at test pace.
@@ -421,23 +421,30 @@ async fn an_unmapped_native_stage_is_kept_and_named_by_check_and_stages() {
     assert!(listed.iter().all(|deal| deal["stage"] == "unmapped"));
 }
 
-/// Mounts a tmpfs of `size` at `dir` (root only); `None` when this machine can't.
-pub(crate) fn mount_tmpfs(dir: &std::path::Path, size: &str) -> Option<()> {
-    let status = std::process::Command::new("mount")
+/// Mounts a tmpfs of `size` at `dir` (root only); the reason when this machine can't.
+pub(crate) fn mount_tmpfs(dir: &std::path::Path, size: &str) -> Result<(), String> {
+    let output = std::process::Command::new("mount")
         .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
         .arg(dir)
-        .stderr(std::process::Stdio::null())
-        .status()
-        .ok()?;
-    status.success().then_some(())
+        .output()
+        .map_err(|error| format!("running mount: {error} (apt-get install mount)"))?;
+    if output.status.success() {
+        return Ok(());
+    }
+    Err(format!(
+        "mounting a {size} tmpfs needs root: {}",
+        String::from_utf8_lossy(&output.stderr).trim()
+    ))
 }
 
 #[tokio::test]
 async fn a_full_disk_fails_the_sync_loudly_and_loses_nothing_once_space_returns() {
     let disk = tempfile::tempdir().unwrap();
-    if mount_tmpfs(disk.path(), "600k").is_none() {
-        eprintln!("skipped: mounting a small tmpfs needs root (CI runs as root)");
-        return;
+    if let Err(reason) = mount_tmpfs(disk.path(), "600k") {
+        return skip(
+            "a_full_disk_fails_the_sync_loudly_and_loses_nothing_once_space_returns",
+            &reason,
+        );
     }
     struct Unmount(std::path::PathBuf);
     impl Drop for Unmount {
@@ -472,12 +479,12 @@ async fn a_full_disk_fails_the_sync_loudly_and_loses_nothing_once_space_returns(
         .status()
         .unwrap();
     assert!(status.success());
-    let count = || daemon.count("SELECT count(*) FROM deals");
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while count() != 4000 && std::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(count(), 4000, "every deal arrives once space returned");
+    eventually(
+        "every deal (4000) once space returned",
+        Duration::from_secs(30),
+        || async { (daemon.count("SELECT count(*) FROM deals") == 4000).then_some(()) },
+    )
+    .await;
     assert_eq!(
         daemon.count("SELECT count(*) FROM (SELECT external_id FROM deals GROUP BY external_id HAVING count(*) > 1)"),
         0

@@ -2,6 +2,7 @@
 //! headless browser (Debian's chromium), on the report fixture's history.
 
 use crate::harness::daemon::TestDaemon;
+use crate::harness::skip;
 use crate::report::FIXTURE;
 use serde_json::Value;
 use std::time::Duration;
@@ -17,6 +18,22 @@ async fn daemon_with_fixture(server_keys: &str) -> TestDaemon {
         .execute_batch(FIXTURE)
         .expect("loading the fixture");
     daemon
+}
+
+/// Moves the fixture's history so that its period's end (2026-02-01) is now: what is
+/// stalled, or in the page's last 30 days, then never depends on today's date.
+fn shift_fixture_to_now(daemon: &TestDaemon) {
+    let shift = chrono::Utc::now().timestamp_millis()
+        - chrono::DateTime::parse_from_rfc3339("2026-02-01T00:00:00Z")
+            .unwrap()
+            .timestamp_millis();
+    daemon
+        .db()
+        .execute_batch(&format!(
+            "UPDATE stage_history SET at = at + {shift};
+             UPDATE deals SET stage_entered_at = stage_entered_at + {shift};"
+        ))
+        .unwrap();
 }
 
 async fn get_with(daemon: &TestDaemon, path: &str, token: Option<&str>) -> (u16, String) {
@@ -242,13 +259,18 @@ async fn funnel_forecast_and_outbox_answer_with_the_report_figures() {
     assert_eq!(failed["emails"], 1);
 }
 
-const CHROMIUM: &str = "/usr/bin/chromium";
+/// The browser: Debian's chromium, or the one `DEALSYNC_TEST_CHROMIUM` names.
+fn chromium() -> std::path::PathBuf {
+    std::env::var_os("DEALSYNC_TEST_CHROMIUM")
+        .unwrap_or_else(|| "/usr/bin/chromium".into())
+        .into()
+}
 
 /// Renders `url` in headless chromium and returns the DOM after load.
 async fn render_in_chromium(url: &str, profile: &std::path::Path) -> String {
     let output = tokio::time::timeout(
         Duration::from_secs(60),
-        tokio::process::Command::new(CHROMIUM)
+        tokio::process::Command::new(chromium())
             .args([
                 "--headless",
                 "--no-sandbox",
@@ -279,11 +301,14 @@ async fn render_in_chromium(url: &str, profile: &std::path::Path) -> String {
 
 #[tokio::test]
 async fn the_status_page_renders_in_chromium_with_the_funnel_chart_and_escaped_titles() {
-    if !std::path::Path::new(CHROMIUM).exists() {
-        eprintln!(
-            "SKIPPED the_status_page_renders_in_chromium: {CHROMIUM} is absent (apt-get install chromium)"
+    if !chromium().is_file() {
+        return skip(
+            "the_status_page_renders_in_chromium_with_the_funnel_chart_and_escaped_titles",
+            &format!(
+                "{} is absent (apt-get install chromium, or set DEALSYNC_TEST_CHROMIUM)",
+                chromium().display()
+            ),
         );
-        return;
     }
     let daemon = daemon_with_fixture("status_page_auth = \"local\"\n").await;
     // A stalled deal whose title tries to inject markup.
@@ -295,17 +320,7 @@ async fn the_status_page_renders_in_chromium_with_the_funnel_chart_and_escaped_t
         )
         .unwrap();
     // Move the fixture's January into the last 30 days, where the page's funnel looks.
-    let shift = chrono::Utc::now().timestamp_millis()
-        - chrono::DateTime::parse_from_rfc3339("2026-02-01T00:00:00Z")
-            .unwrap()
-            .timestamp_millis();
-    daemon
-        .db()
-        .execute_batch(&format!(
-            "UPDATE stage_history SET at = at + {shift};
-             UPDATE deals SET stage_entered_at = stage_entered_at + {shift};"
-        ))
-        .unwrap();
+    shift_fixture_to_now(&daemon);
     let profile = tempfile::tempdir().unwrap();
     let dom = render_in_chromium(&daemon.url("/"), profile.path()).await;
 
@@ -450,12 +465,15 @@ async fn the_status_page_can_be_turned_off() {
 #[tokio::test]
 async fn metrics_carry_deal_value_per_currency_stalled_deals_and_emails_by_rule_and_state() {
     let daemon = daemon_with_fixture("").await;
+    // The fixture's end is now: its stages were entered days ago, not months.
+    shift_fixture_to_now(&daemon);
     let (status, body) = daemon.get("/metrics").await;
     assert_eq!(status, 200);
     for line in [
         "dealsync_deal_value_minor{connection=\"crm-us\",pipeline=\"sales\",stage=\"proposal\",currency=\"USD\"} 200000",
         "dealsync_deal_value_minor{connection=\"crm-eu\",pipeline=\"sales\",stage=\"proposal\",currency=\"EUR\"} 250000",
-        // B (needs assessment since Jan 14) and F (lead qualification since Jan 7) are stalled.
+        // B (needs assessment for 18 days, past its 14) and F (lead qualification for
+        // 25 days, past its 7) are stalled.
         "dealsync_stalled_deals{connection=\"crm-eu\",pipeline=\"sales\",stage=\"needs_assessment\"} 1",
         "dealsync_stalled_deals{connection=\"crm-eu\",pipeline=\"sales\",stage=\"lead_qualification\"} 1",
         "dealsync_outbox_emails{rule=\"cart\",state=\"sent\"} 5",
@@ -464,10 +482,13 @@ async fn metrics_carry_deal_value_per_currency_stalled_deals_and_emails_by_rule_
     ] {
         assert!(body.contains(line), "missing {line:?} in:\n{body}");
     }
-    // Won and lost deals are never stalled.
-    assert!(
-        !body.contains(
-            "dealsync_stalled_deals{connection=\"crm-us\",pipeline=\"sales\",stage=\"won\""
-        )
-    );
+    // Won and lost deals are never stalled; D and M are in proposal for 7 and 4 days,
+    // within its 14.
+    for absent in [
+        "dealsync_stalled_deals{connection=\"crm-us\",pipeline=\"sales\",stage=\"won\"",
+        "dealsync_stalled_deals{connection=\"crm-us\",pipeline=\"sales\",stage=\"proposal\"",
+        "dealsync_stalled_deals{connection=\"crm-eu\",pipeline=\"sales\",stage=\"proposal\"",
+    ] {
+        assert!(!body.contains(absent), "{absent:?} in:\n{body}");
+    }
 }

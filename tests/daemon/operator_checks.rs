@@ -9,7 +9,7 @@ use crate::foundation::{demo_connection, mount_tmpfs};
 use crate::harness::daemon::{TestDaemon, run_cli};
 use crate::harness::smtp::SmtpServer;
 use crate::harness::vendors::hubspot::HubSpot;
-use crate::harness::{eventually, free_port};
+use crate::harness::{eventually, free_port, skip};
 use crate::pull::hubspot_connection;
 use std::path::Path;
 use std::time::Duration;
@@ -365,9 +365,11 @@ impl Drop for Unmount {
 #[tokio::test]
 async fn a_read_only_data_directory_is_found_by_check_and_named_by_every_command() {
     let disk = tempfile::tempdir().unwrap();
-    if mount_tmpfs(disk.path(), "16m").is_none() {
-        eprintln!("skipped: mounting a tmpfs needs root (CI runs as root)");
-        return;
+    if let Err(reason) = mount_tmpfs(disk.path(), "16m") {
+        return skip(
+            "a_read_only_data_directory_is_found_by_check_and_named_by_every_command",
+            &reason,
+        );
     }
     let _unmount = Unmount(disk.path().to_owned());
     let dir = tempfile::tempdir().unwrap();

@@ -218,7 +218,8 @@ async fn hubspot_429_500_a_timeout_and_a_malformed_page_are_retried_and_nothing_
     );
     faults.push(
         "/crm/v3/objects/deals",
-        Fault::Delay(Duration::from_secs(3)),
+        // Far past the connection's 2 s request timeout.
+        Fault::Delay(Duration::from_secs(60)),
     );
     faults.push("/crm/v3/objects/deals", Fault::Garbage);
     let daemon = TestDaemon::start(&hubspot_connection("hs", &hubspot.url(), "")).await;
@@ -594,13 +595,19 @@ async fn a_daemon_killed_mid_sync_resumes_with_nothing_missing_and_nothing_twice
         (stored >= 6).then_some(())
     })
     .await;
-    daemon.kill_and_restart().await;
+    // Hold every later page (a page already asked for may still arrive), so the kill
+    // comes mid-sync however slowly this machine runs.
+    *pipedrive.faults().slow.lock().unwrap() =
+        Some(("/api/v2/deals".into(), Duration::from_secs(3600)));
+    daemon.signal("KILL");
+    daemon.wait_exit(Duration::from_secs(10)).await;
     let stored_after_kill = daemon.count("SELECT count(*) FROM deals");
     assert!(
         stored_after_kill < 40,
         "the kill came mid-sync ({stored_after_kill} stored)"
     );
     *pipedrive.faults().slow.lock().unwrap() = None;
+    daemon.start_again().await;
     eventually("all forty deals", WAIT, || async {
         (daemon.count("SELECT count(*) FROM deals WHERE connection = 'pd'") == 40).then_some(())
     })
@@ -958,7 +965,12 @@ async fn a_connection_pauses_at_the_reserve_when_its_share_of_the_daily_budget_i
     // 1,000 a day, 200 left after the first answer: with a 0.8 share that is the
     // reserve kept for the portal's other apps.
     *hubspot.state.budget.lock().unwrap() = Some((1000, 201));
-    let daemon = TestDaemon::start(&hubspot_connection("hs", &hubspot.url(), "")).await;
+    let daemon = TestDaemon::start(&hubspot_connection(
+        "hs",
+        &hubspot.url(),
+        &format!("webhook_secret = \"{}\"", crate::webhooks::HUBSPOT_SECRET),
+    ))
+    .await;
     daemon
         .wait_for_log(
             "vendor API budget share used up; pausing this connection",
@@ -974,13 +986,34 @@ async fn a_connection_pauses_at_the_reserve_when_its_share_of_the_daily_budget_i
         metrics.contains("dealsync_vendor_budget_remaining{connection=\"hs\"} 200"),
         "{metrics}"
     );
-    let seen = hubspot.faults().seen().len();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert_eq!(
-        hubspot.faults().seen().len(),
-        seen,
-        "no request while paused"
-    );
+    // A webhook for deal 1 carries only its id, so the deal must be fetched: that fetch
+    // meets the pause and is refused before any request, and the delivery waits for a
+    // retry. The refusal is the sign the daemon went where a request would be made.
+    let seen = hubspot.faults().seen();
+    let uri = daemon.url("/webhooks/hs");
+    let body = serde_json::to_vec(&serde_json::json!([{
+        "eventId": 1, "subscriptionId": 2004817, "portalId": 62515, "appId": 54321,
+        "occurredAt": now_ms(), "subscriptionType": "deal.propertyChange",
+        "attemptNumber": 0, "objectId": 1, "propertyName": "dealstage",
+        "propertyValue": "closedwon", "changeSource": "CRM_UI"
+    }]))
+    .unwrap();
+    let headers = crate::webhooks::hubspot_v3_headers(&uri, &body, std::time::SystemTime::now());
+    let (status, text) = crate::webhooks::post(&daemon, "hs", headers, body).await;
+    assert_eq!(status, 200, "{text}");
+    let refused = eventually("the webhook's fetch to meet the pause", WAIT, || async {
+        crate::webhooks::db(&daemon)
+            .query_row(
+                "SELECT last_error FROM webhook_inbox WHERE state = 'pending' AND attempts >= 1",
+                [],
+                |row| row.get::<_, Option<String>>(0),
+            )
+            .ok()
+            .flatten()
+    })
+    .await;
+    assert!(refused.contains("budget exhausted"), "{refused}");
+    assert_eq!(hubspot.faults().seen(), seen, "no request while paused");
 }
 
 #[test]
@@ -1192,16 +1225,18 @@ async fn a_connection_slows_down_as_the_budget_runs_low_so_its_share_lasts_until
 
     struct Budget {
         remaining: u64,
-        reset_at: Instant,
+        /// Set by the first request, so the daemon's start-up takes none of the window.
+        reset_at: Option<Instant>,
         /// Arrival time and remaining budget after each request.
         seen: Vec<(Instant, u64)>,
     }
     // 1,000 a day, 205 left: the reserve is 200, so 5 spendable, far below a quarter
-    // of the 800 share; the budget resets in 3 s. Pacing spaces the 5 requests about
-    // 0.75 s apart, so they last until the reset and the rest goes at full speed.
+    // of the 800 share; the budget resets 3 s after the first request. Pacing spaces
+    // the 5 requests about 0.75 s apart, so they last until the reset and the rest
+    // goes at full speed.
     let budget = Arc::new(Mutex::new(Budget {
         remaining: 205,
-        reset_at: Instant::now() + Duration::from_secs(3),
+        reset_at: None,
         seen: Vec::new(),
     }));
     async fn page(
@@ -1211,15 +1246,17 @@ async fn a_connection_slows_down_as_the_budget_runs_low_so_its_share_lasts_until
         let page: u64 = q.get("page").map_or(1, |p| p.parse().unwrap());
         let mut budget = budget.lock().unwrap();
         let now = Instant::now();
-        if now >= budget.reset_at {
+        let reset_at = *budget.reset_at.get_or_insert(now + Duration::from_secs(3));
+        if now >= reset_at {
             budget.remaining = 1000;
-            budget.reset_at = now + Duration::from_secs(3600);
+            budget.reset_at = Some(now + Duration::from_secs(3600));
         }
         budget.remaining -= 1;
         let remaining = budget.remaining;
         budget.seen.push((now, remaining));
         let reset = budget
             .reset_at
+            .expect("set by the first request")
             .saturating_duration_since(now)
             .as_secs_f64()
             .ceil();

@@ -16,7 +16,7 @@ const WAIT: Duration = Duration::from_secs(15);
 
 /// The daemon's database with the webhook inbox file attached: `webhook_inbox` and
 /// `webhook_dead_letters` resolve to the inbox file, everything else to the main one.
-fn db(daemon: &TestDaemon) -> rusqlite::Connection {
+pub(crate) fn db(daemon: &TestDaemon) -> rusqlite::Connection {
     let db = daemon.db();
     let inbox = dealsync::store::inbox_path(&daemon.db_path);
     db.execute("ATTACH DATABASE ?1 AS inbox", [inbox.display().to_string()])
@@ -984,7 +984,7 @@ async fn the_demo_connectors_idle_carts_are_abandoned_by_the_sweeper() {
     .await;
 }
 
-const HUBSPOT_SECRET: &str = "hs-client-secret";
+pub(crate) const HUBSPOT_SECRET: &str = "hs-client-secret";
 const PIPEDRIVE_AUTH: &str = "dealsync-hook:pd-hook-password";
 
 /// (stage, status, contact email, contact name) of a deal, once it exists.
@@ -1015,7 +1015,7 @@ fn last_cause(daemon: &TestDaemon, connection: &str, external_id: &str) -> Strin
         .expect("a stage history row")
 }
 
-fn hubspot_v3_headers(uri: &str, body: &[u8], at: SystemTime) -> http::HeaderMap {
+pub(crate) fn hubspot_v3_headers(uri: &str, body: &[u8], at: SystemTime) -> http::HeaderMap {
     let delivery = Delivery {
         method: "POST",
         uri,
