@@ -1219,13 +1219,14 @@ impl Store {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::domain::{Money, UNMAPPED};
     use crate::store::tests::temp_store;
     use chrono::Duration;
 
-    fn upsert(id: &str, stage: &str, at: DateTime<Utc>) -> DealUpsert {
+    /// Deal `id` of connection `crm` in `sales.<stage>` (`mystery` is unmapped), 4,200.50 EUR.
+    pub(crate) fn upsert(id: &str, stage: &str, at: DateTime<Utc>) -> DealUpsert {
         let mut source = SourceDeal::new(id, format!("Deal {id}"), "default", stage);
         source.amount = Some(Money::new(420050, Currency::parse("EUR").unwrap()));
         source.updated_at = Some(at);

@@ -428,6 +428,174 @@ mod tests {
     use crate::store::tests::temp_store;
     use serde_json::json;
 
+    mod quarantine {
+        use super::super::{CachedRecord, Quarantined, Reread};
+        use crate::domain::RawRecord;
+        use crate::store::deals::tests::upsert;
+        use crate::store::tests::temp_store;
+        use chrono::Utc;
+
+        fn bad(id: &str, error: &str) -> Quarantined {
+            Quarantined {
+                external_id: Some(id.into()),
+                error: error.into(),
+                raw: RawRecord::from_text(format!(r#"{{"id":"{id}"}}"#)).unwrap(),
+            }
+        }
+
+        #[tokio::test]
+        async fn quarantined_records_list_newest_first_per_connection_and_resolve_together() {
+            let (_dir, store) = temp_store();
+            let page = |connection: &'static str, records: Vec<Quarantined>| {
+                let store = store.clone();
+                async move {
+                    store
+                        .commit_page(connection, "deals", vec![], records, vec![], None)
+                        .await
+                        .unwrap()
+                }
+            };
+            page("crm", vec![bad("1", "no stage")]).await;
+            page(
+                "crm",
+                vec![bad("2", "bad amount"), bad("1", "still no stage")],
+            )
+            .await;
+            page("shop", vec![bad("9", "too deep")]).await;
+
+            let all = store.quarantined(None, 10).await.unwrap();
+            let listed: Vec<_> = all
+                .iter()
+                .map(|e| {
+                    (
+                        e.connection.as_str(),
+                        e.external_id.as_deref(),
+                        e.error.as_str(),
+                    )
+                })
+                .collect();
+            assert_eq!(
+                listed,
+                [
+                    ("shop", Some("9"), "too deep"),
+                    ("crm", Some("1"), "still no stage"),
+                    ("crm", Some("2"), "bad amount"),
+                    ("crm", Some("1"), "no stage"),
+                ]
+            );
+            assert_eq!(store.quarantined(None, 2).await.unwrap().len(), 2);
+            let crm = store.quarantined(Some("crm".into()), 10).await.unwrap();
+            assert_eq!(crm.len(), 3);
+            assert!(crm.iter().all(|e| e.connection == "crm"));
+
+            let entry = store.quarantine_entry(all[1].id).await.unwrap().unwrap();
+            assert_eq!(entry.external_id.as_deref(), Some("1"));
+            assert_eq!(entry.raw, r#"{"id":"1"}"#);
+            assert!(store.quarantine_entry(i64::MAX).await.unwrap().is_none());
+
+            // Re-reading deal 1 stores it and takes both of its entries out.
+            let (outcome, removed) = store
+                .resolve_quarantined(
+                    "crm".into(),
+                    "1".into(),
+                    Reread::Stored(Box::new(upsert("1", "proposal", Utc::now()))),
+                    Utc::now(),
+                )
+                .await
+                .unwrap();
+            assert_eq!((outcome.created, removed), (1, 2));
+            assert!(
+                store
+                    .deal_by_external_id("crm", "1")
+                    .await
+                    .unwrap()
+                    .is_some()
+            );
+            let left = store.quarantined(Some("crm".into()), 10).await.unwrap();
+            assert_eq!(left.len(), 1);
+            assert_eq!(left[0].external_id.as_deref(), Some("2"));
+
+            // A record the source no longer has marks the stored deal deleted.
+            let (outcome, removed) = store
+                .resolve_quarantined("crm".into(), "1".into(), Reread::Deleted, Utc::now())
+                .await
+                .unwrap();
+            assert_eq!((outcome, removed), (Default::default(), 0));
+            let deal = store
+                .deal_by_external_id("crm", "1")
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(deal.deleted_at.is_some());
+        }
+
+        #[tokio::test]
+        async fn a_connection_is_recorded_once_and_keeps_its_latest_connector() {
+            let (_dir, store) = temp_store();
+            store.ensure_connection("crm", "hubspot").await.unwrap();
+            store.ensure_connection("crm", "pipedrive").await.unwrap();
+            let rows: Vec<(String, String)> = store
+                .read(|db| {
+                    let mut statement = db.prepare("SELECT name, connector FROM connections")?;
+                    let rows = statement.query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?;
+                    Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+                })
+                .await
+                .unwrap();
+            assert_eq!(rows, [("crm".to_owned(), "pipedrive".to_owned())]);
+        }
+
+        #[tokio::test]
+        async fn cached_enrichments_return_only_fresh_records_of_the_step_and_ids_asked() {
+            let (_dir, store) = temp_store();
+            let cached = |step: &str, id: &str| CachedRecord {
+                step: step.into(),
+                id: id.into(),
+                record: RawRecord::from_text(format!(r#"{{"{step}":"{id}"}}"#)).unwrap(),
+            };
+            let before = Utc::now() - chrono::Duration::seconds(1);
+            store
+                .commit_page(
+                    "crm",
+                    "deals",
+                    vec![],
+                    vec![],
+                    vec![
+                        cached("contact", "a"),
+                        cached("contact", "b"),
+                        cached("company", "a"),
+                    ],
+                    None,
+                )
+                .await
+                .unwrap();
+            store
+                .commit_page(
+                    "other",
+                    "deals",
+                    vec![],
+                    vec![],
+                    vec![cached("contact", "c")],
+                    None,
+                )
+                .await
+                .unwrap();
+            let ids = vec!["a".to_owned(), "c".to_owned(), "zz".to_owned()];
+            let got = store
+                .cached_enrichments("crm", "contact", ids.clone(), before)
+                .await
+                .unwrap();
+            assert_eq!(got, [("a".to_owned(), r#"{"contact":"a"}"#.to_owned())]);
+            // Read before `fresh_since`: stale, not returned.
+            let later = Utc::now() + chrono::Duration::seconds(1);
+            let stale = store
+                .cached_enrichments("crm", "contact", ids, later)
+                .await
+                .unwrap();
+            assert!(stale.is_empty());
+        }
+    }
+
     #[tokio::test]
     async fn enrichment_records_past_the_retention_are_deleted_when_a_run_starts() {
         use super::{CachedRecord, ENRICHMENT_RETENTION};
