@@ -428,7 +428,7 @@ mod tests {
     use crate::store::tests::temp_store;
     use serde_json::json;
 
-    mod quarantine {
+    mod bookkeeping {
         use super::super::{CachedRecord, Quarantined, Reread};
         use crate::domain::RawRecord;
         use crate::store::deals::tests::upsert;
@@ -527,6 +527,91 @@ mod tests {
                 .unwrap()
                 .unwrap();
             assert!(deal.deleted_at.is_some());
+        }
+
+        #[tokio::test]
+        async fn sync_runs_record_their_outcome_and_the_last_success_survives_a_failure() {
+            let (_dir, store) = temp_store();
+            for name in ["crm", "idle", "shop"] {
+                store.ensure_connection(name, "hubspot").await.unwrap();
+            }
+            let first = store.start_sync_run("crm", true).await.unwrap();
+            store
+                .finish_sync_run(first, serde_json::json!({"created": 3}), None)
+                .await
+                .unwrap();
+            let succeeded_at = store.last_successes().await.unwrap()[0].1.unwrap();
+            let second = store.start_sync_run("crm", false).await.unwrap();
+            store
+                .finish_sync_run(second, serde_json::json!({}), Some("HTTP 500".into()))
+                .await
+                .unwrap();
+            let shop = store.start_sync_run("shop", false).await.unwrap();
+
+            let runs = store.last_sync_runs().await.unwrap();
+            let seen: Vec<_> = runs
+                .iter()
+                .map(|r| {
+                    (
+                        r.connection.as_str(),
+                        r.full,
+                        r.status.as_str(),
+                        r.finished_at.is_some(),
+                        r.error.as_deref(),
+                    )
+                })
+                .collect();
+            assert_eq!(
+                seen,
+                [
+                    ("crm", false, "failed", true, Some("HTTP 500")),
+                    ("shop", false, "running", false, None),
+                ]
+            );
+            assert_eq!(runs[0].summary, Some(serde_json::json!({})));
+            assert!(shop > second && second > first);
+
+            // The failed run keeps the time of the last success; a connection that never
+            // synced has none.
+            let successes = store.last_successes().await.unwrap();
+            assert_eq!(
+                successes,
+                [
+                    ("crm".to_owned(), Some(succeeded_at)),
+                    ("idle".to_owned(), None),
+                    ("shop".to_owned(), None),
+                ]
+            );
+        }
+
+        #[tokio::test]
+        async fn discovered_pipelines_are_replaced_not_merged() {
+            use crate::pipeline::{NativePipeline, NativeStage};
+            let (_dir, store) = temp_store();
+            assert!(store.native_pipelines("crm").await.unwrap().is_empty());
+            let pipeline = |id: &str, stages: &[&str]| NativePipeline {
+                id: id.into(),
+                label: format!("Pipeline {id}"),
+                stages: stages
+                    .iter()
+                    .enumerate()
+                    .map(|(order, stage)| NativeStage {
+                        id: (*stage).into(),
+                        label: stage.to_uppercase(),
+                        order: order as i64,
+                        probability: Some(10 * order as u8),
+                        kind: None,
+                        rot_after: Some(std::time::Duration::from_secs(3600)),
+                    })
+                    .collect(),
+            };
+            let first = vec![pipeline("a", &["new", "won"]), pipeline("b", &["x"])];
+            store.save_native_pipelines("crm", &first).await.unwrap();
+            assert_eq!(store.native_pipelines("crm").await.unwrap(), first);
+            let second = vec![pipeline("a", &["new", "demo", "won"])];
+            store.save_native_pipelines("crm", &second).await.unwrap();
+            assert_eq!(store.native_pipelines("crm").await.unwrap(), second);
+            assert!(store.native_pipelines("other").await.unwrap().is_empty());
         }
 
         #[tokio::test]
