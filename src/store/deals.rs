@@ -1225,6 +1225,35 @@ pub(crate) mod tests {
     use crate::store::tests::temp_store;
     use chrono::Duration;
 
+    #[test]
+    fn outcomes_add_up_field_by_field() {
+        let mut total = UpsertOutcome {
+            created: 1,
+            updated: 2,
+            unchanged: 3,
+            stale: 4,
+            stage_changes: 5,
+            unmapped: 6,
+        };
+        total.add(UpsertOutcome {
+            created: 10,
+            updated: 20,
+            unchanged: 30,
+            stale: 40,
+            stage_changes: 50,
+            unmapped: 60,
+        });
+        let expected = UpsertOutcome {
+            created: 11,
+            updated: 22,
+            unchanged: 33,
+            stale: 44,
+            stage_changes: 55,
+            unmapped: 66,
+        };
+        assert_eq!(total, expected);
+    }
+
     /// Deal `id` of connection `crm` in `sales.<stage>` (`mystery` is unmapped), 4,200.50 EUR.
     pub(crate) fn upsert(id: &str, stage: &str, at: DateTime<Utc>) -> DealUpsert {
         let mut source = SourceDeal::new(id, format!("Deal {id}"), "default", stage);
