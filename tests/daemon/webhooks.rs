@@ -1261,4 +1261,26 @@ webhook_secret = "{PIPEDRIVE_AUTH}"
     assert_eq!(deleted.2.as_deref(), Some("ada@acme.example"));
     assert_eq!(count(&daemon, "SELECT count(*) FROM webhook_inbox"), 2);
     assert!(!daemon.logs().contains("pd-hook-password"));
+
+    // The stored deliveries, read back from the inbox file: the headers are kept
+    // (the content type is there) but the basic-auth credentials are not, in any form.
+    use base64::Engine as _;
+    let encoded = base64::engine::general_purpose::STANDARD.encode(PIPEDRIVE_AUTH);
+    let inbox = daemon.inbox_read_only();
+    let mut statement = inbox
+        .prepare("SELECT headers, body FROM webhook_bodies ORDER BY id")
+        .unwrap();
+    let stored: Vec<(String, Vec<u8>)> = statement
+        .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(stored.len(), 2, "both deliveries are stored");
+    for (headers, body) in &stored {
+        let row = format!("{headers}\n{}", String::from_utf8_lossy(body)).to_lowercase();
+        assert!(headers.contains("application/json"), "{headers}");
+        for secret in ["authorization", "basic ", "pd-hook-password", &encoded.to_lowercase()] {
+            assert!(!row.contains(secret), "{secret:?} stored in {headers}");
+        }
+    }
 }
