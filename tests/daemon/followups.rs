@@ -841,6 +841,82 @@ async fn a_policy_refusal_fails_the_email_without_suppressing_and_a_5_1_1_suppre
     assert_eq!(messages_to(&smtp, "policy@example.com").len(), 3);
 }
 
+/// A cart deleted at its source gets no more email, even a step already due and
+/// waiting for its retry. The shopper's server first answers 451, so the step is
+/// pending with an attempt behind it when the deletion arrives; then it accepts again.
+#[tokio::test]
+async fn a_cart_deleted_at_its_source_gets_no_email_even_for_a_step_already_due() {
+    let smtp = SmtpServer::start().await;
+    smtp.refuse_recipient("deleted@example.com", Some("451 4.3.0 try again later"));
+    let daemon = TestDaemon::start(&config(&smtp, "", &cart_rule("100ms", "200ms", "300ms"))).await;
+    let store = store(&daemon);
+    let now = Utc::now();
+    let cart = |id: &str, email: &str| {
+        let mut source = SourceDeal::new(id, format!("Cart {id}"), "checkouts", "cart_abandoned");
+        source.contact_email = EmailAddress::parse(email);
+        source.contact_name = Some("Ada Lovelace".into());
+        source
+    };
+    let deleted = put_cart_source(
+        &store,
+        "shop",
+        cart("d1", "deleted@example.com"),
+        Some(true),
+        "cart_abandoned",
+        now,
+    )
+    .await;
+    let control = put_cart_source(
+        &store,
+        "shop",
+        cart("c1", "control@example.com"),
+        Some(true),
+        "cart_abandoned",
+        now,
+    )
+    .await;
+    eventually("the first step to be refused for now", WAIT, || async {
+        outbox_rows(&daemon, deleted)
+            .into_iter()
+            .any(|(step, state, reason)| {
+                step == 0 && state == "pending" && reason.is_some_and(|r| r.contains("451"))
+            })
+            .then_some(())
+    })
+    .await;
+
+    // The source deletes the cart (same stage, a newer record), then the server accepts.
+    let mut gone = cart("d1", "deleted@example.com");
+    gone.deleted = true;
+    put_cart_source(&store, "shop", gone, Some(true), "cart_abandoned", Utc::now()).await;
+    assert!(
+        store.deal(deleted).await.unwrap().unwrap().deleted_at.is_some(),
+        "the cart is marked deleted"
+    );
+    smtp.refuse_recipient("deleted@example.com", None);
+
+    let control_rows = settled(&daemon, control).await;
+    assert!(
+        control_rows.iter().filter(|(step, _, _)| *step < 3).all(|(_, s, _)| s == "sent"),
+        "{control_rows:?}"
+    );
+    assert_eq!(messages_to(&smtp, "control@example.com").len(), 3);
+    let rows = settled(&daemon, deleted).await;
+    assert!(
+        messages_to(&smtp, "deleted@example.com").is_empty(),
+        "a deleted cart got email; outbox: {rows:?}"
+    );
+    let first = rows.iter().find(|(step, _, _)| *step == 0).unwrap();
+    assert_ne!(first.1, "sent", "{rows:?}");
+    assert!(
+        first
+            .2
+            .as_deref()
+            .is_some_and(|reason| reason.contains("deleted in its source")),
+        "{rows:?}"
+    );
+}
+
 #[tokio::test]
 async fn with_smtp_down_emails_are_retried_later_none_lost_none_doubled() {
     let mut smtp = SmtpServer::start().await;
