@@ -193,6 +193,93 @@ async fn declare_oversized_body(daemon: &TestDaemon, connection: &str) -> u16 {
         .unwrap_or_else(|| panic!("not an HTTP status line: {line:?}"))
 }
 
+/// POSTs `body` with `Transfer-Encoding: chunked` (no `Content-Length`, so only
+/// counting the bytes can find it too large) in 64 KiB chunks over a raw socket, and
+/// returns the status. The answer is read while the body is still being written: a
+/// server that refuses early may close the connection before it has all of it.
+async fn post_chunked(
+    daemon: &TestDaemon,
+    connection: &str,
+    headers: &http::HeaderMap,
+    body: Vec<u8>,
+) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let stream = tokio::net::TcpStream::connect(("127.0.0.1", daemon.port))
+        .await
+        .expect("connect");
+    let (mut reader, mut writer) = stream.into_split();
+    let mut head = format!(
+        "POST /webhooks/{connection} HTTP/1.1\r\nHost: 127.0.0.1\r\n\
+         Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n"
+    );
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {}\r\n", value.to_str().unwrap()));
+    }
+    head.push_str("\r\n");
+    let upload = tokio::spawn(async move {
+        writer.write_all(head.as_bytes()).await?;
+        for chunk in body.chunks(64 * 1024) {
+            writer
+                .write_all(format!("{:x}\r\n", chunk.len()).as_bytes())
+                .await?;
+            writer.write_all(chunk).await?;
+            writer.write_all(b"\r\n").await?;
+        }
+        writer.write_all(b"0\r\n\r\n").await?;
+        writer.flush().await?;
+        // Returned, not dropped: dropping it would half-close the connection, and the
+        // server treats a closed request side as a client that went away.
+        Ok::<_, std::io::Error>(writer)
+    });
+    let mut answer = Vec::new();
+    let mut buffer = [0u8; 1024];
+    while !answer.windows(2).any(|w| w == b"\r\n") {
+        let read = tokio::time::timeout(WAIT, reader.read(&mut buffer))
+            .await
+            .expect("an answer to the chunked upload")
+            .expect("read");
+        assert!(read > 0, "the connection closed without an answer");
+        answer.extend_from_slice(&buffer[..read]);
+    }
+    // The server may have stopped reading: a failed upload is expected then.
+    upload.abort();
+    let line = String::from_utf8_lossy(&answer).into_owned();
+    line.split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP status line: {line:?}"))
+}
+
+#[tokio::test]
+async fn a_signed_chunked_body_over_the_cap_gets_413_and_nothing_is_stored() {
+    let daemon = TestDaemon::start(&shopify("shop", "1h")).await;
+    // Authentic and well-formed, only too long: past the 1 MiB default by 64 KiB.
+    let mut large: Value = serde_json::from_slice(&checkout(
+        "tok-large",
+        "2026-01-01T10:00:00Z",
+        "large@example.com",
+    ))
+    .unwrap();
+    large["note"] = json!("x".repeat(1024 * 1024 + 64 * 1024));
+    let large = serde_json::to_vec(&large).unwrap();
+    let headers = shopify_headers(SHOP_SECRET, "checkouts/create", "d-large", &large);
+    assert_eq!(post_chunked(&daemon, "shop", &headers, large).await, 413);
+    assert_eq!(written(&daemon), (0, 0, 0));
+
+    // The same framing under the cap is accepted and stored: only the size was refused.
+    let small = checkout("tok-small", "2026-01-01T10:00:00Z", "small@example.com");
+    let headers = shopify_headers(SHOP_SECRET, "checkouts/create", "d-small", &small);
+    assert_eq!(post_chunked(&daemon, "shop", &headers, small).await, 200);
+    assert_eq!(count(&daemon, "SELECT count(*) FROM webhook_inbox"), 1);
+    assert_eq!(
+        count(
+            &daemon,
+            "SELECT count(*) FROM webhook_inbox WHERE delivery_id = 'd-large'"
+        ),
+        0
+    );
+}
+
 fn written(daemon: &TestDaemon) -> (i64, i64, i64) {
     (
         count(daemon, "SELECT count(*) FROM webhook_inbox"),
