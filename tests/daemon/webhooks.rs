@@ -1237,6 +1237,114 @@ webhook_secret = "{HUBSPOT_SECRET}"
     assert!(!daemon.logs().contains(HUBSPOT_SECRET));
 }
 
+/// A HubSpot delivery that names deal `id` only (the worker fetches the deal).
+fn hubspot_event(event_id: u64, id: u64) -> Vec<u8> {
+    let mut events = fixture("hubspot/webhook-deal-propertychange.json");
+    let mut event = events[0].take();
+    event["eventId"] = json!(event_id);
+    event["objectId"] = json!(id);
+    serde_json::to_vec(&json!([event])).unwrap()
+}
+
+/// Events of one connection apply in the order received: while the fetch for the
+/// first one fails and it waits for its retry, the later one (another deal, whose fetch
+/// would succeed) waits too, in the same pass of the worker and in every later one.
+#[tokio::test]
+async fn a_later_webhook_of_a_connection_waits_while_an_earlier_one_is_retried() {
+    use crate::harness::vendors::Fault;
+    use crate::harness::vendors::hubspot::{HsDeal, HubSpot};
+    let hubspot = HubSpot::start("pat-test", None).await;
+    let an_hour_ago = chrono::Utc::now().timestamp_millis() - 3_600_000;
+    hubspot.put(HsDeal::new(1002, "Acme expansion", "appointmentscheduled", an_hour_ago));
+    hubspot.put(HsDeal::new(1003, "Globex pilot", "appointmentscheduled", an_hour_ago));
+    let config = format!(
+        r#"
+[connections.hs]
+connector = "hubspot"
+base_url = "{}"
+token = "pat-test"
+poll_interval = "1h"
+webhook_secret = "{HUBSPOT_SECRET}"
+"#,
+        hubspot.url()
+    );
+    let mut daemon = TestDaemon::start(&config).await;
+    eventually("the first sync", WAIT, || async {
+        (crm_deal(&daemon, "hs", "1002").is_some() && crm_deal(&daemon, "hs", "1003").is_some())
+            .then_some(())
+    })
+    .await;
+
+    // Two deliveries wait in the inbox while the daemon is stopped, so that the worker
+    // sees both in its first pass: deal 1002's first, then deal 1003's.
+    daemon.signal("TERM");
+    daemon.wait_exit(Duration::from_secs(10)).await;
+    {
+        let db = db(&daemon);
+        for (delivery, deal) in [("first", 1002), ("second", 1003)] {
+            db.execute(
+                "INSERT INTO webhook_inbox (connection, delivery_id, received_at)
+                 VALUES ('hs', ?1, 0)",
+                [delivery],
+            )
+            .unwrap();
+            db.execute(
+                "INSERT INTO webhook_bodies (id, headers, body) VALUES (?1, '[]', ?2)",
+                rusqlite::params![db.last_insert_rowid(), hubspot_event(deal, deal)],
+            )
+            .unwrap();
+        }
+    }
+    let now = chrono::Utc::now().timestamp_millis();
+    for id in [1002, 1003] {
+        hubspot.update(id, |deal| {
+            deal.stage = "contractsent".into();
+            deal.modified_ms = now;
+        });
+    }
+    // Every fetch of deal 1002 fails until the schedule is lifted: a 429 asking for
+    // more than the client waits inline, so each attempt of the row fails at once.
+    let unavailable = Fault::Status(429, vec![("retry-after", "600".into())], "{}".into());
+    hubspot
+        .faults()
+        .every("/crm/v3/objects/deals/1002", vec![(1, unavailable)]);
+    daemon.start_again().await;
+
+    let inbox_row = |delivery: &str| -> (String, i64, Option<i64>) {
+        db(&daemon)
+            .query_row(
+                "SELECT state, attempts, processed_at FROM webhook_inbox WHERE delivery_id = ?1",
+                [delivery],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .unwrap()
+    };
+    eventually("the first delivery to fail twice", WAIT, || async {
+        (inbox_row("first").1 >= 2).then_some(())
+    })
+    .await;
+    // (The start-up sync may have pulled both deals already: the inbox row and the
+    // fetch it needs say whether the worker touched the later delivery.)
+    assert_eq!(
+        inbox_row("second"),
+        ("pending".into(), 0, None),
+        "the later delivery was handled before the earlier one"
+    );
+    assert_eq!(hubspot.faults().count("/crm/v3/objects/deals/1003"), 0);
+
+    // The vendor answers again: both apply, the earlier one first.
+    hubspot.faults().every("/crm/v3/objects/deals/1002", vec![]);
+    eventually("both deliveries processed", WAIT, || async {
+        (inbox_row("first").0 == "processed" && inbox_row("second").0 == "processed")
+            .then_some(())
+    })
+    .await;
+    assert!(inbox_row("first").2 <= inbox_row("second").2);
+    for id in ["1002", "1003"] {
+        assert_eq!(crm_deal(&daemon, "hs", id).unwrap().0, "closing", "deal {id}");
+    }
+}
+
 /// A Pipedrive v2 webhook fixture for deal 12 with its own event id.
 fn pipedrive_event(name: &str, event_id: &str) -> Vec<u8> {
     let mut body = fixture(&format!("pipedrive/{name}"));
