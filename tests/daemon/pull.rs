@@ -616,6 +616,70 @@ async fn a_daemon_killed_mid_sync_resumes_with_nothing_missing_and_nothing_twice
     );
 }
 
+/// Pages read while the store is busy are committed together, with the cursor of the
+/// last: every deal of every gathered page is stored by the commit that moves the
+/// cursor past it. The test holds the database's write lock from the moment the first
+/// page is asked for until every page has been read, so the pages after the first
+/// queue up and are gathered into one commit.
+#[tokio::test]
+async fn pages_gathered_while_the_store_is_busy_all_commit_with_the_cursor_after_them() {
+    const DEALS: u64 = 12;
+    let pipedrive = Pipedrive::start("pd-token").await;
+    let start = Utc::now() - chrono::Duration::hours(1);
+    for id in 1..=DEALS {
+        pipedrive.put(PdDeal::new(
+            id,
+            &format!("deal {id}"),
+            2,
+            start + chrono::Duration::seconds(id as i64),
+        ));
+    }
+    // The first page answers late, so the lock below is taken before it is committed.
+    pipedrive
+        .faults()
+        .push("/api/v2/deals", Fault::Delay(Duration::from_millis(500)));
+    // One run: a later one must not read again what the first one lost.
+    let config = pipedrive_connection("pd", &pipedrive.url()).replace("\"1s\"", "\"1h\"");
+    let daemon = TestDaemon::start(&config).await;
+    eventually("the first page asked for", WAIT, || async {
+        (pipedrive.faults().count("/api/v2/deals") >= 1).then_some(())
+    })
+    .await;
+    let mut lock = daemon.db();
+    let busy = lock
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        .expect("taking the write lock");
+    let pages = (DEALS / 2) as usize;
+    eventually("every page read while the store is busy", WAIT, || async {
+        (pipedrive.faults().count("/api/v2/deals") >= pages).then_some(())
+    })
+    .await;
+    assert_eq!(
+        daemon.count_read_only("SELECT count(*) FROM deals"),
+        0,
+        "nothing was committed while the store was busy"
+    );
+    busy.rollback().unwrap();
+
+    eventually("the run to succeed", WAIT, || async {
+        (successful_runs(&daemon, "pd") >= 1).then_some(())
+    })
+    .await;
+    let stored: Vec<String> = deals(&daemon, "pd").into_iter().map(|d| d.0).collect();
+    let mut expected: Vec<String> = (1..=DEALS).map(|id| id.to_string()).collect();
+    expected.sort();
+    assert_eq!(stored, expected, "every deal of every page is stored");
+    assert_eq!(
+        daemon.count("SELECT count(*) FROM sync_cursors WHERE connection = 'pd' AND stream = 'deals'"),
+        1
+    );
+    assert_eq!(
+        pipedrive.faults().count("/api/v2/deals"),
+        pages,
+        "each page was read once"
+    );
+}
+
 /// A CRM that exists only as a manifest: offset paging with a has-more flag, basic
 /// auth, epoch-millisecond times, decimal strings, an enum status.
 const ACME_MANIFEST: &str = r#"
