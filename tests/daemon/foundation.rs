@@ -309,9 +309,17 @@ async fn demo_deals_survive_kill_9_without_loss_or_duplicates() {
         || async { (daemon.count("SELECT count(*) FROM deals") == 30).then_some(()) },
     )
     .await;
+    // (UNIQUE(connection, external_id) already makes a deal stored twice impossible.)
+    // A replayed page must not record a stage change twice: no two history rows of a
+    // deal say the same move at the same time.
     assert_eq!(
-        daemon.count("SELECT count(*) FROM (SELECT external_id FROM deals GROUP BY external_id HAVING count(*) > 1)"),
-        0
+        daemon.count(
+            "SELECT count(*) FROM (SELECT 1 FROM stage_history
+             GROUP BY deal_id, at, from_pipeline, from_stage, to_pipeline, to_stage
+             HAVING count(*) > 1)"
+        ),
+        0,
+        "a stage change recorded twice"
     );
     // Every deal's first history row is its creation; no deal has two.
     assert_eq!(
