@@ -619,6 +619,52 @@ async fn a_daemon_killed_mid_sync_resumes_with_nothing_missing_and_nothing_twice
     );
 }
 
+/// A page of exactly 32 new deals (one full chunk of the history writer's multi-row
+/// insert) and then the same 32 moved: each deal has its creation and its move.
+#[tokio::test]
+async fn a_page_of_exactly_32_stage_changes_records_32_history_rows() {
+    const DEALS: u64 = 32;
+    let pipedrive = Pipedrive::start("pd-token").await;
+    let start = Utc::now() - chrono::Duration::hours(1);
+    for id in 1..=DEALS {
+        pipedrive.put(PdDeal::new(id, "deal", 1, start));
+    }
+    let config = pipedrive_connection("pd", &pipedrive.url())
+        .replace("page_size = 2", "page_size = 100")
+        .replace("lookback = \"30s\"", "lookback = \"1s\"");
+    let daemon = TestDaemon::start(&config).await;
+    let history = || daemon.count("SELECT count(*) FROM stage_history");
+    // The deals and their history rows commit in one transaction.
+    eventually("the 32 deals", WAIT, || async {
+        (daemon.count("SELECT count(*) FROM deals") == DEALS as i64).then_some(())
+    })
+    .await;
+    assert_eq!(history(), DEALS as i64, "one creation row per deal");
+
+    // All 32 move to stage 2 in the vendor. A run usually reads all of them in one
+    // page (one that starts between two of these updates splits them); either way,
+    // every move is one row.
+    let moved_at = Utc::now();
+    for id in 1..=DEALS {
+        pipedrive.update(id, |deal| {
+            deal.stage_id = 2;
+            deal.update_time = chrono::DateTime::from_timestamp(moved_at.timestamp(), 0).unwrap();
+        });
+    }
+    eventually("the 32 moves recorded", WAIT, || async {
+        (history() >= 2 * DEALS as i64).then_some(())
+    })
+    .await;
+    assert_eq!(
+        daemon.count(
+            "SELECT count(*) FROM (SELECT deal_id FROM stage_history
+             GROUP BY deal_id HAVING count(*) = 2 AND count(from_stage) = 1)"
+        ),
+        DEALS as i64,
+        "each deal: its creation and one move"
+    );
+}
+
 /// Pages read while the store is busy are committed together, with the cursor of the
 /// last: every deal of every gathered page is stored by the commit that moves the
 /// cursor past it. The test holds the database's write lock from the moment the first
