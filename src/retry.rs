@@ -295,7 +295,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn retry_waits_longer_before_each_retry_up_to_its_cap_and_stops_at_the_bound() {
         use std::sync::Mutex;
-        let backoff = Backoff::equal(Duration::from_millis(10), Duration::from_millis(40)).attempts(5);
+        let backoff =
+            Backoff::equal(Duration::from_millis(10), Duration::from_millis(40)).attempts(5);
         let calls: Mutex<Vec<tokio::time::Instant>> = Mutex::new(Vec::new());
         let result: Result<(), &str> = retry(
             backoff,

@@ -888,16 +888,33 @@ async fn a_cart_deleted_at_its_source_gets_no_email_even_for_a_step_already_due(
     // The source deletes the cart (same stage, a newer record), then the server accepts.
     let mut gone = cart("d1", "deleted@example.com");
     gone.deleted = true;
-    put_cart_source(&store, "shop", gone, Some(true), "cart_abandoned", Utc::now()).await;
+    put_cart_source(
+        &store,
+        "shop",
+        gone,
+        Some(true),
+        "cart_abandoned",
+        Utc::now(),
+    )
+    .await;
     assert!(
-        store.deal(deleted).await.unwrap().unwrap().deleted_at.is_some(),
+        store
+            .deal(deleted)
+            .await
+            .unwrap()
+            .unwrap()
+            .deleted_at
+            .is_some(),
         "the cart is marked deleted"
     );
     smtp.refuse_recipient("deleted@example.com", None);
 
     let control_rows = settled(&daemon, control).await;
     assert!(
-        control_rows.iter().filter(|(step, _, _)| *step < 3).all(|(_, s, _)| s == "sent"),
+        control_rows
+            .iter()
+            .filter(|(step, _, _)| *step < 3)
+            .all(|(_, s, _)| s == "sent"),
         "{control_rows:?}"
     );
     assert_eq!(messages_to(&smtp, "control@example.com").len(), 3);

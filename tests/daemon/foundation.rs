@@ -282,9 +282,14 @@ url = "${{SMTP_URL}}"
         ("SMTP_URL", smtp_url.as_str()),
     ];
     let daemon = TestDaemon::start_with_env(&body, &env).await;
-    eventually("deal 1002 pulled with the token", Duration::from_secs(15), || async {
-        (daemon.count("SELECT count(*) FROM deals WHERE external_id = '1002'") == 1).then_some(())
-    })
+    eventually(
+        "deal 1002 pulled with the token",
+        Duration::from_secs(15),
+        || async {
+            (daemon.count("SELECT count(*) FROM deals WHERE external_id = '1002'") == 1)
+                .then_some(())
+        },
+    )
     .await;
 
     // A delivery signed with the webhook secret is taken; one signed otherwise is not.
@@ -321,17 +326,21 @@ url = "${{SMTP_URL}}"
         assert_eq!(response.status().as_u16(), expected);
         answers.push_str(&response.text().await.unwrap());
     }
-    eventually("the accepted delivery applied", Duration::from_secs(15), || async {
-        let processed: i64 = daemon
-            .inbox_read_only()
-            .query_row(
-                "SELECT count(*) FROM webhook_inbox WHERE state = 'processed'",
-                [],
-                |row| row.get(0),
-            )
-            .unwrap();
-        (processed == 1).then_some(())
-    })
+    eventually(
+        "the accepted delivery applied",
+        Duration::from_secs(15),
+        || async {
+            let processed: i64 = daemon
+                .inbox_read_only()
+                .query_row(
+                    "SELECT count(*) FROM webhook_inbox WHERE state = 'processed'",
+                    [],
+                    |row| row.get(0),
+                )
+                .unwrap();
+            (processed == 1).then_some(())
+        },
+    )
     .await;
 
     // The status page with the API token, and without it; the metrics.
@@ -372,7 +381,10 @@ url = "${{SMTP_URL}}"
     ];
     for secret in [HS_TOKEN, HOOK_SECRET, SMTP_PASSWORD, API_TOKEN] {
         for (name, text) in outputs {
-            assert!(!text.contains(secret), "secret {secret} in the {name} (check exit {code})");
+            assert!(
+                !text.contains(secret),
+                "secret {secret} in the {name} (check exit {code})"
+            );
         }
     }
 }

@@ -719,7 +719,9 @@ async fn pages_gathered_while_the_store_is_busy_all_commit_with_the_cursor_after
     expected.sort();
     assert_eq!(stored, expected, "every deal of every page is stored");
     assert_eq!(
-        daemon.count("SELECT count(*) FROM sync_cursors WHERE connection = 'pd' AND stream = 'deals'"),
+        daemon.count(
+            "SELECT count(*) FROM sync_cursors WHERE connection = 'pd' AND stream = 'deals'"
+        ),
         1
     );
     assert_eq!(

@@ -157,7 +157,10 @@ async fn a_recipient_refused_on_its_own_gets_its_reply_while_others_are_accepted
         .await
         .expect_err("the sink refuses the listed recipient");
     assert!(error.is_permanent(), "{error:?}");
-    assert!(error.to_string().contains("5.7.1 rejected by policy"), "{error}");
+    assert!(
+        error.to_string().contains("5.7.1 rejected by policy"),
+        "{error}"
+    );
     let error = mailer(&server)
         .send(message_to("gone@example.com", "Hello"))
         .await

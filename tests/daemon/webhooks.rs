@@ -1255,8 +1255,18 @@ async fn a_later_webhook_of_a_connection_waits_while_an_earlier_one_is_retried()
     use crate::harness::vendors::hubspot::{HsDeal, HubSpot};
     let hubspot = HubSpot::start("pat-test", None).await;
     let an_hour_ago = chrono::Utc::now().timestamp_millis() - 3_600_000;
-    hubspot.put(HsDeal::new(1002, "Acme expansion", "appointmentscheduled", an_hour_ago));
-    hubspot.put(HsDeal::new(1003, "Globex pilot", "appointmentscheduled", an_hour_ago));
+    hubspot.put(HsDeal::new(
+        1002,
+        "Acme expansion",
+        "appointmentscheduled",
+        an_hour_ago,
+    ));
+    hubspot.put(HsDeal::new(
+        1003,
+        "Globex pilot",
+        "appointmentscheduled",
+        an_hour_ago,
+    ));
     let config = format!(
         r#"
 [connections.hs]
@@ -1335,13 +1345,16 @@ webhook_secret = "{HUBSPOT_SECRET}"
     // The vendor answers again: both apply, the earlier one first.
     hubspot.faults().every("/crm/v3/objects/deals/1002", vec![]);
     eventually("both deliveries processed", WAIT, || async {
-        (inbox_row("first").0 == "processed" && inbox_row("second").0 == "processed")
-            .then_some(())
+        (inbox_row("first").0 == "processed" && inbox_row("second").0 == "processed").then_some(())
     })
     .await;
     assert!(inbox_row("first").2 <= inbox_row("second").2);
     for id in ["1002", "1003"] {
-        assert_eq!(crm_deal(&daemon, "hs", id).unwrap().0, "closing", "deal {id}");
+        assert_eq!(
+            crm_deal(&daemon, "hs", id).unwrap().0,
+            "closing",
+            "deal {id}"
+        );
     }
 }
 
@@ -1474,7 +1487,12 @@ webhook_secret = "{PIPEDRIVE_AUTH}"
     for (headers, body) in &stored {
         let row = format!("{headers}\n{}", String::from_utf8_lossy(body)).to_lowercase();
         assert!(headers.contains("application/json"), "{headers}");
-        for secret in ["authorization", "basic ", "pd-hook-password", &encoded.to_lowercase()] {
+        for secret in [
+            "authorization",
+            "basic ",
+            "pd-hook-password",
+            &encoded.to_lowercase(),
+        ] {
             assert!(!row.contains(secret), "{secret:?} stored in {headers}");
         }
     }

@@ -171,8 +171,7 @@ impl SmtpServer {
         }
         // Written whole under a temporary name, then renamed: the sink never reads half.
         let temporary = self.dir.path().join(".recipients.tmp");
-        fs::write(&temporary, lines.join("\n") + "\n")
-            .expect("writing the recipient refusals");
+        fs::write(&temporary, lines.join("\n") + "\n").expect("writing the recipient refusals");
         fs::rename(&temporary, &path).expect("replacing the recipient refusals");
     }
 
