@@ -290,6 +290,43 @@ mod tests {
         assert_eq!(calls.load(Ordering::SeqCst), 4);
     }
 
+    /// The waits `retry` makes grow: the wait before retry n lies in retry n's equal
+    /// jitter band (ceilings 10, 20, 40 ms), and the attempts stop at the bound.
+    #[tokio::test(start_paused = true)]
+    async fn retry_waits_longer_before_each_retry_up_to_its_cap_and_stops_at_the_bound() {
+        use std::sync::Mutex;
+        let backoff =
+            Backoff::equal(Duration::from_millis(10), Duration::from_millis(40)).attempts(5);
+        let calls: Mutex<Vec<tokio::time::Instant>> = Mutex::new(Vec::new());
+        let result: Result<(), &str> = retry(
+            backoff,
+            "a test write",
+            |_| true,
+            || {
+                calls.lock().unwrap().push(tokio::time::Instant::now());
+                async { Err("busy") }
+            },
+        )
+        .await;
+        assert_eq!(result, Err("busy"));
+        let calls = calls.into_inner().unwrap();
+        assert_eq!(calls.len(), 5, "the first attempt and four retries");
+        let waits: Vec<Duration> = calls.windows(2).map(|w| w[1] - w[0]).collect();
+        for (n, wait) in waits.iter().enumerate() {
+            let ceiling = backoff.ceiling(n as u32 + 1);
+            assert!(
+                ceiling / 2 <= *wait && *wait <= ceiling,
+                "wait before retry {}: {wait:?} outside [{:?}, {ceiling:?}]; all: {waits:?}",
+                n + 1,
+                ceiling / 2
+            );
+        }
+        // Bands [5, 10], [10, 20], [20, 40], [20, 40] ms: the third wait is longer than
+        // the first can be, and the cap holds the fourth.
+        assert!(waits[2] > waits[0], "{waits:?}");
+        assert!(waits[3] <= Duration::from_millis(40), "{waits:?}");
+    }
+
     #[test]
     fn spread_stays_within_its_fraction() {
         let period = Duration::from_secs(60);

@@ -1480,6 +1480,50 @@ pub(crate) mod tests {
         }
     }
 
+    /// Batches just under, at, just over and at twice the multi-row INSERT's chunk:
+    /// every stage change is one history row, whichever path wrote it.
+    #[tokio::test]
+    async fn a_batch_at_a_chunk_boundary_writes_one_history_row_per_stage_change() {
+        for size in [
+            HISTORY_ROWS_PER_INSERT - 1,
+            HISTORY_ROWS_PER_INSERT,
+            HISTORY_ROWS_PER_INSERT + 1,
+            2 * HISTORY_ROWS_PER_INSERT,
+        ] {
+            let (_dir, store) = temp_store();
+            let t0 = Utc::now() - Duration::hours(1);
+            let batch = |stage: &str, at| {
+                (0..size)
+                    .map(|n| upsert(&n.to_string(), stage, at))
+                    .collect()
+            };
+            let created = store.upsert_deals(batch("proposal", t0)).await.unwrap();
+            assert_eq!(created.stage_changes, size as u64, "batch of {size}");
+            let moved = store
+                .upsert_deals(batch("negotiation", t0 + Duration::minutes(1)))
+                .await
+                .unwrap();
+            assert_eq!(moved.stage_changes, size as u64, "batch of {size}");
+            let mut rows = 0;
+            for n in 0..size {
+                let deal = store
+                    .deal_by_external_id("crm", &n.to_string())
+                    .await
+                    .unwrap()
+                    .unwrap();
+                let history = store.history(deal.id).await.unwrap();
+                let stages: Vec<&str> = history.iter().map(|c| c.to_stage.as_str()).collect();
+                assert_eq!(
+                    stages,
+                    ["proposal", "negotiation"],
+                    "deal {n} in a batch of {size}"
+                );
+                rows += history.len();
+            }
+            assert_eq!(rows, 2 * size, "history rows for batches of {size}");
+        }
+    }
+
     #[tokio::test]
     async fn an_update_that_changes_only_the_contact_stores_it_without_a_stage_change() {
         let (_dir, store) = temp_store();

@@ -328,6 +328,19 @@ fn migrate(db: &mut Connection, path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Creates (owner-only) and migrates the inbox file and opens the writer's connection.
+fn open_writer(path: &Path, policy: WalPolicy) -> Result<Connection> {
+    super::create_private(path, "the webhook inbox")?;
+    let mut writer = open_connection(path)?;
+    migrate(&mut writer, path)?;
+    // Every commit is fsynced: a delivery is acknowledged only once it survives a
+    // power loss, not only a process crash.
+    writer.pragma_update(None, "synchronous", "FULL")?;
+    // Checkpoints are the checkpointer thread's job (see `checkpoint`).
+    checkpoint::install(&writer, policy)?;
+    Ok(writer)
+}
+
 impl Inbox {
     /// Opens (creating and migrating if needed) the inbox file and starts its writer and
     /// checkpointer threads. Blocking.
@@ -336,14 +349,7 @@ impl Inbox {
     }
 
     fn open_with(path: &Path, policy: WalPolicy) -> Result<Inbox> {
-        super::create_private(path, "the webhook inbox")?;
-        let mut writer = open_connection(path)?;
-        migrate(&mut writer, path)?;
-        // Every commit is fsynced: a delivery is acknowledged only once it survives a
-        // power loss, not only a process crash.
-        writer.pragma_update(None, "synchronous", "FULL")?;
-        // Checkpoints are the checkpointer thread's job (see `checkpoint`).
-        checkpoint::install(&writer, policy)?;
+        let writer = open_writer(path, policy)?;
         let pending: i64 = writer.query_row(
             "SELECT count(*) FROM webhook_inbox WHERE state = 'pending'",
             [],
@@ -1111,6 +1117,23 @@ mod tests {
             body: Bytes::from_static(br#"{"id":1}"#),
             received_at: Utc::now(),
         }
+    }
+
+    /// The 2xx a vendor gets rests on this: the writer's commits are fsynced
+    /// (`synchronous = FULL`, 2) in WAL mode, so an acknowledged delivery survives a
+    /// power loss. The pragma belongs to the connection, so it is read from the writer's.
+    #[test]
+    fn the_inbox_writer_commits_with_full_synchronous_in_wal_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let writer = open_writer(&dir.path().join("dealsync.inbox.db"), WAL_POLICY).unwrap();
+        let synchronous: i64 = writer
+            .query_row("PRAGMA synchronous", [], |row| row.get(0))
+            .unwrap();
+        assert_eq!(synchronous, 2, "PRAGMA synchronous of the inbox writer");
+        let journal: String = writer
+            .query_row("PRAGMA journal_mode", [], |row| row.get(0))
+            .unwrap();
+        assert_eq!(journal, "wal");
     }
 
     #[test]

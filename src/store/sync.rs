@@ -737,25 +737,90 @@ mod tests {
         );
     }
 
+    fn upsert(id: &str) -> crate::store::DealUpsert {
+        use crate::domain::{
+            ChangeCause, ConnectionName, DealStatus, PipelineKey, SourceDeal, StageKey, StageRef,
+        };
+        let at = chrono::Utc::now();
+        let mut source = SourceDeal::new(id, format!("Deal {id}"), "default", "proposal");
+        source.updated_at = Some(at);
+        crate::store::DealUpsert {
+            connection: ConnectionName::new("crm"),
+            source,
+            target: StageRef {
+                pipeline: Some(PipelineKey::new("sales")),
+                stage: StageKey::new("proposal"),
+            },
+            status: DealStatus::Open,
+            observed_at: at,
+            cause: ChangeCause::Poll,
+        }
+    }
+
+    async fn stored_ids(store: &crate::store::Store) -> Vec<String> {
+        store
+            .read(|db| {
+                let mut statement = db.prepare("SELECT external_id FROM deals ORDER BY 1")?;
+                let rows = statement.query_map([], |row| row.get(0))?;
+                Ok(rows.collect::<rusqlite::Result<Vec<String>>>()?)
+            })
+            .await
+            .unwrap()
+    }
+
+    /// A page's records and the cursor after it commit together: both or neither.
     #[tokio::test]
     async fn the_cursor_commits_with_its_page() {
         let (_dir, store) = temp_store();
         assert_eq!(store.cursor("crm", "deals").await.unwrap(), None);
-        store
+        let outcome = store
             .commit_page(
                 "crm",
                 "deals",
-                vec![],
+                vec![upsert("1"), upsert("2")],
                 vec![],
                 vec![],
                 Some(json!({"after": "10"})),
             )
             .await
             .unwrap();
+        assert_eq!(outcome.created, 2);
+        assert_eq!(stored_ids(&store).await, ["1", "2"]);
         assert_eq!(
             store.cursor("crm", "deals").await.unwrap(),
             Some(json!({"after": "10"}))
         );
+
+        // A page whose second record the database refuses: its first record is not
+        // stored and the cursor stays before the page, so the page is read again.
+        store
+            .write(|tx| {
+                tx.execute_batch(
+                    "CREATE TRIGGER refuse_poison BEFORE INSERT ON deals
+                     WHEN NEW.external_id = 'poison'
+                     BEGIN SELECT RAISE(ABORT, 'refused for the test'); END;",
+                )?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+        let failed = store
+            .commit_page(
+                "crm",
+                "deals",
+                vec![upsert("3"), upsert("poison")],
+                vec![],
+                vec![],
+                Some(json!({"after": "20"})),
+            )
+            .await;
+        assert!(failed.is_err(), "{failed:?}");
+        assert_eq!(stored_ids(&store).await, ["1", "2"]);
+        assert_eq!(
+            store.cursor("crm", "deals").await.unwrap(),
+            Some(json!({"after": "10"}))
+        );
+
         store.reset_cursor("crm", "deals").await.unwrap();
         assert_eq!(store.cursor("crm", "deals").await.unwrap(), None);
     }

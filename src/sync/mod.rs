@@ -923,6 +923,24 @@ mod tests {
             let delay = failure_backoff(interval).delay(failures);
             assert!(delay <= interval, "{failures}: {delay:?}");
         }
+        // The ceiling doubles from 10 s until the interval caps it; each delay drawn
+        // lies in [ceiling/2, ceiling], so the n-th wait is never shorter than half the
+        // (n-1)-th's ceiling, and sync runs are retried until the daemon stops.
+        let backoff = failure_backoff(interval);
+        let ceilings: Vec<u64> = (1..=6).map(|n| backoff.ceiling(n).as_secs()).collect();
+        assert_eq!(ceilings, [10, 20, 40, 60, 60, 60]);
+        for failures in 1..=6 {
+            let ceiling = backoff.ceiling(failures);
+            for _ in 0..50 {
+                let delay = backoff.delay(failures);
+                assert!(
+                    ceiling / 2 <= delay && delay <= ceiling,
+                    "{failures}: {delay:?} outside [{:?}, {ceiling:?}]",
+                    ceiling / 2
+                );
+            }
+        }
+        assert!(backoff.may_retry(u32::MAX - 1));
         let first = failure_backoff(interval).delay(1);
         assert!((Duration::from_secs(5)..=Duration::from_secs(10)).contains(&first));
         assert_eq!(

@@ -745,6 +745,195 @@ async fn suppressed_bouncing_and_non_consenting_recipients_get_nothing() {
     assert_eq!(bounce.reason, "hard bounce");
 }
 
+/// Only a 5.1.x reply says the mailbox does not exist. A 5.7.1 policy refusal (here with
+/// the 550 that also starts "no such user" replies) fails the email but must not
+/// suppress the shopper: once the server accepts again, their next cart gets its email.
+#[tokio::test]
+async fn a_policy_refusal_fails_the_email_without_suppressing_and_a_5_1_1_suppresses() {
+    let smtp = SmtpServer::start().await;
+    smtp.refuse_recipient("policy@example.com", Some("550 5.7.1 rejected by policy"));
+    smtp.refuse_recipient("gone@example.com", Some("550 5.1.1 mailbox does not exist"));
+    let daemon = TestDaemon::start(&config(&smtp, "", &cart_rule("200ms", "400ms", "600ms"))).await;
+    let store = store(&daemon);
+    let now = Utc::now();
+    let refused = put_cart(
+        &store,
+        "shop",
+        "p1",
+        "policy@example.com",
+        Some(true),
+        "cart_abandoned",
+        now,
+    )
+    .await;
+    let gone = put_cart(
+        &store,
+        "shop",
+        "g1",
+        "gone@example.com",
+        Some(true),
+        "cart_abandoned",
+        now,
+    )
+    .await;
+
+    // Steps 0 to 2 are the emails; the row after them expires the cart.
+    let emails = |rows: Vec<(i64, String, Option<String>)>| {
+        rows.into_iter()
+            .filter(|(step, _, _)| *step < 3)
+            .collect::<Vec<_>>()
+    };
+    let refused_rows = emails(settled(&daemon, refused).await);
+    let gone_rows = emails(settled(&daemon, gone).await);
+    assert!(smtp.messages().is_empty(), "{:?}", smtp.messages());
+    // Every step was tried and refused on its own: none was skipped as suppressed.
+    assert_eq!(refused_rows.len(), 3, "{refused_rows:?}");
+    for (step, state, reason) in &refused_rows {
+        let reason = reason.as_deref().unwrap_or_default();
+        assert_eq!(state, "failed", "step {step}: {reason}");
+        assert!(
+            reason.contains("5.7.1") && !reason.contains("suppressed"),
+            "step {step}: {reason}"
+        );
+    }
+    assert_eq!(
+        store
+            .suppression("policy@example.com".into())
+            .await
+            .unwrap()
+            .map(|s| s.reason),
+        None,
+        "a policy refusal is not a bounce"
+    );
+    // The 5.1.1 suppresses the address; its later steps are skipped for it.
+    assert_eq!(gone_rows[0].1, "failed", "{gone_rows:?}");
+    assert!(
+        gone_rows[1..]
+            .iter()
+            .all(|(_, _, reason)| reason.as_deref().unwrap_or_default().contains("suppressed")),
+        "{gone_rows:?}"
+    );
+    let bounce = store
+        .suppression("gone@example.com".into())
+        .await
+        .unwrap()
+        .expect("a 5.1.1 suppresses the address");
+    assert_eq!(bounce.reason, "hard bounce");
+
+    // The server accepts the refused shopper again: their next cart is delivered.
+    smtp.refuse_recipient("policy@example.com", None);
+    let next = put_cart(
+        &store,
+        "shop",
+        "p2",
+        "policy@example.com",
+        Some(true),
+        "cart_abandoned",
+        Utc::now(),
+    )
+    .await;
+    let next_rows = emails(settled(&daemon, next).await);
+    assert_eq!(next_rows.len(), 3, "{next_rows:?}");
+    assert!(
+        next_rows.iter().all(|(_, state, _)| state == "sent"),
+        "{next_rows:?}"
+    );
+    assert_eq!(messages_to(&smtp, "policy@example.com").len(), 3);
+}
+
+/// A cart deleted at its source gets no more email, even a step already due and
+/// waiting for its retry. The shopper's server first answers 451, so the step is
+/// pending with an attempt behind it when the deletion arrives; then it accepts again.
+#[tokio::test]
+async fn a_cart_deleted_at_its_source_gets_no_email_even_for_a_step_already_due() {
+    let smtp = SmtpServer::start().await;
+    smtp.refuse_recipient("deleted@example.com", Some("451 4.3.0 try again later"));
+    let daemon = TestDaemon::start(&config(&smtp, "", &cart_rule("100ms", "200ms", "300ms"))).await;
+    let store = store(&daemon);
+    let now = Utc::now();
+    let cart = |id: &str, email: &str| {
+        let mut source = SourceDeal::new(id, format!("Cart {id}"), "checkouts", "cart_abandoned");
+        source.contact_email = EmailAddress::parse(email);
+        source.contact_name = Some("Ada Lovelace".into());
+        source
+    };
+    let deleted = put_cart_source(
+        &store,
+        "shop",
+        cart("d1", "deleted@example.com"),
+        Some(true),
+        "cart_abandoned",
+        now,
+    )
+    .await;
+    let control = put_cart_source(
+        &store,
+        "shop",
+        cart("c1", "control@example.com"),
+        Some(true),
+        "cart_abandoned",
+        now,
+    )
+    .await;
+    eventually("the first step to be refused for now", WAIT, || async {
+        outbox_rows(&daemon, deleted)
+            .into_iter()
+            .any(|(step, state, reason)| {
+                step == 0 && state == "pending" && reason.is_some_and(|r| r.contains("451"))
+            })
+            .then_some(())
+    })
+    .await;
+
+    // The source deletes the cart (same stage, a newer record), then the server accepts.
+    let mut gone = cart("d1", "deleted@example.com");
+    gone.deleted = true;
+    put_cart_source(
+        &store,
+        "shop",
+        gone,
+        Some(true),
+        "cart_abandoned",
+        Utc::now(),
+    )
+    .await;
+    assert!(
+        store
+            .deal(deleted)
+            .await
+            .unwrap()
+            .unwrap()
+            .deleted_at
+            .is_some(),
+        "the cart is marked deleted"
+    );
+    smtp.refuse_recipient("deleted@example.com", None);
+
+    let control_rows = settled(&daemon, control).await;
+    assert!(
+        control_rows
+            .iter()
+            .filter(|(step, _, _)| *step < 3)
+            .all(|(_, s, _)| s == "sent"),
+        "{control_rows:?}"
+    );
+    assert_eq!(messages_to(&smtp, "control@example.com").len(), 3);
+    let rows = settled(&daemon, deleted).await;
+    assert!(
+        messages_to(&smtp, "deleted@example.com").is_empty(),
+        "a deleted cart got email; outbox: {rows:?}"
+    );
+    let first = rows.iter().find(|(step, _, _)| *step == 0).unwrap();
+    assert_ne!(first.1, "sent", "{rows:?}");
+    assert!(
+        first
+            .2
+            .as_deref()
+            .is_some_and(|reason| reason.contains("deleted in its source")),
+        "{rows:?}"
+    );
+}
+
 #[tokio::test]
 async fn with_smtp_down_emails_are_retried_later_none_lost_none_doubled() {
     let mut smtp = SmtpServer::start().await;

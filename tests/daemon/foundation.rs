@@ -238,35 +238,154 @@ async fn sighup_applies_a_valid_config_and_keeps_the_old_one_on_an_invalid_one()
     );
 }
 
+/// Every secret of the config is put to use (the HubSpot token on every API call, the
+/// webhook secret on a delivery accepted and one refused, the API token on the status
+/// page), and none appears in the logs (stdout and stderr), an answer, the status page,
+/// the metrics or `check`'s report.
 #[tokio::test]
 async fn secrets_do_not_reach_the_logs() {
+    use crate::harness::vendors::hubspot::{HsDeal, HubSpot};
+    use dealsync::webhooks::signature::{self, Delivery, Scheme};
+    const HS_TOKEN: &str = "pat-supersecret-123";
+    const HOOK_SECRET: &str = "whsec-supersecret-456";
+    const SMTP_PASSWORD: &str = "pw-supersecret-789";
+    const API_TOKEN: &str = "api-supersecret-000";
+    let hubspot = HubSpot::start(HS_TOKEN, None).await;
+    hubspot.put(HsDeal::new(
+        1002,
+        "Acme expansion",
+        "appointmentscheduled",
+        chrono::Utc::now().timestamp_millis() - 3_600_000,
+    ));
     let body = format!(
-        "{}\n[email]\ntransport = \"smtp\"\nurl = \"${{SMTP_URL}}\"\n",
-        demo_connection("demo").replace(
-            "connector = \"demo\"",
-            "connector = \"demo\"\ntoken = \"${DEMO_TOKEN}\"\nwebhook_secret = [\"${HOOK_SECRET}\"]"
-        )
+        r#"api_token = "${{API_TOKEN}}"
+status_page_auth = "always"
+
+[connections.hs]
+connector = "hubspot"
+base_url = "{}"
+token = "${{HS_TOKEN}}"
+webhook_secret = "${{HOOK_SECRET}}"
+poll_interval = "1s"
+
+[email]
+transport = "smtp"
+url = "${{SMTP_URL}}"
+"#,
+        hubspot.url()
     );
-    let daemon = TestDaemon::start_with_env(
-        &body,
-        &[
-            ("DEMO_TOKEN", "tok-supersecret-123"),
-            ("HOOK_SECRET", "whsec-supersecret-456"),
-            ("SMTP_URL", "smtp://u:pw-supersecret-789@127.0.0.1:1"),
-        ],
+    let smtp_url = format!("smtp://u:{SMTP_PASSWORD}@127.0.0.1:1");
+    let env = [
+        ("API_TOKEN", API_TOKEN),
+        ("HS_TOKEN", HS_TOKEN),
+        ("HOOK_SECRET", HOOK_SECRET),
+        ("SMTP_URL", smtp_url.as_str()),
+    ];
+    let daemon = TestDaemon::start_with_env(&body, &env).await;
+    eventually(
+        "deal 1002 pulled with the token",
+        Duration::from_secs(15),
+        || async {
+            (daemon.count("SELECT count(*) FROM deals WHERE external_id = '1002'") == 1)
+                .then_some(())
+        },
     )
     .await;
-    eventually("a finished sync", Duration::from_secs(10), || async {
-        daemon.logs().contains("sync run finished").then_some(())
-    })
+
+    // A delivery signed with the webhook secret is taken; one signed otherwise is not.
+    let uri = daemon.url("/webhooks/hs");
+    let mut event = crate::harness::vendors::fixture("hubspot/webhook-deal-propertychange.json");
+    event.as_array_mut().unwrap().truncate(1);
+    let event = serde_json::to_vec(&event).unwrap();
+    let mut answers = String::new();
+    for (secret, expected) in [(HOOK_SECRET, 200), ("whsec-someone-else", 401)] {
+        let delivery = Delivery {
+            method: "POST",
+            uri: &uri,
+            body: &event,
+            id: "",
+        };
+        let headers = signature::sign(
+            &Scheme::HubSpotV3 {
+                tolerance: signature::DEFAULT_TOLERANCE,
+            },
+            secret.as_bytes(),
+            &delivery,
+            std::time::SystemTime::now(),
+        )
+        .unwrap();
+        let response = daemon
+            .http
+            .post(&uri)
+            .headers(headers)
+            .header("content-type", "application/json")
+            .body(event.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), expected);
+        answers.push_str(&response.text().await.unwrap());
+    }
+    eventually(
+        "the accepted delivery applied",
+        Duration::from_secs(15),
+        || async {
+            let processed: i64 = daemon
+                .inbox_read_only()
+                .query_row(
+                    "SELECT count(*) FROM webhook_inbox WHERE state = 'processed'",
+                    [],
+                    |row| row.get(0),
+                )
+                .unwrap();
+            (processed == 1).then_some(())
+        },
+    )
     .await;
+
+    // The status page with the API token, and without it; the metrics.
+    let status_page = |token: Option<&str>| {
+        let mut request = daemon.http.get(daemon.url("/"));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        async move {
+            let response = request.send().await.unwrap();
+            (response.status().as_u16(), response.text().await.unwrap())
+        }
+    };
+    let (code, page) = status_page(Some(API_TOKEN)).await;
+    assert_eq!(code, 200, "{page}");
+    assert!(page.contains("hs"), "{page}");
+    let (code, refused) = status_page(Some("wrong")).await;
+    assert_eq!(code, 401, "{refused}");
+    let (code, metrics) = daemon.get("/metrics").await;
+    assert_eq!(code, 200);
+    assert!(metrics.contains("connection=\"hs\""), "{metrics}");
+    let (code, check_out, check_err) = run_cli(
+        &["--config", daemon.config_path.to_str().unwrap(), "check"],
+        &env,
+    )
+    .await;
+
     let logs = daemon.logs();
-    for secret in [
-        "tok-supersecret-123",
-        "whsec-supersecret-456",
-        "pw-supersecret-789",
-    ] {
-        assert!(!logs.contains(secret), "secret {secret} in logs");
+    assert!(logs.contains("sync run finished"), "{logs}");
+    let outputs = [
+        ("logs", logs.as_str()),
+        ("webhook answers", answers.as_str()),
+        ("status page", page.as_str()),
+        ("refusal", refused.as_str()),
+        ("metrics", metrics.as_str()),
+        ("check stdout", check_out.as_str()),
+        ("check stderr", check_err.as_str()),
+    ];
+    for secret in [HS_TOKEN, HOOK_SECRET, SMTP_PASSWORD, API_TOKEN] {
+        for (name, text) in outputs {
+            assert!(
+                !text.contains(secret),
+                "secret {secret} in the {name} (check exit {code})"
+            );
+        }
     }
 }
 
@@ -309,9 +428,17 @@ async fn demo_deals_survive_kill_9_without_loss_or_duplicates() {
         || async { (daemon.count("SELECT count(*) FROM deals") == 30).then_some(()) },
     )
     .await;
+    // (UNIQUE(connection, external_id) already makes a deal stored twice impossible.)
+    // A replayed page must not record a stage change twice: no two history rows of a
+    // deal say the same move at the same time.
     assert_eq!(
-        daemon.count("SELECT count(*) FROM (SELECT external_id FROM deals GROUP BY external_id HAVING count(*) > 1)"),
-        0
+        daemon.count(
+            "SELECT count(*) FROM (SELECT 1 FROM stage_history
+             GROUP BY deal_id, at, from_pipeline, from_stage, to_pipeline, to_stage
+             HAVING count(*) > 1)"
+        ),
+        0,
+        "a stage change recorded twice"
     );
     // Every deal's first history row is its creation; no deal has two.
     assert_eq!(

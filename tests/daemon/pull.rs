@@ -612,14 +612,130 @@ async fn a_daemon_killed_mid_sync_resumes_with_nothing_missing_and_nothing_twice
         (daemon.count("SELECT count(*) FROM deals WHERE connection = 'pd'") == 40).then_some(())
     })
     .await;
-    assert_eq!(
-        daemon.count("SELECT count(DISTINCT external_id) FROM deals"),
-        40
-    );
+    // The forty are the vendor's forty (a deal stored twice is impossible by schema).
+    let mut stored: Vec<u64> = deals(&daemon, "pd")
+        .into_iter()
+        .map(|deal| deal.0.parse().unwrap())
+        .collect();
+    stored.sort_unstable();
+    assert_eq!(stored, (1..=40).collect::<Vec<u64>>());
     assert_eq!(
         daemon.count("SELECT count(*) FROM stage_history"),
         40,
         "one history row per deal: no duplicate from the replayed page"
+    );
+}
+
+/// A page of exactly 32 new deals (one full chunk of the history writer's multi-row
+/// insert) and then the same 32 moved: each deal has its creation and its move.
+#[tokio::test]
+async fn a_page_of_exactly_32_stage_changes_records_32_history_rows() {
+    const DEALS: u64 = 32;
+    let pipedrive = Pipedrive::start("pd-token").await;
+    let start = Utc::now() - chrono::Duration::hours(1);
+    for id in 1..=DEALS {
+        pipedrive.put(PdDeal::new(id, "deal", 1, start));
+    }
+    let config = pipedrive_connection("pd", &pipedrive.url())
+        .replace("page_size = 2", "page_size = 100")
+        .replace("lookback = \"30s\"", "lookback = \"1s\"");
+    let daemon = TestDaemon::start(&config).await;
+    let history = || daemon.count("SELECT count(*) FROM stage_history");
+    // The deals and their history rows commit in one transaction.
+    eventually("the 32 deals", WAIT, || async {
+        (daemon.count("SELECT count(*) FROM deals") == DEALS as i64).then_some(())
+    })
+    .await;
+    assert_eq!(history(), DEALS as i64, "one creation row per deal");
+
+    // All 32 move to stage 2 in the vendor. A run usually reads all of them in one
+    // page (one that starts between two of these updates splits them); either way,
+    // every move is one row.
+    let moved_at = Utc::now();
+    for id in 1..=DEALS {
+        pipedrive.update(id, |deal| {
+            deal.stage_id = 2;
+            deal.update_time = chrono::DateTime::from_timestamp(moved_at.timestamp(), 0).unwrap();
+        });
+    }
+    eventually("the 32 moves recorded", WAIT, || async {
+        (history() >= 2 * DEALS as i64).then_some(())
+    })
+    .await;
+    assert_eq!(
+        daemon.count(
+            "SELECT count(*) FROM (SELECT deal_id FROM stage_history
+             GROUP BY deal_id HAVING count(*) = 2 AND count(from_stage) = 1)"
+        ),
+        DEALS as i64,
+        "each deal: its creation and one move"
+    );
+}
+
+/// Pages read while the store is busy are committed together, with the cursor of the
+/// last: every deal of every gathered page is stored by the commit that moves the
+/// cursor past it. The test holds the database's write lock from the moment the first
+/// page is asked for until every page has been read, so the pages after the first
+/// queue up and are gathered into one commit.
+#[tokio::test]
+async fn pages_gathered_while_the_store_is_busy_all_commit_with_the_cursor_after_them() {
+    const DEALS: u64 = 12;
+    let pipedrive = Pipedrive::start("pd-token").await;
+    let start = Utc::now() - chrono::Duration::hours(1);
+    for id in 1..=DEALS {
+        pipedrive.put(PdDeal::new(
+            id,
+            &format!("deal {id}"),
+            2,
+            start + chrono::Duration::seconds(id as i64),
+        ));
+    }
+    // The first page answers late, so the lock below is taken before it is committed.
+    pipedrive
+        .faults()
+        .push("/api/v2/deals", Fault::Delay(Duration::from_secs(1)));
+    // One run: a later one must not read again what the first one lost.
+    let config = pipedrive_connection("pd", &pipedrive.url()).replace("\"1s\"", "\"1h\"");
+    let daemon = TestDaemon::start(&config).await;
+    eventually("the first page asked for", WAIT, || async {
+        (pipedrive.faults().count("/api/v2/deals") >= 1).then_some(())
+    })
+    .await;
+    let mut lock = daemon.db();
+    let busy = lock
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        .expect("taking the write lock");
+    let pages = (DEALS / 2) as usize;
+    eventually("every page read while the store is busy", WAIT, || async {
+        (pipedrive.faults().count("/api/v2/deals") >= pages).then_some(())
+    })
+    .await;
+    // Whatever the first commit held (page 1, unless this test was slower than the
+    // delayed answer), the pages read since wait behind the lock and are gathered.
+    assert!(
+        daemon.count_read_only("SELECT count(*) FROM deals") <= 2,
+        "nothing but the first page was committed while the store was busy"
+    );
+    busy.rollback().unwrap();
+
+    eventually("the run to succeed", WAIT, || async {
+        (successful_runs(&daemon, "pd") >= 1).then_some(())
+    })
+    .await;
+    let stored: Vec<String> = deals(&daemon, "pd").into_iter().map(|d| d.0).collect();
+    let mut expected: Vec<String> = (1..=DEALS).map(|id| id.to_string()).collect();
+    expected.sort();
+    assert_eq!(stored, expected, "every deal of every page is stored");
+    assert_eq!(
+        daemon.count(
+            "SELECT count(*) FROM sync_cursors WHERE connection = 'pd' AND stream = 'deals'"
+        ),
+        1
+    );
+    assert_eq!(
+        pipedrive.faults().count("/api/v2/deals"),
+        pages,
+        "each page was read once"
     );
 }
 

@@ -122,3 +122,97 @@ async fn report_refuses_an_unknown_pipeline_or_connection_with_a_usage_error() {
         "{stderr}"
     );
 }
+
+/// The weighted forecast is Σ amount × probability / 100 over a group's open deals,
+/// rounded half away from zero once, at the end (docs/report.md). Each deal below
+/// weighs a fraction of a minor unit, so rounding per deal would give another total.
+#[tokio::test]
+async fn the_weighted_forecast_sums_exact_fractions_and_rounds_once() {
+    use dealsync::domain::{
+        ChangeCause, ConnectionName, Currency, DealStatus, Money, PipelineKey, SourceDeal,
+        StageKey, StageRef,
+    };
+    use dealsync::store::{DealUpsert, Store};
+
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("report.db");
+    let store = Store::open(&db).expect("migrating the store");
+    let entered = chrono::Utc::now() - chrono::Duration::hours(1);
+    // (id, currency, amount in minor units, sales stage and its default probability)
+    let deals = [
+        // proposal, 60 %: 1001 × 0.60 = 600.6 each.
+        ("e1", "EUR", 1001, "proposal"),
+        ("e2", "EUR", 1001, "proposal"),
+        ("e3", "EUR", 1001, "proposal"),
+        // lead qualification, 20 %: 1003 × 0.20 = 200.6 each.
+        ("u1", "USD", 1003, "lead_qualification"),
+        ("u2", "USD", 1003, "lead_qualification"),
+        // lead generation, 10 %: 1005 × 0.10 = 100.5 each, a half.
+        ("g1", "GBP", 1005, "lead_generation"),
+        ("g2", "GBP", 1005, "lead_generation"),
+    ];
+    let upserts = deals
+        .iter()
+        .map(|(id, currency, amount, stage)| {
+            let mut source = SourceDeal::new(*id, format!("Deal {id}"), "default", *stage);
+            source.amount = Some(Money::new(*amount, Currency::parse(currency).unwrap()));
+            source.created_at = Some(entered);
+            source.updated_at = Some(entered);
+            source.stage_changed_at = Some(entered);
+            DealUpsert {
+                connection: ConnectionName::new("crm"),
+                source,
+                target: StageRef {
+                    pipeline: Some(PipelineKey::new("sales")),
+                    stage: StageKey::new(*stage),
+                },
+                status: DealStatus::Open,
+                observed_at: entered,
+                cause: ChangeCause::Poll,
+            }
+        })
+        .collect();
+    store.upsert_deals(upserts).await.unwrap();
+    drop(store);
+    let config = dir.path().join("dealsync.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[storage]\npath = \"{}\"\n\n[connections.crm]\nconnector = \"demo\"\n",
+            db.display()
+        ),
+    )
+    .unwrap();
+
+    let (code, stdout, stderr) = run_cli(
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "report",
+            "--format",
+            "json",
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(code, 0, "{stderr}");
+    let report: Value = serde_json::from_str(&stdout).expect("the output is JSON");
+    let weighted = |currency: &str| -> (i64, i64) {
+        let row = report["total"]["forecast"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|row| row["currency"] == currency)
+            .unwrap_or_else(|| panic!("no {currency} forecast in {}", report["total"]));
+        (
+            row["deals"].as_i64().unwrap(),
+            row["weighted"]["minor"].as_i64().unwrap(),
+        )
+    };
+    // EUR: 3 × 600.6 = 1801.8 → 1802 (per deal: 3 × 601 = 1803).
+    assert_eq!(weighted("EUR"), (3, 1802));
+    // USD: 2 × 200.6 = 401.2 → 401 (per deal: 2 × 201 = 402).
+    assert_eq!(weighted("USD"), (2, 401));
+    // GBP: 2 × 100.5 = 201, exact (per deal: 2 × 101 = 202).
+    assert_eq!(weighted("GBP"), (2, 201));
+}

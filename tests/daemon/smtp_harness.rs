@@ -145,3 +145,54 @@ async fn a_stopped_server_refuses_connections_and_after_a_restart_on_the_same_po
         "the message from before the outage is kept, and the one after it arrives once"
     );
 }
+
+#[tokio::test]
+async fn a_recipient_refused_on_its_own_gets_its_reply_while_others_are_accepted() {
+    let server = SmtpServer::start().await;
+    server.refuse_recipient("Policy@Example.com", Some("550 5.7.1 rejected by policy"));
+    server.refuse_recipient("gone@example.com", Some("550 5.1.1 mailbox does not exist"));
+
+    let error = mailer(&server)
+        .send(message_to("policy@example.com", "Hello"))
+        .await
+        .expect_err("the sink refuses the listed recipient");
+    assert!(error.is_permanent(), "{error:?}");
+    assert!(
+        error.to_string().contains("5.7.1 rejected by policy"),
+        "{error}"
+    );
+    let error = mailer(&server)
+        .send(message_to("gone@example.com", "Hello"))
+        .await
+        .expect_err("the sink refuses the other listed recipient");
+    assert!(error.to_string().contains("5.1.1"), "{error}");
+    mailer(&server)
+        .send(message_to("other@example.com", "Hello"))
+        .await
+        .expect("a recipient not listed is accepted");
+
+    // Lifting one refusal keeps the other.
+    server.refuse_recipient("policy@example.com", None);
+    mailer(&server)
+        .send(message_to("policy@example.com", "Again"))
+        .await
+        .expect("the recipient is accepted once its refusal is lifted");
+    assert!(
+        mailer(&server)
+            .send(message_to("gone@example.com", "Again"))
+            .await
+            .is_err()
+    );
+    let recipients: Vec<Vec<String>> = server
+        .messages()
+        .into_iter()
+        .map(|received| received.rcpt_to)
+        .collect();
+    assert_eq!(
+        recipients,
+        vec![
+            vec!["other@example.com".to_owned()],
+            vec!["policy@example.com".to_owned()]
+        ]
+    );
+}

@@ -193,6 +193,93 @@ async fn declare_oversized_body(daemon: &TestDaemon, connection: &str) -> u16 {
         .unwrap_or_else(|| panic!("not an HTTP status line: {line:?}"))
 }
 
+/// POSTs `body` with `Transfer-Encoding: chunked` (no `Content-Length`, so only
+/// counting the bytes can find it too large) in 64 KiB chunks over a raw socket, and
+/// returns the status. The answer is read while the body is still being written: a
+/// server that refuses early may close the connection before it has all of it.
+async fn post_chunked(
+    daemon: &TestDaemon,
+    connection: &str,
+    headers: &http::HeaderMap,
+    body: Vec<u8>,
+) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let stream = tokio::net::TcpStream::connect(("127.0.0.1", daemon.port))
+        .await
+        .expect("connect");
+    let (mut reader, mut writer) = stream.into_split();
+    let mut head = format!(
+        "POST /webhooks/{connection} HTTP/1.1\r\nHost: 127.0.0.1\r\n\
+         Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n"
+    );
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {}\r\n", value.to_str().unwrap()));
+    }
+    head.push_str("\r\n");
+    let upload = tokio::spawn(async move {
+        writer.write_all(head.as_bytes()).await?;
+        for chunk in body.chunks(64 * 1024) {
+            writer
+                .write_all(format!("{:x}\r\n", chunk.len()).as_bytes())
+                .await?;
+            writer.write_all(chunk).await?;
+            writer.write_all(b"\r\n").await?;
+        }
+        writer.write_all(b"0\r\n\r\n").await?;
+        writer.flush().await?;
+        // Returned, not dropped: dropping it would half-close the connection, and the
+        // server treats a closed request side as a client that went away.
+        Ok::<_, std::io::Error>(writer)
+    });
+    let mut answer = Vec::new();
+    let mut buffer = [0u8; 1024];
+    while !answer.windows(2).any(|w| w == b"\r\n") {
+        let read = tokio::time::timeout(WAIT, reader.read(&mut buffer))
+            .await
+            .expect("an answer to the chunked upload")
+            .expect("read");
+        assert!(read > 0, "the connection closed without an answer");
+        answer.extend_from_slice(&buffer[..read]);
+    }
+    // The server may have stopped reading: a failed upload is expected then.
+    upload.abort();
+    let line = String::from_utf8_lossy(&answer).into_owned();
+    line.split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP status line: {line:?}"))
+}
+
+#[tokio::test]
+async fn a_signed_chunked_body_over_the_cap_gets_413_and_nothing_is_stored() {
+    let daemon = TestDaemon::start(&shopify("shop", "1h")).await;
+    // Authentic and well-formed, only too long: past the 1 MiB default by 64 KiB.
+    let mut large: Value = serde_json::from_slice(&checkout(
+        "tok-large",
+        "2026-01-01T10:00:00Z",
+        "large@example.com",
+    ))
+    .unwrap();
+    large["note"] = json!("x".repeat(1024 * 1024 + 64 * 1024));
+    let large = serde_json::to_vec(&large).unwrap();
+    let headers = shopify_headers(SHOP_SECRET, "checkouts/create", "d-large", &large);
+    assert_eq!(post_chunked(&daemon, "shop", &headers, large).await, 413);
+    assert_eq!(written(&daemon), (0, 0, 0));
+
+    // The same framing under the cap is accepted and stored: only the size was refused.
+    let small = checkout("tok-small", "2026-01-01T10:00:00Z", "small@example.com");
+    let headers = shopify_headers(SHOP_SECRET, "checkouts/create", "d-small", &small);
+    assert_eq!(post_chunked(&daemon, "shop", &headers, small).await, 200);
+    assert_eq!(count(&daemon, "SELECT count(*) FROM webhook_inbox"), 1);
+    assert_eq!(
+        count(
+            &daemon,
+            "SELECT count(*) FROM webhook_inbox WHERE delivery_id = 'd-large'"
+        ),
+        0
+    );
+}
+
 fn written(daemon: &TestDaemon) -> (i64, i64, i64) {
     (
         count(daemon, "SELECT count(*) FROM webhook_inbox"),
@@ -1150,6 +1237,127 @@ webhook_secret = "{HUBSPOT_SECRET}"
     assert!(!daemon.logs().contains(HUBSPOT_SECRET));
 }
 
+/// A HubSpot delivery that names deal `id` only (the worker fetches the deal).
+fn hubspot_event(event_id: u64, id: u64) -> Vec<u8> {
+    let mut events = fixture("hubspot/webhook-deal-propertychange.json");
+    let mut event = events[0].take();
+    event["eventId"] = json!(event_id);
+    event["objectId"] = json!(id);
+    serde_json::to_vec(&json!([event])).unwrap()
+}
+
+/// Events of one connection apply in the order received: while the fetch for the
+/// first one fails and it waits for its retry, the later one (another deal, whose fetch
+/// would succeed) waits too, in the same pass of the worker and in every later one.
+#[tokio::test]
+async fn a_later_webhook_of_a_connection_waits_while_an_earlier_one_is_retried() {
+    use crate::harness::vendors::Fault;
+    use crate::harness::vendors::hubspot::{HsDeal, HubSpot};
+    let hubspot = HubSpot::start("pat-test", None).await;
+    let an_hour_ago = chrono::Utc::now().timestamp_millis() - 3_600_000;
+    hubspot.put(HsDeal::new(
+        1002,
+        "Acme expansion",
+        "appointmentscheduled",
+        an_hour_ago,
+    ));
+    hubspot.put(HsDeal::new(
+        1003,
+        "Globex pilot",
+        "appointmentscheduled",
+        an_hour_ago,
+    ));
+    let config = format!(
+        r#"
+[connections.hs]
+connector = "hubspot"
+base_url = "{}"
+token = "pat-test"
+poll_interval = "1h"
+webhook_secret = "{HUBSPOT_SECRET}"
+"#,
+        hubspot.url()
+    );
+    let mut daemon = TestDaemon::start(&config).await;
+    eventually("the first sync", WAIT, || async {
+        (crm_deal(&daemon, "hs", "1002").is_some() && crm_deal(&daemon, "hs", "1003").is_some())
+            .then_some(())
+    })
+    .await;
+
+    // Two deliveries wait in the inbox while the daemon is stopped, so that the worker
+    // sees both in its first pass: deal 1002's first, then deal 1003's.
+    daemon.signal("TERM");
+    daemon.wait_exit(Duration::from_secs(10)).await;
+    {
+        let db = db(&daemon);
+        for (delivery, deal) in [("first", 1002), ("second", 1003)] {
+            db.execute(
+                "INSERT INTO webhook_inbox (connection, delivery_id, received_at)
+                 VALUES ('hs', ?1, 0)",
+                [delivery],
+            )
+            .unwrap();
+            db.execute(
+                "INSERT INTO webhook_bodies (id, headers, body) VALUES (?1, '[]', ?2)",
+                rusqlite::params![db.last_insert_rowid(), hubspot_event(deal, deal)],
+            )
+            .unwrap();
+        }
+    }
+    let now = chrono::Utc::now().timestamp_millis();
+    for id in [1002, 1003] {
+        hubspot.update(id, |deal| {
+            deal.stage = "contractsent".into();
+            deal.modified_ms = now;
+        });
+    }
+    // Every fetch of deal 1002 fails until the schedule is lifted: a 429 asking for
+    // more than the client waits inline, so each attempt of the row fails at once.
+    let unavailable = Fault::Status(429, vec![("retry-after", "600".into())], "{}".into());
+    hubspot
+        .faults()
+        .every("/crm/v3/objects/deals/1002", vec![(1, unavailable)]);
+    daemon.start_again().await;
+
+    let inbox_row = |delivery: &str| -> (String, i64, Option<i64>) {
+        db(&daemon)
+            .query_row(
+                "SELECT state, attempts, processed_at FROM webhook_inbox WHERE delivery_id = ?1",
+                [delivery],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .unwrap()
+    };
+    eventually("the first delivery to fail twice", WAIT, || async {
+        (inbox_row("first").1 >= 2).then_some(())
+    })
+    .await;
+    // (The start-up sync may have pulled both deals already: the inbox row and the
+    // fetch it needs say whether the worker touched the later delivery.)
+    assert_eq!(
+        inbox_row("second"),
+        ("pending".into(), 0, None),
+        "the later delivery was handled before the earlier one"
+    );
+    assert_eq!(hubspot.faults().count("/crm/v3/objects/deals/1003"), 0);
+
+    // The vendor answers again: both apply, the earlier one first.
+    hubspot.faults().every("/crm/v3/objects/deals/1002", vec![]);
+    eventually("both deliveries processed", WAIT, || async {
+        (inbox_row("first").0 == "processed" && inbox_row("second").0 == "processed").then_some(())
+    })
+    .await;
+    assert!(inbox_row("first").2 <= inbox_row("second").2);
+    for id in ["1002", "1003"] {
+        assert_eq!(
+            crm_deal(&daemon, "hs", id).unwrap().0,
+            "closing",
+            "deal {id}"
+        );
+    }
+}
+
 /// A Pipedrive v2 webhook fixture for deal 12 with its own event id.
 fn pipedrive_event(name: &str, event_id: &str) -> Vec<u8> {
     let mut body = fixture(&format!("pipedrive/{name}"));
@@ -1261,4 +1469,31 @@ webhook_secret = "{PIPEDRIVE_AUTH}"
     assert_eq!(deleted.2.as_deref(), Some("ada@acme.example"));
     assert_eq!(count(&daemon, "SELECT count(*) FROM webhook_inbox"), 2);
     assert!(!daemon.logs().contains("pd-hook-password"));
+
+    // The stored deliveries, read back from the inbox file: the headers are kept
+    // (the content type is there) but the basic-auth credentials are not, in any form.
+    use base64::Engine as _;
+    let encoded = base64::engine::general_purpose::STANDARD.encode(PIPEDRIVE_AUTH);
+    let inbox = daemon.inbox_read_only();
+    let mut statement = inbox
+        .prepare("SELECT headers, body FROM webhook_bodies ORDER BY id")
+        .unwrap();
+    let stored: Vec<(String, Vec<u8>)> = statement
+        .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(stored.len(), 2, "both deliveries are stored");
+    for (headers, body) in &stored {
+        let row = format!("{headers}\n{}", String::from_utf8_lossy(body)).to_lowercase();
+        assert!(headers.contains("application/json"), "{headers}");
+        for secret in [
+            "authorization",
+            "basic ",
+            "pd-hook-password",
+            &encoded.to_lowercase(),
+        ] {
+            assert!(!row.contains(secret), "{secret:?} stored in {headers}");
+        }
+    }
 }

@@ -2,8 +2,9 @@
 //!
 //! `SmtpServer` runs `smtp_sink.py` (aiosmtpd) on 127.0.0.1 and a free port, and reads
 //! back every message it accepted. Recipients containing `bounce` get a permanent 550,
-//! those containing `tempfail` a transient 451, and while [`SmtpServer::refuse`] is set
-//! every recipient gets the reply it names. The server can be stopped and started
+//! those containing `tempfail` a transient 451, while [`SmtpServer::refuse`] is set
+//! every recipient gets the reply it names, and [`SmtpServer::refuse_recipient`] gives
+//! one address a reply of its own. The server can be stopped and started
 //! again on the same port to test an SMTP outage, and is killed on drop.
 //!
 //! The interpreter is `/usr/bin/python3`, the one Debian's `python3-aiosmtpd` package
@@ -146,6 +147,34 @@ impl SmtpServer {
         }
     }
 
+    /// Makes the server answer RCPT TO `address` with `reply` (e.g. `"550 5.7.1 rejected
+    /// by policy"`) from the next message on, or, with `None`, accept it again. Other
+    /// recipients keep their own replies.
+    pub fn refuse_recipient(&self, address: &str, reply: Option<&str>) {
+        let path = self.dir.path().join("recipients");
+        let text = match fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(error) => panic!("reading the recipient refusals: {error}"),
+        };
+        let mut lines: Vec<String> = text
+            .lines()
+            .filter(|line| {
+                line.split('\t')
+                    .next()
+                    .is_some_and(|listed| !listed.eq_ignore_ascii_case(address))
+            })
+            .map(str::to_owned)
+            .collect();
+        if let Some(reply) = reply {
+            lines.push(format!("{address}\t{reply}"));
+        }
+        // Written whole under a temporary name, then renamed: the sink never reads half.
+        let temporary = self.dir.path().join(".recipients.tmp");
+        fs::write(&temporary, lines.join("\n") + "\n").expect("writing the recipient refusals");
+        fs::rename(&temporary, &path).expect("replacing the recipient refusals");
+    }
+
     /// Kills the server and waits until it is gone, so its port refuses connections.
     /// Does nothing when it is already stopped.
     pub async fn stop(&mut self) {
@@ -220,6 +249,8 @@ async fn spawn_sink(dir: &Path, port: u16) -> Result<SinkProcess, StartFailure> 
         .arg(dir.join("mail"))
         .arg("--refuse-file")
         .arg(dir.join("refuse"))
+        .arg("--recipients-file")
+        .arg(dir.join("recipients"))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::from(log))

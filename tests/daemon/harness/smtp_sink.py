@@ -2,7 +2,7 @@
 
 Started by tests/daemon/harness/smtp.rs as
 
-    python3 smtp_sink.py --port PORT --maildir DIR
+    python3 smtp_sink.py --port PORT --maildir DIR [--refuse-file F] [--recipients-file R]
 
 It listens on 127.0.0.1:PORT with aiosmtpd and writes every accepted message to
 DIR as one JSON file {"mail_from", "rcpt_to", "data"}. A file appears under its
@@ -16,7 +16,10 @@ Recipients are refused on purpose so tests can exercise failures:
     connection is dropped instead of answering DATA: the client cannot know the
     message was accepted;
   - while the file named by --refuse-file exists, every recipient gets its first
-    line as the reply (e.g. "554 5.7.1 rejected by policy"), whatever the address.
+    line as the reply (e.g. "554 5.7.1 rejected by policy"), whatever the address;
+  - while the file named by --recipients-file exists, a recipient it lists gets its
+    reply: one "address<TAB>reply" per line (e.g. "ann@example.com\t550 5.7.1 rejected
+    by policy"), addresses compared case-insensitively.
 
 When the server listens it prints "READY <port>" on stdout. It stops on SIGTERM
 or SIGKILL, and also when its stdin closes, so it never outlives the test
@@ -34,9 +37,10 @@ from aiosmtpd.controller import Controller
 
 
 class SinkHandler:
-    def __init__(self, maildir, refuse_file):
+    def __init__(self, maildir, refuse_file, recipients_file):
         self.maildir = maildir
         self.refuse_file = refuse_file
+        self.recipients_file = recipients_file
         self.sequence = itertools.count()
 
     def refusal(self):
@@ -48,11 +52,27 @@ class SinkHandler:
         except FileNotFoundError:
             return None
 
+    def recipient_refusal(self, lowered):
+        if not self.recipients_file:
+            return None
+        try:
+            with open(self.recipients_file, encoding="utf-8") as file:
+                for line in file:
+                    address, _, reply = line.rstrip("\n").partition("\t")
+                    if address.strip().lower() == lowered and reply.strip():
+                        return reply.strip()
+        except FileNotFoundError:
+            pass
+        return None
+
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         refusal = self.refusal()
         if refusal:
             return refusal
         lowered = address.lower()
+        refusal = self.recipient_refusal(lowered)
+        if refusal:
+            return refusal
         if "bounce" in lowered:
             return "550 5.1.1 user unknown"
         if "tempfail" in lowered:
@@ -88,10 +108,11 @@ def main():
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--maildir", required=True)
     parser.add_argument("--refuse-file")
+    parser.add_argument("--recipients-file")
     args = parser.parse_args()
 
     controller = Controller(
-        SinkHandler(args.maildir, args.refuse_file),
+        SinkHandler(args.maildir, args.refuse_file, args.recipients_file),
         hostname=args.host,
         port=args.port,
         # A fixed greeting name: the default looks up the machine's FQDN, which can hang.
