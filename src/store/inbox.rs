@@ -300,7 +300,7 @@ pub(super) struct Inbox {
 fn open_connection(path: &Path) -> Result<Connection> {
     let connection = Connection::open(path).map_err(|source| StoreError::Open {
         path: path.display().to_string(),
-        source,
+        source: source.into(),
     })?;
     connection.busy_timeout(std::time::Duration::from_secs(10))?;
     Ok(connection)
@@ -321,7 +321,10 @@ fn migrate(db: &mut Connection, path: &Path) -> Result<()> {
     for &(version, sql) in SCHEMA.iter().filter(|(v, _)| *v > found) {
         tx.execute_batch(sql)
             .and_then(|()| tx.pragma_update(None, "user_version", version))
-            .map_err(|source| StoreError::Migration { version, source })?;
+            .map_err(|source| StoreError::Migration {
+                version,
+                source: source.into(),
+            })?;
         tracing::info!(version, path = %path.display(), "applied webhook inbox migration");
     }
     tx.commit()?;
