@@ -881,6 +881,8 @@ fn validate_pipelines(raw: &raw::RawConfig, report: &mut dyn FnMut(&str, String)
 /// above 1 GiB the cap would no longer protect the daemon's memory.
 const MIN_RESPONSE_BYTES: u64 = 1024;
 const MAX_RESPONSE_BYTES: u64 = 1024 * 1024 * 1024;
+/// The largest vendor answer read, unless the connection sets `max_response_bytes`.
+pub const DEFAULT_MAX_RESPONSE_BYTES: u64 = 64 * 1024 * 1024;
 
 fn validate_connection(
     name: &str,
@@ -992,7 +994,7 @@ fn validate_connection(
         });
     let max_response_bytes = raw
         .max_response_bytes
-        .unwrap_or(crate::vendor_http::DEFAULT_MAX_RESPONSE_BYTES);
+        .unwrap_or(DEFAULT_MAX_RESPONSE_BYTES);
     if !(MIN_RESPONSE_BYTES..=MAX_RESPONSE_BYTES).contains(&max_response_bytes) {
         report(
             &format!("{base}.max_response_bytes"),
