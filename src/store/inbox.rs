@@ -1085,18 +1085,6 @@ impl Store {
             .ask(|reply| Command::Replay(id, at, reply))
             .await
     }
-
-    /// Dead letters kept, for `/metrics` and tests.
-    pub async fn dead_letter_count(&self) -> Result<u64> {
-        self.read_inbox(|db| {
-            let count: i64 =
-                db.query_row("SELECT count(*) FROM webhook_dead_letters", [], |row| {
-                    row.get(0)
-                })?;
-            Ok(count.max(0) as u64)
-        })
-        .await
-    }
 }
 
 #[cfg(test)]

@@ -161,12 +161,6 @@ impl DbError {
         )
     }
 
-    /// Whether a constraint (unique, foreign key, check) refused the write: the data
-    /// is at fault, retrying it cannot help.
-    pub fn is_constraint(&self) -> bool {
-        self.code() == Some(rusqlite::ErrorCode::ConstraintViolation)
-    }
-
     /// Whether the failure may come from a directory or file that cannot be written
     /// (SQLite says "unable to open database file" or "readonly database").
     fn may_be_unwritable(&self) -> bool {

@@ -238,10 +238,6 @@ impl Credentials {
         Ok(Credentials::Static(authn))
     }
 
-    pub fn is_oauth(&self) -> bool {
-        matches!(self, Credentials::OAuth(_))
-    }
-
     /// What the next request carries; refreshes an OAuth token that is about to expire.
     pub async fn current(&self, cx: &SyncContext) -> Result<Authn, ConnectorError> {
         match self {
