@@ -42,16 +42,6 @@ const KNOWN: &[(&str, &str, &str)] = &[
         "the helpers `ops` shares with `cli` (load, open_store, runtimes, CliError) move below both",
     ),
     (
-        "config",
-        "followup",
-        "the validated follow-up rule types (Rule, DigestRule, QuietHours) move under `config`",
-    ),
-    (
-        "pipeline",
-        "config",
-        "`config::duration` (a parser with no config in it) moves to `domain`",
-    ),
-    (
         "vendor_http",
         "connectors",
         "the vendor client moves under `connectors/`, whose error and context types it uses",
