@@ -184,14 +184,14 @@ fn test_only_files(files: &[PathBuf]) -> BTreeSet<PathBuf> {
         };
         let mut rest = code.as_str();
         while let Some(at) = rest.find(MARK) {
-            rest = &rest[at + MARK.len()..];
+            rest = after(rest, at + MARK.len());
             let item = rest.trim_start();
             let item = item.strip_prefix("pub(crate) ").unwrap_or(item);
             let Some(declared) = item.strip_prefix("mod ") else {
                 continue;
             };
             let name = identifier(declared);
-            if declared[name.len()..].trim_start().starts_with(';') {
+            if after(declared, name.len()).trim_start().starts_with(';') {
                 test_only.insert(dir.join(format!("{name}.rs")));
                 let nested = dir.join(name);
                 if nested.is_dir() {
@@ -232,11 +232,11 @@ fn references(text: &str, depth: usize) -> BTreeSet<String> {
     for root in ["crate::".to_owned(), climb] {
         let mut rest = code.as_str();
         while let Some(at) = rest.find(&root) {
-            let preceded = rest[..at]
+            let preceded = before(rest, at)
                 .chars()
                 .next_back()
                 .is_some_and(|c| c.is_alphanumeric() || c == '_' || c == ':' || c == '$');
-            rest = &rest[at + root.len()..];
+            rest = after(rest, at + root.len());
             if preceded {
                 continue;
             }
@@ -268,7 +268,7 @@ fn group_heads(group: &str) -> Vec<String> {
             '}' => depth -= 1,
             ',' if depth == 0 => expect_head = true,
             c if expect_head && (c.is_alphabetic() || c == '_') => {
-                let name = identifier(&group[index..]);
+                let name = identifier(after(group, index));
                 heads.push(name.to_owned());
                 expect_head = false;
                 for _ in 1..name.chars().count() {
@@ -281,11 +281,22 @@ fn group_heads(group: &str) -> Vec<String> {
     heads
 }
 
+/// `text` from byte `at` on (empty past its end). Every index here comes from `find`
+/// or counts ASCII, so it falls on a character boundary.
+fn after(text: &str, at: usize) -> &str {
+    text.get(at..).unwrap_or_default()
+}
+
+/// `text` up to byte `at`.
+fn before(text: &str, at: usize) -> &str {
+    text.get(..at).unwrap_or(text)
+}
+
 fn identifier(text: &str) -> &str {
     let end = text
         .find(|c: char| !(c.is_alphanumeric() || c == '_'))
         .unwrap_or(text.len());
-    &text[..end]
+    before(text, end)
 }
 
 /// `text` with comments and the insides of string and char literals replaced by spaces,
@@ -386,8 +397,8 @@ fn without_tests(code: &str) -> String {
     let mut out = String::with_capacity(code.len());
     let mut rest = code;
     while let Some(at) = rest.find(MARK) {
-        out.push_str(&rest[..at]);
-        let item = &rest[at + MARK.len()..];
+        out.push_str(before(rest, at));
+        let item = after(rest, at + MARK.len());
         let semicolon = item.find(';');
         let brace = item.find('{');
         let end = match (semicolon, brace) {
@@ -395,7 +406,7 @@ fn without_tests(code: &str) -> String {
             (_, Some(brace)) => {
                 let mut depth = 0;
                 let mut end = item.len();
-                for (index, c) in item[brace..].char_indices() {
+                for (index, c) in after(item, brace).char_indices() {
                     match c {
                         '{' => depth += 1,
                         '}' => {
@@ -413,7 +424,7 @@ fn without_tests(code: &str) -> String {
             (Some(semicolon), None) => semicolon + 1,
             (None, None) => item.len(),
         };
-        rest = &item[end..];
+        rest = after(item, end);
     }
     out.push_str(rest);
     out

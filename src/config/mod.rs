@@ -736,8 +736,7 @@ fn validate(path: &Path, raw: raw::RawConfig, report: &mut dyn FnMut(&str, Strin
     let config_dir = path.parent().unwrap_or(Path::new("."));
     let email = validate_email(raw.email, config_dir, report);
     let digests = followups::validate_digests(&raw.followups, &pipelines, &email, report);
-    let followups =
-        followups::validate(raw.followups, &pipelines, &email.templates, report);
+    let followups = followups::validate(raw.followups, &pipelines, &email.templates, report);
     check_followup_prerequisites(&followups, &email, server.public_url.as_ref(), report);
 
     Config {
@@ -993,9 +992,7 @@ fn validate_connection(
                 window,
             }
         });
-    let max_response_bytes = raw
-        .max_response_bytes
-        .unwrap_or(DEFAULT_MAX_RESPONSE_BYTES);
+    let max_response_bytes = raw.max_response_bytes.unwrap_or(DEFAULT_MAX_RESPONSE_BYTES);
     if !(MIN_RESPONSE_BYTES..=MAX_RESPONSE_BYTES).contains(&max_response_bytes) {
         report(
             &format!("{base}.max_response_bytes"),

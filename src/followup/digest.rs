@@ -227,9 +227,9 @@ pub fn check(templates: &Templates, rules: &[DigestRule], pipelines: &Pipelines)
 mod tests {
     use super::*;
     use crate::config::followups::{parse_time, template_files};
+    use crate::config::interpolate::tests::MapEnv;
     use chrono::{NaiveDate, NaiveTime, TimeZone};
     use std::time::Duration;
-    use crate::config::interpolate::tests::MapEnv;
 
     fn rule(at: &str, zone: &str) -> DigestRule {
         DigestRule {

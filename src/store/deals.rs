@@ -431,13 +431,13 @@ pub(crate) fn upsert_all(tx: &Transaction<'_>, upserts: Vec<DealUpsert>) -> Resu
                     pipeline: existing.pipeline.clone().map(PipelineKey::new),
                     stage: StageKey::new(existing.stage.clone()),
                 };
-                held_stage(&existing.status, &stored_stage, upsert).map(
-                    |(target, status)| DealUpsert {
+                held_stage(&existing.status, &stored_stage, upsert).map(|(target, status)| {
+                    DealUpsert {
                         target,
                         status,
                         ..upsert.clone()
-                    },
-                )
+                    }
+                })
             });
         // A won deal a follow-up moved on (to post-sale) stays there while its source
         // still says won. Only such records need the extra read.

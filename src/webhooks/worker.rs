@@ -59,7 +59,7 @@ enum ProcessError {
     Fetch {
         external_id: String,
         #[source]
-        source: ConnectorError,
+        source: Box<ConnectorError>,
     },
     /// The row's connection was removed from the configuration.
     #[error("the connection is no longer configured")]
@@ -83,7 +83,7 @@ impl ProcessError {
         match self {
             ProcessError::Store(_) => false,
             ProcessError::Fetch { source, .. } => {
-                matches!(source, ConnectorError::BadResponse { .. })
+                matches!(**source, ConnectorError::BadResponse { .. })
             }
             ProcessError::ConnectionGone
             | ProcessError::Malformed { .. }
@@ -300,7 +300,7 @@ async fn plan_row(
                     Err(source) => {
                         return Err(ProcessError::Fetch {
                             external_id,
-                            source,
+                            source: Box::new(source),
                         });
                     }
                 }

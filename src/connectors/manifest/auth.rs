@@ -282,11 +282,9 @@ fn resolve(base: &url::Url, target: &str) -> Result<url::Url, String> {
 }
 
 fn store_of(cx: &SyncContext) -> Result<&Store, ConnectorError> {
-    cx.store
-        .as_ref()
-        .ok_or(ConnectorError::NotConfigured {
-            what: "OAuth connections need the token store",
-        })
+    cx.store.as_ref().ok_or(ConnectorError::NotConfigured {
+        what: "OAuth connections need the token store",
+    })
 }
 
 impl OAuthSession {
@@ -398,13 +396,14 @@ impl OAuthSession {
                 },
             })?;
         // Read under both locks: what another task or process stored is seen here.
-        let stored = store
-            .oauth_token(connection)
-            .await
-            .map_err(|source| ConnectorError::Store {
-                action: "reading the stored OAuth token",
-                source,
-            })?;
+        let stored =
+            store
+                .oauth_token(connection)
+                .await
+                .map_err(|source| ConnectorError::Store {
+                    action: "reading the stored OAuth token",
+                    source,
+                })?;
         if let Some(stored) = &stored {
             if stored.needs_reauth {
                 return Err(self.revoked_error(cx));

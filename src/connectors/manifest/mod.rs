@@ -601,7 +601,11 @@ mod tests {
     #[test]
     fn an_unknown_webhook_scheme_or_action_is_refused_naming_the_known_ones() {
         let base = "name = \"crm\"\nbase_url = \"http://x\"\n[auth]\nkind = \"bearer\"\n[deals]\nmodified = \"/m\"\n[deals.full]\npath = \"/deals\"\nrecords = \"/data\"\n[deals.fields]\nexternal_id = \"/id\"\nnative_stage = \"/stage\"\n[webhooks]\nscheme = \"shopify\"\nkind = [\"/t\"]\nid = \"/id\"\n[webhooks.actions]\n\"deal.deleted\" = \"delete\"\n";
-        assert!(parse("crm.toml", base).is_ok(), "{:?}", parse("crm.toml", base).err());
+        assert!(
+            parse("crm.toml", base).is_ok(),
+            "{:?}",
+            parse("crm.toml", base).err()
+        );
         let shown = |text: &str| -> Vec<String> {
             parse("crm.toml", text)
                 .unwrap_err()
@@ -625,7 +629,9 @@ mod tests {
         );
         let refetch = shown(&base.replace("\"delete\"", "\"refetch\""));
         assert!(
-            refetch.iter().any(|p| p.contains("refetch needs [deals.one]")),
+            refetch
+                .iter()
+                .any(|p| p.contains("refetch needs [deals.one]")),
             "{refetch:?}"
         );
     }
