@@ -48,11 +48,11 @@ pub enum StartupError {
     Lock(crate::lock::LockError),
 }
 
+/// What ends [`App::run`] with an error. Nothing does today: the server and the
+/// workers log their failures and go on, and the run ends when shutdown is asked.
+/// The type keeps `run`'s signature for a failure that may one day end it.
 #[derive(Debug, thiserror::Error)]
-pub enum RunError {
-    #[error("HTTP server failed: {0}")]
-    Server(std::io::Error),
-}
+pub enum RunError {}
 
 /// The `/readyz` attention entry of email delivery; a name no connection can have
 /// (connection names hold no spaces).

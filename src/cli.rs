@@ -185,10 +185,10 @@ pub struct SuppressionRemoveArgs {
 pub struct ReportArgs {
     /// Start of the period: a date (`2026-01-01`, UTC midnight) or an RFC 3339 time.
     /// Default: 30 days before --until.
-    #[arg(long, value_parser = parse_instant)]
+    #[arg(long, value_parser = crate::domain::parse_instant)]
     pub since: Option<chrono::DateTime<chrono::Utc>>,
     /// End of the period (exclusive) and the "now" of open and stalled figures. Default: now.
-    #[arg(long, value_parser = parse_instant)]
+    #[arg(long, value_parser = crate::domain::parse_instant)]
     pub until: Option<chrono::DateTime<chrono::Utc>>,
     /// Only this canonical pipeline.
     #[arg(long)]
@@ -252,16 +252,6 @@ pub struct OutboxListArgs {
     /// Output format.
     #[arg(long, value_enum, default_value = "table")]
     pub format: Format,
-}
-
-/// A date (UTC midnight) or an RFC 3339 time.
-pub fn parse_instant(text: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
-    if let Ok(at) = chrono::DateTime::parse_from_rfc3339(text) {
-        return Ok(at.with_timezone(&chrono::Utc));
-    }
-    chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d")
-        .map(|date| date.and_time(chrono::NaiveTime::MIN).and_utc())
-        .map_err(|_| format!("expected a date like 2026-01-31 or an RFC 3339 time, got {text:?}"))
 }
 
 #[derive(Debug, Args)]

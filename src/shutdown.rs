@@ -47,10 +47,6 @@ pub fn notify_ready(status: &str) {
     notify(&[NotifyState::Ready, NotifyState::Status(status)]);
 }
 
-pub fn notify_status(status: &str) {
-    notify(&[NotifyState::Status(status)]);
-}
-
 pub fn notify_stopping() {
     notify(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
 }

@@ -215,6 +215,72 @@ pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
+/// Labels of the per-status request counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusLabels {
+    pub connection: String,
+    /// The HTTP status, or `error` for a request that got no answer.
+    pub status: String,
+}
+
+/// Vendor-side metrics (kept by `vendor_http` and OAuth), registered on [`Metrics`].
+#[derive(Default)]
+pub struct VendorMetrics {
+    pub requests: Family<StatusLabels, Counter>,
+    pub retries: Family<ConnectionLabels, Counter>,
+    pub rate_limited: Family<ConnectionLabels, Counter>,
+    pub budget_remaining: Family<ConnectionLabels, Gauge>,
+    pub budget_pauses: Family<ConnectionLabels, Counter>,
+    pub budget_pace: Family<ConnectionLabels, Gauge<f64, AtomicU64>>,
+    pub token_expiry: Family<ConnectionLabels, Gauge<f64, AtomicU64>>,
+    pub needs_reauth: Family<ConnectionLabels, Gauge>,
+}
+
+impl VendorMetrics {
+    pub fn register(&self, registry: &mut prometheus_client::registry::Registry) {
+        registry.register(
+            "vendor_requests",
+            "Requests to vendor APIs by connection and HTTP status",
+            self.requests.clone(),
+        );
+        registry.register(
+            "vendor_retries",
+            "Vendor requests retried after a 429, a 5xx, a timeout or a reset",
+            self.retries.clone(),
+        );
+        registry.register(
+            "vendor_rate_limited",
+            "Vendor answers of 429 Too Many Requests",
+            self.rate_limited.clone(),
+        );
+        registry.register(
+            "vendor_budget_remaining",
+            "Requests left in the vendor's daily budget, as its headers last said",
+            self.budget_remaining.clone(),
+        );
+        registry.register(
+            "vendor_budget_pauses",
+            "Times a connection paused because its share of the vendor budget was spent",
+            self.budget_pauses.clone(),
+        );
+        registry.register(
+            "vendor_budget_pace_seconds",
+            "Spacing between requests while the vendor budget runs low (0: not slowed down)",
+            self.budget_pace.clone(),
+        );
+        registry.register(
+            "oauth_token_expiry_timestamp_seconds",
+            "Unix time at which the connection's OAuth access token expires",
+            self.token_expiry.clone(),
+        );
+        registry.register(
+            "oauth_needs_reauthorization",
+            "1 when the connection's refresh token was revoked: run `dealsync auth`",
+            self.needs_reauth.clone(),
+        );
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ConnectionLabels {
     pub connection: String,
@@ -311,7 +377,7 @@ pub struct Metrics {
     /// Outbox rows per follow-up rule and state (refreshed at scrape).
     pub outbox_emails: Family<EmailLabels, Gauge>,
     /// Vendor API requests, retries, 429s, budget and OAuth token state.
-    pub vendor: crate::vendor_http::VendorMetrics,
+    pub vendor: VendorMetrics,
     /// Webhook deliveries by connection and outcome (accepted, duplicate, ignored,
     /// ping, unauthorized, too_large, malformed, failed).
     pub webhooks: Family<RecordLabels, Counter>,
@@ -353,7 +419,7 @@ impl Metrics {
             deal_value: Family::default(),
             stalled_deals: Family::default(),
             outbox_emails: Family::default(),
-            vendor: crate::vendor_http::VendorMetrics::default(),
+            vendor: VendorMetrics::default(),
             webhooks: Family::default(),
             followups: Family::default(),
             email_failures: Family::default(),

@@ -31,13 +31,9 @@ use crate::connectors::manifest::schema::{BudgetReset, ResponseMatch};
 use crate::connectors::{ConnectorError, SyncContext};
 use crate::domain::ConnectionName;
 use crate::retry::Backoff;
-use crate::telemetry::ConnectionLabels;
+use crate::telemetry::{ConnectionLabels, StatusLabels};
 use chrono::{DateTime, Utc};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
 use reqwest::header::HeaderMap;
 use std::collections::{HashMap, VecDeque};
 use std::num::NonZeroU32;
@@ -49,80 +45,13 @@ use tracing::{debug, warn};
 
 /// Attempts per request, the first included.
 pub const MAX_ATTEMPTS: u32 = 6;
-/// The largest vendor answer read, unless the connection sets `max_response_bytes`.
-pub const DEFAULT_MAX_RESPONSE_BYTES: u64 = 64 * 1024 * 1024;
+pub use crate::config::DEFAULT_MAX_RESPONSE_BYTES;
 /// Redirects followed within the request's origin before the answer counts as a loop.
 pub const MAX_REDIRECTS: usize = 5;
 /// The longest `Retry-After` waited for inside one call; longer ones end the call.
 const MAX_INLINE_WAIT: Duration = Duration::from_secs(120);
 /// Retries of a request: full jitter below 500 ms doubling up to 30 s (`crate::retry`).
 const BACKOFF: Backoff = Backoff::full(Duration::from_millis(500), Duration::from_secs(30));
-
-/// Labels of the per-status request counter.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct StatusLabels {
-    pub connection: String,
-    /// The HTTP status, or `error` for a request that got no answer.
-    pub status: String,
-}
-
-/// Vendor-side metrics, registered on [`crate::telemetry::Metrics`].
-#[derive(Default)]
-pub struct VendorMetrics {
-    pub requests: Family<StatusLabels, Counter>,
-    pub retries: Family<ConnectionLabels, Counter>,
-    pub rate_limited: Family<ConnectionLabels, Counter>,
-    pub budget_remaining: Family<ConnectionLabels, Gauge>,
-    pub budget_pauses: Family<ConnectionLabels, Counter>,
-    pub budget_pace: Family<ConnectionLabels, Gauge<f64, AtomicU64>>,
-    pub token_expiry: Family<ConnectionLabels, Gauge<f64, AtomicU64>>,
-    pub needs_reauth: Family<ConnectionLabels, Gauge>,
-}
-
-impl VendorMetrics {
-    pub fn register(&self, registry: &mut prometheus_client::registry::Registry) {
-        registry.register(
-            "vendor_requests",
-            "Requests to vendor APIs by connection and HTTP status",
-            self.requests.clone(),
-        );
-        registry.register(
-            "vendor_retries",
-            "Vendor requests retried after a 429, a 5xx, a timeout or a reset",
-            self.retries.clone(),
-        );
-        registry.register(
-            "vendor_rate_limited",
-            "Vendor answers of 429 Too Many Requests",
-            self.rate_limited.clone(),
-        );
-        registry.register(
-            "vendor_budget_remaining",
-            "Requests left in the vendor's daily budget, as its headers last said",
-            self.budget_remaining.clone(),
-        );
-        registry.register(
-            "vendor_budget_pauses",
-            "Times a connection paused because its share of the vendor budget was spent",
-            self.budget_pauses.clone(),
-        );
-        registry.register(
-            "vendor_budget_pace_seconds",
-            "Spacing between requests while the vendor budget runs low (0: not slowed down)",
-            self.budget_pace.clone(),
-        );
-        registry.register(
-            "oauth_token_expiry_timestamp_seconds",
-            "Unix time at which the connection's OAuth access token expires",
-            self.token_expiry.clone(),
-        );
-        registry.register(
-            "oauth_needs_reauthorization",
-            "1 when the connection's refresh token was revoked: run `dealsync auth`",
-            self.needs_reauth.clone(),
-        );
-    }
-}
 
 /// What the client may do, from the manifest and the connection's overrides.
 #[derive(Debug, Clone)]

@@ -12,7 +12,8 @@
 //! values substituted into the config it is about ([`Config::substituted`]), whatever
 //! key they were written under and whoever wrote the message.
 
-pub mod duration;
+pub use crate::domain::duration;
+pub mod followups;
 pub mod interpolate;
 pub mod raw;
 pub mod secret;
@@ -42,9 +43,9 @@ pub struct Config {
     pub connections: Vec<ConnectionConfig>,
     pub email: EmailConfig,
     /// Follow-up rules, validated against the pipelines and the templates directory.
-    pub followups: Vec<crate::followup::rules::Rule>,
+    pub followups: Vec<followups::Rule>,
     /// Daily digest rules (`[followups.NAME]` with `digest = "HH:MM"`).
-    pub digests: Vec<crate::followup::digest::DigestRule>,
+    pub digests: Vec<followups::DigestRule>,
     /// What `${VAR}` and `${credential:NAME}` put into this config: scrubbed from every
     /// error built about it.
     pub substituted: interpolate::Substituted,
@@ -338,7 +339,7 @@ pub struct EmailConfig {
     pub max_per_second: Option<u32>,
     pub pool_size: u32,
     pub max_per_recipient_per_day: Option<u32>,
-    pub quiet_hours: Option<crate::followup::policy::QuietHours>,
+    pub quiet_hours: Option<followups::QuietHours>,
     pub time_zone: chrono_tz::Tz,
     /// JSON pointers into a deal's raw record naming the recipient's time zone.
     pub recipient_time_zone: Vec<String>,
@@ -734,9 +735,8 @@ fn validate(path: &Path, raw: raw::RawConfig, report: &mut dyn FnMut(&str, Strin
 
     let config_dir = path.parent().unwrap_or(Path::new("."));
     let email = validate_email(raw.email, config_dir, report);
-    let digests = crate::followup::digest::validate(&raw.followups, &pipelines, &email, report);
-    let followups =
-        crate::followup::rules::validate(raw.followups, &pipelines, &email.templates, report);
+    let digests = followups::validate_digests(&raw.followups, &pipelines, &email, report);
+    let followups = followups::validate(raw.followups, &pipelines, &email.templates, report);
     check_followup_prerequisites(&followups, &email, server.public_url.as_ref(), report);
 
     Config {
@@ -779,14 +779,14 @@ fn positive(
 
 /// Marketing rules need an unsubscribe secret and a public URL for their links.
 fn check_followup_prerequisites(
-    rules: &[crate::followup::rules::Rule],
+    rules: &[followups::Rule],
     email: &EmailConfig,
     public_url: Option<&url::Url>,
     report: &mut dyn FnMut(&str, String),
 ) {
     let Some(marketing) = rules
         .iter()
-        .find(|rule| rule.kind == crate::followup::rules::RuleKind::Marketing)
+        .find(|rule| rule.kind == followups::RuleKind::Marketing)
     else {
         return;
     };
@@ -881,6 +881,8 @@ fn validate_pipelines(raw: &raw::RawConfig, report: &mut dyn FnMut(&str, String)
 /// above 1 GiB the cap would no longer protect the daemon's memory.
 const MIN_RESPONSE_BYTES: u64 = 1024;
 const MAX_RESPONSE_BYTES: u64 = 1024 * 1024 * 1024;
+/// The largest vendor answer read, unless the connection sets `max_response_bytes`.
+pub const DEFAULT_MAX_RESPONSE_BYTES: u64 = 64 * 1024 * 1024;
 
 fn validate_connection(
     name: &str,
@@ -990,9 +992,7 @@ fn validate_connection(
                 window,
             }
         });
-    let max_response_bytes = raw
-        .max_response_bytes
-        .unwrap_or(crate::vendor_http::DEFAULT_MAX_RESPONSE_BYTES);
+    let max_response_bytes = raw.max_response_bytes.unwrap_or(DEFAULT_MAX_RESPONSE_BYTES);
     if !(MIN_RESPONSE_BYTES..=MAX_RESPONSE_BYTES).contains(&max_response_bytes) {
         report(
             &format!("{base}.max_response_bytes"),
@@ -1105,7 +1105,7 @@ fn validate_email(
         })
         .unwrap_or_else(|| config_dir.join("templates"));
     let quiet_hours = raw.quiet_hours.as_deref().and_then(|text| {
-        crate::followup::policy::QuietHours::parse(text)
+        followups::QuietHours::parse(text)
             .map_err(|message| report("email.quiet_hours", message))
             .ok()
     });

@@ -557,7 +557,7 @@ impl Connector for DemoConnector {
         let mut guard = self
             .world
             .lock()
-            .map_err(|_| ConnectorError::Other("demo world lock poisoned".into()))?;
+            .map_err(|_| ConnectorError::Poisoned { what: "demo world" })?;
         if guard.as_ref().is_none_or(|world| world.tick > target) {
             *guard = Some(World::start(self.settings.seed, &self.settings));
         }

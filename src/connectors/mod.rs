@@ -82,8 +82,34 @@ pub enum ConnectorError {
     /// Shutdown was requested mid-call.
     #[error("cancelled by shutdown")]
     Cancelled,
-    #[error("{0}")]
-    Other(String),
+    /// The connection lacks what this call needs (a token, a shop domain, the token
+    /// store): a configuration or wiring fault, not retried.
+    #[error("{what}")]
+    NotConfigured { what: &'static str },
+    /// A store read or write the connector depends on (its OAuth tokens) failed.
+    #[error("{action}: {source}")]
+    Store {
+        action: &'static str,
+        #[source]
+        source: crate::store::StoreError,
+    },
+    /// The HTTP client could not be built (TLS roots, settings).
+    #[error("building the {what} HTTP client: {source}")]
+    HttpClient {
+        what: &'static str,
+        #[source]
+        source: reqwest::Error,
+    },
+    /// A request URL could not be built from the connection's settings.
+    #[error("building the {what} URL: {source}")]
+    Url {
+        what: &'static str,
+        #[source]
+        source: url::ParseError,
+    },
+    /// A lock shared by the connector's tasks was poisoned by a panic in another task.
+    #[error("{what} lock poisoned")]
+    Poisoned { what: &'static str },
 }
 
 /// A record the connector could not turn into a deal; quarantined, the sync goes on.

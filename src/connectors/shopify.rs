@@ -118,11 +118,17 @@ impl ShopifyConnector {
     }
 
     fn checkouts_url(&self) -> Result<url::Url, ConnectorError> {
-        let base = self.base_url.as_ref().ok_or_else(|| {
-            ConnectorError::Other("no shop domain configured for the backfill".into())
-        })?;
+        let base = self
+            .base_url
+            .as_ref()
+            .ok_or(ConnectorError::NotConfigured {
+                what: "no shop domain configured for the backfill",
+            })?;
         base.join(&format!("admin/api/{}/checkouts.json", self.api_version))
-            .map_err(|error| ConnectorError::Other(format!("building the checkouts URL: {error}")))
+            .map_err(|source| ConnectorError::Url {
+                what: "checkouts",
+                source,
+            })
     }
 }
 
@@ -332,10 +338,9 @@ impl Connector for ShopifyConnector {
         cx: &SyncContext,
         cursor: Option<&serde_json::Value>,
     ) -> Result<Page, ConnectorError> {
-        let token = self
-            .token
-            .as_ref()
-            .ok_or_else(|| ConnectorError::Other("the Shopify backfill needs a token".into()))?;
+        let token = self.token.as_ref().ok_or(ConnectorError::NotConfigured {
+            what: "the Shopify backfill needs a token",
+        })?;
         let cursor: BackfillCursor = match cursor {
             Some(value) => serde_json::from_value(value.clone()).map_err(|error| {
                 ConnectorError::BadResponse {

@@ -4,6 +4,7 @@
 //! [`Money`] is integer minor units of one [`Currency`], never a float; names and keys
 //! are newtypes so a deal id cannot go where a stage key was meant.
 
+pub mod duration;
 mod money;
 mod raw;
 mod step;
@@ -15,6 +16,17 @@ pub use step::StepNumber;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use std::fmt;
+
+/// A date (UTC midnight) or an RFC 3339 time, as `--since`/`--until` and the report
+/// API's `since`/`until` take it.
+pub fn parse_instant(text: &str) -> Result<DateTime<Utc>, String> {
+    if let Ok(at) = DateTime::parse_from_rfc3339(text) {
+        return Ok(at.with_timezone(&Utc));
+    }
+    chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d")
+        .map(|date| date.and_time(chrono::NaiveTime::MIN).and_utc())
+        .map_err(|_| format!("expected a date like 2026-01-31 or an RFC 3339 time, got {text:?}"))
+}
 
 macro_rules! string_id {
     ($(#[$meta:meta])* $name:ident) => {

@@ -2,65 +2,12 @@
 //! worker feeds them facts read in the claim transaction.
 
 use super::rules::{Recipient, Rule, RuleKind};
+pub use crate::config::followups::QuietHours;
 use crate::domain::{DealStatus, StageRef};
 use crate::store::{ClaimDecision, ClaimFacts};
-use chrono::{DateTime, NaiveTime, TimeZone, Utc};
+use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
 use std::time::Duration;
-
-/// Hours in which nothing goes to contacts, e.g. 21:00–09:00; may wrap midnight.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct QuietHours {
-    pub start: NaiveTime,
-    pub end: NaiveTime,
-}
-
-impl QuietHours {
-    /// Parses `"21:00-09:00"`.
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let bad = || format!("expected quiet hours like \"21:00-09:00\", got {text:?}");
-        let (start, end) = text.split_once('-').ok_or_else(bad)?;
-        let time = |part: &str| NaiveTime::parse_from_str(part.trim(), "%H:%M").map_err(|_| bad());
-        let quiet = QuietHours {
-            start: time(start)?,
-            end: time(end)?,
-        };
-        if quiet.start == quiet.end {
-            return Err(format!(
-                "quiet hours {text:?} start and end at the same time"
-            ));
-        }
-        Ok(quiet)
-    }
-
-    /// Returns when the quiet period around `at` ends, or `None` when `at` is outside it.
-    pub fn ends_after(&self, at: DateTime<Utc>, zone: Tz) -> Option<DateTime<Utc>> {
-        let local = at.with_timezone(&zone);
-        let time = local.time();
-        let date = local.date_naive();
-        let end_date = if self.start < self.end {
-            if time < self.start || time >= self.end {
-                return None;
-            }
-            date
-        } else if time >= self.start {
-            date.succ_opt()?
-        } else if time < self.end {
-            date
-        } else {
-            return None;
-        };
-        let end = end_date.and_time(self.end);
-        // In a DST gap the end does not exist locally: an hour later does.
-        zone.from_local_datetime(&end)
-            .earliest()
-            .or_else(|| {
-                zone.from_local_datetime(&(end + chrono::Duration::hours(1)))
-                    .earliest()
-            })
-            .map(|end| end.with_timezone(&Utc))
-    }
-}
 
 /// What the sender needs to decide about one row, besides the store's facts.
 pub struct Policy<'a> {
@@ -188,6 +135,7 @@ pub fn describe(at: &StageRef) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use chrono::TimeZone;
 
     #[test]
     fn quiet_hours_wrap_midnight_and_end_in_the_shops_zone() {

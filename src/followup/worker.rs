@@ -1168,10 +1168,7 @@ mod tests {
     use std::sync::atomic::{AtomicU32, Ordering};
 
     fn busy() -> StoreError {
-        StoreError::Sql(rusqlite::Error::SqliteFailure(
-            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY),
-            Some("database is locked".into()),
-        ))
+        StoreError::Database(crate::store::DbError::busy())
     }
 
     #[tokio::test(start_paused = true)]

@@ -186,7 +186,7 @@ pub struct ReportQuery {
 async fn build_report(state: &AppState, params: ReportQuery) -> Result<Report, ApiError> {
     let instant = |name: &str, text: Option<String>| -> Result<Option<DateTime<Utc>>, ApiError> {
         text.map(|text| {
-            crate::cli::parse_instant(&text)
+            crate::domain::parse_instant(&text)
                 .map_err(|message| ApiError::BadRequest(format!("{name}: {message}")))
         })
         .transpose()

@@ -16,8 +16,19 @@ pub enum ApiError {
     Unauthorized,
     #[error("{0}")]
     PayloadTooLarge(String),
+    /// A store read or write failed; the log line carries its cause.
     #[error("internal error: {0}")]
-    Internal(String),
+    Store(#[source] crate::store::StoreError),
+    /// The webhook inbox failed to take a delivery (and a retry later cannot help).
+    #[error("internal error: {0}")]
+    Inbox(#[source] crate::store::EnqueueError),
+    /// A page template failed to render.
+    #[error("internal error: rendering the {page} page: {source}")]
+    Render {
+        page: &'static str,
+        #[source]
+        source: minijinja::Error,
+    },
     #[error("service unavailable: {0}")]
     Unavailable(String),
 }
@@ -27,7 +38,7 @@ impl From<crate::store::StoreError> for ApiError {
         if error.is_disk_full() {
             ApiError::Unavailable("storage is full".into())
         } else {
-            ApiError::Internal(error.to_string())
+            ApiError::Store(error)
         }
     }
 }
@@ -39,7 +50,8 @@ impl IntoResponse for ApiError {
             ApiError::BadRequest(m) => (StatusCode::BAD_REQUEST, m.clone()),
             ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, self.to_string()),
             ApiError::PayloadTooLarge(m) => (StatusCode::PAYLOAD_TOO_LARGE, m.clone()),
-            ApiError::Internal(cause) => {
+            ApiError::Store(_) | ApiError::Inbox(_) | ApiError::Render { .. } => {
+                let cause = crate::telemetry::error_chain(&self);
                 tracing::error!(error = %cause, "request failed");
                 (
                     StatusCode::INTERNAL_SERVER_ERROR,

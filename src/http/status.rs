@@ -424,7 +424,10 @@ async fn render(state: &AppState) -> Result<String, ApiError> {
     environment()
         .get_template("status.html")
         .and_then(|template| template.render(context))
-        .map_err(|error| ApiError::Internal(format!("rendering the status page: {error}")))
+        .map_err(|source| ApiError::Render {
+            page: "status",
+            source,
+        })
 }
 
 /// `GET /deals/{id}`: one deal with each follow-up rule's decision about it, the
@@ -529,7 +532,10 @@ fn render_deal(
     environment()
         .get_template("deal.html")
         .and_then(|template| template.render(context))
-        .map_err(|error| ApiError::Internal(format!("rendering the deal page: {error}")))
+        .map_err(|source| ApiError::Render {
+            page: "deal",
+            source,
+        })
 }
 
 /// Each stage's stall cut-off at `now`.

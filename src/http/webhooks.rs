@@ -323,7 +323,7 @@ pub async fn receive(
                     count(&state, &connection, "failed");
                     match error {
                         EnqueueError::Store(error) => ApiError::from(error).into_response(),
-                        other => ApiError::Internal(other.to_string()).into_response(),
+                        other => ApiError::Inbox(other).into_response(),
                     }
                 }
             }

@@ -52,7 +52,7 @@ pub struct NativeStage {
     /// Open, won or lost, when the source says.
     pub kind: Option<StageKind>,
     /// The source's own rotting threshold, when it has one.
-    #[serde(default, with = "crate::config::duration::option_serde")]
+    #[serde(default, with = "crate::domain::duration::option_serde")]
     pub rot_after: Option<Duration>,
 }
 

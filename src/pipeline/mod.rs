@@ -46,7 +46,7 @@ pub struct Stage {
     /// Win probability in percent, 0–100, used by the weighted forecast.
     pub probability: u8,
     /// How long a deal may sit here before it counts as stalled ("rotting").
-    #[serde(with = "crate::config::duration::option_serde")]
+    #[serde(with = "crate::domain::duration::option_serde")]
     pub stall_after: Option<Duration>,
     pub kind: StageKind,
 }

@@ -25,10 +25,7 @@ async fn fixture_store() -> (tempfile::TempDir, Store) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("report.db");
     let store = Store::open(&path).unwrap();
-    rusqlite::Connection::open(&path)
-        .unwrap()
-        .execute_batch(FIXTURE)
-        .unwrap();
+    store.execute_batch_for_test(FIXTURE).await.unwrap();
     (dir, store)
 }
 
@@ -268,9 +265,8 @@ async fn expiry_rows_in_the_outbox_count_neither_as_sent_follow_ups_nor_as_email
     // Cart K's expiry as the follow-up worker leaves it (`done`, with the time it was
     // carried out), and an expiry row for cart H marked `sent` before H's purchase:
     // neither sent an email, so neither may change what the emails are credited with.
-    rusqlite::Connection::open(store.path())
-        .unwrap()
-        .execute_batch(
+    store
+        .execute_batch_for_test(
             "INSERT INTO outbox (deal_id, rule, step, action, recipient, state, due_at,
                 created_at, updated_at, sent_at, anchor_at, next_attempt_at) VALUES
              (11, 'cart', 3, 'expire', 'k@example.com', 'done',
@@ -279,6 +275,7 @@ async fn expiry_rows_in_the_outbox_count_neither_as_sent_follow_ups_nor_as_email
               unixepoch('2026-01-10 03:00') * 1000, 0, 0,
               unixepoch('2026-01-10 03:00') * 1000, 0, 0);",
         )
+        .await
         .unwrap();
     let pipelines = Pipelines::new(default_pipelines());
     let report = store

@@ -5,7 +5,7 @@
 //! Invariants:
 //! - A cart's stage only moves forward on the source's say-so: a record that says "still
 //!   open" never moves a stored cart out of the stage dealsync or an order put it in
-//!   (abandoned, followed up, purchased, expired). See [`held_stage`].
+//!   (abandoned, followed up, purchased, expired). See [`super::deals::held_stage`].
 //! - An order matched to carts moves them to the won stage in the same transaction that
 //!   records it, and is not stored a second time as its own deal (no double revenue).
 //! - Abandoning and expiring re-check the stage inside their transaction, so a cart an
@@ -42,31 +42,6 @@ pub enum CartOutcome {
     Matched(Vec<i64>),
     /// A checkout whose purchase is already recorded on this deal; not stored again.
     Superseded(i64),
-}
-
-/// The stage an existing cart keeps when an incoming record would move it: `Some` when
-/// the record is a cart, says "open", and the stored cart is in a different stage that
-/// dealsync or an order put it in. A late checkout update after the purchase, or a
-/// repeated "pending" after the cart was abandoned, so changes the cart's fields only.
-pub(crate) fn held_stage(
-    existing_status: &str,
-    existing: &StageRef,
-    upsert: &DealUpsert,
-) -> Option<(StageRef, DealStatus)> {
-    if upsert.source.cart_keys.is_empty() || upsert.status != DealStatus::Open {
-        return None;
-    }
-    let status = DealStatus::parse(existing_status)?;
-    if !matches!(
-        status,
-        DealStatus::Open | DealStatus::Won | DealStatus::Lost
-    ) {
-        return None;
-    }
-    if existing == &upsert.target {
-        return None;
-    }
-    Some((existing.clone(), status))
 }
 
 struct Match {

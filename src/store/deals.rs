@@ -373,6 +373,31 @@ struct PendingHistory {
     native_from: Option<String>,
 }
 
+/// The stage an existing cart keeps when an incoming record would move it: `Some` when
+/// the record is a cart, says "open", and the stored cart is in a different stage that
+/// dealsync or an order put it in. A late checkout update after the purchase, or a
+/// repeated "pending" after the cart was abandoned, so changes the cart's fields only.
+pub(crate) fn held_stage(
+    existing_status: &str,
+    existing: &StageRef,
+    upsert: &DealUpsert,
+) -> Option<(StageRef, DealStatus)> {
+    if upsert.source.cart_keys.is_empty() || upsert.status != DealStatus::Open {
+        return None;
+    }
+    let status = DealStatus::parse(existing_status)?;
+    if !matches!(
+        status,
+        DealStatus::Open | DealStatus::Won | DealStatus::Lost
+    ) {
+        return None;
+    }
+    if existing == &upsert.target {
+        return None;
+    }
+    Some((existing.clone(), status))
+}
+
 /// Inserts or updates each record; appends one history row per canonical stage change.
 ///
 /// The batch's stored deals are read up front in one statement (a record whose
@@ -395,7 +420,7 @@ pub(crate) fn upsert_all(tx: &Transaction<'_>, upserts: Vec<DealUpsert>) -> Resu
         } else {
             stored[index].take()
         };
-        // A cart keeps the stage dealsync or an order moved it to (see `carts`). Only
+        // A cart keeps the stage dealsync or an order moved it to (see `held_stage`). Only
         // records with cart keys can be held; the check skips building the stored stage
         // for every other record.
         let held = existing
@@ -406,13 +431,13 @@ pub(crate) fn upsert_all(tx: &Transaction<'_>, upserts: Vec<DealUpsert>) -> Resu
                     pipeline: existing.pipeline.clone().map(PipelineKey::new),
                     stage: StageKey::new(existing.stage.clone()),
                 };
-                super::carts::held_stage(&existing.status, &stored_stage, upsert).map(
-                    |(target, status)| DealUpsert {
+                held_stage(&existing.status, &stored_stage, upsert).map(|(target, status)| {
+                    DealUpsert {
                         target,
                         status,
                         ..upsert.clone()
-                    },
-                )
+                    }
+                })
             });
         // A won deal a follow-up moved on (to post-sale) stays there while its source
         // still says won. Only such records need the extra read.

@@ -300,7 +300,7 @@ pub(super) struct Inbox {
 fn open_connection(path: &Path) -> Result<Connection> {
     let connection = Connection::open(path).map_err(|source| StoreError::Open {
         path: path.display().to_string(),
-        source,
+        source: source.into(),
     })?;
     connection.busy_timeout(std::time::Duration::from_secs(10))?;
     Ok(connection)
@@ -321,7 +321,10 @@ fn migrate(db: &mut Connection, path: &Path) -> Result<()> {
     for &(version, sql) in SCHEMA.iter().filter(|(v, _)| *v > found) {
         tx.execute_batch(sql)
             .and_then(|()| tx.pragma_update(None, "user_version", version))
-            .map_err(|source| StoreError::Migration { version, source })?;
+            .map_err(|source| StoreError::Migration {
+                version,
+                source: source.into(),
+            })?;
         tracing::info!(version, path = %path.display(), "applied webhook inbox migration");
     }
     tx.commit()?;
@@ -1087,18 +1090,6 @@ impl Store {
         self.inbox()
             .ask(|reply| Command::Replay(id, at, reply))
             .await
-    }
-
-    /// Dead letters kept, for `/metrics` and tests.
-    pub async fn dead_letter_count(&self) -> Result<u64> {
-        self.read_inbox(|db| {
-            let count: i64 =
-                db.query_row("SELECT count(*) FROM webhook_dead_letters", [], |row| {
-                    row.get(0)
-                })?;
-            Ok(count.max(0) as u64)
-        })
-        .await
     }
 }
 

@@ -37,7 +37,10 @@ pub fn migrate(db: &mut Connection) -> Result<()> {
     for &(version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > found) {
         tx.execute_batch(sql)
             .and_then(|()| tx.pragma_update(None, "user_version", version))
-            .map_err(|source| StoreError::Migration { version, source })?;
+            .map_err(|source| StoreError::Migration {
+                version,
+                source: source.into(),
+            })?;
         tracing::info!(version, "applied database migration");
     }
     tx.commit()?;

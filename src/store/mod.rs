@@ -70,10 +70,7 @@ use std::time::Duration;
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("opening database {path}: {source}")]
-    Open {
-        path: String,
-        source: rusqlite::Error,
-    },
+    Open { path: String, source: DbError },
     #[error("creating directory {path}: {source}")]
     CreateDir {
         path: String,
@@ -94,10 +91,7 @@ pub enum StoreError {
         supported: i64,
     },
     #[error("migrating database to version {version}: {source}")]
-    Migration {
-        version: i64,
-        source: rusqlite::Error,
-    },
+    Migration { version: i64, source: DbError },
     /// The data directory or a database file cannot be written (permissions, a
     /// read-only file system): nothing dealsync does can fix that, an operator can.
     #[error(
@@ -111,50 +105,105 @@ pub enum StoreError {
         source: std::io::Error,
     },
     #[error("database error: {0}")]
-    Sql(#[from] rusqlite::Error),
+    Database(#[from] DbError),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
     #[error("database task failed: {0}")]
     Task(String),
 }
 
-impl StoreError {
-    /// Whether the disk is full or read-only: the caller should pause, not drop data.
+/// A failure reported by the database. Opaque, so that no caller outside the store
+/// depends on the backend: it says what a caller needs to decide (retry, pause), and
+/// its message and source chain carry the database's own words.
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct DbError(rusqlite::Error);
+
+impl From<rusqlite::Error> for DbError {
+    fn from(error: rusqlite::Error) -> DbError {
+        DbError(error)
+    }
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(error: rusqlite::Error) -> StoreError {
+        StoreError::Database(DbError(error))
+    }
+}
+
+impl DbError {
+    fn code(&self) -> Option<rusqlite::ErrorCode> {
+        self.0.sqlite_error_code()
+    }
+
+    /// Whether the disk is full.
     pub fn is_disk_full(&self) -> bool {
+        self.code() == Some(rusqlite::ErrorCode::DiskFull)
+    }
+
+    /// Whether the failure is the database's state rather than the data: busy or
+    /// locked by another connection or process, an I/O error, a full or read-only
+    /// disk. Retrying the same work later may succeed.
+    pub fn is_transient(&self) -> bool {
+        use rusqlite::ErrorCode;
         matches!(
-            self,
-            StoreError::Sql(rusqlite::Error::SqliteFailure(e, _))
-                if e.code == rusqlite::ErrorCode::DiskFull
+            self.code(),
+            Some(
+                ErrorCode::DatabaseBusy
+                    | ErrorCode::DatabaseLocked
+                    | ErrorCode::SystemIoFailure
+                    | ErrorCode::DiskFull
+                    | ErrorCode::CannotOpen
+                    | ErrorCode::ReadOnly
+                    | ErrorCode::FileLockingProtocolFailed
+                    | ErrorCode::OutOfMemory
+            )
         )
+    }
+
+    /// Whether the failure may come from a directory or file that cannot be written
+    /// (SQLite says "unable to open database file" or "readonly database").
+    fn may_be_unwritable(&self) -> bool {
+        use rusqlite::ErrorCode;
+        matches!(
+            self.code(),
+            Some(
+                ErrorCode::CannotOpen
+                    | ErrorCode::ReadOnly
+                    | ErrorCode::PermissionDenied
+                    | ErrorCode::SystemIoFailure
+            )
+        )
+    }
+
+    /// The database is busy (another connection holds the lock): for tests of the
+    /// callers' retries.
+    #[cfg(test)]
+    pub(crate) fn busy() -> DbError {
+        DbError(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY),
+            Some("database is locked".into()),
+        ))
     }
 }
 
 impl StoreError {
+    /// Whether the disk is full or read-only: the caller should pause, not drop data.
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, StoreError::Database(error) if error.is_disk_full())
+    }
+
     /// Whether the failure is the database's state rather than the data: busy or
     /// locked by another connection or process, an I/O error, a full or read-only
     /// disk. Retrying the same work later may succeed; it says nothing against the row.
     pub fn is_transient(&self) -> bool {
-        use rusqlite::ErrorCode;
-        let code = match self {
-            StoreError::Sql(rusqlite::Error::SqliteFailure(error, _))
-            | StoreError::Open {
-                source: rusqlite::Error::SqliteFailure(error, _),
-                ..
-            } => error.code,
-            StoreError::CreateDir { .. } | StoreError::CreateFile { .. } => return true,
-            _ => return false,
-        };
-        matches!(
-            code,
-            ErrorCode::DatabaseBusy
-                | ErrorCode::DatabaseLocked
-                | ErrorCode::SystemIoFailure
-                | ErrorCode::DiskFull
-                | ErrorCode::CannotOpen
-                | ErrorCode::ReadOnly
-                | ErrorCode::FileLockingProtocolFailed
-                | ErrorCode::OutOfMemory
-        )
+        match self {
+            StoreError::Database(error) | StoreError::Open { source: error, .. } => {
+                error.is_transient()
+            }
+            StoreError::CreateDir { .. } | StoreError::CreateFile { .. } => true,
+            _ => false,
+        }
     }
 }
 
@@ -207,7 +256,7 @@ impl std::fmt::Debug for Store {
 fn open_connection(path: &Path) -> Result<Connection> {
     let connection = Connection::open(path).map_err(|source| StoreError::Open {
         path: path.display().to_string(),
-        source,
+        source: source.into(),
     })?;
     connection.busy_timeout(Duration::from_secs(10))?;
     // A larger page cache and memory-mapped reads keep index lookups off the
@@ -317,21 +366,13 @@ pub fn probe_dir(dir: &Path) -> std::result::Result<(), (PathBuf, std::io::Error
 /// Whether an error opening the store may come from a directory or file it cannot
 /// write (SQLite says "unable to open database file" or "readonly database").
 fn may_be_unwritable(error: &StoreError) -> bool {
-    let code = match error {
-        StoreError::Open { source, .. } | StoreError::Sql(source) => source.sqlite_error_code(),
-        StoreError::Migration { source, .. } => source.sqlite_error_code(),
-        StoreError::CreateDir { .. } => return true,
-        _ => None,
-    };
-    matches!(
-        code,
-        Some(
-            rusqlite::ErrorCode::CannotOpen
-                | rusqlite::ErrorCode::ReadOnly
-                | rusqlite::ErrorCode::PermissionDenied
-                | rusqlite::ErrorCode::SystemIoFailure
-        )
-    )
+    match error {
+        StoreError::Open { source, .. }
+        | StoreError::Database(source)
+        | StoreError::Migration { source, .. } => source.may_be_unwritable(),
+        StoreError::CreateDir { .. } => true,
+        _ => false,
+    }
 }
 
 impl Store {
@@ -422,6 +463,14 @@ impl Store {
         })
         .await
         .map_err(|error| StoreError::Task(error.to_string()))?
+    }
+
+    /// Runs raw SQL in one write transaction: fixtures for tests outside the store,
+    /// which name no database type.
+    #[cfg(test)]
+    pub(crate) async fn execute_batch_for_test(&self, sql: &str) -> Result<()> {
+        let sql = sql.to_owned();
+        self.write(move |tx| Ok(tx.execute_batch(&sql)?)).await
     }
 
     /// A receiver that changes after every committed transaction that recorded a
@@ -586,7 +635,7 @@ pub(crate) mod tests {
     #[test]
     fn busy_and_io_failures_are_transient_and_data_problems_are_not() {
         let sqlite = |code: i32| {
-            StoreError::Sql(rusqlite::Error::SqliteFailure(
+            StoreError::from(rusqlite::Error::SqliteFailure(
                 rusqlite::ffi::Error::new(code),
                 None,
             ))

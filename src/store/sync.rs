@@ -369,18 +369,6 @@ impl Store {
         .await
     }
 
-    pub async fn quarantined_count(&self, connection: &str) -> Result<u64> {
-        let connection = connection.to_owned();
-        self.read(move |db| {
-            Ok(db.query_row(
-                "SELECT count(*) FROM quarantine WHERE connection = ?1",
-                [connection],
-                |row| row.get::<_, i64>(0),
-            )? as u64)
-        })
-        .await
-    }
-
     /// Stores what discovery found for a connection.
     pub async fn save_native_pipelines(
         &self,

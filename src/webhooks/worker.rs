@@ -46,20 +46,49 @@ const IDLE_POLL: Duration = Duration::from_secs(1);
 /// How often processed rows past their retention are pruned.
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
-/// Why a row could not be applied.
+/// Why a row could not be applied. [`ProcessError::is_permanent`] says whether another
+/// attempt can help.
 #[derive(Debug, thiserror::Error)]
 enum ProcessError {
-    /// Worth another attempt later (store busy, vendor down).
-    #[error("{0}")]
-    Retry(String),
-    /// Will never work (the connection is gone, the body no longer parses).
-    #[error("{0}")]
-    Permanent(String),
+    /// Writing the row's changes failed: worth another attempt later.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Fetching an id-only payload's record failed: retried unless the vendor's answer
+    /// was unusable.
+    #[error("fetching {external_id}: {source}")]
+    Fetch {
+        external_id: String,
+        #[source]
+        source: Box<ConnectorError>,
+    },
+    /// The row's connection was removed from the configuration.
+    #[error("the connection is no longer configured")]
+    ConnectionGone,
+    /// The body no longer parses as the connector's payload.
+    #[error("malformed payload: {reason}")]
+    Malformed { reason: String },
+    /// A fetched record nests too deep to store.
+    #[error("record {external_id}: {source}")]
+    TooDeep {
+        external_id: crate::domain::ExternalId,
+        #[source]
+        source: crate::domain::TooDeep,
+    },
 }
 
-impl From<StoreError> for ProcessError {
-    fn from(error: StoreError) -> Self {
-        ProcessError::Retry(error.to_string())
+impl ProcessError {
+    /// Whether no later attempt can work (the connection is gone, the body or the
+    /// fetched record is unusable); everything else is worth retrying.
+    fn is_permanent(&self) -> bool {
+        match self {
+            ProcessError::Store(_) => false,
+            ProcessError::Fetch { source, .. } => {
+                matches!(**source, ConnectorError::BadResponse { .. })
+            }
+            ProcessError::ConnectionGone
+            | ProcessError::Malformed { .. }
+            | ProcessError::TooDeep { .. } => true,
+        }
     }
 }
 
@@ -188,30 +217,27 @@ async fn give_up_or_retry(
     row: &InboxRow,
     error: ProcessError,
 ) -> Result<bool, StoreError> {
-    match error {
-        ProcessError::Permanent(reason) => {
-            error!(connection = %row.connection, delivery_id = %row.delivery_id, reason, "webhook could not be applied; kept as failed");
-            state
-                .store
-                .webhook_failed(row.id, &reason, Utc::now())
-                .await?;
-            Ok(false)
-        }
-        ProcessError::Retry(reason) if !ROW_RETRIES.may_retry(row.attempts + 1) => {
-            error!(connection = %row.connection, delivery_id = %row.delivery_id, attempts = row.attempts + 1, reason, "webhook failed too often; kept as failed");
-            state
-                .store
-                .webhook_failed(row.id, &reason, Utc::now())
-                .await?;
-            Ok(false)
-        }
-        ProcessError::Retry(reason) => {
-            let delay = ROW_RETRIES.delay(row.attempts + 1);
-            warn!(connection = %row.connection, delivery_id = %row.delivery_id, attempt = row.attempts + 1, retry_in_ms = delay.as_millis() as u64, reason, "webhook processing failed; will retry");
-            let next = Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default();
-            state.store.webhook_retry(row.id, &reason, next).await?;
-            Ok(true)
-        }
+    let reason = crate::telemetry::error_chain(&error);
+    if error.is_permanent() {
+        error!(connection = %row.connection, delivery_id = %row.delivery_id, reason, "webhook could not be applied; kept as failed");
+        state
+            .store
+            .webhook_failed(row.id, &reason, Utc::now())
+            .await?;
+        Ok(false)
+    } else if !ROW_RETRIES.may_retry(row.attempts + 1) {
+        error!(connection = %row.connection, delivery_id = %row.delivery_id, attempts = row.attempts + 1, reason, "webhook failed too often; kept as failed");
+        state
+            .store
+            .webhook_failed(row.id, &reason, Utc::now())
+            .await?;
+        Ok(false)
+    } else {
+        let delay = ROW_RETRIES.delay(row.attempts + 1);
+        warn!(connection = %row.connection, delivery_id = %row.delivery_id, attempt = row.attempts + 1, retry_in_ms = delay.as_millis() as u64, reason, "webhook processing failed; will retry");
+        let next = Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default();
+        state.store.webhook_retry(row.id, &reason, next).await?;
+        Ok(true)
     }
 }
 
@@ -220,9 +246,9 @@ async fn plan(
     row: &InboxRow,
     shutdown: &CancellationToken,
 ) -> Result<Vec<InboxOp>, ProcessError> {
-    let runtime = state.connection(&row.connection).ok_or_else(|| {
-        ProcessError::Permanent("the connection is no longer configured".to_owned())
-    })?;
+    let runtime = state
+        .connection(&row.connection)
+        .ok_or(ProcessError::ConnectionGone)?;
     let cx = runtime.context(&state.sync_deps(), shutdown);
     plan_row(&runtime, row, &cx).await
 }
@@ -261,7 +287,7 @@ async fn plan_row(
     let actions = runtime
         .connector
         .parse_webhook(&event)
-        .map_err(|bad| ProcessError::Permanent(format!("malformed payload: {}", bad.reason)))?;
+        .map_err(|bad| ProcessError::Malformed { reason: bad.reason })?;
     let mut ops = Vec::new();
     for action in actions {
         match action {
@@ -271,15 +297,11 @@ async fn plan_row(
                 match runtime.connector.fetch_one(cx, &external_id).await {
                     Ok(Some(deal)) => ops.push(record(runtime, deal)?),
                     Ok(None) => ops.push(deletion(runtime, external_id)),
-                    Err(ConnectorError::BadResponse { reason, .. }) => {
-                        return Err(ProcessError::Permanent(format!(
-                            "fetching {external_id}: {reason}"
-                        )));
-                    }
-                    Err(error) => {
-                        return Err(ProcessError::Retry(format!(
-                            "fetching {external_id}: {error}"
-                        )));
+                    Err(source) => {
+                        return Err(ProcessError::Fetch {
+                            external_id,
+                            source: Box::new(source),
+                        });
                     }
                 }
             }
@@ -292,11 +314,11 @@ async fn plan_row(
 /// A record to write: carts (records with cart keys) through the cart rules. A record
 /// nested too deep (a fetched one: bodies are checked at intake) is never stored.
 fn record(runtime: &ConnectionRuntime, deal: SourceDeal) -> Result<InboxOp, ProcessError> {
-    if let Err(too_deep) = check_depth(deal.raw.as_str().as_bytes()) {
-        return Err(ProcessError::Permanent(format!(
-            "record {}: {too_deep}",
-            deal.external_id
-        )));
+    if let Err(source) = check_depth(deal.raw.as_str().as_bytes()) {
+        return Err(ProcessError::TooDeep {
+            external_id: deal.external_id,
+            source,
+        });
     }
     let is_cart = !deal.cart_keys.is_empty();
     let upsert = runtime
@@ -346,7 +368,7 @@ mod tests {
             _cx: &SyncContext,
             _cursor: Option<&serde_json::Value>,
         ) -> Result<Page, ConnectorError> {
-            Err(ConnectorError::Other("not used".into()))
+            Err(ConnectorError::NotConfigured { what: "not used" })
         }
         fn parse_webhook(&self, event: &WebhookEvent) -> Result<Vec<WebhookAction>, BadRecord> {
             let body: serde_json::Value = serde_json::from_slice(&event.body).unwrap();
@@ -430,7 +452,10 @@ mod tests {
         // While the CRM is down, the refetch is a retryable failure and nothing is stored.
         let refetch = row(&store, "e-1", serde_json::json!({"refetch": "7"})).await;
         let failed = apply_row(&store, &runtime, &refetch, &cx).await;
-        assert!(matches!(failed, Err(ProcessError::Retry(_))), "{failed:?}");
+        assert!(
+            matches!(&failed, Err(error) if !error.is_permanent()),
+            "{failed:?}"
+        );
         assert!(
             store
                 .deal_by_external_id("crm", "7")

@@ -238,10 +238,6 @@ impl Credentials {
         Ok(Credentials::Static(authn))
     }
 
-    pub fn is_oauth(&self) -> bool {
-        matches!(self, Credentials::OAuth(_))
-    }
-
     /// What the next request carries; refreshes an OAuth token that is about to expire.
     pub async fn current(&self, cx: &SyncContext) -> Result<Authn, ConnectorError> {
         match self {
@@ -286,9 +282,9 @@ fn resolve(base: &url::Url, target: &str) -> Result<url::Url, String> {
 }
 
 fn store_of(cx: &SyncContext) -> Result<&Store, ConnectorError> {
-    cx.store
-        .as_ref()
-        .ok_or_else(|| ConnectorError::Other("OAuth connections need the token store".to_owned()))
+    cx.store.as_ref().ok_or(ConnectorError::NotConfigured {
+        what: "OAuth connections need the token store",
+    })
 }
 
 impl OAuthSession {
@@ -320,7 +316,10 @@ impl OAuthSession {
         let stored = store_of(cx)?
             .oauth_token(cx.connection.as_str())
             .await
-            .map_err(|e| ConnectorError::Other(e.to_string()))?;
+            .map_err(|source| ConnectorError::Store {
+                action: "reading the stored OAuth token",
+                source,
+            })?;
         if let Some(stored) = &stored {
             if stored.needs_reauth {
                 return Err(self.revoked_error(cx));
@@ -397,10 +396,14 @@ impl OAuthSession {
                 },
             })?;
         // Read under both locks: what another task or process stored is seen here.
-        let stored = store
-            .oauth_token(connection)
-            .await
-            .map_err(|e| ConnectorError::Other(e.to_string()))?;
+        let stored =
+            store
+                .oauth_token(connection)
+                .await
+                .map_err(|source| ConnectorError::Store {
+                    action: "reading the stored OAuth token",
+                    source,
+                })?;
         if let Some(stored) = &stored {
             if stored.needs_reauth {
                 return Err(self.revoked_error(cx));
@@ -451,7 +454,10 @@ impl OAuthSession {
                 store
                     .mark_needs_reauth(connection)
                     .await
-                    .map_err(|e| ConnectorError::Other(e.to_string()))?;
+                    .map_err(|source| ConnectorError::Store {
+                        action: "marking the connection for re-authorization",
+                        source,
+                    })?;
                 if let Ok(mut slot) = self.cached.lock() {
                     *slot = None;
                 }
@@ -540,7 +546,10 @@ impl OAuthSession {
             },
         )
         .await
-        .map_err(|e| ConnectorError::Other(e.to_string()))?;
+        .map_err(|source| ConnectorError::Store {
+            action: "storing a refreshed OAuth token",
+            source,
+        })?;
         let stored_extra = store
             .oauth_token(cx.connection.as_str())
             .await
@@ -630,7 +639,10 @@ impl OAuthHttp {
         let client = crate::vendor_http::client_builder()
             .timeout(Duration::from_secs(30))
             .build()
-            .map_err(|e| ConnectorError::Other(format!("building the OAuth HTTP client: {e}")))?;
+            .map_err(|source| ConnectorError::HttpClient {
+                what: "OAuth",
+                source,
+            })?;
         Ok(OAuthHttp {
             client,
             max_response_bytes,

@@ -22,7 +22,8 @@ use super::auth::{Authn, Credentials};
 use super::fields::{self, Scope, lookup, text_of};
 use super::records::{Plan, SplitError, SplitPage, split_page};
 use super::schema::{
-    Enrich, FieldSpec, FieldType, Manifest, Method, PaginationKind, Request, StageFields,
+    Enrich, EventAction, FieldSpec, FieldType, Manifest, Method, PaginationKind, Request,
+    SchemeName, StageFields,
 };
 use super::template::Vars;
 use crate::config::ConnectionConfig;
@@ -1886,16 +1887,15 @@ impl Connector for ManifestConnector {
     fn webhook_scheme(&self) -> Option<crate::webhooks::signature::Scheme> {
         use crate::webhooks::signature::Scheme;
         let tolerance = Duration::from_secs(300);
-        Some(match self.manifest.webhooks.as_ref()?.scheme.as_str() {
-            "hubspot_v3" => Scheme::HubSpotV3 { tolerance },
-            "hubspot_v1v2" => Scheme::HubSpotV1V2,
-            "pipedrive_basic" => Scheme::PipedriveBasic,
-            "shopify" => Scheme::Shopify,
-            "woocommerce" => Scheme::WooCommerce,
-            "stripe" => Scheme::Stripe { tolerance },
-            "standard_webhooks" => Scheme::StandardWebhooks { tolerance },
-            "none" => Scheme::None,
-            _ => return None,
+        Some(match self.manifest.webhooks.as_ref()?.scheme {
+            SchemeName::HubSpotV3 => Scheme::HubSpotV3 { tolerance },
+            SchemeName::HubSpotV1V2 => Scheme::HubSpotV1V2,
+            SchemeName::PipedriveBasic => Scheme::PipedriveBasic,
+            SchemeName::Shopify => Scheme::Shopify,
+            SchemeName::WooCommerce => Scheme::WooCommerce,
+            SchemeName::Stripe => Scheme::Stripe { tolerance },
+            SchemeName::StandardWebhooks => Scheme::StandardWebhooks { tolerance },
+            SchemeName::None => Scheme::None,
         })
     }
 
@@ -1932,8 +1932,8 @@ impl Connector for ManifestConnector {
                 continue;
             };
             let id = lookup(item, &spec.id).and_then(text_of);
-            match action.as_str() {
-                "refetch" => {
+            match action {
+                EventAction::Refetch => {
                     let id = id.ok_or_else(|| {
                         bad(
                             format!("{kind} event has no id at {}", spec.id),
@@ -1944,7 +1944,7 @@ impl Connector for ManifestConnector {
                         actions.push(WebhookAction::Refetch { external_id: id });
                     }
                 }
-                "delete" => {
+                EventAction::Delete => {
                     let id = id.ok_or_else(|| {
                         bad(
                             format!("{kind} event has no id at {}", spec.id),
@@ -1953,7 +1953,7 @@ impl Connector for ManifestConnector {
                     })?;
                     actions.push(WebhookAction::Delete { external_id: id });
                 }
-                "upsert" => {
+                EventAction::Upsert => {
                     let record = spec
                         .record
                         .as_deref()
@@ -1965,7 +1965,7 @@ impl Connector for ManifestConnector {
                     let deal = self.to_deal(record, &HashMap::new(), false)?;
                     actions.push(WebhookAction::Upsert(Box::new(deal)));
                 }
-                _ => {}
+                EventAction::Ignore => {}
             }
         }
         Ok(actions)

@@ -553,30 +553,8 @@ pub fn validate(manifest: &Manifest, report: &mut dyn FnMut(&str, String)) {
         }
     }
     if let Some(webhooks) = &manifest.webhooks {
-        if !matches!(
-            webhooks.scheme.as_str(),
-            "hubspot_v3"
-                | "hubspot_v1v2"
-                | "pipedrive_basic"
-                | "shopify"
-                | "woocommerce"
-                | "stripe"
-                | "standard_webhooks"
-                | "none"
-        ) {
-            report(
-                "webhooks.scheme",
-                format!("unknown scheme {:?}", webhooks.scheme),
-            );
-        }
         for (kind, action) in &webhooks.actions {
-            if !matches!(action.as_str(), "upsert" | "refetch" | "delete" | "ignore") {
-                report(
-                    &format!("webhooks.actions.{kind}"),
-                    format!("{action:?} is not upsert, refetch, delete or ignore"),
-                );
-            }
-            if action == "refetch" && deals.one.is_none() {
+            if *action == schema::EventAction::Refetch && deals.one.is_none() {
                 report(
                     &format!("webhooks.actions.{kind}"),
                     "refetch needs [deals.one]".into(),
@@ -618,6 +596,44 @@ mod tests {
         );
         let unknown = parse("crm.toml", "name = \"crm\"\nbase_urll = \"x\"\n").unwrap_err();
         assert!(unknown[0].message.contains("unknown field"), "{unknown:?}");
+    }
+
+    #[test]
+    fn an_unknown_webhook_scheme_or_action_is_refused_naming_the_known_ones() {
+        let base = "name = \"crm\"\nbase_url = \"http://x\"\n[auth]\nkind = \"bearer\"\n[deals]\nmodified = \"/m\"\n[deals.full]\npath = \"/deals\"\nrecords = \"/data\"\n[deals.fields]\nexternal_id = \"/id\"\nnative_stage = \"/stage\"\n[webhooks]\nscheme = \"shopify\"\nkind = [\"/t\"]\nid = \"/id\"\n[webhooks.actions]\n\"deal.deleted\" = \"delete\"\n";
+        assert!(
+            parse("crm.toml", base).is_ok(),
+            "{:?}",
+            parse("crm.toml", base).err()
+        );
+        let shown = |text: &str| -> Vec<String> {
+            parse("crm.toml", text)
+                .unwrap_err()
+                .iter()
+                .map(ToString::to_string)
+                .collect()
+        };
+        let scheme = shown(&base.replace("\"shopify\"", "\"shopfiy\""));
+        assert!(
+            scheme
+                .iter()
+                .any(|p| p.contains("webhooks.scheme") && p.contains("standard_webhooks")),
+            "{scheme:?}"
+        );
+        let action = shown(&base.replace("\"delete\"", "\"remove\""));
+        assert!(
+            action
+                .iter()
+                .any(|p| p.contains("webhooks.actions") && p.contains("refetch")),
+            "{action:?}"
+        );
+        let refetch = shown(&base.replace("\"delete\"", "\"refetch\""));
+        assert!(
+            refetch
+                .iter()
+                .any(|p| p.contains("refetch needs [deals.one]")),
+            "{refetch:?}"
+        );
     }
 
     #[test]

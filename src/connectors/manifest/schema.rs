@@ -439,9 +439,8 @@ pub struct StageFields {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Webhooks {
-    /// `hubspot_v3`, `hubspot_v1v2`, `pipedrive_basic`, `shopify`, `woocommerce`,
-    /// `stripe`, `standard_webhooks`, `none`.
-    pub scheme: String,
+    /// How deliveries are signed (see [`SchemeName`]).
+    pub scheme: SchemeName,
     /// Pointer to the array of events ("" when the body is one event or an array).
     #[serde(default)]
     pub events: String,
@@ -451,6 +450,42 @@ pub struct Webhooks {
     pub id: String,
     /// Pointer to the full record, for `upsert` actions.
     pub record: Option<String>,
-    /// Event kind → `upsert`, `refetch`, `delete` or `ignore`; other kinds are ignored.
-    pub actions: BTreeMap<String, String>,
+    /// Event kind → what to do with it; kinds not listed are ignored.
+    pub actions: BTreeMap<String, EventAction>,
+}
+
+/// A manifest's `webhooks.scheme`: the names a manifest may give; each maps to one
+/// `webhooks::signature::Scheme` (the engine's `webhook_scheme`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum SchemeName {
+    #[serde(rename = "hubspot_v3")]
+    HubSpotV3,
+    #[serde(rename = "hubspot_v1v2")]
+    HubSpotV1V2,
+    #[serde(rename = "pipedrive_basic")]
+    PipedriveBasic,
+    #[serde(rename = "shopify")]
+    Shopify,
+    #[serde(rename = "woocommerce")]
+    WooCommerce,
+    #[serde(rename = "stripe")]
+    Stripe,
+    #[serde(rename = "standard_webhooks")]
+    StandardWebhooks,
+    #[serde(rename = "none")]
+    None,
+}
+
+/// What a webhook event kind becomes (`webhooks.actions`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventAction {
+    /// The event carries the full record (at `webhooks.record`): store it.
+    Upsert,
+    /// The event names the record: read it through `[deals.one]`, then store it.
+    Refetch,
+    /// The record was deleted at the source.
+    Delete,
+    /// Nothing to do (listed so the kind is documented as seen and skipped).
+    Ignore,
 }
