@@ -152,11 +152,12 @@ pub fn signature(data: &[u8]) {
     let Some((scheme, secrets)) = words.next().and_then(scheme_named) else {
         return;
     };
-    let now_secs = words
+    // The clock: any instant `SystemTime` holds (the daemon passes its own clock).
+    let now = words
         .next()
         .and_then(|word| std::str::from_utf8(word).ok()?.parse::<u64>().ok())
-        .unwrap_or(1_768_986_405);
-    let now = UNIX_EPOCH + Duration::from_secs(now_secs);
+        .and_then(|secs| UNIX_EPOCH.checked_add(Duration::from_secs(secs)))
+        .unwrap_or(UNIX_EPOCH + Duration::from_secs(1_768_986_405));
     let method = words
         .next()
         .and_then(|word| std::str::from_utf8(word).ok())
