@@ -152,12 +152,16 @@ pub fn signature(data: &[u8]) {
     let Some((scheme, secrets)) = words.next().and_then(scheme_named) else {
         return;
     };
-    // The clock: any instant `SystemTime` holds (the daemon passes its own clock).
+    // The clock, up to the end of year 9999 (the daemon passes its own clock; past
+    // year 584 million HubSpot's millisecond timestamps no longer fit in 64 bits, so
+    // `sign` writes one `verify` refuses).
     let now = words
         .next()
         .and_then(|word| std::str::from_utf8(word).ok()?.parse::<u64>().ok())
-        .and_then(|secs| UNIX_EPOCH.checked_add(Duration::from_secs(secs)))
-        .unwrap_or(UNIX_EPOCH + Duration::from_secs(1_768_986_405));
+        .filter(|secs| *secs < 253_402_300_800)
+        .map_or(UNIX_EPOCH + Duration::from_secs(1_768_986_405), |secs| {
+            UNIX_EPOCH + Duration::from_secs(secs)
+        });
     let method = words
         .next()
         .and_then(|word| std::str::from_utf8(word).ok())

@@ -130,7 +130,10 @@ fn parse_exponent(text: &str) -> Option<i32> {
     if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    Some(text.parse::<i32>().unwrap_or(if negative { i32::MIN } else { i32::MAX }))
+    Some(
+        text.parse::<i32>()
+            .unwrap_or(if negative { i32::MIN } else { i32::MAX }),
+    )
 }
 
 /// `None`: not a number; `Some(Err)`: a number that overflows.
@@ -275,7 +278,11 @@ mod tests {
         // serde_json and written back as `0.0`, was zero.
         let bhd = Currency::parse("BHD").unwrap();
         for zero in ["0e70", "0E400", "-0.000e2147483647", "00.0e39"] {
-            assert_eq!(Money::parse_decimal(zero, bhd), Ok(Money::new(0, bhd)), "{zero}");
+            assert_eq!(
+                Money::parse_decimal(zero, bhd),
+                Ok(Money::new(0, bhd)),
+                "{zero}"
+            );
         }
         assert!(matches!(
             Money::parse_decimal("1e70", bhd),
@@ -290,7 +297,11 @@ mod tests {
         // JSON number as zero.
         let clf = Currency::parse("CLF").unwrap();
         for tiny in ["0e-4372080699", "1.5e-99999999999", "-7E-4372080699"] {
-            assert_eq!(Money::parse_decimal(tiny, clf), Ok(Money::new(0, clf)), "{tiny}");
+            assert_eq!(
+                Money::parse_decimal(tiny, clf),
+                Ok(Money::new(0, clf)),
+                "{tiny}"
+            );
         }
         assert_eq!(
             Money::parse_decimal("0e+99999999999", clf),
