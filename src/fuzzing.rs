@@ -29,9 +29,12 @@ use std::path::Path;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+/// A target's entry function: takes the fuzzer's bytes, panics on a finding.
+pub type Entry = fn(&[u8]);
+
 /// Every fuzz target by name (the name of its `fuzz/fuzz_targets/<name>.rs` and of its
 /// corpus directory `fuzz/corpus/<name>/`) and its entry function.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Entry)] = &[
     ("signature", signature),
     ("webhook_shopify", webhook_shopify),
     ("webhook_woocommerce", webhook_woocommerce),
@@ -45,7 +48,7 @@ pub const TARGETS: &[(&str, fn(&[u8]))] = &[
 ];
 
 /// The entry function of the target `name`.
-pub fn target(name: &str) -> Option<fn(&[u8])> {
+pub fn target(name: &str) -> Option<Entry> {
     TARGETS
         .iter()
         .find(|(target, _)| *target == name)
