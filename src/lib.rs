@@ -11,6 +11,9 @@ pub mod connectors;
 pub mod domain;
 pub mod files;
 pub mod followup;
+/// Entry points of the fuzz targets and of the test replaying their corpus.
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod http;
 pub mod lock;
 pub mod ops;

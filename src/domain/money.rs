@@ -120,10 +120,26 @@ pub fn format_minor(minor: i64, exponent: u32) -> String {
     )
 }
 
+/// A decimal exponent; one beyond `i32` is clamped to its end, where every amount
+/// already rounds to zero or overflows (as serde_json reads such a JSON number).
+fn parse_exponent(text: &str) -> Option<i32> {
+    let (negative, digits) = match text.strip_prefix('-') {
+        Some(digits) => (true, digits),
+        None => (false, text.strip_prefix('+').unwrap_or(text)),
+    };
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some(
+        text.parse::<i32>()
+            .unwrap_or(if negative { i32::MIN } else { i32::MAX }),
+    )
+}
+
 /// `None`: not a number; `Some(Err)`: a number that overflows.
 fn parse_minor(text: &str, exponent: u32) -> Option<Result<i64, MoneyError>> {
     let (mantissa, exp10) = match text.split_once(['e', 'E']) {
-        Some((mantissa, exponent)) => (mantissa, exponent.parse::<i32>().ok()?),
+        Some((mantissa, exponent)) => (mantissa, parse_exponent(exponent)?),
         None => (text, 0),
     };
     if mantissa.is_empty() {
@@ -158,6 +174,10 @@ fn parse_minor(text: &str, exponent: u32) -> Option<Result<i64, MoneyError>> {
         if value > i128::from(i64::MAX) * 1_000_000_000_000 {
             return Some(Err(overflow()));
         }
+    }
+    if value == 0 {
+        // Zero at any scale: `0e70` is no overflow (fuzzing found it refused as one).
+        return Some(Ok(0));
     }
     let value = if shift >= 0 {
         let scale = u32::try_from(shift)
@@ -249,6 +269,54 @@ mod tests {
             Money::parse_decimal("1.25e2147483647", jpy),
             Err(MoneyError::Overflow(_))
         ));
+    }
+
+    #[test]
+    fn zero_with_any_exponent_is_zero_not_an_overflow() {
+        // Found by the `money` fuzz target (fuzz/regressions/money/zero-e70): `0e70`
+        // was refused as an overflow, while the same JSON number, read as a float by
+        // serde_json and written back as `0.0`, was zero.
+        let bhd = Currency::parse("BHD").unwrap();
+        for zero in ["0e70", "0E400", "-0.000e2147483647", "00.0e39"] {
+            assert_eq!(
+                Money::parse_decimal(zero, bhd),
+                Ok(Money::new(0, bhd)),
+                "{zero}"
+            );
+        }
+        assert!(matches!(
+            Money::parse_decimal("1e70", bhd),
+            Err(MoneyError::Overflow(_))
+        ));
+    }
+
+    #[test]
+    fn an_exponent_beyond_i32_rounds_to_zero_or_overflows_like_a_json_number() {
+        // Found by the `money` fuzz target (fuzz/regressions/money/zero-e-4372080699):
+        // such an amount was "not a decimal amount", while serde_json reads the same
+        // JSON number as zero.
+        let clf = Currency::parse("CLF").unwrap();
+        for tiny in ["0e-4372080699", "1.5e-99999999999", "-7E-4372080699"] {
+            assert_eq!(
+                Money::parse_decimal(tiny, clf),
+                Ok(Money::new(0, clf)),
+                "{tiny}"
+            );
+        }
+        assert_eq!(
+            Money::parse_decimal("0e+99999999999", clf),
+            Ok(Money::new(0, clf))
+        );
+        assert!(matches!(
+            Money::parse_decimal("1e99999999999", clf),
+            Err(MoneyError::Overflow(_))
+        ));
+        for bad in ["1e", "1e-", "1e+-5", "1e5.0", "1e 5"] {
+            assert!(
+                matches!(Money::parse_decimal(bad, clf), Err(MoneyError::Amount(_))),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

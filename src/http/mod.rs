@@ -13,7 +13,7 @@ mod pipeline_metrics;
 pub mod server;
 mod status;
 mod unsubscribe;
-mod webhooks;
+pub(crate) mod webhooks;
 
 use crate::app::AppState;
 use crate::telemetry::{HttpLabels, Metrics};

@@ -59,6 +59,28 @@ const SECRET_HEADERS: &[&str] = &[
 /// Headers that name the event's topic, first match wins.
 const TOPIC_HEADERS: &[&str] = &["x-shopify-topic", "shopify-topic", "x-wc-webhook-topic"];
 
+/// The headers kept with a delivery: every visible-ASCII one but those that
+/// authenticate it.
+pub(crate) fn stored_headers(headers: &HeaderMap) -> Vec<(String, String)> {
+    headers
+        .iter()
+        .filter(|(name, _)| !SECRET_HEADERS.contains(&name.as_str()))
+        .filter_map(|(name, value)| {
+            Some((name.as_str().to_owned(), value.to_str().ok()?.to_owned()))
+        })
+        .collect()
+}
+
+/// The delivery's topic, from the first topic header that is visible ASCII.
+pub(crate) fn topic_of(headers: &HeaderMap) -> Option<String> {
+    TOPIC_HEADERS.iter().find_map(|name| {
+        headers
+            .get(*name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    })
+}
+
 fn reject(connection: &str, status: StatusCode, reason: &str) -> Response {
     warn!(
         connection,
@@ -107,7 +129,7 @@ fn signed_uri(state: &AppState, request_uri: &axum::http::Uri, headers: &HeaderM
 /// The delivery's idempotency key: the vendor's delivery id when the scheme has one,
 /// else the id inside the body (Stripe's event id, Pipedrive's `meta.id`), else a hash of
 /// the body (HubSpot, with the retry counter left out so a retry hashes the same).
-fn delivery_id(scheme: &Scheme, verified: &signature::Verified, body: &[u8]) -> String {
+pub(crate) fn delivery_id(scheme: &Scheme, verified: &signature::Verified, body: &[u8]) -> String {
     if let Some(id) = verified.delivery_id.as_ref().or(verified.event_id.as_ref()) {
         return id.clone();
     }
@@ -222,21 +244,8 @@ pub async fn receive(
         return refused(&connection, &full);
     }
 
-    let headers: Vec<(String, String)> = parts
-        .headers
-        .iter()
-        .filter(|(name, _)| !SECRET_HEADERS.contains(&name.as_str()))
-        .filter_map(|(name, value)| {
-            Some((name.as_str().to_owned(), value.to_str().ok()?.to_owned()))
-        })
-        .collect();
-    let topic = TOPIC_HEADERS.iter().find_map(|name| {
-        parts
-            .headers
-            .get(*name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned)
-    });
+    let headers = stored_headers(&parts.headers);
+    let topic = topic_of(&parts.headers);
     let received_at = Utc::now();
 
     // Before anything parses it: JSON nested past the limit would be stored as a deal

@@ -501,6 +501,11 @@ impl ManifestConnector {
         &self.manifest
     }
 
+    /// The record values the field mapping reads (what a list read keeps of a record).
+    pub(crate) fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
     fn base(&self, authn: &Authn) -> Result<url::Url, ConnectorError> {
         if let Some(base) = &self.configured_base {
             return Ok(base.clone());
@@ -979,7 +984,7 @@ impl ManifestConnector {
 
     /// The canonical fields of a record (`raw` left empty; the caller sets it, on a
     /// [`BadRecord`] too).
-    fn map_fields(
+    pub(crate) fn map_fields(
         &self,
         record: &Value,
         enriched: &HashMap<String, Value>,
@@ -1185,7 +1190,7 @@ impl ManifestConnector {
         }
     }
 
-    fn modified_of(
+    pub(crate) fn modified_of(
         &self,
         record: &Value,
         enriched: &HashMap<String, Value>,
