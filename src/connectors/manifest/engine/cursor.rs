@@ -162,6 +162,7 @@ pub(super) fn mapping_shape(manifest: &Manifest) -> String {
 }
 
 impl ManifestConnector {
+    /// [`Connector::fetch_page`](crate::connectors::Connector::fetch_page).
     pub(super) async fn read_page(
         &self,
         cx: &SyncContext,

@@ -57,6 +57,7 @@ fn native_stage(record: &Value, spec: &StageFields) -> Option<NativeStage> {
 }
 
 impl ManifestConnector {
+    /// [`Connector::discover_pipelines`](crate::connectors::Connector::discover_pipelines).
     pub(super) async fn discover(
         &self,
         cx: &SyncContext,

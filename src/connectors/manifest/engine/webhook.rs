@@ -2,8 +2,8 @@
 //! actions, and reading one record on its own (a webhook's refetch).
 //!
 //! Invariants:
-//! - No delivery body panics: a body that is not JSON or holds no events is a
-//!   [`BadRecord`]; events of kinds the manifest does not name are ignored.
+//! - A body that is not JSON or holds no events is a [`BadRecord`]; events of kinds
+//!   the manifest does not name are ignored.
 //! - One delivery refetches each id once.
 //! - A record id goes into a request only when it is made of the characters vendors
 //!   use in ids (letters, digits, `-`, `_`); a 404 reads as "no such record".
@@ -20,6 +20,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 impl ManifestConnector {
+    /// [`Connector::webhook_scheme`](crate::connectors::Connector::webhook_scheme).
     pub(super) fn scheme(&self) -> Option<crate::webhooks::signature::Scheme> {
         use crate::webhooks::signature::Scheme;
         let tolerance = Duration::from_secs(300);
@@ -35,6 +36,7 @@ impl ManifestConnector {
         })
     }
 
+    /// [`Connector::parse_webhook`](crate::connectors::Connector::parse_webhook).
     pub(super) fn webhook_actions(
         &self,
         event: &WebhookEvent,
@@ -110,6 +112,7 @@ impl ManifestConnector {
         Ok(actions)
     }
 
+    /// [`Connector::fetch_one`](crate::connectors::Connector::fetch_one).
     pub(super) async fn read_one(
         &self,
         cx: &SyncContext,
