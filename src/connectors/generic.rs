@@ -12,7 +12,7 @@
 use super::ecommerce::{
     self, ConsentField, NATIVE_PIPELINE, bad, currency, decimal, email, text_at, time,
 };
-use super::{BadRecord, Connector, ConnectorError, Page, SyncContext, WebhookAction, WebhookEvent};
+use super::{BadRecord, Connector, WebhookAction, WebhookEvent};
 use crate::config::ConnectionConfig;
 use crate::domain::{RawRecord, SourceDeal};
 use crate::pipeline::StageMapEntry;
@@ -181,14 +181,6 @@ impl Connector for GenericConnector {
 
     fn polls(&self) -> bool {
         false
-    }
-
-    async fn fetch_page(
-        &self,
-        _cx: &SyncContext,
-        _cursor: Option<&serde_json::Value>,
-    ) -> Result<Page, ConnectorError> {
-        Ok(Page::empty())
     }
 
     fn webhook_scheme(&self) -> Option<Scheme> {

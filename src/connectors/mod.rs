@@ -280,12 +280,15 @@ pub trait Connector: Send + Sync {
         None
     }
 
-    /// Returns one page after `cursor` (`None`: start a full read).
+    /// Returns one page after `cursor` (`None`: start a full read). The default, for
+    /// a webhook-only connector (one whose [`Self::polls`] is false), reads nothing.
     async fn fetch_page(
         &self,
-        cx: &SyncContext,
-        cursor: Option<&serde_json::Value>,
-    ) -> Result<Page, ConnectorError>;
+        _cx: &SyncContext,
+        _cursor: Option<&serde_json::Value>,
+    ) -> Result<Page, ConnectorError> {
+        Ok(Page::empty())
+    }
 
     /// How webhooks to this connection are signed; `None`: it takes no webhooks.
     fn webhook_scheme(&self) -> Option<crate::webhooks::signature::Scheme> {

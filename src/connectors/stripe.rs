@@ -11,7 +11,7 @@ use super::ecommerce::{
     self, ABANDONED, CHECKOUT, NATIVE_PIPELINE, PURCHASED, bad, currency, email, text, text_at,
     time,
 };
-use super::{BadRecord, Connector, ConnectorError, Page, SyncContext, WebhookAction, WebhookEvent};
+use super::{BadRecord, Connector, WebhookAction, WebhookEvent};
 use crate::config::ConnectionConfig;
 use crate::domain::{LineItem, Money, RawRecord, SourceDeal};
 use crate::pipeline::StageMapEntry;
@@ -128,14 +128,6 @@ impl Connector for StripeConnector {
 
     fn polls(&self) -> bool {
         false
-    }
-
-    async fn fetch_page(
-        &self,
-        _cx: &SyncContext,
-        _cursor: Option<&serde_json::Value>,
-    ) -> Result<Page, ConnectorError> {
-        Ok(Page::empty())
     }
 
     fn webhook_scheme(&self) -> Option<Scheme> {

@@ -11,7 +11,7 @@ use super::ecommerce::{
     self, CHECKOUT, CLOSED, ConsentField, NATIVE_PIPELINE, PURCHASED, bad, currency, decimal,
     email, full_name, line_items, text, time,
 };
-use super::{BadRecord, Connector, ConnectorError, Page, SyncContext, WebhookAction, WebhookEvent};
+use super::{BadRecord, Connector, WebhookAction, WebhookEvent};
 use crate::config::ConnectionConfig;
 use crate::domain::{RawRecord, SourceDeal};
 use crate::pipeline::StageMapEntry;
@@ -166,14 +166,6 @@ impl Connector for WooCommerceConnector {
 
     fn polls(&self) -> bool {
         false
-    }
-
-    async fn fetch_page(
-        &self,
-        _cx: &SyncContext,
-        _cursor: Option<&serde_json::Value>,
-    ) -> Result<Page, ConnectorError> {
-        Ok(Page::empty())
     }
 
     fn webhook_scheme(&self) -> Option<Scheme> {
