@@ -1809,7 +1809,7 @@ pub(crate) mod tests {
     async fn a_won_deal_moved_by_the_source_itself_follows_the_source() {
         let (_dir, store) = temp_store();
         let t0 = Utc::now() - Duration::hours(1);
-        // Someone moved the won deal to post-sale in the CRM, and later back.
+        // Someone moves the won deal to post-sale in the CRM, and later back.
         for (stage, minutes) in [("won", 0), ("post_sale", 5), ("won", 10)] {
             store
                 .upsert_deals(vec![with_status(
@@ -1818,12 +1818,12 @@ pub(crate) mod tests {
                 )])
                 .await
                 .unwrap();
+            assert_eq!(
+                stage_and_status(&store, "crm", "1").await,
+                (stage.to_owned(), DealStatus::Won),
+                "only a follow-up's move is held"
+            );
         }
-        assert_eq!(
-            stage_and_status(&store, "crm", "1").await,
-            ("won".to_owned(), DealStatus::Won),
-            "only a follow-up's move is held"
-        );
     }
 
     #[tokio::test]
@@ -1869,6 +1869,25 @@ pub(crate) mod tests {
         let history = store.history(deal.id).await.unwrap();
         assert_eq!(history.len(), 2);
         assert_eq!(history[1].at.timestamp_millis(), entered.timestamp_millis());
+    }
+
+    #[tokio::test]
+    async fn an_update_that_moves_the_deal_and_changes_its_contact_stores_both() {
+        let (_dir, store) = temp_store();
+        let t0 = Utc::now() - Duration::hours(1);
+        let mut first = upsert("1", "proposal", t0);
+        first.source.contact_email = EmailAddress::parse("ada@acme.example");
+        store.upsert_deals(vec![first]).await.unwrap();
+        let mut moved = upsert("1", "negotiation", t0 + Duration::minutes(5));
+        moved.source.contact_email = EmailAddress::parse("grace@acme.example");
+        let outcome = store.upsert_deals(vec![moved]).await.unwrap();
+        assert_eq!((outcome.updated, outcome.stage_changes), (1, 1));
+        let deal = store.deal_by_external_id("crm", "1").await.unwrap().unwrap();
+        assert_eq!(deal.stage.as_str(), "negotiation");
+        assert_eq!(
+            deal.contact_email.as_ref().map(|e| e.as_str()),
+            Some("grace@acme.example")
+        );
     }
 
     #[tokio::test]
