@@ -1891,6 +1891,45 @@ pub(crate) mod tests {
     }
 
     #[tokio::test]
+    async fn each_history_row_reads_back_with_the_cause_it_was_written_with() {
+        let (_dir, store) = temp_store();
+        let t0 = Utc::now() - Duration::hours(1);
+        let mut created = upsert("1", "proposal", t0);
+        created.cause = ChangeCause::Webhook;
+        store.upsert_deals(vec![created]).await.unwrap();
+        let id = store.deal_by_external_id("crm", "1").await.unwrap().unwrap().id;
+        let causes = [ChangeCause::Poll, ChangeCause::Followup, ChangeCause::Mapping];
+        for (minutes, (cause, stage)) in causes
+            .into_iter()
+            .zip(["negotiation", "proposal", "negotiation"])
+            .enumerate()
+        {
+            let at = t0 + Duration::minutes(minutes as i64 + 1);
+            let moved = store
+                .move_deal(id, sales(stage), DealStatus::Open, at, cause)
+                .await
+                .unwrap();
+            assert!(moved);
+        }
+        let read: Vec<ChangeCause> = store
+            .history(id)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|change| change.cause)
+            .collect();
+        assert_eq!(
+            read,
+            [
+                ChangeCause::Webhook,
+                ChangeCause::Poll,
+                ChangeCause::Followup,
+                ChangeCause::Mapping
+            ]
+        );
+    }
+
+    #[tokio::test]
     async fn a_batch_mixing_two_connections_updates_each_connections_own_deals() {
         let (_dir, store) = temp_store();
         let t0 = Utc::now() - Duration::hours(1);
