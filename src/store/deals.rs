@@ -1930,6 +1930,72 @@ pub(crate) mod tests {
     }
 
     #[tokio::test]
+    async fn a_changed_stage_map_moves_the_live_deals_where_the_old_mapping_put_them_and_records_the_map()
+     {
+        let (_dir, store) = temp_store();
+        let t0 = Utc::now() - Duration::hours(3);
+        let mut deleted = upsert("3", "mystery", t0);
+        deleted.source.deleted = true;
+        store
+            .upsert_deals(vec![
+                upsert("1", "mystery", t0),
+                upsert("2", "mystery", t0 + Duration::minutes(1)),
+                deleted,
+                upsert("4", "proposal", t0),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(store.applied_stage_map("crm").await.unwrap(), None);
+        let applied = vec![AppliedMapping {
+            native_pipeline: "default".into(),
+            native_stage: "mystery".into(),
+            pipeline: Some("sales".into()),
+            stage: "negotiation".into(),
+        }];
+        let moves = vec![
+            StageMove {
+                native_pipeline: "default".into(),
+                native_stage: "mystery".into(),
+                from: StageRef::unmapped(),
+                to: sales("negotiation"),
+                status: DealStatus::Open,
+                deals: 2,
+            },
+            // Deal 4 is not where this move expects it: it stays.
+            StageMove {
+                native_pipeline: "default".into(),
+                native_stage: "proposal".into(),
+                from: sales("negotiation"),
+                to: sales("won"),
+                status: DealStatus::Won,
+                deals: 0,
+            },
+        ];
+        let counts = store
+            .remap_deals("crm", moves, applied.clone())
+            .await
+            .unwrap();
+        assert_eq!(counts, [2, 0]);
+        for (id, entered) in [("1", t0), ("2", t0 + Duration::minutes(1))] {
+            let deal = store.deal_by_external_id("crm", id).await.unwrap().unwrap();
+            assert_eq!(deal.stage.as_str(), "negotiation", "deal {id}");
+            let last = store.history(deal.id).await.unwrap().pop().unwrap();
+            assert_eq!(last.cause, ChangeCause::Mapping);
+            assert_eq!(
+                last.at.timestamp_millis(),
+                entered.timestamp_millis(),
+                "dated when deal {id} entered its native stage"
+            );
+        }
+        assert_eq!(stage_and_status(&store, "crm", "3").await.0, UNMAPPED);
+        assert_eq!(stage_and_status(&store, "crm", "4").await.0, "proposal");
+        assert_eq!(
+            store.applied_stage_map("crm").await.unwrap(),
+            Some(applied)
+        );
+    }
+
+    #[tokio::test]
     async fn a_batch_mixing_two_connections_updates_each_connections_own_deals() {
         let (_dir, store) = temp_store();
         let t0 = Utc::now() - Duration::hours(1);
