@@ -1642,6 +1642,58 @@ mod tests {
             "expected every fixture vector to run, ran {count}"
         );
     }
+
+    /// A body-only signer's delivery resent with its original body inside Shopify's
+    /// 48-hour retry window is a duplicate in the inbox, whatever its delivery id; a
+    /// scheme that signs a timestamp or message id leaves duplicates to those.
+    #[tokio::test]
+    async fn a_body_only_signed_body_resent_within_shopifys_retry_window_is_a_duplicate() {
+        use crate::store::{Enqueued, NewWebhook};
+        let (_dir, store) = crate::store::tests::temp_store();
+        let now = chrono::Utc::now();
+        let body = bytes::Bytes::from_static(br#"{"token":"t"}"#);
+        let delivery = |scheme: &Scheme, connection: &str, id: &str, hours_ago: i64| NewWebhook {
+            connection: connection.into(),
+            delivery_id: id.into(),
+            topic: None,
+            headers: Vec::new(),
+            body_sha256: scheme
+                .body_replay_window()
+                .map(|window| (Sha256::digest(&body).into(), window)),
+            body: body.clone(),
+            received_at: now - chrono::Duration::hours(hours_ago),
+        };
+        for (name, scheme) in [("shop", Scheme::Shopify), ("woo", Scheme::WooCommerce)] {
+            let first = store
+                .enqueue_webhook(delivery(&scheme, name, "d-1", 47))
+                .await
+                .unwrap();
+            assert_eq!(first, Enqueued::Stored, "{name}");
+            let resent = store
+                .enqueue_webhook(delivery(&scheme, name, "d-2", 0))
+                .await
+                .unwrap();
+            assert_eq!(resent, Enqueued::Duplicate, "{name}: 47 hours later");
+        }
+        let tolerance = Duration::from_secs(300);
+        for scheme in [
+            Scheme::Stripe { tolerance },
+            Scheme::HubSpotV3 { tolerance },
+            Scheme::StandardWebhooks { tolerance },
+            Scheme::PipedriveBasic,
+            Scheme::None,
+        ] {
+            assert_eq!(scheme.body_replay_window(), None, "{scheme:?}");
+        }
+        let stripe = Scheme::Stripe { tolerance };
+        for id in ["evt-1", "evt-2"] {
+            let stored = store
+                .enqueue_webhook(delivery(&stripe, "stripe", id, 0))
+                .await
+                .unwrap();
+            assert_eq!(stored, Enqueued::Stored, "a new Stripe event id is a new event");
+        }
+    }
 }
 
 #[cfg(test)]
