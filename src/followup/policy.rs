@@ -250,6 +250,36 @@ mod tests {
         assert!(quiet.ends_after(at, chrono_tz::America::New_York).is_none());
     }
 
+    #[test]
+    fn quiet_hours_include_their_start_and_end_at_their_end() {
+        let at = |h: u32, m: u32| Utc.with_ymd_and_hms(2026, 6, 1, h, m, 0).unwrap();
+        let next_day = |h: u32, m: u32| Utc.with_ymd_and_hms(2026, 6, 2, h, m, 0).unwrap();
+        let utc = chrono_tz::UTC;
+        let midday = QuietHours::parse("12:00-13:30").unwrap();
+        assert_eq!(midday.ends_after(at(11, 59), utc), None);
+        assert_eq!(midday.ends_after(at(12, 0), utc), Some(at(13, 30)));
+        assert_eq!(midday.ends_after(at(13, 29), utc), Some(at(13, 30)));
+        assert_eq!(midday.ends_after(at(13, 30), utc), None);
+        let night = QuietHours::parse("21:00-09:00").unwrap();
+        assert_eq!(night.ends_after(at(20, 59), utc), None);
+        assert_eq!(night.ends_after(at(21, 0), utc), Some(next_day(9, 0)));
+        assert_eq!(night.ends_after(at(8, 59), utc), Some(at(9, 0)));
+        assert_eq!(night.ends_after(at(9, 0), utc), None);
+    }
+
+    #[test]
+    fn quiet_hours_ending_in_a_dst_gap_end_an_hour_later() {
+        // Berlin skips 02:00-03:00 on 29 March 2026: 02:30 does not exist that night,
+        // and 03:30 CEST (01:30 UTC) is the end.
+        let quiet = QuietHours::parse("21:00-02:30").unwrap();
+        let berlin: Tz = "Europe/Berlin".parse().unwrap();
+        let at = Utc.with_ymd_and_hms(2026, 3, 28, 22, 0, 0).unwrap();
+        assert_eq!(
+            quiet.ends_after(at, berlin),
+            Some(Utc.with_ymd_and_hms(2026, 3, 29, 1, 30, 0).unwrap())
+        );
+    }
+
     mod decide {
         //! The send-time decision over one due row, branch by branch.
         use super::*;
