@@ -932,6 +932,25 @@ mod tests {
         assert!(verified.is_ok(), "{verified:?}");
     }
 
+    /// A header that lists the matching signature more than once (a sender or proxy
+    /// repeating the entry) is as authentic as one that lists it once.
+    #[test]
+    fn stripe_accepts_the_matching_v1_entry_listed_twice() {
+        let valid = STRIPE_HEADER.rsplit_once("v1=").expect("vector has v1").1;
+        let value = format!("t={STRIPE_T},v1={valid},v1={valid}");
+        let headers = header_map(&[("stripe-signature", &value)]);
+
+        let verified = post(
+            stripe(),
+            &[STRIPE_SECRET],
+            &headers,
+            STRIPE_BODY,
+            at_secs(STRIPE_T),
+        );
+
+        assert_eq!(verified.map(|v| v.secret_index), Ok(Some(0)));
+    }
+
     #[test]
     fn hubspot_v3_official_vector_verifies_with_the_clock_at_its_timestamp() {
         let headers = header_map(&[
