@@ -538,18 +538,35 @@ mod tests {
         enum At {
             /// To `RCPT TO`.
             Recipient,
-            /// To the end of the message data; `None` closes the connection instead.
+            /// To the end of the message data.
             EndOfData,
         }
 
-        /// Serves SMTP on 127.0.0.1 until the test ends, answering `reply` at `at`
-        /// (`None`: closing the connection there) and 250 to everything else.
-        async fn scripted_server(at: At, reply: Option<&'static str>) -> u16 {
+        /// What the scripted server does at its point.
+        #[derive(Clone, Copy)]
+        enum Then {
+            Reply(&'static str),
+            /// Closes the connection (the client reads an end of stream).
+            Close,
+            /// Resets the connection (the client's read fails).
+            Reset,
+        }
+
+        /// Serves SMTP on 127.0.0.1 until the test ends, doing `then` at `at` and
+        /// answering 250 to everything else.
+        async fn scripted_server(at: At, then: Then) -> u16 {
             let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
             let port = listener.local_addr().unwrap().port();
             tokio::spawn(async move {
                 while let Ok((socket, _)) = listener.accept().await {
                     tokio::spawn(async move {
+                        if matches!(then, Then::Reset) {
+                            socket.set_zero_linger()?;
+                        }
+                        let reply = match then {
+                            Then::Reply(reply) => Some(reply),
+                            Then::Close | Then::Reset => None,
+                        };
                         let (read, mut write) = socket.into_split();
                         let mut lines = BufReader::new(read).lines();
                         write.write_all(b"220 scripted ESMTP\r\n").await?;
@@ -615,7 +632,7 @@ mod tests {
 
         /// Whether the permanent failure that `reply` to RCPT TO gives is a hard bounce.
         async fn permanent(reply: &'static str) -> bool {
-            let port = scripted_server(At::Recipient, Some(reply)).await;
+            let port = scripted_server(At::Recipient, Then::Reply(reply)).await;
             match send_to(port).await {
                 Err(MailError::Permanent { hard_bounce, .. }) => hard_bounce,
                 other => panic!("{reply}: expected a permanent failure, got {other:?}"),
@@ -624,7 +641,7 @@ mod tests {
 
         #[tokio::test]
         async fn an_accepted_message_is_sent() {
-            let port = scripted_server(At::EndOfData, Some("250 2.0.0 queued")).await;
+            let port = scripted_server(At::EndOfData, Then::Reply("250 2.0.0 queued")).await;
             send_to(port).await.unwrap();
         }
 
@@ -644,7 +661,7 @@ mod tests {
 
         #[tokio::test]
         async fn a_temporary_refusal_is_transient() {
-            let port = scripted_server(At::Recipient, Some("451 4.7.1 greylisted, try later")).await;
+            let port = scripted_server(At::Recipient, Then::Reply("451 4.7.1 greylisted, try later")).await;
             let result = send_to(port).await;
             assert!(
                 matches!(result, Err(MailError::Transient(_))),
@@ -654,9 +671,11 @@ mod tests {
 
         #[tokio::test]
         async fn a_connection_lost_after_the_message_was_handed_over_is_an_unknown_outcome() {
-            let port = scripted_server(At::EndOfData, None).await;
-            let result = send_to(port).await;
-            assert!(matches!(result, Err(MailError::Unknown(_))), "{result:?}");
+            for then in [Then::Close, Then::Reset] {
+                let port = scripted_server(At::EndOfData, then).await;
+                let result = send_to(port).await;
+                assert!(matches!(result, Err(MailError::Unknown(_))), "{result:?}");
+            }
         }
 
         #[tokio::test]
