@@ -603,6 +603,10 @@ mod tests {
                                 None => break,
                             }
                         }
+                        if matches!(then, Then::Reset) {
+                            // No FIN from the write half: the socket's close resets.
+                            write.forget();
+                        }
                         Ok::<_, std::io::Error>(())
                     });
                 }
