@@ -1412,6 +1412,12 @@ mod tests {
                 sw("1e9", SW_SIGNATURE),
                 header::WEBHOOK_TIMESTAMP,
             ),
+            // Rust's integer parser takes a leading sign; the header's grammar does not.
+            (
+                standard_webhooks(),
+                sw("+1614265330", SW_SIGNATURE),
+                header::WEBHOOK_TIMESTAMP,
+            ),
             (
                 standard_webhooks(),
                 sw("1614265330", "v1a,c2ln"),
