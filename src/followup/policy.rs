@@ -391,10 +391,7 @@ mod tests {
             let policy = policy(&rule);
             let mut gone = facts();
             gone.deal = None;
-            assert_eq!(
-                stopped(policy.decide(&gone)),
-                "the deal no longer exists"
-            );
+            assert_eq!(stopped(policy.decide(&gone)), "the deal no longer exists");
             // Marked deleted by either fact alone.
             let deleted_at = with_deal(|deal| deal.deleted_at = Some(now()));
             let deleted_status = with_deal(|deal| deal.status = DealStatus::Deleted);
@@ -469,7 +466,7 @@ mod tests {
                 "a row looked at early is not late"
             );
             let reason = skipped(policy.decide(&due(
-                chrono::Duration::hours(2) + chrono::Duration::seconds(1),
+                chrono::Duration::hours(2) + chrono::Duration::seconds(1)
             )));
             assert!(
                 reason.starts_with("overdue by ") && reason.contains("not sent late"),
@@ -548,12 +545,14 @@ mod tests {
                 to: Recipient::Owner,
                 ..rule.clone()
             };
-            assert_eq!(quiet_policy(&to_owner).decide(&facts()), ClaimDecision::Send);
+            assert_eq!(
+                quiet_policy(&to_owner).decide(&facts()),
+                ClaimDecision::Send
+            );
         }
 
         #[test]
-        fn the_frequency_cap_defers_the_contacts_next_email_until_the_oldest_leaves_the_window()
-        {
+        fn the_frequency_cap_defers_the_contacts_next_email_until_the_oldest_leaves_the_window() {
             let rule = rule();
             let capped = |rule| Policy {
                 cap: Some(2),

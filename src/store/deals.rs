@@ -1788,7 +1788,10 @@ pub(crate) mod tests {
 
         // The next sync still reads the deal as won in the source's won stage, and
         // something else about it changed (so the record is rewritten).
-        let mut again = with_status(upsert("1", "won", t0 + Duration::minutes(5)), DealStatus::Won);
+        let mut again = with_status(
+            upsert("1", "won", t0 + Duration::minutes(5)),
+            DealStatus::Won,
+        );
         again.source.title = "Deal 1 (invoiced)".into();
         let outcome = store.upsert_deals(vec![again]).await.unwrap();
         assert_eq!((outcome.updated, outcome.stage_changes), (1, 0));
@@ -1796,8 +1799,15 @@ pub(crate) mod tests {
             stage_and_status(&store, "crm", "1").await,
             ("post_sale".to_owned(), DealStatus::Won)
         );
-        let deal = store.deal_by_external_id("crm", "1").await.unwrap().unwrap();
-        assert_eq!(deal.title, "Deal 1 (invoiced)", "the rest of the record is written");
+        let deal = store
+            .deal_by_external_id("crm", "1")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            deal.title, "Deal 1 (invoiced)",
+            "the rest of the record is written"
+        );
         assert_eq!(
             store.history(id).await.unwrap().len(),
             2,
@@ -1832,7 +1842,10 @@ pub(crate) mod tests {
         let t0 = Utc::now() - Duration::hours(1);
         let id = won_then_moved_to_post_sale(&store, t0).await;
 
-        let lost = with_status(upsert("1", "lost", t0 + Duration::minutes(5)), DealStatus::Lost);
+        let lost = with_status(
+            upsert("1", "lost", t0 + Duration::minutes(5)),
+            DealStatus::Lost,
+        );
         let outcome = store.upsert_deals(vec![lost]).await.unwrap();
         assert_eq!((outcome.updated, outcome.stage_changes), (1, 1));
         assert_eq!(
@@ -1841,7 +1854,10 @@ pub(crate) mod tests {
         );
         let history = store.history(id).await.unwrap();
         assert_eq!(history.len(), 3);
-        assert_eq!(history[2].from_stage.as_ref().unwrap().as_str(), "post_sale");
+        assert_eq!(
+            history[2].from_stage.as_ref().unwrap().as_str(),
+            "post_sale"
+        );
         assert_eq!(history[2].to_stage.as_str(), "lost");
     }
 
@@ -1860,7 +1876,11 @@ pub(crate) mod tests {
         let outcome = store.upsert_deals(vec![moved]).await.unwrap();
         assert_eq!(outcome.stage_changes, 1);
 
-        let deal = store.deal_by_external_id("crm", "1").await.unwrap().unwrap();
+        let deal = store
+            .deal_by_external_id("crm", "1")
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(
             deal.stage_entered_at.timestamp_millis(),
             entered.timestamp_millis(),
@@ -1882,7 +1902,11 @@ pub(crate) mod tests {
         moved.source.contact_email = EmailAddress::parse("grace@acme.example");
         let outcome = store.upsert_deals(vec![moved]).await.unwrap();
         assert_eq!((outcome.updated, outcome.stage_changes), (1, 1));
-        let deal = store.deal_by_external_id("crm", "1").await.unwrap().unwrap();
+        let deal = store
+            .deal_by_external_id("crm", "1")
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(deal.stage.as_str(), "negotiation");
         assert_eq!(
             deal.contact_email.as_ref().map(|e| e.as_str()),
@@ -1897,8 +1921,17 @@ pub(crate) mod tests {
         let mut created = upsert("1", "proposal", t0);
         created.cause = ChangeCause::Webhook;
         store.upsert_deals(vec![created]).await.unwrap();
-        let id = store.deal_by_external_id("crm", "1").await.unwrap().unwrap().id;
-        let causes = [ChangeCause::Poll, ChangeCause::Followup, ChangeCause::Mapping];
+        let id = store
+            .deal_by_external_id("crm", "1")
+            .await
+            .unwrap()
+            .unwrap()
+            .id;
+        let causes = [
+            ChangeCause::Poll,
+            ChangeCause::Followup,
+            ChangeCause::Mapping,
+        ];
         for (minutes, (cause, stage)) in causes
             .into_iter()
             .zip(["negotiation", "proposal", "negotiation"])
@@ -1989,10 +2022,7 @@ pub(crate) mod tests {
         }
         assert_eq!(stage_and_status(&store, "crm", "3").await.0, UNMAPPED);
         assert_eq!(stage_and_status(&store, "crm", "4").await.0, "proposal");
-        assert_eq!(
-            store.applied_stage_map("crm").await.unwrap(),
-            Some(applied)
-        );
+        assert_eq!(store.applied_stage_map("crm").await.unwrap(), Some(applied));
     }
 
     #[tokio::test]

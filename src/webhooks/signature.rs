@@ -1716,7 +1716,11 @@ mod tests {
                 .enqueue_webhook(delivery(&stripe, "stripe", id, 0))
                 .await
                 .unwrap();
-            assert_eq!(stored, Enqueued::Stored, "a new Stripe event id is a new event");
+            assert_eq!(
+                stored,
+                Enqueued::Stored,
+                "a new Stripe event id is a new event"
+            );
         }
     }
 }
