@@ -665,12 +665,13 @@ mod tests {
 
         #[tokio::test]
         async fn a_temporary_refusal_is_transient() {
-            let port = scripted_server(At::Recipient, Then::Reply("451 4.7.1 greylisted, try later")).await;
+            let port = scripted_server(
+                At::Recipient,
+                Then::Reply("451 4.7.1 greylisted, try later"),
+            )
+            .await;
             let result = send_to(port).await;
-            assert!(
-                matches!(result, Err(MailError::Transient(_))),
-                "{result:?}"
-            );
+            assert!(matches!(result, Err(MailError::Transient(_))), "{result:?}");
         }
 
         #[tokio::test]
@@ -683,6 +684,57 @@ mod tests {
         }
 
         #[tokio::test]
+        async fn a_connection_that_times_out_before_anything_is_sent_is_transient() {
+            // A listener with a backlog of 0 and one connection waiting in its accept
+            // queue: the kernel drops further SYNs, so the mailer's connect hangs until
+            // its timeout. Nothing was sent, so a retry is safe.
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+            let listener = socket.listen(0).unwrap();
+            let address = listener.local_addr().unwrap();
+            let _waiting = tokio::net::TcpStream::connect(address).await.unwrap();
+            let mut config = smtp_config(address.port());
+            config.timeout = std::time::Duration::from_millis(300);
+            let mailer = Mailer::new(&config).unwrap();
+            let message = mailer.build(&outgoing(false)).unwrap();
+            let result = mailer.send(message, "7-cart@checkout-0").await;
+            assert!(matches!(result, Err(MailError::Transient(_))), "{result:?}");
+        }
+
+        #[tokio::test]
+        async fn the_connection_test_reports_a_greeting_server_and_an_unreachable_one() {
+            let port = scripted_server(At::Recipient, Then::Reply("250 ok")).await;
+            let mailer = Mailer::new(&smtp_config(port)).unwrap();
+            assert_eq!(
+                mailer.test_connection().await.unwrap(),
+                "connected, greeted and logged in as configured"
+            );
+            let nobody = {
+                let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+                listener.local_addr().unwrap().port()
+            };
+            let mailer = Mailer::new(&smtp_config(nobody)).unwrap();
+            let result = mailer.test_connection().await;
+            assert!(matches!(result, Err(MailError::Transient(_))), "{result:?}");
+        }
+
+        /// The mailer shows up in logs: its from address, never the SMTP URL and its
+        /// password.
+        #[tokio::test]
+        async fn the_mailers_debug_output_names_the_sender_and_hides_the_smtp_password() {
+            let mut config = smtp_config(2525);
+            config.transport = EmailTransport::Smtp {
+                url: crate::config::Secret::new("smtp://shop:hunter2@127.0.0.1:2525"),
+            };
+            let mailer = Mailer::new(&config).unwrap();
+            let shown = format!("{mailer:?}");
+            assert!(shown.contains("shop@example.com"), "{shown}");
+            assert!(!shown.contains("hunter2"), "{shown}");
+            // The bare address: the List-Unsubscribe mailto falls back to it.
+            assert_eq!(mailer.from_address(), "shop@example.com");
+        }
+
+        #[tokio::test]
         async fn a_server_that_cannot_be_reached_is_transient() {
             // A port nobody listens on: bound, then released.
             let port = {
@@ -690,10 +742,7 @@ mod tests {
                 listener.local_addr().unwrap().port()
             };
             let result = send_to(port).await;
-            assert!(
-                matches!(result, Err(MailError::Transient(_))),
-                "{result:?}"
-            );
+            assert!(matches!(result, Err(MailError::Transient(_))), "{result:?}");
         }
     }
 }
