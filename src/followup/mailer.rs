@@ -523,4 +523,226 @@ mod tests {
         assert!(!text.contains("List-Unsubscribe"), "{text}");
         assert!(text.contains("X-Dealsync-Idempotency-Key"), "{text}");
     }
+
+    mod classify {
+        //! How an SMTP server's answers are classified, against a scripted server on
+        //! loopback: a hard bounce suppresses the address, a policy refusal does not,
+        //! a temporary failure is retried, and a connection lost after the message was
+        //! handed over is an unknown outcome (never resent).
+        use super::*;
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+        use tokio::net::TcpListener;
+
+        /// When the scripted server gives its scripted answer.
+        #[derive(Clone, Copy)]
+        enum At {
+            /// To `RCPT TO`.
+            Recipient,
+            /// To the end of the message data.
+            EndOfData,
+        }
+
+        /// What the scripted server does at its point.
+        #[derive(Clone, Copy)]
+        enum Then {
+            Reply(&'static str),
+            /// Closes the connection (the client reads an end of stream).
+            Close,
+            /// Resets the connection (the client's read fails).
+            Reset,
+        }
+
+        /// Serves SMTP on 127.0.0.1 until the test ends, doing `then` at `at` and
+        /// answering 250 to everything else.
+        async fn scripted_server(at: At, then: Then) -> u16 {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let port = listener.local_addr().unwrap().port();
+            tokio::spawn(async move {
+                while let Ok((socket, _)) = listener.accept().await {
+                    tokio::spawn(async move {
+                        if matches!(then, Then::Reset) {
+                            socket.set_zero_linger()?;
+                        }
+                        let reply = match then {
+                            Then::Reply(reply) => Some(reply),
+                            Then::Close | Then::Reset => None,
+                        };
+                        let (read, mut write) = socket.into_split();
+                        let mut lines = BufReader::new(read).lines();
+                        write.write_all(b"220 scripted ESMTP\r\n").await?;
+                        let mut in_data = false;
+                        while let Some(line) = lines.next_line().await? {
+                            let upper = line.to_ascii_uppercase();
+                            let answer: Option<&str> = if in_data {
+                                if line != "." {
+                                    continue;
+                                }
+                                in_data = false;
+                                match at {
+                                    At::EndOfData => reply,
+                                    At::Recipient => Some("250 2.0.0 queued"),
+                                }
+                            } else if upper.starts_with("RCPT") {
+                                match at {
+                                    At::Recipient => reply,
+                                    At::EndOfData => Some("250 2.1.5 ok"),
+                                }
+                            } else if upper.starts_with("DATA") {
+                                in_data = true;
+                                Some("354 go ahead")
+                            } else if upper.starts_with("QUIT") {
+                                write.write_all(b"221 bye\r\n").await?;
+                                break;
+                            } else {
+                                Some("250 ok")
+                            };
+                            match answer {
+                                Some(answer) => {
+                                    write.write_all(format!("{answer}\r\n").as_bytes()).await?
+                                }
+                                None => break,
+                            }
+                        }
+                        if matches!(then, Then::Reset) {
+                            // No FIN from the write half: the socket's close resets.
+                            write.forget();
+                        }
+                        Ok::<_, std::io::Error>(())
+                    });
+                }
+            });
+            port
+        }
+
+        fn smtp_config(port: u16) -> EmailConfig {
+            let dir = std::env::temp_dir();
+            let text = format!(
+                "[email]\ntransport = \"smtp\"\nurl = \"smtp://127.0.0.1:{port}\"\nfrom = \"Shop <shop@example.com>\"\n"
+            );
+            crate::config::parse(
+                &dir.join("dealsync.toml"),
+                &text,
+                &crate::config::interpolate::tests::MapEnv(Default::default()),
+            )
+            .unwrap()
+            .email
+        }
+
+        async fn send_to(port: u16) -> Result<(), MailError> {
+            let mailer = Mailer::new(&smtp_config(port)).unwrap();
+            let message = mailer.build(&outgoing(false)).unwrap();
+            mailer.send(message, "7-cart@checkout-0").await
+        }
+
+        /// Whether the permanent failure that `reply` to RCPT TO gives is a hard bounce.
+        async fn permanent(reply: &'static str) -> bool {
+            let port = scripted_server(At::Recipient, Then::Reply(reply)).await;
+            match send_to(port).await {
+                Err(MailError::Permanent { hard_bounce, .. }) => hard_bounce,
+                other => panic!("{reply}: expected a permanent failure, got {other:?}"),
+            }
+        }
+
+        #[tokio::test]
+        async fn an_accepted_message_is_sent() {
+            let port = scripted_server(At::EndOfData, Then::Reply("250 2.0.0 queued")).await;
+            send_to(port).await.unwrap();
+        }
+
+        #[tokio::test]
+        async fn an_unknown_mailbox_is_a_hard_bounce() {
+            assert!(permanent("550 5.1.1 <ada@example.com>: no such user").await);
+            assert!(permanent("553 mailbox name not allowed").await);
+            assert!(permanent("551 user not local").await);
+        }
+
+        #[tokio::test]
+        async fn a_policy_refusal_or_a_full_mailbox_is_permanent_but_no_hard_bounce() {
+            assert!(!permanent("550 5.7.1 message refused by policy").await);
+            assert!(!permanent("554 5.7.1 relay access denied").await);
+            assert!(!permanent("552 5.2.2 mailbox full").await);
+        }
+
+        #[tokio::test]
+        async fn a_temporary_refusal_is_transient() {
+            let port = scripted_server(
+                At::Recipient,
+                Then::Reply("451 4.7.1 greylisted, try later"),
+            )
+            .await;
+            let result = send_to(port).await;
+            assert!(matches!(result, Err(MailError::Transient(_))), "{result:?}");
+        }
+
+        #[tokio::test]
+        async fn a_connection_lost_after_the_message_was_handed_over_is_an_unknown_outcome() {
+            for then in [Then::Close, Then::Reset] {
+                let port = scripted_server(At::EndOfData, then).await;
+                let result = send_to(port).await;
+                assert!(matches!(result, Err(MailError::Unknown(_))), "{result:?}");
+            }
+        }
+
+        #[tokio::test]
+        async fn a_connection_that_times_out_before_anything_is_sent_is_transient() {
+            // A listener with a backlog of 0 and one connection waiting in its accept
+            // queue: the kernel drops further SYNs, so the mailer's connect hangs until
+            // its timeout. Nothing was sent, so a retry is safe.
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+            let listener = socket.listen(0).unwrap();
+            let address = listener.local_addr().unwrap();
+            let _waiting = tokio::net::TcpStream::connect(address).await.unwrap();
+            let mut config = smtp_config(address.port());
+            config.timeout = std::time::Duration::from_millis(300);
+            let mailer = Mailer::new(&config).unwrap();
+            let message = mailer.build(&outgoing(false)).unwrap();
+            let result = mailer.send(message, "7-cart@checkout-0").await;
+            assert!(matches!(result, Err(MailError::Transient(_))), "{result:?}");
+        }
+
+        #[tokio::test]
+        async fn the_connection_test_reports_a_greeting_server_and_an_unreachable_one() {
+            let port = scripted_server(At::Recipient, Then::Reply("250 ok")).await;
+            let mailer = Mailer::new(&smtp_config(port)).unwrap();
+            assert_eq!(
+                mailer.test_connection().await.unwrap(),
+                "connected, greeted and logged in as configured"
+            );
+            let nobody = {
+                let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+                listener.local_addr().unwrap().port()
+            };
+            let mailer = Mailer::new(&smtp_config(nobody)).unwrap();
+            let result = mailer.test_connection().await;
+            assert!(matches!(result, Err(MailError::Transient(_))), "{result:?}");
+        }
+
+        /// The mailer shows up in logs: its from address, never the SMTP URL and its
+        /// password.
+        #[tokio::test]
+        async fn the_mailers_debug_output_names_the_sender_and_hides_the_smtp_password() {
+            let mut config = smtp_config(2525);
+            config.transport = EmailTransport::Smtp {
+                url: crate::config::Secret::new("smtp://shop:hunter2@127.0.0.1:2525"),
+            };
+            let mailer = Mailer::new(&config).unwrap();
+            let shown = format!("{mailer:?}");
+            assert!(shown.contains("shop@example.com"), "{shown}");
+            assert!(!shown.contains("hunter2"), "{shown}");
+            // The bare address: the List-Unsubscribe mailto falls back to it.
+            assert_eq!(mailer.from_address(), "shop@example.com");
+        }
+
+        #[tokio::test]
+        async fn a_server_that_cannot_be_reached_is_transient() {
+            // A port nobody listens on: bound, then released.
+            let port = {
+                let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+                listener.local_addr().unwrap().port()
+            };
+            let result = send_to(port).await;
+            assert!(matches!(result, Err(MailError::Transient(_))), "{result:?}");
+        }
+    }
 }

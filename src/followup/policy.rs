@@ -197,4 +197,360 @@ mod tests {
         assert!(quiet.ends_after(at, berlin).is_some());
         assert!(quiet.ends_after(at, chrono_tz::America::New_York).is_none());
     }
+
+    #[test]
+    fn quiet_hours_include_their_start_and_end_at_their_end() {
+        let at = |h: u32, m: u32| Utc.with_ymd_and_hms(2026, 6, 1, h, m, 0).unwrap();
+        let next_day = |h: u32, m: u32| Utc.with_ymd_and_hms(2026, 6, 2, h, m, 0).unwrap();
+        let utc = chrono_tz::UTC;
+        let midday = QuietHours::parse("12:00-13:30").unwrap();
+        assert_eq!(midday.ends_after(at(11, 59), utc), None);
+        assert_eq!(midday.ends_after(at(12, 0), utc), Some(at(13, 30)));
+        assert_eq!(midday.ends_after(at(13, 29), utc), Some(at(13, 30)));
+        assert_eq!(midday.ends_after(at(13, 30), utc), None);
+        let night = QuietHours::parse("21:00-09:00").unwrap();
+        assert_eq!(night.ends_after(at(20, 59), utc), None);
+        assert_eq!(night.ends_after(at(21, 0), utc), Some(next_day(9, 0)));
+        assert_eq!(night.ends_after(at(8, 59), utc), Some(at(9, 0)));
+        assert_eq!(night.ends_after(at(9, 0), utc), None);
+    }
+
+    #[test]
+    fn quiet_hours_ending_in_a_dst_gap_end_an_hour_later() {
+        // Berlin skips 02:00-03:00 on 29 March 2026: 02:30 does not exist that night,
+        // and 03:30 CEST (01:30 UTC) is the end.
+        let quiet = QuietHours::parse("21:00-02:30").unwrap();
+        let berlin: Tz = "Europe/Berlin".parse().unwrap();
+        let at = Utc.with_ymd_and_hms(2026, 3, 28, 22, 0, 0).unwrap();
+        assert_eq!(
+            quiet.ends_after(at, berlin),
+            Some(Utc.with_ymd_and_hms(2026, 3, 29, 1, 30, 0).unwrap())
+        );
+    }
+
+    mod decide {
+        //! The send-time decision over one due row, branch by branch.
+        use super::*;
+        use crate::domain::{Deal, EmailAddress, PipelineKey, StageKey, StepNumber};
+        use crate::store::{OutboxAction, OutboxRow, OutboxState};
+
+        /// Saturday 10 January 2026, 12:00 UTC (13:00 in Berlin).
+        fn now() -> DateTime<Utc> {
+            Utc.with_ymd_and_hms(2026, 1, 10, 12, 0, 0).unwrap()
+        }
+
+        fn stage(name: &str) -> StageRef {
+            StageRef {
+                pipeline: Some(PipelineKey::new("ecommerce")),
+                stage: StageKey::new(name),
+            }
+        }
+
+        /// A marketing email to the contact, active while the deal is in `abandoned`.
+        fn rule() -> Rule {
+            Rule {
+                name: "cart".into(),
+                trigger: stage("abandoned"),
+                kind: RuleKind::Marketing,
+                to: Recipient::Contact,
+                steps: Vec::new(),
+                expire: None,
+                cooldown: None,
+                late_grace: None,
+                stop_on_purchase: true,
+                active: vec![stage("abandoned")],
+            }
+        }
+
+        /// A consenting contact's deal in `abandoned`, and its first email due now.
+        fn facts() -> ClaimFacts {
+            let deal = Deal {
+                contact_email: EmailAddress::parse("ann@shop.example"),
+                marketing_consent: Some(true),
+                ..Deal::example(stage("abandoned"), now() - chrono::Duration::hours(2))
+            };
+            let row = OutboxRow {
+                id: 1,
+                deal_id: deal.id,
+                rule: "cart".into(),
+                step: StepNumber::from_index(0),
+                action: OutboxAction::Email,
+                recipient: "ann@shop.example".into(),
+                state: OutboxState::Pending,
+                anchor_at: deal.stage_entered_at,
+                due_at: now(),
+                next_attempt_at: now(),
+                attempts: 0,
+                reason: None,
+                message_id: None,
+                created_at: deal.stage_entered_at,
+                updated_at: deal.stage_entered_at,
+                sent_at: None,
+            };
+            ClaimFacts {
+                row,
+                deal: Some(deal),
+                suppressed: None,
+                order_since: None,
+                recent_to_recipient: (0, None),
+            }
+        }
+
+        fn policy(rule: &Rule) -> Policy<'_> {
+            Policy {
+                rule,
+                now: now(),
+                late_grace: Duration::from_secs(2 * 3600),
+                cap: None,
+                quiet: None,
+                recipient_zone_fields: &[],
+            }
+        }
+
+        fn with_deal(change: impl FnOnce(&mut Deal)) -> ClaimFacts {
+            let mut facts = facts();
+            change(facts.deal.as_mut().unwrap());
+            facts
+        }
+
+        fn stopped(decision: ClaimDecision) -> String {
+            match decision {
+                ClaimDecision::Stop(reason) => reason,
+                other => panic!("expected a stop, got {other:?}"),
+            }
+        }
+
+        fn skipped(decision: ClaimDecision) -> String {
+            match decision {
+                ClaimDecision::Skip(reason) => reason,
+                other => panic!("expected a skip, got {other:?}"),
+            }
+        }
+
+        #[test]
+        fn a_due_email_to_a_consenting_contact_in_the_rules_stage_is_sent() {
+            let rule = rule();
+            assert_eq!(policy(&rule).decide(&facts()), ClaimDecision::Send);
+        }
+
+        #[test]
+        fn no_email_goes_to_a_deal_that_is_gone_or_deleted_in_its_source() {
+            let rule = rule();
+            let policy = policy(&rule);
+            let mut gone = facts();
+            gone.deal = None;
+            assert_eq!(stopped(policy.decide(&gone)), "the deal no longer exists");
+            // Marked deleted by either fact alone.
+            let deleted_at = with_deal(|deal| deal.deleted_at = Some(now()));
+            let deleted_status = with_deal(|deal| deal.status = DealStatus::Deleted);
+            for facts in [deleted_at, deleted_status] {
+                assert_eq!(
+                    stopped(policy.decide(&facts)),
+                    "the deal was deleted in its source"
+                );
+            }
+        }
+
+        #[test]
+        fn a_deal_that_left_the_rules_stages_or_ordered_since_gets_no_more_email() {
+            let rule = rule();
+            let policy = policy(&rule);
+            let moved = with_deal(|deal| deal.stage = StageKey::new("won"));
+            assert_eq!(
+                stopped(policy.decide(&moved)),
+                "the deal left the rule's stages (now in ecommerce.won)"
+            );
+            let unmapped = with_deal(|deal| {
+                deal.pipeline = None;
+                deal.stage = StageKey::new("unmapped");
+            });
+            assert_eq!(
+                stopped(policy.decide(&unmapped)),
+                "the deal left the rule's stages (now in unmapped)"
+            );
+            let mut ordered = facts();
+            ordered.order_since = Some(42);
+            assert_eq!(
+                stopped(policy.decide(&ordered)),
+                "the customer placed an order since (deal 42)"
+            );
+        }
+
+        #[test]
+        fn an_expiry_row_moves_the_deal_only_while_the_rule_still_expires() {
+            let mut rule = rule();
+            let mut expiry = facts();
+            expiry.row.action = OutboxAction::Expire;
+            assert_eq!(
+                stopped(policy(&rule).decide(&expiry)),
+                "the rule no longer expires deals"
+            );
+            rule.expire = Some((Duration::from_secs(3600), stage("lost")));
+            assert_eq!(
+                policy(&rule).decide(&expiry),
+                ClaimDecision::Expire(stage("lost"))
+            );
+            // An email row of a rule that expires is still an email.
+            assert_eq!(policy(&rule).decide(&facts()), ClaimDecision::Send);
+        }
+
+        #[test]
+        fn an_email_is_sent_up_to_the_late_grace_and_skipped_after_it() {
+            let rule = rule();
+            let policy = policy(&rule);
+            let due = |late: chrono::Duration| {
+                let mut facts = facts();
+                facts.row.next_attempt_at = now() - late;
+                facts
+            };
+            assert_eq!(
+                policy.decide(&due(chrono::Duration::hours(2))),
+                ClaimDecision::Send,
+                "exactly the grace late is still in time"
+            );
+            assert_eq!(
+                policy.decide(&due(-chrono::Duration::hours(3))),
+                ClaimDecision::Send,
+                "a row looked at early is not late"
+            );
+            let reason = skipped(policy.decide(&due(
+                chrono::Duration::hours(2) + chrono::Duration::seconds(1)
+            )));
+            assert!(
+                reason.starts_with("overdue by ") && reason.contains("not sent late"),
+                "{reason}"
+            );
+        }
+
+        #[test]
+        fn no_email_without_a_recipient_or_to_a_suppressed_one() {
+            let rule = rule();
+            let policy = policy(&rule);
+            let mut nobody = facts();
+            nobody.row.recipient.clear();
+            assert_eq!(
+                skipped(policy.decide(&nobody)),
+                "no recipient address on the deal"
+            );
+            let mut suppressed = facts();
+            suppressed.suppressed = Some("hard bounce".into());
+            assert_eq!(
+                stopped(policy.decide(&suppressed)),
+                "recipient is suppressed (hard bounce)"
+            );
+        }
+
+        #[test]
+        fn marketing_email_to_a_contact_needs_recorded_consent_and_other_email_does_not() {
+            let mut rule = rule();
+            let declined = with_deal(|deal| deal.marketing_consent = Some(false));
+            let unknown = with_deal(|deal| deal.marketing_consent = None);
+            assert_eq!(
+                stopped(policy(&rule).decide(&declined)),
+                "the contact declined marketing email in the source"
+            );
+            assert_eq!(
+                stopped(policy(&rule).decide(&unknown)),
+                "the source records no marketing consent for the contact"
+            );
+            // A transactional note to the contact, and a marketing alert to the owner,
+            // do not ask for the contact's consent.
+            rule.kind = RuleKind::Transactional;
+            assert_eq!(policy(&rule).decide(&declined), ClaimDecision::Send);
+            rule.kind = RuleKind::Marketing;
+            rule.to = Recipient::Owner;
+            assert_eq!(policy(&rule).decide(&declined), ClaimDecision::Send);
+        }
+
+        #[test]
+        fn quiet_hours_defer_email_to_the_contact_in_the_contacts_zone_but_not_to_the_owner() {
+            let rule = rule();
+            let berlin: Tz = "Europe/Berlin".parse().unwrap();
+            // 12:00-14:00 in Berlin: now (13:00 there) is quiet, until 13:00 UTC.
+            let quiet = QuietHours::parse("12:00-14:00").unwrap();
+            let fields = ["/tz".to_owned()];
+            let quiet_policy = |rule| Policy {
+                quiet: Some((quiet, berlin)),
+                recipient_zone_fields: &fields,
+                ..policy(rule)
+            };
+            assert_eq!(
+                quiet_policy(&rule).decide(&facts()),
+                ClaimDecision::Defer {
+                    until: Utc.with_ymd_and_hms(2026, 1, 10, 13, 0, 0).unwrap(),
+                    reason: "quiet hours".into(),
+                }
+            );
+            // 07:00 in New York: not quiet for her.
+            let in_new_york = with_deal(|deal| {
+                deal.raw = serde_json::json!({"tz": "America/New_York"});
+            });
+            assert_eq!(
+                quiet_policy(&rule).decide(&in_new_york),
+                ClaimDecision::Send
+            );
+            let to_owner = Rule {
+                to: Recipient::Owner,
+                ..rule.clone()
+            };
+            assert_eq!(
+                quiet_policy(&to_owner).decide(&facts()),
+                ClaimDecision::Send
+            );
+        }
+
+        #[test]
+        fn the_frequency_cap_defers_the_contacts_next_email_until_the_oldest_leaves_the_window() {
+            let rule = rule();
+            let capped = |rule| Policy {
+                cap: Some(2),
+                ..policy(rule)
+            };
+            let recent = |count: u32, oldest: Option<DateTime<Utc>>| {
+                let mut facts = facts();
+                facts.recent_to_recipient = (count, oldest);
+                facts
+            };
+            let hours_ago = |hours: i64| Some(now() - chrono::Duration::hours(hours));
+            assert_eq!(
+                capped(&rule).decide(&recent(1, hours_ago(3))),
+                ClaimDecision::Send,
+                "below the cap"
+            );
+            let reason = "frequency cap: 2 emails to this recipient in 24h".to_owned();
+            assert_eq!(
+                capped(&rule).decide(&recent(2, hours_ago(3))),
+                ClaimDecision::Defer {
+                    until: now() + chrono::Duration::hours(21),
+                    reason: reason.clone(),
+                },
+                "at the cap: until the oldest is 24 h old"
+            );
+            assert_eq!(
+                capped(&rule).decide(&recent(3, None)),
+                ClaimDecision::Defer {
+                    until: now() + chrono::Duration::hours(24),
+                    reason: reason.clone(),
+                },
+                "no time known: a whole window"
+            );
+            assert_eq!(
+                capped(&rule).decide(&recent(2, hours_ago(30))),
+                ClaimDecision::Defer {
+                    until: now() + chrono::Duration::seconds(1),
+                    reason,
+                },
+                "never in the past"
+            );
+            let to_owner = Rule {
+                to: Recipient::Owner,
+                ..rule.clone()
+            };
+            assert_eq!(
+                capped(&to_owner).decide(&recent(2, hours_ago(3))),
+                ClaimDecision::Send,
+                "the cap protects contacts, not the owner"
+            );
+        }
+    }
 }

@@ -1756,4 +1756,324 @@ pub(crate) mod tests {
         assert_eq!(history.len(), 2);
         assert_eq!(history[1].cause, ChangeCause::Followup);
     }
+
+    /// `upsert` with the source saying `status` and the canonical stage `sales.<stage>`.
+    fn with_status(mut record: DealUpsert, status: DealStatus) -> DealUpsert {
+        record.status = status;
+        record
+    }
+
+    fn sales(stage: &str) -> StageRef {
+        StageRef {
+            pipeline: Some(PipelineKey::new("sales")),
+            stage: StageKey::new(stage),
+        }
+    }
+
+    async fn stage_and_status(store: &Store, connection: &str, id: &str) -> (String, DealStatus) {
+        let deal = store
+            .deal_by_external_id(connection, id)
+            .await
+            .unwrap()
+            .unwrap();
+        (deal.stage.as_str().to_owned(), deal.status)
+    }
+
+    /// A won deal in `sales.won` that the post-sale follow-up then moved to
+    /// `sales.post_sale`; returns its id.
+    async fn won_then_moved_to_post_sale(store: &Store, t0: DateTime<Utc>) -> i64 {
+        store
+            .upsert_deals(vec![with_status(upsert("1", "won", t0), DealStatus::Won)])
+            .await
+            .unwrap();
+        let deal = store
+            .deal_by_external_id("crm", "1")
+            .await
+            .unwrap()
+            .unwrap();
+        let moved = store
+            .move_deal(
+                deal.id,
+                sales("post_sale"),
+                DealStatus::Won,
+                t0 + Duration::minutes(1),
+                ChangeCause::Followup,
+            )
+            .await
+            .unwrap();
+        assert!(moved);
+        deal.id
+    }
+
+    #[tokio::test]
+    async fn a_won_deal_a_followup_moved_on_stays_there_while_the_source_still_says_won() {
+        let (_dir, store) = temp_store();
+        let t0 = Utc::now() - Duration::hours(1);
+        let id = won_then_moved_to_post_sale(&store, t0).await;
+
+        // The next sync still reads the deal as won in the source's won stage, and
+        // something else about it changed (so the record is rewritten).
+        let mut again = with_status(
+            upsert("1", "won", t0 + Duration::minutes(5)),
+            DealStatus::Won,
+        );
+        again.source.title = "Deal 1 (invoiced)".into();
+        let outcome = store.upsert_deals(vec![again]).await.unwrap();
+        assert_eq!((outcome.updated, outcome.stage_changes), (1, 0));
+        assert_eq!(
+            stage_and_status(&store, "crm", "1").await,
+            ("post_sale".to_owned(), DealStatus::Won)
+        );
+        let deal = store
+            .deal_by_external_id("crm", "1")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            deal.title, "Deal 1 (invoiced)",
+            "the rest of the record is written"
+        );
+        assert_eq!(
+            store.history(id).await.unwrap().len(),
+            2,
+            "no move back to won is recorded"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_won_deal_moved_by_the_source_itself_follows_the_source() {
+        let (_dir, store) = temp_store();
+        let t0 = Utc::now() - Duration::hours(1);
+        // Someone moves the won deal to post-sale in the CRM, and later back.
+        for (stage, minutes) in [("won", 0), ("post_sale", 5), ("won", 10)] {
+            store
+                .upsert_deals(vec![with_status(
+                    upsert("1", stage, t0 + Duration::minutes(minutes)),
+                    DealStatus::Won,
+                )])
+                .await
+                .unwrap();
+            assert_eq!(
+                stage_and_status(&store, "crm", "1").await,
+                (stage.to_owned(), DealStatus::Won),
+                "only a follow-up's move is held"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_deal_a_followup_moved_on_follows_the_source_once_the_source_no_longer_says_won() {
+        let (_dir, store) = temp_store();
+        let t0 = Utc::now() - Duration::hours(1);
+        let id = won_then_moved_to_post_sale(&store, t0).await;
+
+        let lost = with_status(
+            upsert("1", "lost", t0 + Duration::minutes(5)),
+            DealStatus::Lost,
+        );
+        let outcome = store.upsert_deals(vec![lost]).await.unwrap();
+        assert_eq!((outcome.updated, outcome.stage_changes), (1, 1));
+        assert_eq!(
+            stage_and_status(&store, "crm", "1").await,
+            ("lost".to_owned(), DealStatus::Lost)
+        );
+        let history = store.history(id).await.unwrap();
+        assert_eq!(history.len(), 3);
+        assert_eq!(
+            history[2].from_stage.as_ref().unwrap().as_str(),
+            "post_sale"
+        );
+        assert_eq!(history[2].to_stage.as_str(), "lost");
+    }
+
+    #[tokio::test]
+    async fn a_stage_change_reported_before_the_current_entry_is_dated_at_that_entry() {
+        let (_dir, store) = temp_store();
+        let entered = Utc::now() - Duration::hours(6);
+        // Entered proposal at `entered`, edited two hours later.
+        let mut first = upsert("1", "proposal", entered + Duration::hours(2));
+        first.source.stage_changed_at = Some(entered);
+        store.upsert_deals(vec![first]).await.unwrap();
+        // The source then reports a move whose stage-change time is earlier than that
+        // entry (a skewed clock), in a record edited later still.
+        let mut moved = upsert("1", "negotiation", entered + Duration::hours(3));
+        moved.source.stage_changed_at = Some(entered - Duration::hours(1));
+        let outcome = store.upsert_deals(vec![moved]).await.unwrap();
+        assert_eq!(outcome.stage_changes, 1);
+
+        let deal = store
+            .deal_by_external_id("crm", "1")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            deal.stage_entered_at.timestamp_millis(),
+            entered.timestamp_millis(),
+            "a stage change can't predate the previous entry, and no later time is made up"
+        );
+        let history = store.history(deal.id).await.unwrap();
+        assert_eq!(history.len(), 2);
+        assert_eq!(history[1].at.timestamp_millis(), entered.timestamp_millis());
+    }
+
+    #[tokio::test]
+    async fn an_update_that_moves_the_deal_and_changes_its_contact_stores_both() {
+        let (_dir, store) = temp_store();
+        let t0 = Utc::now() - Duration::hours(1);
+        let mut first = upsert("1", "proposal", t0);
+        first.source.contact_email = EmailAddress::parse("ada@acme.example");
+        store.upsert_deals(vec![first]).await.unwrap();
+        let mut moved = upsert("1", "negotiation", t0 + Duration::minutes(5));
+        moved.source.contact_email = EmailAddress::parse("grace@acme.example");
+        let outcome = store.upsert_deals(vec![moved]).await.unwrap();
+        assert_eq!((outcome.updated, outcome.stage_changes), (1, 1));
+        let deal = store
+            .deal_by_external_id("crm", "1")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(deal.stage.as_str(), "negotiation");
+        assert_eq!(
+            deal.contact_email.as_ref().map(|e| e.as_str()),
+            Some("grace@acme.example")
+        );
+    }
+
+    #[tokio::test]
+    async fn each_history_row_reads_back_with_the_cause_it_was_written_with() {
+        let (_dir, store) = temp_store();
+        let t0 = Utc::now() - Duration::hours(1);
+        let mut created = upsert("1", "proposal", t0);
+        created.cause = ChangeCause::Webhook;
+        store.upsert_deals(vec![created]).await.unwrap();
+        let id = store
+            .deal_by_external_id("crm", "1")
+            .await
+            .unwrap()
+            .unwrap()
+            .id;
+        let causes = [
+            ChangeCause::Poll,
+            ChangeCause::Followup,
+            ChangeCause::Mapping,
+        ];
+        for (minutes, (cause, stage)) in causes
+            .into_iter()
+            .zip(["negotiation", "proposal", "negotiation"])
+            .enumerate()
+        {
+            let at = t0 + Duration::minutes(minutes as i64 + 1);
+            let moved = store
+                .move_deal(id, sales(stage), DealStatus::Open, at, cause)
+                .await
+                .unwrap();
+            assert!(moved);
+        }
+        let read: Vec<ChangeCause> = store
+            .history(id)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|change| change.cause)
+            .collect();
+        assert_eq!(
+            read,
+            [
+                ChangeCause::Webhook,
+                ChangeCause::Poll,
+                ChangeCause::Followup,
+                ChangeCause::Mapping
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_changed_stage_map_moves_the_live_deals_where_the_old_mapping_put_them_and_records_the_map()
+     {
+        let (_dir, store) = temp_store();
+        let t0 = Utc::now() - Duration::hours(3);
+        let mut deleted = upsert("3", "mystery", t0);
+        deleted.source.deleted = true;
+        store
+            .upsert_deals(vec![
+                upsert("1", "mystery", t0),
+                upsert("2", "mystery", t0 + Duration::minutes(1)),
+                deleted,
+                upsert("4", "proposal", t0),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(store.applied_stage_map("crm").await.unwrap(), None);
+        let applied = vec![AppliedMapping {
+            native_pipeline: "default".into(),
+            native_stage: "mystery".into(),
+            pipeline: Some("sales".into()),
+            stage: "negotiation".into(),
+        }];
+        let moves = vec![
+            StageMove {
+                native_pipeline: "default".into(),
+                native_stage: "mystery".into(),
+                from: StageRef::unmapped(),
+                to: sales("negotiation"),
+                status: DealStatus::Open,
+                deals: 2,
+            },
+            // Deal 4 is not where this move expects it: it stays.
+            StageMove {
+                native_pipeline: "default".into(),
+                native_stage: "proposal".into(),
+                from: sales("negotiation"),
+                to: sales("won"),
+                status: DealStatus::Won,
+                deals: 0,
+            },
+        ];
+        let counts = store
+            .remap_deals("crm", moves, applied.clone())
+            .await
+            .unwrap();
+        assert_eq!(counts, [2, 0]);
+        for (id, entered) in [("1", t0), ("2", t0 + Duration::minutes(1))] {
+            let deal = store.deal_by_external_id("crm", id).await.unwrap().unwrap();
+            assert_eq!(deal.stage.as_str(), "negotiation", "deal {id}");
+            let last = store.history(deal.id).await.unwrap().pop().unwrap();
+            assert_eq!(last.cause, ChangeCause::Mapping);
+            assert_eq!(
+                last.at.timestamp_millis(),
+                entered.timestamp_millis(),
+                "dated when deal {id} entered its native stage"
+            );
+        }
+        assert_eq!(stage_and_status(&store, "crm", "3").await.0, UNMAPPED);
+        assert_eq!(stage_and_status(&store, "crm", "4").await.0, "proposal");
+        assert_eq!(store.applied_stage_map("crm").await.unwrap(), Some(applied));
+    }
+
+    #[tokio::test]
+    async fn a_batch_mixing_two_connections_updates_each_connections_own_deals() {
+        let (_dir, store) = temp_store();
+        let t0 = Utc::now() - Duration::hours(1);
+        // Two CRMs that both number their deals from 1.
+        let of = |connection: &str, stage: &str, at: DateTime<Utc>| {
+            let mut record = upsert("1", stage, at);
+            record.connection = ConnectionName::new(connection);
+            record
+        };
+        store
+            .upsert_deals(vec![of("crm", "proposal", t0), of("shop", "proposal", t0)])
+            .await
+            .unwrap();
+        let t1 = t0 + Duration::minutes(5);
+        let outcome = store
+            .upsert_deals(vec![of("crm", "negotiation", t1), of("shop", "won", t1)])
+            .await
+            .unwrap();
+        assert_eq!(
+            (outcome.created, outcome.updated, outcome.stage_changes),
+            (0, 2, 2)
+        );
+        assert_eq!(stage_and_status(&store, "crm", "1").await.0, "negotiation");
+        assert_eq!(stage_and_status(&store, "shop", "1").await.0, "won");
+    }
 }

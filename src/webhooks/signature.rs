@@ -932,6 +932,25 @@ mod tests {
         assert!(verified.is_ok(), "{verified:?}");
     }
 
+    /// A header that lists the matching signature more than once (a sender or proxy
+    /// repeating the entry) is as authentic as one that lists it once.
+    #[test]
+    fn stripe_accepts_the_matching_v1_entry_listed_twice() {
+        let valid = STRIPE_HEADER.rsplit_once("v1=").expect("vector has v1").1;
+        let value = format!("t={STRIPE_T},v1={valid},v1={valid}");
+        let headers = header_map(&[("stripe-signature", &value)]);
+
+        let verified = post(
+            stripe(),
+            &[STRIPE_SECRET],
+            &headers,
+            STRIPE_BODY,
+            at_secs(STRIPE_T),
+        );
+
+        assert_eq!(verified.map(|v| v.secret_index), Ok(Some(0)));
+    }
+
     #[test]
     fn hubspot_v3_official_vector_verifies_with_the_clock_at_its_timestamp() {
         let headers = header_map(&[
@@ -1393,6 +1412,12 @@ mod tests {
                 sw("1e9", SW_SIGNATURE),
                 header::WEBHOOK_TIMESTAMP,
             ),
+            // Rust's integer parser takes a leading sign; the header's grammar does not.
+            (
+                standard_webhooks(),
+                sw("+1614265330", SW_SIGNATURE),
+                header::WEBHOOK_TIMESTAMP,
+            ),
             (
                 standard_webhooks(),
                 sw("1614265330", "v1a,c2ln"),
@@ -1641,6 +1666,62 @@ mod tests {
             count >= 17,
             "expected every fixture vector to run, ran {count}"
         );
+    }
+
+    /// A body-only signer's delivery resent with its original body inside Shopify's
+    /// 48-hour retry window is a duplicate in the inbox, whatever its delivery id; a
+    /// scheme that signs a timestamp or message id leaves duplicates to those.
+    #[tokio::test]
+    async fn a_body_only_signed_body_resent_within_shopifys_retry_window_is_a_duplicate() {
+        use crate::store::{Enqueued, NewWebhook};
+        let (_dir, store) = crate::store::tests::temp_store();
+        let now = chrono::Utc::now();
+        let body = bytes::Bytes::from_static(br#"{"token":"t"}"#);
+        let delivery = |scheme: &Scheme, connection: &str, id: &str, hours_ago: i64| NewWebhook {
+            connection: connection.into(),
+            delivery_id: id.into(),
+            topic: None,
+            headers: Vec::new(),
+            body_sha256: scheme
+                .body_replay_window()
+                .map(|window| (Sha256::digest(&body).into(), window)),
+            body: body.clone(),
+            received_at: now - chrono::Duration::hours(hours_ago),
+        };
+        for (name, scheme) in [("shop", Scheme::Shopify), ("woo", Scheme::WooCommerce)] {
+            let first = store
+                .enqueue_webhook(delivery(&scheme, name, "d-1", 47))
+                .await
+                .unwrap();
+            assert_eq!(first, Enqueued::Stored, "{name}");
+            let resent = store
+                .enqueue_webhook(delivery(&scheme, name, "d-2", 0))
+                .await
+                .unwrap();
+            assert_eq!(resent, Enqueued::Duplicate, "{name}: 47 hours later");
+        }
+        let tolerance = Duration::from_secs(300);
+        for scheme in [
+            Scheme::Stripe { tolerance },
+            Scheme::HubSpotV3 { tolerance },
+            Scheme::StandardWebhooks { tolerance },
+            Scheme::PipedriveBasic,
+            Scheme::None,
+        ] {
+            assert_eq!(scheme.body_replay_window(), None, "{scheme:?}");
+        }
+        let stripe = Scheme::Stripe { tolerance };
+        for id in ["evt-1", "evt-2"] {
+            let stored = store
+                .enqueue_webhook(delivery(&stripe, "stripe", id, 0))
+                .await
+                .unwrap();
+            assert_eq!(
+                stored,
+                Enqueued::Stored,
+                "a new Stripe event id is a new event"
+            );
+        }
     }
 }
 
