@@ -527,6 +527,26 @@ async fn a_signed_delivery_of_a_topic_dealsync_does_not_use_is_acknowledged_and_
     );
 }
 
+#[tokio::test]
+async fn a_connection_without_a_webhook_secret_refuses_deliveries_and_says_so() {
+    let daemon = TestDaemon::start(
+        "\n[connections.shop]\nconnector = \"shopify\"\nabandon_after = \"1h\"\n",
+    )
+    .await;
+    let body = checkout(
+        "tok-nosecret",
+        "2026-01-01T10:00:00Z",
+        "nosecret@example.com",
+    );
+    let headers = shopify_headers(SHOP_SECRET, "checkouts/create", "d-nosecret", &body);
+    let (status, answer) = post(&daemon, "shop", headers, body).await;
+    assert_eq!(status, 401, "{answer}");
+    // The answer names the cause, which is the daemon's configuration, not the sender's
+    // signature.
+    assert!(answer.contains("no webhook secret configured"), "{answer}");
+    assert_eq!(written(&daemon), (0, 0, 0));
+}
+
 const API_TOKEN: &str = "test-token-0123456789abcdef";
 
 /// The dead letters' reasons, oldest first.
