@@ -250,6 +250,40 @@ async fn post_chunked(
         .unwrap_or_else(|| panic!("not an HTTP status line: {line:?}"))
 }
 
+/// Sends a chunked request whose body bytes are written as given (framing included),
+/// then reads the whole answer until the server closes; returns the status and the answer.
+async fn post_raw_body(daemon: &TestDaemon, connection: &str, framed: &[u8]) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", daemon.port))
+        .await
+        .expect("connect");
+    let head = format!(
+        "POST /webhooks/{connection} HTTP/1.1\r\nHost: 127.0.0.1\r\n\
+         Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).await.expect("write");
+    stream.write_all(framed).await.expect("write");
+    let mut answer = Vec::new();
+    let mut buffer = [0u8; 1024];
+    loop {
+        let read = tokio::time::timeout(WAIT, stream.read(&mut buffer))
+            .await
+            .expect("an answer")
+            .expect("read");
+        answer.extend_from_slice(&buffer[..read]);
+        if read == 0 || answer.ends_with(b"}") {
+            break;
+        }
+    }
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    let status = answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP answer: {answer:?}"));
+    (status, answer)
+}
+
 #[tokio::test]
 async fn a_signed_chunked_body_over_the_cap_gets_413_and_nothing_is_stored() {
     let daemon = TestDaemon::start(&shopify("shop", "1h")).await;
@@ -265,6 +299,17 @@ async fn a_signed_chunked_body_over_the_cap_gets_413_and_nothing_is_stored() {
     let headers = shopify_headers(SHOP_SECRET, "checkouts/create", "d-large", &large);
     assert_eq!(post_chunked(&daemon, "shop", &headers, large).await, 413);
     assert_eq!(written(&daemon), (0, 0, 0));
+    let too_large = r#"dealsync_webhooks_total{connection="shop",outcome="too_large"} 1"#;
+    let (_, metrics) = daemon.get("/metrics").await;
+    assert!(metrics.contains(too_large), "{metrics}");
+
+    // A body that cannot be read (a chunk size that is not hex) is a bad request, not
+    // one too large: 400, and the too-large count stays.
+    let (status, answer) = post_raw_body(&daemon, "shop", b"zz\r\n{}\r\n0\r\n\r\n").await;
+    assert_eq!(status, 400, "{answer}");
+    assert!(answer.contains("could not read the body"), "{answer}");
+    let (_, metrics) = daemon.get("/metrics").await;
+    assert!(metrics.contains(too_large), "{metrics}");
 
     // The same framing under the cap is accepted and stored: only the size was refused.
     let small = checkout("tok-small", "2026-01-01T10:00:00Z", "small@example.com");
@@ -278,6 +323,37 @@ async fn a_signed_chunked_body_over_the_cap_gets_413_and_nothing_is_stored() {
         ),
         0
     );
+}
+
+#[tokio::test]
+async fn a_signed_body_of_exactly_the_cap_with_its_length_declared_is_accepted() {
+    let daemon = TestDaemon::start(&shopify("shop", "1h")).await;
+    // A checkout padded to exactly the 1 MiB default, sent with its Content-Length.
+    let sized = |token: &str, length: usize| {
+        let mut cart: Value =
+            serde_json::from_slice(&checkout(token, "2026-01-01T10:00:00Z", "edge@example.com"))
+                .unwrap();
+        cart["note"] = json!("");
+        let bare = serde_json::to_vec(&cart).unwrap().len();
+        cart["note"] = json!("x".repeat(length - bare));
+        let body = serde_json::to_vec(&cart).unwrap();
+        assert_eq!(body.len(), length);
+        body
+    };
+    let at_cap = sized("tok-at-cap", 1024 * 1024);
+    let headers = shopify_headers(SHOP_SECRET, "checkouts/create", "d-at-cap", &at_cap);
+    let (status, text) = post(&daemon, "shop", headers, at_cap).await;
+    assert_eq!(status, 200, "{text}");
+    // One byte more is refused on its declared length (see
+    // `every_rejected_webhook_gets_its_status_and_writes_nothing`).
+    assert_eq!(
+        count(
+            &daemon,
+            "SELECT count(*) FROM webhook_inbox WHERE delivery_id = 'd-at-cap'"
+        ),
+        1
+    );
+    assert_eq!(count(&daemon, "SELECT count(*) FROM webhook_inbox"), 1);
 }
 
 fn written(daemon: &TestDaemon) -> (i64, i64, i64) {
@@ -429,6 +505,46 @@ async fn a_redelivered_webhook_is_acknowledged_and_processed_once() {
         metrics.contains(r#"dealsync_webhooks_total{connection="shop",outcome="duplicate"} 2"#),
         "{metrics}"
     );
+}
+
+#[tokio::test]
+async fn a_signed_delivery_of_a_topic_dealsync_does_not_use_is_acknowledged_and_not_stored() {
+    let daemon = TestDaemon::start(&shopify("shop", "1h")).await;
+    // Shopify sends every topic the app subscribed to; a product update is not a cart.
+    let body = br#"{"id":632910392,"title":"IPod Nano - 8GB"}"#.to_vec();
+    let headers = shopify_headers(SHOP_SECRET, "products/update", "d-product", &body);
+    let (status, answer) = post(&daemon, "shop", headers, body).await;
+    assert_eq!(
+        (status, answer.contains("ignored")),
+        (200, true),
+        "{answer}"
+    );
+    assert_eq!(written(&daemon), (0, 0, 0));
+    let (_, metrics) = daemon.get("/metrics").await;
+    assert!(
+        metrics.contains(r#"dealsync_webhooks_total{connection="shop",outcome="ignored"} 1"#),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn a_connection_without_a_webhook_secret_refuses_deliveries_and_says_so() {
+    let daemon = TestDaemon::start(
+        "\n[connections.shop]\nconnector = \"shopify\"\nabandon_after = \"1h\"\n",
+    )
+    .await;
+    let body = checkout(
+        "tok-nosecret",
+        "2026-01-01T10:00:00Z",
+        "nosecret@example.com",
+    );
+    let headers = shopify_headers(SHOP_SECRET, "checkouts/create", "d-nosecret", &body);
+    let (status, answer) = post(&daemon, "shop", headers, body).await;
+    assert_eq!(status, 401, "{answer}");
+    // The answer names the cause, which is the daemon's configuration, not the sender's
+    // signature.
+    assert!(answer.contains("no webhook secret configured"), "{answer}");
+    assert_eq!(written(&daemon), (0, 0, 0));
 }
 
 const API_TOKEN: &str = "test-token-0123456789abcdef";
@@ -778,6 +894,19 @@ async fn an_idle_cart_is_abandoned_and_an_order_through_another_connection_marks
     .await;
     assert_eq!(status, 200);
     wait_for_stage(&daemon, "shop", "tok-mail", "purchase_completed").await;
+
+    // Stripe resends an event under its id; the envelope's `pending_webhooks` count can
+    // differ between attempts, and the event id alone makes it the same delivery.
+    event["pending_webhooks"] = json!(0);
+    let body = serde_json::to_vec(&event).unwrap();
+    let (status, text) = post(
+        &daemon,
+        "pay",
+        stripe_headers(&body, SystemTime::now()),
+        body,
+    )
+    .await;
+    assert_eq!((status, text.contains("duplicate")), (200, true), "{text}");
 }
 
 #[tokio::test]
@@ -1456,7 +1585,20 @@ webhook_secret = "{PIPEDRIVE_AUTH}"
     assert_eq!(last_cause(&daemon, "pd", "12"), "webhook");
 
     // The same event again (Pipedrive retries on a timeout): acknowledged, not stored.
-    let (status, text) = post(&daemon, "pd", pipedrive_headers(PIPEDRIVE_AUTH), change).await;
+    let (status, text) = post(
+        &daemon,
+        "pd",
+        pipedrive_headers(PIPEDRIVE_AUTH),
+        change.clone(),
+    )
+    .await;
+    assert_eq!((status, text.contains("duplicate")), (200, true), "{text}");
+    // Pipedrive's retry counts its attempt in `meta.attempt`, so the retried body differs;
+    // `meta.id` stays the same and makes it the same delivery.
+    let mut retried: Value = serde_json::from_slice(&change).unwrap();
+    retried["meta"]["attempt"] = json!(2);
+    let retried = serde_json::to_vec(&retried).unwrap();
+    let (status, text) = post(&daemon, "pd", pipedrive_headers(PIPEDRIVE_AUTH), retried).await;
     assert_eq!((status, text.contains("duplicate")), (200, true), "{text}");
 
     let deletion = pipedrive_event("webhook-v2-deal-delete.json", "pd-event-delete");
