@@ -1074,6 +1074,9 @@ async fn dealsync_auth_runs_the_pkce_flow_on_a_loopback_redirect_and_sync_uses_t
 
 #[tokio::test]
 async fn a_connection_pauses_at_the_reserve_when_its_share_of_the_daily_budget_is_spent() {
+    // The pause lasts until HubSpot's daily reset at UTC midnight; a reset during the
+    // test would let the webhook's fetch through.
+    crate::harness::clear_of_utc_midnight(Duration::from_secs(180)).await;
     let hubspot = HubSpot::start("pat-test", None).await;
     for id in 1..=9u64 {
         hubspot.put(HsDeal::new(id, "deal", "qualifiedtobuy", now_ms() - 60_000));

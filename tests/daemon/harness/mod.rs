@@ -43,6 +43,22 @@ where
     }
 }
 
+/// Waits until UTC midnight has passed when it is less than `margin` away, so a test
+/// of something that resets at UTC midnight (a vendor's daily API budget) cannot have
+/// the reset happen in the middle of it. Outside those minutes of the day it returns at
+/// once; the test then runs the same on any date and at any hour.
+pub async fn clear_of_utc_midnight(margin: Duration) {
+    let now = chrono::Utc::now();
+    let next = (now.date_naive() + chrono::Days::new(1))
+        .and_hms_opt(0, 0, 1)
+        .expect("00:00:01 exists on every date")
+        .and_utc();
+    let left = (next - now).to_std().unwrap_or_default();
+    if left <= margin {
+        tokio::time::sleep(left).await;
+    }
+}
+
 /// Whether this run is CI's: `CI` is set (to anything but empty, `0` or `false`), as
 /// `.ci/run` sets it and most CI services do.
 pub fn in_ci() -> bool {
