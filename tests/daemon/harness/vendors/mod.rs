@@ -32,6 +32,9 @@ pub enum Fault {
     Status(u16, Vec<(&'static str, String)>, String),
     /// Wait this long before answering normally.
     Delay(Duration),
+    /// Wait until the test opens the gate (`Semaphore::add_permits`), then answer
+    /// normally: a response held for exactly as long as the test needs, on any machine.
+    Gate(Arc<tokio::sync::Semaphore>),
     /// 200 with a body that is not JSON.
     Garbage,
     /// The real answer cut to half its length, as a proxy that dropped the rest would
@@ -152,6 +155,10 @@ pub async fn inject(State(faults): State<Arc<Faults>>, request: Request, next: N
         }
         Some(Fault::Delay(delay)) => {
             tokio::time::sleep(delay).await;
+            next.run(request).await
+        }
+        Some(Fault::Gate(gate)) => {
+            drop(gate.acquire().await.expect("the test never closes a gate"));
             next.run(request).await
         }
         Some(Fault::Garbage) => Response::builder()
