@@ -28,6 +28,8 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use std::sync::{Arc, OnceLock};
 
+/// The page both templates extend: head, style sheet and body frame.
+const PAGE_TEMPLATE: &str = include_str!("page.html");
 const TEMPLATE: &str = include_str!("status.html");
 const DEAL_TEMPLATE: &str = include_str!("deal.html");
 const STALLED_SHOWN: u32 = 25;
@@ -40,6 +42,9 @@ fn environment() -> &'static minijinja::Environment<'static> {
     ENVIRONMENT.get_or_init(|| {
         let mut environment = minijinja::Environment::new();
         // The name ends in .html, so auto-escaping is HTML.
+        environment
+            .add_template("page.html", PAGE_TEMPLATE)
+            .expect("the built-in template parses");
         environment
             .add_template("status.html", TEMPLATE)
             .expect("the built-in template parses");
