@@ -14,6 +14,7 @@ pub mod followup;
 /// Entry points of the fuzz targets and of the test replaying their corpus.
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod health;
 pub mod http;
 pub mod lock;
 pub mod ops;

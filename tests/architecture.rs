@@ -22,19 +22,9 @@ const KNOWN: &[(&str, &str, &str)] = &[
         "handlers take their dependencies from a state type below `app`, not `app::AppState`",
     ),
     (
-        "sync",
-        "app",
-        "the pull scheduler receives explicit dependencies, not `Arc<AppState>`",
-    ),
-    (
         "webhooks",
         "app",
         "the webhook worker and cart sweeper receive explicit dependencies, not `Arc<AppState>`",
-    ),
-    (
-        "followup",
-        "app",
-        "the follow-up worker receives explicit dependencies, not `Arc<AppState>`",
     ),
     (
         "ops",

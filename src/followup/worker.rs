@@ -20,7 +20,7 @@ use super::rules::{Recipient, Rule, RuleKind};
 use super::templates::{EmailContext, Templates};
 use super::unsubscribe;
 use super::{FollowupError, SourceReader};
-use crate::app::WorkerHealth;
+use crate::health::WorkerHealth;
 use crate::config::{Config, EmailConfig};
 use crate::connectors::Attention;
 use crate::domain::{Deal, StageRef, StepNumber};
@@ -181,7 +181,7 @@ impl Worker {
             }
         };
         if let Some(attention) = &self.attention {
-            attention(crate::app::EMAIL_ATTENTION, note);
+            attention(crate::health::EMAIL_ATTENTION, note);
         }
     }
 

@@ -419,7 +419,7 @@ async fn render(state: &AppState) -> Result<String, ApiError> {
         stalled,
         emails,
         email_counts,
-        email_attention => readiness.attention.get(crate::app::EMAIL_ATTENTION),
+        email_attention => readiness.attention.get(crate::health::EMAIL_ATTENTION),
     };
     environment()
         .get_template("status.html")

@@ -799,7 +799,7 @@ pub async fn run_connection(
     runtime: Arc<ConnectionRuntime>,
     deps: SyncDeps,
     shutdown: CancellationToken,
-    health: crate::app::WorkerHealth,
+    health: crate::health::WorkerHealth,
 ) {
     let name = runtime.name().to_owned();
     // At start and after a reload (both start the connection here), a changed stage
