@@ -10,7 +10,8 @@ use crate::health::Readiness;
 use crate::lock::{LockError, LockFile};
 use crate::shutdown;
 use crate::store::{Store, StoreError};
-use crate::sync::{self, ConnectionRuntime, SyncDeps};
+use crate::ingest::{ConnectionRuntime, Connections, Rereader, SyncDeps};
+use crate::sync;
 use crate::telemetry::{Metrics, RunLabels};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -59,7 +60,7 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub readiness: Arc<Readiness>,
     config: RwLock<Arc<Config>>,
-    connections: RwLock<Arc<Vec<Arc<ConnectionRuntime>>>>,
+    connections: Connections,
 }
 
 impl AppState {
@@ -73,17 +74,11 @@ impl AppState {
 
     /// The runtimes of the enabled connections.
     pub fn connections(&self) -> Arc<Vec<Arc<ConnectionRuntime>>> {
-        self.connections
-            .read()
-            .map(|c| c.clone())
-            .expect("connections lock is never poisoned")
+        self.connections.current()
     }
 
     pub fn connection(&self, name: &str) -> Option<Arc<ConnectionRuntime>> {
-        self.connections()
-            .iter()
-            .find(|c| c.name() == name)
-            .cloned()
+        self.connections.get(name)
     }
 
     pub fn sync_deps(&self) -> SyncDeps {
@@ -95,24 +90,6 @@ impl AppState {
                 readiness.attention(name, what)
             })),
         }
-    }
-}
-
-#[async_trait::async_trait]
-impl crate::followup::SourceReader for AppState {
-    async fn reread(
-        &self,
-        connection: &str,
-        external_id: &str,
-        shutdown: &CancellationToken,
-    ) -> Result<bool, String> {
-        // A connection no longer configured has no source to ask: the stored deal stands.
-        let Some(runtime) = self.connection(connection) else {
-            return Ok(false);
-        };
-        sync::reread(&runtime, &self.sync_deps(), external_id, shutdown)
-            .await
-            .map_err(|error| error.to_string())
     }
 }
 
@@ -190,7 +167,7 @@ impl App {
                 metrics: Arc::new(Metrics::new()),
                 readiness,
                 config: RwLock::new(Arc::new(config)),
-                connections: RwLock::new(Arc::new(runtimes)),
+                connections: Connections::new(runtimes),
             }),
             reload_tx,
             reload_rx,
@@ -372,7 +349,10 @@ fn start_connections(state: &Arc<AppState>, tasks: &TaskTracker, token: &Cancell
         state.store.clone(),
         state.config(),
         state.metrics.clone(),
-        Some(state.clone() as Arc<dyn crate::followup::SourceReader>),
+        Some(Arc::new(Rereader {
+            connections: state.connections.clone(),
+            deps: state.sync_deps(),
+        }) as Arc<dyn crate::followup::SourceReader>),
         state.sync_deps().attention,
         token.child_token(),
         state.readiness.worker(crate::followup::worker::NAME),
@@ -471,10 +451,7 @@ async fn reload(
     state
         .readiness
         .expect(runtimes.iter().map(|r| r.name().to_owned()));
-    *state
-        .connections
-        .write()
-        .expect("connections lock is never poisoned") = Arc::new(runtimes);
+    state.connections.replace(runtimes);
     *state.config.write().expect("config lock is never poisoned") = Arc::new(new);
     start_connections(state, tasks, &new_token);
     info!("config reloaded");

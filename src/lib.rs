@@ -16,6 +16,7 @@ pub mod followup;
 pub mod fuzzing;
 pub mod health;
 pub mod http;
+pub mod ingest;
 pub mod lock;
 pub mod ops;
 pub mod output;

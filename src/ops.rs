@@ -19,7 +19,7 @@ use crate::domain::{ChangeCause, ConnectionName, EmailAddress};
 use crate::followup::explain::{self, DealView};
 use crate::output::{self, Format, Rows, ViewFormat};
 use crate::store::{Replayed, Reread, RetryOutcome, Store, StoredDeadLetter};
-use crate::sync::{ConnectionRuntime, SyncDeps};
+use crate::ingest::{ConnectionRuntime, SyncDeps};
 use chrono::{DateTime, Utc};
 use serde_json::json;
 use std::sync::Arc;

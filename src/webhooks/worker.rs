@@ -29,7 +29,7 @@ use crate::retry::Backoff;
 #[cfg(test)]
 use crate::store::Store;
 use crate::store::{CartRules, InboxOp, InboxRow, StoreError};
-use crate::sync::ConnectionRuntime;
+use crate::ingest::ConnectionRuntime;
 use chrono::Utc;
 use std::collections::HashSet;
 use std::sync::Arc;
