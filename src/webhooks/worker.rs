@@ -28,7 +28,7 @@ use crate::domain::{ChangeCause, ConnectionName, SourceDeal, check_depth};
 use crate::retry::Backoff;
 #[cfg(test)]
 use crate::store::Store;
-use crate::store::{CartRules, InboxOp, InboxRow, StoreError};
+use crate::store::{CartRules, DealChange, InboxRow, StoreError};
 use crate::ingest::ConnectionRuntime;
 use chrono::Utc;
 use std::collections::HashSet;
@@ -143,7 +143,7 @@ pub async fn run(state: Arc<AppState>, shutdown: CancellationToken) {
 async fn process_due(state: &AppState, shutdown: &CancellationToken) -> Result<usize, StoreError> {
     let rows = state.store.due_webhooks(Utc::now(), BATCH).await?;
     let mut held: HashSet<String> = HashSet::new();
-    let mut planned: Vec<(InboxRow, Vec<InboxOp>)> = Vec::new();
+    let mut planned: Vec<(InboxRow, Vec<DealChange>)> = Vec::new();
     let mut handled = 0;
     for row in rows {
         if shutdown.is_cancelled() {
@@ -168,7 +168,7 @@ async fn process_due(state: &AppState, shutdown: &CancellationToken) -> Result<u
     if planned.is_empty() {
         return Ok(handled);
     }
-    let batch: Vec<(i64, Vec<InboxOp>)> = planned
+    let batch: Vec<(i64, Vec<DealChange>)> = planned
         .iter()
         .map(|(row, ops)| (row.id, ops.clone()))
         .collect();
@@ -245,7 +245,7 @@ async fn plan(
     state: &AppState,
     row: &InboxRow,
     shutdown: &CancellationToken,
-) -> Result<Vec<InboxOp>, ProcessError> {
+) -> Result<Vec<DealChange>, ProcessError> {
     let runtime = state
         .connection(&row.connection)
         .ok_or(ProcessError::ConnectionGone)?;
@@ -275,7 +275,7 @@ async fn plan_row(
     runtime: &ConnectionRuntime,
     row: &InboxRow,
     cx: &SyncContext,
-) -> Result<Vec<InboxOp>, ProcessError> {
+) -> Result<Vec<DealChange>, ProcessError> {
     let event = WebhookEvent {
         connection: ConnectionName::new(row.connection.clone()),
         delivery_id: row.delivery_id.clone(),
@@ -313,7 +313,7 @@ async fn plan_row(
 
 /// A record to write: carts (records with cart keys) through the cart rules. A record
 /// nested too deep (a fetched one: bodies are checked at intake) is never stored.
-fn record(runtime: &ConnectionRuntime, deal: SourceDeal) -> Result<InboxOp, ProcessError> {
+fn record(runtime: &ConnectionRuntime, deal: SourceDeal) -> Result<DealChange, ProcessError> {
     if let Err(source) = check_depth(deal.raw.as_str().as_bytes()) {
         return Err(ProcessError::TooDeep {
             external_id: deal.external_id,
@@ -326,14 +326,14 @@ fn record(runtime: &ConnectionRuntime, deal: SourceDeal) -> Result<InboxOp, Proc
         .pop()
         .expect("one record in, one upsert out");
     Ok(if is_cart {
-        InboxOp::Cart(upsert)
+        DealChange::Cart(upsert)
     } else {
-        InboxOp::Upsert(upsert)
+        DealChange::Upsert(upsert)
     })
 }
 
-fn deletion(runtime: &ConnectionRuntime, external_id: String) -> InboxOp {
-    InboxOp::Delete {
+fn deletion(runtime: &ConnectionRuntime, external_id: String) -> DealChange {
+    DealChange::Delete {
         connection: runtime.name().to_owned(),
         external_id,
     }
