@@ -241,11 +241,15 @@ impl App {
         // Webhook inbox processing and the cart sweeper live across reloads: they read
         // the connections in force at each step.
         tasks.spawn(crate::webhooks::worker::run(
-            state.clone(),
+            state.sync_deps(),
+            state.connections.clone(),
+            state.readiness.worker("webhooks"),
             shutdown.child_token(),
         ));
-        tasks.spawn(crate::webhooks::abandonment::run(
-            state.clone(),
+        tasks.spawn(crate::carts::run(
+            state.store.clone(),
+            state.connections.clone(),
+            state.readiness.worker("cart_sweeper"),
             shutdown.child_token(),
         ));
         shutdown::spawn_watchdog(shutdown.clone());

@@ -5,6 +5,7 @@
 //! The module map and the invariants are in `docs/ARCHITECTURE.md`.
 
 pub mod app;
+pub mod carts;
 pub mod cli;
 pub mod config;
 pub mod connectors;

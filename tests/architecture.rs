@@ -22,11 +22,6 @@ const KNOWN: &[(&str, &str, &str)] = &[
         "handlers take their dependencies from a state type below `app`, not `app::AppState`",
     ),
     (
-        "webhooks",
-        "app",
-        "the webhook worker and cart sweeper receive explicit dependencies, not `Arc<AppState>`",
-    ),
-    (
         "ops",
         "cli",
         "the helpers `ops` shares with `cli` (load, open_store, runtimes, CliError) move below both",

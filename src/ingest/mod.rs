@@ -8,6 +8,7 @@
 //!
 //! - `runtime.rs`: the runtime, its stage map, `map` and `upserts`.
 //! - `records.rs`: a pulled page's records mapped, the unstorable quarantined.
+//! - `webhook.rs`: a webhook delivery planned into deal changes.
 //! - `connections.rs`: the runtimes in force, swapped whole on reload.
 //! - `remap.rs`: moving stored deals when the stage map changes.
 //! - `reread.rs`: reading one deal again before a marketing email.
@@ -20,12 +21,14 @@ mod records;
 mod remap;
 mod reread;
 mod runtime;
+mod webhook;
 
 pub use connections::Connections;
 pub use records::Pulled;
 pub use remap::{RemapPlan, plan_remap, remap};
 pub use reread::{Rereader, reread};
 pub use runtime::ConnectionRuntime;
+pub use webhook::PlanError;
 
 use crate::connectors::ConnectorError;
 use crate::store::{Store, StoreError};
