@@ -21,8 +21,8 @@ mod common;
 
 use common::{cpu_seconds, load_average, peak_rss_mib};
 use dealsync::config::interpolate::ProcessEnv;
-use dealsync::store::Store;
 use dealsync::ingest::{ConnectionRuntime, SyncDeps};
+use dealsync::store::Store;
 use dealsync::sync;
 use dealsync::telemetry::Metrics;
 use std::sync::Arc;

@@ -7,15 +7,16 @@
 
 use crate::config::{self, Config, ConfigError};
 use crate::health::Readiness;
+use crate::http::HttpState;
+use crate::ingest::{ConnectionRuntime, Connections, Rereader, SyncDeps};
 use crate::lock::{LockError, LockFile};
 use crate::shutdown;
 use crate::store::{Store, StoreError};
-use crate::ingest::{ConnectionRuntime, Connections, Rereader, SyncDeps};
 use crate::sync;
 use crate::telemetry::{Metrics, RunLabels};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -54,43 +55,47 @@ pub enum StartupError {
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {}
 
-/// State shared by the HTTP handlers and the tasks.
-pub struct AppState {
-    pub store: Store,
-    pub metrics: Arc<Metrics>,
-    pub readiness: Arc<Readiness>,
-    config: RwLock<Arc<Config>>,
-    connections: Connections,
+/// What a connection's runtime needs from the daemon: the store, the metrics, and
+/// where a connection reports what it needs from an operator (`/readyz`).
+fn sync_deps(state: &HttpState) -> SyncDeps {
+    let readiness = state.readiness.clone();
+    SyncDeps {
+        store: state.store.clone(),
+        metrics: state.metrics.clone(),
+        attention: Some(Arc::new(move |name: &str, what: Option<String>| {
+            readiness.attention(name, what)
+        })),
+    }
 }
 
-impl AppState {
-    /// The config in force.
-    pub fn config(&self) -> Arc<Config> {
-        self.config
-            .read()
-            .map(|c| c.clone())
-            .expect("config lock is never poisoned")
+/// The first step of the one preparation path of start and reload: everything a
+/// config derives that needs no store. Builds every enabled connection's runtime
+/// (connector and stage map) and preflights the follow-up rules; any problem refuses
+/// the config, with every problem named. Reads the manifests: callers on the executor
+/// run it on a blocking thread or before anything else is running.
+fn prepare(config: &Config) -> Result<Vec<Arc<ConnectionRuntime>>, ConfigError> {
+    let runtimes = ConnectionRuntime::build_all(config)?;
+    let problems = crate::followup::preflight(config);
+    if !problems.is_empty() {
+        return Err(ConfigError::at(config, "followups", problems.join("; ")));
     }
+    Ok(runtimes)
+}
 
-    /// The runtimes of the enabled connections.
-    pub fn connections(&self) -> Arc<Vec<Arc<ConnectionRuntime>>> {
-        self.connections.current()
-    }
-
-    pub fn connection(&self, name: &str) -> Option<Arc<ConnectionRuntime>> {
-        self.connections.get(name)
-    }
-
-    pub fn sync_deps(&self) -> SyncDeps {
-        let readiness = self.readiness.clone();
-        SyncDeps {
-            store: self.store.clone(),
-            metrics: self.metrics.clone(),
-            attention: Some(Arc::new(move |name: &str, what: Option<String>| {
-                readiness.attention(name, what)
-            })),
+/// The second step, once the store is open: records each connection (and its
+/// connector) in the store and gives its runtime the native stages discovery stored,
+/// so a webhook-only connection maps them before its first discovery.
+async fn register(store: &Store, runtimes: &[Arc<ConnectionRuntime>]) -> Result<(), StoreError> {
+    for runtime in runtimes {
+        store
+            .ensure_connection(runtime.name(), runtime.connector.kind())
+            .await?;
+        let known = store.native_pipelines(runtime.name()).await?;
+        if !known.is_empty() {
+            runtime.set_native(known);
         }
     }
+    Ok(())
 }
 
 pub struct App {
@@ -99,7 +104,7 @@ pub struct App {
     listener: TcpListener,
     /// `server.metrics_listen`, when set: `/metrics` alone.
     metrics_listener: Option<TcpListener>,
-    state: Arc<AppState>,
+    state: Arc<HttpState>,
     reload_tx: mpsc::Sender<()>,
     reload_rx: mpsc::Receiver<()>,
 }
@@ -115,24 +120,12 @@ impl App {
         // First of all: a second daemon must not even mark the first one's sends in
         // flight as interrupted (below).
         let lock = lock_database(&config.storage.path)?;
-        let runtimes = ConnectionRuntime::build_all(&config)?;
+        let runtimes = prepare(&config)?;
         let path = config.storage.path.clone();
         let store = tokio::task::spawn_blocking(move || Store::open(&path))
             .await
             .map_err(|e| StoreError::Task(e.to_string()))??;
-        for runtime in &runtimes {
-            store
-                .ensure_connection(runtime.name(), runtime.connector.kind())
-                .await?;
-            let known = store.native_pipelines(runtime.name()).await?;
-            if !known.is_empty() {
-                runtime.set_native(known);
-            }
-        }
-        let problems = crate::followup::preflight(&config);
-        if !problems.is_empty() {
-            return Err(ConfigError::at(&config, "followups", problems.join("; ")).into());
-        }
+        register(&store, &runtimes).await?;
         // A row left in `sending` by the previous process may or may not have reached
         // the SMTP server: it is marked uncertain and never sent again.
         let interrupted = store.outbox_recover_interrupted(chrono::Utc::now()).await?;
@@ -162,13 +155,13 @@ impl App {
             _lock: lock,
             listener,
             metrics_listener,
-            state: Arc::new(AppState {
+            state: Arc::new(HttpState::new(
                 store,
-                metrics: Arc::new(Metrics::new()),
+                Arc::new(Metrics::new()),
                 readiness,
-                config: RwLock::new(Arc::new(config)),
-                connections: Connections::new(runtimes),
-            }),
+                config,
+                Connections::new(runtimes),
+            )),
             reload_tx,
             reload_rx,
         })
@@ -190,7 +183,8 @@ impl App {
         })
     }
 
-    pub fn state(&self) -> Arc<AppState> {
+    /// The state the HTTP handlers share; the workers get its parts.
+    pub fn state(&self) -> Arc<HttpState> {
         self.state.clone()
     }
 
@@ -241,7 +235,7 @@ impl App {
         // Webhook inbox processing and the cart sweeper live across reloads: they read
         // the connections in force at each step.
         tasks.spawn(crate::webhooks::worker::run(
-            state.sync_deps(),
+            sync_deps(&state),
             state.connections.clone(),
             state.readiness.worker("webhooks"),
             shutdown.child_token(),
@@ -254,7 +248,8 @@ impl App {
         ));
         shutdown::spawn_watchdog(shutdown.clone());
         let names: Vec<String> = state
-            .connections()
+            .connections
+            .current()
             .iter()
             .map(|c| c.name().to_owned())
             .collect();
@@ -333,9 +328,9 @@ fn lock_database(db: &std::path::Path) -> Result<LockFile, StartupError> {
     }
 }
 
-fn start_connections(state: &Arc<AppState>, tasks: &TaskTracker, token: &CancellationToken) {
-    for runtime in state.connections().iter() {
-        let (runtime, deps, token) = (runtime.clone(), state.sync_deps(), token.child_token());
+fn start_connections(state: &Arc<HttpState>, tasks: &TaskTracker, token: &CancellationToken) {
+    for runtime in state.connections.current().iter() {
+        let (runtime, deps, token) = (runtime.clone(), sync_deps(state), token.child_token());
         state.readiness.started(runtime.name());
         let span = tracing::info_span!(
             "connection",
@@ -355,9 +350,9 @@ fn start_connections(state: &Arc<AppState>, tasks: &TaskTracker, token: &Cancell
         state.metrics.clone(),
         Some(Arc::new(Rereader {
             connections: state.connections.clone(),
-            deps: state.sync_deps(),
+            deps: sync_deps(state),
         }) as Arc<dyn crate::followup::SourceReader>),
-        state.sync_deps().attention,
+        sync_deps(state).attention,
         token.child_token(),
         state.readiness.worker(crate::followup::worker::NAME),
     ));
@@ -366,7 +361,7 @@ fn start_connections(state: &Arc<AppState>, tasks: &TaskTracker, token: &Cancell
 /// Loads the config again; on success swaps it in and restarts the connections, on
 /// failure logs why and keeps the running config. Returns the new connection token.
 async fn reload(
-    state: &Arc<AppState>,
+    state: &Arc<HttpState>,
     tasks: &TaskTracker,
     token: &CancellationToken,
     shutdown: &CancellationToken,
@@ -391,11 +386,7 @@ async fn reload(
     };
     let loaded = tokio::task::spawn_blocking(move || {
         let config = config::load_with(&path, &options)?;
-        let runtimes = ConnectionRuntime::build_all(&config)?;
-        let problems = crate::followup::preflight(&config);
-        if !problems.is_empty() {
-            return Err(ConfigError::at(&config, "followups", problems.join("; ")));
-        }
+        let runtimes = prepare(&config)?;
         Ok::<_, ConfigError>((config, runtimes))
     })
     .await;
@@ -433,21 +424,10 @@ async fn reload(
             "server.metrics_listen and the connection limits (header_read_timeout, body_read_timeout, idle_timeout, max_connections) take effect only after a restart"
         );
     }
-    for runtime in &runtimes {
-        if let Err(error) = state
-            .store
-            .ensure_connection(runtime.name(), runtime.connector.kind())
-            .await
-        {
-            error!(%error, "config reload refused: could not record connections");
-            outcome("refused");
-            return None;
-        }
-        if let Ok(known) = state.store.native_pipelines(runtime.name()).await
-            && !known.is_empty()
-        {
-            runtime.set_native(known);
-        }
+    if let Err(error) = register(&state.store, &runtimes).await {
+        error!(%error, "config reload refused: could not record connections");
+        outcome("refused");
+        return None;
     }
     // Stop the old connection tasks at their next safe point, then start the new ones.
     token.cancel();
@@ -456,7 +436,7 @@ async fn reload(
         .readiness
         .expect(runtimes.iter().map(|r| r.name().to_owned()));
     state.connections.replace(runtimes);
-    *state.config.write().expect("config lock is never poisoned") = Arc::new(new);
+    state.set_config(new);
     start_connections(state, tasks, &new_token);
     info!("config reloaded");
     outcome("applied");

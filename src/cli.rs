@@ -3,9 +3,9 @@
 use crate::app::App;
 use crate::config::{self, Config, ConfigError};
 use crate::domain::{DealStatus, UNMAPPED};
+use crate::ingest::{ConnectionRuntime, SyncDeps};
 use crate::output::{self, Format, Rows};
 use crate::store::{DealFilter, Store};
-use crate::ingest::{ConnectionRuntime, SyncDeps};
 use crate::sync::{self, RunSummary};
 use crate::telemetry::{LogFormat, Metrics};
 use clap::{Args, CommandFactory, Parser, Subcommand};

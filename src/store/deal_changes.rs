@@ -36,10 +36,7 @@ pub enum DealChange {
 /// Fills the contact and owner fields a webhook record does not carry from the stored
 /// deal, so a webhook never erases what a pull (or an earlier delivery) knew: a
 /// Pipedrive deal event names the person by id only, with no email.
-fn keep_known_contact(
-    tx: &Transaction<'_>,
-    upsert: &mut DealUpsert,
-) -> Result<()> {
+fn keep_known_contact(tx: &Transaction<'_>, upsert: &mut DealUpsert) -> Result<()> {
     let source = &upsert.source;
     let carries_all = source.contact_email.is_some()
         && source.contact_name.is_some()

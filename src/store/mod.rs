@@ -44,8 +44,8 @@ pub use deals::{
 };
 pub use digests::{AssembleOutcome, DigestClaim, DigestFinish, DigestRow, DigestWatch};
 pub use inbox::{
-    EnqueueError, Enqueued, InboxCounts, InboxRow, MAX_PENDING, NewWebhook, Replayed,
-    Settlement, StoredDeadLetter, inbox_path,
+    EnqueueError, Enqueued, InboxCounts, InboxRow, MAX_PENDING, NewWebhook, Replayed, Settlement,
+    StoredDeadLetter, inbox_path,
 };
 pub use migrations::SCHEMA_VERSION;
 pub use outbox::{

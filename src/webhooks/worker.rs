@@ -232,7 +232,11 @@ async fn give_up_or_retry(
         let delay = ROW_RETRIES.delay(row.attempts + 1);
         warn!(connection = %row.connection, delivery_id = %row.delivery_id, attempt = row.attempts + 1, retry_in_ms = delay.as_millis() as u64, reason, "webhook processing failed; will retry");
         let next = Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default();
-        state.deps.store.webhook_retry(row.id, &reason, next).await?;
+        state
+            .deps
+            .store
+            .webhook_retry(row.id, &reason, next)
+            .await?;
         Ok(true)
     }
 }

@@ -1464,8 +1464,8 @@ async fn a_connection_slows_down_as_the_budget_runs_low_so_its_share_lasts_until
 
 #[tokio::test]
 async fn salesforce_fetch_one_reads_one_opportunity_with_its_contact_and_sees_it_deleted() {
-    use dealsync::store::Store;
     use dealsync::ingest::{ConnectionRuntime, SyncDeps};
+    use dealsync::store::Store;
     let salesforce = Salesforce::start("refresh-0", 2).await;
     let at = Utc.with_ymd_and_hms(2026, 1, 12, 10, 0, 0).unwrap();
     let mut first = SfOpp::new("006A1", "Opp 1", "Negotiation/Review", at);
