@@ -8,7 +8,7 @@ use super::ConnectionRuntime;
 use std::sync::{Arc, RwLock};
 
 /// A shared handle to the connections in force; clones see the same list.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Connections {
     inner: Arc<RwLock<Arc<Vec<Arc<ConnectionRuntime>>>>>,
 }
