@@ -266,7 +266,7 @@ after = "1s"
         None,
         None,
         shutdown.clone(),
-        Arc::new(dealsync::app::Readiness::default()).worker(dealsync::followup::worker::NAME),
+        Arc::new(dealsync::health::Readiness::default()).worker(dealsync::followup::worker::NAME),
     ));
     loop {
         let sent = store

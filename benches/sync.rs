@@ -21,8 +21,9 @@ mod common;
 
 use common::{cpu_seconds, load_average, peak_rss_mib};
 use dealsync::config::interpolate::ProcessEnv;
+use dealsync::ingest::{ConnectionRuntime, SyncDeps};
 use dealsync::store::Store;
-use dealsync::sync::{self, ConnectionRuntime, SyncDeps};
+use dealsync::sync;
 use dealsync::telemetry::Metrics;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;

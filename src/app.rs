@@ -6,16 +6,17 @@
 //! configured deadline. `main` and the tests share this one path.
 
 use crate::config::{self, Config, ConfigError};
+use crate::health::Readiness;
+use crate::http::HttpState;
+use crate::ingest::{ConnectionRuntime, Connections, Rereader, SyncDeps};
 use crate::lock::{LockError, LockFile};
 use crate::shutdown;
 use crate::store::{Store, StoreError};
-use crate::sync::{self, ConnectionRuntime, SyncDeps};
+use crate::sync;
 use crate::telemetry::{Metrics, RunLabels};
-use serde::Serialize;
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -54,252 +55,47 @@ pub enum StartupError {
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {}
 
-/// The `/readyz` attention entry of email delivery; a name no connection can have
-/// (connection names hold no spaces).
-pub const EMAIL_ATTENTION: &str = "email delivery";
-
-/// What `/readyz` reports.
-#[derive(Debug, Clone, Serialize)]
-pub struct ReadinessReport {
-    pub ready: bool,
-    pub migrated: bool,
-    /// connection → "starting" | "started"
-    pub connections: BTreeMap<String, String>,
-    /// connection (or `email delivery`) → what needs attention (it does not make the
-    /// daemon unready).
-    pub attention: BTreeMap<String, String>,
-    /// worker → why it is degraded: its last pass failed and it is backing off before
-    /// the next (`followups`, `webhooks`, `cart_sweeper`, `connection:NAME`). Makes the
-    /// daemon unready until the worker's next pass works.
-    pub degraded: BTreeMap<String, String>,
-}
-
-/// Readiness, shared by the tasks that make it true.
-#[derive(Default)]
-pub struct Readiness {
-    // A std mutex: tiny critical sections, never held across `.await`.
-    inner: Mutex<ReadinessInner>,
-}
-
-#[derive(Default)]
-struct ReadinessInner {
-    migrated: bool,
-    connections: BTreeMap<String, bool>,
-    attention: BTreeMap<String, String>,
-    degraded: BTreeMap<String, String>,
-}
-
-impl Readiness {
-    pub fn set_migrated(&self) {
-        if let Ok(mut inner) = self.inner.lock() {
-            inner.migrated = true;
-        }
-    }
-
-    /// Resets the expected connections (at start and on reload).
-    pub fn expect(&self, names: impl IntoIterator<Item = String>) {
-        if let Ok(mut inner) = self.inner.lock() {
-            inner.connections = names.into_iter().map(|name| (name, false)).collect();
-            let keep: Vec<String> = inner.connections.keys().cloned().collect();
-            inner
-                .attention
-                .retain(|name, _| keep.contains(name) || name == EMAIL_ATTENTION);
-            inner.degraded.retain(|worker, _| {
-                worker
-                    .strip_prefix(CONNECTION_WORKER)
-                    .is_none_or(|name| keep.iter().any(|kept| kept == name))
-            });
-        }
-    }
-
-    pub fn started(&self, name: &str) {
-        if let Ok(mut inner) = self.inner.lock() {
-            inner.connections.insert(name.to_owned(), true);
-        }
-    }
-
-    /// Marks (or clears, with `None`) something a connection needs from an operator.
-    pub fn attention(&self, name: &str, what: Option<String>) {
-        if let Ok(mut inner) = self.inner.lock() {
-            match what {
-                Some(what) => inner.attention.insert(name.to_owned(), what),
-                None => inner.attention.remove(name),
-            };
-        }
-    }
-
-    /// Marks a worker as degraded with the reason, or (with `None`) as working again.
-    pub fn degraded(&self, worker: &str, reason: Option<String>) {
-        if let Ok(mut inner) = self.inner.lock() {
-            match reason {
-                Some(reason) => inner.degraded.insert(worker.to_owned(), reason),
-                None => inner.degraded.remove(worker),
-            };
-        }
-    }
-
-    /// The health handle of the worker `name`.
-    pub fn worker(self: &Arc<Self>, name: impl Into<String>) -> WorkerHealth {
-        WorkerHealth {
-            readiness: self.clone(),
-            name: name.into(),
-            failures: 0,
-            backoff: crate::retry::STORE_ERRORS,
-        }
-    }
-
-    /// The health handle of connection `name`'s scheduler.
-    pub fn connection_worker(self: &Arc<Self>, name: &str) -> WorkerHealth {
-        self.worker(format!("{CONNECTION_WORKER}{name}"))
-    }
-
-    pub fn report(&self) -> ReadinessReport {
-        let Ok(inner) = self.inner.lock() else {
-            return ReadinessReport {
-                ready: false,
-                migrated: false,
-                connections: BTreeMap::new(),
-                attention: BTreeMap::new(),
-                degraded: BTreeMap::new(),
-            };
-        };
-        ReadinessReport {
-            ready: inner.migrated
-                && inner.connections.values().all(|started| *started)
-                && inner.degraded.is_empty(),
-            migrated: inner.migrated,
-            connections: inner
-                .connections
-                .iter()
-                .map(|(name, started)| {
-                    let state = if *started { "started" } else { "starting" };
-                    (name.clone(), state.to_owned())
-                })
-                .collect(),
-            attention: inner.attention.clone(),
-            degraded: inner.degraded.clone(),
-        }
+/// What a connection's runtime needs from the daemon: the store, the metrics, and
+/// where a connection reports what it needs from an operator (`/readyz`).
+fn sync_deps(state: &HttpState) -> SyncDeps {
+    let readiness = state.readiness.clone();
+    SyncDeps {
+        store: state.store.clone(),
+        metrics: state.metrics.clone(),
+        attention: Some(Arc::new(move |name: &str, what: Option<String>| {
+            readiness.attention(name, what)
+        })),
     }
 }
 
-/// The prefix of a connection scheduler's name among the workers.
-const CONNECTION_WORKER: &str = "connection:";
-
-/// A long-running worker's standing in `/readyz`, and its backoff after failed passes.
-///
-/// A pass that fails (the store is busy, an I/O error, a full disk) marks the worker
-/// degraded with the error, logs it, and returns how long to wait before the next pass
-/// ([`crate::retry::STORE_ERRORS`]: growing with the failures in a row, capped). The
-/// next pass that works clears the mark. Workers never end on such an error.
-pub struct WorkerHealth {
-    readiness: Arc<Readiness>,
-    name: String,
-    failures: u32,
-    backoff: crate::retry::Backoff,
+/// The first step of the one preparation path of start and reload: everything a
+/// config derives that needs no store. Builds every enabled connection's runtime
+/// (connector and stage map) and preflights the follow-up rules; any problem refuses
+/// the config, with every problem named. Reads the manifests: callers on the executor
+/// run it on a blocking thread or before anything else is running.
+fn prepare(config: &Config) -> Result<Vec<Arc<ConnectionRuntime>>, ConfigError> {
+    let runtimes = ConnectionRuntime::build_all(config)?;
+    let problems = crate::followup::preflight(config);
+    if !problems.is_empty() {
+        return Err(ConfigError::at(config, "followups", problems.join("; ")));
+    }
+    Ok(runtimes)
 }
 
-impl WorkerHealth {
-    /// Records a failed pass; returns the pause before the next one.
-    pub fn failed(&mut self, error: &dyn std::fmt::Display) -> std::time::Duration {
-        self.failures = self.failures.saturating_add(1);
-        let delay = self.backoff.delay(self.failures);
-        warn!(
-            worker = %self.name,
-            %error,
-            failures = self.failures,
-            retry_in_ms = delay.as_millis() as u64,
-            "worker pass failed; backing off, then trying again"
-        );
-        self.degraded(format!(
-            "{error} ({} failure(s) in a row; next try in {:.1} s)",
-            self.failures,
-            delay.as_secs_f64()
-        ));
-        delay
-    }
-
-    /// Records a pass that worked: clears the degraded mark.
-    pub fn succeeded(&mut self) {
-        if self.failures > 0 {
-            info!(worker = %self.name, failures = self.failures, "worker recovered");
-            self.failures = 0;
-            self.recovered();
+/// The second step, once the store is open: records each connection (and its
+/// connector) in the store and gives its runtime the native stages discovery stored,
+/// so a webhook-only connection maps them before its first discovery.
+async fn register(store: &Store, runtimes: &[Arc<ConnectionRuntime>]) -> Result<(), StoreError> {
+    for runtime in runtimes {
+        store
+            .ensure_connection(runtime.name(), runtime.connector.kind())
+            .await?;
+        let known = store.native_pipelines(runtime.name()).await?;
+        if !known.is_empty() {
+            runtime.set_native(known);
         }
     }
-
-    /// Marks the worker degraded without counting a failure (a scheduler that keeps
-    /// its own backoff).
-    pub fn degraded(&self, reason: String) {
-        self.readiness.degraded(&self.name, Some(reason));
-    }
-
-    /// Clears the degraded mark.
-    pub fn recovered(&self) {
-        self.readiness.degraded(&self.name, None);
-    }
-}
-
-/// State shared by the HTTP handlers and the tasks.
-pub struct AppState {
-    pub store: Store,
-    pub metrics: Arc<Metrics>,
-    pub readiness: Arc<Readiness>,
-    config: RwLock<Arc<Config>>,
-    connections: RwLock<Arc<Vec<Arc<ConnectionRuntime>>>>,
-}
-
-impl AppState {
-    /// The config in force.
-    pub fn config(&self) -> Arc<Config> {
-        self.config
-            .read()
-            .map(|c| c.clone())
-            .expect("config lock is never poisoned")
-    }
-
-    /// The runtimes of the enabled connections.
-    pub fn connections(&self) -> Arc<Vec<Arc<ConnectionRuntime>>> {
-        self.connections
-            .read()
-            .map(|c| c.clone())
-            .expect("connections lock is never poisoned")
-    }
-
-    pub fn connection(&self, name: &str) -> Option<Arc<ConnectionRuntime>> {
-        self.connections()
-            .iter()
-            .find(|c| c.name() == name)
-            .cloned()
-    }
-
-    pub fn sync_deps(&self) -> SyncDeps {
-        let readiness = self.readiness.clone();
-        SyncDeps {
-            store: self.store.clone(),
-            metrics: self.metrics.clone(),
-            attention: Some(Arc::new(move |name: &str, what: Option<String>| {
-                readiness.attention(name, what)
-            })),
-        }
-    }
-}
-
-#[async_trait::async_trait]
-impl crate::followup::SourceReader for AppState {
-    async fn reread(
-        &self,
-        connection: &str,
-        external_id: &str,
-        shutdown: &CancellationToken,
-    ) -> Result<bool, String> {
-        // A connection no longer configured has no source to ask: the stored deal stands.
-        let Some(runtime) = self.connection(connection) else {
-            return Ok(false);
-        };
-        sync::reread(&runtime, &self.sync_deps(), external_id, shutdown)
-            .await
-            .map_err(|error| error.to_string())
-    }
+    Ok(())
 }
 
 pub struct App {
@@ -308,7 +104,7 @@ pub struct App {
     listener: TcpListener,
     /// `server.metrics_listen`, when set: `/metrics` alone.
     metrics_listener: Option<TcpListener>,
-    state: Arc<AppState>,
+    state: Arc<HttpState>,
     reload_tx: mpsc::Sender<()>,
     reload_rx: mpsc::Receiver<()>,
 }
@@ -324,24 +120,12 @@ impl App {
         // First of all: a second daemon must not even mark the first one's sends in
         // flight as interrupted (below).
         let lock = lock_database(&config.storage.path)?;
-        let runtimes = ConnectionRuntime::build_all(&config)?;
+        let runtimes = prepare(&config)?;
         let path = config.storage.path.clone();
         let store = tokio::task::spawn_blocking(move || Store::open(&path))
             .await
             .map_err(|e| StoreError::Task(e.to_string()))??;
-        for runtime in &runtimes {
-            store
-                .ensure_connection(runtime.name(), runtime.connector.kind())
-                .await?;
-            let known = store.native_pipelines(runtime.name()).await?;
-            if !known.is_empty() {
-                runtime.set_native(known);
-            }
-        }
-        let problems = crate::followup::preflight(&config);
-        if !problems.is_empty() {
-            return Err(ConfigError::at(&config, "followups", problems.join("; ")).into());
-        }
+        register(&store, &runtimes).await?;
         // A row left in `sending` by the previous process may or may not have reached
         // the SMTP server: it is marked uncertain and never sent again.
         let interrupted = store.outbox_recover_interrupted(chrono::Utc::now()).await?;
@@ -371,13 +155,13 @@ impl App {
             _lock: lock,
             listener,
             metrics_listener,
-            state: Arc::new(AppState {
+            state: Arc::new(HttpState::new(
                 store,
-                metrics: Arc::new(Metrics::new()),
+                Arc::new(Metrics::new()),
                 readiness,
-                config: RwLock::new(Arc::new(config)),
-                connections: RwLock::new(Arc::new(runtimes)),
-            }),
+                config,
+                Connections::new(runtimes),
+            )),
             reload_tx,
             reload_rx,
         })
@@ -399,7 +183,8 @@ impl App {
         })
     }
 
-    pub fn state(&self) -> Arc<AppState> {
+    /// The state the HTTP handlers share; the workers get its parts.
+    pub fn state(&self) -> Arc<HttpState> {
         self.state.clone()
     }
 
@@ -450,16 +235,21 @@ impl App {
         // Webhook inbox processing and the cart sweeper live across reloads: they read
         // the connections in force at each step.
         tasks.spawn(crate::webhooks::worker::run(
-            state.clone(),
+            sync_deps(&state),
+            state.connections.clone(),
+            state.readiness.worker("webhooks"),
             shutdown.child_token(),
         ));
-        tasks.spawn(crate::webhooks::abandonment::run(
-            state.clone(),
+        tasks.spawn(crate::carts::run(
+            state.store.clone(),
+            state.connections.clone(),
+            state.readiness.worker("cart_sweeper"),
             shutdown.child_token(),
         ));
         shutdown::spawn_watchdog(shutdown.clone());
         let names: Vec<String> = state
-            .connections()
+            .connections
+            .current()
             .iter()
             .map(|c| c.name().to_owned())
             .collect();
@@ -538,9 +328,9 @@ fn lock_database(db: &std::path::Path) -> Result<LockFile, StartupError> {
     }
 }
 
-fn start_connections(state: &Arc<AppState>, tasks: &TaskTracker, token: &CancellationToken) {
-    for runtime in state.connections().iter() {
-        let (runtime, deps, token) = (runtime.clone(), state.sync_deps(), token.child_token());
+fn start_connections(state: &Arc<HttpState>, tasks: &TaskTracker, token: &CancellationToken) {
+    for runtime in state.connections.current().iter() {
+        let (runtime, deps, token) = (runtime.clone(), sync_deps(state), token.child_token());
         state.readiness.started(runtime.name());
         let span = tracing::info_span!(
             "connection",
@@ -558,8 +348,11 @@ fn start_connections(state: &Arc<AppState>, tasks: &TaskTracker, token: &Cancell
         state.store.clone(),
         state.config(),
         state.metrics.clone(),
-        Some(state.clone() as Arc<dyn crate::followup::SourceReader>),
-        state.sync_deps().attention,
+        Some(Arc::new(Rereader {
+            connections: state.connections.clone(),
+            deps: sync_deps(state),
+        }) as Arc<dyn crate::followup::SourceReader>),
+        sync_deps(state).attention,
         token.child_token(),
         state.readiness.worker(crate::followup::worker::NAME),
     ));
@@ -568,7 +361,7 @@ fn start_connections(state: &Arc<AppState>, tasks: &TaskTracker, token: &Cancell
 /// Loads the config again; on success swaps it in and restarts the connections, on
 /// failure logs why and keeps the running config. Returns the new connection token.
 async fn reload(
-    state: &Arc<AppState>,
+    state: &Arc<HttpState>,
     tasks: &TaskTracker,
     token: &CancellationToken,
     shutdown: &CancellationToken,
@@ -593,11 +386,7 @@ async fn reload(
     };
     let loaded = tokio::task::spawn_blocking(move || {
         let config = config::load_with(&path, &options)?;
-        let runtimes = ConnectionRuntime::build_all(&config)?;
-        let problems = crate::followup::preflight(&config);
-        if !problems.is_empty() {
-            return Err(ConfigError::at(&config, "followups", problems.join("; ")));
-        }
+        let runtimes = prepare(&config)?;
         Ok::<_, ConfigError>((config, runtimes))
     })
     .await;
@@ -635,21 +424,10 @@ async fn reload(
             "server.metrics_listen and the connection limits (header_read_timeout, body_read_timeout, idle_timeout, max_connections) take effect only after a restart"
         );
     }
-    for runtime in &runtimes {
-        if let Err(error) = state
-            .store
-            .ensure_connection(runtime.name(), runtime.connector.kind())
-            .await
-        {
-            error!(%error, "config reload refused: could not record connections");
-            outcome("refused");
-            return None;
-        }
-        if let Ok(known) = state.store.native_pipelines(runtime.name()).await
-            && !known.is_empty()
-        {
-            runtime.set_native(known);
-        }
+    if let Err(error) = register(&state.store, &runtimes).await {
+        error!(%error, "config reload refused: could not record connections");
+        outcome("refused");
+        return None;
     }
     // Stop the old connection tasks at their next safe point, then start the new ones.
     token.cancel();
@@ -657,49 +435,10 @@ async fn reload(
     state
         .readiness
         .expect(runtimes.iter().map(|r| r.name().to_owned()));
-    *state
-        .connections
-        .write()
-        .expect("connections lock is never poisoned") = Arc::new(runtimes);
-    *state.config.write().expect("config lock is never poisoned") = Arc::new(new);
+    state.connections.replace(runtimes);
+    state.set_config(new);
     start_connections(state, tasks, &new_token);
     info!("config reloaded");
     outcome("applied");
     Some(new_token)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_degraded_worker_makes_readyz_unready_until_its_next_good_pass() {
-        let readiness = Arc::new(Readiness::default());
-        readiness.set_migrated();
-        readiness.expect(["crm".to_owned()]);
-        readiness.started("crm");
-        assert!(readiness.report().ready);
-
-        let mut followups = readiness.worker("followups");
-        let pause = followups.failed(&"database error: database is locked");
-        assert!(pause <= crate::retry::STORE_ERRORS.max);
-        let report = readiness.report();
-        assert!(!report.ready);
-        assert!(report.degraded["followups"].contains("database is locked"));
-
-        // A scheduler marks itself; a reload that drops its connection drops the mark.
-        readiness
-            .connection_worker("crm")
-            .degraded("sync run failed".into());
-        readiness.connection_worker("crm").recovered();
-        followups.succeeded();
-        assert!(readiness.report().ready);
-        readiness
-            .connection_worker("crm")
-            .degraded("sync run failed".into());
-        readiness.expect(["other".to_owned()]);
-        readiness.started("other");
-        let report = readiness.report();
-        assert!(report.ready, "{:?}", report.degraded);
-    }
 }

@@ -3,9 +3,10 @@
 use crate::app::App;
 use crate::config::{self, Config, ConfigError};
 use crate::domain::{DealStatus, UNMAPPED};
+use crate::ingest::{ConnectionRuntime, SyncDeps};
 use crate::output::{self, Format, Rows};
 use crate::store::{DealFilter, Store};
-use crate::sync::{self, ConnectionRuntime, RunSummary, SyncDeps};
+use crate::sync::{self, RunSummary};
 use crate::telemetry::{LogFormat, Metrics};
 use clap::{Args, CommandFactory, Parser, Subcommand};
 use std::path::PathBuf;
@@ -584,7 +585,7 @@ async fn check(source: &ConfigSource, args: CheckArgs) -> Result<(), CliError> {
         for runtime in &runtimes {
             let groups = store.native_stage_groups(runtime.name()).await?;
             let applied = store.applied_stage_map(runtime.name()).await?;
-            let plan = crate::sync::plan_remap(runtime, &groups, applied.as_deref());
+            let plan = crate::ingest::plan_remap(runtime, &groups, applied.as_deref());
             if plan.moves.is_empty() {
                 continue;
             }

@@ -5,6 +5,7 @@
 //! The module map and the invariants are in `docs/ARCHITECTURE.md`.
 
 pub mod app;
+pub mod carts;
 pub mod cli;
 pub mod config;
 pub mod connectors;
@@ -14,7 +15,9 @@ pub mod followup;
 /// Entry points of the fuzz targets and of the test replaying their corpus.
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod health;
 pub mod http;
+pub mod ingest;
 pub mod lock;
 pub mod ops;
 pub mod output;

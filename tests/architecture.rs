@@ -17,26 +17,6 @@ use std::path::{Path, PathBuf};
 /// Edges of loops not yet removed: (from, to, the move that removes it).
 const KNOWN: &[(&str, &str, &str)] = &[
     (
-        "http",
-        "app",
-        "handlers take their dependencies from a state type below `app`, not `app::AppState`",
-    ),
-    (
-        "sync",
-        "app",
-        "the pull scheduler receives explicit dependencies, not `Arc<AppState>`",
-    ),
-    (
-        "webhooks",
-        "app",
-        "the webhook worker and cart sweeper receive explicit dependencies, not `Arc<AppState>`",
-    ),
-    (
-        "followup",
-        "app",
-        "the follow-up worker receives explicit dependencies, not `Arc<AppState>`",
-    ),
-    (
         "ops",
         "cli",
         "the helpers `ops` shares with `cli` (load, open_store, runtimes, CliError) move below both",

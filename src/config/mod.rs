@@ -208,7 +208,7 @@ pub struct ConnectionConfig {
     pub pipeline: Option<PipelineKey>,
     /// Mapping overrides from the config, as written; they win over the manifest's
     /// defaults. Targets are resolved once the connector (and so the connection's
-    /// default pipeline) is known: see `sync::ConnectionRuntime::build_all`.
+    /// default pipeline) is known: see `ingest::ConnectionRuntime::build_all`.
     pub stage_map: Vec<MappingOverride>,
     pub rate_limit: RateLimitConfig,
     pub page_size: Option<u32>,

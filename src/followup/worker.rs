@@ -20,10 +20,10 @@ use super::rules::{Recipient, Rule, RuleKind};
 use super::templates::{EmailContext, Templates};
 use super::unsubscribe;
 use super::{FollowupError, SourceReader};
-use crate::app::WorkerHealth;
 use crate::config::{Config, EmailConfig};
 use crate::connectors::Attention;
 use crate::domain::{Deal, StageRef, StepNumber};
+use crate::health::WorkerHealth;
 use crate::retry::Backoff;
 use crate::store::{
     AssembleOutcome, ClaimDecision, ClaimQuery, DigestClaim, DigestFinish, DigestWatch,
@@ -181,7 +181,7 @@ impl Worker {
             }
         };
         if let Some(attention) = &self.attention {
-            attention(crate::app::EMAIL_ATTENTION, note);
+            attention(crate::health::EMAIL_ATTENTION, note);
         }
     }
 

@@ -9,8 +9,8 @@
 //! - Lists are paginated: `limit` (1–1000, default 100) and `offset`; the answer
 //!   carries `next_offset` when more may follow.
 
+use super::HttpState;
 use super::error::ApiError;
-use crate::app::AppState;
 use crate::domain::DealStatus;
 use crate::report::{Report, ReportOptions};
 use crate::store::{DealFilter, OutboxFilter};
@@ -30,7 +30,7 @@ const DEFAULT_LIMIT: u32 = 100;
 const MAX_LIMIT: u32 = 1000;
 
 /// The `/api/v1` routes, behind the token check.
-pub fn routes(state: Arc<AppState>) -> Router<Arc<AppState>> {
+pub fn routes(state: Arc<HttpState>) -> Router<Arc<HttpState>> {
     Router::new()
         .route("/api/v1/deals", get(deals))
         .route("/api/v1/deals/{id}", get(deal))
@@ -58,7 +58,7 @@ pub fn bearer(headers: &HeaderMap) -> Option<&str> {
 }
 
 async fn authenticate(
-    State(state): State<Arc<AppState>>,
+    State(state): State<Arc<HttpState>>,
     request: Request,
     next: Next,
 ) -> Response {
@@ -114,7 +114,7 @@ pub struct DealsQuery {
 
 /// `GET /api/v1/deals`: deals, newest activity first.
 async fn deals(
-    State(state): State<Arc<AppState>>,
+    State(state): State<Arc<HttpState>>,
     params: Result<Query<DealsQuery>, QueryRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let params = query(params)?;
@@ -153,7 +153,7 @@ async fn deals(
 /// first), its emails (outbox rows) and each follow-up rule's decision about it today
 /// (`followup::explain`, the same answer as `dealsync deals show`).
 async fn deal(
-    State(state): State<Arc<AppState>>,
+    State(state): State<Arc<HttpState>>,
     Path(id): Path<String>,
 ) -> Result<Json<crate::followup::explain::DealView>, ApiError> {
     let id: i64 = id
@@ -167,7 +167,7 @@ async fn deal(
 
 /// `GET /api/v1/pipelines`: the canonical pipelines in force, each stage with its
 /// label, kind, probability, stall threshold and description (entry and exit criteria).
-async fn pipelines(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
+async fn pipelines(State(state): State<Arc<HttpState>>) -> Json<serde_json::Value> {
     Json(json!({ "pipelines": state.config().pipelines }))
 }
 
@@ -183,7 +183,7 @@ pub struct ReportQuery {
     min_cohort: Option<u64>,
 }
 
-async fn build_report(state: &AppState, params: ReportQuery) -> Result<Report, ApiError> {
+async fn build_report(state: &HttpState, params: ReportQuery) -> Result<Report, ApiError> {
     let instant = |name: &str, text: Option<String>| -> Result<Option<DateTime<Utc>>, ApiError> {
         text.map(|text| {
             crate::domain::parse_instant(&text)
@@ -217,7 +217,7 @@ async fn build_report(state: &AppState, params: ReportQuery) -> Result<Report, A
 
 /// `GET /api/v1/funnel`: the report's per-stage figures, in total and per connection.
 async fn funnel(
-    State(state): State<Arc<AppState>>,
+    State(state): State<Arc<HttpState>>,
     params: Result<Query<ReportQuery>, QueryRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let report = build_report(&state, query(params)?).await?;
@@ -241,7 +241,7 @@ async fn funnel(
 
 /// `GET /api/v1/forecast`: Σ amount × probability by currency and expected close month.
 async fn forecast(
-    State(state): State<Arc<AppState>>,
+    State(state): State<Arc<HttpState>>,
     params: Result<Query<ReportQuery>, QueryRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let report = build_report(&state, query(params)?).await?;
@@ -273,7 +273,7 @@ pub struct OutboxQuery {
 /// `GET /api/v1/outbox`: outbox rows (follow-up emails and expiries), most recently
 /// updated first, and the email counts by rule and state.
 async fn outbox(
-    State(state): State<Arc<AppState>>,
+    State(state): State<Arc<HttpState>>,
     params: Result<Query<OutboxQuery>, QueryRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let params = query(params)?;

@@ -1,8 +1,8 @@
 //! `/healthz`, `/readyz` and `/metrics`.
 
+use super::HttpState;
 use super::api::token_matches;
 use super::error::ApiError;
-use crate::app::AppState;
 use crate::config::MetricsAuth;
 use crate::telemetry::{Metrics, StageLabels};
 use axum::Json;
@@ -19,7 +19,7 @@ pub async fn healthz() -> impl IntoResponse {
 
 /// Ready: migrations are done and every connection has started; the body names those
 /// that have not and any that need attention (for example re-authorization).
-pub async fn readyz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+pub async fn readyz(State(state): State<Arc<HttpState>>) -> impl IntoResponse {
     let report = state.readiness.report();
     let status = if report.ready {
         StatusCode::OK
@@ -35,7 +35,7 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
 /// "token"`) the scraper must present `server.api_token` (`Authorization: Bearer`, or
 /// HTTP Basic with the token as password); without a configured token there are no
 /// metrics (404). `metrics_auth = "none"` opens them to whoever reaches the listener.
-pub async fn metrics(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+pub async fn metrics(State(state): State<Arc<HttpState>>, headers: HeaderMap) -> Response {
     let config = state.config();
     if config.server.metrics_auth == MetricsAuth::Token {
         let Some(expected) = &config.server.api_token else {
@@ -59,7 +59,7 @@ pub async fn metrics(State(state): State<Arc<AppState>>, headers: HeaderMap) -> 
     }
 }
 
-async fn render_metrics(state: &AppState) -> Result<impl IntoResponse + use<>, ApiError> {
+async fn render_metrics(state: &HttpState) -> Result<impl IntoResponse + use<>, ApiError> {
     super::pipeline_metrics::refresh(state).await?;
     let counts = state.store.stage_counts().await?;
     state.metrics.deals.clear();

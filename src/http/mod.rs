@@ -11,11 +11,11 @@ pub mod error;
 mod health;
 mod pipeline_metrics;
 pub mod server;
+mod state;
 mod status;
 mod unsubscribe;
 pub(crate) mod webhooks;
 
-use crate::app::AppState;
 use crate::telemetry::{HttpLabels, Metrics};
 use axum::Router;
 use axum::extract::{MatchedPath, Request, State};
@@ -24,13 +24,14 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use server::Limits;
+pub use state::HttpState;
 use std::sync::Arc;
 use tower_http::catch_panic::{CatchPanicLayer, ResponseForPanic};
 use tower_http::timeout::TimeoutLayer;
 
 /// Builds the main listener's router: every route, and `/metrics` unless
 /// `server.metrics_listen` gives it a listener of its own.
-pub fn router(state: Arc<AppState>) -> Router {
+pub fn router(state: Arc<HttpState>) -> Router {
     let config = state.config();
     let mut routes = Router::new()
         .route("/", get(status::page))
@@ -54,7 +55,7 @@ pub fn router(state: Arc<AppState>) -> Router {
 }
 
 /// Builds the router of `server.metrics_listen`: `/metrics` alone.
-pub fn metrics_router(state: Arc<AppState>) -> Router {
+pub fn metrics_router(state: Arc<HttpState>) -> Router {
     let config = state.config();
     with_layers(
         Router::new()

@@ -4,13 +4,13 @@
 //! Invariant: the gauges are cleared and rebuilt from the store on every scrape, so a
 //! stage, currency or state that no longer has deals disappears instead of lingering.
 
+use super::HttpState;
 use super::status::stall_cutoffs;
-use crate::app::AppState;
 use crate::store::StoreError;
 use crate::telemetry::{EmailLabels, StageLabels, ValueLabels};
 
 /// Rebuilds the pipeline gauges from the store.
-pub async fn refresh(state: &AppState) -> Result<(), StoreError> {
+pub async fn refresh(state: &HttpState) -> Result<(), StoreError> {
     let metrics = &state.metrics;
     let values = state.store.stage_values().await?;
     let stalled = state

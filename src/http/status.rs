@@ -14,9 +14,9 @@
 //!   forwarded it). A forwarding header can only make a request need the token, never
 //!   spare it. `server.status_page = false` turns the page off.
 
+use super::HttpState;
 use super::api::{bearer, token_matches};
 use super::error::ApiError;
-use crate::app::AppState;
 use crate::config::StatusPageAuth;
 use crate::report::render::{duration, money, percent};
 use crate::report::{ReportOptions, StageReport};
@@ -56,7 +56,7 @@ fn environment() -> &'static minijinja::Environment<'static> {
 }
 
 /// `None` when the request may see the page; otherwise the response to send instead.
-fn refusal(state: &AppState, headers: &HeaderMap) -> Option<Response> {
+fn refusal(state: &HttpState, headers: &HeaderMap) -> Option<Response> {
     let config = state.config();
     if !config.server.status_page {
         return Some(ApiError::NotFound("the status page is off".into()).into_response());
@@ -229,7 +229,7 @@ fn chart(stages: &[StageReport]) -> (Vec<Bar>, u32) {
 }
 
 /// `GET /`: the status page.
-pub async fn page(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+pub async fn page(State(state): State<Arc<HttpState>>, headers: HeaderMap) -> Response {
     if let Some(response) = refusal(&state, &headers) {
         return response;
     }
@@ -248,7 +248,7 @@ pub async fn page(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Res
     }
 }
 
-async fn render(state: &AppState) -> Result<String, ApiError> {
+async fn render(state: &HttpState) -> Result<String, ApiError> {
     let now = Utc::now();
     let config = state.config();
     let readiness = state.readiness.report();
@@ -424,7 +424,7 @@ async fn render(state: &AppState) -> Result<String, ApiError> {
         stalled,
         emails,
         email_counts,
-        email_attention => readiness.attention.get(crate::app::EMAIL_ATTENTION),
+        email_attention => readiness.attention.get(crate::health::EMAIL_ATTENTION),
     };
     environment()
         .get_template("status.html")
@@ -439,7 +439,7 @@ async fn render(state: &AppState) -> Result<String, ApiError> {
 /// status page's view of `dealsync deals show` (same access rules as `/`; no email
 /// addresses and no source record, which the read API has).
 pub async fn deal_page(
-    State(state): State<Arc<AppState>>,
+    State(state): State<Arc<HttpState>>,
     axum::extract::Path(id): axum::extract::Path<String>,
     headers: HeaderMap,
 ) -> Response {

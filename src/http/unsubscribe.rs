@@ -6,8 +6,8 @@
 //! mangled token gets 404 and changes nothing. A GET never unsubscribes, so link
 //! scanners that follow URLs in mail do not unsubscribe anyone.
 
+use super::HttpState;
 use super::error::ApiError;
-use crate::app::AppState;
 use crate::domain::EmailAddress;
 use crate::followup::unsubscribe;
 use axum::extract::{Path, State};
@@ -42,7 +42,7 @@ fn escape(text: &str) -> String {
         .replace('"', "&quot;")
 }
 
-fn verify(state: &AppState, token: &str) -> Option<EmailAddress> {
+fn verify(state: &HttpState, token: &str) -> Option<EmailAddress> {
     let config = state.config();
     let secret = config.email.unsubscribe_secret.as_ref()?;
     unsubscribe::verify(secret.expose(), token)
@@ -60,7 +60,7 @@ fn not_found() -> Response {
 }
 
 /// The confirmation page with a one-button form.
-pub async fn confirm(State(state): State<Arc<AppState>>, Path(token): Path<String>) -> Response {
+pub async fn confirm(State(state): State<Arc<HttpState>>, Path(token): Path<String>) -> Response {
     let Some(address) = verify(&state, &token) else {
         return not_found();
     };
@@ -77,7 +77,7 @@ pub async fn confirm(State(state): State<Arc<AppState>>, Path(token): Path<Strin
 
 /// One-click unsubscribe: the address goes on the suppression list before the answer.
 pub async fn one_click(
-    State(state): State<Arc<AppState>>,
+    State(state): State<Arc<HttpState>>,
     Path(token): Path<String>,
 ) -> Result<Response, ApiError> {
     let Some(address) = verify(&state, &token) else {

@@ -23,8 +23,8 @@
 //! Every rejection logs the connection and the reason; secrets never reach a log line,
 //! and signature and auth headers are not stored.
 
+use super::HttpState;
 use super::error::ApiError;
-use crate::app::AppState;
 use crate::connectors::WebhookEvent;
 use crate::domain::ConnectionName;
 use crate::store::{EnqueueError, Enqueued, NewWebhook};
@@ -96,7 +96,7 @@ fn accepted(status: &str) -> Response {
 }
 
 /// Counts a delivery of a configured connection by outcome.
-fn count(state: &AppState, connection: &str, outcome: &str) {
+fn count(state: &HttpState, connection: &str, outcome: &str) {
     state
         .metrics
         .webhooks
@@ -109,7 +109,7 @@ fn count(state: &AppState, connection: &str, outcome: &str) {
 
 /// The URL the vendor signed (HubSpot v3): `server.public_url` plus path and query, or,
 /// without a public URL, the Host header the request came with.
-fn signed_uri(state: &AppState, request_uri: &axum::http::Uri, headers: &HeaderMap) -> String {
+fn signed_uri(state: &HttpState, request_uri: &axum::http::Uri, headers: &HeaderMap) -> String {
     let path_and_query = request_uri
         .path_and_query()
         .map_or("/", |pq| pq.as_str())
@@ -163,7 +163,7 @@ pub(crate) fn delivery_id(scheme: &Scheme, verified: &signature::Verified, body:
 
 /// Receives one delivery for a connection.
 pub async fn receive(
-    State(state): State<Arc<AppState>>,
+    State(state): State<Arc<HttpState>>,
     Path(connection): Path<String>,
     request: Request,
 ) -> Response {
@@ -344,7 +344,7 @@ pub async fn receive(
 /// 400 with the reason.
 #[allow(clippy::too_many_arguments)]
 async fn dead_letter(
-    state: &AppState,
+    state: &HttpState,
     connection: &str,
     delivery_id: &str,
     topic: Option<&str>,

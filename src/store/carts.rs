@@ -189,21 +189,6 @@ pub(super) fn apply(
     Ok(CartOutcome::Matched(matched))
 }
 
-/// Marks a deal deleted; false when unknown or already deleted.
-pub(super) fn mark_deleted(
-    tx: &Transaction<'_>,
-    connection: &str,
-    external_id: &str,
-    at: DateTime<Utc>,
-) -> Result<bool> {
-    let changed = tx.execute(
-        "UPDATE deals SET deleted_at = ?3, status = 'deleted', synced_at = ?3
-         WHERE connection = ?1 AND external_id = ?2 AND deleted_at IS NULL",
-        params![connection, external_id, to_ms(at)],
-    )?;
-    Ok(changed > 0)
-}
-
 fn ids(tx: &Transaction<'_>, sql: &str, values: Vec<rusqlite::types::Value>) -> Result<Vec<i64>> {
     let mut statement = tx.prepare(sql)?;
     let rows = statement.query_map(params_from_iter(values), |row| row.get(0))?;
@@ -300,19 +285,6 @@ impl Store {
             Ok(moved)
         })
         .await
-    }
-
-    /// Marks a deal deleted in its source; returns false when it is unknown or already
-    /// deleted. The row and its history are kept.
-    pub async fn mark_deal_deleted(
-        &self,
-        connection: &str,
-        external_id: &str,
-        at: DateTime<Utc>,
-    ) -> Result<bool> {
-        let (connection, external_id) = (connection.to_owned(), external_id.to_owned());
-        self.write(move |tx| mark_deleted(tx, &connection, &external_id, at))
-            .await
     }
 }
 

@@ -33,8 +33,9 @@
 //!   nothing is accepted that is not stored.
 //! - Rows of one connection are handed out in arrival order, and not past a row of the
 //!   same connection that waits for a retry.
-//! - Applying a row's changes to the main database and marking it processed here are two
-//!   commits; a crash between them applies the row again, which the upserts make a no-op.
+//! - Applying a row's changes to the main database (`deal_changes`) and marking it
+//!   processed here are two commits; a crash between them applies the row again, which
+//!   the upserts make a no-op.
 
 use super::checkpoint::{self, Checkpoints, WalPolicy};
 use super::{Result, Store, StoreError, from_ms, to_ms};
@@ -158,20 +159,6 @@ pub struct InboxCounts {
     pub pending: u64,
     pub processed: u64,
     pub failed: u64,
-}
-
-/// One change a webhook row asks for, ready to write.
-#[derive(Debug, Clone)]
-pub enum InboxOp {
-    /// A cart or an order: applied through the cart rules.
-    Cart(super::DealUpsert),
-    /// Any other record.
-    Upsert(super::DealUpsert),
-    /// The record was deleted in its source.
-    Delete {
-        connection: String,
-        external_id: String,
-    },
 }
 
 /// How the worker is done with a row.
@@ -739,76 +726,6 @@ fn parse_headers(text: &str) -> Vec<(String, String)> {
     serde_json::from_str(text).unwrap_or_default()
 }
 
-/// Fills the contact and owner fields a webhook record does not carry from the stored
-/// deal, so a webhook never erases what a pull (or an earlier delivery) knew: a
-/// Pipedrive deal event names the person by id only, with no email.
-fn keep_known_contact(
-    tx: &rusqlite::Transaction<'_>,
-    upsert: &mut super::DealUpsert,
-) -> Result<()> {
-    let source = &upsert.source;
-    let carries_all = source.contact_email.is_some()
-        && source.contact_name.is_some()
-        && source.owner.is_some()
-        && source.owner_email.is_some()
-        && source.marketing_consent.is_some();
-    if carries_all {
-        return Ok(());
-    }
-    type Known = (
-        Option<String>,
-        Option<String>,
-        Option<String>,
-        Option<String>,
-        Option<bool>,
-    );
-    let known: Option<Known> = tx
-        .prepare_cached(
-            "SELECT contact_email, contact_name, owner, owner_email, marketing_consent
-             FROM deals WHERE connection = ?1 AND external_id = ?2",
-        )?
-        .query_row(
-            params![upsert.connection.as_str(), source.external_id.as_str()],
-            |row| {
-                Ok((
-                    row.get(0)?,
-                    row.get(1)?,
-                    row.get(2)?,
-                    row.get(3)?,
-                    row.get(4)?,
-                ))
-            },
-        )
-        .optional()?;
-    let Some((email, name, owner, owner_email, consent)) = known else {
-        return Ok(());
-    };
-    let source = &mut upsert.source;
-    if source.contact_email.is_none() {
-        source.contact_email = email
-            .as_deref()
-            .and_then(crate::domain::EmailAddress::parse);
-    }
-    if source.contact_name.is_none() {
-        source.contact_name = name;
-    }
-    // A stored owner email belongs to the stored owner: a record naming another owner
-    // (reassigned in the CRM) does not inherit the previous owner's address.
-    let same_owner = source.owner.is_none() || source.owner == owner;
-    if source.owner.is_none() {
-        source.owner = owner;
-    }
-    if source.owner_email.is_none() && same_owner {
-        source.owner_email = owner_email
-            .as_deref()
-            .and_then(crate::domain::EmailAddress::parse);
-    }
-    if source.marketing_consent.is_none() {
-        source.marketing_consent = consent;
-    }
-    Ok(())
-}
-
 impl Store {
     fn inbox(&self) -> &Inbox {
         &self.inner.inbox
@@ -909,47 +826,6 @@ impl Store {
         self.inbox()
             .ask(|reply| Command::DeadLetter(letter, reply))
             .await
-    }
-
-    /// Applies the changes of several inbox rows to the deals in one transaction, then
-    /// marks the rows processed in the inbox. A webhook record keeps the contact data
-    /// it does not carry (see `keep_known_contact`).
-    pub async fn apply_webhook_batch(
-        &self,
-        items: Vec<(i64, Vec<InboxOp>)>,
-        rules: super::CartRules,
-        now: DateTime<Utc>,
-    ) -> Result<()> {
-        let ids: Vec<i64> = items.iter().map(|(id, _)| *id).collect();
-        self.write(move |tx| {
-            for (_, ops) in items {
-                for op in ops {
-                    match op {
-                        InboxOp::Cart(mut upsert) => {
-                            keep_known_contact(tx, &mut upsert)?;
-                            super::carts::apply(tx, &upsert, rules)?;
-                        }
-                        InboxOp::Upsert(mut upsert) => {
-                            keep_known_contact(tx, &mut upsert)?;
-                            super::deals::upsert_all(tx, vec![upsert])?;
-                        }
-                        InboxOp::Delete {
-                            connection,
-                            external_id,
-                        } => {
-                            super::carts::mark_deleted(tx, &connection, &external_id, now)?;
-                        }
-                    }
-                }
-            }
-            Ok(())
-        })
-        .await?;
-        let settlements = ids
-            .into_iter()
-            .map(|id| Settlement::Processed { id, at: now })
-            .collect();
-        self.settle_webhooks(settlements).await
     }
 
     /// Records how the worker is done with rows (one commit for all of them).
@@ -1372,135 +1248,5 @@ mod tests {
             )
             .unwrap();
         assert_eq!(stored, 1000);
-    }
-
-    #[tokio::test]
-    async fn a_webhook_record_keeps_the_stored_owner_email_only_for_the_same_owner() {
-        use crate::domain::{
-            ChangeCause, ConnectionName, DealStatus, EmailAddress, SourceDeal, StageKey, StageRef,
-        };
-        let (_dir, store) = temp_store();
-        let upsert = |owner: &str, email: Option<&str>, cause: ChangeCause, minute: u32| {
-            let mut source = SourceDeal::new("12", "Globex renewal", "1", "proposal");
-            source.owner = Some(owner.to_owned());
-            source.owner_email = email.and_then(EmailAddress::parse);
-            source.updated_at =
-                Some(chrono::TimeZone::with_ymd_and_hms(&Utc, 2026, 1, 14, 18, minute, 0).unwrap());
-            crate::store::DealUpsert {
-                connection: ConnectionName::new("pd"),
-                source,
-                target: StageRef {
-                    pipeline: None,
-                    stage: StageKey::new("proposal"),
-                },
-                status: DealStatus::Open,
-                observed_at: Utc::now(),
-                cause,
-            }
-        };
-        let owner_email = |store: Store| async move {
-            store
-                .deal_by_external_id("pd", "12")
-                .await
-                .unwrap()
-                .unwrap()
-                .owner_email
-                .map(|e| e.to_string())
-        };
-        store
-            .upsert_deals(vec![upsert(
-                "1234",
-                Some("anna@acme.example"),
-                ChangeCause::Poll,
-                0,
-            )])
-            .await
-            .unwrap();
-        for (delivery, owner, minute, expected) in [
-            ("pd-same-owner", "1234", 5, Some("anna@acme.example")),
-            ("pd-new-owner", "1235", 6, None),
-        ] {
-            store.enqueue_webhook(event(delivery)).await.unwrap();
-            let row = store.due_webhooks(Utc::now(), 1).await.unwrap().remove(0);
-            store
-                .apply_webhook_batch(
-                    vec![(
-                        row.id,
-                        vec![InboxOp::Upsert(upsert(
-                            owner,
-                            None,
-                            ChangeCause::Webhook,
-                            minute,
-                        ))],
-                    )],
-                    crate::store::CartRules::default(),
-                    Utc::now(),
-                )
-                .await
-                .unwrap();
-            assert_eq!(
-                owner_email(store.clone()).await.as_deref(),
-                expected,
-                "{delivery}"
-            );
-        }
-    }
-
-    #[tokio::test]
-    async fn a_webhook_record_without_a_contact_keeps_the_one_a_pull_stored() {
-        use crate::domain::{
-            ChangeCause, ConnectionName, DealStatus, EmailAddress, SourceDeal, StageKey, StageRef,
-        };
-        let (_dir, store) = temp_store();
-        let upsert = |stage: &str, email: Option<&str>, cause: ChangeCause, minute: u32| {
-            let mut source = SourceDeal::new("12", "Globex renewal", "1", stage);
-            source.contact_email = email.and_then(EmailAddress::parse);
-            source.contact_name = email.map(|_| "Ada Lovelace".to_owned());
-            source.updated_at =
-                Some(chrono::TimeZone::with_ymd_and_hms(&Utc, 2026, 1, 14, 18, minute, 0).unwrap());
-            crate::store::DealUpsert {
-                connection: ConnectionName::new("pd"),
-                source,
-                target: StageRef {
-                    pipeline: None,
-                    stage: StageKey::new(stage),
-                },
-                status: DealStatus::Open,
-                observed_at: Utc::now(),
-                cause,
-            }
-        };
-        store
-            .upsert_deals(vec![upsert(
-                "lead_qualification",
-                Some("ada@acme.example"),
-                ChangeCause::Poll,
-                0,
-            )])
-            .await
-            .unwrap();
-        store.enqueue_webhook(event("pd-change")).await.unwrap();
-        let row = store.due_webhooks(Utc::now(), 1).await.unwrap().remove(0);
-        let change = upsert("proposal", None, ChangeCause::Webhook, 5);
-        store
-            .apply_webhook_batch(
-                vec![(row.id, vec![InboxOp::Upsert(change)])],
-                crate::store::CartRules::default(),
-                Utc::now(),
-            )
-            .await
-            .unwrap();
-        let deal = store
-            .deal_by_external_id("pd", "12")
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(deal.stage.as_str(), "proposal");
-        assert_eq!(
-            deal.contact_email.as_ref().map(|e| e.as_str()),
-            Some("ada@acme.example")
-        );
-        assert_eq!(deal.contact_name.as_deref(), Some("Ada Lovelace"));
-        assert_eq!(store.inbox_counts().await.unwrap().processed, 1);
     }
 }

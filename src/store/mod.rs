@@ -25,6 +25,7 @@
 
 mod carts;
 mod checkpoint;
+mod deal_changes;
 mod deals;
 mod digests;
 mod inbox;
@@ -36,14 +37,15 @@ mod sync;
 mod tokens;
 
 pub use carts::{CartOutcome, CartRules};
+pub use deal_changes::DealChange;
 pub use deals::{
     AppliedMapping, DealFilter, DealUpsert, NativeStageGroup, StageCount, StageMove, UnmappedStage,
     UpsertOutcome, fingerprint,
 };
 pub use digests::{AssembleOutcome, DigestClaim, DigestFinish, DigestRow, DigestWatch};
 pub use inbox::{
-    EnqueueError, Enqueued, InboxCounts, InboxOp, InboxRow, MAX_PENDING, NewWebhook, Replayed,
-    Settlement, StoredDeadLetter, inbox_path,
+    EnqueueError, Enqueued, InboxCounts, InboxRow, MAX_PENDING, NewWebhook, Replayed, Settlement,
+    StoredDeadLetter, inbox_path,
 };
 pub use migrations::SCHEMA_VERSION;
 pub use outbox::{

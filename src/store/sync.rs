@@ -125,7 +125,7 @@ impl Store {
             let outcome = match found {
                 Reread::Stored(upsert) => upsert_all(tx, vec![*upsert])?,
                 Reread::Deleted => {
-                    super::carts::mark_deleted(tx, &connection, &external_id, at)?;
+                    super::deal_changes::mark_deleted(tx, &connection, &external_id, at)?;
                     UpsertOutcome::default()
                 }
             };

@@ -1,26 +1,23 @@
-//! Sync: the per-connection scheduler and one sync run.
+//! Sync: the per-connection pull scheduler and one sync run.
 //!
 //! A run discovers native pipelines (to refresh the stage map), then reads pages from
-//! the connector, maps each record's native stage to a canonical one, and commits each
-//! page together with the cursor after it. A failing connection only delays itself.
+//! the connector, has the connection's runtime (`ingest`) map each page's records to
+//! deal upserts, and commits each page together with the cursor after it. A failing
+//! connection only delays itself. What a record becomes is `ingest`'s; when pages are
+//! read and how they commit is this module's.
 //!
 //! Invariant: the cursor advances only in the transaction that commits its page, so a
 //! crash or a kill at any point replays at most one page, which the upsert absorbs.
 
-use crate::config::{Config, ConfigError, ConnectionConfig};
-use crate::connectors::{BadRecord, Connector, ConnectorError, Registry, SyncContext};
-use crate::domain::{ChangeCause, DealStatus, SourceDeal, StageRef, check_depth};
-use crate::pipeline::{Pipelines, StageMap};
+use crate::connectors::ConnectorError;
+use crate::ingest::{ConnectionRuntime, SyncDeps, SyncError, remap};
 use crate::retry::{self, Backoff};
-use crate::store::{
-    AppliedMapping, CachedRecord, DealUpsert, NativeStageGroup, Quarantined, StageMove, Store,
-    StoreError, UpsertOutcome,
-};
+use crate::store::{CachedRecord, DealUpsert, Quarantined, UpsertOutcome};
 use crate::telemetry::{Metrics, RecordLabels, RunLabels};
 use chrono::Utc;
 use rand::Rng;
 use serde::Serialize;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -30,365 +27,6 @@ pub const DEALS_STREAM: &str = "deals";
 
 /// How often native pipelines are re-discovered during incremental runs.
 const DISCOVERY_EVERY: Duration = Duration::from_secs(3600);
-
-/// One configured connection with its connector and its current stage map.
-pub struct ConnectionRuntime {
-    pub config: ConnectionConfig,
-    pub connector: Arc<dyn Connector>,
-    pipelines: Pipelines,
-    /// Swapped whole when discovery finds new native stages; readers clone the Arc.
-    stage_map: RwLock<Arc<StageMap>>,
-    last_discovery: Mutex<Option<Instant>>,
-}
-
-impl ConnectionRuntime {
-    /// Builds the runtime of every enabled connection, or the first config problem.
-    pub fn build_all(config: &Config) -> Result<Vec<Arc<ConnectionRuntime>>, ConfigError> {
-        let mut runtimes = Vec::new();
-        let mut problems = Vec::new();
-        // Every manifest is checked, used or not: a broken user manifest is reported.
-        let catalog = Registry::catalog(config)?;
-        for connection in config.connections.iter().filter(|c| c.enabled) {
-            let connector = match Registry::build_with(connection, config, &catalog) {
-                Ok(connector) => connector,
-                Err(error) => {
-                    problems.extend(error.problems().iter().cloned());
-                    continue;
-                }
-            };
-            let runtime =
-                ConnectionRuntime::new(connection.clone(), connector, config.pipelines.clone());
-            let default_pipeline = runtime.default_pipeline();
-            for entry in &connection.stage_map {
-                if let Err(message) = entry.resolve(default_pipeline.as_ref(), &config.pipelines) {
-                    let key = entry.key(connection.name.as_str());
-                    problems.extend(
-                        ConfigError::at(config, key, message)
-                            .problems()
-                            .iter()
-                            .cloned(),
-                    );
-                }
-            }
-            runtime.set_native(Vec::new());
-            runtimes.push(Arc::new(runtime));
-        }
-        if problems.is_empty() {
-            Ok(runtimes)
-        } else {
-            Err(ConfigError::invalid(config, problems))
-        }
-    }
-
-    pub fn new(
-        config: ConnectionConfig,
-        connector: Arc<dyn Connector>,
-        pipelines: Pipelines,
-    ) -> Self {
-        let runtime = ConnectionRuntime {
-            config,
-            connector,
-            pipelines,
-            stage_map: RwLock::new(Arc::new(StageMap::default())),
-            last_discovery: Mutex::new(None),
-        };
-        runtime.set_native(Vec::new());
-        runtime
-    }
-
-    pub fn name(&self) -> &str {
-        self.config.name.as_str()
-    }
-
-    /// The canonical pipeline of this connection: the config's, else the connector's.
-    pub fn default_pipeline(&self) -> Option<crate::domain::PipelineKey> {
-        self.config.pipeline.clone().or_else(|| {
-            self.connector
-                .default_pipeline()
-                .filter(|key| self.pipelines.get(key).is_some())
-                .map(crate::domain::PipelineKey::new)
-        })
-    }
-
-    /// Rebuilds the stage map from manifest defaults, config overrides and discovery.
-    pub fn set_native(&self, native: Vec<crate::pipeline::NativePipeline>) {
-        let defaults = self
-            .connector
-            .default_mappings()
-            .into_iter()
-            // A default pointing at a pipeline the config replaced is dropped.
-            .filter(|entry| self.pipelines.stage(&entry.target).is_some());
-        let default_pipeline = self.default_pipeline();
-        let overrides = self
-            .config
-            .stage_map
-            .iter()
-            // Unresolvable overrides were reported by `build_all`.
-            .filter_map(|entry| {
-                entry
-                    .resolve(default_pipeline.as_ref(), &self.pipelines)
-                    .ok()
-            });
-        let entries = defaults.chain(overrides);
-        let map =
-            StageMap::new(self.default_pipeline(), entries).with_native(native, &self.pipelines);
-        if let Ok(mut slot) = self.stage_map.write() {
-            *slot = Arc::new(map);
-        }
-    }
-
-    pub fn stage_map(&self) -> Arc<StageMap> {
-        self.stage_map
-            .read()
-            .map(|map| map.clone())
-            .unwrap_or_default()
-    }
-
-    /// Maps a source record's native stage to a canonical stage and status.
-    ///
-    /// A source that says won or lost apart from its stages (Pipedrive's deal status)
-    /// wins over an open stage: the deal goes to its pipeline's first won or lost stage.
-    pub fn map(&self, source: &SourceDeal) -> (StageRef, DealStatus) {
-        let target = self
-            .stage_map()
-            .resolve(&source.native_pipeline, &source.native_stage);
-        let status = self.pipelines.status_of(&target);
-        if let Some(said @ (DealStatus::Won | DealStatus::Lost)) = source.source_status
-            && said != status
-        {
-            let kind = if said == DealStatus::Won {
-                crate::pipeline::StageKind::Won
-            } else {
-                crate::pipeline::StageKind::Lost
-            };
-            let pipeline = target.pipeline.clone().or_else(|| self.default_pipeline());
-            if let Some(stage) = pipeline
-                .as_ref()
-                .and_then(|key| self.pipelines.get(key.as_str()))
-                .and_then(|found| found.first_of_kind(kind))
-            {
-                return (
-                    StageRef {
-                        pipeline,
-                        stage: stage.key.clone(),
-                    },
-                    said,
-                );
-            }
-        }
-        (target, status)
-    }
-
-    /// Turns source records into upserts for the store.
-    pub fn upserts(&self, records: Vec<SourceDeal>, cause: ChangeCause) -> Vec<DealUpsert> {
-        let now = Utc::now();
-        records
-            .into_iter()
-            .map(|source| {
-                let (target, status) = self.map(&source);
-                DealUpsert {
-                    connection: self.config.name.clone(),
-                    source,
-                    target,
-                    status,
-                    observed_at: now,
-                    cause,
-                }
-            })
-            .collect()
-    }
-
-    /// What the connector may touch during a run or a webhook refetch.
-    pub fn context(&self, deps: &SyncDeps, shutdown: &CancellationToken) -> SyncContext {
-        SyncContext {
-            connection: self.config.name.clone(),
-            shutdown: shutdown.clone(),
-            metrics: deps.metrics.clone(),
-            store: Some(deps.store.clone()),
-            attention: deps.attention.clone(),
-            max_attempts: None,
-        }
-    }
-}
-
-/// Reads one deal again from its source and stores it (a poll's upsert), or marks it
-/// deleted when the source says it is gone. `Ok(false)`: the connector cannot read one
-/// record (webhook-only sources).
-pub async fn reread(
-    runtime: &ConnectionRuntime,
-    deps: &SyncDeps,
-    external_id: &str,
-    shutdown: &CancellationToken,
-) -> Result<bool, SyncError> {
-    if !runtime.connector.reads_one() {
-        return Ok(false);
-    }
-    let cx = runtime.context(deps, shutdown);
-    match runtime.connector.fetch_one(&cx, external_id).await? {
-        Some(deal) => {
-            let upserts = runtime.upserts(vec![deal], ChangeCause::Poll);
-            deps.store
-                .commit_page(
-                    runtime.name(),
-                    DEALS_STREAM,
-                    upserts,
-                    Vec::new(),
-                    Vec::new(),
-                    None,
-                )
-                .await?;
-        }
-        None => {
-            deps.store
-                .mark_deal_deleted(runtime.name(), external_id, Utc::now())
-                .await?;
-        }
-    }
-    Ok(true)
-}
-
-/// What a connection's stage map changes for its stored deals: the moves (deals of a
-/// native stage sitting where the previous mapping put them, whose mapping now names
-/// another stage) and the map to record as applied.
-#[derive(Debug, Clone, Default)]
-pub struct RemapPlan {
-    pub moves: Vec<StageMove>,
-    pub applied: Vec<AppliedMapping>,
-}
-
-impl RemapPlan {
-    /// How many deals the moves take.
-    pub fn deals(&self) -> u64 {
-        self.moves.iter().map(|m| m.deals).sum()
-    }
-}
-
-/// Plans the remap of a connection's stored deals: `groups` are its live deals by
-/// native and canonical stage, `applied` the map recorded by the last remap (`None`
-/// before the first: a deal then only moves out of `unmapped`, as nothing says where
-/// an earlier mapping put the others). Pure.
-pub fn plan_remap(
-    runtime: &ConnectionRuntime,
-    groups: &[NativeStageGroup],
-    applied: Option<&[AppliedMapping]>,
-) -> RemapPlan {
-    use std::collections::BTreeMap;
-    let previous: BTreeMap<(&str, &str), StageRef> = applied
-        .unwrap_or_default()
-        .iter()
-        .map(|entry| {
-            (
-                (entry.native_pipeline.as_str(), entry.native_stage.as_str()),
-                StageRef {
-                    pipeline: entry.pipeline.clone().map(crate::domain::PipelineKey::new),
-                    stage: crate::domain::StageKey::new(entry.stage.clone()),
-                },
-            )
-        })
-        .collect();
-    // Every native stage known: those holding deals, those discovery named, and those
-    // the defaults and the config map by key, so a stage whose first deal arrives later
-    // is in the record too.
-    let map = runtime.stage_map();
-    let mut natives: Vec<(String, String)> = groups
-        .iter()
-        .map(|g| (g.native_pipeline.clone(), g.native_stage.clone()))
-        .collect();
-    for pipeline in map.native() {
-        natives.extend(
-            pipeline
-                .stages
-                .iter()
-                .map(|stage| (pipeline.id.clone(), stage.id.clone())),
-        );
-    }
-    natives.extend(
-        map.entries()
-            .iter()
-            .filter(|entry| entry.native_pipeline != "*")
-            .map(|entry| (entry.native_pipeline.clone(), entry.native_stage.clone())),
-    );
-    natives.sort();
-    natives.dedup();
-    let mut plan = RemapPlan::default();
-    for (native_pipeline, native_stage) in &natives {
-        let native = SourceDeal::new("", "", native_pipeline, native_stage);
-        let (target, status) = runtime.map(&native);
-        let before = previous
-            .get(&(native_pipeline.as_str(), native_stage.as_str()))
-            .cloned()
-            .unwrap_or_else(StageRef::unmapped);
-        if !target.is_unmapped() {
-            // Deals kept as unmapped are always the mapping's doing.
-            for group in groups.iter().filter(|g| {
-                &g.native_pipeline == native_pipeline
-                    && &g.native_stage == native_stage
-                    && g.stage != target
-                    && (g.stage == before || g.stage.is_unmapped())
-            }) {
-                plan.moves.push(StageMove {
-                    native_pipeline: native_pipeline.clone(),
-                    native_stage: native_stage.clone(),
-                    from: group.stage.clone(),
-                    to: target.clone(),
-                    status,
-                    deals: group.deals,
-                });
-            }
-        }
-        // A mapping taken away moves nothing: its deals stay where it put them, and the
-        // record says so, for when the stage is mapped again.
-        let recorded = if target.is_unmapped() { before } else { target };
-        plan.applied.push(AppliedMapping {
-            native_pipeline: native_pipeline.clone(),
-            native_stage: native_stage.clone(),
-            pipeline: recorded.pipeline.as_ref().map(|p| p.as_str().to_owned()),
-            stage: recorded.stage.as_str().to_owned(),
-        });
-    }
-    plan
-}
-
-/// Applies the connection's stage map to its stored deals (see [`plan_remap`]): when
-/// the map changed (a reload, a restart with another config, discovery naming a stage),
-/// each deal of a remapped native stage that sits where the previous mapping put it
-/// moves to the new stage, in one transaction with a `mapping` history row, without
-/// reading it again; poll and webhook connections alike. A failure only leaves them
-/// where they are until the next pass.
-pub async fn remap(runtime: &ConnectionRuntime, deps: &SyncDeps) {
-    let name = runtime.name();
-    let read = async {
-        let groups = deps.store.native_stage_groups(name).await?;
-        let applied = deps.store.applied_stage_map(name).await?;
-        Ok::<_, StoreError>((groups, applied))
-    };
-    let (groups, applied) = match read.await {
-        Ok(found) => found,
-        Err(error) => {
-            warn!(connection = %name, %error, "reading the stored deals' stages failed; not remapping now");
-            return;
-        }
-    };
-    let plan = plan_remap(runtime, &groups, applied.as_deref());
-    if plan.moves.is_empty() && applied.as_deref() == Some(plan.applied.as_slice()) {
-        return;
-    }
-    let moves = plan.moves.clone();
-    match deps.store.remap_deals(name, plan.moves, plan.applied).await {
-        Ok(counts) => {
-            for (change, moved) in moves.iter().zip(counts) {
-                if moved > 0 {
-                    info!(connection = %name, native_pipeline = %change.native_pipeline, native_stage = %change.native_stage,
-                        from = %crate::followup::policy::describe(&change.from), stage = %crate::followup::policy::describe(&change.to), moved,
-                        "deals moved to the stage their native stage now maps to");
-                }
-            }
-        }
-        Err(error) => {
-            warn!(connection = %name, %error, "moving deals to their newly mapped stages failed");
-        }
-    }
-}
 
 /// Pages read ahead of the commit in progress.
 const READ_AHEAD: usize = 8;
@@ -414,34 +52,10 @@ struct ReadPage {
 impl ReadPage {
     /// Maps a page's records to upserts and sets aside the ones that do not map.
     fn new(runtime: &ConnectionRuntime, page: crate::connectors::Page) -> Self {
-        let mut records = Vec::with_capacity(page.records.len());
-        let mut quarantined = Vec::new();
-        for record in page.records {
-            // A record nested too deep is refused here, whatever the connector, so it
-            // is never stored where every later read would have to parse it.
-            let record = record.and_then(|deal| match check_depth(deal.raw.as_str().as_bytes()) {
-                Ok(()) => Ok(deal),
-                Err(too_deep) => Err(BadRecord {
-                    external_id: Some(deal.external_id.to_string()),
-                    reason: too_deep.to_string(),
-                    raw: deal.raw,
-                }),
-            });
-            match record {
-                Ok(deal) => records.push(deal),
-                Err(bad) => {
-                    warn!(connection = %runtime.name(), external_id = ?bad.external_id, reason = %bad.reason, "record quarantined");
-                    quarantined.push(Quarantined {
-                        external_id: bad.external_id,
-                        error: bad.reason,
-                        raw: bad.raw,
-                    })
-                }
-            }
-        }
+        let pulled = runtime.pulled(page.records);
         ReadPage {
-            upserts: runtime.upserts(records, ChangeCause::Poll),
-            quarantined,
+            upserts: pulled.upserts,
+            quarantined: pulled.quarantined,
             cache: page.cache,
             next: page.next,
             done: page.done,
@@ -505,23 +119,6 @@ impl RunSummary {
         self.stage_changes += outcome.stage_changes;
         self.unmapped += outcome.unmapped;
     }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum SyncError {
-    #[error(transparent)]
-    Connector(#[from] ConnectorError),
-    #[error(transparent)]
-    Store(#[from] StoreError),
-}
-
-/// Everything a sync needs besides the connection.
-#[derive(Clone)]
-pub struct SyncDeps {
-    pub store: Store,
-    pub metrics: Arc<Metrics>,
-    /// Where a connection reports what it needs from an operator (`/readyz`).
-    pub attention: Option<crate::connectors::Attention>,
 }
 
 /// Runs one sync of a connection: discovery, then pages until caught up.
@@ -595,11 +192,10 @@ async fn run_pages(
     let mut summary = RunSummary::default();
     let fail = |summary: &RunSummary, error: SyncError| (summary.clone(), error);
 
-    let due = runtime
-        .last_discovery
-        .lock()
-        .map(|last| full || last.is_none_or(|at| at.elapsed() > DISCOVERY_EVERY))
-        .unwrap_or(true);
+    let due = full
+        || runtime
+            .last_discovery()
+            .is_none_or(|at| at.elapsed() > DISCOVERY_EVERY);
     if due {
         match runtime.connector.discover_pipelines(&cx).await {
             Ok(native) => {
@@ -607,10 +203,7 @@ async fn run_pages(
                     .save_native_pipelines(name, &native)
                     .await
                     .map_err(|e| fail(&summary, e.into()))?;
-                runtime.set_native(native);
-                if let Ok(mut last) = runtime.last_discovery.lock() {
-                    *last = Some(Instant::now());
-                }
+                runtime.discovered(native);
             }
             Err(error) => {
                 // Reading deals can go on with the last known stages.
@@ -799,7 +392,7 @@ pub async fn run_connection(
     runtime: Arc<ConnectionRuntime>,
     deps: SyncDeps,
     shutdown: CancellationToken,
-    health: crate::app::WorkerHealth,
+    health: crate::health::WorkerHealth,
 ) {
     let name = runtime.name().to_owned();
     // At start and after a reload (both start the connection here), a changed stage

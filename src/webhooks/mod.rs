@@ -2,8 +2,7 @@
 //!
 //! `signature` verifies authenticity with no IO; the HTTP handler (`http::webhooks`) owns
 //! reading the request and committing what passes to the inbox; `worker` turns inbox rows
-//! into deals; `abandonment` moves idle carts along the `ecommerce` pipeline.
+//! into deals through their connection's runtime (`ingest`).
 
-pub mod abandonment;
 pub mod signature;
 pub mod worker;

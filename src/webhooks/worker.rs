@@ -1,10 +1,11 @@
 //! The inbox worker: turns committed webhook deliveries into deals, asynchronously.
 //!
 //! Rows are taken oldest first from the inbox file, up to `BATCH` per pass. Each row
-//! is parsed again by its connection's connector (the HTTP layer already checked that it
-//! parses) and its actions are planned: carts and orders through the cart rules, other
-//! records through the plain upsert, deletions by marking the deal deleted, and id-only
-//! payloads by fetching the record through the pull connector first. A pass's changes
+//! is planned by its connection's runtime (`ingest::ConnectionRuntime::plan_webhook`:
+//! parsed again by the connector, carts and orders through the cart rules, other
+//! records through the plain upsert, deletions by marking the deal deleted, id-only
+//! payloads fetched through the pull connector first). This module decides when and in
+//! which order rows are applied and what a failure costs them. A pass's changes
 //! commit to the main database in one bounded transaction, then its rows are marked
 //! processed in the inbox (one group-committed request). Intake never waits for either:
 //! the inbox has its own file and writer.
@@ -22,20 +23,17 @@
 //!   harmless: upserts and stage moves are idempotent.
 //! - Pending rows left by a previous run are picked up at start.
 
-use crate::app::AppState;
-use crate::connectors::{ConnectorError, SyncContext, WebhookAction, WebhookEvent};
-use crate::domain::{ChangeCause, ConnectionName, SourceDeal, check_depth};
+use crate::connectors::WebhookEvent;
+use crate::domain::ConnectionName;
+use crate::health::WorkerHealth;
+use crate::ingest::{Connections, PlanError, SyncDeps};
 use crate::retry::Backoff;
-#[cfg(test)]
-use crate::store::Store;
-use crate::store::{CartRules, InboxOp, InboxRow, StoreError};
-use crate::sync::ConnectionRuntime;
+use crate::store::{CartRules, DealChange, InboxRow, StoreError};
 use chrono::Utc;
 use std::collections::HashSet;
-use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, info, warn};
+use tracing::{error, info, warn};
 
 /// Attempts before a row is given up on.
 pub const MAX_ATTEMPTS: u32 = 10;
@@ -53,27 +51,12 @@ enum ProcessError {
     /// Writing the row's changes failed: worth another attempt later.
     #[error(transparent)]
     Store(#[from] StoreError),
-    /// Fetching an id-only payload's record failed: retried unless the vendor's answer
-    /// was unusable.
-    #[error("fetching {external_id}: {source}")]
-    Fetch {
-        external_id: String,
-        #[source]
-        source: Box<ConnectorError>,
-    },
     /// The row's connection was removed from the configuration.
     #[error("the connection is no longer configured")]
     ConnectionGone,
-    /// The body no longer parses as the connector's payload.
-    #[error("malformed payload: {reason}")]
-    Malformed { reason: String },
-    /// A fetched record nests too deep to store.
-    #[error("record {external_id}: {source}")]
-    TooDeep {
-        external_id: crate::domain::ExternalId,
-        #[source]
-        source: crate::domain::TooDeep,
-    },
+    /// Planning the row failed: a fetch, or a body or record that cannot be used.
+    #[error(transparent)]
+    Plan(#[from] PlanError),
 }
 
 impl ProcessError {
@@ -82,14 +65,17 @@ impl ProcessError {
     fn is_permanent(&self) -> bool {
         match self {
             ProcessError::Store(_) => false,
-            ProcessError::Fetch { source, .. } => {
-                matches!(**source, ConnectorError::BadResponse { .. })
-            }
-            ProcessError::ConnectionGone
-            | ProcessError::Malformed { .. }
-            | ProcessError::TooDeep { .. } => true,
+            ProcessError::ConnectionGone => true,
+            ProcessError::Plan(error) => error.is_permanent(),
         }
     }
+}
+
+/// What the worker reads and writes: the inbox and the deals (`deps.store`), and the
+/// connections in force, read at each row so a reload applies to the next.
+struct Worker {
+    deps: SyncDeps,
+    connections: Connections,
 }
 
 /// Retries of a row that could not be applied: 1 s doubling up to 5 min, equal jitter
@@ -100,14 +86,20 @@ pub const ROW_RETRIES: Backoff =
 /// Runs until `shutdown`: processes due rows, sleeps until new ones are committed. A
 /// pass the store fails (busy, I/O error, disk full) marks the worker degraded in
 /// `/readyz` and is tried again after a backoff; no row pays an attempt for it.
-pub async fn run(state: Arc<AppState>, shutdown: CancellationToken) {
-    let committed = state.store.inbox_committed();
-    let mut health = state.readiness.worker("webhooks");
+pub async fn run(
+    deps: SyncDeps,
+    connections: Connections,
+    mut health: WorkerHealth,
+    shutdown: CancellationToken,
+) {
+    let worker = Worker { deps, connections };
+    let state = &worker;
+    let committed = state.deps.store.inbox_committed();
     let mut last_prune: Option<std::time::Instant> = None;
     info!("webhook inbox worker started");
     loop {
         if last_prune.is_none_or(|at| at.elapsed() >= PRUNE_EVERY) {
-            match state.store.prune_webhooks(Utc::now()).await {
+            match state.deps.store.prune_webhooks(Utc::now()).await {
                 Ok(pruned) if pruned > 0 => info!(pruned, "pruned old webhook inbox rows"),
                 Ok(_) => {}
                 Err(error) => warn!(%error, "pruning the webhook inbox failed"),
@@ -116,7 +108,7 @@ pub async fn run(state: Arc<AppState>, shutdown: CancellationToken) {
         }
         // After a failed pass only the backoff (or shutdown) ends the pause: new
         // deliveries must not hurry a database that just failed.
-        let (pause, failed) = match process_due(&state, &shutdown).await {
+        let (pause, failed) = match process_due(state, &shutdown).await {
             Ok(worked) => {
                 health.succeeded();
                 if worked > 0 {
@@ -140,10 +132,10 @@ pub async fn run(state: Arc<AppState>, shutdown: CancellationToken) {
 /// Rows are planned one by one in order (parsing, and fetching where a payload carries
 /// only an id); the planned changes of the whole pass then commit in one transaction.
 /// Should that fail, rows are committed one by one, so one bad row cannot block others.
-async fn process_due(state: &AppState, shutdown: &CancellationToken) -> Result<usize, StoreError> {
-    let rows = state.store.due_webhooks(Utc::now(), BATCH).await?;
+async fn process_due(state: &Worker, shutdown: &CancellationToken) -> Result<usize, StoreError> {
+    let rows = state.deps.store.due_webhooks(Utc::now(), BATCH).await?;
     let mut held: HashSet<String> = HashSet::new();
-    let mut planned: Vec<(InboxRow, Vec<InboxOp>)> = Vec::new();
+    let mut planned: Vec<(InboxRow, Vec<DealChange>)> = Vec::new();
     let mut handled = 0;
     for row in rows {
         if shutdown.is_cancelled() {
@@ -168,12 +160,13 @@ async fn process_due(state: &AppState, shutdown: &CancellationToken) -> Result<u
     if planned.is_empty() {
         return Ok(handled);
     }
-    let batch: Vec<(i64, Vec<InboxOp>)> = planned
+    let batch: Vec<(i64, Vec<DealChange>)> = planned
         .iter()
         .map(|(row, ops)| (row.id, ops.clone()))
         .collect();
     let rules = CartRules::default();
     if let Err(error) = state
+        .deps
         .store
         .apply_webhook_batch(batch, rules, Utc::now())
         .await
@@ -192,6 +185,7 @@ async fn process_due(state: &AppState, shutdown: &CancellationToken) -> Result<u
             }
             let single = vec![(row.id, ops)];
             match state
+                .deps
                 .store
                 .apply_webhook_batch(single, rules, Utc::now())
                 .await
@@ -213,7 +207,7 @@ async fn process_due(state: &AppState, shutdown: &CancellationToken) -> Result<u
 /// [`MAX_ATTEMPTS`] times, else scheduled again. Returns true when the row will be
 /// retried, so later rows of its connection must wait.
 async fn give_up_or_retry(
-    state: &AppState,
+    state: &Worker,
     row: &InboxRow,
     error: ProcessError,
 ) -> Result<bool, StoreError> {
@@ -221,6 +215,7 @@ async fn give_up_or_retry(
     if error.is_permanent() {
         error!(connection = %row.connection, delivery_id = %row.delivery_id, reason, "webhook could not be applied; kept as failed");
         state
+            .deps
             .store
             .webhook_failed(row.id, &reason, Utc::now())
             .await?;
@@ -228,6 +223,7 @@ async fn give_up_or_retry(
     } else if !ROW_RETRIES.may_retry(row.attempts + 1) {
         error!(connection = %row.connection, delivery_id = %row.delivery_id, attempts = row.attempts + 1, reason, "webhook failed too often; kept as failed");
         state
+            .deps
             .store
             .webhook_failed(row.id, &reason, Utc::now())
             .await?;
@@ -236,46 +232,26 @@ async fn give_up_or_retry(
         let delay = ROW_RETRIES.delay(row.attempts + 1);
         warn!(connection = %row.connection, delivery_id = %row.delivery_id, attempt = row.attempts + 1, retry_in_ms = delay.as_millis() as u64, reason, "webhook processing failed; will retry");
         let next = Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default();
-        state.store.webhook_retry(row.id, &reason, next).await?;
+        state
+            .deps
+            .store
+            .webhook_retry(row.id, &reason, next)
+            .await?;
         Ok(true)
     }
 }
 
+/// Plans one row through its connection's runtime; writes nothing.
 async fn plan(
-    state: &AppState,
+    state: &Worker,
     row: &InboxRow,
     shutdown: &CancellationToken,
-) -> Result<Vec<InboxOp>, ProcessError> {
+) -> Result<Vec<DealChange>, ProcessError> {
     let runtime = state
-        .connection(&row.connection)
+        .connections
+        .get(&row.connection)
         .ok_or(ProcessError::ConnectionGone)?;
-    let cx = runtime.context(&state.sync_deps(), shutdown);
-    plan_row(&runtime, row, &cx).await
-}
-
-/// Applies one inbox row on its own (parse, fetch, write, mark processed).
-#[cfg(test)]
-async fn apply_row(
-    store: &Store,
-    runtime: &ConnectionRuntime,
-    row: &InboxRow,
-    cx: &SyncContext,
-) -> Result<(), ProcessError> {
-    let ops = plan_row(runtime, row, cx).await?;
-    store
-        .apply_webhook_batch(vec![(row.id, ops)], CartRules::default(), Utc::now())
-        .await?;
-    Ok(())
-}
-
-/// Turns one inbox row into the changes to write, through its connection's connector:
-/// carts and orders go through the cart rules, other records are upserted, deletions
-/// mark the deal deleted, id-only payloads are fetched first. Writes nothing.
-async fn plan_row(
-    runtime: &ConnectionRuntime,
-    row: &InboxRow,
-    cx: &SyncContext,
-) -> Result<Vec<InboxOp>, ProcessError> {
+    let cx = runtime.context(&state.deps, shutdown);
     let event = WebhookEvent {
         connection: ConnectionName::new(row.connection.clone()),
         delivery_id: row.delivery_id.clone(),
@@ -284,207 +260,12 @@ async fn plan_row(
         body: row.body.clone(),
         received_at: row.received_at,
     };
-    let actions = runtime
-        .connector
-        .parse_webhook(&event)
-        .map_err(|bad| ProcessError::Malformed { reason: bad.reason })?;
-    let mut ops = Vec::new();
-    for action in actions {
-        match action {
-            WebhookAction::Upsert(deal) => ops.push(record(runtime, *deal)?),
-            WebhookAction::Delete { external_id } => ops.push(deletion(runtime, external_id)),
-            WebhookAction::Refetch { external_id } => {
-                match runtime.connector.fetch_one(cx, &external_id).await {
-                    Ok(Some(deal)) => ops.push(record(runtime, deal)?),
-                    Ok(None) => ops.push(deletion(runtime, external_id)),
-                    Err(source) => {
-                        return Err(ProcessError::Fetch {
-                            external_id,
-                            source: Box::new(source),
-                        });
-                    }
-                }
-            }
-        }
-    }
-    debug!(connection = runtime.name(), delivery_id = %row.delivery_id, ops = ops.len(), "webhook planned");
-    Ok(ops)
-}
-
-/// A record to write: carts (records with cart keys) through the cart rules. A record
-/// nested too deep (a fetched one: bodies are checked at intake) is never stored.
-fn record(runtime: &ConnectionRuntime, deal: SourceDeal) -> Result<InboxOp, ProcessError> {
-    if let Err(source) = check_depth(deal.raw.as_str().as_bytes()) {
-        return Err(ProcessError::TooDeep {
-            external_id: deal.external_id,
-            source,
-        });
-    }
-    let is_cart = !deal.cart_keys.is_empty();
-    let upsert = runtime
-        .upserts(vec![deal], ChangeCause::Webhook)
-        .pop()
-        .expect("one record in, one upsert out");
-    Ok(if is_cart {
-        InboxOp::Cart(upsert)
-    } else {
-        InboxOp::Upsert(upsert)
-    })
-}
-
-fn deletion(runtime: &ConnectionRuntime, external_id: String) -> InboxOp {
-    InboxOp::Delete {
-        connection: runtime.name().to_owned(),
-        external_id,
-    }
+    Ok(runtime.plan_webhook(&event, &cx).await?)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::connectors::{BadRecord, Connector, Page};
-    use crate::domain::DealStatus;
-    use crate::store::NewWebhook;
-    use async_trait::async_trait;
-    use std::sync::Mutex;
-
-    /// A CRM-like connector whose webhooks carry only ids: `{"refetch": "7"}`,
-    /// `{"delete": "7"}`; `fetch_one` answers from a map and fails while `down`.
-    struct IdOnlyCrm {
-        records: Mutex<Vec<SourceDeal>>,
-        down: Mutex<bool>,
-    }
-
-    #[async_trait]
-    impl Connector for IdOnlyCrm {
-        fn kind(&self) -> &str {
-            "crm-test"
-        }
-        fn default_pipeline(&self) -> Option<&str> {
-            Some("sales")
-        }
-        async fn fetch_page(
-            &self,
-            _cx: &SyncContext,
-            _cursor: Option<&serde_json::Value>,
-        ) -> Result<Page, ConnectorError> {
-            Err(ConnectorError::NotConfigured { what: "not used" })
-        }
-        fn parse_webhook(&self, event: &WebhookEvent) -> Result<Vec<WebhookAction>, BadRecord> {
-            let body: serde_json::Value = serde_json::from_slice(&event.body).unwrap();
-            Ok(match (body.get("refetch"), body.get("delete")) {
-                (Some(id), _) => vec![WebhookAction::Refetch {
-                    external_id: id.as_str().unwrap().to_owned(),
-                }],
-                (_, Some(id)) => vec![WebhookAction::Delete {
-                    external_id: id.as_str().unwrap().to_owned(),
-                }],
-                _ => Vec::new(),
-            })
-        }
-        async fn fetch_one(
-            &self,
-            _cx: &SyncContext,
-            external_id: &str,
-        ) -> Result<Option<SourceDeal>, ConnectorError> {
-            if *self.down.lock().unwrap() {
-                return Err(ConnectorError::Transient {
-                    vendor: "crm-test".into(),
-                    reason: "503".into(),
-                    retry_after: None,
-                });
-            }
-            Ok(self
-                .records
-                .lock()
-                .unwrap()
-                .iter()
-                .find(|d| d.external_id.as_str() == external_id)
-                .cloned())
-        }
-    }
-
-    async fn row(store: &Store, id: &str, body: serde_json::Value) -> InboxRow {
-        store
-            .enqueue_webhook(NewWebhook {
-                connection: "crm".into(),
-                delivery_id: id.into(),
-                topic: None,
-                headers: Vec::new(),
-                body_sha256: None,
-                body: serde_json::to_vec(&body).unwrap().into(),
-                received_at: Utc::now(),
-            })
-            .await
-            .unwrap();
-        store
-            .due_webhooks(Utc::now(), 100)
-            .await
-            .unwrap()
-            .into_iter()
-            .find(|r| r.delivery_id == id)
-            .unwrap()
-    }
-
-    #[tokio::test]
-    async fn an_id_only_crm_webhook_is_fetched_then_stored_and_a_deletion_marks_the_deal_deleted() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("db.sqlite")).unwrap();
-        let config = crate::config::parse(
-            std::path::Path::new("t.toml"),
-            "[connections.crm]\nconnector = \"demo\"\n[connections.crm.stage_map.default]\nproposal = \"proposal\"\n",
-            &crate::config::interpolate::ProcessEnv,
-        )
-        .unwrap();
-        let mut deal = SourceDeal::new("7", "Big deal", "default", "proposal");
-        deal.updated_at = Some(Utc::now());
-        let connector = Arc::new(IdOnlyCrm {
-            records: Mutex::new(vec![deal]),
-            down: Mutex::new(true),
-        });
-        let runtime = ConnectionRuntime::new(
-            config.connections[0].clone(),
-            connector.clone(),
-            config.pipelines.clone(),
-        );
-        let cx = SyncContext::new(ConnectionName::new("crm"), CancellationToken::new());
-
-        // While the CRM is down, the refetch is a retryable failure and nothing is stored.
-        let refetch = row(&store, "e-1", serde_json::json!({"refetch": "7"})).await;
-        let failed = apply_row(&store, &runtime, &refetch, &cx).await;
-        assert!(
-            matches!(&failed, Err(error) if !error.is_permanent()),
-            "{failed:?}"
-        );
-        assert!(
-            store
-                .deal_by_external_id("crm", "7")
-                .await
-                .unwrap()
-                .is_none()
-        );
-
-        *connector.down.lock().unwrap() = false;
-        apply_row(&store, &runtime, &refetch, &cx).await.unwrap();
-        let stored = store
-            .deal_by_external_id("crm", "7")
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(stored.stage.as_str(), "proposal");
-        let history = store.history(stored.id).await.unwrap();
-        assert_eq!(history[0].cause, ChangeCause::Webhook);
-
-        let delete = row(&store, "e-2", serde_json::json!({"delete": "7"})).await;
-        apply_row(&store, &runtime, &delete, &cx).await.unwrap();
-        let deleted = store
-            .deal_by_external_id("crm", "7")
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(deleted.status, DealStatus::Deleted);
-        assert!(deleted.deleted_at.is_some());
-    }
 
     #[test]
     fn row_retries_grow_and_stay_bounded() {

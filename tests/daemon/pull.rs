@@ -1469,8 +1469,8 @@ async fn a_connection_slows_down_as_the_budget_runs_low_so_its_share_lasts_until
 
 #[tokio::test]
 async fn salesforce_fetch_one_reads_one_opportunity_with_its_contact_and_sees_it_deleted() {
+    use dealsync::ingest::{ConnectionRuntime, SyncDeps};
     use dealsync::store::Store;
-    use dealsync::sync::{ConnectionRuntime, SyncDeps};
     let salesforce = Salesforce::start("refresh-0", 2).await;
     let at = Utc.with_ymd_and_hms(2026, 1, 12, 10, 0, 0).unwrap();
     let mut first = SfOpp::new("006A1", "Opp 1", "Negotiation/Review", at);
@@ -1794,15 +1794,15 @@ async fn in_process(
     dir: &std::path::Path,
     toml: &str,
 ) -> (
-    std::sync::Arc<dealsync::sync::ConnectionRuntime>,
-    dealsync::sync::SyncDeps,
+    std::sync::Arc<dealsync::ingest::ConnectionRuntime>,
+    dealsync::ingest::SyncDeps,
 ) {
     let path = dir.join("dealsync.toml");
     let text = format!("[storage]\npath = \"{}/sync.db\"\n{toml}", dir.display());
     std::fs::write(&path, &text).unwrap();
     let config =
         dealsync::config::parse(&path, &text, &dealsync::config::interpolate::ProcessEnv).unwrap();
-    let runtime = dealsync::sync::ConnectionRuntime::build_all(&config)
+    let runtime = dealsync::ingest::ConnectionRuntime::build_all(&config)
         .unwrap()
         .remove(0);
     let db_path = config.storage.path.clone();
@@ -1814,7 +1814,7 @@ async fn in_process(
         .ensure_connection(runtime.name(), runtime.connector.kind())
         .await
         .unwrap();
-    let deps = dealsync::sync::SyncDeps {
+    let deps = dealsync::ingest::SyncDeps {
         store,
         metrics: std::sync::Arc::new(dealsync::telemetry::Metrics::new()),
         attention: None,
@@ -1827,8 +1827,8 @@ async fn hubspot_in_process(
     dir: &std::path::Path,
     url: &str,
 ) -> (
-    std::sync::Arc<dealsync::sync::ConnectionRuntime>,
-    dealsync::sync::SyncDeps,
+    std::sync::Arc<dealsync::ingest::ConnectionRuntime>,
+    dealsync::ingest::SyncDeps,
 ) {
     let toml = hubspot_connection("hs", url, "").replace("lookback = \"1s\"", "lookback = \"1m\"");
     in_process(dir, &toml).await
@@ -2286,7 +2286,7 @@ async fn unmapped_deals_move_to_their_stage_once_the_config_maps_it_keeping_when
         + "\n[connections.hs.stage_map.default]\ncustomstage = \"proposal\"\n";
     let config =
         dealsync::config::parse(&path, &text, &dealsync::config::interpolate::ProcessEnv).unwrap();
-    let remapped = dealsync::sync::ConnectionRuntime::build_all(&config)
+    let remapped = dealsync::ingest::ConnectionRuntime::build_all(&config)
         .unwrap()
         .remove(0);
     let run = run_once(&remapped, &deps, false, &shutdown, &|_| {})

@@ -8,12 +8,22 @@
 //! `cart_abandoned`, `expired`), falling back to position (first open stage, second open
 //! stage, first lost stage) when a config renames them. Moves are recorded with cause
 //! `followup`: dealsync itself decided them.
+//!
+//! A worker of its own beside `sync`, `webhooks` and `followup`: it moves stored carts
+//! as time passes, whatever way their records arrived (pull, webhook, the demo), so it
+//! belongs neither to the webhook worker nor to `ingest`, which maps records. The SQL
+//! is `store::carts`'s.
+//!
+//! Invariants: a pass reads the connections in force, so a reload applies to the next
+//! pass; each move re-checks the cart's stage in its transaction (`store::carts`), so
+//! a cart an order reached a moment earlier stays purchased.
 
-use crate::app::AppState;
 use crate::connectors::ecommerce::PIPELINE;
 use crate::domain::StageRef;
+use crate::health::WorkerHealth;
+use crate::ingest::{ConnectionRuntime, Connections};
 use crate::pipeline::{Pipeline, StageKind};
-use crate::store::StoreError;
+use crate::store::{Store, StoreError};
 use chrono::{DateTime, Utc};
 use std::sync::Arc;
 use std::time::Duration;
@@ -79,18 +89,21 @@ pub struct SweepSummary {
     pub expired: usize,
 }
 
-/// One pass over every connection at `now`.
-pub async fn sweep_once(state: &AppState, now: DateTime<Utc>) -> Result<SweepSummary, StoreError> {
-    let config = state.config();
+/// One pass over every connection in `connections` at `now`.
+pub async fn sweep_once(
+    store: &Store,
+    connections: &[Arc<ConnectionRuntime>],
+    now: DateTime<Utc>,
+) -> Result<SweepSummary, StoreError> {
     let mut summary = SweepSummary::default();
-    let Some(stages) = config.pipelines.get(PIPELINE).and_then(CartStages::of) else {
-        return Ok(summary);
-    };
-    for runtime in state.connections().iter() {
+    for runtime in connections {
+        // Every connection in force maps onto the config's pipelines.
+        let Some(stages) = runtime.pipelines().get(PIPELINE).and_then(CartStages::of) else {
+            continue;
+        };
         let name = runtime.name();
         let idle = chrono::Duration::from_std(runtime.config.abandon_after).unwrap_or_default();
-        let abandoned = state
-            .store
+        let abandoned = store
             .abandon_idle_carts(
                 name,
                 stages.started.clone(),
@@ -109,8 +122,7 @@ pub async fn sweep_once(state: &AppState, now: DateTime<Utc>) -> Result<SweepSum
         }
         summary.abandoned += abandoned.len();
         let max_age = chrono::Duration::from_std(runtime.config.expire_after).unwrap_or_default();
-        let expired = state
-            .store
+        let expired = store
             .expire_stale_carts(
                 name,
                 stages.waiting.clone(),
@@ -134,9 +146,8 @@ pub async fn sweep_once(state: &AppState, now: DateTime<Utc>) -> Result<SweepSum
 
 /// The pause between passes: a quarter of the shortest `abandon_after`, between 250 ms
 /// and 30 s, so a cart is abandoned at most about a quarter late.
-pub fn interval(state: &AppState) -> Duration {
-    state
-        .connections()
+pub fn interval(connections: &[Arc<ConnectionRuntime>]) -> Duration {
+    connections
         .iter()
         .map(|runtime| runtime.config.abandon_after / 4)
         .min()
@@ -146,21 +157,25 @@ pub fn interval(state: &AppState) -> Duration {
 
 /// Runs passes until `shutdown`. A pass the store fails marks the sweeper degraded in
 /// `/readyz` and the next one waits for the longer of the interval and the backoff.
-pub async fn run(state: Arc<AppState>, shutdown: CancellationToken) {
+pub async fn run(
+    store: Store,
+    connections: Connections,
+    mut health: WorkerHealth,
+    shutdown: CancellationToken,
+) {
     info!("cart sweeper started");
-    let mut health = state.readiness.worker("cart_sweeper");
-    let mut pause = interval(&state);
+    let mut pause = interval(&connections.current());
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = tokio::time::sleep(pause) => {}
         }
-        pause = match sweep_once(&state, Utc::now()).await {
+        pause = match sweep_once(&store, &connections.current(), Utc::now()).await {
             Ok(_) => {
                 health.succeeded();
-                interval(&state)
+                interval(&connections.current())
             }
-            Err(error) => health.failed(&error).max(interval(&state)),
+            Err(error) => health.failed(&error).max(interval(&connections.current())),
         };
     }
     info!("cart sweeper stopped");

@@ -1,0 +1,159 @@
+//! Remapping: moving a connection's stored deals when its stage map changes.
+//!
+//! The map last applied to a connection's deals is recorded beside its cursors. When
+//! the map differs (a reload, a restart with another config, discovery naming a
+//! stage), each deal of a remapped native stage that sits where the recorded mapping
+//! put it (or that was kept as unmapped) moves to the new stage, in one transaction
+//! with a `mapping` history row, without reading it again.
+//!
+//! Invariants: [`plan_remap`] is pure; deals a follow-up, an order or the source's
+//! won/lost status put elsewhere stay where they are; a mapping taken away moves
+//! nothing.
+
+use super::{ConnectionRuntime, SyncDeps};
+use crate::domain::{SourceDeal, StageRef};
+use crate::store::{AppliedMapping, NativeStageGroup, StageMove, StoreError};
+use tracing::{info, warn};
+
+/// What a connection's stage map changes for its stored deals: the moves (deals of a
+/// native stage sitting where the previous mapping put them, whose mapping now names
+/// another stage) and the map to record as applied.
+#[derive(Debug, Clone, Default)]
+pub struct RemapPlan {
+    pub moves: Vec<StageMove>,
+    pub applied: Vec<AppliedMapping>,
+}
+
+impl RemapPlan {
+    /// How many deals the moves take.
+    pub fn deals(&self) -> u64 {
+        self.moves.iter().map(|m| m.deals).sum()
+    }
+}
+
+/// Plans the remap of a connection's stored deals: `groups` are its live deals by
+/// native and canonical stage, `applied` the map recorded by the last remap (`None`
+/// before the first: a deal then only moves out of `unmapped`, as nothing says where
+/// an earlier mapping put the others). Pure.
+pub fn plan_remap(
+    runtime: &ConnectionRuntime,
+    groups: &[NativeStageGroup],
+    applied: Option<&[AppliedMapping]>,
+) -> RemapPlan {
+    use std::collections::BTreeMap;
+    let previous: BTreeMap<(&str, &str), StageRef> = applied
+        .unwrap_or_default()
+        .iter()
+        .map(|entry| {
+            (
+                (entry.native_pipeline.as_str(), entry.native_stage.as_str()),
+                StageRef {
+                    pipeline: entry.pipeline.clone().map(crate::domain::PipelineKey::new),
+                    stage: crate::domain::StageKey::new(entry.stage.clone()),
+                },
+            )
+        })
+        .collect();
+    // Every native stage known: those holding deals, those discovery named, and those
+    // the defaults and the config map by key, so a stage whose first deal arrives later
+    // is in the record too.
+    let map = runtime.stage_map();
+    let mut natives: Vec<(String, String)> = groups
+        .iter()
+        .map(|g| (g.native_pipeline.clone(), g.native_stage.clone()))
+        .collect();
+    for pipeline in map.native() {
+        natives.extend(
+            pipeline
+                .stages
+                .iter()
+                .map(|stage| (pipeline.id.clone(), stage.id.clone())),
+        );
+    }
+    natives.extend(
+        map.entries()
+            .iter()
+            .filter(|entry| entry.native_pipeline != "*")
+            .map(|entry| (entry.native_pipeline.clone(), entry.native_stage.clone())),
+    );
+    natives.sort();
+    natives.dedup();
+    let mut plan = RemapPlan::default();
+    for (native_pipeline, native_stage) in &natives {
+        let native = SourceDeal::new("", "", native_pipeline, native_stage);
+        let (target, status) = runtime.map(&native);
+        let before = previous
+            .get(&(native_pipeline.as_str(), native_stage.as_str()))
+            .cloned()
+            .unwrap_or_else(StageRef::unmapped);
+        if !target.is_unmapped() {
+            // Deals kept as unmapped are always the mapping's doing.
+            for group in groups.iter().filter(|g| {
+                &g.native_pipeline == native_pipeline
+                    && &g.native_stage == native_stage
+                    && g.stage != target
+                    && (g.stage == before || g.stage.is_unmapped())
+            }) {
+                plan.moves.push(StageMove {
+                    native_pipeline: native_pipeline.clone(),
+                    native_stage: native_stage.clone(),
+                    from: group.stage.clone(),
+                    to: target.clone(),
+                    status,
+                    deals: group.deals,
+                });
+            }
+        }
+        // A mapping taken away moves nothing: its deals stay where it put them, and the
+        // record says so, for when the stage is mapped again.
+        let recorded = if target.is_unmapped() { before } else { target };
+        plan.applied.push(AppliedMapping {
+            native_pipeline: native_pipeline.clone(),
+            native_stage: native_stage.clone(),
+            pipeline: recorded.pipeline.as_ref().map(|p| p.as_str().to_owned()),
+            stage: recorded.stage.as_str().to_owned(),
+        });
+    }
+    plan
+}
+
+/// Applies the connection's stage map to its stored deals (see [`plan_remap`]): when
+/// the map changed (a reload, a restart with another config, discovery naming a stage),
+/// each deal of a remapped native stage that sits where the previous mapping put it
+/// moves to the new stage, in one transaction with a `mapping` history row, without
+/// reading it again; poll and webhook connections alike. A failure only leaves them
+/// where they are until the next pass.
+pub async fn remap(runtime: &ConnectionRuntime, deps: &SyncDeps) {
+    let name = runtime.name();
+    let read = async {
+        let groups = deps.store.native_stage_groups(name).await?;
+        let applied = deps.store.applied_stage_map(name).await?;
+        Ok::<_, StoreError>((groups, applied))
+    };
+    let (groups, applied) = match read.await {
+        Ok(found) => found,
+        Err(error) => {
+            warn!(connection = %name, %error, "reading the stored deals' stages failed; not remapping now");
+            return;
+        }
+    };
+    let plan = plan_remap(runtime, &groups, applied.as_deref());
+    if plan.moves.is_empty() && applied.as_deref() == Some(plan.applied.as_slice()) {
+        return;
+    }
+    let moves = plan.moves.clone();
+    match deps.store.remap_deals(name, plan.moves, plan.applied).await {
+        Ok(counts) => {
+            for (change, moved) in moves.iter().zip(counts) {
+                if moved > 0 {
+                    info!(connection = %name, native_pipeline = %change.native_pipeline, native_stage = %change.native_stage,
+                        from = %crate::followup::policy::describe(&change.from), stage = %crate::followup::policy::describe(&change.to), moved,
+                        "deals moved to the stage their native stage now maps to");
+                }
+            }
+        }
+        Err(error) => {
+            warn!(connection = %name, %error, "moving deals to their newly mapped stages failed");
+        }
+    }
+}

@@ -1,0 +1,322 @@
+//! What webhook rows change in the main database: deals and carts.
+//!
+//! The inbox (`inbox.rs`, its own file) holds the deliveries; this module writes what
+//! the webhook worker planned from them into the deals, through the cart rules
+//! (`carts.rs`) or the plain upsert (`deals.rs`), and marks deals deleted.
+//!
+//! Invariants:
+//! - A pass's changes commit in one transaction of the main database; only then are its
+//!   rows marked processed in the inbox (a second commit). A crash between the two
+//!   applies the rows again, which the upserts make a no-op.
+//! - A webhook record never erases contact or owner data it does not carry
+//!   ([`keep_known_contact`]).
+//! - A deleted deal keeps its row and its history.
+
+use super::carts::{self, CartRules};
+use super::deals::{DealUpsert, upsert_all};
+use super::inbox::Settlement;
+use super::{Result, Store, to_ms};
+use chrono::{DateTime, Utc};
+use rusqlite::{OptionalExtension, Transaction, params};
+
+/// One change a webhook row asks of the deals, ready to write.
+#[derive(Debug, Clone)]
+pub enum DealChange {
+    /// A cart or an order: applied through the cart rules.
+    Cart(DealUpsert),
+    /// Any other record.
+    Upsert(DealUpsert),
+    /// The record was deleted in its source.
+    Delete {
+        connection: String,
+        external_id: String,
+    },
+}
+
+/// Fills the contact and owner fields a webhook record does not carry from the stored
+/// deal, so a webhook never erases what a pull (or an earlier delivery) knew: a
+/// Pipedrive deal event names the person by id only, with no email.
+fn keep_known_contact(tx: &Transaction<'_>, upsert: &mut DealUpsert) -> Result<()> {
+    let source = &upsert.source;
+    let carries_all = source.contact_email.is_some()
+        && source.contact_name.is_some()
+        && source.owner.is_some()
+        && source.owner_email.is_some()
+        && source.marketing_consent.is_some();
+    if carries_all {
+        return Ok(());
+    }
+    type Known = (
+        Option<String>,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+        Option<bool>,
+    );
+    let known: Option<Known> = tx
+        .prepare_cached(
+            "SELECT contact_email, contact_name, owner, owner_email, marketing_consent
+             FROM deals WHERE connection = ?1 AND external_id = ?2",
+        )?
+        .query_row(
+            params![upsert.connection.as_str(), source.external_id.as_str()],
+            |row| {
+                Ok((
+                    row.get(0)?,
+                    row.get(1)?,
+                    row.get(2)?,
+                    row.get(3)?,
+                    row.get(4)?,
+                ))
+            },
+        )
+        .optional()?;
+    let Some((email, name, owner, owner_email, consent)) = known else {
+        return Ok(());
+    };
+    let source = &mut upsert.source;
+    if source.contact_email.is_none() {
+        source.contact_email = email
+            .as_deref()
+            .and_then(crate::domain::EmailAddress::parse);
+    }
+    if source.contact_name.is_none() {
+        source.contact_name = name;
+    }
+    // A stored owner email belongs to the stored owner: a record naming another owner
+    // (reassigned in the CRM) does not inherit the previous owner's address.
+    let same_owner = source.owner.is_none() || source.owner == owner;
+    if source.owner.is_none() {
+        source.owner = owner;
+    }
+    if source.owner_email.is_none() && same_owner {
+        source.owner_email = owner_email
+            .as_deref()
+            .and_then(crate::domain::EmailAddress::parse);
+    }
+    if source.marketing_consent.is_none() {
+        source.marketing_consent = consent;
+    }
+    Ok(())
+}
+
+/// Marks a deal deleted; false when unknown or already deleted.
+pub(super) fn mark_deleted(
+    tx: &Transaction<'_>,
+    connection: &str,
+    external_id: &str,
+    at: DateTime<Utc>,
+) -> Result<bool> {
+    let changed = tx.execute(
+        "UPDATE deals SET deleted_at = ?3, status = 'deleted', synced_at = ?3
+         WHERE connection = ?1 AND external_id = ?2 AND deleted_at IS NULL",
+        params![connection, external_id, to_ms(at)],
+    )?;
+    Ok(changed > 0)
+}
+
+impl Store {
+    /// Applies the changes of several inbox rows to the deals in one transaction, then
+    /// marks the rows processed in the inbox. A webhook record keeps the contact data
+    /// it does not carry (see `keep_known_contact`).
+    pub async fn apply_webhook_batch(
+        &self,
+        items: Vec<(i64, Vec<DealChange>)>,
+        rules: CartRules,
+        now: DateTime<Utc>,
+    ) -> Result<()> {
+        let ids: Vec<i64> = items.iter().map(|(id, _)| *id).collect();
+        self.write(move |tx| {
+            for (_, ops) in items {
+                for op in ops {
+                    match op {
+                        DealChange::Cart(mut upsert) => {
+                            keep_known_contact(tx, &mut upsert)?;
+                            carts::apply(tx, &upsert, rules)?;
+                        }
+                        DealChange::Upsert(mut upsert) => {
+                            keep_known_contact(tx, &mut upsert)?;
+                            upsert_all(tx, vec![upsert])?;
+                        }
+                        DealChange::Delete {
+                            connection,
+                            external_id,
+                        } => {
+                            mark_deleted(tx, &connection, &external_id, now)?;
+                        }
+                    }
+                }
+            }
+            Ok(())
+        })
+        .await?;
+        let settlements = ids
+            .into_iter()
+            .map(|id| Settlement::Processed { id, at: now })
+            .collect();
+        self.settle_webhooks(settlements).await
+    }
+
+    /// Marks a deal deleted in its source; returns false when it is unknown or already
+    /// deleted. The row and its history are kept.
+    pub async fn mark_deal_deleted(
+        &self,
+        connection: &str,
+        external_id: &str,
+        at: DateTime<Utc>,
+    ) -> Result<bool> {
+        let (connection, external_id) = (connection.to_owned(), external_id.to_owned());
+        self.write(move |tx| mark_deleted(tx, &connection, &external_id, at))
+            .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::NewWebhook;
+    use crate::store::tests::temp_store;
+    use bytes::Bytes;
+
+    fn event(id: &str) -> NewWebhook {
+        NewWebhook {
+            connection: "shop".into(),
+            delivery_id: id.into(),
+            topic: Some("checkouts/create".into()),
+            headers: vec![("x-shopify-topic".into(), "checkouts/create".into())],
+            body_sha256: None,
+            body: Bytes::from_static(br#"{"id":1}"#),
+            received_at: Utc::now(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_webhook_record_keeps_the_stored_owner_email_only_for_the_same_owner() {
+        use crate::domain::{
+            ChangeCause, ConnectionName, DealStatus, EmailAddress, SourceDeal, StageKey, StageRef,
+        };
+        let (_dir, store) = temp_store();
+        let upsert = |owner: &str, email: Option<&str>, cause: ChangeCause, minute: u32| {
+            let mut source = SourceDeal::new("12", "Globex renewal", "1", "proposal");
+            source.owner = Some(owner.to_owned());
+            source.owner_email = email.and_then(EmailAddress::parse);
+            source.updated_at =
+                Some(chrono::TimeZone::with_ymd_and_hms(&Utc, 2026, 1, 14, 18, minute, 0).unwrap());
+            crate::store::DealUpsert {
+                connection: ConnectionName::new("pd"),
+                source,
+                target: StageRef {
+                    pipeline: None,
+                    stage: StageKey::new("proposal"),
+                },
+                status: DealStatus::Open,
+                observed_at: Utc::now(),
+                cause,
+            }
+        };
+        let owner_email = |store: Store| async move {
+            store
+                .deal_by_external_id("pd", "12")
+                .await
+                .unwrap()
+                .unwrap()
+                .owner_email
+                .map(|e| e.to_string())
+        };
+        store
+            .upsert_deals(vec![upsert(
+                "1234",
+                Some("anna@acme.example"),
+                ChangeCause::Poll,
+                0,
+            )])
+            .await
+            .unwrap();
+        for (delivery, owner, minute, expected) in [
+            ("pd-same-owner", "1234", 5, Some("anna@acme.example")),
+            ("pd-new-owner", "1235", 6, None),
+        ] {
+            store.enqueue_webhook(event(delivery)).await.unwrap();
+            let row = store.due_webhooks(Utc::now(), 1).await.unwrap().remove(0);
+            store
+                .apply_webhook_batch(
+                    vec![(
+                        row.id,
+                        vec![DealChange::Upsert(upsert(
+                            owner,
+                            None,
+                            ChangeCause::Webhook,
+                            minute,
+                        ))],
+                    )],
+                    crate::store::CartRules::default(),
+                    Utc::now(),
+                )
+                .await
+                .unwrap();
+            assert_eq!(
+                owner_email(store.clone()).await.as_deref(),
+                expected,
+                "{delivery}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_webhook_record_without_a_contact_keeps_the_one_a_pull_stored() {
+        use crate::domain::{
+            ChangeCause, ConnectionName, DealStatus, EmailAddress, SourceDeal, StageKey, StageRef,
+        };
+        let (_dir, store) = temp_store();
+        let upsert = |stage: &str, email: Option<&str>, cause: ChangeCause, minute: u32| {
+            let mut source = SourceDeal::new("12", "Globex renewal", "1", stage);
+            source.contact_email = email.and_then(EmailAddress::parse);
+            source.contact_name = email.map(|_| "Ada Lovelace".to_owned());
+            source.updated_at =
+                Some(chrono::TimeZone::with_ymd_and_hms(&Utc, 2026, 1, 14, 18, minute, 0).unwrap());
+            crate::store::DealUpsert {
+                connection: ConnectionName::new("pd"),
+                source,
+                target: StageRef {
+                    pipeline: None,
+                    stage: StageKey::new(stage),
+                },
+                status: DealStatus::Open,
+                observed_at: Utc::now(),
+                cause,
+            }
+        };
+        store
+            .upsert_deals(vec![upsert(
+                "lead_qualification",
+                Some("ada@acme.example"),
+                ChangeCause::Poll,
+                0,
+            )])
+            .await
+            .unwrap();
+        store.enqueue_webhook(event("pd-change")).await.unwrap();
+        let row = store.due_webhooks(Utc::now(), 1).await.unwrap().remove(0);
+        let change = upsert("proposal", None, ChangeCause::Webhook, 5);
+        store
+            .apply_webhook_batch(
+                vec![(row.id, vec![DealChange::Upsert(change)])],
+                crate::store::CartRules::default(),
+                Utc::now(),
+            )
+            .await
+            .unwrap();
+        let deal = store
+            .deal_by_external_id("pd", "12")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(deal.stage.as_str(), "proposal");
+        assert_eq!(
+            deal.contact_email.as_ref().map(|e| e.as_str()),
+            Some("ada@acme.example")
+        );
+        assert_eq!(deal.contact_name.as_deref(), Some("Ada Lovelace"));
+        assert_eq!(store.inbox_counts().await.unwrap().processed, 1);
+    }
+}
