@@ -38,7 +38,7 @@ mod tokens;
 pub use carts::{CartOutcome, CartRules};
 pub use deals::{
     AppliedMapping, DealFilter, DealUpsert, NativeStageGroup, StageCount, StageMove, UnmappedStage,
-    UpsertOutcome, fingerprint,
+    UpsertOutcome,
 };
 pub use digests::{AssembleOutcome, DigestClaim, DigestFinish, DigestRow, DigestWatch};
 pub use inbox::{

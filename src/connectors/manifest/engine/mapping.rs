@@ -310,7 +310,7 @@ impl ManifestConnector {
         }
     }
 
-    /// The [`store::fingerprint`](crate::store::fingerprint) of a record: `deal` is
+    /// The [`fingerprint`](crate::domain::hashing::fingerprint) of a record: `deal` is
     /// its mapping without enrichments; the keys are the ids it gives the enrichments
     /// that look up ids from the record alone (one reached through another
     /// enrichment, like HubSpot's contact through the association read, depends on the
@@ -328,7 +328,7 @@ impl ManifestConnector {
             })
             .collect();
         let keys: Vec<Option<&str>> = keys.iter().map(Option::as_deref).collect();
-        crate::store::fingerprint(deal, &keys)
+        crate::domain::hashing::fingerprint(deal, &keys)
     }
 
     /// Which of `reads` the store holds unchanged (see [`Store::unchanged_records`]),
