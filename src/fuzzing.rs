@@ -19,9 +19,9 @@
 use crate::config::interpolate::{self, Env};
 use crate::connectors::manifest::records::split_page;
 use crate::connectors::manifest::{Catalog, ManifestConnector};
+use crate::connectors::signature::{self, DEFAULT_TOLERANCE, Delivery, Scheme, SignatureError};
 use crate::connectors::{BadRecord, Connector, Registry, WebhookAction, WebhookEvent};
 use crate::domain::{Currency, Money, check_depth};
-use crate::webhooks::signature::{self, DEFAULT_TOLERANCE, Delivery, Scheme, SignatureError};
 use http::{HeaderMap, HeaderName, HeaderValue};
 use serde_json::Value;
 use std::collections::HashMap;

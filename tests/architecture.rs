@@ -46,11 +46,6 @@ const KNOWN: &[(&str, &str, &str)] = &[
         "connectors",
         "the vendor client moves under `connectors/`, whose error and context types it uses",
     ),
-    (
-        "connectors",
-        "webhooks",
-        "signature schemes move out of `webhooks/` (the worker) to a module below `connectors`",
-    ),
 ];
 
 type Graph = BTreeMap<String, BTreeMap<String, BTreeSet<String>>>;

@@ -9,6 +9,7 @@ pub mod ecommerce;
 pub mod generic;
 pub mod manifest;
 pub mod shopify;
+pub mod signature;
 pub mod stripe;
 pub mod woocommerce;
 
@@ -291,7 +292,7 @@ pub trait Connector: Send + Sync {
     }
 
     /// How webhooks to this connection are signed; `None`: it takes no webhooks.
-    fn webhook_scheme(&self) -> Option<crate::webhooks::signature::Scheme> {
+    fn webhook_scheme(&self) -> Option<crate::connectors::signature::Scheme> {
         None
     }
 
@@ -366,9 +367,10 @@ impl Registry {
                 .iter()
                 .filter(|s| s.is_available())
             {
-                if let Err(error) =
-                    crate::webhooks::signature::validate_secret(&scheme, secret.expose().as_bytes())
-                {
+                if let Err(error) = crate::connectors::signature::validate_secret(
+                    &scheme,
+                    secret.expose().as_bytes(),
+                ) {
                     return Err(ConfigError::at(
                         config,
                         format!("connections.{}.webhook_secret", connection.name),

@@ -18,9 +18,9 @@ use super::ecommerce::{
 };
 use super::{BadRecord, Connector, ConnectorError, Page, SyncContext, WebhookAction, WebhookEvent};
 use crate::config::{ConnectionConfig, Secret};
+use crate::connectors::signature::Scheme;
 use crate::domain::{DealStatus, RawRecord, SourceDeal};
 use crate::pipeline::StageMapEntry;
-use crate::webhooks::signature::Scheme;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;

@@ -26,10 +26,10 @@
 use super::error::ApiError;
 use crate::app::AppState;
 use crate::connectors::WebhookEvent;
+use crate::connectors::signature::{self, Scheme, SignatureError};
 use crate::domain::ConnectionName;
 use crate::store::{EnqueueError, Enqueued, NewWebhook};
 use crate::telemetry::RecordLabels;
-use crate::webhooks::signature::{self, Scheme, SignatureError};
 use axum::Json;
 use axum::body::Body;
 use axum::extract::{Path, Request, State};

@@ -455,7 +455,7 @@ pub struct Webhooks {
 }
 
 /// A manifest's `webhooks.scheme`: the names a manifest may give; each maps to one
-/// `webhooks::signature::Scheme` (the engine's `webhook_scheme`).
+/// `connectors::signature::Scheme` (the engine's `webhook_scheme`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 pub enum SchemeName {
     #[serde(rename = "hubspot_v3")]

@@ -291,7 +291,7 @@ impl Connector for ManifestConnector {
         self.read_page(cx, cursor).await
     }
 
-    fn webhook_scheme(&self) -> Option<crate::webhooks::signature::Scheme> {
+    fn webhook_scheme(&self) -> Option<crate::connectors::signature::Scheme> {
         self.scheme()
     }
 

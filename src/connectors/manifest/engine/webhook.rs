@@ -21,8 +21,8 @@ use std::time::Duration;
 
 impl ManifestConnector {
     /// [`Connector::webhook_scheme`](crate::connectors::Connector::webhook_scheme).
-    pub(super) fn scheme(&self) -> Option<crate::webhooks::signature::Scheme> {
-        use crate::webhooks::signature::Scheme;
+    pub(super) fn scheme(&self) -> Option<crate::connectors::signature::Scheme> {
+        use crate::connectors::signature::Scheme;
         let tolerance = Duration::from_secs(300);
         Some(match self.manifest.webhooks.as_ref()?.scheme {
             SchemeName::HubSpotV3 => Scheme::HubSpotV3 { tolerance },
