@@ -41,11 +41,6 @@ const KNOWN: &[(&str, &str, &str)] = &[
         "cli",
         "the helpers `ops` shares with `cli` (load, open_store, runtimes, CliError) move below both",
     ),
-    (
-        "vendor_http",
-        "connectors",
-        "the vendor client moves under `connectors/`, whose error and context types it uses",
-    ),
 ];
 
 type Graph = BTreeMap<String, BTreeMap<String, BTreeSet<String>>>;

@@ -11,6 +11,7 @@ pub mod manifest;
 pub mod shopify;
 pub mod signature;
 pub mod stripe;
+pub mod vendor_http;
 pub mod woocommerce;
 
 use crate::config::{ConfigError, ConnectionConfig};

@@ -15,11 +15,11 @@
 
 use super::schema::{AuthKind, ClientAuth, Manifest};
 use crate::config::{ConnectionConfig, Secret};
+use crate::connectors::vendor_http::{ReceiveError, receive};
 use crate::connectors::{ConnectorError, SyncContext};
 use crate::lock::{LockError, LockFile};
 use crate::store::Store;
 use crate::telemetry::ConnectionLabels;
-use crate::vendor_http::{ReceiveError, receive};
 use base64::Engine;
 use chrono::{DateTime, Utc};
 use oauth2::basic::{
@@ -636,7 +636,7 @@ struct OAuthHttp {
 
 impl OAuthHttp {
     fn new(max_response_bytes: u64) -> Result<Self, ConnectorError> {
-        let client = crate::vendor_http::client_builder()
+        let client = crate::connectors::vendor_http::client_builder()
             .timeout(Duration::from_secs(30))
             .build()
             .map_err(|source| ConnectorError::HttpClient {
