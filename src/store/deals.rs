@@ -833,12 +833,12 @@ impl Store {
         .await
     }
 
-    /// Of `candidates` (external id, [`fingerprint`]), those whose stored deal was
-    /// written from a record with that same fingerprint, is not deleted and has a
-    /// contact email: an incremental read that meets one again (its lookback overlap)
-    /// has nothing new to ask the vendor about it. A deal without a contact is left out
-    /// on purpose: its contact may have been linked after it was written, and a CRM
-    /// need not move the deal's modification time for that.
+    /// Of `candidates` (external id, [`fingerprint`](crate::domain::hashing::fingerprint)),
+    /// those whose stored deal was written from a record with that same fingerprint, is
+    /// not deleted and has a contact email: an incremental read that meets one again
+    /// (its lookback overlap) has nothing new to ask the vendor about it. A deal without
+    /// a contact is left out on purpose: its contact may have been linked after it was
+    /// written, and a CRM need not move the deal's modification time for that.
     pub async fn unchanged_records(
         &self,
         connection: &str,
