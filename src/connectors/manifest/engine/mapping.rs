@@ -331,24 +331,24 @@ impl ManifestConnector {
         crate::domain::hashing::fingerprint(deal, &keys)
     }
 
-    /// Which of `reads` the store holds unchanged (see [`Store::unchanged_records`]),
-    /// as (external id, fingerprint). A store that cannot answer costs only requests.
-    ///
-    /// [`Store::unchanged_records`]: crate::store::Store::unchanged_records
+    /// Which of `reads` the store holds unchanged (see
+    /// [`UnchangedRecords`](crate::connectors::handles::UnchangedRecords)), as (external
+    /// id, fingerprint). A store that cannot answer costs only requests.
     pub(super) async fn unchanged(
         &self,
         cx: &SyncContext,
         reads: &[ReadRecord],
     ) -> HashSet<(String, i64)> {
-        let Some(store) = &cx.store else {
+        let Some(handles) = &cx.handles else {
             return HashSet::new();
         };
         let candidates: Vec<(String, i64)> = reads.iter().filter_map(ReadRecord::key).collect();
         if candidates.is_empty() {
             return HashSet::new();
         }
-        match store
-            .unchanged_records(cx.connection.as_str(), candidates)
+        match handles
+            .unchanged
+            .unchanged(cx.connection.as_str(), candidates)
             .await
         {
             Ok(unchanged) => unchanged,
