@@ -38,7 +38,7 @@ mod common;
 use anyhow::{Context, bail};
 use common::{cpu_seconds, load_average};
 use dealsync::app::App;
-use dealsync::webhooks::signature::{self, Delivery, Scheme};
+use dealsync::connectors::signature::{self, Delivery, Scheme};
 use serde_json::{Value, json};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime};

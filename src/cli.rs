@@ -802,7 +802,7 @@ async fn check_online(
             connection: runtime.config.name.clone(),
             shutdown: CancellationToken::new(),
             metrics: metrics.clone(),
-            store: store.cloned(),
+            handles: store.map(crate::connectors::StoreHandles::of),
             attention: None,
             max_attempts: Some(1),
         };

@@ -19,9 +19,9 @@
 use crate::config::interpolate::{self, Env};
 use crate::connectors::manifest::records::split_page;
 use crate::connectors::manifest::{Catalog, ManifestConnector};
+use crate::connectors::signature::{self, Delivery, Scheme, SchemeName, SignatureError};
 use crate::connectors::{BadRecord, Connector, Registry, WebhookAction, WebhookEvent};
 use crate::domain::{Currency, Money, check_depth};
-use crate::webhooks::signature::{self, DEFAULT_TOLERANCE, Delivery, Scheme, SignatureError};
 use http::{HeaderMap, HeaderName, HeaderValue};
 use serde_json::Value;
 use std::collections::HashMap;
@@ -101,42 +101,25 @@ fn delivered(data: &[u8]) -> Delivered<'_> {
 /// rotation, and the current one (the shared fixtures' vector secret, so the seed
 /// vectors verify).
 fn scheme_named(name: &[u8]) -> Option<(Scheme, [&'static [u8]; 3])> {
-    let tolerance = DEFAULT_TOLERANCE;
-    Some(match name {
-        b"shopify" => (Scheme::Shopify, [b"", b"old-secret", b"test_secret_key"]),
-        b"woocommerce" => (
-            Scheme::WooCommerce,
-            [b"", b"old-secret", b"wc_webhook_secret"],
-        ),
-        b"stripe" => (
-            Scheme::Stripe { tolerance },
-            [b"", b"whsec_old", b"whsec_test_secret"],
-        ),
-        b"hubspot_v3" => (
-            Scheme::HubSpotV3 { tolerance },
-            [b"", b"old-secret", b"yyyyyyyy-yyyy-yyyy-yyyy-yyyyyyyyyyyy"],
-        ),
-        b"hubspot_v1v2" => (
-            Scheme::HubSpotV1V2,
-            [b"", b"old-secret", b"yyyyyyyy-yyyy-yyyy-yyyy-yyyyyyyyyyyy"],
-        ),
-        b"pipedrive_basic" => (
-            Scheme::PipedriveBasic,
-            [b"", b"hook-user:old-password", b"hook-user:hook-password"],
-        ),
-        b"standard_webhooks" => (
-            Scheme::StandardWebhooks { tolerance },
-            // No empty one: a Standard Webhooks secret must decode to a key, and the
-            // config refuses one that does not.
-            [
-                b"whsec_b2xkLXNlY3JldA==",
-                b"whsec_b2xkZXItc2VjcmV0",
-                b"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
-            ],
-        ),
-        b"none" => (Scheme::None, [b"", b"", b""]),
-        _ => return None,
-    })
+    let name: SchemeName = std::str::from_utf8(name).ok()?.parse().ok()?;
+    let secrets: [&'static [u8]; 3] = match name {
+        SchemeName::Shopify => [b"", b"old-secret", b"test_secret_key"],
+        SchemeName::WooCommerce => [b"", b"old-secret", b"wc_webhook_secret"],
+        SchemeName::Stripe => [b"", b"whsec_old", b"whsec_test_secret"],
+        SchemeName::HubSpotV3 | SchemeName::HubSpotV1V2 => {
+            [b"", b"old-secret", b"yyyyyyyy-yyyy-yyyy-yyyy-yyyyyyyyyyyy"]
+        }
+        SchemeName::PipedriveBasic => [b"", b"hook-user:old-password", b"hook-user:hook-password"],
+        // No empty one: a Standard Webhooks secret must decode to a key, and the config
+        // refuses one that does not.
+        SchemeName::StandardWebhooks => [
+            b"whsec_b2xkLXNlY3JldA==",
+            b"whsec_b2xkZXItc2VjcmV0",
+            b"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+        ],
+        SchemeName::None => [b"", b"", b""],
+    };
+    Some((name.scheme(), secrets))
 }
 
 /// `signature`: the webhook signature checks of every scheme ([`signature::verify`])
@@ -185,7 +168,7 @@ pub fn signature(data: &[u8]) {
         Ok(verified) => check_verified(&scheme, &secrets, &verified, now),
         Err(error) => check_error_is_quiet(&error, &secrets),
     }
-    let _ = signature::is_woocommerce_ping(&headers, body);
+    let _ = Scheme::WooCommerce.is_ping(&headers, body);
     let _ = signature::validate_secret(&scheme, body);
 
     // Round trip: what the sending side signs verifies, whatever the body and URI.
@@ -303,9 +286,8 @@ fn webhook(connector: &dyn Connector, data: &[u8]) {
             "header {name} would be stored"
         );
     }
-    let topic = crate::http::webhooks::topic_of(&headers);
-    let delivery_id =
-        crate::http::webhooks::delivery_id(&scheme, &signature::Verified::default(), body);
+    let topic = scheme.topic(&headers);
+    let delivery_id = scheme.delivery_id(&signature::Verified::default(), body);
     if check_depth(body).is_err() {
         // Dead-lettered before anything parses it.
         return;
@@ -340,8 +322,8 @@ fn webhook(connector: &dyn Connector, data: &[u8]) {
     }
 }
 
-/// The headers `http::webhooks` must never store (it keeps its own list; this one is
-/// the contract, so a header dropped from that list is caught here).
+/// The headers `http::webhooks` must never store (it reads `signature::header::SECRET`;
+/// this list is the contract, so a header dropped from that one is caught here).
 const SECRET_HEADERS: &[&str] = &[
     signature::header::SHOPIFY_HMAC,
     signature::header::SHOPIFY_EVENTS_HMAC,

@@ -28,7 +28,6 @@ pub mod shutdown;
 pub mod store;
 pub mod sync;
 pub mod telemetry;
-pub mod vendor_http;
 pub mod webhooks;
 
 /// The allocator for every binary built on this crate (the daemon, its benches and

@@ -21,16 +21,6 @@ const KNOWN: &[(&str, &str, &str)] = &[
         "cli",
         "the helpers `ops` shares with `cli` (load, open_store, runtimes, CliError) move below both",
     ),
-    (
-        "vendor_http",
-        "connectors",
-        "the vendor client moves under `connectors/`, whose error and context types it uses",
-    ),
-    (
-        "connectors",
-        "webhooks",
-        "signature schemes move out of `webhooks/` (the worker) to a module below `connectors`",
-    ),
 ];
 
 type Graph = BTreeMap<String, BTreeMap<String, BTreeSet<String>>>;

@@ -1,21 +1,28 @@
 //! Connectors: the kinds of source, behind one trait, and the registry that builds a
 //! connector for each configured connection.
 //!
-//! Boundary: a connector reads its source and returns records and a new cursor; it
-//! never writes to the store. `sync` maps stages and commits each page with its cursor.
+//! Boundary: a connector reads its source and returns records and a new cursor; `sync`
+//! maps stages and commits each page with its cursor. A connector never holds the
+//! `Store`: [`SyncContext::handles`] gives it narrow handles ([`handles`]), through which
+//! it reads kept enrichment records and stored fingerprints and writes only its OAuth
+//! tokens.
 
 pub mod demo;
 pub mod ecommerce;
 pub mod generic;
+pub mod handles;
 pub mod manifest;
 pub mod shopify;
+pub mod signature;
 pub mod stripe;
+pub mod vendor_http;
 pub mod woocommerce;
 
 use crate::config::{ConfigError, ConnectionConfig};
 use crate::domain::{ConnectionName, SourceDeal};
 use crate::pipeline::{NativePipeline, StageMapEntry};
 use async_trait::async_trait;
+pub use handles::StoreHandles;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -198,8 +205,9 @@ pub struct SyncContext {
     pub shutdown: CancellationToken,
     /// Where vendor request metrics go.
     pub metrics: Arc<crate::telemetry::Metrics>,
-    /// The token store (OAuth connections need it).
-    pub store: Option<crate::store::Store>,
+    /// What the connector may keep in or ask of the store (OAuth connections need the
+    /// token store); `None` outside a store's reach (tests, a config check offline).
+    pub handles: Option<StoreHandles>,
     pub attention: Option<Attention>,
     /// Caps the attempts per vendor request (`None`: the client's own bound);
     /// `dealsync check --online` tries once, so an unreachable host fails at once.
@@ -207,13 +215,13 @@ pub struct SyncContext {
 }
 
 impl SyncContext {
-    /// A context with fresh metrics, no store and no attention callback.
+    /// A context with fresh metrics, no store handles and no attention callback.
     pub fn new(connection: ConnectionName, shutdown: CancellationToken) -> Self {
         SyncContext {
             connection,
             shutdown,
             metrics: Arc::new(crate::telemetry::Metrics::new()),
-            store: None,
+            handles: None,
             attention: None,
             max_attempts: None,
         }
@@ -291,7 +299,7 @@ pub trait Connector: Send + Sync {
     }
 
     /// How webhooks to this connection are signed; `None`: it takes no webhooks.
-    fn webhook_scheme(&self) -> Option<crate::webhooks::signature::Scheme> {
+    fn webhook_scheme(&self) -> Option<crate::connectors::signature::Scheme> {
         None
     }
 
@@ -366,9 +374,10 @@ impl Registry {
                 .iter()
                 .filter(|s| s.is_available())
             {
-                if let Err(error) =
-                    crate::webhooks::signature::validate_secret(&scheme, secret.expose().as_bytes())
-                {
+                if let Err(error) = crate::connectors::signature::validate_secret(
+                    &scheme,
+                    secret.expose().as_bytes(),
+                ) {
                     return Err(ConfigError::at(
                         config,
                         format!("connections.{}.webhook_secret", connection.name),

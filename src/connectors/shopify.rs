@@ -18,9 +18,9 @@ use super::ecommerce::{
 };
 use super::{BadRecord, Connector, ConnectorError, Page, SyncContext, WebhookAction, WebhookEvent};
 use crate::config::{ConnectionConfig, Secret};
+use crate::connectors::signature::Scheme;
 use crate::domain::{DealStatus, RawRecord, SourceDeal};
 use crate::pipeline::StageMapEntry;
-use crate::webhooks::signature::Scheme;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -109,7 +109,7 @@ impl ShopifyConnector {
             lookback: connection.lookback.unwrap_or(Duration::from_secs(300)),
             max_response_bytes: connection.max_response_bytes,
             // Same-origin redirects only: the access token never reaches another host.
-            http: crate::vendor_http::client_builder()
+            http: crate::connectors::vendor_http::client_builder()
                 .connect_timeout(Duration::from_secs(10))
                 .timeout(Duration::from_secs(60))
                 .build()
@@ -379,7 +379,7 @@ impl Connector for ShopifyConnector {
             .header("Accept", "application/json");
         let received = async {
             let response = request.send().await?;
-            crate::vendor_http::receive(response, self.max_response_bytes).await
+            crate::connectors::vendor_http::receive(response, self.max_response_bytes).await
         };
         let response = tokio::select! {
             _ = cx.shutdown.cancelled() => return Err(ConnectorError::Cancelled),

@@ -13,9 +13,9 @@ use super::ecommerce::{
 };
 use super::{BadRecord, Connector, WebhookAction, WebhookEvent};
 use crate::config::ConnectionConfig;
+use crate::connectors::signature::{DEFAULT_TOLERANCE, Scheme};
 use crate::domain::{LineItem, Money, RawRecord, SourceDeal};
 use crate::pipeline::StageMapEntry;
-use crate::webhooks::signature::{DEFAULT_TOLERANCE, Scheme};
 use async_trait::async_trait;
 use serde_json::Value;
 

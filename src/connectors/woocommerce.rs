@@ -13,9 +13,9 @@ use super::ecommerce::{
 };
 use super::{BadRecord, Connector, WebhookAction, WebhookEvent};
 use crate::config::ConnectionConfig;
+use crate::connectors::signature::Scheme;
 use crate::domain::{RawRecord, SourceDeal};
 use crate::pipeline::StageMapEntry;
-use crate::webhooks::signature::Scheme;
 use async_trait::async_trait;
 use serde_json::Value;
 

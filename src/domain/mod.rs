@@ -5,6 +5,7 @@
 //! are newtypes so a deal id cannot go where a stage key was meant.
 
 pub mod duration;
+pub mod hashing;
 mod money;
 mod raw;
 mod step;
@@ -237,7 +238,7 @@ pub struct SourceDeal {
     /// bytes in the vendor's page, before any enrichment).
     pub raw: RawRecord,
     /// For a pulled record read with its enrichments: a digest of what the record
-    /// itself says (see `store::fingerprint`), by which a later read of the same
+    /// itself says (see `hashing::fingerprint`), by which a later read of the same
     /// unchanged record is recognised before its enrichments are requested.
     pub fingerprint: Option<i64>,
 }

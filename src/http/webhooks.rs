@@ -3,33 +3,35 @@
 //! Order of checks, each answered before the next is attempted:
 //! 1. unknown connection, or one that takes no webhooks: 404;
 //! 2. body over `server.max_body_bytes`: 413 (read with the cap, never buffered whole);
-//! 3. WooCommerce's unsigned creation ping: 200, nothing stored;
+//! 3. the vendor's unsigned test ping ([`Scheme::is_ping`]): 200, nothing stored;
 //! 4. signature, in constant time, against every configured secret, before anything of
 //!    the body is parsed: missing, bad or stale gives 401 and nothing is written;
 //! 5. a body whose JSON nests [`MAX_DEPTH`](crate::domain::MAX_DEPTH) levels deep or
 //!    more (a byte scan, before any parse) gives 400 and is kept in the dead-letter
 //!    table;
 //! 6. the connector parses the body: a malformed one, or one its unsigned topic header
-//!    contradicts (a Shopify checkout sent as an order), gives 400 and is kept in the
-//!    dead-letter table;
+//!    ([`Scheme::topic`]) contradicts, gives 400 and is kept in the dead-letter table;
 //! 7. the delivery is committed to the inbox (grouped with concurrent ones), then 200.
-//!    A delivery id already in the inbox is acknowledged with 200 and not stored again;
-//!    so is, for schemes that sign only the body (Shopify, WooCommerce), a body
+//!    A delivery id ([`Scheme::delivery_id`]) already in the inbox is acknowledged with
+//!    200 and not stored again; so is, for schemes that sign only the body, a body
 //!    identical to one the connection received within the scheme's replay window
 //!    ([`Scheme::body_replay_window`]), whatever delivery id it comes with.
 //!    A full inbox (or a full commit queue) answers 503 with `Retry-After` and stores
 //!    nothing: the vendor retries, nothing acknowledged is lost.
 //!
 //! Every rejection logs the connection and the reason; secrets never reach a log line,
-//! and signature and auth headers are not stored.
+//! and signature and auth headers ([`signature::header::SECRET`]) are not stored.
+//!
+//! What differs between vendors (header names, delivery ids, pings, topics) is asked of
+//! the connection's [`Scheme`]; this module names no vendor.
 
 use super::HttpState;
 use super::error::ApiError;
 use crate::connectors::WebhookEvent;
+use crate::connectors::signature::{self, Scheme, SignatureError};
 use crate::domain::ConnectionName;
 use crate::store::{EnqueueError, Enqueued, NewWebhook};
 use crate::telemetry::RecordLabels;
-use crate::webhooks::signature::{self, Scheme, SignatureError};
 use axum::Json;
 use axum::body::Body;
 use axum::extract::{Path, Request, State};
@@ -42,43 +44,16 @@ use std::sync::Arc;
 use std::time::SystemTime;
 use tracing::{debug, error, warn};
 
-/// Headers that authenticate a delivery: checked, never stored.
-const SECRET_HEADERS: &[&str] = &[
-    signature::header::SHOPIFY_HMAC,
-    signature::header::SHOPIFY_EVENTS_HMAC,
-    signature::header::WOOCOMMERCE_SIGNATURE,
-    signature::header::STRIPE_SIGNATURE,
-    signature::header::HUBSPOT_SIGNATURE,
-    signature::header::HUBSPOT_SIGNATURE_V3,
-    signature::header::AUTHORIZATION,
-    signature::header::WEBHOOK_SIGNATURE,
-    "cookie",
-    "proxy-authorization",
-];
-
-/// Headers that name the event's topic, first match wins.
-const TOPIC_HEADERS: &[&str] = &["x-shopify-topic", "shopify-topic", "x-wc-webhook-topic"];
-
 /// The headers kept with a delivery: every visible-ASCII one but those that
 /// authenticate it.
 pub(crate) fn stored_headers(headers: &HeaderMap) -> Vec<(String, String)> {
     headers
         .iter()
-        .filter(|(name, _)| !SECRET_HEADERS.contains(&name.as_str()))
+        .filter(|(name, _)| !signature::header::SECRET.contains(&name.as_str()))
         .filter_map(|(name, value)| {
             Some((name.as_str().to_owned(), value.to_str().ok()?.to_owned()))
         })
         .collect()
-}
-
-/// The delivery's topic, from the first topic header that is visible ASCII.
-pub(crate) fn topic_of(headers: &HeaderMap) -> Option<String> {
-    TOPIC_HEADERS.iter().find_map(|name| {
-        headers
-            .get(*name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned)
-    })
 }
 
 fn reject(connection: &str, status: StatusCode, reason: &str) -> Response {
@@ -107,7 +82,8 @@ fn count(state: &HttpState, connection: &str, outcome: &str) {
         .inc();
 }
 
-/// The URL the vendor signed (HubSpot v3): `server.public_url` plus path and query, or,
+/// The URL the vendor signed (for schemes that sign it): `server.public_url` plus path
+/// and query, or,
 /// without a public URL, the Host header the request came with.
 fn signed_uri(state: &HttpState, request_uri: &axum::http::Uri, headers: &HeaderMap) -> String {
     let path_and_query = request_uri
@@ -124,41 +100,6 @@ fn signed_uri(state: &HttpState, request_uri: &axum::http::Uri, headers: &Header
             format!("http://{host}{path_and_query}")
         }
     }
-}
-
-/// The delivery's idempotency key: the vendor's delivery id when the scheme has one,
-/// else the id inside the body (Stripe's event id, Pipedrive's `meta.id`), else a hash of
-/// the body (HubSpot, with the retry counter left out so a retry hashes the same).
-pub(crate) fn delivery_id(scheme: &Scheme, verified: &signature::Verified, body: &[u8]) -> String {
-    if let Some(id) = verified.delivery_id.as_ref().or(verified.event_id.as_ref()) {
-        return id.clone();
-    }
-    let parsed: Option<serde_json::Value> = serde_json::from_slice(body).ok();
-    let from_body = parsed.as_ref().and_then(|value| match scheme {
-        Scheme::Stripe { .. } => value.get("id")?.as_str().map(str::to_owned),
-        Scheme::PipedriveBasic => value.pointer("/meta/id")?.as_str().map(str::to_owned),
-        _ => None,
-    });
-    if let Some(id) = from_body {
-        return id;
-    }
-    let hashed = match (scheme, parsed) {
-        (
-            Scheme::HubSpotV3 { .. } | Scheme::HubSpotV1V2,
-            Some(serde_json::Value::Array(mut events)),
-        ) => {
-            for event in &mut events {
-                if let Some(object) = event.as_object_mut() {
-                    object.remove("attemptNumber");
-                }
-            }
-            serde_json::to_vec(&events).unwrap_or_else(|_| body.to_vec())
-        }
-        _ => body.to_vec(),
-    };
-    let digest = Sha256::digest(&hashed);
-    let hex: String = digest.iter().map(|byte| format!("{byte:02x}")).collect();
-    format!("sha256:{hex}")
 }
 
 /// Receives one delivery for a connection.
@@ -192,8 +133,8 @@ pub async fn receive(
         Err(status) => return reject(&connection, status, "could not read the body"),
     };
 
-    if scheme == Scheme::WooCommerce && signature::is_woocommerce_ping(&parts.headers, &body) {
-        debug!(connection, "WooCommerce webhook ping acknowledged");
+    if scheme.is_ping(&parts.headers, &body) {
+        debug!(connection, "webhook ping acknowledged");
         count(&state, &connection, "ping");
         return accepted("ping");
     }
@@ -245,12 +186,12 @@ pub async fn receive(
     }
 
     let headers = stored_headers(&parts.headers);
-    let topic = topic_of(&parts.headers);
+    let topic = scheme.topic(&parts.headers);
     let received_at = Utc::now();
 
     // Before anything parses it: JSON nested past the limit would be stored as a deal
     // that every later read fails on.
-    let delivery_id = delivery_id(&scheme, &verified, &body);
+    let delivery_id = scheme.delivery_id(&verified, &body);
     if let Err(too_deep) = crate::domain::check_depth(&body) {
         count(&state, &connection, "malformed");
         let reason = too_deep.to_string();

@@ -212,7 +212,7 @@ impl ConnectionRuntime {
             connection: self.config.name.clone(),
             shutdown: shutdown.clone(),
             metrics: deps.metrics.clone(),
-            store: Some(deps.store.clone()),
+            handles: Some(crate::connectors::StoreHandles::of(&deps.store)),
             attention: deps.attention.clone(),
             max_attempts: None,
         }

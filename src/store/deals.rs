@@ -1,8 +1,8 @@
 //! Deals and their stage history.
 //!
 //! Invariants:
-//! - One deal per (connection, external id). A record whose content hash equals the
-//!   stored one writes nothing; a record older than the stored one (`source_updated_at`)
+//! - One deal per (connection, external id). A record whose content hash
+//!   (`domain::hashing::content_hash`) equals the stored one writes nothing; a record older than the stored one (`source_updated_at`)
 //!   is counted stale and writes nothing.
 //! - Every canonical stage change appends exactly one `stage_history` row, in the same
 //!   transaction as the deal's update (the caller's).
@@ -10,6 +10,7 @@
 //!   in the same batch is compared against that earlier write, not the batch's start.
 
 use super::{Result, Store, StoreError, from_ms, to_ms};
+use crate::domain::hashing::{self, DealText};
 use crate::domain::{
     ChangeCause, ConnectionName, Currency, Deal, DealStatus, EmailAddress, ExternalId, PipelineKey,
     SourceDeal, StageChange, StageKey, StageRef,
@@ -17,7 +18,6 @@ use crate::domain::{
 use chrono::{DateTime, Utc};
 use rusqlite::{OptionalExtension, Row, Transaction, params};
 use serde::Serialize;
-use std::borrow::Cow;
 
 /// One source record to store, with its stage already mapped.
 #[derive(Debug, Clone)]
@@ -53,191 +53,8 @@ impl UpsertOutcome {
     }
 }
 
-/// The content hash of a record: FNV-1a over every field a row is written from, each
-/// field tagged (absent, or its length) so that two different records never feed the
-/// same bytes. Stable across runs and versions; equal means nothing to write.
-///
-/// The fields are fed directly: serializing the record to JSON just to hash it cost
-/// more than the hash itself (chrono times formatted as text, strings escaped). The
-/// raw record (kilobytes, against a few hundred bytes for the rest) is fed as its
-/// length and its [`text_digest`], which reads eight bytes per step where FNV-1a
-/// reads one.
-struct ContentHash(u64);
-
-impl ContentHash {
-    fn new() -> Self {
-        ContentHash(0xcbf2_9ce4_8422_2325)
-    }
-
-    fn bytes(&mut self, bytes: &[u8]) {
-        for byte in bytes {
-            self.0 ^= u64::from(*byte);
-            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
-        }
-    }
-
-    fn text(&mut self, value: Option<&str>) {
-        match value {
-            None => self.bytes(&[0]),
-            Some(text) => {
-                self.bytes(&[1]);
-                self.bytes(&(text.len() as u32).to_le_bytes());
-                self.bytes(text.as_bytes());
-            }
-        }
-    }
-
-    fn number(&mut self, value: Option<i64>) {
-        match value {
-            None => self.bytes(&[0]),
-            Some(number) => {
-                self.bytes(&[1]);
-                self.bytes(&number.to_le_bytes());
-            }
-        }
-    }
-
-    /// A long text: its length and its 64-bit digest.
-    fn long_text(&mut self, text: &str) {
-        self.bytes(&[2]);
-        self.bytes(&(text.len() as u64).to_le_bytes());
-        self.bytes(&text_digest(text.as_bytes()).to_le_bytes());
-    }
-
-    fn finish(self) -> i64 {
-        self.0 as i64
-    }
-}
-
-/// MurmurHash64A (Austin Appleby, public domain) with seed 0: eight bytes per step,
-/// well mixed, and fixed, so stored content hashes stay valid across versions.
-fn text_digest(bytes: &[u8]) -> u64 {
-    const M: u64 = 0xc6a4_a793_5bd1_e995;
-    const R: u32 = 47;
-    let mut hash = (bytes.len() as u64).wrapping_mul(M);
-    let mut words = bytes.chunks_exact(8);
-    for word in &mut words {
-        let mut k = u64::from_le_bytes(word.try_into().expect("chunks of eight bytes"));
-        k = k.wrapping_mul(M);
-        k ^= k >> R;
-        k = k.wrapping_mul(M);
-        hash ^= k;
-        hash = hash.wrapping_mul(M);
-    }
-    let tail = words.remainder();
-    if !tail.is_empty() {
-        let mut last = [0u8; 8];
-        last[..tail.len()].copy_from_slice(tail);
-        hash ^= u64::from_le_bytes(last);
-        hash = hash.wrapping_mul(M);
-    }
-    hash ^= hash >> R;
-    hash = hash.wrapping_mul(M);
-    hash ^= hash >> R;
-    hash
-}
-
-/// The hash of what `row` and `upsert` would write.
-fn content_hash(upsert: &DealUpsert, row: &RowText<'_>) -> i64 {
-    let mut hash = ContentHash::new();
-    hash_fields(&mut hash, &upsert.source, row);
-    hash.number(upsert.source.fingerprint);
-    hash.long_text(row.raw);
-    hash.text(upsert.target.pipeline.as_ref().map(|p| p.as_str()));
-    hash.text(Some(upsert.target.stage.as_str()));
-    hash.text(Some(upsert.status.as_str()));
-    hash.finish()
-}
-
-/// A digest of what a pulled record itself says: its canonical fields as mapped
-/// without enrichments (`source`, whose raw text is left out: the same record reads as
-/// different text from a list and from a search endpoint), and `keys`, the ids the
-/// record gives its enrichments to look up. Equal digests mean the vendor sent the same
-/// record again; see `Store::unchanged_records`.
-pub fn fingerprint(source: &SourceDeal, keys: &[Option<&str>]) -> i64 {
-    let row = RowText {
-        raw: "",
-        line_items: json_list(&source.line_items).unwrap_or_default(),
-        cart_keys: json_list(&source.cart_keys).unwrap_or_default(),
-        expected_close: source.expected_close.map(|date| date.to_string()),
-    };
-    let mut hash = ContentHash::new();
-    hash_fields(&mut hash, source, &row);
-    hash.number(Some(keys.len() as i64));
-    for key in keys {
-        hash.text(*key);
-    }
-    hash.finish()
-}
-
-/// Feeds every canonical field of `source` to `hash`. Every field of [`SourceDeal`] is
-/// named here (the destructuring has no `..`), so a new field cannot be forgotten.
-fn hash_fields(hash: &mut ContentHash, source: &SourceDeal, row: &RowText<'_>) {
-    let SourceDeal {
-        external_id,
-        title,
-        amount,
-        native_pipeline,
-        native_stage,
-        contact_email,
-        contact_name,
-        owner,
-        owner_email,
-        marketing_consent,
-        created_at,
-        updated_at,
-        stage_changed_at,
-        expected_close: _, // hashed as `row.expected_close`
-        recovery_url,
-        line_items: _, // hashed as `row.line_items`
-        cart_keys: _,  // hashed as `row.cart_keys`
-        deleted,
-        source_status,
-        raw: _,         // the content hash adds `row.raw`; a fingerprint leaves it out
-        fingerprint: _, // the content hash adds it; a fingerprint is not part of itself
-    } = source;
-    hash.text(Some(external_id.as_str()));
-    hash.text(Some(title));
-    hash.number(amount.map(|money| money.minor));
-    hash.text(amount.as_ref().map(|money| money.currency.as_str()));
-    hash.text(Some(native_pipeline));
-    hash.text(Some(native_stage));
-    hash.text(contact_email.as_ref().map(|email| email.as_str()));
-    hash.text(contact_name.as_deref());
-    hash.text(owner.as_deref());
-    hash.text(owner_email.as_ref().map(|email| email.as_str()));
-    hash.number(marketing_consent.map(i64::from));
-    hash.number(created_at.map(to_ms));
-    hash.number(updated_at.map(to_ms));
-    hash.number(stage_changed_at.map(to_ms));
-    hash.text(row.expected_close.as_deref());
-    hash.text(recovery_url.as_deref());
-    hash.text(Some(&row.line_items));
-    hash.text(Some(&row.cart_keys));
-    hash.number(Some(i64::from(*deleted)));
-    hash.text(source_status.map(|status| status.as_str()));
-}
-
 fn json<T: Serialize>(value: &T) -> Result<String> {
     serde_json::to_string(value).map_err(|error| StoreError::Corrupt(error.to_string()))
-}
-
-/// A JSON list, without an allocation for the common empty one.
-fn json_list<T: Serialize>(items: &[T]) -> Result<Cow<'static, str>> {
-    if items.is_empty() {
-        Ok(Cow::Borrowed("[]"))
-    } else {
-        json(&items).map(Cow::Owned)
-    }
-}
-
-/// The text columns of a record, rendered once for both the hash and the row.
-struct RowText<'a> {
-    /// The source record's JSON text, stored as the source sent it.
-    raw: &'a str,
-    line_items: Cow<'a, str>,
-    cart_keys: Cow<'a, str>,
-    expected_close: Option<String>,
 }
 
 /// What an upsert compares a record against: the stored deal's state.
@@ -467,13 +284,8 @@ pub(crate) fn upsert_all(tx: &Transaction<'_>, upserts: Vec<DealUpsert>) -> Resu
         } else {
             upsert.status
         };
-        let text = RowText {
-            raw: source.raw.as_str(),
-            line_items: json_list(&source.line_items)?,
-            cart_keys: json_list(&source.cart_keys)?,
-            expected_close: source.expected_close.map(|date| date.to_string()),
-        };
-        let hash = content_hash(upsert, &text);
+        let text = DealText::of(source).map_err(|error| StoreError::Corrupt(error.to_string()))?;
+        let hash = hashing::content_hash(source, &text, &upsert.target, upsert.status);
         if upsert.target.is_unmapped() {
             outcome.unmapped += 1;
         }
@@ -565,7 +377,7 @@ struct RowValues<'a> {
     status: DealStatus,
     entered_at: i64,
     observed: i64,
-    text: &'a RowText<'a>,
+    text: &'a DealText<'a>,
 }
 
 const INSERT_DEAL_SQL: &str = "INSERT INTO deals (connection, external_id, title, amount_minor,
@@ -1021,12 +833,12 @@ impl Store {
         .await
     }
 
-    /// Of `candidates` (external id, [`fingerprint`]), those whose stored deal was
-    /// written from a record with that same fingerprint, is not deleted and has a
-    /// contact email: an incremental read that meets one again (its lookback overlap)
-    /// has nothing new to ask the vendor about it. A deal without a contact is left out
-    /// on purpose: its contact may have been linked after it was written, and a CRM
-    /// need not move the deal's modification time for that.
+    /// Of `candidates` (external id, [`fingerprint`](crate::domain::hashing::fingerprint)),
+    /// those whose stored deal was written from a record with that same fingerprint, is
+    /// not deleted and has a contact email: an incremental read that meets one again
+    /// (its lookback overlap) has nothing new to ask the vendor about it. A deal without
+    /// a contact is left out on purpose: its contact may have been linked after it was
+    /// written, and a CRM need not move the deal's modification time for that.
     pub async fn unchanged_records(
         &self,
         connection: &str,
@@ -1246,6 +1058,7 @@ impl Store {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::domain::hashing::fingerprint;
     use crate::domain::{Money, UNMAPPED};
     use crate::store::tests::temp_store;
     use chrono::Duration;
@@ -1690,26 +1503,6 @@ pub(crate) mod tests {
             .unwrap();
         assert_eq!(deal.contact_email.unwrap().as_str(), "new@example.com");
         assert_eq!(stored_raw(&store, "1").await, text);
-    }
-
-    #[test]
-    fn the_text_digest_is_fixed_and_sees_every_byte() {
-        // Pinned: stored content hashes must stay valid across versions.
-        let text = br#"{"id":"1","properties":{"dealname":"Deal 1","amount":"10.00"}}"#;
-        let digest = text_digest(text);
-        assert_eq!(digest, 0xc42e_fb4b_b69c_ba34);
-        assert_eq!(text_digest(b"hello"), 0x1e68_d17c_457b_f117);
-        for at in 0..text.len() {
-            let mut changed = text.to_vec();
-            changed[at] ^= 1;
-            assert_ne!(text_digest(&changed), digest, "byte {at}");
-        }
-        assert_ne!(text_digest(&text[..text.len() - 1]), digest);
-        assert_ne!(
-            text_digest(b"a\0"),
-            text_digest(b"a"),
-            "a trailing zero byte counts"
-        );
     }
 
     #[tokio::test]

@@ -40,7 +40,7 @@ pub use carts::{CartOutcome, CartRules};
 pub use deal_changes::DealChange;
 pub use deals::{
     AppliedMapping, DealFilter, DealUpsert, NativeStageGroup, StageCount, StageMove, UnmappedStage,
-    UpsertOutcome, fingerprint,
+    UpsertOutcome,
 };
 pub use digests::{AssembleOutcome, DigestClaim, DigestFinish, DigestRow, DigestWatch};
 pub use inbox::{

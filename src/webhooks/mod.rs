@@ -1,8 +1,8 @@
-//! Inbound webhooks: what dealsync checks before it trusts a vendor's delivery.
+//! Inbound webhooks once taken in: the inbox worker.
 //!
-//! `signature` verifies authenticity with no IO; the HTTP handler (`http::webhooks`) owns
-//! reading the request and committing what passes to the inbox; `worker` turns inbox rows
-//! into deals through their connection's runtime (`ingest`).
+//! The HTTP handler (`http::webhooks`) owns reading the request, checking it with the
+//! connection's signature scheme (`connectors::signature`) and committing what passes to
+//! the inbox; `worker` turns inbox rows into deals through their connection's runtime
+//! (`ingest`). Idle carts are moved along by `carts`.
 
-pub mod signature;
 pub mod worker;

@@ -16,7 +16,7 @@ use crate::harness::vendors::Fault;
 use crate::harness::vendors::pipedrive::{PdDeal, Pipedrive};
 use crate::webhooks::{SHOP_SECRET, STRIPE_SECRET, checkout, order, shopify, stripe};
 use chrono::{DateTime, Utc};
-use dealsync::webhooks::signature::{self, DEFAULT_TOLERANCE, Delivery, Scheme};
+use dealsync::connectors::signature::{self, DEFAULT_TOLERANCE, Delivery, Scheme};
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};

@@ -245,7 +245,7 @@ async fn sighup_applies_a_valid_config_and_keeps_the_old_one_on_an_invalid_one()
 #[tokio::test]
 async fn secrets_do_not_reach_the_logs() {
     use crate::harness::vendors::hubspot::{HsDeal, HubSpot};
-    use dealsync::webhooks::signature::{self, Delivery, Scheme};
+    use dealsync::connectors::signature::{self, Delivery, Scheme};
     const HS_TOKEN: &str = "pat-supersecret-123";
     const HOOK_SECRET: &str = "whsec-supersecret-456";
     const SMTP_PASSWORD: &str = "pw-supersecret-789";

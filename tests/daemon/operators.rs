@@ -896,7 +896,7 @@ settings = {{ id = "{id}" }}
 }
 
 async fn post_hook(daemon: &TestDaemon, delivery_id: &str, body: &[u8]) -> (u16, String) {
-    use dealsync::webhooks::signature::{self, Delivery, Scheme};
+    use dealsync::connectors::signature::{self, Delivery, Scheme};
     let headers = signature::sign(
         &Scheme::StandardWebhooks {
             tolerance: signature::DEFAULT_TOLERANCE,

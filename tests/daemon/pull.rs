@@ -908,7 +908,7 @@ mod webhooks {
         let hubspot = connector("hubspot");
         assert!(matches!(
             hubspot.webhook_scheme(),
-            Some(dealsync::webhooks::signature::Scheme::HubSpotV3 { .. })
+            Some(dealsync::connectors::signature::Scheme::HubSpotV3 { .. })
         ));
         let actions = hubspot
             .parse_webhook(&event(&fixture_text(
@@ -937,7 +937,7 @@ mod webhooks {
         let pipedrive = connector("pipedrive");
         assert_eq!(
             pipedrive.webhook_scheme(),
-            Some(dealsync::webhooks::signature::Scheme::PipedriveBasic)
+            Some(dealsync::connectors::signature::Scheme::PipedriveBasic)
         );
         let change = pipedrive
             .parse_webhook(&event(&fixture_text(

@@ -405,7 +405,7 @@ async fn post_woo(
     delivery: &str,
     order: &serde_json::Value,
 ) {
-    use dealsync::webhooks::signature::{self, Delivery, Scheme};
+    use dealsync::connectors::signature::{self, Delivery, Scheme};
     let body = serde_json::to_vec(order).unwrap();
     let mut headers = signature::sign(
         &Scheme::WooCommerce,

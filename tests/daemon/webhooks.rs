@@ -4,7 +4,7 @@
 
 use crate::harness::daemon::TestDaemon;
 use crate::harness::eventually;
-use dealsync::webhooks::signature::{self, Delivery, Scheme};
+use dealsync::connectors::signature::{self, Delivery, Scheme};
 use serde_json::{Value, json};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};

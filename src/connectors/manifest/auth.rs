@@ -5,9 +5,10 @@
 //! - One refresh per connection at a time, across processes: a refresh takes the
 //!   connection's async mutex (tasks of this process) and its token lock file beside
 //!   the database (`crate::lock`: the daemon, `dealsync sync` and `dealsync auth`), then
-//!   re-reads the store; when another task or process refreshed meanwhile, its token is
-//!   used instead of spending the refresh token twice (with rotation that answers
-//!   `invalid_grant` and would lose the connection).
+//!   re-reads the stored tokens (its `TokenStore` handle); when another task or
+//!   process refreshed meanwhile, its token is used instead of spending the refresh
+//!   token twice (with rotation that answers `invalid_grant` and would lose the
+//!   connection).
 //! - A refresh response without a refresh token keeps the stored one; a rotated one is
 //!   stored together with its access token (see `store::tokens`).
 //! - A revoked refresh token (`invalid_grant`) marks only this connection as needing
@@ -15,11 +16,11 @@
 
 use super::schema::{AuthKind, ClientAuth, Manifest};
 use crate::config::{ConnectionConfig, Secret};
+use crate::connectors::handles::TokenStore;
+use crate::connectors::vendor_http::{ReceiveError, receive};
 use crate::connectors::{ConnectorError, SyncContext};
 use crate::lock::{LockError, LockFile};
-use crate::store::Store;
 use crate::telemetry::ConnectionLabels;
-use crate::vendor_http::{ReceiveError, receive};
 use base64::Engine;
 use chrono::{DateTime, Utc};
 use oauth2::basic::{
@@ -281,10 +282,13 @@ fn resolve(base: &url::Url, target: &str) -> Result<url::Url, String> {
     }
 }
 
-fn store_of(cx: &SyncContext) -> Result<&Store, ConnectorError> {
-    cx.store.as_ref().ok_or(ConnectorError::NotConfigured {
-        what: "OAuth connections need the token store",
-    })
+fn tokens_of(cx: &SyncContext) -> Result<&dyn TokenStore, ConnectorError> {
+    cx.handles
+        .as_ref()
+        .map(|handles| handles.tokens.as_ref())
+        .ok_or(ConnectorError::NotConfigured {
+            what: "OAuth connections need the token store",
+        })
 }
 
 impl OAuthSession {
@@ -313,8 +317,8 @@ impl OAuthSession {
         {
             return Ok(Self::authn(&cached));
         }
-        let stored = store_of(cx)?
-            .oauth_token(cx.connection.as_str())
+        let stored = tokens_of(cx)?
+            .load(cx.connection.as_str())
             .await
             .map_err(|source| ConnectorError::Store {
                 action: "reading the stored OAuth token",
@@ -381,9 +385,9 @@ impl OAuthSession {
         // token would be refused by vendors that rotate it. The mutex orders this
         // process's tasks, the lock file the processes sharing the database.
         let _guard = self.refresh_lock.lock().await;
-        let store = store_of(cx)?;
+        let tokens = tokens_of(cx)?;
         let connection = cx.connection.as_str();
-        let _token_lock = lock_tokens(store, connection, &cx.shutdown)
+        let _token_lock = lock_tokens(tokens, connection, &cx.shutdown)
             .await
             .map_err(|error| match error {
                 LockError::Cancelled { .. } => ConnectorError::Cancelled,
@@ -396,14 +400,13 @@ impl OAuthSession {
                 },
             })?;
         // Read under both locks: what another task or process stored is seen here.
-        let stored =
-            store
-                .oauth_token(connection)
-                .await
-                .map_err(|source| ConnectorError::Store {
-                    action: "reading the stored OAuth token",
-                    source,
-                })?;
+        let stored = tokens
+            .load(connection)
+            .await
+            .map_err(|source| ConnectorError::Store {
+                action: "reading the stored OAuth token",
+                source,
+            })?;
         if let Some(stored) = &stored {
             if stored.needs_reauth {
                 return Err(self.revoked_error(cx));
@@ -451,8 +454,8 @@ impl OAuthSession {
             Err(RequestTokenError::ServerResponse(response))
                 if *response.error() == BasicErrorResponseType::InvalidGrant =>
             {
-                store
-                    .mark_needs_reauth(connection)
+                tokens
+                    .mark_revoked(connection)
                     .await
                     .map_err(|source| ConnectorError::Store {
                         action: "marking the connection for re-authorization",
@@ -503,7 +506,7 @@ impl OAuthSession {
                 });
             }
         };
-        let cached = self.save(cx, store, &response, &refresh_token).await?;
+        let cached = self.save(cx, tokens, &response, &refresh_token).await?;
         cx.metrics
             .vendor
             .needs_reauth
@@ -521,7 +524,7 @@ impl OAuthSession {
     async fn save(
         &self,
         cx: &SyncContext,
-        store: &Store,
+        tokens: &dyn TokenStore,
         response: &TokenResponseWithExtras,
         used_refresh_token: &str,
     ) -> Result<Cached, ConnectorError> {
@@ -536,7 +539,7 @@ impl OAuthSession {
             "storing a refreshed OAuth token",
             crate::store::StoreError::is_transient,
             || {
-                store.save_oauth_token(
+                tokens.save(
                     cx.connection.as_str(),
                     &access,
                     refresh.as_deref(),
@@ -550,8 +553,8 @@ impl OAuthSession {
             action: "storing a refreshed OAuth token",
             source,
         })?;
-        let stored_extra = store
-            .oauth_token(cx.connection.as_str())
+        let stored_extra = tokens
+            .load(cx.connection.as_str())
             .await
             .ok()
             .flatten()
@@ -569,11 +572,11 @@ impl OAuthSession {
 
 /// Takes the cross-process token lock of `connection` (see `crate::lock`).
 async fn lock_tokens(
-    store: &Store,
+    tokens: &dyn TokenStore,
     connection: &str,
     cancel: &tokio_util::sync::CancellationToken,
 ) -> Result<LockFile, LockError> {
-    let path = crate::lock::token_lock_path(store.path(), connection);
+    let path = tokens.lock_path(connection);
     LockFile::lock(&path, TOKEN_LOCK_WAIT, cancel).await
 }
 
@@ -636,7 +639,7 @@ struct OAuthHttp {
 
 impl OAuthHttp {
     fn new(max_response_bytes: u64) -> Result<Self, ConnectorError> {
-        let client = crate::vendor_http::client_builder()
+        let client = crate::connectors::vendor_http::client_builder()
             .timeout(Duration::from_secs(30))
             .build()
             .map_err(|source| ConnectorError::HttpClient {
@@ -706,7 +709,7 @@ pub enum AuthorizeError {
 pub async fn authorize(
     manifest: &Manifest,
     connection: &ConnectionConfig,
-    store: &Store,
+    tokens: &dyn TokenStore,
     port: u16,
     wait: Duration,
     announce: &(dyn Fn(&str) + Send + Sync),
@@ -800,14 +803,14 @@ pub async fn authorize(
     // Stored under the token lock, so a refresh a running daemon has in flight ends
     // (and stores, or marks the old token revoked) before these tokens are written.
     let _token_lock = lock_tokens(
-        store,
+        tokens,
         connection.name.as_str(),
         &tokio_util::sync::CancellationToken::new(),
     )
     .await
     .map_err(|e| AuthorizeError::Store(e.to_string()))?;
-    store
-        .save_oauth_token(
+    tokens
+        .save(
             connection.name.as_str(),
             &access,
             refresh.as_deref(),

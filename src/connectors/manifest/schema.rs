@@ -6,6 +6,7 @@
 //! enum targets).
 
 use crate::config::duration::ConfigDuration;
+use crate::connectors::signature::SchemeName;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 
@@ -439,7 +440,7 @@ pub struct StageFields {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Webhooks {
-    /// How deliveries are signed (see [`SchemeName`]).
+    /// How deliveries are signed, by the scheme's name (see [`SchemeName`]).
     pub scheme: SchemeName,
     /// Pointer to the array of events ("" when the body is one event or an array).
     #[serde(default)]
@@ -452,28 +453,6 @@ pub struct Webhooks {
     pub record: Option<String>,
     /// Event kind → what to do with it; kinds not listed are ignored.
     pub actions: BTreeMap<String, EventAction>,
-}
-
-/// A manifest's `webhooks.scheme`: the names a manifest may give; each maps to one
-/// `webhooks::signature::Scheme` (the engine's `webhook_scheme`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-pub enum SchemeName {
-    #[serde(rename = "hubspot_v3")]
-    HubSpotV3,
-    #[serde(rename = "hubspot_v1v2")]
-    HubSpotV1V2,
-    #[serde(rename = "pipedrive_basic")]
-    PipedriveBasic,
-    #[serde(rename = "shopify")]
-    Shopify,
-    #[serde(rename = "woocommerce")]
-    WooCommerce,
-    #[serde(rename = "stripe")]
-    Stripe,
-    #[serde(rename = "standard_webhooks")]
-    StandardWebhooks,
-    #[serde(rename = "none")]
-    None,
 }
 
 /// What a webhook event kind becomes (`webhooks.actions`).

@@ -153,12 +153,7 @@ impl CursorState {
 /// enrichments. Stable across builds for the same manifest text.
 pub(super) fn mapping_shape(manifest: &Manifest) -> String {
     let text = format!("{:?}\n{:?}", manifest.deals.fields, manifest.deals.enrich);
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in text.bytes() {
-        hash ^= u64::from(byte);
-        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    format!("{hash:016x}")
+    format!("{:016x}", crate::domain::hashing::fnv1a(text.as_bytes()))
 }
 
 impl ManifestConnector {

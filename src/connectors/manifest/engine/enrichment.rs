@@ -118,11 +118,12 @@ impl ManifestConnector {
         ids: &[String],
         fresh_since: DateTime<Utc>,
     ) -> HashMap<String, Value> {
-        let Some(store) = &cx.store else {
+        let Some(handles) = &cx.handles else {
             return HashMap::new();
         };
-        let rows = match store
-            .cached_enrichments(
+        let rows = match handles
+            .enrichment_cache
+            .fresh(
                 cx.connection.as_str(),
                 &step.name,
                 ids.to_vec(),

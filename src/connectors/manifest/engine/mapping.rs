@@ -310,7 +310,7 @@ impl ManifestConnector {
         }
     }
 
-    /// The [`store::fingerprint`](crate::store::fingerprint) of a record: `deal` is
+    /// The [`fingerprint`](crate::domain::hashing::fingerprint) of a record: `deal` is
     /// its mapping without enrichments; the keys are the ids it gives the enrichments
     /// that look up ids from the record alone (one reached through another
     /// enrichment, like HubSpot's contact through the association read, depends on the
@@ -328,27 +328,27 @@ impl ManifestConnector {
             })
             .collect();
         let keys: Vec<Option<&str>> = keys.iter().map(Option::as_deref).collect();
-        crate::store::fingerprint(deal, &keys)
+        crate::domain::hashing::fingerprint(deal, &keys)
     }
 
-    /// Which of `reads` the store holds unchanged (see [`Store::unchanged_records`]),
-    /// as (external id, fingerprint). A store that cannot answer costs only requests.
-    ///
-    /// [`Store::unchanged_records`]: crate::store::Store::unchanged_records
+    /// Which of `reads` the store holds unchanged (see
+    /// [`UnchangedRecords`](crate::connectors::handles::UnchangedRecords)), as (external
+    /// id, fingerprint). A store that cannot answer costs only requests.
     pub(super) async fn unchanged(
         &self,
         cx: &SyncContext,
         reads: &[ReadRecord],
     ) -> HashSet<(String, i64)> {
-        let Some(store) = &cx.store else {
+        let Some(handles) = &cx.handles else {
             return HashSet::new();
         };
         let candidates: Vec<(String, i64)> = reads.iter().filter_map(ReadRecord::key).collect();
         if candidates.is_empty() {
             return HashSet::new();
         }
-        match store
-            .unchanged_records(cx.connection.as_str(), candidates)
+        match handles
+            .unchanged
+            .unchanged(cx.connection.as_str(), candidates)
             .await
         {
             Ok(unchanged) => unchanged,

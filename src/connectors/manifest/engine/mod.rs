@@ -28,12 +28,12 @@ use crate::config::ConnectionConfig;
 use crate::connectors::manifest::auth::Credentials;
 use crate::connectors::manifest::records::Plan;
 use crate::connectors::manifest::schema::Manifest;
+use crate::connectors::vendor_http::{BudgetRules, Limits, VendorClient};
 use crate::connectors::{
     BadRecord, Connector, ConnectorError, Page, SyncContext, WebhookAction, WebhookEvent,
 };
 use crate::domain::{Currency, PipelineKey, SourceDeal, StageKey, StageRef};
 use crate::pipeline::{MappingSource, NativePipeline, StageMapEntry};
-use crate::vendor_http::{BudgetRules, Limits, VendorClient};
 use async_trait::async_trait;
 use serde_json::Value;
 use std::collections::HashMap;
@@ -291,7 +291,7 @@ impl Connector for ManifestConnector {
         self.read_page(cx, cursor).await
     }
 
-    fn webhook_scheme(&self) -> Option<crate::webhooks::signature::Scheme> {
+    fn webhook_scheme(&self) -> Option<crate::connectors::signature::Scheme> {
         self.scheme()
     }
 

@@ -11,29 +11,17 @@
 use super::ManifestConnector;
 use super::paging::{CallError, split_records};
 use crate::connectors::manifest::fields::{lookup, text_of};
-use crate::connectors::manifest::schema::{EventAction, SchemeName};
+use crate::connectors::manifest::schema::EventAction;
 use crate::connectors::manifest::template::Vars;
 use crate::connectors::{BadRecord, ConnectorError, SyncContext, WebhookAction, WebhookEvent};
 use crate::domain::{RawRecord, SourceDeal};
 use serde_json::{Value, json};
 use std::collections::{HashMap, HashSet};
-use std::time::Duration;
 
 impl ManifestConnector {
     /// [`Connector::webhook_scheme`](crate::connectors::Connector::webhook_scheme).
-    pub(super) fn scheme(&self) -> Option<crate::webhooks::signature::Scheme> {
-        use crate::webhooks::signature::Scheme;
-        let tolerance = Duration::from_secs(300);
-        Some(match self.manifest.webhooks.as_ref()?.scheme {
-            SchemeName::HubSpotV3 => Scheme::HubSpotV3 { tolerance },
-            SchemeName::HubSpotV1V2 => Scheme::HubSpotV1V2,
-            SchemeName::PipedriveBasic => Scheme::PipedriveBasic,
-            SchemeName::Shopify => Scheme::Shopify,
-            SchemeName::WooCommerce => Scheme::WooCommerce,
-            SchemeName::Stripe => Scheme::Stripe { tolerance },
-            SchemeName::StandardWebhooks => Scheme::StandardWebhooks { tolerance },
-            SchemeName::None => Scheme::None,
-        })
+    pub(super) fn scheme(&self) -> Option<crate::connectors::signature::Scheme> {
+        Some(self.manifest.webhooks.as_ref()?.scheme.scheme())
     }
 
     /// [`Connector::parse_webhook`](crate::connectors::Connector::parse_webhook).

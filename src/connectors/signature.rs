@@ -5,6 +5,11 @@
 //! ([`SignatureError`]). [`sign`] applies the same formulas on the sending side, for tests and
 //! load generators. The module does no IO and reads no clock of its own.
 //!
+//! It is also where intake learns what else differs between vendors, so `http` names
+//! none: the headers never stored ([`header::SECRET`]), a delivery's id
+//! ([`Scheme::delivery_id`]) and topic ([`Scheme::topic`]), a vendor's test ping
+//! ([`Scheme::is_ping`]), and the names manifests give the schemes ([`SchemeName`]).
+//!
 //! Invariants:
 //! - Signatures and credentials are compared in constant time.
 //! - The body is checked as the raw bytes received; nothing is re-serialized.
@@ -52,6 +57,75 @@ pub mod header {
     pub const WEBHOOK_ID: &str = "webhook-id";
     pub const WEBHOOK_TIMESTAMP: &str = "webhook-timestamp";
     pub const WEBHOOK_SIGNATURE: &str = "webhook-signature";
+    pub const SHOPIFY_TOPIC: &str = "x-shopify-topic";
+    pub const SHOPIFY_EVENTS_TOPIC: &str = "shopify-topic";
+    pub const WOOCOMMERCE_TOPIC: &str = "x-wc-webhook-topic";
+
+    /// Headers that authenticate a delivery under any scheme, and those that carry
+    /// credentials in any HTTP request: checked, never stored or logged.
+    pub const SECRET: &[&str] = &[
+        SHOPIFY_HMAC,
+        SHOPIFY_EVENTS_HMAC,
+        WOOCOMMERCE_SIGNATURE,
+        STRIPE_SIGNATURE,
+        HUBSPOT_SIGNATURE,
+        HUBSPOT_SIGNATURE_V3,
+        AUTHORIZATION,
+        WEBHOOK_SIGNATURE,
+        "cookie",
+        "proxy-authorization",
+    ];
+}
+
+/// A scheme by the name a manifest's `webhooks.scheme` gives it (and the `signature`
+/// fuzz target's request line): the one place these names are spelled. Parsed by serde
+/// or [`str::parse`]; an unknown name is refused with the list of known ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+pub enum SchemeName {
+    #[serde(rename = "hubspot_v3")]
+    HubSpotV3,
+    #[serde(rename = "hubspot_v1v2")]
+    HubSpotV1V2,
+    #[serde(rename = "pipedrive_basic")]
+    PipedriveBasic,
+    #[serde(rename = "shopify")]
+    Shopify,
+    #[serde(rename = "woocommerce")]
+    WooCommerce,
+    #[serde(rename = "stripe")]
+    Stripe,
+    #[serde(rename = "standard_webhooks")]
+    StandardWebhooks,
+    #[serde(rename = "none")]
+    None,
+}
+
+impl SchemeName {
+    /// The scheme this name stands for, timestamped ones with [`DEFAULT_TOLERANCE`].
+    pub fn scheme(self) -> Scheme {
+        let tolerance = DEFAULT_TOLERANCE;
+        match self {
+            SchemeName::HubSpotV3 => Scheme::HubSpotV3 { tolerance },
+            SchemeName::HubSpotV1V2 => Scheme::HubSpotV1V2,
+            SchemeName::PipedriveBasic => Scheme::PipedriveBasic,
+            SchemeName::Shopify => Scheme::Shopify,
+            SchemeName::WooCommerce => Scheme::WooCommerce,
+            SchemeName::Stripe => Scheme::Stripe { tolerance },
+            SchemeName::StandardWebhooks => Scheme::StandardWebhooks { tolerance },
+            SchemeName::None => Scheme::None,
+        }
+    }
+}
+
+impl std::str::FromStr for SchemeName {
+    type Err = serde::de::value::Error;
+
+    /// Reads a name as serde does, so the names above are the only spelling.
+    fn from_str(name: &str) -> Result<Self, Self::Err> {
+        use serde::Deserialize as _;
+        use serde::de::IntoDeserializer as _;
+        SchemeName::deserialize(name.into_deserializer())
+    }
 }
 
 /// How a source authenticates its deliveries, and the secret format [`verify`] expects for it.
@@ -96,6 +170,68 @@ impl Scheme {
             Scheme::Shopify | Scheme::WooCommerce => Some(BODY_ONLY_REPLAY_WINDOW),
             _ => None,
         }
+    }
+
+    /// Tells whether a request is the vendor's unsigned test ping rather than a
+    /// delivery (WooCommerce's creation ping): the receiver answers it with 200 and
+    /// stores nothing. Checked before the signature, since a ping carries none.
+    pub fn is_ping(&self, headers: &HeaderMap, body: &[u8]) -> bool {
+        match self {
+            Scheme::WooCommerce => is_woocommerce_ping(headers, body),
+            _ => false,
+        }
+    }
+
+    /// The delivery's topic, from the first of the vendor's topic headers that is
+    /// visible ASCII (Shopify's `X-Shopify-Topic`, WooCommerce's `X-WC-Webhook-Topic`);
+    /// `None` for vendors that name the event in the body. Unsigned: a connector may
+    /// refuse a body its topic contradicts, never trust it alone.
+    pub fn topic(&self, headers: &HeaderMap) -> Option<String> {
+        let names: &[&str] = match self {
+            Scheme::Shopify => &[header::SHOPIFY_TOPIC, header::SHOPIFY_EVENTS_TOPIC],
+            Scheme::WooCommerce => &[header::WOOCOMMERCE_TOPIC],
+            _ => &[],
+        };
+        names.iter().find_map(|name| {
+            headers
+                .get(*name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        })
+    }
+
+    /// The delivery's idempotency key: the vendor's delivery id when the scheme has one
+    /// (`verified`), else the id inside the body (Stripe's event id, Pipedrive's
+    /// `meta.id`), else a hash of the body (HubSpot's, with the retry counter left out
+    /// so a retry hashes the same).
+    pub fn delivery_id(&self, verified: &Verified, body: &[u8]) -> String {
+        if let Some(id) = verified.delivery_id.as_ref().or(verified.event_id.as_ref()) {
+            return id.clone();
+        }
+        let parsed: Option<serde_json::Value> = serde_json::from_slice(body).ok();
+        let from_body = parsed.as_ref().and_then(|value| match self {
+            Scheme::Stripe { .. } => value.get("id")?.as_str().map(str::to_owned),
+            Scheme::PipedriveBasic => value.pointer("/meta/id")?.as_str().map(str::to_owned),
+            _ => None,
+        });
+        if let Some(id) = from_body {
+            return id;
+        }
+        let hashed = match (self, parsed) {
+            (
+                Scheme::HubSpotV3 { .. } | Scheme::HubSpotV1V2,
+                Some(serde_json::Value::Array(mut events)),
+            ) => {
+                for event in &mut events {
+                    if let Some(object) = event.as_object_mut() {
+                        object.remove("attemptNumber");
+                    }
+                }
+                serde_json::to_vec(&events).unwrap_or_else(|_| body.to_vec())
+            }
+            _ => body.to_vec(),
+        };
+        format!("sha256:{}", to_hex(&Sha256::digest(&hashed)))
     }
 }
 
@@ -224,8 +360,8 @@ pub fn verify(
 }
 
 /// Tells whether a request is WooCommerce's creation ping: a form body `webhook_id=<n>` and
-/// no signature header. The receiver must answer it with 200 and store nothing.
-pub fn is_woocommerce_ping(headers: &HeaderMap, body: &[u8]) -> bool {
+/// no signature header (see [`Scheme::is_ping`]).
+fn is_woocommerce_ping(headers: &HeaderMap, body: &[u8]) -> bool {
     !headers.contains_key(header::WOOCOMMERCE_SIGNATURE)
         && body
             .strip_prefix(b"webhook_id=")
@@ -1503,6 +1639,108 @@ mod tests {
         assert!(!is_woocommerce_ping(&unsigned, b"webhook_id="));
         assert!(!is_woocommerce_ping(&unsigned, b"webhook_id=42&x=1"));
         assert!(!is_woocommerce_ping(&unsigned, WOO_BODY.as_bytes()));
+    }
+
+    #[test]
+    fn only_woocommerce_takes_a_request_for_a_ping() {
+        let unsigned = HeaderMap::new();
+        assert!(Scheme::WooCommerce.is_ping(&unsigned, b"webhook_id=42"));
+        for scheme in [Scheme::Shopify, Scheme::PipedriveBasic, Scheme::None] {
+            assert!(!scheme.is_ping(&unsigned, b"webhook_id=42"), "{scheme:?}");
+        }
+    }
+
+    #[test]
+    fn the_topic_comes_from_the_vendors_own_topic_headers_first_match_first() {
+        let shopify = header_map(&[
+            ("shopify-topic", "orders/create"),
+            ("x-shopify-topic", "checkouts/create"),
+        ]);
+        assert_eq!(
+            Scheme::Shopify.topic(&shopify).as_deref(),
+            Some("checkouts/create")
+        );
+        let events = header_map(&[("shopify-topic", "orders/create")]);
+        assert_eq!(
+            Scheme::Shopify.topic(&events).as_deref(),
+            Some("orders/create")
+        );
+        let woo = header_map(&[("x-wc-webhook-topic", "order.updated")]);
+        assert_eq!(
+            Scheme::WooCommerce.topic(&woo).as_deref(),
+            Some("order.updated")
+        );
+        let tolerance = DEFAULT_TOLERANCE;
+        for scheme in [
+            Scheme::Stripe { tolerance },
+            Scheme::HubSpotV3 { tolerance },
+            Scheme::PipedriveBasic,
+            Scheme::None,
+        ] {
+            assert_eq!(scheme.topic(&HeaderMap::new()), None, "{scheme:?}");
+        }
+    }
+
+    #[test]
+    fn the_delivery_id_is_the_vendors_id_else_the_bodys_id_else_a_hash_of_the_body() {
+        let tolerance = DEFAULT_TOLERANCE;
+        let signed_id = Verified {
+            delivery_id: Some("d-1".into()),
+            event_id: Some("e-1".into()),
+            ..Verified::default()
+        };
+        assert_eq!(Scheme::Shopify.delivery_id(&signed_id, b"{}"), "d-1");
+        let event_only = Verified {
+            event_id: Some("e-1".into()),
+            ..Verified::default()
+        };
+        assert_eq!(Scheme::Shopify.delivery_id(&event_only, b"{}"), "e-1");
+        let none = Verified::default();
+        let stripe = Scheme::Stripe { tolerance };
+        assert_eq!(stripe.delivery_id(&none, br#"{"id":"evt_1"}"#), "evt_1");
+        assert_eq!(
+            Scheme::PipedriveBasic.delivery_id(&none, br#"{"meta":{"id":"m-9"}}"#),
+            "m-9"
+        );
+        // Another scheme does not read those ids: the body's hash is the key.
+        assert_eq!(
+            Scheme::None.delivery_id(&none, b"abc"),
+            "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        // HubSpot's retries differ only in `attemptNumber`: the same key.
+        let hubspot = Scheme::HubSpotV3 { tolerance };
+        let first = hubspot.delivery_id(&none, br#"[{"eventId":1,"attemptNumber":0}]"#);
+        let retry = hubspot.delivery_id(&none, br#"[{"eventId":1,"attemptNumber":3}]"#);
+        assert_eq!(first, retry);
+        assert!(first.starts_with("sha256:"), "{first}");
+        assert_ne!(
+            first,
+            hubspot.delivery_id(&none, br#"[{"eventId":2,"attemptNumber":0}]"#)
+        );
+    }
+
+    #[test]
+    fn every_scheme_name_parses_and_an_unknown_one_is_refused_naming_the_known_ones() {
+        let tolerance = DEFAULT_TOLERANCE;
+        let named = [
+            ("hubspot_v3", Scheme::HubSpotV3 { tolerance }),
+            ("hubspot_v1v2", Scheme::HubSpotV1V2),
+            ("pipedrive_basic", Scheme::PipedriveBasic),
+            ("shopify", Scheme::Shopify),
+            ("woocommerce", Scheme::WooCommerce),
+            ("stripe", Scheme::Stripe { tolerance }),
+            ("standard_webhooks", Scheme::StandardWebhooks { tolerance }),
+            ("none", Scheme::None),
+        ];
+        for (name, scheme) in named {
+            let parsed: SchemeName = name.parse().unwrap();
+            assert_eq!(parsed.scheme(), scheme, "{name}");
+        }
+        let error = "shopfiy".parse::<SchemeName>().unwrap_err().to_string();
+        assert!(
+            error.contains("shopfiy") && error.contains("standard_webhooks"),
+            "{error}"
+        );
     }
 
     #[test]
