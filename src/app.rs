@@ -284,8 +284,15 @@ impl AppState {
     }
 }
 
+/// The follow-up worker's reads of a deal at its source: through the connections in
+/// force when the worker started (a reload restarts the worker with the new ones).
+struct SourceRereads {
+    connections: Arc<Vec<Arc<ConnectionRuntime>>>,
+    deps: SyncDeps,
+}
+
 #[async_trait::async_trait]
-impl crate::followup::SourceReader for AppState {
+impl crate::followup::SourceReader for SourceRereads {
     async fn reread(
         &self,
         connection: &str,
@@ -293,12 +300,27 @@ impl crate::followup::SourceReader for AppState {
         shutdown: &CancellationToken,
     ) -> Result<bool, String> {
         // A connection no longer configured has no source to ask: the stored deal stands.
-        let Some(runtime) = self.connection(connection) else {
+        let Some(runtime) = self.connections.iter().find(|c| c.name() == connection) else {
             return Ok(false);
         };
-        sync::reread(&runtime, &self.sync_deps(), external_id, shutdown)
+        sync::reread(runtime, &self.deps, external_id, shutdown)
             .await
             .map_err(|error| error.to_string())
+    }
+}
+
+impl crate::followup::worker::Health for WorkerHealth {
+    fn succeeded(&mut self) {
+        WorkerHealth::succeeded(self)
+    }
+    fn failed(&mut self, error: &dyn std::fmt::Display) -> std::time::Duration {
+        WorkerHealth::failed(self, error)
+    }
+    fn degraded(&self, reason: String) {
+        WorkerHealth::degraded(self, reason)
+    }
+    fn recovered(&self) {
+        WorkerHealth::recovered(self)
     }
 }
 
@@ -554,15 +576,21 @@ fn start_connections(state: &Arc<AppState>, tasks: &TaskTracker, token: &Cancell
         ));
     }
     // The follow-up worker restarts with the connections, so a reload applies new rules.
-    tasks.spawn(crate::followup::worker::run(
-        state.store.clone(),
-        state.config(),
-        state.metrics.clone(),
-        Some(state.clone() as Arc<dyn crate::followup::SourceReader>),
-        state.sync_deps().attention,
-        token.child_token(),
-        state.readiness.worker(crate::followup::worker::NAME),
-    ));
+    let readiness = state.readiness.clone();
+    let deps = crate::followup::worker::Deps {
+        store: state.store.clone(),
+        config: state.config(),
+        metrics: state.metrics.clone(),
+        source: Some(Arc::new(SourceRereads {
+            connections: state.connections(),
+            deps: state.sync_deps(),
+        })),
+        attention: Some(Arc::new(move |note| {
+            readiness.attention(EMAIL_ATTENTION, note)
+        })),
+        health: Box::new(state.readiness.worker(crate::followup::worker::NAME)),
+    };
+    tasks.spawn(crate::followup::worker::run(deps, token.child_token()));
 }
 
 /// Loads the config again; on success swaps it in and restarts the connections, on

@@ -32,11 +32,6 @@ const KNOWN: &[(&str, &str, &str)] = &[
         "the webhook worker and cart sweeper receive explicit dependencies, not `Arc<AppState>`",
     ),
     (
-        "followup",
-        "app",
-        "the follow-up worker receives explicit dependencies, not `Arc<AppState>`",
-    ),
-    (
         "ops",
         "cli",
         "the helpers `ops` shares with `cli` (load, open_store, runtimes, CliError) move below both",

@@ -23,9 +23,7 @@ use super::mailer::{MailError, Mailer, Outgoing};
 use super::rules::Rule;
 use super::templates::Templates;
 use super::{FollowupError, SourceReader};
-use crate::app::WorkerHealth;
 use crate::config::Config;
-use crate::connectors::Attention;
 use crate::domain::Deal;
 use crate::retry::Backoff;
 use crate::store::{OutboxRow, Store, StoreError};
@@ -65,7 +63,38 @@ pub struct Worker {
     source: Option<Arc<dyn SourceReader>>,
     shutdown: CancellationToken,
     /// Where delivery failures are reported for `/readyz` (and cleared by a success).
-    attention: Option<Attention>,
+    attention: Option<DeliveryAttention>,
+}
+
+/// Everything the follow-up worker runs on, handed over by whoever starts it (`App`
+/// builds one per start and reload): the worker reaches nothing else.
+pub struct Deps {
+    pub store: Store,
+    pub config: Arc<Config>,
+    pub metrics: Arc<Metrics>,
+    /// Reads a deal again from its source before a marketing email to its contact.
+    pub source: Option<Arc<dyn SourceReader>>,
+    /// Where delivery failures are reported for `/readyz` (and cleared by a success).
+    pub attention: Option<DeliveryAttention>,
+    /// The worker's standing in `/readyz`.
+    pub health: Box<dyn Health>,
+}
+
+/// Names the last delivery failure for `/readyz` (`Some`), or clears it (`None`).
+pub type DeliveryAttention = Arc<dyn Fn(Option<String>) + Send + Sync>;
+
+/// How the worker reports its passes in `/readyz` (`app::WorkerHealth` in the daemon):
+/// a failed pass marks it degraded and says how long to back off; the next pass that
+/// works clears the mark.
+pub trait Health: Send {
+    /// Records a pass that worked: clears the degraded mark.
+    fn succeeded(&mut self);
+    /// Records a failed pass; returns the pause before the next one.
+    fn failed(&mut self, error: &dyn std::fmt::Display) -> Duration;
+    /// Marks the worker degraded with the reason, without counting a failure.
+    fn degraded(&self, reason: String);
+    /// Clears the degraded mark.
+    fn recovered(&self);
 }
 
 impl std::fmt::Debug for Worker {
@@ -85,19 +114,19 @@ const RECORD_RETRIES: Backoff =
     Backoff::equal(Duration::from_millis(500), Duration::from_secs(30)).attempts(12);
 
 /// Runs the worker until `shutdown`. A pass the store fails marks the worker degraded
-/// in `/readyz` (`health`) and is tried again after a backoff; the worker never stops
-/// on it. One that cannot start (its mailer) is marked degraded with the reason.
-/// `source` reads deals again from their sources before marketing emails to their
+/// in `/readyz` (`deps.health`) and is tried again after a backoff; the worker never
+/// stops on it. One that cannot start (its mailer) is marked degraded with the reason.
+/// `deps.source` reads deals again from their sources before marketing emails to their
 /// contacts.
-pub async fn run(
-    store: Store,
-    config: Arc<Config>,
-    metrics: Arc<Metrics>,
-    source: Option<Arc<dyn SourceReader>>,
-    attention: Option<Attention>,
-    shutdown: CancellationToken,
-    health: WorkerHealth,
-) {
+pub async fn run(deps: Deps, shutdown: CancellationToken) {
+    let Deps {
+        store,
+        config,
+        metrics,
+        source,
+        attention,
+        health,
+    } = deps;
     if config.followups.is_empty() && config.digests.is_empty() {
         debug!("no follow-up rules configured; the follow-up worker is idle");
         health.recovered();
@@ -188,11 +217,11 @@ impl Worker {
             }
         };
         if let Some(attention) = &self.attention {
-            attention(crate::app::EMAIL_ATTENTION, note);
+            attention(note);
         }
     }
 
-    async fn run_loop(self: Arc<Self>, shutdown: CancellationToken, mut health: WorkerHealth) {
+    async fn run_loop(self: Arc<Self>, shutdown: CancellationToken, mut health: Box<dyn Health>) {
         let email = &self.config.email;
         info!(
             rules = self.rules.len(),
