@@ -31,6 +31,7 @@ mod inbox;
 mod migrations;
 mod outbox;
 mod report;
+mod stage_feed;
 mod suppression;
 mod sync;
 mod tokens;
@@ -49,11 +50,12 @@ pub use migrations::SCHEMA_VERSION;
 pub use outbox::{
     Claim, ClaimDecision, ClaimFacts, ClaimQuery, EarlierEnrollment, EnrollOutcome, EnrollPlan,
     FollowupFacts, NewOutboxRow, OutboxAction, OutboxRow, OutboxRowFilter, OutboxState,
-    RetryOutcome, StageEntry,
+    RetryOutcome,
 };
 pub use report::{
     OutboxCount, OutboxEntry, OutboxFilter, ReportScope, StageValue, StallCutoff, StalledCount,
 };
+pub use stage_feed::StageEntry;
 pub use suppression::Suppression;
 pub use sync::{
     CachedRecord, ENRICHMENT_RETENTION, QuarantineEntry, Quarantined, Reread, SyncRunRecord,

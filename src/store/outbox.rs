@@ -254,14 +254,6 @@ pub enum RetryOutcome {
     NotFound,
 }
 
-/// A deal's entry into a stage, from the history's change feed.
-#[derive(Debug, Clone, PartialEq)]
-pub struct StageEntry {
-    pub history_id: i64,
-    pub deal_id: i64,
-    pub to: StageRef,
-}
-
 fn read_row(tx: &rusqlite::Connection, id: i64) -> Result<Option<OutboxRow>> {
     let sql = format!("SELECT {ROW_COLUMNS} FROM outbox WHERE id = ?1");
     Ok(tx.query_row(&sql, [id], row_from).optional()?)
@@ -929,40 +921,6 @@ impl Store {
             let mut statement = db.prepare("SELECT DISTINCT rule FROM outbox ORDER BY rule")?;
             let rows = statement.query_map([], |r| r.get(0))?;
             Ok(rows.collect::<rusqlite::Result<Vec<String>>>()?)
-        })
-        .await
-    }
-
-    /// The newest stage-history id: where the enrollment change feed starts.
-    pub async fn last_history_id(&self) -> Result<i64> {
-        self.read(|db| {
-            Ok(
-                db.query_row("SELECT coalesce(max(id), 0) FROM stage_history", [], |r| {
-                    r.get(0)
-                })?,
-            )
-        })
-        .await
-    }
-
-    /// Stage entries recorded after `after_id`, oldest first: the enrollment change feed.
-    pub async fn stage_entries_after(&self, after_id: i64, limit: u32) -> Result<Vec<StageEntry>> {
-        self.read(move |db| {
-            let mut statement = db.prepare_cached(
-                "SELECT id, deal_id, to_pipeline, to_stage FROM stage_history
-                 WHERE id > ?1 ORDER BY id LIMIT ?2",
-            )?;
-            let rows = statement.query_map(params![after_id, limit], |r| {
-                Ok(StageEntry {
-                    history_id: r.get(0)?,
-                    deal_id: r.get(1)?,
-                    to: StageRef {
-                        pipeline: r.get::<_, Option<String>>(2)?.map(PipelineKey::new),
-                        stage: StageKey::new(r.get::<_, String>(3)?),
-                    },
-                })
-            })?;
-            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
         })
         .await
     }
