@@ -28,6 +28,7 @@ mod checkpoint;
 mod deals;
 mod digests;
 mod inbox;
+mod ledger;
 mod migrations;
 mod outbox;
 mod report;
@@ -46,11 +47,11 @@ pub use inbox::{
     EnqueueError, Enqueued, InboxCounts, InboxOp, InboxRow, MAX_PENDING, NewWebhook, Replayed,
     Settlement, StoredDeadLetter, inbox_path,
 };
+pub use ledger::OutboxState;
 pub use migrations::SCHEMA_VERSION;
 pub use outbox::{
     Claim, ClaimDecision, ClaimFacts, ClaimQuery, EarlierEnrollment, EnrollOutcome, EnrollPlan,
-    FollowupFacts, NewOutboxRow, OutboxAction, OutboxRow, OutboxRowFilter, OutboxState,
-    RetryOutcome,
+    FollowupFacts, NewOutboxRow, OutboxAction, OutboxRow, OutboxRowFilter, RetryOutcome,
 };
 pub use report::{
     OutboxCount, OutboxEntry, OutboxFilter, ReportScope, StageValue, StallCutoff, StalledCount,
