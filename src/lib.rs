@@ -16,7 +16,6 @@ pub mod followup;
 pub mod fuzzing;
 pub mod http;
 pub mod lock;
-pub mod ops;
 pub mod output;
 pub mod pipeline;
 pub mod report;

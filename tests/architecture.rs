@@ -32,11 +32,6 @@ const KNOWN: &[(&str, &str, &str)] = &[
         "the webhook worker and cart sweeper receive explicit dependencies, not `Arc<AppState>`",
     ),
     (
-        "ops",
-        "cli",
-        "the helpers `ops` shares with `cli` (load, open_store, runtimes, CliError) move below both",
-    ),
-    (
         "vendor_http",
         "connectors",
         "the vendor client moves under `connectors/`, whose error and context types it uses",

@@ -1,5 +1,5 @@
 //! Operator commands: `deals show` and the recovery commands (`inbox dead-letters`,
-//! `quarantine`, `outbox retry`, `suppressions`). clap types live in `cli`; each
+//! `quarantine`, `outbox retry`, `suppressions`). clap types live in `cli::args`; each
 //! function here loads the config, opens the store, does one thing and prints it.
 //!
 //! Invariants:
@@ -9,10 +9,10 @@
 //! - An id that does not exist is a usage error (exit 2) naming the command that
 //!   lists the valid ones; doing again what was done is a no-op that says so (exit 0).
 
-use crate::cli::{
-    CliError, ConfigSource, RecoveryListArgs, SuppressionAddArgs, SuppressionRemoveArgs,
-    SuppressionsListArgs, load, open_store, runtimes,
+use super::args::{
+    RecoveryListArgs, SuppressionAddArgs, SuppressionRemoveArgs, SuppressionsListArgs,
 };
+use super::context::{CliError, ConfigSource, load, open_store, runtimes};
 use crate::config::Config;
 use crate::connectors::WebhookEvent;
 use crate::domain::{ChangeCause, ConnectionName, EmailAddress};
