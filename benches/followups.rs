@@ -259,15 +259,16 @@ after = "1s"
     let sink_pid = sink.id().to_string();
     let (own_cpu, sink_cpu) = (cpu_seconds("self"), cpu_seconds(&sink_pid));
     let started = Instant::now();
-    let worker = tokio::spawn(dealsync::followup::worker::run(
-        store.clone(),
+    let deps = dealsync::followup::worker::Deps {
+        store: store.clone(),
         config,
-        Arc::new(dealsync::telemetry::Metrics::new()),
-        None,
-        None,
-        shutdown.clone(),
-        Arc::new(dealsync::health::Readiness::default()).worker(dealsync::followup::worker::NAME),
-    ));
+        metrics: Arc::new(dealsync::telemetry::Metrics::new()),
+        source: None,
+        attention: None,
+        health: Arc::new(dealsync::health::Readiness::default())
+            .worker(dealsync::followup::worker::NAME),
+    };
+    let worker = tokio::spawn(dealsync::followup::worker::run(deps, shutdown.clone()));
     loop {
         let sent = store
             .outbox_counts()

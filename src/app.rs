@@ -344,18 +344,21 @@ fn start_connections(state: &Arc<HttpState>, tasks: &TaskTracker, token: &Cancel
         ));
     }
     // The follow-up worker restarts with the connections, so a reload applies new rules.
-    tasks.spawn(crate::followup::worker::run(
-        state.store.clone(),
-        state.config(),
-        state.metrics.clone(),
-        Some(Arc::new(Rereader {
+    let readiness = state.readiness.clone();
+    let deps = crate::followup::worker::Deps {
+        store: state.store.clone(),
+        config: state.config(),
+        metrics: state.metrics.clone(),
+        source: Some(Arc::new(Rereader {
             connections: state.connections.clone(),
             deps: sync_deps(state),
-        }) as Arc<dyn crate::followup::SourceReader>),
-        sync_deps(state).attention,
-        token.child_token(),
-        state.readiness.worker(crate::followup::worker::NAME),
-    ));
+        })),
+        attention: Some(Arc::new(move |note| {
+            readiness.attention(crate::health::EMAIL_ATTENTION, note)
+        })),
+        health: state.readiness.worker(crate::followup::worker::NAME),
+    };
+    tasks.spawn(crate::followup::worker::run(deps, token.child_token()));
 }
 
 /// Loads the config again; on success swaps it in and restarts the connections, on

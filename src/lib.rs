@@ -19,7 +19,6 @@ pub mod health;
 pub mod http;
 pub mod ingest;
 pub mod lock;
-pub mod ops;
 pub mod output;
 pub mod pipeline;
 pub mod report;

@@ -6,46 +6,16 @@
 //! outside comments, string literals and `#[cfg(test)]` items (a test may reach any
 //! module it needs to set up). A cycle fails the test with the edges that make it and
 //! the files that hold each edge.
-//!
-//! [`KNOWN`] lists the edges of the loops left for later moves, each with the change
-//! that removes it; they are left out before looking for cycles. An entry whose edge no
-//! longer exists fails too, so the list only shrinks.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-
-/// Edges of loops not yet removed: (from, to, the move that removes it).
-const KNOWN: &[(&str, &str, &str)] = &[
-    (
-        "ops",
-        "cli",
-        "the helpers `ops` shares with `cli` (load, open_store, runtimes, CliError) move below both",
-    ),
-];
 
 type Graph = BTreeMap<String, BTreeMap<String, BTreeSet<String>>>;
 
 #[test]
 fn top_level_modules_import_each_other_without_loops() {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
-    let mut graph = module_graph(&src);
-
-    let mut stale = Vec::new();
-    for (from, to, _) in KNOWN {
-        let removed = graph
-            .get_mut(*from)
-            .and_then(|edges| edges.remove(*to))
-            .is_some();
-        if !removed {
-            stale.push(format!("{from} -> {to}"));
-        }
-    }
-    assert!(
-        stale.is_empty(),
-        "these edges in KNOWN (tests/architecture.rs) no longer exist; delete them: {}",
-        stale.join(", ")
-    );
-
+    let graph = module_graph(&src);
     let loops: Vec<String> = cycles(&graph)
         .into_iter()
         .map(|members| {

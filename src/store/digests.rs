@@ -10,7 +10,7 @@
 //!   `uncertain` (`Store::outbox_recover_interrupted`), never resent.
 
 use super::deals::{DEAL_COLUMNS, deal_from_row};
-use super::outbox::OutboxState;
+use super::ledger::{DIGESTS, OutboxState, Settlement};
 use super::{Result, Store, from_ms, to_ms};
 use crate::domain::{Deal, StageRef};
 use chrono::{DateTime, Utc};
@@ -285,11 +285,7 @@ impl Store {
             }
             let now_ms = to_ms(now);
             let skip = |reason: String| -> Result<DigestClaim> {
-                tx.execute(
-                    "UPDATE digests SET state = 'skipped', reason = ?2, updated_at = ?3
-                     WHERE id = ?1",
-                    params![id, reason, now_ms],
-                )?;
+                DIGESTS.skip(tx, id, &reason, now_ms)?;
                 Ok(DigestClaim::Skipped(reason))
             };
             let late = now - row.slot_at;
@@ -301,11 +297,7 @@ impl Store {
                     crate::config::duration::format(grace)
                 ));
             }
-            let suppressed: Option<String> = tx
-                .prepare_cached("SELECT reason FROM suppressions WHERE email IN (?1, lower(?1))")?
-                .query_row([&row.recipient], |r| r.get(0))
-                .optional()?;
-            if let Some(reason) = suppressed {
+            if let Some(reason) = super::suppression::reason_of(tx, &row.recipient)? {
                 return skip(format!("recipient is suppressed ({reason})"));
             }
             let owner = by_owner.then_some(row.recipient.as_str());
@@ -315,12 +307,7 @@ impl Store {
             }
             let ids: Vec<i64> = deals.iter().map(|d| d.id).collect();
             let ids_json = serde_json::to_string(&ids).unwrap_or_else(|_| "[]".to_owned());
-            tx.execute(
-                "UPDATE digests SET state = 'sending', attempts = attempts + 1, deals = ?2,
-                    updated_at = ?3, reason = NULL
-                 WHERE id = ?1",
-                params![id, ids_json, now_ms],
-            )?;
+            DIGESTS.mark_sending(tx, id, now_ms, ", deals = ?3", &[&ids_json])?;
             let mut row = row;
             row.state = OutboxState::Sending;
             row.attempts += 1;
@@ -343,54 +330,28 @@ impl Store {
         at: DateTime<Utc>,
     ) -> Result<()> {
         self.write(move |tx| {
-            let at_ms = to_ms(at);
-            match finish {
-                DigestFinish::Sent { message_id } => {
-                    tx.execute(
-                        "UPDATE digests SET state = 'sent', message_id = ?2, sent_at = ?3,
-                            updated_at = ?3
-                         WHERE id = ?1 AND state = 'sending'",
-                        params![id, message_id, at_ms],
-                    )?;
-                }
-                DigestFinish::DryRun { message_id } => {
-                    tx.execute(
-                        "UPDATE digests SET state = 'skipped', message_id = ?2, updated_at = ?3,
-                            reason = 'dry run: rendered and recorded, not sent'
-                         WHERE id = ?1 AND state = 'sending'",
-                        params![id, message_id, at_ms],
-                    )?;
-                }
-                DigestFinish::Retry { at: next, reason } => {
-                    tx.execute(
-                        "UPDATE digests SET state = 'pending', next_attempt_at = ?2, reason = ?3,
-                            updated_at = ?4
-                         WHERE id = ?1 AND state = 'sending'",
-                        params![id, to_ms(next), reason, at_ms],
-                    )?;
-                }
-                DigestFinish::Uncertain { reason } => {
-                    tx.execute(
-                        "UPDATE digests SET state = 'uncertain', reason = ?2, updated_at = ?3
-                         WHERE id = ?1 AND state = 'sending'",
-                        params![id, reason, at_ms],
-                    )?;
-                }
-                DigestFinish::Failed { reason, suppress } => {
-                    let changed = tx.execute(
-                        "UPDATE digests SET state = 'failed', reason = ?2, updated_at = ?3
-                         WHERE id = ?1 AND state = 'sending'",
-                        params![id, reason, at_ms],
-                    )?;
-                    if suppress && changed == 1 {
-                        let email: String = tx.query_row(
-                            "SELECT recipient FROM digests WHERE id = ?1",
-                            [id],
-                            |r| r.get(0),
-                        )?;
-                        super::suppression::insert(tx, &email, "hard bounce", Some(&reason), at)?;
-                    }
-                }
+            let settlement = match &finish {
+                DigestFinish::Sent { message_id } => Settlement::Sent { message_id },
+                DigestFinish::DryRun { message_id } => Settlement::DryRun { message_id },
+                DigestFinish::Retry { at, reason } => Settlement::Retry {
+                    next_attempt_at: *at,
+                    reason,
+                },
+                DigestFinish::Uncertain { reason } => Settlement::Uncertain { reason },
+                DigestFinish::Failed { reason, .. } => Settlement::Failed { reason },
+            };
+            let changed = DIGESTS.settle(tx, id, settlement, at)?;
+            if let DigestFinish::Failed {
+                reason,
+                suppress: true,
+            } = &finish
+                && changed
+            {
+                let email: String =
+                    tx.query_row("SELECT recipient FROM digests WHERE id = ?1", [id], |r| {
+                        r.get(0)
+                    })?;
+                super::suppression::insert(tx, &email, "hard bounce", Some(reason), at)?;
             }
             Ok(())
         })
@@ -400,11 +361,7 @@ impl Store {
     /// Skips a pending digest with the reason (its rule is gone).
     pub async fn skip_digest(&self, id: i64, reason: String, at: DateTime<Utc>) -> Result<()> {
         self.write(move |tx| {
-            tx.execute(
-                "UPDATE digests SET state = 'skipped', reason = ?2, updated_at = ?3
-                 WHERE id = ?1 AND state = 'pending'",
-                params![id, reason, to_ms(at)],
-            )?;
+            DIGESTS.skip(tx, id, &reason, to_ms(at))?;
             Ok(())
         })
         .await
@@ -424,31 +381,12 @@ impl Store {
 
     /// Pending digests due by `now`, earliest first: (id, rule).
     pub async fn digests_due(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<(i64, String)>> {
-        self.read(move |db| {
-            let mut statement = db.prepare_cached(
-                "SELECT id, rule FROM digests INDEXED BY digests_pending
-                 WHERE state = 'pending' AND next_attempt_at <= ?1
-                 ORDER BY next_attempt_at LIMIT ?2",
-            )?;
-            let rows =
-                statement.query_map(params![to_ms(now), limit], |r| Ok((r.get(0)?, r.get(1)?)))?;
-            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
-        })
-        .await
+        self.read(move |db| DIGESTS.due(db, now, limit)).await
     }
 
     /// When the next pending digest comes due.
     pub async fn digest_next_due(&self) -> Result<Option<DateTime<Utc>>> {
-        self.read(|db| {
-            let next: Option<i64> = db.query_row(
-                "SELECT min(next_attempt_at) FROM digests INDEXED BY digests_pending
-                 WHERE state = 'pending'",
-                [],
-                |r| r.get(0),
-            )?;
-            Ok(next.map(from_ms))
-        })
-        .await
+        self.read(|db| DIGESTS.next_due(db)).await
     }
 
     /// Digest rows, newest day first; optionally of one rule.

@@ -29,9 +29,11 @@ mod deal_changes;
 mod deals;
 mod digests;
 mod inbox;
+mod ledger;
 mod migrations;
 mod outbox;
 mod report;
+mod stage_feed;
 mod suppression;
 mod sync;
 mod tokens;
@@ -47,15 +49,16 @@ pub use inbox::{
     EnqueueError, Enqueued, InboxCounts, InboxRow, MAX_PENDING, NewWebhook, Replayed, Settlement,
     StoredDeadLetter, inbox_path,
 };
+pub use ledger::OutboxState;
 pub use migrations::SCHEMA_VERSION;
 pub use outbox::{
     Claim, ClaimDecision, ClaimFacts, ClaimQuery, EarlierEnrollment, EnrollOutcome, EnrollPlan,
-    FollowupFacts, NewOutboxRow, OutboxAction, OutboxRow, OutboxRowFilter, OutboxState,
-    RetryOutcome, StageEntry,
+    FollowupFacts, NewOutboxRow, OutboxAction, OutboxRow, OutboxRowFilter, RetryOutcome,
 };
 pub use report::{
     OutboxCount, OutboxEntry, OutboxFilter, ReportScope, StageValue, StallCutoff, StalledCount,
 };
+pub use stage_feed::StageEntry;
 pub use suppression::Suppression;
 pub use sync::{
     CachedRecord, ENRICHMENT_RETENTION, QuarantineEntry, Quarantined, Reread, SyncRunRecord,

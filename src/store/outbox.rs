@@ -12,6 +12,7 @@
 //! - Marking a row sent and moving the cart it advances commit together.
 
 use super::deals::{DEAL_COLUMNS, deal_from_row, move_stage};
+use super::ledger::{OUTBOX, OutboxState, Settlement};
 use super::{Result, Store, StoreError, from_ms, to_ms};
 use crate::domain::{ChangeCause, Deal, DealStatus, PipelineKey, StageKey, StageRef, StepNumber};
 use chrono::{DateTime, Utc};
@@ -19,48 +20,6 @@ use rusqlite::{OptionalExtension, Row, Transaction, params};
 use serde::Serialize;
 use std::collections::HashMap;
 use std::time::Duration;
-
-/// Where an outbox row stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum OutboxState {
-    Pending,
-    Sending,
-    Sent,
-    Failed,
-    Skipped,
-    /// Interrupted between SMTP hand-off and acknowledgement; never resent.
-    Uncertain,
-    /// An expiry that was carried out.
-    Done,
-}
-
-impl OutboxState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            OutboxState::Pending => "pending",
-            OutboxState::Sending => "sending",
-            OutboxState::Sent => "sent",
-            OutboxState::Failed => "failed",
-            OutboxState::Skipped => "skipped",
-            OutboxState::Uncertain => "uncertain",
-            OutboxState::Done => "done",
-        }
-    }
-
-    pub fn parse(text: &str) -> Option<Self> {
-        Some(match text {
-            "pending" => OutboxState::Pending,
-            "sending" => OutboxState::Sending,
-            "sent" => OutboxState::Sent,
-            "failed" => OutboxState::Failed,
-            "skipped" => OutboxState::Skipped,
-            "uncertain" => OutboxState::Uncertain,
-            "done" => OutboxState::Done,
-            _ => return None,
-        })
-    }
-}
 
 /// What a row does when it comes due.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -254,14 +213,6 @@ pub enum RetryOutcome {
     NotFound,
 }
 
-/// A deal's entry into a stage, from the history's change feed.
-#[derive(Debug, Clone, PartialEq)]
-pub struct StageEntry {
-    pub history_id: i64,
-    pub deal_id: i64,
-    pub to: StageRef,
-}
-
 fn read_row(tx: &rusqlite::Connection, id: i64) -> Result<Option<OutboxRow>> {
     let sql = format!("SELECT {ROW_COLUMNS} FROM outbox WHERE id = ?1");
     Ok(tx.query_row(&sql, [id], row_from).optional()?)
@@ -306,12 +257,10 @@ fn read_claim_facts(
     now_ms: i64,
 ) -> Result<ClaimFacts> {
     let deal = read_deal(db, row.deal_id)?;
-    let suppressed: Option<String> = if row.recipient.is_empty() {
+    let suppressed = if row.recipient.is_empty() {
         None
     } else {
-        db.prepare_cached("SELECT reason FROM suppressions WHERE email IN (?1, lower(?1))")?
-            .query_row([&row.recipient], |r| r.get(0))
-            .optional()?
+        super::suppression::reason_of(db, &row.recipient)?
     };
     let order_since = match (&query.order_pipeline, &deal) {
         (Some(pipeline), Some(deal)) => match &deal.contact_email {
@@ -561,12 +510,7 @@ impl Store {
             let mut sending = None;
             match &decision {
                 ClaimDecision::Send => {
-                    tx.execute(
-                        "UPDATE outbox SET state = 'sending', attempts = attempts + 1,
-                            claimed_at = ?2, updated_at = ?2, reason = NULL
-                         WHERE id = ?1",
-                        params![id, now_ms],
-                    )?;
+                    OUTBOX.mark_sending(tx, id, now_ms, ", claimed_at = ?2", &[])?;
                     let deal = deal.ok_or_else(|| {
                         StoreError::Corrupt(format!("outbox row {id} claimed without its deal"))
                     })?;
@@ -576,18 +520,10 @@ impl Store {
                     sending = Some((row, deal));
                 }
                 ClaimDecision::Skip(reason) => {
-                    tx.execute(
-                        "UPDATE outbox SET state = 'skipped', reason = ?2, updated_at = ?3
-                         WHERE id = ?1",
-                        params![id, reason, now_ms],
-                    )?;
+                    OUTBOX.skip(tx, id, reason, now_ms)?;
                 }
                 ClaimDecision::Stop(reason) => {
-                    tx.execute(
-                        "UPDATE outbox SET state = 'skipped', reason = ?2, updated_at = ?3
-                         WHERE id = ?1",
-                        params![id, reason, now_ms],
-                    )?;
+                    OUTBOX.skip(tx, id, reason, now_ms)?;
                     stop_sequence(
                         tx,
                         row.deal_id,
@@ -637,13 +573,10 @@ impl Store {
         only_from: Vec<StageRef>,
     ) -> Result<bool> {
         self.write(move |tx| {
-            let changed = tx.execute(
-                "UPDATE outbox SET state = 'sent', message_id = ?2, sent_at = ?3, updated_at = ?3,
-                    reason = NULL
-                 WHERE id = ?1 AND state IN ('sending', 'uncertain')",
-                params![id, message_id, to_ms(at)],
-            )?;
-            if changed == 0 {
+            let sent = Settlement::Sent {
+                message_id: &message_id,
+            };
+            if !OUTBOX.settle(tx, id, sent, at)? {
                 return Ok(false);
             }
             if let Some((to, status)) = move_to {
@@ -680,11 +613,7 @@ impl Store {
             if row.state != OutboxState::Failed || row.action != OutboxAction::Email {
                 return Ok(RetryOutcome::NotFailed(row));
             }
-            let suppressed: Option<String> = tx
-                .prepare_cached("SELECT reason FROM suppressions WHERE email IN (?1, lower(?1))")?
-                .query_row([&row.recipient], |r| r.get(0))
-                .optional()?;
-            if let Some(reason) = suppressed {
+            if let Some(reason) = super::suppression::reason_of(tx, &row.recipient)? {
                 return Ok(RetryOutcome::Suppressed(row, reason));
             }
             let now_ms = to_ms(now);
@@ -705,12 +634,10 @@ impl Store {
     /// Records a dry-run render: the row is skipped with the message id it would have had.
     pub async fn mark_dry_run(&self, id: i64, message_id: String, at: DateTime<Utc>) -> Result<()> {
         self.write(move |tx| {
-            tx.execute(
-                "UPDATE outbox SET state = 'skipped', message_id = ?2, updated_at = ?3,
-                    reason = 'dry run: rendered and recorded, not sent'
-                 WHERE id = ?1 AND state = 'sending'",
-                params![id, message_id, to_ms(at)],
-            )?;
+            let dry_run = Settlement::DryRun {
+                message_id: &message_id,
+            };
+            OUTBOX.settle(tx, id, dry_run, at)?;
             Ok(())
         })
         .await
@@ -725,12 +652,11 @@ impl Store {
         at: DateTime<Utc>,
     ) -> Result<()> {
         self.write(move |tx| {
-            tx.execute(
-                "UPDATE outbox SET state = 'pending', next_attempt_at = ?2, reason = ?3,
-                    updated_at = ?4, claimed_at = NULL
-                 WHERE id = ?1 AND state = 'sending'",
-                params![id, to_ms(next_attempt_at), reason, to_ms(at)],
-            )?;
+            let retry = Settlement::Retry {
+                next_attempt_at,
+                reason: &reason,
+            };
+            OUTBOX.settle(tx, id, retry, at)?;
             Ok(())
         })
         .await
@@ -740,11 +666,7 @@ impl Store {
     /// connection failed after the hand-off), so it is never resent.
     pub async fn mark_uncertain(&self, id: i64, reason: String, at: DateTime<Utc>) -> Result<()> {
         self.write(move |tx| {
-            tx.execute(
-                "UPDATE outbox SET state = 'uncertain', reason = ?2, updated_at = ?3
-                 WHERE id = ?1 AND state = 'sending'",
-                params![id, reason, to_ms(at)],
-            )?;
+            OUTBOX.settle(tx, id, Settlement::Uncertain { reason: &reason }, at)?;
             Ok(())
         })
         .await
@@ -760,11 +682,7 @@ impl Store {
         at: DateTime<Utc>,
     ) -> Result<()> {
         self.write(move |tx| {
-            tx.execute(
-                "UPDATE outbox SET state = 'failed', reason = ?2, updated_at = ?3
-                 WHERE id = ?1 AND state = 'sending'",
-                params![id, reason, to_ms(at)],
-            )?;
+            OUTBOX.settle(tx, id, Settlement::Failed { reason: &reason }, at)?;
             if let Some(email) = suppress {
                 super::suppression::insert(tx, &email, "hard bounce", Some(&reason), at)?;
             }
@@ -777,19 +695,9 @@ impl Store {
     /// `uncertain`. Returns how many.
     pub async fn outbox_recover_interrupted(&self, at: DateTime<Utc>) -> Result<u64> {
         self.write(move |tx| {
-            let changed = tx.execute(
-                "UPDATE outbox SET state = 'uncertain', updated_at = ?1,
-                    reason = 'interrupted between SMTP hand-off and acknowledgement; not resent'
-                 WHERE state = 'sending'",
-                [to_ms(at)],
-            )?;
-            let digests = tx.execute(
-                "UPDATE digests SET state = 'uncertain', updated_at = ?1,
-                    reason = 'interrupted between SMTP hand-off and acknowledgement; not resent'
-                 WHERE state = 'sending'",
-                [to_ms(at)],
-            )?;
-            Ok((changed + digests) as u64)
+            let outbox = OUTBOX.recover_interrupted(tx, at)?;
+            let digests = super::ledger::DIGESTS.recover_interrupted(tx, at)?;
+            Ok(outbox + digests)
         })
         .await
     }
@@ -797,19 +705,7 @@ impl Store {
     /// Pending rows due by `now`, earliest first: (id, rule). Uses the partial index
     /// on pending rows, so its cost follows the due set, not the table.
     pub async fn outbox_due(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<(i64, String)>> {
-        self.read(move |db| {
-            let mut statement = db.prepare_cached(
-                // INDEXED BY: without statistics the planner would pick the (state, …)
-                // index and sort every pending row; the partial index is already in order.
-                "SELECT id, rule FROM outbox INDEXED BY outbox_pending
-                 WHERE state = 'pending' AND next_attempt_at <= ?1
-                 ORDER BY next_attempt_at LIMIT ?2",
-            )?;
-            let rows =
-                statement.query_map(params![to_ms(now), limit], |r| Ok((r.get(0)?, r.get(1)?)))?;
-            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
-        })
-        .await
+        self.read(move |db| OUTBOX.due(db, now, limit)).await
     }
 
     /// The deal of an email row (not an expiry), as stored now.
@@ -826,16 +722,7 @@ impl Store {
 
     /// When the next pending row comes due.
     pub async fn outbox_next_due(&self) -> Result<Option<DateTime<Utc>>> {
-        self.read(|db| {
-            let next: Option<i64> = db.query_row(
-                "SELECT min(next_attempt_at) FROM outbox INDEXED BY outbox_pending
-                 WHERE state = 'pending'",
-                [],
-                |r| r.get(0),
-            )?;
-            Ok(next.map(from_ms))
-        })
-        .await
+        self.read(|db| OUTBOX.next_due(db)).await
     }
 
     /// Rows matching the filter, newest first.
@@ -929,40 +816,6 @@ impl Store {
             let mut statement = db.prepare("SELECT DISTINCT rule FROM outbox ORDER BY rule")?;
             let rows = statement.query_map([], |r| r.get(0))?;
             Ok(rows.collect::<rusqlite::Result<Vec<String>>>()?)
-        })
-        .await
-    }
-
-    /// The newest stage-history id: where the enrollment change feed starts.
-    pub async fn last_history_id(&self) -> Result<i64> {
-        self.read(|db| {
-            Ok(
-                db.query_row("SELECT coalesce(max(id), 0) FROM stage_history", [], |r| {
-                    r.get(0)
-                })?,
-            )
-        })
-        .await
-    }
-
-    /// Stage entries recorded after `after_id`, oldest first: the enrollment change feed.
-    pub async fn stage_entries_after(&self, after_id: i64, limit: u32) -> Result<Vec<StageEntry>> {
-        self.read(move |db| {
-            let mut statement = db.prepare_cached(
-                "SELECT id, deal_id, to_pipeline, to_stage FROM stage_history
-                 WHERE id > ?1 ORDER BY id LIMIT ?2",
-            )?;
-            let rows = statement.query_map(params![after_id, limit], |r| {
-                Ok(StageEntry {
-                    history_id: r.get(0)?,
-                    deal_id: r.get(1)?,
-                    to: StageRef {
-                        pipeline: r.get::<_, Option<String>>(2)?.map(PipelineKey::new),
-                        stage: StageKey::new(r.get::<_, String>(3)?),
-                    },
-                })
-            })?;
-            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
         })
         .await
     }

@@ -34,6 +34,14 @@ pub(crate) fn insert(
     Ok(inserted == 1)
 }
 
+/// Why `email` is suppressed, if it is (compared as given and lower-cased).
+pub(crate) fn reason_of(db: &rusqlite::Connection, email: &str) -> Result<Option<String>> {
+    Ok(db
+        .prepare_cached("SELECT reason FROM suppressions WHERE email IN (?1, lower(?1))")?
+        .query_row([email], |r| r.get(0))
+        .optional()?)
+}
+
 impl Store {
     /// Adds an address; returns false when it was already suppressed.
     pub async fn suppress(

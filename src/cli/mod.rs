@@ -1,404 +1,29 @@
-//! The command line: clap types and one function per subcommand.
+//! The command line: one function per subcommand, and `dispatch`, which picks it.
+//!
+//! Layout, each part below the ones that use it: `args` holds the clap types,
+//! `context` what every command starts from (config source, loading, the store, the
+//! connections, `CliError`), `ops` the operator commands (`deals show` and recovery).
+//! This file holds `dispatch` and the other commands.
 
 use crate::app::App;
 use crate::config::{self, Config, ConfigError};
-use crate::domain::{DealStatus, UNMAPPED};
+use crate::domain::UNMAPPED;
 use crate::ingest::{ConnectionRuntime, SyncDeps};
 use crate::output::{self, Format, Rows};
 use crate::store::{DealFilter, Store};
 use crate::sync::{self, RunSummary};
-use crate::telemetry::{LogFormat, Metrics};
-use clap::{Args, CommandFactory, Parser, Subcommand};
-use std::path::PathBuf;
+use crate::telemetry::Metrics;
+use clap::CommandFactory;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
-/// The heading under which `--help` lists the flags every command takes.
-const GLOBAL: &str = "Global options";
+mod args;
+mod context;
+pub mod ops;
 
-#[derive(Debug, Parser)]
-#[command(
-    name = "dealsync",
-    version,
-    about = "Deals from every CRM and shop, one pipeline, follow-ups that never spam"
-)]
-pub struct Cli {
-    /// The config file.
-    #[arg(long, global = true, default_value = config::DEFAULT_PATH, help_heading = GLOBAL)]
-    pub config: PathBuf,
-    /// Log format on stderr.
-    #[arg(long, global = true, value_enum, default_value = "pretty", help_heading = GLOBAL)]
-    pub log_format: LogFormat,
-    /// Log level or filter: trace, debug, info, warn, error or off, or directives
-    /// such as `info,dealsync=debug`.
-    #[arg(long, global = true, default_value = "info", value_parser = crate::telemetry::parse_log_filter, help_heading = GLOBAL)]
-    pub log_level: String,
-    /// Read `${credential:NAME}` from the file NAME in DIR, as the service reads it from
-    /// $CREDENTIALS_DIRECTORY; for commands that need a credential outside the service.
-    #[arg(long, global = true, value_name = "DIR")]
-    pub credentials_dir: Option<PathBuf>,
-    #[command(subcommand)]
-    pub command: Command,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum Command {
-    /// Run the daemon.
-    Run,
-    /// Validate the config, connectors and stage mappings; exit 78 when invalid.
-    Check(CheckArgs),
-    /// Show the canonical pipelines and each connection's stage mapping.
-    Stages,
-    /// Sync now, once, with a progress bar on a terminal.
-    Sync(SyncArgs),
-    /// Authorize an OAuth connection in the browser and store its tokens.
-    Auth(AuthArgs),
-    /// Deals in the store.
-    #[command(subcommand)]
-    Deals(DealsCommand),
-    /// The funnel: conversion, time in stage, bottlenecks, weighted forecast, cart recovery.
-    Report(ReportArgs),
-    /// Follow-up emails: due, sent, skipped; and the exact email a rule would send.
-    #[command(subcommand)]
-    Outbox(OutboxCommand),
-    /// The webhook inbox: dead letters (authentic deliveries whose body could not be read).
-    #[command(subcommand)]
-    Inbox(InboxCommand),
-    /// Records a pull sync could not read: list them, show one, re-read one.
-    #[command(subcommand)]
-    Quarantine(QuarantineCommand),
-    /// Addresses that get no email at all: list, add, remove.
-    #[command(subcommand)]
-    Suppressions(SuppressionsCommand),
-    /// Print a shell completion script, e.g. `dealsync completions bash >
-    /// /usr/share/bash-completion/completions/dealsync`.
-    Completions(CompletionsArgs),
-    /// Print the man page (roff), e.g. `dealsync man > /usr/share/man/man1/dealsync.1`.
-    Man,
-}
-
-#[derive(Debug, Args)]
-pub struct CompletionsArgs {
-    /// The shell to complete for.
-    #[arg(value_enum)]
-    pub shell: clap_complete::Shell,
-}
-
-#[derive(Debug, Args)]
-pub struct CheckArgs {
-    /// Also try the environment: log in to each CRM and read once, greet the SMTP
-    /// server (no message is sent), check that the listen address is free. Exits 69
-    /// when the config is valid but the environment is not.
-    #[arg(long)]
-    pub online: bool,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum InboxCommand {
-    /// Deliveries answered 400 because their body could not be read: list, show, replay.
-    #[command(subcommand, name = "dead-letters")]
-    DeadLetters(DeadLettersCommand),
-}
-
-#[derive(Debug, Subcommand)]
-pub enum DeadLettersCommand {
-    /// List dead letters, newest first, with whether each was replayed.
-    List(RecoveryListArgs),
-    /// One dead letter: why it was refused, its headers and body, its replay.
-    Show(RecoveryIdArgs),
-    /// Parse a dead letter again with the connection as configured now and, if it reads,
-    /// queue it in the inbox so the daemon's inbox worker applies it (once).
-    Replay(RecoveryIdArgs),
-}
-
-#[derive(Debug, Subcommand)]
-pub enum QuarantineCommand {
-    /// List quarantined records, newest first.
-    List(RecoveryListArgs),
-    /// One quarantined record: why, and the record as the source sent it.
-    Show(RecoveryIdArgs),
-    /// Read the record again from its source; if it reads now, store it and take it
-    /// out of quarantine.
-    Retry(RecoveryIdArgs),
-}
-
-#[derive(Debug, Subcommand)]
-pub enum SuppressionsCommand {
-    /// List suppressed addresses, newest first.
-    List(SuppressionsListArgs),
-    /// Suppress an address: no follow-up or digest email goes to it.
-    Add(SuppressionAddArgs),
-    /// Take an address off the list; later follow-ups are sent to it again.
-    Remove(SuppressionRemoveArgs),
-}
-
-#[derive(Debug, Args)]
-pub struct RecoveryListArgs {
-    /// Only this connection.
-    #[arg(long)]
-    pub connection: Option<String>,
-    /// At most this many rows.
-    #[arg(long, default_value_t = 100)]
-    pub limit: u32,
-    /// Output format.
-    #[arg(long, value_enum, default_value = "table")]
-    pub format: Format,
-}
-
-#[derive(Debug, Args)]
-pub struct RecoveryIdArgs {
-    /// The id, as the matching `list` shows it.
-    pub id: i64,
-    /// Output format.
-    #[arg(long, value_enum, default_value = "table")]
-    pub format: crate::output::ViewFormat,
-}
-
-#[derive(Debug, Args)]
-pub struct SuppressionsListArgs {
-    /// Output format.
-    #[arg(long, value_enum, default_value = "table")]
-    pub format: Format,
-}
-
-#[derive(Debug, Args)]
-pub struct SuppressionAddArgs {
-    /// The email address.
-    pub address: String,
-    /// Why, kept as the suppression's source (default: "dealsync suppressions add").
-    #[arg(long)]
-    pub note: Option<String>,
-    /// Output format.
-    #[arg(long, value_enum, default_value = "table")]
-    pub format: crate::output::ViewFormat,
-}
-
-#[derive(Debug, Args)]
-pub struct SuppressionRemoveArgs {
-    /// The email address.
-    pub address: String,
-    /// Output format.
-    #[arg(long, value_enum, default_value = "table")]
-    pub format: crate::output::ViewFormat,
-}
-
-#[derive(Debug, Args)]
-pub struct ReportArgs {
-    /// Start of the period: a date (`2026-01-01`, UTC midnight) or an RFC 3339 time.
-    /// Default: 30 days before --until.
-    #[arg(long, value_parser = crate::domain::parse_instant)]
-    pub since: Option<chrono::DateTime<chrono::Utc>>,
-    /// End of the period (exclusive) and the "now" of open and stalled figures. Default: now.
-    #[arg(long, value_parser = crate::domain::parse_instant)]
-    pub until: Option<chrono::DateTime<chrono::Utc>>,
-    /// Only this canonical pipeline.
-    #[arg(long)]
-    pub pipeline: Option<String>,
-    /// Only this connection.
-    #[arg(long)]
-    pub connection: Option<String>,
-    /// Fewest deals in a stage's cohort for its conversion to name the bottleneck.
-    #[arg(long, default_value_t = crate::report::DEFAULT_MIN_COHORT)]
-    pub min_cohort: u64,
-    /// Tables also show each connection's own figures (JSON always has them).
-    #[arg(long)]
-    pub by_connection: bool,
-    /// The table CSV output carries.
-    #[arg(long, value_enum, default_value = "stages")]
-    pub section: crate::report::render::Section,
-    /// Output format.
-    #[arg(long, value_enum, default_value = "table")]
-    pub format: Format,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum OutboxCommand {
-    /// List outbox rows, latest due first.
-    List(OutboxListArgs),
-    /// Print the exact email (headers included) that RULE sends for DEAL.
-    Preview(OutboxPreviewArgs),
-    /// List daily digests (one row per rule, day and recipient), newest day first.
-    Digests(OutboxDigestsArgs),
-    /// Send a failed email again: back to pending, due now; the daemon sends it once.
-    Retry(RecoveryIdArgs),
-}
-
-#[derive(Debug, Args)]
-pub struct OutboxDigestsArgs {
-    /// Only this digest rule.
-    #[arg(long)]
-    pub rule: Option<String>,
-    /// At most this many rows.
-    #[arg(long, default_value_t = 100)]
-    pub limit: u32,
-    /// Output format.
-    #[arg(long, value_enum, default_value = "table")]
-    pub format: Format,
-}
-
-#[derive(Debug, Args)]
-pub struct OutboxListArgs {
-    /// Only rows in this state: pending, sending, sent, failed, skipped, uncertain or done.
-    #[arg(long, value_parser = parse_outbox_state)]
-    pub state: Option<crate::store::OutboxState>,
-    /// Only this follow-up rule (`NAME`, or `NAME@stage` for a multi-stage rule).
-    #[arg(long)]
-    pub rule: Option<String>,
-    /// Only this deal's rows (its id, as `deals list` shows it).
-    #[arg(long)]
-    pub deal: Option<i64>,
-    /// At most this many rows.
-    #[arg(long, default_value_t = 100)]
-    pub limit: u32,
-    /// Output format.
-    #[arg(long, value_enum, default_value = "table")]
-    pub format: Format,
-}
-
-#[derive(Debug, Args)]
-pub struct OutboxPreviewArgs {
-    /// The rule's name (as `outbox list` shows it).
-    pub rule: String,
-    /// The deal's id (as `deals list` shows it).
-    pub deal: i64,
-    /// Which step, 1-based (default: the deal's next pending step, else the first).
-    #[arg(long)]
-    pub step: Option<usize>,
-}
-
-fn parse_outbox_state(text: &str) -> Result<crate::store::OutboxState, String> {
-    crate::store::OutboxState::parse(text)
-        .ok_or_else(|| "expected pending, sending, sent, failed, skipped, uncertain or done".into())
-}
-
-#[derive(Debug, Args)]
-pub struct SyncArgs {
-    /// Ignore the cursor and read everything.
-    #[arg(long)]
-    pub full: bool,
-    /// Only this connection (default: every enabled polling connection).
-    pub connection: Option<String>,
-}
-
-#[derive(Debug, Args)]
-pub struct AuthArgs {
-    /// The connection to authorize (it needs an `[connections.NAME.oauth]` table).
-    pub connection: String,
-    /// Loopback port for the redirect (register http://127.0.0.1:PORT/callback with
-    /// the vendor); 0 picks a free one.
-    #[arg(long, default_value_t = 8976)]
-    pub port: u16,
-    /// How long to wait for the browser to come back.
-    #[arg(long, default_value = "5m", value_parser = config::duration::parse)]
-    pub timeout: std::time::Duration,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum DealsCommand {
-    /// List deals, newest activity first.
-    List(ListArgs),
-    /// One deal: its source record, stage history, emails, and each follow-up rule's
-    /// decision today with its reason.
-    Show(ShowArgs),
-}
-
-#[derive(Debug, Args)]
-pub struct ShowArgs {
-    /// The deal's id (as `deals list` shows it).
-    pub id: i64,
-    /// Output format.
-    #[arg(long, value_enum, default_value = "table")]
-    pub format: crate::output::ViewFormat,
-}
-
-#[derive(Debug, Args)]
-pub struct ListArgs {
-    /// Only this connection.
-    #[arg(long)]
-    pub connection: Option<String>,
-    /// Only this canonical pipeline.
-    #[arg(long)]
-    pub pipeline: Option<String>,
-    /// Only this canonical stage (its key, as `stages` shows it), or `unmapped`.
-    #[arg(long)]
-    pub stage: Option<String>,
-    /// Only deals with this status: open, won, lost, unmapped or deleted.
-    #[arg(long, value_parser = parse_status)]
-    pub status: Option<DealStatus>,
-    /// At most this many deals.
-    #[arg(long, default_value_t = 100)]
-    pub limit: u32,
-    /// Output format.
-    #[arg(long, value_enum, default_value = "table")]
-    pub format: Format,
-}
-
-fn parse_status(text: &str) -> Result<DealStatus, String> {
-    DealStatus::parse(text).ok_or_else(|| "expected open, won, lost, unmapped or deleted".into())
-}
-
-/// The exit code of `check` when the config is valid but the environment is not
-/// (sysexits' EX_UNAVAILABLE): storage not writable, a CRM or the SMTP server not
-/// reachable or refusing the credentials, the listen address taken.
-pub const EXIT_ENVIRONMENT: i32 = 69;
-
-/// A command's failure; the variant picks the exit code.
-#[derive(Debug, thiserror::Error)]
-pub enum CliError {
-    #[error("{0}")]
-    Config(#[from] ConfigError),
-    #[error("{0}")]
-    Usage(String),
-    /// `run` found another daemon on the same database.
-    #[error("{0}")]
-    AlreadyRunning(String),
-    /// The config is valid; what it points at is not usable (one line per problem).
-    #[error("the config is valid, but the environment is not:\n  {}", .0.join("\n  "))]
-    Environment(Vec<String>),
-    #[error(transparent)]
-    Other(#[from] anyhow::Error),
-}
-
-impl CliError {
-    /// 78 (EX_CONFIG) for configuration errors, 69 when the config is valid and the
-    /// environment is not, 2 for usage, 75 (EX_TEMPFAIL: try again once the other one
-    /// stopped) when another daemon runs on the same database, 1 for anything else.
-    pub fn exit_code(&self) -> i32 {
-        match self {
-            CliError::Config(_) => 78,
-            CliError::Environment(_) => EXIT_ENVIRONMENT,
-            CliError::Usage(_) => 2,
-            CliError::AlreadyRunning(_) => 75,
-            CliError::Other(_) => 1,
-        }
-    }
-}
-
-impl From<crate::app::StartupError> for CliError {
-    fn from(error: crate::app::StartupError) -> Self {
-        match error {
-            crate::app::StartupError::Config(error) => CliError::Config(error),
-            running @ crate::app::StartupError::AlreadyRunning { .. } => {
-                CliError::AlreadyRunning(running.to_string())
-            }
-            other => CliError::Other(other.into()),
-        }
-    }
-}
-
-impl From<crate::store::StoreError> for CliError {
-    fn from(error: crate::store::StoreError) -> Self {
-        CliError::Other(error.into())
-    }
-}
-
-/// Where a command's config comes from: the file, and where its credentials are read.
-#[derive(Debug, Clone)]
-pub struct ConfigSource {
-    pub path: PathBuf,
-    /// `--credentials-dir`; `None`: `$CREDENTIALS_DIRECTORY`.
-    pub credentials_dir: Option<PathBuf>,
-}
+pub use args::*;
+pub use context::{CliError, ConfigSource, EXIT_ENVIRONMENT};
+use context::{load, open_store, runtimes};
 
 /// Runs the parsed command.
 pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
@@ -415,39 +40,37 @@ pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
         Command::Auth(args) => authorize(source, args).await,
         Command::Deals(DealsCommand::List(args)) => deals_list(source, args).await,
         Command::Deals(DealsCommand::Show(args)) => {
-            crate::ops::deals_show(source, args.id, args.format).await
+            ops::deals_show(source, args.id, args.format).await
         }
         Command::Report(args) => report(source, args).await,
         Command::Outbox(OutboxCommand::List(args)) => outbox_list(source, args).await,
         Command::Outbox(OutboxCommand::Preview(args)) => outbox_preview(source, args).await,
         Command::Outbox(OutboxCommand::Digests(args)) => outbox_digests(source, args).await,
         Command::Outbox(OutboxCommand::Retry(args)) => {
-            crate::ops::outbox_retry(source, args.id, args.format).await
+            ops::outbox_retry(source, args.id, args.format).await
         }
         Command::Inbox(InboxCommand::DeadLetters(command)) => match command {
-            DeadLettersCommand::List(args) => crate::ops::dead_letters_list(source, args).await,
+            DeadLettersCommand::List(args) => ops::dead_letters_list(source, args).await,
             DeadLettersCommand::Show(args) => {
-                crate::ops::dead_letter_show(source, args.id, args.format).await
+                ops::dead_letter_show(source, args.id, args.format).await
             }
             DeadLettersCommand::Replay(args) => {
-                crate::ops::dead_letter_replay(source, args.id, args.format).await
+                ops::dead_letter_replay(source, args.id, args.format).await
             }
         },
         Command::Quarantine(command) => match command {
-            QuarantineCommand::List(args) => crate::ops::quarantine_list(source, args).await,
+            QuarantineCommand::List(args) => ops::quarantine_list(source, args).await,
             QuarantineCommand::Show(args) => {
-                crate::ops::quarantine_show(source, args.id, args.format).await
+                ops::quarantine_show(source, args.id, args.format).await
             }
             QuarantineCommand::Retry(args) => {
-                crate::ops::quarantine_retry(source, args.id, args.format).await
+                ops::quarantine_retry(source, args.id, args.format).await
             }
         },
         Command::Suppressions(command) => match command {
-            SuppressionsCommand::List(args) => crate::ops::suppressions_list(source, args).await,
-            SuppressionsCommand::Add(args) => crate::ops::suppressions_add(source, args).await,
-            SuppressionsCommand::Remove(args) => {
-                crate::ops::suppressions_remove(source, args).await
-            }
+            SuppressionsCommand::List(args) => ops::suppressions_list(source, args).await,
+            SuppressionsCommand::Add(args) => ops::suppressions_add(source, args).await,
+            SuppressionsCommand::Remove(args) => ops::suppressions_remove(source, args).await,
         },
         Command::Completions(args) => {
             let mut script = Vec::new();
@@ -466,30 +89,6 @@ pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
     }
 }
 
-/// Loads the config. A credential that cannot be read here (the service user outside
-/// the service, an operator without `--credentials-dir`) is left unavailable rather
-/// than failing: a command resolves only the secrets it uses, and one that needs an
-/// unavailable secret says which and how to provide it (`Config::require_credentials`).
-pub(crate) async fn load(source: &ConfigSource) -> Result<Config, CliError> {
-    let path = source.path.clone();
-    let options = config::LoadOptions {
-        credentials_dir: source.credentials_dir.clone(),
-        credentials: config::CredentialMode::Deferred,
-    };
-    Ok(
-        tokio::task::spawn_blocking(move || config::load_with(&path, &options))
-            .await
-            .map_err(anyhow::Error::from)??,
-    )
-}
-
-pub(crate) async fn open_store(config: &Config) -> Result<Store, CliError> {
-    let path = config.storage.path.clone();
-    Ok(tokio::task::spawn_blocking(move || Store::open(&path))
-        .await
-        .map_err(anyhow::Error::from)??)
-}
-
 async fn run(source: &ConfigSource) -> Result<(), CliError> {
     let config = load(source).await?;
     let app = App::build(config).await?;
@@ -497,23 +96,6 @@ async fn run(source: &ConfigSource) -> Result<(), CliError> {
     crate::shutdown::spawn_signal_handlers(shutdown.clone(), app.reloader());
     app.run(shutdown).await.map_err(anyhow::Error::from)?;
     Ok(())
-}
-
-/// Builds every connection with the stored discovery results applied.
-pub(crate) async fn runtimes(
-    config: &Config,
-    store: Option<&Store>,
-) -> Result<Vec<Arc<ConnectionRuntime>>, CliError> {
-    let runtimes = ConnectionRuntime::build_all(config)?;
-    if let Some(store) = store {
-        for runtime in &runtimes {
-            let known = store.native_pipelines(runtime.name()).await?;
-            if !known.is_empty() {
-                runtime.set_native(known);
-            }
-        }
-    }
-    Ok(runtimes)
 }
 
 async fn check(source: &ConfigSource, args: CheckArgs) -> Result<(), CliError> {
@@ -1596,40 +1178,4 @@ async fn outbox_preview(source: &ConfigSource, args: OutboxPreviewArgs) -> Resul
     let message = mailer.build(&outgoing).map_err(anyhow::Error::from)?;
     output::print(&String::from_utf8_lossy(&message.formatted()));
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Every argument of every command, with the path of commands that leads to it.
-    fn arguments(command: &clap::Command, path: &str, found: &mut Vec<(String, clap::Arg)>) {
-        for arg in command.get_arguments() {
-            found.push((path.to_owned(), arg.clone()));
-        }
-        for sub in command.get_subcommands() {
-            arguments(sub, &format!("{path} {}", sub.get_name()), found);
-        }
-    }
-
-    #[test]
-    fn every_flag_and_argument_has_help_text_and_global_flags_have_their_own_heading() {
-        let mut command = Cli::command();
-        command.build();
-        let mut found = Vec::new();
-        arguments(&command, "dealsync", &mut found);
-        let missing: Vec<String> = found
-            .iter()
-            .filter(|(_, arg)| arg.get_help().is_none() && arg.get_long_help().is_none())
-            .map(|(path, arg)| format!("{path} {}", arg.get_id()))
-            .collect();
-        assert!(missing.is_empty(), "no help text: {missing:?}");
-        for global in ["config", "log_format", "log_level"] {
-            let arg = command
-                .get_arguments()
-                .find(|arg| arg.get_id() == global)
-                .expect("a global flag");
-            assert_eq!(arg.get_help_heading(), Some(GLOBAL), "{global}");
-        }
-    }
 }

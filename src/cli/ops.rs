@@ -1,5 +1,5 @@
 //! Operator commands: `deals show` and the recovery commands (`inbox dead-letters`,
-//! `quarantine`, `outbox retry`, `suppressions`). clap types live in `cli`; each
+//! `quarantine`, `outbox retry`, `suppressions`). clap types live in `cli::args`; each
 //! function here loads the config, opens the store, does one thing and prints it.
 //!
 //! Invariants:
@@ -9,10 +9,10 @@
 //! - An id that does not exist is a usage error (exit 2) naming the command that
 //!   lists the valid ones; doing again what was done is a no-op that says so (exit 0).
 
-use crate::cli::{
-    CliError, ConfigSource, RecoveryListArgs, SuppressionAddArgs, SuppressionRemoveArgs,
-    SuppressionsListArgs, load, open_store, runtimes,
+use super::args::{
+    RecoveryListArgs, SuppressionAddArgs, SuppressionRemoveArgs, SuppressionsListArgs,
 };
+use super::context::{CliError, ConfigSource, load, open_store, runtimes};
 use crate::config::Config;
 use crate::connectors::WebhookEvent;
 use crate::domain::{ChangeCause, ConnectionName, EmailAddress};
@@ -34,6 +34,78 @@ fn or_dash(text: Option<String>) -> String {
         .unwrap_or_else(|| "-".to_owned())
 }
 
+/// Prints what a list command found: `json` of the items with `--format json`, else a
+/// table (or CSV) of `columns` with one `row` per item.
+fn print_list<T>(
+    format: Format,
+    items: &[T],
+    json: impl FnOnce(&[T]) -> String,
+    columns: Vec<&'static str>,
+    row: impl Fn(&T) -> Vec<String>,
+) {
+    if format == Format::Json {
+        output::print(&json(items));
+        return;
+    }
+    let mut rows = Rows::new(columns);
+    for item in items {
+        rows.push(row(item));
+    }
+    output::print(&rows.render(format));
+}
+
+/// Runs a `show` command: loads the config, opens the store, finds the record, and
+/// prints its `json` form with `--format json`, else its `table` form.
+async fn show<T>(
+    source: &ConfigSource,
+    format: ViewFormat,
+    find: impl AsyncFnOnce(&Arc<Config>, &Store) -> Result<T, CliError>,
+    json: impl FnOnce(&T) -> String,
+    table: impl FnOnce(&T) -> String,
+) -> Result<(), CliError> {
+    let config = Arc::new(load(source).await?);
+    let store = open_store(&config).await?;
+    let record = find(&config, &store).await?;
+    output::print(&match format {
+        ViewFormat::Json => json(&record),
+        ViewFormat::Table => table(&record),
+    });
+    Ok(())
+}
+
+/// The usage error of an id that names no record: says which command lists them.
+fn no_such(what: &str, id: i64, listed_by: &str) -> CliError {
+    CliError::Usage(format!("no {what} with id {id} (`{listed_by}` shows them)"))
+}
+
+/// The table form of one stored record, as a `show` command prints it: a title over a
+/// table of facts, then sections, each a heading and its text.
+struct Shown(String);
+
+impl Shown {
+    fn new(title: String, facts: Vec<(&str, String)>) -> Shown {
+        let mut table = Rows::new(vec!["field", "value"]);
+        for (name, value) in facts {
+            table.push(vec![name.to_owned(), value]);
+        }
+        Shown(format!("{title}\n\n{}", table.render(Format::Table)))
+    }
+
+    fn section(mut self, heading: &str, text: &str) -> Shown {
+        self.0.push_str(&format!("\n{heading}\n\n{text}"));
+        self
+    }
+
+    /// A section holding what a source sent: pretty-printed when it is JSON, else as
+    /// it came.
+    fn sent(self, heading: &str, text: &str) -> Shown {
+        match serde_json::from_str::<serde_json::Value>(text) {
+            Ok(value) => self.section(heading, &output::to_json(&value)),
+            Err(_) => self.section(heading, &format!("{text}\n")),
+        }
+    }
+}
+
 /// `deals show ID`: the deal, its source record, stage history, emails, and each
 /// follow-up rule's decision about it today.
 pub async fn deals_show(
@@ -41,18 +113,22 @@ pub async fn deals_show(
     id: i64,
     format: ViewFormat,
 ) -> Result<(), CliError> {
-    let config = Arc::new(load(source).await?);
-    let store = open_store(&config).await?;
-    let Some(view) = explain::deal_view(&store, config, id, Utc::now()).await? else {
-        return Err(CliError::Usage(format!(
-            "no deal with id {id} (`dealsync deals list` shows the ids)"
-        )));
-    };
-    output::print(&match format {
-        ViewFormat::Json => output::to_json(&view),
-        ViewFormat::Table => render_deal(&view),
-    });
-    Ok(())
+    show(
+        source,
+        format,
+        async |config, store| {
+            explain::deal_view(store, config.clone(), id, Utc::now())
+                .await?
+                .ok_or_else(|| {
+                    CliError::Usage(format!(
+                        "no deal with id {id} (`dealsync deals list` shows the ids)"
+                    ))
+                })
+        },
+        output::to_json,
+        render_deal,
+    )
+    .await
 }
 
 /// The table form of a deal view.
@@ -79,9 +155,8 @@ pub fn render_deal(view: &DealView) -> String {
         (Some(name), None) => format!("{name} (no email address)"),
         (None, None) => "-".to_owned(),
     };
-    let mut facts = Rows::new(vec!["field", "value"]);
-    let mut fact = |name: &str, value: String| facts.push(vec![name.to_owned(), value]);
-    fact("title", deal.title.clone());
+    let mut facts = vec![("title", deal.title.clone())];
+    let mut fact = |name, value: String| facts.push((name, value));
     fact(
         "source",
         format!(
@@ -122,10 +197,7 @@ pub fn render_deal(view: &DealView) -> String {
     if let Some(at) = deal.deleted_at {
         fact("deleted", format!("in its source at {}", time(at)));
     }
-    let mut out = format!("Deal {} (as of {} UTC)\n\n", deal.id, time(view.as_of));
-    out.push_str(&facts.render(crate::output::Format::Table));
-
-    out.push_str("\nStage history\n\n");
+    let title = format!("Deal {} (as of {} UTC)", deal.id, time(view.as_of));
     let mut history = Rows::new(vec!["at", "from", "to", "native", "cause"]);
     for change in &view.history {
         let stage_of = |pipeline: &Option<crate::domain::PipelineKey>, stage: &str| match pipeline {
@@ -144,11 +216,9 @@ pub fn render_deal(view: &DealView) -> String {
             change.cause.as_str().to_owned(),
         ]);
     }
-    out.push_str(&history.render(crate::output::Format::Table));
 
-    out.push_str("\nEmails\n\n");
-    if view.emails.is_empty() {
-        out.push_str("none\n");
+    let emails = if view.emails.is_empty() {
+        "none\n".to_owned()
     } else {
         let mut emails = Rows::new(vec![
             "id",
@@ -176,12 +246,11 @@ pub fn render_deal(view: &DealView) -> String {
                 or_dash(row.reason.clone()),
             ]);
         }
-        out.push_str(&emails.render(crate::output::Format::Table));
-    }
+        emails.render(Format::Table)
+    };
 
-    out.push_str("\nFollow-up rules\n\n");
-    if view.followups.is_empty() {
-        out.push_str("no follow-up rules configured\n");
+    let rules = if view.followups.is_empty() {
+        "no follow-up rules configured\n".to_owned()
     } else {
         let mut rules = Rows::new(vec!["rule", "kind", "decision", "when", "reason"]);
         for decision in &view.followups {
@@ -193,12 +262,15 @@ pub fn render_deal(view: &DealView) -> String {
                 decision.reason.clone(),
             ]);
         }
-        out.push_str(&rules.render(crate::output::Format::Table));
-    }
+        rules.render(Format::Table)
+    };
 
-    out.push_str("\nSource record\n\n");
-    out.push_str(&output::to_json(&view.source.record));
-    out
+    Shown::new(title, facts)
+        .section("Stage history", &history.render(Format::Table))
+        .section("Emails", &emails)
+        .section("Follow-up rules", &rules)
+        .section("Source record", &output::to_json(&view.source.record))
+        .0
 }
 
 /// Prints the outcome of an action: one sentence, or the JSON object.
@@ -276,41 +348,42 @@ pub async fn dead_letters_list(
     known_connection(&config, args.connection.as_deref())?;
     let store = open_store(&config).await?;
     let letters = store.dead_letters(args.connection, args.limit).await?;
-    if args.format == Format::Json {
-        let values: Vec<_> = letters.iter().map(|l| dead_letter_json(l, false)).collect();
-        output::print(&output::to_json(&values));
-        return Ok(());
-    }
-    let mut rows = Rows::new(vec![
-        "id",
-        "connection",
-        "received",
-        "topic",
-        "delivery_id",
-        "reason",
-        "replayed",
-    ]);
-    for letter in &letters {
-        rows.push(vec![
-            letter.id.to_string(),
-            letter.connection.clone(),
-            time(letter.received_at),
-            or_dash(letter.topic.clone()),
-            or_dash(letter.delivery_id.clone()),
-            letter.reason.clone(),
-            replay_state(letter),
-        ]);
-    }
-    output::print(&rows.render(args.format));
+    print_list(
+        args.format,
+        &letters,
+        |letters| {
+            let values: Vec<_> = letters.iter().map(|l| dead_letter_json(l, false)).collect();
+            output::to_json(&values)
+        },
+        vec![
+            "id",
+            "connection",
+            "received",
+            "topic",
+            "delivery_id",
+            "reason",
+            "replayed",
+        ],
+        |letter| {
+            vec![
+                letter.id.to_string(),
+                letter.connection.clone(),
+                time(letter.received_at),
+                or_dash(letter.topic.clone()),
+                or_dash(letter.delivery_id.clone()),
+                letter.reason.clone(),
+                replay_state(letter),
+            ]
+        },
+    );
     Ok(())
 }
 
+const DEAD_LETTERS_LIST: &str = "dealsync inbox dead-letters list";
+
 async fn dead_letter(store: &Store, id: i64) -> Result<StoredDeadLetter, CliError> {
-    store.stored_dead_letter(id).await?.ok_or_else(|| {
-        CliError::Usage(format!(
-            "no dead letter with id {id} (`dealsync inbox dead-letters list` shows them)"
-        ))
-    })
+    let found = store.stored_dead_letter(id).await?;
+    found.ok_or_else(|| no_such("dead letter", id, DEAD_LETTERS_LIST))
 }
 
 /// `inbox dead-letters show ID`.
@@ -319,43 +392,35 @@ pub async fn dead_letter_show(
     id: i64,
     format: ViewFormat,
 ) -> Result<(), CliError> {
-    let config = load(source).await?;
-    let store = open_store(&config).await?;
-    let letter = dead_letter(&store, id).await?;
-    if format == ViewFormat::Json {
-        output::print(&output::to_json(&dead_letter_json(&letter, true)));
-        return Ok(());
-    }
-    let mut facts = Rows::new(vec!["field", "value"]);
-    for (name, value) in [
-        ("connection", letter.connection.clone()),
-        ("received", time(letter.received_at)),
-        ("topic", or_dash(letter.topic.clone())),
-        ("delivery id", or_dash(letter.delivery_id.clone())),
-        ("refused because", letter.reason.clone()),
-        ("replayed", replay_state(&letter)),
-        ("replay error", or_dash(letter.replay_error.clone())),
-    ] {
-        facts.push(vec![name.to_owned(), value]);
-    }
-    let mut out = format!("Dead letter {id}\n\n{}", facts.render(Format::Table));
-    out.push_str("\nHeaders (signature and auth headers are never kept)\n\n");
-    let mut headers = Rows::new(vec!["name", "value"]);
-    for (name, value) in &letter.headers {
-        headers.push(vec![name.clone(), value.clone()]);
-    }
-    out.push_str(&headers.render(Format::Table));
-    out.push_str("\nBody\n\n");
-    let body = String::from_utf8_lossy(&letter.body);
-    match serde_json::from_str::<serde_json::Value>(&body) {
-        Ok(value) => out.push_str(&output::to_json(&value)),
-        Err(_) => {
-            out.push_str(&body);
-            out.push('\n');
-        }
-    }
-    output::print(&out);
-    Ok(())
+    show(
+        source,
+        format,
+        async |_, store| dead_letter(store, id).await,
+        |letter| output::to_json(&dead_letter_json(letter, true)),
+        |letter| {
+            let facts = vec![
+                ("connection", letter.connection.clone()),
+                ("received", time(letter.received_at)),
+                ("topic", or_dash(letter.topic.clone())),
+                ("delivery id", or_dash(letter.delivery_id.clone())),
+                ("refused because", letter.reason.clone()),
+                ("replayed", replay_state(letter)),
+                ("replay error", or_dash(letter.replay_error.clone())),
+            ];
+            let mut headers = Rows::new(vec!["name", "value"]);
+            for (name, value) in &letter.headers {
+                headers.push(vec![name.clone(), value.clone()]);
+            }
+            Shown::new(format!("Dead letter {id}"), facts)
+                .section(
+                    "Headers (signature and auth headers are never kept)",
+                    &headers.render(Format::Table),
+                )
+                .sent("Body", &String::from_utf8_lossy(&letter.body))
+                .0
+        },
+    )
+    .await
 }
 
 /// `inbox dead-letters replay ID`: parses the letter again with the connection as
@@ -431,9 +496,7 @@ pub async fn dead_letter_replay(
             ),
         ),
         Replayed::NotFound => {
-            return Err(CliError::Usage(format!(
-                "no dead letter with id {id} (`dealsync inbox dead-letters list` shows them)"
-            )));
+            return Err(no_such("dead letter", id, DEAD_LETTERS_LIST));
         }
     };
     report(
@@ -455,21 +518,21 @@ pub async fn quarantine_list(
     known_connection(&config, args.connection.as_deref())?;
     let store = open_store(&config).await?;
     let entries = store.quarantined(args.connection, args.limit).await?;
-    if args.format == Format::Json {
-        output::print(&output::to_json(&entries));
-        return Ok(());
-    }
-    let mut rows = Rows::new(vec!["id", "connection", "external_id", "at", "error"]);
-    for entry in &entries {
-        rows.push(vec![
-            entry.id.to_string(),
-            entry.connection.clone(),
-            or_dash(entry.external_id.clone()),
-            time(entry.at),
-            entry.error.clone(),
-        ]);
-    }
-    output::print(&rows.render(args.format));
+    print_list(
+        args.format,
+        &entries,
+        |entries| output::to_json(&entries),
+        vec!["id", "connection", "external_id", "at", "error"],
+        |entry| {
+            vec![
+                entry.id.to_string(),
+                entry.connection.clone(),
+                or_dash(entry.external_id.clone()),
+                time(entry.at),
+                entry.error.clone(),
+            ]
+        },
+    );
     Ok(())
 }
 
@@ -477,11 +540,8 @@ async fn quarantine_entry(
     store: &Store,
     id: i64,
 ) -> Result<crate::store::QuarantineEntry, CliError> {
-    store.quarantine_entry(id).await?.ok_or_else(|| {
-        CliError::Usage(format!(
-            "no quarantined record with id {id} (`dealsync quarantine list` shows them)"
-        ))
-    })
+    let found = store.quarantine_entry(id).await?;
+    found.ok_or_else(|| no_such("quarantined record", id, "dealsync quarantine list"))
 }
 
 /// `quarantine show ID`.
@@ -490,35 +550,24 @@ pub async fn quarantine_show(
     id: i64,
     format: ViewFormat,
 ) -> Result<(), CliError> {
-    let config = load(source).await?;
-    let store = open_store(&config).await?;
-    let entry = quarantine_entry(&store, id).await?;
-    if format == ViewFormat::Json {
-        output::print(&output::to_json(&entry));
-        return Ok(());
-    }
-    let mut facts = Rows::new(vec!["field", "value"]);
-    for (name, value) in [
-        ("connection", entry.connection.clone()),
-        ("external id", or_dash(entry.external_id.clone())),
-        ("quarantined", time(entry.at)),
-        ("error", entry.error.clone()),
-    ] {
-        facts.push(vec![name.to_owned(), value]);
-    }
-    let mut out = format!(
-        "Quarantined record {id}\n\n{}\nRecord as the source sent it\n\n",
-        facts.render(Format::Table)
-    );
-    match serde_json::from_str::<serde_json::Value>(&entry.raw) {
-        Ok(value) => out.push_str(&output::to_json(&value)),
-        Err(_) => {
-            out.push_str(&entry.raw);
-            out.push('\n');
-        }
-    }
-    output::print(&out);
-    Ok(())
+    show(
+        source,
+        format,
+        async |_, store| quarantine_entry(store, id).await,
+        output::to_json,
+        |entry| {
+            let facts = vec![
+                ("connection", entry.connection.clone()),
+                ("external id", or_dash(entry.external_id.clone())),
+                ("quarantined", time(entry.at)),
+                ("error", entry.error.clone()),
+            ];
+            Shown::new(format!("Quarantined record {id}"), facts)
+                .sent("Record as the source sent it", &entry.raw)
+                .0
+        },
+    )
+    .await
 }
 
 /// `quarantine retry ID`: reads the record again from its source (the connector's
@@ -682,20 +731,20 @@ pub async fn suppressions_list(
     let config = load(source).await?;
     let store = open_store(&config).await?;
     let suppressions = store.suppressions().await?;
-    if args.format == Format::Json {
-        output::print(&output::to_json(&suppressions));
-        return Ok(());
-    }
-    let mut rows = Rows::new(vec!["email", "reason", "source", "since"]);
-    for suppression in &suppressions {
-        rows.push(vec![
-            suppression.email.clone(),
-            suppression.reason.clone(),
-            or_dash(suppression.source.clone()),
-            time(suppression.created_at),
-        ]);
-    }
-    output::print(&rows.render(args.format));
+    print_list(
+        args.format,
+        &suppressions,
+        |suppressions| output::to_json(&suppressions),
+        vec!["email", "reason", "source", "since"],
+        |suppression| {
+            vec![
+                suppression.email.clone(),
+                suppression.reason.clone(),
+                or_dash(suppression.source.clone()),
+                time(suppression.created_at),
+            ]
+        },
+    );
     Ok(())
 }
 
