@@ -285,3 +285,138 @@ impl Ledger {
         Ok(changed as u64)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::tests::temp_store;
+    use chrono::TimeZone;
+
+    fn at(minute: u32) -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 3, 2, 9, minute, 0).unwrap()
+    }
+
+    /// A digest row in `state`, due at `due`; its id.
+    fn digest(tx: &Transaction<'_>, recipient: &str, state: &str, due: DateTime<Utc>) -> i64 {
+        tx.execute(
+            "INSERT INTO digests (rule, day, recipient, state, slot_at, next_attempt_at,
+                 created_at, updated_at)
+             VALUES ('daily', '2026-03-02', ?1, ?2, ?3, ?3, ?3, ?3)",
+            params![recipient, state, to_ms(due)],
+        )
+        .unwrap();
+        tx.last_insert_rowid()
+    }
+
+    fn state_of(tx: &Transaction<'_>, id: i64) -> String {
+        tx.query_row("SELECT state FROM digests WHERE id = ?1", [id], |r| {
+            r.get(0)
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn every_state_is_written_as_its_name_and_read_back() {
+        let all = [
+            (OutboxState::Pending, "pending"),
+            (OutboxState::Sending, "sending"),
+            (OutboxState::Sent, "sent"),
+            (OutboxState::Failed, "failed"),
+            (OutboxState::Skipped, "skipped"),
+            (OutboxState::Uncertain, "uncertain"),
+            (OutboxState::Done, "done"),
+        ];
+        for (state, name) in all {
+            assert_eq!(state.as_str(), name);
+            assert_eq!(OutboxState::parse(name), Some(state), "{name}");
+            assert_eq!(serde_json::to_value(state).unwrap(), name);
+        }
+        assert_eq!(OutboxState::parse("Sent"), None);
+        assert_eq!(OutboxState::parse(""), None);
+    }
+
+    #[tokio::test]
+    async fn the_next_due_time_is_the_earliest_pending_row_only() {
+        let (_dir, store) = temp_store();
+        let next = store
+            .write(|tx| {
+                assert_eq!(
+                    DIGESTS.next_due(tx)?,
+                    None,
+                    "an empty ledger has nothing due"
+                );
+                digest(tx, "a@example.com", "sending", at(1));
+                digest(tx, "b@example.com", "pending", at(30));
+                digest(tx, "c@example.com", "pending", at(20));
+                digest(tx, "d@example.com", "failed", at(5));
+                DIGESTS.next_due(tx)
+            })
+            .await
+            .unwrap();
+        assert_eq!(next, Some(at(20)));
+    }
+
+    #[tokio::test]
+    async fn only_a_pending_row_is_skipped_and_the_answer_says_whether_it_was() {
+        let (_dir, store) = temp_store();
+        store
+            .write(|tx| {
+                let pending = digest(tx, "a@example.com", "pending", at(1));
+                let sending = digest(tx, "b@example.com", "sending", at(1));
+                assert!(DIGESTS.skip(tx, pending, "no deals", to_ms(at(2)))?);
+                assert_eq!(state_of(tx, pending), "skipped");
+                assert!(!DIGESTS.skip(tx, sending, "no deals", to_ms(at(2)))?);
+                assert_eq!(state_of(tx, sending), "sending");
+                assert!(!DIGESTS.skip(tx, pending, "again", to_ms(at(3)))?);
+                Ok(())
+            })
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn only_a_row_still_sending_is_settled_and_the_answer_says_whether_it_was() {
+        let (_dir, store) = temp_store();
+        store
+            .write(|tx| {
+                let settlements = |n: usize| -> Settlement<'static> {
+                    match n {
+                        0 => Settlement::Sent {
+                            message_id: "<m@x>",
+                        },
+                        1 => Settlement::DryRun {
+                            message_id: "<m@x>",
+                        },
+                        2 => Settlement::Retry {
+                            next_attempt_at: at(40),
+                            reason: "busy",
+                        },
+                        3 => Settlement::Uncertain { reason: "reset" },
+                        _ => Settlement::Failed { reason: "550" },
+                    }
+                };
+                let expected = ["sent", "skipped", "pending", "uncertain", "failed"];
+                for (n, want) in expected.iter().enumerate() {
+                    let sending = digest(tx, &format!("s{n}@example.com"), "sending", at(1));
+                    assert!(
+                        DIGESTS.settle(tx, sending, settlements(n), at(2))?,
+                        "{want}"
+                    );
+                    assert_eq!(state_of(tx, sending), *want);
+                    // Settled once: the same answer again changes nothing.
+                    assert!(
+                        !DIGESTS.settle(tx, sending, settlements(n), at(3))?,
+                        "{want}"
+                    );
+                    // A row the start-up recovery made uncertain is never settled as a
+                    // digest (only the outbox takes an uncertain row as sent).
+                    let uncertain = digest(tx, &format!("u{n}@example.com"), "uncertain", at(1));
+                    assert!(!DIGESTS.settle(tx, uncertain, settlements(n), at(2))?);
+                    assert_eq!(state_of(tx, uncertain), "uncertain");
+                }
+                Ok(())
+            })
+            .await
+            .unwrap();
+    }
+}
