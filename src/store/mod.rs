@@ -402,9 +402,9 @@ impl Store {
         create_private(path, "the database")?;
         let mut writer = open_connection(path)?;
         // The version check comes before any pragma that could write to the file.
-        migrations::refuse_newer(&writer, path)?;
+        migrations::DATABASE.refuse_newer(&writer, path)?;
         configure(&writer)?;
-        migrations::migrate(&mut writer)?;
+        migrations::DATABASE.migrate(&mut writer, path)?;
         let stage_changed = Arc::new(AtomicBool::new(false));
         let flag = stage_changed.clone();
         writer.update_hook(Some(

@@ -25,6 +25,7 @@ use super::dead_letters::{self, DeadLetter, Replayed};
 use super::intake::{self, Enqueued, NewWebhook};
 use super::processing::{self, Settlement};
 use crate::store::checkpoint::{self, Checkpoints, WalPolicy};
+use crate::store::migrations::Schema;
 use crate::store::{Result, Store, StoreError};
 use chrono::{DateTime, Utc};
 use rusqlite::Connection;
@@ -50,10 +51,13 @@ const WAL_POLICY: WalPolicy = WalPolicy {
 };
 
 /// The statements of the inbox file's schema, tracked in its `user_version`.
-const SCHEMA: &[(i64, &str)] = &[
-    (1, include_str!("../migrations/inbox_0001.sql")),
-    (2, include_str!("../migrations/inbox_0002.sql")),
-];
+const SCHEMA: Schema = Schema {
+    migrations: &[
+        (1, include_str!("../migrations/inbox_0001.sql")),
+        (2, include_str!("../migrations/inbox_0002.sql")),
+    ],
+    file: "webhook inbox",
+};
 
 /// What the writer thread is asked to do; each answers on its own channel.
 pub(super) enum Command {
@@ -100,28 +104,9 @@ fn open_connection(path: &Path) -> Result<Connection> {
 }
 
 fn migrate(db: &mut Connection, path: &Path) -> Result<()> {
-    let supported = SCHEMA[SCHEMA.len() - 1].0;
-    let found: i64 = db.pragma_query_value(None, "user_version", |row| row.get(0))?;
-    if found > supported {
-        return Err(StoreError::NewerSchema {
-            path: path.display().to_string(),
-            found,
-            supported,
-        });
-    }
+    SCHEMA.refuse_newer(db, path)?;
     db.pragma_update(None, "journal_mode", "WAL")?;
-    let tx = db.transaction_with_behavior(rusqlite::TransactionBehavior::Exclusive)?;
-    for &(version, sql) in SCHEMA.iter().filter(|(v, _)| *v > found) {
-        tx.execute_batch(sql)
-            .and_then(|()| tx.pragma_update(None, "user_version", version))
-            .map_err(|source| StoreError::Migration {
-                version,
-                source: source.into(),
-            })?;
-        tracing::info!(version, path = %path.display(), "applied webhook inbox migration");
-    }
-    tx.commit()?;
-    Ok(())
+    SCHEMA.migrate(db, path)
 }
 
 /// Creates (owner-only) and migrates the inbox file and opens the writer's connection.
