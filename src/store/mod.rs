@@ -531,6 +531,12 @@ pub(crate) fn from_ms(ms: i64) -> DateTime<Utc> {
         .unwrap_or(DateTime::<Utc>::MIN_UTC)
 }
 
+/// The JSON text of `value`, for a statement parameter (`json_each` lists) or a stored
+/// column (headers, maps, pipelines).
+fn to_json<T: serde::Serialize + ?Sized>(value: &T) -> Result<String> {
+    serde_json::to_string(value).map_err(|error| StoreError::Corrupt(error.to_string()))
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;

@@ -29,7 +29,6 @@ pub use stage_map::{AppliedMapping, NativeStageGroup, StageMove, UnmappedStage};
 pub(crate) use write::upsert_all;
 pub(super) use write::write_keys;
 
-use super::{Result, StoreError};
 use crate::domain::{ChangeCause, ConnectionName, DealStatus, SourceDeal, StageRef};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -66,11 +65,6 @@ impl UpsertOutcome {
         self.stage_changes += other.stage_changes;
         self.unmapped += other.unmapped;
     }
-}
-
-/// The JSON text of `value`, for a statement parameter (`json_each` lists, stored maps).
-fn json<T: Serialize>(value: &T) -> Result<String> {
-    serde_json::to_string(value).map_err(|error| StoreError::Corrupt(error.to_string()))
 }
 
 #[cfg(test)]

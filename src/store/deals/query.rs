@@ -9,11 +9,10 @@
 //! - Lists are ordered by last activity, newest first, then id; counts cover live
 //!   (not deleted) deals only.
 
-use super::json;
 use crate::domain::{
     ConnectionName, Currency, Deal, DealStatus, EmailAddress, ExternalId, PipelineKey, StageKey,
 };
-use crate::store::{Result, Store, from_ms};
+use crate::store::{Result, Store, from_ms, to_json};
 use rusqlite::{OptionalExtension, Row, params};
 use serde::Serialize;
 
@@ -141,7 +140,7 @@ impl Store {
                    AND d.fingerprint = j.value ->> 1
                    AND d.deleted_at IS NULL AND d.contact_email IS NOT NULL",
             )?;
-            let rows = statement.query_map(params![connection, json(&candidates)?], |row| {
+            let rows = statement.query_map(params![connection, to_json(&candidates)?], |row| {
                 Ok((row.get(0)?, row.get(1)?))
             })?;
             Ok(rows.collect::<rusqlite::Result<_>>()?)

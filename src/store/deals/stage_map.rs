@@ -10,9 +10,9 @@
 //!   transaction.
 
 use super::history::move_stage;
-use super::json;
 use crate::domain::{ChangeCause, DealStatus, PipelineKey, StageKey, StageRef};
-use crate::store::{Result, Store, from_ms, to_ms};
+use crate::store::sync::save_cursor;
+use crate::store::{Result, Store, from_ms, to_json, to_ms};
 use chrono::Utc;
 use rusqlite::params;
 use serde::Serialize;
@@ -148,17 +148,12 @@ impl Store {
                 }
                 counts.push(moved);
             }
-            tx.execute(
-                "INSERT INTO sync_cursors (connection, stream, value, updated_at)
-                 VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT (connection, stream) DO UPDATE
-                   SET value = excluded.value, updated_at = excluded.updated_at",
-                params![
-                    connection,
-                    APPLIED_MAP_STREAM,
-                    json(&applied)?,
-                    to_ms(Utc::now())
-                ],
+            save_cursor(
+                tx,
+                &connection,
+                APPLIED_MAP_STREAM,
+                &to_json(&applied)?,
+                to_ms(Utc::now()),
             )?;
             Ok(counts)
         })

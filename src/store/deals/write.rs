@@ -14,10 +14,10 @@
 //!   deal a follow-up moved on stays there while its source still says won.
 
 use super::history::{PendingHistory, insert_history};
-use super::{DealUpsert, UpsertOutcome, json};
+use super::{DealUpsert, UpsertOutcome};
 use crate::domain::hashing::{self, DealText};
 use crate::domain::{ChangeCause, DealStatus, PipelineKey, StageKey, StageRef};
-use crate::store::{Result, Store, StoreError, to_ms};
+use crate::store::{Result, Store, StoreError, to_json, to_ms};
 use rusqlite::{OptionalExtension, Row, Transaction, params};
 
 /// What an upsert compares a record against: the stored deal's state.
@@ -77,7 +77,7 @@ fn load_existing(tx: &Transaction<'_>, upserts: &[DealUpsert]) -> Result<Vec<Opt
             .iter()
             .map(|&index| upserts[index].source.external_id.as_str())
             .collect();
-        let mut rows = statement.query(params![connection, json(&external_ids)?])?;
+        let mut rows = statement.query(params![connection, to_json(&external_ids)?])?;
         while let Some(row) = rows.next()? {
             let position = usize::try_from(row.get::<_, i64>(0)?)
                 .ok()

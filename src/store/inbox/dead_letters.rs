@@ -9,8 +9,8 @@
 
 use super::intake::{self, NewWebhook};
 use super::writer::Command;
-use super::{Result, headers_json, parse_headers};
-use crate::store::{Store, from_ms, to_ms};
+use super::{Result, parse_headers};
+use crate::store::{Store, from_ms, to_json, to_ms};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension, params};
@@ -38,7 +38,7 @@ pub(super) fn keep(tx: &rusqlite::Transaction<'_>, letter: &DeadLetter) -> Resul
         letter.connection,
         to_ms(letter.at),
         letter.reason,
-        headers_json(&letter.headers)?,
+        to_json(&letter.headers)?,
         &letter.body[..],
         letter.delivery_id,
         letter.topic,
@@ -120,12 +120,7 @@ pub(super) fn replay(
         if let (Some(inbox_id), Some("failed")) =
             (letter.replayed_as, letter.replay_state.as_deref())
         {
-            tx.execute(
-                "UPDATE webhook_inbox SET state = 'pending', attempts = 0, next_attempt_at = NULL,
-                    last_error = NULL, processed_at = NULL
-                 WHERE id = ?1 AND state = 'failed'",
-                [inbox_id],
-            )?;
+            requeue(tx, inbox_id)?;
             tx.execute(
                 "UPDATE webhook_dead_letters SET replayed_at = ?2 WHERE id = ?1",
                 params![id, to_ms(at)],
@@ -163,12 +158,7 @@ pub(super) fn replay(
             }
         }
         Some((inbox_id, state)) if state == "failed" => {
-            tx.execute(
-                "UPDATE webhook_inbox SET state = 'pending', attempts = 0, next_attempt_at = NULL,
-                    last_error = NULL, processed_at = NULL
-                 WHERE id = ?1 AND state = 'failed'",
-                [inbox_id],
-            )?;
+            requeue(tx, inbox_id)?;
             Replayed::Requeued { inbox_id }
         }
         Some((inbox_id, state)) => Replayed::AlreadyInInbox { inbox_id, state },
@@ -184,6 +174,17 @@ pub(super) fn replay(
         params![id, to_ms(at), inbox_id],
     )?;
     Ok(replayed)
+}
+
+/// Puts a failed inbox row back to pending, as if it had just arrived.
+fn requeue(tx: &rusqlite::Transaction<'_>, inbox_id: i64) -> Result<()> {
+    tx.execute(
+        "UPDATE webhook_inbox SET state = 'pending', attempts = 0, next_attempt_at = NULL,
+            last_error = NULL, processed_at = NULL
+         WHERE id = ?1 AND state = 'failed'",
+        [inbox_id],
+    )?;
+    Ok(())
 }
 
 const DEAD_LETTER_COLUMNS: &str = "d.id, d.connection, d.delivery_id, d.topic, d.received_at,

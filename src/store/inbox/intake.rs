@@ -6,10 +6,9 @@
 //!   the row (or found it there); a refusal (`Full`, `Busy`) wrote nothing.
 //! - A row's headers and body go in `webhook_bodies`, in the transaction of its row.
 
-use super::headers_json;
-use super::writer::{Command, QUEUE};
+use super::writer::{Command, QUEUE, stopped};
 use super::{MAX_PENDING, Result, StoreError};
-use crate::store::{Store, to_ms};
+use crate::store::{Store, to_json, to_ms};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use rusqlite::params;
@@ -105,7 +104,7 @@ pub(super) fn insert(tx: &rusqlite::Transaction<'_>, event: &NewWebhook) -> Resu
     tx.prepare_cached("INSERT INTO webhook_bodies (id, headers, body) VALUES (?1, ?2, ?3)")?
         .execute(params![
             tx.last_insert_rowid(),
-            headers_json(&event.headers)?,
+            to_json(&event.headers)?,
             &event.body[..],
         ])?;
     Ok(Enqueued::Stored)
@@ -124,13 +123,9 @@ impl Store {
             .try_send(Command::Insert(event, reply))
             .map_err(|error| match error {
                 mpsc::error::TrySendError::Full(_) => EnqueueError::Busy,
-                mpsc::error::TrySendError::Closed(_) => {
-                    StoreError::Task("the inbox writer has stopped".into()).into()
-                }
+                mpsc::error::TrySendError::Closed(_) => stopped().into(),
             })?;
-        Ok(answer
-            .await
-            .map_err(|_| StoreError::Task("the inbox writer has stopped".into()))??)
+        Ok(answer.await.map_err(|_| stopped())??)
     }
 
     /// `Err(Full)` when the inbox holds [`MAX_PENDING`] unprocessed rows: checked again

@@ -58,10 +58,6 @@ pub fn inbox_path(db_path: &Path) -> PathBuf {
     db_path.with_extension("inbox.db")
 }
 
-fn headers_json(headers: &[(String, String)]) -> Result<String> {
-    serde_json::to_string(headers).map_err(|error| StoreError::Corrupt(error.to_string()))
-}
-
 fn parse_headers(text: &str) -> Vec<(String, String)> {
     serde_json::from_str(text).unwrap_or_default()
 }

@@ -170,11 +170,14 @@ impl Inbox {
         self.queue
             .send(command(reply))
             .await
-            .map_err(|_| StoreError::Task("the inbox writer has stopped".into()))?;
-        answer
-            .await
-            .map_err(|_| StoreError::Task("the inbox writer has stopped".into()))?
+            .map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
     }
+}
+
+/// The error of a request the writer thread can no longer take or answer.
+pub(super) fn stopped() -> StoreError {
+    StoreError::Task("the inbox writer has stopped".into())
 }
 
 /// The writer thread: one transaction per drained batch. It ends when every sender is
