@@ -430,7 +430,7 @@ mod tests {
     mod bookkeeping {
         use super::super::{CachedRecord, Quarantined, Reread};
         use crate::domain::RawRecord;
-        use crate::store::deals::tests::upsert;
+        use crate::store::deals::tests::{stored_deal, upsert};
         use crate::store::tests::temp_store;
         use chrono::Utc;
 
@@ -520,11 +520,7 @@ mod tests {
                 .await
                 .unwrap();
             assert_eq!((outcome, removed), (Default::default(), 0));
-            let deal = store
-                .deal_by_external_id("crm", "1")
-                .await
-                .unwrap()
-                .unwrap();
+            let deal = stored_deal(&store, "crm", "1").await;
             assert!(deal.deleted_at.is_some());
         }
 

@@ -199,7 +199,7 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::deals::tests::{sales, upsert};
+    use crate::store::deals::tests::{sales, stored_deal, upsert};
     use crate::store::tests::temp_store;
     use chrono::Duration;
 
@@ -217,11 +217,7 @@ mod tests {
             .unwrap();
         assert_eq!((moved.updated, moved.stage_changes), (70, 70));
         for n in [0, 31, 32, 63, 64, 69] {
-            let deal = store
-                .deal_by_external_id("crm", &n.to_string())
-                .await
-                .unwrap()
-                .unwrap();
+            let deal = stored_deal(&store, "crm", &n.to_string()).await;
             let history = store.history(deal.id).await.unwrap();
             assert_eq!(history.len(), 2, "deal {n}");
             assert!(history.iter().all(|change| change.deal_id == deal.id));
@@ -256,11 +252,7 @@ mod tests {
             assert_eq!(moved.stage_changes, size as u64, "batch of {size}");
             let mut rows = 0;
             for n in 0..size {
-                let deal = store
-                    .deal_by_external_id("crm", &n.to_string())
-                    .await
-                    .unwrap()
-                    .unwrap();
+                let deal = stored_deal(&store, "crm", &n.to_string()).await;
                 let history = store.history(deal.id).await.unwrap();
                 let stages: Vec<&str> = history.iter().map(|c| c.to_stage.as_str()).collect();
                 assert_eq!(
@@ -281,11 +273,7 @@ mod tests {
             .upsert_deals(vec![upsert("1", "proposal", Utc::now())])
             .await
             .unwrap();
-        let deal = store
-            .deal_by_external_id("crm", "1")
-            .await
-            .unwrap()
-            .unwrap();
+        let deal = stored_deal(&store, "crm", "1").await;
         let to = StageRef {
             pipeline: Some(PipelineKey::new("sales")),
             stage: StageKey::new("won"),
@@ -326,12 +314,7 @@ mod tests {
         let mut created = upsert("1", "proposal", t0);
         created.cause = ChangeCause::Webhook;
         store.upsert_deals(vec![created]).await.unwrap();
-        let id = store
-            .deal_by_external_id("crm", "1")
-            .await
-            .unwrap()
-            .unwrap()
-            .id;
+        let id = stored_deal(&store, "crm", "1").await.id;
         let causes = [
             ChangeCause::Poll,
             ChangeCause::Followup,

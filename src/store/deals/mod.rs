@@ -142,16 +142,25 @@ pub(crate) mod tests {
         }
     }
 
+    /// The stored deal `external_id` of `connection`, which the test wrote before.
+    pub(crate) async fn stored_deal(
+        store: &Store,
+        connection: &str,
+        external_id: &str,
+    ) -> crate::domain::Deal {
+        store
+            .deal_by_external_id(connection, external_id)
+            .await
+            .unwrap()
+            .unwrap()
+    }
+
     pub(super) async fn stage_and_status(
         store: &Store,
         connection: &str,
         id: &str,
     ) -> (String, DealStatus) {
-        let deal = store
-            .deal_by_external_id(connection, id)
-            .await
-            .unwrap()
-            .unwrap();
+        let deal = stored_deal(store, connection, id).await;
         (deal.stage.as_str().to_owned(), deal.status)
     }
 }

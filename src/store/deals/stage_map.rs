@@ -190,7 +190,7 @@ impl Store {
 mod tests {
     use super::*;
     use crate::domain::UNMAPPED;
-    use crate::store::deals::tests::{sales, stage_and_status, upsert};
+    use crate::store::deals::tests::{sales, stage_and_status, stored_deal, upsert};
     use crate::store::tests::temp_store;
     use chrono::Duration;
 
@@ -242,7 +242,7 @@ mod tests {
             .unwrap();
         assert_eq!(counts, [2, 0]);
         for (id, entered) in [("1", t0), ("2", t0 + Duration::minutes(1))] {
-            let deal = store.deal_by_external_id("crm", id).await.unwrap().unwrap();
+            let deal = stored_deal(&store, "crm", id).await;
             assert_eq!(deal.stage.as_str(), "negotiation", "deal {id}");
             let last = store.history(deal.id).await.unwrap().pop().unwrap();
             assert_eq!(last.cause, ChangeCause::Mapping);

@@ -494,7 +494,7 @@ mod tests {
     use super::*;
     use crate::domain::{ConnectionName, EmailAddress, UNMAPPED};
     use crate::store::DealFilter;
-    use crate::store::deals::tests::{sales, stage_and_status, upsert, with_status};
+    use crate::store::deals::tests::{sales, stage_and_status, stored_deal, upsert, with_status};
     use crate::store::tests::temp_store;
     use chrono::{DateTime, Duration, Utc};
 
@@ -518,11 +518,7 @@ mod tests {
                 ..Default::default()
             }
         );
-        let deal = store
-            .deal_by_external_id("crm", "1")
-            .await
-            .unwrap()
-            .unwrap();
+        let deal = stored_deal(&store, "crm", "1").await;
         assert_eq!(deal.amount_minor, Some(420050));
         assert_eq!(store.history(deal.id).await.unwrap().len(), 1);
         assert_eq!(store.deals(DealFilter::default()).await.unwrap().len(), 1);
@@ -547,11 +543,7 @@ mod tests {
             .unwrap();
         assert_eq!((outcome.updated, outcome.stage_changes), (1, 1));
 
-        let deal = store
-            .deal_by_external_id("crm", "1")
-            .await
-            .unwrap()
-            .unwrap();
+        let deal = stored_deal(&store, "crm", "1").await;
         let history = store.history(deal.id).await.unwrap();
         assert_eq!(history.len(), 2);
         assert_eq!(history[1].from_stage.as_ref().unwrap().as_str(), "proposal");
@@ -587,11 +579,7 @@ mod tests {
                 ..Default::default()
             }
         );
-        let deal = store
-            .deal_by_external_id("crm", "1")
-            .await
-            .unwrap()
-            .unwrap();
+        let deal = stored_deal(&store, "crm", "1").await;
         assert_eq!(deal.stage.as_str(), "negotiation");
         let history = store.history(deal.id).await.unwrap();
         let stages: Vec<_> = history
@@ -625,11 +613,7 @@ mod tests {
         changed.source.contact_email = EmailAddress::parse("new@example.com");
         let outcome = store.upsert_deals(vec![changed]).await.unwrap();
         assert_eq!((outcome.updated, outcome.stage_changes), (1, 0));
-        let deal = store
-            .deal_by_external_id("crm", "1")
-            .await
-            .unwrap()
-            .unwrap();
+        let deal = stored_deal(&store, "crm", "1").await;
         assert_eq!(
             deal.contact_email.as_ref().map(|e| e.as_str()),
             Some("new@example.com")
@@ -655,11 +639,7 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(outcome.stale, 1);
-        let deal = store
-            .deal_by_external_id("crm", "1")
-            .await
-            .unwrap()
-            .unwrap();
+        let deal = stored_deal(&store, "crm", "1").await;
         assert_eq!(deal.stage.as_str(), "negotiation");
     }
 
@@ -671,11 +651,7 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(outcome.unmapped, 1);
-        let deal = store
-            .deal_by_external_id("crm", "1")
-            .await
-            .unwrap()
-            .unwrap();
+        let deal = stored_deal(&store, "crm", "1").await;
         assert_eq!(deal.stage.as_str(), UNMAPPED);
         assert_eq!(deal.status, DealStatus::Unmapped);
         let unmapped = store.unmapped_stages(None).await.unwrap();
@@ -712,11 +688,7 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(stored_raw(&store, "1").await, text);
-        let deal = store
-            .deal_by_external_id("crm", "1")
-            .await
-            .unwrap()
-            .unwrap();
+        let deal = stored_deal(&store, "crm", "1").await;
         assert_eq!(deal.raw["a"], "café \"quoted\"");
     }
 
@@ -747,11 +719,7 @@ mod tests {
         contact.source.contact_email = EmailAddress::parse("new@example.com");
         assert_eq!(write(contact.clone()).await.updated, 1);
         assert_eq!(write(contact).await.unchanged, 1);
-        let deal = store
-            .deal_by_external_id("crm", "1")
-            .await
-            .unwrap()
-            .unwrap();
+        let deal = stored_deal(&store, "crm", "1").await;
         assert_eq!(deal.contact_email.unwrap().as_str(), "new@example.com");
         assert_eq!(stored_raw(&store, "1").await, text);
     }
@@ -763,11 +731,7 @@ mod tests {
             .upsert_deals(vec![with_status(upsert("1", "won", t0), DealStatus::Won)])
             .await
             .unwrap();
-        let deal = store
-            .deal_by_external_id("crm", "1")
-            .await
-            .unwrap()
-            .unwrap();
+        let deal = stored_deal(store, "crm", "1").await;
         let moved = store
             .move_deal(
                 deal.id,
@@ -801,11 +765,7 @@ mod tests {
             stage_and_status(&store, "crm", "1").await,
             ("post_sale".to_owned(), DealStatus::Won)
         );
-        let deal = store
-            .deal_by_external_id("crm", "1")
-            .await
-            .unwrap()
-            .unwrap();
+        let deal = stored_deal(&store, "crm", "1").await;
         assert_eq!(
             deal.title, "Deal 1 (invoiced)",
             "the rest of the record is written"
@@ -878,11 +838,7 @@ mod tests {
         let outcome = store.upsert_deals(vec![moved]).await.unwrap();
         assert_eq!(outcome.stage_changes, 1);
 
-        let deal = store
-            .deal_by_external_id("crm", "1")
-            .await
-            .unwrap()
-            .unwrap();
+        let deal = stored_deal(&store, "crm", "1").await;
         assert_eq!(
             deal.stage_entered_at.timestamp_millis(),
             entered.timestamp_millis(),
@@ -904,11 +860,7 @@ mod tests {
         moved.source.contact_email = EmailAddress::parse("grace@acme.example");
         let outcome = store.upsert_deals(vec![moved]).await.unwrap();
         assert_eq!((outcome.updated, outcome.stage_changes), (1, 1));
-        let deal = store
-            .deal_by_external_id("crm", "1")
-            .await
-            .unwrap()
-            .unwrap();
+        let deal = stored_deal(&store, "crm", "1").await;
         assert_eq!(deal.stage.as_str(), "negotiation");
         assert_eq!(
             deal.contact_email.as_ref().map(|e| e.as_str()),

@@ -63,13 +63,13 @@ fn parse_headers(text: &str) -> Vec<(String, String)> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(in crate::store) mod tests {
     use super::*;
     use bytes::Bytes;
     use chrono::Utc;
 
     /// A delivery of `shop` with delivery id `id`, received now.
-    pub(super) fn event(id: &str) -> NewWebhook {
+    pub(in crate::store) fn event(id: &str) -> NewWebhook {
         NewWebhook {
             connection: "shop".into(),
             delivery_id: id.into(),
