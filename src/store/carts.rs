@@ -5,7 +5,7 @@
 //! Invariants:
 //! - A cart's stage only moves forward on the source's say-so: a record that says "still
 //!   open" never moves a stored cart out of the stage dealsync or an order put it in
-//!   (abandoned, followed up, purchased, expired). See [`super::deals::held_stage`].
+//!   (abandoned, followed up, purchased, expired). See `held_stage` in `deals::write`.
 //! - An order matched to carts moves them to the won stage in the same transaction that
 //!   records it, and is not stored a second time as its own deal (no double revenue).
 //! - Abandoning and expiring re-check the stage inside their transaction, so a cart an
@@ -292,6 +292,7 @@ impl Store {
 mod tests {
     use super::*;
     use crate::domain::{ConnectionName, EmailAddress, PipelineKey, SourceDeal, StageKey};
+    use crate::store::deals::tests::stored_deal;
     use crate::store::tests::temp_store;
 
     fn at(stage: &str) -> StageRef {
@@ -379,11 +380,7 @@ mod tests {
             t0 + chrono::Duration::hours(1),
         );
         let outcome = store.apply_cart_event(order.clone(), rules).await.unwrap();
-        let cart_deal = store
-            .deal_by_external_id("shop-a", "tok1")
-            .await
-            .unwrap()
-            .unwrap();
+        let cart_deal = stored_deal(&store, "shop-a", "tok1").await;
         assert_eq!(outcome, CartOutcome::Matched(vec![cart_deal.id]));
         assert_eq!(cart_deal.status, DealStatus::Won);
         assert!(
@@ -433,16 +430,8 @@ mod tests {
             t0 + chrono::Duration::hours(2),
         );
         store.apply_cart_event(order, rules).await.unwrap();
-        let new = store
-            .deal_by_external_id("shop", "new")
-            .await
-            .unwrap()
-            .unwrap();
-        let old = store
-            .deal_by_external_id("shop", "old")
-            .await
-            .unwrap()
-            .unwrap();
+        let new = stored_deal(&store, "shop", "new").await;
+        let old = stored_deal(&store, "shop", "old").await;
         assert_eq!(
             (new.status, old.status),
             (DealStatus::Won, DealStatus::Open)
@@ -484,11 +473,7 @@ mod tests {
                 .await
                 .unwrap();
         }
-        let deal = store
-            .deal_by_external_id("shop", "tok")
-            .await
-            .unwrap()
-            .unwrap();
+        let deal = stored_deal(&store, "shop", "tok").await;
         assert_eq!(
             (deal.status, deal.stage.as_str()),
             (DealStatus::Won, "purchase_completed")
@@ -528,8 +513,9 @@ mod tests {
             .await
             .unwrap();
         let cutoff = now - chrono::Duration::hours(1);
-        let moved = store
-            .abandon_idle_carts(
+        // The same pass twice: the second finds nothing left to abandon.
+        let abandon = || {
+            store.abandon_idle_carts(
                 "shop",
                 at("checkout_started"),
                 at("cart_abandoned"),
@@ -537,26 +523,12 @@ mod tests {
                 now,
                 100,
             )
-            .await
-            .unwrap();
+        };
+        let moved = abandon().await.unwrap();
         assert_eq!(moved.len(), 1);
-        let again = store
-            .abandon_idle_carts(
-                "shop",
-                at("checkout_started"),
-                at("cart_abandoned"),
-                cutoff,
-                now,
-                100,
-            )
-            .await
-            .unwrap();
+        let again = abandon().await.unwrap();
         assert!(again.is_empty());
-        let idle = store
-            .deal_by_external_id("shop", "idle")
-            .await
-            .unwrap()
-            .unwrap();
+        let idle = stored_deal(&store, "shop", "idle").await;
         assert_eq!(idle.stage.as_str(), "cart_abandoned");
         let history = store.history(idle.id).await.unwrap();
         assert_eq!(history.last().unwrap().cause, ChangeCause::Followup);

@@ -174,21 +174,9 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::NewWebhook;
+    use crate::store::deals::tests::stored_deal;
+    use crate::store::inbox::tests::event;
     use crate::store::tests::temp_store;
-    use bytes::Bytes;
-
-    fn event(id: &str) -> NewWebhook {
-        NewWebhook {
-            connection: "shop".into(),
-            delivery_id: id.into(),
-            topic: Some("checkouts/create".into()),
-            headers: vec![("x-shopify-topic".into(), "checkouts/create".into())],
-            body_sha256: None,
-            body: Bytes::from_static(br#"{"id":1}"#),
-            received_at: Utc::now(),
-        }
-    }
 
     #[tokio::test]
     async fn a_webhook_record_keeps_the_stored_owner_email_only_for_the_same_owner() {
@@ -215,11 +203,8 @@ mod tests {
             }
         };
         let owner_email = |store: Store| async move {
-            store
-                .deal_by_external_id("pd", "12")
+            stored_deal(&store, "pd", "12")
                 .await
-                .unwrap()
-                .unwrap()
                 .owner_email
                 .map(|e| e.to_string())
         };
@@ -306,11 +291,7 @@ mod tests {
             )
             .await
             .unwrap();
-        let deal = store
-            .deal_by_external_id("pd", "12")
-            .await
-            .unwrap()
-            .unwrap();
+        let deal = stored_deal(&store, "pd", "12").await;
         assert_eq!(deal.stage.as_str(), "proposal");
         assert_eq!(
             deal.contact_email.as_ref().map(|e| e.as_str()),

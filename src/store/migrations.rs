@@ -13,36 +13,58 @@ const MIGRATIONS: &[(i64, &str)] = &[
 /// The schema version this binary writes.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS[MIGRATIONS.len() - 1].0;
 
+/// A SQLite file's schema: its migrations, in order, and what log lines call the file.
+/// The database and the webhook inbox each have one.
+pub(super) struct Schema {
+    pub(super) migrations: &'static [(i64, &'static str)],
+    /// "database", "webhook inbox".
+    pub(super) file: &'static str,
+}
+
+/// The main database's schema.
+pub(super) const DATABASE: Schema = Schema {
+    migrations: MIGRATIONS,
+    file: "database",
+};
+
 fn current(db: &Connection) -> Result<i64> {
     Ok(db.pragma_query_value(None, "user_version", |row| row.get(0))?)
 }
 
-/// Refuses a database written by a newer dealsync, before anything touches it.
-pub fn refuse_newer(db: &Connection, path: &Path) -> Result<()> {
-    let found = current(db)?;
-    if found > SCHEMA_VERSION {
-        return Err(StoreError::NewerSchema {
-            path: path.display().to_string(),
-            found,
-            supported: SCHEMA_VERSION,
-        });
+impl Schema {
+    /// The schema version this binary writes to the file.
+    fn version(&self) -> i64 {
+        self.migrations[self.migrations.len() - 1].0
     }
-    Ok(())
-}
 
-/// Applies the missing migrations, all in one transaction.
-pub fn migrate(db: &mut Connection) -> Result<()> {
-    let tx = db.transaction_with_behavior(rusqlite::TransactionBehavior::Exclusive)?;
-    let found = current(&tx)?;
-    for &(version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > found) {
-        tx.execute_batch(sql)
-            .and_then(|()| tx.pragma_update(None, "user_version", version))
-            .map_err(|source| StoreError::Migration {
-                version,
-                source: source.into(),
-            })?;
-        tracing::info!(version, "applied database migration");
+    /// Refuses a file written by a newer dealsync, before anything touches it.
+    pub(super) fn refuse_newer(&self, db: &Connection, path: &Path) -> Result<()> {
+        let found = current(db)?;
+        let supported = self.version();
+        if found > supported {
+            return Err(StoreError::NewerSchema {
+                path: path.display().to_string(),
+                found,
+                supported,
+            });
+        }
+        Ok(())
     }
-    tx.commit()?;
-    Ok(())
+
+    /// Applies the missing migrations, all in one transaction.
+    pub(super) fn migrate(&self, db: &mut Connection, path: &Path) -> Result<()> {
+        let tx = db.transaction_with_behavior(rusqlite::TransactionBehavior::Exclusive)?;
+        let found = current(&tx)?;
+        for &(version, sql) in self.migrations.iter().filter(|(v, _)| *v > found) {
+            tx.execute_batch(sql)
+                .and_then(|()| tx.pragma_update(None, "user_version", version))
+                .map_err(|source| StoreError::Migration {
+                    version,
+                    source: source.into(),
+                })?;
+            tracing::info!(version, path = %path.display(), "applied {} migration", self.file);
+        }
+        tx.commit()?;
+        Ok(())
+    }
 }

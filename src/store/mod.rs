@@ -402,9 +402,9 @@ impl Store {
         create_private(path, "the database")?;
         let mut writer = open_connection(path)?;
         // The version check comes before any pragma that could write to the file.
-        migrations::refuse_newer(&writer, path)?;
+        migrations::DATABASE.refuse_newer(&writer, path)?;
         configure(&writer)?;
-        migrations::migrate(&mut writer)?;
+        migrations::DATABASE.migrate(&mut writer, path)?;
         let stage_changed = Arc::new(AtomicBool::new(false));
         let flag = stage_changed.clone();
         writer.update_hook(Some(
@@ -529,6 +529,12 @@ pub(crate) fn from_ms(ms: i64) -> DateTime<Utc> {
     Utc.timestamp_millis_opt(ms)
         .single()
         .unwrap_or(DateTime::<Utc>::MIN_UTC)
+}
+
+/// The JSON text of `value`, for a statement parameter (`json_each` lists) or a stored
+/// column (headers, maps, pipelines).
+fn to_json<T: serde::Serialize + ?Sized>(value: &T) -> Result<String> {
+    serde_json::to_string(value).map_err(|error| StoreError::Corrupt(error.to_string()))
 }
 
 #[cfg(test)]

@@ -42,6 +42,29 @@ pub(crate) fn reason_of(db: &rusqlite::Connection, email: &str) -> Result<Option
         .optional()?)
 }
 
+/// The columns `suppression_from_row` reads, in its order.
+const COLUMNS: &str = "email, reason, source, created_at";
+
+fn suppression_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Suppression> {
+    Ok(Suppression {
+        email: row.get(0)?,
+        reason: row.get(1)?,
+        source: row.get(2)?,
+        created_at: from_ms(row.get(3)?),
+    })
+}
+
+/// The suppression of `email` (compared as given and lower-cased), if any.
+fn find(db: &rusqlite::Connection, email: &str) -> Result<Option<Suppression>> {
+    Ok(db
+        .query_row(
+            &format!("SELECT {COLUMNS} FROM suppressions WHERE email IN (?1, lower(?1))"),
+            [email],
+            suppression_from_row,
+        )
+        .optional()?)
+}
+
 impl Store {
     /// Adds an address; returns false when it was already suppressed.
     pub async fn suppress(
@@ -57,24 +80,7 @@ impl Store {
 
     /// The suppression of an address, if any.
     pub async fn suppression(&self, email: String) -> Result<Option<Suppression>> {
-        self.read(move |db| {
-            Ok(db
-                .query_row(
-                    "SELECT email, reason, source, created_at FROM suppressions
-                     WHERE email IN (?1, lower(?1))",
-                    [email],
-                    |row| {
-                        Ok(Suppression {
-                            email: row.get(0)?,
-                            reason: row.get(1)?,
-                            source: row.get(2)?,
-                            created_at: from_ms(row.get(3)?),
-                        })
-                    },
-                )
-                .optional()?)
-        })
-        .await
+        self.read(move |db| find(db, &email)).await
     }
 
     /// Removes an address from the list; returns what was removed, `None` when it was
@@ -82,21 +88,7 @@ impl Store {
     /// are sent.
     pub async fn unsuppress(&self, email: String) -> Result<Option<Suppression>> {
         self.write(move |tx| {
-            let found = tx
-                .query_row(
-                    "SELECT email, reason, source, created_at FROM suppressions
-                     WHERE email IN (?1, lower(?1))",
-                    [&email],
-                    |row| {
-                        Ok(Suppression {
-                            email: row.get(0)?,
-                            reason: row.get(1)?,
-                            source: row.get(2)?,
-                            created_at: from_ms(row.get(3)?),
-                        })
-                    },
-                )
-                .optional()?;
+            let found = find(tx, &email)?;
             if let Some(found) = &found {
                 tx.execute("DELETE FROM suppressions WHERE email = ?1", [&found.email])?;
             }
@@ -108,18 +100,10 @@ impl Store {
     /// Every suppressed address, newest first.
     pub async fn suppressions(&self) -> Result<Vec<Suppression>> {
         self.read(|db| {
-            let mut statement = db.prepare(
-                "SELECT email, reason, source, created_at FROM suppressions
-                 ORDER BY created_at DESC, email",
-            )?;
-            let rows = statement.query_map([], |row| {
-                Ok(Suppression {
-                    email: row.get(0)?,
-                    reason: row.get(1)?,
-                    source: row.get(2)?,
-                    created_at: from_ms(row.get(3)?),
-                })
-            })?;
+            let mut statement = db.prepare(&format!(
+                "SELECT {COLUMNS} FROM suppressions ORDER BY created_at DESC, email"
+            ))?;
+            let rows = statement.query_map([], suppression_from_row)?;
             Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
         })
         .await

@@ -2,10 +2,10 @@
 //! and the records enrichments keep (`enrichment_cache`).
 
 use super::deals::{DealUpsert, UpsertOutcome, upsert_all};
-use super::{Result, Store, StoreError, from_ms, to_ms};
+use super::{Result, Store, StoreError, from_ms, to_json, to_ms};
 use crate::pipeline::NativePipeline;
 use chrono::{DateTime, Utc};
-use rusqlite::{OptionalExtension, params};
+use rusqlite::{OptionalExtension, Transaction, params};
 use serde::Serialize;
 
 /// A record that could not be read, kept with its error.
@@ -76,6 +76,25 @@ fn quarantine_from(row: &rusqlite::Row<'_>) -> rusqlite::Result<QuarantineEntry>
         at: from_ms(row.get(4)?),
         raw: row.get(5)?,
     })
+}
+
+/// Stores `value` (JSON text) as the cursor of `stream` of `connection`, replacing the
+/// one before, in the caller's transaction.
+pub(super) fn save_cursor(
+    tx: &Transaction<'_>,
+    connection: &str,
+    stream: &str,
+    value: &str,
+    at_ms: i64,
+) -> Result<()> {
+    tx.execute(
+        "INSERT INTO sync_cursors (connection, stream, value, updated_at)
+         VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (connection, stream) DO UPDATE
+           SET value = excluded.value, updated_at = excluded.updated_at",
+        params![connection, stream, value, at_ms],
+    )?;
+    Ok(())
 }
 
 impl Store {
@@ -238,13 +257,7 @@ impl Store {
                 )?;
             }
             if let Some(cursor) = cursor {
-                tx.execute(
-                    "INSERT INTO sync_cursors (connection, stream, value, updated_at)
-                     VALUES (?1, ?2, ?3, ?4)
-                     ON CONFLICT (connection, stream) DO UPDATE
-                       SET value = excluded.value, updated_at = excluded.updated_at",
-                    params![connection, stream, cursor.to_string(), now],
-                )?;
+                save_cursor(tx, &connection, &stream, &cursor.to_string(), now)?;
             }
             Ok(outcome)
         })
@@ -262,8 +275,7 @@ impl Store {
     ) -> Result<Vec<(String, String)>> {
         let (connection, step) = (connection.to_owned(), step.to_owned());
         self.read(move |db| {
-            let ids = serde_json::to_string(&ids)
-                .map_err(|error| StoreError::Corrupt(error.to_string()))?;
+            let ids = to_json(&ids)?;
             // Walks the ids and looks each up on the primary key (`CROSS JOIN` keeps
             // that order).
             let mut statement = db.prepare_cached(
@@ -376,8 +388,7 @@ impl Store {
         pipelines: &[NativePipeline],
     ) -> Result<()> {
         let connection = connection.to_owned();
-        let text = serde_json::to_string(pipelines)
-            .map_err(|error| StoreError::Corrupt(error.to_string()))?;
+        let text = to_json(pipelines)?;
         self.write(move |tx| {
             tx.execute(
                 "INSERT INTO native_pipelines (connection, pipelines, discovered_at) VALUES (?1, ?2, ?3)
@@ -419,7 +430,7 @@ mod tests {
     mod bookkeeping {
         use super::super::{CachedRecord, Quarantined, Reread};
         use crate::domain::RawRecord;
-        use crate::store::deals::tests::upsert;
+        use crate::store::deals::tests::{stored_deal, upsert};
         use crate::store::tests::temp_store;
         use chrono::Utc;
 
@@ -509,11 +520,7 @@ mod tests {
                 .await
                 .unwrap();
             assert_eq!((outcome, removed), (Default::default(), 0));
-            let deal = store
-                .deal_by_external_id("crm", "1")
-                .await
-                .unwrap()
-                .unwrap();
+            let deal = stored_deal(&store, "crm", "1").await;
             assert!(deal.deleted_at.is_some());
         }
 

@@ -1,0 +1,284 @@
+//! Dead letters: deliveries whose signature was valid but whose body could not be
+//! parsed, kept for inspection (`dealsync inbox dead-letters`) and replay.
+//!
+//! Invariants:
+//! - A dead letter is replayed into the inbox at most once, under its delivery id: a
+//!   second replay, or a delivery already pending or processed, changes nothing; one the
+//!   worker gave up on is queued again.
+//! - A replay goes through the inbox's writer, so it is safe beside a running daemon.
+
+use super::intake::{self, NewWebhook};
+use super::writer::Command;
+use super::{Result, parse_headers};
+use crate::store::{Store, from_ms, to_json, to_ms};
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::Serialize;
+
+/// A delivery whose signature was valid but whose body could not be parsed.
+pub(super) struct DeadLetter {
+    connection: String,
+    delivery_id: String,
+    topic: Option<String>,
+    reason: String,
+    headers: Vec<(String, String)>,
+    body: Bytes,
+    at: DateTime<Utc>,
+}
+
+/// Writes a dead letter, in the writer's transaction.
+pub(super) fn keep(tx: &rusqlite::Transaction<'_>, letter: &DeadLetter) -> Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO webhook_dead_letters
+            (connection, received_at, reason, headers, body, delivery_id, topic)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?
+    .execute(params![
+        letter.connection,
+        to_ms(letter.at),
+        letter.reason,
+        to_json(&letter.headers)?,
+        &letter.body[..],
+        letter.delivery_id,
+        letter.topic,
+    ])?;
+    Ok(())
+}
+
+/// A kept dead letter, for `dealsync inbox dead-letters`.
+#[derive(Debug, Clone, Serialize)]
+pub struct StoredDeadLetter {
+    pub id: i64,
+    pub connection: String,
+    /// `None` for letters kept before dealsync stored it; a replay then uses
+    /// `dead-letter:<id>`.
+    pub delivery_id: Option<String>,
+    pub topic: Option<String>,
+    pub received_at: DateTime<Utc>,
+    /// Why the connector could not parse it.
+    pub reason: String,
+    pub replayed_at: Option<DateTime<Utc>>,
+    /// The inbox row the replay became.
+    pub replayed_as: Option<i64>,
+    /// That inbox row's state now (`pending`, `processed`, `failed`), while it is kept.
+    pub replay_state: Option<String>,
+    pub replay_error: Option<String>,
+    /// Lower-case names and values, without signature or auth headers.
+    pub headers: Vec<(String, String)>,
+    #[serde(skip)]
+    pub body: Vec<u8>,
+}
+
+impl StoredDeadLetter {
+    /// The delivery id a replay is stored (and deduplicated) under.
+    pub fn replay_delivery_id(&self) -> String {
+        self.delivery_id
+            .clone()
+            .unwrap_or_else(|| format!("dead-letter:{}", self.id))
+    }
+}
+
+/// What replaying a dead letter did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Replayed {
+    /// Queued as a new inbox row; the inbox worker applies it.
+    Queued {
+        inbox_id: i64,
+    },
+    /// The delivery was in the inbox already (a vendor retry, or another dead letter
+    /// of it) and had failed: queued again.
+    Requeued {
+        inbox_id: i64,
+    },
+    /// The delivery is in the inbox already, pending or processed: nothing to do.
+    AlreadyInInbox {
+        inbox_id: i64,
+        state: String,
+    },
+    /// This dead letter was replayed before: nothing to do.
+    AlreadyReplayed {
+        at: DateTime<Utc>,
+        inbox_id: Option<i64>,
+    },
+    NotFound,
+}
+
+/// Puts dead letter `id` into the inbox under its delivery id, once: a second replay,
+/// or a delivery already pending or processed, changes nothing; one that failed is
+/// queued again.
+pub(super) fn replay(
+    tx: &rusqlite::Transaction<'_>,
+    id: i64,
+    at: DateTime<Utc>,
+) -> Result<Replayed> {
+    let Some(letter) = read_dead_letter(tx, id)? else {
+        return Ok(Replayed::NotFound);
+    };
+    if let Some(replayed_at) = letter.replayed_at {
+        // Only a replay the worker gave up on may go again: its row never applied.
+        if let (Some(inbox_id), Some("failed")) =
+            (letter.replayed_as, letter.replay_state.as_deref())
+        {
+            requeue(tx, inbox_id)?;
+            tx.execute(
+                "UPDATE webhook_dead_letters SET replayed_at = ?2 WHERE id = ?1",
+                params![id, to_ms(at)],
+            )?;
+            return Ok(Replayed::Requeued { inbox_id });
+        }
+        return Ok(Replayed::AlreadyReplayed {
+            at: replayed_at,
+            inbox_id: letter.replayed_as,
+        });
+    }
+    let delivery_id = letter.replay_delivery_id();
+    let existing: Option<(i64, String)> = tx
+        .query_row(
+            "SELECT id, state FROM webhook_inbox WHERE connection = ?1 AND delivery_id = ?2",
+            params![letter.connection, delivery_id],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )
+        .optional()?;
+    let replayed = match existing {
+        None => {
+            let event = NewWebhook {
+                connection: letter.connection.clone(),
+                delivery_id,
+                topic: letter.topic.clone(),
+                headers: letter.headers.clone(),
+                body: Bytes::from(letter.body.clone()),
+                received_at: letter.received_at,
+                // A replay is the operator's: no body-replay window applies to it.
+                body_sha256: None,
+            };
+            intake::insert(tx, &event)?;
+            Replayed::Queued {
+                inbox_id: tx.last_insert_rowid(),
+            }
+        }
+        Some((inbox_id, state)) if state == "failed" => {
+            requeue(tx, inbox_id)?;
+            Replayed::Requeued { inbox_id }
+        }
+        Some((inbox_id, state)) => Replayed::AlreadyInInbox { inbox_id, state },
+    };
+    let inbox_id = match &replayed {
+        Replayed::Queued { inbox_id }
+        | Replayed::Requeued { inbox_id }
+        | Replayed::AlreadyInInbox { inbox_id, .. } => Some(*inbox_id),
+        _ => None,
+    };
+    tx.execute(
+        "UPDATE webhook_dead_letters SET replayed_at = ?2, replayed_as = ?3 WHERE id = ?1",
+        params![id, to_ms(at), inbox_id],
+    )?;
+    Ok(replayed)
+}
+
+/// Puts a failed inbox row back to pending, as if it had just arrived.
+fn requeue(tx: &rusqlite::Transaction<'_>, inbox_id: i64) -> Result<()> {
+    tx.execute(
+        "UPDATE webhook_inbox SET state = 'pending', attempts = 0, next_attempt_at = NULL,
+            last_error = NULL, processed_at = NULL
+         WHERE id = ?1 AND state = 'failed'",
+        [inbox_id],
+    )?;
+    Ok(())
+}
+
+const DEAD_LETTER_COLUMNS: &str = "d.id, d.connection, d.delivery_id, d.topic, d.received_at,
+    d.reason, d.replayed_at, d.replayed_as, i.state, i.last_error, d.headers, d.body";
+
+fn dead_letter_from(row: &rusqlite::Row<'_>) -> rusqlite::Result<StoredDeadLetter> {
+    Ok(StoredDeadLetter {
+        id: row.get(0)?,
+        connection: row.get(1)?,
+        delivery_id: row.get(2)?,
+        topic: row.get(3)?,
+        received_at: from_ms(row.get(4)?),
+        reason: row.get(5)?,
+        replayed_at: row.get::<_, Option<i64>>(6)?.map(from_ms),
+        replayed_as: row.get(7)?,
+        replay_state: row.get(8)?,
+        replay_error: row.get(9)?,
+        headers: parse_headers(&row.get::<_, String>(10)?),
+        body: row.get(11)?,
+    })
+}
+
+fn read_dead_letter(db: &Connection, id: i64) -> Result<Option<StoredDeadLetter>> {
+    Ok(db
+        .query_row(
+            &format!(
+                "SELECT {DEAD_LETTER_COLUMNS} FROM webhook_dead_letters AS d
+                 LEFT JOIN webhook_inbox AS i ON i.id = d.replayed_as
+                 WHERE d.id = ?1"
+            ),
+            [id],
+            dead_letter_from,
+        )
+        .optional()?)
+}
+
+impl Store {
+    /// Keeps a delivery whose signature was valid but whose body could not be parsed,
+    /// with the delivery id and topic a replay is stored under.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn dead_letter(
+        &self,
+        connection: &str,
+        delivery_id: &str,
+        topic: Option<&str>,
+        reason: &str,
+        headers: Vec<(String, String)>,
+        body: Bytes,
+        at: DateTime<Utc>,
+    ) -> Result<()> {
+        let letter = DeadLetter {
+            connection: connection.to_owned(),
+            delivery_id: delivery_id.to_owned(),
+            topic: topic.map(str::to_owned),
+            reason: reason.to_owned(),
+            headers,
+            body,
+            at,
+        };
+        self.inbox()
+            .ask(|reply| Command::DeadLetter(letter, reply))
+            .await
+    }
+
+    /// Dead letters kept, newest first (`connection` to list one connection's only).
+    pub async fn dead_letters(
+        &self,
+        connection: Option<String>,
+        limit: u32,
+    ) -> Result<Vec<StoredDeadLetter>> {
+        self.read_inbox(move |db| {
+            let mut statement = db.prepare(&format!(
+                "SELECT {DEAD_LETTER_COLUMNS} FROM webhook_dead_letters AS d
+                 LEFT JOIN webhook_inbox AS i ON i.id = d.replayed_as
+                 WHERE ?1 IS NULL OR d.connection = ?1
+                 ORDER BY d.id DESC LIMIT ?2"
+            ))?;
+            let rows = statement.query_map(params![connection, limit], dead_letter_from)?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+        .await
+    }
+
+    /// One dead letter, with its replay's inbox row state.
+    pub async fn stored_dead_letter(&self, id: i64) -> Result<Option<StoredDeadLetter>> {
+        self.read_inbox(move |db| read_dead_letter(db, id)).await
+    }
+
+    /// Replays a dead letter through the inbox (and so through the inbox worker, like
+    /// any delivery), at most once: see [`Replayed`]. One transaction on the inbox's
+    /// writer, so it is safe beside a running daemon, whose worker picks the row up.
+    pub async fn replay_dead_letter(&self, id: i64, at: DateTime<Utc>) -> Result<Replayed> {
+        self.inbox()
+            .ask(|reply| Command::Replay(id, at, reply))
+            .await
+    }
+}

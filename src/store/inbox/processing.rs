@@ -1,0 +1,295 @@
+//! What the inbox worker reads and records: the rows due now, how it is done with each
+//! (settlements), counts by state, and pruning after the retention.
+//!
+//! Invariants:
+//! - Rows of one connection are handed out in arrival order, and not past a row of the
+//!   same connection that waits for a retry.
+//! - Settling a row counts it out of `pending` only when it was pending; a retry keeps
+//!   it pending.
+//! - Processed rows are kept for [`RETENTION`] (their delivery ids dedupe redeliveries),
+//!   failed rows and dead letters for [`DEAD_LETTER_RETENTION`]; a pruned row's body
+//!   goes with it.
+
+use super::writer::Command;
+use super::{DEAD_LETTER_RETENTION, RETENTION, Result, parse_headers};
+use crate::store::{Store, from_ms, to_ms};
+use chrono::{DateTime, Utc};
+use rusqlite::params;
+
+/// An inbox row waiting to be processed.
+#[derive(Debug, Clone)]
+pub struct InboxRow {
+    pub id: i64,
+    pub connection: String,
+    pub delivery_id: String,
+    pub topic: Option<String>,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    pub received_at: DateTime<Utc>,
+    /// Failed attempts so far.
+    pub attempts: u32,
+}
+
+/// Inbox rows by state, for `/metrics` and tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct InboxCounts {
+    pub pending: u64,
+    pub processed: u64,
+    pub failed: u64,
+}
+
+/// How the worker is done with a row.
+#[derive(Debug, Clone)]
+pub enum Settlement {
+    /// Applied: kept (for dedupe) until [`RETENTION`] has passed.
+    Processed { id: i64, at: DateTime<Utc> },
+    /// Failed; tried again at `next_attempt_at`.
+    Retry {
+        id: i64,
+        error: String,
+        next_attempt_at: DateTime<Utc>,
+    },
+    /// Given up on: kept with its error for inspection.
+    Failed {
+        id: i64,
+        error: String,
+        at: DateTime<Utc>,
+    },
+}
+
+/// Applies settlements; returns how many pending rows they took out of `pending`.
+pub(super) fn settle(tx: &rusqlite::Transaction<'_>, settlements: &[Settlement]) -> Result<u64> {
+    let mut settled = 0u64;
+    for settlement in settlements {
+        match settlement {
+            Settlement::Processed { id, at } => {
+                settled += tx
+                    .prepare_cached(
+                        "UPDATE webhook_inbox SET state = 'processed', processed_at = ?2,
+                            next_attempt_at = NULL WHERE id = ?1 AND state = 'pending'",
+                    )?
+                    .execute(params![id, to_ms(*at)])? as u64;
+            }
+            Settlement::Retry {
+                id,
+                error,
+                next_attempt_at,
+            } => {
+                tx.prepare_cached(
+                    "UPDATE webhook_inbox SET attempts = attempts + 1, last_error = ?2,
+                        next_attempt_at = ?3 WHERE id = ?1",
+                )?
+                .execute(params![id, error, to_ms(*next_attempt_at)])?;
+            }
+            Settlement::Failed { id, error, at } => {
+                settled += tx
+                    .prepare_cached(
+                        "UPDATE webhook_inbox SET state = 'failed', attempts = attempts + 1,
+                            last_error = ?2, processed_at = ?3, next_attempt_at = NULL
+                         WHERE id = ?1 AND state = 'pending'",
+                    )?
+                    .execute(params![id, error, to_ms(*at)])? as u64;
+            }
+        }
+    }
+    Ok(settled)
+}
+
+pub(super) fn prune(tx: &rusqlite::Transaction<'_>, now: DateTime<Utc>) -> Result<u64> {
+    let mut pruned = 0;
+    for (state, retention) in [("processed", RETENTION), ("failed", DEAD_LETTER_RETENTION)] {
+        let cutoff = to_ms(now - retention);
+        tx.execute(
+            "DELETE FROM webhook_bodies WHERE id IN (
+                SELECT id FROM webhook_inbox WHERE state = ?1 AND processed_at < ?2)",
+            params![state, cutoff],
+        )?;
+        pruned += tx.execute(
+            "DELETE FROM webhook_inbox WHERE state = ?1 AND processed_at < ?2",
+            params![state, cutoff],
+        )?;
+    }
+    pruned += tx.execute(
+        "DELETE FROM webhook_dead_letters WHERE received_at < ?1",
+        [to_ms(now - DEAD_LETTER_RETENTION)],
+    )?;
+    Ok(pruned as u64)
+}
+
+impl Store {
+    /// Records how the worker is done with rows (one commit for all of them).
+    pub async fn settle_webhooks(&self, settlements: Vec<Settlement>) -> Result<()> {
+        if settlements.is_empty() {
+            return Ok(());
+        }
+        self.inbox()
+            .ask(|reply| Command::Settle(settlements, reply))
+            .await
+    }
+
+    /// Pending rows due at `now`, oldest first, at most `limit`. A connection with a row
+    /// waiting for its retry contributes nothing, so its order is kept.
+    pub async fn due_webhooks(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<InboxRow>> {
+        self.read_inbox(move |db| {
+            let mut statement = db.prepare_cached(
+                "SELECT i.id, connection, delivery_id, topic, headers, body, received_at, attempts
+                 FROM webhook_inbox AS i INDEXED BY webhook_inbox_pending
+                 CROSS JOIN webhook_bodies AS b ON b.id = i.id
+                 WHERE state = 'pending' AND coalesce(next_attempt_at, 0) <= ?1
+                   AND connection NOT IN (
+                        SELECT connection FROM webhook_inbox INDEXED BY webhook_inbox_retrying
+                        WHERE state = 'pending' AND next_attempt_at IS NOT NULL
+                          AND next_attempt_at > ?1)
+                 ORDER BY i.id LIMIT ?2",
+            )?;
+            let rows = statement.query_map(params![to_ms(now), limit], |row| {
+                Ok(InboxRow {
+                    id: row.get(0)?,
+                    connection: row.get(1)?,
+                    delivery_id: row.get(2)?,
+                    topic: row.get(3)?,
+                    headers: parse_headers(&row.get::<_, String>(4)?),
+                    body: row.get(5)?,
+                    received_at: from_ms(row.get(6)?),
+                    attempts: row.get::<_, i64>(7)?.max(0) as u32,
+                })
+            })?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+        .await
+    }
+
+    /// Marks a row processed.
+    pub async fn webhook_processed(&self, id: i64, at: DateTime<Utc>) -> Result<()> {
+        self.settle_webhooks(vec![Settlement::Processed { id, at }])
+            .await
+    }
+
+    /// Records a failed attempt; the row is retried at `next_attempt_at`.
+    pub async fn webhook_retry(
+        &self,
+        id: i64,
+        error: &str,
+        next_attempt_at: DateTime<Utc>,
+    ) -> Result<()> {
+        self.settle_webhooks(vec![Settlement::Retry {
+            id,
+            error: error.to_owned(),
+            next_attempt_at,
+        }])
+        .await
+    }
+
+    /// Gives up on a row: kept as `failed` with its error for inspection.
+    pub async fn webhook_failed(&self, id: i64, error: &str, at: DateTime<Utc>) -> Result<()> {
+        self.settle_webhooks(vec![Settlement::Failed {
+            id,
+            error: error.to_owned(),
+            at,
+        }])
+        .await
+    }
+
+    /// Deletes processed rows older than [`RETENTION`] and failed rows and dead letters
+    /// older than [`DEAD_LETTER_RETENTION`]; returns how many rows went.
+    pub async fn prune_webhooks(&self, now: DateTime<Utc>) -> Result<u64> {
+        self.inbox().ask(|reply| Command::Prune(now, reply)).await
+    }
+
+    /// Inbox rows by state, counted from the indexes (the bodies are not read).
+    pub async fn inbox_counts(&self) -> Result<InboxCounts> {
+        self.read_inbox(|db| {
+            let mut counts = InboxCounts::default();
+            let mut statement = db.prepare_cached(
+                "SELECT 'pending', count(*) FROM webhook_inbox INDEXED BY webhook_inbox_pending
+                 WHERE state = 'pending'
+                 UNION ALL
+                 SELECT state, count(*) FROM webhook_inbox INDEXED BY webhook_inbox_settled
+                 WHERE state <> 'pending' GROUP BY state",
+            )?;
+            let rows = statement.query_map([], |row| {
+                Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?))
+            })?;
+            for row in rows {
+                let (state, count) = row?;
+                let count = count.max(0) as u64;
+                match state.as_str() {
+                    "pending" => counts.pending = count,
+                    "processed" => counts.processed = count,
+                    _ => counts.failed += count,
+                }
+            }
+            Ok(counts)
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::Enqueued;
+    use super::super::tests::event;
+    use super::*;
+    use crate::store::tests::temp_store;
+
+    #[tokio::test]
+    async fn a_row_waiting_for_its_retry_holds_back_later_rows_of_its_connection() {
+        let (_dir, store) = temp_store();
+        for id in ["a", "b"] {
+            store.enqueue_webhook(event(id)).await.unwrap();
+        }
+        let mut other = event("c");
+        other.connection = "other".into();
+        store.enqueue_webhook(other).await.unwrap();
+        let now = Utc::now();
+        let due = store.due_webhooks(now, 10).await.unwrap();
+        assert_eq!(due.len(), 3);
+        store
+            .webhook_retry(
+                due[0].id,
+                "vendor down",
+                now + chrono::Duration::seconds(30),
+            )
+            .await
+            .unwrap();
+        let due = store.due_webhooks(now, 10).await.unwrap();
+        assert_eq!(
+            due.iter()
+                .map(|r| r.delivery_id.as_str())
+                .collect::<Vec<_>>(),
+            ["c"]
+        );
+        let later = store
+            .due_webhooks(now + chrono::Duration::seconds(31), 10)
+            .await
+            .unwrap();
+        assert_eq!(later.len(), 3);
+        assert_eq!(later[0].attempts, 1);
+    }
+
+    #[tokio::test]
+    async fn processed_rows_are_pruned_only_after_the_retention() {
+        let (_dir, store) = temp_store();
+        store.enqueue_webhook(event("a")).await.unwrap();
+        let row = store.due_webhooks(Utc::now(), 1).await.unwrap().remove(0);
+        let processed_at = Utc::now();
+        store.webhook_processed(row.id, processed_at).await.unwrap();
+        assert_eq!(store.inbox_pending(), 0);
+        assert_eq!(store.prune_webhooks(processed_at).await.unwrap(), 0);
+        // A redelivery within the retention is still a duplicate.
+        assert_eq!(
+            store.enqueue_webhook(event("a")).await.unwrap(),
+            Enqueued::Duplicate
+        );
+        let later = processed_at + RETENTION + chrono::Duration::minutes(1);
+        assert_eq!(store.prune_webhooks(later).await.unwrap(), 1);
+        assert_eq!(store.inbox_counts().await.unwrap(), InboxCounts::default());
+        let bodies: i64 = store
+            .read_inbox(|db| {
+                Ok(db.query_row("SELECT count(*) FROM webhook_bodies", [], |row| row.get(0))?)
+            })
+            .await
+            .unwrap();
+        assert_eq!(bodies, 0, "a pruned row's body is deleted with it");
+    }
+}
