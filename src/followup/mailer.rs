@@ -398,13 +398,7 @@ mod tests {
             "[email]\ntransport = \"file\"\ndir = \"{}\"\nfrom = \"Shop <shop@example.com>\"\n",
             dir.display()
         );
-        crate::config::parse(
-            &dir.join("dealsync.toml"),
-            &text,
-            &crate::config::interpolate::tests::MapEnv(Default::default()),
-        )
-        .unwrap()
-        .email
+        crate::config::testing::parse_in(dir, &text).unwrap().email
     }
 
     fn outgoing(unsubscribe: bool) -> Outgoing {
@@ -615,13 +609,7 @@ mod tests {
             let text = format!(
                 "[email]\ntransport = \"smtp\"\nurl = \"smtp://127.0.0.1:{port}\"\nfrom = \"Shop <shop@example.com>\"\n"
             );
-            crate::config::parse(
-                &dir.join("dealsync.toml"),
-                &text,
-                &crate::config::interpolate::tests::MapEnv(Default::default()),
-            )
-            .unwrap()
-            .email
+            crate::config::testing::parse_in(&dir, &text).unwrap().email
         }
 
         async fn send_to(port: u16) -> Result<(), MailError> {
