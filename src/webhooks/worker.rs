@@ -23,8 +23,6 @@
 //!   harmless: upserts and stage moves are idempotent.
 //! - Pending rows left by a previous run are picked up at start.
 
-use crate::connectors::WebhookEvent;
-use crate::domain::ConnectionName;
 use crate::health::WorkerHealth;
 use crate::ingest::{Connections, PlanError, SyncDeps};
 use crate::retry::Backoff;
@@ -252,15 +250,7 @@ async fn plan(
         .get(&row.connection)
         .ok_or(ProcessError::ConnectionGone)?;
     let cx = runtime.context(&state.deps, shutdown);
-    let event = WebhookEvent {
-        connection: ConnectionName::new(row.connection.clone()),
-        delivery_id: row.delivery_id.clone(),
-        topic: row.topic.clone(),
-        headers: row.headers.clone(),
-        body: row.body.clone(),
-        received_at: row.received_at,
-    };
-    Ok(runtime.plan_webhook(&event, &cx).await?)
+    Ok(runtime.plan_webhook(row, &cx).await?)
 }
 
 #[cfg(test)]
