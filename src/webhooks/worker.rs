@@ -210,16 +210,13 @@ async fn give_up_or_retry(
     error: ProcessError,
 ) -> Result<bool, StoreError> {
     let reason = crate::telemetry::error_chain(&error);
-    if error.is_permanent() {
-        error!(connection = %row.connection, delivery_id = %row.delivery_id, reason, "webhook could not be applied; kept as failed");
-        state
-            .deps
-            .store
-            .webhook_failed(row.id, &reason, Utc::now())
-            .await?;
-        Ok(false)
-    } else if !ROW_RETRIES.may_retry(row.attempts + 1) {
-        error!(connection = %row.connection, delivery_id = %row.delivery_id, attempts = row.attempts + 1, reason, "webhook failed too often; kept as failed");
+    let permanent = error.is_permanent();
+    if permanent || !ROW_RETRIES.may_retry(row.attempts + 1) {
+        if permanent {
+            error!(connection = %row.connection, delivery_id = %row.delivery_id, reason, "webhook could not be applied; kept as failed");
+        } else {
+            error!(connection = %row.connection, delivery_id = %row.delivery_id, attempts = row.attempts + 1, reason, "webhook failed too often; kept as failed");
+        }
         state
             .deps
             .store
