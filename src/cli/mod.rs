@@ -1115,7 +1115,6 @@ async fn outbox_preview(source: &ConfigSource, args: OutboxPreviewArgs) -> Resul
         })
         .await?;
     let step = match args.step {
-        Some(0) => return Err(CliError::Usage("steps count from 1".into())),
         Some(step) if step > rule.steps.len() => {
             return Err(CliError::Usage(format!(
                 "rule {} has {} step(s)",
@@ -1123,7 +1122,9 @@ async fn outbox_preview(source: &ConfigSource, args: OutboxPreviewArgs) -> Resul
                 rule.steps.len()
             )));
         }
-        Some(step) => crate::domain::StepNumber::from_index(step as i64 - 1),
+        // Below the rule's step count, so it fits in a u32.
+        Some(step) => crate::domain::StepNumber::from_number(step as u32)
+            .ok_or_else(|| CliError::Usage("steps count from 1".into()))?,
         None => rows
             .iter()
             .filter(|r| r.state == OutboxState::Pending && r.action == OutboxAction::Email)
