@@ -123,6 +123,31 @@ pub fn print(text: &str) {
     print!("{text}");
 }
 
+/// Prints what a list command found: `json` of the items with `--format json`, else a
+/// table (or CSV) of `columns` with one `row` per item.
+pub fn print_list<T>(
+    format: Format,
+    items: &[T],
+    json: impl FnOnce(&[T]) -> String,
+    columns: Vec<&'static str>,
+    row: impl Fn(&T) -> Vec<String>,
+) {
+    if format == Format::Json {
+        print(&json(items));
+        return;
+    }
+    let mut rows = Rows::new(columns);
+    for item in items {
+        rows.push(row(item));
+    }
+    print(&rows.render(format));
+}
+
+/// An instant as a table cell: `YYYY-MM-DD HH:MM:SS`, in UTC.
+pub fn time(at: chrono::DateTime<chrono::Utc>) -> String {
+    at.format("%Y-%m-%d %H:%M:%S").to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

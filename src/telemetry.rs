@@ -350,6 +350,18 @@ pub struct BuildLabels {
     pub version: String,
 }
 
+/// Clears `family` and sets one gauge per row, so a label set that has no row now
+/// disappears instead of lingering with its last value.
+pub fn rebuild_gauges<L>(family: &Family<L, Gauge>, rows: impl IntoIterator<Item = (L, i64)>)
+where
+    L: Clone + std::hash::Hash + Eq,
+{
+    family.clear();
+    for (labels, value) in rows {
+        family.get_or_create(&labels).set(value);
+    }
+}
+
 /// Every metric dealsync exports.
 pub struct Metrics {
     /// Registered families; encoding takes the lock only to render.

@@ -9,7 +9,7 @@ use crate::app::App;
 use crate::config::{self, Config, ConfigError};
 use crate::domain::UNMAPPED;
 use crate::ingest::{ConnectionRuntime, SyncDeps};
-use crate::output::{self, Format, Rows};
+use crate::output::{self, Format, Rows, print_list, time};
 use crate::store::{DealFilter, Store};
 use crate::sync::{self, RunSummary};
 use crate::telemetry::Metrics;
@@ -804,49 +804,49 @@ async fn deals_list(source: &ConfigSource, args: ListArgs) -> Result<(), CliErro
             offset: None,
         })
         .await?;
-    if args.format == Format::Json {
-        output::print(&output::to_json(&deals));
-        return Ok(());
-    }
-    let mut rows = Rows::new(vec![
-        "id",
-        "connection",
-        "external_id",
-        "title",
-        "amount",
-        "currency",
-        "pipeline",
-        "stage",
-        "status",
-        "native_stage",
-        "contact",
-        "in_stage_since",
-    ]);
-    for deal in deals {
-        let amount = deal
-            .amount()
-            .map(|m| m.to_decimal_string())
-            .unwrap_or_default();
-        rows.push(vec![
-            deal.id.to_string(),
-            deal.connection.to_string(),
-            deal.external_id.to_string(),
-            deal.title.clone(),
-            amount,
-            deal.currency.map(|c| c.to_string()).unwrap_or_default(),
-            deal.pipeline.map(|p| p.to_string()).unwrap_or_default(),
-            deal.stage.to_string(),
-            deal.status.to_string(),
-            deal.native_stage.clone(),
-            deal.contact_email
-                .map(|e| e.to_string())
-                .unwrap_or_default(),
-            deal.stage_entered_at
-                .format("%Y-%m-%d %H:%M:%S")
-                .to_string(),
-        ]);
-    }
-    output::print(&rows.render(args.format));
+    print_list(
+        args.format,
+        &deals,
+        |deals| output::to_json(&deals),
+        vec![
+            "id",
+            "connection",
+            "external_id",
+            "title",
+            "amount",
+            "currency",
+            "pipeline",
+            "stage",
+            "status",
+            "native_stage",
+            "contact",
+            "in_stage_since",
+        ],
+        |deal| {
+            vec![
+                deal.id.to_string(),
+                deal.connection.to_string(),
+                deal.external_id.to_string(),
+                deal.title.clone(),
+                deal.amount()
+                    .map(|m| m.to_decimal_string())
+                    .unwrap_or_default(),
+                deal.currency.map(|c| c.to_string()).unwrap_or_default(),
+                deal.pipeline
+                    .as_ref()
+                    .map(|p| p.to_string())
+                    .unwrap_or_default(),
+                deal.stage.to_string(),
+                deal.status.to_string(),
+                deal.native_stage.clone(),
+                deal.contact_email
+                    .as_ref()
+                    .map(|e| e.to_string())
+                    .unwrap_or_default(),
+                time(deal.stage_entered_at),
+            ]
+        },
+    );
     Ok(())
 }
 
@@ -928,40 +928,39 @@ async fn outbox_list(source: &ConfigSource, args: OutboxListArgs) -> Result<(), 
             limit: Some(args.limit),
         })
         .await?;
-    if args.format == Format::Json {
-        output::print(&output::to_json(&rows));
-        return Ok(());
-    }
-    let mut table = Rows::new(vec![
-        "id",
-        "deal",
-        "rule",
-        "step",
-        "action",
-        "recipient",
-        "state",
-        "due",
-        "attempts",
-        "sent",
-        "reason",
-    ]);
-    let time = |at: chrono::DateTime<chrono::Utc>| at.format("%Y-%m-%d %H:%M:%S").to_string();
-    for row in rows {
-        table.push(vec![
-            row.id.to_string(),
-            row.deal_id.to_string(),
-            row.rule.clone(),
-            row.step.to_string(),
-            row.action.as_str().to_owned(),
-            row.recipient.clone(),
-            row.state.as_str().to_owned(),
-            time(row.due_at),
-            row.attempts.to_string(),
-            row.sent_at.map(time).unwrap_or_default(),
-            row.reason.clone().unwrap_or_default(),
-        ]);
-    }
-    output::print(&table.render(args.format));
+    print_list(
+        args.format,
+        &rows,
+        |rows| output::to_json(&rows),
+        vec![
+            "id",
+            "deal",
+            "rule",
+            "step",
+            "action",
+            "recipient",
+            "state",
+            "due",
+            "attempts",
+            "sent",
+            "reason",
+        ],
+        |row| {
+            vec![
+                row.id.to_string(),
+                row.deal_id.to_string(),
+                row.rule.clone(),
+                row.step.to_string(),
+                row.action.as_str().to_owned(),
+                row.recipient.clone(),
+                row.state.as_str().to_owned(),
+                time(row.due_at),
+                row.attempts.to_string(),
+                row.sent_at.map(time).unwrap_or_default(),
+                row.reason.clone().unwrap_or_default(),
+            ]
+        },
+    );
     Ok(())
 }
 
@@ -1048,36 +1047,35 @@ async fn outbox_digests(source: &ConfigSource, args: OutboxDigestsArgs) -> Resul
     one_of("digest rule", args.rule.as_deref(), &digests)?;
     let store = open_store(&config).await?;
     let rows = store.digests(args.rule, args.limit).await?;
-    if args.format == Format::Json {
-        output::print(&output::to_json(&rows));
-        return Ok(());
-    }
-    let mut table = Rows::new(vec![
-        "id",
-        "rule",
-        "day",
-        "recipient",
-        "state",
-        "deals",
-        "attempts",
-        "sent",
-        "reason",
-    ]);
-    let time = |at: chrono::DateTime<chrono::Utc>| at.format("%Y-%m-%d %H:%M:%S").to_string();
-    for row in rows {
-        table.push(vec![
-            row.id.to_string(),
-            row.rule.clone(),
-            row.day.clone(),
-            row.recipient.clone(),
-            row.state.as_str().to_owned(),
-            row.deals.len().to_string(),
-            row.attempts.to_string(),
-            row.sent_at.map(time).unwrap_or_default(),
-            row.reason.clone().unwrap_or_default(),
-        ]);
-    }
-    output::print(&table.render(args.format));
+    print_list(
+        args.format,
+        &rows,
+        |rows| output::to_json(&rows),
+        vec![
+            "id",
+            "rule",
+            "day",
+            "recipient",
+            "state",
+            "deals",
+            "attempts",
+            "sent",
+            "reason",
+        ],
+        |row| {
+            vec![
+                row.id.to_string(),
+                row.rule.clone(),
+                row.day.clone(),
+                row.recipient.clone(),
+                row.state.as_str().to_owned(),
+                row.deals.len().to_string(),
+                row.attempts.to_string(),
+                row.sent_at.map(time).unwrap_or_default(),
+                row.reason.clone().unwrap_or_default(),
+            ]
+        },
+    );
     Ok(())
 }
 
@@ -1117,7 +1115,6 @@ async fn outbox_preview(source: &ConfigSource, args: OutboxPreviewArgs) -> Resul
         })
         .await?;
     let step = match args.step {
-        Some(0) => return Err(CliError::Usage("steps count from 1".into())),
         Some(step) if step > rule.steps.len() => {
             return Err(CliError::Usage(format!(
                 "rule {} has {} step(s)",
@@ -1125,7 +1122,9 @@ async fn outbox_preview(source: &ConfigSource, args: OutboxPreviewArgs) -> Resul
                 rule.steps.len()
             )));
         }
-        Some(step) => crate::domain::StepNumber::from_index(step as i64 - 1),
+        // Below the rule's step count, so it fits in a u32.
+        Some(step) => crate::domain::StepNumber::from_number(step as u32)
+            .ok_or_else(|| CliError::Usage("steps count from 1".into()))?,
         None => rows
             .iter()
             .filter(|r| r.state == OutboxState::Pending && r.action == OutboxAction::Email)

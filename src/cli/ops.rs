@@ -18,40 +18,16 @@ use crate::connectors::WebhookEvent;
 use crate::domain::{ChangeCause, ConnectionName, EmailAddress};
 use crate::followup::explain::{self, DealView};
 use crate::ingest::{ConnectionRuntime, SyncDeps};
-use crate::output::{self, Format, Rows, ViewFormat};
+use crate::output::{self, Format, Rows, ViewFormat, print_list, time};
 use crate::store::{Replayed, Reread, RetryOutcome, Store, StoredDeadLetter};
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use serde_json::json;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
-fn time(at: DateTime<Utc>) -> String {
-    at.format("%Y-%m-%d %H:%M:%S").to_string()
-}
-
 fn or_dash(text: Option<String>) -> String {
     text.filter(|t| !t.is_empty())
         .unwrap_or_else(|| "-".to_owned())
-}
-
-/// Prints what a list command found: `json` of the items with `--format json`, else a
-/// table (or CSV) of `columns` with one `row` per item.
-fn print_list<T>(
-    format: Format,
-    items: &[T],
-    json: impl FnOnce(&[T]) -> String,
-    columns: Vec<&'static str>,
-    row: impl Fn(&T) -> Vec<String>,
-) {
-    if format == Format::Json {
-        output::print(&json(items));
-        return;
-    }
-    let mut rows = Rows::new(columns);
-    for item in items {
-        rows.push(row(item));
-    }
-    output::print(&rows.render(format));
 }
 
 /// Runs a `show` command: loads the config, opens the store, finds the record, and

@@ -819,15 +819,7 @@ impl QuietHours {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::interpolate::tests::MapEnv;
-
-    fn parse(dir: &Path, text: &str) -> Result<crate::config::Config, crate::config::ConfigError> {
-        crate::config::parse(
-            &dir.join("dealsync.toml"),
-            text,
-            &MapEnv(Default::default()),
-        )
-    }
+    use crate::config::testing::{parse_in as parse, problem_keys};
 
     fn templates(dir: &Path, names: &[&str]) {
         std::fs::create_dir_all(dir.join("templates")).unwrap();
@@ -927,7 +919,7 @@ template = "remind"
 "#,
         )
         .unwrap_err();
-        let keys: Vec<_> = error.problems().iter().map(|p| p.key.as_str()).collect();
+        let keys = problem_keys(&error);
         assert!(keys.contains(&"followups.carts.kind"), "{error}");
         assert!(keys.contains(&"followups.carts.to"), "{error}");
         assert!(keys.contains(&"email.unsubscribe_secret"), "{error}");

@@ -1247,9 +1247,32 @@ fn common_prefix(a: &[String], b: &[String]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
+/// Test support for modules whose tests start from a config text.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::interpolate::tests::MapEnv;
+    use super::{Config, ConfigError, parse};
+    use std::path::Path;
+
+    /// Parses `text` as `<dir>/dealsync.toml`, with no environment variables set.
+    pub fn parse_in(dir: &Path, text: &str) -> Result<Config, ConfigError> {
+        parse(
+            &dir.join("dealsync.toml"),
+            text,
+            &MapEnv(Default::default()),
+        )
+    }
+
+    /// The keys of the problems `error` reports, in its order.
+    pub fn problem_keys(error: &ConfigError) -> Vec<&str> {
+        error.problems().iter().map(|p| p.key.as_str()).collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::interpolate::tests::MapEnv;
+    use super::testing::problem_keys;
     use super::*;
     use std::collections::HashMap;
 
@@ -1342,7 +1365,7 @@ from = "Shop <shop@example.com>"
     #[test]
     fn every_missing_env_var_is_reported_by_key() {
         let error = parse_with(MINIMAL, &[]).unwrap_err();
-        let keys: Vec<_> = error.problems().iter().map(|p| p.key.as_str()).collect();
+        let keys = problem_keys(&error);
         assert_eq!(
             keys,
             [
@@ -1582,7 +1605,7 @@ url = "smtps://user:smtp-secret-8@mail.example.com"
         let text = "[server]\nheader_read_timeout = \"0s\"\nmax_connections = 0\n\
                     metrics_listen = \"nowhere\"\nmetrics_auth = \"token\"\n";
         let error = parse_with(text, &[]).unwrap_err();
-        let keys: Vec<_> = error.problems().iter().map(|p| p.key.as_str()).collect();
+        let keys = problem_keys(&error);
         assert_eq!(
             keys,
             [

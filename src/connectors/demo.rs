@@ -660,6 +660,20 @@ mod tests {
         );
     }
 
+    /// A context for connection `demo`, and a runtime to drive the connector's reads on
+    /// this test's thread.
+    fn context() -> (SyncContext, tokio::runtime::Runtime) {
+        let cx = SyncContext::new(
+            crate::domain::ConnectionName::new("demo"),
+            tokio_util::sync::CancellationToken::new(),
+        );
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        (cx, runtime)
+    }
+
     #[test]
     fn paging_through_the_world_with_interruptions_delivers_every_entity() {
         // Read in small pages, dropping every third page as a failed commit would, and
@@ -671,14 +685,7 @@ mod tests {
             page_size: 7,
             ..DemoSettings::default()
         });
-        let cx = SyncContext::new(
-            crate::domain::ConnectionName::new("demo"),
-            tokio_util::sync::CancellationToken::new(),
-        );
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+        let (cx, runtime) = context();
         let mut seen = std::collections::HashSet::new();
         let mut committed: Option<serde_json::Value> = None;
         let mut calls = 0;
@@ -710,14 +717,7 @@ mod tests {
         // single-record read must answer an error (the delivery is dead-lettered, the
         // deal kept), never `None`.
         let connector = DemoConnector::new(DemoSettings::default());
-        let cx = SyncContext::new(
-            crate::domain::ConnectionName::new("demo"),
-            tokio_util::sync::CancellationToken::new(),
-        );
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+        let (cx, runtime) = context();
         let answer = runtime.block_on(connector.fetch_one(&cx, "d-1"));
         match answer {
             Err(ConnectorError::BadResponse { reason, .. }) => {

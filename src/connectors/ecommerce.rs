@@ -6,7 +6,8 @@
 //! the stages below, and maps them by default onto the `ecommerce` pipeline. The config's
 //! `stage_map` may override any of them like for any other source.
 
-use super::BadRecord;
+use super::{BadRecord, Connector, WebhookAction, WebhookEvent};
+use crate::connectors::signature::Scheme;
 use crate::domain::{
     Currency, EmailAddress, LineItem, Money, PipelineKey, RawRecord, StageKey, StageRef,
 };
@@ -48,6 +49,47 @@ pub fn default_mappings() -> Vec<StageMapEntry> {
         source: MappingSource::Manifest,
     })
     .collect()
+}
+
+/// A webhook-only e-commerce connector (WooCommerce, Stripe, generic): it names its
+/// kind, its signing scheme and how a delivery becomes actions; the blanket
+/// [`Connector`] impl below gives it the `ecommerce` pipeline, the default mappings and
+/// no polling. Shopify, which may also poll, implements [`Connector`] itself.
+pub trait WebhookShop: Send + Sync {
+    /// The connector's name ([`Connector::kind`]).
+    const KIND: &'static str;
+
+    /// How its webhooks are signed ([`Connector::webhook_scheme`]).
+    fn scheme(&self) -> Scheme;
+
+    /// Turns a verified delivery into actions ([`Connector::parse_webhook`]).
+    fn actions(&self, event: &WebhookEvent) -> Result<Vec<WebhookAction>, BadRecord>;
+}
+
+impl<T: WebhookShop> Connector for T {
+    fn kind(&self) -> &str {
+        T::KIND
+    }
+
+    fn default_pipeline(&self) -> Option<&str> {
+        Some(PIPELINE)
+    }
+
+    fn default_mappings(&self) -> Vec<StageMapEntry> {
+        default_mappings()
+    }
+
+    fn polls(&self) -> bool {
+        false
+    }
+
+    fn webhook_scheme(&self) -> Option<Scheme> {
+        Some(self.scheme())
+    }
+
+    fn parse_webhook(&self, event: &WebhookEvent) -> Result<Vec<WebhookAction>, BadRecord> {
+        self.actions(event)
+    }
 }
 
 /// A `BadRecord` for a payload that does not have the shape the connector reads.

@@ -10,14 +10,12 @@
 //! that becomes the cart key `ref:<value>`, shared with Stripe's `client_reference_id`.
 
 use super::ecommerce::{
-    self, ConsentField, NATIVE_PIPELINE, bad, currency, decimal, email, text_at, time,
+    self, ConsentField, NATIVE_PIPELINE, WebhookShop, bad, currency, decimal, email, text_at, time,
 };
-use super::{BadRecord, Connector, WebhookAction, WebhookEvent};
+use super::{BadRecord, WebhookAction, WebhookEvent};
 use crate::config::ConnectionConfig;
 use crate::connectors::signature::{DEFAULT_TOLERANCE, Scheme};
 use crate::domain::{RawRecord, SourceDeal};
-use crate::pipeline::StageMapEntry;
-use async_trait::async_trait;
 use serde_json::Value;
 
 /// JSON pointers to each field of a record.
@@ -165,31 +163,16 @@ impl GenericConnector {
     }
 }
 
-#[async_trait]
-impl Connector for GenericConnector {
-    fn kind(&self) -> &str {
-        "webhook"
-    }
+impl WebhookShop for GenericConnector {
+    const KIND: &'static str = "webhook";
 
-    fn default_pipeline(&self) -> Option<&str> {
-        Some(ecommerce::PIPELINE)
-    }
-
-    fn default_mappings(&self) -> Vec<StageMapEntry> {
-        ecommerce::default_mappings()
-    }
-
-    fn polls(&self) -> bool {
-        false
-    }
-
-    fn webhook_scheme(&self) -> Option<Scheme> {
-        Some(Scheme::StandardWebhooks {
+    fn scheme(&self) -> Scheme {
+        Scheme::StandardWebhooks {
             tolerance: DEFAULT_TOLERANCE,
-        })
+        }
     }
 
-    fn parse_webhook(&self, event: &WebhookEvent) -> Result<Vec<WebhookAction>, BadRecord> {
+    fn actions(&self, event: &WebhookEvent) -> Result<Vec<WebhookAction>, BadRecord> {
         let payload = ecommerce::parse_body(&event.body)?;
         let deleted = payload
             .get("type")

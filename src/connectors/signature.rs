@@ -969,6 +969,82 @@ mod tests {
         sign(&scheme, secret.as_bytes(), &delivery, now).expect("test secrets are well-formed")
     }
 
+    /// A vendor's published example: the scheme, its secret, where the body was sent,
+    /// the body, and the clock it was signed at.
+    struct Vector {
+        scheme: Scheme,
+        secret: &'static str,
+        uri: &'static str,
+        body: &'static str,
+        now: SystemTime,
+    }
+
+    impl Vector {
+        /// Verifies a POST of the example's body with `headers`, with its secret at its
+        /// clock.
+        fn post(&self, headers: &HeaderMap) -> Result<Verified, SignatureError> {
+            check(
+                self.scheme,
+                &[self.secret],
+                "POST",
+                self.uri,
+                headers,
+                self.body,
+                self.now,
+            )
+        }
+    }
+
+    fn shopify_vector() -> Vector {
+        Vector {
+            scheme: Scheme::Shopify,
+            secret: SHOPIFY_SECRET,
+            uri: URI,
+            body: SHOPIFY_BODY,
+            now: at_secs(0),
+        }
+    }
+
+    fn woo_vector() -> Vector {
+        Vector {
+            scheme: Scheme::WooCommerce,
+            secret: WOO_SECRET,
+            uri: URI,
+            body: WOO_BODY,
+            now: at_secs(0),
+        }
+    }
+
+    fn stripe_vector() -> Vector {
+        Vector {
+            scheme: stripe(),
+            secret: STRIPE_SECRET,
+            uri: URI,
+            body: STRIPE_BODY,
+            now: at_secs(STRIPE_T),
+        }
+    }
+
+    fn hubspot_v3_vector() -> Vector {
+        Vector {
+            scheme: hubspot_v3(),
+            secret: HUBSPOT_SECRET,
+            uri: HUBSPOT_URI,
+            body: HUBSPOT_BODY,
+            now: UNIX_EPOCH + Duration::from_millis(1693657560000),
+        }
+    }
+
+    fn sw_vector() -> Vector {
+        Vector {
+            scheme: standard_webhooks(),
+            secret: SW_SECRET,
+            uri: URI,
+            body: SW_BODY,
+            now: at_secs(SW_TS),
+        }
+    }
+
     #[test]
     fn shopify_official_vector_verifies_and_reports_the_delivery_and_event_ids() {
         let headers = header_map(&[
@@ -980,13 +1056,7 @@ mod tests {
             ("X-Shopify-Event-Id", "98880550-7158-44d4-b7cd-2c97c8a091b5"),
         ]);
 
-        let verified = post(
-            Scheme::Shopify,
-            &[SHOPIFY_SECRET],
-            &headers,
-            SHOPIFY_BODY,
-            at_secs(0),
-        );
+        let verified = shopify_vector().post(&headers);
 
         assert_eq!(
             verified,
@@ -1006,13 +1076,7 @@ mod tests {
             ("shopify-event-id", "evt-1"),
         ]);
 
-        let verified = post(
-            Scheme::Shopify,
-            &[SHOPIFY_SECRET],
-            &headers,
-            SHOPIFY_BODY,
-            at_secs(0),
-        );
+        let verified = shopify_vector().post(&headers);
 
         assert_eq!(verified.map(|v| v.event_id), Ok(Some("evt-1".into())));
     }
@@ -1024,13 +1088,7 @@ mod tests {
             ("X-WC-Webhook-Delivery-ID", "a1b2c3"),
         ]);
 
-        let verified = post(
-            Scheme::WooCommerce,
-            &[WOO_SECRET],
-            &headers,
-            WOO_BODY,
-            at_secs(0),
-        );
+        let verified = woo_vector().post(&headers);
 
         assert_eq!(verified.map(|v| v.delivery_id), Ok(Some("a1b2c3".into())));
     }
@@ -1039,13 +1097,7 @@ mod tests {
     fn stripe_vector_verifies_and_reports_the_signed_timestamp() {
         let headers = header_map(&[("Stripe-Signature", STRIPE_HEADER)]);
 
-        let verified = post(
-            stripe(),
-            &[STRIPE_SECRET],
-            &headers,
-            STRIPE_BODY,
-            at_secs(STRIPE_T),
-        );
+        let verified = stripe_vector().post(&headers);
 
         assert_eq!(verified.map(|v| v.signed_at), Ok(Some(at_secs(STRIPE_T))));
     }
@@ -1057,13 +1109,7 @@ mod tests {
         let value = format!("t={STRIPE_T},v0={zeros},v1={zeros},v1=nothex,v1={valid},x=y");
         let headers = header_map(&[("stripe-signature", &value)]);
 
-        let verified = post(
-            stripe(),
-            &[STRIPE_SECRET],
-            &headers,
-            STRIPE_BODY,
-            at_secs(STRIPE_T),
-        );
+        let verified = stripe_vector().post(&headers);
 
         assert!(verified.is_ok(), "{verified:?}");
     }
@@ -1076,13 +1122,7 @@ mod tests {
         let value = format!("t={STRIPE_T},v1={valid},v1={valid}");
         let headers = header_map(&[("stripe-signature", &value)]);
 
-        let verified = post(
-            stripe(),
-            &[STRIPE_SECRET],
-            &headers,
-            STRIPE_BODY,
-            at_secs(STRIPE_T),
-        );
+        let verified = stripe_vector().post(&headers);
 
         assert_eq!(verified.map(|v| v.secret_index), Ok(Some(0)));
     }
@@ -1093,19 +1133,11 @@ mod tests {
             ("X-HubSpot-Signature-v3", HUBSPOT_V3_SIGNATURE),
             ("X-HubSpot-Request-Timestamp", HUBSPOT_V3_TS),
         ]);
-        let now = UNIX_EPOCH + Duration::from_millis(1693657560000);
+        let vector = hubspot_v3_vector();
 
-        let verified = check(
-            hubspot_v3(),
-            &[HUBSPOT_SECRET],
-            "POST",
-            HUBSPOT_URI,
-            &headers,
-            HUBSPOT_BODY,
-            now,
-        );
+        let verified = vector.post(&headers);
 
-        assert_eq!(verified.map(|v| v.signed_at), Ok(Some(now)));
+        assert_eq!(verified.map(|v| v.signed_at), Ok(Some(vector.now)));
     }
 
     #[test]
@@ -1200,13 +1232,7 @@ mod tests {
             ("webhook-signature", SW_SIGNATURE),
         ]);
 
-        let verified = post(
-            standard_webhooks(),
-            &[SW_SECRET],
-            &headers,
-            SW_BODY,
-            at_secs(SW_TS),
-        );
+        let verified = sw_vector().post(&headers);
 
         assert_eq!(
             verified,
@@ -1230,13 +1256,7 @@ mod tests {
             ),
         ]);
 
-        let verified = post(
-            standard_webhooks(),
-            &[SW_SECRET],
-            &headers,
-            SW_BODY,
-            at_secs(SW_TS),
-        );
+        let verified = sw_vector().post(&headers);
 
         assert_eq!(verified, Err(SignatureError::Mismatch));
     }
@@ -1252,80 +1272,53 @@ mod tests {
             ("webhook-signature", &value),
         ]);
 
-        let verified = post(
-            standard_webhooks(),
-            &[SW_SECRET],
-            &headers,
-            SW_BODY,
-            at_secs(SW_TS),
-        );
+        let verified = sw_vector().post(&headers);
 
         assert!(verified.is_ok(), "{verified:?}");
     }
 
     #[test]
     fn signing_reproduces_the_official_vectors() {
-        let delivery = |uri, body: &'static str, id| Delivery {
-            method: "POST",
-            uri,
-            body: body.as_bytes(),
-            id,
-        };
-        let header_of = |scheme: Scheme, secret: &str, delivery: Delivery<'_>, now, name| {
-            let headers = sign(&scheme, secret.as_bytes(), &delivery, now).expect("valid secret");
-            headers[name].to_str().expect("ascii").to_owned()
-        };
+        let cases = [
+            (shopify_vector(), "", header::SHOPIFY_HMAC, SHOPIFY_HMAC),
+            (
+                woo_vector(),
+                "",
+                header::WOOCOMMERCE_SIGNATURE,
+                WOO_SIGNATURE,
+            ),
+            (stripe_vector(), "", header::STRIPE_SIGNATURE, STRIPE_HEADER),
+            (
+                hubspot_v3_vector(),
+                "",
+                header::HUBSPOT_SIGNATURE_V3,
+                HUBSPOT_V3_SIGNATURE,
+            ),
+            (sw_vector(), SW_ID, header::WEBHOOK_SIGNATURE, SW_SIGNATURE),
+        ];
+        for (vector, id, name, expected) in cases {
+            let delivery = Delivery {
+                method: "POST",
+                uri: vector.uri,
+                body: vector.body.as_bytes(),
+                id,
+            };
 
-        assert_eq!(
-            header_of(
-                Scheme::Shopify,
-                SHOPIFY_SECRET,
-                delivery(URI, SHOPIFY_BODY, ""),
-                at_secs(0),
-                header::SHOPIFY_HMAC
-            ),
-            SHOPIFY_HMAC
-        );
-        assert_eq!(
-            header_of(
-                Scheme::WooCommerce,
-                WOO_SECRET,
-                delivery(URI, WOO_BODY, ""),
-                at_secs(0),
-                header::WOOCOMMERCE_SIGNATURE
-            ),
-            WOO_SIGNATURE
-        );
-        assert_eq!(
-            header_of(
-                stripe(),
-                STRIPE_SECRET,
-                delivery(URI, STRIPE_BODY, ""),
-                at_secs(STRIPE_T),
-                header::STRIPE_SIGNATURE
-            ),
-            STRIPE_HEADER
-        );
-        assert_eq!(
-            header_of(
-                hubspot_v3(),
-                HUBSPOT_SECRET,
-                delivery(HUBSPOT_URI, HUBSPOT_BODY, ""),
-                UNIX_EPOCH + Duration::from_millis(1693657560000),
-                header::HUBSPOT_SIGNATURE_V3
-            ),
-            HUBSPOT_V3_SIGNATURE
-        );
-        assert_eq!(
-            header_of(
-                standard_webhooks(),
-                SW_SECRET,
-                delivery(URI, SW_BODY, SW_ID),
-                at_secs(SW_TS),
-                header::WEBHOOK_SIGNATURE
-            ),
-            SW_SIGNATURE
-        );
+            let headers = sign(
+                &vector.scheme,
+                vector.secret.as_bytes(),
+                &delivery,
+                vector.now,
+            )
+            .expect("valid secret");
+
+            assert_eq!(
+                headers[name].to_str().expect("ascii"),
+                expected,
+                "{:?}",
+                vector.scheme
+            );
+        }
     }
 
     #[test]

@@ -8,15 +8,13 @@
 //! `ref:<id>`, so a shop that sends its own cart id elsewhere can be matched.
 
 use super::ecommerce::{
-    self, ABANDONED, CHECKOUT, NATIVE_PIPELINE, PURCHASED, bad, currency, email, text, text_at,
-    time,
+    self, ABANDONED, CHECKOUT, NATIVE_PIPELINE, PURCHASED, WebhookShop, bad, currency, email, text,
+    text_at, time,
 };
-use super::{BadRecord, Connector, WebhookAction, WebhookEvent};
+use super::{BadRecord, WebhookAction, WebhookEvent};
 use crate::config::ConnectionConfig;
 use crate::connectors::signature::{DEFAULT_TOLERANCE, Scheme};
 use crate::domain::{LineItem, Money, RawRecord, SourceDeal};
-use crate::pipeline::StageMapEntry;
-use async_trait::async_trait;
 use serde_json::Value;
 
 /// The Stripe connector for one connection.
@@ -112,31 +110,16 @@ pub fn parse_event(event: &Value) -> Result<Option<SourceDeal>, BadRecord> {
     Ok(Some(deal))
 }
 
-#[async_trait]
-impl Connector for StripeConnector {
-    fn kind(&self) -> &str {
-        "stripe"
-    }
+impl WebhookShop for StripeConnector {
+    const KIND: &'static str = "stripe";
 
-    fn default_pipeline(&self) -> Option<&str> {
-        Some(ecommerce::PIPELINE)
-    }
-
-    fn default_mappings(&self) -> Vec<StageMapEntry> {
-        ecommerce::default_mappings()
-    }
-
-    fn polls(&self) -> bool {
-        false
-    }
-
-    fn webhook_scheme(&self) -> Option<Scheme> {
-        Some(Scheme::Stripe {
+    fn scheme(&self) -> Scheme {
+        Scheme::Stripe {
             tolerance: DEFAULT_TOLERANCE,
-        })
+        }
     }
 
-    fn parse_webhook(&self, event: &WebhookEvent) -> Result<Vec<WebhookAction>, BadRecord> {
+    fn actions(&self, event: &WebhookEvent) -> Result<Vec<WebhookAction>, BadRecord> {
         let body = ecommerce::parse_body(&event.body)?;
         Ok(parse_event(&body)?
             .map(|deal| WebhookAction::Upsert(Box::new(deal)))

@@ -8,15 +8,13 @@
 //! is answered by the HTTP layer and never reaches the connector.
 
 use super::ecommerce::{
-    self, CHECKOUT, CLOSED, ConsentField, NATIVE_PIPELINE, PURCHASED, bad, currency, decimal,
-    email, full_name, line_items, text, time,
+    self, CHECKOUT, CLOSED, ConsentField, NATIVE_PIPELINE, PURCHASED, WebhookShop, bad, currency,
+    decimal, email, full_name, line_items, text, time,
 };
-use super::{BadRecord, Connector, WebhookAction, WebhookEvent};
+use super::{BadRecord, WebhookAction, WebhookEvent};
 use crate::config::ConnectionConfig;
 use crate::connectors::signature::Scheme;
 use crate::domain::{RawRecord, SourceDeal};
-use crate::pipeline::StageMapEntry;
-use async_trait::async_trait;
 use serde_json::Value;
 
 /// Where consent is read when the connection does not say: Mailchimp for
@@ -150,29 +148,14 @@ fn check_order_body(body: &Value, topic: &str) -> Result<(), BadRecord> {
     }
 }
 
-#[async_trait]
-impl Connector for WooCommerceConnector {
-    fn kind(&self) -> &str {
-        "woocommerce"
+impl WebhookShop for WooCommerceConnector {
+    const KIND: &'static str = "woocommerce";
+
+    fn scheme(&self) -> Scheme {
+        Scheme::WooCommerce
     }
 
-    fn default_pipeline(&self) -> Option<&str> {
-        Some(ecommerce::PIPELINE)
-    }
-
-    fn default_mappings(&self) -> Vec<StageMapEntry> {
-        ecommerce::default_mappings()
-    }
-
-    fn polls(&self) -> bool {
-        false
-    }
-
-    fn webhook_scheme(&self) -> Option<Scheme> {
-        Some(Scheme::WooCommerce)
-    }
-
-    fn parse_webhook(&self, event: &WebhookEvent) -> Result<Vec<WebhookAction>, BadRecord> {
+    fn actions(&self, event: &WebhookEvent) -> Result<Vec<WebhookAction>, BadRecord> {
         let body = ecommerce::parse_body(&event.body)?;
         let topic = event.topic.as_deref().unwrap_or_default();
         if topic.starts_with("order.") {
@@ -198,6 +181,7 @@ impl Connector for WooCommerceConnector {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::connectors::Connector;
 
     fn order_fixture() -> Value {
         let path = format!(

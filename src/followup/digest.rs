@@ -227,7 +227,6 @@ pub fn check(templates: &Templates, rules: &[DigestRule], pipelines: &Pipelines)
 mod tests {
     use super::*;
     use crate::config::followups::{parse_time, template_files};
-    use crate::config::interpolate::tests::MapEnv;
     use chrono::{NaiveDate, NaiveTime, TimeZone};
     use std::time::Duration;
 
@@ -311,11 +310,7 @@ mod tests {
         for file in template_files("owner_digest") {
             std::fs::write(dir.join("templates").join(file), "x").unwrap();
         }
-        crate::config::parse(
-            &dir.join("dealsync.toml"),
-            text,
-            &MapEnv(Default::default()),
-        )
+        crate::config::testing::parse_in(dir, text)
     }
 
     #[test]
@@ -368,7 +363,7 @@ time_zone = "Mars/Olympus"
 "#,
         )
         .unwrap_err();
-        let keys: Vec<_> = error.problems().iter().map(|p| p.key.as_str()).collect();
+        let keys = crate::config::testing::problem_keys(&error);
         for key in [
             "followups.rotting.kind",
             "followups.rotting.to",

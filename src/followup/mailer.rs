@@ -196,16 +196,7 @@ impl Mailer {
 
     /// The Message-ID of an outbox row, stable across renders.
     pub fn message_id(&self, idempotency_key: &str) -> String {
-        let left: String = idempotency_key
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                    c
-                } else {
-                    '.'
-                }
-            })
-            .collect();
+        let left = replace_unsafe(idempotency_key, '.');
         format!("<{left}.dealsync@{}>", self.domain())
     }
 
@@ -344,6 +335,20 @@ fn classify(error: lettre::transport::smtp::Error) -> MailError {
     }
 }
 
+/// `key` with every character other than an ASCII letter, digit, `-` or `_` replaced
+/// by `with`: an outbox key made safe for a Message-ID's left part or a file name.
+fn replace_unsafe(key: &str, with: char) -> String {
+    key.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                with
+            }
+        })
+        .collect()
+}
+
 /// lettre has no `is_network`; its Display names the kind.
 fn is_network(error: &lettre::transport::smtp::Error) -> bool {
     !error.is_transient()
@@ -364,16 +369,7 @@ async fn write_eml(dir: PathBuf, key: String, bytes: Vec<u8>) -> Result<(), Mail
             MailError::Transient(format!("{what} in {}: {error}", dir.display()))
         };
         crate::files::create_dir_all(&dir).map_err(|e| io("creating the outbox directory", e))?;
-        let safe: String = key
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect();
+        let safe = replace_unsafe(&key, '_');
         let target = dir.join(format!("{safe}.eml"));
         let temporary = dir.join(format!(".{safe}.{}.tmp", std::process::id()));
         // A temporary file left by a crash is replaced, not appended to.
@@ -402,13 +398,7 @@ mod tests {
             "[email]\ntransport = \"file\"\ndir = \"{}\"\nfrom = \"Shop <shop@example.com>\"\n",
             dir.display()
         );
-        crate::config::parse(
-            &dir.join("dealsync.toml"),
-            &text,
-            &crate::config::interpolate::tests::MapEnv(Default::default()),
-        )
-        .unwrap()
-        .email
+        crate::config::testing::parse_in(dir, &text).unwrap().email
     }
 
     fn outgoing(unsubscribe: bool) -> Outgoing {
@@ -619,13 +609,7 @@ mod tests {
             let text = format!(
                 "[email]\ntransport = \"smtp\"\nurl = \"smtp://127.0.0.1:{port}\"\nfrom = \"Shop <shop@example.com>\"\n"
             );
-            crate::config::parse(
-                &dir.join("dealsync.toml"),
-                &text,
-                &crate::config::interpolate::tests::MapEnv(Default::default()),
-            )
-            .unwrap()
-            .email
+            crate::config::testing::parse_in(&dir, &text).unwrap().email
         }
 
         async fn send_to(port: u16) -> Result<(), MailError> {

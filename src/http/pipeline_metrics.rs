@@ -7,7 +7,7 @@
 use super::HttpState;
 use super::status::stall_cutoffs;
 use crate::store::StoreError;
-use crate::telemetry::{EmailLabels, StageLabels, ValueLabels};
+use crate::telemetry::{EmailLabels, StageLabels, ValueLabels, rebuild_gauges};
 
 /// Rebuilds the pipeline gauges from the store.
 pub async fn refresh(state: &HttpState) -> Result<(), StoreError> {
@@ -19,38 +19,41 @@ pub async fn refresh(state: &HttpState) -> Result<(), StoreError> {
         .await?;
     let emails = state.store.outbox_counts().await?;
 
-    metrics.deal_value.clear();
-    for value in values.into_iter().filter(|v| !v.currency.is_empty()) {
-        metrics
-            .deal_value
-            .get_or_create(&ValueLabels {
-                connection: value.connection,
-                pipeline: value.pipeline,
-                stage: value.stage,
-                currency: value.currency,
-            })
-            .set(value.amount_minor);
-    }
-    metrics.stalled_deals.clear();
-    for count in stalled {
-        metrics
-            .stalled_deals
-            .get_or_create(&StageLabels {
+    rebuild_gauges(
+        &metrics.deal_value,
+        values
+            .into_iter()
+            .filter(|v| !v.currency.is_empty())
+            .map(|value| {
+                let labels = ValueLabels {
+                    connection: value.connection,
+                    pipeline: value.pipeline,
+                    stage: value.stage,
+                    currency: value.currency,
+                };
+                (labels, value.amount_minor)
+            }),
+    );
+    rebuild_gauges(
+        &metrics.stalled_deals,
+        stalled.into_iter().map(|count| {
+            let labels = StageLabels {
                 connection: count.connection,
                 pipeline: count.pipeline,
                 stage: count.stage,
-            })
-            .set(count.deals as i64);
-    }
-    metrics.outbox_emails.clear();
-    for count in emails {
-        metrics
-            .outbox_emails
-            .get_or_create(&EmailLabels {
+            };
+            (labels, count.deals as i64)
+        }),
+    );
+    rebuild_gauges(
+        &metrics.outbox_emails,
+        emails.into_iter().map(|count| {
+            let labels = EmailLabels {
                 rule: count.rule,
                 state: count.state,
-            })
-            .set(count.emails as i64);
-    }
+            };
+            (labels, count.emails as i64)
+        }),
+    );
     Ok(())
 }

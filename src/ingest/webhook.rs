@@ -11,8 +11,8 @@
 
 use super::ConnectionRuntime;
 use crate::connectors::{ConnectorError, SyncContext, WebhookAction, WebhookEvent};
-use crate::domain::{ChangeCause, SourceDeal, check_depth};
-use crate::store::DealChange;
+use crate::domain::{ChangeCause, ConnectionName, SourceDeal, check_depth};
+use crate::store::{DealChange, InboxRow};
 use tracing::debug;
 
 /// Why a delivery could not be planned. [`PlanError::is_permanent`] says whether
@@ -53,17 +53,26 @@ impl PlanError {
 }
 
 impl ConnectionRuntime {
-    /// Turns one delivery into the changes to write, through the connector: carts and
-    /// orders go through the cart rules, other records are upserted, deletions mark the
-    /// deal deleted, id-only payloads are fetched first. Writes nothing.
+    /// Turns one delivery, as the inbox keeps it, into the changes to write, through the
+    /// connector: carts and orders go through the cart rules, other records are
+    /// upserted, deletions mark the deal deleted, id-only payloads are fetched first.
+    /// Writes nothing.
     pub async fn plan_webhook(
         &self,
-        event: &WebhookEvent,
+        row: &InboxRow,
         cx: &SyncContext,
     ) -> Result<Vec<DealChange>, PlanError> {
+        let event = WebhookEvent {
+            connection: ConnectionName::new(row.connection.clone()),
+            delivery_id: row.delivery_id.clone(),
+            topic: row.topic.clone(),
+            headers: row.headers.clone(),
+            body: row.body.clone(),
+            received_at: row.received_at,
+        };
         let actions = self
             .connector
-            .parse_webhook(event)
+            .parse_webhook(&event)
             .map_err(|bad| PlanError::Malformed { reason: bad.reason })?;
         let mut ops = Vec::new();
         for action in actions {
@@ -136,15 +145,7 @@ mod tests {
         row: &InboxRow,
         cx: &SyncContext,
     ) -> Result<(), PlanError> {
-        let event = WebhookEvent {
-            connection: ConnectionName::new(row.connection.clone()),
-            delivery_id: row.delivery_id.clone(),
-            topic: row.topic.clone(),
-            headers: row.headers.clone(),
-            body: row.body.clone(),
-            received_at: row.received_at,
-        };
-        let ops = runtime.plan_webhook(&event, cx).await?;
+        let ops = runtime.plan_webhook(row, cx).await?;
         store
             .apply_webhook_batch(vec![(row.id, ops)], CartRules::default(), Utc::now())
             .await

@@ -31,6 +31,10 @@ async fn fixture_store() -> (tempfile::TempDir, Store) {
 
 async fn report(options: ReportOptions, scope: ReportScope) -> Report {
     let (_dir, store) = fixture_store().await;
+    scan(&store, options, scope).await
+}
+
+async fn scan(store: &Store, options: ReportOptions, scope: ReportScope) -> Report {
     let pipelines = Pipelines::new(default_pipelines());
     store
         .scan_report(scope, Accumulator::new(pipelines, options))
@@ -79,7 +83,9 @@ fn close(actual: Option<f64>, expected: f64) {
 }
 
 /// (entered, exited, cohort, advanced, samples, median, p90) of one stage.
-fn flow(stage: &StageReport) -> (u64, u64, u64, u64, u64, Option<f64>, Option<f64>) {
+type Flow = (u64, u64, u64, u64, u64, Option<f64>, Option<f64>);
+
+fn flow(stage: &StageReport) -> Flow {
     (
         stage.entered,
         stage.exited,
@@ -91,38 +97,53 @@ fn flow(stage: &StageReport) -> (u64, u64, u64, u64, u64, Option<f64>, Option<f6
     )
 }
 
+/// (rule, step as shown, carts sent, recovered after) of each follow-up step.
+fn steps_of(carts: &CartRecovery) -> Vec<(&str, String, u64, u64)> {
+    carts
+        .steps
+        .iter()
+        .map(|s| {
+            (
+                s.rule.as_str(),
+                s.step.to_string(),
+                s.carts_sent,
+                s.recovered_after,
+            )
+        })
+        .collect()
+}
+
+/// Asserts the [`Flow`] of each named stage of `pipeline`.
+fn assert_flows(pipeline: &PipelineReport, expected: &[(&str, Flow)]) {
+    for (key, figures) in expected {
+        assert_eq!(flow(stage(pipeline, key)), *figures, "stage {key}");
+    }
+}
+
 #[tokio::test]
 async fn sales_flows_count_skipped_stages_backward_moves_and_reopened_deals_as_worked_out_by_hand()
 {
     let report = report(january(None), ReportScope::default()).await;
     let sales = pipeline(&report.total, "sales");
     let d = |days: f64| Some(days * DAY);
-    assert_eq!(
-        flow(stage(sales, "lead_generation")),
-        (6, 6, 6, 6, 6, d(3.0), d(4.0))
+    assert_flows(
+        sales,
+        &[
+            ("lead_generation", (6, 6, 6, 6, 6, d(3.0), d(4.0))),
+            ("lead_qualification", (3, 2, 3, 1, 2, d(2.0), d(9.0))),
+            // B entered needs assessment twice (the second time moving backwards): two
+            // entries, one cohort deal.
+            ("needs_assessment", (2, 1, 1, 1, 1, d(4.0), d(4.0))),
+            // C's proposal visit started in December and ended in January: an exit and a
+            // sample, no entry.
+            ("proposal", (4, 3, 4, 1, 3, d(4.0), d(6.0))),
+            ("negotiation", (2, 2, 2, 2, 2, d(3.0), d(12.0))),
+            ("closing", (0, 0, 0, 0, 0, None, None)),
+            ("lost", (3, 2, 0, 0, 2, d(2.0), d(5.0))),
+        ],
     );
-    assert_eq!(
-        flow(stage(sales, "lead_qualification")),
-        (3, 2, 3, 1, 2, d(2.0), d(9.0))
-    );
-    // B entered needs assessment twice (the second time moving backwards): two entries, one cohort deal.
-    assert_eq!(
-        flow(stage(sales, "needs_assessment")),
-        (2, 1, 1, 1, 1, d(4.0), d(4.0))
-    );
-    // C's proposal visit started in December and ended in January: an exit and a sample, no entry.
-    assert_eq!(
-        flow(stage(sales, "proposal")),
-        (4, 3, 4, 1, 3, d(4.0), d(6.0))
-    );
-    assert_eq!(
-        flow(stage(sales, "negotiation")),
-        (2, 2, 2, 2, 2, d(3.0), d(12.0))
-    );
-    assert_eq!(flow(stage(sales, "closing")), (0, 0, 0, 0, 0, None, None));
     assert_eq!(stage(sales, "won").entered, 2);
     assert_eq!(stage(sales, "won").conversion, None);
-    assert_eq!(flow(stage(sales, "lost")), (3, 2, 0, 0, 2, d(2.0), d(5.0)));
 
     close(stage(sales, "lead_generation").conversion, 1.0);
     close(stage(sales, "lead_qualification").conversion, 1.0 / 3.0);
@@ -197,21 +218,14 @@ async fn cart_recovery_credits_the_last_follow_up_before_the_purchase() {
     let report = report(january(None), ReportScope::default()).await;
     let shop = pipeline(&report.total, "ecommerce");
     let h = |hours: f64| Some(hours * HOUR);
-    assert_eq!(
-        flow(stage(shop, "checkout_started")),
-        (5, 4, 5, 4, 4, h(1.0), h(1.0))
-    );
-    assert_eq!(
-        flow(stage(shop, "cart_abandoned")),
-        (4, 4, 4, 4, 4, h(1.0), h(2.0))
-    );
-    assert_eq!(
-        flow(stage(shop, "follow_up_email")),
-        (3, 3, 3, 3, 3, h(24.0), h(24.0))
-    );
-    assert_eq!(
-        flow(stage(shop, "discount_offer")),
-        (2, 2, 2, 1, 2, h(22.0), h(70.0))
+    assert_flows(
+        shop,
+        &[
+            ("checkout_started", (5, 4, 5, 4, 4, h(1.0), h(1.0))),
+            ("cart_abandoned", (4, 4, 4, 4, 4, h(1.0), h(2.0))),
+            ("follow_up_email", (3, 3, 3, 3, 3, h(24.0), h(24.0))),
+            ("discount_offer", (2, 2, 2, 1, 2, h(22.0), h(70.0))),
+        ],
     );
     assert_eq!(
         shop.bottleneck.as_ref().map(|b| b.stage.as_str()),
@@ -234,18 +248,7 @@ async fn cart_recovery_credits_the_last_follow_up_before_the_purchase() {
     );
     // The fixture's rows hold what the worker writes, the steps' 0-based indexes; the
     // report shows them as every output does, counted from 1.
-    let steps: Vec<(&str, String, u64, u64)> = carts
-        .steps
-        .iter()
-        .map(|s| {
-            (
-                s.rule.as_str(),
-                s.step.to_string(),
-                s.carts_sent,
-                s.recovered_after,
-            )
-        })
-        .collect();
+    let steps = steps_of(carts);
     // The failed third step and the skipped first step of cart J were never sent:
     // they count nowhere.
     assert_eq!(
@@ -277,30 +280,9 @@ async fn expiry_rows_in_the_outbox_count_neither_as_sent_follow_ups_nor_as_email
         )
         .await
         .unwrap();
-    let pipelines = Pipelines::new(default_pipelines());
-    let report = store
-        .scan_report(
-            ReportScope::default(),
-            Accumulator::new(pipelines, january(None)),
-        )
-        .await
-        .unwrap()
-        .finish();
+    let report = scan(&store, january(None), ReportScope::default()).await;
 
-    let steps: Vec<(&str, String, u64, u64)> = report
-        .total
-        .cart_recovery
-        .steps
-        .iter()
-        .map(|s| {
-            (
-                s.rule.as_str(),
-                s.step.to_string(),
-                s.carts_sent,
-                s.recovered_after,
-            )
-        })
-        .collect();
+    let steps = steps_of(&report.total.cart_recovery);
     assert_eq!(
         steps,
         vec![("cart", "1".into(), 3, 1), ("cart", "2".into(), 2, 1)]

@@ -23,8 +23,6 @@
 //!   harmless: upserts and stage moves are idempotent.
 //! - Pending rows left by a previous run are picked up at start.
 
-use crate::connectors::WebhookEvent;
-use crate::domain::ConnectionName;
 use crate::health::WorkerHealth;
 use crate::ingest::{Connections, PlanError, SyncDeps};
 use crate::retry::Backoff;
@@ -212,16 +210,13 @@ async fn give_up_or_retry(
     error: ProcessError,
 ) -> Result<bool, StoreError> {
     let reason = crate::telemetry::error_chain(&error);
-    if error.is_permanent() {
-        error!(connection = %row.connection, delivery_id = %row.delivery_id, reason, "webhook could not be applied; kept as failed");
-        state
-            .deps
-            .store
-            .webhook_failed(row.id, &reason, Utc::now())
-            .await?;
-        Ok(false)
-    } else if !ROW_RETRIES.may_retry(row.attempts + 1) {
-        error!(connection = %row.connection, delivery_id = %row.delivery_id, attempts = row.attempts + 1, reason, "webhook failed too often; kept as failed");
+    let permanent = error.is_permanent();
+    if permanent || !ROW_RETRIES.may_retry(row.attempts + 1) {
+        if permanent {
+            error!(connection = %row.connection, delivery_id = %row.delivery_id, reason, "webhook could not be applied; kept as failed");
+        } else {
+            error!(connection = %row.connection, delivery_id = %row.delivery_id, attempts = row.attempts + 1, reason, "webhook failed too often; kept as failed");
+        }
         state
             .deps
             .store
@@ -252,15 +247,7 @@ async fn plan(
         .get(&row.connection)
         .ok_or(ProcessError::ConnectionGone)?;
     let cx = runtime.context(&state.deps, shutdown);
-    let event = WebhookEvent {
-        connection: ConnectionName::new(row.connection.clone()),
-        delivery_id: row.delivery_id.clone(),
-        topic: row.topic.clone(),
-        headers: row.headers.clone(),
-        body: row.body.clone(),
-        received_at: row.received_at,
-    };
-    Ok(runtime.plan_webhook(&event, &cx).await?)
+    Ok(runtime.plan_webhook(row, &cx).await?)
 }
 
 #[cfg(test)]

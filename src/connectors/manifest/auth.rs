@@ -317,30 +317,41 @@ impl OAuthSession {
         {
             return Ok(Self::authn(&cached));
         }
-        let stored = tokens_of(cx)?
+        let (stored, _) = self.load(cx, tokens_of(cx)?).await?;
+        if let Some(cached) = stored
+            && Self::fresh(&cached)
+        {
+            self.remember(cx, cached.clone());
+            return Ok(Self::authn(&cached));
+        }
+        self.refresh(cx, None).await
+    }
+
+    /// The stored access token of the connection as it would be cached, and the stored
+    /// refresh token; a token marked for re-authorization is an error.
+    async fn load(
+        &self,
+        cx: &SyncContext,
+        tokens: &dyn TokenStore,
+    ) -> Result<(Option<Cached>, Option<String>), ConnectorError> {
+        let stored = tokens
             .load(cx.connection.as_str())
             .await
             .map_err(|source| ConnectorError::Store {
                 action: "reading the stored OAuth token",
                 source,
             })?;
-        if let Some(stored) = &stored {
-            if stored.needs_reauth {
-                return Err(self.revoked_error(cx));
-            }
-            if let Some(access) = &stored.access_token {
-                let cached = Cached {
-                    access: access.clone(),
-                    expires_at: stored.expires_at,
-                    base_url: self.base_from(&stored.extra),
-                };
-                if Self::fresh(&cached) {
-                    self.remember(cx, cached.clone());
-                    return Ok(Self::authn(&cached));
-                }
-            }
+        if stored.as_ref().is_some_and(|stored| stored.needs_reauth) {
+            return Err(self.revoked_error(cx));
         }
-        self.refresh(cx, None).await
+        let cached = stored.as_ref().and_then(|stored| {
+            stored.access_token.as_ref().map(|access| Cached {
+                access: access.clone(),
+                expires_at: stored.expires_at,
+                base_url: self.base_from(&stored.extra),
+            })
+        });
+        Ok((cached, stored.and_then(|stored| stored.refresh_token)))
     }
 
     fn base_from(&self, extra: &serde_json::Value) -> Option<String> {
@@ -400,35 +411,17 @@ impl OAuthSession {
                 },
             })?;
         // Read under both locks: what another task or process stored is seen here.
-        let stored = tokens
-            .load(connection)
-            .await
-            .map_err(|source| ConnectorError::Store {
-                action: "reading the stored OAuth token",
-                source,
-            })?;
-        if let Some(stored) = &stored {
-            if stored.needs_reauth {
-                return Err(self.revoked_error(cx));
-            }
-            if let Some(access) = &stored.access_token {
-                let cached = Cached {
-                    access: access.clone(),
-                    expires_at: stored.expires_at,
-                    base_url: self.base_from(&stored.extra),
-                };
-                // The caller saw no fresh token (`stale` is None) or saw `stale`
-                // rejected: a fresh one other than that was stored meanwhile.
-                let replaced = stale.is_none_or(|stale| stale != access);
-                if replaced && Self::fresh(&cached) {
-                    self.remember(cx, cached.clone());
-                    return Ok(Self::authn(&cached));
-                }
+        let (cached, stored_refresh) = self.load(cx, tokens).await?;
+        if let Some(cached) = cached {
+            // The caller saw no fresh token (`stale` is None) or saw `stale`
+            // rejected: a fresh one other than that was stored meanwhile.
+            let replaced = stale.is_none_or(|stale| stale != cached.access);
+            if replaced && Self::fresh(&cached) {
+                self.remember(cx, cached.clone());
+                return Ok(Self::authn(&cached));
             }
         }
-        let refresh_token = stored
-            .as_ref()
-            .and_then(|s| s.refresh_token.clone())
+        let refresh_token = stored_refresh
             .or_else(|| {
                 self.seed_refresh_token
                     .as_ref()

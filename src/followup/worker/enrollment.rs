@@ -591,13 +591,9 @@ mod tests {
     #[test]
     pub(super) fn the_enrollment_window_looks_back_over_the_longer_of_cooldown_and_sequence() {
         let text = "[email]\ntransport = \"file\"\ndir = \"out\"\nfrom = \"shop@example.com\"\nlate_grace = \"2h\"\n";
-        let email = crate::config::parse(
-            std::path::Path::new("dealsync.toml"),
-            text,
-            &crate::config::interpolate::tests::MapEnv(Default::default()),
-        )
-        .unwrap()
-        .email;
+        let email = crate::config::testing::parse_in(std::path::Path::new(""), text)
+            .unwrap()
+            .email;
         // Sequence 72 h + grace 2 h.
         let (grace, since) = enrollment_window(&rule(), &email, now());
         assert_eq!(grace, 2 * HOUR);

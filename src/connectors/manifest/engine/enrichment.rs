@@ -72,6 +72,17 @@ pub(super) struct EnrichCache<'a> {
     pub(super) kept: &'a mut Vec<CachedRecord>,
 }
 
+impl EnrichCache<'_> {
+    /// Keeps the record `id` that `step` read, to be committed with the page.
+    fn keep(&mut self, step: &str, id: &str, record: &Value) {
+        self.kept.push(CachedRecord {
+            step: step.to_owned(),
+            id: id.to_owned(),
+            record: RawRecord::from_value(record),
+        });
+    }
+}
+
 impl ManifestConnector {
     pub(super) fn forget_recent(&self) {
         if let Ok(mut recent) = self.recent.lock() {
@@ -226,11 +237,7 @@ impl ManifestConnector {
                         // Every listed record is kept, not only the ones this page
                         // needs: the next pages and runs find theirs without a request.
                         if keep && let Some(cache) = cache.as_deref_mut() {
-                            cache.kept.push(CachedRecord {
-                                step: step.name.clone(),
-                                id: id.clone(),
-                                record: RawRecord::from_value(&item),
-                            });
+                            cache.keep(&step.name, &id, &item);
                         }
                         if let Ok(mut recent) = self.recent.lock() {
                             recent.put(&step.name, &id, now, item.clone());
@@ -259,11 +266,7 @@ impl ManifestConnector {
             for item in self.take_records(body, &step.request)? {
                 if let Some(id) = lookup(&item, &step.id).and_then(text_of) {
                     if keep && let Some(cache) = cache.as_deref_mut() {
-                        cache.kept.push(CachedRecord {
-                            step: step.name.clone(),
-                            id: id.clone(),
-                            record: RawRecord::from_value(&item),
-                        });
+                        cache.keep(&step.name, &id, &item);
                         if let Ok(mut recent) = self.recent.lock() {
                             recent.put(&step.name, &id, Utc::now(), item.clone());
                         }
