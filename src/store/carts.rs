@@ -196,6 +196,7 @@ fn ids(tx: &Transaction<'_>, sql: &str, values: Vec<rusqlite::types::Value>) -> 
 }
 
 impl Store {
+    #[cfg(test)]
     /// Applies one cart or order record: upserts it, or completes the carts an order
     /// matches (see the module invariants). One transaction.
     pub async fn apply_cart_event(

@@ -513,6 +513,7 @@ impl Store {
         .map_err(|error| StoreError::Task(error.to_string()))?
     }
 
+    #[cfg(test)]
     /// The schema version of the open database.
     pub async fn schema_version(&self) -> Result<i64> {
         self.read(|db| Ok(db.pragma_query_value(None, "user_version", |row| row.get(0))?))

@@ -195,6 +195,7 @@ impl Store {
         .await
     }
 
+    #[cfg(test)]
     /// Forgets a connection's cursor, so the next sync is a full one.
     pub async fn reset_cursor(&self, connection: &str, stream: &str) -> Result<()> {
         let (connection, stream) = (connection.to_owned(), stream.to_owned());

@@ -169,6 +169,7 @@ fn change_from_row(row: &Row<'_>) -> rusqlite::Result<StageChange> {
 }
 
 impl Store {
+    #[cfg(test)]
     /// Moves a deal to a stage on dealsync's own account, with its history row.
     pub async fn move_deal(
         &self,

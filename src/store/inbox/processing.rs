@@ -159,6 +159,7 @@ impl Store {
         .await
     }
 
+    #[cfg(test)]
     /// Marks a row processed.
     pub async fn webhook_processed(&self, id: i64, at: DateTime<Utc>) -> Result<()> {
         self.settle_webhooks(vec![Settlement::Processed { id, at }])
