@@ -578,7 +578,7 @@ mod tests {
             fetched: 10,
             unchanged: 4,
             quarantined: 1,
-            pages: 2,
+            pages: 3,
             requests: 5,
             rate_limited: 1,
             ..RunSummary::default()
@@ -586,7 +586,7 @@ mod tests {
         let mut batch = page(0..3, 2, 0, 1, false, (3, 2, 4));
         batch.absorb(page(3..4, 0, 0, 2, true, (2, 1, 1)));
         batch.count(&mut summary);
-        assert_eq!(summary.pages, 2 + 2);
+        assert_eq!(summary.pages, 3 + 2);
         assert_eq!(summary.requests, 5 + 3 + 2);
         assert_eq!(summary.rate_limited, 1 + 2 + 1);
         // 4 deals, 2 quarantined, 5 met unchanged
