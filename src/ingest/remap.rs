@@ -157,3 +157,156 @@ pub async fn remap(runtime: &ConnectionRuntime, deps: &SyncDeps) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{DealStatus, PipelineKey, StageKey, UNMAPPED};
+    use crate::pipeline::{NativePipeline, NativeStage};
+
+    fn sales(stage: &str) -> StageRef {
+        StageRef {
+            pipeline: Some(PipelineKey::new("sales")),
+            stage: StageKey::new(stage),
+        }
+    }
+
+    fn group(
+        native_pipeline: &str,
+        native_stage: &str,
+        stage: StageRef,
+        deals: u64,
+    ) -> NativeStageGroup {
+        NativeStageGroup {
+            native_pipeline: native_pipeline.into(),
+            native_stage: native_stage.into(),
+            stage,
+            deals,
+        }
+    }
+
+    fn applied(
+        native_pipeline: &str,
+        native_stage: &str,
+        pipeline: Option<&str>,
+        stage: &str,
+    ) -> AppliedMapping {
+        AppliedMapping {
+            native_pipeline: native_pipeline.into(),
+            native_stage: native_stage.into(),
+            pipeline: pipeline.map(str::to_owned),
+            stage: stage.into(),
+        }
+    }
+
+    /// A demo connection whose config maps three native stages of its `default`
+    /// pipeline, and whose discovery named one more stage that nothing maps.
+    fn runtime() -> ConnectionRuntime {
+        let config = crate::config::parse(
+            std::path::Path::new("t.toml"),
+            "[connections.crm]\nconnector = \"demo\"\n\
+             [connections.crm.stage_map.default]\n\
+             proposal = \"proposal\"\nmystery = \"negotiation\"\nsigned = \"won\"\n",
+            &crate::config::interpolate::ProcessEnv,
+        )
+        .unwrap();
+        let runtime = ConnectionRuntime::build_all(&config)
+            .unwrap()
+            .pop()
+            .map(|runtime| std::sync::Arc::try_unwrap(runtime).ok().unwrap())
+            .unwrap();
+        runtime.discovered(vec![NativePipeline {
+            id: "board".into(),
+            label: "Board".into(),
+            stages: vec![NativeStage {
+                id: "intake".into(),
+                label: "Intake".into(),
+                order: 0,
+                probability: None,
+                kind: None,
+                rot_after: None,
+            }],
+        }]);
+        runtime
+    }
+
+    /// A changed stage map moves the deals of a remapped native stage that sit where
+    /// the recorded mapping put them, or that were kept as unmapped; deals something
+    /// else put elsewhere stay, deals already there are not touched, a native stage of
+    /// the same name in another pipeline is another stage, and a mapping taken away
+    /// moves nothing. The map recorded covers every native stage known: with deals,
+    /// discovered, or named by the config.
+    #[test]
+    fn a_remap_moves_only_the_deals_the_previous_mapping_placed_and_records_every_known_stage() {
+        let runtime = runtime();
+        let groups = [
+            group("default", "mystery", StageRef::unmapped(), 2),
+            group("default", "proposal", sales("lead_qualification"), 3),
+            // A follow-up or the source's won status put these here: they stay.
+            group("default", "proposal", sales("won"), 1),
+            group("default", "proposal", sales("proposal"), 4),
+            // Its mapping was taken away: its deals stay where it put them.
+            group("default", "retired", sales("closing"), 5),
+            // Another pipeline's stage of the same name is not mapped.
+            group("other", "mystery", StageRef::unmapped(), 6),
+        ];
+        let before = [
+            applied("default", "proposal", Some("sales"), "lead_qualification"),
+            applied("default", "retired", Some("sales"), "closing"),
+        ];
+        let plan = plan_remap(&runtime, &groups, Some(&before));
+
+        assert_eq!(
+            plan.moves,
+            [
+                StageMove {
+                    native_pipeline: "default".into(),
+                    native_stage: "mystery".into(),
+                    from: StageRef::unmapped(),
+                    to: sales("negotiation"),
+                    status: DealStatus::Open,
+                    deals: 2,
+                },
+                StageMove {
+                    native_pipeline: "default".into(),
+                    native_stage: "proposal".into(),
+                    from: sales("lead_qualification"),
+                    to: sales("proposal"),
+                    status: DealStatus::Open,
+                    deals: 3,
+                },
+            ]
+        );
+        assert_eq!(plan.deals(), 2 + 3);
+        assert_eq!(
+            plan.applied,
+            [
+                applied("board", "intake", None, UNMAPPED),
+                applied("default", "mystery", Some("sales"), "negotiation"),
+                applied("default", "proposal", Some("sales"), "proposal"),
+                applied("default", "retired", Some("sales"), "closing"),
+                applied("default", "signed", Some("sales"), "won"),
+                applied("other", "mystery", None, UNMAPPED),
+            ]
+        );
+    }
+
+    /// Before the first remap nothing records where a mapping put the deals, so only
+    /// deals kept as unmapped move.
+    #[test]
+    fn before_any_map_was_recorded_only_unmapped_deals_move() {
+        let runtime = runtime();
+        let groups = [
+            group("default", "mystery", StageRef::unmapped(), 2),
+            group("default", "proposal", sales("lead_qualification"), 3),
+        ];
+        let plan = plan_remap(&runtime, &groups, None);
+        let moved: Vec<(&str, u64)> = plan
+            .moves
+            .iter()
+            .map(|m| (m.native_stage.as_str(), m.deals))
+            .collect();
+        assert_eq!(moved, [("mystery", 2)]);
+        assert_eq!(plan.deals(), 2);
+    }
+}
