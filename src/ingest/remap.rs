@@ -202,19 +202,8 @@ mod tests {
     /// A demo connection whose config maps three native stages of its `default`
     /// pipeline, and whose discovery named one more stage that nothing maps.
     fn runtime() -> ConnectionRuntime {
-        let config = crate::config::parse(
-            std::path::Path::new("t.toml"),
-            "[connections.crm]\nconnector = \"demo\"\n\
-             [connections.crm.stage_map.default]\n\
-             proposal = \"proposal\"\nmystery = \"negotiation\"\nsigned = \"won\"\n",
-            &crate::config::interpolate::ProcessEnv,
-        )
-        .unwrap();
-        let runtime = ConnectionRuntime::build_all(&config)
-            .unwrap()
-            .pop()
-            .map(|runtime| std::sync::Arc::try_unwrap(runtime).ok().unwrap())
-            .unwrap();
+        let runtime =
+            configured("proposal = \"proposal\"\nmystery = \"negotiation\"\nsigned = \"won\"\n");
         runtime.discovered(vec![NativePipeline {
             id: "board".into(),
             label: "Board".into(),
@@ -228,6 +217,25 @@ mod tests {
             }],
         }]);
         runtime
+    }
+
+    /// A demo connection `crm` whose config maps its `default` pipeline's stages by
+    /// `stage_map` (TOML lines).
+    fn configured(stage_map: &str) -> ConnectionRuntime {
+        let config = crate::config::parse(
+            std::path::Path::new("t.toml"),
+            &format!(
+                "[connections.crm]\nconnector = \"demo\"\n\
+                 [connections.crm.stage_map.default]\n{stage_map}"
+            ),
+            &crate::config::interpolate::ProcessEnv,
+        )
+        .unwrap();
+        ConnectionRuntime::build_all(&config)
+            .unwrap()
+            .pop()
+            .map(|runtime| std::sync::Arc::try_unwrap(runtime).ok().unwrap())
+            .unwrap()
     }
 
     /// A changed stage map moves the deals of a remapped native stage that sit where
@@ -308,5 +316,54 @@ mod tests {
             .collect();
         assert_eq!(moved, [("mystery", 2)]);
         assert_eq!(plan.deals(), 2);
+    }
+
+    /// The map in force is recorded even when it moves nothing (at the first start, on
+    /// an empty store), so that when the config later maps a native stage elsewhere
+    /// the deals the old mapping placed move with it.
+    #[tokio::test]
+    async fn the_map_in_force_is_recorded_so_a_later_change_moves_the_deals_it_placed() {
+        let dir = tempfile::tempdir().unwrap();
+        let deps = SyncDeps {
+            store: crate::store::Store::open(&dir.path().join("db.sqlite")).unwrap(),
+            metrics: std::sync::Arc::new(crate::telemetry::Metrics::new()),
+            attention: None,
+        };
+        let first = configured("proposal = \"lead_qualification\"\n");
+        remap(&first, &deps).await;
+        let recorded = deps.store.applied_stage_map("crm").await.unwrap();
+        assert!(
+            recorded.as_ref().is_some_and(|map| map.contains(&applied(
+                "default",
+                "proposal",
+                Some("sales"),
+                "lead_qualification"
+            ))),
+            "{recorded:?}"
+        );
+        // Recorded again unchanged: nothing to do, and nothing changes.
+        remap(&first, &deps).await;
+        assert_eq!(deps.store.applied_stage_map("crm").await.unwrap(), recorded);
+
+        let mut deal = SourceDeal::new("7", "Big deal", "default", "proposal");
+        deal.updated_at = Some(chrono::Utc::now());
+        deps.store
+            .upsert_deals(first.upserts(vec![deal], crate::domain::ChangeCause::Poll))
+            .await
+            .unwrap();
+        let stage = |deps: SyncDeps| async move {
+            let deal = deps
+                .store
+                .deal_by_external_id("crm", "7")
+                .await
+                .unwrap()
+                .unwrap();
+            deal.stage.as_str().to_owned()
+        };
+        assert_eq!(stage(deps.clone()).await, "lead_qualification");
+
+        let second = configured("proposal = \"proposal\"\n");
+        remap(&second, &deps).await;
+        assert_eq!(stage(deps.clone()).await, "proposal");
     }
 }
