@@ -157,3 +157,213 @@ pub async fn remap(runtime: &ConnectionRuntime, deps: &SyncDeps) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{DealStatus, PipelineKey, StageKey, UNMAPPED};
+    use crate::pipeline::{NativePipeline, NativeStage};
+
+    fn sales(stage: &str) -> StageRef {
+        StageRef {
+            pipeline: Some(PipelineKey::new("sales")),
+            stage: StageKey::new(stage),
+        }
+    }
+
+    fn group(
+        native_pipeline: &str,
+        native_stage: &str,
+        stage: StageRef,
+        deals: u64,
+    ) -> NativeStageGroup {
+        NativeStageGroup {
+            native_pipeline: native_pipeline.into(),
+            native_stage: native_stage.into(),
+            stage,
+            deals,
+        }
+    }
+
+    fn applied(
+        native_pipeline: &str,
+        native_stage: &str,
+        pipeline: Option<&str>,
+        stage: &str,
+    ) -> AppliedMapping {
+        AppliedMapping {
+            native_pipeline: native_pipeline.into(),
+            native_stage: native_stage.into(),
+            pipeline: pipeline.map(str::to_owned),
+            stage: stage.into(),
+        }
+    }
+
+    /// A demo connection whose config maps three native stages of its `default`
+    /// pipeline, and whose discovery named one more stage that nothing maps.
+    fn runtime() -> ConnectionRuntime {
+        let runtime =
+            configured("proposal = \"proposal\"\nmystery = \"negotiation\"\nsigned = \"won\"\n");
+        runtime.discovered(vec![NativePipeline {
+            id: "board".into(),
+            label: "Board".into(),
+            stages: vec![NativeStage {
+                id: "intake".into(),
+                label: "Intake".into(),
+                order: 0,
+                probability: None,
+                kind: None,
+                rot_after: None,
+            }],
+        }]);
+        runtime
+    }
+
+    /// A demo connection `crm` whose config maps its `default` pipeline's stages by
+    /// `stage_map` (TOML lines).
+    fn configured(stage_map: &str) -> ConnectionRuntime {
+        let config = crate::config::parse(
+            std::path::Path::new("t.toml"),
+            &format!(
+                "[connections.crm]\nconnector = \"demo\"\n\
+                 [connections.crm.stage_map.default]\n{stage_map}"
+            ),
+            &crate::config::interpolate::ProcessEnv,
+        )
+        .unwrap();
+        ConnectionRuntime::build_all(&config)
+            .unwrap()
+            .pop()
+            .map(|runtime| std::sync::Arc::try_unwrap(runtime).ok().unwrap())
+            .unwrap()
+    }
+
+    /// A changed stage map moves the deals of a remapped native stage that sit where
+    /// the recorded mapping put them, or that were kept as unmapped; deals something
+    /// else put elsewhere stay, deals already there are not touched, a native stage of
+    /// the same name in another pipeline is another stage, and a mapping taken away
+    /// moves nothing. The map recorded covers every native stage known: with deals,
+    /// discovered, or named by the config.
+    #[test]
+    fn a_remap_moves_only_the_deals_the_previous_mapping_placed_and_records_every_known_stage() {
+        let runtime = runtime();
+        let groups = [
+            group("default", "mystery", StageRef::unmapped(), 2),
+            group("default", "proposal", sales("lead_qualification"), 3),
+            // A follow-up or the source's won status put these here: they stay.
+            group("default", "proposal", sales("won"), 1),
+            group("default", "proposal", sales("proposal"), 4),
+            // Its mapping was taken away: its deals stay where it put them.
+            group("default", "retired", sales("closing"), 5),
+            // Another pipeline's stage of the same name is not mapped.
+            group("other", "mystery", StageRef::unmapped(), 6),
+        ];
+        let before = [
+            applied("default", "proposal", Some("sales"), "lead_qualification"),
+            applied("default", "retired", Some("sales"), "closing"),
+        ];
+        let plan = plan_remap(&runtime, &groups, Some(&before));
+
+        assert_eq!(
+            plan.moves,
+            [
+                StageMove {
+                    native_pipeline: "default".into(),
+                    native_stage: "mystery".into(),
+                    from: StageRef::unmapped(),
+                    to: sales("negotiation"),
+                    status: DealStatus::Open,
+                    deals: 2,
+                },
+                StageMove {
+                    native_pipeline: "default".into(),
+                    native_stage: "proposal".into(),
+                    from: sales("lead_qualification"),
+                    to: sales("proposal"),
+                    status: DealStatus::Open,
+                    deals: 3,
+                },
+            ]
+        );
+        assert_eq!(plan.deals(), 2 + 3);
+        assert_eq!(
+            plan.applied,
+            [
+                applied("board", "intake", None, UNMAPPED),
+                applied("default", "mystery", Some("sales"), "negotiation"),
+                applied("default", "proposal", Some("sales"), "proposal"),
+                applied("default", "retired", Some("sales"), "closing"),
+                applied("default", "signed", Some("sales"), "won"),
+                applied("other", "mystery", None, UNMAPPED),
+            ]
+        );
+    }
+
+    /// Before the first remap nothing records where a mapping put the deals, so only
+    /// deals kept as unmapped move.
+    #[test]
+    fn before_any_map_was_recorded_only_unmapped_deals_move() {
+        let runtime = runtime();
+        let groups = [
+            group("default", "mystery", StageRef::unmapped(), 2),
+            group("default", "proposal", sales("lead_qualification"), 3),
+        ];
+        let plan = plan_remap(&runtime, &groups, None);
+        let moved: Vec<(&str, u64)> = plan
+            .moves
+            .iter()
+            .map(|m| (m.native_stage.as_str(), m.deals))
+            .collect();
+        assert_eq!(moved, [("mystery", 2)]);
+        assert_eq!(plan.deals(), 2);
+    }
+
+    /// The map in force is recorded even when it moves nothing (at the first start, on
+    /// an empty store), so that when the config later maps a native stage elsewhere
+    /// the deals the old mapping placed move with it.
+    #[tokio::test]
+    async fn the_map_in_force_is_recorded_so_a_later_change_moves_the_deals_it_placed() {
+        let dir = tempfile::tempdir().unwrap();
+        let deps = SyncDeps {
+            store: crate::store::Store::open(&dir.path().join("db.sqlite")).unwrap(),
+            metrics: std::sync::Arc::new(crate::telemetry::Metrics::new()),
+            attention: None,
+        };
+        let first = configured("proposal = \"lead_qualification\"\n");
+        remap(&first, &deps).await;
+        let recorded = deps.store.applied_stage_map("crm").await.unwrap();
+        assert!(
+            recorded.as_ref().is_some_and(|map| map.contains(&applied(
+                "default",
+                "proposal",
+                Some("sales"),
+                "lead_qualification"
+            ))),
+            "{recorded:?}"
+        );
+        // Recorded again unchanged: nothing to do, and nothing changes.
+        remap(&first, &deps).await;
+        assert_eq!(deps.store.applied_stage_map("crm").await.unwrap(), recorded);
+
+        let mut deal = SourceDeal::new("7", "Big deal", "default", "proposal");
+        deal.updated_at = Some(chrono::Utc::now());
+        deps.store
+            .upsert_deals(first.upserts(vec![deal], crate::domain::ChangeCause::Poll))
+            .await
+            .unwrap();
+        let stage = |deps: SyncDeps| async move {
+            let deal = deps
+                .store
+                .deal_by_external_id("crm", "7")
+                .await
+                .unwrap()
+                .unwrap();
+            deal.stage.as_str().to_owned()
+        };
+        assert_eq!(stage(deps.clone()).await, "lead_qualification");
+
+        let second = configured("proposal = \"proposal\"\n");
+        remap(&second, &deps).await;
+        assert_eq!(stage(deps.clone()).await, "proposal");
+    }
+}

@@ -485,6 +485,155 @@ pub async fn run_connection(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::{ChangeCause, DealStatus, RawRecord, SourceDeal, StageRef};
+
+    /// A mapped page as `ReadPage::new` makes one: `upserts` deals, `quarantined`
+    /// records set aside, `cached` enrichment records, and the page's own counts.
+    fn page(
+        ids: std::ops::Range<u32>,
+        quarantined: u32,
+        cached: u32,
+        next: u64,
+        done: bool,
+        (requests, rate_limited, unchanged): (u64, u64, u64),
+    ) -> ReadPage {
+        ReadPage {
+            upserts: ids
+                .map(|id| DealUpsert {
+                    connection: "crm".into(),
+                    source: SourceDeal::new(id.to_string(), "deal", "default", "open"),
+                    target: StageRef::unmapped(),
+                    status: DealStatus::Open,
+                    observed_at: Utc::now(),
+                    cause: ChangeCause::Poll,
+                })
+                .collect(),
+            quarantined: (0..quarantined)
+                .map(|n| Quarantined {
+                    external_id: Some(format!("bad-{next}-{n}")),
+                    error: "no stage".into(),
+                    raw: RawRecord::null(),
+                })
+                .collect(),
+            cache: (0..cached)
+                .map(|n| CachedRecord {
+                    step: "contacts".into(),
+                    id: format!("{next}-{n}"),
+                    record: RawRecord::null(),
+                })
+                .collect(),
+            next: serde_json::json!({ "after": next }),
+            done,
+            pages: 1,
+            requests,
+            rate_limited,
+            unchanged,
+        }
+    }
+
+    /// Pages that queued up while the store was busy commit as one batch: every
+    /// page's deals, quarantined and cached records, with the cursor and end mark of
+    /// the last page, and the counts of all of them.
+    #[test]
+    fn a_gathered_batch_holds_every_pages_records_and_the_last_pages_cursor() {
+        let mut batch = page(0..2, 1, 1, 100, false, (2, 1, 3));
+        assert_eq!(batch.records(), 3, "2 deals and 1 quarantined record");
+        batch.absorb(page(2..5, 2, 3, 200, false, (3, 2, 4)));
+        batch.absorb(page(5..6, 0, 0, 300, true, (1, 0, 0)));
+
+        let ids: Vec<&str> = batch
+            .upserts
+            .iter()
+            .map(|u| u.source.external_id.as_str())
+            .collect();
+        assert_eq!(ids, ["0", "1", "2", "3", "4", "5"]);
+        let bad: Vec<&str> = batch
+            .quarantined
+            .iter()
+            .filter_map(|q| q.external_id.as_deref())
+            .collect();
+        assert_eq!(bad, ["bad-100-0", "bad-200-0", "bad-200-1"]);
+        let cached: Vec<&str> = batch.cache.iter().map(|c| c.id.as_str()).collect();
+        assert_eq!(cached, ["100-0", "200-0", "200-1", "200-2"]);
+        assert_eq!(batch.next, serde_json::json!({ "after": 300 }));
+        assert!(batch.done, "the last page read says the run is caught up");
+        assert_eq!(batch.records(), 9, "6 deals and 3 quarantined records");
+        assert_eq!(batch.pages, 3);
+        assert_eq!(batch.requests, 2 + 3 + 1);
+        assert_eq!(batch.rate_limited, 1 + 2);
+        assert_eq!(batch.unchanged, 3 + 4);
+
+        // A batch that is not caught up keeps reading.
+        let mut open = page(0..1, 0, 0, 1, true, (1, 0, 0));
+        open.absorb(page(1..2, 0, 0, 2, false, (1, 0, 0)));
+        assert!(!open.done);
+    }
+
+    /// A committed batch adds its pages, requests, 429 answers and records to the run
+    /// summary that `dealsync sync` prints and the store keeps: every record read
+    /// (stored, quarantined, or met again unchanged) counts as fetched.
+    #[test]
+    fn a_batch_adds_its_pages_requests_and_records_to_the_run_summary() {
+        let mut summary = RunSummary {
+            fetched: 10,
+            unchanged: 4,
+            quarantined: 1,
+            pages: 3,
+            requests: 5,
+            rate_limited: 1,
+            ..RunSummary::default()
+        };
+        let mut batch = page(0..3, 2, 0, 1, false, (3, 2, 4));
+        batch.absorb(page(3..4, 0, 0, 2, true, (2, 1, 1)));
+        batch.count(&mut summary);
+        assert_eq!(summary.pages, 3 + 2);
+        assert_eq!(summary.requests, 5 + 3 + 2);
+        assert_eq!(summary.rate_limited, 1 + 2 + 1);
+        // 4 deals, 2 quarantined, 5 met unchanged
+        assert_eq!(summary.fetched, 10 + 4 + 2 + 5);
+        assert_eq!(summary.unchanged, 4 + 5);
+        assert_eq!(summary.quarantined, 1 + 2);
+        assert_eq!(
+            (summary.created, summary.updated, summary.stale),
+            (0, 0, 0),
+            "what the store made of the records is the commit's to count"
+        );
+    }
+
+    /// Each commit's outcome adds to the run summary, field by field.
+    #[test]
+    fn store_outcomes_add_up_in_the_run_summary_field_by_field() {
+        let mut summary = RunSummary {
+            fetched: 40,
+            created: 2,
+            updated: 3,
+            unchanged: 4,
+            stale: 5,
+            stage_changes: 6,
+            unmapped: 7,
+            ..RunSummary::default()
+        };
+        summary.add(UpsertOutcome {
+            created: 3,
+            updated: 4,
+            unchanged: 5,
+            stale: 6,
+            stage_changes: 7,
+            unmapped: 8,
+        });
+        assert_eq!(
+            (
+                summary.created,
+                summary.updated,
+                summary.unchanged,
+                summary.stale,
+                summary.stage_changes,
+                summary.unmapped,
+            ),
+            (2 + 3, 3 + 4, 4 + 5, 5 + 6, 6 + 7, 7 + 8)
+        );
+        assert_eq!(summary.fetched, 40, "fetched is counted as pages are read");
+    }
 
     #[test]
     fn quiet_runs_are_summed_up_once_per_period_and_only_when_there_were_any() {

@@ -151,6 +151,7 @@ async fn missing_env_vars_and_credentials_are_named_and_secrets_are_never_printe
 
 #[tokio::test]
 async fn healthz_readyz_and_metrics_report_the_running_daemon() {
+    let started = chrono::Utc::now().timestamp_millis() as f64 / 1000.0;
     let daemon = TestDaemon::start(&demo_connection("demo")).await;
     let (status, body) = daemon.get("/healthz").await;
     assert_eq!(status, 200, "{body}");
@@ -165,7 +166,9 @@ async fn healthz_readyz_and_metrics_report_the_running_daemon() {
         Duration::from_secs(15),
         || async {
             let (_, body) = daemon.get("/metrics").await;
-            body.contains("dealsync_deals{").then_some(body)
+            (body.contains("dealsync_deals{")
+                && body.contains("dealsync_last_successful_sync_timestamp_seconds{"))
+            .then_some(body)
         },
     )
     .await;
@@ -185,6 +188,38 @@ async fn healthz_readyz_and_metrics_report_the_running_daemon() {
         "{metrics}"
     );
     assert!(metrics.contains("dealsync_unmapped_deals"), "{metrics}");
+    // The last successful run's time, in Unix seconds (what an alert compares with
+    // `time()`): between the daemon's start and now.
+    let last_success: f64 = metrics
+        .lines()
+        .find_map(|line| {
+            line.strip_prefix(
+                "dealsync_last_successful_sync_timestamp_seconds{connection=\"demo\"} ",
+            )
+        })
+        .unwrap_or_else(|| panic!("no last success of demo in {metrics}"))
+        .parse()
+        .unwrap();
+    let now = chrono::Utc::now().timestamp_millis() as f64 / 1000.0;
+    assert!(
+        started - 1.0 <= last_success && last_success <= now + 1.0,
+        "{last_success} not within [{started}, {now}]"
+    );
+    // The first run, with no cursor yet, reads everything: it is recorded as a full
+    // sync; the runs after it are incremental.
+    let runs: Vec<bool> = {
+        let db = daemon.db();
+        let mut statement = db
+            .prepare("SELECT full FROM sync_runs WHERE connection = 'demo' ORDER BY id")
+            .unwrap();
+        statement
+            .query_map([], |row| row.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    };
+    assert_eq!(runs.first(), Some(&true), "{runs:?}");
+    assert!(runs[1..].iter().all(|full| !full), "{runs:?}");
 }
 
 #[tokio::test]

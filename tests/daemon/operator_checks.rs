@@ -8,7 +8,7 @@ use crate::followups::{config, messages_to, outbox_rows, put_cart, store};
 use crate::foundation::{demo_connection, mount_tmpfs};
 use crate::harness::daemon::{TestDaemon, run_cli};
 use crate::harness::smtp::SmtpServer;
-use crate::harness::vendors::hubspot::HubSpot;
+use crate::harness::vendors::hubspot::{HsDeal, HubSpot};
 use crate::harness::{eventually, free_port, skip};
 use crate::pull::hubspot_connection;
 use std::path::Path;
@@ -569,11 +569,125 @@ after = "100ms"
 
 #[tokio::test]
 async fn quiet_sync_runs_log_at_debug_and_json_logs_carry_lists_as_arrays() {
-    use tokio::io::AsyncBufReadExt;
     let hubspot = HubSpot::start("pat-test", None).await;
     let dir = tempfile::tempdir().unwrap();
+    let (mut child, lines) = run_with_debug_json_logs(&hubspot, dir.path());
+    let runs = eventually("three quiet sync runs", WAIT, || async {
+        let lines = lines.lock().unwrap();
+        let runs: Vec<serde_json::Value> = lines
+            .iter()
+            .filter(|line| line["message"] == "sync run finished")
+            .cloned()
+            .collect();
+        (runs.len() >= 3).then_some(runs)
+    })
+    .await;
+    assert!(
+        runs.iter()
+            .all(|run| run["level"] == "DEBUG" && run["fetched"] == 0),
+        "{runs:#?}"
+    );
+    let running = lines
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|line| line["message"] == "dealsync is running")
+        .cloned()
+        .expect("the start line");
+    assert_eq!(
+        running["connections"],
+        serde_json::json!(["hs"]),
+        "{running}"
+    );
+    child.start_kill().unwrap();
+}
+
+/// A sync run that changed something logs "sync run finished" at INFO with its
+/// counts, whichever of them changed: a deal created, a deal moved to another stage,
+/// a deal renamed, a deal created in a native stage nothing maps. Runs that changed nothing stay at
+/// DEBUG.
+#[tokio::test]
+async fn a_sync_run_that_changes_deals_logs_at_info_with_what_it_changed() {
+    let hubspot = HubSpot::start("pat-test", None).await;
+    let now_ms = || chrono::Utc::now().timestamp_millis();
+    hubspot.put(HsDeal::new(
+        1,
+        "Acme",
+        "appointmentscheduled",
+        now_ms() - 60_000,
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, lines) = run_with_debug_json_logs(&hubspot, dir.path());
+    let counts = |run: &serde_json::Value| {
+        [
+            "created",
+            "updated",
+            "stage_changes",
+            "unmapped",
+            "quarantined",
+        ]
+        .map(|field| {
+            run[field]
+                .as_u64()
+                .unwrap_or_else(|| panic!("{field} in {run}"))
+        })
+    };
+    // The INFO run after `seen` runs with the counts `wanted`.
+    let info_run = |seen: usize, wanted: [u64; 5]| {
+        let lines = lines.clone();
+        async move {
+            eventually("a sync run logged at INFO", WAIT, || async {
+                let lines = lines.lock().unwrap();
+                let runs: Vec<&serde_json::Value> = lines
+                    .iter()
+                    .filter(|line| line["message"] == "sync run finished")
+                    .collect();
+                let index = runs
+                    .iter()
+                    .enumerate()
+                    .skip(seen)
+                    .find(|(_, run)| run["level"] == "INFO")?
+                    .0;
+                assert_eq!(counts(runs[index]), wanted, "{:#?}", runs[index]);
+                assert!(
+                    runs[seen..index].iter().all(|run| run["level"] == "DEBUG"),
+                    "runs that changed nothing log at DEBUG: {runs:#?}"
+                );
+                Some(index + 1)
+            })
+            .await
+        }
+    };
+    // [created, updated, stage_changes, unmapped, quarantined]; a new deal's entry
+    // into its first stage is a stage change (it writes a history row).
+    let seen = info_run(0, [1, 0, 1, 0, 0]).await;
+    hubspot.update(1, |deal| {
+        deal.stage = "qualifiedtobuy".into();
+        deal.modified_ms = now_ms();
+    });
+    let seen = info_run(seen, [0, 1, 1, 0, 0]).await;
+    hubspot.update(1, |deal| {
+        deal.name = "Acme renewal".into();
+        deal.modified_ms = now_ms();
+    });
+    let seen = info_run(seen, [0, 1, 0, 0, 0]).await;
+    hubspot.put(HsDeal::new(2, "Globex", "mystery", now_ms()));
+    info_run(seen, [1, 0, 1, 1, 0]).await;
+    child.start_kill().unwrap();
+}
+
+/// Starts `dealsync run` on a HubSpot connection with JSON logs at DEBUG, and
+/// collects its log lines.
+fn run_with_debug_json_logs(
+    hubspot: &HubSpot,
+    dir: &Path,
+) -> (
+    tokio::process::Child,
+    std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+) {
+    use tokio::io::AsyncBufReadExt;
     let config = write_config(
-        dir.path(),
+        dir,
         free_port(),
         &hubspot_connection("hs", &hubspot.url(), ""),
     );
@@ -603,32 +717,5 @@ async fn quiet_sync_runs_log_at_debug_and_json_logs_carry_lists_as_arrays() {
             sink.lock().unwrap().push(parsed);
         }
     });
-    let runs = eventually("three quiet sync runs", WAIT, || async {
-        let lines = lines.lock().unwrap();
-        let runs: Vec<serde_json::Value> = lines
-            .iter()
-            .filter(|line| line["message"] == "sync run finished")
-            .cloned()
-            .collect();
-        (runs.len() >= 3).then_some(runs)
-    })
-    .await;
-    assert!(
-        runs.iter()
-            .all(|run| run["level"] == "DEBUG" && run["fetched"] == 0),
-        "{runs:#?}"
-    );
-    let running = lines
-        .lock()
-        .unwrap()
-        .iter()
-        .find(|line| line["message"] == "dealsync is running")
-        .cloned()
-        .expect("the start line");
-    assert_eq!(
-        running["connections"],
-        serde_json::json!(["hs"]),
-        "{running}"
-    );
-    child.start_kill().unwrap();
+    (child, lines)
 }

@@ -297,8 +297,16 @@ async fn workers_survive_a_database_locked_by_another_process_and_readyz_names_t
     // Arrange: follow-ups over SMTP, and a cart abandoned by another process (as a
     // `dealsync sync` beside the daemon would write it) just before a third process
     // takes the database's write lock and keeps it past SQLite's busy timeout.
+    // A demo CRM polls beside them: its scheduler's runs fail on the lock too.
     let smtp = SmtpServer::start().await;
-    let daemon = TestDaemon::start(&config(&smtp, "", &cart_rule("100ms", "1h", "2h"))).await;
+    let crm = r#"
+[connections.crm]
+connector = "demo"
+poll_interval = "1s"
+settings = { seed = 7, pace = "10ms", deals = 2, carts = 0 }
+"#;
+    let rules = format!("{}\n{crm}", cart_rule("100ms", "1h", "2h"));
+    let daemon = TestDaemon::start(&config(&smtp, "", &rules)).await;
     let (status, _) = readyz(&daemon).await;
     assert_eq!(status, 200);
     let cart = put_cart(
@@ -328,6 +336,17 @@ async fn workers_survive_a_database_locked_by_another_process_and_readyz_names_t
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["ready"], false);
     assert!(reason.contains("locked"), "{reason}");
+    let sync = eventually("/readyz naming the CRM's scheduler", WAIT, || async {
+        let (_, body) = readyz(&daemon).await;
+        body["degraded"]["connection:crm"]
+            .as_str()
+            .map(str::to_owned)
+    })
+    .await;
+    assert!(
+        sync.contains("sync run failed") && sync.contains("locked"),
+        "{sync}"
+    );
     assert!(
         messages_to(&smtp, "grace@example.com").is_empty(),
         "nothing could be recorded, so nothing was sent"
@@ -337,8 +356,8 @@ async fn workers_survive_a_database_locked_by_another_process_and_readyz_names_t
     locker.execute_batch("COMMIT").unwrap();
     drop(locker);
 
-    // Assert 2: the worker goes on by itself: the email arrives, once, and /readyz
-    // is ready again with no worker degraded.
+    // Assert 2: the workers go on by themselves: the email arrives, once, and
+    // /readyz is ready again with no worker degraded (the CRM's next run recovers).
     let mails = eventually(
         "the cart email after the lock is released",
         WAIT,

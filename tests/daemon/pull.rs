@@ -1658,6 +1658,13 @@ async fn a_pulled_record_nested_200000_levels_deep_is_quarantined_and_every_deal
     let (code, stdout, stderr) = run_cli(&["--config", &config, "deals", "list"], &[]).await;
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains("R-1"), "{stdout}");
+    // /metrics counts the run's records by outcome: one stored, one quarantined.
+    let (status, metrics) = get("/metrics".into()).await;
+    assert_eq!(status, 200, "{metrics}");
+    for outcome in ["created", "quarantined"] {
+        let line = format!("dealsync_records_total{{connection=\"raw\",outcome=\"{outcome}\"}} 1");
+        assert!(metrics.lines().any(|l| l == line), "{line} in {metrics}");
+    }
 }
 
 #[tokio::test]

@@ -917,6 +917,22 @@ abandon_after = "1h"
         moved.1[0].2[0],
         ("checkout_started".into(), "cart_abandoned".into())
     );
+    // The operator reads in the log what moved where, once per native stage.
+    let logs = daemon.logs();
+    let said: Vec<&str> = logs
+        .lines()
+        .filter(|line| line.contains("deals moved to the stage their native stage now maps to"))
+        .collect();
+    assert_eq!(said.len(), 2, "{said:#?}");
+    for (connection, moved) in [("hs", 2), ("woo", 1)] {
+        assert!(
+            said.iter()
+                .any(|line| line.contains(&format!("connection={connection}"))
+                    && line.contains(&format!("moved={moved}"))
+                    && line.contains("INFO")),
+            "{said:#?}"
+        );
+    }
     let entered_after: Vec<i64> = {
         let db = daemon.db();
         let mut statement = db
