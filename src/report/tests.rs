@@ -428,3 +428,113 @@ fn weighted_sums_round_half_away_from_zero() {
     assert_eq!(div_round(-150, 100), -2);
     assert_eq!(div_round(-149, 100), -1);
 }
+
+/// Every count is additive over disjoint deals: the total's is the sum of the
+/// connections' (docs/report.md), for every pipeline and stage.
+#[tokio::test]
+async fn the_totals_counts_are_the_sums_of_the_connections_counts() {
+    // Beside the hand-worked history, an open deal without an amount in each of two
+    // connections, so that count is summed too.
+    let (_dir, store) = fixture_store().await;
+    store
+        .execute_batch_for_test(
+            "INSERT INTO deals (id, connection, external_id, title, amount_minor, currency,
+                 pipeline, stage, status, native_pipeline, native_stage, expected_close,
+                 stage_entered_at, last_activity_at, first_seen_at, synced_at, content_hash, raw)
+             VALUES
+              (14, 'crm-eu', 'N', 'No amount', NULL, NULL, 'sales', 'proposal', 'open', 'p',
+               'n', NULL, 0, 0, 0, 0, 0, '{}'),
+              (15, 'crm-us', 'O', 'No amount either', NULL, NULL, 'sales', 'proposal', 'open',
+               'p', 'n', NULL, 0, 0, 0, 0, 0, '{}');
+             INSERT INTO stage_history (deal_id, at, to_pipeline, to_stage, native_to, cause)
+             VALUES (14, unixepoch('2026-01-15') * 1000, 'sales', 'proposal', 'n', 'poll'),
+                    (15, unixepoch('2026-01-16') * 1000, 'sales', 'proposal', 'n', 'poll');",
+        )
+        .await
+        .unwrap();
+    let report = scan(&store, january(None), ReportScope::default()).await;
+    let sum = |f: &dyn Fn(&ScopeReport) -> u64| report.by_connection.iter().map(f).sum::<u64>();
+    assert_eq!(report.total.deals, sum(&|s| s.deals));
+    assert_eq!(
+        report.total.unmapped_open_deals,
+        sum(&|s| s.unmapped_open_deals)
+    );
+    let mut checked = 0;
+    for total in &report.total.pipelines {
+        let of = |s: &ScopeReport| {
+            s.pipelines
+                .iter()
+                .find(|p| p.pipeline == total.pipeline)
+                .cloned()
+        };
+        let outcomes = |f: &dyn Fn(&PipelineReport) -> u64| {
+            report
+                .by_connection
+                .iter()
+                .filter_map(of)
+                .map(|p| f(&p))
+                .sum::<u64>()
+        };
+        assert_eq!(total.outcomes.won, outcomes(&|p| p.outcomes.won));
+        assert_eq!(total.outcomes.lost, outcomes(&|p| p.outcomes.lost));
+        assert_eq!(total.outcomes.reopened, outcomes(&|p| p.outcomes.reopened));
+        for expected in &total.stages {
+            let counts = |s: &StageReport| {
+                [
+                    s.open_deals,
+                    s.open_without_amount,
+                    s.entered,
+                    s.exited,
+                    s.cohort,
+                    s.advanced,
+                    s.stalled,
+                    s.time_in_stage.samples,
+                ]
+            };
+            let mut summed = [0u64; 8];
+            for scope in report.by_connection.iter().filter_map(of) {
+                let counted = counts(stage(&scope, &expected.stage));
+                for (into, value) in summed.iter_mut().zip(counted) {
+                    *into += value;
+                }
+            }
+            assert_eq!(
+                counts(expected),
+                summed,
+                "{} {}",
+                total.pipeline,
+                expected.stage
+            );
+            checked += summed.iter().filter(|&&n| n > 0).count();
+        }
+    }
+    assert!(checked > 10, "the fixture exercises the counts ({checked})");
+}
+
+#[test]
+fn a_stage_pair_is_interned_once_and_the_same_stage_key_in_two_pipelines_twice() {
+    let mut interner = Interner::default();
+    let sales = interner.stage(Some("sales"), "won");
+    let shop = interner.stage(Some("ecommerce"), "won");
+    let unmapped = interner.stage(None, "won");
+    assert_ne!(sales, shop);
+    assert_ne!(sales, unmapped);
+    assert_ne!(shop, unmapped);
+    assert_eq!(interner.stage(Some("sales"), "won"), sales);
+    assert_eq!(interner.stage_bytes(Some(b"ecommerce"), b"won"), Some(shop));
+    assert_eq!(interner.stage_bytes(None, b"won"), Some(unmapped));
+    assert_eq!(interner.stage_of(shop), (Some("ecommerce"), "won"));
+    assert_eq!(interner.stages().count(), 3);
+}
+
+#[test]
+fn the_last_days_end_at_until_and_start_that_many_days_before() {
+    let until = Utc.with_ymd_and_hms(2026, 3, 31, 12, 0, 0).unwrap();
+    let options = ReportOptions::last_days(until, 30);
+    assert_eq!(options.until, until);
+    assert_eq!(
+        options.since,
+        Utc.with_ymd_and_hms(2026, 3, 1, 12, 0, 0).unwrap()
+    );
+    assert_eq!((options.pipeline, options.connection), (None, None));
+}
