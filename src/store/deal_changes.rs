@@ -300,4 +300,106 @@ mod tests {
         assert_eq!(deal.contact_name.as_deref(), Some("Ada Lovelace"));
         assert_eq!(store.inbox_counts().await.unwrap().processed, 1);
     }
+    #[tokio::test]
+    async fn a_webhook_record_carrying_only_some_contact_fields_keeps_every_other_stored_one() {
+        use crate::domain::{
+            ChangeCause, ConnectionName, DealStatus, EmailAddress, SourceDeal, StageKey, StageRef,
+        };
+        let (_dir, store) = temp_store();
+        // The first `carried` of email, name, owner, owner email and consent, as a pull
+        // stored them; the rest absent.
+        let upsert = |carried: usize, cause: ChangeCause, minute: u32| {
+            let mut source = SourceDeal::new("12", "Globex renewal", "1", "proposal");
+            if carried > 0 {
+                source.contact_email = EmailAddress::parse("ada@acme.example");
+            }
+            if carried > 1 {
+                source.contact_name = Some("Ada Lovelace".to_owned());
+            }
+            if carried > 2 {
+                source.owner = Some("1234".to_owned());
+            }
+            if carried > 3 {
+                source.owner_email = EmailAddress::parse("anna@acme.example");
+            }
+            if carried > 4 {
+                source.marketing_consent = Some(true);
+            }
+            source.updated_at =
+                Some(chrono::TimeZone::with_ymd_and_hms(&Utc, 2026, 1, 14, 18, minute, 0).unwrap());
+            crate::store::DealUpsert {
+                connection: ConnectionName::new("pd"),
+                source,
+                target: StageRef {
+                    pipeline: None,
+                    stage: StageKey::new("proposal"),
+                },
+                status: DealStatus::Open,
+                observed_at: Utc::now(),
+                cause,
+            }
+        };
+        store
+            .upsert_deals(vec![upsert(5, ChangeCause::Poll, 0)])
+            .await
+            .unwrap();
+        for carried in 0..5 {
+            store
+                .enqueue_webhook(event(&format!("pd-carries-{carried}")))
+                .await
+                .unwrap();
+            let row = store.due_webhooks(Utc::now(), 1).await.unwrap().remove(0);
+            let change = upsert(carried, ChangeCause::Webhook, 1 + carried as u32);
+            store
+                .apply_webhook_batch(
+                    vec![(row.id, vec![DealChange::Upsert(change)])],
+                    crate::store::CartRules::default(),
+                    Utc::now(),
+                )
+                .await
+                .unwrap();
+            let deal = stored_deal(&store, "pd", "12").await;
+            assert_eq!(
+                (
+                    deal.contact_email.as_ref().map(|e| e.as_str()),
+                    deal.contact_name.as_deref(),
+                    deal.owner.as_deref(),
+                    deal.owner_email.as_ref().map(|e| e.as_str()),
+                    deal.marketing_consent,
+                ),
+                (
+                    Some("ada@acme.example"),
+                    Some("Ada Lovelace"),
+                    Some("1234"),
+                    Some("anna@acme.example"),
+                    Some(true)
+                ),
+                "a record carrying {carried} of the five fields"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_deal_is_marked_deleted_once_and_an_unknown_one_not_at_all() {
+        let (_dir, store) = temp_store();
+        let at = Utc::now();
+        store
+            .upsert_deals(vec![crate::store::DealUpsert {
+                connection: crate::domain::ConnectionName::new("pd"),
+                source: crate::domain::SourceDeal::new("12", "Globex renewal", "1", "proposal"),
+                target: crate::domain::StageRef {
+                    pipeline: None,
+                    stage: crate::domain::StageKey::new("proposal"),
+                },
+                status: crate::domain::DealStatus::Open,
+                observed_at: at,
+                cause: crate::domain::ChangeCause::Poll,
+            }])
+            .await
+            .unwrap();
+        assert!(!store.mark_deal_deleted("pd", "13", at).await.unwrap());
+        assert!(store.mark_deal_deleted("pd", "12", at).await.unwrap());
+        assert!(stored_deal(&store, "pd", "12").await.deleted_at.is_some());
+        assert!(!store.mark_deal_deleted("pd", "12", at).await.unwrap());
+    }
 }
