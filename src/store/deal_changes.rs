@@ -178,11 +178,28 @@ mod tests {
     use crate::store::inbox::tests::event;
     use crate::store::tests::temp_store;
 
+    /// A Pipedrive deal of connection `pd`, open in `stage`, as `cause` delivers it.
+    fn pd_upsert(
+        source: crate::domain::SourceDeal,
+        stage: &str,
+        cause: crate::domain::ChangeCause,
+    ) -> crate::store::DealUpsert {
+        crate::store::DealUpsert {
+            connection: crate::domain::ConnectionName::new("pd"),
+            source,
+            target: crate::domain::StageRef {
+                pipeline: None,
+                stage: crate::domain::StageKey::new(stage),
+            },
+            status: crate::domain::DealStatus::Open,
+            observed_at: Utc::now(),
+            cause,
+        }
+    }
+
     #[tokio::test]
     async fn a_webhook_record_keeps_the_stored_owner_email_only_for_the_same_owner() {
-        use crate::domain::{
-            ChangeCause, ConnectionName, DealStatus, EmailAddress, SourceDeal, StageKey, StageRef,
-        };
+        use crate::domain::{ChangeCause, EmailAddress, SourceDeal};
         let (_dir, store) = temp_store();
         let upsert = |owner: &str, email: Option<&str>, cause: ChangeCause, minute: u32| {
             let mut source = SourceDeal::new("12", "Globex renewal", "1", "proposal");
@@ -190,17 +207,7 @@ mod tests {
             source.owner_email = email.and_then(EmailAddress::parse);
             source.updated_at =
                 Some(chrono::TimeZone::with_ymd_and_hms(&Utc, 2026, 1, 14, 18, minute, 0).unwrap());
-            crate::store::DealUpsert {
-                connection: ConnectionName::new("pd"),
-                source,
-                target: StageRef {
-                    pipeline: None,
-                    stage: StageKey::new("proposal"),
-                },
-                status: DealStatus::Open,
-                observed_at: Utc::now(),
-                cause,
-            }
+            pd_upsert(source, "proposal", cause)
         };
         let owner_email = |store: Store| async move {
             stored_deal(&store, "pd", "12")
@@ -249,9 +256,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_webhook_record_without_a_contact_keeps_the_one_a_pull_stored() {
-        use crate::domain::{
-            ChangeCause, ConnectionName, DealStatus, EmailAddress, SourceDeal, StageKey, StageRef,
-        };
+        use crate::domain::{ChangeCause, EmailAddress, SourceDeal};
         let (_dir, store) = temp_store();
         let upsert = |stage: &str, email: Option<&str>, cause: ChangeCause, minute: u32| {
             let mut source = SourceDeal::new("12", "Globex renewal", "1", stage);
@@ -259,17 +264,7 @@ mod tests {
             source.contact_name = email.map(|_| "Ada Lovelace".to_owned());
             source.updated_at =
                 Some(chrono::TimeZone::with_ymd_and_hms(&Utc, 2026, 1, 14, 18, minute, 0).unwrap());
-            crate::store::DealUpsert {
-                connection: ConnectionName::new("pd"),
-                source,
-                target: StageRef {
-                    pipeline: None,
-                    stage: StageKey::new(stage),
-                },
-                status: DealStatus::Open,
-                observed_at: Utc::now(),
-                cause,
-            }
+            pd_upsert(source, stage, cause)
         };
         store
             .upsert_deals(vec![upsert(
@@ -302,9 +297,7 @@ mod tests {
     }
     #[tokio::test]
     async fn a_webhook_record_carrying_only_some_contact_fields_keeps_every_other_stored_one() {
-        use crate::domain::{
-            ChangeCause, ConnectionName, DealStatus, EmailAddress, SourceDeal, StageKey, StageRef,
-        };
+        use crate::domain::{ChangeCause, EmailAddress, SourceDeal};
         let (_dir, store) = temp_store();
         // The first `carried` of email, name, owner, owner email and consent, as a pull
         // stored them; the rest absent.
@@ -327,17 +320,7 @@ mod tests {
             }
             source.updated_at =
                 Some(chrono::TimeZone::with_ymd_and_hms(&Utc, 2026, 1, 14, 18, minute, 0).unwrap());
-            crate::store::DealUpsert {
-                connection: ConnectionName::new("pd"),
-                source,
-                target: StageRef {
-                    pipeline: None,
-                    stage: StageKey::new("proposal"),
-                },
-                status: DealStatus::Open,
-                observed_at: Utc::now(),
-                cause,
-            }
+            pd_upsert(source, "proposal", cause)
         };
         store
             .upsert_deals(vec![upsert(5, ChangeCause::Poll, 0)])
@@ -384,17 +367,11 @@ mod tests {
         let (_dir, store) = temp_store();
         let at = Utc::now();
         store
-            .upsert_deals(vec![crate::store::DealUpsert {
-                connection: crate::domain::ConnectionName::new("pd"),
-                source: crate::domain::SourceDeal::new("12", "Globex renewal", "1", "proposal"),
-                target: crate::domain::StageRef {
-                    pipeline: None,
-                    stage: crate::domain::StageKey::new("proposal"),
-                },
-                status: crate::domain::DealStatus::Open,
-                observed_at: at,
-                cause: crate::domain::ChangeCause::Poll,
-            }])
+            .upsert_deals(vec![pd_upsert(
+                crate::domain::SourceDeal::new("12", "Globex renewal", "1", "proposal"),
+                "proposal",
+                crate::domain::ChangeCause::Poll,
+            )])
             .await
             .unwrap();
         assert!(!store.mark_deal_deleted("pd", "13", at).await.unwrap());
