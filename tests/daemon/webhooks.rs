@@ -947,6 +947,153 @@ async fn pending_inbox_rows_left_by_a_stopped_daemon_are_processed_after_a_resta
     .await;
 }
 
+/// Inserts a webhook row, as the intake stores one, with its body.
+fn insert_row(
+    db: &rusqlite::Connection,
+    connection: &str,
+    delivery: &str,
+    settled: Option<(&str, i64)>,
+) {
+    let (state, processed_at) = settled.unwrap_or(("pending", 0));
+    let processed_at = settled.map(|_| processed_at);
+    db.execute(
+        "INSERT INTO webhook_inbox (connection, delivery_id, topic, received_at, state, processed_at)
+         VALUES (?1, ?2, 'checkouts/create', 0, ?3, ?4)",
+        rusqlite::params![connection, delivery, state, processed_at],
+    )
+    .unwrap();
+    let body = checkout(delivery, "2026-01-01T10:00:00Z", "r@example.com");
+    db.execute(
+        "INSERT INTO webhook_bodies (id, headers, body) VALUES (?1, '[]', ?2)",
+        rusqlite::params![db.last_insert_rowid(), body],
+    )
+    .unwrap();
+}
+
+#[tokio::test]
+async fn a_pending_row_of_a_connection_removed_from_the_config_is_kept_as_failed_without_retries() {
+    let mut daemon = TestDaemon::start(&shopify("shop", "1h")).await;
+    daemon.signal("TERM");
+    daemon.wait_exit(Duration::from_secs(10)).await;
+    {
+        let db = db(&daemon);
+        insert_row(&db, "old-shop", "orphan-1", None);
+        insert_row(&db, "shop", "kept-1", None);
+    }
+    daemon.start_again().await;
+    let (state, attempts, error) = eventually("the orphan row settled", WAIT, || async {
+        db(&daemon)
+            .query_row(
+                "SELECT state, attempts, last_error FROM webhook_inbox
+                 WHERE delivery_id = 'orphan-1' AND next_attempt_at IS NULL AND state <> 'pending'",
+                [],
+                |row| {
+                    Ok((
+                        row.get::<_, String>(0)?,
+                        row.get::<_, i64>(1)?,
+                        row.get::<_, Option<String>>(2)?,
+                    ))
+                },
+            )
+            .ok()
+    })
+    .await;
+    // No later attempt can work: failed at once, not scheduled for retries.
+    assert_eq!(state, "failed");
+    assert!(attempts <= 1, "attempts {attempts}");
+    let error = error.unwrap_or_default();
+    assert!(error.contains("no longer configured"), "{error}");
+    assert_eq!(
+        count(
+            &daemon,
+            "SELECT count(*) FROM webhook_inbox WHERE state = 'processed'"
+        ),
+        1,
+        "the configured connection's row is applied"
+    );
+}
+
+#[tokio::test]
+async fn settled_rows_past_their_retention_are_pruned_and_the_log_says_how_many() {
+    let mut daemon = TestDaemon::start(&shopify("shop", "1h")).await;
+    let body = checkout("tok-p1", "2026-01-01T10:00:00Z", "p@example.com");
+    assert_eq!(
+        post_shopify(&daemon, "shop", "checkouts/create", "p-1", body).await,
+        200
+    );
+    // The worker prunes before its first pass: once this row is applied, the prune of
+    // an inbox with nothing old has run, and must not have said it pruned anything.
+    eventually("the webhook applied", WAIT, || async {
+        (count(
+            &daemon,
+            "SELECT count(*) FROM webhook_inbox WHERE state = 'processed'",
+        ) == 1)
+            .then_some(())
+    })
+    .await;
+    assert!(
+        !daemon.logs().contains("pruned old webhook inbox rows"),
+        "{}",
+        daemon.logs()
+    );
+    daemon.signal("TERM");
+    daemon.wait_exit(Duration::from_secs(10)).await;
+    let day_ms = 86_400_000;
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    {
+        // Processed rows are kept 7 days, failed ones 30.
+        let db = db(&daemon);
+        insert_row(
+            &db,
+            "shop",
+            "processed-8d",
+            Some(("processed", now_ms - 8 * day_ms)),
+        );
+        insert_row(
+            &db,
+            "shop",
+            "processed-6d",
+            Some(("processed", now_ms - 6 * day_ms)),
+        );
+        insert_row(
+            &db,
+            "shop",
+            "failed-31d",
+            Some(("failed", now_ms - 31 * day_ms)),
+        );
+        insert_row(
+            &db,
+            "shop",
+            "failed-29d",
+            Some(("failed", now_ms - 29 * day_ms)),
+        );
+    }
+    daemon.start_again().await;
+    daemon
+        .wait_for_log("pruned old webhook inbox rows", WAIT)
+        .await;
+    let line = daemon
+        .logs()
+        .lines()
+        .find(|line| line.contains("pruned old webhook inbox rows"))
+        .unwrap_or_default()
+        .to_owned();
+    assert!(line.contains("pruned=2"), "{line}");
+    let left: Vec<String> = db(&daemon)
+        .prepare("SELECT delivery_id FROM webhook_inbox ORDER BY delivery_id")
+        .unwrap()
+        .query_map([], |row| row.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(left, ["failed-29d", "p-1", "processed-6d"]);
+    assert_eq!(
+        count(&daemon, "SELECT count(*) FROM webhook_bodies"),
+        3,
+        "a pruned row's body goes with it"
+    );
+}
+
 #[tokio::test]
 async fn a_full_inbox_answers_503_with_retry_after_and_stores_nothing() {
     let mut daemon = TestDaemon::start(&shopify("shop", "1h")).await;
