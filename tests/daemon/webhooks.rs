@@ -1634,6 +1634,125 @@ webhook_secret = "{HUBSPOT_SECRET}"
     }
 }
 
+/// A row whose fetch keeps failing waits longer before each retry (1 s doubling, equal
+/// jitter: retry n waits between 2^(n-2) and 2^(n-1) seconds) and is kept as failed,
+/// with the vendor's answer, once its last attempt fails.
+#[tokio::test]
+async fn a_webhook_whose_fetch_keeps_failing_backs_off_and_is_kept_as_failed_after_its_last_attempt()
+ {
+    use crate::harness::vendors::Fault;
+    use crate::harness::vendors::hubspot::{HsDeal, HubSpot};
+    use dealsync::webhooks::worker::MAX_ATTEMPTS;
+    let hubspot = HubSpot::start("pat-test", None).await;
+    let an_hour_ago = chrono::Utc::now().timestamp_millis() - 3_600_000;
+    hubspot.put(HsDeal::new(
+        1002,
+        "Acme expansion",
+        "appointmentscheduled",
+        an_hour_ago,
+    ));
+    let config = format!(
+        r#"
+[connections.hs]
+connector = "hubspot"
+base_url = "{}"
+token = "pat-test"
+poll_interval = "1h"
+webhook_secret = "{HUBSPOT_SECRET}"
+"#,
+        hubspot.url()
+    );
+    let mut daemon = TestDaemon::start(&config).await;
+    eventually("the first sync", WAIT, || async {
+        crm_deal(&daemon, "hs", "1002").map(|_| ())
+    })
+    .await;
+    daemon.signal("TERM");
+    daemon.wait_exit(Duration::from_secs(10)).await;
+    // A delivery already tried three times.
+    {
+        let db = db(&daemon);
+        db.execute(
+            "INSERT INTO webhook_inbox (connection, delivery_id, received_at, attempts)
+             VALUES ('hs', 'tired', 0, 3)",
+            [],
+        )
+        .unwrap();
+        db.execute(
+            "INSERT INTO webhook_bodies (id, headers, body) VALUES (?1, '[]', ?2)",
+            rusqlite::params![db.last_insert_rowid(), hubspot_event(77, 1002)],
+        )
+        .unwrap();
+    }
+    let unavailable = Fault::Status(500, vec![], "{}".into());
+    hubspot
+        .faults()
+        .every("/crm/v3/objects/deals/1002", vec![(1, unavailable)]);
+    let before_ms = chrono::Utc::now().timestamp_millis();
+    daemon.start_again().await;
+    let row = |daemon: &TestDaemon| -> (String, i64, Option<i64>, Option<String>) {
+        db(daemon)
+            .query_row(
+                "SELECT state, attempts, next_attempt_at, last_error FROM webhook_inbox
+                 WHERE delivery_id = 'tired'",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .unwrap()
+    };
+    let (state, attempts, next_attempt_at, _) =
+        eventually("the fourth attempt failed", WAIT, || async {
+            Some(row(&daemon)).filter(|row| row.1 == 4)
+        })
+        .await;
+    assert_eq!(state, "pending");
+    // The fourth retry waits 4 to 8 s, counted from the failure.
+    let next_attempt_at = next_attempt_at.expect("a retry time");
+    assert!(
+        next_attempt_at >= before_ms + 4_000,
+        "next attempt {} ms after the restart began",
+        next_attempt_at - before_ms
+    );
+    let logged = daemon
+        .logs()
+        .lines()
+        .find(|line| line.contains("will retry") && line.contains("attempt=4"))
+        .map(str::to_owned)
+        .unwrap_or_else(|| panic!("no retry log line: {}", daemon.logs()));
+    let waited: u64 = logged
+        .split("retry_in_ms=")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{logged}"));
+    assert!((4_000..=8_000).contains(&waited), "{logged}");
+
+    // Its last attempt: it fails once more and stays failed, with the reason.
+    daemon.signal("TERM");
+    daemon.wait_exit(Duration::from_secs(10)).await;
+    db(&daemon)
+        .execute(
+            "UPDATE webhook_inbox SET attempts = ?1, next_attempt_at = NULL WHERE delivery_id = 'tired'",
+            [MAX_ATTEMPTS - 1],
+        )
+        .unwrap();
+    daemon.start_again().await;
+    let (state, attempts, next_attempt_at, error) =
+        eventually("the last attempt failed", WAIT, || async {
+            Some(row(&daemon)).filter(|row| row.0 != "pending")
+        })
+        .await;
+    assert_eq!(
+        (state.as_str(), attempts, next_attempt_at),
+        ("failed", i64::from(MAX_ATTEMPTS), None)
+    );
+    assert!(
+        error.unwrap_or_default().contains("500"),
+        "the vendor's answer is kept"
+    );
+    assert!(daemon.logs().contains("webhook failed too often"));
+}
+
 /// A Pipedrive v2 webhook fixture for deal 12 with its own event id.
 fn pipedrive_event(name: &str, event_id: &str) -> Vec<u8> {
     let mut body = fixture(&format!("pipedrive/{name}"));
