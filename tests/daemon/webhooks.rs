@@ -1700,11 +1700,10 @@ webhook_secret = "{HUBSPOT_SECRET}"
             )
             .unwrap()
     };
-    let (state, attempts, next_attempt_at, _) =
-        eventually("the fourth attempt failed", WAIT, || async {
-            Some(row(&daemon)).filter(|row| row.1 == 4)
-        })
-        .await;
+    let (state, _, next_attempt_at, _) = eventually("the fourth attempt failed", WAIT, || async {
+        Some(row(&daemon)).filter(|row| row.1 == 4)
+    })
+    .await;
     assert_eq!(state, "pending");
     // The fourth retry waits 4 to 8 s, counted from the failure.
     let next_attempt_at = next_attempt_at.expect("a retry time");
