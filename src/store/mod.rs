@@ -32,6 +32,7 @@ mod inbox;
 mod ledger;
 mod migrations;
 mod outbox;
+pub mod postgres;
 mod report;
 mod stage_feed;
 mod suppression;
