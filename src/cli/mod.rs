@@ -474,7 +474,7 @@ fn owner_email_warnings(config: &Config, runtimes: &[Arc<ConnectionRuntime>]) ->
 
 async fn stages(source: &ConfigSource) -> Result<(), CliError> {
     let config = load(source).await?;
-    let store = if config.storage.path.exists() {
+    let store = if config.require_sqlite()?.exists() {
         Some(open_store(&config).await?)
     } else {
         None
