@@ -1469,15 +1469,22 @@ from = "Shop <shop@example.com>"
             credentials: CredentialMode::Required,
         };
         let env = MapEnv(HashMap::new());
-        let text = "[storage]\nurl = \"postgres://dealsync:${credential:pg}@db.internal:5433/deals\"\n";
+        let text =
+            "[storage]\nurl = \"postgres://dealsync:${credential:pg}@db.internal:5433/deals\"\n";
         let config = super::parse_with(Path::new("d.toml"), text, &env, &options).unwrap();
         let url = config.storage.url.as_ref().unwrap();
         assert_eq!(url.to_string(), "db.internal:5433/deals");
-        assert_eq!(url.password.as_ref().unwrap().expose(), "s3cr3t-pg-Password");
+        assert_eq!(
+            url.password.as_ref().unwrap().expose(),
+            "s3cr3t-pg-Password"
+        );
         let shown = format!("{config:?}");
         assert!(!shown.contains("s3cr3t"), "{shown}");
         let refused = config.require_sqlite().unwrap_err().to_string();
-        assert!(refused.contains("storage.url") && refused.contains("storage.path"), "{refused}");
+        assert!(
+            refused.contains("storage.url") && refused.contains("storage.path"),
+            "{refused}"
+        );
         assert!(!refused.contains("s3cr3t"), "{refused}");
 
         // A URL the store cannot use is refused without quoting it.
@@ -1485,7 +1492,10 @@ from = "Shop <shop@example.com>"
         let error = super::parse_with(Path::new("d.toml"), text, &env, &options).unwrap_err();
         let shown = error.to_string();
         assert_eq!(error.problems()[0].key, "storage.url");
-        assert!(shown.contains("without TLS") && !shown.contains("s3cr3t"), "{shown}");
+        assert!(
+            shown.contains("without TLS") && !shown.contains("s3cr3t"),
+            "{shown}"
+        );
     }
 
     #[test]
@@ -1499,7 +1509,10 @@ from = "Shop <shop@example.com>"
         );
         assert!(!problem.message.contains("pw-1234"), "{problem}");
         let config = parse_with("", &[]).unwrap();
-        assert_eq!(config.storage.path, Path::new("/var/lib/dealsync/dealsync.db"));
+        assert_eq!(
+            config.storage.path,
+            Path::new("/var/lib/dealsync/dealsync.db")
+        );
         assert!(config.storage.url.is_none());
         assert_eq!(config.require_sqlite().unwrap(), config.storage.path);
     }

@@ -23,22 +23,27 @@ pub struct PostgresUrl {
 
 impl fmt::Display for PostgresUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}/{}", self.host, self.port, self.database)
+        write!(f, "{}/{}", self.host_port(), self.database)
     }
 }
 
 impl fmt::Debug for PostgresUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let password = if self.password.is_some() { ":***" } else { "" };
-        write!(
-            f,
-            "PostgresUrl(postgres://{}{password}@{}:{}/{})",
-            self.user, self.host, self.port, self.database
-        )
+        write!(f, "PostgresUrl(postgres://{}{password}@{self})", self.user)
     }
 }
 
 impl PostgresUrl {
+    /// `host:port`, an IPv6 address in brackets: what a connection error names.
+    pub fn host_port(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+
     /// Parses `postgres://user[:password]@host[:port]/database`. The user and password
     /// are percent-decoded, as libpq does: a password holding `@`, `/`, `?`, `#` or
     /// `%` is written percent-encoded (`%40` for `@`). The error never quotes the text.
@@ -54,7 +59,7 @@ impl PostgresUrl {
         let host = match url.host() {
             Some(url::Host::Domain(name)) if !name.is_empty() => name.to_owned(),
             Some(url::Host::Ipv4(address)) => address.to_string(),
-            Some(url::Host::Ipv6(address)) => format!("[{address}]"),
+            Some(url::Host::Ipv6(address)) => address.to_string(),
             _ => return Err(format!("{expected}: the host is missing")),
         };
         let decode = |part: &str| {
@@ -69,9 +74,11 @@ impl PostgresUrl {
         }
         let password = match url.password() {
             None => None,
-            Some(encoded) => Some(Secret::new(decode(encoded).map_err(|_| {
-                "the password is not UTF-8 once percent-decoded".to_owned()
-            })?)),
+            Some(encoded) => {
+                Some(Secret::new(decode(encoded).map_err(|_| {
+                    "the password is not UTF-8 once percent-decoded".to_owned()
+                })?))
+            }
         };
         let database = decode(url.path().trim_start_matches('/'))
             .map_err(|_| "the database name is not UTF-8 once percent-decoded".to_owned())?;
@@ -117,6 +124,11 @@ mod tests {
         let plain = parse("postgresql://dealsync@10.0.0.5/dealsync").unwrap();
         assert_eq!((plain.port, plain.password.is_none()), (5432, true));
         assert_eq!(plain.to_string(), "10.0.0.5:5432/dealsync");
+        let v6 = parse("postgres://dealsync@[::1]:5433/dealsync").unwrap();
+        assert_eq!(
+            (v6.host.as_str(), v6.host_port()),
+            ("::1", "[::1]:5433".to_owned())
+        );
     }
 
     #[test]
@@ -124,7 +136,10 @@ mod tests {
         let url = parse("postgres://dealsync:hunter2-secret@db:5432/deals").unwrap();
         let shown = format!("{url:?} {url}");
         assert!(!shown.contains("hunter2"), "{shown}");
-        assert!(shown.contains("postgres://dealsync:***@db:5432/deals"), "{shown}");
+        assert!(
+            shown.contains("postgres://dealsync:***@db:5432/deals"),
+            "{shown}"
+        );
         for text in [
             "mysql://dealsync:hunter2-secret@db/deals",
             "postgres://dealsync:hunter2-secret@db:5432/",

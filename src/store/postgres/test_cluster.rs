@@ -78,7 +78,9 @@ impl TestDatabase {
         let (client, connection) =
             tokio_postgres::connect(&self.admin_params(), tokio_postgres::NoTls)
                 .await
-                .unwrap_or_else(|error| panic!("connecting to test database {}: {error}", self.name));
+                .unwrap_or_else(|error| {
+                    panic!("connecting to test database {}: {error}", self.name)
+                });
         tokio::spawn(connection);
         client
     }
@@ -304,7 +306,14 @@ impl Cluster {
             Command::new(self.bin.join("psql"))
                 .arg("-h")
                 .arg(&self.dir)
-                .args(["-p", &self.port.to_string(), "-U", "postgres", "-d", database])
+                .args([
+                    "-p",
+                    &self.port.to_string(),
+                    "-U",
+                    "postgres",
+                    "-d",
+                    database,
+                ])
                 .args(["-v", "ON_ERROR_STOP=1", "-qAt", "-c", sql]),
         );
     }
