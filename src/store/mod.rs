@@ -109,10 +109,13 @@ pub enum StoreError {
         supported: i64,
     },
     /// No connection to the PostgreSQL server could be made; `hint` says what to do.
-    #[error("connecting to PostgreSQL at {target}: {source}; {hint}")]
+    #[error("connecting to PostgreSQL at {target}: {cause}; {hint}")]
     PostgresConnect {
         /// `host:port/database`, never the password.
         target: String,
+        /// The source and its causes in one line (the OS error last), so that the
+        /// hint can follow them.
+        cause: String,
         hint: String,
         source: DbError,
     },

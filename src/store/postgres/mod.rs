@@ -75,7 +75,7 @@ impl std::fmt::Display for SchemaState {
             SchemaState::Current(version) => write!(f, "schema version {version}, current"),
             SchemaState::Older { found, supported } => write!(
                 f,
-                "schema version {found}, older than this dealsync's {supported} (migrated when the store opens)"
+                "schema version {found}, older than this dealsync's {supported}"
             ),
             SchemaState::Newer { found, supported } => write!(
                 f,
@@ -172,6 +172,7 @@ impl Database {
             let error = DbError::from(error);
             StoreError::PostgresConnect {
                 target: self.target(),
+                cause: one_line(&error),
                 hint: connect_hint(&error, &self.url),
                 source: error,
             }
@@ -191,6 +192,21 @@ impl Database {
         let mut client = self.client().await?;
         migrations::migrate(&mut client, &self.target()).await
     }
+}
+
+/// `error` and each of its causes not already in the text, joined by `: `.
+fn one_line(error: &DbError) -> String {
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        let line = cause.to_string();
+        if !line.is_empty() && !text.contains(&line) {
+            text.push_str(": ");
+            text.push_str(&line);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 /// What to do about a failure to connect, from what the server (or the OS) said.

@@ -57,14 +57,6 @@ impl TestDatabase {
         )
     }
 
-    /// The same URL with another password.
-    pub fn url_with_password(&self, password: &str) -> String {
-        format!(
-            "postgres://{PASSWORD_ROLE}:{password}@127.0.0.1:{}/{}",
-            self.port, self.name
-        )
-    }
-
     /// libpq-style parameters of a superuser connection to this database (trust auth).
     pub fn admin_params(&self) -> String {
         format!(
@@ -292,11 +284,6 @@ impl Cluster {
             .spawn()
             .expect("starting the cluster's reaper");
         child.stdin.take().expect("the reaper's stdin is piped")
-    }
-
-    /// The port the server listens on at 127.0.0.1.
-    pub fn port(&self) -> u16 {
-        self.port
     }
 
     /// Runs `sql` as the superuser in `database`, over the Unix socket.

@@ -320,8 +320,12 @@ async fn a_wrong_password_is_refused_naming_the_server_and_never_the_password() 
     else {
         return;
     };
-    let wrong =
-        PostgresUrl::parse(&Secret::new(database.url_with_password("Wr0ng-pAss-77"))).unwrap();
+    let wrong = PostgresUrl::parse(&Secret::new(
+        database
+            .url()
+            .replace(test_cluster::PASSWORD, "Wr0ng-pAss-77"),
+    ))
+    .unwrap();
     let error = Database::connect(&wrong, &Options::default())
         .await
         .unwrap_err();

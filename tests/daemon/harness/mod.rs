@@ -59,11 +59,11 @@ pub async fn clear_of_utc_midnight(margin: Duration) {
     }
 }
 
-// `in_ci` and `skip`: the rule for a test whose tool is missing, one file shared with
-// the unit tests.
+// `skip`: the rule for a test whose tool is missing, one file shared with the unit
+// tests.
 #[path = "../../../src/test_skip.rs"]
 mod skip_rule;
-pub use skip_rule::{in_ci, skip};
+pub use skip_rule::skip;
 
 /// The throwaway PostgreSQL cluster, one file shared with the store's unit tests.
 #[path = "../../../src/store/postgres/test_cluster.rs"]
