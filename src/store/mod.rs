@@ -1,5 +1,9 @@
 //! The store: the only module that knows SQL or rusqlite.
 //!
+//! Everything below is the SQLite backend, the one `Store` runs on. `postgres` is the
+//! second backend, so far its pool, schema and migrations only (docs/ARCHITECTURE.md,
+//! "Two backends").
+//!
 //! SQLite with WAL and a busy timeout. One writer connection behind a mutex (SQLite
 //! has one writer anyway; serializing here avoids `SQLITE_BUSY` storms) and a small
 //! pool of reader connections. Every call runs on tokio's blocking pool, never on the
