@@ -112,17 +112,9 @@ pub enum StoreError {
         found: i64,
         supported: i64,
     },
-    /// No connection to the PostgreSQL server could be made; `hint` says what to do.
-    #[error("connecting to PostgreSQL at {target}: {cause}; {hint}")]
-    PostgresConnect {
-        /// `host:port/database`, never the password.
-        target: String,
-        /// The source and its causes in one line (the OS error last), so that the
-        /// hint can follow them.
-        cause: String,
-        hint: String,
-        source: DbError,
-    },
+    /// No connection to the PostgreSQL server could be made.
+    #[error(transparent)]
+    PostgresConnect(Box<postgres::ConnectError>),
     #[error("migrating database to version {version}: {source}")]
     Migration { version: i64, source: DbError },
     /// The data directory or a database file cannot be written (permissions, a
@@ -162,7 +154,7 @@ enum Backend {
     /// The PostgreSQL pool gave no connection: every one busy past the wait timeout,
     /// or the pool closed.
     #[error(transparent)]
-    Pool(deadpool_postgres::PoolError),
+    Pool(Box<deadpool_postgres::PoolError>),
 }
 
 impl From<rusqlite::Error> for DbError {
@@ -193,7 +185,7 @@ impl From<deadpool_postgres::PoolError> for DbError {
     fn from(error: deadpool_postgres::PoolError) -> DbError {
         match error {
             deadpool_postgres::PoolError::Backend(error) => error.into(),
-            other => DbError(Backend::Pool(other)),
+            other => DbError(Backend::Pool(Box::new(other))),
         }
     }
 }
@@ -247,7 +239,7 @@ impl DbError {
                 )
             ),
             Backend::Postgres(error) => postgres::is_transient(error),
-            Backend::Pool(error) => !matches!(error, deadpool_postgres::PoolError::Closed),
+            Backend::Pool(error) => !matches!(**error, deadpool_postgres::PoolError::Closed),
         }
     }
 
@@ -288,9 +280,10 @@ impl StoreError {
     /// disk. Retrying the same work later may succeed; it says nothing against the row.
     pub fn is_transient(&self) -> bool {
         match self {
-            StoreError::Database(error)
-            | StoreError::Open { source: error, .. }
-            | StoreError::PostgresConnect { source: error, .. } => error.is_transient(),
+            StoreError::Database(error) | StoreError::Open { source: error, .. } => {
+                error.is_transient()
+            }
+            StoreError::PostgresConnect(failure) => failure.source.is_transient(),
             StoreError::CreateDir { .. } | StoreError::CreateFile { .. } => true,
             _ => false,
         }

@@ -28,6 +28,21 @@ use super::{DbError, Result, StoreError};
 use crate::config::PostgresUrl;
 use std::time::Duration;
 
+/// No connection to the server could be made: names it and says what to do.
+#[derive(Debug, thiserror::Error)]
+#[error("connecting to PostgreSQL at {target}: {cause}; {hint}")]
+pub struct ConnectError {
+    /// `host:port/database`, never the password.
+    pub target: String,
+    /// The source and its causes in one line (the OS error last), so that the hint
+    /// can follow them.
+    pub cause: String,
+    /// What to do about it.
+    pub hint: String,
+    #[source]
+    pub source: DbError,
+}
+
 /// How the pool connects; [`Options::default`] is what the daemon uses.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -170,12 +185,12 @@ impl Database {
                 return StoreError::Database(error.into());
             }
             let error = DbError::from(error);
-            StoreError::PostgresConnect {
+            StoreError::PostgresConnect(Box::new(ConnectError {
                 target: self.target(),
                 cause: one_line(&error),
                 hint: connect_hint(&error, &self.url),
                 source: error,
-            }
+            }))
         })
     }
 

@@ -23,7 +23,7 @@
 use std::io::Write;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{ChildStdin, Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, OnceLock};
 
@@ -37,8 +37,9 @@ pub struct Cluster {
     port: u16,
     dir: PathBuf,
     bin: PathBuf,
-    /// The write end of the reaper's pipe; dropping it (process exit) stops the cluster.
-    _reaper: Mutex<ChildStdin>,
+    /// The reaper, holding the write end of its pipe (`stdin`): never waited for, it
+    /// outlives this process; the pipe closing at exit stops the cluster.
+    _reaper: Mutex<Child>,
 }
 
 /// A fresh, empty database in the cluster, owned by [`PASSWORD_ROLE`].
@@ -261,8 +262,8 @@ impl Cluster {
     }
 
     /// Starts the process that stops the cluster and removes `dir` once this process
-    /// is gone; returns the write end of its pipe.
-    fn reaper(user: Option<&str>, bin: &Path, dir: &Path) -> ChildStdin {
+    /// is gone, reading its stdin, a pipe, until it closes.
+    fn reaper(user: Option<&str>, bin: &Path, dir: &Path) -> Child {
         let mut command = Command::new("sh");
         command
             .arg("-c")
@@ -271,7 +272,7 @@ impl Cluster {
         if let Some(user) = user {
             command.args(["runuser", "-u", user, "--"]);
         }
-        let mut child = command
+        command
             .arg(bin.join("pg_ctl"))
             .arg("-D")
             .arg(dir.join("data"))
@@ -282,8 +283,7 @@ impl Cluster {
             .stderr(Stdio::null())
             .process_group(0)
             .spawn()
-            .expect("starting the cluster's reaper");
-        child.stdin.take().expect("the reaper's stdin is piped")
+            .expect("starting the cluster's reaper")
     }
 
     /// Runs `sql` as the superuser in `database`, over the Unix socket.
