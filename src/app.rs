@@ -114,6 +114,9 @@ impl App {
     /// store; starts no task yet. Fails with [`StartupError::AlreadyRunning`] at once,
     /// before touching the store, when another daemon runs on the same database.
     pub async fn build(config: Config) -> Result<App, StartupError> {
+        // PostgreSQL is not a store the daemon can run on yet: said before anything
+        // else, and nothing is opened.
+        config.require_sqlite()?;
         // The daemon uses every secret: one that was deferred (not readable here) is an
         // error now, naming each.
         config.require_credentials(|_| true)?;
@@ -406,8 +409,13 @@ async fn reload(
             return None;
         }
     };
-    if new.server.listen != old.server.listen || new.storage.path != old.storage.path {
-        warn!("server.listen and storage.path changes take effect only after a restart");
+    if new.server.listen != old.server.listen
+        || new.storage.path != old.storage.path
+        || new.storage.url != old.storage.url
+    {
+        warn!(
+            "server.listen and storage.path or storage.url changes take effect only after a restart"
+        );
     }
     let (was, now) = (&old.server, &new.server);
     if (

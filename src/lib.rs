@@ -27,6 +27,8 @@ pub mod shutdown;
 pub mod store;
 pub mod sync;
 pub mod telemetry;
+#[cfg(test)]
+mod test_skip;
 pub mod webhooks;
 
 /// The allocator for every binary built on this crate (the daemon, its benches and

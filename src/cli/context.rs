@@ -95,8 +95,10 @@ pub(crate) async fn load(source: &ConfigSource) -> Result<Config, CliError> {
     )
 }
 
+/// Opens the SQLite store; refuses `storage.url`, which only `check` reads in this
+/// version.
 pub(crate) async fn open_store(config: &Config) -> Result<Store, CliError> {
-    let path = config.storage.path.clone();
+    let path = config.require_sqlite()?.to_owned();
     Ok(tokio::task::spawn_blocking(move || Store::open(&path))
         .await
         .map_err(anyhow::Error::from)??)

@@ -102,17 +102,37 @@ async fn check(source: &ConfigSource, args: CheckArgs) -> Result<(), CliError> {
     let config = load(source).await?;
     // Problems of the environment: the config is valid, what it points at is not.
     let mut unavailable: Vec<String> = Vec::new();
-    let storage = config.storage.path.clone();
-    let writable = tokio::task::spawn_blocking(move || crate::store::check_writable(&storage))
-        .await
-        .map_err(anyhow::Error::from)?;
-    let store = match writable {
-        Err(error) => {
-            unavailable.push(error.to_string());
-            None
+    let mut storage_line = None;
+    let store = if let Some(url) = &config.storage.url {
+        // PostgreSQL: reached and read, nothing applied; no store query runs on it yet.
+        config.require_credentials(|key| key == "storage.url")?;
+        match check_postgres(url).await {
+            Ok(line) => storage_line = Some(line),
+            Err(problem) => unavailable.push(problem),
         }
-        Ok(()) if config.storage.path.exists() => Some(open_store(&config).await?),
-        Ok(()) => None,
+        None
+    } else {
+        let storage = config.storage.path.clone();
+        let writable = tokio::task::spawn_blocking(move || crate::store::check_writable(&storage))
+            .await
+            .map_err(anyhow::Error::from)?;
+        match writable {
+            Err(error) => {
+                unavailable.push(error.to_string());
+                None
+            }
+            Ok(()) => {
+                storage_line = Some(format!(
+                    "storage {}: writable\n",
+                    config.storage.path.display()
+                ));
+                if config.storage.path.exists() {
+                    Some(open_store(&config).await?)
+                } else {
+                    None
+                }
+            }
+        }
     };
     let runtimes = runtimes(&config, store.as_ref()).await?;
     let mut out = format!("config {}: ok\n", config.path.display());
@@ -134,11 +154,8 @@ async fn check(source: &ConfigSource, args: CheckArgs) -> Result<(), CliError> {
             connection.name, connection.connector
         ));
     }
-    if unavailable.is_empty() {
-        out.push_str(&format!(
-            "storage {}: writable\n",
-            config.storage.path.display()
-        ));
+    if let Some(line) = storage_line {
+        out.push_str(&line);
     }
     let stored_unmapped = match &store {
         Some(store) => store.unmapped_stages(None).await?,
@@ -244,6 +261,34 @@ async fn check(source: &ConfigSource, args: CheckArgs) -> Result<(), CliError> {
         Ok(())
     } else {
         Err(CliError::Environment(unavailable))
+    }
+}
+
+/// `check` of a PostgreSQL `storage.url`: connects (one connection), applies nothing,
+/// and says what the database holds of dealsync's schema. `Err` is the problem that
+/// makes the environment unusable: the server cannot be reached or refuses the user,
+/// or the schema is newer than this binary's. Neither names the password.
+async fn check_postgres(url: &config::PostgresUrl) -> Result<String, String> {
+    use crate::store::postgres::{Database, Options, SchemaState};
+    let options = Options {
+        max_connections: 1,
+        ..Options::default()
+    };
+    let database = Database::connect(url, &options)
+        .await
+        .map_err(|error| crate::telemetry::error_chain(&error))?;
+    let state = database
+        .schema_state()
+        .await
+        .map_err(|error| crate::telemetry::error_chain(&error))?;
+    let line = format!("storage PostgreSQL {url}: reachable, {state}");
+    match state {
+        SchemaState::Newer { .. } => Err(format!(
+            "{line}; point storage.url at another database or upgrade dealsync (nothing was changed)"
+        )),
+        SchemaState::Absent | SchemaState::Current(_) | SchemaState::Older { .. } => Ok(format!(
+            "{line}\n  note: this version runs no store query on PostgreSQL: `dealsync run` and the other commands refuse storage.url\n"
+        )),
     }
 }
 
@@ -474,7 +519,7 @@ fn owner_email_warnings(config: &Config, runtimes: &[Arc<ConnectionRuntime>]) ->
 
 async fn stages(source: &ConfigSource) -> Result<(), CliError> {
     let config = load(source).await?;
-    let store = if config.storage.path.exists() {
+    let store = if config.require_sqlite()?.exists() {
         Some(open_store(&config).await?)
     } else {
         None

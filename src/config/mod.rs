@@ -17,8 +17,10 @@ pub mod followups;
 pub mod interpolate;
 pub mod raw;
 pub mod secret;
+pub mod storage;
 
 pub use secret::{Secret, Secrets};
+pub use storage::PostgresUrl;
 
 use crate::domain::{ConnectionName, PipelineKey, StageKey};
 use crate::pipeline::{
@@ -129,6 +131,16 @@ impl Config {
         )))
     }
 
+    /// The SQLite file of the store, or, when `storage.url` names a PostgreSQL
+    /// database, an error that says it is not usable here yet (every command but
+    /// `check` in this version).
+    pub fn require_sqlite(&self) -> Result<&Path, ConfigError> {
+        match &self.storage.url {
+            None => Ok(&self.storage.path),
+            Some(_) => Err(ConfigError::at(self, "storage.url", POSTGRES_NOT_YET)),
+        }
+    }
+
     /// The secrets of connection `name` are all available here.
     pub fn require_connection_credentials(&self, name: &str) -> Result<(), ConfigError> {
         let prefix = format!("connections.{name}");
@@ -136,10 +148,19 @@ impl Config {
     }
 }
 
+/// Where the store lives. Debug prints the PostgreSQL password as `***`.
 #[derive(Debug, Clone)]
 pub struct StorageConfig {
+    /// The SQLite file (`storage.path`, or the default when neither key is set).
     pub path: PathBuf,
+    /// `storage.url`: a PostgreSQL database instead of `path`. Only `dealsync check`
+    /// uses it in this version; the daemon and the other commands refuse it
+    /// (`StorageConfig::require_sqlite`).
+    pub url: Option<PostgresUrl>,
 }
+
+/// What every command but `check` answers to `storage.url` in this version.
+pub const POSTGRES_NOT_YET: &str = "PostgreSQL (storage.url) is accepted only by `dealsync check` in this version: the daemon and the other commands still run on SQLite alone; remove storage.url and set storage.path";
 
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -741,12 +762,7 @@ fn validate(path: &Path, raw: raw::RawConfig, report: &mut dyn FnMut(&str, Strin
 
     Config {
         path: path.to_owned(),
-        storage: StorageConfig {
-            path: raw
-                .storage
-                .path
-                .unwrap_or_else(|| PathBuf::from("/var/lib/dealsync/dealsync.db")),
-        },
+        storage: validate_storage(raw.storage, report),
         server,
         connectors_dir: raw.connectors.dir,
         pipelines,
@@ -757,6 +773,27 @@ fn validate(path: &Path, raw: raw::RawConfig, report: &mut dyn FnMut(&str, Strin
         substituted: interpolate::Substituted::default(),
         credentials_dir: None,
         unavailable: Vec::new(),
+    }
+}
+
+/// `[storage]`: `path` (SQLite, the default) or `url` (PostgreSQL), not both.
+fn validate_storage(raw: raw::RawStorage, report: &mut dyn FnMut(&str, String)) -> StorageConfig {
+    if raw.path.is_some() && raw.url.is_some() {
+        report(
+            "storage.url",
+            "storage.path (a SQLite file) and storage.url (a PostgreSQL database) are both set; keep the one the store lives in".to_owned(),
+        );
+    }
+    let url = raw.url.as_ref().and_then(|text| {
+        PostgresUrl::parse(text)
+            .map_err(|message| report("storage.url", message))
+            .ok()
+    });
+    StorageConfig {
+        path: raw
+            .path
+            .unwrap_or_else(|| PathBuf::from("/var/lib/dealsync/dealsync.db")),
+        url,
     }
 }
 
@@ -1421,6 +1458,63 @@ from = "Shop <shop@example.com>"
         );
         assert!(error.to_string().contains("--credentials-dir DIR"));
         assert!(config.require_credentials(|_| true).is_err());
+    }
+
+    #[test]
+    fn storage_url_selects_postgres_and_its_credential_shows_nowhere() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("pg"), "s3cr3t-pg-Password\n").unwrap();
+        let options = LoadOptions {
+            credentials_dir: Some(dir.path().to_owned()),
+            credentials: CredentialMode::Required,
+        };
+        let env = MapEnv(HashMap::new());
+        let text =
+            "[storage]\nurl = \"postgres://dealsync:${credential:pg}@db.internal:5433/deals\"\n";
+        let config = super::parse_with(Path::new("d.toml"), text, &env, &options).unwrap();
+        let url = config.storage.url.as_ref().unwrap();
+        assert_eq!(url.to_string(), "db.internal:5433/deals");
+        assert_eq!(
+            url.password.as_ref().unwrap().expose(),
+            "s3cr3t-pg-Password"
+        );
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("s3cr3t"), "{shown}");
+        let refused = config.require_sqlite().unwrap_err().to_string();
+        assert!(
+            refused.contains("storage.url") && refused.contains("storage.path"),
+            "{refused}"
+        );
+        assert!(!refused.contains("s3cr3t"), "{refused}");
+
+        // A URL the store cannot use is refused without quoting it.
+        let text = "[storage]\nurl = \"postgres://dealsync:${credential:pg}@db.internal/deals?sslmode=require\"\n";
+        let error = super::parse_with(Path::new("d.toml"), text, &env, &options).unwrap_err();
+        let shown = error.to_string();
+        assert_eq!(error.problems()[0].key, "storage.url");
+        assert!(
+            shown.contains("without TLS") && !shown.contains("s3cr3t"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn storage_path_and_url_together_are_refused_naming_both_and_neither_keeps_the_default() {
+        let text = "[storage]\npath = \"data/dealsync.db\"\nurl = \"postgres://dealsync:pw-1234@db/deals\"\n";
+        let problem = only_problem(parse_with(text, &[]).unwrap_err());
+        assert_eq!(problem.key, "storage.url");
+        assert!(
+            problem.message.contains("storage.path") && problem.message.contains("storage.url"),
+            "{problem}"
+        );
+        assert!(!problem.message.contains("pw-1234"), "{problem}");
+        let config = parse_with("", &[]).unwrap();
+        assert_eq!(
+            config.storage.path,
+            Path::new("/var/lib/dealsync/dealsync.db")
+        );
+        assert!(config.storage.url.is_none());
+        assert_eq!(config.require_sqlite().unwrap(), config.storage.path);
     }
 
     #[test]

@@ -33,6 +33,9 @@ pub struct RawConfig {
 pub struct RawStorage {
     /// SQLite database file; relative paths are relative to the working directory.
     pub path: Option<PathBuf>,
+    /// A PostgreSQL database instead, `postgres://user:password@host:5432/database`
+    /// (the password through `${credential:NAME}`); not together with `path`.
+    pub url: Option<Secret>,
 }
 
 #[derive(Debug, Deserialize, Default)]

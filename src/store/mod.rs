@@ -1,5 +1,9 @@
 //! The store: the only module that knows SQL or rusqlite.
 //!
+//! Everything below is the SQLite backend, the one `Store` runs on. `postgres` is the
+//! second backend, so far its pool, schema and migrations only (docs/ARCHITECTURE.md,
+//! "Two backends").
+//!
 //! SQLite with WAL and a busy timeout. One writer connection behind a mutex (SQLite
 //! has one writer anyway; serializing here avoids `SQLITE_BUSY` storms) and a small
 //! pool of reader connections. Every call runs on tokio's blocking pool, never on the
@@ -32,6 +36,7 @@ mod inbox;
 mod ledger;
 mod migrations;
 mod outbox;
+pub mod postgres;
 mod report;
 mod stage_feed;
 mod suppression;
@@ -95,6 +100,21 @@ pub enum StoreError {
         found: i64,
         supported: i64,
     },
+    /// A PostgreSQL database (`storage.url`) written by a newer dealsync.
+    #[error(
+        "PostgreSQL database {target} has schema version {found}, newer than this dealsync \
+         understands ({supported}); upgrade dealsync or point storage.url at another \
+         database — the database was not modified"
+    )]
+    PostgresNewerSchema {
+        /// `host:port/database`, never the password.
+        target: String,
+        found: i64,
+        supported: i64,
+    },
+    /// No connection to the PostgreSQL server could be made.
+    #[error(transparent)]
+    PostgresConnect(Box<postgres::ConnectError>),
     #[error("migrating database to version {version}: {source}")]
     Migration { version: i64, source: DbError },
     /// The data directory or a database file cannot be written (permissions, a
@@ -122,48 +142,105 @@ pub enum StoreError {
 /// its message and source chain carry the database's own words.
 #[derive(Debug, thiserror::Error)]
 #[error(transparent)]
-pub struct DbError(rusqlite::Error);
+pub struct DbError(Backend);
+
+/// The backend a [`DbError`] comes from.
+#[derive(Debug, thiserror::Error)]
+enum Backend {
+    #[error(transparent)]
+    Sqlite(rusqlite::Error),
+    #[error(transparent)]
+    Postgres(tokio_postgres::Error),
+    /// The PostgreSQL pool gave no connection: every one busy past the wait timeout,
+    /// or the pool closed.
+    #[error(transparent)]
+    Pool(Box<deadpool_postgres::PoolError>),
+}
 
 impl From<rusqlite::Error> for DbError {
     fn from(error: rusqlite::Error) -> DbError {
-        DbError(error)
+        DbError(Backend::Sqlite(error))
     }
 }
 
 impl From<rusqlite::Error> for StoreError {
     fn from(error: rusqlite::Error) -> StoreError {
-        StoreError::Database(DbError(error))
+        StoreError::Database(error.into())
+    }
+}
+
+impl From<tokio_postgres::Error> for DbError {
+    fn from(error: tokio_postgres::Error) -> DbError {
+        DbError(Backend::Postgres(error))
+    }
+}
+
+impl From<tokio_postgres::Error> for StoreError {
+    fn from(error: tokio_postgres::Error) -> StoreError {
+        StoreError::Database(error.into())
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for DbError {
+    fn from(error: deadpool_postgres::PoolError) -> DbError {
+        match error {
+            deadpool_postgres::PoolError::Backend(error) => error.into(),
+            other => DbError(Backend::Pool(Box::new(other))),
+        }
     }
 }
 
 impl DbError {
     fn code(&self) -> Option<rusqlite::ErrorCode> {
-        self.0.sqlite_error_code()
+        match &self.0 {
+            Backend::Sqlite(error) => error.sqlite_error_code(),
+            Backend::Postgres(_) | Backend::Pool(_) => None,
+        }
+    }
+
+    /// The SQLSTATE of a PostgreSQL error the server reported.
+    fn sql_state(&self) -> Option<&tokio_postgres::error::SqlState> {
+        match &self.0 {
+            Backend::Postgres(error) => error.code(),
+            Backend::Sqlite(_) | Backend::Pool(_) => None,
+        }
     }
 
     /// Whether the disk is full.
     pub fn is_disk_full(&self) -> bool {
-        self.code() == Some(rusqlite::ErrorCode::DiskFull)
+        match &self.0 {
+            Backend::Sqlite(_) => self.code() == Some(rusqlite::ErrorCode::DiskFull),
+            Backend::Postgres(_) => {
+                self.sql_state() == Some(&tokio_postgres::error::SqlState::DISK_FULL)
+            }
+            Backend::Pool(_) => false,
+        }
     }
 
     /// Whether the failure is the database's state rather than the data: busy or
     /// locked by another connection or process, an I/O error, a full or read-only
-    /// disk. Retrying the same work later may succeed.
+    /// disk; for PostgreSQL also a lost or refused connection, a server shutting
+    /// down or starting, a serialization failure or deadlock, no connection slot
+    /// free. Retrying the same work later may succeed.
     pub fn is_transient(&self) -> bool {
         use rusqlite::ErrorCode;
-        matches!(
-            self.code(),
-            Some(
-                ErrorCode::DatabaseBusy
-                    | ErrorCode::DatabaseLocked
-                    | ErrorCode::SystemIoFailure
-                    | ErrorCode::DiskFull
-                    | ErrorCode::CannotOpen
-                    | ErrorCode::ReadOnly
-                    | ErrorCode::FileLockingProtocolFailed
-                    | ErrorCode::OutOfMemory
-            )
-        )
+        match &self.0 {
+            Backend::Sqlite(_) => matches!(
+                self.code(),
+                Some(
+                    ErrorCode::DatabaseBusy
+                        | ErrorCode::DatabaseLocked
+                        | ErrorCode::SystemIoFailure
+                        | ErrorCode::DiskFull
+                        | ErrorCode::CannotOpen
+                        | ErrorCode::ReadOnly
+                        | ErrorCode::FileLockingProtocolFailed
+                        | ErrorCode::OutOfMemory
+                )
+            ),
+            Backend::Postgres(error) => postgres::is_transient(error),
+            Backend::Pool(error) => !matches!(**error, deadpool_postgres::PoolError::Closed),
+        }
     }
 
     /// Whether the failure may come from a directory or file that cannot be written
@@ -185,10 +262,10 @@ impl DbError {
     /// callers' retries.
     #[cfg(test)]
     pub(crate) fn busy() -> DbError {
-        DbError(rusqlite::Error::SqliteFailure(
+        DbError(Backend::Sqlite(rusqlite::Error::SqliteFailure(
             rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY),
             Some("database is locked".into()),
-        ))
+        )))
     }
 }
 
@@ -206,6 +283,7 @@ impl StoreError {
             StoreError::Database(error) | StoreError::Open { source: error, .. } => {
                 error.is_transient()
             }
+            StoreError::PostgresConnect(failure) => failure.source.is_transient(),
             StoreError::CreateDir { .. } | StoreError::CreateFile { .. } => true,
             _ => false,
         }

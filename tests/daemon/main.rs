@@ -15,5 +15,6 @@ mod report;
 mod secrets;
 mod server;
 mod smtp_harness;
+mod storage_postgres;
 mod vendor_data;
 mod webhooks;

@@ -1,0 +1,269 @@
+//! `[storage] url` (PostgreSQL) through the real binary: `check` reaches the server,
+//! applies nothing and reports the schema (absent, current, newer), naming
+//! host:port/db and never the password; `run` and the other commands refuse the key in
+//! this version, in one line. The server is the test process's throwaway cluster
+//! (`harness::postgres`); where PostgreSQL is not installed those tests skip.
+
+use crate::harness::daemon::run_cli;
+use crate::harness::postgres::{self, PASSWORD, PASSWORD_ROLE, TestDatabase};
+use crate::harness::{free_port, skip};
+use std::path::Path;
+
+/// A fresh database, or `None` after skipping `test` where PostgreSQL is missing.
+fn database(test: &str) -> Option<TestDatabase> {
+    match postgres::cluster() {
+        Ok(cluster) => Some(cluster.create_database()),
+        Err(reason) => {
+            skip(test, &reason);
+            None
+        }
+    }
+}
+
+/// A config whose store is `url` (its password through `${credential:pg}`, read from
+/// `dir/credentials/pg`, which holds `password`), and the `--credentials-dir` to pass.
+fn write_config(dir: &Path, url_without_password: &str, password: &str) -> (String, String) {
+    let credentials = dir.join("credentials");
+    std::fs::create_dir_all(&credentials).unwrap();
+    std::fs::write(credentials.join("pg"), format!("{password}\n")).unwrap();
+    let url = url_without_password.replacen("@", ":${credential:pg}@", 1);
+    let path = dir.join("dealsync.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[storage]\nurl = \"{url}\"\n\n[server]\nlisten = \"127.0.0.1:{}\"\n",
+            free_port()
+        ),
+    )
+    .unwrap();
+    (
+        path.to_str().unwrap().to_owned(),
+        credentials.to_str().unwrap().to_owned(),
+    )
+}
+
+fn url_without_password(database: &TestDatabase) -> String {
+    format!(
+        "postgres://{PASSWORD_ROLE}@127.0.0.1:{}/{}",
+        database.port, database.name
+    )
+}
+
+/// `dealsync --config CONFIG --credentials-dir CREDENTIALS check`.
+async fn check(config: &str, credentials: &str) -> (i32, String, String) {
+    run_cli(
+        &[
+            "--config",
+            config,
+            "--credentials-dir",
+            credentials,
+            "check",
+        ],
+        &[],
+    )
+    .await
+}
+
+async fn tables(database: &TestDatabase) -> Vec<String> {
+    database
+        .admin()
+        .await
+        .query(
+            "SELECT tablename::text FROM pg_tables WHERE schemaname = 'public' ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect()
+}
+
+#[tokio::test]
+async fn check_reports_an_absent_then_current_then_newer_postgres_schema_and_applies_nothing() {
+    let Some(database) = database(
+        "check_reports_an_absent_then_current_then_newer_postgres_schema_and_applies_nothing",
+    ) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (config, credentials) =
+        write_config(dir.path(), &url_without_password(&database), PASSWORD);
+    let target = format!("127.0.0.1:{}/{}", database.port, database.name);
+    let check = || check(&config, &credentials);
+
+    let (code, stdout, stderr) = check().await;
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(
+        stdout.contains(&format!(
+            "storage PostgreSQL {target}: reachable, no dealsync schema yet"
+        )),
+        "{stdout}"
+    );
+    assert!(stdout.contains("`dealsync run` and the other commands refuse storage.url"));
+    assert!(!format!("{stdout}{stderr}").contains(PASSWORD));
+    assert_eq!(
+        tables(&database).await,
+        Vec::<String>::new(),
+        "check applied nothing"
+    );
+
+    // Migrated by the library (no command of this version does it).
+    let url = dealsync::config::PostgresUrl::parse(&dealsync::config::Secret::new(database.url()))
+        .unwrap();
+    dealsync::store::postgres::Database::open(&url, &Default::default())
+        .await
+        .unwrap();
+    let migrated = tables(&database).await;
+    let (code, stdout, stderr) = check().await;
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(
+        stdout.contains(&format!(
+            "storage PostgreSQL {target}: reachable, schema version {}, current",
+            dealsync::store::postgres::SCHEMA_VERSION
+        )),
+        "{stdout}"
+    );
+    assert_eq!(tables(&database).await, migrated);
+
+    database
+        .admin()
+        .await
+        .execute(
+            "INSERT INTO schema_version VALUES (999, now(), 'future')",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (code, stdout, stderr) = check().await;
+    assert_eq!(code, 69, "{stdout}{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "storage PostgreSQL {target}: reachable, schema version 999, newer"
+        )),
+        "{stderr}"
+    );
+    assert!(stderr.contains("nothing was changed"), "{stderr}");
+    assert!(!format!("{stdout}{stderr}").contains(PASSWORD));
+    assert_eq!(tables(&database).await, migrated);
+}
+
+#[tokio::test]
+async fn check_names_host_port_and_the_cause_of_a_closed_port_or_a_wrong_password_never_the_password()
+ {
+    // A closed port: no server needed.
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let (config, credentials) = write_config(
+        dir.path(),
+        &format!("postgres://dealsync@127.0.0.1:{port}/dealsync"),
+        "Cl0sed-port-pAss",
+    );
+    let (code, stdout, stderr) = run_cli(
+        &[
+            "--config",
+            &config,
+            "--credentials-dir",
+            &credentials,
+            "check",
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(code, 69, "{stdout}{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "connecting to PostgreSQL at 127.0.0.1:{port}/dealsync"
+        )),
+        "{stderr}"
+    );
+    assert!(stderr.contains("Connection refused"), "{stderr}");
+    assert!(stderr.contains("accepts TCP connections"), "{stderr}");
+    assert!(!format!("{stdout}{stderr}").contains("Cl0sed-port-pAss"));
+
+    let Some(database) = database(
+        "check_names_host_port_and_the_cause_of_a_closed_port_or_a_wrong_password_never_the_password",
+    ) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (config, credentials) = write_config(
+        dir.path(),
+        &url_without_password(&database),
+        "Wr0ng-pAss-99",
+    );
+    let (code, stdout, stderr) = run_cli(
+        &[
+            "--config",
+            &config,
+            "--credentials-dir",
+            &credentials,
+            "check",
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(code, 69, "{stdout}{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "connecting to PostgreSQL at 127.0.0.1:{}/{}",
+            database.port, database.name
+        )),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("password authentication failed"),
+        "{stderr}"
+    );
+    let shown = format!("{stdout}{stderr}");
+    assert!(
+        !shown.contains("Wr0ng-pAss-99") && !shown.contains(PASSWORD),
+        "{shown}"
+    );
+}
+
+#[tokio::test]
+async fn run_and_the_other_commands_refuse_a_postgres_url_in_one_line_pointing_to_storage_path() {
+    // Refused before anything connects: no server needed.
+    let default_db = Path::new("/var/lib/dealsync/dealsync.db");
+    let default_existed = default_db.exists();
+    let dir = tempfile::tempdir().unwrap();
+    let (config, credentials) = write_config(
+        dir.path(),
+        "postgres://dealsync@127.0.0.1:5/dealsync",
+        "R3fused-pAss",
+    );
+    for command in [&["run"][..], &["deals", "list"], &["stages"]] {
+        let mut args = vec!["--config", &config, "--credentials-dir", &credentials];
+        args.extend_from_slice(command);
+        let (code, stdout, stderr) = run_cli(&args, &[]).await;
+        assert_eq!(code, 78, "{command:?}: {stdout}{stderr}");
+        // The usual header of a configuration error, then the one line.
+        let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert_eq!(
+            lines.first(),
+            Some(&"dealsync: configuration error:"),
+            "{command:?}: {stderr}"
+        );
+        assert_eq!(lines.len(), 2, "{command:?}: {stderr}");
+        assert!(
+            lines[1].contains("dealsync.toml:2: storage.url:")
+                && lines[1].contains("only by `dealsync check`")
+                && lines[1].contains("set storage.path"),
+            "{command:?}: {stderr}"
+        );
+        assert!(!format!("{stdout}{stderr}").contains("R3fused-pAss"));
+    }
+    // Nothing was created beside the config: no SQLite file, no lock.
+    let mut made: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    made.sort();
+    assert_eq!(made, ["credentials", "dealsync.toml"]);
+    assert_eq!(
+        default_db.exists(),
+        default_existed,
+        "the default SQLite path was not touched"
+    );
+}
