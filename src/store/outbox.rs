@@ -316,13 +316,13 @@ fn insert_row(
     anchor_at: i64,
     row: &NewOutboxRow,
     now: i64,
-) -> Result<bool> {
+) -> Result<()> {
     let mut statement = tx.prepare_cached(
         "INSERT OR IGNORE INTO outbox (deal_id, rule, step, action, recipient, state, anchor_at,
             due_at, next_attempt_at, reason, created_at, updated_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?9, ?10, ?10)",
     )?;
-    let inserted = statement.execute(params![
+    statement.execute(params![
         deal_id,
         rule,
         row.step.index() as i64,
@@ -334,7 +334,7 @@ fn insert_row(
         row.reason,
         now,
     ])?;
-    Ok(inserted == 1)
+    Ok(())
 }
 
 /// Skips the pending email steps of (deal, rule).
@@ -344,13 +344,13 @@ fn stop_sequence(
     rule: &str,
     reason: &str,
     now: i64,
-) -> Result<u64> {
-    let changed = tx.execute(
+) -> Result<()> {
+    tx.execute(
         "UPDATE outbox SET state = 'skipped', reason = ?3, updated_at = ?4
          WHERE deal_id = ?1 AND rule = ?2 AND state = 'pending' AND action = 'email'",
         params![deal_id, rule, reason, now],
     )?;
-    Ok(changed as u64)
+    Ok(())
 }
 
 /// Read access to the facts enrollment and the send-time decision look at, through the
@@ -855,5 +855,374 @@ fn describe(at: &StageRef) -> String {
     match &at.pipeline {
         Some(pipeline) => format!("{pipeline}.{}", at.stage),
         None => at.stage.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::deals::tests::upsert;
+    use crate::store::tests::temp_store;
+    use chrono::TimeZone;
+    use std::sync::{Arc, Mutex};
+
+    fn at(minute: i64) -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 3, 2, 9, 0, 0).unwrap() + chrono::Duration::minutes(minute)
+    }
+
+    /// Stores deal `external_id` of the test connection; its row id.
+    async fn deal(store: &Store, external_id: &str) -> i64 {
+        store
+            .upsert_deals(vec![upsert(external_id, "lead", at(0))])
+            .await
+            .unwrap();
+        let external_id = external_id.to_owned();
+        store
+            .read(move |db| {
+                Ok(db.query_row(
+                    "SELECT id FROM deals WHERE external_id = ?1",
+                    [external_id],
+                    |r| r.get(0),
+                )?)
+            })
+            .await
+            .unwrap()
+    }
+
+    /// Enrolls `deal_id` into `rule` for `recipient` with these steps, all pending.
+    async fn enroll(
+        store: &Store,
+        deal_id: i64,
+        rule: &str,
+        recipient: &str,
+        steps: &[OutboxAction],
+        now: DateTime<Utc>,
+    ) {
+        let rows: Vec<NewOutboxRow> = steps
+            .iter()
+            .enumerate()
+            .map(|(index, action)| NewOutboxRow {
+                step: StepNumber::from_index(index as i64),
+                action: *action,
+                due_at: now + chrono::Duration::hours(index as i64),
+                state: OutboxState::Pending,
+                reason: None,
+            })
+            .collect();
+        let recipient = recipient.to_owned();
+        let outcome = store
+            .enroll(deal_id, rule.into(), at(-10_000), now, move |_, _| {
+                EnrollPlan::Enroll {
+                    recipient,
+                    anchor_at: now,
+                    rows,
+                    supersede: Vec::new(),
+                }
+            })
+            .await
+            .unwrap();
+        assert!(outcome.enrolled);
+    }
+
+    /// (rule, step, state, reason) of the deal's rows.
+    async fn rows_of(store: &Store, deal_id: i64) -> Vec<(String, i64, String, Option<String>)> {
+        store
+            .read(move |db| {
+                let mut statement = db.prepare(
+                    "SELECT rule, step, state, reason FROM outbox WHERE deal_id = ?1
+                     ORDER BY rule, step",
+                )?;
+                let rows = statement
+                    .query_map([deal_id], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                    })?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                Ok(rows)
+            })
+            .await
+            .unwrap()
+    }
+
+    async fn row_id(store: &Store, deal_id: i64, rule: &str, step: i64) -> i64 {
+        let rule = rule.to_owned();
+        store
+            .read(move |db| {
+                Ok(db.query_row(
+                    "SELECT id FROM outbox WHERE deal_id = ?1 AND rule = ?2 AND step = ?3",
+                    params![deal_id, rule, step],
+                    |r| r.get(0),
+                )?)
+            })
+            .await
+            .unwrap()
+    }
+
+    /// Marks a row as handed to SMTP (`state`) at `claimed`.
+    async fn mark(store: &Store, id: i64, state: &str, claimed: DateTime<Utc>) {
+        let state = state.to_owned();
+        store
+            .write(move |tx| {
+                tx.execute(
+                    "UPDATE outbox SET state = ?2, claimed_at = ?3 WHERE id = ?1",
+                    params![id, state, to_ms(claimed)],
+                )?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_stop_skips_the_pending_email_steps_of_that_sequence_and_nothing_else() {
+        use OutboxAction::{Email, Expire};
+        let (_dir, store) = temp_store();
+        let won = deal(&store, "d1").await;
+        let other = deal(&store, "d2").await;
+        enroll(
+            &store,
+            won,
+            "carts",
+            "ada@example.com",
+            &[Email, Email, Email, Expire],
+            at(0),
+        )
+        .await;
+        enroll(&store, won, "winback", "ada@example.com", &[Email], at(0)).await;
+        enroll(
+            &store,
+            other,
+            "carts",
+            "bob@example.com",
+            &[Email, Email],
+            at(0),
+        )
+        .await;
+        let first = row_id(&store, won, "carts", 0).await;
+        let claim = store
+            .claim(first, at(1), ClaimQuery::default(), |_| {
+                ClaimDecision::Stop("the deal was won".into())
+            })
+            .await
+            .unwrap()
+            .expect("a pending row");
+        assert!(claim.sending.is_none());
+        let stopped = Some("sequence stopped: the deal was won".to_owned());
+        assert_eq!(
+            rows_of(&store, won).await,
+            [
+                (
+                    "carts".into(),
+                    0,
+                    "skipped".into(),
+                    Some("the deal was won".into())
+                ),
+                ("carts".into(), 1, "skipped".into(), stopped.clone()),
+                ("carts".into(), 2, "skipped".into(), stopped),
+                // The expiry is not an email: it still moves a deal that waits on.
+                ("carts".into(), 3, "pending".into(), None),
+                ("winback".into(), 0, "pending".into(), None),
+            ]
+        );
+        assert!(
+            rows_of(&store, other)
+                .await
+                .iter()
+                .all(|row| row.2 == "pending")
+        );
+    }
+
+    #[tokio::test]
+    async fn the_cap_counts_this_recipients_emails_handed_to_smtp_within_the_window_only() {
+        use OutboxAction::Email;
+        let (_dir, store) = temp_store();
+        let now = at(600);
+        let earlier = deal(&store, "d1").await;
+        let later = deal(&store, "d2").await;
+        let stranger = deal(&store, "d3").await;
+        let nobody = deal(&store, "d4").await;
+        enroll(
+            &store,
+            earlier,
+            "carts",
+            "ada@example.com",
+            &[Email; 5],
+            at(0),
+        )
+        .await;
+        enroll(&store, later, "carts", "ada@example.com", &[Email], at(0)).await;
+        enroll(
+            &store,
+            stranger,
+            "carts",
+            "bob@example.com",
+            &[Email],
+            at(0),
+        )
+        .await;
+        enroll(&store, nobody, "carts", "", &[Email, Email], at(0)).await;
+        let step = |n| row_id(&store, earlier, "carts", n);
+        // Outside the hour: two hours ago. Inside: sent, sending and uncertain ones, and
+        // a failed one (never handed over) that does not count.
+        mark(
+            &store,
+            step(0).await,
+            "sent",
+            now - chrono::Duration::minutes(120),
+        )
+        .await;
+        mark(
+            &store,
+            step(1).await,
+            "sent",
+            now - chrono::Duration::minutes(40),
+        )
+        .await;
+        mark(
+            &store,
+            step(2).await,
+            "uncertain",
+            now - chrono::Duration::minutes(30),
+        )
+        .await;
+        mark(
+            &store,
+            step(3).await,
+            "sending",
+            now - chrono::Duration::minutes(20),
+        )
+        .await;
+        mark(
+            &store,
+            step(4).await,
+            "failed",
+            now - chrono::Duration::minutes(10),
+        )
+        .await;
+        mark(
+            &store,
+            row_id(&store, stranger, "carts", 0).await,
+            "sent",
+            now - chrono::Duration::minutes(5),
+        )
+        .await;
+        mark(
+            &store,
+            row_id(&store, nobody, "carts", 0).await,
+            "sent",
+            now - chrono::Duration::minutes(5),
+        )
+        .await;
+
+        let recent = |id: i64| {
+            let store = store.clone();
+            async move {
+                let seen = Arc::new(Mutex::new(None));
+                let into = Arc::clone(&seen);
+                let query = ClaimQuery {
+                    order_pipeline: None,
+                    cap_window: Some(Duration::from_secs(3600)),
+                };
+                store
+                    .claim(id, now, query, move |facts| {
+                        *into.lock().unwrap() = Some(facts.recent_to_recipient);
+                        ClaimDecision::Skip("looked".into())
+                    })
+                    .await
+                    .unwrap()
+                    .expect("a pending row");
+                seen.lock().unwrap().take().unwrap()
+            }
+        };
+        assert_eq!(
+            recent(row_id(&store, later, "carts", 0).await).await,
+            (3, Some(now - chrono::Duration::minutes(40)))
+        );
+        // An email without a recipient is never capped.
+        assert_eq!(
+            recent(row_id(&store, nobody, "carts", 1).await).await,
+            (0, None)
+        );
+    }
+
+    #[tokio::test]
+    async fn explain_sees_the_recipients_other_enrollments_in_the_rule_since_the_cutoff() {
+        use OutboxAction::Email;
+        let (_dir, store) = temp_store();
+        let started = deal(&store, "d1").await;
+        let waiting = deal(&store, "d2").await;
+        let old = deal(&store, "d3").await;
+        let asking = deal(&store, "d4").await;
+        enroll(
+            &store,
+            started,
+            "carts",
+            "ada@example.com",
+            &[Email, Email],
+            at(60),
+        )
+        .await;
+        mark(
+            &store,
+            row_id(&store, started, "carts", 0).await,
+            "sent",
+            at(61),
+        )
+        .await;
+        enroll(
+            &store,
+            waiting,
+            "carts",
+            "ada@example.com",
+            &[Email],
+            at(90),
+        )
+        .await;
+        enroll(&store, old, "carts", "ada@example.com", &[Email], at(-60)).await;
+        enroll(
+            &store,
+            asking,
+            "carts",
+            "ada@example.com",
+            &[Email],
+            at(100),
+        )
+        .await;
+        enroll(
+            &store,
+            asking,
+            "winback",
+            "ada@example.com",
+            &[Email],
+            at(100),
+        )
+        .await;
+        let earlier = store
+            .with_followup_facts(asking, move |_, _, facts| {
+                facts.earlier_enrollments("carts", "ada@example.com", at(0), asking)
+            })
+            .await
+            .unwrap()
+            .expect("the deal exists");
+        let mut earlier = earlier;
+        earlier.sort_by_key(|e| e.deal_id);
+        assert_eq!(
+            earlier,
+            [
+                EarlierEnrollment {
+                    deal_id: started,
+                    anchor_at: at(60),
+                    created_at: at(60),
+                    started: true,
+                    pending: true,
+                },
+                EarlierEnrollment {
+                    deal_id: waiting,
+                    anchor_at: at(90),
+                    created_at: at(90),
+                    started: false,
+                    pending: true,
+                },
+            ]
+        );
     }
 }
