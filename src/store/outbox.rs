@@ -1145,6 +1145,79 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_newer_enrollment_supersedes_what_is_pending_of_the_older_ones_and_counts_it() {
+        use OutboxAction::{Email, Expire};
+        let (_dir, store) = temp_store();
+        let older = deal(&store, "d1").await;
+        let oldest = deal(&store, "d2").await;
+        let newer = deal(&store, "d3").await;
+        enroll(
+            &store,
+            older,
+            "carts",
+            "ada@example.com",
+            &[Email, Email, Expire],
+            at(0),
+        )
+        .await;
+        mark(
+            &store,
+            row_id(&store, older, "carts", 0).await,
+            "sent",
+            at(1),
+        )
+        .await;
+        enroll(&store, oldest, "carts", "ada@example.com", &[Email], at(0)).await;
+        let outcome = store
+            .enroll(newer, "carts".into(), at(-60), at(10), move |_, earlier| {
+                let supersede = earlier("ada@example.com")
+                    .unwrap()
+                    .into_iter()
+                    .map(|e| e.deal_id)
+                    .collect();
+                EnrollPlan::Enroll {
+                    recipient: "ada@example.com".into(),
+                    anchor_at: at(10),
+                    rows: vec![NewOutboxRow {
+                        step: StepNumber::default(),
+                        action: Email,
+                        due_at: at(11),
+                        state: OutboxState::Pending,
+                        reason: None,
+                    }],
+                    supersede,
+                }
+            })
+            .await
+            .unwrap();
+        // Two pending rows of the older deal (its expiry too) and one of the oldest.
+        assert_eq!(
+            outcome,
+            EnrollOutcome {
+                enrolled: true,
+                declined: false,
+                superseded: 3,
+            }
+        );
+        let reason = Some(format!("superseded by the newer deal {newer}"));
+        let states: Vec<_> = rows_of(&store, older)
+            .await
+            .into_iter()
+            .map(|row| (row.2, row.3))
+            .collect();
+        assert_eq!(
+            states,
+            [
+                ("sent".to_owned(), None),
+                ("skipped".to_owned(), reason.clone()),
+                ("skipped".to_owned(), reason.clone()),
+            ]
+        );
+        assert_eq!(rows_of(&store, oldest).await[0].2, "skipped");
+        assert_eq!(rows_of(&store, newer).await[0].2, "pending");
+    }
+
+    #[tokio::test]
     async fn explain_sees_the_recipients_other_enrollments_in_the_rule_since_the_cutoff() {
         use OutboxAction::Email;
         let (_dir, store) = temp_store();

@@ -1117,6 +1117,55 @@ async fn the_frequency_cap_holds_back_emails_beyond_the_daily_limit() {
     assert_eq!(messages_to(&smtp, "frances@example.com").len(), 2);
 }
 
+/// A server that keeps answering 451 gets `email.max_attempts` tries, then the email is
+/// failed with the count and the server's answer: never a fourth try, never given up early.
+#[tokio::test]
+async fn an_email_the_server_keeps_deferring_is_tried_max_attempts_times_then_failed_with_its_answer()
+ {
+    let smtp = SmtpServer::start().await;
+    let daemon = TestDaemon::start(&config(
+        &smtp,
+        "max_attempts = 3",
+        &cart_rule("100ms", "1h", "2h"),
+    ))
+    .await;
+    let store = store(&daemon);
+    // The test server answers 451 for every recipient whose address says "tempfail".
+    let cart = put_cart(
+        &store,
+        "shop",
+        "t1",
+        "busy-tempfail@example.com",
+        Some(true),
+        "cart_abandoned",
+        Utc::now(),
+    )
+    .await;
+    let (state, reason) = eventually("the first step to be given up", WAIT, || async {
+        outbox_rows(&daemon, cart)
+            .into_iter()
+            .find(|(step, state, _)| *step == 0 && state != "pending")
+            .map(|(_, state, reason)| (state, reason.unwrap_or_default()))
+    })
+    .await;
+    assert_eq!(state, "failed", "{reason}");
+    assert!(reason.contains("gave up after 3 attempts"), "{reason}");
+    assert!(
+        reason.contains("451"),
+        "the server's answer is kept: {reason}"
+    );
+    let attempts: i64 = daemon
+        .db()
+        .query_row(
+            "SELECT attempts FROM outbox WHERE deal_id = ?1 AND step = 0",
+            [cart],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(attempts, 3);
+    assert!(smtp.messages().is_empty());
+}
+
 #[tokio::test]
 async fn one_shopper_with_several_abandoned_carts_gets_one_sequence_for_the_newest() {
     let smtp = SmtpServer::start().await;
