@@ -366,6 +366,92 @@ mod tests {
         );
     }
 
+    /// Whether the writer has signalled a commit of new rows since the last look (a
+    /// stored permit completes `notified` at its first poll).
+    async fn woken(store: &Store) -> bool {
+        tokio::time::timeout(
+            std::time::Duration::ZERO,
+            store.inbox_committed().notified(),
+        )
+        .await
+        .is_ok()
+    }
+
+    /// The pending count is the 503 backpressure's measure and the wake-up is what
+    /// starts the worker: both follow every way a row enters or leaves `pending`.
+    #[tokio::test]
+    async fn the_pending_count_and_the_worker_wake_up_follow_stores_settlements_and_replays() {
+        let (_dir, store) = crate::store::tests::temp_store();
+        assert!(!woken(&store).await);
+        store.enqueue_webhook(event("a")).await.unwrap();
+        store.enqueue_webhook(event("b")).await.unwrap();
+        store.enqueue_webhook(event("c")).await.unwrap();
+        assert_eq!(store.inbox_pending(), 3);
+        assert!(woken(&store).await, "a stored delivery wakes the worker");
+        assert_eq!(
+            store.enqueue_webhook(event("a")).await.unwrap(),
+            Enqueued::Duplicate
+        );
+        assert_eq!(store.inbox_pending(), 3);
+        assert!(
+            !woken(&store).await,
+            "a duplicate stores nothing to work on"
+        );
+
+        let due = store.due_webhooks(Utc::now(), 10).await.unwrap();
+        assert_eq!(
+            due[0].headers,
+            event("a").headers,
+            "the headers are read back"
+        );
+        store
+            .webhook_processed(due[0].id, Utc::now())
+            .await
+            .unwrap();
+        store
+            .webhook_failed(due[1].id, "unusable", Utc::now())
+            .await
+            .unwrap();
+        assert_eq!(store.inbox_pending(), 1);
+        assert!(!woken(&store).await, "settling stores nothing to work on");
+
+        store
+            .dead_letter(
+                "shop",
+                "dead-1",
+                Some("checkouts/create"),
+                "not JSON",
+                vec![("x-wc-webhook-topic".into(), "order.created".into())],
+                Bytes::from_static(b"{"),
+                Utc::now(),
+            )
+            .await
+            .unwrap();
+        let letter = store.dead_letters(None, 1).await.unwrap().remove(0);
+        assert_eq!(
+            letter.headers,
+            [("x-wc-webhook-topic".to_owned(), "order.created".to_owned())]
+        );
+        assert!(matches!(
+            store
+                .replay_dead_letter(letter.id, Utc::now())
+                .await
+                .unwrap(),
+            Replayed::Queued { .. }
+        ));
+        assert_eq!(store.inbox_pending(), 2, "a replay is a pending row");
+        assert!(woken(&store).await, "a replay wakes the worker");
+        assert!(matches!(
+            store
+                .replay_dead_letter(letter.id, Utc::now())
+                .await
+                .unwrap(),
+            Replayed::AlreadyReplayed { .. }
+        ));
+        assert_eq!(store.inbox_pending(), 2);
+        assert_eq!(store.inbox_counts().await.unwrap().pending, 2);
+    }
+
     #[tokio::test]
     async fn under_sustained_writes_the_writer_keeps_the_wal_within_its_limit() {
         let dir = tempfile::tempdir().unwrap();
