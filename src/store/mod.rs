@@ -267,6 +267,15 @@ impl DbError {
             Some("database is locked".into()),
         )))
     }
+
+    /// The disk is full: for tests of the callers' pauses.
+    #[cfg(test)]
+    pub(crate) fn disk_full() -> DbError {
+        DbError(Backend::Sqlite(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL),
+            Some("database or disk is full".into()),
+        )))
+    }
 }
 
 impl StoreError {

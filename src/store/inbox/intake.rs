@@ -242,6 +242,30 @@ mod tests {
         assert_eq!(store.inbox_pending(), 5);
     }
 
+    /// What a refused sender is told to wait (`Retry-After`): only when a retry can help.
+    #[test]
+    fn a_refusal_says_when_to_retry_only_when_a_retry_can_help() {
+        use crate::store::DbError;
+        use std::time::Duration;
+        assert_eq!(
+            EnqueueError::Full {
+                pending: MAX_PENDING
+            }
+            .retry_after(),
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(
+            EnqueueError::Busy.retry_after(),
+            Some(Duration::from_secs(1))
+        );
+        let full = EnqueueError::Store(StoreError::Database(DbError::disk_full()));
+        assert_eq!(full.retry_after(), Some(Duration::from_secs(60)));
+        let busy = EnqueueError::Store(StoreError::Database(DbError::busy()));
+        assert_eq!(busy.retry_after(), None);
+        let corrupt = EnqueueError::Store(StoreError::Corrupt("bad row".into()));
+        assert_eq!(corrupt.retry_after(), None);
+    }
+
     #[tokio::test]
     async fn a_full_inbox_refuses_a_delivery_and_writes_nothing() {
         let (_dir, store) = temp_store();
