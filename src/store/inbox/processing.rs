@@ -269,6 +269,41 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn dead_letters_are_kept_for_their_retention_then_pruned_and_counted() {
+        let (_dir, store) = temp_store();
+        let now = Utc::now();
+        for (id, received) in [
+            ("fresh", now - chrono::Duration::days(1)),
+            (
+                "old",
+                now - DEAD_LETTER_RETENTION - chrono::Duration::hours(1),
+            ),
+        ] {
+            store
+                .dead_letter(
+                    "shop",
+                    id,
+                    None,
+                    "not JSON",
+                    Vec::new(),
+                    bytes::Bytes::from_static(b"{"),
+                    received,
+                )
+                .await
+                .unwrap();
+        }
+        assert_eq!(store.prune_webhooks(now).await.unwrap(), 1);
+        let left: Vec<Option<String>> = store
+            .dead_letters(None, 10)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|letter| letter.delivery_id)
+            .collect();
+        assert_eq!(left, [Some("fresh".to_owned())]);
+    }
+
+    #[tokio::test]
     async fn processed_rows_are_pruned_only_after_the_retention() {
         let (_dir, store) = temp_store();
         store.enqueue_webhook(event("a")).await.unwrap();
