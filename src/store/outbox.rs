@@ -1218,6 +1218,115 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn only_a_failed_email_is_queued_again_and_never_to_a_suppressed_address() {
+        use OutboxAction::{Email, Expire};
+        let (_dir, store) = temp_store();
+        let cart = deal(&store, "d1").await;
+        let gone = deal(&store, "d2").await;
+        enroll(
+            &store,
+            cart,
+            "carts",
+            "ada@example.com",
+            &[Email, Email, Expire],
+            at(0),
+        )
+        .await;
+        enroll(&store, gone, "carts", "gone@example.com", &[Email], at(0)).await;
+        let [sent, failed, expiry] = [
+            row_id(&store, cart, "carts", 0).await,
+            row_id(&store, cart, "carts", 1).await,
+            row_id(&store, cart, "carts", 2).await,
+        ];
+        let bounced = row_id(&store, gone, "carts", 0).await;
+        mark(&store, sent, "sent", at(1)).await;
+        for id in [failed, expiry, bounced] {
+            mark(&store, id, "failed", at(2)).await;
+        }
+        store
+            .suppress("gone@example.com".into(), "hard bounce".into(), None, at(3))
+            .await
+            .unwrap();
+        let now = at(5);
+        // A sent email is never sent again, and an expiry is not an email.
+        for id in [sent, expiry] {
+            assert!(matches!(
+                store.retry_failed(id, now).await.unwrap(),
+                RetryOutcome::NotFailed(row) if row.id == id
+            ));
+        }
+        assert!(matches!(
+            store.retry_failed(bounced, now).await.unwrap(),
+            RetryOutcome::Suppressed(_, reason) if reason == "hard bounce"
+        ));
+        match store.retry_failed(failed, now).await.unwrap() {
+            RetryOutcome::Queued(row) => {
+                assert_eq!(
+                    (row.id, row.state, row.attempts),
+                    (failed, OutboxState::Pending, 0)
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            store.retry_failed(9_999, now).await.unwrap(),
+            RetryOutcome::NotFound
+        ));
+        let states: Vec<String> = rows_of(&store, cart)
+            .await
+            .into_iter()
+            .map(|r| r.2)
+            .collect();
+        assert_eq!(states, ["sent", "pending", "failed"]);
+        assert_eq!(rows_of(&store, gone).await[0].2, "failed");
+    }
+
+    #[tokio::test]
+    async fn at_start_every_email_and_digest_left_sending_becomes_uncertain_and_is_counted() {
+        use OutboxAction::Email;
+        let (_dir, store) = temp_store();
+        let cart = deal(&store, "d1").await;
+        enroll(
+            &store,
+            cart,
+            "carts",
+            "ada@example.com",
+            &[Email, Email, Email],
+            at(0),
+        )
+        .await;
+        for step in [0, 1] {
+            mark(
+                &store,
+                row_id(&store, cart, "carts", step).await,
+                "sending",
+                at(1),
+            )
+            .await;
+        }
+        store
+            .write(|tx| {
+                tx.execute(
+                    "INSERT INTO digests (rule, day, recipient, state, slot_at, next_attempt_at,
+                         created_at, updated_at)
+                     VALUES ('daily', '2026-03-02', 'ops@example.com', 'sending', 0, 0, 0, 0)",
+                    [],
+                )?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+        assert_eq!(store.outbox_recover_interrupted(at(2)).await.unwrap(), 3);
+        let states: Vec<String> = rows_of(&store, cart)
+            .await
+            .into_iter()
+            .map(|r| r.2)
+            .collect();
+        assert_eq!(states, ["uncertain", "uncertain", "pending"]);
+        assert_eq!(store.outbox_recover_interrupted(at(3)).await.unwrap(), 0);
+    }
+
+    #[tokio::test]
     async fn explain_sees_the_recipients_other_enrollments_in_the_rule_since_the_cutoff() {
         use OutboxAction::Email;
         let (_dir, store) = temp_store();
