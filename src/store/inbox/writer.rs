@@ -449,7 +449,14 @@ mod tests {
             Replayed::AlreadyReplayed { .. }
         ));
         assert_eq!(store.inbox_pending(), 2);
-        assert_eq!(store.inbox_counts().await.unwrap().pending, 2);
+        assert_eq!(
+            store.inbox_counts().await.unwrap(),
+            crate::store::InboxCounts {
+                pending: 2,
+                processed: 1,
+                failed: 1,
+            }
+        );
     }
 
     #[tokio::test]
