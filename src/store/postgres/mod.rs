@@ -20,6 +20,7 @@
 //!   the transaction is rolled back.
 //! - Errors name the server as `host:port/database`, never the password.
 
+pub mod from_sqlite;
 mod migrations;
 
 pub use migrations::SCHEMA_VERSION;
