@@ -9,8 +9,8 @@
 //! - The password of `--to` is never printed: it is scrubbed like a config's secrets.
 //! - stdout gets one line per table and the summary; progress goes to stderr.
 
-use super::context::{CliError, ConfigSource, load};
 use super::MigrateStoreArgs;
+use super::context::{CliError, ConfigSource, load};
 use crate::config::{ConfigError, PostgresUrl};
 use crate::lock::{LockError, LockFile};
 use crate::store::postgres::{Database, Options, from_sqlite};
@@ -48,7 +48,9 @@ pub(super) async fn migrate_store(
         Err(LockError::Held { holder, .. }) => {
             return Err(CliError::AlreadyRunning(format!(
                 "a dealsync daemon{} is running on {}: it holds the lock file {}; stop the daemon first (systemctl stop dealsync), then run migrate-store again — nothing was copied",
-                holder.map(|pid| format!(" (pid {pid})")).unwrap_or_default(),
+                holder
+                    .map(|pid| format!(" (pid {pid})"))
+                    .unwrap_or_default(),
                 db_path.display(),
                 lock_path.display()
             )));

@@ -4,7 +4,7 @@
 //! throwaway PostgreSQL cluster; every table compared row for row, the SQLite files
 //! hashed before and after. Where PostgreSQL is not installed these tests skip.
 
-use crate::followups::{config as followup_config, cart_rule, put_cart, store};
+use crate::followups::{cart_rule, config as followup_config, put_cart, store};
 use crate::foundation::demo_connection;
 use crate::harness::daemon::{TestDaemon, run_cli};
 use crate::harness::postgres::{self, PASSWORD, PASSWORD_ROLE, TestDatabase};
@@ -84,10 +84,7 @@ enum Value {
 }
 
 /// Every row of `table` in PostgreSQL, with its column names, sorted.
-async fn pg_rows(
-    client: &tokio_postgres::Client,
-    table: &str,
-) -> (Vec<String>, Vec<Vec<Value>>) {
+async fn pg_rows(client: &tokio_postgres::Client, table: &str) -> (Vec<String>, Vec<Vec<Value>>) {
     use tokio_postgres::types::Type;
     let columns: Vec<String> = client
         .query(
@@ -113,7 +110,8 @@ async fn pg_rows(
                     let value = if ty == Type::INT8 {
                         row.get::<_, Option<i64>>(at).map(Value::Int)
                     } else if ty == Type::BOOL {
-                        row.get::<_, Option<bool>>(at).map(|b| Value::Int(i64::from(b)))
+                        row.get::<_, Option<bool>>(at)
+                            .map(|b| Value::Int(i64::from(b)))
                     } else if ty == Type::TEXT {
                         row.get::<_, Option<String>>(at).map(Value::Text)
                     } else if ty == Type::BYTEA {
@@ -133,8 +131,9 @@ async fn pg_rows(
 /// Every row of `table` in SQLite, the columns in `columns`' order, sorted.
 fn sqlite_rows(path: &Path, table: &str, columns: &[String]) -> Vec<Vec<Value>> {
     use rusqlite::types::ValueRef;
-    let db = rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-        .unwrap();
+    let db =
+        rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .unwrap();
     let list = columns
         .iter()
         .map(|c| format!("\"{c}\""))
@@ -189,7 +188,11 @@ async fn populated_install() -> (TestDaemon, SmtpServer) {
     // Webhooks: three checkouts, an order closing one of them, and an authentic
     // delivery whose body cannot be read (a dead letter).
     for n in 0..3 {
-        let body = checkout(&format!("tok-{n}"), "2026-01-01T10:05:00Z", "buyer@example.com");
+        let body = checkout(
+            &format!("tok-{n}"),
+            "2026-01-01T10:05:00Z",
+            "buyer@example.com",
+        );
         let headers = shopify_headers(SHOP_SECRET, "checkouts/create", &format!("d-{n}"), &body);
         let (status, text) = post(&daemon, "shop", headers, body).await;
         assert_eq!(status, 200, "{text}");
@@ -213,20 +216,30 @@ async fn populated_install() -> (TestDaemon, SmtpServer) {
     )
     .await;
     drop(library);
-    eventually("the demo's deals, the webhooks processed and a reminder sent", WAIT, || async {
-        let db = daemon.db_read_only();
-        let inbox = daemon.inbox_read_only();
-        let count = |db: &rusqlite::Connection, sql: &str| -> i64 {
-            db.query_row(sql, [], |row| row.get(0)).unwrap()
-        };
-        let ready = count(&db, "SELECT count(*) FROM deals WHERE connection = 'demo'") >= 20
-            && count(&db, "SELECT count(*) FROM sync_runs WHERE finished_at IS NOT NULL") > 0
-            && count(&db, "SELECT count(*) FROM outbox WHERE state = 'sent'") > 0
-            && count(&db, "SELECT count(*) FROM deal_keys") > 0
-            && count(&inbox, "SELECT count(*) FROM webhook_inbox WHERE state = 'processed'") >= 4
-            && !smtp.messages().is_empty();
-        ready.then_some(())
-    })
+    eventually(
+        "the demo's deals, the webhooks processed and a reminder sent",
+        WAIT,
+        || async {
+            let db = daemon.db_read_only();
+            let inbox = daemon.inbox_read_only();
+            let count = |db: &rusqlite::Connection, sql: &str| -> i64 {
+                db.query_row(sql, [], |row| row.get(0)).unwrap()
+            };
+            let ready = count(&db, "SELECT count(*) FROM deals WHERE connection = 'demo'") >= 20
+                && count(
+                    &db,
+                    "SELECT count(*) FROM sync_runs WHERE finished_at IS NOT NULL",
+                ) > 0
+                && count(&db, "SELECT count(*) FROM outbox WHERE state = 'sent'") > 0
+                && count(&db, "SELECT count(*) FROM deal_keys") > 0
+                && count(
+                    &inbox,
+                    "SELECT count(*) FROM webhook_inbox WHERE state = 'processed'",
+                ) >= 4
+                && !smtp.messages().is_empty();
+            ready.then_some(())
+        },
+    )
     .await;
     daemon.signal("TERM");
     assert!(daemon.wait_exit(WAIT).await.success(), "{}", daemon.logs());
@@ -240,14 +253,18 @@ async fn populated_install() -> (TestDaemon, SmtpServer) {
             vec![dealsync::store::Quarantined {
                 external_id: Some("broken-1".into()),
                 error: "amount is not a number".into(),
-                raw: dealsync::domain::RawRecord::from_text(r#"{"id":"broken-1","amount":"x"}"#.into())
-                    .unwrap(),
+                raw: dealsync::domain::RawRecord::from_text(
+                    r#"{"id":"broken-1","amount":"x"}"#.into(),
+                )
+                .unwrap(),
             }],
             vec![dealsync::store::CachedRecord {
                 step: "contact".into(),
                 id: "501".into(),
-                record: dealsync::domain::RawRecord::from_text(r#"{"id":"501","email":"c@example.com"}"#.into())
-                    .unwrap(),
+                record: dealsync::domain::RawRecord::from_text(
+                    r#"{"id":"501","email":"c@example.com"}"#.into(),
+                )
+                .unwrap(),
             }],
             None,
         )
@@ -302,7 +319,10 @@ async fn migrate_store_copies_every_table_row_for_row_and_leaves_the_sqlite_file
     assert_eq!(hashes(&daemon), before, "the SQLite files were modified");
     assert!(!format!("{stdout}{stderr}").contains(PASSWORD));
     assert!(stderr.contains("copying deals: "), "{stderr}");
-    assert!(stdout.contains("every table's row count verified"), "{stdout}");
+    assert!(
+        stdout.contains("every table's row count verified"),
+        "{stdout}"
+    );
     let client = database.admin().await;
     let mut filled = Vec::new();
     for &(file, table) in TABLES {
@@ -339,7 +359,10 @@ async fn migrate_store_copies_every_table_row_for_row_and_leaves_the_sqlite_file
         "webhook_bodies",
         "webhook_dead_letters",
     ] {
-        assert!(filled.contains(&table), "{table} has no row to copy: {filled:?}");
+        assert!(
+            filled.contains(&table),
+            "{table} has no row to copy: {filled:?}"
+        );
     }
 
     // Every identity continues past the copied ids.
@@ -367,7 +390,10 @@ async fn migrate_store_copies_every_table_row_for_row_and_leaves_the_sqlite_file
             .await
             .unwrap()
             .get(0);
-        assert!(next > max.unwrap_or(0), "{table}.{column}: next {next}, max {max:?}");
+        assert!(
+            next > max.unwrap_or(0),
+            "{table}.{column}: next {next}, max {max:?}"
+        );
     }
 
     // A second run into the same database is refused naming the first table with rows,
@@ -398,14 +424,20 @@ async fn migrate_store_is_refused_while_the_daemon_runs_and_copies_nothing() {
 
     assert_eq!(code, 75, "{stdout}{stderr}");
     assert!(
-        stderr.contains(&format!("a dealsync daemon (pid {}) is running", daemon.pid())),
+        stderr.contains(&format!(
+            "a dealsync daemon (pid {}) is running",
+            daemon.pid()
+        )),
         "{stderr}"
     );
     assert!(stderr.contains("stop the daemon first"), "{stderr}");
     let tables: i64 = database
         .admin()
         .await
-        .query_one("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'", &[])
+        .query_one(
+            "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'",
+            &[],
+        )
         .await
         .unwrap()
         .get(0);
@@ -446,7 +478,10 @@ async fn a_wrong_password_exits_non_zero_naming_host_and_port_and_never_the_pass
         stderr.contains(&format!("127.0.0.1:{}/{}", database.port, database.name)),
         "{stderr}"
     );
-    assert!(stderr.contains("password authentication failed"), "{stderr}");
+    assert!(
+        stderr.contains("password authentication failed"),
+        "{stderr}"
+    );
     assert!(!format!("{stdout}{stderr}").contains("Wr0ng-pAss-91"));
     assert_eq!(hashes(&daemon), before);
 }

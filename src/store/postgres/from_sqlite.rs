@@ -129,7 +129,9 @@ pub enum CopyError {
         sqlite: u64,
         postgres: u64,
     },
-    #[error("copying table {table} into PostgreSQL {target}: {source}; the copy was rolled back, nothing was written")]
+    #[error(
+        "copying table {table} into PostgreSQL {target}: {source}; the copy was rolled back, nothing was written"
+    )]
     Postgres {
         table: String,
         target: String,
@@ -210,6 +212,7 @@ fn convert(value: ValueRef<'_>, ty: &Type) -> Result<Cell, String> {
 }
 
 /// A table as both sides have it.
+#[derive(Clone)]
 struct Plan {
     file: File,
     table: &'static str,
@@ -336,7 +339,9 @@ fn plan(
             source: source.into(),
         };
         let mut statement = connection
-            .prepare(&format!("SELECT name FROM pragma_table_info('{table}') ORDER BY cid"))
+            .prepare(&format!(
+                "SELECT name FROM pragma_table_info('{table}') ORDER BY cid"
+            ))
             .map_err(read)?;
         let sqlite_columns = statement
             .query_map([], |row| row.get::<_, String>(0))
@@ -398,10 +403,16 @@ enum Batch {
 /// last message; a closed channel (the COPY failed) stops it quietly.
 fn read_tables(
     snapshot: Snapshot,
-    plans: Vec<(File, &'static str, Vec<(String, Type)>)>,
+    plans: Vec<Plan>,
     sender: tokio::sync::mpsc::Sender<Result<Batch, CopyError>>,
 ) {
-    for (file, table, columns) in plans {
+    for Plan {
+        file,
+        table,
+        columns,
+        ..
+    } in plans
+    {
         let (path, connection) = snapshot.connection(file);
         let result = (|| -> Result<bool, CopyError> {
             let read = |source: rusqlite::Error| CopyError::Read {
@@ -553,8 +564,7 @@ pub async fn copy_sqlite_install(
         )
         .await
         .map_err(pg_failed("(listing columns)"))?;
-    let mut pg_columns: std::collections::HashMap<String, Vec<(String, Type)>> =
-        Default::default();
+    let mut pg_columns: std::collections::HashMap<String, Vec<(String, Type)>> = Default::default();
     let mut identities: Vec<(String, String)> = Vec::new();
     for row in &column_rows {
         let (table, column, data_type, identity): (String, String, String, bool) =
@@ -597,10 +607,7 @@ pub async fn copy_sqlite_install(
     let plans = plans?;
 
     let (sender, mut receiver) = tokio::sync::mpsc::channel(BATCHES_IN_FLIGHT);
-    let reading = plans
-        .iter()
-        .map(|plan| (plan.file, plan.table, plan.columns.clone()))
-        .collect();
+    let reading = plans.clone();
     let reader = tokio::task::spawn_blocking(move || read_tables(snapshot, reading, sender));
 
     let mut copied = Vec::with_capacity(plans.len());

@@ -199,7 +199,10 @@ async fn a_sqlite_file_of_another_schema_version_is_refused_before_postgres_is_t
         matches!(error, CopyError::SchemaVersion { found: 1, .. }),
         "{shown}"
     );
-    assert!(shown.contains("run `dealsync run` of this version once"), "{shown}");
+    assert!(
+        shown.contains("run `dealsync run` of this version once"),
+        "{shown}"
+    );
     let tables: i64 = database
         .admin()
         .await
