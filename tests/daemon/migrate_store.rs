@@ -365,7 +365,45 @@ async fn migrate_store_copies_every_table_row_for_row_and_leaves_the_sqlite_file
         );
     }
 
-    // Every identity continues past the copied ids.
+    // Inserts after the copy get ids above the copied ones: a deal and its history row
+    // as the daemon writes them (the id from the identity)...
+    let max_deal: i64 = client
+        .query_one("SELECT max(id) FROM deals", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let deal: i64 = client
+        .query_one(
+            "INSERT INTO deals (connection, external_id, title, stage, status, native_pipeline,
+                native_stage, stage_entered_at, last_activity_at, first_seen_at, synced_at,
+                content_hash, raw)
+             VALUES ('demo', 'after-the-copy', 'New', 'proposal', 'open', 'p', 's', 0, 0, 0, 0,
+                7, '{}') RETURNING id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(deal > max_deal, "deal id {deal}, copied up to {max_deal}");
+    let max_history: i64 = client
+        .query_one("SELECT max(id) FROM stage_history", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let history: i64 = client
+        .query_one(
+            "INSERT INTO stage_history (deal_id, at, to_stage, native_to, cause)
+             VALUES ($1, 0, 'proposal', 's', 'poll') RETURNING id",
+            &[&deal],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        history > max_history,
+        "history id {history}, copied up to {max_history}"
+    );
+    // ... and every identity's next value (what an insert's default takes).
     let identities = client
         .query(
             "SELECT table_name::text, column_name::text FROM information_schema.columns
