@@ -9,6 +9,9 @@
 //!     cargo bench --bench report -- --raw-bytes N # source record size per deal
 //!                                                # (default 2,000, as a CRM deal's
 //!                                                # JSON; 0 gives the narrow table)
+//!     cargo bench --bench report -- --db PATH --deals N --history N --generate-only
+//!                                                # only write a file of that size (an
+//!                                                # install for `dealsync migrate-store`)
 //!
 //! Time order is what a running daemon produces (each stage change appended as it
 //! happens, so one deal's rows are scattered over the table); grouped rows are the
@@ -24,6 +27,7 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use std::time::Instant;
 
+/// The default size; `--deals` and `--history` change it.
 const DEALS: i64 = 1_000_000;
 const HISTORY_ROWS: i64 = 5_000_000;
 const SALES: &[&str] = &[
@@ -100,7 +104,12 @@ fn cart_history(rng: &mut SmallRng, start: i64, rows: usize) -> Generated {
     Generated { rows: out, status }
 }
 
-fn generate(path: &std::path::Path, deal_order: bool, raw_bytes: usize) -> anyhow::Result<()> {
+fn generate(
+    path: &std::path::Path,
+    deal_order: bool,
+    raw_bytes: usize,
+    (deals, history_rows): (i64, i64),
+) -> anyhow::Result<()> {
     drop(Store::open(path)?);
     let mut db = rusqlite::Connection::open(path)?;
     db.execute_batch("PRAGMA synchronous = OFF; PRAGMA journal_mode = WAL;")?;
@@ -110,7 +119,7 @@ fn generate(path: &std::path::Path, deal_order: bool, raw_bytes: usize) -> anyho
         .unwrap()
         .timestamp_millis();
     let tx = db.transaction()?;
-    let mut history: Vec<(i64, i64, &str, &str)> = Vec::with_capacity(HISTORY_ROWS as usize);
+    let mut history: Vec<(i64, i64, &str, &str)> = Vec::with_capacity(history_rows as usize);
     {
         let mut deal = tx.prepare(
             "INSERT INTO deals (id, connection, external_id, title, amount_minor, currency,
@@ -127,10 +136,10 @@ fn generate(path: &std::path::Path, deal_order: bool, raw_bytes: usize) -> anyho
             serde_json::json!({ "properties": { "notes": filler } }).to_string()
         };
         let mut written = 0i64;
-        for id in 1..=DEALS {
-            // Five rows per deal on average (3..=7), exactly HISTORY_ROWS in total.
-            let remaining_deals = DEALS - id + 1;
-            let remaining_rows = HISTORY_ROWS - written;
+        for id in 1..=deals {
+            // Five rows per deal on average (3..=7), exactly `history_rows` in total.
+            let remaining_deals = deals - id + 1;
+            let remaining_rows = history_rows - written;
             let rows = if remaining_deals == 1 {
                 remaining_rows
             } else {
@@ -225,16 +234,29 @@ fn main() -> anyhow::Result<()> {
         .map(|n| n.parse::<usize>())
         .transpose()?
         .unwrap_or(2_000);
+    let number = |flag: &str, default: i64| -> anyhow::Result<i64> {
+        Ok(args
+            .iter()
+            .position(|a| a == flag)
+            .and_then(|at| args.get(at + 1))
+            .map(|n| n.parse::<i64>())
+            .transpose()?
+            .unwrap_or(default))
+    };
+    let (deals, history_rows) = (
+        number("--deals", DEALS)?,
+        number("--history", HISTORY_ROWS)?,
+    );
     let dir = tempfile::tempdir()?;
     let path = kept.clone().unwrap_or_else(|| dir.path().join("report.db"));
     if path.exists() {
         println!("reusing {}", path.display());
     } else {
         let started = Instant::now();
-        generate(&path, deal_order, raw_bytes)?;
+        generate(&path, deal_order, raw_bytes, (deals, history_rows))?;
         let size = std::fs::metadata(&path)?.len();
         println!(
-            "generated {DEALS} deals ({raw_bytes}-byte records), {HISTORY_ROWS} history rows ({}) in {:.1}s, {} MB",
+            "generated {deals} deals ({raw_bytes}-byte records), {history_rows} history rows ({}) in {:.1}s, {} MB",
             if deal_order {
                 "grouped per deal"
             } else {
@@ -243,6 +265,9 @@ fn main() -> anyhow::Result<()> {
             started.elapsed().as_secs_f64(),
             size / 1_000_000
         );
+    }
+    if args.iter().any(|a| a == "--generate-only") {
+        return Ok(());
     }
 
     let runtime = tokio::runtime::Builder::new_multi_thread()

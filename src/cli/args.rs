@@ -70,11 +70,25 @@ pub enum Command {
     /// Addresses that get no email at all: list, add, remove.
     #[command(subcommand)]
     Suppressions(SuppressionsCommand),
+    /// Copy this install's SQLite store (the database at storage.path and the webhook
+    /// inbox beside it) into an empty PostgreSQL database, verify every table's row
+    /// count, and leave the SQLite files untouched. Stop the daemon first.
+    MigrateStore(MigrateStoreArgs),
     /// Print a shell completion script, e.g. `dealsync completions bash >
     /// /usr/share/bash-completion/completions/dealsync`.
     Completions(CompletionsArgs),
     /// Print the man page (roff), e.g. `dealsync man > /usr/share/man/man1/dealsync.1`.
     Man,
+}
+
+#[derive(Debug, Args)]
+pub struct MigrateStoreArgs {
+    /// The PostgreSQL database to copy into, written as storage.url is:
+    /// `postgres://USER:${credential:NAME}@HOST:PORT/DB` (quote it for the shell); the
+    /// password comes from the credential NAME (--credentials-dir or
+    /// $CREDENTIALS_DIRECTORY) or ${VAR}, or is written in the URL percent-encoded.
+    #[arg(long, value_name = "URL")]
+    pub to: String,
 }
 
 #[derive(Debug, Args)]

@@ -2,7 +2,8 @@
 //!
 //! Layout, each part below the ones that use it: `args` holds the clap types,
 //! `context` what every command starts from (config source, loading, the store, the
-//! connections, `CliError`), `ops` the operator commands (`deals show` and recovery).
+//! connections, `CliError`), `ops` the operator commands (`deals show` and recovery),
+//! `migrate_store` the copy of a SQLite install into PostgreSQL.
 //! This file holds `dispatch` and the other commands.
 
 use crate::app::App;
@@ -19,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 mod args;
 mod context;
+mod migrate_store;
 pub mod ops;
 
 pub use args::*;
@@ -72,6 +74,7 @@ pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
             SuppressionsCommand::Add(args) => ops::suppressions_add(source, args).await,
             SuppressionsCommand::Remove(args) => ops::suppressions_remove(source, args).await,
         },
+        Command::MigrateStore(args) => migrate_store::migrate_store(source, args).await,
         Command::Completions(args) => {
             let mut script = Vec::new();
             clap_complete::generate(args.shell, &mut Cli::command(), "dealsync", &mut script);

@@ -102,6 +102,52 @@ impl PostgresUrl {
             password,
         })
     }
+
+    /// Parses a URL given on the command line (`flag`, e.g. `--to`) exactly as
+    /// `storage.url` is read from the config: `${VAR}` and `${credential:NAME}` are
+    /// substituted first (credentials from `credentials_dir`, else
+    /// `$CREDENTIALS_DIRECTORY`; every one must be readable), then the URL is parsed.
+    /// From then on the substituted values and the password are scrubbed from the
+    /// process's log lines and final error message, as a config's are.
+    pub fn from_argument(
+        flag: &str,
+        text: &str,
+        credentials_dir: Option<std::path::PathBuf>,
+    ) -> Result<PostgresUrl, String> {
+        use super::interpolate;
+        let mut value = toml::Value::Table(toml::map::Map::from_iter([(
+            flag.to_owned(),
+            toml::Value::String(text.to_owned()),
+        )]));
+        let options = interpolate::Options {
+            credentials_dir,
+            defer_credentials: false,
+        };
+        let done = interpolate::interpolate_with(&mut value, &interpolate::ProcessEnv, &options)
+            .map_err(|errors| {
+                errors
+                    .into_iter()
+                    .map(|error| format!("{}: {}", error.key, error.message))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            })?;
+        let mut secrets = done.substituted;
+        let substituted = value
+            .get(flag)
+            .and_then(toml::Value::as_str)
+            .expect("the table holds the flag's string, substituted in place")
+            .to_owned();
+        let parsed = PostgresUrl::parse(&Secret::new(substituted));
+        if let Ok(PostgresUrl {
+            password: Some(password),
+            ..
+        }) = &parsed
+        {
+            secrets.push(password.expose().to_owned());
+        }
+        interpolate::remember_for_process(&interpolate::Substituted::new(&secrets));
+        parsed.map_err(|message| format!("{flag}: {message}"))
+    }
 }
 
 #[cfg(test)]

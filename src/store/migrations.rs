@@ -27,13 +27,14 @@ pub(super) const DATABASE: Schema = Schema {
     file: "database",
 };
 
-fn current(db: &Connection) -> Result<i64> {
+/// The file's schema version (`PRAGMA user_version`).
+pub(super) fn current(db: &Connection) -> Result<i64> {
     Ok(db.pragma_query_value(None, "user_version", |row| row.get(0))?)
 }
 
 impl Schema {
     /// The schema version this binary writes to the file.
-    fn version(&self) -> i64 {
+    pub(super) fn version(&self) -> i64 {
         self.migrations[self.migrations.len() - 1].0
     }
 

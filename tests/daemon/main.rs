@@ -6,6 +6,7 @@ mod followups;
 mod foundation;
 mod harness;
 mod insight;
+mod migrate_store;
 mod operator_checks;
 mod operators;
 mod outbound;

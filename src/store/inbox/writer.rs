@@ -51,7 +51,7 @@ const WAL_POLICY: WalPolicy = WalPolicy {
 };
 
 /// The statements of the inbox file's schema, tracked in its `user_version`.
-const SCHEMA: Schema = Schema {
+pub(in crate::store) const SCHEMA: Schema = Schema {
     migrations: &[
         (1, include_str!("../migrations/inbox_0001.sql")),
         (2, include_str!("../migrations/inbox_0002.sql")),

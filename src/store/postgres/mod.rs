@@ -1,8 +1,9 @@
 //! PostgreSQL, the store's second backend (`storage.url`), for several dealsync
 //! processes sharing one database. What exists so far: the connection pool, the
 //! schema (every table and index of the SQLite database and webhook inbox, see
-//! `migrations/0001_initial.sql`) and its migrations, and the schema check of
-//! `dealsync check`. None of the store's queries runs on it yet: [`super::Store`] is
+//! `migrations/0001_initial.sql`) and its migrations, the schema check of
+//! `dealsync check`, and the copy of a SQLite install (`from_sqlite`, for
+//! `dealsync migrate-store`). None of the store's queries runs on it yet: [`super::Store`] is
 //! SQLite, and the daemon refuses `storage.url` (`Config::require_sqlite`).
 //!
 //! Connections come from a `deadpool-postgres` pool over `tokio-postgres` (async, no
@@ -20,6 +21,7 @@
 //!   the transaction is rolled back.
 //! - Errors name the server as `host:port/database`, never the password.
 
+pub mod from_sqlite;
 mod migrations;
 
 pub use migrations::SCHEMA_VERSION;
