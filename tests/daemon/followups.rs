@@ -1083,12 +1083,12 @@ after = "1s"
 #[tokio::test]
 async fn the_frequency_cap_holds_back_emails_beyond_the_daily_limit() {
     let smtp = SmtpServer::start().await;
-    let daemon = TestDaemon::start(&config(
-        &smtp,
-        "max_per_recipient_per_day = 2",
-        &cart_rule("200ms", "400ms", "600ms"),
-    ))
-    .await;
+    // The cart expires an hour after the last step, not a second: the held step must
+    // stay held while the test looks, however slow the machine.
+    let rule = cart_rule("200ms", "400ms", "600ms")
+        .replace(r#"expire_after = "1s""#, r#"expire_after = "1h""#);
+    assert!(rule.contains(r#"expire_after = "1h""#));
+    let daemon = TestDaemon::start(&config(&smtp, "max_per_recipient_per_day = 2", &rule)).await;
     let store = store(&daemon);
     let cart = put_cart(
         &store,
