@@ -282,3 +282,129 @@ impl Store {
             .await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::event;
+    use super::*;
+    use crate::store::tests::temp_store;
+
+    async fn keep_letter(store: &Store, delivery_id: &str) -> i64 {
+        store
+            .dead_letter(
+                "shop",
+                delivery_id,
+                Some("checkouts/create"),
+                "not JSON",
+                Vec::new(),
+                Bytes::from_static(b"{"),
+                Utc::now(),
+            )
+            .await
+            .unwrap();
+        store.dead_letters(None, 1).await.unwrap()[0].id
+    }
+
+    /// The inbox row of `delivery_id`: (id, state, attempts, last error).
+    async fn inbox_row(store: &Store, delivery_id: &str) -> (i64, String, i64, Option<String>) {
+        let delivery_id = delivery_id.to_owned();
+        store
+            .read_inbox(move |db| {
+                Ok(db.query_row(
+                    "SELECT id, state, attempts, last_error FROM webhook_inbox
+                     WHERE delivery_id = ?1",
+                    [delivery_id],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+                )?)
+            })
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_replay_queues_a_letter_once_and_requeues_only_a_delivery_that_failed() {
+        let (_dir, store) = temp_store();
+        let now = Utc::now();
+        assert!(store.stored_dead_letter(1).await.unwrap().is_none());
+
+        // Not in the inbox: queued once; its state is followed.
+        let first = keep_letter(&store, "d-1").await;
+        let Replayed::Queued { inbox_id } = store.replay_dead_letter(first, now).await.unwrap()
+        else {
+            panic!("not queued")
+        };
+        let letter = store.stored_dead_letter(first).await.unwrap().unwrap();
+        assert_eq!(
+            (letter.replayed_as, letter.replay_state.as_deref()),
+            (Some(inbox_id), Some("pending"))
+        );
+        store
+            .webhook_failed(inbox_id, "still unusable", now)
+            .await
+            .unwrap();
+        let letter = store.stored_dead_letter(first).await.unwrap().unwrap();
+        assert_eq!(letter.replay_state.as_deref(), Some("failed"));
+        assert_eq!(letter.replay_error.as_deref(), Some("still unusable"));
+        // Its replay failed: replaying it again puts that row back, as new.
+        assert_eq!(
+            store.replay_dead_letter(first, now).await.unwrap(),
+            Replayed::Requeued { inbox_id }
+        );
+        assert_eq!(
+            inbox_row(&store, "d-1").await,
+            (inbox_id, "pending".into(), 0, None)
+        );
+
+        // The delivery is in the inbox already: pending is left alone, failed is requeued.
+        store.enqueue_webhook(event("d-2")).await.unwrap();
+        store.enqueue_webhook(event("d-3")).await.unwrap();
+        let failed = inbox_row(&store, "d-3").await.0;
+        store
+            .webhook_failed(failed, "vendor said no", now)
+            .await
+            .unwrap();
+        let live = keep_letter(&store, "d-2").await;
+        assert_eq!(
+            store.replay_dead_letter(live, now).await.unwrap(),
+            Replayed::AlreadyInInbox {
+                inbox_id: inbox_row(&store, "d-2").await.0,
+                state: "pending".into(),
+            }
+        );
+        let dead = keep_letter(&store, "d-3").await;
+        assert_eq!(
+            store.replay_dead_letter(dead, now).await.unwrap(),
+            Replayed::Requeued { inbox_id: failed }
+        );
+        assert_eq!(inbox_row(&store, "d-3").await.1, "pending");
+        assert_eq!(
+            store.replay_dead_letter(9_999, now).await.unwrap(),
+            Replayed::NotFound
+        );
+    }
+
+    #[tokio::test]
+    async fn a_letter_kept_without_a_delivery_id_is_replayed_under_its_own_id() {
+        let (_dir, store) = temp_store();
+        let id = keep_letter(&store, "unused").await;
+        {
+            // As kept before dealsync stored delivery ids.
+            let db = Connection::open(store.inbox_path()).unwrap();
+            db.execute(
+                "UPDATE webhook_dead_letters SET delivery_id = NULL WHERE id = ?1",
+                [id],
+            )
+            .unwrap();
+        }
+        let letter = store.stored_dead_letter(id).await.unwrap().unwrap();
+        assert_eq!(letter.replay_delivery_id(), format!("dead-letter:{id}"));
+        assert!(matches!(
+            store.replay_dead_letter(id, Utc::now()).await.unwrap(),
+            Replayed::Queued { .. }
+        ));
+        assert_eq!(
+            inbox_row(&store, &format!("dead-letter:{id}")).await.1,
+            "pending"
+        );
+    }
+}
