@@ -1144,7 +1144,7 @@ async fn an_email_the_server_keeps_deferring_is_tried_max_attempts_times_then_fa
     let (state, reason) = eventually("the first step to be given up", WAIT, || async {
         outbox_rows(&daemon, cart)
             .into_iter()
-            .find(|(step, state, _)| *step == 0 && state != "pending")
+            .find(|(step, state, _)| *step == 0 && state != "pending" && state != "sending")
             .map(|(_, state, reason)| (state, reason.unwrap_or_default()))
     })
     .await;
