@@ -20,6 +20,8 @@
 //!   the transaction is rolled back.
 //! - Errors name the server as `host:port/database`, never the password.
 
+pub mod claims;
+pub mod leases;
 mod migrations;
 
 pub use migrations::SCHEMA_VERSION;
@@ -318,5 +320,7 @@ pub(crate) fn test_database(test: &str) -> Option<test_cluster::TestDatabase> {
     }
 }
 
+#[cfg(test)]
+mod replica_tests;
 #[cfg(test)]
 mod tests;

@@ -6,7 +6,7 @@ use super::*;
 use crate::config::Secret;
 use test_cluster::TestDatabase;
 
-fn url_of(database: &TestDatabase) -> PostgresUrl {
+pub(super) fn url_of(database: &TestDatabase) -> PostgresUrl {
     PostgresUrl::parse(&Secret::new(database.url())).unwrap()
 }
 
@@ -53,7 +53,7 @@ async fn migrations_apply_to_an_empty_database_and_reopening_is_a_no_op() {
     let url = url_of(&database);
     let first = Database::connect(&url, &Options::default()).await.unwrap();
     assert_eq!(first.schema_state().await.unwrap(), SchemaState::Absent);
-    assert_eq!(first.migrate().await.unwrap(), vec![1]);
+    assert_eq!(first.migrate().await.unwrap(), vec![1, 2]);
     assert_eq!(
         first.schema_state().await.unwrap(),
         SchemaState::Current(SCHEMA_VERSION)
@@ -90,7 +90,10 @@ async fn migrations_apply_to_an_empty_database_and_reopening_is_a_no_op() {
     let again = Database::open(&url, &Options::default()).await.unwrap();
     assert_eq!(again.migrate().await.unwrap(), Vec::<i64>::new());
     assert_eq!(table_listing(&database).await, before);
-    assert_eq!(versions(&database).await, vec![SCHEMA_VERSION]);
+    assert_eq!(
+        versions(&database).await,
+        (1..=SCHEMA_VERSION).collect::<Vec<i64>>()
+    );
 }
 
 #[tokio::test]
@@ -202,12 +205,16 @@ async fn two_pools_opening_at_once_migrate_once() {
     let (applied_a, applied_b) = tokio::join!(a.migrate(), b.migrate());
     let mut applied = [applied_a.unwrap(), applied_b.unwrap()];
     applied.sort();
-    assert_eq!(applied, [vec![], vec![1]]);
-    assert_eq!(versions(&database).await, vec![SCHEMA_VERSION]);
+    assert_eq!(applied, [vec![], vec![1, 2]]);
+    assert_eq!(
+        versions(&database).await,
+        (1..=SCHEMA_VERSION).collect::<Vec<i64>>()
+    );
 }
 
 /// A deal row with the columns the schema requires.
-const INSERT_DEAL: &str = "INSERT INTO deals (connection, external_id, title, stage, status,
+pub(super) const INSERT_DEAL: &str =
+    "INSERT INTO deals (connection, external_id, title, stage, status,
         native_pipeline, native_stage, stage_entered_at, last_activity_at, first_seen_at,
         synced_at, content_hash, raw)
      VALUES ($1, $2, 'Deal', 'proposal', 'open', 'p', 's', 0, 0, 0, 0, 7, '{}') RETURNING id";
