@@ -376,6 +376,9 @@ async fn hold(
                 }
             },
         );
+        // A renewal cut off by the deadline may still run at the server and extend the
+        // lease later, for this holder and token only: harmless, the keeper then
+        // acquires it again with the same token, or it expires.
         let outcome = tokio::select! {
             _ = shutdown.cancelled() => continue,
             outcome = tokio::time::timeout_at(deadline, renewal) => outcome,

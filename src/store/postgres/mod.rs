@@ -1,9 +1,12 @@
 //! PostgreSQL, the store's second backend (`storage.url`), for several dealsync
 //! processes sharing one database. What exists so far: the connection pool, the
 //! schema (every table and index of the SQLite database and webhook inbox, see
-//! `migrations/0001_initial.sql`) and its migrations, and the schema check of
-//! `dealsync check`. None of the store's queries runs on it yet: [`super::Store`] is
-//! SQLite, and the daemon refuses `storage.url` (`Config::require_sqlite`).
+//! `migrations/0001_initial.sql`) and its migrations, the schema check of
+//! `dealsync check`, and the coordination replicas will use ([`leases`]: leases,
+//! fencing, the lease keeper, leadership; [`claims`]: `FOR UPDATE SKIP LOCKED`
+//! claims; `migrations/0002_replicas.sql`). None of the store's queries runs on it
+//! yet: [`super::Store`] is SQLite, and the daemon refuses `storage.url`
+//! (`Config::require_sqlite`).
 //!
 //! Connections come from a `deadpool-postgres` pool over `tokio-postgres` (async, no
 //! database needed to compile; the pool recycles connections and bounds how many a

@@ -595,3 +595,73 @@ async fn an_expired_claim_is_handed_out_again_but_an_outbox_row_caught_sending_b
         .unwrap();
     assert!(!claimed.ids.contains(&sending), "{claimed:?}");
 }
+
+#[tokio::test]
+async fn an_acquisition_waits_for_a_fenced_write_in_flight_and_the_old_token_is_refused_after() {
+    let Some(database) = test_database(
+        "an_acquisition_waits_for_a_fenced_write_in_flight_and_the_old_token_is_refused_after",
+    ) else {
+        return;
+    };
+    let (a, b) = (replica(&database).await, replica(&database).await);
+    let admin = database.admin().await;
+    admin
+        .execute(
+            "INSERT INTO sync_cursors VALUES ('crm', 'deals', 'page-0', 0)",
+            &[],
+        )
+        .await
+        .unwrap();
+    let short = Duration::from_millis(300);
+    let old = a
+        .try_acquire("poll:crm", "replica-a", short)
+        .await
+        .unwrap()
+        .unwrap();
+    // Replica a, still with the current token, writes a page in a transaction.
+    let mut client = a.client().await.unwrap();
+    let page = client.transaction().await.unwrap();
+    let changed = page
+        .execute(
+            &format!(
+                "UPDATE sync_cursors SET value = $3 WHERE connection = 'crm' AND {}",
+                leases::fence(1, 2)
+            ),
+            &[&old.name, &old.token, &"page-1-by-a"],
+        )
+        .await
+        .unwrap();
+    assert_eq!(changed, 1);
+    // The lease expires meanwhile; b's acquisition waits for a's transaction.
+    let acquiring = tokio::spawn({
+        let b = b.clone();
+        async move {
+            eventually("the lease expired", TTL * 2, || async {
+                b.try_acquire("poll:crm", "replica-b", TTL).await.unwrap()
+            })
+            .await
+        }
+    });
+    eventually("b's acquisition waiting on a's lock", TTL * 3, || async {
+        let waiting: i64 = admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                  WHERE datname = current_database() AND wait_event_type = 'Lock'
+                    AND query LIKE 'INSERT INTO leases%'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        (waiting == 1).then_some(())
+    })
+    .await;
+    assert!(!acquiring.is_finished());
+    page.commit().await.unwrap();
+    let new = acquiring.await.unwrap();
+    assert_eq!(new.token, old.token + 1);
+    // a's page landed before b held the lease; a's next one is refused.
+    assert_eq!(cursor(&database).await, "page-1-by-a");
+    assert_eq!(fenced_cursor_write(&a, &old, "page-2-by-a").await, 0);
+    assert_eq!(cursor(&database).await, "page-1-by-a");
+}

@@ -373,3 +373,57 @@ async fn a_closed_port_is_refused_naming_host_port_and_the_os_cause() {
         "a refused connection may succeed later: {shown}"
     );
 }
+
+#[tokio::test]
+async fn a_version_1_database_migrates_to_the_replica_schema_keeping_its_rows() {
+    let Some(database) =
+        test_database("a_version_1_database_migrates_to_the_replica_schema_keeping_its_rows")
+    else {
+        return;
+    };
+    // A database as the release with version 1 left it, with an inbox row.
+    let admin = database.admin().await;
+    admin
+        .batch_execute(&format!(
+            "SET ROLE {role};
+             CREATE TABLE schema_version (version BIGINT PRIMARY KEY,
+                 applied_at TIMESTAMPTZ NOT NULL DEFAULT now(), dealsync TEXT NOT NULL);
+             {initial}
+             INSERT INTO schema_version (version, dealsync) VALUES (1, 'older');
+             INSERT INTO webhook_inbox (connection, delivery_id, received_at)
+                 VALUES ('crm', 'd-1', 0);",
+            role = test_cluster::PASSWORD_ROLE,
+            initial = include_str!("migrations/0001_initial.sql"),
+        ))
+        .await
+        .unwrap();
+    let store = Database::connect(&url_of(&database), &Options::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        store.schema_state().await.unwrap(),
+        SchemaState::Older {
+            found: 1,
+            supported: 2
+        }
+    );
+    assert_eq!(store.migrate().await.unwrap(), vec![2]);
+    assert_eq!(versions(&database).await, vec![1, 2]);
+    let row = admin
+        .query_one(
+            "SELECT delivery_id, state, claimed_by, claimed_until IS NULL FROM webhook_inbox",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "d-1");
+    assert_eq!(row.get::<_, String>(1), "pending");
+    assert_eq!(row.get::<_, Option<String>>(2), None);
+    assert!(row.get::<_, bool>(3));
+    let leases: i64 = admin
+        .query_one("SELECT count(*) FROM leases", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(leases, 0);
+}
