@@ -115,7 +115,8 @@ pub(super) enum Settlement<'a> {
     },
 }
 
-const INTERRUPTED: &str = "interrupted between SMTP hand-off and acknowledgement; not resent";
+pub(super) const INTERRUPTED: &str =
+    "interrupted between SMTP hand-off and acknowledgement; not resent";
 const DRY_RUN: &str = "dry run: rendered and recorded, not sent";
 
 impl Ledger {

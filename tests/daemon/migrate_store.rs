@@ -86,7 +86,7 @@ enum Value {
 /// Every row of `table` in PostgreSQL, with its column names, sorted.
 async fn pg_rows(client: &tokio_postgres::Client, table: &str) -> (Vec<String>, Vec<Vec<Value>>) {
     use tokio_postgres::types::Type;
-    let columns: Vec<String> = client
+    let all: Vec<String> = client
         .query(
             "SELECT column_name::text FROM information_schema.columns
               WHERE table_schema = 'public' AND table_name = $1 ORDER BY ordinal_position",
@@ -97,8 +97,38 @@ async fn pg_rows(client: &tokio_postgres::Client, table: &str) -> (Vec<String>, 
         .iter()
         .map(|row| row.get(0))
         .collect();
+    // A replica's claim on a row has no SQLite counterpart: copied rows are unclaimed.
+    let claims = ["claimed_by", "claimed_until"];
+    if all.iter().any(|column| claims.contains(&column.as_str())) {
+        let claimed: i64 = client
+            .query_one(
+                &format!(
+                    "SELECT count(*) FROM {table}
+                      WHERE claimed_by IS NOT NULL OR claimed_until IS NOT NULL"
+                ),
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(claimed, 0, "{table}: copied rows are unclaimed");
+    }
+    let columns: Vec<String> = all
+        .into_iter()
+        .filter(|column| !claims.contains(&column.as_str()))
+        .collect();
     let rows = client
-        .query(&format!("SELECT * FROM {table}"), &[])
+        .query(
+            &format!(
+                "SELECT {} FROM {table}",
+                columns
+                    .iter()
+                    .map(|column| format!("\"{column}\""))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            &[],
+        )
         .await
         .unwrap();
     let mut values: Vec<Vec<Value>> = rows

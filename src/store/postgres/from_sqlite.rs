@@ -149,6 +149,11 @@ pub struct TableCopied {
     pub rows: u64,
 }
 
+/// PostgreSQL columns with no SQLite counterpart: a replica's claim on a row
+/// (`migrations/0002_replicas.sql`). A single SQLite daemon never claims, so the copy
+/// leaves them NULL: unclaimed.
+const REPLICA_ONLY: [&str; 2] = ["claimed_by", "claimed_until"];
+
 /// A value on its way from SQLite to a PostgreSQL column.
 #[derive(Debug)]
 enum Cell {
@@ -369,7 +374,7 @@ fn plan(
         }
         if let Some((name, _)) = pg_columns
             .iter()
-            .find(|(pg, _)| !sqlite_columns.contains(pg))
+            .find(|(pg, _)| !sqlite_columns.contains(pg) && !REPLICA_ONLY.contains(&pg.as_str()))
         {
             return Err(CopyError::Columns {
                 table: table.to_owned(),
@@ -586,7 +591,7 @@ pub async fn copy_sqlite_install(
     if let Some((table, column)) = pg_columns.iter().find_map(|(table, columns)| {
         columns
             .iter()
-            .find(|(_, ty)| *ty == Type::UNKNOWN)
+            .find(|(column, ty)| *ty == Type::UNKNOWN && !REPLICA_ONLY.contains(&column.as_str()))
             .filter(|_| TABLES.iter().any(|(_, known)| known == table))
             .map(|(column, _)| (table.clone(), column.clone()))
     }) {

@@ -2,9 +2,12 @@
 //! processes sharing one database. What exists so far: the connection pool, the
 //! schema (every table and index of the SQLite database and webhook inbox, see
 //! `migrations/0001_initial.sql`) and its migrations, the schema check of
-//! `dealsync check`, and the copy of a SQLite install (`from_sqlite`, for
-//! `dealsync migrate-store`). None of the store's queries runs on it yet: [`super::Store`] is
-//! SQLite, and the daemon refuses `storage.url` (`Config::require_sqlite`).
+//! `dealsync check`, the copy of a SQLite install (`from_sqlite`, for `dealsync
+//! migrate-store`), and the coordination replicas will use ([`leases`]: leases,
+//! fencing, the lease keeper, leadership; [`claims`]: `FOR UPDATE SKIP LOCKED`
+//! claims; `migrations/0002_replicas.sql`). None of the store's queries runs on it
+//! yet: [`super::Store`] is SQLite, and the daemon refuses `storage.url`
+//! (`Config::require_sqlite`).
 //!
 //! Connections come from a `deadpool-postgres` pool over `tokio-postgres` (async, no
 //! database needed to compile; the pool recycles connections and bounds how many a
@@ -21,7 +24,9 @@
 //!   the transaction is rolled back.
 //! - Errors name the server as `host:port/database`, never the password.
 
+pub mod claims;
 pub mod from_sqlite;
+pub mod leases;
 mod migrations;
 
 pub use migrations::SCHEMA_VERSION;
@@ -320,5 +325,7 @@ pub(crate) fn test_database(test: &str) -> Option<test_cluster::TestDatabase> {
     }
 }
 
+#[cfg(test)]
+mod replica_tests;
 #[cfg(test)]
 mod tests;

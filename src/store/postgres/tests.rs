@@ -6,7 +6,7 @@ use super::*;
 use crate::config::Secret;
 use test_cluster::TestDatabase;
 
-fn url_of(database: &TestDatabase) -> PostgresUrl {
+pub(super) fn url_of(database: &TestDatabase) -> PostgresUrl {
     PostgresUrl::parse(&Secret::new(database.url())).unwrap()
 }
 
@@ -53,7 +53,7 @@ async fn migrations_apply_to_an_empty_database_and_reopening_is_a_no_op() {
     let url = url_of(&database);
     let first = Database::connect(&url, &Options::default()).await.unwrap();
     assert_eq!(first.schema_state().await.unwrap(), SchemaState::Absent);
-    assert_eq!(first.migrate().await.unwrap(), vec![1]);
+    assert_eq!(first.migrate().await.unwrap(), vec![1, 2]);
     assert_eq!(
         first.schema_state().await.unwrap(),
         SchemaState::Current(SCHEMA_VERSION)
@@ -90,7 +90,10 @@ async fn migrations_apply_to_an_empty_database_and_reopening_is_a_no_op() {
     let again = Database::open(&url, &Options::default()).await.unwrap();
     assert_eq!(again.migrate().await.unwrap(), Vec::<i64>::new());
     assert_eq!(table_listing(&database).await, before);
-    assert_eq!(versions(&database).await, vec![SCHEMA_VERSION]);
+    assert_eq!(
+        versions(&database).await,
+        (1..=SCHEMA_VERSION).collect::<Vec<i64>>()
+    );
 }
 
 #[tokio::test]
@@ -202,12 +205,16 @@ async fn two_pools_opening_at_once_migrate_once() {
     let (applied_a, applied_b) = tokio::join!(a.migrate(), b.migrate());
     let mut applied = [applied_a.unwrap(), applied_b.unwrap()];
     applied.sort();
-    assert_eq!(applied, [vec![], vec![1]]);
-    assert_eq!(versions(&database).await, vec![SCHEMA_VERSION]);
+    assert_eq!(applied, [vec![], vec![1, 2]]);
+    assert_eq!(
+        versions(&database).await,
+        (1..=SCHEMA_VERSION).collect::<Vec<i64>>()
+    );
 }
 
 /// A deal row with the columns the schema requires.
-const INSERT_DEAL: &str = "INSERT INTO deals (connection, external_id, title, stage, status,
+pub(super) const INSERT_DEAL: &str =
+    "INSERT INTO deals (connection, external_id, title, stage, status,
         native_pipeline, native_stage, stage_entered_at, last_activity_at, first_seen_at,
         synced_at, content_hash, raw)
      VALUES ($1, $2, 'Deal', 'proposal', 'open', 'p', 's', 0, 0, 0, 0, 7, '{}') RETURNING id";
@@ -365,4 +372,58 @@ async fn a_closed_port_is_refused_naming_host_port_and_the_os_cause() {
         error.is_transient(),
         "a refused connection may succeed later: {shown}"
     );
+}
+
+#[tokio::test]
+async fn a_version_1_database_migrates_to_the_replica_schema_keeping_its_rows() {
+    let Some(database) =
+        test_database("a_version_1_database_migrates_to_the_replica_schema_keeping_its_rows")
+    else {
+        return;
+    };
+    // A database as the release with version 1 left it, with an inbox row.
+    let admin = database.admin().await;
+    admin
+        .batch_execute(&format!(
+            "SET ROLE {role};
+             CREATE TABLE schema_version (version BIGINT PRIMARY KEY,
+                 applied_at TIMESTAMPTZ NOT NULL DEFAULT now(), dealsync TEXT NOT NULL);
+             {initial}
+             INSERT INTO schema_version (version, dealsync) VALUES (1, 'older');
+             INSERT INTO webhook_inbox (connection, delivery_id, received_at)
+                 VALUES ('crm', 'd-1', 0);",
+            role = test_cluster::PASSWORD_ROLE,
+            initial = include_str!("migrations/0001_initial.sql"),
+        ))
+        .await
+        .unwrap();
+    let store = Database::connect(&url_of(&database), &Options::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        store.schema_state().await.unwrap(),
+        SchemaState::Older {
+            found: 1,
+            supported: 2
+        }
+    );
+    assert_eq!(store.migrate().await.unwrap(), vec![2]);
+    assert_eq!(versions(&database).await, vec![1, 2]);
+    let row = admin
+        .query_one(
+            "SELECT delivery_id, state, claimed_by, claimed_until IS NULL FROM webhook_inbox",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "d-1");
+    assert_eq!(row.get::<_, String>(1), "pending");
+    assert_eq!(row.get::<_, Option<String>>(2), None);
+    assert!(row.get::<_, bool>(3));
+    let leases: i64 = admin
+        .query_one("SELECT count(*) FROM leases", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(leases, 0);
 }

@@ -1,0 +1,210 @@
+//! Claims: replicas sharing the rows of a work table (the webhook inbox, the outbox,
+//! the digests) with `FOR UPDATE SKIP LOCKED`, so that each due row goes to one
+//! replica and none waits for another. Nothing in the daemon uses them yet.
+//!
+//! A claim moves a due row to `claimed`, by `claimed_by` until `claimed_until`
+//! (`clock_timestamp() + ttl`, the server's clock). Its replica then works on it and
+//! settles it; a ledger row (outbox, digest) goes through `sending`
+//! ([`Database::begin_send`]) before its email is handed to the SMTP server.
+//!
+//! The reclaim rule, when a claim expires (its replica died or stalled):
+//! - a row still `claimed` is due again, and the next claim hands it out;
+//! - a ledger row in `sending` may have been sent: it becomes `uncertain` and is never
+//!   handed out again, as the single process does at start-up (`store::ledger`).
+//!
+//! Invariants:
+//! - One statement claims a batch: the due rows are locked `FOR UPDATE SKIP LOCKED`
+//!   in a materialized CTE and updated by id, so two replicas never get the same row
+//!   and neither waits for the rows the other is claiming.
+//! - A row's due time (`next_attempt_at`, epoch milliseconds as the rest of the
+//!   schema) is compared with the caller's `now`, the clock that wrote it; a claim's
+//!   expiry only ever with the server's clock.
+//! - Only the holder of an unexpired claim moves the row on ([`Database::begin_send`]
+//!   checks `claimed_by` and `claimed_until`), so a replica whose claim expired and
+//!   was handed to another cannot send the row too.
+//! - The SQL of the three tables is one template, filled from [`ClaimTable`].
+
+use super::super::Result;
+use super::Database;
+use crate::store::ledger::INTERRUPTED;
+use crate::store::to_ms;
+use chrono::{DateTime, Utc};
+use std::time::Duration;
+
+/// What becomes of a row whose claim expired in `sending`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sending {
+    /// The table has no `sending` state (the inbox: applying a webhook twice is
+    /// harmless, the upsert makes it a no-op).
+    None,
+    /// `sending` → `uncertain`, never handed out again (an email may have gone).
+    BecomesUncertain,
+}
+
+/// A table whose rows replicas claim. Names and SQL fragments are constants, never
+/// input.
+#[derive(Debug)]
+pub struct ClaimTable {
+    table: &'static str,
+    /// When a row is due, `$3` being the caller's now in epoch milliseconds.
+    due: &'static str,
+    /// The order due rows are claimed in.
+    order: &'static str,
+    sending: Sending,
+    /// What `begin_send` sets besides the state (`$3`: now in epoch milliseconds).
+    on_send: &'static str,
+}
+
+/// The webhook inbox: `pending` rows whose retry time has come, oldest first.
+pub const INBOX: ClaimTable = ClaimTable {
+    table: "webhook_inbox",
+    due: "state = 'pending' AND coalesce(next_attempt_at, 0) <= $3",
+    order: "id",
+    sending: Sending::None,
+    on_send: "",
+};
+
+/// The follow-up outbox: `pending` rows due by now, earliest first.
+pub const OUTBOX: ClaimTable = ClaimTable {
+    table: "outbox",
+    due: "state = 'pending' AND next_attempt_at <= $3",
+    order: "next_attempt_at, id",
+    sending: Sending::BecomesUncertain,
+    // The claim time is what the per-recipient cap counts, as in `store::outbox`.
+    on_send: ", attempts = attempts + 1, updated_at = $3, reason = NULL, claimed_at = $3",
+};
+
+/// The daily digests: `pending` rows due by now, earliest first.
+pub const DIGESTS: ClaimTable = ClaimTable {
+    table: "digests",
+    due: "state = 'pending' AND next_attempt_at <= $3",
+    order: "next_attempt_at, id",
+    sending: Sending::BecomesUncertain,
+    on_send: ", attempts = attempts + 1, updated_at = $3, reason = NULL",
+};
+
+/// What one claim returned.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Claimed {
+    /// The rows now claimed by the caller, in claim order.
+    pub ids: Vec<i64>,
+    /// Rows found in `sending` with an expired claim, made `uncertain` first.
+    pub made_uncertain: Vec<i64>,
+}
+
+fn millis(ttl: Duration) -> i64 {
+    i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX)
+}
+
+impl ClaimTable {
+    /// The claim: `$1` claimer, `$2` ttl in ms, `$3` now in ms, `$4` how many.
+    fn claim_sql(&self) -> String {
+        let ClaimTable {
+            table, due, order, ..
+        } = self;
+        // MATERIALIZED: the locking subquery runs once, whatever plan the UPDATE gets.
+        format!(
+            "WITH due AS MATERIALIZED (
+                 SELECT id FROM {table}
+                  WHERE ({due}) OR (state = 'claimed' AND claimed_until < clock_timestamp())
+                  ORDER BY {order}
+                  LIMIT $4
+                  FOR UPDATE SKIP LOCKED)
+             UPDATE {table} AS t SET state = 'claimed', claimed_by = $1,
+                 claimed_until = clock_timestamp() + $2::bigint * interval '1 millisecond'
+               FROM due WHERE t.id = due.id
+             RETURNING t.id"
+        )
+    }
+
+    /// Expired `sending` rows → `uncertain`; `$1` now in ms.
+    fn expire_sending_sql(&self) -> Option<String> {
+        let table = self.table;
+        match self.sending {
+            Sending::None => None,
+            // SKIP LOCKED: a row being settled by its (late) sender is left to it.
+            Sending::BecomesUncertain => Some(format!(
+                "WITH lost AS MATERIALIZED (
+                     SELECT id FROM {table}
+                      WHERE state = 'sending' AND claimed_until < clock_timestamp()
+                      FOR UPDATE SKIP LOCKED)
+                 UPDATE {table} AS t SET state = 'uncertain', updated_at = $1,
+                     reason = '{INTERRUPTED}', claimed_by = NULL, claimed_until = NULL
+                   FROM lost WHERE t.id = lost.id
+                 RETURNING t.id"
+            )),
+        }
+    }
+
+    /// `claimed` → `sending` for the claim's holder: `$1` id, `$2` claimer, `$3` now in
+    /// ms, `$4` how long the send may take in ms.
+    fn begin_send_sql(&self) -> String {
+        let ClaimTable { table, on_send, .. } = self;
+        format!(
+            "UPDATE {table} SET state = 'sending',
+                 claimed_until = clock_timestamp() + $4::bigint * interval '1 millisecond'{on_send}
+             WHERE id = $1 AND state = 'claimed' AND claimed_by = $2
+               AND claimed_until > clock_timestamp()"
+        )
+    }
+}
+
+impl Database {
+    /// Claims up to `limit` due rows of `table` for `claimer` for `ttl`: rows due by
+    /// `now`, and rows whose claim expired while `claimed`. First makes the expired
+    /// `sending` rows `uncertain` (ledger tables). Rows another replica is claiming at
+    /// the same moment are skipped, not waited for.
+    pub async fn claim(
+        &self,
+        table: &ClaimTable,
+        claimer: &str,
+        ttl: Duration,
+        now: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Claimed> {
+        let client = self.client().await?;
+        let now_ms = to_ms(now);
+        let mut claimed = Claimed::default();
+        if let Some(sql) = table.expire_sending_sql() {
+            let rows = client.query(&sql, &[&now_ms]).await?;
+            claimed.made_uncertain = rows.iter().map(|row| row.get(0)).collect();
+            if !claimed.made_uncertain.is_empty() {
+                tracing::warn!(
+                    table = table.table,
+                    rows = claimed.made_uncertain.len(),
+                    "claims expired while sending: rows made uncertain, not resent"
+                );
+            }
+        }
+        let rows = client
+            .query(
+                &table.claim_sql(),
+                &[&claimer, &millis(ttl), &now_ms, &i64::from(limit)],
+            )
+            .await?;
+        claimed.ids = rows.iter().map(|row| row.get(0)).collect();
+        Ok(claimed)
+    }
+
+    /// Moves claimed row `id` of a ledger table to `sending`, for up to `send_ttl`,
+    /// counting the attempt; `false` when `claimer` no longer holds an unexpired claim
+    /// on it (it was handed to another replica): then it must not be sent.
+    pub async fn begin_send(
+        &self,
+        table: &ClaimTable,
+        id: i64,
+        claimer: &str,
+        now: DateTime<Utc>,
+        send_ttl: Duration,
+    ) -> Result<bool> {
+        debug_assert_eq!(table.sending, Sending::BecomesUncertain, "{}", table.table);
+        let client = self.client().await?;
+        let changed = client
+            .execute(
+                &table.begin_send_sql(),
+                &[&id, &claimer, &to_ms(now), &millis(send_ttl)],
+            )
+            .await?;
+        Ok(changed == 1)
+    }
+}
