@@ -1327,6 +1327,111 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_deal_that_left_its_rules_stages_has_what_is_pending_stopped_at_once() {
+        use OutboxAction::{Email, Expire};
+        let (_dir, store) = temp_store();
+        let left = deal(&store, "d1").await;
+        let stays = deal(&store, "d2").await;
+        enroll(
+            &store,
+            left,
+            "nurture",
+            "ada@example.com",
+            &[Email, Email, Expire],
+            at(0),
+        )
+        .await;
+        enroll(&store, left, "other", "ada@example.com", &[Email], at(0)).await;
+        enroll(&store, stays, "nurture", "bob@example.com", &[Email], at(0)).await;
+        mark(
+            &store,
+            row_id(&store, left, "nurture", 0).await,
+            "sent",
+            at(1),
+        )
+        .await;
+        // Both deals are in sales.lead; the rule now runs only in sales.won.
+        let won = StageRef {
+            pipeline: Some(PipelineKey::new("sales")),
+            stage: StageKey::new("won"),
+        };
+        let lead = StageRef {
+            pipeline: Some(PipelineKey::new("sales")),
+            stage: StageKey::new("lead"),
+        };
+        let active = HashMap::from([("nurture".to_owned(), vec![won])]);
+        assert_eq!(
+            store
+                .stop_left_rules(vec![left], active.clone(), at(2))
+                .await
+                .unwrap(),
+            [("nurture".to_owned(), 2)]
+        );
+        let reason = Some(
+            "sequence stopped: the deal left the rule's stages (now in sales.lead)".to_owned(),
+        );
+        let rows: Vec<_> = rows_of(&store, left)
+            .await
+            .into_iter()
+            .map(|r| (r.0, r.2, r.3))
+            .collect();
+        assert_eq!(
+            rows,
+            [
+                ("nurture".into(), "sent".into(), None),
+                ("nurture".into(), "skipped".into(), reason.clone()),
+                ("nurture".into(), "skipped".into(), reason),
+                // A rule without stages given here is not judged.
+                ("other".into(), "pending".into(), None),
+            ]
+        );
+        // Only the deals named are looked at; one still in the rule's stages stays.
+        assert_eq!(rows_of(&store, stays).await[0].2, "pending");
+        let still = HashMap::from([("nurture".to_owned(), vec![lead])]);
+        assert!(
+            store
+                .stop_left_rules(vec![stays], still, at(3))
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(rows_of(&store, stays).await[0].2, "pending");
+        assert!(
+            store
+                .stop_left_rules(vec![], active, at(3))
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    #[tokio::test]
+    async fn an_email_rows_deal_is_found_and_an_expiry_or_unknown_row_has_none() {
+        use OutboxAction::{Email, Expire};
+        let (_dir, store) = temp_store();
+        let cart = deal(&store, "d1").await;
+        enroll(
+            &store,
+            cart,
+            "carts",
+            "ada@example.com",
+            &[Email, Expire],
+            at(0),
+        )
+        .await;
+        let email = row_id(&store, cart, "carts", 0).await;
+        let expiry = row_id(&store, cart, "carts", 1).await;
+        let found = store
+            .outbox_email_deal(email)
+            .await
+            .unwrap()
+            .expect("its deal");
+        assert_eq!((found.id, found.external_id.as_str()), (cart, "d1"));
+        assert!(store.outbox_email_deal(expiry).await.unwrap().is_none());
+        assert!(store.outbox_email_deal(9_999).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
     async fn explain_sees_the_recipients_other_enrollments_in_the_rule_since_the_cutoff() {
         use OutboxAction::Email;
         let (_dir, store) = temp_store();
