@@ -1403,6 +1403,8 @@ mod tests {
                 .unwrap()
                 .is_empty()
         );
+        // The rules the outbox holds rows of, each once, sorted.
+        assert_eq!(store.outbox_rules().await.unwrap(), ["nurture", "other"]);
     }
 
     #[tokio::test]
