@@ -1434,6 +1434,75 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_start_up_index_lists_a_stages_deals_without_rows_for_the_rule_oldest_entry_first()
+    {
+        let (_dir, store) = temp_store();
+        let lead = StageRef {
+            pipeline: Some(PipelineKey::new("sales")),
+            stage: StageKey::new("lead"),
+        };
+        let mut ids = Vec::new();
+        for external_id in ["d1", "d2", "d3", "d4", "d5", "d6"] {
+            ids.push(deal(&store, external_id).await);
+        }
+        let [early, late, enrolled, elsewhere, deleted, before] = ids[..] else {
+            unreachable!()
+        };
+        // Entered at minutes 20, 10, 15, 5, 5 and -5; one is elsewhere, one deleted.
+        store
+            .write(move |tx| {
+                for (id, minute) in [
+                    (early, 20),
+                    (late, 10),
+                    (enrolled, 15),
+                    (elsewhere, 5),
+                    (deleted, 5),
+                    (before, -5),
+                ] {
+                    tx.execute(
+                        "UPDATE deals SET stage_entered_at = ?2 WHERE id = ?1",
+                        params![id, to_ms(at(minute))],
+                    )?;
+                }
+                tx.execute("UPDATE deals SET stage = 'won' WHERE id = ?1", [elsewhere])?;
+                tx.execute("UPDATE deals SET deleted_at = 1 WHERE id = ?1", [deleted])?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+        enroll(
+            &store,
+            enrolled,
+            "carts",
+            "ada@example.com",
+            &[OutboxAction::Email],
+            at(16),
+        )
+        .await;
+        enroll(
+            &store,
+            early,
+            "winback",
+            "ada@example.com",
+            &[OutboxAction::Email],
+            at(21),
+        )
+        .await;
+        let unenrolled = store
+            .unenrolled_in_stage(lead.clone(), at(0), "carts".into())
+            .await
+            .unwrap();
+        assert_eq!(unenrolled, [late, early]);
+        assert!(
+            store
+                .unenrolled_in_stage(lead, at(20), "carts".into())
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    #[tokio::test]
     async fn explain_sees_the_recipients_other_enrollments_in_the_rule_since_the_cutoff() {
         use OutboxAction::Email;
         let (_dir, store) = temp_store();
