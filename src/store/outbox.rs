@@ -1063,41 +1063,16 @@ mod tests {
         let step = |n| row_id(&store, earlier, "carts", n);
         // Outside the hour: two hours ago. Inside: sent, sending and uncertain ones, and
         // a failed one (never handed over) that does not count.
-        mark(
-            &store,
-            step(0).await,
-            "sent",
-            now - chrono::Duration::minutes(120),
-        )
-        .await;
-        mark(
-            &store,
-            step(1).await,
-            "sent",
-            now - chrono::Duration::minutes(40),
-        )
-        .await;
-        mark(
-            &store,
-            step(2).await,
-            "uncertain",
-            now - chrono::Duration::minutes(30),
-        )
-        .await;
-        mark(
-            &store,
-            step(3).await,
-            "sending",
-            now - chrono::Duration::minutes(20),
-        )
-        .await;
-        mark(
-            &store,
-            step(4).await,
-            "failed",
-            now - chrono::Duration::minutes(10),
-        )
-        .await;
+        for (n, state, minutes_ago) in [
+            (0, "sent", 120),
+            (1, "sent", 40),
+            (2, "uncertain", 30),
+            (3, "sending", 20),
+            (4, "failed", 10),
+        ] {
+            let claimed = now - chrono::Duration::minutes(minutes_ago);
+            mark(&store, step(n).await, state, claimed).await;
+        }
         mark(
             &store,
             row_id(&store, stranger, "carts", 0).await,

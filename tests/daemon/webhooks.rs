@@ -1378,6 +1378,21 @@ fn last_cause(daemon: &TestDaemon, connection: &str, external_id: &str) -> Strin
         .expect("a stage history row")
 }
 
+/// A HubSpot connection on the mock at `url`, polled hourly (so that after the first
+/// sync only a webhook moves a deal), taking signed webhooks.
+fn hubspot_hourly(url: &str) -> String {
+    format!(
+        r#"
+[connections.hs]
+connector = "hubspot"
+base_url = "{url}"
+token = "pat-test"
+poll_interval = "1h"
+webhook_secret = "{HUBSPOT_SECRET}"
+"#
+    )
+}
+
 pub(crate) fn hubspot_v3_headers(uri: &str, body: &[u8], at: SystemTime) -> http::HeaderMap {
     let delivery = Delivery {
         method: "POST",
@@ -1410,17 +1425,7 @@ async fn hubspot_v3_signed_deal_webhooks_refetch_the_deal_and_a_deletion_marks_i
     deal.contact = Some(501);
     hubspot.put(deal);
     // Polling once an hour: after the first sync, only a webhook can move the deal.
-    let config = format!(
-        r#"
-[connections.hs]
-connector = "hubspot"
-base_url = "{}"
-token = "pat-test"
-poll_interval = "1h"
-webhook_secret = "{HUBSPOT_SECRET}"
-"#,
-        hubspot.url()
-    );
+    let config = hubspot_hourly(&hubspot.url());
     let daemon = TestDaemon::start(&config).await;
     eventually("the first sync of deal 1002", WAIT, || async {
         crm_deal(&daemon, "hs", "1002").filter(|deal| deal.0 == "lead_qualification")
@@ -1543,17 +1548,7 @@ async fn a_later_webhook_of_a_connection_waits_while_an_earlier_one_is_retried()
         "appointmentscheduled",
         an_hour_ago,
     ));
-    let config = format!(
-        r#"
-[connections.hs]
-connector = "hubspot"
-base_url = "{}"
-token = "pat-test"
-poll_interval = "1h"
-webhook_secret = "{HUBSPOT_SECRET}"
-"#,
-        hubspot.url()
-    );
+    let config = hubspot_hourly(&hubspot.url());
     let mut daemon = TestDaemon::start(&config).await;
     eventually("the first sync", WAIT, || async {
         (crm_deal(&daemon, "hs", "1002").is_some() && crm_deal(&daemon, "hs", "1003").is_some())
@@ -1651,17 +1646,7 @@ async fn a_webhook_whose_fetch_keeps_failing_backs_off_and_is_kept_as_failed_aft
         "appointmentscheduled",
         an_hour_ago,
     ));
-    let config = format!(
-        r#"
-[connections.hs]
-connector = "hubspot"
-base_url = "{}"
-token = "pat-test"
-poll_interval = "1h"
-webhook_secret = "{HUBSPOT_SECRET}"
-"#,
-        hubspot.url()
-    );
+    let config = hubspot_hourly(&hubspot.url());
     let mut daemon = TestDaemon::start(&config).await;
     eventually("the first sync", WAIT, || async {
         crm_deal(&daemon, "hs", "1002").map(|_| ())
