@@ -917,22 +917,7 @@ async fn pending_inbox_rows_left_by_a_stopped_daemon_are_processed_after_a_resta
     {
         let db = db(&daemon);
         for n in 0..5 {
-            let body = checkout(
-                &format!("tok-r{n}"),
-                "2026-01-01T10:00:00Z",
-                "r@example.com",
-            );
-            db.execute(
-                "INSERT INTO webhook_inbox (connection, delivery_id, topic, received_at)
-                 VALUES ('shop', ?1, 'checkouts/create', 0)",
-                [format!("left-{n}")],
-            )
-            .unwrap();
-            db.execute(
-                "INSERT INTO webhook_bodies (id, headers, body) VALUES (?1, '[]', ?2)",
-                rusqlite::params![db.last_insert_rowid(), body],
-            )
-            .unwrap();
+            insert_row(&db, "shop", &format!("left-{n}"), None);
         }
     }
     daemon.start_again().await;
