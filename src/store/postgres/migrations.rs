@@ -11,6 +11,7 @@ use tokio_postgres::GenericClient;
 const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("migrations/0001_initial.sql")),
     (2, include_str!("migrations/0002_replicas.sql")),
+    (3, include_str!("migrations/0003_rate_limits.sql")),
 ];
 
 /// The schema version this binary writes.

@@ -5,7 +5,9 @@
 //! `dealsync check`, the copy of a SQLite install (`from_sqlite`, for `dealsync
 //! migrate-store`), and the coordination replicas will use ([`leases`]: leases,
 //! fencing, the lease keeper, leadership; [`claims`]: `FOR UPDATE SKIP LOCKED`
-//! claims; `migrations/0002_replicas.sql`). None of the store's queries runs on it
+//! claims; `migrations/0002_replicas.sql`; [`rate`]: the request rate and daily
+//! vendor budget replicas share, `migrations/0003_rate_limits.sql`). None of the
+//! store's queries runs on it
 //! yet: [`super::Store`] is SQLite, and the daemon refuses `storage.url`
 //! (`Config::require_sqlite`).
 //!
@@ -28,6 +30,7 @@ pub mod claims;
 pub mod from_sqlite;
 pub mod leases;
 mod migrations;
+pub mod rate;
 
 pub use migrations::SCHEMA_VERSION;
 
