@@ -367,6 +367,74 @@ async fn a_consenting_hubspot_contact_gets_the_marketing_step_and_an_opt_out_at_
     assert_eq!(consent, Some(false), "the re-read stored the opt-out");
 }
 
+/// While the source cannot be read to confirm consent, a marketing step waits (and
+/// says why); once it is later than its rule's late grace, it is skipped. Never sent
+/// on the strength of an old read.
+#[tokio::test]
+async fn a_marketing_step_whose_consent_cannot_be_read_again_waits_then_is_skipped_after_the_grace()
+{
+    use crate::harness::vendors::Fault;
+    let smtp = SmtpServer::start().await;
+    let hubspot = HubSpot::start("pat-test", None).await;
+    hubspot.put_contact(501, "yes@example.com", "Pat", "Example");
+    hubspot.set_optout(501, "false");
+    let mut record = HsDeal::new(1, "Deal 1", "presentationscheduled", now_ms());
+    record.contact = Some(501);
+    hubspot.put(record);
+    // Two rules on the same deal: one whose grace passes during the test, one whose
+    // grace (an hour) cannot.
+    let rules = r#"
+[followups.brief]
+kind = "marketing"
+stage = "sales.proposal"
+to = "contact"
+late_grace = "2s"
+steps = [{ after = "5s", template = "post_sale" }]
+
+[followups.patient]
+kind = "marketing"
+stage = "sales.proposal"
+to = "contact"
+late_grace = "1h"
+steps = [{ after = "5s", template = "post_sale" }]
+"#;
+    let daemon = TestDaemon::start(&format!(
+        "{}{}{rules}",
+        email(&smtp),
+        hubspot_connection(&hubspot.url())
+    ))
+    .await;
+    // Once the deal is synced, every read of HubSpot's CRM fails (the steps are due
+    // five seconds after the deal entered the stage).
+    eventually("the deal synced", WAIT, || async {
+        (outbox_of(&daemon, "brief").len() == 1).then_some(())
+    })
+    .await;
+    let down = Fault::Status(500, vec![], "{}".into());
+    hubspot.faults().every("/crm/", vec![(1, down)]);
+    let skipped = eventually("the brief rule's step skipped", WAIT, || async {
+        outbox_of(&daemon, "brief")
+            .into_iter()
+            .find(|(_, state, _)| state == "skipped")
+    })
+    .await;
+    let reason = skipped.2.unwrap_or_default();
+    assert!(
+        reason.contains("consent could not be confirmed at the source within the late grace"),
+        "{reason}"
+    );
+    // Past the brief rule's grace, the patient rule's step still waits, saying why.
+    let patient = outbox_of(&daemon, "patient");
+    assert_eq!(patient.len(), 1, "{patient:?}");
+    assert_eq!(patient[0].1, "pending", "{patient:?}");
+    let waiting = patient[0].2.clone().unwrap_or_default();
+    assert!(
+        waiting.contains("confirming consent at the source"),
+        "{waiting}"
+    );
+    assert!(smtp.messages().is_empty());
+}
+
 const WOO_SECRET: &str = "woo-secret";
 
 /// The order-meta fixture as a pending order of `email`, modified now, with the
