@@ -1566,6 +1566,56 @@ late_grace = "{grace}"
     )
 }
 
+/// A digest the server keeps deferring is tried `email.max_attempts` times, then failed
+/// with the count: never given up early, never tried once more.
+#[tokio::test]
+async fn a_digest_the_server_keeps_deferring_is_tried_max_attempts_times_then_failed() {
+    let smtp = SmtpServer::start().await;
+    let rule = |at: &str, enabled: bool| digest_rule("rotting", "owner", at, "10m", enabled);
+    let mut daemon =
+        TestDaemon::start(&config(&smtp, "max_attempts = 2", &rule("08:00", false))).await;
+    let store = store(&daemon);
+    // The test server answers 451 to every address that says "tempfail".
+    let owner = Some(("Busy Owner", "busy-tempfail@example.com"));
+    put_deal(
+        &store,
+        "r1",
+        "proposal",
+        owner,
+        chrono::Duration::days(3),
+        1,
+    )
+    .await;
+    let slot = Utc::now() + chrono::Duration::seconds(2);
+    let at = slot.format("%H:%M:%S").to_string();
+    daemon
+        .kill_and_restart_with_config(&config(&smtp, "max_attempts = 2", &rule(&at, true)))
+        .await;
+    let (state, attempts, reason) = eventually("the digest given up", WAIT, || async {
+        daemon
+            .db()
+            .query_row(
+                "SELECT state, attempts, reason FROM digests
+                 WHERE recipient = 'busy-tempfail@example.com'",
+                [],
+                |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, Option<String>>(2)?,
+                    ))
+                },
+            )
+            .ok()
+            .filter(|(state, _, _)| state != "pending" && state != "sending")
+    })
+    .await;
+    let reason = reason.unwrap_or_default();
+    assert_eq!((state.as_str(), attempts), ("failed", 2), "{reason}");
+    assert!(reason.contains("gave up after 2 attempts"), "{reason}");
+    assert!(smtp.messages().is_empty());
+}
+
 /// A per-deal alert on `sales.closing`: once it arrives, the worker has been through
 /// its loop (digest assembly comes first in every pass).
 const CANARY_RULE: &str = r#"
