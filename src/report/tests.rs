@@ -538,3 +538,48 @@ fn the_last_days_end_at_until_and_start_that_many_days_before() {
     );
     assert_eq!((options.pipeline, options.connection), (None, None));
 }
+
+/// `--pipeline` keeps that pipeline alone; stages are numbered from 1 in their
+/// pipeline's order, as `dealsync report` shows them.
+#[tokio::test]
+async fn one_pipeline_is_kept_when_asked_and_its_stages_are_numbered_from_one() {
+    let all = report(january(None), ReportScope::default()).await;
+    let keys: Vec<&str> = all
+        .total
+        .pipelines
+        .iter()
+        .map(|p| p.pipeline.as_str())
+        .collect();
+    assert!(
+        keys.contains(&"sales") && keys.contains(&"ecommerce"),
+        "{keys:?}"
+    );
+    let sales = report(january(Some("sales")), ReportScope::default()).await;
+    let kept: Vec<&str> = sales
+        .total
+        .pipelines
+        .iter()
+        .map(|p| p.pipeline.as_str())
+        .collect();
+    assert_eq!(kept, ["sales"]);
+    let defined = default_pipelines();
+    let order: Vec<String> = defined
+        .iter()
+        .find(|p| p.key.as_str() == "sales")
+        .expect("the default sales pipeline")
+        .stages
+        .iter()
+        .map(|s| s.key.to_string())
+        .collect();
+    let shown: Vec<(usize, String)> = pipeline(&sales.total, "sales")
+        .stages
+        .iter()
+        .map(|s| (s.position, s.stage.clone()))
+        .collect();
+    let expected: Vec<(usize, String)> = order
+        .into_iter()
+        .enumerate()
+        .map(|(n, key)| (n + 1, key))
+        .collect();
+    assert_eq!(shown, expected);
+}
