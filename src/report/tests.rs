@@ -583,3 +583,31 @@ async fn one_pipeline_is_kept_when_asked_and_its_stages_are_numbered_from_one() 
         .collect();
     assert_eq!(shown, expected);
 }
+
+/// The period is [since, until): a stage entered at `since` counts, one entered at
+/// `until` belongs to the next period.
+#[tokio::test]
+async fn a_stage_entered_at_the_periods_start_counts_and_one_entered_at_its_end_does_not() {
+    let before = report(january(Some("sales")), ReportScope::default()).await;
+    let entered =
+        |report: &Report| stage(pipeline(&report.total, "sales"), "lead_generation").entered;
+    let (_dir, store) = fixture_store().await;
+    store
+        .execute_batch_for_test(
+            "INSERT INTO deals (id, connection, external_id, title, amount_minor, currency,
+                 pipeline, stage, status, native_pipeline, native_stage, expected_close,
+                 stage_entered_at, last_activity_at, first_seen_at, synced_at, content_hash, raw)
+             VALUES
+              (101, 'crm-eu', 'N1', 'At the start', 1, 'EUR', 'sales', 'lead_generation', 'open',
+               'p', 'n', NULL, 0, 0, 0, 0, 0, '{}'),
+              (102, 'crm-eu', 'N2', 'At the end', 1, 'EUR', 'sales', 'lead_generation', 'open',
+               'p', 'n', NULL, 0, 0, 0, 0, 0, '{}');
+             INSERT INTO stage_history (deal_id, at, to_pipeline, to_stage, native_to, cause) VALUES
+              (101, unixepoch('2026-01-01') * 1000, 'sales', 'lead_generation', 'n', 'poll'),
+              (102, unixepoch('2026-02-01') * 1000, 'sales', 'lead_generation', 'n', 'poll');",
+        )
+        .await
+        .unwrap();
+    let after = scan(&store, january(Some("sales")), ReportScope::default()).await;
+    assert_eq!(entered(&after), entered(&before) + 1);
+}
