@@ -611,3 +611,40 @@ async fn a_stage_entered_at_the_periods_start_counts_and_one_entered_at_its_end_
     let after = scan(&store, january(Some("sales")), ReportScope::default()).await;
     assert_eq!(entered(&after), entered(&before) + 1);
 }
+
+/// A deal that leaves a stage backwards and comes back has not advanced from it; a deal
+/// that entered its pipeline before the period and is won within it counts as won.
+#[tokio::test]
+async fn coming_back_to_a_stage_is_no_advance_and_a_win_in_the_period_counts_whenever_the_deal_began()
+ {
+    let before = report(january(Some("sales")), ReportScope::default()).await;
+    let (_dir, store) = fixture_store().await;
+    store
+        .execute_batch_for_test(
+            "INSERT INTO deals (id, connection, external_id, title, amount_minor, currency,
+                 pipeline, stage, status, native_pipeline, native_stage, expected_close,
+                 stage_entered_at, last_activity_at, first_seen_at, synced_at, content_hash, raw)
+             VALUES
+              (101, 'crm-eu', 'N1', 'Back and forth', 1, 'EUR', 'sales', 'proposal', 'open',
+               'p', 'n', NULL, 0, 0, 0, 0, 0, '{}'),
+              (102, 'crm-eu', 'N2', 'Began in December', 1, 'EUR', 'sales', 'won', 'won',
+               'p', 'n', NULL, 0, 0, 0, 0, 0, '{}');
+             INSERT INTO stage_history (deal_id, at, to_pipeline, to_stage, native_to, cause) VALUES
+              (101, unixepoch('2026-01-10') * 1000, 'sales', 'proposal', 'n', 'poll'),
+              (101, unixepoch('2026-01-12') * 1000, 'sales', 'lead_generation', 'n', 'poll'),
+              (101, unixepoch('2026-01-14') * 1000, 'sales', 'proposal', 'n', 'poll'),
+              (102, unixepoch('2025-12-20') * 1000, 'sales', 'lead_generation', 'n', 'poll'),
+              (102, unixepoch('2026-01-10') * 1000, 'sales', 'won', 'n', 'poll');",
+        )
+        .await
+        .unwrap();
+    let after = scan(&store, january(Some("sales")), ReportScope::default()).await;
+    let proposal = |report: &Report| {
+        let s = stage(pipeline(&report.total, "sales"), "proposal");
+        (s.cohort, s.advanced)
+    };
+    let (cohort, advanced) = proposal(&before);
+    assert_eq!(proposal(&after), (cohort + 1, advanced));
+    let won = |report: &Report| pipeline(&report.total, "sales").outcomes.won;
+    assert_eq!(won(&after), won(&before) + 1);
+}
