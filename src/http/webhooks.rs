@@ -265,16 +265,10 @@ pub async fn receive(
                     debug!(connection, "duplicate webhook delivery acknowledged");
                     accepted("duplicate")
                 }
-                Err(error) if error.retry_after().is_some() => {
-                    count(&state, &connection, "refused");
-                    refused(&connection, &error)
-                }
                 Err(error) => {
-                    count(&state, &connection, "failed");
-                    match error {
-                        EnqueueError::Store(error) => ApiError::from(error).into_response(),
-                        other => ApiError::Inbox(other).into_response(),
-                    }
+                    let (outcome, response) = not_stored(&connection, error);
+                    count(&state, &connection, outcome);
+                    response
                 }
             }
         }
@@ -314,6 +308,20 @@ async fn dead_letter(
         StatusCode::BAD_REQUEST,
         &format!("malformed payload: {reason}"),
     )
+}
+
+/// The answer to a delivery the inbox did not store, and the outcome it is counted
+/// under: `refused` (503 with `Retry-After`) when a later retry can succeed (the inbox
+/// full, the commit queue full, a full disk), `failed` (500) when no retry can help.
+fn not_stored(connection: &str, error: EnqueueError) -> (&'static str, Response) {
+    if error.retry_after().is_some() {
+        return ("refused", refused(connection, &error));
+    }
+    let response = match error {
+        EnqueueError::Store(error) => ApiError::from(error).into_response(),
+        other => ApiError::Inbox(other).into_response(),
+    };
+    ("failed", response)
 }
 
 /// 503 with `Retry-After`: the delivery was not stored, and a later retry can succeed.
@@ -357,6 +365,49 @@ async fn read_capped(
             } else {
                 StatusCode::BAD_REQUEST
             })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rusqlite::ffi;
+
+    fn sqlite(code: std::ffi::c_int) -> EnqueueError {
+        let error = rusqlite::Error::SqliteFailure(ffi::Error::new(code), None);
+        EnqueueError::Store(error.into())
+    }
+
+    fn retry_after(response: &Response) -> Option<&str> {
+        let value = response.headers().get(axum::http::header::RETRY_AFTER)?;
+        value.to_str().ok()
+    }
+
+    /// A delivery the inbox could not store is never acknowledged: 503 with the wait
+    /// a retry needs when one can help, 500 without `Retry-After` when none can.
+    #[test]
+    fn an_unstored_delivery_is_refused_for_a_retry_only_when_one_can_help() {
+        for (error, wait) in [
+            (EnqueueError::Busy, "1"),
+            (EnqueueError::Full { pending: 10 }, "30"),
+            (sqlite(ffi::SQLITE_FULL), "60"),
+        ] {
+            let shown = error.to_string();
+            let (outcome, response) = not_stored("shop", error);
+            assert_eq!(outcome, "refused", "{shown}");
+            assert_eq!(
+                response.status(),
+                StatusCode::SERVICE_UNAVAILABLE,
+                "{shown}"
+            );
+            assert_eq!(retry_after(&response), Some(wait), "{shown}");
+        }
+        for code in [ffi::SQLITE_CORRUPT, ffi::SQLITE_READONLY] {
+            let (outcome, response) = not_stored("shop", sqlite(code));
+            assert_eq!(outcome, "failed", "{code}");
+            assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+            assert_eq!(retry_after(&response), None);
         }
     }
 }

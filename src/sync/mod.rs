@@ -83,6 +83,24 @@ impl ReadPage {
         self.unchanged += later.unchanged;
     }
 
+    /// Absorbs the pages already read and waiting, while this batch is not the last
+    /// page and holds fewer than [`MAX_BATCH_RECORDS`] records; never waits for a page.
+    /// A read that failed ends the gathering and is returned: the pages before it
+    /// commit first.
+    fn gather(
+        &mut self,
+        queued: &mut tokio::sync::mpsc::Receiver<Result<ReadPage, ConnectorError>>,
+    ) -> Option<ConnectorError> {
+        while !self.done && self.records() < MAX_BATCH_RECORDS {
+            match queued.try_recv() {
+                Ok(Ok(page)) => self.absorb(page),
+                Ok(Err(error)) => return Some(error),
+                Err(_) => return None,
+            }
+        }
+        None
+    }
+
     fn count(&self, summary: &mut RunSummary) {
         summary.pages += self.pages;
         summary.requests += self.requests;
@@ -111,6 +129,12 @@ pub struct RunSummary {
 }
 
 impl RunSummary {
+    /// Whether the run changed what a user sees: such runs log at INFO, the others at
+    /// DEBUG.
+    fn changed(&self) -> bool {
+        self.created + self.updated + self.stage_changes + self.unmapped + self.quarantined > 0
+    }
+
     fn add(&mut self, outcome: UpsertOutcome) {
         self.created += outcome.created;
         self.updated += outcome.updated;
@@ -177,6 +201,20 @@ pub async fn run_once(
     result.map_err(|(_, error)| error)
 }
 
+/// Whether a run discovers the vendor's pipelines first: every full run, the first run
+/// of a runtime (at start and after a reload), and an incremental run once the last
+/// discovery is older than [`DISCOVERY_EVERY`].
+fn discovery_due(full: bool, last: Option<Instant>, now: Instant) -> bool {
+    full || last.is_none_or(|at| now.saturating_duration_since(at) > DISCOVERY_EVERY)
+}
+
+/// Whether a run whose discovery failed takes the stages stored by an earlier
+/// discovery: only when some are stored and the runtime has none in force yet (after a
+/// restart); stages discovered by this runtime are newer than the stored ones.
+fn falls_back_on_stored<T>(stored: &[T], in_force: &[T]) -> bool {
+    !stored.is_empty() && in_force.is_empty()
+}
+
 /// Reads from `cursor` (`None`: a full sync from the start) to the end.
 async fn run_pages(
     runtime: &ConnectionRuntime,
@@ -192,11 +230,7 @@ async fn run_pages(
     let mut summary = RunSummary::default();
     let fail = |summary: &RunSummary, error: SyncError| (summary.clone(), error);
 
-    let due = full
-        || runtime
-            .last_discovery()
-            .is_none_or(|at| at.elapsed() > DISCOVERY_EVERY);
-    if due {
+    if discovery_due(full, runtime.last_discovery(), Instant::now()) {
         match runtime.connector.discover_pipelines(&cx).await {
             Ok(native) => {
                 deps.store
@@ -209,7 +243,7 @@ async fn run_pages(
                 // Reading deals can go on with the last known stages.
                 warn!(connection = %name, %error, "pipeline discovery failed; using the last known stages");
                 let known = deps.store.native_pipelines(name).await.unwrap_or_default();
-                if !known.is_empty() && runtime.stage_map().native().is_empty() {
+                if falls_back_on_stored(&known, runtime.stage_map().native()) {
                     runtime.set_native(known);
                 }
             }
@@ -252,17 +286,7 @@ async fn run_pages(
         let committer = async {
             while let Some(read) = pages_rx.recv().await {
                 let mut batch = read?;
-                let mut failed = None;
-                while !batch.done && batch.records() < MAX_BATCH_RECORDS {
-                    match pages_rx.try_recv() {
-                        Ok(Ok(page)) => batch.absorb(page),
-                        Ok(Err(error)) => {
-                            failed = Some(error);
-                            break;
-                        }
-                        Err(_) => break,
-                    }
-                }
+                let failed = batch.gather(&mut pages_rx);
                 batch.count(summary);
                 let done = batch.done;
                 // Records the connector met again unchanged count with the store's.
@@ -371,8 +395,6 @@ impl QuietRuns {
     }
 }
 
-/// The delay before the next run: the interval with ±10% jitter, so connections
-/// configured alike do not all hit their vendors at once.
 /// Backoff after failed runs: from 5–10 s, doubling, never longer than the poll
 /// interval (at least 5 s); equal jitter, so a failing connection never retries at once.
 pub fn failure_backoff(interval: Duration) -> Backoff {
@@ -384,6 +406,30 @@ pub fn failure_backoff(interval: Duration) -> Backoff {
 
 /// The longest `Retry-After` a failed run waits for; a longer hint is taken as this.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
+/// A connection's failed runs in a row and how long to wait after each.
+struct Failures {
+    count: u32,
+    backoff: Backoff,
+}
+
+impl Failures {
+    /// Counts a failed run and returns the wait before the next: the backoff, or the
+    /// vendor's `Retry-After` when it asks for longer (at most [`MAX_RETRY_AFTER`]).
+    /// `None` for a run cancelled by a shutdown or reload: the loop ends, no failure.
+    fn failed(&mut self, error: &SyncError) -> Option<Duration> {
+        let hint = match error {
+            SyncError::Connector(ConnectorError::Cancelled) => return None,
+            SyncError::Connector(ConnectorError::Transient { retry_after, .. }) => *retry_after,
+            _ => None,
+        };
+        self.count += 1;
+        Some(
+            self.backoff
+                .delay_honouring(self.count, hint, MAX_RETRY_AFTER),
+        )
+    }
+}
 
 /// Runs a connection on its own schedule until `shutdown`. A run the store failed
 /// marks the connection's scheduler degraded in `/readyz` (`health`) until a later run
@@ -410,7 +456,10 @@ pub async fn run_connection(
     };
     // A short random delay first, so a restart does not fire every connection at once.
     let mut delay = Duration::from_millis(rand::rng().random_range(0..500));
-    let mut failures = 0u32;
+    let mut failures = Failures {
+        count: 0,
+        backoff: failure_backoff(interval),
+    };
     let mut quiet = QuietRuns::new(Instant::now());
     loop {
         tokio::select! {
@@ -430,16 +479,11 @@ pub async fn run_connection(
         }
         match outcome {
             Ok(summary) => {
-                failures = 0;
+                failures.count = 0;
                 // A run that changed nothing is logged at DEBUG; one INFO line now and
                 // then says how many there were, so an idle connection does not fill
                 // the log every poll and a live one still shows it is alive.
-                let changed = summary.created
-                    + summary.updated
-                    + summary.stage_changes
-                    + summary.unmapped
-                    + summary.quarantined
-                    > 0;
+                let changed = summary.changed();
                 if changed {
                     info!(connection = %name, fetched = summary.fetched, created = summary.created,
                         updated = summary.updated, stage_changes = summary.stage_changes,
@@ -462,20 +506,12 @@ pub async fn run_connection(
                 info!(connection = %name, resume_in_s = delay.as_secs(), "sync paused for the vendor API budget");
             }
             Err(error) => {
-                failures += 1;
-                delay = match &error {
-                    SyncError::Connector(ConnectorError::Transient {
-                        retry_after: Some(after),
-                        ..
-                    }) => failure_backoff(interval).delay_honouring(
-                        failures,
-                        Some(*after),
-                        MAX_RETRY_AFTER,
-                    ),
-                    SyncError::Connector(ConnectorError::Cancelled) => break,
-                    _ => failure_backoff(interval).delay(failures),
+                let Some(wait) = failures.failed(&error) else {
+                    break;
                 };
-                warn!(connection = %name, %error, failures, retry_in_s = delay.as_secs(), "sync run failed");
+                delay = wait;
+                warn!(connection = %name, %error, failures = failures.count,
+                    retry_in_s = delay.as_secs(), "sync run failed");
             }
         }
     }
@@ -656,6 +692,179 @@ mod tests {
             None,
             "all runs were at INFO"
         );
+    }
+
+    /// Pages read while the store was busy join the batch until the last page, the
+    /// batch limit, an empty queue or a failed read; a failed read comes back to be
+    /// reported after the pages before it commit.
+    #[tokio::test]
+    async fn gathering_takes_the_queued_pages_up_to_the_last_page_or_the_limit() {
+        let (tx, mut queued) = tokio::sync::mpsc::channel(READ_AHEAD);
+        let mut batch = page(0..2, 0, 0, 1, false, (1, 0, 0));
+        assert!(
+            batch.gather(&mut queued).is_none(),
+            "nothing queued: no wait"
+        );
+        assert_eq!(batch.records(), 2);
+
+        for (from, next, done) in [(2, 2, false), (3, 3, true), (4, 4, false)] {
+            tx.send(Ok(page(from..from + 1, 0, 0, next, done, (1, 0, 0))))
+                .await
+                .unwrap();
+        }
+        assert!(batch.gather(&mut queued).is_none());
+        assert_eq!(
+            (batch.records(), batch.pages),
+            (4, 3),
+            "up to the last page"
+        );
+        assert_eq!(batch.next, serde_json::json!({ "after": 3 }));
+        assert!(batch.done);
+        let left = queued.try_recv().unwrap().unwrap();
+        assert_eq!(left.next, serde_json::json!({ "after": 4 }), "left queued");
+
+        let mut batch = page(0..1, 0, 0, 1, false, (1, 0, 0));
+        tx.send(Ok(page(1..2, 0, 0, 2, false, (1, 0, 0))))
+            .await
+            .unwrap();
+        let refused = ConnectorError::Transient {
+            vendor: "hubspot".into(),
+            reason: "HTTP 500".into(),
+            retry_after: None,
+        };
+        tx.send(Err(refused)).await.unwrap();
+        tx.send(Ok(page(2..3, 0, 0, 3, false, (1, 0, 0))))
+            .await
+            .unwrap();
+        let failed = batch.gather(&mut queued);
+        assert!(
+            matches!(failed, Some(ConnectorError::Transient { .. })),
+            "{failed:?}"
+        );
+        assert_eq!(
+            batch.records(),
+            2,
+            "the page before the failed read is kept"
+        );
+        assert_eq!(batch.next, serde_json::json!({ "after": 2 }));
+        queued.try_recv().unwrap().unwrap();
+
+        // A full batch takes nothing more; one record short of the limit takes a whole
+        // page, even past the limit.
+        let limit = MAX_BATCH_RECORDS as u32;
+        let mut full = page(0..limit, 0, 0, 1, false, (1, 0, 0));
+        tx.send(Ok(page(limit..limit + 2, 0, 0, 2, false, (1, 0, 0))))
+            .await
+            .unwrap();
+        assert!(full.gather(&mut queued).is_none());
+        assert_eq!(full.records(), MAX_BATCH_RECORDS);
+        let mut short = page(1..limit, 0, 0, 1, false, (1, 0, 0));
+        assert!(short.gather(&mut queued).is_none());
+        assert_eq!(short.records(), MAX_BATCH_RECORDS + 1);
+        assert_eq!(short.next, serde_json::json!({ "after": 2 }));
+    }
+
+    /// A run is logged at INFO when any count a user sees moved, each on its own.
+    #[test]
+    fn a_run_changed_something_when_any_visible_count_moved() {
+        let quiet = RunSummary {
+            fetched: 7,
+            unchanged: 5,
+            stale: 2,
+            pages: 1,
+            requests: 1,
+            ..RunSummary::default()
+        };
+        assert!(!quiet.changed());
+        let counts: [fn(&mut RunSummary) -> &mut u64; 5] = [
+            |s| &mut s.created,
+            |s| &mut s.updated,
+            |s| &mut s.stage_changes,
+            |s| &mut s.unmapped,
+            |s| &mut s.quarantined,
+        ];
+        for (n, count) in counts.iter().enumerate() {
+            let mut summary = quiet.clone();
+            *count(&mut summary) = 1;
+            assert!(summary.changed(), "count {n}");
+        }
+    }
+
+    /// Pipelines are discovered on a full run, on a runtime's first run and once the
+    /// last discovery is more than an hour old; not on every poll.
+    #[test]
+    fn pipelines_are_discovered_on_full_and_first_runs_and_hourly() {
+        let at = Instant::now();
+        let minute = Duration::from_secs(60);
+        assert!(discovery_due(false, None, at), "a runtime's first run");
+        assert!(discovery_due(true, Some(at), at + minute), "a full run");
+        assert!(!discovery_due(false, Some(at), at + minute));
+        assert!(!discovery_due(
+            false,
+            Some(at),
+            at + DISCOVERY_EVERY - minute
+        ));
+        assert!(discovery_due(
+            false,
+            Some(at),
+            at + DISCOVERY_EVERY + minute
+        ));
+    }
+
+    /// With discovery failing, the stored stages are taken only by a runtime that has
+    /// none in force; stages it discovered itself stay.
+    #[test]
+    fn a_failed_discovery_falls_back_on_stored_stages_only_without_stages_in_force() {
+        assert!(falls_back_on_stored(&[1], &[]));
+        assert!(!falls_back_on_stored(&[1], &[2]));
+        assert!(!falls_back_on_stored::<u8>(&[], &[]));
+        assert!(!falls_back_on_stored(&[], &[2]));
+    }
+
+    /// Failed runs in a row wait longer each time; a vendor's `Retry-After` is waited
+    /// out when it asks for longer, up to an hour; a cancelled run is no failure and
+    /// ends the connection's loop.
+    #[test]
+    fn failed_runs_back_off_further_honour_retry_after_and_cancelled_runs_stop() {
+        let mut failures = Failures {
+            count: 0,
+            backoff: failure_backoff(Duration::from_secs(3600)),
+        };
+        let plain = SyncError::Connector(ConnectorError::Transient {
+            vendor: "hubspot".into(),
+            reason: "HTTP 500".into(),
+            retry_after: None,
+        });
+        let secs = |n| Duration::from_secs(n);
+        for (n, (floor, ceiling)) in [(5, 10), (10, 20), (20, 40)].into_iter().enumerate() {
+            let wait = failures.failed(&plain).expect("a failure waits");
+            assert!(
+                (secs(floor)..=secs(ceiling)).contains(&wait),
+                "failure {}: {wait:?}",
+                n + 1
+            );
+        }
+        assert_eq!(failures.count, 3);
+        let asked = |after| {
+            SyncError::Connector(ConnectorError::Transient {
+                vendor: "hubspot".into(),
+                reason: "HTTP 429".into(),
+                retry_after: Some(after),
+            })
+        };
+        assert_eq!(failures.failed(&asked(secs(120))), Some(secs(120)));
+        assert_eq!(failures.failed(&asked(secs(36_000))), Some(MAX_RETRY_AFTER));
+        let short = failures.failed(&asked(secs(1))).unwrap();
+        assert!(
+            short >= secs(160),
+            "the backoff when it is longer: {short:?}"
+        );
+        assert_eq!(failures.count, 6);
+        assert_eq!(
+            failures.failed(&SyncError::Connector(ConnectorError::Cancelled)),
+            None
+        );
+        assert_eq!(failures.count, 6, "a cancelled run is not a failure");
     }
 
     #[test]
