@@ -628,6 +628,7 @@ fn to_json<T: serde::Serialize + ?Sized>(value: &T) -> Result<String> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    pub(crate) use super::deals::tests::upsert;
 
     pub fn temp_store() -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();

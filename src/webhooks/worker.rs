@@ -253,6 +253,39 @@ async fn plan(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::NewWebhook;
+
+    /// A pass hands back how many rows it handled, which decides whether the worker
+    /// goes on at once (a backlog) or waits: here every row of a removed connection,
+    /// each kept as failed.
+    #[tokio::test]
+    async fn a_pass_counts_every_row_it_handled() {
+        let (_dir, store) = crate::store::tests::temp_store();
+        for id in ["a", "b", "c"] {
+            let event = NewWebhook {
+                connection: "gone".into(),
+                delivery_id: id.into(),
+                topic: None,
+                headers: vec![],
+                body_sha256: None,
+                body: bytes::Bytes::from_static(b"{}"),
+                received_at: Utc::now(),
+            };
+            store.enqueue_webhook(event).await.unwrap();
+        }
+        let worker = Worker {
+            deps: SyncDeps {
+                store: store.clone(),
+                metrics: std::sync::Arc::new(crate::telemetry::Metrics::new()),
+                attention: None,
+            },
+            connections: Connections::new(vec![]),
+        };
+        let shutdown = CancellationToken::new();
+        assert_eq!(process_due(&worker, &shutdown).await.unwrap(), 3);
+        assert!(store.due_webhooks(Utc::now(), 10).await.unwrap().is_empty());
+        assert_eq!(process_due(&worker, &shutdown).await.unwrap(), 0);
+    }
 
     #[test]
     fn row_retries_grow_and_stay_bounded() {

@@ -370,6 +370,42 @@ mod tests {
         }
     }
 
+    /// A feed page that comes back full is not the last: the worker reads on in the
+    /// same pass, so the entry after a page of exactly `FEED_PAGE` is not left for the
+    /// next pass.
+    #[tokio::test]
+    async fn the_feed_is_followed_past_a_page_of_exactly_feed_page_entries() {
+        let (dir, store) = crate::store::tests::temp_store();
+        let at = Utc::now();
+        let upserts = (0..=FEED_PAGE)
+            .map(|n| crate::store::tests::upsert(&n.to_string(), "proposal", at))
+            .collect();
+        store
+            .commit_page("crm", "deals", upserts, vec![], vec![], None)
+            .await
+            .unwrap();
+        let entries = store.stage_entries_after(0, FEED_PAGE + 10).await.unwrap();
+        assert_eq!(entries.len(), FEED_PAGE as usize + 1);
+        let last = entries.last().unwrap().history_id;
+
+        let text = format!(
+            "[connections.crm]\nconnector = \"demo\"\n\
+             [email]\ntransport = \"file\"\ndir = {:?}\n",
+            dir.path().join("outbox")
+        );
+        let config = crate::config::parse(
+            std::path::Path::new("t.toml"),
+            &text,
+            &crate::config::interpolate::ProcessEnv,
+        )
+        .unwrap();
+        let metrics = Arc::new(crate::telemetry::Metrics::new());
+        let worker = super::Worker::new(store, Arc::new(config), metrics).unwrap();
+        let mut after = 0;
+        worker.enroll_from_feed(&mut after).await.unwrap();
+        assert_eq!(after, last, "every entry is read in one pass");
+    }
+
     #[test]
     pub(super) fn a_fresh_deal_gets_one_pending_row_per_step_counted_from_its_stage_entry() {
         let entered = ago(0);
