@@ -627,8 +627,8 @@ fn to_json<T: serde::Serialize + ?Sized>(value: &T) -> Result<String> {
 
 #[cfg(test)]
 pub(crate) mod tests {
-    use super::*;
     pub(crate) use super::deals::tests::upsert;
+    use super::*;
 
     pub fn temp_store() -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();

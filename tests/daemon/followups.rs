@@ -17,7 +17,14 @@ pub(crate) const TEMPLATES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/config/
 const WAIT: Duration = Duration::from_secs(30);
 
 /// `[email]` pointing at `smtp`, plus extra lines, plus the rules.
+/// `email_extra` may set `retry_initial` and `retry_max` (both, or neither: 200 ms to
+/// 1 s).
 pub(crate) fn config(smtp: &SmtpServer, email_extra: &str, rules: &str) -> String {
+    let retries = if email_extra.contains("retry_initial") {
+        ""
+    } else {
+        "retry_initial = \"200ms\"\nretry_max = \"1s\""
+    };
     format!(
         r#"
 [email]
@@ -27,8 +34,7 @@ from = "Test Shop <shop@example.com>"
 templates = "{TEMPLATES}"
 unsubscribe_secret = "test-unsubscribe-secret-0123"
 enroll_interval = "100ms"
-retry_initial = "200ms"
-retry_max = "1s"
+{retries}
 {email_extra}
 
 {rules}
@@ -1572,8 +1578,9 @@ late_grace = "{grace}"
 async fn a_digest_the_server_keeps_deferring_is_tried_max_attempts_times_then_failed() {
     let smtp = SmtpServer::start().await;
     let rule = |at: &str, enabled: bool| digest_rule("rotting", "owner", at, "10m", enabled);
-    let mut daemon =
-        TestDaemon::start(&config(&smtp, "max_attempts = 2", &rule("08:00", false))).await;
+    // Retries 1.5 to 3 s apart, so the wait between the two attempts can be seen.
+    let email = "max_attempts = 2\nretry_initial = \"3s\"\nretry_max = \"3s\"";
+    let mut daemon = TestDaemon::start(&config(&smtp, email, &rule("08:00", false))).await;
     let store = store(&daemon);
     // The test server answers 451 to every address that says "tempfail".
     let owner = Some(("Busy Owner", "busy-tempfail@example.com"));
@@ -1589,8 +1596,24 @@ async fn a_digest_the_server_keeps_deferring_is_tried_max_attempts_times_then_fa
     let slot = Utc::now() + chrono::Duration::seconds(2);
     let at = slot.format("%H:%M:%S").to_string();
     daemon
-        .kill_and_restart_with_config(&config(&smtp, "max_attempts = 2", &rule(&at, true)))
+        .kill_and_restart_with_config(&config(&smtp, email, &rule(&at, true)))
         .await;
+    // After the first 451 the digest waits: its next attempt lies after the time the
+    // retry was written.
+    let (next, written) = eventually("the first attempt deferred", WAIT, || async {
+        daemon
+            .db()
+            .query_row(
+                "SELECT next_attempt_at, updated_at FROM digests
+                 WHERE recipient = 'busy-tempfail@example.com'
+                   AND state = 'pending' AND attempts = 1",
+                [],
+                |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)),
+            )
+            .ok()
+    })
+    .await;
+    assert!(next > written, "put off to {next}, written at {written}");
     let (state, attempts, reason) = eventually("the digest given up", WAIT, || async {
         daemon
             .db()

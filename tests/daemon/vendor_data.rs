@@ -432,6 +432,18 @@ steps = [{ after = "5s", template = "post_sale" }]
         waiting.contains("confirming consent at the source"),
         "{waiting}"
     );
+    // The wait runs forward: the step is put off to a time after the deferral was
+    // written, not tried again at once.
+    let (next, written): (i64, i64) = daemon
+        .db()
+        .query_row(
+            "SELECT next_attempt_at, updated_at FROM outbox
+             WHERE rule = 'patient' AND action = 'email'",
+            [],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )
+        .unwrap();
+    assert!(next > written, "put off to {next}, written at {written}");
     assert!(smtp.messages().is_empty());
 }
 
