@@ -159,7 +159,7 @@ pub async fn remap(runtime: &ConnectionRuntime, deps: &SyncDeps) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(in crate::ingest) mod tests {
     use super::*;
     use crate::domain::{DealStatus, PipelineKey, StageKey, UNMAPPED};
     use crate::pipeline::{NativePipeline, NativeStage};
@@ -221,7 +221,7 @@ mod tests {
 
     /// A demo connection `crm` whose config maps its `default` pipeline's stages by
     /// `stage_map` (TOML lines).
-    fn configured(stage_map: &str) -> ConnectionRuntime {
+    pub(in crate::ingest) fn configured(stage_map: &str) -> ConnectionRuntime {
         let config = crate::config::parse(
             std::path::Path::new("t.toml"),
             &format!(

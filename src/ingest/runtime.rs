@@ -218,3 +218,38 @@ impl ConnectionRuntime {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::ingest::remap::tests::configured;
+    use crate::pipeline::{NativePipeline, NativeStage};
+    use std::time::Instant;
+
+    /// Discovery replaces the native stages in force and notes when it ran, which
+    /// decides when the next run discovers again; the canonical pipelines stay the
+    /// config's.
+    #[test]
+    fn a_discovery_sets_the_native_stages_and_notes_when() {
+        let runtime = configured("proposal = \"proposal\"\n");
+        assert_eq!(runtime.last_discovery(), None, "never discovered yet");
+        let native = vec![NativePipeline {
+            id: "board".into(),
+            label: "Board".into(),
+            stages: vec![NativeStage {
+                id: "intake".into(),
+                label: "Intake".into(),
+                order: 0,
+                probability: None,
+                kind: None,
+                rot_after: None,
+            }],
+        }];
+        let before = Instant::now();
+        runtime.discovered(native.clone());
+        let at = runtime.last_discovery().expect("discovery noted");
+        assert!(before <= at && at <= Instant::now());
+        assert_eq!(runtime.stage_map().native(), &native[..]);
+        let pipelines: Vec<&str> = runtime.pipelines().iter().map(|p| p.key.as_str()).collect();
+        assert!(pipelines.contains(&"sales"), "{pipelines:?}");
+    }
+}
