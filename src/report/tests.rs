@@ -429,6 +429,18 @@ fn weighted_sums_round_half_away_from_zero() {
     assert_eq!(div_round(-149, 100), -1);
 }
 
+/// A currency's sum beyond what 64 bits hold (absurd amounts, or a hostile source)
+/// is reported at the nearest bound, with its sign: never wrapped to the other sign.
+#[test]
+fn sums_beyond_64_bits_saturate_with_their_sign() {
+    let (min, max) = (i128::from(i64::MIN), i128::from(i64::MAX));
+    assert_eq!(clamp(max + 1), i64::MAX);
+    assert_eq!(clamp(min - 1), i64::MIN);
+    assert_eq!(clamp(-42), -42);
+    assert_eq!(clamp(max), i64::MAX);
+    assert_eq!(clamp(min), i64::MIN);
+}
+
 /// Every count is additive over disjoint deals: the total's is the sum of the
 /// connections' (docs/report.md), for every pipeline and stage.
 #[tokio::test]
