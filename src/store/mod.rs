@@ -131,6 +131,10 @@ pub enum StoreError {
     },
     #[error("database error: {0}")]
     Database(#[from] DbError),
+    /// The PostgreSQL server could not take a batch this request was part of (the
+    /// batch's error, as text: it is reported once per request).
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
     #[error("database task failed: {0}")]
@@ -243,6 +247,16 @@ impl DbError {
         }
     }
 
+    /// Whether the PostgreSQL server cannot take work now (see
+    /// [`StoreError::is_unavailable`]).
+    pub fn is_unavailable(&self) -> bool {
+        match &self.0 {
+            Backend::Sqlite(_) => false,
+            Backend::Postgres(error) => postgres::is_transient(error),
+            Backend::Pool(error) => !matches!(**error, deadpool_postgres::PoolError::Closed),
+        }
+    }
+
     /// Whether the failure may come from a directory or file that cannot be written
     /// (SQLite says "unable to open database file" or "readonly database").
     fn may_be_unwritable(&self) -> bool {
@@ -284,6 +298,17 @@ impl StoreError {
         matches!(self, StoreError::Database(error) if error.is_disk_full())
     }
 
+    /// Whether the PostgreSQL server cannot take work now (unreachable, restarting,
+    /// out of connection slots, a deadlock or serialization failure): the same
+    /// request a little later may succeed. Never true for SQLite.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            StoreError::PostgresConnect(_) | StoreError::Unavailable(_) => true,
+            StoreError::Database(error) => error.is_unavailable(),
+            _ => false,
+        }
+    }
+
     /// Whether the failure is the database's state rather than the data: busy or
     /// locked by another connection or process, an I/O error, a full or read-only
     /// disk. Retrying the same work later may succeed; it says nothing against the row.
@@ -293,6 +318,7 @@ impl StoreError {
                 error.is_transient()
             }
             StoreError::PostgresConnect(failure) => failure.source.is_transient(),
+            StoreError::Unavailable(_) => true,
             StoreError::CreateDir { .. } | StoreError::CreateFile { .. } => true,
             _ => false,
         }

@@ -63,6 +63,10 @@ impl EnqueueError {
             EnqueueError::Store(error) if error.is_disk_full() => {
                 Some(std::time::Duration::from_secs(60))
             }
+            // PostgreSQL restarting or out of reach: a replica answers 503 meanwhile.
+            EnqueueError::Store(error) if error.is_unavailable() => {
+                Some(std::time::Duration::from_secs(5))
+            }
             EnqueueError::Store(_) => None,
         }
     }

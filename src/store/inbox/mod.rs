@@ -38,6 +38,7 @@ pub use dead_letters::{Replayed, StoredDeadLetter};
 pub use intake::{EnqueueError, Enqueued, NewWebhook};
 pub use processing::{InboxCounts, InboxRow, Settlement};
 pub(super) use writer::Inbox;
+pub(in crate::store) use writer::QUEUE;
 pub(super) use writer::SCHEMA;
 
 use super::{Result, StoreError};

@@ -28,6 +28,7 @@
 
 pub mod claims;
 pub mod from_sqlite;
+pub mod intake;
 pub mod leases;
 mod migrations;
 pub mod rate;
@@ -141,8 +142,10 @@ impl Database {
             .keepalives_idle(options.keepalive_idle)
             .keepalives_interval(Duration::from_secs(10))
             .keepalives_retries(3)
+            // Durable before acknowledged, whatever the server's default: a commit
+            // returns once its WAL is flushed.
             .options(format!(
-                "-c statement_timeout={}",
+                "-c statement_timeout={} -c synchronous_commit=on",
                 options.statement_timeout.as_millis()
             ));
         if let Some(password) = &url.password {

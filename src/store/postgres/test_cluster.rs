@@ -323,3 +323,70 @@ impl Cluster {
         }
     }
 }
+
+/// A TCP relay on 127.0.0.1 in front of the cluster: a client pointed at its port
+/// reaches the server until [`Relay::cut`], which closes the port and every relayed
+/// connection, as a network partition or a server restart does to that client only;
+/// [`Relay::restore`] listens on the same port again. (Used by the store's tests; the
+/// daemon tests include this file too.)
+#[allow(dead_code)]
+pub struct Relay {
+    port: u16,
+    target: u16,
+    running: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+#[allow(dead_code)]
+impl Relay {
+    /// Starts relaying to the cluster's port `target`.
+    pub async fn start(target: u16) -> Relay {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let relay = Relay {
+            port,
+            target,
+            running: Mutex::new(None),
+        };
+        relay.serve(listener);
+        relay
+    }
+
+    /// The port clients connect to.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    fn serve(&self, listener: tokio::net::TcpListener) {
+        let target = self.target;
+        let task = tokio::spawn(async move {
+            let mut connections = tokio::task::JoinSet::new();
+            while let Ok((mut client, _)) = listener.accept().await {
+                connections.spawn(async move {
+                    if let Ok(mut server) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", target)).await
+                    {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+            }
+        });
+        *self.running.lock().unwrap() = Some(task);
+    }
+
+    /// Closes the port and every connection through it.
+    pub async fn cut(&self) {
+        let task = self.running.lock().unwrap().take();
+        if let Some(task) = task {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+
+    /// Listens on the same port again.
+    pub async fn restore(&self) {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", self.port))
+            .await
+            .unwrap();
+        self.serve(listener);
+    }
+}

@@ -1,0 +1,522 @@
+//! Webhook intake on PostgreSQL: any replica stores a verified delivery durably before
+//! its 2xx, with the same answers as the SQLite inbox (`Stored`, `Duplicate`, `Full`,
+//! `Busy`, a store error) and the same group commit.
+//!
+//! Deliveries queue on a bounded channel; one writer task per process takes what has
+//! queued (up to [`MAX_BATCH`]) and stores it with one statement in one transaction
+//! (`unnest` of the batch's columns), committed with `synchronous_commit = on` (the
+//! pool sets it on every connection, whatever the server's default), and only then
+//! answers each delivery. While a batch commits the next one gathers, so batches grow
+//! with the load and the commits per second stay bounded by the server's WAL flushes.
+//!
+//! Invariants:
+//! - A delivery is answered `Stored` or `Duplicate` only after the transaction that
+//!   holds it (or found it) committed; a refusal wrote nothing.
+//! - One delivery the database refuses (a NUL byte in its delivery id: PostgreSQL
+//!   text cannot hold one) does not fail the others of its batch: a failed batch is
+//!   stored again one delivery per transaction.
+//! - `UNIQUE (connection, delivery_id)` decides duplicates across replicas: a replica
+//!   that inserts a delivery another replica is committing waits for that commit and
+//!   answers `Duplicate`. The body-hash window of body-only signers is checked
+//!   against committed rows and the batch's earlier deliveries; two replicas storing
+//!   the same body under two delivery ids at the same instant may both store it (the
+//!   upsert of the deal it carries makes the second a no-op).
+//! - A row and its headers and body are written in one statement.
+
+use super::Database;
+use crate::store::inbox::{MAX_PENDING, QUEUE};
+use crate::store::{EnqueueError, Enqueued, NewWebhook, Result, StoreError, to_json, to_ms};
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tokio::sync::{Notify, mpsc, oneshot};
+use tracing::warn;
+
+/// Most deliveries stored in one transaction.
+pub const MAX_BATCH: usize = 1024;
+
+/// How often the pending count is read again from the database (other replicas'
+/// workers settle rows meanwhile).
+const RECOUNT_EVERY: Duration = Duration::from_secs(1);
+
+/// The batch as one statement: the new rows, then their bodies, each delivery's
+/// position (`ord`) returned when it was stored. A delivery whose body hash was seen
+/// within its window (`since`) is left out, as is one whose delivery id is there.
+const INSERT_BATCH: &str = "
+WITH input AS (
+    SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bigint[],
+                         $6::bytea[], $7::bigint[], $8::text[], $9::bytea[])
+        AS t(ord, connection, delivery_id, topic, received_at, body_sha256, since,
+             headers, body)
+), fresh AS (
+    SELECT i.* FROM input i
+    WHERE i.body_sha256 IS NULL OR NOT EXISTS (
+        SELECT 1 FROM webhook_inbox w
+        WHERE w.connection = i.connection AND w.body_sha256 = i.body_sha256
+          AND w.received_at >= i.since)
+), stored AS (
+    INSERT INTO webhook_inbox (connection, delivery_id, topic, received_at, body_sha256)
+    SELECT connection, delivery_id, topic, received_at, body_sha256 FROM fresh ORDER BY ord
+    ON CONFLICT (connection, delivery_id) DO NOTHING
+    RETURNING id, connection, delivery_id
+), bodies AS (
+    INSERT INTO webhook_bodies (id, headers, body)
+    SELECT s.id, f.headers, f.body FROM stored s JOIN fresh f USING (connection, delivery_id)
+)
+SELECT f.ord FROM stored s JOIN fresh f USING (connection, delivery_id)";
+
+type Reply = oneshot::Sender<Result<Enqueued>>;
+
+/// State shared by the handles and the writer task.
+struct Shared {
+    /// Unprocessed rows in the database, as last counted plus what this process
+    /// stored since.
+    pending: AtomicU64,
+    /// Notified after every committed batch that stored a new delivery.
+    committed: Notify,
+}
+
+/// A process's intake into the shared inbox; cheap to clone. The writer task ends
+/// when the last handle is dropped.
+#[derive(Clone)]
+pub struct Intake {
+    queue: mpsc::Sender<(NewWebhook, Reply)>,
+    shared: Arc<Shared>,
+}
+
+impl Intake {
+    /// Counts the pending rows and starts the writer task.
+    pub async fn start(database: Database) -> Result<Intake> {
+        let shared = Arc::new(Shared {
+            pending: AtomicU64::new(count_pending(&database).await?),
+            committed: Notify::new(),
+        });
+        let (queue, requests) = mpsc::channel(QUEUE);
+        tokio::spawn(run_writer(database, requests, shared.clone()));
+        Ok(Intake { queue, shared })
+    }
+
+    /// Stores a verified delivery (grouped with concurrent ones into one transaction)
+    /// and returns once it is committed. Refuses it, writing nothing, when the inbox
+    /// holds [`MAX_PENDING`] unprocessed rows or [`QUEUE`] deliveries wait already.
+    pub async fn enqueue(&self, event: NewWebhook) -> Result<Enqueued, EnqueueError> {
+        let pending = self.pending();
+        if pending >= MAX_PENDING {
+            return Err(EnqueueError::Full { pending });
+        }
+        let (reply, answer) = oneshot::channel();
+        self.queue
+            .try_send((event, reply))
+            .map_err(|error| match error {
+                mpsc::error::TrySendError::Full(_) => EnqueueError::Busy,
+                mpsc::error::TrySendError::Closed(_) => stopped().into(),
+            })?;
+        Ok(answer.await.map_err(|_| stopped())??)
+    }
+
+    /// Unprocessed rows, as last counted (no query).
+    pub fn pending(&self) -> u64 {
+        self.shared.pending.load(Ordering::Relaxed)
+    }
+
+    /// Notified after every committed batch that stored a new delivery.
+    pub fn committed(&self) -> &Notify {
+        &self.shared.committed
+    }
+}
+
+fn stopped() -> StoreError {
+    StoreError::Task("the webhook intake stopped".into())
+}
+
+async fn count_pending(database: &Database) -> Result<u64> {
+    let client = database.client().await?;
+    let row = client
+        .query_one(
+            "SELECT count(*) FROM webhook_inbox WHERE state = 'pending'",
+            &[],
+        )
+        .await?;
+    Ok(u64::try_from(row.get::<_, i64>(0)).unwrap_or(0))
+}
+
+async fn run_writer(
+    database: Database,
+    mut requests: mpsc::Receiver<(NewWebhook, Reply)>,
+    shared: Arc<Shared>,
+) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    let mut counted = Instant::now();
+    while requests.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        let (events, replies): (Vec<NewWebhook>, Vec<Reply>) = batch.drain(..).unzip();
+        let answers = match store_batch(&database, &events).await {
+            Ok(answers) => answers.into_iter().map(Ok).collect(),
+            // A transaction the database refused as a whole: each delivery again on
+            // its own, so one bad delivery fails alone. When the database is down,
+            // each fails fast the same way.
+            Err(error) if !error.is_transient() => {
+                warn!(%error, deliveries = events.len(), "storing a webhook batch failed; storing its deliveries one by one");
+                let mut answers = Vec::with_capacity(events.len());
+                for event in &events {
+                    answers.push(
+                        store_batch(&database, std::slice::from_ref(event))
+                            .await
+                            .map(|mut one| one.remove(0)),
+                    );
+                }
+                answers
+            }
+            Err(error) => {
+                let shown = error.to_string();
+                let mut answers = vec![Err(error)];
+                answers.extend((1..events.len()).map(|_| Err(again(&shown))));
+                answers
+            }
+        };
+        let stored = answers
+            .iter()
+            .filter(|answer| matches!(answer, Ok(Enqueued::Stored)))
+            .count() as u64;
+        if counted.elapsed() >= RECOUNT_EVERY {
+            if let Ok(pending) = count_pending(&database).await {
+                shared.pending.store(pending, Ordering::Relaxed);
+                counted = Instant::now();
+            }
+        } else {
+            shared.pending.fetch_add(stored, Ordering::Relaxed);
+        }
+        if stored > 0 {
+            shared.committed.notify_waiters();
+        }
+        for (reply, answer) in replies.into_iter().zip(answers) {
+            // A caller that gave up (its client went away) needs no answer.
+            let _ = reply.send(answer);
+        }
+    }
+}
+
+/// The same failure for the other deliveries of a batch (the error itself is not
+/// `Clone`): transient, so the sender hears 503 and retries.
+fn again(shown: &str) -> StoreError {
+    StoreError::Unavailable(shown.to_owned())
+}
+
+/// Stores `events` in one transaction; returns what became of each, in order.
+async fn store_batch(database: &Database, events: &[NewWebhook]) -> Result<Vec<Enqueued>> {
+    let mut answers = vec![Enqueued::Duplicate; events.len()];
+    // Within the batch: a delivery id, or a body within its window, seen earlier in
+    // the batch is a duplicate of it and is not sent.
+    let mut ids = HashSet::new();
+    let mut bodies = HashSet::new();
+    let mut columns = Columns::default();
+    for (ord, event) in events.iter().enumerate() {
+        if !ids.insert((event.connection.as_str(), event.delivery_id.as_str())) {
+            continue;
+        }
+        if let Some((sha256, _)) = &event.body_sha256
+            && !bodies.insert((event.connection.as_str(), *sha256))
+        {
+            continue;
+        }
+        columns.push(ord, event)?;
+    }
+    if columns.ord.is_empty() {
+        return Ok(answers);
+    }
+    let mut client = database.client().await?;
+    let tx = client.transaction().await?;
+    let rows = tx
+        .query(
+            INSERT_BATCH,
+            &[
+                &columns.ord,
+                &columns.connection,
+                &columns.delivery_id,
+                &columns.topic,
+                &columns.received_at,
+                &columns.body_sha256,
+                &columns.since,
+                &columns.headers,
+                &columns.body,
+            ],
+        )
+        .await?;
+    tx.commit().await?;
+    for row in rows {
+        let ord: i64 = row.get(0);
+        if let Some(answer) = usize::try_from(ord).ok().and_then(|i| answers.get_mut(i)) {
+            *answer = Enqueued::Stored;
+        }
+    }
+    Ok(answers)
+}
+
+/// The batch's columns, one array each, as `INSERT_BATCH` takes them.
+#[derive(Default)]
+struct Columns<'a> {
+    ord: Vec<i64>,
+    connection: Vec<&'a str>,
+    delivery_id: Vec<&'a str>,
+    topic: Vec<Option<&'a str>>,
+    received_at: Vec<i64>,
+    body_sha256: Vec<Option<&'a [u8]>>,
+    since: Vec<Option<i64>>,
+    headers: Vec<String>,
+    body: Vec<&'a [u8]>,
+}
+
+impl<'a> Columns<'a> {
+    fn push(&mut self, ord: usize, event: &'a NewWebhook) -> Result<()> {
+        self.ord.push(ord as i64);
+        self.connection.push(&event.connection);
+        self.delivery_id.push(&event.delivery_id);
+        self.topic.push(event.topic.as_deref());
+        self.received_at.push(to_ms(event.received_at));
+        self.body_sha256
+            .push(event.body_sha256.as_ref().map(|(sha256, _)| &sha256[..]));
+        self.since
+            .push(event.body_sha256.as_ref().map(|(_, window)| {
+                chrono::Duration::from_std(*window)
+                    .ok()
+                    .and_then(|window| event.received_at.checked_sub_signed(window))
+                    .map_or(i64::MIN, to_ms)
+            }));
+        self.headers.push(to_json(&event.headers)?);
+        self.body.push(&event.body);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::url_of;
+    use super::super::{Options, test_cluster, test_database};
+    use super::*;
+    use bytes::Bytes;
+    use chrono::Utc;
+
+    fn delivery(connection: &str, id: &str) -> NewWebhook {
+        NewWebhook {
+            connection: connection.into(),
+            delivery_id: id.into(),
+            topic: Some("checkouts/create".into()),
+            headers: vec![("x-shopify-topic".into(), "checkouts/create".into())],
+            body_sha256: None,
+            body: Bytes::from(format!(r#"{{"id":"{id}"}}"#)),
+            received_at: Utc::now(),
+        }
+    }
+
+    async fn intake(database: &test_cluster::TestDatabase) -> Intake {
+        let database = Database::open(&url_of(database), &Options::default())
+            .await
+            .unwrap();
+        Intake::start(database).await.unwrap()
+    }
+
+    /// `(delivery id, body)` of every stored row, in id order.
+    async fn stored(database: &test_cluster::TestDatabase) -> Vec<(String, Vec<u8>)> {
+        database
+            .admin()
+            .await
+            .query(
+                "SELECT w.delivery_id, b.body FROM webhook_inbox w
+                 JOIN webhook_bodies b ON b.id = w.id ORDER BY w.id",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| (row.get(0), row.get(1)))
+            .collect()
+    }
+
+    async fn answers(
+        intake: &Intake,
+        deliveries: Vec<NewWebhook>,
+    ) -> Vec<Result<Enqueued, EnqueueError>> {
+        let mut tasks = tokio::task::JoinSet::new();
+        for (n, event) in deliveries.into_iter().enumerate() {
+            let intake = intake.clone();
+            tasks.spawn(async move { (n, intake.enqueue(event).await) });
+        }
+        let mut answers: Vec<_> = tasks.join_all().await;
+        answers.sort_by_key(|(n, _)| *n);
+        answers.into_iter().map(|(_, answer)| answer).collect()
+    }
+
+    fn tally(answers: &[Result<Enqueued, EnqueueError>]) -> (usize, usize, usize) {
+        let stored = answers
+            .iter()
+            .filter(|a| matches!(a, Ok(Enqueued::Stored)))
+            .count();
+        let duplicate = answers
+            .iter()
+            .filter(|a| matches!(a, Ok(Enqueued::Duplicate)))
+            .count();
+        (stored, duplicate, answers.len() - stored - duplicate)
+    }
+
+    /// Concurrent deliveries are committed in batches, each once with its body;
+    /// a redelivery, in the same batch or a later one, is acknowledged as a duplicate.
+    #[tokio::test]
+    async fn concurrent_deliveries_are_stored_once_with_their_bodies() {
+        let name = "concurrent_deliveries_are_stored_once_with_their_bodies";
+        let Some(database) = test_database(name) else {
+            return;
+        };
+        let intake = intake(&database).await;
+        let first: Vec<_> = (0..300)
+            .map(|n| delivery("shop", &format!("d{n}")))
+            .chain((0..100).map(|n| delivery("shop", &format!("d{n}"))))
+            .collect();
+        let got = answers(&intake, first).await;
+        assert_eq!(tally(&got), (300, 100, 0));
+        let again = answers(&intake, vec![delivery("shop", "d7")]).await;
+        assert!(matches!(again[0], Ok(Enqueued::Duplicate)));
+        // Another connection's delivery of the same id is its own.
+        let other = answers(&intake, vec![delivery("crm", "d7")]).await;
+        assert!(matches!(other[0], Ok(Enqueued::Stored)));
+
+        let rows = stored(&database).await;
+        assert_eq!(rows.len(), 301);
+        let mut ids: Vec<&str> = rows.iter().map(|(id, _)| id.as_str()).collect();
+        for (id, body) in &rows {
+            assert_eq!(body, format!(r#"{{"id":"{id}"}}"#).as_bytes());
+        }
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!(ids.len(), 300, "d7 twice: once per connection");
+        assert_eq!(intake.pending(), 301);
+    }
+
+    /// Two replicas taking the same deliveries at once store each once: the other
+    /// replica's answer is `Duplicate`, never a second row.
+    #[tokio::test]
+    async fn two_replicas_store_each_delivery_once() {
+        let Some(database) = test_database("two_replicas_store_each_delivery_once") else {
+            return;
+        };
+        let (one, two) = (intake(&database).await, intake(&database).await);
+        let deliveries: Vec<_> = (0..500)
+            .map(|n| delivery("shop", &format!("r{n}")))
+            .collect();
+        let (a, b) = tokio::join!(answers(&one, deliveries.clone()), answers(&two, deliveries));
+        let (stored_a, duplicate_a, failed_a) = tally(&a);
+        let (stored_b, duplicate_b, failed_b) = tally(&b);
+        assert_eq!((failed_a, failed_b), (0, 0));
+        assert_eq!(stored_a + stored_b, 500);
+        assert_eq!(duplicate_a + duplicate_b, 500);
+        for (n, (a, b)) in a.iter().zip(&b).enumerate() {
+            let pair = (a.as_ref().ok().copied(), b.as_ref().ok().copied());
+            assert!(
+                pair == (Some(Enqueued::Stored), Some(Enqueued::Duplicate))
+                    || pair == (Some(Enqueued::Duplicate), Some(Enqueued::Stored)),
+                "r{n}: {pair:?}"
+            );
+        }
+        assert_eq!(stored(&database).await.len(), 500);
+    }
+
+    /// A body-only signer's body seen again within its window is a duplicate under
+    /// any delivery id, in the same batch or a later one; outside the window it is a
+    /// new delivery.
+    #[tokio::test]
+    async fn a_body_seen_within_its_window_is_a_duplicate_under_any_delivery_id() {
+        let name = "a_body_seen_within_its_window_is_a_duplicate_under_any_delivery_id";
+        let Some(database) = test_database(name) else {
+            return;
+        };
+        let intake = intake(&database).await;
+        let hour = Duration::from_secs(3600);
+        let signed = |id: &str, hash: u8, received: chrono::DateTime<Utc>| NewWebhook {
+            body_sha256: Some(([hash; 32], hour)),
+            received_at: received,
+            ..delivery("pipedrive", id)
+        };
+        let now = Utc::now();
+        let old = now - chrono::Duration::hours(2);
+        assert!(matches!(
+            answers(&intake, vec![signed("old", 1, old)]).await[0],
+            Ok(Enqueued::Stored)
+        ));
+        let got = answers(
+            &intake,
+            vec![
+                signed("a", 1, now),
+                signed("b", 2, now),
+                signed("c", 2, now),
+            ],
+        )
+        .await;
+        let got: Vec<_> = got.into_iter().map(Result::unwrap).collect();
+        assert_eq!(
+            got,
+            [Enqueued::Stored, Enqueued::Stored, Enqueued::Duplicate],
+            "the body of two hours ago is outside the window; c repeats b's body"
+        );
+        let later = answers(&intake, vec![signed("d", 1, now)]).await;
+        assert!(matches!(later[0], Ok(Enqueued::Duplicate)));
+        let ids: Vec<String> = stored(&database).await.into_iter().map(|r| r.0).collect();
+        assert_eq!(ids, ["old", "a", "b"]);
+    }
+
+    /// A delivery PostgreSQL cannot hold (a NUL byte in its id) fails alone: the
+    /// deliveries committed in its batch are stored and acknowledged.
+    #[tokio::test]
+    async fn a_delivery_the_database_refuses_fails_alone() {
+        let Some(database) = test_database("a_delivery_the_database_refuses_fails_alone") else {
+            return;
+        };
+        let intake = intake(&database).await;
+        let mut deliveries: Vec<_> = (0..50)
+            .map(|n| delivery("shop", &format!("ok{n}")))
+            .collect();
+        deliveries.insert(25, delivery("shop", "bad\0id"));
+        let got = answers(&intake, deliveries).await;
+        assert_eq!(tally(&got), (50, 0, 1));
+        let refused = got[25].as_ref().unwrap_err();
+        assert!(refused.retry_after().is_none(), "{refused}");
+        assert_eq!(stored(&database).await.len(), 50);
+    }
+
+    /// While the server is out of reach a delivery is refused with a time to retry
+    /// after (503 + `Retry-After` over HTTP) and nothing is acknowledged; once it is
+    /// back, deliveries are stored again without a restart.
+    #[tokio::test]
+    async fn while_the_server_is_out_of_reach_deliveries_are_refused_for_a_retry() {
+        let name = "while_the_server_is_out_of_reach_deliveries_are_refused_for_a_retry";
+        let Some(database) = test_database(name) else {
+            return;
+        };
+        let relay = test_cluster::Relay::start(database.port).await;
+        let behind = test_cluster::TestDatabase {
+            port: relay.port(),
+            ..database.clone()
+        };
+        let intake = intake(&behind).await;
+        assert!(matches!(
+            intake.enqueue(delivery("shop", "before")).await,
+            Ok(Enqueued::Stored)
+        ));
+        relay.cut().await;
+        for id in ["during-1", "during-2"] {
+            let refused = intake.enqueue(delivery("shop", id)).await.unwrap_err();
+            assert_eq!(
+                refused.retry_after(),
+                Some(Duration::from_secs(5)),
+                "{refused}"
+            );
+            let shown = refused.to_string();
+            assert!(!shown.contains(test_cluster::PASSWORD), "{shown}");
+        }
+        relay.restore().await;
+        assert!(matches!(
+            intake.enqueue(delivery("shop", "after")).await,
+            Ok(Enqueued::Stored)
+        ));
+        let ids: Vec<String> = stored(&database).await.into_iter().map(|r| r.0).collect();
+        assert_eq!(ids, ["before", "after"]);
+    }
+}
