@@ -804,6 +804,10 @@ mod tests {
             Some(at),
             at + DISCOVERY_EVERY - minute
         ));
+        assert!(
+            !discovery_due(false, Some(at), at + DISCOVERY_EVERY),
+            "not older than an hour yet"
+        );
         assert!(discovery_due(
             false,
             Some(at),
