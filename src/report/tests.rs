@@ -521,6 +521,18 @@ async fn the_totals_counts_are_the_sums_of_the_connections_counts() {
         }
     }
     assert!(checked > 10, "the fixture exercises the counts ({checked})");
+    let proposal = report
+        .total
+        .pipelines
+        .iter()
+        .flat_map(|p| &p.stages)
+        .find(|s| s.stage == "proposal")
+        .unwrap();
+    assert!(
+        proposal.open_without_amount >= 2,
+        "deals 14 and 15 are open without an amount: {}",
+        proposal.open_without_amount
+    );
 }
 
 #[test]
