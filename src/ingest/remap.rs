@@ -204,7 +204,13 @@ pub(in crate::ingest) mod tests {
     fn runtime() -> ConnectionRuntime {
         let runtime =
             configured("proposal = \"proposal\"\nmystery = \"negotiation\"\nsigned = \"won\"\n");
-        runtime.discovered(vec![NativePipeline {
+        runtime.discovered(board());
+        runtime
+    }
+
+    /// A discovered pipeline `board` with one stage, `intake`, that nothing maps.
+    pub(in crate::ingest) fn board() -> Vec<NativePipeline> {
+        vec![NativePipeline {
             id: "board".into(),
             label: "Board".into(),
             stages: vec![NativeStage {
@@ -215,8 +221,7 @@ pub(in crate::ingest) mod tests {
                 kind: None,
                 rot_after: None,
             }],
-        }]);
-        runtime
+        }]
     }
 
     /// A demo connection `crm` whose config maps its `default` pipeline's stages by

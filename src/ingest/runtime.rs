@@ -221,8 +221,7 @@ impl ConnectionRuntime {
 
 #[cfg(test)]
 mod tests {
-    use crate::ingest::remap::tests::configured;
-    use crate::pipeline::{NativePipeline, NativeStage};
+    use crate::ingest::remap::tests::{board, configured};
     use std::time::Instant;
 
     /// Discovery replaces the native stages in force and notes when it ran, which
@@ -232,18 +231,7 @@ mod tests {
     fn a_discovery_sets_the_native_stages_and_notes_when() {
         let runtime = configured("proposal = \"proposal\"\n");
         assert_eq!(runtime.last_discovery(), None, "never discovered yet");
-        let native = vec![NativePipeline {
-            id: "board".into(),
-            label: "Board".into(),
-            stages: vec![NativeStage {
-                id: "intake".into(),
-                label: "Intake".into(),
-                order: 0,
-                probability: None,
-                kind: None,
-                rot_after: None,
-            }],
-        }];
+        let native = board();
         let before = Instant::now();
         runtime.discovered(native.clone());
         let at = runtime.last_discovery().expect("discovery noted");
