@@ -23,6 +23,9 @@
 //! The database must exist and may be empty (the schema is created); its inbox
 //! tables are emptied before each phase.
 
+// A bench reports on stdout.
+#![allow(clippy::print_stdout)]
+
 #[path = "common/mod.rs"]
 mod common;
 
