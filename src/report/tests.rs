@@ -441,6 +441,45 @@ fn sums_beyond_64_bits_saturate_with_their_sign() {
     assert_eq!(clamp(min), i64::MIN);
 }
 
+/// `(id, connection, external id, amount in EUR cents, stage, status)` of a `sales` deal.
+type SalesDeal<'a> = (i64, &'a str, &'a str, Option<i64>, &'a str, &'a str);
+
+/// Adds `sales` deals to a fixture store as a sync would have stored them:
+/// `(id, connection, external id, amount in EUR cents, stage, status)`, and their stage
+/// entries, `(deal id, day, stage)`.
+async fn add_deals(store: &Store, deals: &[SalesDeal<'_>], entries: &[(i64, &str, &str)]) {
+    let deals: Vec<String> = deals
+        .iter()
+        .map(|(id, connection, external, amount, stage, status)| {
+            let (amount, currency) =
+                amount.map_or(("NULL".to_owned(), "NULL"), |a| (a.to_string(), "'EUR'"));
+            format!(
+                "({id}, '{connection}', '{external}', 'Deal {external}', {amount}, {currency}, \
+                 'sales', '{stage}', '{status}', 'p', 'n', NULL, 0, 0, 0, 0, 0, '{{}}')"
+            )
+        })
+        .collect();
+    let entries: Vec<String> = entries
+        .iter()
+        .map(|(id, day, stage)| {
+            format!("({id}, unixepoch('{day}') * 1000, 'sales', '{stage}', 'n', 'poll')")
+        })
+        .collect();
+    store
+        .execute_batch_for_test(&format!(
+            "INSERT INTO deals (id, connection, external_id, title, amount_minor, currency,
+                 pipeline, stage, status, native_pipeline, native_stage, expected_close,
+                 stage_entered_at, last_activity_at, first_seen_at, synced_at, content_hash, raw)
+             VALUES {};
+             INSERT INTO stage_history (deal_id, at, to_pipeline, to_stage, native_to, cause)
+             VALUES {};",
+            deals.join(", "),
+            entries.join(", ")
+        ))
+        .await
+        .unwrap();
+}
+
 /// Every count is additive over disjoint deals: the total's is the sum of the
 /// connections' (docs/report.md), for every pipeline and stage.
 #[tokio::test]
@@ -448,22 +487,18 @@ async fn the_totals_counts_are_the_sums_of_the_connections_counts() {
     // Beside the hand-worked history, an open deal without an amount in each of two
     // connections, so that count is summed too.
     let (_dir, store) = fixture_store().await;
-    store
-        .execute_batch_for_test(
-            "INSERT INTO deals (id, connection, external_id, title, amount_minor, currency,
-                 pipeline, stage, status, native_pipeline, native_stage, expected_close,
-                 stage_entered_at, last_activity_at, first_seen_at, synced_at, content_hash, raw)
-             VALUES
-              (14, 'crm-eu', 'N', 'No amount', NULL, NULL, 'sales', 'proposal', 'open', 'p',
-               'n', NULL, 0, 0, 0, 0, 0, '{}'),
-              (15, 'crm-us', 'O', 'No amount either', NULL, NULL, 'sales', 'proposal', 'open',
-               'p', 'n', NULL, 0, 0, 0, 0, 0, '{}');
-             INSERT INTO stage_history (deal_id, at, to_pipeline, to_stage, native_to, cause)
-             VALUES (14, unixepoch('2026-01-15') * 1000, 'sales', 'proposal', 'n', 'poll'),
-                    (15, unixepoch('2026-01-16') * 1000, 'sales', 'proposal', 'n', 'poll');",
-        )
-        .await
-        .unwrap();
+    add_deals(
+        &store,
+        &[
+            (14, "crm-eu", "N", None, "proposal", "open"),
+            (15, "crm-us", "O", None, "proposal", "open"),
+        ],
+        &[
+            (14, "2026-01-15", "proposal"),
+            (15, "2026-01-16", "proposal"),
+        ],
+    )
+    .await;
     let report = scan(&store, january(None), ReportScope::default()).await;
     let sum = |f: &dyn Fn(&ScopeReport) -> u64| report.by_connection.iter().map(f).sum::<u64>();
     assert_eq!(report.total.deals, sum(&|s| s.deals));
@@ -616,22 +651,18 @@ async fn a_stage_entered_at_the_periods_start_counts_and_one_entered_at_its_end_
     let entered =
         |report: &Report| stage(pipeline(&report.total, "sales"), "lead_generation").entered;
     let (_dir, store) = fixture_store().await;
-    store
-        .execute_batch_for_test(
-            "INSERT INTO deals (id, connection, external_id, title, amount_minor, currency,
-                 pipeline, stage, status, native_pipeline, native_stage, expected_close,
-                 stage_entered_at, last_activity_at, first_seen_at, synced_at, content_hash, raw)
-             VALUES
-              (101, 'crm-eu', 'N1', 'At the start', 1, 'EUR', 'sales', 'lead_generation', 'open',
-               'p', 'n', NULL, 0, 0, 0, 0, 0, '{}'),
-              (102, 'crm-eu', 'N2', 'At the end', 1, 'EUR', 'sales', 'lead_generation', 'open',
-               'p', 'n', NULL, 0, 0, 0, 0, 0, '{}');
-             INSERT INTO stage_history (deal_id, at, to_pipeline, to_stage, native_to, cause) VALUES
-              (101, unixepoch('2026-01-01') * 1000, 'sales', 'lead_generation', 'n', 'poll'),
-              (102, unixepoch('2026-02-01') * 1000, 'sales', 'lead_generation', 'n', 'poll');",
-        )
-        .await
-        .unwrap();
+    add_deals(
+        &store,
+        &[
+            (101, "crm-eu", "N1", Some(1), "lead_generation", "open"),
+            (102, "crm-eu", "N2", Some(1), "lead_generation", "open"),
+        ],
+        &[
+            (101, "2026-01-01", "lead_generation"),
+            (102, "2026-02-01", "lead_generation"),
+        ],
+    )
+    .await;
     let after = scan(&store, january(Some("sales")), ReportScope::default()).await;
     assert_eq!(entered(&after), entered(&before) + 1);
 }
@@ -643,25 +674,21 @@ async fn coming_back_to_a_stage_is_no_advance_and_a_win_in_the_period_counts_whe
  {
     let before = report(january(Some("sales")), ReportScope::default()).await;
     let (_dir, store) = fixture_store().await;
-    store
-        .execute_batch_for_test(
-            "INSERT INTO deals (id, connection, external_id, title, amount_minor, currency,
-                 pipeline, stage, status, native_pipeline, native_stage, expected_close,
-                 stage_entered_at, last_activity_at, first_seen_at, synced_at, content_hash, raw)
-             VALUES
-              (101, 'crm-eu', 'N1', 'Back and forth', 1, 'EUR', 'sales', 'proposal', 'open',
-               'p', 'n', NULL, 0, 0, 0, 0, 0, '{}'),
-              (102, 'crm-eu', 'N2', 'Began in December', 1, 'EUR', 'sales', 'won', 'won',
-               'p', 'n', NULL, 0, 0, 0, 0, 0, '{}');
-             INSERT INTO stage_history (deal_id, at, to_pipeline, to_stage, native_to, cause) VALUES
-              (101, unixepoch('2026-01-10') * 1000, 'sales', 'proposal', 'n', 'poll'),
-              (101, unixepoch('2026-01-12') * 1000, 'sales', 'lead_generation', 'n', 'poll'),
-              (101, unixepoch('2026-01-14') * 1000, 'sales', 'proposal', 'n', 'poll'),
-              (102, unixepoch('2025-12-20') * 1000, 'sales', 'lead_generation', 'n', 'poll'),
-              (102, unixepoch('2026-01-10') * 1000, 'sales', 'won', 'n', 'poll');",
-        )
-        .await
-        .unwrap();
+    add_deals(
+        &store,
+        &[
+            (101, "crm-eu", "N1", Some(1), "proposal", "open"),
+            (102, "crm-eu", "N2", Some(1), "won", "won"),
+        ],
+        &[
+            (101, "2026-01-10", "proposal"),
+            (101, "2026-01-12", "lead_generation"),
+            (101, "2026-01-14", "proposal"),
+            (102, "2025-12-20", "lead_generation"),
+            (102, "2026-01-10", "won"),
+        ],
+    )
+    .await;
     let after = scan(&store, january(Some("sales")), ReportScope::default()).await;
     let proposal = |report: &Report| {
         let s = stage(pipeline(&report.total, "sales"), "proposal");
