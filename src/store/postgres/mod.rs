@@ -28,6 +28,7 @@
 
 pub mod claims;
 pub mod from_sqlite;
+mod inbox;
 pub mod intake;
 pub mod leases;
 mod migrations;
