@@ -654,6 +654,19 @@ fn to_json<T: serde::Serialize + ?Sized>(value: &T) -> Result<String> {
 #[cfg(test)]
 pub(crate) mod tests {
     pub(crate) use super::deals::tests::upsert;
+
+    /// A verified delivery `id` of `connection`, received now, whose body names it.
+    pub(crate) fn webhook(connection: &str, id: &str) -> NewWebhook {
+        NewWebhook {
+            connection: connection.into(),
+            delivery_id: id.into(),
+            topic: None,
+            headers: vec![],
+            body_sha256: None,
+            body: bytes::Bytes::from(format!(r#"{{"id":"{id}"}}"#)),
+            received_at: chrono::Utc::now(),
+        }
+    }
     use super::*;
 
     pub fn temp_store() -> (tempfile::TempDir, Store) {

@@ -253,7 +253,6 @@ async fn plan(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::NewWebhook;
 
     /// A pass hands back how many rows it handled, which decides whether the worker
     /// goes on at once (a backlog) or waits: here every row of a removed connection,
@@ -262,15 +261,7 @@ mod tests {
     async fn a_pass_counts_every_row_it_handled() {
         let (_dir, store) = crate::store::tests::temp_store();
         for id in ["a", "b", "c"] {
-            let event = NewWebhook {
-                connection: "gone".into(),
-                delivery_id: id.into(),
-                topic: None,
-                headers: vec![],
-                body_sha256: None,
-                body: bytes::Bytes::from_static(b"{}"),
-                received_at: Utc::now(),
-            };
+            let event = crate::store::tests::webhook("gone", id);
             store.enqueue_webhook(event).await.unwrap();
         }
         let worker = Worker {

@@ -76,7 +76,6 @@ mod tests {
     use super::super::tests::url_of;
     use super::super::{Options, test_database};
     use super::*;
-    use crate::store::NewWebhook;
     use chrono::Utc;
     use std::time::Duration;
 
@@ -94,15 +93,7 @@ mod tests {
             .unwrap();
         let intake = Intake::start(database.clone()).await.unwrap();
         for id in ["a", "b", "c", "d"] {
-            let event = NewWebhook {
-                connection: "shop".into(),
-                delivery_id: id.into(),
-                topic: None,
-                headers: vec![],
-                body_sha256: None,
-                body: bytes::Bytes::from_static(b"{}"),
-                received_at: Utc::now(),
-            };
+            let event = crate::store::tests::webhook("shop", id);
             intake.enqueue(event).await.unwrap();
         }
         let now = Utc::now();

@@ -293,20 +293,8 @@ mod tests {
     use super::super::tests::url_of;
     use super::super::{Options, test_cluster, test_database};
     use super::*;
-    use bytes::Bytes;
+    use crate::store::tests::webhook as delivery;
     use chrono::Utc;
-
-    fn delivery(connection: &str, id: &str) -> NewWebhook {
-        NewWebhook {
-            connection: connection.into(),
-            delivery_id: id.into(),
-            topic: Some("checkouts/create".into()),
-            headers: vec![("x-shopify-topic".into(), "checkouts/create".into())],
-            body_sha256: None,
-            body: Bytes::from(format!(r#"{{"id":"{id}"}}"#)),
-            received_at: Utc::now(),
-        }
-    }
 
     async fn intake(database: &test_cluster::TestDatabase) -> Intake {
         let database = Database::open(&url_of(database), &Options::default())
