@@ -5,7 +5,7 @@
 //! Invariants:
 //! - A cart's stage only moves forward on the source's say-so: a record that says "still
 //!   open" never moves a stored cart out of the stage dealsync or an order put it in
-//!   (abandoned, followed up, purchased, expired). See `held_stage` in `deals::write`.
+//!   (abandoned, followed up, purchased, expired). See `held_stage` in `deals::plan`.
 //! - An order matched to carts moves them to the won stage in the same transaction that
 //!   records it, and is not stored a second time as its own deal (no double revenue).
 //! - Abandoning and expiring re-check the stage inside their transaction, so a cart an

@@ -27,6 +27,8 @@
 //!   inbox). Durability is that of the commit (WAL, `synchronous`), not of the
 //!   checkpoint.
 
+#[cfg(test)]
+pub(crate) mod both_backends;
 mod carts;
 mod checkpoint;
 mod deal_changes;

@@ -9,6 +9,7 @@
 //!   with.
 
 use super::DealUpsert;
+use super::query::Columns;
 use crate::domain::{ChangeCause, DealStatus, PipelineKey, StageChange, StageKey, StageRef};
 use crate::store::{Result, Store, from_ms, to_ms};
 use chrono::{DateTime, Utc};
@@ -148,17 +149,26 @@ pub(crate) fn move_stage(
     Ok(true)
 }
 
+/// The columns `change_from` reads, in its order.
+pub(in crate::store) const HISTORY_COLUMNS_READ: &str =
+    "deal_id, at, from_pipeline, from_stage, to_pipeline, to_stage, native_from, native_to, cause";
+
 fn change_from_row(row: &Row<'_>) -> rusqlite::Result<StageChange> {
-    let cause: String = row.get(8)?;
+    change_from(row)
+}
+
+/// Reads a `stage_history` row of either backend ([`HISTORY_COLUMNS_READ`]).
+pub(in crate::store) fn change_from<R: Columns>(row: &R) -> Result<StageChange, R::Error> {
+    let cause = row.text(8)?;
     Ok(StageChange {
-        deal_id: row.get(0)?,
-        at: from_ms(row.get(1)?),
-        from_pipeline: row.get::<_, Option<String>>(2)?.map(PipelineKey::new),
-        from_stage: row.get::<_, Option<String>>(3)?.map(StageKey::new),
-        to_pipeline: row.get::<_, Option<String>>(4)?.map(PipelineKey::new),
-        to_stage: StageKey::new(row.get::<_, String>(5)?),
-        native_from: row.get(6)?,
-        native_to: row.get(7)?,
+        deal_id: row.int(0)?,
+        at: from_ms(row.int(1)?),
+        from_pipeline: row.opt_text(2)?.map(PipelineKey::new),
+        from_stage: row.opt_text(3)?.map(StageKey::new),
+        to_pipeline: row.opt_text(4)?.map(PipelineKey::new),
+        to_stage: StageKey::new(row.text(5)?),
+        native_from: row.opt_text(6)?,
+        native_to: row.text(7)?,
         cause: match cause.as_str() {
             "webhook" => ChangeCause::Webhook,
             "followup" => ChangeCause::Followup,
@@ -186,10 +196,9 @@ impl Store {
     /// A deal's stage history, oldest first.
     pub async fn history(&self, deal_id: i64) -> Result<Vec<StageChange>> {
         self.read(move |db| {
-            let mut statement = db.prepare(
-                "SELECT deal_id, at, from_pipeline, from_stage, to_pipeline, to_stage, native_from,
-                    native_to, cause FROM stage_history WHERE deal_id = ?1 ORDER BY at, id",
-            )?;
+            let mut statement = db.prepare(&format!(
+                "SELECT {HISTORY_COLUMNS_READ} FROM stage_history WHERE deal_id = ?1 ORDER BY at, id"
+            ))?;
             let rows = statement.query_map([deal_id], change_from_row)?;
             Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
         })
@@ -200,31 +209,37 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::deals::tests::{sales, stored_deal, upsert};
-    use crate::store::tests::temp_store;
+    use crate::store::both_backends::on_both;
+    use crate::store::deals::tests::{sales, upsert};
     use chrono::Duration;
 
     #[tokio::test]
     async fn a_large_batch_writes_exactly_one_history_row_per_change_to_the_right_deal() {
-        let (_dir, store) = temp_store();
-        let t0 = Utc::now() - Duration::hours(1);
-        // 70 records: two full multi-row history inserts and a remainder of six.
-        let batch = |stage: &str, at| (0..70).map(|n| upsert(&n.to_string(), stage, at)).collect();
-        let created = store.upsert_deals(batch("proposal", t0)).await.unwrap();
-        assert_eq!((created.created, created.stage_changes), (70, 70));
-        let moved = store
-            .upsert_deals(batch("negotiation", t0 + Duration::minutes(1)))
-            .await
-            .unwrap();
-        assert_eq!((moved.updated, moved.stage_changes), (70, 70));
-        for n in [0, 31, 32, 63, 64, 69] {
-            let deal = stored_deal(&store, "crm", &n.to_string()).await;
-            let history = store.history(deal.id).await.unwrap();
-            assert_eq!(history.len(), 2, "deal {n}");
-            assert!(history.iter().all(|change| change.deal_id == deal.id));
-            assert_eq!(history[1].to_stage.as_str(), "negotiation");
-            assert_eq!(history[1].native_from.as_deref(), Some("proposal"));
-        }
+        on_both(
+            "a_large_batch_writes_exactly_one_history_row_per_change_to_the_right_deal",
+            async |store| {
+                let t0 = Utc::now() - Duration::hours(1);
+                // 70 records: two full multi-row history inserts and a remainder of six.
+                let batch =
+                    |stage: &str, at| (0..70).map(|n| upsert(&n.to_string(), stage, at)).collect();
+                let created = store.upsert_deals(batch("proposal", t0)).await.unwrap();
+                assert_eq!((created.created, created.stage_changes), (70, 70));
+                let moved = store
+                    .upsert_deals(batch("negotiation", t0 + Duration::minutes(1)))
+                    .await
+                    .unwrap();
+                assert_eq!((moved.updated, moved.stage_changes), (70, 70));
+                for n in [0, 31, 32, 63, 64, 69] {
+                    let deal = store.stored_deal("crm", &n.to_string()).await;
+                    let history = store.history(deal.id).await.unwrap();
+                    assert_eq!(history.len(), 2, "deal {n}");
+                    assert!(history.iter().all(|change| change.deal_id == deal.id));
+                    assert_eq!(history[1].to_stage.as_str(), "negotiation");
+                    assert_eq!(history[1].native_from.as_deref(), Some("proposal"));
+                }
+            },
+        )
+        .await;
     }
 
     /// Batches just under, at, just over and at twice the multi-row INSERT's chunk:
@@ -237,117 +252,127 @@ mod tests {
             HISTORY_ROWS_PER_INSERT + 1,
             2 * HISTORY_ROWS_PER_INSERT,
         ] {
-            let (_dir, store) = temp_store();
-            let t0 = Utc::now() - Duration::hours(1);
-            let batch = |stage: &str, at| {
-                (0..size)
-                    .map(|n| upsert(&n.to_string(), stage, at))
-                    .collect()
-            };
-            let created = store.upsert_deals(batch("proposal", t0)).await.unwrap();
-            assert_eq!(created.stage_changes, size as u64, "batch of {size}");
-            let moved = store
-                .upsert_deals(batch("negotiation", t0 + Duration::minutes(1)))
-                .await
-                .unwrap();
-            assert_eq!(moved.stage_changes, size as u64, "batch of {size}");
-            let mut rows = 0;
-            for n in 0..size {
-                let deal = stored_deal(&store, "crm", &n.to_string()).await;
-                let history = store.history(deal.id).await.unwrap();
-                let stages: Vec<&str> = history.iter().map(|c| c.to_stage.as_str()).collect();
-                assert_eq!(
-                    stages,
-                    ["proposal", "negotiation"],
-                    "deal {n} in a batch of {size}"
-                );
-                rows += history.len();
-            }
-            assert_eq!(rows, 2 * size, "history rows for batches of {size}");
+            let test = format!("a_batch_of_{size}_writes_one_history_row_per_stage_change");
+            on_both(&test, async |store| {
+                let t0 = Utc::now() - Duration::hours(1);
+                let batch = |stage: &str, at| {
+                    (0..size)
+                        .map(|n| upsert(&n.to_string(), stage, at))
+                        .collect()
+                };
+                let created = store.upsert_deals(batch("proposal", t0)).await.unwrap();
+                assert_eq!(created.stage_changes, size as u64, "batch of {size}");
+                let moved = store
+                    .upsert_deals(batch("negotiation", t0 + Duration::minutes(1)))
+                    .await
+                    .unwrap();
+                assert_eq!(moved.stage_changes, size as u64, "batch of {size}");
+                let mut rows = 0;
+                for n in 0..size {
+                    let deal = store.stored_deal("crm", &n.to_string()).await;
+                    let history = store.history(deal.id).await.unwrap();
+                    let stages: Vec<&str> = history.iter().map(|c| c.to_stage.as_str()).collect();
+                    assert_eq!(
+                        stages,
+                        ["proposal", "negotiation"],
+                        "deal {n} in a batch of {size}"
+                    );
+                    rows += history.len();
+                }
+                assert_eq!(rows, 2 * size, "history rows for batches of {size}");
+            })
+            .await;
         }
     }
 
     #[tokio::test]
     async fn moving_a_deal_records_history_once() {
-        let (_dir, store) = temp_store();
-        store
-            .upsert_deals(vec![upsert("1", "proposal", Utc::now())])
-            .await
-            .unwrap();
-        let deal = stored_deal(&store, "crm", "1").await;
-        let to = StageRef {
-            pipeline: Some(PipelineKey::new("sales")),
-            stage: StageKey::new("won"),
-        };
-        assert!(
+        on_both("moving_a_deal_records_history_once", async |store| {
             store
-                .move_deal(
-                    deal.id,
-                    to.clone(),
-                    DealStatus::Won,
-                    Utc::now(),
-                    ChangeCause::Followup
-                )
+                .upsert_deals(vec![upsert("1", "proposal", Utc::now())])
                 .await
-                .unwrap()
-        );
-        assert!(
-            !store
-                .move_deal(
-                    deal.id,
-                    to,
-                    DealStatus::Won,
-                    Utc::now(),
-                    ChangeCause::Followup
-                )
-                .await
-                .unwrap()
-        );
-        let history = store.history(deal.id).await.unwrap();
-        assert_eq!(history.len(), 2);
-        assert_eq!(history[1].cause, ChangeCause::Followup);
+                .unwrap();
+            let deal = store.stored_deal("crm", "1").await;
+            let to = StageRef {
+                pipeline: Some(PipelineKey::new("sales")),
+                stage: StageKey::new("won"),
+            };
+            assert!(
+                store
+                    .move_deal(
+                        deal.id,
+                        to.clone(),
+                        DealStatus::Won,
+                        Utc::now(),
+                        ChangeCause::Followup
+                    )
+                    .await
+                    .unwrap()
+            );
+            assert!(
+                !store
+                    .move_deal(
+                        deal.id,
+                        to,
+                        DealStatus::Won,
+                        Utc::now(),
+                        ChangeCause::Followup
+                    )
+                    .await
+                    .unwrap()
+            );
+            let history = store.history(deal.id).await.unwrap();
+            assert_eq!(history.len(), 2);
+            assert_eq!(history[1].cause, ChangeCause::Followup);
+        })
+        .await;
     }
 
     #[tokio::test]
     async fn each_history_row_reads_back_with_the_cause_it_was_written_with() {
-        let (_dir, store) = temp_store();
-        let t0 = Utc::now() - Duration::hours(1);
-        let mut created = upsert("1", "proposal", t0);
-        created.cause = ChangeCause::Webhook;
-        store.upsert_deals(vec![created]).await.unwrap();
-        let id = stored_deal(&store, "crm", "1").await.id;
-        let causes = [
-            ChangeCause::Poll,
-            ChangeCause::Followup,
-            ChangeCause::Mapping,
-        ];
-        for (minutes, (cause, stage)) in causes
-            .into_iter()
-            .zip(["negotiation", "proposal", "negotiation"])
-            .enumerate()
-        {
-            let at = t0 + Duration::minutes(minutes as i64 + 1);
-            let moved = store
-                .move_deal(id, sales(stage), DealStatus::Open, at, cause)
-                .await
-                .unwrap();
-            assert!(moved);
-        }
-        let read: Vec<ChangeCause> = store
-            .history(id)
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|change| change.cause)
-            .collect();
-        assert_eq!(
-            read,
-            [
-                ChangeCause::Webhook,
-                ChangeCause::Poll,
-                ChangeCause::Followup,
-                ChangeCause::Mapping
-            ]
-        );
+        on_both(
+            "each_history_row_reads_back_with_the_cause_it_was_written_with",
+            async |store| {
+                let t0 = Utc::now() - Duration::hours(1);
+                let mut created = upsert("1", "proposal", t0);
+                created.cause = ChangeCause::Webhook;
+                store.upsert_deals(vec![created]).await.unwrap();
+                let id = store.stored_deal("crm", "1").await.id;
+                let causes = [
+                    ChangeCause::Poll,
+                    ChangeCause::Followup,
+                    ChangeCause::Mapping,
+                ];
+                for (minutes, (cause, stage)) in causes
+                    .into_iter()
+                    .zip(["negotiation", "proposal", "negotiation"])
+                    .enumerate()
+                {
+                    let at = t0 + Duration::minutes(minutes as i64 + 1);
+                    let moved = store
+                        .move_deal(id, sales(stage), DealStatus::Open, at, cause)
+                        .await
+                        .unwrap();
+                    assert!(moved);
+                }
+                let read: Vec<ChangeCause> = store
+                    .history(id)
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .map(|change| change.cause)
+                    .collect();
+                assert_eq!(
+                    read,
+                    [
+                        ChangeCause::Webhook,
+                        ChangeCause::Poll,
+                        ChangeCause::Followup,
+                        ChangeCause::Mapping
+                    ]
+                );
+            },
+        )
+        .await;
     }
 }

@@ -42,10 +42,53 @@ pub(crate) const DEAL_COLUMNS: &str =
     marketing_consent, source_created_at, source_updated_at, stage_entered_at, last_activity_at,
     expected_close, recovery_url, line_items, cart_keys, deleted_at, first_seen_at, raw";
 
+/// A result row of either backend, read by column position: the one mapping of a row
+/// to a domain value (`deal_from`, `history::change_from`) serves both.
+pub(in crate::store) trait Columns {
+    type Error;
+    fn int(&self, index: usize) -> Result<i64, Self::Error>;
+    fn opt_int(&self, index: usize) -> Result<Option<i64>, Self::Error>;
+    fn text(&self, index: usize) -> Result<String, Self::Error>;
+    fn opt_text(&self, index: usize) -> Result<Option<String>, Self::Error>;
+    fn opt_bool(&self, index: usize) -> Result<Option<bool>, Self::Error>;
+}
+
+/// The implementations only name the type to read; both crates convert.
+macro_rules! columns_impl {
+    ($row:ty, $error:ty, $get:ident) => {
+        impl Columns for $row {
+            type Error = $error;
+            fn int(&self, index: usize) -> Result<i64, $error> {
+                self.$get(index)
+            }
+            fn opt_int(&self, index: usize) -> Result<Option<i64>, $error> {
+                self.$get(index)
+            }
+            fn text(&self, index: usize) -> Result<String, $error> {
+                self.$get(index)
+            }
+            fn opt_text(&self, index: usize) -> Result<Option<String>, $error> {
+                self.$get(index)
+            }
+            fn opt_bool(&self, index: usize) -> Result<Option<bool>, $error> {
+                self.$get(index)
+            }
+        }
+    };
+}
+
+columns_impl!(Row<'_>, rusqlite::Error, get);
+columns_impl!(tokio_postgres::Row, tokio_postgres::Error, try_get);
+
+/// Reads a SQLite deal row (see [`deal_from`]).
+pub(crate) fn deal_from_row(row: &Row<'_>) -> rusqlite::Result<Deal> {
+    deal_from(row)
+}
+
 /// Reads a deal row. A JSON column that does not parse (the raw record, the line
 /// items, the cart keys) reads as empty (`null`, no items, no keys) with a warning,
 /// so one damaged row never fails a list of deals.
-pub(crate) fn deal_from_row(row: &Row<'_>) -> rusqlite::Result<Deal> {
+pub(in crate::store) fn deal_from<R: Columns>(row: &R) -> Result<Deal, R::Error> {
     fn json_or_empty<T: serde::de::DeserializeOwned + Default>(
         text: String,
         deal_id: i64,
@@ -56,40 +99,38 @@ pub(crate) fn deal_from_row(row: &Row<'_>) -> rusqlite::Result<Deal> {
             T::default()
         })
     }
-    let deal_id: i64 = row.get(0)?;
-    let currency: Option<String> = row.get(5)?;
-    let status: String = row.get(8)?;
+    let deal_id = row.int(0)?;
+    let currency = row.opt_text(5)?;
+    let status = row.text(8)?;
     let email = |value: Option<String>| value.and_then(|v| EmailAddress::parse(&v));
     Ok(Deal {
         id: deal_id,
-        connection: ConnectionName::new(row.get::<_, String>(1)?),
-        external_id: ExternalId::new(row.get::<_, String>(2)?),
-        title: row.get(3)?,
-        amount_minor: row.get(4)?,
+        connection: ConnectionName::new(row.text(1)?),
+        external_id: ExternalId::new(row.text(2)?),
+        title: row.text(3)?,
+        amount_minor: row.opt_int(4)?,
         currency: currency.and_then(|c| Currency::parse(&c).ok()),
-        pipeline: row.get::<_, Option<String>>(6)?.map(PipelineKey::new),
-        stage: StageKey::new(row.get::<_, String>(7)?),
+        pipeline: row.opt_text(6)?.map(PipelineKey::new),
+        stage: StageKey::new(row.text(7)?),
         status: DealStatus::parse(&status).unwrap_or(DealStatus::Unmapped),
-        native_pipeline: row.get(9)?,
-        native_stage: row.get(10)?,
-        contact_email: email(row.get(11)?),
-        contact_name: row.get(12)?,
-        owner: row.get(13)?,
-        owner_email: email(row.get(14)?),
-        marketing_consent: row.get(15)?,
-        created_at: row.get::<_, Option<i64>>(16)?.map(from_ms),
-        updated_at: row.get::<_, Option<i64>>(17)?.map(from_ms),
-        stage_entered_at: from_ms(row.get(18)?),
-        last_activity_at: from_ms(row.get(19)?),
-        expected_close: row
-            .get::<_, Option<String>>(20)?
-            .and_then(|d| d.parse().ok()),
-        recovery_url: row.get(21)?,
-        line_items: json_or_empty(row.get(22)?, deal_id, "line_items"),
-        cart_keys: json_or_empty(row.get(23)?, deal_id, "cart_keys"),
-        deleted_at: row.get::<_, Option<i64>>(24)?.map(from_ms),
-        first_seen_at: from_ms(row.get(25)?),
-        raw: json_or_empty(row.get(26)?, deal_id, "raw"),
+        native_pipeline: row.text(9)?,
+        native_stage: row.text(10)?,
+        contact_email: email(row.opt_text(11)?),
+        contact_name: row.opt_text(12)?,
+        owner: row.opt_text(13)?,
+        owner_email: email(row.opt_text(14)?),
+        marketing_consent: row.opt_bool(15)?,
+        created_at: row.opt_int(16)?.map(from_ms),
+        updated_at: row.opt_int(17)?.map(from_ms),
+        stage_entered_at: from_ms(row.int(18)?),
+        last_activity_at: from_ms(row.int(19)?),
+        expected_close: row.opt_text(20)?.and_then(|d| d.parse().ok()),
+        recovery_url: row.opt_text(21)?,
+        line_items: json_or_empty(row.text(22)?, deal_id, "line_items"),
+        cart_keys: json_or_empty(row.text(23)?, deal_id, "cart_keys"),
+        deleted_at: row.opt_int(24)?.map(from_ms),
+        first_seen_at: from_ms(row.int(25)?),
+        raw: json_or_empty(row.text(26)?, deal_id, "raw"),
     })
 }
 

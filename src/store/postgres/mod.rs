@@ -27,6 +27,7 @@
 //! - Errors name the server as `host:port/database`, never the password.
 
 pub mod claims;
+mod deals;
 pub mod from_sqlite;
 mod inbox;
 pub mod intake;
@@ -335,4 +336,4 @@ pub(crate) fn test_database(test: &str) -> Option<test_cluster::TestDatabase> {
 #[cfg(test)]
 mod replica_tests;
 #[cfg(test)]
-mod tests;
+pub(in crate::store) mod tests;

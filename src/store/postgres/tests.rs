@@ -6,7 +6,7 @@ use super::*;
 use crate::config::Secret;
 use test_cluster::TestDatabase;
 
-pub(super) fn url_of(database: &TestDatabase) -> PostgresUrl {
+pub(in crate::store) fn url_of(database: &TestDatabase) -> PostgresUrl {
     PostgresUrl::parse(&Secret::new(database.url())).unwrap()
 }
 
