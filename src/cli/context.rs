@@ -104,6 +104,15 @@ pub(crate) async fn open_store(config: &Config) -> Result<Store, CliError> {
         .map_err(anyhow::Error::from)??)
 }
 
+/// Opens the store `storage` names: the SQLite file, or, with `storage.url`, the
+/// PostgreSQL database (for the commands whose store methods all run there: `sync`).
+pub(crate) async fn open_any_store(config: &Config) -> Result<Store, CliError> {
+    match &config.storage.url {
+        Some(url) => Ok(Store::open_postgres(url).await?),
+        None => open_store(config).await,
+    }
+}
+
 /// Builds every connection with the stored discovery results applied.
 pub(crate) async fn runtimes(
     config: &Config,

@@ -25,7 +25,7 @@ pub mod ops;
 
 pub use args::*;
 pub use context::{CliError, ConfigSource, EXIT_ENVIRONMENT};
-use context::{load, open_store, runtimes};
+use context::{load, open_any_store, open_store, runtimes};
 
 /// Runs the parsed command.
 pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
@@ -290,7 +290,7 @@ async fn check_postgres(url: &config::PostgresUrl) -> Result<String, String> {
             "{line}; point storage.url at another database or upgrade dealsync (nothing was changed)"
         )),
         SchemaState::Absent | SchemaState::Current(_) | SchemaState::Older { .. } => Ok(format!(
-            "{line}\n  note: this version runs no store query on PostgreSQL: `dealsync run` and the other commands refuse storage.url\n"
+            "{line}\n  note: in this version `dealsync sync` runs on PostgreSQL; `dealsync run` and the other commands refuse storage.url\n"
         )),
     }
 }
@@ -622,7 +622,7 @@ fn describe(target: &crate::domain::StageRef) -> String {
 async fn sync_now(source: &ConfigSource, args: SyncArgs) -> Result<(), CliError> {
     use std::io::IsTerminal;
     let config = load(source).await?;
-    let store = open_store(&config).await?;
+    let store = open_any_store(&config).await?;
     let runtimes = runtimes(&config, Some(&store)).await?;
     let named: Vec<_> = runtimes
         .into_iter()

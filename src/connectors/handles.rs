@@ -118,7 +118,7 @@ impl TokenStore for Store {
     }
 
     fn lock_path(&self, connection: &str) -> PathBuf {
-        crate::lock::token_lock_path(self.path(), connection)
+        crate::lock::token_lock_path(&self.lock_base(), connection)
     }
 }
 
@@ -191,7 +191,7 @@ mod tests {
         );
         assert_eq!(
             handles.tokens.lock_path("crm"),
-            crate::lock::token_lock_path(store.path(), "crm")
+            crate::lock::token_lock_path(store.path().unwrap(), "crm")
         );
 
         // A committed page: a deal written from a fingerprinted record, with a contact,

@@ -141,6 +141,12 @@ pub enum StoreError {
     Corrupt(String),
     #[error("database task failed: {0}")]
     Task(String),
+    /// An operation this version runs on SQLite only, asked of a PostgreSQL store.
+    #[error(
+        "this operation is not available with storage.url (PostgreSQL) in this version of \
+         dealsync; see docs/scale-out.md for what runs on PostgreSQL"
+    )]
+    NotOnPostgres,
 }
 
 /// A failure reported by the database. Opaque, so that no caller outside the store
@@ -359,17 +365,41 @@ struct Inner {
     checkpoints: checkpoint::Checkpoints,
 }
 
+/// The PostgreSQL backend of a [`Store`]: the pool, the webhook intake's writer, and
+/// the stage-change signal of this process's writes.
+struct Postgres {
+    database: postgres::Database,
+    intake: postgres::intake::Intake,
+    stage_changes: tokio::sync::watch::Sender<u64>,
+}
+
+/// The backend a [`Store`] runs on.
+#[derive(Clone)]
+enum Engine {
+    Sqlite(Arc<Inner>),
+    Postgres(Arc<Postgres>),
+}
+
 /// A handle to the database; cheap to clone.
+///
+/// On PostgreSQL (`storage.url`) the methods of the pull-sync path run on the shared
+/// database (docs/scale-out.md lists them); every other method answers
+/// [`StoreError::NotOnPostgres`], and the commands that need one refuse `storage.url`
+/// before they start (`Config::require_sqlite`).
 #[derive(Clone)]
 pub struct Store {
-    inner: Arc<Inner>,
+    engine: Engine,
 }
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store")
-            .field("path", &self.inner.path)
-            .finish()
+        match &self.engine {
+            Engine::Sqlite(inner) => f.debug_struct("Store").field("path", &inner.path).finish(),
+            Engine::Postgres(postgres) => f
+                .debug_struct("Store")
+                .field("postgres", &postgres.database.target())
+                .finish(),
+        }
     }
 }
 
@@ -540,7 +570,7 @@ impl Store {
         .map_err(|error| StoreError::Task(format!("starting the checkpointer: {error}")))?;
         let inbox = inbox::Inbox::open(&inbox::inbox_path(path))?;
         Ok(Store {
-            inner: Arc::new(Inner {
+            engine: Engine::Sqlite(Arc::new(Inner {
                 path: path.to_owned(),
                 writer: Mutex::new(writer),
                 readers: Mutex::new(Vec::new()),
@@ -548,12 +578,74 @@ impl Store {
                 stage_changed,
                 stage_changes: tokio::sync::watch::Sender::new(0),
                 checkpoints,
-            }),
+            })),
         })
     }
 
-    pub fn path(&self) -> &Path {
-        &self.inner.path
+    /// Connects to the PostgreSQL database `url` names and migrates it (see
+    /// `postgres::Database::open`), and starts its webhook intake.
+    pub async fn open_postgres(url: &crate::config::PostgresUrl) -> Result<Store> {
+        let database = postgres::Database::open(url, &postgres::Options::default()).await?;
+        let intake = postgres::intake::Intake::start(database.clone()).await?;
+        Ok(Store {
+            engine: Engine::Postgres(Arc::new(Postgres {
+                database,
+                intake,
+                stage_changes: tokio::sync::watch::Sender::new(0),
+            })),
+        })
+    }
+
+    /// The SQLite backend, or [`StoreError::NotOnPostgres`].
+    fn sqlite(&self) -> Result<&Arc<Inner>> {
+        match &self.engine {
+            Engine::Sqlite(inner) => Ok(inner),
+            Engine::Postgres(_) => Err(StoreError::NotOnPostgres),
+        }
+    }
+
+    /// The PostgreSQL database, when the store runs on one.
+    fn postgres(&self) -> Option<&postgres::Database> {
+        match &self.engine {
+            Engine::Sqlite(_) => None,
+            Engine::Postgres(postgres) => Some(&postgres.database),
+        }
+    }
+
+    /// After a PostgreSQL write that recorded `changes` stage changes has committed:
+    /// wakes the `stage_changes()` subscribers, as SQLite's update hook does.
+    fn note_stage_changes(&self, changes: u64) {
+        if changes > 0
+            && let Engine::Postgres(postgres) = &self.engine
+        {
+            postgres.stage_changes.send_modify(|count| *count += 1);
+        }
+    }
+
+    /// The SQLite database file; `None` on PostgreSQL.
+    pub fn path(&self) -> Option<&Path> {
+        match &self.engine {
+            Engine::Sqlite(inner) => Some(&inner.path),
+            Engine::Postgres(_) => None,
+        }
+    }
+
+    /// Where the file locks beside the database go (token refreshes): beside the SQLite
+    /// file; on PostgreSQL in the system's temporary directory, named after the
+    /// database, which serializes the processes of one host only.
+    pub fn lock_base(&self) -> PathBuf {
+        match &self.engine {
+            Engine::Sqlite(inner) => inner.path.clone(),
+            Engine::Postgres(postgres) => {
+                let target: String = postgres
+                    .database
+                    .target()
+                    .chars()
+                    .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+                    .collect();
+                std::env::temp_dir().join(format!("dealsync-{target}"))
+            }
+        }
     }
 
     /// Runs `f` in one write transaction on a blocking thread; commits if it returns Ok.
@@ -562,7 +654,7 @@ impl Store {
         T: Send + 'static,
         F: FnOnce(&rusqlite::Transaction<'_>) -> Result<T> + Send + 'static,
     {
-        let inner = self.inner.clone();
+        let inner = self.sqlite()?.clone();
         tokio::task::spawn_blocking(move || {
             let mut connection = inner
                 .writer
@@ -596,7 +688,10 @@ impl Store {
     /// A receiver that changes after every committed transaction that recorded a
     /// stage change through this `Store` (writes by other processes are not seen).
     pub fn stage_changes(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.inner.stage_changes.subscribe()
+        match &self.engine {
+            Engine::Sqlite(inner) => inner.stage_changes.subscribe(),
+            Engine::Postgres(postgres) => postgres.stage_changes.subscribe(),
+        }
     }
 
     /// Runs `f` on a reader connection on a blocking thread.
@@ -605,7 +700,7 @@ impl Store {
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T> + Send + 'static,
     {
-        let inner = self.inner.clone();
+        let inner = self.sqlite()?.clone();
         tokio::task::spawn_blocking(move || {
             let idle = inner.readers.lock().ok().and_then(|mut pool| pool.pop());
             let connection = match idle {

@@ -159,6 +159,9 @@ impl Store {
 
     /// Records that a connection exists (idempotent).
     pub async fn ensure_connection(&self, name: &str, connector: &str) -> Result<()> {
+        if let Some(database) = self.postgres() {
+            return database.ensure_connection(name, connector).await;
+        }
         let (name, connector) = (name.to_owned(), connector.to_owned());
         self.write(move |tx| {
             tx.execute(
@@ -176,6 +179,9 @@ impl Store {
         connection: &str,
         stream: &str,
     ) -> Result<Option<serde_json::Value>> {
+        if let Some(database) = self.postgres() {
+            return database.cursor(connection, stream).await;
+        }
         let (connection, stream) = (connection.to_owned(), stream.to_owned());
         self.read(move |db| {
             let text: Option<String> = db
@@ -223,6 +229,13 @@ impl Store {
         cache: Vec<CachedRecord>,
         cursor: Option<serde_json::Value>,
     ) -> Result<UpsertOutcome> {
+        if let Some(database) = self.postgres() {
+            let outcome = database
+                .commit_page(connection, stream, upserts, quarantined, cache, cursor)
+                .await?;
+            self.note_stage_changes(outcome.stage_changes);
+            return Ok(outcome);
+        }
         let (connection, stream) = (connection.to_owned(), stream.to_owned());
         self.write(move |tx| {
             let outcome = upsert_all(tx, upserts)?;
@@ -274,6 +287,11 @@ impl Store {
         ids: Vec<String>,
         fresh_since: DateTime<Utc>,
     ) -> Result<Vec<(String, String)>> {
+        if let Some(database) = self.postgres() {
+            return database
+                .cached_enrichments(connection, step, ids, fresh_since)
+                .await;
+        }
         let (connection, step) = (connection.to_owned(), step.to_owned());
         self.read(move |db| {
             let ids = to_json(&ids)?;
@@ -296,6 +314,9 @@ impl Store {
     /// Starts a sync run; returns its id. Deletes the connection's enrichment records
     /// older than [`ENRICHMENT_RETENTION`] in the same transaction.
     pub async fn start_sync_run(&self, connection: &str, full: bool) -> Result<i64> {
+        if let Some(database) = self.postgres() {
+            return database.start_sync_run(connection, full).await;
+        }
         let connection = connection.to_owned();
         self.write(move |tx| {
             let now = to_ms(Utc::now());
@@ -324,6 +345,9 @@ impl Store {
         summary: serde_json::Value,
         error: Option<String>,
     ) -> Result<()> {
+        if let Some(database) = self.postgres() {
+            return database.finish_sync_run(run_id, summary, error).await;
+        }
         self.write(move |tx| {
             let now = to_ms(Utc::now());
             let status = if error.is_some() { "failed" } else { "succeeded" };
@@ -345,6 +369,9 @@ impl Store {
 
     /// The most recent run of each connection.
     pub async fn last_sync_runs(&self) -> Result<Vec<SyncRunRecord>> {
+        if let Some(database) = self.postgres() {
+            return database.last_sync_runs().await;
+        }
         self.read(|db| {
             let mut statement = db.prepare(
                 "SELECT connection, full, started_at, finished_at, status, summary, error
@@ -371,6 +398,9 @@ impl Store {
 
     /// When each connection last synced successfully.
     pub async fn last_successes(&self) -> Result<Vec<(String, Option<DateTime<Utc>>)>> {
+        if let Some(database) = self.postgres() {
+            return database.last_successes().await;
+        }
         self.read(|db| {
             let mut statement =
                 db.prepare("SELECT name, last_success_at FROM connections ORDER BY name")?;
@@ -388,6 +418,9 @@ impl Store {
         connection: &str,
         pipelines: &[NativePipeline],
     ) -> Result<()> {
+        if let Some(database) = self.postgres() {
+            return database.save_native_pipelines(connection, pipelines).await;
+        }
         let connection = connection.to_owned();
         let text = to_json(pipelines)?;
         self.write(move |tx| {
@@ -403,6 +436,9 @@ impl Store {
     }
 
     pub async fn native_pipelines(&self, connection: &str) -> Result<Vec<NativePipeline>> {
+        if let Some(database) = self.postgres() {
+            return database.native_pipelines(connection).await;
+        }
         let connection = connection.to_owned();
         self.read(move |db| {
             let text: Option<String> = db
@@ -432,6 +468,7 @@ mod tests {
         use super::super::{CachedRecord, Quarantined, Reread};
         use crate::domain::RawRecord;
         use crate::store::deals::tests::{stored_deal, upsert};
+        use crate::store::both_backends::on_both;
         use crate::store::tests::temp_store;
         use chrono::Utc;
 
@@ -527,87 +564,97 @@ mod tests {
 
         #[tokio::test]
         async fn sync_runs_record_their_outcome_and_the_last_success_survives_a_failure() {
-            let (_dir, store) = temp_store();
-            for name in ["crm", "idle", "shop"] {
-                store.ensure_connection(name, "hubspot").await.unwrap();
-            }
-            let first = store.start_sync_run("crm", true).await.unwrap();
-            store
-                .finish_sync_run(first, serde_json::json!({"created": 3}), None)
-                .await
-                .unwrap();
-            let succeeded_at = store.last_successes().await.unwrap()[0].1.unwrap();
-            let second = store.start_sync_run("crm", false).await.unwrap();
-            store
-                .finish_sync_run(second, serde_json::json!({}), Some("HTTP 500".into()))
-                .await
-                .unwrap();
-            let shop = store.start_sync_run("shop", false).await.unwrap();
+            on_both(
+                "sync_runs_record_their_outcome_and_the_last_success_survives_a_failure",
+                async |store| {
+                    for name in ["crm", "idle", "shop"] {
+                        store.ensure_connection(name, "hubspot").await.unwrap();
+                    }
+                    let first = store.start_sync_run("crm", true).await.unwrap();
+                    store
+                        .finish_sync_run(first, serde_json::json!({"created": 3}), None)
+                        .await
+                        .unwrap();
+                    let succeeded_at = store.last_successes().await.unwrap()[0].1.unwrap();
+                    let second = store.start_sync_run("crm", false).await.unwrap();
+                    store
+                        .finish_sync_run(second, serde_json::json!({}), Some("HTTP 500".into()))
+                        .await
+                        .unwrap();
+                    let shop = store.start_sync_run("shop", false).await.unwrap();
 
-            let runs = store.last_sync_runs().await.unwrap();
-            let seen: Vec<_> = runs
-                .iter()
-                .map(|r| {
-                    (
-                        r.connection.as_str(),
-                        r.full,
-                        r.status.as_str(),
-                        r.finished_at.is_some(),
-                        r.error.as_deref(),
-                    )
-                })
-                .collect();
-            assert_eq!(
-                seen,
-                [
-                    ("crm", false, "failed", true, Some("HTTP 500")),
-                    ("shop", false, "running", false, None),
-                ]
-            );
-            assert_eq!(runs[0].summary, Some(serde_json::json!({})));
-            assert!(shop > second && second > first);
+                    let runs = store.last_sync_runs().await.unwrap();
+                    let seen: Vec<_> = runs
+                        .iter()
+                        .map(|r| {
+                            (
+                                r.connection.as_str(),
+                                r.full,
+                                r.status.as_str(),
+                                r.finished_at.is_some(),
+                                r.error.as_deref(),
+                            )
+                        })
+                        .collect();
+                    assert_eq!(
+                        seen,
+                        [
+                            ("crm", false, "failed", true, Some("HTTP 500")),
+                            ("shop", false, "running", false, None),
+                        ]
+                    );
+                    assert_eq!(runs[0].summary, Some(serde_json::json!({})));
+                    assert!(shop > second && second > first);
 
-            // The failed run keeps the time of the last success; a connection that never
-            // synced has none.
-            let successes = store.last_successes().await.unwrap();
-            assert_eq!(
-                successes,
-                [
-                    ("crm".to_owned(), Some(succeeded_at)),
-                    ("idle".to_owned(), None),
-                    ("shop".to_owned(), None),
-                ]
-            );
+                    // The failed run keeps the time of the last success; a connection that never
+                    // synced has none.
+                    let successes = store.last_successes().await.unwrap();
+                    assert_eq!(
+                        successes,
+                        [
+                            ("crm".to_owned(), Some(succeeded_at)),
+                            ("idle".to_owned(), None),
+                            ("shop".to_owned(), None),
+                        ]
+                    );
+                },
+            )
+            .await;
         }
 
         #[tokio::test]
         async fn discovered_pipelines_are_replaced_not_merged() {
             use crate::pipeline::{NativePipeline, NativeStage};
-            let (_dir, store) = temp_store();
-            assert!(store.native_pipelines("crm").await.unwrap().is_empty());
-            let pipeline = |id: &str, stages: &[&str]| NativePipeline {
-                id: id.into(),
-                label: format!("Pipeline {id}"),
-                stages: stages
-                    .iter()
-                    .enumerate()
-                    .map(|(order, stage)| NativeStage {
-                        id: (*stage).into(),
-                        label: stage.to_uppercase(),
-                        order: order as i64,
-                        probability: Some(10 * order as u8),
-                        kind: None,
-                        rot_after: Some(std::time::Duration::from_secs(3600)),
-                    })
-                    .collect(),
-            };
-            let first = vec![pipeline("a", &["new", "won"]), pipeline("b", &["x"])];
-            store.save_native_pipelines("crm", &first).await.unwrap();
-            assert_eq!(store.native_pipelines("crm").await.unwrap(), first);
-            let second = vec![pipeline("a", &["new", "demo", "won"])];
-            store.save_native_pipelines("crm", &second).await.unwrap();
-            assert_eq!(store.native_pipelines("crm").await.unwrap(), second);
-            assert!(store.native_pipelines("other").await.unwrap().is_empty());
+            on_both(
+                "discovered_pipelines_are_replaced_not_merged",
+                async |store| {
+                    assert!(store.native_pipelines("crm").await.unwrap().is_empty());
+                    let pipeline = |id: &str, stages: &[&str]| NativePipeline {
+                        id: id.into(),
+                        label: format!("Pipeline {id}"),
+                        stages: stages
+                            .iter()
+                            .enumerate()
+                            .map(|(order, stage)| NativeStage {
+                                id: (*stage).into(),
+                                label: stage.to_uppercase(),
+                                order: order as i64,
+                                probability: Some(10 * order as u8),
+                                kind: None,
+                                rot_after: Some(std::time::Duration::from_secs(3600)),
+                            })
+                            .collect(),
+                    };
+                    let first = vec![pipeline("a", &["new", "won"]), pipeline("b", &["x"])];
+                    store.save_native_pipelines("crm", &first).await.unwrap();
+                    assert_eq!(store.native_pipelines("crm").await.unwrap(), first);
+                    let second = vec![pipeline("a", &["new", "demo", "won"])];
+                    store.save_native_pipelines("crm", &second).await.unwrap();
+                    assert_eq!(store.native_pipelines("crm").await.unwrap(), second);
+                    assert!(store.native_pipelines("other").await.unwrap().is_empty());
+                },
+            )
+            .await;
         }
 
         #[tokio::test]
@@ -628,52 +675,57 @@ mod tests {
 
         #[tokio::test]
         async fn cached_enrichments_return_only_fresh_records_of_the_step_and_ids_asked() {
-            let (_dir, store) = temp_store();
-            let cached = |step: &str, id: &str| CachedRecord {
-                step: step.into(),
-                id: id.into(),
-                record: RawRecord::from_text(format!(r#"{{"{step}":"{id}"}}"#)).unwrap(),
-            };
-            let before = Utc::now() - chrono::Duration::seconds(1);
-            store
-                .commit_page(
-                    "crm",
-                    "deals",
-                    vec![],
-                    vec![],
-                    vec![
-                        cached("contact", "a"),
-                        cached("contact", "b"),
-                        cached("company", "a"),
-                    ],
-                    None,
-                )
-                .await
-                .unwrap();
-            store
-                .commit_page(
-                    "other",
-                    "deals",
-                    vec![],
-                    vec![],
-                    vec![cached("contact", "c")],
-                    None,
-                )
-                .await
-                .unwrap();
-            let ids = vec!["a".to_owned(), "c".to_owned(), "zz".to_owned()];
-            let got = store
-                .cached_enrichments("crm", "contact", ids.clone(), before)
-                .await
-                .unwrap();
-            assert_eq!(got, [("a".to_owned(), r#"{"contact":"a"}"#.to_owned())]);
-            // Read before `fresh_since`: stale, not returned.
-            let later = Utc::now() + chrono::Duration::seconds(1);
-            let stale = store
-                .cached_enrichments("crm", "contact", ids, later)
-                .await
-                .unwrap();
-            assert!(stale.is_empty());
+            on_both(
+                "cached_enrichments_return_only_fresh_records_of_the_step_and_ids_asked",
+                async |store| {
+                    let cached = |step: &str, id: &str| CachedRecord {
+                        step: step.into(),
+                        id: id.into(),
+                        record: RawRecord::from_text(format!(r#"{{"{step}":"{id}"}}"#)).unwrap(),
+                    };
+                    let before = Utc::now() - chrono::Duration::seconds(1);
+                    store
+                        .commit_page(
+                            "crm",
+                            "deals",
+                            vec![],
+                            vec![],
+                            vec![
+                                cached("contact", "a"),
+                                cached("contact", "b"),
+                                cached("company", "a"),
+                            ],
+                            None,
+                        )
+                        .await
+                        .unwrap();
+                    store
+                        .commit_page(
+                            "other",
+                            "deals",
+                            vec![],
+                            vec![],
+                            vec![cached("contact", "c")],
+                            None,
+                        )
+                        .await
+                        .unwrap();
+                    let ids = vec!["a".to_owned(), "c".to_owned(), "zz".to_owned()];
+                    let got = store
+                        .cached_enrichments("crm", "contact", ids.clone(), before)
+                        .await
+                        .unwrap();
+                    assert_eq!(got, [("a".to_owned(), r#"{"contact":"a"}"#.to_owned())]);
+                    // Read before `fresh_since`: stale, not returned.
+                    let later = Utc::now() + chrono::Duration::seconds(1);
+                    let stale = store
+                        .cached_enrichments("crm", "contact", ids, later)
+                        .await
+                        .unwrap();
+                    assert!(stale.is_empty());
+                },
+            )
+            .await;
         }
     }
 

@@ -37,9 +37,27 @@ impl std::fmt::Debug for StoredToken {
     }
 }
 
+/// The extras to store: `extra`'s fields over the stored ones (`stored`, JSON text; an
+/// unreadable or non-object one counts as none).
+pub(super) fn merged_extras(stored: Option<&str>, extra: &serde_json::Value) -> serde_json::Value {
+    let mut merged = stored
+        .and_then(|text| serde_json::from_str::<serde_json::Value>(text).ok())
+        .filter(serde_json::Value::is_object)
+        .unwrap_or_else(|| serde_json::json!({}));
+    if let (Some(target), Some(source)) = (merged.as_object_mut(), extra.as_object()) {
+        for (key, value) in source {
+            target.insert(key.clone(), value.clone());
+        }
+    }
+    merged
+}
+
 impl Store {
     /// The tokens of `connection`, if any were stored.
     pub async fn oauth_token(&self, connection: &str) -> Result<Option<StoredToken>> {
+        if let Some(database) = self.postgres() {
+            return database.oauth_token(connection).await;
+        }
         let connection = connection.to_owned();
         self.read(move |db| {
             let row = db
@@ -87,6 +105,11 @@ impl Store {
         expires_at: Option<DateTime<Utc>>,
         extra: serde_json::Value,
     ) -> Result<()> {
+        if let Some(database) = self.postgres() {
+            return database
+                .save_oauth_token(connection, access_token, refresh_token, expires_at, extra)
+                .await;
+        }
         let (connection, access, refresh) = (
             connection.to_owned(),
             access_token.to_owned(),
@@ -100,15 +123,7 @@ impl Store {
                     |row| row.get(0),
                 )
                 .optional()?;
-            let mut merged = stored
-                .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
-                .filter(serde_json::Value::is_object)
-                .unwrap_or_else(|| serde_json::json!({}));
-            if let (Some(target), Some(source)) = (merged.as_object_mut(), extra.as_object()) {
-                for (key, value) in source {
-                    target.insert(key.clone(), value.clone());
-                }
-            }
+            let merged = merged_extras(stored.as_deref(), &extra);
             tx.execute(
                 "INSERT INTO oauth_tokens (connection, access_token, refresh_token, expires_at, extra, needs_reauth, updated_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, 0, ?6)
@@ -135,6 +150,9 @@ impl Store {
 
     /// Marks a connection as needing `dealsync auth` (its refresh token was revoked).
     pub async fn mark_needs_reauth(&self, connection: &str) -> Result<()> {
+        if let Some(database) = self.postgres() {
+            return database.mark_needs_reauth(connection).await;
+        }
         let connection = connection.to_owned();
         self.write(move |tx| {
             tx.execute(
@@ -151,39 +169,44 @@ impl Store {
 
 #[cfg(test)]
 mod tests {
-    use crate::store::tests::temp_store;
+    use crate::store::both_backends::on_both;
     use serde_json::json;
 
     #[tokio::test]
     async fn a_refresh_without_a_new_refresh_token_keeps_the_old_one_and_extras_merge() {
-        let (_dir, store) = temp_store();
-        store
-            .save_oauth_token(
-                "sf",
-                "a1",
-                Some("r1"),
-                None,
-                json!({"instance_url": "https://x"}),
-            )
-            .await
-            .unwrap();
-        store
-            .save_oauth_token("sf", "a2", None, None, json!({}))
-            .await
-            .unwrap();
-        let token = store.oauth_token("sf").await.unwrap().unwrap();
-        assert_eq!(token.access_token.as_deref(), Some("a2"));
-        assert_eq!(token.refresh_token.as_deref(), Some("r1"));
-        assert_eq!(token.extra, json!({"instance_url": "https://x"}));
-        store.mark_needs_reauth("sf").await.unwrap();
-        let token = store.oauth_token("sf").await.unwrap().unwrap();
-        assert!(token.needs_reauth);
-        assert_eq!(token.access_token, None);
-        store
-            .save_oauth_token("sf", "a3", Some("r3"), None, json!({}))
-            .await
-            .unwrap();
-        assert!(!store.oauth_token("sf").await.unwrap().unwrap().needs_reauth);
+        on_both(
+            "a_refresh_without_a_new_refresh_token_keeps_the_old_one_and_extras_merge",
+            async |store| {
+                store
+                    .save_oauth_token(
+                        "sf",
+                        "a1",
+                        Some("r1"),
+                        None,
+                        json!({"instance_url": "https://x"}),
+                    )
+                    .await
+                    .unwrap();
+                store
+                    .save_oauth_token("sf", "a2", None, None, json!({}))
+                    .await
+                    .unwrap();
+                let token = store.oauth_token("sf").await.unwrap().unwrap();
+                assert_eq!(token.access_token.as_deref(), Some("a2"));
+                assert_eq!(token.refresh_token.as_deref(), Some("r1"));
+                assert_eq!(token.extra, json!({"instance_url": "https://x"}));
+                store.mark_needs_reauth("sf").await.unwrap();
+                let token = store.oauth_token("sf").await.unwrap().unwrap();
+                assert!(token.needs_reauth);
+                assert_eq!(token.access_token, None);
+                store
+                    .save_oauth_token("sf", "a3", Some("r3"), None, json!({}))
+                    .await
+                    .unwrap();
+                assert!(!store.oauth_token("sf").await.unwrap().unwrap().needs_reauth);
+            },
+        )
+        .await;
     }
 
     #[test]

@@ -1,11 +1,13 @@
 //! `[storage] url` (PostgreSQL) through the real binary: `check` reaches the server,
 //! applies nothing and reports the schema (absent, current, newer), naming
-//! host:port/db and never the password; `run` and the other commands refuse the key in
-//! this version, in one line. The server is the test process's throwaway cluster
+//! host:port/db and never the password; `sync` pulls a mock HubSpot into the database,
+//! fully then incrementally; `run` and the other commands refuse the key in this
+//! version, in one line. The server is the test process's throwaway cluster
 //! (`harness::postgres`); where PostgreSQL is not installed those tests skip.
 
 use crate::harness::daemon::run_cli;
 use crate::harness::postgres::{self, PASSWORD, PASSWORD_ROLE, TestDatabase};
+use crate::harness::vendors::hubspot::{HsDeal, HubSpot};
 use crate::harness::{free_port, skip};
 use std::path::Path;
 
@@ -266,4 +268,134 @@ async fn run_and_the_other_commands_refuse_a_postgres_url_in_one_line_pointing_t
         default_existed,
         "the default SQLite path was not touched"
     );
+}
+
+/// `dealsync sync` with `storage.url`: a full HubSpot sync across pages (owners and a
+/// contact enriched) lands every deal once in PostgreSQL with one history row each, the
+/// run and the cursor recorded; a change then arrives through the incremental search as
+/// one stage move with its history row; a run with nothing new changes nothing.
+#[tokio::test]
+async fn sync_pulls_hubspot_into_postgres_fully_then_incrementally() {
+    let Some(database) = database("sync_pulls_hubspot_into_postgres_fully_then_incrementally")
+    else {
+        return;
+    };
+    let hubspot = HubSpot::start("pat-test", None).await;
+    let base = chrono::Utc::now().timestamp_millis() - 3_600_000;
+    hubspot.put_contact(501, "ada@acme.example", "Ada", "Lovelace");
+    let stages = [
+        "appointmentscheduled",
+        "qualifiedtobuy",
+        "contractsent",
+        "closedwon",
+    ];
+    for id in 1..=9_u64 {
+        let mut deal = HsDeal::new(
+            1000 + id,
+            &format!("Deal {id}"),
+            stages[id as usize % stages.len()],
+            base + id as i64 * 1000,
+        );
+        deal.contact = (id == 1).then_some(501);
+        hubspot.put(deal);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (config, credentials) =
+        write_config(dir.path(), &url_without_password(&database), PASSWORD);
+    let connection = crate::pull::hubspot_connection("hs", &hubspot.url(), "");
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(&connection);
+    std::fs::write(&config, text).unwrap();
+    let sync = || async {
+        let (code, stdout, stderr) = run_cli(
+            &[
+                "--config",
+                &config,
+                "--credentials-dir",
+                &credentials,
+                "sync",
+                "hs",
+            ],
+            &[],
+        )
+        .await;
+        assert_eq!(code, 0, "{stdout}{stderr}");
+        assert!(!format!("{stdout}{stderr}").contains(PASSWORD));
+        stdout
+    };
+    let admin = database.admin().await;
+    let count = |sql: &'static str| {
+        let admin = &admin;
+        async move { admin.query_one(sql, &[]).await.unwrap().get::<_, i64>(0) }
+    };
+
+    sync().await;
+    assert_eq!(
+        count("SELECT count(*) FROM deals WHERE connection = 'hs'").await,
+        9
+    );
+    assert_eq!(
+        count("SELECT count(DISTINCT external_id) FROM deals").await,
+        9,
+        "one deal per external id"
+    );
+    assert_eq!(count("SELECT count(*) FROM stage_history").await, 9);
+    assert!(
+        hubspot.faults().count("/crm/v3/objects/deals?") >= 5,
+        "paged two at a time"
+    );
+    let row = admin
+        .query_one(
+            "SELECT stage, status, contact_email, amount_minor, currency FROM deals
+             WHERE external_id = '1001'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let first: (String, String, Option<String>, Option<i64>, Option<String>) =
+        (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
+    assert_eq!(
+        first,
+        (
+            "needs_assessment".into(),
+            "open".into(),
+            Some("ada@acme.example".into()),
+            Some(10050),
+            Some("USD".into())
+        )
+    );
+    assert_eq!(
+        count("SELECT count(*) FROM sync_runs WHERE status = 'succeeded' AND \"full\"").await,
+        1
+    );
+    assert_eq!(
+        count("SELECT count(*) FROM sync_cursors WHERE connection = 'hs' AND stream = 'deals'")
+            .await,
+        1
+    );
+
+    hubspot.update(1004, |deal| {
+        deal.stage = "contractsent".into();
+        deal.modified_ms = chrono::Utc::now().timestamp_millis();
+    });
+    sync().await;
+    assert!(hubspot.faults().count("/crm/v3/objects/deals/search") >= 1);
+    let moved = admin
+        .query_one("SELECT stage FROM deals WHERE external_id = '1004'", &[])
+        .await
+        .unwrap();
+    assert_eq!(moved.get::<_, String>(0), "closing");
+    assert_eq!(count("SELECT count(*) FROM stage_history").await, 10);
+    assert_eq!(
+        count("SELECT count(*) FROM sync_runs WHERE status = 'succeeded' AND NOT \"full\"").await,
+        1
+    );
+
+    sync().await;
+    assert_eq!(
+        count("SELECT count(*) FROM stage_history").await,
+        10,
+        "nothing new, nothing written"
+    );
+    assert_eq!(count("SELECT count(*) FROM deals").await, 9);
 }

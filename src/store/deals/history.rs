@@ -189,12 +189,18 @@ impl Store {
         at: DateTime<Utc>,
         cause: ChangeCause,
     ) -> Result<bool> {
+        if let Some(database) = self.postgres() {
+            return database.move_deal(deal_id, to, status, at, cause).await;
+        }
         self.write(move |tx| move_stage(tx, deal_id, &to, status, at, cause))
             .await
     }
 
     /// A deal's stage history, oldest first.
     pub async fn history(&self, deal_id: i64) -> Result<Vec<StageChange>> {
+        if let Some(database) = self.postgres() {
+            return database.history(deal_id).await;
+        }
         self.read(move |db| {
             let mut statement = db.prepare(&format!(
                 "SELECT {HISTORY_COLUMNS_READ} FROM stage_history WHERE deal_id = ?1 ORDER BY at, id"
@@ -210,6 +216,7 @@ impl Store {
 mod tests {
     use super::*;
     use crate::store::both_backends::on_both;
+    use crate::store::deals::tests::stored_deal;
     use crate::store::deals::tests::{sales, upsert};
     use chrono::Duration;
 
@@ -230,7 +237,7 @@ mod tests {
                     .unwrap();
                 assert_eq!((moved.updated, moved.stage_changes), (70, 70));
                 for n in [0, 31, 32, 63, 64, 69] {
-                    let deal = store.stored_deal("crm", &n.to_string()).await;
+                    let deal = stored_deal(&store, "crm", &n.to_string()).await;
                     let history = store.history(deal.id).await.unwrap();
                     assert_eq!(history.len(), 2, "deal {n}");
                     assert!(history.iter().all(|change| change.deal_id == deal.id));
@@ -269,7 +276,7 @@ mod tests {
                 assert_eq!(moved.stage_changes, size as u64, "batch of {size}");
                 let mut rows = 0;
                 for n in 0..size {
-                    let deal = store.stored_deal("crm", &n.to_string()).await;
+                    let deal = stored_deal(&store, "crm", &n.to_string()).await;
                     let history = store.history(deal.id).await.unwrap();
                     let stages: Vec<&str> = history.iter().map(|c| c.to_stage.as_str()).collect();
                     assert_eq!(
@@ -292,7 +299,7 @@ mod tests {
                 .upsert_deals(vec![upsert("1", "proposal", Utc::now())])
                 .await
                 .unwrap();
-            let deal = store.stored_deal("crm", "1").await;
+            let deal = stored_deal(&store, "crm", "1").await;
             let to = StageRef {
                 pipeline: Some(PipelineKey::new("sales")),
                 stage: StageKey::new("won"),
@@ -337,7 +344,7 @@ mod tests {
                 let mut created = upsert("1", "proposal", t0);
                 created.cause = ChangeCause::Webhook;
                 store.upsert_deals(vec![created]).await.unwrap();
-                let id = store.stored_deal("crm", "1").await.id;
+                let id = stored_deal(&store, "crm", "1").await.id;
                 let causes = [
                     ChangeCause::Poll,
                     ChangeCause::Followup,

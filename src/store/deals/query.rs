@@ -136,6 +136,9 @@ pub(in crate::store) fn deal_from<R: Columns>(row: &R) -> Result<Deal, R::Error>
 
 impl Store {
     pub async fn deal(&self, id: i64) -> Result<Option<Deal>> {
+        if let Some(database) = self.postgres() {
+            return database.deal(id).await;
+        }
         self.read(move |db| {
             let sql = format!("SELECT {DEAL_COLUMNS} FROM deals WHERE id = ?1");
             Ok(db.query_row(&sql, [id], deal_from_row).optional()?)
@@ -148,6 +151,9 @@ impl Store {
         connection: &str,
         external_id: &str,
     ) -> Result<Option<Deal>> {
+        if let Some(database) = self.postgres() {
+            return database.deal_by_external_id(connection, external_id).await;
+        }
         let (connection, external_id) = (connection.to_owned(), external_id.to_owned());
         self.read(move |db| {
             let sql = format!(
@@ -171,6 +177,9 @@ impl Store {
         connection: &str,
         candidates: Vec<(String, i64)>,
     ) -> Result<std::collections::HashSet<(String, i64)>> {
+        if let Some(database) = self.postgres() {
+            return database.unchanged_records(connection, candidates).await;
+        }
         let connection = connection.to_owned();
         self.read(move |db| {
             // Walks the candidates and looks each up on the unique (connection,
@@ -244,65 +253,67 @@ impl Store {
 mod tests {
     use super::*;
     use crate::domain::hashing::fingerprint;
+    use crate::store::both_backends::on_both;
     use crate::store::deals::tests::upsert;
-    use crate::store::tests::temp_store;
     use chrono::Utc;
 
     #[tokio::test]
     async fn a_record_is_recognised_unchanged_only_by_its_fingerprint_with_a_contact_and_not_deleted()
      {
-        let (_dir, store) = temp_store();
-        let now = Utc::now();
-        let fingerprinted = |id: &str, contact: Option<&str>, deleted: bool| {
-            let mut record = upsert(id, "proposal", now);
-            record.source.contact_email = contact.and_then(EmailAddress::parse);
-            record.source.deleted = deleted;
-            let keys = [Some("person 7")];
-            record.source.fingerprint = Some(fingerprint(&record.source, &keys));
-            record
-        };
-        let stored = vec![
-            fingerprinted("1", Some("ada@acme.example"), false),
-            fingerprinted("2", None, false),
-            fingerprinted("3", Some("ada@acme.example"), true),
-            upsert("4", "proposal", now),
-        ];
-        let prints: Vec<i64> = stored
-            .iter()
-            .map(|record| record.source.fingerprint.unwrap_or(0))
-            .collect();
-        store.upsert_deals(stored).await.unwrap();
-        let candidates = vec![
-            ("1".to_owned(), prints[0]),
-            ("1".to_owned(), prints[0] ^ 1),
-            ("2".to_owned(), prints[1]),
-            ("3".to_owned(), prints[2]),
-            ("4".to_owned(), 0),
-            ("5".to_owned(), prints[0]),
-        ];
-        let unchanged = store.unchanged_records("crm", candidates).await.unwrap();
-        assert_eq!(
-            unchanged,
-            [("1".to_owned(), prints[0])].into_iter().collect(),
-            "only 1: 2 has no contact, 3 is deleted, 4 has no fingerprint, 5 is not stored"
-        );
-        assert!(
-            store
-                .unchanged_records("other", vec![("1".to_owned(), prints[0])])
-                .await
-                .unwrap()
-                .is_empty(),
-            "another connection's deal is another deal"
-        );
+        on_both("a_record_is_recognised_unchanged_only_by_its_fingerprint_with_a_contact_and_not_deleted", async |store| {
+            let now = Utc::now();
+            let fingerprinted = |id: &str, contact: Option<&str>, deleted: bool| {
+                let mut record = upsert(id, "proposal", now);
+                record.source.contact_email = contact.and_then(EmailAddress::parse);
+                record.source.deleted = deleted;
+                let keys = [Some("person 7")];
+                record.source.fingerprint = Some(fingerprint(&record.source, &keys));
+                record
+            };
+            let stored = vec![
+                fingerprinted("1", Some("ada@acme.example"), false),
+                fingerprinted("2", None, false),
+                fingerprinted("3", Some("ada@acme.example"), true),
+                upsert("4", "proposal", now),
+            ];
+            let prints: Vec<i64> = stored
+                .iter()
+                .map(|record| record.source.fingerprint.unwrap_or(0))
+                .collect();
+            store.upsert_deals(stored).await.unwrap();
+            let candidates = vec![
+                ("1".to_owned(), prints[0]),
+                ("1".to_owned(), prints[0] ^ 1),
+                ("2".to_owned(), prints[1]),
+                ("3".to_owned(), prints[2]),
+                ("4".to_owned(), 0),
+                ("5".to_owned(), prints[0]),
+            ];
+            let unchanged = store.unchanged_records("crm", candidates).await.unwrap();
+            assert_eq!(
+                unchanged,
+                [("1".to_owned(), prints[0])].into_iter().collect(),
+                "only 1: 2 has no contact, 3 is deleted, 4 has no fingerprint, 5 is not stored"
+            );
+            assert!(
+                store
+                    .unchanged_records("other", vec![("1".to_owned(), prints[0])])
+                    .await
+                    .unwrap()
+                    .is_empty(),
+                "another connection's deal is another deal"
+            );
 
-        // The fingerprint leaves the raw text out and takes the lookup keys in.
-        let mut record = upsert("1", "proposal", now).source;
-        let plain = fingerprint(&record, &[Some("person 7")]);
-        record.raw = crate::domain::RawRecord::from_text(r#"{"id":"1"}"#.into()).unwrap();
-        assert_eq!(fingerprint(&record, &[Some("person 7")]), plain);
-        assert_ne!(fingerprint(&record, &[Some("person 8")]), plain);
-        assert_ne!(fingerprint(&record, &[None]), plain);
-        record.title.push('!');
-        assert_ne!(fingerprint(&record, &[Some("person 7")]), plain);
+            // The fingerprint leaves the raw text out and takes the lookup keys in.
+            let mut record = upsert("1", "proposal", now).source;
+            let plain = fingerprint(&record, &[Some("person 7")]);
+            record.raw = crate::domain::RawRecord::from_text(r#"{"id":"1"}"#.into()).unwrap();
+            assert_eq!(fingerprint(&record, &[Some("person 7")]), plain);
+            assert_ne!(fingerprint(&record, &[Some("person 8")]), plain);
+            assert_ne!(fingerprint(&record, &[None]), plain);
+            record.title.push('!');
+            assert_ne!(fingerprint(&record, &[Some("person 7")]), plain);
+        })
+        .await;
     }
 }

@@ -64,6 +64,9 @@ impl Store {
     /// The live deals of `connection` grouped by native stage and the canonical stage
     /// each group sits in now.
     pub async fn native_stage_groups(&self, connection: &str) -> Result<Vec<NativeStageGroup>> {
+        if let Some(database) = self.postgres() {
+            return database.native_stage_groups(connection).await;
+        }
         let connection = connection.to_owned();
         self.read(move |db| {
             let mut statement = db.prepare_cached(
@@ -112,6 +115,11 @@ impl Store {
         moves: Vec<StageMove>,
         applied: Vec<AppliedMapping>,
     ) -> Result<Vec<u64>> {
+        if let Some(database) = self.postgres() {
+            return database
+                .remap_deals(connection, APPLIED_MAP_STREAM, moves, applied)
+                .await;
+        }
         let connection = connection.to_owned();
         self.write(move |tx| {
             let mut counts = Vec::with_capacity(moves.len());
@@ -163,6 +171,9 @@ impl Store {
     /// The native stages of deals kept as unmapped, with how many: of one connection,
     /// or of all with `None`.
     pub async fn unmapped_stages(&self, connection: Option<&str>) -> Result<Vec<UnmappedStage>> {
+        if let Some(database) = self.postgres() {
+            return database.unmapped_stages(connection).await;
+        }
         let connection = connection.map(str::to_owned);
         self.read(move |db| {
             let mut statement = db.prepare_cached(
@@ -190,70 +201,72 @@ impl Store {
 mod tests {
     use super::*;
     use crate::domain::UNMAPPED;
+    use crate::store::both_backends::on_both;
     use crate::store::deals::tests::{sales, stage_and_status, stored_deal, upsert};
-    use crate::store::tests::temp_store;
     use chrono::Duration;
 
     #[tokio::test]
     async fn a_changed_stage_map_moves_the_live_deals_where_the_old_mapping_put_them_and_records_the_map()
      {
-        let (_dir, store) = temp_store();
-        let t0 = Utc::now() - Duration::hours(3);
-        let mut deleted = upsert("3", "mystery", t0);
-        deleted.source.deleted = true;
-        store
-            .upsert_deals(vec![
-                upsert("1", "mystery", t0),
-                upsert("2", "mystery", t0 + Duration::minutes(1)),
-                deleted,
-                upsert("4", "proposal", t0),
-            ])
-            .await
-            .unwrap();
-        assert_eq!(store.applied_stage_map("crm").await.unwrap(), None);
-        let applied = vec![AppliedMapping {
-            native_pipeline: "default".into(),
-            native_stage: "mystery".into(),
-            pipeline: Some("sales".into()),
-            stage: "negotiation".into(),
-        }];
-        let moves = vec![
-            StageMove {
+        on_both("a_changed_stage_map_moves_the_live_deals_where_the_old_mapping_put_them_and_records_the_map", async |store| {
+            let t0 = Utc::now() - Duration::hours(3);
+            let mut deleted = upsert("3", "mystery", t0);
+            deleted.source.deleted = true;
+            store
+                .upsert_deals(vec![
+                    upsert("1", "mystery", t0),
+                    upsert("2", "mystery", t0 + Duration::minutes(1)),
+                    deleted,
+                    upsert("4", "proposal", t0),
+                ])
+                .await
+                .unwrap();
+            assert_eq!(store.applied_stage_map("crm").await.unwrap(), None);
+            let applied = vec![AppliedMapping {
                 native_pipeline: "default".into(),
                 native_stage: "mystery".into(),
-                from: StageRef::unmapped(),
-                to: sales("negotiation"),
-                status: DealStatus::Open,
-                deals: 2,
-            },
-            // Deal 4 is not where this move expects it: it stays.
-            StageMove {
-                native_pipeline: "default".into(),
-                native_stage: "proposal".into(),
-                from: sales("negotiation"),
-                to: sales("won"),
-                status: DealStatus::Won,
-                deals: 0,
-            },
-        ];
-        let counts = store
-            .remap_deals("crm", moves, applied.clone())
-            .await
-            .unwrap();
-        assert_eq!(counts, [2, 0]);
-        for (id, entered) in [("1", t0), ("2", t0 + Duration::minutes(1))] {
-            let deal = stored_deal(&store, "crm", id).await;
-            assert_eq!(deal.stage.as_str(), "negotiation", "deal {id}");
-            let last = store.history(deal.id).await.unwrap().pop().unwrap();
-            assert_eq!(last.cause, ChangeCause::Mapping);
-            assert_eq!(
-                last.at.timestamp_millis(),
-                entered.timestamp_millis(),
-                "dated when deal {id} entered its native stage"
-            );
-        }
-        assert_eq!(stage_and_status(&store, "crm", "3").await.0, UNMAPPED);
-        assert_eq!(stage_and_status(&store, "crm", "4").await.0, "proposal");
-        assert_eq!(store.applied_stage_map("crm").await.unwrap(), Some(applied));
+                pipeline: Some("sales".into()),
+                stage: "negotiation".into(),
+            }];
+            let moves = vec![
+                StageMove {
+                    native_pipeline: "default".into(),
+                    native_stage: "mystery".into(),
+                    from: StageRef::unmapped(),
+                    to: sales("negotiation"),
+                    status: DealStatus::Open,
+                    deals: 2,
+                },
+                // Deal 4 is not where this move expects it: it stays.
+                StageMove {
+                    native_pipeline: "default".into(),
+                    native_stage: "proposal".into(),
+                    from: sales("negotiation"),
+                    to: sales("won"),
+                    status: DealStatus::Won,
+                    deals: 0,
+                },
+            ];
+            let counts = store
+                .remap_deals("crm", moves, applied.clone())
+                .await
+                .unwrap();
+            assert_eq!(counts, [2, 0]);
+            for (id, entered) in [("1", t0), ("2", t0 + Duration::minutes(1))] {
+                let deal = stored_deal(&store, "crm", id).await;
+                assert_eq!(deal.stage.as_str(), "negotiation", "deal {id}");
+                let last = store.history(deal.id).await.unwrap().pop().unwrap();
+                assert_eq!(last.cause, ChangeCause::Mapping);
+                assert_eq!(
+                    last.at.timestamp_millis(),
+                    entered.timestamp_millis(),
+                    "dated when deal {id} entered its native stage"
+                );
+            }
+            assert_eq!(stage_and_status(&store, "crm", "3").await.0, UNMAPPED);
+            assert_eq!(stage_and_status(&store, "crm", "4").await.0, "proposal");
+            assert_eq!(store.applied_stage_map("crm").await.unwrap(), Some(applied));
+        })
+        .await;
     }
 }

@@ -270,6 +270,11 @@ pub(in crate::store) fn write_keys(
 impl Store {
     /// Upserts records outside a sync run (webhooks, tests); one transaction.
     pub async fn upsert_deals(&self, upserts: Vec<DealUpsert>) -> Result<UpsertOutcome> {
+        if let Some(database) = self.postgres() {
+            let outcome = database.upsert_deals(upserts).await?;
+            self.note_stage_changes(outcome.stage_changes);
+            return Ok(outcome);
+        }
         self.write(move |tx| upsert_all(tx, upserts)).await
     }
 }
@@ -278,9 +283,8 @@ impl Store {
 mod tests {
     use super::*;
     use crate::domain::{ConnectionName, DealStatus, EmailAddress, UNMAPPED};
-    use crate::store::both_backends::{AnyStore, on_both};
-    use crate::store::deals::tests::{sales, stored_deal, upsert, with_status};
-    use crate::store::tests::temp_store;
+    use crate::store::both_backends::{deal_rows, on_both, stored_text};
+    use crate::store::deals::tests::{sales, stage_and_status, stored_deal, upsert, with_status};
     use chrono::{DateTime, Duration, Utc};
 
     #[tokio::test]
@@ -305,10 +309,10 @@ mod tests {
                         ..Default::default()
                     }
                 );
-                let deal = store.stored_deal("crm", "1").await;
+                let deal = stored_deal(&store, "crm", "1").await;
                 assert_eq!(deal.amount_minor, Some(420050));
                 assert_eq!(store.history(deal.id).await.unwrap().len(), 1);
-                assert_eq!(store.deal_rows().await, 1);
+                assert_eq!(deal_rows(&store).await, 1);
             },
         )
         .await;
@@ -335,7 +339,7 @@ mod tests {
                     .unwrap();
                 assert_eq!((outcome.updated, outcome.stage_changes), (1, 1));
 
-                let deal = store.stored_deal("crm", "1").await;
+                let deal = stored_deal(&store, "crm", "1").await;
                 let history = store.history(deal.id).await.unwrap();
                 assert_eq!(history.len(), 2);
                 assert_eq!(history[1].from_stage.as_ref().unwrap().as_str(), "proposal");
@@ -376,7 +380,7 @@ mod tests {
                         ..Default::default()
                     }
                 );
-                let deal = store.stored_deal("crm", "1").await;
+                let deal = stored_deal(&store, "crm", "1").await;
                 assert_eq!(deal.stage.as_str(), "negotiation");
                 let history = store.history(deal.id).await.unwrap();
                 let stages: Vec<_> = history
@@ -395,7 +399,7 @@ mod tests {
                         (Some("proposal".to_owned()), "negotiation".to_owned())
                     ]
                 );
-                assert_eq!(store.deal_rows().await, 2);
+                assert_eq!(deal_rows(&store).await, 2);
             },
         )
         .await;
@@ -415,7 +419,7 @@ mod tests {
                 changed.source.contact_email = EmailAddress::parse("new@example.com");
                 let outcome = store.upsert_deals(vec![changed]).await.unwrap();
                 assert_eq!((outcome.updated, outcome.stage_changes), (1, 0));
-                let deal = store.stored_deal("crm", "1").await;
+                let deal = stored_deal(&store, "crm", "1").await;
                 assert_eq!(
                     deal.contact_email.as_ref().map(|e| e.as_str()),
                     Some("new@example.com")
@@ -446,7 +450,7 @@ mod tests {
                     .await
                     .unwrap();
                 assert_eq!(outcome.stale, 1);
-                let deal = store.stored_deal("crm", "1").await;
+                let deal = stored_deal(&store, "crm", "1").await;
                 assert_eq!(deal.stage.as_str(), "negotiation");
             },
         )
@@ -454,20 +458,21 @@ mod tests {
     }
 
     #[tokio::test]
-    /// SQLite only: the listing of unmapped stages is not on PostgreSQL yet.
     async fn an_unmapped_stage_is_kept_and_reported() {
-        let (_dir, store) = temp_store();
-        let outcome = store
-            .upsert_deals(vec![upsert("1", "mystery", Utc::now())])
-            .await
-            .unwrap();
-        assert_eq!(outcome.unmapped, 1);
-        let deal = stored_deal(&store, "crm", "1").await;
-        assert_eq!(deal.stage.as_str(), UNMAPPED);
-        assert_eq!(deal.status, DealStatus::Unmapped);
-        let unmapped = store.unmapped_stages(None).await.unwrap();
-        assert_eq!(unmapped.len(), 1);
-        assert_eq!(unmapped[0].native_stage, "mystery");
+        on_both("an_unmapped_stage_is_kept_and_reported", async |store| {
+            let outcome = store
+                .upsert_deals(vec![upsert("1", "mystery", Utc::now())])
+                .await
+                .unwrap();
+            assert_eq!(outcome.unmapped, 1);
+            let deal = stored_deal(&store, "crm", "1").await;
+            assert_eq!(deal.stage.as_str(), UNMAPPED);
+            assert_eq!(deal.status, DealStatus::Unmapped);
+            let unmapped = store.unmapped_stages(None).await.unwrap();
+            assert_eq!(unmapped.len(), 1);
+            assert_eq!(unmapped[0].native_stage, "mystery");
+        })
+        .await;
     }
 
     fn with_raw(mut upsert: DealUpsert, text: &str) -> DealUpsert {
@@ -485,8 +490,8 @@ mod tests {
                     .upsert_deals(vec![with_raw(upsert("1", "proposal", Utc::now()), text)])
                     .await
                     .unwrap();
-                assert_eq!(store.stored_text("1", "raw").await, text);
-                let deal = store.stored_deal("crm", "1").await;
+                assert_eq!(stored_text(&store, "1", "raw").await, text);
+                let deal = stored_deal(&store, "crm", "1").await;
                 assert_eq!(deal.raw["a"], "café \"quoted\"");
             },
         )
@@ -512,7 +517,7 @@ mod tests {
                 let other_text = r#"{"id":"1","properties":{"dealname":"Deal 1","extra":"x"}}"#;
                 let outcome = write(with_raw(upsert("1", "proposal", at), other_text)).await;
                 assert_eq!((outcome.updated, outcome.stage_changes), (1, 0));
-                assert_eq!(store.stored_text("1", "raw").await, other_text);
+                assert_eq!(stored_text(&store, "1", "raw").await, other_text);
                 // Back to the first text: a change again, then nothing.
                 assert_eq!(write(base()).await.updated, 1);
                 assert_eq!(write(base()).await.unchanged, 1);
@@ -522,9 +527,9 @@ mod tests {
                 contact.source.contact_email = EmailAddress::parse("new@example.com");
                 assert_eq!(write(contact.clone()).await.updated, 1);
                 assert_eq!(write(contact).await.unchanged, 1);
-                let deal = store.stored_deal("crm", "1").await;
+                let deal = stored_deal(&store, "crm", "1").await;
                 assert_eq!(deal.contact_email.unwrap().as_str(), "new@example.com");
-                assert_eq!(store.stored_text("1", "raw").await, text);
+                assert_eq!(stored_text(&store, "1", "raw").await, text);
             },
         )
         .await;
@@ -532,12 +537,12 @@ mod tests {
 
     /// A won deal in `sales.won` that the post-sale follow-up then moved to
     /// `sales.post_sale`; returns its id.
-    async fn won_then_moved_to_post_sale(store: &AnyStore, t0: DateTime<Utc>) -> i64 {
+    async fn won_then_moved_to_post_sale(store: &Store, t0: DateTime<Utc>) -> i64 {
         store
             .upsert_deals(vec![with_status(upsert("1", "won", t0), DealStatus::Won)])
             .await
             .unwrap();
-        let deal = store.stored_deal("crm", "1").await;
+        let deal = stored_deal(store, "crm", "1").await;
         let moved = store
             .move_deal(
                 deal.id,
@@ -570,10 +575,10 @@ mod tests {
                 let outcome = store.upsert_deals(vec![again]).await.unwrap();
                 assert_eq!((outcome.updated, outcome.stage_changes), (1, 0));
                 assert_eq!(
-                    store.stage_and_status("crm", "1").await,
+                    stage_and_status(&store, "crm", "1").await,
                     ("post_sale".to_owned(), DealStatus::Won)
                 );
-                let deal = store.stored_deal("crm", "1").await;
+                let deal = stored_deal(&store, "crm", "1").await;
                 assert_eq!(
                     deal.title, "Deal 1 (invoiced)",
                     "the rest of the record is written"
@@ -604,7 +609,7 @@ mod tests {
                         .await
                         .unwrap();
                     assert_eq!(
-                        store.stage_and_status("crm", "1").await,
+                        stage_and_status(&store, "crm", "1").await,
                         (stage.to_owned(), DealStatus::Won),
                         "only a follow-up's move is held"
                     );
@@ -629,7 +634,7 @@ mod tests {
                 let outcome = store.upsert_deals(vec![lost]).await.unwrap();
                 assert_eq!((outcome.updated, outcome.stage_changes), (1, 1));
                 assert_eq!(
-                    store.stage_and_status("crm", "1").await,
+                    stage_and_status(&store, "crm", "1").await,
                     ("lost".to_owned(), DealStatus::Lost)
                 );
                 let history = store.history(id).await.unwrap();
@@ -661,7 +666,7 @@ mod tests {
                 let outcome = store.upsert_deals(vec![moved]).await.unwrap();
                 assert_eq!(outcome.stage_changes, 1);
 
-                let deal = store.stored_deal("crm", "1").await;
+                let deal = stored_deal(&store, "crm", "1").await;
                 assert_eq!(
                     deal.stage_entered_at.timestamp_millis(),
                     entered.timestamp_millis(),
@@ -688,7 +693,7 @@ mod tests {
                 moved.source.contact_email = EmailAddress::parse("grace@acme.example");
                 let outcome = store.upsert_deals(vec![moved]).await.unwrap();
                 assert_eq!((outcome.updated, outcome.stage_changes), (1, 1));
-                let deal = store.stored_deal("crm", "1").await;
+                let deal = stored_deal(&store, "crm", "1").await;
                 assert_eq!(deal.stage.as_str(), "negotiation");
                 assert_eq!(
                     deal.contact_email.as_ref().map(|e| e.as_str()),
@@ -724,8 +729,8 @@ mod tests {
                     (outcome.created, outcome.updated, outcome.stage_changes),
                     (0, 2, 2)
                 );
-                assert_eq!(store.stage_and_status("crm", "1").await.0, "negotiation");
-                assert_eq!(store.stage_and_status("shop", "1").await.0, "won");
+                assert_eq!(stage_and_status(&store, "crm", "1").await.0, "negotiation");
+                assert_eq!(stage_and_status(&store, "shop", "1").await.0, "won");
             },
         )
         .await;

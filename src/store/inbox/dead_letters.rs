@@ -244,7 +244,7 @@ impl Store {
             body,
             at,
         };
-        self.inbox()
+        self.inbox()?
             .ask(|reply| Command::DeadLetter(letter, reply))
             .await
     }
@@ -277,7 +277,7 @@ impl Store {
     /// any delivery), at most once: see [`Replayed`]. One transaction on the inbox's
     /// writer, so it is safe beside a running daemon, whose worker picks the row up.
     pub async fn replay_dead_letter(&self, id: i64, at: DateTime<Utc>) -> Result<Replayed> {
-        self.inbox()
+        self.inbox()?
             .ask(|reply| Command::Replay(id, at, reply))
             .await
     }
@@ -389,7 +389,7 @@ mod tests {
         let id = keep_letter(&store, "unused").await;
         {
             // As kept before dealsync stored delivery ids.
-            let db = Connection::open(store.inbox_path()).unwrap();
+            let db = Connection::open(store.inbox_path().unwrap()).unwrap();
             db.execute(
                 "UPDATE webhook_dead_letters SET delivery_id = NULL WHERE id = ?1",
                 [id],

@@ -8,7 +8,7 @@
 
 use super::writer::{Command, QUEUE, stopped};
 use super::{MAX_PENDING, Result, StoreError};
-use crate::store::{Store, to_json, to_ms};
+use crate::store::{Engine, Store, to_json, to_ms};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use rusqlite::params;
@@ -119,8 +119,11 @@ impl Store {
     /// transaction) and returns once it is durable. Refuses it, writing nothing, when
     /// the inbox is full or the writer's queue is.
     pub async fn enqueue_webhook(&self, event: NewWebhook) -> Result<Enqueued, EnqueueError> {
+        if let Engine::Postgres(postgres) = &self.engine {
+            return postgres.intake.enqueue(event).await;
+        }
         self.inbox_has_room()?;
-        let inbox = self.inbox();
+        let inbox = self.inbox()?;
         let (reply, answer) = oneshot::channel();
         inbox
             .queue
@@ -144,12 +147,18 @@ impl Store {
 
     /// Unprocessed inbox rows, as counted by the writer (no query).
     pub fn inbox_pending(&self) -> u64 {
-        self.inbox().shared.pending.load(Ordering::Relaxed)
+        match &self.engine {
+            Engine::Sqlite(inner) => inner.inbox.shared.pending.load(Ordering::Relaxed),
+            Engine::Postgres(postgres) => postgres.intake.pending(),
+        }
     }
 
     /// Notified after every committed batch that stored a new delivery.
     pub fn inbox_committed(&self) -> &Notify {
-        &self.inbox().shared.committed
+        match &self.engine {
+            Engine::Sqlite(inner) => &inner.inbox.shared.committed,
+            Engine::Postgres(postgres) => postgres.intake.committed(),
+        }
     }
 }
 
@@ -275,6 +284,7 @@ mod tests {
         let (_dir, store) = temp_store();
         store
             .inbox()
+            .unwrap()
             .shared
             .pending
             .store(MAX_PENDING, Ordering::Relaxed);

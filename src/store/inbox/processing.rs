@@ -122,7 +122,7 @@ impl Store {
         if settlements.is_empty() {
             return Ok(());
         }
-        self.inbox()
+        self.inbox()?
             .ask(|reply| Command::Settle(settlements, reply))
             .await
     }
@@ -194,7 +194,7 @@ impl Store {
     /// Deletes processed rows older than [`RETENTION`] and failed rows and dead letters
     /// older than [`DEAD_LETTER_RETENTION`]; returns how many rows went.
     pub async fn prune_webhooks(&self, now: DateTime<Utc>) -> Result<u64> {
-        self.inbox().ask(|reply| Command::Prune(now, reply)).await
+        self.inbox()?.ask(|reply| Command::Prune(now, reply)).await
     }
 
     /// Inbox rows by state, counted from the indexes (the bodies are not read).

@@ -287,13 +287,14 @@ fn commit(db: &mut Connection, batch: &[Command]) -> Result<Vec<Done>> {
 }
 
 impl Store {
-    pub(super) fn inbox(&self) -> &Inbox {
-        &self.inner.inbox
+    /// The SQLite inbox, or [`StoreError::NotOnPostgres`].
+    pub(super) fn inbox(&self) -> Result<&Inbox> {
+        Ok(&self.sqlite()?.inbox)
     }
 
-    /// The inbox file's path.
-    pub fn inbox_path(&self) -> &Path {
-        &self.inbox().path
+    /// The inbox file's path; `None` on PostgreSQL.
+    pub fn inbox_path(&self) -> Option<&Path> {
+        self.inbox().ok().map(|inbox| inbox.path.as_path())
     }
 
     /// Runs `f` on the inbox's reader connection on a blocking thread.
@@ -302,7 +303,7 @@ impl Store {
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T> + Send + 'static,
     {
-        let inner = self.inner.clone();
+        let inner = self.sqlite()?.clone();
         tokio::task::spawn_blocking(move || {
             let mut slot = inner
                 .inbox

@@ -34,6 +34,7 @@ pub mod intake;
 pub mod leases;
 mod migrations;
 pub mod rate;
+mod sync;
 
 pub use migrations::SCHEMA_VERSION;
 
