@@ -10,6 +10,10 @@
 //! 3. a full sync of `LIMITED_DEALS` (default 20,000) against a mock enforcing
 //!    HubSpot's burst limit (190 requests per rolling 10 s, 429 beyond): total time
 //!    against the floor the limit sets, and the 429s received.
+//!
+//! `cargo bench --bench sync -- --url postgres://USER:PASSWORD@HOST:PORT/DB` (an empty
+//! database) runs measurement 1 a second time with the store on that PostgreSQL
+//! database, against the same mock, after the SQLite run: the two figures side by side.
 
 #![allow(clippy::print_stdout)]
 
@@ -21,6 +25,7 @@ mod common;
 
 use common::{cpu_seconds, load_average, peak_rss_mib};
 use dealsync::config::interpolate::ProcessEnv;
+use dealsync::config::{PostgresUrl, Secret};
 use dealsync::ingest::{ConnectionRuntime, SyncDeps};
 use dealsync::store::Store;
 use dealsync::sync;
@@ -38,15 +43,36 @@ fn env_number(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
+/// The value after `name` on the command line.
+fn arg(name: &str) -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+}
+
+const STORED_SQL: &str = "SELECT (SELECT count(*) FROM deals), \
+    (SELECT count(DISTINCT external_id) FROM deals), (SELECT count(*) FROM stage_history)";
+
+/// (deals, distinct external ids, stage history rows) stored in the PostgreSQL database.
+async fn stored_postgres(url: &str) -> (i64, i64, i64) {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("connecting to --url");
+    tokio::spawn(connection);
+    let row = client
+        .query_one(STORED_SQL, &[])
+        .await
+        .expect("counting stored deals");
+    (row.get(0), row.get(1), row.get(2))
+}
+
 /// (deals, distinct external ids, stage history rows) stored in the bench database.
 fn stored(dir: &std::path::Path) -> (i64, i64, i64) {
     let db = rusqlite::Connection::open(dir.join("bench.db")).expect("bench db");
-    db.query_row(
-        "SELECT (SELECT count(*) FROM deals), (SELECT count(DISTINCT external_id) FROM deals),
-            (SELECT count(*) FROM stage_history)",
-        [],
-        |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
-    )
+    db.query_row(STORED_SQL, [], |row| {
+        Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+    })
     .expect("counting stored deals")
 }
 
@@ -106,6 +132,17 @@ async fn runtime_for(
     url: &str,
     rate: &str,
 ) -> (Arc<ConnectionRuntime>, SyncDeps) {
+    runtime_on(dir, url, rate, None).await
+}
+
+/// The connection and its dependencies, the store on `postgres` when given, else the
+/// SQLite file in `dir`.
+async fn runtime_on(
+    dir: &std::path::Path,
+    url: &str,
+    rate: &str,
+    postgres: Option<&str>,
+) -> (Arc<ConnectionRuntime>, SyncDeps) {
     let path = dir.join("dealsync.toml");
     let text = format!(
         "[storage]\npath = \"{}/bench.db\"\n\n[connections.hs]\nconnector = \"hubspot\"\nbase_url = \"{url}\"\ntoken = \"pat-bench\"\n{rate}\n",
@@ -115,10 +152,16 @@ async fn runtime_for(
     let config = dealsync::config::parse(&path, &text, &ProcessEnv).expect("bench config");
     let runtimes = ConnectionRuntime::build_all(&config).expect("bench connection");
     let db = config.storage.path.clone();
-    let store = tokio::task::spawn_blocking(move || Store::open(&db))
-        .await
-        .unwrap()
-        .unwrap();
+    let store = match postgres {
+        Some(url) => {
+            let url = PostgresUrl::parse(&Secret::new(url.to_owned())).expect("--url");
+            Store::open_postgres(&url).await.expect("opening --url")
+        }
+        None => tokio::task::spawn_blocking(move || Store::open(&db))
+            .await
+            .unwrap()
+            .unwrap(),
+    };
     store.ensure_connection("hs", "hubspot").await.unwrap();
     let deps = SyncDeps {
         store,
@@ -168,6 +211,32 @@ fn main() {
         let (rows, distinct, history) = stored(dir.path());
         println!("  stored: {rows} deals, {distinct} distinct ids, {history} history rows");
         assert_eq!((rows, distinct, history), (deals as i64, deals as i64, deals as i64), "every deal once, one history row each");
+
+        if let Some(url) = arg("--url") {
+            let (connection, deps) = runtime_on(
+                dir.path(),
+                &hubspot.url(),
+                "rate_limit = { requests_per_second = 1000000.0, burst = 1000 }",
+                Some(&url),
+            )
+            .await;
+            assert_eq!(stored_postgres(&url).await.0, 0, "--url must name an empty database");
+            let cpu = cpu_seconds("self");
+            let started = Instant::now();
+            let summary = sync::run_once(&connection, &deps, true, &shutdown, &|_| {}).await.expect("full sync on PostgreSQL");
+            let elapsed = started.elapsed().as_secs_f64();
+            let cpu = cpu_seconds("self") - cpu;
+            println!(
+                "full sync on PostgreSQL: {} deals in {elapsed:.2} s = {:.0} deals/s; {} requests; CPU {cpu:.2} s of this process (sync and mock; the server's is apart); load {}",
+                summary.fetched,
+                summary.fetched as f64 / elapsed,
+                summary.requests,
+                load_average()
+            );
+            let (rows, distinct, history) = stored_postgres(&url).await;
+            println!("  stored: {rows} deals, {distinct} distinct ids, {history} history rows");
+            assert_eq!((rows, distinct, history), (deals as i64, deals as i64, deals as i64), "every deal once, one history row each");
+        }
 
         let by_path = |hubspot: &HubSpot| {
             let faults = hubspot.faults();

@@ -467,8 +467,8 @@ mod tests {
     mod bookkeeping {
         use super::super::{CachedRecord, Quarantined, Reread};
         use crate::domain::RawRecord;
-        use crate::store::deals::tests::{stored_deal, upsert};
         use crate::store::both_backends::on_both;
+        use crate::store::deals::tests::{stored_deal, upsert};
         use crate::store::tests::temp_store;
         use chrono::Utc;
 

@@ -26,9 +26,9 @@ use crate::store::deals::{
 };
 use crate::store::{Result, StoreError, to_ms};
 use chrono::{DateTime, Utc};
+use deadpool_postgres::Transaction;
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
-use tokio_postgres::Transaction;
 use tokio_postgres::types::ToSql;
 
 /// The advisory-lock class of deal keys (two-key form, a key space apart from the
@@ -75,12 +75,13 @@ pub(in crate::store) async fn upsert_all(
         }
     }
     if !keys.is_empty() {
-        tx.execute(
-            "INSERT INTO deal_keys (key, deal_id) SELECT * FROM unnest($1::text[], $2::bigint[])
-             ON CONFLICT DO NOTHING",
-            &[&keys, &key_deals],
-        )
-        .await?;
+        let statement = tx
+            .prepare_cached(
+                "INSERT INTO deal_keys (key, deal_id)
+                 SELECT * FROM unnest($1::text[], $2::bigint[]) ON CONFLICT DO NOTHING",
+            )
+            .await?;
+        tx.execute(&statement, &[&keys, &key_deals]).await?;
     }
     if !plan.history.is_empty() {
         let mut columns = HistoryColumns::default();
@@ -120,13 +121,15 @@ async fn lock_keys(tx: &Transaction<'_>, upserts: &[DealUpsert]) -> Result<()> {
         .iter()
         .map(|u| pg_text(u.source.external_id.as_str()))
         .collect();
-    tx.execute(
-        "SELECT count(pg_advisory_xact_lock($1, k))
-         FROM (SELECT DISTINCT hashtext(c || chr(31) || e) AS k
-               FROM unnest($2::text[], $3::text[]) AS u(c, e) ORDER BY k) AS keys",
-        &[&DEAL_LOCK_CLASS, &connections, &external_ids],
-    )
-    .await?;
+    let statement = tx
+        .prepare_cached(
+            "SELECT count(pg_advisory_xact_lock($1, k))
+             FROM (SELECT DISTINCT hashtext(c || chr(31) || e) AS k
+                   FROM unnest($2::text[], $3::text[]) AS u(c, e) ORDER BY k) AS keys",
+        )
+        .await?;
+    tx.execute(&statement, &[&DEAL_LOCK_CLASS, &connections, &external_ids])
+        .await?;
     Ok(())
 }
 
@@ -136,12 +139,16 @@ async fn load_existing(
     tx: &Transaction<'_>,
     upserts: &[DealUpsert],
 ) -> Result<Vec<Option<Existing>>> {
+    // `LATERAL` looks each id up on the unique (connection, external_id) index, in
+    // batch order: a join would let the planner, whose statistics lag a bulk load,
+    // read every deal of the connection for each batch instead.
     let statement = tx
-        .prepare(
+        .prepare_cached(
             "SELECT u.ord, d.id, d.pipeline, d.stage, d.native_stage, d.contact_email,
                 d.content_hash, d.source_updated_at, d.stage_entered_at, d.status
              FROM unnest($2::text[]) WITH ORDINALITY AS u(external_id, ord)
-             JOIN deals AS d ON d.connection = $1 AND d.external_id = u.external_id",
+             CROSS JOIN LATERAL (SELECT * FROM deals
+                WHERE connection = $1 AND external_id = u.external_id) AS d",
         )
         .await?;
     let mut found: Vec<Option<Existing>> = Vec::with_capacity(upserts.len());
@@ -225,7 +232,8 @@ async fn write_rows(
             .collect();
         if !inserts.is_empty() {
             let columns = DealColumns::of(upserts, writes, &inserts);
-            let rows = tx.query(INSERT_DEALS_SQL, &columns.params()).await?;
+            let statement = tx.prepare_cached(INSERT_DEALS_SQL).await?;
+            let rows = tx.query(&statement, &columns.params()).await?;
             // Within a generation a key occurs once: the returned key names the write.
             let by_key: HashMap<(&str, &str), usize> = inserts
                 .iter()
@@ -258,7 +266,8 @@ async fn write_rows(
             let columns = DealColumns::of(upserts, writes, &updates);
             let mut params = columns.params();
             params.push(&deal_ids);
-            tx.execute(UPDATE_DEALS_SQL, &params).await?;
+            let statement = tx.prepare_cached(UPDATE_DEALS_SQL).await?;
+            tx.execute(&statement, &params).await?;
         }
     }
     Ok(ids)
@@ -452,8 +461,9 @@ struct HistoryColumns<'a> {
 impl HistoryColumns<'_> {
     /// Appends the rows in their order (identity values follow it).
     async fn insert(&self, tx: &Transaction<'_>) -> Result<()> {
-        tx.execute(
-            "INSERT INTO stage_history (deal_id, at, from_pipeline, from_stage, to_pipeline,
+        let statement = tx
+            .prepare_cached(
+                "INSERT INTO stage_history (deal_id, at, from_pipeline, from_stage, to_pipeline,
                 to_stage, native_from, native_to, cause)
              SELECT deal_id, at, from_pipeline, from_stage, to_pipeline, to_stage, native_from,
                 native_to, cause
@@ -462,6 +472,10 @@ impl HistoryColumns<'_> {
                 WITH ORDINALITY AS h(deal_id, at, from_pipeline, from_stage, to_pipeline,
                 to_stage, native_from, native_to, cause, ord)
              ORDER BY ord",
+            )
+            .await?;
+        tx.execute(
+            &statement,
             &[
                 &self.deal_id,
                 &self.at,

@@ -12,6 +12,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("migrations/0001_initial.sql")),
     (2, include_str!("migrations/0002_replicas.sql")),
     (3, include_str!("migrations/0003_rate_limits.sql")),
+    (4, include_str!("migrations/0004_raw_compression.sql")),
 ];
 
 /// The schema version this binary writes.

@@ -24,7 +24,7 @@ use std::collections::HashSet;
 
 /// Stores `value` (JSON text) as the cursor of `stream` of `connection`.
 async fn save_cursor(
-    client: &tokio_postgres::Transaction<'_>,
+    client: &deadpool_postgres::Transaction<'_>,
     connection: &str,
     stream: &str,
     value: &str,
