@@ -12,6 +12,11 @@
 //!     cargo bench --bench report -- --db PATH --deals N --history N --generate-only
 //!                                                # only write a file of that size (an
 //!                                                # install for `dealsync migrate-store`)
+//!     cargo bench --bench report -- --url postgres://USER:PASSWORD@HOST:PORT/DB
+//!                                                # then the same report on PostgreSQL:
+//!                                                # the file is copied into the database
+//!                                                # (as `migrate-store` does) when it is
+//!                                                # empty, else the rows there are used
 //!
 //! Time order is what a running daemon produces (each stage change appended as it
 //! happens, so one deal's rows are scattered over the table); grouped rows are the
@@ -20,9 +25,12 @@
 #![allow(clippy::print_stdout)]
 
 use chrono::{TimeZone, Utc};
+use dealsync::config::{PostgresUrl, Secret};
 use dealsync::pipeline::{Pipelines, default_pipelines};
 use dealsync::report::ReportOptions;
 use dealsync::store::Store;
+use dealsync::store::postgres::from_sqlite::copy_sqlite_install;
+use dealsync::store::postgres::{Database, Options};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use std::time::Instant;
@@ -274,6 +282,46 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let store = Store::open(&path)?;
+    time_reports(&runtime, &store, "SQLite", 2.0)?;
+    if let Some(url) = args
+        .iter()
+        .position(|a| a == "--url")
+        .and_then(|at| args.get(at + 1))
+    {
+        let text = url.clone();
+        let url = PostgresUrl::parse(&Secret::new(text.clone())).map_err(anyhow::Error::msg)?;
+        let database = runtime.block_on(Database::open(&url, &Options::default()))?;
+        let stored: i64 = runtime.block_on(async {
+            let (client, connection) =
+                tokio_postgres::connect(&text, tokio_postgres::NoTls).await?;
+            tokio::spawn(connection);
+            let row = client.query_one("SELECT count(*) FROM deals", &[]).await?;
+            anyhow::Ok(row.get(0))
+        })?;
+        if stored == 0 {
+            let started = Instant::now();
+            runtime.block_on(copy_sqlite_install(&path, &database, &mut |_, _| {}))?;
+            println!(
+                "copied into PostgreSQL in {:.1}s",
+                started.elapsed().as_secs_f64()
+            );
+        } else {
+            println!("reusing the {stored} deals in the PostgreSQL database");
+        }
+        let store = runtime.block_on(Store::open_postgres(&url))?;
+        time_reports(&runtime, &store, "PostgreSQL", 3.0)?;
+    }
+    Ok(())
+}
+
+/// Runs the full report four times on `store`: the first run's fingerprint and figures,
+/// then the best and median of the three warm runs.
+fn time_reports(
+    runtime: &tokio::runtime::Runtime,
+    store: &Store,
+    backend: &str,
+    target_seconds: f64,
+) -> anyhow::Result<()> {
     let pipelines = Pipelines::new(default_pipelines());
     let until = Utc.with_ymd_and_hms(2026, 12, 1, 0, 0, 0).unwrap();
     let mut timings = Vec::new();
@@ -287,13 +335,13 @@ fn main() -> anyhow::Result<()> {
             // mean identical reports across scan strategies.
             let json = serde_json::to_string(&report)?;
             println!(
-                "report fingerprint {:016x} ({} bytes of JSON)",
+                "{backend}: report fingerprint {:016x} ({} bytes of JSON)",
                 fnv1a(json.as_bytes()),
                 json.len()
             );
             let sales = &report.total.pipelines[0];
             println!(
-                "first run (cold cache) {elapsed:.2}s: {} deals, sales won {} lost {}, {} forecast rows, {} abandoned carts",
+                "{backend}: first run (cold cache) {elapsed:.2}s: {} deals, sales won {} lost {}, {} forecast rows, {} abandoned carts",
                 report.total.deals,
                 sales.outcomes.won,
                 sales.outcomes.lost,
@@ -306,7 +354,7 @@ fn main() -> anyhow::Result<()> {
     }
     timings.sort_by(f64::total_cmp);
     println!(
-        "full report: best {:.2}s, median {:.2}s over {} warm runs (target ≤ 2 s); load average {}",
+        "{backend}: full report: best {:.2}s, median {:.2}s over {} warm runs (target ≤ {target_seconds} s); load average {}",
         timings[0],
         timings[timings.len() / 2],
         timings.len(),

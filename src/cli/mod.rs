@@ -290,7 +290,7 @@ async fn check_postgres(url: &config::PostgresUrl) -> Result<String, String> {
             "{line}; point storage.url at another database or upgrade dealsync (nothing was changed)"
         )),
         SchemaState::Absent | SchemaState::Current(_) | SchemaState::Older { .. } => Ok(format!(
-            "{line}\n  note: in this version `dealsync sync` runs on PostgreSQL; `dealsync run` and the other commands refuse storage.url\n"
+            "{line}\n  note: in this version `dealsync sync` and `dealsync report` run on PostgreSQL; `dealsync run` and the other commands refuse storage.url\n"
         )),
     }
 }
@@ -936,7 +936,7 @@ async fn report(source: &ConfigSource, args: ReportArgs) -> Result<(), CliError>
             known.join(", ")
         )));
     }
-    let store = open_store(&config).await?;
+    let store = open_any_store(&config).await?;
     let options = ReportOptions {
         since,
         until,

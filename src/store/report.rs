@@ -274,7 +274,7 @@ impl Store {
 
 /// Rows of one table grouped by deal, in deal id order: the rows of the deal
 /// `groups[i].0` are `rows[groups[i - 1].1..groups[i].1]` (from 0 for the first).
-struct ByDeal<T> {
+pub(super) struct ByDeal<T> {
     groups: Vec<(i64, usize)>,
     rows: Vec<T>,
 }
@@ -286,7 +286,7 @@ impl<T: Copy> ByDeal<T> {
     /// Deal ids are row ids, so their span is small: a counting sort (count per id,
     /// then place each row at its deal's next slot) groups the rows in one pass with
     /// no comparison. Ids spread wider than two per row take a comparison sort.
-    fn group(rows: Vec<(i64, T)>, order: impl Fn(&T) -> i64) -> ByDeal<T> {
+    pub(super) fn group(rows: Vec<(i64, T)>, order: impl Fn(&T) -> i64) -> ByDeal<T> {
         let Some((first, last)) =
             rows.iter()
                 .map(|(deal_id, _)| *deal_id)
@@ -446,16 +446,16 @@ fn comparison_sort<T: Copy>(mut rows: Vec<(i64, T)>) -> ByDeal<T> {
 }
 
 /// The stage history grouped by deal, with the stages it names.
-struct History {
-    visits: ByDeal<VisitInput>,
-    stages: Interner,
+pub(super) struct History {
+    pub(super) visits: ByDeal<VisitInput>,
+    pub(super) stages: Interner,
 }
 
 /// The deals in scope, in id order, and their sent follow-up emails.
-struct Deals<S> {
-    sink: S,
-    deals: Vec<DealInput>,
-    followups: ByDeal<FollowupInput>,
+pub(super) struct Deals<S> {
+    pub(super) sink: S,
+    pub(super) deals: Vec<DealInput>,
+    pub(super) followups: ByDeal<FollowupInput>,
 }
 
 /// Reads and folds the report's inputs on two reader connections at once: one reads
@@ -466,6 +466,9 @@ struct Deals<S> {
 /// does: a change committed between them can make a deal's current row newer or older
 /// than its history by that one change, never lose or double a row.
 async fn scan<S: ReportSink>(store: &Store, scope: ReportScope, sink: S) -> Result<S> {
+    if let Some(database) = store.postgres() {
+        return database.scan_report(scope, sink).await;
+    }
     let history = store.read(read_history);
     let deals = store.read(move |db| read_deals(db, &scope, sink));
     let (history, deals) = tokio::try_join!(history, deals)?;
@@ -474,7 +477,7 @@ async fn scan<S: ReportSink>(store: &Store, scope: ReportScope, sink: S) -> Resu
         .map_err(|error| super::StoreError::Task(error.to_string()))
 }
 
-fn fold<S: ReportSink>(history: History, deals: Deals<S>) -> S {
+pub(super) fn fold<S: ReportSink>(history: History, deals: Deals<S>) -> S {
     let Deals {
         mut sink,
         deals,
@@ -501,6 +504,78 @@ fn fold<S: ReportSink>(history: History, deals: Deals<S>) -> S {
     sink
 }
 
+/// A row of the scan's queries, of either backend: text columns as bytes (the UTF-8
+/// check is left to the interner, once per distinct value) and integers.
+pub(super) trait ScanRow {
+    fn bytes(&self, at: usize) -> Result<Option<&[u8]>>;
+    fn int(&self, at: usize) -> Result<i64>;
+    fn opt_int(&self, at: usize) -> Result<Option<i64>>;
+}
+
+impl ScanRow for rusqlite::Row<'_> {
+    fn bytes(&self, at: usize) -> Result<Option<&[u8]>> {
+        Ok(bytes_at(self, at)?)
+    }
+    fn int(&self, at: usize) -> Result<i64> {
+        Ok(self.get(at)?)
+    }
+    fn opt_int(&self, at: usize) -> Result<Option<i64>> {
+        Ok(self.get(at)?)
+    }
+}
+
+impl ScanRow for tokio_postgres::Row {
+    fn bytes(&self, at: usize) -> Result<Option<&[u8]>> {
+        Ok(self.try_get::<_, Option<&str>>(at)?.map(str::as_bytes))
+    }
+    fn int(&self, at: usize) -> Result<i64> {
+        Ok(self.try_get(at)?)
+    }
+    fn opt_int(&self, at: usize) -> Result<Option<i64>> {
+        Ok(self.try_get(at)?)
+    }
+}
+
+/// The history query's columns, in [`visit_row`]'s order.
+pub(super) const HISTORY_SQL: &str = "SELECT deal_id, at, to_pipeline, to_stage FROM stage_history";
+
+/// A history row as (deal id, visit).
+pub(super) fn visit_row(row: &impl ScanRow, stages: &mut Interner) -> Result<(i64, VisitInput)> {
+    let stage = stages
+        .stage_bytes(row.bytes(2)?, row.bytes(3)?.unwrap_or_default())
+        .ok_or_else(|| not_utf8(3))?;
+    Ok((
+        row.int(0)?,
+        VisitInput {
+            at: row.int(1)?,
+            stage,
+        },
+    ))
+}
+
+/// Only emails that went out: expiry rows (`action = 'expire'`) move a deal but send
+/// nothing, and rows never sent carry no `sent_at`. Columns in [`followup_row`]'s order.
+pub(super) const FOLLOWUPS_SQL: &str = "SELECT deal_id, rule, step, sent_at FROM outbox
+     WHERE state = 'sent' AND action = 'email' AND sent_at IS NOT NULL";
+
+/// A sent follow-up as (deal id, follow-up).
+pub(super) fn followup_row(
+    row: &impl ScanRow,
+    interner: &mut Interner,
+) -> Result<(i64, FollowupInput)> {
+    let rule = interner
+        .name_bytes(row.bytes(1)?.unwrap_or_default())
+        .ok_or_else(|| not_utf8(1))?;
+    Ok((
+        row.int(0)?,
+        FollowupInput {
+            rule,
+            step: row.int(2)?,
+            sent_at: row.int(3)?,
+        },
+    ))
+}
+
 fn read_history(db: &rusqlite::Connection) -> Result<History> {
     // Reads go through a memory map: the scan touches every page once, and mapped
     // pages cost no read call each. Read-only, so a mapped file cannot be corrupted.
@@ -519,20 +594,10 @@ fn read_history(db: &rusqlite::Connection) -> Result<History> {
     let mut rows: Vec<(i64, VisitInput)> =
         Vec::with_capacity(usize::try_from(capacity).unwrap_or(0).min(1 << 28));
     let mut stages = Interner::default();
-    let mut statement =
-        db.prepare("SELECT deal_id, at, to_pipeline, to_stage FROM stage_history")?;
+    let mut statement = db.prepare(HISTORY_SQL)?;
     let mut query = statement.query([])?;
     while let Some(row) = query.next()? {
-        let stage = stages
-            .stage_bytes(bytes_at(row, 2)?, bytes_at(row, 3)?.unwrap_or_default())
-            .ok_or_else(|| not_utf8(3))?;
-        rows.push((
-            row.get(0)?,
-            VisitInput {
-                at: row.get(1)?,
-                stage,
-            },
-        ));
+        rows.push(visit_row(row, &mut stages)?);
     }
     Ok(History {
         visits: ByDeal::group(rows, |visit| visit.at),
@@ -546,28 +611,12 @@ fn read_deals<S: ReportSink>(
     mut sink: S,
 ) -> Result<Deals<S>> {
     db.pragma_update(None, "mmap_size", MMAP_BYTES)?;
-    // Only emails that went out: expiry rows (`action = 'expire'`) move a deal but
-    // send nothing, and rows never sent carry no `sent_at`.
     let mut followup_rows: Vec<(i64, FollowupInput)> = Vec::new();
     {
-        let mut outbox = db.prepare(
-            "SELECT deal_id, rule, step, sent_at FROM outbox
-             WHERE state = 'sent' AND action = 'email' AND sent_at IS NOT NULL",
-        )?;
+        let mut outbox = db.prepare(FOLLOWUPS_SQL)?;
         let mut rows = outbox.query([])?;
-        let interner = sink.interner();
         while let Some(row) = rows.next()? {
-            let rule = interner
-                .name_bytes(bytes_at(row, 1)?.unwrap_or_default())
-                .ok_or_else(|| not_utf8(1))?;
-            followup_rows.push((
-                row.get(0)?,
-                FollowupInput {
-                    rule,
-                    step: row.get(2)?,
-                    sent_at: row.get(3)?,
-                },
-            ));
+            followup_rows.push(followup_row(row, sink.interner())?);
         }
     }
     let followups = ByDeal::group(followup_rows, |followup| followup.sent_at);
@@ -576,11 +625,9 @@ fn read_deals<S: ReportSink>(
         row.get(0)
     })?;
     let mut deals = Vec::with_capacity(usize::try_from(count).unwrap_or(0).min(1 << 26));
-    let mut statement = db.prepare(
-        "SELECT id, connection, pipeline, stage, status, amount_minor, currency, expected_close,
-                stage_entered_at
-         FROM deals WHERE ?1 IS NULL OR connection = ?1 ORDER BY id",
-    )?;
+    let mut statement = db.prepare(&format!(
+        "SELECT {DEAL_INPUT_COLUMNS} FROM deals WHERE ?1 IS NULL OR connection = ?1 ORDER BY id"
+    ))?;
     let mut rows = statement.query(params![scope.connection])?;
     let mut texts = TextCache::default();
     while let Some(row) = rows.next()? {
@@ -622,7 +669,7 @@ const MMAP_BYTES: i64 = 1 << 31;
 /// The last distinct status, currency and close-date texts met, parsed: deals repeat a
 /// few of each, so most rows cost a byte comparison instead of a parse.
 #[derive(Default)]
-struct TextCache {
+pub(super) struct TextCache {
     currencies: Vec<(Vec<u8>, Option<Currency>)>,
     dates: Vec<(Vec<u8>, Option<NaiveDate>)>,
 }
@@ -646,22 +693,26 @@ fn cached<T: Copy>(
     value
 }
 
-fn deal_input(
-    row: &rusqlite::Row<'_>,
+/// The deal columns [`deal_input`] reads, in its order.
+pub(super) const DEAL_INPUT_COLUMNS: &str = "id, connection, pipeline, stage, status, \
+    amount_minor, currency, expected_close, stage_entered_at";
+
+pub(super) fn deal_input(
+    row: &impl ScanRow,
     interner: &mut Interner,
     texts: &mut TextCache,
 ) -> Result<DealInput> {
     let connection = interner
-        .name_bytes(bytes_at(row, 1)?.unwrap_or_default())
+        .name_bytes(row.bytes(1)?.unwrap_or_default())
         .ok_or_else(|| not_utf8(1))?;
     let stage = interner
-        .stage_bytes(bytes_at(row, 2)?, bytes_at(row, 3)?.unwrap_or_default())
+        .stage_bytes(row.bytes(2)?, row.bytes(3)?.unwrap_or_default())
         .ok_or_else(|| not_utf8(3))?;
-    let status = match bytes_at(row, 4)? {
+    let status = match row.bytes(4)? {
         Some(bytes) => std::str::from_utf8(bytes).ok().and_then(DealStatus::parse),
         None => None,
     };
-    let currency = match bytes_at(row, 6)? {
+    let currency = match row.bytes(6)? {
         Some(bytes) => cached(
             &mut texts.currencies,
             bytes,
@@ -670,19 +721,19 @@ fn deal_input(
         ),
         None => None,
     };
-    let expected_close = match bytes_at(row, 7)? {
+    let expected_close = match row.bytes(7)? {
         Some(bytes) => cached(&mut texts.dates, bytes, |text| text.parse().ok(), None),
         None => None,
     };
     Ok(DealInput {
-        id: row.get(0)?,
+        id: row.int(0)?,
         connection,
         stage,
         status: status.unwrap_or(DealStatus::Unmapped),
-        amount_minor: row.get(5)?,
+        amount_minor: row.opt_int(5)?,
         currency,
         expected_close,
-        stage_entered_at: row.get(8)?,
+        stage_entered_at: row.int(8)?,
     })
 }
 

@@ -1,7 +1,7 @@
 //! `[storage] url` (PostgreSQL) through the real binary: `check` reaches the server,
 //! applies nothing and reports the schema (absent, current, newer), naming
 //! host:port/db and never the password; `sync` pulls a mock HubSpot into the database,
-//! fully then incrementally; `run` and the other commands refuse the key in this
+//! fully then incrementally, and `report` gives the figures SQLite gives; `run` and the other commands refuse the key in this
 //! version, in one line. The server is the test process's throwaway cluster
 //! (`harness::postgres`); where PostgreSQL is not installed those tests skip.
 
@@ -306,22 +306,33 @@ async fn sync_pulls_hubspot_into_postgres_fully_then_incrementally() {
     let mut text = std::fs::read_to_string(&config).unwrap();
     text.push_str(&connection);
     std::fs::write(&config, text).unwrap();
+    // The same install on SQLite, pulling the same mock: what the report reads must
+    // agree.
+    let sqlite_config = dir.path().join("sqlite.toml");
+    std::fs::write(
+        &sqlite_config,
+        format!(
+            "[storage]\npath = \"{}/sqlite.db\"\n{connection}",
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    let sqlite_config = sqlite_config.to_str().unwrap().to_owned();
+    let cli = |config: &str, command: &[&str]| {
+        let mut args = vec!["--config", config, "--credentials-dir", &credentials];
+        args.extend_from_slice(command);
+        let args: Vec<String> = args.into_iter().map(str::to_owned).collect();
+        async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let (code, stdout, stderr) = run_cli(&args, &[]).await;
+            assert_eq!(code, 0, "{args:?}: {stdout}{stderr}");
+            assert!(!format!("{stdout}{stderr}").contains(PASSWORD));
+            stdout
+        }
+    };
     let sync = || async {
-        let (code, stdout, stderr) = run_cli(
-            &[
-                "--config",
-                &config,
-                "--credentials-dir",
-                &credentials,
-                "sync",
-                "hs",
-            ],
-            &[],
-        )
-        .await;
-        assert_eq!(code, 0, "{stdout}{stderr}");
-        assert!(!format!("{stdout}{stderr}").contains(PASSWORD));
-        stdout
+        cli(&sqlite_config, &["sync", "hs"]).await;
+        cli(&config, &["sync", "hs"]).await
     };
     let admin = database.admin().await;
     let count = |sql: &'static str| {
@@ -398,4 +409,104 @@ async fn sync_pulls_hubspot_into_postgres_fully_then_incrementally() {
         "nothing new, nothing written"
     );
     assert_eq!(count("SELECT count(*) FROM deals").await, 9);
+
+    // `report` on PostgreSQL: the same figures as on SQLite for the same period.
+    let period = [
+        "report",
+        "--format",
+        "json",
+        "--since",
+        "2020-01-01",
+        "--until",
+        "2100-01-01",
+    ];
+    let on_postgres: serde_json::Value =
+        serde_json::from_str(&cli(&config, &period).await).unwrap();
+    let on_sqlite: serde_json::Value =
+        serde_json::from_str(&cli(&sqlite_config, &period).await).unwrap();
+    assert_eq!(on_postgres, on_sqlite);
+    assert_eq!(on_postgres["total"]["deals"], 9, "{on_postgres}");
+    assert!(
+        on_postgres["total"]["forecast"]
+            .as_array()
+            .is_some_and(|rows| !rows.is_empty()),
+        "{on_postgres}"
+    );
+}
+
+/// Three `dealsync sync` processes on one PostgreSQL database at once, pulling the same
+/// HubSpot, full then again after changes: every deal is stored once, with one history
+/// row per stage change, whichever process wrote it (the per-deal locks serialize the
+/// writers of a deal; without them the second insert of a deal fails on the unique
+/// key or a move is recorded twice).
+#[tokio::test]
+async fn three_syncs_at_once_on_one_database_store_each_deal_and_change_once() {
+    let Some(database) =
+        database("three_syncs_at_once_on_one_database_store_each_deal_and_change_once")
+    else {
+        return;
+    };
+    let hubspot = HubSpot::start("pat-test", None).await;
+    let base = chrono::Utc::now().timestamp_millis() - 3_600_000;
+    for id in 1..=60_u64 {
+        hubspot.put(HsDeal::new(
+            id,
+            &format!("Deal {id}"),
+            "appointmentscheduled",
+            base + id as i64 * 1000,
+        ));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (config, credentials) =
+        write_config(dir.path(), &url_without_password(&database), PASSWORD);
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(&crate::pull::hubspot_connection("hs", &hubspot.url(), ""));
+    std::fs::write(&config, text).unwrap();
+    let args = [
+        "--config",
+        &config,
+        "--credentials-dir",
+        &credentials,
+        "sync",
+        "--full",
+        "hs",
+    ];
+    let syncs = || async {
+        let runs = (0..3).map(|_| run_cli(&args, &[]));
+        for (code, stdout, stderr) in futures_util::future::join_all(runs).await {
+            assert_eq!(code, 0, "{stdout}{stderr}");
+        }
+    };
+    let admin = database.admin().await;
+    let count = |sql: &'static str| {
+        let admin = &admin;
+        async move { admin.query_one(sql, &[]).await.unwrap().get::<_, i64>(0) }
+    };
+
+    syncs().await;
+    assert_eq!(count("SELECT count(*) FROM deals").await, 60);
+    assert_eq!(count("SELECT count(*) FROM stage_history").await, 60);
+
+    let now = chrono::Utc::now().timestamp_millis();
+    for id in 1..=30_u64 {
+        hubspot.update(id, |deal| {
+            deal.stage = "contractsent".into();
+            deal.modified_ms = now;
+        });
+    }
+    syncs().await;
+    assert_eq!(count("SELECT count(*) FROM deals").await, 60);
+    assert_eq!(
+        count("SELECT count(*) FROM stage_history").await,
+        90,
+        "one row per deal created, one per deal moved"
+    );
+    assert_eq!(
+        count("SELECT count(*) FROM deals WHERE stage = 'closing'").await,
+        30
+    );
+    assert_eq!(
+        count("SELECT count(*) FROM sync_runs WHERE status = 'succeeded'").await,
+        6
+    );
 }

@@ -27,6 +27,7 @@
 //! - Errors name the server as `host:port/database`, never the password.
 
 pub mod claims;
+mod copy_rows;
 mod deals;
 pub mod from_sqlite;
 mod inbox;
@@ -34,6 +35,7 @@ pub mod intake;
 pub mod leases;
 mod migrations;
 pub mod rate;
+mod report;
 mod sync;
 
 pub use migrations::SCHEMA_VERSION;
