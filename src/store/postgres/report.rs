@@ -3,9 +3,13 @@
 //! deals and sent follow-ups on a third, at the same time, each streamed through binary
 //! `COPY` (`copy_rows`) into the same per-row readers and the same fold.
 //!
-//! Invariant: each query reads its own snapshot, as on SQLite: a change committed
-//! between them can make a deal's row newer or older than its history by that one
-//! change, never lose or double a row.
+//! Invariants:
+//! - Each query reads its own snapshot, as on SQLite: a change committed between them
+//!   can make a deal's row newer or older than its history by that one change, never
+//!   lose or double a row.
+//! - History rows of one deal at the same instant keep table order, as SQLite's keep
+//!   rowid order: here the physical order of the two halves read one after the other,
+//!   which is insertion order for `stage_history` (rows are only ever appended).
 
 use super::Database;
 use super::copy_rows::copy_rows;
