@@ -10,6 +10,7 @@ use crate::harness::postgres::{self, PASSWORD, PASSWORD_ROLE, TestDatabase};
 use crate::harness::vendors::hubspot::{HsDeal, HubSpot};
 use crate::harness::{free_port, skip};
 use std::path::Path;
+use std::time::Duration;
 
 /// A fresh database, or `None` after skipping `test` where PostgreSQL is missing.
 fn database(test: &str) -> Option<TestDatabase> {
@@ -509,4 +510,113 @@ async fn three_syncs_at_once_on_one_database_store_each_deal_and_change_once() {
         count("SELECT count(*) FROM sync_runs WHERE status = 'succeeded'").await,
         6
     );
+}
+
+/// The connection to PostgreSQL lost in the middle of a `dealsync sync` (a relay in
+/// front of the server cut, as a restart or a partition does): the run fails with an
+/// error that names the server and never the password, keeps every page it committed
+/// with its cursor, and the next run, once the server is back, completes it: every deal
+/// once, one history row each.
+#[tokio::test]
+async fn a_sync_that_loses_postgres_midway_fails_clearly_and_the_next_one_completes_it() {
+    let test = "a_sync_that_loses_postgres_midway_fails_clearly_and_the_next_one_completes_it";
+    let Some(database) = database(test) else {
+        return;
+    };
+    let relay = postgres::Relay::start(database.port).await;
+    let hubspot = HubSpot::start("pat-test", None).await;
+    let base = chrono::Utc::now().timestamp_millis() - 3_600_000;
+    for id in 1..=20_u64 {
+        hubspot.put(HsDeal::new(
+            id,
+            &format!("Deal {id}"),
+            "qualifiedtobuy",
+            base + id as i64 * 1000,
+        ));
+    }
+    // The fourth list page is held until the server is out of reach.
+    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    hubspot.faults().every(
+        "/crm/v3/objects/deals?",
+        vec![(4, crate::harness::vendors::Fault::Gate(gate.clone()))],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!(
+        "postgres://{PASSWORD_ROLE}@127.0.0.1:{}/{}",
+        relay.port(),
+        database.name
+    );
+    let (config, credentials) = write_config(dir.path(), &url, PASSWORD);
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(&crate::pull::hubspot_connection("hs", &hubspot.url(), ""));
+    std::fs::write(&config, text).unwrap();
+    let args = [
+        "--config",
+        &config,
+        "--credentials-dir",
+        &credentials,
+        "sync",
+        "hs",
+    ]
+    .map(str::to_owned);
+    let sync = || {
+        let args = args.clone();
+        tokio::spawn(async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            run_cli(&args, &[]).await
+        })
+    };
+    let admin = database.admin().await;
+    // Zero until the first run has made the schema.
+    let deals = || async {
+        admin
+            .query_one("SELECT count(*) FROM deals", &[])
+            .await
+            .map_or(0, |row| row.get::<_, i64>(0))
+    };
+
+    let first = sync();
+    crate::harness::eventually("three pages stored", Duration::from_secs(30), || async {
+        (deals().await >= 6).then_some(())
+    })
+    .await;
+    relay.cut().await;
+    gate.add_permits(1_000);
+    let (code, stdout, stderr) = first.await.unwrap();
+    assert_ne!(code, 0, "{stdout}{stderr}");
+    let failure = stderr
+        .lines()
+        .find(|line| line.contains("sync failed"))
+        .unwrap_or_else(|| panic!("no failure line: {stderr}"));
+    assert!(
+        failure.contains(&format!(
+            "connecting to PostgreSQL at 127.0.0.1:{}/{}",
+            relay.port(),
+            database.name
+        )) && failure.contains("check that PostgreSQL runs"),
+        "names the server and what to do: {failure}"
+    );
+    assert!(!format!("{stdout}{stderr}").contains(PASSWORD));
+    let kept = deals().await;
+    assert!((6..20).contains(&kept), "{kept} deals kept");
+    let cursor_kept = admin
+        .query_one(
+            "SELECT count(*) FROM sync_cursors WHERE connection = 'hs' AND stream = 'deals'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get::<_, i64>(0);
+    assert_eq!(cursor_kept, 1, "the committed pages' cursor");
+
+    relay.restore().await;
+    let (code, stdout, stderr) = sync().await.unwrap();
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert_eq!(deals().await, 20);
+    let history = admin
+        .query_one("SELECT count(*) FROM stage_history", &[])
+        .await
+        .unwrap()
+        .get::<_, i64>(0);
+    assert_eq!(history, 20, "one history row per deal, none twice");
 }
