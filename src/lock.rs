@@ -57,12 +57,35 @@ pub enum LockError {
     Cancelled { path: PathBuf },
     #[error("locking {path}: {source}")]
     Io { path: PathBuf, source: io::Error },
+    /// A lock that is not a file (a PostgreSQL advisory lock, named by `what`) stayed
+    /// held by another process for `waited`.
+    #[error("{what} stayed held by another process for {waited:?}")]
+    TimedOutOn { what: String, waited: Duration },
+    /// The wait for such a lock was cancelled (shutdown).
+    #[error("stopped waiting for {what}")]
+    CancelledOn { what: String },
+    /// Such a lock could not be asked for (the database is out of reach).
+    #[error("taking {what}: {reason}")]
+    Failed { what: String, reason: String },
 }
 
 fn holder_text(holder: Option<u32>) -> String {
     match holder {
         Some(pid) => format!("process {pid}"),
         None => "another process".to_owned(),
+    }
+}
+
+/// A held token-refresh lock of either kind (a [`LockFile`], or a PostgreSQL session
+/// lock); dropping it releases the lock.
+pub struct RefreshLock(
+    // Never read: holding it is the point.
+    #[allow(dead_code)] Box<dyn Send + Sync>,
+);
+
+impl RefreshLock {
+    pub fn new(held: impl Send + Sync + 'static) -> RefreshLock {
+        RefreshLock(Box::new(held))
     }
 }
 

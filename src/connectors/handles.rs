@@ -19,7 +19,6 @@ use crate::store::{Store, StoreError, StoredToken};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use std::collections::HashSet;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 /// A connection's stored OAuth tokens.
@@ -44,9 +43,16 @@ pub trait TokenStore: Send + Sync {
     /// Marks `connection` as needing `dealsync auth` (its refresh token was revoked).
     async fn mark_revoked(&self, connection: &str) -> Result<(), StoreError>;
 
-    /// The lock file every process sharing these tokens takes around a refresh of
-    /// `connection` (see `crate::lock`).
-    fn lock_path(&self, connection: &str) -> PathBuf;
+    /// Takes the lock every process sharing these tokens holds around a refresh of
+    /// `connection`, waiting at most `wait`: a lock file beside a SQLite database (see
+    /// `crate::lock`), an advisory lock in a PostgreSQL one (any host). Held until the
+    /// returned guard is dropped.
+    async fn lock_refresh(
+        &self,
+        connection: &str,
+        wait: std::time::Duration,
+        cancel: &tokio_util::sync::CancellationToken,
+    ) -> Result<crate::lock::RefreshLock, crate::lock::LockError>;
 }
 
 /// The enrichment records kept for a connection (HubSpot's contacts, owners).
@@ -117,8 +123,13 @@ impl TokenStore for Store {
         self.mark_needs_reauth(connection).await
     }
 
-    fn lock_path(&self, connection: &str) -> PathBuf {
-        crate::lock::token_lock_path(&self.lock_base(), connection)
+    async fn lock_refresh(
+        &self,
+        connection: &str,
+        wait: std::time::Duration,
+        cancel: &tokio_util::sync::CancellationToken,
+    ) -> Result<crate::lock::RefreshLock, crate::lock::LockError> {
+        self.lock_token_refresh(connection, wait, cancel).await
     }
 }
 
@@ -189,10 +200,24 @@ mod tests {
                 .unwrap()
                 .needs_reauth
         );
-        assert_eq!(
-            handles.tokens.lock_path("crm"),
-            crate::lock::token_lock_path(store.path().unwrap(), "crm")
-        );
+        // The refresh lock is the token lock file beside the database: held while
+        // the guard lives, free after.
+        let lock_file = crate::lock::token_lock_path(store.path().unwrap(), "crm");
+        let held = handles
+            .tokens
+            .lock_refresh(
+                "crm",
+                std::time::Duration::from_secs(1),
+                &tokio_util::sync::CancellationToken::new(),
+            )
+            .await
+            .unwrap();
+        assert!(matches!(
+            crate::lock::LockFile::try_lock(&lock_file),
+            Err(crate::lock::LockError::Held { .. })
+        ));
+        drop(held);
+        assert!(crate::lock::LockFile::try_lock(&lock_file).is_ok());
 
         // A committed page: a deal written from a fingerprinted record, with a contact,
         // and one kept enrichment record.

@@ -630,21 +630,30 @@ impl Store {
         }
     }
 
-    /// Where the file locks beside the database go (token refreshes): beside the SQLite
-    /// file; on PostgreSQL in the system's temporary directory, named after the
-    /// database, which serializes the processes of one host only.
-    pub fn lock_base(&self) -> PathBuf {
+    /// Takes the lock every process sharing this store holds around a refresh of
+    /// `connection`'s OAuth token, waiting at most `wait`: the lock file beside the
+    /// SQLite database, or, on PostgreSQL, an advisory lock in the database, which
+    /// replicas on any host share.
+    pub async fn lock_token_refresh(
+        &self,
+        connection: &str,
+        wait: Duration,
+        cancel: &tokio_util::sync::CancellationToken,
+    ) -> std::result::Result<crate::lock::RefreshLock, crate::lock::LockError> {
+        use crate::lock::RefreshLock;
         match &self.engine {
-            Engine::Sqlite(inner) => inner.path.clone(),
-            Engine::Postgres(postgres) => {
-                let target: String = postgres
-                    .database
-                    .target()
-                    .chars()
-                    .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-                    .collect();
-                std::env::temp_dir().join(format!("dealsync-{target}"))
+            Engine::Sqlite(inner) => {
+                let path = crate::lock::token_lock_path(&inner.path, connection);
+                Ok(RefreshLock::new(
+                    crate::lock::LockFile::lock(&path, wait, cancel).await?,
+                ))
             }
+            Engine::Postgres(postgres) => Ok(RefreshLock::new(
+                postgres
+                    .database
+                    .session_lock(&format!("oauth:{connection}"), wait, cancel)
+                    .await?,
+            )),
         }
     }
 

@@ -19,7 +19,7 @@ use crate::config::{ConnectionConfig, Secret};
 use crate::connectors::handles::TokenStore;
 use crate::connectors::vendor_http::{ReceiveError, receive};
 use crate::connectors::{ConnectorError, SyncContext};
-use crate::lock::{LockError, LockFile};
+use crate::lock::{LockError, RefreshLock};
 use crate::telemetry::ConnectionLabels;
 use base64::Engine;
 use chrono::{DateTime, Utc};
@@ -401,7 +401,9 @@ impl OAuthSession {
         let _token_lock = lock_tokens(tokens, connection, &cx.shutdown)
             .await
             .map_err(|error| match error {
-                LockError::Cancelled { .. } => ConnectorError::Cancelled,
+                LockError::Cancelled { .. } | LockError::CancelledOn { .. } => {
+                    ConnectorError::Cancelled
+                }
                 other => ConnectorError::Transient {
                     vendor: "oauth".into(),
                     reason: format!(
@@ -563,14 +565,15 @@ impl OAuthSession {
     }
 }
 
-/// Takes the cross-process token lock of `connection` (see `crate::lock`).
+/// Takes the cross-process token lock of `connection` (see `TokenStore::lock_refresh`).
 async fn lock_tokens(
     tokens: &dyn TokenStore,
     connection: &str,
     cancel: &tokio_util::sync::CancellationToken,
-) -> Result<LockFile, LockError> {
-    let path = tokens.lock_path(connection);
-    LockFile::lock(&path, TOKEN_LOCK_WAIT, cancel).await
+) -> Result<RefreshLock, LockError> {
+    tokens
+        .lock_refresh(connection, TOKEN_LOCK_WAIT, cancel)
+        .await
 }
 
 fn token_parts(

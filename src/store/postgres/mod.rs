@@ -36,6 +36,7 @@ pub mod leases;
 mod migrations;
 pub mod rate;
 mod report;
+mod session_lock;
 mod sync;
 
 pub use migrations::SCHEMA_VERSION;
