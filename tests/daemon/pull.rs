@@ -396,7 +396,7 @@ async fn pipedrive_syncs_with_cursor_pages_persons_won_status_rotting_stages_tie
     assert!(incremental >= 2, "incremental reads use updated_since");
 }
 
-fn salesforce_connection(name: &str, url: &str) -> String {
+pub(crate) fn salesforce_connection(name: &str, url: &str) -> String {
     format!(
         r#"
 [connections.{name}]

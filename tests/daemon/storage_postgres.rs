@@ -8,6 +8,7 @@
 use crate::harness::daemon::run_cli;
 use crate::harness::postgres::{self, PASSWORD, PASSWORD_ROLE, TestDatabase};
 use crate::harness::vendors::hubspot::{HsDeal, HubSpot};
+use crate::harness::vendors::salesforce::{Salesforce, SfOpp};
 use crate::harness::{free_port, skip};
 use std::path::Path;
 use std::time::Duration;
@@ -619,4 +620,109 @@ async fn a_sync_that_loses_postgres_midway_fails_clearly_and_the_next_one_comple
         .unwrap()
         .get::<_, i64>(0);
     assert_eq!(history, 20, "one history row per deal, none twice");
+}
+
+/// Three `dealsync sync` processes on one PostgreSQL database, each with a temporary
+/// directory of its own (as on three hosts), start at once against a Salesforce that
+/// rotates refresh tokens: the token is refreshed once, under the database's advisory
+/// lock, and every process syncs with it. Two refreshes would race with the same
+/// refresh token, and the loser's `invalid_grant` would mark the connection for
+/// re-authorization.
+#[tokio::test]
+async fn replicas_on_several_hosts_refresh_a_rotating_oauth_token_once() {
+    let Some(database) = database("replicas_on_several_hosts_refresh_a_rotating_oauth_token_once")
+    else {
+        return;
+    };
+    let salesforce = Salesforce::start_with("refresh-0", 2, true).await;
+    let at = chrono::Utc::now() - chrono::Duration::hours(1);
+    for i in 0..10 {
+        salesforce.put(SfOpp::new(
+            &format!("006B{i}"),
+            &format!("Opp {i}"),
+            "Prospecting",
+            at + chrono::Duration::seconds(i),
+        ));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (config, credentials) =
+        write_config(dir.path(), &url_without_password(&database), PASSWORD);
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(&crate::pull::salesforce_connection("sf", &salesforce.url()));
+    std::fs::write(&config, text).unwrap();
+    let hosts: Vec<String> = (0..3)
+        .map(|n| {
+            let tmp = dir.path().join(format!("tmp-host-{n}"));
+            std::fs::create_dir_all(&tmp).unwrap();
+            tmp.to_str().unwrap().to_owned()
+        })
+        .collect();
+    let args = [
+        "--config",
+        &config,
+        "--credentials-dir",
+        &credentials,
+        "sync",
+        "sf",
+    ];
+    // The first token request is held until the two other processes are seen waiting
+    // for the refresh lock in the database; each process has a temporary directory of
+    // its own, so a lock file there would not hold the others back (they would send
+    // refreshes of their own, and never wait in the database).
+    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    salesforce.state.faults.push(
+        "/services/oauth2/token",
+        crate::harness::vendors::Fault::Gate(gate.clone()),
+    );
+    let envs: Vec<[(&str, &str); 1]> = hosts.iter().map(|tmp| [("TMPDIR", tmp.as_str())]).collect();
+    let runs = futures_util::future::join_all(envs.iter().map(|env| run_cli(&args, env)));
+    let admin = database.admin().await;
+    let waiting = async {
+        crate::harness::eventually(
+            "two processes waiting for the refresh lock",
+            Duration::from_secs(30),
+            || async {
+                let row = admin
+                    .query_one(
+                        // The class of dealsync's named session locks ("lock").
+                        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'
+                           AND classid = 1819239275 AND objsubid = 2 AND NOT granted",
+                        &[],
+                    )
+                    .await
+                    .unwrap();
+                (row.get::<_, i64>(0) == 2).then_some(())
+            },
+        )
+        .await;
+        assert_eq!(
+            salesforce.state.faults.count("/services/oauth2/token"),
+            1,
+            "only the lock's holder asked for a token"
+        );
+        gate.add_permits(100);
+    };
+    let (outcomes, ()) = tokio::join!(runs, waiting);
+    for (code, stdout, stderr) in outcomes {
+        assert_eq!(code, 0, "{stdout}{stderr}");
+    }
+    assert_eq!(
+        salesforce
+            .state
+            .oauth
+            .refreshes
+            .load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "one refresh for the three processes"
+    );
+    let row = admin
+        .query_one(
+            "SELECT refresh_token, needs_reauth, (SELECT count(*) FROM deals) FROM oauth_tokens
+             WHERE connection = 'sf'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let stored: (Option<String>, bool, i64) = (row.get(0), row.get(1), row.get(2));
+    assert_eq!(stored, (Some("refresh-1".into()), false, 10));
 }

@@ -13,9 +13,6 @@ use tokio_util::sync::CancellationToken;
 /// The advisory-lock class of named session locks (two-key form).
 const SESSION_LOCK_CLASS: i32 = 0x6c6f_636b; // "lock"
 
-/// How often a waiting process asks again.
-const POLL: Duration = Duration::from_millis(100);
-
 /// A held session lock; dropping it closes its connection, which releases it.
 pub struct SessionLock {
     // Never read: its connection holds the lock.
@@ -23,8 +20,8 @@ pub struct SessionLock {
 }
 
 impl Database {
-    /// Takes the lock `name` (any text), asking every [`POLL`] until `wait` has passed
-    /// or `cancel` fires.
+    /// Takes the lock `name` (any text), waiting until `wait` has passed or `cancel`
+    /// fires. A process waiting shows in `pg_locks` as an advisory lock not granted.
     pub async fn session_lock(
         &self,
         name: &str,
@@ -32,36 +29,37 @@ impl Database {
         cancel: &CancellationToken,
     ) -> Result<SessionLock, LockError> {
         let what = format!("the lock {name} in PostgreSQL {}", self.target());
-        let failed = |reason: String| LockError::Failed {
+        let failed = |error: &(dyn std::error::Error + 'static)| LockError::Failed {
             what: what.clone(),
-            reason,
+            reason: crate::telemetry::error_chain(error),
         };
-        let client = self
-            .client()
-            .await
-            .map_err(|error| failed(crate::telemetry::error_chain(&error)))?;
-        // Out of the pool: closed, not recycled, when the guard is dropped.
+        let client = self.client().await.map_err(|error| failed(&error))?;
+        // Out of the pool: closed, not recycled, when the guard is dropped (or when a
+        // cancelled wait drops it, which ends the wait at the server too).
         let client = deadpool_postgres::Object::take(client);
-        let deadline = tokio::time::Instant::now() + wait;
-        loop {
-            let taken: bool = client
-                .query_one(
-                    "SELECT pg_try_advisory_lock($1, hashtext($2))",
-                    &[&SESSION_LOCK_CLASS, &name],
-                )
-                .await
-                .and_then(|row| row.try_get(0))
-                .map_err(|error| failed(crate::telemetry::error_chain(&error)))?;
-            if taken {
-                return Ok(SessionLock { _client: client });
+        client
+            .batch_execute(&format!(
+                "SET statement_timeout = 0; SET lock_timeout = {}",
+                wait.as_millis().clamp(1, i32::MAX as u128)
+            ))
+            .await
+            .map_err(|error| failed(&error))?;
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&SESSION_LOCK_CLASS, &name];
+        let outcome = tokio::select! {
+            _ = cancel.cancelled() => None,
+            taken = client.execute("SELECT pg_advisory_lock($1, hashtext($2))", &params) => {
+                Some(taken)
             }
-            if tokio::time::Instant::now() >= deadline {
-                return Err(LockError::TimedOutOn { what, waited: wait });
+        };
+        match outcome {
+            None => Err(LockError::CancelledOn { what }),
+            Some(Ok(_)) => Ok(SessionLock { _client: client }),
+            Some(Err(error))
+                if error.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) =>
+            {
+                Err(LockError::TimedOutOn { what, waited: wait })
             }
-            tokio::select! {
-                _ = cancel.cancelled() => return Err(LockError::CancelledOn { what }),
-                _ = tokio::time::sleep(POLL) => {}
-            }
+            Some(Err(error)) => Err(failed(&error)),
         }
     }
 }

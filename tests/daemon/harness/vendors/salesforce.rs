@@ -99,11 +99,17 @@ pub struct Salesforce {
 impl Salesforce {
     /// `refresh` is the refresh token the mock accepts; no access token is live yet.
     pub async fn start(refresh: &str, batch: usize) -> Salesforce {
+        Salesforce::start_with(refresh, batch, false).await
+    }
+
+    /// As [`Salesforce::start`]; with `rotate`, each refresh answers a new refresh
+    /// token and the one used stops working, as vendors that rotate them do.
+    pub async fn start_with(refresh: &str, batch: usize, rotate: bool) -> Salesforce {
         let faults = Arc::new(Faults::default());
         let state = Arc::new(SfState {
             opportunities: Mutex::new(BTreeMap::new()),
             faults: faults.clone(),
-            oauth: OAuthState::new("none-yet", refresh, false),
+            oauth: OAuthState::new("none-yet", refresh, rotate),
             batch,
             url: Mutex::new(String::new()),
             locators: Mutex::new(HashMap::new()),
