@@ -290,7 +290,7 @@ async fn check_postgres(url: &config::PostgresUrl) -> Result<String, String> {
             "{line}; point storage.url at another database or upgrade dealsync (nothing was changed)"
         )),
         SchemaState::Absent | SchemaState::Current(_) | SchemaState::Older { .. } => Ok(format!(
-            "{line}\n  note: in this version `dealsync sync` and `dealsync report` run on PostgreSQL; `dealsync run` and the other commands refuse storage.url\n"
+            "{line}\n  note: in this version `dealsync sync`, `report`, `deals list` and `stages` run on PostgreSQL; `dealsync run` and the other commands refuse storage.url\n"
         )),
     }
 }
@@ -522,8 +522,9 @@ fn owner_email_warnings(config: &Config, runtimes: &[Arc<ConnectionRuntime>]) ->
 
 async fn stages(source: &ConfigSource) -> Result<(), CliError> {
     let config = load(source).await?;
-    let store = if config.require_sqlite()?.exists() {
-        Some(open_store(&config).await?)
+    // A SQLite file not made yet has nothing to show; a PostgreSQL database is read.
+    let store = if config.storage.url.is_some() || config.require_sqlite()?.exists() {
+        Some(open_any_store(&config).await?)
     } else {
         None
     };
@@ -841,7 +842,7 @@ async fn deals_list(source: &ConfigSource, args: ListArgs) -> Result<(), CliErro
         None => "stage".to_owned(),
     };
     one_of(&scope, args.stage.as_deref(), &stages)?;
-    let store = open_store(&config).await?;
+    let store = open_any_store(&config).await?;
     let deals = store
         .deals(DealFilter {
             connection: args.connection,

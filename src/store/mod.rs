@@ -117,6 +117,10 @@ pub enum StoreError {
     /// No connection to the PostgreSQL server could be made.
     #[error(transparent)]
     PostgresConnect(Box<postgres::ConnectError>),
+    /// A statement failed because the PostgreSQL server went out of reach or refused
+    /// work (a lost connection, a restart, no slot free).
+    #[error(transparent)]
+    PostgresUnavailable(Box<postgres::Unavailable>),
     #[error("migrating database to version {version}: {source}")]
     Migration { version: i64, source: DbError },
     /// The data directory or a database file cannot be written (permissions, a
@@ -311,7 +315,9 @@ impl StoreError {
     /// request a little later may succeed. Never true for SQLite.
     pub fn is_unavailable(&self) -> bool {
         match self {
-            StoreError::PostgresConnect(_) | StoreError::Unavailable(_) => true,
+            StoreError::PostgresConnect(_)
+            | StoreError::PostgresUnavailable(_)
+            | StoreError::Unavailable(_) => true,
             StoreError::Database(error) => error.is_unavailable(),
             _ => false,
         }
@@ -326,6 +332,7 @@ impl StoreError {
                 error.is_transient()
             }
             StoreError::PostgresConnect(failure) => failure.source.is_transient(),
+            StoreError::PostgresUnavailable(_) => true,
             StoreError::Unavailable(_) => true,
             StoreError::CreateDir { .. } | StoreError::CreateFile { .. } => true,
             _ => false,

@@ -467,7 +467,10 @@ pub(super) struct Deals<S> {
 /// than its history by that one change, never lose or double a row.
 async fn scan<S: ReportSink>(store: &Store, scope: ReportScope, sink: S) -> Result<S> {
     if let Some(database) = store.postgres() {
-        return database.scan_report(scope, sink).await;
+        return database
+            .scan_report(scope, sink)
+            .await
+            .map_err(|error| database.named(error));
     }
     let history = store.read(read_history);
     let deals = store.read(move |db| read_deals(db, &scope, sink));

@@ -160,7 +160,10 @@ impl Store {
     /// Records that a connection exists (idempotent).
     pub async fn ensure_connection(&self, name: &str, connector: &str) -> Result<()> {
         if let Some(database) = self.postgres() {
-            return database.ensure_connection(name, connector).await;
+            return database
+                .ensure_connection(name, connector)
+                .await
+                .map_err(|error| database.named(error));
         }
         let (name, connector) = (name.to_owned(), connector.to_owned());
         self.write(move |tx| {
@@ -180,7 +183,10 @@ impl Store {
         stream: &str,
     ) -> Result<Option<serde_json::Value>> {
         if let Some(database) = self.postgres() {
-            return database.cursor(connection, stream).await;
+            return database
+                .cursor(connection, stream)
+                .await
+                .map_err(|error| database.named(error));
         }
         let (connection, stream) = (connection.to_owned(), stream.to_owned());
         self.read(move |db| {
@@ -232,7 +238,8 @@ impl Store {
         if let Some(database) = self.postgres() {
             let outcome = database
                 .commit_page(connection, stream, upserts, quarantined, cache, cursor)
-                .await?;
+                .await
+                .map_err(|error| database.named(error))?;
             self.note_stage_changes(outcome.stage_changes);
             return Ok(outcome);
         }
@@ -315,7 +322,10 @@ impl Store {
     /// older than [`ENRICHMENT_RETENTION`] in the same transaction.
     pub async fn start_sync_run(&self, connection: &str, full: bool) -> Result<i64> {
         if let Some(database) = self.postgres() {
-            return database.start_sync_run(connection, full).await;
+            return database
+                .start_sync_run(connection, full)
+                .await
+                .map_err(|error| database.named(error));
         }
         let connection = connection.to_owned();
         self.write(move |tx| {
@@ -346,7 +356,10 @@ impl Store {
         error: Option<String>,
     ) -> Result<()> {
         if let Some(database) = self.postgres() {
-            return database.finish_sync_run(run_id, summary, error).await;
+            return database
+                .finish_sync_run(run_id, summary, error)
+                .await
+                .map_err(|error| database.named(error));
         }
         self.write(move |tx| {
             let now = to_ms(Utc::now());
@@ -370,7 +383,10 @@ impl Store {
     /// The most recent run of each connection.
     pub async fn last_sync_runs(&self) -> Result<Vec<SyncRunRecord>> {
         if let Some(database) = self.postgres() {
-            return database.last_sync_runs().await;
+            return database
+                .last_sync_runs()
+                .await
+                .map_err(|error| database.named(error));
         }
         self.read(|db| {
             let mut statement = db.prepare(
@@ -399,7 +415,10 @@ impl Store {
     /// When each connection last synced successfully.
     pub async fn last_successes(&self) -> Result<Vec<(String, Option<DateTime<Utc>>)>> {
         if let Some(database) = self.postgres() {
-            return database.last_successes().await;
+            return database
+                .last_successes()
+                .await
+                .map_err(|error| database.named(error));
         }
         self.read(|db| {
             let mut statement =
@@ -419,7 +438,10 @@ impl Store {
         pipelines: &[NativePipeline],
     ) -> Result<()> {
         if let Some(database) = self.postgres() {
-            return database.save_native_pipelines(connection, pipelines).await;
+            return database
+                .save_native_pipelines(connection, pipelines)
+                .await
+                .map_err(|error| database.named(error));
         }
         let connection = connection.to_owned();
         let text = to_json(pipelines)?;
@@ -437,7 +459,10 @@ impl Store {
 
     pub async fn native_pipelines(&self, connection: &str) -> Result<Vec<NativePipeline>> {
         if let Some(database) = self.postgres() {
-            return database.native_pipelines(connection).await;
+            return database
+                .native_pipelines(connection)
+                .await
+                .map_err(|error| database.named(error));
         }
         let connection = connection.to_owned();
         self.read(move |db| {

@@ -56,7 +56,10 @@ impl Store {
     /// The tokens of `connection`, if any were stored.
     pub async fn oauth_token(&self, connection: &str) -> Result<Option<StoredToken>> {
         if let Some(database) = self.postgres() {
-            return database.oauth_token(connection).await;
+            return database
+                .oauth_token(connection)
+                .await
+                .map_err(|error| database.named(error));
         }
         let connection = connection.to_owned();
         self.read(move |db| {
@@ -151,7 +154,10 @@ impl Store {
     /// Marks a connection as needing `dealsync auth` (its refresh token was revoked).
     pub async fn mark_needs_reauth(&self, connection: &str) -> Result<()> {
         if let Some(database) = self.postgres() {
-            return database.mark_needs_reauth(connection).await;
+            return database
+                .mark_needs_reauth(connection)
+                .await
+                .map_err(|error| database.named(error));
         }
         let connection = connection.to_owned();
         self.write(move |tx| {

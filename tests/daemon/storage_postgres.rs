@@ -237,7 +237,7 @@ async fn run_and_the_other_commands_refuse_a_postgres_url_in_one_line_pointing_t
         "postgres://dealsync@127.0.0.1:5/dealsync",
         "R3fused-pAss",
     );
-    for command in [&["run"][..], &["deals", "list"], &["stages"]] {
+    for command in [&["run"][..], &["outbox", "list"], &["quarantine", "list"]] {
         let mut args = vec!["--config", &config, "--credentials-dir", &credentials];
         args.extend_from_slice(command);
         let (code, stdout, stderr) = run_cli(&args, &[]).await;
@@ -434,6 +434,26 @@ async fn sync_pulls_hubspot_into_postgres_fully_then_incrementally() {
             .is_some_and(|rows| !rows.is_empty()),
         "{on_postgres}"
     );
+    // `deals list` and `stages` read the same on both, but for when each store first saw
+    // each deal (its own sync's clock).
+    let list = ["deals", "list", "--format", "json"];
+    let listed = |text: String| -> Vec<serde_json::Value> {
+        let mut deals: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
+        for deal in &mut deals {
+            deal.as_object_mut().unwrap().remove("first_seen_at");
+        }
+        deals
+    };
+    let deals_on_postgres = listed(cli(&config, &list).await);
+    assert_eq!(deals_on_postgres.len(), 9);
+    assert!(
+        deals_on_postgres == listed(cli(&sqlite_config, &list).await),
+        "deals list differs"
+    );
+    assert_eq!(
+        cli(&config, &["stages"]).await,
+        cli(&sqlite_config, &["stages"]).await
+    );
 }
 
 /// Three `dealsync sync` processes on one PostgreSQL database at once, pulling the same
@@ -535,12 +555,18 @@ async fn a_sync_that_loses_postgres_midway_fails_clearly_and_the_next_one_comple
             base + id as i64 * 1000,
         ));
     }
-    // The fourth list page is held until the server is out of reach.
+    // From the fourth request for deals on, every one is held until the server is out
+    // of reach (a fault is served to the next request of the path, in queue order; a
+    // zero delay lets one pass).
     let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
-    hubspot.faults().every(
-        "/crm/v3/objects/deals?",
-        vec![(4, crate::harness::vendors::Fault::Gate(gate.clone()))],
-    );
+    for n in 0..40 {
+        let fault = if n < 3 {
+            crate::harness::vendors::Fault::Delay(Duration::ZERO)
+        } else {
+            crate::harness::vendors::Fault::Gate(gate.clone())
+        };
+        hubspot.faults().push("/crm/v3/objects/deals", fault);
+    }
     let dir = tempfile::tempdir().unwrap();
     let url = format!(
         "postgres://{PASSWORD_ROLE}@127.0.0.1:{}/{}",
@@ -577,9 +603,14 @@ async fn a_sync_that_loses_postgres_midway_fails_clearly_and_the_next_one_comple
     };
 
     let first = sync();
-    crate::harness::eventually("three pages stored", Duration::from_secs(30), || async {
-        (deals().await >= 6).then_some(())
-    })
+    crate::harness::eventually(
+        "a page stored and the fourth request held",
+        Duration::from_secs(30),
+        || async {
+            (deals().await >= 2 && hubspot.faults().count("/crm/v3/objects/deals") >= 4)
+                .then_some(())
+        },
+    )
     .await;
     relay.cut().await;
     gate.add_permits(1_000);
@@ -589,17 +620,19 @@ async fn a_sync_that_loses_postgres_midway_fails_clearly_and_the_next_one_comple
         .lines()
         .find(|line| line.contains("sync failed"))
         .unwrap_or_else(|| panic!("no failure line: {stderr}"));
+    // Lost while connecting (refused) or in the middle of a statement (closed): either
+    // way the line names the server and what to do.
     assert!(
         failure.contains(&format!(
-            "connecting to PostgreSQL at 127.0.0.1:{}/{}",
+            "PostgreSQL at 127.0.0.1:{}/{}",
             relay.port(),
             database.name
-        )) && failure.contains("check that PostgreSQL runs"),
+        )) && failure.contains("check that"),
         "names the server and what to do: {failure}"
     );
     assert!(!format!("{stdout}{stderr}").contains(PASSWORD));
     let kept = deals().await;
-    assert!((6..20).contains(&kept), "{kept} deals kept");
+    assert!((2..20).contains(&kept), "{kept} deals kept");
     let cursor_kept = admin
         .query_one(
             "SELECT count(*) FROM sync_cursors WHERE connection = 'hs' AND stream = 'deals'",
@@ -679,7 +712,7 @@ async fn replicas_on_several_hosts_refresh_a_rotating_oauth_token_once() {
     let admin = database.admin().await;
     let waiting = async {
         crate::harness::eventually(
-            "two processes waiting for the refresh lock",
+            "the lock's holder asking for a token, two processes waiting for the lock",
             Duration::from_secs(30),
             || async {
                 let row = admin
@@ -691,7 +724,8 @@ async fn replicas_on_several_hosts_refresh_a_rotating_oauth_token_once() {
                     )
                     .await
                     .unwrap();
-                (row.get::<_, i64>(0) == 2).then_some(())
+                let holder_asked = salesforce.state.faults.count("/services/oauth2/token") >= 1;
+                (row.get::<_, i64>(0) == 2 && holder_asked).then_some(())
             },
         )
         .await;

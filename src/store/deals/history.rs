@@ -190,7 +190,10 @@ impl Store {
         cause: ChangeCause,
     ) -> Result<bool> {
         if let Some(database) = self.postgres() {
-            return database.move_deal(deal_id, to, status, at, cause).await;
+            return database
+                .move_deal(deal_id, to, status, at, cause)
+                .await
+                .map_err(|error| database.named(error));
         }
         self.write(move |tx| move_stage(tx, deal_id, &to, status, at, cause))
             .await
@@ -199,7 +202,10 @@ impl Store {
     /// A deal's stage history, oldest first.
     pub async fn history(&self, deal_id: i64) -> Result<Vec<StageChange>> {
         if let Some(database) = self.postgres() {
-            return database.history(deal_id).await;
+            return database
+                .history(deal_id)
+                .await
+                .map_err(|error| database.named(error));
         }
         self.read(move |db| {
             let mut statement = db.prepare(&format!(

@@ -137,7 +137,10 @@ pub(in crate::store) fn deal_from<R: Columns>(row: &R) -> Result<Deal, R::Error>
 impl Store {
     pub async fn deal(&self, id: i64) -> Result<Option<Deal>> {
         if let Some(database) = self.postgres() {
-            return database.deal(id).await;
+            return database
+                .deal(id)
+                .await
+                .map_err(|error| database.named(error));
         }
         self.read(move |db| {
             let sql = format!("SELECT {DEAL_COLUMNS} FROM deals WHERE id = ?1");
@@ -152,7 +155,10 @@ impl Store {
         external_id: &str,
     ) -> Result<Option<Deal>> {
         if let Some(database) = self.postgres() {
-            return database.deal_by_external_id(connection, external_id).await;
+            return database
+                .deal_by_external_id(connection, external_id)
+                .await
+                .map_err(|error| database.named(error));
         }
         let (connection, external_id) = (connection.to_owned(), external_id.to_owned());
         self.read(move |db| {
@@ -178,7 +184,10 @@ impl Store {
         candidates: Vec<(String, i64)>,
     ) -> Result<std::collections::HashSet<(String, i64)>> {
         if let Some(database) = self.postgres() {
-            return database.unchanged_records(connection, candidates).await;
+            return database
+                .unchanged_records(connection, candidates)
+                .await
+                .map_err(|error| database.named(error));
         }
         let connection = connection.to_owned();
         self.read(move |db| {
@@ -200,6 +209,12 @@ impl Store {
 
     /// Deals matching the filter, newest activity first.
     pub async fn deals(&self, filter: DealFilter) -> Result<Vec<Deal>> {
+        if let Some(database) = self.postgres() {
+            return database
+                .deals(filter)
+                .await
+                .map_err(|error| database.named(error));
+        }
         self.read(move |db| {
             let mut sql = format!("SELECT {DEAL_COLUMNS} FROM deals WHERE 1 = 1");
             let mut values: Vec<String> = Vec::new();
@@ -229,6 +244,12 @@ impl Store {
 
     /// Counts of live deals per connection and canonical stage.
     pub async fn stage_counts(&self) -> Result<Vec<StageCount>> {
+        if let Some(database) = self.postgres() {
+            return database
+                .stage_counts()
+                .await
+                .map_err(|error| database.named(error));
+        }
         self.read(|db| {
             let mut statement = db.prepare(
                 "SELECT connection, pipeline, stage, count(*) FROM deals
@@ -252,6 +273,75 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::ConnectionName;
+    use chrono::Duration;
+
+    /// Filters combine; the newest activity comes first, then the highest id; limit and
+    /// offset page; counts per stage leave deleted deals out.
+    #[tokio::test]
+    async fn deals_list_by_filter_newest_first_and_counts_leave_deleted_deals_out() {
+        on_both(
+            "deals_list_by_filter_newest_first_and_counts_leave_deleted_deals_out",
+            async |store| {
+                let now = Utc::now();
+                let mut records = vec![
+                    upsert("1", "proposal", now - Duration::minutes(3)),
+                    upsert("2", "proposal", now - Duration::minutes(1)),
+                    upsert("3", "negotiation", now - Duration::minutes(2)),
+                ];
+                let mut other = upsert("4", "proposal", now);
+                other.connection = ConnectionName::new("shop");
+                records.push(other);
+                let mut gone = upsert("5", "proposal", now - Duration::minutes(5));
+                gone.source.deleted = true;
+                records.push(gone);
+                store.upsert_deals(records).await.unwrap();
+                let ids = |deals: Vec<Deal>| -> Vec<String> {
+                    deals
+                        .iter()
+                        .map(|d| d.external_id.as_str().to_owned())
+                        .collect()
+                };
+                let all = store.deals(DealFilter::default()).await.unwrap();
+                assert_eq!(ids(all), ["4", "2", "3", "1", "5"]);
+                let crm_proposals = store
+                    .deals(DealFilter {
+                        connection: Some("crm".into()),
+                        stage: Some("proposal".into()),
+                        status: Some(DealStatus::Open),
+                        ..DealFilter::default()
+                    })
+                    .await
+                    .unwrap();
+                assert_eq!(ids(crm_proposals), ["2", "1"]);
+                let page = store
+                    .deals(DealFilter {
+                        limit: Some(2),
+                        offset: Some(1),
+                        ..DealFilter::default()
+                    })
+                    .await
+                    .unwrap();
+                assert_eq!(ids(page), ["2", "3"]);
+                let counts: Vec<(String, String, u64)> = store
+                    .stage_counts()
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .map(|c| (c.connection, c.stage, c.deals))
+                    .collect();
+                assert_eq!(
+                    counts,
+                    [
+                        ("crm".into(), "negotiation".into(), 1),
+                        ("crm".into(), "proposal".into(), 2),
+                        ("shop".into(), "proposal".into(), 1),
+                    ]
+                );
+            },
+        )
+        .await;
+    }
     use crate::domain::hashing::fingerprint;
     use crate::store::both_backends::on_both;
     use crate::store::deals::tests::upsert;

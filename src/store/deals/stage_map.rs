@@ -65,7 +65,10 @@ impl Store {
     /// each group sits in now.
     pub async fn native_stage_groups(&self, connection: &str) -> Result<Vec<NativeStageGroup>> {
         if let Some(database) = self.postgres() {
-            return database.native_stage_groups(connection).await;
+            return database
+                .native_stage_groups(connection)
+                .await
+                .map_err(|error| database.named(error));
         }
         let connection = connection.to_owned();
         self.read(move |db| {
@@ -172,7 +175,10 @@ impl Store {
     /// or of all with `None`.
     pub async fn unmapped_stages(&self, connection: Option<&str>) -> Result<Vec<UnmappedStage>> {
         if let Some(database) = self.postgres() {
-            return database.unmapped_stages(connection).await;
+            return database
+                .unmapped_stages(connection)
+                .await
+                .map_err(|error| database.named(error));
         }
         let connection = connection.map(str::to_owned);
         self.read(move |db| {

@@ -271,7 +271,10 @@ impl Store {
     /// Upserts records outside a sync run (webhooks, tests); one transaction.
     pub async fn upsert_deals(&self, upserts: Vec<DealUpsert>) -> Result<UpsertOutcome> {
         if let Some(database) = self.postgres() {
-            let outcome = database.upsert_deals(upserts).await?;
+            let outcome = database
+                .upsert_deals(upserts)
+                .await
+                .map_err(|error| database.named(error))?;
             self.note_stage_changes(outcome.stage_changes);
             return Ok(outcome);
         }

@@ -21,8 +21,8 @@
 use super::Database;
 use crate::domain::{ChangeCause, Deal, DealStatus, StageChange, StageRef};
 use crate::store::deals::{
-    DEAL_COLUMNS, DealRef, DealUpsert, Existing, HISTORY_COLUMNS_READ, UpsertOutcome, Write,
-    by_connection, change_from, deal_from, followup_candidates, plan,
+    DEAL_COLUMNS, DealFilter, DealRef, DealUpsert, Existing, HISTORY_COLUMNS_READ, StageCount,
+    UpsertOutcome, Write, by_connection, change_from, deal_from, followup_candidates, plan,
 };
 use crate::store::{Result, StoreError, to_ms};
 use chrono::{DateTime, Utc};
@@ -589,6 +589,60 @@ impl Database {
             .query_opt(&sql, &[&pg_text(connection), &pg_text(external_id)])
             .await?;
         Ok(row.as_ref().map(deal_from).transpose()?)
+    }
+
+    /// Deals matching the filter, newest activity first.
+    pub async fn deals(&self, filter: DealFilter) -> Result<Vec<Deal>> {
+        let mut sql = format!("SELECT {DEAL_COLUMNS} FROM deals WHERE TRUE");
+        let mut values: Vec<String> = Vec::new();
+        for (column, value) in [
+            ("connection", filter.connection),
+            ("pipeline", filter.pipeline),
+            ("stage", filter.stage),
+            ("status", filter.status.map(|s| s.as_str().to_owned())),
+        ] {
+            if let Some(value) = value {
+                values.push(pg_text(&value).into_owned());
+                sql.push_str(&format!(" AND {column} = ${}", values.len()));
+            }
+        }
+        sql.push_str(" ORDER BY last_activity_at DESC, id DESC");
+        if let Some(limit) = filter.limit {
+            sql.push_str(&format!(" LIMIT {limit}"));
+        }
+        sql.push_str(&format!(" OFFSET {}", filter.offset.unwrap_or(0)));
+        let params: Vec<&(dyn ToSql + Sync)> =
+            values.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
+        let rows = self.client().await?.query(&sql, &params).await?;
+        Ok(rows
+            .iter()
+            .map(deal_from)
+            .collect::<std::result::Result<_, _>>()?)
+    }
+
+    /// Counts of live deals per connection and canonical stage.
+    pub async fn stage_counts(&self) -> Result<Vec<StageCount>> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT connection, pipeline, stage, count(*) FROM deals
+                 WHERE deleted_at IS NULL GROUP BY connection, pipeline, stage
+                 ORDER BY connection, pipeline, stage",
+                &[],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|row| {
+                Ok(StageCount {
+                    connection: row.try_get(0)?,
+                    pipeline: row.try_get(1)?,
+                    stage: row.try_get(2)?,
+                    deals: row.try_get::<_, i64>(3)?.unsigned_abs(),
+                })
+            })
+            .collect::<std::result::Result<_, tokio_postgres::Error>>()?)
     }
 
     /// A deal's stage history, oldest first.

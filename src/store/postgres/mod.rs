@@ -60,6 +60,23 @@ pub struct ConnectError {
     pub source: DbError,
 }
 
+/// A statement the server could not complete because it went out of reach or refused
+/// work: names it and says what to do.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "PostgreSQL at {target} could not complete the work: {cause}; nothing of it was \
+     committed, so it is done again on the next attempt; check that the server runs and \
+     is reachable from this host"
+)]
+pub struct Unavailable {
+    /// `host:port/database`, never the password.
+    pub target: String,
+    /// The source and its causes in one line.
+    pub cause: String,
+    #[source]
+    pub source: DbError,
+}
+
 /// How the pool connects; [`Options::default`] is what the daemon uses.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -186,6 +203,21 @@ impl Database {
         let database = Database::connect(url, options).await?;
         database.migrate().await?;
         Ok(database)
+    }
+
+    /// `error` naming this server when it says the server is out of reach or refused
+    /// the work (`StoreError::PostgresUnavailable`); any other error as it is.
+    pub(crate) fn named(&self, error: StoreError) -> StoreError {
+        match error {
+            StoreError::Database(source) if source.is_unavailable() => {
+                StoreError::PostgresUnavailable(Box::new(Unavailable {
+                    target: self.target(),
+                    cause: one_line(&source),
+                    source,
+                }))
+            }
+            other => other,
+        }
     }
 
     /// `host:port/database`.
