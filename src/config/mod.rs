@@ -133,7 +133,8 @@ impl Config {
 
     /// The SQLite file of the store, or, when `storage.url` names a PostgreSQL
     /// database, an error that says it is not usable here yet (every command but
-    /// `check`, `sync`, `report`, `deals list` and `stages` in this version).
+    /// `check`, `sync`, `report`, `deals list`, `stages`, `quarantine list` and
+    /// `suppressions` in this version).
     pub fn require_sqlite(&self) -> Result<&Path, ConfigError> {
         match &self.storage.url {
             None => Ok(&self.storage.path),
@@ -154,13 +155,14 @@ pub struct StorageConfig {
     /// The SQLite file (`storage.path`, or the default when neither key is set).
     pub path: PathBuf,
     /// `storage.url`: a PostgreSQL database instead of `path`. `dealsync check`, `sync`,
-    /// `report`, `deals list` and `stages` use it in this version; the daemon and the other commands refuse it
+    /// `report`, `deals list`, `stages`, `quarantine list` and `suppressions` use it in
+    /// this version; the daemon and the other commands refuse it
     /// (`Config::require_sqlite`).
     pub url: Option<PostgresUrl>,
 }
 
 /// What every command but `check` answers to `storage.url` in this version.
-pub const POSTGRES_NOT_YET: &str = "PostgreSQL (storage.url) is accepted only by `dealsync check`, `sync`, `report`, `deals list` and `stages` in this version: the daemon and the other commands still run on SQLite alone; remove storage.url and set storage.path (docs/scale-out.md)";
+pub const POSTGRES_NOT_YET: &str = "PostgreSQL (storage.url) is accepted only by `dealsync check`, `sync`, `report`, `deals list`, `stages`, `quarantine list` and `suppressions` in this version: the daemon and the other commands still run on SQLite alone; remove storage.url and set storage.path (docs/scale-out.md)";
 
 #[derive(Debug, Clone)]
 pub struct ServerConfig {

@@ -74,12 +74,24 @@ impl Store {
         source: Option<String>,
         at: DateTime<Utc>,
     ) -> Result<bool> {
+        if let Some(database) = self.postgres() {
+            return database
+                .suppress(&email, &reason, source.as_deref(), at)
+                .await
+                .map_err(|error| database.named(error));
+        }
         self.write(move |tx| insert(tx, &email, &reason, source.as_deref(), at))
             .await
     }
 
     /// The suppression of an address, if any.
     pub async fn suppression(&self, email: String) -> Result<Option<Suppression>> {
+        if let Some(database) = self.postgres() {
+            return database
+                .suppression(&email)
+                .await
+                .map_err(|error| database.named(error));
+        }
         self.read(move |db| find(db, &email)).await
     }
 
@@ -87,6 +99,12 @@ impl Store {
     /// not suppressed. Sequences already stopped for it stay stopped; later follow-ups
     /// are sent.
     pub async fn unsuppress(&self, email: String) -> Result<Option<Suppression>> {
+        if let Some(database) = self.postgres() {
+            return database
+                .unsuppress(&email)
+                .await
+                .map_err(|error| database.named(error));
+        }
         self.write(move |tx| {
             let found = find(tx, &email)?;
             if let Some(found) = &found {
@@ -99,6 +117,12 @@ impl Store {
 
     /// Every suppressed address, newest first.
     pub async fn suppressions(&self) -> Result<Vec<Suppression>> {
+        if let Some(database) = self.postgres() {
+            return database
+                .suppressions()
+                .await
+                .map_err(|error| database.named(error));
+        }
         self.read(|db| {
             let mut statement = db.prepare(&format!(
                 "SELECT {COLUMNS} FROM suppressions ORDER BY created_at DESC, email"
@@ -107,5 +131,68 @@ impl Store {
             Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::store::both_backends::on_both;
+    use chrono::{Duration, Utc};
+
+    /// An address is one entry whatever its case; the first reason stays; the list is
+    /// newest first; removing it returns what was removed, once.
+    #[tokio::test]
+    async fn an_address_is_suppressed_once_whatever_its_case_and_removed_once() {
+        on_both(
+            "an_address_is_suppressed_once_whatever_its_case_and_removed_once",
+            async |store| {
+                let now = Utc::now();
+                let suppress = |email: &str, reason: &str, at| {
+                    store.suppress(email.into(), reason.into(), Some("test".into()), at)
+                };
+                assert!(
+                    suppress("Ada@Example.com", "unsubscribed", now)
+                        .await
+                        .unwrap()
+                );
+                assert!(!suppress("ada@example.com", "manual", now).await.unwrap());
+                assert!(
+                    suppress("bob@example.com", "hard bounce", now + Duration::seconds(1))
+                        .await
+                        .unwrap()
+                );
+                let found = store.suppression("ADA@example.com".into()).await.unwrap();
+                let found = found.expect("found by another case");
+                assert_eq!(
+                    (found.email.as_str(), found.reason.as_str()),
+                    ("ada@example.com", "unsubscribed")
+                );
+                let listed: Vec<String> = store
+                    .suppressions()
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .map(|s| s.email)
+                    .collect();
+                assert_eq!(listed, ["bob@example.com", "ada@example.com"]);
+                let removed = store.unsuppress("Ada@Example.com".into()).await.unwrap();
+                assert_eq!(removed.map(|s| s.email).as_deref(), Some("ada@example.com"));
+                assert!(
+                    store
+                        .unsuppress("ada@example.com".into())
+                        .await
+                        .unwrap()
+                        .is_none()
+                );
+                assert!(
+                    store
+                        .suppression("ada@example.com".into())
+                        .await
+                        .unwrap()
+                        .is_none()
+                );
+            },
+        )
+        .await;
     }
 }

@@ -104,6 +104,12 @@ impl Store {
         connection: Option<String>,
         limit: u32,
     ) -> Result<Vec<QuarantineEntry>> {
+        if let Some(database) = self.postgres() {
+            return database
+                .quarantined(connection, limit)
+                .await
+                .map_err(|error| database.named(error));
+        }
         self.read(move |db| {
             let mut statement = db.prepare(
                 "SELECT id, connection, external_id, error, at, raw FROM quarantine
@@ -117,6 +123,12 @@ impl Store {
 
     /// One quarantined record.
     pub async fn quarantine_entry(&self, id: i64) -> Result<Option<QuarantineEntry>> {
+        if let Some(database) = self.postgres() {
+            return database
+                .quarantine_entry(id)
+                .await
+                .map_err(|error| database.named(error));
+        }
         self.read(move |db| {
             Ok(db
                 .query_row(
@@ -503,6 +515,58 @@ mod tests {
                 error: error.into(),
                 raw: RawRecord::from_text(format!(r#"{{"id":"{id}"}}"#)).unwrap(),
             }
+        }
+
+        /// What a page set aside lists newest first, per connection, and reads back one by
+        /// one with the source's text as it came.
+        #[tokio::test]
+        async fn quarantined_records_list_and_read_back_on_both_backends() {
+            on_both(
+                "quarantined_records_list_and_read_back_on_both_backends",
+                async |store| {
+                    for (connection, id) in [("crm", "1"), ("shop", "2"), ("crm", "3")] {
+                        store
+                            .commit_page(
+                                connection,
+                                "deals",
+                                vec![],
+                                vec![bad(id, "no stage")],
+                                vec![],
+                                None,
+                            )
+                            .await
+                            .unwrap();
+                    }
+                    let ids = |entries: Vec<crate::store::QuarantineEntry>| -> Vec<Option<String>> {
+                        entries.into_iter().map(|e| e.external_id).collect()
+                    };
+                    let all = store.quarantined(None, 10).await.unwrap();
+                    let newest = all[0].id;
+                    assert_eq!(
+                        ids(all),
+                        [Some("3".into()), Some("2".into()), Some("1".into())]
+                    );
+                    let crm = store.quarantined(Some("crm".into()), 1).await.unwrap();
+                    assert_eq!(ids(crm), [Some("3".into())]);
+                    let entry = store.quarantine_entry(newest).await.unwrap().unwrap();
+                    assert_eq!(
+                        (
+                            entry.connection.as_str(),
+                            entry.error.as_str(),
+                            entry.raw.as_str()
+                        ),
+                        ("crm", "no stage", r#"{"id":"3"}"#)
+                    );
+                    assert!(
+                        store
+                            .quarantine_entry(newest + 100)
+                            .await
+                            .unwrap()
+                            .is_none()
+                    );
+                },
+            )
+            .await;
         }
 
         #[tokio::test]

@@ -237,7 +237,7 @@ async fn run_and_the_other_commands_refuse_a_postgres_url_in_one_line_pointing_t
         "postgres://dealsync@127.0.0.1:5/dealsync",
         "R3fused-pAss",
     );
-    for command in [&["run"][..], &["outbox", "list"], &["quarantine", "list"]] {
+    for command in [&["run"][..], &["outbox", "list"], &["deals", "show", "1"]] {
         let mut args = vec!["--config", &config, "--credentials-dir", &credentials];
         args.extend_from_slice(command);
         let (code, stdout, stderr) = run_cli(&args, &[]).await;
@@ -453,6 +453,23 @@ async fn sync_pulls_hubspot_into_postgres_fully_then_incrementally() {
     assert_eq!(
         cli(&config, &["stages"]).await,
         cli(&sqlite_config, &["stages"]).await
+    );
+    // The suppression list is the database's: added on PostgreSQL, seen there only.
+    cli(&config, &["suppressions", "add", "Ada@Acme.example"]).await;
+    let listed = cli(&config, &["suppressions", "list", "--format", "json"]).await;
+    assert!(listed.contains("ada@acme.example"), "{listed}");
+    let on_sqlite = cli(
+        &sqlite_config,
+        &["suppressions", "list", "--format", "json"],
+    )
+    .await;
+    assert!(!on_sqlite.contains("ada@acme.example"), "{on_sqlite}");
+    cli(&config, &["suppressions", "remove", "ada@acme.example"]).await;
+    assert_eq!(
+        cli(&config, &["quarantine", "list", "--format", "json"])
+            .await
+            .trim(),
+        "[]"
     );
 }
 

@@ -37,6 +37,7 @@ mod migrations;
 pub mod rate;
 mod report;
 mod session_lock;
+mod suppression;
 mod sync;
 
 pub use migrations::SCHEMA_VERSION;
