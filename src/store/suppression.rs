@@ -3,6 +3,7 @@
 //! Invariant: an address is compared as stored and lower-cased, so `Ada@Example.com`
 //! and `ada@example.com` are one entry in practice; the first reason recorded stays.
 
+use super::deals::Columns;
 use super::{Result, Store, from_ms, to_ms};
 use chrono::{DateTime, Utc};
 use rusqlite::{OptionalExtension, Transaction, params};
@@ -42,15 +43,16 @@ pub(crate) fn reason_of(db: &rusqlite::Connection, email: &str) -> Result<Option
         .optional()?)
 }
 
-/// The columns `suppression_from_row` reads, in its order.
-const COLUMNS: &str = "email, reason, source, created_at";
+/// The columns [`suppression_from`] reads, in its order.
+pub(super) const COLUMNS: &str = "email, reason, source, created_at";
 
-fn suppression_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Suppression> {
+/// Reads a suppression row of either backend ([`COLUMNS`]).
+pub(super) fn suppression_from<R: Columns>(row: &R) -> Result<Suppression, R::Error> {
     Ok(Suppression {
-        email: row.get(0)?,
-        reason: row.get(1)?,
-        source: row.get(2)?,
-        created_at: from_ms(row.get(3)?),
+        email: row.text(0)?,
+        reason: row.text(1)?,
+        source: row.opt_text(2)?,
+        created_at: from_ms(row.int(3)?),
     })
 }
 
@@ -60,7 +62,7 @@ fn find(db: &rusqlite::Connection, email: &str) -> Result<Option<Suppression>> {
         .query_row(
             &format!("SELECT {COLUMNS} FROM suppressions WHERE email IN (?1, lower(?1))"),
             [email],
-            suppression_from_row,
+            |row| suppression_from(row),
         )
         .optional()?)
 }
@@ -127,7 +129,7 @@ impl Store {
             let mut statement = db.prepare(&format!(
                 "SELECT {COLUMNS} FROM suppressions ORDER BY created_at DESC, email"
             ))?;
-            let rows = statement.query_map([], suppression_from_row)?;
+            let rows = statement.query_map([], |row| suppression_from(row))?;
             Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
         })
         .await

@@ -1,7 +1,7 @@
 //! Sync bookkeeping: cursors, runs, quarantined records, discovered native pipelines,
 //! and the records enrichments keep (`enrichment_cache`).
 
-use super::deals::{DealUpsert, UpsertOutcome, upsert_all};
+use super::deals::{Columns, DealUpsert, UpsertOutcome, upsert_all};
 use super::{Result, Store, StoreError, from_ms, to_json, to_ms};
 use crate::pipeline::NativePipeline;
 use chrono::{DateTime, Utc};
@@ -67,14 +67,18 @@ pub struct SyncRunRecord {
     pub error: Option<String>,
 }
 
-fn quarantine_from(row: &rusqlite::Row<'_>) -> rusqlite::Result<QuarantineEntry> {
+/// The columns [`quarantine_from`] reads, in its order.
+pub(super) const QUARANTINE_COLUMNS: &str = "id, connection, external_id, error, at, raw";
+
+/// Reads a quarantine row of either backend ([`QUARANTINE_COLUMNS`]).
+pub(super) fn quarantine_from<R: Columns>(row: &R) -> Result<QuarantineEntry, R::Error> {
     Ok(QuarantineEntry {
-        id: row.get(0)?,
-        connection: row.get(1)?,
-        external_id: row.get(2)?,
-        error: row.get(3)?,
-        at: from_ms(row.get(4)?),
-        raw: row.get(5)?,
+        id: row.int(0)?,
+        connection: row.text(1)?,
+        external_id: row.opt_text(2)?,
+        error: row.text(3)?,
+        at: from_ms(row.int(4)?),
+        raw: row.text(5)?,
     })
 }
 
@@ -111,11 +115,12 @@ impl Store {
                 .map_err(|error| database.named(error));
         }
         self.read(move |db| {
-            let mut statement = db.prepare(
-                "SELECT id, connection, external_id, error, at, raw FROM quarantine
-                 WHERE ?1 IS NULL OR connection = ?1 ORDER BY id DESC LIMIT ?2",
-            )?;
-            let rows = statement.query_map(params![connection, limit], quarantine_from)?;
+            let mut statement = db.prepare(&format!(
+                "SELECT {QUARANTINE_COLUMNS} FROM quarantine
+                 WHERE ?1 IS NULL OR connection = ?1 ORDER BY id DESC LIMIT ?2"
+            ))?;
+            let rows =
+                statement.query_map(params![connection, limit], |row| quarantine_from(row))?;
             Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
         })
         .await
@@ -132,10 +137,9 @@ impl Store {
         self.read(move |db| {
             Ok(db
                 .query_row(
-                    "SELECT id, connection, external_id, error, at, raw FROM quarantine
-                     WHERE id = ?1",
+                    &format!("SELECT {QUARANTINE_COLUMNS} FROM quarantine WHERE id = ?1"),
                     [id],
-                    quarantine_from,
+                    |row| quarantine_from(row),
                 )
                 .optional()?)
         })

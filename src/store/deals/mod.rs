@@ -28,7 +28,7 @@ pub(in crate::store) use history::{HISTORY_COLUMNS_READ, change_from};
 pub(in crate::store) use plan::{
     DealRef, Existing, Write, by_connection, followup_candidates, plan,
 };
-pub(in crate::store) use query::deal_from;
+pub(in crate::store) use query::{Columns, deal_from};
 pub(crate) use query::{DEAL_COLUMNS, deal_from_row};
 pub use query::{DealFilter, StageCount};
 pub use stage_map::{AppliedMapping, NativeStageGroup, StageMove, UnmappedStage};

@@ -7,32 +7,10 @@
 
 use super::Database;
 use super::deals::pg_text;
-use crate::store::sync::QuarantineEntry;
-use crate::store::{Result, Suppression, from_ms, to_ms};
+use crate::store::suppression::{COLUMNS, suppression_from};
+use crate::store::sync::{QUARANTINE_COLUMNS, QuarantineEntry, quarantine_from};
+use crate::store::{Result, Suppression, to_ms};
 use chrono::{DateTime, Utc};
-
-/// The columns `suppression_from` reads, in its order.
-const COLUMNS: &str = "email, reason, source, created_at";
-
-fn suppression_from(row: &tokio_postgres::Row) -> Result<Suppression> {
-    Ok(Suppression {
-        email: row.try_get(0)?,
-        reason: row.try_get(1)?,
-        source: row.try_get(2)?,
-        created_at: from_ms(row.try_get(3)?),
-    })
-}
-
-fn quarantine_from(row: &tokio_postgres::Row) -> Result<QuarantineEntry> {
-    Ok(QuarantineEntry {
-        id: row.try_get(0)?,
-        connection: row.try_get(1)?,
-        external_id: row.try_get(2)?,
-        error: row.try_get(3)?,
-        at: from_ms(row.try_get(4)?),
-        raw: row.try_get(5)?,
-    })
-}
 
 impl Database {
     /// Adds an address; false when it was already suppressed.
@@ -72,7 +50,7 @@ impl Database {
                 &[&pg_text(email)],
             )
             .await?;
-        row.as_ref().map(suppression_from).transpose()
+        Ok(row.as_ref().map(suppression_from).transpose()?)
     }
 
     /// Removes an address; what was removed, `None` when it was not suppressed.
@@ -89,7 +67,7 @@ impl Database {
                 &[&pg_text(email)],
             )
             .await?;
-        row.as_ref().map(suppression_from).transpose()
+        Ok(row.as_ref().map(suppression_from).transpose()?)
     }
 
     /// Every suppressed address, newest first.
@@ -102,7 +80,10 @@ impl Database {
                 &[],
             )
             .await?;
-        rows.iter().map(suppression_from).collect()
+        Ok(rows
+            .iter()
+            .map(suppression_from)
+            .collect::<std::result::Result<_, _>>()?)
     }
 
     /// Quarantined records, newest first (`connection` to list one connection's only).
@@ -115,12 +96,17 @@ impl Database {
             .client()
             .await?
             .query(
-                "SELECT id, connection, external_id, error, at, raw FROM quarantine
-                 WHERE $1::text IS NULL OR connection = $1 ORDER BY id DESC LIMIT $2",
+                &format!(
+                    "SELECT {QUARANTINE_COLUMNS} FROM quarantine
+                     WHERE $1::text IS NULL OR connection = $1 ORDER BY id DESC LIMIT $2"
+                ),
                 &[&connection, &i64::from(limit)],
             )
             .await?;
-        rows.iter().map(quarantine_from).collect()
+        Ok(rows
+            .iter()
+            .map(quarantine_from)
+            .collect::<std::result::Result<_, _>>()?)
     }
 
     /// One quarantined record.
@@ -129,10 +115,10 @@ impl Database {
             .client()
             .await?
             .query_opt(
-                "SELECT id, connection, external_id, error, at, raw FROM quarantine WHERE id = $1",
+                &format!("SELECT {QUARANTINE_COLUMNS} FROM quarantine WHERE id = $1"),
                 &[&id],
             )
             .await?;
-        row.as_ref().map(quarantine_from).transpose()
+        Ok(row.as_ref().map(quarantine_from).transpose()?)
     }
 }
