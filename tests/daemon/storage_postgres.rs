@@ -46,6 +46,13 @@ fn write_config(dir: &Path, url_without_password: &str, password: &str) -> (Stri
     )
 }
 
+/// Appends `text` (a connection's TOML) to the config file `config`.
+fn append_to_config(config: &str, text: &str) {
+    let mut whole = std::fs::read_to_string(config).unwrap();
+    whole.push_str(text);
+    std::fs::write(config, whole).unwrap();
+}
+
 fn url_without_password(database: &TestDatabase) -> String {
     format!(
         "postgres://{PASSWORD_ROLE}@127.0.0.1:{}/{}",
@@ -305,9 +312,7 @@ async fn sync_pulls_hubspot_into_postgres_fully_then_incrementally() {
     let (config, credentials) =
         write_config(dir.path(), &url_without_password(&database), PASSWORD);
     let connection = crate::pull::hubspot_connection("hs", &hubspot.url(), "");
-    let mut text = std::fs::read_to_string(&config).unwrap();
-    text.push_str(&connection);
-    std::fs::write(&config, text).unwrap();
+    append_to_config(&config, &connection);
     // The same install on SQLite, pulling the same mock: what the report reads must
     // agree.
     let sqlite_config = dir.path().join("sqlite.toml");
@@ -498,9 +503,10 @@ async fn three_syncs_at_once_on_one_database_store_each_deal_and_change_once() {
     let dir = tempfile::tempdir().unwrap();
     let (config, credentials) =
         write_config(dir.path(), &url_without_password(&database), PASSWORD);
-    let mut text = std::fs::read_to_string(&config).unwrap();
-    text.push_str(&crate::pull::hubspot_connection("hs", &hubspot.url(), ""));
-    std::fs::write(&config, text).unwrap();
+    append_to_config(
+        &config,
+        &crate::pull::hubspot_connection("hs", &hubspot.url(), ""),
+    );
     let args = [
         "--config",
         &config,
@@ -591,9 +597,10 @@ async fn a_sync_that_loses_postgres_midway_fails_clearly_and_the_next_one_comple
         database.name
     );
     let (config, credentials) = write_config(dir.path(), &url, PASSWORD);
-    let mut text = std::fs::read_to_string(&config).unwrap();
-    text.push_str(&crate::pull::hubspot_connection("hs", &hubspot.url(), ""));
-    std::fs::write(&config, text).unwrap();
+    append_to_config(
+        &config,
+        &crate::pull::hubspot_connection("hs", &hubspot.url(), ""),
+    );
     let args = [
         "--config",
         &config,
@@ -697,9 +704,10 @@ async fn replicas_on_several_hosts_refresh_a_rotating_oauth_token_once() {
     let dir = tempfile::tempdir().unwrap();
     let (config, credentials) =
         write_config(dir.path(), &url_without_password(&database), PASSWORD);
-    let mut text = std::fs::read_to_string(&config).unwrap();
-    text.push_str(&crate::pull::salesforce_connection("sf", &salesforce.url()));
-    std::fs::write(&config, text).unwrap();
+    append_to_config(
+        &config,
+        &crate::pull::salesforce_connection("sf", &salesforce.url()),
+    );
     let hosts: Vec<String> = (0..3)
         .map(|n| {
             let tmp = dir.path().join(format!("tmp-host-{n}"));

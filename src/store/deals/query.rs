@@ -27,6 +27,35 @@ pub struct DealFilter {
     pub offset: Option<u32>,
 }
 
+impl DealFilter {
+    /// The deals query of this filter for a backend whose numbered placeholders start
+    /// with `sigil` (`?1` in SQLite, `$1` in PostgreSQL), and its parameters in order.
+    pub(in crate::store) fn query(self, sigil: char) -> (String, Vec<String>) {
+        let mut sql = format!("SELECT {DEAL_COLUMNS} FROM deals WHERE 1 = 1");
+        let mut values: Vec<String> = Vec::new();
+        for (column, value) in [
+            ("connection", self.connection),
+            ("pipeline", self.pipeline),
+            ("stage", self.stage),
+            ("status", self.status.map(|s| s.as_str().to_owned())),
+        ] {
+            if let Some(value) = value {
+                values.push(value);
+                sql.push_str(&format!(" AND {column} = {sigil}{}", values.len()));
+            }
+        }
+        sql.push_str(" ORDER BY last_activity_at DESC, id DESC");
+        if let Some(limit) = self.limit {
+            sql.push_str(&format!(" LIMIT {limit}"));
+        } else if sigil == '?' {
+            // SQLite takes OFFSET only after a LIMIT; -1 is none.
+            sql.push_str(" LIMIT -1");
+        }
+        sql.push_str(&format!(" OFFSET {}", self.offset.unwrap_or(0)));
+        (sql, values)
+    }
+}
+
 /// Deals per canonical stage and connection (for metrics and the report).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct StageCount {
@@ -216,25 +245,7 @@ impl Store {
                 .map_err(|error| database.named(error));
         }
         self.read(move |db| {
-            let mut sql = format!("SELECT {DEAL_COLUMNS} FROM deals WHERE 1 = 1");
-            let mut values: Vec<String> = Vec::new();
-            for (column, value) in [
-                ("connection", filter.connection),
-                ("pipeline", filter.pipeline),
-                ("stage", filter.stage),
-                ("status", filter.status.map(|s| s.as_str().to_owned())),
-            ] {
-                if let Some(value) = value {
-                    values.push(value);
-                    sql.push_str(&format!(" AND {column} = ?{}", values.len()));
-                }
-            }
-            sql.push_str(" ORDER BY last_activity_at DESC, id DESC");
-            sql.push_str(&format!(
-                " LIMIT {} OFFSET {}",
-                filter.limit.map_or(-1, i64::from),
-                filter.offset.unwrap_or(0)
-            ));
+            let (sql, values) = filter.query('?');
             let mut statement = db.prepare(&sql)?;
             let rows = statement.query_map(rusqlite::params_from_iter(values), deal_from_row)?;
             Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)

@@ -593,24 +593,8 @@ impl Database {
 
     /// Deals matching the filter, newest activity first.
     pub async fn deals(&self, filter: DealFilter) -> Result<Vec<Deal>> {
-        let mut sql = format!("SELECT {DEAL_COLUMNS} FROM deals WHERE TRUE");
-        let mut values: Vec<String> = Vec::new();
-        for (column, value) in [
-            ("connection", filter.connection),
-            ("pipeline", filter.pipeline),
-            ("stage", filter.stage),
-            ("status", filter.status.map(|s| s.as_str().to_owned())),
-        ] {
-            if let Some(value) = value {
-                values.push(pg_text(&value).into_owned());
-                sql.push_str(&format!(" AND {column} = ${}", values.len()));
-            }
-        }
-        sql.push_str(" ORDER BY last_activity_at DESC, id DESC");
-        if let Some(limit) = filter.limit {
-            sql.push_str(&format!(" LIMIT {limit}"));
-        }
-        sql.push_str(&format!(" OFFSET {}", filter.offset.unwrap_or(0)));
+        let (sql, values) = filter.query('$');
+        let values: Vec<String> = values.iter().map(|v| pg_text(v).into_owned()).collect();
         let params: Vec<&(dyn ToSql + Sync)> =
             values.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
         let rows = self.client().await?.query(&sql, &params).await?;
