@@ -267,6 +267,7 @@ after = "1s"
         attention: None,
         health: Arc::new(dealsync::health::Readiness::default())
             .worker(dealsync::followup::worker::NAME),
+        leading: dealsync::replica::Leadership::always(),
     };
     let worker = tokio::spawn(dealsync::followup::worker::run(deps, shutdown.clone()));
     loop {

@@ -99,8 +99,9 @@ async fn register(store: &Store, runtimes: &[Arc<ConnectionRuntime>]) -> Result<
 }
 
 pub struct App {
-    /// `<database>.lock`, held for as long as the app lives: one daemon per database.
-    _lock: LockFile,
+    /// `<database>.lock`, held for as long as the app lives: one daemon per SQLite
+    /// database. None on PostgreSQL, which any number of replicas share.
+    _lock: Option<LockFile>,
     listener: TcpListener,
     /// `server.metrics_listen`, when set: `/metrics` alone.
     metrics_listener: Option<TcpListener>,
@@ -114,23 +115,32 @@ impl App {
     /// store; starts no task yet. Fails with [`StartupError::AlreadyRunning`] at once,
     /// before touching the store, when another daemon runs on the same database.
     pub async fn build(config: Config) -> Result<App, StartupError> {
-        // PostgreSQL is not a store the daemon can run on yet: said before anything
-        // else, and nothing is opened.
+        // Until every store method the daemon calls runs on PostgreSQL.
         config.require_sqlite()?;
         // The daemon uses every secret: one that was deferred (not readable here) is an
         // error now, naming each.
         config.require_credentials(|_| true)?;
-        // First of all: a second daemon must not even mark the first one's sends in
-        // flight as interrupted (below).
-        let lock = lock_database(&config.storage.path)?;
+        // First of all: a second daemon on the same SQLite file must not even mark the
+        // first one's sends in flight as interrupted (below). PostgreSQL replicas share
+        // the database by design: leases and claims keep them apart.
+        let lock = match &config.storage.url {
+            None => Some(lock_database(&config.storage.path)?),
+            Some(_) => None,
+        };
         let runtimes = prepare(&config)?;
-        let path = config.storage.path.clone();
-        let store = tokio::task::spawn_blocking(move || Store::open(&path))
-            .await
-            .map_err(|e| StoreError::Task(e.to_string()))??;
+        let store = match &config.storage.url {
+            Some(url) => Store::open_postgres(url).await?,
+            None => {
+                let path = config.storage.path.clone();
+                tokio::task::spawn_blocking(move || Store::open(&path))
+                    .await
+                    .map_err(|e| StoreError::Task(e.to_string()))??
+            }
+        };
         register(&store, &runtimes).await?;
         // A row left in `sending` by the previous process may or may not have reached
-        // the SMTP server: it is marked uncertain and never sent again.
+        // the SMTP server: it is marked uncertain and never sent again (on PostgreSQL,
+        // only rows whose replica's claim has expired).
         let interrupted = store.outbox_recover_interrupted(chrono::Utc::now()).await?;
         if interrupted > 0 {
             warn!(
@@ -152,6 +162,10 @@ impl App {
         };
         let readiness = Arc::new(Readiness::default());
         readiness.set_migrated();
+        if let Some(replica) = store.replica() {
+            info!(%replica, "running as a replica on PostgreSQL {}", config.storage.url.as_ref().map(ToString::to_string).unwrap_or_default());
+            readiness.set_replica(replica);
+        }
         readiness.expect(runtimes.iter().map(|r| r.name().to_owned()));
         let (reload_tx, reload_rx) = mpsc::channel(1);
         Ok(App {
@@ -243,12 +257,28 @@ impl App {
             state.readiness.worker("webhooks"),
             shutdown.child_token(),
         ));
-        tasks.spawn(crate::carts::run(
+        let (store, connections, readiness) = (
             state.store.clone(),
             state.connections.clone(),
-            state.readiness.worker("cart_sweeper"),
-            shutdown.child_token(),
-        ));
+            state.readiness.clone(),
+        );
+        let (duties, sweeper_token) = (duties(&state), shutdown.child_token());
+        tasks.spawn(async move {
+            duties
+                .run_while_held(
+                    crate::replica::leader_lease(CART_SWEEPER),
+                    sweeper_token,
+                    |lost| {
+                        crate::carts::run(
+                            store.clone(),
+                            connections.clone(),
+                            readiness.worker(CART_SWEEPER),
+                            lost,
+                        )
+                    },
+                )
+                .await
+        });
         shutdown::spawn_watchdog(shutdown.clone());
         let names: Vec<String> = state
             .connections
@@ -331,6 +361,20 @@ fn lock_database(db: &std::path::Path) -> Result<LockFile, StartupError> {
     }
 }
 
+/// The cart sweeper's name in `/readyz` and its leader lease.
+const CART_SWEEPER: &str = "cart_sweeper";
+
+/// Where the daemon's one-replica-at-a-time duties take their leases.
+fn duties(state: &HttpState) -> crate::replica::Duties {
+    crate::replica::Duties {
+        store: state.store.clone(),
+        readiness: state.readiness.clone(),
+        ttl: state.config().storage.failover_after,
+    }
+}
+
+/// Starts every connection's scheduler (on PostgreSQL, each while this replica holds
+/// the connection's poll lease) and the follow-up worker.
 fn start_connections(state: &Arc<HttpState>, tasks: &TaskTracker, token: &CancellationToken) {
     for runtime in state.connections.current().iter() {
         let (runtime, deps, token) = (runtime.clone(), sync_deps(state), token.child_token());
@@ -340,9 +384,17 @@ fn start_connections(state: &Arc<HttpState>, tasks: &TaskTracker, token: &Cancel
             connection = %runtime.name(),
             connector = %runtime.connector.kind()
         );
-        let health = state.readiness.connection_worker(runtime.name());
+        let (duties, readiness) = (duties(state), state.readiness.clone());
+        let lease = crate::replica::poll_lease(runtime.name());
         tasks.spawn(tracing::Instrument::instrument(
-            sync::run_connection(runtime, deps, token, health),
+            async move {
+                duties
+                    .run_while_held(lease, token, |lost| {
+                        let health = readiness.connection_worker(runtime.name());
+                        sync::run_connection(runtime.clone(), deps.clone(), lost, health)
+                    })
+                    .await
+            },
             span,
         ));
     }
@@ -360,6 +412,7 @@ fn start_connections(state: &Arc<HttpState>, tasks: &TaskTracker, token: &Cancel
             readiness.attention(crate::health::EMAIL_ATTENTION, note)
         })),
         health: state.readiness.worker(crate::followup::worker::NAME),
+        leading: duties(state).leadership(crate::followup::worker::NAME, token.child_token()),
     };
     tasks.spawn(crate::followup::worker::run(deps, token.child_token()));
 }

@@ -33,6 +33,14 @@ pub struct ReadinessReport {
     /// the next (`followups`, `webhooks`, `cart_sweeper`, `connection:NAME`). Makes the
     /// daemon unready until the worker's next pass works.
     pub degraded: BTreeMap<String, String>,
+    /// On PostgreSQL: this process among the replicas (what its leases name).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replica: Option<String>,
+    /// On PostgreSQL: the leases this replica holds (`poll:CONNECTION`,
+    /// `leader:DUTY`) → their fencing token. A connection missing here is polled by
+    /// another replica.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub leases: Option<BTreeMap<String, i64>>,
 }
 
 /// Readiness, shared by the tasks that make it true.
@@ -48,9 +56,29 @@ struct ReadinessInner {
     connections: BTreeMap<String, bool>,
     attention: BTreeMap<String, String>,
     degraded: BTreeMap<String, String>,
+    replica: Option<String>,
+    leases: BTreeMap<String, i64>,
 }
 
 impl Readiness {
+    /// Names this process among replicas: `/readyz` then lists its leases.
+    pub fn set_replica(&self, replica: &str) {
+        if let Ok(mut inner) = self.inner.lock() {
+            inner.replica = Some(replica.to_owned());
+        }
+    }
+
+    /// Records that this replica holds lease `name` with fencing token `token`, or
+    /// (with `None`) no longer does.
+    pub fn lease(&self, name: &str, token: Option<i64>) {
+        if let Ok(mut inner) = self.inner.lock() {
+            match token {
+                Some(token) => inner.leases.insert(name.to_owned(), token),
+                None => inner.leases.remove(name),
+            };
+        }
+    }
+
     pub fn set_migrated(&self) {
         if let Ok(mut inner) = self.inner.lock() {
             inner.migrated = true;
@@ -122,6 +150,8 @@ impl Readiness {
                 connections: BTreeMap::new(),
                 attention: BTreeMap::new(),
                 degraded: BTreeMap::new(),
+                replica: None,
+                leases: None,
             };
         };
         ReadinessReport {
@@ -139,6 +169,8 @@ impl Readiness {
                 .collect(),
             attention: inner.attention.clone(),
             degraded: inner.degraded.clone(),
+            replica: inner.replica.clone(),
+            leases: inner.replica.as_ref().map(|_| inner.leases.clone()),
         }
     }
 }

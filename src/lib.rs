@@ -21,6 +21,7 @@ pub mod ingest;
 pub mod lock;
 pub mod output;
 pub mod pipeline;
+pub mod replica;
 pub mod report;
 pub mod retry;
 pub mod shutdown;

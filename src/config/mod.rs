@@ -159,7 +159,19 @@ pub struct StorageConfig {
     /// this version; the daemon and the other commands refuse it
     /// (`Config::require_sqlite`).
     pub url: Option<PostgresUrl>,
+    /// `storage.failover_after` (with `url`): the lease time of a connection's polling
+    /// and of a leader duty; a replica that stops renewing loses them after this long,
+    /// and another takes them within a third of it more.
+    pub failover_after: Duration,
 }
+
+/// `storage.failover_after` when not set: a dead replica's connections are polled again
+/// within about 20 s (the bound is 30 s).
+pub const DEFAULT_FAILOVER_AFTER: Duration = Duration::from_secs(15);
+/// The range `storage.failover_after` accepts: renewals every third of it must fit
+/// several round trips, and a longer one leaves connections unpolled for minutes.
+const FAILOVER_RANGE: std::ops::RangeInclusive<Duration> =
+    Duration::from_secs(3)..=Duration::from_secs(300);
 
 /// What every command but `check` answers to `storage.url` in this version.
 pub const POSTGRES_NOT_YET: &str = "PostgreSQL (storage.url) is accepted only by `dealsync check`, `sync`, `report`, `deals list`, `stages`, `quarantine list` and `suppressions` in this version: the daemon and the other commands still run on SQLite alone; remove storage.url and set storage.path (docs/scale-out.md)";
@@ -791,11 +803,30 @@ fn validate_storage(raw: raw::RawStorage, report: &mut dyn FnMut(&str, String)) 
             .map_err(|message| report("storage.url", message))
             .ok()
     });
+    let failover_after = match raw.failover_after {
+        None => DEFAULT_FAILOVER_AFTER,
+        Some(_) if raw.url.is_none() => {
+            report(
+                "storage.failover_after",
+                "applies to replicas sharing a PostgreSQL database (storage.url); a SQLite store has one daemon, remove the key".to_owned(),
+            );
+            DEFAULT_FAILOVER_AFTER
+        }
+        Some(duration::ConfigDuration(value)) if FAILOVER_RANGE.contains(&value) => value,
+        Some(_) => {
+            report(
+                "storage.failover_after",
+                "must be between 3s and 300s (e.g. \"15s\")".to_owned(),
+            );
+            DEFAULT_FAILOVER_AFTER
+        }
+    };
     StorageConfig {
         path: raw
             .path
             .unwrap_or_else(|| PathBuf::from("/var/lib/dealsync/dealsync.db")),
         url,
+        failover_after,
     }
 }
 

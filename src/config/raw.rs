@@ -36,6 +36,9 @@ pub struct RawStorage {
     /// A PostgreSQL database instead, `postgres://user:password@host:5432/database`
     /// (the password through `${credential:NAME}`); not together with `path`.
     pub url: Option<Secret>,
+    /// With `url`: how long after a replica stops renewing its leases (it died, or lost
+    /// the database) another replica takes its connections' polling and leader duties.
+    pub failover_after: Option<ConfigDuration>,
 }
 
 #[derive(Debug, Deserialize, Default)]

@@ -378,6 +378,9 @@ struct Postgres {
     database: postgres::Database,
     intake: postgres::intake::Intake,
     stage_changes: tokio::sync::watch::Sender<u64>,
+    /// This process among the replicas sharing the database: the holder its leases and
+    /// claims name (`postgres::replica_id`).
+    replica: String,
 }
 
 /// The backend a [`Store`] runs on.
@@ -599,6 +602,7 @@ impl Store {
                 database,
                 intake,
                 stage_changes: tokio::sync::watch::Sender::new(0),
+                replica: postgres::replica_id(),
             })),
         })
     }
@@ -626,6 +630,48 @@ impl Store {
             && let Engine::Postgres(postgres) = &self.engine
         {
             postgres.stage_changes.send_modify(|count| *count += 1);
+        }
+    }
+
+    /// This process's name among the replicas sharing a PostgreSQL database (what its
+    /// leases and claims name); `None` on SQLite, where one daemon holds the file.
+    pub fn replica(&self) -> Option<&str> {
+        match &self.engine {
+            Engine::Sqlite(_) => None,
+            Engine::Postgres(postgres) => Some(&postgres.replica),
+        }
+    }
+
+    /// Starts keeping lease `name` for this replica (see `postgres::leases`): the duty
+    /// it guards runs while the keeper's watch shows it held. `None` on SQLite, where
+    /// the daemon's lock file already makes this process the only one.
+    pub fn lease_keeper(
+        &self,
+        name: String,
+        ttl: Duration,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> Option<postgres::leases::LeaseKeeper> {
+        match &self.engine {
+            Engine::Sqlite(_) => None,
+            Engine::Postgres(postgres) => Some(postgres::leases::LeaseKeeper::spawn(
+                postgres.database.clone(),
+                name,
+                postgres.replica.clone(),
+                postgres::leases::KeeperTiming::for_ttl(ttl),
+                shutdown,
+            )),
+        }
+    }
+
+    /// The leases of every replica, as the server holds them now (`/readyz`, the
+    /// status page); empty on SQLite.
+    pub async fn lease_holders(&self) -> Result<Vec<postgres::leases::LeaseHolder>> {
+        match self.postgres() {
+            None => Ok(Vec::new()),
+            Some(database) => database
+                .holders()
+                .await
+                .map_err(|error| database.named(error)),
         }
     }
 

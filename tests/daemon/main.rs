@@ -12,6 +12,7 @@ mod operators;
 mod outbound;
 mod process;
 mod pull;
+mod replicas;
 mod report;
 mod secrets;
 mod server;

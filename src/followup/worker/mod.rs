@@ -79,6 +79,9 @@ pub struct Deps {
     pub attention: Option<DeliveryAttention>,
     /// The worker's standing in `/readyz`.
     pub health: WorkerHealth,
+    /// Whether this replica enrolls and assembles digests now (leader duties); every
+    /// replica sends what is due, each row claimed by one.
+    pub leading: crate::replica::Leadership,
 }
 
 /// Names the last delivery failure for `/readyz` (`Some`), or clears it (`None`).
@@ -113,6 +116,7 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) {
         source,
         attention,
         health,
+        leading,
     } = deps;
     if config.followups.is_empty() && config.digests.is_empty() {
         debug!("no follow-up rules configured; the follow-up worker is idle");
@@ -132,7 +136,7 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) {
             return;
         }
     };
-    worker.run_loop(shutdown, health).await;
+    worker.run_loop(shutdown, health, leading).await;
 }
 
 /// Where the worker stands between passes.
@@ -208,7 +212,12 @@ impl Worker {
         }
     }
 
-    async fn run_loop(self: Arc<Self>, shutdown: CancellationToken, mut health: WorkerHealth) {
+    async fn run_loop(
+        self: Arc<Self>,
+        shutdown: CancellationToken,
+        mut health: WorkerHealth,
+        mut leading: crate::replica::Leadership,
+    ) {
         let email = &self.config.email;
         info!(
             rules = self.rules.len(),
@@ -228,7 +237,8 @@ impl Worker {
             if shutdown.is_cancelled() {
                 break;
             }
-            let (wake, failed) = match self.pass(&mut progress, &limit, &shutdown).await {
+            let lead = leading.leading();
+            let (wake, failed) = match self.pass(&mut progress, lead, &limit, &shutdown).await {
                 Ok(Some(wake)) => {
                     health.succeeded();
                     (wake, false)
@@ -255,38 +265,33 @@ impl Worker {
                         progress.next_enroll = tokio::time::Instant::now();
                     }
                 }
+                // Taken or lost the leader duties: a new leader enrolls from the stage
+                // index again (what the last leader may have left) before the feed.
+                () = leading.changed() => {
+                    progress.feed = None;
+                    progress.indexed = false;
+                    progress.next_enroll = tokio::time::Instant::now();
+                }
             }
         }
         info!("follow-up worker stopped");
     }
 
-    /// One pass: the start-up enrollment while not done, enrollment from the history
-    /// feed when due, digests, then every due row (claimed, sent and settled before the
+    /// One pass: while `leading`, the start-up enrollment while not done, enrollment
+    /// from the history feed when due and digest assembly; then every due digest and row (claimed, sent and settled before the
     /// pass ends). Returns when to wake for the next pass, `None` for at once. A store
     /// error ends the pass after the sends in flight have settled; what was done stays
     /// done, and the next pass goes on from there.
     async fn pass(
         self: &Arc<Self>,
         progress: &mut Progress,
+        leading: bool,
         limit: &Arc<Semaphore>,
         shutdown: &CancellationToken,
     ) -> Result<Option<tokio::time::Instant>, StoreError> {
-        let email = &self.config.email;
-        // Read the feed position first, then enroll from the index: an entry in
-        // between is seen twice, and enrolling is idempotent.
-        let feed = match &mut progress.feed {
-            Some(feed) => feed,
-            None => progress.feed.insert(self.store.last_history_id().await?),
-        };
-        if !progress.indexed {
-            self.enroll_from_index().await?;
-            progress.indexed = true;
+        if leading {
+            self.lead(progress).await?;
         }
-        if tokio::time::Instant::now() >= progress.next_enroll {
-            self.enroll_from_feed(feed).await?;
-            progress.next_enroll = tokio::time::Instant::now() + email.enroll_interval;
-        }
-        self.assemble_digests(&mut progress.assembled).await?;
         let digests = self.store.digests_due(Utc::now(), BATCH).await?;
         // From here sends may be in flight: an error is kept until they have settled.
         let mut sends: JoinSet<Result<(), StoreError>> = JoinSet::new();
@@ -359,6 +364,27 @@ impl Worker {
             }
             None => progress.next_enroll,
         }))
+    }
+
+    /// The leader duties of a pass: enrollment (from the stage index once, then from
+    /// the history feed when due) and digest assembly. One replica at a time does them;
+    /// both are idempotent, so a leader that takes over late repeats nothing.
+    async fn lead(&self, progress: &mut Progress) -> Result<(), StoreError> {
+        // Read the feed position first, then enroll from the index: an entry in
+        // between is seen twice, and enrolling is idempotent.
+        let feed = match &mut progress.feed {
+            Some(feed) => feed,
+            None => progress.feed.insert(self.store.last_history_id().await?),
+        };
+        if !progress.indexed {
+            self.enroll_from_index().await?;
+            progress.indexed = true;
+        }
+        if tokio::time::Instant::now() >= progress.next_enroll {
+            self.enroll_from_feed(feed).await?;
+            progress.next_enroll = tokio::time::Instant::now() + self.config.email.enroll_interval;
+        }
+        self.assemble_digests(&mut progress.assembled).await
     }
 
     fn count(&self, rule: &str, outcome: &str) {

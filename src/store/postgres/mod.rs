@@ -46,6 +46,19 @@ use super::{DbError, Result, StoreError};
 use crate::config::PostgresUrl;
 use std::time::Duration;
 
+/// A name for this process among the replicas sharing a database, unique across
+/// hosts and restarts: `host-pid-random`. Leases and claims record it, so `/readyz` and
+/// `pg_stat_activity` say which replica holds what.
+pub fn replica_id() -> String {
+    let host = hostname::get()
+        .ok()
+        .and_then(|name| name.into_string().ok())
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "host".to_owned());
+    let suffix: u32 = rand::random();
+    format!("{host}-{}-{suffix:08x}", std::process::id())
+}
+
 /// No connection to the server could be made: names it and says what to do.
 #[derive(Debug, thiserror::Error)]
 #[error("connecting to PostgreSQL at {target}: {cause}; {hint}")]

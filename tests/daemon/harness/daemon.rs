@@ -26,6 +26,9 @@ pub struct TestDaemon {
     /// The file-mode creation mask the binary runs under (`None`: the test's own).
     umask: Option<u32>,
     body: String,
+    /// The `[storage]` lines instead of the SQLite file (`url = …`: a replica on
+    /// PostgreSQL).
+    storage: Option<String>,
     pub http: reqwest::Client,
 }
 
@@ -49,7 +52,22 @@ impl TestDaemon {
         Self::start_with(body, &[], Some(umask)).await
     }
 
+    /// Starts a replica whose store is the PostgreSQL database `storage` names (the
+    /// `[storage]` lines, e.g. `url = "postgres://…"`), with `env` set; waits until ready.
+    pub async fn start_on(storage: &str, body: &str, env: &[(&str, &str)]) -> TestDaemon {
+        Self::start_configured(body, env, None, Some(storage.to_owned())).await
+    }
+
     async fn start_with(body: &str, env: &[(&str, &str)], umask: Option<u32>) -> TestDaemon {
+        Self::start_configured(body, env, umask, None).await
+    }
+
+    async fn start_configured(
+        body: &str,
+        env: &[(&str, &str)],
+        umask: Option<u32>,
+        storage: Option<String>,
+    ) -> TestDaemon {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut daemon = TestDaemon {
             config_path: dir.path().join("dealsync.toml"),
@@ -64,6 +82,7 @@ impl TestDaemon {
                 .collect(),
             umask,
             body: body.to_owned(),
+            storage,
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(10))
                 .build()
@@ -84,9 +103,12 @@ impl TestDaemon {
         } else {
             "metrics_auth = \"none\"\n"
         };
+        let storage = match &self.storage {
+            Some(lines) => lines.clone(),
+            None => format!("path = \"{}\"", self.db_path.display()),
+        };
         format!(
-            "[storage]\npath = \"{}\"\n\n[server]\nlisten = \"127.0.0.1:{}\"\npublic_url = \"http://127.0.0.1:{}\"\nshutdown_timeout = \"5s\"\n{metrics_auth}\n",
-            self.db_path.display(),
+            "[storage]\n{storage}\n\n[server]\nlisten = \"127.0.0.1:{}\"\npublic_url = \"http://127.0.0.1:{}\"\nshutdown_timeout = \"5s\"\n{metrics_auth}\n",
             self.port,
             self.port
         )
