@@ -8,6 +8,8 @@
 //!   with the page.
 //! - [`UnchangedRecords`]: reads which records the store holds as written from the same
 //!   record (by [`fingerprint`](crate::domain::hashing::fingerprint)).
+//! - [`SharedRate`]: a turn in the connection's request rate as every process sharing
+//!   the store counts it (replicas on PostgreSQL), so the vendor sees one client.
 //!
 //! Boundary: a connector writes to the store through [`TokenStore`] only; deals,
 //! quarantined records, kept enrichment records and cursors reach the store through
@@ -81,12 +83,28 @@ pub trait UnchangedRecords: Send + Sync {
     ) -> Result<HashSet<(String, i64)>, StoreError>;
 }
 
+/// A connection's request rate shared by every process on the store.
+#[async_trait]
+pub trait SharedRate: Send + Sync {
+    /// Takes one request of `connection`'s rate (`per_second` on average, `burst` at
+    /// once) as every process sharing the store counts it: `None` when granted (always
+    /// on a store only one daemon uses, whose own limiter is the limit), else how long
+    /// to wait before asking again.
+    async fn take_turn(
+        &self,
+        connection: &str,
+        per_second: f64,
+        burst: u32,
+    ) -> Result<Option<std::time::Duration>, StoreError>;
+}
+
 /// The handles a connector is given (see the module doc).
 #[derive(Clone)]
 pub struct StoreHandles {
     pub tokens: Arc<dyn TokenStore>,
     pub enrichment_cache: Arc<dyn EnrichmentCache>,
     pub unchanged: Arc<dyn UnchangedRecords>,
+    pub rate: Arc<dyn SharedRate>,
 }
 
 impl StoreHandles {
@@ -96,7 +114,8 @@ impl StoreHandles {
         StoreHandles {
             tokens: store.clone(),
             enrichment_cache: store.clone(),
-            unchanged: store,
+            unchanged: store.clone(),
+            rate: store,
         }
     }
 }
@@ -155,6 +174,18 @@ impl UnchangedRecords for Store {
         candidates: Vec<(String, i64)>,
     ) -> Result<HashSet<(String, i64)>, StoreError> {
         self.unchanged_records(connection, candidates).await
+    }
+}
+
+#[async_trait]
+impl SharedRate for Store {
+    async fn take_turn(
+        &self,
+        connection: &str,
+        per_second: f64,
+        burst: u32,
+    ) -> Result<Option<std::time::Duration>, StoreError> {
+        self.take_rate_turn(connection, per_second, burst).await
     }
 }
 

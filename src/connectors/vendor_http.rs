@@ -14,7 +14,9 @@
 //!   reading, and a body that grows past it is dropped at the first chunk beyond it,
 //!   with [`ConnectorError::ResponseTooLarge`]. It is not retried.
 //! - Every request waits for the connection's limiter (the vendor's documented rate,
-//!   or the connection's `rate_limit`) and holds one of `max_concurrency` permits.
+//!   or the connection's `rate_limit`), then for a turn in the same rate as every
+//!   replica on the store counts it (`handles::SharedRate`: the vendor sees one client),
+//!   and holds one of `max_concurrency` permits.
 //! - Retries are bounded (`MAX_ATTEMPTS`) and only for what may pass on its own: 429,
 //!   5xx, timeouts, connection errors. Every other answer goes back to the caller.
 //! - A vendor's rolling-window policy (`window_requests` per `window`) is kept exactly:
@@ -469,9 +471,10 @@ impl VendorClient {
         }
     }
 
-    async fn wait_turn(&self, request: &VendorRequest) {
+    async fn wait_turn(&self, cx: &SyncContext, request: &VendorRequest) {
         if let Some(limiter) = &self.limiter {
             limiter.until_ready().await;
+            self.wait_shared_turn(cx).await;
         }
         if let Some(window) = &self.window {
             let at = window.reserve(Instant::now());
@@ -494,6 +497,31 @@ impl VendorClient {
             };
             if let Some(endpoint) = endpoint {
                 endpoint.until_ready().await;
+            }
+        }
+    }
+
+    /// After this process's limiter: the connection's rate as every replica sharing
+    /// the store counts it (`SharedRate`; granted at once on SQLite). When the store
+    /// cannot answer, the request goes on under this process's limiter alone, logged:
+    /// the store being out of reach must not stop the pulls that do not need it.
+    async fn wait_shared_turn(&self, cx: &SyncContext) {
+        let (Some(handles), Some(per_second)) = (&cx.handles, self.limits.requests_per_second)
+        else {
+            return;
+        };
+        loop {
+            match handles
+                .rate
+                .take_turn(cx.connection.as_str(), per_second, self.limits.burst)
+                .await
+            {
+                Ok(None) => return,
+                Ok(Some(wait)) => tokio::time::sleep(wait).await,
+                Err(error) => {
+                    warn!(connection = %cx.connection, error = %crate::telemetry::error_chain(&error), "the shared request rate could not be read; going on under this process's own limit");
+                    return;
+                }
             }
         }
     }
@@ -527,7 +555,7 @@ impl VendorClient {
                 .map_err(|_| ConnectorError::Cancelled)?;
             tokio::select! {
                 _ = cx.shutdown.cancelled() => return Err(ConnectorError::Cancelled),
-                _ = self.wait_turn(request) => {}
+                _ = self.wait_turn(cx, request) => {}
             }
             self.requests.fetch_add(1, Ordering::Relaxed);
             let mut builder = self

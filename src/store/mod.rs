@@ -675,6 +675,31 @@ impl Store {
         }
     }
 
+    /// Takes one request of `connection`'s vendor rate as every replica counts it
+    /// (`postgres::rate`): `None` when granted, else how long to wait. On SQLite always
+    /// granted: one daemon uses the file, and its own limiter is the limit.
+    pub async fn take_rate_turn(
+        &self,
+        connection: &str,
+        per_second: f64,
+        burst: u32,
+    ) -> Result<Option<Duration>> {
+        let (Some(database), Some(rate)) = (
+            self.postgres(),
+            postgres::rate::Rate::new(per_second, burst),
+        ) else {
+            return Ok(None);
+        };
+        match database
+            .try_take(connection, rate)
+            .await
+            .map_err(|error| database.named(error))?
+        {
+            postgres::rate::Taken::Granted { .. } => Ok(None),
+            postgres::rate::Taken::Wait { wait } => Ok(Some(wait)),
+        }
+    }
+
     /// The SQLite database file; `None` on PostgreSQL.
     pub fn path(&self) -> Option<&Path> {
         match &self.engine {

@@ -9,9 +9,9 @@ use crate::followups;
 use crate::harness::daemon::TestDaemon;
 use crate::harness::eventually;
 use crate::harness::postgres::{self, PASSWORD, PASSWORD_ROLE, TestDatabase};
+use crate::harness::skip;
 use crate::harness::smtp::SmtpServer;
 use crate::harness::vendors::hubspot::{HsDeal, HubSpot};
-use crate::harness::skip;
 use crate::webhooks::{SHOP_SECRET, checkout, post, shopify, shopify_headers};
 use chrono::Utc;
 use dealsync::domain::{
@@ -70,7 +70,11 @@ async fn post_checkouts(daemons: &[&TestDaemon], prefix: &str, count: usize) -> 
     let mut acknowledged = Vec::new();
     for n in 0..count {
         let token = format!("{prefix}-{n}");
-        let body = checkout(&token, &Utc::now().to_rfc3339(), &format!("{token}@example.com"));
+        let body = checkout(
+            &token,
+            &Utc::now().to_rfc3339(),
+            &format!("{token}@example.com"),
+        );
         let headers = shopify_headers(SHOP_SECRET, "checkouts/create", &token, &body);
         let (status, answer) = post(daemons[n % daemons.len()], "shop", headers, body).await;
         assert!((200..300).contains(&status), "{token}: {status} {answer}");
@@ -144,15 +148,19 @@ after = "1s"
     };
 
     // One replica polls HubSpot; both list what they hold.
-    let holder = eventually("one replica to hold the HubSpot poll lease", WAIT, || async {
-        let (on_a, on_b) = (leases(&a).await, leases(&b).await);
-        let lease = "poll:hs".to_owned();
-        match (on_a.contains(&lease), on_b.contains(&lease)) {
-            (true, false) => Some('a'),
-            (false, true) => Some('b'),
-            _ => None,
-        }
-    })
+    let holder = eventually(
+        "one replica to hold the HubSpot poll lease",
+        WAIT,
+        || async {
+            let (on_a, on_b) = (leases(&a).await, leases(&b).await);
+            let lease = "poll:hs".to_owned();
+            match (on_a.contains(&lease), on_b.contains(&lease)) {
+                (true, false) => Some('a'),
+                (false, true) => Some('b'),
+                _ => None,
+            }
+        },
+    )
     .await;
     eventually("the HubSpot deals pulled", WAIT, || async {
         (count("SELECT count(*) FROM deals WHERE connection = 'hs'").await == 6).then_some(())
@@ -185,16 +193,26 @@ after = "1s"
     killed.wait_exit(Duration::from_secs(10)).await;
     let killed_at = Instant::now();
     let polls_before = hubspot.faults().count("/crm/v3/objects/deals");
-    eventually("the survivor to take the HubSpot poll lease", FAILOVER_BOUND, || async {
-        leases(survivor).await.contains(&"poll:hs".to_owned()).then_some(())
-    })
+    eventually(
+        "the survivor to take the HubSpot poll lease",
+        FAILOVER_BOUND,
+        || async {
+            leases(survivor)
+                .await
+                .contains(&"poll:hs".to_owned())
+                .then_some(())
+        },
+    )
     .await;
     eventually("HubSpot polled again", FAILOVER_BOUND, || async {
         (hubspot.faults().count("/crm/v3/objects/deals") > polls_before).then_some(())
     })
     .await;
     let failover = killed_at.elapsed();
-    assert!(failover <= FAILOVER_BOUND, "polled again after {failover:?}");
+    assert!(
+        failover <= FAILOVER_BOUND,
+        "polled again after {failover:?}"
+    );
     acknowledged.extend(post_checkouts(&[survivor], "after", 20).await);
 
     eventually("every follow-up settled", WAIT, || async {
@@ -242,7 +260,11 @@ after = "1s"
     assert!(doubled.is_empty(), "sent twice: {doubled:?}");
     let sent = count("SELECT count(*) FROM outbox WHERE state = 'sent'").await;
     let uncertain = count("SELECT count(*) FROM outbox WHERE state = 'uncertain'").await;
-    assert_eq!(sent + uncertain, total as i64, "every row sent or uncertain");
+    assert_eq!(
+        sent + uncertain,
+        total as i64,
+        "every row sent or uncertain"
+    );
     assert!(mails.len() as i64 >= sent && mails.len() as i64 <= total as i64);
     eprintln!("{test}: failover in {failover:?}; {sent} sent, {uncertain} uncertain");
 }

@@ -785,3 +785,90 @@ async fn replicas_on_several_hosts_refresh_a_rotating_oauth_token_once() {
     let stored: (Option<String>, bool, i64) = (row.get(0), row.get(1), row.get(2));
     assert_eq!(stored, (Some("refresh-1".into()), false, 10));
 }
+
+/// The connection's `rate_limit` holds across processes: two `dealsync sync` runs of one
+/// HubSpot connection at once on one database (as replicas polling and re-reading it
+/// would) together never send the mock more than the burst plus the rate over any
+/// span. Fails where each process limits only itself (twice the rate).
+#[tokio::test]
+async fn two_processes_on_one_database_share_the_connections_request_rate() {
+    let Some(database) =
+        database("two_processes_on_one_database_share_the_connections_request_rate")
+    else {
+        return;
+    };
+    const RATE: f64 = 8.0;
+    const BURST: usize = 2;
+    let hubspot = std::sync::Arc::new(HubSpot::start("pat-test", None).await);
+    let base = chrono::Utc::now().timestamp_millis() - 3_600_000;
+    for id in 1..=40_u64 {
+        hubspot.put(HsDeal::new(
+            id,
+            &format!("Deal {id}"),
+            "appointmentscheduled",
+            base + id as i64 * 1000,
+        ));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (config, credentials) =
+        write_config(dir.path(), &url_without_password(&database), PASSWORD);
+    let connection = crate::pull::hubspot_connection("hs", &hubspot.url(), "").replace(
+        "rate_limit = { requests_per_second = 200.0, burst = 50 }",
+        &format!("rate_limit = {{ requests_per_second = {RATE:.1}, burst = {BURST} }}"),
+    );
+    assert!(connection.contains("requests_per_second = 8.0"));
+    append_to_config(&config, &connection);
+    let args = [
+        "--config",
+        &config,
+        "--credentials-dir",
+        &credentials,
+        "sync",
+        "--full",
+        "hs",
+    ];
+    // What the vendor sees: the count of requests, sampled every 20 ms while both run.
+    let sampling = tokio_util::sync::CancellationToken::new();
+    let sampler = {
+        let (hubspot, sampling) = (hubspot.clone(), sampling.clone());
+        tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            let mut samples = Vec::new();
+            while !sampling.is_cancelled() {
+                samples.push((started.elapsed(), hubspot.faults().seen().len()));
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            samples
+        })
+    };
+    let runs = (0..2).map(|_| run_cli(&args, &[]));
+    for (code, stdout, stderr) in futures_util::future::join_all(runs).await {
+        assert_eq!(code, 0, "{stdout}{stderr}");
+    }
+    sampling.cancel();
+    let samples = sampler.await.unwrap();
+    let total = samples.last().map(|(_, seen)| *seen).unwrap_or_default();
+    assert!(
+        total >= 40,
+        "both runs paged through the deals: {total} requests"
+    );
+    // Over every span between two samples: at most the burst plus the rate over the
+    // span, plus one request of slack for the sampling's own delay at each end.
+    let mut worst = (0.0_f64, Duration::ZERO, 0_usize);
+    for (i, (start, before)) in samples.iter().enumerate() {
+        for (end, after) in &samples[i + 1..] {
+            let span = *end - *start;
+            let allowed = BURST as f64 + RATE * span.as_secs_f64() + 2.0;
+            let excess = (after - before) as f64 - allowed;
+            if excess > worst.0 {
+                worst = (excess, span, after - before);
+            }
+        }
+    }
+    assert!(
+        worst.0 <= 0.0,
+        "{} requests within {:?}: more than {BURST} + {RATE}/s allows",
+        worst.2,
+        worst.1
+    );
+}

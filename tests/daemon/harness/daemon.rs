@@ -109,8 +109,7 @@ impl TestDaemon {
         };
         format!(
             "[storage]\n{storage}\n\n[server]\nlisten = \"127.0.0.1:{}\"\npublic_url = \"http://127.0.0.1:{}\"\nshutdown_timeout = \"5s\"\n{metrics_auth}\n",
-            self.port,
-            self.port
+            self.port, self.port
         )
     }
 
