@@ -369,6 +369,7 @@ fn duties(state: &HttpState) -> crate::replica::Duties {
     crate::replica::Duties {
         store: state.store.clone(),
         readiness: state.readiness.clone(),
+        metrics: state.metrics.clone(),
         ttl: state.config().storage.failover_after,
     }
 }

@@ -39,6 +39,8 @@ pub fn leader_lease(duty: &str) -> String {
 pub struct Duties {
     pub store: Store,
     pub readiness: Arc<Readiness>,
+    /// `dealsync_leases_held`.
+    pub metrics: Arc<crate::telemetry::Metrics>,
     /// `storage.failover_after`: the leases' time to live.
     pub ttl: Duration,
 }
@@ -66,9 +68,9 @@ impl Duties {
         let mut held = keeper.watch();
         while let Some(lease) = next_held(&mut held, &shutdown).await {
             tracing::info!(lease = %name, token = lease.lease.token, "lease held: running its duty");
-            self.readiness.lease(&name, Some(lease.lease.token));
+            self.mark(&name, Some(lease.lease.token));
             duty(lease.lost.clone()).await;
-            self.readiness.lease(&name, None);
+            self.mark(&name, None);
             if shutdown.is_cancelled() || !lease.lost.is_cancelled() {
                 break;
             }
@@ -77,6 +79,18 @@ impl Duties {
         // Releases the lease (when held) so another replica need not wait for expiry.
         keeping.cancel();
         keeper.join().await;
+    }
+
+    /// Shows whether this replica holds lease `name` (its fencing token) in `/readyz`
+    /// and `/metrics`.
+    fn mark(&self, name: &str, token: Option<i64>) {
+        self.readiness.lease(name, token);
+        self.metrics
+            .leases_held
+            .get_or_create(&crate::telemetry::LeaseLabels {
+                lease: name.to_owned(),
+            })
+            .set(i64::from(token.is_some()));
     }
 
     /// Whether this replica holds leader duty `duty`, kept for as long as `shutdown`

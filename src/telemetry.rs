@@ -340,6 +340,18 @@ pub struct FollowupLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LeaseLabels {
+    /// `poll:CONNECTION` or `leader:DUTY`
+    pub lease: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct QueueLabels {
+    /// inbox, outbox, digests
+    pub queue: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabels {
     /// transient, permanent, unknown, other
     pub kind: String,
@@ -396,6 +408,11 @@ pub struct Metrics {
     pub followups: Family<FollowupLabels, Counter>,
     /// Emails and digests the SMTP server (or the file transport) did not take, by kind.
     pub email_failures: Family<KindLabels, Counter>,
+    /// Replicas on PostgreSQL: 1 while this replica holds the lease, else 0.
+    pub leases_held: Family<LeaseLabels, Gauge>,
+    /// Rows this process claimed from a work queue (on PostgreSQL each row is claimed
+    /// by one replica; the sum over replicas is the work done).
+    pub claims: Family<QueueLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -405,6 +422,17 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Counts `rows` claimed from work queue `queue`.
+    pub fn claimed(&self, queue: &str, rows: usize) {
+        if rows > 0 {
+            self.claims
+                .get_or_create(&QueueLabels {
+                    queue: queue.to_owned(),
+                })
+                .inc_by(rows as u64);
+        }
+    }
+
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("dealsync");
         let build = Family::<BuildLabels, Gauge>::default();
@@ -435,12 +463,24 @@ impl Metrics {
             webhooks: Family::default(),
             followups: Family::default(),
             email_failures: Family::default(),
+            leases_held: Family::default(),
+            claims: Family::default(),
             registry: Mutex::new(Registry::default()),
         };
         registry.register(
             "deals",
             "Live deals by connection, canonical pipeline and stage",
             metrics.deals.clone(),
+        );
+        registry.register(
+            "leases_held",
+            "Leases this replica holds (poll:CONNECTION, leader:DUTY); PostgreSQL only",
+            metrics.leases_held.clone(),
+        );
+        registry.register(
+            "claims",
+            "Rows this process claimed from each work queue (inbox, outbox, digests)",
+            metrics.claims.clone(),
         );
         registry.register(
             "unmapped_deals",

@@ -132,6 +132,7 @@ pub async fn run(
 /// Should that fail, rows are committed one by one, so one bad row cannot block others.
 async fn process_due(state: &Worker, shutdown: &CancellationToken) -> Result<usize, StoreError> {
     let rows = state.deps.store.due_webhooks(Utc::now(), BATCH).await?;
+    state.deps.metrics.claimed("inbox", rows.len());
     let mut held: HashSet<String> = HashSet::new();
     let mut planned: Vec<(InboxRow, Vec<DealChange>)> = Vec::new();
     let mut handled = 0;

@@ -293,6 +293,7 @@ impl Worker {
             self.lead(progress).await?;
         }
         let digests = self.store.digests_due(Utc::now(), BATCH).await?;
+        self.metrics.claimed("digests", digests.len());
         // From here sends may be in flight: an error is kept until they have settled.
         let mut sends: JoinSet<Result<(), StoreError>> = JoinSet::new();
         let mut failure: Option<StoreError> = None;
@@ -312,7 +313,10 @@ impl Worker {
             });
         }
         let due = match self.store.outbox_due(Utc::now(), BATCH).await {
-            Ok(due) => due,
+            Ok(due) => {
+                self.metrics.claimed("outbox", due.len());
+                due
+            }
             Err(error) => {
                 failure.get_or_insert(error);
                 Vec::new()
