@@ -123,12 +123,17 @@ impl Database {
 
 /// The largest id the history's identity sequence has handed out (0 before the first):
 /// every id drawn later is larger. Sequences are not transactional, so this sees ids
-/// drawn by transactions still in flight.
+/// drawn by transactions still in flight. The largest committed id counts too, in case
+/// the sequence cannot be read (`pg_sequence_last_value` says NULL to a role without
+/// privilege on it): the sequence hands out ids in order (cache 1, the identity's
+/// default), so every id below a committed one was drawn before it.
 async fn high_water_mark(client: &deadpool_postgres::Client) -> Result<i64> {
     let statement = client
         .prepare_cached(
-            "SELECT coalesce(pg_sequence_last_value(
-                 pg_get_serial_sequence('stage_history', 'id')::regclass), 0)",
+            "SELECT greatest(
+                 pg_sequence_last_value(pg_get_serial_sequence('stage_history', 'id')::regclass),
+                 (SELECT max(id) FROM stage_history),
+                 0)",
         )
         .await?;
     Ok(client.query_one(&statement, &[]).await?.try_get(0)?)
