@@ -10,7 +10,8 @@
 //! as read and partitioned, then partitioned and grouped), 16 after, and 64 bytes per deal, besides what
 //! the sink keeps.
 
-use super::{Result, Store};
+use super::deals::Columns;
+use super::{Result, Store, from_ms};
 use crate::domain::{Currency, DealStatus, StepNumber};
 use crate::pipeline::Pipelines;
 use crate::report::{
@@ -95,22 +96,91 @@ pub struct StallCutoff {
     pub entered_before: i64,
 }
 
-fn outbox_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<OutboxEntry> {
-    use super::from_ms;
+impl OutboxFilter {
+    /// The outbox listing query of this filter for a backend whose numbered
+    /// placeholders start with `sigil` (`?1` in SQLite, `$1` in PostgreSQL), and its
+    /// text parameters in order (a deal id is a number, written into the query).
+    pub(super) fn query(self, sigil: char) -> (String, Vec<String>) {
+        let mut sql = format!("SELECT {OUTBOX_ENTRY_COLUMNS} FROM outbox WHERE 1 = 1");
+        if let Some(deal_id) = self.deal_id {
+            sql.push_str(&format!(" AND deal_id = {deal_id}"));
+        }
+        let mut values: Vec<String> = Vec::new();
+        for (column, value) in [
+            ("state", self.state),
+            ("rule", self.rule),
+            ("action", self.action),
+        ] {
+            if let Some(value) = value {
+                values.push(value);
+                sql.push_str(&format!(" AND {column} = {sigil}{}", values.len()));
+            }
+        }
+        sql.push_str(" ORDER BY updated_at DESC, id DESC");
+        if let Some(limit) = self.limit {
+            sql.push_str(&format!(" LIMIT {limit}"));
+        } else if sigil == '?' {
+            // SQLite takes OFFSET only after a LIMIT; -1 is none.
+            sql.push_str(" LIMIT -1");
+        }
+        sql.push_str(&format!(" OFFSET {}", self.offset.unwrap_or(0)));
+        (sql, values)
+    }
+}
+
+/// The columns [`outbox_entry_from`] reads, in its order.
+pub(super) const OUTBOX_ENTRY_COLUMNS: &str = "id, deal_id, rule, step, recipient, state, \
+    due_at, attempts, reason, sent_at, updated_at, action";
+
+/// Reads an outbox row of either backend ([`OUTBOX_ENTRY_COLUMNS`]).
+pub(super) fn outbox_entry_from<R: Columns>(row: &R) -> Result<OutboxEntry, R::Error> {
     Ok(OutboxEntry {
-        id: row.get(0)?,
-        deal_id: row.get(1)?,
-        rule: row.get(2)?,
-        step: StepNumber::from_index(row.get(3)?),
-        recipient: row.get(4)?,
-        state: row.get(5)?,
-        due_at: from_ms(row.get(6)?),
-        attempts: row.get(7)?,
-        reason: row.get(8)?,
-        sent_at: row.get::<_, Option<i64>>(9)?.map(from_ms),
-        updated_at: from_ms(row.get(10)?),
-        action: row.get(11)?,
+        id: row.int(0)?,
+        deal_id: row.int(1)?,
+        rule: row.text(2)?,
+        step: StepNumber::from_index(row.int(3)?),
+        recipient: row.text(4)?,
+        state: row.text(5)?,
+        due_at: from_ms(row.int(6)?),
+        attempts: row.int(7)?,
+        reason: row.opt_text(8)?,
+        sent_at: row.opt_int(9)?.map(from_ms),
+        updated_at: from_ms(row.int(10)?),
+        action: row.text(11)?,
     })
+}
+
+/// Reads a row of the stage values query of either backend: connection, pipeline
+/// (empty for none), stage, currency (empty for none), deals, summed amount.
+pub(super) fn stage_value_from<R: Columns>(row: &R) -> Result<StageValue, R::Error> {
+    Ok(StageValue {
+        connection: row.text(0)?,
+        pipeline: row.text(1)?,
+        stage: row.text(2)?,
+        currency: row.text(3)?,
+        deals: row.int(4)?.unsigned_abs(),
+        amount_minor: row.int(5)?,
+    })
+}
+
+/// Reads a row of the outbox counts query of either backend: rule, state, emails.
+pub(super) fn outbox_count_from<R: Columns>(row: &R) -> Result<OutboxCount, R::Error> {
+    Ok(OutboxCount {
+        rule: row.text(0)?,
+        state: row.text(1)?,
+        emails: row.int(2)?.unsigned_abs(),
+    })
+}
+
+/// The stalled deals of all the cut-offs (each stage's read at most `limit` long):
+/// the longest-stalled first, at most `limit`.
+pub(super) fn longest_stalled(
+    mut deals: Vec<crate::domain::Deal>,
+    limit: u32,
+) -> Vec<crate::domain::Deal> {
+    deals.sort_by_key(|deal| deal.stage_entered_at);
+    deals.truncate(limit as usize);
+    deals
 }
 
 impl Store {
@@ -132,6 +202,12 @@ impl Store {
 
     /// Live deals and their summed amount per connection, stage and currency.
     pub async fn stage_values(&self) -> Result<Vec<StageValue>> {
+        if let Some(database) = self.postgres() {
+            return database
+                .stage_values()
+                .await
+                .map_err(|error| database.named(error));
+        }
         self.read(|db| {
             let mut statement = db.prepare(
                 "SELECT connection, coalesce(pipeline, ''), stage, coalesce(currency, ''),
@@ -140,16 +216,7 @@ impl Store {
                  GROUP BY connection, pipeline, stage, currency
                  ORDER BY connection, pipeline, stage, currency",
             )?;
-            let rows = statement.query_map([], |row| {
-                Ok(StageValue {
-                    connection: row.get(0)?,
-                    pipeline: row.get(1)?,
-                    stage: row.get(2)?,
-                    currency: row.get(3)?,
-                    deals: row.get::<_, i64>(4)? as u64,
-                    amount_minor: row.get(5)?,
-                })
-            })?;
+            let rows = statement.query_map([], |row| stage_value_from(row))?;
             Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
         })
         .await
@@ -158,6 +225,12 @@ impl Store {
     /// Open deals past their stage's cut-off, per connection and stage; one indexed
     /// range query per stage (`deals_by_stage`).
     pub async fn stalled_counts(&self, cutoffs: Vec<StallCutoff>) -> Result<Vec<StalledCount>> {
+        if let Some(database) = self.postgres() {
+            return database
+                .stalled_counts(cutoffs)
+                .await
+                .map_err(|error| database.named(error));
+        }
         self.read(move |db| {
             let mut statement = db.prepare(
                 "SELECT connection, count(*) FROM deals
@@ -192,6 +265,12 @@ impl Store {
         cutoffs: Vec<StallCutoff>,
         limit: u32,
     ) -> Result<Vec<crate::domain::Deal>> {
+        if let Some(database) = self.postgres() {
+            return database
+                .stalled_deals(cutoffs, limit)
+                .await
+                .map_err(|error| database.named(error));
+        }
         self.read(move |db| {
             let sql = format!(
                 "SELECT {} FROM deals
@@ -211,27 +290,25 @@ impl Store {
                     out.push(row?);
                 }
             }
-            out.sort_by_key(|deal| deal.stage_entered_at);
-            out.truncate(limit as usize);
-            Ok(out)
+            Ok(longest_stalled(out, limit))
         })
         .await
     }
 
     /// Follow-up emails per rule and state; expiry rows are not emails and not counted.
     pub async fn outbox_counts(&self) -> Result<Vec<OutboxCount>> {
+        if let Some(database) = self.postgres() {
+            return database
+                .outbox_counts()
+                .await
+                .map_err(|error| database.named(error));
+        }
         self.read(|db| {
             let mut statement = db.prepare(
                 "SELECT rule, state, count(*) FROM outbox WHERE action = 'email'
                  GROUP BY rule, state ORDER BY rule, state",
             )?;
-            let rows = statement.query_map([], |row| {
-                Ok(OutboxCount {
-                    rule: row.get(0)?,
-                    state: row.get(1)?,
-                    emails: row.get::<_, i64>(2)? as u64,
-                })
-            })?;
+            let rows = statement.query_map([], |row| outbox_count_from(row))?;
             Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
         })
         .await
@@ -239,33 +316,18 @@ impl Store {
 
     /// Outbox rows matching the filter, most recently updated first.
     pub async fn outbox_entries(&self, filter: OutboxFilter) -> Result<Vec<OutboxEntry>> {
+        if let Some(database) = self.postgres() {
+            return database
+                .outbox_entries(filter)
+                .await
+                .map_err(|error| database.named(error));
+        }
         self.read(move |db| {
-            let mut sql = String::from(
-                "SELECT id, deal_id, rule, step, recipient, state, due_at, attempts, reason,
-                        sent_at, updated_at, action FROM outbox WHERE 1 = 1",
-            );
-            let mut values: Vec<rusqlite::types::Value> = Vec::new();
-            if let Some(deal_id) = filter.deal_id {
-                values.push(deal_id.into());
-                sql.push_str(&format!(" AND deal_id = ?{}", values.len()));
-            }
-            for (column, value) in [
-                ("state", filter.state),
-                ("rule", filter.rule),
-                ("action", filter.action),
-            ] {
-                if let Some(value) = value {
-                    values.push(value.into());
-                    sql.push_str(&format!(" AND {column} = ?{}", values.len()));
-                }
-            }
-            sql.push_str(&format!(
-                " ORDER BY updated_at DESC, id DESC LIMIT {} OFFSET {}",
-                filter.limit.map_or(-1, i64::from),
-                filter.offset.unwrap_or(0)
-            ));
+            let (sql, values) = filter.query('?');
             let mut statement = db.prepare(&sql)?;
-            let rows = statement.query_map(rusqlite::params_from_iter(values), outbox_from_row)?;
+            let rows = statement.query_map(rusqlite::params_from_iter(values), |row| {
+                outbox_entry_from(row)
+            })?;
             Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
         })
         .await
@@ -845,5 +907,240 @@ mod tests {
                 .groups
                 .is_empty()
         );
+    }
+}
+
+#[cfg(test)]
+mod status_tests {
+    //! The grouped reads behind the status page, `/metrics` and the read API, on both
+    //! backends.
+    use super::*;
+    use crate::store::Engine;
+    use crate::store::both_backends::on_both;
+    use crate::store::deals::tests::{stored_deal, upsert};
+    use chrono::{Duration, Utc};
+
+    /// Writes outbox rows with plain SQL both backends take (the outbox's own writes
+    /// are another module's): (rule, step, action, state, updated_at) of `deal_id`.
+    async fn outbox_rows(store: &Store, deal_id: i64, rows: &[(&str, i64, &str, &str, i64)]) {
+        let values: Vec<String> = rows
+            .iter()
+            .map(|(rule, step, action, state, updated_at)| {
+                format!(
+                    "({deal_id}, '{rule}', {step}, '{action}', 'ann@example.com', '{state}', \
+                     0, 10, 10, 0, {updated_at})"
+                )
+            })
+            .collect();
+        let sql = format!(
+            "INSERT INTO outbox (deal_id, rule, step, action, recipient, state, anchor_at,
+                due_at, next_attempt_at, created_at, updated_at) VALUES {}",
+            values.join(", ")
+        );
+        match &store.engine {
+            Engine::Sqlite(_) => store.execute_batch_for_test(&sql).await.unwrap(),
+            Engine::Postgres(postgres) => postgres
+                .database
+                .client()
+                .await
+                .unwrap()
+                .batch_execute(&sql)
+                .await
+                .unwrap(),
+        }
+    }
+
+    /// Live deals are summed per stage and currency (no pipeline or currency as empty
+    /// text, first); deleted ones are not counted.
+    #[tokio::test]
+    async fn stage_values_sum_the_live_deals_per_stage_and_currency() {
+        on_both(
+            "stage_values_sum_the_live_deals_per_stage_and_currency",
+            async |store| {
+                let at = Utc::now();
+                let mut deleted = upsert("4", "proposal", at);
+                deleted.source.deleted = true;
+                let mut no_amount = upsert("5", "won", at);
+                no_amount.source.amount = None;
+                store
+                    .upsert_deals(vec![
+                        upsert("1", "proposal", at),
+                        upsert("2", "proposal", at),
+                        upsert("3", "mystery", at),
+                        deleted,
+                        no_amount,
+                    ])
+                    .await
+                    .unwrap();
+                let value =
+                    |pipeline: &str, stage: &str, currency: &str, deals, amount| StageValue {
+                        connection: "crm".into(),
+                        pipeline: pipeline.into(),
+                        stage: stage.into(),
+                        currency: currency.into(),
+                        deals,
+                        amount_minor: amount,
+                    };
+                assert_eq!(
+                    store.stage_values().await.unwrap(),
+                    [
+                        value("", "unmapped", "EUR", 1, 420_050),
+                        value("sales", "proposal", "EUR", 2, 840_100),
+                        value("sales", "won", "", 1, 0),
+                    ]
+                );
+            },
+        )
+        .await;
+    }
+
+    /// Open live deals that entered a stage before its cut-off are stalled: counted per
+    /// connection, and listed longest-stalled first up to the limit.
+    #[tokio::test]
+    async fn stalled_deals_are_counted_and_listed_longest_stalled_first() {
+        on_both(
+            "stalled_deals_are_counted_and_listed_longest_stalled_first",
+            async |store| {
+                let t0 = Utc::now() - Duration::days(10);
+                let mut deleted = upsert("9", "proposal", t0);
+                deleted.source.deleted = true;
+                store
+                    .upsert_deals(vec![
+                        upsert("2", "proposal", t0 + Duration::days(1)),
+                        upsert("1", "proposal", t0),
+                        upsert("3", "negotiation", t0 + Duration::days(2)),
+                        upsert("4", "proposal", Utc::now()),
+                        deleted,
+                    ])
+                    .await
+                    .unwrap();
+                let cutoff = |stage: &str, before: chrono::DateTime<Utc>| StallCutoff {
+                    pipeline: "sales".into(),
+                    stage: stage.into(),
+                    entered_before: before.timestamp_millis(),
+                };
+                let cutoffs = vec![
+                    cutoff("proposal", t0 + Duration::days(5)),
+                    cutoff("negotiation", t0 + Duration::days(5)),
+                    cutoff("won", Utc::now()),
+                ];
+                let count = |stage: &str, deals| StalledCount {
+                    connection: "crm".into(),
+                    pipeline: "sales".into(),
+                    stage: stage.into(),
+                    deals,
+                };
+                assert_eq!(
+                    store.stalled_counts(cutoffs.clone()).await.unwrap(),
+                    [count("proposal", 2), count("negotiation", 1)]
+                );
+                let listed = |deals: Vec<crate::domain::Deal>| -> Vec<String> {
+                    deals
+                        .into_iter()
+                        .map(|deal| deal.external_id.as_str().to_owned())
+                        .collect()
+                };
+                let all = store.stalled_deals(cutoffs.clone(), 10).await.unwrap();
+                assert_eq!(listed(all), ["1", "2", "3"]);
+                let two = store.stalled_deals(cutoffs, 2).await.unwrap();
+                assert_eq!(listed(two), ["1", "2"]);
+                let none = vec![cutoff("proposal", t0)];
+                assert!(store.stalled_counts(none.clone()).await.unwrap().is_empty());
+                assert!(store.stalled_deals(none, 10).await.unwrap().is_empty());
+            },
+        )
+        .await;
+    }
+
+    /// Emails are counted per rule and state (expiry rows are not emails); the listing
+    /// filters, orders by last update, newest first, and pages.
+    #[tokio::test]
+    async fn the_outbox_is_counted_per_rule_and_state_and_listed_newest_update_first() {
+        on_both(
+            "the_outbox_is_counted_per_rule_and_state_and_listed_newest_update_first",
+            async |store| {
+                store
+                    .upsert_deals(vec![
+                        upsert("1", "proposal", Utc::now()),
+                        upsert("2", "proposal", Utc::now()),
+                    ])
+                    .await
+                    .unwrap();
+                let (one, two) = (
+                    stored_deal(&store, "crm", "1").await.id,
+                    stored_deal(&store, "crm", "2").await.id,
+                );
+                outbox_rows(
+                    &store,
+                    one,
+                    &[
+                        ("nudge", 0, "email", "sent", 30),
+                        ("nudge", 1, "email", "pending", 10),
+                        ("expiry", 0, "expire", "pending", 20),
+                    ],
+                )
+                .await;
+                outbox_rows(&store, two, &[("nudge", 0, "email", "pending", 40)]).await;
+                let count = |rule: &str, state: &str, emails| OutboxCount {
+                    rule: rule.into(),
+                    state: state.into(),
+                    emails,
+                };
+                assert_eq!(
+                    store.outbox_counts().await.unwrap(),
+                    [count("nudge", "pending", 2), count("nudge", "sent", 1)]
+                );
+                let listed = |entries: Vec<OutboxEntry>| -> Vec<(i64, String, i64, String)> {
+                    entries
+                        .into_iter()
+                        .map(|e| (e.deal_id, e.rule, e.updated_at.timestamp_millis(), e.action))
+                        .collect()
+                };
+                let row = |deal, rule: &str, updated_at, action: &str| {
+                    (deal, rule.to_owned(), updated_at, action.to_owned())
+                };
+                let all = store.outbox_entries(OutboxFilter::default()).await.unwrap();
+                assert_eq!(
+                    listed(all),
+                    [
+                        row(two, "nudge", 40, "email"),
+                        row(one, "nudge", 30, "email"),
+                        row(one, "expiry", 20, "expire"),
+                        row(one, "nudge", 10, "email"),
+                    ]
+                );
+                let filter = OutboxFilter {
+                    deal_id: Some(one),
+                    action: Some("email".into()),
+                    limit: Some(1),
+                    offset: Some(1),
+                    ..OutboxFilter::default()
+                };
+                let paged = store.outbox_entries(filter).await.unwrap();
+                assert_eq!(listed(paged), [row(one, "nudge", 10, "email")]);
+                let filter = OutboxFilter {
+                    state: Some("pending".into()),
+                    rule: Some("expiry".into()),
+                    offset: Some(0),
+                    ..OutboxFilter::default()
+                };
+                let expiry = store.outbox_entries(filter).await.unwrap();
+                assert_eq!(listed(expiry), [row(one, "expiry", 20, "expire")]);
+                let entry = &store
+                    .outbox_entries(OutboxFilter {
+                        deal_id: Some(one),
+                        state: Some("sent".into()),
+                        ..OutboxFilter::default()
+                    })
+                    .await
+                    .unwrap()[0];
+                assert_eq!(
+                    (entry.step, entry.recipient.as_str(), entry.attempts),
+                    (StepNumber::from_index(0), "ann@example.com", 0)
+                );
+                assert_eq!((entry.reason.as_deref(), entry.sent_at), (None, None));
+            },
+        )
+        .await;
     }
 }

@@ -156,6 +156,14 @@ impl Store {
         found: Reread,
         at: DateTime<Utc>,
     ) -> Result<(UpsertOutcome, u64)> {
+        if let Some(database) = self.postgres() {
+            let (outcome, removed) = database
+                .resolve_quarantined(&connection, &external_id, found, at)
+                .await
+                .map_err(|error| database.named(error))?;
+            self.note_stage_changes(outcome.stage_changes);
+            return Ok((outcome, removed));
+        }
         self.write(move |tx| {
             let outcome = match found {
                 Reread::Stored(upsert) => upsert_all(tx, vec![*upsert])?,
@@ -226,6 +234,12 @@ impl Store {
     #[cfg(test)]
     /// Forgets a connection's cursor, so the next sync is a full one.
     pub async fn reset_cursor(&self, connection: &str, stream: &str) -> Result<()> {
+        if let Some(database) = self.postgres() {
+            return database
+                .reset_cursor(connection, stream)
+                .await
+                .map_err(|error| database.named(error));
+        }
         let (connection, stream) = (connection.to_owned(), stream.to_owned());
         self.write(move |tx| {
             tx.execute(
@@ -575,84 +589,158 @@ mod tests {
 
         #[tokio::test]
         async fn quarantined_records_list_newest_first_per_connection_and_resolve_together() {
-            let (_dir, store) = temp_store();
-            let page = |connection: &'static str, records: Vec<Quarantined>| {
-                let store = store.clone();
-                async move {
-                    store
-                        .commit_page(connection, "deals", vec![], records, vec![], None)
+            on_both(
+                "quarantined_records_list_newest_first_per_connection_and_resolve_together",
+                async |store| {
+                    let page = |connection: &'static str, records: Vec<Quarantined>| {
+                        let store = store.clone();
+                        async move {
+                            store
+                                .commit_page(connection, "deals", vec![], records, vec![], None)
+                                .await
+                                .unwrap()
+                        }
+                    };
+                    page("crm", vec![bad("1", "no stage")]).await;
+                    page(
+                        "crm",
+                        vec![bad("2", "bad amount"), bad("1", "still no stage")],
+                    )
+                    .await;
+                    page("shop", vec![bad("9", "too deep")]).await;
+
+                    let all = store.quarantined(None, 10).await.unwrap();
+                    let listed: Vec<_> = all
+                        .iter()
+                        .map(|e| {
+                            (
+                                e.connection.as_str(),
+                                e.external_id.as_deref(),
+                                e.error.as_str(),
+                            )
+                        })
+                        .collect();
+                    assert_eq!(
+                        listed,
+                        [
+                            ("shop", Some("9"), "too deep"),
+                            ("crm", Some("1"), "still no stage"),
+                            ("crm", Some("2"), "bad amount"),
+                            ("crm", Some("1"), "no stage"),
+                        ]
+                    );
+                    assert_eq!(store.quarantined(None, 2).await.unwrap().len(), 2);
+                    let crm = store.quarantined(Some("crm".into()), 10).await.unwrap();
+                    assert_eq!(crm.len(), 3);
+                    assert!(crm.iter().all(|e| e.connection == "crm"));
+
+                    let entry = store.quarantine_entry(all[1].id).await.unwrap().unwrap();
+                    assert_eq!(entry.external_id.as_deref(), Some("1"));
+                    assert_eq!(entry.raw, r#"{"id":"1"}"#);
+                    assert!(store.quarantine_entry(i64::MAX).await.unwrap().is_none());
+
+                    // Re-reading deal 1 stores it and takes both of its entries out.
+                    let (outcome, removed) = store
+                        .resolve_quarantined(
+                            "crm".into(),
+                            "1".into(),
+                            Reread::Stored(Box::new(upsert("1", "proposal", Utc::now()))),
+                            Utc::now(),
+                        )
                         .await
-                        .unwrap()
-                }
-            };
-            page("crm", vec![bad("1", "no stage")]).await;
-            page(
-                "crm",
-                vec![bad("2", "bad amount"), bad("1", "still no stage")],
+                        .unwrap();
+                    assert_eq!((outcome.created, removed), (1, 2));
+                    assert!(
+                        store
+                            .deal_by_external_id("crm", "1")
+                            .await
+                            .unwrap()
+                            .is_some()
+                    );
+                    let left = store.quarantined(Some("crm".into()), 10).await.unwrap();
+                    assert_eq!(left.len(), 1);
+                    assert_eq!(left[0].external_id.as_deref(), Some("2"));
+
+                    // A record the source no longer has marks the stored deal deleted.
+                    let (outcome, removed) = store
+                        .resolve_quarantined("crm".into(), "1".into(), Reread::Deleted, Utc::now())
+                        .await
+                        .unwrap();
+                    assert_eq!((outcome, removed), (Default::default(), 0));
+                    let deal = stored_deal(&store, "crm", "1").await;
+                    assert!(deal.deleted_at.is_some());
+                },
             )
             .await;
-            page("shop", vec![bad("9", "too deep")]).await;
+        }
 
-            let all = store.quarantined(None, 10).await.unwrap();
-            let listed: Vec<_> = all
-                .iter()
-                .map(|e| {
-                    (
-                        e.connection.as_str(),
-                        e.external_id.as_deref(),
-                        e.error.as_str(),
-                    )
-                })
-                .collect();
-            assert_eq!(
-                listed,
-                [
-                    ("shop", Some("9"), "too deep"),
-                    ("crm", Some("1"), "still no stage"),
-                    ("crm", Some("2"), "bad amount"),
-                    ("crm", Some("1"), "no stage"),
-                ]
+        /// Two replicas resolving the same record at once: the deal is created once, and
+        /// each of its entries is taken out by exactly one of them. PostgreSQL only: on
+        /// SQLite one process is the only writer.
+        #[tokio::test]
+        async fn replicas_resolving_one_record_at_once_create_it_once_and_remove_each_entry_once() {
+            let test =
+                "replicas_resolving_one_record_at_once_create_it_once_and_remove_each_entry_once";
+            let Some(database) = crate::store::postgres::test_database(test) else {
+                return;
+            };
+            let url = crate::store::postgres::tests::url_of(&database);
+            let (first, second) = (
+                crate::store::Store::open_postgres(&url).await.unwrap(),
+                crate::store::Store::open_postgres(&url).await.unwrap(),
             );
-            assert_eq!(store.quarantined(None, 2).await.unwrap().len(), 2);
-            let crm = store.quarantined(Some("crm".into()), 10).await.unwrap();
-            assert_eq!(crm.len(), 3);
-            assert!(crm.iter().all(|e| e.connection == "crm"));
-
-            let entry = store.quarantine_entry(all[1].id).await.unwrap().unwrap();
-            assert_eq!(entry.external_id.as_deref(), Some("1"));
-            assert_eq!(entry.raw, r#"{"id":"1"}"#);
-            assert!(store.quarantine_entry(i64::MAX).await.unwrap().is_none());
-
-            // Re-reading deal 1 stores it and takes both of its entries out.
-            let (outcome, removed) = store
-                .resolve_quarantined(
-                    "crm".into(),
-                    "1".into(),
-                    Reread::Stored(Box::new(upsert("1", "proposal", Utc::now()))),
-                    Utc::now(),
-                )
+            let entries = (0..5).map(|n| bad("1", &format!("try {n}"))).collect();
+            first
+                .commit_page("crm", "deals", vec![], entries, vec![], None)
                 .await
                 .unwrap();
-            assert_eq!((outcome.created, removed), (1, 2));
-            assert!(
+            let resolve = |store: crate::store::Store| async move {
+                let found = Reread::Stored(Box::new(upsert("1", "proposal", Utc::now())));
                 store
-                    .deal_by_external_id("crm", "1")
+                    .resolve_quarantined("crm".into(), "1".into(), found, Utc::now())
                     .await
                     .unwrap()
-                    .is_some()
+            };
+            let ((a, removed_a), (b, removed_b)) =
+                tokio::join!(resolve(first.clone()), resolve(second));
+            assert_eq!(a.created + b.created, 1);
+            assert_eq!(removed_a + removed_b, 5);
+            assert!(first.quarantined(None, 10).await.unwrap().is_empty());
+            assert_eq!(
+                first.stage_entries_after(0, 10).await.unwrap().len(),
+                1,
+                "one history row for the one deal created"
             );
-            let left = store.quarantined(Some("crm".into()), 10).await.unwrap();
-            assert_eq!(left.len(), 1);
-            assert_eq!(left[0].external_id.as_deref(), Some("2"));
+        }
 
-            // A record the source no longer has marks the stored deal deleted.
-            let (outcome, removed) = store
-                .resolve_quarantined("crm".into(), "1".into(), Reread::Deleted, Utc::now())
-                .await
-                .unwrap();
-            assert_eq!((outcome, removed), (Default::default(), 0));
-            let deal = stored_deal(&store, "crm", "1").await;
-            assert!(deal.deleted_at.is_some());
+        /// A forgotten cursor reads as none; the other streams' stay.
+        #[tokio::test]
+        async fn a_reset_cursor_is_forgotten_and_the_other_streams_keep_theirs() {
+            on_both(
+                "a_reset_cursor_is_forgotten_and_the_other_streams_keep_theirs",
+                async |store| {
+                    for stream in ["deals", "orders"] {
+                        store
+                            .commit_page(
+                                "crm",
+                                stream,
+                                vec![],
+                                vec![],
+                                vec![],
+                                Some(serde_json::json!({ "after": stream })),
+                            )
+                            .await
+                            .unwrap();
+                    }
+                    store.reset_cursor("crm", "deals").await.unwrap();
+                    assert_eq!(store.cursor("crm", "deals").await.unwrap(), None);
+                    assert_eq!(
+                        store.cursor("crm", "orders").await.unwrap(),
+                        Some(serde_json::json!({ "after": "orders" }))
+                    );
+                },
+            )
+            .await;
         }
 
         #[tokio::test]
@@ -910,6 +998,9 @@ mod tests {
     }
 
     /// A page's records and the cursor after it commit together: both or neither.
+    /// SQLite only: it makes the database refuse a record with a SQLite trigger and reads
+    /// the rows through the SQLite reader. Forgetting a cursor runs on both backends in
+    /// `a_reset_cursor_is_forgotten_and_the_other_streams_keep_theirs`.
     #[tokio::test]
     async fn the_cursor_commits_with_its_page() {
         let (_dir, store) = temp_store();

@@ -119,9 +119,13 @@ impl Store {
         applied: Vec<AppliedMapping>,
     ) -> Result<Vec<u64>> {
         if let Some(database) = self.postgres() {
-            return database
+            let counts = database
                 .remap_deals(connection, APPLIED_MAP_STREAM, moves, applied)
-                .await;
+                .await
+                .map_err(|error| database.named(error))?;
+            // One history row per deal moved.
+            self.note_stage_changes(counts.iter().sum());
+            return Ok(counts);
         }
         let connection = connection.to_owned();
         self.write(move |tx| {

@@ -121,6 +121,16 @@ async fn lock_keys(tx: &Transaction<'_>, upserts: &[DealUpsert]) -> Result<()> {
         .iter()
         .map(|u| pg_text(u.source.external_id.as_str()))
         .collect();
+    lock_deal_keys(tx, &connections, &external_ids).await
+}
+
+/// Takes the transaction-level advisory lock of every (connection, external id) of the
+/// two aligned lists, in key order: what serializes every write of one deal.
+pub(super) async fn lock_deal_keys(
+    tx: &Transaction<'_>,
+    connections: &[Cow<'_, str>],
+    external_ids: &[Cow<'_, str>],
+) -> Result<()> {
     let statement = tx
         .prepare_cached(
             "SELECT count(pg_advisory_xact_lock($1, k))

@@ -37,6 +37,8 @@ mod migrations;
 pub mod rate;
 mod report;
 mod session_lock;
+mod stage_feed;
+mod status;
 mod suppression;
 mod sync;
 

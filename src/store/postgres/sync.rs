@@ -1,21 +1,27 @@
 //! Sync bookkeeping on PostgreSQL: connections, cursors, a page's commit, runs,
-//! discovered native pipelines, the enrichment cache, stored tokens, and what a changed
-//! stage map does to stored deals. The same contract as the SQLite methods of the same
+//! discovered native pipelines, the enrichment cache, stored tokens, what a changed
+//! stage map does to stored deals, and resolving a quarantined record. The same contract as the SQLite methods of the same
 //! names (`store::sync`, `store::tokens`, `store::deals::stage_map`), which document it.
 //!
 //! Invariants:
 //! - A page's deals, quarantined records, kept enrichment records and the cursor after
 //!   it commit in one transaction (`commit_page`).
 //! - A rotated refresh token and its access token are written in one statement.
+//! - Resolving a quarantined record writes its deal and takes its entries out in one
+//!   transaction. Across replicas: the deal's write holds the deal's key lock (as every
+//!   write of a deal does, `deals::lock_deal_keys`), so two resolving the same record
+//!   at once write it one after the other; each entry is deleted once, by one of them.
+//! - A deal is marked deleted by one conditional `UPDATE` under that key lock: once,
+//!   whoever else marks or writes it at the same time.
 
 use super::Database;
-use super::deals::{move_stage, pg_text, upsert_all};
+use super::deals::{lock_deal_keys, move_stage, pg_text, upsert_all};
 use crate::domain::{ChangeCause, PipelineKey, StageKey, StageRef};
 use crate::pipeline::NativePipeline;
 use crate::store::deals::{
     AppliedMapping, DealUpsert, NativeStageGroup, StageMove, UnmappedStage, UpsertOutcome,
 };
-use crate::store::sync::{CachedRecord, ENRICHMENT_RETENTION, Quarantined, SyncRunRecord};
+use crate::store::sync::{CachedRecord, ENRICHMENT_RETENTION, Quarantined, Reread, SyncRunRecord};
 use crate::store::tokens::StoredToken;
 use crate::store::{Result, StoreError, from_ms, to_json, to_ms};
 use chrono::{DateTime, Utc};
@@ -42,7 +48,75 @@ async fn save_cursor(
     Ok(())
 }
 
+/// Marks a deal deleted in the caller's transaction, under the deal's key lock; false
+/// when it is unknown or already deleted (as `deal_changes::mark_deleted` on SQLite).
+pub(in crate::store) async fn mark_deleted(
+    tx: &deadpool_postgres::Transaction<'_>,
+    connection: &str,
+    external_id: &str,
+    at: DateTime<Utc>,
+) -> Result<bool> {
+    let (connection, external_id) = (pg_text(connection), pg_text(external_id));
+    lock_deal_keys(
+        tx,
+        std::slice::from_ref(&connection),
+        std::slice::from_ref(&external_id),
+    )
+    .await?;
+    let statement = tx
+        .prepare_cached(
+            "UPDATE deals SET deleted_at = $3, status = 'deleted', synced_at = $3
+             WHERE connection = $1 AND external_id = $2 AND deleted_at IS NULL",
+        )
+        .await?;
+    let changed = tx
+        .execute(&statement, &[&connection, &external_id, &to_ms(at)])
+        .await?;
+    Ok(changed > 0)
+}
+
 impl Database {
+    /// Applies what re-reading a quarantined record found and takes every quarantine
+    /// entry of that record out, in one transaction (see `Store::resolve_quarantined`).
+    pub async fn resolve_quarantined(
+        &self,
+        connection: &str,
+        external_id: &str,
+        found: Reread,
+        at: DateTime<Utc>,
+    ) -> Result<(UpsertOutcome, u64)> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let outcome = match found {
+            Reread::Stored(upsert) => upsert_all(&tx, std::slice::from_ref(&*upsert)).await?,
+            Reread::Deleted => {
+                mark_deleted(&tx, connection, external_id, at).await?;
+                UpsertOutcome::default()
+            }
+        };
+        let removed = tx
+            .execute(
+                "DELETE FROM quarantine WHERE connection = $1 AND external_id = $2",
+                &[&pg_text(connection), &pg_text(external_id)],
+            )
+            .await?;
+        tx.commit().await?;
+        Ok((outcome, removed))
+    }
+
+    /// Forgets a connection's cursor, so the next sync is a full one.
+    #[cfg(test)]
+    pub async fn reset_cursor(&self, connection: &str, stream: &str) -> Result<()> {
+        self.client()
+            .await?
+            .execute(
+                "DELETE FROM sync_cursors WHERE connection = $1 AND stream = $2",
+                &[&connection, &stream],
+            )
+            .await?;
+        Ok(())
+    }
+
     /// Records that a connection exists (idempotent).
     pub async fn ensure_connection(&self, name: &str, connector: &str) -> Result<()> {
         self.client()
