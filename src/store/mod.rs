@@ -378,6 +378,25 @@ struct Postgres {
     database: postgres::Database,
     intake: postgres::intake::Intake,
     stage_changes: tokio::sync::watch::Sender<u64>,
+    /// This process among the replicas sharing the database (`host-pid-random`): what
+    /// its claims are recorded under.
+    replica: String,
+}
+
+/// A name for this process among the replicas, new at every open: the host, the pid,
+/// and a random part (two opens in one process, a pid reused on another host).
+fn new_replica_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|host| host.trim().to_owned())
+        .filter(|host| !host.is_empty())
+        .unwrap_or_else(|| "host".to_owned());
+    format!(
+        "{host}-{}-{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    )
 }
 
 /// The backend a [`Store`] runs on.
@@ -599,6 +618,7 @@ impl Store {
                 database,
                 intake,
                 stage_changes: tokio::sync::watch::Sender::new(0),
+                replica: new_replica_id(),
             })),
         })
     }
@@ -616,6 +636,15 @@ impl Store {
         match &self.engine {
             Engine::Sqlite(_) => None,
             Engine::Postgres(postgres) => Some(&postgres.database),
+        }
+    }
+
+    /// The PostgreSQL backend with this process's replica id and intake, when the store
+    /// runs on one.
+    fn postgres_engine(&self) -> Option<&Postgres> {
+        match &self.engine {
+            Engine::Sqlite(_) => None,
+            Engine::Postgres(postgres) => Some(postgres),
         }
     }
 

@@ -34,8 +34,13 @@ mod intake;
 mod processing;
 mod writer;
 
+pub(in crate::store) use dead_letters::{
+    DEAD_LETTER_COLUMNS, DeadLetter, ReplayInto, ReplayStart, dead_letter_from, replay_event,
+    replayed_as,
+};
 pub use dead_letters::{Replayed, StoredDeadLetter};
 pub use intake::{EnqueueError, Enqueued, NewWebhook};
+pub(in crate::store) use processing::{INBOX_ROW_COLUMNS, PruneCutoffs, inbox_row_from};
 pub use processing::{InboxCounts, InboxRow, Settlement};
 pub(super) use writer::Inbox;
 pub(in crate::store) use writer::QUEUE;

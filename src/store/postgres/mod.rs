@@ -28,6 +28,7 @@
 
 pub mod claims;
 mod copy_rows;
+mod dead_letters;
 mod deals;
 pub mod from_sqlite;
 mod inbox;
