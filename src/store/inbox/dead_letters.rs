@@ -399,9 +399,10 @@ impl Store {
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::event;
+    use super::super::tests::{event, inbox_execute};
     use super::*;
-    use crate::store::tests::temp_store;
+    use crate::store::Engine;
+    use crate::store::both_backends::on_both;
 
     async fn keep_letter(store: &Store, delivery_id: &str) -> i64 {
         store
@@ -421,104 +422,177 @@ mod tests {
 
     /// The inbox row of `delivery_id`: (id, state, attempts, last error).
     async fn inbox_row(store: &Store, delivery_id: &str) -> (i64, String, i64, Option<String>) {
-        let delivery_id = delivery_id.to_owned();
-        store
-            .read_inbox(move |db| {
-                Ok(db.query_row(
-                    "SELECT id, state, attempts, last_error FROM webhook_inbox
-                     WHERE delivery_id = ?1",
-                    [delivery_id],
-                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
-                )?)
-            })
-            .await
-            .unwrap()
+        const SQL: &str = "SELECT id, state, attempts, last_error FROM webhook_inbox
+                           WHERE delivery_id = ";
+        match &store.engine {
+            Engine::Sqlite(_) => {
+                let delivery_id = delivery_id.to_owned();
+                store
+                    .read_inbox(move |db| {
+                        Ok(db.query_row(&format!("{SQL}?1"), [delivery_id], |r| {
+                            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                        })?)
+                    })
+                    .await
+                    .unwrap()
+            }
+            Engine::Postgres(postgres) => {
+                let client = postgres.database.client().await.unwrap();
+                let r = client
+                    .query_one(&format!("{SQL}$1"), &[&delivery_id])
+                    .await
+                    .unwrap();
+                (r.get(0), r.get(1), r.get(2), r.get(3))
+            }
+        }
     }
 
     #[tokio::test]
     async fn a_replay_queues_a_letter_once_and_requeues_only_a_delivery_that_failed() {
-        let (_dir, store) = temp_store();
-        let now = Utc::now();
-        assert!(store.stored_dead_letter(1).await.unwrap().is_none());
+        on_both(
+            "a_replay_queues_a_letter_once_and_requeues_only_a_delivery_that_failed",
+            async |store| {
+                let now = Utc::now();
+                assert!(store.stored_dead_letter(1).await.unwrap().is_none());
 
-        // Not in the inbox: queued once; its state is followed.
-        let first = keep_letter(&store, "d-1").await;
-        let Replayed::Queued { inbox_id } = store.replay_dead_letter(first, now).await.unwrap()
-        else {
-            panic!("not queued")
-        };
-        let letter = store.stored_dead_letter(first).await.unwrap().unwrap();
-        assert_eq!(
-            (letter.replayed_as, letter.replay_state.as_deref()),
-            (Some(inbox_id), Some("pending"))
-        );
-        store
-            .webhook_failed(inbox_id, "still unusable", now)
-            .await
-            .unwrap();
-        let letter = store.stored_dead_letter(first).await.unwrap().unwrap();
-        assert_eq!(letter.replay_state.as_deref(), Some("failed"));
-        assert_eq!(letter.replay_error.as_deref(), Some("still unusable"));
-        // Its replay failed: replaying it again puts that row back, as new.
-        assert_eq!(
-            store.replay_dead_letter(first, now).await.unwrap(),
-            Replayed::Requeued { inbox_id }
-        );
-        assert_eq!(
-            inbox_row(&store, "d-1").await,
-            (inbox_id, "pending".into(), 0, None)
-        );
+                // Not in the inbox: queued once; its state is followed.
+                let first = keep_letter(&store, "d-1").await;
+                let Replayed::Queued { inbox_id } =
+                    store.replay_dead_letter(first, now).await.unwrap()
+                else {
+                    panic!("not queued")
+                };
+                let letter = store.stored_dead_letter(first).await.unwrap().unwrap();
+                assert_eq!(
+                    (letter.replayed_as, letter.replay_state.as_deref()),
+                    (Some(inbox_id), Some("pending"))
+                );
+                assert_eq!(letter.topic.as_deref(), Some("checkouts/create"));
+                assert_eq!(letter.body, b"{");
+                // The worker takes the row and gives up on it.
+                let due = store.due_webhooks(now, 10).await.unwrap();
+                assert_eq!(due[0].id, inbox_id);
+                assert_eq!(due[0].body, b"{");
+                // Taken by the worker, the row is still pending to the operator.
+                let letter = store.stored_dead_letter(first).await.unwrap().unwrap();
+                assert_eq!(letter.replay_state.as_deref(), Some("pending"));
+                store
+                    .webhook_failed(inbox_id, "still unusable", now)
+                    .await
+                    .unwrap();
+                let letter = store.stored_dead_letter(first).await.unwrap().unwrap();
+                assert_eq!(letter.replay_state.as_deref(), Some("failed"));
+                assert_eq!(letter.replay_error.as_deref(), Some("still unusable"));
+                // Its replay failed: replaying it again puts that row back, as new.
+                assert_eq!(
+                    store.replay_dead_letter(first, now).await.unwrap(),
+                    Replayed::Requeued { inbox_id }
+                );
+                assert_eq!(
+                    inbox_row(&store, "d-1").await,
+                    (inbox_id, "pending".into(), 0, None)
+                );
+                // A replay that did not fail is not replayed again.
+                assert!(matches!(
+                    store.replay_dead_letter(first, now).await.unwrap(),
+                    Replayed::AlreadyReplayed { inbox_id: Some(id), .. } if id == inbox_id
+                ));
 
-        // The delivery is in the inbox already: pending is left alone, failed is requeued.
-        store.enqueue_webhook(event("d-2")).await.unwrap();
-        store.enqueue_webhook(event("d-3")).await.unwrap();
-        let failed = inbox_row(&store, "d-3").await.0;
-        store
-            .webhook_failed(failed, "vendor said no", now)
-            .await
-            .unwrap();
-        let live = keep_letter(&store, "d-2").await;
-        assert_eq!(
-            store.replay_dead_letter(live, now).await.unwrap(),
-            Replayed::AlreadyInInbox {
-                inbox_id: inbox_row(&store, "d-2").await.0,
-                state: "pending".into(),
-            }
-        );
-        let dead = keep_letter(&store, "d-3").await;
-        assert_eq!(
-            store.replay_dead_letter(dead, now).await.unwrap(),
-            Replayed::Requeued { inbox_id: failed }
-        );
-        assert_eq!(inbox_row(&store, "d-3").await.1, "pending");
-        assert_eq!(
-            store.replay_dead_letter(9_999, now).await.unwrap(),
-            Replayed::NotFound
-        );
+                // The delivery is in the inbox already: pending is left alone, failed
+                // is requeued.
+                store.enqueue_webhook(event("d-2")).await.unwrap();
+                store.enqueue_webhook(event("d-3")).await.unwrap();
+                let failed = inbox_row(&store, "d-3").await.0;
+                store.due_webhooks(now, 10).await.unwrap();
+                store
+                    .webhook_failed(failed, "vendor said no", now)
+                    .await
+                    .unwrap();
+                let live = keep_letter(&store, "d-2").await;
+                assert_eq!(
+                    store.replay_dead_letter(live, now).await.unwrap(),
+                    Replayed::AlreadyInInbox {
+                        inbox_id: inbox_row(&store, "d-2").await.0,
+                        state: "pending".into(),
+                    }
+                );
+                let dead = keep_letter(&store, "d-3").await;
+                assert_eq!(
+                    store.replay_dead_letter(dead, now).await.unwrap(),
+                    Replayed::Requeued { inbox_id: failed }
+                );
+                assert_eq!(inbox_row(&store, "d-3").await.1, "pending");
+                assert_eq!(
+                    store.replay_dead_letter(9_999, now).await.unwrap(),
+                    Replayed::NotFound
+                );
+            },
+        )
+        .await;
     }
 
     #[tokio::test]
     async fn a_letter_kept_without_a_delivery_id_is_replayed_under_its_own_id() {
-        let (_dir, store) = temp_store();
-        let id = keep_letter(&store, "unused").await;
-        {
-            // As kept before dealsync stored delivery ids.
-            let db = Connection::open(store.inbox_path().unwrap()).unwrap();
-            db.execute(
-                "UPDATE webhook_dead_letters SET delivery_id = NULL WHERE id = ?1",
-                [id],
-            )
-            .unwrap();
+        on_both(
+            "a_letter_kept_without_a_delivery_id_is_replayed_under_its_own_id",
+            async |store| {
+                let id = keep_letter(&store, "unused").await;
+                // As kept before dealsync stored delivery ids.
+                inbox_execute(
+                    &store,
+                    &format!("UPDATE webhook_dead_letters SET delivery_id = NULL WHERE id = {id}"),
+                )
+                .await;
+                let letter = store.stored_dead_letter(id).await.unwrap().unwrap();
+                assert_eq!(letter.replay_delivery_id(), format!("dead-letter:{id}"));
+                assert!(matches!(
+                    store.replay_dead_letter(id, Utc::now()).await.unwrap(),
+                    Replayed::Queued { .. }
+                ));
+                assert_eq!(
+                    inbox_row(&store, &format!("dead-letter:{id}")).await.1,
+                    "pending"
+                );
+            },
+        )
+        .await;
+    }
+
+    /// Several processes replaying one dead letter at once (the CLI beside replicas):
+    /// one queues it, the others find it replayed; one inbox row.
+    #[tokio::test]
+    async fn a_letter_replayed_by_several_processes_at_once_is_queued_once() {
+        let name = "a_letter_replayed_by_several_processes_at_once_is_queued_once";
+        // PostgreSQL only: on SQLite every replay goes through the inbox's one writer.
+        let Some(test) = crate::store::postgres::test_database(name) else {
+            return;
+        };
+        let url = crate::store::postgres::tests::url_of(&test);
+        let mut stores = Vec::new();
+        for _ in 0..4 {
+            stores.push(Store::open_postgres(&url).await.unwrap());
         }
-        let letter = store.stored_dead_letter(id).await.unwrap().unwrap();
-        assert_eq!(letter.replay_delivery_id(), format!("dead-letter:{id}"));
-        assert!(matches!(
-            store.replay_dead_letter(id, Utc::now()).await.unwrap(),
-            Replayed::Queued { .. }
-        ));
-        assert_eq!(
-            inbox_row(&store, &format!("dead-letter:{id}")).await.1,
-            "pending"
-        );
+        let id = keep_letter(&stores[0], "d-1").await;
+        let other = keep_letter(&stores[0], "d-1").await;
+        let now = Utc::now();
+        let mut replays = tokio::task::JoinSet::new();
+        for (n, store) in stores.iter().enumerate() {
+            let store = store.clone();
+            // Two processes on each of two letters of the same delivery.
+            let letter = if n % 2 == 0 { id } else { other };
+            replays.spawn(async move { store.replay_dead_letter(letter, now).await.unwrap() });
+        }
+        let outcomes = replays.join_all().await;
+        let queued = outcomes
+            .iter()
+            .filter(|o| matches!(o, Replayed::Queued { .. }))
+            .count();
+        assert_eq!(queued, 1, "{outcomes:?}");
+        let rows = stores[0].inbox_counts().await.unwrap().pending;
+        assert_eq!(rows, 1, "{outcomes:?}");
+        for letter in [id, other] {
+            let stored = stores[0].stored_dead_letter(letter).await.unwrap().unwrap();
+            assert!(stored.replayed_as.is_some(), "{stored:?}");
+        }
     }
 }

@@ -88,6 +88,39 @@ pub(in crate::store) mod tests {
         }
     }
 
+    /// Runs statements without parameters on the inbox of either backend (a fixture).
+    pub(in crate::store) async fn inbox_execute(store: &crate::store::Store, sql: &str) {
+        use crate::store::Engine;
+        match &store.engine {
+            Engine::Sqlite(_) => {
+                let db = rusqlite::Connection::open(store.inbox_path().unwrap()).unwrap();
+                db.execute_batch(sql).unwrap();
+            }
+            Engine::Postgres(postgres) => {
+                let client = postgres.database.client().await.unwrap();
+                client.batch_execute(sql).await.unwrap();
+            }
+        }
+    }
+
+    /// The integer a query without parameters answers, on the inbox of either backend.
+    pub(in crate::store) async fn inbox_int(store: &crate::store::Store, sql: &str) -> i64 {
+        use crate::store::Engine;
+        match &store.engine {
+            Engine::Sqlite(_) => {
+                let sql = sql.to_owned();
+                store
+                    .read_inbox(move |db| Ok(db.query_row(&sql, [], |row| row.get(0))?))
+                    .await
+                    .unwrap()
+            }
+            Engine::Postgres(postgres) => {
+                let client = postgres.database.client().await.unwrap();
+                client.query_one(sql, &[]).await.unwrap().get(0)
+            }
+        }
+    }
+
     /// The 2xx a vendor gets rests on this: the writer's commits are fsynced
 
     #[test]

@@ -344,103 +344,166 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::super::Enqueued;
-    use super::super::tests::event;
+    use super::super::tests::{event, inbox_int};
     use super::*;
-    use crate::store::tests::temp_store;
+    use crate::store::both_backends::on_both;
 
     #[tokio::test]
     async fn a_row_waiting_for_its_retry_holds_back_later_rows_of_its_connection() {
-        let (_dir, store) = temp_store();
-        for id in ["a", "b"] {
-            store.enqueue_webhook(event(id)).await.unwrap();
-        }
-        let mut other = event("c");
-        other.connection = "other".into();
-        store.enqueue_webhook(other).await.unwrap();
-        let now = Utc::now();
-        let due = store.due_webhooks(now, 10).await.unwrap();
-        assert_eq!(due.len(), 3);
-        store
-            .webhook_retry(
-                due[0].id,
-                "vendor down",
-                now + chrono::Duration::seconds(30),
-            )
-            .await
-            .unwrap();
-        let due = store.due_webhooks(now, 10).await.unwrap();
-        assert_eq!(
-            due.iter()
-                .map(|r| r.delivery_id.as_str())
-                .collect::<Vec<_>>(),
-            ["c"]
-        );
-        let later = store
-            .due_webhooks(now + chrono::Duration::seconds(31), 10)
-            .await
-            .unwrap();
-        assert_eq!(later.len(), 3);
-        assert_eq!(later[0].attempts, 1);
+        on_both(
+            "a_row_waiting_for_its_retry_holds_back_later_rows_of_its_connection",
+            async |store| {
+                for id in ["a", "b"] {
+                    store.enqueue_webhook(event(id)).await.unwrap();
+                }
+                let mut other = event("c");
+                other.connection = "other".into();
+                store.enqueue_webhook(other).await.unwrap();
+                let now = Utc::now();
+                let due = store.due_webhooks(now, 10).await.unwrap();
+                assert_eq!(due.len(), 3);
+                store
+                    .webhook_retry(
+                        due[0].id,
+                        "vendor down",
+                        now + chrono::Duration::seconds(30),
+                    )
+                    .await
+                    .unwrap();
+                let due = store.due_webhooks(now, 10).await.unwrap();
+                assert_eq!(
+                    due.iter()
+                        .map(|r| r.delivery_id.as_str())
+                        .collect::<Vec<_>>(),
+                    ["c"]
+                );
+                let later = store
+                    .due_webhooks(now + chrono::Duration::seconds(31), 10)
+                    .await
+                    .unwrap();
+                assert_eq!(later.len(), 3);
+                assert_eq!(later[0].attempts, 1);
+                assert_eq!(later[0].body, br#"{"id":1}"#);
+                assert_eq!(later[0].headers, event("a").headers);
+            },
+        )
+        .await;
     }
 
     #[tokio::test]
     async fn dead_letters_are_kept_for_their_retention_then_pruned_and_counted() {
-        let (_dir, store) = temp_store();
-        let now = Utc::now();
-        for (id, received) in [
-            ("fresh", now - chrono::Duration::days(1)),
-            (
-                "old",
-                now - DEAD_LETTER_RETENTION - chrono::Duration::hours(1),
-            ),
-        ] {
-            store
-                .dead_letter(
-                    "shop",
-                    id,
-                    None,
-                    "not JSON",
-                    Vec::new(),
-                    bytes::Bytes::from_static(b"{"),
-                    received,
-                )
-                .await
-                .unwrap();
-        }
-        assert_eq!(store.prune_webhooks(now).await.unwrap(), 1);
-        let left: Vec<Option<String>> = store
-            .dead_letters(None, 10)
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|letter| letter.delivery_id)
-            .collect();
-        assert_eq!(left, [Some("fresh".to_owned())]);
+        on_both(
+            "dead_letters_are_kept_for_their_retention_then_pruned_and_counted",
+            async |store| {
+                let now = Utc::now();
+                for (id, received) in [
+                    ("fresh", now - chrono::Duration::days(1)),
+                    (
+                        "old",
+                        now - DEAD_LETTER_RETENTION - chrono::Duration::hours(1),
+                    ),
+                ] {
+                    store
+                        .dead_letter(
+                            "shop",
+                            id,
+                            None,
+                            "not JSON",
+                            Vec::new(),
+                            bytes::Bytes::from_static(b"{"),
+                            received,
+                        )
+                        .await
+                        .unwrap();
+                }
+                assert_eq!(store.prune_webhooks(now).await.unwrap(), 1);
+                let left: Vec<Option<String>> = store
+                    .dead_letters(None, 10)
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .map(|letter| letter.delivery_id)
+                    .collect();
+                assert_eq!(left, [Some("fresh".to_owned())]);
+            },
+        )
+        .await;
     }
 
     #[tokio::test]
     async fn processed_rows_are_pruned_only_after_the_retention() {
-        let (_dir, store) = temp_store();
-        store.enqueue_webhook(event("a")).await.unwrap();
-        let row = store.due_webhooks(Utc::now(), 1).await.unwrap().remove(0);
-        let processed_at = Utc::now();
-        store.webhook_processed(row.id, processed_at).await.unwrap();
-        assert_eq!(store.inbox_pending(), 0);
-        assert_eq!(store.prune_webhooks(processed_at).await.unwrap(), 0);
-        // A redelivery within the retention is still a duplicate.
-        assert_eq!(
-            store.enqueue_webhook(event("a")).await.unwrap(),
-            Enqueued::Duplicate
-        );
-        let later = processed_at + RETENTION + chrono::Duration::minutes(1);
-        assert_eq!(store.prune_webhooks(later).await.unwrap(), 1);
-        assert_eq!(store.inbox_counts().await.unwrap(), InboxCounts::default());
-        let bodies: i64 = store
-            .read_inbox(|db| {
-                Ok(db.query_row("SELECT count(*) FROM webhook_bodies", [], |row| row.get(0))?)
-            })
-            .await
-            .unwrap();
-        assert_eq!(bodies, 0, "a pruned row's body is deleted with it");
+        on_both(
+            "processed_rows_are_pruned_only_after_the_retention",
+            async |store| {
+                store.enqueue_webhook(event("a")).await.unwrap();
+                let row = store.due_webhooks(Utc::now(), 1).await.unwrap().remove(0);
+                let processed_at = Utc::now();
+                store.webhook_processed(row.id, processed_at).await.unwrap();
+                assert_eq!(store.inbox_pending(), 0);
+                assert_eq!(store.prune_webhooks(processed_at).await.unwrap(), 0);
+                // A redelivery within the retention is still a duplicate.
+                assert_eq!(
+                    store.enqueue_webhook(event("a")).await.unwrap(),
+                    Enqueued::Duplicate
+                );
+                let later = processed_at + RETENTION + chrono::Duration::minutes(1);
+                assert_eq!(store.prune_webhooks(later).await.unwrap(), 1);
+                assert_eq!(store.inbox_counts().await.unwrap(), InboxCounts::default());
+                let bodies = inbox_int(&store, "SELECT count(*) FROM webhook_bodies").await;
+                assert_eq!(bodies, 0, "a pruned row's body is deleted with it");
+            },
+        )
+        .await;
+    }
+
+    /// Counts by state: a failed row counts as failed and leaves `pending`, a retried
+    /// row stays pending (on PostgreSQL a row handed out, claimed, is still pending).
+    #[tokio::test]
+    async fn rows_are_counted_by_state_and_a_retry_stays_pending() {
+        on_both(
+            "rows_are_counted_by_state_and_a_retry_stays_pending",
+            async |store| {
+                for id in ["a", "b", "c"] {
+                    let mut event = event(id);
+                    event.connection = id.into();
+                    store.enqueue_webhook(event).await.unwrap();
+                }
+                let now = Utc::now();
+                let due = store.due_webhooks(now, 10).await.unwrap();
+                assert_eq!(store.inbox_counts().await.unwrap().pending, 3);
+                store
+                    .settle_webhooks(vec![
+                        Settlement::Processed {
+                            id: due[0].id,
+                            at: now,
+                        },
+                        Settlement::Retry {
+                            id: due[1].id,
+                            error: "later".into(),
+                            next_attempt_at: now + chrono::Duration::minutes(1),
+                        },
+                        Settlement::Failed {
+                            id: due[2].id,
+                            error: "unusable".into(),
+                            at: now,
+                        },
+                    ])
+                    .await
+                    .unwrap();
+                assert_eq!(
+                    store.inbox_counts().await.unwrap(),
+                    InboxCounts {
+                        pending: 1,
+                        processed: 1,
+                        failed: 1
+                    }
+                );
+                assert_eq!(store.inbox_pending(), 1);
+                // A row settled already is not settled again.
+                store.webhook_failed(due[0].id, "late", now).await.unwrap();
+                assert_eq!(store.inbox_counts().await.unwrap().processed, 1);
+            },
+        )
+        .await;
     }
 }

@@ -271,18 +271,19 @@ mod tests {
                 ("failed".into(), 1, Some("unusable".into())),
             ]
         );
-        // Not due before its retry time; due at it.
+        // Not due before its retry time, and d waits behind it (same connection);
+        // both due at it, in order.
         let early = database
             .claim(&INBOX, "two", minute, now, 10)
             .await
             .unwrap();
-        assert_eq!(early.ids.len(), 1, "only d: {early:?}");
-        assert!(!early.ids.contains(&b), "{early:?}");
+        assert!(early.ids.is_empty(), "d waits for b: {early:?}");
         let due = database
             .claim(&INBOX, "two", minute, later, 10)
             .await
             .unwrap();
-        assert_eq!(due.ids, [b]);
+        let d = c + 1;
+        assert_eq!(due.ids, [b, d]);
 
         // A claim that expired and was handed on: the first holder's word is void.
         let short = Duration::from_millis(1);
@@ -303,6 +304,8 @@ mod tests {
             )
             .await
             .unwrap();
+        // b's claim expired: handed on, although two still holds d of its connection
+        // (an expired claim goes to the next claimer whatever its connection).
         let handed_on = database
             .claim(&INBOX, "three", minute, later, 10)
             .await
@@ -318,5 +321,82 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(current, [b]);
+    }
+
+    /// Two replicas (two `Store`s on one database) taking due webhooks at once: each
+    /// row is handed to one of them and settled once, and a connection's rows are
+    /// handed out in arrival order across both.
+    #[tokio::test]
+    async fn two_replicas_take_due_webhooks_and_each_row_goes_to_one() {
+        use crate::store::Store;
+        use std::collections::{HashMap, HashSet};
+        use std::sync::{Arc, Mutex};
+        let Some(test) = test_database("two_replicas_take_due_webhooks_and_each_row_goes_to_one")
+        else {
+            return;
+        };
+        let url = url_of(&test);
+        let one = Store::open_postgres(&url).await.unwrap();
+        let two = Store::open_postgres(&url).await.unwrap();
+        let mut all = HashSet::new();
+        for n in 0..300 {
+            let connection = format!("shop-{}", n % 12);
+            let event = crate::store::tests::webhook(&connection, &format!("d{n}"));
+            one.enqueue_webhook(event).await.unwrap();
+        }
+        for row in one.due_webhooks(Utc::now(), 0).await.unwrap() {
+            all.insert(row.id);
+        }
+        assert!(all.is_empty(), "a limit of 0 hands nothing out");
+        // The order rows were handed out in, across both replicas.
+        let handed: Arc<Mutex<Vec<(String, i64)>>> = Arc::default();
+        let take = |store: Store| {
+            let handed = handed.clone();
+            tokio::spawn(async move {
+                let mut mine = Vec::new();
+                loop {
+                    let rows = store.due_webhooks(Utc::now(), 7).await.unwrap();
+                    if rows.is_empty() {
+                        if store.inbox_counts().await.unwrap().pending == 0 {
+                            return mine;
+                        }
+                        tokio::task::yield_now().await;
+                        continue;
+                    }
+                    handed
+                        .lock()
+                        .unwrap()
+                        .extend(rows.iter().map(|row| (row.connection.clone(), row.id)));
+                    let settlements = rows
+                        .iter()
+                        .map(|row| Settlement::Processed {
+                            id: row.id,
+                            at: Utc::now(),
+                        })
+                        .collect();
+                    store.settle_webhooks(settlements).await.unwrap();
+                    mine.extend(rows.iter().map(|row| row.id));
+                }
+            })
+        };
+        let (a, b) = (take(one.clone()), take(two.clone()));
+        let (a, b) = (a.await.unwrap(), b.await.unwrap());
+        assert!(
+            !a.is_empty() && !b.is_empty(),
+            "both replicas worked: {a:?} {b:?}"
+        );
+        let (a_set, b_set): (HashSet<i64>, HashSet<i64>) =
+            (a.iter().copied().collect(), b.iter().copied().collect());
+        assert_eq!(a_set.len(), a.len(), "no row twice to one replica");
+        assert_eq!(b_set.len(), b.len(), "no row twice to one replica");
+        assert!(a_set.is_disjoint(&b_set), "no row to both replicas");
+        assert_eq!(a.len() + b.len(), 300);
+        let mut last: HashMap<String, i64> = HashMap::new();
+        for (connection, id) in handed.lock().unwrap().iter() {
+            let before = last.insert(connection.clone(), *id).unwrap_or(0);
+            assert!(before < *id, "{connection}: {id} handed out after {before}");
+        }
+        let counts = one.inbox_counts().await.unwrap();
+        assert_eq!((counts.pending, counts.processed), (0, 300));
     }
 }
