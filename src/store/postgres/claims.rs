@@ -1,6 +1,8 @@
 //! Claims: replicas sharing the rows of a work table (the webhook inbox, the outbox,
 //! the digests) with `FOR UPDATE SKIP LOCKED`, so that each due row goes to one
-//! replica and none waits for another. Nothing in the daemon uses them yet.
+//! replica and none waits for another. The inbox's `due_webhooks` claims through
+//! [`INBOX`] (`postgres::inbox`, which serializes its claims to keep each connection's
+//! order); the ledgers do not use them yet.
 //!
 //! A claim moves a due row to `claimed`, by `claimed_by` until `claimed_until`
 //! (`clock_timestamp() + ttl`, the server's clock). Its replica then works on it and
