@@ -623,6 +623,15 @@ impl Store {
         }
     }
 
+    /// The PostgreSQL backend with this process's replica id and intake, when the store
+    /// runs on one.
+    fn postgres_engine(&self) -> Option<&Postgres> {
+        match &self.engine {
+            Engine::Sqlite(_) => None,
+            Engine::Postgres(postgres) => Some(postgres),
+        }
+    }
+
     /// After a PostgreSQL write that recorded `changes` stage changes has committed:
     /// wakes the `stage_changes()` subscribers, as SQLite's update hook does.
     fn note_stage_changes(&self, changes: u64) {

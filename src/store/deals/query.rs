@@ -80,6 +80,7 @@ pub(in crate::store) trait Columns {
     fn text(&self, index: usize) -> Result<String, Self::Error>;
     fn opt_text(&self, index: usize) -> Result<Option<String>, Self::Error>;
     fn opt_bool(&self, index: usize) -> Result<Option<bool>, Self::Error>;
+    fn bytes(&self, index: usize) -> Result<Vec<u8>, Self::Error>;
 }
 
 /// The implementations only name the type to read; both crates convert.
@@ -100,6 +101,9 @@ macro_rules! columns_impl {
                 self.$get(index)
             }
             fn opt_bool(&self, index: usize) -> Result<Option<bool>, $error> {
+                self.$get(index)
+            }
+            fn bytes(&self, index: usize) -> Result<Vec<u8>, $error> {
                 self.$get(index)
             }
         }

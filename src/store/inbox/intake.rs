@@ -167,11 +167,19 @@ mod tests {
     use super::super::InboxCounts;
     use super::super::tests::event;
     use super::*;
+    use crate::store::both_backends::on_both;
     use crate::store::tests::temp_store;
 
     #[tokio::test]
     async fn concurrent_deliveries_are_committed_and_duplicates_are_recognised() {
-        let (_dir, store) = temp_store();
+        on_both(
+            "concurrent_deliveries_are_committed_and_duplicates_are_recognised",
+            async |store| concurrent_deliveries(store).await,
+        )
+        .await;
+    }
+
+    async fn concurrent_deliveries(store: Store) {
         let mut handles = Vec::new();
         for n in 0..200 {
             let store = store.clone();
@@ -193,6 +201,8 @@ mod tests {
         assert_eq!(store.inbox_pending(), 100);
     }
 
+    /// SQLite only: the PostgreSQL intake's body window is tested in
+    /// `store::postgres::intake` (out of this group's reach).
     #[tokio::test]
     async fn a_body_only_signed_body_seen_within_its_window_is_a_duplicate_under_any_delivery_id() {
         let (_dir, store) = temp_store();
@@ -279,6 +289,45 @@ mod tests {
         assert_eq!(corrupt.retry_after(), None);
     }
 
+    /// On PostgreSQL the count behind `inbox_has_room` is the intake's: a replica that
+    /// refuses deliveries as full counts again when its worker looks for due rows, so
+    /// once rows are settled (by any replica) it takes deliveries again.
+    #[tokio::test]
+    async fn a_full_inbox_on_postgresql_takes_deliveries_again_once_rows_are_settled() {
+        let name = "a_full_inbox_on_postgresql_takes_deliveries_again_once_rows_are_settled";
+        // PostgreSQL only: the SQLite writer counts every settlement itself (above).
+        let Some(test) = crate::store::postgres::test_database(name) else {
+            return;
+        };
+        let url = crate::store::postgres::tests::url_of(&test);
+        let store = Store::open_postgres(&url).await.unwrap();
+        store.enqueue_webhook(event("a")).await.unwrap();
+        let Engine::Postgres(postgres) = &store.engine else {
+            unreachable!("a PostgreSQL store")
+        };
+        // As counted while the inbox was full.
+        postgres.intake.added(MAX_PENDING);
+        assert!(matches!(
+            store.inbox_has_room(),
+            Err(EnqueueError::Full { .. })
+        ));
+        let due = store.due_webhooks(Utc::now(), 10).await.unwrap();
+        assert_eq!(due.len(), 1);
+        assert_eq!(store.inbox_pending(), 1, "counted again: the claimed row");
+        store
+            .webhook_processed(due[0].id, Utc::now())
+            .await
+            .unwrap();
+        assert_eq!(store.inbox_pending(), 0);
+        store.inbox_has_room().unwrap();
+        assert_eq!(
+            store.enqueue_webhook(event("b")).await.unwrap(),
+            Enqueued::Stored
+        );
+    }
+
+    /// SQLite only: it sets the SQLite writer's count; the PostgreSQL intake's refusal
+    /// is tested above and in `store::postgres::intake`.
     #[tokio::test]
     async fn a_full_inbox_refuses_a_delivery_and_writes_nothing() {
         let (_dir, store) = temp_store();

@@ -34,8 +34,13 @@ mod intake;
 mod processing;
 mod writer;
 
+pub(in crate::store) use dead_letters::{
+    DEAD_LETTER_COLUMNS, DeadLetter, ReplayInto, ReplayStart, dead_letter_from, replay_event,
+    replayed_as,
+};
 pub use dead_letters::{Replayed, StoredDeadLetter};
 pub use intake::{EnqueueError, Enqueued, NewWebhook};
+pub(in crate::store) use processing::{INBOX_ROW_COLUMNS, PruneCutoffs, inbox_row_from};
 pub use processing::{InboxCounts, InboxRow, Settlement};
 pub(super) use writer::Inbox;
 pub(in crate::store) use writer::QUEUE;
@@ -80,6 +85,39 @@ pub(in crate::store) mod tests {
             body_sha256: None,
             body: Bytes::from_static(br#"{"id":1}"#),
             received_at: Utc::now(),
+        }
+    }
+
+    /// Runs statements without parameters on the inbox of either backend (a fixture).
+    pub(in crate::store) async fn inbox_execute(store: &crate::store::Store, sql: &str) {
+        use crate::store::Engine;
+        match &store.engine {
+            Engine::Sqlite(_) => {
+                let db = rusqlite::Connection::open(store.inbox_path().unwrap()).unwrap();
+                db.execute_batch(sql).unwrap();
+            }
+            Engine::Postgres(postgres) => {
+                let client = postgres.database.client().await.unwrap();
+                client.batch_execute(sql).await.unwrap();
+            }
+        }
+    }
+
+    /// The integer a query without parameters answers, on the inbox of either backend.
+    pub(in crate::store) async fn inbox_int(store: &crate::store::Store, sql: &str) -> i64 {
+        use crate::store::Engine;
+        match &store.engine {
+            Engine::Sqlite(_) => {
+                let sql = sql.to_owned();
+                store
+                    .read_inbox(move |db| Ok(db.query_row(&sql, [], |row| row.get(0))?))
+                    .await
+                    .unwrap()
+            }
+            Engine::Postgres(postgres) => {
+                let client = postgres.database.client().await.unwrap();
+                client.query_one(sql, &[]).await.unwrap().get(0)
+            }
         }
     }
 

@@ -1,6 +1,8 @@
 //! Claims: replicas sharing the rows of a work table (the webhook inbox, the outbox,
 //! the digests) with `FOR UPDATE SKIP LOCKED`, so that each due row goes to one
-//! replica and none waits for another. Nothing in the daemon uses them yet.
+//! replica and none waits for another. The inbox's `due_webhooks` claims through
+//! [`INBOX`] (`postgres::inbox`, which serializes its claims to keep each connection's
+//! order); the ledgers do not use them yet.
 //!
 //! A claim moves a due row to `claimed`, by `claimed_by` until `claimed_until`
 //! (`clock_timestamp() + ttl`, the server's clock). Its replica then works on it and
@@ -55,10 +57,20 @@ pub struct ClaimTable {
     on_send: &'static str,
 }
 
-/// The webhook inbox: `pending` rows whose retry time has come, oldest first.
+/// The webhook inbox: `pending` rows whose retry time has come, oldest first, of
+/// connections that have no row waiting for its retry (their order is kept) and none
+/// claimed by another replica (one replica at a time applies a connection's rows).
 pub const INBOX: ClaimTable = ClaimTable {
     table: "webhook_inbox",
-    due: "state = 'pending' AND coalesce(next_attempt_at, 0) <= $3",
+    due: "state = 'pending' AND coalesce(next_attempt_at, 0) <= $3
+          AND connection NOT IN (
+              SELECT connection FROM webhook_inbox
+               WHERE state = 'pending' AND next_attempt_at IS NOT NULL
+                 AND next_attempt_at > $3)
+          AND connection NOT IN (
+              SELECT connection FROM webhook_inbox
+               WHERE state = 'claimed' AND claimed_by <> $1
+                 AND claimed_until >= clock_timestamp())",
     order: "id",
     sending: Sending::None,
     on_send: "",
@@ -149,6 +161,25 @@ impl ClaimTable {
     }
 }
 
+/// The claim statement of [`Database::claim`] on `client` (a connection, or a
+/// transaction the caller holds): the ids claimed, in claim order.
+pub(super) async fn claim_ids(
+    client: &impl tokio_postgres::GenericClient,
+    table: &ClaimTable,
+    claimer: &str,
+    ttl: Duration,
+    now: DateTime<Utc>,
+    limit: u32,
+) -> Result<Vec<i64>> {
+    let rows = client
+        .query(
+            &table.claim_sql(),
+            &[&claimer, &millis(ttl), &to_ms(now), &i64::from(limit)],
+        )
+        .await?;
+    Ok(rows.iter().map(|row| row.get(0)).collect())
+}
+
 impl Database {
     /// Claims up to `limit` due rows of `table` for `claimer` for `ttl`: rows due by
     /// `now`, and rows whose claim expired while `claimed`. First makes the expired
@@ -176,13 +207,7 @@ impl Database {
                 );
             }
         }
-        let rows = client
-            .query(
-                &table.claim_sql(),
-                &[&claimer, &millis(ttl), &now_ms, &i64::from(limit)],
-            )
-            .await?;
-        claimed.ids = rows.iter().map(|row| row.get(0)).collect();
+        claimed.ids = claim_ids(&**client, table, claimer, ttl, now, limit).await?;
         Ok(claimed)
     }
 

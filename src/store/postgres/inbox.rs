@@ -1,16 +1,138 @@
-//! Settling claimed webhook inbox rows on PostgreSQL: the worker side of the shared
-//! inbox (`intake` is the webhook handler's side, `claims::INBOX` hands rows out).
+//! The webhook inbox's worker side on PostgreSQL: handing due rows out to replicas
+//! (claims through `claims::INBOX`), settling them, counts by state, pruning. The
+//! contract is that of `store::inbox::processing`, which documents it; `intake` is the
+//! webhook handler's side.
 //!
-//! Invariant: only the replica that holds a row's claim settles it. A settlement from a
-//! replica whose claim expired and was handed to another (it stalled, or was cut off
-//! from the server) changes nothing: the holder's outcome stands. Applying a webhook
-//! twice is harmless (the deal upsert makes the second a no-op); recording two
-//! different outcomes for one row is what the fence prevents.
+//! Invariants across replicas:
+//! - Due rows are claimed with `FOR UPDATE SKIP LOCKED`, so replicas share the work and
+//!   no row is handed to two replicas (nor applied twice while a claim is in force).
+//! - A connection's rows are applied by one replica at a time, in arrival order: the
+//!   claim skips a connection another replica holds a row of, or that has a row waiting
+//!   for its retry, and claims run one at a time (a transaction-level advisory lock
+//!   around the one statement), so each claim sees the claims before it. A replica's
+//!   claims are renewed at each of its passes and its unsettled rows handed to it
+//!   again, as the single process reads its pending rows again.
+//! - Only the replica that holds a row's claim settles it. A settlement from a
+//!   replica whose claim expired and was handed to another (it stalled, or was cut off
+//!   from the server) changes nothing: the holder's outcome stands. Applying a webhook
+//!   twice is harmless (the deal upsert makes the second a no-op); recording two
+//!   different outcomes for one row is what the fence prevents.
+//! - A replica that dies leaves its claims to expire after [`CLAIM_TTL`]; its rows are
+//!   then claimed again by the others.
+//! - Pruning deletes a row and its body in one statement; replicas pruning at once
+//!   delete each row once.
 
 use super::Database;
-use crate::store::{Result, Settlement, to_ms};
+use super::claims::{self, INBOX};
+use crate::store::inbox::{INBOX_ROW_COLUMNS, PruneCutoffs, inbox_row_from};
+use crate::store::{InboxCounts, InboxRow, Result, Settlement, to_ms};
+use chrono::{DateTime, Utc};
+use std::time::Duration;
+
+/// How long a replica holds the rows it was handed (renewed at each of its passes):
+/// past it a replica that stalled or died loses them to the others.
+pub const CLAIM_TTL: Duration = Duration::from_secs(300);
+
+/// The key of the transaction-level advisory lock inbox claims take ("dsinboxc").
+const INBOX_CLAIM_LOCK: i64 = 0x6473_696e_626f_7863;
+
+/// The rows `$1` holds, due at `$2` (none behind a row of its connection waiting for
+/// its retry), oldest first, at most `$3`.
+const HELD_ROWS: &str = "
+    SELECT {columns} FROM webhook_inbox AS i JOIN webhook_bodies AS b ON b.id = i.id
+     WHERE i.state = 'claimed' AND i.claimed_by = $1
+       AND i.connection NOT IN (
+           SELECT connection FROM webhook_inbox
+            WHERE state = 'pending' AND next_attempt_at IS NOT NULL AND next_attempt_at > $2)
+     ORDER BY i.id LIMIT $3";
+
+fn millis(duration: Duration) -> i64 {
+    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
+}
 
 impl Database {
+    /// Claims rows due at `now` for `claimer` and returns the rows it holds that are
+    /// due, oldest first, at most `limit` (see the module's invariants).
+    pub async fn due_webhooks(
+        &self,
+        claimer: &str,
+        now: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<InboxRow>> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&INBOX_CLAIM_LOCK])
+            .await?;
+        tx.execute(
+            "UPDATE webhook_inbox
+                SET claimed_until = clock_timestamp() + $2::bigint * interval '1 millisecond'
+              WHERE state = 'claimed' AND claimed_by = $1",
+            &[&claimer, &millis(CLAIM_TTL)],
+        )
+        .await?;
+        claims::claim_ids(&*tx, &INBOX, claimer, CLAIM_TTL, now, limit).await?;
+        let held = tx
+            .prepare_cached(&HELD_ROWS.replace("{columns}", INBOX_ROW_COLUMNS))
+            .await?;
+        let rows = tx
+            .query(&held, &[&claimer, &to_ms(now), &i64::from(limit)])
+            .await?;
+        tx.commit().await?;
+        Ok(rows
+            .iter()
+            .map(inbox_row_from)
+            .collect::<Result<Vec<_>, _>>()?)
+    }
+
+    /// Deletes settled rows (with their bodies) and dead letters past their retention;
+    /// returns how many rows went.
+    pub async fn prune_webhooks(&self, now: DateTime<Utc>) -> Result<u64> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let cutoffs = PruneCutoffs::at(now);
+        let settled = tx
+            .prepare_cached(
+                "WITH gone AS (
+                     DELETE FROM webhook_inbox WHERE state = $1 AND processed_at < $2
+                     RETURNING id),
+                 bodies AS (DELETE FROM webhook_bodies AS b USING gone WHERE b.id = gone.id)
+                 SELECT count(*) FROM gone",
+            )
+            .await?;
+        let mut pruned = 0;
+        for (state, cutoff) in cutoffs.settled {
+            pruned += tx
+                .query_one(&settled, &[&state, &cutoff])
+                .await?
+                .get::<_, i64>(0);
+        }
+        pruned += tx
+            .execute(
+                "DELETE FROM webhook_dead_letters WHERE received_at < $1",
+                &[&cutoffs.dead_letters],
+            )
+            .await? as i64;
+        tx.commit().await?;
+        Ok(pruned.max(0) as u64)
+    }
+
+    /// Inbox rows by state; a claimed row counts as pending.
+    pub async fn inbox_counts(&self) -> Result<InboxCounts> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT state, count(*) FROM webhook_inbox GROUP BY state",
+                &[],
+            )
+            .await?;
+        let mut counts = InboxCounts::default();
+        for row in rows {
+            counts.add(&row.try_get::<_, String>(0)?, row.try_get(1)?);
+        }
+        Ok(counts)
+    }
+
     /// Records how `claimer` is done with rows it claimed, in one transaction; returns
     /// the ids it settled (the rows it still held).
     pub async fn settle_claimed_webhooks(
@@ -149,18 +271,19 @@ mod tests {
                 ("failed".into(), 1, Some("unusable".into())),
             ]
         );
-        // Not due before its retry time; due at it.
+        // Not due before its retry time, and d waits behind it (same connection);
+        // both due at it, in order.
         let early = database
             .claim(&INBOX, "two", minute, now, 10)
             .await
             .unwrap();
-        assert_eq!(early.ids.len(), 1, "only d: {early:?}");
-        assert!(!early.ids.contains(&b), "{early:?}");
+        assert!(early.ids.is_empty(), "d waits for b: {early:?}");
         let due = database
             .claim(&INBOX, "two", minute, later, 10)
             .await
             .unwrap();
-        assert_eq!(due.ids, [b]);
+        let d = c + 1;
+        assert_eq!(due.ids, [b, d]);
 
         // A claim that expired and was handed on: the first holder's word is void.
         let short = Duration::from_millis(1);
@@ -181,6 +304,8 @@ mod tests {
             )
             .await
             .unwrap();
+        // b's claim expired: handed on, although two still holds d of its connection
+        // (an expired claim goes to the next claimer whatever its connection).
         let handed_on = database
             .claim(&INBOX, "three", minute, later, 10)
             .await
@@ -196,5 +321,82 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(current, [b]);
+    }
+
+    /// Two replicas (two `Store`s on one database) taking due webhooks at once: each
+    /// row is handed to one of them and settled once, and a connection's rows are
+    /// handed out in arrival order across both.
+    #[tokio::test]
+    async fn two_replicas_take_due_webhooks_and_each_row_goes_to_one() {
+        use crate::store::Store;
+        use std::collections::{HashMap, HashSet};
+        use std::sync::{Arc, Mutex};
+        let Some(test) = test_database("two_replicas_take_due_webhooks_and_each_row_goes_to_one")
+        else {
+            return;
+        };
+        let url = url_of(&test);
+        let one = Store::open_postgres(&url).await.unwrap();
+        let two = Store::open_postgres(&url).await.unwrap();
+        let mut all = HashSet::new();
+        for n in 0..300 {
+            let connection = format!("shop-{}", n % 12);
+            let event = crate::store::tests::webhook(&connection, &format!("d{n}"));
+            one.enqueue_webhook(event).await.unwrap();
+        }
+        for row in one.due_webhooks(Utc::now(), 0).await.unwrap() {
+            all.insert(row.id);
+        }
+        assert!(all.is_empty(), "a limit of 0 hands nothing out");
+        // The order rows were handed out in, across both replicas.
+        let handed: Arc<Mutex<Vec<(String, i64)>>> = Arc::default();
+        let take = |store: Store| {
+            let handed = handed.clone();
+            tokio::spawn(async move {
+                let mut mine = Vec::new();
+                loop {
+                    let rows = store.due_webhooks(Utc::now(), 7).await.unwrap();
+                    if rows.is_empty() {
+                        if store.inbox_counts().await.unwrap().pending == 0 {
+                            return mine;
+                        }
+                        tokio::task::yield_now().await;
+                        continue;
+                    }
+                    handed
+                        .lock()
+                        .unwrap()
+                        .extend(rows.iter().map(|row| (row.connection.clone(), row.id)));
+                    let settlements = rows
+                        .iter()
+                        .map(|row| Settlement::Processed {
+                            id: row.id,
+                            at: Utc::now(),
+                        })
+                        .collect();
+                    store.settle_webhooks(settlements).await.unwrap();
+                    mine.extend(rows.iter().map(|row| row.id));
+                }
+            })
+        };
+        let (a, b) = (take(one.clone()), take(two.clone()));
+        let (a, b) = (a.await.unwrap(), b.await.unwrap());
+        assert!(
+            !a.is_empty() && !b.is_empty(),
+            "both replicas worked: {a:?} {b:?}"
+        );
+        let (a_set, b_set): (HashSet<i64>, HashSet<i64>) =
+            (a.iter().copied().collect(), b.iter().copied().collect());
+        assert_eq!(a_set.len(), a.len(), "no row twice to one replica");
+        assert_eq!(b_set.len(), b.len(), "no row twice to one replica");
+        assert!(a_set.is_disjoint(&b_set), "no row to both replicas");
+        assert_eq!(a.len() + b.len(), 300);
+        let mut last: HashMap<String, i64> = HashMap::new();
+        for (connection, id) in handed.lock().unwrap().iter() {
+            let before = last.insert(connection.clone(), *id).unwrap_or(0);
+            assert!(before < *id, "{connection}: {id} handed out after {before}");
+        }
+        let counts = one.inbox_counts().await.unwrap();
+        assert_eq!((counts.pending, counts.processed), (0, 300));
     }
 }

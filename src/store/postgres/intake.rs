@@ -70,8 +70,8 @@ type Reply = oneshot::Sender<Result<Enqueued>>;
 
 /// State shared by the handles and the writer task.
 struct Shared {
-    /// Unprocessed rows in the database, as last counted plus what this process
-    /// stored since.
+    /// Unprocessed rows in the database (`pending` or `claimed`), as last counted plus
+    /// what this process stored since, less what it settled.
     pending: AtomicU64,
     /// Notified after every committed batch that stored a new delivery.
     committed: Notify,
@@ -124,6 +124,30 @@ impl Intake {
     pub fn committed(&self) -> &Notify {
         &self.shared.committed
     }
+
+    /// After this process put `rows` back into the inbox (a dead letter replayed).
+    pub fn added(&self, rows: u64) {
+        self.shared.pending.fetch_add(rows, Ordering::Relaxed);
+    }
+
+    /// After this process settled `rows` for good (processed or failed).
+    pub fn settled(&self, rows: u64) {
+        // Saturating: the count is advisory (backpressure), never below zero.
+        let _ = self
+            .shared
+            .pending
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |pending| {
+                Some(pending.saturating_sub(rows))
+            });
+    }
+
+    /// Counts the unprocessed rows again (other replicas settle rows too): the writer
+    /// does it as deliveries come, this is for a process that refuses them.
+    pub async fn recount(&self, database: &Database) -> Result<u64> {
+        let pending = count_pending(database).await?;
+        self.shared.pending.store(pending, Ordering::Relaxed);
+        Ok(pending)
+    }
 }
 
 fn stopped() -> StoreError {
@@ -134,7 +158,7 @@ async fn count_pending(database: &Database) -> Result<u64> {
     let client = database.client().await?;
     let row = client
         .query_one(
-            "SELECT count(*) FROM webhook_inbox WHERE state = 'pending'",
+            "SELECT count(*) FROM webhook_inbox WHERE state IN ('pending', 'claimed')",
             &[],
         )
         .await?;

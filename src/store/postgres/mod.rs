@@ -6,7 +6,9 @@
 //! migrate-store`), and the coordination replicas will use ([`leases`]: leases,
 //! fencing, the lease keeper, leadership; [`claims`]: `FOR UPDATE SKIP LOCKED`
 //! claims; `migrations/0002_replicas.sql`; [`rate`]: the request rate and daily
-//! vendor budget replicas share, `migrations/0003_rate_limits.sql`). None of the
+//! vendor budget replicas share, `migrations/0003_rate_limits.sql`), the webhook
+//! inbox's worker side and its dead letters (`inbox`, `dead_letters`: due rows claimed
+//! per replica, settled only by their holder). None of the
 //! store's queries runs on it
 //! yet: [`super::Store`] is SQLite, and the daemon refuses `storage.url`
 //! (`Config::require_sqlite`).
@@ -28,6 +30,7 @@
 
 pub mod claims;
 mod copy_rows;
+mod dead_letters;
 mod deals;
 pub mod from_sqlite;
 mod inbox;

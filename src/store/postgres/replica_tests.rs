@@ -399,14 +399,16 @@ async fn leadership_is_exclusive_and_passes_to_another_replica_when_the_leader_d
     shutdown.cancel();
 }
 
-/// `n` pending inbox rows of connection `crm`; their ids.
+/// `n` pending inbox rows, each of its own connection (`crm-1`, ...: the inbox claim
+/// hands a connection's rows to one replica at a time); their ids.
 async fn inbox_rows(database: &TestDatabase, n: i64) -> Vec<i64> {
     database
         .admin()
         .await
         .query(
             "INSERT INTO webhook_inbox (connection, delivery_id, received_at)
-             SELECT 'crm', 'delivery-' || g, 0 FROM generate_series(1, $1::bigint) g RETURNING id",
+             SELECT 'crm-' || g, 'delivery-' || g, 0 FROM generate_series(1, $1::bigint) g
+             RETURNING id",
             &[&n],
         )
         .await
