@@ -44,9 +44,88 @@ pub enum CartOutcome {
     Superseded(i64),
 }
 
-struct Match {
-    id: i64,
-    status: String,
+/// A live deal sharing a key with a cart record.
+pub(in crate::store) struct Match {
+    pub id: i64,
+    pub status: String,
+}
+
+/// What a cart record does, decided from its own deal and the deals sharing its keys,
+/// the same on both backends.
+pub(in crate::store) enum CartStep {
+    /// Stored as its own deal.
+    Store,
+    /// A checkout whose purchase deal `0` already records: not stored again.
+    Superseded(i64),
+    /// An order: completes `matched`, the key matches still open or lost; with
+    /// `by_email`, the shopper's latest cart ([`email_window`]) is looked up too.
+    Order { matched: Vec<i64>, by_email: bool },
+}
+
+/// What `upsert` does, given its own deal's id (if stored) and the live deals of its
+/// pipeline that share a key with it (`others`, own deal excluded).
+pub(in crate::store) fn cart_step(
+    upsert: &DealUpsert,
+    own: Option<i64>,
+    others: &[Match],
+) -> CartStep {
+    if upsert.status != DealStatus::Won {
+        if own.is_none()
+            && let Some(won) = others.iter().find(|m| m.status == "won")
+        {
+            return CartStep::Superseded(won.id);
+        }
+        return CartStep::Store;
+    }
+    CartStep::Order {
+        matched: others
+            .iter()
+            .filter(|m| m.status == "open" || m.status == "lost")
+            .map(|m| m.id)
+            .collect(),
+        by_email: own.is_none() && others.is_empty() && upsert.source.contact_email.is_some(),
+    }
+}
+
+/// When an order happened: the source's modification time, else its creation time,
+/// else when it was observed.
+pub(in crate::store) fn order_time(upsert: &DealUpsert) -> DateTime<Utc> {
+    let source = &upsert.source;
+    source
+        .updated_at
+        .or(source.created_at)
+        .unwrap_or(upsert.observed_at)
+}
+
+/// The start times (epoch ms, inclusive) of the carts an order at `at` may complete by
+/// the shopper's email.
+pub(in crate::store) fn email_window(at: DateTime<Utc>, rules: CartRules) -> (i64, i64) {
+    let at = to_ms(at);
+    (
+        at - rules.email_window.num_milliseconds(),
+        at + CLOCK_SKEW_MS,
+    )
+}
+
+/// Whether an order is stored as its own deal besides the carts it completes: when it
+/// has its own deal already, or completes nothing and shares no key.
+pub(in crate::store) fn order_is_stored(
+    own: Option<i64>,
+    others: &[Match],
+    matched: &[i64],
+) -> bool {
+    own.is_some() || (others.is_empty() && matched.is_empty())
+}
+
+/// What an order did: completed `matched`, or, completing none, was stored (`stored`).
+pub(in crate::store) fn order_outcome(
+    matched: Vec<i64>,
+    stored: Option<UpsertOutcome>,
+) -> CartOutcome {
+    match stored {
+        Some(outcome) if matched.is_empty() => CartOutcome::Upserted(outcome),
+        _ => CartOutcome::Matched(matched),
+    }
 }
 
 fn own_deal(tx: &Transaction<'_>, upsert: &DealUpsert) -> Result<Option<i64>> {
@@ -108,13 +187,13 @@ fn key_matches(
 /// systems whose clocks and timestamp precision differ.
 const CLOCK_SKEW_MS: i64 = 10 * 60 * 1000;
 
-/// The shopper's latest open cart in `pipeline` started within `window` before `at`.
+/// The shopper's latest open cart in `pipeline` started within `window` (see
+/// [`email_window`]).
 fn email_match(
     tx: &Transaction<'_>,
     email: &str,
     pipeline: Option<&str>,
-    at: i64,
-    window: chrono::Duration,
+    (from, to): (i64, i64),
 ) -> Result<Option<i64>> {
     Ok(tx
         .query_row(
@@ -123,12 +202,7 @@ fn email_match(
                AND deleted_at IS NULL AND cart_keys != '[]'
                AND coalesce(source_created_at, first_seen_at) BETWEEN ?3 AND ?4
              ORDER BY coalesce(source_created_at, first_seen_at) DESC, id DESC LIMIT 1",
-            params![
-                email,
-                pipeline,
-                at - window.num_milliseconds(),
-                at + CLOCK_SKEW_MS
-            ],
+            params![email, pipeline, from, to],
             |row| row.get(0),
         )
         .optional()?)
@@ -143,29 +217,17 @@ pub(super) fn apply(
     let pipeline = upsert.target.pipeline.as_ref().map(|p| p.as_str());
     let own = own_deal(tx, upsert)?;
     let others = key_matches(tx, &source.cart_keys, pipeline, own)?;
-    if upsert.status != DealStatus::Won {
-        if own.is_none()
-            && let Some(won) = others.iter().find(|m| m.status == "won")
-        {
-            return Ok(CartOutcome::Superseded(won.id));
+    let (mut matched, by_email) = match cart_step(upsert, own, &others) {
+        CartStep::Superseded(id) => return Ok(CartOutcome::Superseded(id)),
+        CartStep::Store => {
+            return Ok(CartOutcome::Upserted(upsert_all(tx, vec![upsert.clone()])?));
         }
-        return Ok(CartOutcome::Upserted(upsert_all(tx, vec![upsert.clone()])?));
-    }
-
-    // An order (or a completed checkout).
-    let at = source
-        .updated_at
-        .or(source.created_at)
-        .unwrap_or(upsert.observed_at);
-    let mut matched: Vec<i64> = others
-        .iter()
-        .filter(|m| m.status == "open" || m.status == "lost")
-        .map(|m| m.id)
-        .collect();
-    if own.is_none()
-        && others.is_empty()
+        CartStep::Order { matched, by_email } => (matched, by_email),
+    };
+    let at = order_time(upsert);
+    if by_email
         && let Some(email) = &source.contact_email
-        && let Some(id) = email_match(tx, email.as_str(), pipeline, to_ms(at), rules.email_window)?
+        && let Some(id) = email_match(tx, email.as_str(), pipeline, email_window(at, rules))?
     {
         matched.push(id);
     }
@@ -180,13 +242,12 @@ pub(super) fn apply(
         )?;
         write_keys(tx, *id, &source.cart_keys)?;
     }
-    if own.is_some() || (others.is_empty() && matched.is_empty()) {
-        let outcome = upsert_all(tx, vec![upsert.clone()])?;
-        if matched.is_empty() {
-            return Ok(CartOutcome::Upserted(outcome));
-        }
-    }
-    Ok(CartOutcome::Matched(matched))
+    let stored = if order_is_stored(own, &others, &matched) {
+        Some(upsert_all(tx, vec![upsert.clone()])?)
+    } else {
+        None
+    };
+    Ok(order_outcome(matched, stored))
 }
 
 fn ids(tx: &Transaction<'_>, sql: &str, values: Vec<rusqlite::types::Value>) -> Result<Vec<i64>> {
@@ -204,6 +265,14 @@ impl Store {
         upsert: DealUpsert,
         rules: CartRules,
     ) -> Result<CartOutcome> {
+        if let Some(database) = self.postgres() {
+            let (outcome, stage_changes) = database
+                .apply_cart_event(upsert, rules)
+                .await
+                .map_err(|error| database.named(error))?;
+            self.note_stage_changes(stage_changes);
+            return Ok(outcome);
+        }
         self.write(move |tx| apply(tx, &upsert, rules)).await
     }
 
@@ -219,6 +288,14 @@ impl Store {
         now: DateTime<Utc>,
         limit: u32,
     ) -> Result<Vec<i64>> {
+        if let Some(database) = self.postgres() {
+            let moved = database
+                .abandon_idle_carts(connection, from, to, idle_since, now, limit)
+                .await
+                .map_err(|error| database.named(error))?;
+            self.note_stage_changes(moved.len() as u64);
+            return Ok(moved);
+        }
         let connection = connection.to_owned();
         self.write(move |tx| {
             let cutoff = to_ms(idle_since);
@@ -256,6 +333,14 @@ impl Store {
         now: DateTime<Utc>,
         limit: u32,
     ) -> Result<Vec<i64>> {
+        if let Some(database) = self.postgres() {
+            let moved = database
+                .expire_stale_carts(connection, stages, to, stale_since, now, limit)
+                .await
+                .map_err(|error| database.named(error))?;
+            self.note_stage_changes(moved.len() as u64);
+            return Ok(moved);
+        }
         let connection = connection.to_owned();
         self.write(move |tx| {
             let mut moved = Vec::new();

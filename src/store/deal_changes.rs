@@ -13,7 +13,7 @@
 //! - A deleted deal keeps its row and its history.
 
 use super::carts::{self, CartRules};
-use super::deals::{DealUpsert, upsert_all};
+use super::deals::{Columns, DealUpsert, upsert_all};
 use super::inbox::Settlement;
 use super::{Result, Store, to_ms};
 use chrono::{DateTime, Utc};
@@ -33,69 +33,92 @@ pub enum DealChange {
     },
 }
 
-/// Fills the contact and owner fields a webhook record does not carry from the stored
-/// deal, so a webhook never erases what a pull (or an earlier delivery) knew: a
-/// Pipedrive deal event names the person by id only, with no email.
-fn keep_known_contact(tx: &Transaction<'_>, upsert: &mut DealUpsert) -> Result<()> {
+/// The contact and owner fields of a stored deal, which a webhook record that lacks
+/// them keeps ([`keep_known`]). Read by either backend ([`known_contact_from`]).
+pub(in crate::store) struct KnownContact {
+    email: Option<String>,
+    name: Option<String>,
+    owner: Option<String>,
+    owner_email: Option<String>,
+    consent: Option<bool>,
+}
+
+/// The columns [`known_contact_from`] reads, in its order.
+pub(in crate::store) const KNOWN_CONTACT_COLUMNS: &str =
+    "contact_email, contact_name, owner, owner_email, marketing_consent";
+
+/// Reads a [`KNOWN_CONTACT_COLUMNS`] row of either backend.
+pub(in crate::store) fn known_contact_from<R: Columns>(row: &R) -> Result<KnownContact, R::Error> {
+    Ok(KnownContact {
+        email: row.opt_text(0)?,
+        name: row.opt_text(1)?,
+        owner: row.opt_text(2)?,
+        owner_email: row.opt_text(3)?,
+        consent: row.opt_bool(4)?,
+    })
+}
+
+/// Whether the record carries every contact and owner field, so nothing stored needs
+/// to be read for it.
+pub(in crate::store) fn carries_every_contact_field(upsert: &DealUpsert) -> bool {
     let source = &upsert.source;
-    let carries_all = source.contact_email.is_some()
+    source.contact_email.is_some()
         && source.contact_name.is_some()
         && source.owner.is_some()
         && source.owner_email.is_some()
-        && source.marketing_consent.is_some();
-    if carries_all {
-        return Ok(());
-    }
-    type Known = (
-        Option<String>,
-        Option<String>,
-        Option<String>,
-        Option<String>,
-        Option<bool>,
-    );
-    let known: Option<Known> = tx
-        .prepare_cached(
-            "SELECT contact_email, contact_name, owner, owner_email, marketing_consent
-             FROM deals WHERE connection = ?1 AND external_id = ?2",
-        )?
-        .query_row(
-            params![upsert.connection.as_str(), source.external_id.as_str()],
-            |row| {
-                Ok((
-                    row.get(0)?,
-                    row.get(1)?,
-                    row.get(2)?,
-                    row.get(3)?,
-                    row.get(4)?,
-                ))
-            },
-        )
-        .optional()?;
-    let Some((email, name, owner, owner_email, consent)) = known else {
-        return Ok(());
-    };
+        && source.marketing_consent.is_some()
+}
+
+/// Fills the contact and owner fields a webhook record does not carry from the stored
+/// deal's `known` ones, so a webhook never erases what a pull (or an earlier delivery)
+/// knew: a Pipedrive deal event names the person by id only, with no email.
+pub(in crate::store) fn keep_known(upsert: &mut DealUpsert, known: KnownContact) {
     let source = &mut upsert.source;
     if source.contact_email.is_none() {
-        source.contact_email = email
+        source.contact_email = known
+            .email
             .as_deref()
             .and_then(crate::domain::EmailAddress::parse);
     }
     if source.contact_name.is_none() {
-        source.contact_name = name;
+        source.contact_name = known.name;
     }
     // A stored owner email belongs to the stored owner: a record naming another owner
     // (reassigned in the CRM) does not inherit the previous owner's address.
-    let same_owner = source.owner.is_none() || source.owner == owner;
+    let same_owner = source.owner.is_none() || source.owner == known.owner;
     if source.owner.is_none() {
-        source.owner = owner;
+        source.owner = known.owner;
     }
     if source.owner_email.is_none() && same_owner {
-        source.owner_email = owner_email
+        source.owner_email = known
+            .owner_email
             .as_deref()
             .and_then(crate::domain::EmailAddress::parse);
     }
     if source.marketing_consent.is_none() {
-        source.marketing_consent = consent;
+        source.marketing_consent = known.consent;
+    }
+}
+
+/// [`keep_known`] with the stored deal read on SQLite.
+fn keep_known_contact(tx: &Transaction<'_>, upsert: &mut DealUpsert) -> Result<()> {
+    if carries_every_contact_field(upsert) {
+        return Ok(());
+    }
+    let known = tx
+        .prepare_cached(&format!(
+            "SELECT {KNOWN_CONTACT_COLUMNS} FROM deals WHERE connection = ?1 AND external_id = ?2"
+        ))?
+        .query_row(
+            params![
+                upsert.connection.as_str(),
+                upsert.source.external_id.as_str()
+            ],
+            |row| known_contact_from(row),
+        )
+        .optional()?;
+    if let Some(known) = known {
+        keep_known(upsert, known);
     }
     Ok(())
 }
@@ -118,7 +141,7 @@ pub(super) fn mark_deleted(
 impl Store {
     /// Applies the changes of several inbox rows to the deals in one transaction, then
     /// marks the rows processed in the inbox. A webhook record keeps the contact data
-    /// it does not carry (see `keep_known_contact`).
+    /// it does not carry (see `keep_known`).
     pub async fn apply_webhook_batch(
         &self,
         items: Vec<(i64, Vec<DealChange>)>,
@@ -126,35 +149,52 @@ impl Store {
         now: DateTime<Utc>,
     ) -> Result<()> {
         let ids: Vec<i64> = items.iter().map(|(id, _)| *id).collect();
-        self.write(move |tx| {
-            for (_, ops) in items {
-                for op in ops {
-                    match op {
-                        DealChange::Cart(mut upsert) => {
-                            keep_known_contact(tx, &mut upsert)?;
-                            carts::apply(tx, &upsert, rules)?;
-                        }
-                        DealChange::Upsert(mut upsert) => {
-                            keep_known_contact(tx, &mut upsert)?;
-                            upsert_all(tx, vec![upsert])?;
-                        }
-                        DealChange::Delete {
-                            connection,
-                            external_id,
-                        } => {
-                            mark_deleted(tx, &connection, &external_id, now)?;
-                        }
-                    }
-                }
-            }
-            Ok(())
-        })
-        .await?;
+        let changes = items.into_iter().flat_map(|(_, ops)| ops).collect();
+        self.apply_deal_changes(changes, rules, now).await?;
         let settlements = ids
             .into_iter()
             .map(|id| Settlement::Processed { id, at: now })
             .collect();
         self.settle_webhooks(settlements).await
+    }
+
+    /// Applies deal changes, in order, in one transaction of the main database.
+    pub(in crate::store) async fn apply_deal_changes(
+        &self,
+        changes: Vec<DealChange>,
+        rules: CartRules,
+        now: DateTime<Utc>,
+    ) -> Result<()> {
+        if let Some(database) = self.postgres() {
+            let stage_changes = database
+                .apply_deal_changes(changes, rules, now)
+                .await
+                .map_err(|error| database.named(error))?;
+            self.note_stage_changes(stage_changes);
+            return Ok(());
+        }
+        self.write(move |tx| {
+            for op in changes {
+                match op {
+                    DealChange::Cart(mut upsert) => {
+                        keep_known_contact(tx, &mut upsert)?;
+                        carts::apply(tx, &upsert, rules)?;
+                    }
+                    DealChange::Upsert(mut upsert) => {
+                        keep_known_contact(tx, &mut upsert)?;
+                        upsert_all(tx, vec![upsert])?;
+                    }
+                    DealChange::Delete {
+                        connection,
+                        external_id,
+                    } => {
+                        mark_deleted(tx, &connection, &external_id, now)?;
+                    }
+                }
+            }
+            Ok(())
+        })
+        .await
     }
 
     /// Marks a deal deleted in its source; returns false when it is unknown or already
@@ -165,6 +205,12 @@ impl Store {
         external_id: &str,
         at: DateTime<Utc>,
     ) -> Result<bool> {
+        if let Some(database) = self.postgres() {
+            return database
+                .mark_deal_deleted(connection, external_id, at)
+                .await
+                .map_err(|error| database.named(error));
+        }
         let (connection, external_id) = (connection.to_owned(), external_id.to_owned());
         self.write(move |tx| mark_deleted(tx, &connection, &external_id, at))
             .await

@@ -26,8 +26,10 @@
 //!   the transaction is rolled back.
 //! - Errors name the server as `host:port/database`, never the password.
 
+mod carts;
 pub mod claims;
 mod copy_rows;
+mod deal_changes;
 mod deals;
 pub mod from_sqlite;
 mod inbox;
