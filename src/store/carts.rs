@@ -375,20 +375,24 @@ impl Store {
 }
 
 #[cfg(test)]
-mod tests {
+pub(in crate::store) mod tests {
     use super::*;
     use crate::domain::{ConnectionName, EmailAddress, PipelineKey, SourceDeal, StageKey};
+    use crate::store::both_backends::on_both;
     use crate::store::deals::tests::stored_deal;
     use crate::store::tests::temp_store;
 
-    fn at(stage: &str) -> StageRef {
+    /// `ecommerce.<stage>`.
+    pub(in crate::store) fn at(stage: &str) -> StageRef {
         StageRef {
             pipeline: Some(PipelineKey::new("ecommerce")),
             stage: StageKey::new(stage),
         }
     }
 
-    fn cart(
+    /// A cart (an order in `purchase_completed`) of `connection` with `keys`, changed at
+    /// `when`.
+    pub(in crate::store) fn cart(
         connection: &str,
         id: &str,
         stage: &str,
@@ -415,6 +419,8 @@ mod tests {
         }
     }
 
+    /// SQLite only: the plan of SQLite's key-match query, which pins its join order;
+    /// PostgreSQL's statement is its own (`postgres::carts`).
     #[tokio::test]
     async fn matching_a_carts_keys_reads_the_keys_index_not_every_deal_of_the_pipeline() {
         let (_dir, store) = temp_store();
@@ -448,191 +454,211 @@ mod tests {
 
     #[tokio::test]
     async fn an_order_in_another_connection_completes_the_cart_it_shares_a_key_with() {
-        let (_dir, store) = temp_store();
-        let t0 = Utc::now() - chrono::Duration::hours(3);
-        let rules = CartRules::default();
-        store
-            .apply_cart_event(
-                cart("shop-a", "tok1", "checkout_started", &["k:tok1"], t0),
-                rules,
-            )
-            .await
-            .unwrap();
-        let order = cart(
-            "shop-b",
-            "order:9",
-            "purchase_completed",
-            &["k:tok1"],
-            t0 + chrono::Duration::hours(1),
-        );
-        let outcome = store.apply_cart_event(order.clone(), rules).await.unwrap();
-        let cart_deal = stored_deal(&store, "shop-a", "tok1").await;
-        assert_eq!(outcome, CartOutcome::Matched(vec![cart_deal.id]));
-        assert_eq!(cart_deal.status, DealStatus::Won);
-        assert!(
-            store
-                .deal_by_external_id("shop-b", "order:9")
-                .await
-                .unwrap()
-                .is_none()
-        );
-        // The same order again changes nothing and still stores no second deal.
-        store.apply_cart_event(order, rules).await.unwrap();
-        assert!(
-            store
-                .deal_by_external_id("shop-b", "order:9")
-                .await
-                .unwrap()
-                .is_none()
-        );
-        assert_eq!(store.history(cart_deal.id).await.unwrap().len(), 2);
+        on_both(
+            "an_order_in_another_connection_completes_the_cart_it_shares_a_key_with",
+            async |store| {
+                let t0 = Utc::now() - chrono::Duration::hours(3);
+                let rules = CartRules::default();
+                store
+                    .apply_cart_event(
+                        cart("shop-a", "tok1", "checkout_started", &["k:tok1"], t0),
+                        rules,
+                    )
+                    .await
+                    .unwrap();
+                let order = cart(
+                    "shop-b",
+                    "order:9",
+                    "purchase_completed",
+                    &["k:tok1"],
+                    t0 + chrono::Duration::hours(1),
+                );
+                let outcome = store.apply_cart_event(order.clone(), rules).await.unwrap();
+                let cart_deal = stored_deal(&store, "shop-a", "tok1").await;
+                assert_eq!(outcome, CartOutcome::Matched(vec![cart_deal.id]));
+                assert_eq!(cart_deal.status, DealStatus::Won);
+                assert!(
+                    store
+                        .deal_by_external_id("shop-b", "order:9")
+                        .await
+                        .unwrap()
+                        .is_none()
+                );
+                // The same order again changes nothing and still stores no second deal.
+                store.apply_cart_event(order, rules).await.unwrap();
+                assert!(
+                    store
+                        .deal_by_external_id("shop-b", "order:9")
+                        .await
+                        .unwrap()
+                        .is_none()
+                );
+                assert_eq!(store.history(cart_deal.id).await.unwrap().len(), 2);
+            },
+        )
+        .await;
     }
 
     #[tokio::test]
     async fn an_order_without_keys_completes_the_latest_cart_of_the_same_email() {
-        let (_dir, store) = temp_store();
-        let t0 = Utc::now() - chrono::Duration::hours(5);
-        let rules = CartRules::default();
-        for (id, offset) in [("old", 0), ("new", 1)] {
-            store
-                .apply_cart_event(
-                    cart(
-                        "shop",
-                        id,
-                        "checkout_started",
-                        &[id],
-                        t0 + chrono::Duration::hours(offset),
-                    ),
-                    rules,
-                )
-                .await
-                .unwrap();
-        }
-        let order = cart(
-            "pos",
-            "order:1",
-            "purchase_completed",
-            &["unrelated"],
-            t0 + chrono::Duration::hours(2),
-        );
-        store.apply_cart_event(order, rules).await.unwrap();
-        let new = stored_deal(&store, "shop", "new").await;
-        let old = stored_deal(&store, "shop", "old").await;
-        assert_eq!(
-            (new.status, old.status),
-            (DealStatus::Won, DealStatus::Open)
-        );
+        on_both(
+            "an_order_without_keys_completes_the_latest_cart_of_the_same_email",
+            async |store| {
+                let t0 = Utc::now() - chrono::Duration::hours(5);
+                let rules = CartRules::default();
+                for (id, offset) in [("old", 0), ("new", 1)] {
+                    store
+                        .apply_cart_event(
+                            cart(
+                                "shop",
+                                id,
+                                "checkout_started",
+                                &[id],
+                                t0 + chrono::Duration::hours(offset),
+                            ),
+                            rules,
+                        )
+                        .await
+                        .unwrap();
+                }
+                let order = cart(
+                    "pos",
+                    "order:1",
+                    "purchase_completed",
+                    &["unrelated"],
+                    t0 + chrono::Duration::hours(2),
+                );
+                store.apply_cart_event(order, rules).await.unwrap();
+                let new = stored_deal(&store, "shop", "new").await;
+                let old = stored_deal(&store, "shop", "old").await;
+                assert_eq!(
+                    (new.status, old.status),
+                    (DealStatus::Won, DealStatus::Open)
+                );
+            },
+        )
+        .await;
     }
 
     #[tokio::test]
     async fn a_late_checkout_update_does_not_reopen_a_purchased_cart() {
-        let (_dir, store) = temp_store();
-        let t0 = Utc::now() - chrono::Duration::hours(2);
-        let rules = CartRules::default();
-        // The order arrives first, under the checkout's token.
-        store
-            .apply_cart_event(
-                cart(
-                    "shop",
-                    "tok",
-                    "purchase_completed",
-                    &["k:tok"],
-                    t0 + chrono::Duration::minutes(30),
-                ),
-                rules,
-            )
-            .await
-            .unwrap();
-        // Then the checkout's own create and a later update.
-        for minutes in [0, 45] {
-            store
-                .apply_cart_event(
-                    cart(
-                        "shop",
-                        "tok",
-                        "checkout_started",
-                        &["k:tok"],
-                        t0 + chrono::Duration::minutes(minutes),
-                    ),
-                    rules,
-                )
-                .await
-                .unwrap();
-        }
-        let deal = stored_deal(&store, "shop", "tok").await;
-        assert_eq!(
-            (deal.status, deal.stage.as_str()),
-            (DealStatus::Won, "purchase_completed")
-        );
-        assert_eq!(store.history(deal.id).await.unwrap().len(), 1);
+        on_both(
+            "a_late_checkout_update_does_not_reopen_a_purchased_cart",
+            async |store| {
+                let t0 = Utc::now() - chrono::Duration::hours(2);
+                let rules = CartRules::default();
+                // The order arrives first, under the checkout's token.
+                store
+                    .apply_cart_event(
+                        cart(
+                            "shop",
+                            "tok",
+                            "purchase_completed",
+                            &["k:tok"],
+                            t0 + chrono::Duration::minutes(30),
+                        ),
+                        rules,
+                    )
+                    .await
+                    .unwrap();
+                // Then the checkout's own create and a later update.
+                for minutes in [0, 45] {
+                    store
+                        .apply_cart_event(
+                            cart(
+                                "shop",
+                                "tok",
+                                "checkout_started",
+                                &["k:tok"],
+                                t0 + chrono::Duration::minutes(minutes),
+                            ),
+                            rules,
+                        )
+                        .await
+                        .unwrap();
+                }
+                let deal = stored_deal(&store, "shop", "tok").await;
+                assert_eq!(
+                    (deal.status, deal.stage.as_str()),
+                    (DealStatus::Won, "purchase_completed")
+                );
+                assert_eq!(store.history(deal.id).await.unwrap().len(), 1);
+            },
+        )
+        .await;
     }
 
     #[tokio::test]
     async fn idle_carts_are_abandoned_once_and_stale_ones_expire() {
-        let (_dir, store) = temp_store();
-        let now = Utc::now();
-        let rules = CartRules::default();
-        store
-            .apply_cart_event(
-                cart(
-                    "shop",
-                    "idle",
-                    "checkout_started",
-                    &["a"],
-                    now - chrono::Duration::hours(2),
-                ),
-                rules,
-            )
-            .await
-            .unwrap();
-        store
-            .apply_cart_event(
-                cart(
-                    "shop",
-                    "busy",
-                    "checkout_started",
-                    &["b"],
-                    now - chrono::Duration::minutes(5),
-                ),
-                rules,
-            )
-            .await
-            .unwrap();
-        let cutoff = now - chrono::Duration::hours(1);
-        // The same pass twice: the second finds nothing left to abandon.
-        let abandon = || {
-            store.abandon_idle_carts(
-                "shop",
-                at("checkout_started"),
-                at("cart_abandoned"),
-                cutoff,
-                now,
-                100,
-            )
-        };
-        let moved = abandon().await.unwrap();
-        assert_eq!(moved.len(), 1);
-        let again = abandon().await.unwrap();
-        assert!(again.is_empty());
-        let idle = stored_deal(&store, "shop", "idle").await;
-        assert_eq!(idle.stage.as_str(), "cart_abandoned");
-        let history = store.history(idle.id).await.unwrap();
-        assert_eq!(history.last().unwrap().cause, ChangeCause::Followup);
+        on_both(
+            "idle_carts_are_abandoned_once_and_stale_ones_expire",
+            async |store| {
+                let now = Utc::now();
+                let rules = CartRules::default();
+                store
+                    .apply_cart_event(
+                        cart(
+                            "shop",
+                            "idle",
+                            "checkout_started",
+                            &["a"],
+                            now - chrono::Duration::hours(2),
+                        ),
+                        rules,
+                    )
+                    .await
+                    .unwrap();
+                store
+                    .apply_cart_event(
+                        cart(
+                            "shop",
+                            "busy",
+                            "checkout_started",
+                            &["b"],
+                            now - chrono::Duration::minutes(5),
+                        ),
+                        rules,
+                    )
+                    .await
+                    .unwrap();
+                let cutoff = now - chrono::Duration::hours(1);
+                // The same pass twice: the second finds nothing left to abandon.
+                let abandon = || {
+                    store.abandon_idle_carts(
+                        "shop",
+                        at("checkout_started"),
+                        at("cart_abandoned"),
+                        cutoff,
+                        now,
+                        100,
+                    )
+                };
+                let moved = abandon().await.unwrap();
+                assert_eq!(moved.len(), 1);
+                let again = abandon().await.unwrap();
+                assert!(again.is_empty());
+                let idle = stored_deal(&store, "shop", "idle").await;
+                assert_eq!(idle.stage.as_str(), "cart_abandoned");
+                let history = store.history(idle.id).await.unwrap();
+                assert_eq!(history.last().unwrap().cause, ChangeCause::Followup);
 
-        let later = now + chrono::Duration::days(31);
-        let expired = store
-            .expire_stale_carts(
-                "shop",
-                vec![at("cart_abandoned")],
-                at("expired"),
-                later - chrono::Duration::days(30),
-                later,
-                100,
-            )
-            .await
-            .unwrap();
-        assert_eq!(expired, vec![idle.id]);
-        let idle = store.deal(idle.id).await.unwrap().unwrap();
-        assert_eq!(idle.status, DealStatus::Lost);
+                let later = now + chrono::Duration::days(31);
+                let expired = store
+                    .expire_stale_carts(
+                        "shop",
+                        vec![at("cart_abandoned")],
+                        at("expired"),
+                        later - chrono::Duration::days(30),
+                        later,
+                        100,
+                    )
+                    .await
+                    .unwrap();
+                assert_eq!(expired, vec![idle.id]);
+                let idle = store.deal(idle.id).await.unwrap().unwrap();
+                assert_eq!(idle.status, DealStatus::Lost);
+            },
+        )
+        .await;
     }
 }

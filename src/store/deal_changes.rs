@@ -220,9 +220,9 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::both_backends::on_both;
     use crate::store::deals::tests::stored_deal;
     use crate::store::inbox::tests::event;
-    use crate::store::tests::temp_store;
 
     /// A Pipedrive deal of connection `pd`, open in `stage`, as `cause` delivers it.
     fn pd_upsert(
@@ -243,186 +243,250 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_webhook_record_keeps_the_stored_owner_email_only_for_the_same_owner() {
-        use crate::domain::{ChangeCause, EmailAddress, SourceDeal};
-        let (_dir, store) = temp_store();
-        let upsert = |owner: &str, email: Option<&str>, cause: ChangeCause, minute: u32| {
-            let mut source = SourceDeal::new("12", "Globex renewal", "1", "proposal");
-            source.owner = Some(owner.to_owned());
-            source.owner_email = email.and_then(EmailAddress::parse);
-            source.updated_at =
-                Some(chrono::TimeZone::with_ymd_and_hms(&Utc, 2026, 1, 14, 18, minute, 0).unwrap());
-            pd_upsert(source, "proposal", cause)
-        };
-        let owner_email = |store: Store| async move {
-            stored_deal(&store, "pd", "12")
-                .await
-                .owner_email
-                .map(|e| e.to_string())
-        };
-        store
-            .upsert_deals(vec![upsert(
-                "1234",
-                Some("anna@acme.example"),
-                ChangeCause::Poll,
-                0,
-            )])
-            .await
-            .unwrap();
-        for (delivery, owner, minute, expected) in [
-            ("pd-same-owner", "1234", 5, Some("anna@acme.example")),
-            ("pd-new-owner", "1235", 6, None),
-        ] {
-            store.enqueue_webhook(event(delivery)).await.unwrap();
-            let row = store.due_webhooks(Utc::now(), 1).await.unwrap().remove(0);
+    /// Applies `change` as the webhook worker applies delivery `delivery`. On SQLite
+    /// through an inbox row, which ends processed. On PostgreSQL the inbox's processing
+    /// (`due_webhooks`, `settle_webhooks`) is not ported in this version: the change
+    /// goes through the transaction `apply_webhook_batch` opens, without an inbox row.
+    async fn apply_delivered(store: &Store, delivery: &str, change: DealChange) {
+        let rules = crate::store::CartRules::default();
+        if store.postgres().is_some() {
             store
-                .apply_webhook_batch(
-                    vec![(
-                        row.id,
-                        vec![DealChange::Upsert(upsert(
-                            owner,
-                            None,
-                            ChangeCause::Webhook,
-                            minute,
-                        ))],
-                    )],
-                    crate::store::CartRules::default(),
-                    Utc::now(),
-                )
+                .apply_deal_changes(vec![change], rules, Utc::now())
                 .await
                 .unwrap();
-            assert_eq!(
-                owner_email(store.clone()).await.as_deref(),
-                expected,
-                "{delivery}"
-            );
+            return;
         }
+        let processed = store.inbox_counts().await.unwrap().processed;
+        store.enqueue_webhook(event(delivery)).await.unwrap();
+        let row = store.due_webhooks(Utc::now(), 1).await.unwrap().remove(0);
+        store
+            .apply_webhook_batch(vec![(row.id, vec![change])], rules, Utc::now())
+            .await
+            .unwrap();
+        assert_eq!(
+            store.inbox_counts().await.unwrap().processed,
+            processed + 1,
+            "{delivery} is processed"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_webhook_record_keeps_the_stored_owner_email_only_for_the_same_owner() {
+        on_both(
+            "a_webhook_record_keeps_the_stored_owner_email_only_for_the_same_owner",
+            async |store| {
+                use crate::domain::{ChangeCause, EmailAddress, SourceDeal};
+                let upsert = |owner: &str, email: Option<&str>, cause: ChangeCause, minute: u32| {
+                    let mut source = SourceDeal::new("12", "Globex renewal", "1", "proposal");
+                    source.owner = Some(owner.to_owned());
+                    source.owner_email = email.and_then(EmailAddress::parse);
+                    source.updated_at = Some(
+                        chrono::TimeZone::with_ymd_and_hms(&Utc, 2026, 1, 14, 18, minute, 0)
+                            .unwrap(),
+                    );
+                    pd_upsert(source, "proposal", cause)
+                };
+                store
+                    .upsert_deals(vec![upsert(
+                        "1234",
+                        Some("anna@acme.example"),
+                        ChangeCause::Poll,
+                        0,
+                    )])
+                    .await
+                    .unwrap();
+                for (delivery, owner, minute, expected) in [
+                    ("pd-same-owner", "1234", 5, Some("anna@acme.example")),
+                    ("pd-new-owner", "1235", 6, None),
+                ] {
+                    let change = upsert(owner, None, ChangeCause::Webhook, minute);
+                    apply_delivered(&store, delivery, DealChange::Upsert(change)).await;
+                    let stored = stored_deal(&store, "pd", "12").await;
+                    assert_eq!(
+                        stored.owner_email.map(|e| e.to_string()).as_deref(),
+                        expected,
+                        "{delivery}"
+                    );
+                }
+            },
+        )
+        .await;
     }
 
     #[tokio::test]
     async fn a_webhook_record_without_a_contact_keeps_the_one_a_pull_stored() {
-        use crate::domain::{ChangeCause, EmailAddress, SourceDeal};
-        let (_dir, store) = temp_store();
-        let upsert = |stage: &str, email: Option<&str>, cause: ChangeCause, minute: u32| {
-            let mut source = SourceDeal::new("12", "Globex renewal", "1", stage);
-            source.contact_email = email.and_then(EmailAddress::parse);
-            source.contact_name = email.map(|_| "Ada Lovelace".to_owned());
-            source.updated_at =
-                Some(chrono::TimeZone::with_ymd_and_hms(&Utc, 2026, 1, 14, 18, minute, 0).unwrap());
-            pd_upsert(source, stage, cause)
-        };
-        store
-            .upsert_deals(vec![upsert(
-                "lead_qualification",
-                Some("ada@acme.example"),
-                ChangeCause::Poll,
-                0,
-            )])
-            .await
-            .unwrap();
-        store.enqueue_webhook(event("pd-change")).await.unwrap();
-        let row = store.due_webhooks(Utc::now(), 1).await.unwrap().remove(0);
-        let change = upsert("proposal", None, ChangeCause::Webhook, 5);
-        store
-            .apply_webhook_batch(
-                vec![(row.id, vec![DealChange::Upsert(change)])],
-                crate::store::CartRules::default(),
-                Utc::now(),
-            )
-            .await
-            .unwrap();
-        let deal = stored_deal(&store, "pd", "12").await;
-        assert_eq!(deal.stage.as_str(), "proposal");
-        assert_eq!(
-            deal.contact_email.as_ref().map(|e| e.as_str()),
-            Some("ada@acme.example")
-        );
-        assert_eq!(deal.contact_name.as_deref(), Some("Ada Lovelace"));
-        assert_eq!(store.inbox_counts().await.unwrap().processed, 1);
+        on_both(
+            "a_webhook_record_without_a_contact_keeps_the_one_a_pull_stored",
+            async |store| {
+                use crate::domain::{ChangeCause, EmailAddress, SourceDeal};
+                let upsert = |stage: &str, email: Option<&str>, cause: ChangeCause, minute: u32| {
+                    let mut source = SourceDeal::new("12", "Globex renewal", "1", stage);
+                    source.contact_email = email.and_then(EmailAddress::parse);
+                    source.contact_name = email.map(|_| "Ada Lovelace".to_owned());
+                    source.updated_at = Some(
+                        chrono::TimeZone::with_ymd_and_hms(&Utc, 2026, 1, 14, 18, minute, 0)
+                            .unwrap(),
+                    );
+                    pd_upsert(source, stage, cause)
+                };
+                store
+                    .upsert_deals(vec![upsert(
+                        "lead_qualification",
+                        Some("ada@acme.example"),
+                        ChangeCause::Poll,
+                        0,
+                    )])
+                    .await
+                    .unwrap();
+                let change = upsert("proposal", None, ChangeCause::Webhook, 5);
+                apply_delivered(&store, "pd-change", DealChange::Upsert(change)).await;
+                let deal = stored_deal(&store, "pd", "12").await;
+                assert_eq!(deal.stage.as_str(), "proposal");
+                assert_eq!(
+                    deal.contact_email.as_ref().map(|e| e.as_str()),
+                    Some("ada@acme.example")
+                );
+                assert_eq!(deal.contact_name.as_deref(), Some("Ada Lovelace"));
+                assert_eq!(store.history(deal.id).await.unwrap().len(), 2);
+            },
+        )
+        .await;
     }
+
     #[tokio::test]
     async fn a_webhook_record_carrying_only_some_contact_fields_keeps_every_other_stored_one() {
-        use crate::domain::{ChangeCause, EmailAddress, SourceDeal};
-        let (_dir, store) = temp_store();
-        // The first `carried` of email, name, owner, owner email and consent, as a pull
-        // stored them; the rest absent.
-        let upsert = |carried: usize, cause: ChangeCause, minute: u32| {
-            let mut source = SourceDeal::new("12", "Globex renewal", "1", "proposal");
-            if carried > 0 {
-                source.contact_email = EmailAddress::parse("ada@acme.example");
-            }
-            if carried > 1 {
-                source.contact_name = Some("Ada Lovelace".to_owned());
-            }
-            if carried > 2 {
-                source.owner = Some("1234".to_owned());
-            }
-            if carried > 3 {
-                source.owner_email = EmailAddress::parse("anna@acme.example");
-            }
-            if carried > 4 {
-                source.marketing_consent = Some(true);
-            }
-            source.updated_at =
-                Some(chrono::TimeZone::with_ymd_and_hms(&Utc, 2026, 1, 14, 18, minute, 0).unwrap());
-            pd_upsert(source, "proposal", cause)
-        };
-        store
-            .upsert_deals(vec![upsert(5, ChangeCause::Poll, 0)])
-            .await
-            .unwrap();
-        for carried in 0..5 {
-            store
-                .enqueue_webhook(event(&format!("pd-carries-{carried}")))
-                .await
-                .unwrap();
-            let row = store.due_webhooks(Utc::now(), 1).await.unwrap().remove(0);
-            let change = upsert(carried, ChangeCause::Webhook, 1 + carried as u32);
-            store
-                .apply_webhook_batch(
-                    vec![(row.id, vec![DealChange::Upsert(change)])],
-                    crate::store::CartRules::default(),
-                    Utc::now(),
-                )
-                .await
-                .unwrap();
-            let deal = stored_deal(&store, "pd", "12").await;
-            assert_eq!(
-                (
-                    deal.contact_email.as_ref().map(|e| e.as_str()),
-                    deal.contact_name.as_deref(),
-                    deal.owner.as_deref(),
-                    deal.owner_email.as_ref().map(|e| e.as_str()),
-                    deal.marketing_consent,
-                ),
-                (
-                    Some("ada@acme.example"),
-                    Some("Ada Lovelace"),
-                    Some("1234"),
-                    Some("anna@acme.example"),
-                    Some(true)
-                ),
-                "a record carrying {carried} of the five fields"
-            );
-        }
+        on_both(
+            "a_webhook_record_carrying_only_some_contact_fields_keeps_every_other_stored_one",
+            async |store| {
+                use crate::domain::{ChangeCause, EmailAddress, SourceDeal};
+                // The first `carried` of email, name, owner, owner email and consent, as a
+                // pull stored them; the rest absent.
+                let upsert = |carried: usize, cause: ChangeCause, minute: u32| {
+                    let mut source = SourceDeal::new("12", "Globex renewal", "1", "proposal");
+                    if carried > 0 {
+                        source.contact_email = EmailAddress::parse("ada@acme.example");
+                    }
+                    if carried > 1 {
+                        source.contact_name = Some("Ada Lovelace".to_owned());
+                    }
+                    if carried > 2 {
+                        source.owner = Some("1234".to_owned());
+                    }
+                    if carried > 3 {
+                        source.owner_email = EmailAddress::parse("anna@acme.example");
+                    }
+                    if carried > 4 {
+                        source.marketing_consent = Some(true);
+                    }
+                    source.updated_at = Some(
+                        chrono::TimeZone::with_ymd_and_hms(&Utc, 2026, 1, 14, 18, minute, 0)
+                            .unwrap(),
+                    );
+                    pd_upsert(source, "proposal", cause)
+                };
+                store
+                    .upsert_deals(vec![upsert(5, ChangeCause::Poll, 0)])
+                    .await
+                    .unwrap();
+                for carried in 0..5 {
+                    let change = upsert(carried, ChangeCause::Webhook, 1 + carried as u32);
+                    let delivery = format!("pd-carries-{carried}");
+                    apply_delivered(&store, &delivery, DealChange::Upsert(change)).await;
+                    let deal = stored_deal(&store, "pd", "12").await;
+                    assert_eq!(
+                        (
+                            deal.contact_email.as_ref().map(|e| e.as_str()),
+                            deal.contact_name.as_deref(),
+                            deal.owner.as_deref(),
+                            deal.owner_email.as_ref().map(|e| e.as_str()),
+                            deal.marketing_consent,
+                        ),
+                        (
+                            Some("ada@acme.example"),
+                            Some("Ada Lovelace"),
+                            Some("1234"),
+                            Some("anna@acme.example"),
+                            Some(true)
+                        ),
+                        "a record carrying {carried} of the five fields"
+                    );
+                }
+            },
+        )
+        .await;
     }
 
     #[tokio::test]
     async fn a_deal_is_marked_deleted_once_and_an_unknown_one_not_at_all() {
-        let (_dir, store) = temp_store();
-        let at = Utc::now();
-        store
-            .upsert_deals(vec![pd_upsert(
-                crate::domain::SourceDeal::new("12", "Globex renewal", "1", "proposal"),
-                "proposal",
-                crate::domain::ChangeCause::Poll,
-            )])
-            .await
-            .unwrap();
-        assert!(!store.mark_deal_deleted("pd", "13", at).await.unwrap());
-        assert!(store.mark_deal_deleted("pd", "12", at).await.unwrap());
-        assert!(stored_deal(&store, "pd", "12").await.deleted_at.is_some());
-        assert!(!store.mark_deal_deleted("pd", "12", at).await.unwrap());
+        on_both(
+            "a_deal_is_marked_deleted_once_and_an_unknown_one_not_at_all",
+            async |store| {
+                let at = Utc::now();
+                store
+                    .upsert_deals(vec![pd_upsert(
+                        crate::domain::SourceDeal::new("12", "Globex renewal", "1", "proposal"),
+                        "proposal",
+                        crate::domain::ChangeCause::Poll,
+                    )])
+                    .await
+                    .unwrap();
+                assert!(!store.mark_deal_deleted("pd", "13", at).await.unwrap());
+                assert!(store.mark_deal_deleted("pd", "12", at).await.unwrap());
+                let deal = stored_deal(&store, "pd", "12").await;
+                assert!(deal.deleted_at.is_some());
+                assert_eq!(deal.status, crate::domain::DealStatus::Deleted);
+                assert!(!store.mark_deal_deleted("pd", "12", at).await.unwrap());
+                assert_eq!(store.history(deal.id).await.unwrap().len(), 1);
+            },
+        )
+        .await;
+    }
+
+    #[tokio::test]
+    async fn a_pass_applies_upserts_carts_and_deletions_in_order_in_one_transaction() {
+        on_both(
+            "a_pass_applies_upserts_carts_and_deletions_in_order_in_one_transaction",
+            async |store| {
+                use crate::domain::{ChangeCause, DealStatus, SourceDeal};
+                let deal = |id: &str, stage: &str| {
+                    pd_upsert(
+                        SourceDeal::new(id, "Globex renewal", "1", stage),
+                        stage,
+                        ChangeCause::Webhook,
+                    )
+                };
+                let mut cart = deal("c1", "checkout_started");
+                cart.source.cart_keys = vec!["k:c1".to_owned()];
+                let changes = vec![
+                    DealChange::Upsert(deal("1", "proposal")),
+                    DealChange::Cart(cart),
+                    DealChange::Upsert(deal("2", "proposal")),
+                    DealChange::Delete {
+                        connection: "pd".into(),
+                        external_id: "2".into(),
+                    },
+                ];
+                let changes_seen = store.stage_changes();
+                store
+                    .apply_deal_changes(changes, crate::store::CartRules::default(), Utc::now())
+                    .await
+                    .unwrap();
+                assert!(changes_seen.has_changed().unwrap(), "subscribers are woken");
+                assert_eq!(
+                    stored_deal(&store, "pd", "1").await.status,
+                    DealStatus::Open
+                );
+                assert_eq!(
+                    stored_deal(&store, "pd", "c1").await.stage.as_str(),
+                    "checkout_started"
+                );
+                assert_eq!(
+                    stored_deal(&store, "pd", "2").await.status,
+                    DealStatus::Deleted,
+                    "the deletion comes after the record that created the deal"
+                );
+            },
+        )
+        .await;
     }
 }
