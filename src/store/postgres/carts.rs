@@ -397,3 +397,222 @@ impl Database {
         Ok(moved)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Replicas at once: two `Store`s on one test database stand for two processes.
+    //! The rules themselves run on both engines in `store::carts`.
+    use super::super::test_database;
+    use super::super::tests::url_of;
+    use crate::store::both_backends::deal_rows;
+    use crate::store::carts::tests::{at, cart};
+    use crate::store::deals::tests::{stored_deal, upsert};
+    use crate::store::{CartRules, DealChange, Store};
+    use chrono::{Duration, Utc};
+    use std::collections::HashSet;
+
+    const CARTS: usize = 20;
+
+    /// Two stores on a fresh database of `test`, or `None` where it is skipped.
+    async fn two_replicas(
+        test: &str,
+    ) -> Option<(super::super::test_cluster::TestDatabase, Store, Store)> {
+        let database = test_database(test)?;
+        let url = url_of(&database);
+        let one = Store::open_postgres(&url).await.unwrap();
+        let two = Store::open_postgres(&url).await.unwrap();
+        Some((database, one, two))
+    }
+
+    /// Carts `c0…` of connection `shop` in `checkout_started`, with keys `k:c0…`,
+    /// entered at `when`.
+    async fn carts(store: &Store, when: chrono::DateTime<Utc>) {
+        let changes = (0..CARTS)
+            .map(|n| {
+                let id = format!("c{n}");
+                DealChange::Cart(cart(
+                    "shop",
+                    &id,
+                    "checkout_started",
+                    &[&format!("k:{id}")],
+                    when,
+                ))
+            })
+            .collect();
+        store
+            .apply_deal_changes(changes, CartRules::default(), Utc::now())
+            .await
+            .unwrap();
+    }
+
+    /// Each cart `c0…`: (stage, history rows).
+    async fn cart_states(store: &Store) -> Vec<(String, usize)> {
+        let mut states = Vec::new();
+        for n in 0..CARTS {
+            let deal = stored_deal(store, "shop", &format!("c{n}")).await;
+            let history = store.history(deal.id).await.unwrap().len();
+            states.push((deal.stage.as_str().to_owned(), history));
+        }
+        states
+    }
+
+    #[tokio::test]
+    async fn replicas_applying_the_same_webhook_pass_at_once_write_each_deal_and_history_row_once()
+    {
+        let Some((_database, one, two)) = two_replicas(
+            "replicas_applying_the_same_webhook_pass_at_once_write_each_deal_and_history_row_once",
+        )
+        .await
+        else {
+            return;
+        };
+        let t0 = Utc::now() - Duration::hours(3);
+        carts(&one, t0).await;
+        // One pass: an order of another connection per cart, and a new CRM deal each.
+        let pass: Vec<DealChange> = (0..CARTS)
+            .flat_map(|n| {
+                let key = format!("k:c{n}");
+                let order = cart(
+                    "shop-b",
+                    &format!("order:{n}"),
+                    "purchase_completed",
+                    &[&key],
+                    t0 + Duration::hours(1),
+                );
+                [
+                    DealChange::Cart(order),
+                    DealChange::Upsert(upsert(&format!("d{n}"), "proposal", t0)),
+                ]
+            })
+            .collect();
+        let rules = CartRules::default();
+        let (a, b) = tokio::join!(
+            one.apply_deal_changes(pass.clone(), rules, Utc::now()),
+            two.apply_deal_changes(pass, rules, Utc::now()),
+        );
+        a.unwrap();
+        b.unwrap();
+        let won = vec![("purchase_completed".to_owned(), 2); CARTS];
+        assert_eq!(cart_states(&one).await, won, "each cart completed once");
+        for n in 0..CARTS {
+            assert!(
+                one.deal_by_external_id("shop-b", &format!("order:{n}"))
+                    .await
+                    .unwrap()
+                    .is_none(),
+                "a matched order is not stored as its own deal"
+            );
+            let deal = stored_deal(&two, "crm", &format!("d{n}")).await;
+            assert_eq!(two.history(deal.id).await.unwrap().len(), 1, "d{n}");
+        }
+        assert_eq!(deal_rows(&one).await, 2 * CARTS as i64);
+    }
+
+    #[tokio::test]
+    async fn an_order_on_one_replica_and_a_late_checkout_update_on_another_never_reopen_the_cart() {
+        let Some((_database, one, two)) = two_replicas(
+            "an_order_on_one_replica_and_a_late_checkout_update_on_another_never_reopen_the_cart",
+        )
+        .await
+        else {
+            return;
+        };
+        let t0 = Utc::now() - Duration::hours(3);
+        carts(&one, t0).await;
+        let record = |n: usize, stage: &str, minutes: i64| {
+            let id = format!("c{n}");
+            let mut record = cart(
+                "shop",
+                &id,
+                stage,
+                &[&format!("k:{id}")],
+                t0 + Duration::minutes(minutes),
+            );
+            record.source.title = format!("Cart {id}, {stage} at {minutes}");
+            DealChange::Cart(record)
+        };
+        let orders = (0..CARTS)
+            .map(|n| record(n, "purchase_completed", 30))
+            .collect();
+        let updates = (0..CARTS)
+            .map(|n| record(n, "checkout_started", 45))
+            .collect();
+        let rules = CartRules::default();
+        let (a, b) = tokio::join!(
+            one.apply_deal_changes(orders, rules, Utc::now()),
+            two.apply_deal_changes(updates, rules, Utc::now()),
+        );
+        a.unwrap();
+        b.unwrap();
+        let won = vec![("purchase_completed".to_owned(), 2); CARTS];
+        assert_eq!(cart_states(&two).await, won);
+    }
+
+    #[tokio::test]
+    async fn two_sweepers_at_once_move_each_cart_once_with_one_history_row() {
+        let Some((_database, one, two)) =
+            two_replicas("two_sweepers_at_once_move_each_cart_once_with_one_history_row").await
+        else {
+            return;
+        };
+        let now = Utc::now();
+        carts(&one, now - Duration::hours(2)).await;
+        let all: HashSet<i64> = {
+            let mut ids = HashSet::new();
+            for n in 0..CARTS {
+                ids.insert(stored_deal(&one, "shop", &format!("c{n}")).await.id);
+            }
+            ids
+        };
+        let cutoff = now - Duration::hours(1);
+        let abandon = |store: &Store| {
+            let store = store.clone();
+            async move {
+                store
+                    .abandon_idle_carts(
+                        "shop",
+                        at("checkout_started"),
+                        at("cart_abandoned"),
+                        cutoff,
+                        now,
+                        100,
+                    )
+                    .await
+                    .unwrap()
+            }
+        };
+        let (a, b) = tokio::join!(abandon(&one), abandon(&two));
+        assert_moved_once(&a, &b, &all);
+        let abandoned = vec![("cart_abandoned".to_owned(), 2); CARTS];
+        assert_eq!(cart_states(&one).await, abandoned);
+
+        let later = now + Duration::days(31);
+        let expire = |store: &Store| {
+            let store = store.clone();
+            async move {
+                store
+                    .expire_stale_carts(
+                        "shop",
+                        vec![at("checkout_started"), at("cart_abandoned")],
+                        at("expired"),
+                        later - Duration::days(30),
+                        later,
+                        100,
+                    )
+                    .await
+                    .unwrap()
+            }
+        };
+        let (a, b) = tokio::join!(expire(&one), expire(&two));
+        assert_moved_once(&a, &b, &all);
+        let expired = vec![("expired".to_owned(), 3); CARTS];
+        assert_eq!(cart_states(&two).await, expired);
+    }
+
+    /// The two sweeps moved every cart of `all`, none twice.
+    fn assert_moved_once(a: &[i64], b: &[i64], all: &HashSet<i64>) {
+        let moved: HashSet<i64> = a.iter().chain(b).copied().collect();
+        assert_eq!(a.len() + b.len(), moved.len(), "moved twice: {a:?} {b:?}");
+        assert_eq!(&moved, all);
+    }
+}
