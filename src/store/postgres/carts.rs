@@ -519,23 +519,23 @@ mod tests {
         };
         let t0 = Utc::now() - Duration::hours(3);
         carts(&one, t0).await;
-        let record = |n: usize, stage: &str, minutes: i64| {
-            let id = format!("c{n}");
+        // The orders come from the point of sale, matched to the carts by key.
+        let record = |connection: &str, id: String, n: usize, stage: &str, minutes: i64| {
             let mut record = cart(
-                "shop",
+                connection,
                 &id,
                 stage,
-                &[&format!("k:{id}")],
+                &[&format!("k:c{n}")],
                 t0 + Duration::minutes(minutes),
             );
-            record.source.title = format!("Cart {id}, {stage} at {minutes}");
+            record.source.title = format!("{id}, {stage} at {minutes}");
             DealChange::Cart(record)
         };
         let orders = (0..CARTS)
-            .map(|n| record(n, "purchase_completed", 30))
+            .map(|n| record("pos", format!("order:{n}"), n, "purchase_completed", 30))
             .collect();
         let updates = (0..CARTS)
-            .map(|n| record(n, "checkout_started", 45))
+            .map(|n| record("shop", format!("c{n}"), n, "checkout_started", 45))
             .collect();
         let rules = CartRules::default();
         let (a, b) = tokio::join!(
