@@ -11,6 +11,10 @@
 //! - A webhook record never erases contact or owner data it does not carry
 //!   ([`keep_known_contact`]).
 //! - A deleted deal keeps its row and its history.
+//! - Both engines apply the same changes with the same decisions: the contact a record
+//!   keeps ([`keep_known`]) and the cart rules are shared; `postgres::deal_changes`
+//!   executes them on PostgreSQL. Marking the rows processed goes through the inbox's
+//!   `settle_webhooks` on either engine.
 
 use super::carts::{self, CartRules};
 use super::deals::{Columns, DealUpsert, upsert_all};
