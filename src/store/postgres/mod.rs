@@ -7,9 +7,8 @@
 //! fencing, the lease keeper, leadership; [`claims`]: `FOR UPDATE SKIP LOCKED`
 //! claims; `migrations/0002_replicas.sql`; [`rate`]: the request rate and daily
 //! vendor budget replicas share, `migrations/0003_rate_limits.sql`). Webhook deal
-//! changes, cart events and the cart sweeper run on it (`deal_changes`, `carts`). None of the
-//! store's queries runs on it
-//! yet: [`super::Store`] is SQLite, and the daemon refuses `storage.url`
+//! changes, cart events and the cart sweeper run on it (`deal_changes`, `carts`).
+//! None of the store's queries runs on it yet: [`super::Store`] is SQLite, and the daemon refuses `storage.url`
 //! (`Config::require_sqlite`).
 //!
 //! Connections come from a `deadpool-postgres` pool over `tokio-postgres` (async, no
