@@ -44,9 +44,88 @@ pub enum CartOutcome {
     Superseded(i64),
 }
 
-struct Match {
-    id: i64,
-    status: String,
+/// A live deal sharing a key with a cart record.
+pub(in crate::store) struct Match {
+    pub id: i64,
+    pub status: String,
+}
+
+/// What a cart record does, decided from its own deal and the deals sharing its keys,
+/// the same on both backends.
+pub(in crate::store) enum CartStep {
+    /// Stored as its own deal.
+    Store,
+    /// A checkout whose purchase deal `0` already records: not stored again.
+    Superseded(i64),
+    /// An order: completes `matched`, the key matches still open or lost; with
+    /// `by_email`, the shopper's latest cart ([`email_window`]) is looked up too.
+    Order { matched: Vec<i64>, by_email: bool },
+}
+
+/// What `upsert` does, given its own deal's id (if stored) and the live deals of its
+/// pipeline that share a key with it (`others`, own deal excluded).
+pub(in crate::store) fn cart_step(
+    upsert: &DealUpsert,
+    own: Option<i64>,
+    others: &[Match],
+) -> CartStep {
+    if upsert.status != DealStatus::Won {
+        if own.is_none()
+            && let Some(won) = others.iter().find(|m| m.status == "won")
+        {
+            return CartStep::Superseded(won.id);
+        }
+        return CartStep::Store;
+    }
+    CartStep::Order {
+        matched: others
+            .iter()
+            .filter(|m| m.status == "open" || m.status == "lost")
+            .map(|m| m.id)
+            .collect(),
+        by_email: own.is_none() && others.is_empty() && upsert.source.contact_email.is_some(),
+    }
+}
+
+/// When an order happened: the source's modification time, else its creation time,
+/// else when it was observed.
+pub(in crate::store) fn order_time(upsert: &DealUpsert) -> DateTime<Utc> {
+    let source = &upsert.source;
+    source
+        .updated_at
+        .or(source.created_at)
+        .unwrap_or(upsert.observed_at)
+}
+
+/// The start times (epoch ms, inclusive) of the carts an order at `at` may complete by
+/// the shopper's email.
+pub(in crate::store) fn email_window(at: DateTime<Utc>, rules: CartRules) -> (i64, i64) {
+    let at = to_ms(at);
+    (
+        at - rules.email_window.num_milliseconds(),
+        at + CLOCK_SKEW_MS,
+    )
+}
+
+/// Whether an order is stored as its own deal besides the carts it completes: when it
+/// has its own deal already, or completes nothing and shares no key.
+pub(in crate::store) fn order_is_stored(
+    own: Option<i64>,
+    others: &[Match],
+    matched: &[i64],
+) -> bool {
+    own.is_some() || (others.is_empty() && matched.is_empty())
+}
+
+/// What an order did: completed `matched`, or, completing none, was stored (`stored`).
+pub(in crate::store) fn order_outcome(
+    matched: Vec<i64>,
+    stored: Option<UpsertOutcome>,
+) -> CartOutcome {
+    match stored {
+        Some(outcome) if matched.is_empty() => CartOutcome::Upserted(outcome),
+        _ => CartOutcome::Matched(matched),
+    }
 }
 
 fn own_deal(tx: &Transaction<'_>, upsert: &DealUpsert) -> Result<Option<i64>> {
@@ -108,13 +187,13 @@ fn key_matches(
 /// systems whose clocks and timestamp precision differ.
 const CLOCK_SKEW_MS: i64 = 10 * 60 * 1000;
 
-/// The shopper's latest open cart in `pipeline` started within `window` before `at`.
+/// The shopper's latest open cart in `pipeline` started within `window` (see
+/// [`email_window`]).
 fn email_match(
     tx: &Transaction<'_>,
     email: &str,
     pipeline: Option<&str>,
-    at: i64,
-    window: chrono::Duration,
+    (from, to): (i64, i64),
 ) -> Result<Option<i64>> {
     Ok(tx
         .query_row(
@@ -123,12 +202,7 @@ fn email_match(
                AND deleted_at IS NULL AND cart_keys != '[]'
                AND coalesce(source_created_at, first_seen_at) BETWEEN ?3 AND ?4
              ORDER BY coalesce(source_created_at, first_seen_at) DESC, id DESC LIMIT 1",
-            params![
-                email,
-                pipeline,
-                at - window.num_milliseconds(),
-                at + CLOCK_SKEW_MS
-            ],
+            params![email, pipeline, from, to],
             |row| row.get(0),
         )
         .optional()?)
@@ -143,29 +217,17 @@ pub(super) fn apply(
     let pipeline = upsert.target.pipeline.as_ref().map(|p| p.as_str());
     let own = own_deal(tx, upsert)?;
     let others = key_matches(tx, &source.cart_keys, pipeline, own)?;
-    if upsert.status != DealStatus::Won {
-        if own.is_none()
-            && let Some(won) = others.iter().find(|m| m.status == "won")
-        {
-            return Ok(CartOutcome::Superseded(won.id));
+    let (mut matched, by_email) = match cart_step(upsert, own, &others) {
+        CartStep::Superseded(id) => return Ok(CartOutcome::Superseded(id)),
+        CartStep::Store => {
+            return Ok(CartOutcome::Upserted(upsert_all(tx, vec![upsert.clone()])?));
         }
-        return Ok(CartOutcome::Upserted(upsert_all(tx, vec![upsert.clone()])?));
-    }
-
-    // An order (or a completed checkout).
-    let at = source
-        .updated_at
-        .or(source.created_at)
-        .unwrap_or(upsert.observed_at);
-    let mut matched: Vec<i64> = others
-        .iter()
-        .filter(|m| m.status == "open" || m.status == "lost")
-        .map(|m| m.id)
-        .collect();
-    if own.is_none()
-        && others.is_empty()
+        CartStep::Order { matched, by_email } => (matched, by_email),
+    };
+    let at = order_time(upsert);
+    if by_email
         && let Some(email) = &source.contact_email
-        && let Some(id) = email_match(tx, email.as_str(), pipeline, to_ms(at), rules.email_window)?
+        && let Some(id) = email_match(tx, email.as_str(), pipeline, email_window(at, rules))?
     {
         matched.push(id);
     }
@@ -180,13 +242,12 @@ pub(super) fn apply(
         )?;
         write_keys(tx, *id, &source.cart_keys)?;
     }
-    if own.is_some() || (others.is_empty() && matched.is_empty()) {
-        let outcome = upsert_all(tx, vec![upsert.clone()])?;
-        if matched.is_empty() {
-            return Ok(CartOutcome::Upserted(outcome));
-        }
-    }
-    Ok(CartOutcome::Matched(matched))
+    let stored = if order_is_stored(own, &others, &matched) {
+        Some(upsert_all(tx, vec![upsert.clone()])?)
+    } else {
+        None
+    };
+    Ok(order_outcome(matched, stored))
 }
 
 fn ids(tx: &Transaction<'_>, sql: &str, values: Vec<rusqlite::types::Value>) -> Result<Vec<i64>> {
@@ -204,6 +265,14 @@ impl Store {
         upsert: DealUpsert,
         rules: CartRules,
     ) -> Result<CartOutcome> {
+        if let Some(database) = self.postgres() {
+            let (outcome, stage_changes) = database
+                .apply_cart_event(upsert, rules)
+                .await
+                .map_err(|error| database.named(error))?;
+            self.note_stage_changes(stage_changes);
+            return Ok(outcome);
+        }
         self.write(move |tx| apply(tx, &upsert, rules)).await
     }
 
@@ -219,6 +288,14 @@ impl Store {
         now: DateTime<Utc>,
         limit: u32,
     ) -> Result<Vec<i64>> {
+        if let Some(database) = self.postgres() {
+            let moved = database
+                .abandon_idle_carts(connection, from, to, idle_since, now, limit)
+                .await
+                .map_err(|error| database.named(error))?;
+            self.note_stage_changes(moved.len() as u64);
+            return Ok(moved);
+        }
         let connection = connection.to_owned();
         self.write(move |tx| {
             let cutoff = to_ms(idle_since);
@@ -256,6 +333,14 @@ impl Store {
         now: DateTime<Utc>,
         limit: u32,
     ) -> Result<Vec<i64>> {
+        if let Some(database) = self.postgres() {
+            let moved = database
+                .expire_stale_carts(connection, stages, to, stale_since, now, limit)
+                .await
+                .map_err(|error| database.named(error))?;
+            self.note_stage_changes(moved.len() as u64);
+            return Ok(moved);
+        }
         let connection = connection.to_owned();
         self.write(move |tx| {
             let mut moved = Vec::new();
@@ -290,20 +375,24 @@ impl Store {
 }
 
 #[cfg(test)]
-mod tests {
+pub(in crate::store) mod tests {
     use super::*;
     use crate::domain::{ConnectionName, EmailAddress, PipelineKey, SourceDeal, StageKey};
+    use crate::store::both_backends::on_both;
     use crate::store::deals::tests::stored_deal;
     use crate::store::tests::temp_store;
 
-    fn at(stage: &str) -> StageRef {
+    /// `ecommerce.<stage>`.
+    pub(in crate::store) fn at(stage: &str) -> StageRef {
         StageRef {
             pipeline: Some(PipelineKey::new("ecommerce")),
             stage: StageKey::new(stage),
         }
     }
 
-    fn cart(
+    /// A cart (an order in `purchase_completed`) of `connection` with `keys`, changed at
+    /// `when`.
+    pub(in crate::store) fn cart(
         connection: &str,
         id: &str,
         stage: &str,
@@ -330,6 +419,8 @@ mod tests {
         }
     }
 
+    /// SQLite only: the plan of SQLite's key-match query, which pins its join order;
+    /// PostgreSQL's statement is its own (`postgres::carts`).
     #[tokio::test]
     async fn matching_a_carts_keys_reads_the_keys_index_not_every_deal_of_the_pipeline() {
         let (_dir, store) = temp_store();
@@ -363,191 +454,211 @@ mod tests {
 
     #[tokio::test]
     async fn an_order_in_another_connection_completes_the_cart_it_shares_a_key_with() {
-        let (_dir, store) = temp_store();
-        let t0 = Utc::now() - chrono::Duration::hours(3);
-        let rules = CartRules::default();
-        store
-            .apply_cart_event(
-                cart("shop-a", "tok1", "checkout_started", &["k:tok1"], t0),
-                rules,
-            )
-            .await
-            .unwrap();
-        let order = cart(
-            "shop-b",
-            "order:9",
-            "purchase_completed",
-            &["k:tok1"],
-            t0 + chrono::Duration::hours(1),
-        );
-        let outcome = store.apply_cart_event(order.clone(), rules).await.unwrap();
-        let cart_deal = stored_deal(&store, "shop-a", "tok1").await;
-        assert_eq!(outcome, CartOutcome::Matched(vec![cart_deal.id]));
-        assert_eq!(cart_deal.status, DealStatus::Won);
-        assert!(
-            store
-                .deal_by_external_id("shop-b", "order:9")
-                .await
-                .unwrap()
-                .is_none()
-        );
-        // The same order again changes nothing and still stores no second deal.
-        store.apply_cart_event(order, rules).await.unwrap();
-        assert!(
-            store
-                .deal_by_external_id("shop-b", "order:9")
-                .await
-                .unwrap()
-                .is_none()
-        );
-        assert_eq!(store.history(cart_deal.id).await.unwrap().len(), 2);
+        on_both(
+            "an_order_in_another_connection_completes_the_cart_it_shares_a_key_with",
+            async |store| {
+                let t0 = Utc::now() - chrono::Duration::hours(3);
+                let rules = CartRules::default();
+                store
+                    .apply_cart_event(
+                        cart("shop-a", "tok1", "checkout_started", &["k:tok1"], t0),
+                        rules,
+                    )
+                    .await
+                    .unwrap();
+                let order = cart(
+                    "shop-b",
+                    "order:9",
+                    "purchase_completed",
+                    &["k:tok1"],
+                    t0 + chrono::Duration::hours(1),
+                );
+                let outcome = store.apply_cart_event(order.clone(), rules).await.unwrap();
+                let cart_deal = stored_deal(&store, "shop-a", "tok1").await;
+                assert_eq!(outcome, CartOutcome::Matched(vec![cart_deal.id]));
+                assert_eq!(cart_deal.status, DealStatus::Won);
+                assert!(
+                    store
+                        .deal_by_external_id("shop-b", "order:9")
+                        .await
+                        .unwrap()
+                        .is_none()
+                );
+                // The same order again changes nothing and still stores no second deal.
+                store.apply_cart_event(order, rules).await.unwrap();
+                assert!(
+                    store
+                        .deal_by_external_id("shop-b", "order:9")
+                        .await
+                        .unwrap()
+                        .is_none()
+                );
+                assert_eq!(store.history(cart_deal.id).await.unwrap().len(), 2);
+            },
+        )
+        .await;
     }
 
     #[tokio::test]
     async fn an_order_without_keys_completes_the_latest_cart_of_the_same_email() {
-        let (_dir, store) = temp_store();
-        let t0 = Utc::now() - chrono::Duration::hours(5);
-        let rules = CartRules::default();
-        for (id, offset) in [("old", 0), ("new", 1)] {
-            store
-                .apply_cart_event(
-                    cart(
-                        "shop",
-                        id,
-                        "checkout_started",
-                        &[id],
-                        t0 + chrono::Duration::hours(offset),
-                    ),
-                    rules,
-                )
-                .await
-                .unwrap();
-        }
-        let order = cart(
-            "pos",
-            "order:1",
-            "purchase_completed",
-            &["unrelated"],
-            t0 + chrono::Duration::hours(2),
-        );
-        store.apply_cart_event(order, rules).await.unwrap();
-        let new = stored_deal(&store, "shop", "new").await;
-        let old = stored_deal(&store, "shop", "old").await;
-        assert_eq!(
-            (new.status, old.status),
-            (DealStatus::Won, DealStatus::Open)
-        );
+        on_both(
+            "an_order_without_keys_completes_the_latest_cart_of_the_same_email",
+            async |store| {
+                let t0 = Utc::now() - chrono::Duration::hours(5);
+                let rules = CartRules::default();
+                for (id, offset) in [("old", 0), ("new", 1)] {
+                    store
+                        .apply_cart_event(
+                            cart(
+                                "shop",
+                                id,
+                                "checkout_started",
+                                &[id],
+                                t0 + chrono::Duration::hours(offset),
+                            ),
+                            rules,
+                        )
+                        .await
+                        .unwrap();
+                }
+                let order = cart(
+                    "pos",
+                    "order:1",
+                    "purchase_completed",
+                    &["unrelated"],
+                    t0 + chrono::Duration::hours(2),
+                );
+                store.apply_cart_event(order, rules).await.unwrap();
+                let new = stored_deal(&store, "shop", "new").await;
+                let old = stored_deal(&store, "shop", "old").await;
+                assert_eq!(
+                    (new.status, old.status),
+                    (DealStatus::Won, DealStatus::Open)
+                );
+            },
+        )
+        .await;
     }
 
     #[tokio::test]
     async fn a_late_checkout_update_does_not_reopen_a_purchased_cart() {
-        let (_dir, store) = temp_store();
-        let t0 = Utc::now() - chrono::Duration::hours(2);
-        let rules = CartRules::default();
-        // The order arrives first, under the checkout's token.
-        store
-            .apply_cart_event(
-                cart(
-                    "shop",
-                    "tok",
-                    "purchase_completed",
-                    &["k:tok"],
-                    t0 + chrono::Duration::minutes(30),
-                ),
-                rules,
-            )
-            .await
-            .unwrap();
-        // Then the checkout's own create and a later update.
-        for minutes in [0, 45] {
-            store
-                .apply_cart_event(
-                    cart(
-                        "shop",
-                        "tok",
-                        "checkout_started",
-                        &["k:tok"],
-                        t0 + chrono::Duration::minutes(minutes),
-                    ),
-                    rules,
-                )
-                .await
-                .unwrap();
-        }
-        let deal = stored_deal(&store, "shop", "tok").await;
-        assert_eq!(
-            (deal.status, deal.stage.as_str()),
-            (DealStatus::Won, "purchase_completed")
-        );
-        assert_eq!(store.history(deal.id).await.unwrap().len(), 1);
+        on_both(
+            "a_late_checkout_update_does_not_reopen_a_purchased_cart",
+            async |store| {
+                let t0 = Utc::now() - chrono::Duration::hours(2);
+                let rules = CartRules::default();
+                // The order arrives first, under the checkout's token.
+                store
+                    .apply_cart_event(
+                        cart(
+                            "shop",
+                            "tok",
+                            "purchase_completed",
+                            &["k:tok"],
+                            t0 + chrono::Duration::minutes(30),
+                        ),
+                        rules,
+                    )
+                    .await
+                    .unwrap();
+                // Then the checkout's own create and a later update.
+                for minutes in [0, 45] {
+                    store
+                        .apply_cart_event(
+                            cart(
+                                "shop",
+                                "tok",
+                                "checkout_started",
+                                &["k:tok"],
+                                t0 + chrono::Duration::minutes(minutes),
+                            ),
+                            rules,
+                        )
+                        .await
+                        .unwrap();
+                }
+                let deal = stored_deal(&store, "shop", "tok").await;
+                assert_eq!(
+                    (deal.status, deal.stage.as_str()),
+                    (DealStatus::Won, "purchase_completed")
+                );
+                assert_eq!(store.history(deal.id).await.unwrap().len(), 1);
+            },
+        )
+        .await;
     }
 
     #[tokio::test]
     async fn idle_carts_are_abandoned_once_and_stale_ones_expire() {
-        let (_dir, store) = temp_store();
-        let now = Utc::now();
-        let rules = CartRules::default();
-        store
-            .apply_cart_event(
-                cart(
-                    "shop",
-                    "idle",
-                    "checkout_started",
-                    &["a"],
-                    now - chrono::Duration::hours(2),
-                ),
-                rules,
-            )
-            .await
-            .unwrap();
-        store
-            .apply_cart_event(
-                cart(
-                    "shop",
-                    "busy",
-                    "checkout_started",
-                    &["b"],
-                    now - chrono::Duration::minutes(5),
-                ),
-                rules,
-            )
-            .await
-            .unwrap();
-        let cutoff = now - chrono::Duration::hours(1);
-        // The same pass twice: the second finds nothing left to abandon.
-        let abandon = || {
-            store.abandon_idle_carts(
-                "shop",
-                at("checkout_started"),
-                at("cart_abandoned"),
-                cutoff,
-                now,
-                100,
-            )
-        };
-        let moved = abandon().await.unwrap();
-        assert_eq!(moved.len(), 1);
-        let again = abandon().await.unwrap();
-        assert!(again.is_empty());
-        let idle = stored_deal(&store, "shop", "idle").await;
-        assert_eq!(idle.stage.as_str(), "cart_abandoned");
-        let history = store.history(idle.id).await.unwrap();
-        assert_eq!(history.last().unwrap().cause, ChangeCause::Followup);
+        on_both(
+            "idle_carts_are_abandoned_once_and_stale_ones_expire",
+            async |store| {
+                let now = Utc::now();
+                let rules = CartRules::default();
+                store
+                    .apply_cart_event(
+                        cart(
+                            "shop",
+                            "idle",
+                            "checkout_started",
+                            &["a"],
+                            now - chrono::Duration::hours(2),
+                        ),
+                        rules,
+                    )
+                    .await
+                    .unwrap();
+                store
+                    .apply_cart_event(
+                        cart(
+                            "shop",
+                            "busy",
+                            "checkout_started",
+                            &["b"],
+                            now - chrono::Duration::minutes(5),
+                        ),
+                        rules,
+                    )
+                    .await
+                    .unwrap();
+                let cutoff = now - chrono::Duration::hours(1);
+                // The same pass twice: the second finds nothing left to abandon.
+                let abandon = || {
+                    store.abandon_idle_carts(
+                        "shop",
+                        at("checkout_started"),
+                        at("cart_abandoned"),
+                        cutoff,
+                        now,
+                        100,
+                    )
+                };
+                let moved = abandon().await.unwrap();
+                assert_eq!(moved.len(), 1);
+                let again = abandon().await.unwrap();
+                assert!(again.is_empty());
+                let idle = stored_deal(&store, "shop", "idle").await;
+                assert_eq!(idle.stage.as_str(), "cart_abandoned");
+                let history = store.history(idle.id).await.unwrap();
+                assert_eq!(history.last().unwrap().cause, ChangeCause::Followup);
 
-        let later = now + chrono::Duration::days(31);
-        let expired = store
-            .expire_stale_carts(
-                "shop",
-                vec![at("cart_abandoned")],
-                at("expired"),
-                later - chrono::Duration::days(30),
-                later,
-                100,
-            )
-            .await
-            .unwrap();
-        assert_eq!(expired, vec![idle.id]);
-        let idle = store.deal(idle.id).await.unwrap().unwrap();
-        assert_eq!(idle.status, DealStatus::Lost);
+                let later = now + chrono::Duration::days(31);
+                let expired = store
+                    .expire_stale_carts(
+                        "shop",
+                        vec![at("cart_abandoned")],
+                        at("expired"),
+                        later - chrono::Duration::days(30),
+                        later,
+                        100,
+                    )
+                    .await
+                    .unwrap();
+                assert_eq!(expired, vec![idle.id]);
+                let idle = store.deal(idle.id).await.unwrap().unwrap();
+                assert_eq!(idle.status, DealStatus::Lost);
+            },
+        )
+        .await;
     }
 }

@@ -44,7 +44,7 @@ pub(in crate::store) fn pg_text(text: &str) -> Cow<'_, str> {
     }
 }
 
-fn pg_opt(text: Option<&str>) -> Option<Cow<'_, str>> {
+pub(in crate::store) fn pg_opt(text: Option<&str>) -> Option<Cow<'_, str>> {
     text.map(pg_text)
 }
 
@@ -74,15 +74,7 @@ pub(in crate::store) async fn upsert_all(
             key_deals.push(id);
         }
     }
-    if !keys.is_empty() {
-        let statement = tx
-            .prepare_cached(
-                "INSERT INTO deal_keys (key, deal_id)
-                 SELECT * FROM unnest($1::text[], $2::bigint[]) ON CONFLICT DO NOTHING",
-            )
-            .await?;
-        tx.execute(&statement, &[&keys, &key_deals]).await?;
-    }
+    write_keys(tx, &keys, &key_deals).await?;
     if !plan.history.is_empty() {
         let mut columns = HistoryColumns::default();
         for entry in &plan.history {
@@ -110,36 +102,79 @@ pub(in crate::store) async fn upsert_all(
     Ok(plan.outcome)
 }
 
-/// Takes the transaction-level advisory lock of every (connection, external id) of the
-/// batch, in key order.
-async fn lock_keys(tx: &Transaction<'_>, upserts: &[DealUpsert]) -> Result<()> {
-    let connections: Vec<Cow<'_, str>> = upserts
-        .iter()
-        .map(|u| pg_text(u.connection.as_str()))
-        .collect();
-    let external_ids: Vec<Cow<'_, str>> = upserts
-        .iter()
-        .map(|u| pg_text(u.source.external_id.as_str()))
-        .collect();
-    lock_deal_keys(tx, &connections, &external_ids).await
+/// Adds each `(key, deal id)` pair to `deal_keys`; a pair already there is kept.
+pub(in crate::store) async fn write_keys(
+    tx: &Transaction<'_>,
+    keys: &[Cow<'_, str>],
+    deal_ids: &[i64],
+) -> Result<()> {
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let statement = tx
+        .prepare_cached(
+            "INSERT INTO deal_keys (key, deal_id)
+             SELECT * FROM unnest($1::text[], $2::bigint[]) ON CONFLICT DO NOTHING",
+        )
+        .await?;
+    tx.execute(&statement, &[&keys, &deal_ids]).await?;
+    Ok(())
+}
+
+/// The advisory-lock key of a deal, from its connection `c` and external id `e`.
+macro_rules! deal_lock_key {
+    () => {
+        "hashtext(c || chr(31) || e)"
+    };
 }
 
 /// Takes the transaction-level advisory lock of every (connection, external id) of the
-/// two aligned lists, in key order: what serializes every write of one deal.
-pub(super) async fn lock_deal_keys(
+/// batch, in key order.
+async fn lock_keys(tx: &Transaction<'_>, upserts: &[DealUpsert]) -> Result<()> {
+    let keys: Vec<(&str, &str)> = upserts
+        .iter()
+        .map(|u| (u.connection.as_str(), u.source.external_id.as_str()))
+        .collect();
+    lock_deal_keys(tx, &keys).await
+}
+
+/// Takes the transaction-level advisory lock of each (connection, external id) of
+/// `keys`, in key order: what every writer of a deal's row takes first, so that writers
+/// of one deal on several replicas run one after the other.
+pub(in crate::store) async fn lock_deal_keys(
     tx: &Transaction<'_>,
-    connections: &[Cow<'_, str>],
-    external_ids: &[Cow<'_, str>],
+    keys: &[(&str, &str)],
 ) -> Result<()> {
+    let connections: Vec<Cow<'_, str>> = keys.iter().map(|(c, _)| pg_text(c)).collect();
+    let external_ids: Vec<Cow<'_, str>> = keys.iter().map(|(_, e)| pg_text(e)).collect();
     let statement = tx
-        .prepare_cached(
+        .prepare_cached(concat!(
             "SELECT count(pg_advisory_xact_lock($1, k))
-             FROM (SELECT DISTINCT hashtext(c || chr(31) || e) AS k
-                   FROM unnest($2::text[], $3::text[]) AS u(c, e) ORDER BY k) AS keys",
-        )
+             FROM (SELECT DISTINCT ",
+            deal_lock_key!(),
+            " AS k FROM unnest($2::text[], $3::text[]) AS u(c, e) ORDER BY k) AS keys"
+        ))
         .await?;
     tx.execute(&statement, &[&DEAL_LOCK_CLASS, &connections, &external_ids])
         .await?;
+    Ok(())
+}
+
+/// [`lock_deal_keys`] for the stored deals `ids` (an unknown id locks nothing).
+pub(in crate::store) async fn lock_deals(tx: &Transaction<'_>, ids: &[i64]) -> Result<()> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let statement = tx
+        .prepare_cached(concat!(
+            "SELECT count(pg_advisory_xact_lock($1, k))
+             FROM (SELECT DISTINCT ",
+            deal_lock_key!(),
+            " AS k FROM (SELECT connection AS c, external_id AS e FROM deals
+                          WHERE id = ANY($2)) AS d ORDER BY k) AS keys"
+        ))
+        .await?;
+    tx.execute(&statement, &[&DEAL_LOCK_CLASS, &ids]).await?;
     Ok(())
 }
 

@@ -6,11 +6,7 @@
 //! migrate-store`), and the coordination replicas will use ([`leases`]: leases,
 //! fencing, the lease keeper, leadership; [`claims`]: `FOR UPDATE SKIP LOCKED`
 //! claims; `migrations/0002_replicas.sql`; [`rate`]: the request rate and daily
-//! vendor budget replicas share, `migrations/0003_rate_limits.sql`), the webhook
-//! inbox's worker side and its dead letters (`inbox`, `dead_letters`: due rows claimed
-//! per replica, settled only by their holder). None of the
-//! store's queries runs on it
-//! yet: [`super::Store`] is SQLite, and the daemon refuses `storage.url`
+//! vendor budget replicas share, `migrations/0003_rate_limits.sql`).
 //! (`Config::require_sqlite`).
 //!
 //! Connections come from a `deadpool-postgres` pool over `tokio-postgres` (async, no
@@ -28,9 +24,11 @@
 //!   the transaction is rolled back.
 //! - Errors name the server as `host:port/database`, never the password.
 
+mod carts;
 pub mod claims;
 mod copy_rows;
 mod dead_letters;
+mod deal_changes;
 mod deals;
 pub mod from_sqlite;
 mod inbox;

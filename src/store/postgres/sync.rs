@@ -9,13 +9,14 @@
 //! - A rotated refresh token and its access token are written in one statement.
 //! - Resolving a quarantined record writes its deal and takes its entries out in one
 //!   transaction. Across replicas: the deal's write holds the deal's key lock (as every
-//!   write of a deal does, `deals::lock_deal_keys`), so two resolving the same record
+//!   write of a deal does, `deal_changes::mark_deleted` under `deals::lock_deal_keys`), so two resolving the same record
 //!   at once write it one after the other; each entry is deleted once, by one of them.
 //! - A deal is marked deleted by one conditional `UPDATE` under that key lock: once,
 //!   whoever else marks or writes it at the same time.
 
 use super::Database;
-use super::deals::{lock_deal_keys, move_stage, pg_text, upsert_all};
+use super::deal_changes::mark_deleted;
+use super::deals::{move_stage, pg_text, upsert_all};
 use crate::domain::{ChangeCause, PipelineKey, StageKey, StageRef};
 use crate::pipeline::NativePipeline;
 use crate::store::deals::{
@@ -46,33 +47,6 @@ async fn save_cursor(
         )
         .await?;
     Ok(())
-}
-
-/// Marks a deal deleted in the caller's transaction, under the deal's key lock; false
-/// when it is unknown or already deleted (as `deal_changes::mark_deleted` on SQLite).
-pub(in crate::store) async fn mark_deleted(
-    tx: &deadpool_postgres::Transaction<'_>,
-    connection: &str,
-    external_id: &str,
-    at: DateTime<Utc>,
-) -> Result<bool> {
-    let (connection, external_id) = (pg_text(connection), pg_text(external_id));
-    lock_deal_keys(
-        tx,
-        std::slice::from_ref(&connection),
-        std::slice::from_ref(&external_id),
-    )
-    .await?;
-    let statement = tx
-        .prepare_cached(
-            "UPDATE deals SET deleted_at = $3, status = 'deleted', synced_at = $3
-             WHERE connection = $1 AND external_id = $2 AND deleted_at IS NULL",
-        )
-        .await?;
-    let changed = tx
-        .execute(&statement, &[&connection, &external_id, &to_ms(at)])
-        .await?;
-    Ok(changed > 0)
 }
 
 impl Database {
