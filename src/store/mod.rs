@@ -378,6 +378,8 @@ struct Postgres {
     database: postgres::Database,
     intake: postgres::intake::Intake,
     stage_changes: tokio::sync::watch::Sender<u64>,
+    /// This process's name in the claims it holds (`postgres::replica`).
+    replica: String,
 }
 
 /// The backend a [`Store`] runs on.
@@ -599,6 +601,7 @@ impl Store {
                 database,
                 intake,
                 stage_changes: tokio::sync::watch::Sender::new(0),
+                replica: postgres::replica::new_replica_id(),
             })),
         })
     }
@@ -616,6 +619,14 @@ impl Store {
         match &self.engine {
             Engine::Sqlite(_) => None,
             Engine::Postgres(postgres) => Some(&postgres.database),
+        }
+    }
+
+    /// This process's replica id on PostgreSQL (empty on SQLite, which has one process).
+    fn replica_id(&self) -> &str {
+        match &self.engine {
+            Engine::Sqlite(_) => "",
+            Engine::Postgres(postgres) => &postgres.replica,
         }
     }
 

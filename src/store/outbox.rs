@@ -11,8 +11,8 @@
 //!   becomes `uncertain` and is never sent again (at most once, not at least once).
 //! - Marking a row sent and moving the cart it advances commit together.
 
-use super::deals::{DEAL_COLUMNS, deal_from_row, move_stage};
-use super::ledger::{OUTBOX, OutboxState, Settlement};
+use super::deals::{Columns, DEAL_COLUMNS, deal_from_row, move_stage};
+use super::ledger::{OUTBOX, OutboxState, Settlement, Value};
 use super::{Result, Store, StoreError, from_ms, to_ms};
 use crate::domain::{ChangeCause, Deal, DealStatus, PipelineKey, StageKey, StageRef, StepNumber};
 use chrono::{DateTime, Utc};
@@ -63,33 +63,51 @@ pub struct OutboxRow {
     pub sent_at: Option<DateTime<Utc>>,
 }
 
-const ROW_COLUMNS: &str = "id, deal_id, rule, step, action, recipient, state, anchor_at, due_at,
-    next_attempt_at, attempts, reason, message_id, created_at, updated_at, sent_at";
+/// The columns [`outbox_row_from`] reads, in its order.
+pub(super) const ROW_COLUMNS: &str = "id, deal_id, rule, step, action, recipient, state, anchor_at,
+    due_at, next_attempt_at, attempts, reason, message_id, created_at, updated_at, sent_at";
 
-fn row_from(row: &Row<'_>) -> rusqlite::Result<OutboxRow> {
-    let action: String = row.get(4)?;
-    let state: String = row.get(6)?;
+/// Reads an outbox row of either backend ([`ROW_COLUMNS`]).
+pub(super) fn outbox_row_from<R: Columns>(row: &R) -> Result<OutboxRow, R::Error> {
+    let action = row.text(4)?;
+    let state = row.text(6)?;
     Ok(OutboxRow {
-        id: row.get(0)?,
-        deal_id: row.get(1)?,
-        rule: row.get(2)?,
-        step: StepNumber::from_index(row.get(3)?),
+        id: row.int(0)?,
+        deal_id: row.int(1)?,
+        rule: row.text(2)?,
+        step: StepNumber::from_index(row.int(3)?),
         action: if action == "expire" {
             OutboxAction::Expire
         } else {
             OutboxAction::Email
         },
-        recipient: row.get(5)?,
+        recipient: row.text(5)?,
         state: OutboxState::parse(&state).unwrap_or(OutboxState::Uncertain),
-        anchor_at: from_ms(row.get(7)?),
-        due_at: from_ms(row.get(8)?),
-        next_attempt_at: from_ms(row.get(9)?),
-        attempts: row.get(10)?,
-        reason: row.get(11)?,
-        message_id: row.get(12)?,
-        created_at: from_ms(row.get(13)?),
-        updated_at: from_ms(row.get(14)?),
-        sent_at: row.get::<_, Option<i64>>(15)?.map(from_ms),
+        anchor_at: from_ms(row.int(7)?),
+        due_at: from_ms(row.int(8)?),
+        next_attempt_at: from_ms(row.int(9)?),
+        attempts: row.int(10)?,
+        reason: row.opt_text(11)?,
+        message_id: row.opt_text(12)?,
+        created_at: from_ms(row.int(13)?),
+        updated_at: from_ms(row.int(14)?),
+        sent_at: row.opt_int(15)?.map(from_ms),
+    })
+}
+
+fn row_from(row: &Row<'_>) -> rusqlite::Result<OutboxRow> {
+    outbox_row_from(row)
+}
+
+/// Reads a row of the earlier-enrollments query of either backend: deal id, first
+/// anchor, first creation, whether some step started, whether some step is pending.
+pub(super) fn earlier_from<R: Columns>(row: &R) -> Result<EarlierEnrollment, R::Error> {
+    Ok(EarlierEnrollment {
+        deal_id: row.int(0)?,
+        anchor_at: from_ms(row.int(1)?),
+        created_at: from_ms(row.int(2)?),
+        started: row.opt_bool(3)?.unwrap_or(false),
+        pending: row.opt_bool(4)?.unwrap_or(false),
     })
 }
 
@@ -200,6 +218,32 @@ pub struct OutboxRowFilter {
     pub limit: Option<u32>,
 }
 
+impl OutboxRowFilter {
+    /// The listing query of this filter for a backend whose numbered placeholders start
+    /// with `sigil`, and its parameters in order.
+    pub(super) fn query(self, sigil: char) -> (String, Vec<Value<'static>>) {
+        let mut sql = format!("SELECT {ROW_COLUMNS} FROM outbox WHERE 1 = 1");
+        let mut values = Vec::new();
+        if let Some(state) = self.state {
+            values.push(Value::Text(state.as_str()));
+            sql.push_str(&format!(" AND state = {sigil}{}", values.len()));
+        }
+        if let Some(rule) = self.rule {
+            values.push(Value::Owned(rule));
+            sql.push_str(&format!(" AND rule = {sigil}{}", values.len()));
+        }
+        if let Some(deal_id) = self.deal_id {
+            values.push(Value::Int(deal_id));
+            sql.push_str(&format!(" AND deal_id = {sigil}{}", values.len()));
+        }
+        sql.push_str(" ORDER BY due_at DESC, id DESC");
+        if let Some(limit) = self.limit {
+            sql.push_str(&format!(" LIMIT {limit}"));
+        }
+        (sql, values)
+    }
+}
+
 /// What asking to send a failed email again did.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RetryOutcome {
@@ -237,13 +281,7 @@ fn earlier_enrollments(
          GROUP BY deal_id",
     )?;
     let rows = statement.query_map(params![rule, recipient, since, except_deal], |row| {
-        Ok(EarlierEnrollment {
-            deal_id: row.get(0)?,
-            anchor_at: from_ms(row.get(1)?),
-            created_at: from_ms(row.get(2)?),
-            started: row.get(3)?,
-            pending: row.get(4)?,
-        })
+        earlier_from(row)
     })?;
     Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
 }
@@ -262,29 +300,24 @@ fn read_claim_facts(
     } else {
         super::suppression::reason_of(db, &row.recipient)?
     };
-    let order_since = match (&query.order_pipeline, &deal) {
-        (Some(pipeline), Some(deal)) => match &deal.contact_email {
-            Some(email) => {
-                let started = to_ms(deal.created_at.unwrap_or(deal.first_seen_at));
-                db.prepare_cached(
-                    "SELECT id FROM deals
-                     WHERE contact_email IN (?1, lower(?1)) AND pipeline = ?2
-                       AND status = 'won' AND id != ?3 AND stage_entered_at >= ?4
-                     LIMIT 1",
-                )?
-                .query_row(
-                    params![email.as_str(), pipeline.as_str(), deal.id, started],
-                    |r| r.get(0),
-                )
-                .optional()?
-            }
-            None => None,
-        },
-        _ => None,
+    // (`store::postgres::outbox` reads the same facts, deciding what to read alike.)
+    let order_since = match OrderLookup::of(query, deal.as_ref()) {
+        Some(order) => db
+            .prepare_cached(
+                "SELECT id FROM deals
+                 WHERE contact_email IN (?1, lower(?1)) AND pipeline = ?2
+                   AND status = 'won' AND id != ?3 AND stage_entered_at >= ?4
+                 LIMIT 1",
+            )?
+            .query_row(
+                params![order.email, order.pipeline, order.deal_id, order.started_ms],
+                |r| r.get(0),
+            )
+            .optional()?,
+        None => None,
     };
-    let recent_to_recipient = match query.cap_window {
-        Some(window) if !row.recipient.is_empty() => {
-            let since = now_ms - window.as_millis() as i64;
+    let recent_to_recipient = match cap_since(query, &row, now_ms) {
+        Some(since) => {
             db.prepare_cached(
                 "SELECT count(*), min(claimed_at) FROM outbox
                  WHERE recipient = ?1 AND claimed_at > ?2
@@ -306,6 +339,111 @@ fn read_claim_facts(
         order_since,
         recent_to_recipient,
     })
+}
+
+/// The order lookup of a claim's facts: a won deal with the same contact in the
+/// checked pipeline, other than the deal, that entered its stage since the deal started.
+pub(super) struct OrderLookup<'a> {
+    pub(super) email: &'a str,
+    pub(super) pipeline: &'a str,
+    pub(super) deal_id: i64,
+    pub(super) started_ms: i64,
+}
+
+impl<'a> OrderLookup<'a> {
+    /// What to look for, when the query asks for orders and the deal has a contact.
+    pub(super) fn of(query: &'a ClaimQuery, deal: Option<&'a Deal>) -> Option<Self> {
+        let pipeline = query.order_pipeline.as_ref()?;
+        let deal = deal?;
+        let email = deal.contact_email.as_ref()?;
+        Some(OrderLookup {
+            email: email.as_str(),
+            pipeline: pipeline.as_str(),
+            deal_id: deal.id,
+            started_ms: to_ms(deal.created_at.unwrap_or(deal.first_seen_at)),
+        })
+    }
+}
+
+/// Since when (ms) the per-recipient cap counts claims, when the query has a cap and
+/// the row a recipient.
+pub(super) fn cap_since(query: &ClaimQuery, row: &OutboxRow, now_ms: i64) -> Option<i64> {
+    match query.cap_window {
+        Some(window) if !row.recipient.is_empty() => Some(now_ms - window.as_millis() as i64),
+        _ => None,
+    }
+}
+
+/// The one row a declined enrollment records: step 0, skipped with the reason.
+pub(super) fn decline_row(reason: String, now_ms: i64) -> NewOutboxRow {
+    NewOutboxRow {
+        step: StepNumber::default(),
+        action: OutboxAction::Email,
+        due_at: from_ms(now_ms),
+        state: OutboxState::Skipped,
+        reason: Some(reason),
+    }
+}
+
+/// Why an older deal's pending rows were skipped at a newer deal's enrollment.
+pub(super) fn superseded_reason(newer_deal: i64) -> String {
+    format!("superseded by the newer deal {newer_deal}")
+}
+
+/// Why the rest of a sequence was skipped after a `Stop`.
+pub(super) fn stopped_reason(reason: &str) -> String {
+    format!("sequence stopped: {reason}")
+}
+
+/// What an expiry row records once it moved the deal.
+pub(super) fn expired_reason(to: &StageRef) -> String {
+    format!("moved to {}", describe(to))
+}
+
+/// The claimed row as it is once `sending`.
+pub(super) fn now_sending(mut row: OutboxRow) -> OutboxRow {
+    row.state = OutboxState::Sending;
+    row.attempts += 1;
+    row
+}
+
+/// The deal of a row claimed to send; a claimed row without its deal is corrupt data.
+pub(super) fn claimed_deal(id: i64, deal: Option<Deal>) -> Result<Deal> {
+    deal.ok_or_else(|| StoreError::Corrupt(format!("outbox row {id} claimed without its deal")))
+}
+
+/// Whether `retry_failed` may queue `row` again: the row when it may (a failed
+/// email), else the answer (`NotFailed`).
+pub(super) fn retryable(row: OutboxRow) -> Result<OutboxRow, RetryOutcome> {
+    if row.state != OutboxState::Failed || row.action != OutboxAction::Email {
+        return Err(RetryOutcome::NotFailed(row));
+    }
+    Ok(row)
+}
+
+/// The rules among `rules` (those with pending rows of the deal) whose active stages
+/// no longer hold the deal, each with the reason its rows stop; a rule without stages
+/// in `active` is not judged.
+pub(super) fn rules_left(
+    deal: &Deal,
+    rules: Vec<String>,
+    active: &HashMap<String, Vec<StageRef>>,
+) -> Vec<(String, String)> {
+    let here = StageRef {
+        pipeline: deal.pipeline.clone(),
+        stage: deal.stage.clone(),
+    };
+    rules
+        .into_iter()
+        .filter(|rule| active.get(rule).is_some_and(|stages| !stages.contains(&here)))
+        .map(|rule| {
+            let reason = format!(
+                "sequence stopped: the deal left the rule's stages (now in {})",
+                describe(&here)
+            );
+            (rule, reason)
+        })
+        .collect()
 }
 
 fn insert_row(
@@ -356,10 +494,43 @@ fn stop_sequence(
 /// Read access to the facts enrollment and the send-time decision look at, through the
 /// same queries (`followup::explain` asks them without changing anything).
 pub struct FollowupFacts<'a> {
-    db: &'a rusqlite::Connection,
+    reads: &'a dyn FollowupReads,
 }
 
-impl FollowupFacts<'_> {
+/// The two reads behind [`FollowupFacts`], on a backend's snapshot.
+pub(super) trait FollowupReads {
+    fn earlier_enrollments(
+        &self,
+        rule: &str,
+        recipient: &str,
+        since_ms: i64,
+        except_deal: i64,
+    ) -> Result<Vec<EarlierEnrollment>>;
+
+    fn claim_facts(&self, row: OutboxRow, query: &ClaimQuery, now_ms: i64) -> Result<ClaimFacts>;
+}
+
+impl FollowupReads for rusqlite::Connection {
+    fn earlier_enrollments(
+        &self,
+        rule: &str,
+        recipient: &str,
+        since_ms: i64,
+        except_deal: i64,
+    ) -> Result<Vec<EarlierEnrollment>> {
+        earlier_enrollments(self, rule, recipient, since_ms, except_deal)
+    }
+
+    fn claim_facts(&self, row: OutboxRow, query: &ClaimQuery, now_ms: i64) -> Result<ClaimFacts> {
+        read_claim_facts(self, row, query, now_ms)
+    }
+}
+
+impl<'a> FollowupFacts<'a> {
+    pub(super) fn new(reads: &'a dyn FollowupReads) -> Self {
+        FollowupFacts { reads }
+    }
+
     /// The recipient's enrollments into `rule` created since `since`, other than
     /// `except_deal`'s: what `Store::enroll` hands to its plan.
     pub fn earlier_enrollments(
@@ -369,7 +540,8 @@ impl FollowupFacts<'_> {
         since: DateTime<Utc>,
         except_deal: i64,
     ) -> Result<Vec<EarlierEnrollment>> {
-        earlier_enrollments(self.db, rule, recipient, to_ms(since), except_deal)
+        self.reads
+            .earlier_enrollments(rule, recipient, to_ms(since), except_deal)
     }
 
     /// What `Store::claim` would read about `row` at `now`.
@@ -379,7 +551,7 @@ impl FollowupFacts<'_> {
         query: &ClaimQuery,
         now: DateTime<Utc>,
     ) -> Result<ClaimFacts> {
-        read_claim_facts(self.db, row, query, to_ms(now))
+        self.reads.claim_facts(row, query, to_ms(now))
     }
 }
 
@@ -392,6 +564,12 @@ impl Store {
         T: Send + 'static,
         F: FnOnce(&Deal, &[OutboxRow], &FollowupFacts<'_>) -> Result<T> + Send + 'static,
     {
+        if let Some(database) = self.postgres() {
+            return database
+                .with_followup_facts(deal_id, f)
+                .await
+                .map_err(|error| database.named(error));
+        }
         self.read(move |db| {
             let snapshot = db.unchecked_transaction()?;
             let Some(deal) = read_deal(&snapshot, deal_id)? else {
@@ -403,7 +581,7 @@ impl Store {
                 .prepare(&sql)?
                 .query_map([deal_id], row_from)?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
-            let value = f(&deal, &rows, &FollowupFacts { db: &snapshot })?;
+            let value = f(&deal, &rows, &FollowupFacts::new(&*snapshot))?;
             snapshot.finish()?;
             Ok(Some(value))
         })
@@ -426,6 +604,12 @@ impl Store {
             + Send
             + 'static,
     {
+        if let Some(database) = self.postgres() {
+            return database
+                .enroll(deal_id, rule, history_since, now, plan)
+                .await
+                .map_err(|error| database.named(error));
+        }
         self.write(move |tx| {
             let exists: bool = tx
                 .prepare_cached("SELECT 1 FROM outbox WHERE deal_id = ?1 AND rule = ?2 LIMIT 1")?
@@ -449,13 +633,7 @@ impl Store {
                     anchor_at,
                     reason,
                 } => {
-                    let row = NewOutboxRow {
-                        step: StepNumber::default(),
-                        action: OutboxAction::Email,
-                        due_at: from_ms(now),
-                        state: OutboxState::Skipped,
-                        reason: Some(reason),
-                    };
+                    let row = decline_row(reason, now);
                     insert_row(tx, deal_id, &rule, &recipient, to_ms(anchor_at), &row, now)?;
                     outcome.declined = true;
                 }
@@ -466,7 +644,7 @@ impl Store {
                     supersede,
                 } => {
                     for old in supersede {
-                        let reason = format!("superseded by the newer deal {deal_id}");
+                        let reason = superseded_reason(deal_id);
                         // The expiry row goes too: the newer deal's sequence owns the shopper.
                         outcome.superseded += tx.execute(
                             "UPDATE outbox SET state = 'skipped', reason = ?3, updated_at = ?4
@@ -496,6 +674,14 @@ impl Store {
     where
         F: FnOnce(&ClaimFacts) -> ClaimDecision + Send + 'static,
     {
+        if let Some(database) = self.postgres() {
+            let (claim, moved) = database
+                .claim_outbox(id, now, query, decide, self.replica_id())
+                .await
+                .map_err(|error| database.named(error))?;
+            self.note_stage_changes(moved);
+            return Ok(claim);
+        }
         self.write(move |tx| {
             let Some(row) = read_row(tx, id)? else {
                 return Ok(None);
@@ -511,13 +697,7 @@ impl Store {
             match &decision {
                 ClaimDecision::Send => {
                     OUTBOX.mark_sending(tx, id, now_ms, ", claimed_at = ?2", &[])?;
-                    let deal = deal.ok_or_else(|| {
-                        StoreError::Corrupt(format!("outbox row {id} claimed without its deal"))
-                    })?;
-                    let mut row = row;
-                    row.state = OutboxState::Sending;
-                    row.attempts += 1;
-                    sending = Some((row, deal));
+                    sending = Some((now_sending(row), claimed_deal(id, deal)?));
                 }
                 ClaimDecision::Skip(reason) => {
                     OUTBOX.skip(tx, id, reason, now_ms)?;
@@ -528,7 +708,7 @@ impl Store {
                         tx,
                         row.deal_id,
                         &row.rule,
-                        &format!("sequence stopped: {reason}"),
+                        &stopped_reason(reason),
                         now_ms,
                     )?;
                 }
@@ -552,7 +732,7 @@ impl Store {
                         "UPDATE outbox SET state = 'done', reason = ?2, updated_at = ?3,
                             sent_at = ?3
                          WHERE id = ?1",
-                        params![id, format!("moved to {}", describe(to)), now_ms],
+                        params![id, expired_reason(to), now_ms],
                     )?;
                 }
             }
@@ -572,6 +752,14 @@ impl Store {
         move_to: Option<(StageRef, DealStatus)>,
         only_from: Vec<StageRef>,
     ) -> Result<bool> {
+        if let Some(database) = self.postgres() {
+            let (sent, moved) = database
+                .mark_sent(id, &message_id, at, move_to, &only_from)
+                .await
+                .map_err(|error| database.named(error))?;
+            self.note_stage_changes(moved);
+            return Ok(sent);
+        }
         self.write(move |tx| {
             let sent = Settlement::Sent {
                 message_id: &message_id,
@@ -606,22 +794,26 @@ impl Store {
     /// so the worker claims it at its next pass (re-checking everything as for any
     /// due row) and sends it once. One transaction; any other state is left alone.
     pub async fn retry_failed(&self, id: i64, now: DateTime<Utc>) -> Result<RetryOutcome> {
+        if let Some(database) = self.postgres() {
+            return database
+                .retry_failed(id, now)
+                .await
+                .map_err(|error| database.named(error));
+        }
         self.write(move |tx| {
             let Some(row) = read_row(tx, id)? else {
                 return Ok(RetryOutcome::NotFound);
             };
-            if row.state != OutboxState::Failed || row.action != OutboxAction::Email {
-                return Ok(RetryOutcome::NotFailed(row));
-            }
+            let row = match retryable(row) {
+                Ok(row) => row,
+                Err(answer) => return Ok(answer),
+            };
             if let Some(reason) = super::suppression::reason_of(tx, &row.recipient)? {
                 return Ok(RetryOutcome::Suppressed(row, reason));
             }
             let now_ms = to_ms(now);
             tx.execute(
-                "UPDATE outbox SET state = 'pending', next_attempt_at = ?2, attempts = 0,
-                    claimed_at = NULL, updated_at = ?2,
-                    reason = 'retry asked by an operator after: ' || coalesce(reason, 'a failure')
-                 WHERE id = ?1 AND state = 'failed'",
+                &retry_failed_sql('?'),
                 params![id, now_ms],
             )?;
             Ok(RetryOutcome::Queued(read_row(tx, id)?.ok_or_else(
@@ -633,6 +825,16 @@ impl Store {
 
     /// Records a dry-run render: the row is skipped with the message id it would have had.
     pub async fn mark_dry_run(&self, id: i64, message_id: String, at: DateTime<Utc>) -> Result<()> {
+        if let Some(database) = self.postgres() {
+            let dry_run = Settlement::DryRun {
+                message_id: &message_id,
+            };
+            return database
+                .settle(&OUTBOX, id, dry_run, at)
+                .await
+                .map(drop)
+                .map_err(|error| database.named(error));
+        }
         self.write(move |tx| {
             let dry_run = Settlement::DryRun {
                 message_id: &message_id,
@@ -651,6 +853,17 @@ impl Store {
         reason: String,
         at: DateTime<Utc>,
     ) -> Result<()> {
+        if let Some(database) = self.postgres() {
+            let retry = Settlement::Retry {
+                next_attempt_at,
+                reason: &reason,
+            };
+            return database
+                .settle(&OUTBOX, id, retry, at)
+                .await
+                .map(drop)
+                .map_err(|error| database.named(error));
+        }
         self.write(move |tx| {
             let retry = Settlement::Retry {
                 next_attempt_at,
@@ -665,6 +878,14 @@ impl Store {
     /// Marks a claimed row `uncertain`: the server may have accepted the message (the
     /// connection failed after the hand-off), so it is never resent.
     pub async fn mark_uncertain(&self, id: i64, reason: String, at: DateTime<Utc>) -> Result<()> {
+        if let Some(database) = self.postgres() {
+            let uncertain = Settlement::Uncertain { reason: &reason };
+            return database
+                .settle(&OUTBOX, id, uncertain, at)
+                .await
+                .map(drop)
+                .map_err(|error| database.named(error));
+        }
         self.write(move |tx| {
             OUTBOX.settle(tx, id, Settlement::Uncertain { reason: &reason }, at)?;
             Ok(())
@@ -681,6 +902,15 @@ impl Store {
         suppress: Option<String>,
         at: DateTime<Utc>,
     ) -> Result<()> {
+        if let Some(database) = self.postgres() {
+            let failed = Settlement::Failed { reason: &reason };
+            let suppress = suppress.as_deref().map(|email| (email, reason.as_str()));
+            return database
+                .settle_and_suppress(&OUTBOX, id, failed, suppress, at)
+                .await
+                .map(drop)
+                .map_err(|error| database.named(error));
+        }
         self.write(move |tx| {
             OUTBOX.settle(tx, id, Settlement::Failed { reason: &reason }, at)?;
             if let Some(email) = suppress {
@@ -694,6 +924,12 @@ impl Store {
     /// At start-up: every outbox or digest row left in `sending` by a crash becomes
     /// `uncertain`. Returns how many.
     pub async fn outbox_recover_interrupted(&self, at: DateTime<Utc>) -> Result<u64> {
+        if let Some(database) = self.postgres() {
+            return database
+                .recover_interrupted(&[&OUTBOX, &super::ledger::DIGESTS], at)
+                .await
+                .map_err(|error| database.named(error));
+        }
         self.write(move |tx| {
             let outbox = OUTBOX.recover_interrupted(tx, at)?;
             let digests = super::ledger::DIGESTS.recover_interrupted(tx, at)?;
@@ -705,11 +941,23 @@ impl Store {
     /// Pending rows due by `now`, earliest first: (id, rule). Uses the partial index
     /// on pending rows, so its cost follows the due set, not the table.
     pub async fn outbox_due(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<(i64, String)>> {
+        if let Some(database) = self.postgres() {
+            return database
+                .due(&OUTBOX, now, limit)
+                .await
+                .map_err(|error| database.named(error));
+        }
         self.read(move |db| OUTBOX.due(db, now, limit)).await
     }
 
     /// The deal of an email row (not an expiry), as stored now.
     pub async fn outbox_email_deal(&self, id: i64) -> Result<Option<Deal>> {
+        if let Some(database) = self.postgres() {
+            return database
+                .outbox_email_deal(id)
+                .await
+                .map_err(|error| database.named(error));
+        }
         self.read(move |db| {
             let sql = format!(
                 "SELECT {DEAL_COLUMNS} FROM deals WHERE id =
@@ -722,30 +970,25 @@ impl Store {
 
     /// When the next pending row comes due.
     pub async fn outbox_next_due(&self) -> Result<Option<DateTime<Utc>>> {
+        if let Some(database) = self.postgres() {
+            return database
+                .next_due(&OUTBOX)
+                .await
+                .map_err(|error| database.named(error));
+        }
         self.read(|db| OUTBOX.next_due(db)).await
     }
 
     /// Rows matching the filter, newest first.
     pub async fn outbox(&self, filter: OutboxRowFilter) -> Result<Vec<OutboxRow>> {
+        if let Some(database) = self.postgres() {
+            return database
+                .outbox(filter)
+                .await
+                .map_err(|error| database.named(error));
+        }
         self.read(move |db| {
-            let mut sql = format!("SELECT {ROW_COLUMNS} FROM outbox WHERE 1 = 1");
-            let mut values: Vec<rusqlite::types::Value> = Vec::new();
-            if let Some(state) = filter.state {
-                values.push(state.as_str().to_owned().into());
-                sql.push_str(&format!(" AND state = ?{}", values.len()));
-            }
-            if let Some(rule) = filter.rule {
-                values.push(rule.into());
-                sql.push_str(&format!(" AND rule = ?{}", values.len()));
-            }
-            if let Some(deal_id) = filter.deal_id {
-                values.push(deal_id.into());
-                sql.push_str(&format!(" AND deal_id = ?{}", values.len()));
-            }
-            sql.push_str(&format!(
-                " ORDER BY due_at DESC, id DESC LIMIT {}",
-                filter.limit.map_or(-1, i64::from)
-            ));
+            let (sql, values) = filter.query('?');
             let mut statement = db.prepare(&sql)?;
             let rows = statement.query_map(rusqlite::params_from_iter(values), row_from)?;
             Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
@@ -766,6 +1009,12 @@ impl Store {
         if deal_ids.is_empty() || active.is_empty() {
             return Ok(Vec::new());
         }
+        if let Some(database) = self.postgres() {
+            return database
+                .stop_left_rules(&deal_ids, &active, now)
+                .await
+                .map_err(|error| database.named(error));
+        }
         self.write(move |tx| {
             let now = to_ms(now);
             let mut stopped: HashMap<String, u64> = HashMap::new();
@@ -782,21 +1031,7 @@ impl Store {
                 let Some(deal) = read_deal(tx, deal_id)? else {
                     continue;
                 };
-                let here = StageRef {
-                    pipeline: deal.pipeline.clone(),
-                    stage: deal.stage.clone(),
-                };
-                for rule in rules {
-                    let Some(stages) = active.get(&rule) else {
-                        continue;
-                    };
-                    if stages.contains(&here) {
-                        continue;
-                    }
-                    let reason = format!(
-                        "sequence stopped: the deal left the rule's stages (now in {})",
-                        describe(&here)
-                    );
+                for (rule, reason) in rules_left(&deal, rules, &active) {
                     let changed = tx.execute(
                         "UPDATE outbox SET state = 'skipped', reason = ?3, updated_at = ?4
                          WHERE deal_id = ?1 AND rule = ?2 AND state = 'pending'",
@@ -812,6 +1047,12 @@ impl Store {
 
     /// The rule names outbox rows carry, sorted (rules since removed included).
     pub async fn outbox_rules(&self) -> Result<Vec<String>> {
+        if let Some(database) = self.postgres() {
+            return database
+                .outbox_rules()
+                .await
+                .map_err(|error| database.named(error));
+        }
         self.read(|db| {
             let mut statement = db.prepare("SELECT DISTINCT rule FROM outbox ORDER BY rule")?;
             let rows = statement.query_map([], |r| r.get(0))?;
@@ -828,6 +1069,12 @@ impl Store {
         entered_after: DateTime<Utc>,
         rule: String,
     ) -> Result<Vec<i64>> {
+        if let Some(database) = self.postgres() {
+            return database
+                .unenrolled_in_stage(&at, entered_after, &rule)
+                .await
+                .map_err(|error| database.named(error));
+        }
         self.read(move |db| {
             let mut statement = db.prepare_cached(
                 "SELECT d.id FROM deals d
@@ -849,6 +1096,16 @@ impl Store {
         })
         .await
     }
+}
+
+/// Failed row `{sigil}1` back to `pending`, due at `{sigil}2` (ms), attempts reset.
+pub(super) fn retry_failed_sql(sigil: char) -> String {
+    format!(
+        "UPDATE outbox SET state = 'pending', next_attempt_at = {sigil}2, attempts = 0,
+            claimed_at = NULL, updated_at = {sigil}2,
+            reason = 'retry asked by an operator after: ' || coalesce(reason, 'a failure')
+         WHERE id = {sigil}1 AND state = 'failed'"
+    )
 }
 
 fn describe(at: &StageRef) -> String {

@@ -29,12 +29,16 @@
 pub mod claims;
 mod copy_rows;
 mod deals;
+mod digests;
 pub mod from_sqlite;
 mod inbox;
 pub mod intake;
 pub mod leases;
+mod ledger;
 mod migrations;
+mod outbox;
 pub mod rate;
+pub(in crate::store) mod replica;
 mod report;
 mod session_lock;
 mod suppression;
