@@ -102,7 +102,11 @@ pub(super) const NO_DEAL_LEFT: &str = "no matching deal left at send time";
 
 /// The claim of a digest that goes out listing `deals` of `total`: the row as it is
 /// once `sending`, and the listed ids as stored (JSON).
-pub(super) fn send_claim(mut row: DigestRow, deals: Vec<Deal>, total: usize) -> (DigestClaim, String) {
+pub(super) fn send_claim(
+    mut row: DigestRow,
+    deals: Vec<Deal>,
+    total: usize,
+) -> (DigestClaim, String) {
     let ids: Vec<i64> = deals.iter().map(|d| d.id).collect();
     let ids_json = serde_json::to_string(&ids).unwrap_or_else(|_| "[]".to_owned());
     row.state = OutboxState::Sending;

@@ -235,7 +235,12 @@ impl Ledger {
                         updated_at = {p}4{retry_resets}
                      WHERE id = {p}1 AND state = 'sending'"
                 ),
-                vec![id, Value::Int(to_ms(next_attempt_at)), Value::Text(reason), at],
+                vec![
+                    id,
+                    Value::Int(to_ms(next_attempt_at)),
+                    Value::Text(reason),
+                    at,
+                ],
             ),
             Settlement::Uncertain { reason } => (
                 format!(
@@ -342,6 +347,38 @@ impl Ledger {
             [to_ms(at)],
         )?;
         Ok(changed as u64)
+    }
+}
+
+/// Fixtures for the tests of the ledger's users, on either backend.
+#[cfg(test)]
+pub(super) mod test_sql {
+    use super::Value;
+    use crate::store::Store;
+    use crate::store::postgres::ledger::{params, pg_values};
+
+    /// Runs `sql` (placeholders `?1`…, written `$1`… on PostgreSQL) with `values`.
+    pub(in crate::store) async fn exec(store: &Store, sql: &str, values: Vec<Value<'static>>) {
+        match store.postgres() {
+            Some(database) => {
+                let values = pg_values(values);
+                let client = database.client().await.unwrap();
+                client
+                    .execute(&sql.replace('?', "$"), &params(&values))
+                    .await
+                    .unwrap();
+            }
+            None => {
+                let sql = sql.to_owned();
+                store
+                    .write(move |tx| {
+                        tx.execute(&sql, rusqlite::params_from_iter(values))?;
+                        Ok(())
+                    })
+                    .await
+                    .unwrap();
+            }
+        }
     }
 }
 

@@ -317,8 +317,8 @@ fn read_claim_facts(
         None => None,
     };
     let recent_to_recipient = match cap_since(query, &row, now_ms) {
-        Some(since) => {
-            db.prepare_cached(
+        Some(since) => db
+            .prepare_cached(
                 "SELECT count(*), min(claimed_at) FROM outbox
                  WHERE recipient = ?1 AND claimed_at > ?2
                    AND state IN ('sending', 'sent', 'uncertain')",
@@ -328,8 +328,7 @@ fn read_claim_facts(
                     r.get::<_, i64>(0)? as u32,
                     r.get::<_, Option<i64>>(1)?.map(from_ms),
                 ))
-            })?
-        }
+            })?,
         _ => (0, None),
     };
     Ok(ClaimFacts {
@@ -435,7 +434,11 @@ pub(super) fn rules_left(
     };
     rules
         .into_iter()
-        .filter(|rule| active.get(rule).is_some_and(|stages| !stages.contains(&here)))
+        .filter(|rule| {
+            active
+                .get(rule)
+                .is_some_and(|stages| !stages.contains(&here))
+        })
         .map(|rule| {
             let reason = format!(
                 "sequence stopped: the deal left the rule's stages (now in {})",
@@ -704,13 +707,7 @@ impl Store {
                 }
                 ClaimDecision::Stop(reason) => {
                     OUTBOX.skip(tx, id, reason, now_ms)?;
-                    stop_sequence(
-                        tx,
-                        row.deal_id,
-                        &row.rule,
-                        &stopped_reason(reason),
-                        now_ms,
-                    )?;
+                    stop_sequence(tx, row.deal_id, &row.rule, &stopped_reason(reason), now_ms)?;
                 }
                 ClaimDecision::Defer { until, reason } => {
                     tx.execute(
@@ -812,10 +809,7 @@ impl Store {
                 return Ok(RetryOutcome::Suppressed(row, reason));
             }
             let now_ms = to_ms(now);
-            tx.execute(
-                &retry_failed_sql('?'),
-                params![id, now_ms],
-            )?;
+            tx.execute(&retry_failed_sql('?'), params![id, now_ms])?;
             Ok(RetryOutcome::Queued(read_row(tx, id)?.ok_or_else(
                 || StoreError::Corrupt(format!("outbox row {id} vanished while retried")),
             )?))
@@ -1118,8 +1112,9 @@ fn describe(at: &StageRef) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::both_backends::on_both;
     use crate::store::deals::tests::upsert;
-    use crate::store::tests::temp_store;
+    use crate::store::ledger::test_sql::exec;
     use chrono::TimeZone;
     use std::sync::{Arc, Mutex};
 
@@ -1133,17 +1128,12 @@ mod tests {
             .upsert_deals(vec![upsert(external_id, "lead", at(0))])
             .await
             .unwrap();
-        let external_id = external_id.to_owned();
         store
-            .read(move |db| {
-                Ok(db.query_row(
-                    "SELECT id FROM deals WHERE external_id = ?1",
-                    [external_id],
-                    |r| r.get(0),
-                )?)
-            })
+            .deal_by_external_id("crm", external_id)
             .await
             .unwrap()
+            .unwrap()
+            .id
     }
 
     /// Enrolls `deal_id` into `rule` for `recipient` with these steps, all pending.
@@ -1183,506 +1173,535 @@ mod tests {
 
     /// (rule, step, state, reason) of the deal's rows.
     async fn rows_of(store: &Store, deal_id: i64) -> Vec<(String, i64, String, Option<String>)> {
-        store
-            .read(move |db| {
-                let mut statement = db.prepare(
-                    "SELECT rule, step, state, reason FROM outbox WHERE deal_id = ?1
-                     ORDER BY rule, step",
-                )?;
-                let rows = statement
-                    .query_map([deal_id], |r| {
-                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-                    })?
-                    .collect::<rusqlite::Result<Vec<_>>>()?;
-                Ok(rows)
-            })
+        let filter = OutboxRowFilter {
+            deal_id: Some(deal_id),
+            ..OutboxRowFilter::default()
+        };
+        let mut rows: Vec<_> = store
+            .outbox(filter)
             .await
             .unwrap()
+            .into_iter()
+            .map(|r| {
+                let step = r.step.index() as i64;
+                (r.rule, step, r.state.as_str().to_owned(), r.reason)
+            })
+            .collect();
+        rows.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+        rows
     }
 
     async fn row_id(store: &Store, deal_id: i64, rule: &str, step: i64) -> i64 {
-        let rule = rule.to_owned();
-        store
-            .read(move |db| {
-                Ok(db.query_row(
-                    "SELECT id FROM outbox WHERE deal_id = ?1 AND rule = ?2 AND step = ?3",
-                    params![deal_id, rule, step],
-                    |r| r.get(0),
-                )?)
-            })
-            .await
-            .unwrap()
+        let filter = OutboxRowFilter {
+            deal_id: Some(deal_id),
+            rule: Some(rule.to_owned()),
+            ..OutboxRowFilter::default()
+        };
+        let rows = store.outbox(filter).await.unwrap();
+        let row = rows.iter().find(|r| r.step.index() as i64 == step);
+        row.expect("the row").id
     }
 
     /// Marks a row as handed to SMTP (`state`) at `claimed`.
-    async fn mark(store: &Store, id: i64, state: &str, claimed: DateTime<Utc>) {
-        let state = state.to_owned();
-        store
-            .write(move |tx| {
-                tx.execute(
-                    "UPDATE outbox SET state = ?2, claimed_at = ?3 WHERE id = ?1",
-                    params![id, state, to_ms(claimed)],
-                )?;
-                Ok(())
-            })
-            .await
-            .unwrap();
+    async fn mark(store: &Store, id: i64, state: &'static str, claimed: DateTime<Utc>) {
+        exec(
+            store,
+            "UPDATE outbox SET state = ?2, claimed_at = ?3 WHERE id = ?1",
+            vec![
+                Value::Int(id),
+                Value::Text(state),
+                Value::Int(to_ms(claimed)),
+            ],
+        )
+        .await;
     }
 
     #[tokio::test]
     async fn a_stop_skips_the_pending_email_steps_of_that_sequence_and_nothing_else() {
-        use OutboxAction::{Email, Expire};
-        let (_dir, store) = temp_store();
-        let won = deal(&store, "d1").await;
-        let other = deal(&store, "d2").await;
-        enroll(
-            &store,
-            won,
-            "carts",
-            "ada@example.com",
-            &[Email, Email, Email, Expire],
-            at(0),
-        )
-        .await;
-        enroll(&store, won, "winback", "ada@example.com", &[Email], at(0)).await;
-        enroll(
-            &store,
-            other,
-            "carts",
-            "bob@example.com",
-            &[Email, Email],
-            at(0),
-        )
-        .await;
-        let first = row_id(&store, won, "carts", 0).await;
-        let claim = store
-            .claim(first, at(1), ClaimQuery::default(), |_| {
-                ClaimDecision::Stop("the deal was won".into())
-            })
-            .await
-            .unwrap()
-            .expect("a pending row");
-        assert!(claim.sending.is_none());
-        let stopped = Some("sequence stopped: the deal was won".to_owned());
-        assert_eq!(
-            rows_of(&store, won).await,
-            [
-                (
-                    "carts".into(),
-                    0,
-                    "skipped".into(),
-                    Some("the deal was won".into())
-                ),
-                ("carts".into(), 1, "skipped".into(), stopped.clone()),
-                ("carts".into(), 2, "skipped".into(), stopped),
-                // The expiry is not an email: it still moves a deal that waits on.
-                ("carts".into(), 3, "pending".into(), None),
-                ("winback".into(), 0, "pending".into(), None),
-            ]
-        );
-        assert!(
-            rows_of(&store, other)
-                .await
-                .iter()
-                .all(|row| row.2 == "pending")
-        );
-    }
-
-    #[tokio::test]
-    async fn the_cap_counts_this_recipients_emails_handed_to_smtp_within_the_window_only() {
-        use OutboxAction::Email;
-        let (_dir, store) = temp_store();
-        let now = at(600);
-        let earlier = deal(&store, "d1").await;
-        let later = deal(&store, "d2").await;
-        let stranger = deal(&store, "d3").await;
-        let nobody = deal(&store, "d4").await;
-        enroll(
-            &store,
-            earlier,
-            "carts",
-            "ada@example.com",
-            &[Email; 5],
-            at(0),
-        )
-        .await;
-        enroll(&store, later, "carts", "ada@example.com", &[Email], at(0)).await;
-        enroll(
-            &store,
-            stranger,
-            "carts",
-            "bob@example.com",
-            &[Email],
-            at(0),
-        )
-        .await;
-        enroll(&store, nobody, "carts", "", &[Email, Email], at(0)).await;
-        let step = |n| row_id(&store, earlier, "carts", n);
-        // Outside the hour: two hours ago. Inside: sent, sending and uncertain ones, and
-        // a failed one (never handed over) that does not count.
-        for (n, state, minutes_ago) in [
-            (0, "sent", 120),
-            (1, "sent", 40),
-            (2, "uncertain", 30),
-            (3, "sending", 20),
-            (4, "failed", 10),
-        ] {
-            let claimed = now - chrono::Duration::minutes(minutes_ago);
-            mark(&store, step(n).await, state, claimed).await;
-        }
-        mark(
-            &store,
-            row_id(&store, stranger, "carts", 0).await,
-            "sent",
-            now - chrono::Duration::minutes(5),
-        )
-        .await;
-        mark(
-            &store,
-            row_id(&store, nobody, "carts", 0).await,
-            "sent",
-            now - chrono::Duration::minutes(5),
-        )
-        .await;
-
-        let recent = |id: i64| {
-            let store = store.clone();
-            async move {
-                let seen = Arc::new(Mutex::new(None));
-                let into = Arc::clone(&seen);
-                let query = ClaimQuery {
-                    order_pipeline: None,
-                    cap_window: Some(Duration::from_secs(3600)),
-                };
-                store
-                    .claim(id, now, query, move |facts| {
-                        *into.lock().unwrap() = Some(facts.recent_to_recipient);
-                        ClaimDecision::Skip("looked".into())
+        on_both(
+            "a_stop_skips_the_pending_email_steps_of_that_sequence_and_nothing_else",
+            async |store| {
+                use OutboxAction::{Email, Expire};
+                let won = deal(&store, "d1").await;
+                let other = deal(&store, "d2").await;
+                enroll(
+                    &store,
+                    won,
+                    "carts",
+                    "ada@example.com",
+                    &[Email, Email, Email, Expire],
+                    at(0),
+                )
+                .await;
+                enroll(&store, won, "winback", "ada@example.com", &[Email], at(0)).await;
+                enroll(
+                    &store,
+                    other,
+                    "carts",
+                    "bob@example.com",
+                    &[Email, Email],
+                    at(0),
+                )
+                .await;
+                let first = row_id(&store, won, "carts", 0).await;
+                let claim = store
+                    .claim(first, at(1), ClaimQuery::default(), |_| {
+                        ClaimDecision::Stop("the deal was won".into())
                     })
                     .await
                     .unwrap()
                     .expect("a pending row");
-                seen.lock().unwrap().take().unwrap()
-            }
-        };
-        assert_eq!(
-            recent(row_id(&store, later, "carts", 0).await).await,
-            (3, Some(now - chrono::Duration::minutes(40)))
-        );
-        // An email without a recipient is never capped.
-        assert_eq!(
-            recent(row_id(&store, nobody, "carts", 1).await).await,
-            (0, None)
-        );
+                assert!(claim.sending.is_none());
+                let stopped = Some("sequence stopped: the deal was won".to_owned());
+                assert_eq!(
+                    rows_of(&store, won).await,
+                    [
+                        (
+                            "carts".into(),
+                            0,
+                            "skipped".into(),
+                            Some("the deal was won".into())
+                        ),
+                        ("carts".into(), 1, "skipped".into(), stopped.clone()),
+                        ("carts".into(), 2, "skipped".into(), stopped),
+                        // The expiry is not an email: it still moves a deal that waits on.
+                        ("carts".into(), 3, "pending".into(), None),
+                        ("winback".into(), 0, "pending".into(), None),
+                    ]
+                );
+                assert!(
+                    rows_of(&store, other)
+                        .await
+                        .iter()
+                        .all(|row| row.2 == "pending")
+                );
+            },
+        )
+        .await;
+    }
+
+    #[tokio::test]
+    async fn the_cap_counts_this_recipients_emails_handed_to_smtp_within_the_window_only() {
+        on_both(
+            "the_cap_counts_this_recipients_emails_handed_to_smtp_within_the_window_only",
+            async |store| {
+                use OutboxAction::Email;
+                let now = at(600);
+                let earlier = deal(&store, "d1").await;
+                let later = deal(&store, "d2").await;
+                let stranger = deal(&store, "d3").await;
+                let nobody = deal(&store, "d4").await;
+                enroll(
+                    &store,
+                    earlier,
+                    "carts",
+                    "ada@example.com",
+                    &[Email; 5],
+                    at(0),
+                )
+                .await;
+                enroll(&store, later, "carts", "ada@example.com", &[Email], at(0)).await;
+                enroll(
+                    &store,
+                    stranger,
+                    "carts",
+                    "bob@example.com",
+                    &[Email],
+                    at(0),
+                )
+                .await;
+                enroll(&store, nobody, "carts", "", &[Email, Email], at(0)).await;
+                let step = |n| row_id(&store, earlier, "carts", n);
+                // Outside the hour: two hours ago. Inside: sent, sending and uncertain ones, and
+                // a failed one (never handed over) that does not count.
+                for (n, state, minutes_ago) in [
+                    (0, "sent", 120),
+                    (1, "sent", 40),
+                    (2, "uncertain", 30),
+                    (3, "sending", 20),
+                    (4, "failed", 10),
+                ] {
+                    let claimed = now - chrono::Duration::minutes(minutes_ago);
+                    mark(&store, step(n).await, state, claimed).await;
+                }
+                mark(
+                    &store,
+                    row_id(&store, stranger, "carts", 0).await,
+                    "sent",
+                    now - chrono::Duration::minutes(5),
+                )
+                .await;
+                mark(
+                    &store,
+                    row_id(&store, nobody, "carts", 0).await,
+                    "sent",
+                    now - chrono::Duration::minutes(5),
+                )
+                .await;
+
+                let recent = |id: i64| {
+                    let store = store.clone();
+                    async move {
+                        let seen = Arc::new(Mutex::new(None));
+                        let into = Arc::clone(&seen);
+                        let query = ClaimQuery {
+                            order_pipeline: None,
+                            cap_window: Some(Duration::from_secs(3600)),
+                        };
+                        store
+                            .claim(id, now, query, move |facts| {
+                                *into.lock().unwrap() = Some(facts.recent_to_recipient);
+                                ClaimDecision::Skip("looked".into())
+                            })
+                            .await
+                            .unwrap()
+                            .expect("a pending row");
+                        seen.lock().unwrap().take().unwrap()
+                    }
+                };
+                assert_eq!(
+                    recent(row_id(&store, later, "carts", 0).await).await,
+                    (3, Some(now - chrono::Duration::minutes(40)))
+                );
+                // An email without a recipient is never capped.
+                assert_eq!(
+                    recent(row_id(&store, nobody, "carts", 1).await).await,
+                    (0, None)
+                );
+            },
+        )
+        .await;
     }
 
     #[tokio::test]
     async fn a_newer_enrollment_supersedes_what_is_pending_of_the_older_ones_and_counts_it() {
-        use OutboxAction::{Email, Expire};
-        let (_dir, store) = temp_store();
-        let older = deal(&store, "d1").await;
-        let oldest = deal(&store, "d2").await;
-        let newer = deal(&store, "d3").await;
-        enroll(
-            &store,
-            older,
-            "carts",
-            "ada@example.com",
-            &[Email, Email, Expire],
-            at(0),
-        )
-        .await;
-        mark(
-            &store,
-            row_id(&store, older, "carts", 0).await,
-            "sent",
-            at(1),
-        )
-        .await;
-        enroll(&store, oldest, "carts", "ada@example.com", &[Email], at(0)).await;
-        let outcome = store
-            .enroll(newer, "carts".into(), at(-60), at(10), move |_, earlier| {
-                let supersede = earlier("ada@example.com")
-                    .unwrap()
+        on_both(
+            "a_newer_enrollment_supersedes_what_is_pending_of_the_older_ones_and_counts_it",
+            async |store| {
+                use OutboxAction::{Email, Expire};
+                let older = deal(&store, "d1").await;
+                let oldest = deal(&store, "d2").await;
+                let newer = deal(&store, "d3").await;
+                enroll(
+                    &store,
+                    older,
+                    "carts",
+                    "ada@example.com",
+                    &[Email, Email, Expire],
+                    at(0),
+                )
+                .await;
+                mark(
+                    &store,
+                    row_id(&store, older, "carts", 0).await,
+                    "sent",
+                    at(1),
+                )
+                .await;
+                enroll(&store, oldest, "carts", "ada@example.com", &[Email], at(0)).await;
+                let outcome = store
+                    .enroll(newer, "carts".into(), at(-60), at(10), move |_, earlier| {
+                        let supersede = earlier("ada@example.com")
+                            .unwrap()
+                            .into_iter()
+                            .map(|e| e.deal_id)
+                            .collect();
+                        EnrollPlan::Enroll {
+                            recipient: "ada@example.com".into(),
+                            anchor_at: at(10),
+                            rows: vec![NewOutboxRow {
+                                step: StepNumber::default(),
+                                action: Email,
+                                due_at: at(11),
+                                state: OutboxState::Pending,
+                                reason: None,
+                            }],
+                            supersede,
+                        }
+                    })
+                    .await
+                    .unwrap();
+                // Two pending rows of the older deal (its expiry too) and one of the oldest.
+                assert_eq!(
+                    outcome,
+                    EnrollOutcome {
+                        enrolled: true,
+                        declined: false,
+                        superseded: 3,
+                    }
+                );
+                let reason = Some(format!("superseded by the newer deal {newer}"));
+                let states: Vec<_> = rows_of(&store, older)
+                    .await
                     .into_iter()
-                    .map(|e| e.deal_id)
+                    .map(|row| (row.2, row.3))
                     .collect();
-                EnrollPlan::Enroll {
-                    recipient: "ada@example.com".into(),
-                    anchor_at: at(10),
-                    rows: vec![NewOutboxRow {
-                        step: StepNumber::default(),
-                        action: Email,
-                        due_at: at(11),
-                        state: OutboxState::Pending,
-                        reason: None,
-                    }],
-                    supersede,
-                }
-            })
-            .await
-            .unwrap();
-        // Two pending rows of the older deal (its expiry too) and one of the oldest.
-        assert_eq!(
-            outcome,
-            EnrollOutcome {
-                enrolled: true,
-                declined: false,
-                superseded: 3,
-            }
-        );
-        let reason = Some(format!("superseded by the newer deal {newer}"));
-        let states: Vec<_> = rows_of(&store, older)
-            .await
-            .into_iter()
-            .map(|row| (row.2, row.3))
-            .collect();
-        assert_eq!(
-            states,
-            [
-                ("sent".to_owned(), None),
-                ("skipped".to_owned(), reason.clone()),
-                ("skipped".to_owned(), reason.clone()),
-            ]
-        );
-        assert_eq!(rows_of(&store, oldest).await[0].2, "skipped");
-        assert_eq!(rows_of(&store, newer).await[0].2, "pending");
+                assert_eq!(
+                    states,
+                    [
+                        ("sent".to_owned(), None),
+                        ("skipped".to_owned(), reason.clone()),
+                        ("skipped".to_owned(), reason.clone()),
+                    ]
+                );
+                assert_eq!(rows_of(&store, oldest).await[0].2, "skipped");
+                assert_eq!(rows_of(&store, newer).await[0].2, "pending");
+            },
+        )
+        .await;
     }
 
     #[tokio::test]
     async fn only_a_failed_email_is_queued_again_and_never_to_a_suppressed_address() {
-        use OutboxAction::{Email, Expire};
-        let (_dir, store) = temp_store();
-        let cart = deal(&store, "d1").await;
-        let gone = deal(&store, "d2").await;
-        enroll(
-            &store,
-            cart,
-            "carts",
-            "ada@example.com",
-            &[Email, Email, Expire],
-            at(0),
+        on_both(
+            "only_a_failed_email_is_queued_again_and_never_to_a_suppressed_address",
+            async |store| {
+                use OutboxAction::{Email, Expire};
+                let cart = deal(&store, "d1").await;
+                let gone = deal(&store, "d2").await;
+                enroll(
+                    &store,
+                    cart,
+                    "carts",
+                    "ada@example.com",
+                    &[Email, Email, Expire],
+                    at(0),
+                )
+                .await;
+                enroll(&store, gone, "carts", "gone@example.com", &[Email], at(0)).await;
+                let [sent, failed, expiry] = [
+                    row_id(&store, cart, "carts", 0).await,
+                    row_id(&store, cart, "carts", 1).await,
+                    row_id(&store, cart, "carts", 2).await,
+                ];
+                let bounced = row_id(&store, gone, "carts", 0).await;
+                mark(&store, sent, "sent", at(1)).await;
+                for id in [failed, expiry, bounced] {
+                    mark(&store, id, "failed", at(2)).await;
+                }
+                store
+                    .suppress("gone@example.com".into(), "hard bounce".into(), None, at(3))
+                    .await
+                    .unwrap();
+                let now = at(5);
+                // A sent email is never sent again, and an expiry is not an email.
+                for id in [sent, expiry] {
+                    assert!(matches!(
+                        store.retry_failed(id, now).await.unwrap(),
+                        RetryOutcome::NotFailed(row) if row.id == id
+                    ));
+                }
+                assert!(matches!(
+                    store.retry_failed(bounced, now).await.unwrap(),
+                    RetryOutcome::Suppressed(_, reason) if reason == "hard bounce"
+                ));
+                match store.retry_failed(failed, now).await.unwrap() {
+                    RetryOutcome::Queued(row) => {
+                        assert_eq!(
+                            (row.id, row.state, row.attempts),
+                            (failed, OutboxState::Pending, 0)
+                        );
+                    }
+                    other => panic!("{other:?}"),
+                }
+                assert!(matches!(
+                    store.retry_failed(9_999, now).await.unwrap(),
+                    RetryOutcome::NotFound
+                ));
+                let states: Vec<String> = rows_of(&store, cart)
+                    .await
+                    .into_iter()
+                    .map(|r| r.2)
+                    .collect();
+                assert_eq!(states, ["sent", "pending", "failed"]);
+                assert_eq!(rows_of(&store, gone).await[0].2, "failed");
+            },
         )
         .await;
-        enroll(&store, gone, "carts", "gone@example.com", &[Email], at(0)).await;
-        let [sent, failed, expiry] = [
-            row_id(&store, cart, "carts", 0).await,
-            row_id(&store, cart, "carts", 1).await,
-            row_id(&store, cart, "carts", 2).await,
-        ];
-        let bounced = row_id(&store, gone, "carts", 0).await;
-        mark(&store, sent, "sent", at(1)).await;
-        for id in [failed, expiry, bounced] {
-            mark(&store, id, "failed", at(2)).await;
-        }
-        store
-            .suppress("gone@example.com".into(), "hard bounce".into(), None, at(3))
-            .await
-            .unwrap();
-        let now = at(5);
-        // A sent email is never sent again, and an expiry is not an email.
-        for id in [sent, expiry] {
-            assert!(matches!(
-                store.retry_failed(id, now).await.unwrap(),
-                RetryOutcome::NotFailed(row) if row.id == id
-            ));
-        }
-        assert!(matches!(
-            store.retry_failed(bounced, now).await.unwrap(),
-            RetryOutcome::Suppressed(_, reason) if reason == "hard bounce"
-        ));
-        match store.retry_failed(failed, now).await.unwrap() {
-            RetryOutcome::Queued(row) => {
-                assert_eq!(
-                    (row.id, row.state, row.attempts),
-                    (failed, OutboxState::Pending, 0)
-                );
-            }
-            other => panic!("{other:?}"),
-        }
-        assert!(matches!(
-            store.retry_failed(9_999, now).await.unwrap(),
-            RetryOutcome::NotFound
-        ));
-        let states: Vec<String> = rows_of(&store, cart)
-            .await
-            .into_iter()
-            .map(|r| r.2)
-            .collect();
-        assert_eq!(states, ["sent", "pending", "failed"]);
-        assert_eq!(rows_of(&store, gone).await[0].2, "failed");
     }
 
     #[tokio::test]
     async fn at_start_every_email_and_digest_left_sending_becomes_uncertain_and_is_counted() {
-        use OutboxAction::Email;
-        let (_dir, store) = temp_store();
-        let cart = deal(&store, "d1").await;
-        enroll(
-            &store,
-            cart,
-            "carts",
-            "ada@example.com",
-            &[Email, Email, Email],
-            at(0),
-        )
-        .await;
-        for step in [0, 1] {
-            mark(
-                &store,
-                row_id(&store, cart, "carts", step).await,
-                "sending",
-                at(1),
-            )
-            .await;
-        }
-        store
-            .write(|tx| {
-                tx.execute(
+        on_both(
+            "at_start_every_email_and_digest_left_sending_becomes_uncertain_and_is_counted",
+            async |store| {
+                use OutboxAction::Email;
+                let cart = deal(&store, "d1").await;
+                enroll(
+                    &store,
+                    cart,
+                    "carts",
+                    "ada@example.com",
+                    &[Email, Email, Email],
+                    at(0),
+                )
+                .await;
+                for step in [0, 1] {
+                    mark(
+                        &store,
+                        row_id(&store, cart, "carts", step).await,
+                        "sending",
+                        at(1),
+                    )
+                    .await;
+                }
+                exec(
+                    &store,
                     "INSERT INTO digests (rule, day, recipient, state, slot_at, next_attempt_at,
                          created_at, updated_at)
                      VALUES ('daily', '2026-03-02', 'ops@example.com', 'sending', 0, 0, 0, 0)",
-                    [],
-                )?;
-                Ok(())
-            })
-            .await
-            .unwrap();
-        assert_eq!(store.outbox_recover_interrupted(at(2)).await.unwrap(), 3);
-        let states: Vec<String> = rows_of(&store, cart)
-            .await
-            .into_iter()
-            .map(|r| r.2)
-            .collect();
-        assert_eq!(states, ["uncertain", "uncertain", "pending"]);
-        assert_eq!(store.outbox_recover_interrupted(at(3)).await.unwrap(), 0);
+                    vec![],
+                )
+                .await;
+                assert_eq!(store.outbox_recover_interrupted(at(2)).await.unwrap(), 3);
+                let states: Vec<String> = rows_of(&store, cart)
+                    .await
+                    .into_iter()
+                    .map(|r| r.2)
+                    .collect();
+                assert_eq!(states, ["uncertain", "uncertain", "pending"]);
+                assert_eq!(store.outbox_recover_interrupted(at(3)).await.unwrap(), 0);
+            },
+        )
+        .await;
     }
 
     #[tokio::test]
     async fn a_deal_that_left_its_rules_stages_has_what_is_pending_stopped_at_once() {
-        use OutboxAction::{Email, Expire};
-        let (_dir, store) = temp_store();
-        let left = deal(&store, "d1").await;
-        let stays = deal(&store, "d2").await;
-        enroll(
-            &store,
-            left,
-            "nurture",
-            "ada@example.com",
-            &[Email, Email, Expire],
-            at(0),
+        on_both(
+            "a_deal_that_left_its_rules_stages_has_what_is_pending_stopped_at_once",
+            async |store| {
+                use OutboxAction::{Email, Expire};
+                let left = deal(&store, "d1").await;
+                let stays = deal(&store, "d2").await;
+                enroll(
+                    &store,
+                    left,
+                    "nurture",
+                    "ada@example.com",
+                    &[Email, Email, Expire],
+                    at(0),
+                )
+                .await;
+                enroll(&store, left, "other", "ada@example.com", &[Email], at(0)).await;
+                enroll(&store, stays, "nurture", "bob@example.com", &[Email], at(0)).await;
+                mark(
+                    &store,
+                    row_id(&store, left, "nurture", 0).await,
+                    "sent",
+                    at(1),
+                )
+                .await;
+                // Both deals are in sales.lead; the rule now runs only in sales.won.
+                let won = StageRef {
+                    pipeline: Some(PipelineKey::new("sales")),
+                    stage: StageKey::new("won"),
+                };
+                let lead = StageRef {
+                    pipeline: Some(PipelineKey::new("sales")),
+                    stage: StageKey::new("lead"),
+                };
+                let active = HashMap::from([("nurture".to_owned(), vec![won])]);
+                assert_eq!(
+                    store
+                        .stop_left_rules(vec![left], active.clone(), at(2))
+                        .await
+                        .unwrap(),
+                    [("nurture".to_owned(), 2)]
+                );
+                let reason = Some(
+                    "sequence stopped: the deal left the rule's stages (now in sales.lead)"
+                        .to_owned(),
+                );
+                let rows: Vec<_> = rows_of(&store, left)
+                    .await
+                    .into_iter()
+                    .map(|r| (r.0, r.2, r.3))
+                    .collect();
+                assert_eq!(
+                    rows,
+                    [
+                        ("nurture".into(), "sent".into(), None),
+                        ("nurture".into(), "skipped".into(), reason.clone()),
+                        ("nurture".into(), "skipped".into(), reason),
+                        // A rule without stages given here is not judged.
+                        ("other".into(), "pending".into(), None),
+                    ]
+                );
+                // Only the deals named are looked at; one still in the rule's stages stays.
+                assert_eq!(rows_of(&store, stays).await[0].2, "pending");
+                let still = HashMap::from([("nurture".to_owned(), vec![lead])]);
+                assert!(
+                    store
+                        .stop_left_rules(vec![stays], still, at(3))
+                        .await
+                        .unwrap()
+                        .is_empty()
+                );
+                assert_eq!(rows_of(&store, stays).await[0].2, "pending");
+                assert!(
+                    store
+                        .stop_left_rules(vec![], active, at(3))
+                        .await
+                        .unwrap()
+                        .is_empty()
+                );
+                // The rules the outbox holds rows of, each once, sorted.
+                assert_eq!(store.outbox_rules().await.unwrap(), ["nurture", "other"]);
+            },
         )
         .await;
-        enroll(&store, left, "other", "ada@example.com", &[Email], at(0)).await;
-        enroll(&store, stays, "nurture", "bob@example.com", &[Email], at(0)).await;
-        mark(
-            &store,
-            row_id(&store, left, "nurture", 0).await,
-            "sent",
-            at(1),
-        )
-        .await;
-        // Both deals are in sales.lead; the rule now runs only in sales.won.
-        let won = StageRef {
-            pipeline: Some(PipelineKey::new("sales")),
-            stage: StageKey::new("won"),
-        };
-        let lead = StageRef {
-            pipeline: Some(PipelineKey::new("sales")),
-            stage: StageKey::new("lead"),
-        };
-        let active = HashMap::from([("nurture".to_owned(), vec![won])]);
-        assert_eq!(
-            store
-                .stop_left_rules(vec![left], active.clone(), at(2))
-                .await
-                .unwrap(),
-            [("nurture".to_owned(), 2)]
-        );
-        let reason = Some(
-            "sequence stopped: the deal left the rule's stages (now in sales.lead)".to_owned(),
-        );
-        let rows: Vec<_> = rows_of(&store, left)
-            .await
-            .into_iter()
-            .map(|r| (r.0, r.2, r.3))
-            .collect();
-        assert_eq!(
-            rows,
-            [
-                ("nurture".into(), "sent".into(), None),
-                ("nurture".into(), "skipped".into(), reason.clone()),
-                ("nurture".into(), "skipped".into(), reason),
-                // A rule without stages given here is not judged.
-                ("other".into(), "pending".into(), None),
-            ]
-        );
-        // Only the deals named are looked at; one still in the rule's stages stays.
-        assert_eq!(rows_of(&store, stays).await[0].2, "pending");
-        let still = HashMap::from([("nurture".to_owned(), vec![lead])]);
-        assert!(
-            store
-                .stop_left_rules(vec![stays], still, at(3))
-                .await
-                .unwrap()
-                .is_empty()
-        );
-        assert_eq!(rows_of(&store, stays).await[0].2, "pending");
-        assert!(
-            store
-                .stop_left_rules(vec![], active, at(3))
-                .await
-                .unwrap()
-                .is_empty()
-        );
-        // The rules the outbox holds rows of, each once, sorted.
-        assert_eq!(store.outbox_rules().await.unwrap(), ["nurture", "other"]);
     }
 
     #[tokio::test]
     async fn an_email_rows_deal_is_found_and_an_expiry_or_unknown_row_has_none() {
-        use OutboxAction::{Email, Expire};
-        let (_dir, store) = temp_store();
-        let cart = deal(&store, "d1").await;
-        enroll(
-            &store,
-            cart,
-            "carts",
-            "ada@example.com",
-            &[Email, Expire],
-            at(0),
+        on_both(
+            "an_email_rows_deal_is_found_and_an_expiry_or_unknown_row_has_none",
+            async |store| {
+                use OutboxAction::{Email, Expire};
+                let cart = deal(&store, "d1").await;
+                enroll(
+                    &store,
+                    cart,
+                    "carts",
+                    "ada@example.com",
+                    &[Email, Expire],
+                    at(0),
+                )
+                .await;
+                let email = row_id(&store, cart, "carts", 0).await;
+                let expiry = row_id(&store, cart, "carts", 1).await;
+                let found = store
+                    .outbox_email_deal(email)
+                    .await
+                    .unwrap()
+                    .expect("its deal");
+                assert_eq!((found.id, found.external_id.as_str()), (cart, "d1"));
+                assert!(store.outbox_email_deal(expiry).await.unwrap().is_none());
+                assert!(store.outbox_email_deal(9_999).await.unwrap().is_none());
+            },
         )
         .await;
-        let email = row_id(&store, cart, "carts", 0).await;
-        let expiry = row_id(&store, cart, "carts", 1).await;
-        let found = store
-            .outbox_email_deal(email)
-            .await
-            .unwrap()
-            .expect("its deal");
-        assert_eq!((found.id, found.external_id.as_str()), (cart, "d1"));
-        assert!(store.outbox_email_deal(expiry).await.unwrap().is_none());
-        assert!(store.outbox_email_deal(9_999).await.unwrap().is_none());
     }
 
     #[tokio::test]
     async fn the_start_up_index_lists_a_stages_deals_without_rows_for_the_rule_oldest_entry_first()
     {
-        let (_dir, store) = temp_store();
-        let lead = StageRef {
-            pipeline: Some(PipelineKey::new("sales")),
-            stage: StageKey::new("lead"),
-        };
-        let mut ids = Vec::new();
-        for external_id in ["d1", "d2", "d3", "d4", "d5", "d6"] {
-            ids.push(deal(&store, external_id).await);
-        }
-        let [early, late, enrolled, elsewhere, deleted, before] = ids[..] else {
-            unreachable!()
-        };
-        // Entered at minutes 20, 10, 15, 5, 5 and -5; one is elsewhere, one deleted.
-        store
-            .write(move |tx| {
+        on_both(
+            "the_start_up_index_lists_a_stages_deals_without_rows_for_the_rule_oldest_entry_first",
+            async |store| {
+                let lead = StageRef {
+                    pipeline: Some(PipelineKey::new("sales")),
+                    stage: StageKey::new("lead"),
+                };
+                let mut ids = Vec::new();
+                for external_id in ["d1", "d2", "d3", "d4", "d5", "d6"] {
+                    ids.push(deal(&store, external_id).await);
+                }
+                let [early, late, enrolled, elsewhere, deleted, before] = ids[..] else {
+                    unreachable!()
+                };
+                // Entered at minutes 20, 10, 15, 5, 5 and -5; one is elsewhere, one deleted.
                 for (id, minute) in [
                     (early, 20),
                     (late, 10),
@@ -1691,128 +1710,136 @@ mod tests {
                     (deleted, 5),
                     (before, -5),
                 ] {
-                    tx.execute(
+                    exec(
+                        &store,
                         "UPDATE deals SET stage_entered_at = ?2 WHERE id = ?1",
-                        params![id, to_ms(at(minute))],
-                    )?;
+                        vec![Value::Int(id), Value::Int(to_ms(at(minute)))],
+                    )
+                    .await;
                 }
-                tx.execute("UPDATE deals SET stage = 'won' WHERE id = ?1", [elsewhere])?;
-                tx.execute("UPDATE deals SET deleted_at = 1 WHERE id = ?1", [deleted])?;
-                Ok(())
-            })
-            .await
-            .unwrap();
-        enroll(
-            &store,
-            enrolled,
-            "carts",
-            "ada@example.com",
-            &[OutboxAction::Email],
-            at(16),
+                let update = "UPDATE deals SET stage = 'won' WHERE id = ?1";
+                exec(&store, update, vec![Value::Int(elsewhere)]).await;
+                let update = "UPDATE deals SET deleted_at = 1 WHERE id = ?1";
+                exec(&store, update, vec![Value::Int(deleted)]).await;
+                enroll(
+                    &store,
+                    enrolled,
+                    "carts",
+                    "ada@example.com",
+                    &[OutboxAction::Email],
+                    at(16),
+                )
+                .await;
+                enroll(
+                    &store,
+                    early,
+                    "winback",
+                    "ada@example.com",
+                    &[OutboxAction::Email],
+                    at(21),
+                )
+                .await;
+                let unenrolled = store
+                    .unenrolled_in_stage(lead.clone(), at(0), "carts".into())
+                    .await
+                    .unwrap();
+                assert_eq!(unenrolled, [late, early]);
+                assert!(
+                    store
+                        .unenrolled_in_stage(lead, at(20), "carts".into())
+                        .await
+                        .unwrap()
+                        .is_empty()
+                );
+            },
         )
         .await;
-        enroll(
-            &store,
-            early,
-            "winback",
-            "ada@example.com",
-            &[OutboxAction::Email],
-            at(21),
-        )
-        .await;
-        let unenrolled = store
-            .unenrolled_in_stage(lead.clone(), at(0), "carts".into())
-            .await
-            .unwrap();
-        assert_eq!(unenrolled, [late, early]);
-        assert!(
-            store
-                .unenrolled_in_stage(lead, at(20), "carts".into())
-                .await
-                .unwrap()
-                .is_empty()
-        );
     }
 
     #[tokio::test]
     async fn explain_sees_the_recipients_other_enrollments_in_the_rule_since_the_cutoff() {
-        use OutboxAction::Email;
-        let (_dir, store) = temp_store();
-        let started = deal(&store, "d1").await;
-        let waiting = deal(&store, "d2").await;
-        let old = deal(&store, "d3").await;
-        let asking = deal(&store, "d4").await;
-        enroll(
-            &store,
-            started,
-            "carts",
-            "ada@example.com",
-            &[Email, Email],
-            at(60),
+        on_both(
+            "explain_sees_the_recipients_other_enrollments_in_the_rule_since_the_cutoff",
+            async |store| {
+                use OutboxAction::Email;
+                let started = deal(&store, "d1").await;
+                let waiting = deal(&store, "d2").await;
+                let old = deal(&store, "d3").await;
+                let asking = deal(&store, "d4").await;
+                enroll(
+                    &store,
+                    started,
+                    "carts",
+                    "ada@example.com",
+                    &[Email, Email],
+                    at(60),
+                )
+                .await;
+                mark(
+                    &store,
+                    row_id(&store, started, "carts", 0).await,
+                    "sent",
+                    at(61),
+                )
+                .await;
+                enroll(
+                    &store,
+                    waiting,
+                    "carts",
+                    "ada@example.com",
+                    &[Email],
+                    at(90),
+                )
+                .await;
+                enroll(&store, old, "carts", "ada@example.com", &[Email], at(-60)).await;
+                enroll(
+                    &store,
+                    asking,
+                    "carts",
+                    "ada@example.com",
+                    &[Email],
+                    at(100),
+                )
+                .await;
+                enroll(
+                    &store,
+                    asking,
+                    "winback",
+                    "ada@example.com",
+                    &[Email],
+                    at(100),
+                )
+                .await;
+                let earlier = store
+                    .with_followup_facts(asking, move |_, _, facts| {
+                        facts.earlier_enrollments("carts", "ada@example.com", at(0), asking)
+                    })
+                    .await
+                    .unwrap()
+                    .expect("the deal exists");
+                let mut earlier = earlier;
+                earlier.sort_by_key(|e| e.deal_id);
+                assert_eq!(
+                    earlier,
+                    [
+                        EarlierEnrollment {
+                            deal_id: started,
+                            anchor_at: at(60),
+                            created_at: at(60),
+                            started: true,
+                            pending: true,
+                        },
+                        EarlierEnrollment {
+                            deal_id: waiting,
+                            anchor_at: at(90),
+                            created_at: at(90),
+                            started: false,
+                            pending: true,
+                        },
+                    ]
+                );
+            },
         )
         .await;
-        mark(
-            &store,
-            row_id(&store, started, "carts", 0).await,
-            "sent",
-            at(61),
-        )
-        .await;
-        enroll(
-            &store,
-            waiting,
-            "carts",
-            "ada@example.com",
-            &[Email],
-            at(90),
-        )
-        .await;
-        enroll(&store, old, "carts", "ada@example.com", &[Email], at(-60)).await;
-        enroll(
-            &store,
-            asking,
-            "carts",
-            "ada@example.com",
-            &[Email],
-            at(100),
-        )
-        .await;
-        enroll(
-            &store,
-            asking,
-            "winback",
-            "ada@example.com",
-            &[Email],
-            at(100),
-        )
-        .await;
-        let earlier = store
-            .with_followup_facts(asking, move |_, _, facts| {
-                facts.earlier_enrollments("carts", "ada@example.com", at(0), asking)
-            })
-            .await
-            .unwrap()
-            .expect("the deal exists");
-        let mut earlier = earlier;
-        earlier.sort_by_key(|e| e.deal_id);
-        assert_eq!(
-            earlier,
-            [
-                EarlierEnrollment {
-                    deal_id: started,
-                    anchor_at: at(60),
-                    created_at: at(60),
-                    started: true,
-                    pending: true,
-                },
-                EarlierEnrollment {
-                    deal_id: waiting,
-                    anchor_at: at(90),
-                    created_at: at(90),
-                    started: false,
-                    pending: true,
-                },
-            ]
-        );
     }
 }

@@ -18,8 +18,8 @@ use crate::domain::Deal;
 use crate::store::deals::{DEAL_COLUMNS, deal_from};
 use crate::store::digests::{
     AssembleOutcome, DigestClaim, DigestFinish, DigestRow, DigestRun, DigestWanted, DigestWatch,
-    NO_DEAL_LEFT, ROW_COLUMNS, bounce_of, digest_from, longest_waiting, send_claim,
-    settlement_of, suppressed_reason, too_late,
+    NO_DEAL_LEFT, ROW_COLUMNS, bounce_of, digest_from, longest_waiting, send_claim, settlement_of,
+    suppressed_reason, too_late,
 };
 use crate::store::ledger::DIGESTS;
 use crate::store::{Result, to_ms};
@@ -221,8 +221,11 @@ impl Database {
                 let send = tx
                     .prepare_cached(&DIGESTS.claims.send_locked_sql(", deals = $5"))
                     .await?;
-                tx.execute(&send, &[&id, &replica, &to_ms(now), &SEND_TTL_MS, &ids_json])
-                    .await?;
+                tx.execute(
+                    &send,
+                    &[&id, &replica, &to_ms(now), &SEND_TTL_MS, &ids_json],
+                )
+                .await?;
                 claim
             }
         };
@@ -265,7 +268,11 @@ impl Database {
     }
 
     /// Digest rows, newest day first; optionally of one rule.
-    pub(in crate::store) async fn digests(&self, rule: Option<&str>, limit: u32) -> Result<Vec<DigestRow>> {
+    pub(in crate::store) async fn digests(
+        &self,
+        rule: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<DigestRow>> {
         let sql = format!(
             "SELECT {ROW_COLUMNS} FROM digests WHERE $1::text IS NULL OR rule = $1
              ORDER BY day DESC, rule, recipient LIMIT $2"

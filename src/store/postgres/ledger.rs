@@ -23,7 +23,7 @@ use deadpool_postgres::GenericClient;
 use tokio_postgres::types::ToSql;
 
 /// A ledger statement's parameters as PostgreSQL takes them (text through `pg_text`).
-pub(super) fn pg_values(values: Vec<Value<'_>>) -> Vec<Box<dyn ToSql + Sync + Send>> {
+pub(in crate::store) fn pg_values(values: Vec<Value<'_>>) -> Vec<Box<dyn ToSql + Sync + Send>> {
     values
         .into_iter()
         .map(|value| -> Box<dyn ToSql + Sync + Send> {
@@ -37,7 +37,9 @@ pub(super) fn pg_values(values: Vec<Value<'_>>) -> Vec<Box<dyn ToSql + Sync + Se
 }
 
 /// The parameter list of `values` for a statement.
-pub(super) fn params(values: &[Box<dyn ToSql + Sync + Send>]) -> Vec<&(dyn ToSql + Sync)> {
+pub(in crate::store) fn params(
+    values: &[Box<dyn ToSql + Sync + Send>],
+) -> Vec<&(dyn ToSql + Sync)> {
     values
         .iter()
         .map(|value| &**value as &(dyn ToSql + Sync))
@@ -94,7 +96,10 @@ impl Database {
     }
 
     /// When the ledger's next `pending` row comes due.
-    pub(in crate::store) async fn next_due(&self, ledger: &Ledger) -> Result<Option<DateTime<Utc>>> {
+    pub(in crate::store) async fn next_due(
+        &self,
+        ledger: &Ledger,
+    ) -> Result<Option<DateTime<Utc>>> {
         let client = self.client().await?;
         let statement = client.prepare_cached(&ledger.next_due_sql('$')).await?;
         let next: Option<i64> = client.query_one(&statement, &[]).await?.try_get(0)?;
@@ -165,7 +170,6 @@ impl Database {
         Ok(recovered)
     }
 }
-
 
 /// How long a replica's claim on a row it is sending holds: well beyond an SMTP
 /// exchange's timeouts. Past it, another replica's start-up recovery may make the row

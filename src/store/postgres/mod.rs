@@ -34,7 +34,7 @@ pub mod from_sqlite;
 mod inbox;
 pub mod intake;
 pub mod leases;
-mod ledger;
+pub(in crate::store) mod ledger;
 mod migrations;
 mod outbox;
 pub mod rate;

@@ -28,9 +28,9 @@ use crate::store::ledger::{OUTBOX, Settlement};
 use crate::store::outbox::{
     Claim, ClaimDecision, ClaimFacts, ClaimQuery, EarlierEnrollment, EnrollOutcome, EnrollPlan,
     FollowupFacts, FollowupReads, NewOutboxRow, OrderLookup, OutboxRow, OutboxRowFilter,
-    ROW_COLUMNS, RetryOutcome, cap_since, claimed_deal, decline_row, earlier_from,
-    expired_reason, now_sending, outbox_row_from, retry_failed_sql, retryable, rules_left,
-    stopped_reason, superseded_reason,
+    ROW_COLUMNS, RetryOutcome, cap_since, claimed_deal, decline_row, earlier_from, expired_reason,
+    now_sending, outbox_row_from, retry_failed_sql, retryable, rules_left, stopped_reason,
+    superseded_reason,
 };
 use crate::store::{Result, StoreError, from_ms, to_ms};
 use chrono::{DateTime, Utc};
@@ -180,7 +180,9 @@ impl FollowupReads for Blocking<'_> {
 }
 
 /// Waits for a task on the blocking pool.
-async fn blocking<T: Send + 'static>(work: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
     tokio::task::spawn_blocking(work)
         .await
         .map_err(|error| StoreError::Task(error.to_string()))?
@@ -244,7 +246,10 @@ async fn skip_pending(
         ))
         .await?;
     Ok(tx
-        .execute(&statement, &[&deal_id, &pg_text(rule), &pg_text(reason), &now])
+        .execute(
+            &statement,
+            &[&deal_id, &pg_text(rule), &pg_text(reason), &now],
+        )
         .await?)
 }
 
@@ -357,7 +362,11 @@ async fn apply_decision(
 impl Database {
     /// Runs `f` on a deal, its outbox rows and the follow-up facts, in one read-only
     /// repeatable-read transaction (one snapshot); `None` when there is no such deal.
-    pub(in crate::store) async fn with_followup_facts<T, F>(&self, deal_id: i64, f: F) -> Result<Option<T>>
+    pub(in crate::store) async fn with_followup_facts<T, F>(
+        &self,
+        deal_id: i64,
+        f: F,
+    ) -> Result<Option<T>>
     where
         T: Send + 'static,
         F: FnOnce(&Deal, &[OutboxRow], &FollowupFacts<'_>) -> Result<T> + Send + 'static,
@@ -507,7 +516,11 @@ impl Database {
     }
 
     /// Puts a failed email back to `pending` (see `Store::retry_failed`).
-    pub(in crate::store) async fn retry_failed(&self, id: i64, now: DateTime<Utc>) -> Result<RetryOutcome> {
+    pub(in crate::store) async fn retry_failed(
+        &self,
+        id: i64,
+        now: DateTime<Utc>,
+    ) -> Result<RetryOutcome> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
         let Some(row) = read_row(&tx, id, " FOR UPDATE").await? else {
@@ -563,7 +576,9 @@ impl Database {
         let now_ms = to_ms(now);
         let mut stopped: HashMap<String, u64> = HashMap::new();
         let pending_rules = tx
-            .prepare_cached("SELECT DISTINCT rule FROM outbox WHERE deal_id = $1 AND state = 'pending'")
+            .prepare_cached(
+                "SELECT DISTINCT rule FROM outbox WHERE deal_id = $1 AND state = 'pending'",
+            )
             .await?;
         for &deal_id in deal_ids {
             let rules: Vec<String> = tx
