@@ -541,7 +541,8 @@ mod tests {
         ChangeCause, ConnectionName, DealStatus, EmailAddress, PipelineKey, SourceDeal, StageKey,
     };
     use crate::store::DealUpsert;
-    use crate::store::tests::temp_store;
+    use crate::store::both_backends::on_both;
+    use crate::store::ledger::test_sql::exec;
 
     fn proposal() -> StageRef {
         StageRef {
@@ -576,141 +577,155 @@ mod tests {
 
     #[tokio::test]
     async fn a_day_is_assembled_once_per_owner_with_matching_deals_and_claimed_once() {
-        let (_dir, store) = temp_store();
-        let now = Utc::now();
-        let old = now - chrono::Duration::days(3);
-        put(&store, "a1", Some("Alice@Example.com"), old).await;
-        put(&store, "a2", Some("alice@example.com"), old).await;
-        put(&store, "b1", Some("bob@example.com"), now).await; // not idle long enough
-        put(&store, "n1", None, old).await; // no owner
-        let watch = vec![DigestWatch {
-            stage: proposal(),
-            entered_before: now - chrono::Duration::days(1),
-        }];
-        let assemble = || {
-            store.assemble_digests(
-                "daily".into(),
-                "2026-11-27".into(),
-                now,
-                now,
-                watch.clone(),
-                None,
-                false,
-            )
-        };
-        assert_eq!(
-            assemble().await.unwrap(),
-            AssembleOutcome::Assembled { recipients: 1 }
-        );
-        assert_eq!(assemble().await.unwrap(), AssembleOutcome::AlreadyDone);
-        let due = store.digests_due(now, 10).await.unwrap();
-        assert_eq!(due.len(), 1);
-        let claim = store
-            .claim_digest(
-                due[0].0,
-                now,
-                Duration::from_secs(60),
-                watch.clone(),
-                true,
-                50,
-            )
-            .await
-            .unwrap();
-        let DigestClaim::Send { row, deals, total } = claim else {
-            panic!("expected a send, got {claim:?}");
-        };
-        assert_eq!(row.recipient, "alice@example.com");
-        assert_eq!(total, 2);
-        assert_eq!(deals.len(), 2);
-        let again = store
-            .claim_digest(due[0].0, now, Duration::from_secs(60), watch, true, 50)
-            .await
-            .unwrap();
-        assert!(matches!(again, DigestClaim::Gone));
-        // A crash now leaves it `sending`: the next start marks it uncertain.
-        assert_eq!(store.outbox_recover_interrupted(now).await.unwrap(), 1);
-        let rows = store.digests(None, 10).await.unwrap();
-        assert_eq!(rows[0].state, OutboxState::Uncertain);
+        on_both(
+            "a_day_is_assembled_once_per_owner_with_matching_deals_and_claimed_once",
+            async |store| {
+                let now = Utc::now();
+                let old = now - chrono::Duration::days(3);
+                put(&store, "a1", Some("Alice@Example.com"), old).await;
+                put(&store, "a2", Some("alice@example.com"), old).await;
+                put(&store, "b1", Some("bob@example.com"), now).await; // not idle long enough
+                put(&store, "n1", None, old).await; // no owner
+                let watch = vec![DigestWatch {
+                    stage: proposal(),
+                    entered_before: now - chrono::Duration::days(1),
+                }];
+                let assemble = || {
+                    store.assemble_digests(
+                        "daily".into(),
+                        "2026-11-27".into(),
+                        now,
+                        now,
+                        watch.clone(),
+                        None,
+                        false,
+                    )
+                };
+                assert_eq!(
+                    assemble().await.unwrap(),
+                    AssembleOutcome::Assembled { recipients: 1 }
+                );
+                assert_eq!(assemble().await.unwrap(), AssembleOutcome::AlreadyDone);
+                let due = store.digests_due(now, 10).await.unwrap();
+                assert_eq!(due.len(), 1);
+                let claim = store
+                    .claim_digest(
+                        due[0].0,
+                        now,
+                        Duration::from_secs(60),
+                        watch.clone(),
+                        true,
+                        50,
+                    )
+                    .await
+                    .unwrap();
+                let DigestClaim::Send { row, deals, total } = claim else {
+                    panic!("expected a send, got {claim:?}");
+                };
+                assert_eq!(row.recipient, "alice@example.com");
+                assert_eq!(total, 2);
+                assert_eq!(deals.len(), 2);
+                let again = store
+                    .claim_digest(due[0].0, now, Duration::from_secs(60), watch, true, 50)
+                    .await
+                    .unwrap();
+                assert!(matches!(again, DigestClaim::Gone));
+                // A crash now leaves it `sending`: the next start marks it uncertain. On
+                // PostgreSQL only once the crashed replica's claim expired: until then
+                // another replica may be sending it, and no start takes it.
+                if store.postgres().is_some() {
+                    assert_eq!(store.outbox_recover_interrupted(now).await.unwrap(), 0);
+                    let expire = "UPDATE digests SET claimed_until = now() - interval '1 second'";
+                    exec(&store, expire, vec![]).await;
+                }
+                assert_eq!(store.outbox_recover_interrupted(now).await.unwrap(), 1);
+                let rows = store.digests(None, 10).await.unwrap();
+                assert_eq!(rows[0].state, OutboxState::Uncertain);
+            },
+        )
+        .await;
     }
 
     #[tokio::test]
     async fn a_digest_past_its_grace_or_with_no_deal_left_is_skipped_with_the_reason() {
-        let (_dir, store) = temp_store();
-        let now = Utc::now();
-        put(
-            &store,
-            "a1",
-            Some("alice@example.com"),
-            now - chrono::Duration::days(3),
-        )
-        .await;
-        let watch = vec![DigestWatch {
-            stage: proposal(),
-            entered_before: now - chrono::Duration::days(1),
-        }];
-        let slot = now - chrono::Duration::hours(2);
-        store
-            .assemble_digests(
-                "daily".into(),
-                "d1".into(),
-                slot,
-                now,
-                watch.clone(),
-                None,
-                false,
+        on_both("a_digest_past_its_grace_or_with_no_deal_left_is_skipped_with_the_reason", async |store| {
+            let now = Utc::now();
+            put(
+                &store,
+                "a1",
+                Some("alice@example.com"),
+                now - chrono::Duration::days(3),
             )
-            .await
-            .unwrap();
-        let (id, _) = store.digests_due(now, 1).await.unwrap()[0].clone();
-        let claim = store
-            .claim_digest(id, now, Duration::from_secs(3600), watch, true, 50)
-            .await
-            .unwrap();
-        let DigestClaim::Skipped(reason) = claim else {
-            panic!("expected a skip, got {claim:?}");
-        };
-        assert!(reason.contains("not sent late"), "{reason}");
+            .await;
+            let watch = vec![DigestWatch {
+                stage: proposal(),
+                entered_before: now - chrono::Duration::days(1),
+            }];
+            let slot = now - chrono::Duration::hours(2);
+            store
+                .assemble_digests(
+                    "daily".into(),
+                    "d1".into(),
+                    slot,
+                    now,
+                    watch.clone(),
+                    None,
+                    false,
+                )
+                .await
+                .unwrap();
+            let (id, _) = store.digests_due(now, 1).await.unwrap()[0].clone();
+            let claim = store
+                .claim_digest(id, now, Duration::from_secs(3600), watch, true, 50)
+                .await
+                .unwrap();
+            let DigestClaim::Skipped(reason) = claim else {
+                panic!("expected a skip, got {claim:?}");
+            };
+            assert!(reason.contains("not sent late"), "{reason}");
 
-        let none_left = vec![DigestWatch {
-            stage: proposal(),
-            entered_before: now - chrono::Duration::days(10),
-        }];
-        store
-            .assemble_digests(
-                "fixed".into(),
-                "d1".into(),
-                now,
-                now,
-                vec![DigestWatch {
-                    stage: proposal(),
-                    entered_before: now,
-                }],
-                Some("team@example.com".into()),
-                false,
-            )
-            .await
-            .unwrap();
-        let (id, _) = store.digests_due(now, 1).await.unwrap()[0].clone();
-        let claim = store
-            .claim_digest(id, now, Duration::from_secs(3600), none_left, false, 50)
-            .await
-            .unwrap();
-        assert!(
-            matches!(&claim, DigestClaim::Skipped(reason) if reason.contains("no matching deal")),
-            "{claim:?}"
-        );
-        let missed = store
-            .assemble_digests(
-                "daily".into(),
-                "d0".into(),
-                slot,
-                now,
-                Vec::new(),
-                None,
-                true,
-            )
-            .await
-            .unwrap();
-        assert_eq!(missed, AssembleOutcome::Missed);
+            let none_left = vec![DigestWatch {
+                stage: proposal(),
+                entered_before: now - chrono::Duration::days(10),
+            }];
+            store
+                .assemble_digests(
+                    "fixed".into(),
+                    "d1".into(),
+                    now,
+                    now,
+                    vec![DigestWatch {
+                        stage: proposal(),
+                        entered_before: now,
+                    }],
+                    Some("team@example.com".into()),
+                    false,
+                )
+                .await
+                .unwrap();
+            let (id, _) = store.digests_due(now, 1).await.unwrap()[0].clone();
+            let claim = store
+                .claim_digest(id, now, Duration::from_secs(3600), none_left, false, 50)
+                .await
+                .unwrap();
+            assert!(
+                matches!(&claim, DigestClaim::Skipped(reason) if reason.contains("no matching deal")),
+                "{claim:?}"
+            );
+            let missed = store
+                .assemble_digests(
+                    "daily".into(),
+                    "d0".into(),
+                    slot,
+                    now,
+                    Vec::new(),
+                    None,
+                    true,
+                )
+                .await
+                .unwrap();
+            assert_eq!(missed, AssembleOutcome::Missed);
+        })
+        .await;
     }
 }

@@ -12,7 +12,8 @@
 //! - The recovery of interrupted sends takes only `sending` rows whose claim expired
 //!   (`claimed_until` in the past, by the server's clock) or that no replica claims,
 //!   with `SKIP LOCKED`: another live replica's send in flight is never made
-//!   `uncertain` (`claims::ClaimTable::expire_sending_sql`).
+//!   `uncertain` (`claims::ClaimTable::expire_sending_sql`). The due listing sweeps
+//!   them too, so a replica that died mid-send has its rows settled by the others.
 
 use super::Database;
 use super::deals::pg_text;
@@ -76,8 +77,32 @@ pub(super) async fn skip_in(
     Ok(changed == 1)
 }
 
+/// The ledger's `sending` rows no live claim holds → `uncertain`, never resent; how
+/// many.
+async fn expire_lost_sends(
+    db: &impl GenericClient,
+    ledger: &Ledger,
+    at: DateTime<Utc>,
+) -> Result<u64> {
+    let Some(sql) = ledger.claims.expire_sending_sql() else {
+        return Ok(0);
+    };
+    let statement = db.prepare_cached(&sql).await?;
+    let lost = db.query(&statement, &[&to_ms(at)]).await?.len();
+    if lost > 0 {
+        tracing::warn!(
+            rows = lost,
+            "sends interrupted (no live claim holds them): made uncertain, not resent"
+        );
+    }
+    Ok(lost as u64)
+}
+
 impl Database {
-    /// `pending` rows of the ledger due by `now`, earliest first: (id, rule).
+    /// `pending` rows of the ledger due by `now`, earliest first: (id, rule). First,
+    /// as every claim of `claims` does, the `sending` rows whose claim expired (their
+    /// replica died mid-send) become `uncertain`, so a lost send is settled by the
+    /// replicas still running, not only at the next start after the expiry.
     pub(in crate::store) async fn due(
         &self,
         ledger: &Ledger,
@@ -85,6 +110,7 @@ impl Database {
         limit: u32,
     ) -> Result<Vec<(i64, String)>> {
         let client = self.client().await?;
+        expire_lost_sends(&client, ledger, now).await?;
         let statement = client.prepare_cached(&ledger.due_sql('$')).await?;
         let rows = client
             .query(&statement, &[&to_ms(now), &i64::from(limit)])
@@ -162,9 +188,7 @@ impl Database {
         let tx = client.transaction().await?;
         let mut recovered = 0;
         for ledger in ledgers {
-            if let Some(sql) = ledger.claims.expire_sending_sql() {
-                recovered += tx.query(&sql, &[&to_ms(at)]).await?.len() as u64;
-            }
+            recovered += expire_lost_sends(&tx, ledger, at).await?;
         }
         tx.commit().await?;
         Ok(recovered)

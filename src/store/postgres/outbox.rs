@@ -660,3 +660,165 @@ async fn rows_of_deal(db: &impl GenericClient, deal_id: i64) -> Result<Vec<Outbo
         .map(outbox_row_from)
         .collect::<std::result::Result<_, _>>()?)
 }
+
+#[cfg(test)]
+mod tests {
+    //! What only PostgreSQL has: replicas claiming from one outbox at once. The outbox's
+    //! contract runs on both backends in `store::outbox`.
+    use crate::domain::StepNumber;
+    use crate::store::ledger::Value;
+    use crate::store::ledger::test_sql::exec;
+    use crate::store::outbox::{
+        ClaimDecision, ClaimQuery, EnrollPlan, NewOutboxRow, OutboxAction, OutboxRowFilter,
+    };
+    use crate::store::postgres::test_cluster::TestDatabase;
+    use crate::store::postgres::test_database;
+    use crate::store::postgres::tests::url_of;
+    use crate::store::tests::upsert;
+    use crate::store::{OutboxState, Store};
+    use chrono::{DateTime, Duration, Utc};
+    use std::collections::HashSet;
+
+    /// Two replicas (stores) on one fresh database (kept while the test runs), or
+    /// `None` where PostgreSQL is not installed.
+    async fn replicas(test: &str) -> Option<(TestDatabase, Store, Store)> {
+        let database = test_database(test)?;
+        let url = url_of(&database);
+        let one = Store::open_postgres(&url).await.unwrap();
+        let two = Store::open_postgres(&url).await.unwrap();
+        Some((database, one, two))
+    }
+
+    /// `count` deals, each enrolled with one email due at `due`; the outbox row ids.
+    async fn due_emails(store: &Store, count: usize, due: DateTime<Utc>) -> Vec<i64> {
+        let upserts = (0..count)
+            .map(|n| upsert(&format!("d{n}"), "lead", due))
+            .collect();
+        store.upsert_deals(upserts).await.unwrap();
+        for n in 0..count {
+            let deal = store
+                .deal_by_external_id("crm", &format!("d{n}"))
+                .await
+                .unwrap()
+                .unwrap();
+            let row = NewOutboxRow {
+                step: StepNumber::default(),
+                action: OutboxAction::Email,
+                due_at: due,
+                state: OutboxState::Pending,
+                reason: None,
+            };
+            let recipient = format!("shopper{n}@example.com");
+            let outcome = store
+                .enroll(deal.id, "carts".into(), due, due, move |_, _| {
+                    EnrollPlan::Enroll {
+                        recipient,
+                        anchor_at: due,
+                        rows: vec![row],
+                        supersede: Vec::new(),
+                    }
+                })
+                .await
+                .unwrap();
+            assert!(outcome.enrolled);
+        }
+        let rows = store.outbox(OutboxRowFilter::default()).await.unwrap();
+        rows.iter().map(|row| row.id).collect()
+    }
+
+    /// Claims, to send, every due row this replica can get; the ids it got.
+    async fn claim_all(store: Store, now: DateTime<Utc>) -> Vec<i64> {
+        let mut mine = Vec::new();
+        for (id, _) in store.outbox_due(now, 1_000).await.unwrap() {
+            let claim = store
+                .claim(id, now, ClaimQuery::default(), |_| ClaimDecision::Send)
+                .await
+                .unwrap();
+            if let Some(claim) = claim {
+                let (row, _) = claim.sending.expect("a send");
+                assert_eq!(row.id, id);
+                mine.push(id);
+            }
+        }
+        mine
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_replicas_claiming_the_due_outbox_at_once_get_each_row_exactly_once() {
+        let Some((_database, one, two)) =
+            replicas("two_replicas_claiming_the_due_outbox_at_once_get_each_row_exactly_once")
+                .await
+        else {
+            return;
+        };
+        let now = Utc::now();
+        let all: HashSet<i64> = due_emails(&one, 60, now - Duration::minutes(1))
+            .await
+            .into_iter()
+            .collect();
+        for round in 0..3 {
+            let (a, b) = tokio::join!(
+                tokio::spawn(claim_all(one.clone(), now)),
+                tokio::spawn(claim_all(two.clone(), now)),
+            );
+            let (a, b) = (a.unwrap(), b.unwrap());
+            let (a_set, b_set): (HashSet<i64>, HashSet<i64>) =
+                (a.iter().copied().collect(), b.iter().copied().collect());
+            if round == 0 {
+                assert!(a_set.is_disjoint(&b_set), "a row claimed by both replicas");
+                assert_eq!(a.len() + b.len(), all.len());
+                assert_eq!(&a_set | &b_set, all);
+            } else {
+                assert!(a.is_empty() && b.is_empty(), "a row claimed again");
+            }
+        }
+        let rows = two.outbox(OutboxRowFilter::default()).await.unwrap();
+        assert!(rows.iter().all(|row| row.state == OutboxState::Sending));
+        assert!(rows.iter().all(|row| row.attempts == 1));
+    }
+
+    #[tokio::test]
+    async fn a_start_up_leaves_another_replicas_send_in_flight_and_takes_an_expired_one() {
+        let Some((_database, one, two)) =
+            replicas("a_start_up_leaves_another_replicas_send_in_flight_and_takes_an_expired_one")
+                .await
+        else {
+            return;
+        };
+        let now = Utc::now();
+        let ids = due_emails(&one, 2, now - Duration::minutes(1)).await;
+        assert_eq!(claim_all(one.clone(), now).await.len(), 2);
+        // The second replica starts while the first is sending both: nothing is its.
+        assert_eq!(two.outbox_recover_interrupted(now).await.unwrap(), 0);
+        // The first replica's claim on one of them expires (it died mid-send).
+        exec(
+            &two,
+            "UPDATE outbox SET claimed_until = now() - interval '1 second' WHERE id = ?1",
+            vec![Value::Int(ids[0])],
+        )
+        .await;
+        assert_eq!(two.outbox_recover_interrupted(now).await.unwrap(), 1);
+        let states: Vec<(i64, OutboxState)> = two
+            .outbox(OutboxRowFilter::default())
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| (row.id, row.state))
+            .collect();
+        assert!(
+            states.contains(&(ids[0], OutboxState::Uncertain)),
+            "{states:?}"
+        );
+        assert!(
+            states.contains(&(ids[1], OutboxState::Sending)),
+            "{states:?}"
+        );
+        // The live sender still records its answer; the lost one is never resent.
+        assert!(
+            one.mark_sent(ids[1], "<m@x>".into(), now, None, Vec::new())
+                .await
+                .unwrap()
+        );
+        assert!(one.outbox_due(now, 10).await.unwrap().is_empty());
+    }
+}
