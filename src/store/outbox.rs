@@ -411,13 +411,9 @@ pub(super) fn claimed_deal(id: i64, deal: Option<Deal>) -> Result<Deal> {
     deal.ok_or_else(|| StoreError::Corrupt(format!("outbox row {id} claimed without its deal")))
 }
 
-/// Whether `retry_failed` may queue `row` again: the row when it may (a failed
-/// email), else the answer (`NotFailed`).
-pub(super) fn retryable(row: OutboxRow) -> Result<OutboxRow, RetryOutcome> {
-    if row.state != OutboxState::Failed || row.action != OutboxAction::Email {
-        return Err(RetryOutcome::NotFailed(row));
-    }
-    Ok(row)
+/// Whether `retry_failed` may queue `row` again: only a failed email.
+pub(super) fn retryable(row: &OutboxRow) -> bool {
+    row.state == OutboxState::Failed && row.action == OutboxAction::Email
 }
 
 /// The rules among `rules` (those with pending rows of the deal) whose active stages
@@ -801,10 +797,9 @@ impl Store {
             let Some(row) = read_row(tx, id)? else {
                 return Ok(RetryOutcome::NotFound);
             };
-            let row = match retryable(row) {
-                Ok(row) => row,
-                Err(answer) => return Ok(answer),
-            };
+            if !retryable(&row) {
+                return Ok(RetryOutcome::NotFailed(row));
+            }
             if let Some(reason) = super::suppression::reason_of(tx, &row.recipient)? {
                 return Ok(RetryOutcome::Suppressed(row, reason));
             }

@@ -526,10 +526,9 @@ impl Database {
         let Some(row) = read_row(&tx, id, " FOR UPDATE").await? else {
             return Ok(RetryOutcome::NotFound);
         };
-        let row = match retryable(row) {
-            Ok(row) => row,
-            Err(answer) => return Ok(answer),
-        };
+        if !retryable(&row) {
+            return Ok(RetryOutcome::NotFailed(row));
+        }
         if let Some(reason) = super::suppression::reason_of(&tx, &row.recipient).await? {
             return Ok(RetryOutcome::Suppressed(row, reason));
         }
