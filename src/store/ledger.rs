@@ -384,6 +384,9 @@ pub(super) mod test_sql {
 
 #[cfg(test)]
 mod tests {
+    //! SQLite only: these drive the SQLite functions inside one write transaction. The
+    //! statements are shared; on PostgreSQL they run through the `Store` methods whose
+    //! tests run on both backends (`store::outbox`, `store::digests`).
     use super::*;
     use crate::store::tests::temp_store;
     use chrono::TimeZone;

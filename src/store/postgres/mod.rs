@@ -6,10 +6,11 @@
 //! migrate-store`), and the coordination replicas will use ([`leases`]: leases,
 //! fencing, the lease keeper, leadership; [`claims`]: `FOR UPDATE SKIP LOCKED`
 //! claims; `migrations/0002_replicas.sql`; [`rate`]: the request rate and daily
-//! vendor budget replicas share, `migrations/0003_rate_limits.sql`). None of the
-//! store's queries runs on it
-//! yet: [`super::Store`] is SQLite, and the daemon refuses `storage.url`
-//! (`Config::require_sqlite`).
+//! vendor budget replicas share, `migrations/0003_rate_limits.sql`). Of the store's
+//! queries, those ported run on it; among them the follow-up outbox, the digests and
+//! their shared ledger (`outbox`, `digests`, `ledger`: rows claimed `FOR UPDATE SKIP
+//! LOCKED`, sends claimed by this process's [`replica`] id). [`super::Store`] answers
+//! `NotOnPostgres` for the rest.
 //!
 //! Connections come from a `deadpool-postgres` pool over `tokio-postgres` (async, no
 //! database needed to compile; the pool recycles connections and bounds how many a
