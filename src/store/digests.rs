@@ -9,7 +9,7 @@
 //!   message is handed over, and a row found in `sending` at start-up becomes
 //!   `uncertain` (`Store::outbox_recover_interrupted`), never resent.
 
-use super::deals::{DEAL_COLUMNS, deal_from_row};
+use super::deals::{Columns, DEAL_COLUMNS, deal_from_row};
 use super::ledger::{DIGESTS, OutboxState, Settlement};
 use super::{Result, Store, from_ms, to_ms};
 use crate::domain::{Deal, StageRef};
@@ -47,28 +47,122 @@ pub struct DigestRow {
     pub sent_at: Option<DateTime<Utc>>,
 }
 
-const ROW_COLUMNS: &str = "id, rule, day, recipient, state, slot_at, next_attempt_at, attempts,
-    deals, reason, message_id, created_at, updated_at, sent_at";
+/// The columns [`digest_from`] reads, in its order.
+pub(super) const ROW_COLUMNS: &str = "id, rule, day, recipient, state, slot_at, next_attempt_at,
+    attempts, deals, reason, message_id, created_at, updated_at, sent_at";
+
+/// Reads a digest row of either backend ([`ROW_COLUMNS`]).
+pub(super) fn digest_from<R: Columns>(row: &R) -> Result<DigestRow, R::Error> {
+    let state = row.text(4)?;
+    let deals = row.text(8)?;
+    Ok(DigestRow {
+        id: row.int(0)?,
+        rule: row.text(1)?,
+        day: row.text(2)?,
+        recipient: row.text(3)?,
+        state: OutboxState::parse(&state).unwrap_or(OutboxState::Uncertain),
+        slot_at: from_ms(row.int(5)?),
+        next_attempt_at: from_ms(row.int(6)?),
+        attempts: row.int(7)?,
+        deals: serde_json::from_str(&deals).unwrap_or_default(),
+        reason: row.opt_text(9)?,
+        message_id: row.opt_text(10)?,
+        created_at: from_ms(row.int(11)?),
+        updated_at: from_ms(row.int(12)?),
+        sent_at: row.opt_int(13)?.map(from_ms),
+    })
+}
 
 fn row_from(row: &Row<'_>) -> rusqlite::Result<DigestRow> {
-    let state: String = row.get(4)?;
-    let deals: String = row.get(8)?;
-    Ok(DigestRow {
-        id: row.get(0)?,
-        rule: row.get(1)?,
-        day: row.get(2)?,
-        recipient: row.get(3)?,
-        state: OutboxState::parse(&state).unwrap_or(OutboxState::Uncertain),
-        slot_at: from_ms(row.get(5)?),
-        next_attempt_at: from_ms(row.get(6)?),
-        attempts: row.get(7)?,
-        deals: serde_json::from_str(&deals).unwrap_or_default(),
-        reason: row.get(9)?,
-        message_id: row.get(10)?,
-        created_at: from_ms(row.get(11)?),
-        updated_at: from_ms(row.get(12)?),
-        sent_at: row.get::<_, Option<i64>>(13)?.map(from_ms),
-    })
+    digest_from(row)
+}
+
+/// Why a due digest is skipped before anything is read: it is later than `grace`
+/// after its slot.
+pub(super) fn too_late(row: &DigestRow, now: DateTime<Utc>, grace: Duration) -> Option<String> {
+    let late = now - row.slot_at;
+    if late > chrono::Duration::from_std(grace).unwrap_or(chrono::Duration::MAX) {
+        return Some(format!(
+            "{} after its {} slot, more than the late grace of {}: not sent late",
+            crate::config::duration::format(late.to_std().unwrap_or_default()),
+            row.day,
+            crate::config::duration::format(grace)
+        ));
+    }
+    None
+}
+
+/// Why a digest to a suppressed recipient is skipped.
+pub(super) fn suppressed_reason(reason: &str) -> String {
+    format!("recipient is suppressed ({reason})")
+}
+
+/// Why a digest whose deals all left is skipped.
+pub(super) const NO_DEAL_LEFT: &str = "no matching deal left at send time";
+
+/// The claim of a digest that goes out listing `deals` of `total`: the row as it is
+/// once `sending`, and the listed ids as stored (JSON).
+pub(super) fn send_claim(
+    mut row: DigestRow,
+    deals: Vec<Deal>,
+    total: usize,
+) -> (DigestClaim, String) {
+    let ids: Vec<i64> = deals.iter().map(|d| d.id).collect();
+    let ids_json = serde_json::to_string(&ids).unwrap_or_else(|_| "[]".to_owned());
+    row.state = OutboxState::Sending;
+    row.attempts += 1;
+    row.deals = ids;
+    let claim = DigestClaim::Send {
+        row: Box::new(row),
+        deals,
+        total,
+    };
+    (claim, ids_json)
+}
+
+/// The settlement a digest's finish records.
+pub(super) fn settlement_of(finish: &DigestFinish) -> Settlement<'_> {
+    match finish {
+        DigestFinish::Sent { message_id } => Settlement::Sent { message_id },
+        DigestFinish::DryRun { message_id } => Settlement::DryRun { message_id },
+        DigestFinish::Retry { at, reason } => Settlement::Retry {
+            next_attempt_at: *at,
+            reason,
+        },
+        DigestFinish::Uncertain { reason } => Settlement::Uncertain { reason },
+        DigestFinish::Failed { reason, .. } => Settlement::Failed { reason },
+    }
+}
+
+/// The bounce reason to suppress the recipient with, for a hard-bounced digest.
+pub(super) fn bounce_of(finish: &DigestFinish) -> Option<&str> {
+    match finish {
+        DigestFinish::Failed {
+            reason,
+            suppress: true,
+        } => Some(reason),
+        _ => None,
+    }
+}
+
+/// The deals of each watched stage (each list oldest entry first) merged: the `limit`
+/// longest in their stage.
+pub(super) fn longest_waiting(mut deals: Vec<Deal>, limit: usize) -> Vec<Deal> {
+    deals.sort_by(|a, b| {
+        a.stage_entered_at
+            .cmp(&b.stage_entered_at)
+            .then(a.id.cmp(&b.id))
+    });
+    deals.truncate(limit);
+    deals
+}
+
+/// The (rule, day) a digest run assembles, at `slot_at`, assembled `now`.
+pub(super) struct DigestRun<'a> {
+    pub(super) rule: &'a str,
+    pub(super) day: &'a str,
+    pub(super) slot_at: DateTime<Utc>,
+    pub(super) now: DateTime<Utc>,
 }
 
 /// What assembling a day did.
@@ -96,6 +190,15 @@ pub enum DigestClaim {
         deals: Vec<Deal>,
         total: usize,
     },
+}
+
+/// What a digest claim checks and lists: the late grace, the watched stages, whether
+/// the digest lists its recipient's deals only, and at most how many.
+pub(super) struct DigestWanted<'a> {
+    pub(super) grace: Duration,
+    pub(super) watch: &'a [DigestWatch],
+    pub(super) by_owner: bool,
+    pub(super) limit: usize,
 }
 
 /// How a claimed digest ended.
@@ -200,13 +303,7 @@ fn matching_deals(
             deals.push(row?);
         }
     }
-    deals.sort_by(|a, b| {
-        a.stage_entered_at
-            .cmp(&b.stage_entered_at)
-            .then(a.id.cmp(&b.id))
-    });
-    deals.truncate(limit);
-    Ok((deals, total))
+    Ok((longest_waiting(deals, limit), total))
 }
 
 impl Store {
@@ -224,6 +321,18 @@ impl Store {
         fixed: Option<String>,
         missed: bool,
     ) -> Result<AssembleOutcome> {
+        if let Some(database) = self.postgres() {
+            let run = DigestRun {
+                rule: &rule,
+                day: &day,
+                slot_at,
+                now,
+            };
+            return database
+                .assemble_digests(run, &watch, fixed.as_deref(), missed)
+                .await
+                .map_err(|error| database.named(error));
+        }
         self.write(move |tx| {
             let done = tx
                 .prepare_cached("SELECT 1 FROM digest_runs WHERE rule = ?1 AND day = ?2")?
@@ -275,6 +384,18 @@ impl Store {
         by_owner: bool,
         limit: usize,
     ) -> Result<DigestClaim> {
+        if let Some(database) = self.postgres() {
+            let wanted = DigestWanted {
+                grace,
+                watch: &watch,
+                by_owner,
+                limit,
+            };
+            return database
+                .claim_digest(id, now, wanted, self.replica().unwrap_or_default())
+                .await
+                .map_err(|error| database.named(error));
+        }
         self.write(move |tx| {
             let sql = format!("SELECT {ROW_COLUMNS} FROM digests WHERE id = ?1");
             let Some(row) = tx.query_row(&sql, [id], row_from).optional()? else {
@@ -288,35 +409,20 @@ impl Store {
                 DIGESTS.skip(tx, id, &reason, now_ms)?;
                 Ok(DigestClaim::Skipped(reason))
             };
-            let late = now - row.slot_at;
-            if late > chrono::Duration::from_std(grace).unwrap_or(chrono::Duration::MAX) {
-                return skip(format!(
-                    "{} after its {} slot, more than the late grace of {}: not sent late",
-                    crate::config::duration::format(late.to_std().unwrap_or_default()),
-                    row.day,
-                    crate::config::duration::format(grace)
-                ));
+            if let Some(reason) = too_late(&row, now, grace) {
+                return skip(reason);
             }
             if let Some(reason) = super::suppression::reason_of(tx, &row.recipient)? {
-                return skip(format!("recipient is suppressed ({reason})"));
+                return skip(suppressed_reason(&reason));
             }
             let owner = by_owner.then_some(row.recipient.as_str());
             let (deals, total) = matching_deals(tx, &watch, owner, limit)?;
             if total == 0 {
-                return skip("no matching deal left at send time".to_owned());
+                return skip(NO_DEAL_LEFT.to_owned());
             }
-            let ids: Vec<i64> = deals.iter().map(|d| d.id).collect();
-            let ids_json = serde_json::to_string(&ids).unwrap_or_else(|_| "[]".to_owned());
+            let (claim, ids_json) = send_claim(row, deals, total);
             DIGESTS.mark_sending(tx, id, now_ms, ", deals = ?3", &[&ids_json])?;
-            let mut row = row;
-            row.state = OutboxState::Sending;
-            row.attempts += 1;
-            row.deals = ids;
-            Ok(DigestClaim::Send {
-                row: Box::new(row),
-                deals,
-                total,
-            })
+            Ok(claim)
         })
         .await
     }
@@ -329,22 +435,15 @@ impl Store {
         finish: DigestFinish,
         at: DateTime<Utc>,
     ) -> Result<()> {
+        if let Some(database) = self.postgres() {
+            return database
+                .finish_digest(id, &finish, at)
+                .await
+                .map_err(|error| database.named(error));
+        }
         self.write(move |tx| {
-            let settlement = match &finish {
-                DigestFinish::Sent { message_id } => Settlement::Sent { message_id },
-                DigestFinish::DryRun { message_id } => Settlement::DryRun { message_id },
-                DigestFinish::Retry { at, reason } => Settlement::Retry {
-                    next_attempt_at: *at,
-                    reason,
-                },
-                DigestFinish::Uncertain { reason } => Settlement::Uncertain { reason },
-                DigestFinish::Failed { reason, .. } => Settlement::Failed { reason },
-            };
-            let changed = DIGESTS.settle(tx, id, settlement, at)?;
-            if let DigestFinish::Failed {
-                reason,
-                suppress: true,
-            } = &finish
+            let changed = DIGESTS.settle(tx, id, settlement_of(&finish), at)?;
+            if let Some(reason) = bounce_of(&finish)
                 && changed
             {
                 let email: String =
@@ -360,6 +459,13 @@ impl Store {
 
     /// Skips a pending digest with the reason (its rule is gone).
     pub async fn skip_digest(&self, id: i64, reason: String, at: DateTime<Utc>) -> Result<()> {
+        if let Some(database) = self.postgres() {
+            return database
+                .skip(&DIGESTS, id, &reason, at)
+                .await
+                .map(drop)
+                .map_err(|error| database.named(error));
+        }
         self.write(move |tx| {
             DIGESTS.skip(tx, id, &reason, to_ms(at))?;
             Ok(())
@@ -375,22 +481,46 @@ impl Store {
         owner: Option<String>,
         limit: usize,
     ) -> Result<(Vec<Deal>, usize)> {
+        if let Some(database) = self.postgres() {
+            return database
+                .digest_deals(&watch, owner.as_deref(), limit)
+                .await
+                .map_err(|error| database.named(error));
+        }
         self.read(move |db| matching_deals(db, &watch, owner.as_deref(), limit))
             .await
     }
 
     /// Pending digests due by `now`, earliest first: (id, rule).
     pub async fn digests_due(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<(i64, String)>> {
+        if let Some(database) = self.postgres() {
+            return database
+                .due(&DIGESTS, now, limit)
+                .await
+                .map_err(|error| database.named(error));
+        }
         self.read(move |db| DIGESTS.due(db, now, limit)).await
     }
 
     /// When the next pending digest comes due.
     pub async fn digest_next_due(&self) -> Result<Option<DateTime<Utc>>> {
+        if let Some(database) = self.postgres() {
+            return database
+                .next_due(&DIGESTS)
+                .await
+                .map_err(|error| database.named(error));
+        }
         self.read(|db| DIGESTS.next_due(db)).await
     }
 
     /// Digest rows, newest day first; optionally of one rule.
     pub async fn digests(&self, rule: Option<String>, limit: u32) -> Result<Vec<DigestRow>> {
+        if let Some(database) = self.postgres() {
+            return database
+                .digests(rule.as_deref(), limit)
+                .await
+                .map_err(|error| database.named(error));
+        }
         self.read(move |db| {
             let sql = format!(
                 "SELECT {ROW_COLUMNS} FROM digests WHERE ?1 IS NULL OR rule = ?1
@@ -411,7 +541,8 @@ mod tests {
         ChangeCause, ConnectionName, DealStatus, EmailAddress, PipelineKey, SourceDeal, StageKey,
     };
     use crate::store::DealUpsert;
-    use crate::store::tests::temp_store;
+    use crate::store::both_backends::on_both;
+    use crate::store::ledger::test_sql::exec;
 
     fn proposal() -> StageRef {
         StageRef {
@@ -446,141 +577,155 @@ mod tests {
 
     #[tokio::test]
     async fn a_day_is_assembled_once_per_owner_with_matching_deals_and_claimed_once() {
-        let (_dir, store) = temp_store();
-        let now = Utc::now();
-        let old = now - chrono::Duration::days(3);
-        put(&store, "a1", Some("Alice@Example.com"), old).await;
-        put(&store, "a2", Some("alice@example.com"), old).await;
-        put(&store, "b1", Some("bob@example.com"), now).await; // not idle long enough
-        put(&store, "n1", None, old).await; // no owner
-        let watch = vec![DigestWatch {
-            stage: proposal(),
-            entered_before: now - chrono::Duration::days(1),
-        }];
-        let assemble = || {
-            store.assemble_digests(
-                "daily".into(),
-                "2026-11-27".into(),
-                now,
-                now,
-                watch.clone(),
-                None,
-                false,
-            )
-        };
-        assert_eq!(
-            assemble().await.unwrap(),
-            AssembleOutcome::Assembled { recipients: 1 }
-        );
-        assert_eq!(assemble().await.unwrap(), AssembleOutcome::AlreadyDone);
-        let due = store.digests_due(now, 10).await.unwrap();
-        assert_eq!(due.len(), 1);
-        let claim = store
-            .claim_digest(
-                due[0].0,
-                now,
-                Duration::from_secs(60),
-                watch.clone(),
-                true,
-                50,
-            )
-            .await
-            .unwrap();
-        let DigestClaim::Send { row, deals, total } = claim else {
-            panic!("expected a send, got {claim:?}");
-        };
-        assert_eq!(row.recipient, "alice@example.com");
-        assert_eq!(total, 2);
-        assert_eq!(deals.len(), 2);
-        let again = store
-            .claim_digest(due[0].0, now, Duration::from_secs(60), watch, true, 50)
-            .await
-            .unwrap();
-        assert!(matches!(again, DigestClaim::Gone));
-        // A crash now leaves it `sending`: the next start marks it uncertain.
-        assert_eq!(store.outbox_recover_interrupted(now).await.unwrap(), 1);
-        let rows = store.digests(None, 10).await.unwrap();
-        assert_eq!(rows[0].state, OutboxState::Uncertain);
+        on_both(
+            "a_day_is_assembled_once_per_owner_with_matching_deals_and_claimed_once",
+            async |store| {
+                let now = Utc::now();
+                let old = now - chrono::Duration::days(3);
+                put(&store, "a1", Some("Alice@Example.com"), old).await;
+                put(&store, "a2", Some("alice@example.com"), old).await;
+                put(&store, "b1", Some("bob@example.com"), now).await; // not idle long enough
+                put(&store, "n1", None, old).await; // no owner
+                let watch = vec![DigestWatch {
+                    stage: proposal(),
+                    entered_before: now - chrono::Duration::days(1),
+                }];
+                let assemble = || {
+                    store.assemble_digests(
+                        "daily".into(),
+                        "2026-11-27".into(),
+                        now,
+                        now,
+                        watch.clone(),
+                        None,
+                        false,
+                    )
+                };
+                assert_eq!(
+                    assemble().await.unwrap(),
+                    AssembleOutcome::Assembled { recipients: 1 }
+                );
+                assert_eq!(assemble().await.unwrap(), AssembleOutcome::AlreadyDone);
+                let due = store.digests_due(now, 10).await.unwrap();
+                assert_eq!(due.len(), 1);
+                let claim = store
+                    .claim_digest(
+                        due[0].0,
+                        now,
+                        Duration::from_secs(60),
+                        watch.clone(),
+                        true,
+                        50,
+                    )
+                    .await
+                    .unwrap();
+                let DigestClaim::Send { row, deals, total } = claim else {
+                    panic!("expected a send, got {claim:?}");
+                };
+                assert_eq!(row.recipient, "alice@example.com");
+                assert_eq!(total, 2);
+                assert_eq!(deals.len(), 2);
+                let again = store
+                    .claim_digest(due[0].0, now, Duration::from_secs(60), watch, true, 50)
+                    .await
+                    .unwrap();
+                assert!(matches!(again, DigestClaim::Gone));
+                // A crash now leaves it `sending`: the next start marks it uncertain. On
+                // PostgreSQL only once the crashed replica's claim expired: until then
+                // another replica may be sending it, and no start takes it.
+                if store.postgres().is_some() {
+                    assert_eq!(store.outbox_recover_interrupted(now).await.unwrap(), 0);
+                    let expire = "UPDATE digests SET claimed_until = now() - interval '1 second'";
+                    exec(&store, expire, vec![]).await;
+                }
+                assert_eq!(store.outbox_recover_interrupted(now).await.unwrap(), 1);
+                let rows = store.digests(None, 10).await.unwrap();
+                assert_eq!(rows[0].state, OutboxState::Uncertain);
+            },
+        )
+        .await;
     }
 
     #[tokio::test]
     async fn a_digest_past_its_grace_or_with_no_deal_left_is_skipped_with_the_reason() {
-        let (_dir, store) = temp_store();
-        let now = Utc::now();
-        put(
-            &store,
-            "a1",
-            Some("alice@example.com"),
-            now - chrono::Duration::days(3),
-        )
-        .await;
-        let watch = vec![DigestWatch {
-            stage: proposal(),
-            entered_before: now - chrono::Duration::days(1),
-        }];
-        let slot = now - chrono::Duration::hours(2);
-        store
-            .assemble_digests(
-                "daily".into(),
-                "d1".into(),
-                slot,
-                now,
-                watch.clone(),
-                None,
-                false,
+        on_both("a_digest_past_its_grace_or_with_no_deal_left_is_skipped_with_the_reason", async |store| {
+            let now = Utc::now();
+            put(
+                &store,
+                "a1",
+                Some("alice@example.com"),
+                now - chrono::Duration::days(3),
             )
-            .await
-            .unwrap();
-        let (id, _) = store.digests_due(now, 1).await.unwrap()[0].clone();
-        let claim = store
-            .claim_digest(id, now, Duration::from_secs(3600), watch, true, 50)
-            .await
-            .unwrap();
-        let DigestClaim::Skipped(reason) = claim else {
-            panic!("expected a skip, got {claim:?}");
-        };
-        assert!(reason.contains("not sent late"), "{reason}");
+            .await;
+            let watch = vec![DigestWatch {
+                stage: proposal(),
+                entered_before: now - chrono::Duration::days(1),
+            }];
+            let slot = now - chrono::Duration::hours(2);
+            store
+                .assemble_digests(
+                    "daily".into(),
+                    "d1".into(),
+                    slot,
+                    now,
+                    watch.clone(),
+                    None,
+                    false,
+                )
+                .await
+                .unwrap();
+            let (id, _) = store.digests_due(now, 1).await.unwrap()[0].clone();
+            let claim = store
+                .claim_digest(id, now, Duration::from_secs(3600), watch, true, 50)
+                .await
+                .unwrap();
+            let DigestClaim::Skipped(reason) = claim else {
+                panic!("expected a skip, got {claim:?}");
+            };
+            assert!(reason.contains("not sent late"), "{reason}");
 
-        let none_left = vec![DigestWatch {
-            stage: proposal(),
-            entered_before: now - chrono::Duration::days(10),
-        }];
-        store
-            .assemble_digests(
-                "fixed".into(),
-                "d1".into(),
-                now,
-                now,
-                vec![DigestWatch {
-                    stage: proposal(),
-                    entered_before: now,
-                }],
-                Some("team@example.com".into()),
-                false,
-            )
-            .await
-            .unwrap();
-        let (id, _) = store.digests_due(now, 1).await.unwrap()[0].clone();
-        let claim = store
-            .claim_digest(id, now, Duration::from_secs(3600), none_left, false, 50)
-            .await
-            .unwrap();
-        assert!(
-            matches!(&claim, DigestClaim::Skipped(reason) if reason.contains("no matching deal")),
-            "{claim:?}"
-        );
-        let missed = store
-            .assemble_digests(
-                "daily".into(),
-                "d0".into(),
-                slot,
-                now,
-                Vec::new(),
-                None,
-                true,
-            )
-            .await
-            .unwrap();
-        assert_eq!(missed, AssembleOutcome::Missed);
+            let none_left = vec![DigestWatch {
+                stage: proposal(),
+                entered_before: now - chrono::Duration::days(10),
+            }];
+            store
+                .assemble_digests(
+                    "fixed".into(),
+                    "d1".into(),
+                    now,
+                    now,
+                    vec![DigestWatch {
+                        stage: proposal(),
+                        entered_before: now,
+                    }],
+                    Some("team@example.com".into()),
+                    false,
+                )
+                .await
+                .unwrap();
+            let (id, _) = store.digests_due(now, 1).await.unwrap()[0].clone();
+            let claim = store
+                .claim_digest(id, now, Duration::from_secs(3600), none_left, false, 50)
+                .await
+                .unwrap();
+            assert!(
+                matches!(&claim, DigestClaim::Skipped(reason) if reason.contains("no matching deal")),
+                "{claim:?}"
+            );
+            let missed = store
+                .assemble_digests(
+                    "daily".into(),
+                    "d0".into(),
+                    slot,
+                    now,
+                    Vec::new(),
+                    None,
+                    true,
+                )
+                .await
+                .unwrap();
+            assert_eq!(missed, AssembleOutcome::Missed);
+        })
+        .await;
     }
 }

@@ -17,6 +17,7 @@
 //!   earliest first, so the cost follows the due set, not the table.
 //! - Table and index names come from the two constants below, never from input.
 
+use super::postgres::claims::{self, ClaimTable};
 use super::{Result, from_ms, to_ms};
 use chrono::{DateTime, Utc};
 use rusqlite::{ToSql, Transaction, params};
@@ -64,7 +65,10 @@ impl OutboxState {
     }
 }
 
-/// One ledger table.
+/// One ledger table. Its SQL is written here once for both backends: a statement's
+/// numbered placeholders start with the backend's sigil (`?1` in SQLite, `$1` in
+/// PostgreSQL, as `DealFilter::query`), and `store::postgres::ledger` runs the same
+/// statements on PostgreSQL.
 pub(super) struct Ledger {
     table: &'static str,
     /// The partial index on the table's `pending` rows, by `next_attempt_at`.
@@ -74,6 +78,8 @@ pub(super) struct Ledger {
     /// What else a retry resets (the outbox's claim time, which the per-recipient cap
     /// counts).
     retry_resets: &'static str,
+    /// How replicas claim the table's rows on PostgreSQL.
+    pub(super) claims: &'static ClaimTable,
 }
 
 /// The follow-up outbox: one row per (deal, rule, step).
@@ -82,6 +88,7 @@ pub(super) const OUTBOX: Ledger = Ledger {
     pending_index: "outbox_pending",
     sent_from: "'sending', 'uncertain'",
     retry_resets: ", claimed_at = NULL",
+    claims: &claims::OUTBOX,
 };
 
 /// The daily digests: one row per (rule, local day, recipient).
@@ -90,6 +97,7 @@ pub(super) const DIGESTS: Ledger = Ledger {
     pending_index: "digests_pending",
     sent_from: "'sending'",
     retry_resets: "",
+    claims: &claims::DIGESTS,
 };
 
 /// How a claimed row's send ended.
@@ -119,7 +127,138 @@ pub(super) const INTERRUPTED: &str =
     "interrupted between SMTP hand-off and acknowledgement; not resent";
 const DRY_RUN: &str = "dry run: rendered and recorded, not sent";
 
+/// A parameter of a ledger statement, for either backend.
+#[derive(Debug, Clone)]
+pub(super) enum Value<'a> {
+    Int(i64),
+    Text(&'a str),
+    Owned(String),
+}
+
+impl ToSql for Value<'_> {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        match self {
+            Value::Int(value) => value.to_sql(),
+            Value::Text(value) => value.to_sql(),
+            Value::Owned(value) => value.to_sql(),
+        }
+    }
+}
+
+/// A statement and its parameters in placeholder order.
+pub(super) type Statement<'a> = (String, Vec<Value<'a>>);
+
 impl Ledger {
+    /// The table as the due queries name it: SQLite is told to use the partial index
+    /// (without statistics its planner would pick the (state, …) index and sort every
+    /// pending row; the partial index is already in order); PostgreSQL has statistics
+    /// and no such clause.
+    fn pending_rows(&self, sigil: char) -> String {
+        let Ledger {
+            table,
+            pending_index,
+            ..
+        } = self;
+        if sigil == '?' {
+            format!("{table} INDEXED BY {pending_index}")
+        } else {
+            (*table).to_owned()
+        }
+    }
+
+    /// `pending` rows due by `{sigil}1` (ms), earliest first, at most `{sigil}2`:
+    /// (id, rule).
+    pub(super) fn due_sql(&self, sigil: char) -> String {
+        let rows = self.pending_rows(sigil);
+        format!(
+            "SELECT id, rule FROM {rows}
+             WHERE state = 'pending' AND next_attempt_at <= {sigil}1
+             ORDER BY next_attempt_at LIMIT {sigil}2"
+        )
+    }
+
+    /// The earliest `next_attempt_at` of a `pending` row.
+    pub(super) fn next_due_sql(&self, sigil: char) -> String {
+        let rows = self.pending_rows(sigil);
+        format!("SELECT min(next_attempt_at) FROM {rows} WHERE state = 'pending'")
+    }
+
+    /// Skips `pending` row `{sigil}1` with reason `{sigil}2` at `{sigil}3` (ms).
+    pub(super) fn skip_sql(&self, sigil: char) -> String {
+        let table = self.table;
+        format!(
+            "UPDATE {table} SET state = 'skipped', reason = {sigil}2, updated_at = {sigil}3
+             WHERE id = {sigil}1 AND state = 'pending'"
+        )
+    }
+
+    /// Records how claimed row `id` ended; only a row still `sending` changes (and, for
+    /// the outbox, an `uncertain` one that turns out sent).
+    pub(super) fn settle_statement<'a>(
+        &self,
+        id: i64,
+        settlement: &Settlement<'a>,
+        at: DateTime<Utc>,
+        sigil: char,
+    ) -> Statement<'a> {
+        let Ledger {
+            table,
+            sent_from,
+            retry_resets,
+            ..
+        } = self;
+        let p = sigil;
+        let (id, at) = (Value::Int(id), Value::Int(to_ms(at)));
+        match *settlement {
+            Settlement::Sent { message_id } => (
+                format!(
+                    "UPDATE {table} SET state = 'sent', message_id = {p}2, sent_at = {p}3,
+                        updated_at = {p}3, reason = NULL
+                     WHERE id = {p}1 AND state IN ({sent_from})"
+                ),
+                vec![id, Value::Text(message_id), at],
+            ),
+            Settlement::DryRun { message_id } => (
+                format!(
+                    "UPDATE {table} SET state = 'skipped', message_id = {p}2, updated_at = {p}3,
+                        reason = '{DRY_RUN}'
+                     WHERE id = {p}1 AND state = 'sending'"
+                ),
+                vec![id, Value::Text(message_id), at],
+            ),
+            Settlement::Retry {
+                next_attempt_at,
+                reason,
+            } => (
+                format!(
+                    "UPDATE {table} SET state = 'pending', next_attempt_at = {p}2, reason = {p}3,
+                        updated_at = {p}4{retry_resets}
+                     WHERE id = {p}1 AND state = 'sending'"
+                ),
+                vec![
+                    id,
+                    Value::Int(to_ms(next_attempt_at)),
+                    Value::Text(reason),
+                    at,
+                ],
+            ),
+            Settlement::Uncertain { reason } => (
+                format!(
+                    "UPDATE {table} SET state = 'uncertain', reason = {p}2, updated_at = {p}3
+                     WHERE id = {p}1 AND state = 'sending'"
+                ),
+                vec![id, Value::Text(reason), at],
+            ),
+            Settlement::Failed { reason } => (
+                format!(
+                    "UPDATE {table} SET state = 'failed', reason = {p}2, updated_at = {p}3
+                     WHERE id = {p}1 AND state = 'sending'"
+                ),
+                vec![id, Value::Text(reason), at],
+            ),
+        }
+    }
+
     /// `pending` rows due by `now`, earliest first: (id, rule).
     pub(super) fn due(
         &self,
@@ -127,18 +266,7 @@ impl Ledger {
         now: DateTime<Utc>,
         limit: u32,
     ) -> Result<Vec<(i64, String)>> {
-        let Ledger {
-            table,
-            pending_index,
-            ..
-        } = self;
-        // INDEXED BY: without statistics the planner would pick the (state, …) index
-        // and sort every pending row; the partial index is already in order.
-        let mut statement = db.prepare_cached(&format!(
-            "SELECT id, rule FROM {table} INDEXED BY {pending_index}
-             WHERE state = 'pending' AND next_attempt_at <= ?1
-             ORDER BY next_attempt_at LIMIT ?2"
-        ))?;
+        let mut statement = db.prepare_cached(&self.due_sql('?'))?;
         let rows =
             statement.query_map(params![to_ms(now), limit], |r| Ok((r.get(0)?, r.get(1)?)))?;
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
@@ -146,19 +274,7 @@ impl Ledger {
 
     /// When the next `pending` row comes due.
     pub(super) fn next_due(&self, db: &rusqlite::Connection) -> Result<Option<DateTime<Utc>>> {
-        let Ledger {
-            table,
-            pending_index,
-            ..
-        } = self;
-        let next: Option<i64> = db.query_row(
-            &format!(
-                "SELECT min(next_attempt_at) FROM {table} INDEXED BY {pending_index}
-                 WHERE state = 'pending'"
-            ),
-            [],
-            |r| r.get(0),
-        )?;
+        let next: Option<i64> = db.query_row(&self.next_due_sql('?'), [], |r| r.get(0))?;
         Ok(next.map(from_ms))
     }
 
@@ -195,14 +311,7 @@ impl Ledger {
         reason: &str,
         at_ms: i64,
     ) -> Result<bool> {
-        let table = self.table;
-        let changed = tx.execute(
-            &format!(
-                "UPDATE {table} SET state = 'skipped', reason = ?2, updated_at = ?3
-                 WHERE id = ?1 AND state = 'pending'"
-            ),
-            params![id, reason, at_ms],
-        )?;
+        let changed = tx.execute(&self.skip_sql('?'), params![id, reason, at_ms])?;
         Ok(changed == 1)
     }
 
@@ -215,60 +324,14 @@ impl Ledger {
         settlement: Settlement<'_>,
         at: DateTime<Utc>,
     ) -> Result<bool> {
-        let Ledger {
-            table,
-            sent_from,
-            retry_resets,
-            ..
-        } = self;
-        let at_ms = to_ms(at);
-        let changed = match settlement {
-            Settlement::Sent { message_id } => tx.execute(
-                &format!(
-                    "UPDATE {table} SET state = 'sent', message_id = ?2, sent_at = ?3,
-                        updated_at = ?3, reason = NULL
-                     WHERE id = ?1 AND state IN ({sent_from})"
-                ),
-                params![id, message_id, at_ms],
-            )?,
-            Settlement::DryRun { message_id } => tx.execute(
-                &format!(
-                    "UPDATE {table} SET state = 'skipped', message_id = ?2, updated_at = ?3,
-                        reason = '{DRY_RUN}'
-                     WHERE id = ?1 AND state = 'sending'"
-                ),
-                params![id, message_id, at_ms],
-            )?,
-            Settlement::Retry {
-                next_attempt_at,
-                reason,
-            } => tx.execute(
-                &format!(
-                    "UPDATE {table} SET state = 'pending', next_attempt_at = ?2, reason = ?3,
-                        updated_at = ?4{retry_resets}
-                     WHERE id = ?1 AND state = 'sending'"
-                ),
-                params![id, to_ms(next_attempt_at), reason, at_ms],
-            )?,
-            Settlement::Uncertain { reason } => tx.execute(
-                &format!(
-                    "UPDATE {table} SET state = 'uncertain', reason = ?2, updated_at = ?3
-                     WHERE id = ?1 AND state = 'sending'"
-                ),
-                params![id, reason, at_ms],
-            )?,
-            Settlement::Failed { reason } => tx.execute(
-                &format!(
-                    "UPDATE {table} SET state = 'failed', reason = ?2, updated_at = ?3
-                     WHERE id = ?1 AND state = 'sending'"
-                ),
-                params![id, reason, at_ms],
-            )?,
-        };
+        let (sql, values) = self.settle_statement(id, &settlement, at, '?');
+        let changed = tx.execute(&sql, rusqlite::params_from_iter(values))?;
         Ok(changed == 1)
     }
 
     /// At start-up: every row left in `sending` becomes `uncertain`. How many did.
+    /// (PostgreSQL, where other replicas may be sending, takes only the rows no live
+    /// claim holds: `store::postgres::claims`.)
     pub(super) fn recover_interrupted(
         &self,
         tx: &Transaction<'_>,
@@ -287,8 +350,43 @@ impl Ledger {
     }
 }
 
+/// Fixtures for the tests of the ledger's users, on either backend.
+#[cfg(test)]
+pub(super) mod test_sql {
+    use super::Value;
+    use crate::store::Store;
+    use crate::store::postgres::ledger::{params, pg_values};
+
+    /// Runs `sql` (placeholders `?1`…, written `$1`… on PostgreSQL) with `values`.
+    pub(in crate::store) async fn exec(store: &Store, sql: &str, values: Vec<Value<'static>>) {
+        match store.postgres() {
+            Some(database) => {
+                let values = pg_values(values);
+                let client = database.client().await.unwrap();
+                client
+                    .execute(&sql.replace('?', "$"), &params(&values))
+                    .await
+                    .unwrap();
+            }
+            None => {
+                let sql = sql.to_owned();
+                store
+                    .write(move |tx| {
+                        tx.execute(&sql, rusqlite::params_from_iter(values))?;
+                        Ok(())
+                    })
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    //! SQLite only: these drive the SQLite functions inside one write transaction. The
+    //! statements are shared; on PostgreSQL they run through the `Store` methods whose
+    //! tests run on both backends (`store::outbox`, `store::digests`).
     use super::*;
     use crate::store::tests::temp_store;
     use chrono::TimeZone;

@@ -11,8 +11,8 @@
 //!   becomes `uncertain` and is never sent again (at most once, not at least once).
 //! - Marking a row sent and moving the cart it advances commit together.
 
-use super::deals::{DEAL_COLUMNS, deal_from_row, move_stage};
-use super::ledger::{OUTBOX, OutboxState, Settlement};
+use super::deals::{Columns, DEAL_COLUMNS, deal_from_row, move_stage};
+use super::ledger::{OUTBOX, OutboxState, Settlement, Value};
 use super::{Result, Store, StoreError, from_ms, to_ms};
 use crate::domain::{ChangeCause, Deal, DealStatus, PipelineKey, StageKey, StageRef, StepNumber};
 use chrono::{DateTime, Utc};
@@ -63,33 +63,51 @@ pub struct OutboxRow {
     pub sent_at: Option<DateTime<Utc>>,
 }
 
-const ROW_COLUMNS: &str = "id, deal_id, rule, step, action, recipient, state, anchor_at, due_at,
-    next_attempt_at, attempts, reason, message_id, created_at, updated_at, sent_at";
+/// The columns [`outbox_row_from`] reads, in its order.
+pub(super) const ROW_COLUMNS: &str = "id, deal_id, rule, step, action, recipient, state, anchor_at,
+    due_at, next_attempt_at, attempts, reason, message_id, created_at, updated_at, sent_at";
 
-fn row_from(row: &Row<'_>) -> rusqlite::Result<OutboxRow> {
-    let action: String = row.get(4)?;
-    let state: String = row.get(6)?;
+/// Reads an outbox row of either backend ([`ROW_COLUMNS`]).
+pub(super) fn outbox_row_from<R: Columns>(row: &R) -> Result<OutboxRow, R::Error> {
+    let action = row.text(4)?;
+    let state = row.text(6)?;
     Ok(OutboxRow {
-        id: row.get(0)?,
-        deal_id: row.get(1)?,
-        rule: row.get(2)?,
-        step: StepNumber::from_index(row.get(3)?),
+        id: row.int(0)?,
+        deal_id: row.int(1)?,
+        rule: row.text(2)?,
+        step: StepNumber::from_index(row.int(3)?),
         action: if action == "expire" {
             OutboxAction::Expire
         } else {
             OutboxAction::Email
         },
-        recipient: row.get(5)?,
+        recipient: row.text(5)?,
         state: OutboxState::parse(&state).unwrap_or(OutboxState::Uncertain),
-        anchor_at: from_ms(row.get(7)?),
-        due_at: from_ms(row.get(8)?),
-        next_attempt_at: from_ms(row.get(9)?),
-        attempts: row.get(10)?,
-        reason: row.get(11)?,
-        message_id: row.get(12)?,
-        created_at: from_ms(row.get(13)?),
-        updated_at: from_ms(row.get(14)?),
-        sent_at: row.get::<_, Option<i64>>(15)?.map(from_ms),
+        anchor_at: from_ms(row.int(7)?),
+        due_at: from_ms(row.int(8)?),
+        next_attempt_at: from_ms(row.int(9)?),
+        attempts: row.int(10)?,
+        reason: row.opt_text(11)?,
+        message_id: row.opt_text(12)?,
+        created_at: from_ms(row.int(13)?),
+        updated_at: from_ms(row.int(14)?),
+        sent_at: row.opt_int(15)?.map(from_ms),
+    })
+}
+
+fn row_from(row: &Row<'_>) -> rusqlite::Result<OutboxRow> {
+    outbox_row_from(row)
+}
+
+/// Reads a row of the earlier-enrollments query of either backend: deal id, first
+/// anchor, first creation, whether some step started, whether some step is pending.
+pub(super) fn earlier_from<R: Columns>(row: &R) -> Result<EarlierEnrollment, R::Error> {
+    Ok(EarlierEnrollment {
+        deal_id: row.int(0)?,
+        anchor_at: from_ms(row.int(1)?),
+        created_at: from_ms(row.int(2)?),
+        started: row.opt_bool(3)?.unwrap_or(false),
+        pending: row.opt_bool(4)?.unwrap_or(false),
     })
 }
 
@@ -200,6 +218,32 @@ pub struct OutboxRowFilter {
     pub limit: Option<u32>,
 }
 
+impl OutboxRowFilter {
+    /// The listing query of this filter for a backend whose numbered placeholders start
+    /// with `sigil`, and its parameters in order.
+    pub(super) fn query(self, sigil: char) -> (String, Vec<Value<'static>>) {
+        let mut sql = format!("SELECT {ROW_COLUMNS} FROM outbox WHERE 1 = 1");
+        let mut values = Vec::new();
+        if let Some(state) = self.state {
+            values.push(Value::Text(state.as_str()));
+            sql.push_str(&format!(" AND state = {sigil}{}", values.len()));
+        }
+        if let Some(rule) = self.rule {
+            values.push(Value::Owned(rule));
+            sql.push_str(&format!(" AND rule = {sigil}{}", values.len()));
+        }
+        if let Some(deal_id) = self.deal_id {
+            values.push(Value::Int(deal_id));
+            sql.push_str(&format!(" AND deal_id = {sigil}{}", values.len()));
+        }
+        sql.push_str(" ORDER BY due_at DESC, id DESC");
+        if let Some(limit) = self.limit {
+            sql.push_str(&format!(" LIMIT {limit}"));
+        }
+        (sql, values)
+    }
+}
+
 /// What asking to send a failed email again did.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RetryOutcome {
@@ -237,13 +281,7 @@ fn earlier_enrollments(
          GROUP BY deal_id",
     )?;
     let rows = statement.query_map(params![rule, recipient, since, except_deal], |row| {
-        Ok(EarlierEnrollment {
-            deal_id: row.get(0)?,
-            anchor_at: from_ms(row.get(1)?),
-            created_at: from_ms(row.get(2)?),
-            started: row.get(3)?,
-            pending: row.get(4)?,
-        })
+        earlier_from(row)
     })?;
     Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
 }
@@ -262,30 +300,25 @@ fn read_claim_facts(
     } else {
         super::suppression::reason_of(db, &row.recipient)?
     };
-    let order_since = match (&query.order_pipeline, &deal) {
-        (Some(pipeline), Some(deal)) => match &deal.contact_email {
-            Some(email) => {
-                let started = to_ms(deal.created_at.unwrap_or(deal.first_seen_at));
-                db.prepare_cached(
-                    "SELECT id FROM deals
-                     WHERE contact_email IN (?1, lower(?1)) AND pipeline = ?2
-                       AND status = 'won' AND id != ?3 AND stage_entered_at >= ?4
-                     LIMIT 1",
-                )?
-                .query_row(
-                    params![email.as_str(), pipeline.as_str(), deal.id, started],
-                    |r| r.get(0),
-                )
-                .optional()?
-            }
-            None => None,
-        },
-        _ => None,
+    // (`store::postgres::outbox` reads the same facts, deciding what to read alike.)
+    let order_since = match OrderLookup::of(query, deal.as_ref()) {
+        Some(order) => db
+            .prepare_cached(
+                "SELECT id FROM deals
+                 WHERE contact_email IN (?1, lower(?1)) AND pipeline = ?2
+                   AND status = 'won' AND id != ?3 AND stage_entered_at >= ?4
+                 LIMIT 1",
+            )?
+            .query_row(
+                params![order.email, order.pipeline, order.deal_id, order.started_ms],
+                |r| r.get(0),
+            )
+            .optional()?,
+        None => None,
     };
-    let recent_to_recipient = match query.cap_window {
-        Some(window) if !row.recipient.is_empty() => {
-            let since = now_ms - window.as_millis() as i64;
-            db.prepare_cached(
+    let recent_to_recipient = match cap_since(query, &row, now_ms) {
+        Some(since) => db
+            .prepare_cached(
                 "SELECT count(*), min(claimed_at) FROM outbox
                  WHERE recipient = ?1 AND claimed_at > ?2
                    AND state IN ('sending', 'sent', 'uncertain')",
@@ -295,8 +328,7 @@ fn read_claim_facts(
                     r.get::<_, i64>(0)? as u32,
                     r.get::<_, Option<i64>>(1)?.map(from_ms),
                 ))
-            })?
-        }
+            })?,
         _ => (0, None),
     };
     Ok(ClaimFacts {
@@ -306,6 +338,111 @@ fn read_claim_facts(
         order_since,
         recent_to_recipient,
     })
+}
+
+/// The order lookup of a claim's facts: a won deal with the same contact in the
+/// checked pipeline, other than the deal, that entered its stage since the deal started.
+pub(super) struct OrderLookup<'a> {
+    pub(super) email: &'a str,
+    pub(super) pipeline: &'a str,
+    pub(super) deal_id: i64,
+    pub(super) started_ms: i64,
+}
+
+impl<'a> OrderLookup<'a> {
+    /// What to look for, when the query asks for orders and the deal has a contact.
+    pub(super) fn of(query: &'a ClaimQuery, deal: Option<&'a Deal>) -> Option<Self> {
+        let pipeline = query.order_pipeline.as_ref()?;
+        let deal = deal?;
+        let email = deal.contact_email.as_ref()?;
+        Some(OrderLookup {
+            email: email.as_str(),
+            pipeline: pipeline.as_str(),
+            deal_id: deal.id,
+            started_ms: to_ms(deal.created_at.unwrap_or(deal.first_seen_at)),
+        })
+    }
+}
+
+/// Since when (ms) the per-recipient cap counts claims, when the query has a cap and
+/// the row a recipient.
+pub(super) fn cap_since(query: &ClaimQuery, row: &OutboxRow, now_ms: i64) -> Option<i64> {
+    match query.cap_window {
+        Some(window) if !row.recipient.is_empty() => Some(now_ms - window.as_millis() as i64),
+        _ => None,
+    }
+}
+
+/// The one row a declined enrollment records: step 0, skipped with the reason.
+pub(super) fn decline_row(reason: String, now_ms: i64) -> NewOutboxRow {
+    NewOutboxRow {
+        step: StepNumber::default(),
+        action: OutboxAction::Email,
+        due_at: from_ms(now_ms),
+        state: OutboxState::Skipped,
+        reason: Some(reason),
+    }
+}
+
+/// Why an older deal's pending rows were skipped at a newer deal's enrollment.
+pub(super) fn superseded_reason(newer_deal: i64) -> String {
+    format!("superseded by the newer deal {newer_deal}")
+}
+
+/// Why the rest of a sequence was skipped after a `Stop`.
+pub(super) fn stopped_reason(reason: &str) -> String {
+    format!("sequence stopped: {reason}")
+}
+
+/// What an expiry row records once it moved the deal.
+pub(super) fn expired_reason(to: &StageRef) -> String {
+    format!("moved to {}", describe(to))
+}
+
+/// The claimed row as it is once `sending`.
+pub(super) fn now_sending(mut row: OutboxRow) -> OutboxRow {
+    row.state = OutboxState::Sending;
+    row.attempts += 1;
+    row
+}
+
+/// The deal of a row claimed to send; a claimed row without its deal is corrupt data.
+pub(super) fn claimed_deal(id: i64, deal: Option<Deal>) -> Result<Deal> {
+    deal.ok_or_else(|| StoreError::Corrupt(format!("outbox row {id} claimed without its deal")))
+}
+
+/// Whether `retry_failed` may queue `row` again: only a failed email.
+pub(super) fn retryable(row: &OutboxRow) -> bool {
+    row.state == OutboxState::Failed && row.action == OutboxAction::Email
+}
+
+/// The rules among `rules` (those with pending rows of the deal) whose active stages
+/// no longer hold the deal, each with the reason its rows stop; a rule without stages
+/// in `active` is not judged.
+pub(super) fn rules_left(
+    deal: &Deal,
+    rules: Vec<String>,
+    active: &HashMap<String, Vec<StageRef>>,
+) -> Vec<(String, String)> {
+    let here = StageRef {
+        pipeline: deal.pipeline.clone(),
+        stage: deal.stage.clone(),
+    };
+    rules
+        .into_iter()
+        .filter(|rule| {
+            active
+                .get(rule)
+                .is_some_and(|stages| !stages.contains(&here))
+        })
+        .map(|rule| {
+            let reason = format!(
+                "sequence stopped: the deal left the rule's stages (now in {})",
+                describe(&here)
+            );
+            (rule, reason)
+        })
+        .collect()
 }
 
 fn insert_row(
@@ -356,10 +493,43 @@ fn stop_sequence(
 /// Read access to the facts enrollment and the send-time decision look at, through the
 /// same queries (`followup::explain` asks them without changing anything).
 pub struct FollowupFacts<'a> {
-    db: &'a rusqlite::Connection,
+    reads: &'a dyn FollowupReads,
 }
 
-impl FollowupFacts<'_> {
+/// The two reads behind [`FollowupFacts`], on a backend's snapshot.
+pub(super) trait FollowupReads {
+    fn earlier_enrollments(
+        &self,
+        rule: &str,
+        recipient: &str,
+        since_ms: i64,
+        except_deal: i64,
+    ) -> Result<Vec<EarlierEnrollment>>;
+
+    fn claim_facts(&self, row: OutboxRow, query: &ClaimQuery, now_ms: i64) -> Result<ClaimFacts>;
+}
+
+impl FollowupReads for rusqlite::Connection {
+    fn earlier_enrollments(
+        &self,
+        rule: &str,
+        recipient: &str,
+        since_ms: i64,
+        except_deal: i64,
+    ) -> Result<Vec<EarlierEnrollment>> {
+        earlier_enrollments(self, rule, recipient, since_ms, except_deal)
+    }
+
+    fn claim_facts(&self, row: OutboxRow, query: &ClaimQuery, now_ms: i64) -> Result<ClaimFacts> {
+        read_claim_facts(self, row, query, now_ms)
+    }
+}
+
+impl<'a> FollowupFacts<'a> {
+    pub(super) fn new(reads: &'a dyn FollowupReads) -> Self {
+        FollowupFacts { reads }
+    }
+
     /// The recipient's enrollments into `rule` created since `since`, other than
     /// `except_deal`'s: what `Store::enroll` hands to its plan.
     pub fn earlier_enrollments(
@@ -369,7 +539,8 @@ impl FollowupFacts<'_> {
         since: DateTime<Utc>,
         except_deal: i64,
     ) -> Result<Vec<EarlierEnrollment>> {
-        earlier_enrollments(self.db, rule, recipient, to_ms(since), except_deal)
+        self.reads
+            .earlier_enrollments(rule, recipient, to_ms(since), except_deal)
     }
 
     /// What `Store::claim` would read about `row` at `now`.
@@ -379,7 +550,7 @@ impl FollowupFacts<'_> {
         query: &ClaimQuery,
         now: DateTime<Utc>,
     ) -> Result<ClaimFacts> {
-        read_claim_facts(self.db, row, query, to_ms(now))
+        self.reads.claim_facts(row, query, to_ms(now))
     }
 }
 
@@ -392,6 +563,12 @@ impl Store {
         T: Send + 'static,
         F: FnOnce(&Deal, &[OutboxRow], &FollowupFacts<'_>) -> Result<T> + Send + 'static,
     {
+        if let Some(database) = self.postgres() {
+            return database
+                .with_followup_facts(deal_id, f)
+                .await
+                .map_err(|error| database.named(error));
+        }
         self.read(move |db| {
             let snapshot = db.unchecked_transaction()?;
             let Some(deal) = read_deal(&snapshot, deal_id)? else {
@@ -403,7 +580,7 @@ impl Store {
                 .prepare(&sql)?
                 .query_map([deal_id], row_from)?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
-            let value = f(&deal, &rows, &FollowupFacts { db: &snapshot })?;
+            let value = f(&deal, &rows, &FollowupFacts::new(&*snapshot))?;
             snapshot.finish()?;
             Ok(Some(value))
         })
@@ -426,6 +603,12 @@ impl Store {
             + Send
             + 'static,
     {
+        if let Some(database) = self.postgres() {
+            return database
+                .enroll(deal_id, rule, history_since, now, plan)
+                .await
+                .map_err(|error| database.named(error));
+        }
         self.write(move |tx| {
             let exists: bool = tx
                 .prepare_cached("SELECT 1 FROM outbox WHERE deal_id = ?1 AND rule = ?2 LIMIT 1")?
@@ -449,13 +632,7 @@ impl Store {
                     anchor_at,
                     reason,
                 } => {
-                    let row = NewOutboxRow {
-                        step: StepNumber::default(),
-                        action: OutboxAction::Email,
-                        due_at: from_ms(now),
-                        state: OutboxState::Skipped,
-                        reason: Some(reason),
-                    };
+                    let row = decline_row(reason, now);
                     insert_row(tx, deal_id, &rule, &recipient, to_ms(anchor_at), &row, now)?;
                     outcome.declined = true;
                 }
@@ -466,7 +643,7 @@ impl Store {
                     supersede,
                 } => {
                     for old in supersede {
-                        let reason = format!("superseded by the newer deal {deal_id}");
+                        let reason = superseded_reason(deal_id);
                         // The expiry row goes too: the newer deal's sequence owns the shopper.
                         outcome.superseded += tx.execute(
                             "UPDATE outbox SET state = 'skipped', reason = ?3, updated_at = ?4
@@ -496,6 +673,14 @@ impl Store {
     where
         F: FnOnce(&ClaimFacts) -> ClaimDecision + Send + 'static,
     {
+        if let Some(database) = self.postgres() {
+            let (claim, moved) = database
+                .claim_outbox(id, now, query, decide, self.replica().unwrap_or_default())
+                .await
+                .map_err(|error| database.named(error))?;
+            self.note_stage_changes(moved);
+            return Ok(claim);
+        }
         self.write(move |tx| {
             let Some(row) = read_row(tx, id)? else {
                 return Ok(None);
@@ -511,26 +696,14 @@ impl Store {
             match &decision {
                 ClaimDecision::Send => {
                     OUTBOX.mark_sending(tx, id, now_ms, ", claimed_at = ?2", &[])?;
-                    let deal = deal.ok_or_else(|| {
-                        StoreError::Corrupt(format!("outbox row {id} claimed without its deal"))
-                    })?;
-                    let mut row = row;
-                    row.state = OutboxState::Sending;
-                    row.attempts += 1;
-                    sending = Some((row, deal));
+                    sending = Some((now_sending(row), claimed_deal(id, deal)?));
                 }
                 ClaimDecision::Skip(reason) => {
                     OUTBOX.skip(tx, id, reason, now_ms)?;
                 }
                 ClaimDecision::Stop(reason) => {
                     OUTBOX.skip(tx, id, reason, now_ms)?;
-                    stop_sequence(
-                        tx,
-                        row.deal_id,
-                        &row.rule,
-                        &format!("sequence stopped: {reason}"),
-                        now_ms,
-                    )?;
+                    stop_sequence(tx, row.deal_id, &row.rule, &stopped_reason(reason), now_ms)?;
                 }
                 ClaimDecision::Defer { until, reason } => {
                     tx.execute(
@@ -552,7 +725,7 @@ impl Store {
                         "UPDATE outbox SET state = 'done', reason = ?2, updated_at = ?3,
                             sent_at = ?3
                          WHERE id = ?1",
-                        params![id, format!("moved to {}", describe(to)), now_ms],
+                        params![id, expired_reason(to), now_ms],
                     )?;
                 }
             }
@@ -572,6 +745,14 @@ impl Store {
         move_to: Option<(StageRef, DealStatus)>,
         only_from: Vec<StageRef>,
     ) -> Result<bool> {
+        if let Some(database) = self.postgres() {
+            let (sent, moved) = database
+                .mark_sent(id, &message_id, at, move_to, &only_from)
+                .await
+                .map_err(|error| database.named(error))?;
+            self.note_stage_changes(moved);
+            return Ok(sent);
+        }
         self.write(move |tx| {
             let sent = Settlement::Sent {
                 message_id: &message_id,
@@ -606,24 +787,24 @@ impl Store {
     /// so the worker claims it at its next pass (re-checking everything as for any
     /// due row) and sends it once. One transaction; any other state is left alone.
     pub async fn retry_failed(&self, id: i64, now: DateTime<Utc>) -> Result<RetryOutcome> {
+        if let Some(database) = self.postgres() {
+            return database
+                .retry_failed(id, now)
+                .await
+                .map_err(|error| database.named(error));
+        }
         self.write(move |tx| {
             let Some(row) = read_row(tx, id)? else {
                 return Ok(RetryOutcome::NotFound);
             };
-            if row.state != OutboxState::Failed || row.action != OutboxAction::Email {
+            if !retryable(&row) {
                 return Ok(RetryOutcome::NotFailed(row));
             }
             if let Some(reason) = super::suppression::reason_of(tx, &row.recipient)? {
                 return Ok(RetryOutcome::Suppressed(row, reason));
             }
             let now_ms = to_ms(now);
-            tx.execute(
-                "UPDATE outbox SET state = 'pending', next_attempt_at = ?2, attempts = 0,
-                    claimed_at = NULL, updated_at = ?2,
-                    reason = 'retry asked by an operator after: ' || coalesce(reason, 'a failure')
-                 WHERE id = ?1 AND state = 'failed'",
-                params![id, now_ms],
-            )?;
+            tx.execute(&retry_failed_sql('?'), params![id, now_ms])?;
             Ok(RetryOutcome::Queued(read_row(tx, id)?.ok_or_else(
                 || StoreError::Corrupt(format!("outbox row {id} vanished while retried")),
             )?))
@@ -633,6 +814,16 @@ impl Store {
 
     /// Records a dry-run render: the row is skipped with the message id it would have had.
     pub async fn mark_dry_run(&self, id: i64, message_id: String, at: DateTime<Utc>) -> Result<()> {
+        if let Some(database) = self.postgres() {
+            let dry_run = Settlement::DryRun {
+                message_id: &message_id,
+            };
+            return database
+                .settle(&OUTBOX, id, dry_run, at)
+                .await
+                .map(drop)
+                .map_err(|error| database.named(error));
+        }
         self.write(move |tx| {
             let dry_run = Settlement::DryRun {
                 message_id: &message_id,
@@ -651,6 +842,17 @@ impl Store {
         reason: String,
         at: DateTime<Utc>,
     ) -> Result<()> {
+        if let Some(database) = self.postgres() {
+            let retry = Settlement::Retry {
+                next_attempt_at,
+                reason: &reason,
+            };
+            return database
+                .settle(&OUTBOX, id, retry, at)
+                .await
+                .map(drop)
+                .map_err(|error| database.named(error));
+        }
         self.write(move |tx| {
             let retry = Settlement::Retry {
                 next_attempt_at,
@@ -665,6 +867,14 @@ impl Store {
     /// Marks a claimed row `uncertain`: the server may have accepted the message (the
     /// connection failed after the hand-off), so it is never resent.
     pub async fn mark_uncertain(&self, id: i64, reason: String, at: DateTime<Utc>) -> Result<()> {
+        if let Some(database) = self.postgres() {
+            let uncertain = Settlement::Uncertain { reason: &reason };
+            return database
+                .settle(&OUTBOX, id, uncertain, at)
+                .await
+                .map(drop)
+                .map_err(|error| database.named(error));
+        }
         self.write(move |tx| {
             OUTBOX.settle(tx, id, Settlement::Uncertain { reason: &reason }, at)?;
             Ok(())
@@ -681,6 +891,15 @@ impl Store {
         suppress: Option<String>,
         at: DateTime<Utc>,
     ) -> Result<()> {
+        if let Some(database) = self.postgres() {
+            let failed = Settlement::Failed { reason: &reason };
+            let suppress = suppress.as_deref().map(|email| (email, reason.as_str()));
+            return database
+                .settle_and_suppress(&OUTBOX, id, failed, suppress, at)
+                .await
+                .map(drop)
+                .map_err(|error| database.named(error));
+        }
         self.write(move |tx| {
             OUTBOX.settle(tx, id, Settlement::Failed { reason: &reason }, at)?;
             if let Some(email) = suppress {
@@ -694,6 +913,12 @@ impl Store {
     /// At start-up: every outbox or digest row left in `sending` by a crash becomes
     /// `uncertain`. Returns how many.
     pub async fn outbox_recover_interrupted(&self, at: DateTime<Utc>) -> Result<u64> {
+        if let Some(database) = self.postgres() {
+            return database
+                .recover_interrupted(&[&OUTBOX, &super::ledger::DIGESTS], at)
+                .await
+                .map_err(|error| database.named(error));
+        }
         self.write(move |tx| {
             let outbox = OUTBOX.recover_interrupted(tx, at)?;
             let digests = super::ledger::DIGESTS.recover_interrupted(tx, at)?;
@@ -705,11 +930,23 @@ impl Store {
     /// Pending rows due by `now`, earliest first: (id, rule). Uses the partial index
     /// on pending rows, so its cost follows the due set, not the table.
     pub async fn outbox_due(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<(i64, String)>> {
+        if let Some(database) = self.postgres() {
+            return database
+                .due(&OUTBOX, now, limit)
+                .await
+                .map_err(|error| database.named(error));
+        }
         self.read(move |db| OUTBOX.due(db, now, limit)).await
     }
 
     /// The deal of an email row (not an expiry), as stored now.
     pub async fn outbox_email_deal(&self, id: i64) -> Result<Option<Deal>> {
+        if let Some(database) = self.postgres() {
+            return database
+                .outbox_email_deal(id)
+                .await
+                .map_err(|error| database.named(error));
+        }
         self.read(move |db| {
             let sql = format!(
                 "SELECT {DEAL_COLUMNS} FROM deals WHERE id =
@@ -722,30 +959,25 @@ impl Store {
 
     /// When the next pending row comes due.
     pub async fn outbox_next_due(&self) -> Result<Option<DateTime<Utc>>> {
+        if let Some(database) = self.postgres() {
+            return database
+                .next_due(&OUTBOX)
+                .await
+                .map_err(|error| database.named(error));
+        }
         self.read(|db| OUTBOX.next_due(db)).await
     }
 
     /// Rows matching the filter, newest first.
     pub async fn outbox(&self, filter: OutboxRowFilter) -> Result<Vec<OutboxRow>> {
+        if let Some(database) = self.postgres() {
+            return database
+                .outbox(filter)
+                .await
+                .map_err(|error| database.named(error));
+        }
         self.read(move |db| {
-            let mut sql = format!("SELECT {ROW_COLUMNS} FROM outbox WHERE 1 = 1");
-            let mut values: Vec<rusqlite::types::Value> = Vec::new();
-            if let Some(state) = filter.state {
-                values.push(state.as_str().to_owned().into());
-                sql.push_str(&format!(" AND state = ?{}", values.len()));
-            }
-            if let Some(rule) = filter.rule {
-                values.push(rule.into());
-                sql.push_str(&format!(" AND rule = ?{}", values.len()));
-            }
-            if let Some(deal_id) = filter.deal_id {
-                values.push(deal_id.into());
-                sql.push_str(&format!(" AND deal_id = ?{}", values.len()));
-            }
-            sql.push_str(&format!(
-                " ORDER BY due_at DESC, id DESC LIMIT {}",
-                filter.limit.map_or(-1, i64::from)
-            ));
+            let (sql, values) = filter.query('?');
             let mut statement = db.prepare(&sql)?;
             let rows = statement.query_map(rusqlite::params_from_iter(values), row_from)?;
             Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
@@ -766,6 +998,12 @@ impl Store {
         if deal_ids.is_empty() || active.is_empty() {
             return Ok(Vec::new());
         }
+        if let Some(database) = self.postgres() {
+            return database
+                .stop_left_rules(&deal_ids, &active, now)
+                .await
+                .map_err(|error| database.named(error));
+        }
         self.write(move |tx| {
             let now = to_ms(now);
             let mut stopped: HashMap<String, u64> = HashMap::new();
@@ -782,21 +1020,7 @@ impl Store {
                 let Some(deal) = read_deal(tx, deal_id)? else {
                     continue;
                 };
-                let here = StageRef {
-                    pipeline: deal.pipeline.clone(),
-                    stage: deal.stage.clone(),
-                };
-                for rule in rules {
-                    let Some(stages) = active.get(&rule) else {
-                        continue;
-                    };
-                    if stages.contains(&here) {
-                        continue;
-                    }
-                    let reason = format!(
-                        "sequence stopped: the deal left the rule's stages (now in {})",
-                        describe(&here)
-                    );
+                for (rule, reason) in rules_left(&deal, rules, &active) {
                     let changed = tx.execute(
                         "UPDATE outbox SET state = 'skipped', reason = ?3, updated_at = ?4
                          WHERE deal_id = ?1 AND rule = ?2 AND state = 'pending'",
@@ -812,6 +1036,12 @@ impl Store {
 
     /// The rule names outbox rows carry, sorted (rules since removed included).
     pub async fn outbox_rules(&self) -> Result<Vec<String>> {
+        if let Some(database) = self.postgres() {
+            return database
+                .outbox_rules()
+                .await
+                .map_err(|error| database.named(error));
+        }
         self.read(|db| {
             let mut statement = db.prepare("SELECT DISTINCT rule FROM outbox ORDER BY rule")?;
             let rows = statement.query_map([], |r| r.get(0))?;
@@ -828,6 +1058,12 @@ impl Store {
         entered_after: DateTime<Utc>,
         rule: String,
     ) -> Result<Vec<i64>> {
+        if let Some(database) = self.postgres() {
+            return database
+                .unenrolled_in_stage(&at, entered_after, &rule)
+                .await
+                .map_err(|error| database.named(error));
+        }
         self.read(move |db| {
             let mut statement = db.prepare_cached(
                 "SELECT d.id FROM deals d
@@ -851,6 +1087,16 @@ impl Store {
     }
 }
 
+/// Failed row `{sigil}1` back to `pending`, due at `{sigil}2` (ms), attempts reset.
+pub(super) fn retry_failed_sql(sigil: char) -> String {
+    format!(
+        "UPDATE outbox SET state = 'pending', next_attempt_at = {sigil}2, attempts = 0,
+            claimed_at = NULL, updated_at = {sigil}2,
+            reason = 'retry asked by an operator after: ' || coalesce(reason, 'a failure')
+         WHERE id = {sigil}1 AND state = 'failed'"
+    )
+}
+
 fn describe(at: &StageRef) -> String {
     match &at.pipeline {
         Some(pipeline) => format!("{pipeline}.{}", at.stage),
@@ -861,8 +1107,9 @@ fn describe(at: &StageRef) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::both_backends::on_both;
     use crate::store::deals::tests::upsert;
-    use crate::store::tests::temp_store;
+    use crate::store::ledger::test_sql::exec;
     use chrono::TimeZone;
     use std::sync::{Arc, Mutex};
 
@@ -876,17 +1123,12 @@ mod tests {
             .upsert_deals(vec![upsert(external_id, "lead", at(0))])
             .await
             .unwrap();
-        let external_id = external_id.to_owned();
         store
-            .read(move |db| {
-                Ok(db.query_row(
-                    "SELECT id FROM deals WHERE external_id = ?1",
-                    [external_id],
-                    |r| r.get(0),
-                )?)
-            })
+            .deal_by_external_id("crm", external_id)
             .await
             .unwrap()
+            .unwrap()
+            .id
     }
 
     /// Enrolls `deal_id` into `rule` for `recipient` with these steps, all pending.
@@ -926,506 +1168,535 @@ mod tests {
 
     /// (rule, step, state, reason) of the deal's rows.
     async fn rows_of(store: &Store, deal_id: i64) -> Vec<(String, i64, String, Option<String>)> {
-        store
-            .read(move |db| {
-                let mut statement = db.prepare(
-                    "SELECT rule, step, state, reason FROM outbox WHERE deal_id = ?1
-                     ORDER BY rule, step",
-                )?;
-                let rows = statement
-                    .query_map([deal_id], |r| {
-                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-                    })?
-                    .collect::<rusqlite::Result<Vec<_>>>()?;
-                Ok(rows)
-            })
+        let filter = OutboxRowFilter {
+            deal_id: Some(deal_id),
+            ..OutboxRowFilter::default()
+        };
+        let mut rows: Vec<_> = store
+            .outbox(filter)
             .await
             .unwrap()
+            .into_iter()
+            .map(|r| {
+                let step = r.step.index() as i64;
+                (r.rule, step, r.state.as_str().to_owned(), r.reason)
+            })
+            .collect();
+        rows.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+        rows
     }
 
     async fn row_id(store: &Store, deal_id: i64, rule: &str, step: i64) -> i64 {
-        let rule = rule.to_owned();
-        store
-            .read(move |db| {
-                Ok(db.query_row(
-                    "SELECT id FROM outbox WHERE deal_id = ?1 AND rule = ?2 AND step = ?3",
-                    params![deal_id, rule, step],
-                    |r| r.get(0),
-                )?)
-            })
-            .await
-            .unwrap()
+        let filter = OutboxRowFilter {
+            deal_id: Some(deal_id),
+            rule: Some(rule.to_owned()),
+            ..OutboxRowFilter::default()
+        };
+        let rows = store.outbox(filter).await.unwrap();
+        let row = rows.iter().find(|r| r.step.index() as i64 == step);
+        row.expect("the row").id
     }
 
     /// Marks a row as handed to SMTP (`state`) at `claimed`.
-    async fn mark(store: &Store, id: i64, state: &str, claimed: DateTime<Utc>) {
-        let state = state.to_owned();
-        store
-            .write(move |tx| {
-                tx.execute(
-                    "UPDATE outbox SET state = ?2, claimed_at = ?3 WHERE id = ?1",
-                    params![id, state, to_ms(claimed)],
-                )?;
-                Ok(())
-            })
-            .await
-            .unwrap();
+    async fn mark(store: &Store, id: i64, state: &'static str, claimed: DateTime<Utc>) {
+        exec(
+            store,
+            "UPDATE outbox SET state = ?2, claimed_at = ?3 WHERE id = ?1",
+            vec![
+                Value::Int(id),
+                Value::Text(state),
+                Value::Int(to_ms(claimed)),
+            ],
+        )
+        .await;
     }
 
     #[tokio::test]
     async fn a_stop_skips_the_pending_email_steps_of_that_sequence_and_nothing_else() {
-        use OutboxAction::{Email, Expire};
-        let (_dir, store) = temp_store();
-        let won = deal(&store, "d1").await;
-        let other = deal(&store, "d2").await;
-        enroll(
-            &store,
-            won,
-            "carts",
-            "ada@example.com",
-            &[Email, Email, Email, Expire],
-            at(0),
-        )
-        .await;
-        enroll(&store, won, "winback", "ada@example.com", &[Email], at(0)).await;
-        enroll(
-            &store,
-            other,
-            "carts",
-            "bob@example.com",
-            &[Email, Email],
-            at(0),
-        )
-        .await;
-        let first = row_id(&store, won, "carts", 0).await;
-        let claim = store
-            .claim(first, at(1), ClaimQuery::default(), |_| {
-                ClaimDecision::Stop("the deal was won".into())
-            })
-            .await
-            .unwrap()
-            .expect("a pending row");
-        assert!(claim.sending.is_none());
-        let stopped = Some("sequence stopped: the deal was won".to_owned());
-        assert_eq!(
-            rows_of(&store, won).await,
-            [
-                (
-                    "carts".into(),
-                    0,
-                    "skipped".into(),
-                    Some("the deal was won".into())
-                ),
-                ("carts".into(), 1, "skipped".into(), stopped.clone()),
-                ("carts".into(), 2, "skipped".into(), stopped),
-                // The expiry is not an email: it still moves a deal that waits on.
-                ("carts".into(), 3, "pending".into(), None),
-                ("winback".into(), 0, "pending".into(), None),
-            ]
-        );
-        assert!(
-            rows_of(&store, other)
-                .await
-                .iter()
-                .all(|row| row.2 == "pending")
-        );
-    }
-
-    #[tokio::test]
-    async fn the_cap_counts_this_recipients_emails_handed_to_smtp_within_the_window_only() {
-        use OutboxAction::Email;
-        let (_dir, store) = temp_store();
-        let now = at(600);
-        let earlier = deal(&store, "d1").await;
-        let later = deal(&store, "d2").await;
-        let stranger = deal(&store, "d3").await;
-        let nobody = deal(&store, "d4").await;
-        enroll(
-            &store,
-            earlier,
-            "carts",
-            "ada@example.com",
-            &[Email; 5],
-            at(0),
-        )
-        .await;
-        enroll(&store, later, "carts", "ada@example.com", &[Email], at(0)).await;
-        enroll(
-            &store,
-            stranger,
-            "carts",
-            "bob@example.com",
-            &[Email],
-            at(0),
-        )
-        .await;
-        enroll(&store, nobody, "carts", "", &[Email, Email], at(0)).await;
-        let step = |n| row_id(&store, earlier, "carts", n);
-        // Outside the hour: two hours ago. Inside: sent, sending and uncertain ones, and
-        // a failed one (never handed over) that does not count.
-        for (n, state, minutes_ago) in [
-            (0, "sent", 120),
-            (1, "sent", 40),
-            (2, "uncertain", 30),
-            (3, "sending", 20),
-            (4, "failed", 10),
-        ] {
-            let claimed = now - chrono::Duration::minutes(minutes_ago);
-            mark(&store, step(n).await, state, claimed).await;
-        }
-        mark(
-            &store,
-            row_id(&store, stranger, "carts", 0).await,
-            "sent",
-            now - chrono::Duration::minutes(5),
-        )
-        .await;
-        mark(
-            &store,
-            row_id(&store, nobody, "carts", 0).await,
-            "sent",
-            now - chrono::Duration::minutes(5),
-        )
-        .await;
-
-        let recent = |id: i64| {
-            let store = store.clone();
-            async move {
-                let seen = Arc::new(Mutex::new(None));
-                let into = Arc::clone(&seen);
-                let query = ClaimQuery {
-                    order_pipeline: None,
-                    cap_window: Some(Duration::from_secs(3600)),
-                };
-                store
-                    .claim(id, now, query, move |facts| {
-                        *into.lock().unwrap() = Some(facts.recent_to_recipient);
-                        ClaimDecision::Skip("looked".into())
+        on_both(
+            "a_stop_skips_the_pending_email_steps_of_that_sequence_and_nothing_else",
+            async |store| {
+                use OutboxAction::{Email, Expire};
+                let won = deal(&store, "d1").await;
+                let other = deal(&store, "d2").await;
+                enroll(
+                    &store,
+                    won,
+                    "carts",
+                    "ada@example.com",
+                    &[Email, Email, Email, Expire],
+                    at(0),
+                )
+                .await;
+                enroll(&store, won, "winback", "ada@example.com", &[Email], at(0)).await;
+                enroll(
+                    &store,
+                    other,
+                    "carts",
+                    "bob@example.com",
+                    &[Email, Email],
+                    at(0),
+                )
+                .await;
+                let first = row_id(&store, won, "carts", 0).await;
+                let claim = store
+                    .claim(first, at(1), ClaimQuery::default(), |_| {
+                        ClaimDecision::Stop("the deal was won".into())
                     })
                     .await
                     .unwrap()
                     .expect("a pending row");
-                seen.lock().unwrap().take().unwrap()
-            }
-        };
-        assert_eq!(
-            recent(row_id(&store, later, "carts", 0).await).await,
-            (3, Some(now - chrono::Duration::minutes(40)))
-        );
-        // An email without a recipient is never capped.
-        assert_eq!(
-            recent(row_id(&store, nobody, "carts", 1).await).await,
-            (0, None)
-        );
+                assert!(claim.sending.is_none());
+                let stopped = Some("sequence stopped: the deal was won".to_owned());
+                assert_eq!(
+                    rows_of(&store, won).await,
+                    [
+                        (
+                            "carts".into(),
+                            0,
+                            "skipped".into(),
+                            Some("the deal was won".into())
+                        ),
+                        ("carts".into(), 1, "skipped".into(), stopped.clone()),
+                        ("carts".into(), 2, "skipped".into(), stopped),
+                        // The expiry is not an email: it still moves a deal that waits on.
+                        ("carts".into(), 3, "pending".into(), None),
+                        ("winback".into(), 0, "pending".into(), None),
+                    ]
+                );
+                assert!(
+                    rows_of(&store, other)
+                        .await
+                        .iter()
+                        .all(|row| row.2 == "pending")
+                );
+            },
+        )
+        .await;
+    }
+
+    #[tokio::test]
+    async fn the_cap_counts_this_recipients_emails_handed_to_smtp_within_the_window_only() {
+        on_both(
+            "the_cap_counts_this_recipients_emails_handed_to_smtp_within_the_window_only",
+            async |store| {
+                use OutboxAction::Email;
+                let now = at(600);
+                let earlier = deal(&store, "d1").await;
+                let later = deal(&store, "d2").await;
+                let stranger = deal(&store, "d3").await;
+                let nobody = deal(&store, "d4").await;
+                enroll(
+                    &store,
+                    earlier,
+                    "carts",
+                    "ada@example.com",
+                    &[Email; 5],
+                    at(0),
+                )
+                .await;
+                enroll(&store, later, "carts", "ada@example.com", &[Email], at(0)).await;
+                enroll(
+                    &store,
+                    stranger,
+                    "carts",
+                    "bob@example.com",
+                    &[Email],
+                    at(0),
+                )
+                .await;
+                enroll(&store, nobody, "carts", "", &[Email, Email], at(0)).await;
+                let step = |n| row_id(&store, earlier, "carts", n);
+                // Outside the hour: two hours ago. Inside: sent, sending and uncertain ones, and
+                // a failed one (never handed over) that does not count.
+                for (n, state, minutes_ago) in [
+                    (0, "sent", 120),
+                    (1, "sent", 40),
+                    (2, "uncertain", 30),
+                    (3, "sending", 20),
+                    (4, "failed", 10),
+                ] {
+                    let claimed = now - chrono::Duration::minutes(minutes_ago);
+                    mark(&store, step(n).await, state, claimed).await;
+                }
+                mark(
+                    &store,
+                    row_id(&store, stranger, "carts", 0).await,
+                    "sent",
+                    now - chrono::Duration::minutes(5),
+                )
+                .await;
+                mark(
+                    &store,
+                    row_id(&store, nobody, "carts", 0).await,
+                    "sent",
+                    now - chrono::Duration::minutes(5),
+                )
+                .await;
+
+                let recent = |id: i64| {
+                    let store = store.clone();
+                    async move {
+                        let seen = Arc::new(Mutex::new(None));
+                        let into = Arc::clone(&seen);
+                        let query = ClaimQuery {
+                            order_pipeline: None,
+                            cap_window: Some(Duration::from_secs(3600)),
+                        };
+                        store
+                            .claim(id, now, query, move |facts| {
+                                *into.lock().unwrap() = Some(facts.recent_to_recipient);
+                                ClaimDecision::Skip("looked".into())
+                            })
+                            .await
+                            .unwrap()
+                            .expect("a pending row");
+                        seen.lock().unwrap().take().unwrap()
+                    }
+                };
+                assert_eq!(
+                    recent(row_id(&store, later, "carts", 0).await).await,
+                    (3, Some(now - chrono::Duration::minutes(40)))
+                );
+                // An email without a recipient is never capped.
+                assert_eq!(
+                    recent(row_id(&store, nobody, "carts", 1).await).await,
+                    (0, None)
+                );
+            },
+        )
+        .await;
     }
 
     #[tokio::test]
     async fn a_newer_enrollment_supersedes_what_is_pending_of_the_older_ones_and_counts_it() {
-        use OutboxAction::{Email, Expire};
-        let (_dir, store) = temp_store();
-        let older = deal(&store, "d1").await;
-        let oldest = deal(&store, "d2").await;
-        let newer = deal(&store, "d3").await;
-        enroll(
-            &store,
-            older,
-            "carts",
-            "ada@example.com",
-            &[Email, Email, Expire],
-            at(0),
-        )
-        .await;
-        mark(
-            &store,
-            row_id(&store, older, "carts", 0).await,
-            "sent",
-            at(1),
-        )
-        .await;
-        enroll(&store, oldest, "carts", "ada@example.com", &[Email], at(0)).await;
-        let outcome = store
-            .enroll(newer, "carts".into(), at(-60), at(10), move |_, earlier| {
-                let supersede = earlier("ada@example.com")
-                    .unwrap()
+        on_both(
+            "a_newer_enrollment_supersedes_what_is_pending_of_the_older_ones_and_counts_it",
+            async |store| {
+                use OutboxAction::{Email, Expire};
+                let older = deal(&store, "d1").await;
+                let oldest = deal(&store, "d2").await;
+                let newer = deal(&store, "d3").await;
+                enroll(
+                    &store,
+                    older,
+                    "carts",
+                    "ada@example.com",
+                    &[Email, Email, Expire],
+                    at(0),
+                )
+                .await;
+                mark(
+                    &store,
+                    row_id(&store, older, "carts", 0).await,
+                    "sent",
+                    at(1),
+                )
+                .await;
+                enroll(&store, oldest, "carts", "ada@example.com", &[Email], at(0)).await;
+                let outcome = store
+                    .enroll(newer, "carts".into(), at(-60), at(10), move |_, earlier| {
+                        let supersede = earlier("ada@example.com")
+                            .unwrap()
+                            .into_iter()
+                            .map(|e| e.deal_id)
+                            .collect();
+                        EnrollPlan::Enroll {
+                            recipient: "ada@example.com".into(),
+                            anchor_at: at(10),
+                            rows: vec![NewOutboxRow {
+                                step: StepNumber::default(),
+                                action: Email,
+                                due_at: at(11),
+                                state: OutboxState::Pending,
+                                reason: None,
+                            }],
+                            supersede,
+                        }
+                    })
+                    .await
+                    .unwrap();
+                // Two pending rows of the older deal (its expiry too) and one of the oldest.
+                assert_eq!(
+                    outcome,
+                    EnrollOutcome {
+                        enrolled: true,
+                        declined: false,
+                        superseded: 3,
+                    }
+                );
+                let reason = Some(format!("superseded by the newer deal {newer}"));
+                let states: Vec<_> = rows_of(&store, older)
+                    .await
                     .into_iter()
-                    .map(|e| e.deal_id)
+                    .map(|row| (row.2, row.3))
                     .collect();
-                EnrollPlan::Enroll {
-                    recipient: "ada@example.com".into(),
-                    anchor_at: at(10),
-                    rows: vec![NewOutboxRow {
-                        step: StepNumber::default(),
-                        action: Email,
-                        due_at: at(11),
-                        state: OutboxState::Pending,
-                        reason: None,
-                    }],
-                    supersede,
-                }
-            })
-            .await
-            .unwrap();
-        // Two pending rows of the older deal (its expiry too) and one of the oldest.
-        assert_eq!(
-            outcome,
-            EnrollOutcome {
-                enrolled: true,
-                declined: false,
-                superseded: 3,
-            }
-        );
-        let reason = Some(format!("superseded by the newer deal {newer}"));
-        let states: Vec<_> = rows_of(&store, older)
-            .await
-            .into_iter()
-            .map(|row| (row.2, row.3))
-            .collect();
-        assert_eq!(
-            states,
-            [
-                ("sent".to_owned(), None),
-                ("skipped".to_owned(), reason.clone()),
-                ("skipped".to_owned(), reason.clone()),
-            ]
-        );
-        assert_eq!(rows_of(&store, oldest).await[0].2, "skipped");
-        assert_eq!(rows_of(&store, newer).await[0].2, "pending");
+                assert_eq!(
+                    states,
+                    [
+                        ("sent".to_owned(), None),
+                        ("skipped".to_owned(), reason.clone()),
+                        ("skipped".to_owned(), reason.clone()),
+                    ]
+                );
+                assert_eq!(rows_of(&store, oldest).await[0].2, "skipped");
+                assert_eq!(rows_of(&store, newer).await[0].2, "pending");
+            },
+        )
+        .await;
     }
 
     #[tokio::test]
     async fn only_a_failed_email_is_queued_again_and_never_to_a_suppressed_address() {
-        use OutboxAction::{Email, Expire};
-        let (_dir, store) = temp_store();
-        let cart = deal(&store, "d1").await;
-        let gone = deal(&store, "d2").await;
-        enroll(
-            &store,
-            cart,
-            "carts",
-            "ada@example.com",
-            &[Email, Email, Expire],
-            at(0),
+        on_both(
+            "only_a_failed_email_is_queued_again_and_never_to_a_suppressed_address",
+            async |store| {
+                use OutboxAction::{Email, Expire};
+                let cart = deal(&store, "d1").await;
+                let gone = deal(&store, "d2").await;
+                enroll(
+                    &store,
+                    cart,
+                    "carts",
+                    "ada@example.com",
+                    &[Email, Email, Expire],
+                    at(0),
+                )
+                .await;
+                enroll(&store, gone, "carts", "gone@example.com", &[Email], at(0)).await;
+                let [sent, failed, expiry] = [
+                    row_id(&store, cart, "carts", 0).await,
+                    row_id(&store, cart, "carts", 1).await,
+                    row_id(&store, cart, "carts", 2).await,
+                ];
+                let bounced = row_id(&store, gone, "carts", 0).await;
+                mark(&store, sent, "sent", at(1)).await;
+                for id in [failed, expiry, bounced] {
+                    mark(&store, id, "failed", at(2)).await;
+                }
+                store
+                    .suppress("gone@example.com".into(), "hard bounce".into(), None, at(3))
+                    .await
+                    .unwrap();
+                let now = at(5);
+                // A sent email is never sent again, and an expiry is not an email.
+                for id in [sent, expiry] {
+                    assert!(matches!(
+                        store.retry_failed(id, now).await.unwrap(),
+                        RetryOutcome::NotFailed(row) if row.id == id
+                    ));
+                }
+                assert!(matches!(
+                    store.retry_failed(bounced, now).await.unwrap(),
+                    RetryOutcome::Suppressed(_, reason) if reason == "hard bounce"
+                ));
+                match store.retry_failed(failed, now).await.unwrap() {
+                    RetryOutcome::Queued(row) => {
+                        assert_eq!(
+                            (row.id, row.state, row.attempts),
+                            (failed, OutboxState::Pending, 0)
+                        );
+                    }
+                    other => panic!("{other:?}"),
+                }
+                assert!(matches!(
+                    store.retry_failed(9_999, now).await.unwrap(),
+                    RetryOutcome::NotFound
+                ));
+                let states: Vec<String> = rows_of(&store, cart)
+                    .await
+                    .into_iter()
+                    .map(|r| r.2)
+                    .collect();
+                assert_eq!(states, ["sent", "pending", "failed"]);
+                assert_eq!(rows_of(&store, gone).await[0].2, "failed");
+            },
         )
         .await;
-        enroll(&store, gone, "carts", "gone@example.com", &[Email], at(0)).await;
-        let [sent, failed, expiry] = [
-            row_id(&store, cart, "carts", 0).await,
-            row_id(&store, cart, "carts", 1).await,
-            row_id(&store, cart, "carts", 2).await,
-        ];
-        let bounced = row_id(&store, gone, "carts", 0).await;
-        mark(&store, sent, "sent", at(1)).await;
-        for id in [failed, expiry, bounced] {
-            mark(&store, id, "failed", at(2)).await;
-        }
-        store
-            .suppress("gone@example.com".into(), "hard bounce".into(), None, at(3))
-            .await
-            .unwrap();
-        let now = at(5);
-        // A sent email is never sent again, and an expiry is not an email.
-        for id in [sent, expiry] {
-            assert!(matches!(
-                store.retry_failed(id, now).await.unwrap(),
-                RetryOutcome::NotFailed(row) if row.id == id
-            ));
-        }
-        assert!(matches!(
-            store.retry_failed(bounced, now).await.unwrap(),
-            RetryOutcome::Suppressed(_, reason) if reason == "hard bounce"
-        ));
-        match store.retry_failed(failed, now).await.unwrap() {
-            RetryOutcome::Queued(row) => {
-                assert_eq!(
-                    (row.id, row.state, row.attempts),
-                    (failed, OutboxState::Pending, 0)
-                );
-            }
-            other => panic!("{other:?}"),
-        }
-        assert!(matches!(
-            store.retry_failed(9_999, now).await.unwrap(),
-            RetryOutcome::NotFound
-        ));
-        let states: Vec<String> = rows_of(&store, cart)
-            .await
-            .into_iter()
-            .map(|r| r.2)
-            .collect();
-        assert_eq!(states, ["sent", "pending", "failed"]);
-        assert_eq!(rows_of(&store, gone).await[0].2, "failed");
     }
 
     #[tokio::test]
     async fn at_start_every_email_and_digest_left_sending_becomes_uncertain_and_is_counted() {
-        use OutboxAction::Email;
-        let (_dir, store) = temp_store();
-        let cart = deal(&store, "d1").await;
-        enroll(
-            &store,
-            cart,
-            "carts",
-            "ada@example.com",
-            &[Email, Email, Email],
-            at(0),
-        )
-        .await;
-        for step in [0, 1] {
-            mark(
-                &store,
-                row_id(&store, cart, "carts", step).await,
-                "sending",
-                at(1),
-            )
-            .await;
-        }
-        store
-            .write(|tx| {
-                tx.execute(
+        on_both(
+            "at_start_every_email_and_digest_left_sending_becomes_uncertain_and_is_counted",
+            async |store| {
+                use OutboxAction::Email;
+                let cart = deal(&store, "d1").await;
+                enroll(
+                    &store,
+                    cart,
+                    "carts",
+                    "ada@example.com",
+                    &[Email, Email, Email],
+                    at(0),
+                )
+                .await;
+                for step in [0, 1] {
+                    mark(
+                        &store,
+                        row_id(&store, cart, "carts", step).await,
+                        "sending",
+                        at(1),
+                    )
+                    .await;
+                }
+                exec(
+                    &store,
                     "INSERT INTO digests (rule, day, recipient, state, slot_at, next_attempt_at,
                          created_at, updated_at)
                      VALUES ('daily', '2026-03-02', 'ops@example.com', 'sending', 0, 0, 0, 0)",
-                    [],
-                )?;
-                Ok(())
-            })
-            .await
-            .unwrap();
-        assert_eq!(store.outbox_recover_interrupted(at(2)).await.unwrap(), 3);
-        let states: Vec<String> = rows_of(&store, cart)
-            .await
-            .into_iter()
-            .map(|r| r.2)
-            .collect();
-        assert_eq!(states, ["uncertain", "uncertain", "pending"]);
-        assert_eq!(store.outbox_recover_interrupted(at(3)).await.unwrap(), 0);
+                    vec![],
+                )
+                .await;
+                assert_eq!(store.outbox_recover_interrupted(at(2)).await.unwrap(), 3);
+                let states: Vec<String> = rows_of(&store, cart)
+                    .await
+                    .into_iter()
+                    .map(|r| r.2)
+                    .collect();
+                assert_eq!(states, ["uncertain", "uncertain", "pending"]);
+                assert_eq!(store.outbox_recover_interrupted(at(3)).await.unwrap(), 0);
+            },
+        )
+        .await;
     }
 
     #[tokio::test]
     async fn a_deal_that_left_its_rules_stages_has_what_is_pending_stopped_at_once() {
-        use OutboxAction::{Email, Expire};
-        let (_dir, store) = temp_store();
-        let left = deal(&store, "d1").await;
-        let stays = deal(&store, "d2").await;
-        enroll(
-            &store,
-            left,
-            "nurture",
-            "ada@example.com",
-            &[Email, Email, Expire],
-            at(0),
+        on_both(
+            "a_deal_that_left_its_rules_stages_has_what_is_pending_stopped_at_once",
+            async |store| {
+                use OutboxAction::{Email, Expire};
+                let left = deal(&store, "d1").await;
+                let stays = deal(&store, "d2").await;
+                enroll(
+                    &store,
+                    left,
+                    "nurture",
+                    "ada@example.com",
+                    &[Email, Email, Expire],
+                    at(0),
+                )
+                .await;
+                enroll(&store, left, "other", "ada@example.com", &[Email], at(0)).await;
+                enroll(&store, stays, "nurture", "bob@example.com", &[Email], at(0)).await;
+                mark(
+                    &store,
+                    row_id(&store, left, "nurture", 0).await,
+                    "sent",
+                    at(1),
+                )
+                .await;
+                // Both deals are in sales.lead; the rule now runs only in sales.won.
+                let won = StageRef {
+                    pipeline: Some(PipelineKey::new("sales")),
+                    stage: StageKey::new("won"),
+                };
+                let lead = StageRef {
+                    pipeline: Some(PipelineKey::new("sales")),
+                    stage: StageKey::new("lead"),
+                };
+                let active = HashMap::from([("nurture".to_owned(), vec![won])]);
+                assert_eq!(
+                    store
+                        .stop_left_rules(vec![left], active.clone(), at(2))
+                        .await
+                        .unwrap(),
+                    [("nurture".to_owned(), 2)]
+                );
+                let reason = Some(
+                    "sequence stopped: the deal left the rule's stages (now in sales.lead)"
+                        .to_owned(),
+                );
+                let rows: Vec<_> = rows_of(&store, left)
+                    .await
+                    .into_iter()
+                    .map(|r| (r.0, r.2, r.3))
+                    .collect();
+                assert_eq!(
+                    rows,
+                    [
+                        ("nurture".into(), "sent".into(), None),
+                        ("nurture".into(), "skipped".into(), reason.clone()),
+                        ("nurture".into(), "skipped".into(), reason),
+                        // A rule without stages given here is not judged.
+                        ("other".into(), "pending".into(), None),
+                    ]
+                );
+                // Only the deals named are looked at; one still in the rule's stages stays.
+                assert_eq!(rows_of(&store, stays).await[0].2, "pending");
+                let still = HashMap::from([("nurture".to_owned(), vec![lead])]);
+                assert!(
+                    store
+                        .stop_left_rules(vec![stays], still, at(3))
+                        .await
+                        .unwrap()
+                        .is_empty()
+                );
+                assert_eq!(rows_of(&store, stays).await[0].2, "pending");
+                assert!(
+                    store
+                        .stop_left_rules(vec![], active, at(3))
+                        .await
+                        .unwrap()
+                        .is_empty()
+                );
+                // The rules the outbox holds rows of, each once, sorted.
+                assert_eq!(store.outbox_rules().await.unwrap(), ["nurture", "other"]);
+            },
         )
         .await;
-        enroll(&store, left, "other", "ada@example.com", &[Email], at(0)).await;
-        enroll(&store, stays, "nurture", "bob@example.com", &[Email], at(0)).await;
-        mark(
-            &store,
-            row_id(&store, left, "nurture", 0).await,
-            "sent",
-            at(1),
-        )
-        .await;
-        // Both deals are in sales.lead; the rule now runs only in sales.won.
-        let won = StageRef {
-            pipeline: Some(PipelineKey::new("sales")),
-            stage: StageKey::new("won"),
-        };
-        let lead = StageRef {
-            pipeline: Some(PipelineKey::new("sales")),
-            stage: StageKey::new("lead"),
-        };
-        let active = HashMap::from([("nurture".to_owned(), vec![won])]);
-        assert_eq!(
-            store
-                .stop_left_rules(vec![left], active.clone(), at(2))
-                .await
-                .unwrap(),
-            [("nurture".to_owned(), 2)]
-        );
-        let reason = Some(
-            "sequence stopped: the deal left the rule's stages (now in sales.lead)".to_owned(),
-        );
-        let rows: Vec<_> = rows_of(&store, left)
-            .await
-            .into_iter()
-            .map(|r| (r.0, r.2, r.3))
-            .collect();
-        assert_eq!(
-            rows,
-            [
-                ("nurture".into(), "sent".into(), None),
-                ("nurture".into(), "skipped".into(), reason.clone()),
-                ("nurture".into(), "skipped".into(), reason),
-                // A rule without stages given here is not judged.
-                ("other".into(), "pending".into(), None),
-            ]
-        );
-        // Only the deals named are looked at; one still in the rule's stages stays.
-        assert_eq!(rows_of(&store, stays).await[0].2, "pending");
-        let still = HashMap::from([("nurture".to_owned(), vec![lead])]);
-        assert!(
-            store
-                .stop_left_rules(vec![stays], still, at(3))
-                .await
-                .unwrap()
-                .is_empty()
-        );
-        assert_eq!(rows_of(&store, stays).await[0].2, "pending");
-        assert!(
-            store
-                .stop_left_rules(vec![], active, at(3))
-                .await
-                .unwrap()
-                .is_empty()
-        );
-        // The rules the outbox holds rows of, each once, sorted.
-        assert_eq!(store.outbox_rules().await.unwrap(), ["nurture", "other"]);
     }
 
     #[tokio::test]
     async fn an_email_rows_deal_is_found_and_an_expiry_or_unknown_row_has_none() {
-        use OutboxAction::{Email, Expire};
-        let (_dir, store) = temp_store();
-        let cart = deal(&store, "d1").await;
-        enroll(
-            &store,
-            cart,
-            "carts",
-            "ada@example.com",
-            &[Email, Expire],
-            at(0),
+        on_both(
+            "an_email_rows_deal_is_found_and_an_expiry_or_unknown_row_has_none",
+            async |store| {
+                use OutboxAction::{Email, Expire};
+                let cart = deal(&store, "d1").await;
+                enroll(
+                    &store,
+                    cart,
+                    "carts",
+                    "ada@example.com",
+                    &[Email, Expire],
+                    at(0),
+                )
+                .await;
+                let email = row_id(&store, cart, "carts", 0).await;
+                let expiry = row_id(&store, cart, "carts", 1).await;
+                let found = store
+                    .outbox_email_deal(email)
+                    .await
+                    .unwrap()
+                    .expect("its deal");
+                assert_eq!((found.id, found.external_id.as_str()), (cart, "d1"));
+                assert!(store.outbox_email_deal(expiry).await.unwrap().is_none());
+                assert!(store.outbox_email_deal(9_999).await.unwrap().is_none());
+            },
         )
         .await;
-        let email = row_id(&store, cart, "carts", 0).await;
-        let expiry = row_id(&store, cart, "carts", 1).await;
-        let found = store
-            .outbox_email_deal(email)
-            .await
-            .unwrap()
-            .expect("its deal");
-        assert_eq!((found.id, found.external_id.as_str()), (cart, "d1"));
-        assert!(store.outbox_email_deal(expiry).await.unwrap().is_none());
-        assert!(store.outbox_email_deal(9_999).await.unwrap().is_none());
     }
 
     #[tokio::test]
     async fn the_start_up_index_lists_a_stages_deals_without_rows_for_the_rule_oldest_entry_first()
     {
-        let (_dir, store) = temp_store();
-        let lead = StageRef {
-            pipeline: Some(PipelineKey::new("sales")),
-            stage: StageKey::new("lead"),
-        };
-        let mut ids = Vec::new();
-        for external_id in ["d1", "d2", "d3", "d4", "d5", "d6"] {
-            ids.push(deal(&store, external_id).await);
-        }
-        let [early, late, enrolled, elsewhere, deleted, before] = ids[..] else {
-            unreachable!()
-        };
-        // Entered at minutes 20, 10, 15, 5, 5 and -5; one is elsewhere, one deleted.
-        store
-            .write(move |tx| {
+        on_both(
+            "the_start_up_index_lists_a_stages_deals_without_rows_for_the_rule_oldest_entry_first",
+            async |store| {
+                let lead = StageRef {
+                    pipeline: Some(PipelineKey::new("sales")),
+                    stage: StageKey::new("lead"),
+                };
+                let mut ids = Vec::new();
+                for external_id in ["d1", "d2", "d3", "d4", "d5", "d6"] {
+                    ids.push(deal(&store, external_id).await);
+                }
+                let [early, late, enrolled, elsewhere, deleted, before] = ids[..] else {
+                    unreachable!()
+                };
+                // Entered at minutes 20, 10, 15, 5, 5 and -5; one is elsewhere, one deleted.
                 for (id, minute) in [
                     (early, 20),
                     (late, 10),
@@ -1434,128 +1705,136 @@ mod tests {
                     (deleted, 5),
                     (before, -5),
                 ] {
-                    tx.execute(
+                    exec(
+                        &store,
                         "UPDATE deals SET stage_entered_at = ?2 WHERE id = ?1",
-                        params![id, to_ms(at(minute))],
-                    )?;
+                        vec![Value::Int(id), Value::Int(to_ms(at(minute)))],
+                    )
+                    .await;
                 }
-                tx.execute("UPDATE deals SET stage = 'won' WHERE id = ?1", [elsewhere])?;
-                tx.execute("UPDATE deals SET deleted_at = 1 WHERE id = ?1", [deleted])?;
-                Ok(())
-            })
-            .await
-            .unwrap();
-        enroll(
-            &store,
-            enrolled,
-            "carts",
-            "ada@example.com",
-            &[OutboxAction::Email],
-            at(16),
+                let update = "UPDATE deals SET stage = 'won' WHERE id = ?1";
+                exec(&store, update, vec![Value::Int(elsewhere)]).await;
+                let update = "UPDATE deals SET deleted_at = 1 WHERE id = ?1";
+                exec(&store, update, vec![Value::Int(deleted)]).await;
+                enroll(
+                    &store,
+                    enrolled,
+                    "carts",
+                    "ada@example.com",
+                    &[OutboxAction::Email],
+                    at(16),
+                )
+                .await;
+                enroll(
+                    &store,
+                    early,
+                    "winback",
+                    "ada@example.com",
+                    &[OutboxAction::Email],
+                    at(21),
+                )
+                .await;
+                let unenrolled = store
+                    .unenrolled_in_stage(lead.clone(), at(0), "carts".into())
+                    .await
+                    .unwrap();
+                assert_eq!(unenrolled, [late, early]);
+                assert!(
+                    store
+                        .unenrolled_in_stage(lead, at(20), "carts".into())
+                        .await
+                        .unwrap()
+                        .is_empty()
+                );
+            },
         )
         .await;
-        enroll(
-            &store,
-            early,
-            "winback",
-            "ada@example.com",
-            &[OutboxAction::Email],
-            at(21),
-        )
-        .await;
-        let unenrolled = store
-            .unenrolled_in_stage(lead.clone(), at(0), "carts".into())
-            .await
-            .unwrap();
-        assert_eq!(unenrolled, [late, early]);
-        assert!(
-            store
-                .unenrolled_in_stage(lead, at(20), "carts".into())
-                .await
-                .unwrap()
-                .is_empty()
-        );
     }
 
     #[tokio::test]
     async fn explain_sees_the_recipients_other_enrollments_in_the_rule_since_the_cutoff() {
-        use OutboxAction::Email;
-        let (_dir, store) = temp_store();
-        let started = deal(&store, "d1").await;
-        let waiting = deal(&store, "d2").await;
-        let old = deal(&store, "d3").await;
-        let asking = deal(&store, "d4").await;
-        enroll(
-            &store,
-            started,
-            "carts",
-            "ada@example.com",
-            &[Email, Email],
-            at(60),
+        on_both(
+            "explain_sees_the_recipients_other_enrollments_in_the_rule_since_the_cutoff",
+            async |store| {
+                use OutboxAction::Email;
+                let started = deal(&store, "d1").await;
+                let waiting = deal(&store, "d2").await;
+                let old = deal(&store, "d3").await;
+                let asking = deal(&store, "d4").await;
+                enroll(
+                    &store,
+                    started,
+                    "carts",
+                    "ada@example.com",
+                    &[Email, Email],
+                    at(60),
+                )
+                .await;
+                mark(
+                    &store,
+                    row_id(&store, started, "carts", 0).await,
+                    "sent",
+                    at(61),
+                )
+                .await;
+                enroll(
+                    &store,
+                    waiting,
+                    "carts",
+                    "ada@example.com",
+                    &[Email],
+                    at(90),
+                )
+                .await;
+                enroll(&store, old, "carts", "ada@example.com", &[Email], at(-60)).await;
+                enroll(
+                    &store,
+                    asking,
+                    "carts",
+                    "ada@example.com",
+                    &[Email],
+                    at(100),
+                )
+                .await;
+                enroll(
+                    &store,
+                    asking,
+                    "winback",
+                    "ada@example.com",
+                    &[Email],
+                    at(100),
+                )
+                .await;
+                let earlier = store
+                    .with_followup_facts(asking, move |_, _, facts| {
+                        facts.earlier_enrollments("carts", "ada@example.com", at(0), asking)
+                    })
+                    .await
+                    .unwrap()
+                    .expect("the deal exists");
+                let mut earlier = earlier;
+                earlier.sort_by_key(|e| e.deal_id);
+                assert_eq!(
+                    earlier,
+                    [
+                        EarlierEnrollment {
+                            deal_id: started,
+                            anchor_at: at(60),
+                            created_at: at(60),
+                            started: true,
+                            pending: true,
+                        },
+                        EarlierEnrollment {
+                            deal_id: waiting,
+                            anchor_at: at(90),
+                            created_at: at(90),
+                            started: false,
+                            pending: true,
+                        },
+                    ]
+                );
+            },
         )
         .await;
-        mark(
-            &store,
-            row_id(&store, started, "carts", 0).await,
-            "sent",
-            at(61),
-        )
-        .await;
-        enroll(
-            &store,
-            waiting,
-            "carts",
-            "ada@example.com",
-            &[Email],
-            at(90),
-        )
-        .await;
-        enroll(&store, old, "carts", "ada@example.com", &[Email], at(-60)).await;
-        enroll(
-            &store,
-            asking,
-            "carts",
-            "ada@example.com",
-            &[Email],
-            at(100),
-        )
-        .await;
-        enroll(
-            &store,
-            asking,
-            "winback",
-            "ada@example.com",
-            &[Email],
-            at(100),
-        )
-        .await;
-        let earlier = store
-            .with_followup_facts(asking, move |_, _, facts| {
-                facts.earlier_enrollments("carts", "ada@example.com", at(0), asking)
-            })
-            .await
-            .unwrap()
-            .expect("the deal exists");
-        let mut earlier = earlier;
-        earlier.sort_by_key(|e| e.deal_id);
-        assert_eq!(
-            earlier,
-            [
-                EarlierEnrollment {
-                    deal_id: started,
-                    anchor_at: at(60),
-                    created_at: at(60),
-                    started: true,
-                    pending: true,
-                },
-                EarlierEnrollment {
-                    deal_id: waiting,
-                    anchor_at: at(90),
-                    created_at: at(90),
-                    started: false,
-                    pending: true,
-                },
-            ]
-        );
     }
 }

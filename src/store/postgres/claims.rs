@@ -129,8 +129,10 @@ impl ClaimTable {
         )
     }
 
-    /// Expired `sending` rows → `uncertain`; `$1` now in ms.
-    fn expire_sending_sql(&self) -> Option<String> {
+    /// Expired `sending` rows → `uncertain`; `$1` now in ms. A `sending` row no claim
+    /// holds (copied from a SQLite install, where it was left by a crash) counts as
+    /// expired: every replica that sends holds a claim until it settles.
+    pub(in crate::store) fn expire_sending_sql(&self) -> Option<String> {
         let table = self.table;
         match self.sending {
             Sending::None => None,
@@ -138,7 +140,8 @@ impl ClaimTable {
             Sending::BecomesUncertain => Some(format!(
                 "WITH lost AS MATERIALIZED (
                      SELECT id FROM {table}
-                      WHERE state = 'sending' AND claimed_until < clock_timestamp()
+                      WHERE state = 'sending'
+                        AND (claimed_until IS NULL OR claimed_until < clock_timestamp())
                       FOR UPDATE SKIP LOCKED)
                  UPDATE {table} AS t SET state = 'uncertain', updated_at = $1,
                      reason = '{INTERRUPTED}', claimed_by = NULL, claimed_until = NULL
@@ -151,13 +154,41 @@ impl ClaimTable {
     /// `claimed` → `sending` for the claim's holder: `$1` id, `$2` claimer, `$3` now in
     /// ms, `$4` how long the send may take in ms.
     fn begin_send_sql(&self) -> String {
-        let ClaimTable { table, on_send, .. } = self;
+        let (table, sending) = (self.table, self.sending_set());
         format!(
-            "UPDATE {table} SET state = 'sending',
-                 claimed_until = clock_timestamp() + $4::bigint * interval '1 millisecond'{on_send}
+            "UPDATE {table} SET {sending}
              WHERE id = $1 AND state = 'claimed' AND claimed_by = $2
                AND claimed_until > clock_timestamp()"
         )
+    }
+
+    /// What going to `sending` sets: the claim by `$2` for `$4` ms from the server's
+    /// now, and the table's `on_send` (`$3`: now in ms).
+    fn sending_set(&self) -> String {
+        let on_send = self.on_send;
+        format!(
+            "state = 'sending', claimed_by = $2,
+                 claimed_until = clock_timestamp() + $4::bigint * interval '1 millisecond'{on_send}"
+        )
+    }
+
+    /// Locks `pending` row `$1` of a ledger table for the caller's transaction, reading
+    /// `columns`; no row when it is not pending or another replica is claiming it
+    /// (`SKIP LOCKED`: never waited for, never taken twice).
+    pub(in crate::store) fn lock_pending_sql(&self, columns: &str) -> String {
+        let table = self.table;
+        format!(
+            "SELECT {columns} FROM {table} WHERE id = $1 AND state = 'pending'
+             FOR UPDATE SKIP LOCKED"
+        )
+    }
+
+    /// The row locked by [`ClaimTable::lock_pending_sql`] → `sending`, claimed as by
+    /// `begin_send` (`$1` id, `$2` claimer, `$3` now in ms, `$4` how long the send may
+    /// take in ms); `also` sets more columns, from `$5` on.
+    pub(in crate::store) fn send_locked_sql(&self, also: &str) -> String {
+        let (table, sending) = (self.table, self.sending_set());
+        format!("UPDATE {table} SET {sending}{also} WHERE id = $1 AND state = 'pending'")
     }
 }
 

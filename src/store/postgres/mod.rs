@@ -6,8 +6,12 @@
 //! migrate-store`), and the coordination replicas will use ([`leases`]: leases,
 //! fencing, the lease keeper, leadership; [`claims`]: `FOR UPDATE SKIP LOCKED`
 //! claims; `migrations/0002_replicas.sql`; [`rate`]: the request rate and daily
-//! vendor budget replicas share, `migrations/0003_rate_limits.sql`).
-//! (`Config::require_sqlite`).
+//! vendor budget replicas share, `migrations/0003_rate_limits.sql`), and every query
+//! of the store: [`super::Store`] calls the method of the same name and contract here.
+//! Across replicas: deal writes serialize per deal (advisory locks, `deals`); the
+//! inbox, outbox and digests are claimed `FOR UPDATE SKIP LOCKED` under this process's
+//! [`replica_id`] (`inbox`, `outbox`, `digests`, `ledger`); the stage-history feed hands
+//! out only settled ids (`stage_feed`).
 //!
 //! Connections come from a `deadpool-postgres` pool over `tokio-postgres` (async, no
 //! database needed to compile; the pool recycles connections and bounds how many a
@@ -30,11 +34,14 @@ mod copy_rows;
 mod dead_letters;
 mod deal_changes;
 mod deals;
+mod digests;
 pub mod from_sqlite;
 mod inbox;
 pub mod intake;
 pub mod leases;
+pub(in crate::store) mod ledger;
 mod migrations;
+mod outbox;
 pub mod rate;
 mod report;
 mod session_lock;

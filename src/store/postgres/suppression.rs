@@ -11,6 +11,45 @@ use crate::store::suppression::{COLUMNS, suppression_from};
 use crate::store::sync::{QUARANTINE_COLUMNS, QuarantineEntry, quarantine_from};
 use crate::store::{Result, Suppression, to_ms};
 use chrono::{DateTime, Utc};
+use deadpool_postgres::GenericClient;
+
+/// Adds an address in the caller's transaction (or on a connection); false when it was
+/// already suppressed.
+pub(super) async fn insert(
+    db: &impl GenericClient,
+    email: &str,
+    reason: &str,
+    source: Option<&str>,
+    at: DateTime<Utc>,
+) -> Result<bool> {
+    let statement = db
+        .prepare_cached(
+            "INSERT INTO suppressions (email, reason, source, created_at)
+             VALUES (lower($1), $2, $3, $4) ON CONFLICT DO NOTHING",
+        )
+        .await?;
+    let inserted = db
+        .execute(
+            &statement,
+            &[
+                &pg_text(email),
+                &pg_text(reason),
+                &source.map(pg_text),
+                &to_ms(at),
+            ],
+        )
+        .await?;
+    Ok(inserted == 1)
+}
+
+/// Why `email` is suppressed, if it is (compared as given and lower-cased).
+pub(super) async fn reason_of(db: &impl GenericClient, email: &str) -> Result<Option<String>> {
+    let statement = db
+        .prepare_cached("SELECT reason FROM suppressions WHERE email IN ($1, lower($1)) LIMIT 1")
+        .await?;
+    let row = db.query_opt(&statement, &[&pg_text(email)]).await?;
+    Ok(row.map(|row| row.try_get(0)).transpose()?)
+}
 
 impl Database {
     /// Adds an address; false when it was already suppressed.
@@ -21,21 +60,7 @@ impl Database {
         source: Option<&str>,
         at: DateTime<Utc>,
     ) -> Result<bool> {
-        let inserted = self
-            .client()
-            .await?
-            .execute(
-                "INSERT INTO suppressions (email, reason, source, created_at)
-                 VALUES (lower($1), $2, $3, $4) ON CONFLICT DO NOTHING",
-                &[
-                    &pg_text(email),
-                    &pg_text(reason),
-                    &source.map(pg_text),
-                    &to_ms(at),
-                ],
-            )
-            .await?;
-        Ok(inserted == 1)
+        insert(&self.client().await?, email, reason, source, at).await
     }
 
     /// The suppression of an address (compared as given and lower-cased), if any.
