@@ -115,8 +115,6 @@ impl App {
     /// store; starts no task yet. Fails with [`StartupError::AlreadyRunning`] at once,
     /// before touching the store, when another daemon runs on the same database.
     pub async fn build(config: Config) -> Result<App, StartupError> {
-        // Until every store method the daemon calls runs on PostgreSQL.
-        config.require_sqlite()?;
         // The daemon uses every secret: one that was deferred (not readable here) is an
         // error now, naming each.
         config.require_credentials(|_| true)?;
@@ -129,7 +127,7 @@ impl App {
         };
         let runtimes = prepare(&config)?;
         let store = match &config.storage.url {
-            Some(url) => Store::open_postgres(url).await?,
+            Some(url) => Store::open_postgres_with(url, &replica_options(&config)).await?,
             None => {
                 let path = config.storage.path.clone();
                 tokio::task::spawn_blocking(move || Store::open(&path))
@@ -344,6 +342,19 @@ fn warn_about_access(server: &config::ServerConfig) {
         warn!(
             "/metrics answers 404 until server.api_token is set (or server.metrics_auth = \"none\" on a listener only the scraper reaches)"
         );
+    }
+}
+
+/// How a replica on PostgreSQL holds its claims: the inbox rows it was handed go to
+/// another replica `storage.failover_after` after it stopped renewing them (as its
+/// leases do); an email it was sending becomes `uncertain` only once the longest SMTP
+/// exchange (ten of `email.timeout`: connect, greeting, each command) is surely over.
+fn replica_options(config: &Config) -> crate::store::postgres::Options {
+    let failover = config.storage.failover_after;
+    crate::store::postgres::Options {
+        work_claim_ttl: failover,
+        send_claim_ttl: (config.email.timeout * 10).max(failover),
+        ..crate::store::postgres::Options::default()
     }
 }
 

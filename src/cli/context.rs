@@ -95,21 +95,17 @@ pub(crate) async fn load(source: &ConfigSource) -> Result<Config, CliError> {
     )
 }
 
-/// Opens the SQLite store; refuses `storage.url`, which only `check` reads in this
-/// version.
-pub(crate) async fn open_store(config: &Config) -> Result<Store, CliError> {
-    let path = config.require_sqlite()?.to_owned();
-    Ok(tokio::task::spawn_blocking(move || Store::open(&path))
-        .await
-        .map_err(anyhow::Error::from)??)
-}
-
 /// Opens the store `storage` names: the SQLite file, or, with `storage.url`, the
-/// PostgreSQL database (for the commands whose store methods all run there: `sync`).
-pub(crate) async fn open_any_store(config: &Config) -> Result<Store, CliError> {
+/// PostgreSQL database.
+pub(crate) async fn open_store(config: &Config) -> Result<Store, CliError> {
     match &config.storage.url {
         Some(url) => Ok(Store::open_postgres(url).await?),
-        None => open_store(config).await,
+        None => {
+            let path = config.storage.path.clone();
+            Ok(tokio::task::spawn_blocking(move || Store::open(&path))
+                .await
+                .map_err(anyhow::Error::from)??)
+        }
     }
 }
 

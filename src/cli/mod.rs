@@ -25,7 +25,7 @@ pub mod ops;
 
 pub use args::*;
 pub use context::{CliError, ConfigSource, EXIT_ENVIRONMENT};
-use context::{load, open_any_store, open_store, runtimes};
+use context::{load, open_store, runtimes};
 
 /// Runs the parsed command.
 pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
@@ -523,8 +523,8 @@ fn owner_email_warnings(config: &Config, runtimes: &[Arc<ConnectionRuntime>]) ->
 async fn stages(source: &ConfigSource) -> Result<(), CliError> {
     let config = load(source).await?;
     // A SQLite file not made yet has nothing to show; a PostgreSQL database is read.
-    let store = if config.storage.url.is_some() || config.require_sqlite()?.exists() {
-        Some(open_any_store(&config).await?)
+    let store = if config.storage.url.is_some() || config.storage.path.exists() {
+        Some(open_store(&config).await?)
     } else {
         None
     };
@@ -623,7 +623,7 @@ fn describe(target: &crate::domain::StageRef) -> String {
 async fn sync_now(source: &ConfigSource, args: SyncArgs) -> Result<(), CliError> {
     use std::io::IsTerminal;
     let config = load(source).await?;
-    let store = open_any_store(&config).await?;
+    let store = open_store(&config).await?;
     let runtimes = runtimes(&config, Some(&store)).await?;
     let named: Vec<_> = runtimes
         .into_iter()
@@ -842,7 +842,7 @@ async fn deals_list(source: &ConfigSource, args: ListArgs) -> Result<(), CliErro
         None => "stage".to_owned(),
     };
     one_of(&scope, args.stage.as_deref(), &stages)?;
-    let store = open_any_store(&config).await?;
+    let store = open_store(&config).await?;
     let deals = store
         .deals(DealFilter {
             connection: args.connection,
@@ -937,7 +937,7 @@ async fn report(source: &ConfigSource, args: ReportArgs) -> Result<(), CliError>
             known.join(", ")
         )));
     }
-    let store = open_any_store(&config).await?;
+    let store = open_store(&config).await?;
     let options = ReportOptions {
         since,
         until,

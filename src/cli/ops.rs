@@ -12,7 +12,7 @@
 use super::args::{
     RecoveryListArgs, SuppressionAddArgs, SuppressionRemoveArgs, SuppressionsListArgs,
 };
-use super::context::{CliError, ConfigSource, load, open_any_store, open_store, runtimes};
+use super::context::{CliError, ConfigSource, load, open_store, runtimes};
 use crate::config::Config;
 use crate::connectors::WebhookEvent;
 use crate::domain::{ChangeCause, ConnectionName, EmailAddress};
@@ -492,7 +492,7 @@ pub async fn quarantine_list(
 ) -> Result<(), CliError> {
     let config = load(source).await?;
     known_connection(&config, args.connection.as_deref())?;
-    let store = open_any_store(&config).await?;
+    let store = open_store(&config).await?;
     let entries = store.quarantined(args.connection, args.limit).await?;
     print_list(
         args.format,
@@ -705,7 +705,7 @@ pub async fn suppressions_list(
     args: SuppressionsListArgs,
 ) -> Result<(), CliError> {
     let config = load(source).await?;
-    let store = open_any_store(&config).await?;
+    let store = open_store(&config).await?;
     let suppressions = store.suppressions().await?;
     print_list(
         args.format,
@@ -736,7 +736,7 @@ pub async fn suppressions_add(
 ) -> Result<(), CliError> {
     let email = address(&args.address)?;
     let config = load(source).await?;
-    let store = open_any_store(&config).await?;
+    let store = open_store(&config).await?;
     let note = args
         .note
         .unwrap_or_else(|| "dealsync suppressions add".to_owned());
@@ -777,7 +777,7 @@ pub async fn suppressions_remove(
 ) -> Result<(), CliError> {
     let email = address(&args.address)?;
     let config = load(source).await?;
-    let store = open_any_store(&config).await?;
+    let store = open_store(&config).await?;
     let Some(removed) = store.unsuppress(email.to_string()).await? else {
         return Err(CliError::Usage(format!(
             "{email} is not suppressed (`dealsync suppressions list` shows the list)"

@@ -131,17 +131,6 @@ impl Config {
         )))
     }
 
-    /// The SQLite file of the store, or, when `storage.url` names a PostgreSQL
-    /// database, an error that says it is not usable here yet (every command but
-    /// `check`, `sync`, `report`, `deals list`, `stages`, `quarantine list` and
-    /// `suppressions` in this version).
-    pub fn require_sqlite(&self) -> Result<&Path, ConfigError> {
-        match &self.storage.url {
-            None => Ok(&self.storage.path),
-            Some(_) => Err(ConfigError::at(self, "storage.url", POSTGRES_NOT_YET)),
-        }
-    }
-
     /// The secrets of connection `name` are all available here.
     pub fn require_connection_credentials(&self, name: &str) -> Result<(), ConfigError> {
         let prefix = format!("connections.{name}");
@@ -154,10 +143,8 @@ impl Config {
 pub struct StorageConfig {
     /// The SQLite file (`storage.path`, or the default when neither key is set).
     pub path: PathBuf,
-    /// `storage.url`: a PostgreSQL database instead of `path`. `dealsync check`, `sync`,
-    /// `report`, `deals list`, `stages`, `quarantine list` and `suppressions` use it in
-    /// this version; the daemon and the other commands refuse it
-    /// (`Config::require_sqlite`).
+    /// `storage.url`: a PostgreSQL database instead of `path`, which any number of
+    /// daemons (replicas) share; docs/scale-out.md.
     pub url: Option<PostgresUrl>,
     /// `storage.failover_after` (with `url`): the lease time of a connection's polling
     /// and of a leader duty; a replica that stops renewing loses them after this long,
@@ -172,9 +159,6 @@ pub const DEFAULT_FAILOVER_AFTER: Duration = Duration::from_secs(15);
 /// several round trips, and a longer one leaves connections unpolled for minutes.
 const FAILOVER_RANGE: std::ops::RangeInclusive<Duration> =
     Duration::from_secs(3)..=Duration::from_secs(300);
-
-/// What every command but `check` answers to `storage.url` in this version.
-pub const POSTGRES_NOT_YET: &str = "PostgreSQL (storage.url) is accepted only by `dealsync check`, `sync`, `report`, `deals list`, `stages`, `quarantine list` and `suppressions` in this version: the daemon and the other commands still run on SQLite alone; remove storage.url and set storage.path (docs/scale-out.md)";
 
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -1513,12 +1497,7 @@ from = "Shop <shop@example.com>"
         );
         let shown = format!("{config:?}");
         assert!(!shown.contains("s3cr3t"), "{shown}");
-        let refused = config.require_sqlite().unwrap_err().to_string();
-        assert!(
-            refused.contains("storage.url") && refused.contains("storage.path"),
-            "{refused}"
-        );
-        assert!(!refused.contains("s3cr3t"), "{refused}");
+        assert_eq!(config.storage.failover_after, super::DEFAULT_FAILOVER_AFTER);
 
         // A URL the store cannot use is refused without quoting it.
         let text = "[storage]\nurl = \"postgres://dealsync:${credential:pg}@db.internal/deals?sslmode=require\"\n";
@@ -1547,7 +1526,31 @@ from = "Shop <shop@example.com>"
             Path::new("/var/lib/dealsync/dealsync.db")
         );
         assert!(config.storage.url.is_none());
-        assert_eq!(config.require_sqlite().unwrap(), config.storage.path);
+    }
+
+    #[test]
+    fn failover_after_is_read_with_a_url_and_refused_out_of_range_or_without_one() {
+        let url = "[storage]\nurl = \"postgres://dealsync@db/deals\"\n";
+        let config = parse_with(&format!("{url}failover_after = \"7s\"\n"), &[]).unwrap();
+        assert_eq!(config.storage.failover_after, Duration::from_secs(7));
+        for (text, expected) in [
+            (
+                format!("{url}failover_after = \"1s\"\n"),
+                "between 3s and 300s",
+            ),
+            (
+                format!("{url}failover_after = \"10m\"\n"),
+                "between 3s and 300s",
+            ),
+            (
+                "[storage]\npath = \"d.db\"\nfailover_after = \"7s\"\n".to_owned(),
+                "storage.url",
+            ),
+        ] {
+            let problem = only_problem(parse_with(&text, &[]).unwrap_err());
+            assert_eq!(problem.key, "storage.failover_after", "{text}");
+            assert!(problem.message.contains(expected), "{text}: {problem}");
+        }
     }
 
     #[test]

@@ -392,10 +392,8 @@ enum Engine {
 
 /// A handle to the database; cheap to clone.
 ///
-/// On PostgreSQL (`storage.url`) the methods of the pull-sync path run on the shared
-/// database (docs/scale-out.md lists them); every other method answers
-/// [`StoreError::NotOnPostgres`], and the commands that need one refuse `storage.url`
-/// before they start (`Config::require_sqlite`).
+/// On PostgreSQL (`storage.url`) every method runs on the shared database, with the
+/// same contract (the test-only `schema_version` answers [`StoreError::NotOnPostgres`]).
 #[derive(Clone)]
 pub struct Store {
     engine: Engine,
@@ -595,7 +593,16 @@ impl Store {
     /// Connects to the PostgreSQL database `url` names and migrates it (see
     /// `postgres::Database::open`), and starts its webhook intake.
     pub async fn open_postgres(url: &crate::config::PostgresUrl) -> Result<Store> {
-        let database = postgres::Database::open(url, &postgres::Options::default()).await?;
+        Self::open_postgres_with(url, &postgres::Options::default()).await
+    }
+
+    /// [`Store::open_postgres`] with the pool's and the claims' settings (the daemon's
+    /// follow `storage.failover_after` and `email.timeout`).
+    pub async fn open_postgres_with(
+        url: &crate::config::PostgresUrl,
+        options: &postgres::Options,
+    ) -> Result<Store> {
+        let database = postgres::Database::open(url, options).await?;
         let intake = postgres::intake::Intake::start(database.clone()).await?;
         Ok(Store {
             engine: Engine::Postgres(Arc::new(Postgres {

@@ -126,7 +126,9 @@ async fn two_replicas_share_the_work_and_a_sigkilled_one_loses_and_doubles_nothi
         "{}{}{}",
         followups::config(
             &smtp,
-            "pool_size = 4",
+            // A short SMTP timeout: an email the killed replica was sending becomes
+            // `uncertain` ten of it later (`send_claim_ttl`).
+            "pool_size = 4\ntimeout = \"1s\"",
             r#"
 [followups.owner_alert]
 kind = "transactional"
@@ -215,12 +217,35 @@ after = "1s"
     );
     acknowledged.extend(post_checkouts(&[survivor], "after", 20).await);
 
-    eventually("every follow-up settled", WAIT, || async {
-        let open = count("SELECT count(*) FROM outbox WHERE state IN ('pending', 'sending')").await;
-        let all = count("SELECT count(*) FROM outbox").await;
-        (open == 0 && all == total as i64).then_some(())
+    let states = || async {
+        admin
+            .query(
+                "SELECT state, count(*) FROM outbox GROUP BY state ORDER BY 1",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| (row.get::<_, String>(0), row.get::<_, i64>(1)))
+            .collect::<Vec<_>>()
+    };
+    let settled = tokio::time::timeout(WAIT, async {
+        loop {
+            let open =
+                count("SELECT count(*) FROM outbox WHERE state IN ('pending', 'sending')").await;
+            if open == 0 && count("SELECT count(*) FROM outbox").await == total as i64 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     })
     .await;
+    assert!(
+        settled.is_ok(),
+        "every follow-up settled within {WAIT:?}: {:?}\n{}",
+        states().await,
+        survivor.logs()
+    );
     eventually("every acknowledged webhook applied", WAIT, || async {
         (count("SELECT count(*) FROM deals WHERE connection = 'shop'").await
             == acknowledged.len() as i64)

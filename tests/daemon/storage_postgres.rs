@@ -1,8 +1,9 @@
 //! `[storage] url` (PostgreSQL) through the real binary: `check` reaches the server,
 //! applies nothing and reports the schema (absent, current, newer), naming
 //! host:port/db and never the password; `sync` pulls a mock HubSpot into the database,
-//! fully then incrementally, and `report` gives the figures SQLite gives; `run` and the other commands refuse the key in this
-//! version, in one line. The server is the test process's throwaway cluster
+//! fully then incrementally, and `report` gives the figures SQLite gives; processes on
+//! one database share each deal's writes, a token refresh and the request rate. The
+//! daemon's replicas are in `replicas.rs`. The server is the test process's throwaway cluster
 //! (`harness::postgres`); where PostgreSQL is not installed those tests skip.
 
 use crate::harness::daemon::run_cli;
@@ -230,52 +231,6 @@ async fn check_names_host_port_and_the_cause_of_a_closed_port_or_a_wrong_passwor
     assert!(
         !shown.contains("Wr0ng-pAss-99") && !shown.contains(PASSWORD),
         "{shown}"
-    );
-}
-
-#[tokio::test]
-async fn run_and_the_other_commands_refuse_a_postgres_url_in_one_line_pointing_to_storage_path() {
-    // Refused before anything connects: no server needed.
-    let default_db = Path::new("/var/lib/dealsync/dealsync.db");
-    let default_existed = default_db.exists();
-    let dir = tempfile::tempdir().unwrap();
-    let (config, credentials) = write_config(
-        dir.path(),
-        "postgres://dealsync@127.0.0.1:5/dealsync",
-        "R3fused-pAss",
-    );
-    for command in [&["run"][..], &["outbox", "list"], &["deals", "show", "1"]] {
-        let mut args = vec!["--config", &config, "--credentials-dir", &credentials];
-        args.extend_from_slice(command);
-        let (code, stdout, stderr) = run_cli(&args, &[]).await;
-        assert_eq!(code, 78, "{command:?}: {stdout}{stderr}");
-        // The usual header of a configuration error, then the one line.
-        let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-        assert_eq!(
-            lines.first(),
-            Some(&"dealsync: configuration error:"),
-            "{command:?}: {stderr}"
-        );
-        assert_eq!(lines.len(), 2, "{command:?}: {stderr}");
-        assert!(
-            lines[1].contains("dealsync.toml:2: storage.url:")
-                && lines[1].contains("only by `dealsync check`")
-                && lines[1].contains("set storage.path"),
-            "{command:?}: {stderr}"
-        );
-        assert!(!format!("{stdout}{stderr}").contains("R3fused-pAss"));
-    }
-    // Nothing was created beside the config: no SQLite file, no lock.
-    let mut made: Vec<String> = std::fs::read_dir(dir.path())
-        .unwrap()
-        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    made.sort();
-    assert_eq!(made, ["credentials", "dealsync.toml"]);
-    assert_eq!(
-        default_db.exists(),
-        default_existed,
-        "the default SQLite path was not touched"
     );
 }
 

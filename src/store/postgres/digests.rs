@@ -9,11 +9,11 @@
 //!   `AlreadyDone`. The digests themselves are unique per (rule, day, recipient).
 //! - A due digest is claimed by one replica: locked `FOR UPDATE SKIP LOCKED` while
 //!   still `pending`, checked and moved to `sending` (claimed by this replica until
-//!   `ledger::SEND_TTL_MS`) in one transaction, committed before the hand-off.
+//!   `Options::send_claim_ttl`) in one transaction, committed before the hand-off.
 
 use super::Database;
 use super::deals::pg_text;
-use super::ledger::{SEND_TTL_MS, settle_in, skip_in};
+use super::ledger::{settle_in, skip_in};
 use crate::domain::Deal;
 use crate::store::deals::{DEAL_COLUMNS, deal_from};
 use crate::store::digests::{
@@ -223,7 +223,7 @@ impl Database {
                     .await?;
                 tx.execute(
                     &send,
-                    &[&id, &replica, &to_ms(now), &SEND_TTL_MS, &ids_json],
+                    &[&id, &replica, &to_ms(now), &self.send_claim_ms(), &ids_json],
                 )
                 .await?;
                 claim

@@ -17,7 +17,7 @@
 //!   from the server) changes nothing: the holder's outcome stands. Applying a webhook
 //!   twice is harmless (the deal upsert makes the second a no-op); recording two
 //!   different outcomes for one row is what the fence prevents.
-//! - A replica that dies leaves its claims to expire after [`CLAIM_TTL`]; its rows are
+//! - A replica that dies leaves its claims to expire after `Options::work_claim_ttl` (renewed at each of its passes); its rows are
 //!   then claimed again by the others.
 //! - Pruning deletes a row and its body in one statement; replicas pruning at once
 //!   delete each row once.
@@ -28,10 +28,6 @@ use crate::store::inbox::{INBOX_ROW_COLUMNS, PruneCutoffs, inbox_row_from};
 use crate::store::{InboxCounts, InboxRow, Result, Settlement, to_ms};
 use chrono::{DateTime, Utc};
 use std::time::Duration;
-
-/// How long a replica holds the rows it was handed (renewed at each of its passes):
-/// past it a replica that stalled or died loses them to the others.
-pub const CLAIM_TTL: Duration = Duration::from_secs(300);
 
 /// The key of the transaction-level advisory lock inbox claims take ("dsinboxc").
 const INBOX_CLAIM_LOCK: i64 = 0x6473_696e_626f_7863;
@@ -67,10 +63,10 @@ impl Database {
             "UPDATE webhook_inbox
                 SET claimed_until = clock_timestamp() + $2::bigint * interval '1 millisecond'
               WHERE state = 'claimed' AND claimed_by = $1",
-            &[&claimer, &millis(CLAIM_TTL)],
+            &[&claimer, &millis(self.work_claim_ttl)],
         )
         .await?;
-        claims::claim_ids(&*tx, &INBOX, claimer, CLAIM_TTL, now, limit).await?;
+        claims::claim_ids(&*tx, &INBOX, claimer, self.work_claim_ttl, now, limit).await?;
         let held = tx
             .prepare_cached(&HELD_ROWS.replace("{columns}", INBOX_ROW_COLUMNS))
             .await?;

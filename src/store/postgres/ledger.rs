@@ -195,8 +195,9 @@ impl Database {
     }
 }
 
-/// How long a replica's claim on a row it is sending holds: well beyond an SMTP
-/// exchange's timeouts. Past it, another replica's start-up recovery may make the row
-/// `uncertain` (never resent); a late `sent` from its sender still counts for the
-/// outbox, whose `uncertain` rows may become `sent`.
-pub(super) const SEND_TTL_MS: i64 = 10 * 60 * 1000;
+impl Database {
+    /// `Options::send_claim_ttl` in milliseconds, as the claim statements take it.
+    pub(super) fn send_claim_ms(&self) -> i64 {
+        i64::try_from(self.send_claim_ttl.as_millis()).unwrap_or(i64::MAX)
+    }
+}

@@ -114,6 +114,13 @@ pub struct Options {
     pub keepalive_idle: Duration,
     /// How long a caller waits for a free connection when all are busy.
     pub wait_timeout: Duration,
+    /// How long the rows of the work queues a replica claims stay its own without a new
+    /// pass (`inbox`): past it, a replica that died or stalled loses them to the others.
+    pub work_claim_ttl: Duration,
+    /// How long a replica's claim on an email it is sending holds (`ledger`): beyond an
+    /// SMTP exchange's timeouts. Past it, another replica makes the row `uncertain`
+    /// (never resent); a late `sent` from its sender still counts for the outbox.
+    pub send_claim_ttl: Duration,
 }
 
 impl Default for Options {
@@ -124,6 +131,8 @@ impl Default for Options {
             statement_timeout: Duration::from_secs(30),
             keepalive_idle: Duration::from_secs(30),
             wait_timeout: Duration::from_secs(30),
+            work_claim_ttl: Duration::from_secs(60),
+            send_claim_ttl: Duration::from_secs(600),
         }
     }
 }
@@ -163,6 +172,9 @@ impl std::fmt::Display for SchemaState {
 pub struct Database {
     pool: deadpool_postgres::Pool,
     url: PostgresUrl,
+    /// `Options::work_claim_ttl` and `send_claim_ttl`.
+    work_claim_ttl: Duration,
+    send_claim_ttl: Duration,
 }
 
 impl std::fmt::Debug for Database {
@@ -217,6 +229,8 @@ impl Database {
         let database = Database {
             pool,
             url: url.clone(),
+            work_claim_ttl: options.work_claim_ttl,
+            send_claim_ttl: options.send_claim_ttl,
         };
         drop(database.client().await?);
         Ok(database)

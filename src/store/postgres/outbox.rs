@@ -11,7 +11,7 @@
 //!   while still `pending` (a row another replica is claiming is skipped, not waited
 //!   for, and is no longer `pending` once that claim commits), reads the facts and
 //!   applies the decision in that transaction. A row sent is `sending`, claimed by this
-//!   replica (`claimed_by`) until `claimed_until` (`ledger::SEND_TTL_MS` by the
+//!   replica (`claimed_by`) until `claimed_until` (`Options::send_claim_ttl` by the
 //!   server's clock), committed before the hand-off.
 //! - The deal a claim or a send moves is moved in the same transaction, its row
 //!   locked; the caller wakes the stage-change subscribers after the commit.
@@ -21,7 +21,7 @@
 
 use super::Database;
 use super::deals::{move_stage, pg_text};
-use super::ledger::{SEND_TTL_MS, params, pg_values, settle_in, skip_in};
+use super::ledger::{params, pg_values, settle_in, skip_in};
 use crate::domain::{ChangeCause, Deal, DealStatus, PipelineKey, StageKey, StageRef};
 use crate::store::deals::{DEAL_COLUMNS, deal_from};
 use crate::store::ledger::{OUTBOX, Settlement};
@@ -466,7 +466,7 @@ impl Database {
             let send = tx
                 .prepare_cached(&OUTBOX.claims.send_locked_sql(""))
                 .await?;
-            tx.execute(&send, &[&id, &replica, &now_ms, &SEND_TTL_MS])
+            tx.execute(&send, &[&id, &replica, &now_ms, &self.send_claim_ms()])
                 .await?;
             sending = Some((now_sending(row), claimed_deal(id, deal)?));
         }
