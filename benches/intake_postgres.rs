@@ -1,7 +1,6 @@
 //! Webhook intake on PostgreSQL, one and more replicas: events/s at saturation and
 //! latency at a fixed rate, measured at the store's intake (`store::postgres::intake`,
-//! what a replica's webhook handler awaits before its 2xx), without HTTP: the daemon
-//! does not run on PostgreSQL yet.
+//! what a replica's webhook handler awaits before its 2xx), without HTTP.
 //!
 //! Each replica is a process of its own (this binary again, with `--replica`), with its
 //! own connection pool and writer, as `dealsync run` processes would be. Deliveries

@@ -293,3 +293,137 @@ after = "1s"
     assert!(mails.len() as i64 >= sent && mails.len() as i64 <= total as i64);
     eprintln!("{test}: failover in {failover:?}; {sent} sent, {uncertain} uncertain");
 }
+
+/// PostgreSQL out of reach under webhook load (a relay in front of the server cut, as
+/// a restart or a partition does to this replica), then back: every delivery meanwhile
+/// is answered 503 with `Retry-After` or stored, never a 2xx for one that was not
+/// committed; the replica reconnects by itself and stores and applies deliveries again.
+#[tokio::test]
+async fn a_replica_answers_503_with_retry_after_while_postgres_is_away_and_goes_on_after() {
+    let test = "a_replica_answers_503_with_retry_after_while_postgres_is_away_and_goes_on_after";
+    let Some(database) = database(test) else {
+        return;
+    };
+    let relay = postgres::Relay::start(database.port).await;
+    let through_relay = TestDatabase {
+        port: relay.port(),
+        ..database.clone()
+    };
+    let daemon = replica(&through_relay, &shopify("shop", "1h")).await;
+    let admin = database.admin().await;
+
+    // (token, status, Retry-After) of each delivery, in order.
+    let mut answers: Vec<(String, u16, Option<String>)> = Vec::new();
+    let post_one = async |n: usize| {
+        let token = format!("t-{n}");
+        let body = checkout(
+            &token,
+            &Utc::now().to_rfc3339(),
+            &format!("{token}@example.com"),
+        );
+        let headers = shopify_headers(SHOP_SECRET, "checkouts/create", &token, &body);
+        let response = daemon
+            .http
+            .post(daemon.url("/webhooks/shop"))
+            .headers(headers)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .expect("POST webhook");
+        let retry_after = response
+            .headers()
+            .get("retry-after")
+            .map(|value| value.to_str().unwrap().to_owned());
+        (token, response.status().as_u16(), retry_after)
+    };
+    for n in 0..20 {
+        answers.push(post_one(n).await);
+    }
+    relay.cut().await;
+    for n in 20..40 {
+        answers.push(post_one(n).await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    relay.restore().await;
+    let restored = Instant::now();
+    let mut n = 40;
+    loop {
+        let answer = post_one(n).await;
+        n += 1;
+        let stored = (200..300).contains(&answer.1);
+        answers.push(answer);
+        if stored {
+            break;
+        }
+        assert!(
+            restored.elapsed() < WAIT,
+            "no delivery stored {WAIT:?} after the server came back: {:?}\n{}",
+            answers.last(),
+            daemon.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for extra in n..n + 10 {
+        answers.push(post_one(extra).await);
+    }
+
+    // During the outage: 503 with a Retry-After, or stored (committed before the cut).
+    let outage = &answers[20..40];
+    assert!(
+        outage
+            .iter()
+            .all(|(_, status, retry_after)| (200..300).contains(status)
+                || (*status == 503 && retry_after.is_some())),
+        "every delivery during the outage stored or refused with 503 and Retry-After: {outage:?}"
+    );
+    assert!(
+        outage.iter().any(|(_, status, _)| *status == 503),
+        "the outage was seen: {outage:?}"
+    );
+    assert!(
+        answers[answers.len() - 10..]
+            .iter()
+            .all(|(_, status, _)| (200..300).contains(status)),
+        "after the server came back every delivery is stored: {:?}",
+        &answers[answers.len() - 10..]
+    );
+    // Every 2xx was committed, and every committed delivery is applied as a deal.
+    let acknowledged: std::collections::BTreeSet<String> = answers
+        .iter()
+        .filter(|(_, status, _)| (200..300).contains(status))
+        .map(|(token, _, _)| token.clone())
+        .collect();
+    let stored = |sql: &'static str| {
+        let admin = &admin;
+        async move {
+            admin
+                .query(sql, &[])
+                .await
+                .unwrap()
+                .iter()
+                .map(|row| row.get::<_, String>(0))
+                .collect::<std::collections::BTreeSet<String>>()
+        }
+    };
+    let inbox = stored("SELECT delivery_id FROM webhook_inbox").await;
+    assert!(
+        acknowledged.is_subset(&inbox),
+        "acknowledged but not stored: {:?}",
+        acknowledged.difference(&inbox).collect::<Vec<_>>()
+    );
+    eventually("every stored delivery applied", WAIT, || async {
+        let open = admin
+            .query_one(
+                "SELECT count(*) FROM webhook_inbox WHERE state IN ('pending', 'claimed')",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0);
+        (open == 0).then_some(())
+    })
+    .await;
+    let deals = stored("SELECT external_id FROM deals WHERE connection = 'shop'").await;
+    assert_eq!(deals.len(), inbox.len(), "one deal per stored checkout");
+}
