@@ -107,7 +107,31 @@ fn proposal(n: usize, now: chrono::DateTime<Utc>) -> DealUpsert {
 /// replica held stay `sending`).
 #[tokio::test]
 async fn two_replicas_share_the_work_and_a_sigkilled_one_loses_and_doubles_nothing() {
-    let test = "two_replicas_share_the_work_and_a_sigkilled_one_loses_and_doubles_nothing";
+    share_the_work_through_kills(
+        "two_replicas_share_the_work_and_a_sigkilled_one_loses_and_doubles_nothing",
+        2,
+        1,
+    )
+    .await;
+}
+
+/// Three replicas; the poll holder is SIGKILLed, then the replica that took over: the
+/// last one polls, sends and stores what is left.
+#[tokio::test]
+async fn three_replicas_survive_two_sigkills_one_after_the_other() {
+    share_the_work_through_kills(
+        "three_replicas_survive_two_sigkills_one_after_the_other",
+        3,
+        2,
+    )
+    .await;
+}
+
+/// `count` replicas share webhooks, HubSpot's polling and 300 follow-ups; `kills` times
+/// the replica holding HubSpot's poll lease is SIGKILLed mid-work, and another must
+/// take the lease and poll within the bound. Then: every acknowledged webhook stored
+/// once, every source deal once, no email twice, every row sent or uncertain.
+async fn share_the_work_through_kills(test: &str, count: usize, kills: usize) {
     let Some(database) = database(test) else {
         return;
     };
@@ -141,36 +165,23 @@ after = "1s"
         crate::pull::hubspot_connection("hs", &hubspot.url(), ""),
         shopify("shop", "1h"),
     );
-    let a = replica(&database, &body).await;
-    let b = replica(&database, &body).await;
+    let mut replicas = Vec::new();
+    for _ in 0..count {
+        replicas.push(replica(&database, &body).await);
+    }
     let admin = database.admin().await;
     let count = |sql: &'static str| {
         let admin = &admin;
         async move { admin.query_one(sql, &[]).await.unwrap().get::<_, i64>(0) }
     };
-
-    // One replica polls HubSpot; both list what they hold.
-    let holder = eventually(
-        "one replica to hold the HubSpot poll lease",
-        WAIT,
-        || async {
-            let (on_a, on_b) = (leases(&a).await, leases(&b).await);
-            let lease = "poll:hs".to_owned();
-            match (on_a.contains(&lease), on_b.contains(&lease)) {
-                (true, false) => Some('a'),
-                (false, true) => Some('b'),
-                _ => None,
-            }
-        },
-    )
-    .await;
     eventually("the HubSpot deals pulled", WAIT, || async {
         (count("SELECT count(*) FROM deals WHERE connection = 'hs'").await == 6).then_some(())
     })
     .await;
 
-    // Webhooks through both replicas, and a burst of follow-ups to send.
-    let mut acknowledged = post_checkouts(&[&a, &b], "before", 40).await;
+    // Webhooks through every replica, and a burst of follow-ups to send.
+    let all: Vec<&TestDaemon> = replicas.iter().collect();
+    let mut acknowledged = post_checkouts(&all, "before", 40).await;
     let total = 300;
     let store = Store::open_postgres(
         &dealsync::config::PostgresUrl::parse(&dealsync::config::Secret::new(database.url()))
@@ -183,39 +194,60 @@ after = "1s"
         .upsert_deals((0..total).map(|n| proposal(n, now)).collect())
         .await
         .unwrap();
-    eventually("the burst to be under way", WAIT, || async {
-        (smtp.messages().len() >= 20).then_some(())
-    })
-    .await;
 
-    // SIGKILL the poll holder; the other replica goes on alone.
-    let (mut killed, survivor) = if holder == 'a' { (a, b) } else { (b, a) };
-    let survivor = &survivor;
-    killed.signal("KILL");
-    killed.wait_exit(Duration::from_secs(10)).await;
-    let killed_at = Instant::now();
-    let polls_before = hubspot.faults().count("/crm/v3/objects/deals");
-    eventually(
-        "the survivor to take the HubSpot poll lease",
-        FAILOVER_BOUND,
-        || async {
-            leases(survivor)
-                .await
-                .contains(&"poll:hs".to_owned())
-                .then_some(())
-        },
-    )
-    .await;
-    eventually("HubSpot polled again", FAILOVER_BOUND, || async {
-        (hubspot.faults().count("/crm/v3/objects/deals") > polls_before).then_some(())
-    })
-    .await;
-    let failover = killed_at.elapsed();
-    assert!(
-        failover <= FAILOVER_BOUND,
-        "polled again after {failover:?}"
-    );
-    acknowledged.extend(post_checkouts(&[survivor], "after", 20).await);
+    let mut failovers = Vec::new();
+    for kill in 1..=kills {
+        eventually("the burst to be under way", WAIT, || async {
+            (smtp.messages().len() >= 20 * kill).then_some(())
+        })
+        .await;
+        // Exactly one replica polls HubSpot; SIGKILL it.
+        let holder = eventually(
+            "one replica to hold the HubSpot poll lease",
+            WAIT,
+            || async {
+                let mut holders = Vec::new();
+                for (index, daemon) in replicas.iter().enumerate() {
+                    if leases(daemon).await.contains(&"poll:hs".to_owned()) {
+                        holders.push(index);
+                    }
+                }
+                (holders.len() == 1).then(|| holders[0])
+            },
+        )
+        .await;
+        let mut killed = replicas.remove(holder);
+        killed.signal("KILL");
+        killed.wait_exit(Duration::from_secs(10)).await;
+        let killed_at = Instant::now();
+        let polls_before = hubspot.faults().count("/crm/v3/objects/deals");
+        eventually(
+            "another replica to take the HubSpot poll lease",
+            FAILOVER_BOUND,
+            || async {
+                for daemon in &replicas {
+                    if leases(daemon).await.contains(&"poll:hs".to_owned()) {
+                        return Some(());
+                    }
+                }
+                None
+            },
+        )
+        .await;
+        eventually("HubSpot polled again", FAILOVER_BOUND, || async {
+            (hubspot.faults().count("/crm/v3/objects/deals") > polls_before).then_some(())
+        })
+        .await;
+        let failover = killed_at.elapsed();
+        assert!(
+            failover <= FAILOVER_BOUND,
+            "polled again after {failover:?}"
+        );
+        failovers.push(failover);
+        let left: Vec<&TestDaemon> = replicas.iter().collect();
+        acknowledged.extend(post_checkouts(&left, &format!("after-{kill}"), 20).await);
+    }
+    let survivor = &replicas[0];
 
     let states = || async {
         admin
@@ -291,7 +323,7 @@ after = "1s"
         "every row sent or uncertain"
     );
     assert!(mails.len() as i64 >= sent && mails.len() as i64 <= total as i64);
-    eprintln!("{test}: failover in {failover:?}; {sent} sent, {uncertain} uncertain");
+    eprintln!("{test}: failovers {failovers:?}; {sent} sent, {uncertain} uncertain");
 }
 
 /// PostgreSQL out of reach under webhook load (a relay in front of the server cut, as
