@@ -96,18 +96,6 @@ async fn holds_poll_lease(http: &reqwest::Client, port: u16) -> bool {
         .is_some_and(|report| report["leases"].get("poll:demo").is_some())
 }
 
-async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut probe: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let started = Instant::now();
-    while !probe().await {
-        assert!(started.elapsed() < timeout, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 fn epoch_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -136,26 +124,24 @@ async fn main() {
     ];
     let mut figures = Vec::new();
     for round in 1..=rounds {
-        let mut holder = None;
-        wait_until(
-            "a replica to hold poll:demo",
-            Duration::from_secs(60),
-            || {
-                let ports: Vec<u16> = replicas.iter().map(|r| r.port).collect();
-                let http = &http;
-                let holder = &mut holder;
-                async move {
-                    for (index, port) in ports.into_iter().enumerate() {
-                        if holds_poll_lease(http, port).await {
-                            *holder = Some(index);
-                            return true;
-                        }
-                    }
-                    false
+        let started = Instant::now();
+        let holder = loop {
+            let mut found = None;
+            for (index, replica) in replicas.iter().enumerate() {
+                if holds_poll_lease(&http, replica.port).await {
+                    found = Some(index);
+                    break;
                 }
-            },
-        )
-        .await;
+            }
+            if found.is_some() {
+                break found;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "no replica holds poll:demo"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
         let holder = holder.expect("a holder");
         let survivor = 1 - holder;
         replicas[holder].child.kill().expect("SIGKILL");
@@ -165,28 +151,24 @@ async fn main() {
             .child
             .wait()
             .expect("reaping the killed replica");
-        let mut first_run_ms = None;
-        wait_until(
-            "another replica's first run",
-            Duration::from_secs(120),
-            || {
-                let client = &client;
-                let first_run_ms = &mut first_run_ms;
-                async move {
-                    let row = client
-                        .query_one(
-                            "SELECT min(started_at) FROM sync_runs
-                         WHERE connection = 'demo' AND started_at > $1",
-                            &[&killed_ms],
-                        )
-                        .await
-                        .expect("reading sync_runs");
-                    *first_run_ms = row.get::<_, Option<i64>>(0);
-                    first_run_ms.is_some()
-                }
-            },
-        )
-        .await;
+        let first_run_ms = loop {
+            let row = client
+                .query_one(
+                    "SELECT min(started_at) FROM sync_runs
+                     WHERE connection = 'demo' AND started_at > $1",
+                    &[&killed_ms],
+                )
+                .await
+                .expect("reading sync_runs");
+            if let Some(at) = row.get::<_, Option<i64>>(0) {
+                break Some(at);
+            }
+            assert!(
+                killed.elapsed() < Duration::from_secs(120),
+                "no replica polled again"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
         let observed = killed.elapsed();
         let to_first_run = Duration::from_millis(
             u64::try_from(first_run_ms.expect("a run") - killed_ms).unwrap_or_default(),

@@ -354,6 +354,7 @@ fn replica_options(config: &Config) -> crate::store::postgres::Options {
     crate::store::postgres::Options {
         work_claim_ttl: failover,
         send_claim_ttl: (config.email.timeout * 10).max(failover),
+        listen: true,
         ..crate::store::postgres::Options::default()
     }
 }

@@ -377,10 +377,21 @@ struct Inner {
 struct Postgres {
     database: postgres::Database,
     intake: postgres::intake::Intake,
-    stage_changes: tokio::sync::watch::Sender<u64>,
+    stage_changes: Arc<tokio::sync::watch::Sender<u64>>,
     /// This process among the replicas sharing the database: the holder its leases and
     /// claims name (`postgres::replica_id`).
     replica: String,
+    /// The task listening for the other replicas' announcements (`postgres::notify`),
+    /// when `Options::listen`; ended with the store.
+    listener: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        if let Some(listener) = &self.listener {
+            listener.abort();
+        }
+    }
 }
 
 /// The backend a [`Store`] runs on.
@@ -604,12 +615,24 @@ impl Store {
     ) -> Result<Store> {
         let database = postgres::Database::open(url, options).await?;
         let intake = postgres::intake::Intake::start(database.clone()).await?;
+        let stage_changes = Arc::new(tokio::sync::watch::Sender::new(0));
+        let listener = options.listen.then(|| {
+            let (stage_changes, intake) = (stage_changes.clone(), intake.clone());
+            database.listen(move |channel| match channel {
+                postgres::notify::STAGE_CHANGES => {
+                    stage_changes.send_modify(|count| *count += 1);
+                }
+                postgres::notify::INBOX => intake.committed().notify_one(),
+                _ => {}
+            })
+        });
         Ok(Store {
             engine: Engine::Postgres(Arc::new(Postgres {
                 database,
                 intake,
-                stage_changes: tokio::sync::watch::Sender::new(0),
+                stage_changes,
                 replica: postgres::replica_id(),
+                listener,
             })),
         })
     }
@@ -646,6 +669,7 @@ impl Store {
             && let Engine::Postgres(postgres) = &self.engine
         {
             postgres.stage_changes.send_modify(|count| *count += 1);
+            postgres.database.announce(postgres::notify::STAGE_CHANGES);
         }
     }
 

@@ -212,6 +212,8 @@ async fn run_writer(
         }
         if stored > 0 {
             shared.committed.notify_waiters();
+            // The other replicas' inbox workers may take them first.
+            database.announce(super::notify::INBOX);
         }
         for (reply, answer) in replies.into_iter().zip(answers) {
             // A caller that gave up (its client went away) needs no answer.

@@ -41,6 +41,7 @@ pub mod intake;
 pub mod leases;
 pub(in crate::store) mod ledger;
 mod migrations;
+pub mod notify;
 mod outbox;
 pub mod rate;
 mod report;
@@ -121,6 +122,9 @@ pub struct Options {
     /// SMTP exchange's timeouts. Past it, another replica makes the row `uncertain`
     /// (never resent); a late `sent` from its sender still counts for the outbox.
     pub send_claim_ttl: Duration,
+    /// Listen for the other replicas' announcements (`notify`): one more connection,
+    /// outside the pool. The daemon does; a CLI command does not.
+    pub listen: bool,
 }
 
 impl Default for Options {
@@ -133,6 +137,7 @@ impl Default for Options {
             wait_timeout: Duration::from_secs(30),
             work_claim_ttl: Duration::from_secs(60),
             send_claim_ttl: Duration::from_secs(600),
+            listen: false,
         }
     }
 }
@@ -172,6 +177,8 @@ impl std::fmt::Display for SchemaState {
 pub struct Database {
     pool: deadpool_postgres::Pool,
     url: PostgresUrl,
+    /// How the pool connects; the notification listener connects the same way.
+    config: tokio_postgres::Config,
     /// `Options::work_claim_ttl` and `send_claim_ttl`.
     work_claim_ttl: Duration,
     send_claim_ttl: Duration,
@@ -211,7 +218,7 @@ impl Database {
             config.password(password.expose());
         }
         let manager = deadpool_postgres::Manager::from_config(
-            config,
+            config.clone(),
             tokio_postgres::NoTls,
             deadpool_postgres::ManagerConfig {
                 // Checks only that the connection is not closed: a query per checkout
@@ -228,6 +235,7 @@ impl Database {
             .map_err(|error| StoreError::Task(format!("building the connection pool: {error}")))?;
         let database = Database {
             pool,
+            config,
             url: url.clone(),
             work_claim_ttl: options.work_claim_ttl,
             send_claim_ttl: options.send_claim_ttl,
