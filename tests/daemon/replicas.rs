@@ -27,6 +27,7 @@ const FAILOVER_AFTER: Duration = Duration::from_secs(3);
 /// The bound on a dead replica's connections being polled again.
 const FAILOVER_BOUND: Duration = Duration::from_secs(30);
 const PASSWORD_VAR: &str = "DEALSYNC_TEST_PG_PASSWORD";
+const API_TOKEN: &str = "replica-api-token-0123";
 
 /// A fresh database, or `None` after skipping `test` where PostgreSQL is missing.
 fn database(test: &str) -> Option<TestDatabase> {
@@ -147,7 +148,7 @@ async fn share_the_work_through_kills(test: &str, count: usize, kills: usize) {
         ));
     }
     let body = format!(
-        "{}{}{}",
+        "api_token = \"{API_TOKEN}\"\n{}{}{}",
         followups::config(
             &smtp,
             // A short SMTP timeout: an email the killed replica was sending becomes
@@ -323,6 +324,34 @@ after = "1s"
         "every row sent or uncertain"
     );
     assert!(mails.len() as i64 >= sent && mails.len() as i64 <= total as i64);
+
+    // The read API and the status page answer on the survivor from the shared store.
+    let read = |path: String| async move {
+        let response = survivor
+            .http
+            .get(survivor.url(path))
+            .bearer_auth(API_TOKEN)
+            .send()
+            .await
+            .unwrap();
+        (response.status().as_u16(), response.text().await.unwrap())
+    };
+    let (status, deals) = read("/api/v1/deals?connection=hs".into()).await;
+    assert_eq!(status, 200, "{deals}");
+    assert!(deals.contains("\"1001\""), "{deals}");
+    let some_deal: i64 = count("SELECT min(id) FROM deals WHERE connection = 'crm'").await;
+    let (status, deal) = read(format!("/api/v1/deals/{some_deal}")).await;
+    assert_eq!(status, 200, "{deal}");
+    assert!(
+        deal.contains("owner_alert"),
+        "the deal's follow-ups: {deal}"
+    );
+    for path in ["/api/v1/funnel", "/api/v1/outbox", "/"] {
+        let (status, body) = read(path.into()).await;
+        assert_eq!(status, 200, "{path}: {body}");
+    }
+    let (status, page) = read(format!("/deals/{some_deal}")).await;
+    assert_eq!(status, 200, "{page}");
     eprintln!("{test}: failovers {failovers:?}; {sent} sent, {uncertain} uncertain");
 }
 
