@@ -329,7 +329,7 @@ after = "1s"
     let read = |path: String| async move {
         let response = survivor
             .http
-            .get(survivor.url(path))
+            .get(survivor.url(&path))
             .bearer_auth(API_TOKEN)
             .send()
             .await
