@@ -1500,12 +1500,12 @@ from = "Shop <shop@example.com>"
         assert_eq!(config.storage.failover_after, super::DEFAULT_FAILOVER_AFTER);
 
         // A URL the store cannot use is refused without quoting it.
-        let text = "[storage]\nurl = \"postgres://dealsync:${credential:pg}@db.internal/deals?sslmode=require\"\n";
+        let text = "[storage]\nurl = \"postgres://dealsync:${credential:pg}@db.internal/deals?sslmode=prefer\"\n";
         let error = super::parse_with(Path::new("d.toml"), text, &env, &options).unwrap_err();
         let shown = error.to_string();
         assert_eq!(error.problems()[0].key, "storage.url");
         assert!(
-            shown.contains("without TLS") && !shown.contains("s3cr3t"),
+            shown.contains("sslmode=verify-full") && !shown.contains("s3cr3t"),
             "{shown}"
         );
     }

@@ -19,6 +19,25 @@ pub struct PostgresUrl {
     pub database: String,
     pub user: String,
     pub password: Option<Secret>,
+    /// `?sslmode=`: whether the connection is encrypted and the server verified.
+    pub tls: TlsMode,
+    /// `?sslrootcert=FILE`: the CA certificates (PEM) the server's certificate must
+    /// chain to; without it, the public web roots (as a managed database's are).
+    pub root_cert: Option<std::path::PathBuf>,
+}
+
+/// `sslmode`, the libpq parameter, as far as dealsync follows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TlsMode {
+    /// Plain TCP (`disable`, and the default when the URL says nothing).
+    #[default]
+    Disable,
+    /// TLS required, the certificate not checked (`require`): encrypted, but anyone
+    /// on the path can pose as the server. As libpq does.
+    Require,
+    /// TLS required, the certificate chained to a trusted root and naming the host
+    /// (`verify-full`): what a managed database should be reached with.
+    VerifyFull,
 }
 
 impl fmt::Display for PostgresUrl {
@@ -32,6 +51,40 @@ impl fmt::Debug for PostgresUrl {
         let password = if self.password.is_some() { ":***" } else { "" };
         write!(f, "PostgresUrl(postgres://{}{password}@{self})", self.user)
     }
+}
+
+/// `sslmode` and `sslrootcert` from the URL's query; any other parameter, or a mode
+/// dealsync does not follow, is refused rather than ignored, so nobody believes a
+/// connection is encrypted or verified when it is not.
+fn tls_parameters(url: &url::Url) -> Result<(TlsMode, Option<std::path::PathBuf>), String> {
+    let (mut tls, mut root_cert) = (TlsMode::Disable, None);
+    for (key, value) in url.query_pairs() {
+        match (key.as_ref(), value.as_ref()) {
+            ("sslmode", "disable") => tls = TlsMode::Disable,
+            ("sslmode", "require") => tls = TlsMode::Require,
+            ("sslmode", "verify-full") => tls = TlsMode::VerifyFull,
+            ("sslmode", mode @ ("allow" | "prefer" | "verify-ca")) => {
+                return Err(format!(
+                    "sslmode={mode} is not followed by dealsync: use sslmode=verify-full (encrypted, the server's certificate checked), require (encrypted only) or disable"
+                ));
+            }
+            ("sslmode", _) => {
+                return Err("sslmode must be disable, require or verify-full".to_owned());
+            }
+            ("sslrootcert", path) if !path.is_empty() => {
+                root_cert = Some(std::path::PathBuf::from(path));
+            }
+            (other, _) => {
+                return Err(format!(
+                    "the parameter `{other}` after `?` is not supported: only sslmode and sslrootcert are; remove it"
+                ));
+            }
+        }
+    }
+    if root_cert.is_some() && tls != TlsMode::VerifyFull {
+        return Err("sslrootcert needs sslmode=verify-full (it names the roots the server's certificate is checked against)".to_owned());
+    }
+    Ok((tls, root_cert))
 }
 
 impl PostgresUrl {
@@ -87,19 +140,18 @@ impl PostgresUrl {
                 "{expected}: name one database after the host, e.g. /dealsync"
             ));
         }
-        if url.query().is_some() || url.fragment().is_some() {
-            // TLS (sslmode) and other libpq parameters are not supported yet: refused
-            // rather than ignored, so nobody believes the connection is encrypted.
-            return Err(
-                "parameters after `?` (sslmode, options, …) are not supported in this version: the connection is plain TCP without TLS; remove them".to_owned(),
-            );
+        if url.fragment().is_some() {
+            return Err(format!("{expected}: remove the part after `#`"));
         }
+        let (tls, root_cert) = tls_parameters(&url)?;
         Ok(PostgresUrl {
             host,
             port: url.port().unwrap_or(DEFAULT_POSTGRES_PORT),
             database,
             user,
             password,
+            tls,
+            root_cert,
         })
     }
 
@@ -178,6 +230,35 @@ mod tests {
     }
 
     #[test]
+    fn sslmode_and_sslrootcert_are_read_and_a_mode_dealsync_does_not_follow_is_refused() {
+        let base = "postgres://dealsync@db/deals";
+        assert_eq!(parse(base).unwrap().tls, TlsMode::Disable);
+        assert_eq!(
+            parse(&format!("{base}?sslmode=require")).unwrap().tls,
+            TlsMode::Require
+        );
+        let verified = parse(&format!(
+            "{base}?sslmode=verify-full&sslrootcert=/etc/ca.pem"
+        ))
+        .unwrap();
+        assert_eq!(verified.tls, TlsMode::VerifyFull);
+        assert_eq!(
+            verified.root_cert.as_deref(),
+            Some(std::path::Path::new("/etc/ca.pem"))
+        );
+        for (query, expected) in [
+            ("sslmode=prefer", "use sslmode=verify-full"),
+            ("sslmode=verify-ca", "use sslmode=verify-full"),
+            ("sslmode=bogus", "disable, require or verify-full"),
+            ("sslrootcert=/etc/ca.pem", "needs sslmode=verify-full"),
+            ("application_name=x", "`application_name`"),
+        ] {
+            let error = parse(&format!("{base}?{query}")).unwrap_err();
+            assert!(error.contains(expected), "{query}: {error}");
+        }
+    }
+
+    #[test]
     fn debug_display_and_every_refusal_leave_the_password_out() {
         let url = parse("postgres://dealsync:hunter2-secret@db:5432/deals").unwrap();
         let shown = format!("{url:?} {url}");
@@ -189,7 +270,8 @@ mod tests {
         for text in [
             "mysql://dealsync:hunter2-secret@db/deals",
             "postgres://dealsync:hunter2-secret@db:5432/",
-            "postgres://dealsync:hunter2-secret@db:5432/deals?sslmode=require",
+            "postgres://dealsync:hunter2-secret@db:5432/deals?sslmode=prefer",
+            "postgres://dealsync:hunter2-secret@db:5432/deals?options=-c",
             "postgres://dealsync:hunter2-secret@db:99999/deals",
             "postgres://:hunter2-secret@db/deals",
             "postgres:///deals",

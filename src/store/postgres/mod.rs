@@ -50,6 +50,7 @@ mod stage_feed;
 mod status;
 mod suppression;
 mod sync;
+mod tls;
 
 pub use migrations::SCHEMA_VERSION;
 
@@ -179,6 +180,7 @@ pub struct Database {
     url: PostgresUrl,
     /// How the pool connects; the notification listener connects the same way.
     config: tokio_postgres::Config,
+    tls: tokio_postgres_rustls::MakeRustlsConnect,
     /// `Options::work_claim_ttl` and `send_claim_ttl`.
     work_claim_ttl: Duration,
     send_claim_ttl: Duration,
@@ -217,9 +219,10 @@ impl Database {
         if let Some(password) = &url.password {
             config.password(password.expose());
         }
+        let tls = tls::connector(url, &mut config)?;
         let manager = deadpool_postgres::Manager::from_config(
             config.clone(),
-            tokio_postgres::NoTls,
+            tls.clone(),
             deadpool_postgres::ManagerConfig {
                 // Checks only that the connection is not closed: a query per checkout
                 // would double the round trips.
@@ -236,6 +239,7 @@ impl Database {
         let database = Database {
             pool,
             config,
+            tls,
             url: url.clone(),
             work_claim_ttl: options.work_claim_ttl,
             send_claim_ttl: options.send_claim_ttl,

@@ -77,7 +77,7 @@ impl Database {
         wake: &(impl Fn(&str) + Send + Sync),
         failures: &mut u32,
     ) -> Result<(), tokio_postgres::Error> {
-        let (client, mut connection) = self.config.connect(tokio_postgres::NoTls).await?;
+        let (client, mut connection) = self.config.connect(self.tls.clone()).await?;
         let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
         let statement = format!("LISTEN {STAGE_CHANGES}; LISTEN {INBOX}");
         let listening = client.batch_execute(&statement);

@@ -174,7 +174,48 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// `data/server.crt` and `data/server.key` (owned by the server's user, 0600), a
+/// certificate for 127.0.0.1 and localhost signed by a fresh CA, whose certificate goes
+/// to [`Cluster::ca_certificate`].
+fn write_certificates(data: &Path, dir: &Path, user: Option<&str>) {
+    use std::os::unix::fs::PermissionsExt;
+    let ca_key = rcgen::KeyPair::generate().expect("a CA key");
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA parameters");
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "dealsync test CA");
+    let ca = ca.self_signed(&ca_key).expect("the CA certificate");
+    let key = rcgen::KeyPair::generate().expect("a server key");
+    let server =
+        rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+            .expect("server parameters")
+            .signed_by(&key, &ca, &ca_key)
+            .expect("the server certificate");
+    std::fs::write(dir.join("ca.pem"), ca.pem()).expect("writing ca.pem");
+    for (name, text) in [
+        ("server.crt", server.pem()),
+        ("server.key", key.serialize_pem()),
+    ] {
+        let path = data.join(name);
+        std::fs::write(&path, text).unwrap_or_else(|error| panic!("writing {name}: {error}"));
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+            .unwrap_or_else(|error| panic!("chmod {name}: {error}"));
+        if let Some(user) = user {
+            let (uid, gid) = uid_gid(user);
+            std::os::unix::fs::chown(&path, Some(uid), Some(gid))
+                .unwrap_or_else(|error| panic!("chown {name} to {user}: {error}"));
+        }
+    }
+}
+
 impl Cluster {
+    /// The PEM file of the CA that signed the server's certificate (for
+    /// `sslrootcert`).
+    #[allow(dead_code)]
+    pub fn ca_certificate(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+
     fn start(bin: PathBuf) -> Cluster {
         let user = server_user();
         let dir = tempfile::Builder::new()
@@ -208,10 +249,13 @@ impl Cluster {
                 .write_all(text.as_bytes())
                 .unwrap_or_else(|error| panic!("writing {}: {error}", path.display()));
         };
+        // TLS on, with a certificate for 127.0.0.1 from a CA of the test's own: plain
+        // clients are served as before, `sslmode=verify-full` clients check it.
+        write_certificates(&data, &dir, user);
         append(
             "postgresql.conf",
             &format!(
-                "\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\nmax_connections = 200\n",
+                "\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\nmax_connections = 200\nssl = on\n",
                 dir.display()
             ),
         );
