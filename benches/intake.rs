@@ -20,7 +20,9 @@
 //! Correctness is checked, not assumed: every accepted delivery must be in the inbox
 //! once, and once the worker (which runs as in production, on the same two cores) has
 //! caught up, every accepted checkout must be one deal. The bench exits non-zero if not.
-//! Run with `cargo bench --bench intake`.
+//! Run with `cargo bench --bench intake`; with `-- --url postgres://USER:PASSWORD@HOST:PORT/DB`
+//! the app runs on that PostgreSQL database instead (one replica; a fresh, empty
+//! database: the check counts every row of its inbox and deals).
 //!
 //! `cargo bench --bench intake -- --slow-clients` measures instead what hostile
 //! clients cost: `/healthz` latency (a new connection per probe, `PROBES` at
@@ -681,10 +683,16 @@ async fn main() -> anyhow::Result<()> {
     }
     let dir = tempfile::tempdir()?;
     let db_path = dir.path().join("bench.db");
+    let url = std::env::args()
+        .skip_while(|arg| arg != "--url")
+        .nth(1);
+    let storage = match &url {
+        Some(url) => format!("url = \"{url}\""),
+        None => format!("path = \"{}\"", db_path.display()),
+    };
     let text = format!(
-        "[storage]\npath = \"{}\"\n[server]\nlisten = \"127.0.0.1:0\"\n\n\
-         [connections.shop]\nconnector = \"shopify\"\nwebhook_secret = \"{SECRET}\"\n",
-        db_path.display()
+        "[storage]\n{storage}\n[server]\nlisten = \"127.0.0.1:0\"\n\n\
+         [connections.shop]\nconnector = \"shopify\"\nwebhook_secret = \"{SECRET}\"\n"
     );
     let config = dealsync::config::parse(
         &dir.path().join("bench.toml"),
@@ -695,6 +703,18 @@ async fn main() -> anyhow::Result<()> {
     let app = App::build(config).await.context("building the app")?;
     let addr = app.local_addr();
     let state = app.state();
+    let empty = state.store.inbox_counts().await?;
+    if empty.pending + empty.processed + empty.failed > 0 {
+        bail!("the database's inbox is not empty: give the bench a fresh database");
+    }
+    println!(
+        "store: {}",
+        if url.is_some() {
+            "PostgreSQL (one replica)"
+        } else {
+            "SQLite"
+        }
+    );
     let shutdown = CancellationToken::new();
     let server = tokio::spawn(app.run(shutdown.clone()));
 
@@ -772,11 +792,19 @@ async fn main() -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     let (counts, deals) = loop {
         let counts = state.store.inbox_counts().await?;
-        let deals: i64 = rusqlite::Connection::open(&db_path)?.query_row(
-            "SELECT count(*) FROM deals",
-            [],
-            |row| row.get(0),
-        )?;
+        let deals: i64 = match &url {
+            Some(url) => {
+                let (client, connection) =
+                    tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+                tokio::spawn(connection);
+                client.query_one("SELECT count(*) FROM deals", &[]).await?.get(0)
+            }
+            None => rusqlite::Connection::open(&db_path)?.query_row(
+                "SELECT count(*) FROM deals",
+                [],
+                |row| row.get(0),
+            )?,
+        };
         let deals = deals.max(0) as u64;
         if counts.pending == 0 || Instant::now() > deadline {
             break (counts, deals);
