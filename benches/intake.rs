@@ -683,9 +683,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let dir = tempfile::tempdir()?;
     let db_path = dir.path().join("bench.db");
-    let url = std::env::args()
-        .skip_while(|arg| arg != "--url")
-        .nth(1);
+    let url = std::env::args().skip_while(|arg| arg != "--url").nth(1);
     let storage = match &url {
         Some(url) => format!("url = \"{url}\""),
         None => format!("path = \"{}\"", db_path.display()),
@@ -797,7 +795,10 @@ async fn main() -> anyhow::Result<()> {
                 let (client, connection) =
                     tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
                 tokio::spawn(connection);
-                client.query_one("SELECT count(*) FROM deals", &[]).await?.get(0)
+                client
+                    .query_one("SELECT count(*) FROM deals", &[])
+                    .await?
+                    .get(0)
             }
             None => rusqlite::Connection::open(&db_path)?.query_row(
                 "SELECT count(*) FROM deals",

@@ -636,13 +636,23 @@ impl Database {
         Ok(row.as_ref().map(deal_from).transpose()?)
     }
 
-    /// Deals matching the filter, newest activity first.
-    pub async fn deals(&self, filter: DealFilter) -> Result<Vec<Deal>> {
-        let (sql, values) = filter.query('$');
+    /// Runs `sql` with text parameters `values` (a listing's filter, built once for
+    /// both engines with `$` placeholders).
+    pub(super) async fn query_texts(
+        &self,
+        sql: &str,
+        values: &[String],
+    ) -> Result<Vec<tokio_postgres::Row>> {
         let values: Vec<String> = values.iter().map(|v| pg_text(v).into_owned()).collect();
         let params: Vec<&(dyn ToSql + Sync)> =
             values.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
-        let rows = self.client().await?.query(&sql, &params).await?;
+        Ok(self.client().await?.query(sql, &params).await?)
+    }
+
+    /// Deals matching the filter, newest activity first.
+    pub async fn deals(&self, filter: DealFilter) -> Result<Vec<Deal>> {
+        let (sql, values) = filter.query('$');
+        let rows = self.query_texts(&sql, &values).await?;
         Ok(rows
             .iter()
             .map(deal_from)

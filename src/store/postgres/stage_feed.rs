@@ -166,6 +166,7 @@ mod tests {
     //! for replicas: a transaction held open is what matters, not who holds it).
     use super::*;
     use crate::store::Store;
+    use crate::store::postgres::test_cluster::TestDatabase;
     use crate::store::postgres::test_database;
     use crate::store::postgres::tests::url_of;
     use chrono::Utc;
@@ -185,21 +186,9 @@ mod tests {
             .get(0)
     }
 
-    fn ids(entries: Vec<StageEntry>) -> Vec<i64> {
-        entries.into_iter().map(|entry| entry.history_id).collect()
-    }
-
-    /// Two writers: the one holding the lower id commits last. The feed does not hand
-    /// out the higher id alone (it would then move past the lower one for good): it
-    /// waits for the lower one's transaction and hands out both, in id order; with a
-    /// short wait it hands out nothing until then. A rolled-back id is passed over.
-    #[tokio::test]
-    async fn an_entry_whose_transaction_commits_after_a_higher_id_is_not_skipped() {
-        let test = "an_entry_whose_transaction_commits_after_a_higher_id_is_not_skipped";
-        let Some(database) = test_database(test) else {
-            return;
-        };
-        let store = Store::open_postgres(&url_of(&database)).await.unwrap();
+    /// A store on `database` holding one deal (its entry the feed's first); its id.
+    async fn store_with_a_deal(database: &TestDatabase) -> (Store, i64) {
+        let store = Store::open_postgres(&url_of(database)).await.unwrap();
         store
             .upsert_deals(vec![crate::store::tests::upsert(
                 "1",
@@ -214,6 +203,24 @@ mod tests {
             .unwrap()
             .unwrap()
             .id;
+        (store, deal_id)
+    }
+
+    fn ids(entries: Vec<StageEntry>) -> Vec<i64> {
+        entries.into_iter().map(|entry| entry.history_id).collect()
+    }
+
+    /// Two writers: the one holding the lower id commits last. The feed does not hand
+    /// out the higher id alone (it would then move past the lower one for good): it
+    /// waits for the lower one's transaction and hands out both, in id order; with a
+    /// short wait it hands out nothing until then. A rolled-back id is passed over.
+    #[tokio::test]
+    async fn an_entry_whose_transaction_commits_after_a_higher_id_is_not_skipped() {
+        let test = "an_entry_whose_transaction_commits_after_a_higher_id_is_not_skipped";
+        let Some(database) = test_database(test) else {
+            return;
+        };
+        let (store, deal_id) = store_with_a_deal(&database).await;
         let start = store.last_history_id().await.unwrap();
         let db = store.postgres().unwrap().clone();
 
@@ -274,21 +281,7 @@ mod tests {
         let Some(database) = test_database(test) else {
             return;
         };
-        let store = Store::open_postgres(&url_of(&database)).await.unwrap();
-        store
-            .upsert_deals(vec![crate::store::tests::upsert(
-                "1",
-                "proposal",
-                Utc::now(),
-            )])
-            .await
-            .unwrap();
-        let deal_id = store
-            .deal_by_external_id("crm", "1")
-            .await
-            .unwrap()
-            .unwrap()
-            .id;
+        let (store, deal_id) = store_with_a_deal(&database).await;
         let mut writer = database.admin().await;
         let open = open_insert(&mut writer, deal_id).await;
         let start = tokio::spawn({

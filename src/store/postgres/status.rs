@@ -21,7 +21,6 @@ use crate::store::report::{
     OutboxCount, OutboxEntry, OutboxFilter, StageValue, StallCutoff, StalledCount, longest_stalled,
     outbox_count_from, outbox_entry_from, stage_value_from,
 };
-use tokio_postgres::types::ToSql;
 
 impl Database {
     /// Live deals and their summed amount per connection, stage and currency.
@@ -120,10 +119,7 @@ impl Database {
     /// Outbox rows matching the filter, most recently updated first.
     pub async fn outbox_entries(&self, filter: OutboxFilter) -> Result<Vec<OutboxEntry>> {
         let (sql, values) = filter.query('$');
-        let values: Vec<String> = values.iter().map(|v| pg_text(v).into_owned()).collect();
-        let params: Vec<&(dyn ToSql + Sync)> =
-            values.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
-        let rows = self.client().await?.query(&sql, &params).await?;
+        let rows = self.query_texts(&sql, &values).await?;
         Ok(rows
             .iter()
             .map(outbox_entry_from)
