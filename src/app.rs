@@ -265,6 +265,7 @@ impl App {
             duties
                 .run_while_held(
                     crate::replica::leader_lease(CART_SWEEPER),
+                    CART_SWEEPER,
                     sweeper_token,
                     |lost| {
                         crate::carts::run(
@@ -399,10 +400,11 @@ fn start_connections(state: &Arc<HttpState>, tasks: &TaskTracker, token: &Cancel
         );
         let (duties, readiness) = (duties(state), state.readiness.clone());
         let lease = crate::replica::poll_lease(runtime.name());
+        let worker = crate::health::connection_worker_name(runtime.name());
         tasks.spawn(tracing::Instrument::instrument(
             async move {
                 duties
-                    .run_while_held(lease, token, |lost| {
+                    .run_while_held(lease, &worker, token, |lost| {
                         let health = readiness.connection_worker(runtime.name());
                         sync::run_connection(runtime.clone(), deps.clone(), lost, health)
                     })
@@ -425,7 +427,11 @@ fn start_connections(state: &Arc<HttpState>, tasks: &TaskTracker, token: &Cancel
             readiness.attention(crate::health::EMAIL_ATTENTION, note)
         })),
         health: state.readiness.worker(crate::followup::worker::NAME),
-        leading: duties(state).leadership(crate::followup::worker::NAME, token.child_token()),
+        leading: duties(state).leadership(
+            crate::followup::worker::NAME,
+            tasks,
+            token.child_token(),
+        ),
     };
     tasks.spawn(crate::followup::worker::run(deps, token.child_token()));
 }

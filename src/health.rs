@@ -139,7 +139,7 @@ impl Readiness {
 
     /// The health handle of connection `name`'s scheduler.
     pub fn connection_worker(self: &Arc<Self>, name: &str) -> WorkerHealth {
-        self.worker(format!("{CONNECTION_WORKER}{name}"))
+        self.worker(connection_worker_name(name))
     }
 
     pub fn report(&self) -> ReadinessReport {
@@ -177,6 +177,11 @@ impl Readiness {
 
 /// The prefix of a connection scheduler's name among the workers.
 const CONNECTION_WORKER: &str = "connection:";
+
+/// Connection `name`'s scheduler among the workers (`connection:NAME`).
+pub fn connection_worker_name(name: &str) -> String {
+    format!("{CONNECTION_WORKER}{name}")
+}
 
 /// A long-running worker's standing in `/readyz`, and its backoff after failed passes.
 ///

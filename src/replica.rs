@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 /// The lease of connection `name`'s polling.
 pub fn poll_lease(connection: &str) -> String {
-    format!("poll:{connection}")
+    crate::store::postgres::leases::poll_lease(connection)
 }
 
 /// The lease of leader duty `duty`.
@@ -49,10 +49,16 @@ impl Duties {
     /// Runs `duty` whenever this replica holds lease `name`, until `shutdown`: waits
     /// for the lease, runs the duty with a token cancelled when the lease is lost or on
     /// shutdown, and waits again after a loss. A duty that returns by itself (a
-    /// connection that does not poll) releases the lease and is not run again. On
-    /// SQLite, runs `duty(shutdown)` once.
-    pub async fn run_while_held<F, Fut>(&self, name: String, shutdown: CancellationToken, duty: F)
-    where
+    /// connection that does not poll) releases the lease and is not run again. When the
+    /// lease is lost, the duty's `/readyz` mark (`worker`) is cleared: a replica that no
+    /// longer holds a duty is not degraded by it. On SQLite, runs `duty(shutdown)` once.
+    pub async fn run_while_held<F, Fut>(
+        &self,
+        name: String,
+        worker: &str,
+        shutdown: CancellationToken,
+        duty: F,
+    ) where
         F: FnMut(CancellationToken) -> Fut,
         Fut: Future<Output = ()>,
     {
@@ -74,6 +80,7 @@ impl Duties {
             if shutdown.is_cancelled() || !lease.lost.is_cancelled() {
                 break;
             }
+            self.readiness.degraded(worker, None);
             tracing::warn!(lease = %name, "lease lost: its duty stopped; another replica may hold it now");
         }
         // Releases the lease (when held) so another replica need not wait for expiry.
@@ -83,7 +90,9 @@ impl Duties {
 
     /// Shows whether this replica holds lease `name` (its fencing token) in `/readyz`
     /// and `/metrics`.
+    /// Its writes carry the token from now on (`Store::set_fence`).
     fn mark(&self, name: &str, token: Option<i64>) {
+        self.store.set_fence(name, token);
         self.readiness.lease(name, token);
         self.metrics
             .leases_held
@@ -96,7 +105,13 @@ impl Duties {
     /// Whether this replica holds leader duty `duty`, kept for as long as `shutdown`
     /// is not cancelled: always on SQLite. For workers that do their leader part only
     /// while leading and the rest always (the follow-up worker).
-    pub fn leadership(&self, duty: &str, shutdown: CancellationToken) -> Leadership {
+    /// The keeper runs on `tasks`, so that a shutdown waits for its release.
+    pub fn leadership(
+        &self,
+        duty: &str,
+        tasks: &tokio_util::task::TaskTracker,
+        shutdown: CancellationToken,
+    ) -> Leadership {
         if self.store.replica().is_none() {
             return Leadership::always();
         }
@@ -104,9 +119,11 @@ impl Duties {
         let sender = Arc::new(sender);
         let duties = self.clone();
         let name = leader_lease(duty);
-        tokio::spawn(async move {
+        // No worker's mark to clear: the follow-up worker runs on every replica.
+        let worker = name.clone();
+        tasks.spawn(async move {
             duties
-                .run_while_held(name, shutdown, |lost: CancellationToken| {
+                .run_while_held(name, &worker, shutdown, |lost: CancellationToken| {
                     let sender = sender.clone();
                     async move {
                         sender.send_replace(true);

@@ -420,7 +420,13 @@ pub struct VendorClient {
     budget: Mutex<Budget>,
     requests: AtomicU64,
     rate_limited: AtomicU64,
+    /// After the shared rate could not be read: until when requests go under this
+    /// process's limiter alone (one warning per pause, not one per request).
+    shared_rate_off_until: Mutex<Option<Instant>>,
 }
+
+/// How long requests skip the shared rate after the store could not answer for it.
+const SHARED_RATE_PAUSE: Duration = Duration::from_secs(10);
 
 fn limiter(per_second: f64, burst: u32) -> Option<DefaultDirectRateLimiter> {
     if !(per_second.is_finite() && per_second > 0.0) {
@@ -452,6 +458,7 @@ impl VendorClient {
             budget: Mutex::new(Budget::default()),
             requests: AtomicU64::new(0),
             rate_limited: AtomicU64::new(0),
+            shared_rate_off_until: Mutex::new(None),
         })
     }
 
@@ -503,13 +510,23 @@ impl VendorClient {
 
     /// After this process's limiter: the connection's rate as every replica sharing
     /// the store counts it (`SharedRate`; granted at once on SQLite). When the store
-    /// cannot answer, the request goes on under this process's limiter alone, logged:
-    /// the store being out of reach must not stop the pulls that do not need it.
+    /// cannot answer, requests go on under this process's limiter alone for
+    /// [`SHARED_RATE_PAUSE`], logged once: the store being out of reach must not stop
+    /// the pulls that do not need it, nor make each request wait for it.
     async fn wait_shared_turn(&self, cx: &SyncContext) {
         let (Some(handles), Some(per_second)) = (&cx.handles, self.limits.requests_per_second)
         else {
             return;
         };
+        let paused = |now: Instant| {
+            self.shared_rate_off_until
+                .lock()
+                .map(|until| until.is_some_and(|until| now < until))
+                .unwrap_or(false)
+        };
+        if paused(Instant::now()) {
+            return;
+        }
         loop {
             match handles
                 .rate
@@ -519,7 +536,10 @@ impl VendorClient {
                 Ok(None) => return,
                 Ok(Some(wait)) => tokio::time::sleep(wait).await,
                 Err(error) => {
-                    warn!(connection = %cx.connection, error = %crate::telemetry::error_chain(&error), "the shared request rate could not be read; going on under this process's own limit");
+                    if let Ok(mut until) = self.shared_rate_off_until.lock() {
+                        *until = Some(Instant::now() + SHARED_RATE_PAUSE);
+                    }
+                    warn!(connection = %cx.connection, error = %crate::telemetry::error_chain(&error), pause_s = SHARED_RATE_PAUSE.as_secs(), "the shared request rate could not be read; going on under this process's own limit for a while");
                     return;
                 }
             }

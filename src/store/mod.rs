@@ -151,6 +151,13 @@ pub enum StoreError {
          dealsync; see docs/scale-out.md for what runs on PostgreSQL"
     )]
     NotOnPostgres,
+    /// A write guarded by a lease this replica no longer holds (another replica took it
+    /// over): nothing of it was committed.
+    #[error(
+        "this replica no longer holds the lease {lease}: another replica has taken the duty \
+         over, and nothing of this write was committed"
+    )]
+    LeaseLost { lease: String },
 }
 
 /// A failure reported by the database. Opaque, so that no caller outside the store
@@ -384,6 +391,9 @@ struct Postgres {
     /// The task listening for the other replicas' announcements (`postgres::notify`),
     /// when `Options::listen`; ended with the store.
     listener: Option<tokio::task::JoinHandle<()>>,
+    /// The leases this process holds now, by name, with their fencing tokens: a write a
+    /// lease guards (a poll's page and cursor) commits only while its token is current.
+    fences: std::sync::Mutex<std::collections::HashMap<String, i64>>,
 }
 
 impl Drop for Postgres {
@@ -633,6 +643,7 @@ impl Store {
                 stage_changes,
                 replica: postgres::replica_id(),
                 listener,
+                fences: std::sync::Mutex::new(std::collections::HashMap::new()),
             })),
         })
     }
@@ -693,14 +704,39 @@ impl Store {
     ) -> Option<postgres::leases::LeaseKeeper> {
         match &self.engine {
             Engine::Sqlite(_) => None,
+            // A holder name of the keeper's own: a keeper started by a reload while the
+            // last one is still releasing cannot renew or release the other's lease.
             Engine::Postgres(postgres) => Some(postgres::leases::LeaseKeeper::spawn(
                 postgres.database.clone(),
                 name,
-                postgres.replica.clone(),
+                format!("{}#{:08x}", postgres.replica, rand::random::<u32>()),
                 postgres::leases::KeeperTiming::for_ttl(ttl),
                 shutdown,
             )),
         }
+    }
+
+    /// Records that this process holds lease `lease` with fencing token `token` (or,
+    /// with `None`, no longer does): the writes it guards carry the token from then on
+    /// (`Store::commit_page` for `poll:CONNECTION`). Nothing on SQLite.
+    pub fn set_fence(&self, lease: &str, token: Option<i64>) {
+        if let Engine::Postgres(postgres) = &self.engine
+            && let Ok(mut fences) = postgres.fences.lock()
+        {
+            match token {
+                Some(token) => fences.insert(lease.to_owned(), token),
+                None => fences.remove(lease),
+            };
+        }
+    }
+
+    /// The lease guarding writes of `lease` and its token, when this process holds it.
+    fn fence(&self, lease: String) -> Option<(String, i64)> {
+        let Engine::Postgres(postgres) = &self.engine else {
+            return None;
+        };
+        let token = *postgres.fences.lock().ok()?.get(&lease)?;
+        Some((lease, token))
     }
 
     /// The leases of every replica, as the server holds them now (`/readyz`, the

@@ -266,8 +266,15 @@ impl Store {
         cursor: Option<serde_json::Value>,
     ) -> Result<UpsertOutcome> {
         if let Some(database) = self.postgres() {
+            // Fenced by the connection's poll lease when this process polls under one:
+            // a replica that lost it commits nothing more.
+            let target = super::postgres::sync::PageTarget {
+                connection,
+                stream,
+                fence: self.fence(super::postgres::leases::poll_lease(connection)),
+            };
             let outcome = database
-                .commit_page(connection, stream, upserts, quarantined, cache, cursor)
+                .commit_page(target, upserts, quarantined, cache, cursor)
                 .await
                 .map_err(|error| database.named(error))?;
             self.note_stage_changes(outcome.stage_changes);

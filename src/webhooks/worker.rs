@@ -130,7 +130,21 @@ pub async fn run(
 /// Rows are planned one by one in order (parsing, and fetching where a payload carries
 /// only an id); the planned changes of the whole pass then commit in one transaction.
 /// Should that fail, rows are committed one by one, so one bad row cannot block others.
+///
+/// While the pass works, the rows it claimed stay its own (`Store::keep_webhook_claims`):
+/// a pass slowed by refetches under a vendor's rate limit does not lose them to
+/// another replica.
 async fn process_due(state: &Worker, shutdown: &CancellationToken) -> Result<usize, StoreError> {
+    tokio::select! {
+        result = process_due_rows(state, shutdown) => result,
+        never = state.deps.store.keep_webhook_claims() => match never {},
+    }
+}
+
+async fn process_due_rows(
+    state: &Worker,
+    shutdown: &CancellationToken,
+) -> Result<usize, StoreError> {
     let rows = state.deps.store.due_webhooks(Utc::now(), BATCH).await?;
     state.deps.metrics.claimed("inbox", rows.len());
     let mut held: HashSet<String> = HashSet::new();

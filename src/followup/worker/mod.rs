@@ -289,14 +289,16 @@ impl Worker {
         limit: &Arc<Semaphore>,
         shutdown: &CancellationToken,
     ) -> Result<Option<tokio::time::Instant>, StoreError> {
-        if leading {
-            self.lead(progress).await?;
+        // A failed leader part (enrollment, digest assembly) does not hold back what
+        // is due: its error is kept and returned once the sends have settled.
+        let mut failure: Option<StoreError> = None;
+        if leading && let Err(error) = self.lead(progress).await {
+            failure = Some(error);
         }
         let digests = self.store.digests_due(Utc::now(), BATCH).await?;
         self.metrics.claimed("digests", digests.len());
         // From here sends may be in flight: an error is kept until they have settled.
         let mut sends: JoinSet<Result<(), StoreError>> = JoinSet::new();
-        let mut failure: Option<StoreError> = None;
         for (id, rule) in digests {
             let permit = tokio::select! {
                 permit = limit.clone().acquire_owned() => permit.expect("the semaphore is never closed"),

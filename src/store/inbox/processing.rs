@@ -224,6 +224,27 @@ impl Store {
             .await
     }
 
+    /// Keeps the inbox rows this replica claimed its own while a pass works on them:
+    /// renews their claims every third of their time, until dropped (run it beside the
+    /// pass). Never returns; on SQLite, where one process holds the inbox, it only
+    /// waits.
+    pub async fn keep_webhook_claims(&self) -> std::convert::Infallible {
+        let Some(postgres) = self.postgres_engine() else {
+            return std::future::pending().await;
+        };
+        let every = postgres.database.webhook_claim_renewal();
+        loop {
+            tokio::time::sleep(every).await;
+            if let Err(error) = postgres
+                .database
+                .renew_webhook_claims(&postgres.replica)
+                .await
+            {
+                tracing::warn!(error = %crate::telemetry::error_chain(&error), "renewing this replica's inbox claims failed; another replica may take rows this pass is working on");
+            }
+        }
+    }
+
     /// Pending rows due at `now`, oldest first, at most `limit`. A connection with a row
     /// waiting for its retry contributes nothing, so its order is kept.
     ///

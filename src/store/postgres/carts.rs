@@ -12,8 +12,9 @@
 //!   purchased cart, and two replicas applying the same order complete the cart once.
 //! - The sweeper moves a cart only by a conditional UPDATE (`WHERE stage = <from>` and
 //!   the idle or stale condition, checked again), with its history row in the same
-//!   statement, under the carts' advisory locks. Two sweepers at once (until leader
-//!   election is wired) so move each cart once and write one history row; a cart an
+//!   statement, under the carts' advisory locks. Two sweepers at once (the daemon
+//!   runs one, under `leader:cart_sweeper`; a lease handed over mid-sweep may overlap)
+//!   still move each cart once and write one history row; a cart an
 //!   order or a record reached first is left alone.
 //! - Advisory locks are taken in key order within one call; a webhook pass and a sweep
 //!   that lock the same carts in opposite orders can deadlock, which the server breaks

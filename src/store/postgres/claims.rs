@@ -2,7 +2,9 @@
 //! the digests) with `FOR UPDATE SKIP LOCKED`, so that each due row goes to one
 //! replica and none waits for another. The inbox's `due_webhooks` claims through
 //! [`INBOX`] (`postgres::inbox`, which serializes its claims to keep each connection's
-//! order); the ledgers do not use them yet.
+//! order); the outbox and digests lock a due row through [`ClaimTable::lock_pending_sql`]
+//! and move it to `sending` with [`ClaimTable::send_locked_sql`] in their claim's
+//! transaction (`postgres::outbox`, `postgres::digests`).
 //!
 //! A claim moves a due row to `claimed`, by `claimed_by` until `claimed_until`
 //! (`clock_timestamp() + ttl`, the server's clock). Its replica then works on it and
@@ -27,7 +29,7 @@
 //! - The SQL of the three tables is one template, filled from [`ClaimTable`].
 
 use super::super::Result;
-use super::Database;
+use super::{Database, millis};
 use crate::store::ledger::INTERRUPTED;
 use crate::store::to_ms;
 use chrono::{DateTime, Utc};
@@ -102,10 +104,6 @@ pub struct Claimed {
     pub ids: Vec<i64>,
     /// Rows found in `sending` with an expired claim, made `uncertain` first.
     pub made_uncertain: Vec<i64>,
-}
-
-fn millis(ttl: Duration) -> i64 {
-    i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX)
 }
 
 impl ClaimTable {

@@ -22,8 +22,8 @@
 //! - Pruning deletes a row and its body in one statement; replicas pruning at once
 //!   delete each row once.
 
-use super::Database;
 use super::claims::{self, INBOX};
+use super::{Database, millis};
 use crate::store::inbox::{INBOX_ROW_COLUMNS, PruneCutoffs, inbox_row_from};
 use crate::store::{InboxCounts, InboxRow, Result, Settlement, to_ms};
 use chrono::{DateTime, Utc};
@@ -42,11 +42,27 @@ const HELD_ROWS: &str = "
             WHERE state = 'pending' AND next_attempt_at IS NOT NULL AND next_attempt_at > $2)
      ORDER BY i.id LIMIT $3";
 
-fn millis(duration: Duration) -> i64 {
-    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
-}
+/// Extends the claims `$1` holds by `$2` milliseconds from the server's now.
+const RENEW: &str = "UPDATE webhook_inbox
+    SET claimed_until = clock_timestamp() + $2::bigint * interval '1 millisecond'
+  WHERE state = 'claimed' AND claimed_by = $1";
 
 impl Database {
+    /// Extends the claims `claimer` holds (a pass still working on them), so that no
+    /// other replica takes them while it does.
+    pub async fn renew_webhook_claims(&self, claimer: &str) -> Result<u64> {
+        Ok(self
+            .client()
+            .await?
+            .execute(RENEW, &[&claimer, &millis(self.work_claim_ttl)])
+            .await?)
+    }
+
+    /// How often a pass renews its claims: a third of their time.
+    pub fn webhook_claim_renewal(&self) -> Duration {
+        self.work_claim_ttl / 3
+    }
+
     /// Claims rows due at `now` for `claimer` and returns the rows it holds that are
     /// due, oldest first, at most `limit` (see the module's invariants).
     pub async fn due_webhooks(
@@ -59,13 +75,8 @@ impl Database {
         let tx = client.transaction().await?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&INBOX_CLAIM_LOCK])
             .await?;
-        tx.execute(
-            "UPDATE webhook_inbox
-                SET claimed_until = clock_timestamp() + $2::bigint * interval '1 millisecond'
-              WHERE state = 'claimed' AND claimed_by = $1",
-            &[&claimer, &millis(self.work_claim_ttl)],
-        )
-        .await?;
+        tx.execute(RENEW, &[&claimer, &millis(self.work_claim_ttl)])
+            .await?;
         claims::claim_ids(&*tx, &INBOX, claimer, self.work_claim_ttl, now, limit).await?;
         let held = tx
             .prepare_cached(&HELD_ROWS.replace("{columns}", INBOX_ROW_COLUMNS))

@@ -1,6 +1,6 @@
 //! Leases: a named duty (a connection's polling, a leader-only duty) held by one
 //! replica at a time, kept by renewing it before it expires, with a fencing token.
-//! Nothing in the daemon uses them yet; they are what replicas will coordinate with.
+//! The daemon's poll and leader duties run under them (`crate::replica`).
 //!
 //! A lease is a row of `leases` (migration 0002). Every time comes from the server's
 //! clock (`clock_timestamp()`): a lease expires when the server says so, whatever the
@@ -23,7 +23,7 @@
 //!   that succeeded, measured on the replica's monotonic clock.
 
 use super::super::{Result, StoreError};
-use super::Database;
+use super::{Database, millis};
 use crate::retry::{self, Backoff};
 use crate::store::from_ms;
 use chrono::{DateTime, Utc};
@@ -58,11 +58,6 @@ pub struct LeaseHolder {
 const EXPIRES_MS: &str = "(extract(epoch FROM expires_at) * 1000)::bigint";
 const ACQUIRED_MS: &str = "(extract(epoch FROM acquired_at) * 1000)::bigint";
 
-/// `ttl` as the milliseconds the statements turn into an interval.
-fn millis(ttl: Duration) -> i64 {
-    i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX)
-}
-
 /// The lease name of leader-only duty `duty`.
 pub fn leader_lease(duty: &str) -> String {
     format!("leader:{duty}")
@@ -75,6 +70,31 @@ pub fn leader_lease(duty: &str) -> String {
 /// after one sees the new token and changes nothing.
 pub fn fence(name: usize, token: usize) -> String {
     format!("(SELECT token FROM leases WHERE name = ${name} FOR SHARE) = ${token}")
+}
+
+/// The lease of connection `connection`'s polling.
+pub fn poll_lease(connection: &str) -> String {
+    format!("poll:{connection}")
+}
+
+/// Fails the caller's transaction with [`StoreError::LeaseLost`] unless lease `lease`
+/// still has token `token`; holds the lease row `FOR SHARE` until the transaction
+/// ends ([`fence`]), so nobody acquires the lease before this write commits.
+pub(super) async fn check_fence(
+    tx: &deadpool_postgres::Transaction<'_>,
+    lease: &str,
+    token: i64,
+) -> Result<()> {
+    let statement = tx
+        .prepare_cached(&format!("SELECT {}", fence(1, 2)))
+        .await?;
+    let current: Option<bool> = tx.query_one(&statement, &[&lease, &token]).await?.get(0);
+    if current == Some(true) {
+        return Ok(());
+    }
+    Err(StoreError::LeaseLost {
+        lease: lease.to_owned(),
+    })
 }
 
 impl Database {

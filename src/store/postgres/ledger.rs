@@ -198,6 +198,6 @@ impl Database {
 impl Database {
     /// `Options::send_claim_ttl` in milliseconds, as the claim statements take it.
     pub(super) fn send_claim_ms(&self) -> i64 {
-        i64::try_from(self.send_claim_ttl.as_millis()).unwrap_or(i64::MAX)
+        super::millis(self.send_claim_ttl)
     }
 }

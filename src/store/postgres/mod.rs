@@ -49,7 +49,7 @@ mod session_lock;
 mod stage_feed;
 mod status;
 mod suppression;
-mod sync;
+pub(in crate::store) mod sync;
 mod tls;
 
 pub use migrations::SCHEMA_VERSION;
@@ -69,6 +69,12 @@ pub fn replica_id() -> String {
         .unwrap_or_else(|| "host".to_owned());
     let suffix: u32 = rand::random();
     format!("{host}-{}-{suffix:08x}", std::process::id())
+}
+
+/// A duration as the milliseconds the statements turn into an interval
+/// (`$n::bigint * interval '1 millisecond'`).
+pub(super) fn millis(duration: Duration) -> i64 {
+    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
 }
 
 /// No connection to the server could be made: names it and says what to do.
@@ -181,6 +187,8 @@ pub struct Database {
     /// How the pool connects; the notification listener connects the same way.
     config: tokio_postgres::Config,
     tls: tokio_postgres_rustls::MakeRustlsConnect,
+    /// This process's announcer (`notify`).
+    announcements: tokio::sync::mpsc::Sender<&'static str>,
     /// `Options::work_claim_ttl` and `send_claim_ttl`.
     work_claim_ttl: Duration,
     send_claim_ttl: Duration,
@@ -237,6 +245,7 @@ impl Database {
             .build()
             .map_err(|error| StoreError::Task(format!("building the connection pool: {error}")))?;
         let database = Database {
+            announcements: notify::announcer(pool.clone()),
             pool,
             config,
             tls,

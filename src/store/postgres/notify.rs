@@ -7,8 +7,9 @@
 //! - Correctness never depends on a notification: every worker also polls (the
 //!   follow-up worker every `email.enroll_interval`, the inbox worker on its timer), so
 //!   a notification lost to a restart, a reconnect or a full queue only delays work.
-//! - An announcement is sent after the commit it announces, on its own pooled
-//!   connection, and never delays or fails the write: its error is logged at debug.
+//! - An announcement is sent after the commit it announces, by one task per process
+//!   that coalesces a burst into one `NOTIFY` per channel, and never delays or fails
+//!   the write: its error is logged at debug.
 //! - The listener holds one connection of its own (outside the pool), reconnects with
 //!   a bounded backoff (`retry::Backoff`) after losing it, and wakes the workers once
 //!   after every reconnect, for what it may have missed.
@@ -17,6 +18,7 @@ use super::Database;
 use crate::retry::Backoff;
 use futures_util::StreamExt;
 use std::time::Duration;
+use tokio::sync::mpsc;
 use tokio_postgres::AsyncMessage;
 
 /// Stage changes were committed (the follow-up worker's feed has new entries).
@@ -27,25 +29,46 @@ pub const INBOX: &str = "dealsync_inbox";
 /// The listener's reconnect backoff: quick at first, at most every 30 s.
 const RECONNECT: Backoff = Backoff::full(Duration::from_millis(200), Duration::from_secs(30));
 
+/// Announcements queued at most; one more of a channel already queued adds nothing.
+const QUEUED: usize = 64;
+
+/// Sends the announcements of one process: one task, one pooled connection at a time,
+/// and a burst of commits becomes one `NOTIFY` per channel.
+pub(super) fn announcer(pool: deadpool_postgres::Pool) -> mpsc::Sender<&'static str> {
+    let (sender, mut queued) = mpsc::channel::<&'static str>(QUEUED);
+    tokio::spawn(async move {
+        while let Some(first) = queued.recv().await {
+            let mut channels = vec![first];
+            while let Ok(next) = queued.try_recv() {
+                if !channels.contains(&next) {
+                    channels.push(next);
+                }
+            }
+            if let Err(error) = notify_all(&pool, &channels).await {
+                tracing::debug!(error = %error, "announcing to the other replicas failed; they will see it at their next poll");
+            }
+        }
+    });
+    sender
+}
+
+async fn notify_all(pool: &deadpool_postgres::Pool, channels: &[&str]) -> Result<(), String> {
+    let client = pool.get().await.map_err(|error| error.to_string())?;
+    for channel in channels {
+        client
+            .execute("SELECT pg_notify($1, '')", &[channel])
+            .await
+            .map_err(|error| error.to_string())?;
+    }
+    Ok(())
+}
+
 impl Database {
     /// Announces `channel` to every listening replica, after the commit it follows.
-    /// Fire and forget: spawned, never awaited by the writer.
+    /// Never waits: queued for this process's announcer, or dropped when the queue is
+    /// full (the queued announcements wake the same workers).
     pub fn announce(&self, channel: &'static str) {
-        let database = self.clone();
-        tokio::spawn(async move {
-            let sent = async {
-                database
-                    .client()
-                    .await?
-                    .execute("SELECT pg_notify($1, '')", &[&channel])
-                    .await?;
-                Ok::<_, crate::store::StoreError>(())
-            }
-            .await;
-            if let Err(error) = sent {
-                tracing::debug!(channel, error = %crate::telemetry::error_chain(&error), "announcing to the other replicas failed; they will see it at their next poll");
-            }
-        });
+        let _ = self.announcements.try_send(channel);
     }
 
     /// Listens on [`STAGE_CHANGES`] and [`INBOX`] until the returned task is aborted,

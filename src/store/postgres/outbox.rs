@@ -13,6 +13,9 @@
 //!   applies the decision in that transaction. A row sent is `sending`, claimed by this
 //!   replica (`claimed_by`) until `claimed_until` (`Options::send_claim_ttl` by the
 //!   server's clock), committed before the hand-off.
+//! - A recipient's frequency cap is counted under an advisory lock on the address
+//!   (held until the claim commits), so two replicas claiming emails to one address
+//!   at once count one after the other.
 //! - The deal a claim or a send moves is moved in the same transaction, its row
 //!   locked; the caller wakes the stage-change subscribers after the commit.
 //! - A rule's callback (the enrollment plan, `followup::explain`) is synchronous: it
@@ -41,6 +44,8 @@ use tokio::runtime::Handle;
 /// The advisory-lock class of enrollments, (deal, rule) (two-key form, a key space
 /// apart from the deal keys').
 const ENROLL_LOCK_CLASS: i32 = 0x656e_726c; // "enrl"
+/// The advisory-lock class of a recipient's frequency cap (`hashtext(lower(email))`).
+const RECIPIENT_LOCK_CLASS: i32 = 0x7263_7074; // "rcpt"
 
 async fn read_deal(db: &impl GenericClient, id: i64) -> Result<Option<Deal>> {
     let statement = db
@@ -125,6 +130,14 @@ async fn read_claim_facts(
     };
     let recent_to_recipient = match cap_since(query, &row, now_ms) {
         Some(since) => {
+            // Replicas claiming two emails to one recipient at once count one after
+            // the other (the lock lasts until this claim commits its `sending`), so
+            // the cap holds across replicas as it does under SQLite's single writer.
+            let lock = db
+                .prepare_cached("SELECT pg_advisory_xact_lock($1, hashtext(lower($2)))")
+                .await?;
+            db.execute(&lock, &[&RECIPIENT_LOCK_CLASS, &pg_text(&row.recipient)])
+                .await?;
             let statement = db
                 .prepare_cached(
                     "SELECT count(*), min(claimed_at) FROM outbox
@@ -688,8 +701,19 @@ mod tests {
         Some((database, one, two))
     }
 
-    /// `count` deals, each enrolled with one email due at `due`; the outbox row ids.
+    /// `count` deals, each enrolled with one email due at `due` to a shopper of its own;
+    /// the outbox row ids.
     async fn due_emails(store: &Store, count: usize, due: DateTime<Utc>) -> Vec<i64> {
+        due_emails_to(store, count, due, |n| format!("shopper{n}@example.com")).await
+    }
+
+    /// [`due_emails`] with deal `n`'s email to `recipient(n)`.
+    async fn due_emails_to(
+        store: &Store,
+        count: usize,
+        due: DateTime<Utc>,
+        recipient: impl Fn(usize) -> String,
+    ) -> Vec<i64> {
         let upserts = (0..count)
             .map(|n| upsert(&format!("d{n}"), "lead", due))
             .collect();
@@ -707,7 +731,7 @@ mod tests {
                 state: OutboxState::Pending,
                 reason: None,
             };
-            let recipient = format!("shopper{n}@example.com");
+            let recipient = recipient(n);
             let outcome = store
                 .enroll(deal.id, "carts".into(), due, due, move |_, _| {
                     EnrollPlan::Enroll {
@@ -740,6 +764,54 @@ mod tests {
             }
         }
         mine
+    }
+
+    /// Claims every due row with a cap of one email per recipient a day; the ids sent.
+    async fn claim_capped(store: Store, now: DateTime<Utc>) -> Vec<i64> {
+        let query = ClaimQuery {
+            cap_window: Some(std::time::Duration::from_secs(86_400)),
+            ..ClaimQuery::default()
+        };
+        let mut sent = Vec::new();
+        for (id, _) in store.outbox_due(now, 1_000).await.unwrap() {
+            let claim = store
+                .claim(id, now, query.clone(), |facts| {
+                    if facts.recent_to_recipient.0 >= 1 {
+                        ClaimDecision::Skip("cap".into())
+                    } else {
+                        ClaimDecision::Send
+                    }
+                })
+                .await
+                .unwrap();
+            if claim.is_some_and(|claim| claim.decision == ClaimDecision::Send) {
+                sent.push(id);
+            }
+        }
+        sent
+    }
+
+    /// Twenty emails due to one address, two replicas claiming at once under a cap of
+    /// one a day: one is sent in all (each claim counts under a lock on the address;
+    /// without it both replicas count none and both send).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_frequency_cap_holds_across_replicas_claiming_at_once() {
+        let Some((_database, one, two)) =
+            replicas("the_frequency_cap_holds_across_replicas_claiming_at_once").await
+        else {
+            return;
+        };
+        let now = Utc::now();
+        due_emails_to(&one, 20, now - Duration::minutes(1), |_| {
+            "ada@example.com".to_owned()
+        })
+        .await;
+        let (a, b) = tokio::join!(
+            tokio::spawn(claim_capped(one.clone(), now)),
+            tokio::spawn(claim_capped(two.clone(), now)),
+        );
+        let sent = a.unwrap().len() + b.unwrap().len();
+        assert_eq!(sent, 1, "one email to the address in all");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

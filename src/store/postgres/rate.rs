@@ -1,7 +1,8 @@
 //! The vendor limits replicas share: a connection's request rate (a token bucket)
 //! and the vendor's daily request budget, kept in the database so that a vendor sees
-//! one client however many replicas call it. Nothing in the daemon uses them yet: a
-//! single process limits itself in memory (`connectors::vendor_http`, `governor`).
+//! one client however many replicas call it. `connectors::vendor_http` takes a turn
+//! from the bucket after its own in-memory limiter (`governor`); the daily count is not
+//! used by the daemon yet (the vendor's own budget headers are).
 //!
 //! The bucket of a connection (`rate_buckets`, migration 0003) holds `tokens`, at most
 //! the burst, as of `updated_at`; it refills at the rate from then on. A request takes

@@ -667,3 +667,110 @@ async fn an_acquisition_waits_for_a_fenced_write_in_flight_and_the_old_token_is_
     assert_eq!(fenced_cursor_write(&a, &old, "page-2-by-a").await, 0);
     assert_eq!(cursor(&database).await, "page-1-by-a");
 }
+
+/// A page a replica commits after another replica took the connection's poll lease
+/// is refused whole (`StoreError::LeaseLost`): the lease's fencing token travels with
+/// `Store::commit_page` (`Store::set_fence`), so the late replica cannot overwrite the
+/// new holder's cursor. The holder's own pages commit.
+#[tokio::test]
+async fn a_page_committed_under_a_lost_poll_lease_is_refused_and_the_holders_commits() {
+    let Some(database) = test_database(
+        "a_page_committed_under_a_lost_poll_lease_is_refused_and_the_holders_commits",
+    ) else {
+        return;
+    };
+    let url = url_of(&database);
+    let (old, new) = (
+        crate::store::Store::open_postgres(&url).await.unwrap(),
+        crate::store::Store::open_postgres(&url).await.unwrap(),
+    );
+    let lease = leases::poll_lease("crm");
+    let pool = old.postgres().unwrap();
+    let first = pool.try_acquire(&lease, "old", TTL).await.unwrap().unwrap();
+    old.set_fence(&lease, Some(first.token));
+    // The old holder stalls past its lease; the new one takes it over.
+    pool.release(&first).await.unwrap();
+    let second = pool.try_acquire(&lease, "new", TTL).await.unwrap().unwrap();
+    new.set_fence(&lease, Some(second.token));
+    assert!(second.token > first.token);
+
+    let page = |id: &str| vec![crate::store::tests::upsert(id, "lead", chrono::Utc::now())];
+    let cursor = |n: i64| Some(serde_json::json!({ "after": n }));
+    let refused = old
+        .commit_page("crm", "deals", page("late"), vec![], vec![], cursor(1))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&refused, StoreError::LeaseLost { lease } if lease == "poll:crm"),
+        "{refused}"
+    );
+    new.commit_page("crm", "deals", page("fresh"), vec![], vec![], cursor(2))
+        .await
+        .unwrap();
+    assert!(
+        old.deal_by_external_id("crm", "late")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        new.deal_by_external_id("crm", "fresh")
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert_eq!(
+        new.cursor("crm", "deals").await.unwrap(),
+        Some(serde_json::json!({ "after": 2 }))
+    );
+}
+
+/// Two keepers of one lease in one process (a reload starts the new duty while the
+/// old one is still stopping): each has a holder name of its own, so the new keeper
+/// waits for the old one's release instead of sharing its token, and the old one's
+/// release cannot end the new one's lease.
+#[tokio::test]
+async fn a_reloads_new_keeper_waits_for_the_old_ones_release_and_keeps_the_lease() {
+    let Some(database) =
+        test_database("a_reloads_new_keeper_waits_for_the_old_ones_release_and_keeps_the_lease")
+    else {
+        return;
+    };
+    let store = crate::store::Store::open_postgres(&url_of(&database))
+        .await
+        .unwrap();
+    let (old_token, new_token) = (CancellationToken::new(), CancellationToken::new());
+    let old = store
+        .lease_keeper("poll:crm".into(), TTL, old_token.clone())
+        .unwrap();
+    let held = next_held(old.watch()).await;
+    let new = store
+        .lease_keeper("poll:crm".into(), TTL, new_token.clone())
+        .unwrap();
+    // Two of the new keeper's attempts: it does not get the lease the old one holds.
+    tokio::time::sleep(TTL / 3 * 2 + SLACK).await;
+    assert!(new.watch().borrow().is_none(), "two keepers held one lease");
+    old_token.cancel();
+    old.join().await;
+    let taken = next_held(new.watch()).await;
+    assert!(taken.lease.token > held.lease.token);
+    // Still held a while later: nothing ended it.
+    tokio::time::sleep(TTL).await;
+    assert!(
+        new.watch()
+            .borrow()
+            .as_ref()
+            .is_some_and(|now| !now.lost.is_cancelled())
+    );
+    new_token.cancel();
+    new.join().await;
+}
+
+/// The first lease a keeper's watch shows held.
+async fn next_held(mut watch: watch::Receiver<Option<HeldLease>>) -> HeldLease {
+    eventually("the lease held", TTL * 3, || {
+        let held = watch.borrow_and_update().clone();
+        async move { held }
+    })
+    .await
+}

@@ -49,6 +49,14 @@ async fn save_cursor(
     Ok(())
 }
 
+/// Where a page goes: the connection's stream, and the lease (name, fencing token)
+/// that must still be this process's for the page to commit.
+pub(in crate::store) struct PageTarget<'a> {
+    pub connection: &'a str,
+    pub stream: &'a str,
+    pub fence: Option<(String, i64)>,
+}
+
 impl Database {
     /// Applies what re-reading a quarantined record found and takes every quarantine
     /// entry of that record out, in one transaction (see `Store::resolve_quarantined`).
@@ -125,18 +133,26 @@ impl Database {
         .transpose()
     }
 
-    /// Commits one page (see `Store::commit_page`): all of it in one transaction.
-    pub async fn commit_page(
+    /// Commits one page of `target` (see `Store::commit_page`): all of it in one
+    /// transaction, which the target's fence, when it has one, guards.
+    pub(in crate::store) async fn commit_page(
         &self,
-        connection: &str,
-        stream: &str,
+        target: PageTarget<'_>,
         upserts: Vec<DealUpsert>,
         quarantined: Vec<Quarantined>,
         cache: Vec<CachedRecord>,
         cursor: Option<serde_json::Value>,
     ) -> Result<UpsertOutcome> {
+        let PageTarget {
+            connection,
+            stream,
+            fence,
+        } = target;
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
+        if let Some((lease, token)) = fence {
+            super::leases::check_fence(&tx, &lease, token).await?;
+        }
         let outcome = upsert_all(&tx, &upserts).await?;
         let now = to_ms(Utc::now());
         if !cache.is_empty() {
