@@ -11,7 +11,7 @@
 //!
 //! 1. Saturation: `SATURATION` requests over `CONNECTIONS` connections, back to back;
 //!    reports accepted events/s.
-//! 2. Fixed rate: an open-loop schedule of `RATE` requests/s for `RATE_SECS`, spread over
+//! 2. Fixed rate: an open-loop schedule of `RATE` requests/s (or `--rate N`) for `RATE_SECS`, spread over
 //!    `RATE_CONNECTIONS` connections; latency is measured from each request's scheduled
 //!    time (no coordinated omission); reports p50, p99 and the maximum.
 //! 3. Redelivery: a sample of already accepted deliveries is sent again; every one must
@@ -753,7 +753,11 @@ async fn main() -> anyhow::Result<()> {
     );
 
     // 2. Fixed rate, open loop.
-    let requests: Vec<Vec<u8>> = (0..RATE * RATE_SECS)
+    let rate: u64 = std::env::args()
+        .skip_while(|arg| arg != "--rate")
+        .nth(1)
+        .map_or(RATE, |n| n.parse().unwrap_or(RATE));
+    let requests: Vec<Vec<u8>> = (0..rate * RATE_SECS)
         .map(|n| request(&fixture, addr, 10_000_000 + n))
         .collect();
     let cpu = cpu_seconds("self");
@@ -761,11 +765,11 @@ async fn main() -> anyhow::Result<()> {
         addr,
         requests,
         RATE_CONNECTIONS,
-        Some(RATE),
+        Some(rate),
     ))
     .await?;
     report(
-        &format!("fixed rate {RATE}/s for {RATE_SECS} s ({RATE_CONNECTIONS} connections)"),
+        &format!("fixed rate {rate}/s for {RATE_SECS} s ({RATE_CONNECTIONS} connections)"),
         &fixed,
         cpu_seconds("self") - cpu,
     );
