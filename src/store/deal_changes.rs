@@ -152,6 +152,22 @@ impl Store {
         rules: CartRules,
         now: DateTime<Utc>,
     ) -> Result<()> {
+        // On PostgreSQL the changes and the settlement commit together, under the
+        // rows' claims (`postgres::deal_changes::apply_webhook_rows`).
+        if let Some(postgres) = self.postgres_engine() {
+            let database = &postgres.database;
+            let count = items.len() as u64;
+            let (stage_changes, left) = database
+                .apply_webhook_rows(&postgres.replica, items, rules, now)
+                .await
+                .map_err(|error| database.named(error))?;
+            self.note_stage_changes(stage_changes);
+            postgres.intake.settled(count - left.len() as u64);
+            if !left.is_empty() {
+                tracing::warn!(rows = ?left, "webhook rows whose claim expired during the pass were left to the replica that took them over");
+            }
+            return Ok(());
+        }
         let ids: Vec<i64> = items.iter().map(|(id, _)| *id).collect();
         let changes = items.into_iter().flat_map(|(_, ops)| ops).collect();
         self.apply_deal_changes(changes, rules, now).await?;

@@ -10,8 +10,11 @@
 //!   last writer committed, and two replicas applying the same batch run one after the
 //!   other per deal, the second finding nothing left to do (one deal, one history row
 //!   per stage change).
-//! - A pass's changes and their history rows commit together; the caller wakes the
-//!   stage-change subscribers after the commit.
+//! - A pass's changes and their history rows commit together, and with them the
+//!   settlement of its inbox rows (`apply_webhook_rows`): only rows this replica still
+//!   holds under an unexpired claim, locked first, are applied and marked processed, so
+//!   a row another replica took over after a stall is applied by that one alone. The
+//!   caller wakes the stage-change subscribers after the commit.
 //! - Marking a deal deleted is one conditional UPDATE (`deleted_at IS NULL`): of two
 //!   replicas deleting the same deal, one reports it.
 
@@ -104,6 +107,49 @@ async fn apply_change(
 }
 
 impl Database {
+    /// Applies the changes of the inbox rows `items` that `claimer` still holds, in
+    /// order, and marks those rows processed at `now`, in one transaction. Returns the
+    /// stage changes recorded and the rows left alone (their claim expired: another
+    /// replica may have them).
+    pub async fn apply_webhook_rows(
+        &self,
+        claimer: &str,
+        items: Vec<(i64, Vec<DealChange>)>,
+        rules: CartRules,
+        now: DateTime<Utc>,
+    ) -> Result<(u64, Vec<i64>)> {
+        let ids: Vec<i64> = items.iter().map(|(id, _)| *id).collect();
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let held: std::collections::HashSet<i64> = tx
+            .query(super::inbox::HELD_FOR_UPDATE, &[&ids, &claimer])
+            .await?
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        let mut stage_changes = 0;
+        let mut left = Vec::new();
+        for (id, changes) in items {
+            if !held.contains(&id) {
+                left.push(id);
+                continue;
+            }
+            for change in changes {
+                stage_changes += apply_change(&tx, change, rules, now).await?;
+            }
+        }
+        let processed: Vec<i64> = held.into_iter().collect();
+        tx.execute(
+            "UPDATE webhook_inbox SET state = 'processed', processed_at = $2,
+                 next_attempt_at = NULL, claimed_by = NULL, claimed_until = NULL
+              WHERE id = ANY($1)",
+            &[&processed, &to_ms(now)],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok((stage_changes, left))
+    }
+
     /// Applies deal changes, in order, in one transaction; returns the stage changes
     /// they recorded.
     pub async fn apply_deal_changes(
@@ -134,5 +180,100 @@ impl Database {
         let deleted = mark_deleted(&tx, connection, external_id, at).await?;
         tx.commit().await?;
         Ok(deleted)
+    }
+}
+
+#[cfg(test)]
+mod replica_tests {
+    //! PostgreSQL only: a replica whose inbox claims expired mid-pass (it stalled) and
+    //! another replica that took the rows over.
+    use super::super::claims::INBOX;
+    use super::super::test_database;
+    use super::super::tests::url_of;
+    use crate::store::deal_changes::DealChange;
+    use crate::store::{CartRules, Store};
+    use chrono::Utc;
+    use std::time::Duration;
+
+    /// The stalled replica's pass applies nothing of the rows it lost and settles none;
+    /// the replica that took them over applies each once and marks it processed.
+    #[tokio::test]
+    async fn a_pass_applies_only_the_rows_its_replica_still_holds() {
+        let Some(database) = test_database("a_pass_applies_only_the_rows_its_replica_still_holds")
+        else {
+            return;
+        };
+        let url = url_of(&database);
+        let (stalled, taker) = (
+            Store::open_postgres(&url).await.unwrap(),
+            Store::open_postgres(&url).await.unwrap(),
+        );
+        for id in ["w1", "w2"] {
+            stalled
+                .enqueue_webhook(crate::store::tests::webhook("shop", id))
+                .await
+                .unwrap();
+        }
+        let now = Utc::now();
+        let rows = stalled.due_webhooks(now, 10).await.unwrap();
+        assert_eq!(rows.len(), 2);
+        // Its claims run out (as after a stall); the other replica takes the rows.
+        let admin = database.admin().await;
+        admin
+            .execute(
+                "UPDATE webhook_inbox SET claimed_until = clock_timestamp() - interval '1 second'",
+                &[],
+            )
+            .await
+            .unwrap();
+        let pool = taker.postgres().unwrap();
+        let taken = pool
+            .claim(
+                &INBOX,
+                taker.replica().unwrap(),
+                Duration::from_secs(60),
+                now,
+                10,
+            )
+            .await
+            .unwrap();
+        assert_eq!(taken.ids.len(), 2);
+        let pass = |store: &Store| {
+            let items = rows
+                .iter()
+                .map(|row| {
+                    let deal = crate::store::tests::upsert(&row.delivery_id, "lead", now);
+                    (row.id, vec![DealChange::Upsert(deal)])
+                })
+                .collect();
+            let store = store.clone();
+            async move {
+                store
+                    .apply_webhook_batch(items, CartRules::default(), now)
+                    .await
+                    .unwrap()
+            }
+        };
+        pass(&stalled).await;
+        let count = |sql: &'static str| {
+            let admin = &admin;
+            async move { admin.query_one(sql, &[]).await.unwrap().get::<_, i64>(0) }
+        };
+        assert_eq!(
+            count("SELECT count(*) FROM deals").await,
+            0,
+            "nothing applied"
+        );
+        assert_eq!(
+            count("SELECT count(*) FROM webhook_inbox WHERE state = 'processed'").await,
+            0
+        );
+        pass(&taker).await;
+        assert_eq!(count("SELECT count(*) FROM deals").await, 2);
+        assert_eq!(count("SELECT count(*) FROM stage_history").await, 2);
+        assert_eq!(
+            count("SELECT count(*) FROM webhook_inbox WHERE state = 'processed'").await,
+            2
+        );
     }
 }

@@ -43,9 +43,19 @@ const HELD_ROWS: &str = "
      ORDER BY i.id LIMIT $3";
 
 /// Extends the claims `$1` holds by `$2` milliseconds from the server's now.
+/// Rows are locked in id order, as [`HELD_FOR_UPDATE`] locks them, so a renewal and a
+/// pass applying its rows never wait for each other in a cycle.
 const RENEW: &str = "UPDATE webhook_inbox
     SET claimed_until = clock_timestamp() + $2::bigint * interval '1 millisecond'
-  WHERE state = 'claimed' AND claimed_by = $1";
+  WHERE id IN (SELECT id FROM webhook_inbox
+                WHERE state = 'claimed' AND claimed_by = $1 ORDER BY id FOR UPDATE)";
+
+/// Of the rows `$1`, those `$2` still holds under an unexpired claim, locked until the
+/// transaction ends (in id order): no other replica can take them meanwhile.
+pub(super) const HELD_FOR_UPDATE: &str = "SELECT id FROM webhook_inbox
+    WHERE id = ANY($1) AND state = 'claimed' AND claimed_by = $2
+      AND claimed_until > clock_timestamp()
+    ORDER BY id FOR UPDATE";
 
 impl Database {
     /// Extends the claims `claimer` holds (a pass still working on them), so that no
