@@ -411,6 +411,42 @@ enum Engine {
     Postgres(Arc<Postgres>),
 }
 
+/// A listing query (deals, the outbox) written once for both backends: `select`
+/// (ending in a `WHERE` clause), an `AND column = <placeholder>` for each given value,
+/// the order, and the page.
+pub(in crate::store) struct Listing {
+    pub select: String,
+    /// (column, value): columns are constants, never input; `None` filters nothing.
+    pub equal: Vec<(&'static str, Option<String>)>,
+    pub order: &'static str,
+    pub limit: Option<u32>,
+    pub offset: Option<u32>,
+}
+
+impl Listing {
+    /// The query for a backend whose numbered placeholders start with `sigil` (`?1` in
+    /// SQLite, `$1` in PostgreSQL), and its text parameters in order.
+    pub(in crate::store) fn query(self, sigil: char) -> (String, Vec<String>) {
+        let mut sql = self.select;
+        let mut values: Vec<String> = Vec::new();
+        for (column, value) in self.equal {
+            if let Some(value) = value {
+                values.push(value);
+                sql.push_str(&format!(" AND {column} = {sigil}{}", values.len()));
+            }
+        }
+        sql.push_str(&format!(" ORDER BY {}", self.order));
+        if let Some(limit) = self.limit {
+            sql.push_str(&format!(" LIMIT {limit}"));
+        } else if sigil == '?' {
+            // SQLite takes OFFSET only after a LIMIT; -1 is none.
+            sql.push_str(" LIMIT -1");
+        }
+        sql.push_str(&format!(" OFFSET {}", self.offset.unwrap_or(0)));
+        (sql, values)
+    }
+}
+
 /// A handle to the database; cheap to clone.
 ///
 /// On PostgreSQL (`storage.url`) every method runs on the shared database, with the
@@ -658,10 +694,7 @@ impl Store {
 
     /// The PostgreSQL database, when the store runs on one.
     fn postgres(&self) -> Option<&postgres::Database> {
-        match &self.engine {
-            Engine::Sqlite(_) => None,
-            Engine::Postgres(postgres) => Some(&postgres.database),
-        }
+        self.postgres_engine().map(|postgres| &postgres.database)
     }
 
     /// The PostgreSQL backend with this process's replica id and intake, when the store
@@ -687,10 +720,8 @@ impl Store {
     /// This process's name among the replicas sharing a PostgreSQL database (what its
     /// leases and claims name); `None` on SQLite, where one daemon holds the file.
     pub fn replica(&self) -> Option<&str> {
-        match &self.engine {
-            Engine::Sqlite(_) => None,
-            Engine::Postgres(postgres) => Some(&postgres.replica),
-        }
+        self.postgres_engine()
+            .map(|postgres| postgres.replica.as_str())
     }
 
     /// Starts keeping lease `name` for this replica (see `postgres::leases`): the duty
@@ -737,18 +768,6 @@ impl Store {
         };
         let token = *postgres.fences.lock().ok()?.get(&lease)?;
         Some((lease, token))
-    }
-
-    /// The leases of every replica, as the server holds them now (`/readyz`, the
-    /// status page); empty on SQLite.
-    pub async fn lease_holders(&self) -> Result<Vec<postgres::leases::LeaseHolder>> {
-        match self.postgres() {
-            None => Ok(Vec::new()),
-            Some(database) => database
-                .holders()
-                .await
-                .map_err(|error| database.named(error)),
-        }
     }
 
     /// Takes one request of `connection`'s vendor rate as every replica counts it

@@ -101,30 +101,22 @@ impl OutboxFilter {
     /// placeholders start with `sigil` (`?1` in SQLite, `$1` in PostgreSQL), and its
     /// text parameters in order (a deal id is a number, written into the query).
     pub(super) fn query(self, sigil: char) -> (String, Vec<String>) {
-        let mut sql = format!("SELECT {OUTBOX_ENTRY_COLUMNS} FROM outbox WHERE 1 = 1");
+        let mut select = format!("SELECT {OUTBOX_ENTRY_COLUMNS} FROM outbox WHERE 1 = 1");
         if let Some(deal_id) = self.deal_id {
-            sql.push_str(&format!(" AND deal_id = {deal_id}"));
+            select.push_str(&format!(" AND deal_id = {deal_id}"));
         }
-        let mut values: Vec<String> = Vec::new();
-        for (column, value) in [
-            ("state", self.state),
-            ("rule", self.rule),
-            ("action", self.action),
-        ] {
-            if let Some(value) = value {
-                values.push(value);
-                sql.push_str(&format!(" AND {column} = {sigil}{}", values.len()));
-            }
+        super::Listing {
+            select,
+            equal: vec![
+                ("state", self.state),
+                ("rule", self.rule),
+                ("action", self.action),
+            ],
+            order: "updated_at DESC, id DESC",
+            limit: self.limit,
+            offset: self.offset,
         }
-        sql.push_str(" ORDER BY updated_at DESC, id DESC");
-        if let Some(limit) = self.limit {
-            sql.push_str(&format!(" LIMIT {limit}"));
-        } else if sigil == '?' {
-            // SQLite takes OFFSET only after a LIMIT; -1 is none.
-            sql.push_str(" LIMIT -1");
-        }
-        sql.push_str(&format!(" OFFSET {}", self.offset.unwrap_or(0)));
-        (sql, values)
+        .query(sigil)
     }
 }
 

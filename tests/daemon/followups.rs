@@ -67,6 +67,24 @@ fn ecommerce(stage: &str) -> StageRef {
     }
 }
 
+/// Deal `dN` of connection `crm`, polled into `sales.proposal` at `now`.
+pub(crate) fn in_proposal(n: usize, now: DateTime<Utc>) -> DealUpsert {
+    let mut source = SourceDeal::new(format!("d{n}"), format!("Deal {n}"), "p", "s");
+    source.stage_changed_at = Some(now);
+    source.updated_at = Some(now);
+    DealUpsert {
+        connection: ConnectionName::new("crm"),
+        source,
+        target: StageRef {
+            pipeline: Some(PipelineKey::new("sales")),
+            stage: StageKey::new("proposal"),
+        },
+        status: DealStatus::Open,
+        observed_at: now,
+        cause: ChangeCause::Poll,
+    }
+}
+
 pub(crate) fn store(daemon: &TestDaemon) -> Store {
     Store::open(&daemon.db_path).expect("opening the daemon's database")
 }
@@ -1031,26 +1049,9 @@ after = "1s"
     ))
     .await;
     let store = store(&daemon);
-    let total = 300;
+    let total: i64 = 300;
     let now = Utc::now();
-    let upserts = (0..total)
-        .map(|n| {
-            let mut source = SourceDeal::new(format!("d{n}"), format!("Deal {n}"), "p", "s");
-            source.stage_changed_at = Some(now);
-            source.updated_at = Some(now);
-            DealUpsert {
-                connection: ConnectionName::new("crm"),
-                source,
-                target: StageRef {
-                    pipeline: Some(PipelineKey::new("sales")),
-                    stage: StageKey::new("proposal"),
-                },
-                status: DealStatus::Open,
-                observed_at: now,
-                cause: ChangeCause::Poll,
-            }
-        })
-        .collect();
+    let upserts = (0..total as usize).map(|n| in_proposal(n, now)).collect();
     store.upsert_deals(upserts).await.unwrap();
 
     eventually("the burst to be under way", WAIT, || async {

@@ -7,9 +7,10 @@
 use crate::followups::{cart_rule, config as followup_config, put_cart, store};
 use crate::foundation::demo_connection;
 use crate::harness::daemon::{TestDaemon, run_cli};
-use crate::harness::postgres::{self, PASSWORD, PASSWORD_ROLE, TestDatabase};
+use crate::harness::eventually;
+use crate::harness::postgres::{PASSWORD, PASSWORD_ROLE, TestDatabase};
+use crate::harness::postgres_database as database;
 use crate::harness::smtp::SmtpServer;
-use crate::harness::{eventually, skip};
 use crate::webhooks::{SHOP_SECRET, checkout, order, post, shopify, shopify_headers};
 use chrono::Utc;
 use dealsync::store::postgres::from_sqlite::{File, TABLES};
@@ -18,16 +19,6 @@ use std::path::Path;
 use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(30);
-
-fn database(test: &str) -> Option<TestDatabase> {
-    match postgres::cluster() {
-        Ok(cluster) => Some(cluster.create_database()),
-        Err(reason) => {
-            skip(test, &reason);
-            None
-        }
-    }
-}
 
 /// `--credentials-dir` holding the credential `pg` (the test role's password), and
 /// the `--to` URL that names it.

@@ -9,15 +9,12 @@ use crate::followups;
 use crate::harness::daemon::TestDaemon;
 use crate::harness::eventually;
 use crate::harness::postgres::{self, PASSWORD, PASSWORD_ROLE, TestDatabase};
-use crate::harness::skip;
+use crate::harness::postgres_database as database;
 use crate::harness::smtp::SmtpServer;
-use crate::harness::vendors::hubspot::{HsDeal, HubSpot};
+use crate::harness::vendors::hubspot::HubSpot;
 use crate::webhooks::{SHOP_SECRET, checkout, post, shopify, shopify_headers};
 use chrono::Utc;
-use dealsync::domain::{
-    ChangeCause, ConnectionName, DealStatus, PipelineKey, SourceDeal, StageKey, StageRef,
-};
-use dealsync::store::{DealUpsert, Store};
+use dealsync::store::Store;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
@@ -28,17 +25,6 @@ const FAILOVER_AFTER: Duration = Duration::from_secs(3);
 const FAILOVER_BOUND: Duration = Duration::from_secs(30);
 const PASSWORD_VAR: &str = "DEALSYNC_TEST_PG_PASSWORD";
 const API_TOKEN: &str = "replica-api-token-0123";
-
-/// A fresh database, or `None` after skipping `test` where PostgreSQL is missing.
-fn database(test: &str) -> Option<TestDatabase> {
-    match postgres::cluster() {
-        Ok(cluster) => Some(cluster.create_database()),
-        Err(reason) => {
-            skip(test, &reason);
-            None
-        }
-    }
-}
 
 /// The `[storage]` lines of a replica on `database`, the password through the
 /// environment ([`PASSWORD_VAR`]).
@@ -84,23 +70,6 @@ async fn post_checkouts(daemons: &[&TestDaemon], prefix: &str, count: usize) -> 
     acknowledged
 }
 
-fn proposal(n: usize, now: chrono::DateTime<Utc>) -> DealUpsert {
-    let mut source = SourceDeal::new(format!("d{n}"), format!("Deal {n}"), "p", "s");
-    source.stage_changed_at = Some(now);
-    source.updated_at = Some(now);
-    DealUpsert {
-        connection: ConnectionName::new("crm"),
-        source,
-        target: StageRef {
-            pipeline: Some(PipelineKey::new("sales")),
-            stage: StageKey::new("proposal"),
-        },
-        status: DealStatus::Open,
-        observed_at: now,
-        cause: ChangeCause::Poll,
-    }
-}
-
 /// Two replicas under webhooks, a polled HubSpot and a burst of follow-ups; the one
 /// polling HubSpot is SIGKILLed mid-burst. Fails on the old code, where `run` refuses
 /// `storage.url`; and without the claims (both replicas send the same rows), the poll
@@ -138,15 +107,7 @@ async fn share_the_work_through_kills(test: &str, count: usize, kills: usize) {
     };
     let smtp = SmtpServer::start().await;
     let hubspot = HubSpot::start("pat-test", None).await;
-    let base = Utc::now().timestamp_millis() - 3_600_000;
-    for id in 1..=6_u64 {
-        hubspot.put(HsDeal::new(
-            1000 + id,
-            &format!("Deal {id}"),
-            "appointmentscheduled",
-            base + id as i64 * 1000,
-        ));
-    }
+    hubspot.put_deals(1001..=1006, "appointmentscheduled");
     let body = format!(
         "api_token = \"{API_TOKEN}\"\n{}{}{}",
         followups::config(
@@ -192,7 +153,7 @@ after = "1s"
     .unwrap();
     let now = Utc::now();
     store
-        .upsert_deals((0..total).map(|n| proposal(n, now)).collect())
+        .upsert_deals((0..total).map(|n| followups::in_proposal(n, now)).collect())
         .await
         .unwrap();
 

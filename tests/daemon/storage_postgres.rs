@@ -7,23 +7,13 @@
 //! (`harness::postgres`); where PostgreSQL is not installed those tests skip.
 
 use crate::harness::daemon::run_cli;
+use crate::harness::free_port;
 use crate::harness::postgres::{self, PASSWORD, PASSWORD_ROLE, TestDatabase};
+use crate::harness::postgres_database as database;
 use crate::harness::vendors::hubspot::{HsDeal, HubSpot};
 use crate::harness::vendors::salesforce::{Salesforce, SfOpp};
-use crate::harness::{free_port, skip};
 use std::path::Path;
 use std::time::Duration;
-
-/// A fresh database, or `None` after skipping `test` where PostgreSQL is missing.
-fn database(test: &str) -> Option<TestDatabase> {
-    match postgres::cluster() {
-        Ok(cluster) => Some(cluster.create_database()),
-        Err(reason) => {
-            skip(test, &reason);
-            None
-        }
-    }
-}
 
 /// A config whose store is `url` (its password through `${credential:pg}`, read from
 /// `dir/credentials/pg`, which holds `password`), and the `--credentials-dir` to pass.
@@ -446,15 +436,7 @@ async fn three_syncs_at_once_on_one_database_store_each_deal_and_change_once() {
         return;
     };
     let hubspot = HubSpot::start("pat-test", None).await;
-    let base = chrono::Utc::now().timestamp_millis() - 3_600_000;
-    for id in 1..=60_u64 {
-        hubspot.put(HsDeal::new(
-            id,
-            &format!("Deal {id}"),
-            "appointmentscheduled",
-            base + id as i64 * 1000,
-        ));
-    }
+    hubspot.put_deals(1..=60, "appointmentscheduled");
     let dir = tempfile::tempdir().unwrap();
     let (config, credentials) =
         write_config(dir.path(), &url_without_password(&database), PASSWORD);
@@ -524,15 +506,7 @@ async fn a_sync_that_loses_postgres_midway_fails_clearly_and_the_next_one_comple
     };
     let relay = postgres::Relay::start(database.port).await;
     let hubspot = HubSpot::start("pat-test", None).await;
-    let base = chrono::Utc::now().timestamp_millis() - 3_600_000;
-    for id in 1..=20_u64 {
-        hubspot.put(HsDeal::new(
-            id,
-            &format!("Deal {id}"),
-            "qualifiedtobuy",
-            base + id as i64 * 1000,
-        ));
-    }
+    hubspot.put_deals(1..=20, "qualifiedtobuy");
     // From the fourth request for deals on, every one is held until the server is out
     // of reach (a fault is served to the next request of the path, in queue order; a
     // zero delay lets one pass).
@@ -755,15 +729,7 @@ async fn two_processes_on_one_database_share_the_connections_request_rate() {
     const RATE: f64 = 8.0;
     const BURST: usize = 2;
     let hubspot = std::sync::Arc::new(HubSpot::start("pat-test", None).await);
-    let base = chrono::Utc::now().timestamp_millis() - 3_600_000;
-    for id in 1..=40_u64 {
-        hubspot.put(HsDeal::new(
-            id,
-            &format!("Deal {id}"),
-            "appointmentscheduled",
-            base + id as i64 * 1000,
-        ));
-    }
+    hubspot.put_deals(1..=40, "appointmentscheduled");
     let dir = tempfile::tempdir().unwrap();
     let (config, credentials) =
         write_config(dir.path(), &url_without_password(&database), PASSWORD);

@@ -31,28 +31,19 @@ impl DealFilter {
     /// The deals query of this filter for a backend whose numbered placeholders start
     /// with `sigil` (`?1` in SQLite, `$1` in PostgreSQL), and its parameters in order.
     pub(in crate::store) fn query(self, sigil: char) -> (String, Vec<String>) {
-        let mut sql = format!("SELECT {DEAL_COLUMNS} FROM deals WHERE 1 = 1");
-        let mut values: Vec<String> = Vec::new();
-        for (column, value) in [
-            ("connection", self.connection),
-            ("pipeline", self.pipeline),
-            ("stage", self.stage),
-            ("status", self.status.map(|s| s.as_str().to_owned())),
-        ] {
-            if let Some(value) = value {
-                values.push(value);
-                sql.push_str(&format!(" AND {column} = {sigil}{}", values.len()));
-            }
+        crate::store::Listing {
+            select: format!("SELECT {DEAL_COLUMNS} FROM deals WHERE 1 = 1"),
+            equal: vec![
+                ("connection", self.connection),
+                ("pipeline", self.pipeline),
+                ("stage", self.stage),
+                ("status", self.status.map(|s| s.as_str().to_owned())),
+            ],
+            order: "last_activity_at DESC, id DESC",
+            limit: self.limit,
+            offset: self.offset,
         }
-        sql.push_str(" ORDER BY last_activity_at DESC, id DESC");
-        if let Some(limit) = self.limit {
-            sql.push_str(&format!(" LIMIT {limit}"));
-        } else if sigil == '?' {
-            // SQLite takes OFFSET only after a LIMIT; -1 is none.
-            sql.push_str(" LIMIT -1");
-        }
-        sql.push_str(&format!(" OFFSET {}", self.offset.unwrap_or(0)));
-        (sql, values)
+        .query(sigil)
     }
 }
 

@@ -6,15 +6,17 @@
 //! and move it to `sending` with [`ClaimTable::send_locked_sql`] in their claim's
 //! transaction (`postgres::outbox`, `postgres::digests`).
 //!
-//! A claim moves a due row to `claimed`, by `claimed_by` until `claimed_until`
-//! (`clock_timestamp() + ttl`, the server's clock). Its replica then works on it and
-//! settles it; a ledger row (outbox, digest) goes through `sending`
-//! ([`Database::begin_send`]) before its email is handed to the SMTP server.
+//! An inbox claim moves a due row to `claimed`, by `claimed_by` until `claimed_until`
+//! (`clock_timestamp() + ttl`, the server's clock); its replica then works on it and
+//! settles it. A ledger row (outbox, digest) goes from `pending` straight to `sending`,
+//! claimed the same way, in the transaction that decided to send it, before its email
+//! is handed to the SMTP server.
 //!
 //! The reclaim rule, when a claim expires (its replica died or stalled):
-//! - a row still `claimed` is due again, and the next claim hands it out;
+//! - an inbox row still `claimed` is due again, and the next claim hands it out;
 //! - a ledger row in `sending` may have been sent: it becomes `uncertain` and is never
-//!   handed out again, as the single process does at start-up (`store::ledger`).
+//!   handed out again (`expire_sending_sql`), as the single process does at start-up
+//!   (`store::ledger`).
 //!
 //! Invariants:
 //! - One statement claims a batch: the due rows are locked `FOR UPDATE SKIP LOCKED`
@@ -23,9 +25,9 @@
 //! - A row's due time (`next_attempt_at`, epoch milliseconds as the rest of the
 //!   schema) is compared with the caller's `now`, the clock that wrote it; a claim's
 //!   expiry only ever with the server's clock.
-//! - Only the holder of an unexpired claim moves the row on ([`Database::begin_send`]
-//!   checks `claimed_by` and `claimed_until`), so a replica whose claim expired and
-//!   was handed to another cannot send the row too.
+//! - Only the holder of an unexpired claim settles an inbox row
+//!   (`postgres::inbox`), so a replica whose claim expired and was handed to another
+//!   cannot record a second outcome.
 //! - The SQL of the three tables is one template, filled from [`ClaimTable`].
 
 use super::super::Result;
@@ -149,17 +151,6 @@ impl ClaimTable {
         }
     }
 
-    /// `claimed` → `sending` for the claim's holder: `$1` id, `$2` claimer, `$3` now in
-    /// ms, `$4` how long the send may take in ms.
-    fn begin_send_sql(&self) -> String {
-        let (table, sending) = (self.table, self.sending_set());
-        format!(
-            "UPDATE {table} SET {sending}
-             WHERE id = $1 AND state = 'claimed' AND claimed_by = $2
-               AND claimed_until > clock_timestamp()"
-        )
-    }
-
     /// What going to `sending` sets: the claim by `$2` for `$4` ms from the server's
     /// now, and the table's `on_send` (`$3`: now in ms).
     fn sending_set(&self) -> String {
@@ -181,8 +172,8 @@ impl ClaimTable {
         )
     }
 
-    /// The row locked by [`ClaimTable::lock_pending_sql`] → `sending`, claimed as by
-    /// `begin_send` (`$1` id, `$2` claimer, `$3` now in ms, `$4` how long the send may
+    /// The row locked by [`ClaimTable::lock_pending_sql`] → `sending`, claimed by `$2`
+    /// (`$1` id, `$2` claimer, `$3` now in ms, `$4` how long the send may
     /// take in ms); `also` sets more columns, from `$5` on.
     pub(in crate::store) fn send_locked_sql(&self, also: &str) -> String {
         let (table, sending) = (self.table, self.sending_set());
@@ -238,27 +229,5 @@ impl Database {
         }
         claimed.ids = claim_ids(&**client, table, claimer, ttl, now, limit).await?;
         Ok(claimed)
-    }
-
-    /// Moves claimed row `id` of a ledger table to `sending`, for up to `send_ttl`,
-    /// counting the attempt; `false` when `claimer` no longer holds an unexpired claim
-    /// on it (it was handed to another replica): then it must not be sent.
-    pub async fn begin_send(
-        &self,
-        table: &ClaimTable,
-        id: i64,
-        claimer: &str,
-        now: DateTime<Utc>,
-        send_ttl: Duration,
-    ) -> Result<bool> {
-        debug_assert_eq!(table.sending, Sending::BecomesUncertain, "{}", table.table);
-        let client = self.client().await?;
-        let changed = client
-            .execute(
-                &table.begin_send_sql(),
-                &[&id, &claimer, &to_ms(now), &millis(send_ttl)],
-            )
-            .await?;
-        Ok(changed == 1)
     }
 }

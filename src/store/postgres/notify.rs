@@ -53,12 +53,15 @@ pub(super) fn announcer(pool: deadpool_postgres::Pool) -> mpsc::Sender<&'static 
 }
 
 async fn notify_all(pool: &deadpool_postgres::Pool, channels: &[&str]) -> Result<(), String> {
-    let client = pool.get().await.map_err(|error| error.to_string())?;
+    let client = pool
+        .get()
+        .await
+        .map_err(|error| crate::telemetry::error_chain(&error))?;
     for channel in channels {
         client
             .execute("SELECT pg_notify($1, '')", &[channel])
             .await
-            .map_err(|error| error.to_string())?;
+            .map_err(|error| crate::telemetry::error_chain(&error))?;
     }
     Ok(())
 }
@@ -85,7 +88,7 @@ impl Database {
                 match database.listen_once(&wake, &mut failures).await {
                     Ok(()) => tracing::debug!("the notification connection closed; reconnecting"),
                     Err(error) => {
-                        tracing::debug!(error = %error, "listening for the other replicas' notifications failed; reconnecting")
+                        tracing::debug!(error = %crate::telemetry::error_chain(&error), "listening for the other replicas' notifications failed; reconnecting")
                     }
                 }
                 failures += 1;

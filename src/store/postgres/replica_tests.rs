@@ -5,7 +5,7 @@
 
 use super::claims::{self, Claimed};
 use super::leases::{self, HeldLease, KeeperTiming, LeaseKeeper};
-use super::tests::{INSERT_DEAL, url_of};
+use super::tests::url_of;
 use super::*;
 use std::collections::HashSet;
 use std::future::Future;
@@ -484,17 +484,15 @@ async fn three_claimers_share_a_thousand_inbox_rows_each_claimed_exactly_once() 
 }
 
 #[tokio::test]
-async fn an_expired_claim_is_handed_out_again_but_an_outbox_row_caught_sending_becomes_uncertain() {
-    let Some(database) = test_database(
-        "an_expired_claim_is_handed_out_again_but_an_outbox_row_caught_sending_becomes_uncertain",
-    ) else {
+async fn an_expired_inbox_claim_is_handed_out_again() {
+    let Some(database) = test_database("an_expired_inbox_claim_is_handed_out_again") else {
         return;
     };
     let (a, b) = (replica(&database).await, replica(&database).await);
     let short = Duration::from_millis(500);
     let now = chrono::Utc::now();
 
-    // The inbox: replica a claims a row and dies; b gets it once the claim expires.
+    // Replica a claims a row and dies; b gets it once the claim expires.
     let inbox = inbox_rows(&database, 1).await;
     let by_a = a
         .claim(&claims::INBOX, "replica-a", short, now, 10)
@@ -514,88 +512,6 @@ async fn an_expired_claim_is_handed_out_again_but_an_outbox_row_caught_sending_b
     )
     .await;
     assert_eq!(by_b, inbox);
-
-    // The outbox: a claims two rows, starts sending one, and dies.
-    let admin = database.admin().await;
-    let deal: i64 = admin
-        .query_one(INSERT_DEAL, &[&"crm", &"42"])
-        .await
-        .unwrap()
-        .get(0);
-    let mut outbox = Vec::new();
-    for step in 0..2_i64 {
-        let id: i64 = admin
-            .query_one(
-                "INSERT INTO outbox (deal_id, rule, step, recipient, state, anchor_at, due_at,
-                     next_attempt_at, created_at, updated_at)
-                 VALUES ($1, 'cart', $2, 'a@example.com', 'pending', 0, 0, 0, 0, 0) RETURNING id",
-                &[&deal, &step],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        outbox.push(id);
-    }
-    let (sending, claimed_only) = (outbox[0], outbox[1]);
-    let by_a = a
-        .claim(&claims::OUTBOX, "replica-a", short, now, 10)
-        .await
-        .unwrap();
-    assert_eq!(by_a.ids, outbox);
-    assert!(
-        a.begin_send(&claims::OUTBOX, sending, "replica-a", now, short)
-            .await
-            .unwrap()
-    );
-
-    // b's claims: the row a only claimed comes back; the one a was sending never does.
-    let mut made_uncertain = Vec::new();
-    let mut handed_to_b = Vec::new();
-    let deadline = Instant::now() + TTL * 2;
-    while made_uncertain.is_empty() || handed_to_b.is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "expired outbox claims not dealt with: {made_uncertain:?} {handed_to_b:?}"
-        );
-        let claimed = b
-            .claim(&claims::OUTBOX, "replica-b", TTL, now, 10)
-            .await
-            .unwrap();
-        made_uncertain.extend(claimed.made_uncertain);
-        handed_to_b.extend(claimed.ids);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(made_uncertain, [sending]);
-    assert_eq!(handed_to_b, [claimed_only]);
-    // a's claim on the other row is gone: it may not start sending it.
-    assert!(
-        !a.begin_send(&claims::OUTBOX, claimed_only, "replica-a", now, short)
-            .await
-            .unwrap()
-    );
-    assert!(
-        b.begin_send(&claims::OUTBOX, claimed_only, "replica-b", now, TTL)
-            .await
-            .unwrap()
-    );
-
-    let row = admin
-        .query_one(
-            "SELECT state, reason, attempts FROM outbox WHERE id = $1",
-            &[&sending],
-        )
-        .await
-        .unwrap();
-    assert_eq!(row.get::<_, String>(0), "uncertain");
-    assert_eq!(row.get::<_, String>(1), crate::store::ledger::INTERRUPTED);
-    assert_eq!(row.get::<_, i64>(2), 1);
-    // Never handed out again, by anyone, however long one waits.
-    let later = chrono::Utc::now() + chrono::Duration::days(1);
-    let claimed = a
-        .claim(&claims::OUTBOX, "replica-c", TTL, later, 10)
-        .await
-        .unwrap();
-    assert!(!claimed.ids.contains(&sending), "{claimed:?}");
 }
 
 #[tokio::test]

@@ -219,8 +219,7 @@ async fn two_pools_opening_at_once_migrate_once() {
 }
 
 /// A deal row with the columns the schema requires.
-pub(super) const INSERT_DEAL: &str =
-    "INSERT INTO deals (connection, external_id, title, stage, status,
+const INSERT_DEAL: &str = "INSERT INTO deals (connection, external_id, title, stage, status,
         native_pipeline, native_stage, stage_entered_at, last_activity_at, first_seen_at,
         synced_at, content_hash, raw)
      VALUES ($1, $2, 'Deal', 'proposal', 'open', 'p', 's', 0, 0, 0, 0, 7, '{}') RETURNING id";

@@ -68,3 +68,15 @@ pub use skip_rule::skip;
 /// The throwaway PostgreSQL cluster, one file shared with the store's unit tests.
 #[path = "../../../src/store/postgres/test_cluster.rs"]
 pub mod postgres;
+
+/// A fresh database in the throwaway cluster, or `None` after skipping `test` where
+/// PostgreSQL is not installed.
+pub fn postgres_database(test: &str) -> Option<postgres::TestDatabase> {
+    match postgres::cluster() {
+        Ok(cluster) => Some(cluster.create_database()),
+        Err(reason) => {
+            skip(test, &reason);
+            None
+        }
+    }
+}

@@ -266,6 +266,20 @@ impl HubSpot {
         self.state.deals.lock().unwrap().insert(deal.id, deal);
     }
 
+    /// Deals `ids` ("Deal ID") in `stage`, last modified an hour ago plus a second
+    /// per id, so that each page's order is the ids'.
+    pub fn put_deals(&self, ids: impl IntoIterator<Item = u64>, stage: &str) {
+        let base = chrono::Utc::now().timestamp_millis() - 3_600_000;
+        for id in ids {
+            self.put(HsDeal::new(
+                id,
+                &format!("Deal {id}"),
+                stage,
+                base + id as i64 * 1000,
+            ));
+        }
+    }
+
     pub fn put_contact(&self, id: u64, email: &str, first: &str, last: &str) {
         self.state
             .contacts
