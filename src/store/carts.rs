@@ -379,6 +379,7 @@ pub(in crate::store) mod tests {
     use super::*;
     use crate::domain::{ConnectionName, EmailAddress, PipelineKey, SourceDeal, StageKey};
     use crate::store::both_backends::on_both;
+    use crate::store::deal_changes::DealChange;
     use crate::store::deals::tests::stored_deal;
     use crate::store::tests::temp_store;
 
@@ -583,6 +584,149 @@ pub(in crate::store) mod tests {
                     (DealStatus::Won, "purchase_completed")
                 );
                 assert_eq!(store.history(deal.id).await.unwrap().len(), 1);
+            },
+        )
+        .await;
+    }
+
+    /// One webhook pass of records that read what earlier ones of the same pass wrote:
+    /// two records of one checkout, an order completing that checkout, a checkout an
+    /// order already completed, a record keeping a stored contact. Applied in one transaction,
+    /// each sees the pass's earlier changes as if applied one by one (on PostgreSQL the
+    /// pass is applied in segments of records with no deal or key in common).
+    #[tokio::test]
+    async fn a_pass_of_carts_and_orders_applies_as_if_one_by_one() {
+        on_both(
+            "a_pass_of_carts_and_orders_applies_as_if_one_by_one",
+            async |store| {
+                let t0 = Utc::now() - chrono::Duration::hours(3);
+                let minutes = |m: i64| t0 + chrono::Duration::minutes(m);
+                let rules = CartRules::default();
+                // Before the pass: an order under key k:done, and a stored cart with a contact.
+                store
+                    .apply_cart_event(
+                        cart(
+                            "shop",
+                            "o-old",
+                            "purchase_completed",
+                            &["k:done"],
+                            minutes(0),
+                        ),
+                        rules,
+                    )
+                    .await
+                    .unwrap();
+                store
+                    .apply_cart_event(
+                        cart(
+                            "shop",
+                            "known",
+                            "checkout_started",
+                            &["k:known"],
+                            minutes(0),
+                        ),
+                        rules,
+                    )
+                    .await
+                    .unwrap();
+                // An open cart record changes a stored cart's fields, not its stage
+                // (`deals::plan::held_stage`).
+                let mut without_contact = cart(
+                    "shop",
+                    "known",
+                    "checkout_started",
+                    &["k:known"],
+                    minutes(5),
+                );
+                without_contact.source.contact_email = None;
+                without_contact.source.contact_name = Some("Grace Hopper".to_owned());
+                let mut c1_named = cart("shop", "c1", "checkout_started", &["k:c1"], minutes(12));
+                c1_named.source.contact_name = Some("Ada Lovelace".to_owned());
+                let pass = vec![
+                    DealChange::Cart(cart(
+                        "shop",
+                        "c1",
+                        "checkout_started",
+                        &["k:c1"],
+                        minutes(10),
+                    )),
+                    DealChange::Cart(without_contact),
+                    DealChange::Cart(cart(
+                        "shop",
+                        "late",
+                        "checkout_started",
+                        &["k:done"],
+                        minutes(11),
+                    )),
+                    DealChange::Cart(c1_named),
+                    DealChange::Cart(cart(
+                        "shop",
+                        "c2",
+                        "checkout_started",
+                        &["k:c2"],
+                        minutes(13),
+                    )),
+                    DealChange::Cart(cart(
+                        "web",
+                        "o1",
+                        "purchase_completed",
+                        &["k:c1"],
+                        minutes(14),
+                    )),
+                    DealChange::Cart(cart(
+                        "shop",
+                        "c3",
+                        "checkout_started",
+                        &["k:c3"],
+                        minutes(15),
+                    )),
+                ];
+                store
+                    .apply_deal_changes(pass, rules, Utc::now())
+                    .await
+                    .unwrap();
+
+                let c1 = stored_deal(&store, "shop", "c1").await;
+                assert_eq!(
+                    (c1.status, c1.stage.as_str()),
+                    (DealStatus::Won, "purchase_completed"),
+                    "the order completes the checkout stored earlier in the same pass"
+                );
+                let stages: Vec<String> = store
+                    .history(c1.id)
+                    .await
+                    .unwrap()
+                    .iter()
+                    .map(|entry| entry.to_stage.as_str().to_owned())
+                    .collect();
+                assert_eq!(stages, ["checkout_started", "purchase_completed"]);
+                assert_eq!(
+                    c1.contact_name.as_deref(),
+                    Some("Ada Lovelace"),
+                    "the second record of the checkout in the pass is applied"
+                );
+                let known = stored_deal(&store, "shop", "known").await;
+                assert_eq!(known.contact_name.as_deref(), Some("Grace Hopper"));
+                assert_eq!(
+                    known.contact_email.as_ref().map(|e| e.as_str()),
+                    Some("shopper@example.com"),
+                    "the record keeps the stored contact"
+                );
+                assert!(
+                    store
+                        .deal_by_external_id("shop", "late")
+                        .await
+                        .unwrap()
+                        .is_none(),
+                    "a checkout of an order already stored is not stored"
+                );
+                for id in ["c2", "c3"] {
+                    let deal = stored_deal(&store, "shop", id).await;
+                    assert_eq!(
+                        (deal.status, deal.stage.as_str()),
+                        (DealStatus::Open, "checkout_started")
+                    );
+                }
             },
         )
         .await;

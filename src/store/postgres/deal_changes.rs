@@ -10,6 +10,12 @@
 //!   last writer committed, and two replicas applying the same batch run one after the
 //!   other per deal, the second finding nothing left to do (one deal, one history row
 //!   per stage change).
+//! - A pass is applied in order, in segments: a run of records that touch distinct
+//!   deals and share no cart key is locked and read at once (one round trip for the
+//!   stored deals, their contacts and the deals sharing their keys) and written by one
+//!   `upsert_all`; an order (it completes other carts) or a deletion is applied on its
+//!   own. No record of a segment reads what another of it writes, so the result is
+//!   that of applying the changes one by one.
 //! - A pass's changes and their history rows commit together, and with them the
 //!   settlement of its inbox rows (`apply_webhook_rows`): only rows this replica still
 //!   holds under an unexpired claim, locked first, are applied and marked processed, so
@@ -20,13 +26,18 @@
 
 use super::Database;
 use super::carts::apply_cart;
-use super::deals::{lock_deal_keys, pg_text, upsert_all};
+use super::deals::{lock_deal_keys, pg_opt, pg_text, upsert_all};
+use crate::domain::DealStatus;
+use crate::store::carts::{CartStep, Match, cart_step};
 use crate::store::deal_changes::{
-    DealChange, KNOWN_CONTACT_COLUMNS, carries_every_contact_field, keep_known, known_contact_from,
+    DealChange, KNOWN_CONTACT_COLUMNS, KnownContact, carries_every_contact_field, keep_known,
+    known_contact_from,
 };
 use crate::store::{CartRules, DealUpsert, Result, to_ms};
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Transaction;
+use std::borrow::Cow;
+use std::collections::{HashSet, VecDeque};
 
 /// Fills the contact fields `upsert` lacks from its stored deal (`keep_known`), under
 /// the deal's advisory lock, which the caller's transaction keeps until it commits.
@@ -106,6 +117,177 @@ async fn apply_change(
     }
 }
 
+/// How many of the first changes can be applied as one segment: records that alter
+/// only their own deal, touch distinct deals and share no cart key, so none reads what
+/// another writes. At least one when the first is such a record.
+fn segment_len(changes: &[DealChange]) -> usize {
+    let mut deals: HashSet<(&str, &str)> = HashSet::new();
+    let mut keys: HashSet<&str> = HashSet::new();
+    for (taken, change) in changes.iter().enumerate() {
+        let upsert = match change {
+            DealChange::Upsert(upsert) | DealChange::Cart(upsert) if !alters_others(change) => {
+                upsert
+            }
+            _ => return taken,
+        };
+        let fresh_deal = deals.insert((
+            upsert.connection.as_str(),
+            upsert.source.external_id.as_str(),
+        ));
+        let fresh_keys = upsert
+            .source
+            .cart_keys
+            .iter()
+            .all(|key| keys.insert(key.as_str()));
+        if !fresh_deal || !fresh_keys {
+            return taken;
+        }
+    }
+    changes.len()
+}
+
+/// What a segment's records read before they are planned, by position in the segment.
+#[derive(Default)]
+struct Stored {
+    /// The record's own stored deal.
+    own: Option<i64>,
+    /// Its contact fields, which the record keeps where it lacks them.
+    known: Option<KnownContact>,
+    /// Live deals of its pipeline sharing a cart key with it, other than its own.
+    others: Vec<Match>,
+}
+
+/// Locks the deals of a segment's records, then reads what each needs (the two reads
+/// pipelined: one round trip for the whole segment).
+async fn read_segment(tx: &Transaction<'_>, upserts: &[&DealUpsert]) -> Result<Vec<Stored>> {
+    let keys: Vec<(&str, &str)> = upserts
+        .iter()
+        .map(|u| (u.connection.as_str(), u.source.external_id.as_str()))
+        .collect();
+    let connections: Vec<Cow<'_, str>> = keys.iter().map(|(c, _)| pg_text(c)).collect();
+    let external_ids: Vec<Cow<'_, str>> = keys.iter().map(|(_, e)| pg_text(e)).collect();
+    let (mut key_ords, mut cart_keys, mut pipelines) = (Vec::new(), Vec::new(), Vec::new());
+    for (ord, upsert) in upserts.iter().enumerate() {
+        for key in &upsert.source.cart_keys {
+            key_ords.push(ord as i64);
+            cart_keys.push(pg_text(key));
+            pipelines.push(pg_opt(upsert.target.pipeline.as_ref().map(|p| p.as_str())));
+        }
+    }
+    let own_statement = tx
+        .prepare_cached(&format!(
+            "SELECT {KNOWN_CONTACT_COLUMNS}, d.id, u.ord - 1
+             FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS u(c, e, ord)
+             JOIN deals d ON d.connection = u.c AND d.external_id = u.e"
+        ))
+        .await?;
+    let matches_statement = tx
+        .prepare_cached(
+            "SELECT DISTINCT u.ord, d.id, d.status
+             FROM unnest($1::bigint[], $2::text[], $3::text[]) AS u(ord, key, pipeline)
+             JOIN deal_keys k ON k.key = u.key JOIN deals d ON d.id = k.deal_id
+             WHERE d.deleted_at IS NULL AND d.pipeline IS NOT DISTINCT FROM u.pipeline
+             ORDER BY u.ord, d.id",
+        )
+        .await?;
+    lock_deal_keys(tx, &keys).await?;
+    let (own_rows, match_rows) = tokio::try_join!(
+        async {
+            tx.query(&own_statement, &[&connections, &external_ids])
+                .await
+        },
+        async {
+            if key_ords.is_empty() {
+                return Ok(Vec::new());
+            }
+            tx.query(&matches_statement, &[&key_ords, &cart_keys, &pipelines])
+                .await
+        },
+    )?;
+    let mut stored: Vec<Stored> = upserts.iter().map(|_| Stored::default()).collect();
+    for row in &own_rows {
+        let ord: i64 = row.try_get(6)?;
+        let entry = &mut stored[ord as usize];
+        entry.own = Some(row.try_get(5)?);
+        entry.known = Some(known_contact_from(row)?);
+    }
+    for row in &match_rows {
+        let ord: i64 = row.try_get(0)?;
+        let entry = &mut stored[ord as usize];
+        let id: i64 = row.try_get(1)?;
+        if entry.own != Some(id) {
+            entry.others.push(Match {
+                id,
+                status: row.try_get(2)?,
+            });
+        }
+    }
+    Ok(stored)
+}
+
+/// Applies a segment (see [`segment_len`]): what its records read is read for all of
+/// them at once, and what they store is written by one `upsert_all`, as applying them
+/// one by one would (no record reads what another of the segment writes).
+async fn apply_segment(tx: &Transaction<'_>, segment: Vec<DealChange>) -> Result<u64> {
+    let mut upserts: Vec<(bool, DealUpsert)> = segment
+        .into_iter()
+        .filter_map(|change| match change {
+            DealChange::Cart(upsert) => Some((true, upsert)),
+            DealChange::Upsert(upsert) => Some((false, upsert)),
+            DealChange::Delete { .. } => None,
+        })
+        .collect();
+    let refs: Vec<&DealUpsert> = upserts.iter().map(|(_, upsert)| upsert).collect();
+    let stored = read_segment(tx, &refs).await?;
+    let mut writes = Vec::with_capacity(upserts.len());
+    for ((is_cart, mut upsert), stored) in upserts.drain(..).zip(stored) {
+        if let Some(known) = stored.known
+            && !carries_every_contact_field(&upsert)
+        {
+            keep_known(&mut upsert, known);
+        }
+        // A cart that is not an order is stored, unless an order superseded it.
+        if is_cart && let CartStep::Superseded(_) = cart_step(&upsert, stored.own, &stored.others) {
+            continue;
+        }
+        writes.push(upsert);
+    }
+    Ok(upsert_all(tx, &writes).await?.stage_changes)
+}
+
+/// Whether a change is applied on its own rather than in a segment: an order (it
+/// completes other carts, found by key or by email) or a deletion (rare).
+fn alters_others(change: &DealChange) -> bool {
+    match change {
+        DealChange::Cart(upsert) => upsert.status == DealStatus::Won,
+        DealChange::Upsert(_) => false,
+        DealChange::Delete { .. } => true,
+    }
+}
+
+/// Applies a pass's changes in order: each run of records with no deal or cart key in
+/// common as one segment, every order and deletion on its own.
+async fn apply_changes(
+    tx: &Transaction<'_>,
+    changes: Vec<DealChange>,
+    rules: CartRules,
+    now: DateTime<Utc>,
+) -> Result<u64> {
+    let mut changes = VecDeque::from(changes);
+    let mut stage_changes = 0;
+    while let Some(next) = changes.front() {
+        if alters_others(next) {
+            let change = changes.pop_front().expect("a change is next");
+            stage_changes += apply_change(tx, change, rules, now).await?;
+            continue;
+        }
+        let taken = segment_len(changes.make_contiguous());
+        let segment: Vec<DealChange> = changes.drain(..taken).collect();
+        stage_changes += apply_segment(tx, segment).await?;
+    }
+    Ok(stage_changes)
+}
+
 impl Database {
     /// Applies the changes of the inbox rows `items` that `claimer` still holds, in
     /// order, and marks those rows processed at `now`, in one transaction. Returns the
@@ -127,17 +309,16 @@ impl Database {
             .iter()
             .map(|row| row.get(0))
             .collect();
-        let mut stage_changes = 0;
+        let mut pass = Vec::new();
         let mut left = Vec::new();
         for (id, changes) in items {
             if !held.contains(&id) {
                 left.push(id);
                 continue;
             }
-            for change in changes {
-                stage_changes += apply_change(&tx, change, rules, now).await?;
-            }
+            pass.extend(changes);
         }
+        let stage_changes = apply_changes(&tx, pass, rules, now).await?;
         let processed: Vec<i64> = held.into_iter().collect();
         tx.execute(
             "UPDATE webhook_inbox SET state = 'processed', processed_at = $2,
@@ -160,10 +341,7 @@ impl Database {
     ) -> Result<u64> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
-        let mut stage_changes = 0;
-        for change in changes {
-            stage_changes += apply_change(&tx, change, rules, now).await?;
-        }
+        let stage_changes = apply_changes(&tx, changes, rules, now).await?;
         tx.commit().await?;
         Ok(stage_changes)
     }
