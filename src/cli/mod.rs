@@ -289,9 +289,9 @@ async fn check_postgres(url: &config::PostgresUrl) -> Result<String, String> {
         SchemaState::Newer { .. } => Err(format!(
             "{line}; point storage.url at another database or upgrade dealsync (nothing was changed)"
         )),
-        SchemaState::Absent | SchemaState::Current(_) | SchemaState::Older { .. } => Ok(format!(
-            "{line}\n  note: in this version `dealsync sync`, `report`, `deals list`, `stages`, `quarantine list` and `suppressions` run on PostgreSQL; `dealsync run` and the other commands refuse storage.url\n"
-        )),
+        SchemaState::Absent | SchemaState::Current(_) | SchemaState::Older { .. } => {
+            Ok(format!("{line}\n"))
+        }
     }
 }
 

@@ -263,19 +263,10 @@ mod tests {
         }
     }
 
-    /// Applies `change` as the webhook worker applies delivery `delivery`. On SQLite
-    /// through an inbox row, which ends processed. On PostgreSQL the inbox's processing
-    /// (`due_webhooks`, `settle_webhooks`) is not ported in this version: the change
-    /// goes through the transaction `apply_webhook_batch` opens, without an inbox row.
+    /// Applies `change` as the webhook worker applies delivery `delivery`: through an
+    /// inbox row, which ends processed.
     async fn apply_delivered(store: &Store, delivery: &str, change: DealChange) {
         let rules = crate::store::CartRules::default();
-        if store.postgres().is_some() {
-            store
-                .apply_deal_changes(vec![change], rules, Utc::now())
-                .await
-                .unwrap();
-            return;
-        }
         let processed = store.inbox_counts().await.unwrap().processed;
         store.enqueue_webhook(event(delivery)).await.unwrap();
         let row = store.due_webhooks(Utc::now(), 1).await.unwrap().remove(0);
