@@ -215,6 +215,7 @@ struct StageAcc {
 struct PipelineAcc {
     stages: Vec<StageAcc>,
     won: u64,
+    won_value: BTreeMap<Currency, i64>,
     lost: u64,
     reopened: u64,
 }
@@ -248,6 +249,9 @@ struct ScopeAcc {
     deals: u64,
     pipelines: Vec<PipelineAcc>,
     forecast: BTreeMap<(Currency, Option<(i32, u32)>), ForecastAcc>,
+    /// Σ amount × probability of the deals open at the period's start, in the stage
+    /// they were in then (at their current amounts), in hundredths of a minor unit.
+    weighted_at_since_x100: BTreeMap<Currency, i128>,
     unmapped_open: u64,
     carts: CartAcc,
 }
@@ -274,6 +278,7 @@ impl ScopeAcc {
         self.unmapped_open += other.unmapped_open;
         for (pipeline, theirs) in self.pipelines.iter_mut().zip(&other.pipelines) {
             pipeline.won += theirs.won;
+            add_all(&mut pipeline.won_value, &theirs.won_value);
             pipeline.lost += theirs.lost;
             pipeline.reopened += theirs.reopened;
             for (stage, theirs) in pipeline.stages.iter_mut().zip(&theirs.stages) {
@@ -294,6 +299,9 @@ impl ScopeAcc {
             row.deals += theirs.deals;
             row.amount += theirs.amount;
             row.weighted_x100 += theirs.weighted_x100;
+        }
+        for (currency, weighted) in &other.weighted_at_since_x100 {
+            *self.weighted_at_since_x100.entry(*currency).or_default() += weighted;
         }
         let (carts, theirs) = (&mut self.carts, &other.carts);
         carts.abandoned += theirs.abandoned;
@@ -465,6 +473,7 @@ impl Accumulator {
                     stages,
                     outcomes: Outcomes {
                         won: acc.won,
+                        won_value: totals(&acc.won_value),
                         lost: acc.lost,
                         reopened: acc.reopened,
                         win_rate: ratio(acc.won, closed),
@@ -484,6 +493,7 @@ impl Accumulator {
                 weighted: money(*currency, clamp(div_round(f.weighted_x100, 100))),
             })
             .collect();
+        let forecast_change = forecast_change(scope);
         let carts = &scope.carts;
         let cart_recovery = CartRecovery {
             abandoned: carts.abandoned,
@@ -510,6 +520,7 @@ impl Accumulator {
             unmapped_open_deals: scope.unmapped_open,
             pipelines,
             forecast,
+            forecast_change,
             cart_recovery,
         }
     }
@@ -537,6 +548,7 @@ impl ReportSink for Accumulator {
             current,
             followups,
             in_period: &in_period,
+            since,
             now: until,
         };
         // Each deal is folded once, into its connection's counters; the total is their
@@ -558,6 +570,7 @@ struct DealFacts<'a> {
     current: Option<StageInfo>,
     followups: &'a [FollowupInput],
     in_period: &'a dyn Fn(i64) -> bool,
+    since: i64,
     now: i64,
 }
 
@@ -567,6 +580,7 @@ impl DealFacts<'_> {
         self.flows(scope);
         self.outcomes(scope);
         self.snapshot(scope);
+        self.forecast_at_since(scope);
         self.carts(scope);
     }
 
@@ -641,7 +655,14 @@ impl DealFacts<'_> {
             if (self.in_period)(self.visits[run_start].at) {
                 let pipeline = &mut scope.pipelines[last.pipeline];
                 match last.kind {
-                    StageKind::Won => pipeline.won += 1,
+                    StageKind::Won => {
+                        pipeline.won += 1;
+                        if let (Some(amount), Some(currency)) =
+                            (self.deal.amount_minor, self.deal.currency)
+                        {
+                            add(&mut pipeline.won_value, currency, amount);
+                        }
+                    }
                     _ => pipeline.lost += 1,
                 }
             }
@@ -689,6 +710,24 @@ impl DealFacts<'_> {
         row.deals += 1;
         row.amount += i128::from(amount);
         row.weighted_x100 += i128::from(amount) * i128::from(info.probability);
+    }
+
+    /// The deal's share of the forecast as it stood at the period's start: the stage of
+    /// its last visit before then, if open, times its current amount.
+    fn forecast_at_since(&self, scope: &mut ScopeAcc) {
+        let (Some(amount), Some(currency)) = (self.deal.amount_minor, self.deal.currency) else {
+            return;
+        };
+        let then = self
+            .visits
+            .iter()
+            .zip(self.infos)
+            .rfind(|(visit, _)| visit.at < self.since)
+            .and_then(|(_, info)| *info);
+        if let Some(info) = then.filter(|i| i.kind == StageKind::Open) {
+            *scope.weighted_at_since_x100.entry(currency).or_default() +=
+                i128::from(amount) * i128::from(info.probability);
+        }
     }
 
     /// Abandoned carts and their recovery, attributed to the last follow-up before the purchase.
@@ -772,6 +811,40 @@ fn money(currency: Currency, minor: i64) -> MoneyTotal {
         minor,
         amount: Money::new(minor, currency).to_decimal_string(),
     }
+}
+
+/// Per currency, the weighted forecast at the period's start and as it stands, each
+/// rounded once.
+fn forecast_change(scope: &ScopeAcc) -> Vec<ForecastChange> {
+    let mut now: BTreeMap<Currency, i128> = BTreeMap::new();
+    for ((currency, _), row) in &scope.forecast {
+        *now.entry(*currency).or_default() += row.weighted_x100;
+    }
+    let currencies: std::collections::BTreeSet<Currency> = now
+        .keys()
+        .chain(scope.weighted_at_since_x100.keys())
+        .copied()
+        .collect();
+    currencies
+        .into_iter()
+        .map(|currency| {
+            let then = div_round(
+                scope
+                    .weighted_at_since_x100
+                    .get(&currency)
+                    .copied()
+                    .unwrap_or(0),
+                100,
+            );
+            let now = div_round(now.get(&currency).copied().unwrap_or(0), 100);
+            ForecastChange {
+                currency,
+                at_since: money(currency, clamp(then)),
+                now: money(currency, clamp(now)),
+                change: money(currency, clamp(now - then)),
+            }
+        })
+        .collect()
 }
 
 fn clamp(value: i128) -> i64 {
@@ -871,6 +944,8 @@ pub struct ScopeReport {
     pub pipelines: Vec<PipelineReport>,
     /// Σ amount × probability of open deals by currency and expected close month.
     pub forecast: Vec<ForecastRow>,
+    /// Per currency, how the weighted forecast moved over the period.
+    pub forecast_change: Vec<ForecastChange>,
     pub cart_recovery: CartRecovery,
 }
 
@@ -922,6 +997,8 @@ pub struct TimeInStage {
 #[derive(Debug, Clone, Serialize)]
 pub struct Outcomes {
     pub won: u64,
+    /// Σ amount of the deals won in the period, per currency.
+    pub won_value: Vec<MoneyTotal>,
     pub lost: u64,
     pub reopened: u64,
     /// won / (won + lost)
@@ -962,6 +1039,19 @@ pub struct ForecastRow {
     pub amount: MoneyTotal,
     /// Σ amount × stage probability, rounded half away from zero once, at the end.
     pub weighted: MoneyTotal,
+}
+
+/// The weighted forecast of one currency at the period's start and now.
+#[derive(Debug, Clone, Serialize)]
+pub struct ForecastChange {
+    pub currency: Currency,
+    /// The deals open at `since`, weighted by the stage they were in then, at their
+    /// current amounts.
+    pub at_since: MoneyTotal,
+    /// The forecast as it stands (the sum of `forecast`'s weighted rows).
+    pub now: MoneyTotal,
+    /// `now - at_since`.
+    pub change: MoneyTotal,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -262,8 +262,9 @@ fn scope_table(out: &mut String, scope: &ScopeReport) {
         out.push_str(&rows.render(Format::Table));
         let o = &pipeline.outcomes;
         out.push_str(&format!(
-            "\nwon {}, lost {} (win rate {}, loss rate {}), reopened {}\n",
+            "\nwon {} ({}), lost {} (win rate {}, loss rate {}), reopened {}\n",
             o.won,
+            money(&o.won_value),
             o.lost,
             percent(o.win_rate),
             percent(o.loss_rate),
@@ -296,6 +297,15 @@ fn scope_table(out: &mut String, scope: &ScopeReport) {
         let mut rows = Rows::new(vec!["currency", "month", "deals", "amount", "weighted"]);
         forecast_rows(&mut rows, scope, false);
         out.push_str(&rows.render(Format::Table));
+    }
+    for change in &scope.forecast_change {
+        out.push_str(&format!(
+            "forecast {}: {} at the period's start → {} now ({})\n",
+            change.currency,
+            change.at_since.amount,
+            change.now.amount,
+            signed(&change.change.amount),
+        ));
     }
     let carts = &scope.cart_recovery;
     if carts.abandoned > 0 {
@@ -331,5 +341,14 @@ mod tests {
         assert_eq!(duration(3.0 * 86_400.0), "3d");
         assert_eq!(duration(70.0 * 3_600.0), "2d 22h");
         assert_eq!(duration(3_725.0), "1h 2m");
+    }
+}
+
+/// "+12.00" or "-12.00" (an amount with its sign always shown).
+fn signed(amount: &str) -> String {
+    if amount.starts_with('-') {
+        amount.to_owned()
+    } else {
+        format!("+{amount}")
     }
 }

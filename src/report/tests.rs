@@ -160,6 +160,47 @@ async fn sales_flows_count_skipped_stages_backward_moves_and_reopened_deals_as_w
     assert_eq!(bottleneck.reason, BottleneckReason::LowestConversion);
 }
 
+/// docs/report.md, "Worked example": the value won in the period and how the weighted
+/// forecast moved, each per currency.
+#[tokio::test]
+async fn won_value_and_the_forecast_change_are_per_currency() {
+    let report = report(january(None), ReportScope::default()).await;
+    // A (10000.00 EUR) and C (8000.00 USD) won in January.
+    assert_eq!(
+        money_of(&pipeline(&report.total, "sales").outcomes.won_value),
+        vec![("EUR".into(), 1_000_000), ("USD".into(), 800_000)]
+    );
+    // H and J (120.00 + 50.00 EUR) and I (80.00 USD) bought.
+    assert_eq!(
+        money_of(&pipeline(&report.total, "ecommerce").outcomes.won_value),
+        vec![("EUR".into(), 17_000), ("USD".into(), 8_000)]
+    );
+    let change: Vec<(String, i64, i64, i64, String)> = report
+        .total
+        .forecast_change
+        .iter()
+        .map(|c| {
+            (
+                c.currency.to_string(),
+                c.at_since.minor,
+                c.now.minor,
+                c.change.minor,
+                c.change.amount.clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        change,
+        vec![
+            // No EUR deal was open before Jan 1 (F's first visit is at the period's
+            // start); now 21202 + 350000 (the forecast rows above).
+            ("EUR".into(), 0, 371_202, 371_202, "3712.02".into()),
+            // C sat in proposal (60 %) on Jan 1: 800000 × 60 %; now D's 120000.
+            ("USD".into(), 480_000, 120_000, -360_000, "-3600.00".into()),
+        ]
+    );
+}
+
 #[tokio::test]
 async fn open_stalled_and_forecast_figures_keep_currencies_apart_and_round_once() {
     let report = report(january(None), ReportScope::default()).await;
