@@ -326,6 +326,34 @@ mod tests {
         );
     }
 
+    /// PostgreSQL only (the SQLite writer counts every settlement itself): the intake's
+    /// count drifts when a settlement races the writer's own count (seen in the intake
+    /// bench: a pass settled between the writer's count query and its store left 256
+    /// rows counted for good once the load stopped). An idle worker pass counts again.
+    #[tokio::test]
+    async fn on_postgresql_an_idle_worker_pass_sets_a_drifted_pending_count_right() {
+        let name = "on_postgresql_an_idle_worker_pass_sets_a_drifted_pending_count_right";
+        let Some(test) = crate::store::postgres::test_database(name) else {
+            return;
+        };
+        let url = crate::store::postgres::tests::url_of(&test);
+        let store = Store::open_postgres(&url).await.unwrap();
+        store.enqueue_webhook(event("a")).await.unwrap();
+        let due = store.due_webhooks(Utc::now(), 10).await.unwrap();
+        store
+            .webhook_processed(due[0].id, Utc::now())
+            .await
+            .unwrap();
+        let Engine::Postgres(postgres) = &store.engine else {
+            unreachable!("a PostgreSQL store")
+        };
+        // The lost decrement of the race.
+        postgres.intake.added(256);
+        assert_eq!(store.inbox_pending(), 256);
+        assert!(store.due_webhooks(Utc::now(), 10).await.unwrap().is_empty());
+        assert_eq!(store.inbox_pending(), 0);
+    }
+
     /// SQLite only: it sets the SQLite writer's count; the PostgreSQL intake's refusal
     /// is tested above and in `store::postgres::intake`.
     #[tokio::test]

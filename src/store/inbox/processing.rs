@@ -258,9 +258,13 @@ impl Store {
                 .due_webhooks(&postgres.replica, now, limit)
                 .await
                 .map_err(|error| database.named(error))?;
-            // A replica that refuses deliveries as full stores none, so its writer
-            // never counts again: the worker does, as other replicas settle rows.
-            if postgres.intake.pending() >= MAX_PENDING {
+            // The count is advisory, kept by this process's writer and settlements and
+            // read again from the database by the writer while deliveries come. The
+            // worker reads it again when nothing is due (a settlement racing the
+            // writer's count leaves it off until then) and when the inbox is full (a
+            // replica that refuses deliveries stores none, so its writer never counts
+            // again, while other replicas settle rows).
+            if rows.is_empty() || postgres.intake.pending() >= MAX_PENDING {
                 postgres
                     .intake
                     .recount(database)
