@@ -99,6 +99,17 @@ pub const DIGESTS: ClaimTable = ClaimTable {
     on_send: ", attempts = attempts + 1, updated_at = $3, reason = NULL",
 };
 
+/// The CRM write-backs (`store::writeback`): `pending` rows due by now, earliest
+/// first. A claim that expired while `claimed` is handed out again: its next attempt
+/// looks the note up before writing, so a second claim never writes a second note.
+pub const WRITEBACKS: ClaimTable = ClaimTable {
+    table: "writebacks",
+    due: "state = 'pending' AND next_attempt_at <= $3",
+    order: "next_attempt_at, id",
+    sending: Sending::None,
+    on_send: "",
+};
+
 /// What one claim returned.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Claimed {
