@@ -1742,6 +1742,29 @@ url = "smtps://user:smtp-secret-8@mail.example.com"
     }
 
     #[test]
+    fn write_back_is_off_by_default_and_its_settings_are_bounded() {
+        let text = "[connections.crm]\nconnector = \"hubspot\"\n";
+        assert_eq!(
+            parse_with(text, &[]).unwrap().connections[0].writeback,
+            None
+        );
+        let text = "[connections.crm]\nconnector = \"hubspot\"\n[connections.crm.writeback]\nenabled = true\n";
+        assert_eq!(
+            parse_with(text, &[]).unwrap().connections[0].writeback,
+            Some(WritebackConfig {
+                max_attempts: 8,
+                retry_delay: Duration::from_secs(60)
+            })
+        );
+        let text = "[connections.crm]\nconnector = \"hubspot\"\n[connections.crm.writeback]\nenabled = true\nmax_attempts = 0\n";
+        let problem = only_problem(parse_with(text, &[]).unwrap_err());
+        assert_eq!(problem.key, "connections.crm.writeback.max_attempts");
+        let text = "[connections.crm]\nconnector = \"hubspot\"\n[connections.crm.writeback]\nenable = true\n";
+        let problem = only_problem(parse_with(text, &[]).unwrap_err());
+        assert!(problem.message.contains("unknown field"), "{problem}");
+    }
+
+    #[test]
     fn the_server_limits_and_access_default_to_safe_values() {
         let config = parse_with("[server]\nlisten = \"127.0.0.1:8080\"\n", &[]).unwrap();
         let server = &config.server;
