@@ -2,9 +2,9 @@
 //! `[writeback]` requests.
 //!
 //! Invariants:
-//! - A create request is sent once per attempt: the client's own retries are off for it
-//!   (`max_attempts = 1`), since a timeout or a 5xx may come after the vendor stored
-//!   the note. The caller retries the attempt later, with backoff.
+//! - Each request is sent once per attempt: the client's own retries are off
+//!   (`max_attempts = 1`), since a create's timeout or 5xx may come after the vendor
+//!   stored the note. The caller retries the whole attempt later, with backoff.
 //! - An attempt that follows one whose outcome is unknown ([`WritebackJob::may_exist`])
 //!   first runs the lookup and creates nothing when a record carrying the key exists; a
 //!   manifest without a lookup declares its create idempotent (an upsert by key).
@@ -52,7 +52,7 @@ impl ManifestConnector {
         if job.may_exist()
             && let Some(request) = &writeback.lookup
         {
-            let response = self.send_writeback(cx, request, &vars, false).await?;
+            let response = self.send_writeback(cx, request, &vars).await?;
             let body = self.json_of("lookup", &response)?;
             if let Some(found) = find_marked(request, &body, &job.key) {
                 tracing::info!(connection = %cx.connection, deal_id = job.deal_id, key = %job.key,
@@ -60,9 +60,7 @@ impl ManifestConnector {
                 return Ok(found);
             }
         }
-        let response = self
-            .send_writeback(cx, &writeback.create, &vars, true)
-            .await?;
+        let response = self.send_writeback(cx, &writeback.create, &vars).await?;
         let body = self.json_of("create", &response)?;
         Ok(writeback
             .create
@@ -106,13 +104,12 @@ impl ManifestConnector {
         cx: &SyncContext,
         request: &WritebackRequest,
         vars: &minijinja::Value,
-        create: bool,
     ) -> Result<VendorResponse, WritebackError> {
+        // Once per attempt, the caller retries with backoff: a create that timed out
+        // may have been stored, and a lookup that failed says nothing either way (the
+        // next attempt looks again before it writes).
         let mut cx = cx.clone();
-        if create {
-            // Once per attempt: a timeout may come after the vendor stored the note.
-            cx.max_attempts = Some(1);
-        }
+        cx.max_attempts = Some(1);
         let refused = |reason: String| WritebackError::Refused { reason };
         let path = render_path(&request.path, vars).map_err(refused)?;
         let mut query = Vec::with_capacity(request.query.len());
