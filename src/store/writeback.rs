@@ -362,7 +362,7 @@ impl Store {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::store::both_backends::on_both;
     use crate::store::tests::upsert;
@@ -374,7 +374,7 @@ mod tests {
     /// A deal of connection `crm` (`wb-1`, `wb-2`, … in the order they are seeded) with
     /// one email sent at `at`; `subject` is given when its connection writes back.
     /// Returns (deal id, outbox id).
-    async fn seed_sent_email(
+    pub(crate) async fn seed_sent_email(
         store: &Store,
         at: DateTime<Utc>,
         subject: Option<&str>,

@@ -1,5 +1,5 @@
 //! Claims: replicas sharing the rows of a work table (the webhook inbox, the outbox,
-//! the digests) with `FOR UPDATE SKIP LOCKED`, so that each due row goes to one
+//! the digests, the CRM write-backs) with `FOR UPDATE SKIP LOCKED`, so that each due row goes to one
 //! replica and none waits for another. The inbox's `due_webhooks` claims through
 //! [`INBOX`] (`postgres::inbox`, which serializes its claims to keep each connection's
 //! order); the outbox and digests lock a due row through [`ClaimTable::lock_pending_sql`]
@@ -28,7 +28,9 @@
 //! - Only the holder of an unexpired claim settles an inbox row
 //!   (`postgres::inbox`), so a replica whose claim expired and was handed to another
 //!   cannot record a second outcome.
-//! - The SQL of the three tables is one template, filled from [`ClaimTable`].
+//! - The SQL of the four tables is one template, filled from [`ClaimTable`]. A
+//!   write-back is claimed as the inbox is (`claimed`, handed out again once expired);
+//!   `postgres::writeback` counts its attempt in the claim's transaction.
 
 use super::super::Result;
 use super::{Database, millis};

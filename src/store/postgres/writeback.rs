@@ -138,3 +138,69 @@ impl Database {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::store::postgres::tests::url_of;
+    use crate::store::postgres::{Options, test_database};
+    use crate::store::writeback::tests::seed_sent_email;
+    use crate::store::{Store, WritebackSettlement, from_ms};
+    use std::time::{Duration, Instant};
+
+    /// Two replicas on one database: a claimed write-back goes to one; the other gets
+    /// it only once the claim expired (by the server's clock), with the earlier attempt
+    /// counted, and then the first can no longer settle it.
+    #[tokio::test]
+    async fn a_write_back_is_claimed_by_one_replica_and_handed_on_only_when_its_claim_expires() {
+        let Some(database) = test_database("writeback_claims") else {
+            return;
+        };
+        let url = url_of(&database);
+        let short = Options {
+            work_claim_ttl: Duration::from_millis(300),
+            ..Options::default()
+        };
+        let first = Store::open_postgres_with(&url, &short).await.unwrap();
+        let second = Store::open_postgres_with(&url, &short).await.unwrap();
+        let t0 = from_ms(1_767_225_600_000);
+        seed_sent_email(&first, t0, Some("Hello")).await;
+
+        let mine = first.claim_writebacks(t0, 10).await.unwrap();
+        assert_eq!(mine.len(), 1);
+        assert!(second.claim_writebacks(t0, 10).await.unwrap().is_empty());
+        let done = WritebackSettlement::Done { remote_id: None };
+        assert!(
+            !second
+                .settle_writeback(mine[0].id, done.clone(), t0)
+                .await
+                .unwrap(),
+            "only the claim's holder settles"
+        );
+
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let handed = loop {
+            let claimed = second.claim_writebacks(t0, 10).await.unwrap();
+            if !claimed.is_empty() {
+                break claimed;
+            }
+            assert!(Instant::now() < deadline, "the claim never expired");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert_eq!(handed[0].id, mine[0].id);
+        assert_eq!(handed[0].attempts, 2);
+        assert!(handed[0].may_exist());
+        assert!(
+            !first
+                .settle_writeback(mine[0].id, done.clone(), t0)
+                .await
+                .unwrap(),
+            "a replica whose claim expired changes nothing"
+        );
+        assert!(
+            second
+                .settle_writeback(handed[0].id, done, t0)
+                .await
+                .unwrap()
+        );
+    }
+}
