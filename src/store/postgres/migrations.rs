@@ -19,6 +19,17 @@ const MIGRATIONS: &[(i64, &str)] = &[
 /// The schema version this binary writes.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS[MIGRATIONS.len() - 1].0;
 
+/// The versions of the migrations after `found`, in order (they need not be
+/// consecutive): what a migration from `found` applies.
+#[cfg(test)]
+pub(super) fn versions_after(found: i64) -> Vec<i64> {
+    MIGRATIONS
+        .iter()
+        .map(|(version, _)| *version)
+        .filter(|version| *version > found)
+        .collect()
+}
+
 /// The key of the transaction-level advisory lock every migration takes ("dealsync"
 /// in ASCII): processes that start together migrate one after the other.
 const MIGRATION_LOCK: i64 = 0x6465_616c_7379_6e63;
