@@ -363,3 +363,115 @@ async fn a_failing_write_back_never_delays_or_repeats_the_email_and_shows_as_fai
         "{table}"
     );
 }
+
+/// The daemon is killed while its first write is in flight (HubSpot stored the note
+/// and holds the answer): after the restart the write-back is due again, its attempt
+/// finds the note by its key, and nothing is written twice.
+#[tokio::test]
+async fn a_write_back_in_flight_when_the_daemon_is_killed_is_found_after_the_restart_not_written_again()
+ {
+    let smtp = SmtpServer::start().await;
+    let hubspot = HubSpot::start("pat-test", None).await;
+    hubspot.put(HsDeal::new(
+        401,
+        "ACME renewal",
+        "presentationscheduled",
+        Utc::now().timestamp_millis() - 60_000,
+    ));
+    hubspot.faults().push(
+        "/crm/v3/objects/notes",
+        Fault::Stall(Duration::from_secs(120)),
+    );
+    // The connection's default request timeout (30 s): the daemon is mid-request when
+    // it is killed.
+    let body = format!(
+        "[connections.hs]\nconnector = \"hubspot\"\nbase_url = \"{}\"\ntoken = \"pat-test\"\npoll_interval = \"1h\"\n[connections.hs.writeback]\nenabled = true\nretry_delay = \"200ms\"\n\n{}",
+        hubspot.url(),
+        email_config(&smtp, "", ALERT_RULE)
+    );
+    let mut daemon = TestDaemon::start(&body).await;
+    let deal = deal_id(&daemon, "hs", "401").await;
+    eventually("HubSpot to store the first note", WAIT, || async {
+        (hubspot.notes().len() == 1).then_some(())
+    })
+    .await;
+    let state: String = daemon
+        .db()
+        .query_row(
+            "SELECT state FROM writebacks WHERE deal_id = ?1",
+            [deal],
+            |row| row.get(0),
+        )
+        .unwrap();
+    assert_eq!(state, "claimed", "the request is in flight");
+
+    daemon.kill_and_restart().await;
+    let rows = settled_writebacks(&daemon, deal).await;
+    assert_eq!(rows[0]["state"], "done", "{rows:?}");
+    assert_eq!(rows[0]["attempts"], 2);
+    let notes = hubspot.notes();
+    assert_eq!(notes.len(), 1, "{notes:#?}");
+    assert_eq!(rows[0]["remote_id"], notes[0]["id"]);
+    assert_eq!(hubspot.faults().count("/crm/v3/objects/notes/search"), 1);
+    assert_eq!(
+        messages_to(&smtp, TEAM).len(),
+        1,
+        "the email was not sent again"
+    );
+}
+
+/// The same on PostgreSQL: the write-back is queued in the send's transaction and
+/// claimed by the replica, and a first write that timed out after HubSpot stored it
+/// leaves one note.
+#[tokio::test]
+async fn write_back_on_postgresql_records_each_sent_email_once() {
+    use crate::harness::postgres::{PASSWORD, PASSWORD_ROLE};
+    let Some(database) =
+        crate::harness::postgres_database("write_back_on_postgresql_records_each_sent_email_once")
+    else {
+        return;
+    };
+    let smtp = SmtpServer::start().await;
+    let hubspot = HubSpot::start("pat-test", None).await;
+    hubspot.put(HsDeal::new(
+        401,
+        "ACME renewal",
+        "presentationscheduled",
+        Utc::now().timestamp_millis() - 60_000,
+    ));
+    hubspot.faults().push(
+        "/crm/v3/objects/notes",
+        Fault::Stall(Duration::from_secs(3)),
+    );
+    let storage = format!(
+        "url = \"postgres://{PASSWORD_ROLE}:${{DEALSYNC_TEST_PG_PASSWORD}}@127.0.0.1:{}/{}\"",
+        database.port, database.name
+    );
+    let body = format!(
+        "{}\n{}",
+        hubspot_connection(&hubspot.url(), 5),
+        email_config(&smtp, "", ALERT_RULE)
+    );
+    let _daemon =
+        TestDaemon::start_on(&storage, &body, &[("DEALSYNC_TEST_PG_PASSWORD", PASSWORD)]).await;
+    let store = dealsync::store::Store::open_postgres(
+        &dealsync::config::PostgresUrl::parse(&dealsync::config::Secret::new(database.url()))
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    let rows = eventually("the write-back to be done", WAIT, || async {
+        let deal = store.deal_by_external_id("hs", "401").await.unwrap()?;
+        let rows = store.deal_writebacks(deal.id).await.unwrap();
+        (rows.len() == 1 && rows[0].state == "done").then_some(rows)
+    })
+    .await;
+    assert_eq!(rows[0].attempts, 2, "{rows:?}");
+    let notes = hubspot.notes();
+    assert_eq!(notes.len(), 1, "{notes:#?}");
+    assert_eq!(
+        rows[0].remote_id.as_ref(),
+        notes[0]["id"].as_str().map(str::to_owned).as_ref()
+    );
+    assert_eq!(messages_to(&smtp, TEAM).len(), 1);
+}
