@@ -475,3 +475,67 @@ async fn write_back_on_postgresql_records_each_sent_email_once() {
     );
     assert_eq!(messages_to(&smtp, TEAM).len(), 1);
 }
+
+/// The `scope` of the authorize URL `dealsync auth hs` prints for a HubSpot OAuth
+/// connection with `extra` lines under it.
+async fn authorize_scope(hubspot: &HubSpot, extra: &str) -> String {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("dealsync.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[storage]\npath = \"{}/d.db\"\n\n[connections.hs]\nconnector = \"hubspot\"\nbase_url = \"{url}\"\n{extra}\n[connections.hs.oauth]\nclient_id = \"hs-client\"\nauth_url = \"{url}/oauth/authorize\"\n",
+            dir.path().display(),
+            url = hubspot.url(),
+        ),
+    )
+    .unwrap();
+    let mut child = tokio::process::Command::new(crate::harness::daemon::binary())
+        .args([
+            "--config",
+            config.to_str().unwrap(),
+            "auth",
+            "hs",
+            "--port",
+            "0",
+            "--timeout",
+            "20s",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let prefix = format!("{}/oauth/authorize", hubspot.url());
+    let authorize = loop {
+        let line = lines
+            .next_line()
+            .await
+            .unwrap()
+            .expect("the URL is printed");
+        if let Some(rest) = line.trim().strip_prefix(&prefix) {
+            break url::Url::parse(&format!("http://x/{rest}")).unwrap();
+        }
+    };
+    child.kill().await.unwrap();
+    authorize
+        .query_pairs()
+        .find(|(key, _)| key == "scope")
+        .map(|(_, value)| value.into_owned())
+        .expect("a scope parameter")
+}
+
+/// `dealsync auth` asks HubSpot for the notes' write scope only for a connection
+/// with write-back on.
+#[tokio::test]
+async fn dealsync_auth_asks_for_the_write_scope_only_when_write_back_is_on() {
+    let hubspot = HubSpot::start("unused", None).await;
+    let reads = "crm.objects.deals.read crm.objects.contacts.read crm.objects.owners.read";
+    assert_eq!(authorize_scope(&hubspot, "").await, reads);
+    assert_eq!(
+        authorize_scope(&hubspot, "[connections.hs.writeback]\nenabled = true\n").await,
+        format!("{reads} crm.objects.contacts.write")
+    );
+}
