@@ -491,7 +491,7 @@ impl Metrics {
         );
         registry.register(
             "claims",
-            "Rows this process claimed from each work queue (inbox, outbox, digests)",
+            "Rows this process claimed from each work queue (inbox, outbox, digests, writebacks)",
             metrics.claims.clone(),
         );
         registry.register(
