@@ -255,6 +255,13 @@ impl App {
             state.readiness.worker("webhooks"),
             shutdown.child_token(),
         ));
+        // Write-backs live across reloads too: each attempt reads the connection in force.
+        tasks.spawn(crate::writeback::run(
+            sync_deps(&state),
+            state.connections.clone(),
+            state.readiness.worker(crate::writeback::NAME),
+            shutdown.child_token(),
+        ));
         let (store, connections, readiness) = (
             state.store.clone(),
             state.connections.clone(),

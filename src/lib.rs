@@ -31,6 +31,7 @@ pub mod telemetry;
 #[cfg(test)]
 mod test_skip;
 pub mod webhooks;
+pub mod writeback;
 
 /// The allocator for every binary built on this crate (the daemon, its benches and
 /// tests): glibc's malloc spent about a fifth of the webhook intake's CPU time in

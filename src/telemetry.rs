@@ -327,6 +327,12 @@ pub struct ValueLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnectionStateLabels {
+    pub connection: String,
+    pub state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EmailLabels {
     pub rule: String,
     pub state: String,
@@ -400,6 +406,10 @@ pub struct Metrics {
     pub stalled_deals: Family<StageLabels, Gauge>,
     /// Outbox rows per follow-up rule and state (refreshed at scrape).
     pub outbox_emails: Family<EmailLabels, Gauge>,
+    /// CRM write-backs per connection and state (refreshed at scrape).
+    pub writebacks: Family<ConnectionStateLabels, Gauge>,
+    /// Write-back attempts by connection and outcome (done, retried, failed).
+    pub writeback_attempts: Family<RecordLabels, Counter>,
     /// Vendor API requests, retries, 429s, budget and OAuth token state.
     pub vendor: VendorMetrics,
     /// Webhook deliveries by connection and outcome (accepted, duplicate, ignored,
@@ -459,6 +469,8 @@ impl Metrics {
             deal_value: Family::default(),
             stalled_deals: Family::default(),
             outbox_emails: Family::default(),
+            writebacks: Family::default(),
+            writeback_attempts: Family::default(),
             vendor: VendorMetrics::default(),
             webhooks: Family::default(),
             followups: Family::default(),
@@ -479,7 +491,7 @@ impl Metrics {
         );
         registry.register(
             "claims",
-            "Rows this process claimed from each work queue (inbox, outbox, digests)",
+            "Rows this process claimed from each work queue (inbox, outbox, digests, writebacks)",
             metrics.claims.clone(),
         );
         registry.register(
@@ -551,6 +563,16 @@ impl Metrics {
             "outbox_emails",
             "Follow-up emails in the outbox by rule and state",
             metrics.outbox_emails.clone(),
+        );
+        registry.register(
+            "writebacks",
+            "Sent follow-ups to record in their deal's CRM, by connection and state (pending, claimed, done, failed)",
+            metrics.writebacks.clone(),
+        );
+        registry.register(
+            "writeback_attempts",
+            "Write-back attempts by connection and outcome (done, retried, failed)",
+            metrics.writeback_attempts.clone(),
         );
         metrics.vendor.register(&mut registry);
         registry.register(

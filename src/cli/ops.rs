@@ -241,9 +241,37 @@ pub fn render_deal(view: &DealView) -> String {
         rules.render(Format::Table)
     };
 
+    let writebacks = if view.writebacks.is_empty() {
+        "none\n".to_owned()
+    } else {
+        let mut writebacks = Rows::new(vec![
+            "email", "rule", "step", "state", "attempts", "next", "done", "crm id", "reason",
+        ]);
+        for row in &view.writebacks {
+            let waiting = row.state == "pending";
+            writebacks.push(vec![
+                row.outbox_id.to_string(),
+                row.rule.clone(),
+                row.step.to_string(),
+                row.state.clone(),
+                row.attempts.to_string(),
+                if waiting {
+                    time(row.next_attempt_at)
+                } else {
+                    "-".into()
+                },
+                row.done_at.map(time).unwrap_or_else(|| "-".into()),
+                or_dash(row.remote_id.clone()),
+                or_dash(row.reason.clone()),
+            ]);
+        }
+        writebacks.render(Format::Table)
+    };
+
     Shown::new(title, facts)
         .section("Stage history", &history.render(Format::Table))
         .section("Emails", &emails)
+        .section("CRM write-back", &writebacks)
         .section("Follow-up rules", &rules)
         .section("Source record", &output::to_json(&view.source.record))
         .0

@@ -235,6 +235,24 @@ pub struct ConnectionConfig {
     /// The largest vendor answer read, in bytes; a larger one fails its request.
     pub max_response_bytes: u64,
     pub settings: toml::Table,
+    /// CRM write-back of sent follow-ups; `None` when it is off (the default).
+    pub writeback: Option<WritebackConfig>,
+}
+
+/// `[connections.NAME.writeback]` with `enabled = true`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WritebackConfig {
+    /// Attempts before a write-back is marked failed.
+    pub max_attempts: u32,
+    /// The wait before the first retry; each next one doubles, up to an hour.
+    pub retry_delay: Duration,
+}
+
+impl WritebackConfig {
+    pub const DEFAULT_MAX_ATTEMPTS: u32 = 8;
+    pub const DEFAULT_RETRY_DELAY: Duration = Duration::from_secs(60);
+    /// The longest wait between two attempts.
+    pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(3600);
 }
 
 /// One `[connections.NAME.stage_map]` entry as written.
@@ -302,6 +320,7 @@ impl fmt::Debug for ConnectionConfig {
             .field("page_size", &self.page_size)
             .field("lookback", &self.lookback)
             .field("max_response_bytes", &self.max_response_bytes)
+            .field("writeback", &self.writeback)
             .field("settings", &self.settings)
             .finish()
     }
@@ -1063,6 +1082,30 @@ fn validate_connection(
             "must be at least 1s".to_owned(),
         );
     }
+    let writeback = raw.writeback.filter(|w| w.enabled).map(|w| {
+        let max_attempts = w
+            .max_attempts
+            .unwrap_or(WritebackConfig::DEFAULT_MAX_ATTEMPTS);
+        if !(1..=100).contains(&max_attempts) {
+            report(
+                &format!("{base}.writeback.max_attempts"),
+                format!("expected 1 to 100 attempts, got {max_attempts}"),
+            );
+        }
+        let retry_delay = w
+            .retry_delay
+            .map_or(WritebackConfig::DEFAULT_RETRY_DELAY, |d| d.0);
+        if retry_delay.is_zero() || retry_delay > WritebackConfig::MAX_RETRY_DELAY {
+            report(
+                &format!("{base}.writeback.retry_delay"),
+                "expected a duration above 0 and at most 1h, like \"1m\"".to_owned(),
+            );
+        }
+        WritebackConfig {
+            max_attempts,
+            retry_delay,
+        }
+    });
     ConnectionConfig {
         name: ConnectionName::new(name),
         connector: raw.connector,
@@ -1085,6 +1128,7 @@ fn validate_connection(
         lookback: raw.lookback.map(|d| d.0),
         max_response_bytes,
         settings: raw.settings,
+        writeback,
     }
 }
 
@@ -1695,6 +1739,29 @@ url = "smtps://user:smtp-secret-8@mail.example.com"
         assert_eq!(problem.key, "connections.crm.max_response_bytes");
         assert_eq!(problem.line, Some(3));
         assert!(problem.message.contains("from 1024"), "{problem}");
+    }
+
+    #[test]
+    fn write_back_is_off_by_default_and_its_settings_are_bounded() {
+        let text = "[connections.crm]\nconnector = \"hubspot\"\n";
+        assert_eq!(
+            parse_with(text, &[]).unwrap().connections[0].writeback,
+            None
+        );
+        let text = "[connections.crm]\nconnector = \"hubspot\"\n[connections.crm.writeback]\nenabled = true\n";
+        assert_eq!(
+            parse_with(text, &[]).unwrap().connections[0].writeback,
+            Some(WritebackConfig {
+                max_attempts: 8,
+                retry_delay: Duration::from_secs(60)
+            })
+        );
+        let text = "[connections.crm]\nconnector = \"hubspot\"\n[connections.crm.writeback]\nenabled = true\nmax_attempts = 0\n";
+        let problem = only_problem(parse_with(text, &[]).unwrap_err());
+        assert_eq!(problem.key, "connections.crm.writeback.max_attempts");
+        let text = "[connections.crm]\nconnector = \"hubspot\"\n[connections.crm.writeback]\nenable = true\n";
+        let problem = only_problem(parse_with(text, &[]).unwrap_err());
+        assert!(problem.message.contains("unknown field"), "{problem}");
     }
 
     #[test]

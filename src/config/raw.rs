@@ -140,6 +140,21 @@ pub struct RawConnection {
     /// Connector-specific settings, checked by the connector.
     #[serde(default)]
     pub settings: toml::Table,
+    /// Recording sent follow-ups on the deal in its CRM (off unless `enabled = true`).
+    pub writeback: Option<RawWriteback>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawWriteback {
+    /// Records each sent follow-up email (and owner alert) on the deal in its CRM, as the
+    /// connector's manifest declares (`[writeback]`); default false.
+    #[serde(default)]
+    pub enabled: bool,
+    /// Attempts before a write-back is marked failed (default 8).
+    pub max_attempts: Option<u32>,
+    /// The wait before the first retry, doubling up to 1h (default "1m").
+    pub retry_delay: Option<ConfigDuration>,
 }
 
 fn yes() -> bool {

@@ -119,6 +119,51 @@ pub enum ConnectorError {
     Poisoned { what: &'static str },
 }
 
+/// Why a write-back did not go through; the variant says whether trying again may help.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WritebackError {
+    /// A timeout, 429, 5xx, a spent budget, credentials to refresh: try again later
+    /// (`after`, when the vendor said how long to wait).
+    #[error("{reason}")]
+    Retry {
+        reason: String,
+        after: Option<Duration>,
+    },
+    /// The vendor refused the request as written (a 4xx), or the manifest cannot build
+    /// it: sending it again would change nothing.
+    #[error("{reason}")]
+    Refused { reason: String },
+}
+
+impl From<ConnectorError> for WritebackError {
+    fn from(error: ConnectorError) -> Self {
+        let reason = crate::telemetry::error_chain(&error);
+        match error {
+            ConnectorError::Transient { retry_after, .. } => WritebackError::Retry {
+                reason,
+                after: retry_after,
+            },
+            ConnectorError::BudgetExhausted { resume_after, .. } => WritebackError::Retry {
+                reason,
+                after: Some(resume_after),
+            },
+            ConnectorError::Unauthorized { .. }
+            | ConnectorError::Cancelled
+            | ConnectorError::Store { .. }
+            | ConnectorError::Poisoned { .. } => WritebackError::Retry {
+                reason,
+                after: None,
+            },
+            ConnectorError::BadResponse { .. }
+            | ConnectorError::Redirected { .. }
+            | ConnectorError::ResponseTooLarge { .. }
+            | ConnectorError::NotConfigured { .. }
+            | ConnectorError::HttpClient { .. }
+            | ConnectorError::Url { .. } => WritebackError::Refused { reason },
+        }
+    }
+}
+
 /// A record the connector could not turn into a deal; quarantined, the sync goes on.
 #[derive(Debug, Clone)]
 pub struct BadRecord {
@@ -255,6 +300,25 @@ pub trait Connector: Send + Sync {
         false
     }
 
+    /// Whether it can record a sent follow-up on the deal in its source
+    /// ([`Connector::write_back`]; a manifest's `[writeback]`).
+    fn writes_back(&self) -> bool {
+        false
+    }
+
+    /// Records the sent follow-up `job` on its deal in the source (a note, an activity,
+    /// a task), at most once however often it is called for the same job; the source's
+    /// id of the record when it said one.
+    async fn write_back(
+        &self,
+        _cx: &SyncContext,
+        _job: &crate::store::WritebackJob,
+    ) -> Result<Option<String>, WritebackError> {
+        Err(WritebackError::Refused {
+            reason: format!("connector {} cannot write back", self.kind()),
+        })
+    }
+
     /// Whether [`Connector::fetch_one`] can read a record on its own.
     fn reads_one(&self) -> bool {
         false
@@ -367,6 +431,16 @@ impl Registry {
         catalog: &manifest::Catalog,
     ) -> Result<Arc<dyn Connector>, ConfigError> {
         let connector = Self::build_connector(connection, config, catalog)?;
+        if connection.writeback.is_some() && !connector.writes_back() {
+            return Err(ConfigError::at(
+                config,
+                format!("connections.{}.writeback.enabled", connection.name),
+                format!(
+                    "connector {} cannot write back: its manifest has no [writeback] section (docs/connectors.md says how to declare one)",
+                    connector.kind()
+                ),
+            ));
+        }
         if let Some(scheme) = connector.webhook_scheme() {
             // A secret not available here (deferred credential) is checked where it is.
             for secret in connection

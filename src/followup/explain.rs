@@ -100,6 +100,8 @@ pub struct DealView {
     pub emails: Vec<OutboxRow>,
     /// One entry per follow-up and digest rule, in config order.
     pub followups: Vec<RuleDecision>,
+    /// The CRM write-backs of its sent emails, oldest first.
+    pub writebacks: Vec<crate::store::WritebackRow>,
 }
 
 /// Reads deal `id` and explains it at `now`; `None` when there is no such deal.
@@ -119,6 +121,7 @@ pub async fn deal_view(
         return Ok(None);
     };
     let history = store.history(id).await?;
+    let writebacks = store.deal_writebacks(id).await?;
     Ok(Some(DealView {
         as_of: now,
         source: SourceView {
@@ -132,6 +135,7 @@ pub async fn deal_view(
         history,
         emails,
         followups,
+        writebacks,
     }))
 }
 

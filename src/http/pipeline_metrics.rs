@@ -1,5 +1,6 @@
 //! Pipeline metrics refreshed at scrape time: deal value by stage and currency,
-//! stalled deals by stage, follow-up emails by rule and state.
+//! stalled deals by stage, follow-up emails by rule and state, CRM write-backs by
+//! connection and state.
 //!
 //! Invariant: the gauges are cleared and rebuilt from the store on every scrape, so a
 //! stage, currency or state that no longer has deals disappears instead of lingering.
@@ -7,7 +8,9 @@
 use super::HttpState;
 use super::status::stall_cutoffs;
 use crate::store::StoreError;
-use crate::telemetry::{EmailLabels, StageLabels, ValueLabels, rebuild_gauges};
+use crate::telemetry::{
+    ConnectionStateLabels, EmailLabels, StageLabels, ValueLabels, rebuild_gauges,
+};
 
 /// Rebuilds the pipeline gauges from the store.
 pub async fn refresh(state: &HttpState) -> Result<(), StoreError> {
@@ -18,6 +21,7 @@ pub async fn refresh(state: &HttpState) -> Result<(), StoreError> {
         .stalled_counts(stall_cutoffs(&state.config().pipelines, chrono::Utc::now()))
         .await?;
     let emails = state.store.outbox_counts().await?;
+    let writebacks = state.store.writeback_counts().await?;
 
     rebuild_gauges(
         &metrics.deal_value,
@@ -53,6 +57,16 @@ pub async fn refresh(state: &HttpState) -> Result<(), StoreError> {
                 state: count.state,
             };
             (labels, count.emails as i64)
+        }),
+    );
+    rebuild_gauges(
+        &metrics.writebacks,
+        writebacks.into_iter().map(|count| {
+            let labels = ConnectionStateLabels {
+                connection: count.connection,
+                state: count.state,
+            };
+            (labels, count.rows as i64)
         }),
     );
     Ok(())

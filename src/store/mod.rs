@@ -44,6 +44,7 @@ mod stage_feed;
 mod suppression;
 mod sync;
 mod tokens;
+mod writeback;
 
 pub use carts::{CartOutcome, CartRules};
 pub use deal_changes::DealChange;
@@ -71,6 +72,9 @@ pub use sync::{
     CachedRecord, ENRICHMENT_RETENTION, QuarantineEntry, Quarantined, Reread, SyncRunRecord,
 };
 pub use tokens::StoredToken;
+pub use writeback::{
+    WritebackCount, WritebackJob, WritebackRow, WritebackSettlement, key_of as writeback_key,
+};
 
 use chrono::{DateTime, TimeZone, Utc};
 use rusqlite::Connection;

@@ -736,7 +736,8 @@ impl Store {
 
     /// Marks a claimed row sent and, in the same transaction, moves the deal to
     /// `move_to` if it is still in one of `only_from` (an order that arrived during
-    /// the send must not be overwritten).
+    /// the send must not be overwritten). `writeback` (the email's subject) queues the
+    /// email's CRM write-back in that transaction too (`store::writeback`).
     pub async fn mark_sent(
         &self,
         id: i64,
@@ -744,10 +745,18 @@ impl Store {
         at: DateTime<Utc>,
         move_to: Option<(StageRef, DealStatus)>,
         only_from: Vec<StageRef>,
+        writeback: Option<String>,
     ) -> Result<bool> {
         if let Some(database) = self.postgres() {
             let (sent, moved) = database
-                .mark_sent(id, &message_id, at, move_to, &only_from)
+                .mark_sent(
+                    id,
+                    &message_id,
+                    at,
+                    move_to,
+                    &only_from,
+                    writeback.as_deref(),
+                )
                 .await
                 .map_err(|error| database.named(error))?;
             self.note_stage_changes(moved);
@@ -759,6 +768,9 @@ impl Store {
             };
             if !OUTBOX.settle(tx, id, sent, at)? {
                 return Ok(false);
+            }
+            if let Some(subject) = &writeback {
+                super::writeback::enqueue_in(tx, id, subject, at)?;
             }
             if let Some((to, status)) = move_to {
                 let deal_id: i64 =

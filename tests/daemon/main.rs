@@ -20,3 +20,4 @@ mod smtp_harness;
 mod storage_postgres;
 mod vendor_data;
 mod webhooks;
+mod writeback;

@@ -699,6 +699,33 @@ pub enum AuthorizeError {
     Store(String),
 }
 
+/// The OAuth scopes `dealsync auth` asks for: the connection's `oauth.scopes` when it
+/// sets them (then they are all there is), else the manifest's `auth.oauth2.scopes`
+/// plus, only when the connection turns write-back on, `writeback.scopes`.
+pub fn requested_scopes(manifest: &Manifest, connection: &ConnectionConfig) -> Vec<String> {
+    if let Some(oauth) = &connection.oauth
+        && !oauth.scopes.is_empty()
+    {
+        return oauth.scopes.clone();
+    }
+    let mut scopes = manifest
+        .auth
+        .oauth2
+        .as_ref()
+        .map(|spec| spec.scopes.clone())
+        .unwrap_or_default();
+    if connection.writeback.is_some()
+        && let Some(writeback) = &manifest.writeback
+    {
+        for scope in &writeback.scopes {
+            if !scopes.contains(scope) {
+                scopes.push(scope.clone());
+            }
+        }
+    }
+    scopes
+}
+
 /// Runs the authorization-code flow with PKCE and a loopback redirect on 127.0.0.1:
 /// prints the URL to open (through `announce`), waits for the redirect, exchanges the
 /// code and stores the tokens. Returns the redirect URI that was used.
@@ -751,11 +778,7 @@ pub async fn authorize(
         RedirectUrl::new(redirect.clone()).map_err(|e| AuthorizeError::Invalid(e.to_string()))?,
     );
     let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
-    let scopes = if oauth.scopes.is_empty() {
-        spec.scopes.clone()
-    } else {
-        oauth.scopes.clone()
-    };
+    let scopes = requested_scopes(manifest, connection);
     let mut request = client
         .authorize_url(CsrfToken::new_random)
         .set_pkce_challenge(challenge)
@@ -882,6 +905,47 @@ async fn accept_redirect(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn hubspot_connection(extra: &str) -> (std::sync::Arc<Manifest>, ConnectionConfig) {
+        let text = format!(
+            "[connections.hs]\nconnector = \"hubspot\"\n[connections.hs.oauth]\nclient_id = \"c\"\n{extra}"
+        );
+        let env = crate::config::interpolate::tests::MapEnv(Default::default());
+        let config = crate::config::parse(std::path::Path::new("t.toml"), &text, &env)
+            .unwrap_or_else(|error| panic!("{error}"));
+        let catalog = crate::connectors::manifest::Catalog::load(None).unwrap();
+        (
+            catalog.get("hubspot").unwrap(),
+            config.connections[0].clone(),
+        )
+    }
+
+    /// The write scope is asked for only when the connection turns write-back on; a
+    /// connection's own `oauth.scopes` are taken as written.
+    #[test]
+    fn write_scopes_are_requested_only_with_write_back_on() {
+        let reads = [
+            "crm.objects.deals.read",
+            "crm.objects.contacts.read",
+            "crm.objects.owners.read",
+        ];
+        let (manifest, off) = hubspot_connection("");
+        assert_eq!(requested_scopes(&manifest, &off), reads);
+        let (manifest, on) = hubspot_connection("[connections.hs.writeback]\nenabled = true\n");
+        let mut with_write: Vec<&str> = reads.to_vec();
+        with_write.push("crm.objects.contacts.write");
+        assert_eq!(requested_scopes(&manifest, &on), with_write);
+        let (manifest, disabled) =
+            hubspot_connection("[connections.hs.writeback]\nenabled = false\n");
+        assert_eq!(requested_scopes(&manifest, &disabled), reads);
+        let (manifest, own) = hubspot_connection(
+            "scopes = [\"crm.objects.deals.read\"]\n[connections.hs.writeback]\nenabled = true\n",
+        );
+        assert_eq!(
+            requested_scopes(&manifest, &own),
+            ["crm.objects.deals.read"]
+        );
+    }
 
     #[test]
     fn debug_of_credentials_and_token_responses_prints_stars_for_secrets() {

@@ -13,6 +13,7 @@ pub mod fields;
 pub mod records;
 pub mod schema;
 pub mod template;
+pub mod writeback;
 
 pub use engine::ManifestConnector;
 pub use schema::Manifest;
@@ -562,6 +563,9 @@ pub fn validate(manifest: &Manifest, report: &mut dyn FnMut(&str, String)) {
             }
         }
     }
+    if let Some(writeback) = &manifest.writeback {
+        writeback::check(writeback, report);
+    }
 }
 
 #[cfg(test)]
@@ -596,6 +600,36 @@ mod tests {
         );
         let unknown = parse("crm.toml", "name = \"crm\"\nbase_urll = \"x\"\n").unwrap_err();
         assert!(unknown[0].message.contains("unknown field"), "{unknown:?}");
+    }
+
+    /// A `[writeback]` whose template names an unknown variable, or whose create is not
+    /// idempotent and has no lookup, is refused with the file, line and key.
+    #[test]
+    fn a_broken_writeback_section_is_reported_with_file_line_and_key() {
+        let base = "name = \"crm\"\nbase_url = \"http://x\"\n[auth]\nkind = \"bearer\"\n[deals]\nmodified = \"/m\"\n[deals.full]\npath = \"/deals\"\n[deals.fields]\nexternal_id = \"/id\"\nnative_stage = \"/stage\"\n";
+        let text = format!(
+            "{base}[writeback.create]\npath = \"/notes\"\nbody = {{ text = \"{{{{ subjet }}}}\" }}\n"
+        );
+        let problems = parse("crm.toml", &text).unwrap_err();
+        let shown: Vec<String> = problems.iter().map(ToString::to_string).collect();
+        assert!(
+            shown
+                .iter()
+                .any(|p| p.starts_with("crm.toml:14: writeback.create.body")
+                    && p.contains("undefined")
+                    && p.contains("subject")),
+            "{shown:?}"
+        );
+        assert!(
+            shown
+                .iter()
+                .any(|p| p.contains("writeback.lookup") && p.contains("idempotent")),
+            "{shown:?}"
+        );
+        let fixed = format!(
+            "{base}[writeback.create]\npath = \"/notes\"\nidempotent = true\nbody = {{ text = \"{{{{ subject }}}}\" }}\n"
+        );
+        assert!(parse("crm.toml", &fixed).is_ok());
     }
 
     #[test]

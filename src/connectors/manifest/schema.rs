@@ -41,6 +41,61 @@ pub struct Manifest {
     #[serde(default)]
     pub default_mappings: BTreeMap<String, BTreeMap<String, String>>,
     pub webhooks: Option<Webhooks>,
+    /// How a sent follow-up is recorded on the deal in the CRM, for connections that
+    /// turn write-back on.
+    pub writeback: Option<Writeback>,
+}
+
+/// `[writeback]`: recording a sent follow-up email on its deal (a note, an activity, a
+/// task). Every text is a minijinja template over the email (see
+/// `manifest::writeback::VARIABLES`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Writeback {
+    /// OAuth scopes `dealsync auth` asks for, besides `auth.oauth2.scopes`, for a
+    /// connection with write-back on.
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    /// Writes the record.
+    pub create: WritebackRequest,
+    /// Finds the record carrying `{{ key }}`; run before an attempt that follows one
+    /// whose outcome is unknown. Required unless `create.idempotent`.
+    pub lookup: Option<WritebackRequest>,
+}
+
+/// One write-back request.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WritebackRequest {
+    #[serde(default)]
+    pub method: WriteMethod,
+    /// A path on the base URL (a template; values are percent-encoded).
+    pub path: String,
+    /// Query parameters (templates).
+    #[serde(default)]
+    pub query: BTreeMap<String, String>,
+    /// A JSON body whose strings are templates.
+    pub body: Option<toml::Value>,
+    /// Pointer to the record's id (create: in the answer; lookup: in each record).
+    pub id: Option<String>,
+    /// Lookup: pointer to the list of records in the answer.
+    pub records: Option<String>,
+    /// Lookup: pointer, inside each record, to the text that carries the key.
+    pub marker: Option<String>,
+    /// Create: the vendor stores one record however often the request is sent (an
+    /// upsert by an external id), so no lookup is needed.
+    #[serde(default)]
+    pub idempotent: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum WriteMethod {
+    Get,
+    #[default]
+    Post,
+    Patch,
+    Put,
 }
 
 /// How requests authenticate.

@@ -152,6 +152,14 @@ impl Worker {
         self.note_delivery(&sent, &rule.name);
         match sent {
             Ok(()) => {
+                // A connection that writes back gets the email recorded on the deal in
+                // its CRM: queued with the sent mark, carried out by `writeback`.
+                let writeback = self
+                    .config
+                    .connections
+                    .iter()
+                    .any(|c| c.name == deal.connection && c.writeback.is_some())
+                    .then(|| outgoing.subject.clone());
                 // The status follows the stage: a won deal moved to post-sale stays won.
                 let move_to = rule
                     .steps
@@ -168,6 +176,7 @@ impl Worker {
                         Utc::now(),
                         move_to.clone(),
                         rule.active.clone(),
+                        writeback.clone(),
                     )
                 })
                 .await?;

@@ -1,5 +1,5 @@
 //! Claims: replicas sharing the rows of a work table (the webhook inbox, the outbox,
-//! the digests) with `FOR UPDATE SKIP LOCKED`, so that each due row goes to one
+//! the digests, the CRM write-backs) with `FOR UPDATE SKIP LOCKED`, so that each due row goes to one
 //! replica and none waits for another. The inbox's `due_webhooks` claims through
 //! [`INBOX`] (`postgres::inbox`, which serializes its claims to keep each connection's
 //! order); the outbox and digests lock a due row through [`ClaimTable::lock_pending_sql`]
@@ -28,7 +28,9 @@
 //! - Only the holder of an unexpired claim settles an inbox row
 //!   (`postgres::inbox`), so a replica whose claim expired and was handed to another
 //!   cannot record a second outcome.
-//! - The SQL of the three tables is one template, filled from [`ClaimTable`].
+//! - The SQL of the four tables is one template, filled from [`ClaimTable`]. A
+//!   write-back is claimed as the inbox is (`claimed`, handed out again once expired);
+//!   `postgres::writeback` counts its attempt in the claim's transaction.
 
 use super::super::Result;
 use super::{Database, millis};
@@ -97,6 +99,17 @@ pub const DIGESTS: ClaimTable = ClaimTable {
     order: "next_attempt_at, id",
     sending: Sending::BecomesUncertain,
     on_send: ", attempts = attempts + 1, updated_at = $3, reason = NULL",
+};
+
+/// The CRM write-backs (`store::writeback`): `pending` rows due by now, earliest
+/// first. A claim that expired while `claimed` is handed out again: its next attempt
+/// looks the note up before writing, so a second claim never writes a second note.
+pub const WRITEBACKS: ClaimTable = ClaimTable {
+    table: "writebacks",
+    due: "state = 'pending' AND next_attempt_at <= $3",
+    order: "next_attempt_at, id",
+    sending: Sending::None,
+    on_send: "",
 };
 
 /// What one claim returned.

@@ -54,6 +54,7 @@ pub const TABLES: &[(File, &str)] = &[
     (File::Database, "digest_runs"),
     (File::Database, "suppressions"),
     (File::Database, "oauth_tokens"),
+    (File::Database, "writebacks"),
     (File::Inbox, "webhook_inbox"),
     (File::Inbox, "webhook_bodies"),
     (File::Inbox, "webhook_dead_letters"),

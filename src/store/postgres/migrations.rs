@@ -13,10 +13,22 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (2, include_str!("migrations/0002_replicas.sql")),
     (3, include_str!("migrations/0003_rate_limits.sql")),
     (4, include_str!("migrations/0004_raw_compression.sql")),
+    (7, include_str!("migrations/0007_writebacks.sql")),
 ];
 
 /// The schema version this binary writes.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS[MIGRATIONS.len() - 1].0;
+
+/// The versions of the migrations after `found`, in order (they need not be
+/// consecutive): what a migration from `found` applies.
+#[cfg(test)]
+pub(super) fn versions_after(found: i64) -> Vec<i64> {
+    MIGRATIONS
+        .iter()
+        .map(|(version, _)| *version)
+        .filter(|version| *version > found)
+        .collect()
+}
 
 /// The key of the transaction-level advisory lock every migration takes ("dealsync"
 /// in ASCII): processes that start together migrate one after the other.

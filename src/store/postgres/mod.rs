@@ -51,6 +51,7 @@ mod status;
 mod suppression;
 pub(in crate::store) mod sync;
 mod tls;
+mod writeback;
 
 pub use migrations::SCHEMA_VERSION;
 

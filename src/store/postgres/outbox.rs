@@ -496,12 +496,16 @@ impl Database {
         at: DateTime<Utc>,
         move_to: Option<(StageRef, DealStatus)>,
         only_from: &[StageRef],
+        writeback: Option<&str>,
     ) -> Result<(bool, u64)> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
         let sent = Settlement::Sent { message_id };
         if !settle_in(&tx, &OUTBOX, id, sent, at).await? {
             return Ok((false, 0));
+        }
+        if let Some(subject) = writeback {
+            super::writeback::enqueue_in(&tx, id, subject, at).await?;
         }
         let mut moved = 0;
         if let Some((to, status)) = move_to {
@@ -886,7 +890,7 @@ mod tests {
         );
         // The live sender still records its answer; the lost one is never resent.
         assert!(
-            one.mark_sent(ids[1], "<m@x>".into(), now, None, Vec::new())
+            one.mark_sent(ids[1], "<m@x>".into(), now, None, Vec::new(), None)
                 .await
                 .unwrap()
         );

@@ -7,7 +7,8 @@
 //! - [`enrichment`]: further reads a page's records need, and their kept records;
 //! - [`mapping`]: a record (and its enrichments) to a deal, fingerprints;
 //! - [`discovery`]: native pipelines and stages;
-//! - [`webhook`]: the signature scheme, webhook deliveries, reading one record.
+//! - [`webhook`]: the signature scheme, webhook deliveries, reading one record;
+//! - [`writeback`]: recording a sent follow-up on its deal (`[writeback]`).
 //!
 //! Invariants: the connector holds no state a restart would need (the cursor is
 //! committed with each page); what it keeps in memory ([`Recent`], refused optional
@@ -19,6 +20,7 @@ mod enrichment;
 mod mapping;
 mod paging;
 mod webhook;
+mod writeback;
 
 use self::cursor::mapping_shape;
 use self::enrichment::Recent;
@@ -238,6 +240,18 @@ impl Connector for ManifestConnector {
 
     fn reads_one(&self) -> bool {
         self.manifest.deals.one.is_some()
+    }
+
+    fn writes_back(&self) -> bool {
+        self.declares_writeback()
+    }
+
+    async fn write_back(
+        &self,
+        cx: &SyncContext,
+        job: &crate::store::WritebackJob,
+    ) -> Result<Option<String>, crate::connectors::WritebackError> {
+        self.write_back_job(cx, job).await
     }
 
     fn default_mappings(&self) -> Vec<StageMapEntry> {

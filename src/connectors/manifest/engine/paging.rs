@@ -112,7 +112,7 @@ impl CallError {
 }
 
 impl ManifestConnector {
-    fn base(&self, authn: &Authn) -> Result<url::Url, ConnectorError> {
+    pub(super) fn base(&self, authn: &Authn) -> Result<url::Url, ConnectorError> {
         if let Some(base) = &self.configured_base {
             return Ok(base.clone());
         }
@@ -280,6 +280,35 @@ impl ManifestConnector {
         }
     }
 
+    /// Sends the request `build` makes with the connection's current credentials; on a
+    /// 401 refreshes them once (OAuth) and sends it again. Every other answer goes back
+    /// to the caller.
+    pub(super) async fn send_authenticated(
+        &self,
+        cx: &SyncContext,
+        build: impl Fn(&Authn) -> Result<VendorRequest, ConnectorError>,
+    ) -> Result<crate::connectors::vendor_http::VendorResponse, ConnectorError> {
+        let mut refreshed = false;
+        loop {
+            let authn = self.credentials.current(cx).await?;
+            let built = build(&authn)?;
+            let response = self.client.send(cx, &built).await?;
+            if response.status == 401 {
+                if refreshed {
+                    return Err(ConnectorError::Unauthorized {
+                        connection: cx.connection.clone(),
+                        reason: "the vendor rejected a freshly refreshed token (401)".into(),
+                    });
+                }
+                // Static credentials fail here; OAuth refreshes once and retries.
+                self.credentials.rejected(cx, &authn).await?;
+                refreshed = true;
+                continue;
+            }
+            return Ok(response);
+        }
+    }
+
     /// Sends one request (refreshing credentials once on a 401) and parses its JSON.
     pub(super) async fn call(
         &self,
@@ -305,25 +334,9 @@ impl ManifestConnector {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let mut refreshed = false;
-            let response = loop {
-                let authn = self.credentials.current(cx).await?;
-                let built = self.build(request, page, vars, &authn)?;
-                let response = self.client.send(cx, &built).await?;
-                if response.status == 401 {
-                    if refreshed {
-                        return Err(CallError::Connector(ConnectorError::Unauthorized {
-                            connection: cx.connection.clone(),
-                            reason: "the vendor rejected a freshly refreshed token (401)".into(),
-                        }));
-                    }
-                    // Static credentials fail here; OAuth refreshes once and retries.
-                    self.credentials.rejected(cx, &authn).await?;
-                    refreshed = true;
-                    continue;
-                }
-                break response;
-            };
+            let response = self
+                .send_authenticated(cx, |authn| self.build(request, page, vars, authn))
+                .await?;
             if !(200..300).contains(&response.status) {
                 let body = String::from_utf8_lossy(&response.body).into_owned();
                 if self.refuse_optional(cx, response.status, &body) {

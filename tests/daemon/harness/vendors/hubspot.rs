@@ -2,9 +2,11 @@
 //! search (GTE on hs_lastmodifieddate, ascending, 200 per page, HTTP 400 past 10,000
 //! results of one query), v4 association and contact batch reads (with the
 //! `hs_email_optout` property when asked for), the owners list (cursor paging, the
-//! fixture's owners), deal pipelines, one deal by id, and the OAuth token endpoint.
+//! fixture's owners), deal pipelines, one deal by id, the OAuth token endpoint, and
+//! notes: create (the fixture's response shape, 201) and search (CONTAINS_TOKEN on
+//! `hs_note_body`).
 
-use super::{Faults, MockServer, OAuthState, bearer, fixture, inject, serve};
+use super::{Faults, MockServer, OAuthState, bearer, fixture, inject, serve, wire_fixture};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -77,6 +79,9 @@ pub struct HsState {
     pub rate_limited: AtomicU64,
     /// Every deal id an association batch read asked for, in order.
     pub association_reads: Mutex<Vec<String>>,
+    /// Notes created, as stored: the request's `properties` and `associations` with
+    /// the id the mock gave them.
+    pub notes: Mutex<Vec<Value>>,
 }
 
 pub struct Burst {
@@ -233,6 +238,7 @@ impl HubSpot {
             burst: Mutex::new(None),
             rate_limited: AtomicU64::new(0),
             association_reads: Mutex::new(Vec::new()),
+            notes: Mutex::new(Vec::new()),
         });
         let router = Router::new()
             .route("/crm/v3/objects/deals", get(list))
@@ -245,6 +251,8 @@ impl HubSpot {
             .route("/crm/v3/objects/contacts/batch/read", post(contacts))
             .route("/crm/v3/pipelines/deals", get(pipelines))
             .route("/crm/v3/owners", get(owners))
+            .route("/crm/v3/objects/notes", post(create_note))
+            .route("/crm/v3/objects/notes/search", post(search_notes))
             .route("/oauth/v1/token", post(token_endpoint))
             .layer(axum::middleware::from_fn_with_state(faults, inject))
             .with_state(state.clone());
@@ -256,6 +264,11 @@ impl HubSpot {
 
     pub fn url(&self) -> String {
         self.server.url()
+    }
+
+    /// The notes created so far, in order.
+    pub fn notes(&self) -> Vec<Value> {
+        self.state.notes.lock().unwrap().clone()
     }
 
     pub fn faults(&self) -> &Faults {
@@ -598,4 +611,67 @@ async fn owners(
         body["paging"] = json!({"next": {"after": next.to_string(), "link": format!("/crm/v3/owners?after={next}&limit={limit}")}});
     }
     with_budget(&state, Json(body).into_response())
+}
+
+/// `POST /crm/v3/objects/notes`: stores the note; answers 201 in the fixture's shape
+/// with the note's id and properties. `hs_timestamp` is required.
+async fn create_note(
+    State(state): State<Arc<HsState>>,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> Response {
+    if !authorized(&state, &headers) {
+        return unauthorized();
+    }
+    if body["properties"]["hs_timestamp"]
+        .as_str()
+        .is_none_or(str::is_empty)
+    {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"status": "error", "message": "Property values were not valid: hs_timestamp is required", "category": "VALIDATION_ERROR"})),
+        )
+            .into_response();
+    }
+    let mut notes = state.notes.lock().unwrap();
+    let id = (70_001 + notes.len()).to_string();
+    let mut stored = body.clone();
+    stored["id"] = json!(id);
+    notes.push(stored);
+    let mut answer = wire_fixture("hubspot/note-create-response.json");
+    answer["id"] = json!(id);
+    answer["properties"]["hs_object_id"] = json!(id);
+    for (key, value) in body["properties"].as_object().into_iter().flatten() {
+        answer["properties"][key] = value.clone();
+    }
+    (StatusCode::CREATED, Json(answer)).into_response()
+}
+
+/// `POST /crm/v3/objects/notes/search`: the notes whose `hs_note_body` holds the
+/// value of a `CONTAINS_TOKEN` filter on it, as search results.
+async fn search_notes(
+    State(state): State<Arc<HsState>>,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> Response {
+    if !authorized(&state, &headers) {
+        return unauthorized();
+    }
+    let filter = &body["filterGroups"][0]["filters"][0];
+    assert_eq!(filter["propertyName"], "hs_note_body", "{body}");
+    assert_eq!(filter["operator"], "CONTAINS_TOKEN", "{body}");
+    let token = filter["value"].as_str().unwrap_or_default().to_owned();
+    let results: Vec<Value> = state
+        .notes
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|note| {
+            note["properties"]["hs_note_body"]
+                .as_str()
+                .is_some_and(|text| text.contains(&token))
+        })
+        .map(|note| json!({"id": note["id"], "properties": {"hs_note_body": note["properties"]["hs_note_body"]}, "archived": false}))
+        .collect();
+    Json(json!({"total": results.len(), "results": results})).into_response()
 }

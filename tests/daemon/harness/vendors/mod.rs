@@ -35,6 +35,10 @@ pub enum Fault {
     /// Wait until the test opens the gate (`Semaphore::add_permits`), then answer
     /// normally: a response held for exactly as long as the test needs, on any machine.
     Gate(Arc<tokio::sync::Semaphore>),
+    /// The request is served (the mock stores what it writes), then the answer is held
+    /// this long: a client whose timeout is shorter sees a timeout after the vendor
+    /// stored the record.
+    Stall(Duration),
     /// 200 with a body that is not JSON.
     Garbage,
     /// The real answer cut to half its length, as a proxy that dropped the rest would
@@ -161,6 +165,11 @@ pub async fn inject(State(faults): State<Arc<Faults>>, request: Request, next: N
             drop(gate.acquire().await.expect("the test never closes a gate"));
             next.run(request).await
         }
+        Some(Fault::Stall(hold)) => {
+            let response = next.run(request).await;
+            tokio::time::sleep(hold).await;
+            response
+        }
         Some(Fault::Garbage) => Response::builder()
             .status(200)
             .header("content-type", "application/json")
@@ -203,6 +212,15 @@ impl Drop for MockServer {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// A shared fixture's JSON without its test metadata (keys starting with `_`).
+pub fn wire_fixture(path: &str) -> serde_json::Value {
+    let mut value = fixture(path);
+    if let Some(object) = value.as_object_mut() {
+        object.retain(|key, _| !key.starts_with('_'));
+    }
+    value
 }
 
 /// The bearer token of a request, if any.

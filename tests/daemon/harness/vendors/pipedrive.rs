@@ -5,7 +5,7 @@
 //! OAuth token endpoint (client credentials in Basic auth; the answer names the
 //! `api_domain`).
 
-use super::{Faults, MockServer, OAuthState, fixture, inject, serve};
+use super::{Faults, MockServer, OAuthState, fixture, inject, serve, wire_fixture};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -76,6 +76,8 @@ pub struct PdState {
     pub oauth: Option<OAuthState>,
     /// The mock's own URL, returned as the token response's `api_domain`.
     pub url: Mutex<String>,
+    /// Notes added (`POST /v1/notes`), as the v1 `Note` the mock answered with.
+    pub notes: Mutex<Vec<Value>>,
 }
 
 pub struct Pipedrive {
@@ -109,6 +111,7 @@ impl Pipedrive {
             token: token.to_owned(),
             oauth,
             url: Mutex::new(String::new()),
+            notes: Mutex::new(Vec::new()),
         });
         let router = Router::new()
             .route("/api/v2/deals", get(deals))
@@ -118,6 +121,7 @@ impl Pipedrive {
             .route("/api/v2/pipelines", get(pipelines))
             .route("/api/v2/stages", get(stages))
             .route("/oauth/token", post(token_endpoint))
+            .route("/v1/notes", post(add_note).get(list_notes))
             .layer(axum::middleware::from_fn_with_state(faults, inject))
             .with_state(state.clone());
         let server = serve(router).await;
@@ -131,6 +135,11 @@ impl Pipedrive {
 
     pub fn faults(&self) -> &Faults {
         &self.state.faults
+    }
+
+    /// The notes added so far, in order.
+    pub fn notes(&self) -> Vec<Value> {
+        self.state.notes.lock().unwrap().clone()
     }
 
     pub fn put(&self, deal: PdDeal) {
@@ -329,4 +338,76 @@ async fn users(State(state): State<Arc<PdState>>, headers: HeaderMap) -> Respons
     }
     let users = state.users.lock().unwrap().clone();
     Json(json!({"success": true, "data": users})).into_response()
+}
+
+/// `POST /v1/notes`: `content` and one of the ids (here `deal_id`, an integer) are
+/// required; answers 201 `{success, data: Note}` in the fixture's shape.
+async fn add_note(
+    State(state): State<Arc<PdState>>,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> Response {
+    if !authorized(&state, &headers) {
+        return (
+            StatusCode::UNAUTHORIZED,
+            Json(json!({"success": false, "error": "unauthorized access", "errorCode": 401})),
+        )
+            .into_response();
+    }
+    let (Some(content), Some(deal_id)) = (body["content"].as_str(), body["deal_id"].as_u64())
+    else {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"success": false, "error": "content and deal_id (a number) are required"})),
+        )
+            .into_response();
+    };
+    let mut notes = state.notes.lock().unwrap();
+    let mut answer = wire_fixture("pipedrive/note-v1-create-response.json");
+    let note = &mut answer["data"];
+    let now = Utc::now().format("%Y-%m-%d %H:%M:%S").to_string();
+    note["id"] = json!(3301 + notes.len() as u64);
+    note["content"] = json!(content);
+    note["deal_id"] = json!(deal_id);
+    note["person_id"] = body["person_id"].clone();
+    note["add_time"] = body.get("add_time").cloned().unwrap_or(json!(now.clone()));
+    note["update_time"] = json!(now);
+    notes.push(note.clone());
+    (StatusCode::CREATED, Json(answer)).into_response()
+}
+
+/// `GET /v1/notes?deal_id=&updated_since=&sort=&limit=`: the deal's notes updated at or
+/// after `updated_since` (RFC 3339), newest id first.
+async fn list_notes(
+    State(state): State<Arc<PdState>>,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    if !authorized(&state, &headers) {
+        return StatusCode::UNAUTHORIZED.into_response();
+    }
+    let deal_id: u64 = q
+        .get("deal_id")
+        .and_then(|d| d.parse().ok())
+        .expect("deal_id");
+    let since = q
+        .get("updated_since")
+        .map(|s| DateTime::parse_from_rfc3339(s).expect("updated_since is RFC 3339"));
+    let mut found: Vec<Value> = state
+        .notes
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|note| note["deal_id"] == json!(deal_id))
+        .filter(|note| {
+            since.is_none_or(|since| {
+                let updated = note["update_time"].as_str().unwrap_or_default();
+                chrono::NaiveDateTime::parse_from_str(updated, "%Y-%m-%d %H:%M:%S")
+                    .is_ok_and(|at| at.and_utc() >= since)
+            })
+        })
+        .cloned()
+        .collect();
+    found.reverse();
+    Json(json!({"success": true, "data": found, "additional_data": {"pagination": {"start": 0, "limit": 100, "more_items_in_collection": false}}})).into_response()
 }

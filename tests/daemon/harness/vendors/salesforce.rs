@@ -89,6 +89,8 @@ pub struct SfState {
     pub multi_currency: std::sync::atomic::AtomicBool,
     /// Queries refused for naming a field the org does not have.
     pub invalid_field: AtomicU64,
+    /// Tasks by their `Dealsync_Ext_Id__c` value: (Id, the fields last written).
+    pub tasks: Mutex<BTreeMap<String, (String, Value)>>,
 }
 
 pub struct Salesforce {
@@ -117,12 +119,17 @@ impl Salesforce {
             api_calls: AtomicU64::new(0),
             multi_currency: std::sync::atomic::AtomicBool::new(true),
             invalid_field: AtomicU64::new(0),
+            tasks: Mutex::new(BTreeMap::new()),
         });
         let router = Router::new()
             .route("/services/data/v62.0/query", get(query))
             .route("/services/data/v62.0/queryAll", get(query_all))
             .route("/services/data/v62.0/query/{locator}", get(more))
             .route("/services/oauth2/token", post(token))
+            .route(
+                "/services/data/v62.0/sobjects/Task/Dealsync_Ext_Id__c/{value}",
+                axum::routing::patch(upsert_task),
+            )
             .layer(axum::middleware::from_fn_with_state(faults, inject))
             .with_state(state.clone());
         let server = serve(router).await;
@@ -132,6 +139,11 @@ impl Salesforce {
 
     pub fn url(&self) -> String {
         self.server.url()
+    }
+
+    /// The tasks upserted so far: external id value → (Id, fields last written).
+    pub fn tasks(&self) -> BTreeMap<String, (String, Value)> {
+        self.state.tasks.lock().unwrap().clone()
     }
 
     pub fn put(&self, opportunity: SfOpp) {
@@ -294,4 +306,53 @@ async fn token(
         &form,
         json!({"instance_url": url, "id": "https://login.salesforce.com/id/00D/005", "issued_at": "1768912345678", "signature": "c2ln", "scope": "refresh_token api", "token_type": "Bearer"}),
     )
+}
+
+/// `PATCH …/sobjects/Task/Dealsync_Ext_Id__c/{value}`: upsert by the external id,
+/// case-insensitively as Salesforce matches them: 201 `created: true` for a new task,
+/// 200 `created: false` when one with the value exists (the fixture's two answers).
+async fn upsert_task(
+    State(state): State<Arc<SfState>>,
+    headers: HeaderMap,
+    Path(value): Path<String>,
+    Json(body): Json<Value>,
+) -> Response {
+    if !state.oauth.accepts(&headers) {
+        return invalid_session();
+    }
+    let fixture = super::fixture("salesforce/task-upsert-by-extid.json");
+    let strip = |mut answer: Value| {
+        if let Some(object) = answer.as_object_mut() {
+            object.retain(|key, _| !key.starts_with('_'));
+        }
+        answer
+    };
+    if body.get("Id").is_some() || body["WhatId"].as_str().is_none_or(str::is_empty) {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!([{"message": "Required fields are missing: [WhatId]", "errorCode": "REQUIRED_FIELD_MISSING", "fields": ["WhatId"]}])),
+        )
+            .into_response();
+    }
+    let mut tasks = state.tasks.lock().unwrap();
+    let key = value.to_lowercase();
+    let (status, mut answer) = match tasks.get_mut(&key) {
+        Some((id, fields)) => {
+            *fields = body;
+            let mut answer = strip(fixture["response_updated"].clone());
+            answer["id"] = json!(id.clone());
+            (StatusCode::OK, answer)
+        }
+        None => {
+            let id = format!("00TOx00000Qq{:04}MAJ", tasks.len() + 1);
+            tasks.insert(key, (id.clone(), body));
+            let mut answer = strip(fixture["response_created"].clone());
+            answer["id"] = json!(id);
+            (StatusCode::CREATED, answer)
+        }
+    };
+    if let Some(object) = answer.as_object_mut() {
+        object.remove("_status");
+    }
+    (status, Json(answer)).into_response()
 }
