@@ -330,6 +330,15 @@ fn scope_table(out: &mut String, scope: &ScopeReport) {
     }
 }
 
+/// "+12.00" or "-12.00" (an amount with its sign always shown).
+fn signed(amount: &str) -> String {
+    if amount.starts_with('-') {
+        amount.to_owned()
+    } else {
+        format!("+{amount}")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -341,14 +350,5 @@ mod tests {
         assert_eq!(duration(3.0 * 86_400.0), "3d");
         assert_eq!(duration(70.0 * 3_600.0), "2d 22h");
         assert_eq!(duration(3_725.0), "1h 2m");
-    }
-}
-
-/// "+12.00" or "-12.00" (an amount with its sign always shown).
-fn signed(amount: &str) -> String {
-    if amount.starts_with('-') {
-        amount.to_owned()
-    } else {
-        format!("+{amount}")
     }
 }

@@ -233,6 +233,20 @@ impl DbError {
         }
     }
 
+    /// Whether PostgreSQL rolled the transaction back to break a deadlock or a
+    /// serialization conflict with another transaction: the same work run again at
+    /// once may well succeed.
+    pub fn is_conflict(&self) -> bool {
+        use tokio_postgres::error::SqlState;
+        self.sql_state().is_some_and(|state| {
+            [
+                SqlState::T_R_DEADLOCK_DETECTED,
+                SqlState::T_R_SERIALIZATION_FAILURE,
+            ]
+            .contains(state)
+        })
+    }
+
     /// Whether the disk is full.
     pub fn is_disk_full(&self) -> bool {
         match &self.0 {
@@ -332,6 +346,12 @@ impl StoreError {
             StoreError::Database(error) => error.is_unavailable(),
             _ => false,
         }
+    }
+
+    /// Whether PostgreSQL rolled the transaction back to break a deadlock or a
+    /// serialization conflict (`DbError::is_conflict`).
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, StoreError::Database(error) if error.is_conflict())
     }
 
     /// Whether the failure is the database's state rather than the data: busy or

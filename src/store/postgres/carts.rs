@@ -17,9 +17,11 @@
 //!   still move each cart once and write one history row; a cart an
 //!   order or a record reached first is left alone.
 //! - Advisory locks are taken in key order within one call; a webhook pass and a sweep
-//!   that lock the same carts in opposite orders can deadlock, which the server breaks
-//!   by failing one of them (a transient error, retried on the next pass; nothing of it
-//!   committed).
+//!   that lock the same carts in opposite orders (or a pass's segment, which locks its
+//!   records' deals at once in key order, and another replica's orders) can deadlock,
+//!   which the server breaks by failing one of them: nothing of it committed, and the
+//!   webhook pass runs again at once (`deal_changes::retry_conflicts`, bounded), a
+//!   sweep on its next round.
 
 use super::Database;
 use super::deals::{

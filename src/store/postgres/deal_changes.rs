@@ -28,16 +28,18 @@ use super::Database;
 use super::carts::apply_cart;
 use super::deals::{lock_deal_keys, pg_opt, pg_text, upsert_all};
 use crate::domain::DealStatus;
+use crate::retry;
 use crate::store::carts::{CartStep, Match, cart_step};
 use crate::store::deal_changes::{
     DealChange, KNOWN_CONTACT_COLUMNS, KnownContact, carries_every_contact_field, keep_known,
     known_contact_from,
 };
-use crate::store::{CartRules, DealUpsert, Result, to_ms};
+use crate::store::{CartRules, DealUpsert, Result, StoreError, to_ms};
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Transaction;
 use std::borrow::Cow;
 use std::collections::{HashSet, VecDeque};
+use std::time::Duration;
 
 /// Fills the contact fields `upsert` lacks from its stored deal (`keep_known`), under
 /// the deal's advisory lock, which the caller's transaction keeps until it commits.
@@ -288,6 +290,23 @@ async fn apply_changes(
     Ok(stage_changes)
 }
 
+/// How often a transaction PostgreSQL rolled back to break a deadlock with another
+/// replica's (it locks the carts an order completes as it finds them, so two passes
+/// can lock the same deals in opposite orders) is run again, soon: the other one has
+/// gone on meanwhile.
+const CONFLICT_RETRIES: retry::Backoff =
+    retry::Backoff::full(Duration::from_millis(20), Duration::from_millis(500)).attempts(5);
+
+/// Runs `attempt` again when PostgreSQL broke a deadlock or a serialization conflict by
+/// rolling it back (nothing of it committed), within [`CONFLICT_RETRIES`].
+async fn retry_conflicts<T, F, Fut>(what: &str, attempt: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    retry::retry(CONFLICT_RETRIES, what, StoreError::is_conflict, attempt).await
+}
+
 impl Database {
     /// Applies the changes of the inbox rows `items` that `claimer` still holds, in
     /// order, and marks those rows processed at `now`, in one transaction. Returns the
@@ -300,10 +319,23 @@ impl Database {
         rules: CartRules,
         now: DateTime<Utc>,
     ) -> Result<(u64, Vec<i64>)> {
+        retry_conflicts("applying a webhook pass", || {
+            self.try_apply_webhook_rows(claimer, items.clone(), rules, now)
+        })
+        .await
+    }
+
+    async fn try_apply_webhook_rows(
+        &self,
+        claimer: &str,
+        items: Vec<(i64, Vec<DealChange>)>,
+        rules: CartRules,
+        now: DateTime<Utc>,
+    ) -> Result<(u64, Vec<i64>)> {
         let ids: Vec<i64> = items.iter().map(|(id, _)| *id).collect();
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
-        let held: std::collections::HashSet<i64> = tx
+        let held: HashSet<i64> = tx
             .query(super::inbox::HELD_FOR_UPDATE, &[&ids, &claimer])
             .await?
             .iter()
@@ -339,11 +371,14 @@ impl Database {
         rules: CartRules,
         now: DateTime<Utc>,
     ) -> Result<u64> {
-        let mut client = self.client().await?;
-        let tx = client.transaction().await?;
-        let stage_changes = apply_changes(&tx, changes, rules, now).await?;
-        tx.commit().await?;
-        Ok(stage_changes)
+        retry_conflicts("applying deal changes", || async {
+            let mut client = self.client().await?;
+            let tx = client.transaction().await?;
+            let stage_changes = apply_changes(&tx, changes.clone(), rules, now).await?;
+            tx.commit().await?;
+            Ok(stage_changes)
+        })
+        .await
     }
 
     /// Marks a deal deleted in its source; false when unknown or already deleted.
