@@ -1014,15 +1014,37 @@ async fn outbox_list(source: &ConfigSource, args: OutboxListArgs) -> Result<(), 
 }
 
 /// Prints today's digest for the owner of `deal_id` (or the rule's fixed address) as
-/// it would be sent now.
+/// it would be sent now; for a weekly review, the review of the week up to now.
 async fn digest_preview(
     config: &Config,
     rule: &crate::followup::digest::DigestRule,
     deal_id: i64,
 ) -> Result<(), CliError> {
-    use crate::followup::digest::{DigestContext, DigestRecipient, MAX_LISTED};
-    use crate::followup::{mailer::Mailer, mailer::Outgoing, templates::Templates};
+    use crate::followup::digest::{DigestContent, DigestContext, DigestRecipient, MAX_LISTED};
     let store = open_store(config).await?;
+    let now = chrono::Utc::now();
+    let day = now.with_timezone(&rule.zone).date_naive().to_string();
+    let templates = crate::followup::templates::Templates::for_config(config).map_err(|error| {
+        CliError::Config(ConfigError::at(
+            config,
+            "email.templates",
+            error.to_string(),
+        ))
+    })?;
+    let sender = crate::followup::worker::sender_name(config);
+    if rule.content == DigestContent::Review {
+        let DigestRecipient::Fixed(address) = &rule.to else {
+            return Err(CliError::Usage(format!("rule {} has no fixed address", rule.name)));
+        };
+        let recipient = address.as_str().to_lowercase();
+        let context =
+            crate::followup::review::gather(&store, &config.pipelines, rule, &recipient, now, sender)
+                .await?;
+        let rendered = templates
+            .render(&rule.template, &context)
+            .map_err(anyhow::Error::from)?;
+        return print_digest(config, rule, &recipient, None, &day, rendered);
+    }
     let Some(deal) = store.deal(deal_id).await? else {
         return Err(CliError::Usage(format!("no deal with id {deal_id}")));
     };
@@ -1040,7 +1062,6 @@ async fn digest_preview(
             }
         },
     };
-    let now = chrono::Utc::now();
     let watch = crate::followup::worker::digest_watch(rule, now);
     let (deals, total) = store.digest_deals(watch, owner, MAX_LISTED).await?;
     if total == 0 {
@@ -1050,7 +1071,6 @@ async fn digest_preview(
         ));
         return Ok(());
     }
-    let day = now.with_timezone(&rule.zone).date_naive().to_string();
     let context = DigestContext::new(
         rule,
         &recipient,
@@ -1058,30 +1078,36 @@ async fn digest_preview(
         total,
         &config.pipelines,
         &day,
-        crate::followup::worker::sender_name(config),
+        sender,
         now,
     );
-    let templates = Templates::for_config(config).map_err(|error| {
-        CliError::Config(ConfigError::at(
-            config,
-            "email.templates",
-            error.to_string(),
-        ))
-    })?;
     let rendered = templates
         .render(&rule.template, &context)
         .map_err(anyhow::Error::from)?;
+    print_digest(config, rule, &recipient, context.owner.name, &day, rendered)
+}
+
+/// Prints a rendered digest as the message the mailer would send.
+fn print_digest(
+    config: &Config,
+    rule: &crate::followup::digest::DigestRule,
+    recipient: &str,
+    to_name: Option<String>,
+    day: &str,
+    rendered: crate::followup::templates::Rendered,
+) -> Result<(), CliError> {
+    use crate::followup::mailer::{Mailer, Outgoing};
     let mailer = Mailer::composer(&config.email).map_err(anyhow::Error::from)?;
-    let to = crate::domain::EmailAddress::parse(&recipient)
+    let to = crate::domain::EmailAddress::parse(recipient)
         .ok_or_else(|| CliError::Usage(format!("{recipient:?} is not an email address")))?;
     let message = mailer
         .build(&Outgoing {
             to,
-            to_name: context.owner.name.clone(),
+            to_name,
             subject: rendered.subject,
             text: rendered.text,
             html: rendered.html,
-            idempotency_key: rule.idempotency_key(&day, &recipient),
+            idempotency_key: rule.idempotency_key(day, recipient),
             unsubscribe: None,
             reply_to: None,
         })

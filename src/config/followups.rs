@@ -17,7 +17,7 @@ use super::EmailConfig;
 use super::raw::{RawFollowup, RawStages};
 use crate::domain::{EmailAddress, StageRef};
 use crate::pipeline::{self, Pipelines, StageKind};
-use chrono::{DateTime, Days, NaiveDate, NaiveTime, TimeZone, Utc};
+use chrono::{DateTime, Datelike, Days, NaiveDate, NaiveTime, TimeZone, Utc, Weekday};
 use chrono_tz::Tz;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -158,8 +158,8 @@ pub fn validate(
             );
             continue;
         }
-        if !raw_rule.enabled || raw_rule.digest.is_some() {
-            // Digest rules are validated by `validate_digests`.
+        if !raw_rule.enabled || raw_rule.digest.is_some() || raw_rule.review.is_some() {
+            // Digest and review rules are validated by `validate_digests`.
             continue;
         }
         if raw_rule.time_zone.is_some() {
@@ -523,12 +523,26 @@ pub struct DigestStage {
     pub idle: Duration,
 }
 
+/// What a digest holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DigestContent {
+    /// The deals sitting in the rule's stages past their idle time (`digest = …`).
+    Stalled,
+    /// The weekly pipeline review (`review = …`): the week's funnel against the week
+    /// before, the bottleneck, the deals that stalled, the forecast, cart recovery.
+    Review,
+}
+
 /// A validated digest rule.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DigestRule {
     pub name: String,
+    pub content: DigestContent,
+    /// The watched stages; none for a review.
     pub stages: Vec<DigestStage>,
     pub to: DigestRecipient,
+    /// The local day of the week it goes out on; `None`: every day.
+    pub weekday: Option<Weekday>,
     /// The local time of day the digest goes out.
     pub at: NaiveTime,
     pub zone: Tz,
@@ -556,26 +570,41 @@ impl DigestRule {
             .unwrap_or_else(|| Utc.from_utc_datetime(&local))
     }
 
+    /// Days between two slots: 1, or 7 for a weekly rule.
+    fn period_days(&self) -> u64 {
+        if self.weekday.is_some() { 7 } else { 1 }
+    }
+
+    /// The latest local day on or before `day` the rule goes out on.
+    fn slot_day_on_or_before(&self, day: NaiveDate) -> NaiveDate {
+        let Some(weekday) = self.weekday else {
+            return day;
+        };
+        let back = (7 + day.weekday().num_days_from_monday() - weekday.num_days_from_monday()) % 7;
+        day.checked_sub_days(Days::new(u64::from(back))).unwrap_or(day)
+    }
+
     /// The latest slot at or before `now`, with its local day.
     pub fn latest_slot(&self, now: DateTime<Utc>) -> (NaiveDate, DateTime<Utc>) {
         let today = now.with_timezone(&self.zone).date_naive();
-        let slot = self.slot_on(today);
+        let day = self.slot_day_on_or_before(today);
+        let slot = self.slot_on(day);
         if slot <= now {
-            return (today, slot);
+            return (day, slot);
         }
-        let yesterday = today.checked_sub_days(Days::new(1)).unwrap_or(today);
-        (yesterday, self.slot_on(yesterday))
+        let before = day
+            .checked_sub_days(Days::new(self.period_days()))
+            .unwrap_or(day);
+        (before, self.slot_on(before))
     }
 
     /// The first slot after `now`.
     pub fn next_slot(&self, now: DateTime<Utc>) -> DateTime<Utc> {
-        let today = now.with_timezone(&self.zone).date_naive();
-        let slot = self.slot_on(today);
-        if slot > now {
-            return slot;
-        }
-        let tomorrow = today.checked_add_days(Days::new(1)).unwrap_or(today);
-        self.slot_on(tomorrow)
+        let (day, _) = self.latest_slot(now);
+        let next = day
+            .checked_add_days(Days::new(self.period_days()))
+            .unwrap_or(day);
+        self.slot_on(next)
     }
 
     /// For each watched stage: deals that entered it before this instant are listed.
@@ -600,6 +629,19 @@ impl DigestRule {
     }
 }
 
+/// Parses "08:00" (every day) or "monday 08:00" (that day each week; "mon" too).
+pub(crate) fn parse_schedule(text: &str) -> Result<(Option<Weekday>, NaiveTime), String> {
+    match text.trim().split_once(char::is_whitespace) {
+        None => Ok((None, parse_time(text)?)),
+        Some((day, time)) => {
+            let weekday = day.parse::<Weekday>().map_err(|_| {
+                format!("expected a day of the week like \"monday\" before the time, got {day:?}")
+            })?;
+            Ok((Some(weekday), parse_time(time)?))
+        }
+    }
+}
+
 pub(crate) fn parse_time(text: &str) -> Result<NaiveTime, String> {
     NaiveTime::parse_from_str(text.trim(), "%H:%M")
         .or_else(|_| NaiveTime::parse_from_str(text.trim(), "%H:%M:%S"))
@@ -615,8 +657,10 @@ pub fn validate_digests(
 ) -> Vec<DigestRule> {
     let mut rules = Vec::new();
     for (name, raw_rule) in raw {
-        let Some(at_text) = &raw_rule.digest else {
-            continue;
+        let (content, key, at_text) = match (&raw_rule.digest, &raw_rule.review) {
+            (None, None) => continue,
+            (Some(at), None) => (DigestContent::Stalled, "digest", at),
+            (_, Some(at)) => (DigestContent::Review, "review", at),
         };
         if !raw_rule.enabled || !valid_name(name) {
             // `validate` reports bad names.
@@ -628,14 +672,45 @@ pub fn validate_digests(
             report(key, message);
             ok = false;
         };
-        let at = parse_time(at_text).unwrap_or_else(|message| {
-            fail(&format!("{base}.digest"), message);
-            NaiveTime::MIN
-        });
+        if raw_rule.digest.is_some() && raw_rule.review.is_some() {
+            fail(
+                &base,
+                "set `digest` (stalled deals) or `review` (the weekly pipeline review), not both"
+                    .to_owned(),
+            );
+        }
+        let (weekday, at) = match parse_schedule(at_text) {
+            Ok((None, at)) if content == DigestContent::Review => {
+                fail(
+                    &format!("{base}.review"),
+                    format!(
+                        "a review is weekly: name the day, e.g. \"monday {}\"",
+                        at.format("%H:%M")
+                    ),
+                );
+                (None, at)
+            }
+            Ok(schedule) => schedule,
+            Err(message) => {
+                fail(&format!("{base}.{key}"), message);
+                (None, NaiveTime::MIN)
+            }
+        };
         if raw_rule.kind != "transactional" {
             fail(
                 &format!("{base}.kind"),
                 "a digest is an internal email: set kind = \"transactional\"".to_owned(),
+            );
+        }
+        if content == DigestContent::Review
+            && EmailAddress::parse(&raw_rule.to).is_none()
+        {
+            fail(
+                &format!("{base}.to"),
+                format!(
+                    "a weekly review goes to one fixed address (\"sales-ops@example.com\"), got {:?}",
+                    raw_rule.to
+                ),
             );
         }
         let to = match raw_rule.to.as_str() {
@@ -719,8 +794,18 @@ pub fn validate_digests(
             RawStages::One(one) => vec![one.clone()],
             RawStages::Many(many) => many.clone(),
         };
-        if texts.is_empty() {
-            fail(&format!("{base}.stage"), "lists no stage".to_owned());
+        match content {
+            DigestContent::Stalled if texts.is_empty() => {
+                fail(&format!("{base}.stage"), "lists no stage".to_owned());
+            }
+            DigestContent::Review if !texts.is_empty() || raw_rule.after.is_some() => {
+                fail(
+                    &format!("{base}.stage"),
+                    "a weekly review covers every pipeline and stage: remove `stage` and `after`"
+                        .to_owned(),
+                );
+            }
+            _ => {}
         }
         let mut stages = Vec::new();
         for text in texts {
@@ -750,8 +835,10 @@ pub fn validate_digests(
         if ok {
             rules.push(DigestRule {
                 name: name.clone(),
+                content,
                 stages,
                 to,
+                weekday,
                 at,
                 zone,
                 late_grace: raw_rule.late_grace.map_or(email.late_grace, |d| d.0),

@@ -239,7 +239,9 @@ pub struct RawEmail {
 pub struct RawFollowup {
     #[serde(default = "yes")]
     pub enabled: bool,
-    /// "pipeline.stage", or a list of them; entering it starts the rule's clock.
+    /// "pipeline.stage", or a list of them; entering it starts the rule's clock. A
+    /// weekly review (`review`) has none.
+    #[serde(default)]
     pub stage: RawStages,
     /// "marketing" (consent and unsubscribe required) or "transactional".
     pub kind: String,
@@ -263,8 +265,12 @@ pub struct RawFollowup {
     pub stop_on_purchase: Option<bool>,
     /// A step (or digest) overdue by more than this after downtime is skipped; default `email.late_grace`.
     pub late_grace: Option<ConfigDuration>,
-    /// Makes the rule a daily digest: one email per recipient per day at this local time ("08:00").
+    /// Makes the rule a digest: one email per recipient per day at this local time
+    /// ("08:00"), or per week on that day ("monday 08:00").
     pub digest: Option<String>,
+    /// Makes the rule a weekly pipeline review to the fixed address `to`, at this local
+    /// day and time ("monday 08:00").
+    pub review: Option<String>,
     /// The digest's time zone, e.g. "Europe/Berlin"; default `email.time_zone`.
     pub time_zone: Option<String>,
 }
@@ -286,6 +292,12 @@ pub struct RawStep {
 pub enum RawStages {
     One(String),
     Many(Vec<String>),
+}
+
+impl Default for RawStages {
+    fn default() -> Self {
+        RawStages::Many(Vec::new())
+    }
 }
 
 fn contact() -> String {

@@ -1,5 +1,5 @@
-//! Daily digests: one email per recipient (each deal owner, or one fixed address) per
-//! day, at a local time, listing the deals that sit in the rule's stages past their
+//! Digests: one email per recipient (each deal owner, or one fixed address) per day
+//! (or per week, `digest = "monday 08:00"`), at a local time, listing the deals that sit in the rule's stages past their
 //! idle threshold — instead of one alert per stalled deal.
 //!
 //! A digest rule is a `[followups.NAME]` table with `digest = "08:00"`. Its schedule is
@@ -11,12 +11,13 @@
 //!   assembled once (`digest_runs`), and a row found in `sending` after a crash becomes
 //!   `uncertain` and is never resent, like an outbox row.
 //! - Nothing is sent to a recipient with no matching deal: the list is re-read at send
-//!   time and an empty one skips the row.
+//!   time and an empty one skips the row. A weekly review (`review = "monday 08:00"`,
+//!   `followup::review`) watches no stage and goes to its fixed address regardless.
 //! - After downtime only the latest slot is considered, and only within the rule's
 //!   late grace; an older or later one is recorded as missed, never sent late.
 
 use super::templates::{Person, TemplateError, Templates};
-pub use crate::config::followups::{DigestRecipient, DigestRule, DigestStage};
+pub use crate::config::followups::{DigestContent, DigestRecipient, DigestRule, DigestStage};
 use crate::domain::{Deal, EmailAddress, Money, StageRef};
 use crate::pipeline::Pipelines;
 use chrono::{DateTime, Utc};
@@ -215,8 +216,16 @@ pub fn check(templates: &Templates, rules: &[DigestRule], pipelines: &Pipelines)
     rules
         .iter()
         .filter_map(|rule| {
-            templates
-                .render(&rule.template, &DigestContext::sample(rule, pipelines))
+            let rendered = match rule.content {
+                DigestContent::Stalled => {
+                    templates.render(&rule.template, &DigestContext::sample(rule, pipelines))
+                }
+                DigestContent::Review => templates.render(
+                    &rule.template,
+                    &super::review::ReviewContext::sample(rule, pipelines),
+                ),
+            };
+            rendered
                 .err()
                 .map(|error: TemplateError| format!("followups.{} (digest): {error}", rule.name))
         })

@@ -19,6 +19,7 @@ pub mod digest;
 pub mod explain;
 pub mod mailer;
 pub mod policy;
+pub mod review;
 pub mod rules;
 pub mod templates;
 pub mod unsubscribe;

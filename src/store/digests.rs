@@ -225,13 +225,18 @@ pub enum DigestFinish {
 }
 
 /// The recipients with matching deals: lowercased owner addresses, or `fixed` when
-/// any deal matches.
+/// any deal matches (always, for a rule that watches no stage: a weekly review).
 fn recipients(
     tx: &Transaction<'_>,
     watch: &[DigestWatch],
     fixed: Option<&str>,
 ) -> Result<BTreeSet<String>> {
     let mut found = BTreeSet::new();
+    if watch.is_empty() {
+        // A weekly review watches no stage: its fixed address gets it whatever the deals.
+        found.extend(fixed.map(str::to_owned));
+        return Ok(found);
+    }
     for watched in watch {
         let pipeline = watched.stage.pipeline.as_ref().map(|p| p.as_str());
         let stage = watched.stage.stage.as_str();
@@ -417,7 +422,7 @@ impl Store {
             }
             let owner = by_owner.then_some(row.recipient.as_str());
             let (deals, total) = matching_deals(tx, &watch, owner, limit)?;
-            if total == 0 {
+            if total == 0 && !watch.is_empty() {
                 return skip(NO_DEAL_LEFT.to_owned());
             }
             let (claim, ids_json) = send_claim(row, deals, total);

@@ -11,7 +11,10 @@
 
 use super::{Worker, email_backoff, record, sender_name, unknown_outcome_reason};
 use crate::followup::FollowupError;
-use crate::followup::digest::{DigestContext, DigestRecipient, DigestRule, MAX_LISTED};
+use crate::followup::digest::{
+    DigestContent, DigestContext, DigestRecipient, DigestRule, MAX_LISTED,
+};
+use crate::followup::review;
 use crate::followup::mailer::{MailError, Outgoing};
 use crate::store::{AssembleOutcome, DigestClaim, DigestFinish, DigestWatch, StoreError};
 use chrono::{DateTime, Utc};
@@ -88,21 +91,52 @@ impl Worker {
             }
             DigestClaim::Send { row, deals, total } => (row, deals, total),
         };
-        let context = DigestContext::new(
-            &rule,
-            &row.recipient,
-            deals,
-            total,
-            &self.config.pipelines,
-            &row.day,
-            sender_name(&self.config),
-            now,
-        );
         let key = rule.idempotency_key(&row.day, &row.recipient);
         let message_id = self.mailer.message_id(&key);
-        let built = self
-            .templates
-            .render(&rule.template, &context)
+        let (rendered, to_name) = match rule.content {
+            DigestContent::Stalled => {
+                let context = DigestContext::new(
+                    &rule,
+                    &row.recipient,
+                    deals,
+                    total,
+                    &self.config.pipelines,
+                    &row.day,
+                    sender_name(&self.config),
+                    now,
+                );
+                let rendered = self.templates.render(&rule.template, &context);
+                (rendered, context.owner.name)
+            }
+            DigestContent::Review => {
+                let gathered = review::gather(
+                    &self.store,
+                    &self.config.pipelines,
+                    &rule,
+                    &row.recipient,
+                    row.slot_at,
+                    sender_name(&self.config),
+                )
+                .await;
+                match gathered {
+                    Ok(context) => (self.templates.render(&rule.template, &context), None),
+                    Err(error) => {
+                        // Claimed but not sent: back to pending for a later attempt.
+                        let delay = email_backoff(&self.config.email).delay(row.attempts as u32);
+                        warn!(rule = %rule.name, digest_id = id, %error, "reading the weekly review's figures failed; trying again later");
+                        let finish = DigestFinish::Retry {
+                            at: Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default(),
+                            reason: format!("reading the review's figures: {error}"),
+                        };
+                        return record("a digest's outcome", || {
+                            self.store.finish_digest(id, finish.clone(), Utc::now())
+                        })
+                        .await;
+                    }
+                }
+            }
+        };
+        let built = rendered
             .map_err(FollowupError::from)
             .and_then(|rendered| {
                 let to = crate::domain::EmailAddress::parse(&row.recipient).ok_or_else(|| {
@@ -112,7 +146,7 @@ impl Worker {
                 })?;
                 let outgoing = Outgoing {
                     to,
-                    to_name: context.owner.name.clone(),
+                    to_name,
                     subject: rendered.subject,
                     text: rendered.text,
                     html: rendered.html,

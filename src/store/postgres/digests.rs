@@ -41,13 +41,18 @@ fn watched(watch: &DigestWatch) -> (Option<String>, String, i64) {
 }
 
 /// The recipients with matching deals: lowercased owner addresses, or `fixed` when
-/// any deal matches.
+/// any deal matches (always, for a rule that watches no stage: a weekly review).
 async fn recipients(
     tx: &Transaction<'_>,
     watch: &[DigestWatch],
     fixed: Option<&str>,
 ) -> Result<BTreeSet<String>> {
     let mut found = BTreeSet::new();
+    if watch.is_empty() {
+        // A weekly review watches no stage: its fixed address gets it whatever the deals.
+        found.extend(fixed.map(str::to_owned));
+        return Ok(found);
+    }
     for watch in watch {
         let (pipeline, stage, before) = watched(watch);
         match fixed {
@@ -139,7 +144,7 @@ async fn check(
     }
     let owner = wanted.by_owner.then_some(row.recipient.as_str());
     let (deals, total) = matching_deals(tx, wanted.watch, owner, wanted.limit).await?;
-    if total == 0 {
+    if total == 0 && !wanted.watch.is_empty() {
         return Ok(Err(NO_DEAL_LEFT.to_owned()));
     }
     Ok(Ok(send_claim(row, deals, total)))
