@@ -80,6 +80,14 @@ impl Policy<'_> {
         if let Some(reason) = &facts.suppressed {
             return ClaimDecision::Stop(format!("recipient is suppressed ({reason})"));
         }
+        if let Some(open) = &facts.open_elsewhere {
+            return ClaimDecision::Stop(format!(
+                "the person has an open deal in {} (deal {} of connection {}): the rule skips them",
+                describe(&open.at),
+                open.deal_id,
+                open.connection
+            ));
+        }
         if rule.kind == RuleKind::Marketing && rule.to == Recipient::Contact {
             // No record of consent is no consent: see the consent section of the docs.
             match deal.marketing_consent {
@@ -259,6 +267,7 @@ mod tests {
                 late_grace: None,
                 stop_on_purchase: true,
                 active: vec![stage("abandoned")],
+                skip_if_open_in: Vec::new(),
             }
         }
 

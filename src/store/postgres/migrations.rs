@@ -13,7 +13,12 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (2, include_str!("migrations/0002_replicas.sql")),
     (3, include_str!("migrations/0003_rate_limits.sql")),
     (4, include_str!("migrations/0004_raw_compression.sql")),
+    (6, include_str!("migrations/0006_people.sql")),
 ];
+
+/// The version whose migration ends with the Rust backfill of the people and company
+/// keys (`people::backfill`), in the same transaction.
+const PEOPLE_VERSION: i64 = 6;
 
 /// The schema version this binary writes.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS[MIGRATIONS.len() - 1].0;
@@ -103,6 +108,9 @@ pub(super) async fn migrate(client: &mut tokio_postgres::Client, target: &str) -
             version,
             source: source.into(),
         })?;
+        if version == PEOPLE_VERSION {
+            super::people::backfill(&tx).await?;
+        }
         applied.push(version);
     }
     tx.commit().await?;
