@@ -17,9 +17,10 @@ pub async fn people_show(
         source,
         format,
         async |_config, store| {
-            store.person(&email).await?.ok_or_else(|| {
-                CliError::Usage(format!("expected an email address, got {email:?}"))
-            })
+            store
+                .person(&email)
+                .await?
+                .ok_or_else(|| CliError::Usage(format!("expected an email address, got {email:?}")))
         },
         output::to_json,
         render_person,

@@ -302,6 +302,7 @@ mod tests {
                 suppressed: None,
                 order_since: None,
                 recent_to_recipient: (0, None),
+                open_elsewhere: None,
             }
         }
 
@@ -382,6 +383,30 @@ mod tests {
             assert_eq!(
                 stopped(policy.decide(&ordered)),
                 "the customer placed an order since (deal 42)"
+            );
+        }
+
+        #[test]
+        fn a_person_with_an_open_deal_in_a_skip_stage_elsewhere_gets_no_email() {
+            let rule = rule();
+            let mut negotiating = facts();
+            negotiating.open_elsewhere = Some(crate::store::OpenElsewhere {
+                deal_id: 9,
+                connection: "pipedrive".into(),
+                at: StageRef {
+                    pipeline: Some(crate::domain::PipelineKey::new("sales")),
+                    stage: StageKey::new("negotiation"),
+                },
+            });
+            assert_eq!(
+                stopped(policy(&rule).decide(&negotiating)),
+                "the person has an open deal in sales.negotiation (deal 9 of connection pipedrive): the rule skips them"
+            );
+            // An expiry still moves the cart: only emails are skipped.
+            negotiating.row.action = OutboxAction::Expire;
+            assert_eq!(
+                stopped(policy(&rule).decide(&negotiating)),
+                "the rule no longer expires deals"
             );
         }
 

@@ -194,9 +194,12 @@ async fn person(
     State(state): State<Arc<HttpState>>,
     Path(email): Path<String>,
 ) -> Result<Json<crate::store::Person>, ApiError> {
-    state.store.person(&email).await?.map(Json).ok_or_else(|| {
-        ApiError::BadRequest(format!("expected an email address, got {email:?}"))
-    })
+    state
+        .store
+        .person(&email)
+        .await?
+        .map(Json)
+        .ok_or_else(|| ApiError::BadRequest(format!("expected an email address, got {email:?}")))
 }
 
 /// `GET /api/v1/pipelines`: the canonical pipelines in force, each stage with its

@@ -242,3 +242,448 @@ impl Store {
         .await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::StepNumber;
+    use crate::domain::{ConnectionName, DealStatus, PipelineKey, StageKey};
+    use crate::store::both_backends::{on_both, stored_text};
+    use crate::store::deals::DealUpsert;
+    use crate::store::deals::tests::upsert;
+    use crate::store::ledger::{Value, test_sql::exec};
+    use crate::store::{
+        ClaimDecision, ClaimFacts, ClaimQuery, DealFilter, EnrollPlan, NewOutboxRow, OutboxAction,
+        OutboxState, to_ms,
+    };
+    use chrono::{DateTime, TimeZone, Utc};
+    use std::sync::{Arc, Mutex};
+
+    fn at(minute: i64) -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 3, 2, 9, 0, 0).unwrap() + chrono::Duration::minutes(minute)
+    }
+
+    fn stage(pipeline: &str, stage: &str) -> StageRef {
+        StageRef {
+            pipeline: Some(PipelineKey::new(pipeline)),
+            stage: StageKey::new(stage),
+        }
+    }
+
+    /// Deal `id` of `connection` in `pipeline.stage` with the contact `email`.
+    fn deal(connection: &str, id: &str, email: Option<&str>, at_stage: StageRef) -> DealUpsert {
+        let mut record = upsert(id, at_stage.stage.as_str(), at(0));
+        record.connection = ConnectionName::new(connection);
+        record.source.contact_email = email.and_then(EmailAddress::parse);
+        record.target = at_stage;
+        record
+    }
+
+    async fn id_of(store: &Store, connection: &str, id: &str) -> i64 {
+        store
+            .deal_by_external_id(connection, id)
+            .await
+            .unwrap()
+            .unwrap()
+            .id
+    }
+
+    fn ids(deals: &[Deal]) -> Vec<String> {
+        let mut ids: Vec<String> = deals
+            .iter()
+            .map(|d| format!("{}/{}", d.connection, d.external_id))
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    #[tokio::test]
+    async fn every_deal_write_links_the_person_and_company_across_connections() {
+        on_both(
+            "every_deal_write_links_the_person_and_company_across_connections",
+            async |store| {
+                store
+                    .upsert_deals(vec![
+                        deal(
+                            "hubspot",
+                            "1",
+                            Some("Ann.Lee+crm@GMail.com"),
+                            stage("sales", "proposal"),
+                        ),
+                        deal(
+                            "shop",
+                            "c1",
+                            Some(" ann.lee@gmail.com"),
+                            stage("ecommerce", "cart_abandoned"),
+                        ),
+                        // Not a plus-addressing domain: another mailbox, another person.
+                        deal(
+                            "hubspot",
+                            "2",
+                            Some("ann.lee+crm@acme.example"),
+                            stage("sales", "lead"),
+                        ),
+                        deal(
+                            "pipedrive",
+                            "7",
+                            Some("Bob@ACME.example"),
+                            stage("sales", "negotiation"),
+                        ),
+                        deal("pipedrive", "8", None, stage("sales", "lead")),
+                    ])
+                    .await
+                    .unwrap();
+                assert_eq!(
+                    stored_text(&store, "1", "person_key").await,
+                    "ann.lee@gmail.com"
+                );
+                let person = store
+                    .person("ANN.LEE+shop@gmail.com ")
+                    .await
+                    .unwrap()
+                    .unwrap();
+                assert_eq!(person.key, "ann.lee@gmail.com");
+                assert_eq!(ids(&person.deals), ["hubspot/1"]);
+                assert_eq!(ids(&person.carts), ["shop/c1"]);
+                // Free mail links no company; a company's domain links its people.
+                let acme = store
+                    .deals(DealFilter {
+                        company: Some("www.Acme.example".into()),
+                        ..DealFilter::default()
+                    })
+                    .await
+                    .unwrap();
+                assert_eq!(ids(&acme), ["hubspot/2", "pipedrive/7"]);
+                for company in ["gmail.com", "", "%"] {
+                    let none = store
+                        .deals(DealFilter {
+                            company: Some(company.into()),
+                            ..DealFilter::default()
+                        })
+                        .await
+                        .unwrap();
+                    assert!(none.is_empty(), "{company:?}");
+                }
+                // Hostile or empty input matches nobody rather than everybody.
+                for hostile in ["", "nobody", "' OR 1=1 --", "%@gmail.com"] {
+                    let none = store
+                        .deals(DealFilter {
+                            person: Some(hostile.into()),
+                            ..DealFilter::default()
+                        })
+                        .await
+                        .unwrap();
+                    assert!(none.is_empty(), "{hostile:?}");
+                }
+                assert_eq!(store.person("not an address").await.unwrap(), None);
+                // A changed contact moves the deal to its new person, on update too.
+                let mut moved = deal(
+                    "hubspot",
+                    "1",
+                    Some("grace@acme.example"),
+                    stage("sales", "proposal"),
+                );
+                moved.source.updated_at = Some(at(5));
+                moved.source.title = "Moved".into();
+                store.upsert_deals(vec![moved]).await.unwrap();
+                let ann = store.person("ann.lee@gmail.com").await.unwrap().unwrap();
+                assert!(ann.deals.is_empty());
+                let by_person = store
+                    .deals(DealFilter {
+                        person: Some("Grace@Acme.Example".into()),
+                        ..DealFilter::default()
+                    })
+                    .await
+                    .unwrap();
+                assert_eq!(ids(&by_person), ["hubspot/1"]);
+                assert_eq!(
+                    stored_text(&store, "1", "company_key").await,
+                    "acme.example"
+                );
+            },
+        )
+        .await;
+    }
+
+    /// Drops the keys again and rewinds the schema to before the people migration, so
+    /// reopening the store runs it on deals stored without keys.
+    async fn rewind(store: &Store) {
+        let sqlite = store.postgres().is_none();
+        for sql in [
+            "DROP INDEX deals_by_person",
+            "DROP INDEX deals_by_company",
+            "ALTER TABLE deals DROP COLUMN person_key",
+            "ALTER TABLE deals DROP COLUMN company_key",
+        ] {
+            exec(store, sql, vec![]).await;
+        }
+        if sqlite {
+            exec(store, "PRAGMA user_version = 2", vec![]).await;
+        } else {
+            exec(
+                store,
+                "DELETE FROM schema_version WHERE version >= 6",
+                vec![],
+            )
+            .await;
+        }
+    }
+
+    #[tokio::test]
+    async fn the_migration_backfills_the_keys_of_deals_stored_before_it() {
+        let records = || {
+            vec![
+                deal(
+                    "hubspot",
+                    "1",
+                    Some("Ann+x@gmail.com"),
+                    stage("sales", "proposal"),
+                ),
+                deal(
+                    "shop",
+                    "c1",
+                    Some("ann@gmail.com"),
+                    stage("ecommerce", "cart_abandoned"),
+                ),
+                deal(
+                    "pipedrive",
+                    "7",
+                    Some("bob@acme.example"),
+                    stage("sales", "lead"),
+                ),
+                deal("pipedrive", "8", None, stage("sales", "lead")),
+            ]
+        };
+        let check = async |store: &Store| {
+            let ann = store.person("ann@gmail.com").await.unwrap().unwrap();
+            assert_eq!(ids(&ann.deals), ["hubspot/1"]);
+            assert_eq!(ids(&ann.carts), ["shop/c1"]);
+            assert_eq!(stored_text(store, "7", "company_key").await, "acme.example");
+        };
+        // SQLite: a file of the schema before the migration, opened again.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dealsync.db");
+        let store = Store::open(&path).unwrap();
+        store.upsert_deals(records()).await.unwrap();
+        rewind(&store).await;
+        drop(store);
+        let store = Store::open(&path).unwrap();
+        check(&store).await;
+        // PostgreSQL: the same on a database rewound to version 5.
+        let test = "the_migration_backfills_the_keys_of_deals_stored_before_it";
+        let Some(database) = crate::store::postgres::test_database(test) else {
+            return;
+        };
+        let url = crate::store::postgres::tests::url_of(&database);
+        let store = Store::open_postgres(&url).await.unwrap();
+        store.upsert_deals(records()).await.unwrap();
+        rewind(&store).await;
+        drop(store);
+        let store = Store::open_postgres(&url).await.unwrap();
+        check(&store).await;
+    }
+
+    /// Enrolls one pending email of `rule` for `deal_id` to `recipient`; its row id.
+    async fn enroll(store: &Store, deal_id: i64, rule: &str, recipient: &str) -> i64 {
+        let recipient = recipient.to_owned();
+        store
+            .enroll(deal_id, rule.into(), at(-10_000), at(0), move |_, _| {
+                EnrollPlan::Enroll {
+                    recipient,
+                    anchor_at: at(0),
+                    rows: vec![NewOutboxRow {
+                        step: StepNumber::from_index(0),
+                        action: OutboxAction::Email,
+                        due_at: at(0),
+                        state: OutboxState::Pending,
+                        reason: None,
+                    }],
+                    supersede: Vec::new(),
+                }
+            })
+            .await
+            .unwrap();
+        let rows = store
+            .outbox(crate::store::OutboxRowFilter {
+                deal_id: Some(deal_id),
+                rule: Some(rule.into()),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        rows[0].id
+    }
+
+    /// The facts a claim of row `id` reads with `query`; the row stays pending.
+    async fn facts(store: &Store, id: i64, query: ClaimQuery) -> ClaimFacts {
+        let seen = Arc::new(Mutex::new(None));
+        let into = Arc::clone(&seen);
+        store
+            .claim(id, at(10), query, move |facts| {
+                *into.lock().unwrap() = Some(facts.clone());
+                ClaimDecision::Defer {
+                    until: at(20),
+                    reason: "looked".into(),
+                }
+            })
+            .await
+            .unwrap();
+        let facts = seen.lock().unwrap().take();
+        facts.expect("the claim read its facts")
+    }
+
+    #[tokio::test]
+    async fn the_send_time_facts_count_one_person_across_connections() {
+        on_both(
+            "the_send_time_facts_count_one_person_across_connections",
+            async |store| {
+                store
+                    .upsert_deals(vec![
+                        deal(
+                            "hubspot",
+                            "1",
+                            Some("Ann@GMail.com"),
+                            stage("sales", "proposal"),
+                        ),
+                        deal(
+                            "shop",
+                            "c1",
+                            Some("ann+shop@gmail.com"),
+                            stage("ecommerce", "cart_abandoned"),
+                        ),
+                        deal(
+                            "pipedrive",
+                            "9",
+                            Some("ann@gmail.com"),
+                            stage("sales", "negotiation"),
+                        ),
+                        deal(
+                            "shop",
+                            "c2",
+                            Some("bob@gmail.com"),
+                            stage("ecommerce", "cart_abandoned"),
+                        ),
+                    ])
+                    .await
+                    .unwrap();
+                let crm = id_of(&store, "hubspot", "1").await;
+                let cart = id_of(&store, "shop", "c1").await;
+                let negotiating = id_of(&store, "pipedrive", "9").await;
+                let strangers = id_of(&store, "shop", "c2").await;
+                // An email to the HubSpot address went out at minute 5.
+                let sent = enroll(&store, crm, "stalled", "Ann@gmail.com").await;
+                exec(
+                    &store,
+                    "UPDATE outbox SET state = 'sent', claimed_at = ?2 WHERE id = ?1",
+                    vec![Value::Int(sent), Value::Int(to_ms(at(5)))],
+                )
+                .await;
+                let cart_row = enroll(&store, cart, "cart", "ann+shop@gmail.com").await;
+                let bob_row = enroll(&store, strangers, "cart", "bob@gmail.com").await;
+                let query = ClaimQuery {
+                    cap_window: Some(std::time::Duration::from_secs(3600)),
+                    order_pipeline: Some(PipelineKey::new("ecommerce")),
+                    skip_if_open_in: vec![stage("sales", "negotiation")],
+                };
+                let ann = facts(&store, cart_row, query.clone()).await;
+                assert_eq!(ann.recent_to_recipient, (1, Some(at(5))));
+                assert_eq!(ann.suppressed, None);
+                assert_eq!(ann.order_since, None);
+                let open = ann.open_elsewhere.expect("the negotiation in Pipedrive");
+                assert_eq!(
+                    (open.deal_id, open.connection.as_str(), open.at),
+                    (negotiating, "pipedrive", stage("sales", "negotiation"))
+                );
+                let bob = facts(&store, bob_row, query.clone()).await;
+                assert_eq!(bob.recent_to_recipient, (0, None));
+                assert_eq!(bob.open_elsewhere, None);
+
+                // Unsubscribed at the HubSpot address: the cart address is suppressed too.
+                store
+                    .suppress("ann@gmail.com".into(), "unsubscribed".into(), None, at(6))
+                    .await
+                    .unwrap();
+                let ann = facts(&store, cart_row, query.clone()).await;
+                assert_eq!(ann.suppressed.as_deref(), Some("unsubscribed"));
+                assert_eq!(facts(&store, bob_row, query.clone()).await.suppressed, None);
+
+                // A purchase in another connection counts as the person's order.
+                let mut order = deal(
+                    "woo",
+                    "o1",
+                    Some("ANN@gmail.com"),
+                    stage("ecommerce", "purchased"),
+                );
+                order.status = DealStatus::Won;
+                order.source.updated_at = Some(at(7));
+                store.upsert_deals(vec![order]).await.unwrap();
+                let bought = id_of(&store, "woo", "o1").await;
+                assert_eq!(
+                    facts(&store, cart_row, query.clone()).await.order_since,
+                    Some(bought)
+                );
+
+                // The person view gathers it all.
+                let person = store.person("ann@gmail.com").await.unwrap().unwrap();
+                assert_eq!(ids(&person.deals), ["hubspot/1", "pipedrive/9"]);
+                assert_eq!(ids(&person.carts), ["shop/c1", "woo/o1"]);
+                let mut emails: Vec<i64> = person.emails.iter().map(|r| r.id).collect();
+                emails.sort();
+                assert_eq!(emails, [sent, cart_row]);
+                assert_eq!(person.suppressions.len(), 1);
+                assert_eq!(person.suppressions[0].email, "ann@gmail.com");
+            },
+        )
+        .await;
+    }
+
+    #[tokio::test]
+    async fn one_sequence_per_person_sees_enrollments_at_every_address() {
+        on_both(
+            "one_sequence_per_person_sees_enrollments_at_every_address",
+            async |store| {
+                store
+                    .upsert_deals(vec![
+                        deal(
+                            "shop",
+                            "c1",
+                            Some("Ann@gmail.com"),
+                            stage("ecommerce", "cart_abandoned"),
+                        ),
+                        deal(
+                            "woo",
+                            "c2",
+                            Some("ann+woo@gmail.com"),
+                            stage("ecommerce", "cart_abandoned"),
+                        ),
+                    ])
+                    .await
+                    .unwrap();
+                let first = id_of(&store, "shop", "c1").await;
+                let second = id_of(&store, "woo", "c2").await;
+                enroll(&store, first, "cart", "Ann@gmail.com").await;
+                let seen = Arc::new(Mutex::new(Vec::new()));
+                let into = Arc::clone(&seen);
+                store
+                    .enroll(
+                        second,
+                        "cart".into(),
+                        at(-10_000),
+                        at(1),
+                        move |_, earlier| {
+                            *into.lock().unwrap() = earlier("ann+woo@gmail.com")
+                                .unwrap()
+                                .iter()
+                                .map(|e| e.deal_id)
+                                .collect();
+                            EnrollPlan::Nothing
+                        },
+                    )
+                    .await
+                    .unwrap();
+                assert_eq!(*seen.lock().unwrap(), [first]);
+            },
+        )
+        .await;
+    }
+}
