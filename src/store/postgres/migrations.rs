@@ -20,6 +20,17 @@ const MIGRATIONS: &[(i64, &str)] = &[
 /// keys (`people::backfill`), in the same transaction.
 const PEOPLE_VERSION: i64 = 6;
 
+/// The versions this binary has after `found`, in order: what migrating a schema of
+/// version `found` applies (the list may have gaps where a version was not taken).
+#[cfg(test)]
+pub(super) fn versions_after(found: i64) -> Vec<i64> {
+    MIGRATIONS
+        .iter()
+        .map(|(version, _)| *version)
+        .filter(|version| *version > found)
+        .collect()
+}
+
 /// The schema version this binary writes.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS[MIGRATIONS.len() - 1].0;
 
