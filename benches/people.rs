@@ -139,7 +139,7 @@ fn rewind(path: &std::path::Path) -> anyhow::Result<()> {
 async fn main() -> anyhow::Result<()> {
     let total_deals = deals();
     ensure!(
-        total_deals >= 2 && total_deals.is_multiple_of(2),
+        total_deals >= 2 && total_deals % 2 == 0,
         "PEOPLE_BENCH_DEALS must be even"
     );
     let dir = tempfile::tempdir()?;
@@ -147,7 +147,14 @@ async fn main() -> anyhow::Result<()> {
     let store = Store::open(&path)?;
     let t0 = Utc::now() - Duration::hours(1);
     let inserted = pass(&store, total_deals, "insert, linked", 0, t0).await?;
-    let moved = pass(&store, total_deals, "stage change, linked", 1, t0 + Duration::minutes(1)).await?;
+    let moved = pass(
+        &store,
+        total_deals,
+        "stage change, linked",
+        1,
+        t0 + Duration::minutes(1),
+    )
+    .await?;
     let expected = total_deals as u64;
     ensure!(inserted.created == expected, "insert pass: {inserted:?}");
     ensure!(moved.updated == expected, "stage-change pass: {moved:?}");
@@ -191,7 +198,12 @@ async fn main() -> anyhow::Result<()> {
 
     let db = rusqlite::Connection::open(&path)?;
     let all = total_deals as i64;
-    ensure!(count(&db, "SELECT count(*) FROM deals WHERE person_key IS NOT NULL")? == all);
+    ensure!(
+        count(
+            &db,
+            "SELECT count(*) FROM deals WHERE person_key IS NOT NULL"
+        )? == all
+    );
     ensure!(
         count(&db, "SELECT count(DISTINCT person_key) FROM deals")? == all / 2,
         "one person per two deals"
