@@ -35,8 +35,9 @@ pub enum Verdict {
     Scheduled,
     /// The next step is held back (quiet hours, the frequency cap) until `next_at`.
     Deferred,
-    /// The next step will not be sent: suppressed, no consent, purchased since, left
-    /// the rule's stages, no address, too late.
+    /// The next step will not be sent: suppressed, no consent, purchased since, an open
+    /// deal of the person in a `skip_if_open_in` stage, left the rule's stages, no
+    /// address, too late.
     Stopped,
     /// Every step is settled; `reason` says how.
     Finished,

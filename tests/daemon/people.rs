@@ -254,6 +254,13 @@ stage = "ecommerce.cart_abandoned"
 template = "cart_reminder"
 after = "100ms"
 skip_if_open_in = ["sales.negotiation"]
+
+[followups.later]
+kind = "marketing"
+stage = "ecommerce.cart_abandoned"
+template = "cart_reminder"
+after = "1h"
+skip_if_open_in = ["sales.negotiation"]
 "#;
     let body = format!(
         "{}{}{}",
@@ -302,6 +309,44 @@ rate_limit = {{ requests_per_second = 200.0, burst = 50 }}
     assert!(messages_to(&smtp, "Jane.Roe@acme.example").is_empty());
     assert!(messages_to(&smtp, "jane.roe@acme.example").is_empty());
     assert_eq!(smtp.messages().len(), 1);
+
+    // `deals show` explains the later rule, still pending, with the same decision.
+    let cart: i64 = daemon
+        .db_read_only()
+        .query_row(
+            "SELECT id FROM deals WHERE connection = 'shop' AND contact_email = 'Jane.Roe@acme.example'",
+            [],
+            |row| row.get(0),
+        )
+        .unwrap();
+    let config_path = daemon.config_path.to_str().unwrap().to_owned();
+    let (code, stdout, stderr) = run_cli(
+        &[
+            "--config",
+            &config_path,
+            "deals",
+            "show",
+            &cart.to_string(),
+            "--format",
+            "json",
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(code, 0, "{stderr}");
+    let view: Value = serde_json::from_str(&stdout).unwrap();
+    let later = view["followups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|decision| decision["rule"] == "later")
+        .expect("the later rule's decision");
+    assert_eq!(later["verdict"], "stopped", "{later}");
+    let reason = later["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("open deal in sales.negotiation (deal") && reason.contains("connection pd"),
+        "{reason}"
+    );
 }
 
 #[tokio::test]
