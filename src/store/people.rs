@@ -687,3 +687,49 @@ mod tests {
         .await;
     }
 }
+
+#[cfg(test)]
+mod cart_tests {
+    use crate::domain::{DealStatus, EmailAddress};
+    use crate::store::CartRules;
+    use crate::store::both_backends::on_both;
+    use crate::store::carts::tests::cart;
+    use chrono::Utc;
+
+    #[tokio::test]
+    async fn an_order_at_another_spelling_of_the_address_completes_the_persons_cart() {
+        on_both(
+            "an_order_at_another_spelling_of_the_address_completes_the_persons_cart",
+            async |store| {
+                let t0 = Utc::now() - chrono::Duration::hours(5);
+                let rules = CartRules::default();
+                let mut started = cart("shop", "c1", "checkout_started", &["c1"], t0);
+                started.source.contact_email = EmailAddress::parse("Ann.Lee@gmail.com");
+                store.apply_cart_event(started, rules).await.unwrap();
+                let mut stranger = cart("shop", "c2", "checkout_started", &["c2"], t0);
+                stranger.source.contact_email = EmailAddress::parse("ann.lee+x@acme.example");
+                store.apply_cart_event(stranger, rules).await.unwrap();
+                let mut order = cart(
+                    "pos",
+                    "order:1",
+                    "purchase_completed",
+                    &["unrelated"],
+                    t0 + chrono::Duration::hours(1),
+                );
+                order.source.contact_email = EmailAddress::parse(" ann.lee+receipts@GMAIL.com");
+                store.apply_cart_event(order, rules).await.unwrap();
+                let status = async |id: &str| {
+                    store
+                        .deal_by_external_id("shop", id)
+                        .await
+                        .unwrap()
+                        .unwrap()
+                        .status
+                };
+                assert_eq!(status("c1").await, DealStatus::Won);
+                assert_eq!(status("c2").await, DealStatus::Open);
+            },
+        )
+        .await;
+    }
+}
