@@ -1,6 +1,7 @@
 //! Carts: the e-commerce side of deals. A cart is a deal with cart keys (checkout
 //! token, cart token, session id); orders find their cart through those keys, in any
-//! connection, or through the shopper's email within a window.
+//! connection, or through the shopper (the person key of the address, any spelling)
+//! within a window.
 //!
 //! Invariants:
 //! - A cart's stage only moves forward on the source's say-so: a record that says "still
