@@ -847,7 +847,8 @@ impl Store {
             if !retryable(&row) {
                 return Ok(RetryOutcome::NotFailed(row));
             }
-            if let Some(reason) = super::suppression::reason_of(tx, &row.recipient)? {
+            // The person's suppression, as the send-time check reads it.
+            if let Some(reason) = super::people::suppression_of(tx, &row.recipient)? {
                 return Ok(RetryOutcome::Suppressed(row, reason));
             }
             let now_ms = to_ms(now);

@@ -606,6 +606,24 @@ mod tests {
                 let ann = facts(&store, cart_row, query.clone()).await;
                 assert_eq!(ann.suppressed.as_deref(), Some("unsubscribed"));
                 assert_eq!(facts(&store, bob_row, query.clone()).await.suppressed, None);
+                // Nor does an operator's retry queue a failed email to another spelling.
+                exec(
+                    &store,
+                    "UPDATE outbox SET state = 'failed' WHERE id = ?1",
+                    vec![Value::Int(cart_row)],
+                )
+                .await;
+                let retried = store.retry_failed(cart_row, at(6)).await.unwrap();
+                assert!(
+                    matches!(&retried, crate::store::RetryOutcome::Suppressed(_, reason) if reason == "unsubscribed"),
+                    "{retried:?}"
+                );
+                exec(
+                    &store,
+                    "UPDATE outbox SET state = 'pending' WHERE id = ?1",
+                    vec![Value::Int(cart_row)],
+                )
+                .await;
 
                 // A purchase in another connection counts as the person's order.
                 let mut order = deal(

@@ -546,7 +546,8 @@ impl Database {
         if !retryable(&row) {
             return Ok(RetryOutcome::NotFailed(row));
         }
-        if let Some(reason) = super::suppression::reason_of(&tx, &row.recipient).await? {
+        // The person's suppression, as the send-time check reads it.
+        if let Some(reason) = super::people::suppression_of(&tx, &row.recipient).await? {
             return Ok(RetryOutcome::Suppressed(row, reason));
         }
         tx.execute(&retry_failed_sql('$'), &[&id, &to_ms(now)])
