@@ -56,6 +56,9 @@ pub enum Command {
     /// Deals in the store.
     #[command(subcommand)]
     Deals(DealsCommand),
+    /// People across connections: one person's deals, carts, emails and suppressions.
+    #[command(subcommand)]
+    People(PeopleCommand),
     /// The funnel: conversion, time in stage, bottlenecks, weighted forecast, cart recovery.
     Report(ReportArgs),
     /// Follow-up emails: due, sent, skipped; and the exact email a rule would send.
@@ -316,6 +319,22 @@ pub enum DealsCommand {
     Show(ShowArgs),
 }
 
+#[derive(Debug, Subcommand)]
+pub enum PeopleCommand {
+    /// One person, in every connection: their deals, carts, emails and suppressions.
+    Show(PersonShowArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PersonShowArgs {
+    /// Any of the person's addresses (case, surrounding spaces and, where the domain
+    /// ignores it, a +tag do not matter).
+    pub email: String,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "table")]
+    pub format: crate::output::ViewFormat,
+}
+
 #[derive(Debug, Args)]
 pub struct ShowArgs {
     /// The deal's id (as `deals list` shows it).
@@ -339,6 +358,12 @@ pub struct ListArgs {
     /// Only deals with this status: open, won, lost, unmapped or deleted.
     #[arg(long, value_parser = parse_status)]
     pub status: Option<DealStatus>,
+    /// Only the deals of the person with this address, in any connection.
+    #[arg(long, value_name = "EMAIL")]
+    pub person: Option<String>,
+    /// Only the deals of the company with this domain (e.g. acme.example).
+    #[arg(long, value_name = "DOMAIN")]
+    pub company: Option<String>,
     /// At most this many deals.
     #[arg(long, default_value_t = 100)]
     pub limit: u32,

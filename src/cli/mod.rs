@@ -3,7 +3,8 @@
 //! Layout, each part below the ones that use it: `args` holds the clap types,
 //! `context` what every command starts from (config source, loading, the store, the
 //! connections, `CliError`), `ops` the operator commands (`deals show` and recovery),
-//! `migrate_store` the copy of a SQLite install into PostgreSQL.
+//! `migrate_store` the copy of a SQLite install into PostgreSQL, `people` the person
+//! view across connections.
 //! This file holds `dispatch` and the other commands.
 
 use crate::app::App;
@@ -22,6 +23,7 @@ mod args;
 mod context;
 mod migrate_store;
 pub mod ops;
+mod people;
 
 pub use args::*;
 pub use context::{CliError, ConfigSource, EXIT_ENVIRONMENT};
@@ -43,6 +45,9 @@ pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
         Command::Deals(DealsCommand::List(args)) => deals_list(source, args).await,
         Command::Deals(DealsCommand::Show(args)) => {
             ops::deals_show(source, args.id, args.format).await
+        }
+        Command::People(PeopleCommand::Show(args)) => {
+            people::people_show(source, args.email, args.format).await
         }
         Command::Report(args) => report(source, args).await,
         Command::Outbox(OutboxCommand::List(args)) => outbox_list(source, args).await,
@@ -842,6 +847,21 @@ async fn deals_list(source: &ConfigSource, args: ListArgs) -> Result<(), CliErro
         None => "stage".to_owned(),
     };
     one_of(&scope, args.stage.as_deref(), &stages)?;
+    if let Some(person) = &args.person
+        && crate::domain::people::person_key(person).is_none()
+    {
+        return Err(CliError::Usage(format!(
+            "--person: expected an email address, got {person:?}"
+        )));
+    }
+    if let Some(company) = &args.company
+        && crate::domain::people::company_domain(company).is_none()
+    {
+        return Err(CliError::Usage(format!(
+            "--company: expected a company's domain such as acme.example (free-mail domains \
+             like gmail.com link no company), got {company:?}"
+        )));
+    }
     let store = open_store(&config).await?;
     let deals = store
         .deals(DealFilter {
@@ -849,6 +869,8 @@ async fn deals_list(source: &ConfigSource, args: ListArgs) -> Result<(), CliErro
             pipeline: args.pipeline,
             stage: args.stage,
             status: args.status,
+            person: args.person,
+            company: args.company,
             limit: Some(args.limit),
             offset: None,
         })
@@ -1034,12 +1056,21 @@ async fn digest_preview(
     let sender = crate::followup::worker::sender_name(config);
     if rule.content == DigestContent::Review {
         let DigestRecipient::Fixed(address) = &rule.to else {
-            return Err(CliError::Usage(format!("rule {} has no fixed address", rule.name)));
+            return Err(CliError::Usage(format!(
+                "rule {} has no fixed address",
+                rule.name
+            )));
         };
         let recipient = address.as_str().to_lowercase();
-        let context =
-            crate::followup::review::gather(&store, &config.pipelines, rule, &recipient, now, sender)
-                .await?;
+        let context = crate::followup::review::gather(
+            &store,
+            &config.pipelines,
+            rule,
+            &recipient,
+            now,
+            sender,
+        )
+        .await?;
         let rendered = templates
             .render(&rule.template, &context)
             .map_err(anyhow::Error::from)?;

@@ -25,14 +25,14 @@ use serde_json::json;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
-fn or_dash(text: Option<String>) -> String {
+pub(super) fn or_dash(text: Option<String>) -> String {
     text.filter(|t| !t.is_empty())
         .unwrap_or_else(|| "-".to_owned())
 }
 
 /// Runs a `show` command: loads the config, opens the store, finds the record, and
 /// prints its `json` form with `--format json`, else its `table` form.
-async fn show<T>(
+pub(super) async fn show<T>(
     source: &ConfigSource,
     format: ViewFormat,
     find: impl AsyncFnOnce(&Arc<Config>, &Store) -> Result<T, CliError>,
@@ -56,10 +56,10 @@ fn no_such(what: &str, id: i64, listed_by: &str) -> CliError {
 
 /// The table form of one stored record, as a `show` command prints it: a title over a
 /// table of facts, then sections, each a heading and its text.
-struct Shown(String);
+pub(super) struct Shown(pub(super) String);
 
 impl Shown {
-    fn new(title: String, facts: Vec<(&str, String)>) -> Shown {
+    pub(super) fn new(title: String, facts: Vec<(&str, String)>) -> Shown {
         let mut table = Rows::new(vec!["field", "value"]);
         for (name, value) in facts {
             table.push(vec![name.to_owned(), value]);
@@ -67,7 +67,7 @@ impl Shown {
         Shown(format!("{title}\n\n{}", table.render(Format::Table)))
     }
 
-    fn section(mut self, heading: &str, text: &str) -> Shown {
+    pub(super) fn section(mut self, heading: &str, text: &str) -> Shown {
         self.0.push_str(&format!("\n{heading}\n\n{text}"));
         self
     }
@@ -193,37 +193,7 @@ pub fn render_deal(view: &DealView) -> String {
         ]);
     }
 
-    let emails = if view.emails.is_empty() {
-        "none\n".to_owned()
-    } else {
-        let mut emails = Rows::new(vec![
-            "id",
-            "rule",
-            "step",
-            "action",
-            "recipient",
-            "state",
-            "due",
-            "sent",
-            "attempts",
-            "reason",
-        ]);
-        for row in &view.emails {
-            emails.push(vec![
-                row.id.to_string(),
-                row.rule.clone(),
-                row.step.to_string(),
-                row.action.as_str().to_owned(),
-                or_dash(Some(row.recipient.clone())),
-                row.state.as_str().to_owned(),
-                time(row.due_at),
-                row.sent_at.map(time).unwrap_or_else(|| "-".into()),
-                row.attempts.to_string(),
-                or_dash(row.reason.clone()),
-            ]);
-        }
-        emails.render(Format::Table)
-    };
+    let emails = emails_table(&view.emails);
 
     let rules = if view.followups.is_empty() {
         "no follow-up rules configured\n".to_owned()
@@ -275,6 +245,40 @@ pub fn render_deal(view: &DealView) -> String {
         .section("Follow-up rules", &rules)
         .section("Source record", &output::to_json(&view.source.record))
         .0
+}
+
+/// The table of outbox rows (emails and expiries) a `show` command prints, or "none".
+pub(super) fn emails_table(rows: &[crate::store::OutboxRow]) -> String {
+    if rows.is_empty() {
+        return "none\n".to_owned();
+    }
+    let mut emails = Rows::new(vec![
+        "id",
+        "rule",
+        "step",
+        "action",
+        "recipient",
+        "state",
+        "due",
+        "sent",
+        "attempts",
+        "reason",
+    ]);
+    for row in rows {
+        emails.push(vec![
+            row.id.to_string(),
+            row.rule.clone(),
+            row.step.to_string(),
+            row.action.as_str().to_owned(),
+            or_dash(Some(row.recipient.clone())),
+            row.state.as_str().to_owned(),
+            time(row.due_at),
+            row.sent_at.map(time).unwrap_or_else(|| "-".into()),
+            row.attempts.to_string(),
+            or_dash(row.reason.clone()),
+        ]);
+    }
+    emails.render(Format::Table)
 }
 
 /// Prints the outcome of an action: one sentence, or the JSON object.

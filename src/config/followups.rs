@@ -105,6 +105,9 @@ pub struct Rule {
     pub stop_on_purchase: bool,
     /// The stages in which the sequence continues: the trigger and every `move_to`.
     pub active: Vec<StageRef>,
+    /// A person with an open deal in one of these stages, in any connection, gets no
+    /// email of this rule (`skip_if_open_in`).
+    pub skip_if_open_in: Vec<StageRef>,
 }
 
 impl Rule {
@@ -482,6 +485,24 @@ fn validate_one(
         _ => None,
     };
 
+    let mut skip_if_open_in = Vec::new();
+    for text in raw.skip_if_open_in.iter().flatten() {
+        match pipeline::parse_target(text, None, pipelines) {
+            Ok(stage) if stage.pipeline.is_some() => skip_if_open_in.push(stage),
+            Ok(_) => {
+                report(
+                    &format!("{base}.skip_if_open_in"),
+                    format!("expected \"pipeline.stage\", got {text:?}"),
+                );
+                ok = false;
+            }
+            Err(message) => {
+                report(&format!("{base}.skip_if_open_in"), message);
+                ok = false;
+            }
+        }
+    }
+
     let mut active = vec![trigger.clone()];
     for step in &steps {
         if let Some(to) = &step.move_to
@@ -504,6 +525,7 @@ fn validate_one(
         late_grace: raw.late_grace.map(|d| d.0),
         stop_on_purchase: raw.stop_on_purchase.unwrap_or(is_cart_rule),
         active,
+        skip_if_open_in,
     })
 }
 
@@ -581,7 +603,8 @@ impl DigestRule {
             return day;
         };
         let back = (7 + day.weekday().num_days_from_monday() - weekday.num_days_from_monday()) % 7;
-        day.checked_sub_days(Days::new(u64::from(back))).unwrap_or(day)
+        day.checked_sub_days(Days::new(u64::from(back)))
+            .unwrap_or(day)
     }
 
     /// The latest slot at or before `now`, with its local day.
@@ -702,9 +725,7 @@ pub fn validate_digests(
                 "a digest is an internal email: set kind = \"transactional\"".to_owned(),
             );
         }
-        if content == DigestContent::Review
-            && EmailAddress::parse(&raw_rule.to).is_none()
-        {
+        if content == DigestContent::Review && EmailAddress::parse(&raw_rule.to).is_none() {
             fail(
                 &format!("{base}.to"),
                 format!(
@@ -771,6 +792,7 @@ pub fn validate_digests(
             ("expire_to", raw_rule.expire_to.is_some()),
             ("cooldown", raw_rule.cooldown.is_some()),
             ("stop_on_purchase", raw_rule.stop_on_purchase.is_some()),
+            ("skip_if_open_in", raw_rule.skip_if_open_in.is_some()),
             ("move_to", raw_rule.move_to.is_some()),
         ] {
             if set {

@@ -263,6 +263,9 @@ pub struct RawFollowup {
     pub cooldown: Option<ConfigDuration>,
     /// Stop when an order from the same customer arrives (default: on for `ecommerce`).
     pub stop_on_purchase: Option<bool>,
+    /// Skip a person who has an open deal in one of these stages ("pipeline.stage") in
+    /// any connection, e.g. no cart email while they negotiate a deal.
+    pub skip_if_open_in: Option<Vec<String>>,
     /// A step (or digest) overdue by more than this after downtime is skipped; default `email.late_grace`.
     pub late_grace: Option<ConfigDuration>,
     /// Makes the rule a digest: one email per recipient per day at this local time

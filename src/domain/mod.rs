@@ -7,6 +7,7 @@
 pub mod duration;
 pub mod hashing;
 mod money;
+pub mod people;
 mod raw;
 mod step;
 

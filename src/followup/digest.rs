@@ -242,6 +242,8 @@ mod tests {
     fn rule(at: &str, zone: &str) -> DigestRule {
         DigestRule {
             name: "daily".into(),
+            content: crate::followup::digest::DigestContent::Stalled,
+            weekday: None,
             stages: Vec::new(),
             to: DigestRecipient::Owner,
             at: parse_time(at).unwrap(),

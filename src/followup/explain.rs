@@ -35,8 +35,9 @@ pub enum Verdict {
     Scheduled,
     /// The next step is held back (quiet hours, the frequency cap) until `next_at`.
     Deferred,
-    /// The next step will not be sent: suppressed, no consent, purchased since, left
-    /// the rule's stages, no address, too late.
+    /// The next step will not be sent: suppressed, no consent, purchased since, an open
+    /// deal of the person in a `skip_if_open_in` stage, left the rule's stages, no
+    /// address, too late.
     Stopped,
     /// Every step is settled; `reason` says how.
     Finished,
@@ -481,6 +482,8 @@ mod tests {
     fn a_digest_lists_a_deal_from_the_first_slot_after_its_idle_time() {
         let rule = DigestRule {
             name: "daily".into(),
+            content: crate::followup::digest::DigestContent::Stalled,
+            weekday: None,
             stages: vec![DigestStage {
                 stage: proposal(),
                 idle: std::time::Duration::from_secs(3 * 24 * 3600),

@@ -80,6 +80,14 @@ impl Policy<'_> {
         if let Some(reason) = &facts.suppressed {
             return ClaimDecision::Stop(format!("recipient is suppressed ({reason})"));
         }
+        if let Some(open) = &facts.open_elsewhere {
+            return ClaimDecision::Stop(format!(
+                "the person has an open deal in {} (deal {} of connection {}): the rule skips them",
+                describe(&open.at),
+                open.deal_id,
+                open.connection
+            ));
+        }
         if rule.kind == RuleKind::Marketing && rule.to == Recipient::Contact {
             // No record of consent is no consent: see the consent section of the docs.
             match deal.marketing_consent {
@@ -259,6 +267,7 @@ mod tests {
                 late_grace: None,
                 stop_on_purchase: true,
                 active: vec![stage("abandoned")],
+                skip_if_open_in: Vec::new(),
             }
         }
 
@@ -293,6 +302,7 @@ mod tests {
                 suppressed: None,
                 order_since: None,
                 recent_to_recipient: (0, None),
+                open_elsewhere: None,
             }
         }
 
@@ -373,6 +383,30 @@ mod tests {
             assert_eq!(
                 stopped(policy.decide(&ordered)),
                 "the customer placed an order since (deal 42)"
+            );
+        }
+
+        #[test]
+        fn a_person_with_an_open_deal_in_a_skip_stage_elsewhere_gets_no_email() {
+            let rule = rule();
+            let mut negotiating = facts();
+            negotiating.open_elsewhere = Some(crate::store::OpenElsewhere {
+                deal_id: 9,
+                connection: "pipedrive".into(),
+                at: StageRef {
+                    pipeline: Some(crate::domain::PipelineKey::new("sales")),
+                    stage: StageKey::new("negotiation"),
+                },
+            });
+            assert_eq!(
+                stopped(policy(&rule).decide(&negotiating)),
+                "the person has an open deal in sales.negotiation (deal 9 of connection pipedrive): the rule skips them"
+            );
+            // An expiry still moves the cart: only emails are skipped.
+            negotiating.row.action = OutboxAction::Expire;
+            assert_eq!(
+                stopped(policy(&rule).decide(&negotiating)),
+                "the rule no longer expires deals"
             );
         }
 

@@ -1,5 +1,6 @@
-//! The read API under `/api/v1`: deals, one deal with its history and emails, the
-//! funnel, the forecast, the outbox, the canonical pipelines. JSON only, read-only.
+//! The read API under `/api/v1`: deals, one deal with its history and emails, one
+//! person across connections, the funnel, the forecast, the outbox, the canonical
+//! pipelines. JSON only, read-only.
 //!
 //! Invariants:
 //! - Every route needs `Authorization: Bearer <server.api_token>`; the token is
@@ -11,7 +12,7 @@
 
 use super::HttpState;
 use super::error::ApiError;
-use crate::domain::DealStatus;
+use crate::domain::{DealStatus, people};
 use crate::report::{Report, ReportOptions};
 use crate::store::{DealFilter, OutboxFilter};
 use axum::extract::rejection::QueryRejection;
@@ -34,6 +35,7 @@ pub fn routes(state: Arc<HttpState>) -> Router<Arc<HttpState>> {
     Router::new()
         .route("/api/v1/deals", get(deals))
         .route("/api/v1/deals/{id}", get(deal))
+        .route("/api/v1/people/{email}", get(person))
         .route("/api/v1/funnel", get(funnel))
         .route("/api/v1/forecast", get(forecast))
         .route("/api/v1/outbox", get(outbox))
@@ -108,6 +110,10 @@ pub struct DealsQuery {
     pipeline: Option<String>,
     stage: Option<String>,
     status: Option<String>,
+    /// An address: only that person's deals, in any connection.
+    person: Option<String>,
+    /// A domain: only that company's deals.
+    company: Option<String>,
     limit: Option<u32>,
     offset: Option<u32>,
 }
@@ -130,6 +136,20 @@ async fn deals(
             })
         })
         .transpose()?;
+    if let Some(person) = &params.person
+        && people::person_key(person).is_none()
+    {
+        return Err(ApiError::BadRequest(format!(
+            "person must be an email address, got {person:?}"
+        )));
+    }
+    if let Some(company) = &params.company
+        && people::company_domain(company).is_none()
+    {
+        return Err(ApiError::BadRequest(format!(
+            "company must be a company's domain (not a free-mail one), got {company:?}"
+        )));
+    }
     let deals = state
         .store
         .deals(DealFilter {
@@ -137,6 +157,8 @@ async fn deals(
             pipeline: params.pipeline,
             stage: params.stage,
             status,
+            person: params.person,
+            company: params.company,
             limit: Some(limit),
             offset: Some(offset),
         })
@@ -163,6 +185,21 @@ async fn deal(
         .await?
         .map(Json)
         .ok_or_else(|| ApiError::NotFound(format!("no deal {id}")))
+}
+
+/// `GET /api/v1/people/{email}`: one person across every connection: their deals,
+/// carts, emails (outbox rows) and suppressions (`Store::person`, what `dealsync
+/// people show` prints).
+async fn person(
+    State(state): State<Arc<HttpState>>,
+    Path(email): Path<String>,
+) -> Result<Json<crate::store::Person>, ApiError> {
+    state
+        .store
+        .person(&email)
+        .await?
+        .map(Json)
+        .ok_or_else(|| ApiError::BadRequest(format!("expected an email address, got {email:?}")))
 }
 
 /// `GET /api/v1/pipelines`: the canonical pipelines in force, each stage with its

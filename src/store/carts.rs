@@ -1,6 +1,7 @@
 //! Carts: the e-commerce side of deals. A cart is a deal with cart keys (checkout
 //! token, cart token, session id); orders find their cart through those keys, in any
-//! connection, or through the shopper's email within a window.
+//! connection, or through the shopper (the person key of the address, any spelling)
+//! within a window.
 //!
 //! Invariants:
 //! - A cart's stage only moves forward on the source's say-so: a record that says "still
@@ -13,6 +14,7 @@
 
 use super::deals::{DealUpsert, UpsertOutcome, move_stage, upsert_all, write_keys};
 use super::{Result, Store, to_ms};
+use crate::domain::people::person_key;
 use crate::domain::{ChangeCause, DealStatus, StageRef};
 use chrono::{DateTime, Utc};
 use rusqlite::{OptionalExtension, Transaction, params, params_from_iter};
@@ -188,7 +190,8 @@ fn key_matches(
 const CLOCK_SKEW_MS: i64 = 10 * 60 * 1000;
 
 /// The shopper's latest open cart in `pipeline` started within `window` (see
-/// [`email_window`]).
+/// [`email_window`]): a cart of the same person (`domain::people`), whichever
+/// spelling of the address each carries.
 fn email_match(
     tx: &Transaction<'_>,
     email: &str,
@@ -198,11 +201,11 @@ fn email_match(
     Ok(tx
         .query_row(
             "SELECT id FROM deals
-             WHERE contact_email = ?1 AND pipeline IS ?2 AND status = 'open'
+             WHERE person_key = ?1 AND pipeline IS ?2 AND status = 'open'
                AND deleted_at IS NULL AND cart_keys != '[]'
                AND coalesce(source_created_at, first_seen_at) BETWEEN ?3 AND ?4
              ORDER BY coalesce(source_created_at, first_seen_at) DESC, id DESC LIMIT 1",
-            params![email, pipeline, from, to],
+            params![person_key(email), pipeline, from, to],
             |row| row.get(0),
         )
         .optional()?)

@@ -8,8 +8,16 @@ use std::path::Path;
 const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("migrations/0001_initial.sql")),
     (2, include_str!("migrations/0002_deal_fingerprint.sql")),
+    (4, include_str!("migrations/0004_people.sql")),
     (5, include_str!("migrations/0005_writebacks.sql")),
 ];
+
+/// Rust steps of the database's migrations, each run right after its version's SQL in
+/// the same transaction: what SQL alone cannot compute.
+const BACKFILLS: &[(i64, Backfill)] = &[(4, super::people::backfill)];
+
+/// A migration's Rust step.
+pub(super) type Backfill = fn(&rusqlite::Connection) -> Result<()>;
 
 /// The schema version this binary writes.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS[MIGRATIONS.len() - 1].0;
@@ -20,12 +28,15 @@ pub(super) struct Schema {
     pub(super) migrations: &'static [(i64, &'static str)],
     /// "database", "webhook inbox".
     pub(super) file: &'static str,
+    /// Rust steps run after the SQL of their version (see `BACKFILLS`).
+    pub(super) backfills: &'static [(i64, Backfill)],
 }
 
 /// The main database's schema.
 pub(super) const DATABASE: Schema = Schema {
     migrations: MIGRATIONS,
     file: "database",
+    backfills: BACKFILLS,
 };
 
 /// The file's schema version (`PRAGMA user_version`).
@@ -64,6 +75,9 @@ impl Schema {
                     version,
                     source: source.into(),
                 })?;
+            for (_, backfill) in self.backfills.iter().filter(|(v, _)| *v == version) {
+                backfill(&tx)?;
+            }
             tracing::info!(version, path = %path.display(), "applied {} migration", self.file);
         }
         tx.commit()?;

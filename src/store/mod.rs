@@ -38,6 +38,7 @@ mod inbox;
 mod ledger;
 mod migrations;
 mod outbox;
+mod people;
 pub mod postgres;
 mod report;
 mod stage_feed;
@@ -63,6 +64,7 @@ pub use outbox::{
     Claim, ClaimDecision, ClaimFacts, ClaimQuery, EarlierEnrollment, EnrollOutcome, EnrollPlan,
     FollowupFacts, NewOutboxRow, OutboxAction, OutboxRow, OutboxRowFilter, RetryOutcome,
 };
+pub use people::{OpenElsewhere, PERSON_VIEW_LIMIT, Person};
 pub use report::{
     OutboxCount, OutboxEntry, OutboxFilter, ReportScope, StageValue, StallCutoff, StalledCount,
 };

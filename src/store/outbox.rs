@@ -13,7 +13,9 @@
 
 use super::deals::{Columns, DEAL_COLUMNS, deal_from_row, move_stage};
 use super::ledger::{OUTBOX, OutboxState, Settlement, Value};
+use super::people::OpenElsewhere;
 use super::{Result, Store, StoreError, from_ms, to_ms};
+use crate::domain::people::person_key;
 use crate::domain::{ChangeCause, Deal, DealStatus, PipelineKey, StageKey, StageRef, StepNumber};
 use chrono::{DateTime, Utc};
 use rusqlite::{OptionalExtension, Row, Transaction, params};
@@ -172,8 +174,12 @@ pub struct ClaimFacts {
     pub suppressed: Option<String>,
     /// A won deal of the same customer in the checked pipeline since this deal started.
     pub order_since: Option<i64>,
-    /// Emails claimed for this recipient within the cap window, and the oldest claim's time.
+    /// Emails claimed for this recipient (any address of the person, in any
+    /// connection) within the cap window, and the oldest claim's time.
     pub recent_to_recipient: (u32, Option<DateTime<Utc>>),
+    /// An open deal of the same person, in any connection, in one of the query's
+    /// `skip_if_open_in` stages.
+    pub open_elsewhere: Option<OpenElsewhere>,
 }
 
 /// Which facts to gather.
@@ -182,6 +188,9 @@ pub struct ClaimQuery {
     /// Look for orders (won deals) of the same customer in this pipeline.
     pub order_pipeline: Option<PipelineKey>,
     pub cap_window: Option<Duration>,
+    /// Look for an open deal of the same person in these stages (the rule's
+    /// `skip_if_open_in`).
+    pub skip_if_open_in: Vec<StageRef>,
 }
 
 /// The decision about a due row.
@@ -277,12 +286,16 @@ fn earlier_enrollments(
     let mut statement = tx.prepare_cached(
         "SELECT deal_id, min(anchor_at), min(created_at),
                 max(state IN ('sent', 'sending', 'uncertain')), max(state = 'pending')
-         FROM outbox WHERE rule = ?1 AND recipient = ?2 AND created_at >= ?3 AND deal_id != ?4
+         FROM outbox WHERE rule = ?1 AND created_at >= ?3 AND deal_id != ?4
+           AND (recipient = ?2
+                OR recipient IN (SELECT contact_email FROM deals WHERE person_key = ?5))
          GROUP BY deal_id",
     )?;
-    let rows = statement.query_map(params![rule, recipient, since, except_deal], |row| {
-        earlier_from(row)
-    })?;
+    let person = person_key(recipient);
+    let rows = statement.query_map(
+        params![rule, recipient, since, except_deal, person],
+        |row| earlier_from(row),
+    )?;
     Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
 }
 
@@ -298,19 +311,19 @@ fn read_claim_facts(
     let suppressed = if row.recipient.is_empty() {
         None
     } else {
-        super::suppression::reason_of(db, &row.recipient)?
+        super::people::suppression_of(db, &row.recipient)?
     };
     // (`store::postgres::outbox` reads the same facts, deciding what to read alike.)
     let order_since = match OrderLookup::of(query, deal.as_ref()) {
         Some(order) => db
-            .prepare_cached(
-                "SELECT id FROM deals
-                 WHERE contact_email IN (?1, lower(?1)) AND pipeline = ?2
-                   AND status = 'won' AND id != ?3 AND stage_entered_at >= ?4
-                 LIMIT 1",
-            )?
+            .prepare_cached(ORDER_SINCE_SQL)?
             .query_row(
-                params![order.email, order.pipeline, order.deal_id, order.started_ms],
+                params![
+                    order.person,
+                    order.pipeline,
+                    order.deal_id,
+                    order.started_ms
+                ],
                 |r| r.get(0),
             )
             .optional()?,
@@ -318,18 +331,21 @@ fn read_claim_facts(
     };
     let recent_to_recipient = match cap_since(query, &row, now_ms) {
         Some(since) => db
-            .prepare_cached(
-                "SELECT count(*), min(claimed_at) FROM outbox
-                 WHERE recipient = ?1 AND claimed_at > ?2
-                   AND state IN ('sending', 'sent', 'uncertain')",
-            )?
-            .query_row(params![row.recipient, since], |r| {
-                Ok((
-                    r.get::<_, i64>(0)? as u32,
-                    r.get::<_, Option<i64>>(1)?.map(from_ms),
-                ))
-            })?,
+            .prepare_cached(super::people::RECENT_TO_PERSON_SQL)?
+            .query_row(
+                params![row.recipient, since, person_key(&row.recipient)],
+                |r| {
+                    Ok((
+                        r.get::<_, i64>(0)? as u32,
+                        r.get::<_, Option<i64>>(1)?.map(from_ms),
+                    ))
+                },
+            )?,
         _ => (0, None),
+    };
+    let open_elsewhere = match OpenLookup::of(query, deal.as_ref()) {
+        Some(open) => super::people::open_elsewhere(db, &open.person, open.deal_id, open.stages)?,
+        None => None,
     };
     Ok(ClaimFacts {
         row,
@@ -337,13 +353,21 @@ fn read_claim_facts(
         suppressed,
         order_since,
         recent_to_recipient,
+        open_elsewhere,
     })
 }
 
-/// The order lookup of a claim's facts: a won deal with the same contact in the
-/// checked pipeline, other than the deal, that entered its stage since the deal started.
+/// The order lookup of a claim's facts ([`OrderLookup`]): `?1` the person key.
+pub(super) const ORDER_SINCE_SQL: &str = "SELECT id FROM deals
+     WHERE person_key = ?1 AND pipeline = ?2
+       AND status = 'won' AND id != ?3 AND stage_entered_at >= ?4
+     LIMIT 1";
+
+/// The order lookup of a claim's facts: a won deal of the same person (in any
+/// connection) in the checked pipeline, other than the deal, that entered its stage
+/// since the deal started.
 pub(super) struct OrderLookup<'a> {
-    pub(super) email: &'a str,
+    pub(super) person: String,
     pub(super) pipeline: &'a str,
     pub(super) deal_id: i64,
     pub(super) started_ms: i64,
@@ -354,12 +378,35 @@ impl<'a> OrderLookup<'a> {
     pub(super) fn of(query: &'a ClaimQuery, deal: Option<&'a Deal>) -> Option<Self> {
         let pipeline = query.order_pipeline.as_ref()?;
         let deal = deal?;
-        let email = deal.contact_email.as_ref()?;
+        let person = person_key(deal.contact_email.as_ref()?.as_str())?;
         Some(OrderLookup {
-            email: email.as_str(),
+            person,
             pipeline: pipeline.as_str(),
             deal_id: deal.id,
             started_ms: to_ms(deal.created_at.unwrap_or(deal.first_seen_at)),
+        })
+    }
+}
+
+/// The `skip_if_open_in` lookup of a claim's facts: an open deal of the same person
+/// in one of the rule's stages.
+pub(super) struct OpenLookup<'a> {
+    pub(super) person: String,
+    pub(super) deal_id: i64,
+    pub(super) stages: &'a [StageRef],
+}
+
+impl<'a> OpenLookup<'a> {
+    /// What to look for, when the rule names stages and the deal has a person.
+    pub(super) fn of(query: &'a ClaimQuery, deal: Option<&'a Deal>) -> Option<Self> {
+        if query.skip_if_open_in.is_empty() {
+            return None;
+        }
+        let deal = deal?;
+        Some(OpenLookup {
+            person: person_key(deal.contact_email.as_ref()?.as_str())?,
+            deal_id: deal.id,
+            stages: &query.skip_if_open_in,
         })
     }
 }
@@ -812,7 +859,8 @@ impl Store {
             if !retryable(&row) {
                 return Ok(RetryOutcome::NotFailed(row));
             }
-            if let Some(reason) = super::suppression::reason_of(tx, &row.recipient)? {
+            // The person's suppression, as the send-time check reads it.
+            if let Some(reason) = super::people::suppression_of(tx, &row.recipient)? {
                 return Ok(RetryOutcome::Suppressed(row, reason));
             }
             let now_ms = to_ms(now);
@@ -1352,8 +1400,8 @@ mod tests {
                         let seen = Arc::new(Mutex::new(None));
                         let into = Arc::clone(&seen);
                         let query = ClaimQuery {
-                            order_pipeline: None,
                             cap_window: Some(Duration::from_secs(3600)),
+                            ..ClaimQuery::default()
                         };
                         store
                             .claim(id, now, query, move |facts| {

@@ -10,6 +10,7 @@ mod migrate_store;
 mod operator_checks;
 mod operators;
 mod outbound;
+mod people;
 mod process;
 mod pull;
 mod replicas;

@@ -14,8 +14,8 @@ use crate::followup::FollowupError;
 use crate::followup::digest::{
     DigestContent, DigestContext, DigestRecipient, DigestRule, MAX_LISTED,
 };
-use crate::followup::review;
 use crate::followup::mailer::{MailError, Outgoing};
+use crate::followup::review;
 use crate::store::{AssembleOutcome, DigestClaim, DigestFinish, DigestWatch, StoreError};
 use chrono::{DateTime, Utc};
 use std::collections::HashMap;
@@ -136,26 +136,24 @@ impl Worker {
                 }
             }
         };
-        let built = rendered
-            .map_err(FollowupError::from)
-            .and_then(|rendered| {
-                let to = crate::domain::EmailAddress::parse(&row.recipient).ok_or_else(|| {
-                    FollowupError::NoRecipient {
-                        rule: rule.name.clone(),
-                    }
-                })?;
-                let outgoing = Outgoing {
-                    to,
-                    to_name,
-                    subject: rendered.subject,
-                    text: rendered.text,
-                    html: rendered.html,
-                    idempotency_key: key.clone(),
-                    unsubscribe: None,
-                    reply_to: None,
-                };
-                Ok(self.mailer.build(&outgoing)?)
-            });
+        let built = rendered.map_err(FollowupError::from).and_then(|rendered| {
+            let to = crate::domain::EmailAddress::parse(&row.recipient).ok_or_else(|| {
+                FollowupError::NoRecipient {
+                    rule: rule.name.clone(),
+                }
+            })?;
+            let outgoing = Outgoing {
+                to,
+                to_name,
+                subject: rendered.subject,
+                text: rendered.text,
+                html: rendered.html,
+                idempotency_key: key.clone(),
+                unsubscribe: None,
+                reply_to: None,
+            };
+            Ok(self.mailer.build(&outgoing)?)
+        });
         let message = match built {
             Ok(message) => message,
             Err(error) => {

@@ -327,6 +327,7 @@ mod tests {
             late_grace: None,
             stop_on_purchase: true,
             active: vec![stage("abandoned")],
+            skip_if_open_in: Vec::new(),
         }
     }
 

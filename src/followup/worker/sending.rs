@@ -329,6 +329,7 @@ pub fn claim_query(rule: &Rule, email: &EmailConfig) -> ClaimQuery {
             None
         },
         cap_window: email.max_per_recipient_per_day.map(|_| CAP_WINDOW),
+        skip_if_open_in: rule.skip_if_open_in.clone(),
     }
 }
 

@@ -1,6 +1,7 @@
 //! Reading deals: one by id or external id, filtered lists, counts per stage, and the
 //! unchanged-record lookup of incremental reads. `DEAL_COLUMNS` and `deal_from_row`
-//! are the one way the store reads a deal row (the outbox, digests and report use them).
+//! are the one way the store reads a deal row (the outbox, digests and report
+//! use them).
 //!
 //! Invariants:
 //! - Nothing here writes.
@@ -9,6 +10,7 @@
 //! - Lists are ordered by last activity, newest first, then id; counts cover live
 //!   (not deleted) deals only.
 
+use crate::domain::people;
 use crate::domain::{
     ConnectionName, Currency, Deal, DealStatus, EmailAddress, ExternalId, PipelineKey, StageKey,
 };
@@ -23,6 +25,12 @@ pub struct DealFilter {
     pub pipeline: Option<String>,
     pub stage: Option<String>,
     pub status: Option<DealStatus>,
+    /// Only the deals of this person, in any connection: an address, normalised by
+    /// `domain::people::person_key` (one that is not an address matches nothing).
+    pub person: Option<String>,
+    /// Only the deals of this company: a domain, normalised by
+    /// `domain::people::company_domain` (a free-mail domain matches nothing).
+    pub company: Option<String>,
     pub limit: Option<u32>,
     pub offset: Option<u32>,
 }
@@ -38,6 +46,17 @@ impl DealFilter {
                 ("pipeline", self.pipeline),
                 ("stage", self.stage),
                 ("status", self.status.map(|s| s.as_str().to_owned())),
+                // No key is empty, so input without one matches nothing.
+                (
+                    "person_key",
+                    self.person
+                        .map(|p| people::person_key(&p).unwrap_or_default()),
+                ),
+                (
+                    "company_key",
+                    self.company
+                        .map(|c| people::company_domain(&c).unwrap_or_default()),
+                ),
             ],
             order: "last_activity_at DESC, id DESC",
             limit: self.limit,

@@ -13,6 +13,7 @@ use super::history::{PendingHistory, insert_history};
 use super::plan::{self, DealRef, Existing, Write};
 use super::{DealUpsert, UpsertOutcome};
 use crate::domain::ChangeCause;
+use crate::store::people::PersonLink;
 use crate::store::{Result, Store, StoreError, to_json, to_ms};
 use rusqlite::{Row, Transaction, params};
 use std::collections::HashSet;
@@ -134,9 +135,9 @@ const INSERT_DEAL_SQL: &str = "INSERT INTO deals (connection, external_id, title
         contact_name, owner, owner_email, marketing_consent, source_created_at,
         source_updated_at, stage_entered_at, last_activity_at, expected_close, recovery_url,
         line_items, cart_keys, deleted_at, first_seen_at, synced_at, content_hash, raw,
-        fingerprint)
+        fingerprint, person_key, company_key)
      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18,
-        ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?25, ?26, ?27, ?28)";
+        ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?25, ?26, ?27, ?28, ?29, ?30)";
 
 fn insert(
     tx: &Transaction<'_>,
@@ -146,6 +147,7 @@ fn insert(
 ) -> Result<i64> {
     let s = &upsert.source;
     let text = &write.text;
+    let link = PersonLink::of(s.contact_email.as_ref());
     statement.execute(params![
         upsert.connection.as_str(),
         s.external_id.as_str(),
@@ -175,15 +177,18 @@ fn insert(
         write.hash,
         text.raw,
         s.fingerprint,
+        link.person,
+        link.company,
     ])?;
     Ok(tx.last_insert_rowid())
 }
 
 /// The UPDATE of a stored deal, in four shapes: SQLite rewrites an index entry when an
 /// indexed column is assigned, whether or not its value changes, so the stage columns
-/// (`deals_by_stage`) and the contact (`deals_by_contact`) are only assigned when they
-/// change. The parameter numbers are the same in every shape; ?27 is always used, so
-/// each shape takes all 27.
+/// (`deals_by_stage`) and the contact (`deals_by_contact`, with the person and company
+/// keys derived from it: `deals_by_person`, `deals_by_company`) are only assigned when
+/// they change. The parameter numbers are the same in every shape; ?29 is always used,
+/// so each shape takes all 29.
 macro_rules! update_deal_sql {
     ($($assign:literal),*) => {
         concat!(
@@ -193,7 +198,7 @@ macro_rules! update_deal_sql {
                 source_updated_at = ?13, last_activity_at = ?14, expected_close = ?15,
                 recovery_url = ?16, line_items = ?17, cart_keys = ?18,
                 deleted_at = CASE WHEN ?19 THEN coalesce(deleted_at, ?20) END,
-                synced_at = ?20, content_hash = ?21, fingerprint = ?27, ",
+                synced_at = ?20, content_hash = ?21, fingerprint = ?29, ",
             $($assign,)*
             "raw = ?26 WHERE id = ?1"
         )
@@ -203,11 +208,11 @@ macro_rules! update_deal_sql {
 /// The UPDATE shapes, indexed by `stage_changed * 2 + contact_changed`.
 const UPDATE_DEAL_SQL: [&str; 4] = [
     update_deal_sql!(),
-    update_deal_sql!("contact_email = ?25, "),
+    update_deal_sql!("contact_email = ?25, person_key = ?27, company_key = ?28, "),
     update_deal_sql!("pipeline = ?22, stage = ?23, stage_entered_at = ?24, "),
     update_deal_sql!(
         "pipeline = ?22, stage = ?23, stage_entered_at = ?24, ",
-        "contact_email = ?25, "
+        "contact_email = ?25, person_key = ?27, company_key = ?28, "
     ),
 ];
 
@@ -219,6 +224,7 @@ fn update(
 ) -> Result<()> {
     let s = &upsert.source;
     let text = &write.text;
+    let link = PersonLink::of(s.contact_email.as_ref());
     statement.execute(params![
         id,
         s.title,
@@ -246,6 +252,8 @@ fn update(
         write.entered_at,
         s.contact_email.as_ref().map(|e| e.as_str()),
         text.raw,
+        link.person,
+        link.company,
         s.fingerprint,
     ])?;
     Ok(())

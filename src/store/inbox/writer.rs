@@ -57,6 +57,7 @@ pub(in crate::store) const SCHEMA: Schema = Schema {
         (2, include_str!("../migrations/inbox_0002.sql")),
     ],
     file: "webhook inbox",
+    backfills: &[],
 };
 
 /// What the writer thread is asked to do; each answers on its own channel.

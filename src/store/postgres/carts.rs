@@ -27,6 +27,7 @@ use super::Database;
 use super::deals::{
     lock_deal_keys, lock_deals, move_stage, pg_opt, pg_text, upsert_all, write_keys,
 };
+use crate::domain::people::person_key;
 use crate::domain::{ChangeCause, DealStatus, StageRef};
 use crate::store::carts::{
     CartStep, Match, cart_step, email_window, order_is_stored, order_outcome, order_time,
@@ -97,7 +98,7 @@ async fn email_match(
     let statement = tx
         .prepare_cached(
             "SELECT id FROM deals
-             WHERE contact_email = $1 AND pipeline IS NOT DISTINCT FROM $2 AND status = 'open'
+             WHERE person_key = $1 AND pipeline IS NOT DISTINCT FROM $2 AND status = 'open'
                AND deleted_at IS NULL AND cart_keys <> '[]'
                AND coalesce(source_created_at, first_seen_at) BETWEEN $3 AND $4
              ORDER BY coalesce(source_created_at, first_seen_at) DESC, id DESC LIMIT 1",
@@ -106,7 +107,7 @@ async fn email_match(
     let row = tx
         .query_opt(
             &statement,
-            &[&pg_text(email), &pg_opt(pipeline), &from, &to],
+            &[&person_key(email), &pg_opt(pipeline), &from, &to],
         )
         .await?;
     Ok(row.map(|row| row.try_get(0)).transpose()?)

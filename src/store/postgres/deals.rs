@@ -24,6 +24,7 @@ use crate::store::deals::{
     DEAL_COLUMNS, DealFilter, DealRef, DealUpsert, Existing, HISTORY_COLUMNS_READ, StageCount,
     UpsertOutcome, Write, by_connection, change_from, deal_from, followup_candidates, plan,
 };
+use crate::store::people::PersonLink;
 use crate::store::{Result, StoreError, to_ms};
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Transaction;
@@ -328,12 +329,13 @@ macro_rules! deal_unnest {
                 $13::text[], $14::text[], $15::boolean[], $16::bigint[], $17::bigint[],
                 $18::bigint[], $19::bigint[], $20::text[], $21::text[], $22::text[],
                 $23::text[], $24::boolean[], $25::bigint[], $26::bigint[], $27::text[],
-                $28::bigint[]" $(, $argument)?,
+                $28::bigint[], $29::text[], $30::text[]" $(, $argument)?,
             ") AS r(connection, external_id, title, amount_minor, currency, pipeline, stage,
                 status, native_pipeline, native_stage, contact_email, contact_name, owner,
                 owner_email, marketing_consent, source_created_at, source_updated_at,
                 stage_entered_at, last_activity_at, expected_close, recovery_url, line_items,
-                cart_keys, deleted, observed, content_hash, raw, fingerprint" $(, $column)?,
+                cart_keys, deleted, observed, content_hash, raw, fingerprint, person_key,
+                company_key" $(, $column)?,
             ")"
         )
     };
@@ -344,12 +346,13 @@ const INSERT_DEALS_SQL: &str = concat!(
         stage, status, native_pipeline, native_stage, contact_email, contact_name, owner,
         owner_email, marketing_consent, source_created_at, source_updated_at, stage_entered_at,
         last_activity_at, expected_close, recovery_url, line_items, cart_keys, deleted_at,
-        first_seen_at, synced_at, content_hash, raw, fingerprint)
+        first_seen_at, synced_at, content_hash, raw, fingerprint, person_key, company_key)
      SELECT connection, external_id, title, amount_minor, currency, pipeline, stage, status,
         native_pipeline, native_stage, contact_email, contact_name, owner, owner_email,
         marketing_consent, source_created_at, source_updated_at, stage_entered_at,
         last_activity_at, expected_close, recovery_url, line_items, cart_keys,
-        CASE WHEN deleted THEN observed END, observed, observed, content_hash, raw, fingerprint
+        CASE WHEN deleted THEN observed END, observed, observed, content_hash, raw, fingerprint,
+        person_key, company_key
      FROM ",
     deal_unnest!(),
     " RETURNING id, connection, external_id"
@@ -370,9 +373,9 @@ const UPDATE_DEALS_SQL: &str = concat!(
         line_items = r.line_items, cart_keys = r.cart_keys,
         deleted_at = CASE WHEN r.deleted THEN coalesce(d.deleted_at, r.observed) END,
         synced_at = r.observed, content_hash = r.content_hash, raw = r.raw,
-        fingerprint = r.fingerprint
+        fingerprint = r.fingerprint, person_key = r.person_key, company_key = r.company_key
      FROM ",
-    deal_unnest!(", $29::bigint[]", ", id"),
+    deal_unnest!(", $31::bigint[]", ", id"),
     " WHERE d.id = r.id"
 );
 
@@ -407,6 +410,8 @@ struct DealColumns<'a> {
     content_hash: Vec<i64>,
     raw: Vec<Cow<'a, str>>,
     fingerprint: Vec<Option<i64>>,
+    person_key: Vec<Option<String>>,
+    company_key: Vec<Option<String>>,
 }
 
 impl<'a> DealColumns<'a> {
@@ -450,11 +455,16 @@ impl<'a> DealColumns<'a> {
             c.content_hash.push(write.hash);
             c.raw.push(pg_text(text.raw));
             c.fingerprint.push(s.fingerprint);
+            // Derived from the contact: `pg_text` is not needed, since a key is never
+            // made of an address with a control character in it.
+            let link = PersonLink::of(s.contact_email.as_ref());
+            c.person_key.push(link.person);
+            c.company_key.push(link.company);
         }
         c
     }
 
-    /// `$1` to `$28`.
+    /// `$1` to `$30`.
     fn params(&self) -> Vec<&(dyn ToSql + Sync)> {
         vec![
             &self.connection,
@@ -485,6 +495,8 @@ impl<'a> DealColumns<'a> {
             &self.content_hash,
             &self.raw,
             &self.fingerprint,
+            &self.person_key,
+            &self.company_key,
         ]
     }
 }

@@ -13,14 +13,16 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (2, include_str!("migrations/0002_replicas.sql")),
     (3, include_str!("migrations/0003_rate_limits.sql")),
     (4, include_str!("migrations/0004_raw_compression.sql")),
+    (6, include_str!("migrations/0006_people.sql")),
     (7, include_str!("migrations/0007_writebacks.sql")),
 ];
 
-/// The schema version this binary writes.
-pub const SCHEMA_VERSION: i64 = MIGRATIONS[MIGRATIONS.len() - 1].0;
+/// The version whose migration ends with the Rust backfill of the people and company
+/// keys (`people::backfill`), in the same transaction.
+const PEOPLE_VERSION: i64 = 6;
 
-/// The versions of the migrations after `found`, in order (they need not be
-/// consecutive): what a migration from `found` applies.
+/// The versions this binary has after `found`, in order: what migrating a schema of
+/// version `found` applies (the list may have gaps where a version was not taken).
 #[cfg(test)]
 pub(super) fn versions_after(found: i64) -> Vec<i64> {
     MIGRATIONS
@@ -29,6 +31,9 @@ pub(super) fn versions_after(found: i64) -> Vec<i64> {
         .filter(|version| *version > found)
         .collect()
 }
+
+/// The schema version this binary writes.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS[MIGRATIONS.len() - 1].0;
 
 /// The key of the transaction-level advisory lock every migration takes ("dealsync"
 /// in ASCII): processes that start together migrate one after the other.
@@ -115,6 +120,9 @@ pub(super) async fn migrate(client: &mut tokio_postgres::Client, target: &str) -
             version,
             source: source.into(),
         })?;
+        if version == PEOPLE_VERSION {
+            super::people::backfill(&tx).await?;
+        }
         applied.push(version);
     }
     tx.commit().await?;

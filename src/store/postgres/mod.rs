@@ -43,6 +43,7 @@ pub(in crate::store) mod ledger;
 mod migrations;
 pub mod notify;
 mod outbox;
+mod people;
 pub mod rate;
 mod report;
 mod session_lock;

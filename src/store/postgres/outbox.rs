@@ -25,17 +25,18 @@
 use super::Database;
 use super::deals::{move_stage, pg_text};
 use super::ledger::{params, pg_values, settle_in, skip_in};
+use crate::domain::people::person_key;
 use crate::domain::{ChangeCause, Deal, DealStatus, PipelineKey, StageKey, StageRef};
 use crate::store::deals::{DEAL_COLUMNS, deal_from};
 use crate::store::ledger::{OUTBOX, Settlement};
 use crate::store::outbox::{
     Claim, ClaimDecision, ClaimFacts, ClaimQuery, EarlierEnrollment, EnrollOutcome, EnrollPlan,
-    FollowupFacts, FollowupReads, NewOutboxRow, OrderLookup, OutboxRow, OutboxRowFilter,
-    ROW_COLUMNS, RetryOutcome, cap_since, claimed_deal, decline_row, earlier_from, expired_reason,
-    now_sending, outbox_row_from, retry_failed_sql, retryable, rules_left, stopped_reason,
-    superseded_reason,
+    FollowupFacts, FollowupReads, NewOutboxRow, ORDER_SINCE_SQL, OpenLookup, OrderLookup,
+    OutboxRow, OutboxRowFilter, ROW_COLUMNS, RetryOutcome, cap_since, claimed_deal, decline_row,
+    earlier_from, expired_reason, now_sending, outbox_row_from, retry_failed_sql, retryable,
+    rules_left, stopped_reason, superseded_reason,
 };
-use crate::store::{Result, StoreError, from_ms, to_ms};
+use crate::store::{Result, StoreError, to_ms};
 use chrono::{DateTime, Utc};
 use deadpool_postgres::{GenericClient, Transaction};
 use std::collections::HashMap;
@@ -74,14 +75,23 @@ async fn earlier_enrollments(
         .prepare_cached(
             "SELECT deal_id, min(anchor_at), min(created_at),
                     bool_or(state IN ('sent', 'sending', 'uncertain')), bool_or(state = 'pending')
-             FROM outbox WHERE rule = $1 AND recipient = $2 AND created_at >= $3 AND deal_id <> $4
+             FROM outbox WHERE rule = $1 AND created_at >= $3 AND deal_id <> $4
+               AND (recipient = $2
+                    OR recipient IN (SELECT contact_email FROM deals WHERE person_key = $5))
              GROUP BY deal_id ORDER BY deal_id",
         )
         .await?;
+    let person = person_key(recipient);
     let rows = db
         .query(
             &statement,
-            &[&pg_text(rule), &pg_text(recipient), &since_ms, &except_deal],
+            &[
+                &pg_text(rule),
+                &pg_text(recipient),
+                &since_ms,
+                &except_deal,
+                &person,
+            ],
         )
         .await?;
     Ok(rows
@@ -101,23 +111,18 @@ async fn read_claim_facts(
     let suppressed = if row.recipient.is_empty() {
         None
     } else {
-        super::suppression::reason_of(db, &row.recipient).await?
+        super::people::suppression_of(db, &row.recipient).await?
     };
     let order_since = match OrderLookup::of(query, deal.as_ref()) {
         Some(order) => {
             let statement = db
-                .prepare_cached(
-                    "SELECT id FROM deals
-                     WHERE contact_email IN ($1, lower($1)) AND pipeline = $2
-                       AND status = 'won' AND id <> $3 AND stage_entered_at >= $4
-                     LIMIT 1",
-                )
+                .prepare_cached(&ORDER_SINCE_SQL.replace('?', "$"))
                 .await?;
             let found = db
                 .query_opt(
                     &statement,
                     &[
-                        &pg_text(order.email),
+                        &pg_text(&order.person),
                         &pg_text(order.pipeline),
                         &order.deal_id,
                         &order.started_ms,
@@ -130,28 +135,26 @@ async fn read_claim_facts(
     };
     let recent_to_recipient = match cap_since(query, &row, now_ms) {
         Some(since) => {
-            // Replicas claiming two emails to one recipient at once count one after
+            // Replicas claiming two emails to one person at once count one after
             // the other (the lock lasts until this claim commits its `sending`), so
             // the cap holds across replicas as it does under SQLite's single writer.
+            // The lock is the person's, so two addresses of one person share it.
             let lock = db
                 .prepare_cached("SELECT pg_advisory_xact_lock($1, hashtext(lower($2)))")
                 .await?;
-            db.execute(&lock, &[&RECIPIENT_LOCK_CLASS, &pg_text(&row.recipient)])
+            let person = person_key(&row.recipient);
+            let locked = person.as_deref().unwrap_or(&row.recipient);
+            db.execute(&lock, &[&RECIPIENT_LOCK_CLASS, &pg_text(locked)])
                 .await?;
-            let statement = db
-                .prepare_cached(
-                    "SELECT count(*), min(claimed_at) FROM outbox
-                     WHERE recipient = $1 AND claimed_at > $2
-                       AND state IN ('sending', 'sent', 'uncertain')",
-                )
-                .await?;
-            let counted = db
-                .query_one(&statement, &[&pg_text(&row.recipient), &since])
-                .await?;
-            let (count, oldest): (i64, Option<i64>) = (counted.try_get(0)?, counted.try_get(1)?);
-            (count as u32, oldest.map(from_ms))
+            super::people::recent_to_person(db, &row.recipient, since).await?
         }
         None => (0, None),
+    };
+    let open_elsewhere = match OpenLookup::of(query, deal.as_ref()) {
+        Some(open) => {
+            super::people::open_elsewhere(db, &open.person, open.deal_id, open.stages).await?
+        }
+        None => None,
     };
     Ok(ClaimFacts {
         row,
@@ -159,6 +162,7 @@ async fn read_claim_facts(
         suppressed,
         order_since,
         recent_to_recipient,
+        open_elsewhere,
     })
 }
 
@@ -546,7 +550,8 @@ impl Database {
         if !retryable(&row) {
             return Ok(RetryOutcome::NotFailed(row));
         }
-        if let Some(reason) = super::suppression::reason_of(&tx, &row.recipient).await? {
+        // The person's suppression, as the send-time check reads it.
+        if let Some(reason) = super::people::suppression_of(&tx, &row.recipient).await? {
             return Ok(RetryOutcome::Suppressed(row, reason));
         }
         tx.execute(&retry_failed_sql('$'), &[&id, &to_ms(now)])
