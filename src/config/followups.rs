@@ -1034,4 +1034,56 @@ template = "remind"
         assert!(keys.contains(&"email.unsubscribe_secret"), "{error}");
         assert!(keys.contains(&"server.public_url"), "{error}");
     }
+
+    #[test]
+    fn a_weekly_review_goes_to_one_address_on_a_named_day_and_watches_no_stage() {
+        let dir = tempfile::tempdir().unwrap();
+        templates(dir.path(), &["review"]);
+        let config = parse(
+            dir.path(),
+            r#"
+[followups.weekly]
+kind = "transactional"
+to = "Sales-Ops@example.com"
+template = "review"
+review = "friday 16:30"
+time_zone = "Europe/Berlin"
+"#,
+        )
+        .unwrap();
+        let rule = &config.digests[0];
+        assert_eq!(rule.content, DigestContent::Review);
+        assert_eq!(rule.weekday, Some(Weekday::Fri));
+        assert_eq!(rule.at, NaiveTime::from_hms_opt(16, 30, 0).unwrap());
+        assert!(rule.stages.is_empty());
+        assert!(config.followups.is_empty(), "not a follow-up rule too");
+        let error = parse(
+            dir.path(),
+            r#"
+[followups.daily]
+kind = "transactional"
+to = "owner"
+template = "review"
+review = "16:30"
+stage = "sales.proposal"
+
+[followups.both]
+kind = "transactional"
+to = "ops@example.com"
+template = "review"
+review = "monday 08:00"
+digest = "08:00"
+"#,
+        )
+        .unwrap_err();
+        let keys = problem_keys(&error);
+        for key in [
+            "followups.daily.review",
+            "followups.daily.to",
+            "followups.daily.stage",
+            "followups.both",
+        ] {
+            assert!(keys.contains(&key), "{key}: {error}");
+        }
+    }
 }

@@ -284,6 +284,47 @@ mod tests {
     }
 
     #[test]
+    fn a_weekly_slot_is_the_latest_of_its_weekday_and_the_next_comes_a_week_later() {
+        use crate::config::followups::parse_schedule;
+        let (weekday, at) = parse_schedule("monday 08:00").unwrap();
+        let weekly = DigestRule {
+            weekday,
+            at,
+            ..rule("08:00", "Europe/Berlin")
+        };
+        // 2026-12-02 is a Wednesday; Monday 08:00 Berlin is 07:00 UTC.
+        let (day, slot) = weekly.latest_slot(utc(2026, 12, 2, 10, 0));
+        assert_eq!(day.to_string(), "2026-11-30");
+        assert_eq!(slot, utc(2026, 11, 30, 7, 0));
+        assert_eq!(
+            weekly.next_slot(utc(2026, 12, 2, 10, 0)),
+            utc(2026, 12, 7, 7, 0)
+        );
+        // On the Monday before the time, the latest slot is the Monday before.
+        let (day, _) = weekly.latest_slot(utc(2026, 11, 30, 6, 59));
+        assert_eq!(day.to_string(), "2026-11-23");
+        assert_eq!(
+            weekly.next_slot(utc(2026, 11, 30, 6, 59)),
+            utc(2026, 11, 30, 7, 0)
+        );
+        assert_eq!(
+            weekly.next_slot(utc(2026, 11, 30, 7, 0)),
+            utc(2026, 12, 7, 7, 0)
+        );
+        // "Mon" and a time with seconds; no day is every day; a bad day is named.
+        assert_eq!(
+            parse_schedule("Mon 08:00:30").unwrap(),
+            (
+                Some(chrono::Weekday::Mon),
+                NaiveTime::from_hms_opt(8, 0, 30).unwrap()
+            )
+        );
+        assert_eq!(parse_schedule(" 08:00 ").unwrap().0, None);
+        let error = parse_schedule("someday 08:00").unwrap_err();
+        assert!(error.contains("\"someday\""), "{error}");
+    }
+
+    #[test]
     fn a_slot_in_a_dst_gap_moves_an_hour_later_and_a_repeated_hour_counts_once() {
         // Berlin skips 02:00–03:00 on 2026-03-29 and repeats 02:00–03:00 on 2026-10-25.
         let gap = rule("02:30", "Europe/Berlin");

@@ -4,6 +4,8 @@
 //! Invariants:
 //! - `UNIQUE (rule, day, recipient)` and the `digest_runs` key: a day's digests are
 //!   assembled once, whatever restarts, reloads or a second worker do.
+//! - A rule that watches no stage (a weekly review) has one row for its fixed address,
+//!   sent whatever the deals; the others only for recipients with matching deals.
 //! - Claiming (`pending` → `sending`) re-reads the deals and the suppression list and
 //!   applies the decision in one write transaction; `sending` is committed before the
 //!   message is handed over, and a row found in `sending` at start-up becomes
@@ -646,6 +648,56 @@ mod tests {
                 assert_eq!(store.outbox_recover_interrupted(now).await.unwrap(), 1);
                 let rows = store.digests(None, 10).await.unwrap();
                 assert_eq!(rows[0].state, OutboxState::Uncertain);
+            },
+        )
+        .await;
+    }
+
+    /// A weekly review watches no stage: its fixed address gets one row per week even
+    /// with no deal at all, and the claim sends it (the stalled digests skip a row with
+    /// no deal left).
+    #[tokio::test]
+    async fn a_review_watching_no_stage_is_assembled_for_its_address_and_sent_without_deals() {
+        on_both(
+            "a_review_watching_no_stage_is_assembled_for_its_address_and_sent_without_deals",
+            async |store| {
+                let now = Utc::now();
+                let assemble = || {
+                    store.assemble_digests(
+                        "weekly".into(),
+                        "2026-11-30".into(),
+                        now,
+                        now,
+                        Vec::new(),
+                        Some("ops@example.com".into()),
+                        false,
+                    )
+                };
+                assert_eq!(
+                    assemble().await.unwrap(),
+                    AssembleOutcome::Assembled { recipients: 1 }
+                );
+                assert_eq!(assemble().await.unwrap(), AssembleOutcome::AlreadyDone);
+                let due = store.digests_due(now, 10).await.unwrap();
+                assert_eq!(due.len(), 1);
+                let claim = store
+                    .claim_digest(
+                        due[0].0,
+                        now,
+                        Duration::from_secs(60),
+                        Vec::new(),
+                        false,
+                        50,
+                    )
+                    .await
+                    .unwrap();
+                let DigestClaim::Send { row, deals, total } = claim else {
+                    panic!("expected a send, got {claim:?}");
+                };
+                assert_eq!(
+                    (row.recipient.as_str(), deals.len(), total),
+                    ("ops@example.com", 0, 0)
+                );
             },
         )
         .await;

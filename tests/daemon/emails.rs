@@ -19,18 +19,18 @@ use std::time::Duration;
 
 /// One message as a mail client sees it.
 #[derive(Debug)]
-struct Email {
-    subject: String,
+pub(crate) struct Email {
+    pub(crate) subject: String,
     reply_to: Option<String>,
-    text: String,
-    html: String,
+    pub(crate) text: String,
+    pub(crate) html: String,
     /// (href, link text) of every link in the HTML part, as the parser reads them.
     links: Vec<(String, String)>,
 }
 
 /// Parses a whole message: MIME first, then the HTML part with an HTML5 parser.
 /// Panics, naming what is wrong, when the message is not a text-and-HTML email.
-fn read(raw: &str) -> Email {
+pub(crate) fn read(raw: &str) -> Email {
     let message = mail_parser::MessageParser::default()
         .parse(raw.as_bytes())
         .unwrap_or_else(|| panic!("not a MIME message:\n{raw}"));
@@ -75,7 +75,7 @@ impl Email {
     /// Checks what every email must be: a subject, links that are web links written
     /// as they are (no entity-escaped slashes), and a sentence after the greeting that
     /// starts with a capital letter, in both parts.
-    fn assert_well_formed(&self) {
+    pub(crate) fn assert_well_formed(&self) {
         assert!(!self.subject.trim().is_empty(), "no subject: {self:#?}");
         assert!(
             !self.html.contains("&#x2f;") && !self.html.contains("&#47;"),
@@ -196,6 +196,13 @@ after = "1h"
 template = "owner_digest"
 digest = "08:00"
 time_zone = "UTC"
+
+[followups.review]
+kind = "transactional"
+to = "sales-ops@example.com"
+template = "weekly_review"
+review = "monday 08:00"
+time_zone = "UTC"
 "#;
 
 async fn preview(daemon: &TestDaemon, rule: &str, deal: i64, step: Option<usize>) -> Email {
@@ -297,6 +304,21 @@ async fn every_shipped_template_is_a_readable_mime_email_with_valid_html_and_pla
     digest.assert_well_formed();
     assert!(digest.text.contains("Deal d-1") && digest.html.contains("Proposal"));
     assert!(!digest.html.contains("&#x2f;"), "{}", digest.html);
+
+    // The weekly review has no deal of its own: the one named is not read.
+    let review = preview(&daemon, "review", stalled, None).await;
+    review.assert_well_formed();
+    assert!(
+        review.subject.starts_with("Pipeline review"),
+        "{}",
+        review.subject
+    );
+    for part in [&review.text, &review.html] {
+        assert!(
+            part.contains("Proposal") && part.contains("Cart recovery"),
+            "{part}"
+        );
+    }
 }
 
 /// The Shopify checkout fixture as a consenting shopper's, with its own token, address

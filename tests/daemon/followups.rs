@@ -1642,7 +1642,7 @@ async fn a_digest_the_server_keeps_deferring_is_tried_max_attempts_times_then_fa
 
 /// A per-deal alert on `sales.closing`: once it arrives, the worker has been through
 /// its loop (digest assembly comes first in every pass).
-const CANARY_RULE: &str = r#"
+pub(crate) const CANARY_RULE: &str = r#"
 [followups.canary]
 kind = "transactional"
 stage = "sales.closing"

@@ -15,6 +15,7 @@ mod process;
 mod pull;
 mod replicas;
 mod report;
+mod review;
 mod secrets;
 mod server;
 mod smtp_harness;
