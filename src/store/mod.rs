@@ -33,6 +33,7 @@ mod carts;
 mod checkpoint;
 mod deal_changes;
 mod deals;
+mod delivery;
 mod digests;
 mod inbox;
 mod ledger;
@@ -51,6 +52,7 @@ pub use deals::{
     AppliedMapping, DealFilter, DealUpsert, NativeStageGroup, StageCount, StageMove, UnmappedStage,
     UpsertOutcome,
 };
+pub use delivery::{DeliveryEvent, DeliveryOutcome, DeliveryPolicy, NewDeliveryEvent};
 pub use digests::{AssembleOutcome, DigestClaim, DigestFinish, DigestRow, DigestWatch};
 pub use inbox::{
     EnqueueError, Enqueued, InboxCounts, InboxRow, MAX_PENDING, NewWebhook, Replayed, Settlement,

@@ -53,6 +53,7 @@ pub const TABLES: &[(File, &str)] = &[
     (File::Database, "digests"),
     (File::Database, "digest_runs"),
     (File::Database, "suppressions"),
+    (File::Database, "delivery_events"),
     (File::Database, "oauth_tokens"),
     (File::Inbox, "webhook_inbox"),
     (File::Inbox, "webhook_bodies"),
