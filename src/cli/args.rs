@@ -70,6 +70,9 @@ pub enum Command {
     /// Addresses that get no email at all: list, add, remove.
     #[command(subcommand)]
     Suppressions(SuppressionsCommand),
+    /// Bounces and complaints that arrived after the hand-off: feed bounce emails in.
+    #[command(subcommand)]
+    Bounces(BouncesCommand),
     /// Copy this install's SQLite store (the database at storage.path and the webhook
     /// inbox beside it) into an empty PostgreSQL database, verify every table's row
     /// count, and leave the SQLite files untouched. Stop the daemon first.
@@ -144,6 +147,26 @@ pub enum SuppressionsCommand {
     Add(SuppressionAddArgs),
     /// Take an address off the list; later follow-ups are sent to it again.
     Remove(SuppressionRemoveArgs),
+    /// Show an address's suppression (reason, source) and its bounces and complaints.
+    Show(SuppressionRemoveArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BouncesCommand {
+    /// Read bounce emails (delivery status notifications, complaint reports) from
+    /// Maildir directories, mbox files or single .eml files and record what they
+    /// report: a permanent bounce or a complaint suppresses the address.
+    Ingest(BouncesIngestArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BouncesIngestArgs {
+    /// Maildir directories, mbox files or .eml files.
+    #[arg(required = true)]
+    pub files: Vec<std::path::PathBuf>,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "table")]
+    pub format: crate::output::ViewFormat,
 }
 
 #[derive(Debug, Args)]

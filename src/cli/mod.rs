@@ -19,6 +19,7 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 mod args;
+mod bounces;
 mod context;
 mod migrate_store;
 pub mod ops;
@@ -73,7 +74,9 @@ pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
             SuppressionsCommand::List(args) => ops::suppressions_list(source, args).await,
             SuppressionsCommand::Add(args) => ops::suppressions_add(source, args).await,
             SuppressionsCommand::Remove(args) => ops::suppressions_remove(source, args).await,
+            SuppressionsCommand::Show(args) => ops::suppressions_show(source, args).await,
         },
+        Command::Bounces(BouncesCommand::Ingest(args)) => bounces::ingest(source, args).await,
         Command::MigrateStore(args) => migrate_store::migrate_store(source, args).await,
         Command::Completions(args) => {
             let mut script = Vec::new();

@@ -100,6 +100,10 @@ pub struct DealView {
     pub emails: Vec<OutboxRow>,
     /// One entry per follow-up and digest rule, in config order.
     pub followups: Vec<RuleDecision>,
+    /// Bounces and complaints about the deal's emails and its contact's address, oldest first.
+    pub delivery_events: Vec<crate::store::DeliveryEvent>,
+    /// The suppression of the contact's address, if any.
+    pub contact_suppression: Option<crate::store::Suppression>,
 }
 
 /// Reads deal `id` and explains it at `now`; `None` when there is no such deal.
@@ -119,6 +123,14 @@ pub async fn deal_view(
         return Ok(None);
     };
     let history = store.history(id).await?;
+    let contact = deal.contact_email.as_ref().map(|email| email.to_string());
+    let delivery_events = store
+        .delivery_events_for_deal(deal.id, contact.clone())
+        .await?;
+    let contact_suppression = match contact {
+        Some(email) => store.suppression(email).await?,
+        None => None,
+    };
     Ok(Some(DealView {
         as_of: now,
         source: SourceView {
@@ -132,6 +144,8 @@ pub async fn deal_view(
         history,
         emails,
         followups,
+        delivery_events,
+        contact_suppression,
     }))
 }
 

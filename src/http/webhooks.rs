@@ -343,7 +343,7 @@ fn refused(connection: &str, error: &EnqueueError) -> Response {
 }
 
 /// Reads the body up to `limit` bytes: 413 past it (a declared length says so at once).
-async fn read_capped(
+pub(super) async fn read_capped(
     body: Body,
     headers: &HeaderMap,
     limit: usize,

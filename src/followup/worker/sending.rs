@@ -15,6 +15,7 @@
 use super::{Worker, email_backoff, record, sender_name, unknown_outcome_reason};
 use crate::config::{Config, EmailConfig};
 use crate::domain::Deal;
+use crate::domain::delivery::return_path;
 use crate::followup::FollowupError;
 use crate::followup::mailer::{MailError, Mailer, Outgoing};
 use crate::followup::policy::{self, CAP_WINDOW, Policy};
@@ -148,7 +149,17 @@ impl Worker {
                 .mark_dry_run(row.id, message_id, Utc::now())
                 .await;
         }
-        let sent = self.mailer.send(message, &key).await;
+        // The per-message return path (VERP) ties a later bounce to this row.
+        let return_path = self
+            .config
+            .deliverability
+            .return_path
+            .as_ref()
+            .and_then(|base| return_path(base.as_str(), row.id, &row.recipient));
+        let sent = self
+            .mailer
+            .send_from(message, &key, return_path.as_deref())
+            .await;
         self.note_delivery(&sent, &rule.name);
         match sent {
             Ok(()) => {
