@@ -22,8 +22,15 @@ pub async fn ingest(source: &ConfigSource, args: BouncesIngestArgs) -> Result<()
         let messages = match deliverability::read_mailbox(path) {
             Ok(messages) => messages,
             Err(error) => {
-                rows.push(vec![path.display().to_string(), "-".into(), "-".into(), error.to_string()]);
-                results.push(json!({ "message": path.display().to_string(), "error": error.to_string() }));
+                rows.push(vec![
+                    path.display().to_string(),
+                    "-".into(),
+                    "-".into(),
+                    error.to_string(),
+                ]);
+                results.push(
+                    json!({ "message": path.display().to_string(), "error": error.to_string() }),
+                );
                 unreadable.push(error.to_string());
                 continue;
             }
@@ -31,7 +38,12 @@ pub async fn ingest(source: &ConfigSource, args: BouncesIngestArgs) -> Result<()
         for message in messages {
             match deliverability::ingest_report(&store, &config, &message.raw, Utc::now()).await {
                 Ok(outcomes) if outcomes.is_empty() => {
-                    rows.push(vec![message.origin.clone(), "-".into(), "-".into(), "no failed recipient: nothing recorded".into()]);
+                    rows.push(vec![
+                        message.origin.clone(),
+                        "-".into(),
+                        "-".into(),
+                        "no failed recipient: nothing recorded".into(),
+                    ]);
                     results.push(json!({ "message": message.origin, "events": [] }));
                 }
                 Ok(outcomes) => {
@@ -46,8 +58,14 @@ pub async fn ingest(source: &ConfigSource, args: BouncesIngestArgs) -> Result<()
                     results.push(json!({ "message": message.origin, "events": outcomes }));
                 }
                 Err(IngestError::Report(error)) => {
-                    rows.push(vec![message.origin.clone(), "-".into(), "-".into(), format!("skipped: {error}")]);
-                    results.push(json!({ "message": message.origin, "skipped": error.to_string() }));
+                    rows.push(vec![
+                        message.origin.clone(),
+                        "-".into(),
+                        "-".into(),
+                        format!("skipped: {error}"),
+                    ]);
+                    results
+                        .push(json!({ "message": message.origin, "skipped": error.to_string() }));
                 }
                 Err(IngestError::Store(error)) => return Err(CliError::Other(error.into())),
             }
@@ -82,7 +100,10 @@ pub fn describe(outcome: &crate::store::DeliveryOutcome) -> String {
         None => text.push_str("; address not suppressed"),
     }
     if outcome.stopped > 0 {
-        text.push_str(&format!("; {} pending marketing emails stopped", outcome.stopped));
+        text.push_str(&format!(
+            "; {} pending marketing emails stopped",
+            outcome.stopped
+        ));
     }
     text
 }

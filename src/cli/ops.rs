@@ -275,7 +275,9 @@ fn delivery_rows(events: &[crate::store::DeliveryEvent]) -> Rows {
             event.class.clone(),
             or_dash(event.status.clone()),
             event.source.clone(),
-            event.outbox_id.map_or_else(|| "-".to_owned(), |id| id.to_string()),
+            event
+                .outbox_id
+                .map_or_else(|| "-".to_owned(), |id| id.to_string()),
             or_dash(event.rule.clone()),
             or_dash(event.detail.clone()),
         ]);

@@ -30,7 +30,9 @@ pub enum ReportError {
         "not a delivery status notification or complaint report (no message/delivery-status or message/feedback-report part); nothing recorded"
     )]
     NotAReport,
-    #[error("the report names no recipient (no Final-Recipient or Original-Rcpt-To, and no return path of ours)")]
+    #[error(
+        "the report names no recipient (no Final-Recipient or Original-Rcpt-To, and no return path of ours)"
+    )]
     NoRecipient,
 }
 
@@ -63,7 +65,8 @@ pub fn read(
             feedback_part.get_or_insert(part.contents());
         } else if part.is_content_type("text", "rfc822-headers") {
             if let Some(headers) = MessageParser::default().parse_headers(part.contents()) {
-                original_message_id = original_message_id.or(headers.message_id().map(str::to_owned));
+                original_message_id =
+                    original_message_id.or(headers.message_id().map(str::to_owned));
                 original_to = original_to.or_else(|| first_address(headers.to()));
             }
         } else if let Some(original) = part.message() {
@@ -82,9 +85,12 @@ pub fn read(
         class,
         status,
         detail,
-        message_id: original_message_id
-            .as_deref()
-            .map(|id| format!("<{}>", id.trim().trim_start_matches('<').trim_end_matches('>'))),
+        message_id: original_message_id.as_deref().map(|id| {
+            format!(
+                "<{}>",
+                id.trim().trim_start_matches('<').trim_end_matches('>')
+            )
+        }),
         occurred_at: now,
     };
     if let Some(body) = status_part {
@@ -96,7 +102,9 @@ pub fn read(
         // The first group is about the message; every later one is one recipient.
         for group in groups.into_iter().skip(1) {
             let field = |name: &str| field(&group, name);
-            let Some(action) = field("Action") else { continue };
+            let Some(action) = field("Action") else {
+                continue;
+            };
             if !action.eq_ignore_ascii_case("failed") {
                 continue;
             }
@@ -246,12 +254,18 @@ pub(crate) mod tests {
         let event = &events[0];
         assert_eq!(event.email, expected["recipients"][0]["final_recipient"]);
         assert_eq!(event.class.as_str(), expected["recipients"][0]["class"]);
-        assert_eq!(event.status.as_deref(), expected["recipients"][0]["status"].as_str());
+        assert_eq!(
+            event.status.as_deref(),
+            expected["recipients"][0]["status"].as_str()
+        );
         assert_eq!(
             event.detail.as_deref(),
             expected["recipients"][0]["diagnostic_code"].as_str()
         );
-        assert_eq!(event.message_id.as_deref(), expected["original_message_id"].as_str());
+        assert_eq!(
+            event.message_id.as_deref(),
+            expected["original_message_id"].as_str()
+        );
         assert_eq!(
             event.outbox_id.map(|id| id.to_string()).as_deref(),
             expected["verp_outbox_id"].as_str()
@@ -259,17 +273,25 @@ pub(crate) mod tests {
         // The same report read again has the same key; another report another.
         let again = read(raw.as_bytes(), None, "dsn", now()).unwrap();
         assert_eq!(again[0].key, event.key);
-        assert_eq!(again[0].outbox_id, None, "no return path configured, no tag read");
+        assert_eq!(
+            again[0].outbox_id, None,
+            "no return path configured, no tag read"
+        );
     }
 
     #[test]
     fn each_status_class_is_read_from_the_status_field_not_the_words() {
         let class = |status, diagnostic| {
-            read(&dsn(status, diagnostic, "failed"), Some("bounces@shop.example"), "dsn", now())
-                .unwrap()
-                .iter()
-                .map(|e| (e.class, e.status.clone().unwrap_or_default(), e.outbox_id))
-                .collect::<Vec<_>>()
+            read(
+                &dsn(status, diagnostic, "failed"),
+                Some("bounces@shop.example"),
+                "dsn",
+                now(),
+            )
+            .unwrap()
+            .iter()
+            .map(|e| (e.class, e.status.clone().unwrap_or_default(), e.outbox_id))
+            .collect::<Vec<_>>()
         };
         assert_eq!(
             class("5.1.1", "550 5.1.1 user unknown"),
@@ -281,17 +303,29 @@ pub(crate) mod tests {
         );
         // Worded like an unknown user, coded as a policy refusal: a policy refusal.
         assert_eq!(
-            class("5.7.1", "550 5.7.1 user unknown; message refused for poor reputation"),
+            class(
+                "5.7.1",
+                "550 5.7.1 user unknown; message refused for poor reputation"
+            ),
             [(DeliveryClass::Policy, "5.7.1".to_owned(), Some(42))]
         );
     }
 
     #[test]
     fn a_delayed_recipient_records_nothing_and_prose_is_not_a_report() {
-        let delayed = read(&dsn("4.4.1", "421 try later", "delayed"), None, "dsn", now()).unwrap();
+        let delayed = read(
+            &dsn("4.4.1", "421 try later", "delayed"),
+            None,
+            "dsn",
+            now(),
+        )
+        .unwrap();
         assert!(delayed.is_empty());
         let autoreply = b"From: ada@example.com\r\nTo: shop@shop.example\r\nSubject: Out of office\r\n\r\nUser unknown. 550 5.1.1\r\n";
-        assert_eq!(read(autoreply, None, "dsn", now()), Err(ReportError::NotAReport));
+        assert_eq!(
+            read(autoreply, None, "dsn", now()),
+            Err(ReportError::NotAReport)
+        );
         assert_eq!(read(b"", None, "dsn", now()), Err(ReportError::NotAMessage));
     }
 
@@ -308,7 +342,11 @@ pub(crate) mod tests {
         let events = read(&raw, Some("bounces@shop.example"), "dsn", now()).unwrap();
         assert_eq!(events.len(), 1);
         assert_eq!(
-            (events[0].email.as_str(), events[0].class, events[0].outbox_id),
+            (
+                events[0].email.as_str(),
+                events[0].class,
+                events[0].outbox_id
+            ),
             ("jane@example.com", DeliveryClass::Complaint, Some(42))
         );
         assert_eq!(events[0].detail.as_deref(), Some("abuse"));

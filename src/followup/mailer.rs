@@ -320,9 +320,7 @@ impl Mailer {
             limiter.until_ready().await;
         }
         match (&self.transport, envelope) {
-            (Transport::Smtp(smtp), None) => {
-                smtp.send(message).await.map(|_| ()).map_err(classify)
-            }
+            (Transport::Smtp(smtp), None) => smtp.send(message).await.map(|_| ()).map_err(classify),
             (Transport::Smtp(smtp), Some(envelope)) => smtp
                 .send_raw(&envelope, &message.formatted())
                 .await

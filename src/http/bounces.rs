@@ -62,9 +62,15 @@ pub async fn receive(State(state): State<Arc<HttpState>>, request: Request) -> R
             (StatusCode::OK, Json(json!({ "events": outcomes }))).into_response()
         }
         Err(IngestError::Report(ReportError::NotAReport)) => {
-            info!("bounce intake: a message without a delivery or feedback report; nothing recorded");
+            info!(
+                "bounce intake: a message without a delivery or feedback report; nothing recorded"
+            );
             let reason = ReportError::NotAReport.to_string();
-            (StatusCode::OK, Json(json!({ "events": [], "skipped": reason }))).into_response()
+            (
+                StatusCode::OK,
+                Json(json!({ "events": [], "skipped": reason })),
+            )
+                .into_response()
         }
         Err(IngestError::Report(error @ ReportError::NotAMessage)) => {
             warn!(%error, "bounce intake: answered 400");

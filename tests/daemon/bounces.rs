@@ -1,0 +1,362 @@
+//! Bounces and complaints that arrive after the hand-off, end to end: the real daemon
+//! sends over a real SMTP server with its per-message return path; delivery status
+//! notifications built as real `multipart/report` messages (from the shared DSN
+//! fixture's shape) come back through `POST /bounces` and `dealsync bounces ingest`;
+//! then the follow-up worker sends nothing more to a suppressed address through any
+//! connection.
+
+use crate::followups::{config, header, messages_to, outbox_rows, put_cart, store};
+use crate::harness::daemon::{TestDaemon, run_cli};
+use crate::harness::eventually;
+use crate::harness::smtp::{ReceivedMail, SmtpServer};
+use chrono::Utc;
+use std::time::Duration;
+
+const WAIT: Duration = Duration::from_secs(30);
+const TOKEN: &str = "bounce-intake-token-0123456789";
+const DSN_TEMPLATE: &str = include_str!("../fixtures/bounces/dsn-template.eml");
+
+/// The cart rule at a pace that leaves time to return a bounce between the steps.
+fn rule() -> String {
+    r#"
+[followups.carts]
+kind = "marketing"
+stage = "ecommerce.cart_abandoned"
+expire_after = "1s"
+steps = [
+  { after = "100ms", template = "cart_reminder" },
+  { after = "4s", template = "cart_reminder" },
+  { after = "8s", template = "cart_discount", discount_code = "SAVE10" },
+]
+"#
+    .to_owned()
+}
+
+fn deliverability(limit: u32) -> String {
+    format!(
+        r#"
+[deliverability]
+return_path = "bounces@shop.example"
+intake_token = "{TOKEN}"
+transient_bounce_limit = {limit}
+transient_bounce_window = "1h"
+"#
+    )
+}
+
+/// A DSN for `mail` (as the SMTP server received it), reporting `status` for its
+/// recipient, addressed to the envelope sender the daemon used.
+fn dsn_for(mail: &ReceivedMail, status: &str, diagnostic: &str) -> Vec<u8> {
+    let message_id = header(&mail.data, "Message-ID").expect("a Message-ID");
+    let fields = [
+        ("RETURN_PATH", mail.mail_from.as_str()),
+        ("RECIPIENT", mail.rcpt_to[0].as_str()),
+        ("ACTION", "failed"),
+        ("STATUS", status),
+        ("DIAGNOSTIC", diagnostic),
+        ("MESSAGE_ID", message_id.as_str()),
+    ];
+    let mut text = DSN_TEMPLATE.to_owned();
+    for (name, value) in fields {
+        text = text.replace(&format!("${{{name}}}"), value);
+    }
+    text.into_bytes()
+}
+
+/// Waits until `address` has received `count` messages; the last one.
+async fn nth_message(smtp: &SmtpServer, address: &str, count: usize) -> ReceivedMail {
+    eventually(&format!("message {count} to {address}"), WAIT, || async {
+        let messages = messages_to(smtp, address);
+        (messages.len() >= count).then(|| messages[count - 1].clone())
+    })
+    .await
+}
+
+/// Waits until no row of the deal is pending or sending; (step, state, reason) of its emails.
+async fn settled(daemon: &TestDaemon, deal_id: i64) -> Vec<(i64, String, Option<String>)> {
+    let rows = eventually(&format!("deal {deal_id} to settle"), WAIT, || async {
+        let rows = outbox_rows(daemon, deal_id);
+        (!rows.is_empty()
+            && rows
+                .iter()
+                .all(|(_, s, _)| s != "pending" && s != "sending"))
+        .then_some(rows)
+    })
+    .await;
+    // Steps 0 to 2 are the emails; the row after them expires the cart.
+    rows.into_iter().filter(|(step, _, _)| *step < 3).collect()
+}
+
+fn outbox_id_of(daemon: &TestDaemon, deal_id: i64, step: i64) -> i64 {
+    daemon
+        .db()
+        .query_row(
+            "SELECT id FROM outbox WHERE deal_id = ?1 AND step = ?2",
+            [deal_id, step],
+            |r| r.get(0),
+        )
+        .unwrap()
+}
+
+async fn post_bounce(
+    daemon: &TestDaemon,
+    token: Option<&str>,
+    body: Vec<u8>,
+) -> (u16, serde_json::Value) {
+    let mut request = daemon.http.post(daemon.url("/bounces")).body(body);
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let response = request.send().await.expect("POST /bounces");
+    let status = response.status().as_u16();
+    let body = response.text().await.unwrap_or_default();
+    (
+        status,
+        serde_json::from_str(&body).unwrap_or(serde_json::Value::String(body)),
+    )
+}
+
+async fn cli(daemon: &TestDaemon, args: &[&str]) -> (i32, String) {
+    let mut all = vec!["--config", daemon.config_path.to_str().unwrap()];
+    all.extend_from_slice(args);
+    let (code, stdout, stderr) = run_cli(&all, &[]).await;
+    (code, format!("{stdout}{stderr}"))
+}
+
+#[tokio::test]
+async fn a_5_1_1_dsn_posted_by_the_relay_suppresses_the_address_for_every_connection() {
+    let smtp = SmtpServer::start().await;
+    let daemon = TestDaemon::start(&format!(
+        "{}{}",
+        config(&smtp, "", &rule()),
+        deliverability(3)
+    ))
+    .await;
+    let store = store(&daemon);
+    let cart = put_cart(
+        &store,
+        "shop",
+        "c1",
+        "nobody@example.com",
+        Some(true),
+        "cart_abandoned",
+        Utc::now(),
+    )
+    .await;
+    let first = nth_message(&smtp, "nobody@example.com", 1).await;
+    let row = outbox_id_of(&daemon, cart, 0);
+    assert_eq!(
+        first.mail_from,
+        format!("bounces+{row}-nobody=example.com@shop.example"),
+        "each follow-up has its own return path"
+    );
+
+    let dsn = dsn_for(
+        &first,
+        "5.1.1",
+        "550 5.1.1 <nobody@example.com>: Recipient address rejected: User unknown",
+    );
+    assert_eq!(post_bounce(&daemon, None, dsn.clone()).await.0, 401);
+    assert_eq!(
+        post_bounce(&daemon, Some("wrong-token-wrong-token"), dsn.clone())
+            .await
+            .0,
+        401
+    );
+    assert!(
+        store
+            .suppression("nobody@example.com".into())
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let (status, answer) = post_bounce(&daemon, Some(TOKEN), dsn.clone()).await;
+    assert_eq!(status, 200, "{answer}");
+    let event = &answer["events"][0];
+    assert_eq!(event["class"], "permanent", "{answer}");
+    assert_eq!(event["outbox_id"], row, "{answer}");
+    assert_eq!(event["suppressed"], "hard bounce", "{answer}");
+    // The relay retries the same report: acknowledged, nothing changes.
+    let (status, again) = post_bounce(&daemon, Some(TOKEN), dsn).await;
+    assert_eq!(
+        (status, again["events"][0]["recorded"].clone()),
+        (200, false.into())
+    );
+
+    let suppression = store
+        .suppression("nobody@example.com".into())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(suppression.reason, "hard bounce");
+    assert!(
+        suppression
+            .source
+            .as_deref()
+            .unwrap_or_default()
+            .starts_with("dsn: 5.1.1"),
+        "{suppression:?}"
+    );
+
+    // The rest of the sequence is skipped, and so is a cart of the same person from
+    // another connection.
+    let rows = settled(&daemon, cart).await;
+    assert_eq!(rows[0].1, "sent", "{rows:?}");
+    assert!(
+        rows[1..].iter().all(|(_, state, reason)| state == "skipped"
+            && reason.as_deref().unwrap_or_default().contains("suppressed")),
+        "{rows:?}"
+    );
+    let other = put_cart(
+        &store,
+        "web",
+        "w1",
+        "Nobody@example.com",
+        Some(true),
+        "cart_abandoned",
+        Utc::now(),
+    )
+    .await;
+    let other_rows = settled(&daemon, other).await;
+    assert!(
+        other_rows.iter().all(|(_, state, _)| state == "skipped"),
+        "{other_rows:?}"
+    );
+    assert_eq!(messages_to(&smtp, "nobody@example.com").len(), 1);
+
+    // The operator sees why, with the report's source.
+    let (code, shown) = cli(&daemon, &["suppressions", "show", "nobody@example.com"]).await;
+    assert_eq!(code, 0, "{shown}");
+    assert!(
+        shown.contains("hard bounce")
+            && shown.contains("dsn: 5.1.1")
+            && shown.contains("permanent"),
+        "{shown}"
+    );
+    let (code, deal) = cli(&daemon, &["deals", "show", &cart.to_string()]).await;
+    assert_eq!(code, 0, "{deal}");
+    assert!(
+        deal.contains("Bounces and complaints") && deal.contains("suppressed: hard bounce"),
+        "{deal}"
+    );
+}
+
+#[tokio::test]
+async fn ingested_4_2_2_bounces_suppress_only_at_the_limit_and_a_5_7_1_never() {
+    let smtp = SmtpServer::start().await;
+    let daemon = TestDaemon::start(&format!(
+        "{}{}",
+        config(&smtp, "", &rule()),
+        deliverability(2)
+    ))
+    .await;
+    let store = store(&daemon);
+    let now = Utc::now();
+    let full = put_cart(
+        &store,
+        "shop",
+        "f1",
+        "full@example.com",
+        Some(true),
+        "cart_abandoned",
+        now,
+    )
+    .await;
+    let blocked = put_cart(
+        &store,
+        "web",
+        "b1",
+        "blocked@example.com",
+        Some(true),
+        "cart_abandoned",
+        now,
+    )
+    .await;
+    let full_first = nth_message(&smtp, "full@example.com", 1).await;
+    let blocked_first = nth_message(&smtp, "blocked@example.com", 1).await;
+
+    // An mbox with both reports, as a relay's bounce mailbox keeps them.
+    let mbox = daemon.dir.path().join("bounces.mbox");
+    let mut text = Vec::new();
+    for dsn in [
+        dsn_for(&full_first, "4.2.2", "452 4.2.2 mailbox full"),
+        dsn_for(
+            &blocked_first,
+            "5.7.1",
+            "550 5.7.1 user unknown; refused for poor sender reputation",
+        ),
+    ] {
+        text.extend_from_slice(b"From MAILER-DAEMON Mon Mar  2 10:16:04 2026\n");
+        text.extend_from_slice(
+            &String::from_utf8(dsn)
+                .unwrap()
+                .replace("\r\n", "\n")
+                .into_bytes(),
+        );
+        text.extend_from_slice(b"\n");
+    }
+    std::fs::write(&mbox, text).unwrap();
+    let (code, output) = cli(&daemon, &["bounces", "ingest", mbox.to_str().unwrap()]).await;
+    assert_eq!(code, 0, "{output}");
+    assert!(
+        output.contains("transient") && output.contains("policy"),
+        "{output}"
+    );
+    assert!(!output.contains("address suppressed"), "{output}");
+    assert!(
+        store
+            .suppression("full@example.com".into())
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        store
+            .suppression("blocked@example.com".into())
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    // Both still get their next email; a second mailbox-full report (in a Maildir)
+    // reaches the limit of two.
+    let full_second = nth_message(&smtp, "full@example.com", 2).await;
+    let maildir = daemon.dir.path().join("Maildir");
+    for sub in ["cur", "new", "tmp"] {
+        std::fs::create_dir_all(maildir.join(sub)).unwrap();
+    }
+    std::fs::write(
+        maildir.join("new").join("1772446566.M1P1.relay"),
+        dsn_for(&full_second, "4.2.2", "452 4.2.2 mailbox full"),
+    )
+    .unwrap();
+    let (code, output) = cli(&daemon, &["bounces", "ingest", maildir.to_str().unwrap()]).await;
+    assert_eq!(code, 0, "{output}");
+    assert!(
+        output.contains("address suppressed (soft bounces)"),
+        "{output}"
+    );
+    let suppression = store
+        .suppression("full@example.com".into())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(suppression.reason, "soft bounces");
+
+    // The third step goes to the blocked address (a policy refusal is the sender's
+    // problem), not to the suppressed one.
+    let full_rows = settled(&daemon, full).await;
+    let blocked_rows = settled(&daemon, blocked).await;
+    assert_eq!(full_rows[2].1, "skipped", "{full_rows:?}");
+    assert!(
+        blocked_rows.iter().all(|(_, state, _)| state == "sent"),
+        "{blocked_rows:?}"
+    );
+    assert_eq!(messages_to(&smtp, "full@example.com").len(), 2);
+    assert_eq!(messages_to(&smtp, "blocked@example.com").len(), 3);
+
+    // A file that is not there is named; the exit code says so.
+    let (code, output) = cli(&daemon, &["bounces", "ingest", "/nonexistent/bounces.mbox"]).await;
+    assert_eq!(code, 1, "{output}");
+    assert!(output.contains("/nonexistent/bounces.mbox"), "{output}");
+}
