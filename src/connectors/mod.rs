@@ -7,6 +7,7 @@
 //! it reads kept enrichment records and stored fingerprints and writes only its OAuth
 //! tokens.
 
+pub mod delivery;
 pub mod demo;
 pub mod ecommerce;
 pub mod generic;
@@ -192,6 +193,8 @@ pub enum WebhookAction {
     Delete { external_id: String },
     /// The payload carries only an id: fetch the record through the pull connector.
     Refetch { external_id: String },
+    /// An email provider reports a bounce or a complaint (`connectors::delivery`).
+    Delivery(Box<crate::store::NewDeliveryEvent>),
 }
 
 /// Reports (or clears, with `None`) what a connection needs from an operator, such
@@ -341,7 +344,16 @@ pub const KNOWN: &[&str] = &[
 ];
 
 /// The connectors implemented in Rust (the rest come from manifests).
-const RUST_CONNECTORS: &[&str] = &["demo", "shopify", "woocommerce", "stripe", "webhook"];
+const RUST_CONNECTORS: &[&str] = &[
+    "demo",
+    "shopify",
+    "woocommerce",
+    "stripe",
+    "webhook",
+    "postmark",
+    "mailgun",
+    "sendgrid",
+];
 
 impl Registry {
     /// Loads the manifests in force for a config: built-ins, then `[connectors] dir`.
@@ -414,6 +426,10 @@ impl Registry {
             "webhook" => generic::GenericConnector::from_config(connection)
                 .map(|c| Arc::new(c) as Arc<dyn Connector>)
                 .map_err(settings_error),
+            name if delivery::Provider::parse(name).is_some() => {
+                let provider = delivery::Provider::parse(name).expect("matched just above");
+                Ok(Arc::new(delivery::DeliveryConnector::new(provider)) as Arc<dyn Connector>)
+            }
             name => match catalog.get(name) {
                 Some(found) => manifest::ManifestConnector::new(found, connection)
                     .map(|c| Arc::new(c) as Arc<dyn Connector>)

@@ -19,15 +19,22 @@ pub use report::ReportError;
 /// What events do, from the config: the soft-bounce limit and window, and the marketing
 /// rules a complaint stops.
 pub fn policy(config: &Config) -> DeliveryPolicy {
-    let marketing_rules = config
-        .followups
+    policy_of(&config.deliverability, &config.followups)
+}
+
+/// [`policy`] from its parts.
+pub fn policy_of(
+    deliverability: &crate::config::DeliverabilityConfig,
+    rules: &[crate::config::followups::Rule],
+) -> DeliveryPolicy {
+    let marketing_rules = rules
         .iter()
         .filter(|rule| rule.kind == crate::config::followups::RuleKind::Marketing)
         .map(|rule| rule.name.clone())
         .collect();
     DeliveryPolicy {
-        transient_limit: config.deliverability.transient_bounce_limit,
-        transient_window: config.deliverability.transient_bounce_window,
+        transient_limit: deliverability.transient_bounce_limit,
+        transient_window: deliverability.transient_bounce_window,
         marketing_rules,
     }
 }

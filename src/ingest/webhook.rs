@@ -79,6 +79,10 @@ impl ConnectionRuntime {
             match action {
                 WebhookAction::Upsert(deal) => ops.push(self.webhook_record(*deal)?),
                 WebhookAction::Delete { external_id } => ops.push(self.deletion(external_id)),
+                WebhookAction::Delivery(event) => ops.push(DealChange::Delivery {
+                    event,
+                    policy: self.delivery_policy.clone(),
+                }),
                 WebhookAction::Refetch { external_id } => {
                     match self.connector.fetch_one(cx, &external_id).await {
                         Ok(Some(deal)) => ops.push(self.webhook_record(deal)?),

@@ -161,7 +161,7 @@ pub(super) fn effect(
 /// The skip reason of the pending marketing emails a complaint stops.
 pub(super) const COMPLAINT_SKIP: &str = "the recipient complained (marked an email as spam)";
 
-fn record_one(
+pub(super) fn record_one(
     tx: &Transaction<'_>,
     event: &NewDeliveryEvent,
     policy: &DeliveryPolicy,

@@ -103,6 +103,10 @@ async fn apply_change(
             mark_deleted(tx, &connection, &external_id, now).await?;
             Ok(0)
         }
+        DealChange::Delivery { event, policy } => {
+            super::delivery::record_one(tx, &event, &policy, now).await?;
+            Ok(0)
+        }
     }
 }
 

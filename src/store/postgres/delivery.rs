@@ -17,7 +17,7 @@ use chrono::{DateTime, Utc};
 use deadpool_postgres::GenericClient;
 use tokio_postgres::types::ToSql;
 
-async fn record_one(
+pub(super) async fn record_one(
     tx: &impl GenericClient,
     event: &NewDeliveryEvent,
     policy: &DeliveryPolicy,
