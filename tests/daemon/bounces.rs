@@ -360,3 +360,267 @@ async fn ingested_4_2_2_bounces_suppress_only_at_the_limit_and_a_5_7_1_never() {
     assert_eq!(code, 1, "{output}");
     assert!(output.contains("/nonexistent/bounces.mbox"), "{output}");
 }
+
+const POSTMARK_AUTH: &str = "postmark-hook:pm-password-0123";
+const MAILGUN_KEY: &str = "dealsync-test-mailgun-signing-key";
+
+fn fixture(name: &str) -> serde_json::Value {
+    let path = format!(
+        "{}/tests/fixtures/bounces/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// A P-256 key pair for the SendGrid connection: (PKCS#8 of the private key, the public
+/// key as SendGrid's settings show it, base64 DER SubjectPublicKeyInfo).
+fn sendgrid_keys() -> (Vec<u8>, String) {
+    use base64::Engine as _;
+    use ring::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair, KeyPair};
+    let rng = ring::rand::SystemRandom::new();
+    let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &rng).unwrap();
+    let pair =
+        EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, pkcs8.as_ref(), &rng).unwrap();
+    // id-ecPublicKey, prime256v1, then the uncompressed point as a BIT STRING.
+    let mut spki = vec![
+        0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08,
+        0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
+    ];
+    spki.extend_from_slice(pair.public_key().as_ref());
+    (
+        pkcs8.as_ref().to_vec(),
+        base64::engine::general_purpose::STANDARD.encode(spki),
+    )
+}
+
+/// SendGrid's headers for `body`, signed with the PKCS#8 key as SendGrid does:
+/// ECDSA P-256 / SHA-256 over timestamp + body, base64 DER.
+fn sendgrid_headers(pkcs8: &[u8], body: &[u8]) -> Vec<(&'static str, String)> {
+    use base64::Engine as _;
+    use ring::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair};
+    let rng = ring::rand::SystemRandom::new();
+    let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, pkcs8, &rng).unwrap();
+    let timestamp = Utc::now().timestamp().to_string();
+    let message = [timestamp.as_bytes(), body].concat();
+    let signature = pair.sign(&rng, &message).unwrap();
+    vec![
+        ("x-twilio-email-event-webhook-timestamp", timestamp),
+        (
+            "x-twilio-email-event-webhook-signature",
+            base64::engine::general_purpose::STANDARD.encode(signature.as_ref()),
+        ),
+    ]
+}
+
+async fn post_webhook(
+    daemon: &TestDaemon,
+    connection: &str,
+    headers: &[(&str, String)],
+    body: Vec<u8>,
+) -> u16 {
+    let mut request = daemon
+        .http
+        .post(daemon.url(&format!("/webhooks/{connection}")))
+        .header("content-type", "application/json")
+        .body(body);
+    for (name, value) in headers {
+        request = request.header(*name, value);
+    }
+    request.send().await.expect("POST").status().as_u16()
+}
+
+fn bare(message_id: &str) -> String {
+    message_id
+        .trim_start_matches('<')
+        .trim_end_matches('>')
+        .to_owned()
+}
+
+#[tokio::test]
+async fn provider_webhooks_suppress_bounced_and_complaining_addresses_for_every_connection() {
+    use base64::Engine as _;
+    let smtp = SmtpServer::start().await;
+    let (sendgrid_private, sendgrid_public) = sendgrid_keys();
+    let connections = format!(
+        r#"
+[connections.pm]
+connector = "postmark"
+webhook_secret = "{POSTMARK_AUTH}"
+
+[connections.mg]
+connector = "mailgun"
+webhook_secret = "{MAILGUN_KEY}"
+
+[connections.sg]
+connector = "sendgrid"
+webhook_secret = "{sendgrid_public}"
+"#
+    );
+    let daemon = TestDaemon::start(&format!(
+        "{}{}{connections}",
+        config(&smtp, "", &rule()),
+        deliverability(3)
+    ))
+    .await;
+    let store = store(&daemon);
+    let now = Utc::now();
+    let postmark_cart = put_cart(
+        &store,
+        "shop",
+        "p1",
+        "pm-gone@example.com",
+        Some(true),
+        "cart_abandoned",
+        now,
+    )
+    .await;
+    let mailgun_cart = put_cart(
+        &store,
+        "shop",
+        "m1",
+        "mg-gone@example.com",
+        Some(true),
+        "cart_abandoned",
+        now,
+    )
+    .await;
+    let complaint_cart = put_cart(
+        &store,
+        "shop",
+        "s1",
+        "jane@example.com",
+        Some(true),
+        "cart_abandoned",
+        now,
+    )
+    .await;
+    nth_message(&smtp, "pm-gone@example.com", 1).await;
+    let mailgun_first = nth_message(&smtp, "mg-gone@example.com", 1).await;
+    let jane_first = nth_message(&smtp, "jane@example.com", 1).await;
+
+    // Postmark: the webhook URL's basic auth.
+    let mut postmark = fixture("postmark-bounce-webhook.json");
+    postmark["Email"] = "pm-gone@example.com".into();
+    postmark["Metadata"]["outbox_id"] = outbox_id_of(&daemon, postmark_cart, 0).to_string().into();
+    let postmark = serde_json::to_vec(&postmark).unwrap();
+    let basic = |credentials: &str| {
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(credentials)
+        )
+    };
+    assert_eq!(
+        post_webhook(
+            &daemon,
+            "pm",
+            &[("authorization", basic("postmark-hook:wrong"))],
+            postmark.clone()
+        )
+        .await,
+        401
+    );
+    assert_eq!(
+        post_webhook(
+            &daemon,
+            "pm",
+            &[("authorization", basic(POSTMARK_AUTH))],
+            postmark
+        )
+        .await,
+        200
+    );
+
+    // Mailgun: the signature in the body, over a fresh timestamp and token.
+    let mut mailgun = fixture("mailgun-failed-permanent-webhook.json");
+    let timestamp = Utc::now().timestamp().to_string();
+    let token = format!(
+        "{:050}",
+        Utc::now().timestamp_nanos_opt().unwrap_or_default()
+    );
+    mailgun["signature"] = serde_json::json!({
+        "timestamp": timestamp,
+        "token": token,
+        "signature": dealsync::connectors::signature::mailgun_signature(MAILGUN_KEY.as_bytes(), &timestamp, &token),
+    });
+    mailgun["event-data"]["recipient"] = "mg-gone@example.com".into();
+    mailgun["event-data"]["message"]["headers"]["message-id"] =
+        bare(&header(&mailgun_first.data, "Message-ID").unwrap()).into();
+    mailgun["event-data"]["user-variables"] = serde_json::json!({});
+    assert_eq!(
+        post_webhook(&daemon, "mg", &[], serde_json::to_vec(&mailgun).unwrap()).await,
+        200
+    );
+
+    // SendGrid: a spam report for jane, tied to her email by its Message-ID.
+    let mut batch = fixture("sendgrid-events-bounce-batch.json");
+    batch[1]["smtp-id"] = header(&jane_first.data, "Message-ID").unwrap().into();
+    let batch = serde_json::to_vec(&batch).unwrap();
+    let headers = sendgrid_headers(&sendgrid_private, &batch);
+    let mut tampered = batch.clone();
+    tampered.extend_from_slice(b" ");
+    assert_eq!(post_webhook(&daemon, "sg", &headers, tampered).await, 401);
+    assert_eq!(post_webhook(&daemon, "sg", &headers, batch).await, 200);
+
+    for (email, reason) in [
+        ("pm-gone@example.com", "hard bounce"),
+        ("mg-gone@example.com", "hard bounce"),
+        ("jane@example.com", "complaint"),
+        // The batch's bounce for the fixture's address.
+        ("nobody@example.com", "hard bounce"),
+    ] {
+        let suppression = eventually(&format!("{email} suppressed"), WAIT, || async {
+            store.suppression(email.into()).await.unwrap()
+        })
+        .await;
+        assert_eq!(suppression.reason, reason, "{email}: {suppression:?}");
+    }
+    // Each event is recorded against the email it answers.
+    let events = store
+        .delivery_events_for_email("mg-gone@example.com".into())
+        .await
+        .unwrap();
+    assert_eq!(
+        events[0].outbox_id,
+        Some(outbox_id_of(&daemon, mailgun_cart, 0))
+    );
+    assert_eq!(events[0].source, "mg");
+    let events = store
+        .delivery_events_for_email("jane@example.com".into())
+        .await
+        .unwrap();
+    assert_eq!(
+        (events[0].class.as_str(), events[0].outbox_id),
+        ("complaint", Some(outbox_id_of(&daemon, complaint_cart, 0)))
+    );
+    // The complaint stopped jane's pending marketing at once, before it came due.
+    let jane = outbox_rows(&daemon, complaint_cart);
+    assert!(
+        jane[1..3]
+            .iter()
+            .all(|(_, state, reason)| state == "skipped"
+                && reason.as_deref().unwrap_or_default().contains("complained")),
+        "{jane:?}"
+    );
+
+    // Nothing more goes to any of them, through any connection.
+    let other = put_cart(
+        &store,
+        "web",
+        "w1",
+        "pm-gone@example.com",
+        Some(true),
+        "cart_abandoned",
+        Utc::now(),
+    )
+    .await;
+    for cart in [postmark_cart, mailgun_cart, complaint_cart, other] {
+        settled(&daemon, cart).await;
+    }
+    for email in [
+        "pm-gone@example.com",
+        "mg-gone@example.com",
+        "jane@example.com",
+    ] {
+        assert_eq!(messages_to(&smtp, email).len(), 1, "{email}");
+    }
+}
