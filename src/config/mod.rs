@@ -379,6 +379,9 @@ pub struct DeliverabilityConfig {
     pub return_path: Option<crate::domain::EmailAddress>,
     pub transient_bounce_limit: u32,
     pub transient_bounce_window: Duration,
+    /// The 7-day complaint rate (a share: 0.003 is 0.3 %) past which a marketing rule pauses.
+    pub complaint_rate_pause: f64,
+    pub complaint_pause_min_sent: u32,
     /// Bearer token of `POST /bounces`; unset, the endpoint is off.
     pub intake_token: Option<Secret>,
 }
@@ -389,6 +392,8 @@ impl Default for DeliverabilityConfig {
             return_path: None,
             transient_bounce_limit: 3,
             transient_bounce_window: Duration::from_secs(7 * 24 * 3600),
+            complaint_rate_pause: 0.003,
+            complaint_pause_min_sent: 100,
             intake_token: None,
         }
     }
@@ -1159,10 +1164,32 @@ fn validate_deliverability(
                 .to_owned(),
         );
     }
+    let complaint_rate_pause = match raw.complaint_rate_pause.as_deref() {
+        None => defaults.complaint_rate_pause,
+        Some(text) => {
+            let share = text
+                .trim()
+                .strip_suffix('%')
+                .and_then(|number| number.trim().parse::<f64>().ok())
+                .filter(|percent| percent.is_finite() && *percent > 0.0 && *percent <= 100.0)
+                .map(|percent| percent / 100.0);
+            share.unwrap_or_else(|| {
+                report(
+                    "deliverability.complaint_rate_pause",
+                    format!("expected a percentage like \"0.3%\" (more than 0, at most 100), got {text:?}"),
+                );
+                defaults.complaint_rate_pause
+            })
+        }
+    };
     DeliverabilityConfig {
         return_path,
         transient_bounce_limit,
         transient_bounce_window,
+        complaint_rate_pause,
+        complaint_pause_min_sent: raw
+            .complaint_pause_min_sent
+            .unwrap_or(defaults.complaint_pause_min_sent),
         intake_token: raw.intake_token,
     }
 }

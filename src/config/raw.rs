@@ -45,6 +45,12 @@ pub struct RawDeliverability {
     pub transient_bounce_limit: Option<u32>,
     /// The window `transient_bounce_limit` counts in; default "7d".
     pub transient_bounce_window: Option<ConfigDuration>,
+    /// A marketing rule whose complaints over the last 7 days pass this share of the
+    /// emails it sent in them pauses itself until `dealsync deliverability resume RULE`;
+    /// default "0.3%".
+    pub complaint_rate_pause: Option<String>,
+    /// The emails a rule must have sent in those 7 days before it can pause; default 100.
+    pub complaint_pause_min_sent: Option<u32>,
     /// Bearer token of `POST /bounces` (a relay's pipe posts bounce emails there); at
     /// least 16 characters. Unset: the endpoint answers 404.
     pub intake_token: Option<Secret>,

@@ -36,6 +36,8 @@ pub fn policy_of(
         transient_limit: deliverability.transient_bounce_limit,
         transient_window: deliverability.transient_bounce_window,
         marketing_rules,
+        pause_above: deliverability.complaint_rate_pause,
+        pause_min_sent: deliverability.complaint_pause_min_sent,
     }
 }
 

@@ -49,6 +49,11 @@ pub struct DeliveryPolicy {
     pub transient_window: Duration,
     /// The marketing rules, whose pending emails a complaint stops.
     pub marketing_rules: Vec<String>,
+    /// A marketing rule whose complaints over the last 7 days exceed this share of its
+    /// emails sent in them pauses itself (0.003 for 0.3 %)...
+    pub pause_above: f64,
+    /// ...once it has sent at least this many in them.
+    pub pause_min_sent: u32,
 }
 
 /// What recording one event did.
@@ -58,12 +63,108 @@ pub struct DeliveryOutcome {
     pub class: DeliveryClass,
     /// False when the event was recorded before (a redelivery).
     pub recorded: bool,
-    /// The outbox row it was tied to.
+    /// The outbox row it was tied to, and its rule.
     pub outbox_id: Option<i64>,
+    pub rule: Option<String>,
     /// The suppression reason, when this event suppressed the address.
     pub suppressed: Option<String>,
     /// Pending marketing emails a complaint stopped.
     pub stopped: u64,
+    /// The rule this complaint paused (its complaint rate passed the threshold).
+    pub paused: Option<String>,
+}
+
+/// A paused marketing rule.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RulePause {
+    pub rule: String,
+    pub reason: String,
+    pub paused_at: DateTime<Utc>,
+}
+
+/// Reputation figures of one rule (`None`: every rule, and events tied to none) over
+/// one window.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DeliveryFigures {
+    pub rule: Option<String>,
+    /// "1d" or "7d".
+    pub window: &'static str,
+    pub sent: i64,
+    pub bounced_permanent: i64,
+    pub bounced_transient: i64,
+    /// Policy refusals (5.7.x) and undetermined bounces.
+    pub blocked: i64,
+    pub complained: i64,
+    /// complained / sent, when anything was sent.
+    pub complaint_rate: Option<f64>,
+}
+
+/// The windows figures are given for.
+pub const WINDOWS: [(&str, i64); 2] = [("1d", 1), ("7d", 7)];
+
+/// Folds (rule, sent) and (rule, class, count) rows of one window into figures per
+/// rule, sorted by rule, then the overall line.
+pub(super) fn fold_figures(
+    window: &'static str,
+    sent: Vec<(String, i64)>,
+    events: Vec<(String, String, i64)>,
+) -> Vec<DeliveryFigures> {
+    let mut by_rule: std::collections::BTreeMap<String, DeliveryFigures> = Default::default();
+    let empty = |rule: Option<String>| DeliveryFigures {
+        rule,
+        window,
+        sent: 0,
+        bounced_permanent: 0,
+        bounced_transient: 0,
+        blocked: 0,
+        complained: 0,
+        complaint_rate: None,
+    };
+    let mut overall = empty(None);
+    for (rule, count) in sent {
+        overall.sent += count;
+        by_rule
+            .entry(rule.clone())
+            .or_insert_with(|| empty(Some(rule)))
+            .sent += count;
+    }
+    for (rule, class, count) in events {
+        let add = |figures: &mut DeliveryFigures| match DeliveryClass::parse(&class) {
+            Some(DeliveryClass::Permanent) => figures.bounced_permanent += count,
+            Some(DeliveryClass::Transient) => figures.bounced_transient += count,
+            Some(DeliveryClass::Complaint) => figures.complained += count,
+            Some(DeliveryClass::Policy | DeliveryClass::Undetermined) | None => {
+                figures.blocked += count
+            }
+        };
+        add(&mut overall);
+        if !rule.is_empty() {
+            add(by_rule
+                .entry(rule.clone())
+                .or_insert_with(|| empty(Some(rule))));
+        }
+    }
+    let mut all: Vec<DeliveryFigures> = by_rule.into_values().collect();
+    all.push(overall);
+    for figures in &mut all {
+        figures.complaint_rate =
+            (figures.sent > 0).then(|| figures.complained as f64 / figures.sent as f64);
+    }
+    all
+}
+
+/// Why a rule pauses, when `complaints` of `sent` pass the policy's threshold.
+pub(super) fn pause_reason(policy: &DeliveryPolicy, complaints: i64, sent: i64) -> Option<String> {
+    let over = sent > 0
+        && sent >= i64::from(policy.pause_min_sent)
+        && complaints as f64 / sent as f64 > policy.pause_above;
+    over.then(|| {
+        format!(
+            "complaint rate {:.2} % over the last 7 days ({complaints} complaints, {sent} emails sent) passed {:.2} %",
+            100.0 * complaints as f64 / sent as f64,
+            100.0 * policy.pause_above
+        )
+    })
 }
 
 /// One stored event.
@@ -117,6 +218,19 @@ pub(super) const COUNT_TRANSIENT: &str = "SELECT count(*) FROM delivery_events
 pub(super) const FOR_DEAL: &str = "SELECT {COLUMNS} FROM delivery_events
     WHERE outbox_id IN (SELECT id FROM outbox WHERE deal_id = ?1) OR email = ?2
     ORDER BY occurred_at, id";
+pub(super) const SENT_BY_RULE: &str =
+    "SELECT count(*) FROM outbox WHERE rule = ?1 AND state = 'sent' AND sent_at >= ?2";
+pub(super) const COMPLAINTS_BY_RULE: &str = "SELECT count(*) FROM delivery_events
+    WHERE rule = ?1 AND class = 'complaint' AND occurred_at >= ?2";
+pub(super) const PAUSE: &str = "INSERT INTO rule_pauses (rule, reason, paused_at)
+    VALUES (?1, ?2, ?3) ON CONFLICT (rule) DO NOTHING";
+pub(super) const SENT_FIGURES: &str =
+    "SELECT rule, count(*) FROM outbox WHERE state = 'sent' AND sent_at >= ?1 GROUP BY rule";
+pub(super) const EVENT_FIGURES: &str = "SELECT coalesce(rule, ''), class, count(*)
+    FROM delivery_events WHERE occurred_at >= ?1 GROUP BY coalesce(rule, ''), class";
+pub(super) const PAUSES: &str = "SELECT rule, reason, paused_at FROM rule_pauses ORDER BY rule";
+pub(super) const RESUME: &str =
+    "DELETE FROM rule_pauses WHERE rule = ?1 RETURNING rule, reason, paused_at";
 pub(super) const FOR_EMAIL: &str =
     "SELECT {COLUMNS} FROM delivery_events WHERE email = ?1 ORDER BY occurred_at, id";
 
@@ -156,6 +270,23 @@ pub(super) fn effect(
         )),
         DeliveryClass::Transient | DeliveryClass::Policy | DeliveryClass::Undetermined => None,
     }
+}
+
+/// The marketing rule a newly recorded complaint counts against, if any.
+pub(super) fn complained_rule<'a>(
+    event: &NewDeliveryEvent,
+    outcome: &DeliveryOutcome,
+    policy: &'a DeliveryPolicy,
+) -> Option<&'a str> {
+    if event.class != DeliveryClass::Complaint || !outcome.recorded {
+        return None;
+    }
+    let rule = outcome.rule.as_deref()?;
+    policy
+        .marketing_rules
+        .iter()
+        .find(|name| name.as_str() == rule)
+        .map(String::as_str)
 }
 
 /// The skip reason of the pending marketing emails a complaint stops.
@@ -203,8 +334,10 @@ pub(super) fn record_one(
         class: event.class,
         recorded: inserted,
         outbox_id,
+        rule: rule.clone(),
         suppressed: None,
         stopped: 0,
+        paused: None,
     };
     if !inserted {
         return Ok(outcome);
@@ -230,6 +363,22 @@ pub(super) fn record_one(
                AND rule IN (SELECT value FROM json_each(?4))",
             params![COMPLAINT_SKIP, to_ms(now), email, rules],
         )? as u64;
+    }
+    if let Some(rule) = complained_rule(event, &outcome, policy) {
+        let since = to_ms(now - chrono::Duration::days(7));
+        let count = |sql: &str| -> Result<i64> {
+            Ok(tx
+                .prepare_cached(sql)?
+                .query_row(params![rule, since], |r| r.get(0))?)
+        };
+        if let Some(reason) = pause_reason(policy, count(COMPLAINTS_BY_RULE)?, count(SENT_BY_RULE)?)
+            && tx
+                .prepare_cached(PAUSE)?
+                .execute(params![rule, reason, to_ms(now)])?
+                == 1
+        {
+            outcome.paused = Some(rule.to_owned());
+        }
     }
     Ok(outcome)
 }
@@ -279,6 +428,82 @@ impl Store {
         .await
     }
 
+    /// Reputation figures per rule and overall, over the last day and the last 7 days.
+    pub async fn delivery_figures(&self, now: DateTime<Utc>) -> Result<Vec<DeliveryFigures>> {
+        if let Some(database) = self.postgres() {
+            return database
+                .delivery_figures(now)
+                .await
+                .map_err(|error| database.named(error));
+        }
+        self.read(move |db| {
+            let mut all = Vec::new();
+            for (window, days) in WINDOWS {
+                let since = to_ms(now - chrono::Duration::days(days));
+                let sent = db
+                    .prepare_cached(SENT_FIGURES)?
+                    .query_map([since], |r| Ok((r.get(0)?, r.get(1)?)))?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                let events = db
+                    .prepare_cached(EVENT_FIGURES)?
+                    .query_map([since], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                all.extend(fold_figures(window, sent, events));
+            }
+            Ok(all)
+        })
+        .await
+    }
+
+    /// The paused marketing rules, by name.
+    pub async fn rule_pauses(&self) -> Result<Vec<RulePause>> {
+        if let Some(database) = self.postgres() {
+            return database
+                .rule_pauses(None)
+                .await
+                .map_err(|error| database.named(error));
+        }
+        self.read(|db| {
+            let rows = db
+                .prepare_cached(PAUSES)?
+                .query_map([], |r| {
+                    Ok(RulePause {
+                        rule: r.get(0)?,
+                        reason: r.get(1)?,
+                        paused_at: from_ms(r.get(2)?),
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    /// Resumes a paused rule (an operator's command); what was removed, `None` when the
+    /// rule was not paused.
+    pub async fn resume_rule(&self, rule: String) -> Result<Option<RulePause>> {
+        if let Some(database) = self.postgres() {
+            return database
+                .rule_pauses(Some(&rule))
+                .await
+                .map(|mut removed| removed.pop())
+                .map_err(|error| database.named(error));
+        }
+        self.write(move |tx| {
+            Ok(tx
+                .prepare_cached(RESUME)?
+                .query_row([rule], |r| {
+                    Ok(RulePause {
+                        rule: r.get(0)?,
+                        reason: r.get(1)?,
+                        paused_at: from_ms(r.get(2)?),
+                    })
+                })
+                .optional()?)
+        })
+        .await
+    }
+
     /// The delivery events of one address, oldest first.
     pub async fn delivery_events_for_email(&self, email: String) -> Result<Vec<DeliveryEvent>> {
         let email = email.trim().to_lowercase();
@@ -317,6 +542,8 @@ mod tests {
             transient_limit: 2,
             transient_window: Duration::from_secs(24 * 3600),
             marketing_rules: vec!["carts".into()],
+            pause_above: 0.3,
+            pause_min_sent: 3,
         }
     }
 
@@ -556,6 +783,85 @@ mod tests {
                 // Not marketing: left pending, and the suppression stops it at send time.
                 assert_eq!(state_of(&store, transactional[0]).await.0, "pending");
                 assert_eq!(state_of(&store, someone_else[0]).await.0, "pending");
+            },
+        )
+        .await;
+    }
+
+    #[tokio::test]
+    async fn complaints_past_the_threshold_pause_the_marketing_rule_until_it_is_resumed() {
+        on_both(
+            "complaints_past_the_threshold_pause_the_marketing_rule_until_it_is_resumed",
+            async |store| {
+                let mut sent = Vec::new();
+                for (n, email) in ["a", "b", "c", "d"].iter().enumerate() {
+                    let id = emails(
+                        &store,
+                        &format!("d{n}"),
+                        "carts",
+                        &format!("{email}@example.com"),
+                        1,
+                    )
+                    .await[0];
+                    exec(
+                        &store,
+                        "UPDATE outbox SET state = 'sent', sent_at = ?2 WHERE id = ?1",
+                        vec![Value::Int(id), Value::Int(to_ms(at(1)))],
+                    )
+                    .await;
+                    sent.push(id);
+                }
+                let complain = |key: &'static str, email: &'static str, id: i64| {
+                    let mut complaint = event(key, email, DeliveryClass::Complaint, 5);
+                    complaint.outbox_id = Some(id);
+                    complaint
+                };
+                let first = store
+                    .record_delivery_events(
+                        vec![complain("c1", "a@example.com", sent[0])],
+                        policy(),
+                        at(6),
+                    )
+                    .await
+                    .unwrap();
+                // 1 of 4: 25 %, under the 30 % of the test policy.
+                assert_eq!(first[0].paused, None);
+                assert!(store.rule_pauses().await.unwrap().is_empty());
+                let second = store
+                    .record_delivery_events(
+                        vec![complain("c2", "b@example.com", sent[1])],
+                        policy(),
+                        at(7),
+                    )
+                    .await
+                    .unwrap();
+                assert_eq!(second[0].paused.as_deref(), Some("carts"));
+                let pauses = store.rule_pauses().await.unwrap();
+                assert_eq!(pauses.len(), 1);
+                assert!(
+                    pauses[0].reason.starts_with("complaint rate 50.00 %"),
+                    "{pauses:?}"
+                );
+
+                let figures = store.delivery_figures(at(8)).await.unwrap();
+                let day = |rule: Option<&str>| {
+                    figures
+                        .iter()
+                        .find(|f| f.window == "1d" && f.rule.as_deref() == rule)
+                        .cloned()
+                        .expect("the figures")
+                };
+                let carts = day(Some("carts"));
+                assert_eq!(
+                    (carts.sent, carts.complained, carts.complaint_rate),
+                    (4, 2, Some(0.5))
+                );
+                assert_eq!(day(None).sent, 4);
+
+                let resumed = store.resume_rule("carts".into()).await.unwrap();
+                assert_eq!(resumed.map(|p| p.rule).as_deref(), Some("carts"));
+                assert!(store.resume_rule("carts".into()).await.unwrap().is_none());
+                assert!(store.rule_pauses().await.unwrap().is_empty());
             },
         )
         .await;

@@ -52,7 +52,9 @@ pub use deals::{
     AppliedMapping, DealFilter, DealUpsert, NativeStageGroup, StageCount, StageMove, UnmappedStage,
     UpsertOutcome,
 };
-pub use delivery::{DeliveryEvent, DeliveryOutcome, DeliveryPolicy, NewDeliveryEvent};
+pub use delivery::{
+    DeliveryEvent, DeliveryFigures, DeliveryOutcome, DeliveryPolicy, NewDeliveryEvent, RulePause,
+};
 pub use digests::{AssembleOutcome, DigestClaim, DigestFinish, DigestRow, DigestWatch};
 pub use inbox::{
     EnqueueError, Enqueued, InboxCounts, InboxRow, MAX_PENDING, NewWebhook, Replayed, Settlement,

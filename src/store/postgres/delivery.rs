@@ -9,9 +9,12 @@ use super::Database;
 use super::deals::pg_text;
 use crate::domain::delivery::DeliveryClass;
 use crate::store::delivery::{
-    COMPLAINT_SKIP, COUNT_TRANSIENT, DeliveryEvent, DeliveryOutcome, DeliveryPolicy, INSERT,
-    NewDeliveryEvent, OUTBOX_BY_ID, OUTBOX_BY_MESSAGE_ID, bracketed, effect, event_from, pg,
+    COMPLAINT_SKIP, COMPLAINTS_BY_RULE, COUNT_TRANSIENT, DeliveryEvent, DeliveryFigures,
+    DeliveryOutcome, DeliveryPolicy, EVENT_FIGURES, INSERT, NewDeliveryEvent, OUTBOX_BY_ID,
+    OUTBOX_BY_MESSAGE_ID, PAUSE, PAUSES, RESUME, RulePause, SENT_BY_RULE, SENT_FIGURES, WINDOWS,
+    bracketed, complained_rule, effect, event_from, fold_figures, pause_reason, pg,
 };
+use crate::store::from_ms;
 use crate::store::{Result, to_ms};
 use chrono::{DateTime, Utc};
 use deadpool_postgres::GenericClient;
@@ -74,8 +77,10 @@ pub(super) async fn record_one(
         class: event.class,
         recorded: inserted,
         outbox_id,
+        rule: rule.clone(),
         suppressed: None,
         stopped: 0,
+        paused: None,
     };
     if !inserted {
         return Ok(outcome);
@@ -108,6 +113,27 @@ pub(super) async fn record_one(
             )
             .await?;
     }
+    if let Some(rule) = complained_rule(event, &outcome, policy) {
+        let since = to_ms(now - chrono::Duration::days(7));
+        let mut counts = [0i64; 2];
+        for (slot, sql) in counts.iter_mut().zip([COMPLAINTS_BY_RULE, SENT_BY_RULE]) {
+            let statement = tx.prepare_cached(&pg(sql)).await?;
+            *slot = tx
+                .query_one(&statement, &[&rule, &since])
+                .await?
+                .try_get(0)?;
+        }
+        if let Some(reason) = pause_reason(policy, counts[0], counts[1]) {
+            let statement = tx.prepare_cached(&pg(PAUSE)).await?;
+            if tx
+                .execute(&statement, &[&rule, &reason, &to_ms(now)])
+                .await?
+                == 1
+            {
+                outcome.paused = Some(rule.to_owned());
+            }
+        }
+    }
     Ok(outcome)
 }
 
@@ -127,6 +153,48 @@ impl Database {
         }
         tx.commit().await?;
         Ok(outcomes)
+    }
+
+    /// Reputation figures per rule and overall, over each of `WINDOWS`.
+    pub async fn delivery_figures(&self, now: DateTime<Utc>) -> Result<Vec<DeliveryFigures>> {
+        let client = self.client().await?;
+        let mut all = Vec::new();
+        for (window, days) in WINDOWS {
+            let since = to_ms(now - chrono::Duration::days(days));
+            let sent = client
+                .query(&pg(SENT_FIGURES), &[&since])
+                .await?
+                .iter()
+                .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+                .collect::<std::result::Result<Vec<_>, tokio_postgres::Error>>()?;
+            let events = client
+                .query(&pg(EVENT_FIGURES), &[&since])
+                .await?
+                .iter()
+                .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
+                .collect::<std::result::Result<Vec<_>, tokio_postgres::Error>>()?;
+            all.extend(fold_figures(window, sent, events));
+        }
+        Ok(all)
+    }
+
+    /// Every paused rule, or (with `resume`) the removal of one, returning it.
+    pub async fn rule_pauses(&self, resume: Option<&str>) -> Result<Vec<RulePause>> {
+        let client = self.client().await?;
+        let rows = match resume {
+            Some(rule) => client.query(&pg(RESUME), &[&rule]).await?,
+            None => client.query(PAUSES, &[]).await?,
+        };
+        Ok(rows
+            .iter()
+            .map(|r| {
+                Ok(RulePause {
+                    rule: r.try_get(0)?,
+                    reason: r.try_get(1)?,
+                    paused_at: from_ms(r.try_get(2)?),
+                })
+            })
+            .collect::<std::result::Result<Vec<_>, tokio_postgres::Error>>()?)
     }
 
     /// Runs one of `store::delivery`'s event queries (already in `$N` form or not).

@@ -54,6 +54,7 @@ pub const TABLES: &[(File, &str)] = &[
     (File::Database, "digest_runs"),
     (File::Database, "suppressions"),
     (File::Database, "delivery_events"),
+    (File::Database, "rule_pauses"),
     (File::Database, "oauth_tokens"),
     (File::Inbox, "webhook_inbox"),
     (File::Inbox, "webhook_bodies"),

@@ -26,3 +26,12 @@ CREATE INDEX delivery_events_by_outbox ON delivery_events (outbox_id);
 CREATE INDEX delivery_events_by_time ON delivery_events (occurred_at);
 -- Bounces name the email by the Message-ID dealsync set.
 CREATE INDEX outbox_by_message_id ON outbox (message_id) WHERE message_id IS NOT NULL;
+
+-- Marketing rules paused because their complaint rate passed
+-- deliverability.complaint_rate_pause; only an operator's
+-- `dealsync deliverability resume RULE` removes a row.
+CREATE TABLE rule_pauses (
+    rule      TEXT PRIMARY KEY,
+    reason    TEXT NOT NULL,
+    paused_at BIGINT NOT NULL
+);
