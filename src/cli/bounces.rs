@@ -4,7 +4,7 @@
 //! others are still read (exit 1 at the end); a message that is no report is named and
 //! skipped, never guessed at.
 
-use super::args::BouncesIngestArgs;
+use super::args::{BouncesIngestArgs, DeliverabilityResumeArgs, DeliverabilityShowArgs};
 use super::context::{CliError, ConfigSource, load, open_store};
 use crate::deliverability::{self, IngestError};
 use crate::output::{self, Rows, ViewFormat};
@@ -86,6 +86,88 @@ pub async fn ingest(source: &ConfigSource, args: BouncesIngestArgs) -> Result<()
     }
 }
 
+/// The figures as a table: one line per rule and window, the overall line last.
+pub fn figures_table(figures: &[crate::store::DeliveryFigures]) -> String {
+    let mut rows = Rows::new(vec![
+        "rule",
+        "window",
+        "sent",
+        "bounced permanent",
+        "bounced transient",
+        "blocked",
+        "complained",
+        "complaint rate",
+    ]);
+    for line in figures {
+        rows.push(vec![
+            line.rule.clone().unwrap_or_else(|| "(all)".to_owned()),
+            line.window.to_owned(),
+            line.sent.to_string(),
+            line.bounced_permanent.to_string(),
+            line.bounced_transient.to_string(),
+            line.blocked.to_string(),
+            line.complained.to_string(),
+            line.complaint_rate
+                .map_or_else(|| "-".to_owned(), |rate| format!("{:.2} %", 100.0 * rate)),
+        ]);
+    }
+    rows.render(output::Format::Table)
+}
+
+/// `deliverability show`.
+pub async fn show(source: &ConfigSource, args: DeliverabilityShowArgs) -> Result<(), CliError> {
+    let config = load(source).await?;
+    let store = open_store(&config).await?;
+    let figures = store.delivery_figures(Utc::now()).await?;
+    let pauses = store.rule_pauses().await?;
+    output::print(&match args.format {
+        ViewFormat::Json => output::to_json(&json!({ "figures": figures, "paused": pauses })),
+        ViewFormat::Table => {
+            let mut text = figures_table(&figures);
+            text.push_str("\nPaused rules\n");
+            if pauses.is_empty() {
+                text.push_str("none\n");
+            }
+            for pause in &pauses {
+                text.push_str(&format!(
+                    "{} since {}: {} (`dealsync deliverability resume {}`)\n",
+                    pause.rule,
+                    output::time(pause.paused_at),
+                    pause.reason,
+                    pause.rule
+                ));
+            }
+            text
+        }
+    });
+    Ok(())
+}
+
+/// `deliverability resume RULE`.
+pub async fn resume(source: &ConfigSource, args: DeliverabilityResumeArgs) -> Result<(), CliError> {
+    let config = load(source).await?;
+    let store = open_store(&config).await?;
+    let Some(removed) = store.resume_rule(args.rule.clone()).await? else {
+        return Err(CliError::Usage(format!(
+            "rule {} is not paused (`dealsync deliverability show` lists the paused rules)",
+            args.rule
+        )));
+    };
+    let text = format!(
+        "rule {} resumed (it was paused since {}: {}); its waiting steps are sent from the daemon's next pass, those later than the late grace are skipped",
+        removed.rule,
+        output::time(removed.paused_at),
+        removed.reason
+    );
+    output::print(&match args.format {
+        ViewFormat::Table => format!("{text}\n"),
+        ViewFormat::Json => output::to_json(
+            &json!({ "rule": removed.rule, "outcome": "resumed", "removed": removed, "message": text }),
+        ),
+    });
+    Ok(())
+}
+
 /// What recording one event did, in words.
 pub fn describe(outcome: &crate::store::DeliveryOutcome) -> String {
     if !outcome.recorded {
@@ -98,6 +180,9 @@ pub fn describe(outcome: &crate::store::DeliveryOutcome) -> String {
     match &outcome.suppressed {
         Some(reason) => text.push_str(&format!("; address suppressed ({reason})")),
         None => text.push_str("; address not suppressed"),
+    }
+    if let Some(rule) = &outcome.paused {
+        text.push_str(&format!("; rule {rule} paused for its complaint rate"));
     }
     if outcome.stopped > 0 {
         text.push_str(&format!(

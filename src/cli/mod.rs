@@ -77,6 +77,12 @@ pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
             SuppressionsCommand::Show(args) => ops::suppressions_show(source, args).await,
         },
         Command::Bounces(BouncesCommand::Ingest(args)) => bounces::ingest(source, args).await,
+        Command::Deliverability(DeliverabilityCommand::Show(args)) => {
+            bounces::show(source, args).await
+        }
+        Command::Deliverability(DeliverabilityCommand::Resume(args)) => {
+            bounces::resume(source, args).await
+        }
         Command::MigrateStore(args) => migrate_store::migrate_store(source, args).await,
         Command::Completions(args) => {
             let mut script = Vec::new();

@@ -624,3 +624,133 @@ webhook_secret = "{sendgrid_public}"
         assert_eq!(messages_to(&smtp, email).len(), 1, "{email}");
     }
 }
+
+const ARF_TEMPLATE: &str = include_str!("../fixtures/bounces/arf-template.eml");
+
+/// A complaint feedback report (ARF) about `mail`, as a mailbox provider sends it back.
+fn complaint_for(mail: &ReceivedMail) -> Vec<u8> {
+    let message_id = header(&mail.data, "Message-ID").expect("a Message-ID");
+    ARF_TEMPLATE
+        .replace("${RETURN_PATH}", &mail.mail_from)
+        .replace("${RECIPIENT}", &mail.rcpt_to[0])
+        .replace("${MESSAGE_ID}", &message_id)
+        .into_bytes()
+}
+
+#[tokio::test]
+async fn a_complaint_rate_past_the_threshold_pauses_the_marketing_rule_until_an_operator_resumes_it()
+ {
+    let smtp = SmtpServer::start().await;
+    let pause = "complaint_rate_pause = \"10%\"\ncomplaint_pause_min_sent = 2\n";
+    let daemon = TestDaemon::start(&format!(
+        "{}{}{pause}",
+        config(&smtp, "", &rule()),
+        deliverability(3)
+    ))
+    .await;
+    let store = store(&daemon);
+    let now = Utc::now();
+    let complainer = put_cart(
+        &store,
+        "shop",
+        "a1",
+        "ann@example.com",
+        Some(true),
+        "cart_abandoned",
+        now,
+    )
+    .await;
+    let other = put_cart(
+        &store,
+        "shop",
+        "b1",
+        "bea@example.com",
+        Some(true),
+        "cart_abandoned",
+        now,
+    )
+    .await;
+    let third = put_cart(
+        &store,
+        "web",
+        "c1",
+        "cy@example.com",
+        Some(true),
+        "cart_abandoned",
+        now,
+    )
+    .await;
+    let ann_first = nth_message(&smtp, "ann@example.com", 1).await;
+    nth_message(&smtp, "bea@example.com", 1).await;
+    nth_message(&smtp, "cy@example.com", 1).await;
+
+    // One complaint of three emails sent: 33 %, past the 10 % threshold.
+    let (status, answer) = post_bounce(&daemon, Some(TOKEN), complaint_for(&ann_first)).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["events"][0]["class"], "complaint", "{answer}");
+    assert_eq!(answer["events"][0]["paused"], "carts", "{answer}");
+    assert_eq!(answer["events"][0]["suppressed"], "complaint", "{answer}");
+
+    // Visible on /readyz (the daemon stays ready) and in /metrics.
+    let (code, body) = daemon.get("/readyz").await;
+    assert_eq!(code, 200, "{body}");
+    let ready: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(ready["paused_rules"][0]["rule"], "carts", "{body}");
+    let (_, metrics) = daemon.get("/metrics").await;
+    for line in [
+        "dealsync_followup_rule_paused{rule=\"carts\",state=\"paused\"} 1",
+        "dealsync_deliverability_emails{rule=\"carts\",window=\"7d\",outcome=\"sent\"} 3",
+        "dealsync_deliverability_emails{rule=\"carts\",window=\"1d\",outcome=\"complained\"} 1",
+        "dealsync_deliverability_complaint_rate{rule=\"all\",window=\"1d\"} 0.333",
+    ] {
+        assert!(metrics.contains(line), "{line} not in:\n{metrics}");
+    }
+
+    // The other shoppers' next steps wait while the rule is paused.
+    let waiting = eventually(
+        "bea's second step to wait for the paused rule",
+        WAIT,
+        || async {
+            let rows = outbox_rows(&daemon, other);
+            let (_, state, reason) = rows[1].clone();
+            (state == "pending"
+                && reason
+                    .as_deref()
+                    .unwrap_or_default()
+                    .contains("rule paused"))
+            .then_some(reason)
+        },
+    )
+    .await;
+    assert!(
+        waiting
+            .unwrap_or_default()
+            .contains("dealsync deliverability resume carts")
+    );
+    assert_eq!(messages_to(&smtp, "bea@example.com").len(), 1);
+
+    let (code, shown) = cli(&daemon, &["deliverability", "show"]).await;
+    assert_eq!(code, 0, "{shown}");
+    assert!(
+        shown.contains("33.33 %")
+            && shown.contains("Paused rules")
+            && shown.contains("carts since"),
+        "{shown}"
+    );
+
+    // Only the operator resumes it; then the waiting steps go out, never to the
+    // complainer.
+    let (code, resumed) = cli(&daemon, &["deliverability", "resume", "carts"]).await;
+    assert_eq!(code, 0, "{resumed}");
+    nth_message(&smtp, "bea@example.com", 2).await;
+    nth_message(&smtp, "cy@example.com", 2).await;
+    let (code, again) = cli(&daemon, &["deliverability", "resume", "carts"]).await;
+    assert_eq!(code, 2, "{again}");
+    let ann = settled(&daemon, complainer).await;
+    assert!(
+        ann[1..].iter().all(|(_, state, _)| state == "skipped"),
+        "{ann:?}"
+    );
+    settled(&daemon, third).await;
+    assert_eq!(messages_to(&smtp, "ann@example.com").len(), 1);
+}

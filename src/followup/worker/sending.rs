@@ -41,6 +41,41 @@ impl Worker {
         };
         let email = &self.config.email;
         if rule.kind == RuleKind::Marketing
+            && let Some(pause) = self
+                .store
+                .rule_pauses()
+                .await?
+                .into_iter()
+                .find(|pause| pause.rule == rule.name)
+        {
+            // Paused for its complaint rate: the step waits for an operator's resume,
+            // and is skipped once it is later than the grace, as any late step.
+            let grace = chrono::Duration::from_std(rule.late_grace.unwrap_or(email.late_grace))
+                .unwrap_or(chrono::Duration::MAX);
+            // Looked at again as often as an operator's retry is picked up.
+            let until = now + chrono::Duration::from_std(email.enroll_interval).unwrap_or_default();
+            self.store
+                .claim(id, now, ClaimQuery::default(), move |facts| {
+                    if now - facts.row.due_at > grace {
+                        ClaimDecision::Skip(format!(
+                            "rule paused past the late grace: {}",
+                            pause.reason
+                        ))
+                    } else {
+                        ClaimDecision::Defer {
+                            until,
+                            reason: format!(
+                                "rule paused (`dealsync deliverability resume {}` resumes it): {}",
+                                pause.rule, pause.reason
+                            ),
+                        }
+                    }
+                })
+                .await?;
+            self.count(&rule.name, "deferred");
+            return Ok(());
+        }
+        if rule.kind == RuleKind::Marketing
             && rule.to == Recipient::Contact
             && let Some(source) = &self.source
             && let Some(deal) = self.store.outbox_email_deal(id).await?
