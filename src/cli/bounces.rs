@@ -88,28 +88,9 @@ pub async fn ingest(source: &ConfigSource, args: BouncesIngestArgs) -> Result<()
 
 /// The figures as a table: one line per rule and window, the overall line last.
 pub fn figures_table(figures: &[crate::store::DeliveryFigures]) -> String {
-    let mut rows = Rows::new(vec![
-        "rule",
-        "window",
-        "sent",
-        "bounced permanent",
-        "bounced transient",
-        "blocked",
-        "complained",
-        "complaint rate",
-    ]);
+    let mut rows = Rows::new(deliverability::FIGURES_COLUMNS.to_vec());
     for line in figures {
-        rows.push(vec![
-            line.rule.clone().unwrap_or_else(|| "(all)".to_owned()),
-            line.window.to_owned(),
-            line.sent.to_string(),
-            line.bounced_permanent.to_string(),
-            line.bounced_transient.to_string(),
-            line.blocked.to_string(),
-            line.complained.to_string(),
-            line.complaint_rate
-                .map_or_else(|| "-".to_owned(), |rate| format!("{:.2} %", 100.0 * rate)),
-        ]);
+        rows.push(deliverability::figures_row(line).to_vec());
     }
     rows.render(output::Format::Table)
 }

@@ -959,7 +959,15 @@ async fn report(source: &ConfigSource, args: ReportArgs) -> Result<(), CliError>
     let text = match args.format {
         Format::Json => output::to_json(&report),
         Format::Csv => render::csv(&report, args.section),
-        Format::Table => render::table(&report, args.by_connection),
+        Format::Table => {
+            // The reputation figures of the follow-ups, as `deliverability show` has them.
+            let figures = store.delivery_figures(chrono::Utc::now()).await?;
+            format!(
+                "{}\nDeliverability (follow-up emails, last 1d and 7d)\n{}",
+                render::table(&report, args.by_connection),
+                bounces::figures_table(&figures)
+            )
+        }
     };
     output::print(&text);
     Ok(())

@@ -41,6 +41,33 @@ pub fn policy_of(
     }
 }
 
+/// The columns of [`figures_row`].
+pub const FIGURES_COLUMNS: [&str; 8] = [
+    "rule",
+    "window",
+    "sent",
+    "bounced permanent",
+    "bounced transient",
+    "blocked",
+    "complained",
+    "complaint rate",
+];
+
+/// One line of reputation figures as table cells (the CLI, the status page).
+pub fn figures_row(line: &crate::store::DeliveryFigures) -> [String; 8] {
+    [
+        line.rule.clone().unwrap_or_else(|| "(all)".to_owned()),
+        line.window.to_owned(),
+        line.sent.to_string(),
+        line.bounced_permanent.to_string(),
+        line.bounced_transient.to_string(),
+        line.blocked.to_string(),
+        line.complained.to_string(),
+        line.complaint_rate
+            .map_or_else(|| "-".to_owned(), |rate| format!("{:.2} %", 100.0 * rate)),
+    ]
+}
+
 /// Why a bounce email was not recorded.
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {

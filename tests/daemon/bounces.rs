@@ -731,6 +731,12 @@ async fn a_complaint_rate_past_the_threshold_pauses_the_marketing_rule_until_an_
 
     let (code, shown) = cli(&daemon, &["deliverability", "show"]).await;
     assert_eq!(code, 0, "{shown}");
+    let (code, report) = cli(&daemon, &["report"]).await;
+    assert_eq!(code, 0, "{report}");
+    assert!(
+        report.contains("Deliverability") && report.contains("33.33 %"),
+        "{report}"
+    );
     assert!(
         shown.contains("33.33 %")
             && shown.contains("Paused rules")
