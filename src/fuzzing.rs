@@ -318,6 +318,9 @@ fn webhook(connector: &dyn Connector, data: &[u8]) {
                     WebhookAction::Delivery(event) => {
                         assert!(!event.key.is_empty(), "a delivery event without a key")
                     }
+                    WebhookAction::ConfirmSubscription { url } => {
+                        assert!(!url.is_empty(), "a confirmation without a URL")
+                    }
                 }
             }
         }

@@ -1,5 +1,5 @@
-//! Email providers' bounce and complaint webhooks: the `postmark`, `mailgun` and
-//! `sendgrid` connectors. Each takes webhooks only (no polling, no deals); a verified
+//! Email providers' bounce and complaint webhooks: the `postmark`, `mailgun`,
+//! `sendgrid` and `ses` (Amazon SES through SNS) connectors. Each takes webhooks only (no polling, no deals); a verified
 //! delivery becomes [`WebhookAction::Delivery`] events, which the inbox worker records
 //! with their effects (`store::delivery`) in the transaction that settles the row, so a
 //! 2xx means the delivery is stored and its effects follow, as for every webhook.
@@ -15,10 +15,16 @@
 //! Authentication ([`Connector::webhook_scheme`]): Postmark signs nothing and sends the
 //! basic-auth credentials of the webhook URL (`user:password` as the connection's
 //! `webhook_secret`, checked like Pipedrive's); Mailgun and SendGrid as in
-//! `signature::providers`.
+//! `signature::providers`. SES through SNS: the connection's `webhook_secret` lists the
+//! accepted SNS topic ARNs; a delivery from another topic is refused before anything is
+//! fetched; the signing certificate is fetched (and kept) only from an SNS host
+//! (`https://sns.<region>.amazonaws.com/…pem`), and the subscription is confirmed by
+//! GETting its `SubscribeURL` on such a host. `settings.signing_cert_hosts` adds
+//! `host:port` pairs on the loopback interface, over plain HTTP: for tests only, never
+//! another machine.
 
 use super::ecommerce::{bad, parse_body};
-use super::signature::{DEFAULT_TOLERANCE, Scheme};
+use super::signature::{DEFAULT_TOLERANCE, Scheme, SnsEnvelope, rsa_key_of_certificate};
 use super::{BadRecord, Connector, WebhookAction, WebhookEvent};
 use crate::domain::delivery::{DeliveryClass, classify_bounce};
 use crate::store::NewDeliveryEvent;
@@ -31,17 +37,19 @@ pub enum Provider {
     Postmark,
     Mailgun,
     SendGrid,
+    Ses,
 }
 
 impl Provider {
     /// The connector names, as `connections.NAME.connector` gives them.
-    pub const NAMES: &[&str] = &["postmark", "mailgun", "sendgrid"];
+    pub const NAMES: &[&str] = &["postmark", "mailgun", "sendgrid", "ses"];
 
     pub fn parse(name: &str) -> Option<Provider> {
         Some(match name {
             "postmark" => Provider::Postmark,
             "mailgun" => Provider::Mailgun,
             "sendgrid" => Provider::SendGrid,
+            "ses" => Provider::Ses,
             _ => return None,
         })
     }
@@ -50,11 +58,87 @@ impl Provider {
 /// The connector of one provider connection.
 pub struct DeliveryConnector {
     provider: Provider,
+    sns: Option<Sns>,
 }
+
+/// What an SES connection needs for SNS: the accepted topics, where certificates may
+/// come from, the client that fetches them and the certificates fetched.
+struct Sns {
+    topics: Vec<String>,
+    /// Loopback `host:port` pairs allowed over plain HTTP (tests).
+    test_hosts: Vec<String>,
+    client: reqwest::Client,
+    /// Certificate URL → RSA key. A std mutex: held for a lookup or an insert, never
+    /// across an await.
+    keys: std::sync::Mutex<std::collections::HashMap<String, Vec<u8>>>,
+}
+
+/// The largest certificate read.
+const MAX_CERTIFICATE_BYTES: usize = 64 * 1024;
 
 impl DeliveryConnector {
     pub fn new(provider: Provider) -> Self {
-        DeliveryConnector { provider }
+        DeliveryConnector {
+            provider,
+            sns: None,
+        }
+    }
+
+    /// Builds the connector of a connection; errors are (settings key, message).
+    pub fn from_config(
+        provider: Provider,
+        connection: &crate::config::ConnectionConfig,
+    ) -> Result<Self, (String, String)> {
+        let mut test_hosts = Vec::new();
+        for (key, value) in &connection.settings {
+            match (provider, key.as_str()) {
+                (Provider::Ses, "signing_cert_hosts") => {
+                    let hosts = value.as_array().ok_or_else(|| {
+                        (
+                            key.clone(),
+                            "expected a list of \"127.0.0.1:PORT\"".to_owned(),
+                        )
+                    })?;
+                    for host in hosts {
+                        let host = host
+                            .as_str()
+                            .filter(|h| loopback(h))
+                            .ok_or_else(|| {
+                                (
+                                    key.clone(),
+                                    "only loopback host:port pairs (tests); SNS certificates otherwise come from sns.<region>.amazonaws.com".to_owned(),
+                                )
+                            })?;
+                        test_hosts.push(host.to_owned());
+                    }
+                }
+                _ => {
+                    return Err((
+                        key.clone(),
+                        "unknown setting (ses knows signing_cert_hosts; the others none)"
+                            .to_owned(),
+                    ));
+                }
+            }
+        }
+        let sns = match provider {
+            Provider::Ses => Some(Sns {
+                topics: connection
+                    .webhook_secrets
+                    .iter()
+                    .map(|topic| topic.expose().to_owned())
+                    .collect(),
+                test_hosts,
+                client: reqwest::Client::builder()
+                    .redirect(reqwest::redirect::Policy::none())
+                    .timeout(std::time::Duration::from_secs(10))
+                    .build()
+                    .map_err(|error| ("signing_cert_hosts".to_owned(), error.to_string()))?,
+                keys: Default::default(),
+            }),
+            _ => None,
+        };
+        Ok(DeliveryConnector { provider, sns })
     }
 
     /// The events of one verified delivery.
@@ -65,6 +149,7 @@ impl DeliveryConnector {
             Provider::Postmark => postmark(&payload, &source, event)?,
             Provider::Mailgun => mailgun(&payload, &source, event)?,
             Provider::SendGrid => sendgrid(&payload, &source, event)?,
+            Provider::Ses => ses(&payload, &source, event)?,
         };
         Ok(events.into_iter().flatten().collect())
     }
@@ -77,6 +162,7 @@ impl Connector for DeliveryConnector {
             Provider::Postmark => "postmark",
             Provider::Mailgun => "mailgun",
             Provider::SendGrid => "sendgrid",
+            Provider::Ses => "ses",
         }
     }
 
@@ -91,15 +177,155 @@ impl Connector for DeliveryConnector {
             Provider::Postmark => Scheme::PipedriveBasic,
             Provider::Mailgun => Scheme::Mailgun { tolerance },
             Provider::SendGrid => Scheme::SendGrid { tolerance },
+            Provider::Ses => Scheme::Sns,
         })
     }
 
+    async fn webhook_keys(&self, body: &[u8]) -> Result<Option<Vec<Vec<u8>>>, String> {
+        let Some(sns) = &self.sns else {
+            return Ok(None);
+        };
+        let envelope = SnsEnvelope::parse(body).ok_or_else(|| {
+            "not an SNS message (JSON with Type, TopicArn, SigningCertURL, …)".to_owned()
+        })?;
+        if !sns.topics.iter().any(|topic| *topic == envelope.topic_arn) {
+            return Err(format!(
+                "topic {} is not among the connection's webhook_secret topic ARNs",
+                envelope.topic_arn
+            ));
+        }
+        let url = sns.allowed(&envelope.signing_cert_url, true)?;
+        if let Some(key) = sns.cached(url.as_str()) {
+            return Ok(Some(vec![key]));
+        }
+        let response = sns
+            .client
+            .get(url.clone())
+            .send()
+            .await
+            .map_err(|error| format!("fetching the signing certificate {url}: {error}"))?;
+        if !response.status().is_success() {
+            return Err(format!(
+                "fetching the signing certificate {url}: HTTP {}",
+                response.status()
+            ));
+        }
+        let pem = response
+            .bytes()
+            .await
+            .map_err(|error| format!("reading the signing certificate {url}: {error}"))?;
+        if pem.len() > MAX_CERTIFICATE_BYTES {
+            return Err(format!("the signing certificate {url} is too large"));
+        }
+        let key = rsa_key_of_certificate(&pem)
+            .map_err(|error| format!("the signing certificate {url}: {error}"))?;
+        sns.keep(url.as_str(), key.clone());
+        Ok(Some(vec![key]))
+    }
+
+    async fn confirm_subscription(
+        &self,
+        _cx: &super::SyncContext,
+        url: &str,
+    ) -> Result<(), super::ConnectorError> {
+        let bad = |reason: String| super::ConnectorError::BadResponse {
+            vendor: "sns".to_owned(),
+            reason,
+        };
+        let sns = self
+            .sns
+            .as_ref()
+            .ok_or_else(|| bad("not an SNS connection".to_owned()))?;
+        let url = sns.allowed(url, false).map_err(bad)?;
+        let response = sns.client.get(url.clone()).send().await.map_err(|error| {
+            super::ConnectorError::Transient {
+                vendor: "sns".to_owned(),
+                reason: format!("confirming the subscription: {error}"),
+                retry_after: None,
+            }
+        })?;
+        if response.status().is_success() {
+            Ok(())
+        } else {
+            Err(super::ConnectorError::Transient {
+                vendor: "sns".to_owned(),
+                reason: format!("confirming the subscription: HTTP {}", response.status()),
+                retry_after: None,
+            })
+        }
+    }
+
     fn parse_webhook(&self, event: &WebhookEvent) -> Result<Vec<WebhookAction>, BadRecord> {
+        if let Some(sns) = &self.sns {
+            let payload = parse_body(&event.body)?;
+            let envelope = SnsEnvelope::parse(&event.body)
+                .ok_or_else(|| bad(&payload, None, "not an SNS message"))?;
+            match envelope.kind.as_str() {
+                "SubscriptionConfirmation" => {
+                    let url = envelope.subscribe_url.unwrap_or_default();
+                    sns.allowed(&url, false)
+                        .map_err(|reason| bad(&payload, None, reason))?;
+                    return Ok(vec![WebhookAction::ConfirmSubscription { url }]);
+                }
+                "Notification" => {}
+                _ => return Ok(Vec::new()),
+            }
+        }
         Ok(self
             .events(event)?
             .into_iter()
             .map(|event| WebhookAction::Delivery(Box::new(event)))
             .collect())
+    }
+}
+
+/// Whether `host_port` is `127.x.x.x:PORT` or `[::1]:PORT`.
+fn loopback(host_port: &str) -> bool {
+    host_port
+        .parse::<std::net::SocketAddr>()
+        .is_ok_and(|address| address.ip().is_loopback())
+}
+
+impl Sns {
+    /// `text` as a URL dealsync may fetch: HTTPS on an SNS host
+    /// (`sns.<region>.amazonaws.com`, a `.pem` path for a certificate), or a test host.
+    fn allowed(&self, text: &str, certificate: bool) -> Result<url::Url, String> {
+        let refuse =
+            || format!("{text} is not on an SNS host (https://sns.<region>.amazonaws.com/)");
+        let url = url::Url::parse(text).map_err(|_| refuse())?;
+        let host = url.host_str().unwrap_or_default();
+        let port = url.port_or_known_default().unwrap_or_default();
+        let region = host
+            .strip_prefix("sns.")
+            .and_then(|rest| {
+                rest.strip_suffix(".amazonaws.com")
+                    .or_else(|| rest.strip_suffix(".amazonaws.com.cn"))
+            })
+            .filter(|region| {
+                !region.is_empty()
+                    && region
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            });
+        let aws = url.scheme() == "https" && region.is_some() && url.username().is_empty();
+        let test = url.scheme() == "http"
+            && self.test_hosts.iter().any(|allowed| {
+                *allowed == format!("{host}:{port}") || *allowed == format!("[{host}]:{port}")
+            });
+        if !(aws || test) || (certificate && !url.path().ends_with(".pem")) {
+            return Err(refuse());
+        }
+        Ok(url)
+    }
+
+    fn cached(&self, url: &str) -> Option<Vec<u8>> {
+        self.keys.lock().ok()?.get(url).cloned()
+    }
+
+    fn keep(&self, url: &str, key: Vec<u8>) {
+        if let Ok(mut keys) = self.keys.lock() {
+            keys.insert(url.to_owned(), key);
+        }
     }
 }
 
@@ -303,6 +529,97 @@ fn sendgrid(
     Ok(found)
 }
 
+/// SES through SNS: the envelope's `Message` is the SES notification as a string;
+/// `Bounce` (`bounceType`: Permanent, Transient, Undetermined) and `Complaint`.
+fn ses(
+    payload: &Value,
+    source: &str,
+    event: &WebhookEvent,
+) -> Result<Vec<Option<NewDeliveryEvent>>, BadRecord> {
+    let message = text(payload, "/Message")
+        .ok_or_else(|| bad(payload, None, "an SNS notification without Message"))?;
+    let notification: Value = serde_json::from_str(message).map_err(|_| {
+        bad(
+            payload,
+            None,
+            "the SNS Message is not the SES notification JSON",
+        )
+    })?;
+    let kind = text(&notification, "/notificationType")
+        .or_else(|| text(&notification, "/eventType"))
+        .unwrap_or_default();
+    let message_id = text(&notification, "/mail/commonHeaders/messageId");
+    let at = |pointer: &str| {
+        text(&notification, pointer)
+            .and_then(|at| DateTime::parse_from_rfc3339(at).ok())
+            .map_or(event.received_at, |at| at.with_timezone(&Utc))
+    };
+    let mut found = Vec::new();
+    match kind {
+        "Bounce" => {
+            let fallback = match text(&notification, "/bounce/bounceType") {
+                Some("Permanent") => DeliveryClass::Permanent,
+                Some("Transient") => DeliveryClass::Transient,
+                _ => DeliveryClass::Undetermined,
+            };
+            let feedback = text(&notification, "/bounce/feedbackId").unwrap_or_default();
+            let recipients = notification
+                .pointer("/bounce/bouncedRecipients")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
+            for recipient in &recipients {
+                let Some(email) = text(recipient, "/emailAddress") else {
+                    continue;
+                };
+                let diagnostic = text(recipient, "/diagnosticCode");
+                let (class, status) = class_of(text(recipient, "/status"), diagnostic, fallback);
+                found.push(Some(new_event(
+                    format!("ses:{feedback}:{}", email.to_lowercase()),
+                    source,
+                    email,
+                    class,
+                    status,
+                    diagnostic,
+                    None,
+                    message_id,
+                    at("/bounce/timestamp"),
+                )));
+            }
+        }
+        "Complaint" => {
+            let feedback_type = text(&notification, "/complaint/complaintFeedbackType");
+            if feedback_type == Some("not-spam") {
+                return Ok(Vec::new());
+            }
+            let feedback = text(&notification, "/complaint/feedbackId").unwrap_or_default();
+            let recipients = notification
+                .pointer("/complaint/complainedRecipients")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
+            for recipient in &recipients {
+                let Some(email) = text(recipient, "/emailAddress") else {
+                    continue;
+                };
+                found.push(Some(new_event(
+                    format!("ses:{feedback}:{}", email.to_lowercase()),
+                    source,
+                    email,
+                    DeliveryClass::Complaint,
+                    None,
+                    feedback_type,
+                    None,
+                    message_id,
+                    at("/complaint/timestamp"),
+                )));
+            }
+        }
+        _ => {}
+    }
+    Ok(found)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -441,5 +758,72 @@ mod tests {
             ]
         );
         assert_eq!(events[0].key, "sendgrid:Ym91bmNlLTAtZGVhbHN5bmM");
+    }
+
+    fn ses_connection(settings: &str) -> crate::config::ConnectionConfig {
+        let text = format!(
+            "[connections.ses]\nconnector = \"ses\"\nwebhook_secret = \"arn:aws:sns:eu-west-1:1:t\"\n{settings}"
+        );
+        let config = crate::config::testing::parse_in(std::path::Path::new(""), &text)
+            .expect("a valid config");
+        config.connections[0].clone()
+    }
+
+    #[test]
+    fn sns_certificates_come_only_from_sns_hosts_or_a_configured_loopback_test_host() {
+        let connector = DeliveryConnector::from_config(
+            Provider::Ses,
+            &ses_connection(
+                "[connections.ses.settings]\nsigning_cert_hosts = [\"127.0.0.1:4567\"]",
+            ),
+        )
+        .unwrap();
+        let sns = connector.sns.as_ref().unwrap();
+        let allowed = |url: &str| sns.allowed(url, true).is_ok();
+        assert!(allowed(
+            "https://sns.eu-west-1.amazonaws.com/SimpleNotificationService-abc.pem"
+        ));
+        assert!(allowed(
+            "https://sns.cn-north-1.amazonaws.com.cn/SimpleNotificationService-abc.pem"
+        ));
+        assert!(allowed("http://127.0.0.1:4567/cert.pem"));
+        for refused in [
+            "http://sns.eu-west-1.amazonaws.com/SimpleNotificationService-abc.pem",
+            "https://sns.eu-west-1.amazonaws.com.evil.example/cert.pem",
+            "https://evil.example/sns.eu-west-1.amazonaws.com/cert.pem",
+            "https://sns.eu-west-1.amazonaws.com/not-a-certificate",
+            "https://user@sns.eu-west-1.amazonaws.com/cert.pem",
+            "http://127.0.0.1:4568/cert.pem",
+            "not a url",
+        ] {
+            assert!(!allowed(refused), "{refused}");
+        }
+        let error = DeliveryConnector::from_config(
+            Provider::Ses,
+            &ses_connection("[connections.ses.settings]\nsigning_cert_hosts = [\"192.0.2.1:443\"]"),
+        )
+        .err()
+        .expect("a host off the loopback interface is refused");
+        assert!(error.1.contains("only loopback"), "{error:?}");
+    }
+
+    #[test]
+    fn an_ses_complaint_notification_is_a_complaint_with_its_feedback_type() {
+        let connector = DeliveryConnector::new(Provider::Ses);
+        let message = fixture("ses-complaint-abuse.json");
+        let envelope = serde_json::json!({ "Type": "Notification", "Message": message });
+        let events = connector
+            .events(&delivery("ses", "d", &envelope.to_string()))
+            .unwrap();
+        assert_eq!(events.len(), 1);
+        assert_eq!(
+            (
+                events[0].email.as_str(),
+                events[0].class,
+                events[0].detail.as_deref()
+            ),
+            ("jane@example.com", DeliveryClass::Complaint, Some("abuse"))
+        );
+        assert!(events[0].key.starts_with("ses:0102018e0000cccc"));
     }
 }

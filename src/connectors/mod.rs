@@ -195,6 +195,8 @@ pub enum WebhookAction {
     Refetch { external_id: String },
     /// An email provider reports a bounce or a complaint (`connectors::delivery`).
     Delivery(Box<crate::store::NewDeliveryEvent>),
+    /// The source asks to confirm a subscription (SNS): [`Connector::confirm_subscription`].
+    ConfirmSubscription { url: String },
 }
 
 /// Reports (or clears, with `None`) what a connection needs from an operator, such
@@ -306,6 +308,27 @@ pub trait Connector: Send + Sync {
         None
     }
 
+    /// The keys a delivery's signature is checked with, when the sender names them
+    /// (SNS's signing certificate): fetched here, before the check, and only from an
+    /// allowed host. `None`: the connection's configured secrets. An error is the
+    /// reason the delivery is refused (401).
+    async fn webhook_keys(&self, _body: &[u8]) -> Result<Option<Vec<Vec<u8>>>, String> {
+        Ok(None)
+    }
+
+    /// Confirms a subscription the source asked for in a verified delivery (SNS's
+    /// `SubscribeURL`).
+    async fn confirm_subscription(
+        &self,
+        _cx: &SyncContext,
+        url: &str,
+    ) -> Result<(), ConnectorError> {
+        Err(ConnectorError::BadResponse {
+            vendor: self.kind().to_owned(),
+            reason: format!("this connector confirms no subscriptions ({url})"),
+        })
+    }
+
     /// Turns a verified delivery into actions.
     fn parse_webhook(&self, _event: &WebhookEvent) -> Result<Vec<WebhookAction>, BadRecord> {
         Ok(Vec::new())
@@ -353,6 +376,7 @@ const RUST_CONNECTORS: &[&str] = &[
     "postmark",
     "mailgun",
     "sendgrid",
+    "ses",
 ];
 
 impl Registry {
@@ -428,7 +452,9 @@ impl Registry {
                 .map_err(settings_error),
             name if delivery::Provider::parse(name).is_some() => {
                 let provider = delivery::Provider::parse(name).expect("matched just above");
-                Ok(Arc::new(delivery::DeliveryConnector::new(provider)) as Arc<dyn Connector>)
+                delivery::DeliveryConnector::from_config(provider, connection)
+                    .map(|c| Arc::new(c) as Arc<dyn Connector>)
+                    .map_err(settings_error)
             }
             name => match catalog.get(name) {
                 Some(found) => manifest::ManifestConnector::new(found, connection)

@@ -32,7 +32,7 @@ use sha2::{Digest, Sha256};
 use subtle::{Choice, ConstantTimeEq};
 
 mod providers;
-pub use providers::mailgun_signature;
+pub use providers::{SnsEnvelope, mailgun_signature, rsa_key_of_certificate};
 
 type HmacSha256 = Hmac<Sha256>;
 type Digest32 = [u8; 32];
@@ -162,6 +162,10 @@ pub enum Scheme {
     /// SendGrid's signed event webhook: ECDSA P-256 over `timestamp + body`, checked with
     /// the base64 DER public key from the SendGrid settings (see `providers`).
     SendGrid { tolerance: Duration },
+    /// Amazon SNS (SES notifications): RSA over the envelope's canonical string, with the
+    /// key of the certificate the envelope names, fetched by the connector from an
+    /// allowed host (see `providers`).
+    Sns,
     /// No authentication: every delivery passes. For sources that offer none.
     None,
 }
@@ -372,6 +376,7 @@ pub fn verify(
         Scheme::SendGrid { tolerance } => {
             providers::verify_sendgrid(secrets, request, now, tolerance)
         }
+        Scheme::Sns => providers::verify_sns(secrets, request),
     }
 }
 
@@ -488,9 +493,9 @@ pub fn sign(
             insert(&mut headers, header::WEBHOOK_TIMESTAMP, &timestamp)?;
             insert(&mut headers, header::WEBHOOK_SIGNATURE, &value)?;
         }
-        // Mailgun signs inside the body (`mailgun_signature` builds it); SendGrid signs
-        // with a private key dealsync never holds: no header to add for either.
-        Scheme::Mailgun { .. } | Scheme::SendGrid { .. } => {}
+        // Mailgun signs inside the body (`mailgun_signature` builds it); SendGrid and SNS
+        // sign with private keys dealsync never holds: no header to add for any.
+        Scheme::Mailgun { .. } | Scheme::SendGrid { .. } | Scheme::Sns => {}
     }
     Ok(headers)
 }

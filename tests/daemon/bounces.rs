@@ -760,3 +760,186 @@ async fn a_complaint_rate_past_the_threshold_pauses_the_marketing_rule_until_an_
     settled(&daemon, third).await;
     assert_eq!(messages_to(&smtp, "ann@example.com").len(), 1);
 }
+
+const SNS_TOPIC: &str = "arn:aws:sns:eu-west-1:123456789012:ses-bounces";
+
+/// An SNS envelope of `kind` carrying `fields`, signed as SNS signs (SignatureVersion 2:
+/// RSA PKCS#1 v1.5 with SHA-256 over the canonical string) with the test key whose
+/// certificate is at `cert_url`.
+fn sns_envelope(kind: &str, fields: &[(&str, String)], cert_url: &str) -> Vec<u8> {
+    use base64::Engine as _;
+    let mut envelope = serde_json::json!({
+        "Type": kind,
+        "MessageId": format!("{:x}", Utc::now().timestamp_nanos_opt().unwrap_or_default()),
+        "TopicArn": SNS_TOPIC,
+        "Timestamp": Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        "SignatureVersion": "2",
+        "SigningCertURL": cert_url,
+    });
+    for (key, value) in fields {
+        envelope[*key] = value.clone().into();
+    }
+    // The fields the signature covers, read back as the daemon reads them.
+    let mut unsigned = envelope.clone();
+    unsigned["Signature"] = "".into();
+    let parsed = dealsync::connectors::signature::SnsEnvelope::parse(
+        &serde_json::to_vec(&unsigned).unwrap(),
+    )
+    .expect("an SNS envelope");
+    let pem = include_str!("../fixtures/bounces/sns-test-key.pem");
+    let der: String = pem
+        .lines()
+        .filter(|line| !line.starts_with("-----"))
+        .collect();
+    let pkcs8 = base64::engine::general_purpose::STANDARD
+        .decode(der)
+        .unwrap();
+    let key = ring::signature::RsaKeyPair::from_pkcs8(&pkcs8).unwrap();
+    let message = parsed.string_to_sign().expect("a signable envelope");
+    let mut signature = vec![0; key.public().modulus_len()];
+    key.sign(
+        &ring::signature::RSA_PKCS1_SHA256,
+        &ring::rand::SystemRandom::new(),
+        message.as_bytes(),
+        &mut signature,
+    )
+    .unwrap();
+    envelope["Signature"] = base64::engine::general_purpose::STANDARD
+        .encode(signature)
+        .into();
+    serde_json::to_vec(&envelope).unwrap()
+}
+
+#[tokio::test]
+async fn an_ses_bounce_through_sns_is_verified_with_the_certificate_from_an_allowed_host() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let fetched = Arc::new(AtomicUsize::new(0));
+    let confirmed = Arc::new(AtomicUsize::new(0));
+    let (cert_hits, confirm_hits) = (fetched.clone(), confirmed.clone());
+    let router = axum::Router::new()
+        .route(
+            "/SimpleNotificationService-test.pem",
+            axum::routing::get(move || {
+                cert_hits.fetch_add(1, Ordering::SeqCst);
+                async { include_str!("../fixtures/bounces/sns-test-cert.pem") }
+            }),
+        )
+        .route(
+            "/confirm",
+            axum::routing::get(move || {
+                confirm_hits.fetch_add(1, Ordering::SeqCst);
+                async { "<ConfirmSubscriptionResponse/>" }
+            }),
+        );
+    let sns = crate::harness::vendors::serve(router).await;
+    let cert_url = format!("{}/SimpleNotificationService-test.pem", sns.url());
+    let smtp = SmtpServer::start().await;
+    let connection = format!(
+        "\n[connections.ses]\nconnector = \"ses\"\nwebhook_secret = \"{SNS_TOPIC}\"\n[connections.ses.settings]\nsigning_cert_hosts = [\"{}\"]\n",
+        sns.addr
+    );
+    let daemon = TestDaemon::start(&format!(
+        "{}{}{connection}",
+        config(&smtp, "", &rule()),
+        deliverability(3)
+    ))
+    .await;
+    let store = store(&daemon);
+
+    // The subscription is confirmed by GETting its SubscribeURL.
+    let confirmation = sns_envelope(
+        "SubscriptionConfirmation",
+        &[
+            (
+                "Message",
+                "You have chosen to subscribe to the topic".to_owned(),
+            ),
+            ("Token", "2336412f37fb687f5d51e6e2425".to_owned()),
+            (
+                "SubscribeURL",
+                format!("{}/confirm?Token=2336412f37fb687f5d51e6e2425", sns.url()),
+            ),
+        ],
+        &cert_url,
+    );
+    assert_eq!(post_webhook(&daemon, "ses", &[], confirmation).await, 200);
+    eventually("the subscription confirmed", WAIT, || async {
+        (confirmed.load(Ordering::SeqCst) == 1).then_some(())
+    })
+    .await;
+
+    let cart = put_cart(
+        &store,
+        "shop",
+        "e1",
+        "ses-gone@example.com",
+        Some(true),
+        "cart_abandoned",
+        Utc::now(),
+    )
+    .await;
+    let first = nth_message(&smtp, "ses-gone@example.com", 1).await;
+    let mut notification = fixture("ses-bounce-permanent.json");
+    notification["bounce"]["bouncedRecipients"][0]["emailAddress"] = "ses-gone@example.com".into();
+    notification["mail"]["commonHeaders"]["messageId"] =
+        header(&first.data, "Message-ID").unwrap().into();
+    let message = serde_json::to_string(&notification).unwrap();
+    let bounce = sns_envelope("Notification", &[("Message", message.clone())], &cert_url);
+
+    // A certificate from any other host is never fetched; a tampered message fails.
+    let elsewhere = sns_envelope(
+        "Notification",
+        &[("Message", message.clone())],
+        "https://sns.eu-west-1.amazonaws.com.evil.example/cert.pem",
+    );
+    assert_eq!(post_webhook(&daemon, "ses", &[], elsewhere).await, 401);
+    let mut tampered: serde_json::Value = serde_json::from_slice(&bounce).unwrap();
+    tampered["Message"] = message.replace("Permanent", "Transient").into();
+    assert_eq!(
+        post_webhook(&daemon, "ses", &[], serde_json::to_vec(&tampered).unwrap()).await,
+        401
+    );
+    let mut other_topic: serde_json::Value = serde_json::from_slice(&bounce).unwrap();
+    other_topic["TopicArn"] = "arn:aws:sns:eu-west-1:999999999999:other".into();
+    assert_eq!(
+        post_webhook(
+            &daemon,
+            "ses",
+            &[],
+            serde_json::to_vec(&other_topic).unwrap()
+        )
+        .await,
+        401
+    );
+    assert!(
+        store
+            .suppression("ses-gone@example.com".into())
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    assert_eq!(post_webhook(&daemon, "ses", &[], bounce).await, 200);
+    let suppression = eventually("the SES bounce to suppress", WAIT, || async {
+        store
+            .suppression("ses-gone@example.com".into())
+            .await
+            .unwrap()
+    })
+    .await;
+    assert_eq!(suppression.reason, "hard bounce");
+    let events = store
+        .delivery_events_for_email("ses-gone@example.com".into())
+        .await
+        .unwrap();
+    assert_eq!(events[0].outbox_id, Some(outbox_id_of(&daemon, cart, 0)));
+    // The certificate was fetched once and kept.
+    assert_eq!(fetched.load(Ordering::SeqCst), 1);
+    let rows = settled(&daemon, cart).await;
+    assert!(
+        rows[1..].iter().all(|(_, state, _)| state == "skipped"),
+        "{rows:?}"
+    );
+    assert_eq!(messages_to(&smtp, "ses-gone@example.com").len(), 1);
+}

@@ -144,6 +144,120 @@ pub(super) fn verify_mailgun(
     })
 }
 
+/// The SNS envelope fields the signature covers (and where the key comes from).
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct SnsEnvelope {
+    #[serde(rename = "Type")]
+    pub kind: String,
+    pub message_id: String,
+    pub topic_arn: String,
+    pub subject: Option<String>,
+    pub message: String,
+    pub timestamp: String,
+    pub signature_version: String,
+    pub signature: String,
+    #[serde(rename = "SigningCertURL")]
+    pub signing_cert_url: String,
+    pub token: Option<String>,
+    #[serde(rename = "SubscribeURL")]
+    pub subscribe_url: Option<String>,
+}
+
+impl SnsEnvelope {
+    /// Reads the envelope of a delivery's body; `None` when it is not one.
+    pub fn parse(body: &[u8]) -> Option<SnsEnvelope> {
+        serde_json::from_slice(body).ok()
+    }
+
+    /// The canonical string SNS signs: `Key\nValue\n` for the keys of the message type,
+    /// in order (a Notification's `Subject` only when present).
+    pub fn string_to_sign(&self) -> Option<String> {
+        let mut fields: Vec<(&str, &str)> =
+            vec![("Message", &self.message), ("MessageId", &self.message_id)];
+        match self.kind.as_str() {
+            "Notification" => {
+                if let Some(subject) = &self.subject {
+                    fields.push(("Subject", subject));
+                }
+            }
+            "SubscriptionConfirmation" | "UnsubscribeConfirmation" => {
+                fields.push(("SubscribeURL", self.subscribe_url.as_deref()?));
+            }
+            _ => return None,
+        }
+        fields.push(("Timestamp", &self.timestamp));
+        if self.kind != "Notification" {
+            fields.push(("Token", self.token.as_deref()?));
+        }
+        fields.push(("TopicArn", &self.topic_arn));
+        fields.push(("Type", &self.kind));
+        Some(
+            fields
+                .iter()
+                .map(|(key, value)| format!("{key}\n{value}\n"))
+                .collect(),
+        )
+    }
+}
+
+/// The RSA public key (PKCS#1 DER) of a PEM certificate, as [`verify_sns`] takes it.
+pub fn rsa_key_of_certificate(pem: &[u8]) -> Result<Vec<u8>, String> {
+    use x509_cert::der::DecodePem as _;
+    let certificate = x509_cert::Certificate::from_pem(pem)
+        .map_err(|error| format!("not a PEM certificate: {error}"))?;
+    let key = &certificate.tbs_certificate.subject_public_key_info;
+    // rsaEncryption
+    if key.algorithm.oid.to_string() != "1.2.840.113549.1.1.1" {
+        return Err("the certificate's key is not an RSA key".to_owned());
+    }
+    key.subject_public_key
+        .as_bytes()
+        .map(<[u8]>::to_vec)
+        .ok_or_else(|| "the certificate's key is not a whole number of bytes".to_owned())
+}
+
+/// SNS: the secrets are the RSA keys of the certificate the envelope names (fetched by
+/// the connector from an allowed host before this runs); RSA PKCS#1 v1.5 with SHA-1
+/// (`SignatureVersion` 1) or SHA-256 (2) over [`SnsEnvelope::string_to_sign`]. The
+/// message id is the delivery id (SNS retries with the same one).
+pub(super) fn verify_sns(
+    secrets: &[&[u8]],
+    request: &Request<'_>,
+) -> Result<Verified, SignatureError> {
+    const WHERE: &str = "Signature (in the body)";
+    let envelope = SnsEnvelope::parse(request.body).ok_or(malformed(
+        WHERE,
+        "expected an SNS message (JSON with Type, MessageId, Signature, …)",
+    ))?;
+    let algorithm: &'static dyn ring::signature::VerificationAlgorithm =
+        match envelope.signature_version.as_str() {
+            "1" => &ring::signature::RSA_PKCS1_2048_8192_SHA1_FOR_LEGACY_USE_ONLY,
+            "2" => &ring::signature::RSA_PKCS1_2048_8192_SHA256,
+            _ => return Err(malformed(WHERE, "SignatureVersion must be 1 or 2")),
+        };
+    let signed = envelope
+        .string_to_sign()
+        .ok_or(malformed(WHERE, "unknown Type or a missing field it signs"))?;
+    let signature = BASE64
+        .decode(envelope.signature.trim())
+        .map_err(|_| malformed(WHERE, "expected a base64 signature"))?;
+    let index = secrets
+        .iter()
+        .position(|key| {
+            !key.is_empty()
+                && ring::signature::UnparsedPublicKey::new(algorithm, key)
+                    .verify(signed.as_bytes(), &signature)
+                    .is_ok()
+        })
+        .ok_or(SignatureError::Mismatch)?;
+    Ok(Verified {
+        delivery_id: Some(format!("sns:{}", envelope.message_id)),
+        secret_index: Some(index),
+        ..Verified::default()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::{Scheme, verify};
@@ -287,5 +401,31 @@ mod tests {
             verify(&scheme, &[key.as_bytes()], &request, now),
             Err(SignatureError::Malformed { .. })
         ));
+    }
+}
+
+#[cfg(test)]
+mod sns_tests {
+    use super::*;
+
+    #[test]
+    fn the_string_to_sign_of_the_shared_envelope_is_the_documented_one() {
+        let read = |name: &str| {
+            std::fs::read(format!(
+                "{}/tests/fixtures/bounces/{name}",
+                env!("CARGO_MANIFEST_DIR")
+            ))
+            .unwrap()
+        };
+        let envelope = SnsEnvelope::parse(&read("ses-sns-envelope-notification.json")).unwrap();
+        let expected: serde_json::Value =
+            serde_json::from_slice(&read("ses-sns-string-to-sign-notification.json")).unwrap();
+        assert_eq!(
+            envelope.string_to_sign().as_deref(),
+            expected["string_to_sign"].as_str()
+        );
+        // The test certificate's key reads; a key is not a certificate.
+        assert!(rsa_key_of_certificate(&read("sns-test-cert.pem")).is_ok());
+        assert!(rsa_key_of_certificate(&read("sns-test-key.pem")).is_err());
     }
 }
