@@ -188,7 +188,7 @@ impl Connector for DeliveryConnector {
         let envelope = SnsEnvelope::parse(body).ok_or_else(|| {
             "not an SNS message (JSON with Type, TopicArn, SigningCertURL, …)".to_owned()
         })?;
-        if !sns.topics.iter().any(|topic| *topic == envelope.topic_arn) {
+        if !sns.topics.contains(&envelope.topic_arn) {
             return Err(format!(
                 "topic {} is not among the connection's webhook_secret topic ARNs",
                 envelope.topic_arn
