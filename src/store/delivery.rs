@@ -866,4 +866,27 @@ mod tests {
         )
         .await;
     }
+
+    /// The inbox worker's path: a provider's event applied as a deal change records the
+    /// event and its effects in the pass's transaction, on both backends.
+    #[tokio::test]
+    async fn a_delivery_applied_as_a_webhook_change_suppresses_in_the_same_pass() {
+        on_both(
+            "a_delivery_applied_as_a_webhook_change_suppresses_in_the_same_pass",
+            async |store| {
+                let change = crate::store::DealChange::Delivery {
+                    event: Box::new(event("sendgrid:e1", "gone@example.com", DeliveryClass::Permanent, 1)),
+                    policy: policy(),
+                };
+                store
+                    .apply_deal_changes(vec![change], crate::store::CartRules::default(), at(2))
+                    .await
+                    .unwrap();
+                let suppression = store.suppression("gone@example.com".into()).await.unwrap();
+                assert_eq!(suppression.map(|s| s.reason).as_deref(), Some("hard bounce"));
+                assert_eq!(store.delivery_events_for_email("gone@example.com".into()).await.unwrap().len(), 1);
+            },
+        )
+        .await;
+    }
 }
