@@ -1155,15 +1155,6 @@ fn validate_deliverability(
             "must be longer than 0s".to_owned(),
         );
     }
-    if let Some(token) = &raw.intake_token
-        && token.expose().len() < 16
-    {
-        report(
-            "deliverability.intake_token",
-            "must be at least 16 characters (use a random value, e.g. `openssl rand -hex 32`)"
-                .to_owned(),
-        );
-    }
     let complaint_rate_pause = match raw.complaint_rate_pause.as_deref() {
         None => defaults.complaint_rate_pause,
         Some(text) => {
@@ -1182,6 +1173,15 @@ fn validate_deliverability(
             })
         }
     };
+    if let Some(token) = &raw.intake_token
+        && token.expose().len() < 16
+    {
+        report(
+            "deliverability.intake_token",
+            "must be at least 16 characters (use a random value, e.g. `openssl rand -hex 32`)"
+                .to_owned(),
+        );
+    }
     DeliverabilityConfig {
         return_path,
         transient_bounce_limit,

@@ -155,3 +155,55 @@ pub fn read_mailbox(path: &Path) -> Result<Vec<MailboxMessage>, MailboxError> {
     }
     Ok(messages)
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::testing::{parse_in, problem_keys};
+    use std::path::Path;
+    use std::time::Duration;
+
+    #[test]
+    fn the_deliverability_keys_have_defaults_and_each_bad_value_is_named() {
+        let config = parse_in(Path::new(""), "").unwrap();
+        let defaults = &config.deliverability;
+        assert_eq!(defaults.return_path, None);
+        assert_eq!(defaults.transient_bounce_limit, 3);
+        assert_eq!(
+            defaults.transient_bounce_window,
+            Duration::from_secs(7 * 86_400)
+        );
+        assert_eq!(defaults.complaint_rate_pause, 0.003);
+        assert_eq!(defaults.complaint_pause_min_sent, 100);
+        assert!(defaults.intake_token.is_none());
+
+        let config = parse_in(
+            Path::new(""),
+            "[deliverability]\nreturn_path = \"Bounces@Shop.example\"\ncomplaint_rate_pause = \"1.5%\"\ntransient_bounce_window = \"2d\"\n",
+        )
+        .unwrap();
+        let set = &config.deliverability;
+        assert_eq!(
+            set.return_path.as_ref().map(|a| a.as_str()),
+            Some("Bounces@shop.example")
+        );
+        assert_eq!(set.complaint_rate_pause, 0.015);
+        assert_eq!(set.transient_bounce_window, Duration::from_secs(2 * 86_400));
+
+        let error = parse_in(
+            Path::new(""),
+            "[deliverability]\nreturn_path = \"bounces+x@shop.example\"\ntransient_bounce_limit = 0\ncomplaint_rate_pause = \"0.3\"\nintake_token = \"short\"\n",
+        )
+        .unwrap_err();
+        assert_eq!(
+            problem_keys(&error),
+            [
+                "deliverability.return_path",
+                "deliverability.transient_bounce_limit",
+                "deliverability.complaint_rate_pause",
+                "deliverability.intake_token",
+            ]
+        );
+        let error = parse_in(Path::new(""), "[deliverability]\nbounce_limit = 2\n").unwrap_err();
+        assert!(error.to_string().contains("bounce_limit"), "{error}");
+    }
+}

@@ -875,7 +875,12 @@ mod tests {
             "a_delivery_applied_as_a_webhook_change_suppresses_in_the_same_pass",
             async |store| {
                 let change = crate::store::DealChange::Delivery {
-                    event: Box::new(event("sendgrid:e1", "gone@example.com", DeliveryClass::Permanent, 1)),
+                    event: Box::new(event(
+                        "sendgrid:e1",
+                        "gone@example.com",
+                        DeliveryClass::Permanent,
+                        1,
+                    )),
                     policy: policy(),
                 };
                 store
@@ -883,8 +888,18 @@ mod tests {
                     .await
                     .unwrap();
                 let suppression = store.suppression("gone@example.com".into()).await.unwrap();
-                assert_eq!(suppression.map(|s| s.reason).as_deref(), Some("hard bounce"));
-                assert_eq!(store.delivery_events_for_email("gone@example.com".into()).await.unwrap().len(), 1);
+                assert_eq!(
+                    suppression.map(|s| s.reason).as_deref(),
+                    Some("hard bounce")
+                );
+                assert_eq!(
+                    store
+                        .delivery_events_for_email("gone@example.com".into())
+                        .await
+                        .unwrap()
+                        .len(),
+                    1
+                );
             },
         )
         .await;
