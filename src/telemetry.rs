@@ -338,7 +338,7 @@ pub struct DeliverabilityLabels {
     pub rule: String,
     /// `1d` or `7d`.
     pub window: String,
-    /// sent, bounced_permanent, bounced_transient, blocked, complained
+    /// sent, delivered, bounced_permanent, bounced_transient, blocked, complained
     pub outcome: String,
 }
 

@@ -462,6 +462,7 @@ fn mailgun(
             (class, status, text(data, "/delivery-status/message"))
         }
         "complained" => (DeliveryClass::Complaint, None, None),
+        "delivered" => (DeliveryClass::Delivered, None, None),
         _ => return Ok(Vec::new()),
     };
     let email = email.ok_or_else(|| bad(payload, None, "a Mailgun event without recipient"))?;
@@ -503,6 +504,7 @@ fn sendgrid(
                 class_of(text(item, "/status"), text(item, "/reason"), fallback)
             }
             "spamreport" => (DeliveryClass::Complaint, None),
+            "delivered" => (DeliveryClass::Delivered, None),
             _ => continue,
         };
         let email = text(item, "/email")
@@ -556,6 +558,27 @@ fn ses(
     };
     let mut found = Vec::new();
     match kind {
+        "Delivery" => {
+            let recipients = notification
+                .pointer("/delivery/recipients")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
+            let mail_id = text(&notification, "/mail/messageId").unwrap_or_default();
+            for email in recipients.iter().filter_map(Value::as_str) {
+                found.push(Some(new_event(
+                    format!("ses:delivery:{mail_id}:{}", email.to_lowercase()),
+                    source,
+                    email,
+                    DeliveryClass::Delivered,
+                    None,
+                    None,
+                    None,
+                    message_id,
+                    at("/delivery/timestamp"),
+                )));
+            }
+        }
         "Bounce" => {
             let fallback = match text(&notification, "/bounce/bounceType") {
                 Some("Permanent") => DeliveryClass::Permanent,
@@ -685,7 +708,7 @@ mod tests {
     }
 
     #[test]
-    fn a_mailgun_permanent_failure_is_read_with_its_message_id_and_a_delivery_is_ignored() {
+    fn a_mailgun_permanent_failure_is_read_with_its_message_id_and_a_delivery_counted() {
         let connector = DeliveryConnector::new(Provider::Mailgun);
         let events = connector
             .events(&delivery(
@@ -716,9 +739,12 @@ mod tests {
         );
         let delivered =
             r#"{"signature":{},"event-data":{"event":"delivered","recipient":"a@example.com"}}"#;
+        let events = connector.events(&delivery("mg", "x", delivered)).unwrap();
+        assert_eq!(events[0].class, DeliveryClass::Delivered);
+        let opened = delivered.replace("delivered", "opened");
         assert!(
             connector
-                .events(&delivery("mg", "x", delivered))
+                .events(&delivery("mg", "x", &opened))
                 .unwrap()
                 .is_empty()
         );

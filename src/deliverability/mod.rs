@@ -42,10 +42,11 @@ pub fn policy_of(
 }
 
 /// The columns of [`figures_row`].
-pub const FIGURES_COLUMNS: [&str; 8] = [
+pub const FIGURES_COLUMNS: [&str; 9] = [
     "rule",
     "window",
     "sent",
+    "delivered",
     "bounced permanent",
     "bounced transient",
     "blocked",
@@ -54,11 +55,12 @@ pub const FIGURES_COLUMNS: [&str; 8] = [
 ];
 
 /// One line of reputation figures as table cells (the CLI, the status page).
-pub fn figures_row(line: &crate::store::DeliveryFigures) -> [String; 8] {
+pub fn figures_row(line: &crate::store::DeliveryFigures) -> [String; 9] {
     [
         line.rule.clone().unwrap_or_else(|| "(all)".to_owned()),
         line.window.to_owned(),
         line.sent.to_string(),
+        line.delivered.to_string(),
         line.bounced_permanent.to_string(),
         line.bounced_transient.to_string(),
         line.blocked.to_string(),

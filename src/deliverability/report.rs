@@ -6,8 +6,9 @@
 //! - Only the machine-readable part is read (`message/delivery-status`,
 //!   `message/feedback-report`); a message without one (an autoreply, a bounce written
 //!   as prose) is [`ReportError::NotAReport`], never guessed from its text.
-//! - A recipient counts only with `Action: failed`; `delayed` (still trying),
-//!   `delivered`, `relayed` and `expanded` record nothing. The class comes from the
+//! - A recipient counts as bounced only with `Action: failed`; `delivered` is recorded
+//!   as delivered (the figures count it); `delayed` (still trying), `relayed` and
+//!   `expanded` record nothing. The class comes from the
 //!   status code (`domain::delivery::classify_bounce`).
 //! - The outbox row is named by the return path the report was addressed to (VERP) and
 //!   by the Message-ID of the returned headers; the store trusts either only when the
@@ -105,7 +106,8 @@ pub fn read(
             let Some(action) = field("Action") else {
                 continue;
             };
-            if !action.eq_ignore_ascii_case("failed") {
+            let delivered = action.eq_ignore_ascii_case("delivered");
+            if !action.eq_ignore_ascii_case("failed") && !delivered {
                 continue;
             }
             let recipient = field("Final-Recipient")
@@ -114,12 +116,23 @@ pub fn read(
                 .or_else(|| verp.as_ref().map(|path| path.recipient.clone()));
             let Some(recipient) = recipient else { continue };
             let diagnostic = field("Diagnostic-Code");
+            let key = recipient.to_lowercase();
+            if delivered {
+                let status = field("Status");
+                events.push(event(
+                    &key,
+                    recipient,
+                    DeliveryClass::Delivered,
+                    status,
+                    diagnostic,
+                ));
+                continue;
+            }
             let Some((class, code)) =
                 classify_bounce(field("Status").as_deref(), diagnostic.as_deref())
             else {
                 continue;
             };
-            let key = recipient.to_lowercase();
             events.push(event(&key, recipient, class, Some(code), diagnostic));
         }
         return Ok(events);
@@ -321,6 +334,15 @@ pub(crate) mod tests {
         )
         .unwrap();
         assert!(delayed.is_empty());
+        // A success notification counts as delivered and bounces nothing.
+        let delivered = read(
+            &dsn("2.0.0", "250 2.0.0 ok", "delivered"),
+            None,
+            "dsn",
+            now(),
+        )
+        .unwrap();
+        assert_eq!(delivered[0].class, DeliveryClass::Delivered);
         let autoreply = b"From: ada@example.com\r\nTo: shop@shop.example\r\nSubject: Out of office\r\n\r\nUser unknown. 550 5.1.1\r\n";
         assert_eq!(
             read(autoreply, None, "dsn", now()),

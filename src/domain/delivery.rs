@@ -29,6 +29,9 @@ pub enum DeliveryClass {
     Undetermined,
     /// The recipient marked the email as spam: suppress, and stop marketing at once.
     Complaint,
+    /// The receiving server accepted the email (a provider's delivery event, a DSN's
+    /// `Action: delivered`): counted in the figures, nothing else.
+    Delivered,
 }
 
 impl DeliveryClass {
@@ -39,6 +42,7 @@ impl DeliveryClass {
             DeliveryClass::Policy => "policy",
             DeliveryClass::Undetermined => "undetermined",
             DeliveryClass::Complaint => "complaint",
+            DeliveryClass::Delivered => "delivered",
         }
     }
 
@@ -49,6 +53,7 @@ impl DeliveryClass {
             "policy" => DeliveryClass::Policy,
             "undetermined" => DeliveryClass::Undetermined,
             "complaint" => DeliveryClass::Complaint,
+            "delivered" => DeliveryClass::Delivered,
             _ => return None,
         })
     }

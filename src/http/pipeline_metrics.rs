@@ -66,6 +66,7 @@ pub async fn refresh(state: &HttpState) -> Result<(), StoreError> {
         figures.iter().flat_map(|line| {
             [
                 ("sent", line.sent),
+                ("delivered", line.delivered),
                 ("bounced_permanent", line.bounced_permanent),
                 ("bounced_transient", line.bounced_transient),
                 ("blocked", line.blocked),

@@ -404,7 +404,7 @@ async fn render(state: &HttpState) -> Result<String, ApiError> {
         })
         .collect();
     let email_counts = state.store.outbox_counts().await?;
-    let deliverability: Vec<[String; 8]> = state
+    let deliverability: Vec<[String; 9]> = state
         .store
         .delivery_figures(now)
         .await?

@@ -90,6 +90,8 @@ pub struct DeliveryFigures {
     /// "1d" or "7d".
     pub window: &'static str,
     pub sent: i64,
+    /// Reported delivered by a provider or a DSN (where known).
+    pub delivered: i64,
     pub bounced_permanent: i64,
     pub bounced_transient: i64,
     /// Policy refusals (5.7.x) and undetermined bounces.
@@ -114,6 +116,7 @@ pub(super) fn fold_figures(
         rule,
         window,
         sent: 0,
+        delivered: 0,
         bounced_permanent: 0,
         bounced_transient: 0,
         blocked: 0,
@@ -133,6 +136,7 @@ pub(super) fn fold_figures(
             Some(DeliveryClass::Permanent) => figures.bounced_permanent += count,
             Some(DeliveryClass::Transient) => figures.bounced_transient += count,
             Some(DeliveryClass::Complaint) => figures.complained += count,
+            Some(DeliveryClass::Delivered) => figures.delivered += count,
             Some(DeliveryClass::Policy | DeliveryClass::Undetermined) | None => {
                 figures.blocked += count
             }
@@ -268,7 +272,10 @@ pub(super) fn effect(
                 humantime::format_duration(policy.transient_window)
             ),
         )),
-        DeliveryClass::Transient | DeliveryClass::Policy | DeliveryClass::Undetermined => None,
+        DeliveryClass::Transient
+        | DeliveryClass::Policy
+        | DeliveryClass::Undetermined
+        | DeliveryClass::Delivered => None,
     }
 }
 
@@ -843,6 +850,16 @@ mod tests {
                     "{pauses:?}"
                 );
 
+                let mut delivered = event("dl1", "c@example.com", DeliveryClass::Delivered, 5);
+                delivered.outbox_id = Some(sent[2]);
+                let outcome = store
+                    .record_delivery_events(vec![delivered], policy(), at(7))
+                    .await
+                    .unwrap();
+                assert_eq!(
+                    (outcome[0].suppressed.clone(), outcome[0].paused.clone()),
+                    (None, None)
+                );
                 let figures = store.delivery_figures(at(8)).await.unwrap();
                 let day = |rule: Option<&str>| {
                     figures
@@ -853,8 +870,13 @@ mod tests {
                 };
                 let carts = day(Some("carts"));
                 assert_eq!(
-                    (carts.sent, carts.complained, carts.complaint_rate),
-                    (4, 2, Some(0.5))
+                    (
+                        carts.sent,
+                        carts.delivered,
+                        carts.complained,
+                        carts.complaint_rate
+                    ),
+                    (4, 1, 2, Some(0.5))
                 );
                 assert_eq!(day(None).sent, 4);
 
