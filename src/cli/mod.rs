@@ -957,7 +957,18 @@ async fn report(source: &ConfigSource, args: ReportArgs) -> Result<(), CliError>
     };
     let report = store.report(config.pipelines.clone(), options).await?;
     let text = match args.format {
-        Format::Json => output::to_json(&report),
+        Format::Json => {
+            // The report's own fields, plus the follow-ups' reputation figures.
+            let mut value = serde_json::to_value(&report).map_err(anyhow::Error::from)?;
+            if let serde_json::Value::Object(fields) = &mut value {
+                let figures = store.delivery_figures(chrono::Utc::now()).await?;
+                fields.insert(
+                    "deliverability".to_owned(),
+                    serde_json::to_value(figures).map_err(anyhow::Error::from)?,
+                );
+            }
+            output::to_json(&value)
+        }
         Format::Csv => render::csv(&report, args.section),
         Format::Table => {
             // The reputation figures of the follow-ups, as `deliverability show` has them.

@@ -737,6 +737,23 @@ async fn a_complaint_rate_past_the_threshold_pauses_the_marketing_rule_until_an_
         report.contains("Deliverability") && report.contains("33.33 %"),
         "{report}"
     );
+    let (code, json) = cli(&daemon, &["report", "--format", "json"]).await;
+    assert_eq!(code, 0, "{json}");
+    let json: serde_json::Value = serde_json::from_str(&json).expect("JSON");
+    let carts_7d = json["deliverability"]
+        .as_array()
+        .and_then(|lines| {
+            lines
+                .iter()
+                .find(|line| line["rule"] == "carts" && line["window"] == "7d")
+        })
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(
+        (carts_7d["sent"].clone(), carts_7d["complained"].clone()),
+        (3.into(), 1.into()),
+        "{json}"
+    );
     assert!(
         shown.contains("33.33 %")
             && shown.contains("Paused rules")
