@@ -24,6 +24,11 @@
 //! the app runs on that PostgreSQL database instead (one replica; a fresh, empty
 //! database: the check counts every row of its inbox and deals).
 //!
+//! `cargo bench --bench intake -- --bounces` runs the same three phases with Mailgun
+//! bounce webhooks instead (a `mailgun` connection; each delivery a permanent failure
+//! for its own address, signed in the body with its own token): the check then counts
+//! one delivery event (and one suppression) per accepted delivery.
+//!
 //! `cargo bench --bench intake -- --slow-clients` measures instead what hostile
 //! clients cost: `/healthz` latency (a new connection per probe, `PROBES` at
 //! `PROBE_RATE`/s, open loop) and saturation throughput (`SLOW_SATURATION` deliveries),
@@ -49,6 +54,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 const SECRET: &str = "shpss_bench_secret";
+const MAILGUN_KEY: &str = "bench-mailgun-signing-key";
 const CONNECTIONS: usize = 128;
 const SATURATION: u64 = 100_000;
 const RATE: u64 = 5_000;
@@ -122,6 +128,34 @@ fn request(fixture: &Value, addr: SocketAddr, n: u64) -> Vec<u8> {
     }
     text.push_str("\r\n");
     let mut bytes = text.into_bytes();
+    bytes.extend_from_slice(&body);
+    bytes
+}
+
+/// The whole HTTP/1.1 request for Mailgun bounce `n`: the shared fixture's permanent
+/// failure for its own address, with its own token, signed in the body as Mailgun does.
+fn bounce_request(fixture: &Value, addr: SocketAddr, n: u64) -> Vec<u8> {
+    let mut body = fixture.clone();
+    let timestamp = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+        .to_string();
+    let token = format!("bench{n:045}");
+    body["signature"] = json!({
+        "timestamp": timestamp,
+        "token": token,
+        "signature": signature::mailgun_signature(MAILGUN_KEY.as_bytes(), &timestamp, &token),
+    });
+    body["event-data"]["id"] = format!("bench-event-{n}").into();
+    body["event-data"]["recipient"] = format!("bounce{n}@example.com").into();
+    let body = serde_json::to_vec(&body).expect("payload");
+    let mut bytes = format!(
+        "POST /webhooks/mg HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
     bytes.extend_from_slice(&body);
     bytes
 }
@@ -688,9 +722,11 @@ async fn main() -> anyhow::Result<()> {
         Some(url) => format!("url = \"{url}\""),
         None => format!("path = \"{}\"", db_path.display()),
     };
+    let bounces = std::env::args().any(|arg| arg == "--bounces");
     let text = format!(
         "[storage]\n{storage}\n[server]\nlisten = \"127.0.0.1:0\"\n\n\
-         [connections.shop]\nconnector = \"shopify\"\nwebhook_secret = \"{SECRET}\"\n"
+         [connections.shop]\nconnector = \"shopify\"\nwebhook_secret = \"{SECRET}\"\n\n\
+         [connections.mg]\nconnector = \"mailgun\"\nwebhook_secret = \"{MAILGUN_KEY}\"\n"
     );
     let config = dealsync::config::parse(
         &dir.path().join("bench.toml"),
@@ -720,7 +756,30 @@ async fn main() -> anyhow::Result<()> {
         env!("CARGO_MANIFEST_DIR"),
         "/tests/fixtures/shopify/webhook-checkouts-create.json"
     ))?)?;
-    let sample = payload(&fixture, 0).len();
+    let bounce: Value = serde_json::from_str(&std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/bounces/mailgun-failed-permanent-webhook.json"
+    ))?)?;
+    let request = |fixture: &Value, addr, n| {
+        if bounces {
+            bounce_request(&bounce, addr, n)
+        } else {
+            request(fixture, addr, n)
+        }
+    };
+    println!(
+        "deliveries: {}",
+        if bounces {
+            "Mailgun bounce webhooks"
+        } else {
+            "Shopify checkouts"
+        }
+    );
+    let sample = if bounces {
+        bounce_request(&bounce, addr, 0).len()
+    } else {
+        payload(&fixture, 0).len()
+    };
     println!(
         "payload: {sample} bytes; {} cores; load average {}",
         std::thread::available_parallelism()?.get(),
@@ -788,7 +847,9 @@ async fn main() -> anyhow::Result<()> {
         redelivered.ok
     );
 
-    // Every accepted delivery is in the inbox once and, once processed, one deal.
+    // Every accepted delivery is in the inbox once and, once processed, one deal (one
+    // delivery event for a bounce).
+    let table = if bounces { "delivery_events" } else { "deals" };
     let accepted = saturation.ok + fixed.ok;
     drain(&state.store).await?;
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -800,12 +861,12 @@ async fn main() -> anyhow::Result<()> {
                     tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
                 tokio::spawn(connection);
                 client
-                    .query_one("SELECT count(*) FROM deals", &[])
+                    .query_one(&format!("SELECT count(*) FROM {table}"), &[])
                     .await?
                     .get(0)
             }
             None => rusqlite::Connection::open(&db_path)?.query_row(
-                "SELECT count(*) FROM deals",
+                &format!("SELECT count(*) FROM {table}"),
                 [],
                 |row| row.get(0),
             )?,
@@ -818,7 +879,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let stored = counts.pending + counts.processed + counts.failed;
     println!(
-        "check: {accepted} accepted, {stored} in the inbox, {} processed, {} failed, {deals} deals",
+        "check: {accepted} accepted, {stored} in the inbox, {} processed, {} failed, {deals} {table}",
         counts.processed, counts.failed
     );
     shutdown.cancel();

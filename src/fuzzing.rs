@@ -315,6 +315,12 @@ fn webhook(connector: &dyn Connector, data: &[u8]) {
                     | WebhookAction::Refetch { external_id } => {
                         assert!(!external_id.is_empty(), "an action without an id")
                     }
+                    WebhookAction::Delivery(event) => {
+                        assert!(!event.key.is_empty(), "a delivery event without a key")
+                    }
+                    WebhookAction::ConfirmSubscription { url } => {
+                        assert!(!url.is_empty(), "a confirmation without a URL")
+                    }
                 }
             }
         }
@@ -333,6 +339,7 @@ const SECRET_HEADERS: &[&str] = &[
     signature::header::HUBSPOT_SIGNATURE_V3,
     signature::header::AUTHORIZATION,
     signature::header::WEBHOOK_SIGNATURE,
+    "x-twilio-email-event-webhook-signature",
     "cookie",
     "proxy-authorization",
 ];

@@ -9,6 +9,7 @@ pub mod carts;
 pub mod cli;
 pub mod config;
 pub mod connectors;
+pub mod deliverability;
 pub mod domain;
 pub mod files;
 pub mod followup;

@@ -339,6 +339,22 @@ pub struct EmailLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DeliverabilityLabels {
+    /// A rule, or `all`.
+    pub rule: String,
+    /// `1d` or `7d`.
+    pub window: String,
+    /// sent, delivered, bounced_permanent, bounced_transient, blocked, complained
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RateLabels {
+    pub rule: String,
+    pub window: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FollowupLabels {
     pub rule: String,
     /// sent, retried, failed, skipped, deferred, expired, dry_run
@@ -410,6 +426,11 @@ pub struct Metrics {
     pub writebacks: Family<ConnectionStateLabels, Gauge>,
     /// Write-back attempts by connection and outcome (done, retried, failed).
     pub writeback_attempts: Family<RecordLabels, Counter>,
+    /// Reputation figures (refreshed at scrape time): emails by rule, window and outcome,
+    /// the complaint rate, and the marketing rules paused for it.
+    pub deliverability_emails: Family<DeliverabilityLabels, Gauge>,
+    pub complaint_rate: Family<RateLabels, Gauge<f64, AtomicU64>>,
+    pub rules_paused: Family<EmailLabels, Gauge>,
     /// Vendor API requests, retries, 429s, budget and OAuth token state.
     pub vendor: VendorMetrics,
     /// Webhook deliveries by connection and outcome (accepted, duplicate, ignored,
@@ -471,6 +492,9 @@ impl Metrics {
             outbox_emails: Family::default(),
             writebacks: Family::default(),
             writeback_attempts: Family::default(),
+            deliverability_emails: Family::default(),
+            complaint_rate: Family::default(),
+            rules_paused: Family::default(),
             vendor: VendorMetrics::default(),
             webhooks: Family::default(),
             followups: Family::default(),
@@ -573,6 +597,21 @@ impl Metrics {
             "writeback_attempts",
             "Write-back attempts by connection and outcome (done, retried, failed)",
             metrics.writeback_attempts.clone(),
+        );
+        registry.register(
+            "deliverability_emails",
+            "Follow-up emails sent, bounced, blocked and complained about, by rule (or all) over the last 1d and 7d",
+            metrics.deliverability_emails.clone(),
+        );
+        registry.register(
+            "deliverability_complaint_rate",
+            "Complaints per email sent, by rule (or all) over the last 1d and 7d",
+            metrics.complaint_rate.clone(),
+        );
+        registry.register(
+            "followup_rule_paused",
+            "1 for each marketing rule paused for its complaint rate (state = paused)",
+            metrics.rules_paused.clone(),
         );
         metrics.vendor.register(&mut registry);
         registry.register(

@@ -73,6 +73,13 @@ pub enum Command {
     /// Addresses that get no email at all: list, add, remove.
     #[command(subcommand)]
     Suppressions(SuppressionsCommand),
+    /// Bounces and complaints that arrived after the hand-off: feed bounce emails in.
+    #[command(subcommand)]
+    Bounces(BouncesCommand),
+    /// Reputation figures per rule (sent, bounced, complained, complaint rate) and the
+    /// marketing rules paused for their complaint rate; resume one.
+    #[command(subcommand)]
+    Deliverability(DeliverabilityCommand),
     /// Copy this install's SQLite store (the database at storage.path and the webhook
     /// inbox beside it) into an empty PostgreSQL database, verify every table's row
     /// count, and leave the SQLite files untouched. Stop the daemon first.
@@ -147,6 +154,51 @@ pub enum SuppressionsCommand {
     Add(SuppressionAddArgs),
     /// Take an address off the list; later follow-ups are sent to it again.
     Remove(SuppressionRemoveArgs),
+    /// Show an address's suppression (reason, source) and its bounces and complaints.
+    Show(SuppressionRemoveArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BouncesCommand {
+    /// Read bounce emails (delivery status notifications, complaint reports) from
+    /// Maildir directories, mbox files or single .eml files and record what they
+    /// report: a permanent bounce or a complaint suppresses the address.
+    Ingest(BouncesIngestArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeliverabilityCommand {
+    /// Per rule and overall, over the last day and 7 days: sent, bounced, complained,
+    /// the complaint rate; and the paused rules.
+    Show(DeliverabilityShowArgs),
+    /// Resume a marketing rule that paused itself for its complaint rate.
+    Resume(DeliverabilityResumeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DeliverabilityShowArgs {
+    /// Output format.
+    #[arg(long, value_enum, default_value = "table")]
+    pub format: crate::output::ViewFormat,
+}
+
+#[derive(Debug, Args)]
+pub struct DeliverabilityResumeArgs {
+    /// The rule's name, as `deliverability show` lists it.
+    pub rule: String,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "table")]
+    pub format: crate::output::ViewFormat,
+}
+
+#[derive(Debug, Args)]
+pub struct BouncesIngestArgs {
+    /// Maildir directories, mbox files or .eml files.
+    #[arg(required = true)]
+    pub files: Vec<std::path::PathBuf>,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "table")]
+    pub format: crate::output::ViewFormat,
 }
 
 #[derive(Debug, Args)]

@@ -20,6 +20,7 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 mod args;
+mod bounces;
 mod context;
 mod migrate_store;
 pub mod ops;
@@ -78,7 +79,15 @@ pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
             SuppressionsCommand::List(args) => ops::suppressions_list(source, args).await,
             SuppressionsCommand::Add(args) => ops::suppressions_add(source, args).await,
             SuppressionsCommand::Remove(args) => ops::suppressions_remove(source, args).await,
+            SuppressionsCommand::Show(args) => ops::suppressions_show(source, args).await,
         },
+        Command::Bounces(BouncesCommand::Ingest(args)) => bounces::ingest(source, args).await,
+        Command::Deliverability(DeliverabilityCommand::Show(args)) => {
+            bounces::show(source, args).await
+        }
+        Command::Deliverability(DeliverabilityCommand::Resume(args)) => {
+            bounces::resume(source, args).await
+        }
         Command::MigrateStore(args) => migrate_store::migrate_store(source, args).await,
         Command::Completions(args) => {
             let mut script = Vec::new();
@@ -970,9 +979,28 @@ async fn report(source: &ConfigSource, args: ReportArgs) -> Result<(), CliError>
     };
     let report = store.report(config.pipelines.clone(), options).await?;
     let text = match args.format {
-        Format::Json => output::to_json(&report),
+        Format::Json => {
+            // The report's own fields, plus the follow-ups' reputation figures.
+            let mut value = serde_json::to_value(&report).map_err(anyhow::Error::from)?;
+            if let serde_json::Value::Object(fields) = &mut value {
+                let figures = store.delivery_figures(chrono::Utc::now()).await?;
+                fields.insert(
+                    "deliverability".to_owned(),
+                    serde_json::to_value(figures).map_err(anyhow::Error::from)?,
+                );
+            }
+            output::to_json(&value)
+        }
         Format::Csv => render::csv(&report, args.section),
-        Format::Table => render::table(&report, args.by_connection),
+        Format::Table => {
+            // The reputation figures of the follow-ups, as `deliverability show` has them.
+            let figures = store.delivery_figures(chrono::Utc::now()).await?;
+            format!(
+                "{}\nDeliverability (follow-up emails, last 1d and 7d)\n{}",
+                render::table(&report, args.by_connection),
+                bounces::figures_table(&figures)
+            )
+        }
     };
     output::print(&text);
     Ok(())

@@ -238,10 +238,24 @@ pub fn render_deal(view: &DealView) -> String {
         writebacks.render(Format::Table)
     };
 
+    let suppression = match &view.contact_suppression {
+        Some(s) => format!(
+            "the contact's address is suppressed: {} since {} ({})",
+            s.reason,
+            time(s.created_at),
+            or_dash(s.source.clone())
+        ),
+        None => "the contact's address is not suppressed".to_owned(),
+    };
+    let delivery = format!(
+        "{suppression}\n{}",
+        delivery_rows(&view.delivery_events).render(Format::Table)
+    );
     Shown::new(title, facts)
         .section("Stage history", &history.render(Format::Table))
         .section("Emails", &emails)
         .section("CRM write-back", &writebacks)
+        .section("Bounces and complaints", &delivery)
         .section("Follow-up rules", &rules)
         .section("Source record", &output::to_json(&view.source.record))
         .0
@@ -279,6 +293,28 @@ pub(super) fn emails_table(rows: &[crate::store::OutboxRow]) -> String {
         ]);
     }
     emails.render(Format::Table)
+}
+
+/// Bounces and complaints as a table.
+fn delivery_rows(events: &[crate::store::DeliveryEvent]) -> Rows {
+    let mut rows = Rows::new(vec![
+        "at", "email", "class", "status", "source", "outbox", "rule", "detail",
+    ]);
+    for event in events {
+        rows.push(vec![
+            time(event.occurred_at),
+            event.email.clone(),
+            event.class.clone(),
+            or_dash(event.status.clone()),
+            event.source.clone(),
+            event
+                .outbox_id
+                .map_or_else(|| "-".to_owned(), |id| id.to_string()),
+            or_dash(event.rule.clone()),
+            or_dash(event.detail.clone()),
+        ]);
+    }
+    rows
 }
 
 /// Prints the outcome of an action: one sentence, or the JSON object.
@@ -759,6 +795,38 @@ pub async fn suppressions_list(
 fn address(text: &str) -> Result<EmailAddress, CliError> {
     EmailAddress::parse(text)
         .ok_or_else(|| CliError::Usage(format!("{text:?} is not an email address")))
+}
+
+/// `suppressions show ADDRESS`: the suppression, if any, and every bounce and
+/// complaint recorded for the address.
+pub async fn suppressions_show(
+    source: &ConfigSource,
+    args: SuppressionRemoveArgs,
+) -> Result<(), CliError> {
+    let email = address(&args.address)?;
+    let config = load(source).await?;
+    let store = open_store(&config).await?;
+    let suppression = store.suppression(email.to_string()).await?;
+    let events = store.delivery_events_for_email(email.to_string()).await?;
+    let text = match &suppression {
+        Some(s) => format!(
+            "{} is suppressed: {} since {} ({})",
+            s.email,
+            s.reason,
+            time(s.created_at),
+            or_dash(s.source.clone())
+        ),
+        None => format!("{email} is not suppressed"),
+    };
+    report(
+        args.format,
+        format!(
+            "{text}\n\nBounces and complaints\n{}",
+            delivery_rows(&events).render(Format::Table)
+        ),
+        json!({ "email": email.to_string().to_lowercase(), "suppression": suppression, "delivery_events": events }),
+    );
+    Ok(())
 }
 
 /// `suppressions add ADDRESS`.

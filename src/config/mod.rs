@@ -48,6 +48,8 @@ pub struct Config {
     pub followups: Vec<followups::Rule>,
     /// Daily digest rules (`[followups.NAME]` with `digest = "HH:MM"`).
     pub digests: Vec<followups::DigestRule>,
+    /// `[deliverability]`: the return path and what bounces and complaints do.
+    pub deliverability: DeliverabilityConfig,
     /// What `${VAR}` and `${credential:NAME}` put into this config: scrubbed from every
     /// error built about it.
     pub substituted: interpolate::Substituted,
@@ -387,6 +389,33 @@ pub struct EmailConfig {
     pub retry_initial: Duration,
     pub retry_max: Duration,
     pub timeout: Duration,
+}
+
+/// `[deliverability]`, validated.
+#[derive(Debug, Clone)]
+pub struct DeliverabilityConfig {
+    /// The bounce address the per-message return path is built under (VERP).
+    pub return_path: Option<crate::domain::EmailAddress>,
+    pub transient_bounce_limit: u32,
+    pub transient_bounce_window: Duration,
+    /// The 7-day complaint rate (a share: 0.003 is 0.3 %) past which a marketing rule pauses.
+    pub complaint_rate_pause: f64,
+    pub complaint_pause_min_sent: u32,
+    /// Bearer token of `POST /bounces`; unset, the endpoint is off.
+    pub intake_token: Option<Secret>,
+}
+
+impl Default for DeliverabilityConfig {
+    fn default() -> Self {
+        DeliverabilityConfig {
+            return_path: None,
+            transient_bounce_limit: 3,
+            transient_bounce_window: Duration::from_secs(7 * 24 * 3600),
+            complaint_rate_pause: 0.003,
+            complaint_pause_min_sent: 100,
+            intake_token: None,
+        }
+    }
 }
 
 /// One thing wrong in a config file.
@@ -776,6 +805,7 @@ fn validate(path: &Path, raw: raw::RawConfig, report: &mut dyn FnMut(&str, Strin
     let digests = followups::validate_digests(&raw.followups, &pipelines, &email, report);
     let followups = followups::validate(raw.followups, &pipelines, &email.templates, report);
     check_followup_prerequisites(&followups, &email, server.public_url.as_ref(), report);
+    let deliverability = validate_deliverability(raw.deliverability, report);
 
     Config {
         path: path.to_owned(),
@@ -787,6 +817,7 @@ fn validate(path: &Path, raw: raw::RawConfig, report: &mut dyn FnMut(&str, Strin
         email,
         followups,
         digests,
+        deliverability,
         substituted: interpolate::Substituted::default(),
         credentials_dir: None,
         unavailable: Vec::new(),
@@ -1129,6 +1160,81 @@ fn validate_connection(
         max_response_bytes,
         settings: raw.settings,
         writeback,
+    }
+}
+
+/// `[deliverability]`: the bounce address, the soft-bounce limit and window, the intake token.
+fn validate_deliverability(
+    raw: raw::RawDeliverability,
+    report: &mut dyn FnMut(&str, String),
+) -> DeliverabilityConfig {
+    let defaults = DeliverabilityConfig::default();
+    let return_path = raw.return_path.as_deref().and_then(|text| {
+        let parsed = crate::domain::EmailAddress::parse(text).filter(|a| !a.as_str().contains('+'));
+        if parsed.is_none() {
+            report(
+                "deliverability.return_path",
+                format!("expected a plain address like \"bounces@shop.example\" (no `+`: dealsync adds the tag), got {text:?}"),
+            );
+        }
+        parsed
+    });
+    let transient_bounce_limit = match raw.transient_bounce_limit {
+        Some(0) => {
+            report(
+                "deliverability.transient_bounce_limit",
+                "must be at least 1".to_owned(),
+            );
+            defaults.transient_bounce_limit
+        }
+        Some(limit) => limit,
+        None => defaults.transient_bounce_limit,
+    };
+    let transient_bounce_window = raw
+        .transient_bounce_window
+        .map_or(defaults.transient_bounce_window, |d| d.0);
+    if transient_bounce_window.is_zero() {
+        report(
+            "deliverability.transient_bounce_window",
+            "must be longer than 0s".to_owned(),
+        );
+    }
+    let complaint_rate_pause = match raw.complaint_rate_pause.as_deref() {
+        None => defaults.complaint_rate_pause,
+        Some(text) => {
+            let share = text
+                .trim()
+                .strip_suffix('%')
+                .and_then(|number| number.trim().parse::<f64>().ok())
+                .filter(|percent| percent.is_finite() && *percent > 0.0 && *percent <= 100.0)
+                .map(|percent| percent / 100.0);
+            share.unwrap_or_else(|| {
+                report(
+                    "deliverability.complaint_rate_pause",
+                    format!("expected a percentage like \"0.3%\" (more than 0, at most 100), got {text:?}"),
+                );
+                defaults.complaint_rate_pause
+            })
+        }
+    };
+    if let Some(token) = &raw.intake_token
+        && token.expose().len() < 16
+    {
+        report(
+            "deliverability.intake_token",
+            "must be at least 16 characters (use a random value, e.g. `openssl rand -hex 32`)"
+                .to_owned(),
+        );
+    }
+    DeliverabilityConfig {
+        return_path,
+        transient_bounce_limit,
+        transient_bounce_window,
+        complaint_rate_pause,
+        complaint_pause_min_sent: raw
+            .complaint_pause_min_sent
+            .unwrap_or(defaults.complaint_pause_min_sent),
+        intake_token: raw.intake_token,
     }
 }
 

@@ -26,6 +26,34 @@ pub struct RawConfig {
     /// Follow-up rules, one `[followups.NAME]` table each.
     #[serde(default)]
     pub followups: BTreeMap<String, RawFollowup>,
+    /// Bounces and complaints: the return path, when repeated soft bounces suppress.
+    #[serde(default)]
+    pub deliverability: RawDeliverability,
+}
+
+/// `[deliverability]`: how bounces and complaints that arrive after the hand-off are
+/// tied to the outbox and what they do.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawDeliverability {
+    /// The bounce address, e.g. "bounces@shop.example": each follow-up is sent with the
+    /// envelope sender `bounces+<outbox id>-<local>=<domain>@shop.example` (VERP), so a
+    /// delivery status notification names the email it answers. Unset: `email.from`.
+    pub return_path: Option<String>,
+    /// Transient bounces (a full mailbox, 4.x.x) of one address within
+    /// `transient_bounce_window` that suppress it; default 3.
+    pub transient_bounce_limit: Option<u32>,
+    /// The window `transient_bounce_limit` counts in; default "7d".
+    pub transient_bounce_window: Option<ConfigDuration>,
+    /// A marketing rule whose complaints over the last 7 days pass this share of the
+    /// emails it sent in them pauses itself until `dealsync deliverability resume RULE`;
+    /// default "0.3%".
+    pub complaint_rate_pause: Option<String>,
+    /// The emails a rule must have sent in those 7 days before it can pause; default 100.
+    pub complaint_pause_min_sent: Option<u32>,
+    /// Bearer token of `POST /bounces` (a relay's pipe posts bounce emails there); at
+    /// least 16 characters. Unset: the endpoint answers 404.
+    pub intake_token: Option<Secret>,
 }
 
 #[derive(Debug, Deserialize, Default)]

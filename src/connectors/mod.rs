@@ -7,6 +7,7 @@
 //! it reads kept enrichment records and stored fingerprints and writes only its OAuth
 //! tokens.
 
+pub mod delivery;
 pub mod demo;
 pub mod ecommerce;
 pub mod generic;
@@ -237,6 +238,10 @@ pub enum WebhookAction {
     Delete { external_id: String },
     /// The payload carries only an id: fetch the record through the pull connector.
     Refetch { external_id: String },
+    /// An email provider reports a bounce or a complaint (`connectors::delivery`).
+    Delivery(Box<crate::store::NewDeliveryEvent>),
+    /// The source asks to confirm a subscription (SNS): [`Connector::confirm_subscription`].
+    ConfirmSubscription { url: String },
 }
 
 /// Reports (or clears, with `None`) what a connection needs from an operator, such
@@ -367,6 +372,27 @@ pub trait Connector: Send + Sync {
         None
     }
 
+    /// The keys a delivery's signature is checked with, when the sender names them
+    /// (SNS's signing certificate): fetched here, before the check, and only from an
+    /// allowed host. `None`: the connection's configured secrets. An error is the
+    /// reason the delivery is refused (401).
+    async fn webhook_keys(&self, _body: &[u8]) -> Result<Option<Vec<Vec<u8>>>, String> {
+        Ok(None)
+    }
+
+    /// Confirms a subscription the source asked for in a verified delivery (SNS's
+    /// `SubscribeURL`).
+    async fn confirm_subscription(
+        &self,
+        _cx: &SyncContext,
+        url: &str,
+    ) -> Result<(), ConnectorError> {
+        Err(ConnectorError::BadResponse {
+            vendor: self.kind().to_owned(),
+            reason: format!("this connector confirms no subscriptions ({url})"),
+        })
+    }
+
     /// Turns a verified delivery into actions.
     fn parse_webhook(&self, _event: &WebhookEvent) -> Result<Vec<WebhookAction>, BadRecord> {
         Ok(Vec::new())
@@ -405,7 +431,17 @@ pub const KNOWN: &[&str] = &[
 ];
 
 /// The connectors implemented in Rust (the rest come from manifests).
-const RUST_CONNECTORS: &[&str] = &["demo", "shopify", "woocommerce", "stripe", "webhook"];
+const RUST_CONNECTORS: &[&str] = &[
+    "demo",
+    "shopify",
+    "woocommerce",
+    "stripe",
+    "webhook",
+    "postmark",
+    "mailgun",
+    "sendgrid",
+    "ses",
+];
 
 impl Registry {
     /// Loads the manifests in force for a config: built-ins, then `[connectors] dir`.
@@ -488,6 +524,12 @@ impl Registry {
             "webhook" => generic::GenericConnector::from_config(connection)
                 .map(|c| Arc::new(c) as Arc<dyn Connector>)
                 .map_err(settings_error),
+            name if delivery::Provider::parse(name).is_some() => {
+                let provider = delivery::Provider::parse(name).expect("matched just above");
+                delivery::DeliveryConnector::from_config(provider, connection)
+                    .map(|c| Arc::new(c) as Arc<dyn Connector>)
+                    .map_err(settings_error)
+            }
             name => match catalog.get(name) {
                 Some(found) => manifest::ManifestConnector::new(found, connection)
                     .map(|c| Arc::new(c) as Arc<dyn Connector>)

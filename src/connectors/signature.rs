@@ -31,6 +31,9 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use sha2::{Digest, Sha256};
 use subtle::{Choice, ConstantTimeEq};
 
+mod providers;
+pub use providers::{SnsEnvelope, mailgun_signature, rsa_key_of_certificate};
+
 type HmacSha256 = Hmac<Sha256>;
 type Digest32 = [u8; 32];
 
@@ -72,6 +75,7 @@ pub mod header {
         HUBSPOT_SIGNATURE_V3,
         AUTHORIZATION,
         WEBHOOK_SIGNATURE,
+        super::providers::SENDGRID_SIGNATURE,
         "cookie",
         "proxy-authorization",
     ];
@@ -152,6 +156,16 @@ pub enum Scheme {
     /// `webhook-id`, `webhook-timestamp`, `webhook-signature: v1,<b64> …`: base64 HMAC-SHA256
     /// of `id.timestamp.body`, keyed with the base64-decoded part of `whsec_…`.
     StandardWebhooks { tolerance: Duration },
+    /// Mailgun: hex HMAC-SHA256 of `timestamp + token`, keyed with the webhook signing
+    /// key, in the body's `signature` object (see `providers`).
+    Mailgun { tolerance: Duration },
+    /// SendGrid's signed event webhook: ECDSA P-256 over `timestamp + body`, checked with
+    /// the base64 DER public key from the SendGrid settings (see `providers`).
+    SendGrid { tolerance: Duration },
+    /// Amazon SNS (SES notifications): RSA over the envelope's canonical string, with the
+    /// key of the certificate the envelope names, fetched by the connector from an
+    /// allowed host (see `providers`).
+    Sns,
     /// No authentication: every delivery passes. For sources that offer none.
     None,
 }
@@ -356,6 +370,13 @@ pub fn verify(
         Scheme::StandardWebhooks { tolerance } => {
             verify_standard_webhooks(secrets, request, now, tolerance)
         }
+        Scheme::Mailgun { tolerance } => {
+            providers::verify_mailgun(secrets, request, now, tolerance)
+        }
+        Scheme::SendGrid { tolerance } => {
+            providers::verify_sendgrid(secrets, request, now, tolerance)
+        }
+        Scheme::Sns => providers::verify_sns(secrets, request),
     }
 }
 
@@ -377,6 +398,7 @@ pub fn validate_secret(scheme: &Scheme, secret: &[u8]) -> Result<(), SignatureEr
             reason: "the secret is empty",
         }),
         Scheme::StandardWebhooks { .. } => standard_webhooks_key(secret).map(drop),
+        Scheme::SendGrid { .. } => providers::sendgrid_key(secret).map(drop),
         Scheme::PipedriveBasic if !secret.contains(&b':') => Err(SignatureError::BadSecret {
             reason: "expected user:password",
         }),
@@ -471,6 +493,9 @@ pub fn sign(
             insert(&mut headers, header::WEBHOOK_TIMESTAMP, &timestamp)?;
             insert(&mut headers, header::WEBHOOK_SIGNATURE, &value)?;
         }
+        // Mailgun signs inside the body (`mailgun_signature` builds it); SendGrid and SNS
+        // sign with private keys dealsync never holds: no header to add for any.
+        Scheme::Mailgun { .. } | Scheme::SendGrid { .. } | Scheme::Sns => {}
     }
     Ok(headers)
 }

@@ -4,6 +4,7 @@
 //! [`Money`] is integer minor units of one [`Currency`], never a float; names and keys
 //! are newtypes so a deal id cannot go where a stage key was meant.
 
+pub mod delivery;
 pub mod duration;
 pub mod hashing;
 mod money;

@@ -103,6 +103,10 @@ pub struct DealView {
     pub followups: Vec<RuleDecision>,
     /// The CRM write-backs of its sent emails, oldest first.
     pub writebacks: Vec<crate::store::WritebackRow>,
+    /// Bounces and complaints about the deal's emails and its contact's address, oldest first.
+    pub delivery_events: Vec<crate::store::DeliveryEvent>,
+    /// The suppression of the contact's address, if any.
+    pub contact_suppression: Option<crate::store::Suppression>,
 }
 
 /// Reads deal `id` and explains it at `now`; `None` when there is no such deal.
@@ -123,6 +127,14 @@ pub async fn deal_view(
     };
     let history = store.history(id).await?;
     let writebacks = store.deal_writebacks(id).await?;
+    let contact = deal.contact_email.as_ref().map(|email| email.to_string());
+    let delivery_events = store
+        .delivery_events_for_deal(deal.id, contact.clone())
+        .await?;
+    let contact_suppression = match contact {
+        Some(email) => store.suppression(email).await?,
+        None => None,
+    };
     Ok(Some(DealView {
         as_of: now,
         source: SourceView {
@@ -137,6 +149,8 @@ pub async fn deal_view(
         emails,
         followups,
         writebacks,
+        delivery_events,
+        contact_suppression,
     }))
 }
 

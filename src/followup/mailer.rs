@@ -291,13 +291,48 @@ impl Mailer {
 
     /// Waits for the rate limiter, then delivers.
     pub async fn send(&self, message: Message, idempotency_key: &str) -> Result<(), MailError> {
+        self.send_from(message, idempotency_key, None).await
+    }
+
+    /// Waits for the rate limiter, then delivers with `return_path` as the envelope
+    /// sender (`MAIL FROM`; a bounce goes there) instead of the from address. The file
+    /// transport writes it as the `Return-Path` header, as a delivering server would.
+    pub async fn send_from(
+        &self,
+        message: Message,
+        idempotency_key: &str,
+        return_path: Option<&str>,
+    ) -> Result<(), MailError> {
+        let envelope = match return_path {
+            None => None,
+            Some(path) => {
+                let sender = path
+                    .parse::<lettre::Address>()
+                    .map_err(|error| MailError::Build(format!("return path {path:?}: {error}")))?;
+                let recipients = message.envelope().to().to_vec();
+                Some(
+                    lettre::address::Envelope::new(Some(sender), recipients)
+                        .map_err(|error| MailError::Build(format!("envelope: {error}")))?,
+                )
+            }
+        };
         if let Some(limiter) = &self.limiter {
             limiter.until_ready().await;
         }
-        match &self.transport {
-            Transport::Smtp(smtp) => smtp.send(message).await.map(|_| ()).map_err(classify),
-            Transport::File(dir) => {
-                write_eml(dir.clone(), idempotency_key.to_owned(), message.formatted()).await
+        match (&self.transport, envelope) {
+            (Transport::Smtp(smtp), None) => smtp.send(message).await.map(|_| ()).map_err(classify),
+            (Transport::Smtp(smtp), Some(envelope)) => smtp
+                .send_raw(&envelope, &message.formatted())
+                .await
+                .map(|_| ())
+                .map_err(classify),
+            (Transport::File(dir), envelope) => {
+                let mut bytes = Vec::new();
+                if let Some(sender) = envelope.as_ref().and_then(|e| e.from()) {
+                    bytes.extend_from_slice(format!("Return-Path: <{sender}>\r\n").as_bytes());
+                }
+                bytes.extend_from_slice(&message.formatted());
+                write_eml(dir.clone(), idempotency_key.to_owned(), bytes).await
             }
         }
     }

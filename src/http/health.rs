@@ -26,7 +26,17 @@ pub async fn readyz(State(state): State<Arc<HttpState>>) -> impl IntoResponse {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (status, Json(report))
+    let mut body = serde_json::to_value(&report).unwrap_or_default();
+    // Marketing rules paused for their complaint rate: an operator's to resume. They do
+    // not make the daemon unready; a store that cannot say is named instead.
+    if let serde_json::Value::Object(fields) = &mut body {
+        let paused = match state.store.rule_pauses().await {
+            Ok(pauses) => serde_json::to_value(pauses).unwrap_or_default(),
+            Err(error) => serde_json::Value::String(format!("unknown: {error}")),
+        };
+        fields.insert("paused_rules".to_owned(), paused);
+    }
+    (status, Json(body))
 }
 
 /// Prometheus text format; deal gauges are refreshed from the store at scrape time.

@@ -7,6 +7,7 @@
 //! passes, the same in production and in tests.
 
 mod api;
+mod bounces;
 pub mod error;
 mod health;
 mod pipeline_metrics;
@@ -43,7 +44,8 @@ pub fn router(state: Arc<HttpState>) -> Router {
             "/unsubscribe/{token}",
             get(unsubscribe::confirm).post(unsubscribe::one_click),
         )
-        .route("/webhooks/{connection}", post(webhooks::receive));
+        .route("/webhooks/{connection}", post(webhooks::receive))
+        .route("/bounces", post(bounces::receive));
     if config.server.metrics_listen.is_none() {
         routes = routes.route("/metrics", get(health::metrics));
     }

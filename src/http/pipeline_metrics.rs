@@ -1,6 +1,7 @@
 //! Pipeline metrics refreshed at scrape time: deal value by stage and currency,
 //! stalled deals by stage, follow-up emails by rule and state, CRM write-backs by
-//! connection and state.
+//! connection and state, the reputation figures (sent, bounced, complained, complaint
+//! rate per rule over 1d and 7d) and paused rules.
 //!
 //! Invariant: the gauges are cleared and rebuilt from the store on every scrape, so a
 //! stage, currency or state that no longer has deals disappears instead of lingering.
@@ -9,7 +10,8 @@ use super::HttpState;
 use super::status::stall_cutoffs;
 use crate::store::StoreError;
 use crate::telemetry::{
-    ConnectionStateLabels, EmailLabels, StageLabels, ValueLabels, rebuild_gauges,
+    ConnectionStateLabels, DeliverabilityLabels, EmailLabels, RateLabels, StageLabels, ValueLabels,
+    rebuild_gauges,
 };
 
 /// Rebuilds the pipeline gauges from the store.
@@ -22,6 +24,8 @@ pub async fn refresh(state: &HttpState) -> Result<(), StoreError> {
         .await?;
     let emails = state.store.outbox_counts().await?;
     let writebacks = state.store.writeback_counts().await?;
+    let figures = state.store.delivery_figures(chrono::Utc::now()).await?;
+    let pauses = state.store.rule_pauses().await?;
 
     rebuild_gauges(
         &metrics.deal_value,
@@ -67,6 +71,48 @@ pub async fn refresh(state: &HttpState) -> Result<(), StoreError> {
                 state: count.state,
             };
             (labels, count.rows as i64)
+        }),
+    );
+    let rule_of = |rule: &Option<String>| rule.clone().unwrap_or_else(|| "all".to_owned());
+    rebuild_gauges(
+        &metrics.deliverability_emails,
+        figures.iter().flat_map(|line| {
+            [
+                ("sent", line.sent),
+                ("delivered", line.delivered),
+                ("bounced_permanent", line.bounced_permanent),
+                ("bounced_transient", line.bounced_transient),
+                ("blocked", line.blocked),
+                ("complained", line.complained),
+            ]
+            .map(|(outcome, value)| {
+                let labels = DeliverabilityLabels {
+                    rule: rule_of(&line.rule),
+                    window: line.window.to_owned(),
+                    outcome: outcome.to_owned(),
+                };
+                (labels, value)
+            })
+        }),
+    );
+    metrics.complaint_rate.clear();
+    for line in &figures {
+        if let Some(rate) = line.complaint_rate {
+            let labels = RateLabels {
+                rule: rule_of(&line.rule),
+                window: line.window.to_owned(),
+            };
+            metrics.complaint_rate.get_or_create(&labels).set(rate);
+        }
+    }
+    rebuild_gauges(
+        &metrics.rules_paused,
+        pauses.into_iter().map(|pause| {
+            let labels = EmailLabels {
+                rule: pause.rule,
+                state: "paused".to_owned(),
+            };
+            (labels, 1)
         }),
     );
     Ok(())

@@ -404,6 +404,27 @@ async fn render(state: &HttpState) -> Result<String, ApiError> {
         })
         .collect();
     let email_counts = state.store.outbox_counts().await?;
+    let deliverability: Vec<[String; 9]> = state
+        .store
+        .delivery_figures(now)
+        .await?
+        .into_iter()
+        .filter(|line| line.sent > 0 || line.complained > 0 || line.bounced_permanent > 0)
+        .map(|line| crate::deliverability::figures_row(&line))
+        .collect();
+    let paused_rules: Vec<_> = state
+        .store
+        .rule_pauses()
+        .await?
+        .into_iter()
+        .map(|pause| {
+            minijinja::context! {
+                rule => pause.rule,
+                reason => pause.reason,
+                since => when(Some(pause.paused_at), now),
+            }
+        })
+        .collect();
 
     let context = minijinja::context! {
         generated_at => now.format("%Y-%m-%d %H:%M:%S UTC").to_string(),
@@ -425,6 +446,8 @@ async fn render(state: &HttpState) -> Result<String, ApiError> {
         emails,
         email_counts,
         email_attention => readiness.attention.get(crate::health::EMAIL_ATTENTION),
+        deliverability,
+        paused_rules,
     };
     environment()
         .get_template("status.html")

@@ -156,6 +156,19 @@ pub async fn receive(
             "no webhook secret configured",
         );
     }
+    // A sender that names its key (SNS's certificate): the connector fetches it from
+    // an allowed host, and it replaces the configured secrets for the check.
+    let fetched = match runtime.connector.webhook_keys(&body).await {
+        Ok(fetched) => fetched,
+        Err(reason) => {
+            count(&state, &connection, "unauthorized");
+            return reject(&connection, StatusCode::UNAUTHORIZED, &reason);
+        }
+    };
+    let secrets: Vec<&[u8]> = match &fetched {
+        Some(keys) => keys.iter().map(Vec::as_slice).collect(),
+        None => secrets,
+    };
     let uri = signed_uri(&state, &parts.uri, &parts.headers);
     let signed = signature::Request {
         method: parts.method.as_str(),
@@ -343,7 +356,7 @@ fn refused(connection: &str, error: &EnqueueError) -> Response {
 }
 
 /// Reads the body up to `limit` bytes: 413 past it (a declared length says so at once).
-async fn read_capped(
+pub(super) async fn read_capped(
     body: Body,
     headers: &HeaderMap,
     limit: usize,

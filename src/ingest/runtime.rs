@@ -28,6 +28,8 @@ pub struct ConnectionRuntime {
     /// Swapped whole when discovery finds new native stages; readers clone the Arc.
     stage_map: RwLock<Arc<StageMap>>,
     last_discovery: Mutex<Option<Instant>>,
+    /// What bounces and complaints received by this connection do.
+    pub delivery_policy: crate::store::DeliveryPolicy,
 }
 
 impl ConnectionRuntime {
@@ -45,8 +47,9 @@ impl ConnectionRuntime {
                     continue;
                 }
             };
-            let runtime =
+            let mut runtime =
                 ConnectionRuntime::new(connection.clone(), connector, config.pipelines.clone());
+            runtime.delivery_policy = crate::deliverability::policy(config);
             let default_pipeline = runtime.default_pipeline();
             for entry in &connection.stage_map {
                 if let Err(message) = entry.resolve(default_pipeline.as_ref(), &config.pipelines) {
@@ -80,6 +83,10 @@ impl ConnectionRuntime {
             pipelines,
             stage_map: RwLock::new(Arc::new(StageMap::default())),
             last_discovery: Mutex::new(None),
+            delivery_policy: crate::deliverability::policy_of(
+                &crate::config::DeliverabilityConfig::default(),
+                &[],
+            ),
         };
         runtime.set_native(Vec::new());
         runtime

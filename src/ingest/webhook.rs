@@ -13,7 +13,7 @@ use super::ConnectionRuntime;
 use crate::connectors::{ConnectorError, SyncContext, WebhookAction, WebhookEvent};
 use crate::domain::{ChangeCause, ConnectionName, SourceDeal, check_depth};
 use crate::store::{DealChange, InboxRow};
-use tracing::debug;
+use tracing::{debug, info};
 
 /// Why a delivery could not be planned. [`PlanError::is_permanent`] says whether
 /// another attempt can help.
@@ -79,6 +79,20 @@ impl ConnectionRuntime {
             match action {
                 WebhookAction::Upsert(deal) => ops.push(self.webhook_record(*deal)?),
                 WebhookAction::Delete { external_id } => ops.push(self.deletion(external_id)),
+                WebhookAction::Delivery(event) => ops.push(DealChange::Delivery {
+                    event,
+                    policy: self.delivery_policy.clone(),
+                }),
+                WebhookAction::ConfirmSubscription { url } => {
+                    self.connector
+                        .confirm_subscription(cx, &url)
+                        .await
+                        .map_err(|source| PlanError::Fetch {
+                            external_id: "the subscription confirmation".to_owned(),
+                            source: Box::new(source),
+                        })?;
+                    info!(connection = self.name(), "subscription confirmed");
+                }
                 WebhookAction::Refetch { external_id } => {
                     match self.connector.fetch_one(cx, &external_id).await {
                         Ok(Some(deal)) => ops.push(self.webhook_record(deal)?),

@@ -35,6 +35,12 @@ pub enum DealChange {
         connection: String,
         external_id: String,
     },
+    /// A bounce or complaint an email provider reported, with what it does
+    /// (`store::delivery`).
+    Delivery {
+        event: Box<super::NewDeliveryEvent>,
+        policy: super::DeliveryPolicy,
+    },
 }
 
 /// The contact and owner fields of a stored deal, which a webhook record that lacks
@@ -209,6 +215,9 @@ impl Store {
                         external_id,
                     } => {
                         mark_deleted(tx, &connection, &external_id, now)?;
+                    }
+                    DealChange::Delivery { event, policy } => {
+                        super::delivery::record_one(tx, &event, &policy, now)?;
                     }
                 }
             }

@@ -8,6 +8,7 @@ use std::path::Path;
 const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("migrations/0001_initial.sql")),
     (2, include_str!("migrations/0002_deal_fingerprint.sql")),
+    (3, include_str!("migrations/0003_delivery_events.sql")),
     (4, include_str!("migrations/0004_people.sql")),
     (5, include_str!("migrations/0005_writebacks.sql")),
 ];

@@ -33,6 +33,7 @@ mod carts;
 mod checkpoint;
 mod deal_changes;
 mod deals;
+mod delivery;
 mod digests;
 mod inbox;
 mod ledger;
@@ -52,6 +53,9 @@ pub use deal_changes::DealChange;
 pub use deals::{
     AppliedMapping, DealFilter, DealUpsert, NativeStageGroup, StageCount, StageMove, UnmappedStage,
     UpsertOutcome,
+};
+pub use delivery::{
+    DeliveryEvent, DeliveryFigures, DeliveryOutcome, DeliveryPolicy, NewDeliveryEvent, RulePause,
 };
 pub use digests::{AssembleOutcome, DigestClaim, DigestFinish, DigestRow, DigestWatch};
 pub use inbox::{

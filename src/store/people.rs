@@ -421,7 +421,7 @@ mod tests {
             exec(store, sql, vec![]).await;
         }
         if sqlite {
-            exec(store, "PRAGMA user_version = 2", vec![]).await;
+            exec(store, "PRAGMA user_version = 3", vec![]).await;
         } else {
             exec(
                 store,

@@ -1,5 +1,6 @@
 //! The daemon's integration tests: one test binary, so it links once.
 
+mod bounces;
 mod emails;
 mod fault_suite;
 mod followups;

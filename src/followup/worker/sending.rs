@@ -15,6 +15,7 @@
 use super::{Worker, email_backoff, record, sender_name, unknown_outcome_reason};
 use crate::config::{Config, EmailConfig};
 use crate::domain::Deal;
+use crate::domain::delivery::return_path;
 use crate::followup::FollowupError;
 use crate::followup::mailer::{MailError, Mailer, Outgoing};
 use crate::followup::policy::{self, CAP_WINDOW, Policy};
@@ -39,6 +40,41 @@ impl Worker {
             return Ok(());
         };
         let email = &self.config.email;
+        if rule.kind == RuleKind::Marketing
+            && let Some(pause) = self
+                .store
+                .rule_pauses()
+                .await?
+                .into_iter()
+                .find(|pause| pause.rule == rule.name)
+        {
+            // Paused for its complaint rate: the step waits for an operator's resume,
+            // and is skipped once it is later than the grace, as any late step.
+            let grace = chrono::Duration::from_std(rule.late_grace.unwrap_or(email.late_grace))
+                .unwrap_or(chrono::Duration::MAX);
+            // Looked at again as often as an operator's retry is picked up.
+            let until = now + chrono::Duration::from_std(email.enroll_interval).unwrap_or_default();
+            self.store
+                .claim(id, now, ClaimQuery::default(), move |facts| {
+                    if now - facts.row.due_at > grace {
+                        ClaimDecision::Skip(format!(
+                            "rule paused past the late grace: {}",
+                            pause.reason
+                        ))
+                    } else {
+                        ClaimDecision::Defer {
+                            until,
+                            reason: format!(
+                                "rule paused (`dealsync deliverability resume {}` resumes it): {}",
+                                pause.rule, pause.reason
+                            ),
+                        }
+                    }
+                })
+                .await?;
+            self.count(&rule.name, "deferred");
+            return Ok(());
+        }
         if rule.kind == RuleKind::Marketing
             && rule.to == Recipient::Contact
             && let Some(source) = &self.source
@@ -148,7 +184,17 @@ impl Worker {
                 .mark_dry_run(row.id, message_id, Utc::now())
                 .await;
         }
-        let sent = self.mailer.send(message, &key).await;
+        // The per-message return path (VERP) ties a later bounce to this row.
+        let return_path = self
+            .config
+            .deliverability
+            .return_path
+            .as_ref()
+            .and_then(|base| return_path(base.as_str(), row.id, &row.recipient));
+        let sent = self
+            .mailer
+            .send_from(message, &key, return_path.as_deref())
+            .await;
         self.note_delivery(&sent, &rule.name);
         match sent {
             Ok(()) => {

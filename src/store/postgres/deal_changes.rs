@@ -116,6 +116,10 @@ async fn apply_change(
             mark_deleted(tx, &connection, &external_id, now).await?;
             Ok(0)
         }
+        DealChange::Delivery { event, policy } => {
+            super::delivery::record_one(tx, &event, &policy, now).await?;
+            Ok(0)
+        }
     }
 }
 
@@ -236,7 +240,7 @@ async fn apply_segment(tx: &Transaction<'_>, segment: Vec<DealChange>) -> Result
         .filter_map(|change| match change {
             DealChange::Cart(upsert) => Some((true, upsert)),
             DealChange::Upsert(upsert) => Some((false, upsert)),
-            DealChange::Delete { .. } => None,
+            DealChange::Delete { .. } | DealChange::Delivery { .. } => None,
         })
         .collect();
     let refs: Vec<&DealUpsert> = upserts.iter().map(|(_, upsert)| upsert).collect();
@@ -258,12 +262,13 @@ async fn apply_segment(tx: &Transaction<'_>, segment: Vec<DealChange>) -> Result
 }
 
 /// Whether a change is applied on its own rather than in a segment: an order (it
-/// completes other carts, found by key or by email) or a deletion (rare).
+/// completes other carts, found by key or by email), a deletion (rare), or a bounce or
+/// complaint from an email provider (no deal of its own).
 fn alters_others(change: &DealChange) -> bool {
     match change {
         DealChange::Cart(upsert) => upsert.status == DealStatus::Won,
         DealChange::Upsert(_) => false,
-        DealChange::Delete { .. } => true,
+        DealChange::Delete { .. } | DealChange::Delivery { .. } => true,
     }
 }
 

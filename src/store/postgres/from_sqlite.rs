@@ -53,6 +53,8 @@ pub const TABLES: &[(File, &str)] = &[
     (File::Database, "digests"),
     (File::Database, "digest_runs"),
     (File::Database, "suppressions"),
+    (File::Database, "delivery_events"),
+    (File::Database, "rule_pauses"),
     (File::Database, "oauth_tokens"),
     (File::Database, "writebacks"),
     (File::Inbox, "webhook_inbox"),

@@ -13,6 +13,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (2, include_str!("migrations/0002_replicas.sql")),
     (3, include_str!("migrations/0003_rate_limits.sql")),
     (4, include_str!("migrations/0004_raw_compression.sql")),
+    (5, include_str!("migrations/0005_delivery_events.sql")),
     (6, include_str!("migrations/0006_people.sql")),
     (7, include_str!("migrations/0007_writebacks.sql")),
 ];

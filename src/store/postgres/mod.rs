@@ -34,6 +34,7 @@ mod copy_rows;
 mod dead_letters;
 mod deal_changes;
 mod deals;
+mod delivery;
 mod digests;
 pub mod from_sqlite;
 mod inbox;
