@@ -344,6 +344,7 @@ async fn sink_ceiling() {
     let messages: Vec<_> = (0..emails)
         .map(|n| {
             let outgoing = dealsync::followup::mailer::Outgoing {
+                outbox_id: None,
                 to: EmailAddress::parse("team@example.com").unwrap(),
                 to_name: None,
                 subject: format!("Deal rotting: Deal {n}"),

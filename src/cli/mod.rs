@@ -1161,6 +1161,7 @@ fn print_digest(
         .ok_or_else(|| CliError::Usage(format!("{recipient:?} is not an email address")))?;
     let message = mailer
         .build(&Outgoing {
+            outbox_id: None,
             to,
             to_name,
             subject: rendered.subject,

@@ -67,7 +67,15 @@ pub struct Outgoing {
     /// Where replies go instead of `email.from`: the deal's owner on the notes
     /// the owner signs.
     pub reply_to: Option<(Option<String>, EmailAddress)>,
+    /// The outbox row a follow-up email is, sent as [`PROVIDER_METADATA_HEADER`] so that
+    /// a provider that reports bounces by its own message id (Postmark) names the row.
+    pub outbox_id: Option<i64>,
 }
+
+/// Postmark copies `X-PM-Metadata-<key>` headers of a message it relays into the
+/// `Metadata` of its bounce and complaint webhooks (`connectors::delivery` reads
+/// `Metadata.outbox_id`); other servers ignore an unknown `X-` header.
+pub const PROVIDER_METADATA_HEADER: &str = "X-PM-Metadata-outbox_id";
 
 enum Transport {
     Smtp(AsyncSmtpTransport<Tokio1Executor>),
@@ -247,6 +255,9 @@ impl Mailer {
                 .parse()
                 .map_err(|error| MailError::Build(format!("reply-to address: {error}")))?;
             builder = builder.reply_to(Mailbox::new(name.clone(), address));
+        }
+        if let Some(id) = outgoing.outbox_id {
+            builder = builder.raw_header(header(PROVIDER_METADATA_HEADER, id.to_string()));
         }
         if let Some((url, mailto)) = &outgoing.unsubscribe {
             builder = builder
@@ -438,6 +449,7 @@ mod tests {
 
     fn outgoing(unsubscribe: bool) -> Outgoing {
         Outgoing {
+            outbox_id: None,
             to: EmailAddress::parse("ada@example.com").unwrap(),
             to_name: Some("Ada Lovelace".into()),
             subject: "Your cart".into(),

@@ -494,14 +494,19 @@ webhook_secret = "{sendgrid_public}"
         now,
     )
     .await;
-    nth_message(&smtp, "pm-gone@example.com", 1).await;
+    let postmark_first = nth_message(&smtp, "pm-gone@example.com", 1).await;
     let mailgun_first = nth_message(&smtp, "mg-gone@example.com", 1).await;
     let jane_first = nth_message(&smtp, "jane@example.com", 1).await;
 
     // Postmark: the webhook URL's basic auth.
     let mut postmark = fixture("postmark-bounce-webhook.json");
     postmark["Email"] = "pm-gone@example.com".into();
-    postmark["Metadata"]["outbox_id"] = outbox_id_of(&daemon, postmark_cart, 0).to_string().into();
+    // Postmark copies the X-PM-Metadata-* headers of the message it relayed into the
+    // webhook's Metadata: the outbox row, as the daemon named it in the email.
+    let relayed = header(&postmark_first.data, "X-PM-Metadata-outbox_id")
+        .expect("the follow-up names its outbox row for Postmark");
+    assert_eq!(relayed, outbox_id_of(&daemon, postmark_cart, 0).to_string());
+    postmark["Metadata"]["outbox_id"] = relayed.into();
     let postmark = serde_json::to_vec(&postmark).unwrap();
     let basic = |credentials: &str| {
         format!(

@@ -143,6 +143,7 @@ impl Worker {
                 }
             })?;
             let outgoing = Outgoing {
+                outbox_id: None,
                 to,
                 to_name,
                 subject: rendered.subject,

@@ -357,6 +357,7 @@ pub fn compose(
         idempotency_key: idempotency_key(row),
         unsubscribe,
         reply_to,
+        outbox_id: Some(row.id),
     })
 }
 

@@ -16,6 +16,9 @@
 //!   `upsert_all`; an order (it completes other carts) or a deletion is applied on its
 //!   own. No record of a segment reads what another of it writes, so the result is
 //!   that of applying the changes one by one.
+//! - A pass commits with `synchronous_commit = off` (see `try_apply_webhook_rows`):
+//!   anything observable that follows from it commits synchronously later, which makes
+//!   this commit durable first.
 //! - A pass's changes and their history rows commit together, and with them the
 //!   settlement of its inbox rows (`apply_webhook_rows`): only rows this replica still
 //!   holds under an unexpired claim, locked first, are applied and marked processed, so
@@ -340,6 +343,15 @@ impl Database {
         let ids: Vec<i64> = items.iter().map(|(id, _)| *id).collect();
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
+        // The pass need not wait for its own WAL flush: its rows are durable in the
+        // inbox, and were the server to lose the commit in a crash the rows would be
+        // claimed and applied again (applying a row twice is harmless). Whatever leaves
+        // the database because of it (an enrollment, an email, a write-back) is
+        // committed later with `synchronous_commit = on`, which flushes the WAL up to
+        // its own commit, this one included. Intake's fsyncs no longer queue behind the
+        // worker's (BENCHMARKS.md).
+        tx.batch_execute("SET LOCAL synchronous_commit = off")
+            .await?;
         let held: HashSet<i64> = tx
             .query(super::inbox::HELD_FOR_UPDATE, &[&ids, &claimer])
             .await?
