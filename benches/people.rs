@@ -125,11 +125,12 @@ fn count(db: &rusqlite::Connection, sql: &str) -> anyhow::Result<i64> {
 fn rewind(path: &std::path::Path) -> anyhow::Result<()> {
     let db = rusqlite::Connection::open(path)?;
     db.execute_batch(
-        "DROP INDEX deals_by_person;
+        "DROP TABLE writebacks;
+         DROP INDEX deals_by_person;
          DROP INDEX deals_by_company;
          ALTER TABLE deals DROP COLUMN person_key;
          ALTER TABLE deals DROP COLUMN company_key;
-         PRAGMA user_version = 2;",
+         PRAGMA user_version = 3;",
     )
     .context("rewinding the schema")?;
     Ok(())
