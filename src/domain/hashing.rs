@@ -196,6 +196,7 @@ fn hash_fields(hash: &mut ContentHash, source: &SourceDeal, text: &DealText<'_>)
         native_stage,
         contact_email,
         contact_name,
+        company_domain,
         owner,
         owner_email,
         marketing_consent,
@@ -231,6 +232,12 @@ fn hash_fields(hash: &mut ContentHash, source: &SourceDeal, text: &DealText<'_>)
     hash.text(Some(&text.cart_keys));
     hash.number(Some(i64::from(*deleted)));
     hash.text(source_status.map(|status| status.as_str()));
+    // Hashed only when given, so that the records of sources that name no company keep
+    // the hashes stored before the field existed (no rewrite of every deal).
+    if let Some(domain) = company_domain {
+        hash.text(Some("company_domain"));
+        hash.text(Some(domain));
+    }
 }
 
 #[cfg(test)]

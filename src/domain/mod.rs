@@ -219,6 +219,11 @@ pub struct SourceDeal {
     pub native_stage: String,
     pub contact_email: Option<EmailAddress>,
     pub contact_name: Option<String>,
+    /// The deal's company as its source names it: the domain or website of a CRM's
+    /// company record (a Salesforce Account's `Website`). It decides the deal's company
+    /// link; without it the contact's email domain does (`domain::people`).
+    #[serde(default)]
+    pub company_domain: Option<String>,
     pub owner: Option<String>,
     pub owner_email: Option<EmailAddress>,
     /// Marketing consent as the source records it; `None` when the source says nothing.
@@ -261,6 +266,7 @@ impl SourceDeal {
             native_stage: native_stage.into(),
             contact_email: None,
             contact_name: None,
+            company_domain: None,
             owner: None,
             owner_email: None,
             marketing_consent: None,

@@ -129,6 +129,18 @@ pub fn company_key(address: &str) -> Option<String> {
 /// The company key of a domain as a user names it (`deals list --company`): trimmed,
 /// lowercased, without a leading `@` or `www.` and a trailing dot; `None` for a shared
 /// mailbox domain or one that is not a domain.
+/// The company key of a company record's domain or website as a CRM stores it
+/// ("acme.example", "https://www.Acme.example/about"): its host, as [`company_domain`].
+pub fn website_domain(website: &str) -> Option<String> {
+    let text = website.trim();
+    let text = text.split_once("://").map_or(text, |(_, rest)| rest);
+    let host = text.split(['/', '?', '#']).next().unwrap_or_default();
+    // user:password@host:port
+    let host = host.rsplit_once('@').map_or(host, |(_, host)| host);
+    let host = host.split(':').next().unwrap_or_default();
+    company_domain(host)
+}
+
 pub fn company_domain(domain: &str) -> Option<String> {
     let domain = domain.trim().trim_start_matches('@').trim_end_matches('.');
     let mut domain = domain.to_lowercase();
@@ -185,6 +197,25 @@ mod tests {
             person_key("+tag@gmail.com").as_deref(),
             Some("+tag@gmail.com")
         );
+    }
+
+    #[test]
+    fn a_company_records_website_gives_its_host_as_the_company() {
+        for website in [
+            "acme.example",
+            "https://www.Acme.example/about?x=1",
+            "http://user:pw@acme.example:8080",
+            " ACME.example. ",
+        ] {
+            assert_eq!(
+                website_domain(website).as_deref(),
+                Some("acme.example"),
+                "{website:?}"
+            );
+        }
+        for nothing in ["", "https://", "https://gmail.com", "not a domain"] {
+            assert_eq!(website_domain(nothing), None, "{nothing:?}");
+        }
     }
 
     #[test]

@@ -28,13 +28,15 @@ pub(crate) struct PersonLink {
 }
 
 impl PersonLink {
-    pub(crate) fn of(email: Option<&EmailAddress>) -> Self {
-        match email {
-            Some(email) => PersonLink {
-                person: person_key(email.as_str()),
-                company: company_key(email.as_str()),
-            },
-            None => PersonLink::default(),
+    /// The keys of a deal whose contact is `email` and whose source names its
+    /// company's domain or website `company` (a CRM's company record), which then
+    /// decides the company over the email's domain.
+    pub(crate) fn of(email: Option<&EmailAddress>, company: Option<&str>) -> Self {
+        PersonLink {
+            person: email.and_then(|email| person_key(email.as_str())),
+            company: company
+                .and_then(crate::domain::people::website_domain)
+                .or_else(|| email.and_then(|email| company_key(email.as_str()))),
         }
     }
 }

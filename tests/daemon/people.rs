@@ -379,3 +379,62 @@ skip_if_open_in = ["sales.negotiation", "sales.haggling"]
     );
     assert!(stderr.contains("haggling"), "{stderr}");
 }
+
+/// A Salesforce opportunity whose Account has a website links to that company, even
+/// when its contact writes from free mail; one without an Account links by the
+/// contact's domain. `deals list --company` lists what the daemon stored.
+#[tokio::test]
+async fn a_salesforce_accounts_website_names_the_company_over_the_contacts_domain() {
+    use crate::harness::vendors::salesforce::{Salesforce, SfOpp};
+    let salesforce = Salesforce::start("refresh-0", 10).await;
+    let at = chrono::TimeZone::with_ymd_and_hms(&chrono::Utc, 2026, 1, 12, 10, 0, 0).unwrap();
+    let mut account = SfOpp::new("006A1", "Acme expansion", "Prospecting", at);
+    account.contact = Some(("ann.founder@gmail.com".into(), "Ann".into()));
+    account.website = Some("https://www.Acme.example/about".into());
+    salesforce.put(account);
+    let mut no_account = SfOpp::new("006A2", "Globex pilot", "Prospecting", at);
+    no_account.contact = Some(("bob@globex.example".into(), "Bob".into()));
+    salesforce.put(no_account);
+    let daemon =
+        TestDaemon::start(&crate::pull::salesforce_connection("sf", &salesforce.url())).await;
+    let config_path = daemon.config_path.to_str().unwrap().to_owned();
+    let list = |company: &'static str| {
+        let config_path = config_path.clone();
+        async move {
+            let args = [
+                "--config",
+                &config_path,
+                "deals",
+                "list",
+                "--company",
+                company,
+                "--format",
+                "json",
+            ];
+            let (code, stdout, stderr) = run_cli(&args, &[]).await;
+            assert_eq!(code, 0, "{stderr}");
+            let listed: Value = serde_json::from_str(&stdout).unwrap();
+            listed
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|deal| deal["external_id"].as_str().unwrap().to_owned())
+                .collect::<Vec<_>>()
+        }
+    };
+    let acme = eventually(
+        "the opportunities stored",
+        Duration::from_secs(30),
+        || async {
+            let acme = list("acme.example").await;
+            (!acme.is_empty() && !list("globex.example").await.is_empty()).then_some(acme)
+        },
+    )
+    .await;
+    assert_eq!(acme, ["006A1"]);
+    assert_eq!(list("globex.example").await, ["006A2"]);
+    assert!(
+        list("www.acme.example").await == ["006A1"],
+        "the same domain as typed with www"
+    );
+}

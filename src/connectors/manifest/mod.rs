@@ -470,6 +470,7 @@ pub fn validate(manifest: &Manifest, report: &mut dyn FnMut(&str, String)) {
         ("native_pipeline", &f.native_pipeline),
         ("contact_email", &f.contact_email),
         ("contact_name", &f.contact_name),
+        ("company_domain", &f.company_domain),
         ("owner", &f.owner),
         ("owner_email", &f.owner_email),
         ("created_at", &f.created_at),

@@ -380,6 +380,8 @@ pub struct Fields {
     pub native_stage: FieldSpec,
     pub contact_email: Option<FieldSpec>,
     pub contact_name: Option<FieldSpec>,
+    /// The domain or website of the deal's company record, for the company link.
+    pub company_domain: Option<FieldSpec>,
     pub owner: Option<FieldSpec>,
     pub owner_email: Option<FieldSpec>,
     pub created_at: Option<FieldSpec>,

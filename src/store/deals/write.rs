@@ -147,7 +147,7 @@ fn insert(
 ) -> Result<i64> {
     let s = &upsert.source;
     let text = &write.text;
-    let link = PersonLink::of(s.contact_email.as_ref());
+    let link = PersonLink::of(s.contact_email.as_ref(), s.company_domain.as_deref());
     statement.execute(params![
         upsert.connection.as_str(),
         s.external_id.as_str(),
@@ -224,7 +224,7 @@ fn update(
 ) -> Result<()> {
     let s = &upsert.source;
     let text = &write.text;
-    let link = PersonLink::of(s.contact_email.as_ref());
+    let link = PersonLink::of(s.contact_email.as_ref(), s.company_domain.as_deref());
     statement.execute(params![
         id,
         s.title,

@@ -457,7 +457,7 @@ impl<'a> DealColumns<'a> {
             c.fingerprint.push(s.fingerprint);
             // Derived from the contact: `pg_text` is not needed, since a key is never
             // made of an address with a control character in it.
-            let link = PersonLink::of(s.contact_email.as_ref());
+            let link = PersonLink::of(s.contact_email.as_ref(), s.company_domain.as_deref());
             c.person_key.push(link.person);
             c.company_key.push(link.company);
         }

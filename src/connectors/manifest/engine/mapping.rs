@@ -36,6 +36,7 @@ pub(super) fn record_plan(manifest: &Manifest) -> Plan {
         native_stage,
         contact_email,
         contact_name,
+        company_domain,
         owner,
         owner_email,
         created_at,
@@ -60,6 +61,7 @@ pub(super) fn record_plan(manifest: &Manifest) -> Plan {
             native_pipeline,
             contact_email,
             contact_name,
+            company_domain,
             owner,
             owner_email,
             created_at,
@@ -216,6 +218,7 @@ impl ManifestConnector {
         }
         deal.contact_email = text(&spec.contact_email)?.and_then(|e| EmailAddress::parse(&e));
         deal.contact_name = text(&spec.contact_name)?;
+        deal.company_domain = text(&spec.company_domain)?;
         deal.owner = text(&spec.owner)?;
         deal.owner_email = text(&spec.owner_email)?.and_then(|e| EmailAddress::parse(&e));
         deal.created_at = time(&spec.created_at)?;

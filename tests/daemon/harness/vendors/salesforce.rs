@@ -27,6 +27,8 @@ pub struct SfOpp {
     pub modstamp: DateTime<Utc>,
     pub deleted: bool,
     pub contact: Option<(String, String)>,
+    /// The opportunity's Account's `Website`; no Account when `None` (served as null).
+    pub website: Option<String>,
     /// `CurrencyIsoCode` (served only by a multi-currency org).
     pub currency: String,
 }
@@ -41,6 +43,7 @@ impl SfOpp {
             modstamp: DateTime::from_timestamp_millis(modstamp.timestamp_millis()).unwrap(),
             deleted: false,
             contact: None,
+            website: None,
             currency: "USD".to_owned(),
         }
     }
@@ -63,6 +66,9 @@ impl SfOpp {
             "Owner": {"attributes": {"type": "User"}, "Name": "Grace Hopper", "Email": "grace@example.com"},
             "CreatedDate": "2026-01-10T09:00:00.000+0000", "LastModifiedDate": stamp,
             "SystemModstamp": stamp, "IsDeleted": self.deleted,
+            "Account": self.website.as_ref().map(|website| json!({
+                "attributes": {"type": "Account"}, "Website": website
+            })),
             "OpportunityContactRoles": self.contact.as_ref().map(|(email, name)| json!({
                 "totalSize": 1, "done": true,
                 "records": [{"attributes": {"type": "OpportunityContactRole"}, "Contact": {"attributes": {"type": "Contact"}, "Email": email, "Name": name}}]
