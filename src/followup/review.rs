@@ -160,6 +160,10 @@ pub async fn gather(
     ))
 }
 
+/// Deals read per query while looking for the week's stalled ones, so a stage with many
+/// open deals is never held in memory at once.
+const STALLED_PAGE: u32 = 1_000;
+
 /// The open deals whose stage's stall threshold passed within `[since, until)`, still
 /// in that stage.
 async fn stalled_in(
@@ -178,16 +182,26 @@ async fn stalled_in(
             else {
                 continue;
             };
-            let filter = DealFilter {
-                pipeline: Some(pipeline.key.to_string()),
-                stage: Some(stage.key.to_string()),
-                status: Some(DealStatus::Open),
-                ..DealFilter::default()
-            };
-            found.extend(store.deals(filter).await?.into_iter().filter(|deal| {
-                let stalled_at = deal.stage_entered_at + stall;
-                stalled_at >= since && stalled_at < until
-            }));
+            // Page through the stage's open deals: only the week's stalled ones are kept.
+            for page in 0.. {
+                let filter = DealFilter {
+                    pipeline: Some(pipeline.key.to_string()),
+                    stage: Some(stage.key.to_string()),
+                    status: Some(DealStatus::Open),
+                    limit: Some(STALLED_PAGE),
+                    offset: Some(page * STALLED_PAGE),
+                    ..DealFilter::default()
+                };
+                let deals = store.deals(filter).await?;
+                let last = deals.len() < STALLED_PAGE as usize;
+                found.extend(deals.into_iter().filter(|deal| {
+                    let stalled_at = deal.stage_entered_at + stall;
+                    stalled_at >= since && stalled_at < until
+                }));
+                if last {
+                    break;
+                }
+            }
         }
     }
     Ok(found)
@@ -318,6 +332,8 @@ impl ReviewContext {
                 .cmp(&b.stage_entered_at)
                 .then(a.id.cmp(&b.id))
         });
+        // A deal read on two pages (it moved while they were read) is listed once.
+        stalled.dedup_by_key(|deal| deal.id);
         let stalled_count = stalled.len();
         stalled.truncate(MAX_LISTED);
         let listed = stalled
