@@ -245,7 +245,11 @@ async fn check(source: &ConfigSource, args: CheckArgs) -> Result<(), CliError> {
         ));
     }
     if warnings.is_empty() {
-        if undiscovered.len() < runtimes.len() {
+        let with_stages = runtimes
+            .iter()
+            .filter(|runtime| runtime.connector.carries_deals())
+            .count();
+        if undiscovered.len() < with_stages {
             out.push_str("stage mappings: every discovered native stage is mapped\n");
         }
     } else {
@@ -325,7 +329,7 @@ fn mapping_warnings(
             .iter()
             .filter(|stage| stage.connection == name)
             .collect();
-        if map.native().is_empty() && stored.is_empty() {
+        if map.native().is_empty() && stored.is_empty() && runtime.connector.carries_deals() {
             undiscovered.push(name.to_owned());
         }
         // Deals kept as unmapped, by the discovered stage they sit in (when known).

@@ -170,6 +170,10 @@ impl Connector for DeliveryConnector {
         false
     }
 
+    fn carries_deals(&self) -> bool {
+        false
+    }
+
     fn webhook_scheme(&self) -> Option<Scheme> {
         let tolerance = DEFAULT_TOLERANCE;
         Some(match self.provider {

@@ -299,6 +299,12 @@ pub trait Connector: Send + Sync {
         true
     }
 
+    /// Whether it carries deals, and so native stages to map; an email provider's
+    /// bounce webhooks carry none.
+    fn carries_deals(&self) -> bool {
+        true
+    }
+
     /// Whether its deals can carry the owner's email address, which `to = "owner"`
     /// follow-ups are sent to (`dealsync check` warns about a rule that needs it).
     fn gives_owner_email(&self) -> bool {
