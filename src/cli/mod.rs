@@ -1159,23 +1159,12 @@ fn print_digest(
     day: &str,
     rendered: crate::followup::templates::Rendered,
 ) -> Result<(), CliError> {
-    use crate::followup::mailer::{Mailer, Outgoing};
-    let mailer = Mailer::composer(&config.email).map_err(anyhow::Error::from)?;
+    let mailer =
+        crate::followup::mailer::Mailer::composer(&config.email).map_err(anyhow::Error::from)?;
     let to = crate::domain::EmailAddress::parse(recipient)
         .ok_or_else(|| CliError::Usage(format!("{recipient:?} is not an email address")))?;
-    let message = mailer
-        .build(&Outgoing {
-            outbox_id: None,
-            to,
-            to_name,
-            subject: rendered.subject,
-            text: rendered.text,
-            html: rendered.html,
-            idempotency_key: rule.idempotency_key(day, recipient),
-            unsubscribe: None,
-            reply_to: None,
-        })
-        .map_err(anyhow::Error::from)?;
+    let outgoing = crate::followup::digest::outgoing(rule, to, to_name, day, rendered);
+    let message = mailer.build(&outgoing).map_err(anyhow::Error::from)?;
     output::print(&String::from_utf8_lossy(&message.formatted()));
     Ok(())
 }

@@ -211,6 +211,29 @@ impl DigestContext {
     }
 }
 
+/// The message of a rendered digest (or review) to `to`, keyed by the rule, the slot's
+/// day and the recipient: what the worker sends and `outbox preview` prints.
+pub fn outgoing(
+    rule: &DigestRule,
+    to: EmailAddress,
+    to_name: Option<String>,
+    day: &str,
+    rendered: super::templates::Rendered,
+) -> super::mailer::Outgoing {
+    let idempotency_key = rule.idempotency_key(day, &to.as_str().to_lowercase());
+    super::mailer::Outgoing {
+        to,
+        to_name,
+        subject: rendered.subject,
+        text: rendered.text,
+        html: rendered.html,
+        idempotency_key,
+        unsubscribe: None,
+        reply_to: None,
+        outbox_id: None,
+    }
+}
+
 /// Renders every digest rule's template against a sample; returns the problems.
 pub fn check(templates: &Templates, rules: &[DigestRule], pipelines: &Pipelines) -> Vec<String> {
     rules

@@ -14,7 +14,7 @@ use crate::followup::FollowupError;
 use crate::followup::digest::{
     DigestContent, DigestContext, DigestRecipient, DigestRule, MAX_LISTED,
 };
-use crate::followup::mailer::{MailError, Outgoing};
+use crate::followup::mailer::MailError;
 use crate::followup::review;
 use crate::store::{AssembleOutcome, DigestClaim, DigestFinish, DigestWatch, StoreError};
 use chrono::{DateTime, Utc};
@@ -142,17 +142,8 @@ impl Worker {
                     rule: rule.name.clone(),
                 }
             })?;
-            let outgoing = Outgoing {
-                outbox_id: None,
-                to,
-                to_name,
-                subject: rendered.subject,
-                text: rendered.text,
-                html: rendered.html,
-                idempotency_key: key.clone(),
-                unsubscribe: None,
-                reply_to: None,
-            };
+            let outgoing =
+                crate::followup::digest::outgoing(&rule, to, to_name, &row.day, rendered);
             Ok(self.mailer.build(&outgoing)?)
         });
         let message = match built {
