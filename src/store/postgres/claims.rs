@@ -123,7 +123,7 @@ pub struct Claimed {
 
 impl ClaimTable {
     /// The claim: `$1` claimer, `$2` ttl in ms, `$3` now in ms, `$4` how many.
-    fn claim_sql(&self) -> String {
+    pub(super) fn claim_sql(&self) -> String {
         let ClaimTable {
             table, due, order, ..
         } = self;

@@ -16,6 +16,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (5, include_str!("migrations/0005_delivery_events.sql")),
     (6, include_str!("migrations/0006_people.sql")),
     (7, include_str!("migrations/0007_writebacks.sql")),
+    (8, include_str!("migrations/0008_inbox_open_rows.sql")),
 ];
 
 /// The version whose migration ends with the Rust backfill of the people and company

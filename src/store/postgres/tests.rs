@@ -131,7 +131,16 @@ async fn every_table_and_index_of_the_sqlite_schema_exists_in_postgres() {
         sqlite.extend(names.map(Result::unwrap));
     }
     assert!(sqlite.len() > 20, "{sqlite:?}");
-    let missing: Vec<&String> = sqlite.iter().filter(|name| !pg.contains(name)).collect();
+    // The exceptions, each with its counterpart: the inbox's open rows in PostgreSQL
+    // are `pending` and `claimed` (replicas claim rows; SQLite's one worker does not).
+    let counterpart = |name: &str| match name {
+        "webhook_inbox_pending" => "webhook_inbox_open".to_owned(),
+        name => name.to_owned(),
+    };
+    let missing: Vec<&String> = sqlite
+        .iter()
+        .filter(|name| !pg.contains(&counterpart(name)))
+        .collect();
     assert!(missing.is_empty(), "missing in PostgreSQL: {missing:?}");
 }
 
