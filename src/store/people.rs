@@ -425,12 +425,14 @@ mod tests {
         if sqlite {
             exec(store, "PRAGMA user_version = 3", vec![]).await;
         } else {
-            exec(
-                store,
+            // PostgreSQL's version 8: the inbox's open-rows index.
+            for sql in [
+                "DROP INDEX webhook_inbox_open",
+                "CREATE INDEX webhook_inbox_pending ON webhook_inbox (id) WHERE state = 'pending'",
                 "DELETE FROM schema_version WHERE version >= 6",
-                vec![],
-            )
-            .await;
+            ] {
+                exec(store, sql, vec![]).await;
+            }
         }
     }
 
