@@ -2,12 +2,17 @@
 //! its 2xx, with the same answers as the SQLite inbox (`Stored`, `Duplicate`, `Full`,
 //! `Busy`, a store error) and the same group commit.
 //!
-//! Deliveries queue on a bounded channel; one writer task per process takes what has
-//! queued (up to [`MAX_BATCH`]) and stores it with one statement in one transaction
-//! (`unnest` of the batch's columns), committed with `synchronous_commit = on` (the
-//! pool sets it on every connection, whatever the server's default), and only then
-//! answers each delivery. While a batch commits the next one gathers, so batches grow
-//! with the load and the commits per second stay bounded by the server's WAL flushes.
+//! Deliveries queue on bounded channels, one per writer task ([`WRITERS`] per process);
+//! a writer takes what has queued (up to [`MAX_BATCH`]) and stores it with one
+//! statement in one transaction (`unnest` of the batch's columns), committed with
+//! `synchronous_commit = on` (the pool sets it on every connection, whatever the
+//! server's default), and only then answers each delivery. While a batch commits the
+//! next one gathers, so batches grow with the load and the commits per second stay
+//! bounded by the server's WAL flushes. Two writers keep a batch executing on the
+//! server while another commits or travels (with one, a core sat idle at saturation).
+//! A delivery's writer is chosen by its connection and delivery id (its body's hash,
+//! for body-only signers), so a redelivery meets its first copy in one writer's
+//! order, as with a single writer.
 //!
 //! Invariants:
 //! - A delivery is answered `Stored` or `Duplicate` only after the transaction that
@@ -27,14 +32,18 @@ use super::Database;
 use crate::store::inbox::{MAX_PENDING, QUEUE};
 use crate::store::{EnqueueError, Enqueued, NewWebhook, Result, StoreError, to_json, to_ms};
 use std::collections::HashSet;
-use std::sync::Arc;
+use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{Notify, mpsc, oneshot};
 use tracing::warn;
 
 /// Most deliveries stored in one transaction.
 pub const MAX_BATCH: usize = 1024;
+
+/// Writer tasks per process, each with its own batches and pooled connection.
+const WRITERS: usize = 2;
 
 /// How often the pending count is read again from the database (other replicas'
 /// workers settle rows meanwhile).
@@ -77,39 +86,48 @@ struct Shared {
     committed: Notify,
     /// A recount is under way.
     recounting: AtomicBool,
+    /// When the last recount started.
+    recounted: Mutex<Instant>,
 }
 
 /// A process's intake into the shared inbox; cheap to clone. The writer task ends
 /// when the last handle is dropped.
 #[derive(Clone)]
 pub struct Intake {
-    queue: mpsc::Sender<(NewWebhook, Reply)>,
+    queues: Arc<[mpsc::Sender<(NewWebhook, Reply)>]>,
     shared: Arc<Shared>,
 }
 
 impl Intake {
-    /// Counts the pending rows and starts the writer task.
+    /// Counts the pending rows and starts the writer tasks.
     pub async fn start(database: Database) -> Result<Intake> {
         let shared = Arc::new(Shared {
             pending: AtomicU64::new(count_pending(&database).await?),
             committed: Notify::new(),
             recounting: AtomicBool::new(false),
+            recounted: Mutex::new(Instant::now()),
         });
-        let (queue, requests) = mpsc::channel(QUEUE);
-        tokio::spawn(run_writer(database, requests, shared.clone()));
-        Ok(Intake { queue, shared })
+        let queues = (0..WRITERS)
+            .map(|_| {
+                let (queue, requests) = mpsc::channel(QUEUE / WRITERS);
+                tokio::spawn(run_writer(database.clone(), requests, shared.clone()));
+                queue
+            })
+            .collect();
+        Ok(Intake { queues, shared })
     }
 
     /// Stores a verified delivery (grouped with concurrent ones into one transaction)
     /// and returns once it is committed. Refuses it, writing nothing, when the inbox
-    /// holds [`MAX_PENDING`] unprocessed rows or [`QUEUE`] deliveries wait already.
+    /// holds [`MAX_PENDING`] unprocessed rows or its writer has a [`WRITERS`]th of
+    /// [`QUEUE`] deliveries waiting already.
     pub async fn enqueue(&self, event: NewWebhook) -> Result<Enqueued, EnqueueError> {
         let pending = self.pending();
         if pending >= MAX_PENDING {
             return Err(EnqueueError::Full { pending });
         }
         let (reply, answer) = oneshot::channel();
-        self.queue
+        self.queues[writer_of(&event)]
             .try_send((event, reply))
             .map_err(|error| match error {
                 mpsc::error::TrySendError::Full(_) => EnqueueError::Busy,
@@ -153,6 +171,18 @@ impl Intake {
     }
 }
 
+/// The writer a delivery goes to: by what decides that it is a duplicate, so that two
+/// copies of one delivery are stored by one writer, one after the other.
+fn writer_of(event: &NewWebhook) -> usize {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    event.connection.hash(&mut hasher);
+    match &event.body_sha256 {
+        Some((sha256, _)) => sha256.hash(&mut hasher),
+        None => event.delivery_id.hash(&mut hasher),
+    }
+    (hasher.finish() % WRITERS as u64) as usize
+}
+
 fn stopped() -> StoreError {
     StoreError::Task("the webhook intake stopped".into())
 }
@@ -173,7 +203,6 @@ async fn run_writer(
     shared: Arc<Shared>,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
-    let mut counted = Instant::now();
     while requests.recv_many(&mut batch, MAX_BATCH).await > 0 {
         let (events, replies): (Vec<NewWebhook>, Vec<Reply>) = batch.drain(..).unzip();
         let answers = match store_batch(&database, &events).await {
@@ -217,10 +246,25 @@ async fn run_writer(
         // The count beside the writer, never before an answer or the next batch: a
         // query in the writer's path held every delivery waiting meanwhile (the
         // fixed-rate p99 in BENCHMARKS.md).
-        if counted.elapsed() >= RECOUNT_EVERY && !shared.recounting.swap(true, Ordering::AcqRel) {
-            counted = Instant::now();
+        if shared.recount_due() {
             tokio::spawn(recount(database.clone(), shared.clone()));
         }
+    }
+}
+
+impl Shared {
+    /// Whether to count again now (a second since the last count, none under way); if
+    /// so, the count is marked under way.
+    fn recount_due(&self) -> bool {
+        let mut recounted = self
+            .recounted
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if recounted.elapsed() < RECOUNT_EVERY || self.recounting.swap(true, Ordering::AcqRel) {
+            return false;
+        }
+        *recounted = Instant::now();
+        true
     }
 }
 
