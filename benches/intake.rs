@@ -26,6 +26,10 @@
 //! the app runs on that PostgreSQL database instead (one replica; a fresh, empty
 //! database: the check counts every row of its inbox and deals).
 //!
+//! With `--url` and `--replicas N`, N apps (replicas: each its own server, pool, intake
+//! writers and workers) run in this process on the one database, and the load
+//! generator spreads its connections over their addresses.
+//!
 //! `cargo bench --bench intake -- --bounces` runs the same three phases with Mailgun
 //! bounce webhooks instead (a `mailgun` connection; each delivery a permanent failure
 //! for its own address, signed in the body with its own token): the check then counts
@@ -246,11 +250,11 @@ struct Outcome {
     generator_cpu: f64,
 }
 
-/// Sends `requests` over `connections` keep-alive connections. With `rate`, request
-/// `i` is due at `start + i / rate` (open loop) and its latency counts from then;
-/// without, each connection sends back to back.
+/// Sends `requests` over `connections` keep-alive connections, spread over `addrs`
+/// (one per replica). With `rate`, request `i` is due at `start + i / rate` (open
+/// loop) and its latency counts from then; without, each connection sends back to back.
 async fn drive(
-    addr: SocketAddr,
+    addrs: Vec<SocketAddr>,
     requests: Vec<Vec<u8>>,
     connections: usize,
     rate: Option<u64>,
@@ -262,8 +266,8 @@ async fn drive(
         lanes[i % connections].push((i, request));
     }
     let mut opened = Vec::with_capacity(connections);
-    for _ in 0..connections {
-        opened.push(Connection::open(addr).await?);
+    for n in 0..connections {
+        opened.push(Connection::open(addrs[n % addrs.len()]).await?);
     }
     let started = Instant::now() + Duration::from_millis(50);
     let mut tasks = tokio::task::JoinSet::new();
@@ -313,7 +317,7 @@ async fn drive(
 
 /// Runs `drive` on a thread of its own with a single-threaded runtime.
 fn drive_on_thread(
-    addr: SocketAddr,
+    addrs: Vec<SocketAddr>,
     requests: Vec<Vec<u8>>,
     connections: usize,
     rate: Option<u64>,
@@ -325,7 +329,7 @@ fn drive_on_thread(
                 .enable_all()
                 .build()?;
             let local = tokio::task::LocalSet::new();
-            local.block_on(&runtime, drive(addr, requests, connections, rate))
+            local.block_on(&runtime, drive(addrs, requests, connections, rate))
         })
         .expect("spawning the load generator")
 }
@@ -597,7 +601,7 @@ async fn slow_clients(fixture: &Value) -> anyhow::Result<()> {
             .collect();
         next += SLOW_SATURATION;
         let (cpu, slow_before) = (cpu_seconds("self"), slow_cpu());
-        let saturation = join(drive_on_thread(addr, requests, CONNECTIONS, None)).await?;
+        let saturation = join(drive_on_thread(vec![addr], requests, CONNECTIONS, None)).await?;
         let process = cpu_seconds("self") - cpu;
         let slow = slow_cpu() - slow_before;
         report(
@@ -736,23 +740,42 @@ async fn main() -> anyhow::Result<()> {
         &dealsync::config::interpolate::ProcessEnv,
     )
     .map_err(|error| anyhow::anyhow!("{error}"))?;
-    let app = App::build(config).await.context("building the app")?;
-    let addr = app.local_addr();
-    let state = app.state();
+    let replicas: usize = std::env::args()
+        .skip_while(|arg| arg != "--replicas")
+        .nth(1)
+        .map_or(1, |n| n.parse().unwrap_or(1));
+    if replicas > 1 && url.is_none() {
+        bail!("--replicas needs --url: replicas share a PostgreSQL database");
+    }
+    let mut apps = Vec::with_capacity(replicas);
+    for _ in 0..replicas {
+        apps.push(
+            App::build(config.clone())
+                .await
+                .context("building the app")?,
+        );
+    }
+    let addrs: Vec<SocketAddr> = apps.iter().map(App::local_addr).collect();
+    let addr = addrs[0];
+    let states: Vec<_> = apps.iter().map(App::state).collect();
+    let state = states[0].clone();
     let empty = state.store.inbox_counts().await?;
     if empty.pending + empty.processed + empty.failed > 0 {
         bail!("the database's inbox is not empty: give the bench a fresh database");
     }
-    println!(
-        "store: {}",
-        if url.is_some() {
-            "PostgreSQL (one replica)"
-        } else {
-            "SQLite"
-        }
-    );
+    match (&url, replicas) {
+        (None, _) => println!("store: SQLite"),
+        (Some(_), 1) => println!("store: PostgreSQL (one replica)"),
+        (Some(_), n) => println!(
+            "store: PostgreSQL ({n} replicas in this process, each its own server, pool \
+             and workers; the load generator's connections spread over them)"
+        ),
+    }
     let shutdown = CancellationToken::new();
-    let server = tokio::spawn(app.run(shutdown.clone()));
+    let servers: Vec<_> = apps
+        .into_iter()
+        .map(|app| tokio::spawn(app.run(shutdown.clone())))
+        .collect();
 
     let fixture: Value = serde_json::from_str(&std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -793,7 +816,7 @@ async fn main() -> anyhow::Result<()> {
         .map(|n| request(&fixture, addr, n))
         .collect();
     let cpu = cpu_seconds("self");
-    let saturation = join(drive_on_thread(addr, requests, CONNECTIONS, None)).await?;
+    let saturation = join(drive_on_thread(addrs.clone(), requests, CONNECTIONS, None)).await?;
     report(
         &format!("saturation ({CONNECTIONS} connections)"),
         &saturation,
@@ -803,7 +826,9 @@ async fn main() -> anyhow::Result<()> {
     // Let the worker catch up so the fixed-rate run starts from a quiet machine.
     // Polled through the writer's counter: a query per poll would compete with the worker.
     let catch_up = Instant::now();
-    drain(&state.store).await?;
+    for state in &states {
+        drain(&state.store).await?;
+    }
     let counts = state.store.inbox_counts().await?;
     println!(
         "worker: {} processed, {} failed, {} pending {:.1} s after the load stopped",
@@ -827,7 +852,7 @@ async fn main() -> anyhow::Result<()> {
         .collect();
     let cpu = cpu_seconds("self");
     let fixed = join(drive_on_thread(
-        addr,
+        addrs.clone(),
         requests,
         RATE_CONNECTIONS,
         Some(rate),
@@ -844,7 +869,7 @@ async fn main() -> anyhow::Result<()> {
     let requests: Vec<Vec<u8>> = (0..REDELIVERIES)
         .map(|n| request(&fixture, addr, n))
         .collect();
-    let redelivered = join(drive_on_thread(addr, requests, 16, None)).await?;
+    let redelivered = join(drive_on_thread(addrs.clone(), requests, 16, None)).await?;
     let after = state.store.inbox_counts().await?;
     let stored_again = (after.pending + after.processed + after.failed)
         - (before.pending + before.processed + before.failed);
@@ -857,7 +882,9 @@ async fn main() -> anyhow::Result<()> {
     // delivery event for a bounce).
     let table = if bounces { "delivery_events" } else { "deals" };
     let accepted = saturation.ok + fixed.ok;
-    drain(&state.store).await?;
+    for state in &states {
+        drain(&state.store).await?;
+    }
     let deadline = Instant::now() + Duration::from_secs(60);
     let (counts, deals) = loop {
         let counts = state.store.inbox_counts().await?;
@@ -889,7 +916,9 @@ async fn main() -> anyhow::Result<()> {
         counts.processed, counts.failed
     );
     shutdown.cancel();
-    let _ = server.await;
+    for server in servers {
+        let _ = server.await;
+    }
     if stored != accepted
         || deals != accepted
         || counts.failed != 0
