@@ -39,6 +39,8 @@ pub const MAX_ATTEMPTS: u32 = 10;
 const BATCH: u32 = 256;
 /// How often to look for due rows when nothing wakes the worker (retries coming due).
 const IDLE_POLL: Duration = Duration::from_secs(1);
+/// The least time between a pass that found nothing due and the next pass.
+const EMPTY_PASS_REST: Duration = Duration::from_millis(50);
 /// How often processed rows past their retention are pruned.
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
@@ -104,6 +106,11 @@ pub async fn run(
             }
             last_prune = Some(std::time::Instant::now());
         }
+        // Registered before the pass, so that a delivery committed while it runs (or
+        // during the rest below) wakes the next one.
+        let notified = committed.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
         // After a failed pass only the backoff (or shutdown) ends the pause: new
         // deliveries must not hurry a database that just failed.
         let (pause, failed) = match process_due(state, &shutdown).await {
@@ -116,9 +123,19 @@ pub async fn run(
             }
             Err(error) => (health.failed(&error), true),
         };
+        if !failed {
+            // A pass that found nothing rests before the next: with replicas, rows
+            // another replica is applying (a connection's rows go to one replica at a
+            // time) would otherwise wake this worker for an empty claim at every
+            // delivery any replica commits.
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(EMPTY_PASS_REST) => {}
+            }
+        }
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            _ = committed.notified(), if !failed => {}
+            _ = &mut notified, if !failed => {}
             _ = tokio::time::sleep(pause) => {}
         }
     }

@@ -260,17 +260,19 @@ impl Store {
                 .map_err(|error| database.named(error))?;
             // The count is advisory, kept by this process's writer and settlements and
             // read again from the database by the writer while deliveries come. The
-            // worker reads it again when nothing is due (a settlement racing the
-            // writer's count leaves it off until then) and when the inbox is full (a
-            // replica that refuses deliveries stores none, so its writer never counts
-            // again, while other replicas settle rows).
-            if rows.is_empty() || postgres.intake.pending() >= MAX_PENDING {
-                postgres
-                    .intake
-                    .recount(database)
-                    .await
-                    .map_err(|error| database.named(error))?;
-            }
+            // worker reads it again when the inbox is full (a replica that refuses
+            // deliveries stores none, so its writer never counts again, while other
+            // replicas settle rows) and, at most once a second, when nothing is due (a
+            // settlement racing the writer's count leaves it off until then).
+            let intake = &postgres.intake;
+            let recounted = if intake.pending() >= MAX_PENDING {
+                intake.recount(database).await
+            } else if rows.is_empty() {
+                intake.recount_when_idle(database).await
+            } else {
+                Ok(intake.pending())
+            };
+            recounted.map_err(|error| database.named(error))?;
             return Ok(rows);
         }
         self.read_inbox(move |db| {

@@ -88,6 +88,8 @@ struct Shared {
     recounting: AtomicBool,
     /// When the last recount started.
     recounted: Mutex<Instant>,
+    /// When the worker last had the count read again ([`Intake::recount_when_idle`]).
+    idle_recounted: Mutex<Option<Instant>>,
 }
 
 /// A process's intake into the shared inbox; cheap to clone. The writer task ends
@@ -106,6 +108,7 @@ impl Intake {
             committed: Notify::new(),
             recounting: AtomicBool::new(false),
             recounted: Mutex::new(Instant::now()),
+            idle_recounted: Mutex::new(None),
         });
         let queues = (0..WRITERS)
             .map(|_| {
@@ -168,6 +171,24 @@ impl Intake {
         let pending = count_pending(database).await?;
         self.shared.pending.store(pending, Ordering::Relaxed);
         Ok(pending)
+    }
+
+    /// [`Intake::recount`] for a worker that found nothing due, at most once a second:
+    /// with replicas a worker finds nothing due many times a second while another
+    /// replica applies the rows.
+    pub async fn recount_when_idle(&self, database: &Database) -> Result<u64> {
+        {
+            let mut last = self
+                .shared
+                .idle_recounted
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            if last.is_some_and(|at| at.elapsed() < RECOUNT_EVERY) {
+                return Ok(self.pending());
+            }
+            *last = Some(Instant::now());
+        }
+        self.recount(database).await
     }
 }
 
