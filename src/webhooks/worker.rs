@@ -39,7 +39,8 @@ pub const MAX_ATTEMPTS: u32 = 10;
 const BATCH: u32 = 256;
 /// How often to look for due rows when nothing wakes the worker (retries coming due).
 const IDLE_POLL: Duration = Duration::from_secs(1);
-/// The least time between a pass that found nothing due and the next pass.
+/// The least time between a pass that found nothing due, while rows wait (for their
+/// retry, or applied by another replica), and the next pass.
 const EMPTY_PASS_REST: Duration = Duration::from_millis(50);
 /// How often processed rows past their retention are pruned.
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
@@ -123,11 +124,11 @@ pub async fn run(
             }
             Err(error) => (health.failed(&error), true),
         };
-        if !failed {
-            // A pass that found nothing rests before the next: with replicas, rows
-            // another replica is applying (a connection's rows go to one replica at a
-            // time) would otherwise wake this worker for an empty claim at every
-            // delivery any replica commits.
+        if !failed && state.deps.store.inbox_pending() > 0 {
+            // A pass that found nothing due while rows wait rests before the next:
+            // with replicas, rows another replica is applying (a connection's rows go
+            // to one replica at a time) would otherwise wake this worker for an empty
+            // claim at every delivery any replica commits.
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = tokio::time::sleep(EMPTY_PASS_REST) => {}
