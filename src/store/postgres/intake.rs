@@ -92,7 +92,7 @@ struct Shared {
     idle_recounted: Mutex<Option<Instant>>,
 }
 
-/// A process's intake into the shared inbox; cheap to clone. The writer task ends
+/// A process's intake into the shared inbox; cheap to clone. The writer tasks end
 /// when the last handle is dropped.
 #[derive(Clone)]
 pub struct Intake {
