@@ -671,6 +671,16 @@ mod tests {
         .unwrap()
     }
 
+    /// Who, what, the status code and the outbox row of an event.
+    fn summary(event: &NewDeliveryEvent) -> (&str, DeliveryClass, Option<&str>, Option<i64>) {
+        (
+            event.email.as_str(),
+            event.class,
+            event.status.as_deref(),
+            event.outbox_id,
+        )
+    }
+
     #[test]
     fn a_postmark_hard_bounce_is_permanent_by_its_5_1_1_and_names_its_outbox_row() {
         let connector = DeliveryConnector::new(Provider::Postmark);
@@ -684,12 +694,7 @@ mod tests {
         assert_eq!(events.len(), 1);
         let event = &events[0];
         assert_eq!(
-            (
-                event.email.as_str(),
-                event.class,
-                event.status.as_deref(),
-                event.outbox_id
-            ),
+            summary(event),
             (
                 "nobody@example.com",
                 DeliveryClass::Permanent,
@@ -724,12 +729,7 @@ mod tests {
         assert_eq!(events.len(), 1);
         let event = &events[0];
         assert_eq!(
-            (
-                event.email.as_str(),
-                event.class,
-                event.status.as_deref(),
-                event.outbox_id
-            ),
+            summary(event),
             (
                 "nobody@example.com",
                 DeliveryClass::Permanent,

@@ -56,6 +56,13 @@ pub struct DeliveryPolicy {
     pub pause_min_sent: u32,
 }
 
+impl DeliveryPolicy {
+    /// Since when transient bounces count towards the limit, at `now`.
+    pub(in crate::store) fn transient_since(&self, now: DateTime<Utc>) -> DateTime<Utc> {
+        now - chrono::Duration::from_std(self.transient_window).unwrap_or_default()
+    }
+}
+
 /// What recording one event did.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct DeliveryOutcome {
@@ -72,6 +79,29 @@ pub struct DeliveryOutcome {
     pub stopped: u64,
     /// The rule this complaint paused (its complaint rate passed the threshold).
     pub paused: Option<String>,
+}
+
+impl DeliveryOutcome {
+    /// An event recorded (or found recorded before) and tied as given, before its
+    /// effects.
+    pub(in crate::store) fn tied(
+        email: &str,
+        class: DeliveryClass,
+        recorded: bool,
+        outbox_id: Option<i64>,
+        rule: Option<String>,
+    ) -> DeliveryOutcome {
+        DeliveryOutcome {
+            email: email.to_owned(),
+            class,
+            recorded,
+            outbox_id,
+            rule,
+            suppressed: None,
+            stopped: 0,
+            paused: None,
+        }
+    }
 }
 
 /// A paused marketing rule.
@@ -336,23 +366,15 @@ pub(super) fn record_one(
         to_ms(event.occurred_at),
         to_ms(now),
     ])? == 1;
-    let mut outcome = DeliveryOutcome {
-        email: email.clone(),
-        class: event.class,
-        recorded: inserted,
-        outbox_id,
-        rule: rule.clone(),
-        suppressed: None,
-        stopped: 0,
-        paused: None,
-    };
+    let mut outcome = DeliveryOutcome::tied(&email, event.class, inserted, outbox_id, rule.clone());
     if !inserted {
         return Ok(outcome);
     }
     let transient_count = if event.class == DeliveryClass::Transient {
-        let since = now - chrono::Duration::from_std(policy.transient_window).unwrap_or_default();
         tx.prepare_cached(COUNT_TRANSIENT)?
-            .query_row(params![email, to_ms(since)], |r| r.get(0))?
+            .query_row(params![email, to_ms(policy.transient_since(now))], |r| {
+                r.get(0)
+            })?
     } else {
         0
     };

@@ -72,23 +72,13 @@ pub(super) async fn record_one(
         )
         .await?
         == 1;
-    let mut outcome = DeliveryOutcome {
-        email: email.clone(),
-        class: event.class,
-        recorded: inserted,
-        outbox_id,
-        rule: rule.clone(),
-        suppressed: None,
-        stopped: 0,
-        paused: None,
-    };
+    let mut outcome = DeliveryOutcome::tied(&email, event.class, inserted, outbox_id, rule.clone());
     if !inserted {
         return Ok(outcome);
     }
     let transient_count: i64 = if event.class == DeliveryClass::Transient {
-        let since = now - chrono::Duration::from_std(policy.transient_window).unwrap_or_default();
         let statement = tx.prepare_cached(&pg(COUNT_TRANSIENT)).await?;
-        tx.query_one(&statement, &[&email, &to_ms(since)])
+        tx.query_one(&statement, &[&email, &to_ms(policy.transient_since(now))])
             .await?
             .try_get(0)?
     } else {
