@@ -530,19 +530,18 @@ impl Registry {
             "webhook" => generic::GenericConnector::from_config(connection)
                 .map(|c| Arc::new(c) as Arc<dyn Connector>)
                 .map_err(settings_error),
-            name if delivery::Provider::parse(name).is_some() => {
-                let provider = delivery::Provider::parse(name).expect("matched just above");
-                delivery::DeliveryConnector::from_config(provider, connection)
-                    .map(|c| Arc::new(c) as Arc<dyn Connector>)
-                    .map_err(settings_error)
-            }
-            name => match catalog.get(name) {
-                Some(found) => manifest::ManifestConnector::new(found, connection)
+            name => match (delivery::Provider::parse(name), catalog.get(name)) {
+                (Some(provider), _) => {
+                    delivery::DeliveryConnector::from_config(provider, connection)
+                        .map(|c| Arc::new(c) as Arc<dyn Connector>)
+                        .map_err(settings_error)
+                }
+                (None, Some(found)) => manifest::ManifestConnector::new(found, connection)
                     .map(|c| Arc::new(c) as Arc<dyn Connector>)
                     .map_err(|(key, message)| {
                         ConfigError::at(config, format!("{base}.{key}"), message)
                     }),
-                None => {
+                (None, None) => {
                     let mut known: Vec<String> = RUST_CONNECTORS
                         .iter()
                         .map(|name| (*name).to_owned())

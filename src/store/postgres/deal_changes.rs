@@ -286,8 +286,9 @@ async fn apply_changes(
     let mut changes = VecDeque::from(changes);
     let mut stage_changes = 0;
     while let Some(next) = changes.front() {
-        if alters_others(next) {
-            let change = changes.pop_front().expect("a change is next");
+        if alters_others(next)
+            && let Some(change) = changes.pop_front()
+        {
             stage_changes += apply_change(tx, change, rules, now).await?;
             continue;
         }
