@@ -1,7 +1,7 @@
 //! Pull connectors against mock vendors: full and incremental syncs, paging, ties at
 //! boundaries, the HubSpot search cap, retries, OAuth refresh and revocation, crashes.
 
-use crate::harness::daemon::{TestDaemon, run_cli};
+use crate::harness::daemon::{TestDaemon, run_cli, start_auth};
 use crate::harness::eventually;
 use crate::harness::vendors::Fault;
 use crate::harness::vendors::hubspot::{HsDeal, HubSpot};
@@ -970,7 +970,6 @@ mod webhooks {
 #[tokio::test]
 async fn dealsync_auth_runs_the_pkce_flow_on_a_loopback_redirect_and_sync_uses_the_stored_tokens() {
     use crate::harness::vendors::OAuthState;
-    use tokio::io::{AsyncBufReadExt, BufReader};
     let hubspot = HubSpot::start(
         "unused",
         Some(OAuthState::new("none-yet", "none-yet", true)),
@@ -994,36 +993,8 @@ async fn dealsync_auth_runs_the_pkce_flow_on_a_loopback_redirect_and_sync_uses_t
         ),
     )
     .unwrap();
-    let mut child = tokio::process::Command::new(crate::harness::daemon::binary())
-        .args([
-            "--config",
-            config.to_str().unwrap(),
-            "auth",
-            "hs",
-            "--port",
-            "0",
-            "--timeout",
-            "20s",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let authorize = loop {
-        let line = lines
-            .next_line()
-            .await
-            .unwrap()
-            .expect("the URL is printed");
-        if let Some(url) = line
-            .trim()
-            .strip_prefix(&format!("{}/oauth/authorize", hubspot.url()))
-        {
-            break url::Url::parse(&format!("http://x/{url}")).unwrap();
-        }
-    };
+    let auth_url = format!("{}/oauth/authorize", hubspot.url());
+    let (mut child, _output, authorize) = start_auth(&config, "hs", &auth_url).await;
     let query: std::collections::HashMap<String, String> =
         authorize.query_pairs().into_owned().collect();
     assert_eq!(query["code_challenge_method"], "S256");

@@ -3,7 +3,7 @@
 //! each sent email on its deal in its CRM, once, through the manifests' `[writeback]`.
 
 use crate::followups::{config as email_config, messages_to};
-use crate::harness::daemon::{TestDaemon, run_cli};
+use crate::harness::daemon::{TestDaemon, run_cli, start_auth};
 use crate::harness::eventually;
 use crate::harness::smtp::SmtpServer;
 use crate::harness::vendors::Fault;
@@ -479,7 +479,6 @@ async fn write_back_on_postgresql_records_each_sent_email_once() {
 /// The `scope` of the authorize URL `dealsync auth hs` prints for a HubSpot OAuth
 /// connection with `extra` lines under it.
 async fn authorize_scope(hubspot: &HubSpot, extra: &str) -> String {
-    use tokio::io::{AsyncBufReadExt, BufReader};
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("dealsync.toml");
     std::fs::write(
@@ -491,34 +490,8 @@ async fn authorize_scope(hubspot: &HubSpot, extra: &str) -> String {
         ),
     )
     .unwrap();
-    let mut child = tokio::process::Command::new(crate::harness::daemon::binary())
-        .args([
-            "--config",
-            config.to_str().unwrap(),
-            "auth",
-            "hs",
-            "--port",
-            "0",
-            "--timeout",
-            "20s",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let prefix = format!("{}/oauth/authorize", hubspot.url());
-    let authorize = loop {
-        let line = lines
-            .next_line()
-            .await
-            .unwrap()
-            .expect("the URL is printed");
-        if let Some(rest) = line.trim().strip_prefix(&prefix) {
-            break url::Url::parse(&format!("http://x/{rest}")).unwrap();
-        }
-    };
+    let auth_url = format!("{}/oauth/authorize", hubspot.url());
+    let (mut child, _output, authorize) = start_auth(&config, "hs", &auth_url).await;
     child.kill().await.unwrap();
     authorize
         .query_pairs()

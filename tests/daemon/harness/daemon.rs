@@ -358,6 +358,41 @@ fn open_read_only(path: &std::path::Path) -> rusqlite::Connection {
     db
 }
 
+/// Starts `dealsync --config CONFIG auth CONNECTION` (its own callback port, 20 s to
+/// complete) and reads its output up to the authorize URL it prints, the one under
+/// `auth_url`. Returns the running command, the rest of its output (kept open so that
+/// it can go on writing) and that URL.
+pub async fn start_auth(
+    config: &std::path::Path,
+    connection: &str,
+    auth_url: &str,
+) -> (
+    Child,
+    tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+    url::Url,
+) {
+    let mut child = Command::new(binary())
+        .args(["--config", config.to_str().unwrap(), "auth", connection])
+        .args(["--port", "0", "--timeout", "20s"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("starting dealsync auth");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let authorize = loop {
+        let line = lines
+            .next_line()
+            .await
+            .unwrap()
+            .expect("the URL is printed");
+        if let Some(rest) = line.trim().strip_prefix(auth_url) {
+            break url::Url::parse(&format!("http://x/{rest}")).unwrap();
+        }
+    };
+    (child, lines, authorize)
+}
+
 /// Runs the binary with arguments (not as a daemon) and returns (code, stdout, stderr).
 pub async fn run_cli(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
     let mut command = Command::new(binary());
