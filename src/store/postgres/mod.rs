@@ -17,7 +17,9 @@
 //! database needed to compile; the pool recycles connections and bounds how many a
 //! process opens). Each connection has a connect timeout, TCP keepalives (a dead
 //! server or a partition is noticed within about a minute instead of the kernel's two
-//! hours), and a `statement_timeout`, so a stuck statement cannot hold a worker.
+//! hours), and a `statement_timeout`, so a stuck statement cannot hold a worker; a
+//! new pooled connection also asks for early writeback of the pages it writes
+//! ([`WRITEBACK_AFTER`]), so a checkpoint's flush does not stall the commits.
 //!
 //! Invariants:
 //! - Migrations are embedded and applied in one transaction that first takes a
@@ -111,6 +113,17 @@ pub struct Unavailable {
     #[source]
     pub source: DbError,
 }
+
+/// Run on each new pooled connection: the kernel is asked to write a session's data
+/// pages out once it has written 256 kB (`backend_flush_after`), where the server's
+/// administrator chose nothing for it (the setting's source is still `default`; a
+/// value from the server's configuration, `ALTER ROLE` or `ALTER DATABASE` is kept; a
+/// server without the setting is left alone). The default, 0, leaves the pages a
+/// session evicts from the server's small shared buffers dirty in the page cache until
+/// the next checkpoint's `fsync` writes them all at once, and that flush held every
+/// commit back: webhook acknowledgements of 100–250 ms at 2,000/s (BENCHMARKS.md).
+const WRITEBACK_AFTER: &str = "SELECT set_config('backend_flush_after', '256kB', false)
+      FROM pg_settings WHERE name = 'backend_flush_after' AND source = 'default'";
 
 /// How the pool connects; [`Options::default`] is what the daemon uses.
 #[derive(Debug, Clone)]
@@ -245,6 +258,14 @@ impl Database {
             .runtime(deadpool_postgres::Runtime::Tokio1)
             .wait_timeout(Some(options.wait_timeout))
             .create_timeout(Some(options.connect_timeout))
+            .post_create(deadpool_postgres::Hook::async_fn(|client, _| {
+                Box::pin(async move {
+                    client
+                        .batch_execute(WRITEBACK_AFTER)
+                        .await
+                        .map_err(deadpool_postgres::HookError::Backend)
+                })
+            }))
             .build()
             .map_err(|error| StoreError::Task(format!("building the connection pool: {error}")))?;
         let database = Database {

@@ -325,6 +325,39 @@ async fn pooled_connections_carry_the_statement_timeout() {
     );
 }
 
+/// A pooled connection asks the kernel to write its pages out early (so a
+/// checkpoint's flush does not hold commits back), unless the server's administrator
+/// chose a value: theirs is kept.
+#[tokio::test]
+async fn pooled_connections_ask_for_early_writeback_unless_the_server_chose_a_value() {
+    let name = "pooled_connections_ask_for_early_writeback_unless_the_server_chose_a_value";
+    let Some(database) = test_database(name) else {
+        return;
+    };
+    async fn shown(database: &TestDatabase) -> String {
+        let store = Database::connect(&url_of(database), &Options::default())
+            .await
+            .unwrap();
+        let client = store.client().await.unwrap();
+        client
+            .query_one("SHOW backend_flush_after", &[])
+            .await
+            .unwrap()
+            .get(0)
+    }
+    assert_eq!(shown(&database).await, "256kB");
+    database
+        .admin()
+        .await
+        .batch_execute(&format!(
+            "ALTER DATABASE {} SET backend_flush_after = '64kB'",
+            database.name
+        ))
+        .await
+        .unwrap();
+    assert_eq!(shown(&database).await, "64kB");
+}
+
 #[tokio::test]
 async fn a_wrong_password_is_refused_naming_the_server_and_never_the_password() {
     let Some(database) =
