@@ -29,16 +29,30 @@ use crate::store::{InboxCounts, InboxRow, Result, Settlement, to_ms};
 use chrono::{DateTime, Utc};
 use std::time::Duration;
 
+/// The plans a statement over the inbox's open rows may take, for the rest of its
+/// transaction. The open rows change faster than autovacuum's statistics: planned from
+/// statistics taken while the inbox was near empty, the claim read every open row
+/// through a bitmap and sorted them (35–45 ms a pass with 90,000 rows waiting) where
+/// the open rows' index, already in id order, gives the first few hundred; planned
+/// from statistics taken during a burst, the pending count read the whole table in a
+/// parallel scan (45 ms and 40 MB a count, with two more server processes, on a
+/// 220,000-row inbox with a few rows open). Without bitmap, sequential or parallel
+/// scans both read that index.
+macro_rules! open_rows_plan {
+    () => {
+        "SET LOCAL enable_bitmapscan = off;
+         SET LOCAL enable_seqscan = off;
+         SET LOCAL max_parallel_workers_per_gather = 0"
+    };
+}
+pub(super) const OPEN_ROWS_PLAN: &str = open_rows_plan!();
+
 /// What an inbox claim's transaction starts with: the transaction-level advisory lock
-/// inbox claims take (key 0x6473_696e_626f_7863, "dsinboxc"), then the plans its statements may take. The
-/// open rows change faster than autovacuum's statistics: planned from statistics
-/// taken while the inbox was near empty, the claim read every open row through a
-/// bitmap and sorted them (35–45 ms a pass with 90,000 rows waiting) where the open
-/// rows' index, already in id order, gives the first few hundred. Without bitmap or
-/// sequential scans the claim reads that index; the settings end with the transaction.
-pub(super) const INBOX_CLAIM_BEGIN: &str = "SELECT pg_advisory_xact_lock(7238244948933310563);
-     SET LOCAL enable_bitmapscan = off;
-     SET LOCAL enable_seqscan = off";
+/// inbox claims take (key 0x6473_696e_626f_7863, "dsinboxc"), then [`OPEN_ROWS_PLAN`].
+pub(super) const INBOX_CLAIM_BEGIN: &str = concat!(
+    "SELECT pg_advisory_xact_lock(7238244948933310563);",
+    open_rows_plan!()
+);
 
 /// The rows `$1` holds, due at `$2` (none behind a row of its connection waiting for
 /// its retry), oldest first, at most `$3`.
