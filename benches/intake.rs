@@ -712,6 +712,16 @@ async fn slow_clients(fixture: &Value) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The word after `name` on the command line, if any.
+fn option(name: &str) -> Option<String> {
+    std::env::args().skip_while(|arg| arg != name).nth(1)
+}
+
+/// The number after `name` on the command line, or `default` (absent or unreadable).
+fn number<T: std::str::FromStr>(name: &str, default: T) -> T {
+    option(name).and_then(|n| n.parse().ok()).unwrap_or(default)
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     if std::env::args().any(|arg| arg == "--slow-clients") {
@@ -723,7 +733,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let dir = tempfile::tempdir()?;
     let db_path = dir.path().join("bench.db");
-    let url = std::env::args().skip_while(|arg| arg != "--url").nth(1);
+    let url = option("--url");
     let storage = match &url {
         Some(url) => format!("url = \"{url}\""),
         None => format!("path = \"{}\"", db_path.display()),
@@ -740,10 +750,7 @@ async fn main() -> anyhow::Result<()> {
         &dealsync::config::interpolate::ProcessEnv,
     )
     .map_err(|error| anyhow::anyhow!("{error}"))?;
-    let replicas: usize = std::env::args()
-        .skip_while(|arg| arg != "--replicas")
-        .nth(1)
-        .map_or(1, |n| n.parse().unwrap_or(1));
+    let replicas = number("--replicas", 1usize);
     if replicas > 1 && url.is_none() {
         bail!("--replicas needs --url: replicas share a PostgreSQL database");
     }
@@ -839,14 +846,8 @@ async fn main() -> anyhow::Result<()> {
     );
 
     // 2. Fixed rate, open loop.
-    let rate: u64 = std::env::args()
-        .skip_while(|arg| arg != "--rate")
-        .nth(1)
-        .map_or(RATE, |n| n.parse().unwrap_or(RATE));
-    let rate_secs: u64 = std::env::args()
-        .skip_while(|arg| arg != "--rate-secs")
-        .nth(1)
-        .map_or(RATE_SECS, |n| n.parse().unwrap_or(RATE_SECS));
+    let rate = number("--rate", RATE);
+    let rate_secs = number("--rate-secs", RATE_SECS);
     let requests: Vec<Vec<u8>> = (0..rate * rate_secs)
         .map(|n| request(&fixture, addr, 10_000_000 + n))
         .collect();

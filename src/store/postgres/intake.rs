@@ -87,8 +87,8 @@ struct Shared {
     committed: Notify,
     /// A recount is under way.
     recounting: AtomicBool,
-    /// When the last recount started.
-    recounted: Mutex<Instant>,
+    /// When the writer last started a recount.
+    recounted: Mutex<Option<Instant>>,
     /// When the worker last had the count read again ([`Intake::recount_when_idle`]).
     idle_recounted: Mutex<Option<Instant>>,
 }
@@ -108,7 +108,7 @@ impl Intake {
             pending: AtomicU64::new(count_pending(&database).await?),
             committed: Notify::new(),
             recounting: AtomicBool::new(false),
-            recounted: Mutex::new(Instant::now()),
+            recounted: Mutex::new(Some(Instant::now())),
             idle_recounted: Mutex::new(None),
         });
         let queues = (0..WRITERS)
@@ -169,25 +169,15 @@ impl Intake {
     /// Counts the unprocessed rows again (other replicas settle rows too): the writer
     /// does it as deliveries come, this is for a process that refuses them.
     pub async fn recount(&self, database: &Database) -> Result<u64> {
-        let pending = count_pending(database).await?;
-        self.shared.pending.store(pending, Ordering::Relaxed);
-        Ok(pending)
+        self.shared.count(database).await
     }
 
     /// [`Intake::recount`] for a worker that found nothing due, at most once a second:
     /// with replicas a worker finds nothing due many times a second while another
     /// replica applies the rows.
     pub async fn recount_when_idle(&self, database: &Database) -> Result<u64> {
-        {
-            let mut last = self
-                .shared
-                .idle_recounted
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            if last.is_some_and(|at| at.elapsed() < RECOUNT_EVERY) {
-                return Ok(self.pending());
-            }
-            *last = Some(Instant::now());
+        if !once_a_second(&self.shared.idle_recounted, || true) {
+            return Ok(self.pending());
         }
         self.recount(database).await
     }
@@ -279,26 +269,37 @@ async fn run_writer(
 }
 
 impl Shared {
-    /// Whether to count again now (a second since the last count, none under way); if
-    /// so, the count is marked under way.
+    /// Whether the writer is to count again now (a second since its last count, none
+    /// under way); if so, the count is marked under way.
     fn recount_due(&self) -> bool {
-        let mut recounted = self
-            .recounted
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if recounted.elapsed() < RECOUNT_EVERY || self.recounting.swap(true, Ordering::AcqRel) {
-            return false;
-        }
-        *recounted = Instant::now();
-        true
+        once_a_second(&self.recounted, || {
+            !self.recounting.swap(true, Ordering::AcqRel)
+        })
+    }
+
+    /// Sets the pending count from the database.
+    async fn count(&self, database: &Database) -> Result<u64> {
+        let pending = count_pending(database).await?;
+        self.pending.store(pending, Ordering::Relaxed);
+        Ok(pending)
     }
 }
 
-/// Sets the pending count from the database; one at a time (`Shared::recounting`).
-async fn recount(database: Database, shared: Arc<Shared>) {
-    if let Ok(pending) = count_pending(&database).await {
-        shared.pending.store(pending, Ordering::Relaxed);
+/// Whether a second has passed since `last` (or it is unset) and `also` holds (asked
+/// only then); if so, `last` becomes now.
+fn once_a_second(last: &Mutex<Option<Instant>>, also: impl FnOnce() -> bool) -> bool {
+    let mut last = last.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if last.is_some_and(|at| at.elapsed() < RECOUNT_EVERY) || !also() {
+        return false;
     }
+    *last = Some(Instant::now());
+    true
+}
+
+/// Sets the pending count from the database beside the writer; one at a time
+/// (`Shared::recounting`).
+async fn recount(database: Database, shared: Arc<Shared>) {
+    let _ = shared.count(&database).await;
     shared.recounting.store(false, Ordering::Release);
 }
 
