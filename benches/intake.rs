@@ -15,7 +15,9 @@
 //!    (or `--rate-secs N`: a longer run weighs the database's own checkpoints at that
 //!    rate, rather than those the saturation burst left in flight), spread over
 //!    `RATE_CONNECTIONS` connections; latency is measured from each request's scheduled
-//!    time (no coordinated omission); reports p50, p99 and the maximum.
+//!    time (no coordinated omission); reports p50, p99 and the maximum, and how many
+//!    acknowledgements took over 25 ms in which seconds (the slowest five with their
+//!    UTC time, to lay beside the database server's log of checkpoints and vacuums).
 //! 3. Redelivery: a sample of already accepted deliveries is sent again; every one must
 //!    be acknowledged and none stored twice.
 //!
@@ -248,7 +250,20 @@ struct Outcome {
     latencies: Vec<Duration>,
     elapsed: Duration,
     generator_cpu: f64,
+    /// With a fixed rate: the acknowledgements second by second.
+    seconds: Option<Seconds>,
 }
+
+/// When a fixed-rate schedule started, and for each of its seconds the slowest
+/// acknowledgement and how many took over `SLOW`: which seconds to lay beside the
+/// server's log.
+struct Seconds {
+    started_at: chrono::DateTime<chrono::Utc>,
+    each: Vec<(Duration, u64)>,
+}
+
+/// An acknowledgement slower than this counts against its second (the p99 target).
+const SLOW: Duration = Duration::from_millis(25);
 
 /// Sends `requests` over `connections` keep-alive connections, spread over `addrs`
 /// (one per replica). With `rate`, request `i` is due at `start + i / rate` (open
@@ -270,6 +285,7 @@ async fn drive(
         opened.push(Connection::open(addrs[n % addrs.len()]).await?);
     }
     let started = Instant::now() + Duration::from_millis(50);
+    let started_at = chrono::Utc::now() + chrono::TimeDelta::milliseconds(50);
     let mut tasks = tokio::task::JoinSet::new();
     for (lane, mut connection) in lanes.into_iter().zip(opened) {
         tasks.spawn_local(async move {
@@ -284,7 +300,7 @@ async fn drive(
                     None => Instant::now(),
                 };
                 let status = connection.send(&request).await;
-                results.push((status.ok(), due.elapsed()));
+                results.push((status.ok(), due.duration_since(started), due.elapsed()));
             }
             results
         });
@@ -296,13 +312,26 @@ async fn drive(
         latencies: Vec::with_capacity(total),
         elapsed: Duration::ZERO,
         generator_cpu: 0.0,
+        seconds: rate.map(|_| Seconds {
+            started_at,
+            each: Vec::new(),
+        }),
     };
     while let Some(results) = tasks.join_next().await {
-        for (status, latency) in results? {
+        for (status, due, latency) in results? {
             match status {
                 Some(200..=299) => {
                     outcome.ok += 1;
                     outcome.latencies.push(latency);
+                    if let Some(seconds) = &mut outcome.seconds {
+                        let second = due.as_secs() as usize;
+                        if seconds.each.len() <= second {
+                            seconds.each.resize(second + 1, (Duration::ZERO, 0));
+                        }
+                        let (max, slow) = &mut seconds.each[second];
+                        *max = (*max).max(latency);
+                        *slow += u64::from(latency > SLOW);
+                    }
                 }
                 Some(503) => outcome.refused += 1,
                 _ => outcome.failed += 1,
@@ -357,6 +386,30 @@ fn report(name: &str, outcome: &Outcome, process_cpu: f64) {
         100.0 * outcome.generator_cpu / wall,
         load_average()
     );
+    if let Some(Seconds { started_at, each }) = &outcome.seconds {
+        let slow: u64 = each.iter().map(|(_, slow)| slow).sum();
+        let mut worst: Vec<_> = each
+            .iter()
+            .enumerate()
+            .filter(|(_, (_, n))| *n > 0)
+            .collect();
+        worst.sort_by_key(|(_, (max, _))| std::cmp::Reverse(*max));
+        println!(
+            "  over {} ms: {slow} acknowledgements in {} of {} seconds; the slowest seconds:",
+            SLOW.as_millis(),
+            worst.len(),
+            each.len()
+        );
+        for (second, (max, n)) in worst.into_iter().take(5) {
+            let at = *started_at + chrono::TimeDelta::seconds(second as i64);
+            println!(
+                "    {} UTC (second {second}): max {:.1} ms, {n} over {} ms",
+                at.format("%H:%M:%S"),
+                ms(*max),
+                SLOW.as_millis()
+            );
+        }
+    }
 }
 
 /// Waits until the worker has processed every pending row; fails as soon as it makes no
@@ -421,6 +474,7 @@ fn probe_healthz_on_thread(
                     latencies: Vec::new(),
                     elapsed: Duration::ZERO,
                     generator_cpu: 0.0,
+                    seconds: None,
                 };
                 while let Some(result) = tasks.join_next().await {
                     match result? {
