@@ -75,8 +75,10 @@ pub(super) fn state(found: Option<i64>) -> SchemaState {
     }
 }
 
-/// Applies the missing migrations in one transaction; `target` (`host:port/db`) names
-/// the database in errors and log lines.
+/// Applies the missing migrations in one transaction, and in it asks for early
+/// writeback in the whole database where nobody chose a value
+/// (`super::DATABASE_WRITEBACK_AFTER`); `target` (`host:port/db`) names the database in
+/// errors and log lines.
 pub(super) async fn migrate(client: &mut tokio_postgres::Client, target: &str) -> Result<Vec<i64>> {
     let tx = client.transaction().await?;
     // Invariant: the version is read only once the lock is held, so a process that
@@ -127,9 +129,25 @@ pub(super) async fn migrate(client: &mut tokio_postgres::Client, target: &str) -
         }
         applied.push(version);
     }
+    // Under the lock: replicas starting together would update the database's
+    // settings row at once, and the second update would fail.
+    let writeback = tx.query_opt(super::DATABASE_WRITEBACK_AFTER, &[]).await?;
+    if let Some(row) = &writeback {
+        tx.batch_execute(row.try_get(0)?).await?;
+    }
     tx.commit().await?;
     for version in &applied {
         tracing::info!(version, database = %target, "applied PostgreSQL migration");
+    }
+    if let Some(row) = writeback {
+        let statement: String = row.try_get(0)?;
+        tracing::info!(
+            database = %target,
+            %statement,
+            "asked the server to write back early the pages every session of the database \
+             writes, its vacuum workers too (to choose another value, set one for the \
+             database: dealsync then keeps it)"
+        );
     }
     Ok(applied)
 }

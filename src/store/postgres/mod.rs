@@ -19,7 +19,9 @@
 //! server or a partition is noticed within about a minute instead of the kernel's two
 //! hours), and a `statement_timeout`, so a stuck statement cannot hold a worker; a
 //! new pooled connection also asks for early writeback of the pages it writes
-//! ([`WRITEBACK_AFTER`]), so a checkpoint's flush does not stall the commits.
+//! ([`WRITEBACK_AFTER`]), and opening the store asks the same for every session of
+//! the database, the server's vacuum workers included ([`DATABASE_WRITEBACK_AFTER`]),
+//! so a checkpoint's flush does not stall the commits.
 //!
 //! Invariants:
 //! - Migrations are embedded and applied in one transaction that first takes a
@@ -124,6 +126,26 @@ pub struct Unavailable {
 /// commit back: webhook acknowledgements of 100–250 ms at 2,000/s (BENCHMARKS.md).
 const WRITEBACK_AFTER: &str = "SELECT set_config('backend_flush_after', '256kB', false)
       FROM pg_settings WHERE name = 'backend_flush_after' AND source = 'default'";
+
+/// Run at open, under the migration lock: the statement that asks for the same early
+/// writeback in every session of the database (`ALTER DATABASE … SET`), the server's
+/// autovacuum workers included, which no pool hook reaches. Vacuuming the inbox, the
+/// bodies and the deals after a burst dirties 100–200 MB of pages in a few seconds;
+/// left in the page cache, they were flushed by the next checkpoint's `fsync` with
+/// the commits waiting behind it. No row (nothing to do) when the administrator chose
+/// a value anywhere (the server's configuration, the role, the database: the source
+/// of a pooled connection's value is then not `default`, nor `session`, which is
+/// [`WRITEBACK_AFTER`]'s), when the database already carries one, or when dealsync's
+/// role does not own the database (only its owner may set its defaults).
+const DATABASE_WRITEBACK_AFTER: &str = "
+    SELECT format('ALTER DATABASE %I SET backend_flush_after = %L', d.datname, '256kB')
+      FROM pg_database AS d
+     WHERE d.datname = current_database() AND pg_has_role(d.datdba, 'USAGE')
+       AND EXISTS (SELECT 1 FROM pg_settings
+                    WHERE name = 'backend_flush_after' AND source IN ('default', 'session'))
+       AND NOT EXISTS (SELECT 1 FROM pg_db_role_setting AS s, unnest(s.setconfig) AS c
+                        WHERE s.setdatabase = d.oid AND s.setrole = 0
+                          AND c LIKE 'backend_flush_after=%')";
 
 /// How the pool connects; [`Options::default`] is what the daemon uses.
 #[derive(Debug, Clone)]

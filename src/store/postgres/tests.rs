@@ -358,6 +358,91 @@ async fn pooled_connections_ask_for_early_writeback_unless_the_server_chose_a_va
     assert_eq!(shown(&database).await, "64kB");
 }
 
+/// Opening the store asks for the same early writeback in every session of its
+/// database (`ALTER DATABASE … SET`), so the server's own vacuum workers, which no pool
+/// hook reaches, write back early too. A value set for the database is kept, and a
+/// database dealsync's role does not own is opened all the same, its settings
+/// untouched.
+#[tokio::test]
+async fn opening_the_store_asks_for_early_writeback_in_every_session_of_its_database() {
+    let name = "opening_the_store_asks_for_early_writeback_in_every_session_of_its_database";
+    let Some(database) = test_database(name) else {
+        return;
+    };
+    /// What a new session that is not dealsync's gets: the superuser's, as an
+    /// autovacuum worker's, and what the database carries.
+    async fn seen(database: &TestDatabase) -> (String, Vec<String>) {
+        let admin = database.admin().await;
+        let shown = admin
+            .query_one("SHOW backend_flush_after", &[])
+            .await
+            .unwrap()
+            .get(0);
+        let carried = admin
+            .query(
+                "SELECT c FROM pg_db_role_setting AS s, unnest(s.setconfig) AS c
+                  WHERE s.setdatabase = (SELECT oid FROM pg_database
+                                          WHERE datname = current_database())
+                    AND s.setrole = 0",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        (shown, carried)
+    }
+    async fn open(database: &TestDatabase) {
+        Database::open(&url_of(database), &Options::default())
+            .await
+            .unwrap();
+    }
+    assert_eq!(seen(&database).await, ("0".into(), vec![]));
+    open(&database).await;
+    let asked = (
+        "256kB".to_owned(),
+        vec!["backend_flush_after=256kB".to_owned()],
+    );
+    assert_eq!(seen(&database).await, asked);
+    // Opened again (a restart, a second replica): nothing more.
+    open(&database).await;
+    assert_eq!(seen(&database).await, asked);
+
+    let Some(chosen) = test_database(name) else {
+        return;
+    };
+    chosen
+        .admin()
+        .await
+        .batch_execute(&format!(
+            "ALTER DATABASE {} SET backend_flush_after = 0",
+            chosen.name
+        ))
+        .await
+        .unwrap();
+    open(&chosen).await;
+    let kept = ("0".to_owned(), vec!["backend_flush_after=0".to_owned()]);
+    assert_eq!(seen(&chosen).await, kept);
+
+    let Some(not_owned) = test_database(name) else {
+        return;
+    };
+    not_owned
+        .admin()
+        .await
+        .batch_execute(&format!(
+            "ALTER DATABASE {0} OWNER TO postgres;
+             GRANT CREATE, USAGE ON SCHEMA public TO {1}",
+            not_owned.name,
+            test_cluster::PASSWORD_ROLE
+        ))
+        .await
+        .unwrap();
+    open(&not_owned).await;
+    assert_eq!(seen(&not_owned).await, ("0".into(), vec![]));
+}
+
 #[tokio::test]
 async fn a_wrong_password_is_refused_naming_the_server_and_never_the_password() {
     let Some(database) =
