@@ -130,7 +130,7 @@ const WRITEBACK_AFTER: &str = "SELECT set_config('backend_flush_after', '256kB',
 /// Run at open, under the migration lock: the statement that asks for the same early
 /// writeback in every session of the database (`ALTER DATABASE … SET`), the server's
 /// autovacuum workers included, which no pool hook reaches. Vacuuming the inbox, the
-/// bodies and the deals after a burst dirties 100–200 MB of pages in a few seconds;
+/// bodies and the deals after a burst dirties 100–300 MB of pages in a few seconds;
 /// left in the page cache, they were flushed by the next checkpoint's `fsync` with
 /// the commits waiting behind it. No row (nothing to do) when the administrator chose
 /// a value anywhere (the server's configuration, the role, the database: the source

@@ -398,6 +398,10 @@ async fn opening_the_store_asks_for_early_writeback_in_every_session_of_its_data
             .await
             .unwrap();
     }
+    /// What the server's administrator does to `database` before dealsync opens it.
+    async fn beforehand(database: &TestDatabase, sql: &str) {
+        database.admin().await.batch_execute(sql).await.unwrap();
+    }
     assert_eq!(seen(&database).await, ("0".into(), vec![]));
     open(&database).await;
     let asked = (
@@ -412,15 +416,11 @@ async fn opening_the_store_asks_for_early_writeback_in_every_session_of_its_data
     let Some(chosen) = test_database(name) else {
         return;
     };
-    chosen
-        .admin()
-        .await
-        .batch_execute(&format!(
-            "ALTER DATABASE {} SET backend_flush_after = 0",
-            chosen.name
-        ))
-        .await
-        .unwrap();
+    beforehand(
+        &chosen,
+        &format!("ALTER DATABASE {} SET backend_flush_after = 0", chosen.name),
+    )
+    .await;
     open(&chosen).await;
     let kept = ("0".to_owned(), vec!["backend_flush_after=0".to_owned()]);
     assert_eq!(seen(&chosen).await, kept);
@@ -428,17 +428,16 @@ async fn opening_the_store_asks_for_early_writeback_in_every_session_of_its_data
     let Some(not_owned) = test_database(name) else {
         return;
     };
-    not_owned
-        .admin()
-        .await
-        .batch_execute(&format!(
+    beforehand(
+        &not_owned,
+        &format!(
             "ALTER DATABASE {0} OWNER TO postgres;
              GRANT CREATE, USAGE ON SCHEMA public TO {1}",
             not_owned.name,
             test_cluster::PASSWORD_ROLE
-        ))
-        .await
-        .unwrap();
+        ),
+    )
+    .await;
     open(&not_owned).await;
     assert_eq!(seen(&not_owned).await, ("0".into(), vec![]));
 }
