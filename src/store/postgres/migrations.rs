@@ -131,16 +131,19 @@ pub(super) async fn migrate(client: &mut tokio_postgres::Client, target: &str) -
     }
     // Under the lock: replicas starting together would update the database's
     // settings row at once, and the second update would fail.
-    let writeback = tx.query_opt(super::DATABASE_WRITEBACK_AFTER, &[]).await?;
-    if let Some(row) = &writeback {
-        tx.batch_execute(row.try_get(0)?).await?;
+    let writeback: Option<String> = tx
+        .query_opt(super::DATABASE_WRITEBACK_AFTER, &[])
+        .await?
+        .map(|row| row.try_get(0))
+        .transpose()?;
+    if let Some(statement) = &writeback {
+        tx.batch_execute(statement).await?;
     }
     tx.commit().await?;
     for version in &applied {
         tracing::info!(version, database = %target, "applied PostgreSQL migration");
     }
-    if let Some(row) = writeback {
-        let statement: String = row.try_get(0)?;
+    if let Some(statement) = writeback {
         tracing::info!(
             database = %target,
             %statement,
